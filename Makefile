@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine with only Python: `make demo` and `make test`.
+# GPU users: make demo TORCH="torch" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= dev,rl,bench
+RUN ?= runs/sinusoid-demo
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH) $(TORCH_PIP_ARGS)
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: setup
+	$(BIN)/fastmaml train sinusoid-demo --out $(RUN)
+	$(BIN)/fastmaml eval $(RUN)
+	$(BIN)/fastmaml plot $(RUN)
+	@echo "Outputs are in $(RUN)/: eval.json, results.md, figures/*.png, metrics-*.csv, checkpoints/"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) runs

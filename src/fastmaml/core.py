@@ -1,0 +1,304 @@
+"""MAML in one module: the inner loop (``adapt``) and the outer loop (``meta_loss``).
+
+A meta-batch of tasks runs in one call: ``torch.func.vmap`` over the task dimension of a task
+function that adapts with ``torch.func.grad`` and evaluates the adapted parameters through
+``torch.func.functional_call``. The same task function also runs in a plain Python loop over tasks
+with ``torch.autograd.grad``; that is the reference the tests compare against, and the fallback
+for models that ``vmap`` cannot handle.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .batchnorm import TransductiveBatchNorm, has_batch_norm
+from .errors import ConfigError, FastMAMLError, NonFiniteLossError, ShapeError
+from .inner_lr import InnerLearningRates
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
+
+
+class TaskBatch(NamedTuple):
+    """Support and query tensors of a meta-batch, each with a leading task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        return TaskBatch(*(t.to(device, non_blocking=True) for t in self))
+
+    def split(self, size: int) -> list[TaskBatch]:
+        """Chunks of at most ``size`` tasks (for evaluation in bounded memory)."""
+        return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
+
+
+def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
+    """Validate the four task tensors and return them as a ``TaskBatch``."""
+    if isinstance(batch, dict):
+        batch = [batch.get(k) for k in TaskBatch._fields]
+    if len(batch) != 4 or not all(isinstance(t, Tensor) for t in batch):
+        raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y")
+    batch = TaskBatch(*batch)
+    counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
+    if None in counts.values() or len(set(counts.values())) != 1:
+        raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}")
+    for kind in ("support", "query"):
+        x, y = getattr(batch, f"{kind}_x"), getattr(batch, f"{kind}_y")
+        if x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
+            raise ShapeError(f"{kind}_x {tuple(x.shape)} and {kind}_y {tuple(y.shape)} must both be "
+                             "(tasks, examples, ...) with the same number of examples")
+    return batch
+
+
+def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0.03) -> Tensor:
+    """MAML++ multi-step loss weights over inner steps 1..steps.
+
+    Uniform at ``progress`` 0; the non-final weights decay linearly to ``min_fraction / steps``
+    at ``progress`` 1 and the final step takes the rest, so the weights always sum to one.
+    """
+    nonfinal = max((1.0 - min(max(progress, 0.0), 1.0)) / steps, min_fraction / steps)
+    weights = torch.full((steps,), nonfinal)
+    weights[-1] = 1.0 - nonfinal * (steps - 1)
+    return weights
+
+
+def _functorch_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple[Params, Tensor]:
+    grads, loss = torch.func.grad(loss_of, has_aux=True)(fast)
+    if not create_graph:
+        grads = {n: g.detach() for n, g in grads.items()}
+    return grads, loss
+
+
+def _autograd_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple[Params, Tensor]:
+    with torch.enable_grad():
+        leaves = {n: p if p.requires_grad else p.detach().requires_grad_() for n, p in fast.items()}
+        loss, _ = loss_of(leaves)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph,
+                                    allow_unused=True)
+    return ({n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(fast.items(), grads)},
+            loss.detach())
+
+
+class MAML(nn.Module):
+    """Model-agnostic meta-learning around any unmodified ``nn.Module``.
+
+    Args:
+        model: the network; its parameters are the meta-learned initialisation.
+        loss_fn: ``loss_fn(predictions, targets) -> scalar`` for one task.
+        inner_lr: the inner learning rate alpha (the initial value when it is learned).
+        inner_steps: inner gradient steps during meta-training.
+        first_order: drop the second-order terms (FOMAML).
+        lr_mode: ``fixed`` | ``scalar`` | ``per_param`` (Meta-SGD) | ``per_layer_step`` (MAML++).
+        adapt: which parameters the inner loop adapts: ``None`` for all, a list of name prefixes
+            (e.g. ``["head"]`` for ANIL) or a predicate ``(name, param) -> bool``. The others
+            are still trained by the outer loop.
+        metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
+        batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
+            (default) to use ``vmap`` and fall back to the loop, with a warning, if it fails.
+        transductive_bn: normalise with batch statistics always, as the paper (default: on when
+            the model has batch-norm layers). Running statistics are never updated.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
+                 inner_steps: int = 1, first_order: bool = False, *, lr_mode: str = "fixed",
+                 adapt: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+                 metric_fn: LossFn | None = None, batched: bool | None = None,
+                 transductive_bn: bool | None = None, check_finite: bool = True):
+        super().__init__()
+        if not isinstance(inner_steps, int) or inner_steps < 0:
+            raise ConfigError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        self.model = model
+        self.loss_fn, self.metric_fn = loss_fn, metric_fn
+        self.inner_steps, self.first_order = inner_steps, first_order
+        self.batched, self.check_finite = batched, check_finite
+        self.adapted_names = [n for n, p in model.named_parameters()
+                              if p.requires_grad and _selected(adapt, n, p)]
+        if not self.adapted_names:
+            raise ConfigError("the adapt selection matches no trainable parameter of the model")
+        shapes = {n: p.shape for n, p in model.named_parameters() if n in self.adapted_names}
+        self.inner_lrs = InnerLearningRates(lr_mode, inner_lr, shapes, inner_steps)
+        use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
+        self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
+        self._buffer_names = [n for n, _ in model.named_buffers()]
+        self.path: str | None = None  # "batched" or "looped" once a call has run
+
+    # ----- the model as a function of its parameters -----
+    def _split_params(self, detach: bool) -> tuple[Params, Params]:
+        """(adapted params, the other params and the buffers)."""
+        fast, frozen = {}, {}
+        for name, p in self.model.named_parameters():
+            p = p.detach() if detach else p
+            (fast if name in self.adapted_names else frozen)[name] = p
+        frozen.update(self.model.named_buffers())
+        return fast, frozen
+
+    def _forward(self, fast: Params, frozen: Params, x: Tensor) -> Tensor:
+        state = {**frozen, **fast}
+        for name in self._buffer_names:  # fresh copies: a forward may count batches in place
+            state[name] = state[name].clone()
+        try:
+            with self._bn_mode():
+                return functional_call(self.model, state, (x,))
+        except RuntimeError as error:
+            raise ShapeError(f"the model's forward failed on a per-task input of shape "
+                             f"{tuple(x.shape)}: {error}") from error
+
+    def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
+              fn: LossFn | None = None) -> Tensor:
+        value = (fn or self.loss_fn)(self._forward(fast, frozen, x), y)
+        if not isinstance(value, Tensor) or value.dim() != 0:
+            raise ShapeError("loss_fn and metric_fn must return a scalar per task, got shape "
+                             f"{tuple(getattr(value, 'shape', ()))}")
+        return value
+
+    # ----- inner loop -----
+    def _adapt(self, fast: Params, frozen: Params, x: Tensor, y: Tensor, steps: int,
+               create_graph: bool, grad_fn: GradFn,
+               on_step: Callable[[int, Params], None] | None = None) -> tuple[Params, Tensor]:
+        """``steps`` gradient steps on (x, y). Returns the adapted params and the loss before."""
+        def loss_of(params: Params) -> tuple[Tensor, Tensor]:
+            loss = self._loss(params, frozen, x, y)
+            return loss, loss.detach()
+
+        loss_before = None
+        for step in range(steps):
+            if on_step:
+                on_step(step, fast)
+            grads, loss = grad_fn(loss_of, fast, create_graph)
+            loss_before = loss if loss_before is None else loss_before
+            lrs = self.inner_lrs.for_step(step)
+            fast = {n: p - lrs[n] * grads[n] for n, p in fast.items()}
+        if on_step:
+            on_step(steps, fast)
+        if loss_before is None:
+            loss_before = self._loss(fast, frozen, x, y).detach()
+        return fast, loss_before
+
+    def _task(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
+              record: Sequence[int], grad_fn: GradFn, sx: Tensor, sy: Tensor, qx: Tensor,
+              qy: Tensor) -> tuple[Tensor, ...]:
+        """One task: adapt on the support set, query loss (and metric) after each step in record."""
+        losses, metrics = [], []
+
+        def on_step(step: int, params: Params) -> None:
+            if step in record:
+                losses.append(self._loss(params, frozen, qx, qy))
+                if self.metric_fn:
+                    metrics.append(self._loss(params, frozen, qx, qy, self.metric_fn).detach())
+
+        _, support_loss = self._adapt(fast, frozen, sx, sy, steps, create_graph, grad_fn, on_step)
+        out = (support_loss, torch.stack(losses))
+        return (*out, torch.stack(metrics)) if self.metric_fn else out
+
+    def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
+             record: Sequence[int]) -> tuple[Tensor, ...]:
+        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
+        args = (fast, frozen, steps, create_graph, record)
+        if self.batched is False or self.path == "looped":
+            return self._run_looped(args, batch)
+        try:
+            out = vmap(lambda *task: self._task(*args, _functorch_grad, *task),
+                       randomness="different")(*batch)
+        except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
+            if self.batched or isinstance(error, FastMAMLError):
+                raise
+            out = self._run_looped(args, batch)
+            warnings.warn(f"fastmaml: vmap could not run this model ({error}); "
+                          "using the looped path", stacklevel=3)
+            return out
+        self.path = "batched"
+        return out
+
+    def _run_looped(self, args: tuple, batch: TaskBatch) -> tuple[Tensor, ...]:
+        per_task = [self._task(*args, _autograd_grad, *task) for task in zip(*batch)]
+        self.path = "looped"
+        return tuple(torch.stack(column) for column in zip(*per_task))
+
+    # ----- public API -----
+    def meta_loss(self, batch: TaskBatch | Sequence[Tensor],
+                  step_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Mean query loss after adaptation over the tasks of ``batch``; differentiable.
+
+        With ``step_weights`` (length ``inner_steps``, see ``multi_step_loss_weights``) the
+        per-task loss is the weighted sum of the query losses after every inner step (MAML++).
+        Returns the loss and detached metrics: ``support_loss`` (before adaptation),
+        ``query_loss`` (after the last step) and ``query_metric`` when a metric_fn is set.
+        """
+        batch = as_task_batch(batch)
+        steps = self.inner_steps
+        if step_weights is None:
+            record = [steps]
+        elif len(step_weights) != steps or steps == 0:
+            raise ConfigError(f"step_weights needs one weight per inner step ({steps}), "
+                              f"got {len(step_weights)}")
+        else:
+            record = list(range(1, steps + 1))
+        support_loss, query_loss, *metric = self._run(batch, steps, not self.first_order, record)
+        per_task = (query_loss[:, -1] if step_weights is None
+                    else query_loss @ step_weights.to(query_loss))
+        loss = per_task.mean()
+        if self.check_finite and not torch.isfinite(loss):
+            raise NonFiniteLossError(f"the meta-loss is {loss.item()}: lower inner_lr or the meta "
+                                     "learning rate, or clip the meta-gradient")
+        metrics = {"support_loss": support_loss.mean(), "query_loss": query_loss[:, -1].detach().mean()}
+        if metric:
+            metrics["query_metric"] = metric[0][:, -1].mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch | Sequence[Tensor], steps: int | None = None) -> dict[str, Tensor]:
+        """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
+        batch = as_task_batch(batch)
+        steps = self.inner_steps if steps is None else steps
+        if steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {steps}")
+        _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
+        return {"loss": loss, **({"metric": metric[0]} if metric else {})}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Params:
+        """Adapted parameters for one task (no task dimension).
+
+        Differentiable with respect to the initialisation when gradients are enabled, so a
+        custom outer loss can be built on the result.
+        """
+        if support_x.shape[:1] != support_y.shape[:1]:
+            raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
+                             f"{tuple(support_y.shape)} need the same number of examples")
+        steps = self.inner_steps if steps is None else steps
+        if steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {steps}")
+        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
+        create_graph = torch.is_grad_enabled() and not self.first_order
+        adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
+                                 _autograd_grad)
+        return adapted
+
+    def predict(self, adapted: Params, x: Tensor) -> Tensor:
+        """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``)."""
+        fast, frozen = self._split_params(detach=False)
+        return self._forward({**fast, **adapted}, frozen, x)
+
+
+def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
+              param: Tensor) -> bool:
+    if adapt is None:
+        return True
+    if callable(adapt):
+        return bool(adapt(name, param))
+    if isinstance(adapt, str):
+        adapt = [adapt]
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)

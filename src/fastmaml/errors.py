@@ -1,0 +1,21 @@
+"""Errors that name the problem, so users never have to read a traceback from inside torch."""
+
+
+class FastMAMLError(Exception):
+    """Base class of every error fastmaml raises on purpose."""
+
+
+class ConfigError(FastMAMLError, ValueError):
+    """A bad preset name, config key or value."""
+
+
+class ShapeError(FastMAMLError, ValueError):
+    """Task tensors whose shapes do not fit together or do not fit the model."""
+
+
+class DataError(FastMAMLError, ValueError):
+    """A missing, corrupt or too small data set."""
+
+
+class NonFiniteLossError(FastMAMLError, FloatingPointError):
+    """A loss became NaN or infinite."""

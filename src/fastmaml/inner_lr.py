@@ -1,0 +1,55 @@
+"""Inner-loop learning rates: fixed, one learned scalar, Meta-SGD, or MAML++ per-layer per-step."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+LrMode = Literal["fixed", "scalar", "per_param", "per_layer_step"]
+LR_MODES: tuple[str, ...] = ("fixed", "scalar", "per_param", "per_layer_step")
+
+
+def _key(name: str) -> str:
+    """ParameterDict keys may not contain dots."""
+    return name.replace(".", "__")
+
+
+class InnerLearningRates(nn.Module):
+    """Holds the inner learning rates and hands out the ones for a given inner step.
+
+    - ``fixed``: the scalar ``init``, not learned.
+    - ``scalar``: one learned scalar shared by all parameters and steps.
+    - ``per_param`` (Meta-SGD, Li et al. 2017): one learned rate per parameter element.
+    - ``per_layer_step`` (MAML++, Antoniou et al. 2019): one learned scalar per parameter tensor
+      and inner step; steps past the trained number reuse the last step's rates.
+    """
+
+    def __init__(self, mode: str, init: float, shapes: dict[str, torch.Size], steps: int):
+        super().__init__()
+        if mode not in LR_MODES:
+            raise ConfigError(f"unknown inner-lr mode {mode!r}; choose one of {', '.join(LR_MODES)}")
+        self.mode = mode
+        self.init = float(init)
+        self.names = list(shapes)
+        if mode == "scalar":
+            self.scalar = nn.Parameter(torch.tensor(self.init))
+        elif mode == "per_param":
+            self.rates = nn.ParameterDict(
+                {_key(n): nn.Parameter(torch.full(s, self.init)) for n, s in shapes.items()})
+        elif mode == "per_layer_step":
+            self.rates = nn.ParameterDict(
+                {_key(n): nn.Parameter(torch.full((max(steps, 1),), self.init)) for n in shapes})
+
+    def for_step(self, step: int) -> dict[str, Tensor | float]:
+        """The learning rate of each adapted parameter at inner step ``step`` (0-based)."""
+        if self.mode == "fixed":
+            return dict.fromkeys(self.names, self.init)
+        if self.mode == "scalar":
+            return dict.fromkeys(self.names, self.scalar)
+        if self.mode == "per_param":
+            return {n: self.rates[_key(n)] for n in self.names}
+        return {n: self.rates[_key(n)][min(step, self.rates[_key(n)].numel() - 1)]
+                for n in self.names}
