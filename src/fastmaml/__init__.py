@@ -1,0 +1,8 @@
+"""fastmaml: fast, batched Model-Agnostic Meta-Learning for any ``torch.nn.Module``."""
+from .core import MAML, TaskBatch, as_task_batch, multi_step_loss_weights
+from .errors import ConfigError, DataError, FastMAMLError, NonFiniteLossError, ShapeError
+from .inner_lr import InnerLearningRates
+
+__all__ = ["MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
+           "FastMAMLError", "ConfigError", "DataError", "ShapeError", "NonFiniteLossError"]
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""The paper's networks, as ordinary ``nn.Module`` s (the engine needs nothing special from them)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Sequential):
+    """Fully connected ReLU network, e.g. ``MLP([1, 40, 40, 1])`` for the sinusoid experiment."""
+
+    def __init__(self, sizes: Sequence[int], batch_norm: bool = False):
+        layers: list[nn.Module] = [nn.Flatten()]
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(fan_in, fan_out))
+            if i < len(sizes) - 2:
+                if batch_norm:
+                    layers.append(_paper_batch_norm(nn.BatchNorm1d(fan_out)))
+                layers.append(nn.ReLU())
+        super().__init__(*layers)
+
+
+def _paper_batch_norm(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """Batch norm as the official code: offset (bias) learned, scale fixed at 1."""
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class ConvBlock(nn.Sequential):
+    """conv 3x3 -> batch norm -> ReLU [-> 2x2 max-pool]."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int, max_pool: bool):
+        layers = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
+                  _paper_batch_norm(nn.BatchNorm2d(out_channels)), nn.ReLU()]
+        if max_pool:
+            layers.append(nn.MaxPool2d(2))
+        super().__init__(*layers)
+
+
+class ConvNet(nn.Module):
+    """The paper's 4-block conv net.
+
+    Omniglot: ``ConvNet(1, n_way, 64, strided=True)`` (stride-2 convs, global average pool).
+    MiniImagenet: ``ConvNet(3, n_way, 32, strided=False)`` (2x2 max-pools, flatten to 800).
+    """
+
+    def __init__(self, in_channels: int, n_way: int, hidden: int = 64, strided: bool = True,
+                 image_size: int = 28, blocks: int = 4):
+        super().__init__()
+        channels = [in_channels] + [hidden] * blocks
+        self.features = nn.Sequential(*(
+            ConvBlock(c_in, c_out, stride=2 if strided else 1, max_pool=not strided)
+            for c_in, c_out in zip(channels[:-1], channels[1:])))
+        self.strided = strided
+        side = image_size
+        for _ in range(blocks):
+            side = (side + 1) // 2 if strided else side // 2
+        self.head = nn.Linear(hidden if strided else hidden * side * side, n_way)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.features(x)
+        h = h.mean(dim=(2, 3)) if self.strided else h.flatten(1)
+        return self.head(h)
+
+
+def is_norm_param(name: str, model: nn.Module) -> bool:
+    """True for parameters owned by a normalisation layer (not adapted in the paper's inner loop)."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
