@@ -7,10 +7,13 @@ from torch import Tensor, nn
 
 
 class MLP(nn.Sequential):
-    """Fully connected ReLU network, e.g. ``MLP([1, 40, 40, 1])`` for the sinusoid experiment."""
+    """Fully connected ReLU network, e.g. ``MLP([1, 40, 40, 1])`` for the sinusoid experiment.
 
-    def __init__(self, sizes: Sequence[int], batch_norm: bool = False):
-        layers: list[nn.Module] = [nn.Flatten()]
+    ``flatten`` first flattens each example (images into vectors, for the paper's MLP variant).
+    """
+
+    def __init__(self, sizes: Sequence[int], batch_norm: bool = False, flatten: bool = False):
+        layers: list[nn.Module] = [nn.Flatten()] if flatten else []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:

@@ -1,0 +1,85 @@
+"""The ``fastmaml`` command line: presets, train, eval, plot."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import FastMAMLError
+from .experiments import PRESETS, create_run, load_run
+from .train import fit
+
+
+def _presets(_: argparse.Namespace) -> None:
+    width = max(map(len, PRESETS))
+    for name, chosen in PRESETS.items():
+        print(f"{name:<{width}}  [{chosen.experiment}] {chosen.description}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    run_dir = Path(args.out or f"runs/{args.preset}")
+    experiment = create_run(args.preset, run_dir, args.overrides)
+    cfg = experiment.cfg
+    print(f"fastmaml: training {args.preset} in {run_dir} on {experiment.device}")
+    for learner in experiment.learners():
+        last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
+                   progress=not args.no_progress)
+        engine = getattr(getattr(learner, "module", None), "path", None)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+        print(f"  {learner.name}: {learner.iterations} iterations done"
+              + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
+    print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in {run_dir}/metrics-*.csv. "
+          f"Next: fastmaml eval {run_dir}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    experiment = load_run(Path(args.run_dir))
+    experiment.evaluate(progress=not args.no_progress)
+    print((experiment.run_dir / "results.md").read_text())
+    print(f"fastmaml: wrote {experiment.run_dir}/eval.json and {experiment.run_dir}/results.md")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    experiment = load_run(Path(args.run_dir))
+    for path in experiment.plot():
+        print(f"fastmaml: wrote {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmaml", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("presets", help="list the named experiment presets").set_defaults(run=_presets)
+    train = commands.add_parser("train", help="train a preset (resumes an existing --out)")
+    train.add_argument("preset")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="typed config overrides, e.g. iterations=2000 inner_steps=2")
+    train.add_argument("--out", help="run directory (default runs/<preset>)")
+    train.set_defaults(run=_train)
+    for name, run, text in (("eval", _eval, "evaluate a trained run with the paper's protocol"),
+                            ("plot", _plot, "write the figures of an evaluated run")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("run_dir")
+        sub.set_defaults(run=run)
+    for sub in (train, commands.choices["eval"]):
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (train P --out D k=v): collect the leftovers for train.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "train" or any("=" not in item for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    try:
+        args.run(args)
+    except FastMAMLError as error:
+        print(f"fastmaml: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmaml: interrupted; the same command resumes from the last checkpoint",
+              file=sys.stderr)
+        return 130
+    return 0

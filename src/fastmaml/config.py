@@ -1,0 +1,122 @@
+"""Typed run configuration: dataclasses, ``key=value`` overrides and YAML round trips."""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+C = TypeVar("C", bound="Config")
+
+
+@dataclass
+class Config:
+    """Settings shared by every experiment; each experiment subclasses it with its own fields."""
+
+    experiment: str = ""
+    preset: str = ""
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    iterations: int = 1000
+    meta_batch: int = 25
+    meta_lr: float = 1e-3
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    eval_inner_steps: int = 10
+    first_order: bool = False
+    lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
+    adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
+    multi_step_loss: bool = False  # MAML++ query loss after every inner step
+    msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal
+    clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
+    path: str = "auto"  # auto | batched (vmap) | looped
+    eval_tasks: int = 600
+    eval_chunk: int = 100  # tasks per evaluation call, to bound memory
+    checkpoint_every: int = 1000
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "meta_batch", "eval_tasks", "eval_chunk",
+                     "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("inner_steps", "eval_inner_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.path not in ("auto", "batched", "looped"):
+            raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
+
+    @classmethod
+    def field_types(cls) -> dict[str, Any]:
+        hints = typing.get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    def replace(self: C, **changes: Any) -> C:
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        types = cls.field_types()
+        unknown = sorted(set(values) - set(types))
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; "
+                              f"valid keys: {', '.join(types)}")
+        return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+
+    def with_overrides(self: C, overrides: list[str]) -> C:
+        """Apply ``key=value`` strings, typed by the dataclass fields."""
+        changes = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"override {item!r} is not of the form key=value")
+            changes[key.strip()] = raw.strip()
+        return self.replace(**changes)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def load_config_dict(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"no config file at {path}: is this a fastmaml run directory?")
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} does not hold a config mapping")
+    return values
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Turn ``value`` (a string from the command line, or a YAML value) into ``kind``."""
+    try:
+        if typing.get_origin(kind) is tuple:
+            (item_kind, _) = typing.get_args(kind)
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(_coerce(key, v, item_kind) for v in items if v != "")
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return text in ("true", "1", "yes")
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value) if not isinstance(value, str) else int(value.replace("_", ""))
+        if kind is float:
+            return float(value)
+        if kind is str:
+            return str(value)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config key {key!r} expects {getattr(kind, '__name__', kind)}, "
+                          f"got {value!r}") from error
+    raise ConfigError(f"config key {key!r} has an unsupported type {kind}")

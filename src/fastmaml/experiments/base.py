@@ -1,0 +1,141 @@
+"""What every experiment shares: config-to-engine wiring, run directories, and eval records."""
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..config import Config
+from ..core import MAML, LossFn, TaskBatch
+from ..errors import ConfigError
+from ..models import is_norm_param
+from ..train import Learner, checkpoint_path, load_checkpoint
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu")
+    return device
+
+
+def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool] | list[str] | None:
+    """``all`` | ``no_norm`` (the paper: batch-norm offsets are outer-loop only) | name prefixes."""
+    if spec == "all":
+        return None
+    if spec == "no_norm":
+        return lambda name, _: not is_norm_param(name, model)
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
+               metric_fn: LossFn | None = None) -> MAML:
+    """A ``MAML`` engine configured from ``cfg``."""
+    batched = {"auto": None, "batched": True, "looped": False}[cfg.path]
+    return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
+                lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
+                metric_fn=metric_fn, batched=batched)
+
+
+def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:
+    """Per-column mean and 95% CI half-width 1.96 * std / sqrt(n) of (tasks, steps) values."""
+    values = values.double().cpu()
+    std = values.std(dim=0, unbiased=False)
+    return values.mean(dim=0).tolist(), (1.96 * std / math.sqrt(values.shape[0])).tolist()
+
+
+def eval_record(experiment: str, method: str, k_shot: int, values: Tensor,
+                **extra: Any) -> dict[str, Any]:
+    """One ``eval.json`` record from per-task values of shape (tasks, steps + 1)."""
+    mean, ci = mean_ci95(values)
+    return {"experiment": experiment, "method": method, "k_shot": k_shot,
+            "tasks": values.shape[0], "steps": list(range(values.shape[1])),
+            "mean": mean, "ci95": ci, **extra}
+
+
+def evaluate_tasks(maml: MAML, batch: TaskBatch, steps: int, chunk: int, progress: bool,
+                   desc: str, key: str = "loss") -> Tensor:
+    """``maml.evaluate`` over ``batch`` in chunks of ``chunk`` tasks: (tasks, steps + 1) values."""
+    parts = batch.split(chunk)
+    return torch.cat([maml.evaluate(part, steps)[key].cpu()
+                      for part in tqdm(parts, desc=desc, unit="chunk", disable=None if progress else True,
+                                       leave=False)])
+
+
+def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],
+                  paper: dict[int, list[tuple[str, dict[int, float]]]], run_dir: Path,
+                  scale: float = 1.0, digits: int = 3) -> str:
+    """Markdown: per K-shot, each method's mean +- 95% CI at ``show_steps``, beside the paper."""
+    lines = [f"# {title}", "", f"Run: `{run_dir}`. Mean +- 95% CI over "
+             f"{records[0]['tasks']} test tasks.", ""]
+    for k_shot in sorted({r["k_shot"] for r in records}):
+        lines += [f"## {k_shot}-shot", "",
+                  "| method | " + " | ".join(f"{s} steps" for s in show_steps) + " |",
+                  "|---|" + "---|" * len(show_steps)]
+        for r in (r for r in records if r["k_shot"] == k_shot):
+            label = r["method"] + (f" (lr {r['inner_lr']:g})" if "inner_lr" in r else "")
+            cells = [f"{r['mean'][s] * scale:.{digits}f} +- {r['ci95'][s] * scale:.{digits}f}"
+                     if s < len(r["mean"]) else "" for s in show_steps]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for label, values in paper.get(k_shot, []):
+            cells = [f"{values[s]:g}" if s in values else "" for s in show_steps]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_eval(run_dir: Path, records: list[dict[str, Any]], table: str) -> None:
+    (run_dir / "eval.json").write_text(json.dumps(records, indent=2))
+    (run_dir / "results.md").write_text(table)
+
+
+def read_eval(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        raise ConfigError(f"no eval.json in {run_dir}: run `fastmaml eval {run_dir}` first")
+    return json.loads(path.read_text())
+
+
+class Experiment(ABC):
+    """A problem family: its config, what it trains, how it is evaluated and plotted."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type[Config]]
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.device = resolve_device(cfg.device)
+
+    @abstractmethod
+    def learners(self) -> list[Learner]:
+        """What ``fastmaml train`` trains, in order (MAML first, then the baselines)."""
+
+    @abstractmethod
+    def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Run the paper's protocol on trained checkpoints; write eval.json and results.md."""
+
+    @abstractmethod
+    def plot(self) -> list[Path]:
+        """Write the figures into ``run_dir/figures``; return their paths."""
+
+    def restore(self, learner: Learner) -> Learner:
+        """Load ``learner``'s final checkpoint from the run directory."""
+        path = checkpoint_path(self.run_dir, learner.name)
+        if not path.is_file():
+            raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
+        learner.load_state_dict(load_checkpoint(path)["learner"])
+        return learner
+
+    def figures_dir(self) -> Path:
+        path = self.run_dir / "figures"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

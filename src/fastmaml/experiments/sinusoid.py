@@ -1,0 +1,173 @@
+"""Sinusoid regression (paper section 5.1, Table 2, Figure 2) with its two baselines.
+
+- ``maml``: MLP 1-40-40-1 meta-trained with K = 10 support and 10 query points per task.
+- ``pretrained``: the same network trained with Adam on the plain MSE over random sinusoids,
+  fine-tuned at test time with a step size tuned on separate validation tasks.
+- ``oracle``: the network given the amplitude and phase as extra inputs (it needs no adaptation,
+  so its record repeats one value at every step).
+
+Evaluation: 600 fixed test tasks for each K in 5, 10, 20; the query set is ``eval_query`` points
+drawn uniformly from [-5, 5], so each task's MSE is measured over the whole input range.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..core import MAML
+from ..models import MLP
+from ..plots import plot_learning_curves, plot_step_curves
+from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
+from ..train import GradientLearner, meta_learner
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table, write_eval
+
+EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
+PAPER = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
+             ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
+
+
+@dataclass
+class SinusoidConfig(Config):
+    experiment: str = "sinusoid"
+    iterations: int = 70000
+    meta_batch: int = 25
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    k_shot: int = 10
+    k_query: int = 10
+    hidden: tuple[int, ...] = (40, 40)
+    eval_k_shots: tuple[int, ...] = (5, 10, 20)
+    eval_query: int = 100
+    baseline_iterations: int = 0  # 0: as many as MAML's iterations
+    baseline_lrs: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+    tune_tasks: int = 100
+
+
+class SinusoidExperiment(Experiment):
+    name = "sinusoid"
+    config_cls = SinusoidConfig
+    cfg: SinusoidConfig
+
+    def _network(self, inputs: int, seed_offset: int) -> torch.nn.Module:
+        torch.manual_seed(self.cfg.seed + seed_offset)
+        return MLP([inputs, *self.cfg.hidden, 1]).to(self.device)
+
+    def _generator(self, seed_offset: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed + seed_offset)
+
+    def build_maml(self) -> MAML:
+        return build_maml(self._network(1, 0), F.mse_loss, self.cfg)
+
+    def learners(self) -> list[GradientLearner]:
+        cfg = self.cfg
+        maml = self.build_maml()
+
+        def sample(generator: torch.Generator):
+            return sample_sinusoid_tasks(cfg.meta_batch, cfg.k_shot, cfg.k_query,
+                                         generator).batch.to(self.device)
+
+        return [meta_learner(maml, torch.optim.Adam(maml.parameters(), cfg.meta_lr), sample,
+                             self._generator(0), cfg.iterations, cfg.clip_grad,
+                             cfg.multi_step_loss, cfg.msl_anneal_iterations),
+                self._baseline("pretrained", oracle=False),
+                self._baseline("oracle", oracle=True)]
+
+    def _baseline(self, name: str, oracle: bool) -> GradientLearner:
+        """Plain supervised training over random sinusoids, with the same data per iteration."""
+        cfg = self.cfg
+        offset = 2 if oracle else 1
+        model = self._network(3 if oracle else 1, offset)
+        generator = self._generator(offset)
+
+        def loss_of(_: int):
+            tasks = sample_sinusoid_tasks(cfg.meta_batch, cfg.k_shot + cfg.k_query, 0, generator)
+            x, y = tasks.batch.support_x, tasks.batch.support_y
+            if oracle:
+                x = with_task_parameters(x, tasks.amplitude, tasks.phase)
+            return F.mse_loss(model(x.to(self.device)), y.to(self.device)), {}
+
+        return GradientLearner(name, model, torch.optim.Adam(model.parameters(), cfg.meta_lr),
+                               loss_of, cfg.baseline_iterations or cfg.iterations, generator)
+
+    def _trained(self) -> tuple[MAML, torch.nn.Module, torch.nn.Module]:
+        maml, pretrained, oracle = (self.restore(learner).module for learner in self.learners())
+        return maml, pretrained, oracle
+
+    def _tune_pretrained_lr(self, model: torch.nn.Module, k_shot: int) -> float:
+        """The fine-tuning step size with the lowest mean MSE over steps 1..N on validation tasks."""
+        tasks = sample_sinusoid_tasks(self.cfg.tune_tasks, k_shot, self.cfg.eval_query,
+                                      torch.Generator().manual_seed(TUNE_SEED + k_shot))
+        batch = tasks.batch.to(self.device)
+        scores = {lr: MAML(model, F.mse_loss, lr).evaluate(batch, self.cfg.eval_inner_steps)["loss"]
+                  [:, 1:].mean().item() for lr in self.cfg.baseline_lrs}
+        return min(scores, key=scores.get)
+
+    def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        maml, pretrained, oracle = self._trained()
+        records = []
+        for k_shot in cfg.eval_k_shots:
+            tasks = sample_sinusoid_tasks(cfg.eval_tasks, k_shot, cfg.eval_query,
+                                          torch.Generator().manual_seed(EVAL_SEED + k_shot))
+            batch = tasks.batch.to(self.device)
+            steps = cfg.eval_inner_steps
+            records.append(eval_record("sinusoid", "maml", k_shot, evaluate_tasks(
+                maml, batch, steps, cfg.eval_chunk, progress, f"maml K={k_shot}")))
+            lr = self._tune_pretrained_lr(pretrained, k_shot)
+            records.append(eval_record("sinusoid", "pretrained", k_shot, evaluate_tasks(
+                MAML(pretrained, F.mse_loss, lr), batch, steps, cfg.eval_chunk, progress,
+                f"pretrained K={k_shot}"), inner_lr=lr))
+            with torch.no_grad():
+                x = with_task_parameters(batch.query_x, tasks.amplitude.to(self.device),
+                                         tasks.phase.to(self.device))
+                mse = (oracle(x) - batch.query_y).pow(2).mean(dim=(1, 2))
+            records.append(eval_record("sinusoid", "oracle", k_shot,
+                                       mse[:, None].expand(-1, steps + 1),
+                                       note="no adaptation: the same value at every step"))
+        table = results_table("Sinusoid regression: query MSE after N inner steps", records,
+                              show_steps=[0, 1, 5, 10], paper=PAPER, run_dir=self.run_dir)
+        write_eval(self.run_dir, records, table)
+        return records
+
+    def plot(self) -> list[Path]:
+        records = read_eval(self.run_dir)
+        out = self.figures_dir()
+        paths = [plot_step_curves(records, "MSE", out / "mse_vs_steps.png", log_scale=True),
+                 plot_learning_curves([self.run_dir / f"metrics-{n}.csv"
+                                       for n in ("maml", "pretrained", "oracle")],
+                                      ["loss"], out / "learning_curves.png")]
+        lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
+        paths += [self._plot_adaptation(k, lrs[k], out) for k in (5, 10) if k in lrs]
+        return paths
+
+    def _plot_adaptation(self, k_shot: int, pretrained_lr: float, out: Path) -> Path:
+        """Paper Figure 2: one test task, its K points, predictions before and after 1 and 10 steps."""
+        maml, pretrained, _ = self._trained()
+        tasks = sample_sinusoid_tasks(1, k_shot, 0, torch.Generator().manual_seed(EVAL_SEED + k_shot))
+        support_x, support_y = (t[0].to(self.device) for t in tasks.batch[:2])
+        grid = torch.linspace(*X_RANGE, 200, device=self.device)[:, None]
+        truth = sinusoid(grid[None].cpu(), tasks.amplitude, tasks.phase)[0, :, 0]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        for ax, (title, engine) in zip(axes, [("MAML", maml),
+                                             ("pretrained", MAML(pretrained, F.mse_loss, pretrained_lr))]):
+            ax.plot(grid.cpu(), truth, color="red", label="ground truth")
+            for steps, style in ((0, ":"), (1, "--"), (10, "-")):
+                with torch.no_grad():
+                    prediction = engine.predict(engine.adapt(support_x, support_y, steps), grid)
+                ax.plot(grid.cpu(), prediction.cpu(), style, color="tab:green",
+                        alpha=0.5 + steps / 20, label=f"after {steps} steps")
+            ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
+                       label=f"{k_shot} points used for the gradient")
+            ax.set(title=f"{title}, K={k_shot}", xlabel="x")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"adaptation_k{k_shot}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path

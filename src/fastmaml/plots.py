@@ -1,0 +1,62 @@
+"""Figures shared by the experiments: metric against inner steps, and learning curves."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
+                     log_scale: bool = False) -> Path:
+    """One panel per K-shot: each method's mean with its 95% CI band against inner steps."""
+    shots = sorted({r["k_shot"] for r in records})
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
+    for ax, k in zip(axes[0], shots):
+        for r in (r for r in records if r["k_shot"] == k):
+            low = [m - c for m, c in zip(r["mean"], r["ci95"])]
+            high = [m + c for m, c in zip(r["mean"], r["ci95"])]
+            (line,) = ax.plot(r["steps"], r["mean"], marker="o", ms=3, label=r["method"])
+            ax.fill_between(r["steps"], low, high, color=line.get_color(), alpha=0.2)
+        ax.set(title=f"{k}-shot", xlabel="inner gradient steps", ylabel=ylabel)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(csv_paths: list[Path], keys: list[str], path: Path) -> Path:
+    """Each key of each metrics CSV against iterations (left) and wall-clock time (right)."""
+    fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for csv_path in csv_paths:
+        rows = _rows(csv_path)
+        run = csv_path.stem.removeprefix("metrics-")
+        for key in keys:
+            points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]))
+                      for r in rows if r.get(key) not in ("", None)]
+            if points:
+                its, secs, values = zip(*points)
+                by_iter.plot(its, values, label=f"{run}: {key}")
+                by_time.plot([s / 60 for s in secs], values, label=f"{run}: {key}")
+    by_iter.set(xlabel="iteration")
+    by_time.set(xlabel="wall-clock (min)")
+    for ax in (by_iter, by_time):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

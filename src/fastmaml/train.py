@@ -1,0 +1,172 @@
+"""Training driver: a resumable loop with atomic checkpoints, a metrics CSV and a progress bar.
+
+Anything that trains is a ``Learner`` (MAML, a pretrained baseline, a meta-RL policy): it knows
+how to take one step and how to save its state. ``fit`` does the rest, the same for all.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .core import MAML, TaskBatch, multi_step_loss_weights
+from .errors import NonFiniteLossError
+
+Metrics = dict[str, float | Tensor]
+
+
+class Learner(Protocol):
+    """One thing to train: a name, a number of iterations, a step, and a state to checkpoint."""
+
+    name: str
+    iterations: int
+
+    def step(self, iteration: int) -> Metrics: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class GradientLearner:
+    """Minimises ``loss_of(iteration)`` over ``module`` with a ``torch.optim`` optimizer.
+
+    ``loss_of`` returns (loss, metrics); it draws its data from ``generator``, whose state is
+    checkpointed so that a resumed run sees the same tasks as an uninterrupted one.
+    """
+
+    def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_of: Callable[[int], tuple[Tensor, Metrics]], iterations: int,
+                 generator: torch.Generator, clip_grad: float = 0.0,
+                 validate: Callable[[], Metrics] | None = None, validate_every: int = 0):
+        self.name, self.module, self.optimizer = name, module, optimizer
+        self.loss_of, self.iterations, self.generator = loss_of, iterations, generator
+        self.clip_grad = clip_grad
+        self.validate, self.validate_every = validate, validate_every
+
+    def step(self, iteration: int) -> Metrics:
+        loss, metrics = self.loss_of(iteration)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.clip_grad > 0:
+            nn.utils.clip_grad_value_(self.module.parameters(), self.clip_grad)
+        self.optimizer.step()
+        metrics = {"loss": loss.detach(), **metrics}
+        if self.validate and self.validate_every and (iteration + 1) % self.validate_every == 0:
+            metrics.update(self.validate())
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
+                 sample: Callable[[torch.Generator], TaskBatch], generator: torch.Generator,
+                 iterations: int, clip_grad: float = 0.0, multi_step_loss: bool = False,
+                 msl_anneal_iterations: int = 1, **validation: Any) -> GradientLearner:
+    """The MAML outer loop as a ``GradientLearner``: sample a meta-batch, meta-loss, step."""
+    def loss_of(iteration: int) -> tuple[Tensor, Metrics]:
+        weights = (multi_step_loss_weights(maml.inner_steps, iteration / max(msl_anneal_iterations, 1))
+                   if multi_step_loss else None)
+        return maml.meta_loss(sample(generator), step_weights=weights)
+
+    return GradientLearner("maml", maml, optimizer, loss_of, iterations, generator, clip_grad,
+                           **validation)
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "checkpoints" / f"{name}.pt"
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class MetricsLog:
+    """Append-only CSV of logged iterations; on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int):
+        self.path, self.fields = path, None
+        rows = []
+        if path.exists() and keep_until > 0:
+            with open(path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                self.fields = reader.fieldnames
+                rows = [r for r in reader if int(r["iteration"]) <= keep_until]
+        with open(path, "w", newline="") as handle:
+            if self.fields:
+                writer = csv.DictWriter(handle, self.fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, row: dict[str, float]) -> None:
+        if self.fields is None:
+            self.fields = list(row)
+            with open(self.path, "w", newline="") as handle:
+                csv.DictWriter(handle, self.fields).writeheader()
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.fields, restval="", extrasaction="ignore").writerow(row)
+
+
+def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
+        progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
+    """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
+
+    Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
+    moment loses at most the work since its last checkpoint. ``stop_after`` ends the call early
+    after that many iterations (used to test resumption). Returns the last logged metrics.
+    """
+    path = checkpoint_path(run_dir, learner.name)
+    start, elapsed = 0, 0.0
+    if path.exists():
+        state = load_checkpoint(path)
+        learner.load_state_dict(state["learner"])
+        start, elapsed = state["iteration"], state["elapsed_s"]
+    log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start)
+    end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, end), initial=start, total=learner.iterations, disable=None if progress else True,
+               desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
+    tick = time.perf_counter()
+    for iteration in bar:
+        metrics = learner.step(iteration)
+        done = iteration + 1
+        if done % log_every == 0 or done == end:
+            last = {k: float(v) for k, v in metrics.items()}
+            if not math.isfinite(last.get("loss", 0.0)):
+                raise NonFiniteLossError(f"{learner.name}: loss is {last['loss']} at iteration {done}")
+            now = time.perf_counter()
+            elapsed, tick = elapsed + now - tick, now
+            log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
+            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
+        if done % checkpoint_every == 0 or done == end:
+            now = time.perf_counter()
+            elapsed, tick = elapsed + now - tick, now
+            save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": learner.state_dict()},
+                        path)
+    bar.close()
+    return last
