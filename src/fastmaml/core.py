@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .batchnorm import TransductiveBatchNorm, has_batch_norm
-from .errors import ConfigError, FastMAMLError, NonFiniteLossError, ShapeError
+from .errors import ConfigError, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
 
 Params = dict[str, Tensor]
@@ -214,9 +214,9 @@ class MAML(nn.Module):
             out = vmap(lambda *task: self._task(*args, _functorch_grad, *task),
                        randomness="different")(*batch)
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
-            if self.batched or isinstance(error, FastMAMLError):
+            if self.batched:
                 raise
-            out = self._run_looped(args, batch)
+            out = self._run_looped(args, batch)  # a user error fails here too, and is raised
             warnings.warn(f"fastmaml: vmap could not run this model ({error}); "
                           "using the looped path", stacklevel=3)
             return out

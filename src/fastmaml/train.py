@@ -155,7 +155,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     for iteration in bar:
         metrics = learner.step(iteration)
         done = iteration + 1
-        if done % log_every == 0 or done == end:
+        if done % log_every == 0 or done == learner.iterations:
             last = {k: float(v) for k, v in metrics.items()}
             if not math.isfinite(last.get("loss", 0.0)):
                 raise NonFiniteLossError(f"{learner.name}: loss is {last['loss']} at iteration {done}")

@@ -1,0 +1,48 @@
+"""Typed key=value overrides and preset lookup."""
+from __future__ import annotations
+
+import pytest
+
+from fastmaml.config import ConfigError
+from fastmaml.experiments import PRESETS, experiment_class, preset
+from fastmaml.experiments.sinusoid import SinusoidConfig
+
+
+def test_overrides_are_typed_by_the_config_fields():
+    cfg = SinusoidConfig().with_overrides(["iterations=2_000", "inner_lr=0.05", "first_order=true",
+                                           "eval_k_shots=5,20", "lr_mode=per_param"])
+    assert cfg.iterations == 2000 and cfg.inner_lr == 0.05 and cfg.first_order is True
+    assert cfg.eval_k_shots == (5, 20) and cfg.lr_mode == "per_param"
+
+
+@pytest.mark.parametrize("item,message", [
+    ("inner_steps=two", "'inner_steps' expects int, got 'two'"),
+    ("first_order=maybe", "'first_order' expects bool"),
+    ("learning_rate=0.1", "unknown config key.*learning_rate"),
+    ("iterations", "not of the form key=value"),
+    ("iterations=0", "iterations must be >= 1"),
+    ("inner_steps=-1", "inner_steps must be >= 0"),
+    ("path=gpu", "path must be auto, batched or looped"),
+])
+def test_bad_overrides_are_named(item, message):
+    with pytest.raises(ConfigError, match=message):
+        SinusoidConfig().with_overrides([item])
+
+
+def test_every_preset_builds_its_config():
+    for name, chosen in PRESETS.items():
+        cls = experiment_class(chosen.experiment).config_cls
+        cfg = cls.from_dict({**chosen.values, "preset": name})
+        assert cfg.experiment == chosen.experiment
+
+
+def test_sinusoid_preset_holds_the_paper_settings():
+    cfg = SinusoidConfig.from_dict(preset("sinusoid").values)
+    assert (cfg.iterations, cfg.meta_batch, cfg.inner_lr, cfg.inner_steps, cfg.meta_lr) == (
+        70000, 25, 0.01, 1, 1e-3)
+    assert cfg.hidden == (40, 40) and cfg.k_shot == 10 and cfg.eval_k_shots == (5, 10, 20)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="unknown preset 'omniglot-99w'"):
+        preset("omniglot-99w")

@@ -1,0 +1,298 @@
+"""The MAML engine: meta-gradients against finite differences, batched against looped."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
+from fastmaml.core import multi_step_loss_weights
+from fastmaml.models import ConvNet, MLP, is_norm_param
+
+TASKS = 3
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def mlp_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = MLP([1, 8, 8, 1])
+    batch = TaskBatch(torch.randn(TASKS, 5, 1), torch.randn(TASKS, 5, 1),
+                      torch.randn(TASKS, 6, 1), torch.randn(TASKS, 6, 1))
+    return model, F.mse_loss, batch
+
+
+def conv_problem(seed: int = 0):
+    """A small paper-style conv net with batch norm (offset only), 3-way tasks on 8x8 images."""
+    torch.manual_seed(seed)
+    model = ConvNet(1, 3, hidden=4, strided=True, image_size=8, blocks=2)
+    batch = TaskBatch(torch.randn(TASKS, 6, 1, 8, 8), torch.randint(0, 3, (TASKS, 6)),
+                      torch.randn(TASKS, 6, 1, 8, 8), torch.randint(0, 3, (TASKS, 6)))
+    return model, F.cross_entropy, batch
+
+
+PROBLEMS = {"mlp": mlp_problem, "conv_bn": conv_problem}
+
+
+def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
+    loss, _ = maml.meta_loss(batch, **kwargs)
+    params = [p for p in maml.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                      for g, p in zip(grads, params)])
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
+def test_second_order_meta_gradient_matches_finite_differences(problem, steps, lr_mode):
+    model, loss_fn, batch = PROBLEMS[problem]()
+    maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=steps, lr_mode=lr_mode)
+    params = [p for p in maml.parameters() if p.requires_grad]
+    grad = meta_grad(maml, batch)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        direction = [torch.randn(p.shape, generator=generator) for p in params]
+        eps = 1e-6
+        with torch.no_grad():
+            values = []
+            for sign in (1, -1):
+                for p, d in zip(params, direction):
+                    p.add_(sign * eps * d)
+                values.append(maml.meta_loss(batch)[0].item())
+                for p, d in zip(params, direction):
+                    p.sub_(sign * eps * d)
+        numeric = (values[0] - values[1]) / (2 * eps)
+        analytic = torch.dot(grad, torch.cat([d.flatten() for d in direction])).item()
+        assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
+
+
+CONFIGS = list(itertools.product(PROBLEMS, [1, 2], [False, True],
+                                 ["fixed", "scalar", "per_param", "per_layer_step"]))
+
+
+@pytest.mark.parametrize("problem,steps,first_order,lr_mode", CONFIGS)
+def test_batched_equals_looped(problem, steps, first_order, lr_mode):
+    grads, losses = {}, {}
+    for batched in (True, False):
+        model, loss_fn, batch = PROBLEMS[problem]()
+        maml = MAML(model, loss_fn, 0.1, steps, first_order, lr_mode=lr_mode, batched=batched)
+        grads[batched] = meta_grad(maml, batch)
+        losses[batched] = maml.evaluate(batch, steps=3)["loss"]
+        assert maml.path == ("batched" if batched else "looped")
+    assert relative(grads[True], grads[False]) < 1e-6
+    assert relative(losses[True], losses[False]) < 1e-6
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("adapt", ["head", "no_norm"])
+def test_batched_equals_looped_with_anil_and_multi_step_loss(problem, adapt):
+    grads = {}
+    for batched in (True, False):
+        model, loss_fn, batch = PROBLEMS[problem]()
+        selection = (["head"] if problem == "conv_bn" else ["2"]) if adapt == "head" else (
+            lambda name, _: not is_norm_param(name, model))
+        maml = MAML(model, loss_fn, 0.1, 2, adapt=selection, batched=batched)
+        grads[batched] = meta_grad(maml, batch, step_weights=multi_step_loss_weights(2, 0.3))
+    assert relative(grads[True], grads[False]) < 1e-6
+
+
+def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_not():
+    """The trap in the engineering notes: F.batch_norm under vmap, second order, on torch 2.13.
+
+    The fused kernel (transductive_bn=False with a stats-free BatchNorm) disagrees with the looped
+    reference; our elementary-op batch norm (the default) agrees with it to 1e-10. If the second
+    assertion ever fails, torch has fixed the kernel and the workaround could be reconsidered.
+    """
+    def grads(transductive: bool) -> dict[bool, torch.Tensor]:
+        out = {}
+        for batched in (True, False):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1),
+                                  nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                                  nn.Flatten(), nn.Linear(4 * 36, 3))
+            _, loss_fn, batch = conv_problem()
+            batch = TaskBatch(batch.support_x[..., :6, :6], batch.support_y,
+                              batch.query_x[..., :6, :6], batch.query_y)
+            maml = MAML(model, loss_fn, 0.1, 2, batched=batched, transductive_bn=transductive)
+            out[batched] = meta_grad(maml, batch)
+        return out
+
+    ours = grads(transductive=True)
+    assert relative(ours[True], ours[False]) < 1e-10
+    fused = grads(transductive=False)
+    assert relative(fused[True], fused[False]) > 1e-5
+
+
+def test_first_order_equals_gradient_with_detached_inner_gradients():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=2, first_order=True)
+    ours = meta_grad(maml, batch)
+    params = dict(model.named_parameters())
+    total = 0.0
+    for sx, sy, qx, qy in zip(*batch):
+        fast = dict(params)
+        for _ in range(2):
+            loss = loss_fn(torch.func.functional_call(model, fast, (sx,)), sy)
+            inner = torch.autograd.grad(loss, list(fast.values()))
+            fast = {n: p - 0.1 * g.detach() for (n, p), g in zip(fast.items(), inner)}
+        total = total + loss_fn(torch.func.functional_call(model, fast, (qx,)), qy)
+    reference = torch.autograd.grad(total / TASKS, list(params.values()))
+    assert relative(ours, torch.cat([g.flatten() for g in reference])) < 1e-12
+    assert relative(ours, meta_grad(MAML(model, loss_fn, 0.1, 2), batch)) > 1e-4
+
+
+def test_anil_adapts_only_the_selected_parameters():
+    model, loss_fn, batch = conv_problem()
+    maml = MAML(model, loss_fn, inner_lr=0.5, inner_steps=3, adapt=["head"])
+    adapted = maml.adapt(batch.support_x[0], batch.support_y[0])
+    assert set(adapted) == {"head.weight", "head.bias"}
+    assert not torch.allclose(adapted["head.weight"], model.head.weight)
+    with torch.no_grad():
+        features = model.features(batch.query_x[0]).mean(dim=(2, 3))
+        expected = F.linear(features, adapted["head.weight"], adapted["head.bias"])
+        assert torch.allclose(maml.predict(adapted, batch.query_x[0]), expected)
+    grad = meta_grad(maml, batch)
+    assert grad.abs().sum() > 0
+    conv_grad = torch.autograd.grad(maml.meta_loss(batch)[0], model.features[0][0].weight)[0]
+    assert conv_grad.abs().sum() > 0  # the outer loop still trains what the inner loop skips
+
+
+def test_paper_batch_norm_uses_batch_statistics_and_never_updates_buffers():
+    model, loss_fn, batch = conv_problem()
+    norm = model.features[0][1]
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    maml = MAML(model, loss_fn, 0.1, 1)
+    maml.meta_loss(batch)[0].backward()
+    maml.evaluate(batch, steps=2)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name]), name
+    assert not norm.weight.requires_grad and norm.bias.grad is not None
+    model.eval()  # batch statistics even in eval mode: predictions depend on the batch
+    x = batch.query_x[0]
+    with torch.no_grad():
+        alone = maml.predict({}, x[:2])
+        together = maml.predict({}, x)[:2]
+    assert not torch.allclose(alone, together)
+
+
+def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
+    model, loss_fn, batch = mlp_problem()
+    meta_sgd = MAML(model, loss_fn, 0.1, 2, lr_mode="per_param")
+    rates = meta_sgd.inner_lrs.for_step(0)
+    assert all(rates[n].shape == p.shape for n, p in model.named_parameters())
+    maml_pp = MAML(model, loss_fn, 0.1, 2, lr_mode="per_layer_step")
+    for tensor in maml_pp.inner_lrs.rates.values():
+        tensor.data = torch.tensor([0.1, 0.3])
+    assert maml_pp.inner_lrs.for_step(1)["0.weight"].item() == pytest.approx(0.3)
+    assert maml_pp.inner_lrs.for_step(7)["0.weight"].item() == pytest.approx(0.3)
+    grad = meta_grad(maml_pp, batch)
+    assert grad.numel() == sum(p.numel() for p in model.parameters()) + 2 * 6
+
+
+def test_more_steps_at_evaluation_than_at_training():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, inner_lr=0.05, inner_steps=1)
+    curve = maml.evaluate(batch, steps=10)["loss"]
+    assert curve.shape == (TASKS, 11)
+    support_curve = maml.evaluate(TaskBatch(batch.support_x, batch.support_y,
+                                            batch.support_x, batch.support_y), steps=10)["loss"]
+    assert (support_curve[:, -1] < support_curve[:, 0]).all()  # adapting lowers the support loss
+
+
+def test_lstm_runs_and_agrees_with_the_looped_reference():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(2, 6, batch_first=True)
+            self.head = nn.Linear(6, 1)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    losses = {}
+    for batched in (None, False):
+        torch.manual_seed(0)
+        model = Recurrent()
+        batch = TaskBatch(torch.randn(2, 4, 5, 2), torch.randn(2, 4, 1),
+                          torch.randn(2, 4, 5, 2), torch.randn(2, 4, 1))
+        maml = MAML(model, F.mse_loss, 0.1, 1, batched=batched)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses[batched] = meta_grad(maml, batch)
+        if batched is None and maml.path == "looped":  # vmap failed: the fallback must say so
+            assert any("using the looped path" in str(w.message) for w in caught)
+        assert maml.path in ("batched", "looped")
+    assert relative(losses[None], losses[False]) < 1e-6
+
+
+def test_multi_step_loss_weights_anneal_towards_the_last_step():
+    start, middle, end = (multi_step_loss_weights(5, p) for p in (0.0, 0.5, 1.0))
+    assert torch.allclose(start, torch.full((5,), 0.2))
+    for weights in (start, middle, end):
+        assert weights.sum().item() == pytest.approx(1.0)
+    assert middle[-1] > start[-1] and end[-1] > middle[-1]
+    assert end[0].item() == pytest.approx(0.03 / 5)
+
+
+# ----- clear errors -----
+
+def test_mismatched_task_counts_and_example_counts_are_named():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn)
+    with pytest.raises(ShapeError, match="same leading task dimension"):
+        maml.meta_loss(TaskBatch(batch.support_x, batch.support_y, batch.query_x[:2], batch.query_y))
+    with pytest.raises(ShapeError, match="same number of examples"):
+        maml.meta_loss(TaskBatch(batch.support_x, batch.support_y[:, :3], batch.query_x, batch.query_y))
+    with pytest.raises(ShapeError, match="four tensors"):
+        maml.meta_loss((batch.support_x, batch.support_y))
+
+
+def test_input_that_does_not_fit_the_model_is_named():
+    model, loss_fn, _ = mlp_problem()
+    bad = TaskBatch(*(torch.randn(2, 4, 3) for _ in range(4)))
+    for batched in (None, True, False):
+        with pytest.raises(ShapeError, match=r"forward failed on a per-task input of shape \(4, 3\)"):
+            MAML(model, loss_fn, batched=batched).meta_loss(bad)
+
+
+def test_negative_steps_and_empty_selection_are_config_errors():
+    model, loss_fn, batch = mlp_problem()
+    with pytest.raises(ConfigError, match="inner_steps"):
+        MAML(model, loss_fn, inner_steps=-1)
+    with pytest.raises(ConfigError, match="steps must be >= 0"):
+        MAML(model, loss_fn).evaluate(batch, steps=-2)
+    with pytest.raises(ConfigError, match="matches no trainable parameter"):
+        MAML(model, loss_fn, adapt=["nonexistent"])
+    with pytest.raises(ConfigError, match="unknown inner-lr mode"):
+        MAML(model, loss_fn, lr_mode="adaptive")
+
+
+def test_non_scalar_loss_is_named():
+    model, _, batch = mlp_problem()
+    for batched in (True, False):
+        maml = MAML(model, lambda p, y: (p - y).pow(2), batched=batched)
+        with pytest.raises(ShapeError, match="must return a scalar"):
+            maml.meta_loss(batch)
+
+
+def test_nan_meta_loss_is_named():
+    model, loss_fn, batch = mlp_problem()
+    bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x,
+                    torch.full_like(batch.query_y, float("nan")))
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan"):
+        MAML(model, loss_fn).meta_loss(bad)

@@ -1,0 +1,104 @@
+"""The training driver: identical resumption, atomic checkpoints, seeds, NaN detection."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from fastmaml.config import ConfigError
+from fastmaml.errors import NonFiniteLossError
+from fastmaml.experiments import create_run
+from fastmaml.train import GradientLearner, checkpoint_path, fit, load_checkpoint, save_atomic
+
+
+def maml_learner(run_dir, **overrides):
+    items = [f"{k}={v}" for k, v in {"iterations": 12, "meta_batch": 4, "log_every": 2,
+                                     "checkpoint_every": 3, **overrides}.items()]
+    return create_run("sinusoid-demo", run_dir, items).learners()[0]
+
+
+def params(learner) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in learner.module.parameters()])
+
+
+def rows(path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in csv.DictReader(handle)]
+
+
+def test_resume_continues_identically(tmp_path):
+    straight = maml_learner(tmp_path / "straight")
+    fit(straight, tmp_path / "straight", 3, 2, progress=False)
+
+    first = maml_learner(tmp_path / "resumed")
+    fit(first, tmp_path / "resumed", 3, 2, progress=False, stop_after=7)  # killed after iter 7
+    assert load_checkpoint(checkpoint_path(tmp_path / "resumed", "maml"))["iteration"] == 7
+    second = maml_learner(tmp_path / "resumed")  # a new process: fresh objects
+    fit(second, tmp_path / "resumed", 3, 2, progress=False)
+
+    assert torch.equal(params(straight), params(second))
+    assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "resumed" / "metrics-maml.csv")
+
+
+def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_path):
+    learner = maml_learner(tmp_path)
+    original_step = learner.step
+
+    def dying_step(iteration):
+        if iteration == 8:
+            raise KeyboardInterrupt
+        return original_step(iteration)
+
+    learner.step = dying_step
+    with pytest.raises(KeyboardInterrupt):
+        fit(learner, tmp_path, 3, 2, progress=False)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 6
+    resumed = maml_learner(tmp_path)
+    fit(resumed, tmp_path, 3, 2, progress=False)
+    logged = [int(r["iteration"]) for r in rows(tmp_path / "metrics-maml.csv")]
+    assert logged == [2, 4, 6, 8, 10, 12]  # no duplicated rows from the lost iterations
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "x.pt"
+    save_atomic({"iteration": 1}, path)
+
+    def crash(obj, handle):
+        handle.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_atomic({"iteration": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path) == {"iteration": 1}
+
+
+def test_same_seed_same_run_and_other_seed_other_run(tmp_path):
+    runs = {}
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        learner = maml_learner(tmp_path / name, seed=seed, iterations=4)
+        fit(learner, tmp_path / name, 3, 2, progress=False)
+        runs[name] = params(learner)
+    assert torch.equal(runs["a"], runs["b"])
+    assert not torch.equal(runs["a"], runs["c"])
+
+
+def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
+    model = torch.nn.Linear(1, 1)
+
+    def loss_of(_):
+        return model(torch.tensor([[float("nan")]])).sum(), {}
+
+    learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1), loss_of, 5,
+                              torch.Generator())
+    with pytest.raises(NonFiniteLossError, match="toy: loss is nan at iteration 1"):
+        fit(learner, tmp_path, 5, 1, progress=False)
+
+
+def test_resuming_with_changed_settings_is_refused(tmp_path):
+    maml_learner(tmp_path)
+    with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
+        maml_learner(tmp_path, inner_lr=0.5)
+    assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
