@@ -1,0 +1,133 @@
+"""Data files on disk, shared by the image data sets.
+
+Verified downloads, atomic zip extraction, an atomic ``.npy`` cache and parallel image decoding.
+Every write goes to a temporary name beside its target first and is renamed into place, so an
+interrupted run never leaves a partial folder or cache file behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from collections.abc import Callable, Sequence
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ConfigError, DataError
+
+CHUNK = 1 << 20
+POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
+
+
+def default_cache_dir() -> Path:
+    """``$FASTMAML_CACHE``, else ``~/.cache/fastmaml``."""
+    return Path(os.environ.get("FASTMAML_CACHE") or Path.home() / ".cache" / "fastmaml")
+
+
+def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
+    """Download ``url`` to ``path`` through a temporary file; keep it only if its MD5 matches."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.md5()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+            while chunk := response.read(CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+        if digest.hexdigest() != md5:
+            raise DataError(f"MD5 mismatch for {path.name} downloaded from {url}: expected "
+                            f"{md5}, got {digest.hexdigest()}; the download is corrupt or the "
+                            "file changed")
+        os.replace(tmp, path)
+    except OSError as error:
+        raise DataError(f"could not download {url} to {path}: {error}") from error
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
+    """Extract ``archive``, whose top-level folder is ``folder``, to ``dest/folder`` atomically."""
+    target = dest / folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=dest))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [n for n in zf.namelist() if n.split("/")[0] == folder]
+            if not members:
+                raise DataError(f"{archive} holds no folder {folder}/")
+            zf.extractall(tmp, members)  # zipfile drops absolute paths and ".." components
+        os.replace(tmp / folder, target)
+    except zipfile.BadZipFile as error:
+        raise DataError(f"{archive} is not a valid zip file: {error}") from error
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
+    """Download a zip of ``folder``, verify its MD5 and extract it to ``dest/folder``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / f".{folder}.zip"
+    try:
+        download(url, archive, md5)
+        return extract_zip(archive, dest, folder)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def fingerprint(items: Sequence[str]) -> str:
+    """A short stable hash of ``items``, to name a cache file after the data it holds."""
+    return hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]
+
+
+def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -> np.ndarray:
+    """The array saved at ``path``, else ``build()`` saved there atomically.
+
+    The cache never goes inside ``data_root``, which may be read-only and shared.
+    """
+    if path.resolve().is_relative_to(data_root.resolve()):
+        raise ConfigError(f"the cache file {path} would be inside the data root {data_root}; "
+                          "choose a cache directory outside it (cache_dir or $FASTMAML_CACHE)")
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):  # unreadable: rebuild it below
+            pass
+    array = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            np.save(out, array)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return array
+
+
+def read_image(path: Path, mode: str, size: int) -> np.ndarray:
+    """One image as a uint8 array in PIL ``mode``, resized to ``size`` x ``size`` with LANCZOS."""
+    try:
+        with Image.open(path) as file:
+            image = file.convert(mode)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_images(paths: Sequence[Path], mode: str, size: int,
+                workers: int | None = None) -> np.ndarray:
+    """All ``paths`` decoded by ``read_image`` into one array, with a process per CPU core."""
+    workers = (os.cpu_count() or 1) if workers is None else workers
+    jobs = [(p, mode, size) for p in paths]
+    if workers <= 1 or len(jobs) < POOL_MIN_IMAGES:
+        return np.stack([read_image(*job) for job in jobs])
+    with Pool(workers) as pool:
+        return np.stack(pool.starmap(read_image, jobs, chunksize=256))

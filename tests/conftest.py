@@ -1,0 +1,52 @@
+"""Shared test fixtures."""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def omniglot_root() -> Path:
+    """The full Omniglot folder: ``$FASTMAML_OMNIGLOT``, default ``<repo>/../shared/data/omniglot``.
+
+    Tests that need it are skipped when it is missing, and fail instead under
+    ``FASTMAML_REQUIRE_DATA=1`` (CI), so that a missing data set never passes silently there.
+    """
+    root = Path(os.environ.get("FASTMAML_OMNIGLOT") or REPO.parent / "shared" / "data" / "omniglot")
+    if not all((root / folder).is_dir() for folder in ("images_background", "images_evaluation")):
+        reason = (f"Omniglot not found at {root} (needs images_background/ and "
+                  "images_evaluation/); set FASTMAML_OMNIGLOT to its folder")
+        if os.environ.get("FASTMAML_REQUIRE_DATA") == "1":
+            pytest.fail(f"{reason}; FASTMAML_REQUIRE_DATA=1 requires it")
+        pytest.skip(reason)
+    return root
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def http_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, str]]:
+    """(folder, base URL): files put in the folder are served over HTTP on 127.0.0.1."""
+    folder = tmp_path / "served"
+    folder.mkdir()
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    handler = functools.partial(_QuietHandler, directory=str(folder))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+            thread.join(timeout=10)

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import hashlib
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastmaml import ConfigError, DataError
+from fastmaml.tasks import download as dl
+
+
+def write_zip(path: Path, files: dict[str, bytes]) -> str:
+    """A zip of ``files`` (archive name -> content); returns its MD5."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in files.items():
+            zf.writestr(name, content)
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def test_fetch_zip_over_loopback(http_folder: tuple[Path, str], tmp_path: Path) -> None:
+    served, url = http_folder
+    md5 = write_zip(served / "things.zip", {"things/a.txt": b"a", "things/sub/b.txt": b"b",
+                                            "__MACOSX/things/._a.txt": b"junk"})
+    dest = tmp_path / "data"
+    assert dl.fetch_zip(f"{url}/things.zip", md5, dest, "things") == dest / "things"
+    assert (dest / "things" / "sub" / "b.txt").read_bytes() == b"b"
+    assert sorted(p.name for p in dest.iterdir()) == ["things"]  # no zip, temp dir or junk left
+
+
+def test_bad_md5_is_rejected_and_leaves_nothing(http_folder: tuple[Path, str],
+                                                 tmp_path: Path) -> None:
+    served, url = http_folder
+    md5 = write_zip(served / "things.zip", {"things/a.txt": b"a"})
+    dest = tmp_path / "data"
+    with pytest.raises(DataError) as info:
+        dl.fetch_zip(f"{url}/things.zip", "0" * 32, dest, "things")
+    assert all(word in str(info.value) for word in ("things.zip", "0" * 32, md5))
+    assert list(dest.iterdir()) == []
+
+
+def test_http_error_is_a_data_error(http_folder: tuple[Path, str], tmp_path: Path) -> None:
+    _, url = http_folder
+    with pytest.raises(DataError, match="missing.zip"):
+        dl.download(f"{url}/missing.zip", tmp_path / "missing.zip", "0" * 32)
+    assert list(tmp_path.iterdir()) == [tmp_path / "served"]
+
+
+def test_extract_zip_rejects_archives_without_the_folder(tmp_path: Path) -> None:
+    write_zip(tmp_path / "other.zip", {"other/a.txt": b"a"})
+    with pytest.raises(DataError, match="no folder things/"):
+        dl.extract_zip(tmp_path / "other.zip", tmp_path, "things")
+    (tmp_path / "bad.zip").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match="not a valid zip"):
+        dl.extract_zip(tmp_path / "bad.zip", tmp_path, "things")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip", "other.zip"]
+
+
+def test_cached_array_builds_once_atomically(tmp_path: Path) -> None:
+    calls = []
+
+    def build() -> np.ndarray:
+        calls.append(1)
+        return np.arange(6, dtype=np.uint8).reshape(2, 3)
+
+    path = tmp_path / "cache" / "a.npy"
+    first = dl.cached_array(path, build, tmp_path / "data")
+    second = dl.cached_array(path, build, tmp_path / "data")
+    assert len(calls) == 1 and np.array_equal(first, second)
+    assert [p.name for p in path.parent.iterdir()] == ["a.npy"]
+    path.write_bytes(b"truncated")  # an unreadable cache is rebuilt
+    assert np.array_equal(dl.cached_array(path, build, tmp_path / "data"), first)
+    assert len(calls) == 2
+
+
+def test_cache_never_inside_the_data_root(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="inside the data root"):
+        dl.cached_array(tmp_path / "data" / "a.npy", lambda: np.zeros(1), tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path))
+    assert dl.default_cache_dir() == tmp_path
+    monkeypatch.delenv("FASTMAML_CACHE")
+    assert dl.default_cache_dir() == Path.home() / ".cache" / "fastmaml"
+
+
+def test_read_images_serial_and_parallel_agree(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(dl.POOL_MIN_IMAGES):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(paths[-1])
+    serial = dl.read_images(paths, "L", 3, workers=1)
+    assert serial.shape == (len(paths), 3, 3) and serial.dtype == np.uint8
+    assert np.array_equal(dl.read_images(paths, "L", 3, workers=2), serial)
+
+
+@pytest.mark.parametrize("content", [b"garbage", "truncated"])
+def test_unreadable_image_names_the_file(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.full((40, 40), 7, dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(DataError, match="broken.png"):
+        dl.read_images([path], "L", 28)
