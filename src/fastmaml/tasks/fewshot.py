@@ -1,0 +1,110 @@
+"""N-way K-shot classification tasks drawn from an in-memory image tensor, fully vectorised."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from ..core import TaskBatch
+from ..errors import ConfigError, DataError
+
+
+class _Draws(NamedTuple):
+    """The random choices behind a batch of tasks (on the CPU, so they do not depend on device)."""
+
+    classes: Tensor  # (tasks, n_way): class indices, distinct within a task
+    shots: Tensor  # (tasks, n_way, k_shot + k_query): image indices, distinct within a class
+    rotations: Tensor  # (tasks, n_way): quarter turns, 0..3
+
+    def chunk(self, start: int, stop: int) -> _Draws:
+        return _Draws(*(t[start:stop] for t in self))
+
+
+class FewShotSampler:
+    """Samples N-way K-shot tasks from ``images`` of shape (classes, per_class, C, H, W).
+
+    Each task takes ``n_way`` distinct classes in random order; the i-th class drawn gets label
+    i, so the class-to-label assignment is a uniformly random permutation in every task. Each
+    class contributes ``k_shot`` support and ``k_query`` query images, distinct from each other.
+    With ``rotate`` every class of a task is turned by its own random multiple of 90 degrees
+    (the Omniglot protocol); since the classes of a task are distinct characters, two rotations
+    of one character never share a task. uint8 images are scaled to [0, 1] float32 (pixels /
+    255); floating images are returned as they are. Examples are ordered class by class:
+    ``support_y`` of a 3-way 2-shot task is ``[0, 0, 1, 1, 2, 2]``.
+    """
+
+    def __init__(self, images: Tensor, n_way: int, k_shot: int, k_query: int,
+                 rotate: bool = False, device: torch.device | str | None = None):
+        if images.dim() != 5:
+            raise DataError("images must be (classes, per_class, channels, height, width), got "
+                            f"shape {tuple(images.shape)}")
+        for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)):
+            _check_positive(name, value)
+        num_classes, per_class, _, height, width = images.shape
+        if n_way > num_classes:
+            raise DataError(f"n_way={n_way} needs at least {n_way} classes, but this split has "
+                            f"only {num_classes}")
+        if k_shot + k_query > per_class:
+            raise DataError(f"k_shot + k_query = {k_shot} + {k_query} = {k_shot + k_query} images "
+                            f"per class needed, but the classes have only {per_class}")
+        if rotate and height != width:
+            raise ConfigError(f"rotate needs square images, got {height}x{width}")
+        self.images = images.to(device) if device is not None else images
+        self.n_way, self.k_shot, self.k_query, self.rotate = n_way, k_shot, k_query, rotate
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    def sample(self, meta_batch: int, generator: torch.Generator | None = None) -> TaskBatch:
+        """``meta_batch`` random tasks, drawn with the (CPU) ``generator``."""
+        _check_positive("meta_batch", meta_batch)
+        return self._gather(self._draw(meta_batch, generator))
+
+    def fixed_tasks(self, num_tasks: int, seed: int,
+                    chunk: int | None = None) -> Iterator[TaskBatch]:
+        """The same ``num_tasks`` tasks for a given ``seed``, in batches of at most ``chunk``.
+
+        All random choices are made up front, so the tasks do not depend on ``chunk``; the
+        images of a chunk are only gathered when it is reached, which bounds memory.
+        """
+        _check_positive("num_tasks", num_tasks)
+        size = num_tasks if chunk is None else chunk
+        _check_positive("chunk", size)
+        draws = self._draw(num_tasks, torch.Generator().manual_seed(seed))
+        return (self._gather(draws.chunk(start, start + size))
+                for start in range(0, num_tasks, size))
+
+    def _draw(self, num_tasks: int, generator: torch.Generator | None) -> _Draws:
+        """Classes and instances for all tasks at once: the top-k of random keys, i.e. the first
+        k of a random permutation (a partial argsort, O(n) instead of O(n log n))."""
+        shots = self.k_shot + self.k_query
+        class_keys = torch.rand(num_tasks, self.num_classes, generator=generator)
+        shot_keys = torch.rand(num_tasks, self.n_way, self.images.shape[1], generator=generator)
+        rotations = (torch.randint(4, (num_tasks, self.n_way), generator=generator)
+                     if self.rotate else torch.zeros(num_tasks, self.n_way, dtype=torch.long))
+        return _Draws(class_keys.topk(self.n_way, dim=1).indices,
+                      shot_keys.topk(shots, dim=2).indices, rotations)
+
+    def _gather(self, draws: _Draws) -> TaskBatch:
+        device = self.images.device
+        classes, shots, rotations = (t.to(device) for t in draws)
+        x = self.images[classes[:, :, None], shots]  # (tasks, n_way, k_shot + k_query, C, H, W)
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x
+        for turns in (1, 2, 3):
+            mask = rotations == turns
+            x[mask] = torch.rot90(x[mask], turns, dims=(-2, -1))
+        tasks, n, _, *image = x.shape
+        labels = torch.arange(n, device=device).expand(tasks, n)[:, :, None]
+        support, query = x.split([self.k_shot, self.k_query], dim=2)
+        return TaskBatch(support.reshape(tasks, n * self.k_shot, *image),
+                         labels.expand(-1, -1, self.k_shot).reshape(tasks, -1),
+                         query.reshape(tasks, n * self.k_query, *image),
+                         labels.expand(-1, -1, self.k_query).reshape(tasks, -1))
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+from fastmaml import ConfigError, DataError, as_task_batch
+from fastmaml.tasks.fewshot import FewShotSampler
+
+CLASSES, PER_CLASS = 12, 9
+
+
+def marked_images(classes: int = CLASSES, per_class: int = PER_CLASS) -> Tensor:
+    """uint8 (classes, per_class, 1, 4, 4): pixel (0, 0) is class + 1, pixel (0, 1) instance + 1."""
+    images = torch.zeros(classes, per_class, 1, 4, 4, dtype=torch.uint8)
+    images[:, :, 0, 0, 0] = torch.arange(1, classes + 1)[:, None]
+    images[:, :, 0, 0, 1] = torch.arange(1, per_class + 1)
+    return images
+
+
+def decode(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(class, instance, quarter turns) of every (..., 1, 4, 4) image made by ``marked_images``."""
+    pixels = (x * 255).round().long()
+    found = [(torch.rot90(pixels, -k, dims=(-2, -1))[..., 0, :2], k) for k in range(4)]
+    turns = sum(k * (p > 0).all(-1).long() for p, k in found)
+    canonical = torch.stack([p for p, _ in found], dim=-2).max(dim=-2).values
+    return canonical[..., 0] - 1, canonical[..., 1] - 1, turns
+
+
+def test_shapes_dtypes_and_labels() -> None:
+    sampler = FewShotSampler(marked_images(), n_way=5, k_shot=2, k_query=3)
+    batch = sampler.sample(7, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (7, 10, 1, 4, 4) and batch.query_x.shape == (7, 15, 1, 4, 4)
+    assert batch.support_x.dtype == torch.float32 and batch.support_y.dtype == torch.long
+    assert batch.support_y.shape == (7, 10) and batch.query_y.shape == (7, 15)
+    assert torch.equal(batch.support_y[0], torch.arange(5).repeat_interleave(2))
+    assert torch.equal(batch.query_y[0], torch.arange(5).repeat_interleave(3))
+    assert as_task_batch(batch).num_tasks == 7
+    assert batch.support_x.min() >= 0.0 and batch.support_x.max() <= 1.0
+
+
+def test_classes_distinct_labels_consistent_instances_disjoint() -> None:
+    sampler = FewShotSampler(marked_images(), n_way=5, k_shot=2, k_query=3)
+    batch = sampler.sample(50, torch.Generator().manual_seed(1))
+    s_cls, s_inst, _ = decode(batch.support_x[:, :, 0])
+    q_cls, q_inst, _ = decode(batch.query_x[:, :, 0])
+    s_cls, q_cls = s_cls.view(50, 5, 2), q_cls.view(50, 5, 3)
+    assert (s_cls == s_cls[:, :, :1]).all() and (q_cls == s_cls[:, :, :1]).all()  # label <-> class
+    per_task = s_cls[:, :, 0]
+    assert all(len(set(task.tolist())) == 5 for task in per_task)  # distinct classes per task
+    instances = torch.cat([s_inst.view(50, 5, 2), q_inst.view(50, 5, 3)], dim=2)
+    assert all(len(set(c.tolist())) == 5 for c in instances.view(-1, 5))  # no image twice
+    # the label of a class is random: class 0 shows up under several labels
+    assert len(set((per_task == 0).nonzero()[:, 1].tolist())) > 1
+
+
+def test_rotation_one_per_class_and_all_four_used() -> None:
+    sampler = FewShotSampler(marked_images(), n_way=5, k_shot=1, k_query=2, rotate=True)
+    batch = sampler.sample(40, torch.Generator().manual_seed(2))
+    cls, _, turns = decode(torch.cat([batch.support_x, batch.query_x], 1)[:, :, 0])
+    labels = torch.cat([batch.support_y, batch.query_y], 1)
+    for t in range(40):
+        for label in range(5):
+            assert len(set(turns[t][labels[t] == label].tolist())) == 1
+        assert len(set(cls[t].tolist())) == 5  # distinct characters: never two rotations of one
+    assert set(turns.unique().tolist()) == {0, 1, 2, 3}
+
+
+def test_no_rotation_by_default() -> None:
+    batch = FewShotSampler(marked_images(), 4, 1, 1).sample(30, torch.Generator().manual_seed(3))
+    assert (decode(batch.support_x[:, :, 0])[2] == 0).all()
+
+
+def test_determinism_under_a_seed() -> None:
+    sampler = FewShotSampler(marked_images(), 5, 1, 2, rotate=True)
+    a = sampler.sample(8, torch.Generator().manual_seed(5))
+    b = sampler.sample(8, torch.Generator().manual_seed(5))
+    c = sampler.sample(8, torch.Generator().manual_seed(6))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a.support_x, c.support_x)
+
+
+def test_fixed_tasks_reproducible_and_independent_of_chunking() -> None:
+    sampler = FewShotSampler(marked_images(), 5, 1, 2, rotate=True)
+    whole = list(sampler.fixed_tasks(23, seed=7))
+    chunks = list(sampler.fixed_tasks(23, seed=7, chunk=5))
+    assert len(whole) == 1 and [c.num_tasks for c in chunks] == [5, 5, 5, 5, 3]
+    for field in range(4):
+        assert torch.equal(whole[0][field], torch.cat([c[field] for c in chunks]))
+    other = next(sampler.fixed_tasks(23, seed=8))
+    assert not torch.equal(whole[0].support_x, other.support_x)
+
+
+def test_float_images_are_not_rescaled() -> None:
+    images = torch.rand(6, 4, 3, 5, 5)
+    batch = FewShotSampler(images, 3, 1, 1, device="cpu").sample(2)
+    assert batch.support_x.dtype == torch.float32
+    assert any(torch.equal(batch.support_x[0, 0], img) for img in images.view(-1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    ({"n_way": 13}, DataError, ["n_way=13", "only 12"]),
+    ({"k_shot": 5, "k_query": 5}, DataError, ["10", "only 9"]),
+    ({"n_way": 0}, ConfigError, ["n_way", "0"]),
+    ({"k_query": 0}, ConfigError, ["k_query"]),
+    ({"k_shot": 1.5}, ConfigError, ["k_shot"]),
+])
+def test_errors_name_the_numbers(kwargs: dict, error: type, words: list[str]) -> None:
+    args = {"n_way": 5, "k_shot": 1, "k_query": 1, **kwargs}
+    with pytest.raises(error) as info:
+        FewShotSampler(marked_images(), **args)
+    assert all(word in str(info.value) for word in words)
+
+
+def test_bad_images_and_batch_sizes() -> None:
+    with pytest.raises(DataError, match="classes, per_class"):
+        FewShotSampler(torch.zeros(5, 4, 4, 4), 2, 1, 1)
+    with pytest.raises(ConfigError, match="square"):
+        FewShotSampler(torch.zeros(5, 4, 1, 4, 6), 2, 1, 1, rotate=True)
+    sampler = FewShotSampler(marked_images(), 2, 1, 1)
+    with pytest.raises(ConfigError, match="meta_batch"):
+        sampler.sample(0)
+    with pytest.raises(ConfigError, match="chunk"):
+        sampler.fixed_tasks(10, seed=0, chunk=0)
