@@ -1,0 +1,193 @@
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fastmaml import ConfigError, DataError
+from fastmaml.tasks import omniglot
+from fastmaml.tasks.fewshot import FewShotSampler
+from fastmaml.tasks.omniglot import (OMNIGLOT_MD5, download_omniglot, load_omniglot,
+                                     load_omniglot_images, omniglot_characters, split_characters)
+
+FAKE = {"images_background": ["Beta", "Alpha"], "images_evaluation": ["Gamma"]}
+
+
+def write_fake_omniglot(root: Path, characters: int = 2) -> None:
+    """The official layout with random 1-bit 105x105 drawings (black strokes on white)."""
+    rng = np.random.default_rng(0)
+    for folder, alphabets in FAKE.items():
+        for alphabet in alphabets:
+            for c in range(1, characters + 1):
+                character = root / folder / alphabet / f"character{c:02d}"
+                character.mkdir(parents=True)
+                for i in range(1, 21):
+                    strokes = rng.random((105, 105)) < 0.1
+                    Image.fromarray(~strokes).convert("1").save(character / f"0001_{i:02d}.png")
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("omniglot")
+    write_fake_omniglot(root)
+    return root
+
+
+def test_characters_in_order(fake_root: Path) -> None:
+    names = [str(p.relative_to(fake_root)) for p in omniglot_characters(fake_root)]
+    assert names == [f"{folder}/{alphabet}/character{c:02d}" for folder in FAKE
+                     for alphabet in sorted(FAKE[folder]) for c in (1, 2)]
+
+
+def test_preprocessing_lanczos_28_inverted(fake_root: Path, tmp_path: Path) -> None:
+    images = load_omniglot_images(fake_root, cache_dir=tmp_path)
+    assert images.shape == (6, 20, 1, 28, 28) and images.dtype == torch.uint8
+    png = omniglot_characters(fake_root)[3] / "0001_05.png"
+    with Image.open(png) as image:
+        expected = 255 - np.asarray(image.convert("L").resize((28, 28), Image.Resampling.LANCZOS))
+    assert np.array_equal(images[3, 4, 0].numpy(), expected)
+    assert [p.name for p in tmp_path.iterdir()][0].startswith("omniglot-28-")
+
+
+def test_second_load_reads_the_cache(fake_root: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    first = load_omniglot_images(fake_root, cache_dir=tmp_path)
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded the PNGs again")
+
+    monkeypatch.setattr(omniglot, "read_images", no_decoding)
+    assert torch.equal(load_omniglot_images(fake_root, cache_dir=tmp_path), first)
+
+
+def test_default_cache_from_env_and_never_in_the_root(fake_root: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "cache"))
+    load_omniglot_images(fake_root)
+    assert len(list((tmp_path / "cache").glob("omniglot-28-*.npy"))) == 1
+    with pytest.raises(ConfigError, match="inside the data root"):
+        load_omniglot_images(fake_root, cache_dir=fake_root / "cache")
+    assert not list(fake_root.glob("*.npy")) and not (fake_root / "cache").exists()
+
+
+def test_missing_folder_says_what_and_how(tmp_path: Path) -> None:
+    (tmp_path / "images_background").mkdir()
+    with pytest.raises(DataError) as info:
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    message = str(info.value)
+    assert "images_evaluation" in message and "characterNN" in message
+    assert "download=True" in message
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+def test_damaged_data_names_the_file(fake_root: Path, tmp_path: Path, damage: str) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(fake_root, root)
+    png = root / "images_evaluation" / "Gamma" / "character02" / "0001_07.png"
+    data = png.read_bytes()
+    if damage == "missing":
+        png.unlink()
+    else:
+        png.write_bytes(b"garbage" if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(DataError, match="0001_07.png" if damage != "missing" else "has 19 PNG"):
+        load_omniglot_images(root, cache_dir=tmp_path / "cache")
+
+
+def test_split_sizes_disjoint_and_deterministic() -> None:
+    official = split_characters(1623)
+    assert [len(official[s]) for s in ("train", "val", "test")] == [1100, 100, 423]
+    assert torch.equal(torch.cat(list(official.values())).sort().values, torch.arange(1623))
+    vinyals = split_characters(1623, "vinyals")
+    assert [len(vinyals[s]) for s in ("train", "val", "test")] == [1200, 0, 423]
+    assert torch.equal(vinyals["test"], official["test"])
+    assert torch.equal(vinyals["train"], torch.cat([official["train"], official["val"]]))
+    assert torch.equal(split_characters(1623)["train"], official["train"])
+    assert not torch.equal(split_characters(1623, seed=2)["train"], official["train"])
+    # numpy's default_rng(1) permutation: fixed forever, so the split is too
+    assert official["train"][:5].tolist() == np.random.default_rng(1).permutation(1623)[:5].tolist()
+
+
+def test_split_errors() -> None:
+    with pytest.raises(ConfigError, match="unknown Omniglot split"):
+        split_characters(1623, "random")
+    with pytest.raises(DataError, match="more than 1200 characters, found 6"):
+        split_characters(6)
+
+
+def zip_fake_omniglot(fake_root: Path, served: Path) -> dict[str, str]:
+    md5 = {}
+    for folder in OMNIGLOT_MD5:
+        archive = shutil.make_archive(str(served / folder), "zip", fake_root, folder)
+        md5[folder] = hashlib.md5(Path(archive).read_bytes()).hexdigest()
+    return md5
+
+
+def test_download_over_loopback(fake_root: Path, http_folder: tuple[Path, str],
+                                tmp_path: Path) -> None:
+    served, url = http_folder
+    md5 = zip_fake_omniglot(fake_root, served)
+    root = tmp_path / "downloaded"
+    download_omniglot(root, base_url=url, md5=md5)
+    assert sorted(p.name for p in root.iterdir()) == sorted(OMNIGLOT_MD5)
+    assert torch.equal(load_omniglot_images(root, cache_dir=tmp_path / "a"),
+                       load_omniglot_images(fake_root, cache_dir=tmp_path / "b"))
+
+
+def test_download_bad_md5_leaves_no_partial_folder(fake_root: Path, http_folder: tuple[Path, str],
+                                                   tmp_path: Path) -> None:
+    served, url = http_folder
+    md5 = zip_fake_omniglot(fake_root, served)
+    root = tmp_path / "downloaded"
+    with pytest.raises(DataError) as info:
+        download_omniglot(root, base_url=url)  # the official checksums do not match the fakes
+    message = str(info.value)
+    assert "images_background.zip" in message and OMNIGLOT_MD5["images_background"] in message
+    assert md5["images_background"] in message
+    assert list(root.iterdir()) == []
+
+
+# ----- the real data set (skipped when absent, failing under FASTMAML_REQUIRE_DATA=1) -----
+
+@pytest.fixture(scope="module")
+def real_splits(omniglot_root: Path, tmp_path_factory: pytest.TempPathFactory
+                ) -> tuple[dict[str, Tensor], Path]:
+    cache = tmp_path_factory.mktemp("omniglot-cache")
+    start = time.perf_counter()
+    splits = load_omniglot(omniglot_root, cache_dir=cache)
+    print(f"full Omniglot cache built in {time.perf_counter() - start:.1f} s")
+    return splits, cache
+
+
+def test_real_splits(real_splits: tuple[dict[str, Tensor], Path]) -> None:
+    splits, _ = real_splits
+    assert {name: tuple(t.shape) for name, t in splits.items()} == {
+        "train": (1100, 20, 1, 28, 28), "val": (100, 20, 1, 28, 28), "test": (423, 20, 1, 28, 28)}
+    images = torch.cat(list(splits.values())).float() / 255
+    assert images.min() == 0.0 and images.max() == 1.0
+    assert 0.03 < images.mean() < 0.2  # mostly background (0), strokes (1) are the minority
+    assert (images[:, :, :, 0, :] < 0.5).float().mean() > 0.95  # the border is background
+
+
+def test_real_cached_load_is_fast(real_splits: tuple[dict[str, Tensor], Path],
+                                  omniglot_root: Path) -> None:
+    splits, cache = real_splits
+    start = time.perf_counter()
+    # download=True finds both folders present: no network, no write to the data root
+    again = load_omniglot(omniglot_root, "vinyals", download=True, cache_dir=cache)
+    assert time.perf_counter() - start < 10
+    assert torch.equal(again["test"], splits["test"]) and len(again["train"]) == 1200
+
+
+def test_real_sampler(real_splits: tuple[dict[str, Tensor], Path]) -> None:
+    sampler = FewShotSampler(real_splits[0]["train"], n_way=20, k_shot=1, k_query=5, rotate=True)
+    batch = sampler.sample(16, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (16, 20, 1, 28, 28)
+    assert batch.query_x.shape == (16, 100, 1, 28, 28)
+    assert batch.support_y.max() == 19 and batch.query_x.max() == 1.0
