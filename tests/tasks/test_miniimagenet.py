@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmaml import ConfigError, DataError
+from fastmaml.tasks import miniimagenet
+from fastmaml.tasks.fewshot import FewShotSampler
+from fastmaml.tasks.miniimagenet import load_miniimagenet, read_pickle_cache
+
+CLASSES, PER_CLASS = 5, 20
+
+
+def pickle_cache(seed: int = 0) -> dict[str, Any]:
+    """The structure of ``mini-imagenet-cache-*.pkl``: 5 classes x 20 images, interleaved."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (CLASSES * PER_CLASS, 84, 84, 3), dtype=np.uint8)
+    names = [f"n0{9 - c}000000" for c in range(CLASSES)]  # not in sorted order
+    return {"image_data": images,
+            "class_dict": {name: list(range(c, CLASSES * PER_CLASS, CLASSES))
+                           for c, name in enumerate(names)}}
+
+
+def write_pickle(path: Path, data: object, protocol: int = 4) -> Path:
+    path.write_bytes(pickle.dumps(data, protocol=protocol))
+    return path
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_pickle_cache(tmp_path: Path, protocol: int) -> None:
+    data = pickle_cache()
+    write_pickle(tmp_path / "mini-imagenet-cache-val.pkl", data, protocol)
+    images = load_miniimagenet(tmp_path, ["val"])["val"]
+    assert images.shape == (CLASSES, PER_CLASS, 3, 84, 84) and images.dtype == torch.uint8
+    first = sorted(data["class_dict"])[0]
+    expected = data["image_data"][data["class_dict"][first]].transpose(0, 3, 1, 2)
+    assert np.array_equal(images[0].numpy(), expected)
+    assert images.is_contiguous()
+
+
+def test_numpy1_module_paths_are_accepted(tmp_path: Path) -> None:
+    raw = pickle.dumps(pickle_cache(), protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in raw
+    (tmp_path / "old.pkl").write_bytes(raw)
+    assert read_pickle_cache(tmp_path / "old.pkl").shape == (CLASSES, PER_CLASS, 3, 84, 84)
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_pickle_refuses_code(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    data = {**pickle_cache(), "extra": _Exploit(marker)}
+    write_pickle(tmp_path / "evil.pkl", data)
+    with pytest.raises(DataError, match="refusing to unpickle posix.mkdir"):
+        read_pickle_cache(tmp_path / "evil.pkl")
+    assert not marker.exists()
+
+
+def _bad(change: str) -> object:
+    data = pickle_cache()
+    if change == "dtype":
+        data["image_data"] = data["image_data"].astype(np.float32)
+    elif change == "shape":
+        data["image_data"] = data["image_data"][:, :80]
+    elif change == "key":
+        del data["class_dict"]
+    elif change == "index":
+        data["class_dict"]["n09000000"][0] = CLASSES * PER_CLASS
+    elif change == "uneven":
+        data["class_dict"]["n09000000"].pop()
+    elif change == "not a dict":
+        return [data]
+    return data
+
+
+@pytest.mark.parametrize("change, words", [
+    ("dtype", "uint8 array of \\(N, 84, 84, 3\\), got float32"), ("shape", "got uint8"),
+    ("key", "'image_data' and 'class_dict'"), ("index", "n09000000"),
+    ("uneven", "same number of images, got 19 to 20"), ("not a dict", "must hold a dict"),
+])
+def test_pickle_validation(tmp_path: Path, change: str, words: str) -> None:
+    path = write_pickle(tmp_path / "bad.pkl", _bad(change))
+    with pytest.raises(DataError, match=words):
+        read_pickle_cache(path)
+
+
+def test_truncated_pickle(tmp_path: Path) -> None:
+    raw = pickle.dumps(pickle_cache())
+    (tmp_path / "cut.pkl").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="cut.pkl"):
+        read_pickle_cache(tmp_path / "cut.pkl")
+
+
+def write_image_folder(root: Path) -> dict[str, np.ndarray]:
+    """images/ + train/val/test CSVs in the Ravi & Larochelle format; returns the pixels."""
+    rng = np.random.default_rng(1)
+    (root / "images").mkdir(parents=True)
+    pixels = {}
+    classes = {"train": ["n03", "n01", "n02"], "val": ["n04"], "test": ["n05"]}
+    for split, labels in classes.items():
+        rows = ["filename,label"]
+        for i in range(PER_CLASS):
+            for label in labels:  # interleaved classes, as any CSV may list them
+                name = f"{label}{i:08d}.jpg"
+                size = (100, 90) if (label, i) == ("n01", 3) else (84, 84)
+                image = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+                image.save(root / "images" / name)
+                pixels[name] = np.asarray(Image.open(root / "images" / name).convert("RGB")
+                                          .resize((84, 84), Image.Resampling.LANCZOS))
+                rows.append(f"{name},{label}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return pixels
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    root = tmp_path_factory.mktemp("miniimagenet")
+    return root, write_image_folder(root)
+
+
+def test_image_folder(image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    root, pixels = image_folder
+    splits = load_miniimagenet(root, cache_dir=tmp_path)
+    assert {s: tuple(t.shape) for s, t in splits.items()} == {
+        "train": (3, PER_CLASS, 3, 84, 84), "val": (1, PER_CLASS, 3, 84, 84),
+        "test": (1, PER_CLASS, 3, 84, 84)}
+    # classes sorted by label, images in CSV order; n01 image 3 was 100x90 and got resized
+    train = splits["train"].numpy()
+    assert np.array_equal(train[0, 3], pixels["n0100000003.jpg"].transpose(2, 0, 1))
+    assert np.array_equal(train[2, 19], pixels["n0300000019.jpg"].transpose(2, 0, 1))
+    assert len(list(tmp_path.glob("miniimagenet-*.npy"))) == 3
+
+
+def test_image_folder_second_load_reads_the_cache(image_folder: tuple[Path, dict[str, np.ndarray]],
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root, _ = image_folder
+    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"]
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("decoded the images again")
+
+    monkeypatch.setattr(miniimagenet, "read_images", no_decoding)
+    assert torch.equal(load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"], first)
+
+
+def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
+                             tmp_path: Path) -> None:
+    root, _ = image_folder
+    copy = tmp_path / "copy"
+    (copy / "images").mkdir(parents=True)
+    (copy / "val.csv").write_text("name,class\nx.jpg,n04\n")
+    with pytest.raises(DataError, match="header 'filename,label'"):
+        load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
+    (copy / "val.csv").write_text("filename,label\nabsent.jpg,n04\n")
+    with pytest.raises(DataError, match="absent.jpg"):
+        load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="mini-imagenet-cache-test.pkl.*test.csv"):
+        load_miniimagenet(copy, ["test"])
+    with pytest.raises(ConfigError, match="unknown MiniImagenet split 'validation'"):
+        load_miniimagenet(root, ["validation"])
+
+
+def test_sampler_on_miniimagenet(tmp_path: Path) -> None:
+    write_pickle(tmp_path / "mini-imagenet-cache-train.pkl", pickle_cache())
+    images = load_miniimagenet(tmp_path, ["train"])["train"]
+    batch = FewShotSampler(images, n_way=5, k_shot=1, k_query=15).sample(4)
+    assert batch.support_x.shape == (4, 5, 3, 84, 84) and batch.query_x.shape == (4, 75, 3, 84, 84)
+    assert batch.support_x.dtype == torch.float32
+    assert batch.query_x.min() >= 0 and batch.query_x.max() <= 1
