@@ -2,6 +2,7 @@
 from .core import MAML, TaskBatch, as_task_batch, multi_step_loss_weights
 from .errors import ConfigError, DataError, FastMAMLError, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
+from . import models
 
 __all__ = ["MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
            "FastMAMLError", "ConfigError", "DataError", "ShapeError", "NonFiniteLossError"]

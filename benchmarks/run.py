@@ -1,0 +1,267 @@
+"""fastmaml's speed yardstick: meta-iterations per second against peers, in one process.
+
+    python benchmarks/run.py [--workloads sinusoid,omniglot-5w1s-q5] [--orders second,first]
+                             [--repeats 7] [--json FILE]
+
+For every workload and order, each implementation runs the same meta-iteration (meta-loss,
+backward) on identical shapes: fastmaml's batched engine, a naive per-task loop with
+``torch.autograd.grad(create_graph=True)``, and ``higher`` / ``learn2learn`` where installed.
+The implementations are interleaved and repeated, and medians are reported, because these
+machines are noisy. Ratios are against the naive loop from the same run; "peak" is the achieved
+fraction of this machine's fp32 matmul rate, measured at start-up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastmaml import MAML, TaskBatch
+from fastmaml.models import ConvNet, MLP
+
+
+@dataclass
+class Workload:
+    name: str
+    build_model: Callable[[], nn.Module]
+    loss_fn: Callable
+    tasks: int
+    inner_lr: float
+    steps: int
+    make_batch: Callable[[torch.Generator], TaskBatch]
+
+
+def _images(tasks, n_way, k_shot, queries, channels, side):
+    def make(generator):
+        def labels(k):
+            return torch.arange(n_way).repeat_interleave(k).expand(tasks, -1).clone()
+        return TaskBatch(torch.rand(tasks, n_way * k_shot, channels, side, side, generator=generator),
+                         labels(k_shot),
+                         torch.rand(tasks, n_way * queries, channels, side, side, generator=generator),
+                         labels(queries))
+    return make
+
+
+def _sinusoid(generator):
+    x = torch.rand(25, 20, 1, generator=generator) * 10 - 5
+    y = torch.sin(x)
+    return TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
+
+
+WORKLOADS = {w.name: w for w in [
+    Workload("sinusoid", lambda: MLP([1, 40, 40, 1]), F.mse_loss, 25, 0.01, 1, _sinusoid),
+    Workload("omniglot-5w1s-q5", lambda: ConvNet(1, 5, 64), F.cross_entropy, 32, 0.4, 1,
+             _images(32, 5, 1, 1, 1, 28)),
+    Workload("omniglot-5w1s-q75", lambda: ConvNet(1, 5, 64), F.cross_entropy, 32, 0.4, 1,
+             _images(32, 5, 1, 15, 1, 28)),
+    Workload("omniglot-20w1s", lambda: ConvNet(1, 20, 64), F.cross_entropy, 16, 0.1, 5,
+             _images(16, 20, 1, 1, 1, 28)),
+    Workload("miniimagenet-5w1s", lambda: ConvNet(3, 5, 32, strided=False, image_size=84),
+             F.cross_entropy, 4, 0.01, 5, _images(4, 5, 1, 15, 3, 84)),
+]}
+
+
+# ----- the implementations; each returns a function running one meta-iteration -----
+
+def fastmaml_impl(model, w: Workload, first_order: bool):
+    maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=True)
+
+    def step(batch):
+        maml.meta_loss(batch)[0].backward()
+    return step
+
+
+def loop_impl(model, w: Workload, first_order: bool):
+    """The naive reference: a Python loop over tasks, autograd.grad(create_graph=True)."""
+    params = dict(model.named_parameters())
+
+    def step(batch):
+        total = 0.0
+        for sx, sy, qx, qy in zip(*batch):
+            fast = params
+            for _ in range(w.steps):
+                loss = w.loss_fn(functional_call(model, fast, (sx,)), sy)
+                grads = torch.autograd.grad(loss, list(fast.values()), create_graph=not first_order)
+                fast = {n: p - w.inner_lr * g for (n, p), g in zip(fast.items(), grads)}
+            total = total + w.loss_fn(functional_call(model, fast, (qx,)), qy)
+        (total / batch.num_tasks).backward()
+    return step
+
+
+def higher_impl(model, w: Workload, first_order: bool):
+    import higher
+
+    inner_opt = torch.optim.SGD(model.parameters(), lr=w.inner_lr)
+
+    def step(batch):
+        for sx, sy, qx, qy in zip(*batch):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
+                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+                for _ in range(w.steps):
+                    diffopt.step(w.loss_fn(fmodel(sx), sy))
+                (w.loss_fn(fmodel(qx), qy) / batch.num_tasks).backward()
+    return step
+
+
+def learn2learn_impl(model, w: Workload, first_order: bool):
+    import learn2learn as l2l
+
+    meta = l2l.algorithms.MAML(model, lr=w.inner_lr, first_order=first_order)
+
+    def step(batch):
+        for sx, sy, qx, qy in zip(*batch):
+            learner = meta.clone()
+            for _ in range(w.steps):
+                learner.adapt(w.loss_fn(learner(sx), sy))
+            (w.loss_fn(learner(qx), qy) / batch.num_tasks).backward()
+    return step
+
+
+IMPLS = {"fastmaml": (fastmaml_impl, None), "loop": (loop_impl, None),
+         "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn")}
+
+
+# ----- measurement -----
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / min(times) / 1e9
+
+
+class PeakRSS:
+    """Peak resident memory above the starting level, sampled by a thread (CPU has no counter)."""
+
+    def __enter__(self):
+        self.base = self.peak = self._rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * 4096
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def count_flops(w: Workload, first_order: bool) -> int:
+    """FLOPs of one meta-iteration, counted on the naive loop (the same arithmetic)."""
+    torch.manual_seed(0)
+    model = w.build_model()
+    step = loop_impl(model, w, first_order)
+    with FlopCounterMode(display=False) as counter:
+        step(w.make_batch(torch.Generator().manual_seed(0)))
+    return counter.get_total_flops()
+
+
+def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int):
+    available = [i for i in impls if IMPLS[i][1] is None or importlib.util.find_spec(IMPLS[i][1])]
+    for missing in sorted(set(impls) - set(available)):
+        print(f"note: {missing} is not installed; skipped (pip install {missing})")
+    peak = matmul_peak_gflops()
+    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3)")
+    records = []
+    for name in workloads:
+        w = WORKLOADS[name]
+        for order in orders:
+            first_order = order == "first"
+            batch = w.make_batch(torch.Generator().manual_seed(0))
+            steps, times, memory = {}, {i: [] for i in available}, {}
+            for impl in available:
+                torch.manual_seed(0)
+                model = w.build_model()
+                steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
+            for impl in available:  # memory: one untimed run each (the sampler costs time)
+                model, step = steps[impl]
+                with PeakRSS() as rss:
+                    step(batch)
+                memory[impl] = rss.mb
+            for round_ in range(warmup + repeats):  # interleaved timed rounds
+                for impl in available:
+                    model, step = steps[impl]
+                    model.zero_grad(set_to_none=True)
+                    start = time.perf_counter()
+                    step(batch)
+                    if round_ >= warmup:
+                        times[impl].append(time.perf_counter() - start)
+            flops = count_flops(w, first_order)
+            loop_time = statistics.median(times["loop"]) if "loop" in times else None
+            for impl in available:
+                median = statistics.median(times[impl])
+                records.append({"workload": name, "order": order, "impl": impl,
+                                "s_per_iter": median, "peak_mem_mb": round(memory[impl], 1),
+                                "iters_per_s": 1 / median,
+                                "speedup_vs_loop": loop_time / median if loop_time else None,
+                                "gflop_per_iter": flops / 1e9,
+                                "fraction_of_matmul_peak": flops / median / 1e9 / peak,
+                                "repeats": repeats})
+            print_table([r for r in records if r["workload"] == name and r["order"] == order])
+    return records
+
+
+def print_table(rows: list[dict]) -> None:
+    first = rows[0]
+    print(f"\n{first['workload']} ({first['order']} order, {first['gflop_per_iter']:.2f} GFLOP/iter, "
+          f"median of {first['repeats']})")
+    print(f"  {'impl':<12}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}")
+    for r in rows:
+        ratio = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] else "-"
+        print(f"  {r['impl']:<12}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
+              f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workloads", default="sinusoid,omniglot-5w1s-q5",
+                        help=f"comma-separated, from: {', '.join(WORKLOADS)} (or 'all')")
+    parser.add_argument("--orders", default="second,first")
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="write one record per (workload, order, impl)")
+    args = parser.parse_args()
+    workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
+    unknown = [w for w in workloads if w not in WORKLOADS] + [
+        i for i in args.impls.split(",") if i not in IMPLS]
+    if unknown:
+        parser.error(f"unknown workload or impl: {', '.join(unknown)}")
+    records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats, args.warmup)
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=2))
+        print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
