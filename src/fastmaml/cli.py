@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import FastMAMLError
 from .experiments import PRESETS, create_run, load_run
+from .distributed import init_from_env, world
 from .train import fit
 
 
@@ -17,18 +18,22 @@ def _presets(_: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
     experiment = create_run(args.preset, run_dir, args.overrides)
     cfg = experiment.cfg
-    print(f"fastmaml: training {args.preset} in {run_dir} on {experiment.device}")
+    rank, size = world()
+    say = print if rank == 0 else (lambda *_: None)
+    say(f"fastmaml: training {args.preset} in {run_dir} on {experiment.device}"
+        + (f", {size} processes" if size > 1 else ""))
     for learner in experiment.learners():
         last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
                    progress=not args.no_progress)
         engine = getattr(getattr(learner, "module", None), "path", None)
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-        print(f"  {learner.name}: {learner.iterations} iterations done"
+        say(f"  {learner.name}: {learner.iterations} iterations done"
               + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
-    print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in {run_dir}/metrics-*.csv. "
+    say(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in {run_dir}/metrics-*.csv. "
           f"Next: fastmaml eval {run_dir}")
 
 

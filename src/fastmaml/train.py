@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import MAML, TaskBatch, multi_step_loss_weights
+from .distributed import average_gradients, average_metrics, is_main, shard
 from .errors import NonFiniteLossError
 
 Metrics = dict[str, float | Tensor]
@@ -54,6 +55,7 @@ class GradientLearner:
         loss, metrics = self.loss_of(iteration)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(self.module)
         if self.clip_grad > 0:
             nn.utils.clip_grad_value_(self.module.parameters(), self.clip_grad)
         self.optimizer.step()
@@ -81,7 +83,7 @@ def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
     def loss_of(iteration: int) -> tuple[Tensor, Metrics]:
         weights = (multi_step_loss_weights(maml.inner_steps, iteration / max(msl_anneal_iterations, 1))
                    if multi_step_loss else None)
-        return maml.meta_loss(sample(generator), step_weights=weights)
+        return maml.meta_loss(shard(sample(generator)), step_weights=weights)
 
     return GradientLearner("maml", maml, optimizer, loss_of, iterations, generator, clip_grad,
                            **validation)
@@ -139,31 +141,35 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
     moment loses at most the work since its last checkpoint. ``stop_after`` ends the call early
     after that many iterations (used to test resumption). Returns the last logged metrics.
+    Under torchrun every rank trains and only rank 0 writes the log and checkpoints.
     """
+    main = is_main()
     path = checkpoint_path(run_dir, learner.name)
     start, elapsed = 0, 0.0
     if path.exists():
         state = load_checkpoint(path)
         learner.load_state_dict(state["learner"])
         start, elapsed = state["iteration"], state["elapsed_s"]
-    log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start)
+    log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start) if main else None
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
-    bar = tqdm(range(start, end), initial=start, total=learner.iterations, disable=None if progress else True,
+    bar = tqdm(range(start, end), initial=start, total=learner.iterations,
+               disable=None if progress and main else True,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
     for iteration in bar:
         metrics = learner.step(iteration)
         done = iteration + 1
         if done % log_every == 0 or done == learner.iterations:
-            last = {k: float(v) for k, v in metrics.items()}
+            last = average_metrics({k: float(v) for k, v in metrics.items()})
             if not math.isfinite(last.get("loss", 0.0)):
                 raise NonFiniteLossError(f"{learner.name}: loss is {last['loss']} at iteration {done}")
             now = time.perf_counter()
             elapsed, tick = elapsed + now - tick, now
-            log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
+            if log:
+                log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
-        if done % checkpoint_every == 0 or done == end:
+        if main and (done % checkpoint_every == 0 or done == end):
             now = time.perf_counter()
             elapsed, tick = elapsed + now - tick, now
             save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": learner.state_dict()},

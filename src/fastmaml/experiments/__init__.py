@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import load_config_dict
+from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from .base import Experiment
 
@@ -67,8 +68,10 @@ def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experim
                               f"only {', '.join(sorted(RESUMABLE_KEYS))} may change")
     else:
         cfg = cls.config_cls.from_dict({**chosen.values, "preset": preset_name}).with_overrides(overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(config_path)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(config_path)
+    barrier()
     return cls(cfg, run_dir)
 
 

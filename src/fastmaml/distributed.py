@@ -1,0 +1,79 @@
+"""Scale-out with ``torch.distributed``: the meta-batch is split across ranks (torchrun).
+
+Every rank draws the *whole* meta-batch from the same seeded generator and keeps its own slice,
+so the union of the tasks is exactly the single-process meta-batch. Each rank's loss is the mean
+over its slice; averaging the ranks' gradients (all-reduce) gives the single-process meta-gradient.
+Only rank 0 writes files. Backend: nccl on GPU, gloo on CPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .core import TaskBatch
+from .errors import ConfigError
+
+
+def init_from_env() -> None:
+    """Join the process group that torchrun describes in the environment (no-op without it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return world()[0] == 0
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def shard(batch: TaskBatch) -> TaskBatch:
+    """This rank's equal slice of the meta-batch."""
+    rank, size = world()
+    if size == 1:
+        return batch
+    if batch.num_tasks % size:
+        raise ConfigError(f"meta_batch {batch.num_tasks} does not split evenly over {size} ranks")
+    per_rank = batch.num_tasks // size
+    return TaskBatch(*(t[rank * per_rank:(rank + 1) * per_rank] for t in batch))
+
+
+def average_gradients(module: nn.Module) -> None:
+    """All-reduce the gradients of ``module`` to their mean over the ranks."""
+    _, size = world()
+    if size == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def average_metrics(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each logged metric over the ranks (same keys on every rank)."""
+    _, size = world()
+    if size == 1 or not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64,
+                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / size).tolist()))
