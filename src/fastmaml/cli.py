@@ -20,7 +20,8 @@ def _presets(_: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
-    experiment = create_run(args.preset, run_dir, args.overrides)
+    overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
+    experiment = create_run(args.preset, run_dir, overrides)
     cfg = experiment.cfg
     rank, size = world()
     say = print if rank == 0 else (lambda *_: None)
@@ -38,7 +39,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    experiment = load_run(Path(args.run_dir))
+    experiment = load_run(Path(args.run_dir), args.overrides)
     experiment.evaluate(progress=not args.no_progress)
     print((experiment.run_dir / "results.md").read_text())
     print(f"fastmaml: wrote {experiment.run_dir}/eval.json and {experiment.run_dir}/results.md")
@@ -59,12 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="typed config overrides, e.g. iterations=2000 inner_steps=2")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
+    train.add_argument("--data-root", help="data set folder (the same as data_root=...)")
     train.set_defaults(run=_train)
     for name, run, text in (("eval", _eval, "evaluate a trained run with the paper's protocol"),
                             ("plot", _plot, "write the figures of an evaluated run")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("run_dir")
-        sub.set_defaults(run=run)
+        sub.set_defaults(run=run, overrides=[])
     for sub in (train, commands.choices["eval"]):
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -72,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # Overrides may come after options (train P --out D k=v): collect the leftovers for train.
+    # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" or any("=" not in item for item in extra)):
+    if extra and (args.command == "plot" or any("=" not in item for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -117,7 +117,7 @@ class MetricsLog:
         if path.exists() and keep_until > 0:
             with open(path, newline="") as handle:
                 reader = csv.DictReader(handle)
-                self.fields = reader.fieldnames
+                self.fields = list(reader.fieldnames or []) or None
                 rows = [r for r in reader if int(r["iteration"]) <= keep_until]
         with open(path, "w", newline="") as handle:
             if self.fields:
@@ -126,12 +126,22 @@ class MetricsLog:
                 writer.writerows(rows)
 
     def write(self, row: dict[str, float]) -> None:
-        if self.fields is None:
-            self.fields = list(row)
+        new = [k for k in row if k not in (self.fields or [])]
+        if new:  # a first row, or a column that appears later (e.g. validation): rewrite the header
+            rows = self._rows()
+            self.fields = [*(self.fields or []), *new]
             with open(self.path, "w", newline="") as handle:
-                csv.DictWriter(handle, self.fields).writeheader()
+                writer = csv.DictWriter(handle, self.fields, restval="")
+                writer.writeheader()
+                writer.writerows(rows)
         with open(self.path, "a", newline="") as handle:
-            csv.DictWriter(handle, self.fields, restval="", extrasaction="ignore").writerow(row)
+            csv.DictWriter(handle, self.fields, restval="").writerow(row)
+
+    def _rows(self) -> list[dict[str, str]]:
+        if not self.fields:
+            return []
+        with open(self.path, newline="") as handle:
+            return list(csv.DictReader(handle))
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -62,13 +62,12 @@ def eval_record(experiment: str, method: str, k_shot: int, values: Tensor,
             "mean": mean, "ci95": ci, **extra}
 
 
-def evaluate_tasks(maml: MAML, batch: TaskBatch, steps: int, chunk: int, progress: bool,
+def evaluate_tasks(maml: MAML, chunks: Iterable[TaskBatch], steps: int, progress: bool,
                    desc: str, key: str = "loss") -> Tensor:
-    """``maml.evaluate`` over ``batch`` in chunks of ``chunk`` tasks: (tasks, steps + 1) values."""
-    parts = batch.split(chunk)
-    return torch.cat([maml.evaluate(part, steps)[key].cpu()
-                      for part in tqdm(parts, desc=desc, unit="chunk", disable=None if progress else True,
-                                       leave=False)])
+    """``maml.evaluate`` over task chunks (bounded memory): (tasks, steps + 1) values of ``key``."""
+    return torch.cat([maml.evaluate(chunk, steps)[key].cpu()
+                      for chunk in tqdm(chunks, desc=desc, unit="chunk", leave=False,
+                                        disable=None if progress else True)])
 
 
 def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],

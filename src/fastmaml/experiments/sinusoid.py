@@ -117,11 +117,12 @@ class SinusoidExperiment(Experiment):
                                           torch.Generator().manual_seed(EVAL_SEED + k_shot))
             batch = tasks.batch.to(self.device)
             steps = cfg.eval_inner_steps
+            chunks = batch.split(cfg.eval_chunk)
             records.append(eval_record("sinusoid", "maml", k_shot, evaluate_tasks(
-                maml, batch, steps, cfg.eval_chunk, progress, f"maml K={k_shot}")))
+                maml, chunks, steps, progress, f"maml K={k_shot}")))
             lr = self._tune_pretrained_lr(pretrained, k_shot)
             records.append(eval_record("sinusoid", "pretrained", k_shot, evaluate_tasks(
-                MAML(pretrained, F.mse_loss, lr), batch, steps, cfg.eval_chunk, progress,
+                MAML(pretrained, F.mse_loss, lr), chunks, steps, progress,
                 f"pretrained K={k_shot}"), inner_lr=lr))
             with torch.no_grad():
                 x = with_task_parameters(batch.query_x, tasks.amplitude.to(self.device),
