@@ -127,7 +127,7 @@ class FewShotExperiment(Experiment):
         maml = self.build_maml()
         train = self.sampler("train", cfg.k_query)
         validation = {}
-        if cfg.val_every and len(self.splits()["val"]) >= cfg.n_way:
+        if cfg.val_every and len(self.splits()["val"]):  # the vinyals split has no meta-val
             val = self.sampler("val", cfg.eval_queries)
 
             def validate() -> dict[str, float]:

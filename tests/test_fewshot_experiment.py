@@ -1,0 +1,56 @@
+"""The few-shot classification experiment end to end on the real Omniglot."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fastmaml.cli import main
+from fastmaml.config import ConfigError
+from fastmaml.experiments import PRESETS, experiment_class
+
+
+def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
+    cls = experiment_class("fewshot").config_cls
+    def cfg(name):
+        return cls.from_dict(PRESETS[name].values)
+    five, twenty, mini = cfg("omniglot-5w1s"), cfg("omniglot-20w1s"), cfg("miniimagenet-5w1s")
+    assert (five.n_way, five.meta_batch, five.inner_steps, five.iterations) == (5, 32, 1, 60000)
+    assert five.inner_lr == pytest.approx(5 * 0.4) and twenty.inner_lr == pytest.approx(20 * 0.1)
+    assert (twenty.meta_batch, twenty.inner_steps) == (16, 5)
+    assert (mini.hidden, mini.k_query, mini.eval_queries, mini.clip_grad) == (32, 15, 1, 10.0)
+    assert mini.inner_lr == pytest.approx(5 * 0.01) and mini.meta_batch == 4
+    assert cfg("omniglot-5w1s-fo").first_order and cfg("omniglot-5w1s-cpu").iterations < 60000
+    with pytest.raises(ConfigError, match="dataset must be one of"):
+        cls.from_dict({"dataset": "cifar"})
+
+
+def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "omniglot-5w1s", "--out", str(run), "--data-root", str(omniglot_root),
+                 "hidden=32", "meta_batch=8", "iterations=80", "log_every=20", "val_every=80",
+                 "val_tasks=100", "--no-progress"]) == 0
+    with open(run / "metrics-maml.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert float(rows[-1]["val_accuracy"]) > 0.4  # chance is 0.2
+    assert main(["eval", str(run), "eval_tasks=100", "--no-progress"]) == 0
+    assert "paper: MAML |  |  | 98.7 |" in capsys.readouterr().out
+    record, = json.loads((run / "eval.json").read_text())
+    assert record["method"] == "maml" and record["k_shot"] == 1 and record["tasks"] == 100
+    assert record["mean"][3] > record["mean"][0] and record["mean"][3] > 0.4
+    assert main(["plot", str(run)]) == 0
+    assert (run / "figures" / "accuracy_vs_steps.png").exists()
+
+
+def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, capsys):
+    assert main(["train", "omniglot-5w1s", "--out", str(tmp_path), "--data-root", str(omniglot_root),
+                 "n_way=500", "iterations=1", "--no-progress"]) == 2
+    assert "n_way=500 needs at least 500 classes, but this split has only 100" in capsys.readouterr().err
+
+
+def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "omniglot-5w1s", "--out", str(tmp_path / "run"),
+                 "--data-root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fastmaml: error:" in err and "nowhere" in err
