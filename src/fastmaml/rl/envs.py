@@ -1,0 +1,316 @@
+"""The meta-RL tasks of paper section 5.3 as gymnasium environments, and batched versions of them.
+
+Registered ids (``import fastmaml.rl`` registers them; horizons are the paper's):
+
+- ``fastmaml/Nav2D-v0`` (100 steps), ``fastmaml/HalfCheetahVel-v0``, ``fastmaml/HalfCheetahDir-v0``,
+  ``fastmaml/AntVel-v0``, ``fastmaml/AntDir-v0`` (200 steps).
+
+Every environment has the task API ``env.unwrapped.sample_tasks(n, rng) -> list[Task]`` (a
+classmethod, so ``env_class(env_id).sample_tasks`` works without an instance) and
+``env.unwrapped.set_task(task)``; a task is a small dict (``{"goal": array([x, y])}``,
+``{"velocity": v}`` or ``{"direction": +-1.0}``), and until ``set_task`` an environment has the
+task ``sample_tasks(1, numpy.random.default_rng(0))[0]``. ``make_batch_env(env_id)`` gives the
+version the sampler steps: one tensor simulator for 2D navigation, one MuJoCo environment over
+many ``MjData`` for the others.
+
+Differences from the official code (cbfinn/maml_rl on rllab):
+
+- Nav2D: the same dynamics, reward (plain distance) and termination (``|dx| < 0.01`` and
+  ``|dy| < 0.01``, as the official code). The official policy acted through rllab's ``normalize``
+  wrapper, so its velocity was ``clip(0.1 * a, -0.1, 0.1)``; here ``action_scale`` (default 1.0,
+  the paper's text: ``clip(a, -0.1, 0.1)``) sets that factor, ``action_scale=0.1`` reproduces it.
+- Half-cheetah: gymnasium's ``HalfCheetah-v5`` model: dt 0.05 (timestep 0.01 x frame skip 5)
+  where rllab's model used dt 0.01 (one 0.01 step per action); a 17-D observation (qpos without
+  x, qvel) where rllab's had 20-D (plus the torso centre of mass); ``x_velocity`` is the
+  finite difference of the root x position where rllab used the torso's centre-of-mass
+  velocity; uniform(+-0.1) / normal(0.1) reset noise where rllab used normal(0.01) / (0.1).
+- Ant: gymnasium's ``Ant-v5`` with ``include_cfrc_ext_in_observation=False``: a 27-D observation
+  (qpos without x, y and qvel) where rllab's was 125-D (qpos, qvel, clipped contact forces,
+  torso rotation matrix and centre of mass); dt 0.05 where rllab's model used dt 0.02 with RK4
+  and actuator ranges +-150 (v5: +-1 with gear 150). The reward weights are the official ones:
+  control cost 0.005 * sum(a^2), contact cost 5e-4 * sum(clip(cfrc_ext, -1, 1)^2) and a survival
+  bonus of 1.05 for velocity (the official +1.0 "make it happy" plus 0.05), 0.05 for direction.
+  The episode ends when the torso height leaves [0.2, 1.0] (as rllab), but v5 pays no survival
+  bonus on that last step.
+- Locomotion actions are clipped to the action space (+-1) before simulation and control cost,
+  as rllab's ``normalize`` wrapper did. Directions are +1 / -1 with equal chance.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import gymnasium
+import mujoco
+import numpy as np
+import torch
+from gymnasium.envs.mujoco.ant_v5 import AntEnv
+from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from torch import Tensor
+
+from ..errors import ConfigError
+
+Task = dict[str, Any]
+logger = logging.getLogger(__name__)
+_seen_mujoco_warnings: set[str] = set()
+
+
+def _log_mujoco_warning(message: str) -> None:
+    """MuJoCo warnings go to logging, once each, instead of MUJOCO_LOG.TXT in the cwd."""
+    if message not in _seen_mujoco_warnings:
+        _seen_mujoco_warnings.add(message)
+        logger.warning("MuJoCo: %s", message)
+
+
+if mujoco.get_mju_user_warning() is None:
+    mujoco.set_mju_user_warning(_log_mujoco_warning)
+
+
+# ----- 2D navigation -----
+class Nav2DBatch:
+    """The 2D-navigation simulator for any number of episodes at once (float64 tensors).
+
+    Each episode starts at (0, 0); an action is a velocity, scaled by ``action_scale`` and
+    clipped to [-0.1, 0.1]; the observation is the new position, the reward minus its distance
+    to the goal, and the episode ends within 0.01 of the goal in both coordinates. An ended
+    episode stays where it is.
+    """
+
+    obs_dim, act_dim = 2, 2
+
+    def __init__(self, action_scale: float = 1.0):
+        self.action_scale = action_scale
+        self.goals = torch.zeros(0, 2, dtype=torch.float64)
+        self.position = torch.zeros(0, 2, dtype=torch.float64)
+        self.done = torch.zeros(0, dtype=torch.bool)
+
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int] | None = None) -> Tensor:
+        """Start one episode per task; positions (episodes, 2). Nav2D has no reset noise."""
+        self.goals = torch.as_tensor(np.array([t["goal"] for t in tasks]), dtype=torch.float64)
+        self.position = torch.zeros_like(self.goals)
+        self.done = torch.zeros(len(tasks), dtype=torch.bool)
+        return self.position.clone()
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Observations (E, 2), rewards (E,), and whether each episode has ended (E,)."""
+        velocity = (self.action_scale * actions.to(torch.float64)).clamp(-0.1, 0.1)
+        alive = ~self.done
+        self.position = torch.where(alive.unsqueeze(-1), self.position + velocity, self.position)
+        offset = self.position - self.goals
+        reward = torch.where(alive, -offset.norm(dim=-1), 0.0)
+        self.done = self.done | (offset.abs() < 0.01).all(dim=-1)
+        return self.position.clone(), reward, self.done.clone()
+
+
+class Nav2DEnv(gymnasium.Env):
+    """One 2D-navigation episode as a gymnasium environment (a ``Nav2DBatch`` of size 1)."""
+
+    def __init__(self, action_scale: float = 1.0):
+        self.sim = Nav2DBatch(action_scale)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+        self.action_space = gymnasium.spaces.Box(-0.1 / action_scale, 0.1 / action_scale, (2,),
+                                                 np.float64)
+        self.task = self.sample_tasks(1, np.random.default_rng(0))[0]
+
+    @classmethod
+    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+        """Goals uniform in [-0.5, 0.5]^2."""
+        return [{"goal": goal} for goal in rng.uniform(-0.5, 0.5, size=(n, 2))]
+
+    def set_task(self, task: Task) -> None:
+        self.task = task
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None
+              ) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        return self.sim.reset([self.task])[0].numpy(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        obs, reward, done = self.sim.step(torch.as_tensor(action).reshape(1, 2))
+        return obs[0].numpy(), float(reward[0]), bool(done[0]), False, {}
+
+
+# ----- MuJoCo locomotion -----
+class _Locomotion:
+    """Mixin for gymnasium's v5 MuJoCo classes: clipped actions and the task's reward.
+
+    The reward is the task term of ``info["x_velocity"]`` plus the ``info`` terms named in
+    ``cost_terms`` (control cost, and for the ant contact cost and survival bonus).
+    """
+
+    cost_terms: tuple[str, ...]
+    task: Task
+
+    def set_task(self, task: Task) -> None:
+        self.task = task
+
+    def task_reward(self, x_velocity: float) -> float:
+        raise NotImplementedError
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        action = np.clip(action, self.action_space.low, self.action_space.high)
+        obs, _, terminated, truncated, info = super().step(action)  # type: ignore[misc]
+        reward = self.task_reward(info["x_velocity"]) + sum(info[k] for k in self.cost_terms)
+        return obs, float(reward), terminated, truncated, info
+
+
+class _Velocity(_Locomotion):
+    """Goal velocity: reward -|v_x - v_goal| + costs, v_goal uniform in [0, max_velocity]."""
+
+    max_velocity: float
+
+    @classmethod
+    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"velocity": float(v)} for v in rng.uniform(0.0, cls.max_velocity, n)]
+
+    def task_reward(self, x_velocity: float) -> float:
+        return -abs(x_velocity - self.task["velocity"])
+
+
+class _Direction(_Locomotion):
+    """Goal direction: reward direction * v_x + costs, direction +1 or -1 with equal chance."""
+
+    @classmethod
+    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+        return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], n)]
+
+    def task_reward(self, x_velocity: float) -> float:
+        return self.task["direction"] * x_velocity
+
+
+class _Cheetah(HalfCheetahEnv):
+    cost_terms = ("reward_ctrl",)
+
+    def __init__(self, ctrl_cost_weight: float = 0.05, **kwargs: Any):
+        self.set_task(self.sample_tasks(1, np.random.default_rng(0))[0])
+        super().__init__(ctrl_cost_weight=ctrl_cost_weight, **kwargs)
+
+
+class _Ant(AntEnv):
+    cost_terms = ("reward_ctrl", "reward_contact", "reward_survive")
+    survival_bonus: float
+
+    def __init__(self, ctrl_cost_weight: float = 0.005, contact_cost_weight: float = 5e-4,
+                 healthy_reward: float | None = None,
+                 include_cfrc_ext_in_observation: bool = False, **kwargs: Any):
+        self.set_task(self.sample_tasks(1, np.random.default_rng(0))[0])
+        super().__init__(ctrl_cost_weight=ctrl_cost_weight,
+                         contact_cost_weight=contact_cost_weight,
+                         healthy_reward=self.survival_bonus if healthy_reward is None
+                         else healthy_reward,
+                         include_cfrc_ext_in_observation=include_cfrc_ext_in_observation,
+                         **kwargs)
+
+
+class HalfCheetahVelEnv(_Velocity, _Cheetah):
+    """Half-cheetah goal velocity: -|v_x - v_goal| - 0.05 sum(a^2), v_goal ~ U[0, 2]."""
+
+    max_velocity = 2.0
+
+
+class HalfCheetahDirEnv(_Direction, _Cheetah):
+    """Half-cheetah goal direction: direction * v_x - 0.05 sum(a^2)."""
+
+
+class AntVelEnv(_Velocity, _Ant):
+    """Ant goal velocity: -|v_x - v_goal| + 1.05 - control and contact costs, v_goal ~ U[0, 3]."""
+
+    max_velocity, survival_bonus = 3.0, 1.05
+
+
+class AntDirEnv(_Direction, _Ant):
+    """Ant goal direction: direction * v_x + 0.05 - control and contact costs."""
+
+    survival_bonus = 0.05
+
+
+class MujocoBatch:
+    """Many episodes of one MuJoCo task environment, stepped in a loop (no autoreset).
+
+    One gymnasium environment (one compiled model) serves every episode: its ``data`` is set to
+    the episode's own ``MjData`` before each reset or step, so each step runs gymnasium's code
+    unchanged. This relies on v5 keeping all episode state in ``data`` (the test checks it
+    against separate environments); sharing one model made stepping about 15% faster than one
+    environment per episode. An ended episode is not stepped again.
+    """
+
+    def __init__(self, env_class: type[_Locomotion], **kwargs: Any):
+        self.env: Any = env_class(**kwargs)
+        self.obs_dim = self.env.observation_space.shape[0]
+        self.act_dim = self.env.action_space.shape[0]
+        self.datas: list[mujoco.MjData] = []
+        self.tasks: list[Task] = []
+        self.done = np.zeros(0, dtype=bool)
+        self.obs = np.zeros((0, self.obs_dim))
+
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> Tensor:
+        """One episode per task, each reset with its seed; observations (E, obs_dim)."""
+        self.datas += [mujoco.MjData(self.env.model) for _ in range(len(tasks) - len(self.datas))]
+        self.tasks = list(tasks)
+        self.obs = np.zeros((len(tasks), self.obs_dim))
+        for i, seed in enumerate(seeds):
+            self._select(i)
+            self.obs[i] = self.env.reset(seed=int(seed))[0]
+        self.done = np.zeros(len(tasks), dtype=bool)
+        return torch.from_numpy(self.obs.copy())
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Observations (E, obs_dim), rewards (E,) and whether each episode has ended (E,)."""
+        actions = actions.detach().to(torch.float64).numpy()
+        rewards = np.zeros(len(self.done))
+        for i in np.flatnonzero(~self.done):
+            self._select(i)
+            self.obs[i], rewards[i], self.done[i], _, _ = self.env.step(actions[i])
+        return torch.from_numpy(self.obs.copy()), torch.from_numpy(rewards), \
+            torch.from_numpy(self.done.copy())
+
+    def _select(self, episode: int) -> None:
+        self.env.data = self.datas[episode]
+        self.env.set_task(self.tasks[episode])
+
+
+class BatchEnv(Protocol):
+    """What the sampler steps: ``Nav2DBatch`` or ``MujocoBatch``."""
+
+    obs_dim: int
+    act_dim: int
+
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> Tensor: ...
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+
+ENVS: dict[str, tuple[type, int]] = {
+    "fastmaml/Nav2D-v0": (Nav2DEnv, 100),
+    "fastmaml/HalfCheetahVel-v0": (HalfCheetahVelEnv, 200),
+    "fastmaml/HalfCheetahDir-v0": (HalfCheetahDirEnv, 200),
+    "fastmaml/AntVel-v0": (AntVelEnv, 200),
+    "fastmaml/AntDir-v0": (AntDirEnv, 200),
+}
+"""Registered id -> (environment class, horizon)."""
+
+for _env_id, (_cls, _horizon) in ENVS.items():
+    if _env_id not in gymnasium.registry:
+        gymnasium.register(_env_id, entry_point=f"{__name__}:{_cls.__name__}",
+                           max_episode_steps=_horizon)
+
+
+def env_class(env_id: str) -> type:
+    """The environment class of a registered id (``env_class(id).sample_tasks(n, rng)``)."""
+    if env_id not in ENVS:
+        raise ConfigError(f"unknown meta-RL environment {env_id!r}; "
+                          f"choose one of {', '.join(ENVS)}")
+    return ENVS[env_id][0]
+
+
+def default_horizon(env_id: str) -> int:
+    """The paper's horizon for ``env_id``."""
+    env_class(env_id)
+    return ENVS[env_id][1]
+
+
+def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
+    """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
+    cls = env_class(env_id)
+    return Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)

@@ -1,0 +1,179 @@
+"""Meta-RL environments: rewards and termination against hand-computed values."""
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import gymnasium
+import numpy as np
+import pytest
+import torch
+from gymnasium.utils.env_checker import check_env
+
+from fastmaml.errors import ConfigError
+from fastmaml.rl import ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env
+
+
+def test_nav2d_batch_hand_computed() -> None:
+    sim = Nav2DBatch()
+    obs = sim.reset([{"goal": np.array([0.3, -0.2])}, {"goal": np.array([0.1, 0.1])}])
+    assert torch.equal(obs, torch.zeros(2, 2, dtype=torch.float64))
+    obs, reward, done = sim.step(torch.tensor([[0.05, 0.05], [2.0, 0.1]]))
+    # the second action is clipped to (0.1, 0.1): it lands on the goal and ends the episode
+    assert torch.allclose(obs, torch.tensor([[0.05, 0.05], [0.1, 0.1]], dtype=torch.float64))
+    assert reward[0].item() == pytest.approx(-math.hypot(0.25, 0.25), abs=1e-15)
+    assert reward[1].item() == pytest.approx(0.0, abs=1e-15)
+    assert done.tolist() == [False, True]
+    obs, reward, done = sim.step(torch.tensor([[1.0, -1.0], [-0.1, 0.0]]))
+    assert torch.allclose(obs, torch.tensor([[0.15, -0.05], [0.1, 0.1]], dtype=torch.float64))
+    assert reward[0].item() == pytest.approx(-math.hypot(0.15, 0.15), abs=1e-15)
+    assert reward[1].item() == 0.0  # an ended episode stays put and earns nothing
+    assert done.tolist() == [False, True]
+
+
+def test_nav2d_termination_is_per_coordinate_and_action_scale() -> None:
+    sim = Nav2DBatch(action_scale=0.1)
+    sim.reset([{"goal": np.array([0.009, 0.009])}, {"goal": np.array([0.011, 0.0])}])
+    _, _, done = sim.step(torch.zeros(2, 2))
+    # |dx|, |dy| < 0.01 ends the episode (distance 0.0127 here); 0.011 in one coordinate does not
+    assert done.tolist() == [True, False]
+    obs, _, _ = sim.step(torch.tensor([[0.0, 0.0], [0.5, 3.0]]))
+    assert torch.allclose(obs[1], torch.tensor([0.05, 0.1], dtype=torch.float64))
+
+
+def test_nav2d_gymnasium_env_matches_batch_and_time_limit() -> None:
+    env = gymnasium.make("fastmaml/Nav2D-v0")
+    goal = np.array([0.4, 0.45])
+    env.unwrapped.set_task({"goal": goal})
+    obs, _ = env.reset(seed=0)
+    assert obs.tolist() == [0.0, 0.0]
+    position, steps, truncated = np.zeros(2), 0, False
+    while not truncated:
+        action = np.array([-0.05, 0.03])
+        obs, reward, terminated, truncated, _ = env.step(action)
+        position = position + action
+        steps += 1
+        assert np.allclose(obs, position) and not terminated
+        assert reward == pytest.approx(-np.linalg.norm(position - goal), abs=1e-12)
+    assert steps == 100 == default_horizon("fastmaml/Nav2D-v0")
+
+
+def test_task_sampling() -> None:
+    goals = env_class("fastmaml/Nav2D-v0").sample_tasks(500, np.random.default_rng(0))
+    goals = np.array([t["goal"] for t in goals])
+    assert goals.shape == (500, 2) and goals.min() >= -0.5 and goals.max() <= 0.5
+    velocities = [t["velocity"] for t in env_class("fastmaml/AntVel-v0").sample_tasks(
+        500, np.random.default_rng(0))]
+    assert min(velocities) >= 0.0 and 2.5 < max(velocities) <= 3.0
+    velocities = [t["velocity"] for t in env_class("fastmaml/HalfCheetahVel-v0").sample_tasks(
+        500, np.random.default_rng(0))]
+    assert min(velocities) >= 0.0 and 1.9 < max(velocities) <= 2.0
+    directions = [t["direction"] for t in env_class("fastmaml/HalfCheetahDir-v0").sample_tasks(
+        500, np.random.default_rng(1))]
+    assert set(directions) == {-1.0, 1.0} and 200 < directions.count(1.0) < 300
+    same = env_class("fastmaml/AntDir-v0").sample_tasks(10, np.random.default_rng(3))
+    assert same == env_class("fastmaml/AntDir-v0").sample_tasks(10, np.random.default_rng(3))
+    with pytest.raises(ConfigError, match="unknown meta-RL environment"):
+        env_class("fastmaml/Nope-v0")
+
+
+def _task_term(task: dict, x_velocity: float) -> float:
+    if "velocity" in task:
+        return -abs(x_velocity - task["velocity"])
+    return task["direction"] * x_velocity
+
+
+@pytest.mark.parametrize("env_id,task,obs_dim", [
+    ("fastmaml/HalfCheetahVel-v0", {"velocity": 1.3}, 17),
+    ("fastmaml/HalfCheetahDir-v0", {"direction": -1.0}, 17),
+    ("fastmaml/AntVel-v0", {"velocity": 2.1}, 27),
+    ("fastmaml/AntDir-v0", {"direction": 1.0}, 27),
+])
+def test_locomotion_reward_formula(env_id: str, task: dict, obs_dim: int) -> None:
+    env = gymnasium.make(env_id)
+    base = env.unwrapped
+    base.set_task(task)
+    obs, _ = env.reset(seed=1)
+    assert obs.shape == (obs_dim,) and base.dt == pytest.approx(0.05)
+    rng = np.random.default_rng(0)
+    ant = "Ant" in env_id
+    for _ in range(15):
+        action = rng.normal(0.0, 1.5, env.action_space.shape)  # partly outside +-1: clipped
+        x_before = base.data.body(1).xpos[0] if ant else base.data.qpos[0]
+        obs, reward, terminated, _, info = env.step(action)
+        x_after = base.data.body(1).xpos[0] if ant else base.data.qpos[0]
+        assert info["x_velocity"] == pytest.approx((x_after - x_before) / 0.05, rel=1e-9)
+        clipped = np.clip(action, -1.0, 1.0)
+        if ant:
+            contact = np.square(np.clip(base.data.cfrc_ext, -1.0, 1.0)).sum()
+            survive = (1.05 if "velocity" in task else 0.05) * (not terminated)
+            expected = (_task_term(task, info["x_velocity"]) + survive
+                        - 0.005 * np.square(clipped).sum() - 5e-4 * contact)
+        else:
+            expected = _task_term(task, info["x_velocity"]) - 0.05 * np.square(clipped).sum()
+        assert reward == pytest.approx(expected, rel=1e-9, abs=1e-12)
+        if terminated:
+            break
+
+
+def test_ant_terminates_when_unhealthy_and_horizons() -> None:
+    env = gymnasium.make("fastmaml/AntVel-v0")
+    env.reset(seed=0)
+    base = env.unwrapped
+    qpos, qvel = base.data.qpos.copy(), base.data.qvel.copy()
+    qpos[2] = 1.5  # the torso above the healthy range [0.2, 1.0]
+    base.set_state(qpos, qvel)
+    _, _, terminated, _, info = env.step(np.zeros(8))
+    assert terminated and info["reward_survive"] == 0.0
+    assert {default_horizon(env_id) for env_id in ENVS if "Nav" not in env_id} == {200}
+
+
+@pytest.mark.parametrize("env_id", ["fastmaml/HalfCheetahDir-v0", "fastmaml/AntVel-v0"])
+def test_mujoco_batch_equals_separate_environments(env_id: str) -> None:
+    tasks = env_class(env_id).sample_tasks(3, np.random.default_rng(0))
+    batch = make_batch_env(env_id)
+    envs = [gymnasium.make(env_id) for _ in tasks]
+    obs = batch.reset(tasks, [10, 11, 12])
+    for env, task, seed, row in zip(envs, tasks, [10, 11, 12], obs):
+        env.unwrapped.set_task(task)
+        assert np.array_equal(env.reset(seed=seed)[0], row.numpy())
+    rng = np.random.default_rng(1)
+    ended = [False] * 3
+    for _ in range(40):
+        actions = rng.normal(0.0, 1.0, (3, batch.act_dim))
+        obs, rewards, done = batch.step(torch.from_numpy(actions))
+        for i, env in enumerate(envs):
+            if ended[i]:
+                assert rewards[i] == 0.0 and done[i]
+                continue
+            o, r, terminated, _, _ = env.step(actions[i])
+            assert np.array_equal(o, obs[i].numpy()) and r == rewards[i].item()
+            assert terminated == done[i].item()
+            ended[i] = terminated
+
+
+def test_mujoco_batch_skips_ended_episodes() -> None:
+    batch = make_batch_env("fastmaml/AntDir-v0")
+    batch.reset([{"direction": 1.0}] * 2, [0, 1])
+    batch.datas[0].qpos[2] = 1.5  # the first ant's torso above the healthy range
+    obs, _, done = batch.step(torch.zeros(2, 8))
+    assert done.tolist() == [True, False]
+    time_before = batch.datas[0].time
+    obs2, reward2, _ = batch.step(torch.zeros(2, 8))
+    assert batch.datas[0].time == time_before and reward2[0] == 0.0
+    assert torch.equal(obs2[0], obs[0]) and batch.datas[1].time > time_before
+
+
+def test_mujoco_warnings_do_not_write_a_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    monkeypatch.chdir(tmp_path)
+    gymnasium.make("fastmaml/HalfCheetahVel-v0").close()  # its model triggers a MuJoCo warning
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+
+
+@pytest.mark.parametrize("env_id", list(ENVS))
+def test_gymnasium_env_checker(env_id: str) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Box observation space m")  # +-inf bounds
+        check_env(gymnasium.make(env_id).unwrapped, skip_render_check=True)
