@@ -1,0 +1,223 @@
+"""Sampling episodes of meta-RL tasks: exactly H steps for tasks x trajectories environments.
+
+Every step runs one batched policy forward for all environments of a process (per-task adapted
+parameters through ``vmap``). Randomness is per episode: episode ``j`` of the task at position
+``i`` of the task list draws its reset seed and its action noise from
+``numpy.random.default_rng([seed, i, j])``. The forward runs in float64 and the actions are then
+rounded to the policy's dtype: float32 matrix products differ in the last bit between batch
+shapes and thread counts, and MuJoCo turns such differences into different trajectories within
+a few dozen steps; after rounding (to float32), the actions agree bit for bit except with a
+chance of about 2e-9 per action value. So episodes of a float32 policy do not depend on how the
+environments are batched or split over worker processes (a float64 policy's do, to rounding).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import multiprocessing as mp
+import os
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core import Params
+from ..errors import ConfigError
+from .envs import BatchEnv, Task, default_horizon, make_batch_env
+from .policy import policy_forward
+
+
+class Episodes(NamedTuple):
+    """Sampled episodes, (tasks, trajectories, steps, ...) each."""
+
+    observations: Tensor  # the observation each action was taken in
+    actions: Tensor  # the policy's sampled actions, before any clipping by the environment
+    rewards: Tensor  # 0 after the episode ended
+    masks: Tensor  # 1.0 for steps inside the episode, 0.0 after it ended
+
+    @property
+    def num_tasks(self) -> int:
+        return self.observations.shape[0]
+
+    def mean_returns(self) -> Tensor:
+        """Undiscounted return per task, averaged over its trajectories: (tasks,)."""
+        return self.rewards.sum(-1).mean(-1)
+
+
+def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: int,
+            horizon: int, seed: int, params: Params | None = None,
+            task_ids: Sequence[int] | None = None) -> Episodes:
+    """``num_traj`` episodes of every task, all environments stepped together.
+
+    Observations, actions and rewards are in the dtype of the policy's parameters. ``params``:
+    per-task policy parameters with a leading task dimension, or ``None`` for the policy's own.
+    ``task_ids``: the tasks' positions in the caller's full task list (for the seeds; default
+    ``0 .. len(tasks) - 1``). Torch runs with one thread meanwhile.
+    """
+    num_tasks = len(tasks)
+    task_ids = range(num_tasks) if task_ids is None else task_ids
+    rngs = [np.random.default_rng([seed, task_id, traj])
+            for task_id in task_ids for traj in range(num_traj)]
+    reset_seeds = [int(rng.integers(2**31)) for rng in rngs]
+    noise = np.stack([rng.standard_normal((horizon, env.act_dim)) for rng in rngs])
+    noise = torch.from_numpy(noise).view(num_tasks, num_traj, horizon, env.act_dim)
+    dtype = next(policy.parameters()).dtype
+    policy = copy.deepcopy(policy).double()
+    params = None if params is None else {name: p.double() for name, p in params.items()}
+    obs = env.reset([task for task in tasks for _ in range(num_traj)], reset_seeds)
+    shape = (num_tasks, num_traj, horizon)
+    episodes = Episodes(*(torch.empty(*shape, *dims, dtype=dtype)
+                          for dims in ((env.obs_dim,), (env.act_dim,), (), ())))
+    done = torch.zeros(num_tasks, num_traj, dtype=torch.bool)
+    with torch.no_grad(), _one_torch_thread():
+        for t in range(horizon):
+            obs = obs.double().view(num_tasks, num_traj, env.obs_dim)
+            mean, log_std = policy_forward(policy, obs, params)
+            action = (mean + log_std.exp() * noise[:, :, t]).to(dtype)
+            episodes.observations[:, :, t] = obs
+            episodes.actions[:, :, t] = action
+            episodes.masks[:, :, t] = ~done
+            obs, reward, ended = env.step(action.reshape(-1, env.act_dim))
+            episodes.rewards[:, :, t] = reward.view(num_tasks, num_traj)
+            done = ended.view(num_tasks, num_traj)
+    return episodes
+
+
+class Sampler:
+    """Samples episodes of one registered environment, in this process or in worker processes.
+
+    Args:
+        env_id: a ``fastmaml/...`` id (see ``fastmaml.rl.envs``).
+        horizon: steps per episode (default: the paper's for ``env_id``).
+        num_workers: 0 samples here; ``n > 0`` splits the tasks over ``n`` worker processes
+            (one per core is the point; each uses one thread), with identical results.
+        env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D).
+    """
+
+    def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
+                 **env_kwargs: Any):
+        self.env_id, self.env_kwargs = env_id, env_kwargs
+        self.horizon = default_horizon(env_id) if horizon is None else horizon
+        if self.horizon < 1 or num_workers < 0:
+            raise ConfigError(f"need horizon >= 1 and num_workers >= 0, got {self.horizon} and "
+                              f"{num_workers}")
+        self.env = make_batch_env(env_id, **env_kwargs)
+        self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
+        self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
+        if num_workers:
+            self._start_workers(num_workers)
+
+    def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: int,
+               params: Params | None = None, tasks_per_rollout: int | None = None) -> Episodes:
+        """``num_traj`` episodes of ``horizon`` steps for every task: (tasks, num_traj, H, ...).
+
+        ``params``: per-task parameters stacked over tasks (from ``adapt_policy``) or ``None``.
+        ``tasks_per_rollout`` bounds how many tasks' environments step together (memory); it
+        does not change the result.
+        """
+        if num_traj < 1 or not tasks:
+            raise ConfigError(f"need at least one task and one trajectory, got {len(tasks)} tasks "
+                              f"and num_traj={num_traj}")
+        jobs = [{"tasks": [tasks[i] for i in ids], "num_traj": num_traj, "horizon": self.horizon,
+                 "seed": seed, "task_ids": ids,
+                 "params": None if params is None else {n: p[ids] for n, p in params.items()}}
+                for ids in _chunks(len(tasks), len(self._workers) or 1, tasks_per_rollout)]
+        if not self._workers:
+            parts = [rollout(policy, self.env, **job) for job in jobs]
+        else:
+            conns, parts = [conn for _, conn in self._workers], []
+            for start in range(0, len(jobs), len(conns)):
+                batch = jobs[start:start + len(conns)]
+                for conn, job in zip(conns, batch):
+                    conn.send((policy, job))
+                parts += _receive(conns[:len(batch)])
+        return Episodes(*(torch.cat(column) for column in zip(*parts)))
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        for process, conn in self._workers:
+            conn.send(None)
+            process.join(timeout=10)
+            conn.close()
+        self._workers = []
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def _start_workers(self, num_workers: int) -> None:
+        context = mp.get_context("spawn")
+        with _single_threaded_children():
+            for _ in range(num_workers):
+                parent, child = context.Pipe()
+                process = context.Process(target=_worker, daemon=True,
+                                          args=(child, self.env_id, self.env_kwargs))
+                process.start()
+                child.close()
+                self._workers.append((process, parent))
+
+
+def _chunks(num_tasks: int, num_parts: int, tasks_per_rollout: int | None) -> list[list[int]]:
+    """Task indices in ``num_parts`` near-equal parts, cut to at most ``tasks_per_rollout``."""
+    parts = [part.tolist() for part in np.array_split(np.arange(num_tasks), num_parts) if len(part)]
+    if tasks_per_rollout is None:
+        return parts
+    return [part[i:i + tasks_per_rollout] for part in parts
+            for i in range(0, len(part), tasks_per_rollout)]
+
+
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Small per-step forwards: a second intra-op thread bought nothing and, with the other core
+    busy, made sampling 5-100x slower on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Processes started inside inherit one BLAS / OpenMP thread (set before their imports)."""
+    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
+    torch.set_num_threads(1)
+    env = make_batch_env(env_id, **env_kwargs)
+    while (message := conn.recv()) is not None:
+        policy, job = message
+        try:
+            conn.send(rollout(policy, env, **job))
+        except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
+            conn.send(error)
+
+
+def _receive(conns: Sequence[Connection]) -> list[Episodes]:
+    """Every worker's answer (so none is left in a pipe), then the first error if any."""
+    results = [conn.recv() for conn in conns]
+    for result in results:
+        if isinstance(result, Exception):
+            raise result
+    return results

@@ -1,0 +1,113 @@
+"""Sampler: shapes, masks, per-task parameters; seeded batched = sequential = worker rollouts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastmaml.errors import ConfigError
+from fastmaml.rl import (Episodes, GaussianMLPPolicy, Nav2DBatch, Sampler, env_class,
+                         gaussian_log_prob, rollout)
+
+
+def _tasks(env_id: str, n: int) -> list[dict]:
+    return env_class(env_id).sample_tasks(n, np.random.default_rng(0))
+
+
+def _policy(obs_dim: int, act_dim: int) -> GaussianMLPPolicy:
+    torch.manual_seed(0)
+    return GaussianMLPPolicy(obs_dim, act_dim, hidden=(16, 16))
+
+
+def _assert_equal(a: Episodes, b: Episodes) -> None:
+    for name, x, y in zip(Episodes._fields, a, b):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("env_id", ["fastmaml/Nav2D-v0", "fastmaml/HalfCheetahVel-v0",
+                                    "fastmaml/AntDir-v0"])
+def test_batched_rollouts_equal_sequential_ones(env_id: str) -> None:
+    sampler = Sampler(env_id, horizon=30)
+    policy = _policy(sampler.obs_dim, sampler.act_dim)
+    tasks = _tasks(env_id, 3)
+    batched = sampler.sample(policy, tasks, 2, seed=5)
+    sequential = sampler.sample(policy, tasks, 2, seed=5, tasks_per_rollout=1)
+    _assert_equal(batched, sequential)
+    assert batched.observations.shape == (3, 2, 30, sampler.obs_dim)
+    assert batched.actions.shape == (3, 2, 30, sampler.act_dim)
+    assert batched.rewards.shape == batched.masks.shape == (3, 2, 30)
+    one = sampler.sample(policy, tasks[1:2], 2, seed=5, tasks_per_rollout=1)
+    assert not torch.equal(one.actions[0], batched.actions[1])  # seeds follow task positions
+    again = rollout(policy, sampler.env, tasks[1:2], 2, 30, seed=5, task_ids=[1])
+    _assert_equal(again, Episodes(*(t[1:2] for t in batched)))
+    other = sampler.sample(policy, tasks, 2, seed=6)
+    assert not torch.equal(other.actions, batched.actions)
+
+
+def test_nav2d_episodes_record_the_simulator() -> None:
+    env_id = "fastmaml/Nav2D-v0"
+    sampler = Sampler(env_id, horizon=40)
+    policy = _policy(2, 2)
+    tasks = [{"goal": np.array([0.05, -0.04])}, {"goal": np.array([0.45, 0.3])}]
+    with torch.no_grad():  # a confident policy heading for the first goal
+        policy.mean[-1].bias.copy_(torch.tensor([0.025, -0.02]))
+        policy.mean[-1].weight.zero_()
+        policy.log_std.fill_(-8.0)
+    episodes = sampler.sample(policy, tasks, 3, seed=0)
+    sim = Nav2DBatch()
+    sim.reset([tasks[0]])
+    for t in range(40):
+        obs, reward, _ = sim.step(episodes.actions[0, 0, t : t + 1].double())
+        if t + 1 < 40:
+            assert torch.allclose(episodes.observations[0, 0, t + 1], obs[0].float())
+        assert episodes.rewards[0, 0, t].item() == pytest.approx(reward.item(), abs=1e-6)
+    # the first task ends at its second step: masks and rewards are 0 afterwards
+    assert episodes.masks[0].sum(-1).tolist() == [2.0, 2.0, 2.0]
+    assert torch.all(episodes.rewards[0, :, 2:] == 0)
+    assert torch.all(episodes.masks[1] == 1)
+    assert episodes.mean_returns().shape == (2,)
+    assert episodes.mean_returns()[1] == pytest.approx(episodes.rewards[1].sum(-1).mean().item())
+
+
+def test_actions_follow_the_policy_and_per_task_parameters() -> None:
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=50)
+    policy = _policy(2, 2)
+    tasks = _tasks("fastmaml/Nav2D-v0", 2)
+    params = {"log_std": torch.tensor([[-1.0, -1.0], [0.5, 0.5]]),
+              "mean.4.bias": torch.tensor([[3.0, 3.0], [0.0, 0.0]])}
+    episodes = sampler.sample(policy, tasks, 40, seed=0, params=params)
+    # noise scale per task follows the task's log-std
+    for task, std in enumerate([np.exp(-1.0), np.exp(0.5)]):
+        mean, _ = torch.func.functional_call(
+            policy, {n: p[task] for n, p in params.items()}, (episodes.observations[task],))
+        noise = episodes.actions[task] - mean
+        assert noise.std().item() == pytest.approx(std, rel=0.05)
+        log_prob = gaussian_log_prob(mean, torch.full_like(mean, np.log(std)),
+                                     episodes.actions[task])
+        assert torch.isfinite(log_prob).all()
+    assert episodes.actions[0].mean().item() > 2.0  # the first task's bias
+
+
+def test_workers_give_identical_episodes() -> None:
+    env_id = "fastmaml/HalfCheetahDir-v0"
+    tasks = _tasks(env_id, 3)
+    with Sampler(env_id, horizon=20, num_workers=2) as workers:
+        policy = _policy(workers.obs_dim, workers.act_dim)
+        parallel = workers.sample(policy, tasks, 2, seed=3)
+        params = {"log_std": torch.full((3, 6), -2.0)}
+        parallel_adapted = workers.sample(policy, tasks, 2, seed=3, params=params)
+        with pytest.raises(RuntimeError):  # a worker's error reaches the caller
+            workers.sample(_policy(5, 6), tasks, 2, seed=3)
+        _assert_equal(parallel, workers.sample(policy, tasks, 2, seed=3))  # and none is left over
+    local = Sampler(env_id, horizon=20)
+    _assert_equal(parallel, local.sample(policy, tasks, 2, seed=3))
+    _assert_equal(parallel_adapted, local.sample(policy, tasks, 2, seed=3, params=params))
+
+
+def test_sampler_rejects_bad_arguments() -> None:
+    with pytest.raises(ConfigError):
+        Sampler("fastmaml/Nav2D-v0", horizon=0)
+    sampler = Sampler("fastmaml/Nav2D-v0")
+    with pytest.raises(ConfigError):
+        sampler.sample(_policy(2, 2), [], 2, seed=0)
+    assert sampler.horizon == 100
