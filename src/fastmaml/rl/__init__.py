@@ -1,5 +1,15 @@
 """Meta-RL building blocks for paper section 5.3: tasks, Gaussian policy, sampler, advantages, TRPO.
 
+One meta-iteration, for a trainer to drive::
+
+    tasks = env_class(env_id).sample_tasks(meta_batch, rng)
+    support = sampler.sample(maml.model, tasks, num_traj, seed)           # pre-update policy
+    with torch.no_grad():
+        adapted = adapt_policy(maml, support)                             # REINFORCE inner step
+    query = sampler.sample(maml.model, tasks, num_traj, seed + 1, params=adapted)
+    stats = trpo_meta_step(maml, support, query)                          # TRPO meta-update
+
+with ``maml = MAML(GaussianMLPPolicy(obs_dim, act_dim), reinforce_loss, inner_lr=0.1)``.
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
 from .envs import (ENVS, AntDirEnv, AntVelEnv, HalfCheetahDirEnv, HalfCheetahVelEnv, Nav2DBatch,
@@ -10,10 +20,14 @@ from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian
 from .returns import (baseline_features, compute_advantages, discounted_returns,
                       fit_linear_baseline, gae, standardize)
 from .sampler import Episodes, Sampler, rollout
+from .trpo import (TRPOStats, conjugate_gradient, hessian_vector_product, line_search,
+                   meta_objective, trpo_meta_step, trpo_step)
 
 __all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVelEnv",
            "Nav2DBatch", "Nav2DEnv", "Task", "default_horizon", "env_class", "make_batch_env",
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",
-           "fit_linear_baseline", "gae", "standardize", "Episodes", "Sampler", "rollout"]
+           "fit_linear_baseline", "gae", "standardize", "Episodes", "Sampler", "rollout",
+           "TRPOStats", "conjugate_gradient", "hessian_vector_product", "line_search",
+           "meta_objective", "trpo_meta_step", "trpo_step"]

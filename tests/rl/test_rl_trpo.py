@@ -1,0 +1,186 @@
+"""TRPO pieces: conjugate gradient, Hessian-vector products, line search, the meta-update."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from fastmaml import MAML
+from fastmaml.errors import ConfigError
+from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, adapt_policy, compute_advantages,
+                         conjugate_gradient, env_class, gaussian_kl, gaussian_log_prob,
+                         hessian_vector_product, meta_objective, policy_forward, reinforce_loss,
+                         trpo_meta_step, trpo_step)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Small graphs: two intra-op threads were ~100x slower here while the other core was busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_conjugate_gradient_solves_spd_system() -> None:
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a = m @ m.T + 0.5 * torch.eye(8, dtype=torch.float64)
+    b = torch.randn(8, generator=g, dtype=torch.float64)
+    x = conjugate_gradient(lambda v: a @ v, b, iters=10)
+    assert torch.allclose(x, torch.linalg.solve(a, b), atol=1e-8)
+    few = conjugate_gradient(lambda v: a @ v, b, iters=2)
+    assert (a @ few - b).norm() < b.norm()  # fewer iterations: still a descent on the residual
+
+
+def _policy_problem(seed: int = 0) -> tuple[GaussianMLPPolicy, torch.Tensor, torch.Tensor,
+                                              torch.Tensor]:
+    torch.manual_seed(seed)
+    policy = GaussianMLPPolicy(3, 2, hidden=(16, 16)).double()
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(64, 3, generator=g, dtype=torch.float64)
+    actions = torch.randn(64, 2, generator=g, dtype=torch.float64)
+    advantages = torch.randn(64, generator=g, dtype=torch.float64)
+    return policy, obs, actions, advantages
+
+
+def _objective(policy: GaussianMLPPolicy, obs: torch.Tensor, actions: torch.Tensor,
+               advantages: torch.Tensor):
+    with torch.no_grad():
+        old_mean, old_log_std = policy(obs)
+        old_log_prob = gaussian_log_prob(old_mean, old_log_std, actions)
+
+    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = policy(obs)
+        ratio = torch.exp(gaussian_log_prob(mean, log_std, actions) - old_log_prob)
+        return (-(ratio * advantages).mean(),
+                gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
+    return objective
+
+
+def test_exact_hvp_matches_finite_difference_and_autograd() -> None:
+    policy, obs, _, _ = _policy_problem()
+    with torch.no_grad():
+        old_mean, old_log_std = (t.clone() for t in policy(obs))
+        for p in policy.parameters():  # away from the old policy: the KL gradient is nonzero too
+            p.add_(0.05 * torch.randn_like(p))
+    params = list(policy.parameters())
+    names = [name for name, _ in policy.named_parameters()]
+
+    def kl(output: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return gaussian_kl(old_mean, old_log_std, *(output or policy(obs))).mean()
+
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    exact = hessian_vector_product(kl, params, damping=0.0)(v)
+    before = parameters_to_vector(params).clone()
+    finite = hessian_vector_product(kl, params, damping=0.0, method="finite_difference")(v)
+    assert torch.equal(parameters_to_vector(params), before)
+    assert torch.allclose(exact, finite, rtol=1e-5, atol=1e-8)
+
+    def kl_of(flat: torch.Tensor) -> torch.Tensor:
+        chunks = flat.split([p.numel() for p in params])
+        state = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
+        return kl(torch.func.functional_call(policy, state, (obs,)))
+
+    _, reference = torch.autograd.functional.hvp(kl_of, before, v)
+    assert torch.allclose(exact, reference, atol=1e-12)
+    damped = hessian_vector_product(kl, params, damping=1e-5)(v)
+    assert torch.allclose(damped, exact + 1e-5 * v)
+    with pytest.raises(ConfigError, match="Hessian-vector"):
+        hessian_vector_product(kl, params, method="magic")
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_trpo_step_respects_kl_bound_and_improves(method: str) -> None:
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, advantages)
+    before = parameters_to_vector(policy.parameters()).clone()
+    stats = trpo_step(list(policy.parameters()), objective, max_kl=0.01, hvp_method=method)
+    loss, kl = objective()
+    assert stats.accepted and stats.loss_after < stats.loss_before
+    assert kl.item() <= 0.01 and kl.item() == pytest.approx(stats.kl)
+    assert loss.item() == pytest.approx(stats.loss_after)
+    assert not torch.equal(parameters_to_vector(policy.parameters()), before)
+    # a quadratic model of the KL: the first candidate lands near the bound, not far inside it
+    assert stats.backtracks > 0 or kl.item() > 0.005
+
+
+def test_line_search_failure_restores_parameters() -> None:
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, advantages)
+    before = parameters_to_vector(policy.parameters()).clone()
+    stats = trpo_step(list(policy.parameters()), objective, max_kl=-1.0)  # no KL is <= -1
+    assert not stats.accepted and stats.backtracks == 15
+    assert torch.equal(parameters_to_vector(policy.parameters()), before)
+
+
+def _nav_problem() -> tuple[MAML, Episodes, Episodes]:
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, hidden=(32, 32)).double()
+    with torch.no_grad():  # zero biases put every first step (obs (0, 0)) on a ReLU kink
+        for layer in policy.mean[::2]:
+            layer.bias.uniform_(-0.1, 0.1)
+    maml = MAML(policy, reinforce_loss, inner_lr=0.1)
+    tasks = env_class("fastmaml/Nav2D-v0").sample_tasks(3, np.random.default_rng(0))
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=20)
+    support = sampler.sample(policy, tasks, 4, seed=0)  # float64 episodes: a float64 policy
+    with torch.no_grad():
+        adapted = adapt_policy(maml, support)
+    return maml, support, sampler.sample(policy, tasks, 4, seed=1, params=adapted)
+
+
+def test_meta_objective_at_the_current_parameters() -> None:
+    maml, support, query = _nav_problem()
+    surrogate, kl = meta_objective(maml, support, query)()
+    assert kl.item() == pytest.approx(0.0, abs=1e-12)
+    # the surrogate's gradient is the policy gradient of the post-update policies
+    grads = torch.autograd.grad(surrogate, list(maml.parameters()))
+    adapted = adapt_policy(maml, support)
+    mean, log_std = policy_forward(maml.model, query.observations.flatten(1, 2), adapted)
+    log_prob = gaussian_log_prob(mean, log_std, query.actions.flatten(1, 2))
+    weights = (compute_advantages(query) * query.masks).flatten(1, 2)
+    count = query.masks.sum(dim=(1, 2))
+    pg_loss = -((log_prob * weights).sum(1) / count).mean()
+    expected = torch.autograd.grad(pg_loss, list(maml.parameters()))
+    for g, e in zip(grads, expected):
+        assert torch.allclose(g, e, atol=1e-10)
+
+
+def test_meta_hvp_exact_matches_finite_difference() -> None:
+    maml, support, query = _nav_problem()
+    objective = meta_objective(maml, support, query)
+    params = list(maml.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    exact = hessian_vector_product(lambda: objective()[1], params)(v)
+    finite = hessian_vector_product(lambda: objective()[1], params,
+                                    method="finite_difference")(v)
+    assert torch.allclose(exact, finite, rtol=1e-4, atol=1e-7)
+
+
+def test_trpo_meta_step() -> None:
+    maml, support, query = _nav_problem()
+    objective = meta_objective(maml, support, query)
+    stats = trpo_meta_step(maml, support, query, max_kl=0.01)
+    assert stats.accepted and stats.kl <= 0.01 and stats.loss_after < stats.loss_before
+    loss, kl = objective()  # the frozen objective at the updated parameters
+    assert loss.item() == pytest.approx(stats.loss_after) and kl.item() == pytest.approx(stats.kl)
+
+
+def test_one_meta_iteration_in_float32() -> None:
+    """The loop a trainer drives (see ``fastmaml.rl``), at a tiny scale."""
+    torch.manual_seed(0)
+    maml = MAML(GaussianMLPPolicy(2, 2), reinforce_loss, inner_lr=0.1)
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=25)
+    tasks = env_class("fastmaml/Nav2D-v0").sample_tasks(4, np.random.default_rng(0))
+    for iteration in range(2):
+        support = sampler.sample(maml.model, tasks, 5, seed=2 * iteration)
+        with torch.no_grad():
+            adapted = adapt_policy(maml, support)
+        query = sampler.sample(maml.model, tasks, 5, seed=2 * iteration + 1, params=adapted)
+        assert support.observations.dtype == query.rewards.dtype == torch.float32
+        stats = trpo_meta_step(maml, support, query)
+        assert stats.accepted and 0.0 < stats.kl <= 0.01
+        assert torch.isfinite(parameters_to_vector(maml.parameters())).all()
