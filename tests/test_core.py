@@ -296,3 +296,13 @@ def test_nan_meta_loss_is_named():
                     torch.full_like(batch.query_y, float("nan")))
     with pytest.raises(NonFiniteLossError, match="meta-loss is nan"):
         MAML(model, loss_fn).meta_loss(bad)
+
+
+def test_compiled_batched_path_matches_eager():
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    eager = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), batch)
+    compiled = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True, compile=True), batch)
+    assert relative(compiled, eager) < 1e-5

@@ -35,6 +35,8 @@ class Config:
     msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
+    compile: bool = False  # torch.compile the batched path (faster after a compile of seconds)
+    threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
     eval_tasks: int = 600
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
     checkpoint_every: int = 1000
@@ -45,7 +47,7 @@ class Config:
                      "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_steps", "eval_inner_steps"):
+        for name in ("inner_steps", "eval_inner_steps", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.path not in ("auto", "batched", "looped"):

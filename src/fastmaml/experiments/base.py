@@ -43,7 +43,7 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
     batched = {"auto": None, "batched": True, "looped": False}[cfg.path]
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
-                metric_fn=metric_fn, batched=batched)
+                metric_fn=metric_fn, batched=batched, compile=cfg.compile)
 
 
 def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:
@@ -113,6 +113,8 @@ class Experiment(ABC):
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
 
     @abstractmethod
     def learners(self) -> list[Learner]:
