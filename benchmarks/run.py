@@ -85,7 +85,7 @@ def fastmaml_impl(model, w: Workload, first_order: bool):
 
 def loop_impl(model, w: Workload, first_order: bool):
     """The naive reference: a Python loop over tasks, autograd.grad(create_graph=True)."""
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
     def step(batch):
         total = 0.0
@@ -103,7 +103,7 @@ def loop_impl(model, w: Workload, first_order: bool):
 def higher_impl(model, w: Workload, first_order: bool):
     import higher
 
-    inner_opt = torch.optim.SGD(model.parameters(), lr=w.inner_lr)
+    inner_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=w.inner_lr)
 
     def step(batch):
         for sx, sy, qx, qy in zip(*batch):

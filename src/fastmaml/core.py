@@ -113,6 +113,8 @@ class MAML(nn.Module):
             the model has batch-norm layers). Running statistics are never updated.
         compile: run the batched path through ``torch.compile`` (fused kernels, less dispatch
             overhead; the first call of each shape compiles, which takes seconds).
+        chunk_size: ``vmap`` this many tasks at a time (default: all). Smaller chunks keep the
+            activations cache-sized, which is faster on CPU when each task has many examples.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -120,7 +122,7 @@ class MAML(nn.Module):
                  adapt: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
                  metric_fn: LossFn | None = None, batched: bool | None = None,
                  transductive_bn: bool | None = None, check_finite: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, chunk_size: int | None = None):
         super().__init__()
         if not isinstance(inner_steps, int) or inner_steps < 0:
             raise ConfigError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
@@ -137,6 +139,7 @@ class MAML(nn.Module):
         use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
         self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
         self._buffer_names = [n for n, _ in model.named_buffers()]
+        self.chunk_size = chunk_size
         self._batched_fn = torch.compile(self._batched) if compile else self._batched
         self.path: str | None = None  # "batched" or "looped" once a call has run
 
@@ -231,7 +234,7 @@ class MAML(nn.Module):
         """All tasks at once: ``vmap`` of the task function over the leading task dimension."""
         return vmap(lambda *task: self._task(fast, frozen, steps, create_graph, record,
                                              _functorch_grad, *task),
-                    randomness="different")(*batch)
+                    randomness="different", chunk_size=self.chunk_size)(*batch)
 
     def _run_looped(self, args: tuple, batch: TaskBatch) -> tuple[Tensor, ...]:
         per_task = [self._task(*args, _autograd_grad, *task) for task in zip(*batch)]

@@ -43,7 +43,8 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
     batched = {"auto": None, "batched": True, "looped": False}[cfg.path]
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
-                metric_fn=metric_fn, batched=batched, compile=cfg.compile)
+                metric_fn=metric_fn, batched=batched, compile=cfg.compile,
+                chunk_size=cfg.chunk_size or None)
 
 
 def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:
