@@ -75,12 +75,17 @@ WORKLOADS = {w.name: w for w in [
 
 # ----- the implementations; each returns a function running one meta-iteration -----
 
-def fastmaml_impl(model, w: Workload, first_order: bool):
-    maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=True)
+def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False):
+    maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=True,
+                check_finite=False, compile=compile)
 
     def step(batch):
         maml.meta_loss(batch)[0].backward()
     return step
+
+
+def fastmaml_compiled_impl(model, w: Workload, first_order: bool):
+    return fastmaml_impl(model, w, first_order, compile=True)
 
 
 def loop_impl(model, w: Workload, first_order: bool):
@@ -129,19 +134,27 @@ def learn2learn_impl(model, w: Workload, first_order: bool):
     return step
 
 
-IMPLS = {"fastmaml": (fastmaml_impl, None), "loop": (loop_impl, None),
+IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-compiled": (fastmaml_compiled_impl, None),
+         "loop": (loop_impl, None),
          "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn")}
 
 
 # ----- measurement -----
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
     times = []
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * size**3 / min(times) / 1e9
 
@@ -185,35 +198,52 @@ def count_flops(w: Workload, first_order: bool) -> int:
     return counter.get_total_flops()
 
 
-def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int):
+def measure_memory(step: Callable, batch: TaskBatch, device: torch.device) -> float:
+    """Peak memory of one meta-iteration in MB: the CUDA allocator's peak, or RSS growth on CPU."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        step(batch)
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with PeakRSS() as rss:
+        step(batch)
+    return rss.mb
+
+
+def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
+        device: torch.device):
     available = [i for i in impls if IMPLS[i][1] is None or importlib.util.find_spec(IMPLS[i][1])]
     for missing in sorted(set(impls) - set(available)):
         print(f"note: {missing} is not installed; skipped (pip install {missing})")
-    peak = matmul_peak_gflops()
-    print(f"machine: torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    peak = matmul_peak_gflops(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        f"CPU, {torch.get_num_threads()} threads")
+    print(f"machine: torch {torch.__version__}, {where}, "
           f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3)")
     records = []
     for name in workloads:
         w = WORKLOADS[name]
         for order in orders:
             first_order = order == "first"
-            batch = w.make_batch(torch.Generator().manual_seed(0))
+            batch = w.make_batch(torch.Generator().manual_seed(0)).to(device)
             steps, times, memory = {}, {i: [] for i in available}, {}
             for impl in available:
                 torch.manual_seed(0)
-                model = w.build_model()
+                model = w.build_model().to(device)
                 steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
-            for impl in available:  # memory: one untimed run each (the sampler costs time)
-                model, step = steps[impl]
-                with PeakRSS() as rss:
-                    step(batch)
-                memory[impl] = rss.mb
+                steps[impl][1](batch)  # first call: compiles where asked, not timed
+            for impl in available:  # memory: one untimed run each (the CPU sampler costs time)
+                memory[impl] = measure_memory(steps[impl][1], batch, device)
             for round_ in range(warmup + repeats):  # interleaved timed rounds
                 for impl in available:
                     model, step = steps[impl]
                     model.zero_grad(set_to_none=True)
+                    synchronize(device)
                     start = time.perf_counter()
                     step(batch)
+                    synchronize(device)
                     if round_ >= warmup:
                         times[impl].append(time.perf_counter() - start)
             flops = count_flops(w, first_order)
@@ -226,7 +256,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "speedup_vs_loop": loop_time / median if loop_time else None,
                                 "gflop_per_iter": flops / 1e9,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
-                                "repeats": repeats})
+                                "repeats": repeats, "device": str(device)})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
 
@@ -235,10 +265,10 @@ def print_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\n{first['workload']} ({first['order']} order, {first['gflop_per_iter']:.2f} GFLOP/iter, "
           f"median of {first['repeats']})")
-    print(f"  {'impl':<12}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}")
+    print(f"  {'impl':<19}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}")
     for r in rows:
         ratio = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] else "-"
-        print(f"  {r['impl']:<12}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
+        print(f"  {r['impl']:<19}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
               f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}")
 
 
@@ -251,13 +281,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write one record per (workload, order, impl)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     args = parser.parse_args()
     workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     unknown = [w for w in workloads if w not in WORKLOADS] + [
         i for i in args.impls.split(",") if i not in IMPLS]
     if unknown:
         parser.error(f"unknown workload or impl: {', '.join(unknown)}")
-    records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
+    records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats,
+                  args.warmup, torch.device(args.device))
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
         print(f"\nwrote {args.json}")

@@ -1,0 +1,27 @@
+"""The benchmark script runs and writes the documented JSON records (speed is not asserted)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_writes_records_for_each_implementation(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "sinusoid",
+         "--orders", "second", "--impls", "fastmaml,loop,learn2learn", "--repeats", "1",
+         "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = json.loads(out.read_text())
+    assert {r["impl"] for r in records} >= {"fastmaml", "loop"}
+    for r in records:
+        assert {"workload", "order", "impl", "s_per_iter", "peak_mem_mb"} <= set(r)
+        assert r["workload"] == "sinusoid" and r["order"] == "second" and r["s_per_iter"] > 0
+    loop = next(r for r in records if r["impl"] == "loop")
+    assert loop["speedup_vs_loop"] == 1.0
+    if not any(r["impl"] == "learn2learn" for r in records):
+        assert "learn2learn is not installed; skipped" in result.stdout
