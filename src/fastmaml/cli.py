@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import FastMAMLError
 from .experiments import PRESETS, create_run, load_run
-from .distributed import init_from_env, world
+from .distributed import init_from_env, shutdown, world
 from .train import fit
 
 
@@ -34,6 +34,7 @@ def _train(args: argparse.Namespace) -> None:
         summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
         say(f"  {learner.name}: {learner.iterations} iterations done"
               + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
+    shutdown()
     say(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in {run_dir}/metrics-*.csv. "
           f"Next: fastmaml eval {run_dir}")
 

@@ -26,6 +26,13 @@ def init_from_env() -> None:
         dist.init_process_group(backend)
 
 
+def shutdown() -> None:
+    """Leave the process group once every rank is done (an exit without it can abort gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def world() -> tuple[int, int]:
     """(rank, world size); (0, 1) when not distributed."""
     if dist.is_available() and dist.is_initialized():

@@ -27,10 +27,7 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_learning_curves(csv_paths: list[Path], keys: list[str], path: Path) -> Path:
@@ -51,6 +48,10 @@ def plot_learning_curves(csv_paths: list[Path], keys: list[str], path: Path) -> 
     for ax in (by_iter, by_time):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..core import MAML
 from ..models import MLP
-from ..plots import plot_learning_curves, plot_step_curves
+from ..plots import plot_learning_curves, plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table, write_eval
@@ -167,8 +167,4 @@ class SinusoidExperiment(Experiment):
                        label=f"{k_shot} points used for the gradient")
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / f"adaptation_k{k_shot}.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, out / f"adaptation_k{k_shot}.png")
