@@ -15,6 +15,7 @@ from .base import Experiment
 EXPERIMENTS = {
     "sinusoid": "fastmaml.experiments.sinusoid:SinusoidExperiment",
     "fewshot": "fastmaml.experiments.fewshot:FewShotExperiment",
+    "rl": "fastmaml.experiments.rl:RLExperiment",
 }
 
 
@@ -71,6 +72,52 @@ def _fewshot_presets() -> dict[str, Preset]:
 PRESETS.update(_fewshot_presets())
 
 
+def _rl_presets() -> dict[str, Preset]:
+    """The paper's meta-RL settings (TRPO meta-updates: KL 0.01, CG 10 iterations, damping 1e-5,
+    line search 0.8 x 15; one inner step), and CPU-budget variants (-cpu) that fit in under two
+    hours on 2 cores. 2D navigation follows the official code's action scale 0.1 and alpha 0.5
+    (see fastmaml/experiments/rl.py)."""
+    nav = dict(env="fastmaml/Nav2D-v0", action_scale=0.1, inner_lr=0.5, meta_batch=20,
+               trajectories=20)
+    paper = {
+        "rl-nav2d": ("2D navigation", nav),
+        "rl-cheetah-vel": ("half-cheetah goal velocity",
+                           dict(env="fastmaml/HalfCheetahVel-v0", meta_batch=40, trajectories=10)),
+        "rl-cheetah-dir": ("half-cheetah goal direction",
+                           dict(env="fastmaml/HalfCheetahDir-v0", meta_batch=40, trajectories=20)),
+        "rl-ant-vel": ("ant goal velocity",
+                       dict(env="fastmaml/AntVel-v0", meta_batch=40, trajectories=20)),
+        "rl-ant-dir": ("ant goal direction",
+                       dict(env="fastmaml/AntDir-v0", meta_batch=40, trajectories=40)),
+    }
+    # CPU budget: locomotion at 20 tasks x 10 episodes x horizon 100 (training and evaluation,
+    # 20 evaluation episodes per step); navigation at the paper's scale, fewer iterations.
+    cpu_loco = dict(meta_batch=20, trajectories=10, horizon=100, eval_trajectories=20)
+    cpu = {"rl-nav2d": (dict(iterations=RL_CPU_ITERATIONS["rl-nav2d"]),
+                        "paper scale, fewer meta-iterations"),
+           **{name: (dict(cpu_loco, iterations=RL_CPU_ITERATIONS[name]),
+                     "20 tasks x 10 episodes x horizon 100 (evaluation: 20 episodes per step)")
+              for name in paper if name != "rl-nav2d"}}
+    presets = {}
+    for name, (title, values) in paper.items():
+        horizon = 100 if name == "rl-nav2d" else 200
+        text = (f"paper: {title}, meta-batch {values['meta_batch']}, {values['trajectories']} "
+                f"episodes per task, horizon {horizon}, inner_lr {values.get('inner_lr', 0.1)}, "
+                "500 meta-iterations")
+        presets[name] = Preset("rl", text, {**values, "iterations": 500})
+        changes, how = cpu[name]
+        presets[f"{name}-cpu"] = Preset("rl", f"{title} at a CPU budget: {how}, "
+                                        f"{changes['iterations']} meta-iterations",
+                                        {**values, **changes})
+    return presets
+
+
+# Measured on 2 busy cores: navigation ~10 s, half-cheetah ~8 s per iteration (both learners).
+RL_CPU_ITERATIONS = {"rl-nav2d": 200, "rl-cheetah-vel": 300, "rl-cheetah-dir": 300,
+                     "rl-ant-vel": 150, "rl-ant-dir": 150}
+PRESETS.update(_rl_presets())
+
+
 def experiment_class(name: str) -> type[Experiment]:
     if name not in EXPERIMENTS:
         raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
@@ -88,7 +135,7 @@ def preset(name: str) -> Preset:
 # Settings that may change when a run directory is resumed (they do not change what is learned).
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
                   "eval_tasks", "eval_chunk", "eval_inner_steps", "path", "data_root", "download",
-                  "compile", "threads"}
+                  "compile", "threads", "chunk_size"}
 
 
 def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:

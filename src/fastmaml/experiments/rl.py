@@ -1,0 +1,426 @@
+"""Meta-reinforcement learning (paper section 5.3, Figure 5): 2D navigation and locomotion.
+
+Learners (both checkpointed by ``fit``, both keep the policy with the best training return):
+
+- ``maml``: MAML with a REINFORCE inner step and TRPO meta-updates. Each meta-iteration samples
+  ``meta_batch`` tasks, ``trajectories`` episodes per task with the pre-update policy (support),
+  adapts on them, samples as many with the adapted policies (query), and takes one TRPO step on
+  the post-update surrogate (``fastmaml.rl.trpo_meta_step``). Its training return is the mean
+  post-update (query) return.
+- ``pretrained``: the same policy, the same tasks and episodes per iteration, trained by TRPO on
+  the returns of the policy itself across tasks, without adaptation (per-task linear baselines
+  and standardised advantages, the same KL bound): a policy "pretrained on all tasks". The
+  official code's ``use_maml=False`` baseline optimised the same vanilla policy-gradient loss
+  over the pre-update episodes, but with Adam (one epoch, lr 1e-3) instead of TRPO. Its
+  training return is the mean return of its own episodes.
+
+At each iteration the return of the policy that sampled the episodes is compared with the best
+so far; the best one (its parameters before that iteration's update) is kept in the learner's
+checkpoint, and evaluation uses it, as the paper evaluates its best checkpoint
+(``eval_policy=last`` uses the final parameters instead).
+
+Randomness: the tasks and the episode seeds of iteration i are functions of (seed, i) only, and
+the TRPO update is deterministic, so a resumed run repeats an uninterrupted one exactly.
+
+Evaluation (``fastmaml eval``): ``eval_tasks`` (40) tasks drawn with a fixed seed; for each of
+MAML, pretrained and a randomly initialised policy, ``eval_trajectories`` (40) episodes per task
+are sampled, the policy takes one plain policy-gradient step per task (REINFORCE, learning rate
+alpha for the first step, alpha / 2 for the later ones, as the official test scripts), fresh
+episodes are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the
+mean undiscounted return of the episodes sampled after k steps. All methods see the same tasks
+and the same episode seeds. alpha is ``eval_inner_lr`` (0: the training ``inner_lr``; the
+official 2D-navigation test used 0.5 for every method). The official test sampled 4000 steps
+per update (40 episodes of 100 steps when none ends early); here it is exactly
+``eval_trajectories`` episodes.
+
+2D navigation and the action scale: the paper's text says actions are velocities clipped to
+[-0.1, 0.1] and alpha = 0.1. The official code wrapped the environment in rllab's ``normalize``,
+so the velocity was clip(0.1 * a, -0.1, 0.1), and its 2D-navigation checkpoint used alpha = 0.5;
+the paper's numbers come from that checkpoint. The presets follow the official code
+(``action_scale=0.1``, ``inner_lr=0.5``); ``action_scale=1 inner_lr=0.1`` gives the paper's text.
+Measured (40 meta-iterations each, paper-scale batches, the 40 evaluation tasks, returns after
+0/1/2/3 steps): official scale and alpha -31.1 / -11.4 / -5.3 / -5.2 (random init -68.6 ... -54.2);
+the paper's text -31.3 / -13.5 / -9.9 / -9.0 (random init -88.5 ... -83.4); the paper reports
+-40.4 / -11.7 / -3.3 / -3.2 (random -82.7 ... -46.8). The official setting adapts further.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import Config
+from ..core import MAML
+from ..errors import ConfigError
+from ..plots import plot_learning_curves
+from .base import Experiment, build_maml, eval_record, read_eval, results_table, write_eval
+
+if TYPE_CHECKING:
+    from ..rl import Episodes, Sampler
+
+EVAL_SEED = 20172  # fixed: every run is evaluated on the same tasks and episode seeds
+NAV = "fastmaml/Nav2D-v0"
+
+# Mean return over the 40 test tasks after 0 / 1 / 2 / 3 steps, and the oracle (paper.md).
+PAPER: dict[str, dict[str, list[float]]] = {
+    NAV: {"maml": [-40.4, -11.7, -3.3, -3.2], "pretrained": [-40.8, -19.7, -11.7, -8.5],
+          "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.3]},
+    "fastmaml/HalfCheetahVel-v0": {
+        "maml": [-129.5, -78.6, -66.6, -60.8], "pretrained": [-158.0, -135.4, -128.5, -133.6],
+        "random": [-254.8, -254.3, -246.8, -230.8], "oracle": [-54.5]},
+    "fastmaml/HalfCheetahDir-v0": {
+        "maml": [-50.7, 293.2, 313.5, 315.7], "pretrained": [-43.0, -24.8, -12.9, 19.6],
+        "random": [-35.7, 21.8, 62.3, 86.2], "oracle": [442.7]},
+    "fastmaml/AntVel-v0": {
+        "maml": [30.6, 96.7, 100.1, 101.4], "pretrained": [-1.8, 6.1, 8.5, 9.5],
+        "random": [-78.6, -62.8, -48.6, -35.6], "oracle": [107.9]},
+    "fastmaml/AntDir-v0": {
+        "maml": [8.7, 499.2, 500.7, 499.1], "pretrained": [3.2, 1.3, 6.5, 6.9],
+        "random": [3.1, 9.3, 16.0, 26.1], "oracle": [524.8]},
+}
+METHODS = ("maml", "pretrained", "random")
+
+
+@dataclass
+class RLConfig(Config):
+    experiment: str = "rl"
+    env: str = NAV  # a fastmaml/... id (fastmaml.rl.ENVS)
+    horizon: int = 0  # steps per episode (0: the paper's, 100 navigation / 200 locomotion)
+    action_scale: float = 1.0  # 2D navigation only: velocity = clip(action_scale * a, +-0.1)
+    iterations: int = 500  # meta-iterations
+    baseline_iterations: int = 0  # pretrained baseline iterations (0: as many as MAML's)
+    pretrained: bool = True  # also train the pretrained baseline
+    meta_batch: int = 20  # tasks per meta-iteration
+    trajectories: int = 20  # episodes per task, for the inner step and for the meta-update
+    inner_lr: float = 0.1
+    inner_steps: int = 1  # >1: more steps on the same support episodes
+    hidden: tuple[int, ...] = (100, 100)
+    init_std: float = 1.0
+    gamma: float = 0.99
+    gae_lambda: float = 1.0
+    max_kl: float = 0.01  # TRPO KL bound delta
+    cg_iters: int = 10
+    cg_damping: float = 1e-5
+    backtrack_ratio: float = 0.8
+    max_backtracks: int = 15
+    hvp: str = "exact"  # exact | finite_difference (the paper's)
+    workers: int = 0  # sampler worker processes (0: sample in the training process)
+    eval_tasks: int = 40
+    eval_inner_steps: int = 3
+    eval_trajectories: int = 40  # episodes per task and gradient step at evaluation
+    eval_inner_lr: float = 0.0  # alpha at evaluation, for every method (0: inner_lr)
+    eval_policy: str = "best"  # best (highest training return, as the paper) | last
+    eval_chunk: int = 40  # tasks whose environments step together at evaluation (memory)
+    threads: int = 1  # small graphs: a second intra-op thread is much slower on a busy box
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("trajectories", "eval_trajectories", "inner_steps", "cg_iters",
+                     "max_backtracks"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.horizon < 0 or self.seed < 0 or self.workers < 0 or self.eval_inner_lr < 0:
+            raise ConfigError("horizon, seed, workers and eval_inner_lr must be >= 0")
+        if self.hvp not in ("exact", "finite_difference"):
+            raise ConfigError(f"hvp must be exact or finite_difference, got {self.hvp!r}")
+        if self.eval_policy not in ("best", "last"):
+            raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
+        if self.action_scale != 1.0 and self.env != NAV:
+            raise ConfigError(f"action_scale is a 2D-navigation setting ({NAV}), not {self.env}")
+
+    @property
+    def eval_lr(self) -> float:
+        return self.eval_inner_lr or self.inner_lr
+
+
+def _rl() -> Any:
+    """``fastmaml.rl``, imported on demand (it needs the ``rl`` extra: gymnasium, mujoco)."""
+    try:
+        from .. import rl
+    except ImportError as error:
+        raise ConfigError(f"the meta-RL experiments need gymnasium and mujoco ({error}); "
+                          "install them with `pip install -e .[rl]`") from error
+    return rl
+
+
+def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
+    """The sampler seed of ``phase`` (0 support, 1 query) of ``iteration``; no shared state."""
+    return ((cfg.seed * 10_000_000 + iteration) * 4 + phase)
+
+
+def policy_objective(policy: torch.nn.Module, episodes: Episodes, gamma: float, gae_lambda: float):
+    """TRPO objective of ``policy`` on its own episodes: (surrogate, mean KL(old || current)),
+    each the mean over tasks of masked means over steps, like ``fastmaml.rl.meta_objective``."""
+    rl = _rl()
+    advantages = rl.compute_advantages(episodes, gamma, gae_lambda)
+    obs, actions, masks = episodes.observations, episodes.actions, episodes.masks
+    count = masks.sum(dim=(1, 2)).clamp_min(1.0)
+    with torch.no_grad():
+        old_mean, old_log_std = policy(obs)
+        old_log_prob = rl.gaussian_log_prob(old_mean, old_log_std, actions)
+
+    def objective() -> tuple[Tensor, Tensor]:
+        mean, log_std = policy(obs)
+        ratio = torch.exp(rl.gaussian_log_prob(mean, log_std, actions) - old_log_prob)
+        surrogate = -((ratio * advantages * masks).sum(dim=(1, 2)) / count).mean()
+        kl = rl.gaussian_kl(old_mean, old_log_std, mean, log_std)
+        return surrogate, ((kl * masks).sum(dim=(1, 2)) / count).mean()
+    return objective
+
+
+class MetaRLLearner:
+    """One TRPO learner of the RL experiment: ``maml`` (adapt=True) or ``pretrained``.
+
+    Metrics per iteration: ``pre_return`` (mean return of the pre-update policy's episodes),
+    ``post_return`` (after the inner step; maml only), ``best_return`` (the best training return
+    so far), ``kl`` and ``accepted`` (of the TRPO step), ``backtracks``, ``surrogate_before`` /
+    ``surrogate_after``, and seconds spent sampling (``sample_s``) and updating (``update_s``).
+    """
+
+    def __init__(self, name: str, maml: MAML, sampler: Sampler, cfg: RLConfig, adapt: bool,
+                 iterations: int):
+        self.name, self.module, self.sampler, self.cfg = name, maml, sampler, cfg
+        self.adapt, self.iterations = adapt, iterations
+        self.best_return, self.best_iteration = -math.inf, 0
+        self.best: dict[str, Tensor] | None = None
+
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.module.model
+
+    def tasks(self, iteration: int) -> list[dict[str, Any]]:
+        rng = np.random.default_rng([self.cfg.seed, 1, iteration])
+        return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.meta_batch, rng)
+
+    def step(self, iteration: int) -> dict[str, float]:
+        rl, cfg = _rl(), self.cfg
+        tick = time.perf_counter()
+        tasks = self.tasks(iteration)
+        support = self.sampler.sample(self.policy, tasks, cfg.trajectories, _seed(cfg, iteration, 0))
+        metrics = {"pre_return": support.mean_returns().mean().item()}
+        sample_s = time.perf_counter() - tick
+        if self.adapt:
+            tock = time.perf_counter()
+            with torch.no_grad():
+                adapted = rl.adapt_policy(self.module, support, gamma=cfg.gamma,
+                                          gae_lambda=cfg.gae_lambda)
+            adapt_s = time.perf_counter() - tock
+            tock = time.perf_counter()
+            query = self.sampler.sample(self.policy, tasks, cfg.trajectories,
+                                        _seed(cfg, iteration, 1), params=adapted)
+            sample_s += time.perf_counter() - tock
+            metrics["post_return"] = query.mean_returns().mean().item()
+            training_return = metrics["post_return"]
+        else:
+            adapt_s = 0.0
+            training_return = metrics["pre_return"]
+        if training_return > self.best_return:  # the parameters that sampled these episodes
+            self.best_return, self.best_iteration = training_return, iteration
+            self.best = copy.deepcopy(self.module.state_dict())
+        tock = time.perf_counter()
+        if self.adapt:
+            stats = rl.trpo_meta_step(
+                self.module, support, query, max_kl=cfg.max_kl, cg_iters=cfg.cg_iters,
+                damping=cfg.cg_damping, backtrack_ratio=cfg.backtrack_ratio,
+                max_backtracks=cfg.max_backtracks, hvp_method=cfg.hvp, gamma=cfg.gamma,
+                gae_lambda=cfg.gae_lambda)
+        else:
+            stats = rl.trpo_step(
+                [p for p in self.module.parameters() if p.requires_grad],
+                policy_objective(self.policy, support, cfg.gamma, cfg.gae_lambda), cfg.max_kl,
+                cfg.cg_iters, cfg.cg_damping, cfg.backtrack_ratio, cfg.max_backtracks, cfg.hvp)
+        update_s = time.perf_counter() - tock + adapt_s
+        return {**metrics, "best_return": self.best_return, "kl": stats.kl,
+                "accepted": float(stats.accepted), "backtracks": float(stats.backtracks),
+                "surrogate_before": stats.loss_before, "surrogate_after": stats.loss_after,
+                "sample_s": sample_s, "update_s": update_s}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "best": self.best,
+                "best_return": self.best_return, "best_iteration": self.best_iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.best = state["best"]
+        self.best_return, self.best_iteration = state["best_return"], state["best_iteration"]
+
+    def evaluation_engine(self, which: str) -> MAML:
+        """A copy of the engine with the ``best`` (or ``last``) parameters loaded."""
+        engine = copy.deepcopy(self.module)
+        if which == "best" and self.best is not None:
+            engine.load_state_dict(self.best)
+        return engine
+
+
+class RLExperiment(Experiment):
+    name = "rl"
+    config_cls = RLConfig
+    cfg: RLConfig
+
+    def __init__(self, cfg: RLConfig, run_dir: Path):
+        super().__init__(cfg, run_dir)
+        if self.device.type != "cpu":  # the sampler and environments are CPU code
+            self.device = torch.device("cpu")
+        self._sampler: Sampler | None = None
+
+    @property
+    def env_kwargs(self) -> dict[str, Any]:
+        return {"action_scale": self.cfg.action_scale} if self.cfg.env == NAV else {}
+
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
+            cfg = self.cfg
+            self._sampler = _rl().Sampler(cfg.env, cfg.horizon or None, cfg.workers,
+                                          **self.env_kwargs)
+        return self._sampler
+
+    def build_maml(self, seed_offset: int = 0, inner_lr: float | None = None) -> MAML:
+        """A fresh policy (seeded) inside a MAML engine with the REINFORCE inner loss."""
+        rl, cfg = _rl(), self.cfg
+        sampler = self.sampler()
+        torch.manual_seed(cfg.seed + seed_offset)
+        policy = rl.GaussianMLPPolicy(sampler.obs_dim, sampler.act_dim, cfg.hidden, cfg.init_std)
+        engine_cfg = cfg if inner_lr is None else cfg.replace(inner_lr=inner_lr, lr_mode="fixed")
+        return build_maml(policy, rl.reinforce_loss, engine_cfg)
+
+    def learners(self) -> list[MetaRLLearner]:
+        cfg = self.cfg
+        learners = [MetaRLLearner("maml", self.build_maml(0), self.sampler(), cfg, True,
+                                  cfg.iterations)]
+        if cfg.pretrained:
+            learners.append(MetaRLLearner("pretrained", self.build_maml(1), self.sampler(), cfg,
+                                          False, cfg.baseline_iterations or cfg.iterations))
+        return learners
+
+    # ----- evaluation -----
+    def eval_tasks(self) -> list[dict[str, Any]]:
+        rng = np.random.default_rng(EVAL_SEED)
+        return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.eval_tasks, rng)
+
+    def adaptation_returns(self, maml: MAML, tasks: list[dict[str, Any]], progress: bool = False,
+                           desc: str = "") -> Tensor:
+        """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
+
+        Step 1 uses the engine's inner learning rate, the later ones half of it. Episode seeds
+        depend on the step only, so every method sees the same noise and reset states.
+        """
+        from tqdm.auto import tqdm
+
+        rl, cfg = _rl(), self.cfg
+        sampler = self.sampler()
+        params, curve = None, []
+        for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
+                         disable=None if progress else True):
+            episodes = sampler.sample(maml.model, tasks, cfg.eval_trajectories,
+                                      EVAL_SEED * 100 + step, params=params,
+                                      tasks_per_rollout=cfg.eval_chunk)
+            curve.append(episodes.mean_returns().double())
+            if step < cfg.eval_inner_steps:
+                with torch.no_grad():
+                    params = rl.adapt_policy(maml, episodes, start=params, steps=1,
+                                             lr_scale=1.0 if step == 0 else 0.5,
+                                             gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
+        return torch.stack(curve, dim=1)
+
+    def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        trained = {learner.name: self.restore(learner) for learner in self.learners()}
+        tasks = self.eval_tasks()
+        engines: dict[str, tuple[MAML, dict[str, Any]]] = {}
+        for name, learner in trained.items():
+            engine = learner.evaluation_engine(cfg.eval_policy)
+            if cfg.eval_inner_lr or name != "maml":
+                engine = self._with_lr(engine, cfg.eval_lr)
+            info = {"policy": cfg.eval_policy, "best_iteration": learner.best_iteration + 1,
+                    "best_training_return": learner.best_return}
+            engines[name] = (engine, info)
+        engines["random"] = (self.build_maml(2, cfg.eval_lr), {"policy": "random init"})
+        records = []
+        for name in METHODS:
+            if name not in engines:
+                continue
+            engine, info = engines[name]
+            returns = self.adaptation_returns(engine, tasks, progress, f"eval {name}")
+            records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns,
+                                       inner_lr=cfg.eval_lr, preset=cfg.preset, **info))
+        write_eval(self.run_dir, records, self.table(records))
+        return records
+
+    def _with_lr(self, engine: MAML, lr: float) -> MAML:
+        fresh = self.build_maml(0, lr)
+        fresh.model.load_state_dict(engine.model.state_dict())
+        return fresh
+
+    def table(self, records: list[dict[str, Any]]) -> str:
+        cfg = self.cfg
+        paper = PAPER.get(cfg.env, {})
+        rows = [(f"paper: {method}", dict(enumerate(paper[method])))
+                for method in METHODS if method in paper]
+        if "oracle" in paper:
+            rows.append(("paper: oracle (no adaptation)", {s: paper["oracle"][0]
+                                                           for s in range(cfg.eval_inner_steps + 1)}))
+        title = f"{cfg.env}: mean return after N policy-gradient steps"
+        text = results_table(title, records, list(range(cfg.eval_inner_steps + 1)),
+                             {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
+        text = text.replace(f"## {cfg.eval_trajectories}-shot",
+                            f"## {cfg.eval_trajectories} episodes per task and gradient step")
+        horizon = cfg.horizon or _rl().default_horizon(cfg.env)
+        notes = [f"Preset `{cfg.preset}`: {cfg.iterations} meta-iterations, meta-batch "
+                 f"{cfg.meta_batch}, {cfg.trajectories} episodes per task, horizon {horizon}, "
+                 f"inner lr {cfg.inner_lr:g}" + (f", action scale {cfg.action_scale:g}"
+                                                   if cfg.env == NAV else "") + ".",
+                 f"Evaluation: {cfg.eval_tasks} tasks (seed {EVAL_SEED}), "
+                 f"{cfg.eval_trajectories} episodes per task and step, step size "
+                 f"{cfg.eval_lr:g} then {cfg.eval_lr / 2:g}; the `{cfg.eval_policy}` "
+                 "policy of each learner."]
+        for r in records:
+            if "best_iteration" in r:
+                notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
+                             f" at iteration {r['best_iteration']}.")
+        if cfg.env != NAV:
+            notes.append("Locomotion returns use gymnasium's v5 models, which differ from the "
+                         "paper's rllab models: compare shapes, not numbers.")
+        return text + "\n" + "\n".join(notes) + "\n"
+
+    # ----- figures -----
+    def plot(self) -> list[Path]:
+        import matplotlib.pyplot as plt
+
+        cfg = self.cfg
+        records = read_eval(self.run_dir)
+        out = self.figures_dir()
+        paper = PAPER.get(cfg.env, {})
+        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        for r in records:
+            low = [m - c for m, c in zip(r["mean"], r["ci95"])]
+            high = [m + c for m, c in zip(r["mean"], r["ci95"])]
+            (line,) = ax.plot(r["steps"], r["mean"], marker="o", ms=4, label=r["method"])
+            ax.fill_between(r["steps"], low, high, color=line.get_color(), alpha=0.2)
+            if r["method"] in paper:
+                values = paper[r["method"]]
+                ax.plot(range(len(values)), values, ls="--", marker="x", ms=4, alpha=0.6,
+                        color=line.get_color(), label=f"paper: {r['method']}")
+        if "oracle" in paper:
+            ax.axhline(paper["oracle"][0], color="gray", ls=":", label="paper: oracle")
+        ax.set(title=f"{cfg.env.split('/')[-1]} ({records[0]['tasks']} tasks)",
+               xlabel="number of gradient steps", ylabel="average return")
+        ax.set_xticks(records[0]["steps"])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "return_vs_steps.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        csvs = [self.run_dir / f"metrics-{name}.csv" for name in ("maml", "pretrained")]
+        curves = plot_learning_curves([p for p in csvs if p.is_file()],
+                                      ["pre_return", "post_return"], out / "learning_curves.png")
+        return [path, curves]
