@@ -59,7 +59,7 @@ from torch import Tensor
 from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError
-from ..plots import plot_learning_curves
+from ..plots import plot_learning_curves, save_figure
 from .base import Experiment, build_maml, eval_record, read_eval, results_table, write_eval
 
 if TYPE_CHECKING:
@@ -416,10 +416,7 @@ class RLExperiment(Experiment):
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out / "return_vs_steps.png"
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        path = save_figure(fig, out / "return_vs_steps.png")
         csvs = [self.run_dir / f"metrics-{name}.csv" for name in ("maml", "pretrained")]
         curves = plot_learning_curves([p for p in csvs if p.is_file()],
                                       ["pre_return", "post_return"], out / "learning_curves.png")
