@@ -47,6 +47,7 @@ class SinusoidConfig(Config):
     baseline_iterations: int = 0  # 0: as many as MAML's iterations
     baseline_lrs: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
     tune_tasks: int = 100
+    threads: int = 1  # a 40-unit MLP: one thread is fastest, and immune to a busy second core
 
 
 class SinusoidExperiment(Experiment):
