@@ -4,6 +4,6 @@ from .errors import ConfigError, DataError, FastMAMLError, NonFiniteLossError, S
 from .inner_lr import InnerLearningRates
 from . import models
 
-__all__ = ["MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
+__all__ = ["models", "MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
            "FastMAMLError", "ConfigError", "DataError", "ShapeError", "NonFiniteLossError"]
 __version__ = "0.1.0"

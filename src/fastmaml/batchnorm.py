@@ -10,7 +10,6 @@ runs ``layer_norm`` over a channels-first view, which is exact under ``vmap`` to
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode

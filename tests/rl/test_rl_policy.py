@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from fastmaml.rl import (Episodes, GaussianMLPPolicy, adapt_policy, compute_adva
                          reinforce_data, reinforce_loss)
 
 TASKS, TRAJ, STEPS, OBS, ACT = 3, 4, 6, 5, 2
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small graphs: two intra-op threads were ~100x slower here while the other core was busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _policy() -> GaussianMLPPolicy:

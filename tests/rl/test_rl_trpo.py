@@ -1,7 +1,6 @@
 """TRPO pieces: conjugate gradient, Hessian-vector products, line search, the meta-update."""
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -14,15 +13,6 @@ from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, adapt_policy, com
                          conjugate_gradient, env_class, gaussian_kl, gaussian_log_prob,
                          hessian_vector_product, meta_objective, policy_forward, reinforce_loss,
                          trpo_meta_step, trpo_step)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small graphs: two intra-op threads were ~100x slower here while the other core was busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_conjugate_gradient_solves_spd_system() -> None:
