@@ -306,3 +306,21 @@ def test_compiled_batched_path_matches_eager():
     eager = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), batch)
     compiled = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True, compile=True), batch)
     assert relative(compiled, eager) < 1e-5
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_chunked_vmap_equals_looped(chunk_size):
+    grads = {}
+    for kwargs in ({"batched": True, "chunk_size": chunk_size}, {"batched": False}):
+        model, loss_fn, batch = conv_problem()
+        grads[len(kwargs)] = meta_grad(MAML(model, loss_fn, 0.1, 2, **kwargs), batch)
+    assert relative(grads[2], grads[1]) < 1e-6
+
+
+def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
+    model, loss_fn, _ = conv_problem()
+    maml = MAML(model, loss_fn)
+    images = TaskBatch(torch.zeros(32, 5, 1, 28, 28), torch.zeros(32, 5), torch.zeros(32, 75, 1, 28, 28),
+                       torch.zeros(32, 75))
+    assert maml._chunk(images) == 4  # Omniglot 5-way 1-shot with 15 queries per class
+    assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32

@@ -36,7 +36,7 @@ class Config:
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
     compile: bool = False  # torch.compile the batched path (faster after a compile of seconds)
-    chunk_size: int = 0  # vmap this many tasks at a time (0: all); small chunks help many-query tasks
+    chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
     eval_tasks: int = 600
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
