@@ -386,6 +386,9 @@ class RLExperiment(Experiment):
             if "best_iteration" in r:
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
                              f" at iteration {r['best_iteration']}.")
+        if horizon != _rl().default_horizon(cfg.env):
+            notes.append(f"This run's episodes have {horizon} steps, the paper's "
+                         f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")
         if cfg.env != NAV:
             notes.append("Locomotion returns use gymnasium's v5 models, which differ from the "
                          "paper's rllab models: compare shapes, not numbers.")
