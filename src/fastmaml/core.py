@@ -142,7 +142,7 @@ class MAML(nn.Module):
         self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self.chunk_size = chunk_size
-        self._batched_fn = torch.compile(self._batched) if compile else self._batched
+        self._batched_fn = torch.compile(self._batched, dynamic=False) if compile else self._batched
         self.path: str | None = None  # "batched" or "looped" once a call has run
 
     # ----- the model as a function of its parameters -----
@@ -220,7 +220,7 @@ class MAML(nn.Module):
         if self.batched is False or self.path == "looped":
             return self._run_looped(args, batch)
         try:
-            out = self._batched_fn(*args, *batch)
+            out = self._batched_fn(*args, self._chunk(batch), *batch)
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
             if self.batched:
                 raise
@@ -232,11 +232,11 @@ class MAML(nn.Module):
         return out
 
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
-                 record: Sequence[int], *batch: Tensor) -> tuple[Tensor, ...]:
+                 record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
         """All tasks at once: ``vmap`` of the task function over the leading task dimension."""
         return vmap(lambda *task: self._task(fast, frozen, steps, create_graph, record,
                                              _functorch_grad, *task),
-                    randomness="different", chunk_size=self._chunk(batch))(*batch)
+                    randomness="different", chunk_size=chunk_size)(*batch)
 
     def _chunk(self, batch: Sequence[Tensor]) -> int | None:
         if self.chunk_size is not None or batch[0].device.type != "cpu":
