@@ -15,7 +15,7 @@ import resource
 
 import torch
 
-from run import WORKLOADS, fastmaml_impl
+from run import WORKLOADS, fastmaml_impl, measure_memory
 
 
 def peak_mb(workload_name: str, steps: int, first_order: bool, device_name: str) -> float:
@@ -26,11 +26,7 @@ def peak_mb(workload_name: str, steps: int, first_order: bool, device_name: str)
     torch.manual_seed(0)
     step = fastmaml_impl(workload.build_model().to(device), workload, first_order)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(batch)
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        return measure_memory(step, batch, device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     step(batch)
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024

@@ -145,19 +145,19 @@ class SinusoidExperiment(Experiment):
                                        for n in ("maml", "pretrained", "oracle")],
                                       ["loss"], out / "learning_curves.png")]
         lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
-        paths += [self._plot_adaptation(k, lrs[k], out) for k in (5, 10) if k in lrs]
+        maml, pretrained, _ = self._trained()
+        paths += [self._plot_adaptation(maml, MAML(pretrained, F.mse_loss, lrs[k]), k, out)
+                  for k in (5, 10) if k in lrs]
         return paths
 
-    def _plot_adaptation(self, k_shot: int, pretrained_lr: float, out: Path) -> Path:
+    def _plot_adaptation(self, maml: MAML, pretrained: MAML, k_shot: int, out: Path) -> Path:
         """Paper Figure 2: one test task, its K points, predictions before and after 1 and 10 steps."""
-        maml, pretrained, _ = self._trained()
         tasks = sample_sinusoid_tasks(1, k_shot, 0, torch.Generator().manual_seed(EVAL_SEED + k_shot))
         support_x, support_y = (t[0].to(self.device) for t in tasks.batch[:2])
         grid = torch.linspace(*X_RANGE, 200, device=self.device)[:, None]
         truth = sinusoid(grid[None].cpu(), tasks.amplitude, tasks.phase)[0, :, 0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for ax, (title, engine) in zip(axes, [("MAML", maml),
-                                             ("pretrained", MAML(pretrained, F.mse_loss, pretrained_lr))]):
+        for ax, (title, engine) in zip(axes, [("MAML", maml), ("pretrained", pretrained)]):
             ax.plot(grid.cpu(), truth, color="red", label="ground truth")
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
                 with torch.no_grad():
