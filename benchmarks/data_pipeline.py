@@ -48,7 +48,7 @@ def main() -> None:
             batch = sampler.sample(s["meta_batch"], generator)
             sample_times.append(time.perf_counter() - tick)
             tick = time.perf_counter()
-            maml.meta_loss(batch)[0].backward()
+            maml.meta_backward(batch)
             step_times.append(time.perf_counter() - tick)
         sample, step = statistics.median(sample_times), statistics.median(step_times)
         print(f"{name}: sample {1e3 * sample:.2f} ms, meta-iteration {1e3 * step:.1f} ms, "

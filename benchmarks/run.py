@@ -75,17 +75,22 @@ WORKLOADS = {w.name: w for w in [
 
 # ----- the implementations; each returns a function running one meta-iteration -----
 
-def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False):
+def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False,
+                  checkpoint_steps: bool = False):
     maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=True,
-                check_finite=False, compile=compile)
+                check_finite=False, compile=compile, checkpoint_steps=checkpoint_steps)
 
     def step(batch):
-        maml.meta_loss(batch)[0].backward()
+        maml.meta_backward(batch)
     return step
 
 
 def fastmaml_compiled_impl(model, w: Workload, first_order: bool):
     return fastmaml_impl(model, w, first_order, compile=True)
+
+
+def fastmaml_checkpointed_impl(model, w: Workload, first_order: bool):
+    return fastmaml_impl(model, w, first_order, checkpoint_steps=True)
 
 
 def loop_impl(model, w: Workload, first_order: bool):
@@ -135,7 +140,7 @@ def learn2learn_impl(model, w: Workload, first_order: bool):
 
 
 IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-compiled": (fastmaml_compiled_impl, None),
-         "loop": (loop_impl, None),
+         "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None), "loop": (loop_impl, None),
          "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn")}
 
 
@@ -277,7 +282,8 @@ def main() -> None:
     parser.add_argument("--workloads", default="sinusoid,omniglot-5w1s-q5",
                         help=f"comma-separated, from: {', '.join(WORKLOADS)} (or 'all')")
     parser.add_argument("--orders", default="second,first")
-    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--impls", default=",".join(i for i in IMPLS if i != "fastmaml-checkpointed"),
+                        help=f"comma-separated, from: {', '.join(IMPLS)}")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write one record per (workload, order, impl)")

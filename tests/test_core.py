@@ -193,13 +193,13 @@ def test_paper_batch_norm_uses_batch_statistics_and_never_updates_buffers():
 def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
     model, loss_fn, batch = mlp_problem()
     meta_sgd = MAML(model, loss_fn, 0.1, 2, lr_mode="per_param")
-    rates = meta_sgd.inner_lrs.for_step(0)
+    rates = meta_sgd.inner_lrs(0)
     assert all(rates[n].shape == p.shape for n, p in model.named_parameters())
     maml_pp = MAML(model, loss_fn, 0.1, 2, lr_mode="per_layer_step")
     for tensor in maml_pp.inner_lrs.rates.values():
         tensor.data = torch.tensor([0.1, 0.3])
-    assert maml_pp.inner_lrs.for_step(1)["0.weight"].item() == pytest.approx(0.3)
-    assert maml_pp.inner_lrs.for_step(7)["0.weight"].item() == pytest.approx(0.3)
+    assert maml_pp.inner_lrs(1)["0.weight"].item() == pytest.approx(0.3)
+    assert maml_pp.inner_lrs(7)["0.weight"].item() == pytest.approx(0.3)
     grad = meta_grad(maml_pp, batch)
     assert grad.numel() == sum(p.numel() for p in model.parameters()) + 2 * 6
 
@@ -311,6 +311,48 @@ def test_compiled_batched_path_matches_eager():
                     meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5
 
 
+def grads_after_meta_backward(maml: MAML, batch: TaskBatch, calls: int = 1) -> torch.Tensor:
+    """Run meta_backward ``calls`` times without zeroing, after one call that picks the path."""
+    maml.meta_backward(batch)
+    maml.zero_grad(set_to_none=True)
+    for _ in range(calls):
+        maml.meta_backward(batch)
+    return torch.cat([p.grad.flatten() for p in maml.parameters() if p.requires_grad])
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("lr_mode", ["fixed", "per_layer_step"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_meta_backward_equals_meta_loss_backward(problem, lr_mode, batched):
+    model, loss_fn, batch = PROBLEMS[problem]()
+    maml = MAML(model, loss_fn, 0.1, 2, lr_mode=lr_mode, batched=batched)
+    expected = meta_grad(maml, batch)
+    assert relative(grads_after_meta_backward(maml, batch), expected) < 1e-10
+    assert maml.path == ("batched" if batched else "looped")
+    # It accumulates into .grad, as backward() does.
+    assert relative(grads_after_meta_backward(maml, batch, calls=2), 2 * expected) < 1e-10
+
+
+def test_compiled_meta_backward_matches_eager():
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    eager = meta_grad(MAML(model, loss_fn, 0.1, 2, lr_mode="scalar", batched=True), batch)
+    compiled = MAML(model, loss_fn, 0.1, 2, lr_mode="scalar", batched=True, compile=True)
+    assert relative(grads_after_meta_backward(compiled, batch), eager) < 1e-5
+
+
+def test_nan_meta_loss_is_named_by_meta_backward():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn)
+    maml.meta_backward(batch)  # the first call picks the path; the next runs functionally
+    bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x,
+                    torch.full_like(batch.query_y, float("nan")))
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan"):
+        maml.meta_backward(bad)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 2])
 def test_chunked_vmap_equals_looped(chunk_size):
     grads = {}
@@ -327,3 +369,32 @@ def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
                        torch.zeros(32, 75))
     assert maml._chunk(images) == 4  # Omniglot 5-way 1-shot with 15 queries per class
     assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_checkpointed_steps_give_the_same_meta_gradient(problem, lr_mode, first_order):
+    model, loss_fn, batch = PROBLEMS[problem]()
+    kwargs = dict(inner_lr=0.1, inner_steps=3, first_order=first_order, lr_mode=lr_mode,
+                  metric_fn=lambda out, y: (out - y.float().reshape(out.shape[:1] + (-1,))[:, :1]).abs().mean()
+                  if problem == "mlp" else (out.argmax(-1) == y).double().mean())
+    expected_maml = MAML(model, loss_fn, **kwargs)
+    weights = multi_step_loss_weights(3, 0.3)
+    for step_weights in (None, weights):
+        expected_maml.zero_grad(set_to_none=True)
+        expected_loss, expected_metrics = expected_maml.meta_loss(batch, step_weights)
+        expected_loss.backward()
+        expected = [p.grad.clone() for p in expected_maml.parameters() if p.requires_grad]
+        for batched in (True, False):
+            maml = MAML(model, loss_fn, **kwargs, batched=batched, checkpoint_steps=True)
+            maml.inner_lrs.load_state_dict(expected_maml.inner_lrs.state_dict())
+            maml.zero_grad(set_to_none=True)
+            loss, metrics = maml.meta_backward(batch, step_weights)
+            got = [p.grad for p in maml.parameters() if p.requires_grad]
+            assert relative(torch.cat([g.flatten() for g in got]),
+                            torch.cat([g.flatten() for g in expected])) < 1e-10
+            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+            assert metrics.keys() == expected_metrics.keys()
+            for name, value in metrics.items():
+                assert value.item() == pytest.approx(expected_metrics[name].item(), rel=1e-12)

@@ -9,7 +9,8 @@ import torch
 from fastmaml.config import ConfigError
 from fastmaml.errors import NonFiniteLossError
 from fastmaml.experiments import create_run
-from fastmaml.train import GradientLearner, checkpoint_path, fit, load_checkpoint, save_atomic
+from fastmaml.train import (GradientLearner, backpropagated, checkpoint_path, fit, load_checkpoint,
+                            save_atomic)
 
 
 def maml_learner(run_dir, **overrides):
@@ -91,7 +92,8 @@ def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
     def loss_of(_):
         return model(torch.tensor([[float("nan")]])).sum(), {}
 
-    learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1), loss_of, 5,
+    learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1),
+                              backpropagated(loss_of), 5,
                               torch.Generator())
     with pytest.raises(NonFiniteLossError, match="toy: loss is nan at iteration 1"):
         fit(learner, tmp_path, 5, 1, progress=False)

@@ -43,7 +43,7 @@ class InnerLearningRates(nn.Module):
             self.rates = nn.ParameterDict(
                 {_key(n): nn.Parameter(torch.full((max(steps, 1),), self.init)) for n in shapes})
 
-    def for_step(self, step: int) -> dict[str, Tensor | float]:
+    def forward(self, step: int) -> dict[str, Tensor | float]:
         """The learning rate of each adapted parameter at inner step ``step`` (0-based)."""
         if self.mode == "fixed":
             return dict.fromkeys(self.names, self.init)

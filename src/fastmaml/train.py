@@ -35,31 +35,44 @@ class Learner(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class GradientLearner:
-    """Minimises ``loss_of(iteration)`` over ``module`` with a ``torch.optim`` optimizer.
+BackwardFn = Callable[[int], tuple[Tensor, Metrics]]
 
-    ``loss_of`` returns (loss, metrics); it draws its data from ``generator``, whose state is
-    checkpointed so that a resumed run sees the same tasks as an uninterrupted one.
+
+def backpropagated(loss_of: BackwardFn) -> BackwardFn:
+    """A ``backward_of`` for ``GradientLearner`` from a function returning (loss, metrics)."""
+    def backward_of(iteration: int) -> tuple[Tensor, Metrics]:
+        loss, metrics = loss_of(iteration)
+        loss.backward()
+        return loss.detach(), metrics
+    return backward_of
+
+
+class GradientLearner:
+    """Minimises a loss over ``module`` with a ``torch.optim`` optimizer.
+
+    ``backward_of(iteration)`` computes the iteration's loss, accumulates its gradient into the
+    module's ``.grad`` and returns (detached loss, metrics): ``MAML.meta_backward`` for MAML,
+    ``backpropagated(loss_of)`` for a plain loss. It draws its data from ``generator``, whose
+    state is checkpointed so that a resumed run sees the same tasks as an uninterrupted one.
     """
 
     def __init__(self, name: str, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss_of: Callable[[int], tuple[Tensor, Metrics]], iterations: int,
+                 backward_of: BackwardFn, iterations: int,
                  generator: torch.Generator, clip_grad: float = 0.0,
                  validate: Callable[[], Metrics] | None = None, validate_every: int = 0):
         self.name, self.module, self.optimizer = name, module, optimizer
-        self.loss_of, self.iterations, self.generator = loss_of, iterations, generator
+        self.backward_of, self.iterations, self.generator = backward_of, iterations, generator
         self.clip_grad = clip_grad
         self.validate, self.validate_every = validate, validate_every
 
     def step(self, iteration: int) -> Metrics:
-        loss, metrics = self.loss_of(iteration)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, metrics = self.backward_of(iteration)
         average_gradients(self.module)
         if self.clip_grad > 0:
             nn.utils.clip_grad_value_(self.module.parameters(), self.clip_grad)
         self.optimizer.step()
-        metrics = {"loss": loss.detach(), **metrics}
+        metrics = {"loss": loss, **metrics}
         if self.validate and self.validate_every and (iteration + 1) % self.validate_every == 0:
             metrics.update(self.validate())
         return metrics
@@ -79,13 +92,13 @@ def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
                  sample: Callable[[torch.Generator], TaskBatch], generator: torch.Generator,
                  iterations: int, clip_grad: float = 0.0, multi_step_loss: bool = False,
                  msl_anneal_iterations: int = 1, **validation: Any) -> GradientLearner:
-    """The MAML outer loop as a ``GradientLearner``: sample a meta-batch, meta-loss, step."""
-    def loss_of(iteration: int) -> tuple[Tensor, Metrics]:
+    """The MAML outer loop as a ``GradientLearner``: sample a meta-batch, meta-gradient, step."""
+    def backward_of(iteration: int) -> tuple[Tensor, Metrics]:
         weights = (multi_step_loss_weights(maml.inner_steps, iteration / max(msl_anneal_iterations, 1))
                    if multi_step_loss else None)
-        return maml.meta_loss(shard(sample(generator)), step_weights=weights)
+        return maml.meta_backward(shard(sample(generator)), step_weights=weights)
 
-    return GradientLearner("maml", maml, optimizer, loss_of, iterations, generator, clip_grad,
+    return GradientLearner("maml", maml, optimizer, backward_of, iterations, generator, clip_grad,
                            **validation)
 
 

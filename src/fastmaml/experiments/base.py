@@ -44,7 +44,7 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
                 metric_fn=metric_fn, batched=batched, compile=cfg.compile,
-                chunk_size=cfg.chunk_size or None)
+                chunk_size=cfg.chunk_size or None, checkpoint_steps=cfg.checkpoint_steps)
 
 
 def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:

@@ -24,7 +24,7 @@ from ..core import MAML
 from ..models import MLP
 from ..plots import plot_learning_curves, plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
-from ..train import GradientLearner, meta_learner
+from ..train import GradientLearner, backpropagated, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table, write_eval
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
@@ -94,7 +94,7 @@ class SinusoidExperiment(Experiment):
             return F.mse_loss(model(x.to(self.device)), y.to(self.device)), {}
 
         return GradientLearner(name, model, torch.optim.Adam(model.parameters(), cfg.meta_lr),
-                               loss_of, cfg.baseline_iterations or cfg.iterations, generator)
+                               backpropagated(loss_of), cfg.baseline_iterations or cfg.iterations, generator)
 
     def _trained(self) -> tuple[MAML, torch.nn.Module, torch.nn.Module]:
         maml, pretrained, oracle = (self.restore(learner).module for learner in self.learners())
