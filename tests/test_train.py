@@ -99,6 +99,20 @@ def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
         fit(learner, tmp_path, 5, 1, progress=False)
 
 
+def test_a_nan_loss_is_never_checkpointed_even_between_log_points(tmp_path):
+    model = torch.nn.Linear(1, 1)
+
+    def loss_of(iteration):
+        value = float("nan") if iteration >= 1 else 1.0
+        return model(torch.tensor([[value]])).sum(), {}
+
+    learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1),
+                              backpropagated(loss_of), 9, torch.Generator())
+    with pytest.raises(NonFiniteLossError, match="toy: loss is nan at iteration 2"):
+        fit(learner, tmp_path, checkpoint_every=2, log_every=5, progress=False)
+    assert not checkpoint_path(tmp_path, "toy").exists()
+
+
 def test_resuming_with_changed_settings_is_refused(tmp_path):
     maml_learner(tmp_path)
     with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):

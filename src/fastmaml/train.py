@@ -185,17 +185,22 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         done = iteration + 1
         if done % log_every == 0 or done == learner.iterations:
             last = average_metrics({k: float(v) for k, v in metrics.items()})
-            if not math.isfinite(last.get("loss", 0.0)):
-                raise NonFiniteLossError(f"{learner.name}: loss is {last['loss']} at iteration {done}")
+            _check_finite_loss(learner.name, last.get("loss", 0.0), done)
             now = time.perf_counter()
             elapsed, tick = elapsed + now - tick, now
             if log:
                 log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
         if main and (done % checkpoint_every == 0 or done == end):
+            _check_finite_loss(learner.name, float(metrics.get("loss", 0.0)), done)  # never save NaN
             now = time.perf_counter()
             elapsed, tick = elapsed + now - tick, now
             save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": learner.state_dict()},
                         path)
     bar.close()
     return last
+
+
+def _check_finite_loss(name: str, loss: float, iteration: int) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(f"{name}: loss is {loss} at iteration {iteration}")

@@ -39,11 +39,16 @@ def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool
 
 def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
                metric_fn: LossFn | None = None) -> MAML:
-    """A ``MAML`` engine configured from ``cfg``."""
+    """A ``MAML`` engine configured from ``cfg``.
+
+    On an accelerator the per-call finite-loss check (a host sync) is off: ``fit`` checks the
+    loss at every log point, before any checkpoint is written.
+    """
     batched = {"auto": None, "batched": True, "looped": False}[cfg.path]
+    on_cpu = next(model.parameters()).device.type == "cpu"
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
-                metric_fn=metric_fn, batched=batched, compile=cfg.compile,
+                metric_fn=metric_fn, batched=batched, check_finite=on_cpu, compile=cfg.compile,
                 chunk_size=cfg.chunk_size or None, checkpoint_steps=cfg.checkpoint_steps)
 
 

@@ -7,6 +7,7 @@ Generic pieces work on a list of parameters seen as one flat vector
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -105,13 +106,18 @@ def line_search(objective: Objective, params: Sequence[Tensor], step: Tensor, lo
 
 class TRPOStats(NamedTuple):
     """What a TRPO step did: ``loss_after`` and ``kl`` are those of the accepted step, or of the
-    last candidate tried when none was accepted (the parameters are then unchanged)."""
+    last candidate tried when none was accepted (the parameters are then unchanged); and the
+    seconds spent on the loss gradient, on conjugate gradient (its Hessian-vector products) and
+    on the line search."""
 
     loss_before: float
     loss_after: float
     kl: float
     accepted: bool
     backtracks: int
+    gradient_s: float = 0.0
+    cg_s: float = 0.0
+    line_search_s: float = 0.0
 
 
 def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.01,
@@ -124,15 +130,19 @@ def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.
     0.5 d'Hd = max_kl, then the backtracking line search.
     """
     params = [p for p in params if p.requires_grad]
+    start = time.perf_counter()
     loss, _ = objective()
     grad = _flat_grad(loss, params).detach()
+    gradient_done = time.perf_counter()
     hvp = hessian_vector_product(lambda: objective()[1], params, damping, hvp_method)
     direction = conjugate_gradient(hvp, grad, cg_iters)
     step_size = torch.sqrt(2 * max_kl / (direction @ hvp(direction) + 1e-8))
+    cg_done = time.perf_counter()
     accepted, backtracks, loss_after, kl = line_search(
         objective, params, step_size * direction, loss.item(), max_kl, backtrack_ratio,
         max_backtracks)
-    return TRPOStats(loss.item(), loss_after, kl, accepted, backtracks)
+    return TRPOStats(loss.item(), loss_after, kl, accepted, backtracks, gradient_done - start,
+                     cg_done - gradient_done, time.perf_counter() - cg_done)
 
 
 def meta_objective(maml: MAML, support: Episodes, query: Episodes, *, gamma: float = 0.99,
