@@ -52,6 +52,12 @@ def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
                       for g, p in zip(grads, params)])
 
 
+def flat_grads(maml: MAML) -> torch.Tensor:
+    """The .grad of every trainable parameter, flattened (zeros where there is none)."""
+    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
+                      for p in maml.parameters() if p.requires_grad])
+
+
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
@@ -311,26 +317,39 @@ def test_compiled_batched_path_matches_eager():
                     meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5
 
 
-def grads_after_meta_backward(maml: MAML, batch: TaskBatch, calls: int = 1) -> torch.Tensor:
-    """Run meta_backward ``calls`` times without zeroing, after one call that picks the path."""
-    maml.meta_backward(batch)
-    maml.zero_grad(set_to_none=True)
-    for _ in range(calls):
-        maml.meta_backward(batch)
-    return torch.cat([p.grad.flatten() for p in maml.parameters() if p.requires_grad])
+HEADS = {"mlp": ["4"], "conv_bn": ["head"]}  # ANIL: adapt only the last layer
+VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
+            "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}
+
+
+def variant_kwargs(problem: str, variant: str) -> dict:
+    kwargs = {"inner_lr": 0.1, "inner_steps": 3, **VARIANTS[variant]}
+    if kwargs.get("adapt") == "head":
+        kwargs["adapt"] = HEADS[problem]
+    return kwargs
+
+
+def variant_weights(variant: str) -> torch.Tensor | None:
+    return multi_step_loss_weights(3, 0.3) if variant == "multi_step_loss" else None
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("lr_mode", ["fixed", "per_layer_step"])
 @pytest.mark.parametrize("batched", [True, False])
-def test_meta_backward_equals_meta_loss_backward(problem, lr_mode, batched):
+def test_meta_backward_equals_meta_loss_backward(problem, variant, lr_mode, batched):
     model, loss_fn, batch = PROBLEMS[problem]()
-    maml = MAML(model, loss_fn, 0.1, 2, lr_mode=lr_mode, batched=batched)
-    expected = meta_grad(maml, batch)
-    assert relative(grads_after_meta_backward(maml, batch), expected) < 1e-10
+    maml = MAML(model, loss_fn, **variant_kwargs(problem, variant), lr_mode=lr_mode,
+                batched=batched)
+    weights = variant_weights(variant)
+    expected = meta_grad(maml, batch, step_weights=weights)
+    maml.meta_backward(batch, weights)  # the first call picks the path
+    for calls in (1, 2):  # it accumulates into .grad, as backward() does
+        maml.zero_grad(set_to_none=True)
+        for _ in range(calls):
+            maml.meta_backward(batch, weights)
+        assert relative(flat_grads(maml), calls * expected) < 1e-10
     assert maml.path == ("batched" if batched else "looped")
-    # It accumulates into .grad, as backward() does.
-    assert relative(grads_after_meta_backward(maml, batch, calls=2), 2 * expected) < 1e-10
 
 
 def test_compiled_meta_backward_matches_eager():
@@ -340,7 +359,11 @@ def test_compiled_meta_backward_matches_eager():
     model.float()
     eager = meta_grad(MAML(model, loss_fn, 0.1, 2, lr_mode="scalar", batched=True), batch)
     compiled = MAML(model, loss_fn, 0.1, 2, lr_mode="scalar", batched=True, compile=True)
-    assert relative(grads_after_meta_backward(compiled, batch), eager) < 1e-5
+    compiled.meta_backward(batch)  # the first call picks the path; the second is one graph
+    compiled.zero_grad(set_to_none=True)
+    compiled.meta_backward(batch)
+    got = torch.cat([p.grad.flatten() for p in compiled.parameters() if p.requires_grad])
+    assert relative(got, eager) < 1e-5
 
 
 def test_nan_meta_loss_is_named_by_meta_backward():
@@ -371,30 +394,41 @@ def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
     assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32
 
 
+def accuracy_or_error(problem: str):
+    if problem == "mlp":
+        return lambda out, y: (out - y).abs().mean()
+    return lambda out, y: (out.argmax(-1) == y).double().mean()
+
+
 @pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
-@pytest.mark.parametrize("first_order", [False, True])
-def test_checkpointed_steps_give_the_same_meta_gradient(problem, lr_mode, first_order):
+def test_checkpointed_steps_give_the_same_meta_gradient(problem, variant, lr_mode):
     model, loss_fn, batch = PROBLEMS[problem]()
-    kwargs = dict(inner_lr=0.1, inner_steps=3, first_order=first_order, lr_mode=lr_mode,
-                  metric_fn=lambda out, y: (out - y.float().reshape(out.shape[:1] + (-1,))[:, :1]).abs().mean()
-                  if problem == "mlp" else (out.argmax(-1) == y).double().mean())
-    expected_maml = MAML(model, loss_fn, **kwargs)
-    weights = multi_step_loss_weights(3, 0.3)
-    for step_weights in (None, weights):
-        expected_maml.zero_grad(set_to_none=True)
-        expected_loss, expected_metrics = expected_maml.meta_loss(batch, step_weights)
-        expected_loss.backward()
-        expected = [p.grad.clone() for p in expected_maml.parameters() if p.requires_grad]
-        for batched in (True, False):
-            maml = MAML(model, loss_fn, **kwargs, batched=batched, checkpoint_steps=True)
-            maml.inner_lrs.load_state_dict(expected_maml.inner_lrs.state_dict())
-            maml.zero_grad(set_to_none=True)
-            loss, metrics = maml.meta_backward(batch, step_weights)
-            got = [p.grad for p in maml.parameters() if p.requires_grad]
-            assert relative(torch.cat([g.flatten() for g in got]),
-                            torch.cat([g.flatten() for g in expected])) < 1e-10
-            assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
-            assert metrics.keys() == expected_metrics.keys()
-            for name, value in metrics.items():
-                assert value.item() == pytest.approx(expected_metrics[name].item(), rel=1e-12)
+    kwargs = {**variant_kwargs(problem, variant), "lr_mode": lr_mode,
+              "metric_fn": accuracy_or_error(problem)}
+    weights = variant_weights(variant)
+    reference = MAML(model, loss_fn, **kwargs)
+    expected_loss, expected_metrics = reference.meta_loss(batch, weights)
+    expected_loss.backward()
+    expected = flat_grads(reference)  # a learned rate unused at 0 inner steps: None -> zeros
+    for batched in (True, False):
+        maml = MAML(model, loss_fn, **kwargs, batched=batched, checkpoint_steps=True)
+        maml.inner_lrs.load_state_dict(reference.inner_lrs.state_dict())
+        maml.zero_grad(set_to_none=True)
+        loss, metrics = maml.meta_backward(batch, weights)
+        assert relative(flat_grads(maml), expected) < 1e-10
+        assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-12)
+        assert metrics.keys() == expected_metrics.keys()
+        for name, value in metrics.items():
+            assert value.item() == pytest.approx(expected_metrics[name].item(), rel=1e-12)
+
+
+def test_checkpointed_steps_refuse_active_dropout():
+    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    _, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, checkpoint_steps=True)
+    with pytest.raises(ConfigError, match="dropout"):
+        maml.meta_backward(batch)
+    model.eval()
+    maml.meta_backward(batch)  # no random draws: fine

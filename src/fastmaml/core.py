@@ -119,7 +119,8 @@ class MAML(nn.Module):
             with 75 queries per task: 4 tasks a chunk, 1.8x faster than all 32 at once).
         checkpoint_steps: trade compute for memory in ``meta_backward``: keep one inner step's
             activations at a time instead of all of them (each step is recomputed once in the
-            backward pass), so memory stays flat in the number of inner steps.
+            backward pass), so activation memory stays flat in the number of inner steps; each
+            step's adapted parameters are still kept. Not compiled; refuses active dropout.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -299,6 +300,9 @@ class MAML(nn.Module):
         """
         batch = as_task_batch(batch)
         trainable = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        if self.checkpoint_steps and _has_active_dropout(self.model):
+            raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would draw "
+                              "different masks: call model.eval() or turn checkpoint_steps off")
         if self.checkpoint_steps:
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
         elif self.path != "batched":  # decide the path (and any fallback) the ordinary way first
@@ -351,12 +355,11 @@ class MAML(nn.Module):
         pass recomputes step k from them and applies its vector-Jacobian product
         (``torch.func.vjp``), from the last step to the first.
         """
-        def step(k: int) -> Callable[[Params, Params, Params], Params]:
-            def advance(fast: Params, outer: Params, lr_params: Params) -> Params:
-                lrs = functional_call(self.inner_lrs, lr_params, (k,))
-                return self._inner_step(fast, {**constants, **outer}, lrs, sx, sy,
-                                        not self.first_order, _functorch_grad)[0]
-            return advance
+        def advance(k: int, fast: Params, outer: Params, lr_params: Params
+                    ) -> tuple[Params, Tensor]:
+            lrs = functional_call(self.inner_lrs, lr_params, (k,))
+            return self._inner_step(fast, {**constants, **outer}, lrs, sx, sy,
+                                    not self.first_order, _functorch_grad)
 
         def query_loss(fast: Params, outer: Params) -> tuple[Tensor, Tensor]:
             loss = self._loss(fast, {**constants, **outer}, qx, qy)
@@ -365,27 +368,30 @@ class MAML(nn.Module):
         def add(total: Params, delta: Params, scale: Tensor | float = 1.0) -> Params:
             return {n: g + scale * delta[n] for n, g in total.items()}
 
-        trajectory = [fast]
+        trajectory, values = [fast], {"loss": 0.0}
         for k in range(self.inner_steps):
-            trajectory.append(step(k)(trajectory[-1], outer, lr_params))
+            adapted, support_loss = advance(k, trajectory[-1], outer, lr_params)
+            trajectory.append(adapted)
+            values.setdefault("support_loss", support_loss)
+        if not self.inner_steps:
+            values["support_loss"] = self._loss(fast, {**constants, **outer}, sx, sy)
         g_fast, g_outer, g_lr = ({n: torch.zeros_like(p) for n, p in params.items()}
                                  for params in (fast, outer, lr_params))
-        values = {"loss": 0.0}
         for k in range(self.inner_steps, -1, -1):
             if k in weights:
                 (d_fast, d_outer), loss = torch.func.grad(
                     query_loss, argnums=(0, 1), has_aux=True)(trajectory[k], outer)
                 values["loss"] = values["loss"] + weights[k] * loss
+                values.setdefault("query_loss", loss)  # the last step comes first
                 g_fast, g_outer = add(g_fast, d_fast, weights[k]), add(g_outer, d_outer, weights[k])
             if k > 0:
-                _, vjp_fn = torch.func.vjp(step(k - 1), trajectory[k - 1], outer, lr_params)
+                _, vjp_fn = torch.func.vjp(lambda *args: advance(k - 1, *args)[0],
+                                           trajectory[k - 1], outer, lr_params)
                 g_fast, d_outer, d_lr = vjp_fn(g_fast)
                 g_outer, g_lr = add(g_outer, d_outer), add(g_lr, d_lr)
-        state = {**constants, **outer}
-        values["support_loss"] = self._loss(fast, state, sx, sy)
-        values["query_loss"] = self._loss(trajectory[-1], state, qx, qy)
         if self.metric_fn:
-            values["query_metric"] = self._loss(trajectory[-1], state, qx, qy, self.metric_fn)
+            values["query_metric"] = self._loss(trajectory[-1], {**constants, **outer}, qx, qy,
+                                                self.metric_fn)
         return g_fast, g_outer, g_lr, values
 
     def _record(self, step_weights: Tensor | None) -> list[int]:
@@ -460,3 +466,8 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
     if isinstance(adapt, str):
         adapt = [adapt]
     return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
+
+
+def _has_active_dropout(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+               for m in model.modules())

@@ -192,11 +192,13 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
         if main and (done % checkpoint_every == 0 or done == end):
-            _check_finite_loss(learner.name, float(metrics.get("loss", 0.0)), done)  # never save NaN
+            state = learner.state_dict()
+            if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
+                raise NonFiniteLossError(f"{learner.name}: non-finite parameters or optimizer "
+                                         f"state at iteration {done}; the last checkpoint is kept")
             now = time.perf_counter()
             elapsed, tick = elapsed + now - tick, now
-            save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": learner.state_dict()},
-                        path)
+            save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
     bar.close()
     return last
 
@@ -204,3 +206,14 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
 def _check_finite_loss(name: str, loss: float, iteration: int) -> None:
     if not math.isfinite(loss):
         raise NonFiniteLossError(f"{name}: loss is {loss} at iteration {iteration}")
+
+
+def _all_finite(value: Any) -> bool:
+    """True when every floating-point tensor in a (nested) state is finite."""
+    if isinstance(value, Tensor):
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return True
