@@ -28,7 +28,6 @@ def peak_mb(workload_name: str, steps: int, first_order: bool, checkpoint_steps:
     torch.manual_seed(0)
     step = fastmaml_impl(workload.build_model().to(device), workload, first_order,
                          checkpoint_steps=checkpoint_steps)
-    step.maml.path = "batched"  # measure the functional path training uses after its first call
     if device.type == "cuda":
         return measure_memory(step, batch, device)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

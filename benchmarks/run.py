@@ -82,7 +82,6 @@ def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False,
 
     def step(batch):
         maml.meta_backward(batch)
-    step.maml = maml
     return step
 
 

@@ -150,9 +150,9 @@ class MAML(nn.Module):
         self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self.chunk_size = chunk_size
+        self.compiled = compile
         self._batched_fn = torch.compile(self._batched, dynamic=False) if compile else self._batched
-        self._gradient_fn = (torch.compile(self._gradient, dynamic=False) if compile
-                             else self._gradient)
+        self._gradient_fn = torch.compile(self._gradient, dynamic=False)
         self.path: str | None = None  # "batched" or "looped" once a call has run
 
     # ----- the model as a function of its parameters -----
@@ -291,12 +291,13 @@ class MAML(nn.Module):
         """``meta_loss(batch, step_weights)[0].backward()`` as one functional pass.
 
         Accumulates the meta-gradient into ``.grad`` of every trainable parameter (the model's
-        and learned inner learning rates) and returns the detached loss and the metrics. On the
-        batched path the outer gradient is ``torch.func.grad`` of the whole objective, so with
-        ``compile=True`` the forward and backward compile into one graph (sinusoid MLP: about
-        twice as fast as ``meta_loss`` + ``backward`` compiled). The first call, and the looped
-        path, use ``meta_loss`` and autograd. With ``checkpoint_steps`` it is the step-by-step
-        reverse pass of ``_checkpointed_task`` on either path.
+        and learned inner learning rates) and returns the detached loss and the metrics. With
+        ``compile=True``, on the batched path and after the first call, the outer gradient is
+        ``torch.func.grad`` of the whole objective, compiled into one graph with the forward
+        (sinusoid MLP: about twice as fast as ``meta_loss`` + ``backward`` compiled). Otherwise
+        it is ``meta_loss`` and autograd: uncompiled, the functional form is slower and keeps
+        more memory. With ``checkpoint_steps`` it is the step-by-step reverse pass of
+        ``_checkpointed_task``.
         """
         batch = as_task_batch(batch)
         trainable = {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -305,7 +306,7 @@ class MAML(nn.Module):
                               "different masks: call model.eval() or turn checkpoint_steps off")
         if self.checkpoint_steps:
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
-        elif self.path != "batched":  # decide the path (and any fallback) the ordinary way first
+        elif not self.compiled or self.path != "batched":  # (the first call decides the path)
             loss, metrics = self.meta_loss(batch, step_weights)
             loss.backward()
             return loss.detach(), metrics
