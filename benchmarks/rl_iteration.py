@@ -6,7 +6,8 @@ Runs a few meta-iterations of the experiment's own MAML learner (20 tasks x 10 e
 horizon 100 for locomotion; the paper's 20 x 20 x 100 for 2D navigation) on one thread and prints
 the median seconds of each part: sampling (support and query episodes), the inner step, the
 meta-objective and its gradient, conjugate gradient (10 Hessian-vector products) and the line
-search, plus the sampler's environment steps per second.
+search, plus the sampler's environment steps per second, counted as full-length episodes (an
+upper bound where episodes end early: the ant when it falls, 2D navigation at the goal).
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def main() -> None:
     unknown = [n for n in names if n not in PRESETS]
     if unknown:
         parser.error(f"unknown env: {', '.join(unknown)}")
-    header = ["env", *(p.removesuffix("_s") for p in PARTS), "total", "env steps/s"]
+    header = ["env", *(p.removesuffix("_s") for p in PARTS), "total", "env steps/s<="]
     print(("{:<12}" + "{:>13}" * (len(header) - 1)).format(*header))
     for name in names:
         split = cost_split(PRESETS[name], args.iterations)
