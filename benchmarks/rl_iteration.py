@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from fastmaml.experiments import create_run
+from fastmaml.rl import default_horizon
 
 PRESETS = {"nav2d": "rl-nav2d-cpu", "cheetah-vel": "rl-cheetah-vel-cpu",
            "cheetah-dir": "rl-cheetah-dir-cpu", "ant-vel": "rl-ant-vel-cpu",
@@ -34,7 +35,7 @@ def cost_split(preset: str, iterations: int) -> dict[str, float]:
         rows = [learner.step(i) for i in range(iterations + 1)][1:]
         cfg = experiment.cfg
     split = {part: statistics.median(row[part] for row in rows) for part in PARTS}
-    horizon = cfg.horizon or (100 if "nav2d" in preset else 200)
+    horizon = cfg.horizon or default_horizon(cfg.env)
     env_steps = 2 * cfg.meta_batch * cfg.trajectories * horizon  # support + query episodes
     split["env_steps_per_s"] = env_steps / split["sample_s"]
     return split
@@ -52,12 +53,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown env: {', '.join(unknown)}")
     header = ["env", *(p.removesuffix("_s") for p in PARTS), "total", "env steps/s<="]
-    print(("{:<12}" + "{:>13}" * (len(header) - 1)).format(*header))
+    print(("{:<12}" + "{:>14}" * (len(header) - 1)).format(*header))
     for name in names:
         split = cost_split(PRESETS[name], args.iterations)
         total = sum(split[p] for p in PARTS)
         cells = [f"{split[p]:.2f}s {100 * split[p] / total:3.0f}%" for p in PARTS]
-        print(("{:<12}" + "{:>13}" * (len(header) - 1)).format(
+        print(("{:<12}" + "{:>14}" * (len(header) - 1)).format(
             name, *cells, f"{total:.2f}s", f"{split['env_steps_per_s']:,.0f}"))
 
 

@@ -156,6 +156,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_call(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device) -> float:
+    """Seconds of one meta-iteration from fresh gradients, synchronised on CUDA."""
+    model.zero_grad(set_to_none=True)
+    synchronize(device)
+    start = time.perf_counter()
+    step(batch)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 def matmul_peak_gflops(device: torch.device, size: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b
@@ -245,24 +255,12 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                 model = w.build_model().to(device)
                 steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
                 steps[impl][1](batch)  # first call: compiles where asked, not timed
-                synchronize(device)
-                start = time.perf_counter()
-                steps[impl][1](batch)
-                synchronize(device)
-                calls[impl] = max(1, math.ceil(MIN_BLOCK_S / (time.perf_counter() - start)))
+                calls[impl] = max(1, math.ceil(MIN_BLOCK_S / timed_call(*steps[impl], batch, device)))
             for impl in available:  # memory: one untimed run each (the CPU sampler costs time)
                 memory[impl] = measure_memory(steps[impl][1], batch, device)
             for round_ in range(warmup + repeats):  # interleaved timed rounds
                 for impl in available:
-                    model, step = steps[impl]
-                    elapsed = 0.0
-                    for _ in range(calls[impl]):
-                        model.zero_grad(set_to_none=True)
-                        synchronize(device)
-                        start = time.perf_counter()
-                        step(batch)
-                        synchronize(device)
-                        elapsed += time.perf_counter() - start
+                    elapsed = sum(timed_call(*steps[impl], batch, device) for _ in range(calls[impl]))
                     if round_ >= warmup:
                         times[impl].append(elapsed / calls[impl])
             flops = count_flops(w, first_order)

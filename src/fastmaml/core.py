@@ -150,9 +150,8 @@ class MAML(nn.Module):
         self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self.chunk_size = chunk_size
-        self.compiled = compile
         self._batched_fn = torch.compile(self._batched, dynamic=False) if compile else self._batched
-        self._gradient_fn = torch.compile(self._gradient, dynamic=False)
+        self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
         self.path: str | None = None  # "batched" or "looped" once a call has run
 
     # ----- the model as a function of its parameters -----
@@ -301,18 +300,18 @@ class MAML(nn.Module):
         """
         batch = as_task_batch(batch)
         trainable = {n: p for n, p in self.named_parameters() if p.requires_grad}
-        if self.checkpoint_steps and _has_active_dropout(self.model):
-            raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would draw "
-                              "different masks: call model.eval() or turn checkpoint_steps off")
         if self.checkpoint_steps:
+            if _has_active_dropout(self.model):
+                raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
+                                  "draw different masks: call model.eval() or turn it off")
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
-        elif not self.compiled or self.path != "batched":  # (the first call decides the path)
+        elif self._compiled_gradient is not None and self.path == "batched":
+            grads, (loss, metrics) = self._compiled_gradient(
+                {n: p.detach() for n, p in trainable.items()}, batch, step_weights)
+        else:  # uncompiled, or the first call, which decides the path
             loss, metrics = self.meta_loss(batch, step_weights)
             loss.backward()
             return loss.detach(), metrics
-        else:
-            grads, (loss, metrics) = self._gradient_fn(
-                {n: p.detach() for n, p in trainable.items()}, batch, step_weights)
         self._check_finite(loss)
         for name, p in trainable.items():
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
