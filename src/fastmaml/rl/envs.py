@@ -52,6 +52,7 @@ from torch import Tensor
 from ..errors import ConfigError
 
 Task = dict[str, Any]
+TaskRng = np.random.Generator | np.random.RandomState  # the legacy one draws the official test tasks
 logger = logging.getLogger(__name__)
 _seen_mujoco_warnings: set[str] = set()
 
@@ -114,7 +115,7 @@ class Nav2DEnv(gymnasium.Env):
         self.task = self.sample_tasks(1, np.random.default_rng(0))[0]
 
     @classmethod
-    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+    def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         """Goals uniform in [-0.5, 0.5]^2."""
         return [{"goal": goal} for goal in rng.uniform(-0.5, 0.5, size=(n, 2))]
 
@@ -161,7 +162,7 @@ class _Velocity(_Locomotion):
     max_velocity: float
 
     @classmethod
-    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+    def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         return [{"velocity": float(v)} for v in rng.uniform(0.0, cls.max_velocity, n)]
 
     def task_reward(self, x_velocity: float) -> float:
@@ -172,7 +173,7 @@ class _Direction(_Locomotion):
     """Goal direction: reward direction * v_x + costs, direction +1 or -1 with equal chance."""
 
     @classmethod
-    def sample_tasks(cls, n: int, rng: np.random.Generator) -> list[Task]:
+    def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], n)]
 
     def task_reward(self, x_velocity: float) -> float:
