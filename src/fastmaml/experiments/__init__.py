@@ -115,7 +115,9 @@ def _rl_presets() -> dict[str, Preset]:
 
 
 # Measured on 2 busy cores: navigation ~10 s, half-cheetah ~8 s per iteration (both learners).
-RL_CPU_ITERATIONS = {"rl-nav2d": 200, "rl-cheetah-vel": 300, "rl-cheetah-dir": 300,
+# Navigation: the official script's 100 meta-iterations (maml_trpo_point.py, n_itr=100); longer
+# runs adapted worse after 2-3 steps (docs/results.md).
+RL_CPU_ITERATIONS = {"rl-nav2d": 100, "rl-cheetah-vel": 300, "rl-cheetah-dir": 300,
                      "rl-ant-vel": 150, "rl-ant-dir": 150}
 PRESETS.update(_rl_presets())
 
