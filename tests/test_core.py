@@ -424,6 +424,22 @@ def test_checkpointed_steps_give_the_same_meta_gradient(problem, variant, lr_mod
             assert value.item() == pytest.approx(expected_metrics[name].item(), rel=1e-12)
 
 
+@pytest.mark.parametrize("functional", ["checkpoint_steps", "compile"])
+def test_unused_learned_rates_keep_no_gradient_like_autograd(functional):
+    """At 0 inner steps the learned rates do not enter the objective: autograd leaves their .grad
+    None, and the functional branches of meta_backward must too (not write zeros)."""
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    model.float()
+    batch = TaskBatch(*(t.float() for t in batch))
+    maml = MAML(model, loss_fn, 0.1, 0, lr_mode="per_param", batched=True, **{functional: True})
+    for _ in range(2):  # compile: the first call picks the path, the second is functional
+        maml.zero_grad(set_to_none=True)
+        maml.meta_backward(batch)
+    assert all(p.grad is None for p in maml.inner_lrs.parameters())
+    assert all(p.grad is not None for p in maml.model.parameters())
+
+
 def test_checkpointed_steps_refuse_active_dropout():
     model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
     _, loss_fn, batch = mlp_problem()

@@ -299,7 +299,10 @@ class MAML(nn.Module):
         ``_checkpointed_task``.
         """
         batch = as_task_batch(batch)
-        trainable = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        # Learned inner rates do not enter the objective without inner steps: autograd leaves
+        # their .grad None, and so do the functional branches.
+        trainable = {n: p for n, p in self.named_parameters()
+                     if p.requires_grad and (self.inner_steps or not n.startswith("inner_lrs."))}
         if self.checkpoint_steps:
             if _has_active_dropout(self.model):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
