@@ -96,7 +96,7 @@ def _rl_presets() -> dict[str, Preset]:
     # 20 evaluation episodes per step); navigation at the paper's scale, fewer iterations.
     cpu_loco = dict(meta_batch=20, trajectories=10, horizon=100, eval_trajectories=20)
     cpu = {"rl-nav2d": (dict(iterations=RL_CPU_ITERATIONS["rl-nav2d"]),
-                        "paper scale, fewer meta-iterations"),
+                        "paper scale, the official script's meta-iterations"),
            **{name: (dict(cpu_loco, iterations=RL_CPU_ITERATIONS[name]),
                      "20 tasks x 10 episodes x horizon 100 (evaluation: 20 episodes per step)")
               for name in paper if name != "rl-nav2d"}}
