@@ -43,7 +43,7 @@ def test_presets_hold_the_paper_settings() -> None:
         assert (cfg.eval_tasks, cfg.eval_inner_steps, cfg.eval_trajectories) == (40, 3, 40)
         assert cfg.inner_lr == (0.5 if name == "rl-nav2d" else 0.1)
         cpu = RLConfig.from_dict(PRESETS[f"{name}-cpu"].values)
-        assert cpu.iterations < cfg.iterations and cpu.meta_batch <= 20
+        assert cpu.iterations <= cfg.iterations and cpu.meta_batch <= 20
         assert cpu.meta_batch * cpu.trajectories * (cpu.horizon or 100) <= 20 * 20 * 100
     assert RLConfig.from_dict(preset("rl-nav2d").values).action_scale == 0.1
     with pytest.raises(ConfigError, match="action_scale"):
