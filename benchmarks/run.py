@@ -8,8 +8,9 @@ backward) on identical shapes: fastmaml's batched engine, a naive per-task loop 
 ``torch.autograd.grad(create_graph=True)``, and ``higher`` / ``learn2learn`` where installed.
 The implementations are interleaved and repeated, and medians are reported, because these
 machines are noisy; each sample times enough back-to-back calls to last 20 ms (one call for the
-conv nets, tens for the sinusoid MLP), so that a sub-millisecond step is not timed cold. Ratios are against the naive loop from the same run; "peak" is the achieved
-fraction of this machine's fp32 matmul rate, measured at start-up.
+conv nets, tens for the sinusoid MLP), so that a sub-millisecond step is not timed cold. Ratios
+are against the naive loop from the same run; "peak" is the achieved fraction of this machine's
+fp32 matmul rate, measured at start-up.
 """
 from __future__ import annotations
 
@@ -249,8 +250,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
             first_order = order == "first"
             batch = w.make_batch(torch.Generator().manual_seed(0)).to(device)
             steps, times, memory = {}, {i: [] for i in available}, {}
-            calls = {}  # calls per timed block: at least MIN_BLOCK_S, so sub-ms steps are not
-            for impl in available:  # timed one cold call at a time
+            calls = {}  # calls per timed block, so that each block lasts at least MIN_BLOCK_S
+            for impl in available:
                 torch.manual_seed(0)
                 model = w.build_model().to(device)
                 steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
@@ -263,7 +264,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                 memory[impl] = measure_memory(steps[impl][1], batch, device)
             for round_ in range(warmup + repeats):  # interleaved timed rounds
                 for impl in available:
-                    elapsed = sum(timed_call(*steps[impl], batch, device) for _ in range(calls[impl]))
+                    elapsed = sum(timed_call(*steps[impl], batch, device)
+                                  for _ in range(calls[impl]))
                     if round_ >= warmup:
                         times[impl].append(elapsed / calls[impl])
             flops = count_flops(w, first_order)

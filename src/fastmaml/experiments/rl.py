@@ -25,9 +25,9 @@ the TRPO update is deterministic, so a resumed run repeats an uninterrupted one 
 Evaluation (``fastmaml eval``): ``eval_tasks`` (40) tasks drawn as the official test scripts drew
 them (numpy's legacy generator seeded with 1, then the task distribution's draw: for 2D
 navigation the paper's 40 goals, whose mean distance from the start is 0.40, so a policy that
-stays put scores -40); for each of
-MAML, pretrained and a randomly initialised policy, ``eval_trajectories`` (40) episodes per task
-are sampled, the policy takes one plain policy-gradient step per task (REINFORCE, learning rate
+stays put scores -40); for each of MAML, pretrained and a randomly initialised policy,
+``eval_trajectories`` (40) episodes per task are sampled, the policy takes one plain
+policy-gradient step per task (REINFORCE, learning rate
 alpha for the first step, alpha / 2 for the later ones, as the official test scripts), fresh
 episodes are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the
 mean undiscounted return of the episodes sampled after k steps. All methods see the same tasks
@@ -42,8 +42,8 @@ so the velocity was clip(0.1 * a, -0.1, 0.1), and its 2D-navigation checkpoint u
 the paper's numbers come from that checkpoint. The presets follow the official code
 (``action_scale=0.1``, ``inner_lr=0.5``); ``action_scale=1 inner_lr=0.1`` gives the paper's text.
 Measured (40 meta-iterations each, paper-scale batches, 40 evaluation tasks of the earlier
-``default_rng(20172)`` draw, returns after
-0/1/2/3 steps): official scale and alpha -31.1 / -11.4 / -5.3 / -5.2 (random init -68.6 ... -54.2);
+``default_rng(20172)`` draw, returns after 0/1/2/3 steps): official scale and alpha
+-31.1 / -11.4 / -5.3 / -5.2 (random init -68.6 ... -54.2);
 the paper's text -31.3 / -13.5 / -9.9 / -9.0 (random init -88.5 ... -83.4); the paper reports
 -40.4 / -11.7 / -3.3 / -3.2 (random -82.7 ... -46.8). The official setting adapts further.
 """
