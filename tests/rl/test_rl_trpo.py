@@ -9,10 +9,10 @@ from torch.nn.utils import parameters_to_vector
 
 from fastmaml import MAML
 from fastmaml.errors import ConfigError
-from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, adapt_policy, compute_advantages,
-                         conjugate_gradient, env_class, gaussian_kl, gaussian_log_prob,
-                         hessian_vector_product, meta_objective, policy_forward, reinforce_loss,
-                         trpo_meta_step, trpo_step)
+from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, TRPOObjective, adapt_policy,
+                         compute_advantages, conjugate_gradient, env_class, gauss_newton_hvp,
+                         gaussian_kl, gaussian_log_prob, hessian_vector_product, meta_objective,
+                         policy_forward, reinforce_loss, trpo_meta_step, trpo_step)
 
 
 def test_conjugate_gradient_solves_spd_system() -> None:
@@ -28,31 +28,42 @@ def test_conjugate_gradient_solves_spd_system() -> None:
 
 def _policy_problem(seed: int = 0) -> tuple[GaussianMLPPolicy, torch.Tensor, torch.Tensor,
                                               torch.Tensor]:
+    """A policy and one task's data, shaped (tasks 1, trajectories 1, steps 64, ...)."""
     torch.manual_seed(seed)
     policy = GaussianMLPPolicy(3, 2, hidden=(16, 16)).double()
     g = torch.Generator().manual_seed(seed)
-    obs = torch.randn(64, 3, generator=g, dtype=torch.float64)
-    actions = torch.randn(64, 2, generator=g, dtype=torch.float64)
-    advantages = torch.randn(64, generator=g, dtype=torch.float64)
+    obs = torch.randn(1, 1, 64, 3, generator=g, dtype=torch.float64)
+    actions = torch.randn(1, 1, 64, 2, generator=g, dtype=torch.float64)
+    advantages = torch.randn(1, 1, 64, generator=g, dtype=torch.float64)
     return policy, obs, actions, advantages
 
 
 def _objective(policy: GaussianMLPPolicy, obs: torch.Tensor, actions: torch.Tensor,
-               advantages: torch.Tensor):
-    with torch.no_grad():
-        old_mean, old_log_std = policy(obs)
-        old_log_prob = gaussian_log_prob(old_mean, old_log_std, actions)
+               advantages: torch.Tensor) -> TRPOObjective:
+    return TRPOObjective(lambda: policy(obs), actions, advantages, torch.ones_like(advantages))
 
-    def objective() -> tuple[torch.Tensor, torch.Tensor]:
+
+def test_objective_is_the_surrogate_and_kl_by_hand() -> None:
+    policy, obs, actions, advantages = _policy_problem()
+    masks = torch.ones_like(advantages)
+    masks[..., 40:] = 0.0  # an episode that ended after 40 steps
+    objective = TRPOObjective(lambda: policy(obs), actions, advantages, masks)
+    old_mean, old_log_std = (t.detach().clone() for t in policy(obs))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
         mean, log_std = policy(obs)
-        ratio = torch.exp(gaussian_log_prob(mean, log_std, actions) - old_log_prob)
-        return (-(ratio * advantages).mean(),
-                gaussian_kl(old_mean, old_log_std, mean, log_std).mean())
-    return objective
+    surrogate, kl = objective()
+    ratio = torch.exp(gaussian_log_prob(mean, log_std, actions)
+                      - gaussian_log_prob(old_mean, old_log_std, actions))
+    assert surrogate.item() == pytest.approx(-(ratio * advantages)[..., :40].mean().item())
+    assert kl.item() == pytest.approx(
+        gaussian_kl(old_mean, old_log_std, mean, log_std)[..., :40].mean().item())
 
 
 def test_exact_hvp_matches_finite_difference_and_autograd() -> None:
     policy, obs, _, _ = _policy_problem()
+    obs = obs.flatten(0, 2)
     with torch.no_grad():
         old_mean, old_log_std = (t.clone() for t in policy(obs))
         for p in policy.parameters():  # away from the old policy: the KL gradient is nonzero too
@@ -83,7 +94,7 @@ def test_exact_hvp_matches_finite_difference_and_autograd() -> None:
         hessian_vector_product(kl, params, method="magic")
 
 
-@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+@pytest.mark.parametrize("method", ["gauss_newton", "exact", "finite_difference"])
 def test_trpo_step_respects_kl_bound_and_improves(method: str) -> None:
     policy, obs, actions, advantages = _policy_problem()
     objective = _objective(policy, obs, actions, advantages)
@@ -148,6 +159,26 @@ def test_meta_hvp_exact_matches_finite_difference() -> None:
     finite = hessian_vector_product(lambda: objective()[1], params,
                                     method="finite_difference")(v)
     assert torch.allclose(exact, finite, rtol=1e-4, atol=1e-7)
+
+
+def test_gauss_newton_hvp_equals_the_exact_kl_hessian_at_the_old_policy() -> None:
+    maml, support, query = _nav_problem()
+    objective = meta_objective(maml, support, query)
+    params = list(maml.parameters())
+    v = torch.randn(sum(p.numel() for p in params), dtype=torch.float64)
+    exact = hessian_vector_product(lambda: objective()[1], params, damping=0.0)(v)
+    gauss_newton = gauss_newton_hvp(objective.dist, objective.kl, params, damping=0.0)
+    assert torch.allclose(gauss_newton(v), exact, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(gauss_newton(2 * v), 2 * exact, rtol=1e-10, atol=1e-12)  # reusable
+    damped = gauss_newton_hvp(objective.dist, objective.kl, params, damping=1e-5)(v)
+    assert torch.allclose(damped, exact + 1e-5 * v, rtol=1e-10, atol=1e-12)
+
+
+def test_gauss_newton_needs_a_trpo_objective() -> None:
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, advantages)
+    with pytest.raises(ConfigError, match="TRPOObjective"):
+        trpo_step(list(policy.parameters()), lambda: objective(), hvp_method="gauss_newton")
 
 
 def test_trpo_meta_step() -> None:

@@ -115,7 +115,7 @@ class RLConfig(Config):
     cg_damping: float = 1e-5
     backtrack_ratio: float = 0.8
     max_backtracks: int = 15
-    hvp: str = "exact"  # exact | finite_difference (the paper's)
+    hvp: str = "gauss_newton"  # gauss_newton | exact (both exact) | finite_difference (paper's)
     workers: int = 0  # sampler worker processes (0: sample in the training process)
     eval_tasks: int = 40
     eval_inner_steps: int = 3
@@ -135,8 +135,9 @@ class RLConfig(Config):
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.horizon < 0 or self.seed < 0 or self.workers < 0 or self.eval_inner_lr < 0:
             raise ConfigError("horizon, seed, workers and eval_inner_lr must be >= 0")
-        if self.hvp not in ("exact", "finite_difference"):
-            raise ConfigError(f"hvp must be exact or finite_difference, got {self.hvp!r}")
+        if self.hvp not in ("gauss_newton", "exact", "finite_difference"):
+            raise ConfigError("hvp must be gauss_newton, exact or finite_difference, got "
+                              f"{self.hvp!r}")
         if self.eval_policy not in ("best", "last"):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
         if self.action_scale != 1.0 and self.env != NAV:
@@ -160,26 +161,6 @@ def _rl() -> Any:
 def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
     """The sampler seed of ``phase`` (0 support, 1 query) of ``iteration``; no shared state."""
     return ((cfg.seed * 10_000_000 + iteration) * 4 + phase)
-
-
-def policy_objective(policy: torch.nn.Module, episodes: Episodes, gamma: float, gae_lambda: float):
-    """TRPO objective of ``policy`` on its own episodes: (surrogate, mean KL(old || current)),
-    each the mean over tasks of masked means over steps, like ``fastmaml.rl.meta_objective``."""
-    rl = _rl()
-    advantages = rl.compute_advantages(episodes, gamma, gae_lambda)
-    obs, actions, masks = episodes.observations, episodes.actions, episodes.masks
-    count = masks.sum(dim=(1, 2)).clamp_min(1.0)
-    with torch.no_grad():
-        old_mean, old_log_std = policy(obs)
-        old_log_prob = rl.gaussian_log_prob(old_mean, old_log_std, actions)
-
-    def objective() -> tuple[Tensor, Tensor]:
-        mean, log_std = policy(obs)
-        ratio = torch.exp(rl.gaussian_log_prob(mean, log_std, actions) - old_log_prob)
-        surrogate = -((ratio * advantages * masks).sum(dim=(1, 2)) / count).mean()
-        kl = rl.gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return surrogate, ((kl * masks).sum(dim=(1, 2)) / count).mean()
-    return objective
 
 
 class MetaRLLearner:
@@ -244,7 +225,7 @@ class MetaRLLearner:
         else:
             stats = rl.trpo_step(
                 [p for p in self.module.parameters() if p.requires_grad],
-                policy_objective(self.policy, support, cfg.gamma, cfg.gae_lambda), cfg.max_kl,
+                rl.policy_objective(self.policy, support, cfg.gamma, cfg.gae_lambda), cfg.max_kl,
                 cfg.cg_iters, cfg.cg_damping, cfg.backtrack_ratio, cfg.max_backtracks, cfg.hvp)
         gradient_s = time.perf_counter() - tock - stats.cg_s - stats.line_search_s
         return {**metrics, "best_return": self.best_return, "kl": stats.kl,

@@ -20,8 +20,9 @@ from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian
 from .returns import (baseline_features, compute_advantages, discounted_returns,
                       fit_linear_baseline, gae, standardize)
 from .sampler import Episodes, Sampler, rollout
-from .trpo import (TRPOStats, conjugate_gradient, hessian_vector_product, line_search,
-                   meta_objective, trpo_meta_step, trpo_step)
+from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hvp,
+                   hessian_vector_product, line_search, meta_objective, policy_objective,
+                   trpo_meta_step, trpo_step)
 
 __all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVelEnv",
            "Nav2DBatch", "Nav2DEnv", "Task", "default_horizon", "env_class", "make_batch_env",
@@ -29,5 +30,6 @@ __all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVe
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",
            "fit_linear_baseline", "gae", "standardize", "Episodes", "Sampler", "rollout",
-           "TRPOStats", "conjugate_gradient", "hessian_vector_product", "line_search",
-           "meta_objective", "trpo_meta_step", "trpo_step"]
+           "TRPOObjective", "TRPOStats", "conjugate_gradient", "gauss_newton_hvp",
+           "hessian_vector_product", "line_search", "meta_objective", "policy_objective",
+           "trpo_meta_step", "trpo_step"]

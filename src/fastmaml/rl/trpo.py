@@ -2,8 +2,9 @@
 KL, backtracking line search, and the meta-objective on post-update policies.
 
 Generic pieces work on a list of parameters seen as one flat vector
-(``parameters_to_vector`` / ``vector_to_parameters``); ``trpo_meta_step`` puts them together for
-``fastmaml.MAML`` around a ``GaussianMLPPolicy``.
+(``parameters_to_vector`` / ``vector_to_parameters``); ``TRPOObjective`` is the surrogate and KL
+of a Gaussian policy, and ``trpo_meta_step`` puts them together for ``fastmaml.MAML`` around a
+``GaussianMLPPolicy``.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..core import MAML
@@ -43,9 +44,10 @@ def conjugate_gradient(hvp: Callable[[Tensor], Tensor], b: Tensor, iters: int = 
     return x
 
 
-def _flat_grad(value: Tensor, params: Sequence[Tensor], create_graph: bool = False,
-               retain_graph: bool | None = None) -> Tensor:
-    grads = torch.autograd.grad(value, params, create_graph=create_graph,
+def _flat_grad(value: Tensor | Sequence[Tensor], params: Sequence[Tensor],
+               create_graph: bool = False, retain_graph: bool | None = None,
+               grad_outputs: Sequence[Tensor] | None = None) -> Tensor:
+    grads = torch.autograd.grad(value, params, grad_outputs, create_graph=create_graph,
                                 retain_graph=retain_graph, allow_unused=True)
     return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
                       for p, g in zip(params, grads)])
@@ -68,8 +70,8 @@ def hessian_vector_product(fn: Callable[[], Tensor], params: Sequence[Tensor],
             return _flat_grad(grad @ v, params, retain_graph=True).detach() + damping * v
         return exact
     if method != "finite_difference":
-        raise ConfigError(f"unknown Hessian-vector product method {method!r}; choose exact or "
-                          "finite_difference")
+        raise ConfigError(f"unknown Hessian-vector product method {method!r}; choose "
+                          "gauss_newton, exact or finite_difference")
 
     def finite_difference(v: Tensor) -> Tensor:
         x0 = parameters_to_vector(params).detach()
@@ -81,6 +83,33 @@ def hessian_vector_product(fn: Callable[[], Tensor], params: Sequence[Tensor],
         vector_to_parameters(x0, params)
         return (grads[0] - grads[1]) / (2 * eps) + damping * v
     return finite_difference
+
+
+def gauss_newton_hvp(outputs: Callable[[], tuple[Tensor, ...]], divergence: Callable[..., Tensor],
+                     params: Sequence[Tensor], damping: float = 1e-5) -> Callable[[Tensor], Tensor]:
+    """``v -> (J' D J + damping I) v``, with J the Jacobian of ``outputs()`` with respect to
+    ``params`` and D the Hessian of ``divergence(*outputs)`` in the outputs, at the current point.
+
+    That is the Hessian of ``divergence(*outputs())`` wherever the divergence has zero gradient in
+    its arguments, as KL(old || current) has at current = old, where TRPO needs it: the same
+    products as ``exact`` for less work. ``J v`` comes from differentiating ``J' u`` (built once,
+    linear in u) with respect to u, ``J' w`` from the outputs' graph; D acts in the outputs' space
+    (elementwise for a Gaussian), so neither product goes back through a double backward.
+    """
+    params = list(params)
+    outs = outputs()
+    at = tuple(o.detach().contiguous() for o in outs)  # an expanded log-std cannot be dual
+    probes = [torch.zeros_like(o, requires_grad=True) for o in outs]
+    transposed = _flat_grad(outs, params, create_graph=True, grad_outputs=probes)
+    curvature = torch.func.grad(divergence, argnums=tuple(range(len(at))))
+
+    def product(v: Tensor) -> Tensor:
+        jv = torch.autograd.grad(transposed, probes, v, retain_graph=True, allow_unused=True)
+        jv = tuple(torch.zeros_like(o) if t is None else t for o, t in zip(at, jv))
+        _, djv = torch.func.jvp(curvature, at, jv)
+        return (_flat_grad(outs, params, retain_graph=True, grad_outputs=djv).detach()
+                + damping * v)
+    return product
 
 
 def line_search(objective: Objective, params: Sequence[Tensor], step: Tensor, loss_before: float,
@@ -120,21 +149,58 @@ class TRPOStats(NamedTuple):
     line_search_s: float = 0.0
 
 
+class TRPOObjective:
+    """TRPO's objective for a diagonal-Gaussian policy, frozen at the current parameters.
+
+    ``dist()`` gives the policy's differentiable ``(mean, log_std)`` on the episodes'
+    observations, shaped like ``actions`` (tasks, trajectories, steps, A). Calling the objective
+    gives the mean over tasks of the masked means over steps of
+    -exp(log pi(a|s) - log pi_old(a|s)) * A (the surrogate) and of KL(pi_old || pi); ``kl``
+    is that KL from given policy outputs (what ``gauss_newton_hvp`` differentiates).
+    """
+
+    def __init__(self, dist: Callable[[], tuple[Tensor, Tensor]], actions: Tensor,
+                 advantages: Tensor, masks: Tensor):
+        self.dist, self.actions, self.advantages, self.masks = dist, actions, advantages, masks
+        self.count = masks.sum(dim=(1, 2)).clamp_min(1.0)
+        with torch.no_grad():  # copies: an output may be a view of a parameter (the log-std)
+            self.old_mean, self.old_log_std = (t.clone() for t in dist())
+            self.old_log_prob = gaussian_log_prob(self.old_mean, self.old_log_std, actions)
+
+    def _masked_mean(self, per_step: Tensor) -> Tensor:
+        return ((per_step * self.masks).sum(dim=(1, 2)) / self.count).mean()
+
+    def kl(self, mean: Tensor, log_std: Tensor) -> Tensor:
+        return self._masked_mean(gaussian_kl(self.old_mean, self.old_log_std, mean, log_std))
+
+    def __call__(self) -> tuple[Tensor, Tensor]:
+        mean, log_std = self.dist()
+        ratio = torch.exp(gaussian_log_prob(mean, log_std, self.actions) - self.old_log_prob)
+        return -self._masked_mean(ratio * self.advantages), self.kl(mean, log_std)
+
+
 def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.01,
               cg_iters: int = 10, damping: float = 1e-5, backtrack_ratio: float = 0.8,
-              max_backtracks: int = 15, hvp_method: str = "exact") -> TRPOStats:
+              max_backtracks: int = 15, hvp_method: str = "gauss_newton") -> TRPOStats:
     """One TRPO update of ``params`` in place.
 
     ``objective()`` returns (surrogate loss, mean KL(old || current)); the KL is 0 with zero
     gradient at the current ``params``. Step: d = CG(H_KL, grad loss), scaled so that
-    0.5 d'Hd = max_kl, then the backtracking line search.
+    0.5 d'Hd = max_kl, then the backtracking line search. ``hvp_method="gauss_newton"`` needs a
+    ``TRPOObjective``; ``exact`` and ``finite_difference`` take any such function.
     """
     params = [p for p in params if p.requires_grad]
     start = time.perf_counter()
     loss, _ = objective()
     grad = _flat_grad(loss, params).detach()
     gradient_done = time.perf_counter()
-    hvp = hessian_vector_product(lambda: objective()[1], params, damping, hvp_method)
+    if hvp_method == "gauss_newton":
+        if not isinstance(objective, TRPOObjective):
+            raise ConfigError("gauss_newton Hessian-vector products need a TRPOObjective (its "
+                              "policy outputs and KL); use exact for other objectives")
+        hvp = gauss_newton_hvp(objective.dist, objective.kl, params, damping)
+    else:
+        hvp = hessian_vector_product(lambda: objective()[1], params, damping, hvp_method)
     direction = conjugate_gradient(hvp, grad, cg_iters)
     step_size = torch.sqrt(2 * max_kl / (direction @ hvp(direction) + 1e-8))
     cg_done = time.perf_counter()
@@ -145,46 +211,41 @@ def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.
                      cg_done - gradient_done, time.perf_counter() - cg_done)
 
 
+def policy_objective(policy: nn.Module, episodes: Episodes, gamma: float = 0.99,
+                     gae_lambda: float = 1.0) -> TRPOObjective:
+    """The TRPO objective of ``policy`` on its own episodes (plain TRPO, no adaptation)."""
+    obs = episodes.observations
+    return TRPOObjective(lambda: policy(obs), episodes.actions,
+                         compute_advantages(episodes, gamma, gae_lambda), episodes.masks)
+
+
 def meta_objective(maml: MAML, support: Episodes, query: Episodes, *, gamma: float = 0.99,
-                   gae_lambda: float = 1.0) -> Objective:
-    """The TRPO meta-objective of MAML for RL, frozen at the current parameters.
+                   gae_lambda: float = 1.0) -> TRPOObjective:
+    """The TRPO meta-objective of MAML for RL: the objective of the post-update policies.
 
     ``support`` was sampled with the pre-update policy, ``query`` with the adapted ones. The
-    returned function adapts on ``support`` again (differentiably, through ``adapt_policy``) and
-    gives the mean over tasks of the masked means over ``query`` steps of
-    -exp(log pi'(a|s) - log pi'_old(a|s)) * A (the surrogate) and of KL(pi'_old || pi').
+    policy outputs adapt on ``support`` again (differentiably, through ``adapt_policy``) and
+    are evaluated on the ``query`` observations.
     """
     support_adv = compute_advantages(support, gamma, gae_lambda)
-    query_adv = compute_advantages(query, gamma, gae_lambda)
-    obs, actions, masks = query.observations, query.actions, query.masks
-    count = masks.sum(dim=(1, 2)).clamp_min(1.0)
+    obs, actions = query.observations, query.actions
 
     def post_update() -> tuple[Tensor, Tensor]:
         adapted = adapt_policy(maml, support, advantages=support_adv)
         mean, log_std = policy_forward(maml.model, obs.flatten(1, 2), adapted)
         return mean.view_as(actions), log_std.view_as(actions)
-
-    with torch.no_grad():
-        old_mean, old_log_std = post_update()
-        old_log_prob = gaussian_log_prob(old_mean, old_log_std, actions)
-
-    def objective() -> tuple[Tensor, Tensor]:
-        mean, log_std = post_update()
-        ratio = torch.exp(gaussian_log_prob(mean, log_std, actions) - old_log_prob)
-        surrogate = -((ratio * query_adv * masks).sum(dim=(1, 2)) / count).mean()
-        kl = gaussian_kl(old_mean, old_log_std, mean, log_std)
-        return surrogate, ((kl * masks).sum(dim=(1, 2)) / count).mean()
-    return objective
+    return TRPOObjective(post_update, actions, compute_advantages(query, gamma, gae_lambda),
+                         query.masks)
 
 
 def trpo_meta_step(maml: MAML, support: Episodes, query: Episodes, *, max_kl: float = 0.01,
                    cg_iters: int = 10, damping: float = 1e-5, backtrack_ratio: float = 0.8,
-                   max_backtracks: int = 15, hvp_method: str = "exact", gamma: float = 0.99,
-                   gae_lambda: float = 1.0) -> TRPOStats:
+                   max_backtracks: int = 15, hvp_method: str = "gauss_newton",
+                   gamma: float = 0.99, gae_lambda: float = 1.0) -> TRPOStats:
     """One meta-update of ``maml`` in place, with the paper's settings by default.
 
-    With ``maml.first_order`` prefer ``hvp_method="exact"``: finite differences also see the
-    inner gradient change, which first-order MAML treats as a constant.
+    With ``maml.first_order`` prefer ``hvp_method="gauss_newton"`` or ``"exact"``: finite
+    differences also see the inner gradient change, which first-order MAML treats as a constant.
     """
     objective = meta_objective(maml, support, query, gamma=gamma, gae_lambda=gae_lambda)
     return trpo_step(list(maml.parameters()), objective, max_kl, cg_iters, damping,
