@@ -50,6 +50,8 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(env="fastmaml/AntVel-v0", action_scale=0.1)
     with pytest.raises(ConfigError, match="hvp"):
         RLConfig(hvp="magic")
+    with pytest.raises(ConfigError, match="eval_batch"):
+        RLConfig(eval_batch="magic")
 
 
 def test_evaluation_uses_the_official_test_goals(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from fastmaml.errors import ConfigError
 from fastmaml.rl import (Episodes, GaussianMLPPolicy, Nav2DBatch, Sampler, env_class,
-                         gaussian_log_prob, rollout)
+                         gaussian_log_prob, lockstep_batch, rollout)
 
 
 def _tasks(env_id: str, n: int) -> list[dict]:
@@ -111,3 +111,51 @@ def test_sampler_rejects_bad_arguments() -> None:
     with pytest.raises(ConfigError):
         sampler.sample(_policy(2, 2), [], 2, seed=0)
     assert sampler.horizon == 100
+
+
+def test_lockstep_batch_stops_when_finished_episodes_hold_the_steps() -> None:
+    # one task, two environments: env 0's episodes last 3 steps (end at 3, 6, 9), env 1's 5
+    # (end at 5, 10, 15). 8 steps are finished at time 5: the episodes ending at 3 and 5.
+    lengths = torch.tensor([[[3, 5], [3, 5], [3, 5]]])
+    keep = lockstep_batch(lengths, steps=8)
+    assert keep.tolist() == [[[True, True], [False, False], [False, False]]]
+    # after one round env 0's second episode (unsampled) might still end by time 5
+    assert lockstep_batch(lengths[:, :1], steps=8) is None
+    assert lockstep_batch(lengths, steps=100) is None  # too few steps so far
+    # episodes ending at the stop time together are all kept
+    assert lockstep_batch(torch.tensor([[[5, 5]]]), steps=3).tolist() == [[[True, True]]]
+
+
+def _goal_seeker() -> GaussianMLPPolicy:
+    """Moves by (0.05, 0.05) every step, with negligible noise."""
+    policy = GaussianMLPPolicy(2, 2, hidden=(4,))
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.zero_()
+        policy.mean[-1].bias.fill_(0.05)
+        policy.log_std.fill_(-20.0)
+    return policy
+
+
+def test_sample_steps_keeps_more_of_the_short_episodes() -> None:
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=20)
+    tasks = [{"goal": np.array([0.05, 0.05])}, {"goal": np.array([0.5, 0.5])}]
+    episodes = sampler.sample_steps(_goal_seeker(), tasks, num_envs=2, steps=5, seed=0)
+    # task 0 ends every episode after 1 step: two environments finish 2 steps per time step, so
+    # 5 steps take until time 3 and 6 episodes; task 1's episodes last 10 steps: 2 episodes.
+    assert episodes.masks.shape == (2, 6, 20)
+    assert episodes.masks[0].sum(-1).tolist() == [1.0] * 6
+    assert episodes.masks[1].sum(-1).tolist() == [10.0, 10.0, 0.0, 0.0, 0.0, 0.0]
+    for empty in (episodes.observations[1, 2:], episodes.actions[1, 2:], episodes.rewards[1, 2:]):
+        assert not empty.any()
+    full = sampler.sample(_goal_seeker(), tasks, 2, seed=0)
+    assert torch.allclose(episodes.mean_returns(), full.mean_returns())  # empty slots skipped
+    assert episodes.mean_returns()[1] == pytest.approx(full.rewards[1, 0].sum().item())
+
+
+def test_sample_steps_without_early_ends_is_plain_sampling() -> None:
+    sampler = Sampler("fastmaml/HalfCheetahVel-v0", horizon=5)
+    policy = _policy(sampler.obs_dim, sampler.act_dim)
+    tasks = _tasks("fastmaml/HalfCheetahVel-v0", 2)
+    _assert_equal(sampler.sample_steps(policy, tasks, num_envs=3, steps=15, seed=4),
+                  sampler.sample(policy, tasks, 3, seed=4))

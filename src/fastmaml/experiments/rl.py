@@ -32,9 +32,15 @@ alpha for the first step, alpha / 2 for the later ones, as the official test scr
 episodes are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the
 mean undiscounted return of the episodes sampled after k steps. All methods see the same tasks
 and the same episode seeds. alpha is ``eval_inner_lr`` (0: the training ``inner_lr``; the
-official 2D-navigation test used 0.5 for every method). The official test sampled 4000 steps
-per update (40 episodes of 100 steps when none ends early); here it is exactly
-``eval_trajectories`` episodes.
+official 2D-navigation test used 0.5 for every method).
+
+Evaluation batches (``eval_batch``): ``steps`` (default) samples as the official test did, the
+paper's "40 trajectories (4000 samples)": ``eval_trajectories`` environments per task run
+episode after episode until the finished episodes hold ``eval_trajectories x horizon`` steps
+(``Sampler.sample_steps``); the update uses all of them and the value is the mean return over
+them, which favours short episodes where episodes end early (2D navigation at the goal, a
+fallen ant), as the paper's numbers do. ``episodes`` samples exactly ``eval_trajectories``
+episodes per task: the unbiased mean return. Without early termination they are the same.
 
 2D navigation and the action scale: the paper's text says actions are velocities clipped to
 [-0.1, 0.1] and alpha = 0.1. The official code wrapped the environment in rllab's ``normalize``,
@@ -120,6 +126,7 @@ class RLConfig(Config):
     eval_tasks: int = 40
     eval_inner_steps: int = 3
     eval_trajectories: int = 40  # episodes per task and gradient step at evaluation
+    eval_batch: str = "steps"  # steps: eval_trajectories x horizon steps (official) | episodes
     eval_inner_lr: float = 0.0  # alpha at evaluation, for every method (0: inner_lr)
     eval_policy: str = "best"  # best (highest training return, as the paper) | last
     eval_chunk: int = 40  # tasks whose environments step together at evaluation (memory)
@@ -138,6 +145,8 @@ class RLConfig(Config):
         if self.hvp not in ("gauss_newton", "exact", "finite_difference"):
             raise ConfigError("hvp must be gauss_newton, exact or finite_difference, got "
                               f"{self.hvp!r}")
+        if self.eval_batch not in ("steps", "episodes"):
+            raise ConfigError(f"eval_batch must be steps or episodes, got {self.eval_batch!r}")
         if self.eval_policy not in ("best", "last"):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
         if self.action_scale != 1.0 and self.env != NAV:
@@ -311,9 +320,14 @@ class RLExperiment(Experiment):
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
-            episodes = sampler.sample(maml.model, tasks, cfg.eval_trajectories,
-                                      EVAL_SEED * 100 + step, params=params,
-                                      tasks_per_rollout=cfg.eval_chunk)
+            seed = EVAL_SEED * 100 + step
+            if cfg.eval_batch == "steps":
+                episodes = sampler.sample_steps(
+                    maml.model, tasks, cfg.eval_trajectories,
+                    cfg.eval_trajectories * sampler.horizon, seed, params, cfg.eval_chunk)
+            else:
+                episodes = sampler.sample(maml.model, tasks, cfg.eval_trajectories, seed,
+                                          params=params, tasks_per_rollout=cfg.eval_chunk)
             curve.append(episodes.mean_returns().double())
             if step < cfg.eval_inner_steps:
                 with torch.no_grad():

@@ -9,6 +9,10 @@ shapes and thread counts, and MuJoCo turns such differences into different traje
 a few dozen steps; after rounding (to float32), the actions agree bit for bit except with a
 chance of about 2e-9 per action value. So episodes of a float32 policy do not depend on how the
 environments are batched or split over worker processes (a float64 policy's do, to rounding).
+
+``Sampler.sample_steps`` gives the official code's batches instead: a number of environment
+steps per task, gathered by environments that start a new episode as soon as one ends (see
+``lockstep_batch``).
 """
 from __future__ import annotations
 
@@ -43,23 +47,29 @@ class Episodes(NamedTuple):
         return self.observations.shape[0]
 
     def mean_returns(self) -> Tensor:
-        """Undiscounted return per task, averaged over its trajectories: (tasks,)."""
-        return self.rewards.sum(-1).mean(-1)
+        """Undiscounted return per task, averaged over its episodes: (tasks,).
+
+        A trajectory slot whose first step is masked holds no episode (``sample_steps`` pads
+        tasks with fewer episodes that way) and does not count.
+        """
+        episodes = self.masks[..., 0].sum(-1).clamp_min(1.0)
+        return self.rewards.sum(-1).sum(-1) / episodes
 
 
 def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: int,
             horizon: int, seed: int, params: Params | None = None,
-            task_ids: Sequence[int] | None = None) -> Episodes:
+            task_ids: Sequence[int] | None = None, first_traj: int = 0) -> Episodes:
     """``num_traj`` episodes of every task, all environments stepped together.
 
     Observations, actions and rewards are in the dtype of the policy's parameters. ``params``:
     per-task policy parameters with a leading task dimension, or ``None`` for the policy's own.
     ``task_ids``: the tasks' positions in the caller's full task list (for the seeds; default
-    ``0 .. len(tasks) - 1``). Torch runs with one thread meanwhile.
+    ``0 .. len(tasks) - 1``). The episodes are numbered from ``first_traj`` (for the seeds).
+    Torch runs with one thread meanwhile.
     """
     num_tasks = len(tasks)
     task_ids = range(num_tasks) if task_ids is None else task_ids
-    rngs = [np.random.default_rng([seed, task_id, traj])
+    rngs = [np.random.default_rng([seed, task_id, first_traj + traj])
             for task_id in task_ids for traj in range(num_traj)]
     reset_seeds = [int(rng.integers(2**31)) for rng in rngs]
     noise = np.stack([rng.standard_normal((horizon, env.act_dim)) for rng in rngs])
@@ -111,18 +121,20 @@ class Sampler:
             self._start_workers(num_workers)
 
     def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: int,
-               params: Params | None = None, tasks_per_rollout: int | None = None) -> Episodes:
+               params: Params | None = None, tasks_per_rollout: int | None = None,
+               first_traj: int = 0) -> Episodes:
         """``num_traj`` episodes of ``horizon`` steps for every task: (tasks, num_traj, H, ...).
 
         ``params``: per-task parameters stacked over tasks (from ``adapt_policy``) or ``None``.
         ``tasks_per_rollout`` bounds how many tasks' environments step together (memory); it
-        does not change the result.
+        does not change the result. ``first_traj`` numbers the episodes from there (another
+        batch of the same seed).
         """
         if num_traj < 1 or not tasks:
             raise ConfigError(f"need at least one task and one trajectory, got {len(tasks)} tasks "
                               f"and num_traj={num_traj}")
         jobs = [{"tasks": [tasks[i] for i in ids], "num_traj": num_traj, "horizon": self.horizon,
-                 "seed": seed, "task_ids": ids,
+                 "seed": seed, "task_ids": ids, "first_traj": first_traj,
                  "params": None if params is None else {n: p[ids] for n, p in params.items()}}
                 for ids in _chunks(len(tasks), len(self._workers) or 1, tasks_per_rollout)]
         if not self._workers:
@@ -135,6 +147,31 @@ class Sampler:
                     conn.send((policy, job))
                 parts += _receive(conns[:len(batch)])
         return Episodes(*(torch.cat(column) for column in zip(*parts)))
+
+    def sample_steps(self, policy: nn.Module, tasks: Sequence[Task], num_envs: int, steps: int,
+                     seed: int, params: Params | None = None,
+                     tasks_per_rollout: int | None = None) -> Episodes:
+        """The official code's batch: ``num_envs`` environments per task run episode after
+        episode until the finished episodes hold ``steps`` steps; the episodes still running
+        then are dropped (``lockstep_batch``).
+
+        Returns the finished episodes of every task, (tasks, most episodes, H, ...), tasks with
+        fewer padded with empty slots (masks 0; ``mean_returns`` skips them). Without early
+        termination that is ``steps / H`` whole episodes, like ``sample``. Episodes are sampled
+        in rounds of ``num_envs`` per task (numbered on from the previous round) and laid end to
+        end per environment, which is statistically the same as restarting in place.
+        """
+        if steps < 1:
+            raise ConfigError(f"need steps >= 1, got {steps}")
+        rounds: list[Episodes] = []
+        keep = None
+        while keep is None:
+            rounds.append(self.sample(policy, tasks, num_envs, seed, params, tasks_per_rollout,
+                                      first_traj=len(rounds) * num_envs))
+            lengths = torch.stack([r.masks.sum(-1) for r in rounds], dim=1)
+            keep = lockstep_batch(lengths.long(), steps)
+        everything = Episodes(*(torch.cat(column, dim=1) for column in zip(*rounds)))
+        return _gather_episodes(everything, keep.flatten(1))
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -164,6 +201,46 @@ class Sampler:
                 process.start()
                 child.close()
                 self._workers.append((process, parent))
+
+
+def lockstep_batch(lengths: Tensor, steps: int) -> Tensor | None:
+    """Which episodes a batch of ``steps`` environment steps per task keeps, as the official
+    sampler gathers it.
+
+    ``lengths`` (tasks, rounds, envs): the lengths of each environment's consecutive episodes,
+    each starting when the one before ended. The batch stops at the first time at which the
+    episodes finished so far hold at least ``steps`` steps, and keeps exactly those; so short
+    episodes are over-represented, and the mean return over the batch favours them (as the
+    paper's reported returns). Returns the kept episodes (bool, like ``lengths``), or ``None``
+    when more rounds are needed to decide.
+    """
+    finish = lengths.cumsum(dim=1)
+    order = finish.flatten(1).argsort(dim=1, stable=True)
+    finish_sorted = finish.flatten(1).gather(1, order)
+    collected = lengths.flatten(1).gather(1, order).cumsum(dim=1)
+    if (collected[:, -1] < steps).any():
+        return None
+    stop = finish_sorted.gather(1, (collected >= steps).long().argmax(dim=1, keepdim=True))
+    if (stop.squeeze(1) > finish[:, -1].min(dim=1).values).any():
+        return None  # an episode not yet sampled could still finish before the stop
+    return finish <= stop.view(-1, 1, 1)
+
+
+def _gather_episodes(episodes: Episodes, keep: Tensor) -> Episodes:
+    """The kept trajectories (``keep``: tasks x trajectories) of every task, padded to the
+    largest count with empty slots (all masks 0)."""
+    counts = keep.sum(dim=1)
+    slots = int(counts.max())
+    index = torch.zeros(len(keep), slots, dtype=torch.long)
+    for task, row in enumerate(keep):
+        kept = row.nonzero().squeeze(1)
+        index[task, :len(kept)] = kept
+    filled = (torch.arange(slots) < counts.unsqueeze(1)).view(len(keep), slots, 1)
+
+    def gather(t: Tensor) -> Tensor:
+        picked = t[torch.arange(len(keep)).unsqueeze(1), index]
+        return picked * filled.view(*filled.shape, *[1] * (picked.dim() - 3)).to(t.dtype)
+    return Episodes(*(gather(t) for t in episodes))
 
 
 def _chunks(num_tasks: int, num_parts: int, tasks_per_rollout: int | None) -> list[list[int]]:
