@@ -52,6 +52,8 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(hvp="magic")
     with pytest.raises(ConfigError, match="eval_batch"):
         RLConfig(eval_batch="magic")
+    with pytest.raises(ConfigError, match="batch"):
+        RLConfig(batch="magic")
 
 
 def test_evaluation_uses_the_official_test_goals(tmp_path: Path) -> None:

@@ -55,15 +55,18 @@ def test_nav2d_episodes_record_the_simulator() -> None:
         policy.log_std.fill_(-8.0)
     episodes = sampler.sample(policy, tasks, 3, seed=0)
     sim = Nav2DBatch()
-    sim.reset([tasks[0]])
+    sim.reset([tasks[1]])
     for t in range(40):
-        obs, reward, _ = sim.step(episodes.actions[0, 0, t : t + 1].double())
+        obs, reward, _ = sim.step(episodes.actions[1, 0, t : t + 1].double())
         if t + 1 < 40:
-            assert torch.allclose(episodes.observations[0, 0, t + 1], obs[0].float())
-        assert episodes.rewards[0, 0, t].item() == pytest.approx(reward.item(), abs=1e-6)
-    # the first task ends at its second step: masks and rewards are 0 afterwards
+            assert torch.allclose(episodes.observations[1, 0, t + 1], obs[0].float())
+        assert episodes.rewards[1, 0, t].item() == pytest.approx(reward.item(), abs=1e-6)
+    # the first task ends at its second step: every field is 0 afterwards
     assert episodes.masks[0].sum(-1).tolist() == [2.0, 2.0, 2.0]
-    assert torch.all(episodes.rewards[0, :, 2:] == 0)
+    for after_end in (episodes.observations, episodes.actions, episodes.rewards):
+        assert not after_end[0, :, 2:].any()
+    assert episodes.rewards[0, 0, 1].item() == pytest.approx(
+        -float(np.linalg.norm(2 * np.array([0.025, -0.02]) - tasks[0]["goal"])), abs=1e-4)
     assert torch.all(episodes.masks[1] == 1)
     assert episodes.mean_returns().shape == (2,)
     assert episodes.mean_returns()[1] == pytest.approx(episodes.rewards[1].sum(-1).mean().item())

@@ -6,7 +6,10 @@ Learners (both checkpointed by ``fit``, both keep the policy with the best train
   ``meta_batch`` tasks, ``trajectories`` episodes per task with the pre-update policy (support),
   adapts on them, samples as many with the adapted policies (query), and takes one TRPO step on
   the post-update surrogate (``fastmaml.rl.trpo_meta_step``). Its training return is the mean
-  post-update (query) return.
+  post-update (query) return. With ``batch=steps`` a batch is instead ``trajectories x horizon``
+  environment steps per task, gathered as the official training sampler did, by one environment
+  per task running episode after episode (``Sampler.sample_steps``): more, shorter episodes
+  where episodes end early.
 - ``pretrained``: the same policy, the same tasks and episodes per iteration, trained by TRPO on
   the returns of the policy itself across tasks, without adaptation (per-task linear baselines
   and standardised advantages, the same KL bound): a policy "pretrained on all tasks". The
@@ -110,6 +113,7 @@ class RLConfig(Config):
     pretrained: bool = True  # also train the pretrained baseline
     meta_batch: int = 20  # tasks per meta-iteration
     trajectories: int = 20  # episodes per task, for the inner step and for the meta-update
+    batch: str = "episodes"  # or steps: trajectories x horizon steps per task (official sampler)
     inner_lr: float = 0.1
     inner_steps: int = 1  # >1: more steps on the same support episodes
     hidden: tuple[int, ...] = (100, 100)
@@ -145,8 +149,9 @@ class RLConfig(Config):
         if self.hvp not in ("gauss_newton", "exact", "finite_difference"):
             raise ConfigError("hvp must be gauss_newton, exact or finite_difference, got "
                               f"{self.hvp!r}")
-        if self.eval_batch not in ("steps", "episodes"):
-            raise ConfigError(f"eval_batch must be steps or episodes, got {self.eval_batch!r}")
+        if self.batch not in ("steps", "episodes") or self.eval_batch not in ("steps", "episodes"):
+            raise ConfigError("batch and eval_batch must be steps or episodes, got "
+                              f"{self.batch!r} and {self.eval_batch!r}")
         if self.eval_policy not in ("best", "last"):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
         if self.action_scale != 1.0 and self.env != NAV:
@@ -199,11 +204,22 @@ class MetaRLLearner:
         rng = np.random.default_rng([self.cfg.seed, 1, iteration])
         return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.meta_batch, rng)
 
+    def sample(self, tasks: list[dict[str, Any]], seed: int,
+               params: dict[str, Tensor] | None = None) -> Episodes:
+        """A training batch: ``trajectories`` episodes per task, or with ``batch=steps`` the
+        official training sampler's ``trajectories x horizon`` steps per task, gathered by one
+        environment per task running episode after episode."""
+        cfg = self.cfg
+        if cfg.batch == "steps":
+            return self.sampler.sample_steps(self.policy, tasks, 1,
+                                             cfg.trajectories * self.sampler.horizon, seed, params)
+        return self.sampler.sample(self.policy, tasks, cfg.trajectories, seed, params)
+
     def step(self, iteration: int) -> dict[str, float]:
         rl, cfg = _rl(), self.cfg
         tick = time.perf_counter()
         tasks = self.tasks(iteration)
-        support = self.sampler.sample(self.policy, tasks, cfg.trajectories, _seed(cfg, iteration, 0))
+        support = self.sample(tasks, _seed(cfg, iteration, 0))
         metrics = {"pre_return": support.mean_returns().mean().item()}
         sample_s = time.perf_counter() - tick
         if self.adapt:
@@ -213,8 +229,7 @@ class MetaRLLearner:
                                           gae_lambda=cfg.gae_lambda)
             adapt_s = time.perf_counter() - tock
             tock = time.perf_counter()
-            query = self.sampler.sample(self.policy, tasks, cfg.trajectories,
-                                        _seed(cfg, iteration, 1), params=adapted)
+            query = self.sample(tasks, _seed(cfg, iteration, 1), adapted)
             sample_s += time.perf_counter() - tock
             metrics["post_return"] = query.mean_returns().mean().item()
             training_return = metrics["post_return"]

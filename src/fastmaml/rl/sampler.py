@@ -37,8 +37,8 @@ from .policy import policy_forward
 class Episodes(NamedTuple):
     """Sampled episodes, (tasks, trajectories, steps, ...) each."""
 
-    observations: Tensor  # the observation each action was taken in
-    actions: Tensor  # the policy's sampled actions, before any clipping by the environment
+    observations: Tensor  # the observation each action was taken in (0 after the episode ended)
+    actions: Tensor  # the policy's sampled actions, before any clipping by the environment (ditto)
     rewards: Tensor  # 0 after the episode ended
     masks: Tensor  # 1.0 for steps inside the episode, 0.0 after it ended
 
@@ -79,11 +79,13 @@ def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: i
     params = None if params is None else {name: p.double() for name, p in params.items()}
     obs = env.reset([task for task in tasks for _ in range(num_traj)], reset_seeds)
     shape = (num_tasks, num_traj, horizon)
-    episodes = Episodes(*(torch.empty(*shape, *dims, dtype=dtype)
+    episodes = Episodes(*(torch.zeros(*shape, *dims, dtype=dtype)
                           for dims in ((env.obs_dim,), (env.act_dim,), (), ())))
     done = torch.zeros(num_tasks, num_traj, dtype=torch.bool)
     with torch.no_grad(), _one_torch_thread():
         for t in range(horizon):
+            if done.all():
+                break
             obs = obs.double().view(num_tasks, num_traj, env.obs_dim)
             mean, log_std = policy_forward(policy, obs, params)
             action = (mean + log_std.exp() * noise[:, :, t]).to(dtype)
@@ -93,6 +95,9 @@ def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: i
             obs, reward, ended = env.step(action.reshape(-1, env.act_dim))
             episodes.rewards[:, :, t] = reward.view(num_tasks, num_traj)
             done = ended.view(num_tasks, num_traj)
+    # Steps after an episode's end hold zeros, however the environments were batched.
+    episodes.observations.mul_(episodes.masks.unsqueeze(-1))
+    episodes.actions.mul_(episodes.masks.unsqueeze(-1))
     return episodes
 
 
