@@ -117,16 +117,20 @@ def test_sampler_rejects_bad_arguments() -> None:
 
 
 def test_lockstep_batch_stops_when_finished_episodes_hold_the_steps() -> None:
-    # one task, two environments: env 0's episodes last 3 steps (end at 3, 6, 9), env 1's 5
-    # (end at 5, 10, 15). 8 steps are finished at time 5: the episodes ending at 3 and 5.
-    lengths = torch.tensor([[[3, 5], [3, 5], [3, 5]]])
-    keep = lockstep_batch(lengths, steps=8)
-    assert keep.tolist() == [[[True, True], [False, False], [False, False]]]
-    # after one round env 0's second episode (unsampled) might still end by time 5
-    assert lockstep_batch(lengths[:, :1], steps=8) is None
-    assert lockstep_batch(lengths, steps=100) is None  # too few steps so far
+    # two environments take episodes of 3, 5, 3, 5, ... steps as they come free: env 0 runs
+    # 3 (ends at 3), 3 (6), 3 (9), 5 (14); env 1 runs 5 (5), 5 (10). 8 steps are finished at
+    # time 5: the first two episodes.
+    lengths = torch.tensor([[3, 5, 3, 5, 3, 5]])
+    assert lockstep_batch(lengths, 2, steps=8).tolist() == [[True, True] + [False] * 4]
+    # after two episodes env 0's next one (not sampled yet) might still end by time 5
+    assert lockstep_batch(lengths[:, :2], 2, steps=8) is None
+    assert lockstep_batch(lengths, 2, steps=100) is None  # too few steps so far
     # episodes ending at the stop time together are all kept
-    assert lockstep_batch(torch.tensor([[[5, 5]]]), steps=3).tolist() == [[[True, True]]]
+    assert lockstep_batch(torch.tensor([[5, 5]]), 2, steps=3).tolist() == [[True, True]]
+    # a free environment takes the next episode: env 0 runs three 1-step episodes while env 1
+    # is still in its 10-step one, which is dropped
+    assert lockstep_batch(torch.tensor([[1, 10, 1, 1]]), 2, steps=3).tolist() == [
+        [True, False, True, True]]
 
 
 def _goal_seeker() -> GaussianMLPPolicy:

@@ -12,12 +12,14 @@ environments are batched or split over worker processes (a float64 policy's do, 
 
 ``Sampler.sample_steps`` gives the official code's batches instead: a number of environment
 steps per task, gathered by environments that start a new episode as soon as one ends (see
-``lockstep_batch``).
+``lockstep_batch``; the episodes are independent, so they are sampled in batches and handed to
+the environments in order afterwards).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import heapq
 import multiprocessing as mp
 import os
 from collections.abc import Iterator, Sequence
@@ -163,20 +165,20 @@ class Sampler:
         Returns the finished episodes of every task, (tasks, most episodes, H, ...), tasks with
         fewer padded with empty slots (masks 0; ``mean_returns`` skips them). Without early
         termination that is ``steps / H`` whole episodes, like ``sample``. Episodes are sampled
-        in rounds of ``num_envs`` per task (numbered on from the previous round) and laid end to
-        end per environment, which is statistically the same as restarting in place.
+        ``num_envs`` per task at a time (numbered on from the previous ones), as many times as
+        ``lockstep_batch`` needs to decide.
         """
         if steps < 1:
             raise ConfigError(f"need steps >= 1, got {steps}")
-        rounds: list[Episodes] = []
+        parts: list[Episodes] = []
         keep = None
         while keep is None:
-            rounds.append(self.sample(policy, tasks, num_envs, seed, params, tasks_per_rollout,
-                                      first_traj=len(rounds) * num_envs))
-            lengths = torch.stack([r.masks.sum(-1) for r in rounds], dim=1)
-            keep = lockstep_batch(lengths.long(), steps)
-        everything = Episodes(*(torch.cat(column, dim=1) for column in zip(*rounds)))
-        return _gather_episodes(everything, keep.flatten(1))
+            parts.append(self.sample(policy, tasks, num_envs, seed, params, tasks_per_rollout,
+                                     first_traj=len(parts) * num_envs))
+            lengths = torch.cat([part.masks.sum(-1) for part in parts], dim=1)
+            keep = lockstep_batch(lengths.long(), num_envs, steps)
+        everything = Episodes(*(torch.cat(column, dim=1) for column in zip(*parts)))
+        return _gather_episodes(everything, keep)
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -208,27 +210,36 @@ class Sampler:
                 self._workers.append((process, parent))
 
 
-def lockstep_batch(lengths: Tensor, steps: int) -> Tensor | None:
+def lockstep_batch(lengths: Tensor, num_envs: int, steps: int) -> Tensor | None:
     """Which episodes a batch of ``steps`` environment steps per task keeps, as the official
-    sampler gathers it.
+    sampler gathers it, given the lengths (tasks, episodes) of independent episodes.
 
-    ``lengths`` (tasks, rounds, envs): the lengths of each environment's consecutive episodes,
-    each starting when the one before ended. The batch stops at the first time at which the
-    episodes finished so far hold at least ``steps`` steps, and keeps exactly those; so short
-    episodes are over-represented, and the mean return over the batch favours them (as the
-    paper's reported returns). Returns the kept episodes (bool, like ``lengths``), or ``None``
-    when more rounds are needed to decide.
+    ``num_envs`` environments start together; whenever one is free it runs the next episode,
+    in order (the first free environment first). The batch stops at the first time at which the
+    finished episodes hold at least ``steps`` steps, and keeps exactly those: so short episodes
+    are over-represented, and the mean return over the batch favours them (as the paper's
+    reported returns). Returns the kept episodes (bool, like ``lengths``), or ``None`` when
+    more episodes are needed to decide.
     """
-    finish = lengths.cumsum(dim=1)
-    order = finish.flatten(1).argsort(dim=1, stable=True)
-    finish_sorted = finish.flatten(1).gather(1, order)
-    collected = lengths.flatten(1).gather(1, order).cumsum(dim=1)
-    if (collected[:, -1] < steps).any():
-        return None
-    stop = finish_sorted.gather(1, (collected >= steps).long().argmax(dim=1, keepdim=True))
-    if (stop.squeeze(1) > finish[:, -1].min(dim=1).values).any():
-        return None  # an episode not yet sampled could still finish before the stop
-    return finish <= stop.view(-1, 1, 1)
+    keep = torch.zeros(lengths.shape, dtype=torch.bool)
+    for task, task_lengths in enumerate(lengths.tolist()):
+        free = [(0, env) for env in range(num_envs)]  # (time the environment is free, env)
+        finish = []
+        for length in task_lengths:
+            start, env = heapq.heappop(free)
+            finish.append(start + length)
+            heapq.heappush(free, (start + length, env))
+        collected, stop = 0, None
+        for end, length in sorted(zip(finish, task_lengths)):
+            collected += length
+            if collected >= steps:
+                stop = end
+                break
+        # an episode not yet sampled starts when its environment is free, after the stop
+        if stop is None or free[0][0] < stop:
+            return None
+        keep[task] = torch.tensor(finish) <= stop
+    return keep
 
 
 def _gather_episodes(episodes: Episodes, keep: Tensor) -> Episodes:
