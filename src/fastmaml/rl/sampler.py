@@ -251,11 +251,11 @@ def _gather_episodes(episodes: Episodes, keep: Tensor) -> Episodes:
     for task, row in enumerate(keep):
         kept = row.nonzero().squeeze(1)
         index[task, :len(kept)] = kept
-    filled = (torch.arange(slots) < counts.unsqueeze(1)).view(len(keep), slots, 1)
+    filled = torch.arange(slots) < counts.unsqueeze(1)  # (tasks, slots)
 
     def gather(t: Tensor) -> Tensor:
         picked = t[torch.arange(len(keep)).unsqueeze(1), index]
-        return picked * filled.view(*filled.shape, *[1] * (picked.dim() - 3)).to(t.dtype)
+        return picked * filled.view(*filled.shape, *[1] * (picked.dim() - 2)).to(t.dtype)
     return Episodes(*(gather(t) for t in episodes))
 
 
