@@ -233,8 +233,24 @@ def measure_memory(step: Callable, batch: TaskBatch, device: torch.device) -> fl
     return rss.mb
 
 
+def conv_fraction(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device) -> float:
+    """Share of a meta-iteration's profiled CPU self time spent in convolution kernels.
+
+    ``s_per_iter * conv_fraction`` is what the step would take if everything but the
+    convolutions (normalisation, activations, the elementwise second-order terms, layout
+    copies, dispatch) were free: a bound on what faster glue code could buy.
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            timed_call(model, step, batch, device)
+    events = prof.key_averages()
+    conv = sum(e.self_cpu_time_total for e in events
+               if e.key.startswith("aten::") and "conv" in e.key)
+    return conv / sum(e.self_cpu_time_total for e in events)
+
+
 def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
-        device: torch.device):
+        device: torch.device, conv_share: bool = False):
     available = [i for i in impls if IMPLS[i][1] is None or importlib.util.find_spec(IMPLS[i][1])]
     for missing in sorted(set(impls) - set(available)):
         print(f"note: {missing} is not installed; skipped (pip install {missing})")
@@ -262,6 +278,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                 calls[impl] = max(1, math.ceil(MIN_BLOCK_S / fastest))
             for impl in available:  # memory: one untimed run each (the CPU sampler costs time)
                 memory[impl] = measure_memory(steps[impl][1], batch, device)
+            shares = {impl: conv_fraction(*steps[impl], batch, device)
+                      for impl in available} if conv_share else {}
             for round_ in range(warmup + repeats):  # interleaved timed rounds
                 for impl in available:
                     elapsed = sum(timed_call(*steps[impl], batch, device)
@@ -278,7 +296,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "speedup_vs_loop": loop_time / median if loop_time else None,
                                 "gflop_per_iter": flops / 1e9,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
-                                "repeats": repeats, "device": str(device)})
+                                "repeats": repeats, "device": str(device),
+                                **({"conv_fraction": shares[impl]} if shares else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
 
@@ -287,11 +306,15 @@ def print_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\n{first['workload']} ({first['order']} order, {first['gflop_per_iter']:.2f} GFLOP/iter, "
           f"median of {first['repeats']})")
-    print(f"  {'impl':<19}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}")
+    shares = "conv_fraction" in first
+    print(f"  {'impl':<19}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}"
+          + (f"{'conv %':>8}{'conv s':>9}" if shares else ""))
     for r in rows:
         ratio = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] else "-"
         print(f"  {r['impl']:<19}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
-              f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}")
+              f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}"
+              + (f"{100 * r['conv_fraction']:>7.1f}%{r['conv_fraction'] * r['s_per_iter']:>9.4f}"
+                 if shares else ""))
 
 
 def main() -> None:
@@ -306,6 +329,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write one record per (workload, order, impl)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--conv-share", action="store_true",
+                        help="also profile each step (CPU) and report the share of its time, and "
+                             "the seconds, spent in convolution kernels")
     args = parser.parse_args()
     workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     unknown = [w for w in workloads if w not in WORKLOADS] + [
@@ -314,10 +340,12 @@ def main() -> None:
         parser.error(f"unknown workload or impl: {', '.join(unknown)}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.conv_share and not args.device.startswith("cpu"):
+        parser.error("--conv-share profiles CPU time; run it with --device cpu")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
     records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats,
-                  args.warmup, torch.device(args.device))
+                  args.warmup, torch.device(args.device), args.conv_share)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
         print(f"\nwrote {args.json}")

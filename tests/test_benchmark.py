@@ -25,3 +25,15 @@ def test_benchmark_writes_records_for_each_implementation(tmp_path):
     assert loop["speedup_vs_loop"] == 1.0
     if not any(r["impl"] == "learn2learn" for r in records):
         assert "learn2learn is not installed; skipped" in result.stdout
+
+
+def test_conv_share_reports_the_convolution_fraction_of_a_conv_net_step(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "omniglot-5w1s-q5",
+         "--orders", "first", "--impls", "fastmaml,loop", "--repeats", "1", "--warmup", "0",
+         "--conv-share", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "conv %" in result.stdout
+    for record in json.loads(out.read_text()):
+        assert 0.0 < record["conv_fraction"] < 1.0
