@@ -7,7 +7,7 @@ import torch
 
 from fastmaml.errors import ConfigError
 from fastmaml.rl import (Episodes, GaussianMLPPolicy, Nav2DBatch, Sampler, env_class,
-                         gaussian_log_prob, lockstep_batch, rollout)
+                         gaussian_log_prob, lockstep_episodes, rollout)
 
 
 def _tasks(env_id: str, n: int) -> list[dict]:
@@ -116,21 +116,28 @@ def test_sampler_rejects_bad_arguments() -> None:
     assert sampler.horizon == 100
 
 
-def test_lockstep_batch_stops_when_finished_episodes_hold_the_steps() -> None:
+def test_lockstep_episodes_stops_when_finished_episodes_hold_the_steps() -> None:
     # two environments take episodes of 3, 5, 3, 5, ... steps as they come free: env 0 runs
     # 3 (ends at 3), 3 (6), 3 (9), 5 (14); env 1 runs 5 (5), 5 (10). 8 steps are finished at
     # time 5: the first two episodes.
-    lengths = torch.tensor([[3, 5, 3, 5, 3, 5]])
-    assert lockstep_batch(lengths, 2, steps=8).tolist() == [[True, True] + [False] * 4]
+    lengths = [3, 5, 3, 5, 3, 5]
+    assert lockstep_episodes(lengths, 2, steps=8) == [True, True] + [False] * 4
     # after two episodes env 0's next one (not sampled yet) might still end by time 5
-    assert lockstep_batch(lengths[:, :2], 2, steps=8) is None
-    assert lockstep_batch(lengths, 2, steps=100) is None  # too few steps so far
+    assert lockstep_episodes(lengths[:2], 2, steps=8) is None
+    assert lockstep_episodes(lengths, 2, steps=100) is None  # too few steps so far
     # episodes ending at the stop time together are all kept
-    assert lockstep_batch(torch.tensor([[5, 5]]), 2, steps=3).tolist() == [[True, True]]
+    assert lockstep_episodes([5, 5], 2, steps=3) == [True, True]
     # a free environment takes the next episode: env 0 runs three 1-step episodes while env 1
     # is still in its 10-step one, which is dropped
-    assert lockstep_batch(torch.tensor([[1, 10, 1, 1]]), 2, steps=3).tolist() == [
-        [True, False, True, True]]
+    assert lockstep_episodes([1, 10, 1, 1], 2, steps=3) == [True, False, True, True]
+
+
+def test_sampling_some_tasks_again_by_their_positions() -> None:
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=10)
+    policy, tasks = _policy(2, 2), _tasks("fastmaml/Nav2D-v0", 3)
+    full = sampler.sample(policy, tasks, 2, seed=3, first_traj=4)
+    again = sampler.sample(policy, [tasks[2], tasks[0]], 2, seed=3, first_traj=4, task_ids=[2, 0])
+    _assert_equal(again, Episodes(*(t[[2, 0]] for t in full)))
 
 
 def _goal_seeker() -> GaussianMLPPolicy:

@@ -19,7 +19,7 @@ from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian
                      reinforce_loss)
 from .returns import (baseline_features, compute_advantages, discounted_returns,
                       fit_linear_baseline, gae, standardize)
-from .sampler import Episodes, Sampler, lockstep_batch, rollout
+from .sampler import Episodes, Sampler, lockstep_episodes, rollout
 from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hvp,
                    hessian_vector_product, line_search, meta_objective, policy_objective,
                    trpo_meta_step, trpo_step)
@@ -29,7 +29,7 @@ __all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVe
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",
-           "fit_linear_baseline", "gae", "standardize", "Episodes", "Sampler", "lockstep_batch",
+           "fit_linear_baseline", "gae", "standardize", "Episodes", "Sampler", "lockstep_episodes",
            "rollout", "TRPOObjective", "TRPOStats", "conjugate_gradient", "gauss_newton_hvp",
            "hessian_vector_product", "line_search", "meta_objective", "policy_objective",
            "trpo_meta_step", "trpo_step"]

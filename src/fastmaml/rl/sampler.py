@@ -12,7 +12,7 @@ environments are batched or split over worker processes (a float64 policy's do, 
 
 ``Sampler.sample_steps`` gives the official code's batches instead: a number of environment
 steps per task, gathered by environments that start a new episode as soon as one ends (see
-``lockstep_batch``; the episodes are independent, so they are sampled in batches and handed to
+``lockstep_episodes``; the episodes are independent, so they are sampled in batches and handed to
 the environments in order afterwards).
 """
 from __future__ import annotations
@@ -129,19 +129,21 @@ class Sampler:
 
     def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: int,
                params: Params | None = None, tasks_per_rollout: int | None = None,
-               first_traj: int = 0) -> Episodes:
+               first_traj: int = 0, task_ids: Sequence[int] | None = None) -> Episodes:
         """``num_traj`` episodes of ``horizon`` steps for every task: (tasks, num_traj, H, ...).
 
         ``params``: per-task parameters stacked over tasks (from ``adapt_policy``) or ``None``.
         ``tasks_per_rollout`` bounds how many tasks' environments step together (memory); it
         does not change the result. ``first_traj`` numbers the episodes from there (another
-        batch of the same seed).
+        batch of the same seed). ``task_ids``: the tasks' positions in a larger task list, for
+        the seeds (default ``0 .. len(tasks) - 1``), to sample some of its tasks again.
         """
         if num_traj < 1 or not tasks:
             raise ConfigError(f"need at least one task and one trajectory, got {len(tasks)} tasks "
                               f"and num_traj={num_traj}")
+        task_ids = list(range(len(tasks))) if task_ids is None else list(task_ids)
         jobs = [{"tasks": [tasks[i] for i in ids], "num_traj": num_traj, "horizon": self.horizon,
-                 "seed": seed, "task_ids": ids, "first_traj": first_traj,
+                 "seed": seed, "task_ids": [task_ids[i] for i in ids], "first_traj": first_traj,
                  "params": None if params is None else {n: p[ids] for n, p in params.items()}}
                 for ids in _chunks(len(tasks), len(self._workers) or 1, tasks_per_rollout)]
         if not self._workers:
@@ -160,25 +162,29 @@ class Sampler:
                      tasks_per_rollout: int | None = None) -> Episodes:
         """The official code's batch: ``num_envs`` environments per task run episode after
         episode until the finished episodes hold ``steps`` steps; the episodes still running
-        then are dropped (``lockstep_batch``).
+        then are dropped (``lockstep_episodes``).
 
         Returns the finished episodes of every task, (tasks, most episodes, H, ...), tasks with
         fewer padded with empty slots (masks 0; ``mean_returns`` skips them). Without early
         termination that is ``steps / H`` whole episodes, like ``sample``. Episodes are sampled
-        ``num_envs`` per task at a time (numbered on from the previous ones), as many times as
-        ``lockstep_batch`` needs to decide.
+        ``num_envs`` per task at a time (numbered on from the previous ones), for the tasks that
+        ``lockstep_episodes`` cannot decide yet.
         """
         if steps < 1:
             raise ConfigError(f"need steps >= 1, got {steps}")
-        parts: list[Episodes] = []
-        keep = None
-        while keep is None:
-            parts.append(self.sample(policy, tasks, num_envs, seed, params, tasks_per_rollout,
-                                     first_traj=len(parts) * num_envs))
-            lengths = torch.cat([part.masks.sum(-1) for part in parts], dim=1)
-            keep = lockstep_batch(lengths.long(), num_envs, steps)
-        everything = Episodes(*(torch.cat(column, dim=1) for column in zip(*parts)))
-        return _gather_episodes(everything, keep)
+        sampled: list[list[Episodes]] = [[] for _ in tasks]  # each task's batches of episodes
+        keep: list[list[bool] | None] = [None] * len(tasks)
+        batches = 0
+        while pending := [i for i, kept in enumerate(keep) if kept is None]:
+            part = self.sample(policy, [tasks[i] for i in pending], num_envs, seed,
+                               None if params is None else {n: p[pending] for n, p in params.items()},
+                               tasks_per_rollout, first_traj=batches * num_envs, task_ids=pending)
+            batches += 1
+            for row, task in enumerate(pending):
+                sampled[task].append(Episodes(*(t[row] for t in part)))
+                lengths = torch.cat([batch.masks.sum(-1) for batch in sampled[task]])
+                keep[task] = lockstep_episodes(lengths.long().tolist(), num_envs, steps)
+        return _stack_kept(sampled, keep)
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -210,53 +216,45 @@ class Sampler:
                 self._workers.append((process, parent))
 
 
-def lockstep_batch(lengths: Tensor, num_envs: int, steps: int) -> Tensor | None:
-    """Which episodes a batch of ``steps`` environment steps per task keeps, as the official
-    sampler gathers it, given the lengths (tasks, episodes) of independent episodes.
+def lockstep_episodes(lengths: Sequence[int], num_envs: int, steps: int) -> list[bool] | None:
+    """Which of a task's independent episodes (their lengths, in order) a batch of ``steps``
+    environment steps keeps, as the official sampler gathers it.
 
     ``num_envs`` environments start together; whenever one is free it runs the next episode,
     in order (the first free environment first). The batch stops at the first time at which the
     finished episodes hold at least ``steps`` steps, and keeps exactly those: so short episodes
     are over-represented, and the mean return over the batch favours them (as the paper's
-    reported returns). Returns the kept episodes (bool, like ``lengths``), or ``None`` when
-    more episodes are needed to decide.
+    reported returns). Returns one flag per episode, or ``None`` when more episodes are needed
+    to decide.
     """
-    keep = torch.zeros(lengths.shape, dtype=torch.bool)
-    for task, task_lengths in enumerate(lengths.tolist()):
-        free = [(0, env) for env in range(num_envs)]  # (time the environment is free, env)
-        finish = []
-        for length in task_lengths:
-            start, env = heapq.heappop(free)
-            finish.append(start + length)
-            heapq.heappush(free, (start + length, env))
-        collected, stop = 0, None
-        for end, length in sorted(zip(finish, task_lengths)):
-            collected += length
-            if collected >= steps:
-                stop = end
-                break
-        # an episode not yet sampled starts when its environment is free, after the stop
-        if stop is None or free[0][0] < stop:
-            return None
-        keep[task] = torch.tensor(finish) <= stop
-    return keep
+    free = [(0, env) for env in range(num_envs)]  # (time the environment is free, env)
+    finish = []
+    for length in lengths:
+        start, env = heapq.heappop(free)
+        finish.append(start + length)
+        heapq.heappush(free, (start + length, env))
+    collected, stop = 0, None
+    for end, length in sorted(zip(finish, lengths)):
+        collected += length
+        if collected >= steps:
+            stop = end
+            break
+    # an episode not yet sampled starts when its environment is free, after the stop
+    if stop is None or free[0][0] < stop:
+        return None
+    return [end <= stop for end in finish]
 
 
-def _gather_episodes(episodes: Episodes, keep: Tensor) -> Episodes:
-    """The kept trajectories (``keep``: tasks x trajectories) of every task, padded to the
-    largest count with empty slots (all masks 0)."""
-    counts = keep.sum(dim=1)
-    slots = int(counts.max())
-    index = torch.zeros(len(keep), slots, dtype=torch.long)
-    for task, row in enumerate(keep):
-        kept = row.nonzero().squeeze(1)
-        index[task, :len(kept)] = kept
-    filled = torch.arange(slots) < counts.unsqueeze(1)  # (tasks, slots)
+def _stack_kept(sampled: list[list[Episodes]], keep: list[list[bool]]) -> Episodes:
+    """Each task's kept episodes, stacked over tasks and padded to the largest count with
+    empty slots (all zeros, masks 0)."""
+    kept = [Episodes(*(torch.cat(column)[torch.tensor(flags)] for column in zip(*batches)))
+            for batches, flags in zip(sampled, keep)]
+    slots = max(episodes.masks.shape[0] for episodes in kept)
 
-    def gather(t: Tensor) -> Tensor:
-        picked = t[torch.arange(len(keep)).unsqueeze(1), index]
-        return picked * filled.view(*filled.shape, *[1] * (picked.dim() - 2)).to(t.dtype)
-    return Episodes(*(gather(t) for t in episodes))
+    def padded(t: Tensor) -> Tensor:
+        return torch.cat([t, t.new_zeros(slots - t.shape[0], *t.shape[1:])])
+    return Episodes(*(torch.stack([padded(t) for t in column]) for column in zip(*kept)))
 
 
 def _chunks(num_tasks: int, num_parts: int, tasks_per_rollout: int | None) -> list[list[int]]:
