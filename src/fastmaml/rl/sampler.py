@@ -176,8 +176,8 @@ class Sampler:
         keep: list[list[bool] | None] = [None] * len(tasks)
         batches = 0
         while pending := [i for i, kept in enumerate(keep) if kept is None]:
-            part = self.sample(policy, [tasks[i] for i in pending], num_envs, seed,
-                               None if params is None else {n: p[pending] for n, p in params.items()},
+            their_params = None if params is None else {n: p[pending] for n, p in params.items()}
+            part = self.sample(policy, [tasks[i] for i in pending], num_envs, seed, their_params,
                                tasks_per_rollout, first_traj=batches * num_envs, task_ids=pending)
             batches += 1
             for row, task in enumerate(pending):
