@@ -1,6 +1,8 @@
 """Sampler: shapes, masks, per-task parameters; seeded batched = sequential = worker rollouts."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,8 @@ def test_sampler_rejects_bad_arguments() -> None:
     sampler = Sampler("fastmaml/Nav2D-v0")
     with pytest.raises(ConfigError):
         sampler.sample(_policy(2, 2), [], 2, seed=0)
+    with pytest.raises(ConfigError, match="at least one task"):
+        sampler.sample_steps(_policy(2, 2), [], 2, steps=10, seed=0)
     assert sampler.horizon == 100
 
 
@@ -165,6 +169,41 @@ def test_sample_steps_keeps_more_of_the_short_episodes() -> None:
     full = sampler.sample(_goal_seeker(), tasks, 2, seed=0)
     assert torch.allclose(episodes.mean_returns(), full.mean_returns())  # empty slots skipped
     assert episodes.mean_returns()[1] == pytest.approx(full.rewards[1, 0].sum().item())
+
+
+def test_sample_steps_resamples_undecided_tasks_with_their_own_seeds() -> None:
+    # Noisy goal seekers: an episode ends after 1 step when the noise lands within the goal's
+    # tolerance, else it runs all 10 steps, so the tasks at positions 1 and 2 need more batches
+    # than task 0 (standing still, far goal), which its first batch decides: they are sampled
+    # again at other positions of the pending list.
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=10)
+    policy = _goal_seeker()
+    with torch.no_grad():
+        policy.log_std.fill_(math.log(0.01))
+    params = {n: p.detach().expand(3, *p.shape).clone() for n, p in policy.named_parameters()}
+    bias = next(n for n in params if n.endswith("bias") and params[n].shape[-1] == 2)
+    params[bias][0] = 0.0
+    tasks = [{"goal": np.array([0.5, 0.5])}, {"goal": np.array([0.05, 0.05])},
+             {"goal": np.array([0.05, 0.05])}]
+    got = sampler.sample_steps(policy, tasks, num_envs=2, steps=6, seed=11, params=params)
+    # the reference samples every task in every batch, as many batches as the last task needs
+    batches: list[Episodes] = []
+    while True:
+        batches.append(sampler.sample(policy, tasks, 2, seed=11, params=params,
+                                      first_traj=2 * len(batches)))
+        masks = torch.cat([batch.masks for batch in batches], dim=1)
+        keep = [lockstep_episodes(m.sum(-1).long().tolist(), 2, 6) for m in masks]
+        if None not in keep:
+            break
+    decided_after = [next(k for k in range(1, len(batches) + 1) if lockstep_episodes(
+        masks[task, :2 * k].sum(-1).long().tolist(), 2, 6) is not None) for task in range(3)]
+    assert decided_after == [1, 3, 2]  # batch 2 samples tasks 1 and 2, batch 3 task 1 alone
+    for task, flags in enumerate(keep):
+        count = sum(flags)
+        for name, mine, theirs in zip(Episodes._fields, got, batches[0]):
+            everything = torch.cat([getattr(batch, name)[task] for batch in batches])
+            assert torch.equal(mine[task, :count], everything[torch.tensor(flags)]), name
+            assert not mine[task, count:].any(), name  # empty padding slots
 
 
 def test_sample_steps_without_early_ends_is_plain_sampling() -> None:

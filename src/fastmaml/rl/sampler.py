@@ -170,8 +170,9 @@ class Sampler:
         ``num_envs`` per task at a time (numbered on from the previous ones), for the tasks that
         ``lockstep_episodes`` cannot decide yet.
         """
-        if steps < 1:
-            raise ConfigError(f"need steps >= 1, got {steps}")
+        if steps < 1 or not tasks:
+            raise ConfigError(f"need at least one task and steps >= 1, got {len(tasks)} tasks and "
+                              f"steps={steps}")
         sampled: list[list[Episodes]] = [[] for _ in tasks]  # each task's batches of episodes
         keep: list[list[bool] | None] = [None] * len(tasks)
         batches = 0
