@@ -233,20 +233,21 @@ def measure_memory(step: Callable, batch: TaskBatch, device: torch.device) -> fl
     return rss.mb
 
 
-def conv_fraction(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device) -> float:
-    """Share of a meta-iteration's profiled CPU self time spent in convolution kernels.
+def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device) -> float:
+    """CPU seconds of one meta-iteration spent inside convolution kernels (forward, backward
+    and double backward), from the profiler's self times over three calls.
 
-    ``s_per_iter * conv_fraction`` is what the step would take if everything but the
-    convolutions (normalisation, activations, the elementwise second-order terms, layout
-    copies, dispatch) were free: a bound on what faster glue code could buy.
+    What the step would take if everything but the convolutions (normalisation, activations,
+    the elementwise second-order terms, layout copies, dispatch) were free: a bound on what
+    faster glue code could buy. The kernels run for milliseconds each, so the profiler's
+    per-op overhead hardly touches them.
     """
+    calls = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
+        for _ in range(calls):
             timed_call(model, step, batch, device)
-    events = prof.key_averages()
-    conv = sum(e.self_cpu_time_total for e in events
-               if e.key.startswith("aten::") and "conv" in e.key)
-    return conv / sum(e.self_cpu_time_total for e in events)
+    return sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key.startswith("aten::") and "conv" in e.key) / 1e6 / calls
 
 
 def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
@@ -278,8 +279,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                 calls[impl] = max(1, math.ceil(MIN_BLOCK_S / fastest))
             for impl in available:  # memory: one untimed run each (the CPU sampler costs time)
                 memory[impl] = measure_memory(steps[impl][1], batch, device)
-            shares = {impl: conv_fraction(*steps[impl], batch, device)
-                      for impl in available} if conv_share else {}
+            conv = {impl: conv_seconds(*steps[impl], batch, device)
+                    for impl in available} if conv_share else {}
             for round_ in range(warmup + repeats):  # interleaved timed rounds
                 for impl in available:
                     elapsed = sum(timed_call(*steps[impl], batch, device)
@@ -297,7 +298,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "gflop_per_iter": flops / 1e9,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
                                 "repeats": repeats, "device": str(device),
-                                **({"conv_fraction": shares[impl]} if shares else {})})
+                                **({"conv_s_per_iter": conv[impl]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
 
@@ -306,15 +307,15 @@ def print_table(rows: list[dict]) -> None:
     first = rows[0]
     print(f"\n{first['workload']} ({first['order']} order, {first['gflop_per_iter']:.2f} GFLOP/iter, "
           f"median of {first['repeats']})")
-    shares = "conv_fraction" in first
+    conv = "conv_s_per_iter" in first
     print(f"  {'impl':<19}{'s/iter':>10}{'iter/s':>9}{'vs loop':>9}{'% peak':>8}{'peak MB':>9}"
-          + (f"{'conv %':>8}{'conv s':>9}" if shares else ""))
+          + (f"{'conv s':>9}{'conv %':>8}" if conv else ""))
     for r in rows:
         ratio = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] else "-"
         print(f"  {r['impl']:<19}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
               f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}"
-              + (f"{100 * r['conv_fraction']:>7.1f}%{r['conv_fraction'] * r['s_per_iter']:>9.4f}"
-                 if shares else ""))
+              + (f"{r['conv_s_per_iter']:>9.4f}{100 * r['conv_s_per_iter'] / r['s_per_iter']:>7.1f}%"
+                 if conv else ""))
 
 
 def main() -> None:
@@ -330,8 +331,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--conv-share", action="store_true",
-                        help="also profile each step (CPU) and report the share of its time, and "
-                             "the seconds, spent in convolution kernels")
+                        help="also profile each step (CPU) and report the seconds it spends in "
+                             "convolution kernels, and their share of the step")
     args = parser.parse_args()
     workloads = list(WORKLOADS) if args.workloads == "all" else args.workloads.split(",")
     unknown = [w for w in workloads if w not in WORKLOADS] + [

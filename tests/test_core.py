@@ -360,7 +360,7 @@ def test_compiled_meta_backward_matches_eager(problem):
     model.float()
     steps = 1 if problem == "conv_bn" else 2  # one step keeps the conv net's compile short
     eager = meta_grad(MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", batched=False), batch)
-    # 3 tasks in vmap chunks of 2 and 1, as the CPU default chunks the Omniglot workloads
+    # 3 tasks in uneven vmap chunks (2 and 1): the chunked path that CPU defaults take
     compiled = MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", batched=True, compile=True,
                     chunk_size=2)
     compiled.meta_backward(batch)  # the first call picks the path; the second is one graph
