@@ -174,6 +174,7 @@ class Sampler:
             raise ConfigError(f"need at least one task and steps >= 1, got {len(tasks)} tasks and "
                               f"steps={steps}")
         sampled: list[list[Episodes]] = [[] for _ in tasks]  # each task's batches of episodes
+        lengths: list[list[int]] = [[] for _ in tasks]  # and its episodes' lengths so far
         keep: list[list[bool] | None] = [None] * len(tasks)
         batches = 0
         while pending := [i for i, kept in enumerate(keep) if kept is None]:
@@ -183,8 +184,8 @@ class Sampler:
             batches += 1
             for row, task in enumerate(pending):
                 sampled[task].append(Episodes(*(t[row] for t in part)))
-                lengths = torch.cat([batch.masks.sum(-1) for batch in sampled[task]])
-                keep[task] = lockstep_episodes(lengths.long().tolist(), num_envs, steps)
+                lengths[task] += part.masks[row].sum(-1).long().tolist()
+                keep[task] = lockstep_episodes(lengths[task], num_envs, steps)
         return _stack_kept(sampled, keep)
 
     def close(self) -> None:
