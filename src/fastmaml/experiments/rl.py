@@ -172,6 +172,20 @@ def _rl() -> Any:
     return rl
 
 
+def _sample_batch(sampler: Sampler, policy: torch.nn.Module, tasks: list[dict[str, Any]],
+                  kind: str, episodes: int, envs: int, seed: int,
+                  params: dict[str, Tensor] | None = None,
+                  tasks_per_rollout: int | None = None) -> Episodes:
+    """One batch per task as the config's ``batch`` / ``eval_batch`` says: ``episodes``, exactly
+    ``episodes`` episodes; ``steps``, the ``episodes x horizon`` environment steps that ``envs``
+    environments running episode after episode gather (``Sampler.sample_steps``, the official
+    sampler)."""
+    if kind == "steps":
+        return sampler.sample_steps(policy, tasks, envs, episodes * sampler.horizon, seed, params,
+                                    tasks_per_rollout)
+    return sampler.sample(policy, tasks, episodes, seed, params, tasks_per_rollout)
+
+
 def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
     """The sampler seed of ``phase`` (0 support, 1 query) of ``iteration``; no shared state."""
     return ((cfg.seed * 10_000_000 + iteration) * 4 + phase)
@@ -209,11 +223,8 @@ class MetaRLLearner:
         """A training batch: ``trajectories`` episodes per task, or with ``batch=steps`` the
         official training sampler's ``trajectories x horizon`` steps per task, gathered by one
         environment per task running episode after episode."""
-        cfg = self.cfg
-        if cfg.batch == "steps":
-            return self.sampler.sample_steps(self.policy, tasks, 1,
-                                             cfg.trajectories * self.sampler.horizon, seed, params)
-        return self.sampler.sample(self.policy, tasks, cfg.trajectories, seed, params)
+        return _sample_batch(self.sampler, self.policy, tasks, self.cfg.batch,
+                             self.cfg.trajectories, 1, seed, params)
 
     def step(self, iteration: int) -> dict[str, float]:
         rl, cfg = _rl(), self.cfg
@@ -335,14 +346,9 @@ class RLExperiment(Experiment):
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
-            seed = EVAL_SEED * 100 + step
-            if cfg.eval_batch == "steps":
-                episodes = sampler.sample_steps(
-                    maml.model, tasks, cfg.eval_trajectories,
-                    cfg.eval_trajectories * sampler.horizon, seed, params, cfg.eval_chunk)
-            else:
-                episodes = sampler.sample(maml.model, tasks, cfg.eval_trajectories, seed,
-                                          params=params, tasks_per_rollout=cfg.eval_chunk)
+            episodes = _sample_batch(sampler, maml.model, tasks, cfg.eval_batch,
+                                     cfg.eval_trajectories, cfg.eval_trajectories,
+                                     EVAL_SEED * 100 + step, params, cfg.eval_chunk)
             curve.append(episodes.mean_returns().double())
             if step < cfg.eval_inner_steps:
                 with torch.no_grad():
