@@ -10,7 +10,8 @@ The implementations are interleaved and repeated, and medians are reported, beca
 machines are noisy; each sample times enough back-to-back calls to last 20 ms (one call for the
 conv nets, tens for the sinusoid MLP), so that a sub-millisecond step is not timed cold. Ratios
 are against the naive loop from the same run; "peak" is the achieved fraction of this machine's
-fp32 matmul rate, measured at start-up.
+fp32 matmul rate, measured at start-up. On CPU the process runs with the glibc malloc settings
+that ``fastmaml train`` uses (``fastmaml.allocator``; ``--malloc default`` for glibc's own).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastmaml import MAML, TaskBatch
+from fastmaml.allocator import tune_cpu_allocator
 from fastmaml.models import ConvNet, MLP
 
 
@@ -251,7 +253,7 @@ def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: tor
 
 
 def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
-        device: torch.device, conv_share: bool = False):
+        device: torch.device, conv_share: bool = False, malloc_tuned: bool = False):
     available = [i for i in impls if IMPLS[i][1] is None or importlib.util.find_spec(IMPLS[i][1])]
     for missing in sorted(set(impls) - set(available)):
         print(f"note: {missing} is not installed; skipped (pip install {missing})")
@@ -259,7 +261,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {torch.get_num_threads()} threads")
     print(f"machine: torch {torch.__version__}, {where}, "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3)")
+          f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3)"
+          + (", glibc malloc tuned (fastmaml.allocator)" if malloc_tuned else ""))
     records = []
     for name in workloads:
         w = WORKLOADS[name]
@@ -298,6 +301,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "gflop_per_iter": flops / 1e9,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
                                 "repeats": repeats, "device": str(device),
+                                "malloc_tuned": malloc_tuned,
                                 **({"conv_s_per_iter": conv[impl]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
@@ -330,6 +334,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write one record per (workload, order, impl)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                        help="CPU: the glibc malloc settings fastmaml's CLI trains with "
+                             "(fastmaml.allocator), or glibc's defaults; all implementations "
+                             "share the process, so they all run with the same settings")
     parser.add_argument("--conv-share", action="store_true",
                         help="also profile each step (CPU) and report the seconds it spends in "
                              "convolution kernels, and their share of the step")
@@ -345,8 +353,10 @@ def main() -> None:
         parser.error("--conv-share profiles CPU time; run it with --device cpu")
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
+    device = torch.device(args.device)
+    malloc_tuned = device.type == "cpu" and args.malloc == "tuned" and tune_cpu_allocator()
     records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats,
-                  args.warmup, torch.device(args.device), args.conv_share)
+                  args.warmup, device, args.conv_share, malloc_tuned)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
         print(f"\nwrote {args.json}")

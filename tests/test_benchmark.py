@@ -23,6 +23,7 @@ def test_benchmark_writes_records_for_each_implementation(tmp_path):
         assert r["workload"] == "sinusoid" and r["order"] == "second" and r["s_per_iter"] > 0
     loop = next(r for r in records if r["impl"] == "loop")
     assert loop["speedup_vs_loop"] == 1.0
+    assert loop["malloc_tuned"] == (sys.platform == "linux")  # glibc here; --malloc default off
     if not any(r["impl"] == "learn2learn" for r in records):
         assert "learn2learn is not installed; skipped" in result.stdout
 
@@ -32,8 +33,10 @@ def test_conv_share_reports_the_convolution_time_of_a_conv_net_step(tmp_path):
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "omniglot-5w1s-q5",
          "--orders", "first", "--impls", "fastmaml,loop", "--repeats", "1", "--warmup", "0",
-         "--conv-share", "--json", str(out)], capture_output=True, text=True, timeout=300)
+         "--conv-share", "--malloc", "default", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "conv %" in result.stdout
     for record in json.loads(out.read_text()):
         assert 0.0 < record["conv_s_per_iter"] < record["s_per_iter"]
+        assert record["malloc_tuned"] is False

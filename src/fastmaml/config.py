@@ -39,6 +39,7 @@ class Config:
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
+    tune_malloc: bool = True  # CPU: glibc keeps freed memory for reuse (faster; RSS stays at peak)
     eval_tasks: int = 600
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
     checkpoint_every: int = 1000

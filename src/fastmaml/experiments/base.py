@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..allocator import tune_cpu_allocator
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
 from ..errors import ConfigError
@@ -121,6 +122,8 @@ class Experiment(ABC):
         self.device = resolve_device(cfg.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.tune_malloc and self.device.type == "cpu":
+            tune_cpu_allocator()
 
     @abstractmethod
     def learners(self) -> list[Learner]:
