@@ -4,7 +4,7 @@ Every meta-iteration allocates and frees the same large activation buffers. With
 defaults the larger ones are fresh ``mmap`` s each step and freed memory at the top of the heap
 goes back to the OS, so each step pays page faults to zero-fill them again. A 32 MB mmap
 threshold, no trimming and a 256 MB top pad keep them for reuse: the batched engine ran
-Omniglot steps 1.2-1.7x faster (docs/results.md). The cost: resident memory stays near its peak.
+Omniglot steps 1.1-1.5x faster (docs/results.md). The cost: resident memory stays near its peak.
 """
 from __future__ import annotations
 
