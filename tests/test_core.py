@@ -372,6 +372,29 @@ def test_compiled_meta_backward_matches_eager(problem):
         assert relative(got, eager) < 1e-5, call
 
 
+def channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    out_channels, in_channels, height, width = shape
+    return (height * width * in_channels, 1, width * in_channels, in_channels)
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_only_compiled_graphs_take_conv_weights_channels_last(compile):
+    model, loss_fn, batch = conv_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=compile)
+    layouts = []
+
+    def recording(fast, frozen, *rest):  # stands in for the graph (no compile needed)
+        layouts.extend(p.stride() == channels_last_strides(p.shape)
+                       for p in fast.values() if p.dim() == 4)
+        return MAML._batched(maml, fast, frozen, *rest)
+
+    setattr(maml, "_compiled_batched" if compile else "_batched", recording)
+    loss, _ = maml.meta_loss(batch)
+    loss.backward()  # the layout copy is differentiable
+    assert layouts and all(channels_last == compile for channels_last in layouts)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_nan_meta_loss_is_named_by_meta_backward():
     model, loss_fn, batch = mlp_problem()
     maml = MAML(model, loss_fn)

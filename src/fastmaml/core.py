@@ -231,15 +231,15 @@ class MAML(nn.Module):
              record: Sequence[int]) -> tuple[Tensor, ...]:
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         args = (fast, frozen, steps, create_graph, record)
-        if self._compiled_batched is None or torch.compiler.is_compiling():
-            # eager, or already inside meta_backward's compiled graph (one graph, not nested)
-            batched_fn, batched_args = self._batched, args
-        else:
-            batched_fn = self._compiled_batched
-            batched_args = (_graph_layout(fast), _graph_layout(frozen), *args[2:])
         chunk = self._chunk(batch)
-        return self._dispatch(lambda: batched_fn(*batched_args, chunk, *batch),
-                              lambda: self._run_looped(args, batch))
+
+        def batched() -> tuple[Tensor, ...]:
+            if self._compiled_batched is None or torch.compiler.is_compiling():
+                # eager, or already inside meta_backward's compiled graph (one graph, not nested)
+                return self._batched(*args, chunk, *batch)
+            return self._compiled_batched(_graph_layout(fast), _graph_layout(frozen), *args[2:],
+                                          chunk, *batch)
+        return self._dispatch(batched, lambda: self._run_looped(args, batch))
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
@@ -479,12 +479,9 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
 def _graph_layout(params: Params) -> Params:
     """Parameters as they enter a compiled graph: on CPU, 4-d (convolution) weights channels-last.
 
-    Under ``vmap`` the convolutions with the shared initial weights fold the tasks into the batch
-    and those with per-task weights fold them into the channels; with channels-last weights
-    inductor's fused normalisation kernels read both kinds of activations in one layout instead
-    of gathering one of them element by element. Measured compiled on this CPU (docs/results.md):
-    Omniglot q5 1.11-1.19x, q75 1.06x, 20-way 0.99x. Eager it is slower, and on GPU unmeasured.
-    ``clone`` sets the strides even where ``contiguous`` would keep them (one input channel).
+    Then the shared-weight convolutions (tasks in the batch) and the per-task ones (tasks in the
+    channels) give activations in one layout, which inductor's fused kernels read without
+    gathering (docs/results.md, session 6). ``clone`` sets the strides even with one channel.
     """
     return {n: p.clone(memory_format=torch.channels_last)
             if p.dim() == 4 and p.device.type == "cpu" else p for n, p in params.items()}

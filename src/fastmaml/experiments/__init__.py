@@ -140,8 +140,8 @@ def preset(name: str) -> Preset:
 # Settings that may change when a run directory is resumed (they do not change what is learned).
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
                   "eval_tasks", "eval_chunk", "eval_inner_steps", "path", "data_root", "download",
-                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps", "eval_trajectories",
-                  "eval_inner_lr", "eval_batch", "eval_policy", "workers"}
+                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
+                  "eval_trajectories", "eval_inner_lr", "eval_batch", "eval_policy", "workers"}
 
 
 def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
