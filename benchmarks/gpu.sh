@@ -3,7 +3,8 @@
 #   bash benchmarks/gpu.sh [SECONDS_FOR_TRAINING]
 # It uses that machine's own python3 and torch (nothing can be installed there) with our source
 # on PYTHONPATH, and writes everything under $OUT (or ./gpu-out):
-#   1. the Omniglot (and MiniImagenet-shaped) benchmark on CUDA -> gpu-bench.json / .txt
+#   1. the Omniglot (and MiniImagenet-shaped) benchmark on CUDA -> gpu-bench.json / .txt, then
+#      the same with TF32 tensor cores (engine and loop, no compile) -> gpu-bench-tf32.json / .txt
 #   2. if Omniglot is reachable ($FASTMAML_OMNIGLOT or ../shared/data/omniglot) and the CLI's
 #      packages import there: the full omniglot-5w1s preset for SECONDS_FOR_TRAINING (default 240),
 #      checkpointed, then evaluated on the 600 meta-test tasks.
@@ -15,6 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 python3 benchmarks/run.py --device cuda --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s,miniimagenet-5w1s \
     --impls fastmaml,fastmaml-compiled,loop --repeats 10 --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
+python3 benchmarks/run.py --device cuda --precision tf32 --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s,miniimagenet-5w1s \
+    --impls fastmaml,loop --repeats 10 --json "$out/gpu-bench-tf32.json" 2>&1 | tee "$out/gpu-bench-tf32.txt"
 data="${FASTMAML_OMNIGLOT:-$PWD/../shared/data/omniglot}"
 if [ -d "$data/images_background" ] && python3 -c "import tqdm, yaml, matplotlib, PIL" 2>/dev/null; then
     run="$out/omniglot-5w1s"

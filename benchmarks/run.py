@@ -12,6 +12,8 @@ conv nets, tens for the sinusoid MLP), so that a sub-millisecond step is not tim
 are against the naive loop from the same run; "peak" is the achieved fraction of this machine's
 fp32 matmul rate, measured at start-up. On CPU the process runs with the glibc malloc settings
 that ``fastmaml train`` uses (``fastmaml.allocator``; ``--malloc default`` for glibc's own).
+On CUDA, ``--precision tf32`` lets matmuls and convolutions (and the peak) use TF32 tensor cores;
+the default, ``fp32``, turns TF32 off, for figures comparable with the CPU's.
 """
 from __future__ import annotations
 
@@ -253,7 +255,8 @@ def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: tor
 
 
 def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
-        device: torch.device, conv_share: bool = False, malloc_tuned: bool = False):
+        device: torch.device, conv_share: bool = False, malloc_tuned: bool = False,
+        precision: str = "fp32"):
     available = [i for i in impls if IMPLS[i][1] is None or importlib.util.find_spec(IMPLS[i][1])]
     for missing in sorted(set(impls) - set(available)):
         print(f"note: {missing} is not installed; skipped (pip install {missing})")
@@ -261,7 +264,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else (
         f"CPU, {torch.get_num_threads()} threads")
     print(f"machine: torch {torch.__version__}, {where}, "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s (2048^3)"
+          f"{precision} matmul peak {peak:.1f} GFLOP/s (2048^3)"
           + (", glibc malloc tuned (fastmaml.allocator)" if malloc_tuned else ""))
     records = []
     for name in workloads:
@@ -301,7 +304,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "gflop_per_iter": flops / 1e9,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
                                 "repeats": repeats, "device": str(device),
-                                "malloc_tuned": malloc_tuned,
+                                "malloc_tuned": malloc_tuned, "precision": precision,
                                 **({"conv_s_per_iter": conv[impl]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
@@ -338,6 +341,10 @@ def main() -> None:
                         help="CPU: the glibc malloc settings fastmaml's CLI trains with "
                              "(fastmaml.allocator), or glibc's defaults; all implementations "
                              "share the process, so they all run with the same settings")
+    parser.add_argument("--precision", choices=["fp32", "tf32"], default="fp32",
+                        help="CUDA: tf32 lets matmuls and convolutions use TF32 tensor cores "
+                             "(torch's allow_tf32 flags, for every implementation); fp32 turns "
+                             "them off")
     parser.add_argument("--conv-share", action="store_true",
                         help="also profile each step (CPU) and report the seconds it spends in "
                              "convolution kernels, and their share of the step")
@@ -351,12 +358,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.conv_share and not args.device.startswith("cpu"):
         parser.error("--conv-share profiles CPU time; run it with --device cpu")
+    if args.precision == "tf32" and not args.device.startswith("cuda"):
+        parser.error("--precision tf32 is a CUDA tensor-core format; run it with --device cuda")
     if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = (
+            args.precision == "tf32")
     device = torch.device(args.device)
     malloc_tuned = device.type == "cpu" and args.malloc == "tuned" and tune_cpu_allocator()
     records = run(workloads, args.orders.split(","), args.impls.split(","), args.repeats,
-                  args.warmup, device, args.conv_share, malloc_tuned)
+                  args.warmup, device, args.conv_share, malloc_tuned, args.precision)
     if args.json:
         args.json.write_text(json.dumps(records, indent=2))
         print(f"\nwrote {args.json}")

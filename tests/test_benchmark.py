@@ -24,6 +24,7 @@ def test_benchmark_writes_records_for_each_implementation(tmp_path):
     for r in records:
         assert {"workload", "order", "impl", "s_per_iter", "peak_mem_mb"} <= set(r)
         assert r["workload"] == "sinusoid" and r["order"] == "second" and r["s_per_iter"] > 0
+        assert r["precision"] == "fp32"
     loop = next(r for r in records if r["impl"] == "loop")
     assert loop["speedup_vs_loop"] == 1.0
     if platform.libc_ver()[0] == "glibc":  # the default; --malloc default turns it off
@@ -44,3 +45,12 @@ def test_conv_share_reports_the_convolution_time_of_a_conv_net_step(tmp_path):
     for record in json.loads(out.read_text()):
         assert 0.0 < record["conv_s_per_iter"] < record["s_per_iter"]
         assert record["malloc_tuned"] is False
+
+
+def test_tf32_is_refused_off_cuda_with_a_clear_message():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "sinusoid",
+         "--device", "cpu", "--precision", "tf32"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--precision tf32 is a CUDA tensor-core format" in result.stderr
+    assert "Traceback" not in result.stderr
