@@ -5,7 +5,8 @@
 # on PYTHONPATH, and writes everything under $OUT (or ./gpu-out):
 #   1. the Omniglot (and MiniImagenet-shaped) benchmark on CUDA -> gpu-bench.json / .txt, then
 #      the same with TF32 tensor cores (engine and loop, no compile) -> gpu-bench-tf32.json / .txt
-#   2. if Omniglot is reachable ($FASTMAML_OMNIGLOT or ../shared/data/omniglot) and the CLI's
+#   2. reduced precision (bf16 autocast, TF32) against fp64 meta-gradients -> gpu-precision.json / .txt
+#   3. if Omniglot is reachable ($FASTMAML_OMNIGLOT or ../shared/data/omniglot) and the CLI's
 #      packages import there: the full omniglot-5w1s preset for SECONDS_FOR_TRAINING (default 240),
 #      checkpointed, then evaluated on the 600 meta-test tasks.
 set -uo pipefail
@@ -18,6 +19,8 @@ python3 benchmarks/run.py --device cuda --workloads omniglot-5w1s-q5,omniglot-5w
     --impls fastmaml,fastmaml-compiled,loop --repeats 10 --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
 python3 benchmarks/run.py --device cuda --precision tf32 --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s,miniimagenet-5w1s \
     --impls fastmaml,loop --repeats 10 --json "$out/gpu-bench-tf32.json" 2>&1 | tee "$out/gpu-bench-tf32.txt"
+python3 benchmarks/precision.py --device cuda --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s \
+    --json "$out/gpu-precision.json" 2>&1 | tee "$out/gpu-precision.txt"
 data="${FASTMAML_OMNIGLOT:-$PWD/../shared/data/omniglot}"
 if [ -d "$data/images_background" ] && python3 -c "import tqdm, yaml, matplotlib, PIL" 2>/dev/null; then
     run="$out/omniglot-5w1s"
