@@ -5,6 +5,8 @@ import pytest
 
 from fastmaml.config import ConfigError
 from fastmaml.experiments import PRESETS, experiment_class, preset
+from fastmaml.experiments.base import resolve_device
+from fastmaml.experiments.fewshot import FewShotConfig
 from fastmaml.experiments.sinusoid import SinusoidConfig
 
 
@@ -23,10 +25,28 @@ def test_overrides_are_typed_by_the_config_fields():
     ("iterations=0", "iterations must be >= 1"),
     ("inner_steps=-1", "inner_steps must be >= 0"),
     ("path=gpu", "path must be auto, batched or looped"),
+    ("inner_lr=-1", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("meta_lr=0", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("k_shot=0", "k_shot must be >= 1"),
+    ("eval_k_shots=5,0", "eval_k_shots must be >= 1"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ConfigError, match=message):
         SinusoidConfig().with_overrides([item])
+
+
+def test_few_shot_config_refuses_one_way_tasks_and_keeps_an_absolute_data_root(tmp_path,
+                                                                               monkeypatch):
+    with pytest.raises(ConfigError, match="n_way must be >= 2"):
+        FewShotConfig().with_overrides(["n_way=1"])
+    monkeypatch.chdir(tmp_path)
+    cfg = FewShotConfig().with_overrides(["data_root=data/omniglot"])
+    assert cfg.data_root == str(tmp_path / "data" / "omniglot")
+
+
+def test_an_unknown_device_is_a_config_error():
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        resolve_device("tpu")
 
 
 def test_every_preset_builds_its_config():

@@ -114,7 +114,37 @@ def test_a_nan_loss_is_never_checkpointed_even_between_log_points(tmp_path):
 
 
 def test_resuming_with_changed_settings_is_refused(tmp_path):
-    maml_learner(tmp_path)
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=3)
     with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
         maml_learner(tmp_path, inner_lr=0.5)
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
+
+
+def test_a_run_directory_without_checkpoints_starts_afresh_with_new_settings(tmp_path):
+    # e.g. a command that stopped on a bad value after writing config.yaml, before training
+    maml_learner(tmp_path, inner_lr=0.5)
+    assert not checkpoint_path(tmp_path, "maml").exists()
+    learner = maml_learner(tmp_path, inner_lr=0.02)
+    assert learner.module.inner_lrs.init == 0.02
+    assert "inner_lr: 0.02" in (tmp_path / "config.yaml").read_text()
+
+
+def test_lowering_iterations_below_the_checkpoint_is_refused(tmp_path):
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=6)
+    with pytest.raises(ConfigError, match="checkpoint .* is at iteration 6, past iterations=4; "
+                                          "training cannot go back"):
+        fit(maml_learner(tmp_path, iterations=4), tmp_path, 3, 2, progress=False)
+
+
+def test_validation_rows_are_logged_even_between_log_points(tmp_path):
+    model = torch.nn.Linear(1, 1)
+
+    def loss_of(_):
+        return model(torch.ones(1, 1)).sum(), {}
+
+    learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1),
+                              backpropagated(loss_of), 6, torch.Generator(),
+                              validate=lambda: {"val_accuracy": 0.5}, validate_every=2)
+    fit(learner, tmp_path, checkpoint_every=6, log_every=5, progress=False)
+    logged = {int(r["iteration"]): r.get("val_accuracy") for r in rows(tmp_path / "metrics-toy.csv")}
+    assert logged == {2: "0.5", 4: "0.5", 5: "", 6: "0.5"}

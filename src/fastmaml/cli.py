@@ -58,14 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("presets", help="list the named experiment presets").set_defaults(run=_presets)
     train = commands.add_parser("train", help="train a preset (resumes an existing --out)")
     train.add_argument("preset")
-    train.add_argument("overrides", nargs="*", metavar="key=value",
+    train.add_argument("overrides", nargs="*", metavar="key=value", default=[],
                        help="typed config overrides, e.g. iterations=2000 inner_steps=2")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
     train.add_argument("--data-root", help="data set folder (the same as data_root=...)")
     train.set_defaults(run=_train)
-    for name, run, text in (("eval", _eval, "evaluate a trained run with the paper's protocol"),
-                            ("plot", _plot, "write the figures of an evaluated run")):
-        sub = commands.add_parser(name, help=text)
+    eval_overrides = ("key=value overrides after run_dir change settings that do not change "
+                      "what was learned, e.g. eval_tasks=100 or data_root=PATH")
+    for name, run, text, epilog in (
+            ("eval", _eval, "evaluate a trained run with the paper's protocol", eval_overrides),
+            ("plot", _plot, "write the figures of an evaluated run", None)):
+        sub = commands.add_parser(name, help=text, epilog=epilog)
         sub.add_argument("run_dir")
         sub.set_defaults(run=run, overrides=[])
     for sub in (train, commands.choices["eval"]):

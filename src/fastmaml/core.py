@@ -140,7 +140,9 @@ class MAML(nn.Module):
         self.adapted_names = [n for n, p in model.named_parameters()
                               if p.requires_grad and _selected(adapt, n, p)]
         if not self.adapted_names:
-            raise ConfigError("the adapt selection matches no trainable parameter of the model")
+            names = [n for n, p in model.named_parameters() if p.requires_grad]
+            raise ConfigError("the adapt selection matches no trainable parameter of the model; "
+                              f"its trainable parameters: {', '.join(names) or 'none'}")
         self.outer_only_names = [n for n, p in model.named_parameters()
                                  if p.requires_grad and n not in self.adapted_names]
         self.checkpoint_steps = checkpoint_steps

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import average_gradients, average_metrics, is_main, shard
-from .errors import NonFiniteLossError
+from .errors import ConfigError, NonFiniteLossError
 
 Metrics = dict[str, float | Tensor]
 
@@ -113,8 +113,12 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
 def checkpoint_path(run_dir: Path, name: str) -> Path:
-    return run_dir / "checkpoints" / f"{name}.pt"
+    return checkpoints_dir(run_dir) / f"{name}.pt"
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -162,8 +166,10 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
-    moment loses at most the work since its last checkpoint. ``stop_after`` ends the call early
-    after that many iterations (used to test resumption). Returns the last logged metrics.
+    moment loses at most the work since its last checkpoint. A row is logged every ``log_every``
+    iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
+    ``stop_after`` ends the call early after that many iterations (used to test resumption).
+    Returns the last logged metrics.
     Under torchrun every rank trains and only rank 0 writes the log and checkpoints.
     """
     main = is_main()
@@ -173,6 +179,10 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         state = load_checkpoint(path)
         learner.load_state_dict(state["learner"])
         start, elapsed = state["iteration"], state["elapsed_s"]
+        if start > learner.iterations:
+            raise ConfigError(f"{learner.name}: the checkpoint in {run_dir} is at iteration "
+                              f"{start}, past iterations={learner.iterations}; training cannot go "
+                              f"back, so pass iterations={start} or more")
     log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start) if main else None
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
@@ -183,7 +193,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     for iteration in bar:
         metrics = learner.step(iteration)
         done = iteration + 1
-        if done % log_every == 0 or done == learner.iterations:
+        validated = any(key.startswith("val_") for key in metrics)
+        if done % log_every == 0 or done == learner.iterations or validated:
             last = average_metrics({k: float(v) for k, v in metrics.items()})
             _check_finite_loss(learner.name, last.get("loss", 0.0), done)
             now = time.perf_counter()

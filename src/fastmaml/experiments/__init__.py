@@ -9,6 +9,7 @@ from typing import Any
 from ..config import Config, load_config_dict
 from ..distributed import barrier, is_main
 from ..errors import ConfigError
+from ..train import checkpoints_dir
 from .base import Experiment
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -145,11 +146,15 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
 
 
 def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
-    """A new run directory for ``preset_name``, or the existing one there (to resume it)."""
+    """A new run directory for ``preset_name``, or the existing one there (to resume it).
+
+    A directory with a config but no checkpoint yet (e.g. a command that failed on a bad value
+    before training) holds nothing to resume, so it starts afresh with the new settings.
+    """
     chosen = preset(preset_name)
     cls = experiment_class(chosen.experiment)
     config_path = run_dir / "config.yaml"
-    if config_path.exists():
+    if config_path.exists() and any(checkpoints_dir(run_dir).glob("*.pt")):
         saved = cls.config_cls.from_dict(load_config_dict(config_path))
         if saved.preset != preset_name:
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "

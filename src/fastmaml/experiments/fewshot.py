@@ -71,6 +71,11 @@ class FewShotConfig(Config):
             raise ConfigError(f"dataset must be one of {', '.join(DATA_ENV)}, got {self.dataset!r}")
         if self.network not in ("conv", "mlp"):
             raise ConfigError(f"network must be conv or mlp, got {self.network!r}")
+        if self.n_way < 2:
+            raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
+                              f"got {self.n_way}")
+        if self.data_root:  # absolute, so that the saved run evaluates from any directory
+            self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
 
     @property
     def eval_queries(self) -> int:

@@ -397,16 +397,18 @@ class RLExperiment(Experiment):
         title = f"{cfg.env}: mean return after N policy-gradient steps"
         text = results_table(title, records, list(range(cfg.eval_inner_steps + 1)),
                              {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
-        text = text.replace(f"## {cfg.eval_trajectories}-shot",
-                            f"## {cfg.eval_trajectories} episodes per task and gradient step")
         horizon = cfg.horizon or _rl().default_horizon(cfg.env)
+        per_step = (f"{cfg.eval_trajectories} episodes" if cfg.eval_batch == "episodes" else
+                    f"{cfg.eval_trajectories} x {horizon} environment steps (whole episodes)")
+        text = text.replace(f"## {cfg.eval_trajectories}-shot",
+                            f"## {per_step} per task and gradient step")
         notes = [f"Preset `{cfg.preset}`: {cfg.iterations} meta-iterations, meta-batch "
                  f"{cfg.meta_batch}, {cfg.trajectories} episodes per task, horizon {horizon}, "
                  f"inner lr {cfg.inner_lr:g}" + (f", action scale {cfg.action_scale:g}"
                                                    if cfg.env == NAV else "") + ".",
                  f"Evaluation: {cfg.eval_tasks} tasks (the official test seed "
                  f"{OFFICIAL_TEST_SEED}), "
-                 f"{cfg.eval_trajectories} episodes per task and step, step size "
+                 f"{per_step} per task and step, step size "
                  f"{cfg.eval_lr:g} then {cfg.eval_lr / 2:g}; the `{cfg.eval_policy}` "
                  "policy of each learner."]
         for r in records:

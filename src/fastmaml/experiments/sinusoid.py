@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core import MAML
+from ..errors import ConfigError
 from ..models import MLP
 from ..plots import plot_learning_curves, plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
@@ -48,6 +49,14 @@ class SinusoidConfig(Config):
     baseline_lrs: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
     tune_tasks: int = 100
     threads: int = 1  # a 40-unit MLP: one thread is fastest, and immune to a busy second core
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value in (("k_shot", self.k_shot), ("k_query", self.k_query),
+                            ("eval_query", self.eval_query),
+                            *(("eval_k_shots", k) for k in self.eval_k_shots)):
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1 (points per task), got {value}")
 
 
 class SinusoidExperiment(Experiment):

@@ -56,8 +56,9 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
         raise DataError(
             f"Omniglot not found in {root}: missing {', '.join(missing)}. Expected the official "
             f"layout {root}/images_background/<Alphabet>/characterNN/*.png and the same under "
-            f"images_evaluation/ (the official zips, extracted). Pass download=True "
-            "(load_omniglot(root, download=True)) to fetch them into this folder.")
+            f"images_evaluation/ (the official zips, extracted). To fetch them into this folder, "
+            "add download=true to the fastmaml command, or call load_omniglot(root, "
+            "download=True).")
     return [character for folder in FOLDERS
             for alphabet in _subfolders(root / folder) for character in _subfolders(alphabet)]
 
