@@ -4,7 +4,7 @@
 
 For each workload, fastmaml's eager engine takes one second-order meta-iteration in each
 precision: strict ``fp32``; ``bf16``, under ``torch.autocast`` (matmuls and convolutions in
-bfloat16; on CPU batch norm too); and on CUDA ``tf32`` (TF32 tensor cores for fp32 matmuls and
+bfloat16, and what follows them in the dtype they produce); and on CUDA ``tf32`` (TF32 tensor cores for fp32 matmuls and
 convolutions). The meta-gradient of each is compared with the same step in float64, and the
 steps are timed interleaved (medians). A faster step is only a gain if its meta-gradient still
 points where the exact one does.

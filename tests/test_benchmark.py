@@ -69,4 +69,4 @@ def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_pa
     # bfloat16 keeps 8 bits of mantissa: its meta-gradient is visibly off, but still aligned
     assert 1e-4 < records["bf16"]["grad_rel_error"] < 0.5
     assert 0.9 < records["bf16"]["grad_cosine"] <= 1.0
-    assert records["fp32"]["speedup_vs_fp32"] == 1.0
+    assert records["bf16"]["s_per_iter"] > 0

@@ -27,6 +27,9 @@ def test_overrides_are_typed_by_the_config_fields():
     ("path=gpu", "path must be auto, batched or looped"),
     ("inner_lr=-1", "inner_lr must be >= 0 and meta_lr > 0"),
     ("meta_lr=0", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("inner_lr=nan", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("meta_lr=inf", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("eval_k_shots=", "eval_k_shots needs at least one K"),
     ("k_shot=0", "k_shot must be >= 1"),
     ("eval_k_shots=5,0", "eval_k_shots must be >= 1"),
 ])

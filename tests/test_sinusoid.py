@@ -53,6 +53,20 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "no config file" in capsys.readouterr().err
 
 
+def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):
+    run = ["train", "sinusoid-demo", "--out", str(tmp_path), "--no-progress"]
+    assert main([*run, "iterations=6", "meta_batch=4", "checkpoint_every=3", "log_every=3",
+                 "tune_tasks=4"]) == 0
+    config = (tmp_path / "config.yaml").read_text()
+    for refused, message in (("iterations=4", "at iteration 6, past the 4 iterations"),
+                             ("device=tpu", "device must be auto, cpu, cuda or cuda:N")):
+        capsys.readouterr()
+        assert main([*run, refused]) == 2
+        assert message in capsys.readouterr().err
+        assert (tmp_path / "config.yaml").read_text() == config
+    assert main([*run, "iterations=8"]) == 0  # the same run, extended
+
+
 def test_presets_are_listed(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

@@ -121,18 +121,23 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
 
 
 def test_a_run_directory_without_checkpoints_starts_afresh_with_new_settings(tmp_path):
-    # e.g. a command that stopped on a bad value after writing config.yaml, before training
+    # e.g. a run that stopped on a bad value after writing config.yaml, before its first checkpoint
     maml_learner(tmp_path, inner_lr=0.5)
     assert not checkpoint_path(tmp_path, "maml").exists()
     learner = maml_learner(tmp_path, inner_lr=0.02)
     assert learner.module.inner_lrs.init == 0.02
     assert "inner_lr: 0.02" in (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match="holds a 'sinusoid-demo' run, not 'sinusoid'"):
+        create_run("sinusoid", tmp_path, [])  # another preset's folder is never taken over
+    (tmp_path / "eval.json").write_text("[]")  # an evaluated run is resumed, not replaced
+    with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
+        maml_learner(tmp_path, inner_lr=0.5)
 
 
 def test_lowering_iterations_below_the_checkpoint_is_refused(tmp_path):
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=6)
-    with pytest.raises(ConfigError, match="checkpoint .* is at iteration 6, past iterations=4; "
-                                          "training cannot go back"):
+    with pytest.raises(ConfigError, match="checkpoint .* is at iteration 6, past the 4 iterations "
+                                          "it is set to train; training cannot go back"):
         fit(maml_learner(tmp_path, iterations=4), tmp_path, 3, 2, progress=False)
 
 

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from .errors import FastMAMLError
-from .experiments import PRESETS, create_run, load_run
+from .experiments import PRESETS, load_run, prepare_run
 from .distributed import init_from_env, shutdown, world
-from .train import fit
+from .train import check_resumable, fit
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -21,13 +21,17 @@ def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
-    experiment = create_run(args.preset, run_dir, overrides)
+    experiment = prepare_run(args.preset, run_dir, overrides)
     cfg = experiment.cfg
+    learners = experiment.learners()  # loads the data and builds the models: bad values fail here
+    for learner in learners:
+        check_resumable(learner, run_dir)
+    experiment.save_config()  # so a refused command leaves the run directory as it was
     rank, size = world()
     say = print if rank == 0 else (lambda *_: None)
     say(f"fastmaml: training {args.preset} in {run_dir} on {experiment.device}"
         + (f", {size} processes" if size > 1 else ""))
-    for learner in experiment.learners():
+    for learner in learners:
         last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
                    progress=not args.no_progress)
         engine = getattr(getattr(learner, "module", None), "path", None)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +54,9 @@ class Config:
         for name in ("inner_steps", "eval_inner_steps", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.inner_lr < 0 or self.meta_lr <= 0:
-            raise ConfigError(f"inner_lr must be >= 0 and meta_lr > 0, got inner_lr={self.inner_lr}"
-                              f" and meta_lr={self.meta_lr}")
+        if not (0 <= self.inner_lr < math.inf and 0 < self.meta_lr < math.inf):  # NaN fails too
+            raise ConfigError(f"inner_lr must be >= 0 and meta_lr > 0 (finite), got "
+                              f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
 

@@ -177,12 +177,9 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     start, elapsed = 0, 0.0
     if path.exists():
         state = load_checkpoint(path)
+        _refuse_going_back(learner, run_dir, state["iteration"])
         learner.load_state_dict(state["learner"])
         start, elapsed = state["iteration"], state["elapsed_s"]
-        if start > learner.iterations:
-            raise ConfigError(f"{learner.name}: the checkpoint in {run_dir} is at iteration "
-                              f"{start}, past iterations={learner.iterations}; training cannot go "
-                              f"back, so pass iterations={start} or more")
     log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start) if main else None
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
@@ -212,6 +209,21 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
             save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
     bar.close()
     return last
+
+
+def check_resumable(learner: Learner, run_dir: Path) -> None:
+    """Refuse, before anything is written, a checkpoint past ``learner.iterations``."""
+    path = checkpoint_path(run_dir, learner.name)
+    if path.exists():
+        _refuse_going_back(learner, run_dir, load_checkpoint(path)["iteration"])
+
+
+def _refuse_going_back(learner: Learner, run_dir: Path, reached: int) -> None:
+    if reached > learner.iterations:
+        raise ConfigError(f"{learner.name}: the checkpoint in {run_dir} is at iteration {reached}, "
+                          f"past the {learner.iterations} iterations it is set to train; training "
+                          "cannot go back, so set iterations (baseline_iterations for a baseline) "
+                          f"to {reached} or more")
 
 
 def _check_finite_loss(name: str, loss: float, iteration: int) -> None:

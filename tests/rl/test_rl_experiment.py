@@ -122,6 +122,8 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
         assert all(isinstance(v, float) for v in r["mean"] + r["ci95"])
     table = (out / "results.md").read_text()
     assert "paper: maml" in table and "-40.4" in table and "paper: oracle" in table
+    # eval_batch=steps (the default) samples 2 x 10 environment steps, not 2 episodes
+    assert "## 2 x 10 environment steps (whole episodes) per task and gradient step" in table
     assert main(["plot", str(out)]) == 0
     assert (out / "figures" / "return_vs_steps.png").stat().st_size > 0
     assert (out / "figures" / "learning_curves.png").is_file()

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config_dict
-from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..train import checkpoints_dir
 from .base import Experiment
@@ -30,7 +29,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "sinusoid": Preset("sinusoid", "paper: MLP 1-40-40-1, K=10, alpha 0.01, 1 step, meta-batch 25, "
                        "70,000 iterations", {"iterations": 70000}),
-    "sinusoid-demo": Preset("sinusoid", "the sinusoid experiment in a few minutes on 2 CPU cores "
+    "sinusoid-demo": Preset("sinusoid", "the sinusoid experiment in 1-2 minutes on 2 CPU cores "
                             "(6,000 iterations)", {"iterations": 6000, "checkpoint_every": 500}),
 }
 
@@ -145,28 +144,33 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
                   "eval_trajectories", "eval_inner_lr", "eval_batch", "eval_policy", "workers"}
 
 
-def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
-    """A new run directory for ``preset_name``, or the existing one there (to resume it).
+def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
+    """The experiment of a new ``preset_name`` run in ``run_dir``, or of the run there to resume
+    it; writes nothing (``Experiment.save_config`` does, once the run is known to start).
 
-    A directory with a config but no checkpoint yet (e.g. a command that failed on a bad value
-    before training) holds nothing to resume, so it starts afresh with the new settings.
+    A directory of the same preset with a config but neither a checkpoint nor an evaluation
+    (e.g. a run that stopped on a bad value before its first checkpoint) holds nothing to
+    resume, so it starts afresh with the new settings.
     """
     chosen = preset(preset_name)
     cls = experiment_class(chosen.experiment)
     config_path = run_dir / "config.yaml"
-    if config_path.exists() and any(checkpoints_dir(run_dir).glob("*.pt")):
+    if config_path.exists():
         saved = cls.config_cls.from_dict(load_config_dict(config_path))
         if saved.preset != preset_name:
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
                               "choose another --out")
-        cfg = _resumed(saved, overrides, run_dir)
-    else:
-        cfg = cls.config_cls.from_dict({**chosen.values, "preset": preset_name}).with_overrides(overrides)
-    if is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(config_path)
-    barrier()
-    return cls(cfg, run_dir)
+        if any(checkpoints_dir(run_dir).glob("*.pt")) or (run_dir / "eval.json").exists():
+            return cls(_resumed(saved, overrides, run_dir), run_dir)
+    values = {**chosen.values, "preset": preset_name}
+    return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
+
+
+def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
+    """``prepare_run``, then its config written: a run directory ready to train."""
+    experiment = prepare_run(preset_name, run_dir, overrides)
+    experiment.save_config()
+    return experiment
 
 
 def load_run(run_dir: Path, overrides: list[str] = ()) -> Experiment:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..allocator import tune_cpu_allocator
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
+from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..train import Learner, checkpoint_path, load_checkpoint
@@ -139,6 +140,13 @@ class Experiment(ABC):
     @abstractmethod
     def plot(self) -> list[Path]:
         """Write the figures into ``run_dir/figures``; return their paths."""
+
+    def save_config(self) -> None:
+        """Write ``run_dir/config.yaml`` (rank 0 only; every rank waits for it)."""
+        if is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.cfg.save(self.run_dir / "config.yaml")
+        barrier()
 
     def restore(self, learner: Learner) -> Learner:
         """Load ``learner``'s final checkpoint from the run directory."""

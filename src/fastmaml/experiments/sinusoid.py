@@ -52,6 +52,8 @@ class SinusoidConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not self.eval_k_shots:
+            raise ConfigError("eval_k_shots needs at least one K, e.g. eval_k_shots=5,10,20")
         for name, value in (("k_shot", self.k_shot), ("k_query", self.k_query),
                             ("eval_query", self.eval_query),
                             *(("eval_k_shots", k) for k in self.eval_k_shots)):
