@@ -65,6 +65,11 @@ def _fewshot_presets() -> dict[str, Preset]:
         presets[f"{name}-cpu"] = Preset("fewshot", f"{title} at a CPU budget: "
                                         f"{cpu_iterations[name]:,} iterations",
                                         {**values, "iterations": cpu_iterations[name]})
+    for name in ("omniglot-5w1s", "omniglot-20w1s"):  # Lake et al.'s one-shot protocol
+        presets[f"{name}-lake"] = Preset(
+            "fewshot", f"{paper[name][0]}, Lake et al.'s split: meta-train on the background "
+            "alphabets (rotated), meta-test on the evaluation alphabets (as drawn), random and "
+            "within-alphabet tasks", {**paper[name][1], "split": "lake", "rotate": "train"})
     presets["omniglot-5w1s-mlp"] = Preset("fewshot", "Omniglot 5-way 1-shot, the paper's MLP "
                                           "256-128-64-64 variant", {**paper["omniglot-5w1s"][1],
                                                                     "network": "mlp"})

@@ -42,6 +42,14 @@ PAPER: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
     ("miniimagenet", 5, 5): (10, [("paper: MAML", 63.11), ("paper: first-order MAML", 63.15),
                                   ("paper: MAML++", 68.32)]),
 }
+# Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
+# rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
+LAKE: dict[tuple[int, int], list[tuple[str, float]]] = {
+    (20, 1): [("Lake et al.: people, within alphabet", 95.5),
+              ("Lake et al.: Bayesian program learning, within alphabet", 96.7),
+              ("Koch et al.: siamese nets, within alphabet", 92.0)],
+}
+ROTATE = ("auto", "all", "train", "none")
 
 
 @dataclass
@@ -50,7 +58,9 @@ class FewShotConfig(Config):
     dataset: str = "omniglot"  # omniglot | miniimagenet
     data_root: str = ""  # default: $FASTMAML_OMNIGLOT / $FASTMAML_MINIIMAGENET, else data/<dataset>
     download: bool = False
-    split: str = "official"  # Omniglot: official (1100/100/423) | vinyals (1200/0/423)
+    split: str = "official"  # Omniglot: official (1100/100/423) | vinyals (1200/0/423) | lake
+    within_alphabet: bool = False  # Omniglot: all classes of a task from one alphabet
+    rotate: str = "auto"  # auto (Omniglot: all) | all | train (meta-train only) | none
     n_way: int = 5
     k_shot: int = 1
     k_query: int = 1  # query examples per class during meta-training
@@ -71,6 +81,10 @@ class FewShotConfig(Config):
             raise ConfigError(f"dataset must be one of {', '.join(DATA_ENV)}, got {self.dataset!r}")
         if self.network not in ("conv", "mlp"):
             raise ConfigError(f"network must be conv or mlp, got {self.network!r}")
+        if self.rotate not in ROTATE:
+            raise ConfigError(f"rotate must be one of {', '.join(ROTATE)}, got {self.rotate!r}")
+        if self.within_alphabet and self.dataset != "omniglot":
+            raise ConfigError("within_alphabet=true needs dataset=omniglot (its alphabets)")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
@@ -111,9 +125,23 @@ class FewShotExperiment(Experiment):
                 self._splits = load_miniimagenet(self.data_root())
         return self._splits
 
-    def sampler(self, split: str, queries: int) -> FewShotSampler:
+    def rotates(self, split: str) -> bool:
+        """Whether tasks of ``split`` turn each class by a random multiple of 90 degrees."""
+        mode = self.cfg.rotate
+        if mode == "auto":
+            mode = "all" if self.cfg.dataset == "omniglot" else "none"
+        return mode == "all" or (mode == "train" and split == "train")
+
+    def sampler(self, split: str, queries: int, within_alphabet: bool | None = None
+                ) -> FewShotSampler:
+        within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
+        groups = None
+        if within:
+            from ..tasks.omniglot import load_omniglot_alphabets
+            groups = load_omniglot_alphabets(self.data_root(), self.cfg.split)[split]
         return FewShotSampler(self.splits()[split], self.cfg.n_way, self.cfg.k_shot, queries,
-                              rotate=self.cfg.dataset == "omniglot", device=self.device)
+                              rotate=self.rotates(split), device=self.device, groups=groups,
+                              within_group=within)
 
     def build_maml(self) -> MAML:
         cfg = self.cfg
@@ -150,13 +178,21 @@ class FewShotExperiment(Experiment):
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
         maml = self.restore(self.learners()[0]).module
-        test = self.sampler("test", cfg.eval_queries)
-        curve = evaluate_tasks(maml, test.fixed_tasks(cfg.eval_tasks, TEST_SEED, cfg.eval_chunk),
-                               cfg.eval_inner_steps, progress, "meta-test", "metric")
         method = "first-order maml" if cfg.first_order else "maml"
-        records = [eval_record(cfg.dataset, method, cfg.k_shot, curve, n_way=cfg.n_way,
-                               metric="accuracy", preset=cfg.preset)]
+        # Lake et al.'s protocol: random classes and classes of one alphabet, on novel alphabets
+        kinds = (False, True) if cfg.split == "lake" else (cfg.within_alphabet,)
+        records = []
+        for within in kinds:
+            test = self.sampler("test", cfg.eval_queries, within_alphabet=within)
+            curve = evaluate_tasks(maml, test.fixed_tasks(cfg.eval_tasks, TEST_SEED,
+                                                          cfg.eval_chunk),
+                                   cfg.eval_inner_steps, progress, "meta-test", "metric")
+            records.append(eval_record(cfg.dataset, method + (", within alphabet" if within else ""),
+                                       cfg.k_shot, curve, n_way=cfg.n_way, metric="accuracy",
+                                       preset=cfg.preset, within_alphabet=within))
         paper_steps, paper_rows = PAPER.get((cfg.dataset, cfg.n_way, cfg.k_shot), (0, []))
+        if cfg.split == "lake":  # another protocol than the paper's Table 1
+            paper_rows = LAKE.get((cfg.n_way, cfg.k_shot), [])
         show = sorted({0, 1, paper_steps, cfg.inner_steps, cfg.eval_inner_steps})
         table = results_table(f"{cfg.dataset} {cfg.n_way}-way {cfg.k_shot}-shot: test accuracy (%) "
                               "after N inner steps", records, show_steps=show,

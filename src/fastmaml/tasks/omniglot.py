@@ -36,6 +36,10 @@ IMAGE_SIZE = 28
 # (meta-train, meta-val) characters; meta-test is the rest (423 of 1623).
 # official: cbfinn/maml's data generator. vinyals: the paper's 1200 train / rest test, no val.
 SPLITS = {"official": (1100, 100), "vinyals": (1200, 0)}
+# lake: Lake et al.'s one-shot protocol, background alphabets to learn and evaluation alphabets
+# to test; whole background alphabets of at least this many characters are held out for meta-val.
+LAKE_VAL_CHARACTERS = 100
+SPLIT_NAMES = (*SPLITS, "lake")
 SPLIT_SEED = 1
 
 
@@ -97,17 +101,35 @@ def load_omniglot_images(root: str | os.PathLike[str],
     return torch.from_numpy(images)[:, :, None]
 
 
-def split_characters(num_characters: int, split: str = "official",
-                     seed: int = SPLIT_SEED) -> dict[str, Tensor]:
+def omniglot_alphabets(characters: list[Path]) -> tuple[Tensor, int]:
+    """(alphabet index of each character, number of background alphabets), for characters in
+    ``omniglot_characters`` order: background alphabets first, each with its own index."""
+    names = [(c.parent.parent.name, c.parent.name) for c in characters]
+    index = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    background = len({name for name in names if name[0] == FOLDERS[0]})
+    return torch.tensor([index[name] for name in names]), background
+
+
+def split_characters(num_characters: int, split: str = "official", seed: int = SPLIT_SEED,
+                     alphabets: tuple[Tensor, int] | None = None) -> dict[str, Tensor]:
     """Character indices of meta-train, meta-val and meta-test.
 
     The characters (in ``omniglot_characters`` order) are shuffled with
     ``numpy.random.default_rng(seed).permutation``; ``official`` takes the first 1100 for
     meta-train, the next 100 for meta-val and the rest (423) for meta-test; ``vinyals`` takes
     the first 1200 for meta-train, none for meta-val and the same 423 for meta-test.
+
+    ``lake`` (needs ``alphabets``, from ``omniglot_alphabets``) meta-tests on every character of
+    the evaluation alphabets, and meta-trains on the background alphabets but for whole ones
+    held out for meta-val: the first in the order of ``default_rng(seed).permutation`` of the
+    background alphabets, until they hold ``LAKE_VAL_CHARACTERS`` characters.
     """
+    if split == "lake":
+        if alphabets is None:
+            raise ConfigError("the lake split needs the alphabet of every character")
+        return _lake_split(*alphabets, seed)
     if split not in SPLITS:
-        raise ConfigError(f"unknown Omniglot split {split!r}; known: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown Omniglot split {split!r}; known: {', '.join(SPLIT_NAMES)}")
     num_train, num_val = SPLITS[split]
     if num_characters <= num_train + num_val:
         raise DataError(f"the {split} split needs more than {num_train + num_val} characters, "
@@ -115,6 +137,19 @@ def split_characters(num_characters: int, split: str = "official",
     order = torch.from_numpy(np.random.default_rng(seed).permutation(num_characters))
     train, val, test = order.split([num_train, num_val, num_characters - num_train - num_val])
     return {"train": train, "val": val, "test": test}
+
+
+def _lake_split(alphabet_of: Tensor, background: int, seed: int) -> dict[str, Tensor]:
+    order = np.random.default_rng(seed).permutation(background)
+    sizes = torch.bincount(alphabet_of, minlength=background)[:background]
+    held_out = order[:int(np.searchsorted(np.cumsum(sizes[order].numpy()), LAKE_VAL_CHARACTERS)) + 1]
+    in_val = torch.isin(alphabet_of, torch.from_numpy(held_out))
+    in_background = alphabet_of < background
+    if in_background.all() or (in_background & ~in_val).sum() == 0:
+        raise DataError("the lake split needs background and evaluation alphabets with "
+                        "characters outside the meta-val ones; is the data root complete?")
+    return {"train": (in_background & ~in_val).nonzero()[:, 0], "val": in_val.nonzero()[:, 0],
+            "test": (~in_background).nonzero()[:, 0]}
 
 
 def load_omniglot(root: str | os.PathLike[str], split: str = "official", *,
@@ -128,8 +163,20 @@ def load_omniglot(root: str | os.PathLike[str], split: str = "official", *,
     if download:
         download_omniglot(root)
     images = load_omniglot_images(root, cache_dir, workers)
-    splits = split_characters(len(images), split, seed)
-    return {name: images[index] for name, index in splits.items()}
+    return {name: images[index] for name, index in _split_index(root, split, seed).items()}
+
+
+def load_omniglot_alphabets(root: str | os.PathLike[str], split: str = "official",
+                            seed: int = SPLIT_SEED) -> dict[str, Tensor]:
+    """The alphabet index of every character of each split of ``load_omniglot`` (the same
+    order): ``FewShotSampler``'s ``groups`` for within-alphabet tasks."""
+    alphabet_of, _ = omniglot_alphabets(omniglot_characters(root))
+    return {name: alphabet_of[index] for name, index in _split_index(root, split, seed).items()}
+
+
+def _split_index(root: str | os.PathLike[str], split: str, seed: int) -> dict[str, Tensor]:
+    alphabets = omniglot_alphabets(omniglot_characters(root))
+    return split_characters(len(alphabets[0]), split, seed, alphabets)
 
 
 def _subfolders(path: Path) -> list[Path]:
