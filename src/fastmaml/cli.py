@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import FastMAMLError
+from .errors import FastMAMLError, FastMAMLWarning
 from .experiments import PRESETS, load_run, prepare_run
 from .distributed import init_from_env, shutdown, world
 from .train import check_resumable, fit
@@ -80,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+    """fastmaml's own warnings as one line; any other as Python shows it."""
+    if issubclass(category, FastMAMLWarning):
+        print(f"fastmaml: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)

@@ -188,26 +188,28 @@ class MAML(nn.Module):
     # ----- inner loop -----
     def _adapt(self, fast: Params, frozen: Params, x: Tensor, y: Tensor, steps: int,
                create_graph: bool, grad_fn: GradFn,
-               on_step: Callable[[int, Params], None] | None = None) -> tuple[Params, Tensor]:
+               on_step: Callable[[int, Params], None] | None = None,
+               loss_fn: LossFn | None = None) -> tuple[Params, Tensor]:
         """``steps`` gradient steps on (x, y). Returns the adapted params and the loss before."""
         loss_before = None
         for step in range(steps):
             if on_step:
                 on_step(step, fast)
             fast, loss = self._inner_step(fast, frozen, self.inner_lrs(step), x, y, create_graph,
-                                          grad_fn)
+                                          grad_fn, loss_fn)
             loss_before = loss if loss_before is None else loss_before
         if on_step:
             on_step(steps, fast)
         if loss_before is None:
-            loss_before = self._loss(fast, frozen, x, y).detach()
+            loss_before = self._loss(fast, frozen, x, y, loss_fn).detach()
         return fast, loss_before
 
     def _inner_step(self, fast: Params, frozen: Params, lrs: dict[str, Tensor | float], x: Tensor,
-                    y: Tensor, create_graph: bool, grad_fn: GradFn) -> tuple[Params, Tensor]:
+                    y: Tensor, create_graph: bool, grad_fn: GradFn,
+                    loss_fn: LossFn | None = None) -> tuple[Params, Tensor]:
         """One gradient step on (x, y). Returns the new params and the loss before the step."""
         def loss_of(params: Params) -> tuple[Tensor, Tensor]:
-            loss = self._loss(params, frozen, x, y)
+            loss = self._loss(params, frozen, x, y, loss_fn)
             return loss, loss.detach()
 
         grads, loss = grad_fn(loss_of, fast, create_graph)
@@ -443,11 +445,13 @@ class MAML(nn.Module):
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Params:
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,
+              loss_fn: LossFn | None = None) -> Params:
         """Adapted parameters for one task (no task dimension).
 
         Differentiable with respect to the initialisation when gradients are enabled, so a
-        custom outer loss can be built on the result.
+        custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
+        this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
         """
         if support_x.shape[:1] != support_y.shape[:1]:
             raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
@@ -458,7 +462,7 @@ class MAML(nn.Module):
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
-                                 _autograd_grad)
+                                 _autograd_grad, loss_fn=loss_fn)
         return adapted
 
     def predict(self, adapted: Params, x: Tensor) -> Tensor:

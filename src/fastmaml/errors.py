@@ -19,3 +19,7 @@ class DataError(FastMAMLError, ValueError):
 
 class NonFiniteLossError(FastMAMLError, FloatingPointError):
     """A loss became NaN or infinite."""
+
+
+class FastMAMLWarning(UserWarning):
+    """Something fastmaml worked around and the user should know of (the CLI shows one line)."""

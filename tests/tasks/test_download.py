@@ -86,24 +86,3 @@ def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert dl.default_cache_dir() == tmp_path
     monkeypatch.delenv("FASTMAML_CACHE")
     assert dl.default_cache_dir() == Path.home() / ".cache" / "fastmaml"
-
-
-def test_read_images_serial_and_parallel_agree(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(dl.POOL_MIN_IMAGES):
-        paths.append(tmp_path / f"{i}.png")
-        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(paths[-1])
-    serial = dl.read_images(paths, "L", 3, workers=1)
-    assert serial.shape == (len(paths), 3, 3) and serial.dtype == np.uint8
-    assert np.array_equal(dl.read_images(paths, "L", 3, workers=2), serial)
-
-
-@pytest.mark.parametrize("content", [b"garbage", "truncated"])
-def test_unreadable_image_names_the_file(tmp_path: Path, content: bytes | str) -> None:
-    path = tmp_path / "broken.png"
-    Image.fromarray(np.full((40, 40), 7, dtype=np.uint8)).save(path)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
-    with pytest.raises(DataError, match="broken.png"):
-        dl.read_images([path], "L", 28)

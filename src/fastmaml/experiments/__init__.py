@@ -70,6 +70,12 @@ def _fewshot_presets() -> dict[str, Preset]:
             "fewshot", f"{paper[name][0]}, Lake et al.'s split: meta-train on the background "
             "alphabets (rotated), meta-test on the evaluation alphabets (as drawn), random and "
             "within-alphabet tasks", {**paper[name][1], "split": "lake", "rotate": "train"})
+    presets["fewshot-folder"] = Preset(
+        "fewshot", "your own images: --data-root DIR with DIR/<class>/* (class_depth=2 for "
+        "DIR/<group>/<class>/*, or DIR/train|val|test/...); Omniglot 5-way 1-shot's settings, "
+        "28x28 grayscale; set n_way, k_shot, image_size, channels, invert",
+        {**paper["omniglot-5w1s"][1], "dataset": "folder", "image_size": 28, "channels": 1,
+         "iterations": 20000})
     presets["omniglot-5w1s-mlp"] = Preset("fewshot", "Omniglot 5-way 1-shot, the paper's MLP "
                                           "256-128-64-64 variant", {**paper["omniglot-5w1s"][1],
                                                                     "network": "mlp"})

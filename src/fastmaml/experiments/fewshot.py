@@ -6,13 +6,17 @@ of N x alpha here; the presets hold the converted values (Omniglot 5-way 0.4 -> 
 0.1 -> 2.0, MiniImagenet 0.01 -> 0.05). The outer loss scale does not matter to Adam.
 
 Evaluation: 600 fixed meta-test tasks, accuracy after 0..eval_inner_steps inner steps.
+
+``dataset=folder`` meta-trains on any folder of images (``fastmaml.tasks.folder``), converted by
+the run's ``ImageFormat`` (``image_size``, ``channels``, ``invert``), which ``fastmaml adapt``
+applies to a new task's images too.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +24,18 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..models import MLP, ConvNet
 from ..plots import plot_learning_curves, plot_step_curves
 from ..tasks.fewshot import FewShotSampler
+from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
 from .base import (Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table,
                    write_eval)
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
-DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET"}
+DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
+            "folder": ""}
 
 # Paper Table 1 and the MiniImagenet results, at the number of test steps the paper used.
 PAPER: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
@@ -55,11 +61,17 @@ ROTATE = ("auto", "all", "train", "none")
 @dataclass
 class FewShotConfig(Config):
     experiment: str = "fewshot"
-    dataset: str = "omniglot"  # omniglot | miniimagenet
+    dataset: str = "omniglot"  # omniglot | miniimagenet | folder (any image folder)
     data_root: str = ""  # default: $FASTMAML_OMNIGLOT / $FASTMAML_MINIIMAGENET, else data/<dataset>
     download: bool = False
     split: str = "official"  # Omniglot: official (1100/100/423) | vinyals (1200/0/423) | lake
-    within_alphabet: bool = False  # Omniglot: all classes of a task from one alphabet
+    split_seed: int = 1  # Omniglot's and the folders' class shuffle (1: the official split)
+    within_alphabet: bool = False  # all classes of a task from one alphabet (folder: group)
+    image_size: int = 0  # folder: square side in pixels (Omniglot 28, MiniImagenet 84)
+    channels: int = 0  # folder: 1 (grayscale) or 3 (RGB)
+    invert: bool = False  # folder: 255 - pixel (dark strokes on white become 1.0 on 0.0)
+    class_depth: int = 1  # folder: DIR/<class>/ (1) or DIR/<group>/<class>/ (2)
+    split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # folder without train/ val/ test/
     rotate: str = "auto"  # auto (Omniglot: all) | all | train (meta-train only) | none
     n_way: int = 5
     k_shot: int = 1
@@ -83,8 +95,16 @@ class FewShotConfig(Config):
             raise ConfigError(f"network must be conv or mlp, got {self.network!r}")
         if self.rotate not in ROTATE:
             raise ConfigError(f"rotate must be one of {', '.join(ROTATE)}, got {self.rotate!r}")
-        if self.within_alphabet and self.dataset != "omniglot":
-            raise ConfigError("within_alphabet=true needs dataset=omniglot (its alphabets)")
+        if self.within_alphabet and self.dataset != "omniglot" and self.class_depth != 2:
+            raise ConfigError("within_alphabet=true needs groups of classes: dataset=omniglot "
+                              "(alphabets) or dataset=folder with class_depth=2")
+        folder = self.dataset == "folder"
+        if folder and (self.channels not in MODES or self.image_size < 1):
+            raise ConfigError("dataset=folder needs image_size >= 1 and channels 1 or 3, got "
+                              f"image_size={self.image_size} channels={self.channels}")
+        if not folder and (self.image_size or self.channels or self.invert):
+            raise ConfigError(f"image_size, channels and invert are set by dataset="
+                              f"{self.dataset}; they apply to dataset=folder")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
@@ -94,6 +114,23 @@ class FewShotConfig(Config):
     @property
     def eval_queries(self) -> int:
         return self.eval_k_query or self.k_shot
+
+    def image_format(self) -> ImageFormat:
+        """How an image file becomes this run's model input (also for ``fastmaml adapt``)."""
+        if self.dataset == "omniglot":
+            from ..tasks.omniglot import IMAGE_FORMAT
+            return IMAGE_FORMAT
+        if self.dataset == "miniimagenet":
+            from ..tasks.miniimagenet import IMAGE_FORMAT
+            return IMAGE_FORMAT
+        return ImageFormat(MODES[self.channels], self.image_size, self.invert)
+
+
+class Split(NamedTuple):
+    """A split's images (a 5-d tensor, or one tensor per class) and its classes' groups."""
+
+    images: Tensor | list[Tensor]
+    groups: Tensor | None
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -107,22 +144,36 @@ class FewShotExperiment(Experiment):
 
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
-        self._splits: dict[str, Tensor] | None = None
+        self._splits: dict[str, Split] | None = None
 
     def data_root(self) -> Path:
+        if self.cfg.dataset == "folder" and not self.cfg.data_root:
+            raise ConfigError("dataset=folder needs the image folder: --data-root DIR")
         return Path(self.cfg.data_root or os.environ.get(DATA_ENV[self.cfg.dataset])
                     or Path("data") / self.cfg.dataset)
 
-    def splits(self) -> dict[str, Tensor]:
-        """The meta-train/val/test image tensors (loaded once, from the compact cache)."""
+    def splits(self) -> dict[str, Split]:
+        """Per meta-train/val/test split: the images, class by class (loaded once, from the
+        compact cache), and the group of each class (Omniglot's alphabets) where there are any."""
         if self._splits is None:
-            if self.cfg.dataset == "omniglot":
-                from ..tasks.omniglot import load_omniglot
-                self._splits = load_omniglot(self.data_root(), self.cfg.split,
-                                             download=self.cfg.download)
-            else:
+            cfg, root = self.cfg, self.data_root()
+            if cfg.dataset == "omniglot":
+                from ..tasks.omniglot import load_omniglot, load_omniglot_alphabets
+                images = load_omniglot(root, cfg.split, download=cfg.download, seed=cfg.split_seed)
+                groups = load_omniglot_alphabets(root, cfg.split, seed=cfg.split_seed)
+                self._splits = {name: Split(images[name], groups[name]) for name in images}
+            elif cfg.dataset == "miniimagenet":
                 from ..tasks.miniimagenet import load_miniimagenet
-                self._splits = load_miniimagenet(self.data_root())
+                self._splits = {name: Split(images, None)
+                                for name, images in load_miniimagenet(root).items()}
+            else:
+                from ..tasks.folder import load_image_folder
+                folders = load_image_folder(
+                    root, cfg.image_format(), class_depth=cfg.class_depth,
+                    fractions=cfg.split_fractions, seed=cfg.split_seed,
+                    min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries))
+                self._splits = {name: Split(split.images, split.groups)
+                                for name, split in folders.items()}
         return self._splits
 
     def rotates(self, split: str) -> bool:
@@ -135,21 +186,24 @@ class FewShotExperiment(Experiment):
     def sampler(self, split: str, queries: int, within_alphabet: bool | None = None
                 ) -> FewShotSampler:
         within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
-        groups = None
-        if within:
-            from ..tasks.omniglot import load_omniglot_alphabets
-            groups = load_omniglot_alphabets(self.data_root(), self.cfg.split)[split]
-        return FewShotSampler(self.splits()[split], self.cfg.n_way, self.cfg.k_shot, queries,
+        images, groups = self.splits()[split]
+        if len(images) < self.cfg.n_way:
+            raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
+                            f"the {split} split of {self.data_root()} has only {len(images)}"
+                            + ("; add classes, or change split_fractions (e.g. 0.8,0,0.2 for no "
+                               "meta-val)" if self.cfg.dataset == "folder" else ""))
+        return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
                               rotate=self.rotates(split), device=self.device, groups=groups,
                               within_group=within)
 
     def build_maml(self) -> MAML:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        channels, side = (1, 28) if cfg.dataset == "omniglot" else (3, 84)
+        image = cfg.image_format()
+        channels, side = image.channels, image.size
         if cfg.network == "conv":
-            model = ConvNet(channels, cfg.n_way, cfg.hidden, strided=cfg.dataset == "omniglot",
-                            image_size=side)
+            # the paper: stride-2 convolutions for Omniglot's 28x28, max-pools for 84x84
+            model = ConvNet(channels, cfg.n_way, cfg.hidden, strided=side <= 32, image_size=side)
         else:
             model = MLP([channels * side * side, 256, 128, 64, 64, cfg.n_way], batch_norm=True,
                         flatten=True)
@@ -160,7 +214,7 @@ class FewShotExperiment(Experiment):
         maml = self.build_maml()
         train = self.sampler("train", cfg.k_query)
         validation = {}
-        if cfg.val_every and len(self.splits()["val"]):  # the vinyals split has no meta-val
+        if cfg.val_every and len(self.splits()["val"].images):  # e.g. the vinyals split has none
             val = self.sampler("val", cfg.eval_queries)
 
             def validate() -> dict[str, float]:

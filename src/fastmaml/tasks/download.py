@@ -1,6 +1,6 @@
 """Data files on disk, shared by the image data sets.
 
-Verified downloads, atomic zip extraction, an atomic ``.npy`` cache and parallel image decoding.
+Verified downloads, atomic zip extraction and an atomic ``.npy`` cache.
 Every write goes to a temporary name beside its target first and is renamed into place, so an
 interrupted run never leaves a partial folder or cache file behind.
 """
@@ -13,16 +13,13 @@ import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from ..errors import ConfigError, DataError
 
 CHUNK = 1 << 20
-POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 
 
 def default_cache_dir() -> Path:
@@ -108,26 +105,3 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
     finally:
         Path(tmp).unlink(missing_ok=True)
     return array
-
-
-def read_image(path: Path, mode: str, size: int) -> np.ndarray:
-    """One image as a uint8 array in PIL ``mode``, resized to ``size`` x ``size`` with LANCZOS."""
-    try:
-        with Image.open(path) as file:
-            image = file.convert(mode)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.LANCZOS)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def read_images(paths: Sequence[Path], mode: str, size: int,
-                workers: int | None = None) -> np.ndarray:
-    """All ``paths`` decoded by ``read_image`` into one array, with a process per CPU core."""
-    workers = (os.cpu_count() or 1) if workers is None else workers
-    jobs = [(p, mode, size) for p in paths]
-    if workers <= 1 or len(jobs) < POOL_MIN_IMAGES:
-        return np.stack([read_image(*job) for job in jobs])
-    with Pool(workers) as pool:
-        return np.stack(pool.starmap(read_image, jobs, chunksize=256))

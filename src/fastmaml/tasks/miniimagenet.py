@@ -29,10 +29,12 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .download import cached_array, default_cache_dir, fingerprint, read_images
+from .download import cached_array, default_cache_dir, fingerprint
+from .images import ImageFormat, read_images
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 84
+IMAGE_FORMAT = ImageFormat("RGB", IMAGE_SIZE)
 
 
 def _numpy_module(name: str) -> Any:
@@ -112,7 +114,7 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
     files = [root / "images" / name for name, _ in rows]
     key = fingerprint([f"{name},{label}" for name, label in rows])
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
-    images = cached_array(cache, lambda: read_images(files, "RGB", IMAGE_SIZE, workers), root)
+    images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
     label_of = np.array([label for _, label in rows])
     return _by_class(table, {label: np.flatnonzero(label_of == label) for label in set(label_of)},
                      images)

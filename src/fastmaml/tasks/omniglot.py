@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .download import cached_array, default_cache_dir, fetch_zip, fingerprint, read_images
+from .download import cached_array, default_cache_dir, fetch_zip, fingerprint
+from .images import ImageFormat, read_images
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -33,6 +34,7 @@ OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
 FOLDERS = tuple(OMNIGLOT_MD5)
 IMAGES_PER_CHARACTER = 20
 IMAGE_SIZE = 28
+IMAGE_FORMAT = ImageFormat("L", IMAGE_SIZE, invert=True)
 # (meta-train, meta-val) characters; meta-test is the rest (423 of 1623).
 # official: cbfinn/maml's data generator. vinyals: the paper's 1200 train / rest test, no val.
 SPLITS = {"official": (1100, 100), "vinyals": (1200, 0)}
@@ -92,7 +94,7 @@ def load_omniglot_images(root: str | os.PathLike[str],
     cache = Path(cache_dir or default_cache_dir()) / f"omniglot-{IMAGE_SIZE}-{key}.npy"
 
     def build() -> np.ndarray:
-        return (255 - read_images(files, "L", IMAGE_SIZE, workers)).reshape(shape)
+        return read_images(files, IMAGE_FORMAT, workers).reshape(shape)
 
     images = cached_array(cache, build, root)
     if images.shape != shape or images.dtype != np.uint8:

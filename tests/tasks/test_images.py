@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmaml import DataError
+from fastmaml.tasks import images as im
+from fastmaml.tasks.images import ImageFormat, as_model_input, channels_first, read_images
+
+
+def test_read_images_serial_and_parallel_agree(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(im.POOL_MIN_IMAGES):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (6, 6), dtype=np.uint8)).save(paths[-1])
+    serial = read_images(paths, ImageFormat("L", 3), workers=1)
+    assert serial.shape == (len(paths), 3, 3) and serial.dtype == np.uint8
+    assert np.array_equal(read_images(paths, ImageFormat("L", 3), workers=2), serial)
+
+
+@pytest.mark.parametrize("content", [b"garbage", "truncated"])
+def test_unreadable_image_names_the_file(tmp_path: Path, content: bytes | str) -> None:
+    path = tmp_path / "broken.png"
+    Image.fromarray(np.full((40, 40), 7, dtype=np.uint8)).save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
+    with pytest.raises(DataError, match="broken.png"):
+        read_images([path], ImageFormat("L", 28))
+
+
+def test_any_mode_and_size_is_converted(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    rgba = Image.fromarray(rng.integers(0, 256, (30, 50, 4), dtype=np.uint8), "RGBA")
+    gray = ImageFormat("L", 12, invert=True).convert(rgba)
+    expected = 255 - np.asarray(rgba.convert("L").resize((12, 12), Image.Resampling.LANCZOS))
+    assert gray.shape == (12, 12) and np.array_equal(gray, expected)
+    color = ImageFormat("RGB", 8).convert(Image.fromarray(gray))  # gray to RGB: 3 equal planes
+    assert color.shape == (8, 8, 3) and (color[..., 0] == color[..., 2]).all()
+    pixels = channels_first(np.stack([color]))
+    assert pixels.shape == (1, 3, 8, 8)
+    assert torch.equal(as_model_input(pixels), torch.from_numpy(pixels).float() / 255)
+
+
+def test_image_files_are_those_pillow_reads(tmp_path: Path) -> None:
+    for name in ("a.png", "b.JPG", "c.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(p.name for p in tmp_path.iterdir() if im.is_image_file(p)) == ["a.png", "b.JPG"]
