@@ -1,14 +1,21 @@
-"""The ``fastmaml`` command line: presets, train, eval, plot."""
+"""The ``fastmaml`` command line: presets, train, eval, plot, adapt."""
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
+import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from .errors import FastMAMLError, FastMAMLWarning
-from .experiments import PRESETS, load_run, prepare_run
+from .adaptation import Predictions, load_run, predict_files
+from .experiments import PRESETS, load_experiment, prepare_run
 from .distributed import init_from_env, shutdown, world
+from .runlock import locked_run_dir
 from .train import check_resumable, fit
 
 
@@ -21,6 +28,14 @@ def _presets(_: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
+    if world()[0] == 0:  # one command at a time in a run directory (rank 0 holds it)
+        with locked_run_dir(run_dir):
+            _train_in(args, run_dir)
+    else:
+        _train_in(args, run_dir)
+
+
+def _train_in(args: argparse.Namespace, run_dir: Path) -> None:
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
     experiment = prepare_run(args.preset, run_dir, overrides)
     cfg = experiment.cfg
@@ -45,16 +60,68 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    experiment = load_run(Path(args.run_dir), args.overrides)
+    experiment = load_experiment(Path(args.run_dir), args.overrides)
     experiment.evaluate(progress=not args.no_progress)
     print((experiment.run_dir / "results.md").read_text())
     print(f"fastmaml: wrote {experiment.run_dir}/eval.json and {experiment.run_dir}/results.md")
 
 
 def _plot(args: argparse.Namespace) -> None:
-    experiment = load_run(Path(args.run_dir))
+    experiment = load_experiment(Path(args.run_dir))
     for path in experiment.plot():
         print(f"fastmaml: wrote {path}")
+
+
+def _adapt(args: argparse.Namespace) -> None:
+    run_dir = Path(args.run_dir)
+    out = Path(args.out) if args.out else None
+    inside = out is not None and out.resolve().is_relative_to(run_dir.resolve())
+    if inside:
+        with locked_run_dir(run_dir):
+            _adapt_in(args, run_dir, out)
+    else:
+        _adapt_in(args, run_dir, out)
+
+
+def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None:
+    run = load_run(run_dir)
+    result = predict_files(run, args.support, args.query, args.steps, args.plot)
+    text = _as_json(run_dir, result) if args.format == "json" else _as_csv(result)
+    if out is None:
+        sys.stdout.write(text)
+    else:  # nothing is written unless everything above succeeded; the file appears whole
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, out)
+    summary = result.summary
+    said = f"fastmaml: adapted {run_dir} on {summary['support']} support examples"
+    said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
+    said += f" in {summary["steps"]} step(s); {summary['query']} query predictions"
+    said += f" in {out}" if out else ""
+    if summary.get("accuracy") is not None:
+        said += f"; accuracy {100 * summary['accuracy']:.2f}% on the labelled query"
+    if summary.get("mse") is not None:
+        said += f"; MSE {summary['mse']:.4g} on the labelled query"
+    print(said + (f"; plot in {args.plot}" if args.plot else ""), file=sys.stderr)
+
+
+def _as_csv(result: Predictions) -> str:
+    """One row per query item; a classification row has a p(<class>) column per class."""
+    buffer = io.StringIO()
+    rows = [{**{k: v for k, v in row.items() if k != "probabilities"},
+             **{f"p({name})": f"{p:.6f}" for name, p in row.get("probabilities", {}).items()}}
+            for row in result.rows]
+    writer = csv.DictWriter(buffer, list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _as_json(run_dir: Path, result: Predictions) -> str:
+    document: dict[str, Any] = {"run": str(run_dir), **result.summary,
+                                "predictions": result.rows}
+    return json.dumps(document, indent=2) + "\n"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, epilog=epilog)
         sub.add_argument("run_dir")
         sub.set_defaults(run=run, overrides=[])
+    adapt = commands.add_parser(
+        "adapt", help="adapt a trained run to a new task and predict its query set",
+        description="Adapt a trained run on a new task's support set and predict its query set. "
+        "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
+        "class per image), QUERY a flat folder or subfolders named like the classes (then the "
+        "accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a CSV of x "
+        "(or x,y, then the MSE is reported).")
+    adapt.add_argument("run_dir")
+    adapt.add_argument("--support", required=True, help="the new task's labelled examples")
+    adapt.add_argument("--query", required=True, help="the inputs to predict")
+    adapt.add_argument("--steps", type=int, help="inner steps (default: the run's eval setting)")
+    adapt.add_argument("--out", help="write the predictions here (default: standard output)")
+    adapt.add_argument("--format", choices=("csv", "json"), default="csv")
+    adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
+    adapt.set_defaults(run=_adapt, overrides=[])
     for sub in (train, commands.choices["eval"]):
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -97,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command == "plot" or any("=" not in item for item in extra)):
+    if extra and (args.command in ("plot", "adapt") or any("=" not in item for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

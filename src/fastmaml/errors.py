@@ -17,6 +17,10 @@ class DataError(FastMAMLError, ValueError):
     """A missing, corrupt or too small data set."""
 
 
+class CheckpointError(FastMAMLError):
+    """A checkpoint file that is missing or cannot be read (e.g. truncated)."""
+
+
 class NonFiniteLossError(FastMAMLError, FloatingPointError):
     """A loss became NaN or infinite."""
 

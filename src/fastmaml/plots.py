@@ -51,6 +51,25 @@ def plot_learning_curves(csv_paths: list[Path], keys: list[str], path: Path) -> 
     return save_figure(fig, path)
 
 
+def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, support_x: Any,
+                               support_y: Any, query_x: Any, query_y: Any, path: Path,
+                               query_labelled: bool) -> Path:
+    """A new regression task: its support points, the prediction before and after ``steps``
+    inner steps, and the query points (their labels, or the predictions for them)."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(grid, before, ":", color="tab:green", label="before adaptation")
+    ax.plot(grid, after, "-", color="tab:green", label=f"after {steps} steps")
+    ax.scatter(support_x, support_y, marker="^", color="purple", zorder=3,
+               label=f"{len(support_x)} support points")
+    ax.scatter(query_x, query_y, marker="o", s=12, color="tab:red" if query_labelled else "tab:gray",
+               zorder=3, label="query points" if query_labelled else "query predictions")
+    ax.set(xlabel="x", ylabel="y")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_figure(fig, path)
+
+
 def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import average_gradients, average_metrics, is_main, shard
-from .errors import ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 Metrics = dict[str, float | Tensor]
 
@@ -122,7 +122,14 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint written by ``fit``; a damaged file is a ``CheckpointError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ...
+        raise CheckpointError(
+            f"cannot read the checkpoint {path}: it is damaged (e.g. truncated by a full disk or "
+            "an unfinished copy) or not a fastmaml checkpoint. Restore it from a backup, or "
+            "delete it to train that learner again from the start") from None
 
 
 class MetricsLog:

@@ -12,7 +12,7 @@ import torch
 
 from fastmaml.cli import main
 from fastmaml.errors import ConfigError
-from fastmaml.experiments import PRESETS, create_run, load_run, preset
+from fastmaml.experiments import PRESETS, create_run, load_experiment, preset
 from fastmaml.experiments.rl import RLConfig, RLExperiment
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
 
@@ -138,7 +138,7 @@ def test_locomotion_runs_end_to_end(tmp_path: Path) -> None:
                              "eval_inner_steps=1", "hvp=finite_difference"])
     for learner in experiment.learners():
         fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
-    records = load_run(tmp_path).evaluate(progress=False)
+    records = load_experiment(tmp_path).evaluate(progress=False)
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
     assert "v5 models" in (tmp_path / "results.md").read_text()
 

@@ -184,7 +184,7 @@ def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experim
     return experiment
 
 
-def load_run(run_dir: Path, overrides: list[str] = ()) -> Experiment:
+def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     """The experiment of an existing run directory, with its saved config (and ``overrides`` of
     the settings that do not change what was learned, e.g. eval_tasks)."""
     values = load_config_dict(run_dir / "config.yaml")

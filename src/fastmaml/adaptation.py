@@ -1,0 +1,326 @@
+"""A trained run applied to a new task: load it, adapt it on a few labelled examples, predict.
+
+```python
+run = fastmaml.load_run("runs/omniglot-5w1s")
+x = run.preprocess(["a.png", "b.png"])                 # the run's own image preprocessing
+adapted = run.adapt(x, torch.tensor([0, 1]))           # 2 classes: the model's first 2 outputs
+probabilities = run.predict(adapted, run.preprocess(["query.png"])).softmax(-1)
+```
+
+MAML assigns labels to a task's classes at random, so any N of a classifier's outputs serve a
+new N-way task (N <= the run's n_way): the first N are used, for adaptation and prediction.
+Batch norm uses the statistics of the batch, as in meta-training and the paper's evaluation.
+So that a prediction does not depend on which other images are asked about at once (a query of
+one image, or of one class, has no useful statistics of its own), ``predict_files`` passes the
+support set as ``context``: each query image is normalised together with the support set alone.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .core import MAML, Params
+from .errors import ConfigError, DataError, ShapeError
+from .experiments import load_experiment
+from .plots import plot_regression_adaptation
+from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
+from .train import checkpoint_path, load_checkpoint
+
+ImageSource = str | os.PathLike[str] | Image.Image
+
+
+class Adapted(NamedTuple):
+    """Parameters adapted to one task, and the number of classes it has (None: regression)."""
+
+    params: Params
+    num_classes: int | None
+
+
+@dataclass
+class TrainedRun:
+    """A trained run directory's MAML, with what a new task needs from its config."""
+
+    run_dir: Path
+    maml: MAML
+    task: str  # "classification" | "regression"
+    num_classes: int | None  # the classifier's outputs (the run's n_way)
+    steps: int  # default inner steps at adaptation: the run's evaluation setting
+    image_format: ImageFormat | None  # how an image becomes the model's input
+    device: torch.device
+
+    def preprocess(self, images: Sequence[ImageSource]) -> Tensor:
+        """Image files or PIL images as the model's input, exactly as the run's training data:
+        float (N, C, H, W) on the run's device."""
+        if self.image_format is None:
+            raise ConfigError(f"{self.run_dir} is a {self.task} run; preprocess reads images")
+        if not len(images):
+            raise DataError("preprocess needs at least one image")
+        fmt = self.image_format
+        pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
+                           else fmt.read(Path(item)) for item in images])
+        return as_model_input(channels_first(pixels)).to(self.device)
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
+        """``steps`` (default: the run's) inner steps on the support set. Classification labels
+        are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted."""
+        support_x, support_y = support_x.to(self.device), support_y.to(self.device)
+        num_classes, loss_fn = None, None
+        if self.task == "classification":
+            num_classes = self._check_labels(support_y)
+            loss_fn = _first_outputs_loss(num_classes)
+        elif support_y.dim() == 1:
+            support_y = support_y[:, None]
+        with torch.no_grad():
+            params = self.maml.adapt(support_x, support_y, self.steps if steps is None else steps,
+                                     loss_fn=loss_fn)
+        return Adapted(params, num_classes)
+
+    def predict(self, adapted: Adapted, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The adapted model's output on ``x``: logits over the task's N classes, or values.
+
+        With ``context`` (e.g. the support inputs), each row of ``x`` is predicted in one batch
+        with the context alone (vectorised), so that batch norm's statistics, and with them the
+        prediction, do not depend on the other rows of ``x``.
+        """
+        x = x.to(self.device)
+        with torch.no_grad():
+            if context is None:
+                out = self.maml.predict(adapted.params, x)
+            else:
+                context = context.to(self.device)
+                out = torch.func.vmap(lambda row: self.maml.predict(
+                    adapted.params, torch.cat([row[None], context]))[0])(x)
+        return out if adapted.num_classes is None else out[:, :adapted.num_classes]
+
+    def _check_labels(self, labels: Tensor) -> int:
+        if labels.dim() != 1 or labels.dtype.is_floating_point or not len(labels):
+            raise ShapeError("classification labels must be a non-empty 1-d integer tensor, got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
+        num_classes = int(labels.max()) + 1
+        if int(labels.min()) < 0:
+            raise ShapeError("classification labels must be 0..N-1")
+        if num_classes > self.num_classes:
+            raise ConfigError(f"the task has {num_classes} classes, but the run was trained "
+                              f"{self.num_classes}-way: it can adapt to at most "
+                              f"{self.num_classes} classes")
+        return num_classes
+
+
+def _first_outputs_loss(num_classes: int):  # noqa: ANN202 (a LossFn)
+    def loss(logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(logits[..., :num_classes], labels)
+    return loss
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> TrainedRun:
+    """The trained MAML of a few-shot or regression run directory, ready to adapt.
+
+    ``device`` defaults to the run's setting. Loading changes no process-wide setting (threads,
+    allocator), unlike the ``fastmaml`` commands.
+    """
+    run_dir = Path(run_dir)
+    overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
+    experiment = load_experiment(run_dir, overrides)
+    if experiment.name not in ("fewshot", "sinusoid"):
+        raise ConfigError(f"{run_dir} is a {experiment.name} run; adapt applies few-shot "
+                          "classification and regression runs (an RL run adapts by sampling its "
+                          "environment: fastmaml eval)")
+    path = checkpoint_path(run_dir, "maml")
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
+                          f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
+    maml = experiment.build_maml()
+    maml.load_state_dict(load_checkpoint(path)["learner"]["module"])
+    cfg = experiment.cfg
+    classification = experiment.name == "fewshot"
+    return TrainedRun(run_dir, maml, "classification" if classification else "regression",
+                      cfg.n_way if classification else None, cfg.eval_inner_steps,
+                      cfg.image_format() if classification else None, experiment.device)
+
+
+# ----- new tasks from files: what `fastmaml adapt` reads -----
+
+class ImageSet(NamedTuple):
+    """Image files, their class labels (None: unlabelled) and the class names."""
+
+    paths: list[Path]
+    labels: list[int] | None
+    classes: list[str]
+
+
+def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
+    """(class subfolders, image files) directly in ``folder``."""
+    if folder.is_file():
+        raise DataError(f"the {role} set {folder} is a file, but this is an image run: give a "
+                        "folder of images (one subfolder per class)")
+    if not folder.is_dir():
+        raise DataError(f"the {role} folder {folder} does not exist")
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    subfolders = [p for p in entries if p.is_dir()]
+    images = [p for p in entries if is_image_file(p)]
+    if subfolders and images:
+        raise DataError(f"the {role} folder {folder} mixes images and class subfolders: use one "
+                        "subfolder per class, or a flat folder of images")
+    return subfolders, images
+
+
+def _class_images(folder: Path, role: str) -> list[Path]:
+    images = sorted(p for p in folder.iterdir() if is_image_file(p))
+    if not images:
+        raise DataError(f"the {role} class folder {folder} holds no images")
+    return images
+
+
+def support_images(folder: str | os.PathLike[str]) -> ImageSet:
+    """A support set: one subfolder per class (its name is the class name; any number of
+    images), or a flat folder whose every image is a class of its own (one-shot)."""
+    folder = Path(folder)
+    subfolders, images = _folder_entries(folder, "support")
+    if images:
+        return ImageSet(images, list(range(len(images))), [p.stem for p in images])
+    if not subfolders:
+        raise DataError(f"the support folder {folder} holds no images or class subfolders")
+    paths, labels = [], []
+    for label, sub in enumerate(subfolders):
+        found = _class_images(sub, "support")
+        paths += found
+        labels += [label] * len(found)
+    return ImageSet(paths, labels, [sub.name for sub in subfolders])
+
+
+def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> ImageSet:
+    """A query set: a flat folder of images (unlabelled), or subfolders named like the support
+    classes (labelled, so that accuracy can be reported)."""
+    folder = Path(folder)
+    subfolders, images = _folder_entries(folder, "query")
+    if images:
+        return ImageSet(images, None, list(classes))
+    if not subfolders:
+        raise DataError(f"the query folder {folder} holds no images")
+    unknown = [sub.name for sub in subfolders if sub.name not in classes]
+    if unknown:
+        raise DataError(f"query class folder(s) {', '.join(unknown)} in {folder} are not support "
+                        f"classes ({', '.join(classes)})")
+    paths, labels = [], []
+    for sub in subfolders:
+        found = _class_images(sub, "query")
+        paths += found
+        labels += [list(classes).index(sub.name)] * len(found)
+    return ImageSet(paths, labels, list(classes))
+
+
+def read_points(path: str | os.PathLike[str], role: str, need_y: bool
+                ) -> tuple[Tensor, Tensor | None]:
+    """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
+    header line: (x, y or None) as float (N, 1) tensors."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
+                        "a CSV of x,y points")
+    try:
+        with path.open(newline="") as handle:
+            rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
+    if rows and not _is_number(rows[0][0]):
+        rows = rows[1:]  # a header line
+    widths = {len(row) for row in rows}
+    if not rows or not widths <= ({2} if need_y else {1, 2}) or len(widths) != 1:
+        expected = "x,y" if need_y else "x (or x,y)"
+        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all alike")
+    try:
+        values = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32)
+    except ValueError as error:
+        raise DataError(f"the {role} CSV {path} holds a value that is not a number: {error}") from None
+    if not torch.isfinite(values).all():
+        raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
+    return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class Predictions(NamedTuple):
+    """``predict_files``' result: one row per query item, and the task's summary (steps,
+    classes, and the accuracy or MSE when the query is labelled, else None)."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def predict_files(run: TrainedRun, support: str | os.PathLike[str],
+                  query: str | os.PathLike[str], steps: int | None = None,
+                  plot: str | os.PathLike[str] | None = None) -> Predictions:
+    """Adapt ``run`` on the support set on disk and predict the query set on disk.
+
+    Image runs read folders (``support_images``, ``query_images``); regression runs read CSVs
+    (``read_points``), and with ``plot`` draw the support points, the prediction before and
+    after adaptation, and the query points.
+    """
+    steps = run.steps if steps is None else steps
+    if steps < 0:
+        raise ConfigError(f"steps must be >= 0, got {steps}")
+    if run.task == "regression":
+        return _predict_points(run, support, query, steps, plot)
+    if plot is not None:
+        raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
+    shots = support_images(support)
+    if len(shots.classes) > run.num_classes:
+        raise ConfigError(f"the support set {support} has {len(shots.classes)} classes, but the "
+                          f"run was trained {run.num_classes}-way: it can adapt to at most "
+                          f"{run.num_classes} classes")
+    asked = query_images(query, shots.classes)
+    support_x = run.preprocess(shots.paths)
+    adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
+    logits = run.predict(adapted, run.preprocess(asked.paths), context=support_x)
+    probabilities = logits.softmax(-1).cpu()
+    rows = []
+    for i, (path, p) in enumerate(zip(asked.paths, probabilities)):
+        row = {"path": str(path), "prediction": shots.classes[int(p.argmax())]}
+        if asked.labels is not None:
+            row["label"] = shots.classes[asked.labels[i]]
+        rows.append({**row, "probabilities": dict(zip(shots.classes, p.tolist()))})
+    accuracy = (None if asked.labels is None else
+                float((probabilities.argmax(-1) == torch.tensor(asked.labels)).float().mean()))
+    return Predictions(rows, {"task": "classification", "steps": steps,
+                              "classes": shots.classes, "support": len(shots.paths),
+                              "query": len(asked.paths), "accuracy": accuracy})
+
+
+def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
+                    query: str | os.PathLike[str], steps: int,
+                    plot: str | os.PathLike[str] | None) -> Predictions:
+    support_x, support_y = read_points(support, "support", need_y=True)
+    query_x, query_y = read_points(query, "query", need_y=False)
+    adapted = run.adapt(support_x, support_y, steps)
+    prediction = run.predict(adapted, query_x).cpu()
+    rows = [{"x": float(x), "prediction": float(p),
+             **({} if query_y is None else {"y": float(query_y[i])})}
+            for i, (x, p) in enumerate(zip(query_x[:, 0], prediction[:, 0]))]
+    mse = None if query_y is None else float((prediction - query_y).pow(2).mean())
+    if plot is not None:
+        every = torch.cat([support_x, query_x])[:, 0]
+        margin = 0.05 * float(every.max() - every.min()) or 1.0
+        grid = torch.linspace(float(every.min()) - margin, float(every.max()) + margin, 300)[:, None]
+        before = run.predict(run.adapt(support_x, support_y, 0), grid).cpu()
+        after = run.predict(adapted, grid).cpu()
+        plot_regression_adaptation(grid, before, after, steps, support_x, support_y, query_x,
+                                   query_y if query_y is not None else prediction, Path(plot),
+                                   query_labelled=query_y is not None)
+    return Predictions(rows, {"task": "regression", "steps": steps, "support": len(support_x),
+                              "query": len(query_x), "mse": mse})
