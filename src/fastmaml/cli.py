@@ -97,7 +97,7 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
     summary = result.summary
     said = f"fastmaml: adapted {run_dir} on {summary['support']} support examples"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
-    said += f" in {summary["steps"]} step(s); {summary['query']} query predictions"
+    said += f" in {summary['steps']} step(s); {summary['query']} query predictions"
     said += f" in {out}" if out else ""
     if summary.get("accuracy") is not None:
         said += f"; accuracy {100 * summary['accuracy']:.2f}% on the labelled query"
