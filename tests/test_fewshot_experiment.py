@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
+import torch
 
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
+import fastmaml
 from fastmaml.experiments import PRESETS, experiment_class
+from fastmaml.tasks.images import as_model_input
+from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
 
 
 def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
@@ -42,11 +47,33 @@ def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp
     assert main(["plot", str(run)]) == 0
     assert (run / "figures" / "accuracy_vs_steps.png").exists()
 
+    # the trained run adapts to a new task: 5 characters copied from the evaluation alphabets
+    characters = omniglot_characters(omniglot_root)
+    chosen = [964 + 37 * i for i in range(5)]  # evaluation characters, several alphabets
+    for i in chosen:
+        pngs = sorted(characters[i].glob("*.png"))
+        name = f"{characters[i].parent.name}-{characters[i].name}"
+        for role, files in (("support", pngs[:1]), ("query", pngs[1:6])):
+            (tmp_path / role / name).mkdir(parents=True)
+            for png in files:
+                shutil.copy(png, tmp_path / role / name / png.name)
+    capsys.readouterr()
+    assert main(["adapt", str(run), "--support", str(tmp_path / "support"),
+                 "--query", str(tmp_path / "query"), "--steps", "3"]) == 0
+    out, err = capsys.readouterr()
+    rows = list(csv.DictReader(out.splitlines()))
+    assert len(rows) == 25 and sum(r["prediction"] == r["label"] for r in rows) / 25 > 0.3
+    assert "accuracy" in err
+    # preprocessing parity with the Omniglot training loader, bit for bit
+    png = sorted(characters[chosen[2]].glob("*.png"))[4]
+    expected = as_model_input(load_omniglot_images(omniglot_root)[chosen[2], 4:5])
+    assert torch.equal(fastmaml.load_run(run).preprocess([png]), expected)
+
 
 def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, capsys):
     assert main(["train", "omniglot-5w1s", "--out", str(tmp_path), "--data-root", str(omniglot_root),
                  "n_way=500", "iterations=1", "--no-progress"]) == 2
-    assert "n_way=500 needs at least 500 classes, but this split has only 100" in capsys.readouterr().err
+    assert "n_way=500 needs at least 500 classes, but the val split of" in capsys.readouterr().err
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
@@ -54,3 +81,17 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
                  "--data-root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "fastmaml: error:" in err and "nowhere" in err
+
+
+def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tmp_path):
+    run = tmp_path / "lake"
+    assert main(["train", "omniglot-5w1s-lake", "--out", str(run), "--data-root",
+                 str(omniglot_root), "hidden=8", "meta_batch=2", "iterations=2", "val_every=2",
+                 "val_tasks=4", "--no-progress"]) == 0
+    assert main(["eval", str(run), "eval_tasks=8", "eval_inner_steps=1", "--no-progress"]) == 0
+    records = json.loads((run / "eval.json").read_text())
+    assert [(r["method"], r["within_alphabet"], r["tasks"]) for r in records] == [
+        ("maml", False, 8), ("maml, within alphabet", True, 8)]
+    with pytest.raises(ConfigError, match="within_alphabet=true needs groups"):
+        experiment_class("fewshot").config_cls.from_dict({"dataset": "miniimagenet",
+                                                          "within_alphabet": True})

@@ -153,3 +153,19 @@ def test_validation_rows_are_logged_even_between_log_points(tmp_path):
     fit(learner, tmp_path, checkpoint_every=6, log_every=5, progress=False)
     logged = {int(r["iteration"]): r.get("val_accuracy") for r in rows(tmp_path / "metrics-toy.csv")}
     assert logged == {2: "0.5", 4: "0.5", 5: "", 6: "0.5"}
+
+
+def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, capsys):
+    from fastmaml.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=4",
+                 "baseline_iterations=2", "--no-progress"]) == 0
+    path = checkpoint_path(run, "maml")
+    path.write_bytes(path.read_bytes()[:1000])  # truncated, as by a full disk
+    capsys.readouterr()
+    for command in (["train", "sinusoid-demo", "--out", str(run), "--no-progress"],
+                    ["eval", str(run), "--no-progress"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cannot read the checkpoint {path}" in err
+        assert "delete it to train that learner again" in err

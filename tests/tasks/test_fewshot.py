@@ -122,3 +122,40 @@ def test_bad_images_and_batch_sizes() -> None:
         sampler.sample(0)
     with pytest.raises(ConfigError, match="chunk"):
         sampler.fixed_tasks(10, seed=0, chunk=0)
+
+
+def test_classes_of_different_sizes_draw_only_their_own_images() -> None:
+    full = marked_images()
+    sizes = [3, 9, 4, 6, 3, 5, 7, 3, 8, 4, 3, 9]
+    ragged = [full[c, :n] for c, n in enumerate(sizes)]
+    sampler = FewShotSampler(ragged, n_way=5, k_shot=1, k_query=2)
+    batch = sampler.sample(200, torch.Generator().manual_seed(4))
+    cls, inst, _ = decode(torch.cat([batch.support_x, batch.query_x], 1)[:, :, 0])
+    assert (inst < torch.tensor(sizes)[cls]).all()  # never an image past its class's count
+    for c, n in enumerate(sizes):  # and every image of a class can be drawn
+        assert set(inst[cls == c].tolist()) == set(range(n))
+    with pytest.raises(DataError, match="a class has only 3"):
+        FewShotSampler(ragged, n_way=5, k_shot=2, k_query=2)
+
+
+def test_equal_classes_as_a_list_or_a_tensor_give_the_same_tasks() -> None:
+    images = marked_images()
+    as_list = FewShotSampler(list(images), 4, 1, 2, rotate=True)
+    as_tensor = FewShotSampler(images, 4, 1, 2, rotate=True)
+    for a, b in zip(as_list.sample(10, torch.Generator().manual_seed(5)),
+                    as_tensor.sample(10, torch.Generator().manual_seed(5))):
+        assert torch.equal(a, b)
+
+
+def test_within_group_tasks_take_every_class_from_one_group() -> None:
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])  # group 0 is too small for 4-way
+    sampler = FewShotSampler(marked_images(), 4, 1, 1, groups=groups, within_group=True)
+    batch = sampler.sample(100, torch.Generator().manual_seed(6))
+    cls, _, _ = decode(batch.support_x[:, :, 0])
+    task_groups = groups[cls]
+    assert (task_groups == task_groups[:, :1]).all()
+    assert set(task_groups[:, 0].tolist()) == {1, 2}  # both large groups are used
+    with pytest.raises(DataError, match="largest group here has 5"):
+        FewShotSampler(marked_images(), 6, 1, 1, groups=groups, within_group=True)
+    with pytest.raises(ConfigError, match="one group per class"):
+        FewShotSampler(marked_images(), 2, 1, 1, within_group=True)

@@ -14,8 +14,9 @@ from torch import Tensor
 from fastmaml import ConfigError, DataError
 from fastmaml.tasks import omniglot
 from fastmaml.tasks.fewshot import FewShotSampler
-from fastmaml.tasks.omniglot import (OMNIGLOT_MD5, download_omniglot, load_omniglot,
-                                     load_omniglot_images, omniglot_characters, split_characters)
+from fastmaml.tasks.omniglot import (LAKE_VAL_CHARACTERS, OMNIGLOT_MD5, download_omniglot,
+                                     load_omniglot, load_omniglot_alphabets, load_omniglot_images,
+                                     omniglot_alphabets, omniglot_characters, split_characters)
 
 FAKE = {"images_background": ["Beta", "Alpha"], "images_evaluation": ["Gamma"]}
 
@@ -191,3 +192,38 @@ def test_real_sampler(real_splits: tuple[dict[str, Tensor], Path]) -> None:
     assert batch.support_x.shape == (16, 20, 1, 28, 28)
     assert batch.query_x.shape == (16, 100, 1, 28, 28)
     assert batch.support_y.max() == 19 and batch.query_x.max() == 1.0
+
+
+def test_alphabets_of_the_characters(fake_root: Path) -> None:
+    alphabets, background = omniglot_alphabets(omniglot_characters(fake_root))
+    # background Alpha, Beta (sorted), then evaluation Gamma; two characters each
+    assert alphabets.tolist() == [0, 0, 1, 1, 2, 2] and background == 2
+    with pytest.raises(ConfigError, match="needs the alphabet"):
+        split_characters(6, "lake")
+    with pytest.raises(DataError, match="lake split needs"):  # too small to hold out 100
+        load_omniglot_alphabets(fake_root, "lake")
+
+
+def test_real_lake_split(omniglot_root: Path) -> None:
+    characters = omniglot_characters(omniglot_root)
+    alphabets, background = omniglot_alphabets(characters)
+    splits = split_characters(len(characters), "lake", alphabets=(alphabets, background))
+    sizes = {name: len(index) for name, index in splits.items()}
+    assert sizes["test"] == 659 and sizes["train"] + sizes["val"] == 964  # Lake et al.'s sets
+    assert sizes["val"] >= LAKE_VAL_CHARACTERS
+    assert all(characters[i].parts[-3] == "images_evaluation" for i in splits["test"])
+    train_alphabets = set(alphabets[splits["train"]].tolist())
+    val_alphabets = set(alphabets[splits["val"]].tolist())
+    assert not train_alphabets & val_alphabets  # meta-val holds whole, unseen alphabets
+    assert len(train_alphabets | val_alphabets) == 30
+    assert torch.equal(load_omniglot_alphabets(omniglot_root, "lake")["test"],
+                       alphabets[splits["test"]])
+
+
+def test_real_within_alphabet_20_way_tasks(real_splits: tuple[dict[str, Tensor], Path],
+                                           omniglot_root: Path) -> None:
+    groups = load_omniglot_alphabets(omniglot_root)["test"]
+    sampler = FewShotSampler(real_splits[0]["test"], 20, 1, 1, groups=groups, within_group=True)
+    draws = sampler._draw(50, torch.Generator().manual_seed(0))
+    task_groups = groups[draws.classes]
+    assert (task_groups == task_groups[:, :1]).all()

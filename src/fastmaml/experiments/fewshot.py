@@ -127,10 +127,12 @@ class FewShotConfig(Config):
 
 
 class Split(NamedTuple):
-    """A split's images (a 5-d tensor, or one tensor per class) and its classes' groups."""
+    """A split's images (a 5-d tensor, or one tensor per class), its classes' groups and (for
+    an image folder) their names."""
 
     images: Tensor | list[Tensor]
     groups: Tensor | None
+    names: list[str] | None = None
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -172,7 +174,7 @@ class FewShotExperiment(Experiment):
                     root, cfg.image_format(), class_depth=cfg.class_depth,
                     fractions=cfg.split_fractions, seed=cfg.split_seed,
                     min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries))
-                self._splits = {name: Split(split.images, split.groups)
+                self._splits = {name: Split(split.images, split.groups, split.names)
                                 for name, split in folders.items()}
         return self._splits
 
@@ -186,7 +188,7 @@ class FewShotExperiment(Experiment):
     def sampler(self, split: str, queries: int, within_alphabet: bool | None = None
                 ) -> FewShotSampler:
         within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
-        images, groups = self.splits()[split]
+        images, groups, _ = self.splits()[split]
         if len(images) < self.cfg.n_way:
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"

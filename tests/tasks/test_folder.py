@@ -1,0 +1,110 @@
+"""Few-shot data from any image folder: layouts, the class split, short classes, the cache."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmaml import ConfigError, DataError
+from fastmaml.tasks import folder as folder_module
+from fastmaml.tasks.folder import ShortClassesWarning, load_image_folder, split_classes
+from fastmaml.tasks.images import ImageFormat
+
+FORMAT = ImageFormat("L", 8)
+
+
+def write_class(path: Path, count: int, value: int, suffix: str = ".png") -> None:
+    """``count`` images of one class: a constant gray ``value``, in varied sizes and modes."""
+    path.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        image = Image.new("RGB" if i % 2 else "L", (10 + i, 12), (value,) * 3 if i % 2 else value)
+        image.save(path / f"{i}{suffix}")
+
+
+@pytest.fixture
+def flat_root(tmp_path: Path) -> Path:
+    root = tmp_path / "flowers"
+    for c in range(20):
+        write_class(root / f"class{c:02d}", 2 if c == 7 else 3 + c % 4, value=10 * c)
+    (root / "class99").mkdir()  # empty: a short class
+    (root / "notes.txt").write_text("not a class")
+    return root
+
+
+def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -> None:
+    with pytest.warns(ShortClassesWarning, match="left out 2 of 21 classes .* fewer than 3"):
+        splits = load_image_folder(flat_root, FORMAT, min_images=3, cache_dir=tmp_path / "c")
+    names = [n for split in splits.values() for n in split.names]
+    assert len(names) == len(set(names)) == 19 and "class07" not in names
+    # the 21 classes are split 15 / 3 / 3 (round(0.7 * 21), round(0.15 * 21)), then 2 left out
+    assert [len(i) for i in split_classes(21, (0.7, 0.15, 0.15), seed=1)] == [15, 3, 3]
+    for split in splits.values():
+        for name, images in zip(split.names, split.images):
+            c = int(name[-2:])
+            assert images.shape == (3 + c % 4, 1, 8, 8) and images.dtype == torch.uint8
+            assert (images == 10 * c).all()  # every image of the class, converted to L, resized
+    again = load_image_folder(flat_root, FORMAT, min_images=3, cache_dir=tmp_path / "c")
+    assert [s.names for s in again.values()] == [s.names for s in splits.values()]
+
+
+def test_the_split_depends_on_the_seed_only(flat_root: Path, tmp_path: Path) -> None:
+    one = split_classes(21, (0.7, 0.15, 0.15), seed=1)
+    assert sorted(np.concatenate(one).tolist()) == list(range(21))
+    assert not np.array_equal(one[0], split_classes(21, (0.7, 0.15, 0.15), seed=2)[0])
+    for bad in ((0.5, 0.5), (0.7, 0.2, 0.2), (1.2, -0.1, -0.1)):
+        with pytest.raises(ConfigError, match="split_fractions"):
+            split_classes(21, bad, seed=1)
+
+
+def test_groups_and_explicit_splits(tmp_path: Path) -> None:
+    root = tmp_path / "scripts"
+    for split, groups in (("train", ("Latin", "Greek")), ("test", ("Runic",))):
+        for g, group in enumerate(groups):
+            for c in range(3):
+                write_class(root / split / group / f"char{c}", 2, value=50 * g + c, suffix=".jpg")
+    splits = load_image_folder(root, FORMAT, class_depth=2, cache_dir=tmp_path / "c")
+    assert splits["train"].names == [f"{g}/char{c}" for g in ("Greek", "Latin") for c in range(3)]
+    assert splits["train"].groups.tolist() == [0, 0, 0, 1, 1, 1]
+    assert splits["test"].names == [f"Runic/char{c}" for c in range(3)] and not len(splits["val"])
+    (root / "train").rename(root / "training")
+    with pytest.raises(DataError, match="no train/"):
+        load_image_folder(root, FORMAT, class_depth=2, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.filterwarnings("ignore::fastmaml.tasks.folder.ShortClassesWarning")
+def test_decoded_once_and_again_when_a_file_changes(flat_root: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    load_image_folder(flat_root, FORMAT, cache_dir=cache)
+    decode = folder_module.read_images
+
+    def no_decoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(folder_module, "read_images", no_decoding)
+    load_image_folder(flat_root, FORMAT, cache_dir=cache, fractions=(0.5, 0.2, 0.3))
+    write_class(flat_root / "class00", 1, value=255)  # a changed image: decoded again
+    os.utime(flat_root / "class00" / "0.png", ns=(1, 1))
+    monkeypatch.setattr(folder_module, "read_images", decode)
+    splits = load_image_folder(flat_root, FORMAT, cache_dir=cache)
+    found = [images for s in splits.values() for n, images in zip(s.names, s.images)
+             if n == "class00"]
+    assert (found[0][0] == 255).all() and len(list(cache.iterdir())) == 2
+
+
+def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_image_folder(tmp_path / "nowhere", FORMAT)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images found"):
+        load_image_folder(tmp_path / "empty", FORMAT)
+    with pytest.raises(ConfigError, match="class_depth"):
+        load_image_folder(tmp_path / "empty", FORMAT, class_depth=3)
+    write_class(tmp_path / "broken" / "a", 2, value=1)
+    (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="1.png"):
+        load_image_folder(tmp_path / "broken", FORMAT, cache_dir=tmp_path / "c")

@@ -1,0 +1,234 @@
+"""A trained run applied to a new task: `fastmaml adapt` and `fastmaml.load_run`."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import fastmaml
+from fastmaml import ConfigError, DataError
+from fastmaml.cli import main
+from fastmaml.experiments import load_experiment
+from fastmaml.tasks.images import as_model_input
+from fastmaml.train import checkpoint_path
+
+COLORS = {f"color{c}": c for c in range(8)}  # class name -> pattern seed
+
+
+def write_image(path: Path, pattern: int, noise_seed: int) -> None:
+    """A 24x24 RGB image of one class: a fixed 3x3 color pattern plus a little noise."""
+    rng = np.random.default_rng(pattern)
+    base = np.kron(rng.integers(0, 200, (3, 3, 3)), np.ones((8, 8, 1)))
+    noise = np.random.default_rng(1000 + noise_seed).integers(0, 40, base.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((base + noise).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-way 1-shot run meta-trained for a few iterations on a synthetic image folder."""
+    base = tmp_path_factory.mktemp("image-run")
+    for name, pattern in COLORS.items():
+        for i in range(5):
+            write_image(base / "data" / name / f"{i}.png", pattern, i)
+    run = base / "run"
+    assert main(["train", "fewshot-folder", "--out", str(run), "--data-root", str(base / "data"),
+                 "n_way=3", "k_shot=1", "k_query=2", "image_size=12", "channels=3", "hidden=8",
+                 "iterations=40", "meta_batch=4", "val_every=0", "log_every=20",
+                 "split_fractions=0.75,0,0.25", "eval_inner_steps=5", "--no-progress"]) == 0
+    return run
+
+
+def task_folders(root: Path, classes: list[str], shots: int, queries: int) -> tuple[Path, Path]:
+    """A new task on disk: support/<class>/ and a labelled query/<class>/ of unseen images."""
+    for name in classes:
+        for i in range(shots):
+            write_image(root / "support" / name / f"s{i}.png", COLORS[name], 50 + i)
+        for i in range(queries):
+            write_image(root / "query" / name / f"q{i}.jpg", COLORS[name], 80 + i)
+    return root / "support", root / "query"
+
+
+def adapt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["adapt", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    support, query = task_folders(tmp_path, ["color5", "color6", "color7"], shots=2, queries=3)
+    code, out, err = adapt(capsys, str(image_run), "--support", str(support),
+                           "--query", str(query))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["path", "prediction", "label", "p(color5)", "p(color6)", "p(color7)"]
+    assert len(rows) == 9 and {Path(r["path"]).parent.name for r in rows} == {"color5", "color6",
+                                                                            "color7"}
+    for row in rows:
+        probabilities = [float(row[f"p({c})"]) for c in ("color5", "color6", "color7")]
+        assert sum(probabilities) == pytest.approx(1, abs=1e-5)
+        assert row["prediction"] == ["color5", "color6", "color7"][int(np.argmax(probabilities))]
+    correct = sum(r["prediction"] == r["label"] for r in rows)
+    assert f"accuracy {100 * correct / 9:.2f}% on the labelled query" in err
+    assert "in 5 step(s)" in err  # the run's evaluation setting
+
+
+def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
+        image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for i, name in enumerate(("color1", "color4")):  # flat: every image is a class of its own
+        write_image(tmp_path / "support" / f"{name}.png", COLORS[name], 60 + i)
+        write_image(tmp_path / "query" / f"unknown{i}.png", COLORS[name], 90 + i)
+    out_file = tmp_path / "out" / "predictions.json"
+    code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
+                           "--query", str(tmp_path / "query"), "--format", "json",
+                           "--out", str(out_file), "--steps", "3")
+    assert code == 0 and out == "", err
+    document = json.loads(out_file.read_text())
+    assert {k: document[k] for k in ("task", "steps", "classes", "support", "query", "accuracy")} \
+        == {"task": "classification", "steps": 3, "classes": ["color1", "color4"], "support": 2,
+            "query": 2, "accuracy": None}
+    first = document["predictions"][0]
+    assert set(first) == {"path", "prediction", "probabilities"}  # unlabelled: no label
+    assert list(first["probabilities"]) == ["color1", "color4"]  # 2 of the run's 3 outputs
+
+
+def test_first_n_outputs_adapted_as_a_plain_gradient_step(image_run: Path, tmp_path: Path) -> None:
+    """One inner step on a 2-class task equals a hand-written step on the first 2 logits."""
+    run = fastmaml.load_run(image_run)
+    assert (run.task, run.num_classes, run.steps) == ("classification", 3, 5)
+    paths = []
+    for i, name in enumerate(("color2", "color3", "color2", "color3")):
+        paths.append(tmp_path / f"{i}.png")
+        write_image(paths[-1], COLORS[name], 70 + i)
+    x, y = run.preprocess(paths), torch.tensor([0, 1, 0, 1])
+    adapted = run.adapt(x, y, steps=1)
+
+    model, maml = run.maml.model, run.maml
+    params = dict(model.named_parameters())
+    loss = F.cross_entropy(torch.func.functional_call(model, params, (x,))[:, :2], y)
+    grads = torch.autograd.grad(loss, [params[n] for n in maml.adapted_names])
+    lr = maml.inner_lrs(0)
+    for name, grad in zip(maml.adapted_names, grads):
+        torch.testing.assert_close(adapted.params[name], params[name] - lr[name] * grad)
+    assert run.predict(adapted, x).shape == (4, 2)
+    with pytest.raises(ConfigError, match="task has 4 classes, but the run was trained 3-way"):
+        run.adapt(x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
+                                                                 tmp_path: Path) -> None:
+    run = fastmaml.load_run(image_run)
+    support, query = task_folders(tmp_path, ["color0", "color1", "color2"], shots=1, queries=2)
+    predict = fastmaml.adaptation.predict_files
+    together = predict(run, support, query)
+    alone = predict(run, support, query / "color1")
+    by_path = {r["path"]: r["probabilities"] for r in together.rows}
+    for row in alone.rows:
+        for name, p in row["probabilities"].items():
+            assert p == pytest.approx(by_path[row["path"]][name], abs=1e-6)
+
+
+def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:
+    run = fastmaml.load_run(image_run)
+    experiment = load_experiment(image_run)
+    data = Path(experiment.cfg.data_root)
+    split = experiment.splits()["train"]
+    images = split.images[0]  # the first training class, as the sampler reads it
+    files = sorted((data / split.names[0]).iterdir())
+    assert torch.equal(run.preprocess(files), as_model_input(images))
+    with Image.open(files[1]) as image:  # a PIL image, and one in another mode and size
+        assert torch.equal(run.preprocess([image]), as_model_input(images[1:2]))
+        assert run.preprocess([image.convert("LA").resize((40, 30))]).shape == (1, 3, 12, 12)
+
+
+def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "sine"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=50",
+                 "baseline_iterations=1", "--no-progress"]) == 0
+    capsys.readouterr()
+    x = np.linspace(-4, 4, 10)
+    (tmp_path / "support.csv").write_text("x,y\n" + "".join(f"{v},{np.sin(v)}\n" for v in x))
+    (tmp_path / "query.csv").write_text("".join(f"{v},{np.sin(v)}\n" for v in (-1.0, 0.5, 2.0)))
+    (tmp_path / "inputs.csv").write_text("x\n1.5\n")
+    plot = tmp_path / "figure.png"
+    code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
+                           "--query", str(tmp_path / "query.csv"), "--plot", str(plot))
+    assert code == 0, err
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert list(rows[0]) == ["x", "prediction", "y"] and len(rows) == 3
+    mse = np.mean([(float(r["prediction"]) - float(r["y"])) ** 2 for r in rows])
+    assert f"MSE {mse:.4g}" in err and plot.stat().st_size > 0
+    code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
+                           "--query", str(tmp_path / "inputs.csv"), "--format", "json")
+    document = json.loads(out)
+    assert document["mse"] is None and document["predictions"][0]["x"] == 1.5
+    trained = fastmaml.load_run(run)
+    assert trained.steps == 10 and document["steps"] == 10  # the run's eval_inner_steps
+    adapted = trained.adapt(torch.tensor(x, dtype=torch.float32)[:, None],
+                            torch.tensor(np.sin(x), dtype=torch.float32))
+    assert document["predictions"][0]["prediction"] == pytest.approx(
+        float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty class", "support class folder .*empty.* holds no images"),
+    ("unreadable image", "cannot read image .*broken.png"),
+    ("no checkpoint", "has no trained model .*maml.pt is missing"),
+    ("csv to an image run", "is a file, but this is an image run"),
+    ("too many classes", "has 4 classes, but the run was trained 3-way"),
+    ("unknown query class", "not support classes"),
+    ("negative steps", "steps must be >= 0"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  case: str, message: str) -> None:
+    support, query = task_folders(tmp_path, ["color0", "color1", "color2"], shots=1, queries=1)
+    run, steps = image_run, "2"
+    if case == "empty class":
+        (support / "empty").mkdir()
+    elif case == "unreadable image":
+        (support / "color0" / "broken.png").write_bytes(b"\x89PNG garbage")
+    elif case == "no checkpoint":
+        run = tmp_path / "copy"
+        run.mkdir()
+        (run / "config.yaml").write_text((image_run / "config.yaml").read_text())
+    elif case == "csv to an image run":
+        support = tmp_path / "points.csv"
+        support.write_text("x,y\n1,2\n")
+    elif case == "too many classes":
+        write_image(support / "color3" / "s.png", COLORS["color3"], 1)
+    elif case == "unknown query class":
+        write_image(query / "color7" / "q.png", COLORS["color7"], 1)
+    else:
+        steps = "-1"
+    out_file = tmp_path / "predictions.csv"
+    code, out, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query),
+                           "--out", str(out_file), "--steps", steps)
+    assert code == 2 and out == ""
+    assert err.startswith("fastmaml: error:") and err.count("\n") == 1
+    assert re.search(message, err), err
+    assert not out_file.exists() and not list(tmp_path.glob(".predictions*"))
+
+
+def test_an_image_folder_given_to_a_regression_run(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "sine"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=2",
+                 "baseline_iterations=1", "--no-progress"]) == 0
+    (tmp_path / "images").mkdir()
+    (tmp_path / "query.csv").write_text("x\n1\n")
+    code, _, err = adapt(capsys, str(run), "--support", str(tmp_path / "images"),
+                         "--query", str(tmp_path / "query.csv"))
+    assert code == 2 and "is a folder, but this is a regression run" in err
+    with pytest.raises(DataError, match="not a number"):
+        (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
+        fastmaml.adaptation.read_points(tmp_path / "bad.csv", "support", need_y=True)

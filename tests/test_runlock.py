@@ -1,0 +1,57 @@
+"""One command at a time in a run directory, tested with real processes."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fastmaml.cli import main
+from fastmaml.runlock import OWNER_NAME
+
+
+def fastmaml(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "fastmaml", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=1000000",
+                     "checkpoint_every=100000000",  # no checkpoint: the third starts afresh
+                     "--no-progress")
+    try:
+        wait_for(run / "metrics-maml.csv", first)  # training, the lock held
+        second = fastmaml("train", "sinusoid-demo", "--out", str(run), "--no-progress")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and out == ""
+        assert err.count("\n") == 1 and f"is in use by process {first.pid} on" in err
+        assert "sinusoid-demo" in err  # names the other command too
+        rows = (run / "metrics-maml.csv").read_text().splitlines()
+        assert len(rows) == len(set(rows))  # no interleaved duplicate rows
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (run / OWNER_NAME).exists()  # the killed process left its lock files behind
+    third = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=3",
+                     "baseline_iterations=3", "--no-progress")
+    out, err = third.communicate(timeout=300)
+    assert third.returncode == 0, err
+    assert "maml: 3 iterations done" in out
+
+
+def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
+    run = tmp_path / "new"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "eval_k_shots=", "--no-progress"]) == 2
+    assert not run.exists()
