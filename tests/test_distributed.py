@@ -5,22 +5,24 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastmaml.cli import main
 from fastmaml.train import checkpoint_path, load_checkpoint
 
-SETTINGS = ["iterations=4", "meta_batch=8", "log_every=2", "checkpoint_every=2",
-            "--no-progress"]
+SETTINGS = ["iterations=4", "log_every=2", "checkpoint_every=2", "--no-progress"]
 
 
-def test_two_processes_match_one(tmp_path):
-    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *SETTINGS]) == 0
+@pytest.mark.parametrize("meta_batch", [8, 25])  # 4 + 4 tasks, and the paper's 25 as 12 + 13
+def test_two_processes_match_one(tmp_path, meta_batch):
+    settings = [*SETTINGS, f"meta_batch={meta_batch}"]
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *settings]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # --standalone: rendezvous on localhost
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "-m", "fastmaml", "train", "sinusoid-demo",
-         "--out", str(tmp_path / "two"), *SETTINGS],
+         "--out", str(tmp_path / "two"), *settings],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout

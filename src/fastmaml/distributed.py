@@ -1,9 +1,10 @@
 """Scale-out with ``torch.distributed``: the meta-batch is split across ranks (torchrun).
 
-Every rank draws the *whole* meta-batch from the same seeded generator and keeps its own slice,
-so the union of the tasks is exactly the single-process meta-batch. Each rank's loss is the mean
-over its slice; averaging the ranks' gradients (all-reduce) gives the single-process meta-gradient.
-Only rank 0 writes files. Backend: nccl on GPU, gloo on CPU.
+Every rank draws the *whole* meta-batch from the same seeded generator and keeps its own slice
+(the slices differ by at most one task: 25 tasks on 2 ranks are 13 + 12), so the union of the
+tasks is exactly the single-process meta-batch. Each rank's loss is the mean over its slice;
+weighting each rank's gradient by its share of the tasks, then averaging (all-reduce), gives the
+single-process meta-gradient. Only rank 0 writes files. Backend: nccl on GPU, gloo on CPU.
 """
 from __future__ import annotations
 
@@ -49,15 +50,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def shard(batch: TaskBatch) -> TaskBatch:
-    """This rank's equal slice of the meta-batch."""
+def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
+    """This rank's slice of the meta-batch, and its gradient weight: the rank's tasks times the
+    world size over all tasks (1 for an even split), so that ``average_gradients`` of the
+    weighted per-slice mean gradients is the mean over every task."""
     rank, size = world()
     if size == 1:
-        return batch
-    if batch.num_tasks % size:
-        raise ConfigError(f"meta_batch {batch.num_tasks} does not split evenly over {size} ranks")
-    per_rank = batch.num_tasks // size
-    return TaskBatch(*(t[rank * per_rank:(rank + 1) * per_rank] for t in batch))
+        return batch, 1.0
+    if batch.num_tasks < size:
+        raise ConfigError(f"meta_batch {batch.num_tasks} is smaller than the {size} ranks: "
+                          "every rank needs at least one task")
+    bounds = [batch.num_tasks * r // size for r in range(size + 1)]
+    start, stop = bounds[rank], bounds[rank + 1]
+    return (TaskBatch(*(t[start:stop] for t in batch)),
+            (stop - start) * size / batch.num_tasks)
 
 
 def average_gradients(module: nn.Module) -> None:

@@ -96,7 +96,13 @@ def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
     def backward_of(iteration: int) -> tuple[Tensor, Metrics]:
         weights = (multi_step_loss_weights(maml.inner_steps, iteration / max(msl_anneal_iterations, 1))
                    if multi_step_loss else None)
-        return maml.meta_backward(shard(sample(generator)), step_weights=weights)
+        batch, gradient_weight = shard(sample(generator))
+        loss, metrics = maml.meta_backward(batch, step_weights=weights)
+        if gradient_weight != 1.0:  # an uneven split: this rank's share of the mean
+            for p in maml.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(gradient_weight)
+        return loss, metrics
 
     return GradientLearner("maml", maml, optimizer, backward_of, iterations, generator, clip_grad,
                            **validation)
