@@ -13,10 +13,10 @@ from typing import Any
 
 from .errors import FastMAMLError, FastMAMLWarning
 from .adaptation import Predictions, load_run, predict_files
-from .experiments import PRESETS, load_experiment, prepare_run
+from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
+from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
 from .runlock import locked_run_dir
-from .train import check_resumable, fit
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -28,35 +28,12 @@ def _presets(_: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
-    if world()[0] == 0:  # one command at a time in a run directory (rank 0 holds it)
-        with locked_run_dir(run_dir):
-            _train_in(args, run_dir)
-    else:
-        _train_in(args, run_dir)
-
-
-def _train_in(args: argparse.Namespace, run_dir: Path) -> None:
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
-    experiment = prepare_run(args.preset, run_dir, overrides)
-    cfg = experiment.cfg
-    learners = experiment.learners()  # loads the data and builds the models: bad values fail here
-    for learner in learners:
-        check_resumable(learner, run_dir)
-    experiment.save_config()  # so a refused command leaves the run directory as it was
-    rank, size = world()
-    say = print if rank == 0 else (lambda *_: None)
-    say(f"fastmaml: training {args.preset} in {run_dir} on {experiment.device}"
-        + (f", {size} processes" if size > 1 else ""))
-    for learner in learners:
-        last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
-                   progress=not args.no_progress)
-        engine = getattr(getattr(learner, "module", None), "path", None)
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-        say(f"  {learner.name}: {learner.iterations} iterations done"
-              + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
+    train_run(args.preset, run_dir, overrides, progress=not args.no_progress)
     shutdown()
-    say(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in {run_dir}/metrics-*.csv. "
-          f"Next: fastmaml eval {run_dir}")
+    if world()[0] == 0:
+        print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
+              f"{run_dir}/metrics-*.csv. Next: fastmaml eval {run_dir}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -124,6 +101,19 @@ def _as_json(run_dir: Path, result: Predictions) -> str:
     return json.dumps(document, indent=2) + "\n"
 
 
+def _report(args: argparse.Namespace) -> None:
+    paths = [Path(p) for p in args.runs] or [Path("results")]
+    out = write_report(paths, Path(args.out))
+    print(f"fastmaml: wrote {out}")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    root = Path(args.root or f"runs/reproduce-{args.budget}")
+    out = reproduce(args.budget, args.experiments, root, Path(args.out) if args.out else None,
+                    progress=not args.no_progress)
+    print(f"fastmaml: wrote {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaml", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -158,7 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--format", choices=("csv", "json"), default="csv")
     adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
     adapt.set_defaults(run=_adapt, overrides=[])
-    for sub in (train, commands.choices["eval"]):
+    report = commands.add_parser("report", help="every experiment beside the paper, in one "
+                                 "Markdown document")
+    report.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="run directories, or folders of them (default: results/)")
+    report.add_argument("--out", default="REPORT.md", help="the report file (default REPORT.md)")
+    report.set_defaults(run=_report, overrides=[])
+    again = commands.add_parser("reproduce", help="train, evaluate and plot experiments at a "
+                                "budget (finished runs are skipped), then write the report")
+    again.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
+                       help=f"any of {', '.join(EXPERIMENTS)} (default: sinusoid, "
+                       "omniglot-5w1s and rl-nav2d for the tiny and demo budgets, all otherwise)")
+    again.add_argument("--budget", choices=tuple(BUDGETS), default="demo",
+                       help="tiny: seconds (a smoke test); demo: about 15 minutes on 2 cores; "
+                       "cpu: the CPU-budget presets; paper: the paper's settings")
+    again.add_argument("--root", help="where the runs go (default runs/reproduce-<budget>)")
+    again.add_argument("--out", help="the report file (default <root>/REPORT.md)")
+    again.set_defaults(run=_reproduce, overrides=[])
+    for sub in (train, commands.choices["eval"], again):
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
@@ -179,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command in ("plot", "adapt") or any("=" not in item for item in extra)):
+    if extra and (args.command != "train" and args.command != "eval"
+                  or any("=" not in item for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

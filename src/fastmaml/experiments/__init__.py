@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import platform
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..config import Config, load_config_dict
+from ..distributed import world
 from ..errors import ConfigError
-from ..train import checkpoints_dir
+from ..runlock import locked_run_dir
+from ..train import check_resumable, checkpoints_dir, fit
 from .base import Experiment
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -175,6 +183,56 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experi
             return cls(_resumed(saved, overrides, run_dir), run_dir)
     values = {**chosen.values, "preset": preset_name}
     return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
+
+
+def train_run(preset_name: str, run_dir: Path, overrides: list[str],
+              progress: bool = True) -> Experiment:
+    """``fastmaml train``: train every learner of a new or resumed run to its iterations.
+
+    Rank 0 holds the run directory's lock throughout; the config is written only once the data,
+    models and checkpoints accept the command. Each session appends what it ran on to
+    ``machine.json``. Under torchrun, call it on every rank.
+    """
+    if world()[0] != 0:
+        return _train(preset_name, run_dir, overrides, progress, main=False)
+    with locked_run_dir(run_dir):
+        return _train(preset_name, run_dir, overrides, progress, main=True)
+
+
+def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
+           main: bool) -> Experiment:
+    experiment = prepare_run(preset_name, run_dir, overrides)
+    cfg = experiment.cfg
+    learners = experiment.learners()  # loads the data and builds the models: bad values fail here
+    for learner in learners:
+        check_resumable(learner, run_dir)
+    experiment.save_config()  # so a refused command leaves the run directory as it was
+    size = world()[1]
+    say = print if main else (lambda *_: None)
+    if main:
+        _record_machine(run_dir, str(experiment.device), size)
+    say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
+        + (f", {size} processes" if size > 1 else ""))
+    for learner in learners:
+        last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every, progress=progress)
+        engine = getattr(getattr(learner, "module", None), "path", None)
+        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+        say(f"  {learner.name}: {learner.iterations} iterations done"
+            + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
+    return experiment
+
+
+def _record_machine(run_dir: Path, device: str, processes: int) -> None:
+    """Append this training session's machine to ``run_dir/machine.json`` (for the report)."""
+    path = run_dir / "machine.json"
+    sessions = json.loads(path.read_text()) if path.is_file() else []
+    sessions.append({"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
+                     "processor": platform.processor() or platform.machine(),
+                     "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
+                     "processes": processes, "threads": torch.get_num_threads()})
+    tmp = path.with_name(".machine.json.tmp")
+    tmp.write_text(json.dumps(sessions, indent=1))
+    os.replace(tmp, path)
 
 
 def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:

@@ -26,6 +26,8 @@ from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError
 from ..models import MLP, ConvNet
+from ..paper import FEWSHOT as PAPER
+from ..paper import LAKE
 from ..plots import plot_learning_curves, plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.images import MODES, ImageFormat
@@ -37,24 +39,6 @@ VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and 
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
             "folder": ""}
 
-# Paper Table 1 and the MiniImagenet results, at the number of test steps the paper used.
-PAPER: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
-    ("omniglot", 5, 1): (3, [("paper: MAML", 98.7), ("paper: MAML++", 99.47)]),
-    ("omniglot", 5, 5): (3, [("paper: MAML", 99.9), ("paper: MAML++", 99.85)]),
-    ("omniglot", 20, 1): (5, [("paper: MAML", 95.8), ("paper: MAML++", 97.65)]),
-    ("omniglot", 20, 5): (5, [("paper: MAML", 98.9), ("paper: MAML++", 99.33)]),
-    ("miniimagenet", 5, 1): (10, [("paper: MAML", 48.70), ("paper: first-order MAML", 48.07),
-                                  ("paper: MAML++", 52.15)]),
-    ("miniimagenet", 5, 5): (10, [("paper: MAML", 63.11), ("paper: first-order MAML", 63.15),
-                                  ("paper: MAML++", 68.32)]),
-}
-# Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
-# rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
-LAKE: dict[tuple[int, int], list[tuple[str, float]]] = {
-    (20, 1): [("Lake et al.: people, within alphabet", 95.5),
-              ("Lake et al.: Bayesian program learning, within alphabet", 96.7),
-              ("Koch et al.: siamese nets, within alphabet", 92.0)],
-}
 ROTATE = ("auto", "all", "train", "none")
 
 

@@ -72,6 +72,8 @@ from torch import Tensor
 from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError
+from ..paper import NAV
+from ..paper import RL as PAPER
 from ..plots import plot_learning_curves, save_figure
 from .base import Experiment, build_maml, eval_record, read_eval, results_table, write_eval
 
@@ -80,25 +82,7 @@ if TYPE_CHECKING:
 
 EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
 OFFICIAL_TEST_SEED = 1  # the official test scripts: np.random.seed(1), then the tasks
-NAV = "fastmaml/Nav2D-v0"
 
-# Mean return over the 40 test tasks after 0 / 1 / 2 / 3 steps, and the oracle (paper.md).
-PAPER: dict[str, dict[str, list[float]]] = {
-    NAV: {"maml": [-40.4, -11.7, -3.3, -3.2], "pretrained": [-40.8, -19.7, -11.7, -8.5],
-          "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.3]},
-    "fastmaml/HalfCheetahVel-v0": {
-        "maml": [-129.5, -78.6, -66.6, -60.8], "pretrained": [-158.0, -135.4, -128.5, -133.6],
-        "random": [-254.8, -254.3, -246.8, -230.8], "oracle": [-54.5]},
-    "fastmaml/HalfCheetahDir-v0": {
-        "maml": [-50.7, 293.2, 313.5, 315.7], "pretrained": [-43.0, -24.8, -12.9, 19.6],
-        "random": [-35.7, 21.8, 62.3, 86.2], "oracle": [442.7]},
-    "fastmaml/AntVel-v0": {
-        "maml": [30.6, 96.7, 100.1, 101.4], "pretrained": [-1.8, 6.1, 8.5, 9.5],
-        "random": [-78.6, -62.8, -48.6, -35.6], "oracle": [107.9]},
-    "fastmaml/AntDir-v0": {
-        "maml": [8.7, 499.2, 500.7, 499.1], "pretrained": [3.2, 1.3, 6.5, 6.9],
-        "random": [3.1, 9.3, 16.0, 26.1], "oracle": [524.8]},
-}
 METHODS = ("maml", "pretrained", "random")
 
 

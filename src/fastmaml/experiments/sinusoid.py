@@ -23,15 +23,13 @@ from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError
 from ..models import MLP
+from ..paper import SINUSOID as PAPER
 from ..plots import plot_learning_curves, plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, backpropagated, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table, write_eval
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
-PAPER = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
-             ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
-
 
 @dataclass
 class SinusoidConfig(Config):

@@ -1,0 +1,105 @@
+"""The published numbers fastmaml reproduces, in one place (../shared/docs/paper.md).
+
+Finn, Abbeel & Levine 2017 (MAML, Tables 1-2 and the official result files behind Figure 5),
+Antoniou et al. 2019 (MAML++), Lake et al. 2015 and Koch et al. 2015 (Omniglot one-shot within an
+alphabet). The experiments print these beside their own results; ``fastmaml report`` compares
+against ``HEADLINES``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+NAV = "fastmaml/Nav2D-v0"
+LOCOMOTION = ("fastmaml/HalfCheetahVel-v0", "fastmaml/HalfCheetahDir-v0", "fastmaml/AntVel-v0",
+              "fastmaml/AntDir-v0")
+
+# Sinusoid (Table 2): 5-shot MSE after 1 / 5 / 10 steps.
+SINUSOID = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
+                ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
+
+# Table 1 and the MiniImagenet results (accuracy, %), at the number of test steps the paper used.
+FEWSHOT: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
+    ("omniglot", 5, 1): (3, [("paper: MAML", 98.7), ("paper: MAML++", 99.47)]),
+    ("omniglot", 5, 5): (3, [("paper: MAML", 99.9), ("paper: MAML++", 99.85)]),
+    ("omniglot", 20, 1): (5, [("paper: MAML", 95.8), ("paper: MAML++", 97.65)]),
+    ("omniglot", 20, 5): (5, [("paper: MAML", 98.9), ("paper: MAML++", 99.33)]),
+    ("miniimagenet", 5, 1): (10, [("paper: MAML", 48.70), ("paper: first-order MAML", 48.07),
+                                  ("paper: MAML++", 52.15)]),
+    ("miniimagenet", 5, 5): (10, [("paper: MAML", 63.11), ("paper: first-order MAML", 63.15),
+                                  ("paper: MAML++", 68.32)]),
+}
+FEWSHOT_CI = {("omniglot", 5, 1): 0.4, ("omniglot", 5, 5): 0.1, ("omniglot", 20, 1): 0.3,
+              ("omniglot", 20, 5): 0.2, ("miniimagenet", 5, 1): 1.84, ("miniimagenet", 5, 5): 0.92}
+
+# Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
+# rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
+LAKE: dict[tuple[int, int], list[tuple[str, float]]] = {
+    (20, 1): [("Lake et al.: people, within alphabet", 95.5),
+              ("Lake et al.: Bayesian program learning, within alphabet", 96.7),
+              ("Koch et al.: siamese nets, within alphabet", 92.0)],
+}
+
+# Meta-RL: mean return over the 40 test tasks after 0 / 1 / 2 / 3 steps, and the oracle.
+RL: dict[str, dict[str, list[float]]] = {
+    NAV: {"maml": [-40.4, -11.7, -3.3, -3.2], "pretrained": [-40.8, -19.7, -11.7, -8.5],
+          "random": [-82.7, -58.0, -53.8, -46.8], "oracle": [-2.3]},
+    "fastmaml/HalfCheetahVel-v0": {
+        "maml": [-129.5, -78.6, -66.6, -60.8], "pretrained": [-158.0, -135.4, -128.5, -133.6],
+        "random": [-254.8, -254.3, -246.8, -230.8], "oracle": [-54.5]},
+    "fastmaml/HalfCheetahDir-v0": {
+        "maml": [-50.7, 293.2, 313.5, 315.7], "pretrained": [-43.0, -24.8, -12.9, 19.6],
+        "random": [-35.7, 21.8, 62.3, 86.2], "oracle": [442.7]},
+    "fastmaml/AntVel-v0": {
+        "maml": [30.6, 96.7, 100.1, 101.4], "pretrained": [-1.8, 6.1, 8.5, 9.5],
+        "random": [-78.6, -62.8, -48.6, -35.6], "oracle": [107.9]},
+    "fastmaml/AntDir-v0": {
+        "maml": [8.7, 499.2, 500.7, 499.1], "pretrained": [3.2, 1.3, 6.5, 6.9],
+        "random": [3.1, 9.3, 16.0, 26.1], "oracle": [524.8]},
+}
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One row of the paper that ``fastmaml report`` checks a run against.
+
+    ``value`` is MAML's published figure after ``step`` inner steps, ``ci`` its published 95%
+    interval (if any) and ``maml_pp`` MAML++'s. ``shape_only`` rows (locomotion: gymnasium's
+    models differ from rllab's) are judged by MAML against the pretrained baseline after one
+    step, not by the number.
+    """
+
+    key: str
+    title: str
+    metric: str
+    higher_is_better: bool
+    step: int
+    value: float
+    ci: float | None = None
+    maml_pp: float | None = None
+    shape_only: bool = False
+
+
+def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int) -> Headline:
+    step, rows = FEWSHOT[(dataset, n_way, k_shot)]
+    values = dict(rows)
+    return Headline(key, title, "accuracy (%)", True, step, values["paper: MAML"],
+                    FEWSHOT_CI[(dataset, n_way, k_shot)], values.get("paper: MAML++"))
+
+
+HEADLINES: list[Headline] = [
+    Headline("sinusoid", "Sinusoid regression, 5-shot", "MSE", False, 10,
+             SINUSOID[5][0][1][10]),
+    _fewshot_headline("omniglot-5w1s", "Omniglot 5-way 1-shot", "omniglot", 5, 1),
+    _fewshot_headline("omniglot-5w5s", "Omniglot 5-way 5-shot", "omniglot", 5, 5),
+    _fewshot_headline("omniglot-20w1s", "Omniglot 20-way 1-shot", "omniglot", 20, 1),
+    _fewshot_headline("omniglot-20w5s", "Omniglot 20-way 5-shot", "omniglot", 20, 5),
+    _fewshot_headline("miniimagenet-5w1s", "MiniImagenet 5-way 1-shot", "miniimagenet", 5, 1),
+    _fewshot_headline("miniimagenet-5w5s", "MiniImagenet 5-way 5-shot", "miniimagenet", 5, 5),
+    Headline("omniglot-20w1s-lake", "Omniglot 20-way 1-shot within an alphabet (Lake et al.)",
+             "accuracy (%)", True, 5, dict(LAKE[(20, 1)])["Lake et al.: people, within alphabet"]),
+    Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1]),
+    *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True)
+      for name, title, env in zip(("cheetah-vel", "cheetah-dir", "ant-vel", "ant-dir"),
+                                  ("Half-cheetah goal velocity", "Half-cheetah goal direction",
+                                   "Ant goal velocity", "Ant goal direction"), LOCOMOTION)),
+]

@@ -1,0 +1,359 @@
+"""``fastmaml report`` and ``fastmaml reproduce``: every experiment beside the paper, in one
+generated document.
+
+The report reads run directories only (config.yaml, eval.json, metrics-*.csv, machine.json,
+figures/), compares each evaluated run with the paper's row in ``fastmaml.paper.HEADLINES`` and
+writes Markdown. It holds no date or absolute path of its own making, so regenerating it from
+the same runs gives the same bytes (``docs/REPORT.md`` is checked to be current).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import load_config_dict
+from .errors import ConfigError, FastMAMLError
+from .experiments import PRESETS, experiment_class, load_experiment, train_run
+from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
+
+# ----- status of a row -----
+
+
+def status(mean: float, ci: float, headline: Headline) -> str:
+    """``met`` (at or beyond the paper's figure), ``within CI`` (the paper's figure inside our
+    95% interval) or ``short by X`` (X in the row's unit)."""
+    gap = (mean - headline.value) if headline.higher_is_better else (headline.value - mean)
+    if gap >= 0:
+        return "met"
+    if -gap <= ci:
+        return "within CI"
+    return f"short by {-gap:.3g}"
+
+
+def shape_status(maml: tuple[float, float], pretrained: tuple[float, float]) -> str:
+    """Locomotion (returns on another scale than rllab's): MAML's (mean, ci) after one step
+    against the pretrained baseline's: ``met`` when the intervals do not overlap."""
+    (m, m_ci), (p, p_ci) = maml, pretrained
+    if m - m_ci > p + p_ci:
+        return "met (MAML above pretrained)"
+    if m + m_ci >= p - p_ci:
+        return "within CI (overlaps pretrained)"
+    return f"short by {p - m:.3g} (below pretrained)"
+
+
+# ----- what a run directory holds -----
+
+@dataclass
+class Run:
+    """A run directory as the report sees it."""
+
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    iterations: int  # MAML's iterations done (from its metrics log)
+    train_seconds: float  # summed over the learners' logs
+    machines: list[dict[str, Any]]
+    figures: list[Path] = field(default_factory=list)
+
+    @property
+    def preset(self) -> str:
+        return str(self.config.get("preset", ""))
+
+
+def read_run(path: Path) -> Run:
+    config = load_config_dict(path / "config.yaml")
+    eval_path = path / "eval.json"
+    records = json.loads(eval_path.read_text()) if eval_path.is_file() else []
+    iterations, seconds = 0, 0.0
+    for log in sorted(path.glob("metrics-*.csv")):
+        with open(log, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        if rows:
+            seconds += float(rows[-1]["elapsed_s"])
+            if log.name == "metrics-maml.csv":
+                iterations = int(rows[-1]["iteration"])
+    machine_path = path / "machine.json"
+    machines = json.loads(machine_path.read_text()) if machine_path.is_file() else []
+    return Run(path, config, records, iterations, seconds, machines,
+               sorted((path / "figures").glob("*.png")))
+
+
+def find_runs(paths: Sequence[Path]) -> list[Run]:
+    """The run directories in ``paths``: each path itself, or the folders just below it."""
+    found = []
+    for path in paths:
+        candidates = [path] if (path / "config.yaml").is_file() else sorted(
+            p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
+        if not candidates:
+            raise ConfigError(f"no fastmaml run directory at or below {path}")
+        found += candidates
+    return [read_run(p) for p in found]
+
+
+def headline_key(config: dict[str, Any]) -> str | None:
+    """Which of the paper's rows a run's config reproduces."""
+    experiment = config.get("experiment")
+    if experiment == "sinusoid":
+        return "sinusoid"
+    if experiment == "fewshot" and config.get("dataset") in ("omniglot", "miniimagenet"):
+        key = f"{config['dataset']}-{config['n_way']}w{config['k_shot']}s"
+        return f"{key}-lake" if config.get("split") == "lake" else key
+    if experiment == "rl":
+        names = {NAV: "rl-nav2d", **dict(zip(LOCOMOTION, ("rl-cheetah-vel", "rl-cheetah-dir",
+                                                         "rl-ant-vel", "rl-ant-dir")))}
+        return names.get(config.get("env", ""))
+    return None
+
+
+@dataclass
+class Row:
+    headline: Headline
+    run: Run | None
+    mean: float | None = None
+    ci: float | None = None
+    status: str = ""
+
+
+def _record(run: Run, **match: Any) -> dict[str, Any] | None:
+    return next((r for r in run.records if all(r.get(k) == v for k, v in match.items())), None)
+
+
+def evaluate_row(headline: Headline, run: Run) -> Row:
+    """Our figure for ``headline`` from ``run``'s eval.json, and its status."""
+    scale = 100.0 if headline.metric.startswith("accuracy") else 1.0
+    if headline.key == "sinusoid":
+        record = _record(run, method="maml", k_shot=5)
+    elif headline.key.endswith("-lake"):
+        record = _record(run, within_alphabet=True)
+    elif headline.key.startswith("rl-"):
+        record = _record(run, method="maml")
+    else:
+        record = next((r for r in run.records if not r.get("within_alphabet")), None)
+    if record is None or headline.step >= len(record["mean"]):
+        return Row(headline, run, status="not evaluated")
+    mean, ci = record["mean"][headline.step] * scale, record["ci95"][headline.step] * scale
+    if headline.shape_only:
+        pretrained = _record(run, method="pretrained")
+        verdict = (shape_status((mean, ci), (pretrained["mean"][1], pretrained["ci95"][1]))
+                   if pretrained else "no pretrained baseline")
+    else:
+        verdict = status(mean, ci, headline)
+    return Row(headline, run, mean, ci, verdict)
+
+
+# ----- the document -----
+
+def _steps(count: int) -> str:
+    return f"{count} step" + ("" if count == 1 else "s")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _link(target: Path, report_dir: Path) -> str:
+    return os.path.relpath(target.resolve(), report_dir.resolve())
+
+
+def _overrides(run: Run) -> list[str]:
+    """The run's settings that differ from its preset (what the train command must say)."""
+    if run.preset not in PRESETS:
+        return []
+    chosen = PRESETS[run.preset]
+    cls = experiment_class(chosen.experiment).config_cls
+    defaults = cls.from_dict({**chosen.values, "preset": run.preset}).to_dict()
+    saved = cls.from_dict(run.config).to_dict()
+    skip = {"data_root", "download"}
+    return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
+            for k, v in saved.items() if k not in skip and defaults.get(k) != v]
+
+
+def _commands(run: Run) -> list[str]:
+    data = " --data-root DATA" if run.config.get("data_root") else ""
+    train = " ".join([f"fastmaml train {run.preset} --out {run.path.as_posix()}{data}",
+                      *_overrides(run)])
+    return [train, f"fastmaml eval {run.path.as_posix()}", f"fastmaml plot {run.path.as_posix()}"]
+
+
+def _machine(run: Run) -> str:
+    if not run.machines:
+        return "not recorded"
+    kinds = {f"{m['processor']}, {m['cpus']} CPUs, {m['device']}, torch {m['torch']}"
+             for m in run.machines}
+    return "; ".join(sorted(kinds))
+
+
+def _digits(headline: Headline) -> int:
+    return 3 if headline.metric == "MSE" else 1 if headline.metric == "return" else 2
+
+
+def render(runs: list[Run], report_path: Path) -> str:
+    """The report's Markdown for ``runs``; links are relative to ``report_path``'s folder."""
+    report_dir = report_path.parent
+    rows: list[Row] = []
+    for headline in HEADLINES:
+        matching = [r for r in runs if headline_key(r.config) == headline.key]
+        rows += [evaluate_row(headline, r) for r in matching] or [Row(headline, None)]
+    lines = ["# fastmaml against the paper", "",
+             "Generated by `fastmaml report` from the run directories listed below; do not edit "
+             "by hand. Status: `met` = at or beyond the published figure; `within CI` = the "
+             "published figure lies inside our 95% interval; `short by X` = below it by more. "
+             "Locomotion returns (gymnasium's models, not rllab's) are judged by shape: MAML "
+             "against the pretrained policy after one step.", "",
+             "| experiment | paper (MAML) | MAML++ | fastmaml | status | iterations | run |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        h = row.headline
+        paper = f"{h.value:g}" + (f" +- {h.ci:g}" if h.ci else "") + f" ({_steps(h.step)})"
+        ours = (f"{_fmt(row.mean, _digits(h))} +- {_fmt(row.ci, _digits(h))}"
+                if row.mean is not None else "")
+        if row.run is None:
+            ours, verdict, where, its = "", _missing(h), "", ""
+        else:
+            verdict, its = row.status, f"{row.run.iterations:,}"
+            where = f"[{row.run.path.name}](#{_anchor(row.run)})"
+        lines.append(f"| {h.title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
+                     f"| {verdict} | {its} | {where} |")
+    lines.append("")
+    for row in (r for r in rows if r.run is not None):
+        lines += _section(row.run, row.headline, row.status, report_dir)
+    known = {id(row.run) for row in rows}
+    others = [run for run in runs if id(run) not in known]
+    if others:
+        lines += ["# Other runs", "", "Runs that no row of the paper covers.", ""]
+        for run in others:
+            lines += _section(run, None, "", report_dir)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _missing(headline: Headline) -> str:
+    if headline.key.startswith("miniimagenet"):
+        return "no data here (loader tested on synthetic files)"
+    budget = "cpu" if headline.key.startswith(("rl-", "sinusoid")) else "paper"
+    return f"no run yet (`fastmaml reproduce --budget {budget} {headline.key.removesuffix('-lake')}`)"
+
+
+def _anchor(run: Run) -> str:
+    return "run-" + run.path.name.lower().replace(" ", "-").replace(".", "")
+
+
+def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> list[str]:
+    minutes = run.train_seconds / 60
+    title = h.title if h else run.preset
+    lines = [f'<a id="{_anchor(run)}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
+             f"Preset `{run.preset}`; {run.iterations:,} MAML iterations; {minutes:,.0f} min of "
+             f"training (all learners); machine: {_machine(run)}.", ""]
+    if run.records:
+        accuracy = run.records[0].get("metric") == "accuracy"
+        metric = h.metric if h else ("accuracy (%)" if accuracy else "loss")
+        digits = _digits(h) if h else 2
+        steps = sorted({0, 1, h.step if h else 1, len(run.records[0]["mean"]) - 1})
+        scale = 100.0 if accuracy else 1.0
+        lines += [f"{metric} after N inner steps, mean +- 95% CI over "
+                  f"{run.records[0]['tasks']} tasks:", "",
+                  "| method | " + " | ".join(_steps(s) for s in steps) + " |",
+                  "|---|" + "---|" * len(steps)]
+        for r in run.records:
+            label = r["method"] + (f" (K={r['k_shot']})" if r["experiment"] == "sinusoid" else "")
+            cells = [f"{r['mean'][s] * scale:.{digits}f} +- {r['ci95'][s] * scale:.{digits}f}"
+                     if s < len(r["mean"]) else "" for s in steps]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for label, value in _paper_rows(h) if h else []:
+            lines.append(f"| {label} | " + " | ".join(
+                f"{value:g}" if s == h.step else "" for s in steps) + " |")
+        lines += [""] + ([f"Status against the paper after {_steps(h.step)}: **{verdict}**.", ""]
+                         if h else [])
+    else:
+        lines += ["Not evaluated yet: `fastmaml eval` writes eval.json.", ""]
+    lines += ["Reproduce:", "", "```bash", *_commands(run), "```", ""]
+    if run.figures:
+        lines += ["Figures: " + ", ".join(f"[{f.stem}]({_link(f, report_dir)})"
+                                          for f in run.figures), ""]
+    return lines
+
+
+def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
+    if headline.key.endswith("-lake"):
+        return LAKE.get((20, 1), []) if headline.key.startswith("omniglot-20w1s") else []
+    rows = [("paper: MAML", headline.value)]
+    return rows + ([("paper: MAML++", headline.maml_pp)] if headline.maml_pp else [])
+
+
+def write_report(paths: Sequence[Path], out: Path) -> Path:
+    """Render the runs in ``paths`` into ``out`` (written whole)."""
+    text = render(find_runs(paths), out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out
+
+
+# ----- fastmaml reproduce -----
+
+# experiment -> (preset, overrides) per budget. tiny: seconds (CI); demo: about 15 minutes on 2
+# cores, every family; cpu: the CPU-budget presets; paper: the paper's settings.
+EXPERIMENTS = ("sinusoid", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
+               "miniimagenet-5w1s", "miniimagenet-5w5s", "rl-nav2d", "rl-cheetah-vel",
+               "rl-cheetah-dir", "rl-ant-vel", "rl-ant-dir")
+DEMO = ("sinusoid", "omniglot-5w1s", "rl-nav2d")
+_TINY_FEWSHOT = ["hidden=8", "meta_batch=2", "iterations=4", "val_every=0", "eval_tasks=10",
+                 "eval_inner_steps=3"]
+_TINY_RL = ["iterations=2", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
+            "eval_tasks=3", "eval_trajectories=2", "eval_batch=episodes"]
+BUDGETS: dict[str, dict[str, tuple[str, list[str]]]] = {
+    "tiny": {"sinusoid": ("sinusoid-demo", ["iterations=20", "baseline_iterations=20",
+                                            "eval_tasks=20", "eval_k_shots=5"]),
+             **{name: (name, _TINY_FEWSHOT) for name in EXPERIMENTS
+                if name.startswith(("omniglot", "mini"))},
+             **{name: (f"{name}-cpu", _TINY_RL) for name in EXPERIMENTS if name.startswith("rl")}},
+    "demo": {"sinusoid": ("sinusoid-demo", []),
+             "omniglot-5w1s": ("omniglot-5w1s", ["iterations=1000", "val_every=250"]),
+             "rl-nav2d": ("rl-nav2d-cpu", ["iterations=10"])},
+    "cpu": {"sinusoid": ("sinusoid", []),
+            **{name: (f"{name}-cpu", []) for name in EXPERIMENTS if name != "sinusoid"}},
+    "paper": {name: (name, []) for name in EXPERIMENTS},
+}
+
+
+def finished(run_dir: Path) -> bool:
+    """Trained to its iterations and evaluated."""
+    if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    target = int(load_config_dict(run_dir / "config.yaml")["iterations"])
+    return read_run(run_dir).iterations >= target
+
+
+def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
+              progress: bool = True, say: Any = print) -> Path:
+    """Train, evaluate and plot each experiment at ``budget`` under ``root/<experiment>``
+    (finished runs are skipped, unfinished ones resume), then write the report of ``root``."""
+    if budget not in BUDGETS:
+        raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
+    chosen = list(experiments) or list(DEMO if budget in ("tiny", "demo") else EXPERIMENTS)
+    unknown = [e for e in chosen if e not in BUDGETS[budget]]
+    if unknown:
+        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)} for budget {budget}; "
+                          f"known: {', '.join(BUDGETS[budget])}")
+    for name in chosen:
+        preset_name, overrides = BUDGETS[budget][name]
+        run_dir = root / name
+        if finished(run_dir):
+            say(f"fastmaml: {name}: finished in {run_dir}, skipped")
+            continue
+        try:
+            train_run(preset_name, run_dir, overrides, progress=progress)
+            experiment = load_experiment(run_dir)
+            experiment.evaluate(progress=progress)
+            experiment.plot()
+        except FastMAMLError as error:  # e.g. no data here: the others still run
+            say(f"fastmaml: {name}: not reproduced: {error}")
+    runs = [p for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()] if root.is_dir() else []
+    if not runs:
+        raise ConfigError(f"no run was reproduced in {root}")
+    return write_report(runs, out or root / "REPORT.md")

@@ -1,0 +1,92 @@
+"""`fastmaml report` and `fastmaml reproduce`: the status logic, skipping, a current report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastmaml import report
+from fastmaml.cli import main
+from fastmaml.paper import HEADLINES, Headline
+
+REPO = Path(__file__).resolve().parents[1]
+OMNIGLOT = next(h for h in HEADLINES if h.key == "omniglot-5w1s")  # 98.7, higher is better
+SINUSOID = next(h for h in HEADLINES if h.key == "sinusoid")  # 0.35 MSE, lower is better
+
+
+@pytest.mark.parametrize("headline, mean, ci, expected", [
+    (OMNIGLOT, 99.53, 0.27, "met"),
+    (OMNIGLOT, 98.7, 0.0, "met"),
+    (OMNIGLOT, 98.5, 0.3, "within CI"),
+    (OMNIGLOT, 98.33, 0.28, "short by 0.37"),
+    (SINUSOID, 0.30, 0.02, "met"),
+    (SINUSOID, 0.37, 0.03, "within CI"),
+    (SINUSOID, 0.52, 0.05, "short by 0.17"),
+])
+def test_status(headline: Headline, mean: float, ci: float, expected: str) -> None:
+    assert report.status(mean, ci, headline) == expected
+
+
+def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
+    assert report.shape_status((5.9, 3.0), (-21.0, 4.0)).startswith("met")
+    assert report.shape_status((-74.6, 5.0), (-80.0, 2.0)).startswith("within CI")
+    assert report.shape_status((-90.0, 1.0), (-80.0, 2.0)) == "short by 10 (below pretrained)"
+
+
+def test_the_paper_numbers_come_from_one_table() -> None:
+    from fastmaml.experiments import fewshot, rl, sinusoid
+    from fastmaml import paper
+    assert fewshot.PAPER is paper.FEWSHOT and rl.PAPER is paper.RL
+    assert sinusoid.PAPER is paper.SINUSOID
+    assert OMNIGLOT.value == 98.7 and OMNIGLOT.ci == 0.4 and OMNIGLOT.maml_pp == 99.47
+
+
+def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("FASTMAML_OMNIGLOT", str(omniglot_root))
+    root = tmp_path / "reproduced"
+    assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
+    text = (root / "REPORT.md").read_text()
+    for title in ("Sinusoid regression, 5-shot", "Omniglot 5-way 1-shot", "2D navigation"):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
+        assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
+    assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text
+    assert "no data here" in text  # MiniImagenet
+    assert json.loads((root / "sinusoid" / "machine.json").read_text())[0]["cpus"] >= 1
+    capsys.readouterr()
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("trained a finished run again")
+
+    monkeypatch.setattr(report, "train_run", no_training)
+    assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished in") == 3
+    assert (root / "REPORT.md").read_text() == text
+
+
+def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "r"
+    assert main(["train", "sinusoid-demo", "--out", str(root / "sinusoid"), "iterations=20",
+                 "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]) == 0
+    assert not report.finished(root / "sinusoid")  # trained, not evaluated
+    assert main(["reproduce", "sinusoid", "--budget", "tiny", "--root", str(root),
+                 "--no-progress"]) == 0
+    assert report.finished(root / "sinusoid")
+    assert "sinusoid: finished" not in capsys.readouterr().out
+
+
+def test_unknown_experiment_and_budget_are_clear_errors(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["reproduce", "cifar", "--budget", "tiny", "--root", str(tmp_path)]) == 2
+    assert "unknown experiment(s) cifar" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    expected = report.render(report.find_runs([Path("results")]), Path("docs/REPORT.md"))
+    assert (REPO / "docs" / "REPORT.md").read_text() == expected, \
+        "docs/REPORT.md is stale: run `fastmaml report --out docs/REPORT.md`"
