@@ -169,3 +169,14 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot read the checkpoint {path}" in err
         assert "delete it to train that learner again" in err
+
+
+def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):
+    learner = maml_learner(tmp_path)  # path=auto: the first meta-iteration times the paths
+    fit(learner, tmp_path, 3, 2, progress=False, stop_after=3)
+    saved = load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"]["path_choices"]
+    assert saved and saved == learner.module.path_choices
+    resumed = maml_learner(tmp_path)
+    resumed.module.path_choices.clear()
+    resumed.load_state_dict(load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"])
+    assert resumed.module.path_choices == learner.module.path_choices

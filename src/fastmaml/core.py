@@ -9,6 +9,7 @@ for models that ``vmap`` cannot handle.
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -22,6 +23,8 @@ from .errors import ConfigError, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
 
 Params = dict[str, Tensor]
+# execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
+_PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
@@ -109,7 +112,12 @@ class MAML(nn.Module):
             are still trained by the outer loop.
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
-            (default) to use ``vmap`` and fall back to the loop, with a warning, if it fails.
+            (default) to choose: the first ``meta_backward`` of each new input shape times the
+            batched path at a few chunk sizes and the looped path, once each, and keeps the
+            fastest for that shape (``path_choices``; every candidate computes the same
+            meta-gradient). An explicit ``batched``, ``chunk_size``, ``compile`` or
+            ``checkpoint_steps`` turns the search off. If ``vmap`` cannot run the model, the
+            looped path is used, with a warning.
         transductive_bn: normalise with batch statistics always, as the paper (default: on when
             the model has batch-norm layers). Running statistics are never updated.
         compile: run the batched path through ``torch.compile`` (fused kernels, less dispatch
@@ -154,7 +162,13 @@ class MAML(nn.Module):
         self.chunk_size = chunk_size
         self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
         self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
-        self.path: str | None = None  # "batched" or "looped" once a call has run
+        self.path: str | None = None  # "batched" or "looped" once a call has run (+ chunk)
+        # input shapes -> (path, chunk size) chosen by timing; saved with the training state
+        self.path_choices: dict[str, tuple[str, int | None]] = {}
+        self._trying: tuple[str, int | None] | None = None  # the candidate being timed
+        self._vmap_failed = False
+        self._auto = (batched is None and chunk_size is None and not compile
+                      and not checkpoint_steps)
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -236,6 +250,12 @@ class MAML(nn.Module):
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         args = (fast, frozen, steps, create_graph, record)
         chunk = self._chunk(batch)
+        choice = self._trying or (self.path_choices.get(_shape_key(batch)) if self._auto else None)
+        if choice is not None and not self._vmap_failed:
+            path, chunk = choice
+            if path == "looped":
+                self.path = "looped"
+                return self._run_looped(args, batch)
 
         def batched() -> tuple[Tensor, ...]:
             if self._compiled_batched is None or torch.compiler.is_compiling():
@@ -243,11 +263,14 @@ class MAML(nn.Module):
                 return self._batched(*args, chunk, *batch)
             return self._compiled_batched(_graph_layout(fast), _graph_layout(frozen), *args[2:],
                                           chunk, *batch)
-        return self._dispatch(batched, lambda: self._run_looped(args, batch))
+        out = self._dispatch(batched, lambda: self._run_looped(args, batch))
+        if self.path == "batched" and choice is not None:
+            self.path = f"batched, chunk {chunk}"
+        return out
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
-        if self.batched is False or self.path == "looped":
+        if self.batched is False or self._vmap_failed:
             self.path = "looped"
             return looped()
         try:
@@ -256,12 +279,66 @@ class MAML(nn.Module):
             if self.batched:
                 raise
             out = looped()  # a user error fails here too, and is raised
-            self.path = "looped"
+            self.path, self._vmap_failed = "looped", True
             warnings.warn(f"fastmaml: vmap could not run this model ({error}); "
                           "using the looped path", stacklevel=4)
             return out
         self.path = "batched"
         return out
+
+    def _searches(self, batch: TaskBatch) -> bool:
+        """Whether this ``meta_backward`` times the candidate paths (see ``batched``). A
+        choice made in this process for the same model, settings and shapes is reused, so that
+        two runs with one seed take the same path."""
+        key = _shape_key(batch)
+        if not self._auto or self._vmap_failed or key in self.path_choices:
+            return False
+        known = _PATHS_CHOSEN.get(self._signature(key))
+        if known is not None:
+            self.path_choices[key] = known
+        return known is None
+
+    def _signature(self, key: str) -> str:
+        params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
+        return (f"{type(self.model).__name__} {params} {self.inner_steps} {self.first_order} "
+                f"{torch.get_num_threads()} {key}")
+
+    def _search_path(self, batch: TaskBatch, step_weights: Tensor | None,
+                     trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
+        """``meta_backward`` by each candidate path once (the first twice, to warm up), keeping
+        the fastest for this input shape; ``.grad`` gets the chosen candidate's gradient, as
+        later calls (and runs that reuse the choice) compute it."""
+        default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
+        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]  # the default warms up
+        candidates = [("batched", c) for c in chunks] + [("looped", None)]
+        before = {n: p.grad for n, p in trainable.items()}
+        timings: dict[tuple[str, int | None], float] = {}
+        results: dict[tuple[str, int | None], tuple[Params, Tensor, dict[str, Tensor]]] = {}
+        try:
+            for i, candidate in enumerate([candidates[0], *candidates]):
+                if candidate[0] == "batched" and self._vmap_failed:
+                    continue
+                self._trying = candidate
+                for p in trainable.values():
+                    p.grad = None
+                start = time.perf_counter()
+                loss, metrics = self.meta_loss(batch, step_weights)
+                loss.backward()
+                if i and (candidate[0] == "looped" or not self._vmap_failed):
+                    timings[candidate] = time.perf_counter() - start
+                    results[candidate] = ({n: p.grad for n, p in trainable.items()},
+                                          loss.detach(), metrics)
+        finally:
+            self._trying = None
+        key = _shape_key(batch)
+        best = self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = min(
+            timings, key=timings.get)
+        self.path = best[0] if best[1] is None else f"{best[0]}, chunk {best[1]}"
+        grads, loss, metrics = results[best]
+        for name, p in trainable.items():
+            p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
+                      else before[name] + grads[name])
+        return loss, metrics
 
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
@@ -317,6 +394,8 @@ class MAML(nn.Module):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
                                   "draw different masks: call model.eval() or turn it off")
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
+        elif self._searches(batch):
+            return self._search_path(batch, step_weights, trainable)
         elif self._compiled_gradient is not None and self.path == "batched":
             grads, (loss, metrics) = self._compiled_gradient(
                 _graph_layout({n: p.detach() for n, p in trainable.items()}), batch, step_weights)
@@ -469,6 +548,11 @@ class MAML(nn.Module):
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``)."""
         fast, frozen = self._split_params(detach=False)
         return self._forward({**fast, **adapted}, frozen, x)
+
+
+def _shape_key(batch: Sequence[Tensor]) -> str:
+    """The input shapes, dtype and device of a meta-batch: what the fastest path depends on."""
+    return f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type}"
 
 
 def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,

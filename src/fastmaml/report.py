@@ -59,6 +59,7 @@ class Run:
     train_seconds: float  # summed over the learners' logs
     machines: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
+    validation: list[tuple[int, float, float]] = field(default_factory=list)  # it, s, accuracy
 
     @property
     def preset(self) -> str:
@@ -69,7 +70,7 @@ def read_run(path: Path) -> Run:
     config = load_config_dict(path / "config.yaml")
     eval_path = path / "eval.json"
     records = json.loads(eval_path.read_text()) if eval_path.is_file() else []
-    iterations, seconds = 0, 0.0
+    iterations, seconds, validation = 0, 0.0, []
     for log in sorted(path.glob("metrics-*.csv")):
         with open(log, newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -77,10 +78,12 @@ def read_run(path: Path) -> Run:
             seconds += float(rows[-1]["elapsed_s"])
             if log.name == "metrics-maml.csv":
                 iterations = int(rows[-1]["iteration"])
+                validation = [(int(r["iteration"]), float(r["elapsed_s"]), float(r["val_accuracy"]))
+                              for r in rows if r.get("val_accuracy") not in (None, "")]
     machine_path = path / "machine.json"
     machines = json.loads(machine_path.read_text()) if machine_path.is_file() else []
     return Run(path, config, records, iterations, seconds, machines,
-               sorted((path / "figures").glob("*.png")))
+               sorted((path / "figures").glob("*.png")), validation)
 
 
 def find_runs(paths: Sequence[Path]) -> list[Run]:
@@ -220,6 +223,7 @@ def render(runs: list[Run], report_path: Path) -> str:
         lines.append(f"| {h.title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
                      f"| {verdict} | {its} | {where} |")
     lines.append("")
+    lines += time_to_accuracy([r for r in runs if r.validation])
     for row in (r for r in rows if r.run is not None):
         lines += _section(row.run, row.headline, row.status, report_dir)
     known = {id(row.run) for row in rows}
@@ -229,6 +233,30 @@ def render(runs: list[Run], report_path: Path) -> str:
         for run in others:
             lines += _section(run, None, "", report_dir)
     return "\n".join(lines).rstrip() + "\n"
+
+
+THRESHOLDS = (0.90, 0.95, 0.97, 0.99)
+
+
+def time_to_accuracy(runs: list[Run]) -> list[str]:
+    """Per run, the iteration and training minutes at which meta-validation accuracy first
+    reached each of ``THRESHOLDS`` (as far as it got)."""
+    if not runs:
+        return []
+    lines = ["## Time to accuracy", "",
+             "The iteration and training wall-clock at which meta-validation accuracy first "
+             "reached each level (each run's own validation protocol: 100 tasks, its training "
+             "steps).", "",
+             "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS) + " | best |",
+             "|---|" + "---|" * (len(THRESHOLDS) + 1)]
+    for run in runs:
+        cells = []
+        for threshold in THRESHOLDS:
+            first = next(((it, s) for it, s, acc in run.validation if acc >= threshold), None)
+            cells.append(f"{first[0]:,} it, {first[1] / 60:.0f} min" if first else "not reached")
+        best = max(acc for _, _, acc in run.validation)
+        lines.append(f"| {run.path.name} | " + " | ".join(cells) + f" | {best:.1%} |")
+    return lines + [""]
 
 
 def _missing(headline: Headline) -> str:

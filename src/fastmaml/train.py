@@ -78,11 +78,16 @@ class GradientLearner:
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
+        # the execution paths MAML chose by timing, so that a resumed run takes the same ones
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "path_choices": dict(getattr(self.module, "path_choices", {}))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
+        if hasattr(self.module, "path_choices"):
+            self.module.path_choices = {key: tuple(choice) for key, choice
+                                        in state.get("path_choices", {}).items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
