@@ -85,14 +85,24 @@ WORKLOADS = {w.name: w for w in [
 
 # ----- the implementations; each returns a function running one meta-iteration -----
 
+class Unsupported(Exception):
+    """An implementation that cannot run a workload or order (the table says why)."""
+
+
 def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False,
-                  checkpoint_steps: bool = False):
-    maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=True,
+                  checkpoint_steps: bool = False, batched: bool | None = True):
+    maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=batched,
                 check_finite=False, compile=compile, checkpoint_steps=checkpoint_steps)
 
     def step(batch):
         maml.meta_backward(batch)
+    step.maml = maml  # the path it ran, for the record
     return step
+
+
+def fastmaml_auto_impl(model, w: Workload, first_order: bool):
+    """fastmaml's default: the first call times the paths for this shape and keeps the fastest."""
+    return fastmaml_impl(model, w, first_order, batched=None)
 
 
 def fastmaml_compiled_impl(model, w: Workload, first_order: bool):
@@ -123,12 +133,15 @@ def loop_impl(model, w: Workload, first_order: bool):
 def higher_impl(model, w: Workload, first_order: bool):
     import higher
 
+    if first_order:  # measured: the model's .grad stays None, so this would not be equal work
+        raise Unsupported("track_higher_grads=False cuts the adapted weights off the initial "
+                          "ones: no first-order meta-gradient reaches the model")
     inner_opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=w.inner_lr)
 
     def step(batch):
         for sx, sy, qx, qy in zip(*batch):
-            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False,
-                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+                    fmodel, diffopt):
                 for _ in range(w.steps):
                     diffopt.step(w.loss_fn(fmodel(sx), sy))
                 (w.loss_fn(fmodel(qx), qy) / batch.num_tasks).backward()
@@ -149,9 +162,58 @@ def learn2learn_impl(model, w: Workload, first_order: bool):
     return step
 
 
-IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-compiled": (fastmaml_compiled_impl, None),
+def torchopt_impl(model, w: Workload, first_order: bool):
+    """TorchOpt's object-oriented MAML (its README): MetaSGD steps the module in place, a loop
+    over tasks, and the initial state restored after each task."""
+    import torchopt
+
+    if first_order:
+        raise Unsupported("MetaSGD differentiates through its steps (second order only)")
+    if not all(p.requires_grad for p in model.parameters()):
+        raise Unsupported("MetaSGD steps every parameter; this model has frozen ones (the "
+                          "paper's batch norm has no trained scale)")
+    inner_opt = torchopt.MetaSGD(model, lr=w.inner_lr)
+    initial = torchopt.extract_state_dict(model, by="reference", detach_buffers=True)
+
+    def step(batch):
+        for sx, sy, qx, qy in zip(*batch):
+            for _ in range(w.steps):
+                inner_opt.step(w.loss_fn(model(sx), sy))
+            (w.loss_fn(model(qx), qy) / batch.num_tasks).backward()
+            torchopt.recover_state_dict(model, initial)
+    return step
+
+
+def torchopt_vmap_impl(model, w: Workload, first_order: bool):
+    """TorchOpt's functional optimizer (``torchopt.sgd``, ``apply_updates(inplace=False)``) with
+    ``torch.func.grad`` inside ``torch.func.vmap`` over tasks."""
+    import torchopt
+
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise Unsupported("vmap cannot update the model's batch-norm running statistics in place")
+    optimizer = torchopt.sgd(lr=w.inner_lr)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def task_loss(params, sx, sy, qx, qy):
+        fast, state = params, optimizer.init(params)
+        for _ in range(w.steps):
+            grads = torch.func.grad(lambda p: w.loss_fn(functional_call(model, p, (sx,)), sy))(fast)
+            if first_order:
+                grads = {n: g.detach() for n, g in grads.items()}
+            updates, state = optimizer.update(grads, state, inplace=False)
+            fast = torchopt.apply_updates(fast, updates, inplace=False)
+        return w.loss_fn(functional_call(model, fast, (qx,)), qy)
+
+    def step(batch):
+        torch.func.vmap(task_loss, in_dims=(None, 0, 0, 0, 0))(params, *batch).mean().backward()
+    return step
+
+
+IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-auto": (fastmaml_auto_impl, None),
+         "fastmaml-compiled": (fastmaml_compiled_impl, None),
          "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None), "loop": (loop_impl, None),
-         "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn")}
+         "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn"),
+         "torchopt": (torchopt_impl, "torchopt"), "torchopt-vmap": (torchopt_vmap_impl, "torchopt")}
 
 
 # ----- measurement -----
@@ -272,30 +334,36 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
         for order in orders:
             first_order = order == "first"
             batch = w.make_batch(torch.Generator().manual_seed(0)).to(device)
-            steps, times, memory = {}, {i: [] for i in available}, {}
-            calls = {}  # calls per timed block, so that each block lasts at least MIN_BLOCK_S
+            steps, calls = {}, {}  # calls per timed block: each block lasts at least MIN_BLOCK_S
             for impl in available:
                 torch.manual_seed(0)
                 model = w.build_model().to(device)
-                steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
-                steps[impl][1](batch)  # first call: compiles where asked, not timed
+                try:
+                    steps[impl] = (model, IMPLS[impl][0](model, w, first_order))
+                    steps[impl][1](batch)  # first call: compiles (or searches), not timed
+                except Unsupported as reason:
+                    print(f"note: {impl} skipped on {name}, {order} order: {reason}")
+                    steps.pop(impl, None)
+                    continue
                 # calibrate on the fastest of 3 calls: a compiled meta_backward picks its path on
                 # the first call and compiles its gradient on the second
                 fastest = min(timed_call(*steps[impl], batch, device) for _ in range(3))
                 calls[impl] = max(1, math.ceil(MIN_BLOCK_S / fastest))
-            for impl in available:  # memory: one untimed run each (the CPU sampler costs time)
+            ran = [impl for impl in available if impl in steps]
+            times, memory = {i: [] for i in ran}, {}
+            for impl in ran:  # memory: one untimed run each (the CPU sampler costs time)
                 memory[impl] = measure_memory(steps[impl][1], batch, device)
             conv = {impl: conv_seconds(*steps[impl], batch, device)
-                    for impl in available} if conv_share else {}
+                    for impl in ran} if conv_share else {}
             for round_ in range(warmup + repeats):  # interleaved timed rounds
-                for impl in available:
+                for impl in ran:
                     elapsed = sum(timed_call(*steps[impl], batch, device)
                                   for _ in range(calls[impl]))
                     if round_ >= warmup:
                         times[impl].append(elapsed / calls[impl])
             flops = count_flops(w, first_order)
             loop_time = statistics.median(times["loop"]) if "loop" in times else None
-            for impl in available:
+            for impl in ran:
                 median = statistics.median(times[impl])
                 records.append({"workload": name, "order": order, "impl": impl,
                                 "s_per_iter": median, "peak_mem_mb": round(memory[impl], 1),
@@ -305,6 +373,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
                                 "repeats": repeats, "device": str(device),
                                 "malloc_tuned": malloc_tuned, "precision": precision,
+                                **({"path": getattr(steps[impl][1], "maml").path}
+                                   if hasattr(steps[impl][1], "maml") else {}),
                                 **({"conv_s_per_iter": conv[impl]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records

@@ -1,12 +1,16 @@
 """The benchmark script runs and writes the documented JSON records (speed is not asserted)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -70,3 +74,43 @@ def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_pa
     assert 1e-4 < records["bf16"]["grad_rel_error"] < 0.5
     assert 0.9 < records["bf16"]["grad_cosine"] <= 1.0
     assert records["bf16"]["s_per_iter"] > 0
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("fastmaml_benchmark", REPO / "benchmarks" / "run.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for dataclasses
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_every_adapter_computes_the_loops_meta_gradient_in_float64(first_order):
+    """The yardstick compares equal work: each implementation's meta-gradient on the sinusoid
+    workload equals the naive loop's, in float64 (adapters whose library is missing, or that
+    cannot run this order, are skipped)."""
+    bench = _benchmark_module()
+    w = bench.WORKLOADS["sinusoid"]
+    batch = bench.TaskBatch(*(t.double() for t in w.make_batch(torch.Generator().manual_seed(0))))
+
+    def gradient(impl):
+        torch.manual_seed(0)
+        model = w.build_model().double()
+        step = bench.IMPLS[impl][0](model, w, first_order)
+        step(batch)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    reference = gradient("loop")
+    checked = []
+    for impl, (_, package) in bench.IMPLS.items():
+        if impl in ("loop", "fastmaml-compiled") or (
+                package and importlib.util.find_spec(package) is None):
+            continue
+        try:
+            got = gradient(impl)
+        except bench.Unsupported:
+            continue
+        assert torch.allclose(got, reference, rtol=1e-9, atol=1e-12), impl
+        checked.append(impl)
+    assert {"fastmaml", "fastmaml-auto"} <= set(checked)
+    if importlib.util.find_spec("torchopt"):
+        assert "torchopt-vmap" in checked and ("torchopt" in checked) == (not first_order)
