@@ -184,13 +184,19 @@ def torchopt_impl(model, w: Workload, first_order: bool):
     return step
 
 
+def _refuse_batch_norm_under_vmap(model: nn.Module) -> None:
+    """Measured: a batch-norm layer that tracks running statistics fails under ``vmap`` (torch
+    cannot update them in place from a batched input), in both peers' vmap paths."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise Unsupported("vmap cannot update the model's batch-norm running statistics in place")
+
+
 def torchopt_vmap_impl(model, w: Workload, first_order: bool):
     """TorchOpt's functional optimizer (``torchopt.sgd``, ``apply_updates(inplace=False)``) with
     ``torch.func.grad`` inside ``torch.func.vmap`` over tasks."""
     import torchopt
 
-    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        raise Unsupported("vmap cannot update the model's batch-norm running statistics in place")
+    _refuse_batch_norm_under_vmap(model)
     optimizer = torchopt.sgd(lr=w.inner_lr)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -209,11 +215,65 @@ def torchopt_vmap_impl(model, w: Workload, first_order: bool):
     return step
 
 
+class _IgnoringFlags(nn.Module):
+    """``inner`` behind a forward that ignores the keyword flags parallel-metalearn passes;
+    ``pool`` averages a conv net's feature maps, as ``ConvNet`` does before its head."""
+
+    def __init__(self, inner: nn.Module, pool: bool = False):
+        super().__init__()
+        self.inner, self.pool = inner, pool
+
+    def forward(self, x, **_):
+        out = self.inner(x)
+        return out.mean(dim=(2, 3)) if self.pool else out
+
+
+def parallel_metalearn_impl(model, w: Workload, first_order: bool):
+    """parallel-metalearn (its README): ``MAML_Model(backbone, head)``, a fixed-rate
+    ``InnerSGD``, a loss module and ``MAML(...).step`` on one meta-batch. The workload's model
+    is split into its features and its last linear layer (the same parameter tensors); the
+    outer optimizer is SGD with lr 0, so a step leaves the meta-gradient in ``.grad`` and the
+    weights as they were."""
+    from metalearn.algorithms import MAML as ParallelMAML
+    from metalearn.inner_optimizers import InnerSGD
+    from metalearn.loss import CategoricalAccuracy, CrossEntropy
+    from metalearn.loss.base import BaseLoss
+    from metalearn.model_wrappers import MAML_Model
+
+    class MeanSquaredError(BaseLoss):  # the library ships classification losses only
+        def forward(self, out_dict, targets, model_states=None, **_):
+            loss = F.mse_loss(out_dict["logits"], targets["labels"])
+            return loss, loss.detach()
+
+    _refuse_batch_norm_under_vmap(model)
+    if isinstance(model, ConvNet):
+        backbone, head = _IgnoringFlags(model.features, pool=True), _IgnoringFlags(model.head)
+    else:
+        backbone = _IgnoringFlags(nn.Sequential(*list(model)[:-1]))
+        head = _IgnoringFlags(model[-1])
+    wrapped = MAML_Model(backbone=backbone, head=head)
+    inner = InnerSGD(initial_fast_weights=wrapped.get_fast_weights(), inner_lr=w.inner_lr,
+                     first_order=first_order, max_inner_steps=w.steps, learn_lr=False
+                     ).to(next(model.parameters()).dtype)  # its step size, in the model's dtype
+    loss = (MeanSquaredError() if w.loss_fn is F.mse_loss
+            else CrossEntropy(metric_fn=CategoricalAccuracy()))
+    algorithm = ParallelMAML(
+        model=wrapped, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        inner_optimizer=inner, support_loss_fn=loss, inner_steps=w.steps, chunk_size=w.tasks,
+        device=next(model.parameters()).device)
+
+    def step(batch):
+        algorithm.step(iter([(batch.support_x, {"labels": batch.support_y},
+                              batch.query_x, {"labels": batch.query_y})]))
+    return step
+
+
 IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-auto": (fastmaml_auto_impl, None),
          "fastmaml-compiled": (fastmaml_compiled_impl, None),
          "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None), "loop": (loop_impl, None),
          "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn"),
-         "torchopt": (torchopt_impl, "torchopt"), "torchopt-vmap": (torchopt_vmap_impl, "torchopt")}
+         "torchopt": (torchopt_impl, "torchopt"), "torchopt-vmap": (torchopt_vmap_impl, "torchopt"),
+         "parallel-metalearn": (parallel_metalearn_impl, "metalearn")}
 
 
 # ----- measurement -----
