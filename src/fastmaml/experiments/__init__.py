@@ -227,12 +227,22 @@ def _record_machine(run_dir: Path, device: str, processes: int) -> None:
     path = run_dir / "machine.json"
     sessions = json.loads(path.read_text()) if path.is_file() else []
     sessions.append({"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
-                     "processor": platform.processor() or platform.machine(),
+                     "processor": _cpu_model(),
                      "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
                      "processes": processes, "threads": torch.get_num_threads()})
     tmp = path.with_name(".machine.json.tmp")
     tmp.write_text(json.dumps(sessions, indent=1))
     os.replace(tmp, path)
+
+
+def _cpu_model() -> str:
+    """The CPU's model name where Linux tells it, else the architecture."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
