@@ -72,8 +72,8 @@ def compare_batch_norm(run_dir: Path, tasks: int) -> None:
         adapted = run.adapt(sx, sy)
         whole.append((run.predict(adapted, qx).argmax(-1) == qy).float().mean())
         alone.append((run.predict(adapted, qx, context=sx).argmax(-1) == qy).float().mean())
-    for label, values in (("query batch (the paper's protocol)", whole),
-                          ("each query image with the support set (adapt)", alone)):
+    for label, values in (("--norm query: the query batch (the paper's protocol)", whole),
+                          ("--norm each: each query image with the support set", alone)):
         values = torch.stack(values)
         ci = 1.96 * values.std(unbiased=False) / len(values) ** 0.5
         print(f"  {label}: {100 * values.mean():.2f} +- {100 * ci:.2f}% after {run.steps} steps")

@@ -135,6 +135,15 @@ def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
     for row in alone.rows:
         for name, p in row["probabilities"].items():
             assert p == pytest.approx(by_path[row["path"]][name], abs=1e-6)
+    # the paper's protocol: the query set is one batch, so one class alone predicts otherwise
+    batch = predict(run, support, query, norm="query")
+    in_batch = {r["path"]: r["probabilities"] for r in batch.rows}
+    alone = predict(run, support, query / "color1", norm="query")
+    assert batch.summary["norm"] == "query"
+    assert any(row["probabilities"] != pytest.approx(in_batch[row["path"]], abs=1e-6)
+               for row in alone.rows)
+    with pytest.raises(ConfigError, match="norm must be one of"):
+        predict(run, support, query, norm="running")
 
 
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:

@@ -11,8 +11,11 @@ MAML assigns labels to a task's classes at random, so any N of a classifier's ou
 new N-way task (N <= the run's n_way): the first N are used, for adaptation and prediction.
 Batch norm uses the statistics of the batch, as in meta-training and the paper's evaluation.
 So that a prediction does not depend on which other images are asked about at once (a query of
-one image, or of one class, has no useful statistics of its own), ``predict_files`` passes the
-support set as ``context``: each query image is normalised together with the support set alone.
+one image, or of one class, has no useful statistics of its own), ``predict_files`` by default
+passes the support set as ``context``: each query image is normalised together with the support
+set alone (``norm="each"``). ``norm="query"`` normalises the whole query set as one batch, the
+paper's evaluation protocol: more accurate when the query holds every class in equal numbers
+(Omniglot 5-way 1-shot: 99.53% against 97.33%, docs/results.md), wrong for a lone image.
 """
 from __future__ import annotations
 
@@ -263,9 +266,12 @@ class Predictions(NamedTuple):
     summary: dict[str, Any]
 
 
+NORMS = ("each", "query")
+
+
 def predict_files(run: TrainedRun, support: str | os.PathLike[str],
                   query: str | os.PathLike[str], steps: int | None = None,
-                  plot: str | os.PathLike[str] | None = None) -> Predictions:
+                  plot: str | os.PathLike[str] | None = None, norm: str = "each") -> Predictions:
     """Adapt ``run`` on the support set on disk and predict the query set on disk.
 
     Image runs read folders (``support_images``, ``query_images``); regression runs read CSVs
@@ -275,6 +281,8 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     steps = run.steps if steps is None else steps
     if steps < 0:
         raise ConfigError(f"steps must be >= 0, got {steps}")
+    if norm not in NORMS:
+        raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if run.task == "regression":
         return _predict_points(run, support, query, steps, plot)
     if plot is not None:
@@ -287,7 +295,8 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     asked = query_images(query, shots.classes)
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
-    logits = run.predict(adapted, run.preprocess(asked.paths), context=support_x)
+    logits = run.predict(adapted, run.preprocess(asked.paths),
+                         context=support_x if norm == "each" else None)
     probabilities = logits.softmax(-1).cpu()
     rows = []
     for i, (path, p) in enumerate(zip(asked.paths, probabilities)):
@@ -297,7 +306,7 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         rows.append({**row, "probabilities": dict(zip(shots.classes, p.tolist()))})
     accuracy = (None if asked.labels is None else
                 float((probabilities.argmax(-1) == torch.tensor(asked.labels)).float().mean()))
-    return Predictions(rows, {"task": "classification", "steps": steps,
+    return Predictions(rows, {"task": "classification", "steps": steps, "norm": norm,
                               "classes": shots.classes, "support": len(shots.paths),
                               "query": len(asked.paths), "accuracy": accuracy})
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FastMAMLError, FastMAMLWarning
-from .adaptation import Predictions, load_run, predict_files
+from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
@@ -62,7 +62,7 @@ def _adapt(args: argparse.Namespace) -> None:
 
 def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None:
     run = load_run(run_dir)
-    result = predict_files(run, args.support, args.query, args.steps, args.plot)
+    result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
     text = _as_json(run_dir, result) if args.format == "json" else _as_csv(result)
     if out is None:
         sys.stdout.write(text)
@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--out", help="write the predictions here (default: standard output)")
     adapt.add_argument("--format", choices=("csv", "json"), default="csv")
     adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
+    adapt.add_argument("--norm", choices=NORMS, default="each",
+                       help="batch norm at prediction: each query image with the support set "
+                       "(default; independent of the other query images), or the whole query "
+                       "set as one batch (the paper's protocol)")
     adapt.set_defaults(run=_adapt, overrides=[])
     report = commands.add_parser("report", help="every experiment beside the paper, in one "
                                  "Markdown document")
