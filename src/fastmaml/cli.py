@@ -30,8 +30,9 @@ def _train(args: argparse.Namespace) -> None:
     run_dir = Path(args.out or f"runs/{args.preset}")
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
     train_run(args.preset, run_dir, overrides, progress=not args.no_progress)
+    main_rank = world()[0] == 0
     shutdown()
-    if world()[0] == 0:
+    if main_rank:
         print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
               f"{run_dir}/metrics-*.csv. Next: fastmaml eval {run_dir}")
 
