@@ -433,7 +433,7 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "fraction_of_matmul_peak": flops / median / 1e9 / peak,
                                 "repeats": repeats, "device": str(device),
                                 "malloc_tuned": malloc_tuned, "precision": precision,
-                                **({"path": getattr(steps[impl][1], "maml").path}
+                                **({"path": steps[impl][1].maml.path}
                                    if hasattr(steps[impl][1], "maml") else {}),
                                 **({"conv_s_per_iter": conv[impl]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])

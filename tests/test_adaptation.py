@@ -18,7 +18,6 @@ from fastmaml import ConfigError, DataError
 from fastmaml.cli import main
 from fastmaml.experiments import load_experiment
 from fastmaml.tasks.images import as_model_input
-from fastmaml.train import checkpoint_path
 
 COLORS = {f"color{c}": c for c in range(8)}  # class name -> pattern seed
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from fastmaml import ConfigError, DataError
 from fastmaml.tasks import download as dl
