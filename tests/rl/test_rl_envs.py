@@ -129,7 +129,8 @@ def test_ant_terminates_when_unhealthy_and_horizons() -> None:
     assert {default_horizon(env_id) for env_id in ENVS if "Nav" not in env_id} == {200}
 
 
-@pytest.mark.parametrize("env_id", ["fastmaml/HalfCheetahDir-v0", "fastmaml/AntVel-v0"])
+@pytest.mark.parametrize("env_id", ["fastmaml/HalfCheetahVel-v0", "fastmaml/HalfCheetahDir-v0",
+                                    "fastmaml/AntVel-v0"])
 def test_mujoco_batch_equals_separate_environments(env_id: str) -> None:
     tasks = env_class(env_id).sample_tasks(3, np.random.default_rng(0))
     batch = make_batch_env(env_id)
