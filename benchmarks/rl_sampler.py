@@ -19,7 +19,7 @@ import mujoco
 import numpy as np
 import torch
 
-from fastmaml.rl import GaussianMLPPolicy, HalfCheetahVelEnv, Sampler, env_class
+from fastmaml.rl import GaussianMLPPolicy, Sampler, env_class
 
 
 def best_rate(run: Callable[[], object], steps: int, repeats: int) -> float:

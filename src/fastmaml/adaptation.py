@@ -37,6 +37,7 @@ from .errors import ConfigError, DataError, ShapeError
 from .experiments import load_experiment
 from .plots import plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
+from .tasks.folder import image_files
 from .train import checkpoint_path, load_checkpoint
 
 ImageSource = str | os.PathLike[str] | Image.Image
@@ -178,7 +179,7 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
 
 
 def _class_images(folder: Path, role: str) -> list[Path]:
-    images = sorted(p for p in folder.iterdir() if is_image_file(p))
+    images = image_files(folder)
     if not images:
         raise DataError(f"the {role} class folder {folder} holds no images")
     return images
@@ -287,11 +288,7 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         return _predict_points(run, support, query, steps, plot)
     if plot is not None:
         raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
-    shots = support_images(support)
-    if len(shots.classes) > run.num_classes:
-        raise ConfigError(f"the support set {support} has {len(shots.classes)} classes, but the "
-                          f"run was trained {run.num_classes}-way: it can adapt to at most "
-                          f"{run.num_classes} classes")
+    shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)

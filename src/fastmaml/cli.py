@@ -5,7 +5,6 @@ import argparse
 import csv
 import io
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
 from .runlock import locked_run_dir
+from .train import write_text_atomic
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -68,10 +68,7 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
     if out is None:
         sys.stdout.write(text)
     else:  # nothing is written unless everything above succeeded; the file appears whole
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_text_atomic(text, out)
     summary = result.summary
     said = f"fastmaml: adapted {run_dir} on {summary['support']} support examples"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""

@@ -20,6 +20,7 @@ from .config import load_config_dict
 from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
+from .train import write_text_atomic
 
 # ----- status of a row -----
 
@@ -90,8 +91,11 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
     """The run directories in ``paths``: each path itself, or the folders just below it."""
     found = []
     for path in paths:
-        candidates = [path] if (path / "config.yaml").is_file() else sorted(
-            p for p in path.iterdir() if (p / "config.yaml").is_file()) if path.is_dir() else []
+        if (path / "config.yaml").is_file():
+            candidates = [path]
+        else:
+            below = sorted(path.iterdir()) if path.is_dir() else []
+            candidates = [p for p in below if (p / "config.yaml").is_file()]
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
@@ -314,11 +318,7 @@ def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
 
 def write_report(paths: Sequence[Path], out: Path) -> Path:
     """Render the runs in ``paths`` into ``out`` (written whole)."""
-    text = render(find_runs(paths), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
+    write_text_atomic(render(find_runs(paths), out), out)
     return out
 
 
@@ -353,8 +353,8 @@ def finished(run_dir: Path) -> bool:
     """Trained to its iterations and evaluated."""
     if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
-    target = int(load_config_dict(run_dir / "config.yaml")["iterations"])
-    return read_run(run_dir).iterations >= target
+    run = read_run(run_dir)
+    return run.iterations >= int(run.config["iterations"])
 
 
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
@@ -381,7 +381,4 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
             experiment.plot()
         except FastMAMLError as error:  # e.g. no data here: the others still run
             say(f"fastmaml: {name}: not reproduced: {error}")
-    runs = [p for p in sorted(root.iterdir()) if (p / "config.yaml").is_file()] if root.is_dir() else []
-    if not runs:
-        raise ConfigError(f"no run was reproduced in {root}")
-    return write_report(runs, out or root / "REPORT.md")
+    return write_report([root], out or root / "REPORT.md")

@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import ConfigError
+from .train import write_text_atomic
 
 LOCK_NAME, OWNER_NAME = ".fastmaml.lock", ".fastmaml.owner"
 
@@ -52,9 +53,7 @@ def locked_run_dir(run_dir: Path) -> Iterator[None]:
 def _write_owner(run_dir: Path) -> None:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    tmp = run_dir / f"{OWNER_NAME}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(owner))
-    os.replace(tmp, run_dir / OWNER_NAME)
+    write_text_atomic(json.dumps(owner), run_dir / OWNER_NAME)
 
 
 def _owner(run_dir: Path) -> str:

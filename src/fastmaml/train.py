@@ -115,13 +115,27 @@ def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file, flush it to disk, then rename it over ``path``."""
+    _replace_atomically(path, lambda handle: torch.save(state, handle))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """``save_atomic`` for a text file: ``path`` holds the old text or the new, never a part."""
+    _replace_atomically(path, lambda handle: handle.write(text.encode()))
+
+
+def _replace_atomically(path: Path, write: Callable[[Any], object]) -> None:
+    """``write`` into a temporary file beside ``path`` (this process's own), flush it to disk,
+    then rename it over ``path``; a failed write leaves ``path`` as it was and no temporary."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoints_dir(run_dir: Path) -> Path:

@@ -16,7 +16,7 @@ from ..config import Config, load_config_dict
 from ..distributed import world
 from ..errors import ConfigError
 from ..runlock import locked_run_dir
-from ..train import check_resumable, checkpoints_dir, fit
+from ..train import check_resumable, checkpoints_dir, fit, write_text_atomic
 from .base import Experiment
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -230,9 +230,7 @@ def _record_machine(run_dir: Path, device: str, processes: int) -> None:
                      "processor": _cpu_model(),
                      "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
                      "processes": processes, "threads": torch.get_num_threads()})
-    tmp = path.with_name(".machine.json.tmp")
-    tmp.write_text(json.dumps(sessions, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(json.dumps(sessions, indent=1), path)
 
 
 def _cpu_model() -> str:

@@ -165,20 +165,22 @@ def load_omniglot(root: str | os.PathLike[str], split: str = "official", *,
     if download:
         download_omniglot(root)
     images = load_omniglot_images(root, cache_dir, workers)
-    return {name: images[index] for name, index in _split_index(root, split, seed).items()}
+    return {name: images[index] for name, index in _split_index(root, split, seed)[0].items()}
 
 
 def load_omniglot_alphabets(root: str | os.PathLike[str], split: str = "official",
                             seed: int = SPLIT_SEED) -> dict[str, Tensor]:
     """The alphabet index of every character of each split of ``load_omniglot`` (the same
     order): ``FewShotSampler``'s ``groups`` for within-alphabet tasks."""
-    alphabet_of, _ = omniglot_alphabets(omniglot_characters(root))
-    return {name: alphabet_of[index] for name, index in _split_index(root, split, seed).items()}
+    index, alphabet_of = _split_index(root, split, seed)
+    return {name: alphabet_of[characters] for name, characters in index.items()}
 
 
-def _split_index(root: str | os.PathLike[str], split: str, seed: int) -> dict[str, Tensor]:
+def _split_index(root: str | os.PathLike[str], split: str, seed: int
+                 ) -> tuple[dict[str, Tensor], Tensor]:
+    """(each split's character indices, the alphabet index of every character)."""
     alphabets = omniglot_alphabets(omniglot_characters(root))
-    return split_characters(len(alphabets[0]), split, seed, alphabets)
+    return split_characters(len(alphabets[0]), split, seed, alphabets), alphabets[0]
 
 
 def _subfolders(path: Path) -> list[Path]:
