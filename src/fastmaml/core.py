@@ -227,7 +227,8 @@ class MAML(nn.Module):
             return loss, loss.detach()
 
         grads, loss = grad_fn(loss_of, fast, create_graph)
-        return {n: p - lrs[n] * grads[n] for n, p in fast.items()}, loss
+        # p - lr * g, bit for bit; an addition's backward needs no negation of each gradient
+        return {n: p + grads[n] * -lrs[n] for n, p in fast.items()}, loss
 
     def _task(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
               record: Sequence[int], grad_fn: GradFn, sx: Tensor, sy: Tensor, qx: Tensor,
@@ -250,7 +251,7 @@ class MAML(nn.Module):
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         args = (fast, frozen, steps, create_graph, record)
         chunk = self._chunk(batch)
-        choice = self._trying or (self.path_choices.get(_shape_key(batch)) if self._auto else None)
+        choice = self._trying or (self.path_choices.get(self._path_key(batch)) if self._auto else None)
         if choice is not None and not self._vmap_failed:
             path, chunk = choice
             if path == "looped":
@@ -290,7 +291,7 @@ class MAML(nn.Module):
         """Whether this ``meta_backward`` times the candidate paths (see ``batched``). A
         choice made in this process for the same model, settings and shapes is reused, so that
         two runs with one seed take the same path."""
-        key = _shape_key(batch)
+        key = self._path_key(batch)
         if not self._auto or self._vmap_failed or key in self.path_choices:
             return False
         known = _PATHS_CHOSEN.get(self._signature(key))
@@ -298,10 +299,16 @@ class MAML(nn.Module):
             self.path_choices[key] = known
         return known is None
 
+    def _path_key(self, batch: Sequence[Tensor]) -> str:
+        """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
+        and device, and the derivative order (which ``first_order_until`` switches in a run)."""
+        order = "first" if self.first_order else "second"
+        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type} "
+                f"{order} order")
+
     def _signature(self, key: str) -> str:
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        return (f"{type(self.model).__name__} {params} {self.inner_steps} {self.first_order} "
-                f"{torch.get_num_threads()} {key}")
+        return f"{type(self.model).__name__} {params} {self.inner_steps} {torch.get_num_threads()} {key}"
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None,
                      trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
@@ -338,7 +345,7 @@ class MAML(nn.Module):
                 run(candidate)
         finally:
             self._trying = None
-        key = _shape_key(batch)
+        key = self._path_key(batch)
         best = self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = min(
             timings, key=timings.get)
         self.path = best[0] if best[1] is None else f"{best[0]}, chunk {best[1]}"
@@ -351,9 +358,8 @@ class MAML(nn.Module):
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
         """All tasks at once: ``vmap`` of the task function over the leading task dimension."""
-        return vmap(lambda *task: self._task(fast, frozen, steps, create_graph, record,
-                                             _functorch_grad, *task),
-                    randomness="different", chunk_size=chunk_size)(*batch)
+        return _vmap_tasks(lambda *task: self._task(fast, frozen, steps, create_graph, record,
+                                                    _functorch_grad, *task), chunk_size, *batch)
 
     def _chunk(self, batch: Sequence[Tensor]) -> int | None:
         if self.chunk_size is not None or batch[0].device.type != "cpu":
@@ -408,7 +414,8 @@ class MAML(nn.Module):
             grads, (loss, metrics) = self._compiled_gradient(
                 _graph_layout({n: p.detach() for n, p in trainable.items()}), batch, step_weights)
         else:  # uncompiled, or the first call, which decides the path
-            loss, metrics = self.meta_loss(batch, step_weights)
+            loss, metrics = self(batch, step_weights)  # batch already validated
+            self._check_finite(loss)
             loss.backward()
             return loss.detach(), metrics
         self._check_finite(loss)
@@ -435,7 +442,7 @@ class MAML(nn.Module):
         def task(*data: Tensor) -> tuple[Params, ...]:
             return self._checkpointed_task(fast, outer, constants, lr_params, weights, *data)
         per_task = self._dispatch(
-            lambda: vmap(task, randomness="different", chunk_size=self._chunk(batch))(*batch),
+            lambda: _vmap_tasks(task, self._chunk(batch), *batch),
             lambda: tuple({n: torch.stack([d[n] for d in column]) for n in column[0]}
                           for column in zip(*(task(*data) for data in zip(*batch)))))
         *per_task_grads, values = per_task
@@ -558,9 +565,14 @@ class MAML(nn.Module):
         return self._forward({**fast, **adapted}, frozen, x)
 
 
-def _shape_key(batch: Sequence[Tensor]) -> str:
-    """The input shapes, dtype and device of a meta-batch: what the fastest path depends on."""
-    return f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type}"
+def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
+    """``vmap`` of ``task`` over the leading task dimension, ``chunk_size`` tasks at a time."""
+    if chunk_size is not None and chunk_size >= batch[0].shape[0]:
+        chunk_size = None  # one chunk: skip vmap's split and concatenation
+    return vmap(task, randomness="different", chunk_size=chunk_size)(*batch)
+
+
+
 
 
 def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
