@@ -8,9 +8,9 @@ import torch
 
 from fastmaml.config import ConfigError
 from fastmaml.errors import NonFiniteLossError
-from fastmaml.experiments import create_run
+from fastmaml.experiments import create_run, prepare_run
 from fastmaml.train import (GradientLearner, backpropagated, checkpoint_path, fit, load_checkpoint,
-                            save_atomic)
+                            meta_lr_at, save_atomic)
 
 
 def maml_learner(run_dir, **overrides):
@@ -40,6 +40,41 @@ def test_resume_continues_identically(tmp_path):
 
     assert torch.equal(params(straight), params(second))
     assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "resumed" / "metrics-maml.csv")
+
+
+def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resume(tmp_path):
+    schedules = {"meta_lr_schedule": "cosine", "meta_lr_min": 1e-4, "first_order_until": 5}
+    learner = maml_learner(tmp_path / "straight", **schedules)
+    seen = []
+    original = learner.module.meta_backward
+
+    def spy(*args, **kwargs):
+        seen.append((learner.optimizer.param_groups[0]["lr"], learner.module.first_order))
+        return original(*args, **kwargs)
+    learner.module.meta_backward = spy
+    fit(learner, tmp_path / "straight", 3, 2, progress=False)
+    cfg = prepare_run("sinusoid-demo", tmp_path / "cfg",
+                      ["iterations=12", *(f"{k}={v}" for k, v in schedules.items())]).cfg
+    rates = [lr for lr, _ in seen]
+    assert [order for _, order in seen] == [True] * 5 + [False] * 7
+    assert rates == [meta_lr_at(cfg, i) for i in range(12)]
+    assert rates[0] == cfg.meta_lr and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(rates[i] + rates[11 - i] == pytest.approx(cfg.meta_lr + 1e-4) for i in range(12))
+    assert meta_lr_at(cfg.replace(meta_lr_schedule="constant"), 7) == cfg.meta_lr
+
+    first = maml_learner(tmp_path / "resumed", **schedules)  # killed before the switch
+    fit(first, tmp_path / "resumed", 3, 2, progress=False, stop_after=3)
+    second = maml_learner(tmp_path / "resumed", **schedules)
+    fit(second, tmp_path / "resumed", 3, 2, progress=False)
+    assert torch.equal(params(learner), params(second))
+
+
+@pytest.mark.parametrize("bad", ["meta_lr_schedule=linear", "meta_lr_min=0.5",
+                                 "first_order_until=-1"])
+def test_bad_schedules_are_refused(tmp_path, bad):
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        create_run("sinusoid-demo", tmp_path, [bad])
 
 
 def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_path):
@@ -118,6 +153,10 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
         maml_learner(tmp_path, inner_lr=0.5)
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
+    cosine = tmp_path / "cosine"
+    fit(maml_learner(cosine, meta_lr_schedule="cosine"), cosine, 3, 2, progress=False, stop_after=3)
+    with pytest.raises(ConfigError, match="changed iterations.*cosine meta_lr schedule"):
+        maml_learner(cosine, meta_lr_schedule="cosine", iterations=50)
 
 
 def test_a_run_directory_without_checkpoints_starts_afresh_with_new_settings(tmp_path):

@@ -26,10 +26,13 @@ class Config:
     iterations: int = 1000
     meta_batch: int = 25
     meta_lr: float = 1e-3
+    meta_lr_schedule: str = "constant"  # constant | cosine (to meta_lr_min at the last iteration)
+    meta_lr_min: float = 1e-5  # the cosine schedule's final meta learning rate (MAML++'s)
     inner_lr: float = 0.01
     inner_steps: int = 1
     eval_inner_steps: int = 10
     first_order: bool = False
+    first_order_until: int = 0  # first-order MAML before this iteration, then second order (MAML++)
     lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
     adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
     multi_step_loss: bool = False  # MAML++ query loss after every inner step
@@ -57,6 +60,13 @@ class Config:
         if not (0 <= self.inner_lr < math.inf and 0 < self.meta_lr < math.inf):  # NaN fails too
             raise ConfigError(f"inner_lr must be >= 0 and meta_lr > 0 (finite), got "
                               f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr}")
+        if self.meta_lr_schedule not in ("constant", "cosine"):
+            raise ConfigError("meta_lr_schedule must be constant or cosine, got "
+                              f"{self.meta_lr_schedule!r}")
+        if not 0 <= self.meta_lr_min <= self.meta_lr or self.first_order_until < 0:
+            raise ConfigError(f"need 0 <= meta_lr_min <= meta_lr and first_order_until >= 0, got "
+                              f"meta_lr_min={self.meta_lr_min}, meta_lr={self.meta_lr} and "
+                              f"first_order_until={self.first_order_until}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
 

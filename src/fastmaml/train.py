@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import average_gradients, average_metrics, is_main, shard
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -93,14 +94,23 @@ class GradientLearner:
         torch.set_rng_state(state["torch_rng"])
 
 
-def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
-                 sample: Callable[[torch.Generator], TaskBatch], generator: torch.Generator,
-                 iterations: int, clip_grad: float = 0.0, multi_step_loss: bool = False,
-                 msl_anneal_iterations: int = 1, **validation: Any) -> GradientLearner:
-    """The MAML outer loop as a ``GradientLearner``: sample a meta-batch, meta-gradient, step."""
+def meta_learner(maml: MAML, cfg: Config, sample: Callable[[torch.Generator], TaskBatch],
+                 generator: torch.Generator, **validation: Any) -> GradientLearner:
+    """The MAML outer loop as a ``GradientLearner``: sample a meta-batch, meta-gradient, Adam step.
+
+    ``cfg`` gives the meta learning rate and its schedule (``meta_lr_at``), the multi-step loss,
+    the gradient clip and ``first_order_until``. Both schedules are functions of the iteration
+    alone, so a resumed run follows them exactly.
+    """
+    optimizer = torch.optim.Adam(maml.parameters(), cfg.meta_lr)
+
     def backward_of(iteration: int) -> tuple[Tensor, Metrics]:
-        weights = (multi_step_loss_weights(maml.inner_steps, iteration / max(msl_anneal_iterations, 1))
-                   if multi_step_loss else None)
+        for group in optimizer.param_groups:
+            group["lr"] = meta_lr_at(cfg, iteration)
+        maml.first_order = cfg.first_order or iteration < cfg.first_order_until
+        weights = (multi_step_loss_weights(maml.inner_steps,
+                                           iteration / max(cfg.msl_anneal_iterations, 1))
+                   if cfg.multi_step_loss else None)
         batch, gradient_weight = shard(sample(generator))
         loss, metrics = maml.meta_backward(batch, step_weights=weights)
         if gradient_weight != 1.0:  # an uneven split: this rank's share of the mean
@@ -109,8 +119,18 @@ def meta_learner(maml: MAML, optimizer: torch.optim.Optimizer,
                     p.grad.mul_(gradient_weight)
         return loss, metrics
 
-    return GradientLearner("maml", maml, optimizer, backward_of, iterations, generator, clip_grad,
-                           **validation)
+    return GradientLearner("maml", maml, optimizer, backward_of, cfg.iterations, generator,
+                           cfg.clip_grad, **validation)
+
+
+def meta_lr_at(cfg: Config, iteration: int) -> float:
+    """The meta learning rate of ``iteration``: ``meta_lr`` throughout (``constant``), or
+    annealed from ``meta_lr`` to ``meta_lr_min`` over ``iterations`` by a half cosine
+    (``cosine``, as MAML++)."""
+    if cfg.meta_lr_schedule == "constant":
+        return cfg.meta_lr
+    progress = min(iteration / max(cfg.iterations - 1, 1), 1.0)
+    return cfg.meta_lr_min + 0.5 * (cfg.meta_lr - cfg.meta_lr_min) * (1 + math.cos(math.pi * progress))
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:

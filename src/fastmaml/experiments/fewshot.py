@@ -209,11 +209,8 @@ class FewShotExperiment(Experiment):
                 return {"val_accuracy": accuracies[:, -1].mean().item()}
 
             validation = {"validate": validate, "validate_every": cfg.val_every}
-        return [meta_learner(maml, torch.optim.Adam(maml.parameters(), cfg.meta_lr),
-                             lambda generator: train.sample(cfg.meta_batch, generator),
-                             torch.Generator().manual_seed(cfg.seed), cfg.iterations,
-                             cfg.clip_grad, cfg.multi_step_loss, cfg.msl_anneal_iterations,
-                             **validation)]
+        return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
+                             torch.Generator().manual_seed(cfg.seed), **validation)]
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg

@@ -82,9 +82,7 @@ class SinusoidExperiment(Experiment):
             return sample_sinusoid_tasks(cfg.meta_batch, cfg.k_shot, cfg.k_query,
                                          generator).batch.to(self.device)
 
-        return [meta_learner(maml, torch.optim.Adam(maml.parameters(), cfg.meta_lr), sample,
-                             self._generator(0), cfg.iterations, cfg.clip_grad,
-                             cfg.multi_step_loss, cfg.msl_anneal_iterations),
+        return [meta_learner(maml, cfg, sample, self._generator(0)),
                 self._baseline("pretrained", oracle=False),
                 self._baseline("oracle", oracle=True)]
 
