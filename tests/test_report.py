@@ -42,6 +42,23 @@ def test_the_paper_numbers_come_from_one_table() -> None:
     assert OMNIGLOT.value == 98.7 and OMNIGLOT.ci == 0.4 and OMNIGLOT.maml_pp == 99.47
 
 
+def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
+    def run(preset: str, accuracy: float) -> report.Run:
+        config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1,
+                  "preset": preset}
+        record = {"experiment": "omniglot", "method": "maml", "k_shot": 1, "tasks": 600,
+                  "metric": "accuracy", "mean": [0.05] + [accuracy] * 10, "ci95": [0.01] * 11}
+        return report.Run(tmp_path / preset, config, [record], 1000, 60.0, [])
+
+    text = report.render([run("omniglot-20w1s", 0.90), run("omniglot-20w1s-fast", 0.96)],
+                         tmp_path / "REPORT.md")
+    rows = [line for line in text.splitlines()
+            if line.startswith(("| Omniglot 20-way 1-shot |", "| Omniglot 20-way 1-shot (fast"))]
+    assert len(rows) == 2
+    assert "(fast recipe)" not in rows[0] and "short by 5.8" in rows[0]
+    assert rows[1].startswith("| Omniglot 20-way 1-shot (fast recipe) |") and "| met |" in rows[1]
+
+
 def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:

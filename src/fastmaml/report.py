@@ -224,7 +224,8 @@ def render(runs: list[Run], report_path: Path) -> str:
         else:
             verdict, its = row.status, f"{row.run.iterations:,}"
             where = f"[{row.run.path.name}](#{_anchor(row.run)})"
-        lines.append(f"| {h.title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
+        title = h.title + (" (fast recipe)" if row.run and row.run.preset.endswith("-fast") else "")
+        lines.append(f"| {title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
                      f"| {verdict} | {its} | {where} |")
     lines.append("")
     lines += time_to_accuracy([r for r in runs if r.validation])
