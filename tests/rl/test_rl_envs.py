@@ -130,20 +130,21 @@ def test_ant_terminates_when_unhealthy_and_horizons() -> None:
     assert {default_horizon(env_id) for env_id in ENVS if "Nav" not in env_id} == {200}
 
 
-@pytest.mark.parametrize("env_id", ["fastmaml/HalfCheetahVel-v0", "fastmaml/HalfCheetahDir-v0",
-                                    "fastmaml/AntVel-v0"])
+@pytest.mark.parametrize("env_id", [e for e in ENVS if "Nav" not in e])
 def test_mujoco_batch_equals_separate_environments(env_id: str) -> None:
-    tasks = env_class(env_id).sample_tasks(3, np.random.default_rng(0))
+    count, steps = (3, 40) if "Cheetah" in env_id else (8, 200)  # ants: some episodes end
+    tasks = env_class(env_id).sample_tasks(count, np.random.default_rng(0))
+    seeds = list(range(10, 10 + count))
     batch = make_batch_env(env_id)
     envs = [gymnasium.make(env_id) for _ in tasks]
-    obs = batch.reset(tasks, [10, 11, 12])
-    for env, task, seed, row in zip(envs, tasks, [10, 11, 12], obs):
+    obs = batch.reset(tasks, seeds)
+    for env, task, seed, row in zip(envs, tasks, seeds, obs):
         env.unwrapped.set_task(task)
         assert np.array_equal(env.reset(seed=seed)[0], row.numpy())
     rng = np.random.default_rng(1)
-    ended = [False] * 3
-    for _ in range(40):
-        actions = rng.normal(0.0, 1.0, (3, batch.act_dim))
+    ended = [False] * count
+    for _ in range(steps):
+        actions = rng.normal(0.0, 1.0, (count, batch.act_dim))
         obs, rewards, done = batch.step(torch.from_numpy(actions))
         for i, env in enumerate(envs):
             if ended[i]:
@@ -153,6 +154,7 @@ def test_mujoco_batch_equals_separate_environments(env_id: str) -> None:
             assert np.array_equal(o, obs[i].numpy()) and r == rewards[i].item()
             assert terminated == done[i].item()
             ended[i] = terminated
+    assert any(ended) == ("Ant" in env_id)
 
 
 def test_mujoco_batch_skips_ended_episodes() -> None:

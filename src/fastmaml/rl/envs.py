@@ -244,18 +244,19 @@ class MujocoBatch:
     """Many episodes of one MuJoCo task environment, stepped in a loop (no autoreset).
 
     One gymnasium environment (one compiled model) serves every episode: its ``data`` is set to
-    the episode's own ``MjData`` before each reset or step, so each step runs gymnasium's code
-    unchanged. This relies on v5 keeping all episode state in ``data`` (the test checks it
-    against separate environments); sharing one model made stepping about 15% faster than one
-    environment per episode. An ended episode is not stepped again.
-
-    The half-cheetah (no termination, one cost term) skips gymnasium's per-episode ``step``: the
-    same simulation call per episode, then observations and rewards for all episodes in numpy,
-    with the arithmetic of ``HalfCheetah-v5``'s step (the test checks bit equality).
+    the episode's own ``MjData`` before each reset, so each reset runs gymnasium's code
+    unchanged. This relies on v5 keeping all episode state in ``data``; sharing one model made
+    stepping about 15% faster than one environment per episode. A step skips gymnasium's
+    per-episode ``step``: the same simulation call per episode, then observations, rewards and
+    terminations for all episodes in numpy, with the arithmetic of the v5 ``step`` (the test
+    checks bit equality against separate gymnasium environments). An ended episode is not
+    stepped again.
     """
 
     def __init__(self, env_class: type[_Locomotion], **kwargs: Any):
         self.env: Any = env_class(**kwargs)
+        ant = isinstance(self.env, _Ant)
+        self._torso = self.env.data.body(self.env._main_body).id if ant else 0  # the ant's x
         self.obs_dim = self.env.observation_space.shape[0]
         self.act_dim = self.env.action_space.shape[0]
         self.datas: list[mujoco.MjData] = []
@@ -278,29 +279,43 @@ class MujocoBatch:
         """Observations (E, obs_dim), rewards (E,) and whether each episode has ended (E,)."""
         actions = actions.detach().to(torch.float64).numpy()
         rewards = np.zeros(len(self.done))
-        if isinstance(self.env, _Cheetah):
-            self._step_cheetahs(actions, rewards)
-        else:
-            for i in np.flatnonzero(~self.done):
-                self._select(i)
-                self.obs[i], rewards[i], self.done[i], _, _ = self.env.step(actions[i])
+        self._step_fast(actions, rewards)
         return torch.from_numpy(self.obs.copy()), torch.from_numpy(rewards), \
             torch.from_numpy(self.done.copy())
 
-    def _step_cheetahs(self, actions: np.ndarray, rewards: np.ndarray) -> None:
+    def _step_fast(self, actions: np.ndarray, rewards: np.ndarray) -> None:
+        """Every live episode: gymnasium's simulation call, then observations, rewards and
+        (for the ant) terminations of all of them in numpy, with the arithmetic of the v5 step
+        and of ``_Locomotion.step`` (the test checks bit equality)."""
         env, live = self.env, np.flatnonzero(~self.done)
+        ant = isinstance(env, _Ant)
+        nq = env.model.nq
+        hidden = nq + env.model.nv - self.obs_dim  # leading positions the observation leaves out
         actions = np.clip(actions[live], env.action_space.low, env.action_space.high)
         x_before, x_after = np.empty(len(live)), np.empty(len(live))
+        contact_cost, healthy = np.zeros(len(live)), np.ones(len(live), dtype=bool)
         for j, i in enumerate(live):
             data = self.datas[i]
-            x_before[j] = data.qpos[0]
+            x_before[j] = data.xpos[self._torso, 0] if ant else data.qpos[0]
             data.ctrl[:] = actions[j]
             mujoco.mj_step(env.model, data, nstep=env.frame_skip)
-            x_after[j] = data.qpos[0]
-            self.obs[i, :env.model.nq - 1], self.obs[i, env.model.nq - 1:] = data.qpos[1:], data.qvel
+            self.obs[i, :nq - hidden], self.obs[i, nq - hidden:] = data.qpos[hidden:], data.qvel
+            if ant:
+                mujoco.mj_rnePostConstraint(env.model, data)  # the contact forces
+                x_after[j] = data.xpos[self._torso, 0]
+                contact_cost[j] = env._contact_cost_weight * np.sum(
+                    np.square(np.clip(data.cfrc_ext, *env._contact_force_range)))
+                low, high = env._healthy_z_range
+                healthy[j] = (np.isfinite(data.qpos).all() and np.isfinite(data.qvel).all()
+                              and low <= data.qpos[2] <= high)
+            else:
+                x_after[j] = data.qpos[0]
         x_velocity = (x_after - x_before) / env.dt
-        control_cost = env._ctrl_cost_weight * np.sum(np.square(actions), axis=1)
-        rewards[live] = env.task_rewards(x_velocity, [self.tasks[i] for i in live]) - control_cost
+        costs = -(env._ctrl_cost_weight * np.sum(np.square(actions), axis=1))
+        if ant:
+            costs = (costs + -contact_cost) + healthy * env._healthy_reward
+            self.done[live] = ~healthy
+        rewards[live] = env.task_rewards(x_velocity, [self.tasks[i] for i in live]) + costs
 
     def _select(self, episode: int) -> None:
         self.env.data = self.datas[episode]
