@@ -54,6 +54,9 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(eval_batch="magic")
     with pytest.raises(ConfigError, match="batch"):
         RLConfig(batch="magic")
+    for schedule in (dict(meta_lr_schedule="cosine"), dict(first_order_until=100)):
+        with pytest.raises(ConfigError, match="outer loop is TRPO"):
+            RLConfig(**schedule)
 
 
 def test_evaluation_uses_the_official_test_goals(tmp_path: Path) -> None:

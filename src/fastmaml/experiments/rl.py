@@ -138,6 +138,9 @@ class RLConfig(Config):
                               f"{self.batch!r} and {self.eval_batch!r}")
         if self.eval_policy not in ("best", "last"):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
+        if self.meta_lr_schedule != "constant" or self.first_order_until:
+            raise ConfigError("meta_lr_schedule and first_order_until are settings of the "
+                              "gradient-based outer loop; the meta-RL outer loop is TRPO")
         if self.action_scale != 1.0 and self.env != NAV:
             raise ConfigError(f"action_scale is a 2D-navigation setting ({NAV}), not {self.env}")
 
