@@ -42,6 +42,15 @@ def test_the_paper_numbers_come_from_one_table() -> None:
     assert OMNIGLOT.value == 98.7 and OMNIGLOT.ci == 0.4 and OMNIGLOT.maml_pp == 99.47
 
 
+def test_the_projection_follows_a_power_law_and_refuses_a_flat_curve() -> None:
+    # error = 0.5 * it ** -0.5: 1% error (99% accuracy) at it = 2,500
+    curve = [(it, 0.0, 1 - 0.5 * it ** -0.5) for it in (100, 200, 300, 400, 500, 600)]
+    assert report.projected_iterations(curve, 0.99) == pytest.approx(2500)
+    flat = [(it, 0.0, 0.9) for it in (100, 200, 300, 400, 500, 600)]
+    assert report.projected_iterations(flat, 0.99) is None
+    assert report.projected_iterations(curve[:4], 0.99) is None  # two points in the second half
+
+
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
     def run(preset: str, accuracy: float) -> report.Run:
         config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1,
