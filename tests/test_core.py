@@ -469,6 +469,34 @@ def test_unused_learned_rates_keep_no_gradient_like_autograd(functional):
     assert all(p.grad is not None for p in maml.model.parameters())
 
 
+def test_with_compile_the_search_also_times_the_compiled_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 1, batched=False), batch)
+    searched = MAML(model, F.mse_loss, 0.1, 1, compile=True)
+    tried, graph_calls = [], []
+    meta_backward, compiled = searched.meta_backward, searched._compiled_gradient
+    searched.meta_backward = lambda *a, **k: tried.append(searched._trying) or meta_backward(*a, **k)
+    searched._compiled_gradient = lambda *a: graph_calls.append(1) or compiled(*a)
+    searched.meta_backward(batch)
+    assert tried[1:3] == [("compiled", 6), ("batched", 6)]  # warm-ups (compiling), after the call
+    candidates = {("compiled", 6), ("batched", 6), ("batched", 1), ("looped", None)}
+    assert set(tried[3:7]) == candidates and len(tried) == 9
+    assert relative(flat_grads(searched), expected) < 1e-5
+    (key, choice), = searched.path_choices.items()
+    assert choice in candidates and searched.path == (
+        "looped" if choice[1] is None else f"{choice[0]}, chunk {choice[1]}")
+    for forced in (("compiled", 6), ("batched", 1)):  # each path, once chosen, gives the same
+        searched.path_choices[key] = forced
+        searched.zero_grad(set_to_none=True)
+        graph_calls.clear()
+        meta_backward(batch)
+        assert searched.path == f"{forced[0]}, chunk {forced[1]}"
+        assert len(graph_calls) == (forced[0] == "compiled")
+        assert relative(flat_grads(searched), expected) < 1e-5
+
+
 def test_checkpointed_steps_refuse_active_dropout():
     model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
     _, loss_fn, batch = mlp_problem()

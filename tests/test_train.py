@@ -46,12 +46,12 @@ def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resu
     schedules = {"meta_lr_schedule": "cosine", "meta_lr_min": 1e-4, "first_order_until": 5}
     learner = maml_learner(tmp_path / "straight", **schedules)
     seen = []
-    original = learner.module.meta_backward
+    original = learner.optimizer.step
 
-    def spy(*args, **kwargs):
+    def spy(*args, **kwargs):  # the rate and the order each meta-update used
         seen.append((learner.optimizer.param_groups[0]["lr"], learner.module.first_order))
         return original(*args, **kwargs)
-    learner.module.meta_backward = spy
+    learner.optimizer.step = spy
     fit(learner, tmp_path / "straight", 3, 2, progress=False)
     cfg = prepare_run("sinusoid-demo", tmp_path / "cfg",
                       ["iterations=12", *(f"{k}={v}" for k, v in schedules.items())]).cfg

@@ -113,15 +113,17 @@ class MAML(nn.Module):
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
-            batched path at a few chunk sizes and the looped path, once each, and keeps the
-            fastest for that shape (``path_choices``; every candidate computes the same
-            meta-gradient). An explicit ``batched``, ``chunk_size``, ``compile`` or
-            ``checkpoint_steps`` turns the search off. If ``vmap`` cannot run the model, the
-            looped path is used, with a warning.
+            batched path at a few chunk sizes, the looped path and, with ``compile``, the
+            compiled batched path, once each, and keeps the fastest for that shape
+            (``path_choices``; every candidate computes the same meta-gradient). An explicit
+            ``batched``, ``chunk_size`` or ``checkpoint_steps`` turns the search off. If ``vmap``
+            cannot run the model, the looped path is used, with a warning.
         transductive_bn: normalise with batch statistics always, as the paper (default: on when
             the model has batch-norm layers). Running statistics are never updated.
-        compile: run the batched path through ``torch.compile`` (fused kernels, less dispatch
-            overhead; the first call of each shape compiles, which takes seconds).
+        compile: allow the batched path through ``torch.compile`` (fused kernels, less dispatch
+            overhead; the first call of each shape compiles, which takes seconds). With the
+            default path search it is one more candidate (compiled once, at the default chunk
+            size), kept only where it is the fastest; with an explicit ``batched=True`` it is used.
         chunk_size: ``vmap`` this many tasks at a time. Default: all tasks on GPU; on CPU as many
             as hold about 2**18 input elements, which keeps the activations cache-sized (Omniglot
             with 75 queries per task: 4 tasks a chunk, 1.8x faster than all 32 at once).
@@ -167,8 +169,7 @@ class MAML(nn.Module):
         self.path_choices: dict[str, tuple[str, int | None]] = {}
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
         self._vmap_failed = False
-        self._auto = (batched is None and chunk_size is None and not compile
-                      and not checkpoint_steps)
+        self._auto = batched is None and chunk_size is None and not checkpoint_steps
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -251,23 +252,37 @@ class MAML(nn.Module):
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         args = (fast, frozen, steps, create_graph, record)
         chunk = self._chunk(batch)
-        choice = self._trying or (self.path_choices.get(self._path_key(batch)) if self._auto else None)
+        if torch.compiler.is_compiling():  # inside meta_backward's graph: one graph, not nested
+            return self._batched(*args, chunk, *batch)
+        choice = self._choice(batch)
         if choice is not None and not self._vmap_failed:
             path, chunk = choice
             if path == "looped":
                 self.path = "looped"
                 return self._run_looped(args, batch)
+        compiled = self._compiled_batched is not None and (choice is None or choice[0] == "compiled")
 
         def batched() -> tuple[Tensor, ...]:
-            if self._compiled_batched is None or torch.compiler.is_compiling():
-                # eager, or already inside meta_backward's compiled graph (one graph, not nested)
+            if not compiled:
                 return self._batched(*args, chunk, *batch)
             return self._compiled_batched(_graph_layout(fast), _graph_layout(frozen), *args[2:],
                                           chunk, *batch)
         out = self._dispatch(batched, lambda: self._run_looped(args, batch))
         if self.path == "batched" and choice is not None:
-            self.path = f"batched, chunk {chunk}"
+            self.path = _label(choice)
         return out
+
+    def _choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
+        """The path chosen for this batch's shapes (or being timed), if any."""
+        return self._trying or (self.path_choices.get(self._path_key(batch)) if self._auto else None)
+
+    def _compiles_gradient(self, batch: TaskBatch) -> bool:
+        """Whether ``meta_backward`` runs as one compiled graph: where compiling is allowed and,
+        with the path search, where it won; without it, once the first call ran batched."""
+        if self._compiled_gradient is None or self._vmap_failed:
+            return False
+        choice = self._choice(batch)
+        return choice[0] == "compiled" if choice is not None else self.path == "batched"
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
@@ -292,7 +307,7 @@ class MAML(nn.Module):
         choice made in this process for the same model, settings and shapes is reused, so that
         two runs with one seed take the same path."""
         key = self._path_key(batch)
-        if not self._auto or self._vmap_failed or key in self.path_choices:
+        if not self._auto or self._vmap_failed or self._trying or key in self.path_choices:
             return False
         known = _PATHS_CHOSEN.get(self._signature(key))
         if known is not None:
@@ -308,16 +323,22 @@ class MAML(nn.Module):
 
     def _signature(self, key: str) -> str:
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        return f"{type(self.model).__name__} {params} {self.inner_steps} {torch.get_num_threads()} {key}"
+        compiled = self._compiled_gradient is not None
+        return (f"{type(self.model).__name__} {params} {self.inner_steps} compile={compiled} "
+                f"{torch.get_num_threads()} {key}")
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None,
                      trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
-        """``meta_backward`` by each candidate path (after one warm-up call), then the two
-        fastest once more, keeping the fastest for this input shape; ``.grad`` gets the chosen
-        candidate's gradient, as later calls (and runs that reuse the choice) compute it."""
+        """``meta_backward`` by each candidate path (after a warm-up call of the default chunk,
+        eager and compiled), then the two fastest once more, keeping the fastest for this input
+        shape; ``.grad`` gets the chosen candidate's gradient, as later calls (and runs that
+        reuse the choice) compute it."""
         default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
-        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]  # the default warms up
+        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]
         candidates = [("batched", c) for c in chunks] + [("looped", None)]
+        if self._compiled_gradient is not None:
+            candidates.insert(0, ("compiled", default))
+        warm_ups = [c for c in candidates if c[1] == default]
         before = {n: p.grad for n, p in trainable.items()}
         timings: dict[tuple[str, int | None], float] = {}
         results: dict[tuple[str, int | None], tuple[Params, Tensor, dict[str, Tensor]]] = {}
@@ -327,8 +348,7 @@ class MAML(nn.Module):
             for p in trainable.values():
                 p.grad = None
             start = time.perf_counter()
-            loss, metrics = self.meta_loss(batch, step_weights)
-            loss.backward()
+            loss, metrics = self.meta_backward(batch, step_weights)
             if candidate[0] == "looped" or not self._vmap_failed:
                 elapsed = time.perf_counter() - start
                 timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
@@ -336,7 +356,8 @@ class MAML(nn.Module):
                                       metrics)
 
         try:
-            run(candidates[0])  # warm-up: its timing is replaced below
+            for candidate in warm_ups:  # their timings (and compiling) are replaced below
+                run(candidate)
             timings.clear()
             for candidate in candidates:
                 if candidate[0] == "looped" or not self._vmap_failed:
@@ -348,7 +369,7 @@ class MAML(nn.Module):
         key = self._path_key(batch)
         best = self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = min(
             timings, key=timings.get)
-        self.path = best[0] if best[1] is None else f"{best[0]}, chunk {best[1]}"
+        self.path = _label(best)
         grads, loss, metrics = results[best]
         for name, p in trainable.items():
             p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
@@ -410,9 +431,11 @@ class MAML(nn.Module):
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
         elif self._searches(batch):
             return self._search_path(batch, step_weights, trainable)
-        elif self._compiled_gradient is not None and self.path == "batched":
+        elif self._compiles_gradient(batch):
             grads, (loss, metrics) = self._compiled_gradient(
                 _graph_layout({n: p.detach() for n, p in trainable.items()}), batch, step_weights)
+            choice = self._choice(batch)
+            self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
             loss, metrics = self(batch, step_weights)  # batch already validated
             self._check_finite(loss)
@@ -563,6 +586,12 @@ class MAML(nn.Module):
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``)."""
         fast, frozen = self._split_params(detach=False)
         return self._forward({**fast, **adapted}, frozen, x)
+
+
+def _label(choice: tuple[str, int | None]) -> str:
+    """A path choice as ``maml.path`` names it, e.g. ``batched, chunk 4`` or ``looped``."""
+    path, chunk = choice
+    return path if chunk is None else f"{path}, chunk {chunk}"
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
