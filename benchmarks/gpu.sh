@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu.sh [SECONDS_FOR_TRAINING]
 # It uses that machine's own python3 and torch (nothing can be installed there) with our source
 # on PYTHONPATH, and writes everything under $OUT (or ./gpu-out):
-#   1. the Omniglot (and MiniImagenet-shaped) benchmark on CUDA: fastmaml's eager, automatic
-#      (path search) and compiled paths, the loop, and higher / TorchOpt / parallel-metalearn where that machine has
+#   1. the Omniglot (and MiniImagenet-shaped) benchmark on CUDA: fastmaml's eager, automatic and
+#      automatic-with-compile (the compiled graph as a search candidate) paths, the loop, and higher / TorchOpt / parallel-metalearn where that machine has
 #      them -> gpu-bench.json / .txt, then
 #      the same with TF32 tensor cores (engine and loop, no compile) -> gpu-bench-tf32.json / .txt
 #   2. reduced precision (bf16 autocast, TF32) against fp64 meta-gradients -> gpu-precision.json / .txt
@@ -18,7 +18,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee "$out/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$out/gpu.txt"
 python3 benchmarks/run.py --device cuda --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s,miniimagenet-5w1s \
-    --impls fastmaml,fastmaml-auto,fastmaml-compiled,loop,higher,torchopt,torchopt-vmap,parallel-metalearn --repeats 10 \
+    --impls fastmaml,fastmaml-auto,fastmaml-auto-compiled,loop,higher,torchopt,torchopt-vmap,parallel-metalearn --repeats 10 \
     --json "$out/gpu-bench.json" 2>&1 | tee "$out/gpu-bench.txt"
 python3 benchmarks/run.py --device cuda --precision tf32 --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s,miniimagenet-5w1s \
     --impls fastmaml,loop --repeats 10 --json "$out/gpu-bench-tf32.json" 2>&1 | tee "$out/gpu-bench-tf32.txt"

@@ -109,6 +109,11 @@ def fastmaml_compiled_impl(model, w: Workload, first_order: bool):
     return fastmaml_impl(model, w, first_order, compile=True)
 
 
+def fastmaml_auto_compiled_impl(model, w: Workload, first_order: bool):
+    """``compile=True`` with the default path search: the compiled graph is one candidate."""
+    return fastmaml_impl(model, w, first_order, compile=True, batched=None)
+
+
 def fastmaml_checkpointed_impl(model, w: Workload, first_order: bool):
     return fastmaml_impl(model, w, first_order, checkpoint_steps=True)
 
@@ -270,6 +275,7 @@ def parallel_metalearn_impl(model, w: Workload, first_order: bool):
 
 IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-auto": (fastmaml_auto_impl, None),
          "fastmaml-compiled": (fastmaml_compiled_impl, None),
+         "fastmaml-auto-compiled": (fastmaml_auto_compiled_impl, None),
          "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None), "loop": (loop_impl, None),
          "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn"),
          "torchopt": (torchopt_impl, "torchopt"), "torchopt-vmap": (torchopt_vmap_impl, "torchopt"),
