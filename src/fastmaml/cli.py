@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"any of {', '.join(EXPERIMENTS)} (default: sinusoid, "
                        "omniglot-5w1s and rl-nav2d for the tiny and demo budgets, all otherwise)")
     again.add_argument("--budget", choices=tuple(BUDGETS), default="demo",
-                       help="tiny: seconds (a smoke test); demo: about 15 minutes on 2 cores; "
+                       help="tiny: seconds (a smoke test); demo: about 7 minutes on 2 cores; "
                        "cpu: the CPU-budget presets; paper: the paper's settings")
     again.add_argument("--root", help="where the runs go (default runs/reproduce-<budget>)")
     again.add_argument("--out", help="the report file (default <root>/REPORT.md)")

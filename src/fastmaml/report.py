@@ -364,7 +364,7 @@ def write_report(paths: Sequence[Path], out: Path) -> Path:
 
 # ----- fastmaml reproduce -----
 
-# experiment -> (preset, overrides) per budget. tiny: seconds (CI); demo: about 15 minutes on 2
+# experiment -> (preset, overrides) per budget. tiny: seconds (CI); demo: about 7 minutes on 2
 # cores, every family; cpu: the CPU-budget presets; paper: the paper's settings.
 EXPERIMENTS = ("sinusoid", "omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s",
                "miniimagenet-5w1s", "miniimagenet-5w5s", "rl-nav2d", "rl-cheetah-vel",
