@@ -607,8 +607,6 @@ def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor
 
 
 
-
-
 def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
               param: Tensor) -> bool:
     if adapt is None:

@@ -89,9 +89,10 @@ def _fewshot_presets() -> dict[str, Preset]:
     for name in ("omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"):
         presets[f"{name}-fast"] = Preset(
             "fewshot", f"{paper[name][0]}, fastmaml's fast recipe: the paper's task settings with "
-            "MAML++'s per-layer per-step learned rates, multi-step loss (annealed over 2,000 "
-            "iterations), first order for the first 2,000 iterations and a cosine meta_lr, "
-            "10,000 iterations", {**paper[name][1], **FAST_RECIPE})
+            "MAML++'s per-layer per-step learned rates, multi-step loss (annealed over "
+            f"{FAST_RECIPE['msl_anneal_iterations']:,} iterations), first order for the first "
+            f"{FAST_RECIPE['first_order_until']:,} iterations and a cosine meta_lr, "
+            f"{FAST_RECIPE['iterations']:,} iterations", {**paper[name][1], **FAST_RECIPE})
     presets["fewshot-folder"] = Preset(
         "fewshot", "your own images: --data-root DIR with DIR/<class>/* (class_depth=2 for "
         "DIR/<group>/<class>/*, or DIR/train|val|test/...); Omniglot 5-way 1-shot's settings, "

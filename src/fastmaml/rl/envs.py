@@ -255,8 +255,9 @@ class MujocoBatch:
 
     def __init__(self, env_class: type[_Locomotion], **kwargs: Any):
         self.env: Any = env_class(**kwargs)
-        ant = isinstance(self.env, _Ant)
-        self._torso = self.env.data.body(self.env._main_body).id if ant else 0  # the ant's x
+        # the body whose x position gives the ant's velocity (None: a half-cheetah, by qpos[0])
+        self._torso = (self.env.data.body(self.env._main_body).id if isinstance(self.env, _Ant)
+                       else None)
         self.obs_dim = self.env.observation_space.shape[0]
         self.act_dim = self.env.action_space.shape[0]
         self.datas: list[mujoco.MjData] = []
@@ -288,12 +289,13 @@ class MujocoBatch:
         (for the ant) terminations of all of them in numpy, with the arithmetic of the v5 step
         and of ``_Locomotion.step`` (the test checks bit equality)."""
         env, live = self.env, np.flatnonzero(~self.done)
-        ant = isinstance(env, _Ant)
+        ant = self._torso is not None
         nq = env.model.nq
         hidden = nq + env.model.nv - self.obs_dim  # leading positions the observation leaves out
         actions = np.clip(actions[live], env.action_space.low, env.action_space.high)
         x_before, x_after = np.empty(len(live)), np.empty(len(live))
         contact_cost, healthy = np.zeros(len(live)), np.ones(len(live), dtype=bool)
+        low, high = env._healthy_z_range if ant else (None, None)
         for j, i in enumerate(live):
             data = self.datas[i]
             x_before[j] = data.xpos[self._torso, 0] if ant else data.qpos[0]
@@ -305,7 +307,6 @@ class MujocoBatch:
                 x_after[j] = data.xpos[self._torso, 0]
                 contact_cost[j] = env._contact_cost_weight * np.sum(
                     np.square(np.clip(data.cfrc_ext, *env._contact_force_range)))
-                low, high = env._healthy_z_range
                 healthy[j] = (np.isfinite(data.qpos).all() and np.isfinite(data.qvel).all()
                               and low <= data.qpos[2] <= high)
             else:
