@@ -34,6 +34,19 @@ def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
     assert report.shape_status((-90.0, 1.0), (-80.0, 2.0)) == "short by 10 (below pretrained)"
 
 
+def test_a_direction_row_also_says_how_many_tasks_turned_the_right_way(tmp_path: Path) -> None:
+    config = {"experiment": "rl", "env": "fastmaml/HalfCheetahDir-v0", "preset": "rl-cheetah-dir"}
+    records = [{"method": method, "mean": mean, "ci95": [5.0] * 4,
+                "right_way": [0.5, share, share, share]}
+               for method, mean, share in [("maml", [-20.0, 150.0, 160.0, 165.0], 0.95),
+                                           ("pretrained", [-10.0, 5.0, 8.0, 9.0], 0.5)]]
+    run = report.Run(tmp_path / "rl-cheetah-dir", config, records, 500, 3600.0, [])
+    headline = next(h for h in HEADLINES if h.key == "rl-cheetah-dir")
+    row = report.evaluate_row(headline, run)
+    assert row.mean == 150.0
+    assert row.status == "met (MAML above pretrained); right way 50% -> 95% of tasks"
+
+
 def test_the_paper_numbers_come_from_one_table() -> None:
     from fastmaml.experiments import fewshot, rl, sinusoid
     from fastmaml import paper

@@ -149,6 +149,9 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         pretrained = _record(run, method="pretrained")
         verdict = (shape_status((mean, ci), (pretrained["mean"][1], pretrained["ci95"][1]))
                    if pretrained else "no pretrained baseline")
+        if "right_way" in record:  # direction tasks: from the wrong way to the right way?
+            before, after = record["right_way"][0], record["right_way"][headline.step]
+            verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
     else:
         verdict = status(mean, ci, headline)
     return Row(headline, run, mean, ci, verdict)

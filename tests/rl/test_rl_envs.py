@@ -12,7 +12,8 @@ import torch
 from gymnasium.utils.env_checker import check_env
 
 from fastmaml.errors import ConfigError
-from fastmaml.rl import ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env
+from fastmaml.rl import (ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env,
+                         right_way_threshold)
 
 
 def test_nav2d_batch_hand_computed() -> None:
@@ -116,6 +117,28 @@ def test_locomotion_reward_formula(env_id: str, task: dict, obs_dim: int) -> Non
         assert reward == pytest.approx(expected, rel=1e-9, abs=1e-12)
         if terminated:
             break
+
+
+@pytest.mark.parametrize("env_id, bonus", [("fastmaml/HalfCheetahDir-v0", 0.0),
+                                           ("fastmaml/AntDir-v0", 0.05)])
+def test_right_way_threshold_bounds_every_term_but_the_direction_reward(env_id: str,
+                                                                        bonus: float) -> None:
+    """Each step adds at most ``bonus`` besides direction * v_x, so a return above
+    ``bonus x horizon`` means the episode moved in its goal direction."""
+    assert right_way_threshold(env_id, 200) == pytest.approx(bonus * 200)
+    env = gymnasium.make(env_id)
+    rng = np.random.default_rng(0)
+    for direction in (-1.0, 1.0):
+        env.unwrapped.set_task({"direction": direction})
+        env.reset(seed=2)
+        others = []
+        for _ in range(60):
+            _, reward, terminated, _, info = env.step(rng.normal(0.0, 1.0, env.action_space.shape))
+            others.append(reward - direction * info["x_velocity"])
+            if terminated:
+                break
+        assert max(others) <= bonus + 1e-12 and min(others) < bonus  # the costs are there
+    assert all(right_way_threshold(e, 200) is None for e in ENVS if "Dir" not in e)
 
 
 def test_ant_terminates_when_unhealthy_and_horizons() -> None:

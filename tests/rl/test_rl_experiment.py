@@ -133,17 +133,30 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "fastmaml: wrote" in capsys.readouterr().out
 
 
-def test_locomotion_runs_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preset", ["rl-cheetah-vel-cpu", "rl-cheetah-dir-cpu"])
+def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     """Half-cheetah through the same code path, at a toy size (MuJoCo sampling, eval table)."""
-    experiment = create_run("rl-cheetah-vel-cpu", tmp_path,
+    experiment = create_run(preset, tmp_path,
                             ["iterations=1", "meta_batch=2", "trajectories=2", "horizon=8",
-                             "hidden=8,8", "eval_tasks=2", "eval_trajectories=2",
+                             "hidden=8,8", "eval_tasks=4", "eval_trajectories=2",
                              "eval_inner_steps=1", "hvp=finite_difference"])
     for learner in experiment.learners():
         fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
-    records = load_experiment(tmp_path).evaluate(progress=False)
+    experiment = load_experiment(tmp_path)
+    records = experiment.evaluate(progress=False)
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
-    assert "v5 models" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "v5 models" in text
+    if preset == "rl-cheetah-vel-cpu":
+        assert all("right_way" not in r for r in records) and "right way" not in text
+        return
+    # direction tasks: the share of tasks whose return shows progress the right way, per step
+    returns = experiment.adaptation_returns(experiment.build_maml(2, experiment.cfg.eval_lr),
+                                            experiment.eval_tasks())
+    random = next(r for r in records if r["method"] == "random")
+    assert random["mean"] == pytest.approx(returns.mean(0).tolist())
+    assert random["right_way"] == (returns > 0.0).double().mean(0).tolist()
+    assert "- maml: tasks run the right way (mean return above 0) after 0/1 steps:" in text
 
 
 def _train(run_dir: Path, stop_after: int | None = None) -> None:

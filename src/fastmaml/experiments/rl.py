@@ -35,7 +35,10 @@ alpha for the first step, alpha / 2 for the later ones, as the official test scr
 episodes are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the
 mean undiscounted return of the episodes sampled after k steps. All methods see the same tasks
 and the same episode seeds. alpha is ``eval_inner_lr`` (0: the training ``inner_lr``; the
-official 2D-navigation test used 0.5 for every method).
+official 2D-navigation test used 0.5 for every method). For goal-direction tasks the record
+also holds ``right_way``: per step, the share of tasks whose mean return exceeds
+``right_way_threshold`` (net progress in the goal direction beyond the costs): the paper's
+"from the wrong way to the right way", read without the return scale, which differs from rllab's.
 
 Evaluation batches (``eval_batch``): ``steps`` (default) samples as the official test did, the
 paper's "40 trajectories (4000 samples)": ``eval_trajectories`` environments per task run
@@ -357,12 +360,15 @@ class RLExperiment(Experiment):
                     "best_training_return": learner.best_return}
             engines[name] = (engine, info)
         engines["random"] = (self.build_maml(2, cfg.eval_lr), {"policy": "random init"})
+        threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
         records = []
         for name in METHODS:
             if name not in engines:
                 continue
             engine, info = engines[name]
             returns = self.adaptation_returns(engine, tasks, progress, f"eval {name}")
+            if threshold is not None:  # direction tasks: the share of tasks run the right way
+                info["right_way"] = (returns > threshold).double().mean(0).tolist()
             records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns,
                                        inner_lr=cfg.eval_lr, preset=cfg.preset, **info))
         write_eval(self.run_dir, records, self.table(records))
@@ -402,6 +408,12 @@ class RLExperiment(Experiment):
             if "best_iteration" in r:
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
                              f" at iteration {r['best_iteration']}.")
+        threshold = _rl().right_way_threshold(cfg.env, horizon)
+        for r in (r for r in records if "right_way" in r):
+            steps = "/".join(str(step) for step in range(len(r["right_way"])))
+            shares = " / ".join(f"{share:.0%}" for share in r["right_way"])
+            notes.append(f"- {r['method']}: tasks run the right way (mean return above "
+                         f"{threshold:g}) after {steps} steps: {shares}.")
         if horizon != _rl().default_horizon(cfg.env):
             notes.append(f"This run's episodes have {horizon} steps, the paper's "
                          f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")

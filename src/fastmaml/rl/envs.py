@@ -363,6 +363,16 @@ def default_horizon(env_id: str) -> int:
     return ENVS[env_id][1]
 
 
+def right_way_threshold(env_id: str, horizon: int) -> float | None:
+    """For goal-direction tasks, the mean return above which a task's episodes moved in its goal
+    direction: every reward term but ``direction * v_x`` is a cost, except the survival bonus,
+    which adds at most ``survival_bonus x horizon``. A return above it means net progress the
+    right way that outweighs the costs (a sufficient test, not a necessary one). ``None`` for
+    other tasks."""
+    cls = env_class(env_id)
+    return getattr(cls, "survival_bonus", 0.0) * horizon if issubclass(cls, _Direction) else None
+
+
 def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
     """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
     cls = env_class(env_id)
