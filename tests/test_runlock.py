@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from fastmaml.cli import main
 from fastmaml.runlock import OWNER_NAME
 
@@ -54,4 +56,38 @@ def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pat
 def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
     run = tmp_path / "new"
     assert main(["train", "sinusoid-demo", "--out", str(run), "eval_k_shots=", "--no-progress"]) == 2
+    assert not run.exists()
+
+
+def test_two_learners_of_one_run_train_side_by_side(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    long = ["iterations=1000000", "baseline_iterations=3", "checkpoint_every=100000000"]
+    first = fastmaml("train", "sinusoid-demo", "--out", str(run), *long, "--learner", "maml",
+                     "--no-progress")
+    try:
+        wait_for(run / "metrics-maml.csv", first)  # training maml, its lock held
+        other = fastmaml("train", "sinusoid-demo", "--out", str(run), *long, "--learner",
+                         "pretrained", "--no-progress")
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 0, err
+        assert "learner pretrained" in out and "pretrained: 3 iterations done" in out
+        assert "oracle" not in out and not (run / "metrics-oracle.csv").exists()
+        for refused in (["--learner", "maml"], []):  # the same learner, or the whole run
+            second = fastmaml("train", "sinusoid-demo", "--out", str(run), *long, *refused,
+                              "--no-progress")
+            out, err = second.communicate(timeout=120)
+            assert second.returncode == 2 and out == ""
+            assert f"learner 'maml' of {run} is in use by process {first.pid}" in err
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+
+
+def test_an_unknown_learner_is_a_clear_error(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "new"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "--learner", "maml++",
+                 "--no-progress"]) == 2
+    assert "--learner 'maml++': a sinusoid-demo run has the learners maml, pretrained, oracle" \
+        in capsys.readouterr().err
     assert not run.exists()

@@ -29,7 +29,8 @@ def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = Path(args.out or f"runs/{args.preset}")
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
-    train_run(args.preset, run_dir, overrides, progress=not args.no_progress)
+    train_run(args.preset, run_dir, overrides, progress=not args.no_progress,
+              learner=args.learner)
     main_rank = world()[0] == 0
     shutdown()
     if main_rank:
@@ -122,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="typed config overrides, e.g. iterations=2000 inner_steps=2")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
     train.add_argument("--data-root", help="data set folder (the same as data_root=...)")
+    train.add_argument("--learner", help="train only this learner of the run (e.g. pretrained), "
+                       "while another process trains the others: one run on two cores")
     train.set_defaults(run=_train)
     eval_overrides = ("key=value overrides after run_dir change settings that do not change "
                       "what was learned, e.g. eval_tasks=100 or data_root=PATH")

@@ -5,6 +5,12 @@ interleave their metrics rows and race for the same checkpoint files. ``locked_r
 an OS-level file lock (``filelock``) for the duration of a command, so the second command is
 refused at once and told which process holds the folder. The kernel releases the lock when its
 process ends, killed or not, so a stale lock file never blocks the next run.
+
+One learner of a run (``fastmaml train --learner pretrained``) may train while another process
+trains a different learner of the same run, so that both cores work on one run. Such a command
+holds that learner's lock only; a command on the whole run holds the run's lock and every
+learner's. Each takes its own lock first and then checks the other kind, so two commands that
+would overlap cannot both go on.
 """
 from __future__ import annotations
 
@@ -14,8 +20,8 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -27,39 +33,69 @@ LOCK_NAME, OWNER_NAME = ".fastmaml.lock", ".fastmaml.owner"
 
 
 @contextmanager
-def locked_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir`` for this process; refuse with ``ConfigError`` if another holds it.
+def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
+    """Hold ``run_dir`` (or, with ``learner``, that learner's part of it) for this process;
+    refuse with ``ConfigError`` if another process holds it (``learner``: or the whole run).
 
-    A directory created here and left holding only the lock (a command that stopped on a bad
+    A directory created here and left holding only lock files (a command that stopped on a bad
     value) is removed again, so a refused command leaves no trace.
     """
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(run_dir / LOCK_NAME, timeout=0)
     try:
-        lock.acquire()
-    except Timeout:
-        raise ConfigError(f"{run_dir} is in use by {_owner(run_dir)}; wait for it to finish or "
-                          "stop it, or choose another --out") from None
-    try:
-        _write_owner(run_dir)
-        yield
+        with _held(run_dir, learner):
+            if learner is not None:
+                with _held(run_dir, None):  # no command holds the whole run
+                    pass
+            yield
     finally:
-        lock.release()
-        if created and {p.name for p in run_dir.iterdir()} <= {LOCK_NAME, OWNER_NAME}:
+        if created and all(p.name.startswith(".fastmaml") for p in run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def _write_owner(run_dir: Path) -> None:
+@contextmanager
+def learners_held(run_dir: Path, learners: Sequence[str]) -> Iterator[None]:
+    """Hold every learner's lock too (a command on the whole run, once it knows its learners)."""
+    with ExitStack() as stack:
+        for learner in learners:
+            stack.enter_context(_held(run_dir, learner))
+        yield
+
+
+@contextmanager
+def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
+    lock_name, owner_name = _names(learner)
+    lock = FileLock(run_dir / lock_name, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        what = run_dir if learner is None else f"learner {learner!r} of {run_dir}"
+        raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}; wait for it to "
+                          "finish or stop it, or choose another --out") from None
+    try:
+        _write_owner(run_dir / owner_name)
+        yield
+    finally:
+        lock.release()
+
+
+def _names(learner: str | None) -> tuple[str, str]:
+    """The lock and owner files of the whole run (None) or of one learner."""
+    if learner is None:
+        return LOCK_NAME, OWNER_NAME
+    return f".fastmaml-{learner}.lock", f".fastmaml-{learner}.owner"
+
+
+def _write_owner(path: Path) -> None:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    write_text_atomic(json.dumps(owner), run_dir / OWNER_NAME)
+    write_text_atomic(json.dumps(owner), path)
 
 
-def _owner(run_dir: Path) -> str:
-    """The holding process in words, as far as it wrote them down."""
+def _owner(path: Path) -> str:
+    """The holding process in words, as far as it wrote them down in ``path``."""
     try:
-        owner = json.loads((run_dir / OWNER_NAME).read_text())
+        owner = json.loads(path.read_text())
         return (f"process {owner['pid']} on {owner['host']} (`{owner['command']}`, since "
                 f"{owner['since']})")
     except (OSError, ValueError, KeyError, TypeError):

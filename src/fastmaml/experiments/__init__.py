@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from ..config import Config, load_config_dict
 from ..distributed import world
 from ..errors import ConfigError
-from ..runlock import locked_run_dir
+from ..runlock import learners_held, locked_run_dir
 from ..train import check_resumable, checkpoints_dir, fit, write_text_atomic
 from .base import Experiment
 
@@ -200,40 +201,51 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experi
     return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
 
 
-def train_run(preset_name: str, run_dir: Path, overrides: list[str],
-              progress: bool = True) -> Experiment:
-    """``fastmaml train``: train every learner of a new or resumed run to its iterations.
+def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: bool = True,
+              learner: str | None = None) -> Experiment:
+    """``fastmaml train``: train every learner of a new or resumed run to its iterations, or
+    only the one named ``learner`` (another process may train the others meanwhile).
 
     Rank 0 holds the run directory's lock throughout; the config is written only once the data,
     models and checkpoints accept the command. Each session appends what it ran on to
     ``machine.json``. Under torchrun, call it on every rank.
     """
     if world()[0] != 0:
-        return _train(preset_name, run_dir, overrides, progress, main=False)
-    with locked_run_dir(run_dir):
-        return _train(preset_name, run_dir, overrides, progress, main=True)
+        return _train(preset_name, run_dir, overrides, progress, learner, main=False)
+    with locked_run_dir(run_dir, learner):
+        return _train(preset_name, run_dir, overrides, progress, learner, main=True)
 
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
-           main: bool) -> Experiment:
+           only: str | None, main: bool) -> Experiment:
     experiment = prepare_run(preset_name, run_dir, overrides)
     cfg = experiment.cfg
     learners = experiment.learners()  # loads the data and builds the models: bad values fail here
-    for learner in learners:
-        check_resumable(learner, run_dir)
-    experiment.save_config()  # so a refused command leaves the run directory as it was
-    size = world()[1]
-    say = print if main else (lambda *_: None)
-    if main:
-        _record_machine(run_dir, str(experiment.device), size)
-    say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
-        + (f", {size} processes" if size > 1 else ""))
-    for learner in learners:
-        last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every, progress=progress)
-        engine = getattr(getattr(learner, "module", None), "path", None)
-        summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-        say(f"  {learner.name}: {learner.iterations} iterations done"
-            + (f" ({engine} path)" if engine else "") + (f"; last: {summary}" if summary else ""))
+    if only is not None:
+        names = [learner.name for learner in learners]
+        if only not in names:
+            raise ConfigError(f"--learner {only!r}: a {preset_name} run has the learners "
+                              f"{', '.join(names)}")
+        learners = [learner for learner in learners if learner.name == only]
+    with ExitStack() as held:
+        if main and only is None:  # the whole run: no single-learner command may train meanwhile
+            held.enter_context(learners_held(run_dir, [learner.name for learner in learners]))
+        for learner in learners:
+            check_resumable(learner, run_dir)
+        experiment.save_config()  # so a refused command leaves the run directory as it was
+        size = world()[1]
+        say = print if main else (lambda *_: None)
+        if main:
+            _record_machine(run_dir, str(experiment.device), size)
+        say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
+            + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else ""))
+        for learner in learners:
+            last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every, progress=progress)
+            engine = getattr(getattr(learner, "module", None), "path", None)
+            summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
+            say(f"  {learner.name}: {learner.iterations} iterations done"
+                + (f" ({engine} path)" if engine else "")
+                + (f"; last: {summary}" if summary else ""))
     return experiment
 
 
