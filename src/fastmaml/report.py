@@ -215,7 +215,8 @@ def render(runs: list[Run], report_path: Path) -> str:
              "by hand. Status: `met` = at or beyond the published figure; `within CI` = the "
              "published figure lies inside our 95% interval; `short by X` = below it by more. "
              "Locomotion returns (gymnasium's models, not rllab's) are judged by shape: MAML "
-             "against the pretrained policy after one step.", "",
+             "against the pretrained policy after one step, and for the direction tasks the "
+             "share of test tasks run the right way before and after it.", "",
              "| experiment | paper (MAML) | MAML++ | fastmaml | status | iterations | run |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:
