@@ -4,7 +4,8 @@
                                       [--hvp gauss_newton,exact]
 
 Runs a few meta-iterations of the experiment's own MAML learner (20 tasks x 10 episodes x
-horizon 100 for locomotion; the paper's 20 x 20 x 100 for 2D navigation) on one thread and prints
+horizon 100 for the cheetahs, 200 for the ants; the paper's 20 x 20 x 100 for 2D navigation) on
+one thread and prints
 the median seconds of each part: sampling (support and query episodes), the inner step, the
 meta-objective and its gradient, conjugate gradient (10 Hessian-vector products) and the line
 search, plus the sampler's environment steps per second, counted as full-length episodes (an
