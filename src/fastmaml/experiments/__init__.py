@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,9 +234,9 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
             raise ConfigError(f"--learner {only!r}: a {preset_name} run has the learners "
                               f"{', '.join(names)}")
         learners = [learner for learner in learners if learner.name == only]
-    with ExitStack() as held:
-        if main and only is None:  # the whole run: no single-learner command may train meanwhile
-            held.enter_context(learners_held(run_dir, [learner.name for learner in learners]))
+    # a command on the whole run also holds every learner: no --learner command trains meanwhile
+    whole_run = [learner.name for learner in learners] if main and only is None else []
+    with learners_held(run_dir, whole_run):
         for learner in learners:
             check_resumable(learner, run_dir)
         experiment.save_config()  # so a refused command leaves the run directory as it was
