@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastmaml.core
 from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, is_norm_param
@@ -536,3 +537,29 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
         pinned = MAML(model, F.mse_loss, 0.1, 1, **explicit)
         pinned.meta_backward(batch)
         assert pinned.path_choices == {}
+
+
+def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch):
+    """A run resumed with ``compile=true`` searches again (the compiled path is a candidate);
+    resumed as it was, it reuses its own choice."""
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    eager = MAML(model, F.mse_loss, 0.1, 1)
+    eager.meta_backward(batch)
+    compiled = MAML(model, F.mse_loss, 0.1, 1, compile=True)
+    compiled.path_choices = dict(eager.path_choices)  # as a checkpoint restores them
+    tried = []
+    meta_backward = compiled.meta_backward
+    compiled.meta_backward = lambda *a, **k: tried.append(compiled._trying) or meta_backward(*a, **k)
+    compiled.meta_backward(batch)
+    assert ("compiled", 6) in tried and len(compiled.path_choices) == 2
+    resumed = MAML(model, F.mse_loss, 0.1, 1)
+    resumed.path_choices = dict(compiled.path_choices)
+    calls = []
+    forward = resumed.forward
+    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    resumed.meta_backward(batch)
+    assert calls == [None] and resumed.path_choices == compiled.path_choices
+    assert resumed.path == eager.path

@@ -321,16 +321,17 @@ class MAML(nn.Module):
 
     def _path_key(self, batch: Sequence[Tensor]) -> str:
         """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
-        and device, and the derivative order (which ``first_order_until`` switches in a run)."""
+        and device, the derivative order (which ``first_order_until`` switches in a run), the
+        thread count and whether compiling is allowed. A run resumed with other threads or
+        ``compile`` so searches again instead of reusing a choice made without its candidates."""
         order = "first" if self.first_order else "second"
+        compiled = self._compiled_gradient is not None
         return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type} "
-                f"{order} order")
+                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}")
 
     def _signature(self, key: str) -> str:
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        compiled = self._compiled_gradient is not None
-        return (f"{type(self.model).__name__} {params} {self.inner_steps} compile={compiled} "
-                f"{torch.get_num_threads()} {key}")
+        return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None,
                      trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
