@@ -117,6 +117,24 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "sinusoid: finished" not in capsys.readouterr().out
 
 
+def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sinusoid"
+    common = ["baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20", *common]) == 0
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    records = json.loads((run_dir / "eval.json").read_text())
+    assert records[0]["checkpoint_iterations"]["maml"] == 20
+    assert report.finished(run_dir) and not report.read_run(run_dir).stale_evaluation
+
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30", *common]) == 0
+    run = report.read_run(run_dir)
+    assert run.stale_evaluation.startswith("evaluated at 20 iterations, trained to 30")
+    assert not report.finished(run_dir)  # reproduce evaluates it again
+    assert "trained to 30" in report.evaluate_row(SINUSOID, run).status
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    assert report.finished(run_dir)
+
+
 def test_unknown_experiment_and_budget_are_clear_errors(tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "cifar", "--budget", "tiny", "--root", str(tmp_path)]) == 2

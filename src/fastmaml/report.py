@@ -67,6 +67,16 @@ class Run:
     def preset(self) -> str:
         return str(self.config.get("preset", ""))
 
+    @property
+    def stale_evaluation(self) -> str:
+        """A warning when eval.json evaluated an earlier MAML checkpoint than the training's."""
+        evaluated = self.records[0].get("checkpoint_iterations", {}).get("maml") if self.records \
+            else None
+        if evaluated is None or evaluated >= self.iterations:
+            return ""
+        return (f"evaluated at {evaluated:,} iterations, trained to {self.iterations:,}: "
+                f"run `fastmaml eval {self.path.as_posix()}`")
+
 
 def read_run(path: Path) -> Run:
     config = load_config_dict(path / "config.yaml")
@@ -154,6 +164,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
             verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
     else:
         verdict = status(mean, ci, headline)
+    if run.stale_evaluation:
+        verdict += f" ({run.stale_evaluation})"
     return Row(headline, run, mean, ci, verdict)
 
 
@@ -344,6 +356,8 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> li
                 f"{value:g}" if s == h.step else "" for s in steps) + " |")
         lines += [""] + ([f"Status against the paper after {_steps(h.step)}: **{verdict}**.", ""]
                          if h else [])
+        if run.stale_evaluation and not h:
+            lines += [f"Note: {run.stale_evaluation}.", ""]
     else:
         lines += ["Not evaluated yet: `fastmaml eval` writes eval.json.", ""]
     lines += ["Reproduce:", "", "```bash", *_commands(run), "```", ""]
@@ -398,7 +412,7 @@ def finished(run_dir: Path) -> bool:
     if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
     run = read_run(run_dir)
-    return run.iterations >= int(run.config["iterations"])
+    return run.iterations >= int(run.config["iterations"]) and not run.stale_evaluation
 
 
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,

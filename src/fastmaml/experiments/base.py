@@ -103,11 +103,6 @@ def results_table(title: str, records: list[dict[str, Any]], show_steps: list[in
     return "\n".join(lines)
 
 
-def write_eval(run_dir: Path, records: list[dict[str, Any]], table: str) -> None:
-    (run_dir / "eval.json").write_text(json.dumps(records, indent=2))
-    (run_dir / "results.md").write_text(table)
-
-
 def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -124,6 +119,7 @@ class Experiment(ABC):
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.device)
+        self.restored_iterations: dict[str, int] = {}  # learner -> its checkpoint's iteration
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.tune_malloc and self.device.type == "cpu":
@@ -153,8 +149,18 @@ class Experiment(ABC):
         path = checkpoint_path(self.run_dir, learner.name)
         if not path.is_file():
             raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
-        learner.load_state_dict(load_checkpoint(path)["learner"])
+        checkpoint = load_checkpoint(path)
+        learner.load_state_dict(checkpoint["learner"])
+        self.restored_iterations[learner.name] = int(checkpoint["iteration"])
         return learner
+
+    def write_eval(self, records: list[dict[str, Any]], table: str) -> None:
+        """Write eval.json and results.md; each record names the iterations of the checkpoints
+        it evaluated, so that a report can tell an evaluation older than the training."""
+        for record in records:
+            record["checkpoint_iterations"] = dict(self.restored_iterations)
+        (self.run_dir / "eval.json").write_text(json.dumps(records, indent=2))
+        (self.run_dir / "results.md").write_text(table)
 
     def figures_dir(self) -> Path:
         path = self.run_dir / "figures"

@@ -32,8 +32,7 @@ from ..plots import plot_learning_curves, plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import (Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table,
-                   write_eval)
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
@@ -236,7 +235,7 @@ class FewShotExperiment(Experiment):
                               paper={cfg.k_shot: [(label, {paper_steps: value})
                                                   for label, value in paper_rows]},
                               run_dir=self.run_dir, scale=100, digits=2)
-        write_eval(self.run_dir, records, table)
+        self.write_eval(records, table)
         return records
 
     def plot(self) -> list[Path]:

@@ -78,7 +78,7 @@ from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
 from ..plots import plot_learning_curves, save_figure
-from .base import Experiment, build_maml, eval_record, read_eval, results_table, write_eval
+from .base import Experiment, build_maml, eval_record, read_eval, results_table
 
 if TYPE_CHECKING:
     from ..rl import Episodes, Sampler
@@ -371,7 +371,7 @@ class RLExperiment(Experiment):
                 info["right_way"] = (returns > threshold).double().mean(0).tolist()
             records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns,
                                        inner_lr=cfg.eval_lr, preset=cfg.preset, **info))
-        write_eval(self.run_dir, records, self.table(records))
+        self.write_eval(records, self.table(records))
         return records
 
     def _with_lr(self, engine: MAML, lr: float) -> MAML:

@@ -27,7 +27,7 @@ from ..paper import SINUSOID as PAPER
 from ..plots import plot_learning_curves, plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, backpropagated, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table, write_eval
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
 
@@ -141,7 +141,7 @@ class SinusoidExperiment(Experiment):
                                        note="no adaptation: the same value at every step"))
         table = results_table("Sinusoid regression: query MSE after N inner steps", records,
                               show_steps=[0, 1, 5, 10], paper=PAPER, run_dir=self.run_dir)
-        write_eval(self.run_dir, records, table)
+        self.write_eval(records, table)
         return records
 
     def plot(self) -> list[Path]:
