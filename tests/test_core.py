@@ -373,6 +373,32 @@ def test_compiled_meta_backward_matches_eager(problem):
         assert relative(got, eager) < 1e-5, call
 
 
+def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
+    """The graph holds one chunk (vmap's chunks would be unrolled into it): a larger meta-batch
+    calls the same graph more often instead of compiling a larger one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(5, 4, 1) for _ in range(4)))
+    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 2, batched=False), batch)
+    expected_eval = MAML(model, F.mse_loss, 0.1, 2, batched=False).evaluate(batch)["loss"]
+    maml = MAML(model, F.mse_loss, 0.1, 2, batched=True, compile=True, chunk_size=2)
+    calls = {"_compiled_gradient": [], "_compiled_batched": []}
+    for name, record in calls.items():
+        graph = getattr(maml, name)
+        tasks = (lambda a: a[1].num_tasks) if name == "_compiled_gradient" else (
+            lambda a: a[-1].shape[0])
+        setattr(maml, name, lambda *a, graph=graph, record=record, tasks=tasks: (
+            record.append(tasks(a)) or graph(*a)))
+    maml.meta_backward(batch)  # the first call runs the compiled forward and autograd
+    assert calls["_compiled_batched"] == [2, 2, 1] and calls["_compiled_gradient"] == []
+    assert relative(flat_grads(maml), expected) < 1e-5
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)  # later calls: the compiled gradient
+    assert calls["_compiled_gradient"] == [2, 2, 1]
+    assert relative(flat_grads(maml), expected) < 1e-5
+    assert torch.allclose(maml.evaluate(batch)["loss"], expected_eval, atol=1e-6)
+
+
 def channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
     out_channels, in_channels, height, width = shape
     return (height * width * in_channels, 1, width * in_channels, in_channels)

@@ -270,8 +270,9 @@ class MAML(nn.Module):
         def batched() -> tuple[Tensor, ...]:
             if not compiled:
                 return self._batched(*args, chunk, *batch)
-            return self._compiled_batched(_graph_layout(fast), _graph_layout(frozen), *args[2:],
-                                          chunk, *batch)
+            layout = _graph_layout(fast), _graph_layout(frozen)  # one graph call per chunk
+            return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
+                                  for part in batch.split(chunk or batch.num_tasks)])
         out = self._dispatch(batched, lambda: self._run_looped(args, batch))
         if self.path == "batched" and choice is not None:
             self.path = _label(choice)
@@ -438,8 +439,8 @@ class MAML(nn.Module):
         elif self._searches(batch):
             return self._search_path(batch, step_weights, trainable)
         elif self._compiles_gradient(batch):
-            grads, (loss, metrics) = self._compiled_gradient(
-                _graph_layout({n: p.detach() for n, p in trainable.items()}), batch, step_weights)
+            grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
+                                                                       step_weights)
             choice = self._choice(batch)
             self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
@@ -451,6 +452,26 @@ class MAML(nn.Module):
         for name, p in trainable.items():
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
         return loss, metrics
+
+    def _compiled_gradient_by_chunks(self, trainable: Params, batch: TaskBatch,
+                                     step_weights: Tensor | None
+                                     ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """The compiled meta-gradient, one graph call per chunk of tasks. A graph holds one
+        chunk, so compiling costs the same for any meta-batch (vmap's chunks inside one graph
+        are unrolled: a 16-task batch in chunks of one compiled for over 20 minutes). The
+        objective is a mean over tasks, so the chunks' results are weighted by their share."""
+        params = _graph_layout({n: p.detach() for n, p in trainable.items()})
+        parts = batch.split(self._chunk(batch) or batch.num_tasks)
+        results = [self._compiled_gradient(params, part, step_weights) for part in parts]
+        if len(results) == 1:
+            return results[0]
+        shares = [part.num_tasks / batch.num_tasks for part in parts]
+
+        def mean(values: Sequence[Tensor]) -> Tensor:
+            return sum(share * value for share, value in zip(shares, values))
+        grads = {n: mean([g[n] for g, _ in results]) for n in results[0][0]}
+        metrics = {k: mean([aux[1][k] for _, aux in results]) for k in results[0][1][1]}
+        return grads, (mean([aux[0] for _, aux in results]), metrics)
 
     def _gradient(self, params: Params, batch: TaskBatch,
                   step_weights: Tensor | None) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
@@ -598,6 +619,11 @@ def _label(choice: tuple[str, int | None]) -> str:
     """A path choice as ``maml.path`` names it, e.g. ``batched, chunk 4`` or ``looped``."""
     path, chunk = choice
     return path if chunk is None else f"{path}, chunk {chunk}"
+
+
+def _concatenated(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Per-task outputs of consecutive chunks of tasks, joined along the task dimension."""
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(column) for column in zip(*parts))
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
