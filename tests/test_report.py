@@ -64,6 +64,16 @@ def test_the_projection_follows_a_power_law_and_refuses_a_flat_curve() -> None:
     assert report.projected_iterations(curve[:4], 0.99) is None  # two points in the second half
 
 
+def test_a_run_with_a_cosine_schedule_is_not_projected(tmp_path: Path) -> None:
+    curve = [(it, 0.0, 1 - 0.5 * it ** -0.5) for it in (100, 200, 300, 400, 500, 600)]
+    config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 5, "k_shot": 1}
+    constant = report.Run(tmp_path / "a", config, [], 600, 60.0, [], validation=curve)
+    cosine = report.Run(tmp_path / "b", {**config, "meta_lr_schedule": "cosine"}, [], 600, 60.0,
+                        [], validation=curve)
+    assert report._projection(constant, 0.97) == "98.7% at ~1,479 it"  # 0.5 / 0.013 squared
+    assert "not projected (cosine meta_lr" in report._projection(cosine, 0.97)
+
+
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
     def run(preset: str, accuracy: float) -> report.Run:
         config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1,
