@@ -375,13 +375,18 @@ def test_compiled_meta_backward_matches_eager(problem):
 
 def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
     """The graph holds one chunk (vmap's chunks would be unrolled into it): a larger meta-batch
-    calls the same graph more often instead of compiling a larger one."""
+    calls the same graph more often instead of compiling a larger one. Uneven chunks (2, 2, 1)
+    count by their share of the tasks in the gradient, the loss and the metrics."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(5, 4, 1) for _ in range(4)))
-    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 2, batched=False), batch)
-    expected_eval = MAML(model, F.mse_loss, 0.1, 2, batched=False).evaluate(batch)["loss"]
-    maml = MAML(model, F.mse_loss, 0.1, 2, batched=True, compile=True, chunk_size=2)
+    weights = multi_step_loss_weights(2, 0.3)
+    settings = dict(inner_lr=0.1, inner_steps=2, lr_mode="per_layer_step", metric_fn=F.l1_loss)
+    looped = MAML(model, F.mse_loss, batched=False, **settings)
+    expected_loss, expected_metrics = looped.meta_loss(batch, weights)
+    expected = meta_grad(looped, batch, step_weights=weights)
+    expected_eval = looped.evaluate(batch)["metric"]
+    maml = MAML(model, F.mse_loss, batched=True, compile=True, chunk_size=2, **settings)
     calls = {"_compiled_gradient": [], "_compiled_batched": []}
     for name, record in calls.items():
         graph = getattr(maml, name)
@@ -389,14 +394,17 @@ def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
             lambda a: a[-1].shape[0])
         setattr(maml, name, lambda *a, graph=graph, record=record, tasks=tasks: (
             record.append(tasks(a)) or graph(*a)))
-    maml.meta_backward(batch)  # the first call runs the compiled forward and autograd
+    maml.meta_backward(batch, weights)  # the first call runs the compiled forward and autograd
     assert calls["_compiled_batched"] == [2, 2, 1] and calls["_compiled_gradient"] == []
     assert relative(flat_grads(maml), expected) < 1e-5
     maml.zero_grad(set_to_none=True)
-    maml.meta_backward(batch)  # later calls: the compiled gradient
+    loss, metrics = maml.meta_backward(batch, weights)  # later calls: the compiled gradient
     assert calls["_compiled_gradient"] == [2, 2, 1]
     assert relative(flat_grads(maml), expected) < 1e-5
-    assert torch.allclose(maml.evaluate(batch)["loss"], expected_eval, atol=1e-6)
+    assert torch.allclose(loss, expected_loss.detach(), rtol=1e-5)
+    assert metrics.keys() == expected_metrics.keys()
+    assert all(torch.allclose(metrics[k], expected_metrics[k], rtol=1e-5) for k in metrics)
+    assert torch.allclose(maml.evaluate(batch)["metric"], expected_eval, atol=1e-6)
 
 
 def channels_last_strides(shape: torch.Size) -> tuple[int, ...]:

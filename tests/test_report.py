@@ -138,9 +138,10 @@ def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> Non
 
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30", *common]) == 0
     run = report.read_run(run_dir)
-    assert run.stale_evaluation.startswith("evaluated at 20 iterations, trained to 30")
+    assert run.stale_evaluation.startswith(
+        "evaluated older checkpoints (maml 20 -> 30 iterations)")
     assert not report.finished(run_dir)  # reproduce evaluates it again
-    assert "trained to 30" in report.evaluate_row(SINUSOID, run).status
+    assert "maml 20 -> 30" in report.evaluate_row(SINUSOID, run).status
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     assert report.finished(run_dir)
 

@@ -46,7 +46,7 @@ class TaskBatch(NamedTuple):
         return TaskBatch(*(t.to(device, non_blocking=True) for t in self))
 
     def split(self, size: int) -> list[TaskBatch]:
-        """Chunks of at most ``size`` tasks (for evaluation in bounded memory)."""
+        """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
         return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
 
 
@@ -272,7 +272,7 @@ class MAML(nn.Module):
                 return self._batched(*args, chunk, *batch)
             layout = _graph_layout(fast), _graph_layout(frozen)  # one graph call per chunk
             return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
-                                  for part in batch.split(chunk or batch.num_tasks)])
+                                  for part in _chunks(batch, chunk)])
         out = self._dispatch(batched, lambda: self._run_looped(args, batch))
         if self.path == "batched" and choice is not None:
             self.path = _label(choice)
@@ -439,9 +439,10 @@ class MAML(nn.Module):
         elif self._searches(batch):
             return self._search_path(batch, step_weights, trainable)
         elif self._compiles_gradient(batch):
-            grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
-                                                                       step_weights)
             choice = self._choice(batch)
+            chunk = choice[1] if choice else self._chunk(batch)
+            grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
+                                                                       step_weights, chunk)
             self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
             loss, metrics = self(batch, step_weights)  # batch already validated
@@ -454,24 +455,25 @@ class MAML(nn.Module):
         return loss, metrics
 
     def _compiled_gradient_by_chunks(self, trainable: Params, batch: TaskBatch,
-                                     step_weights: Tensor | None
+                                     step_weights: Tensor | None, chunk: int | None
                                      ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
         """The compiled meta-gradient, one graph call per chunk of tasks. A graph holds one
-        chunk, so compiling costs the same for any meta-batch (vmap's chunks inside one graph
-        are unrolled: a 16-task batch in chunks of one compiled for over 20 minutes). The
-        objective is a mean over tasks, so the chunks' results are weighted by their share."""
+        chunk, so its compile time does not grow with the meta-batch (vmap's chunks inside one
+        graph are unrolled: a 16-task batch in chunks of one compiled for over 20 minutes); an
+        uneven last chunk compiles one more graph. The objective is a mean over tasks, so each
+        chunk's gradient, loss and metrics count by its share of the tasks."""
         params = _graph_layout({n: p.detach() for n, p in trainable.items()})
-        parts = batch.split(self._chunk(batch) or batch.num_tasks)
-        results = [self._compiled_gradient(params, part, step_weights) for part in parts]
-        if len(results) == 1:
-            return results[0]
-        shares = [part.num_tasks / batch.num_tasks for part in parts]
-
-        def mean(values: Sequence[Tensor]) -> Tensor:
-            return sum(share * value for share, value in zip(shares, values))
-        grads = {n: mean([g[n] for g, _ in results]) for n in results[0][0]}
-        metrics = {k: mean([aux[1][k] for _, aux in results]) for k in results[0][1][1]}
-        return grads, (mean([aux[0] for _, aux in results]), metrics)
+        grads: Params = {}
+        loss: Tensor | float = 0.0
+        metrics: dict[str, Tensor] = {}
+        for part in _chunks(batch, chunk):
+            part_grads, (part_loss, part_metrics) = self._compiled_gradient(params, part,
+                                                                            step_weights)
+            share = part.num_tasks / batch.num_tasks
+            grads = {n: grads.get(n, 0.0) + share * g for n, g in part_grads.items()}
+            metrics = {k: metrics.get(k, 0.0) + share * v for k, v in part_metrics.items()}
+            loss = loss + share * part_loss
+        return grads, (loss, metrics)
 
     def _gradient(self, params: Params, batch: TaskBatch,
                   step_weights: Tensor | None) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
@@ -619,6 +621,11 @@ def _label(choice: tuple[str, int | None]) -> str:
     """A path choice as ``maml.path`` names it, e.g. ``batched, chunk 4`` or ``looped``."""
     path, chunk = choice
     return path if chunk is None else f"{path}, chunk {chunk}"
+
+
+def _chunks(batch: TaskBatch, chunk: int | None) -> list[TaskBatch]:
+    """``batch`` in consecutive chunks of ``chunk`` tasks (``None``: one chunk)."""
+    return batch.split(chunk or batch.num_tasks)
 
 
 def _concatenated(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:

@@ -21,7 +21,7 @@ from .config import load_config_dict
 from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
-from .train import write_text_atomic
+from .train import checkpoints_dir, load_checkpoint, write_text_atomic
 
 # ----- status of a row -----
 
@@ -62,6 +62,7 @@ class Run:
     machines: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
     validation: list[tuple[int, float, float]] = field(default_factory=list)  # it, s, accuracy
+    checkpoints: dict[str, int] = field(default_factory=dict)  # learner -> checkpoint iteration
 
     @property
     def preset(self) -> str:
@@ -69,13 +70,12 @@ class Run:
 
     @property
     def stale_evaluation(self) -> str:
-        """A warning when eval.json evaluated an earlier MAML checkpoint than the training's."""
-        evaluated = self.records[0].get("checkpoint_iterations", {}).get("maml") if self.records \
-            else None
-        if evaluated is None or evaluated >= self.iterations:
-            return ""
-        return (f"evaluated at {evaluated:,} iterations, trained to {self.iterations:,}: "
-                f"run `fastmaml eval {self.path.as_posix()}`")
+        """A warning when eval.json evaluated older checkpoints than the run now holds."""
+        evaluated = self.records[0].get("checkpoint_iterations", {}) if self.records else {}
+        newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
+                 if self.checkpoints.get(name, at) > at]
+        return (f"evaluated older checkpoints ({', '.join(newer)} iterations): run "
+                f"`fastmaml eval {self.path.as_posix()}`" if newer else "")
 
 
 def read_run(path: Path) -> Run:
@@ -92,10 +92,13 @@ def read_run(path: Path) -> Run:
                 iterations = int(rows[-1]["iteration"])
                 validation = [(int(r["iteration"]), float(r["elapsed_s"]), float(r["val_accuracy"]))
                               for r in rows if r.get("val_accuracy") not in (None, "")]
+    checkpoints = ({p.stem: int(load_checkpoint(p)["iteration"])
+                    for p in sorted(checkpoints_dir(path).glob("*.pt"))}
+                   if records and "checkpoint_iterations" in records[0] else {})
     machine_path = path / "machine.json"
     machines = json.loads(machine_path.read_text()) if machine_path.is_file() else []
     return Run(path, config, records, iterations, seconds, machines,
-               sorted((path / "figures").glob("*.png")), validation)
+               sorted((path / "figures").glob("*.png")), validation, checkpoints)
 
 
 def find_runs(paths: Sequence[Path]) -> list[Run]:
