@@ -31,6 +31,14 @@ def test_cli_trains_evaluates_and_plots(tmp_path, capsys):
     assert main(["train", "sinusoid-demo", *args]) == 0
     out = capsys.readouterr().out  # the path the search chose for this shape is named
     assert re.search(r"maml: 60 iterations done \((batched, chunk \d+|looped) path\)", out), out
+    assert main(["plot", str(run)]) == 0  # before the evaluation: the learning curves only
+    assert f"fastmaml eval {run}" in capsys.readouterr().err
+    assert [path.name for path in (run / "figures").iterdir()] == ["learning_curves.png"]
+    untrained = tmp_path / "untrained"
+    untrained.mkdir()
+    (untrained / "config.yaml").write_text((run / "config.yaml").read_text())
+    assert main(["plot", str(untrained)]) == 2
+    assert "nothing to plot" in capsys.readouterr().err
     assert main(["eval", str(run), "--no-progress"]) == 0
     assert "| paper: MAML |  | 0.67 | 0.38 | 0.35 |" in capsys.readouterr().out
     records = json.loads((run / "eval.json").read_text())

@@ -49,6 +49,9 @@ def _plot(args: argparse.Namespace) -> None:
     experiment = load_experiment(Path(args.run_dir))
     for path in experiment.plot():
         print(f"fastmaml: wrote {path}")
+    if not (experiment.run_dir / "eval.json").is_file():
+        print(f"fastmaml: {experiment.run_dir} is not evaluated yet, so only its learning curves "
+              f"are drawn: run `fastmaml eval {experiment.run_dir}` for the rest", file=sys.stderr)
 
 
 def _adapt(args: argparse.Namespace) -> None:
@@ -130,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "what was learned, e.g. eval_tasks=100 or data_root=PATH")
     for name, run, text, epilog in (
             ("eval", _eval, "evaluate a trained run with the paper's protocol", eval_overrides),
-            ("plot", _plot, "write the figures of an evaluated run", None)):
+            ("plot", _plot, "write a run's figures: its learning curves while it trains, and "
+                            "the evaluation's once it is evaluated", None)):
         sub = commands.add_parser(name, help=text, epilog=epilog)
         sub.add_argument("run_dir")
         sub.set_defaults(run=run, overrides=[])

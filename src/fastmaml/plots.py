@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
     return save_figure(fig, path)
 
 
-def plot_learning_curves(csv_paths: list[Path], keys: list[str], path: Path) -> Path:
+def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path) -> Path:
     """Each key of each metrics CSV against iterations (left) and wall-clock time (right)."""
     fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
     for csv_path in csv_paths:

@@ -18,6 +18,7 @@ from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
+from ..plots import plot_learning_curves
 from ..train import Learner, checkpoint_path, load_checkpoint
 
 
@@ -115,6 +116,7 @@ class Experiment(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[Config]]
+    curve_keys: ClassVar[tuple[str, ...]]  # the metrics-log columns drawn as learning curves
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -133,9 +135,24 @@ class Experiment(ABC):
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         """Run the paper's protocol on trained checkpoints; write eval.json and results.md."""
 
-    @abstractmethod
     def plot(self) -> list[Path]:
-        """Write the figures into ``run_dir/figures``; return their paths."""
+        """Write the figures into ``run_dir/figures`` and return their paths: the learning
+        curves as soon as a learner has logged (its training may still be running), and the
+        evaluation's figures once the run is evaluated."""
+        logs = sorted(self.run_dir.glob("metrics-*.csv"),
+                      key=lambda path: (path.stem != "metrics-maml", path.stem))
+        evaluated = (self.run_dir / "eval.json").is_file()
+        if not logs and not evaluated:
+            raise ConfigError(f"nothing to plot in {self.run_dir}: no metrics log and no "
+                              f"eval.json; train it first")
+        paths = [plot_learning_curves(logs, self.curve_keys,
+                                      self.figures_dir() / "learning_curves.png")] if logs else []
+        return paths + (self.plot_evaluation(read_eval(self.run_dir)) if evaluated else [])
+
+    @abstractmethod
+    def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
+        """Draw eval.json's ``records`` (the metric against inner steps, ...) into
+        ``run_dir/figures``; return the paths."""
 
     def save_config(self) -> None:
         """Write ``run_dir/config.yaml`` (rank 0 only; every rank waits for it)."""

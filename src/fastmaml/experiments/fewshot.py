@@ -28,11 +28,11 @@ from ..errors import ConfigError, DataError
 from ..models import MLP, ConvNet
 from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
-from ..plots import plot_learning_curves, plot_step_curves
+from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
@@ -125,6 +125,7 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 class FewShotExperiment(Experiment):
     name = "fewshot"
     config_cls = FewShotConfig
+    curve_keys = ("query_metric", "val_accuracy")
     cfg: FewShotConfig
 
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
@@ -238,9 +239,6 @@ class FewShotExperiment(Experiment):
         self.write_eval(records, table)
         return records
 
-    def plot(self) -> list[Path]:
-        out = self.figures_dir()
-        return [plot_step_curves(read_eval(self.run_dir), "test accuracy",
-                                 out / "accuracy_vs_steps.png"),
-                plot_learning_curves([self.run_dir / "metrics-maml.csv"],
-                                     ["query_metric", "val_accuracy"], out / "learning_curves.png")]
+    def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
+        return [plot_step_curves(records, "test accuracy",
+                                 self.figures_dir() / "accuracy_vs_steps.png")]

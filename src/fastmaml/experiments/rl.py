@@ -77,8 +77,8 @@ from ..core import MAML
 from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
-from ..plots import plot_learning_curves, save_figure
-from .base import Experiment, build_maml, eval_record, read_eval, results_table
+from ..plots import save_figure
+from .base import Experiment, build_maml, eval_record, results_table
 
 if TYPE_CHECKING:
     from ..rl import Episodes, Sampler
@@ -279,6 +279,7 @@ class MetaRLLearner:
 class RLExperiment(Experiment):
     name = "rl"
     config_cls = RLConfig
+    curve_keys = ("pre_return", "post_return")
     cfg: RLConfig
 
     def __init__(self, cfg: RLConfig, run_dir: Path):
@@ -423,11 +424,10 @@ class RLExperiment(Experiment):
         return text + "\n" + "\n".join(notes) + "\n"
 
     # ----- figures -----
-    def plot(self) -> list[Path]:
+    def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
         import matplotlib.pyplot as plt
 
         cfg = self.cfg
-        records = read_eval(self.run_dir)
         out = self.figures_dir()
         paper = PAPER.get(cfg.env, {})
         fig, ax = plt.subplots(figsize=(5.2, 3.8))
@@ -447,8 +447,4 @@ class RLExperiment(Experiment):
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        path = save_figure(fig, out / "return_vs_steps.png")
-        csvs = [self.run_dir / f"metrics-{name}.csv" for name in ("maml", "pretrained")]
-        curves = plot_learning_curves([p for p in csvs if p.is_file()],
-                                      ["pre_return", "post_return"], out / "learning_curves.png")
-        return [path, curves]
+        return [save_figure(fig, out / "return_vs_steps.png")]

@@ -24,10 +24,10 @@ from ..core import MAML
 from ..errors import ConfigError
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
-from ..plots import plot_learning_curves, plot_step_curves, save_figure
+from ..plots import plot_step_curves, save_figure
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, backpropagated, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, read_eval, results_table
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
 
@@ -62,6 +62,7 @@ class SinusoidConfig(Config):
 class SinusoidExperiment(Experiment):
     name = "sinusoid"
     config_cls = SinusoidConfig
+    curve_keys = ("loss",)
     cfg: SinusoidConfig
 
     def _network(self, inputs: int, seed_offset: int) -> torch.nn.Module:
@@ -144,13 +145,9 @@ class SinusoidExperiment(Experiment):
         self.write_eval(records, table)
         return records
 
-    def plot(self) -> list[Path]:
-        records = read_eval(self.run_dir)
+    def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
         out = self.figures_dir()
-        paths = [plot_step_curves(records, "MSE", out / "mse_vs_steps.png", log_scale=True),
-                 plot_learning_curves([self.run_dir / f"metrics-{n}.csv"
-                                       for n in ("maml", "pretrained", "oracle")],
-                                      ["loss"], out / "learning_curves.png")]
+        paths = [plot_step_curves(records, "MSE", out / "mse_vs_steps.png", log_scale=True)]
         lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
         maml, pretrained, _ = self._trained()
         paths += [self._plot_adaptation(maml, MAML(pretrained, F.mse_loss, lrs[k]), k, out)
