@@ -597,3 +597,20 @@ def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch)
     resumed.meta_backward(batch)
     assert calls == [None] and resumed.path_choices == compiled.path_choices
     assert resumed.path == eager.path
+
+
+def test_a_path_chosen_on_older_path_implementations_is_timed_again(monkeypatch):
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    old = MAML(model, F.mse_loss, 0.1, 1)
+    old.meta_backward(batch)
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # a new process
+    monkeypatch.setattr(fastmaml.core, "PATHS_REVISION", fastmaml.core.PATHS_REVISION + 1)
+    resumed = MAML(model, F.mse_loss, 0.1, 1)
+    resumed.path_choices = dict(old.path_choices)  # as a checkpoint restores them
+    calls = []
+    forward = resumed.forward
+    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    resumed.meta_backward(batch)
+    assert ("looped", None) in calls and len(resumed.path_choices) == 2

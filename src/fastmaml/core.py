@@ -25,6 +25,9 @@ from .inner_lr import InnerLearningRates
 Params = dict[str, Tensor]
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
 _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
+# raised whenever a candidate path's implementation changes, so that choices timed on the old
+# one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
+PATHS_REVISION = 2
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
@@ -323,12 +326,14 @@ class MAML(nn.Module):
     def _path_key(self, batch: Sequence[Tensor]) -> str:
         """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
         and device, the derivative order (which ``first_order_until`` switches in a run), the
-        thread count and whether compiling is allowed. A run resumed with other threads or
-        ``compile`` so searches again instead of reusing a choice made without its candidates."""
+        thread count, whether compiling is allowed and the paths' implementations. A run resumed
+        with other threads, ``compile``, torch or paths so searches again instead of reusing a
+        choice made without its candidates."""
         order = "first" if self.first_order else "second"
         compiled = self._compiled_gradient is not None
         return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type} "
-                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}")
+                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
+                f"paths r{PATHS_REVISION}, torch {torch.__version__}")
 
     def _signature(self, key: str) -> str:
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
