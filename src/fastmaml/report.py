@@ -165,6 +165,10 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         if "right_way" in record:  # direction tasks: from the wrong way to the right way?
             before, after = record["right_way"][0], record["right_way"][headline.step]
             verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
+        paired = record.get("paired_difference", {}).get("pretrained")
+        if paired:  # the same test tasks for both: the task-by-task difference is sharper
+            verdict += (f"; MAML minus pretrained on the same tasks "
+                        f"{paired['mean'][headline.step]:+.1f} +- {paired['ci95'][headline.step]:.1f}")
     else:
         verdict = status(mean, ci, headline)
     if run.stale_evaluation:

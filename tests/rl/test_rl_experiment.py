@@ -147,6 +147,14 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
     text = (tmp_path / "results.md").read_text()
     assert "v5 models" in text
+    # every method ran on the same tasks: maml's record holds its task-by-task differences
+    maml, pretrained, random = records
+    for baseline in (pretrained, random):
+        difference = maml["paired_difference"][baseline["method"]]
+        assert difference["mean"] == pytest.approx([m - b for m, b in zip(maml["mean"],
+                                                                          baseline["mean"])])
+        assert len(difference["ci95"]) == 2
+        assert f"- maml minus {baseline['method']}, task by task over the same 4 tasks" in text
     if preset == "rl-cheetah-vel-cpu":
         assert all("right_way" not in r for r in records) and "right way" not in text
         return

@@ -78,7 +78,7 @@ from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
 from ..plots import save_figure
-from .base import Experiment, build_maml, eval_record, results_table
+from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
     from ..rl import Episodes, Sampler
@@ -362,16 +362,20 @@ class RLExperiment(Experiment):
             engines[name] = (engine, info)
         engines["random"] = (self.build_maml(2, cfg.eval_lr), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
-        records = []
+        records, returns = [], {}
         for name in METHODS:
             if name not in engines:
                 continue
             engine, info = engines[name]
-            returns = self.adaptation_returns(engine, tasks, progress, f"eval {name}")
+            returns[name] = self.adaptation_returns(engine, tasks, progress, f"eval {name}")
             if threshold is not None:  # direction tasks: the share of tasks run the right way
-                info["right_way"] = (returns > threshold).double().mean(0).tolist()
-            records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns,
+                info["right_way"] = (returns[name] > threshold).double().mean(0).tolist()
+            records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns[name],
                                        inner_lr=cfg.eval_lr, preset=cfg.preset, **info))
+        if "maml" in returns:  # every method ran on the same tasks: compare them task by task
+            records[0]["paired_difference"] = {  # records[0] is maml's, METHODS' first
+                name: dict(zip(("mean", "ci95"), mean_ci95(returns["maml"] - values)))
+                for name, values in returns.items() if name != "maml"}
         self.write_eval(records, self.table(records))
         return records
 
@@ -415,6 +419,13 @@ class RLExperiment(Experiment):
             shares = " / ".join(f"{share:.0%}" for share in r["right_way"])
             notes.append(f"- {r['method']}: tasks run the right way (mean return above "
                          f"{threshold:g}) after {steps} steps: {shares}.")
+        for r in (r for r in records if "paired_difference" in r):
+            for name, difference in r["paired_difference"].items():
+                steps = "/".join(str(step) for step in range(len(difference["mean"])))
+                values = " / ".join(f"{m:+.1f} +- {c:.1f}"
+                                    for m, c in zip(difference["mean"], difference["ci95"]))
+                notes.append(f"- {r['method']} minus {name}, task by task over the same "
+                             f"{r['tasks']} tasks (paired), after {steps} steps: {values}.")
         if horizon != _rl().default_horizon(cfg.env):
             notes.append(f"This run's episodes have {horizon} steps, the paper's "
                          f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")
