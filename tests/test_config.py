@@ -66,6 +66,15 @@ def test_sinusoid_preset_holds_the_paper_settings():
     assert cfg.hidden == (40, 40) and cfg.k_shot == 10 and cfg.eval_k_shots == (5, 10, 20)
 
 
+def test_the_fast_recipe_starts_first_order_only_where_tasks_take_several_inner_steps():
+    for name in ("omniglot-5w5s-fast", "omniglot-20w1s-fast", "omniglot-20w5s-fast"):
+        cfg = FewShotConfig.from_dict(preset(name).values)
+        assert cfg.lr_mode == "per_layer_step" and cfg.meta_lr_schedule == "cosine"
+        assert cfg.first_order_until == (0 if cfg.inner_steps == 1 else 2000)
+        order = "second order throughout" if cfg.inner_steps == 1 else "first order for the first"
+        assert order in preset(name).description
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="unknown preset 'omniglot-99w'"):
         preset("omniglot-99w")
