@@ -51,8 +51,8 @@ def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with
         tmp_path: Path) -> None:
     config = {"experiment": "rl", "env": "fastmaml/AntVel-v0", "preset": "rl-ant-vel-cpu"}
     paired = {"pretrained": {"mean": [15.5, 44.9, 52.0, 53.2], "ci95": [9.0, 8.2, 8.0, 7.9]}}
-    records = [{"method": "maml", "mean": [11.7, 44.5, 50.2, 55.0], "ci95": [33.1, 28.9, 29.2, 29.1],
-                "paired_difference": paired},
+    records = [{"method": "maml", "mean": [11.7, 44.5, 50.2, 55.0],
+                "ci95": [33.1, 28.9, 29.2, 29.1], "paired_difference": paired},
                {"method": "pretrained", "mean": [-3.8, -0.4, -1.9, 1.9],
                 "ci95": [26.3, 28.2, 29.6, 30.3]}]
     run = report.Run(tmp_path / "rl-ant-vel", config, records, 500, 3600.0, [])

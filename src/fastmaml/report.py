@@ -167,8 +167,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
             verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
         paired = record.get("paired_difference", {}).get("pretrained")
         if paired:  # the same test tasks for both: the task-by-task difference is sharper
-            verdict += (f"; MAML minus pretrained on the same tasks "
-                        f"{paired['mean'][headline.step]:+.1f} +- {paired['ci95'][headline.step]:.1f}")
+            difference, ci = paired["mean"][headline.step], paired["ci95"][headline.step]
+            verdict += f"; MAML minus pretrained on the same tasks {difference:+.1f} +- {ci:.1f}"
     else:
         verdict = status(mean, ci, headline)
     if run.stale_evaluation:
