@@ -116,8 +116,9 @@ def test_first_n_outputs_adapted_as_a_plain_gradient_step(image_run: Path, tmp_p
     loss = F.cross_entropy(torch.func.functional_call(model, params, (x,))[:, :2], y)
     grads = torch.autograd.grad(loss, [params[n] for n in maml.adapted_names])
     lr = maml.inner_lrs(0)
-    for name, grad in zip(maml.adapted_names, grads):
-        torch.testing.assert_close(adapted.params[name], params[name] - lr[name] * grad)
+    for name, grad in zip(maml.adapted_names, grads):  # float32, kernels vary by CPU (AVX2/512)
+        torch.testing.assert_close(adapted.params[name], params[name] - lr[name] * grad,
+                                   rtol=1e-4, atol=1e-4)
     assert run.predict(adapted, x).shape == (4, 2)
     with pytest.raises(ConfigError, match="task has 4 classes, but the run was trained 3-way"):
         run.adapt(x, torch.tensor([0, 1, 2, 3]))
