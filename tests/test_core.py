@@ -599,14 +599,19 @@ def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch)
     assert resumed.path == eager.path
 
 
-def test_a_path_chosen_on_older_path_implementations_is_timed_again(monkeypatch):
+@pytest.mark.parametrize("change", ["path implementations", "CPU vector instructions"])
+def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change):
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
     old = MAML(model, F.mse_loss, 0.1, 1)
     old.meta_backward(batch)
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # a new process
-    monkeypatch.setattr(fastmaml.core, "PATHS_REVISION", fastmaml.core.PATHS_REVISION + 1)
+    if change == "path implementations":
+        monkeypatch.setattr(fastmaml.core, "PATHS_REVISION", fastmaml.core.PATHS_REVISION + 1)
+    else:  # e.g. a run timed on an AVX512 machine, resumed on an AVX2 one
+        other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     resumed = MAML(model, F.mse_loss, 0.1, 1)
     resumed.path_choices = dict(old.path_choices)  # as a checkpoint restores them
     calls = []

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmaml import report
 from fastmaml.cli import main
@@ -117,7 +118,10 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
         assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
     assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text
     assert "no data here" in text  # MiniImagenet
-    assert json.loads((root / "sinusoid" / "machine.json").read_text())[0]["cpus"] >= 1
+    machine = json.loads((root / "sinusoid" / "machine.json").read_text())[0]
+    assert machine["cpus"] >= 1
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"({machine['cpu_capability']}), {machine['cpus']} CPUs" in text
     capsys.readouterr()
 
     def no_training(*args: object, **kwargs: object) -> None:

@@ -326,12 +326,15 @@ class MAML(nn.Module):
     def _path_key(self, batch: Sequence[Tensor]) -> str:
         """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
         and device, the derivative order (which ``first_order_until`` switches in a run), the
-        thread count, whether compiling is allowed and the paths' implementations. A run resumed
-        with other threads, ``compile``, torch or paths so searches again instead of reusing a
-        choice made without its candidates."""
+        thread count, the CPU's vector instructions, whether compiling is allowed and the paths'
+        implementations. A run resumed with other threads, CPU, ``compile``, torch or paths so
+        searches again instead of reusing a choice timed without its candidates or kernels."""
         order = "first" if self.first_order else "second"
         compiled = self._compiled_gradient is not None
-        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {batch[0].device.type} "
+        device = batch[0].device.type
+        if device == "cpu":  # AVX2 and AVX512 kernels rank the paths differently
+            device += f" {torch.backends.cpu.get_cpu_capability()}"
+        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {device} "
                 f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
                 f"paths r{PATHS_REVISION}, torch {torch.__version__}")
 

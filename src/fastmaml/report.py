@@ -213,8 +213,8 @@ def _commands(run: Run) -> list[str]:
 def _machine(run: Run) -> str:
     if not run.machines:
         return "not recorded"
-    kinds = {f"{m['processor']}, {m['cpus']} CPUs, {m['device']}, torch {m['torch']}"
-             for m in run.machines}
+    kinds = {f"{m['processor']}" + (f" ({m['cpu_capability']})" if "cpu_capability" in m else "")
+             + f", {m['cpus']} CPUs, {m['device']}, torch {m['torch']}" for m in run.machines}
     return "; ".join(sorted(kinds))
 
 

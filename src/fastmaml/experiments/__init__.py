@@ -269,6 +269,9 @@ def _record_machine(run_dir: Path, device: str, processes: int) -> None:
     sessions = json.loads(path.read_text()) if path.is_file() else []
     sessions.append({"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
                      "processor": _cpu_model(),
+                     # the vector instructions torch's CPU kernels use: speed and float32
+                     # rounding differ between e.g. AVX2 and AVX512 instances of "one" machine
+                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                      "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
                      "processes": processes, "threads": torch.get_num_threads()})
     write_text_atomic(json.dumps(sessions, indent=1), path)
