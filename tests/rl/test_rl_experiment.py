@@ -154,7 +154,8 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
         assert difference["mean"] == pytest.approx([m - b for m, b in zip(maml["mean"],
                                                                           baseline["mean"])])
         assert len(difference["ci95"]) == 2
-        assert f"- maml minus {baseline['method']}, task by task over the same 4 tasks" in text
+        assert (f"- maml minus {baseline['method']}, task by task over the same 4 tasks "
+                "(paired), after 0/1 steps:") in text
     if preset == "rl-cheetah-vel-cpu":
         assert all("right_way" not in r for r in records) and "right way" not in text
         return

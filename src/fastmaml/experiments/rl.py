@@ -414,14 +414,13 @@ class RLExperiment(Experiment):
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
                              f" at iteration {r['best_iteration']}.")
         threshold = _rl().right_way_threshold(cfg.env, horizon)
+        steps = "/".join(str(step) for step in records[0]["steps"])  # every method's
         for r in (r for r in records if "right_way" in r):
-            steps = "/".join(str(step) for step in range(len(r["right_way"])))
             shares = " / ".join(f"{share:.0%}" for share in r["right_way"])
             notes.append(f"- {r['method']}: tasks run the right way (mean return above "
                          f"{threshold:g}) after {steps} steps: {shares}.")
         for r in (r for r in records if "paired_difference" in r):
             for name, difference in r["paired_difference"].items():
-                steps = "/".join(str(step) for step in range(len(difference["mean"])))
                 values = " / ".join(f"{m:+.1f} +- {c:.1f}"
                                     for m, c in zip(difference["mean"], difference["ci95"]))
                 notes.append(f"- {r['method']} minus {name}, task by task over the same "
