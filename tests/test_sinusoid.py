@@ -40,7 +40,10 @@ def test_cli_trains_evaluates_and_plots(tmp_path, capsys):
     assert main(["plot", str(untrained)]) == 2
     assert "nothing to plot" in capsys.readouterr().err
     assert main(["eval", str(run), "--no-progress"]) == 0
-    assert "| paper: MAML |  | 0.67 | 0.38 | 0.35 |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| method | 0 steps | 1 step | 5 steps | 10 steps |" in table
+    assert "| paper: MAML |  | 0.67 | 0.38 | 0.35 |" in table
+    assert (run / "results.md").read_text() in table  # the table printed is the one written
     records = json.loads((run / "eval.json").read_text())
     assert {(r["method"], r["k_shot"]) for r in records} == {
         (m, k) for m in ("maml", "pretrained", "oracle") for k in (5, 10, 20)}

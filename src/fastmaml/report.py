@@ -20,6 +20,7 @@ from typing import Any
 from .config import load_config_dict
 from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
+from .experiments.base import steps_label
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .train import checkpoints_dir, load_checkpoint, write_text_atomic
 
@@ -178,10 +179,6 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
 
 # ----- the document -----
 
-def _steps(count: int) -> str:
-    return f"{count} step" + ("" if count == 1 else "s")
-
-
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -240,7 +237,8 @@ def render(runs: list[Run], report_path: Path) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         h = row.headline
-        paper = f"{h.value:g}" + (f" +- {h.ci:g}" if h.ci else "") + f" ({_steps(h.step)})"
+        paper = (f"{h.value:g}" + (f" +- {h.ci:g}" if h.ci else "")
+                 + f" ({steps_label(h.step)})")
         ours = (f"{_fmt(row.mean, _digits(h))} +- {_fmt(row.ci, _digits(h))}"
                 if row.mean is not None else "")
         if row.run is None:
@@ -355,7 +353,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> li
         scale = 100.0 if accuracy else 1.0
         lines += [f"{metric} after N inner steps, mean +- 95% CI over "
                   f"{run.records[0]['tasks']} tasks:", "",
-                  "| method | " + " | ".join(_steps(s) for s in steps) + " |",
+                  "| method | " + " | ".join(steps_label(s) for s in steps) + " |",
                   "|---|" + "---|" * len(steps)]
         for r in run.records:
             label = r["method"] + (f" (K={r['k_shot']})" if r["experiment"] == "sinusoid" else "")
@@ -365,8 +363,8 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> li
         for label, value in _paper_rows(h) if h else []:
             lines.append(f"| {label} | " + " | ".join(
                 f"{value:g}" if s == h.step else "" for s in steps) + " |")
-        lines += [""] + ([f"Status against the paper after {_steps(h.step)}: **{verdict}**.", ""]
-                         if h else [])
+        lines += [""] + ([f"Status against the paper after {steps_label(h.step)}: "
+                          f"**{verdict}**.", ""] if h else [])
         if run.stale_evaluation and not h:
             lines += [f"Note: {run.stale_evaluation}.", ""]
     else:

@@ -19,7 +19,7 @@ from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..plots import plot_learning_curves
-from ..train import Learner, checkpoint_path, load_checkpoint
+from ..train import Learner, checkpoint_path, load_checkpoint, write_text_atomic
 
 
 def resolve_device(name: str) -> torch.device:
@@ -82,6 +82,11 @@ def evaluate_tasks(maml: MAML, chunks: Iterable[TaskBatch], steps: int, progress
                                         disable=None if progress else True)])
 
 
+def steps_label(count: int) -> str:
+    """``count`` inner steps in words: "1 step", "5 steps"."""
+    return f"{count} step" + ("" if count == 1 else "s")
+
+
 def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],
                   paper: dict[int, list[tuple[str, dict[int, float]]]], run_dir: Path,
                   scale: float = 1.0, digits: int = 3) -> str:
@@ -90,7 +95,7 @@ def results_table(title: str, records: list[dict[str, Any]], show_steps: list[in
              f"{records[0]['tasks']} test tasks.", ""]
     for k_shot in sorted({r["k_shot"] for r in records}):
         lines += [f"## {k_shot}-shot", "",
-                  "| method | " + " | ".join(f"{s} steps" for s in show_steps) + " |",
+                  "| method | " + " | ".join(steps_label(s) for s in show_steps) + " |",
                   "|---|" + "---|" * len(show_steps)]
         for r in (r for r in records if r["k_shot"] == k_shot):
             label = r["method"] + (f" (lr {r['inner_lr']:g})" if "inner_lr" in r else "")
@@ -176,8 +181,8 @@ class Experiment(ABC):
         it evaluated, so that a report can tell an evaluation older than the training."""
         for record in records:
             record["checkpoint_iterations"] = dict(self.restored_iterations)
-        (self.run_dir / "eval.json").write_text(json.dumps(records, indent=2))
-        (self.run_dir / "results.md").write_text(table)
+        write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
+        write_text_atomic(table, self.run_dir / "results.md")
 
     def figures_dir(self) -> Path:
         path = self.run_dir / "figures"
