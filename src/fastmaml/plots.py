@@ -52,6 +52,11 @@ def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path)
     return save_figure(fig, path)
 
 
+def steps_label(count: int) -> str:
+    """``count`` inner steps in words: "1 step", "5 steps" (tables and legends)."""
+    return f"{count} step" + ("" if count == 1 else "s")
+
+
 def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, support_x: Any,
                                support_y: Any, query_x: Any, query_y: Any, path: Path,
                                query_labelled: bool) -> Path:
@@ -59,7 +64,7 @@ def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, s
     inner steps, and the query points (their labels, or the predictions for them)."""
     fig, ax = plt.subplots(figsize=(6, 3.8))
     ax.plot(grid, before, ":", color="tab:green", label="before adaptation")
-    ax.plot(grid, after, "-", color="tab:green", label=f"after {steps} steps")
+    ax.plot(grid, after, "-", color="tab:green", label=f"after {steps_label(steps)}")
     ax.scatter(support_x, support_y, marker="^", color="purple", zorder=3,
                label=f"{len(support_x)} support points")
     ax.scatter(query_x, query_y, marker="o", s=12, color="tab:red" if query_labelled else "tab:gray",

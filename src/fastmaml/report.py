@@ -20,8 +20,8 @@ from typing import Any
 from .config import load_config_dict
 from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
-from .experiments.base import steps_label
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
+from .plots import steps_label
 from .train import checkpoints_dir, load_checkpoint, write_text_atomic
 
 # ----- status of a row -----

@@ -18,7 +18,7 @@ from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
-from ..plots import plot_learning_curves
+from ..plots import plot_learning_curves, steps_label
 from ..train import Learner, checkpoint_path, load_checkpoint, write_text_atomic
 
 
@@ -80,11 +80,6 @@ def evaluate_tasks(maml: MAML, chunks: Iterable[TaskBatch], steps: int, progress
     return torch.cat([maml.evaluate(chunk, steps)[key].cpu()
                       for chunk in tqdm(chunks, desc=desc, unit="chunk", leave=False,
                                         disable=None if progress else True)])
-
-
-def steps_label(count: int) -> str:
-    """``count`` inner steps in words: "1 step", "5 steps"."""
-    return f"{count} step" + ("" if count == 1 else "s")
 
 
 def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],

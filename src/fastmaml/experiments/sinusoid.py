@@ -24,7 +24,7 @@ from ..core import MAML
 from ..errors import ConfigError
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
-from ..plots import plot_step_curves, save_figure
+from ..plots import plot_step_curves, save_figure, steps_label
 from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, backpropagated, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
@@ -167,7 +167,7 @@ class SinusoidExperiment(Experiment):
                 with torch.no_grad():
                     prediction = engine.predict(engine.adapt(support_x, support_y, steps), grid)
                 ax.plot(grid.cpu(), prediction.cpu(), style, color="tab:green",
-                        alpha=0.5 + steps / 20, label=f"after {steps} steps")
+                        alpha=0.5 + steps / 20, label=f"after {steps_label(steps)}")
             ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
                        label=f"{k_shot} points used for the gradient")
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
