@@ -1,4 +1,5 @@
-"""The training driver: identical resumption, atomic checkpoints, seeds, NaN detection."""
+"""The training driver: identical resumption, atomic checkpoints, a kill-proof metrics log, seeds,
+NaN detection."""
 from __future__ import annotations
 
 import csv
@@ -40,6 +41,19 @@ def test_resume_continues_identically(tmp_path):
 
     assert torch.equal(params(straight), params(second))
     assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "resumed" / "metrics-maml.csv")
+
+
+def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
+    straight = maml_learner(tmp_path / "straight")
+    fit(straight, tmp_path / "straight", 3, 2, progress=False)
+
+    first = maml_learner(tmp_path / "torn")
+    fit(first, tmp_path / "torn", 3, 2, progress=False, stop_after=7)
+    with open(tmp_path / "torn" / "metrics-maml.csv", "a") as handle:
+        handle.write("1")  # killed while appending the row of iteration 10 ("10,...")
+    fit(maml_learner(tmp_path / "torn"), tmp_path / "torn", 3, 2, progress=False)
+
+    assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "torn" / "metrics-maml.csv")
 
 
 def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resume(tmp_path):

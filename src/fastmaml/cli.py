@@ -10,13 +10,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .errors import FastMAMLError, FastMAMLWarning
 from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
 from .runlock import locked_run_dir
-from .train import write_text_atomic
 
 
 def _presets(_: argparse.Namespace) -> None:

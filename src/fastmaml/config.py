@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
 
 C = TypeVar("C", bound="Config")
@@ -101,7 +102,7 @@ class Config:
         return self.replace(**changes)
 
     def save(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
 
 
 def load_config_dict(path: Path) -> dict[str, Any]:

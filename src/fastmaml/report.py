@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text_atomic
 from .config import load_config_dict
 from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
-from .train import checkpoints_dir, load_checkpoint, write_text_atomic
+from .train import checkpoints_dir, load_checkpoint
 
 # ----- status of a row -----
 

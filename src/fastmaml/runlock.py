@@ -26,8 +26,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from .atomic import write_text_atomic
 from .errors import ConfigError
-from .train import write_text_atomic
 
 LOCK_NAME, OWNER_NAME = ".fastmaml.lock", ".fastmaml.owner"
 

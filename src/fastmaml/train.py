@@ -6,8 +6,8 @@ how to take one step and how to save its state. ``fit`` does the rest, the same 
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .atomic import replace_atomically, write_text_atomic
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import average_gradients, average_metrics, is_main, shard
@@ -135,27 +136,7 @@ def meta_lr_at(cfg: Config, iteration: int) -> float:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    _replace_atomically(path, lambda handle: torch.save(state, handle))
-
-
-def write_text_atomic(text: str, path: Path) -> None:
-    """``save_atomic`` for a text file: ``path`` holds the old text or the new, never a part."""
-    _replace_atomically(path, lambda handle: handle.write(text.encode()))
-
-
-def _replace_atomically(path: Path, write: Callable[[Any], object]) -> None:
-    """``write`` into a temporary file beside ``path`` (this process's own), flush it to disk,
-    then rename it over ``path``; a failed write leaves ``path`` as it was and no temporary."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    replace_atomically(path, lambda handle: torch.save(state, handle))
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -178,39 +159,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 
 class MetricsLog:
-    """Append-only CSV of logged iterations; on resume, rows past the checkpoint are dropped."""
+    """Append-only CSV of logged iterations; on resume, rows past the checkpoint are dropped.
+
+    Whole rewrites (on resume, and when a column first appears) are atomic, and a row torn by a
+    kill in the middle of an append is dropped on resume, so a killed run keeps its history.
+    """
 
     def __init__(self, path: Path, keep_until: int):
         self.path, self.fields = path, None
         rows = []
         if path.exists() and keep_until > 0:
-            with open(path, newline="") as handle:
-                reader = csv.DictReader(handle)
-                self.fields = list(reader.fieldnames or []) or None
-                rows = [r for r in reader if int(r["iteration"]) <= keep_until]
-        with open(path, "w", newline="") as handle:
-            if self.fields:
-                writer = csv.DictWriter(handle, self.fields)
-                writer.writeheader()
-                writer.writerows(rows)
+            self.fields, rows = _read_whole_rows(path)
+            rows = [r for r in rows if int(r["iteration"]) <= keep_until]
+        self._rewrite(rows)
 
     def write(self, row: dict[str, float]) -> None:
         new = [k for k in row if k not in (self.fields or [])]
         if new:  # a first row, or a column that appears later (e.g. validation): rewrite the header
-            rows = self._rows()
+            rows = _read_whole_rows(self.path)[1] if self.fields else []
             self.fields = [*(self.fields or []), *new]
-            with open(self.path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, self.fields, restval="")
-                writer.writeheader()
-                writer.writerows(rows)
+            self._rewrite(rows)
         with open(self.path, "a", newline="") as handle:
             csv.DictWriter(handle, self.fields, restval="").writerow(row)
 
-    def _rows(self) -> list[dict[str, str]]:
-        if not self.fields:
-            return []
-        with open(self.path, newline="") as handle:
-            return list(csv.DictReader(handle))
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        text = io.StringIO()
+        if self.fields:
+            writer = csv.DictWriter(text, self.fields, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        write_text_atomic(text.getvalue(), self.path)
+
+
+def _read_whole_rows(path: Path) -> tuple[list[str] | None, list[dict[str, str]]]:
+    """The header and rows of a metrics CSV, without a last line that a kill left unfinished
+    (every row ``MetricsLog`` writes ends in a newline)."""
+    text = path.read_text()
+    reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1]))
+    rows = list(reader)
+    return list(reader.fieldnames or []) or None, rows
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,

@@ -12,11 +12,12 @@ from typing import Any
 
 import torch
 
+from ..atomic import write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import world
 from ..errors import ConfigError
 from ..runlock import learners_held, locked_run_dir
-from ..train import check_resumable, checkpoints_dir, fit, write_text_atomic
+from ..train import check_resumable, checkpoints_dir, fit
 from .base import Experiment
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.

@@ -13,13 +13,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..allocator import tune_cpu_allocator
+from ..atomic import write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
-from ..train import Learner, checkpoint_path, load_checkpoint, write_text_atomic
+from ..train import Learner, checkpoint_path, load_checkpoint
 
 
 def resolve_device(name: str) -> torch.device:

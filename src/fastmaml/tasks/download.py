@@ -14,9 +14,11 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+from ..atomic import replace_atomically
 from ..errors import ConfigError, DataError
 
 CHUNK = 1 << 20
@@ -29,11 +31,9 @@ def default_cache_dir() -> Path:
 
 def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
     """Download ``url`` to ``path`` through a temporary file; keep it only if its MD5 matches."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.md5()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    def fetch(out: IO[bytes]) -> None:
+        digest = hashlib.md5()
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             while chunk := response.read(CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
@@ -41,11 +41,11 @@ def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
             raise DataError(f"MD5 mismatch for {path.name} downloaded from {url}: expected "
                             f"{md5}, got {digest.hexdigest()}; the download is corrupt or the "
                             "file changed")
-        os.replace(tmp, path)
+
+    try:
+        replace_atomically(path, fetch)
     except OSError as error:
         raise DataError(f"could not download {url} to {path}: {error}") from error
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
@@ -96,12 +96,5 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
         except (OSError, ValueError):  # unreadable: rebuild it below
             pass
     array = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            np.save(out, array)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    replace_atomically(path, lambda out: np.save(out, array))
     return array

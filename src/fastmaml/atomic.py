@@ -1,0 +1,36 @@
+"""Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one.
+
+Every file fastmaml writes that a later run reads back (checkpoints, configs, metrics logs,
+reports, downloads, caches) goes through ``replace_atomically``.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """``write`` into a new temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``. If ``write`` raises, ``path`` is left as it was and no temporary remains.
+
+    The temporary's name is unique to this call (process id and a random token), and it is
+    created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    """Replace ``path`` with ``text`` (UTF-8): it holds the old text or the new, never a part."""
+    replace_atomically(path, lambda handle: handle.write(text.encode()))
