@@ -145,6 +145,17 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "sinusoid: finished" not in capsys.readouterr().out
 
 
+def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sinusoid"
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
+                 "baseline_iterations=20", "log_every=10", "--no-progress"]) == 0
+    with open(run_dir / "metrics-maml.csv", "a") as handle:
+        handle.write("30,1")  # the training process is half-way through writing a row
+    run = report.read_run(run_dir)
+    assert run.iterations == 20
+    assert main(["plot", str(run_dir)]) == 0
+
+
 def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:
     run_dir = tmp_path / "sinusoid"
     common = ["baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]

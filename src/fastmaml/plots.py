@@ -1,7 +1,6 @@
 """Figures shared by the experiments: metric against inner steps, and learning curves."""
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from .train import read_metrics  # noqa: E402
 
 
 def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
@@ -35,7 +36,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path)
     """Each key of each metrics CSV against iterations (left) and wall-clock time (right)."""
     fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
     for csv_path in csv_paths:
-        rows = _rows(csv_path)
+        rows = read_metrics(csv_path)
         run = csv_path.stem.removeprefix("metrics-")
         for key in keys:
             points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]))
@@ -81,8 +82,3 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))

@@ -8,7 +8,6 @@ the same runs gives the same bytes (``docs/REPORT.md`` is checked to be current)
 """
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from .errors import ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
-from .train import checkpoints_dir, load_checkpoint
+from .train import checkpoints_dir, load_checkpoint, read_metrics
 
 # ----- status of a row -----
 
@@ -86,8 +85,7 @@ def read_run(path: Path) -> Run:
     records = json.loads(eval_path.read_text()) if eval_path.is_file() else []
     iterations, seconds, validation = 0, 0.0, []
     for log in sorted(path.glob("metrics-*.csv")):
-        with open(log, newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = read_metrics(log)
         if rows:
             seconds += float(rows[-1]["elapsed_s"])
             if log.name == "metrics-maml.csv":

@@ -169,14 +169,15 @@ class MetricsLog:
         self.path, self.fields = path, None
         rows = []
         if path.exists() and keep_until > 0:
-            self.fields, rows = _read_whole_rows(path)
+            rows = read_metrics(path)
+            self.fields = list(rows[0]) if rows else None
             rows = [r for r in rows if int(r["iteration"]) <= keep_until]
         self._rewrite(rows)
 
     def write(self, row: dict[str, float]) -> None:
         new = [k for k in row if k not in (self.fields or [])]
         if new:  # a first row, or a column that appears later (e.g. validation): rewrite the header
-            rows = _read_whole_rows(self.path)[1] if self.fields else []
+            rows = read_metrics(self.path) if self.fields else []
             self.fields = [*(self.fields or []), *new]
             self._rewrite(rows)
         with open(self.path, "a", newline="") as handle:
@@ -191,13 +192,11 @@ class MetricsLog:
         write_text_atomic(text.getvalue(), self.path)
 
 
-def _read_whole_rows(path: Path) -> tuple[list[str] | None, list[dict[str, str]]]:
-    """The header and rows of a metrics CSV, without a last line that a kill left unfinished
-    (every row ``MetricsLog`` writes ends in a newline)."""
+def read_metrics(path: Path) -> list[dict[str, str]]:
+    """The rows of a metrics CSV, without a last line that is unfinished: one being appended by
+    a live run, or one that a kill cut short (every row ``MetricsLog`` writes ends in a newline)."""
     text = path.read_text()
-    reader = csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1]))
-    rows = list(reader)
-    return list(reader.fieldnames or []) or None, rows
+    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
