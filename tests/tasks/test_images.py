@@ -35,9 +35,9 @@ def test_unreadable_image_names_the_file(tmp_path: Path, content: bytes | str) -
 
 def test_any_mode_and_size_is_converted(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
-    rgba = Image.fromarray(rng.integers(0, 256, (30, 50, 4), dtype=np.uint8), "RGBA")
-    gray = ImageFormat("L", 12, invert=True).convert(rgba)
-    expected = 255 - np.asarray(rgba.convert("L").resize((12, 12), Image.Resampling.LANCZOS))
+    rgb = Image.fromarray(rng.integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    gray = ImageFormat("L", 12, invert=True).convert(rgb)
+    expected = 255 - np.asarray(rgb.convert("L").resize((12, 12), Image.Resampling.LANCZOS))
     assert gray.shape == (12, 12) and np.array_equal(gray, expected)
     color = ImageFormat("RGB", 8).convert(Image.fromarray(gray))  # gray to RGB: 3 equal planes
     assert color.shape == (8, 8, 3) and (color[..., 0] == color[..., 2]).all()
@@ -50,3 +50,35 @@ def test_image_files_are_those_pillow_reads(tmp_path: Path) -> None:
     for name in ("a.png", "b.JPG", "c.txt", ".hidden.png"):
         (tmp_path / name).write_bytes(b"")
     assert sorted(p.name for p in tmp_path.iterdir() if im.is_image_file(p)) == ["a.png", "b.JPG"]
+
+
+def test_transparent_pixels_are_white_as_a_viewer_shows_them() -> None:
+    rng = np.random.default_rng(2)
+    color = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    alpha = np.where(rng.random((6, 6)) < 0.5, 0, 255).astype(np.uint8)
+    rgba = Image.fromarray(np.dstack([color, alpha]))
+    opaque = np.asarray(Image.fromarray(color).convert("L"))
+    gray = ImageFormat("L", 6).convert(rgba)
+    assert np.array_equal(gray, np.where(alpha == 0, 255, opaque))
+    strokes = Image.fromarray(np.zeros((6, 6, 2), dtype=np.uint8), "LA")  # all transparent
+    assert (ImageFormat("RGB", 6).convert(strokes) == 255).all()
+
+
+def test_16_bit_pixels_are_scaled_not_clipped(tmp_path: Path) -> None:
+    values = np.array([[0, 257, 1000, 32768, 65535]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as opened:
+        assert opened.mode == "I;16"
+    pixels = ImageFormat("L", 5).read(tmp_path / "deep.png")[:1]
+    assert pixels.tolist() == [[0, 1, 4, 128, 255]]
+    assert ImageFormat("L", 5).convert(Image.fromarray(values.astype(np.int32))).tolist()[0] == \
+        [0, 1, 4, 128, 255]
+
+
+@pytest.mark.parametrize("pixels", [np.full((4, 4), 0.5, np.float32),
+                                    np.full((4, 4), 70000, np.int32)])
+def test_pixels_without_a_fixed_range_are_refused_naming_the_file(tmp_path: Path,
+                                                                 pixels: np.ndarray) -> None:
+    Image.fromarray(pixels).save(tmp_path / "wide.tif")
+    with pytest.raises(DataError, match=r"wide.tif: .*no fixed .*range"):
+        ImageFormat("L", 4).read(tmp_path / "wide.tif")

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError, FastMAMLWarning
 from .download import cached_array, default_cache_dir, fingerprint
-from .images import ImageFormat, channels_first, is_image_file, read_images
+from .images import CONVERSION, ImageFormat, channels_first, is_image_file, read_images
 
 SPLITS = ("train", "val", "test")
 
@@ -136,8 +136,8 @@ def _decoded(root: Path, files: list[Path], image_format: ImageFormat,
              cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
     """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it."""
     stats = [(f, f.stat()) for f in files]
-    key = fingerprint([f"{image_format}"] + [f"{f.relative_to(root)}|{s.st_size}|{s.st_mtime_ns}"
-                                             for f, s in stats])
+    key = fingerprint([f"{image_format} conversion {CONVERSION}"]
+                      + [f"{f.relative_to(root)}|{s.st_size}|{s.st_mtime_ns}" for f, s in stats])
     cache = Path(cache_dir or default_cache_dir()) / f"folder-{root.name}-{key}.npy"
     pixels = cached_array(cache, lambda: channels_first(read_images(files, image_format, workers)),
                           root)

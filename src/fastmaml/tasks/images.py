@@ -1,7 +1,8 @@
 """Image files to model inputs: one conversion shared by the training loaders and ``adapt``.
 
 A data set's ``ImageFormat`` (PIL mode, square side, inversion) turns any file Pillow reads, or
-any PIL image, into the uint8 pixels the data set is cached as; ``as_model_input`` scales them
+any PIL image, into the uint8 pixels the data set is cached as (16-bit pixels scaled, not
+clipped, to 8 bits; transparent pixels shown on white, as a viewer shows them); ``as_model_input`` scales them
 to the float tensor the model sees (pixels / 255, channels first), exactly as the task sampler
 does, so that an image given to a trained run matches its training images bit for bit.
 """
@@ -22,6 +23,7 @@ from ..errors import DataError
 
 POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 MODES = {1: "L", 3: "RGB"}
+CONVERSION = 2  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
 
 
 def image_suffixes() -> frozenset[str]:
@@ -49,7 +51,7 @@ class ImageFormat:
 
     def convert(self, image: Image.Image) -> np.ndarray:
         """(size, size) for ``L``, (size, size, 3) for ``RGB``, uint8."""
-        image = image.convert(self.mode)
+        image = _on_white(_eight_bit(image)).convert(self.mode)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         pixels = np.asarray(image, dtype=np.uint8)
@@ -62,6 +64,31 @@ class ImageFormat:
                 return self.convert(file)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """``image`` with 8-bit pixels. Pillow's ``convert`` clips wider pixels at 255, so a 16-bit
+    image (``I;16*``, or ``I`` holding 0..65535, as Pillow opens some 16-bit files) is scaled by
+    255/65535 here; float (``F``) and wider integer pixels have no fixed range and are refused."""
+    if image.mode == "F":
+        raise DataError("a floating-point image (mode F) has no fixed pixel range: save it with "
+                        "8- or 16-bit pixels")
+    if not image.mode.startswith("I"):
+        return image
+    values = np.asarray(image).astype(np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise DataError(f"a {image.mode} image with pixels outside 0..65535 has no fixed range: "
+                        "save it with 8- or 16-bit pixels")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def _on_white(image: Image.Image) -> Image.Image:
+    """An image with transparency composited onto white, as a viewer shows it (``convert``
+    would drop the alpha channel and keep whatever colour the transparent pixels hold)."""
+    if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in image.info:
+        return image
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
 
 
 def read_images(paths: Sequence[Path], image_format: ImageFormat,
