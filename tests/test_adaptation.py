@@ -146,6 +146,20 @@ def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
         predict(run, support, query, norm="running")
 
 
+def test_a_large_query_is_predicted_in_chunks_with_the_same_result(
+        image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = fastmaml.load_run(image_run)
+    support, query = task_folders(tmp_path, ["color0", "color1", "color2"], shots=1, queries=3)
+    x = run.preprocess(sorted(support.rglob("*.png")))
+    adapted = run.adapt(x, [0, 1, 2], steps=2)  # labels as a list, as a user may give them
+    queries = run.preprocess(sorted(query.rglob("*.jpg")))
+    whole = run.predict(adapted, queries, context=x)
+    monkeypatch.setattr(fastmaml.adaptation, "PREDICT_BATCH", 8)  # 2 query images per chunk
+    torch.testing.assert_close(run.predict(adapted, queries, context=x), whole)
+    with pytest.raises(fastmaml.errors.ShapeError, match=r"class\(es\) \[1\] have none"):
+        run.adapt(x, [0, 2, 2])
+
+
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:
     run = fastmaml.load_run(image_run)
     experiment = load_experiment(image_run)
@@ -196,12 +210,29 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("too many classes", "has 4 classes, but the run was trained 3-way"),
     ("unknown query class", "not support classes"),
     ("negative steps", "steps must be >= 0"),
+    ("one class", "support set has one class"),
+    ("twin file names", "support images a.jpg, a.png in .* would be classes of the same name"),
+    ("edited config", "checkpoint .*maml.pt does not fit this run's model .*size mismatch"),
+    ("not a checkpoint", "cannot read the checkpoint .*maml.pt"),
+    ("out is a folder", "--out .* is a folder"),
+    ("figure format", r"cannot draw a figure to .*p.xyz: name a file ending in one of .*\.png"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],
                                                   case: str, message: str) -> None:
     support, query = task_folders(tmp_path, ["color0", "color1", "color2"], shots=1, queries=1)
-    run, steps = image_run, "2"
+    run, steps, options = image_run, "2", []
+    out_file = tmp_path / "predictions.csv"
+    if case in ("edited config", "not a checkpoint"):
+        run = tmp_path / "copy"
+        (run / "checkpoints").mkdir(parents=True)
+        config = (image_run / "config.yaml").read_text()
+        (run / "config.yaml").write_text(config.replace("hidden: 8", "hidden: 16")
+                                         if case == "edited config" else config)
+        checkpoint = run / "checkpoints" / "maml.pt"
+        checkpoint.write_bytes((image_run / "checkpoints" / "maml.pt").read_bytes())
+        if case == "not a checkpoint":
+            torch.save(torch.zeros(3), checkpoint)
     if case == "empty class":
         (support / "empty").mkdir()
     elif case == "unreadable image":
@@ -217,15 +248,26 @@ def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Pat
         write_image(support / "color3" / "s.png", COLORS["color3"], 1)
     elif case == "unknown query class":
         write_image(query / "color7" / "q.png", COLORS["color7"], 1)
-    else:
+    elif case == "one class":
+        support, query = support / "color0", query / "color0"
+    elif case == "twin file names":
+        support = tmp_path / "flat"
+        write_image(support / "a.png", COLORS["color0"], 1)
+        write_image(support / "a.jpg", COLORS["color1"], 1)
+    elif case == "out is a folder":
+        out_file = tmp_path / "predictions"
+        out_file.mkdir()
+    elif case == "figure format":
+        options = ["--plot", str(tmp_path / "p.xyz")]
+    elif case == "negative steps":
         steps = "-1"
-    out_file = tmp_path / "predictions.csv"
     code, out, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query),
-                           "--out", str(out_file), "--steps", steps)
+                           "--out", str(out_file), "--steps", steps, *options)
     assert code == 2 and out == ""
     assert err.startswith("fastmaml: error:") and err.count("\n") == 1
     assert re.search(message, err), err
-    assert not out_file.exists() and not list(tmp_path.glob(".predictions*"))
+    assert out_file.is_dir() if case == "out is a folder" else not out_file.exists()
+    assert not list(tmp_path.glob(".predictions*"))
 
 
 def test_an_image_folder_given_to_a_regression_run(tmp_path: Path,
@@ -241,3 +283,29 @@ def test_an_image_folder_given_to_a_regression_run(tmp_path: Path,
     with pytest.raises(DataError, match="not a number"):
         (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
         fastmaml.adaptation.read_points(tmp_path / "bad.csv", "support", need_y=True)
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
+    path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
+    x, y = fastmaml.adaptation.read_points(path, "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0, 5.0] and y[:, 0].tolist() == [2.0, 4.0, 6.0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_gpu_trained_run_adapts_on_a_cpu_with_device_cpu(image_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    run = tmp_path / "gpu-run"
+    (run / "checkpoints").mkdir(parents=True)
+    config = (image_run / "config.yaml").read_text()
+    assert "device: auto" in config
+    (run / "config.yaml").write_text(config.replace("device: auto", "device: cuda"))
+    checkpoint = (image_run / "checkpoints" / "maml.pt").read_bytes()
+    (run / "checkpoints" / "maml.pt").write_bytes(checkpoint)
+    support, query = task_folders(tmp_path, ["color0", "color1"], shots=1, queries=1)
+    code, _, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query))
+    assert code == 2 and "CUDA is not available here" in err and "--device cpu" in err
+    code, out, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query),
+                           "--device", "cpu")
+    assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 2, err

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from fastmaml.config import ConfigError
+from fastmaml.config import ConfigError, load_config_dict
 from fastmaml.experiments import PRESETS, experiment_class, preset
 from fastmaml.experiments.base import resolve_device
 from fastmaml.experiments.fewshot import FewShotConfig
@@ -78,3 +78,9 @@ def test_the_fast_recipe_starts_first_order_only_where_tasks_take_several_inner_
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="unknown preset 'omniglot-99w'"):
         preset("omniglot-99w")
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_text("n_way: [5\nk_shot: 1\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML \(.*line"):
+        load_config_dict(tmp_path / "config.yaml")

@@ -112,7 +112,7 @@ def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_p
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "x.pt"
-    save_atomic({"iteration": 1}, path)
+    save_atomic({"iteration": 1, "learner": {}}, path)
 
     def crash(obj, handle):
         handle.write(b"partial")
@@ -120,9 +120,9 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        save_atomic({"iteration": 2}, path)
+        save_atomic({"iteration": 2, "learner": {}}, path)
     monkeypatch.undo()
-    assert load_checkpoint(path) == {"iteration": 1}
+    assert load_checkpoint(path) == {"iteration": 1, "learner": {}}
 
 
 def test_same_seed_same_run_and_other_seed_other_run(tmp_path):

@@ -35,12 +35,13 @@ from torch import Tensor
 from .core import MAML, Params
 from .errors import ConfigError, DataError, ShapeError
 from .experiments import load_experiment
-from .plots import plot_regression_adaptation
+from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
 from .tasks.folder import image_files
-from .train import checkpoint_path, load_checkpoint
+from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | os.PathLike[str] | Image.Image
+PREDICT_BATCH = 1024  # images in one forward pass when each query image is normalised alone
 
 
 class Adapted(NamedTuple):
@@ -77,7 +78,8 @@ class TrainedRun:
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
         """``steps`` (default: the run's) inner steps on the support set. Classification labels
         are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted."""
-        support_x, support_y = support_x.to(self.device), support_y.to(self.device)
+        support_x = torch.as_tensor(support_x, device=self.device)
+        support_y = torch.as_tensor(support_y, device=self.device)
         num_classes, loss_fn = None, None
         if self.task == "classification":
             num_classes = self._check_labels(support_y)
@@ -103,7 +105,8 @@ class TrainedRun:
             else:
                 context = context.to(self.device)
                 out = torch.func.vmap(lambda row: self.maml.predict(
-                    adapted.params, torch.cat([row[None], context]))[0])(x)
+                    adapted.params, torch.cat([row[None], context]))[0],
+                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
 
     def _check_labels(self, labels: Tensor) -> int:
@@ -117,6 +120,13 @@ class TrainedRun:
             raise ConfigError(f"the task has {num_classes} classes, but the run was trained "
                               f"{self.num_classes}-way: it can adapt to at most "
                               f"{self.num_classes} classes")
+        missing = (torch.bincount(labels, minlength=num_classes) == 0).nonzero().flatten()
+        if len(missing):
+            raise ShapeError(f"classification labels must give every class 0..{num_classes - 1} "
+                             f"a support example; class(es) {missing.tolist()} have none")
+        if num_classes < 2:
+            raise ConfigError("the support set has one class: a classifier needs at least 2 "
+                              "classes to choose between")
         return num_classes
 
 
@@ -144,7 +154,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
                           f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
     maml = experiment.build_maml()
-    maml.load_state_dict(load_checkpoint(path)["learner"]["module"])
+    load_state(maml, load_checkpoint(path)["learner"].get("module"), path)
     cfg = experiment.cfg
     classification = experiment.name == "fewshot"
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
@@ -191,7 +201,13 @@ def support_images(folder: str | os.PathLike[str]) -> ImageSet:
     folder = Path(folder)
     subfolders, images = _folder_entries(folder, "support")
     if images:
-        return ImageSet(images, list(range(len(images))), [p.stem for p in images])
+        stems = [p.stem for p in images]
+        twins = sorted({p.name for p in images if stems.count(p.stem) > 1})
+        if twins:
+            raise DataError(f"the support images {', '.join(twins)} in {folder} would be classes "
+                            "of the same name (each image of a flat folder is the class of its "
+                            "file name): rename them")
+        return ImageSet(images, list(range(len(images))), stems)
     if not subfolders:
         raise DataError(f"the support folder {folder} holds no images or class subfolders")
     paths, labels = [], []
@@ -232,7 +248,7 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
                         "a CSV of x,y points")
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
             rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
@@ -284,6 +300,8 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         raise ConfigError(f"steps must be >= 0, got {steps}")
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+    if plot is not None:
+        check_figure_path(Path(plot))
     if run.task == "regression":
         return _predict_points(run, support, query, steps, plot)
     if plot is not None:

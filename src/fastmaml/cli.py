@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
-from .errors import FastMAMLError, FastMAMLWarning
+from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
 from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
@@ -57,6 +57,8 @@ def _plot(args: argparse.Namespace) -> None:
 def _adapt(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the file to write the predictions to")
     inside = out is not None and out.resolve().is_relative_to(run_dir.resolve())
     if inside:
         with locked_run_dir(run_dir):
@@ -66,13 +68,16 @@ def _adapt(args: argparse.Namespace) -> None:
 
 
 def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None:
-    run = load_run(run_dir)
+    run = load_run(run_dir, device=args.device)
     result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
     text = _as_json(run_dir, result) if args.format == "json" else _as_csv(result)
     if out is None:
         sys.stdout.write(text)
     else:  # nothing is written unless everything above succeeded; the file appears whole
-        write_text_atomic(text, out)
+        try:
+            write_text_atomic(text, out)
+        except OSError as error:
+            raise DataError(f"cannot write the predictions to {out}: {error}") from None
     summary = result.summary
     said = f"fastmaml: adapted {run_dir} on {summary['support']} support examples"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
@@ -152,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--out", help="write the predictions here (default: standard output)")
     adapt.add_argument("--format", choices=("csv", "json"), default="csv")
     adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
+    adapt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's device; "
+                       "e.g. --device cpu adapts a GPU-trained run on a machine without one)")
     adapt.add_argument("--norm", choices=NORMS, default="each",
                        help="batch norm at prediction: each query image with the support set "
                        "(default; independent of the other query images), or the whole query "

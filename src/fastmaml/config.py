@@ -108,7 +108,12 @@ class Config:
 def load_config_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no config file at {path}: is this a fastmaml run directory?")
-    values = yaml.safe_load(path.read_text())
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        detail = " ".join(str(error).split())
+        raise ConfigError(f"{path} is not valid YAML ({detail}): fix it, or copy it from "
+                          "another run of the same preset") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path} does not hold a config mapping")
     return values

@@ -9,7 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
+from .errors import ConfigError, DataError  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
 
@@ -77,8 +79,24 @@ def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, s
     return save_figure(fig, path)
 
 
+def check_figure_path(path: Path) -> None:
+    """Refuse, before any work, a figure file that matplotlib cannot write by its suffix."""
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lower().lstrip(".") not in formats:
+        raise ConfigError(f"cannot draw a figure to {path}: name a file ending in one of "
+                          f"{', '.join('.' + f for f in sorted(formats))}")
+    if path.is_dir():
+        raise ConfigError(f"cannot draw a figure to {path}: it is a folder")
+
+
 def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Write ``fig`` to ``path`` (its folder created) and close it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+    except OSError as error:
+        raise DataError(f"cannot write the figure {path}: {error}") from None
+    finally:
+        plt.close(fig)
     return path

@@ -149,13 +149,31 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by ``fit``; a damaged file is a ``CheckpointError`` naming it."""
+    unreadable = CheckpointError(
+        f"cannot read the checkpoint {path}: it is damaged (e.g. truncated by a full disk or "
+        "an unfinished copy) or not a fastmaml checkpoint. Restore it from a backup, or "
+        "delete it to train that learner again from the start")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ...
+        raise unreadable from None
+    if not (isinstance(state, dict) and isinstance(state.get("learner"), dict)
+            and isinstance(state.get("iteration"), int)):
+        raise unreadable
+    return state
+
+
+def load_state(target: Learner | nn.Module, state: Any, path: Path) -> None:
+    """``target.load_state_dict(state)``, where ``state`` comes from the checkpoint ``path``;
+    one that does not fit (another model, or a config.yaml edited after training) is a
+    ``CheckpointError`` naming the file, not torch's traceback."""
+    try:
+        target.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+        detail = " ".join(line.strip() for line in str(error).splitlines())
         raise CheckpointError(
-            f"cannot read the checkpoint {path}: it is damaged (e.g. truncated by a full disk or "
-            "an unfinished copy) or not a fastmaml checkpoint. Restore it from a backup, or "
-            "delete it to train that learner again from the start") from None
+            f"the checkpoint {path} does not fit this run's model and settings (was config.yaml "
+            f"edited after training, or is the file another run's?): {detail}") from None
 
 
 class MetricsLog:
@@ -216,7 +234,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     if path.exists():
         state = load_checkpoint(path)
         _refuse_going_back(learner, run_dir, state["iteration"])
-        learner.load_state_dict(state["learner"])
+        load_state(learner, state["learner"], path)
         start, elapsed = state["iteration"], state["elapsed_s"]
     log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start) if main else None
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)

@@ -20,7 +20,7 @@ from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
-from ..train import Learner, checkpoint_path, load_checkpoint
+from ..train import Learner, checkpoint_path, load_checkpoint, load_state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,7 +31,8 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu")
+        raise ConfigError(f"device={name} but CUDA is not available here; use device=cpu "
+                          "(fastmaml adapt: --device cpu)")
     return device
 
 
@@ -168,7 +169,7 @@ class Experiment(ABC):
         if not path.is_file():
             raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
         checkpoint = load_checkpoint(path)
-        learner.load_state_dict(checkpoint["learner"])
+        load_state(learner, checkpoint["learner"], path)
         self.restored_iterations[learner.name] = int(checkpoint["iteration"])
         return learner
 
