@@ -196,6 +196,11 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert document["mse"] is None and document["predictions"][0]["x"] == 1.5
     trained = fastmaml.load_run(run)
     assert trained.steps == 10 and document["steps"] == 10  # the run's eval_inner_steps
+    config = (run / "config.yaml").read_text()
+    assert "\niterations: 50\n" in config  # as if training to 60 were under way
+    (run / "config.yaml").write_text(config.replace("\niterations: 50\n", "\niterations: 60\n"))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="trained to iteration 50 of 60"):
+        fastmaml.load_run(run, "cpu")
     adapted = trained.adapt(torch.tensor(x, dtype=torch.float32)[:, None],
                             torch.tensor(np.sin(x), dtype=torch.float32))
     assert document["predictions"][0]["prediction"] == pytest.approx(

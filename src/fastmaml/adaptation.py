@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from PIL import Image
 from torch import Tensor
 
 from .core import MAML, Params
-from .errors import ConfigError, DataError, ShapeError
+from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
@@ -154,8 +155,13 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
                           f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
     maml = experiment.build_maml()
-    load_state(maml, load_checkpoint(path)["learner"].get("module"), path)
+    checkpoint = load_checkpoint(path)
+    load_state(maml, checkpoint["learner"].get("module"), path)
     cfg = experiment.cfg
+    if checkpoint["iteration"] < cfg.iterations:
+        warnings.warn(f"{run_dir} is trained to iteration {checkpoint['iteration']:,} of "
+                      f"{cfg.iterations:,}: adapting its model as it is now", FastMAMLWarning,
+                      stacklevel=2)
     classification = experiment.name == "fewshot"
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
