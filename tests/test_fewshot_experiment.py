@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
 import fastmaml
-from fastmaml.experiments import PRESETS, experiment_class
+from fastmaml.experiments import PRESETS, experiment_class, load_experiment
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
 
@@ -95,3 +96,26 @@ def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tm
     with pytest.raises(ConfigError, match="within_alphabet=true needs groups"):
         experiment_class("fewshot").config_cls.from_dict({"dataset": "miniimagenet",
                                                           "within_alphabet": True})
+
+
+def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    for c in range(12):
+        (data / f"class{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (12, 12), 20 * c + i).save(data / f"class{c:02d}" / f"{i}.png")
+    common = ["--out", str(run), "--data-root", str(data), "n_way=2", "k_shot=1", "k_query=1",
+              "eval_k_query=1", "image_size=12", "hidden=4", "meta_batch=2", "val_every=0",
+              "split_fractions=0.5,0.2,0.3", "--no-progress"]
+    assert main(["train", "fewshot-folder", "iterations=2", *common]) == 0
+    recorded = json.loads((run / "splits.json").read_text())
+    assert sorted(sum(recorded.values(), [])) == [f"class{c:02d}" for c in range(12)]
+    names = {k: s.names for k, s in load_experiment(run).splits().items()}
+
+    shutil.copytree(data / "class00", data / "a-new-class")  # sorts first: it shifts a reshuffle
+    capsys.readouterr()
+    assert main(["train", "fewshot-folder", "iterations=3", *common]) == 0
+    assert "left out 1 class folder(s)" in capsys.readouterr().err
+    assert json.loads((run / "splits.json").read_text()) == recorded
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="a-new-class"):
+        assert {k: s.names for k, s in load_experiment(run).splits().items()} == names

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,9 @@ from PIL import Image
 
 from fastmaml import ConfigError, DataError
 from fastmaml.tasks import folder as folder_module
-from fastmaml.tasks.folder import ShortClassesWarning, load_image_folder, split_classes
+from fastmaml.errors import FastMAMLWarning
+from fastmaml.tasks.folder import (ShortClassesWarning, assign_classes, load_image_folder,
+                                    split_classes)
 from fastmaml.tasks.images import ImageFormat
 
 FORMAT = ImageFormat("L", 8)
@@ -108,3 +111,51 @@ def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="1.png"):
         load_image_folder(tmp_path / "broken", FORMAT, cache_dir=tmp_path / "c")
+
+
+def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path) -> None:
+    root = tmp_path / "splits"
+    for split in ("train", "val"):
+        write_class(root / split / f"{split}-class", 2, value=1)
+    with pytest.raises(DataError, match=r"has train/, val/ but no test/"):
+        assign_classes(root)
+    write_class(root / "test" / "test-class", 2, value=2)
+    (root / "__MACOSX" / "train").mkdir(parents=True)  # a macOS zip's resource forks: skipped
+    assert assign_classes(root) == {"train": ["train/train-class"], "val": ["val/val-class"],
+                                    "test": ["test/test-class"]}
+    (root / "validation" / "c").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"also validation/, which would be left unread"):
+        assign_classes(root)
+
+
+def test_a_class_in_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
+    for split in ("train", "test"):  # the ImageFolder habit: the same classes in both
+        write_class(tmp_path / "pets" / split / "cat", 2, value=1)
+    with pytest.raises(DataError, match="class cat is in both train/ and test/"):
+        load_image_folder(tmp_path / "pets", FORMAT, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.filterwarnings("ignore::fastmaml.tasks.folder.ShortClassesWarning")
+def test_an_assignment_keeps_every_class_in_its_split_when_classes_are_added(
+        flat_root: Path, tmp_path: Path) -> None:
+    assignment = assign_classes(flat_root)
+    before = load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+    write_class(flat_root / "a-new-class", 3, value=7)  # sorts first: it would shift the shuffle
+    assert assign_classes(flat_root) != assignment
+    with pytest.warns(FastMAMLWarning, match="left out 1 class folder.* a-new-class"):
+        after = load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c",
+                                  assignment=assignment)
+    assert {k: s.names for k, s in after.items()} == {k: s.names for k, s in before.items()}
+    shutil.rmtree(flat_root / assignment["test"][0])
+    with pytest.raises(DataError, match=f"class folder.* missing .* {assignment['test'][0]}"):
+        load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    write_class(tmp_path / "latin1" / "a", 2, value=3)
+    write_class(tmp_path / "latin1" / "b", 2, value=4)
+    first = tmp_path / "latin1" / "a" / "0.png"
+    first.rename(first.with_name(os.fsdecode(b"\xe9.png")))  # e-acute in Latin-1, say from a zip
+    splits = load_image_folder(tmp_path / "latin1", FORMAT, fractions=(1, 0, 0),
+                               cache_dir=tmp_path / "c")
+    assert [len(images) for images in splits["train"].images] == [2, 2]

@@ -47,9 +47,11 @@ def test_any_mode_and_size_is_converted(tmp_path: Path) -> None:
 
 
 def test_image_files_are_those_pillow_reads(tmp_path: Path) -> None:
-    for name in ("a.png", "b.JPG", "c.txt", ".hidden.png"):
+    for name in ("a.png", "b.JPG", "c.txt", ".hidden.png", "d.tif", "notes.pdf", "data.h5",
+                 "figure.eps", "clip.mpg"):
         (tmp_path / name).write_bytes(b"")
-    assert sorted(p.name for p in tmp_path.iterdir() if im.is_image_file(p)) == ["a.png", "b.JPG"]
+    assert sorted(p.name for p in tmp_path.iterdir() if im.is_image_file(p)) == ["a.png", "b.JPG",
+                                                                               "d.tif"]
 
 
 def test_transparent_pixels_are_white_as_a_viewer_shows_them() -> None:

@@ -17,8 +17,8 @@ from ..config import Config, load_config_dict
 from ..distributed import world
 from ..errors import ConfigError
 from ..runlock import learners_held, locked_run_dir
-from ..train import check_resumable, checkpoints_dir, fit
-from .base import Experiment
+from ..train import check_resumable, fit
+from .base import Experiment, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
 EXPERIMENTS = {
@@ -210,7 +210,7 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experi
         if saved.preset != preset_name:
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
                               "choose another --out")
-        if any(checkpoints_dir(run_dir).glob("*.pt")) or (run_dir / "eval.json").exists():
+        if run_started(run_dir):
             return cls(_resumed(saved, overrides, run_dir), run_dir)
     values = {**chosen.values, "preset": preset_name}
     return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)

@@ -20,7 +20,7 @@ from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
-from ..train import Learner, checkpoint_path, load_checkpoint, load_state
+from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,6 +106,12 @@ def results_table(title: str, records: list[dict[str, Any]], show_steps: list[in
     return "\n".join(lines)
 
 
+def run_started(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has trained (a checkpoint) or been evaluated: from then on
+    its settings and data are fixed."""
+    return any(checkpoints_dir(run_dir).glob("*.pt")) or (run_dir / "eval.json").exists()
+
+
 def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -157,11 +163,16 @@ class Experiment(ABC):
         ``run_dir/figures``; return the paths."""
 
     def save_config(self) -> None:
-        """Write ``run_dir/config.yaml`` (rank 0 only; every rank waits for it)."""
+        """Write ``run_dir/config.yaml`` and ``save_records`` (rank 0 only; every rank waits)."""
         if is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.cfg.save(self.run_dir / "config.yaml")
+            self.save_records()
         barrier()
+
+    def save_records(self) -> None:
+        """Write what, beside the config, fixes what the run learns from (e.g. an image folder's
+        class split), once the run is known to start; nothing by default."""
 
     def restore(self, learner: Learner) -> Learner:
         """Load ``learner``'s final checkpoint from the run directory."""

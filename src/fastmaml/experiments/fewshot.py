@@ -30,15 +30,19 @@ from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
 from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
+from ..tasks.folder import (Assignment, assign_classes, has_explicit_splits, load_image_folder,
+                            read_assignment, save_assignment)
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
+from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
+                   run_started)
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
             "folder": ""}
 
 ROTATE = ("auto", "all", "train", "none")
+SPLIT_RECORD = "splits.json"  # an image folder run's classes per split, fixed when it starts
 
 
 @dataclass
@@ -131,6 +135,7 @@ class FewShotExperiment(Experiment):
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self._splits: dict[str, Split] | None = None
+        self._assignment: Assignment | None = None
 
     def data_root(self) -> Path:
         if self.cfg.dataset == "folder" and not self.cfg.data_root:
@@ -153,14 +158,28 @@ class FewShotExperiment(Experiment):
                 self._splits = {name: Split(images, None)
                                 for name, images in load_miniimagenet(root).items()}
             else:
-                from ..tasks.folder import load_image_folder
                 folders = load_image_folder(
                     root, cfg.image_format(), class_depth=cfg.class_depth,
-                    fractions=cfg.split_fractions, seed=cfg.split_seed,
-                    min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries))
+                    min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries),
+                    assignment=self._class_split())
                 self._splits = {name: Split(split.images, split.groups, split.names)
                                 for name, split in folders.items()}
         return self._splits
+
+    def _class_split(self) -> Assignment:
+        """An image folder's classes per split: as recorded when the run started (so that
+        classes added to the folder since move none between the splits), else assigned now."""
+        if self._assignment is None:
+            record, cfg = self.run_dir / SPLIT_RECORD, self.cfg
+            self._assignment = (read_assignment(record)
+                                if record.is_file() and run_started(self.run_dir) else
+                                assign_classes(self.data_root(), cfg.class_depth,
+                                               cfg.split_fractions, cfg.split_seed))
+        return self._assignment
+
+    def save_records(self) -> None:
+        if self.cfg.dataset == "folder":
+            save_assignment(self._class_split(), self.run_dir / SPLIT_RECORD)
 
     def rotates(self, split: str) -> bool:
         """Whether tasks of ``split`` turn each class by a random multiple of 90 degrees."""
@@ -176,11 +195,15 @@ class FewShotExperiment(Experiment):
         if len(images) < self.cfg.n_way:
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"
-                            + ("; add classes, or change split_fractions (e.g. 0.8,0,0.2 for no "
-                               "meta-val)" if self.cfg.dataset == "folder" else ""))
+                            + (self._more_classes_hint() if self.cfg.dataset == "folder" else ""))
         return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
                               rotate=self.rotates(split), device=self.device, groups=groups,
                               within_group=within)
+
+    def _more_classes_hint(self) -> str:
+        other = ("" if has_explicit_splits(self.data_root()) else
+                 ", or other split_fractions (e.g. 0.8,0,0.2 for no meta-val)")
+        return f"; give a new run more classes{other} (a run keeps the classes it started with)"
 
     def build_maml(self) -> MAML:
         cfg = self.cfg

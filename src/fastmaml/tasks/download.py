@@ -78,8 +78,9 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
 
 
 def fingerprint(items: Sequence[str]) -> str:
-    """A short stable hash of ``items``, to name a cache file after the data it holds."""
-    return hashlib.sha1("\n".join(items).encode()).hexdigest()[:12]
+    """A short stable hash of ``items``, to name a cache file after the data it holds (file
+    names that are not valid UTF-8 hash by their bytes on disk)."""
+    return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -> np.ndarray:

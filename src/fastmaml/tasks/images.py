@@ -8,6 +8,7 @@ does, so that an image given to a trained run matches its training images bit fo
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch import Tensor
 
 from ..errors import DataError
@@ -26,9 +27,19 @@ MODES = {1: "L", 3: "RGB"}
 CONVERSION = 2  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
 
 
+NOT_PICTURES = {"EPS", "MPEG", "IPTC"}  # decoded only with Ghostscript, or identified, not read
+
+
+@functools.cache
 def image_suffixes() -> frozenset[str]:
-    """The file suffixes Pillow can open (``.png``, ``.jpg``, ...), lower case."""
-    return frozenset(Image.registered_extensions())
+    """The file suffixes of the raster formats Pillow decodes (``.png``, ``.jpg``, ...), lower
+    case: not those it only writes (``.pdf``) or only identifies (stub plugins: ``.h5``)."""
+    Image.init()
+    readable = {name for name, (factory, _) in Image.OPEN.items()
+                if not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    readable.add("MPO")  # multi-picture JPEGs: opened by the JPEG plugin
+    return frozenset(suffix for suffix, name in Image.registered_extensions().items()
+                     if name in readable - NOT_PICTURES)
 
 
 def is_image_file(path: Path) -> bool:
