@@ -119,3 +119,16 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert json.loads((run / "splits.json").read_text()) == recorded
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="a-new-class"):
         assert {k: s.names for k, s in load_experiment(run).splits().items()} == names
+
+
+def test_a_system_refusal_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    for c in range(3):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        Image.new("L", (8, 8), c).save(tmp_path / "data" / f"c{c}" / "0.png")
+    (tmp_path / "cache").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "cache"))
+    assert main(["train", "fewshot-folder", "--out", str(tmp_path / "run"), "--data-root",
+                 str(tmp_path / "data"), "n_way=2", "k_query=0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmaml: error: [Errno") and err.count("\n") == 1
+    assert str(tmp_path / "cache") in err

@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except FastMAMLError as error:
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
+        print(f"fastmaml: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fastmaml: interrupted; the same command resumes from the last checkpoint",
               file=sys.stderr)
