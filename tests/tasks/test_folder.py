@@ -13,8 +13,8 @@ from PIL import Image
 from fastmaml import ConfigError, DataError
 from fastmaml.tasks import folder as folder_module
 from fastmaml.errors import FastMAMLWarning
-from fastmaml.tasks.folder import (ShortClassesWarning, assign_classes, load_image_folder,
-                                    split_classes)
+from fastmaml.tasks.folder import ShortClassesWarning, assign_classes, load_image_folder
+from fastmaml.tasks.splits import split_indices
 from fastmaml.tasks.images import ImageFormat
 
 FORMAT = ImageFormat("L", 8)
@@ -44,7 +44,7 @@ def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -
     names = [n for split in splits.values() for n in split.names]
     assert len(names) == len(set(names)) == 19 and "class07" not in names
     # the 21 classes are split 15 / 3 / 3 (round(0.7 * 21), round(0.15 * 21)), then 2 left out
-    assert [len(i) for i in split_classes(21, (0.7, 0.15, 0.15), seed=1)] == [15, 3, 3]
+    assert [len(i) for i in split_indices(21, (0.7, 0.15, 0.15), seed=1)] == [15, 3, 3]
     for split in splits.values():
         for name, images in zip(split.names, split.images):
             c = int(name[-2:])
@@ -55,12 +55,12 @@ def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -
 
 
 def test_the_split_depends_on_the_seed_only(flat_root: Path, tmp_path: Path) -> None:
-    one = split_classes(21, (0.7, 0.15, 0.15), seed=1)
+    one = split_indices(21, (0.7, 0.15, 0.15), seed=1)
     assert sorted(np.concatenate(one).tolist()) == list(range(21))
-    assert not np.array_equal(one[0], split_classes(21, (0.7, 0.15, 0.15), seed=2)[0])
+    assert not np.array_equal(one[0], split_indices(21, (0.7, 0.15, 0.15), seed=2)[0])
     for bad in ((0.5, 0.5), (0.7, 0.2, 0.2), (1.2, -0.1, -0.1)):
         with pytest.raises(ConfigError, match="split_fractions"):
-            split_classes(21, bad, seed=1)
+            split_indices(21, bad, seed=1)
 
 
 def test_groups_and_explicit_splits(tmp_path: Path) -> None:

@@ -20,7 +20,11 @@ from ..distributed import barrier, is_main
 from ..errors import ConfigError
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
+from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
+
+
+SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
 
 
 def resolve_device(name: str) -> torch.device:
@@ -130,6 +134,7 @@ class Experiment(ABC):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.device)
         self.restored_iterations: dict[str, int] = {}  # learner -> its checkpoint's iteration
+        self._data_split: Assignment | None = None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.tune_malloc and self.device.type == "cpu":
@@ -170,9 +175,27 @@ class Experiment(ABC):
             self.save_records()
         barrier()
 
+    def assign_split(self) -> Assignment | None:
+        """A user data folder's items (classes, tasks) per split, assigned now; None for a
+        built-in data set."""
+        return None
+
+    def data_split(self) -> Assignment | None:
+        """``assign_split`` as recorded when the run started (so that items added to the folder
+        since move none between the splits), else assigned now."""
+        if self._data_split is None:
+            record = self.run_dir / SPLIT_RECORD
+            self._data_split = (read_assignment(record)
+                                if record.is_file() and run_started(self.run_dir) else
+                                self.assign_split())
+        return self._data_split
+
     def save_records(self) -> None:
-        """Write what, beside the config, fixes what the run learns from (e.g. an image folder's
-        class split), once the run is known to start; nothing by default."""
+        """Write what, beside the config, fixes what the run learns from: a data folder's split
+        (``data_split``), once the run is known to start."""
+        split = self.data_split()
+        if split is not None:
+            save_assignment(split, self.run_dir / SPLIT_RECORD)
 
     def restore(self, learner: Learner) -> Learner:
         """Load ``learner``'s final checkpoint from the run directory."""

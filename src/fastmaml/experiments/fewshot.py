@@ -30,19 +30,17 @@ from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
 from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
-from ..tasks.folder import (Assignment, assign_classes, has_explicit_splits, load_image_folder,
-                            read_assignment, save_assignment)
+from ..tasks.folder import assign_classes, load_image_folder
+from ..tasks.splits import Assignment, has_explicit_splits
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
-                   run_started)
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
             "folder": ""}
 
 ROTATE = ("auto", "all", "train", "none")
-SPLIT_RECORD = "splits.json"  # an image folder run's classes per split, fixed when it starts
 
 
 @dataclass
@@ -135,7 +133,6 @@ class FewShotExperiment(Experiment):
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
         self._splits: dict[str, Split] | None = None
-        self._assignment: Assignment | None = None
 
     def data_root(self) -> Path:
         if self.cfg.dataset == "folder" and not self.cfg.data_root:
@@ -161,25 +158,17 @@ class FewShotExperiment(Experiment):
                 folders = load_image_folder(
                     root, cfg.image_format(), class_depth=cfg.class_depth,
                     min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries),
-                    assignment=self._class_split())
+                    assignment=self.data_split())
                 self._splits = {name: Split(split.images, split.groups, split.names)
                                 for name, split in folders.items()}
         return self._splits
 
-    def _class_split(self) -> Assignment:
-        """An image folder's classes per split: as recorded when the run started (so that
-        classes added to the folder since move none between the splits), else assigned now."""
-        if self._assignment is None:
-            record, cfg = self.run_dir / SPLIT_RECORD, self.cfg
-            self._assignment = (read_assignment(record)
-                                if record.is_file() and run_started(self.run_dir) else
-                                assign_classes(self.data_root(), cfg.class_depth,
-                                               cfg.split_fractions, cfg.split_seed))
-        return self._assignment
-
-    def save_records(self) -> None:
-        if self.cfg.dataset == "folder":
-            save_assignment(self._class_split(), self.run_dir / SPLIT_RECORD)
+    def assign_split(self) -> Assignment | None:
+        cfg = self.cfg
+        if cfg.dataset != "folder":
+            return None
+        return assign_classes(self.data_root(), cfg.class_depth, cfg.split_fractions,
+                              cfg.split_seed)
 
     def rotates(self, split: str) -> bool:
         """Whether tasks of ``split`` turn each class by a random multiple of 90 degrees."""

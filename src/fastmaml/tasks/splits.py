@@ -1,0 +1,134 @@
+"""Meta-train / val / test splits of a user's data folder, shared by image folders and CSV tasks.
+
+A folder's items (class folders of images, or task files of points) are split either by the
+folder itself (``root/train/``, ``root/val/`` (optional) and ``root/test/``: explicit splits),
+or by shuffling them, sorted by path, with ``numpy.random.default_rng(seed)`` and cutting by
+``fractions``, so that no item is ever in two splits. A run records its assignment when it
+starts (``save_assignment``) and keeps it: items added to the folder later would otherwise move
+others from one split to another, and a model would be tested on what it trained on.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..atomic import write_text_atomic
+from ..errors import ConfigError, DataError, FastMAMLWarning
+
+SPLITS = ("train", "val", "test")
+JUNK_FOLDERS = {"__MACOSX"}  # resource forks that macOS zips add beside the real folders
+Assignment = dict[str, list[str]]  # split -> its items, as paths relative to the data root
+ListItems = Callable[[Path], list[Path]]  # a folder -> the items in it, sorted
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The folders in ``folder``, sorted, without hidden ones and ``JUNK_FOLDERS``."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.name not in JUNK_FOLDERS)
+
+
+def data_root(root: str | os.PathLike[str]) -> Path:
+    """``root`` as a path, or a ``DataError`` when it is not a folder."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} not found" + (" (it is a file)" if root.exists()
+                                                           else ""))
+    return root
+
+
+def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Item indices of train / val / test: a seeded permutation cut by ``fractions``."""
+    if (len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions)
+            or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
+        raise ConfigError("split_fractions must be three fractions (train, val, test) in [0, 1] "
+                          f"that sum to 1, e.g. 0.7,0.15,0.15; got {tuple(fractions)}")
+    train, val = (round(f * count) for f in fractions[:2])
+    order = np.random.default_rng(seed).permutation(count)
+    return np.split(order, [train, min(train + val, count)])
+
+
+def has_explicit_splits(root: Path) -> bool:
+    """Whether ``root`` holds train/ and test/ (and optionally val/) and nothing else."""
+    folders = [p.name for p in subfolders(root)]
+    explicit = [name for name in SPLITS if name in folders]
+    if not explicit:
+        return False
+    missing = [f"{name}/" for name in ("train", "test") if name not in explicit]
+    if missing:
+        raise DataError(f"{root} has {', '.join(n + '/' for n in explicit)} but no "
+                        f"{' or '.join(missing)}: explicit splits need train/ and test/ "
+                        "(val/ is optional)")
+    others = [name for name in folders if name not in SPLITS]
+    if others:
+        raise DataError(f"{root} has explicit splits and also {', '.join(n + '/' for n in others)}"
+                        ", which would be left unread: only train/, val/ and test/ are read "
+                        "(rename validation/ to val/; move other folders out)")
+    return True
+
+
+def found_items(root: Path, list_items: ListItems) -> list[tuple[str | None, Path]]:
+    """Every item of ``root``, with its explicit split (None without explicit splits)."""
+    if has_explicit_splits(root):
+        return [(name, item) for name in SPLITS if (root / name).is_dir()
+                for item in list_items(root / name)]
+    return [(None, item) for item in list_items(root)]
+
+
+def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Sequence[float],
+                 seed: int) -> Assignment:
+    """Each split's items (``found_items``), relative to ``root``: the explicit splits, or the
+    items shuffled with ``seed`` and cut by ``fractions``."""
+    if found and found[0][0] is not None:
+        return {name: [item.relative_to(root).as_posix() for split, item in found if split == name]
+                for name in SPLITS}
+    cut = split_indices(len(found), fractions, seed)
+    return {name: [found[i][1].relative_to(root).as_posix() for i in sorted(index)]
+            for name, index in zip(SPLITS, cut)}
+
+
+def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment: Assignment,
+                   kind: str) -> list[tuple[str, Path, Path]]:
+    """(split, the split's root, item) for the ``found`` items in ``assignment``, in found order.
+
+    An item of ``assignment`` that is missing from the folder is a ``DataError``; an item the
+    folder has beyond it (added after the run started) is left out with a warning.
+    """
+    split_of = {key: name for name, keys in assignment.items() for key in keys}
+    keyed = [(item.relative_to(root).as_posix(), explicit, item) for explicit, item in found]
+    missing = sorted(set(split_of) - {key for key, _, _ in keyed})
+    if missing:
+        raise DataError(f"{len(missing)} {kind}(s) of this run are missing from {root} (e.g. "
+                        f"{missing[0]}): a run keeps the {kind}s it started with (its "
+                        "splits.json); restore them, or start a new run")
+    added = [key for key, _, _ in keyed if key not in split_of]
+    if added:
+        warnings.warn(f"left out {len(added)} {kind}(s) of {root} that are not in this run's "
+                      f"splits (added after it started, e.g. {added[0]})", FastMAMLWarning,
+                      stacklevel=3)
+    return [(split_of[key], root / explicit if explicit else root, item)
+            for key, explicit, item in keyed if key in split_of]
+
+
+def save_assignment(assignment: Assignment, path: Path) -> None:
+    """Record a run's split (``splits.json``), atomically."""
+    write_text_atomic(json.dumps(assignment, indent=1), path)
+
+
+def read_assignment(path: Path) -> Assignment:
+    """A split recorded by ``save_assignment``; a damaged record is a ``ConfigError``."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the run's split {path}: {error}") from None
+    if not (isinstance(value, dict) and set(value) == set(SPLITS)
+            and all(isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+                    for keys in value.values())):
+        raise ConfigError(f"{path} is not a record of a run's split (train, val and test lists "
+                          "of paths)")
+    return value
