@@ -285,16 +285,6 @@ def test_an_image_folder_given_to_a_regression_run(tmp_path: Path,
     code, _, err = adapt(capsys, str(run), "--support", str(tmp_path / "images"),
                          "--query", str(tmp_path / "query.csv"))
     assert code == 2 and "is a folder, but this is a regression run" in err
-    with pytest.raises(DataError, match="not a number"):
-        (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
-        fastmaml.adaptation.read_points(tmp_path / "bad.csv", "support", need_y=True)
-
-
-def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
-    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
-    path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
-    x, y = fastmaml.adaptation.read_points(path, "support", need_y=True)
-    assert x[:, 0].tolist() == [1.0, 3.0, 5.0] and y[:, 0].tolist() == [2.0, 4.0, 6.0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

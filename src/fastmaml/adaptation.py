@@ -19,7 +19,6 @@ paper's evaluation protocol: more accurate when the query holds every class in e
 """
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
 from .tasks.folder import image_files
+from .tasks.points import read_points
 from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | os.PathLike[str] | Image.Image
@@ -146,7 +146,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
     run_dir = Path(run_dir)
     overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
-    if experiment.name not in ("fewshot", "sinusoid"):
+    if experiment.name not in ("fewshot", "sinusoid", "regression"):
         raise ConfigError(f"{run_dir} is a {experiment.name} run; adapt applies few-shot "
                           "classification and regression runs (an RL run adapts by sampling its "
                           "environment: fastmaml eval)")
@@ -243,42 +243,6 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
         paths += found
         labels += [list(classes).index(sub.name)] * len(found)
     return ImageSet(paths, labels, list(classes))
-
-
-def read_points(path: str | os.PathLike[str], role: str, need_y: bool
-                ) -> tuple[Tensor, Tensor | None]:
-    """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
-    header line: (x, y or None) as float (N, 1) tensors."""
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
-                        "a CSV of x,y points")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
-            rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    if rows and not _is_number(rows[0][0]):
-        rows = rows[1:]  # a header line
-    widths = {len(row) for row in rows}
-    if not rows or not widths <= ({2} if need_y else {1, 2}) or len(widths) != 1:
-        expected = "x,y" if need_y else "x (or x,y)"
-        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all alike")
-    try:
-        values = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32)
-    except ValueError as error:
-        raise DataError(f"the {role} CSV {path} holds a value that is not a number: {error}") from None
-    if not torch.isfinite(values).all():
-        raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
-    return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 class Predictions(NamedTuple):

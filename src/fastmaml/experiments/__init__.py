@@ -24,6 +24,7 @@ from .base import Experiment, run_started
 EXPERIMENTS = {
     "sinusoid": "fastmaml.experiments.sinusoid:SinusoidExperiment",
     "fewshot": "fastmaml.experiments.fewshot:FewShotExperiment",
+    "regression": "fastmaml.experiments.regression:RegressionExperiment",
     "rl": "fastmaml.experiments.rl:RLExperiment",
 }
 
@@ -40,6 +41,9 @@ PRESETS: dict[str, Preset] = {
                        "70,000 iterations", {"iterations": 70000}),
     "sinusoid-demo": Preset("sinusoid", "the sinusoid experiment in 1-2 minutes on 2 CPU cores "
                             "(6,000 iterations)", {"iterations": 6000, "checkpoint_every": 500}),
+    "regression-csv": Preset("regression", "your own regression tasks: --data-root DIR with one "
+                             "CSV of x,y points per task (DIR/*.csv, or DIR/train|val|test/*.csv); "
+                             "MLP 1-40-40-1, K=10, 10,000 iterations"),
 }
 
 

@@ -64,6 +64,17 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
                 chunk_size=cfg.chunk_size or None, checkpoint_steps=cfg.checkpoint_steps)
 
 
+def validation_of(maml: MAML, chunks: Callable[[], Iterable[TaskBatch]], steps: int, every: int,
+                  key: str, metric: str = "loss") -> dict[str, Any]:
+    """``meta_learner``'s validation: every ``every`` iterations, log as ``key`` the mean of
+    ``metric`` after ``steps`` inner steps over the fixed tasks ``chunks()``."""
+    def validate() -> dict[str, float]:
+        values = evaluate_tasks(maml, chunks(), steps, False, "validation", metric)
+        return {key: values[:, -1].mean().item()}
+
+    return {"validate": validate, "validate_every": every}
+
+
 def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:
     """Per-column mean and 95% CI half-width 1.96 * std / sqrt(n) of (tasks, steps) values."""
     values = values.double().cpu()

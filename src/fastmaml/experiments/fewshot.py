@@ -34,7 +34,8 @@ from ..tasks.folder import assign_classes, load_image_folder
 from ..tasks.splits import Assignment, has_explicit_splits
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
+from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
+                   validation_of)
 
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
@@ -214,13 +215,9 @@ class FewShotExperiment(Experiment):
         validation = {}
         if cfg.val_every and len(self.splits()["val"].images):  # e.g. the vinyals split has none
             val = self.sampler("val", cfg.eval_queries)
-
-            def validate() -> dict[str, float]:
-                accuracies = evaluate_tasks(maml, val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
-                                            cfg.inner_steps, False, "validation", "metric")
-                return {"val_accuracy": accuracies[:, -1].mean().item()}
-
-            validation = {"validate": validate, "validate_every": cfg.val_every}
+            validation = validation_of(
+                maml, lambda: val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
+                cfg.inner_steps, cfg.val_every, "val_accuracy", "metric")
         return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
                              torch.Generator().manual_seed(cfg.seed), **validation)]
 

@@ -1,0 +1,125 @@
+"""Regression on a user's own tasks: meta-train on a folder of task CSVs, evaluate on held-out tasks.
+
+Each CSV is one task's ``x,y`` points (``tasks.points``); the tasks are split into meta-train,
+meta-val and meta-test files (``tasks.splits``, recorded by the run). The network is the
+sinusoid experiment's MLP (1-40-40-1 by default), trained on the MSE; the run then adapts to a
+new task's CSV with ``fastmaml adapt RUN --support points.csv --query xs.csv``. Scale x and y
+to a range of a few units, as the sinusoid's, for the default inner and meta learning rates.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..config import Config
+from ..core import MAML
+from ..errors import ConfigError, DataError
+from ..models import MLP
+from ..plots import plot_step_curves
+from ..tasks.points import PointSampler, PointTasks, assign_tasks, load_point_tasks
+from ..tasks.splits import Assignment
+from ..train import GradientLearner, meta_learner
+from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
+                   validation_of)
+
+VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
+
+
+@dataclass
+class RegressionConfig(Config):
+    experiment: str = "regression"
+    data_root: str = ""  # the folder of task CSVs (required)
+    split_seed: int = 1
+    split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # without train/ val/ test/ folders
+    iterations: int = 10000
+    meta_batch: int = 25
+    inner_lr: float = 0.01
+    inner_steps: int = 1
+    k_shot: int = 10  # support points per task
+    k_query: int = 10  # query points per task, in training and evaluation
+    hidden: tuple[int, ...] = (40, 40)
+    val_every: int = 500
+    val_tasks: int = 100
+    threads: int = 1  # a small MLP: one thread is fastest
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("k_shot", "k_query"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1 (points per task), got "
+                                  f"{getattr(self, name)}")
+        if self.data_root:  # absolute, so that the saved run evaluates from any directory
+            self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
+
+
+class RegressionExperiment(Experiment):
+    name = "regression"
+    config_cls = RegressionConfig
+    curve_keys = ("loss", "val_mse")
+    cfg: RegressionConfig
+
+    def data_root(self) -> Path:
+        if not self.cfg.data_root:
+            raise ConfigError("the regression experiment needs its folder of task CSVs: "
+                              "--data-root DIR")
+        return Path(self.cfg.data_root)
+
+    def assign_split(self) -> Assignment:
+        return assign_tasks(self.data_root(), self.cfg.split_fractions, self.cfg.split_seed)
+
+    @functools.cached_property
+    def splits(self) -> dict[str, PointTasks]:
+        """Per meta-train/val/test split: its task files' points, loaded once."""
+        return load_point_tasks(self.data_root(), self.cfg.k_shot + self.cfg.k_query,
+                                self.data_split())
+
+    def sampler(self, split: str) -> PointSampler:
+        tasks = self.splits[split]
+        if not len(tasks):
+            raise DataError(f"the {split} split of {self.data_root()} has no task file with at "
+                            f"least {self.cfg.k_shot + self.cfg.k_query} points (k_shot + "
+                            "k_query); give a new run more task files, or other split_fractions")
+        return PointSampler(tasks, self.cfg.k_shot, self.cfg.k_query, self.device)
+
+    def build_maml(self) -> MAML:
+        torch.manual_seed(self.cfg.seed)
+        model = MLP([1, *self.cfg.hidden, 1]).to(self.device)
+        return build_maml(model, F.mse_loss, self.cfg)
+
+    def learners(self) -> list[GradientLearner]:
+        cfg = self.cfg
+        maml = self.build_maml()
+        train = self.sampler("train")
+        validation = {}
+        if cfg.val_every and len(self.splits["val"]):
+            val = self.sampler("val")
+            validation = validation_of(
+                maml, lambda: val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
+                cfg.inner_steps, cfg.val_every, "val_mse")
+        return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
+                             torch.Generator().manual_seed(cfg.seed), **validation)]
+
+    def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        maml = self.restore(self.learners()[0]).module
+        test = self.sampler("test")
+        curve = evaluate_tasks(maml, test.fixed_tasks(cfg.eval_tasks, TEST_SEED, cfg.eval_chunk),
+                               cfg.eval_inner_steps, progress, "meta-test")
+        records = [eval_record("regression", "maml", cfg.k_shot, curve, metric="mse",
+                               preset=cfg.preset)]
+        table = results_table(f"Regression on {self.data_root()}: query MSE on held-out tasks "
+                              "after N inner steps", records,
+                              show_steps=sorted({0, 1, cfg.inner_steps, cfg.eval_inner_steps}),
+                              paper={}, run_dir=self.run_dir)
+        self.write_eval(records, table)
+        return records
+
+    def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
+        return [plot_step_curves(records, "MSE", self.figures_dir() / "mse_vs_steps.png",
+                                 log_scale=True)]

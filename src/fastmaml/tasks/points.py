@@ -1,0 +1,142 @@
+"""Regression tasks from a user's own data: one CSV of ``x,y`` points per task.
+
+Layouts of a data root: ``root/*.csv`` (the tasks are split by ``splits``), or explicit
+``root/train/*.csv``, ``root/val/*.csv`` (optional) and ``root/test/*.csv``. A task's support
+and query points are drawn from its file without replacement, so a file needs at least
+``k_shot + k_query`` points; shorter files are left out with one warning.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..core import TaskBatch
+from ..errors import DataError, FastMAMLWarning
+from .splits import SPLITS, Assignment, assign_items, assigned_items, data_root, found_items
+
+
+class ShortTasksWarning(FastMAMLWarning):
+    """Task files left out because they hold too few points for a task."""
+
+
+def read_points(path: str | os.PathLike[str], role: str, need_y: bool
+                ) -> tuple[Tensor, Tensor | None]:
+    """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
+    header line: (x, y or None) as float (N, 1) tensors."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
+                        "a CSV of x,y points")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
+            rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
+    if rows and not _is_number(rows[0][0]):
+        rows = rows[1:]  # a header line
+    widths = {len(row) for row in rows}
+    if not rows or not widths <= ({2} if need_y else {1, 2}) or len(widths) != 1:
+        expected = "x,y" if need_y else "x (or x,y)"
+        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all alike")
+    try:
+        values = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32)
+    except ValueError as error:
+        raise DataError(f"the {role} CSV {path} holds a value that is not a number: {error}") from None
+    if not torch.isfinite(values).all():
+        raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
+    return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def task_files(folder: Path) -> list[Path]:
+    """The ``.csv`` files directly in ``folder`` (hidden ones skipped), sorted by name."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith("."))
+
+
+def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
+                 seed: int = 1) -> Assignment:
+    """Each split's task files, relative to ``root`` (``splits.assign_items``)."""
+    root = data_root(root)
+    return assign_items(root, found_items(root, task_files), fractions, seed)
+
+
+@dataclass
+class PointTasks:
+    """The tasks of one split: every task's points, padded to the longest, and their names."""
+
+    points: Tensor  # (tasks, most points, 2): x, y; rows past a task's count are padding
+    counts: Tensor  # (tasks,)
+    names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def load_point_tasks(root: str | os.PathLike[str], min_points: int,
+                     assignment: Assignment | None = None) -> dict[str, PointTasks]:
+    """The splits of a folder of task CSVs (see the module docstring); ``assignment`` (a run's
+    record of ``assign_tasks``) fixes which file is in which split."""
+    root = data_root(root)
+    if assignment is None:
+        assignment = assign_tasks(root)
+    files = assigned_items(root, found_items(root, task_files), assignment, "task file")
+    if not files:
+        raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y row per "
+                        "point), or train/, val/ and test/ folders of them")
+    kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
+    short = 0
+    for split, split_root, path in files:
+        x, y = read_points(path, "task", need_y=True)
+        if len(x) >= min_points:
+            kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
+        else:
+            short += 1
+    if short:
+        warnings.warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
+                      f"{min_points} points (k_shot + queries)", ShortTasksWarning, stacklevel=2)
+    return {split: _padded(entries) for split, entries in kept.items()}
+
+
+def _padded(entries: list[tuple[Tensor, str]]) -> PointTasks:
+    counts = torch.tensor([len(points) for points, _ in entries], dtype=torch.long)
+    points = torch.zeros(len(entries), int(counts.max()) if len(entries) else 0, 2)
+    for i, (task, _) in enumerate(entries):
+        points[i, :len(task)] = task
+    return PointTasks(points, counts, [name for _, name in entries])
+
+
+class PointSampler:
+    """Meta-batches of regression tasks: each a random task of the split, with ``k_shot``
+    support and ``k_query`` query points drawn from its file without replacement."""
+
+    def __init__(self, tasks: PointTasks, k_shot: int, k_query: int,
+                 device: torch.device | str = "cpu"):
+        self.tasks, self.k_shot, self.k_query, self.device = tasks, k_shot, k_query, device
+        self.padding = torch.arange(tasks.points.shape[1])[None] >= tasks.counts[:, None]
+
+    def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
+        task = torch.randint(len(self.tasks), (num_tasks,), generator=generator)
+        keys = torch.rand(num_tasks, self.tasks.points.shape[1], generator=generator)
+        chosen = keys.masked_fill(self.padding[task], -1.0).topk(self.k_shot + self.k_query,
+                                                                 dim=1).indices
+        points = self.tasks.points[task[:, None], chosen]  # (tasks, k_shot + k_query, 2)
+        x, y, k = points[..., :1], points[..., 1:], self.k_shot
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:]).to(self.device)
+
+    def fixed_tasks(self, count: int, seed: int, chunk: int) -> list[TaskBatch]:
+        """``count`` tasks drawn with ``seed`` (the same for every run), in chunks of ``chunk``."""
+        return list(self.sample(count, torch.Generator().manual_seed(seed)).split(chunk))

@@ -1,0 +1,64 @@
+"""Regression tasks from CSV files: reading points, the split, and sampling support and query."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmaml import DataError
+from fastmaml.tasks.points import (PointSampler, ShortTasksWarning, assign_tasks,
+                                   load_point_tasks, read_points)
+
+
+def write_task(path: Path, task: int, points: int) -> None:
+    """A task whose y is its number and whose x are 0..points-1, so a draw shows its source."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x,y\n" + "".join(f"{i},{task}\n" for i in range(points)))
+
+
+def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
+    path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
+    x, y = read_points(path, "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0, 5.0] and y[:, 0].tolist() == [2.0, 4.0, 6.0]
+    (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
+    with pytest.raises(DataError, match="not a number"):
+        read_points(tmp_path / "bad.csv", "support", need_y=True)
+
+
+def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:
+    for t in range(10):
+        write_task(tmp_path / "tasks" / f"t{t}.csv", t, 3 if t == 4 else 8)
+    (tmp_path / "tasks" / "notes.txt").write_text("not a task")
+    with pytest.warns(ShortTasksWarning, match="left out 1 of 10 task files .* fewer than 5"):
+        splits = load_point_tasks(tmp_path / "tasks", min_points=5,
+                                  assignment=assign_tasks(tmp_path / "tasks", (0.6, 0.2, 0.2)))
+    names = [n for split in splits.values() for n in split.names]
+    assert sorted(names) == sorted(f"t{t}.csv" for t in range(10) if t != 4)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [5, 2, 2]
+
+
+def test_a_draw_takes_distinct_points_of_one_task_never_padding(tmp_path: Path) -> None:
+    for t, points in enumerate((6, 20, 9)):  # uneven lengths: the shorter ones are padded
+        write_task(tmp_path / "train" / f"t{t}.csv", t, points)
+    write_task(tmp_path / "test" / "t9.csv", 9, 6)
+    splits = load_point_tasks(tmp_path, min_points=6)
+    assert splits["train"].names == ["t0.csv", "t1.csv", "t2.csv"] and not len(splits["val"])
+    batch = PointSampler(splits["train"], k_shot=2, k_query=4).sample(200, torch.Generator())
+    x = torch.cat([batch.support_x, batch.query_x], dim=1)[..., 0]
+    y = torch.cat([batch.support_y, batch.query_y], dim=1)[..., 0]
+    assert batch.support_x.shape == (200, 2, 1) and batch.query_y.shape == (200, 4, 1)
+    assert (y == y[:, :1]).all()  # every point of a draw from one task
+    lengths = torch.tensor([6.0, 20.0, 9.0])[y[:, 0].long()]
+    assert (x < lengths[:, None]).all()  # never a padding row
+    assert all(len(set(row.tolist())) == 6 for row in x)  # without replacement
+    assert set(y[:, 0].tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no task files in"):
+        load_point_tasks(tmp_path / "empty", min_points=2)
+    with pytest.raises(DataError, match="not found"):
+        load_point_tasks(tmp_path / "nowhere", min_points=2)
