@@ -84,3 +84,9 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
     (tmp_path / "config.yaml").write_text("n_way: [5\nk_shot: 1\n")
     with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML \(.*line"):
         load_config_dict(tmp_path / "config.yaml")
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "config.yaml").write_bytes(b"\xff\xfen_way: 5\n")
+    with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML"):
+        load_config_dict(tmp_path / "config.yaml")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +57,26 @@ def test_a_missing_data_root_is_one_clear_line(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err == ("fastmaml: error: the regression experiment needs its folder of task CSVs: "
                    "--data-root DIR\n")
+
+
+def test_a_run_whose_test_split_is_empty_is_refused_before_training(tmp_path: Path,
+                                                                    capsys) -> None:
+    write_sinusoid_tasks(tmp_path / "tasks", 3)
+    assert main(["train", "regression-csv", "--out", str(tmp_path / "run"), "--data-root",
+                 str(tmp_path / "tasks"), "split_fractions=1,0,0", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "the test split of" in err and "cannot give a task: it has no task files" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_fresh_run_replaces_a_stale_split_record(tmp_path: Path) -> None:
+    data, run = tmp_path / "tasks", tmp_path / "run"
+    write_sinusoid_tasks(data, 10)
+    common = ["--out", str(run), "--data-root", str(data), "iterations=2", "val_every=0",
+              "--no-progress"]
+    assert main(["train", "regression-csv", *common]) == 0
+    recorded = json.loads((run / "splits.json").read_text())
+    shutil.rmtree(run / "checkpoints")  # a directory holding a config, but nothing trained
+    (run / "splits.json").write_text(json.dumps({"train": ["gone.csv"], "val": [], "test": []}))
+    assert main(["train", "regression-csv", *common]) == 0
+    assert json.loads((run / "splits.json").read_text()) == recorded

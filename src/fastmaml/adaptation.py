@@ -36,9 +36,10 @@ from .core import MAML, Params
 from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
-from .tasks.images import ImageFormat, as_model_input, channels_first, is_image_file
+from .tasks.images import ImageFormat, as_model_input, channels_first
 from .tasks.folder import image_files
 from .tasks.points import read_points
+from .tasks.splits import subfolders as visible_subfolders
 from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | os.PathLike[str] | Image.Image
@@ -185,13 +186,12 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
                         "folder of images (one subfolder per class)")
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    subfolders = [p for p in entries if p.is_dir()]
-    images = [p for p in entries if is_image_file(p)]
-    if subfolders and images:
+    folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped
+    images = image_files(folder)
+    if folders and images:
         raise DataError(f"the {role} folder {folder} mixes images and class subfolders: use one "
                         "subfolder per class, or a flat folder of images")
-    return subfolders, images
+    return folders, images
 
 
 def _class_images(folder: Path, role: str) -> list[Path]:

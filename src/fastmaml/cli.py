@@ -5,6 +5,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except FastMAMLError as error:
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (e.g. `fastmaml adapt ... | head`): no noise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2

@@ -109,8 +109,8 @@ def load_config_dict(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"no config file at {path}: is this a fastmaml run directory?")
     try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
         detail = " ".join(str(error).split())
         raise ConfigError(f"{path} is not valid YAML ({detail}): fix it, or copy it from "
                           "another run of the same preset") from None

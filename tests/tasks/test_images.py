@@ -75,6 +75,8 @@ def test_16_bit_pixels_are_scaled_not_clipped(tmp_path: Path) -> None:
     assert pixels.tolist() == [[0, 1, 4, 128, 255]]
     assert ImageFormat("L", 5).convert(Image.fromarray(values.astype(np.int32))).tolist()[0] == \
         [0, 1, 4, 128, 255]
+    Image.fromarray(values).save(tmp_path / "keyed.png", transparency=1000)  # a transparent colour
+    assert ImageFormat("L", 5).read(tmp_path / "keyed.png")[0].tolist() == [0, 1, 255, 128, 255]
 
 
 @pytest.mark.parametrize("pixels", [np.full((4, 4), 0.5, np.float32),

@@ -39,8 +39,8 @@ def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> Non
     assert [len(splits[s]) for s in ("train", "val", "test")] == [5, 2, 2]
 
 
-def test_a_draw_takes_distinct_points_of_one_task_never_padding(tmp_path: Path) -> None:
-    for t, points in enumerate((6, 20, 9)):  # uneven lengths: the shorter ones are padded
+def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:
+    for t, points in enumerate((6, 20, 9)):  # files of uneven lengths
         write_task(tmp_path / "train" / f"t{t}.csv", t, points)
     write_task(tmp_path / "test" / "t9.csv", 9, 6)
     splits = load_point_tasks(tmp_path, min_points=6)
@@ -51,7 +51,7 @@ def test_a_draw_takes_distinct_points_of_one_task_never_padding(tmp_path: Path) 
     assert batch.support_x.shape == (200, 2, 1) and batch.query_y.shape == (200, 4, 1)
     assert (y == y[:, :1]).all()  # every point of a draw from one task
     lengths = torch.tensor([6.0, 20.0, 9.0])[y[:, 0].long()]
-    assert (x < lengths[:, None]).all()  # never a padding row
+    assert (x < lengths[:, None]).all()  # only points of that task's own file
     assert all(len(set(row.tolist())) == 6 for row in x)  # without replacement
     assert set(y[:, 0].tolist()) == {0.0, 1.0, 2.0}
 

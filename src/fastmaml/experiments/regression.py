@@ -80,11 +80,12 @@ class RegressionExperiment(Experiment):
                                 self.data_split())
 
     def sampler(self, split: str) -> PointSampler:
-        tasks = self.splits[split]
+        tasks, files = self.splits[split], len(self.data_split()[split])
         if not len(tasks):
-            raise DataError(f"the {split} split of {self.data_root()} has no task file with at "
-                            f"least {self.cfg.k_shot + self.cfg.k_query} points (k_shot + "
-                            "k_query); give a new run more task files, or other split_fractions")
+            why = (f"none of its {files} task files has {self.cfg.k_shot + self.cfg.k_query} "
+                   "points (k_shot + k_query)" if files else "it has no task files")
+            raise DataError(f"the {split} split of {self.data_root()} cannot give a task: {why}; "
+                            "give a new run more task files (or other split_fractions)")
         return PointSampler(tasks, self.cfg.k_shot, self.cfg.k_query, self.device)
 
     def build_maml(self) -> MAML:
@@ -96,6 +97,7 @@ class RegressionExperiment(Experiment):
         cfg = self.cfg
         maml = self.build_maml()
         train = self.sampler("train")
+        self.sampler("test")  # refuse, before training, a run that could not be evaluated
         validation = {}
         if cfg.val_every and len(self.splits["val"]):
             val = self.sampler("val")

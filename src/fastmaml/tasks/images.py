@@ -80,7 +80,8 @@ class ImageFormat:
 def _eight_bit(image: Image.Image) -> Image.Image:
     """``image`` with 8-bit pixels. Pillow's ``convert`` clips wider pixels at 255, so a 16-bit
     image (``I;16*``, or ``I`` holding 0..65535, as Pillow opens some 16-bit files) is scaled by
-    255/65535 here; float (``F``) and wider integer pixels have no fixed range and are refused."""
+    255/65535 here (a transparent colour becomes an alpha channel); float (``F``) and wider
+    integer pixels have no fixed range and are refused."""
     if image.mode == "F":
         raise DataError("a floating-point image (mode F) has no fixed pixel range: save it with "
                         "8- or 16-bit pixels")
@@ -90,7 +91,12 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     if values.min() < 0 or values.max() > 65535:
         raise DataError(f"a {image.mode} image with pixels outside 0..65535 has no fixed range: "
                         "save it with 8- or 16-bit pixels")
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    scaled = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if not isinstance(transparent, int):
+        return scaled
+    alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+    return Image.merge("LA", (scaled, alpha))
 
 
 def _on_white(image: Image.Image) -> Image.Image:

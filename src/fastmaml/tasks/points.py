@@ -76,10 +76,9 @@ def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0
 
 @dataclass
 class PointTasks:
-    """The tasks of one split: every task's points, padded to the longest, and their names."""
+    """The tasks of one split: every task's points, (count, 2) of x, y, and its file's name."""
 
-    points: Tensor  # (tasks, most points, 2): x, y; rows past a task's count are padding
-    counts: Tensor  # (tasks,)
+    points: list[Tensor]
     names: list[str]
 
     def __len__(self) -> int:
@@ -108,15 +107,8 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if short:
         warnings.warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
                       f"{min_points} points (k_shot + queries)", ShortTasksWarning, stacklevel=2)
-    return {split: _padded(entries) for split, entries in kept.items()}
-
-
-def _padded(entries: list[tuple[Tensor, str]]) -> PointTasks:
-    counts = torch.tensor([len(points) for points, _ in entries], dtype=torch.long)
-    points = torch.zeros(len(entries), int(counts.max()) if len(entries) else 0, 2)
-    for i, (task, _) in enumerate(entries):
-        points[i, :len(task)] = task
-    return PointTasks(points, counts, [name for _, name in entries])
+    return {split: PointTasks([points for points, _ in entries], [name for _, name in entries])
+            for split, entries in kept.items()}
 
 
 class PointSampler:
@@ -126,14 +118,13 @@ class PointSampler:
     def __init__(self, tasks: PointTasks, k_shot: int, k_query: int,
                  device: torch.device | str = "cpu"):
         self.tasks, self.k_shot, self.k_query, self.device = tasks, k_shot, k_query, device
-        self.padding = torch.arange(tasks.points.shape[1])[None] >= tasks.counts[:, None]
 
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
-        task = torch.randint(len(self.tasks), (num_tasks,), generator=generator)
-        keys = torch.rand(num_tasks, self.tasks.points.shape[1], generator=generator)
-        chosen = keys.masked_fill(self.padding[task], -1.0).topk(self.k_shot + self.k_query,
-                                                                 dim=1).indices
-        points = self.tasks.points[task[:, None], chosen]  # (tasks, k_shot + k_query, 2)
+        size, draws = self.k_shot + self.k_query, []
+        for t in torch.randint(len(self.tasks), (num_tasks,), generator=generator).tolist():
+            task = self.tasks.points[t]  # (count, 2): files may be of any length
+            draws.append(task[torch.randperm(len(task), generator=generator)[:size]])
+        points = torch.stack(draws)  # (tasks, k_shot + k_query, 2)
         x, y, k = points[..., :1], points[..., 1:], self.k_shot
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:]).to(self.device)
 
