@@ -25,6 +25,7 @@ from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, 
 
 
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
+VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 
 
 def resolve_device(name: str) -> torch.device:

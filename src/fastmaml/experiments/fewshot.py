@@ -34,10 +34,9 @@ from ..tasks.folder import assign_classes, load_image_folder
 from ..tasks.splits import Assignment, has_explicit_splits
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
-from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
-                   validation_of)
+from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
+                   results_table, validation_of)
 
-VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
             "folder": ""}
 

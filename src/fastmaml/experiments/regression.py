@@ -25,10 +25,8 @@ from ..plots import plot_step_curves
 from ..tasks.points import PointSampler, PointTasks, assign_tasks, load_point_tasks
 from ..tasks.splits import Assignment
 from ..train import GradientLearner, meta_learner
-from .base import (Experiment, build_maml, eval_record, evaluate_tasks, results_table,
-                   validation_of)
-
-VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
+from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
+                   results_table, validation_of)
 
 
 @dataclass
@@ -80,8 +78,9 @@ class RegressionExperiment(Experiment):
                                 self.data_split())
 
     def sampler(self, split: str) -> PointSampler:
-        tasks, files = self.splits[split], len(self.data_split()[split])
+        tasks = self.splits[split]
         if not len(tasks):
+            files = len(self.data_split()[split])
             why = (f"none of its {files} task files has {self.cfg.k_shot + self.cfg.k_query} "
                    "points (k_shot + k_query)" if files else "it has no task files")
             raise DataError(f"the {split} split of {self.data_root()} cannot give a task: {why}; "

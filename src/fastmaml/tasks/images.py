@@ -2,9 +2,10 @@
 
 A data set's ``ImageFormat`` (PIL mode, square side, inversion) turns any file Pillow reads, or
 any PIL image, into the uint8 pixels the data set is cached as (16-bit pixels scaled, not
-clipped, to 8 bits; transparent pixels shown on white, as a viewer shows them); ``as_model_input`` scales them
-to the float tensor the model sees (pixels / 255, channels first), exactly as the task sampler
-does, so that an image given to a trained run matches its training images bit for bit.
+clipped, to 8 bits; transparent pixels shown on white, as a viewer shows them);
+``as_model_input`` scales them to the float tensor the model sees (pixels / 255, channels
+first), exactly as the task sampler does, so that an image given to a trained run matches its
+training images bit for bit.
 """
 from __future__ import annotations
 
@@ -25,8 +26,6 @@ from ..errors import DataError
 POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 MODES = {1: "L", 3: "RGB"}
 CONVERSION = 2  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
-
-
 NOT_PICTURES = {"EPS", "MPEG", "IPTC"}  # decoded only with Ghostscript, or identified, not read
 
 
