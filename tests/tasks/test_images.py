@@ -86,3 +86,15 @@ def test_pixels_without_a_fixed_range_are_refused_naming_the_file(tmp_path: Path
     Image.fromarray(pixels).save(tmp_path / "wide.tif")
     with pytest.raises(DataError, match=r"wide.tif: .*no fixed .*range"):
         ImageFormat("L", 4).read(tmp_path / "wide.tif")
+
+
+def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> None:
+    pixels = np.arange(6 * 4, dtype=np.uint8).reshape(4, 6) * 10  # 6 wide, 4 high: asymmetric
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: stored turned 90 degrees counter-clockwise
+    Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
+    upright = np.rot90(pixels, k=-1)  # what a viewer shows: turned back, clockwise
+    expected = ImageFormat("L", 5).convert(Image.fromarray(np.ascontiguousarray(upright)))
+    assert np.array_equal(ImageFormat("L", 5).read(tmp_path / "sideways.png"), expected)
+    with Image.open(tmp_path / "sideways.png") as opened:  # a PIL image given directly, too
+        assert np.array_equal(ImageFormat("L", 5).convert(opened), expected)

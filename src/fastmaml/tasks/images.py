@@ -1,8 +1,9 @@
 """Image files to model inputs: one conversion shared by the training loaders and ``adapt``.
 
 A data set's ``ImageFormat`` (PIL mode, square side, inversion) turns any file Pillow reads, or
-any PIL image, into the uint8 pixels the data set is cached as (16-bit pixels scaled, not
-clipped, to 8 bits; transparent pixels shown on white, as a viewer shows them);
+any PIL image, into the uint8 pixels the data set is cached as (turned upright by its EXIF
+orientation, 16-bit pixels scaled, not clipped, to 8 bits, and transparent pixels shown on
+white: as a viewer shows the image);
 ``as_model_input`` scales them to the float tensor the model sees (pixels / 255, channels
 first), exactly as the task sampler does, so that an image given to a trained run matches its
 training images bit for bit.
@@ -18,14 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 from torch import Tensor
 
 from ..errors import DataError
 
 POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 MODES = {1: "L", 3: "RGB"}
-CONVERSION = 2  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
+CONVERSION = 3  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
 NOT_PICTURES = {"EPS", "MPEG", "IPTC"}  # decoded only with Ghostscript, or identified, not read
 
 
@@ -60,8 +61,9 @@ class ImageFormat:
         return len(self.mode)
 
     def convert(self, image: Image.Image) -> np.ndarray:
-        """(size, size) for ``L``, (size, size, 3) for ``RGB``, uint8."""
-        image = _on_white(_eight_bit(image)).convert(self.mode)
+        """(size, size) for ``L``, (size, size, 3) for ``RGB``, uint8. A camera's photo taken
+        sideways is stored unrotated, with an EXIF orientation tag: it is turned upright first."""
+        image = _on_white(_eight_bit(ImageOps.exif_transpose(image))).convert(self.mode)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         pixels = np.asarray(image, dtype=np.uint8)

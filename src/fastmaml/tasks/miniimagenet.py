@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir, fingerprint
-from .images import ImageFormat, read_images
+from .images import CONVERSION, ImageFormat, read_images
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 84
@@ -112,7 +112,7 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
         raise DataError(f"{table} must be a CSV with the header 'filename,label' and one "
                         "'filename,label' row per image")
     files = [root / "images" / name for name, _ in rows]
-    key = fingerprint([f"{name},{label}" for name, label in rows])
+    key = fingerprint([f"conversion {CONVERSION}"] + [f"{name},{label}" for name, label in rows])
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
     images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
     label_of = np.array([label for _, label in rows])
