@@ -13,7 +13,7 @@ from gymnasium.utils.env_checker import check_env
 
 from fastmaml.errors import ConfigError
 from fastmaml.rl import (ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env,
-                         right_way_threshold)
+                         official_test_tasks, right_way_threshold)
 
 
 def test_nav2d_batch_hand_computed() -> None:
@@ -77,6 +77,21 @@ def test_task_sampling() -> None:
     assert same == env_class("fastmaml/AntDir-v0").sample_tasks(10, np.random.default_rng(3))
     with pytest.raises(ConfigError, match="unknown meta-RL environment"):
         env_class("fastmaml/Nope-v0")
+
+
+def test_official_test_tasks_are_the_test_scripts_draws() -> None:
+    """The official scripts seeded numpy's legacy generator (1; 2 for the ant direction) and drew
+    all goals at once; rllab's direction environments ran backwards below the middle of the goal
+    range. MT19937's first draws: 0.417022, 0.720324 (seed 1); 0.435995, 0.025926 (seed 2)."""
+    cheetah = [t["direction"] for t in official_test_tasks("fastmaml/HalfCheetahDir-v0", 40)]
+    assert cheetah[:2] == [-1.0, 1.0] and cheetah.count(1.0) == 18  # goals 0.83, 1.44 of [0, 2]
+    ant = [t["direction"] for t in official_test_tasks("fastmaml/AntDir-v0", 40)]
+    assert ant[:3] == [-1.0, -1.0, 1.0] and ant.count(1.0) == 15  # 1.31, 0.08, 1.65 of [0, 3]
+    velocities = official_test_tasks("fastmaml/AntVel-v0", 2)
+    assert [t["velocity"] for t in velocities] == pytest.approx([3 * 0.417022, 3 * 0.720324],
+                                                               abs=1e-5)
+    assert official_test_tasks("fastmaml/HalfCheetahVel-v0", 40) == env_class(
+        "fastmaml/HalfCheetahVel-v0").sample_tasks(40, np.random.RandomState(1))
 
 
 def _task_term(task: dict, x_velocity: float) -> float:

@@ -33,6 +33,8 @@ def test_presets_hold_the_paper_settings() -> None:
     expected = {"rl-nav2d": (20, 20, 100), "rl-cheetah-vel": (40, 10, 200),
                 "rl-cheetah-dir": (40, 20, 200), "rl-ant-vel": (40, 20, 200),
                 "rl-ant-dir": (40, 40, 200)}
+    # evaluation: the official test scripts' batch_size (environment steps per task and step)
+    official_steps = {"rl-ant-dir": 8000}
     for name in names:
         cfg = RLConfig.from_dict(preset(name).values)
         horizon = cfg.horizon or (100 if name == "rl-nav2d" else 200)
@@ -40,7 +42,8 @@ def test_presets_hold_the_paper_settings() -> None:
         assert cfg.iterations == 500 and cfg.inner_steps == 1 and cfg.threads == 1
         assert (cfg.max_kl, cfg.cg_iters, cfg.cg_damping) == (0.01, 10, 1e-5)
         assert (cfg.backtrack_ratio, cfg.max_backtracks) == (0.8, 15)
-        assert (cfg.eval_tasks, cfg.eval_inner_steps, cfg.eval_trajectories) == (40, 3, 40)
+        assert (cfg.eval_tasks, cfg.eval_inner_steps) == (40, 3)
+        assert cfg.eval_trajectories * horizon == official_steps.get(name, 4000)
         assert cfg.inner_lr == (0.5 if name == "rl-nav2d" else 0.1)
         cpu = RLConfig.from_dict(PRESETS[f"{name}-cpu"].values)
         assert cpu.iterations <= cfg.iterations and cpu.meta_batch <= 20
@@ -57,6 +60,33 @@ def test_presets_hold_the_paper_settings() -> None:
     for schedule in (dict(meta_lr_schedule="cosine"), dict(first_order_until=100)):
         with pytest.raises(ConfigError, match="outer loop is TRPO"):
             RLConfig(**schedule)
+
+
+@pytest.mark.parametrize("name, step_sizes, later", [
+    ("rl-nav2d", (0.5, 0.5, 0.5), 0.5), ("rl-cheetah-vel", (0.1, 0.02, 0.1), 0.5),
+    ("rl-cheetah-dir", (0.1, 0.2, 0.5), 0.5), ("rl-ant-vel", (0.1, 0.2, 1.0), 0.5),
+    ("rl-ant-dir", (0.1, 0.2, 1.0), 0.01)])
+def test_evaluation_takes_the_official_step_sizes(tmp_path: Path, name: str,
+                                                  step_sizes: tuple[float, ...], later: float,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each official test script fine-tuned MAML, the pretrained and the random policy with
+    its own first step size, and the later steps with a share of it; eval_inner_lr overrides
+    the first step size of every method."""
+    import fastmaml.rl
+
+    experiment = create_run(name, tmp_path / "run", ["eval_tasks=2", "eval_trajectories=1",
+                                                     "horizon=3", "eval_inner_steps=2",
+                                                     "hidden=4,4"])
+    assert experiment.eval_step_sizes() == dict(zip(("maml", "pretrained", "random"), step_sizes))
+    scales = []
+    adapt = fastmaml.rl.adapt_policy
+    monkeypatch.setattr(fastmaml.rl, "adapt_policy",
+                        lambda *args, **kwargs: scales.append(kwargs["lr_scale"]) or
+                        adapt(*args, **kwargs))
+    experiment.adaptation_returns(experiment.build_maml(2), experiment.eval_tasks())
+    assert scales == [1.0, later]
+    override = create_run(name, tmp_path / "override", ["eval_inner_lr=0.3"])
+    assert set(override.eval_step_sizes().values()) == {0.3}
 
 
 def test_evaluation_uses_the_official_test_goals(tmp_path: Path) -> None:
@@ -149,6 +179,9 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     assert "v5 models" in text
     # every method ran on the same tasks: maml's record holds its task-by-task differences
     maml, pretrained, random = records
+    official = {"rl-cheetah-vel-cpu": [0.1, 0.02, 0.1], "rl-cheetah-dir-cpu": [0.1, 0.2, 0.5]}
+    assert [r["inner_lr"] for r in records] == official[preset]
+    assert "later steps take 0.5 of it" in text
     for baseline in (pretrained, random):
         difference = maml["paired_difference"][baseline["method"]]
         assert difference["mean"] == pytest.approx([m - b for m, b in zip(maml["mean"],
@@ -160,9 +193,8 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
         assert all("right_way" not in r for r in records) and "right way" not in text
         return
     # direction tasks: the share of tasks whose return shows progress the right way, per step
-    returns = experiment.adaptation_returns(experiment.build_maml(2, experiment.cfg.eval_lr),
+    returns = experiment.adaptation_returns(experiment.build_maml(2, random["inner_lr"]),
                                             experiment.eval_tasks())
-    random = next(r for r in records if r["method"] == "random")
     assert random["mean"] == pytest.approx(returns.mean(0).tolist())
     assert random["right_way"] == (returns > 0.0).double().mean(0).tolist()
     assert "- maml: tasks run the right way (mean return above 0) after 0/1 steps:" in text

@@ -127,16 +127,22 @@ def _rl_presets() -> dict[str, Preset]:
     (see fastmaml/experiments/rl.py)."""
     nav = dict(env="fastmaml/Nav2D-v0", action_scale=0.1, inner_lr=0.5, meta_batch=20,
                trajectories=20)
+    # Evaluation episodes: the official test scripts' 4,000 environment steps per task and step
+    # (8,000 for the ant direction), 40 episodes of navigation's horizon 100, 20 of locomotion's 200.
     paper = {
         "rl-nav2d": ("2D navigation", nav),
         "rl-cheetah-vel": ("half-cheetah goal velocity",
-                           dict(env="fastmaml/HalfCheetahVel-v0", meta_batch=40, trajectories=10)),
+                           dict(env="fastmaml/HalfCheetahVel-v0", meta_batch=40, trajectories=10,
+                                eval_trajectories=20)),
         "rl-cheetah-dir": ("half-cheetah goal direction",
-                           dict(env="fastmaml/HalfCheetahDir-v0", meta_batch=40, trajectories=20)),
+                           dict(env="fastmaml/HalfCheetahDir-v0", meta_batch=40, trajectories=20,
+                                eval_trajectories=20)),
         "rl-ant-vel": ("ant goal velocity",
-                       dict(env="fastmaml/AntVel-v0", meta_batch=40, trajectories=20)),
+                       dict(env="fastmaml/AntVel-v0", meta_batch=40, trajectories=20,
+                            eval_trajectories=20)),
         "rl-ant-dir": ("ant goal direction",
-                       dict(env="fastmaml/AntDir-v0", meta_batch=40, trajectories=40)),
+                       dict(env="fastmaml/AntDir-v0", meta_batch=40, trajectories=40,
+                            eval_trajectories=40)),
     }
     # CPU budget: locomotion at 20 tasks x 10 episodes (training and evaluation, 20 evaluation
     # episodes per step), horizon 100 for the half-cheetah and the paper's 200 for the ants (at

@@ -25,23 +25,28 @@ checkpoint, and evaluation uses it, as the paper evaluates its best checkpoint
 Randomness: the tasks and the episode seeds of iteration i are functions of (seed, i) only, and
 the TRPO update is deterministic, so a resumed run repeats an uninterrupted one exactly.
 
-Evaluation (``fastmaml eval``): ``eval_tasks`` (40) tasks drawn as the official test scripts drew
-them (numpy's legacy generator seeded with 1, then the task distribution's draw: for 2D
-navigation the paper's 40 goals, whose mean distance from the start is 0.40, so a policy that
-stays put scores -40); for each of MAML, pretrained and a randomly initialised policy,
-``eval_trajectories`` (40) episodes per task are sampled, the policy takes one plain
-policy-gradient step per task (REINFORCE, learning rate
-alpha for the first step, alpha / 2 for the later ones, as the official test scripts), fresh
-episodes are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the
-mean undiscounted return of the episodes sampled after k steps. All methods see the same tasks
-and the same episode seeds. alpha is ``eval_inner_lr`` (0: the training ``inner_lr``; the
-official 2D-navigation test used 0.5 for every method). For goal-direction tasks the record
+Evaluation (``fastmaml eval``) follows the official test scripts (cbfinn/maml_rl,
+``maml_examples/test_maml_*.py``; ``fastmaml.rl.OfficialTest``): ``eval_tasks`` (40) tasks drawn
+as they drew them (``fastmaml.rl.official_test_tasks``: numpy's legacy generator seeded with 1,
+2 for the ant direction, then one draw of the goals; for 2D navigation the paper's 40 goals,
+whose mean distance from the start is 0.40, so a policy that stays put scores -40); for each of
+MAML, pretrained and a randomly initialised policy, ``eval_trajectories`` episodes per task are
+sampled, the policy takes one plain policy-gradient step per task (REINFORCE), fresh episodes
+are sampled, and so on for ``eval_inner_steps`` (3) steps. The value at step k is the mean
+undiscounted return of the episodes sampled after k steps. All methods see the same tasks and
+the same episode seeds. Step sizes are the scripts' for each method: MAML its training
+``inner_lr``; the pretrained and random policies 0.02 and 0.1 (cheetah velocity), 0.2 and 0.5
+(cheetah direction), 0.2 and 1.0 (ants), MAML's (2D navigation: 0.5 for every method); later
+steps take half of the first step's (ant direction: 0.01 of it). ``eval_inner_lr`` > 0 sets
+one first step size for every method. For goal-direction tasks the record
 also holds ``right_way``: per step, the share of tasks whose mean return exceeds
 ``right_way_threshold`` (net progress in the goal direction beyond the costs): the paper's
 "from the wrong way to the right way", read without the return scale, which differs from rllab's.
 
 Evaluation batches (``eval_batch``): ``steps`` (default) samples as the official test did, the
-paper's "40 trajectories (4000 samples)": ``eval_trajectories`` environments per task run
+paper's "40 trajectories (4000 samples)" (the scripts' 4,000 environment steps per task and
+step: 40 episodes of navigation's 100 steps, 20 of locomotion's 200; 8,000 for the ant
+direction, so its preset evaluates 40): ``eval_trajectories`` environments per task run
 episode after episode until the finished episodes hold ``eval_trajectories x horizon`` steps
 (``Sampler.sample_steps``); the update uses all of them and the value is the mean return over
 them, which favours short episodes where episodes end early (2D navigation at the goal, a
@@ -84,7 +89,6 @@ if TYPE_CHECKING:
     from ..rl import Episodes, Sampler
 
 EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
-OFFICIAL_TEST_SEED = 1  # the official test scripts: np.random.seed(1), then the tasks
 
 METHODS = ("maml", "pretrained", "random")
 
@@ -118,7 +122,7 @@ class RLConfig(Config):
     eval_inner_steps: int = 3
     eval_trajectories: int = 40  # episodes per task and gradient step at evaluation
     eval_batch: str = "steps"  # steps: eval_trajectories x horizon steps (official) | episodes
-    eval_inner_lr: float = 0.0  # alpha at evaluation, for every method (0: inner_lr)
+    eval_inner_lr: float = 0.0  # first step size at evaluation, every method (0: the official)
     eval_policy: str = "best"  # best (highest training return, as the paper) | last
     eval_chunk: int = 40  # tasks whose environments step together at evaluation (memory)
     threads: int = 1  # small graphs: a second intra-op thread is much slower on a busy box
@@ -146,10 +150,6 @@ class RLConfig(Config):
                               "gradient-based outer loop; the meta-RL outer loop is TRPO")
         if self.action_scale != 1.0 and self.env != NAV:
             raise ConfigError(f"action_scale is a 2D-navigation setting ({NAV}), not {self.env}")
-
-    @property
-    def eval_lr(self) -> float:
-        return self.eval_inner_lr or self.inner_lr
 
 
 def _rl() -> Any:
@@ -319,21 +319,32 @@ class RLExperiment(Experiment):
 
     # ----- evaluation -----
     def eval_tasks(self) -> list[dict[str, Any]]:
-        """The official test scripts' tasks (``np.random.seed(1)``, then one draw of all goals)."""
-        rng = np.random.RandomState(OFFICIAL_TEST_SEED)
-        return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.eval_tasks, rng)
+        """The official test script's tasks (``fastmaml.rl.official_test_tasks``)."""
+        return _rl().official_test_tasks(self.cfg.env, self.cfg.eval_tasks)
+
+    def eval_step_sizes(self) -> dict[str, float]:
+        """Each method's first fine-tuning step size: ``eval_inner_lr`` for all when set, else
+        the official test script's (MAML: its training ``inner_lr``)."""
+        cfg = self.cfg
+        if cfg.eval_inner_lr:
+            return dict.fromkeys(METHODS, cfg.eval_inner_lr)
+        official = _rl().env_class(cfg.env).official_test
+        return {"maml": cfg.inner_lr, "pretrained": official.pretrained_lr or cfg.inner_lr,
+                "random": official.random_lr or cfg.inner_lr}
 
     def adaptation_returns(self, maml: MAML, tasks: list[dict[str, Any]], progress: bool = False,
                            desc: str = "") -> Tensor:
         """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
 
-        Step 1 uses the engine's inner learning rate, the later ones half of it. Episode seeds
-        depend on the step only, so every method sees the same noise and reset states.
+        Step 1 uses the engine's inner learning rate, the later ones the official test script's
+        share of it (``later_lr_scale``). Episode seeds depend on the step only, so every method
+        sees the same noise and reset states.
         """
         from tqdm.auto import tqdm
 
         rl, cfg = _rl(), self.cfg
         sampler = self.sampler()
+        later_lr_scale = rl.env_class(cfg.env).official_test.later_lr_scale
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
@@ -344,23 +355,23 @@ class RLExperiment(Experiment):
             if step < cfg.eval_inner_steps:
                 with torch.no_grad():
                     params = rl.adapt_policy(maml, episodes, start=params, steps=1,
-                                             lr_scale=1.0 if step == 0 else 0.5,
+                                             lr_scale=1.0 if step == 0 else later_lr_scale,
                                              gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
         return torch.stack(curve, dim=1)
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
         trained = {learner.name: self.restore(learner) for learner in self.learners()}
-        tasks = self.eval_tasks()
+        tasks, step_sizes = self.eval_tasks(), self.eval_step_sizes()
         engines: dict[str, tuple[MAML, dict[str, Any]]] = {}
         for name, learner in trained.items():
             engine = learner.evaluation_engine(cfg.eval_policy)
-            if cfg.eval_inner_lr or name != "maml":
-                engine = self._with_lr(engine, cfg.eval_lr)
+            if cfg.eval_inner_lr or name != "maml":  # else MAML's own (possibly learned) rates
+                engine = self._with_lr(engine, step_sizes[name])
             info = {"policy": cfg.eval_policy, "best_iteration": learner.best_iteration + 1,
                     "best_training_return": learner.best_return}
             engines[name] = (engine, info)
-        engines["random"] = (self.build_maml(2, cfg.eval_lr), {"policy": "random init"})
+        engines["random"] = (self.build_maml(2, step_sizes["random"]), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
         records, returns = [], {}
         for name in METHODS:
@@ -371,7 +382,7 @@ class RLExperiment(Experiment):
             if threshold is not None:  # direction tasks: the share of tasks run the right way
                 info["right_way"] = (returns[name] > threshold).double().mean(0).tolist()
             records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns[name],
-                                       inner_lr=cfg.eval_lr, preset=cfg.preset, **info))
+                                       inner_lr=step_sizes[name], preset=cfg.preset, **info))
         if "maml" in returns:  # every method ran on the same tasks: compare them task by task
             records[0]["paired_difference"] = {  # records[0] is maml's, METHODS' first
                 name: dict(zip(("mean", "ci95"), mean_ci95(returns["maml"] - values)))
@@ -396,6 +407,7 @@ class RLExperiment(Experiment):
         text = results_table(title, records, list(range(cfg.eval_inner_steps + 1)),
                              {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
         horizon = cfg.horizon or _rl().default_horizon(cfg.env)
+        official = _rl().env_class(cfg.env).official_test
         per_step = (f"{cfg.eval_trajectories} episodes" if cfg.eval_batch == "episodes" else
                     f"{cfg.eval_trajectories} x {horizon} environment steps (whole episodes)")
         text = text.replace(f"## {cfg.eval_trajectories}-shot",
@@ -404,11 +416,10 @@ class RLExperiment(Experiment):
                  f"{cfg.meta_batch}, {cfg.trajectories} episodes per task, horizon {horizon}, "
                  f"inner lr {cfg.inner_lr:g}" + (f", action scale {cfg.action_scale:g}"
                                                    if cfg.env == NAV else "") + ".",
-                 f"Evaluation: {cfg.eval_tasks} tasks (the official test seed "
-                 f"{OFFICIAL_TEST_SEED}), "
-                 f"{per_step} per task and step, step size "
-                 f"{cfg.eval_lr:g} then {cfg.eval_lr / 2:g}; the `{cfg.eval_policy}` "
-                 "policy of each learner."]
+                 f"Evaluation: {cfg.eval_tasks} tasks (the official test script's draw, seed "
+                 f"{official.seed}), {per_step} per task and step; each method's first step "
+                 f"size is in its row (lr), later steps take {official.later_lr_scale:g} of it; "
+                 f"the `{cfg.eval_policy}` policy of each learner."]
         for r in records:
             if "best_iteration" in r:
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"

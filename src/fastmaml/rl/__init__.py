@@ -13,8 +13,8 @@ with ``maml = MAML(GaussianMLPPolicy(obs_dim, act_dim), reinforce_loss, inner_lr
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
 from .envs import (ENVS, AntDirEnv, AntVelEnv, HalfCheetahDirEnv, HalfCheetahVelEnv, Nav2DBatch,
-                   Nav2DEnv, Task, default_horizon, env_class, make_batch_env,
-                   right_way_threshold)
+                   Nav2DEnv, OfficialTest, Task, default_horizon, env_class, make_batch_env,
+                   official_test_tasks, right_way_threshold)
 from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian_kl,
                      gaussian_log_prob, pack_targets, policy_forward, reinforce_data,
                      reinforce_loss)
@@ -26,8 +26,8 @@ from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hv
                    trpo_meta_step, trpo_step)
 
 __all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVelEnv",
-           "Nav2DBatch", "Nav2DEnv", "Task", "default_horizon", "env_class", "make_batch_env",
-           "right_way_threshold",
+           "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task", "default_horizon", "env_class",
+           "make_batch_env", "official_test_tasks", "right_way_threshold",
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",

@@ -37,11 +37,16 @@ Differences from the official code (cbfinn/maml_rl on rllab):
   leaves [0.2, 1.0] (as rllab), but v5 pays no survival bonus on that last step.
 - Locomotion actions are clipped to the action space (+-1) before simulation and control cost,
   as rllab's ``normalize`` wrapper did. Directions are +1 / -1 with equal chance.
+
+Each class's ``official_test`` says how the official test script of its task family
+(``maml_examples/test_maml_*.py``) fine-tuned the methods, and ``official_test_tasks`` draws its
+test tasks.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import gymnasium
@@ -69,6 +74,19 @@ def _log_mujoco_warning(message: str) -> None:
 
 if mujoco.get_mju_user_warning() is None:
     mujoco.set_mju_user_warning(_log_mujoco_warning)
+
+
+@dataclass(frozen=True)
+class OfficialTest:
+    """How the official test script of a task family fine-tuned each method: the first step
+    size of the pretrained and of the randomly initialised policy (None: MAML's, its training
+    ``inner_lr``), the factor of the later steps' step size (rllab's VPG ``learning_rate``
+    against ``init_learning_rate``), and the numpy seed of its test goals."""
+
+    pretrained_lr: float | None = None
+    random_lr: float | None = None
+    later_lr_scale: float = 0.5
+    seed: int = 1
 
 
 # ----- 2D navigation -----
@@ -109,6 +127,8 @@ class Nav2DBatch:
 
 class Nav2DEnv(gymnasium.Env):
     """One 2D-navigation episode as a gymnasium environment (a ``Nav2DBatch`` of size 1)."""
+
+    official_test = OfficialTest()  # test_maml_point.py: 0.5 for every method, as MAML's
 
     def __init__(self, action_scale: float = 1.0):
         self.sim = Nav2DBatch(action_scale)
@@ -180,6 +200,8 @@ class _Velocity(_Locomotion):
 class _Direction(_Locomotion):
     """Goal direction: reward direction * v_x + costs, direction +1 or -1 with equal chance."""
 
+    direction_cut: float  # rllab's goal: uniform in [0, 2 cut], backwards below the cut
+
     @classmethod
     def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], n)]
@@ -222,22 +244,31 @@ class HalfCheetahVelEnv(_Velocity, _Cheetah):
     """Half-cheetah goal velocity: -|v_x - v_goal| - 0.05 sum(a^2), v_goal ~ U[0, 2]."""
 
     max_velocity = 2.0
+    official_test = OfficialTest(pretrained_lr=0.02, random_lr=0.1)
 
 
 class HalfCheetahDirEnv(_Direction, _Cheetah):
     """Half-cheetah goal direction: direction * v_x - 0.05 sum(a^2)."""
+
+    direction_cut = 1.0
+    # The script lists 0.2 and 1.0, then re-runs (and rewrites the result file of) the random
+    # policy alone at 0.5: the random-init figures come from 0.5.
+    official_test = OfficialTest(pretrained_lr=0.2, random_lr=0.5)
 
 
 class AntVelEnv(_Velocity, _Ant):
     """Ant goal velocity: -|v_x - v_goal| + 1.05 - control and contact costs, v_goal ~ U[0, 3]."""
 
     max_velocity, survival_bonus = 3.0, 1.05
+    official_test = OfficialTest(pretrained_lr=0.2, random_lr=1.0)
 
 
 class AntDirEnv(_Direction, _Ant):
     """Ant goal direction: direction * v_x + 0.05 - control and contact costs."""
 
     survival_bonus = 0.05
+    direction_cut = 1.5
+    official_test = OfficialTest(pretrained_lr=0.2, random_lr=1.0, later_lr_scale=0.01, seed=2)
 
 
 class MujocoBatch:
@@ -355,6 +386,18 @@ def env_class(env_id: str) -> type:
         raise ConfigError(f"unknown meta-RL environment {env_id!r}; "
                           f"choose one of {', '.join(ENVS)}")
     return ENVS[env_id][0]
+
+
+def official_test_tasks(env_id: str, n: int) -> list[Task]:
+    """The official test script's ``n`` tasks: numpy's legacy generator seeded with
+    ``official_test.seed``, then one draw of all goals (a direction from a goal uniform in
+    [0, 2 cut], as rllab's direction environments read it)."""
+    cls = env_class(env_id)
+    rng = np.random.RandomState(cls.official_test.seed)
+    if issubclass(cls, _Direction):
+        return [{"direction": -1.0 if goal < cls.direction_cut else 1.0}
+                for goal in rng.uniform(0.0, 2 * cls.direction_cut, n)]
+    return cls.sample_tasks(n, rng)
 
 
 def default_horizon(env_id: str) -> int:
