@@ -32,10 +32,30 @@ def test_overrides_are_typed_by_the_config_fields():
     ("eval_k_shots=", "eval_k_shots needs at least one K"),
     ("k_shot=0", "k_shot must be >= 1"),
     ("eval_k_shots=5,0", "eval_k_shots must be >= 1"),
+    ("hidden=-4", r"hidden must be >= 1, got \(-4,\)"),
+    ("hidden=40,0", "hidden must be >= 1"),
+    ("baseline_iterations=-3", "baseline_iterations must be >= 0"),
+    ("clip_grad=-1", "clip_grad must be >= 0"),
+    ("clip_grad=nan", "clip_grad must be >= 0"),
+    ("chunk_size=-1", "chunk_size must be >= 0"),
+    ("msl_anneal_iterations=0", "msl_anneal_iterations must be >= 1"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ConfigError, match=message):
         SinusoidConfig().with_overrides([item])
+
+
+def test_combinations_and_experiment_settings_are_checked():
+    with pytest.raises(ConfigError, match="multi_step_loss .* needs inner_steps >= 1"):
+        SinusoidConfig().with_overrides(["multi_step_loss=true", "inner_steps=0"])
+    with pytest.raises(ConfigError, match="need meta_lr_min <= meta_lr"):
+        SinusoidConfig().with_overrides(["meta_lr_schedule=cosine", "meta_lr=1e-6"])
+    assert SinusoidConfig().with_overrides(["meta_lr=1e-6"]).meta_lr == 1e-6  # constant: no min
+    for bad, message in (("val_every=-5", "val_every must be >= 0"),
+                         ("val_tasks=0", "val_tasks must be >= 1"),
+                         ("hidden=0", "hidden must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            FewShotConfig().with_overrides([bad])
 
 
 def test_few_shot_config_refuses_one_way_tasks_and_keeps_an_absolute_data_root(tmp_path,

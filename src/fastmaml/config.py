@@ -51,25 +51,33 @@ class Config:
     log_every: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "meta_batch", "eval_tasks", "eval_chunk",
-                     "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("inner_steps", "eval_inner_steps", "threads"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self.require_at_least(iterations=1, meta_batch=1, eval_tasks=1, eval_chunk=1,
+                              checkpoint_every=1, log_every=1, inner_steps=0, eval_inner_steps=0,
+                              threads=0, chunk_size=0, first_order_until=0, clip_grad=0,
+                              msl_anneal_iterations=1, meta_lr_min=0)
         if not (0 <= self.inner_lr < math.inf and 0 < self.meta_lr < math.inf):  # NaN fails too
             raise ConfigError(f"inner_lr must be >= 0 and meta_lr > 0 (finite), got "
                               f"inner_lr={self.inner_lr} and meta_lr={self.meta_lr}")
         if self.meta_lr_schedule not in ("constant", "cosine"):
             raise ConfigError("meta_lr_schedule must be constant or cosine, got "
                               f"{self.meta_lr_schedule!r}")
-        if not 0 <= self.meta_lr_min <= self.meta_lr or self.first_order_until < 0:
-            raise ConfigError(f"need 0 <= meta_lr_min <= meta_lr and first_order_until >= 0, got "
-                              f"meta_lr_min={self.meta_lr_min}, meta_lr={self.meta_lr} and "
-                              f"first_order_until={self.first_order_until}")
+        if self.meta_lr_schedule == "cosine" and self.meta_lr_min > self.meta_lr:
+            raise ConfigError(f"the cosine schedule anneals meta_lr down to meta_lr_min: need "
+                              f"meta_lr_min <= meta_lr, got meta_lr_min={self.meta_lr_min} and "
+                              f"meta_lr={self.meta_lr}")
+        if self.multi_step_loss and self.inner_steps < 1:
+            raise ConfigError("multi_step_loss weighs the query loss after each inner step: it "
+                              "needs inner_steps >= 1")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
+
+    def require_at_least(self, **minimums: float) -> None:
+        """A ``ConfigError`` naming the first field (or element of a tuple field, e.g. the
+        hidden sizes) below its minimum; NaN fails too."""
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if not all(item >= low for item in (value if isinstance(value, tuple) else (value,))):
+                raise ConfigError(f"{name} must be >= {low}, got {value}")
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:

@@ -57,6 +57,11 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(eval_batch="magic")
     with pytest.raises(ConfigError, match="batch"):
         RLConfig(batch="magic")
+    for bad in ("max_kl=-0.01", "max_kl=nan", "gamma=1.5", "gamma=0", "gae_lambda=-0.1",
+                "backtrack_ratio=1.5", "init_std=0", "hidden=100,0", "cg_damping=-1"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            RLConfig().with_overrides([bad])
+    assert RLConfig().with_overrides(["gamma=1", "gae_lambda=0"]).gamma == 1.0
     for schedule in (dict(meta_lr_schedule="cosine"), dict(first_order_until=100)):
         with pytest.raises(ConfigError, match="outer loop is TRPO"):
             RLConfig(**schedule)

@@ -131,12 +131,16 @@ class RLConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("trajectories", "eval_trajectories", "inner_steps", "cg_iters",
-                     "max_backtracks"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.horizon < 0 or self.seed < 0 or self.workers < 0 or self.eval_inner_lr < 0:
-            raise ConfigError("horizon, seed, workers and eval_inner_lr must be >= 0")
+        self.require_at_least(trajectories=1, eval_trajectories=1, inner_steps=1, cg_iters=1,
+                              max_backtracks=1, hidden=1, horizon=0, seed=0, workers=0,
+                              eval_inner_lr=0, baseline_iterations=0, cg_damping=0)
+        if not (self.max_kl > 0 and self.init_std > 0 and 0 < self.backtrack_ratio < 1
+                and 0 < self.gamma <= 1 and 0 <= self.gae_lambda <= 1):  # NaN fails too
+            raise ConfigError("need max_kl > 0, init_std > 0, 0 < backtrack_ratio < 1, "
+                              "0 < gamma <= 1 and 0 <= gae_lambda <= 1; got "
+                              f"max_kl={self.max_kl}, init_std={self.init_std}, backtrack_ratio="
+                              f"{self.backtrack_ratio}, gamma={self.gamma} and gae_lambda="
+                              f"{self.gae_lambda}")
         if self.hvp not in ("gauss_newton", "exact", "finite_difference"):
             raise ConfigError("hvp must be gauss_newton, exact or finite_difference, got "
                               f"{self.hvp!r}")

@@ -50,6 +50,7 @@ class SinusoidConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_at_least(hidden=1, baseline_iterations=0, tune_tasks=1)
         if not self.eval_k_shots:
             raise ConfigError("eval_k_shots needs at least one K, e.g. eval_k_shots=5,10,20")
         for name, value in (("k_shot", self.k_shot), ("k_query", self.k_query),
