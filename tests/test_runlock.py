@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastmaml.cli import main
 from fastmaml.runlock import OWNER_NAME
@@ -51,6 +52,24 @@ def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pat
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0, err
     assert "maml: 3 iterations done" in out
+
+
+def test_sigterm_checkpoints_the_current_iteration_and_frees_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=1000000",
+                     "checkpoint_every=100000000", "log_every=10", "--no-progress")
+    wait_for(run / "metrics-maml.csv", first)  # training
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 128 + signal.SIGTERM, err
+    stopped = int(err.split("stopped by SIGTERM at iteration ")[1].split()[0])
+    checkpoint = torch.load(run / "checkpoints" / "maml.pt", weights_only=False)
+    assert checkpoint["iteration"] == stopped >= 1  # though no checkpoint was due
+    again = fastmaml("train", "sinusoid-demo", "--out", str(run), f"iterations={stopped + 2}",
+                     "baseline_iterations=1", "--no-progress")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err  # the lock is free, and the run resumes where it stopped
+    assert f"maml: {stopped + 2} iterations done" in out
 
 
 def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:

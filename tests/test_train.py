@@ -3,6 +3,8 @@ NaN detection."""
 from __future__ import annotations
 
 import csv
+import os
+import signal
 
 import pytest
 import torch
@@ -10,8 +12,8 @@ import torch
 from fastmaml.config import ConfigError
 from fastmaml.errors import NonFiniteLossError
 from fastmaml.experiments import create_run, prepare_run
-from fastmaml.train import (GradientLearner, backpropagated, checkpoint_path, fit, load_checkpoint,
-                            meta_lr_at, save_atomic)
+from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
+                            load_checkpoint, meta_lr_at, save_atomic)
 
 
 def maml_learner(run_dir, **overrides):
@@ -109,6 +111,32 @@ def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_p
     fit(resumed, tmp_path, 3, 2, progress=False)
     logged = [int(r["iteration"]) for r in rows(tmp_path / "metrics-maml.csv")]
     assert logged == [2, 4, 6, 8, 10, 12]  # no duplicated rows from the lost iterations
+
+
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identically(tmp_path):
+    """A scheduler's preemption (SIGTERM) between checkpoints loses nothing: the iteration it
+    lands in finishes and is checkpointed, and the handler in force before is restored."""
+    straight = maml_learner(tmp_path / "straight")
+    fit(straight, tmp_path / "straight", 3, 2, progress=False)
+    learner = maml_learner(tmp_path / "stopped")
+    original_step = learner.step
+
+    def preempted_step(iteration):
+        if iteration == 4:  # mid-iteration 5, between the checkpoints of 3 and 6
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(iteration)
+
+    learner.step = preempted_step
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at iteration 5 of 12"):
+        fit(learner, tmp_path / "stopped", 3, 2, progress=False)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert load_checkpoint(checkpoint_path(tmp_path / "stopped", "maml"))["iteration"] == 5
+    resumed = maml_learner(tmp_path / "stopped")
+    fit(resumed, tmp_path / "stopped", 3, 2, progress=False)
+    assert torch.equal(params(straight), params(resumed))
+    assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(
+        tmp_path / "stopped" / "metrics-maml.csv")
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
 from .runlock import locked_run_dir
+from .train import TrainingStopped
 
 
 def _presets(_: argparse.Namespace) -> None:
@@ -219,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stopped:
+        print(f"fastmaml: {stopped}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
-        print("fastmaml: interrupted; the same command resumes from the last checkpoint",
-              file=sys.stderr)
-        return 130
+        resumes = args.command in ("train", "reproduce")
+        print("fastmaml: interrupted" + ("; the same command resumes from the last checkpoint"
+                                         if resumes else ""), file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0

@@ -1,10 +1,11 @@
 """Scale-out with ``torch.distributed``: the meta-batch is split across ranks (torchrun).
 
 Every rank draws the *whole* meta-batch from the same seeded generator and keeps its own slice
-(the slices differ by at most one task: 25 tasks on 2 ranks are 13 + 12), so the union of the
+(the slices differ by at most one task: 25 tasks on 2 ranks are 12 + 13), so the union of the
 tasks is exactly the single-process meta-batch. Each rank's loss is the mean over its slice;
 weighting each rank's gradient by its share of the tasks, then averaging (all-reduce), gives the
-single-process meta-gradient. Only rank 0 writes files. Backend: nccl on GPU, gloo on CPU.
+single-process meta-gradient. Only rank 0 writes files. Backends: nccl for GPU tensors, gloo
+for CPU ones.
 """
 from __future__ import annotations
 
@@ -21,9 +22,10 @@ from .errors import ConfigError
 def init_from_env() -> None:
     """Join the process group that torchrun describes in the environment (no-op without it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        backend = "gloo"  # CPU tensors (small flags and metrics; a run on device=cpu)
+        if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "cpu:gloo,cuda:nccl"  # GPU tensors (gradients) through nccl
         dist.init_process_group(backend)
 
 
@@ -81,12 +83,20 @@ def average_gradients(module: nn.Module) -> None:
         offset += g.numel()
 
 
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
+    if world()[1] == 1:
+        return flag
+    tensor = torch.tensor([float(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 def average_metrics(values: dict[str, float]) -> dict[str, float]:
     """The mean of each logged metric over the ranks (same keys on every rank)."""
     _, size = world()
     if size == 1 or not values:
         return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64,
-                          device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
     dist.all_reduce(tensor)
     return dict(zip(values, (tensor / size).tolist()))

@@ -5,11 +5,14 @@ how to take one step and how to save its state. ``fit`` does the rest, the same 
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,7 +23,7 @@ from tqdm.auto import tqdm
 from .atomic import replace_atomically, write_text_atomic
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
-from .distributed import average_gradients, average_metrics, is_main, shard
+from .distributed import any_rank, average_gradients, average_metrics, is_main, shard
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 
 Metrics = dict[str, float | Tensor]
@@ -217,12 +220,33 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
 
 
+class TrainingStopped(Exception):
+    """``fit`` stopped on SIGTERM, after a checkpoint (not a ``FastMAMLError``: nothing failed,
+    and a driver of several runs must stop too)."""
+
+
+@contextlib.contextmanager
+def _sigterm_requests() -> Iterator[Callable[[], bool]]:
+    """While training, SIGTERM (``kill``, a scheduler's preemption) only records the request;
+    yields whether any rank has received one. Outside the main thread (where Python cannot take
+    signals) SIGTERM keeps its own effect."""
+    received: list[int] = []
+    previous = (signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        yield lambda: any_rank(bool(received))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
     """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
-    moment loses at most the work since its last checkpoint. A row is logged every ``log_every``
+    moment loses at most the work since its last checkpoint; on SIGTERM it finishes the current
+    iteration, checkpoints it and raises ``TrainingStopped``, so it loses nothing. A row is logged every ``log_every``
     iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
     Returns the last logged metrics.
@@ -243,26 +267,34 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                disable=None if progress and main else True,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
-    for iteration in bar:
-        metrics = learner.step(iteration)
-        done = iteration + 1
-        validated = any(key.startswith("val_") for key in metrics)
-        if done % log_every == 0 or done == learner.iterations or validated:
-            last = average_metrics({k: float(v) for k, v in metrics.items()})
-            _check_finite_loss(learner.name, last.get("loss", 0.0), done)
-            now = time.perf_counter()
-            elapsed, tick = elapsed + now - tick, now
-            if log:
-                log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
-            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
-        if main and (done % checkpoint_every == 0 or done == end):
-            state = learner.state_dict()
-            if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
-                raise NonFiniteLossError(f"{learner.name}: non-finite parameters or optimizer "
-                                         f"state at iteration {done}; the last checkpoint is kept")
-            now = time.perf_counter()
-            elapsed, tick = elapsed + now - tick, now
-            save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
+    with _sigterm_requests() as stop_requested:
+        for iteration in bar:
+            metrics = learner.step(iteration)
+            done = iteration + 1
+            validated = any(key.startswith("val_") for key in metrics)
+            if done % log_every == 0 or done == learner.iterations or validated:
+                last = average_metrics({k: float(v) for k, v in metrics.items()})
+                _check_finite_loss(learner.name, last.get("loss", 0.0), done)
+                now = time.perf_counter()
+                elapsed, tick = elapsed + now - tick, now
+                if log:
+                    log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
+            stopping = done < end and stop_requested()
+            if main and (done % checkpoint_every == 0 or done == end or stopping):
+                state = learner.state_dict()
+                if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
+                    raise NonFiniteLossError(f"{learner.name}: non-finite parameters or optimizer "
+                                             f"state at iteration {done}; the last checkpoint is "
+                                             "kept")
+                now = time.perf_counter()
+                elapsed, tick = elapsed + now - tick, now
+                save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
+            if stopping:
+                bar.close()
+                raise TrainingStopped(f"{learner.name}: stopped by SIGTERM at iteration {done} of "
+                                      f"{learner.iterations}, checkpointed: the same command "
+                                      "resumes")
     bar.close()
     return last
 
