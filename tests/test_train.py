@@ -9,6 +9,7 @@ import signal
 import pytest
 import torch
 
+from fastmaml.cli import main
 from fastmaml.config import ConfigError
 from fastmaml.errors import NonFiniteLossError
 from fastmaml.experiments import create_run, prepare_run
@@ -175,6 +176,18 @@ def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
                               torch.Generator())
     with pytest.raises(NonFiniteLossError, match="toy: loss is nan at iteration 1"):
         fit(learner, tmp_path, 5, 1, progress=False)
+
+
+def test_a_run_that_diverges_after_a_checkpoint_says_where_a_change_can_go(tmp_path, capsys):
+    """A diverged run keeps its checkpoint, and its resume may not change what it learns: the
+    error says so, instead of advising a change that the resume would refuse."""
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=10", "meta_lr=1e6",
+                 "checkpoint_every=1", "log_every=1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "lower inner_lr or the meta learning rate" in err
+    assert f"{run} keeps its last finite checkpoint" in err and "(another --out)" in err
+    assert load_checkpoint(checkpoint_path(run, "maml"))["iteration"] >= 1
 
 
 def test_a_nan_loss_is_never_checkpointed_even_between_log_points(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from ..atomic import write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import world
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir
 from ..train import check_resumable, fit
 from .base import Experiment, run_started
@@ -199,9 +199,10 @@ def preset(name: str) -> Preset:
 
 # Settings that may change when a run directory is resumed (they do not change what is learned).
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
-                  "eval_tasks", "eval_chunk", "eval_inner_steps", "path", "data_root", "download",
-                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
-                  "eval_trajectories", "eval_inner_lr", "eval_batch", "eval_policy", "workers"}
+                  "val_every", "val_tasks", "eval_tasks", "eval_chunk", "eval_inner_steps", "path",
+                  "data_root", "download", "compile", "threads", "tune_malloc", "chunk_size",
+                  "checkpoint_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
+                  "eval_policy", "workers"}
 
 
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
@@ -265,7 +266,15 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
         say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
             + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else ""))
         for learner in learners:
-            last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every, progress=progress)
+            try:
+                last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
+                           progress=progress)
+            except NonFiniteLossError as error:
+                if not run_started(run_dir):  # the same command with the change starts afresh
+                    raise
+                raise NonFiniteLossError(  # a resume may not change what the run learns
+                    f"{error}. {run_dir} keeps its last finite checkpoint, but a run's learning "
+                    "settings are fixed: try the change in a new run (another --out)") from None
             engine = getattr(getattr(learner, "module", None), "path", None)
             summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
             say(f"  {learner.name}: {learner.iterations} iterations done"
