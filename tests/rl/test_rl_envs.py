@@ -207,6 +207,13 @@ def test_mujoco_batch_skips_ended_episodes() -> None:
     assert torch.equal(obs2[0], obs[0]) and batch.datas[1].time > time_before
 
 
+@pytest.mark.parametrize("option", [{"include_cfrc_ext_in_observation": True},
+                                    {"terminate_when_unhealthy": False}])
+def test_the_batched_ant_refuses_options_its_fast_step_does_not_model(option: dict) -> None:
+    with pytest.raises(ConfigError, match="not supported"):
+        make_batch_env("fastmaml/AntVel-v0", **option)
+
+
 def test_mujoco_warnings_do_not_write_a_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                  ) -> None:
     monkeypatch.chdir(tmp_path)

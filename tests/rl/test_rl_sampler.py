@@ -102,7 +102,7 @@ def test_workers_give_identical_episodes() -> None:
         params = {"log_std": torch.full((3, 6), -2.0)}
         parallel_adapted = workers.sample(policy, tasks, 2, seed=3, params=params)
         with pytest.raises(RuntimeError):  # a worker's error reaches the caller
-            workers.sample(_policy(5, 6), tasks, 2, seed=3)
+            workers.sample(policy, tasks, 2, seed=3, params={"log_std": torch.zeros(3, 5)})
         _assert_equal(parallel, workers.sample(policy, tasks, 2, seed=3))  # and none is left over
     local = Sampler(env_id, horizon=20)
     _assert_equal(parallel, local.sample(policy, tasks, 2, seed=3))
@@ -118,6 +118,13 @@ def test_sampler_rejects_bad_arguments() -> None:
     with pytest.raises(ConfigError, match="at least one task"):
         sampler.sample_steps(_policy(2, 2), [], 2, steps=10, seed=0)
     assert sampler.horizon == 100
+    goals = _tasks("fastmaml/Nav2D-v0", 2)
+    with pytest.raises(ConfigError, match="needs the key.s. goal; got {'velocity': 1.0}"):
+        sampler.sample(_policy(2, 2), [goals[0], {"velocity": 1.0}], 2, seed=0)
+    with pytest.raises(ConfigError, match="does not take fastmaml/Nav2D-v0's observations of 2"):
+        sampler.sample(_policy(17, 2), goals, 2, seed=0)
+    with pytest.raises(ConfigError, match="gives 6 action numbers; fastmaml/Nav2D-v0 takes 2"):
+        sampler.sample(_policy(2, 6), goals, 2, seed=0)
 
 
 def test_lockstep_episodes_stops_when_finished_episodes_hold_the_steps() -> None:

@@ -7,9 +7,10 @@ Learners (both checkpointed by ``fit``, both keep the policy with the best train
   adapts on them, samples as many with the adapted policies (query), and takes one TRPO step on
   the post-update surrogate (``fastmaml.rl.trpo_meta_step``). Its training return is the mean
   post-update (query) return. With ``batch=steps`` a batch is instead ``trajectories x horizon``
-  environment steps per task, gathered as the official training sampler did, by one environment
-  per task running episode after episode (``Sampler.sample_steps``): more, shorter episodes
-  where episodes end early.
+  environment steps per task, gathered by environments that run episode after episode
+  (``Sampler.sample_steps``, as the official test scripts sampled one task): more, shorter
+  episodes where episodes end early. (The official training sampler counted the steps over all
+  the meta-batch's tasks together, so one task's share could differ.)
 - ``pretrained``: the same policy, the same tasks and episodes per iteration, trained by TRPO on
   the returns of the policy itself across tasks, without adaptation (per-task linear baselines
   and standardised advantages, the same KL bound): a policy "pretrained on all tasks". The
@@ -214,9 +215,9 @@ class MetaRLLearner:
 
     def sample(self, tasks: list[dict[str, Any]], seed: int,
                params: dict[str, Tensor] | None = None) -> Episodes:
-        """A training batch: ``trajectories`` episodes per task, or with ``batch=steps`` the
-        official training sampler's ``trajectories x horizon`` steps per task, gathered by one
-        environment per task running episode after episode."""
+        """A training batch: ``trajectories`` episodes per task, or with ``batch=steps``
+        ``trajectories x horizon`` steps per task, gathered by one environment per task running
+        episode after episode (the official sampler's total, counted per task)."""
         return _sample_batch(self.sampler, self.policy, tasks, self.cfg.batch,
                              self.cfg.trajectories, 1, seed, params)
 

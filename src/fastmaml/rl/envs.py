@@ -286,6 +286,11 @@ class MujocoBatch:
 
     def __init__(self, env_class: type[_Locomotion], **kwargs: Any):
         self.env: Any = env_class(**kwargs)
+        if isinstance(self.env, _Ant) and (self.env._include_cfrc_ext_in_observation
+                                           or not self.env._terminate_when_unhealthy):
+            raise ConfigError("the batched ant steps the paper's observation (no contact forces) "
+                              "and ends unhealthy episodes: include_cfrc_ext_in_observation="
+                              "True and terminate_when_unhealthy=False are not supported")
         # the body whose x position gives the ant's velocity (None: a half-cheetah, by qpos[0])
         self._torso = (self.env.data.body(self.env._main_body).id if isinstance(self.env, _Ant)
                        else None)

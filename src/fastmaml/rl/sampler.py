@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ..core import Params
 from ..errors import ConfigError
-from .envs import BatchEnv, Task, default_horizon, make_batch_env
+from .envs import BatchEnv, Task, default_horizon, env_class, make_batch_env
 from .policy import policy_forward
 
 
@@ -141,6 +141,7 @@ class Sampler:
         if num_traj < 1 or not tasks:
             raise ConfigError(f"need at least one task and one trajectory, got {len(tasks)} tasks "
                               f"and num_traj={num_traj}")
+        self._check(policy, tasks)
         task_ids = list(range(len(tasks))) if task_ids is None else list(task_ids)
         jobs = [{"tasks": [tasks[i] for i in ids], "num_traj": num_traj, "horizon": self.horizon,
                  "seed": seed, "task_ids": [task_ids[i] for i in ids], "first_traj": first_traj,
@@ -156,6 +157,25 @@ class Sampler:
                     conn.send((policy, job))
                 parts += _receive(conns[:len(batch)])
         return Episodes(*(torch.cat(column) for column in zip(*parts)))
+
+    def _check(self, policy: nn.Module, tasks: Sequence[Task]) -> None:
+        """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
+        does not fit this environment's observations and actions."""
+        keys = set(env_class(self.env_id).sample_tasks(1, np.random.default_rng(0))[0])
+        other = next((task for task in tasks if not keys <= set(task)), None)
+        if other is not None:
+            raise ConfigError(f"a {self.env_id} task needs the key(s) {', '.join(sorted(keys))}; "
+                              f"got {other!r}, a task of another environment?")
+        probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
+        try:
+            with torch.no_grad():
+                mean, _ = policy(probe)
+        except RuntimeError as error:
+            raise ConfigError(f"the policy does not take {self.env_id}'s observations of "
+                              f"{self.obs_dim} numbers: {error}") from None
+        if mean.shape[-1] != self.act_dim:
+            raise ConfigError(f"the policy gives {mean.shape[-1]} action numbers; {self.env_id} "
+                              f"takes {self.act_dim}")
 
     def sample_steps(self, policy: nn.Module, tasks: Sequence[Task], num_envs: int, steps: int,
                      seed: int, params: Params | None = None,
