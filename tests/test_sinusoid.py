@@ -5,6 +5,7 @@ import json
 import math
 import re
 
+import pytest
 import torch
 
 from fastmaml.cli import main
@@ -64,6 +65,23 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert "'inner_lr' expects float, got 'fast'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
     assert "no config file" in capsys.readouterr().err
+
+
+def test_out_of_device_memory_is_one_line_with_what_to_lower(tmp_path, capsys, monkeypatch):
+    def exhausted(*_, **__):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore")
+
+    monkeypatch.setattr("fastmaml.cli.train_run", exhausted)
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "meta_batch" in err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("fastmaml 0.1.0, torch 2.")
 
 
 def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):

@@ -9,8 +9,11 @@ import os
 import signal
 import sys
 import warnings
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .atomic import write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
@@ -126,6 +129,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaml", description=__doc__)
+    parser.add_argument("--version", action="version",
+                        version=f"fastmaml {metadata.version('fastmaml')}, torch {torch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list the named experiment presets").set_defaults(run=_presets)
     train = commands.add_parser("train", help="train a preset (resumes an existing --out)")
@@ -220,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
         print(f"fastmaml: error: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError as error:  # a GPU's memory (the CPU's is a plain RuntimeError)
+        print(f"fastmaml: error: out of device memory ({str(error).splitlines()[0]}): lower "
+              "meta_batch, chunk_size or eval_chunk, or set checkpoint_steps=true; a training "
+              "run keeps its last checkpoint", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
         print(f"fastmaml: {stopped}", file=sys.stderr)
