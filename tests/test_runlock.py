@@ -78,6 +78,15 @@ def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
     assert not run.exists()
 
 
+def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("fastmaml.experiments.world", lambda: (0, 4))  # as if under torchrun
+    run = tmp_path / "new"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "meta_batch=3", "--no-progress"]) == 2
+    assert "meta_batch 3 is smaller than the 4 processes" in capsys.readouterr().err
+    assert not run.exists()
+
+
 def test_two_learners_of_one_run_train_side_by_side(tmp_path: Path) -> None:
     run = tmp_path / "run"
     long = ["iterations=1000000", "baseline_iterations=3", "checkpoint_every=100000000"]

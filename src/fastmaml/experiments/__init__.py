@@ -258,8 +258,11 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
     with learners_held(run_dir, whole_run):
         for learner in learners:
             check_resumable(learner, run_dir)
-        experiment.save_config()  # so a refused command leaves the run directory as it was
         size = world()[1]
+        if cfg.meta_batch < size:
+            raise ConfigError(f"meta_batch {cfg.meta_batch} is smaller than the {size} processes: "
+                              "every process needs at least one task")
+        experiment.save_config()  # so a refused command leaves the run directory as it was
         say = print if main else (lambda *_: None)
         if main:
             _record_machine(run_dir, str(experiment.device), size)
