@@ -58,8 +58,10 @@ def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with
                 "ci95": [26.3, 28.2, 29.6, 30.3]}]
     run = report.Run(tmp_path / "rl-ant-vel", config, records, 500, 3600.0, [])
     headline = next(h for h in HEADLINES if h.key == "rl-ant-vel")
-    assert report.evaluate_row(headline, run).status == (
+    row = report.evaluate_row(headline, run)
+    assert row.status == (
         "within CI (overlaps pretrained); MAML minus pretrained on the same tasks +44.9 +- 8.2")
+    assert (row.mean, row.ci) == (44.5, 28.9)  # MAML's own interval, not the difference's
 
 
 def test_the_paper_numbers_come_from_one_table() -> None:

@@ -167,8 +167,9 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
             verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
         paired = record.get("paired_difference", {}).get("pretrained")
         if paired:  # the same test tasks for both: the task-by-task difference is sharper
-            difference, ci = paired["mean"][headline.step], paired["ci95"][headline.step]
-            verdict += f"; MAML minus pretrained on the same tasks {difference:+.1f} +- {ci:.1f}"
+            difference, spread = paired["mean"][headline.step], paired["ci95"][headline.step]
+            verdict += (f"; MAML minus pretrained on the same tasks {difference:+.1f} "
+                        f"+- {spread:.1f}")
     else:
         verdict = status(mean, ci, headline)
     if run.stale_evaluation:
