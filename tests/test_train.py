@@ -140,6 +140,17 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identic
         tmp_path / "stopped" / "metrics-maml.csv")
 
 
+def test_a_checkpoint_temporary_left_by_a_kill_is_removed_on_resume(tmp_path):
+    """kill -9 inside torch.save skips the cleanup: the next fit of that learner removes it, and
+    leaves the files of another learner (which may be training meanwhile) alone."""
+    folder = checkpoint_path(tmp_path, "maml").parent
+    folder.mkdir(parents=True)
+    (folder / ".maml.pt.4242.beef.tmp").write_bytes(b"half a checkpoint")
+    (folder / ".pretrained.pt.4243.f00d.tmp").write_bytes(b"being written")
+    fit(maml_learner(tmp_path, iterations=2), tmp_path, 3, 2, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == [".pretrained.pt.4243.f00d.tmp", "maml.pt"]
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "x.pt"
     save_atomic({"iteration": 1, "learner": {}}, path)

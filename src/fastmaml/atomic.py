@@ -27,8 +27,27 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+        _sync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_directory(folder: Path) -> None:
+    """Flush a rename in ``folder`` to disk, so that it survives a power loss (POSIX)."""
+    if os.name == "posix":
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``replace_atomically(path)`` that a killed writer left behind
+    (``kill -9`` during a write skips the cleanup). Only for a caller that holds ``path``
+    alone, e.g. a training run under its run lock."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def write_text_atomic(text: str, path: Path) -> None:

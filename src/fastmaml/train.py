@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .atomic import replace_atomically, write_text_atomic
+from .atomic import remove_stale_temporaries, replace_atomically, write_text_atomic
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import any_rank, average_gradients, average_metrics, is_main, shard
@@ -254,6 +254,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """
     main = is_main()
     path = checkpoint_path(run_dir, learner.name)
+    if main:
+        remove_stale_temporaries(path)
     start, elapsed = 0, 0.0
     if path.exists():
         state = load_checkpoint(path)
