@@ -106,6 +106,12 @@ def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Pat
     assert len(rows) == 2
     assert "(fast recipe)" not in rows[0] and "short by 5.8" in rows[0]
     assert rows[1].startswith("| Omniglot 20-way 1-shot (fast recipe) |") and "| met |" in rows[1]
+    # with the fast recipe's run alone, the paper's recipe still has its row: not run yet
+    text = report.render([run("omniglot-20w1s-fast", 0.96)], tmp_path / "REPORT.md")
+    rows = [line for line in text.splitlines()
+            if line.startswith(("| Omniglot 20-way 1-shot |", "| Omniglot 20-way 1-shot (fast"))]
+    assert len(rows) == 2 and "(fast recipe)" in rows[0]
+    assert "| no run yet (`fastmaml reproduce --budget paper omniglot-20w1s`) |" in rows[1]
 
 
 def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_path: Path,

@@ -58,7 +58,12 @@ def test_sigterm_checkpoints_the_current_iteration_and_frees_the_run(tmp_path: P
     run = tmp_path / "run"
     first = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=1000000",
                      "checkpoint_every=100000000", "log_every=10", "--no-progress")
-    wait_for(run / "metrics-maml.csv", first)  # training
+    log = run / "metrics-maml.csv"
+    wait_for(log, first)
+    deadline = time.monotonic() + 120
+    while log.read_text().count("\n") < 2:  # a logged row: the loop (and its handler) runs
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.1)
     first.send_signal(signal.SIGTERM)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 128 + signal.SIGTERM, err
@@ -79,7 +84,8 @@ def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
 
 
 def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("fastmaml.experiments.world", lambda: (0, 4))  # as if under torchrun
     run = tmp_path / "new"
     assert main(["train", "sinusoid-demo", "--out", str(run), "meta_batch=3", "--no-progress"]) == 2

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 
+import fastmaml
 from fastmaml.cli import main
 from fastmaml.tasks.sinusoid import sample_sinusoid_tasks
 
@@ -81,7 +82,8 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0
-    assert capsys.readouterr().out.startswith("fastmaml 0.1.0, torch 2.")
+    expected = f"fastmaml {fastmaml.__version__}, torch {torch.__version__}\n"
+    assert capsys.readouterr().out == expected
 
 
 def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):

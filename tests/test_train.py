@@ -140,6 +140,22 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identic
         tmp_path / "stopped" / "metrics-maml.csv")
 
 
+def test_sigterm_in_the_last_iteration_still_stops_the_caller(tmp_path):
+    """Else a driver would go on to train its next learner, the request forgotten."""
+    learner = maml_learner(tmp_path, iterations=4)
+    original_step = learner.step
+
+    def preempted_step(iteration):
+        if iteration == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(iteration)
+
+    learner.step = preempted_step
+    with pytest.raises(TrainingStopped, match="at iteration 4 of 4"):
+        fit(learner, tmp_path, 3, 2, progress=False)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 4
+
+
 def test_a_checkpoint_temporary_left_by_a_kill_is_removed_on_resume(tmp_path):
     """kill -9 inside torch.save skips the cleanup: the next fit of that learner removes it, and
     leaves the files of another learner (which may be training meanwhile) alone."""

@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import warnings
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +128,10 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmaml", description=__doc__)
+    from . import __version__
+
     parser.add_argument("--version", action="version",
-                        version=f"fastmaml {metadata.version('fastmaml')}, torch {torch.__version__}")
+                        version=f"fastmaml {__version__}, torch {torch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list the named experiment presets").set_defaults(run=_presets)
     train = commands.add_parser("train", help="train a preset (resumes an existing --out)")
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
-    except torch.OutOfMemoryError as error:  # a GPU's memory (the CPU's is a plain RuntimeError)
+    except torch.cuda.OutOfMemoryError as error:  # a GPU's (the CPU's is a plain RuntimeError)
         print(f"fastmaml: error: out of device memory ({str(error).splitlines()[0]}): lower "
               "meta_batch, chunk_size or eval_chunk, or set checkpoint_steps=true; a training "
               "run keeps its last checkpoint", file=sys.stderr)

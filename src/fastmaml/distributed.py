@@ -83,11 +83,17 @@ def average_gradients(module: nn.Module) -> None:
         offset += g.numel()
 
 
+def _collective_device() -> str:
+    """Where small tensors for a collective go: CPU when the group has gloo for it (as
+    ``init_from_env`` makes it), else the GPU (a group a user made with nccl alone)."""
+    return "cpu" if "gloo" in str(dist.get_backend()) else "cuda"
+
+
 def any_rank(flag: bool) -> bool:
     """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
     if world()[1] == 1:
         return flag
-    tensor = torch.tensor([float(flag)])
+    tensor = torch.tensor([float(flag)], device=_collective_device())
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
@@ -97,6 +103,7 @@ def average_metrics(values: dict[str, float]) -> dict[str, float]:
     _, size = world()
     if size == 1 or not values:
         return values
-    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64,
+                          device=_collective_device())
     dist.all_reduce(tensor)
     return dict(zip(values, (tensor / size).tolist()))

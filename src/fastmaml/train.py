@@ -231,13 +231,14 @@ def _sigterm_requests() -> Iterator[Callable[[], bool]]:
     yields whether any rank has received one. Outside the main thread (where Python cannot take
     signals) SIGTERM keeps its own effect."""
     received: list[int] = []
-    previous = (signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
-                if threading.current_thread() is threading.main_thread() else None)
+    installed = threading.current_thread() is threading.main_thread()
+    if installed:
+        previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
     try:
         yield lambda: any_rank(bool(received))
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if installed:  # ``previous`` is None for a handler not set from Python: the default
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
@@ -246,7 +247,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
     moment loses at most the work since its last checkpoint; on SIGTERM it finishes the current
-    iteration, checkpoints it and raises ``TrainingStopped``, so it loses nothing. A row is logged every ``log_every``
+    iteration, checkpoints it and raises ``TrainingStopped`` (also after the last iteration, so
+    that a driver trains no further learner). A row is logged every ``log_every``
     iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
     Returns the last logged metrics.
@@ -282,13 +284,13 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 if log:
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
-            stopping = done < end and stop_requested()
+            stopping = stop_requested()  # also at the last iteration: no next learner then
             if main and (done % checkpoint_every == 0 or done == end or stopping):
                 state = learner.state_dict()
                 if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
-                    raise NonFiniteLossError(f"{learner.name}: non-finite parameters or optimizer "
-                                             f"state at iteration {done}; the last checkpoint is "
-                                             "kept")
+                    raise NonFiniteLossError(f"{learner.name}: non-finite parameters or "
+                                             f"optimizer state at iteration {done}; the last "
+                                             "checkpoint is kept")
                 now = time.perf_counter()
                 elapsed, tick = elapsed + now - tick, now
                 save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)

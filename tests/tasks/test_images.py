@@ -98,3 +98,17 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> No
     assert np.array_equal(ImageFormat("L", 5).read(tmp_path / "sideways.png"), expected)
     with Image.open(tmp_path / "sideways.png") as opened:  # a PIL image given directly, too
         assert np.array_equal(ImageFormat("L", 5).convert(opened), expected)
+
+
+def test_an_unreadable_exif_orientation_keeps_the_picture(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow raises on some malformed EXIF (e.g. a zero denominator): the image is kept as
+    stored rather than lost."""
+    pixels = np.arange(25, dtype=np.uint8).reshape(5, 5) * 10
+    Image.fromarray(pixels).save(tmp_path / "odd.png")
+
+    def broken(image: Image.Image) -> Image.Image:
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(im.ImageOps, "exif_transpose", broken)
+    assert np.array_equal(ImageFormat("L", 5).read(tmp_path / "odd.png"), pixels)

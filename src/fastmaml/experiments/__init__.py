@@ -17,7 +17,7 @@ from ..config import Config, load_config_dict
 from ..distributed import world
 from ..errors import ConfigError, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir
-from ..train import check_resumable, fit
+from ..train import check_resumable, checkpoint_path, fit
 from .base import Experiment, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -128,7 +128,8 @@ def _rl_presets() -> dict[str, Preset]:
     nav = dict(env="fastmaml/Nav2D-v0", action_scale=0.1, inner_lr=0.5, meta_batch=20,
                trajectories=20)
     # Evaluation episodes: the official test scripts' 4,000 environment steps per task and step
-    # (8,000 for the ant direction), 40 episodes of navigation's horizon 100, 20 of locomotion's 200.
+    # (8,000 for the ant direction): 40 episodes of navigation's horizon 100, 20 of locomotion's
+    # 200.
     paper = {
         "rl-nav2d": ("2D navigation", nav),
         "rl-cheetah-vel": ("half-cheetah goal velocity",
@@ -273,8 +274,8 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
                            progress=progress)
             except NonFiniteLossError as error:
-                if not run_started(run_dir):  # the same command with the change starts afresh
-                    raise
+                if not checkpoint_path(run_dir, learner.name).is_file():
+                    raise  # no checkpoint of it to keep: the changed command starts it afresh
                 raise NonFiniteLossError(  # a resume may not change what the run learns
                     f"{error}. {run_dir} keeps its last finite checkpoint, but a run's learning "
                     "settings are fixed: try the change in a new run (another --out)") from None

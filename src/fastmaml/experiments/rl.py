@@ -47,11 +47,11 @@ also holds ``right_way``: per step, the share of tasks whose mean return exceeds
 Evaluation batches (``eval_batch``): ``steps`` (default) samples as the official test did, the
 paper's "40 trajectories (4000 samples)" (the scripts' 4,000 environment steps per task and
 step: 40 episodes of navigation's 100 steps, 20 of locomotion's 200; 8,000 for the ant
-direction, so its preset evaluates 40): ``eval_trajectories`` environments per task run
-episode after episode until the finished episodes hold ``eval_trajectories x horizon`` steps
-(``Sampler.sample_steps``); the update uses all of them and the value is the mean return over
-them, which favours short episodes where episodes end early (2D navigation at the goal, a
-fallen ant), as the paper's numbers do. ``episodes`` samples exactly ``eval_trajectories``
+direction, so its paper preset evaluates 40, its -cpu preset 20): ``eval_trajectories``
+environments per task run episode after episode until the finished episodes hold
+``eval_trajectories x horizon`` steps (``Sampler.sample_steps``); the update uses all of them
+and the value is the mean return over them, which favours short episodes where episodes end
+early (2D navigation at the goal, a fallen ant), as the paper's numbers do. ``episodes`` samples exactly ``eval_trajectories``
 episodes per task: the unbiased mean return. Without early termination they are the same.
 
 2D navigation and the action scale: the paper's text says actions are velocities clipped to

@@ -22,6 +22,7 @@ import copy
 import heapq
 import multiprocessing as mp
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
@@ -317,6 +318,10 @@ def _single_threaded_children() -> Iterator[None]:
 
 
 def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
+    # A scheduler's SIGTERM, or Ctrl-C, reaches the whole process group: the parent stops
+    # cleanly after its iteration (``fit``), and its daemon workers end with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     env = make_batch_env(env_id, **env_kwargs)
     while (message := conn.recv()) is not None:

@@ -26,7 +26,9 @@ from ..errors import DataError
 
 POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 MODES = {1: "L", 3: "RGB"}
-CONVERSION = 3  # the version of what ``ImageFormat.convert`` makes of a file; caches key on it
+# The version of what ``ImageFormat.convert`` makes of a file: the folder and MiniImagenet caches
+# key on it (the official Omniglot PNGs, 1-bit without EXIF, convert the same in every version).
+CONVERSION = 3
 NOT_PICTURES = {"EPS", "MPEG", "IPTC"}  # decoded only with Ghostscript, or identified, not read
 
 
@@ -63,7 +65,7 @@ class ImageFormat:
     def convert(self, image: Image.Image) -> np.ndarray:
         """(size, size) for ``L``, (size, size, 3) for ``RGB``, uint8. A camera's photo taken
         sideways is stored unrotated, with an EXIF orientation tag: it is turned upright first."""
-        image = _on_white(_eight_bit(ImageOps.exif_transpose(image))).convert(self.mode)
+        image = _on_white(_eight_bit(_upright(image))).convert(self.mode)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         pixels = np.asarray(image, dtype=np.uint8)
@@ -76,6 +78,15 @@ class ImageFormat:
                 return self.convert(file)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` turned by its EXIF orientation; as it is when its EXIF cannot be read (a
+    malformed tag must not cost the picture)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - Pillow raises various errors on broken EXIF
+        return image
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
