@@ -51,8 +51,9 @@ direction, so its paper preset evaluates 40, its -cpu preset 20): ``eval_traject
 environments per task run episode after episode until the finished episodes hold
 ``eval_trajectories x horizon`` steps (``Sampler.sample_steps``); the update uses all of them
 and the value is the mean return over them, which favours short episodes where episodes end
-early (2D navigation at the goal, a fallen ant), as the paper's numbers do. ``episodes`` samples exactly ``eval_trajectories``
-episodes per task: the unbiased mean return. Without early termination they are the same.
+early (2D navigation at the goal, a fallen ant), as the paper's numbers do. ``episodes`` samples
+exactly ``eval_trajectories`` episodes per task: the unbiased mean return. Without early
+termination they are the same.
 
 2D navigation and the action scale: the paper's text says actions are velocities clipped to
 [-0.1, 0.1] and alpha = 0.1. The official code wrapped the environment in rllab's ``normalize``,
