@@ -112,8 +112,8 @@ def adapt_policy(maml: MAML, episodes: Episodes, *, advantages: Tensor | None = 
     linear baseline, GAE, standardised).
     Each task runs ``maml.adapt`` (differentiable with respect to the initialisation when grad
     is enabled, unless ``maml.first_order``). For the test protocol's later steps (fresh episodes
-    sampled with the adapted policy, then alpha / 2): ``start`` continues from earlier adapted
-    parameters and ``lr_scale`` scales the update; both only under ``torch.no_grad()``.
+    sampled with the adapted policy, then a share of alpha): ``start`` continues from earlier
+    adapted parameters and ``lr_scale`` scales the update; both only under ``torch.no_grad()``.
     ``lr_scale`` scales the whole displacement, which is exact for one inner step.
     """
     if (start is not None or lr_scale != 1.0) and torch.is_grad_enabled():
