@@ -78,6 +78,20 @@ def test_out_of_device_memory_is_one_line_with_what_to_lower(tmp_path, capsys, m
     assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "meta_batch" in err
 
 
+def test_a_failed_compile_is_one_line_that_names_the_way_out(tmp_path, capsys, monkeypatch):
+    from torch._inductor.exc import InductorError
+
+    def uncompilable(*_, **__):
+        raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"),
+                            None)
+
+    monkeypatch.setattr("fastmaml.cli.train_run", uncompilable)
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path), "compile=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No working C++ compiler found" in err
+    assert "set compile=false" in err
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
