@@ -86,7 +86,7 @@ def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
 def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr("fastmaml.experiments.world", lambda: (0, 4))  # as if under torchrun
+    monkeypatch.setattr("fastmaml.distributed.world", lambda: (0, 4))  # as if under torchrun
     run = tmp_path / "new"
     assert main(["train", "sinusoid-demo", "--out", str(run), "meta_batch=3", "--no-progress"]) == 2
     assert "meta_batch 3 is smaller than the 4 processes" in capsys.readouterr().err

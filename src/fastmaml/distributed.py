@@ -52,6 +52,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def require_a_task_per_rank(meta_batch: int) -> None:
+    """A ``ConfigError`` when the ranks outnumber the meta-batch's tasks."""
+    size = world()[1]
+    if meta_batch < size:
+        raise ConfigError(f"meta_batch {meta_batch} is smaller than the {size} processes: "
+                          "every process needs at least one task")
+
+
 def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
     """This rank's slice of the meta-batch, and its gradient weight: the rank's tasks times the
     world size over all tasks (1 for an even split), so that ``average_gradients`` of the
@@ -59,9 +67,7 @@ def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
     rank, size = world()
     if size == 1:
         return batch, 1.0
-    if batch.num_tasks < size:
-        raise ConfigError(f"meta_batch {batch.num_tasks} is smaller than the {size} ranks: "
-                          "every rank needs at least one task")
+    require_a_task_per_rank(batch.num_tasks)
     bounds = [batch.num_tasks * r // size for r in range(size + 1)]
     start, stop = bounds[rank], bounds[rank + 1]
     return (TaskBatch(*(t[start:stop] for t in batch)),

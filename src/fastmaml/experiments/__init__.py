@@ -14,7 +14,7 @@ import torch
 
 from ..atomic import write_text_atomic
 from ..config import Config, load_config_dict
-from ..distributed import world
+from ..distributed import require_a_task_per_rank, world
 from ..errors import ConfigError, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir
 from ..train import check_resumable, checkpoint_path, fit
@@ -259,11 +259,9 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
     with learners_held(run_dir, whole_run):
         for learner in learners:
             check_resumable(learner, run_dir)
-        size = world()[1]
-        if cfg.meta_batch < size:
-            raise ConfigError(f"meta_batch {cfg.meta_batch} is smaller than the {size} processes: "
-                              "every process needs at least one task")
+        require_a_task_per_rank(cfg.meta_batch)
         experiment.save_config()  # so a refused command leaves the run directory as it was
+        size = world()[1]
         say = print if main else (lambda *_: None)
         if main:
             _record_machine(run_dir, str(experiment.device), size)
