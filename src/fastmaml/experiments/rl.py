@@ -88,7 +88,7 @@ from ..plots import save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
-    from ..rl import Episodes, Sampler
+    from ..rl import Episodes, OfficialTest, Sampler
 
 EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
 
@@ -334,9 +334,13 @@ class RLExperiment(Experiment):
         cfg = self.cfg
         if cfg.eval_inner_lr:
             return dict.fromkeys(METHODS, cfg.eval_inner_lr)
-        official = _rl().env_class(cfg.env).official_test
+        official = self.official_test()
         return {"maml": cfg.inner_lr, "pretrained": official.pretrained_lr or cfg.inner_lr,
                 "random": official.random_lr or cfg.inner_lr}
+
+    def official_test(self) -> OfficialTest:
+        """How the official test script of this run's task family fine-tuned the methods."""
+        return _rl().env_class(self.cfg.env).official_test
 
     def adaptation_returns(self, maml: MAML, tasks: list[dict[str, Any]], progress: bool = False,
                            desc: str = "") -> Tensor:
@@ -350,7 +354,7 @@ class RLExperiment(Experiment):
 
         rl, cfg = _rl(), self.cfg
         sampler = self.sampler()
-        later_lr_scale = rl.env_class(cfg.env).official_test.later_lr_scale
+        later_lr_scale = self.official_test().later_lr_scale
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
@@ -413,7 +417,7 @@ class RLExperiment(Experiment):
         text = results_table(title, records, list(range(cfg.eval_inner_steps + 1)),
                              {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
         horizon = cfg.horizon or _rl().default_horizon(cfg.env)
-        official = _rl().env_class(cfg.env).official_test
+        official = self.official_test()
         per_step = (f"{cfg.eval_trajectories} episodes" if cfg.eval_batch == "episodes" else
                     f"{cfg.eval_trajectories} x {horizon} environment steps (whole episodes)")
         text = text.replace(f"## {cfg.eval_trajectories}-shot",

@@ -124,6 +124,8 @@ class Sampler:
                               f"{num_workers}")
         self.env = make_batch_env(env_id, **env_kwargs)
         self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
+        # what every task of this environment holds (``_check``)
+        self._task_keys = set(env_class(env_id).sample_tasks(1, np.random.default_rng(0))[0])
         self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
         if num_workers:
             self._start_workers(num_workers)
@@ -162,11 +164,11 @@ class Sampler:
     def _check(self, policy: nn.Module, tasks: Sequence[Task]) -> None:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
         does not fit this environment's observations and actions."""
-        keys = set(env_class(self.env_id).sample_tasks(1, np.random.default_rng(0))[0])
-        other = next((task for task in tasks if not keys <= set(task)), None)
+        other = next((task for task in tasks if not self._task_keys <= set(task)), None)
         if other is not None:
-            raise ConfigError(f"a {self.env_id} task needs the key(s) {', '.join(sorted(keys))}; "
-                              f"got {other!r}, a task of another environment?")
+            raise ConfigError(f"a {self.env_id} task needs the key(s) "
+                              f"{', '.join(sorted(self._task_keys))}; got {other!r}, a task of "
+                              "another environment?")
         probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
         try:
             with torch.no_grad():

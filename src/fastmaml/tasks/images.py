@@ -3,10 +3,9 @@
 A data set's ``ImageFormat`` (PIL mode, square side, inversion) turns any file Pillow reads, or
 any PIL image, into the uint8 pixels the data set is cached as (turned upright by its EXIF
 orientation, 16-bit pixels scaled, not clipped, to 8 bits, and transparent pixels shown on
-white: as a viewer shows the image);
-``as_model_input`` scales them to the float tensor the model sees (pixels / 255, channels
-first), exactly as the task sampler does, so that an image given to a trained run matches its
-training images bit for bit.
+white: as a viewer shows the image); ``as_model_input`` scales them to the float tensor the
+model sees (pixels / 255, channels first), exactly as the task sampler does, so that an image
+given to a trained run matches its training images bit for bit.
 """
 from __future__ import annotations
 
