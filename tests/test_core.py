@@ -532,6 +532,46 @@ def test_with_compile_the_search_also_times_the_compiled_path():
         assert relative(flat_grads(searched), expected) < 1e-5
 
 
+def no_cxx_compiler(*_):
+    """What ``torch.compile`` raises on a CPU machine without a C++ compiler (torch 2.13)."""
+    from torch._inductor.exc import InductorError
+    raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+
+
+@pytest.mark.parametrize("batched", [True, None])  # compiled for sure, or a candidate of the search
+def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched):
+    model, loss_fn, batch = mlp_problem()
+    expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
+    maml = MAML(model, loss_fn, 0.1, 2, batched=batched, compile=True)
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(.*No working C\+\+ compiler "
+                                         r"found\); running uncompiled"):
+        maml.meta_backward(batch)
+    assert maml._compiled_gradient is None and maml._compiled_batched is None
+    assert relative(flat_grads(maml), expected) < 1e-10
+    assert all("compile=False" in key for key in maml.path_choices)
+    assert "compiled" not in maml.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning: later calls run uncompiled, silently
+        for _ in range(2):
+            maml.zero_grad(set_to_none=True)
+            maml.meta_backward(batch)
+            assert relative(flat_grads(maml), expected) < 1e-10
+        assert relative(meta_grad(maml, batch), expected) < 1e-10
+
+
+def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():
+    model, loss_fn, batch = mlp_problem()
+    wrong_features = TaskBatch(*(t.repeat(1, 1, 2) for t in batch))
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True)
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    for call in (maml.meta_backward, maml.meta_loss):
+        with pytest.raises(ShapeError, match="forward failed on a per-task input of shape"):
+            call(wrong_features)
+        assert maml._compiled_gradient is no_cxx_compiler
+        assert maml._compiled_batched is no_cxx_compiler
+
+
 def test_checkpointed_steps_refuse_active_dropout():
     model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
     _, loss_fn, batch = mlp_problem()

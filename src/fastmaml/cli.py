@@ -232,11 +232,6 @@ def main(argv: list[str] | None = None) -> int:
               "meta_batch, chunk_size or eval_chunk, or set checkpoint_steps=true; a training "
               "run keeps its last checkpoint", file=sys.stderr)
         return 2
-    except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler on CPU
-        print(f"fastmaml: error: torch.compile failed ({str(error).strip().splitlines()[0]}): "
-              "set compile=false, or install what it names (on CPU, inductor needs a C++ "
-              "compiler)", file=sys.stderr)
-        return 2
     except TrainingStopped as stopped:
         print(f"fastmaml: {stopped}", file=sys.stderr)
         return 128 + signal.SIGTERM

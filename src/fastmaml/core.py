@@ -274,8 +274,11 @@ class MAML(nn.Module):
             if not compiled:
                 return self._batched(*args, chunk, *batch)
             layout = _graph_layout(fast), _graph_layout(frozen)  # one graph call per chunk
-            return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
-                                  for part in _chunks(batch, chunk)])
+            try:
+                return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
+                                      for part in _chunks(batch, chunk)])
+            except torch._dynamo.exc.TorchDynamoException as error:
+                return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
         out = self._dispatch(batched, lambda: self._run_looped(args, batch))
         if self.path == "batched" and choice is not None:
             self.path = _label(choice)
@@ -309,6 +312,23 @@ class MAML(nn.Module):
                           "using the looped path", stacklevel=4)
             return out
         self.path = "batched"
+        return out
+
+    def _uncompiled_from_now(self, error: Exception, eager: Callable[[], Any]) -> Any:
+        """Where ``torch.compile`` failed (on CPU, inductor needs a C++ compiler) but the eager
+        call runs, compiling is off for this learner from now on, with a warning: ``compile`` is
+        a speed option, never the reason a run stops. A user's error fails eagerly too; it is
+        raised, and compiling stays on."""
+        compiled = self._compiled_batched, self._compiled_gradient
+        self._compiled_batched = self._compiled_gradient = None
+        try:
+            out = eager()
+        except BaseException:
+            self._compiled_batched, self._compiled_gradient = compiled
+            raise
+        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
+        warnings.warn(f"fastmaml: torch.compile failed ({first_line}); running uncompiled",
+                      stacklevel=4)
         return out
 
     def _searches(self, batch: TaskBatch) -> bool:
@@ -358,13 +378,17 @@ class MAML(nn.Module):
         timings: dict[tuple[str, int | None], float] = {}
         results: dict[tuple[str, int | None], tuple[Params, Tensor, dict[str, Tensor]]] = {}
 
+        def runnable(candidate: tuple[str, int | None]) -> bool:  # vmap and compile may fail
+            return candidate[0] == "looped" or not self._vmap_failed and (
+                candidate[0] != "compiled" or self._compiled_gradient is not None)
+
         def run(candidate: tuple[str, int | None]) -> None:
             self._trying = candidate
             for p in trainable.values():
                 p.grad = None
             start = time.perf_counter()
             loss, metrics = self.meta_backward(batch, step_weights)
-            if candidate[0] == "looped" or not self._vmap_failed:
+            if runnable(candidate):
                 elapsed = time.perf_counter() - start
                 timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
                 results[candidate] = ({n: p.grad for n, p in trainable.items()}, loss.detach(),
@@ -374,9 +398,8 @@ class MAML(nn.Module):
             for candidate in warm_ups:  # their timings (and compiling) are replaced below
                 run(candidate)
             timings.clear()
-            for candidate in candidates:
-                if candidate[0] == "looped" or not self._vmap_failed:
-                    run(candidate)
+            for candidate in filter(runnable, candidates):
+                run(candidate)
             for candidate in sorted(timings, key=timings.get)[:2]:  # noise: time the two again
                 run(candidate)
         finally:
@@ -449,18 +472,26 @@ class MAML(nn.Module):
         elif self._compiles_gradient(batch):
             choice = self._choice(batch)
             chunk = choice[1] if choice else self._chunk(batch)
-            grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
-                                                                       step_weights, chunk)
+            try:
+                grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
+                                                                           step_weights, chunk)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
             self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
-            loss, metrics = self(batch, step_weights)  # batch already validated
-            self._check_finite(loss)
-            loss.backward()
-            return loss.detach(), metrics
+            return self._backward(batch, step_weights)
         self._check_finite(loss)
         for name, p in trainable.items():
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
         return loss, metrics
+
+    def _backward(self, batch: TaskBatch, step_weights: Tensor | None
+                  ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``meta_loss`` and autograd's ``backward``, uncompiled."""
+        loss, metrics = self(batch, step_weights)  # batch already validated
+        self._check_finite(loss)
+        loss.backward()
+        return loss.detach(), metrics
 
     def _compiled_gradient_by_chunks(self, trainable: Params, batch: TaskBatch,
                                      step_weights: Tensor | None, chunk: int | None
