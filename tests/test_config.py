@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from fastmaml.config import ConfigError, load_config_dict
-from fastmaml.experiments import PRESETS, experiment_class, preset
-from fastmaml.experiments.base import resolve_device
+import torch.nn.functional as F
+
+from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
+from fastmaml.experiments import PRESETS, create_run, experiment_class, load_experiment, preset
+from fastmaml.experiments.base import build_maml, resolve_device
 from fastmaml.experiments.fewshot import FewShotConfig
 from fastmaml.experiments.sinusoid import SinusoidConfig
+from fastmaml.models import MLP
 
 
 def test_overrides_are_typed_by_the_config_fields():
@@ -25,6 +28,7 @@ def test_overrides_are_typed_by_the_config_fields():
     ("iterations=0", "iterations must be >= 1"),
     ("inner_steps=-1", "inner_steps must be >= 0"),
     ("path=gpu", "path must be auto, batched or looped"),
+    ("compile=sometimes", "compile must be auto, true or false, got 'sometimes'"),
     ("inner_lr=-1", "inner_lr must be >= 0 and meta_lr > 0"),
     ("meta_lr=0", "inner_lr must be >= 0 and meta_lr > 0"),
     ("inner_lr=nan", "inner_lr must be >= 0 and meta_lr > 0"),
@@ -110,3 +114,28 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "config.yaml").write_bytes(b"\xff\xfen_way: 5\n")
     with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML"):
         load_config_dict(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("TRUE", "true"), ("yes", "true"),
+                                            (True, "true"), (False, "false"), ("0", "false")])
+def test_compile_reads_a_switch_or_auto_as_yaml_and_the_command_line_write_it(value, expected):
+    """Runs saved before ``auto`` hold YAML booleans; they load as they trained."""
+    assert SinusoidConfig.from_dict({"compile": value}).compile == expected
+
+
+@pytest.mark.parametrize("compile,iterations,compiles", [
+    ("auto", COMPILE_FROM_ITERATIONS, True), ("auto", COMPILE_FROM_ITERATIONS - 1, False),
+    ("true", 10, True), ("false", 70_000, False)])
+def test_compile_auto_compiles_only_runs_long_enough_to_repay_it(compile, iterations, compiles):
+    cfg = SinusoidConfig(compile=compile, iterations=iterations)
+    assert cfg.compiles() is compiles
+    maml = build_maml(MLP([1, 4, 1]), F.mse_loss, cfg)
+    assert (maml._compiled_gradient is not None) is compiles
+
+
+def test_evaluation_and_adapt_of_a_run_compile_only_where_it_says_true(tmp_path):
+    trained = create_run("sinusoid", tmp_path / "auto", [])  # 70,000 iterations
+    assert trained.cfg.compile == "auto" and trained.cfg.compiles()
+    assert load_experiment(tmp_path / "auto").cfg.compile == "false"
+    create_run("sinusoid", tmp_path / "true", ["compile=true"])
+    assert load_experiment(tmp_path / "true").cfg.compiles()

@@ -14,6 +14,13 @@ from .atomic import write_text_atomic
 from .errors import ConfigError
 
 C = TypeVar("C", bound="Config")
+# compile=auto compiles training runs of this many iterations or more: a first compile takes
+# seconds (the sinusoid MLP) to minutes (Omniglot's conv nets, cold cache), and then saves
+# 15-36% of each Omniglot iteration (docs/results.md), which pays back over thousands of
+# iterations, not over a demo's hundreds
+COMPILE_FROM_ITERATIONS = 10_000
+_SWITCHES = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false",
+             "no": "false"}
 
 
 @dataclass
@@ -40,7 +47,9 @@ class Config:
     msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
-    compile: bool = False  # torch.compile the batched path (faster after a compile of seconds)
+    # torch.compile the batched path: true | false | auto (training runs of COMPILE_FROM_ITERATIONS
+    # or more, where the minutes of a first compile pay back; evaluation and adapt run eager)
+    compile: str = "auto"
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
@@ -70,6 +79,14 @@ class Config:
                               "needs inner_steps >= 1")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
+        self.compile = _SWITCHES.get(str(self.compile).strip().lower(), self.compile)
+        if self.compile not in ("auto", "true", "false"):
+            raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
+
+    def compiles(self) -> bool:
+        """Whether training compiles (``compile``, with ``auto`` resolved by the iterations)."""
+        return self.compile == "true" or (self.compile == "auto"
+                                          and self.iterations >= COMPILE_FROM_ITERATIONS)
 
     def require_at_least(self, **minimums: float) -> None:
         """A ``ConfigError`` naming the first field (or element of a tuple field, e.g. the

@@ -318,10 +318,12 @@ def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experim
 
 def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     """The experiment of an existing run directory, with its saved config (and ``overrides`` of
-    the settings that do not change what was learned, e.g. eval_tasks)."""
+    the settings that do not change what was learned, e.g. eval_tasks). It evaluates, plots
+    and adapts, which do not repay a compile: ``compile=auto`` runs eager here."""
     values = load_config_dict(run_dir / "config.yaml")
     cls = experiment_class(str(values.get("experiment", "")))
-    return cls(_resumed(cls.config_cls.from_dict(values), list(overrides), run_dir), run_dir)
+    cfg = _resumed(cls.config_cls.from_dict(values), list(overrides), run_dir)
+    return cls(cfg.replace(compile="false") if cfg.compile == "auto" else cfg, run_dir)
 
 
 def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:

@@ -61,7 +61,7 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
     on_cpu = next(model.parameters()).device.type == "cpu"
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
-                metric_fn=metric_fn, batched=batched, check_finite=on_cpu, compile=cfg.compile,
+                metric_fn=metric_fn, batched=batched, check_finite=on_cpu, compile=cfg.compiles(),
                 chunk_size=cfg.chunk_size or None, checkpoint_steps=cfg.checkpoint_steps)
 
 
