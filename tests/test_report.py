@@ -164,6 +164,16 @@ def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None
     assert main(["plot", str(run_dir)]) == 0
 
 
+def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
+        tmp_path: Path) -> None:
+    run_dir = tmp_path / "sinusoid"
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
+                 "baseline_iterations=20", "log_every=10", "--no-progress"]) == 0
+    log = run_dir / "metrics-maml.csv"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))  # as if stopped at 20
+    assert report.read_run(run_dir).iterations == 20  # of 20, with the log's last row at 10
+
+
 def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:
     run_dir = tmp_path / "sinusoid"
     common = ["baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]

@@ -58,7 +58,7 @@ class Run:
     path: Path
     config: dict[str, Any]
     records: list[dict[str, Any]]
-    iterations: int  # MAML's iterations done (from its metrics log)
+    iterations: int  # MAML's iterations done (its checkpoint's, else its metrics log's)
     train_seconds: float  # summed over the learners' logs
     machines: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
@@ -92,9 +92,10 @@ def read_run(path: Path) -> Run:
                 iterations = int(rows[-1]["iteration"])
                 validation = [(int(r["iteration"]), float(r["elapsed_s"]), float(r["val_accuracy"]))
                               for r in rows if r.get("val_accuracy") not in (None, "")]
-    checkpoints = ({p.stem: int(load_checkpoint(p)["iteration"])
-                    for p in sorted(checkpoints_dir(path).glob("*.pt"))}
-                   if records and "checkpoint_iterations" in records[0] else {})
+    checkpoints = {p.stem: int(load_checkpoint(p)["iteration"])
+                   for p in sorted(checkpoints_dir(path).glob("*.pt"))}
+    # a run stopped between log rows (SIGTERM) is as far as its checkpoint
+    iterations = checkpoints.get("maml", iterations)
     machine_path = path / "machine.json"
     machines = json.loads(machine_path.read_text()) if machine_path.is_file() else []
     return Run(path, config, records, iterations, seconds, machines,
