@@ -365,9 +365,11 @@ def measure_memory(step: Callable, batch: TaskBatch, device: torch.device) -> fl
     return rss.mb
 
 
-def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device) -> float:
+def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: torch.device
+                 ) -> tuple[float, float]:
     """CPU seconds of one meta-iteration spent inside convolution kernels (forward, backward
-    and double backward), from the profiler's self times over three calls.
+    and double backward), from the profiler's self times over three calls, and their share of
+    those calls' wall time (both from the same calls, so a busy machine cannot skew the share).
 
     What the step would take if everything but the convolutions (normalisation, activations,
     the elementwise second-order terms, layout copies, dispatch) were free: a bound on what
@@ -376,10 +378,10 @@ def conv_seconds(model: nn.Module, step: Callable, batch: TaskBatch, device: tor
     """
     calls = 3
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(calls):
-            timed_call(model, step, batch, device)
-    return sum(e.self_cpu_time_total for e in prof.key_averages()
-               if e.key.startswith("aten::") and "conv" in e.key) / 1e6 / calls
+        wall = sum(timed_call(model, step, batch, device) for _ in range(calls))
+    conv = sum(e.self_cpu_time_total for e in prof.key_averages()
+               if e.key.startswith("aten::") and "conv" in e.key) / 1e6
+    return conv / calls, conv / wall
 
 
 def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int, warmup: int,
@@ -441,7 +443,8 @@ def run(workloads: list[str], orders: list[str], impls: list[str], repeats: int,
                                 "malloc_tuned": malloc_tuned, "precision": precision,
                                 **({"path": steps[impl][1].maml.path}
                                    if hasattr(steps[impl][1], "maml") else {}),
-                                **({"conv_s_per_iter": conv[impl]} if conv else {})})
+                                **({"conv_s_per_iter": conv[impl][0],
+                                    "conv_share": conv[impl][1]} if conv else {})})
             print_table([r for r in records if r["workload"] == name and r["order"] == order])
     return records
 
@@ -457,8 +460,7 @@ def print_table(rows: list[dict]) -> None:
         ratio = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] else "-"
         print(f"  {r['impl']:<19}{r['s_per_iter']:>10.4f}{r['iters_per_s']:>9.1f}{ratio:>9}"
               f"{100 * r['fraction_of_matmul_peak']:>7.1f}%{r['peak_mem_mb']:>9.1f}"
-              + (f"{r['conv_s_per_iter']:>9.4f}{100 * r['conv_s_per_iter'] / r['s_per_iter']:>7.1f}%"
-                 if conv else ""))
+              + (f"{r['conv_s_per_iter']:>9.4f}{100 * r['conv_share']:>7.1f}%" if conv else ""))
 
 
 def main() -> None:

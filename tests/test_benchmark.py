@@ -47,7 +47,7 @@ def test_conv_share_reports_the_convolution_time_of_a_conv_net_step(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "conv %" in result.stdout
     for record in json.loads(out.read_text()):
-        assert 0.0 < record["conv_s_per_iter"] < record["s_per_iter"]
+        assert record["conv_s_per_iter"] > 0.0 and 0.0 < record["conv_share"] < 1.0
         assert record["malloc_tuned"] is False
 
 
