@@ -116,7 +116,7 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
         load_config_dict(tmp_path / "config.yaml")
 
 
-@pytest.mark.parametrize("value,expected", [("auto", "auto"), ("TRUE", "true"), ("yes", "true"),
+@pytest.mark.parametrize("value,expected", [("AUTO", "auto"), ("TRUE", "true"), ("yes", "true"),
                                             (True, "true"), (False, "false"), ("0", "false")])
 def test_compile_reads_a_switch_or_auto_as_yaml_and_the_command_line_write_it(value, expected):
     """Runs saved before ``auto`` hold YAML booleans; they load as they trained."""

@@ -539,7 +539,8 @@ def no_cxx_compiler(*_):
 
 
 @pytest.mark.parametrize("batched", [True, None])  # compiled for sure, or a candidate of the search
-def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched):
+def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched, monkeypatch):
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
     model, loss_fn, batch = mlp_problem()
     expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
     maml = MAML(model, loss_fn, 0.1, 2, batched=batched, compile=True)
@@ -558,6 +559,42 @@ def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched):
             maml.meta_backward(batch)
             assert relative(flat_grads(maml), expected) < 1e-10
         assert relative(meta_grad(maml, batch), expected) < 1e-10
+
+
+class FailsToCompileItsBackward(torch.autograd.Function):
+    """An output whose backward graph fails to compile, as AOTAutograd compiles it lazily."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        no_cxx_compiler()
+
+
+def test_a_compile_failure_in_the_backward_pass_also_falls_back():
+    model, loss_fn, batch = mlp_problem()
+    expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
+    maml = MAML(model, loss_fn, 0.1, 2, batched=True, compile=True)
+    maml._compiled_batched = lambda *args: tuple(
+        FailsToCompileItsBackward.apply(t) if t.requires_grad else t for t in maml._batched(*args))
+    for p in maml.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        maml.meta_backward(batch)  # the first call: compiled forward, then autograd
+    assert maml._compiled_batched is None and maml.path == "batched"
+    assert relative(flat_grads(maml), expected + 1) < 1e-10  # accumulated once, onto the ones
+
+
+def test_a_path_chosen_compiled_is_labelled_as_it_ran_once_compiling_fails():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, compile=True)
+    maml.path_choices[maml._path_key(batch)] = ("compiled", 2)  # e.g. from a checkpoint
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        maml.meta_loss(batch)
+    assert maml.path == "batched, chunk 2"
 
 
 def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():

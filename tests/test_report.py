@@ -172,6 +172,8 @@ def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
     log = run_dir / "metrics-maml.csv"
     log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))  # as if stopped at 20
     assert report.read_run(run_dir).iterations == 20  # of 20, with the log's last row at 10
+    (run_dir / "checkpoints" / "maml.pt").write_bytes(b"truncated")
+    assert report.read_run(run_dir).iterations == 10  # the log's, not an error for every run
 
 
 def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:

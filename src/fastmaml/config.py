@@ -79,7 +79,8 @@ class Config:
                               "needs inner_steps >= 1")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
-        self.compile = _SWITCHES.get(str(self.compile).strip().lower(), self.compile)
+        switch = str(self.compile).strip().lower()
+        self.compile = _SWITCHES.get(switch, switch)
         if self.compile not in ("auto", "true", "false"):
             raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
 

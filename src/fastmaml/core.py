@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .batchnorm import TransductiveBatchNorm, has_batch_norm
-from .errors import ConfigError, NonFiniteLossError, ShapeError
+from .errors import ConfigError, FastMAMLWarning, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
 
 Params = dict[str, Tensor]
@@ -280,8 +280,8 @@ class MAML(nn.Module):
             except torch._dynamo.exc.TorchDynamoException as error:
                 return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
         out = self._dispatch(batched, lambda: self._run_looped(args, batch))
-        if self.path == "batched" and choice is not None:
-            self.path = _label(choice)
+        if self.path == "batched" and choice is not None:  # (uncompiled if compiling just failed)
+            self.path = _label(choice if compiled and self._compiled_batched else ("batched", chunk))
         return out
 
     def _choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
@@ -328,7 +328,7 @@ class MAML(nn.Module):
             raise
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
         warnings.warn(f"fastmaml: torch.compile failed ({first_line}); running uncompiled",
-                      stacklevel=4)
+                      FastMAMLWarning, stacklevel=4)
         return out
 
     def _searches(self, batch: TaskBatch) -> bool:
@@ -479,7 +479,7 @@ class MAML(nn.Module):
                 return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
             self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
-            return self._backward(batch, step_weights)
+            return self._backward_compiling_lazily(batch, step_weights, trainable)
         self._check_finite(loss)
         for name, p in trainable.items():
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
@@ -487,11 +487,25 @@ class MAML(nn.Module):
 
     def _backward(self, batch: TaskBatch, step_weights: Tensor | None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
-        """``meta_loss`` and autograd's ``backward``, uncompiled."""
+        """``meta_loss`` and autograd's ``backward``."""
         loss, metrics = self(batch, step_weights)  # batch already validated
         self._check_finite(loss)
         loss.backward()
         return loss.detach(), metrics
+
+    def _backward_compiling_lazily(self, batch: TaskBatch, step_weights: Tensor | None,
+                                   trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
+        """``_backward``; a compiled forward builds its backward graph only in ``backward``, so
+        a compile failure there also falls back to the eager path (gradients as before it)."""
+        before = {n: p.grad for n, p in trainable.items()}
+        try:
+            return self._backward(batch, step_weights)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if self._compiled_batched is None:
+                raise
+            for name, p in trainable.items():
+                p.grad = before[name]
+            return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
 
     def _compiled_gradient_by_chunks(self, trainable: Params, batch: TaskBatch,
                                      step_weights: Tensor | None, chunk: int | None

@@ -8,6 +8,7 @@ the same runs gives the same bytes (``docs/REPORT.md`` is checked to be current)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,11 +19,11 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .config import load_config_dict
-from .errors import ConfigError, FastMAMLError
+from .errors import CheckpointError, ConfigError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
-from .train import checkpoints_dir, load_checkpoint, read_metrics
+from .train import checkpoint_path, load_checkpoint, read_metrics
 
 # ----- status of a row -----
 
@@ -92,8 +93,13 @@ def read_run(path: Path) -> Run:
                 iterations = int(rows[-1]["iteration"])
                 validation = [(int(r["iteration"]), float(r["elapsed_s"]), float(r["val_accuracy"]))
                               for r in rows if r.get("val_accuracy") not in (None, "")]
-    checkpoints = {p.stem: int(load_checkpoint(p)["iteration"])
-                   for p in sorted(checkpoints_dir(path).glob("*.pt"))}
+    evaluated = records[0].get("checkpoint_iterations", {}) if records else {}
+    checkpoints = {}
+    for learner in {"maml", *evaluated}:  # a damaged one is left to `train` to name
+        with contextlib.suppress(CheckpointError):
+            checkpoint = checkpoint_path(path, learner)
+            if checkpoint.is_file():
+                checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
     # a run stopped between log rows (SIGTERM) is as far as its checkpoint
     iterations = checkpoints.get("maml", iterations)
     machine_path = path / "machine.json"
@@ -196,7 +202,7 @@ def _overrides(run: Run) -> list[str]:
     cls = experiment_class(chosen.experiment).config_cls
     defaults = cls.from_dict({**chosen.values, "preset": run.preset}).to_dict()
     saved = cls.from_dict(run.config).to_dict()
-    skip = {"data_root", "download"}
+    skip = {"data_root", "download", "compile"}  # where the data is; how fast it trains
     return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in saved.items() if k not in skip and defaults.get(k) != v]
 
