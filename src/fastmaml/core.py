@@ -327,7 +327,7 @@ class MAML(nn.Module):
             self._compiled_batched, self._compiled_gradient = compiled
             raise
         first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        warnings.warn(f"fastmaml: torch.compile failed ({first_line}); running uncompiled",
+        warnings.warn(f"torch.compile failed ({first_line}); running uncompiled",
                       FastMAMLWarning, stacklevel=4)
         return out
 
