@@ -132,6 +132,7 @@ class MAML(nn.Module):
             overhead; the first call of each shape compiles, which takes seconds). With the
             default path search it is one more candidate (compiled once, at the default chunk
             size), kept only where it is the fastest; with an explicit ``batched=True`` it is used.
+            Where compiling fails (e.g. no C++ compiler), it warns once and runs eager from then on.
         chunk_size: ``vmap`` this many tasks at a time. Default: all tasks on GPU; on CPU as many
             as hold about 2**18 input elements, which keeps the activations cache-sized (Omniglot
             with 75 queries per task: 4 tasks a chunk, 1.8x faster than all 32 at once).
