@@ -1,16 +1,19 @@
 """One command at a time in a run directory, tested with real processes."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+import fastmaml.experiments as experiments
 from fastmaml.cli import main
 from fastmaml.runlock import OWNER_NAME
 
@@ -125,3 +128,18 @@ def test_an_unknown_learner_is_a_clear_error(tmp_path: Path,
     assert "--learner 'maml++': a sinusoid-demo run has the learners maml, pretrained, oracle" \
         in capsys.readouterr().err
     assert not run.exists()
+
+
+def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypatch):
+    """Two ``--learner`` commands of one run append to its machine.json at once; the lock keeps
+    one from writing over the other's entry (the write is slowed to widen the window)."""
+    write = experiments.write_text_atomic
+    monkeypatch.setattr(experiments, "write_text_atomic",
+                        lambda text, path: time.sleep(0.3) or write(text, path))
+    starts = [threading.Thread(target=experiments._record_machine, args=(tmp_path, "cpu", 1))
+              for _ in range(2)]
+    for thread in starts:
+        thread.start()
+    for thread in starts:
+        thread.join()
+    assert len(json.loads((tmp_path / "machine.json").read_text())) == 2

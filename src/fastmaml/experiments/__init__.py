@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 
 from ..atomic import write_text_atomic
 from ..config import Config, load_config_dict
@@ -286,17 +287,20 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
 
 
 def _record_machine(run_dir: Path, device: str, processes: int) -> None:
-    """Append this training session's machine to ``run_dir/machine.json`` (for the report)."""
+    """Append this training session's machine to ``run_dir/machine.json`` (for the report),
+    under a lock: two ``--learner`` commands of one run may start together."""
     path = run_dir / "machine.json"
-    sessions = json.loads(path.read_text()) if path.is_file() else []
-    sessions.append({"date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
-                     "processor": _cpu_model(),
-                     # the vector instructions torch's CPU kernels use: speed and float32
-                     # rounding differ between e.g. AVX2 and AVX512 instances of "one" machine
-                     "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                     "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
-                     "processes": processes, "threads": torch.get_num_threads()})
-    write_text_atomic(json.dumps(sessions, indent=1), path)
+    with FileLock(run_dir / ".fastmaml.machine.lock"):
+        sessions = json.loads(path.read_text()) if path.is_file() else []
+        sessions.append({
+            "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
+            "processor": _cpu_model(),
+            # the vector instructions torch's CPU kernels use: speed and float32 rounding
+            # differ between e.g. AVX2 and AVX512 instances of "one" machine
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cpus": os.cpu_count(), "torch": torch.__version__, "device": device,
+            "processes": processes, "threads": torch.get_num_threads()})
+        write_text_atomic(json.dumps(sessions, indent=1), path)
 
 
 def _cpu_model() -> str:
