@@ -133,9 +133,10 @@ def test_compile_auto_compiles_only_runs_long_enough_to_repay_it(compile, iterat
     assert (maml._compiled_gradient is not None) is compiles
 
 
-def test_evaluation_and_adapt_of_a_run_compile_only_where_it_says_true(tmp_path):
-    trained = create_run("sinusoid", tmp_path / "auto", [])  # 70,000 iterations
-    assert trained.cfg.compile == "auto" and trained.cfg.compiles()
-    assert load_experiment(tmp_path / "auto").cfg.compile == "false"
-    create_run("sinusoid", tmp_path / "true", ["compile=true"])
-    assert load_experiment(tmp_path / "true").cfg.compiles()
+def test_evaluation_and_adapt_of_a_run_compile_only_when_asked(tmp_path):
+    """A run's ``compile`` was for its training; ``eval DIR compile=true`` asks for it again."""
+    for setting in ("auto", "true"):
+        trained = create_run("sinusoid", tmp_path / setting, [f"compile={setting}"])
+        assert trained.cfg.compiles()  # 70,000 iterations
+        assert not load_experiment(tmp_path / setting).cfg.compiles()
+        assert load_experiment(tmp_path / setting, [" compile = true"]).cfg.compiles()

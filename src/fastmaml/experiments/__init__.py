@@ -323,11 +323,13 @@ def create_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experim
 def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     """The experiment of an existing run directory, with its saved config (and ``overrides`` of
     the settings that do not change what was learned, e.g. eval_tasks). It evaluates, plots
-    and adapts, which do not repay a compile: ``compile=auto`` runs eager here."""
+    and adapts, which seldom repay a compile: the run's ``compile`` was for its training, so
+    these run eager unless ``overrides`` say ``compile=true``."""
     values = load_config_dict(run_dir / "config.yaml")
     cls = experiment_class(str(values.get("experiment", "")))
     cfg = _resumed(cls.config_cls.from_dict(values), list(overrides), run_dir)
-    return cls(cfg.replace(compile="false") if cfg.compile == "auto" else cfg, run_dir)
+    asked = any(item.partition("=")[0].strip() == "compile" for item in overrides)
+    return cls(cfg if asked else cfg.replace(compile="false"), run_dir)
 
 
 def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:
