@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 import torch.nn.functional as F
 
 from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
@@ -118,7 +117,7 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
 
 @pytest.mark.parametrize("value,expected", [("AUTO", "auto"), ("TRUE", "true"), ("yes", "true"),
                                             (True, "true"), (False, "false"), ("0", "false")])
-def test_compile_reads_a_switch_or_auto_as_yaml_and_the_command_line_write_it(value, expected):
+def test_compile_reads_auto_or_a_switch_as_yaml_or_the_command_line_writes_it(value, expected):
     """Runs saved before ``auto`` hold YAML booleans; they load as they trained."""
     assert SinusoidConfig.from_dict({"compile": value}).compile == expected
 
