@@ -19,8 +19,7 @@ C = TypeVar("C", bound="Config")
 # 15-36% of each Omniglot iteration (docs/results.md), which pays back over thousands of
 # iterations, not over a demo's hundreds
 COMPILE_FROM_ITERATIONS = 10_000
-_SWITCHES = {"true": "true", "1": "true", "yes": "true", "false": "false", "0": "false",
-             "no": "false"}
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")  # a bool on the command line
 
 
 @dataclass
@@ -80,7 +79,8 @@ class Config:
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
         switch = str(self.compile).strip().lower()
-        self.compile = _SWITCHES.get(switch, switch)
+        self.compile = ("true" if switch in TRUE_WORDS else "false" if switch in FALSE_WORDS
+                        else switch)
         if self.compile not in ("auto", "true", "false"):
             raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
 
@@ -156,9 +156,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
-            if text not in ("true", "false", "1", "0", "yes", "no"):
+            if text not in TRUE_WORDS + FALSE_WORDS:
                 raise ValueError(value)
-            return text in ("true", "1", "yes")
+            return text in TRUE_WORDS
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)

@@ -327,9 +327,8 @@ def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     these run eager unless ``overrides`` say ``compile=true``."""
     values = load_config_dict(run_dir / "config.yaml")
     cls = experiment_class(str(values.get("experiment", "")))
-    cfg = _resumed(cls.config_cls.from_dict(values), list(overrides), run_dir)
-    asked = any(item.partition("=")[0].strip() == "compile" for item in overrides)
-    return cls(cfg if asked else cfg.replace(compile="false"), run_dir)
+    eager = cls.config_cls.from_dict({**values, "compile": "false"})
+    return cls(_resumed(eager, list(overrides), run_dir), run_dir)
 
 
 def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:
