@@ -163,6 +163,29 @@ def test_a_large_query_is_predicted_in_chunks_with_the_same_result(
         run.adapt(x, [0, 2, 2])
 
 
+def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Path,
+                                                                   tmp_path: Path) -> None:
+    """numpy int32, torch uint8 and bool labels and float64 images adapt as int64 and float32
+    do; integer images (unpreprocessed pixels) are a clear error, not torch's."""
+    run = fastmaml.load_run(image_run)
+    support, query = task_folders(tmp_path, ["color0", "color1"], shots=2, queries=1)
+    x = run.preprocess(sorted(support.rglob("*.png")))
+    queries = run.preprocess(sorted(query.rglob("*.jpg")))
+    expected = run.predict(run.adapt(x, torch.tensor([0, 0, 1, 1]), steps=2), queries)
+    for labels in (np.array([0, 0, 1, 1], dtype=np.int32), torch.tensor([0, 0, 1, 1]).byte(),
+                   torch.tensor([False, False, True, True])):
+        adapted = run.adapt(x, labels, steps=2)
+        torch.testing.assert_close(run.predict(adapted, queries), expected)
+    adapted = run.adapt(x.double().numpy(), [0, 0, 1, 1], steps=2)
+    torch.testing.assert_close(run.predict(adapted, queries.double(), context=x.double()),
+                               run.predict(adapted, queries, context=x))
+    with pytest.raises(fastmaml.errors.ShapeError, match="support images are torch.uint8, not "
+                       "floating point: run.preprocess"):
+        run.adapt((x * 255).byte(), [0, 0, 1, 1])
+    with pytest.raises(fastmaml.errors.ShapeError, match="labels must be a non-empty 1-d integer"):
+        run.adapt(x, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+
+
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:
     run = fastmaml.load_run(image_run)
     experiment = load_experiment(image_run)
@@ -207,6 +230,9 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     adapted = trained.adapt(torch.tensor(x, dtype=torch.float32)[:, None],
                             torch.tensor(np.sin(x), dtype=torch.float32))
     assert document["predictions"][0]["prediction"] == pytest.approx(
+        float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
+    from_numpy = trained.adapt(x[:, None], np.sin(x))  # float64, as np.loadtxt reads a CSV
+    assert float(trained.predict(from_numpy, np.array([[1.5]]))) == pytest.approx(
         float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
 
 

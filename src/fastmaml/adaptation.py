@@ -80,14 +80,16 @@ class TrainedRun:
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
         """``steps`` (default: the run's) inner steps on the support set. Classification labels
         are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted."""
-        support_x = torch.as_tensor(support_x, device=self.device)
+        support_x = self._as_input(support_x, "support")
         support_y = torch.as_tensor(support_y, device=self.device)
         num_classes, loss_fn = None, None
         if self.task == "classification":
-            num_classes = self._check_labels(support_y)
+            support_y, num_classes = self._checked_labels(support_y)
             loss_fn = _first_outputs_loss(num_classes)
-        elif support_y.dim() == 1:
-            support_y = support_y[:, None]
+        else:
+            support_y = self._as_input(support_y, "support")
+            if support_y.dim() == 1:
+                support_y = support_y[:, None]
         with torch.no_grad():
             params = self.maml.adapt(support_x, support_y, self.steps if steps is None else steps,
                                      loss_fn=loss_fn)
@@ -100,21 +102,33 @@ class TrainedRun:
         with the context alone (vectorised), so that batch norm's statistics, and with them the
         prediction, do not depend on the other rows of ``x``.
         """
-        x = x.to(self.device)
+        x = self._as_input(x, "query")
         with torch.no_grad():
             if context is None:
                 out = self.maml.predict(adapted.params, x)
             else:
-                context = context.to(self.device)
+                context = self._as_input(context, "context")
                 out = torch.func.vmap(lambda row: self.maml.predict(
                     adapted.params, torch.cat([row[None], context]))[0],
                     chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
 
-    def _check_labels(self, labels: Tensor) -> int:
-        if labels.dim() != 1 or labels.dtype.is_floating_point or not len(labels):
+    def _as_input(self, values: Tensor | np.ndarray, role: str) -> Tensor:
+        """``values`` in the model's floating dtype, on its device (e.g. float64 points from
+        numpy). Images must already be floating point: ``preprocess`` makes them so."""
+        values = torch.as_tensor(values, device=self.device)
+        if self.task == "classification" and not values.is_floating_point():
+            raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
+                             "run.preprocess turns image files into the run's model input")
+        return values.to(next(self.maml.model.parameters()).dtype)
+
+    def _checked_labels(self, labels: Tensor) -> tuple[Tensor, int]:
+        """Integer (or bool) labels as int64, and the task's number of classes."""
+        if (labels.dim() != 1 or labels.is_floating_point() or labels.is_complex()
+                or not len(labels)):
             raise ShapeError("classification labels must be a non-empty 1-d integer tensor, got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long()
         num_classes = int(labels.max()) + 1
         if int(labels.min()) < 0:
             raise ShapeError("classification labels must be 0..N-1")
@@ -129,7 +143,7 @@ class TrainedRun:
         if num_classes < 2:
             raise ConfigError("the support set has one class: a classifier needs at least 2 "
                               "classes to choose between")
-        return num_classes
+        return labels, num_classes
 
 
 def _first_outputs_loss(num_classes: int):  # noqa: ANN202 (a LossFn)
