@@ -37,11 +37,14 @@ def test_overrides_are_typed_by_the_config_fields():
     ("eval_k_shots=5,0", "eval_k_shots must be >= 1"),
     ("hidden=-4", r"hidden must be >= 1, got \(-4,\)"),
     ("hidden=40,0", "hidden must be >= 1"),
+    ("hidden=", r"hidden must be >= 1, got \(\) \(give one or more values\)"),
     ("baseline_iterations=-3", "baseline_iterations must be >= 0"),
     ("clip_grad=-1", "clip_grad must be >= 0"),
     ("clip_grad=nan", "clip_grad must be >= 0"),
     ("chunk_size=-1", "chunk_size must be >= 0"),
     ("msl_anneal_iterations=0", "msl_anneal_iterations must be >= 1"),
+    ("seed=-1", r"seed must be an integer in \[0, 2\*\*63\), got -1"),
+    (f"seed={2 ** 63}", r"seed must be an integer in \[0, 2\*\*63\)"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,7 +59,9 @@ def test_combinations_and_experiment_settings_are_checked():
     assert SinusoidConfig().with_overrides(["meta_lr=1e-6"]).meta_lr == 1e-6  # constant: no min
     for bad, message in (("val_every=-5", "val_every must be >= 0"),
                          ("val_tasks=0", "val_tasks must be >= 1"),
-                         ("hidden=0", "hidden must be >= 1")):
+                         ("hidden=0", "hidden must be >= 1"),
+                         ("eval_k_query=-1", "eval_k_query must be >= 0"),
+                         ("split_seed=-1", r"split_seed must be an integer in \[0, 2\*\*63\)")):
         with pytest.raises(ConfigError, match=message):
             FewShotConfig().with_overrides([bad])
 

@@ -76,6 +76,10 @@ class Config:
         if self.multi_step_loss and self.inner_steps < 1:
             raise ConfigError("multi_step_loss weighs the query loss after each inner step: it "
                               "needs inner_steps >= 1")
+        for field in dataclasses.fields(self):  # seed, split_seed: what numpy and torch take
+            if field.name.endswith("seed") and not 0 <= getattr(self, field.name) < 2 ** 63:
+                raise ConfigError(f"{field.name} must be an integer in [0, 2**63), got "
+                                  f"{getattr(self, field.name)}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
         switch = str(self.compile).strip().lower()
@@ -94,8 +98,10 @@ class Config:
         hidden sizes) below its minimum; NaN fails too."""
         for name, low in minimums.items():
             value = getattr(self, name)
-            if not all(item >= low for item in (value if isinstance(value, tuple) else (value,))):
-                raise ConfigError(f"{name} must be >= {low}, got {value}")
+            items = value if isinstance(value, tuple) else (value,)
+            if not items or not all(item >= low for item in items):
+                raise ConfigError(f"{name} must be >= {low}, got {value}"
+                                  + (" (give one or more values)" if not items else ""))
 
     @classmethod
     def field_types(cls) -> dict[str, Any]:
