@@ -42,7 +42,7 @@ def image_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main(["train", "fewshot-folder", "--out", str(run), "--data-root", str(base / "data"),
                  "n_way=3", "k_shot=1", "k_query=2", "image_size=12", "channels=3", "hidden=8",
                  "iterations=40", "meta_batch=4", "val_every=0", "log_every=20",
-                 "split_fractions=0.75,0,0.25", "eval_inner_steps=5", "--no-progress"]) == 0
+                 "split_fractions=0.625,0,0.375", "eval_inner_steps=5", "--no-progress"]) == 0
     return run
 
 

@@ -121,6 +121,32 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
         assert {k: s.names for k, s in load_experiment(run).splits().items()} == names
 
 
+def test_a_folder_run_that_could_not_be_tested_is_refused_before_training(tmp_path, capsys):
+    """Test classes are checked before training, not by eval after it; folders too short for a
+    task take no split's share (here 3 empty ones would have been most of the test split)."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    for c in range(10):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(2 if c < 7 else 0):
+            Image.new("L", (8, 8), 20 * c + i).save(data / f"class{c}" / f"{i}.png")
+    common = ["--out", str(run), "--data-root", str(data), "image_size=8", "hidden=4",
+              "meta_batch=2", "val_every=0", "iterations=1", "--no-progress"]
+    assert main(["train", "fewshot-folder", "n_way=2", "split_fractions=0.7,0,0.3",
+                 *common]) == 0
+    recorded = json.loads((run / "splits.json").read_text())
+    assert len(recorded["test"]) == 2 and not {"class7", "class8", "class9"} & set(
+        recorded["test"])  # 7 usable classes cut 5 / 0 / 2; the empty ones recorded in train
+    shutil.rmtree(run)
+    capsys.readouterr()
+    assert main(["train", "fewshot-folder", "n_way=3", "split_fractions=0.7,0,0.3",
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "n_way=3 needs at least 3 classes, but the test split" in err
+    assert ("(train/val/test have 5/0/2 classes of at least 2 images); give a new run more "
+            "classes or other split_fractions (now 0.7,0.0,0.3)") in err
+    assert not (run / "checkpoints").exists()
+
+
 def test_a_system_refusal_is_one_line_naming_the_path(tmp_path, capsys, monkeypatch):
     for c in range(3):
         (tmp_path / "data" / f"c{c}").mkdir(parents=True)

@@ -43,8 +43,8 @@ def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -
         splits = load_image_folder(flat_root, FORMAT, min_images=3, cache_dir=tmp_path / "c")
     names = [n for split in splits.values() for n in split.names]
     assert len(names) == len(set(names)) == 19 and "class07" not in names
-    # the 21 classes are split 15 / 3 / 3 (round(0.7 * 21), round(0.15 * 21)), then 2 left out
-    assert [len(i) for i in split_indices(21, (0.7, 0.15, 0.15), seed=1)] == [15, 3, 3]
+    # the 19 classes of 3 images or more are split 13 / 3 / 3; the 2 short ones take no share
+    assert [len(split) for split in splits.values()] == [13, 3, 3]
     for split in splits.values():
         for name, images in zip(split.names, split.images):
             c = int(name[-2:])
@@ -52,6 +52,15 @@ def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -
             assert (images == 10 * c).all()  # every image of the class, converted to L, resized
     again = load_image_folder(flat_root, FORMAT, min_images=3, cache_dir=tmp_path / "c")
     assert [s.names for s in again.values()] == [s.names for s in splits.values()]
+
+
+def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:
+    """Rounding each split's own share took the last one's: 4 classes gave test none, 10 gave
+    val 2 and test 1."""
+    sizes = {count: [len(i) for i in split_indices(count, (0.7, 0.15, 0.15), seed=1)]
+             for count in (4, 10, 21)}
+    assert sizes == {4: [3, 0, 1], 10: [7, 1, 2], 21: [15, 3, 3]}
+    assert [len(i) for i in split_indices(5, (0.8, 0, 0.2), seed=1)] == [4, 0, 1]
 
 
 def test_the_split_depends_on_the_seed_only(flat_root: Path, tmp_path: Path) -> None:

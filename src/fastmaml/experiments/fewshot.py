@@ -31,7 +31,7 @@ from ..paper import LAKE
 from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.folder import assign_classes, load_image_folder
-from ..tasks.splits import Assignment, has_explicit_splits
+from ..tasks.splits import SPLITS, Assignment, has_explicit_splits
 from ..tasks.images import MODES, ImageFormat
 from ..train import GradientLearner, meta_learner
 from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
@@ -158,7 +158,7 @@ class FewShotExperiment(Experiment):
             else:
                 folders = load_image_folder(
                     root, cfg.image_format(), class_depth=cfg.class_depth,
-                    min_images=cfg.k_shot + max(cfg.k_query, cfg.eval_queries),
+                    min_images=self.min_images(),
                     assignment=self.data_split())
                 self._splits = {name: Split(split.images, split.groups, split.names)
                                 for name, split in folders.items()}
@@ -169,7 +169,12 @@ class FewShotExperiment(Experiment):
         if cfg.dataset != "folder":
             return None
         return assign_classes(self.data_root(), cfg.class_depth, cfg.split_fractions,
-                              cfg.split_seed)
+                              cfg.split_seed, self.min_images())
+
+    def min_images(self) -> int:
+        """The images a class needs to take part in tasks: support and query, in training and
+        evaluation."""
+        return self.cfg.k_shot + max(self.cfg.k_query, self.cfg.eval_queries)
 
     def rotates(self, split: str) -> bool:
         """Whether tasks of ``split`` turn each class by a random multiple of 90 degrees."""
@@ -191,9 +196,16 @@ class FewShotExperiment(Experiment):
                               within_group=within)
 
     def _more_classes_hint(self) -> str:
+        sizes = "/".join(str(len(self.splits()[name].images)) for name in SPLITS)
         other = ("" if has_explicit_splits(self.data_root()) else
-                 ", or other split_fractions (e.g. 0.8,0,0.2 for no meta-val)")
-        return f"; give a new run more classes{other} (a run keeps the classes it started with)"
+                 f" or other split_fractions (now {','.join(map(str, self.cfg.split_fractions))})")
+        return (f" (train/val/test have {sizes} classes of at least {self.min_images()} images)"
+                f"; give a new run more classes{other}: a run keeps the classes it started with")
+
+    def test_kinds(self) -> tuple[bool, ...]:
+        """Whether each kind of test task is within an alphabet. Lake et al.'s protocol: random
+        classes and classes of one alphabet, on novel alphabets."""
+        return (False, True) if self.cfg.split == "lake" else (self.cfg.within_alphabet,)
 
     def build_maml(self) -> MAML:
         cfg = self.cfg
@@ -218,6 +230,8 @@ class FewShotExperiment(Experiment):
             validation = validation_of(
                 maml, lambda: val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
                 cfg.inner_steps, cfg.val_every, "val_accuracy", "metric")
+        for within in self.test_kinds():  # refuse, before training, a run that cannot be tested
+            self.sampler("test", cfg.eval_queries, within_alphabet=within)
         return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
                              torch.Generator().manual_seed(cfg.seed), **validation)]
 
@@ -225,10 +239,8 @@ class FewShotExperiment(Experiment):
         cfg = self.cfg
         maml = self.restore(self.learners()[0]).module
         method = "first-order maml" if cfg.first_order else "maml"
-        # Lake et al.'s protocol: random classes and classes of one alphabet, on novel alphabets
-        kinds = (False, True) if cfg.split == "lake" else (cfg.within_alphabet,)
         records = []
-        for within in kinds:
+        for within in self.test_kinds():
             test = self.sampler("test", cfg.eval_queries, within_alphabet=within)
             curve = evaluate_tasks(maml, test.fixed_tasks(cfg.eval_tasks, TEST_SEED,
                                                           cfg.eval_chunk),

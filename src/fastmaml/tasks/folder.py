@@ -65,15 +65,25 @@ def image_files(folder: Path) -> list[Path]:
 
 
 def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
-                   fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 1) -> Assignment:
+                   fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 1,
+                   min_images: int = 1) -> Assignment:
     """Each split's class folders, relative to ``root`` (``splits.assign_items``); with explicit
-    splits, a class name in two of them is an error."""
+    splits, a class name in two of them is an error.
+
+    Without explicit splits only the folders of at least ``min_images`` image files are cut by
+    ``fractions``, so that the folders too short for a task (left out when loaded) take no
+    split's share; they are recorded in train, which they join if they fill up later.
+    """
     root = data_root(root)
     found = found_items(root, partial(class_folders, class_depth=class_depth))
+    if found and found[0][0] is None:  # no explicit splits
+        short = {folder for _, folder in found if len(image_files(folder)) < min_images}
+        assignment = assign_items(root, [item for item in found if item[1] not in short],
+                                  fractions, seed)
+        assignment["train"] += sorted(folder.relative_to(root).as_posix() for folder in short)
+        return assignment
     seen: dict[str, str] = {}
     for split, folder in found:
-        if split is None:  # no explicit splits
-            break
         name = folder.relative_to(root / split).as_posix()
         if name in seen:
             raise DataError(f"class {name} is in both {seen[name]}/ and {split}/ of {root}: "
@@ -97,7 +107,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     """
     root = data_root(root)
     if assignment is None:
-        assignment = assign_classes(root, class_depth, fractions, seed)
+        assignment = assign_classes(root, class_depth, fractions, seed, min_images)
     found = found_items(root, partial(class_folders, class_depth=class_depth))
     classes = assigned_items(root, found, assignment, "class folder")
     files = [image_files(folder) for _, _, folder in classes]

@@ -43,14 +43,16 @@ def data_root(root: str | os.PathLike[str]) -> Path:
 
 
 def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Item indices of train / val / test: a seeded permutation cut by ``fractions``."""
+    """Item indices of train / val / test: a seeded permutation cut by ``fractions``, at the
+    rounded cumulative fractions (so no split's rounding takes its share from the last one)."""
     if (len(fractions) != 3 or any(not 0 <= f <= 1 for f in fractions)
             or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6)):
         raise ConfigError("split_fractions must be three fractions (train, val, test) in [0, 1] "
                           f"that sum to 1, e.g. 0.7,0.15,0.15; got {tuple(fractions)}")
-    train, val = (round(f * count) for f in fractions[:2])
+    train = round(fractions[0] * count)
+    train_and_val = round((fractions[0] + fractions[1]) * count)
     order = np.random.default_rng(seed).permutation(count)
-    return np.split(order, [train, min(train + val, count)])
+    return np.split(order, [train, min(train_and_val, count)])
 
 
 def has_explicit_splits(root: Path) -> bool:
