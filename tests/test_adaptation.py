@@ -86,11 +86,15 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     for i, name in enumerate(("color1", "color4")):  # flat: every image is a class of its own
         write_image(tmp_path / "support" / f"{name}.png", COLORS[name], 60 + i)
         write_image(tmp_path / "query" / f"unknown{i}.png", COLORS[name], 90 + i)
+    for name in ("IMG_0001.HEIC", "logo.svg", ".DS_Store"):  # not read: the first two are named
+        (tmp_path / "query" / name).write_bytes(b"not an image Pillow reads")
     out_file = tmp_path / "out" / "predictions.json"
     code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
                            "--query", str(tmp_path / "query"), "--format", "json",
                            "--out", str(out_file), "--steps", "3")
     assert code == 0 and out == "", err
+    assert (f"warning: skipped 2 file(s) in the query folder {tmp_path / 'query'} that are not "
+            "images this Pillow reads: IMG_0001.HEIC, logo.svg\n") in err
     document = json.loads(out_file.read_text())
     assert {k: document[k] for k in ("task", "steps", "classes", "support", "query", "accuracy")} \
         == {"task": "classification", "steps": 3, "classes": ["color1", "color4"], "support": 2,

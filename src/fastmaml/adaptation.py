@@ -201,15 +201,28 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
     folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped
-    images = image_files(folder)
+    images = _images_in(folder, role)
     if folders and images:
         raise DataError(f"the {role} folder {folder} mixes images and class subfolders: use one "
                         "subfolder per class, or a flat folder of images")
     return folders, images
 
 
-def _class_images(folder: Path, role: str) -> list[Path]:
+def _images_in(folder: Path, role: str) -> list[Path]:
+    """The image files in ``folder``; any other visible file is named in a warning (an image in
+    a format this Pillow cannot read, e.g. HEIC, would otherwise get no prediction unsaid)."""
     images = image_files(folder)
+    others = sorted(p.name for p in set(folder.iterdir()) - set(images)
+                    if p.is_file() and not p.name.startswith("."))
+    if others:
+        warnings.warn(f"skipped {len(others)} file(s) in the {role} folder {folder} that are not "
+                      f"images this Pillow reads: {', '.join(others[:3])}"
+                      + (", ..." if len(others) > 3 else ""), FastMAMLWarning, stacklevel=3)
+    return images
+
+
+def _class_images(folder: Path, role: str) -> list[Path]:
+    images = _images_in(folder, role)
     if not images:
         raise DataError(f"the {role} class folder {folder} holds no images")
     return images
