@@ -86,6 +86,14 @@ def test_a_refused_command_leaves_no_new_folder(tmp_path: Path) -> None:
     assert not run.exists()
 
 
+def test_a_run_directory_that_is_a_file_is_named(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes").write_text("not a run")
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "notes"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"fastmaml: error: the run directory {tmp_path / 'notes'} "
+                                       "is a file: give --out a folder (new or a run's)\n")
+
+
 def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -40,6 +40,9 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
     A directory created here and left holding only lock files (a command that stopped on a bad
     value) is removed again, so a refused command leaves no trace.
     """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"the run directory {run_dir} is a file: give --out a folder (new or "
+                          "a run's)")
     created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
