@@ -1,6 +1,7 @@
 """Regression tasks from CSV files: reading points, the split, and sampling support and query."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,18 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> N
     (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
     with pytest.raises(DataError, match="not a number"):
         read_points(tmp_path / "bad.csv", "support", need_y=True)
+
+
+def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: Path) -> None:
+    (tmp_path / "swapped.csv").write_text("Y, X\n2.0,1.0\n4.0,3.0\n")
+    x, y = read_points(tmp_path / "swapped.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0]
+    for name, text, need_y in (("semicolons.csv", "x;y\n1;2\n3;4\n", True),
+                               ("tabs.csv", "1\t2\n3\t4\n", False)):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=f"{name} .*fields look separated by "
+                                            f"{re.escape(repr(text[1]))}: save it with commas"):
+            read_points(tmp_path / name, "query", need_y=need_y)
 
 
 def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ class ShortTasksWarning(FastMAMLWarning):
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool
                 ) -> tuple[Tensor, Tensor | None]:
     """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
-    header line: (x, y or None) as float (N, 1) tensors."""
+    header line (a header ``y,x`` swaps the columns): (x, y or None) as float (N, 1) tensors."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
@@ -38,16 +38,22 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool
             rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    if rows and not _is_number(rows[0][0]):
-        rows = rows[1:]  # a header line
+    if rows and not _is_number(rows[0][0]):  # a header line
+        header, rows = [name.strip().lower() for name in rows[0]], rows[1:]
+        if header == ["y", "x"]:
+            rows = [row[::-1] for row in rows]
+    other = next((mark for mark in (";", "\t", "|") if rows and mark in rows[0][0]), None)
+    hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     widths = {len(row) for row in rows}
     if not rows or not widths <= ({2} if need_y else {1, 2}) or len(widths) != 1:
         expected = "x,y" if need_y else "x (or x,y)"
-        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all alike")
+        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all "
+                        f"alike{hint}")
     try:
         values = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32)
     except ValueError as error:
-        raise DataError(f"the {role} CSV {path} holds a value that is not a number: {error}") from None
+        raise DataError(f"the {role} CSV {path} holds a value that is not a number: "
+                        f"{error}{hint}") from None
     if not torch.isfinite(values).all():
         raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
     return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
