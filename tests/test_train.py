@@ -12,7 +12,7 @@ import torch
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
 from fastmaml.errors import NonFiniteLossError
-from fastmaml.experiments import create_run, prepare_run
+from fastmaml.experiments import create_run, load_experiment, prepare_run
 from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
                             load_checkpoint, meta_lr_at, save_atomic)
 
@@ -233,12 +233,15 @@ def test_a_nan_loss_is_never_checkpointed_even_between_log_points(tmp_path):
 
 def test_resuming_with_changed_settings_is_refused(tmp_path):
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=3)
-    with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
+    with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)
+    with pytest.raises(ConfigError, match=r"keeps the inner_lr it started with \(for training, "
+                       "evaluation and adapt alike\); only .*eval_tasks"):
+        load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
     cosine = tmp_path / "cosine"
     fit(maml_learner(cosine, meta_lr_schedule="cosine"), cosine, 3, 2, progress=False, stop_after=3)
-    with pytest.raises(ConfigError, match="changed iterations.*cosine meta_lr schedule"):
+    with pytest.raises(ConfigError, match="keeps the iterations it started with.*cosine meta_lr schedule"):
         maml_learner(cosine, meta_lr_schedule="cosine", iterations=50)
 
 
@@ -252,7 +255,7 @@ def test_a_run_directory_without_checkpoints_starts_afresh_with_new_settings(tmp
     with pytest.raises(ConfigError, match="holds a 'sinusoid-demo' run, not 'sinusoid'"):
         create_run("sinusoid", tmp_path, [])  # another preset's folder is never taken over
     (tmp_path / "eval.json").write_text("[]")  # an evaluated run is resumed, not replaced
-    with pytest.raises(ConfigError, match="cannot resume .* with changed inner_lr"):
+    with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)
 
 

@@ -337,7 +337,8 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:
     resumable = RESUMABLE_KEYS - ({"iterations"} if cosine else set())
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
-        raise ConfigError(f"cannot resume {run_dir} with changed {', '.join(sorted(changed))}; "
-                          f"only {', '.join(sorted(resumable))} may change"
+        raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
+                          "(for training, evaluation and adapt alike); only "
+                          f"{', '.join(sorted(resumable))} may change"
                           + (" (the cosine meta_lr schedule spans the iterations)" if cosine else ""))
     return cfg
