@@ -81,6 +81,20 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert "in 5 step(s)" in err  # the run's evaluation setting
 
 
+def test_query_classes_match_support_classes_in_either_unicode_form(
+        image_run: Path, tmp_path: Path) -> None:
+    """macOS writes "é" decomposed (NFD), most systems composed (NFC): the same class."""
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    for folder, name in (("support", composed), ("query", decomposed)):
+        write_image(tmp_path / folder / name / "0.png", COLORS["color0"], 1 if folder == "support"
+                    else 2)
+        write_image(tmp_path / folder / "color1" / "0.png", COLORS["color1"], 3)
+    result = fastmaml.adaptation.predict_files(fastmaml.load_run(image_run),
+                                               tmp_path / "support", tmp_path / "query")
+    assert result.summary["classes"] == ["caf\u00e9", "color1"]
+    assert sorted(row["label"] for row in result.rows) == ["caf\u00e9", "color1"]
+
+
 def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
         image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for i, name in enumerate(("color1", "color4")):  # flat: every image is a class of its own

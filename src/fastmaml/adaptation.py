@@ -20,6 +20,7 @@ paper's evaluation protocol: more accurate when the query holds every class in e
 from __future__ import annotations
 
 import os
+import unicodedata
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -260,7 +261,10 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
         return ImageSet(images, None, list(classes))
     if not subfolders:
         raise DataError(f"the query folder {folder} holds no images")
-    unknown = [sub.name for sub in subfolders if sub.name not in classes]
+    # by name in Unicode's composed form: macOS writes "É" decomposed, other systems composed
+    label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
+    unknown = [sub.name for sub in subfolders
+               if unicodedata.normalize("NFC", sub.name) not in label_of]
     if unknown:
         raise DataError(f"query class folder(s) {', '.join(unknown)} in {folder} are not support "
                         f"classes ({', '.join(classes)})")
@@ -268,7 +272,7 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     for sub in subfolders:
         found = _class_images(sub, "query")
         paths += found
-        labels += [list(classes).index(sub.name)] * len(found)
+        labels += [label_of[unicodedata.normalize("NFC", sub.name)]] * len(found)
     return ImageSet(paths, labels, list(classes))
 
 
