@@ -212,6 +212,7 @@ def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -
     images = split.images[0]  # the first training class, as the sampler reads it
     files = sorted((data / split.names[0]).iterdir())
     assert torch.equal(run.preprocess(files), as_model_input(images))
+    assert torch.equal(run.preprocess(str(files[0])), as_model_input(images[:1]))  # one image
     with Image.open(files[1]) as image:  # a PIL image, and one in another mode and size
         assert torch.equal(run.preprocess([image]), as_model_input(images[1:2]))
         assert run.preprocess([image.convert("LA").resize((40, 30))]).shape == (1, 3, 12, 12)

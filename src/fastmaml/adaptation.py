@@ -66,11 +66,13 @@ class TrainedRun:
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
 
-    def preprocess(self, images: Sequence[ImageSource]) -> Tensor:
-        """Image files or PIL images as the model's input, exactly as the run's training data:
-        float (N, C, H, W) on the run's device."""
+    def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
+        """Image files or PIL images (or one of them) as the model's input, exactly as the run's
+        training data: float (N, C, H, W) on the run's device."""
         if self.image_format is None:
             raise ConfigError(f"{self.run_dir} is a {self.task} run; preprocess reads images")
+        if isinstance(images, (str, os.PathLike, Image.Image)):
+            images = [images]
         if not len(images):
             raise DataError("preprocess needs at least one image")
         fmt = self.image_format
