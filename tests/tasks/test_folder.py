@@ -142,6 +142,16 @@ def test_a_class_in_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
         write_class(tmp_path / "pets" / split / "cat", 2, value=1)
     with pytest.raises(DataError, match="class cat is in both train/ and test/"):
         load_image_folder(tmp_path / "pets", FORMAT, cache_dir=tmp_path / "c")
+    (tmp_path / "pets" / "test" / "cat").rename(tmp_path / "pets" / "test" / "tabby")
+    (tmp_path / "pets" / "test" / "kitty").symlink_to(tmp_path / "pets" / "train" / "cat")
+    with pytest.raises(DataError, match="class folders train/cat and test/kitty of .* are one "
+                                        "folder \\(a link\\)"):
+        load_image_folder(tmp_path / "pets", FORMAT, cache_dir=tmp_path / "c")
+    (tmp_path / "pets" / "test" / "kitty").unlink()  # a link to a folder elsewhere is a class
+    write_class(tmp_path / "elsewhere" / "dog", 2, value=3)
+    (tmp_path / "pets" / "test" / "dog").symlink_to(tmp_path / "elsewhere" / "dog")
+    splits = load_image_folder(tmp_path / "pets", FORMAT, cache_dir=tmp_path / "c")
+    assert splits["test"].names == ["dog", "tabby"]
 
 
 @pytest.mark.filterwarnings("ignore::fastmaml.tasks.folder.ShortClassesWarning")

@@ -76,6 +76,13 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
     """
     root = data_root(root)
     found = found_items(root, partial(class_folders, class_depth=class_depth))
+    real: dict[Path, Path] = {}
+    for _, folder in found:  # e.g. a link to another class folder
+        twin = real.setdefault(folder.resolve(), folder)
+        if twin != folder:
+            raise DataError(f"class folders {twin.relative_to(root)} and "
+                            f"{folder.relative_to(root)} of {root} are one folder (a link): it "
+                            "would be two classes, perhaps in two splits; remove the link")
     if found and found[0][0] is None:  # no explicit splits
         short = {folder for _, folder in found if len(image_files(folder)) < min_images}
         assignment = assign_items(root, [item for item in found if item[1] not in short],
