@@ -107,13 +107,14 @@ def test_batched_equals_looped(problem, steps, first_order, lr_mode):
 
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("adapt", ["head", "no_norm"])
-def test_batched_equals_looped_with_anil_and_multi_step_loss(problem, adapt):
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_equals_looped_with_anil_and_multi_step_loss(problem, adapt, first_order):
     grads = {}
     for batched in (True, False):
         model, loss_fn, batch = PROBLEMS[problem]()
         selection = (["head"] if problem == "conv_bn" else ["2"]) if adapt == "head" else (
             lambda name, _: not is_norm_param(name, model))
-        maml = MAML(model, loss_fn, 0.1, 2, adapt=selection, batched=batched)
+        maml = MAML(model, loss_fn, 0.1, 2, first_order, adapt=selection, batched=batched)
         grads[batched] = meta_grad(maml, batch, step_weights=multi_step_loss_weights(2, 0.3))
     assert relative(grads[True], grads[False]) < 1e-6
 
@@ -145,22 +146,32 @@ def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_n
     assert relative(fused[True], fused[False]) > 1e-5
 
 
-def test_first_order_equals_gradient_with_detached_inner_gradients():
+@pytest.mark.parametrize("adapt", [None, ["4"]])  # all, or the head only (ANIL)
+@pytest.mark.parametrize("path", ["batched", "looped", "checkpoint_steps"])
+def test_first_order_equals_gradient_with_detached_inner_gradients(adapt, path):
+    """The inner gradient is a constant of the outer graph, for the adapted parameters and the
+    outer-only ones alike (the batched path once kept the latter's second-order term)."""
     model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=2, first_order=True)
-    ours = meta_grad(maml, batch)
+    options = {"checkpoint_steps": True} if path == "checkpoint_steps" else {
+        "batched": path == "batched"}
+    maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=2, first_order=True, adapt=adapt,
+                **options)
+    maml.meta_backward(batch)
+    ours = flat_grads(maml)
     params = dict(model.named_parameters())
+    adapted = [n for n in params if adapt is None or n.startswith(adapt[0])]
     total = 0.0
     for sx, sy, qx, qy in zip(*batch):
         fast = dict(params)
         for _ in range(2):
             loss = loss_fn(torch.func.functional_call(model, fast, (sx,)), sy)
-            inner = torch.autograd.grad(loss, list(fast.values()))
-            fast = {n: p - 0.1 * g.detach() for (n, p), g in zip(fast.items(), inner)}
+            inner = torch.autograd.grad(loss, [fast[n] for n in adapted])
+            fast.update({n: fast[n] - 0.1 * g.detach() for n, g in zip(adapted, inner)})
         total = total + loss_fn(torch.func.functional_call(model, fast, (qx,)), qy)
     reference = torch.autograd.grad(total / TASKS, list(params.values()))
     assert relative(ours, torch.cat([g.flatten() for g in reference])) < 1e-12
-    assert relative(ours, meta_grad(MAML(model, loss_fn, 0.1, 2), batch)) > 1e-4
+    second_order = MAML(model, loss_fn, 0.1, 2, adapt=adapt)
+    assert relative(ours, meta_grad(second_order, batch)) > 1e-4
 
 
 def test_anil_adapts_only_the_selected_parameters():
@@ -320,6 +331,7 @@ def test_compiled_batched_path_matches_eager():
 
 HEADS = {"mlp": ["4"], "conv_bn": ["head"]}  # ANIL: adapt only the last layer
 VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
+            "anil_first_order": {"adapt": "head", "first_order": True},
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}
 
 

@@ -84,9 +84,10 @@ def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0
 
 
 # Without create_graph (first order, evaluation) the inner gradient is a constant of the outer
-# graph, so both gradient functions compute it from detached parameters: the same values, with
-# nothing recorded for the outer backward (sinusoid, first order: from 0.92x to 0.99x the speed
-# of TorchOpt under vmap, measured side by side; docs/results.md, session 9).
+# graph, so both gradient functions compute it from detached parameters (``_inner_step`` also
+# detaches the outer-only ones): the same values, with nothing recorded for the outer backward
+# (sinusoid, first order: from 0.92x to 0.99x the speed of TorchOpt under vmap, measured side
+# by side; docs/results.md, session 9).
 
 def _functorch_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple[Params, Tensor]:
     if not create_graph:
@@ -232,6 +233,9 @@ class MAML(nn.Module):
                     y: Tensor, create_graph: bool, grad_fn: GradFn,
                     loss_fn: LossFn | None = None) -> tuple[Params, Tensor]:
         """One gradient step on (x, y). Returns the new params and the loss before the step."""
+        if not create_graph:  # first order: no derivative of the inner gradient, w.r.t. anything
+            frozen = {n: t.detach() for n, t in frozen.items()}
+
         def loss_of(params: Params) -> tuple[Tensor, Tensor]:
             loss = self._loss(params, frozen, x, y, loss_fn)
             return loss, loss.detach()
