@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmaml.core
+import fastmaml.norms
 from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, is_norm_param
@@ -148,6 +149,56 @@ def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_n
 
 @pytest.mark.parametrize("adapt", [None, ["4"]])  # all, or the head only (ANIL)
 @pytest.mark.parametrize("path", ["batched", "looped", "checkpoint_steps"])
+class OwnLayerNorm(nn.Module):
+    """A layer norm of a model's own, as many transformer codebases write it."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(size)), nn.Parameter(torch.zeros(size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+NORMED = {
+    "layer_norm": lambda: nn.Sequential(nn.Linear(1, 8), nn.LayerNorm(8), nn.Tanh(),
+                                        nn.Linear(8, 1)),
+    "own_layer_norm": lambda: nn.Sequential(nn.Linear(1, 8), OwnLayerNorm(8), nn.Tanh(),
+                                            nn.Linear(8, 1)),
+    "instance_norm": lambda: nn.Sequential(nn.Linear(1, 8), nn.Unflatten(-1, (2, 4)),
+                                           nn.InstanceNorm1d(2, affine=True), nn.Tanh(),
+                                           nn.Flatten(), nn.Linear(8, 1)),
+}
+
+
+@pytest.mark.parametrize("kind", NORMED)
+def test_adapted_layer_and_instance_norm_weights_are_exact_under_vmap(kind, monkeypatch):
+    """torch's fused layer and instance norm kernels under vmap, second order, with a weight
+    adapted per task, are off; applying the weight outside the kernel (the default) is exact.
+    If the last assertion fails, torch has fixed the kernels."""
+    def grads() -> dict[bool, torch.Tensor]:
+        out = {}
+        for batched in (True, False):
+            torch.manual_seed(0)
+            model = NORMED[kind]()
+            next(m for m in model if "Norm" in type(m).__name__).weight.data.normal_(1, 0.5)
+            _, loss_fn, batch = mlp_problem()
+            out[batched] = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=batched), batch)
+        return out
+
+    ours = grads()
+    assert relative(ours[True], ours[False]) < 1e-10
+    model, x = NORMED[kind](), torch.randn(5, 1)
+    for p in model.parameters():
+        p.data.normal_()
+    with fastmaml.norms.ExactNorms(transductive=False):  # the same forward as written
+        inside = model(x)
+    torch.testing.assert_close(inside, model(x), rtol=1e-12, atol=1e-12)
+    monkeypatch.setattr(fastmaml.core, "has_affine_norm", lambda model: False)
+    fused = grads()
+    assert relative(fused[True], fused[False]) > 1e-5
+
+
 def test_first_order_equals_gradient_with_detached_inner_gradients(adapt, path):
     """The inner gradient is a constant of the outer graph, for the adapted parameters and the
     outer-only ones alike (the batched path once kept the latter's second-order term)."""

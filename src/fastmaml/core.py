@@ -9,6 +9,7 @@ for models that ``vmap`` cannot handle.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -18,9 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .batchnorm import TransductiveBatchNorm, has_batch_norm
 from .errors import ConfigError, FastMAMLWarning, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
+from .norms import ExactNorms, has_affine_norm, has_batch_norm
 
 Params = dict[str, Tensor]
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -128,7 +129,10 @@ class MAML(nn.Module):
             ``batched``, ``chunk_size`` or ``checkpoint_steps`` turns the search off. If ``vmap``
             cannot run the model, the looped path is used, with a warning.
         transductive_bn: normalise with batch statistics always, as the paper (default: on when
-            the model has batch-norm layers). Running statistics are never updated.
+            the model has batch-norm layers). Running statistics are never updated, also with
+            ``False``, where batch norm runs as the model's mode says (``eval()``: the running
+            statistics as they are). Layer and instance norms run as written, their affine
+            weight applied outside torch's kernel (exact under ``vmap``; ``fastmaml.norms``).
         compile: allow the batched path through ``torch.compile`` (fused kernels, less dispatch
             overhead; the first call of each shape compiles, which takes seconds). With the
             default path search it is one more candidate (compiled once, at the default chunk
@@ -169,7 +173,8 @@ class MAML(nn.Module):
         shapes = {n: p.shape for n, p in model.named_parameters() if n in self.adapted_names}
         self.inner_lrs = InnerLearningRates(lr_mode, inner_lr, shapes, inner_steps)
         use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
-        self._bn_mode = TransductiveBatchNorm if use_bn else contextlib.nullcontext
+        self._norm_mode = (functools.partial(ExactNorms, use_bn)
+                           if use_bn or has_affine_norm(model) else contextlib.nullcontext)
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self.chunk_size = chunk_size
         self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
@@ -196,7 +201,7 @@ class MAML(nn.Module):
         for name in self._buffer_names:  # fresh copies: a forward may count batches in place
             state[name] = state[name].clone()
         try:
-            with self._bn_mode():
+            with self._norm_mode():
                 return functional_call(self.model, state, (x,))
         except RuntimeError as error:
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
