@@ -713,6 +713,32 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
         assert pinned.path_choices == {}
 
 
+def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(monkeypatch):
+    """The search runs about 7 meta-gradients; their dropout draws must not shift the seeded
+    random stream of the run, or a second run in the process (reusing the choice) differs."""
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    batch = TaskBatch(torch.randn(4, 4, 3), torch.randn(4, 4, 1), torch.randn(4, 6, 3),
+                      torch.randn(4, 6, 1))
+
+    def train() -> tuple[torch.Tensor, bool]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+        maml = MAML(model, F.mse_loss, inner_lr=0.1)
+        optimizer = torch.optim.SGD(maml.parameters(), 0.1)
+        searched = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            searched.append(maml._searches(batch))
+            maml.meta_backward(batch)
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), searched[0]
+
+    (first, searched), (second, searched_again) = train(), train()
+    assert searched and not searched_again
+    assert torch.equal(first, second)
+
+
 def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch):
     """A run resumed with ``compile=true`` searches again (the compiled path is a candidate);
     resumed as it was, it reuses its own choice."""

@@ -72,6 +72,18 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     return batch
 
 
+def _random_state(device: torch.device) -> tuple[Tensor, ...]:
+    """The default generators' states: the CPU's, and ``device``'s when it is a GPU."""
+    cpu = torch.get_rng_state()
+    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
+
+
+def _set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
 def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0.03) -> Tensor:
     """MAML++ multi-step loss weights over inner steps 1..steps.
 
@@ -377,7 +389,9 @@ class MAML(nn.Module):
         """``meta_backward`` by each candidate path (after a warm-up call of the default chunk,
         eager and compiled), then the two fastest once more, keeping the fastest for this input
         shape; ``.grad`` gets the chosen candidate's gradient, as later calls (and runs that
-        reuse the choice) compute it."""
+        reuse the choice) compute it. Every call starts from the same random state (dropout),
+        and the search leaves it as one call of the chosen path does, so a seeded run that
+        searches draws what one reusing the choice draws."""
         default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
         chunks = [default, *sorted({batch.num_tasks, 1} - {default})]
         candidates = [("batched", c) for c in chunks] + [("looped", None)]
@@ -392,10 +406,15 @@ class MAML(nn.Module):
             return candidate[0] == "looped" or not self._vmap_failed and (
                 candidate[0] != "compiled" or self._compiled_gradient is not None)
 
+        device = batch.support_x.device
+        start_state = _random_state(device)
+        end_states: dict[tuple[str, int | None], tuple[Tensor, ...]] = {}
+
         def run(candidate: tuple[str, int | None]) -> None:
             self._trying = candidate
             for p in trainable.values():
                 p.grad = None
+            _set_random_state(start_state, device)
             start = time.perf_counter()
             loss, metrics = self.meta_backward(batch, step_weights)
             if runnable(candidate):
@@ -403,6 +422,7 @@ class MAML(nn.Module):
                 timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
                 results[candidate] = ({n: p.grad for n, p in trainable.items()}, loss.detach(),
                                       metrics)
+                end_states[candidate] = _random_state(device)
 
         try:
             for candidate in warm_ups:  # their timings (and compiling) are replaced below
@@ -418,6 +438,7 @@ class MAML(nn.Module):
         best = self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = min(
             timings, key=timings.get)
         self.path = _label(best)
+        _set_random_state(end_states[best], device)
         grads, loss, metrics = results[best]
         for name, p in trainable.items():
             p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
