@@ -147,8 +147,6 @@ def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_n
     assert relative(fused[True], fused[False]) > 1e-5
 
 
-@pytest.mark.parametrize("adapt", [None, ["4"]])  # all, or the head only (ANIL)
-@pytest.mark.parametrize("path", ["batched", "looped", "checkpoint_steps"])
 class OwnLayerNorm(nn.Module):
     """A layer norm of a model's own, as many transformer codebases write it."""
 
@@ -199,6 +197,8 @@ def test_adapted_layer_and_instance_norm_weights_are_exact_under_vmap(kind, monk
     assert relative(fused[True], fused[False]) > 1e-5
 
 
+@pytest.mark.parametrize("adapt", [None, ["4"]])  # all, or the head only (ANIL)
+@pytest.mark.parametrize("path", ["batched", "looped", "checkpoint_steps"])
 def test_first_order_equals_gradient_with_detached_inner_gradients(adapt, path):
     """The inner gradient is a constant of the outer graph, for the adapted parameters and the
     outer-only ones alike (the batched path once kept the latter's second-order term)."""
@@ -304,7 +304,8 @@ def test_lstm_runs_and_agrees_with_the_looped_reference():
             warnings.simplefilter("always")
             losses[batched] = meta_grad(maml, batch)
         if batched is None and maml.path == "looped":  # vmap failed: the fallback must say so
-            assert any("using the looped path" in str(w.message) for w in caught)
+            assert any("using the looped path" in str(w.message)
+                       and w.category is fastmaml.errors.FastMAMLWarning for w in caught)
         assert maml.path == "looped" or maml.path.startswith("batched")
     assert relative(losses[None], losses[False]) < 1e-6
 
@@ -329,6 +330,19 @@ def test_mismatched_task_counts_and_example_counts_are_named():
         maml.meta_loss(TaskBatch(batch.support_x, batch.support_y[:, :3], batch.query_x, batch.query_y))
     with pytest.raises(ShapeError, match="four tensors"):
         maml.meta_loss((batch.support_x, batch.support_y))
+    with pytest.raises(ShapeError, match="at least one task, got 0"):
+        maml.meta_backward(TaskBatch(*(t[:0] for t in batch)))
+    with pytest.raises(ShapeError, match=r"support_x \(3, 0, 1\) holds no examples"):
+        maml.evaluate(TaskBatch(batch.support_x[:, :0], batch.support_y[:, :0], *batch[2:]))
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_labels_the_loss_cannot_take_are_named(batched):
+    model, loss_fn, batch = conv_problem()
+    bad = TaskBatch(batch.support_x, batch.support_y + 7, batch.query_x, batch.query_y)
+    with pytest.raises(ShapeError, match=r"loss_fn or metric_fn failed on a task's predictions "
+                                         r"\(6, 3\) torch.float64 and targets \(6,\) torch.int64"):
+        MAML(model, loss_fn, batched=batched).meta_backward(bad)
 
 
 def test_input_that_does_not_fit_the_model_is_named():
@@ -349,6 +363,12 @@ def test_negative_steps_and_empty_selection_are_config_errors():
         MAML(model, loss_fn, adapt=["nonexistent"])
     with pytest.raises(ConfigError, match="unknown inner-lr mode"):
         MAML(model, loss_fn, lr_mode="adaptive")
+    for bad, message in ((dict(inner_steps=True), "inner_steps must be an integer"),
+                         (dict(inner_lr=float("nan")), "inner_lr must be >= 0 and finite"),
+                         (dict(inner_lr=-0.1), "inner_lr must be >= 0"),
+                         (dict(chunk_size=0), r"chunk_size must be an integer >= 1 \(or None")):
+        with pytest.raises(ConfigError, match=message):
+            MAML(model, loss_fn, **bad)
 
 
 def test_non_scalar_loss_is_named():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,7 +20,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .errors import ConfigError, FastMAMLWarning, NonFiniteLossError, ShapeError
+from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
+                     ShapeError)
 from .inner_lr import InnerLearningRates
 from .norms import ExactNorms, has_affine_norm, has_batch_norm
 
@@ -64,12 +66,22 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
     if None in counts.values() or len(set(counts.values())) != 1:
         raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}")
+    if not batch.num_tasks:
+        raise ShapeError("a task batch needs at least one task, got 0")
     for kind in ("support", "query"):
         x, y = getattr(batch, f"{kind}_x"), getattr(batch, f"{kind}_y")
         if x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
             raise ShapeError(f"{kind}_x {tuple(x.shape)} and {kind}_y {tuple(y.shape)} must both be "
                              "(tasks, examples, ...) with the same number of examples")
+        if not x.shape[1]:
+            raise ShapeError(f"{kind}_x {tuple(x.shape)} holds no examples: a task needs at least "
+                             f"one {kind} example")
     return batch
+
+
+def _first_line(error: Exception) -> str:
+    """An error's message in one line (a warning's), or its type where it has none."""
+    return (str(error).strip() or type(error).__name__).splitlines()[0]
 
 
 def _random_state(device: torch.device) -> tuple[Tensor, ...]:
@@ -167,8 +179,13 @@ class MAML(nn.Module):
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
-        if not isinstance(inner_steps, int) or inner_steps < 0:
+        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
             raise ConfigError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
+        if not 0 <= inner_lr < math.inf:  # NaN fails too
+            raise ConfigError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
+                              f"{chunk_size!r}")
         self.model = model
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.inner_steps, self.first_order = inner_steps, first_order
@@ -221,7 +238,15 @@ class MAML(nn.Module):
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
-        value = (fn or self.loss_fn)(self._forward(fast, frozen, x), y)
+        predictions = self._forward(fast, frozen, x)
+        try:
+            value = (fn or self.loss_fn)(predictions, y)
+        except FastMAMLError:
+            raise
+        except (RuntimeError, IndexError, ValueError) as error:  # e.g. a label out of range
+            raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions "
+                             f"{tuple(predictions.shape)} {predictions.dtype} and targets "
+                             f"{tuple(y.shape)} {y.dtype}: {error}") from error
         if not isinstance(value, Tensor) or value.dim() != 0:
             raise ShapeError("loss_fn and metric_fn must return a scalar per task, got shape "
                              f"{tuple(getattr(value, 'shape', ()))}")
@@ -330,8 +355,9 @@ class MAML(nn.Module):
                 raise
             out = looped()  # a user error fails here too, and is raised
             self.path, self._vmap_failed = "looped", True
-            warnings.warn(f"fastmaml: vmap could not run this model ({error}); "
-                          "using the looped path", stacklevel=4)
+            warnings.warn(f"vmap could not run this model ({_first_line(error)}); using the "
+                          "looped path",
+                          FastMAMLWarning, stacklevel=4)
             return out
         self.path = "batched"
         return out
@@ -348,8 +374,7 @@ class MAML(nn.Module):
         except BaseException:
             self._compiled_batched, self._compiled_gradient = compiled
             raise
-        first_line = (str(error).strip() or type(error).__name__).splitlines()[0]
-        warnings.warn(f"torch.compile failed ({first_line}); running uncompiled",
+        warnings.warn(f"torch.compile failed ({_first_line(error)}); running uncompiled",
                       FastMAMLWarning, stacklevel=4)
         return out
 
