@@ -317,6 +317,10 @@ def test_multi_step_loss_weights_anneal_towards_the_last_step():
         assert weights.sum().item() == pytest.approx(1.0)
     assert middle[-1] > start[-1] and end[-1] > middle[-1]
     assert end[0].item() == pytest.approx(0.03 / 5)
+    model, loss_fn, batch = mlp_problem()
+    maml, weights = MAML(model, loss_fn, 0.1, 2), multi_step_loss_weights(2, 0.3)
+    as_list, _ = maml.meta_backward(batch, weights.tolist())  # a plain list of weights works too
+    assert as_list.item() == maml.meta_loss(batch, weights)[0].item()
 
 
 # ----- clear errors -----

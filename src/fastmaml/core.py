@@ -79,6 +79,13 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     return batch
 
 
+def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
+    """Step weights as a 1-d tensor (a list or tuple of floats is taken too)."""
+    if step_weights is None or isinstance(step_weights, Tensor):
+        return step_weights
+    return torch.as_tensor(step_weights, dtype=torch.get_default_dtype())
+
+
 def _first_line(error: Exception) -> str:
     """An error's message in one line (a warning's), or its type where it has none."""
     return (str(error).strip() or type(error).__name__).splitlines()[0]
@@ -496,7 +503,7 @@ class MAML(nn.Module):
         Returns the loss and detached metrics: ``support_loss`` (before adaptation),
         ``query_loss`` (after the last step) and ``query_metric`` when a metric_fn is set.
         """
-        loss, metrics = self(as_task_batch(batch), step_weights)
+        loss, metrics = self(as_task_batch(batch), _as_weights(step_weights))
         self._check_finite(loss)
         return loss, metrics
 
@@ -513,7 +520,7 @@ class MAML(nn.Module):
         more memory. With ``checkpoint_steps`` it is the step-by-step reverse pass of
         ``_checkpointed_task``.
         """
-        batch = as_task_batch(batch)
+        batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
