@@ -271,6 +271,10 @@ def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
     assert maml_pp.inner_lrs(7)["0.weight"].item() == pytest.approx(0.3)
     grad = meta_grad(maml_pp, batch)
     assert grad.numel() == sum(p.numel() for p in model.parameters()) + 2 * 6
+    torch.set_default_dtype(torch.float32)  # the fixture restores float64
+    for mode in ("scalar", "per_param", "per_layer_step"):  # learned in the model's dtype
+        rates = MAML(model, loss_fn, 0.1, 2, lr_mode=mode).inner_lrs.parameters()
+        assert {r.dtype for r in rates} == {torch.float64}
 
 
 def test_more_steps_at_evaluation_than_at_training():
@@ -375,12 +379,20 @@ def test_negative_steps_and_empty_selection_are_config_errors():
             MAML(model, loss_fn, **bad)
 
 
-def test_non_scalar_loss_is_named():
+def test_non_scalar_loss_is_named_and_a_bool_metric_is_averaged():
     model, _, batch = mlp_problem()
     for batched in (True, False):
         maml = MAML(model, lambda p, y: (p - y).pow(2), batched=batched)
-        with pytest.raises(ShapeError, match="must return a scalar"):
+        with pytest.raises(ShapeError, match=r"must return a scalar tensor per task, got shape "
+                                             r"\(5, 1\)"):
             maml.meta_loss(batch)
+    with pytest.raises(ShapeError, match="must return a scalar tensor per task, got a float"):
+        MAML(model, lambda p, y: 0.5, batched=False).meta_loss(batch)
+    with pytest.raises(ConfigError, match="need inner steps >= 1, got 0"):
+        multi_step_loss_weights(0, 0.5)
+    close = MAML(model, F.mse_loss, metric_fn=lambda p, y: ((p - y).abs() < 1).all())
+    share = close.evaluate(batch, steps=1)["metric"]
+    assert share.dtype == torch.float64 and set(share.flatten().tolist()) <= {0.0, 1.0}
 
 
 def test_nan_meta_loss_is_named():

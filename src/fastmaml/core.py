@@ -109,6 +109,8 @@ def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0
     Uniform at ``progress`` 0; the non-final weights decay linearly to ``min_fraction / steps``
     at ``progress`` 1 and the final step takes the rest, so the weights always sum to one.
     """
+    if steps < 1:
+        raise ConfigError(f"multi-step loss weights need inner steps >= 1, got {steps}")
     nonfinal = max((1.0 - min(max(progress, 0.0), 1.0)) / steps, min_fraction / steps)
     weights = torch.full((steps,), nonfinal)
     weights[-1] = 1.0 - nonfinal * (steps - 1)
@@ -206,8 +208,10 @@ class MAML(nn.Module):
         self.outer_only_names = [n for n, p in model.named_parameters()
                                  if p.requires_grad and n not in self.adapted_names]
         self.checkpoint_steps = checkpoint_steps
-        shapes = {n: p.shape for n, p in model.named_parameters() if n in self.adapted_names}
-        self.inner_lrs = InnerLearningRates(lr_mode, inner_lr, shapes, inner_steps)
+        adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
+        self.inner_lrs = InnerLearningRates(lr_mode, inner_lr,
+                                            {n: p.shape for n, p in adapted.items()}, inner_steps,
+                                            like=next(iter(adapted.values())))
         use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
         self._norm_mode = (functools.partial(ExactNorms, use_bn)
                            if use_bn or has_affine_norm(model) else contextlib.nullcontext)
@@ -255,9 +259,10 @@ class MAML(nn.Module):
                              f"{tuple(predictions.shape)} {predictions.dtype} and targets "
                              f"{tuple(y.shape)} {y.dtype}: {error}") from error
         if not isinstance(value, Tensor) or value.dim() != 0:
-            raise ShapeError("loss_fn and metric_fn must return a scalar per task, got shape "
-                             f"{tuple(getattr(value, 'shape', ()))}")
-        return value
+            got = (f"shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                   else f"a {type(value).__name__}")
+            raise ShapeError(f"loss_fn and metric_fn must return a scalar tensor per task, got {got}")
+        return value if value.is_floating_point() else value.to(predictions.dtype)  # bool metric
 
     # ----- inner loop -----
     def _adapt(self, fast: Params, frozen: Params, x: Tensor, y: Tensor, steps: int,

@@ -27,21 +27,26 @@ class InnerLearningRates(nn.Module):
       and inner step; steps past the trained number reuse the last step's rates.
     """
 
-    def __init__(self, mode: str, init: float, shapes: dict[str, torch.Size], steps: int):
+    def __init__(self, mode: str, init: float, shapes: dict[str, torch.Size], steps: int,
+                 like: Tensor | None = None):
+        """``like``: a parameter of the model, whose dtype and device the learned rates take."""
         super().__init__()
         if mode not in LR_MODES:
             raise ConfigError(f"unknown inner-lr mode {mode!r}; choose one of {', '.join(LR_MODES)}")
         self.mode = mode
         self.init = float(init)
         self.names = list(shapes)
+        where = {} if like is None else {"dtype": like.dtype, "device": like.device}
         if mode == "scalar":
-            self.scalar = nn.Parameter(torch.tensor(self.init))
+            self.scalar = nn.Parameter(torch.tensor(self.init, **where))
         elif mode == "per_param":
             self.rates = nn.ParameterDict(
-                {_key(n): nn.Parameter(torch.full(s, self.init)) for n, s in shapes.items()})
+                {_key(n): nn.Parameter(torch.full(s, self.init, **where))
+                 for n, s in shapes.items()})
         elif mode == "per_layer_step":
             self.rates = nn.ParameterDict(
-                {_key(n): nn.Parameter(torch.full((max(steps, 1),), self.init)) for n in shapes})
+                {_key(n): nn.Parameter(torch.full((max(steps, 1),), self.init, **where))
+                 for n in shapes})
 
     def forward(self, step: int) -> dict[str, Tensor | float]:
         """The learning rate of each adapted parameter at inner step ``step`` (0-based)."""
