@@ -49,7 +49,10 @@ class TaskBatch(NamedTuple):
         return self.support_x.shape[0]
 
     def to(self, device: torch.device | str) -> TaskBatch:
-        return TaskBatch(*(t.to(device, non_blocking=True) for t in self))
+        """The tensors on ``device``; asynchronous only towards a GPU (a copy to the host must
+        be complete before the host reads it)."""
+        to_gpu = torch.device(device).type == "cuda"
+        return TaskBatch(*(t.to(device, non_blocking=to_gpu) for t in self))
 
     def split(self, size: int) -> list[TaskBatch]:
         """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
