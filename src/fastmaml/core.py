@@ -30,7 +30,7 @@ Params = dict[str, Tensor]
 _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # raised whenever a candidate path's implementation changes, so that choices timed on the old
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
-PATHS_REVISION = 2
+PATHS_REVISION = 3  # 3: first order detaches the outer-only parameters; norms.py
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
