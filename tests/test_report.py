@@ -142,15 +142,24 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
     assert (root / "REPORT.md").read_text() == text
 
 
+TINY_SINUSOID = report.BUDGETS["tiny"]["sinusoid"]
+
+
 def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "r"
     assert main(["train", "sinusoid-demo", "--out", str(root / "sinusoid"), "iterations=20",
                  "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]) == 0
-    assert not report.finished(root / "sinusoid")  # trained, not evaluated
+    assert not report.finished(root / "sinusoid", *TINY_SINUSOID)  # trained, not evaluated
     assert main(["reproduce", "sinusoid", "--budget", "tiny", "--root", str(root),
                  "--no-progress"]) == 0
-    assert report.finished(root / "sinusoid")
+    assert report.finished(root / "sinusoid", *TINY_SINUSOID)
     assert "sinusoid: finished" not in capsys.readouterr().out
+    # another budget's run is neither skipped as finished nor trained over
+    assert not report.finished(root / "sinusoid", *report.BUDGETS["cpu"]["sinusoid"])
+    assert main(["reproduce", "sinusoid", "--budget", "cpu", "--root", str(root),
+                 "--no-progress"]) == 0
+    assert ("sinusoid: not reproduced: " + f"{root / 'sinusoid'} holds a 'sinusoid-demo' run, not "
+            "'sinusoid'") in capsys.readouterr().out
 
 
 def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None:
@@ -183,16 +192,36 @@ def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> Non
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     records = json.loads((run_dir / "eval.json").read_text())
     assert records[0]["checkpoint_iterations"]["maml"] == 20
-    assert report.finished(run_dir) and not report.read_run(run_dir).stale_evaluation
+    assert report.finished(run_dir, *TINY_SINUSOID)
+    assert not report.read_run(run_dir).stale_evaluation
 
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30", *common]) == 0
     run = report.read_run(run_dir)
     assert run.stale_evaluation.startswith(
         "evaluated older checkpoints (maml 20 -> 30 iterations)")
-    assert not report.finished(run_dir)  # reproduce evaluates it again
+    assert not report.finished(run_dir, *TINY_SINUSOID)  # reproduce evaluates it again
     assert "maml 20 -> 30" in report.evaluate_row(SINUSOID, run).status
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
-    assert report.finished(run_dir)
+    assert report.finished(run_dir, *TINY_SINUSOID)
+
+
+def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "sinusoid"
+    common = ["--out", str(run_dir), "iterations=20", "eval_tasks=20", "eval_k_shots=5",
+              "--no-progress"]
+    assert main(["train", "sinusoid-demo", "baseline_iterations=20", *common]) == 0
+    # the baselines are to train on to 30 (e.g. in another process), MAML is done
+    assert main(["train", "sinusoid-demo", "--learner", "maml", "baseline_iterations=30",
+                 *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    assert ("warning: pretrained of " + str(run_dir) + " is at iteration 20 of 30 (training, or "
+            "stopped): it is used as it is now") in capsys.readouterr().err
+    run = report.read_run(run_dir)
+    assert run.stale_evaluation.startswith("evaluated pretrained at 20 of 30, oracle at 20 of 30 "
+                                           "iterations: train it on")
+    assert not report.finished(run_dir, *TINY_SINUSOID)
 
 
 def test_unknown_experiment_and_budget_are_clear_errors(tmp_path: Path,

@@ -20,7 +20,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .config import load_config_dict
 from .errors import CheckpointError, ConfigError, FastMAMLError
-from .experiments import PRESETS, experiment_class, load_experiment, train_run
+from .experiments import PRESETS, experiment_class, load_experiment, preset, train_run
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -72,12 +72,20 @@ class Run:
 
     @property
     def stale_evaluation(self) -> str:
-        """A warning when eval.json evaluated older checkpoints than the run now holds."""
+        """A warning when eval.json evaluated older checkpoints than the run now holds, or a
+        baseline short of its iterations."""
         evaluated = self.records[0].get("checkpoint_iterations", {}) if self.records else {}
         newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
                  if self.checkpoints.get(name, at) > at]
-        return (f"evaluated older checkpoints ({', '.join(newer)} iterations): run "
-                f"`fastmaml eval {self.path.as_posix()}`" if newer else "")
+        if newer:
+            return (f"evaluated older checkpoints ({', '.join(newer)} iterations): run "
+                    f"`fastmaml eval {self.path.as_posix()}`")
+        # a baseline evaluated before it finished (MAML's own iterations are in the table)
+        targets = self.records[0].get("target_iterations", {}) if self.records else {}
+        early = [f"{name} at {at:,} of {targets[name]:,}" for name, at in evaluated.items()
+                 if name != "maml" and at < targets.get(name, at)]
+        return (f"evaluated {', '.join(early)} iterations: train it on, then `fastmaml eval "
+                f"{self.path.as_posix()}`" if early else "")
 
 
 def read_run(path: Path) -> Run:
@@ -425,12 +433,17 @@ BUDGETS: dict[str, dict[str, tuple[str, list[str]]]] = {
 }
 
 
-def finished(run_dir: Path) -> bool:
-    """Trained to its iterations and evaluated."""
+def finished(run_dir: Path, preset_name: str, overrides: Sequence[str]) -> bool:
+    """A run of ``preset_name`` with ``overrides`` (a budget's), trained to its iterations and
+    evaluated (every learner at its end)."""
     if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
     run = read_run(run_dir)
-    return run.iterations >= int(run.config["iterations"]) and not run.stale_evaluation
+    chosen = preset(preset_name)
+    wanted = experiment_class(chosen.experiment).config_cls.from_dict(
+        {**chosen.values, "preset": preset_name}).with_overrides(list(overrides))
+    return (run.preset == preset_name and run.iterations >= wanted.iterations
+            and not run.stale_evaluation)
 
 
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
@@ -447,7 +460,7 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     for name in chosen:
         preset_name, overrides = BUDGETS[budget][name]
         run_dir = root / name
-        if finished(run_dir):
+        if finished(run_dir, preset_name, overrides):
             say(f"fastmaml: {name}: finished in {run_dir}, skipped")
             continue
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..atomic import write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, is_main
-from ..errors import ConfigError
+from ..errors import ConfigError, FastMAMLWarning
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
 from ..tasks.splits import Assignment, read_assignment, save_assignment
@@ -146,6 +147,7 @@ class Experiment(ABC):
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.device)
         self.restored_iterations: dict[str, int] = {}  # learner -> its checkpoint's iteration
+        self.target_iterations: dict[str, int] = {}  # learner -> the iterations it trains to
         self._data_split: Assignment | None = None
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -216,7 +218,12 @@ class Experiment(ABC):
             raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
         checkpoint = load_checkpoint(path)
         load_state(learner, checkpoint["learner"], path)
-        self.restored_iterations[learner.name] = int(checkpoint["iteration"])
+        reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])
+        self.target_iterations[learner.name] = learner.iterations
+        if reached < learner.iterations:
+            warnings.warn(f"{learner.name} of {self.run_dir} is at iteration {reached:,} of "
+                          f"{learner.iterations:,} (training, or stopped): it is used as it is "
+                          "now", FastMAMLWarning, stacklevel=2)
         return learner
 
     def write_eval(self, records: list[dict[str, Any]], table: str) -> None:
@@ -224,6 +231,7 @@ class Experiment(ABC):
         it evaluated, so that a report can tell an evaluation older than the training."""
         for record in records:
             record["checkpoint_iterations"] = dict(self.restored_iterations)
+            record["target_iterations"] = dict(self.target_iterations)
         write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
         write_text_atomic(table, self.run_dir / "results.md")
 
