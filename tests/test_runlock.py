@@ -111,6 +111,11 @@ def test_two_learners_of_one_run_train_side_by_side(tmp_path: Path) -> None:
                      "--no-progress")
     try:
         wait_for(run / "metrics-maml.csv", first)  # training maml, its lock held
+        # before maml's first checkpoint, another learner may not change the run's settings
+        other = fastmaml("train", "sinusoid-demo", "--out", str(run), *long, "hidden=16",
+                         "--learner", "pretrained", "--no-progress")
+        out, err = other.communicate(timeout=300)
+        assert other.returncode == 2 and f"{run} keeps the hidden it started with" in err
         other = fastmaml("train", "sinusoid-demo", "--out", str(run), *long, "--learner",
                          "pretrained", "--no-progress")
         out, err = other.communicate(timeout=300)

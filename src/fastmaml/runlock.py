@@ -65,6 +65,23 @@ def learners_held(run_dir: Path, learners: Sequence[str]) -> Iterator[None]:
         yield
 
 
+def others_training(run_dir: Path, learner: str) -> list[str]:
+    """The learners of ``run_dir`` other than ``learner`` that a process holds (trains) now."""
+    held = []
+    for path in sorted(run_dir.glob(".fastmaml-*.lock")):
+        name = path.name[len(".fastmaml-"):-len(".lock")]
+        if name == learner:
+            continue
+        probe = FileLock(path, timeout=0)
+        try:
+            probe.acquire()
+        except Timeout:
+            held.append(name)
+        else:
+            probe.release()
+    return held
+
+
 @contextmanager
 def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
     lock_name, owner_name = _names(learner)

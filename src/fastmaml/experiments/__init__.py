@@ -17,7 +17,7 @@ from ..atomic import write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import require_a_task_per_rank, world
 from ..errors import ConfigError, NonFiniteLossError
-from ..runlock import learners_held, locked_run_dir
+from ..runlock import learners_held, locked_run_dir, others_training
 from ..train import check_resumable, checkpoint_path, fit
 from .base import Experiment, run_started
 
@@ -207,13 +207,15 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
                   "eval_policy", "workers"}
 
 
-def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experiment:
+def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
+                in_use: bool = False) -> Experiment:
     """The experiment of a new ``preset_name`` run in ``run_dir``, or of the run there to resume
     it; writes nothing (``Experiment.save_config`` does, once the run is known to start).
 
     A directory of the same preset with a config but neither a checkpoint nor an evaluation
     (e.g. a run that stopped on a bad value before its first checkpoint) holds nothing to
-    resume, so it starts afresh with the new settings.
+    resume, so it starts afresh with the new settings, unless it is ``in_use`` (another
+    learner of it is training): then its settings are fixed as a started run's.
     """
     chosen = preset(preset_name)
     cls = experiment_class(chosen.experiment)
@@ -223,7 +225,7 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str]) -> Experi
         if saved.preset != preset_name:
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
                               "choose another --out")
-        if run_started(run_dir):
+        if in_use or run_started(run_dir):
             return cls(_resumed(saved, overrides, run_dir), run_dir)
     values = {**chosen.values, "preset": preset_name}
     return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
@@ -246,7 +248,10 @@ def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: b
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
            only: str | None, main: bool) -> Experiment:
-    experiment = prepare_run(preset_name, run_dir, overrides)
+    # a --learner command beside another learner of the run takes its settings, even before
+    # any checkpoint: two learners trained with different settings would make one broken run
+    in_use = bool(main and only is not None and others_training(run_dir, only))
+    experiment = prepare_run(preset_name, run_dir, overrides, in_use)
     cfg = experiment.cfg
     learners = experiment.learners()  # loads the data and builds the models: bad values fail here
     if only is not None:
