@@ -3,6 +3,7 @@ NaN detection."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 
@@ -305,3 +306,43 @@ def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):
     resumed.module.path_choices.clear()
     resumed.load_state_dict(load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"])
     assert resumed.module.path_choices == learner.module.path_choices
+
+
+def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):
+    """A metrics row, eval.json or config value edited or damaged outside fastmaml is an error
+    naming the file; a damaged machine.json (a record for the report) never stops training."""
+    run = tmp_path / "run"
+    common = ["iterations=4", "baseline_iterations=4", "log_every=2", "eval_tasks=10",
+              "eval_k_shots=5", "--no-progress"]
+    assert main(["train", "sinusoid-demo", "--out", str(run), *common]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def refused(*command: str) -> str:
+        assert main(list(command)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastmaml: error: ") and err.count("\n") == 1
+        return err
+
+    log = run / "metrics-maml.csv"
+    good = log.read_text()
+    log.write_text(good + "garbage,,,\n")
+    for command in (["train", "sinusoid-demo", "--out", str(run), *common], ["plot", str(run)],
+                    ["report", str(run), "--out", str(tmp_path / "r.md")]):
+        assert f"{log} line 4 is not a row of numbers ('garbage,,,')" in refused(*command)
+    log.write_text(good)
+
+    (run / "eval.json").write_text('[{"experiment": "sin')
+    for command in (["plot", str(run)], ["report", str(run), "--out", str(tmp_path / "r.md")]):
+        assert f"{run / 'eval.json'} is damaged (" in refused(*command)
+
+    (run / "machine.json").write_text('[{"date": ')
+    assert main(["train", "sinusoid-demo", "--out", str(run), *common, "iterations=6"]) == 0
+    assert "machine.json is damaged" in capsys.readouterr().err
+    assert (run / "machine.json.damaged").read_text() == '[{"date": '
+    assert len(json.loads((run / "machine.json").read_text())) == 1
+
+    config = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(config.replace("meta_batch: ", "meta_batch: two #"))
+    assert refused("eval", str(run)).startswith(f"fastmaml: error: {run / 'config.yaml'}: "
+                                                "config key 'meta_batch' expects int")

@@ -1,15 +1,29 @@
 """Atomic file writes: a reader, or a run killed at any moment, sees the old file or the new one.
 
 Every file fastmaml writes that a later run reads back (checkpoints, configs, metrics logs,
-reports, downloads, caches) goes through ``replace_atomically``.
+reports, downloads, caches) goes through ``replace_atomically``; ``read_json`` reads its JSON
+records back, with an error that names a damaged file.
 """
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from .errors import DataError
+
+
+def read_json(path: Path, remedy: str = "") -> Any:
+    """The JSON in ``path``; a file that is not JSON (edited, or damaged outside fastmaml) is a
+    ``DataError`` naming it and ``remedy``."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} is damaged ({error})"
+                        + (f": {remedy}" if remedy else "")) from None
 
 
 def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:

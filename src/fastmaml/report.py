@@ -9,7 +9,6 @@ the same runs gives the same bytes (``docs/REPORT.md`` is checked to be current)
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -17,10 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text_atomic
+from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
-from .errors import CheckpointError, ConfigError, FastMAMLError
+from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
 from .experiments import PRESETS, experiment_class, load_experiment, preset, train_run
+from .experiments.base import read_eval
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -91,7 +91,7 @@ class Run:
 def read_run(path: Path) -> Run:
     config = load_config_dict(path / "config.yaml")
     eval_path = path / "eval.json"
-    records = json.loads(eval_path.read_text()) if eval_path.is_file() else []
+    records = read_eval(path) if eval_path.is_file() else []
     iterations, seconds, validation = 0, 0.0, []
     for log in sorted(path.glob("metrics-*.csv")):
         rows = read_metrics(log)
@@ -110,8 +110,9 @@ def read_run(path: Path) -> Run:
                 checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
     # a run stopped between log rows (SIGTERM) is as far as its checkpoint
     iterations = checkpoints.get("maml", iterations)
-    machine_path = path / "machine.json"
-    machines = json.loads(machine_path.read_text()) if machine_path.is_file() else []
+    machine_path, machines = path / "machine.json", []
+    with contextlib.suppress(DataError):  # a damaged record: the machine is not known
+        machines = read_json(machine_path) if machine_path.is_file() else []
     return Run(path, config, records, iterations, seconds, machines,
                sorted((path / "figures").glob("*.png")), validation, checkpoints)
 

@@ -24,7 +24,7 @@ from .atomic import remove_stale_temporaries, replace_atomically, write_text_ato
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import any_rank, average_gradients, average_metrics, is_main, shard
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 
 Metrics = dict[str, float | Tensor]
 
@@ -215,9 +215,30 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics CSV, without a last line that is unfinished: one being appended by
-    a live run, or one that a kill cut short (every row ``MetricsLog`` writes ends in a newline)."""
+    a live run, or one that a kill cut short (every row ``MetricsLog`` writes ends in a newline).
+    A row that is not numbers (an edit, a disk error) is a ``DataError`` naming its line."""
     text = path.read_text()
-    return list(csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1])))
+    text = text[:text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    for line, row in enumerate(rows, start=2):  # our rows hold no quoted newlines
+        if not _is_metrics_row(row):
+            raise DataError(f"{path} line {line} is not a row of numbers "
+                            f"({text.splitlines()[line - 1]!r}): remove or mend it")
+    return rows
+
+
+def _is_metrics_row(row: dict[str, str | None]) -> bool:
+    """An iteration number, then numbers or blanks (a column a row has no value for)."""
+    try:
+        int(row.get("iteration") or "")
+        for value in row.values():
+            if value is None or (value != "" and not isinstance(value, str)):
+                return False  # a short row, or one with more values than the header
+            if value:
+                float(value)
+    except ValueError:
+        return False
+    return True
 
 
 class TrainingStopped(Exception):

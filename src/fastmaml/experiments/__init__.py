@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,10 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from ..atomic import write_text_atomic
+from ..atomic import read_json, write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import require_a_task_per_rank, world
-from ..errors import ConfigError, NonFiniteLossError
+from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir, others_training
 from ..train import check_resumable, checkpoint_path, fit
 from .base import Experiment, run_started
@@ -221,7 +222,7 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
     cls = experiment_class(chosen.experiment)
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        saved = cls.config_cls.from_dict(load_config_dict(config_path))
+        saved = _saved_config(cls, load_config_dict(config_path), config_path)
         if saved.preset != preset_name:
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
                               "choose another --out")
@@ -296,7 +297,13 @@ def _record_machine(run_dir: Path, device: str, processes: int) -> None:
     under a lock: two ``--learner`` commands of one run may start together."""
     path = run_dir / "machine.json"
     with FileLock(run_dir / ".fastmaml.machine.lock"):
-        sessions = json.loads(path.read_text()) if path.is_file() else []
+        try:
+            sessions = read_json(path) if path.is_file() else []
+        except DataError as error:  # a record for the report only: never a reason not to train
+            path.replace(path.with_name("machine.json.damaged"))
+            warnings.warn(f"{error}; kept as machine.json.damaged, and a new record started",
+                          FastMAMLWarning, stacklevel=2)
+            sessions = []
         sessions.append({
             "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),
             "processor": _cpu_model(),
@@ -332,8 +339,16 @@ def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     these run eager unless ``overrides`` say ``compile=true``."""
     values = load_config_dict(run_dir / "config.yaml")
     cls = experiment_class(str(values.get("experiment", "")))
-    eager = cls.config_cls.from_dict({**values, "compile": "false"})
+    eager = _saved_config(cls, {**values, "compile": "false"}, run_dir / "config.yaml")
     return cls(_resumed(eager, list(overrides), run_dir), run_dir)
+
+
+def _saved_config(cls: type[Experiment], values: dict[str, Any], path: Path) -> Config:
+    """A run's saved config; a bad value in it is an error naming the file, not the command."""
+    try:
+        return cls.config_cls.from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..allocator import tune_cpu_allocator
-from ..atomic import write_text_atomic
+from ..atomic import read_json, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, is_main
@@ -133,7 +133,7 @@ def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
         raise ConfigError(f"no eval.json in {run_dir}: run `fastmaml eval {run_dir}` first")
-    return json.loads(path.read_text())
+    return read_json(path, f"run `fastmaml eval {run_dir}` again")
 
 
 class Experiment(ABC):
