@@ -96,6 +96,22 @@ def test_bad_schedules_are_refused(tmp_path, bad):
         create_run("sinusoid-demo", tmp_path, bad)
 
 
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    learner = maml_learner(tmp_path)
+    original_step = learner.step
+
+    def impatient_step(iteration):
+        if iteration == 4:  # two Ctrl-C in iteration 5: no waiting for its end
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(iteration)
+
+    learner.step = impatient_step
+    with pytest.raises(KeyboardInterrupt):
+        fit(learner, tmp_path, 3, 2, progress=False)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 3
+
+
 def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_path):
     learner = maml_learner(tmp_path)
     original_step = learner.step
@@ -115,9 +131,12 @@ def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_p
     assert logged == [2, 4, 6, 8, 10, 12]  # no duplicated rows from the lost iterations
 
 
-def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identically(tmp_path):
-    """A scheduler's preemption (SIGTERM) between checkpoints loses nothing: the iteration it
-    lands in finishes and is checkpointed, and the handler in force before is restored."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identically(tmp_path,
+                                                                                   signum):
+    """A scheduler's preemption (SIGTERM) or a Ctrl-C between checkpoints loses nothing: the
+    iteration it lands in finishes and is checkpointed, and the handler in force before is
+    restored."""
     straight = maml_learner(tmp_path / "straight")
     fit(straight, tmp_path / "straight", 3, 2, progress=False)
     learner = maml_learner(tmp_path / "stopped")
@@ -125,14 +144,15 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identic
 
     def preempted_step(iteration):
         if iteration == 4:  # mid-iteration 5, between the checkpoints of 3 and 6
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return original_step(iteration)
 
     learner.step = preempted_step
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingStopped, match="stopped by SIGTERM at iteration 5 of 12"):
+    before = signal.getsignal(signum)
+    with pytest.raises(TrainingStopped, match=r"stopped on request \(SIGTERM or Ctrl-C\) at "
+                                              "iteration 5 of 12"):
         fit(learner, tmp_path / "stopped", 3, 2, progress=False)
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert signal.getsignal(signum) == before
     assert load_checkpoint(checkpoint_path(tmp_path / "stopped", "maml"))["iteration"] == 5
     resumed = maml_learner(tmp_path / "stopped")
     fit(resumed, tmp_path / "stopped", 3, 2, progress=False)

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -242,24 +243,37 @@ def _is_metrics_row(row: dict[str, str | None]) -> bool:
 
 
 class TrainingStopped(Exception):
-    """``fit`` stopped on SIGTERM, after a checkpoint (not a ``FastMAMLError``: nothing failed,
-    and a driver of several runs must stop too)."""
+    """``fit`` stopped on SIGTERM or Ctrl-C, after a checkpoint (not a ``FastMAMLError``:
+    nothing failed, and a driver of several runs must stop too)."""
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _sigterm_requests() -> Iterator[Callable[[], bool]]:
-    """While training, SIGTERM (``kill``, a scheduler's preemption) only records the request;
-    yields whether any rank has received one. Outside the main thread (where Python cannot take
-    signals) SIGTERM keeps its own effect."""
+def _stop_requests() -> Iterator[Callable[[], bool]]:
+    """While training, SIGTERM (``kill``, a scheduler's preemption) and a first Ctrl-C (SIGINT)
+    only record the request; yields whether any rank has received one. A second Ctrl-C stops at
+    once (``KeyboardInterrupt``), losing the work since the last checkpoint. Outside the main
+    thread (where Python cannot take signals) the signals keep their own effect."""
     received: list[int] = []
+
+    def request(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in received:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("\nfastmaml: stopping after this iteration, with a checkpoint (Ctrl-C again: "
+                  "at once)", file=sys.stderr, flush=True)
+        received.append(signum)
+
     installed = threading.current_thread() is threading.main_thread()
-    if installed:
-        previous = signal.signal(signal.SIGTERM, lambda signum, _: received.append(signum))
+    previous = ({signum: signal.signal(signum, request) for signum in STOP_SIGNALS}
+                if installed else {})
     try:
         yield lambda: any_rank(bool(received))
     finally:
-        if installed:  # ``previous`` is None for a handler not set from Python: the default
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
@@ -267,9 +281,10 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
-    moment loses at most the work since its last checkpoint; on SIGTERM it finishes the current
-    iteration, checkpoints it and raises ``TrainingStopped`` (also after the last iteration, so
-    that a driver trains no further learner). A row is logged every ``log_every``
+    moment loses at most the work since its last checkpoint; on SIGTERM (or a first Ctrl-C)
+    it finishes the current iteration, checkpoints it and raises ``TrainingStopped`` (also
+    after the last iteration, so that a driver trains no further learner). A row is logged
+    every ``log_every``
     iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
     Returns the last logged metrics.
@@ -292,7 +307,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                disable=None if progress and main else True,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
-    with _sigterm_requests() as stop_requested:
+    with _stop_requests() as stop_requested:
         for iteration in bar:
             metrics = learner.step(iteration)
             done = iteration + 1
@@ -317,7 +332,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
             if stopping:
                 bar.close()
-                raise TrainingStopped(f"{learner.name}: stopped by SIGTERM at iteration {done} of "
+                raise TrainingStopped(f"{learner.name}: stopped on request (SIGTERM or Ctrl-C) "
+                                      f"at iteration {done} of "
                                       f"{learner.iterations}, checkpointed: the same command "
                                       "resumes")
     bar.close()
