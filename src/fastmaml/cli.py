@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
               "run keeps its last checkpoint", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        print(f"fastmaml: {stopped}", file=sys.stderr)
+        if world()[0] == 0:  # every rank stops; one says so
+            print(f"fastmaml: {stopped}", file=sys.stderr)
         return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         resumes = args.command in ("train", "reproduce")
