@@ -96,6 +96,19 @@ def test_bad_schedules_are_refused(tmp_path, bad):
         create_run("sinusoid-demo", tmp_path, bad)
 
 
+def test_a_run_removes_what_writers_killed_mid_write_left(tmp_path):
+    run = tmp_path / "run"
+    common = ["--out", str(run), "baseline_iterations=2", "--no-progress"]
+    assert main(["train", "sinusoid-demo", "iterations=2", *common]) == 0
+    left = [run / f".{name}.4242.0badf00d.tmp" for name in ("config.yaml", "machine.json",
+                                                              "metrics-maml.csv")]
+    left.append(run / "checkpoints" / ".maml.pt.4242.0badf00d.tmp")
+    for path in left:
+        path.write_text("half")
+    assert main(["train", "sinusoid-demo", "iterations=3", *common]) == 0  # resumed
+    assert not any(path.exists() for path in left)
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     learner = maml_learner(tmp_path)
     original_step = learner.step

@@ -292,8 +292,9 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """
     main = is_main()
     path = checkpoint_path(run_dir, learner.name)
-    if main:
+    if main:  # what a writer killed mid-write left of this learner's files
         remove_stale_temporaries(path)
+        remove_stale_temporaries(run_dir / f"metrics-{learner.name}.csv")
     start, elapsed = 0, 0.0
     if path.exists():
         state = load_checkpoint(path)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from ..atomic import read_json, write_text_atomic
+from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
@@ -264,6 +264,9 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
     # a command on the whole run also holds every learner: no --learner command trains meanwhile
     whole_run = [learner.name for learner in learners] if main and only is None else []
     with learners_held(run_dir, whole_run):
+        if whole_run:  # no other train command writes the run's shared files now
+            for shared in ("config.yaml", "machine.json"):
+                remove_stale_temporaries(run_dir / shared)
         for learner in learners:
             check_resumable(learner, run_dir)
         require_a_task_per_rank(cfg.meta_batch)
