@@ -322,15 +322,17 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             stopping = stop_requested()  # also at the last iteration: no next learner then
-            if main and (done % checkpoint_every == 0 or done == end or stopping):
+            if done % checkpoint_every == 0 or done == end or stopping:
+                # every rank checks (they hold the same state), so that all stop together
                 state = learner.state_dict()
                 if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
                     raise NonFiniteLossError(f"{learner.name}: non-finite parameters or "
                                              f"optimizer state at iteration {done}; the last "
                                              "checkpoint is kept")
-                now = time.perf_counter()
-                elapsed, tick = elapsed + now - tick, now
-                save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
+                if main:
+                    now = time.perf_counter()
+                    elapsed, tick = elapsed + now - tick, now
+                    save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
             if stopping:
                 bar.close()
                 raise TrainingStopped(f"{learner.name}: stopped on request (SIGTERM or Ctrl-C) "
