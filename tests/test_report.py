@@ -183,6 +183,8 @@ def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
     assert report.read_run(run_dir).iterations == 20  # of 20, with the log's last row at 10
     (run_dir / "checkpoints" / "maml.pt").write_bytes(b"truncated")
     assert report.read_run(run_dir).iterations == 10  # the log's, not an error for every run
+    (run_dir / "checkpoints" / "maml.pt").unlink()  # stopped before its first checkpoint
+    assert report.read_run(run_dir).iterations == 0
 
 
 def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:

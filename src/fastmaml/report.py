@@ -108,7 +108,10 @@ def read_run(path: Path) -> Run:
             checkpoint = checkpoint_path(path, learner)
             if checkpoint.is_file():
                 checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
-    # a run stopped between log rows (SIGTERM) is as far as its checkpoint
+    # a run stopped between log rows (SIGTERM) is as far as its checkpoint, and one stopped
+    # before its first checkpoint kept nothing (a damaged checkpoint: the log's count)
+    if not checkpoint_path(path, "maml").is_file():
+        iterations = 0
     iterations = checkpoints.get("maml", iterations)
     machine_path, machines = path / "machine.json", []
     with contextlib.suppress(DataError):  # a damaged record: the machine is not known
