@@ -109,6 +109,42 @@ def test_a_run_removes_what_writers_killed_mid_write_left(tmp_path):
     assert not any(path.exists() for path in left)
 
 
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path, monkeypatch):
+    """A shell starts a background job (`fastmaml train ... &`) with SIGINT ignored: a Ctrl-C
+    meant for the foreground must not stop it."""
+    learner = maml_learner(tmp_path)
+    original_step = learner.step
+
+    def step(iteration):
+        if iteration == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(iteration)
+
+    learner.step = step
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        fit(learner, tmp_path, 3, 2, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 12
+
+
+def test_a_request_during_the_last_checkpoint_write_still_stops(tmp_path):
+    """Nothing is left to train, but a driver of several learners or runs must stop."""
+    learner = maml_learner(tmp_path)
+    original_state = learner.state_dict
+
+    def state_dict():
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being taken
+        return original_state()
+
+    learner.state_dict = state_dict
+    with pytest.raises(TrainingStopped, match="at iteration 3 of 12"):
+        fit(learner, tmp_path, 3, 2, progress=False, stop_after=3)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 3
+
+
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     learner = maml_learner(tmp_path)
     original_step = learner.step

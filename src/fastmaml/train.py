@@ -9,6 +9,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import signal
 import sys
 import threading
@@ -261,14 +262,17 @@ def _stop_requests() -> Iterator[Callable[[], bool]]:
     def request(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and signal.SIGINT in received:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            print("\nfastmaml: stopping after this iteration, with a checkpoint (Ctrl-C again: "
-                  "at once)", file=sys.stderr, flush=True)
+        if signum == signal.SIGINT and is_main():  # os.write: no buffered stream re-entered
+            os.write(sys.stderr.fileno(), b"\nfastmaml: stopping after this iteration, with a "
+                     b"checkpoint (Ctrl-C again: at once)\n")
         received.append(signum)
 
-    installed = threading.current_thread() is threading.main_thread()
-    previous = ({signum: signal.signal(signum, request) for signum in STOP_SIGNALS}
-                if installed else {})
+    # not where Python cannot take signals, nor a signal the process was told to ignore (a
+    # shell starts background jobs with SIGINT ignored)
+    ours = [signum for signum in STOP_SIGNALS
+            if threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signum) is not signal.SIG_IGN]
+    previous = {signum: signal.signal(signum, request) for signum in ours}
     try:
         yield lambda: any_rank(bool(received))
     finally:
@@ -335,12 +339,17 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
             if stopping:
                 bar.close()
-                raise TrainingStopped(f"{learner.name}: stopped on request (SIGTERM or Ctrl-C) "
-                                      f"at iteration {done} of "
-                                      f"{learner.iterations}, checkpointed: the same command "
-                                      "resumes")
-    bar.close()
+                raise _stopped(learner, done)
+        bar.close()
+        if end > start and stop_requested():  # a request during the last checkpoint's write
+            raise _stopped(learner, end)
     return last
+
+
+def _stopped(learner: Learner, done: int) -> TrainingStopped:
+    return TrainingStopped(f"{learner.name}: stopped on request (SIGTERM or Ctrl-C) at iteration "
+                           f"{done} of {learner.iterations}, checkpointed: the same command "
+                           "resumes")
 
 
 def check_resumable(learner: Learner, run_dir: Path) -> None:
