@@ -74,7 +74,8 @@ class FewShotConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_at_least(hidden=1, val_every=0, val_tasks=1, eval_k_query=0)
+        self.require_at_least(hidden=1, val_every=0, val_tasks=1, eval_k_query=0,
+                              split_seed=0)  # numpy's generators take no negative seed
         if self.dataset not in DATA_ENV:
             raise ConfigError(f"dataset must be one of {', '.join(DATA_ENV)}, got {self.dataset!r}")
         if self.network not in ("conv", "mlp"):

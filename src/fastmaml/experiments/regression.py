@@ -48,7 +48,7 @@ class RegressionConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_at_least(hidden=1, val_every=0, val_tasks=1)
+        self.require_at_least(hidden=1, val_every=0, val_tasks=1, split_seed=0)
         for name in ("k_shot", "k_query"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (points per task), got "
