@@ -43,8 +43,8 @@ def test_overrides_are_typed_by_the_config_fields():
     ("clip_grad=nan", "clip_grad must be >= 0"),
     ("chunk_size=-1", "chunk_size must be >= 0"),
     ("msl_anneal_iterations=0", "msl_anneal_iterations must be >= 1"),
-    (f"seed={-2 ** 63 - 1}", r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
-    (f"seed={2 ** 64}", r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got 1844"),
+    (f"seed={-2 ** 63 - 1}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
+    (f"seed={2 ** 63}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223"),
 ])
 def test_bad_overrides_are_named(item, message):
     with pytest.raises(ConfigError, match=message):

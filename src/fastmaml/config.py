@@ -76,8 +76,8 @@ class Config:
         if self.multi_step_loss and self.inner_steps < 1:
             raise ConfigError("multi_step_loss weighs the query loss after each inner step: it "
                               "needs inner_steps >= 1")
-        if not -2 ** 63 <= self.seed < 2 ** 64:  # what torch.manual_seed takes
-            raise ConfigError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
+        if not -2 ** 63 <= self.seed < 2 ** 63:  # torch.manual_seed takes it (and seed + offset)
+            raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
         switch = str(self.compile).strip().lower()
