@@ -353,6 +353,19 @@ def test_labels_the_loss_cannot_take_are_named(batched):
         MAML(model, loss_fn, batched=batched).meta_backward(bad)
 
 
+def test_out_of_memory_in_the_model_or_loss_is_not_called_a_shape_error():
+    model, loss_fn, batch = mlp_problem()
+
+    def exhausted(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory")  # the CLI advises on it
+
+    with pytest.raises(torch.OutOfMemoryError):
+        MAML(model, exhausted, batched=False).meta_loss(batch)
+    model.register_forward_hook(lambda *args: exhausted())
+    with pytest.raises(torch.OutOfMemoryError):
+        MAML(model, loss_fn, batched=False).meta_loss(batch)
+
+
 def test_input_that_does_not_fit_the_model_is_named():
     model, loss_fn, _ = mlp_problem()
     bad = TaskBatch(*(torch.randn(2, 4, 3) for _ in range(4)))

@@ -12,7 +12,8 @@ from PIL import Image
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
 import fastmaml
-from fastmaml.experiments import PRESETS, experiment_class, load_experiment
+from fastmaml.experiments import (PRESETS, create_run, experiment_class, load_experiment,
+                                  prepare_run)
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
 
@@ -119,6 +120,23 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert json.loads((run / "splits.json").read_text()) == recorded
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="a-new-class"):
         assert {k: s.names for k, s in load_experiment(run).splits().items()} == names
+
+
+@pytest.mark.filterwarnings("ignore::fastmaml.errors.FastMAMLWarning")  # the added class
+def test_a_learner_beside_a_training_one_takes_the_recorded_split(tmp_path):
+    """Before the first checkpoint a run starts afresh, except beside another learner of it in
+    training: then its recorded split binds, though classes were added to the folder since."""
+    data, run = tmp_path / "data", tmp_path / "run"
+    for c in range(12):
+        (data / f"class{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (8, 8), 20 * c + i).save(data / f"class{c:02d}" / f"{i}.png")
+    overrides = [f"data_root={data}", "n_way=2", "image_size=8", "split_fractions=0.5,0.2,0.3"]
+    create_run("fewshot-folder", run, overrides)  # what the training learner recorded
+    recorded = json.loads((run / "splits.json").read_text())
+    shutil.copytree(data / "class00", data / "a-new-class")  # sorts first: it shifts a reshuffle
+    assert prepare_run("fewshot-folder", run, overrides, in_use=True).data_split() == recorded
+    assert prepare_run("fewshot-folder", run, overrides).data_split() != recorded
 
 
 def test_a_folder_run_that_could_not_be_tested_is_refused_before_training(tmp_path, capsys):

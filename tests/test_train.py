@@ -395,10 +395,10 @@ def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):
 
     log = run / "metrics-maml.csv"
     good = log.read_text()
-    log.write_text(good + "garbage,,,\n")
+    log.write_text(good + "\ngarbage,,,\n")  # after a blank line: line 5
     for command in (["train", "sinusoid-demo", "--out", str(run), *common], ["plot", str(run)],
                     ["report", str(run), "--out", str(tmp_path / "r.md")]):
-        assert f"{log} line 4 is not a row of numbers ('garbage,,,')" in refused(*command)
+        assert f"{log} line 5 is not a row of numbers ('garbage,,,')" in refused(*command)
     log.write_text(good)
 
     (run / "eval.json").write_text('[{"experiment": "sin')

@@ -246,6 +246,8 @@ class MAML(nn.Module):
         try:
             with self._norm_mode():
                 return functional_call(self.model, state, (x,))
+        except torch.OutOfMemoryError:  # a RuntimeError, but not the model's input's fault
+            raise
         except RuntimeError as error:
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
                              f"{tuple(x.shape)}: {error}") from error
@@ -255,7 +257,7 @@ class MAML(nn.Module):
         predictions = self._forward(fast, frozen, x)
         try:
             value = (fn or self.loss_fn)(predictions, y)
-        except FastMAMLError:
+        except (FastMAMLError, torch.OutOfMemoryError):
             raise
         except (RuntimeError, IndexError, ValueError) as error:  # e.g. a label out of range
             raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions "
@@ -264,7 +266,8 @@ class MAML(nn.Module):
         if not isinstance(value, Tensor) or value.dim() != 0:
             got = (f"shape {tuple(value.shape)}" if isinstance(value, Tensor)
                    else f"a {type(value).__name__}")
-            raise ShapeError(f"loss_fn and metric_fn must return a scalar tensor per task, got {got}")
+            raise ShapeError(f"loss_fn and metric_fn must return a scalar tensor per task, got "
+                             f"{got}")
         return value if value.is_floating_point() else value.to(predictions.dtype)  # bool metric
 
     # ----- inner loop -----

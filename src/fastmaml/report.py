@@ -464,10 +464,10 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     for name in chosen:
         preset_name, overrides = BUDGETS[budget][name]
         run_dir = root / name
-        if finished(run_dir, preset_name, overrides):
-            say(f"fastmaml: {name}: finished in {run_dir}, skipped")
-            continue
         try:
+            if finished(run_dir, preset_name, overrides):
+                say(f"fastmaml: {name}: finished in {run_dir}, skipped")
+                continue
             train_run(preset_name, run_dir, overrides, progress=progress)
             experiment = load_experiment(run_dir)
             experiment.evaluate(progress=progress)

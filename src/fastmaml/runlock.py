@@ -30,6 +30,9 @@ from .atomic import write_text_atomic
 from .errors import ConfigError
 
 LOCK_NAME, OWNER_NAME = ".fastmaml.lock", ".fastmaml.owner"
+# how long a command waits for a lock before it refuses: long enough for ``others_training``'s
+# momentary probe of a learner's lock, short enough to refuse a held run at once to the eye
+LOCK_WAIT_S = 0.5
 
 
 @contextmanager
@@ -66,7 +69,8 @@ def learners_held(run_dir: Path, learners: Sequence[str]) -> Iterator[None]:
 
 
 def others_training(run_dir: Path, learner: str) -> list[str]:
-    """The learners of ``run_dir`` other than ``learner`` that a process holds (trains) now."""
+    """The learners of ``run_dir`` other than ``learner`` that a process holds (trains) now.
+    Each lock is probed for an instant; a command taking it meanwhile waits (``LOCK_WAIT_S``)."""
     held = []
     for path in sorted(run_dir.glob(".fastmaml-*.lock")):
         name = path.name[len(".fastmaml-"):-len(".lock")]
@@ -85,7 +89,7 @@ def others_training(run_dir: Path, learner: str) -> list[str]:
 @contextmanager
 def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
     lock_name, owner_name = _names(learner)
-    lock = FileLock(run_dir / lock_name, timeout=0)
+    lock = FileLock(run_dir / lock_name, timeout=LOCK_WAIT_S)
     try:
         lock.acquire()
     except Timeout:

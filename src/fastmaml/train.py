@@ -221,11 +221,13 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     A row that is not numbers (an edit, a disk error) is a ``DataError`` naming its line."""
     text = path.read_text()
     text = text[:text.rfind("\n") + 1]
-    rows = list(csv.DictReader(io.StringIO(text)))
-    for line, row in enumerate(rows, start=2):  # our rows hold no quoted newlines
-        if not _is_metrics_row(row):
-            raise DataError(f"{path} line {line} is not a row of numbers "
-                            f"({text.splitlines()[line - 1]!r}): remove or mend it")
+    reader = csv.DictReader(io.StringIO(text))
+    rows = []
+    for row in reader:
+        if not _is_metrics_row(row):  # our rows hold no quoted newlines: a row is a line
+            raise DataError(f"{path} line {reader.line_num} is not a row of numbers "
+                            f"({text.splitlines()[reader.line_num - 1]!r}): remove or mend it")
+        rows.append(row)
     return rows
 
 

@@ -227,7 +227,9 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
             raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
                               "choose another --out")
         if in_use or run_started(run_dir):
-            return cls(_resumed(saved, overrides, run_dir), run_dir)
+            experiment = cls(_resumed(saved, overrides, run_dir), run_dir)
+            experiment.in_use = in_use
+            return experiment
     values = {**chosen.values, "preset": preset_name}
     return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
 

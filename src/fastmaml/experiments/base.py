@@ -149,6 +149,7 @@ class Experiment(ABC):
         self.restored_iterations: dict[str, int] = {}  # learner -> its checkpoint's iteration
         self.target_iterations: dict[str, int] = {}  # learner -> the iterations it trains to
         self._data_split: Assignment | None = None
+        self.in_use = False  # another learner of the run trains: its records are binding
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if cfg.tune_malloc and self.device.type == "cpu":
@@ -199,8 +200,8 @@ class Experiment(ABC):
         since move none between the splits), else assigned now."""
         if self._data_split is None:
             record = self.run_dir / SPLIT_RECORD
-            self._data_split = (read_assignment(record)
-                                if record.is_file() and run_started(self.run_dir) else
+            started = self.in_use or run_started(self.run_dir)
+            self._data_split = (read_assignment(record) if record.is_file() and started else
                                 self.assign_split())
         return self._data_split
 

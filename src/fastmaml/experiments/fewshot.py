@@ -184,8 +184,10 @@ class FewShotExperiment(Experiment):
             mode = "all" if self.cfg.dataset == "omniglot" else "none"
         return mode == "all" or (mode == "train" and split == "train")
 
-    def sampler(self, split: str, queries: int, within_alphabet: bool | None = None
-                ) -> FewShotSampler:
+    def sampler(self, split: str, queries: int, within_alphabet: bool | None = None,
+                on_device: bool = True) -> FewShotSampler:
+        """Tasks of ``split``; its images on the run's device (``on_device``), or where they
+        are, for a sampler that only checks the split can give tasks."""
         within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
         images, groups, _ = self.splits()[split]
         if len(images) < self.cfg.n_way:
@@ -193,7 +195,8 @@ class FewShotExperiment(Experiment):
                             f"the {split} split of {self.data_root()} has only {len(images)}"
                             + (self._more_classes_hint() if self.cfg.dataset == "folder" else ""))
         return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
-                              rotate=self.rotates(split), device=self.device, groups=groups,
+                              rotate=self.rotates(split),
+                              device=self.device if on_device else None, groups=groups,
                               within_group=within)
 
     def _more_classes_hint(self) -> str:
@@ -232,7 +235,7 @@ class FewShotExperiment(Experiment):
                 maml, lambda: val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
                 cfg.inner_steps, cfg.val_every, "val_accuracy", "metric")
         for within in self.test_kinds():  # refuse, before training, a run that cannot be tested
-            self.sampler("test", cfg.eval_queries, within_alphabet=within)
+            self.sampler("test", cfg.eval_queries, within_alphabet=within, on_device=False)
         return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
                              torch.Generator().manual_seed(cfg.seed), **validation)]
 
