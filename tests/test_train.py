@@ -24,6 +24,21 @@ def maml_learner(run_dir, **overrides):
     return create_run("sinusoid-demo", run_dir, items).learners()[0]
 
 
+def signalled_learner(run_dir, iteration, *signums, **overrides):
+    """A learner that sends itself ``signums`` in the middle of (0-based) ``iteration``."""
+    learner = maml_learner(run_dir, **overrides)
+    original_step = learner.step
+
+    def step(i):
+        if i == iteration:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return original_step(i)
+
+    learner.step = step
+    return learner
+
+
 def params(learner) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in learner.module.parameters()])
 
@@ -109,18 +124,10 @@ def test_a_run_removes_what_writers_killed_mid_write_left(tmp_path):
     assert not any(path.exists() for path in left)
 
 
-def test_an_ignored_ctrl_c_stays_ignored(tmp_path, monkeypatch):
+def test_an_ignored_ctrl_c_stays_ignored(tmp_path):
     """A shell starts a background job (`fastmaml train ... &`) with SIGINT ignored: a Ctrl-C
     meant for the foreground must not stop it."""
-    learner = maml_learner(tmp_path)
-    original_step = learner.step
-
-    def step(iteration):
-        if iteration == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(iteration)
-
-    learner.step = step
+    learner = signalled_learner(tmp_path, 4, signal.SIGINT)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         fit(learner, tmp_path, 3, 2, progress=False)
@@ -146,16 +153,8 @@ def test_a_request_during_the_last_checkpoint_write_still_stops(tmp_path):
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
-    learner = maml_learner(tmp_path)
-    original_step = learner.step
-
-    def impatient_step(iteration):
-        if iteration == 4:  # two Ctrl-C in iteration 5: no waiting for its end
-            os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(iteration)
-
-    learner.step = impatient_step
+    # two Ctrl-C in iteration 5: no waiting for its end
+    learner = signalled_learner(tmp_path, 4, signal.SIGINT, signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         fit(learner, tmp_path, 3, 2, progress=False)
     assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 3
@@ -188,15 +187,8 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identic
     restored."""
     straight = maml_learner(tmp_path / "straight")
     fit(straight, tmp_path / "straight", 3, 2, progress=False)
-    learner = maml_learner(tmp_path / "stopped")
-    original_step = learner.step
-
-    def preempted_step(iteration):
-        if iteration == 4:  # mid-iteration 5, between the checkpoints of 3 and 6
-            os.kill(os.getpid(), signum)
-        return original_step(iteration)
-
-    learner.step = preempted_step
+    # mid-iteration 5, between the checkpoints of 3 and 6
+    learner = signalled_learner(tmp_path / "stopped", 4, signum)
     before = signal.getsignal(signum)
     with pytest.raises(TrainingStopped, match=r"stopped on request \(SIGTERM or Ctrl-C\) at "
                                               "iteration 5 of 12"):
@@ -212,15 +204,7 @@ def test_sigterm_stops_after_the_iteration_with_a_checkpoint_and_resumes_identic
 
 def test_sigterm_in_the_last_iteration_still_stops_the_caller(tmp_path):
     """Else a driver would go on to train its next learner, the request forgotten."""
-    learner = maml_learner(tmp_path, iterations=4)
-    original_step = learner.step
-
-    def preempted_step(iteration):
-        if iteration == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original_step(iteration)
-
-    learner.step = preempted_step
+    learner = signalled_learner(tmp_path, 3, signal.SIGTERM, iterations=4)
     with pytest.raises(TrainingStopped, match="at iteration 4 of 4"):
         fit(learner, tmp_path, 3, 2, progress=False)
     assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 4
