@@ -260,15 +260,16 @@ class MAML(nn.Module):
         except (FastMAMLError, torch.OutOfMemoryError):
             raise
         except (RuntimeError, IndexError, ValueError) as error:  # e.g. a label out of range
-            raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions "
-                             f"{tuple(predictions.shape)} {predictions.dtype} and targets "
-                             f"{tuple(y.shape)} {y.dtype}: {error}") from error
+            shown = (f"{tuple(predictions.shape)} {predictions.dtype}"
+                     if isinstance(predictions, Tensor) else f"(a {type(predictions).__name__})")
+            raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions {shown} and "
+                             f"targets {tuple(y.shape)} {y.dtype}: {error}") from error
         if not isinstance(value, Tensor) or value.dim() != 0:
             got = (f"shape {tuple(value.shape)}" if isinstance(value, Tensor)
                    else f"a {type(value).__name__}")
             raise ShapeError(f"loss_fn and metric_fn must return a scalar tensor per task, got "
                              f"{got}")
-        return value if value.is_floating_point() else value.to(predictions.dtype)  # bool metric
+        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
 
     # ----- inner loop -----
     def _adapt(self, fast: Params, frozen: Params, x: Tensor, y: Tensor, steps: int,
@@ -374,8 +375,7 @@ class MAML(nn.Module):
             out = looped()  # a user error fails here too, and is raised
             self.path, self._vmap_failed = "looped", True
             warnings.warn(f"vmap could not run this model ({_first_line(error)}); using the "
-                          "looped path",
-                          FastMAMLWarning, stacklevel=4)
+                          "looped path", FastMAMLWarning, stacklevel=4)
             return out
         self.path = "batched"
         return out
