@@ -19,7 +19,8 @@ from typing import Any
 from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
-from .experiments import PRESETS, experiment_class, load_experiment, preset, train_run
+from .experiments import (PRESETS, experiment_class, load_experiment, preset_config,
+                          train_run)
 from .experiments.base import read_eval
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
@@ -74,14 +75,15 @@ class Run:
     def stale_evaluation(self) -> str:
         """A warning when eval.json evaluated older checkpoints than the run now holds, or a
         baseline short of its iterations."""
-        evaluated = self.records[0].get("checkpoint_iterations", {}) if self.records else {}
+        record = self.records[0] if self.records else {}
+        evaluated = record.get("checkpoint_iterations", {})
         newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
                  if self.checkpoints.get(name, at) > at]
         if newer:
             return (f"evaluated older checkpoints ({', '.join(newer)} iterations): run "
                     f"`fastmaml eval {self.path.as_posix()}`")
         # a baseline evaluated before it finished (MAML's own iterations are in the table)
-        targets = self.records[0].get("target_iterations", {}) if self.records else {}
+        targets = record.get("target_iterations", {})
         early = [f"{name} at {at:,} of {targets[name]:,}" for name, at in evaluated.items()
                  if name != "maml" and at < targets.get(name, at)]
         return (f"evaluated {', '.join(early)} iterations: train it on, then `fastmaml eval "
@@ -110,9 +112,8 @@ def read_run(path: Path) -> Run:
                 checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
     # a run stopped between log rows (SIGTERM) is as far as its checkpoint, and one stopped
     # before its first checkpoint kept nothing (a damaged checkpoint: the log's count)
-    if not checkpoint_path(path, "maml").is_file():
-        iterations = 0
-    iterations = checkpoints.get("maml", iterations)
+    iterations = checkpoints.get("maml", iterations if checkpoint_path(path, "maml").is_file()
+                                 else 0)
     machine_path, machines = path / "machine.json", []
     with contextlib.suppress(DataError):  # a damaged record: the machine is not known
         machines = read_json(machine_path) if machine_path.is_file() else []
@@ -210,10 +211,9 @@ def _overrides(run: Run) -> list[str]:
     """The run's settings that differ from its preset (what the train command must say)."""
     if run.preset not in PRESETS:
         return []
-    chosen = PRESETS[run.preset]
-    cls = experiment_class(chosen.experiment).config_cls
-    defaults = cls.from_dict({**chosen.values, "preset": run.preset}).to_dict()
-    saved = cls.from_dict(run.config).to_dict()
+    defaults = preset_config(run.preset, []).to_dict()
+    saved = experiment_class(PRESETS[run.preset].experiment).config_cls.from_dict(
+        run.config).to_dict()
     skip = {"data_root", "download", "compile"}  # where the data is; how fast it trains
     return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
             for k, v in saved.items() if k not in skip and defaults.get(k) != v]
@@ -443,10 +443,8 @@ def finished(run_dir: Path, preset_name: str, overrides: Sequence[str]) -> bool:
     if not (run_dir / "eval.json").is_file() or not (run_dir / "config.yaml").is_file():
         return False
     run = read_run(run_dir)
-    chosen = preset(preset_name)
-    wanted = experiment_class(chosen.experiment).config_cls.from_dict(
-        {**chosen.values, "preset": preset_name}).with_overrides(list(overrides))
-    return (run.preset == preset_name and run.iterations >= wanted.iterations
+    return (run.preset == preset_name
+            and run.iterations >= preset_config(preset_name, overrides).iterations
             and not run.stale_evaluation)
 
 

@@ -7,6 +7,7 @@ import os
 import platform
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,8 +231,15 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
             experiment = cls(_resumed(saved, overrides, run_dir), run_dir)
             experiment.in_use = in_use
             return experiment
+    return cls(preset_config(preset_name, overrides), run_dir)
+
+
+def preset_config(preset_name: str, overrides: Sequence[str]) -> Config:
+    """A new run's config: the preset's values, then ``overrides``."""
+    chosen = preset(preset_name)
     values = {**chosen.values, "preset": preset_name}
-    return cls(cls.config_cls.from_dict(values).with_overrides(overrides), run_dir)
+    return experiment_class(chosen.experiment).config_cls.from_dict(values).with_overrides(
+        list(overrides))
 
 
 def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: bool = True,
