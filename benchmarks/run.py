@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmaml import MAML, TaskBatch
 from fastmaml.allocator import tune_cpu_allocator
-from fastmaml.models import ConvNet, MLP
+from fastmaml.models import ConvNet, MLP, SequenceNet
 
 
 MIN_BLOCK_S = 0.02  # each timed sample runs an implementation for at least this long
@@ -70,6 +70,16 @@ def _sinusoid(generator):
     return TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
 
 
+def _sequences(generator):
+    """Sinusoid regression read as sequences: 20 samples of a task's curve, then its next value."""
+    amplitude = torch.rand(16, 1, 1, generator=generator) * 4.9 + 0.1
+    phase = torch.rand(16, 1, 1, generator=generator) * math.pi
+    start = torch.rand(16, 20, 1, generator=generator) * 10 - 5
+    curve = amplitude * torch.sin(start + torch.linspace(0, 2, 21) - phase)  # (task, example, t)
+    x, y = curve[..., :20, None], curve[..., 20:]
+    return TaskBatch(x[:, :10], y[:, :10], x[:, 10:], y[:, 10:])
+
+
 WORKLOADS = {w.name: w for w in [
     Workload("sinusoid", lambda: MLP([1, 40, 40, 1]), F.mse_loss, 25, 0.01, 1, _sinusoid),
     Workload("omniglot-5w1s-q5", lambda: ConvNet(1, 5, 64), F.cross_entropy, 32, 0.4, 1,
@@ -78,6 +88,8 @@ WORKLOADS = {w.name: w for w in [
              _images(32, 5, 1, 15, 1, 28)),
     Workload("omniglot-20w1s", lambda: ConvNet(1, 20, 64), F.cross_entropy, 16, 0.1, 5,
              _images(16, 20, 1, 1, 1, 28)),
+    Workload("sequence-lstm", lambda: SequenceNet(nn.LSTM(1, 40, batch_first=True), 1),
+             F.mse_loss, 16, 0.01, 1, _sequences),
     Workload("miniimagenet-5w1s", lambda: ConvNet(3, 5, 32, strided=False, image_size=84),
              F.cross_entropy, 4, 0.01, 5, _images(4, 5, 1, 15, 3, 84)),
 ]}
@@ -189,11 +201,14 @@ def torchopt_impl(model, w: Workload, first_order: bool):
     return step
 
 
-def _refuse_batch_norm_under_vmap(model: nn.Module) -> None:
+def _refuse_under_vmap(model: nn.Module) -> None:
     """Measured: a batch-norm layer that tracks running statistics fails under ``vmap`` (torch
-    cannot update them in place from a batched input), in both peers' vmap paths."""
+    cannot update them in place from a batched input), in both peers' vmap paths; so does a
+    recurrent layer (torch has no batching rule for ``aten::lstm`` and kin)."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise Unsupported("vmap cannot update the model's batch-norm running statistics in place")
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        raise Unsupported("torch has no vmap batching rule for its recurrent kernels")
 
 
 def torchopt_vmap_impl(model, w: Workload, first_order: bool):
@@ -201,7 +216,7 @@ def torchopt_vmap_impl(model, w: Workload, first_order: bool):
     ``torch.func.grad`` inside ``torch.func.vmap`` over tasks."""
     import torchopt
 
-    _refuse_batch_norm_under_vmap(model)
+    _refuse_under_vmap(model)
     optimizer = torchopt.sgd(lr=w.inner_lr)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -250,7 +265,7 @@ def parallel_metalearn_impl(model, w: Workload, first_order: bool):
             loss = F.mse_loss(out_dict["logits"], targets["labels"])
             return loss, loss.detach()
 
-    _refuse_batch_norm_under_vmap(model)
+    _refuse_under_vmap(model)
     if isinstance(model, ConvNet):
         backbone, head = _IgnoringFlags(model.features, pool=True), _IgnoringFlags(model.head)
     else:
@@ -342,10 +357,13 @@ class PeakRSS:
 
 
 def count_flops(w: Workload, first_order: bool) -> int:
-    """FLOPs of one meta-iteration, counted on the naive loop (the same arithmetic)."""
+    """FLOPs of one meta-iteration, counted on the naive loop (the same arithmetic); for a
+    recurrent model on fastmaml's batched path, whose step-by-step ops the counter sees (it
+    counts nothing inside torch's fused recurrent kernels)."""
     torch.manual_seed(0)
     model = w.build_model()
-    step = loop_impl(model, w, first_order)
+    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
+    step = (fastmaml_impl if recurrent else loop_impl)(model, w, first_order)
     with FlopCounterMode(display=False) as counter:
         step(w.make_batch(torch.Generator().manual_seed(0)))
     return counter.get_total_flops()

@@ -83,13 +83,14 @@ def _benchmark_module():
     return module
 
 
+@pytest.mark.parametrize("workload", ["sinusoid", "sequence-lstm"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_every_adapter_computes_the_loops_meta_gradient_in_float64(first_order):
+def test_every_adapter_computes_the_loops_meta_gradient_in_float64(workload, first_order):
     """The yardstick compares equal work: each implementation's meta-gradient on the sinusoid
-    workload equals the naive loop's, in float64 (adapters whose library is missing, or that
-    cannot run this order, are skipped)."""
+    and the LSTM workloads equals the naive loop's, in float64 (adapters whose library is
+    missing, or that cannot run this workload or order, are skipped)."""
     bench = _benchmark_module()
-    w = bench.WORKLOADS["sinusoid"]
+    w = bench.WORKLOADS[workload]
     batch = bench.TaskBatch(*(t.double() for t in w.make_batch(torch.Generator().manual_seed(0))))
 
     def gradient(impl):
@@ -115,6 +116,7 @@ def test_every_adapter_computes_the_loops_meta_gradient_in_float64(first_order):
         checked.append(impl)
     assert {"fastmaml", "fastmaml-auto"} <= set(checked)
     if importlib.util.find_spec("torchopt"):
-        assert "torchopt-vmap" in checked and ("torchopt" in checked) == (not first_order)
-    if importlib.util.find_spec("metalearn"):
+        assert ("torchopt-vmap" in checked) == (workload == "sinusoid")  # no recurrent kernels
+        assert ("torchopt" in checked) == (not first_order)
+    if importlib.util.find_spec("metalearn") and workload == "sinusoid":
         assert "parallel-metalearn" in checked

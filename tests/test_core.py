@@ -13,7 +13,7 @@ import fastmaml.core
 import fastmaml.norms
 from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
-from fastmaml.models import ConvNet, MLP, is_norm_param
+from fastmaml.models import ConvNet, MLP, SequenceNet, is_norm_param
 
 TASKS = 3
 
@@ -43,7 +43,21 @@ def conv_problem(seed: int = 0):
     return model, F.cross_entropy, batch
 
 
+def recurrent_problem(layer: type[nn.RNNBase], **options):
+    """Regression on sequences (4 support and 5 query sequences of 5 steps per task)."""
+    def problem(seed: int = 0):
+        torch.manual_seed(seed)
+        model = SequenceNet(layer(2, 5, batch_first=True, **options), outputs=1)
+        batch = TaskBatch(torch.randn(TASKS, 4, 5, 2), torch.randn(TASKS, 4, 1),
+                          torch.randn(TASKS, 5, 5, 2), torch.randn(TASKS, 5, 1))
+        return model, F.mse_loss, batch
+    return problem
+
+
 PROBLEMS = {"mlp": mlp_problem, "conv_bn": conv_problem}
+# torch's recurrent kernels cannot run under vmap; fastmaml.recurrent steps them in plain ops
+WITH_RECURRENT = {**PROBLEMS, "lstm": recurrent_problem(nn.LSTM, num_layers=2),
+                  "gru": recurrent_problem(nn.GRU, bidirectional=True)}
 
 
 def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
@@ -64,11 +78,11 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("problem", WITH_RECURRENT)
 @pytest.mark.parametrize("steps", [1, 2])
 @pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
 def test_second_order_meta_gradient_matches_finite_differences(problem, steps, lr_mode):
-    model, loss_fn, batch = PROBLEMS[problem]()
+    model, loss_fn, batch = WITH_RECURRENT[problem]()
     maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=steps, lr_mode=lr_mode)
     params = [p for p in maml.parameters() if p.requires_grad]
     grad = meta_grad(maml, batch)
@@ -89,7 +103,7 @@ def test_second_order_meta_gradient_matches_finite_differences(problem, steps, l
         assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-8)
 
 
-CONFIGS = list(itertools.product(PROBLEMS, [1, 2], [False, True],
+CONFIGS = list(itertools.product(WITH_RECURRENT, [1, 2], [False, True],
                                  ["fixed", "scalar", "per_param", "per_layer_step"]))
 
 
@@ -97,7 +111,7 @@ CONFIGS = list(itertools.product(PROBLEMS, [1, 2], [False, True],
 def test_batched_equals_looped(problem, steps, first_order, lr_mode):
     grads, losses = {}, {}
     for batched in (True, False):
-        model, loss_fn, batch = PROBLEMS[problem]()
+        model, loss_fn, batch = WITH_RECURRENT[problem]()
         maml = MAML(model, loss_fn, 0.1, steps, first_order, lr_mode=lr_mode, batched=batched)
         grads[batched] = meta_grad(maml, batch)
         losses[batched] = maml.evaluate(batch, steps=3)["loss"]
@@ -287,33 +301,6 @@ def test_more_steps_at_evaluation_than_at_training():
     assert (support_curve[:, -1] < support_curve[:, 0]).all()  # adapting lowers the support loss
 
 
-def test_lstm_runs_and_agrees_with_the_looped_reference():
-    class Recurrent(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lstm = nn.LSTM(2, 6, batch_first=True)
-            self.head = nn.Linear(6, 1)
-
-        def forward(self, x):
-            return self.head(self.lstm(x)[0][:, -1])
-
-    losses = {}
-    for batched in (None, False):
-        torch.manual_seed(0)
-        model = Recurrent()
-        batch = TaskBatch(torch.randn(2, 4, 5, 2), torch.randn(2, 4, 1),
-                          torch.randn(2, 4, 5, 2), torch.randn(2, 4, 1))
-        maml = MAML(model, F.mse_loss, 0.1, 1, batched=batched)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            losses[batched] = meta_grad(maml, batch)
-        if batched is None and maml.path == "looped":  # vmap failed: the fallback must say so
-            assert any("using the looped path" in str(w.message)
-                       and w.category is fastmaml.errors.FastMAMLWarning for w in caught)
-        assert maml.path == "looped" or maml.path.startswith("batched")
-    assert relative(losses[None], losses[False]) < 1e-6
-
-
 def test_multi_step_loss_weights_anneal_towards_the_last_step():
     start, middle, end = (multi_step_loss_weights(5, p) for p in (0.0, 0.5, 1.0))
     assert torch.allclose(start, torch.full((5,), 0.2))
@@ -437,7 +424,7 @@ def test_compiled_batched_path_matches_eager():
                     meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5
 
 
-HEADS = {"mlp": ["4"], "conv_bn": ["head"]}  # ANIL: adapt only the last layer
+HEADS = {"mlp": ["4"], "conv_bn": ["head"], "lstm": ["head"], "gru": ["head"]}  # ANIL: the last layer
 VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
             "anil_first_order": {"adapt": "head", "first_order": True},
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}
@@ -579,16 +566,16 @@ def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
 
 
 def accuracy_or_error(problem: str):
-    if problem == "mlp":
-        return lambda out, y: (out - y).abs().mean()
-    return lambda out, y: (out.argmax(-1) == y).double().mean()
+    if problem == "conv_bn":
+        return lambda out, y: (out.argmax(-1) == y).double().mean()
+    return lambda out, y: (out - y).abs().mean()
 
 
-@pytest.mark.parametrize("problem", PROBLEMS)
+@pytest.mark.parametrize("problem", WITH_RECURRENT)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
 def test_checkpointed_steps_give_the_same_meta_gradient(problem, variant, lr_mode):
-    model, loss_fn, batch = PROBLEMS[problem]()
+    model, loss_fn, batch = WITH_RECURRENT[problem]()
     kwargs = {**variant_kwargs(problem, variant), "lr_mode": lr_mode,
               "metric_fn": accuracy_or_error(problem)}
     weights = variant_weights(variant)
@@ -842,3 +829,11 @@ def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change)
     resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
     resumed.meta_backward(batch)
     assert ("looped", None) in calls and len(resumed.path_choices) == 2
+
+
+def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
+    inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")
+    assert fastmaml.core._first_line(inductor) == (
+        "backend='inductor' raised: NotImplementedError: no storage")
+    assert fastmaml.core._first_line(RuntimeError("one line\nand more")) == "one line"
+    assert fastmaml.core._first_line(RuntimeError("  ")) == "RuntimeError"

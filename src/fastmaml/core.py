@@ -24,6 +24,7 @@ from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossE
                      ShapeError)
 from .inner_lr import InnerLearningRates
 from .norms import ExactNorms, has_affine_norm, has_batch_norm
+from .recurrent import StepwiseRNNs, has_recurrent
 
 Params = dict[str, Tensor]
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -90,8 +91,12 @@ def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
 
 
 def _first_line(error: Exception) -> str:
-    """An error's message in one line (a warning's), or its type where it has none."""
-    return (str(error).strip() or type(error).__name__).splitlines()[0]
+    """An error's message in one line (a warning's), or its type where it has none. A first
+    line that only introduces the next (inductor's "backend='inductor' raised:") takes it along."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def _random_state(device: torch.device) -> tuple[Tensor, ...]:
@@ -218,8 +223,14 @@ class MAML(nn.Module):
         use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
         self._norm_mode = (functools.partial(ExactNorms, use_bn)
                            if use_bn or has_affine_norm(model) else contextlib.nullcontext)
+        recurrent = has_recurrent(model)
+        self._rnn_mode = StepwiseRNNs if recurrent else contextlib.nullcontext
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self.chunk_size = chunk_size
+        if compile and recurrent:  # inductor: "Cannot access storage of BatchedTensorImpl"
+            warnings.warn("torch.compile cannot compile recurrent layers under vmap (torch "
+                          f"{torch.__version__}); running uncompiled", FastMAMLWarning, stacklevel=2)
+            compile = False
         self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
         self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
         self.path: str | None = None  # "batched" or "looped" once a call has run (+ chunk)
@@ -244,7 +255,7 @@ class MAML(nn.Module):
         for name in self._buffer_names:  # fresh copies: a forward may count batches in place
             state[name] = state[name].clone()
         try:
-            with self._norm_mode():
+            with self._norm_mode(), self._rnn_mode():
                 return functional_call(self.model, state, (x,))
         except torch.OutOfMemoryError:  # a RuntimeError, but not the model's input's fault
             raise

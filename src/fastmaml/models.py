@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 
 class MLP(nn.Sequential):
     """Fully connected ReLU network, e.g. ``MLP([1, 40, 40, 1])`` for the sinusoid experiment.
@@ -64,6 +66,24 @@ class ConvNet(nn.Module):
         h = self.features(x)
         h = h.mean(dim=(2, 3)) if self.strided else h.flatten(1)
         return self.head(h)
+
+
+class SequenceNet(nn.Module):
+    """A recurrent layer over (batch, time, features) sequences, then a linear head on the last
+    step's output: ``SequenceNet(nn.LSTM(1, 40, batch_first=True), outputs=1)``. torch's
+    ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run batched over tasks (``fastmaml.recurrent``)."""
+
+    def __init__(self, recurrent: nn.RNNBase, outputs: int):
+        super().__init__()
+        if not recurrent.batch_first:
+            raise ConfigError("SequenceNet reads (batch, time, features): build its recurrent "
+                              "layer with batch_first=True")
+        self.recurrent = recurrent
+        width = (recurrent.proj_size or recurrent.hidden_size) * (1 + recurrent.bidirectional)
+        self.head = nn.Linear(width, outputs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.recurrent(x)[0][:, -1])
 
 
 def is_norm_param(name: str, model: nn.Module) -> bool:
