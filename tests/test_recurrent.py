@@ -13,7 +13,8 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from fastmaml import MAML, TaskBatch
-from fastmaml.errors import FastMAMLWarning
+from fastmaml.errors import ConfigError, FastMAMLWarning
+from fastmaml.models import SequenceNet
 from fastmaml.recurrent import StepwiseRNNs
 
 LAYERS = {"lstm": lambda **options: nn.LSTM(3, 4, **options),
@@ -83,6 +84,37 @@ def test_inter_layer_dropout_draws_a_mask_per_task_in_training():
     assert not torch.allclose(out[0], out[1])  # different masks, as the looped path draws
 
 
+class Unrolled(nn.Module):
+    """A model that steps a recurrent cell itself (``nn.LSTMCell`` and kin), then a head."""
+
+    def __init__(self, cell: nn.RNNCellBase):
+        super().__init__()
+        self.cell, self.head = cell, nn.Linear(cell.hidden_size, 1)
+
+    def forward(self, x):
+        state = None
+        for t in range(x.shape[1]):
+            state = self.cell(x[:, t], state)
+        return self.head(state[0] if isinstance(state, tuple) else state)
+
+
+@pytest.mark.parametrize("cell", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+@pytest.mark.parametrize("bias", [True, False])
+def test_models_stepping_a_cell_meta_train_batched_with_the_looped_meta_gradient(cell, bias):
+    torch.manual_seed(0)
+    model = Unrolled(cell(2, 5, bias=bias)).double()
+    batch = TaskBatch(*(torch.randn(3, 4, *shape, dtype=torch.float64)
+                        for shape in [(5, 2), (1,), (5, 2), (1,)]))
+    grads = {}
+    for batched in (True, False):
+        maml = MAML(model, F.mse_loss, 0.1, 2, batched=batched)
+        model.zero_grad(set_to_none=True)
+        maml.meta_backward(batch)
+        grads[batched] = torch.cat([p.grad.flatten() for p in model.parameters()])
+        assert maml.path == ("batched" if batched else "looped")
+    torch.testing.assert_close(grads[True], grads[False], rtol=1e-12, atol=1e-14)
+
+
 class Packed(nn.Module):
     """Packs its (examples, time, features) input: variable-length sequences."""
 
@@ -124,3 +156,11 @@ def test_the_default_path_search_times_a_recurrent_model_without_falling_back():
         warnings.simplefilter("error")  # no "vmap could not run this model"
         maml.meta_backward(batch)
     assert len(maml.path_choices) == 1  # timed, the batched path among the candidates
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+def test_sequence_net_reads_batch_first_sequences_of_any_recurrent_layer():
+    with pytest.raises(ConfigError, match="batch_first=True"):
+        SequenceNet(nn.GRU(2, 3), outputs=1)
+    net = SequenceNet(nn.LSTM(2, 4, proj_size=3, bidirectional=True, batch_first=True), outputs=2)
+    assert net(torch.randn(5, 7, 2)).shape == (5, 2)

@@ -1,4 +1,4 @@
-"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) made to run under vmap, exactly.
+"""Recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` and their cells) run under vmap, exactly.
 
 torch 2.13 has no batching rule for its fused recurrent kernels (``aten::lstm`` and kin), so an
 unmodified model with a recurrent layer could only run the looped path, one task at a time.
@@ -50,9 +50,11 @@ def _simple_cell(activation: Callable[[Tensor], Tensor]) -> Cell:
     return cell
 
 
-CELLS: dict[Callable, Cell] = {torch.lstm: _lstm_cell, torch.gru: _gru_cell,
-                               torch.rnn_tanh: _simple_cell(torch.tanh),
-                               torch.rnn_relu: _simple_cell(torch.relu)}
+_RNN_TANH, _RNN_RELU = _simple_cell(torch.tanh), _simple_cell(torch.relu)
+LAYERS: dict[Callable, Cell] = {torch.lstm: _lstm_cell, torch.gru: _gru_cell,
+                                torch.rnn_tanh: _RNN_TANH, torch.rnn_relu: _RNN_RELU}
+CELLS: dict[Callable, Cell] = {torch.lstm_cell: _lstm_cell, torch.gru_cell: _gru_cell,
+                               torch.rnn_tanh_cell: _RNN_TANH, torch.rnn_relu_cell: _RNN_RELU}
 
 
 def stepwise_rnn(cell: Cell, input: Tensor, hx: Tensor | State, params: list[Tensor],
@@ -86,22 +88,34 @@ def stepwise_rnn(cell: Cell, input: Tensor, hx: Tensor | State, params: list[Ten
     return (output, *(torch.stack(parts) for parts in zip(*finals)))
 
 
+def stepwise_cell(cell: Cell, input: Tensor, hx: Tensor | State, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor | State:
+    """What ``torch.lstm_cell`` (``gru_cell``, ``rnn_tanh_cell``, ``rnn_relu_cell``) returns:
+    one step's new state, ``(h, c)`` for an LSTM, else ``h``."""
+    state = cell(F.linear(input, w_ih, b_ih), tuple(hx) if isinstance(hx, (tuple, list)) else (hx,),
+                 (w_hh, b_hh, None))
+    return state if len(state) == 2 else state[0]
+
+
 def _under_vmap() -> bool:
     return any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
 
 
 class StepwiseRNNs(TorchFunctionMode):
-    """Inside this mode, under ``vmap``, torch's recurrent kernels on padded input run as
-    ``stepwise_rnn``."""
+    """Inside this mode, under ``vmap``, torch's recurrent kernels run as ``stepwise_rnn``
+    (layers on padded input) and ``stepwise_cell`` (``nn.LSTMCell`` and kin)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in CELLS and _under_vmap():
+            return stepwise_cell(CELLS[func], *args, **(kwargs or {}))
         # the padded overloads: (input, hx, params, has_biases: bool, ...); packed ones have
         # (data, batch_sizes, hx, params, ...)
-        if func in CELLS and not kwargs and isinstance(args[3], bool) and _under_vmap():
-            return stepwise_rnn(CELLS[func], *args)
+        if func in LAYERS and not kwargs and isinstance(args[3], bool) and _under_vmap():
+            return stepwise_rnn(LAYERS[func], *args)
         return func(*args, **(kwargs or {}))
 
 
 def has_recurrent(model: nn.Module) -> bool:
-    """True when ``model`` contains an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``."""
-    return any(isinstance(m, nn.RNNBase) for m in model.modules())
+    """True when ``model`` contains an ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``, or one of their
+    cells."""
+    return any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules())
