@@ -172,9 +172,9 @@ def test_a_large_query_is_predicted_in_chunks_with_the_same_result(
     adapted = run.adapt(x, [0, 1, 2], steps=2)  # labels as a list, as a user may give them
     queries = run.preprocess(sorted(query.rglob("*.jpg")))
     whole = run.predict(adapted, queries, context=x)
-    monkeypatch.setattr(fastmaml.adaptation, "PREDICT_BATCH", 8)  # 2 query images per chunk
-    calls, predict = [], run.maml.predict
-    monkeypatch.setattr(run.maml, "predict", lambda *args: calls.append(1) or predict(*args))
+    monkeypatch.setattr(fastmaml.core, "PREDICT_BATCH", 8)  # 2 query images per chunk
+    calls, forward = [], run.maml._forward
+    monkeypatch.setattr(run.maml, "_forward", lambda *args: calls.append(1) or forward(*args))
     torch.testing.assert_close(run.predict(adapted, queries, context=x), whole)
     assert len(calls) == 5  # 9 query images, 2 per chunk
     with pytest.raises(fastmaml.errors.ShapeError, match=r"class\(es\) \[1\] have none"):

@@ -837,3 +837,31 @@ def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
         "backend='inductor' raised: NotImplementedError: no storage")
     assert fastmaml.core._first_line(RuntimeError("one line\nand more")) == "one line"
     assert fastmaml.core._first_line(RuntimeError("  ")) == "RuntimeError"
+
+
+def test_predict_with_a_context_normalises_each_row_with_the_context_alone():
+    torch.manual_seed(0)
+    model = MLP([2, 8, 3], batch_norm=True)  # transductive batch norm: batch statistics
+    maml = MAML(model, F.cross_entropy, 0.1, 1)
+    support = torch.randn(6, 2)
+    adapted = maml.adapt(support, torch.randint(0, 3, (6,)))
+    queries = torch.randn(4, 2)
+    together = maml.predict(adapted, queries, context=support)
+    torch.testing.assert_close(maml.predict(adapted, queries[:1], context=support), together[:1])
+    torch.testing.assert_close(together[2], maml.predict(adapted, torch.cat([queries[2:3],
+                                                                              support]))[0])
+    alone = [maml.predict(adapted, row[None]) for row in queries]  # normalised by itself alone:
+    torch.testing.assert_close(alone[0], alone[1])  # every row gets the same output
+
+
+def test_adapting_zero_steps_returns_copies_that_leave_the_model_as_it_is():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1)
+    before = [p.clone() for p in model.parameters()]
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled):
+            adapted = maml.adapt(batch.support_x[0], batch.support_y[0], steps=0)
+        with torch.no_grad():
+            for p in adapted.values():
+                p.add_(1.0)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -44,7 +44,6 @@ from .tasks.splits import subfolders as visible_subfolders
 from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | os.PathLike[str] | Image.Image
-PREDICT_BATCH = 1024  # images in one forward pass when each query image is normalised alone
 
 
 class Adapted(NamedTuple):
@@ -106,14 +105,10 @@ class TrainedRun:
         prediction, do not depend on the other rows of ``x``.
         """
         x = self._as_input(x, "query")
+        if context is not None:
+            context = self._as_input(context, "context")
         with torch.no_grad():
-            if context is None:
-                out = self.maml.predict(adapted.params, x)
-            else:
-                context = self._as_input(context, "context")
-                out = torch.func.vmap(lambda row: self.maml.predict(
-                    adapted.params, torch.cat([row[None], context]))[0],
-                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
+            out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
 
     def _as_input(self, values: Tensor | np.ndarray, role: str) -> Tensor:

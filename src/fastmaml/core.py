@@ -33,6 +33,7 @@ _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
 PATHS_REVISION = 3  # 3: first order detaches the outer-only parameters; norms.py
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
+PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises each with a context
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
@@ -747,12 +748,24 @@ class MAML(nn.Module):
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
                                  _autograd_grad, loss_fn=loss_fn)
-        return adapted
+        # after 0 steps: copies, so that changing them in place leaves the model as it is
+        return adapted if steps else {name: p.clone() for name, p in adapted.items()}
 
-    def predict(self, adapted: Params, x: Tensor) -> Tensor:
-        """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``)."""
+    def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
+
+        With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
+        batch with the context alone (vectorised), so that batch statistics (transductive batch
+        norm), and with them the prediction, do not depend on the other rows of ``x``; a single
+        row is not normalised by itself alone.
+        """
         fast, frozen = self._split_params(detach=False)
-        return self._forward({**fast, **adapted}, frozen, x)
+        params = {**fast, **adapted}
+        if context is None:
+            return self._forward(params, frozen, x)
+        return vmap(lambda row: self._forward(params, frozen, torch.cat([row[None], context]))[0],
+                    randomness="different", chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
+                    )(x)
 
 
 def _label(choice: tuple[str, int | None]) -> str:
