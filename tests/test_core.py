@@ -716,9 +716,11 @@ def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():
         assert maml._compiled_batched is no_cxx_compiler
 
 
-def test_checkpointed_steps_refuse_active_dropout():
-    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
-    _, loss_fn, batch = mlp_problem()
+@pytest.mark.parametrize("problem", ["mlp", "gru"])
+def test_checkpointed_steps_refuse_active_dropout(problem):
+    _, loss_fn, batch = WITH_RECURRENT[problem]()
+    model = (nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)) if problem == "mlp"
+             else SequenceNet(nn.GRU(2, 5, num_layers=2, dropout=0.5, batch_first=True), 1))
     maml = MAML(model, loss_fn, checkpoint_steps=True)
     with pytest.raises(ConfigError, match="dropout"):
         maml.meta_backward(batch)

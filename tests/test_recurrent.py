@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from fastmaml import MAML, TaskBatch
-from fastmaml.errors import ConfigError, FastMAMLWarning
+from fastmaml.errors import ConfigError, FastMAMLWarning, ShapeError
 from fastmaml.models import SequenceNet
 from fastmaml.recurrent import StepwiseRNNs
 
@@ -137,6 +137,8 @@ def test_packed_sequences_run_the_looped_path_with_a_warning():
     with pytest.warns(FastMAMLWarning, match="using the looped path"):
         loss, _ = maml.meta_backward(batch)
     assert maml.path == "looped" and torch.isfinite(loss)
+    with pytest.raises(ShapeError, match="under vmap, batched=True; .* batched=None falls back"):
+        MAML(Packed(), F.mse_loss, 0.1, 1, batched=True).meta_backward(batch)
 
 
 def test_compile_is_declined_for_recurrent_models_with_a_warning():
@@ -163,4 +165,6 @@ def test_sequence_net_reads_batch_first_sequences_of_any_recurrent_layer():
     with pytest.raises(ConfigError, match="batch_first=True"):
         SequenceNet(nn.GRU(2, 3), outputs=1)
     net = SequenceNet(nn.LSTM(2, 4, proj_size=3, bidirectional=True, batch_first=True), outputs=2)
-    assert net(torch.randn(5, 7, 2)).shape == (5, 2)
+    x = torch.randn(5, 7, 2)
+    final_h = net.recurrent(x)[1][0]  # (layers x directions, batch, 3): both read all 7 steps
+    torch.testing.assert_close(net(x), net.head(torch.cat([final_h[0], final_h[1]], -1)))

@@ -382,6 +382,10 @@ class MAML(nn.Module):
         try:
             out = batched()
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
+            if self.batched and isinstance(error, ShapeError):  # maybe vmap's, not the input's
+                raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap cannot "
+                                 "run a model, batched=None falls back to the looped path)"
+                                 ) from error
             if self.batched:
                 raise
             out = looped()  # a user error fails here too, and is raised
@@ -815,5 +819,7 @@ def _graph_layout(params: Params) -> Params:
 
 
 def _has_active_dropout(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    """Dropout layers, and recurrent layers' dropout between their layers, in training mode."""
+    return any(m.training and (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                               or isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1)
                for m in model.modules())

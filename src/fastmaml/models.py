@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
@@ -69,9 +70,11 @@ class ConvNet(nn.Module):
 
 
 class SequenceNet(nn.Module):
-    """A recurrent layer over (batch, time, features) sequences, then a linear head on the last
-    step's output: ``SequenceNet(nn.LSTM(1, 40, batch_first=True), outputs=1)``. torch's
-    ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` run batched over tasks (``fastmaml.recurrent``)."""
+    """A recurrent layer over (batch, time, features) sequences, then a linear head on what it
+    read of the whole sequence (the last step's output; of a bidirectional layer, the forward
+    direction's last and the backward direction's first):
+    ``SequenceNet(nn.LSTM(1, 40, batch_first=True), outputs=1)``. torch's ``nn.LSTM``,
+    ``nn.GRU`` and ``nn.RNN`` run batched over tasks (``fastmaml.recurrent``)."""
 
     def __init__(self, recurrent: nn.RNNBase, outputs: int):
         super().__init__()
@@ -83,7 +86,11 @@ class SequenceNet(nn.Module):
         self.head = nn.Linear(width, outputs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.recurrent(x)[0][:, -1])
+        out = self.recurrent(x)[0]
+        if self.recurrent.bidirectional:
+            forward, backward = out.chunk(2, -1)
+            return self.head(torch.cat([forward[:, -1], backward[:, 0]], -1))
+        return self.head(out[:, -1])
 
 
 def is_norm_param(name: str, model: nn.Module) -> bool:

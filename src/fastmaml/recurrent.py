@@ -65,19 +65,22 @@ def stepwise_rnn(cell: Cell, input: Tensor, hx: Tensor | State, params: list[Ten
     states = hx if isinstance(hx, (tuple, list)) else (hx,)
     sequence = input.transpose(0, 1) if batch_first else input  # (time, batch, features)
     directions = 2 if bidirectional else 1
-    per_layer = len(params) // (num_layers * directions)  # w_ih, w_hh[, b_ih, b_hh][, w_hr]
+    # per layer and direction: w_ih, w_hh[, b_ih, b_hh][, w_hr (an LSTM's projection)]
+    count = len(params) // (num_layers * directions)
     finals: list[State] = []
     for layer in range(num_layers):
         outputs = []
         for direction in range(directions):
             index = layer * directions + direction
-            w_ih, w_hh, *rest = params[index * per_layer:(index + 1) * per_layer]
-            b_ih, b_hh, *rest = rest if has_biases else (None, None, *rest)
+            weights = params[index * count:(index + 1) * count]
+            w_ih, w_hh = weights[:2]
+            b_ih, b_hh = weights[2:4] if has_biases else (None, None)
+            w_hr = weights[4 if has_biases else 2] if len(weights) % 2 else None
             x_gates = F.linear(sequence, w_ih, b_ih).unbind(0)  # the input's part, all steps
             state = tuple(s[index] for s in states)
             hidden = []
             for t in (reversed(range(len(x_gates))) if direction else range(len(x_gates))):
-                state = cell(x_gates[t], state, (w_hh, b_hh, rest[0] if rest else None))
+                state = cell(x_gates[t], state, (w_hh, b_hh, w_hr))
                 hidden.append(state[0])
             outputs.append(torch.stack(hidden[::-1] if direction else hidden))
             finals.append(state)
