@@ -32,7 +32,9 @@ Params = dict[str, Tensor]
 _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # raised whenever a candidate path's implementation changes, so that choices timed on the old
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
-PATHS_REVISION = 3  # 3: first order detaches the outer-only parameters; norms.py
+# 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
+# run batched (a recurrent model's saved choice was the looped fallback)
+PATHS_REVISION = 4
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 # the relative difference beyond which a compiled meta-gradient is wrong, not rounded otherwise
 COMPILED_TOLERANCE = 1e-3
