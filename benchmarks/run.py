@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastmaml import MAML, TaskBatch
 from fastmaml.allocator import tune_cpu_allocator
 from fastmaml.models import ConvNet, MLP, SequenceNet
+from fastmaml.recurrent import has_recurrent
 
 
 MIN_BLOCK_S = 0.02  # each timed sample runs an implementation for at least this long
@@ -207,7 +208,7 @@ def _refuse_under_vmap(model: nn.Module) -> None:
     recurrent layer (torch has no batching rule for ``aten::lstm`` and kin)."""
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         raise Unsupported("vmap cannot update the model's batch-norm running statistics in place")
-    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+    if has_recurrent(model):
         raise Unsupported("torch has no vmap batching rule for its recurrent kernels")
 
 
@@ -362,8 +363,7 @@ def count_flops(w: Workload, first_order: bool) -> int:
     counts nothing inside torch's fused recurrent kernels)."""
     torch.manual_seed(0)
     model = w.build_model()
-    recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())
-    step = (fastmaml_impl if recurrent else loop_impl)(model, w, first_order)
+    step = (fastmaml_impl if has_recurrent(model) else loop_impl)(model, w, first_order)
     with FlopCounterMode(display=False) as counter:
         step(w.make_batch(torch.Generator().manual_seed(0)))
     return counter.get_total_flops()

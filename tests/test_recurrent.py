@@ -51,17 +51,13 @@ def test_the_stepwise_recurrence_equals_torchs_kernel(kind, options, given_state
         x = x.transpose(1, 2)
     state = initial_state(layer, tasks, batch) if given_state else None
 
-    def every_output(x, state=None):
+    def every_output(x, state):
         return torch.cat([t.flatten() for t in tree_leaves(layer(x, state))])
 
-    if state is None:
-        expected = torch.stack([every_output(task_x) for task_x in x])
-        with StepwiseRNNs():
-            got = torch.func.vmap(every_output)(x)
-    else:
-        expected = torch.stack([every_output(x[i], task_state(state, i)) for i in range(tasks)])
-        with StepwiseRNNs():
-            got = torch.func.vmap(every_output)(x, state)
+    expected = torch.stack([every_output(x[i], None if state is None else task_state(state, i))
+                            for i in range(tasks)])
+    with StepwiseRNNs():
+        got = torch.func.vmap(every_output, in_dims=(0, None if state is None else 0))(x, state)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 

@@ -392,11 +392,11 @@ class MAML(nn.Module):
         try:
             out = batched()
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
-            if self.batched and isinstance(error, ShapeError):  # maybe vmap's, not the input's
-                raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap cannot "
-                                 "run a model, batched=None falls back to the looped path)"
-                                 ) from error
             if self.batched:
+                if isinstance(error, ShapeError):  # maybe vmap's, not the input's
+                    raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap "
+                                     "cannot run a model, batched=None falls back to the looped "
+                                     "path)") from error
                 raise
             out = looped()  # a user error fails here too, and is raised
             self.path, self._vmap_failed = "looped", True

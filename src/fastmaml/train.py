@@ -298,16 +298,17 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """
     main = is_main()
     path = checkpoint_path(run_dir, learner.name)
+    log_path = run_dir / f"metrics-{learner.name}.csv"
     if main:  # what a writer killed mid-write left of this learner's files
         remove_stale_temporaries(path)
-        remove_stale_temporaries(run_dir / f"metrics-{learner.name}.csv")
+        remove_stale_temporaries(log_path)
     start, elapsed = 0, 0.0
     if path.exists():
         state = load_checkpoint(path)
         _refuse_going_back(learner, run_dir, state["iteration"])
         load_state(learner, state["learner"], path)
         start, elapsed = state["iteration"], state["elapsed_s"]
-    log = MetricsLog(run_dir / f"metrics-{learner.name}.csv", keep_until=start) if main else None
+    log = MetricsLog(log_path, keep_until=start) if main else None
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
     bar = tqdm(range(start, end), initial=start, total=learner.iterations,
