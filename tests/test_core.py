@@ -668,23 +668,49 @@ def test_with_compile_the_search_also_times_the_compiled_path():
         assert relative(flat_grads(searched), expected) < 1e-5
 
 
-def test_the_search_drops_a_compiled_meta_gradient_that_differs_from_the_eager_one():
+@pytest.mark.parametrize("batched", [None, True])  # a candidate of the search, or compiled for sure
+def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(batched):
     """As inductor did for a transformer encoder layer (1.6% off), simulated without compiling:
-    the eager gradient, scaled by 1.01, stands in for the compiled graph's."""
+    the eager gradient, scaled by 1.01, stands in for the compiled graph's. The first compiled
+    gradient of each input shape is checked, also where no search runs."""
     model, loss_fn, batch = mlp_problem()
-    searched = MAML(model, loss_fn, 0.1, 1, compile=True)
-    searched._compiled_batched = searched._batched
+    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
+    maml._compiled_batched = maml._batched
+    graph_calls = []
 
     def off_by_one_percent(*args):
-        grads, aux = searched._gradient(*args)
+        graph_calls.append(1)
+        grads, aux = maml._gradient(*args)
         return {name: 1.01 * g for name, g in grads.items()}, aux
-    searched._compiled_gradient = off_by_one_percent
-    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="1.0e-02 off .* running uncompiled"):
-        searched.meta_backward(batch)
-    assert searched._compiled_gradient is None and "compiled" not in searched.path
-    assert all(path != "compiled" for path, _ in searched.path_choices.values())
+    maml._compiled_gradient = off_by_one_percent
     expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
-    assert relative(flat_grads(searched), expected) < 1e-10
+    calls = 1 if batched is None else 2  # explicit: the first call runs autograd, no graph
+    for call in range(calls):
+        maml.zero_grad(set_to_none=True)
+        if call < calls - 1:
+            maml.meta_backward(batch)
+            continue
+        with pytest.warns(fastmaml.errors.FastMAMLWarning,
+                          match="1.0e-02 off .* running uncompiled"):
+            maml.meta_backward(batch)
+    assert graph_calls and maml._compiled_gradient is None and "compiled" not in maml.path
+    assert all(path != "compiled" for path, _ in maml.path_choices.values())
+    assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient, not the graph's
+
+
+def test_a_right_compiled_meta_gradient_is_checked_once_per_input_shape():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True)
+    maml._compiled_batched = maml._batched
+    eager_calls, graph_calls = [], []
+    eager = maml._gradient
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
+    for _ in range(4):  # autograd, then the graph checked against the eager gradient, then trusted
+        maml.meta_backward(batch)
+    assert len(graph_calls) == 3 and len(eager_calls) == 1 and maml._compiled_gradient is not None
+    maml.meta_backward(TaskBatch(*(t[:2] for t in batch)))  # a new shape: checked again
+    assert len(eager_calls) == 2
 
 
 def no_cxx_compiler(*_):

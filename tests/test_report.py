@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -136,9 +137,12 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
         raise AssertionError("trained a finished run again")
 
     monkeypatch.setattr(report, "train_run", no_training)
+    figures = sorted((root / "sinusoid" / "figures").iterdir())
+    shutil.rmtree(root / "sinusoid" / "figures")  # as if stopped between its eval and its plot
     assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert out.count("finished in") == 3
+    assert sorted((root / "sinusoid" / "figures").iterdir()) == figures
     assert (root / "REPORT.md").read_text() == text
 
 

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="REPORT.md", help="the report file (default REPORT.md)")
     report.set_defaults(run=_report, overrides=[])
     again = commands.add_parser("reproduce", help="train, evaluate and plot experiments at a "
-                                "budget (finished runs are skipped), then write the report")
+                                "budget (finished runs are only plotted), then write the report")
     again.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                        help=f"any of {', '.join(EXPERIMENTS)} (default: sinusoid, "
                        "omniglot-5w1s and rl-nav2d for the tiny and demo budgets, all otherwise)")

@@ -249,6 +249,7 @@ class MAML(nn.Module):
         self.path_choices: dict[str, tuple[str, int | None]] = {}
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
         self._vmap_failed = False
+        self._compiled_checked: set[str] = set()  # input shapes whose compiled gradient was right
         self._auto = batched is None and chunk_size is None and not checkpoint_steps
 
     # ----- the model as a function of its parameters -----
@@ -499,7 +500,6 @@ class MAML(nn.Module):
             timings.clear()
             for candidate in filter(runnable, candidates):
                 run(candidate)
-            self._drop_a_wrong_compiled_gradient(results, timings, default)
             for candidate in sorted(timings, key=timings.get)[:2]:  # noise: time the two again
                 run(candidate)
         finally:
@@ -514,23 +514,6 @@ class MAML(nn.Module):
             p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
                       else before[name] + grads[name])
         return loss, metrics
-
-    def _drop_a_wrong_compiled_gradient(self, results: dict, timings: dict, chunk: int) -> None:
-        """Compare the compiled candidate's meta-gradient with the eager batched one's (same
-        chunk); where they differ by more than rounding, compiling is off from now on, with a
-        warning. Measured: inductor (torch 2.13) computes a transformer encoder layer's
-        second-order meta-gradient 1.6% off. With active dropout the two draw different masks,
-        so they are not compared."""
-        compiled, eager = ("compiled", chunk), ("batched", chunk)
-        if compiled not in results or eager not in results or _has_active_dropout(self.model):
-            return
-        error = _relative_difference(results[compiled][0], results[eager][0])
-        if error > COMPILED_TOLERANCE:
-            del results[compiled], timings[compiled]
-            self._compiled_batched = self._compiled_gradient = None
-            warnings.warn(f"torch.compile computed this model's meta-gradient {error:.1e} off "
-                          "(relative) from the eager path's; running uncompiled",
-                          FastMAMLWarning, stacklevel=5)
 
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
@@ -591,10 +574,12 @@ class MAML(nn.Module):
             choice = self._choice(batch)
             chunk = choice[1] if choice else self._chunk(batch)
             try:
-                grads, (loss, metrics) = self._compiled_gradient_by_chunks(trainable, batch,
-                                                                           step_weights, chunk)
+                grads, (loss, metrics) = self._checked_compiled_gradient(trainable, batch,
+                                                                         step_weights, chunk)
             except torch._dynamo.exc.TorchDynamoException as error:
                 return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
+            if self._compiled_gradient is None:  # it computed wrongly: the eager gradient
+                choice = choice and ("batched", chunk)
             self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
             return self._backward_compiling_lazily(batch, step_weights, trainable)
@@ -625,21 +610,56 @@ class MAML(nn.Module):
                 p.grad = before[name]
             return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
 
-    def _compiled_gradient_by_chunks(self, trainable: Params, batch: TaskBatch,
-                                     step_weights: Tensor | None, chunk: int | None
-                                     ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
-        """The compiled meta-gradient, one graph call per chunk of tasks. A graph holds one
-        chunk, so its compile time does not grow with the meta-batch (vmap's chunks inside one
-        graph are unrolled: a 16-task batch in chunks of one compiled for over 20 minutes); an
-        uneven last chunk compiles one more graph. The objective is a mean over tasks, so each
+    def _checked_compiled_gradient(self, trainable: Params, batch: TaskBatch,
+                                   step_weights: Tensor | None, chunk: int | None
+                                   ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """The compiled meta-gradient; the first of each input shape in this process is compared
+        with the eager one (same chunks, same random state), and where they differ by more than
+        rounding (``COMPILED_TOLERANCE``), compiling is off from now on, with a warning, and the
+        eager gradient is returned. Measured: inductor (torch 2.13) computes a transformer encoder layer's
+        second-order meta-gradient 1.6% off. With active dropout the two draw different masks,
+        so they are not compared."""
+        key = self._path_key(batch)
+        if key in self._compiled_checked or _has_active_dropout(self.model):
+            return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
+                                            step_weights, chunk)
+        device = batch.support_x.device
+        start = _random_state(device)
+        grads, aux = self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
+                                              step_weights, chunk)
+        end = _random_state(device)
+        _set_random_state(start, device)
+        trying, self._trying = self._trying, ("batched", chunk)  # an eager forward inside
+        try:
+            eager = self._gradient_by_chunks(self._gradient, trainable, batch, step_weights,
+                                             chunk)
+        finally:
+            self._trying = trying
+        _set_random_state(end, device)
+        error = _relative_difference(grads, eager[0])
+        if error <= COMPILED_TOLERANCE:
+            self._compiled_checked.add(key)
+            return grads, aux
+        self._compiled_batched = self._compiled_gradient = None
+        warnings.warn(f"torch.compile computed this model's meta-gradient {error:.1e} off "
+                      "(relative) from the eager path's; running uncompiled", FastMAMLWarning,
+                      stacklevel=3)
+        return eager
+
+    def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,
+                            step_weights: Tensor | None, chunk: int | None
+                            ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """The meta-gradient by ``gradient`` (``_gradient`` or its compiled graph), one call per
+        chunk of tasks. A graph holds one chunk, so its compile time does not grow with the
+        meta-batch (vmap's chunks inside one graph are unrolled: a 16-task batch in chunks of one
+        compiled for over 20 minutes); an uneven last chunk compiles one more graph. The objective is a mean over tasks, so each
         chunk's gradient, loss and metrics count by its share of the tasks."""
         params = _graph_layout({n: p.detach() for n, p in trainable.items()})
         grads: Params = {}
         loss: Tensor | float = 0.0
         metrics: dict[str, Tensor] = {}
         for part in _chunks(batch, chunk):
-            part_grads, (part_loss, part_metrics) = self._compiled_gradient(params, part,
-                                                                            step_weights)
+            part_grads, (part_loss, part_metrics) = gradient(params, part, step_weights)
             share = part.num_tasks / batch.num_tasks
             grads = {n: grads.get(n, 0.0) + share * g for n, g in part_grads.items()}
             metrics = {k: metrics.get(k, 0.0) + share * v for k, v in part_metrics.items()}

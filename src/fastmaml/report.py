@@ -451,7 +451,9 @@ def finished(run_dir: Path, preset_name: str, overrides: Sequence[str]) -> bool:
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
               progress: bool = True, say: Any = print) -> Path:
     """Train, evaluate and plot each experiment at ``budget`` under ``root/<experiment>``
-    (finished runs are skipped, unfinished ones resume), then write the report of ``root``."""
+    (finished runs are not trained or evaluated again, unfinished ones resume), then write the
+    report of ``root``. Every run's figures are drawn again (seconds): a run stopped between its
+    evaluation and its plot counts as finished."""
     if budget not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     chosen = list(experiments) or list(DEMO if budget in ("tiny", "demo") else EXPERIMENTS)
@@ -464,12 +466,11 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
         run_dir = root / name
         try:
             if finished(run_dir, preset_name, overrides):
-                say(f"fastmaml: {name}: finished in {run_dir}, skipped")
-                continue
-            train_run(preset_name, run_dir, overrides, progress=progress)
-            experiment = load_experiment(run_dir)
-            experiment.evaluate(progress=progress)
-            experiment.plot()
+                say(f"fastmaml: {name}: finished in {run_dir}, skipped (figures drawn again)")
+            else:
+                train_run(preset_name, run_dir, overrides, progress=progress)
+                load_experiment(run_dir).evaluate(progress=progress)
+            load_experiment(run_dir).plot()
         except FastMAMLError as error:  # e.g. no data here: the others still run
             say(f"fastmaml: {name}: not reproduced: {error}")
     return write_report([root], out or root / "REPORT.md")
