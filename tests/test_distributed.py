@@ -14,23 +14,108 @@ from fastmaml.train import checkpoint_path, load_checkpoint
 SETTINGS = ["iterations=4", "log_every=2", "checkpoint_every=2", "--no-progress"]
 
 
-@pytest.mark.parametrize("meta_batch", [8, 25])  # 4 + 4 tasks, and the paper's 25 as 12 + 13
-def test_two_processes_match_one(tmp_path, meta_batch):
-    settings = [*SETTINGS, f"meta_batch={meta_batch}"]
-    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *settings]) == 0
+def train_one_and_two_processes(tmp_path, preset: str, settings: list[str]) -> None:
+    """Train ``preset`` in one process (``tmp_path/one``) and under torchrun with two
+    (``tmp_path/two``)."""
+    assert main(["train", preset, "--out", str(tmp_path / "one"), *settings]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # --standalone: rendezvous on localhost
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "fastmaml", "train", "sinusoid-demo",
-         "--out", str(tmp_path / "two"), *settings],
+         "-m", "fastmaml", "train", preset, "--out", str(tmp_path / "two"), *settings],
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
-    for learner in ("maml", "pretrained", "oracle"):
+
+
+def assert_same_learners(tmp_path, learners: tuple[str, ...], rtol: float = 1e-6,
+                         atol: float = 1e-7) -> None:
+    for learner in learners:
         one = load_checkpoint(checkpoint_path(tmp_path / "one", learner))["learner"]["module"]
         two = load_checkpoint(checkpoint_path(tmp_path / "two", learner))["learner"]["module"]
         for name, value in one.items():
-            assert torch.allclose(value, two[name], rtol=1e-6, atol=1e-7), (learner, name)
+            assert torch.allclose(value, two[name], rtol=rtol, atol=atol), (learner, name)
+
+
+@pytest.mark.parametrize("meta_batch", [8, 25])  # 4 + 4 tasks, and the paper's 25 as 12 + 13
+def test_two_processes_match_one(tmp_path, meta_batch):
+    train_one_and_two_processes(tmp_path, "sinusoid-demo", [*SETTINGS, f"meta_batch={meta_batch}"])
+    assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
     one_log = (tmp_path / "one" / "metrics-maml.csv").read_text().splitlines()
     two_log = (tmp_path / "two" / "metrics-maml.csv").read_text().splitlines()
     assert len(one_log) == len(two_log) == 3
+
+
+TRPO_OVER_RANKS = """
+import sys
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.utils import parameters_to_vector
+from fastmaml import MAML
+from fastmaml.distributed import init_from_env, mean_over_ranks, task_range
+from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, adapt_policy, env_class,
+                         reinforce_loss, trpo_meta_step)
+
+torch.set_default_dtype(torch.float64)
+init_from_env()
+torch.manual_seed(0)
+maml = MAML(GaussianMLPPolicy(2, 2, hidden=(16, 16)), reinforce_loss, inner_lr=0.1)
+tasks = env_class("fastmaml/Nav2D-v0").sample_tasks(3, np.random.default_rng(0))
+mine = task_range(len(tasks))  # the whole list in one process
+sampler = Sampler("fastmaml/Nav2D-v0", horizon=20)
+support = sampler.sample(maml.model, [tasks[i] for i in mine], 4, seed=0, task_ids=mine)
+with torch.no_grad():
+    adapted = adapt_policy(maml, support)
+query = sampler.sample(maml.model, [tasks[i] for i in mine], 4, seed=1, params=adapted,
+                       task_ids=mine)
+stats = trpo_meta_step(maml, support, query, over_tasks=mean_over_ranks(len(mine) / len(tasks)))
+if not dist.is_initialized() or dist.get_rank() == 0:
+    torch.save({"params": parameters_to_vector(maml.parameters()), "stats": stats._asdict()},
+               sys.argv[1])
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_trpo_meta_step_over_two_processes_equals_one_in_float64(tmp_path):
+    """The distributed TRPO meta-step (gradient, conjugate gradient's curvature products, line
+    search) on 3 tasks split 1 + 2 takes the single process's step, to rounding."""
+    script = tmp_path / "trpo_over_ranks.py"
+    script.write_text(TRPO_OVER_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, check=True,
+                   timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["stats"]["accepted"] and one["stats"]["backtracks"] == two["stats"]["backtracks"]
+    moved = (one["params"] - two["params"]).abs().max()
+    assert moved <= 1e-10 * one["params"].abs().max(), moved
+    for key in ("loss_before", "loss_after", "kl"):
+        assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9, abs=1e-14), key
+
+
+@pytest.mark.parametrize("batch", ["episodes", "steps"])
+def test_rl_tasks_split_across_two_processes_match_one(tmp_path, batch):
+    """``fastmaml train`` of an RL preset under torchrun: each rank samples its slice of the
+    meta-batch (3 tasks: 1 + 2), and TRPO averages over every task, so after a meta-iteration
+    the policies (MAML's and the pretrained baseline's) and the logged returns and KL are the
+    single process's. In float32 a sum over ranks rounds differently, and conjugate gradient
+    amplifies that by the curvature's condition: 60 steps of data cannot fill the 116
+    parameters' Fisher matrix, so the damping is raised, and one iteration is compared (the
+    next episodes depend on the step)."""
+    settings = ["iterations=1", "log_every=1", "meta_batch=3", "trajectories=2", "horizon=10",
+                "hidden=8,8", "cg_damping=0.1", f"batch={batch}", "--no-progress"]
+    train_one_and_two_processes(tmp_path, "rl-nav2d-cpu", settings)
+    assert_same_learners(tmp_path, ("maml", "pretrained"), rtol=1e-4, atol=1e-6)
+    for learner in ("maml", "pretrained"):
+        one, two = ((tmp_path / run / f"metrics-{learner}.csv").read_text().splitlines()
+                    for run in ("one", "two"))
+        assert two[0] == one[0] and len(one) == len(two) == 2
+        header = one[0].split(",")
+        for column in ("pre_return", "best_return", "kl", "accepted", "surrogate_after"):
+            a, b = (float(row[1].split(",")[header.index(column)]) for row in (one, two))
+            assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (learner, column)

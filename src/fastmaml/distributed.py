@@ -10,10 +10,11 @@ for CPU ones.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .core import TaskBatch
 from .errors import ConfigError
@@ -60,18 +61,39 @@ def require_a_task_per_rank(meta_batch: int) -> None:
                           "every process needs at least one task")
 
 
+def task_range(num_tasks: int) -> range:
+    """The positions of this rank's tasks among ``num_tasks`` (all of them in one process):
+    consecutive slices that differ by at most one task."""
+    rank, size = world()
+    if size == 1:
+        return range(num_tasks)
+    require_a_task_per_rank(num_tasks)
+    return range(num_tasks * rank // size, num_tasks * (rank + 1) // size)
+
+
 def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
     """This rank's slice of the meta-batch, and its gradient weight: the rank's tasks times the
     world size over all tasks (1 for an even split), so that ``average_gradients`` of the
     weighted per-slice mean gradients is the mean over every task."""
-    rank, size = world()
-    if size == 1:
+    mine = task_range(batch.num_tasks)
+    if len(mine) == batch.num_tasks:
         return batch, 1.0
-    require_a_task_per_rank(batch.num_tasks)
-    bounds = [batch.num_tasks * r // size for r in range(size + 1)]
-    start, stop = bounds[rank], bounds[rank + 1]
-    return (TaskBatch(*(t[start:stop] for t in batch)),
-            (stop - start) * size / batch.num_tasks)
+    return (TaskBatch(*(t[mine.start:mine.stop] for t in batch)),
+            len(mine) * world()[1] / batch.num_tasks)
+
+
+def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:
+    """``t -> `` the sum over the ranks of ``share * t``: with ``t`` a mean over this rank's
+    tasks and ``share`` its fraction of all tasks, the mean over every task (a loss, a gradient,
+    a Hessian-vector product), the same on every rank. The identity in one process."""
+    if world()[1] == 1:
+        return lambda t: t
+
+    def reduced(t: Tensor) -> Tensor:
+        total = t.detach() * share
+        dist.all_reduce(total)
+        return total
+    return reduced
 
 
 def average_gradients(module: nn.Module) -> None:

@@ -71,6 +71,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +82,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
+from ..distributed import mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
@@ -171,15 +173,17 @@ def _rl() -> Any:
 def _sample_batch(sampler: Sampler, policy: torch.nn.Module, tasks: list[dict[str, Any]],
                   kind: str, episodes: int, envs: int, seed: int,
                   params: dict[str, Tensor] | None = None,
-                  tasks_per_rollout: int | None = None) -> Episodes:
+                  tasks_per_rollout: int | None = None,
+                  task_ids: Sequence[int] | None = None) -> Episodes:
     """One batch per task as the config's ``batch`` / ``eval_batch`` says: ``episodes``, exactly
     ``episodes`` episodes; ``steps``, the ``episodes x horizon`` environment steps that ``envs``
     environments running episode after episode gather (``Sampler.sample_steps``, the official
-    sampler)."""
+    sampler). ``task_ids``: the tasks' positions in the meta-batch (their seeds)."""
     if kind == "steps":
         return sampler.sample_steps(policy, tasks, envs, episodes * sampler.horizon, seed, params,
-                                    tasks_per_rollout)
-    return sampler.sample(policy, tasks, episodes, seed, params, tasks_per_rollout)
+                                    tasks_per_rollout, task_ids)
+    return sampler.sample(policy, tasks, episodes, seed, params, tasks_per_rollout,
+                          task_ids=task_ids)
 
 
 def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
@@ -215,19 +219,27 @@ class MetaRLLearner:
         return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.meta_batch, rng)
 
     def sample(self, tasks: list[dict[str, Any]], seed: int,
-               params: dict[str, Tensor] | None = None) -> Episodes:
+               params: dict[str, Tensor] | None = None,
+               task_ids: Sequence[int] | None = None) -> Episodes:
         """A training batch: ``trajectories`` episodes per task, or with ``batch=steps``
         ``trajectories x horizon`` steps per task, gathered by one environment per task running
-        episode after episode (the official sampler's total, counted per task)."""
+        episode after episode (the official sampler's total, counted per task). ``task_ids``:
+        the tasks' positions in the meta-batch (default: ``tasks`` is all of it)."""
         return _sample_batch(self.sampler, self.policy, tasks, self.cfg.batch,
-                             self.cfg.trajectories, 1, seed, params)
+                             self.cfg.trajectories, 1, seed, params, task_ids=task_ids)
 
     def step(self, iteration: int) -> dict[str, float]:
+        """One meta-iteration. Under torchrun each rank samples and adapts its slice of the
+        tasks (their episodes seeded by their positions, as in one process), and TRPO's
+        gradient, curvature products and line search average over every rank's tasks."""
         rl, cfg = _rl(), self.cfg
         tick = time.perf_counter()
-        tasks = self.tasks(iteration)
-        support = self.sample(tasks, _seed(cfg, iteration, 0))
-        metrics = {"pre_return": support.mean_returns().mean().item()}
+        every_task = self.tasks(iteration)
+        mine = task_range(len(every_task))
+        tasks = [every_task[i] for i in mine]
+        over_tasks: Callable[[Tensor], Tensor] = mean_over_ranks(len(mine) / len(every_task))
+        support = self.sample(tasks, _seed(cfg, iteration, 0), task_ids=mine)
+        metrics = {"pre_return": over_tasks(support.mean_returns().mean()).item()}
         sample_s = time.perf_counter() - tick
         if self.adapt:
             tock = time.perf_counter()
@@ -236,9 +248,9 @@ class MetaRLLearner:
                                           gae_lambda=cfg.gae_lambda)
             adapt_s = time.perf_counter() - tock
             tock = time.perf_counter()
-            query = self.sample(tasks, _seed(cfg, iteration, 1), adapted)
+            query = self.sample(tasks, _seed(cfg, iteration, 1), adapted, mine)
             sample_s += time.perf_counter() - tock
-            metrics["post_return"] = query.mean_returns().mean().item()
+            metrics["post_return"] = over_tasks(query.mean_returns().mean()).item()
             training_return = metrics["post_return"]
         else:
             adapt_s = 0.0
@@ -252,12 +264,13 @@ class MetaRLLearner:
                 self.module, support, query, max_kl=cfg.max_kl, cg_iters=cfg.cg_iters,
                 damping=cfg.cg_damping, backtrack_ratio=cfg.backtrack_ratio,
                 max_backtracks=cfg.max_backtracks, hvp_method=cfg.hvp, gamma=cfg.gamma,
-                gae_lambda=cfg.gae_lambda)
+                gae_lambda=cfg.gae_lambda, over_tasks=over_tasks)
         else:
             stats = rl.trpo_step(
                 [p for p in self.module.parameters() if p.requires_grad],
                 rl.policy_objective(self.policy, support, cfg.gamma, cfg.gae_lambda), cfg.max_kl,
-                cfg.cg_iters, cfg.cg_damping, cfg.backtrack_ratio, cfg.max_backtracks, cfg.hvp)
+                cfg.cg_iters, cfg.cg_damping, cfg.backtrack_ratio, cfg.max_backtracks, cfg.hvp,
+                over_tasks)
         gradient_s = time.perf_counter() - tock - stats.cg_s - stats.line_search_s
         return {**metrics, "best_return": self.best_return, "kl": stats.kl,
                 "accepted": float(stats.accepted), "backtracks": float(stats.backtracks),

@@ -182,7 +182,8 @@ class Sampler:
 
     def sample_steps(self, policy: nn.Module, tasks: Sequence[Task], num_envs: int, steps: int,
                      seed: int, params: Params | None = None,
-                     tasks_per_rollout: int | None = None) -> Episodes:
+                     tasks_per_rollout: int | None = None,
+                     task_ids: Sequence[int] | None = None) -> Episodes:
         """The official code's batch: ``num_envs`` environments per task run episode after
         episode until the finished episodes hold ``steps`` steps; the episodes still running
         then are dropped (``lockstep_episodes``).
@@ -191,11 +192,12 @@ class Sampler:
         fewer padded with empty slots (masks 0; ``mean_returns`` skips them). Without early
         termination that is ``steps / H`` whole episodes, like ``sample``. Episodes are sampled
         ``num_envs`` per task at a time (numbered on from the previous ones), for the tasks that
-        ``lockstep_episodes`` cannot decide yet.
+        ``lockstep_episodes`` cannot decide yet. ``task_ids``: as for ``sample``.
         """
         if steps < 1 or not tasks:
             raise ConfigError(f"need at least one task and steps >= 1, got {len(tasks)} tasks and "
                               f"steps={steps}")
+        task_ids = list(range(len(tasks))) if task_ids is None else list(task_ids)
         sampled: list[list[Episodes]] = [[] for _ in tasks]  # each task's batches of episodes
         lengths: list[list[int]] = [[] for _ in tasks]  # and its episodes' lengths so far
         keep: list[list[bool] | None] = [None] * len(tasks)
@@ -203,7 +205,8 @@ class Sampler:
         while pending := [i for i, kept in enumerate(keep) if kept is None]:
             their_params = None if params is None else {n: p[pending] for n, p in params.items()}
             part = self.sample(policy, [tasks[i] for i in pending], num_envs, seed, their_params,
-                               tasks_per_rollout, first_traj=batches * num_envs, task_ids=pending)
+                               tasks_per_rollout, first_traj=batches * num_envs,
+                               task_ids=[task_ids[i] for i in pending])
             batches += 1
             for row, task in enumerate(pending):
                 sampled[task].append(Episodes(*(t[row] for t in part)))

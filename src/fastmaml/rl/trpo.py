@@ -181,33 +181,42 @@ class TRPOObjective:
 
 def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.01,
               cg_iters: int = 10, damping: float = 1e-5, backtrack_ratio: float = 0.8,
-              max_backtracks: int = 15, hvp_method: str = "gauss_newton") -> TRPOStats:
+              max_backtracks: int = 15, hvp_method: str = "gauss_newton",
+              over_tasks: Callable[[Tensor], Tensor] | None = None) -> TRPOStats:
     """One TRPO update of ``params`` in place.
 
     ``objective()`` returns (surrogate loss, mean KL(old || current)); the KL is 0 with zero
     gradient at the current ``params``. Step: d = CG(H_KL, grad loss), scaled so that
     0.5 d'Hd = max_kl, then the backtracking line search. ``hvp_method="gauss_newton"`` needs a
     ``TRPOObjective``; ``exact`` and ``finite_difference`` take any such function.
+    ``over_tasks`` turns a mean over this process's tasks into the mean over every process's
+    (``fastmaml.distributed.mean_over_ranks``): it is applied to the gradient, to every
+    Hessian-vector product and to the line search's values, so every rank takes the same step.
     """
     params = [p for p in params if p.requires_grad]
+    over_tasks = over_tasks or (lambda t: t)
     start = time.perf_counter()
     loss, _ = objective()
-    grad = _flat_grad(loss, params).detach()
+    grad = over_tasks(_flat_grad(loss, params).detach())
+    loss_before = over_tasks(loss.detach()).item()
     gradient_done = time.perf_counter()
     if hvp_method == "gauss_newton":
         if not isinstance(objective, TRPOObjective):
             raise ConfigError("gauss_newton Hessian-vector products need a TRPOObjective (its "
                               "policy outputs and KL); use exact for other objectives")
-        hvp = gauss_newton_hvp(objective.dist, objective.kl, params, damping)
+        local_hvp = gauss_newton_hvp(objective.dist, objective.kl, params, damping)
     else:
-        hvp = hessian_vector_product(lambda: objective()[1], params, damping, hvp_method)
+        local_hvp = hessian_vector_product(lambda: objective()[1], params, damping, hvp_method)
+
+    def hvp(v: Tensor) -> Tensor:  # the damping term's shares also sum to damping * v
+        return over_tasks(local_hvp(v))
     direction = conjugate_gradient(hvp, grad, cg_iters)
     step_size = torch.sqrt(2 * max_kl / (direction @ hvp(direction) + 1e-8))
     cg_done = time.perf_counter()
     accepted, backtracks, loss_after, kl = line_search(
-        objective, params, step_size * direction, loss.item(), max_kl, backtrack_ratio,
-        max_backtracks)
-    return TRPOStats(loss.item(), loss_after, kl, accepted, backtracks, gradient_done - start,
+        lambda: tuple(over_tasks(value) for value in objective()), params,
+        step_size * direction, loss_before, max_kl, backtrack_ratio, max_backtracks)
+    return TRPOStats(loss_before, loss_after, kl, accepted, backtracks, gradient_done - start,
                      cg_done - gradient_done, time.perf_counter() - cg_done)
 
 
@@ -241,12 +250,14 @@ def meta_objective(maml: MAML, support: Episodes, query: Episodes, *, gamma: flo
 def trpo_meta_step(maml: MAML, support: Episodes, query: Episodes, *, max_kl: float = 0.01,
                    cg_iters: int = 10, damping: float = 1e-5, backtrack_ratio: float = 0.8,
                    max_backtracks: int = 15, hvp_method: str = "gauss_newton",
-                   gamma: float = 0.99, gae_lambda: float = 1.0) -> TRPOStats:
-    """One meta-update of ``maml`` in place, with the paper's settings by default.
+                   gamma: float = 0.99, gae_lambda: float = 1.0,
+                   over_tasks: Callable[[Tensor], Tensor] | None = None) -> TRPOStats:
+    """One meta-update of ``maml`` in place, with the paper's settings by default
+    (``over_tasks``: see ``trpo_step``).
 
     With ``maml.first_order`` prefer ``hvp_method="gauss_newton"`` or ``"exact"``: finite
     differences also see the inner gradient change, which first-order MAML treats as a constant.
     """
     objective = meta_objective(maml, support, query, gamma=gamma, gae_lambda=gae_lambda)
     return trpo_step(list(maml.parameters()), objective, max_kl, cg_iters, damping,
-                     backtrack_ratio, max_backtracks, hvp_method)
+                     backtrack_ratio, max_backtracks, hvp_method, over_tasks)
