@@ -498,8 +498,7 @@ def test_compiled_meta_backward_matches_eager(problem):
     steps = 1 if problem == "conv_bn" else 2  # one step keeps the conv net's compile short
     eager = meta_grad(MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", batched=False), batch)
     # 3 tasks in uneven vmap chunks (2 and 1): the chunked path that CPU defaults take
-    compiled = MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", batched=True, compile=True,
-                    chunk_size=2)
+    compiled = MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", compile=True, chunk_size=2)
     # The first call (compiled meta_loss, then autograd) picks the path; the second is one graph.
     # On CPU both take the conv net's weights channels-last, through a differentiable copy.
     for call in ("first", "second"):
@@ -522,7 +521,8 @@ def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
     expected_loss, expected_metrics = looped.meta_loss(batch, weights)
     expected = meta_grad(looped, batch, step_weights=weights)
     expected_eval = looped.evaluate(batch)["metric"]
-    maml = MAML(model, F.mse_loss, batched=True, compile=True, chunk_size=2, **settings)
+    # batched=None with a chunk size: no search; the first call picks the path (vmap may fail)
+    maml = MAML(model, F.mse_loss, compile=True, chunk_size=2, **settings)
     calls = {"_compiled_gradient": [], "_compiled_batched": []}
     for name, record in calls.items():
         graph = getattr(maml, name)
@@ -530,7 +530,7 @@ def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
             lambda a: a[-1].shape[0])
         setattr(maml, name, lambda *a, graph=graph, record=record, tasks=tasks: (
             record.append(tasks(a)) or graph(*a)))
-    maml.meta_backward(batch, weights)  # the first call runs the compiled forward and autograd
+    maml.meta_backward(batch, weights)  # that first call runs the compiled forward and autograd
     assert calls["_compiled_batched"] == [2, 2, 1] and calls["_compiled_gradient"] == []
     assert relative(flat_grads(maml), expected) < 1e-5
     maml.zero_grad(set_to_none=True)
@@ -684,15 +684,8 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
         return {name: 1.01 * g for name, g in grads.items()}, aux
     maml._compiled_gradient = off_by_one_percent
     expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
-    calls = 1 if batched is None else 2  # explicit: the first call runs autograd, no graph
-    for call in range(calls):
-        maml.zero_grad(set_to_none=True)
-        if call < calls - 1:
-            maml.meta_backward(batch)
-            continue
-        with pytest.warns(fastmaml.errors.FastMAMLWarning,
-                          match="1.0e-02 off .* running uncompiled"):
-            maml.meta_backward(batch)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="1.0e-02 off .* running uncompiled"):
+        maml.meta_backward(batch)  # explicit: the first call is the graph
     assert graph_calls and maml._compiled_gradient is None and "compiled" not in maml.path
     assert all(path != "compiled" for path, _ in maml.path_choices.values())
     assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient, not the graph's
@@ -706,11 +699,23 @@ def test_a_right_compiled_meta_gradient_is_checked_once_per_input_shape():
     eager = maml._gradient
     maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
     maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
-    for _ in range(4):  # autograd, then the graph checked against the eager gradient, then trusted
+    for _ in range(3):  # the graph, checked against the eager gradient once, then trusted
         maml.meta_backward(batch)
     assert len(graph_calls) == 3 and len(eager_calls) == 1 and maml._compiled_gradient is not None
     maml.meta_backward(TaskBatch(*(t[:2] for t in batch)))  # a new shape: checked again
     assert len(eager_calls) == 2
+
+
+def test_under_active_dropout_the_compiled_gradient_is_not_checked_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4)))
+    maml = MAML(model, F.mse_loss, 0.1, 1, batched=True, compile=True)
+    maml._compiled_batched = maml._batched
+    maml._compiled_gradient = maml._gradient
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="not checked .* active dropout"):
+        maml.meta_backward(batch)
+    assert maml._compiled_gradient is not None
 
 
 def no_cxx_compiler(*_):
@@ -757,7 +762,7 @@ class FailsToCompileItsBackward(torch.autograd.Function):
 def test_a_compile_failure_in_the_backward_pass_also_falls_back():
     model, loss_fn, batch = mlp_problem()
     expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
-    maml = MAML(model, loss_fn, 0.1, 2, batched=True, compile=True)
+    maml = MAML(model, loss_fn, 0.1, 2, compile=True, chunk_size=2)  # no search: a lazy first call
     maml._compiled_batched = lambda *args: tuple(
         FailsToCompileItsBackward.apply(t) if t.requires_grad else t for t in maml._batched(*args))
     for p in maml.parameters():

@@ -249,7 +249,7 @@ class MAML(nn.Module):
         self.path_choices: dict[str, tuple[str, int | None]] = {}
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
         self._vmap_failed = False
-        self._compiled_checked: set[str] = set()  # input shapes whose compiled gradient was right
+        self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
         self._auto = batched is None and chunk_size is None and not checkpoint_steps
 
     # ----- the model as a function of its parameters -----
@@ -379,11 +379,14 @@ class MAML(nn.Module):
 
     def _compiles_gradient(self, batch: TaskBatch) -> bool:
         """Whether ``meta_backward`` runs as one compiled graph: where compiling is allowed and,
-        with the path search, where it won; without it, once the first call ran batched."""
+        with the path search, where it won; with ``batched=True``, always; otherwise once the
+        first call ran batched."""
         if self._compiled_gradient is None or self._vmap_failed:
             return False
         choice = self._choice(batch)
-        return choice[0] == "compiled" if choice is not None else self.path == "batched"
+        if choice is not None:
+            return choice[0] == "compiled"
+        return self.batched is True or self.path == "batched"
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
@@ -613,14 +616,23 @@ class MAML(nn.Module):
     def _checked_compiled_gradient(self, trainable: Params, batch: TaskBatch,
                                    step_weights: Tensor | None, chunk: int | None
                                    ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
-        """The compiled meta-gradient; the first of each input shape in this process is compared
-        with the eager one (same chunks, same random state), and where they differ by more than
-        rounding (``COMPILED_TOLERANCE``), compiling is off from now on, with a warning, and the
-        eager gradient is returned. Measured: inductor (torch 2.13) computes a transformer encoder layer's
-        second-order meta-gradient 1.6% off. With active dropout the two draw different masks,
-        so they are not compared."""
+        """The compiled meta-gradient. The first of each input shape is compared with the eager
+        one (same chunks, same random state, an eager forward); where they differ by more than
+        rounding (``COMPILED_TOLERANCE``), compiling is off from now on, with a warning, and
+        the eager gradient is returned. Measured once: inductor (torch 2.13) computed a
+        transformer encoder layer's second-order meta-gradient 1.6% off. Not compared: with
+        active dropout (the two would draw different masks; a warning says so), where the eager
+        pass runs out of accelerator memory (a warning), and where the eager gradient is not
+        finite (the loss check reports that)."""
         key = self._path_key(batch)
-        if key in self._compiled_checked or _has_active_dropout(self.model):
+        if key in self._compiled_checked:
+            return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
+                                            step_weights, chunk)
+        self._compiled_checked.add(key)
+        if _has_active_dropout(self.model):
+            warnings.warn("the compiled meta-gradient is not checked against the eager one "
+                          "under active dropout (they draw different masks)", FastMAMLWarning,
+                          stacklevel=3)
             return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
                                             step_weights, chunk)
         device = batch.support_x.device
@@ -633,12 +645,16 @@ class MAML(nn.Module):
         try:
             eager = self._gradient_by_chunks(self._gradient, trainable, batch, step_weights,
                                              chunk)
+        except torch.OutOfMemoryError:
+            warnings.warn("the compiled meta-gradient is not checked against the eager one: "
+                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=3)
+            return grads, aux
         finally:
             self._trying = trying
-        _set_random_state(end, device)
+            _set_random_state(end, device)
         error = _relative_difference(grads, eager[0])
-        if error <= COMPILED_TOLERANCE:
-            self._compiled_checked.add(key)
+        if error <= COMPILED_TOLERANCE or not all(torch.isfinite(g).all() for g in
+                                                  eager[0].values() if g is not None):
             return grads, aux
         self._compiled_batched = self._compiled_gradient = None
         warnings.warn(f"torch.compile computed this model's meta-gradient {error:.1e} off "
@@ -652,8 +668,9 @@ class MAML(nn.Module):
         """The meta-gradient by ``gradient`` (``_gradient`` or its compiled graph), one call per
         chunk of tasks. A graph holds one chunk, so its compile time does not grow with the
         meta-batch (vmap's chunks inside one graph are unrolled: a 16-task batch in chunks of one
-        compiled for over 20 minutes); an uneven last chunk compiles one more graph. The objective is a mean over tasks, so each
-        chunk's gradient, loss and metrics count by its share of the tasks."""
+        compiled for over 20 minutes); an uneven last chunk compiles one more graph. The
+        objective is a mean over tasks, so each chunk's gradient, loss and metrics count by its
+        share of the tasks."""
         params = _graph_layout({n: p.detach() for n, p in trainable.items()})
         grads: Params = {}
         loss: Tensor | float = 0.0
