@@ -1,6 +1,7 @@
 """torchrun with 2 gloo processes on 127.0.0.1 reproduces the single-process run."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -119,3 +120,61 @@ def test_rl_tasks_split_across_two_processes_match_one(tmp_path, batch):
         for column in ("pre_return", "best_return", "kl", "accepted", "surrogate_after"):
             a, b = (float(row[1].split(",")[header.index(column)]) for row in (one, two))
             assert b == pytest.approx(a, rel=1e-4, abs=1e-7), (learner, column)
+
+
+VALIDATION_OVER_RANKS = """
+import json
+import sys
+import torch
+import torch.distributed as dist
+from fastmaml.distributed import init_from_env
+from fastmaml.experiments.base import validation_of
+
+
+class Recording:  # stands in for MAML: chunk i holds tasks whose values are i, i + 0.5, ...
+    seen = []
+
+    def evaluate(self, chunk, steps):
+        self.seen.append(chunk)
+        return {"loss": torch.arange(chunk + 1.0).repeat_interleave(steps + 1).view(-1, steps + 1)
+                        * 0.5 + chunk}
+
+
+init_from_env()
+maml = Recording()
+value = validation_of(maml, lambda: iter(range(3)), 1, 1, "val_loss")["validate"]()
+with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as out:
+    json.dump({"seen": maml.seen, "value": value}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_validation_splits_its_chunks_across_ranks(tmp_path):
+    """Each of 2 ranks adapts every other chunk (of 3: 2 + 1, of 1, 2 and 3 tasks), and both log
+    the mean over all 6 tasks, weighted by task, not by chunk."""
+    script = tmp_path / "validation_over_ranks.py"
+    script.write_text(VALIDATION_OVER_RANKS)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["seen"] for r in ranks] == [[0, 2], [1]]
+    every_task = [0.0, 1.0, 1.5, 2.0, 2.5, 3.0]  # chunk 0: 0; chunk 1: 1, 1.5; chunk 2: 2, 2.5, 3
+    assert ranks[0]["value"] == ranks[1]["value"] == pytest.approx(
+        {"val_loss": sum(every_task) / 6})
+
+
+def test_validation_is_split_across_two_processes(tmp_path, omniglot_root):
+    """``fastmaml train`` with validation under torchrun (3 chunks of one task: 2 + 1): the
+    logged accuracy is the single process's."""
+    settings = ["--data-root", str(omniglot_root), "hidden=8", "meta_batch=2", "iterations=2",
+                "log_every=1", "val_every=1", "val_tasks=3", "eval_chunk=1", "compile=false",
+                "--no-progress"]
+    train_one_and_two_processes(tmp_path, "omniglot-5w1s", settings)
+    one, two = ((tmp_path / run / "metrics-maml.csv").read_text().splitlines()
+                for run in ("one", "two"))
+    column = one[0].split(",").index("val_accuracy")
+    validated = [[float(row.split(",")[column]) for row in log[1:]] for log in (one, two)]
+    assert len(validated[0]) == 2 and validated[1] == pytest.approx(validated[0], abs=1e-6)

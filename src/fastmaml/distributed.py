@@ -9,8 +9,10 @@ for CPU ones.
 """
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +20,8 @@ from torch import Tensor, nn
 
 from .core import TaskBatch
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 def init_from_env() -> None:
@@ -94,6 +98,24 @@ def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:
         dist.all_reduce(total)
         return total
     return reduced
+
+
+def every_rank_th(items: Iterable[T]) -> Iterator[T]:
+    """This rank's items of a sequence that every rank draws in full: every world-size-th one
+    from the rank's position (all of them in one process)."""
+    rank, size = world()
+    return itertools.islice(items, rank, None, size)
+
+
+def mean_over_every_rank(values: Tensor) -> float:
+    """The mean of the per-item ``values`` held by all the ranks together (a rank may hold none);
+    ``values.mean()`` in one process."""
+    if world()[1] == 1:
+        return values.mean().item()
+    total = torch.tensor([values.double().sum().item(), values.numel()], dtype=torch.float64,
+                         device=_collective_device())
+    dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def average_gradients(module: nn.Module) -> None:
