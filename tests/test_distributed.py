@@ -178,3 +178,81 @@ def test_validation_is_split_across_two_processes(tmp_path, omniglot_root):
     column = one[0].split(",").index("val_accuracy")
     validated = [[float(row.split(",")[column]) for row in log[1:]] for log in (one, two)]
     assert len(validated[0]) == 2 and validated[1] == pytest.approx(validated[0], abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["omniglot-5w1s", "rl-nav2d-cpu"])
+def test_eval_under_torchrun_splits_the_test_tasks_and_matches_one_process(tmp_path, preset,
+                                                                            omniglot_root):
+    """Each rank adapts its share of the test tasks (Omniglot: 3 chunks of one task, 2 + 1;
+    navigation: 3 tasks, 1 + 2, every method); rank 0 writes the single process's eval.json."""
+    settings = (["--data-root", str(omniglot_root), "hidden=8", "meta_batch=2", "iterations=2",
+                 "val_every=0", "eval_tasks=3", "eval_chunk=1", "eval_inner_steps=2",
+                 "compile=false"] if preset.startswith("omniglot") else
+                ["iterations=1", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
+                 "eval_tasks=3", "eval_trajectories=2", "eval_batch=episodes"])
+    run_dir = tmp_path / "run"
+    assert main(["train", preset, "--out", str(run_dir), *settings, "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    one = json.loads((run_dir / "eval.json").read_text())
+    (run_dir / "eval.json").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "fastmaml", "eval", str(run_dir), "--no-progress"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("fastmaml: wrote") == 1  # rank 0 alone writes and says so
+    two = json.loads((run_dir / "eval.json").read_text())
+    assert [r["method"] for r in two] == [r["method"] for r in one]
+    for a, b in zip(one, two):
+        assert b["tasks"] == a["tasks"] == 3
+        assert b["mean"] == pytest.approx(a["mean"], rel=1e-6, abs=1e-9), a["method"]
+        assert b["ci95"] == pytest.approx(a["ci95"], rel=1e-5, abs=1e-9), a["method"]
+
+
+RL_EVAL_OVER_RANKS = """
+import json
+import sys
+from pathlib import Path
+import torch.distributed as dist
+import fastmaml.experiments.rl as rl_experiment
+from fastmaml.distributed import init_from_env
+from fastmaml.experiments import load_experiment
+
+init_from_env()
+sampled = []
+sample_batch = rl_experiment._sample_batch
+rl_experiment._sample_batch = lambda *args: sampled.append(list(args[-1])) or sample_batch(*args)
+experiment = load_experiment(Path(sys.argv[1]))
+engine = experiment.build_maml()
+returns = experiment.adaptation_returns(engine, experiment.eval_tasks())
+rank = dist.get_rank() if dist.is_initialized() else 0
+Path(f"{sys.argv[2]}.{rank}").write_text(json.dumps({"sampled": sampled,
+                                                    "returns": returns.tolist()}))
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_rl_evaluation_adapts_each_ranks_slice_of_the_test_tasks(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["train", "rl-nav2d-cpu", "--out", str(run_dir), "iterations=1", "meta_batch=2",
+                 "trajectories=2", "horizon=10", "hidden=8,8", "eval_tasks=3",
+                 "eval_trajectories=2", "eval_batch=episodes", "eval_inner_steps=1",
+                 "--no-progress"]) == 0
+    script = tmp_path / "rl_eval_over_ranks.py"
+    script.write_text(RL_EVAL_OVER_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(run_dir), str(tmp_path / "one")], env=env,
+                   check=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(run_dir), str(tmp_path / "two")], env=env, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one.0").read_text())
+    ranks = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
+    assert one["sampled"] == [[0, 1, 2]] * 2  # before and after the step
+    assert [r["sampled"] for r in ranks] == [[[0]] * 2, [[1, 2]] * 2]
+    for rank in ranks:
+        assert torch.allclose(torch.tensor(rank["returns"]), torch.tensor(one["returns"]),
+                              rtol=1e-6)

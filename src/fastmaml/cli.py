@@ -44,10 +44,15 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    init_from_env()  # under torchrun the ranks split the test tasks
     experiment = load_experiment(Path(args.run_dir), args.overrides)
     experiment.evaluate(progress=not args.no_progress)
-    print((experiment.run_dir / "results.md").read_text())
-    print(f"fastmaml: wrote {experiment.run_dir}/eval.json and {experiment.run_dir}/results.md")
+    main_rank = world()[0] == 0
+    shutdown()
+    if main_rank:
+        print((experiment.run_dir / "results.md").read_text())
+        print(f"fastmaml: wrote {experiment.run_dir}/eval.json and "
+              f"{experiment.run_dir}/results.md")
 
 
 def _plot(args: argparse.Namespace) -> None:

@@ -107,15 +107,15 @@ def every_rank_th(items: Iterable[T]) -> Iterator[T]:
     return itertools.islice(items, rank, None, size)
 
 
-def mean_over_every_rank(values: Tensor) -> float:
-    """The mean of the per-item ``values`` held by all the ranks together (a rank may hold none);
-    ``values.mean()`` in one process."""
+def gather_in_order(parts: list[tuple[int, T]]) -> list[T]:
+    """Every rank's ``(position, part)`` pairs, as one list ordered by position, on every rank
+    (this rank's parts in one process)."""
     if world()[1] == 1:
-        return values.mean().item()
-    total = torch.tensor([values.double().sum().item(), values.numel()], dtype=torch.float64,
-                         device=_collective_device())
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item()
+        return [part for _, part in sorted(parts, key=lambda pair: pair[0])]
+    everyone: list[list[tuple[int, T]] | None] = [None] * world()[1]
+    dist.all_gather_object(everyone, parts)
+    return [part for _, part in sorted((pair for ranks in everyone for pair in ranks or []),
+                                       key=lambda pair: pair[0])]
 
 
 def average_gradients(module: nn.Module) -> None:

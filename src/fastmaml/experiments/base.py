@@ -17,7 +17,7 @@ from ..allocator import tune_cpu_allocator
 from ..atomic import read_json, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
-from ..distributed import barrier, every_rank_th, is_main, mean_over_every_rank
+from ..distributed import barrier, every_rank_th, gather_in_order, is_main
 from ..errors import ConfigError, FastMAMLWarning
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
@@ -69,12 +69,11 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
 def validation_of(maml: MAML, chunks: Callable[[], Iterable[TaskBatch]], steps: int, every: int,
                   key: str, metric: str = "loss") -> dict[str, Any]:
     """``meta_learner``'s validation: every ``every`` iterations, log as ``key`` the mean of
-    ``metric`` after ``steps`` inner steps over the fixed tasks ``chunks()``. Under torchrun
-    each rank evaluates every world-size-th chunk, and the mean is over all of them."""
+    ``metric`` after ``steps`` inner steps over the fixed tasks ``chunks()`` (split across
+    torchrun's ranks by ``evaluate_tasks``)."""
     def validate() -> dict[str, float]:
-        values = evaluate_tasks(maml, every_rank_th(chunks()), steps, False, "validation",
-                                metric)
-        return {key: mean_over_every_rank(values[:, -1])}
+        values = evaluate_tasks(maml, chunks(), steps, False, "validation", metric)
+        return {key: values[:, -1].mean().item()}
 
     return {"validate": validate, "validate_every": every}
 
@@ -97,12 +96,12 @@ def eval_record(experiment: str, method: str, k_shot: int, values: Tensor,
 
 def evaluate_tasks(maml: MAML, chunks: Iterable[TaskBatch], steps: int, progress: bool,
                    desc: str, key: str = "loss") -> Tensor:
-    """``maml.evaluate`` over task chunks (bounded memory): (tasks, steps + 1) values of ``key``
-    (no rows for no chunks)."""
-    values = [maml.evaluate(chunk, steps)[key].cpu()
-              for chunk in tqdm(chunks, desc=desc, unit="chunk", leave=False,
-                                disable=None if progress else True)]
-    return torch.cat(values) if values else torch.empty(0, steps + 1)
+    """``maml.evaluate`` over task chunks (bounded memory): (tasks, steps + 1) values of ``key``.
+    Under torchrun each rank adapts every world-size-th chunk, and every rank returns all the
+    rows, in the chunks' order: the single process's values."""
+    chunks = tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=None if progress else True)
+    return torch.cat(gather_in_order([(index, maml.evaluate(chunk, steps)[key].cpu())
+                                      for index, chunk in every_rank_th(enumerate(chunks))]))
 
 
 def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],
@@ -237,8 +236,10 @@ class Experiment(ABC):
         for record in records:
             record["checkpoint_iterations"] = dict(self.restored_iterations)
             record["target_iterations"] = dict(self.target_iterations)
-        write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
-        write_text_atomic(table, self.run_dir / "results.md")
+        if is_main():  # under torchrun every rank holds the same records
+            write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
+            write_text_atomic(table, self.run_dir / "results.md")
+        barrier()
 
     def figures_dir(self) -> Path:
         path = self.run_dir / "figures"

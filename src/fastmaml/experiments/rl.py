@@ -82,7 +82,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..distributed import mean_over_ranks, task_range
+from ..distributed import gather_in_order, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
@@ -360,27 +360,29 @@ class RLExperiment(Experiment):
         """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
 
         Step 1 uses the engine's inner learning rate, the later ones the official test script's
-        share of it (``later_lr_scale``). Episode seeds depend on the step only, so every method
-        sees the same noise and reset states.
+        share of it (``later_lr_scale``). Episode seeds depend on the step and the task's
+        position only, so every method sees the same noise and reset states, and under torchrun
+        each rank adapts its slice of the tasks and every rank returns all the rows.
         """
         from tqdm.auto import tqdm
 
         rl, cfg = _rl(), self.cfg
         sampler = self.sampler()
         later_lr_scale = self.official_test().later_lr_scale
+        mine = task_range(len(tasks))
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
-            episodes = _sample_batch(sampler, maml.model, tasks, cfg.eval_batch,
-                                     cfg.eval_trajectories, cfg.eval_trajectories,
-                                     EVAL_SEED * 100 + step, params, cfg.eval_chunk)
+            episodes = _sample_batch(sampler, maml.model, [tasks[i] for i in mine],
+                                     cfg.eval_batch, cfg.eval_trajectories, cfg.eval_trajectories,
+                                     EVAL_SEED * 100 + step, params, cfg.eval_chunk, mine)
             curve.append(episodes.mean_returns().double())
             if step < cfg.eval_inner_steps:
                 with torch.no_grad():
                     params = rl.adapt_policy(maml, episodes, start=params, steps=1,
                                              lr_scale=1.0 if step == 0 else later_lr_scale,
                                              gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
-        return torch.stack(curve, dim=1)
+        return torch.cat(gather_in_order([(mine.start, torch.stack(curve, dim=1))]))
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
