@@ -57,21 +57,21 @@ def barrier() -> None:
         dist.barrier()
 
 
-def require_a_task_per_rank(meta_batch: int) -> None:
-    """A ``ConfigError`` when the ranks outnumber the meta-batch's tasks."""
+def require_a_task_per_rank(num_tasks: int, setting: str = "meta_batch") -> None:
+    """A ``ConfigError`` when the ranks outnumber the tasks (``setting``'s value)."""
     size = world()[1]
-    if meta_batch < size:
-        raise ConfigError(f"meta_batch {meta_batch} is smaller than the {size} processes: "
+    if num_tasks < size:
+        raise ConfigError(f"{setting} {num_tasks} is smaller than the {size} processes: "
                           "every process needs at least one task")
 
 
-def task_range(num_tasks: int) -> range:
+def task_range(num_tasks: int, setting: str = "meta_batch") -> range:
     """The positions of this rank's tasks among ``num_tasks`` (all of them in one process):
     consecutive slices that differ by at most one task."""
     rank, size = world()
     if size == 1:
         return range(num_tasks)
-    require_a_task_per_rank(num_tasks)
+    require_a_task_per_rank(num_tasks, setting)
     return range(num_tasks * rank // size, num_tasks * (rank + 1) // size)
 
 

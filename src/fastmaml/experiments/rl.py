@@ -369,7 +369,7 @@ class RLExperiment(Experiment):
         rl, cfg = _rl(), self.cfg
         sampler = self.sampler()
         later_lr_scale = self.official_test().later_lr_scale
-        mine = task_range(len(tasks))
+        mine = task_range(len(tasks), "eval_tasks")
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress else True):
