@@ -256,3 +256,24 @@ def test_rl_evaluation_adapts_each_ranks_slice_of_the_test_tasks(tmp_path):
     for rank in ranks:
         assert torch.allclose(torch.tensor(rank["returns"]), torch.tensor(one["returns"]),
                               rtol=1e-6)
+
+
+def test_reproduce_under_torchrun_trains_evaluates_and_reports_as_one_process(tmp_path):
+    """``torchrun ... fastmaml reproduce``: the ranks split the training and the test tasks,
+    rank 0 alone plots and writes the report, and the figures are the single process's."""
+    command = ["reproduce", "sinusoid", "--budget", "tiny", "--no-progress"]
+    assert main([*command, "--root", str(tmp_path / "one")]) == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "fastmaml", *command, "--root", str(tmp_path / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("fastmaml: wrote") == 1
+    assert sorted(p.name for p in (tmp_path / "two" / "sinusoid" / "figures").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "sinusoid" / "figures").iterdir())
+    one, two = (json.loads((tmp_path / run / "sinusoid" / "eval.json").read_text())
+                for run in ("one", "two"))
+    for a, b in zip(one, two, strict=True):
+        assert (b["method"], b["k_shot"]) == (a["method"], a["k_shot"])
+        assert b["mean"] == pytest.approx(a["mean"], rel=1e-4), (a["method"], a["k_shot"])
+    assert "Sinusoid regression" in (tmp_path / "two" / "REPORT.md").read_text()

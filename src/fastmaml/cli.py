@@ -125,10 +125,14 @@ def _report(args: argparse.Namespace) -> None:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    init_from_env()  # under torchrun the ranks split each run's meta-batches and test tasks
+    main_rank = world()[0] == 0
     root = Path(args.root or f"runs/reproduce-{args.budget}")
     out = reproduce(args.budget, args.experiments, root, Path(args.out) if args.out else None,
-                    progress=not args.no_progress)
-    print(f"fastmaml: wrote {out}")
+                    progress=not args.no_progress, say=print if main_rank else lambda *_: None)
+    shutdown()
+    if main_rank:
+        print(f"fastmaml: wrote {out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
