@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 
 import pytest
@@ -704,6 +705,24 @@ def test_a_right_compiled_meta_gradient_is_checked_once_per_input_shape():
     assert len(graph_calls) == 3 and len(eager_calls) == 1 and maml._compiled_gradient is not None
     maml.meta_backward(TaskBatch(*(t[:2] for t in batch)))  # a new shape: checked again
     assert len(eager_calls) == 2
+
+
+def test_a_non_finite_eager_gradient_leaves_the_shape_to_be_checked_at_its_next_call():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True, check_finite=False)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+
+    def nan_at_first(*args):
+        eager_calls.append(1)
+        grads, aux = eager(*args)
+        return ({n: g * math.nan for n, g in grads.items()} if len(eager_calls) == 1
+                else grads), aux
+    maml._gradient = nan_at_first
+    maml._compiled_gradient = lambda *args: eager(*args)
+    for _ in range(3):
+        maml.meta_backward(batch)
+    assert len(eager_calls) == 2 and maml._compiled_gradient is not None
 
 
 def test_under_active_dropout_the_compiled_gradient_is_not_checked_and_says_so():

@@ -127,31 +127,36 @@ import json
 import sys
 import torch
 import torch.distributed as dist
+from fastmaml import TaskBatch
 from fastmaml.distributed import init_from_env
 from fastmaml.experiments.base import validation_of
 
 
-class Recording:  # stands in for MAML: chunk i holds tasks whose values are i, i + 0.5, ...
+class Recording:  # stands in for MAML: a task's value is its number, held in its support_x
     seen = []
 
     def evaluate(self, chunk, steps):
-        self.seen.append(chunk)
-        return {"loss": torch.arange(chunk + 1.0).repeat_interleave(steps + 1).view(-1, steps + 1)
-                        * 0.5 + chunk}
+        self.seen += chunk.support_x[:, 0].tolist()
+        return {"loss": chunk.support_x.repeat(1, steps + 1)}
+
+
+def chunks():  # of 1, 2 and 3 tasks, numbered 0 .. 5
+    numbers = torch.arange(6.0)[:, None]
+    return (TaskBatch(*[numbers[start:stop]] * 4) for start, stop in ((0, 1), (1, 3), (3, 6)))
 
 
 init_from_env()
 maml = Recording()
-value = validation_of(maml, lambda: iter(range(3)), 1, 1, "val_loss")["validate"]()
+value = validation_of(maml, chunks, 1, 1, "val_loss")["validate"]()
 with open(f"{sys.argv[1]}.{dist.get_rank()}", "w") as out:
     json.dump({"seen": maml.seen, "value": value}, out)
 dist.destroy_process_group()
 """
 
 
-def test_validation_splits_its_chunks_across_ranks(tmp_path):
-    """Each of 2 ranks adapts every other chunk (of 3: 2 + 1, of 1, 2 and 3 tasks), and both log
-    the mean over all 6 tasks, weighted by task, not by chunk."""
+def test_validation_splits_the_tasks_of_each_chunk_across_ranks(tmp_path):
+    """Each of 2 ranks adapts its slice of every chunk (tasks 0; 1, 2; 3, 4, 5: rank 0 gets
+    none of the first), and both log the mean over all 6 tasks."""
     script = tmp_path / "validation_over_ranks.py"
     script.write_text(VALIDATION_OVER_RANKS)
     result = subprocess.run(
@@ -160,18 +165,15 @@ def test_validation_splits_its_chunks_across_ranks(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
-    assert [r["seen"] for r in ranks] == [[0, 2], [1]]
-    every_task = [0.0, 1.0, 1.5, 2.0, 2.5, 3.0]  # chunk 0: 0; chunk 1: 1, 1.5; chunk 2: 2, 2.5, 3
-    assert ranks[0]["value"] == ranks[1]["value"] == pytest.approx(
-        {"val_loss": sum(every_task) / 6})
+    assert [r["seen"] for r in ranks] == [[1.0, 3.0], [0.0, 2.0, 4.0, 5.0]]
+    assert ranks[0]["value"] == ranks[1]["value"] == {"val_loss": pytest.approx(2.5)}
 
 
 def test_validation_is_split_across_two_processes(tmp_path, omniglot_root):
-    """``fastmaml train`` with validation under torchrun (3 chunks of one task: 2 + 1): the
+    """``fastmaml train`` with validation under torchrun (one chunk of 3 tasks: 1 + 2): the
     logged accuracy is the single process's."""
     settings = ["--data-root", str(omniglot_root), "hidden=8", "meta_batch=2", "iterations=2",
-                "log_every=1", "val_every=1", "val_tasks=3", "eval_chunk=1", "compile=false",
-                "--no-progress"]
+                "log_every=1", "val_every=1", "val_tasks=3", "compile=false", "--no-progress"]
     train_one_and_two_processes(tmp_path, "omniglot-5w1s", settings)
     one, two = ((tmp_path / run / "metrics-maml.csv").read_text().splitlines()
                 for run in ("one", "two"))
@@ -183,10 +185,11 @@ def test_validation_is_split_across_two_processes(tmp_path, omniglot_root):
 @pytest.mark.parametrize("preset", ["omniglot-5w1s", "rl-nav2d-cpu"])
 def test_eval_under_torchrun_splits_the_test_tasks_and_matches_one_process(tmp_path, preset,
                                                                             omniglot_root):
-    """Each rank adapts its share of the test tasks (Omniglot: 3 chunks of one task, 2 + 1;
-    navigation: 3 tasks, 1 + 2, every method); rank 0 writes the single process's eval.json."""
+    """Each rank adapts its share of the test tasks (Omniglot: chunks of 2 and 1 tasks, split
+    1 + 1 and 0 + 1; navigation: 3 tasks, 1 + 2, every method); rank 0 writes the single
+    process's eval.json."""
     settings = (["--data-root", str(omniglot_root), "hidden=8", "meta_batch=2", "iterations=2",
-                 "val_every=0", "eval_tasks=3", "eval_chunk=1", "eval_inner_steps=2",
+                 "val_every=0", "eval_tasks=3", "eval_chunk=2", "eval_inner_steps=2",
                  "compile=false"] if preset.startswith("omniglot") else
                 ["iterations=1", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
                  "eval_tasks=3", "eval_trajectories=2", "eval_batch=episodes"])

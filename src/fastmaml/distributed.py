@@ -9,9 +9,8 @@ for CPU ones.
 """
 from __future__ import annotations
 
-import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -65,14 +64,18 @@ def require_a_task_per_rank(num_tasks: int, setting: str = "meta_batch") -> None
                           "every process needs at least one task")
 
 
-def task_range(num_tasks: int, setting: str = "meta_batch") -> range:
+def rank_slice(num_tasks: int) -> range:
     """The positions of this rank's tasks among ``num_tasks`` (all of them in one process):
-    consecutive slices that differ by at most one task."""
+    consecutive slices that differ by at most one task (empty where the ranks outnumber the
+    tasks)."""
     rank, size = world()
-    if size == 1:
-        return range(num_tasks)
-    require_a_task_per_rank(num_tasks, setting)
     return range(num_tasks * rank // size, num_tasks * (rank + 1) // size)
+
+
+def task_range(num_tasks: int, setting: str = "meta_batch") -> range:
+    """``rank_slice``, refusing (naming ``setting``) where a rank would get no task."""
+    require_a_task_per_rank(num_tasks, setting)
+    return rank_slice(num_tasks)
 
 
 def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
@@ -100,19 +103,12 @@ def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:
     return reduced
 
 
-def every_rank_th(items: Iterable[T]) -> Iterator[T]:
-    """This rank's items of a sequence that every rank draws in full: every world-size-th one
-    from the rank's position (all of them in one process)."""
-    rank, size = world()
-    return itertools.islice(items, rank, None, size)
-
-
-def gather_in_order(parts: list[tuple[int, T]]) -> list[T]:
+def gather_in_order(parts: list[tuple[tuple[int, ...], T]]) -> list[T]:
     """Every rank's ``(position, part)`` pairs, as one list ordered by position, on every rank
     (this rank's parts in one process)."""
     if world()[1] == 1:
         return [part for _, part in sorted(parts, key=lambda pair: pair[0])]
-    everyone: list[list[tuple[int, T]] | None] = [None] * world()[1]
+    everyone: list[list[tuple[tuple[int, ...], T]] | None] = [None] * world()[1]
     dist.all_gather_object(everyone, parts)
     return [part for _, part in sorted((pair for ranks in everyone for pair in ranks or []),
                                        key=lambda pair: pair[0])]

@@ -18,7 +18,7 @@ from typing import Any
 
 from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
-from .distributed import is_main
+from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
 from .experiments import (PRESETS, experiment_class, load_experiment, preset_config,
                           train_run)
@@ -454,8 +454,10 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     """Train, evaluate and plot each experiment at ``budget`` under ``root/<experiment>``
     (finished runs are not trained or evaluated again, unfinished ones resume), then write the
     report of ``root``. Every run's figures are drawn again (seconds): a run stopped between its
-    evaluation and its plot counts as finished. Under torchrun every rank trains and evaluates
-    (each its share of the tasks), and rank 0 alone plots and writes the report."""
+    evaluation and its plot counts as finished. Under torchrun the ranks train and evaluate
+    together (splitting the tasks as ``fastmaml train`` and ``eval`` do), rank 0 alone plots
+    and writes the report, and an experiment that fails stops the command instead of being
+    skipped (an error on one rank, e.g. its run lock, would leave the ranks on different runs)."""
     if budget not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     chosen = list(experiments) or list(DEMO if budget in ("tiny", "demo") else EXPERIMENTS)
@@ -475,6 +477,8 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
             if is_main():
                 load_experiment(run_dir).plot()
         except FastMAMLError as error:  # e.g. no data here: the others still run
+            if world()[1] > 1:  # one rank's error (its run lock): the ranks would part ways
+                raise
             say(f"fastmaml: {name}: not reproduced: {error}")
     out = out or root / "REPORT.md"
     return write_report([root], out) if is_main() else out

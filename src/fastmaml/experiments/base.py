@@ -17,7 +17,7 @@ from ..allocator import tune_cpu_allocator
 from ..atomic import read_json, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
-from ..distributed import barrier, every_rank_th, gather_in_order, is_main
+from ..distributed import barrier, gather_in_order, is_main, rank_slice
 from ..errors import ConfigError, FastMAMLWarning
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
@@ -97,11 +97,16 @@ def eval_record(experiment: str, method: str, k_shot: int, values: Tensor,
 def evaluate_tasks(maml: MAML, chunks: Iterable[TaskBatch], steps: int, progress: bool,
                    desc: str, key: str = "loss") -> Tensor:
     """``maml.evaluate`` over task chunks (bounded memory): (tasks, steps + 1) values of ``key``.
-    Under torchrun each rank adapts every world-size-th chunk, and every rank returns all the
-    rows, in the chunks' order: the single process's values."""
-    chunks = tqdm(chunks, desc=desc, unit="chunk", leave=False, disable=None if progress else True)
-    return torch.cat(gather_in_order([(index, maml.evaluate(chunk, steps)[key].cpu())
-                                      for index, chunk in every_rank_th(enumerate(chunks))]))
+    Under torchrun each rank adapts its slice of every chunk's tasks, and every rank returns all
+    the rows in order: the single process's values (tasks adapt independently)."""
+    parts = []
+    for index, chunk in enumerate(tqdm(chunks, desc=desc, unit="chunk", leave=False,
+                                       disable=None if progress and is_main() else True)):
+        mine = rank_slice(chunk.num_tasks)
+        if len(mine):
+            part = TaskBatch(*(t[mine.start:mine.stop] for t in chunk))
+            parts.append(((index, mine.start), maml.evaluate(part, steps)[key].cpu()))
+    return torch.cat(gather_in_order(parts))
 
 
 def results_table(title: str, records: list[dict[str, Any]], show_steps: list[int],

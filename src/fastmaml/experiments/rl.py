@@ -82,7 +82,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..distributed import gather_in_order, mean_over_ranks, task_range
+from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import NAV
 from ..paper import RL as PAPER
@@ -372,7 +372,7 @@ class RLExperiment(Experiment):
         mine = task_range(len(tasks), "eval_tasks")
         params, curve = None, []
         for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
-                         disable=None if progress else True):
+                         disable=None if progress and is_main() else True):
             episodes = _sample_batch(sampler, maml.model, [tasks[i] for i in mine],
                                      cfg.eval_batch, cfg.eval_trajectories, cfg.eval_trajectories,
                                      EVAL_SEED * 100 + step, params, cfg.eval_chunk, mine)
@@ -382,7 +382,7 @@ class RLExperiment(Experiment):
                     params = rl.adapt_policy(maml, episodes, start=params, steps=1,
                                              lr_scale=1.0 if step == 0 else later_lr_scale,
                                              gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
-        return torch.cat(gather_in_order([(mine.start, torch.stack(curve, dim=1))]))
+        return torch.cat(gather_in_order([((mine.start,), torch.stack(curve, dim=1))]))
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg

@@ -114,8 +114,10 @@ class SinusoidExperiment(Experiment):
         tasks = sample_sinusoid_tasks(self.cfg.tune_tasks, k_shot, self.cfg.eval_query,
                                       torch.Generator().manual_seed(TUNE_SEED + k_shot))
         batch = tasks.batch.to(self.device)
-        scores = {lr: MAML(model, F.mse_loss, lr).evaluate(batch, self.cfg.eval_inner_steps)["loss"]
-                  [:, 1:].mean().item() for lr in self.cfg.baseline_lrs}
+        steps = self.cfg.eval_inner_steps  # evaluate_tasks: split across torchrun's ranks
+        scores = {lr: evaluate_tasks(MAML(model, F.mse_loss, lr), [batch], steps, False,
+                                     "tuning")[:, 1:].mean().item()
+                  for lr in self.cfg.baseline_lrs}
         return min(scores, key=scores.get)
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
