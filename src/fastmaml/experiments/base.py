@@ -229,7 +229,7 @@ class Experiment(ABC):
         load_state(learner, checkpoint["learner"], path)
         reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])
         self.target_iterations[learner.name] = learner.iterations
-        if reached < learner.iterations:
+        if reached < learner.iterations and is_main():  # one warning under torchrun
             warnings.warn(f"{learner.name} of {self.run_dir} is at iteration {reached:,} of "
                           f"{learner.iterations:,} (training, or stopped): it is used as it is "
                           "now", FastMAMLWarning, stacklevel=2)
