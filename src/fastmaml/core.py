@@ -625,14 +625,12 @@ class MAML(nn.Module):
         pass runs out of accelerator memory. Where the eager gradient is not finite, the next
         call of the shape compares again."""
         key = self._path_key(batch)
-        if key in self._compiled_checked:
-            return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
-                                            step_weights, chunk)
-        if _has_active_dropout(self.model):
+        if key not in self._compiled_checked and _has_active_dropout(self.model):
             self._compiled_checked.add(key)
             warnings.warn("the compiled meta-gradient is not checked against the eager one "
                           "under active dropout (they draw different masks)", FastMAMLWarning,
                           stacklevel=3)
+        if key in self._compiled_checked:
             return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
                                             step_weights, chunk)
         device = batch.support_x.device

@@ -71,7 +71,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,7 +237,7 @@ class MetaRLLearner:
         every_task = self.tasks(iteration)
         mine = task_range(len(every_task))
         tasks = [every_task[i] for i in mine]
-        over_tasks: Callable[[Tensor], Tensor] = mean_over_ranks(len(mine) / len(every_task))
+        over_tasks = mean_over_ranks(len(mine) / len(every_task))
         support = self.sample(tasks, _seed(cfg, iteration, 0), task_ids=mine)
         metrics = {"pre_return": over_tasks(support.mean_returns().mean()).item()}
         sample_s = time.perf_counter() - tick
