@@ -38,6 +38,11 @@ PATHS_REVISION = 4
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 # the relative difference beyond which a compiled meta-gradient is wrong, not rounded otherwise
 COMPILED_TOLERANCE = 1e-3
+# calls of an input shape, in a row, whose compiled meta-gradient must differ beyond the tolerance
+# before compiling stops: near a minimum the mean gradient is small beside the terms it sums, and
+# float32 rounding alone spikes past the tolerance (a trained Omniglot conv net: 3e-6 to 3e-4 at
+# most batches, 2.9e-3 at one; docs/results.md, session 26), while a wrong graph is wrong every time
+COMPILED_CHECKS = 3
 PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises each with a context
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
@@ -250,6 +255,7 @@ class MAML(nn.Module):
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
         self._vmap_failed = False
         self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
+        self._compiled_misses: dict[str, list[float]] = {}  # per shape: its differences so far
         self._auto = batched is None and chunk_size is None and not checkpoint_steps
 
     # ----- the model as a function of its parameters -----
@@ -617,9 +623,11 @@ class MAML(nn.Module):
                                    step_weights: Tensor | None, chunk: int | None
                                    ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
         """The compiled meta-gradient. The first of each input shape is compared with the eager
-        one (same chunks, same random state, an eager forward); where they differ by more than
-        rounding (``COMPILED_TOLERANCE``), compiling is off from now on, with a warning, and
-        the eager gradient is returned. Measured once: inductor (torch 2.13) computed a
+        one (same chunks, same random state, an eager forward). Where they differ by more than
+        rounding (``COMPILED_TOLERANCE``), the eager gradient is returned and the next call of
+        the shape compares again; after ``COMPILED_CHECKS`` such calls in a row (one in the path
+        search, whose calls all take the same batch), compiling is off from now on, with a
+        warning. Measured once: inductor (torch 2.13) computed a
         transformer encoder layer's second-order meta-gradient 1.6% off. Not compared, with a
         warning: under active dropout (the two would draw different masks) and where the eager
         pass runs out of accelerator memory. Where the eager gradient is not finite, the next
@@ -657,10 +665,13 @@ class MAML(nn.Module):
         if error <= COMPILED_TOLERANCE:
             self._compiled_checked.add(key)
             return grads, aux
-        self._compiled_batched = self._compiled_gradient = None
-        warnings.warn(f"torch.compile computed this model's meta-gradient {error:.1e} off "
-                      "(relative) from the eager path's; running uncompiled", FastMAMLWarning,
-                      stacklevel=3)
+        misses = self._compiled_misses.setdefault(key, [])
+        misses.append(error)
+        if len(misses) == (1 if self._trying else COMPILED_CHECKS):  # the search repeats a batch
+            self._compiled_batched = self._compiled_gradient = None
+            warnings.warn("torch.compile computed this model's meta-gradient off (relative) from "
+                          f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
+                          "uncompiled", FastMAMLWarning, stacklevel=3)
         return eager
 
     def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,
