@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import warnings
 
 import pytest
@@ -674,8 +675,8 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     """As inductor did for a transformer encoder layer (1.6% off), simulated without compiling:
     the eager gradient, scaled by 1.01, stands in for the compiled graph's. The first compiled
     gradient of each input shape is checked, also where no search runs, until it agrees or
-    has differed at ``COMPILED_CHECKS`` calls in a row (one in the search, which repeats its
-    batch); each call gives the eager gradient."""
+    has differed at ``COMPILED_CHECKS`` calls in a row (the search counts as one: it repeats
+    its batch); each of them gives the eager gradient."""
     model, loss_fn, batch = mlp_problem()
     maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
     maml._compiled_batched = maml._batched
@@ -687,21 +688,47 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
         return {name: 1.01 * g for name, g in grads.items()}, aux
     maml._compiled_gradient = off_by_one_percent
     expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
-    checks = 1 if batched is None else fastmaml.core.COMPILED_CHECKS
+    checks = fastmaml.core.COMPILED_CHECKS
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
-        for _ in range(checks - 1):  # explicit: the first call is the graph
+        for call in range(checks - 1):  # explicit: the first call is the graph
             maml.zero_grad(set_to_none=True)
             maml.meta_backward(batch)
             assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient
+            if batched is None and call == 0:  # the search timed the graph: say it won
+                (key, _), = maml.path_choices.items()
+                maml.path_choices[key] = ("compiled", 6)
     assert maml._compiled_gradient is not None
     maml.zero_grad(set_to_none=True)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="eager path's by "
                       + ", ".join(["1.0e-02"] * checks) + "; running uncompiled"):
         maml.meta_backward(batch)
     assert graph_calls and maml._compiled_gradient is None and "compiled" not in maml.path
-    assert all(path != "compiled" for path, _ in maml.path_choices.values())
     assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient, not the graph's
+    graph_calls.clear()
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)  # uncompiled from then on
+    assert not graph_calls and relative(flat_grads(maml), expected) < 1e-10
+
+
+def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_it_differed(
+        monkeypatch):
+    """The search's calls repeat one batch: its first compiled call is compared, the rest are
+    timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, compile=True)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml._compiled_gradient = lambda *args: (
+        {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
+    uncompiled = maml._backward
+    maml._backward = lambda *args: time.sleep(0.05) or uncompiled(*args)  # so the graph wins
+    expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
+    maml.meta_backward(batch)
+    assert maml.path.startswith("compiled") and len(eager_calls) == 1
+    assert relative(flat_grads(maml), expected) < 1e-10
 
 
 def test_a_compiled_meta_gradient_off_by_rounding_once_is_kept_once_it_agrees():
