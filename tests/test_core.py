@@ -5,6 +5,7 @@ import itertools
 import math
 import time
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -711,21 +712,29 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     assert not graph_calls and relative(flat_grads(maml), expected) < 1e-10
 
 
+def stand_in_compile(batched: bool | None = True) -> tuple[MAML, TaskBatch, Callable, list[int]]:
+    """A learner on ``mlp_problem`` whose compiled paths are eager stand-ins, with its batch, its
+    eager functional gradient (uncounted, for a stand-in graph to call) and the list that each
+    counted call of ``maml._gradient`` (the compared eager pass) grows."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    return maml, batch, eager, eager_calls
+
+
 def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_it_differed(
         monkeypatch):
     """The search's calls repeat one batch: its first compiled call is compared, the rest are
     timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
-    model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, 0.1, 1, compile=True)
-    maml._compiled_batched = maml._batched
-    eager, eager_calls = maml._gradient, []
-    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml, batch, eager, eager_calls = stand_in_compile(batched=None)
     maml._compiled_gradient = lambda *args: (
         {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
     uncompiled = maml._backward
     maml._backward = lambda *args: time.sleep(0.05) or uncompiled(*args)  # so the graph wins
-    expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
     maml.meta_backward(batch)
     assert maml.path.startswith("compiled") and len(eager_calls) == 1
     assert relative(flat_grads(maml), expected) < 1e-10
@@ -734,19 +743,15 @@ def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_i
 def test_a_compiled_meta_gradient_off_by_rounding_once_is_kept_once_it_agrees():
     """Near a minimum, float32 rounding alone can take one call past the tolerance: that call
     gives the eager gradient, and the next one that agrees makes the graph trusted."""
-    model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True)
-    maml._compiled_batched = maml._batched
-    graph_calls, eager_calls = [], []
-    eager = maml._gradient
-    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml, batch, eager, eager_calls = stand_in_compile()
+    graph_calls = []
 
     def off_at_first(*args):
         graph_calls.append(1)
         grads, aux = eager(*args)
         return {n: g * (1.01 if len(graph_calls) == 1 else 1.0) for n, g in grads.items()}, aux
     maml._compiled_gradient = off_at_first
-    expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
         for _ in range(4):
@@ -757,12 +762,8 @@ def test_a_compiled_meta_gradient_off_by_rounding_once_is_kept_once_it_agrees():
 
 
 def test_a_right_compiled_meta_gradient_is_checked_once_per_input_shape():
-    model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True)
-    maml._compiled_batched = maml._batched
-    eager_calls, graph_calls = [], []
-    eager = maml._gradient
-    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml, batch, eager, eager_calls = stand_in_compile()
+    graph_calls = []
     maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
     for _ in range(3):  # the graph, checked against the eager gradient once, then trusted
         maml.meta_backward(batch)
