@@ -36,7 +36,7 @@ _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # run batched (a recurrent model's saved choice was the looped fallback)
 PATHS_REVISION = 4
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
-# the relative difference beyond which a compiled meta-gradient is wrong, not rounded otherwise
+# the relative difference from the eager meta-gradient beyond which a compiled one counts as off
 COMPILED_TOLERANCE = 1e-3
 # calls of an input shape, in a row, whose compiled meta-gradient must differ beyond the tolerance
 # before compiling stops. Inductor's float32 sums round more than eager's, and near a minimum,
@@ -628,14 +628,15 @@ class MAML(nn.Module):
                                    ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
         """The compiled meta-gradient. The first of each input shape is compared with the eager
         one (same chunks, same random state, an eager forward). Where they differ by more than
-        rounding (``COMPILED_TOLERANCE``), the eager gradient is returned and the next call of
-        the shape compares again (the path search compares at its first call only: its calls
-        repeat one batch); after ``COMPILED_CHECKS`` such calls in a row, compiling is off from
-        now on, with a warning. Measured once: inductor (torch 2.13) computed a
-        transformer encoder layer's second-order meta-gradient 1.6% off. Not compared, with a
-        warning: under active dropout (the two would draw different masks) and where the eager
-        pass runs out of accelerator memory. Where the eager gradient is not finite, the next
-        call of the shape compares again."""
+        ``COMPILED_TOLERANCE``, the eager gradient is returned and the next call of the shape
+        compares again (the path search compares at its first call only: its calls repeat one
+        batch); after ``COMPILED_CHECKS`` such calls in a row, compiling is off from now on,
+        with a warning. Measured once, setting unrecorded: inductor (torch 2.13) computed a
+        transformer encoder layer's second-order meta-gradient 1.6% off (perhaps float32
+        rounding too, see ``COMPILED_CHECKS``). Not compared, with a warning: under active
+        dropout (the two would draw different masks) and where the eager pass runs out of
+        accelerator memory. Where the eager gradient is not finite, the next call of the shape
+        compares again."""
         key = self._path_key(batch)
         if key not in self._compiled_checked and _has_active_dropout(self.model):
             self._compiled_checked.add(key)
