@@ -5,10 +5,12 @@ float64.
 
 Near a minimum the mean meta-gradient is small beside the per-task terms it sums, so rounding
 that is negligible at initialisation grows large beside it. For each of ``--batches`` of the
-run's meta-training batches, at its last checkpoint, the meta-gradient is computed by the eager
-batched path in float32 and in float64, and by the compiled graph in float32. The learner's own
-check of the graph is turned off here, so that every compiled call is the graph's. The figures
-size ``COMPILED_TOLERANCE`` and ``COMPILED_CHECKS`` (``fastmaml.core``).
+run's meta-training batches, at its last checkpoint, the meta-gradient is computed by the
+uncompiled batched path (``meta_loss`` and autograd) in float32 and in float64, and by the
+compiled graph in float32 and in float64: the last tells rounding from a wrong graph. The
+learner's own check of the graph is turned off here (an infinite tolerance), so that every
+compiled call is the graph's. The figures size ``COMPILED_TOLERANCE`` and ``COMPILED_CHECKS``
+(``fastmaml.core``).
 """
 from __future__ import annotations
 
@@ -56,24 +58,26 @@ def main() -> None:
     sampler = experiment.sampler("train", experiment.cfg.k_query)
     eager, _ = trained(args.run_dir, compile=False)
     exact, _ = trained(args.run_dir, compile=False)
-    exact.double()
+    exact_graph, _ = trained(args.run_dir, compile=True)
+    exact.double(), exact_graph.double()
     generator = torch.Generator().manual_seed(args.seed)
-    columns = ("compiled-eager", "compiled-fp64", "eager-fp64")
+    columns = ("compiled-eager", "compiled-fp64", "eager-fp64", "compiled64-fp64")
     rows = []
-    print(f"{'batch':>5}{'loss':>9}{'|grad|':>10}" + "".join(f"{c:>15}" for c in columns))
+    print(f"{'batch':>5}{'loss':>9}{'|grad|':>10}" + "".join(f"{c:>17}" for c in columns))
     for index in range(args.batches):
         batch = sampler.sample(experiment.cfg.meta_batch, generator)
         graph, loss = gradient(compiled, batch)
         plain, _ = gradient(eager, batch)
-        reference, _ = gradient(exact, TaskBatch(*(t.double() if t.is_floating_point() else t
-                                                   for t in batch)))
-        row = [(graph - plain).norm() / plain.norm(), (graph - reference).norm() / reference.norm(),
-               (plain - reference).norm() / reference.norm()]
+        batch64 = TaskBatch(*(t.double() if t.is_floating_point() else t for t in batch))
+        reference, _ = gradient(exact, batch64)
+        graph64, _ = gradient(exact_graph, batch64)
+        row = [(graph - plain).norm() / plain.norm(), *((g - reference).norm() / reference.norm()
+                                                        for g in (graph, plain, graph64))]
         rows.append([r.item() for r in row])
         print(f"{index:>5}{loss:>9.4f}{reference.norm().item():>10.2e}"
-              + "".join(f"{r:>15.2e}" for r in rows[-1]), flush=True)
+              + "".join(f"{r:>17.2e}" for r in rows[-1]), flush=True)
     for name, summary in (("median", statistics.median), ("max", max)):
-        print(f"{name:>24}" + "".join(f"{summary(col):>15.2e}" for col in zip(*rows)))
+        print(f"{name:>24}" + "".join(f"{summary(col):>17.2e}" for col in zip(*rows)))
 
 
 if __name__ == "__main__":
