@@ -671,6 +671,18 @@ def test_with_compile_the_search_also_times_the_compiled_path():
         assert relative(flat_grads(searched), expected) < 1e-5
 
 
+def stand_in_compile(batched: bool | None = True) -> tuple[MAML, TaskBatch, Callable, list[int]]:
+    """A learner on ``mlp_problem`` whose compiled paths are eager stand-ins, with its batch, its
+    eager functional gradient (uncounted, for a stand-in graph to call) and the list that each
+    counted call of ``maml._gradient`` (the compared eager pass) grows."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    return maml, batch, eager, eager_calls
+
+
 @pytest.mark.parametrize("batched", [None, True])  # a candidate of the search, or compiled for sure
 def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(batched,
                                                                            monkeypatch):
@@ -680,17 +692,15 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     has differed at ``COMPILED_CHECKS`` calls in a row (the search counts as one: it repeats
     its batch); each of them gives the eager gradient."""
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
-    model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
-    maml._compiled_batched = maml._batched
+    maml, batch, eager, _ = stand_in_compile(batched)
     graph_calls = []
 
     def off_by_one_percent(*args):
         graph_calls.append(1)
-        grads, aux = maml._gradient(*args)
+        grads, aux = eager(*args)
         return {name: 1.01 * g for name, g in grads.items()}, aux
     maml._compiled_gradient = off_by_one_percent
-    expected = meta_grad(MAML(model, loss_fn, 0.1, 1, batched=False), batch)
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
     checks = fastmaml.core.COMPILED_CHECKS
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
@@ -712,18 +722,6 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     maml.zero_grad(set_to_none=True)
     maml.meta_backward(batch)  # uncompiled from then on
     assert not graph_calls and relative(flat_grads(maml), expected) < 1e-10
-
-
-def stand_in_compile(batched: bool | None = True) -> tuple[MAML, TaskBatch, Callable, list[int]]:
-    """A learner on ``mlp_problem`` whose compiled paths are eager stand-ins, with its batch, its
-    eager functional gradient (uncounted, for a stand-in graph to call) and the list that each
-    counted call of ``maml._gradient`` (the compared eager pass) grows."""
-    model, loss_fn, batch = mlp_problem()
-    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
-    maml._compiled_batched = maml._batched
-    eager, eager_calls = maml._gradient, []
-    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
-    return maml, batch, eager, eager_calls
 
 
 def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_it_differed(
