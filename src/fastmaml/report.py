@@ -208,16 +208,20 @@ def _link(target: Path, report_dir: Path) -> str:
     return os.path.relpath(target.resolve(), report_dir.resolve())
 
 
-def _overrides(run: Run) -> list[str]:
+def _changed_settings(run: Run) -> dict[str, Any]:
     """The run's settings that differ from its preset (what the train command must say)."""
     if run.preset not in PRESETS:
-        return []
+        return {}
     defaults = preset_config(run.preset, []).to_dict()
     saved = experiment_class(PRESETS[run.preset].experiment).config_cls.from_dict(
         run.config).to_dict()
     skip = {"data_root", "download", "compile"}  # where the data is; how fast it trains
+    return {k: v for k, v in saved.items() if k not in skip and defaults.get(k) != v}
+
+
+def _overrides(run: Run) -> list[str]:
     return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in saved.items() if k not in skip and defaults.get(k) != v]
+            for k, v in _changed_settings(run).items()]
 
 
 def _commands(run: Run) -> list[str]:
@@ -272,7 +276,7 @@ def render(runs: list[Run], report_path: Path) -> str:
         lines.append(f"| {title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
                      f"| {verdict} | {its} | {where} |")
     lines.append("")
-    lines += time_to_accuracy([r for r in runs if r.validation])
+    lines += time_to_accuracy([r for r in runs if r.validation], runs)
     for row in (r for r in rows if r.run is not None):
         lines += _section(row.run, row.headline, row.status, report_dir)
     known = {id(row.run) for row in rows}
@@ -287,10 +291,11 @@ def render(runs: list[Run], report_path: Path) -> str:
 THRESHOLDS = (0.90, 0.95, 0.97, 0.99)
 
 
-def time_to_accuracy(runs: list[Run]) -> list[str]:
+def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str]:
     """Per run, the iteration and training minutes at which meta-validation accuracy first
     reached each of ``THRESHOLDS`` (as far as it got), and for a run still below the paper's
-    figure, the iterations its validation trend projects for it."""
+    figure, the iterations its validation trend projects for it (for a cosine meta_lr, the
+    schedule length that the ``evaluated`` runs of its recipe project)."""
     if not runs:
         return []
     lines = ["## Time to accuracy", "",
@@ -299,9 +304,11 @@ def time_to_accuracy(runs: list[Run]) -> list[str]:
              "steps). *Projected*: for a run whose best validation accuracy is still below the "
              "paper's test figure, the iteration at which a power law fitted to the second half "
              "of its validation curve (error against iterations, log-log) reaches that figure: "
-             "a rough guide, since validation is not the test protocol; not for a cosine meta "
-             "learning rate, whose decay flattens the curve whatever more iterations would "
-             "give.", "",
+             "a rough guide, since validation is not the test protocol. A cosine meta learning "
+             "rate flattens the curve by design whatever more iterations would give, so such a "
+             "run is projected only by finished runs of its recipe at two or more schedule "
+             "lengths: the length at which a power law through their test errors reaches the "
+             "paper's figure.", "",
              "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS) + " | best | projected |",
              "|---|" + "---|" * (len(THRESHOLDS) + 2)]
     for run in runs:
@@ -311,11 +318,11 @@ def time_to_accuracy(runs: list[Run]) -> list[str]:
             cells.append(f"{first[0]:,} it, {first[1] / 60:.0f} min" if first else "not reached")
         best = max(acc for _, _, acc in run.validation)
         lines.append(f"| {run.path.name} | " + " | ".join(cells) + f" | {best:.1%} | "
-                     f"{_projection(run, best)} |")
+                     f"{_projection(run, best, evaluated)} |")
     return lines + [""]
 
 
-def _projection(run: Run, best: float) -> str:
+def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
     key = headline_key(run.config) or ""
     headline = next((h for h in HEADLINES if h.key == key), None)
     if headline is None or not headline.metric.startswith("accuracy") or key.endswith("-lake"):
@@ -324,7 +331,7 @@ def _projection(run: Run, best: float) -> str:
     if best >= target:
         return "reached"
     if run.config.get("meta_lr_schedule") == "cosine":  # the curve flattens by design
-        return f"{target:.1%}: not projected (cosine meta_lr: needs a longer schedule)"
+        return _schedule_projection(run, headline, evaluated)
     if len(run.validation) < 6:
         return "too few validation points"
     iterations = projected_iterations(run.validation, target)
@@ -332,16 +339,54 @@ def _projection(run: Run, best: float) -> str:
             else f"{target:.1%}: no falling trend")
 
 
+# settings that change how a run is carried out or checked, not what it learns
+_NOT_THE_RECIPE = {"iterations", "threads", "tune_malloc", "path", "chunk_size", "device",
+                   "checkpoint_steps", "checkpoint_every", "log_every", "val_every", "val_tasks",
+                   "eval_tasks", "eval_chunk"}
+
+
+def _recipe(run: Run) -> tuple[str, dict[str, Any]]:
+    return run.preset, {k: v for k, v in _changed_settings(run).items()
+                        if k not in _NOT_THE_RECIPE}
+
+
+def _schedule_projection(run: Run, headline: Headline, evaluated: Sequence[Run]) -> str:
+    """The schedule length at which a power law through the test errors of the finished,
+    evaluated runs of ``run``'s recipe (two or more lengths) reaches ``headline``'s figure."""
+    target = headline.value / 100
+    test_accuracy = {}  # schedule length -> test accuracy
+    for other in evaluated:
+        row = evaluate_row(headline, other)
+        if (_recipe(other) == _recipe(run) and row.mean is not None and not other.stale_evaluation
+                and other.iterations >= int(other.config.get("iterations", 0))):
+            test_accuracy[other.iterations] = row.mean / 100
+    if len(test_accuracy) < 2:
+        return (f"{target:.1%}: not projected (cosine meta_lr: needs finished runs of this "
+                "recipe at two schedule lengths)")
+    *shorter, longest = [f"{length:,}" for length in sorted(test_accuracy)]
+    runs = f"its recipe's finished runs of {', '.join(shorter)} and {longest} iterations"
+    iterations = power_law_crossing(sorted(test_accuracy.items()), target)
+    return (f"{target:.1%} with a ~{iterations:,.0f}-iteration schedule (test error of {runs})"
+            if iterations is not None else f"{target:.1%}: no falling trend over {runs}")
+
+
 def projected_iterations(validation: Sequence[tuple[int, float, float]], target: float
                          ) -> float | None:
-    """The iteration at which a power law ``error = a * iteration ** b`` (least squares in
-    log-log over the second half of the validation points) reaches ``1 - target``; ``None``
-    with fewer than three points or no falling trend."""
-    points = [(it, 1.0 - acc) for it, _, acc in validation[len(validation) // 2:] if acc < 1.0]
-    if len(points) < 3:
+    """The iteration at which a power law fitted over the second half of the validation points
+    reaches ``target``; ``None`` with fewer than three points there or no falling trend."""
+    half = [(it, acc) for it, _, acc in validation[len(validation) // 2:] if acc < 1.0]
+    return power_law_crossing(half, target) if len(half) >= 3 else None
+
+
+def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """Where a power law ``error = a * x ** b`` (least squares in log-log) through the
+    ``(x, accuracy)`` points reaches accuracy ``target``; ``None`` with fewer than two points
+    below 100% or no falling trend."""
+    errors = [(x, 1.0 - acc) for x, acc in points if acc < 1.0]
+    xs = [math.log(x) for x, _ in errors]
+    if len(set(xs)) < 2:
         return None
-    xs = [math.log(it) for it, _ in points]
-    ys = [math.log(error) for _, error in points]
+    ys = [math.log(error) for _, error in errors]
     x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = (sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys))
              / sum((x - x_mean) ** 2 for x in xs))
