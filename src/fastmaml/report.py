@@ -514,13 +514,15 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
         preset_name, overrides = BUDGETS[budget][name]
         run_dir = root / name
         try:
+            experiment = None
             if finished(run_dir, preset_name, overrides):
                 say(f"fastmaml: {name}: finished in {run_dir}, skipped (figures drawn again)")
             else:
                 train_run(preset_name, run_dir, overrides, progress=progress)
-                load_experiment(run_dir).evaluate(progress=progress)
+                experiment = load_experiment(run_dir)
+                experiment.evaluate(progress=progress)
             if is_main():
-                load_experiment(run_dir).plot()
+                (experiment or load_experiment(run_dir)).plot()
         except FastMAMLError as error:  # e.g. no data here: the others still run
             if world()[1] > 1:  # one rank's error (its run lock): the ranks would part ways
                 raise
