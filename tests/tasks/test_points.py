@@ -40,6 +40,20 @@ def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: P
             read_points(tmp_path / name, "query", need_y=need_y)
 
 
+@pytest.mark.parametrize("text, message", [
+    ("abc,1\n1,2\n3,4\n", "line 1 of the support CSV .* holds 'abc', which is not a number"),
+    ("x,y\n1,2\n3\n4,5\n", "line 3 of the support CSV .* has 1 field"),
+    ("x,y\n1,2\n\n3,oops\n", "line 4 of the support CSV .* holds 'oops'"),
+    ("x,y\n", "holds no points"),
+    ("", "holds no points"),
+])
+def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
+        tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "points.csv").write_text(text)
+    with pytest.raises(DataError, match=message):
+        read_points(tmp_path / "points.csv", "support", need_y=True)
+
+
 def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:
     for t in range(10):
         write_task(tmp_path / "tasks" / f"t{t}.csv", t, 3 if t == 4 else 8)
@@ -67,6 +81,14 @@ def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:
     assert (x < lengths[:, None]).all()  # only points of that task's own file
     assert all(len(set(row.tolist())) == 6 for row in x)  # without replacement
     assert set(y[:, 0].tolist()) == {0.0, 1.0, 2.0}
+
+
+def test_a_task_file_in_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
+    write_task(tmp_path / "train" / "t0.csv", 0, 6)
+    write_task(tmp_path / "train" / "t1.csv", 1, 6)
+    write_task(tmp_path / "test" / "t0.csv", 0, 6)  # a copy of a training task
+    with pytest.raises(DataError, match="task file t0.csv is in both train/ and test/"):
+        load_point_tasks(tmp_path, min_points=6)
 
 
 def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:

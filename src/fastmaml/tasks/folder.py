@@ -86,17 +86,10 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
     if found and found[0][0] is None:  # no explicit splits
         short = {folder for _, folder in found if len(image_files(folder)) < min_images}
         assignment = assign_items(root, [item for item in found if item[1] not in short],
-                                  fractions, seed)
+                                  fractions, seed, "class")
         assignment["train"] += sorted(folder.relative_to(root).as_posix() for folder in short)
         return assignment
-    seen: dict[str, str] = {}
-    for split, folder in found:
-        name = folder.relative_to(root / split).as_posix()
-        if name in seen:
-            raise DataError(f"class {name} is in both {seen[name]}/ and {split}/ of {root}: "
-                            "a class in two splits would be tested on what it trained on")
-        seen[name] = split
-    return assign_items(root, found, fractions, seed)
+    return assign_items(root, found, fractions, seed, "class")
 
 
 def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *,

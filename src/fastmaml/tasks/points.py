@@ -28,32 +28,39 @@ class ShortTasksWarning(FastMAMLWarning):
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool
                 ) -> tuple[Tensor, Tensor | None]:
     """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
-    header line (a header ``y,x`` swaps the columns): (x, y or None) as float (N, 1) tensors."""
+    header line (a first line with no number in it; a header ``y,x`` swaps the columns): (x, y
+    or None) as float (N, 1) tensors. A bad line is a ``DataError`` that names it."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
                         "a CSV of x,y points")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
-            rows = [row for row in csv.reader(handle) if row and any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError) as error:
+            reader = csv.reader(handle)
+            lines = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    if rows and not _is_number(rows[0][0]):  # a header line
-        header, rows = [name.strip().lower() for name in rows[0]], rows[1:]
-        if header == ["y", "x"]:
-            rows = [row[::-1] for row in rows]
-    other = next((mark for mark in (";", "\t", "|") if rows and mark in rows[0][0]), None)
+    swapped = False
+    if lines and not any(_is_number(cell) for cell in lines[0][1]):  # a header line
+        swapped = [name.strip().lower() for name in lines[0][1]] == ["y", "x"]
+        lines = lines[1:]
+    expected = "x,y" if need_y else "x (or x,y)"
+    if not lines:
+        raise DataError(f"the {role} CSV {path} holds no points: it needs one {expected} row per "
+                        "point")
+    other = next((mark for mark in (";", "\t", "|") if mark in lines[0][1][0]), None)
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
-    widths = {len(row) for row in rows}
-    if not rows or not widths <= ({2} if need_y else {1, 2}) or len(widths) != 1:
-        expected = "x,y" if need_y else "x (or x,y)"
-        raise DataError(f"the {role} CSV {path} must hold one {expected} row per point, all "
-                        f"alike{hint}")
-    try:
-        values = torch.tensor([[float(c) for c in row] for row in rows], dtype=torch.float32)
-    except ValueError as error:
-        raise DataError(f"the {role} CSV {path} holds a value that is not a number: "
-                        f"{error}{hint}") from None
+    width = len(lines[0][1])
+    for number, row in lines:
+        if len(row) != width or width not in ((2,) if need_y else (1, 2)):
+            raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
+                            f"must hold one {expected} row per point, all alike{hint}")
+        bad = next((cell for cell in row if not _is_number(cell)), None)
+        if bad is not None:
+            raise DataError(f"line {number} of the {role} CSV {path} holds {bad.strip()!r}, "
+                            f"which is not a number{hint}")
+    values = torch.tensor([[float(c) for c in (row[::-1] if swapped else row)]
+                           for _, row in lines], dtype=torch.float32)
     if not torch.isfinite(values).all():
         raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
     return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
@@ -75,9 +82,10 @@ def task_files(folder: Path) -> list[Path]:
 
 def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
                  seed: int = 1) -> Assignment:
-    """Each split's task files, relative to ``root`` (``splits.assign_items``)."""
+    """Each split's task files, relative to ``root`` (``splits.assign_items``); with explicit
+    splits, a file name in two of them is an error."""
     root = data_root(root)
-    return assign_items(root, found_items(root, task_files), fractions, seed)
+    return assign_items(root, found_items(root, task_files), fractions, seed, "task file")
 
 
 @dataclass

@@ -83,10 +83,18 @@ def found_items(root: Path, list_items: ListItems) -> list[tuple[str | None, Pat
 
 
 def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Sequence[float],
-                 seed: int) -> Assignment:
+                 seed: int, kind: str) -> Assignment:
     """Each split's items (``found_items``), relative to ``root``: the explicit splits, or the
-    items shuffled with ``seed`` and cut by ``fractions``."""
+    items shuffled with ``seed`` and cut by ``fractions``. With explicit splits, an item name
+    (a ``kind``) in two of them is an error."""
     if found and found[0][0] is not None:
+        seen: dict[str, str] = {}
+        for split, item in found:
+            name = item.relative_to(root / str(split)).as_posix()
+            if name in seen:
+                raise DataError(f"{kind} {name} is in both {seen[name]}/ and {split}/ of {root}: "
+                                f"a {kind} in two splits would be tested on what it trained on")
+            seen[name] = str(split)
         return {name: [item.relative_to(root).as_posix() for split, item in found if split == name]
                 for name in SPLITS}
     cut = split_indices(len(found), fractions, seed)
