@@ -156,7 +156,9 @@ def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
     # the paper's protocol: the query set is one batch, so one class alone predicts otherwise
     batch = predict(run, support, query, norm="query")
     in_batch = {r["path"]: r["probabilities"] for r in batch.rows}
-    alone = predict(run, support, query / "color1", norm="query")
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="normalises the 2 query image.* fewer "
+                      "than the task's 3 classes"):
+        alone = predict(run, support, query / "color1", norm="query")
     assert batch.summary["norm"] == "query"
     assert any(row["probabilities"] != pytest.approx(in_batch[row["path"]], abs=1e-6)
                for row in alone.rows)
@@ -177,8 +179,11 @@ def test_a_large_query_is_predicted_in_chunks_with_the_same_result(
     monkeypatch.setattr(run.maml, "_forward", lambda *args: calls.append(1) or forward(*args))
     torch.testing.assert_close(run.predict(adapted, queries, context=x), whole)
     assert len(calls) == 5  # 9 query images, 2 per chunk
-    with pytest.raises(fastmaml.errors.ShapeError, match=r"class\(es\) \[1\] have none"):
+    with pytest.raises(fastmaml.errors.ShapeError, match="must be 0..N-1 .* got the 2 distinct "
+                                                         "labels 0, 2: number them 0..1"):
         run.adapt(x, [0, 2, 2])
+    with pytest.raises(fastmaml.errors.ShapeError, match="got the 2 distinct labels 0, 7"):
+        run.adapt(x[:2], [0, 7])  # two classes of a 3-way run, but not numbered 0..1
 
 
 def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Path,
@@ -200,6 +205,10 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
     with pytest.raises(fastmaml.errors.ShapeError, match="support images are torch.uint8, not "
                        "floating point: run.preprocess"):
         run.adapt((x * 255).byte(), [0, 0, 1, 1])
+    size = x.shape[-1]
+    with pytest.raises(fastmaml.errors.ShapeError, match=rf"query images are \(1, 3, {size + 4}, "
+                       rf"{size + 4}\), but this run takes \(N, 3, {size}, {size}\)"):
+        run.predict(adapted, torch.rand(1, 3, size + 4, size + 4))
     with pytest.raises(fastmaml.errors.ShapeError, match="labels must be a non-empty 1-d integer"):
         run.adapt(x, torch.tensor([0.0, 0.0, 1.0, 1.0]))
 

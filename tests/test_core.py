@@ -356,6 +356,9 @@ def test_mismatched_task_counts_and_example_counts_are_named():
         maml.meta_loss(TaskBatch(batch.support_x, batch.support_y[:, :3], batch.query_x, batch.query_y))
     with pytest.raises(ShapeError, match="four tensors"):
         maml.meta_loss((batch.support_x, batch.support_y))
+    with pytest.raises(ShapeError, match=r"four tensors.*got 4: ndarray, ndarray, Tensor, Tensor "
+                                         r"\(torch.as_tensor converts arrays\)"):
+        maml.meta_loss((batch.support_x.numpy(), batch.support_y.numpy(), *batch[2:]))
     with pytest.raises(ShapeError, match="at least one task, got 0"):
         maml.meta_backward(TaskBatch(*(t[:0] for t in batch)))
     with pytest.raises(ShapeError, match=r"support_x \(3, 0, 1\) holds no examples"):
@@ -390,6 +393,11 @@ def test_input_that_does_not_fit_the_model_is_named():
     for batched in (None, True, False):
         with pytest.raises(ShapeError, match=r"forward failed on a per-task input of shape \(4, 3\)"):
             MAML(model, loss_fn, batched=batched).meta_loss(bad)
+    single = TaskBatch(*(t.float() if t.is_floating_point() else t for t in mlp_problem()[2]))
+    for batched in (None, True, False):  # float32 tasks, a float64 model
+        with pytest.raises(ShapeError, match=r"\(the input is torch.float32 but the model's "
+                                             r"parameters are torch.float64: convert one"):
+            MAML(model, loss_fn, batched=batched).meta_loss(single)
 
 
 def test_negative_steps_and_empty_selection_are_config_errors():
@@ -1017,6 +1025,9 @@ def test_predict_with_a_context_normalises_each_row_with_the_context_alone():
                                                                               support]))[0])
     alone = [maml.predict(adapted, row[None]) for row in queries]  # normalised by itself alone:
     torch.testing.assert_close(alone[0], alone[1])  # every row gets the same output
+    for context in (torch.randn(6, 3), support[None], support[:0]):
+        with pytest.raises(ShapeError, match=r"context .* must be examples shaped as x's \(2,\)"):
+            maml.predict(adapted, queries, context=context)
 
 
 def test_adapting_zero_steps_returns_copies_that_leave_the_model_as_it_is():

@@ -118,6 +118,11 @@ class TrainedRun:
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
                              "run.preprocess turns image files into the run's model input")
+        fmt = self.image_format
+        if fmt is not None and tuple(values.shape[1:]) != (fmt.channels, fmt.size, fmt.size):
+            raise ShapeError(f"the {role} images are {tuple(values.shape)}, but this run takes "
+                             f"(N, {fmt.channels}, {fmt.size}, {fmt.size}): run.preprocess turns "
+                             "image files into the run's model input")
         return values.to(next(self.maml.model.parameters()).dtype)
 
     def _checked_labels(self, labels: Tensor) -> tuple[Tensor, int]:
@@ -127,17 +132,17 @@ class TrainedRun:
             raise ShapeError("classification labels must be a non-empty 1-d integer tensor, got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
         labels = labels.long()
-        num_classes = int(labels.max()) + 1
-        if int(labels.min()) < 0:
-            raise ShapeError("classification labels must be 0..N-1")
+        present = labels.unique().tolist()
+        num_classes = len(present)
         if num_classes > self.num_classes:
             raise ConfigError(f"the task has {num_classes} classes, but the run was trained "
                               f"{self.num_classes}-way: it can adapt to at most "
                               f"{self.num_classes} classes")
-        missing = (torch.bincount(labels, minlength=num_classes) == 0).nonzero().flatten()
-        if len(missing):
-            raise ShapeError(f"classification labels must give every class 0..{num_classes - 1} "
-                             f"a support example; class(es) {missing.tolist()} have none")
+        if present != list(range(num_classes)):
+            shown = ", ".join(map(str, present[:10])) + (", ..." if num_classes > 10 else "")
+            raise ShapeError(f"classification labels must be 0..N-1 for a task of N classes, "
+                             f"every one with a support example; got the {num_classes} distinct "
+                             f"labels {shown}: number them 0..{num_classes - 1}")
         if num_classes < 2:
             raise ConfigError("the support set has one class: a classifier needs at least 2 "
                               "classes to choose between")
@@ -306,6 +311,12 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
     shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
+    if norm == "query" and len(asked.paths) < len(shots.classes):
+        warnings.warn(f"norm='query' normalises the {len(asked.paths)} query image(s) as one "
+                      f"batch, fewer than the task's {len(shots.classes)} classes: its batch "
+                      "statistics are far from training's and the predictions unreliable; "
+                      "norm='each' (the default) suits a few images", FastMAMLWarning,
+                      stacklevel=2)
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
     logits = run.predict(adapted, run.preprocess(asked.paths),

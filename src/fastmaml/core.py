@@ -80,7 +80,10 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     if isinstance(batch, dict):
         batch = [batch.get(k) for k in TaskBatch._fields]
     if len(batch) != 4 or not all(isinstance(t, Tensor) for t in batch):
-        raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y")
+        got = ", ".join(type(t).__name__ for t in batch)
+        raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y; "
+                         f"got {len(batch)}: {got}" + ("" if len(batch) != 4 else
+                                                       " (torch.as_tensor converts arrays)"))
     batch = TaskBatch(*batch)
     counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
     if None in counts.values() or len(set(counts.values())) != 1:
@@ -282,8 +285,12 @@ class MAML(nn.Module):
         except torch.OutOfMemoryError:  # a RuntimeError, but not the model's input's fault
             raise
         except RuntimeError as error:
+            weights = next((p.dtype for p in fast.values() if p.is_floating_point()), x.dtype)
+            hint = (f" (the input is {x.dtype} but the model's parameters are {weights}: "
+                    "convert one to the other)" if x.is_floating_point() and x.dtype != weights
+                    else "")
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
-                             f"{tuple(x.shape)}: {error}") from error
+                             f"{tuple(x.shape)}{hint}: {error}") from error
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
@@ -854,6 +861,9 @@ class MAML(nn.Module):
         params = {**fast, **adapted}
         if context is None:
             return self._forward(params, frozen, x)
+        if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
+            raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
+                             f"{tuple(x.shape)[1:]} (e.g. the task's support inputs), at least one")
         return vmap(lambda row: self._forward(params, frozen, torch.cat([row[None], context]))[0],
                     randomness="different", chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
                     )(x)
