@@ -120,6 +120,12 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert json.loads((run / "splits.json").read_text()) == recorded
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="a-new-class"):
         assert {k: s.names for k, s in load_experiment(run).splits().items()} == names
+    shutil.rmtree(data / "class05")  # e.g. another folder given to the same --out
+    capsys.readouterr()
+    assert main(["train", "fewshot-folder", "iterations=4", *common]) == 2
+    err = capsys.readouterr().err
+    assert "1 class folder(s) of this run are missing from" in err
+    assert "or start a new run (train with another --out)" in err
 
 
 @pytest.mark.filterwarnings("ignore::fastmaml.errors.FastMAMLWarning")  # the added class
@@ -164,8 +170,10 @@ def test_a_folder_run_that_could_not_be_tested_is_refused_before_training(tmp_pa
     assert all(line.startswith("fastmaml: warning:") for line in warned)
     assert err.startswith("fastmaml: error:") and (
         "n_way=3 needs at least 3 classes, but the test split" in err)
-    assert ("(train/val/test have 5/0/2 classes of at least 2 images); give a new run more "
-            "classes or other split_fractions (now 0.7,0.0,0.3)") in err
+    assert ("(train/val/test have 5/0/2 classes of at least 2 images: k_shot 1 + the larger of "
+            "k_query 1 and the evaluation's queries 1 (eval_k_query, default k_shot)); give a new "
+            "run more classes or other split_fractions (now 0.7,0.0,0.3), more images per class "
+            "or fewer shots and queries") in err
     assert not (run / "checkpoints").exists()
 
 
@@ -180,3 +188,22 @@ def test_a_system_refusal_is_one_line_naming_the_path(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert err.startswith("fastmaml: error: [Errno") and err.count("\n") == 1
     assert str(tmp_path / "cache") in err
+
+
+def test_within_group_tasks_too_few_classes_name_the_split_and_the_cut(tmp_path, capsys):
+    """Groups of 4 classes, cut by split_fractions: a test split of 2-way within-group tasks
+    finds no group of 2 classes, and the error says which split and why."""
+    data = tmp_path / "data"
+    for g in range(3):
+        for c in range(4):
+            folder = data / f"group{g}" / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.new("L", (8, 8), 60 * g + 10 * c + i).save(folder / f"{i}.png")
+    assert main(["train", "fewshot-folder", "--out", str(tmp_path / "run"), "--data-root",
+                 str(data), "class_depth=2", "within_alphabet=true", "n_way=2",
+                 "split_fractions=0.75,0,0.25", "image_size=8", "hidden=4", "meta_batch=2",
+                 "iterations=1", "val_every=0", "--no-progress"]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert f"the test split of {data}: within-group tasks need a group of at least n_way=2" in err
+    assert "split_fractions cut each group's classes over train/val/test" in err

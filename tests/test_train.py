@@ -290,7 +290,8 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)
     with pytest.raises(ConfigError, match=r"keeps the inner_lr it started with \(for training, "
-                       "evaluation and adapt alike\); only .*eval_tasks"):
+                       "evaluation and adapt alike\); only .*eval_tasks.*; other settings need "
+                       "a new run: train with another --out"):
         load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
     cosine = tmp_path / "cosine"

@@ -135,6 +135,15 @@ def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path
     (root / "validation" / "c").mkdir(parents=True)
     with pytest.raises(DataError, match=r"also validation/, which would be left unread"):
         assign_classes(root)
+    cased = tmp_path / "cased"  # a Windows habit: Train/ and Test/
+    for split in ("Train", "Test"):
+        write_class(cased / split / "a-class", 2, value=1)
+    with pytest.raises(DataError, match=r"has Test/, Train/: explicit split folders are named in "
+                                        r"lower case .* rename Test/ to test/, Train/ to train/"):
+        assign_classes(cased)
+    write_class(tmp_path / "classes" / "Test", 2, value=1)  # a class that is named Test
+    write_class(tmp_path / "classes" / "Control", 2, value=2)
+    assert assign_classes(tmp_path / "classes", fractions=(0.5, 0, 0.5))["test"]
 
 
 def test_a_class_in_two_explicit_splits_is_an_error(tmp_path: Path) -> None:

@@ -373,5 +373,6 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
                           "(for training, evaluation and adapt alike); only "
                           f"{', '.join(sorted(resumable))} may change"
-                          + (" (the cosine meta_lr schedule spans the iterations)" if cosine else ""))
+                          + (" (the cosine meta_lr schedule spans the iterations)" if cosine else "")
+                          + "; other settings need a new run: train with another --out")
     return cfg

@@ -194,17 +194,29 @@ class FewShotExperiment(Experiment):
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"
                             + (self._more_classes_hint() if self.cfg.dataset == "folder" else ""))
-        return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
-                              rotate=self.rotates(split),
-                              device=self.device if on_device else None, groups=groups,
-                              within_group=within)
+        try:
+            return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
+                                  rotate=self.rotates(split),
+                                  device=self.device if on_device else None, groups=groups,
+                                  within_group=within)
+        except DataError as error:  # named with its split
+            cut = (within and self.cfg.dataset == "folder"
+                   and not has_explicit_splits(self.data_root()))
+            raise DataError(f"the {split} split of {self.data_root()}: {error}" + (
+                "; split_fractions cut each group's classes over train/val/test, so give "
+                "explicit train/, val/ and test/ folders of whole groups" if cut else "")
+                ) from None
 
     def _more_classes_hint(self) -> str:
         sizes = "/".join(str(len(self.splits()[name].images)) for name in SPLITS)
         other = ("" if has_explicit_splits(self.data_root()) else
                  f" or other split_fractions (now {','.join(map(str, self.cfg.split_fractions))})")
-        return (f" (train/val/test have {sizes} classes of at least {self.min_images()} images)"
-                f"; give a new run more classes{other}: a run keeps the classes it started with")
+        cfg = self.cfg
+        need = (f"k_shot {cfg.k_shot} + the larger of k_query {cfg.k_query} and the evaluation's "
+                f"queries {cfg.eval_queries} (eval_k_query, default k_shot)")
+        return (f" (train/val/test have {sizes} classes of at least {self.min_images()} images: "
+                f"{need}); give a new run more classes{other}, more images per class or fewer "
+                "shots and queries: a run keeps the classes it started with")
 
     def test_kinds(self) -> tuple[bool, ...]:
         """Whether each kind of test task is within an alphabet. Lake et al.'s protocol: random

@@ -85,7 +85,8 @@ class RegressionExperiment(Experiment):
             why = (f"none of its {files} task files has {self.cfg.k_shot + self.cfg.k_query} "
                    "points (k_shot + k_query)" if files else "it has no task files")
             raise DataError(f"the {split} split of {self.data_root()} cannot give a task: {why}; "
-                            "give a new run more task files (or other split_fractions)")
+                            "give a new run more task files (or other split_fractions), longer "
+                            "ones or a lower k_shot or k_query")
         return PointSampler(tasks, self.cfg.k_shot, self.cfg.k_query, self.device)
 
     def build_maml(self) -> MAML:

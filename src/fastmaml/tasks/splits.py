@@ -59,6 +59,11 @@ def has_explicit_splits(root: Path) -> bool:
     """Whether ``root`` holds train/ and test/ (and optionally val/) and nothing else."""
     folders = [p.name for p in subfolders(root)]
     explicit = [name for name in SPLITS if name in folders]
+    cased = [name for name in folders if name.lower() in SPLITS and name not in SPLITS]
+    if cased and (explicit or {"train", "test"} <= {name.lower() for name in cased}):
+        raise DataError(f"{root} has {', '.join(n + '/' for n in cased)}: explicit split "
+                        "folders are named in lower case (train/, val/, test/); rename "
+                        + ", ".join(f"{n}/ to {n.lower()}/" for n in cased))
     if not explicit:
         return False
     missing = [f"{name}/" for name in ("train", "test") if name not in explicit]
@@ -115,7 +120,8 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
     if missing:
         raise DataError(f"{len(missing)} {kind}(s) of this run are missing from {root} (e.g. "
                         f"{missing[0]}): a run keeps the {kind}s it started with (its "
-                        "splits.json); restore them, or start a new run")
+                        "splits.json); restore them, or start a new run (train with another "
+                        "--out)")
     added = [key for key, _, _ in keyed if key not in split_of]
     if added:
         warnings.warn(f"left out {len(added)} {kind}(s) of {root} that are not in this run's "
