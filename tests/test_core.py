@@ -374,6 +374,15 @@ def test_labels_the_loss_cannot_take_are_named(batched):
         MAML(model, loss_fn, batched=batched).meta_backward(bad)
 
 
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_targets_an_elementwise_loss_would_broadcast_are_refused(batched):
+    model, loss_fn, batch = mlp_problem()  # MSE; predictions (tasks, K, 1)
+    flat = TaskBatch(batch.support_x, batch.support_y[..., 0], batch.query_x, batch.query_y)
+    with pytest.raises(ShapeError, match=r"mse_loss would broadcast a task's predictions "
+                                         r"\(\d+, 1\) and targets \(\d+,\)"):
+        MAML(model, F.mse_loss, batched=batched).meta_loss(flat)
+
+
 def test_out_of_memory_in_the_model_or_loss_is_not_called_a_shape_error():
     model, loss_fn, batch = mlp_problem()
 

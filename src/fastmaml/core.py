@@ -48,6 +48,10 @@ COMPILED_TOLERANCE = 1e-3
 # batches is now caught only where five of them come in a row.
 COMPILED_CHECKS = 5
 PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises each with a context
+# element-wise losses that broadcast predictions and targets of different shapes with only a
+# warning (e.g. (K, 1) against (K,) gives a K x K loss): a wrong loss, refused here instead
+_BROADCASTING_LOSSES = (torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
+                        torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
@@ -295,8 +299,14 @@ class MAML(nn.Module):
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
         predictions = self._forward(fast, frozen, x)
+        fn = fn or self.loss_fn
+        if (fn in _BROADCASTING_LOSSES and isinstance(predictions, Tensor)
+                and predictions.shape != y.shape):
+            raise ShapeError(f"{fn.__name__} would broadcast a task's predictions "
+                             f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
+                             "targets shaped as the model's output (e.g. y[..., None])")
         try:
-            value = (fn or self.loss_fn)(predictions, y)
+            value = fn(predictions, y)
         except (FastMAMLError, torch.OutOfMemoryError):
             raise
         except (RuntimeError, IndexError, ValueError) as error:  # e.g. a label out of range
