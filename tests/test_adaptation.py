@@ -184,6 +184,8 @@ def test_a_large_query_is_predicted_in_chunks_with_the_same_result(
         run.adapt(x, [0, 2, 2])
     with pytest.raises(fastmaml.errors.ShapeError, match="got the 2 distinct labels 0, 7"):
         run.adapt(x[:2], [0, 7])  # two classes of a 3-way run, but not numbered 0..1
+    with pytest.raises(ConfigError, match="support set has one class"):
+        run.adapt(x[:2], [2, 2])
 
 
 def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Path,

@@ -356,9 +356,16 @@ def test_mismatched_task_counts_and_example_counts_are_named():
         maml.meta_loss(TaskBatch(batch.support_x, batch.support_y[:, :3], batch.query_x, batch.query_y))
     with pytest.raises(ShapeError, match="four tensors"):
         maml.meta_loss((batch.support_x, batch.support_y))
-    with pytest.raises(ShapeError, match=r"four tensors.*got 4: ndarray, ndarray, Tensor, Tensor "
-                                         r"\(torch.as_tensor converts arrays\)"):
+    with pytest.raises(ShapeError, match=r"four tensors.*got 4 items: ndarray, ndarray, Tensor, "
+                                         r"Tensor \(torch.as_tensor converts arrays\)"):
         maml.meta_loss((batch.support_x.numpy(), batch.support_y.numpy(), *batch[2:]))
+    with pytest.raises(ShapeError, match=r"got one tensor of shape \(3, 5, 1\)$"):
+        maml.meta_loss(batch.support_x)
+    with pytest.raises(ShapeError, match=r"got 2 items: Tensor, Tensor$"):
+        maml.meta_loss((batch.support_x, batch.support_y))
+    with pytest.raises(ShapeError, match="as a dict needs the keys .*; missing query_x, query_y"):
+        maml.meta_loss({"support_x": batch.support_x, "support_y": batch.support_y,
+                        "query": batch.query_x})
     with pytest.raises(ShapeError, match="at least one task, got 0"):
         maml.meta_backward(TaskBatch(*(t[:0] for t in batch)))
     with pytest.raises(ShapeError, match=r"support_x \(3, 0, 1\) holds no examples"):

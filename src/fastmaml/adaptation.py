@@ -138,14 +138,14 @@ class TrainedRun:
             raise ConfigError(f"the task has {num_classes} classes, but the run was trained "
                               f"{self.num_classes}-way: it can adapt to at most "
                               f"{self.num_classes} classes")
+        if num_classes < 2:
+            raise ConfigError("the support set has one class: a classifier needs at least 2 "
+                              "classes to choose between")
         if present != list(range(num_classes)):
             shown = ", ".join(map(str, present[:10])) + (", ..." if num_classes > 10 else "")
             raise ShapeError(f"classification labels must be 0..N-1 for a task of N classes, "
                              f"every one with a support example; got the {num_classes} distinct "
                              f"labels {shown}: number them 0..{num_classes - 1}")
-        if num_classes < 2:
-            raise ConfigError("the support set has one class: a classifier needs at least 2 "
-                              "classes to choose between")
         return labels, num_classes
 
 

@@ -79,15 +79,29 @@ class TaskBatch(NamedTuple):
         return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
 
 
+def _described(batch: Any) -> str:
+    """What was given as a task batch, in words for its error."""
+    if isinstance(batch, Tensor):
+        return f"one tensor of shape {tuple(batch.shape)}"
+    kinds = [type(t).__name__ for t in batch]
+    arrays = any(isinstance(t, (list, tuple)) or not isinstance(t, Tensor)
+                 and hasattr(t, "__array__") for t in batch)
+    return (f"{len(kinds)} items: {', '.join(kinds[:6])}" + (", ..." if len(kinds) > 6 else "")
+            + (" (torch.as_tensor converts arrays)" if arrays else ""))
+
+
 def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     """Validate the four task tensors and return them as a ``TaskBatch``."""
     if isinstance(batch, dict):
-        batch = [batch.get(k) for k in TaskBatch._fields]
-    if len(batch) != 4 or not all(isinstance(t, Tensor) for t in batch):
-        got = ", ".join(type(t).__name__ for t in batch)
+        missing = [k for k in TaskBatch._fields if k not in batch]
+        if missing:
+            raise ShapeError(f"a task batch as a dict needs the keys {', '.join(TaskBatch._fields)}"
+                             f"; missing {', '.join(missing)}")
+        batch = [batch[k] for k in TaskBatch._fields]
+    if isinstance(batch, Tensor) or len(batch) != 4 or not all(isinstance(t, Tensor)
+                                                               for t in batch):
         raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y; "
-                         f"got {len(batch)}: {got}" + ("" if len(batch) != 4 else
-                                                       " (torch.as_tensor converts arrays)"))
+                         f"got {_described(batch)}")
     batch = TaskBatch(*batch)
     counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
     if None in counts.values() or len(set(counts.values())) != 1:

@@ -20,8 +20,8 @@ from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
 from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
-from .experiments import (PRESETS, experiment_class, load_experiment, preset_config,
-                          train_run)
+from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
+                          preset_config, train_run)
 from .experiments.base import read_eval
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
@@ -339,10 +339,8 @@ def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
             else f"{target:.1%}: no falling trend")
 
 
-# settings that change how a run is carried out or checked, not what it learns
-_NOT_THE_RECIPE = {"iterations", "threads", "tune_malloc", "path", "chunk_size", "device",
-                   "checkpoint_steps", "checkpoint_every", "log_every", "val_every", "val_tasks",
-                   "eval_tasks", "eval_chunk"}
+# what a run may change on resume (how it runs and is evaluated), and its seed: not its recipe
+_NOT_THE_RECIPE = RESUMABLE_KEYS | {"seed"}
 
 
 def _recipe(run: Run) -> tuple[str, dict[str, Any]]:
@@ -352,14 +350,19 @@ def _recipe(run: Run) -> tuple[str, dict[str, Any]]:
 
 def _schedule_projection(run: Run, headline: Headline, evaluated: Sequence[Run]) -> str:
     """The schedule length at which a power law through the test errors of the finished,
-    evaluated runs of ``run``'s recipe (two or more lengths) reaches ``headline``'s figure."""
+    evaluated runs of ``run``'s recipe (two or more lengths; runs of one length, e.g. seeds,
+    averaged) reaches ``headline``'s figure. The recipe's fixed-length phases (e.g. first order
+    for 2,000 iterations) take a shorter schedule's larger share."""
     target = headline.value / 100
-    test_accuracy = {}  # schedule length -> test accuracy
+    by_length: dict[int, list[float]] = {}  # schedule length -> test accuracies
     for other in evaluated:
+        if (_recipe(other) != _recipe(run) or other.stale_evaluation
+                or other.iterations < int(other.config.get("iterations", 0))):
+            continue
         row = evaluate_row(headline, other)
-        if (_recipe(other) == _recipe(run) and row.mean is not None and not other.stale_evaluation
-                and other.iterations >= int(other.config.get("iterations", 0))):
-            test_accuracy[other.iterations] = row.mean / 100
+        if row.mean is not None:
+            by_length.setdefault(other.iterations, []).append(row.mean / 100)
+    test_accuracy = {length: sum(means) / len(means) for length, means in by_length.items()}
     if len(test_accuracy) < 2:
         return (f"{target:.1%}: not projected (cosine meta_lr: needs finished runs of this "
                 "recipe at two schedule lengths)")

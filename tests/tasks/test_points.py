@@ -46,6 +46,7 @@ def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: P
     ("x,y\n1,2\n\n3,oops\n", "line 4 of the support CSV .* holds 'oops'"),
     ("x,y\n", "holds no points"),
     ("", "holds no points"),
+    ("1;2\n", "line 1 of the support CSV .* has 1 field.*fields look separated by ';'"),
 ])
 def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
         tmp_path: Path, text: str, message: str) -> None:
@@ -83,11 +84,14 @@ def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:
     assert set(y[:, 0].tolist()) == {0.0, 1.0, 2.0}
 
 
-def test_a_task_file_in_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
+def test_a_task_copied_into_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
     write_task(tmp_path / "train" / "t0.csv", 0, 6)
     write_task(tmp_path / "train" / "t1.csv", 1, 6)
-    write_task(tmp_path / "test" / "t0.csv", 0, 6)  # a copy of a training task
-    with pytest.raises(DataError, match="task file t0.csv is in both train/ and test/"):
+    write_task(tmp_path / "test" / "t0.csv", 9, 6)  # numbered afresh in its split: another task
+    assert assign_tasks(tmp_path)["test"] == ["test/t0.csv"]
+    write_task(tmp_path / "test" / "t7.csv", 1, 6)  # a copy of a training task
+    with pytest.raises(DataError, match=r"train/t1.csv and test/t7.csv of .* are one task \(the "
+                                        r"same file contents, [0-9a-f]{12}\) in two splits"):
         load_point_tasks(tmp_path, min_points=6)
 
 

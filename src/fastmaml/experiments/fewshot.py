@@ -200,7 +200,9 @@ class FewShotExperiment(Experiment):
                                   device=self.device if on_device else None, groups=groups,
                                   within_group=within)
         except DataError as error:  # named with its split
-            cut = (within and self.cfg.dataset == "folder"
+            groups_too_small = (within and groups is not None and self.cfg.n_way
+                                > int(groups.unique(return_counts=True)[1].max()))
+            cut = (groups_too_small and self.cfg.dataset == "folder"
                    and not has_explicit_splits(self.data_root()))
             raise DataError(f"the {split} split of {self.data_root()}: {error}" + (
                 "; split_fractions cut each group's classes over train/val/test, so give "

@@ -86,10 +86,15 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
     if found and found[0][0] is None:  # no explicit splits
         short = {folder for _, folder in found if len(image_files(folder)) < min_images}
         assignment = assign_items(root, [item for item in found if item[1] not in short],
-                                  fractions, seed, "class")
+                                  fractions, seed, "class", _class_name)
         assignment["train"] += sorted(folder.relative_to(root).as_posix() for folder in short)
         return assignment
-    return assign_items(root, found, fractions, seed, "class")
+    return assign_items(root, found, fractions, seed, "class", _class_name)
+
+
+def _class_name(split_root: Path, folder: Path) -> str:
+    """A class's identity across explicit splits: its name (e.g. cat in train/ and test/)."""
+    return f"named {folder.relative_to(split_root).as_posix()}"
 
 
 def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *,

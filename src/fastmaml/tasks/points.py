@@ -8,6 +8,7 @@ and query points are drawn from its file without replacement, so a file needs at
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -40,16 +41,18 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool
             lines = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
+    # one field holding another separator (header or not): not comma-separated
+    other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
+                  and mark in lines[0][1][0]), None)
+    hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     swapped = False
-    if lines and not any(_is_number(cell) for cell in lines[0][1]):  # a header line
+    if lines and not other and not any(_is_number(cell) for cell in lines[0][1]):  # a header
         swapped = [name.strip().lower() for name in lines[0][1]] == ["y", "x"]
         lines = lines[1:]
     expected = "x,y" if need_y else "x (or x,y)"
     if not lines:
         raise DataError(f"the {role} CSV {path} holds no points: it needs one {expected} row per "
                         "point")
-    other = next((mark for mark in (";", "\t", "|") if mark in lines[0][1][0]), None)
-    hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     width = len(lines[0][1])
     for number, row in lines:
         if len(row) != width or width not in ((2,) if need_y else (1, 2)):
@@ -83,9 +86,16 @@ def task_files(folder: Path) -> list[Path]:
 def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
                  seed: int = 1) -> Assignment:
     """Each split's task files, relative to ``root`` (``splits.assign_items``); with explicit
-    splits, a file name in two of them is an error."""
+    splits, one file's contents in two of them (a copied task) is an error."""
     root = data_root(root)
-    return assign_items(root, found_items(root, task_files), fractions, seed, "task file")
+    return assign_items(root, found_items(root, task_files), fractions, seed, "task",
+                        _contents)
+
+
+def _contents(split_root: Path, path: Path) -> str:
+    """A task's identity across explicit splits: its file's contents (files are often numbered
+    afresh in each split, so a name in two of them is no sign of one task)."""
+    return f"the same file contents, {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
 
 @dataclass

@@ -25,6 +25,8 @@ SPLITS = ("train", "val", "test")
 JUNK_FOLDERS = {"__MACOSX"}  # resource forks that macOS zips add beside the real folders
 Assignment = dict[str, list[str]]  # split -> its items, as paths relative to the data root
 ListItems = Callable[[Path], list[Path]]  # a folder -> the items in it, sorted
+# (a split's folder, an item in it) -> what makes two items of different splits one, in words
+ItemIdentity = Callable[[Path, Path], str]
 
 
 def subfolders(folder: Path) -> list[Path]:
@@ -88,18 +90,19 @@ def found_items(root: Path, list_items: ListItems) -> list[tuple[str | None, Pat
 
 
 def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Sequence[float],
-                 seed: int, kind: str) -> Assignment:
+                 seed: int, kind: str, identity: ItemIdentity) -> Assignment:
     """Each split's items (``found_items``), relative to ``root``: the explicit splits, or the
-    items shuffled with ``seed`` and cut by ``fractions``. With explicit splits, an item name
-    (a ``kind``) in two of them is an error."""
+    items shuffled with ``seed`` and cut by ``fractions``. With explicit splits, two items of
+    different splits with one ``identity`` are one ``kind`` in two splits: an error."""
     if found and found[0][0] is not None:
-        seen: dict[str, str] = {}
+        seen: dict[str, tuple[str, Path]] = {}
         for split, item in found:
-            name = item.relative_to(root / str(split)).as_posix()
-            if name in seen:
-                raise DataError(f"{kind} {name} is in both {seen[name]}/ and {split}/ of {root}: "
-                                f"a {kind} in two splits would be tested on what it trained on")
-            seen[name] = str(split)
+            key = identity(root / str(split), item)
+            first_split, first = seen.setdefault(key, (str(split), item))
+            if first_split != split:
+                raise DataError(f"{first.relative_to(root).as_posix()} and "
+                                f"{item.relative_to(root).as_posix()} of {root} are one {kind} "
+                                f"({key}) in two splits: it would be tested on what it trained on")
         return {name: [item.relative_to(root).as_posix() for split, item in found if split == name]
                 for name in SPLITS}
     cut = split_indices(len(found), fractions, seed)
