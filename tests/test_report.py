@@ -259,11 +259,28 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
     assert not report.finished(run_dir, *TINY_SINUSOID)
 
 
-def test_unknown_experiment_and_budget_are_clear_errors(tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "cifar", "--budget", "tiny", "--root", str(tmp_path)]) == 2
     assert "unknown experiment(s) cifar" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert main(["report", str(REPO / "results" / "sinusoid"), "--out", str(tmp_path)]) == 2
+    assert f"--out {tmp_path} is a folder: name the report file" in capsys.readouterr().err
+    assert main(["train", "sinusoid", "--out", str(tmp_path / "run"), "iterations=2",
+                 "iterations"]) == 2  # the one bare item named, not every override
+    assert capsys.readouterr().err == ("fastmaml: error: override 'iterations' is not of the "
+                                       "form key=value\n")
+
+
+def test_reproduce_with_no_experiment_reproduced_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    monkeypatch.setenv("FASTMAML_OMNIGLOT", str(tmp_path / "no-omniglot-here"))
+    assert main(["reproduce", "omniglot-5w1s", "--budget", "tiny", "--root",
+                 str(tmp_path / "runs"), "--no-progress"]) == 2
+    out, err = capsys.readouterr()
+    assert "omniglot-5w1s: not reproduced: Omniglot not found in" in out
+    assert err.startswith("fastmaml: error: no run in") and "omniglot-5w1s could not be" in err
 
 
 def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> None:

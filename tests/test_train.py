@@ -290,10 +290,13 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)
     with pytest.raises(ConfigError, match=r"keeps the inner_lr it started with \(for training, "
-                       "evaluation and adapt alike\); only .*eval_tasks.*; other settings need "
+                       r"evaluation and adapt alike\); only .*eval_tasks.*; other settings need "
                        "a new run: train with another --out"):
         load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
+    for length in ("iterations=100000", "baseline_iterations=7"):  # but not by evaluating it
+        with pytest.raises(ConfigError, match=f"keeps the {length.split('=')[0]} it started"):
+            load_experiment(tmp_path, [length])
     cosine = tmp_path / "cosine"
     fit(maml_learner(cosine, meta_lr_schedule="cosine"), cosine, 3, 2, progress=False, stop_after=3)
     with pytest.raises(ConfigError, match="keeps the iterations it started with.*cosine meta_lr schedule"):
@@ -381,14 +384,29 @@ def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):
     log = run / "metrics-maml.csv"
     good = log.read_text()
     log.write_text(good + "\ngarbage,,,\n")  # after a blank line: line 5
+    report = ["report", str(run), "--out", str(tmp_path / "r.md")]
     for command in (["train", "sinusoid-demo", "--out", str(run), *common], ["plot", str(run)],
-                    ["report", str(run), "--out", str(tmp_path / "r.md")]):
+                    report):
         assert f"{log} line 5 is not a row of numbers ('garbage,,,')" in refused(*command)
+    for damage, message in ((bytes(range(128, 256)), "is not a text file"),
+                            (b"iteration,foo\n" + good.encode().split(b"\n", 1)[1],
+                             "line 1, its header, names 2 columns, but line 2 holds 5 values"),
+                            (b"step,loss\n1,2\n", "line 1 is not the header of a metrics log")):
+        log.write_bytes(damage)
+        assert f"{log} {message}" in refused("plot", str(run))
     log.write_text(good)
 
-    (run / "eval.json").write_text('[{"experiment": "sin')
-    for command in (["plot", str(run)], ["report", str(run), "--out", str(tmp_path / "r.md")]):
-        assert f"{run / 'eval.json'} is damaged (" in refused(*command)
+    evaluation = (run / "eval.json").read_text()
+    for damage, message in (('[{"experiment": "sin', "is damaged ("),
+                            ('[{"method": "maml"}]', "does not hold fastmaml's evaluation records"),
+                            ('[{"method": "maml", "mean": [1], "ci95": [1]}]',
+                             "does not hold this experiment's evaluation records (KeyError")):
+        (run / "eval.json").write_text(damage)
+        for command in (["plot", str(run)], report):
+            assert f"{run / 'eval.json'} {message}" in refused(*command)
+    (run / "eval.json").write_text(evaluation)
+    (run / "machine.json").write_text("[1, 2]")  # edited: the machine is not known
+    assert main(report) == 0 and "machine: not recorded" in (tmp_path / "r.md").read_text()
 
     (run / "machine.json").write_text('[{"date": ')
     assert main(["train", "sinusoid-demo", "--out", str(run), *common, "iterations=6"]) == 0
@@ -398,5 +416,6 @@ def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):
 
     config = (run / "config.yaml").read_text()
     (run / "config.yaml").write_text(config.replace("meta_batch: ", "meta_batch: two #"))
-    assert refused("eval", str(run)).startswith(f"fastmaml: error: {run / 'config.yaml'}: "
-                                                "config key 'meta_batch' expects int")
+    for command in (["eval", str(run)], report):
+        assert refused(*command).startswith(f"fastmaml: error: {run / 'config.yaml'}: "
+                                            "config key 'meta_batch' expects int")

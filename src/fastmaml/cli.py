@@ -1,4 +1,4 @@
-"""The ``fastmaml`` command line: presets, train, eval, plot, adapt."""
+"""The fastmaml command line: presets, train, eval, plot, adapt, report and reproduce."""
 from __future__ import annotations
 
 import argparse
@@ -120,7 +120,7 @@ def _as_json(run_dir: Path, result: Predictions) -> str:
 
 def _report(args: argparse.Namespace) -> None:
     paths = [Path(p) for p in args.runs] or [Path("results")]
-    out = write_report(paths, Path(args.out))
+    out = write_report(paths, _report_file(args.out))
     print(f"fastmaml: wrote {out}")
 
 
@@ -128,11 +128,19 @@ def _reproduce(args: argparse.Namespace) -> None:
     init_from_env()  # under torchrun the ranks split each run's meta-batches and test tasks
     main_rank = world()[0] == 0
     root = Path(args.root or f"runs/reproduce-{args.budget}")
-    out = reproduce(args.budget, args.experiments, root, Path(args.out) if args.out else None,
-                    progress=not args.no_progress, say=print if main_rank else lambda *_: None)
+    out = reproduce(args.budget, args.experiments, root,
+                    _report_file(args.out) if args.out else None, progress=not args.no_progress,
+                    say=print if main_rank else lambda *_: None)
     shutdown()
     if main_rank:
         print(f"fastmaml: wrote {out}")
+
+
+def _report_file(out: str) -> Path:
+    """``--out`` of report and reproduce: a file (refused at once when it is a folder)."""
+    if Path(out).is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the report file, e.g. {out}/REPORT.md")
+    return Path(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -194,8 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"any of {', '.join(EXPERIMENTS)} (default: sinusoid, "
                        "omniglot-5w1s and rl-nav2d for the tiny and demo budgets, all otherwise)")
     again.add_argument("--budget", choices=tuple(BUDGETS), default="demo",
-                       help="tiny: seconds (a smoke test); demo: about 7 minutes on 2 cores; "
-                       "cpu: the CPU-budget presets; paper: the paper's settings")
+                       help="tiny: seconds (a smoke test); demo (default): about 7 minutes on "
+                       "2 cores; cpu: the CPU-budget presets; paper: the paper's settings")
     again.add_argument("--root", help="where the runs go (default runs/reproduce-<budget>)")
     again.add_argument("--out", help="the report file (default <root>/REPORT.md)")
     again.set_defaults(run=_reproduce, overrides=[])
@@ -220,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command != "train" and args.command != "eval"
-                  or any("=" not in item for item in extra)):
+    if extra and args.command not in ("train", "eval"):  # (their overrides say what is wrong)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

@@ -128,6 +128,9 @@ class Config:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ConfigError(f"override {item!r} is not of the form key=value")
+            if key.strip() in ("experiment", "preset"):  # what the run is: its preset's choice
+                raise ConfigError(f"{key.strip()} is set by the preset a run is trained from, "
+                                  "not by an override: name another preset")
             changes[key.strip()] = raw.strip()
         return self.replace(**changes)
 

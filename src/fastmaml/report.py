@@ -22,7 +22,7 @@ from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
-from .experiments.base import read_eval
+from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
 from .plots import steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -93,6 +93,10 @@ class Run:
 
 def read_run(path: Path) -> Run:
     config = load_config_dict(path / "config.yaml")
+    try:  # a bad value (an edit): named with its file, as train and eval name it
+        experiment_class(str(config.get("experiment", ""))).config_cls.from_dict(config)
+    except ConfigError as error:
+        raise ConfigError(f"{path / 'config.yaml'}: {error}") from None
     eval_path = path / "eval.json"
     records = read_eval(path) if eval_path.is_file() else []
     iterations, seconds, validation = 0, 0.0, []
@@ -118,6 +122,8 @@ def read_run(path: Path) -> Run:
     machine_path, machines = path / "machine.json", []
     with contextlib.suppress(DataError):  # a damaged record: the machine is not known
         machines = read_json(machine_path) if machine_path.is_file() else []
+    if not (isinstance(machines, list) and all(isinstance(m, dict) for m in machines)):
+        machines = []  # (an edited one too)
     return Run(path, config, records, iterations, seconds, machines,
                sorted((path / "figures").glob("*.png")), validation, checkpoints)
 
@@ -134,7 +140,18 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
-    return [read_run(p) for p in found]
+    return [_readable(read_run(p)) for p in found]
+
+
+def _readable(run: Run) -> Run:
+    """``run``, once its records render (an edited eval.json may lack what they need)."""
+    try:
+        render([run], run.path / "REPORT.md")
+    except FastMAMLError:
+        raise
+    except UNREADABLE_RECORDS as error:
+        raise damaged_evaluation(run.path, error) from None
+    return run
 
 
 def headline_key(config: dict[str, Any]) -> str | None:
@@ -234,8 +251,10 @@ def _commands(run: Run) -> list[str]:
 def _machine(run: Run) -> str:
     if not run.machines:
         return "not recorded"
-    kinds = {f"{m['processor']}" + (f" ({m['cpu_capability']})" if "cpu_capability" in m else "")
-             + f", {m['cpus']} CPUs, {m['device']}, torch {m['torch']}" for m in run.machines}
+    kinds = {f"{m.get('processor', '?')}"
+             + (f" ({m['cpu_capability']})" if "cpu_capability" in m else "")
+             + f", {m.get('cpus', '?')} CPUs, {m.get('device', '?')}, torch {m.get('torch', '?')}"
+             for m in run.machines}
     return "; ".join(sorted(kinds))
 
 
@@ -401,8 +420,10 @@ def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> 
 def _missing(headline: Headline) -> str:
     if headline.key.startswith("miniimagenet"):
         return "no data here (loader tested on synthetic files)"
+    if headline.key.endswith("-lake"):  # a preset of its own, not one of reproduce's rows
+        return f"no run yet (`fastmaml train {headline.key}`)"
     budget = "cpu" if headline.key.startswith(("rl-", "sinusoid")) else "paper"
-    return f"no run yet (`fastmaml reproduce --budget {budget} {headline.key.removesuffix('-lake')}`)"
+    return f"no run yet (`fastmaml reproduce --budget {budget} {headline.key}`)"
 
 
 def _anchor(run: Run) -> str:
@@ -531,4 +552,9 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
                 raise
             say(f"fastmaml: {name}: not reproduced: {error}")
     out = out or root / "REPORT.md"
-    return write_report([root], out) if is_main() else out
+    if not is_main():
+        return out
+    if not root.is_dir() or not any((p / "config.yaml").is_file() for p in root.iterdir()):
+        raise ConfigError(f"no run in {root} to report: {', '.join(chosen)} could not be "
+                          "reproduced (said above)")
+    return write_report([root], out)

@@ -219,14 +219,25 @@ def read_metrics(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics CSV, without a last line that is unfinished: one being appended by
     a live run, or one that a kill cut short (every row ``MetricsLog`` writes ends in a newline).
     A row that is not numbers (an edit, a disk error) is a ``DataError`` naming its line."""
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not a text file (a disk error?): remove or mend it") from None
     text = text[:text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
+    if text and "iteration" not in (reader.fieldnames or []):
+        raise DataError(f"{path} line 1 is not the header of a metrics log (it needs an "
+                        "iteration column): remove or mend it")
     rows = []
     for row in reader:
         if not _is_metrics_row(row):  # our rows hold no quoted newlines: a row is a line
-            raise DataError(f"{path} line {reader.line_num} is not a row of numbers "
-                            f"({text.splitlines()[reader.line_num - 1]!r}): remove or mend it")
+            line = text.splitlines()[reader.line_num - 1]
+            if not rows and len(line.split(",")) != len(reader.fieldnames or []):
+                raise DataError(f"{path} line 1, its header, names {len(reader.fieldnames or [])}"
+                                f" columns, but line {reader.line_num} holds "
+                                f"{len(line.split(','))} values: mend the header")
+            raise DataError(f"{path} line {reader.line_num} is not a row of numbers ({line!r}): "
+                            "remove or mend it")
         rows.append(row)
     return rows
 

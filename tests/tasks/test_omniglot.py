@@ -84,7 +84,8 @@ def test_missing_folder_says_what_and_how(tmp_path: Path) -> None:
         load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
     message = str(info.value)
     assert "images_evaluation" in message and "characterNN" in message
-    assert "download=true to the fastmaml command" in message and "download=True" in message
+    assert "download=true to fastmaml train" in message and "download=True" in message
+    assert "--data-root DIR (fastmaml train) or $FASTMAML_OMNIGLOT" in message
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])

@@ -353,7 +353,7 @@ def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     values = load_config_dict(run_dir / "config.yaml")
     cls = experiment_class(str(values.get("experiment", "")))
     eager = _saved_config(cls, {**values, "compile": "false"}, run_dir / "config.yaml")
-    return cls(_resumed(eager, list(overrides), run_dir), run_dir)
+    return cls(_resumed(eager, list(overrides), run_dir, training=False), run_dir)
 
 
 def _saved_config(cls: type[Experiment], values: dict[str, Any], path: Path) -> Config:
@@ -364,10 +364,14 @@ def _saved_config(cls: type[Experiment], values: dict[str, Any], path: Path) -> 
         raise ConfigError(f"{path}: {error}") from None
 
 
-def _resumed(saved: Config, overrides: list[str], run_dir: Path) -> Config:
+def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool = True
+             ) -> Config:
+    """``saved`` with ``overrides`` of the settings a resumed run may change: how long it
+    trains only where it trains (``training``)."""
     cfg = saved.with_overrides(overrides)
     cosine = saved.meta_lr_schedule == "cosine"  # its rates depend on the iterations
-    resumable = RESUMABLE_KEYS - ({"iterations"} if cosine else set())
+    resumable = RESUMABLE_KEYS - ({"iterations"} if cosine or not training else set()) - (
+        set() if training else {"baseline_iterations"})
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "

@@ -18,7 +18,7 @@ from ..atomic import read_json, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, gather_in_order, is_main, rank_slice
-from ..errors import ConfigError, FastMAMLWarning
+from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
 from ..models import is_norm_param
 from ..plots import plot_learning_curves, steps_label
 from ..tasks.splits import Assignment, read_assignment, save_assignment
@@ -141,7 +141,26 @@ def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
         raise ConfigError(f"no eval.json in {run_dir}: run `fastmaml eval {run_dir}` first")
-    return read_json(path, f"run `fastmaml eval {run_dir}` again")
+    remedy = f"run `fastmaml eval {run_dir}` again"
+    records = read_json(path, remedy)
+    if not (isinstance(records, list) and records and all(
+            isinstance(r, dict) and isinstance(r.get("method"), str)
+            and isinstance(r.get("mean"), list) and isinstance(r.get("ci95"), list)
+            for r in records)):
+        raise DataError(f"{path} does not hold fastmaml's evaluation records (a list of them, "
+                        f"each with method, mean and ci95): {remedy}")
+    return records
+
+
+# what reading an eval.json whose records lack what they need raises (one edited by hand)
+UNREADABLE_RECORDS = (KeyError, TypeError, ValueError, IndexError)
+
+
+def damaged_evaluation(run_dir: Path, error: Exception) -> DataError:
+    """The error for ``run_dir``'s eval.json whose records raised ``error`` when read."""
+    return DataError(f"{run_dir / 'eval.json'} does not hold this experiment's evaluation "
+                     f"records ({type(error).__name__}: {error}): run `fastmaml eval {run_dir}` "
+                     "again")
 
 
 class Experiment(ABC):
@@ -183,7 +202,15 @@ class Experiment(ABC):
                               f"eval.json; train it first")
         paths = [plot_learning_curves(logs, self.curve_keys,
                                       self.figures_dir() / "learning_curves.png")] if logs else []
-        return paths + (self.plot_evaluation(read_eval(self.run_dir)) if evaluated else [])
+        if not evaluated:
+            return paths
+        records = read_eval(self.run_dir)
+        try:
+            return paths + self.plot_evaluation(records)
+        except FastMAMLError:
+            raise
+        except UNREADABLE_RECORDS as error:
+            raise damaged_evaluation(self.run_dir, error) from None
 
     @abstractmethod
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:

@@ -11,6 +11,7 @@ drawn uniformly from [-5, 5], so each task's MSE is measured over the whole inpu
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,9 @@ class SinusoidConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_at_least(hidden=1, baseline_iterations=0, tune_tasks=1)
+        self.require_at_least(hidden=1, baseline_iterations=0, tune_tasks=1, baseline_lrs=0)
+        if not all(map(math.isfinite, self.baseline_lrs)):
+            raise ConfigError(f"baseline_lrs must be finite, got {self.baseline_lrs}")
         if not self.eval_k_shots:
             raise ConfigError("eval_k_shots needs at least one K, e.g. eval_k_shots=5,10,20")
         for name, value in (("k_shot", self.k_shot), ("k_query", self.k_query),
