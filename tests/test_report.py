@@ -121,6 +121,17 @@ def test_a_cosine_run_is_projected_by_finished_runs_of_its_recipe_at_other_lengt
         report._projection(live, 0.95, [live, *short, *others]))
 
 
+def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(
+        tmp_path: Path) -> None:
+    config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1}
+    record = {"method": "maml", "mean": [0.05, 0.5, 0.8, 0.9], "ci95": [0.01] * 4}
+    row = report.evaluate_row(next(h for h in HEADLINES if h.key == "omniglot-20w1s"),
+                              report.Run(tmp_path / "run", config, [record], 100, 1.0, []))
+    assert row.mean is None and row.status == (
+        f"evaluated to 3 step(s), the row is after 5: `fastmaml eval {(tmp_path / 'run').as_posix()}"
+        " eval_inner_steps=5`")
+
+
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
     def run(preset: str, accuracy: float) -> report.Run:
         config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1,
@@ -257,6 +268,10 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
     assert run.stale_evaluation.startswith("evaluated pretrained at 20 of 30, oracle at 20 of 30 "
                                            "iterations: train it on")
     assert not report.finished(run_dir, *TINY_SINUSOID)
+    assert main(["train", "sinusoid-demo", "--learner", "pretrained", "baseline_iterations=30",
+                 *common]) == 0
+    assert f"Next, once every learner is trained: fastmaml eval {run_dir}" in (
+        capsys.readouterr().out)
 
 
 def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(

@@ -312,6 +312,8 @@ def test_a_run_directory_without_checkpoints_starts_afresh_with_new_settings(tmp
     assert "inner_lr: 0.02" in (tmp_path / "config.yaml").read_text()
     with pytest.raises(ConfigError, match="holds a 'sinusoid-demo' run, not 'sinusoid'"):
         create_run("sinusoid", tmp_path, [])  # another preset's folder is never taken over
+    with pytest.raises(ConfigError, match="holds a 'sinusoid-demo' run, not 'omniglot-5w1s'"):
+        create_run("omniglot-5w1s", tmp_path, [])  # nor another experiment's
     (tmp_path / "eval.json").write_text("[]")  # an evaluated run is resumed, not replaced
     with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)

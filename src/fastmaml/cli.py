@@ -39,8 +39,10 @@ def _train(args: argparse.Namespace) -> None:
     main_rank = world()[0] == 0
     shutdown()
     if main_rank:
+        then = ("Next" if args.learner in (None, "maml")
+                else "Next, once every learner is trained")  # eval needs MAML's checkpoint too
         print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
-              f"{run_dir}/metrics-*.csv. Next: fastmaml eval {run_dir}")
+              f"{run_dir}/metrics-*.csv. {then}: fastmaml eval {run_dir}")
 
 
 def _eval(args: argparse.Namespace) -> None:

@@ -223,10 +223,11 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
     cls = experiment_class(chosen.experiment)
     config_path = run_dir / "config.yaml"
     if config_path.exists():
-        saved = _saved_config(cls, load_config_dict(config_path), config_path)
-        if saved.preset != preset_name:
-            raise ConfigError(f"{run_dir} holds a {saved.preset!r} run, not {preset_name!r}; "
-                              "choose another --out")
+        values = load_config_dict(config_path)
+        if values.get("preset", "") != preset_name:  # (before its keys, maybe another experiment's)
+            raise ConfigError(f"{run_dir} holds a {values.get('preset', '')!r} run, not "
+                              f"{preset_name!r}; choose another --out")
+        saved = _saved_config(cls, values, config_path)
         if in_use or run_started(run_dir):
             experiment = cls(_resumed(saved, overrides, run_dir), run_dir)
             experiment.in_use = in_use
