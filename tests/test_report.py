@@ -128,8 +128,8 @@ def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(
     row = report.evaluate_row(next(h for h in HEADLINES if h.key == "omniglot-20w1s"),
                               report.Run(tmp_path / "run", config, [record], 100, 1.0, []))
     assert row.mean is None and row.status == (
-        f"evaluated to 3 step(s), the row is after 5: `fastmaml eval {(tmp_path / 'run').as_posix()}"
-        " eval_inner_steps=5`")
+        "evaluated to 3 step(s); the paper's figure is after 5: `fastmaml eval "
+        f"{(tmp_path / 'run').as_posix()} eval_inner_steps=5`")
 
 
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:

@@ -196,9 +196,9 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
     if record is None:
         return Row(headline, run, status="not evaluated")
     if headline.step >= len(record["mean"]):
-        return Row(headline, run, status=f"evaluated to {len(record['mean']) - 1} step(s), the "
-                   f"row is after {headline.step}: `fastmaml eval {run.path.as_posix()} "
-                   f"eval_inner_steps={headline.step}`")
+        return Row(headline, run, status=f"evaluated to {len(record['mean']) - 1} step(s); the "
+                   f"paper's figure is after {headline.step}: `fastmaml eval "
+                   f"{run.path.as_posix()} eval_inner_steps={headline.step}`")
     mean, ci = record["mean"][headline.step] * scale, record["ci95"][headline.step] * scale
     if headline.shape_only:
         pretrained = _record(run, method="pretrained")

@@ -371,8 +371,9 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     trains only where it trains (``training``)."""
     cfg = saved.with_overrides(overrides)
     cosine = saved.meta_lr_schedule == "cosine"  # its rates depend on the iterations
-    resumable = RESUMABLE_KEYS - ({"iterations"} if cosine or not training else set()) - (
-        set() if training else {"baseline_iterations"})
+    fixed = ({"iterations"} if cosine else set()) | (
+        set() if training else {"iterations", "baseline_iterations"})  # what a run trained to
+    resumable = RESUMABLE_KEYS - fixed
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
