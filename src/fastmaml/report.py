@@ -128,15 +128,19 @@ def read_run(path: Path) -> Run:
                sorted((path / "figures").glob("*.png")), validation, checkpoints)
 
 
+def run_dirs(path: Path) -> list[Path]:
+    """The run directories at ``path``: itself, or the folders just below it."""
+    if (path / "config.yaml").is_file():
+        return [path]
+    below = sorted(path.iterdir()) if path.is_dir() else []
+    return [p for p in below if (p / "config.yaml").is_file()]
+
+
 def find_runs(paths: Sequence[Path]) -> list[Run]:
-    """The run directories in ``paths``: each path itself, or the folders just below it."""
+    """The run directories in ``paths`` (``run_dirs``), read."""
     found = []
     for path in paths:
-        if (path / "config.yaml").is_file():
-            candidates = [path]
-        else:
-            below = sorted(path.iterdir()) if path.is_dir() else []
-            candidates = [p for p in below if (p / "config.yaml").is_file()]
+        candidates = run_dirs(path)
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
@@ -377,9 +381,10 @@ def _schedule_projection(run: Run, headline: Headline, evaluated: Sequence[Run])
     averaged) reaches ``headline``'s figure. The recipe's fixed-length phases (e.g. first order
     for 2,000 iterations) take a shorter schedule's larger share."""
     target = headline.value / 100
+    recipe = _recipe(run)
     by_length: dict[int, list[float]] = {}  # schedule length -> test accuracies
     for other in evaluated:
-        if (_recipe(other) != _recipe(run) or other.stale_evaluation
+        if (_recipe(other) != recipe or other.stale_evaluation
                 or other.iterations < int(other.config.get("iterations", 0))):
             continue
         row = evaluate_row(headline, other)
@@ -558,7 +563,7 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     out = out or root / "REPORT.md"
     if not is_main():
         return out
-    if not root.is_dir() or not any((p / "config.yaml").is_file() for p in root.iterdir()):
+    if not run_dirs(root):
         raise ConfigError(f"no run in {root} to report: {', '.join(chosen)} could not be "
                           "reproduced (said above)")
     return write_report([root], out)
