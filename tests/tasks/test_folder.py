@@ -116,6 +116,13 @@ def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "empty", FORMAT)
     with pytest.raises(ConfigError, match="class_depth"):
         load_image_folder(tmp_path / "empty", FORMAT, class_depth=3)
+    write_class(tmp_path / "grouped" / "latin" / "a", 2, value=1)
+    with pytest.raises(DataError, match=r"2 folder levels down \(e.g. latin/a/\), so set "
+                                        "class_depth=2"):
+        load_image_folder(tmp_path / "grouped", FORMAT)
+    with pytest.raises(DataError, match=r"1 folder level down \(e.g. a/\), so set "
+                                        "class_depth=1"):
+        load_image_folder(tmp_path / "grouped" / "latin", FORMAT, class_depth=2)
     write_class(tmp_path / "broken" / "a", 2, value=1)
     (tmp_path / "broken" / "a" / "1.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="1.png"):

@@ -119,7 +119,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     if not any(files):
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "
-                        "train/, val/ and test/")
+                        "train/, val/ and test/" + _depth_hint(root, class_depth))
     pixels = _decoded(root, [f for per_class in files for f in per_class], image_format,
                       cache_dir, workers)
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
@@ -143,6 +143,16 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
                       f"{root} with fewer than {min_images} images (k_shot + queries)",
                       ShortClassesWarning, stacklevel=2)
     return splits
+
+
+def _depth_hint(root: Path, class_depth: int) -> str:
+    """Why no class folder held images when the other ``class_depth``'s would: that fix."""
+    other = 3 - class_depth
+    for _, folder in found_items(root, partial(class_folders, class_depth=other)):
+        if image_files(folder):
+            return (f"; its images are {other} folder level{'s' if other > 1 else ''} down "
+                    f"(e.g. {folder.relative_to(root).as_posix()}/), so set class_depth={other}")
+    return ""
 
 
 def _decoded(root: Path, files: list[Path], image_format: ImageFormat,
