@@ -94,6 +94,19 @@ def test_a_run_directory_that_is_a_file_is_named(tmp_path: Path,
                                        "is a file: give --out a folder (new or a run's)\n")
 
 
+def test_a_folder_of_other_files_is_trained_into_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("my notes")
+    command = ["train", "sinusoid-demo", "--out", str(tmp_path), "iterations=1",
+               "baseline_iterations=1", "--no-progress"]
+    assert main(command) == 0
+    assert (f"fastmaml: warning: {tmp_path} is not a run's folder and holds 1 other entry (e.g. "
+            "notes.txt)") in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    assert main(command) == 0  # now a run's folder: resumed without a word
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

@@ -254,8 +254,22 @@ def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: b
     """
     if world()[0] != 0:
         return _train(preset_name, run_dir, overrides, progress, learner, main=False)
+    _warn_if_foreign(run_dir)
     with locked_run_dir(run_dir, learner):
         return _train(preset_name, run_dir, overrides, progress, learner, main=True)
+
+
+def _warn_if_foreign(run_dir: Path) -> None:
+    """Warn when a new run's ``--out`` already holds files of something else (a mistyped
+    folder): the run's files are written beside them."""
+    if not run_dir.is_dir() or (run_dir / "config.yaml").exists():
+        return
+    foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".fastmaml"))
+    if foreign:
+        warnings.warn(f"{run_dir} is not a run's folder and holds {len(foreign)} other "
+                      f"entr{'ies' if len(foreign) > 1 else 'y'} (e.g. {foreign[0]}): the run's "
+                      "files are written beside them; stop and give --out a new folder if that "
+                      "is not meant", FastMAMLWarning, stacklevel=3)
 
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
