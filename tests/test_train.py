@@ -12,7 +12,7 @@ import torch
 
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
-from fastmaml.errors import NonFiniteLossError
+from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
 from fastmaml.experiments import create_run, load_experiment, prepare_run
 from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
                             load_checkpoint, meta_lr_at, save_atomic)
@@ -73,6 +73,17 @@ def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     fit(maml_learner(tmp_path / "torn"), tmp_path / "torn", 3, 2, progress=False)
 
     assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "torn" / "metrics-maml.csv")
+
+
+@pytest.mark.parametrize("damage", ["empty", "deleted"])
+def test_a_lost_metrics_log_is_named_on_resume(tmp_path, damage):
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=7)
+    log = tmp_path / "metrics-maml.csv"
+    log.write_text("") if damage == "empty" else log.unlink()
+    with pytest.warns(FastMAMLWarning, match="metrics-maml.csv holds no rows though maml's "
+                                             "checkpoint is at iteration 7"):
+        fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False)
+    assert [r["iteration"] for r in rows(log)] == ["8", "10", "12"]
 
 
 def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resume(tmp_path):

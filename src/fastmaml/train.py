@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,7 +27,8 @@ from .atomic import remove_stale_temporaries, replace_atomically, write_text_ato
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import any_rank, average_gradients, average_metrics, is_main, shard
-from .errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
+                     NonFiniteLossError)
 
 Metrics = dict[str, float | Tensor]
 
@@ -195,6 +197,7 @@ class MetricsLog:
             rows = read_metrics(path)
             self.fields = list(rows[0]) if rows else None
             rows = [r for r in rows if int(r["iteration"]) <= keep_until]
+        self.kept = len(rows)
         self._rewrite(rows)
 
     def write(self, row: dict[str, float]) -> None:
@@ -320,6 +323,10 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         load_state(learner, state["learner"], path)
         start, elapsed = state["iteration"], state["elapsed_s"]
     log = MetricsLog(log_path, keep_until=start) if main else None
+    if log and start >= log_every and not log.kept:  # e.g. emptied or deleted by hand
+        warnings.warn(f"{log_path} holds no rows though {learner.name}'s checkpoint is at "
+                      f"iteration {start}: the run's logged history before it is lost, and the "
+                      "log goes on from there", FastMAMLWarning, stacklevel=2)
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
     bar = tqdm(range(start, end), initial=start, total=learner.iterations,
