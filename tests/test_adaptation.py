@@ -213,6 +213,12 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
         run.predict(adapted, torch.rand(1, 3, size + 4, size + 4))
     with pytest.raises(fastmaml.errors.ShapeError, match="labels must be a non-empty 1-d integer"):
         run.adapt(x, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(fastmaml.errors.ConfigError, match="adapted must be what run.adapt "
+                       r"returns, got dict \(MAML.adapt's parameters go to run.maml.predict"):
+        run.predict(run.maml.adapt(x, torch.tensor([0, 0, 1, 1])), queries)
+    with pytest.raises(fastmaml.errors.ConfigError, match=r"got Adapted: a run's adaptation "
+                       "goes to run.predict"):
+        run.maml.predict(adapted, queries)
 
 
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:

@@ -1,12 +1,14 @@
 """The MAML engine: meta-gradients against finite differences, batched against looped."""
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -382,12 +384,18 @@ def test_labels_the_loss_cannot_take_are_named(batched):
 
 
 @pytest.mark.parametrize("batched", [None, True, False])
-def test_targets_an_elementwise_loss_would_broadcast_are_refused(batched):
-    model, loss_fn, batch = mlp_problem()  # MSE; predictions (tasks, K, 1)
+@pytest.mark.parametrize("loss, name", [(F.mse_loss, "mse_loss"), (nn.MSELoss(), "MSELoss"),
+                                        (functools.partial(F.l1_loss, reduction="sum"),
+                                         "l1_loss")])
+def test_targets_an_elementwise_loss_would_broadcast_are_refused(batched, loss, name):
+    model, _, batch = mlp_problem()  # predictions (tasks, K, 1)
     flat = TaskBatch(batch.support_x, batch.support_y[..., 0], batch.query_x, batch.query_y)
-    with pytest.raises(ShapeError, match=r"mse_loss would broadcast a task's predictions "
+    with pytest.raises(ShapeError, match=rf"{name} would broadcast a task's predictions "
                                          r"\(\d+, 1\) and targets \(\d+,\)"):
-        MAML(model, F.mse_loss, batched=batched).meta_loss(flat)
+        MAML(model, loss, batched=batched).meta_loss(flat)
+    maml = MAML(model, loss)
+    with pytest.raises(ShapeError, match=rf"{name} would broadcast"):
+        maml.adapt(batch.support_x[0], batch.support_y[0, :, 0])
 
 
 def test_out_of_memory_in_the_model_or_loss_is_not_called_a_shape_error():
@@ -420,18 +428,48 @@ def test_negative_steps_and_empty_selection_are_config_errors():
     model, loss_fn, batch = mlp_problem()
     with pytest.raises(ConfigError, match="inner_steps"):
         MAML(model, loss_fn, inner_steps=-1)
-    with pytest.raises(ConfigError, match="steps must be >= 0"):
-        MAML(model, loss_fn).evaluate(batch, steps=-2)
+    maml = MAML(model, loss_fn)
+    for steps in (-2, 2.0, True):
+        with pytest.raises(ConfigError, match=rf"steps must be an integer >= 0, got {steps}"):
+            maml.evaluate(batch, steps=steps)
+        with pytest.raises(ConfigError, match=rf"steps must be an integer >= 0, got {steps}"):
+            maml.adapt(batch.support_x[0], batch.support_y[0], steps=steps)
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         MAML(model, loss_fn, adapt=["nonexistent"])
     with pytest.raises(ConfigError, match="unknown inner-lr mode"):
         MAML(model, loss_fn, lr_mode="adaptive")
     for bad, message in ((dict(inner_steps=True), "inner_steps must be an integer"),
-                         (dict(inner_lr=float("nan")), "inner_lr must be >= 0 and finite"),
-                         (dict(inner_lr=-0.1), "inner_lr must be >= 0"),
+                         (dict(inner_lr=float("nan")), "inner_lr must be a number >= 0 and "
+                                                        "finite"),
+                         (dict(inner_lr=-0.1), "inner_lr must be a number >= 0"),
+                         (dict(inner_lr="0.01"), "inner_lr must be a number >= 0"),
+                         (dict(inner_lr=torch.tensor(0.1, requires_grad=True)),
+                          "not a tensor: to learn it, give lr_mode='scalar'"),
+                         (dict(first_order="false"), "first_order must be True or False, got "
+                                                     "'false'"),
+                         (dict(batched=1), r"batched must be True or False \(or None\), got 1"),
                          (dict(chunk_size=0), r"chunk_size must be an integer >= 1 \(or None")):
         with pytest.raises(ConfigError, match=message):
             MAML(model, loss_fn, **bad)
+    MAML(model, loss_fn, inner_lr=np.float32(0.1))  # e.g. read from a data file
+
+
+def test_a_model_and_loss_of_the_wrong_kind_are_named():
+    model, loss_fn, _ = mlp_problem()
+    with pytest.raises(ConfigError, match=r"model must be an nn.Module, got a function \(are "
+                                          r"model and loss_fn swapped\?\)"):
+        MAML(F.mse_loss, model)
+    with pytest.raises(ConfigError, match="loss_fn must be a function .* got 'mse'"):
+        MAML(model, "mse")
+    with pytest.raises(ConfigError, match="metric_fn must be a function"):
+        MAML(model, loss_fn, metric_fn="accuracy")
+
+
+def test_meta_backward_without_gradients_is_named():
+    model, loss_fn, batch = mlp_problem()
+    with torch.no_grad(), pytest.raises(ConfigError, match=r"gradients are off here \(torch."
+                                                           r"no_grad or inference_mode\)"):
+        MAML(model, loss_fn).meta_backward(batch)
 
 
 class Dict(nn.Module):
@@ -1039,11 +1077,70 @@ def test_predict_with_a_context_normalises_each_row_with_the_context_alone():
     torch.testing.assert_close(maml.predict(adapted, queries[:1], context=support), together[:1])
     torch.testing.assert_close(together[2], maml.predict(adapted, torch.cat([queries[2:3],
                                                                               support]))[0])
-    alone = [maml.predict(adapted, row[None]) for row in queries]  # normalised by itself alone:
-    torch.testing.assert_close(alone[0], alone[1])  # every row gets the same output
+    with pytest.raises(ShapeError, match=r"batch norm over a batch of one value per channel "
+                                         r"\(input \(1, 8\)\) would turn every input into the "
+                                         "same output: .* pass context="):
+        maml.predict(adapted, queries[:1])  # normalised by itself alone: a constant
     for context in (torch.randn(6, 3), support[None], support[:0]):
-        with pytest.raises(ShapeError, match=r"context .* must be examples shaped as x's \(2,\)"):
+        with pytest.raises(ShapeError, match=r"context .* must be examples shaped as x's "
+                                             r"examples \(x \(4, 2\): one task's inputs"):
             maml.predict(adapted, queries, context=context)
+    with pytest.raises(ShapeError, match=r"context \(6, 2\) must be .* \(x \(3, 4, 2\)"):
+        maml.predict(adapted, queries.expand(3, 4, 2), context=support)
+
+
+def test_batch_norm_over_one_example_is_refused_in_training_too():
+    model = MLP([2, 8, 1], batch_norm=True)
+    one = TaskBatch(*(torch.randn(3, 1, 2 if i % 2 == 0 else 1) for i in range(4)))
+    with pytest.raises(ShapeError, match="batch norm over a batch of one value per channel"):
+        MAML(model, F.mse_loss).meta_loss(one)
+
+
+class Pair(nn.Module):
+    """A model that returns (prediction, features), as many do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = MLP([2, 8, 4], batch_norm=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        features = self.body(x)
+        return self.head(features), {"features": features}
+
+
+def pair_loss(outputs, y):
+    return F.cross_entropy(outputs[0], y)
+
+
+def test_predict_with_a_context_keeps_the_models_output_structure():
+    torch.manual_seed(0)
+    maml = MAML(Pair(), pair_loss, 0.1, 1)
+    support, queries = torch.randn(6, 2), torch.randn(5, 2)
+    adapted = maml.adapt(support, torch.randint(0, 3, (6,)))
+    logits, extra = maml.predict(adapted, queries, context=support)
+    assert logits.shape == (5, 3) and extra["features"].shape == (5, 4)
+    second, _ = maml.predict(adapted, torch.cat([queries[1:2], support]))
+    torch.testing.assert_close(logits[1], second[0])
+
+
+def test_a_loss_that_cannot_take_the_models_output_is_named():
+    maml = MAML(Pair(), F.cross_entropy, 0.1, 1)  # given the (logits, extra) tuple itself
+    with pytest.raises(ShapeError, match=r"loss_fn or metric_fn failed on a task's predictions "
+                                         r"\(a tuple\)"):
+        maml.adapt(torch.randn(6, 2), torch.randint(0, 3, (6,)))
+
+
+def test_adapt_and_predict_refuse_what_is_not_theirs():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1)
+    with pytest.raises(ShapeError, match=r"support_x \(0, 1\) holds no examples"):
+        maml.adapt(batch.support_x[0, :0], batch.support_y[0, :0])
+    with pytest.raises(ConfigError, match=r"adapted holds foo, not parameters of the model"):
+        maml.predict({"foo": torch.zeros(1)}, batch.query_x[0])
+    with pytest.raises(ConfigError, match=r"adapted must be the parameters MAML.adapt returns "
+                                          r"\(a dict\), got list"):
+        maml.predict([], batch.query_x[0])
 
 
 def test_adapting_zero_steps_returns_copies_that_leave_the_model_as_it_is():

@@ -104,6 +104,10 @@ class TrainedRun:
         with the context alone (vectorised), so that batch norm's statistics, and with them the
         prediction, do not depend on the other rows of ``x``.
         """
+        if not isinstance(adapted, Adapted):
+            raise ConfigError(f"adapted must be what run.adapt returns, got "
+                              f"{type(adapted).__name__} (MAML.adapt's parameters go to "
+                              "run.maml.predict)")
         x = self._as_input(x, "query")
         if context is not None:
             context = self._as_input(context, "context")

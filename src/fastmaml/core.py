@@ -11,15 +11,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
                      ShapeError)
@@ -52,6 +54,7 @@ PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises e
 # warning (e.g. (K, 1) against (K,) gives a K x K loss): a wrong loss, refused here instead
 _BROADCASTING_LOSSES = (torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
                         torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss)
+_BROADCASTING_LOSS_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
@@ -117,6 +120,21 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
             raise ShapeError(f"{kind}_x {tuple(x.shape)} holds no examples: a task needs at least "
                              f"one {kind} example")
     return batch
+
+
+def _broadcasting_loss(fn: Any) -> str | None:
+    """The name of ``fn`` if it is a loss that broadcasts (also as a module or a partial)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if fn in _BROADCASTING_LOSSES or isinstance(fn, _BROADCASTING_LOSS_MODULES):
+        return getattr(fn, "__name__", type(fn).__name__)
+    return None
+
+
+def _check_steps(name: str, steps: Any) -> None:
+    """A number of inner steps: an integer >= 0 (not a float or bool), or a ``ConfigError``."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
 
 
 def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
@@ -232,10 +250,31 @@ class MAML(nn.Module):
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
-        if not isinstance(inner_steps, int) or isinstance(inner_steps, bool) or inner_steps < 0:
-            raise ConfigError(f"inner_steps must be an integer >= 0, got {inner_steps!r}")
-        if not 0 <= inner_lr < math.inf:  # NaN fails too
-            raise ConfigError(f"inner_lr must be >= 0 and finite, got {inner_lr!r}")
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
+                              + (" (are model and loss_fn swapped?)" if callable(model) else ""))
+        for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
+            if not callable(fn) and not (name == "metric_fn" and fn is None):
+                raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
+                                  f"tensor, e.g. torch.nn.functional.mse_loss; got {fn!r}")
+        for name, flag, optional in (("first_order", first_order, False),
+                                     ("batched", batched, True),
+                                     ("transductive_bn", transductive_bn, True),
+                                     ("check_finite", check_finite, False),
+                                     ("compile", compile, False),
+                                     ("checkpoint_steps", checkpoint_steps, False)):
+            if not isinstance(flag, bool) and not (optional and flag is None):
+                raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}"
+                                  f", got {flag!r}")
+        _check_steps("inner_steps", inner_steps)
+        if isinstance(inner_lr, Tensor):
+            raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, "
+                              "not a tensor: to learn it, give lr_mode='scalar' (one rate), "
+                              "'per_param' (Meta-SGD) or 'per_layer_step' (MAML++), and MAML "
+                              "holds it as a parameter")
+        if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
+                or not 0 <= inner_lr < math.inf):  # NaN fails too
+            raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
             raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
                               f"{chunk_size!r}")
@@ -300,9 +339,9 @@ class MAML(nn.Module):
         try:
             with self._norm_mode(), self._rnn_mode(), self._attention_mode():
                 return functional_call(self.model, state, (x,))
-        except torch.OutOfMemoryError:  # a RuntimeError, but not the model's input's fault
+        except (torch.OutOfMemoryError, FastMAMLError):  # not the model's input's fault / named
             raise
-        except RuntimeError as error:
+        except (RuntimeError, ValueError) as error:
             weights = next((p.dtype for p in fast.values() if p.is_floating_point()), x.dtype)
             hint = (f" (the input is {x.dtype} but the model's parameters are {weights}: "
                     "convert one to the other)" if x.is_floating_point() and x.dtype != weights
@@ -314,16 +353,17 @@ class MAML(nn.Module):
               fn: LossFn | None = None) -> Tensor:
         predictions = self._forward(fast, frozen, x)
         fn = fn or self.loss_fn
-        if (fn in _BROADCASTING_LOSSES and isinstance(predictions, Tensor)
-                and predictions.shape != y.shape):
-            raise ShapeError(f"{fn.__name__} would broadcast a task's predictions "
+        broadcasting = _broadcasting_loss(fn)
+        if broadcasting and isinstance(predictions, Tensor) and predictions.shape != y.shape:
+            raise ShapeError(f"{broadcasting} would broadcast a task's predictions "
                              f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
                              "targets shaped as the model's output (e.g. y[..., None])")
         try:
             value = fn(predictions, y)
         except (FastMAMLError, torch.OutOfMemoryError):
             raise
-        except (RuntimeError, IndexError, ValueError) as error:  # e.g. a label out of range
+        # e.g. a label out of range; a model output (a tuple) that the loss cannot take
+        except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as error:
             shown = (f"{tuple(predictions.shape)} {predictions.dtype}"
                      if isinstance(predictions, Tensor) else f"(a {type(predictions).__name__})")
             raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions {shown} and "
@@ -605,6 +645,10 @@ class MAML(nn.Module):
         more memory. With ``checkpoint_steps`` it is the step-by-step reverse pass of
         ``_checkpointed_task``.
         """
+        if not torch.is_grad_enabled():
+            raise ConfigError("meta_backward computes gradients, but gradients are off here "
+                              "(torch.no_grad or inference_mode): call it outside, or use "
+                              "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
@@ -847,8 +891,7 @@ class MAML(nn.Module):
         """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
         batch = as_task_batch(batch)
         steps = self.inner_steps if steps is None else steps
-        if steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {steps}")
+        _check_steps("steps", steps)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
@@ -863,9 +906,11 @@ class MAML(nn.Module):
         if support_x.shape[:1] != support_y.shape[:1]:
             raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
                              f"{tuple(support_y.shape)} need the same number of examples")
+        if not len(support_x):
+            raise ShapeError(f"support_x {tuple(support_x.shape)} holds no examples: adapting "
+                             "needs at least one")
         steps = self.inner_steps if steps is None else steps
-        if steps < 0:
-            raise ConfigError(f"steps must be >= 0, got {steps}")
+        _check_steps("steps", steps)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
@@ -881,16 +926,29 @@ class MAML(nn.Module):
         norm), and with them the prediction, do not depend on the other rows of ``x``; a single
         row is not normalised by itself alone.
         """
+        if not isinstance(adapted, Mapping):
+            raise ConfigError(f"adapted must be the parameters MAML.adapt returns (a dict), got "
+                              f"{type(adapted).__name__}"
+                              + (": a run's adaptation goes to run.predict" if
+                                 hasattr(adapted, "params") else ""))
         fast, frozen = self._split_params(detach=False)
+        unknown = sorted(set(adapted) - set(fast) - set(frozen))
+        if unknown:
+            raise ConfigError(f"adapted holds {', '.join(unknown[:3])}, not parameters of the "
+                              "model: give the dict MAML.adapt returns")
         params = {**fast, **adapted}
         if context is None:
             return self._forward(params, frozen, x)
         if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
             raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
-                             f"{tuple(x.shape)[1:]} (e.g. the task's support inputs), at least one")
-        return vmap(lambda row: self._forward(params, frozen, torch.cat([row[None], context]))[0],
-                    randomness="different", chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
-                    )(x)
+                             f"examples (x {tuple(x.shape)}: one task's inputs, examples first; "
+                             "context e.g. the task's support inputs), at least one")
+
+        def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
+            outputs = self._forward(params, frozen, torch.cat([row[None], context]))
+            return tree_map(lambda out: out[0], outputs)
+        return vmap(alone_with_context, randomness="different",
+                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
 
 
 def _label(choice: tuple[str, int | None]) -> str:

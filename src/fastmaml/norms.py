@@ -17,13 +17,22 @@ checks both against the looped reference):
 """
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .errors import ShapeError
+
 
 def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Normalise ``x`` (N, C, ...) per channel with its own batch mean and biased variance."""
+    if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as torch's kernel refuses in training mode
+        raise ShapeError(f"batch norm over a batch of one value per channel (input "
+                         f"{tuple(x.shape)}) would turn every input into the same output: give "
+                         "more than one example (predict: pass context=, e.g. the task's "
+                         "support inputs)")
     # Channels first, then layer norm over (batch, spatial): per-channel batch statistics from a
     # fused kernel whose derivatives (to second order) are exact under vmap.
     channels_first = x.transpose(0, 1)
