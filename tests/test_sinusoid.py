@@ -78,6 +78,16 @@ def test_out_of_device_memory_is_one_line_with_what_to_lower(tmp_path, capsys, m
     assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "meta_batch" in err
 
 
+def test_a_meta_batch_beyond_the_cpus_memory_is_one_line(tmp_path, capsys):
+    # the CPU allocator refuses at once, with a plain RuntimeError
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path), "meta_batch=1000000000000",
+                 "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith(
+        "fastmaml: error: out of memory (tried to allocate 3,725.3 GiB): lower meta_batch, "
+        "chunk_size or eval_chunk, or set checkpoint_steps=true; a training run keeps its last "
+        "checkpoint\n")
+
+
 def test_a_run_whose_compile_fails_trains_uncompiled_and_says_so_once(tmp_path, capsys,
                                                                        monkeypatch):
     from torch._inductor.exc import InductorError

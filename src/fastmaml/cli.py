@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from .atomic import write_text_atomic
-from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
+from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
 from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, shutdown, world
@@ -245,8 +246,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # the system's refusal (permissions, a full disk): it names the path
         print(f"fastmaml: error: {error}", file=sys.stderr)
         return 2
-    except torch.cuda.OutOfMemoryError as error:  # a GPU's (the CPU's is a plain RuntimeError)
-        print(f"fastmaml: error: out of device memory ({str(error).splitlines()[0]}): lower "
+    except RuntimeError as error:  # a GPU's OutOfMemoryError, or the CPU allocator's refusal
+        if not is_out_of_memory(error):
+            raise
+        where = "device memory" if isinstance(error, torch.OutOfMemoryError) else "memory"
+        detail = str(error).splitlines()[0]
+        request = re.search(r"tried to allocate (\d+) bytes", detail)  # the CPU allocator's
+        if request:
+            detail = f"tried to allocate {int(request[1]) / 2**30:,.1f} GiB"
+        print(f"fastmaml: error: out of {where} ({detail}): lower "
               "meta_batch, chunk_size or eval_chunk, or set checkpoint_steps=true; a training "
               "run keeps its last checkpoint", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
-                     ShapeError)
+                     ShapeError, is_out_of_memory)
 from .inner_lr import InnerLearningRates
 from .norms import ExactNorms, has_affine_norm, has_batch_norm
 from .recurrent import StepwiseRNNs, has_recurrent
@@ -339,9 +339,11 @@ class MAML(nn.Module):
         try:
             with self._norm_mode(), self._rnn_mode(), self._attention_mode():
                 return functional_call(self.model, state, (x,))
-        except (torch.OutOfMemoryError, FastMAMLError):  # not the model's input's fault / named
+        except FastMAMLError:
             raise
         except (RuntimeError, ValueError) as error:
+            if is_out_of_memory(error):  # not the model's input's fault
+                raise
             weights = next((p.dtype for p in fast.values() if p.is_floating_point()), x.dtype)
             hint = (f" (the input is {x.dtype} but the model's parameters are {weights}: "
                     "convert one to the other)" if x.is_floating_point() and x.dtype != weights
@@ -360,10 +362,12 @@ class MAML(nn.Module):
                              "targets shaped as the model's output (e.g. y[..., None])")
         try:
             value = fn(predictions, y)
-        except (FastMAMLError, torch.OutOfMemoryError):
+        except FastMAMLError:
             raise
         # e.g. a label out of range; a model output (a tuple) that the loss cannot take
         except (RuntimeError, IndexError, ValueError, TypeError, AttributeError) as error:
+            if is_out_of_memory(error):
+                raise
             shown = (f"{tuple(predictions.shape)} {predictions.dtype}"
                      if isinstance(predictions, Tensor) else f"(a {type(predictions).__name__})")
             raise ShapeError(f"loss_fn or metric_fn failed on a task's predictions {shown} and "

@@ -1,4 +1,7 @@
 """Errors that name the problem, so users never have to read a traceback from inside torch."""
+from __future__ import annotations
+
+import torch
 
 
 class FastMAMLError(Exception):
@@ -23,6 +26,13 @@ class CheckpointError(FastMAMLError):
 
 class NonFiniteLossError(FastMAMLError, FloatingPointError):
     """A loss became NaN or infinite."""
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory errors: a device's ``OutOfMemoryError``, or the CPU allocator's
+    plain ``RuntimeError`` (e.g. for a meta-batch far too large)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 class FastMAMLWarning(UserWarning):
