@@ -302,8 +302,10 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
         maml_learner(tmp_path, inner_lr=0.5)
     with pytest.raises(ConfigError, match=r"keeps the inner_lr it started with \(for training, "
                        r"evaluation and adapt alike\); only .*eval_tasks.*; other settings need "
-                       "a new run: train with another --out"):
+                       "a new run: train with another --out") as refused:
         load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
+    listed = str(refused.value).split("only ")[1].split(" may change")[0].split(", ")
+    assert "eval_tasks" in listed and set(listed) <= set(load_experiment(tmp_path).cfg.to_dict())
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
     for length in ("iterations=100000", "baseline_iterations=7"):  # but not by evaluating it
         with pytest.raises(ConfigError, match=f"keeps the {length.split('=')[0]} it started"):

@@ -51,6 +51,12 @@ def test_presets_hold_the_paper_settings() -> None:
     assert RLConfig.from_dict(preset("rl-nav2d").values).action_scale == 0.1
     with pytest.raises(ConfigError, match="action_scale"):
         RLConfig(env="fastmaml/AntVel-v0", action_scale=0.1)
+    for scale in ("0", "-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="action_scale must be > 0 and finite"):
+            RLConfig().with_overrides([f"action_scale={scale}"])
+    with pytest.raises(ConfigError, match="unknown meta-RL environment 'Foo-v0'; choose one of "
+                                          "fastmaml/Nav2D-v0, "):
+        RLConfig(env="Foo-v0", action_scale=0.1)  # named for itself, not for the action scale
     with pytest.raises(ConfigError, match="hvp"):
         RLConfig(hvp="magic")
     with pytest.raises(ConfigError, match="eval_batch"):

@@ -387,7 +387,7 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     cosine = saved.meta_lr_schedule == "cosine"  # its rates depend on the iterations
     fixed = ({"iterations"} if cosine else set()) | (
         set() if training else {"iterations", "baseline_iterations"})  # what a run trained to
-    resumable = RESUMABLE_KEYS - fixed
+    resumable = (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "

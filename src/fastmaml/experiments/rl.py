@@ -84,7 +84,7 @@ from ..config import Config
 from ..core import MAML
 from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
-from ..paper import NAV
+from ..paper import LOCOMOTION, NAV
 from ..paper import RL as PAPER
 from ..plots import save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
@@ -156,6 +156,11 @@ class RLConfig(Config):
         if self.meta_lr_schedule != "constant" or self.first_order_until:
             raise ConfigError("meta_lr_schedule and first_order_until are settings of the "
                               "gradient-based outer loop; the meta-RL outer loop is TRPO")
+        if self.env not in (NAV, *LOCOMOTION):
+            raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
+                              f"{', '.join((NAV, *LOCOMOTION))}")
+        if not 0 < self.action_scale < math.inf:
+            raise ConfigError(f"action_scale must be > 0 and finite, got {self.action_scale}")
         if self.action_scale != 1.0 and self.env != NAV:
             raise ConfigError(f"action_scale is a 2D-navigation setting ({NAV}), not {self.env}")
 
