@@ -32,8 +32,30 @@ def test_status(headline: Headline, mean: float, ci: float, expected: str) -> No
 
 def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
     assert report.shape_status((5.9, 3.0), (-21.0, 4.0)).startswith("met")
-    assert report.shape_status((-74.6, 5.0), (-80.0, 2.0)).startswith("within CI")
-    assert report.shape_status((-90.0, 1.0), (-80.0, 2.0)) == "short by 10 (below pretrained)"
+    assert report.shape_status((-74.6, 5.0), (-80.0, 2.0)) == "overlaps pretrained"
+    assert report.shape_status((-90.0, 1.0), (-80.0, 2.0)) == "below pretrained by 10"
+
+
+def nav_run(tmp_path: Path, tasks: int = 40, **config: object) -> report.Run:
+    record = {"method": "maml", "mean": [-40.0, -8.0, -4.0, -3.5], "ci95": [1.0] * 4,
+              "tasks": tasks}
+    return report.Run(tmp_path / "nav", {"experiment": "rl", "env": "fastmaml/Nav2D-v0",
+                                         "preset": "rl-nav2d", **config}, [record], 100, 60.0, [])
+
+
+def test_an_rl_run_at_another_horizon_is_not_compared_with_the_paper(tmp_path: Path) -> None:
+    headline = next(h for h in HEADLINES if h.key == "rl-nav2d")  # -11.7 after one step
+    assert report.evaluate_row(headline, nav_run(tmp_path, horizon=0)).status == "met"
+    assert report.evaluate_row(headline, nav_run(tmp_path, horizon=100)).status == "met"
+    row = report.evaluate_row(headline, nav_run(tmp_path, horizon=20))
+    assert (row.mean, row.status) == (-8.0, "not comparable: horizon 20, the paper's 100 (a "
+                                            "return sums over an episode's steps)")
+
+
+def test_a_row_measured_on_other_test_tasks_than_the_papers_says_so(tmp_path: Path) -> None:
+    headline = next(h for h in HEADLINES if h.key == "rl-nav2d")
+    assert report.evaluate_row(headline, nav_run(tmp_path, tasks=4)).status == (
+        "met (4 test tasks; the paper's protocol has 40)")
 
 
 def test_a_direction_row_also_says_how_many_tasks_turned_the_right_way(tmp_path: Path) -> None:
@@ -61,7 +83,7 @@ def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with
     headline = next(h for h in HEADLINES if h.key == "rl-ant-vel")
     row = report.evaluate_row(headline, run)
     assert row.status == (
-        "within CI (overlaps pretrained); MAML minus pretrained on the same tasks +44.9 +- 8.2")
+        "overlaps pretrained; MAML minus pretrained on the same tasks +44.9 +- 8.2")
     assert (row.mean, row.ci) == (44.5, 28.9)  # MAML's own interval, not the difference's
 
 
@@ -229,6 +251,18 @@ def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
     assert report.read_run(run_dir).iterations == 10  # the log's, not an error for every run
     (run_dir / "checkpoints" / "maml.pt").unlink()  # stopped before its first checkpoint
     assert report.read_run(run_dir).iterations == 0
+
+
+def test_the_eval_command_is_the_one_the_evaluation_ran(tmp_path: Path) -> None:
+    run_dir = tmp_path / "sinusoid"
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
+                 "baseline_iterations=20", "eval_k_shots=5", "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "eval_tasks=7", "eval_inner_steps=2", "eval_chunk=3",
+                 "--no-progress"]) == 0  # (eval_chunk: how, not what, it measures)
+    assert report._commands(report.read_run(run_dir))[1] == (
+        f"fastmaml eval {run_dir.as_posix()} eval_inner_steps=2 eval_tasks=7")
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    assert report._commands(report.read_run(run_dir))[1] == f"fastmaml eval {run_dir.as_posix()}"
 
 
 def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:

@@ -169,9 +169,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
     overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
     if experiment.name not in ("fewshot", "sinusoid", "regression"):
-        raise ConfigError(f"{run_dir} is a {experiment.name} run; adapt applies few-shot "
-                          "classification and regression runs (an RL run adapts by sampling its "
-                          "environment: fastmaml eval)")
+        raise ConfigError(f"{run_dir} is a run of the {experiment.name} experiment; adapt applies "
+                          "few-shot classification and regression runs (an RL run adapts by "
+                          "sampling its environment: fastmaml eval)")
     path = checkpoint_path(run_dir, "maml")
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "

@@ -65,7 +65,8 @@ class Headline:
     ``value`` is MAML's published figure after ``step`` inner steps, ``ci`` its published 95%
     interval (if any) and ``maml_pp`` MAML++'s. ``shape_only`` rows (locomotion: gymnasium's
     models differ from rllab's) are judged by MAML against the pretrained baseline after one
-    step, not by the number.
+    step, not by the number. ``tasks`` is the paper's number of test tasks and ``horizon`` an
+    RL row's episode length (returns sum over it).
     """
 
     key: str
@@ -77,6 +78,8 @@ class Headline:
     ci: float | None = None
     maml_pp: float | None = None
     shape_only: bool = False
+    tasks: int = 600
+    horizon: int | None = None
 
 
 def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int) -> Headline:
@@ -97,8 +100,10 @@ HEADLINES: list[Headline] = [
     _fewshot_headline("miniimagenet-5w5s", "MiniImagenet 5-way 5-shot", "miniimagenet", 5, 5),
     Headline("omniglot-20w1s-lake", "Omniglot 20-way 1-shot within an alphabet (Lake et al.)",
              "accuracy (%)", True, 5, dict(LAKE[(20, 1)])["Lake et al.: people, within alphabet"]),
-    Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1]),
-    *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True)
+    Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1], tasks=40,
+             horizon=100),
+    *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True,
+               tasks=40, horizon=200)
       for name, title, env in zip(("cheetah-vel", "cheetah-dir", "ant-vel", "ant-dir"),
                                   ("Half-cheetah goal velocity", "Half-cheetah goal direction",
                                    "Ant goal velocity", "Ant goal direction"), LOCOMOTION)),

@@ -43,13 +43,14 @@ def status(mean: float, ci: float, headline: Headline) -> str:
 
 def shape_status(maml: tuple[float, float], pretrained: tuple[float, float]) -> str:
     """Locomotion (returns on another scale than rllab's): MAML's (mean, ci) after one step
-    against the pretrained baseline's: ``met`` when the intervals do not overlap."""
+    against the pretrained baseline's: ``met`` when MAML's interval lies above the baseline's,
+    else ``overlaps pretrained`` or ``below pretrained by X`` (not the paper's CI or figure)."""
     (m, m_ci), (p, p_ci) = maml, pretrained
     if m - m_ci > p + p_ci:
         return "met (MAML above pretrained)"
     if m + m_ci >= p - p_ci:
-        return "within CI (overlaps pretrained)"
-    return f"short by {p - m:.3g} (below pretrained)"
+        return "overlaps pretrained"
+    return f"below pretrained by {p - m:.3g}"
 
 
 # ----- what a run directory holds -----
@@ -204,6 +205,10 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
                    f"paper's figure is after {headline.step}: `fastmaml eval "
                    f"{run.path.as_posix()} eval_inner_steps={headline.step}`")
     mean, ci = record["mean"][headline.step] * scale, record["ci95"][headline.step] * scale
+    horizon = run.config.get("horizon") or headline.horizon  # 0: the paper's
+    if horizon != headline.horizon:
+        return Row(headline, run, mean, ci, f"not comparable: horizon {horizon}, the paper's "
+                   f"{headline.horizon} (a return sums over an episode's steps)")
     if headline.shape_only:
         pretrained = _record(run, method="pretrained")
         verdict = (shape_status((mean, ci), (pretrained["mean"][1], pretrained["ci95"][1]))
@@ -218,6 +223,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
                         f"+- {spread:.1f}")
     else:
         verdict = status(mean, ci, headline)
+    if record.get("tasks", headline.tasks) != headline.tasks:
+        verdict += f" ({record['tasks']} test tasks; the paper's protocol has {headline.tasks})"
     if run.stale_evaluation:
         verdict += f" ({run.stale_evaluation})"
     return Row(headline, run, mean, ci, verdict)
@@ -253,7 +260,10 @@ def _commands(run: Run) -> list[str]:
     data = " --data-root DATA" if run.config.get("data_root") else ""
     train = " ".join([f"fastmaml train {run.preset} --out {run.path.as_posix()}{data}",
                       *_overrides(run)])
-    return [train, f"fastmaml eval {run.path.as_posix()}", f"fastmaml plot {run.path.as_posix()}"]
+    used = run.records[0].get("eval_settings", {}) if run.records else {}
+    evaluate = " ".join([f"fastmaml eval {run.path.as_posix()}",  # as the evaluation ran
+                         *(f"{k}={v}" for k, v in used.items() if run.config.get(k) != v)])
+    return [train, evaluate, f"fastmaml plot {run.path.as_posix()}"]
 
 
 def _machine(run: Run) -> str:
@@ -284,8 +294,11 @@ def render(runs: list[Run], report_path: Path) -> str:
              "by hand. Status: `met` = at or beyond the published figure; `within CI` = the "
              "published figure lies inside our 95% interval; `short by X` = below it by more. "
              "Locomotion returns (gymnasium's models, not rllab's) are judged by shape: MAML "
-             "against the pretrained policy after one step, and for the direction tasks the "
-             "share of test tasks run the right way before and after it.", "",
+             "against the pretrained policy after one step (`met` where MAML's interval lies "
+             "above the pretrained one's, else `overlaps pretrained` or `below pretrained by "
+             "X`), and for the direction tasks the share of test tasks run the right way before "
+             "and after it. A run measured otherwise than the paper (another RL horizon, "
+             "another number of test tasks) says so.", "",
              "| experiment | paper (MAML) | MAML++ | fastmaml | status | iterations | run |",
              "|---|---|---|---|---|---|---|"]
     for row in rows:

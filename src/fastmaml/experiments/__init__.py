@@ -21,7 +21,7 @@ from ..distributed import require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir, others_training
 from ..train import check_resumable, checkpoint_path, fit
-from .base import Experiment, run_started
+from .base import EVAL_KEYS, Experiment, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
 EXPERIMENTS = {
@@ -203,10 +203,9 @@ def preset(name: str) -> Preset:
 
 # Settings that may change when a run directory is resumed (they do not change what is learned).
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
-                  "val_every", "val_tasks", "eval_tasks", "eval_chunk", "eval_inner_steps", "path",
-                  "data_root", "download", "compile", "threads", "tune_malloc", "chunk_size",
-                  "checkpoint_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
-                  "eval_policy", "workers"}
+                  "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
+                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
+                  "workers", *EVAL_KEYS}
 
 
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],

@@ -25,6 +25,9 @@ from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
 
+# the settings of how a run is measured (not what it learned): each evaluation records them
+EVAL_KEYS = ("eval_tasks", "eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
+             "eval_policy")
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 
@@ -265,9 +268,11 @@ class Experiment(ABC):
     def write_eval(self, records: list[dict[str, Any]], table: str) -> None:
         """Write eval.json and results.md; each record names the iterations of the checkpoints
         it evaluated, so that a report can tell an evaluation older than the training."""
+        settings = {k: v for k, v in self.cfg.to_dict().items() if k in EVAL_KEYS}
         for record in records:
             record["checkpoint_iterations"] = dict(self.restored_iterations)
             record["target_iterations"] = dict(self.target_iterations)
+            record["eval_settings"] = settings
         if is_main():  # under torchrun every rank holds the same records
             write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
             write_text_atomic(table, self.run_dir / "results.md")
