@@ -168,10 +168,38 @@ def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
     (copy / "val.csv").write_text("filename,label\nabsent.jpg,n04\n")
     with pytest.raises(DataError, match="absent.jpg"):
         load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
-    with pytest.raises(DataError, match="mini-imagenet-cache-test.pkl.*test.csv"):
+    with pytest.raises(DataError, match="mini-imagenet-cache-test.pkl.*test.csv.*or a test/ "
+                                        "folder of class folders"):
         load_miniimagenet(copy, ["test"])
     with pytest.raises(ConfigError, match="unknown MiniImagenet split 'validation'"):
         load_miniimagenet(root, ["validation"])
+
+
+def test_split_folders_of_class_folders(image_folder: tuple[Path, dict[str, np.ndarray]],
+                                        tmp_path: Path) -> None:
+    """The same images as train/<class>/*, val/... (e.g. MAML++'s full-size release)."""
+    root, pixels = image_folder
+    folders = tmp_path / "folders"
+    for split in ("train", "val", "test"):
+        for line in (root / f"{split}.csv").read_text().splitlines()[1:]:
+            name, label = line.split(",")
+            (folders / split / label).mkdir(parents=True, exist_ok=True)
+            os.link(root / "images" / name, folders / split / label / name)
+    (folders / "train" / ".DS_Store").write_text("")  # not a class
+    (folders / "train" / "n01" / "notes.txt").write_text("")  # not an image
+    splits = load_miniimagenet(folders, cache_dir=tmp_path / "cache")
+    assert torch.equal(splits["train"], load_miniimagenet(root, ["train"],
+                                                          cache_dir=tmp_path / "csv")["train"])
+    assert splits["test"].shape == (1, PER_CLASS, 3, 84, 84)
+    (folders / "val" / "n04" / "n0400000000.jpg").unlink()
+    (folders / "val" / "n05").mkdir()
+    os.link(root / "images" / "n0500000000.jpg", folders / "val" / "n05" / "x.jpg")
+    with pytest.raises(DataError, match="val: every class needs the same number of images, got 1 "
+                                        f"to {PER_CLASS - 1}"):
+        load_miniimagenet(folders, ["val"], cache_dir=tmp_path / "cache")
+    (folders / "empty" / "test" / "n05").mkdir(parents=True)
+    with pytest.raises(DataError, match="test holds no class folders of images"):
+        load_miniimagenet(folders / "empty", ["test"], cache_dir=tmp_path / "cache")
 
 
 def test_sampler_on_miniimagenet(tmp_path: Path) -> None:

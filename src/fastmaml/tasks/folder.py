@@ -120,8 +120,8 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "
                         "train/, val/ and test/" + _depth_hint(root, class_depth))
-    pixels = _decoded(root, [f for per_class in files for f in per_class], image_format,
-                      cache_dir, workers)
+    pixels = decoded_images(root, [f for per_class in files for f in per_class], image_format,
+                            cache_dir, workers)
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
     start, short = 0, 0
     for (name, split_root, folder), per_class in zip(classes, files):
@@ -155,8 +155,8 @@ def _depth_hint(root: Path, class_depth: int) -> str:
     return ""
 
 
-def _decoded(root: Path, files: list[Path], image_format: ImageFormat,
-             cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
+def decoded_images(root: Path, files: list[Path], image_format: ImageFormat,
+                   cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
     """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it."""
     stats = [(f, f.stat()) for f in files]
     key = fingerprint([f"{image_format} conversion {CONVERSION}"]

@@ -1,7 +1,7 @@
 """MiniImagenet (Vinyals et al. 2016) with the Ravi & Larochelle split: 64 / 16 / 20 classes of
 600 RGB images, 84x84 (the paper's 64/12/24 is a typo).
 
-Two layouts of a data root are read, per split:
+Three layouts of a data root are read, per split:
 
 - ``mini-imagenet-cache-{train,val,test}.pkl``: a pickled dict with ``image_data`` (uint8,
   N x 84 x 84 x 3) and ``class_dict`` (class name -> list of indices into ``image_data``).
@@ -10,6 +10,9 @@ Two layouts of a data root are read, per split:
 - ``images/`` with ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``): the
   images are decoded once (resized to 84x84 with LANCZOS if needed) and cached as a ``.npy``
   in the cache directory (``$FASTMAML_CACHE`` or ``~/.cache/fastmaml``).
+- ``train/``, ``val/``, ``test/``, each with one folder of images per class (e.g. ``n01532829``),
+  as many conversions of the CSVs (and MAML++'s full-size release) lay it out: decoded, resized
+  and cached the same way.
 
 Loaders return uint8 (classes, per_class, 3, 84, 84), classes sorted by name; the sampler
 scales pixels by 1/255.
@@ -30,7 +33,9 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir, fingerprint
+from .folder import decoded_images, image_files
 from .images import CONVERSION, ImageFormat, read_images
+from .splits import subfolders
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 84
@@ -120,11 +125,27 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
                      images)
 
 
+def read_class_folders(root: str | os.PathLike[str], split: str,
+                       cache_dir: str | os.PathLike[str] | None = None,
+                       workers: int | None = None) -> np.ndarray:
+    """``root/<split>/<class>/*`` as uint8 (classes, per_class, 3, 84, 84)."""
+    split_root = Path(root) / split
+    classes = [image_files(folder) for folder in subfolders(split_root)]  # sorted by name
+    if not any(classes):
+        raise DataError(f"{split_root} holds no class folders of images (expected "
+                        f"{split_root}/<class>/<image>)")
+    per_class = _class_size(split_root, {len(files) for files in classes})
+    pixels = decoded_images(split_root, [f for files in classes for f in files], IMAGE_FORMAT,
+                            cache_dir, workers)
+    return pixels.numpy().reshape(len(classes), per_class, *pixels.shape[1:])
+
+
 def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLITS, *,
                       cache_dir: str | os.PathLike[str] | None = None,
                       workers: int | None = None) -> dict[str, Tensor]:
     """Each split as uint8 (classes, per_class, 3, 84, 84), from a pickle cache if ``root`` has
-    one for that split, else from ``images/`` and the split's CSV."""
+    one for that split, else from ``images/`` and the split's CSV, else from ``root/<split>/``'s
+    class folders."""
     root = Path(root)
     result = {}
     for split in splits:
@@ -135,24 +156,32 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
             images = read_pickle_cache(pickled)
         elif (root / "images").is_dir() and (root / f"{split}.csv").is_file():
             images = read_image_folder(root, split, cache_dir, workers)
+        elif (root / split).is_dir():
+            images = read_class_folders(root, split, cache_dir, workers)
         else:
             raise DataError(
                 f"MiniImagenet {split} split not found in {root}: expected {pickled.name} (a "
-                f"pickled dict of image_data and class_dict) or an images/ folder with "
-                f"{split}.csv (Ravi & Larochelle, header 'filename,label')")
+                f"pickled dict of image_data and class_dict), an images/ folder with "
+                f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
+                "of class folders")
         result[split] = torch.from_numpy(images)
     return result
+
+
+def _class_size(source: Path, sizes: set[int]) -> int:
+    """The one number of images every class has (the sampler draws from a rectangle)."""
+    if len(sizes) != 1:
+        raise DataError(f"{source}: every class needs the same number of images, got "
+                        f"{min(sizes)} to {max(sizes)}")
+    return sizes.pop()
 
 
 def _by_class(source: Path, indices: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
     """Channels-first (classes, per_class, 3, H, W) from (N, H, W, 3) ``images`` and per-class
     index arrays, classes sorted by name; filled class by class to keep the peak memory low."""
-    sizes = {len(index) for index in indices.values()}
-    if len(sizes) != 1:
-        raise DataError(f"{source}: every class needs the same number of images, got "
-                        f"{min(sizes)} to {max(sizes)}")
+    per_class = _class_size(source, {len(index) for index in indices.values()})
     _, height, width, channels = images.shape
-    out = np.empty((len(indices), sizes.pop(), channels, height, width), dtype=images.dtype)
+    out = np.empty((len(indices), per_class, channels, height, width), dtype=images.dtype)
     for i, name in enumerate(sorted(indices)):
         out[i] = images[indices[name]].transpose(0, 3, 1, 2)
     return out
