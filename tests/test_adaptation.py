@@ -279,7 +279,7 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("csv to an image run", "is a file, but this is an image run"),
     ("too many classes", "has 4 classes, but the run was trained 3-way"),
     ("unknown query class", "not support classes"),
-    ("negative steps", "steps must be >= 0"),
+    ("negative steps", "steps must be an integer >= 0, got -1"),
     ("one class", "support set has one class"),
     ("twin file names", "support images a.jpg, a.png in .* would be classes of the same name"),
     ("edited config", "checkpoint .*maml.pt does not fit this run's model .*size mismatch"),

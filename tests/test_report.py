@@ -52,6 +52,17 @@ def test_an_rl_run_at_another_horizon_is_not_compared_with_the_paper(tmp_path: P
                                             "return sums over an episode's steps)")
 
 
+def test_a_locomotion_run_at_another_horizon_is_still_judged_against_pretrained(
+        tmp_path: Path) -> None:
+    records = [{"method": method, "mean": [0.0, mean, 0.0, 0.0], "ci95": [1.0] * 4, "tasks": 40}
+               for method, mean in (("maml", -50.0), ("pretrained", -90.0))]
+    run = report.Run(tmp_path / "cheetah", {"experiment": "rl", "preset": "rl-cheetah-vel-cpu",
+                                            "env": "fastmaml/HalfCheetahVel-v0", "horizon": 100},
+                     records, 500, 60.0, [])
+    headline = next(h for h in HEADLINES if h.key == "rl-cheetah-vel")  # horizon 200
+    assert report.evaluate_row(headline, run).status == "met (MAML above pretrained)"
+
+
 def test_a_row_measured_on_other_test_tasks_than_the_papers_says_so(tmp_path: Path) -> None:
     headline = next(h for h in HEADLINES if h.key == "rl-nav2d")
     assert report.evaluate_row(headline, nav_run(tmp_path, tasks=4)).status == (

@@ -78,12 +78,17 @@ def test_out_of_device_memory_is_one_line_with_what_to_lower(tmp_path, capsys, m
     assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "meta_batch" in err
 
 
-def test_a_meta_batch_beyond_the_cpus_memory_is_one_line(tmp_path, capsys):
-    # the CPU allocator refuses at once, with a plain RuntimeError
-    assert main(["train", "sinusoid-demo", "--out", str(tmp_path), "meta_batch=1000000000000",
-                 "--no-progress"]) == 2
+@pytest.mark.parametrize("size, shown", [(4 * 10**12, "3,725.3 GiB"), (50 * 2**20, "50.0 MiB")])
+def test_the_cpus_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch, size, shown):
+    def refused(*_, **__):  # the CPU allocator's refusal is a plain RuntimeError
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: "
+                           f"can't allocate memory: you tried to allocate {size} bytes. Error "
+                           "code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr("fastmaml.experiments.sinusoid.sample_sinusoid_tasks", refused)
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path), "--no-progress"]) == 2
     assert capsys.readouterr().err.endswith(
-        "fastmaml: error: out of memory (tried to allocate 3,725.3 GiB): lower meta_batch, "
+        f"fastmaml: error: out of memory (tried to allocate {shown}): lower meta_batch, "
         "chunk_size or eval_chunk, or set checkpoint_steps=true; a training run keeps its last "
         "checkpoint\n")
 

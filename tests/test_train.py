@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import warnings
 
 import pytest
 import torch
@@ -80,10 +81,18 @@ def test_a_lost_metrics_log_is_named_on_resume(tmp_path, damage):
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, stop_after=7)
     log = tmp_path / "metrics-maml.csv"
     log.write_text("") if damage == "empty" else log.unlink()
-    with pytest.warns(FastMAMLWarning, match="metrics-maml.csv holds no rows though maml's "
-                                             "checkpoint is at iteration 7"):
+    with pytest.warns(FastMAMLWarning, match="metrics-maml.csv holds no rows though maml logged "
+                                             "up to iteration 6: .* its checkpoint at 7"):
         fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False)
     assert [r["iteration"] for r in rows(log)] == ["8", "10", "12"]
+
+
+def test_a_log_without_rows_yet_resumes_without_a_warning(tmp_path):
+    fit(maml_learner(tmp_path), tmp_path, 3, 100, progress=False, stop_after=6)  # no row due
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastMAMLWarning)
+        fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False)  # log_every lowered
+    assert [r["iteration"] for r in rows(tmp_path / "metrics-maml.csv")] == ["8", "10", "12"]
 
 
 def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resume(tmp_path):

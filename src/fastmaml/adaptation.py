@@ -4,7 +4,8 @@
 run = fastmaml.load_run("runs/omniglot-5w1s")
 x = run.preprocess(["a.png", "b.png"])                 # the run's own image preprocessing
 adapted = run.adapt(x, torch.tensor([0, 1]))           # 2 classes: the model's first 2 outputs
-probabilities = run.predict(adapted, run.preprocess(["query.png"])).softmax(-1)
+query = run.preprocess(["query.png"])
+probabilities = run.predict(adapted, query, context=x).softmax(-1)   # normalised beside x
 ```
 
 MAML assigns labels to a task's classes at random, so any N of a classifier's outputs serve a
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .core import MAML, Params
+from .core import MAML, Params, check_steps
 from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
@@ -303,8 +304,7 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     after adaptation, and the query points.
     """
     steps = run.steps if steps is None else steps
-    if steps < 0:
-        raise ConfigError(f"steps must be >= 0, got {steps}")
+    check_steps("steps", steps)
     if norm not in NORMS:
         raise ConfigError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
     if plot is not None:

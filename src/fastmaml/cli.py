@@ -253,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
         detail = str(error).splitlines()[0]
         request = re.search(r"tried to allocate (\d+) bytes", detail)  # the CPU allocator's
         if request:
-            detail = f"tried to allocate {int(request[1]) / 2**30:,.1f} GiB"
+            size = int(request[1])
+            detail = "tried to allocate " + (f"{size / 2**30:,.1f} GiB" if size >= 2**30
+                                             else f"{size / 2**20:,.1f} MiB")
         print(f"fastmaml: error: out of {where} ({detail}): lower "
               "meta_batch, chunk_size or eval_chunk, or set checkpoint_steps=true; a training "
               "run keeps its last checkpoint", file=sys.stderr)

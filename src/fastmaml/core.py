@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
@@ -131,9 +132,9 @@ def _broadcasting_loss(fn: Any) -> str | None:
     return None
 
 
-def _check_steps(name: str, steps: Any) -> None:
+def check_steps(name: str, steps: Any) -> None:
     """A number of inner steps: an integer >= 0 (not a float or bool), or a ``ConfigError``."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
 
 
@@ -263,10 +264,10 @@ class MAML(nn.Module):
                                      ("check_finite", check_finite, False),
                                      ("compile", compile, False),
                                      ("checkpoint_steps", checkpoint_steps, False)):
-            if not isinstance(flag, bool) and not (optional and flag is None):
+            if not isinstance(flag, (bool, np.bool_)) and not (optional and flag is None):
                 raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}"
                                   f", got {flag!r}")
-        _check_steps("inner_steps", inner_steps)
+        check_steps("inner_steps", inner_steps)
         if isinstance(inner_lr, Tensor):
             raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, "
                               "not a tensor: to learn it, give lr_mode='scalar' (one rate), "
@@ -275,7 +276,8 @@ class MAML(nn.Module):
         if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
                 or not 0 <= inner_lr < math.inf):  # NaN fails too
             raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
+                                       or chunk_size < 1):
             raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
                               f"{chunk_size!r}")
         self.model = model
@@ -739,7 +741,9 @@ class MAML(nn.Module):
         try:
             eager = self._gradient_by_chunks(self._gradient, trainable, batch, step_weights,
                                              chunk)
-        except torch.OutOfMemoryError:
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
             self._compiled_checked.add(key)
             warnings.warn("the compiled meta-gradient is not checked against the eager one: "
                           "the eager pass ran out of memory", FastMAMLWarning, stacklevel=3)
@@ -895,7 +899,7 @@ class MAML(nn.Module):
         """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
         batch = as_task_batch(batch)
         steps = self.inner_steps if steps is None else steps
-        _check_steps("steps", steps)
+        check_steps("steps", steps)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
@@ -914,7 +918,7 @@ class MAML(nn.Module):
             raise ShapeError(f"support_x {tuple(support_x.shape)} holds no examples: adapting "
                              "needs at least one")
         steps = self.inner_steps if steps is None else steps
-        _check_steps("steps", steps)
+        check_steps("steps", steps)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,

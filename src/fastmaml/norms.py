@@ -31,8 +31,8 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
     if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as torch's kernel refuses in training mode
         raise ShapeError(f"batch norm over a batch of one value per channel (input "
                          f"{tuple(x.shape)}) would turn every input into the same output: give "
-                         "more than one example (predict: pass context=, e.g. the task's "
-                         "support inputs)")
+                         "more than one example (predict: context=, e.g. the task's support "
+                         "inputs; fastmaml adapt: --norm each)")
     # Channels first, then layer norm over (batch, spatial): per-channel batch statistics from a
     # fused kernel whose derivatives (to second order) are exact under vmap.
     channels_first = x.transpose(0, 1)

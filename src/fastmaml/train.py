@@ -316,17 +316,18 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     if main:  # what a writer killed mid-write left of this learner's files
         remove_stale_temporaries(path)
         remove_stale_temporaries(log_path)
-    start, elapsed = 0, 0.0
+    start, elapsed, logged = 0, 0.0, 0  # logged: the last iteration with a row in the log
     if path.exists():
         state = load_checkpoint(path)
         _refuse_going_back(learner, run_dir, state["iteration"])
         load_state(learner, state["learner"], path)
         start, elapsed = state["iteration"], state["elapsed_s"]
+        logged = state.get("logged", 0)  # (absent from checkpoints before session 28)
     log = MetricsLog(log_path, keep_until=start) if main else None
-    if log and start >= log_every and not log.kept:  # e.g. emptied or deleted by hand
-        warnings.warn(f"{log_path} holds no rows though {learner.name}'s checkpoint is at "
-                      f"iteration {start}: the run's logged history before it is lost, and the "
-                      "log goes on from there", FastMAMLWarning, stacklevel=2)
+    if log and logged and not log.kept:  # e.g. emptied or deleted by hand
+        warnings.warn(f"{log_path} holds no rows though {learner.name} logged up to iteration "
+                      f"{logged}: the run's logged history is lost, and the log goes on from "
+                      f"its checkpoint at {start}", FastMAMLWarning, stacklevel=2)
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
     bar = tqdm(range(start, end), initial=start, total=learner.iterations,
@@ -345,6 +346,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 elapsed, tick = elapsed + now - tick, now
                 if log:
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
+                logged = done
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             stopping = stop_requested()  # also at the last iteration: no next learner then
             if done % checkpoint_every == 0 or done == end or stopping:
@@ -357,7 +359,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 if main:
                     now = time.perf_counter()
                     elapsed, tick = elapsed + now - tick, now
-                    save_atomic({"iteration": done, "elapsed_s": elapsed, "learner": state}, path)
+                    save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
+                                 "learner": state}, path)
             if stopping:
                 bar.close()
                 raise _stopped(learner, done)
