@@ -1127,6 +1127,8 @@ def test_predict_with_a_context_keeps_the_models_output_structure():
     adapted = maml.adapt(support, torch.randint(0, 3, (6,)))
     logits, extra = maml.predict(adapted, queries, context=support)
     assert logits.shape == (5, 3) and extra["features"].shape == (5, 4)
+    none, extra = maml.predict(adapted, queries[:0], context=support)
+    assert none.shape == (0, 3) and extra["features"].shape == (0, 4)
     second, _ = maml.predict(adapted, torch.cat([queries[1:2], support]))
     torch.testing.assert_close(logits[1], second[0])
 

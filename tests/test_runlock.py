@@ -97,6 +97,7 @@ def test_a_run_directory_that_is_a_file_is_named(tmp_path: Path,
 def test_a_folder_of_other_files_is_trained_into_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / ".DS_Store").write_text("")  # hidden: not counted
     command = ["train", "sinusoid-demo", "--out", str(tmp_path), "iterations=1",
                "baseline_iterations=1", "--no-progress"]
     assert main(command) == 0

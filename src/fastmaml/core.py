@@ -955,6 +955,8 @@ class MAML(nn.Module):
         def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
             outputs = self._forward(params, frozen, torch.cat([row[None], context]))
             return tree_map(lambda out: out[0], outputs)
+        if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
+            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
         return vmap(alone_with_context, randomness="different",
                     chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
 

@@ -260,10 +260,11 @@ def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: b
 
 def _warn_if_foreign(run_dir: Path) -> None:
     """Warn when a new run's ``--out`` already holds files of something else (a mistyped
-    folder): the run's files are written beside them."""
+    folder): the run's files are written beside them. Hidden files (ours, .DS_Store) do not
+    count."""
     if not run_dir.is_dir() or (run_dir / "config.yaml").exists():
         return
-    foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith(".fastmaml"))
+    foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))  # .DS_Store
     if foreign:
         warnings.warn(f"{run_dir} is not a run's folder and holds {len(foreign)} other "
                       f"entr{'ies' if len(foreign) > 1 else 'y'} (e.g. {foreign[0]}): the run's "
