@@ -101,11 +101,14 @@ def test_a_folder_of_other_files_is_trained_into_with_a_warning(
     command = ["train", "sinusoid-demo", "--out", str(tmp_path), "iterations=1",
                "baseline_iterations=1", "--no-progress"]
     assert main(command) == 0
+    out, err = capsys.readouterr()
     assert (f"fastmaml: warning: {tmp_path} is not a run's folder and holds 1 other entry (e.g. "
-            "notes.txt)") in capsys.readouterr().err
+            "notes.txt)") in err and "resuming" not in out
     assert (tmp_path / "notes.txt").read_text() == "my notes"
-    assert main(command) == 0  # now a run's folder: resumed without a word
-    assert "warning" not in capsys.readouterr().err
+    assert main(command) == 0  # now a run's folder: resumed without a warning
+    out, err = capsys.readouterr()
+    assert "warning" not in err
+    assert "; resuming maml, pretrained, oracle from the last checkpoint" in out
 
 
 def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(

@@ -300,8 +300,11 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
         say = print if main else (lambda *_: None)
         if main:
             _record_machine(run_dir, str(experiment.device), size)
+        resumed = [learner.name for learner in learners
+                   if checkpoint_path(run_dir, learner.name).is_file()]
         say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
-            + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else ""))
+            + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else "")
+            + (f"; resuming {', '.join(resumed)} from the last checkpoint" if resumed else ""))
         for learner in learners:
             try:
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
