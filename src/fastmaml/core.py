@@ -138,6 +138,37 @@ def check_steps(name: str, steps: Any) -> None:
         raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
 
 
+def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
+                   chunk_size: Any, **flags: Any) -> None:
+    """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
+    (a swapped model and loss, a YAML string for a flag, a tensor for a learned rate)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
+                          + (" (are model and loss_fn swapped?)" if callable(model) else ""))
+    for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
+        if not callable(fn) and not (name == "metric_fn" and fn is None):
+            raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
+                              f"tensor, e.g. torch.nn.functional.mse_loss; got {fn!r}")
+    for name, flag in flags.items():
+        optional = name in ("batched", "transductive_bn")  # None: chosen for the model
+        if not isinstance(flag, (bool, np.bool_)) and not (optional and flag is None):
+            raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, "
+                              f"got {flag!r}")
+    check_steps("inner_steps", inner_steps)
+    if isinstance(inner_lr, Tensor):
+        raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
+                          "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
+                          "(Meta-SGD) or 'per_layer_step' (MAML++), and MAML holds it as a "
+                          "parameter")
+    if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
+            or not 0 <= inner_lr < math.inf):  # NaN fails too
+        raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
+                          f"{chunk_size!r}")
+
+
 def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
     """Step weights as a 1-d tensor (a list or tuple of floats is taken too)."""
     if step_weights is None or isinstance(step_weights, Tensor):
@@ -251,35 +282,10 @@ class MAML(nn.Module):
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
-        if not isinstance(model, nn.Module):
-            raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
-                              + (" (are model and loss_fn swapped?)" if callable(model) else ""))
-        for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
-            if not callable(fn) and not (name == "metric_fn" and fn is None):
-                raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
-                                  f"tensor, e.g. torch.nn.functional.mse_loss; got {fn!r}")
-        for name, flag, optional in (("first_order", first_order, False),
-                                     ("batched", batched, True),
-                                     ("transductive_bn", transductive_bn, True),
-                                     ("check_finite", check_finite, False),
-                                     ("compile", compile, False),
-                                     ("checkpoint_steps", checkpoint_steps, False)):
-            if not isinstance(flag, (bool, np.bool_)) and not (optional and flag is None):
-                raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}"
-                                  f", got {flag!r}")
-        check_steps("inner_steps", inner_steps)
-        if isinstance(inner_lr, Tensor):
-            raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, "
-                              "not a tensor: to learn it, give lr_mode='scalar' (one rate), "
-                              "'per_param' (Meta-SGD) or 'per_layer_step' (MAML++), and MAML "
-                              "holds it as a parameter")
-        if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
-                or not 0 <= inner_lr < math.inf):  # NaN fails too
-            raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
-                                       or chunk_size < 1):
-            raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
-                              f"{chunk_size!r}")
+        _check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size,
+                       first_order=first_order, batched=batched, transductive_bn=transductive_bn,
+                       check_finite=check_finite, compile=compile,
+                       checkpoint_steps=checkpoint_steps)
         self.model = model
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.inner_steps, self.first_order = inner_steps, first_order
