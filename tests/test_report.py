@@ -122,6 +122,11 @@ def test_a_run_with_a_cosine_schedule_is_not_projected(tmp_path: Path) -> None:
     cosine = report.Run(tmp_path / "b", {**config, "meta_lr_schedule": "cosine"}, [], 600, 60.0,
                         [], validation=curve)
     assert report._projection(constant, 0.97) == "98.7% at ~1,479 it"  # 0.5 / 0.013 squared
+    nearly_flat = [(it, 0.0, 0.97 + it * 1e-7) for it in (100, 200, 300, 400, 500, 600)]
+    assert report._projection(report.Run(tmp_path / "c", config, [], 600, 60.0, [],
+                                         validation=nearly_flat), 0.98) == (
+        "98.7%: out of reach of the trend (the power law through its validation, beyond 100x "
+        "its iterations)")
     assert "not projected (cosine meta_lr" in report._projection(cosine, 0.97)
 
 
@@ -152,6 +157,10 @@ def test_a_cosine_run_is_projected_by_finished_runs_of_its_recipe_at_other_lengt
         "1,000 and 4,000 iterations)")
     assert "not projected (cosine meta_lr: needs finished runs of this recipe at two" in (
         report._projection(live, 0.95, [live, *short, *others]))
+    barely = run("barely", 4000, 4000, -0.0077)  # 1,000 -> 4,000: error 1.58% -> 1.56%
+    assert report._projection(live, 0.95, [live, *short, barely]) == (
+        "98.7%: out of reach of the trend (the power law through its recipe's finished runs of "
+        "1,000 and 4,000 iterations, beyond 100x the longest)")
 
 
 def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(

@@ -362,6 +362,10 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
     return lines + [""]
 
 
+# how far past a run's own iterations a validation trend is extrapolated at most
+EXTRAPOLATION_LIMIT = 100
+
+
 def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
     key = headline_key(run.config) or ""
     headline = next((h for h in HEADLINES if h.key == key), None)
@@ -375,8 +379,12 @@ def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
     if len(run.validation) < 6:
         return "too few validation points"
     iterations = projected_iterations(run.validation, target)
-    return (f"{target:.1%} at ~{iterations:,.0f} it" if iterations is not None
-            else f"{target:.1%}: no falling trend")
+    if iterations is None:
+        return f"{target:.1%}: no falling trend"
+    if iterations > EXTRAPOLATION_LIMIT * run.iterations:
+        return _out_of_reach(target, f"its validation, beyond {EXTRAPOLATION_LIMIT}x its "
+                                     "iterations")
+    return f"{target:.1%} at ~{iterations:,.0f} it"
 
 
 # what a run may change on resume (how it runs and is evaluated), and its seed: not its recipe
@@ -410,8 +418,15 @@ def _schedule_projection(run: Run, headline: Headline, evaluated: Sequence[Run])
     *shorter, longest = [f"{length:,}" for length in sorted(test_accuracy)]
     runs = f"its recipe's finished runs of {', '.join(shorter)} and {longest} iterations"
     iterations = power_law_crossing(sorted(test_accuracy.items()), target)
-    return (f"{target:.1%} with a ~{iterations:,.0f}-iteration schedule (test error of {runs})"
-            if iterations is not None else f"{target:.1%}: no falling trend over {runs}")
+    if iterations is None:
+        return f"{target:.1%}: no falling trend over {runs}"
+    if iterations > EXTRAPOLATION_LIMIT * max(test_accuracy):
+        return _out_of_reach(target, f"{runs}, beyond {EXTRAPOLATION_LIMIT}x the longest")
+    return f"{target:.1%} with a ~{iterations:,.0f}-iteration schedule (test error of {runs})"
+
+
+def _out_of_reach(target: float, where: str) -> str:
+    return f"{target:.1%}: out of reach of the trend (the power law through {where})"
 
 
 def projected_iterations(validation: Sequence[tuple[int, float, float]], target: float
