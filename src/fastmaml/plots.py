@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
+from .atomic import replace_atomically  # noqa: E402
 from .errors import ConfigError, DataError  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
@@ -90,11 +91,12 @@ def check_figure_path(path: Path) -> None:
 
 
 def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """Write ``fig`` to ``path`` (its folder created) and close it."""
+    """Write ``fig`` to ``path`` (its folder created) atomically, so that a plot killed while
+    writing leaves the old figure whole, and close it."""
     fig.tight_layout()
+    file_format = path.suffix.lstrip(".").lower() or None  # (the temporary's name has none)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
+        replace_atomically(path, lambda handle: fig.savefig(handle, dpi=120, format=file_format))
     except OSError as error:
         raise DataError(f"cannot write the figure {path}: {error}") from None
     finally:
