@@ -957,12 +957,12 @@ class MAML(nn.Module):
             raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
                              f"examples (x {tuple(x.shape)}: one task's inputs, examples first; "
                              "context e.g. the task's support inputs), at least one")
+        if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
+            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
 
         def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
             outputs = self._forward(params, frozen, torch.cat([row[None], context]))
             return tree_map(lambda out: out[0], outputs)
-        if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
-            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
         return vmap(alone_with_context, randomness="different",
                     chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
 
