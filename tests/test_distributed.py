@@ -99,6 +99,37 @@ def test_trpo_meta_step_over_two_processes_equals_one_in_float64(tmp_path):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9, abs=1e-14), key
 
 
+GLOO_THREADS_AFTER_SHUTDOWN = """
+import os
+import torch
+import torch.distributed as dist
+from fastmaml.distributed import init_from_env, shutdown
+
+init_from_env()
+torch.func.grad(lambda x: (x ** 2).sum())(torch.ones(3))  # first torch.func call, after init
+total = torch.ones(3)
+dist.all_reduce(total)
+shutdown()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+left = [name for name in threads if "gloo" in name]
+assert not left, f"gloo threads outlive shutdown: {left}"
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
+def test_shutdown_stops_the_gloo_threads_after_torch_func(tmp_path):
+    """The process group ``init_from_env`` makes is gone after ``shutdown``, even once torch.func
+    has imported ``torch.distributed.nn`` (whose defaults would hold it): a group left alive has
+    gloo threads that race interpreter exit and abort a rank now and then."""
+    script = tmp_path / "threads_after_shutdown.py"
+    script.write_text(GLOO_THREADS_AFTER_SHUTDOWN)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+        text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("batch", ["episodes", "steps"])
 def test_rl_tasks_split_across_two_processes_match_one(tmp_path, batch):
     """``fastmaml train`` of an RL preset under torchrun: each rank samples its slice of the

@@ -26,6 +26,12 @@ T = TypeVar("T")
 def init_from_env() -> None:
     """Join the process group that torchrun describes in the environment (no-op without it)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        # torch.func's first call imports this module, whose functions default to
+        # ``group=group.WORLD``: imported once the group exists, they keep it alive past
+        # ``destroy_process_group``, and its gloo threads then race interpreter exit (a rank dies
+        # with SIGABRT, "terminate called without an active exception"). Imported first, their
+        # default is None.
+        import torch.distributed.nn.functional  # noqa: F401
         backend = "gloo"  # CPU tensors (small flags and metrics; a run on device=cpu)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
