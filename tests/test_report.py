@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from fastmaml import report
+from fastmaml.atomic import write_text_atomic
 from fastmaml.cli import main
+from fastmaml.experiments import base
 from fastmaml.paper import HEADLINES, Headline
 
 REPO = Path(__file__).resolve().parents[1]
@@ -246,6 +249,28 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
                  "--no-progress"]) == 0
     assert ("sinusoid: not reproduced: " + f"{root / 'sinusoid'} holds a 'sinusoid-demo' run, not "
             "'sinusoid'") in capsys.readouterr().out
+
+
+def test_an_evaluation_killed_between_its_two_files_is_not_finished(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """eval.json, which marks a run evaluated, is written after results.md: a kill between the
+    two leaves a run that ``reproduce`` evaluates again, never a new eval.json beside an old
+    table."""
+    run_dir = tmp_path / "r" / "sinusoid"
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
+                 "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]) == 0
+    written: list[str] = []
+
+    def killed_at_the_second_file(text: str, path: Path) -> None:
+        written.append(Path(path).name)
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        write_text_atomic(text, path)
+
+    monkeypatch.setattr(base, "write_text_atomic", killed_at_the_second_file)
+    assert main(["eval", str(run_dir), "--no-progress"]) == 128 + signal.SIGINT
+    assert written == ["results.md", "eval.json"] and not (run_dir / "eval.json").exists()
+    assert not report.finished(run_dir, *TINY_SINUSOID)
 
 
 def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None:

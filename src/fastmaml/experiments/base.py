@@ -274,8 +274,10 @@ class Experiment(ABC):
             record["target_iterations"] = dict(self.target_iterations)
             record["eval_settings"] = settings
         if is_main():  # under torchrun every rank holds the same records
-            write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
+            # eval.json last: it marks the evaluation done (``reproduce`` skips such a run), so a
+            # kill between the two writes leaves a run that is evaluated again, not a stale table
             write_text_atomic(table, self.run_dir / "results.md")
+            write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
         barrier()
 
     def figures_dir(self) -> Path:
