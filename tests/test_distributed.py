@@ -99,34 +99,42 @@ def test_trpo_meta_step_over_two_processes_equals_one_in_float64(tmp_path):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9, abs=1e-14), key
 
 
-GLOO_THREADS_AFTER_SHUTDOWN = """
+GLOO_THREADS_AFTER_LEAVING = """
 import os
+import sys
 import torch
 import torch.distributed as dist
+from fastmaml.cli import main
 from fastmaml.distributed import init_from_env, shutdown
 
-init_from_env()
-torch.func.grad(lambda x: (x ** 2).sum())(torch.ones(3))  # first torch.func call, after init
-total = torch.ones(3)
-dist.all_reduce(total)
-shutdown()
+if sys.argv[1] == "shutdown":
+    init_from_env()
+    torch.func.grad(lambda x: (x ** 2).sum())(torch.ones(3))  # first torch.func call, after init
+    total = torch.ones(3)
+    dist.all_reduce(total)
+    shutdown()
+else:  # this rank's error: main leaves the group without waiting for the others
+    assert main(["train", "sinusoid-demo", "--out", sys.argv[2], "meta_batch=1",
+                 "--no-progress"]) == 2
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 left = [name for name in threads if "gloo" in name]
-assert not left, f"gloo threads outlive shutdown: {left}"
+assert not left, f"gloo threads outlive the group: {left}"
 """
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads Linux's /proc")
-def test_shutdown_stops_the_gloo_threads_after_torch_func(tmp_path):
-    """The process group ``init_from_env`` makes is gone after ``shutdown``, even once torch.func
-    has imported ``torch.distributed.nn`` (whose defaults would hold it): a group left alive has
-    gloo threads that race interpreter exit and abort a rank now and then."""
-    script = tmp_path / "threads_after_shutdown.py"
-    script.write_text(GLOO_THREADS_AFTER_SHUTDOWN)
+@pytest.mark.parametrize("how", ["shutdown", "error"])
+def test_no_gloo_thread_outlives_the_group(tmp_path, how):
+    """The process group ``init_from_env`` makes is gone after ``shutdown`` (even once torch.func
+    has imported ``torch.distributed.nn``, whose defaults would hold it) and after a rank's error
+    in ``main``: a group left alive has gloo threads that race interpreter exit and abort the
+    rank now and then (SIGABRT instead of its exit status)."""
+    script = tmp_path / "threads_after_leaving.py"
+    script.write_text(GLOO_THREADS_AFTER_LEAVING)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script)], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-        text=True, timeout=300)
+         str(script), how, str(tmp_path / "run")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

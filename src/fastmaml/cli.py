@@ -19,7 +19,7 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
 from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
-from .distributed import init_from_env, shutdown, world
+from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
 from .runlock import locked_run_dir
 from .train import TrainingStopped
@@ -269,4 +269,6 @@ def main(argv: list[str] | None = None) -> int:
         print("fastmaml: interrupted" + ("; the same command resumes from the last checkpoint"
                                          if resumes else ""), file=sys.stderr)
         return 128 + signal.SIGINT
+    finally:
+        leave()  # a rank that stopped early (the others finish with ``shutdown``)
     return 0

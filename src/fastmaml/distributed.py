@@ -40,9 +40,17 @@ def init_from_env() -> None:
 
 
 def shutdown() -> None:
-    """Leave the process group once every rank is done (an exit without it can abort gloo)."""
+    """Leave the process group once every rank is done."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        leave()
+
+
+def leave() -> None:
+    """Leave the process group now, without waiting for the other ranks (this rank stops on an
+    error or a signal): a gloo group still alive when the interpreter exits can abort the
+    process (SIGABRT) instead of letting it exit with its own status."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
