@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from fastmaml.plots import save_figure
+from fastmaml.plots import counted, save_figure, steps_label
 
 
 def figure() -> plt.Figure:
@@ -35,3 +35,9 @@ def test_a_figure_write_cut_short_leaves_the_old_figure_whole(tmp_path: Path,
     with pytest.raises(KeyboardInterrupt):
         save_figure(figure(), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["f.png"]
+
+
+def test_counts_take_the_plural_except_one() -> None:
+    assert [counted(n, "task") for n in (0, 1, 2, 1200)] == ["0 tasks", "1 task", "2 tasks",
+                                                             "1,200 tasks"]
+    assert steps_label(1) == "1 step" and steps_label(10) == "10 steps"

@@ -56,9 +56,14 @@ def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path)
     return save_figure(fig, path)
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` and a regular noun in words: "1 task", "5 tasks" (tables, notes and legends)."""
+    return f"{count:,} {noun}" + ("" if count == 1 else "s")
+
+
 def steps_label(count: int) -> str:
-    """``count`` inner steps in words: "1 step", "5 steps" (tables and legends)."""
-    return f"{count} step" + ("" if count == 1 else "s")
+    """``count`` inner steps in words: "1 step", "5 steps"."""
+    return counted(count, "step")
 
 
 def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, support_x: Any,

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,6 +33,15 @@ def test_nav2d_batch_hand_computed() -> None:
     assert reward[0].item() == pytest.approx(-math.hypot(0.15, 0.15), abs=1e-15)
     assert reward[1].item() == 0.0  # an ended episode stays put and earns nothing
     assert done.tolist() == [False, True]
+
+
+def test_gymnasium_make_with_the_module_prefix_registers_the_ids_in_a_fresh_interpreter() -> None:
+    # `import fastmaml` does not import gymnasium; the "module:id" form imports fastmaml.rl first
+    script = ("import gymnasium, sys; assert 'fastmaml.rl' not in sys.modules; "
+              "env = gymnasium.make('fastmaml.rl:fastmaml/Nav2D-v0'); "
+              "print(type(env.unwrapped).__name__, env.spec.max_episode_steps)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["Nav2DEnv", "100"]
 
 
 def test_nav2d_termination_is_per_coordinate_and_action_scale() -> None:

@@ -188,6 +188,7 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
     text = (tmp_path / "results.md").read_text()
     assert "v5 models" in text
+    assert f"Preset `{preset}`: 1 meta-iteration, meta-batch 2, 2 episodes per task" in text
     # every method ran on the same tasks: maml's record holds its task-by-task differences
     maml, pretrained, random = records
     official = {"rl-cheetah-vel-cpu": [0.1, 0.02, 0.1], "rl-cheetah-dir-cpu": [0.1, 0.2, 0.5]}

@@ -20,7 +20,7 @@ from ..core import MAML, LossFn, TaskBatch
 from ..distributed import barrier, gather_in_order, is_main, rank_slice
 from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
 from ..models import is_norm_param
-from ..plots import plot_learning_curves, steps_label
+from ..plots import counted, plot_learning_curves, steps_label
 from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
@@ -117,7 +117,7 @@ def results_table(title: str, records: list[dict[str, Any]], show_steps: list[in
                   scale: float = 1.0, digits: int = 3) -> str:
     """Markdown: per K-shot, each method's mean +- 95% CI at ``show_steps``, beside the paper."""
     lines = [f"# {title}", "", f"Run: `{run_dir}`. Mean +- 95% CI over "
-             f"{records[0]['tasks']} test tasks.", ""]
+             f"{counted(records[0]['tasks'], 'test task')}.", ""]
     for k_shot in sorted({r["k_shot"] for r in records}):
         lines += [f"## {k_shot}-shot", "",
                   "| method | " + " | ".join(steps_label(s) for s in show_steps) + " |",

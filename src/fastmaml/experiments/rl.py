@@ -86,7 +86,7 @@ from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV
 from ..paper import RL as PAPER
-from ..plots import save_figure
+from ..plots import counted, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
@@ -438,17 +438,18 @@ class RLExperiment(Experiment):
                              {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
         horizon = cfg.horizon or _rl().default_horizon(cfg.env)
         official = self.official_test()
-        per_step = (f"{cfg.eval_trajectories} episodes" if cfg.eval_batch == "episodes" else
+        per_step = (counted(cfg.eval_trajectories, "episode") if cfg.eval_batch == "episodes" else
                     f"{cfg.eval_trajectories} x {horizon} environment steps (whole episodes)")
         text = text.replace(f"## {cfg.eval_trajectories}-shot",
                             f"## {per_step} per task and gradient step")
-        notes = [f"Preset `{cfg.preset}`: {cfg.iterations} meta-iterations, meta-batch "
-                 f"{cfg.meta_batch}, {cfg.trajectories} episodes per task, horizon {horizon}, "
-                 f"inner lr {cfg.inner_lr:g}" + (f", action scale {cfg.action_scale:g}"
-                                                   if cfg.env == NAV else "") + ".",
-                 f"Evaluation: {cfg.eval_tasks} tasks (the official test script's draw, seed "
-                 f"{official.seed}), {per_step} per task and step; each method's first step "
-                 f"size is in its row (lr), later steps take {official.later_lr_scale:g} of it; "
+        notes = [f"Preset `{cfg.preset}`: {counted(cfg.iterations, 'meta-iteration')}, meta-batch "
+                 f"{cfg.meta_batch}, {counted(cfg.trajectories, 'episode')} per task, "
+                 f"horizon {horizon}, inner lr {cfg.inner_lr:g}"
+                 + (f", action scale {cfg.action_scale:g}" if cfg.env == NAV else "") + ".",
+                 f"Evaluation: {counted(cfg.eval_tasks, 'task')} (the official test script's "
+                 f"draw, seed {official.seed}), {per_step} per task and step; each method's "
+                 f"first step size is in its row (lr), later steps take "
+                 f"{official.later_lr_scale:g} of it; "
                  f"the `{cfg.eval_policy}` policy of each learner."]
         for r in records:
             if "best_iteration" in r:
@@ -465,7 +466,8 @@ class RLExperiment(Experiment):
                 values = " / ".join(f"{m:+.1f} +- {c:.1f}"
                                     for m, c in zip(difference["mean"], difference["ci95"]))
                 notes.append(f"- {r['method']} minus {name}, task by task over the same "
-                             f"{r['tasks']} tasks (paired), after {steps} steps: {values}.")
+                             f"{counted(r['tasks'], 'task')} (paired), after {steps} steps: "
+                             f"{values}.")
         if horizon != _rl().default_horizon(cfg.env):
             notes.append(f"This run's episodes have {horizon} steps, the paper's "
                          f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")
@@ -493,7 +495,7 @@ class RLExperiment(Experiment):
                         color=line.get_color(), label=f"paper: {r['method']}")
         if "oracle" in paper:
             ax.axhline(paper["oracle"][0], color="gray", ls=":", label="paper: oracle")
-        ax.set(title=f"{cfg.env.split('/')[-1]} ({records[0]['tasks']} tasks)",
+        ax.set(title=f"{cfg.env.split('/')[-1]} ({counted(records[0]['tasks'], 'task')})",
                xlabel="number of gradient steps", ylabel="average return")
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
