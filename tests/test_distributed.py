@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from fastmaml import cli
 from fastmaml.cli import main
 from fastmaml.train import checkpoint_path, load_checkpoint
 
@@ -136,6 +137,25 @@ def test_no_gloo_thread_outlives_the_group(tmp_path, how):
          str(script), how, str(tmp_path / "run")], env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    if how == "error":  # both ranks refused the same command line; one of them says so
+        assert result.stderr.count("fastmaml: error: meta_batch 1 is smaller than the 2 "
+                                   "processes") == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_under_torchrun_a_config_error_is_said_once_and_other_errors_name_their_rank(
+        tmp_path, capsys, monkeypatch, rank):
+    monkeypatch.setattr(cli, "world", lambda: (rank, 2))
+    assert main(["train", "no-such-preset", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    said = capsys.readouterr().err
+    if rank == 0:
+        assert said.startswith("fastmaml: error: unknown preset 'no-such-preset'")
+    else:
+        assert said == ""
+    assert main(["train", "omniglot-5w1s", "--out", str(tmp_path / "b"),
+                 "--data-root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    said = capsys.readouterr().err
+    assert said.startswith(f"fastmaml: error (rank {rank} of 2): ") and "nowhere" in said
 
 
 @pytest.mark.parametrize("batch", ["episodes", "steps"])

@@ -238,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except FastMAMLError as error:
-        print(f"fastmaml: error: {error}", file=sys.stderr)
+        rank, size = world()
+        if size == 1:
+            print(f"fastmaml: error: {error}", file=sys.stderr)
+        elif isinstance(error, ConfigError):  # the ranks read one command line: one says it
+            if rank == 0:
+                print(f"fastmaml: error: {error}", file=sys.stderr)
+        else:  # e.g. a file that this rank read
+            print(f"fastmaml: error (rank {rank} of {size}): {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (e.g. `fastmaml adapt ... | head`): no noise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
