@@ -1,6 +1,7 @@
 """Meta-RL environments: rewards and termination against hand-computed values."""
 from __future__ import annotations
 
+import logging
 import math
 import subprocess
 import sys
@@ -8,12 +9,14 @@ import warnings
 from pathlib import Path
 
 import gymnasium
+import mujoco
 import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
 
 from fastmaml.errors import ConfigError
+from fastmaml.rl import envs
 from fastmaml.rl import (ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env,
                          official_test_tasks, right_way_threshold)
 
@@ -225,11 +228,21 @@ def test_the_batched_ant_refuses_options_its_fast_step_does_not_model(option: di
         make_batch_env("fastmaml/AntVel-v0", **option)
 
 
-def test_mujoco_warnings_do_not_write_a_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                                 ) -> None:
+def test_mujoco_warnings_do_not_write_a_log_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(envs, "_seen_mujoco_warnings", set())  # said once per process
+    caplog.set_level(logging.DEBUG, logger=envs.__name__)
     gymnasium.make("fastmaml/HalfCheetahVel-v0").close()  # its model triggers a MuJoCo warning
     assert not (tmp_path / "MUJOCO_LOG.TXT").exists()
+    # gymnasium's half-cheetah model sets a deprecated attribute: logged, below the warning level
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, message in said if "'settotalmass' is deprecated" in message] == [
+        logging.DEBUG]
+    assert mujoco.get_mju_user_warning() is envs._log_mujoco_warning
+    envs._log_mujoco_warning("a warning of MuJoCo's own")  # any other: the warning level
+    assert (logging.WARNING, "MuJoCo: a warning of MuJoCo's own") in [
+        (r.levelno, r.getMessage()) for r in caplog.records]
 
 
 @pytest.mark.parametrize("env_id", list(ENVS))

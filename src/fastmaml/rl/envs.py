@@ -66,10 +66,13 @@ _seen_mujoco_warnings: set[str] = set()
 
 
 def _log_mujoco_warning(message: str) -> None:
-    """MuJoCo warnings go to logging, once each, instead of MUJOCO_LOG.TXT in the cwd."""
+    """MuJoCo warnings go to logging, once each, instead of MUJOCO_LOG.TXT in the cwd. Its
+    deprecation notices go to the debug level: they name attributes of gymnasium's own model
+    files (half-cheetah's ``settotalmass``), which no user of ours can change."""
     if message not in _seen_mujoco_warnings:
         _seen_mujoco_warnings.add(message)
-        logger.warning("MuJoCo: %s", message)
+        level = logging.DEBUG if "is deprecated" in message else logging.WARNING
+        logger.log(level, "MuJoCo: %s", message)
 
 
 if mujoco.get_mju_user_warning() is None:
