@@ -109,7 +109,12 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
     batch = TaskBatch(*batch)
     counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
     if None in counts.values() or len(set(counts.values())) != 1:
-        raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}")
+        support, query = {counts["support_x"], counts["support_y"]}, {counts["query_x"],
+                                                                      counts["query_y"]}
+        forgotten = len(support) == len(query) == 1  # examples counted where tasks belong
+        raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}"
+                         + ("; for one task, add that dimension: x.unsqueeze(0)" if forgotten
+                            else ""))
     if not batch.num_tasks:
         raise ShapeError("a task batch needs at least one task, got 0")
     for kind in ("support", "query"):
