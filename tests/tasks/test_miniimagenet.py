@@ -157,6 +157,29 @@ def test_image_folder_second_load_reads_the_cache(image_folder: tuple[Path, dict
     assert torch.equal(load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"], first)
 
 
+def test_the_cache_is_not_shared_by_other_images_of_the_same_names(
+        image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """Another folder with the same CSVs (or the same one with an image replaced) is decoded
+    again, never served the pixels cached from the first."""
+    root, pixels = image_folder
+    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path / "cache")["val"]
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    (other / "val.csv").write_bytes((root / "val.csv").read_bytes())
+    for name in pixels:
+        if name.startswith("n04"):
+            Image.new("RGB", (84, 84), (128, 128, 128)).save(other / "images" / name)
+    grey = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"]
+    assert (grey == 128).all() and not torch.equal(grey, first)
+    Image.new("RGB", (84, 84), (7, 7, 7)).save(other / "images" / "n0400000005.png", "PNG")
+    (other / "images" / "n0400000005.png").replace(other / "images" / "n0400000005.jpg")
+    replaced = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"]
+    assert (replaced[0, 5] == 7).all() and (replaced[0, 4] == 128).all()
+    (other / "images" / "n0400000006.jpg").unlink()
+    with pytest.raises(DataError, match="cannot read image .*n0400000006.jpg"):
+        load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")
+
+
 def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
                              tmp_path: Path) -> None:
     root, _ = image_folder

@@ -68,6 +68,18 @@ def test_second_load_reads_the_cache(fake_root: Path, tmp_path: Path,
     assert torch.equal(load_omniglot_images(fake_root, cache_dir=tmp_path), first)
 
 
+def test_the_cache_is_not_shared_by_other_images_of_the_same_names(fake_root: Path,
+                                                                  tmp_path: Path) -> None:
+    first = load_omniglot_images(fake_root, cache_dir=tmp_path / "cache")
+    blank = tmp_path / "blank"
+    for png in sorted(fake_root.rglob("*.png")):  # the same names, all white (no strokes)
+        (blank / png.relative_to(fake_root)).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("1", (105, 105), 1).save(blank / png.relative_to(fake_root))
+    blank_images = load_omniglot_images(blank, cache_dir=tmp_path / "cache")
+    assert (blank_images == 0).all() and first.any()  # inverted: white paper is 0
+    assert len(list((tmp_path / "cache").glob("omniglot-28-*.npy"))) == 2
+
+
 def test_default_cache_from_env_and_never_in_the_root(fake_root: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "cache"))

@@ -77,9 +77,18 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
         archive.unlink(missing_ok=True)
 
 
-def fingerprint(items: Sequence[str]) -> str:
-    """A short stable hash of ``items``, to name a cache file after the data it holds (file
-    names that are not valid UTF-8 hash by their bytes on disk)."""
+def fingerprint(root: Path, files: Sequence[Path], decoding: str) -> str:
+    """A short stable hash to name the cache of the pixels ``decoding`` makes of ``files``: of
+    each file's path under ``root``, size and modification time, so that a file changed or
+    replaced, or another data folder with the same file names, never reads pixels cached from
+    other files (names that are not valid UTF-8 hash by their bytes on disk)."""
+    items = [decoding]
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError as error:
+            raise DataError(f"cannot read image {file}: {error}") from error
+        items.append(f"{file.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}")
     return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 

@@ -158,9 +158,7 @@ def _depth_hint(root: Path, class_depth: int) -> str:
 def decoded_images(root: Path, files: list[Path], image_format: ImageFormat,
                    cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
     """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it."""
-    stats = [(f, f.stat()) for f in files]
-    key = fingerprint([f"{image_format} conversion {CONVERSION}"]
-                      + [f"{f.relative_to(root)}|{s.st_size}|{s.st_mtime_ns}" for f, s in stats])
+    key = fingerprint(root, files, f"{image_format} conversion {CONVERSION}")
     cache = Path(cache_dir or default_cache_dir()) / f"folder-{root.name}-{key}.npy"
     pixels = cached_array(cache, lambda: channels_first(read_images(files, image_format, workers)),
                           root)

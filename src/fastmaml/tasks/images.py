@@ -25,8 +25,7 @@ from ..errors import DataError
 
 POOL_MIN_IMAGES = 1000  # fewer images decode faster than worker processes start
 MODES = {1: "L", 3: "RGB"}
-# The version of what ``ImageFormat.convert`` makes of a file: the folder and MiniImagenet caches
-# key on it (the official Omniglot PNGs, 1-bit without EXIF, convert the same in every version).
+# The version of what ``ImageFormat.convert`` makes of a file: every image cache keys on it.
 CONVERSION = 3
 NOT_PICTURES = {"EPS", "MPEG", "IPTC"}  # decoded only with Ghostscript, or identified, not read
 

@@ -9,7 +9,8 @@ Three layouts of a data root are read, per split:
   are allowed; anything else is refused with ``DataError``.
 - ``images/`` with ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``): the
   images are decoded once (resized to 84x84 with LANCZOS if needed) and cached as a ``.npy``
-  in the cache directory (``$FASTMAML_CACHE`` or ``~/.cache/fastmaml``).
+  in the cache directory (``$FASTMAML_CACHE`` or ``~/.cache/fastmaml``), named after the
+  image files (names, sizes and modification times).
 - ``train/``, ``val/``, ``test/``, each with one folder of images per class (e.g. ``n01532829``),
   as many conversions of the CSVs (and MAML++'s full-size release) lay it out: decoded, resized
   and cached the same way.
@@ -117,7 +118,7 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
         raise DataError(f"{table} must be a CSV with the header 'filename,label' and one "
                         "'filename,label' row per image")
     files = [root / "images" / name for name, _ in rows]
-    key = fingerprint([f"conversion {CONVERSION}"] + [f"{name},{label}" for name, label in rows])
+    key = fingerprint(root, files, f"{IMAGE_FORMAT} conversion {CONVERSION}")
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
     images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
     label_of = np.array([label for _, label in rows])

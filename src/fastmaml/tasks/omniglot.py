@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir, fetch_zip, fingerprint
-from .images import ImageFormat, read_images
+from .images import CONVERSION, ImageFormat, read_images
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -77,8 +77,8 @@ def load_omniglot_images(root: str | os.PathLike[str],
     28, 28).
 
     The first call decodes every PNG (with ``workers`` processes, default one per core) and
-    writes the cache; later calls only read the cache. The cache file is named after the list
-    of image files, so another data root or a changed one gets its own cache.
+    writes the cache; later calls only read the cache. The cache file is named after the image
+    files (names, sizes and times), so another data root or a changed one gets its own cache.
     """
     root = Path(root)
     files = []
@@ -91,7 +91,7 @@ def load_omniglot_images(root: str | os.PathLike[str],
     if not files:
         raise DataError(f"no Omniglot characters found under {root}")
     shape = (len(files) // IMAGES_PER_CHARACTER, IMAGES_PER_CHARACTER, IMAGE_SIZE, IMAGE_SIZE)
-    key = fingerprint([str(f.relative_to(root)) for f in files])
+    key = fingerprint(root, files, f"{IMAGE_FORMAT} conversion {CONVERSION}")
     cache = Path(cache_dir or default_cache_dir()) / f"omniglot-{IMAGE_SIZE}-{key}.npy"
 
     def build() -> np.ndarray:
