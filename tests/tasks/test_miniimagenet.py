@@ -188,7 +188,11 @@ def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
     (copy / "val.csv").write_text("name,class\nx.jpg,n04\n")
     with pytest.raises(DataError, match="header 'filename,label'"):
         load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
-    (copy / "val.csv").write_text("filename,label\nabsent.jpg,n04\n")
+    (copy / "val.csv").write_bytes(b"filename,label\n\xe9t\xe9.jpg,n04\n")  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match="cannot read .*val.csv: 'utf-8' codec can't decode"):
+        load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
+    # (saved by a spreadsheet as "CSV UTF-8", with a byte order mark: the header still reads)
+    (copy / "val.csv").write_text("filename,label\nabsent.jpg,n04\n", encoding="utf-8-sig")
     with pytest.raises(DataError, match="absent.jpg"):
         load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
     with pytest.raises(DataError, match="mini-imagenet-cache-test.pkl.*test.csv.*or a test/ "

@@ -108,11 +108,11 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
     root = Path(root)
     table = root / f"{split}.csv"
     try:
-        with table.open(newline="") as f:
+        with table.open(newline="", encoding="utf-8-sig") as f:  # with or without a BOM
             reader = csv.reader(f)
             header = next(reader, None)
             rows = [row for row in reader if row]
-    except OSError as error:
+    except (OSError, UnicodeDecodeError) as error:
         raise DataError(f"cannot read {table}: {error}") from error
     if header != ["filename", "label"] or not rows or any(len(row) != 2 for row in rows):
         raise DataError(f"{table} must be a CSV with the header 'filename,label' and one "
