@@ -167,6 +167,15 @@ def test_download_bad_md5_leaves_no_partial_folder(fake_root: Path, http_folder:
     assert list(root.iterdir()) == []
 
 
+def test_a_data_root_that_is_a_file_is_named(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a folder")
+    with pytest.raises(DataError, match="data root .*notes.txt is a file: name the folder"):
+        load_omniglot(tmp_path / "notes.txt", cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match="data root .*notes.txt is a file: name a folder to "
+                                        "download images_background into"):
+        load_omniglot(tmp_path / "notes.txt", download=True, cache_dir=tmp_path / "cache")
+
+
 # ----- the real data set (skipped when absent, failing under FASTMAML_REQUIRE_DATA=1) -----
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,9 @@ def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
 
 def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
     """Download a zip of ``folder``, verify its MD5 and extract it to ``dest/folder``."""
+    if dest.exists() and not dest.is_dir():
+        raise DataError(f"the data root {dest} is a file: name a folder to download {folder} "
+                        "into")
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / f".{folder}.zip"
     try:

@@ -57,6 +57,10 @@ def download_omniglot(root: str | os.PathLike[str], base_url: str = OMNIGLOT_URL
 def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
     """Every character folder under ``root``, background then evaluation, sorted by name."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"the Omniglot data root {root} is a file: name the folder that holds "
+                        "(or, with download=true, will hold) images_background/ and "
+                        "images_evaluation/")
     missing = [folder for folder in FOLDERS if not (root / folder).is_dir()]
     if missing:
         raise DataError(
