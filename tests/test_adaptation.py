@@ -213,6 +213,15 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
         run.predict(adapted, torch.rand(1, 3, size + 4, size + 4))
     with pytest.raises(fastmaml.errors.ShapeError, match="labels must be a non-empty 1-d integer"):
         run.adapt(x, torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    with pytest.raises(fastmaml.errors.ShapeError, match=r"support labels must be numbers .*got "
+                       r"list: .*; labels are the class indices 0..N-1: map the class names"):
+        run.adapt(x, ["cat", "cat", "dog", "dog"])
+    with pytest.raises(fastmaml.errors.ShapeError, match="query images must be numbers .*got "
+                       "list"):
+        run.predict(adapted, [queries, "photo.png"])
+    with pytest.raises(fastmaml.errors.DataError, match="preprocess reads image files or PIL "
+                       "images, got ndarray .*PIL.Image.fromarray"):
+        run.preprocess([np.zeros((size, size, 3), dtype=np.uint8)])
     with pytest.raises(fastmaml.errors.ConfigError, match="adapted must be what run.adapt "
                        r"returns, got dict \(MAML.adapt's parameters go to run.maml.predict"):
         run.predict(run.maml.adapt(x, torch.tensor([0, 0, 1, 1])), queries)

@@ -75,6 +75,11 @@ class TrainedRun:
             images = [images]
         if not len(images):
             raise DataError("preprocess needs at least one image")
+        other = [type(item).__name__ for item in images
+                 if not isinstance(item, (str, os.PathLike, Image.Image))]
+        if other:
+            raise DataError(f"preprocess reads image files or PIL images, got {other[0]} (an "
+                            "array of pixels: PIL.Image.fromarray turns it into an image)")
         fmt = self.image_format
         pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
                            else fmt.read(Path(item)) for item in images])
@@ -84,7 +89,8 @@ class TrainedRun:
         """``steps`` (default: the run's) inner steps on the support set. Classification labels
         are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted."""
         support_x = self._as_input(support_x, "support")
-        support_y = torch.as_tensor(support_y, device=self.device)
+        support_y = self._as_tensor(support_y, "support labels" if self.task == "classification"
+                                    else "support targets")
         num_classes, loss_fn = None, None
         if self.task == "classification":
             support_y, num_classes = self._checked_labels(support_y)
@@ -119,7 +125,8 @@ class TrainedRun:
     def _as_input(self, values: Tensor | np.ndarray, role: str) -> Tensor:
         """``values`` in the model's floating dtype, on its device (e.g. float64 points from
         numpy). Images must already be floating point: ``preprocess`` makes them so."""
-        values = torch.as_tensor(values, device=self.device)
+        values = self._as_tensor(values, f"{role} images" if self.task == "classification"
+                                 else f"{role} values")
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
                              "run.preprocess turns image files into the run's model input")
@@ -129,6 +136,20 @@ class TrainedRun:
                              f"(N, {fmt.channels}, {fmt.size}, {fmt.size}): run.preprocess turns "
                              "image files into the run's model input")
         return values.to(next(self.maml.model.parameters()).dtype)
+
+    def _as_tensor(self, values: Any, what: str) -> Tensor:
+        """``values`` (a tensor, an array or nested lists of numbers) as a tensor on the run's
+        device; anything else is a ``ShapeError`` that says what was given."""
+        try:
+            return torch.as_tensor(values, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as error:
+            names = (isinstance(values, (list, tuple)) and "labels" in what
+                     and any(isinstance(v, str) for v in values))
+            raise ShapeError(f"the {what} must be numbers (a tensor, an array or lists), got "
+                             f"{type(values).__name__}: {str(error).splitlines()[0]}"
+                             + ("; labels are the class indices 0..N-1: map the class names to "
+                                "them, e.g. [names.index(y) for y in labels]" if names else "")
+                             ) from error
 
     def _checked_labels(self, labels: Tensor) -> tuple[Tensor, int]:
         """Integer (or bool) labels as int64, and the task's number of classes."""
