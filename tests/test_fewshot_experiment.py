@@ -85,6 +85,20 @@ def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert "fastmaml: error:" in err and "nowhere" in err
 
 
+def test_miniimagenet_has_no_download_and_its_folder_may_come_from_the_environment(
+        tmp_path, capsys, monkeypatch):
+    assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "a"), "download=true",
+                 "--no-progress"]) == 2
+    assert ("download=true fetches Omniglot's official zips; dataset=miniimagenet has no "
+            "download") in capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FASTMAML_MINIIMAGENET", "~/mini")  # as a shell leaves it in quotes
+    assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"MiniImagenet train split not found in {tmp_path / 'mini'}:" in err
+    assert "--data-root DIR (fastmaml train) or $FASTMAML_MINIIMAGENET" in err
+
+
 def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tmp_path):
     run = tmp_path / "lake"
     assert main(["train", "omniglot-5w1s-lake", "--out", str(run), "--data-root",

@@ -92,6 +92,9 @@ class FewShotConfig(Config):
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")
+        if self.download and self.dataset != "omniglot":
+            raise ConfigError(f"download=true fetches Omniglot's official zips; dataset="
+                              f"{self.dataset} has no download: name its folder with data_root")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
@@ -139,8 +142,8 @@ class FewShotExperiment(Experiment):
     def data_root(self) -> Path:
         if self.cfg.dataset == "folder" and not self.cfg.data_root:
             raise ConfigError("dataset=folder needs the image folder: --data-root DIR")
-        return Path(self.cfg.data_root or os.environ.get(DATA_ENV[self.cfg.dataset])
-                    or Path("data") / self.cfg.dataset)
+        from_env = os.path.expanduser(os.environ.get(DATA_ENV[self.cfg.dataset], ""))
+        return Path(self.cfg.data_root or from_env or Path("data") / self.cfg.dataset)
 
     def splits(self) -> dict[str, Split]:
         """Per meta-train/val/test split: the images, class by class (loaded once, from the

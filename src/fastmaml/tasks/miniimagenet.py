@@ -164,7 +164,8 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
                 f"MiniImagenet {split} split not found in {root}: expected {pickled.name} (a "
                 f"pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
-                "of class folders")
+                "of class folders. Name the folder that holds them with --data-root DIR (fastmaml "
+                "train) or $FASTMAML_MINIIMAGENET (every command, reproduce too)")
         result[split] = torch.from_numpy(images)
     return result
 
