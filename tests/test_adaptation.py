@@ -116,6 +116,13 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     first = document["predictions"][0]
     assert set(first) == {"path", "prediction", "probabilities"}  # unlabelled: no label
     assert list(first["probabilities"]) == ["color1", "color4"]  # 2 of the run's 3 outputs
+    # one image file as the query: its prediction as in the folder (norm=each: alone)
+    code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
+                           "--query", first["path"], "--format", "json", "--steps", "3")
+    assert code == 0, err
+    alone, = json.loads(out)["predictions"]
+    assert alone["path"] == first["path"] and alone["prediction"] == first["prediction"]
+    assert alone["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
 
 
 def test_first_n_outputs_adapted_as_a_plain_gradient_step(image_run: Path, tmp_path: Path) -> None:

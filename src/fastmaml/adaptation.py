@@ -39,7 +39,7 @@ from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
-from .tasks.folder import image_files
+from .tasks.folder import image_files, is_image_file
 from .tasks.points import read_points
 from .tasks.splits import subfolders as visible_subfolders
 from .train import checkpoint_path, load_checkpoint, load_state
@@ -226,7 +226,8 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
     """(class subfolders, image files) directly in ``folder``."""
     if folder.is_file():
         raise DataError(f"the {role} set {folder} is a file, but this is an image run: give a "
-                        "folder of images (one subfolder per class)")
+                        + ("folder of images (one subfolder per class)" if role == "support" else
+                           "folder of images or one image file"))
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
     folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped
@@ -281,9 +282,11 @@ def support_images(folder: str | os.PathLike[str]) -> ImageSet:
 
 
 def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> ImageSet:
-    """A query set: a flat folder of images (unlabelled), or subfolders named like the support
-    classes (labelled, so that accuracy can be reported)."""
+    """A query set: a flat folder of images or one image file (unlabelled), or subfolders
+    named like the support classes (labelled, so that accuracy can be reported)."""
     folder = Path(folder)
+    if is_image_file(folder):
+        return ImageSet([folder], None, list(classes))
     subfolders, images = _folder_entries(folder, "query")
     if images:
         return ImageSet(images, None, list(classes))

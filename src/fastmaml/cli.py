@@ -176,12 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "adapt", help="adapt a trained run to a new task and predict its query set",
         description="Adapt a trained run on a new task's support set and predict its query set. "
         "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
-        "class per image), QUERY a flat folder or subfolders named like the classes (then the "
+        "class per image), QUERY a flat folder, one image or subfolders named like the classes (then the "
         "accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a CSV of x "
         "(or x,y, then the MSE is reported).")
     adapt.add_argument("run_dir")
     adapt.add_argument("--support", required=True, help="the new task's labelled examples")
-    adapt.add_argument("--query", required=True, help="the inputs to predict")
+    adapt.add_argument("--query", required=True,
+                       help="the inputs to predict: a folder of images (or class folders, "
+                            "labelled) or one image; a CSV of x (or x,y) for regression")
     adapt.add_argument("--steps", type=int, help="inner steps (default: the run's eval setting)")
     adapt.add_argument("--out", help="write the predictions here (default: standard output)")
     adapt.add_argument("--format", choices=("csv", "json"), default="csv")
