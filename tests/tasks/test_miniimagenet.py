@@ -89,7 +89,8 @@ def _bad(change: str) -> object:
 @pytest.mark.parametrize("change, words", [
     ("dtype", "uint8 array of \\(N, 84, 84, 3\\), got float32"), ("shape", "got uint8"),
     ("key", "'image_data' and 'class_dict'"), ("index", "n09000000"),
-    ("uneven", "same number of images, got 19 to 20"), ("not a dict", "must hold a dict"),
+    ("uneven", r"same number of images, got 19 \(class n09000000\) to 20"),
+    ("not a dict", "must hold a dict"),
 ])
 def test_pickle_validation(tmp_path: Path, change: str, words: str) -> None:
     path = write_pickle(tmp_path / "bad.pkl", _bad(change))
@@ -221,8 +222,8 @@ def test_split_folders_of_class_folders(image_folder: tuple[Path, dict[str, np.n
     (folders / "val" / "n04" / "n0400000000.jpg").unlink()
     (folders / "val" / "n05").mkdir()
     os.link(root / "images" / "n0500000000.jpg", folders / "val" / "n05" / "x.jpg")
-    with pytest.raises(DataError, match="val: every class needs the same number of images, got 1 "
-                                        f"to {PER_CLASS - 1}"):
+    with pytest.raises(DataError, match=r"val: every class needs the same number of images, got "
+                                        rf"1 \(class n05\) to {PER_CLASS - 1} \(class n04\)"):
         load_miniimagenet(folders, ["val"], cache_dir=tmp_path / "cache")
     (folders / "empty" / "test" / "n05").mkdir(parents=True)
     with pytest.raises(DataError, match="test holds no class folders of images"):

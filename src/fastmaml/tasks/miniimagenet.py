@@ -131,13 +131,13 @@ def read_class_folders(root: str | os.PathLike[str], split: str,
                        workers: int | None = None) -> np.ndarray:
     """``root/<split>/<class>/*`` as uint8 (classes, per_class, 3, 84, 84)."""
     split_root = Path(root) / split
-    classes = [image_files(folder) for folder in subfolders(split_root)]  # sorted by name
-    if not any(classes):
+    classes = {folder.name: image_files(folder) for folder in subfolders(split_root)}  # sorted
+    if not any(classes.values()):
         raise DataError(f"{split_root} holds no class folders of images (expected "
                         f"{split_root}/<class>/<image>)")
-    per_class = _class_size(split_root, {len(files) for files in classes})
-    pixels = decoded_images(split_root, [f for files in classes for f in files], IMAGE_FORMAT,
-                            cache_dir, workers)
+    per_class = _class_size(split_root, {name: len(files) for name, files in classes.items()})
+    pixels = decoded_images(split_root, [f for files in classes.values() for f in files],
+                            IMAGE_FORMAT, cache_dir, workers)
     return pixels.numpy().reshape(len(classes), per_class, *pixels.shape[1:])
 
 
@@ -170,18 +170,20 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
     return result
 
 
-def _class_size(source: Path, sizes: set[int]) -> int:
-    """The one number of images every class has (the sampler draws from a rectangle)."""
-    if len(sizes) != 1:
+def _class_size(source: Path, sizes: dict[str, int]) -> int:
+    """The one number of images every class (name: its images) has (the sampler draws from a
+    rectangle)."""
+    fewest, most = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
+    if sizes[fewest] != sizes[most]:
         raise DataError(f"{source}: every class needs the same number of images, got "
-                        f"{min(sizes)} to {max(sizes)}")
-    return sizes.pop()
+                        f"{sizes[fewest]} (class {fewest}) to {sizes[most]} (class {most})")
+    return sizes[most]
 
 
 def _by_class(source: Path, indices: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
     """Channels-first (classes, per_class, 3, H, W) from (N, H, W, 3) ``images`` and per-class
     index arrays, classes sorted by name; filled class by class to keep the peak memory low."""
-    per_class = _class_size(source, {len(index) for index in indices.values()})
+    per_class = _class_size(source, {name: len(index) for name, index in indices.items()})
     _, height, width, channels = images.shape
     out = np.empty((len(indices), per_class, channels, height, width), dtype=images.dtype)
     for i, name in enumerate(sorted(indices)):
