@@ -39,7 +39,7 @@ from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
-from .tasks.folder import image_files, is_image_file
+from .tasks.folder import image_files, is_image_file, skipped_files_warning, unread_files
 from .tasks.points import read_points
 from .tasks.splits import subfolders as visible_subfolders
 from .train import checkpoint_path, load_checkpoint, load_state
@@ -242,12 +242,7 @@ def _images_in(folder: Path, role: str) -> list[Path]:
     """The image files in ``folder``; any other visible file is named in a warning (an image in
     a format this Pillow cannot read, e.g. HEIC, would otherwise get no prediction unsaid)."""
     images = image_files(folder)
-    others = sorted(p.name for p in set(folder.iterdir()) - set(images)
-                    if p.is_file() and not p.name.startswith("."))
-    if others:
-        warnings.warn(f"skipped {len(others)} file(s) in the {role} folder {folder} that are not "
-                      f"images this Pillow reads: {', '.join(others[:3])}"
-                      + (", ..." if len(others) > 3 else ""), FastMAMLWarning, stacklevel=3)
+    skipped_files_warning(unread_files(folder, images), f"the {role} folder {folder}", folder)
     return images
 
 

@@ -54,6 +54,18 @@ def test_classes_split_once_with_their_images(flat_root: Path, tmp_path: Path) -
     assert [s.names for s in again.values()] == [s.names for s in splits.values()]
 
 
+def test_files_in_class_folders_that_are_not_images_are_named(flat_root: Path,
+                                                               tmp_path: Path) -> None:
+    """A photo in a format this Pillow cannot read (HEIC) would otherwise go unused unsaid,
+    and a class of such photos be left out as "short" to a user who sees its files."""
+    for name in ("IMG_0001.HEIC", "labels.txt", ".DS_Store"):  # the hidden one is not named
+        (flat_root / "class03" / name).write_bytes(b"not an image Pillow reads")
+    with pytest.warns(FastMAMLWarning, match=r"skipped 2 file\(s\) in the class folders of "
+                      r".*flowers that are not images this Pillow reads: class03/IMG_0001.HEIC, "
+                      r"class03/labels.txt$"):
+        load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
+
+
 def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:
     """Rounding each split's own share took the last one's: 4 classes gave test none, 10 gave
     val 2 and test 1."""

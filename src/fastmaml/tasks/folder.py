@@ -64,6 +64,23 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
+def unread_files(folder: Path, images: Sequence[Path]) -> list[Path]:
+    """The visible files in ``folder`` that are not among its ``images``: formats this Pillow
+    cannot read (e.g. HEIC), or no pictures at all. Said in a warning where a user would
+    otherwise wonder why an image was never used."""
+    return sorted(p for p in set(folder.iterdir()) - set(images)
+                  if p.is_file() and not p.name.startswith("."))
+
+
+def skipped_files_warning(unread: Sequence[Path], where: str, root: Path) -> None:
+    """One warning that names the first few ``unread`` files (relative to ``root``)."""
+    if unread:
+        names = [p.relative_to(root).as_posix() for p in unread]
+        warnings.warn(f"skipped {len(names)} file(s) in {where} that are not images this Pillow "
+                      f"reads: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""),
+                      FastMAMLWarning, stacklevel=3)
+
+
 def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
                    fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 1,
                    min_images: int = 1) -> Assignment:
@@ -116,6 +133,9 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     found = found_items(root, partial(class_folders, class_depth=class_depth))
     classes = assigned_items(root, found, assignment, "class folder")
     files = [image_files(folder) for _, _, folder in classes]
+    skipped_files_warning([p for (_, _, folder), images in zip(classes, files)
+                           for p in unread_files(folder, images)], f"the class folders of {root}",
+                          root)
     if not any(files):
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "
