@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 
 import pytest
 
@@ -33,3 +35,31 @@ def test_a_write_replaces_the_file_with_the_umask_permissions(tmp_path):
     assert path.read_text(encoding="utf-8") == "new ünïcode"
     assert path.stat().st_mode & 0o777 == 0o644
     assert os.listdir(tmp_path) == ["notes.txt"]
+
+
+def test_a_link_keeps_pointing_at_its_file_which_is_replaced(tmp_path):
+    (tmp_path / "reports").mkdir()
+    target = tmp_path / "reports" / "REPORT.md"
+    target.write_text("old")
+    link = tmp_path / "latest.md"
+    link.symlink_to(target)
+    write_text_atomic("new", link)
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert target.read_text() == "new"
+    dangling = tmp_path / "next.md"
+    dangling.symlink_to(tmp_path / "reports" / "NEXT.md")
+    write_text_atomic("made", dangling)  # the link's target is created
+    assert dangling.is_symlink() and (tmp_path / "reports" / "NEXT.md").read_text() == "made"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_pipe_is_written_to_not_replaced(tmp_path):
+    """``--out /dev/stdout`` or a named pipe: renaming a file over it would replace it."""
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    read = []
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader.start()
+    write_text_atomic("through the pipe", pipe)
+    reader.join(timeout=10)
+    assert read == ["through the pipe"] and stat.S_ISFIFO(pipe.stat().st_mode)

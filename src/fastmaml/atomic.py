@@ -32,7 +32,15 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None
 
     The temporary's name is unique to this call (process id and a random token), and it is
     created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
+    A symbolic link keeps pointing where it did: the file it names is replaced. A path that is
+    no regular file (a pipe, a terminal, ``/dev/stdout``) is written to as it is, since
+    renaming over it would replace the device or pipe with a file.
     """
+    if path.exists() and not path.is_file():  # (both follow links)
+        with open(path, "wb") as handle:
+            write(handle)
+        return
+    path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
