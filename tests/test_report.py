@@ -28,6 +28,7 @@ SINUSOID = next(h for h in HEADLINES if h.key == "sinusoid")  # 0.35 MSE, lower 
     (SINUSOID, 0.30, 0.02, "met"),
     (SINUSOID, 0.37, 0.03, "within CI"),
     (SINUSOID, 0.52, 0.05, "short by 0.17"),
+    (SINUSOID, float("nan"), float("nan"), "not finite (the adaptation diverges)"),
 ])
 def test_status(headline: Headline, mean: float, ci: float, expected: str) -> None:
     assert report.status(mean, ci, headline) == expected

@@ -110,6 +110,26 @@ def test_a_run_whose_compile_fails_trains_uncompiled_and_says_so_once(tmp_path, 
     assert (tmp_path / "checkpoints" / "maml.pt").exists()
 
 
+def test_an_evaluation_that_diverges_is_said_and_stays_json(tmp_path, capsys):
+    """An inner learning rate too large for 10 steps: the MSE overflows at evaluation. The run
+    says so, eval.json holds null there (JSON has no NaN), and the report reads it back."""
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=5", "inner_lr=2",
+                 "baseline_iterations=2", "eval_tasks=10", "eval_k_shots=5",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert re.search(r"warning: maml's evaluation is not finite from \d+ steps? on \(null in "
+                     r"eval.json\): its adaptation diverges", capsys.readouterr().err)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in eval.json")
+
+    records = json.loads((run / "eval.json").read_text(), parse_constant=refuse)
+    assert None in records[0]["mean"] and records[0]["mean"][0] is not None
+    assert main(["report", str(run), "--out", str(tmp_path / "REPORT.md")]) == 0
+    assert "not finite (the adaptation diverges)" in (tmp_path / "REPORT.md").read_text()
+
+
 def test_version(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])

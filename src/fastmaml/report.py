@@ -32,7 +32,10 @@ from .train import checkpoint_path, load_checkpoint, read_metrics
 
 def status(mean: float, ci: float, headline: Headline) -> str:
     """``met`` (at or beyond the paper's figure), ``within CI`` (the paper's figure inside our
-    95% interval) or ``short by X`` (X in the row's unit)."""
+    95% interval) or ``short by X`` (X in the row's unit); ``not finite`` where the adaptation
+    diverged."""
+    if not math.isfinite(mean):
+        return "not finite (the adaptation diverges)"
     gap = (mean - headline.value) if headline.higher_is_better else (headline.value - mean)
     if gap >= 0:
         return "met"

@@ -140,12 +140,33 @@ def run_started(run_dir: Path) -> bool:
     return any(checkpoints_dir(run_dir).glob("*.pt")) or (run_dir / "eval.json").exists()
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` with its non-finite floats as None: eval.json stays JSON (which has no NaN or
+    Infinity) where an adaptation diverged."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_as_json(item) for item in value]
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    """``_as_json`` undone: a None among a list's numbers is NaN again."""
+    if isinstance(value, dict):
+        return {key: _from_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [math.nan if item is None else _from_json(item) for item in value]
+    return value
+
+
 def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
         raise ConfigError(f"no eval.json in {run_dir}: run `fastmaml eval {run_dir}` first")
     remedy = f"run `fastmaml eval {run_dir}` again"
-    records = read_json(path, remedy)
+    records = _from_json(read_json(path, remedy))
     if not (isinstance(records, list) and records and all(
             isinstance(r, dict) and isinstance(r.get("method"), str)
             and isinstance(r.get("mean"), list) and isinstance(r.get("ci95"), list)
@@ -273,11 +294,19 @@ class Experiment(ABC):
             record["checkpoint_iterations"] = dict(self.restored_iterations)
             record["target_iterations"] = dict(self.target_iterations)
             record["eval_settings"] = settings
+            diverged = [step for step, value in zip(record["steps"], record["mean"])
+                        if not math.isfinite(value)]
+            if diverged and is_main():
+                warnings.warn(f"{record['method']}'s evaluation is not finite from "
+                              f"{steps_label(diverged[0])} on (null in eval.json): its adaptation "
+                              "diverges at these settings (a smaller inner learning rate or "
+                              "fewer eval_inner_steps)", FastMAMLWarning, stacklevel=2)
         if is_main():  # under torchrun every rank holds the same records
             # eval.json last: it marks the evaluation done (``reproduce`` skips such a run), so a
             # kill between the two writes leaves a run that is evaluated again, not a stale table
             write_text_atomic(table, self.run_dir / "results.md")
-            write_text_atomic(json.dumps(records, indent=2), self.run_dir / "eval.json")
+            write_text_atomic(json.dumps(_as_json(records), indent=2, allow_nan=False),
+                              self.run_dir / "eval.json")
         barrier()
 
     def figures_dir(self) -> Path:
