@@ -247,9 +247,24 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     # another budget's run is neither skipped as finished nor trained over
     assert not report.finished(root / "sinusoid", *report.BUDGETS["cpu"]["sinusoid"])
     assert main(["reproduce", "sinusoid", "--budget", "cpu", "--root", str(root),
-                 "--no-progress"]) == 0
+                 "--no-progress"]) == 2
+    out, err = capsys.readouterr()
     assert ("sinusoid: not reproduced: " + f"{root / 'sinusoid'} holds a 'sinusoid-demo' run, not "
-            "'sinusoid'") in capsys.readouterr().out
+            "'sinusoid'") in out
+    assert err == (f"fastmaml: error: not reproduced: sinusoid (said above); the report of the "
+                   f"others is in {root / 'REPORT.md'}\n")
+    # the demo budget's run of the same preset is longer: neither resumed to stop short nor
+    # evaluated again and again (the run is not its; it says so)
+    demo = report.BUDGETS["demo"]["sinusoid"]
+    assert demo[0] == TINY_SINUSOID[0]
+    before = (root / "sinusoid" / "eval.json").stat().st_mtime_ns
+    assert main(["reproduce", "sinusoid", "--budget", "demo", "--root", str(root),
+                 "--no-progress"]) == 2
+    demo_iterations = report.preset_config(*demo).iterations
+    assert (f"sinusoid: not reproduced: {root / 'sinusoid'} holds a run of 20 iterations, the "
+            f"demo budget trains {demo_iterations:,}: give another --root"
+            ) in capsys.readouterr().out
+    assert (root / "sinusoid" / "eval.json").stat().st_mtime_ns == before
 
 
 def test_an_evaluation_killed_between_its_two_files_is_not_finished(
@@ -365,6 +380,20 @@ def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_erro
                  "iterations"]) == 2  # the one bare item named, not every override
     assert capsys.readouterr().err == ("fastmaml: error: override 'iterations' is not of the "
                                        "form key=value\n")
+
+
+def test_an_out_or_root_under_a_file_is_refused_before_any_training(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "afile").write_text("")
+    for options, place in ((["--root", str(tmp_path / "afile")], "--root"),
+                           (["--root", str(tmp_path / "r"), "--out",
+                             str(tmp_path / "afile" / "REPORT.md")], "--out")):
+        assert main(["reproduce", "sinusoid", "--budget", "tiny", *options]) == 2
+        assert capsys.readouterr().err.startswith(f"fastmaml: error: {place} ")
+        assert not (tmp_path / "r").exists()
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "afile" / "run")]) == 2
+    assert capsys.readouterr().err == (f"fastmaml: error: --out {tmp_path / 'afile' / 'run'}: "
+                                       f"{tmp_path / 'afile'} is a file, not a folder\n")
 
 
 def test_reproduce_with_no_experiment_reproduced_says_so(

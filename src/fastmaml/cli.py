@@ -33,7 +33,7 @@ def _presets(_: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
-    run_dir = Path(args.out or f"runs/{args.preset}")
+    run_dir = _folder_to_be(Path(args.out or f"runs/{args.preset}"), "--out")
     overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
     train_run(args.preset, run_dir, overrides, progress=not args.no_progress,
               learner=args.learner)
@@ -130,7 +130,7 @@ def _report(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     init_from_env()  # under torchrun the ranks split each run's meta-batches and test tasks
     main_rank = world()[0] == 0
-    root = Path(args.root or f"runs/reproduce-{args.budget}")
+    root = _folder_to_be(Path(args.root or f"runs/reproduce-{args.budget}"), "--root")
     out = reproduce(args.budget, args.experiments, root,
                     _report_file(args.out) if args.out else None, progress=not args.no_progress,
                     say=print if main_rank else lambda *_: None)
@@ -140,10 +140,21 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _report_file(out: str) -> Path:
-    """``--out`` of report and reproduce: a file (refused at once when it is a folder)."""
+    """``--out`` of report and reproduce: a file (refused at once when it is a folder, or when
+    a file stands where one of its folders would be made)."""
     if Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder: name the report file, e.g. {out}/REPORT.md")
+    _folder_to_be(Path(out).parent, "--out")
     return Path(out)
+
+
+def _folder_to_be(folder: Path, option: str) -> Path:
+    """``folder``, refused at once (not after hours of training) where it or a folder above it
+    is a file."""
+    for place in (folder, *folder.parents):
+        if place.exists() and not place.is_dir():
+            raise ConfigError(f"{option} {folder}: {place} is a file, not a folder")
+    return folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,9 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         "adapt", help="adapt a trained run to a new task and predict its query set",
         description="Adapt a trained run on a new task's support set and predict its query set. "
         "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
-        "class per image), QUERY a flat folder, one image or subfolders named like the classes (then the "
-        "accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a CSV of x "
-        "(or x,y, then the MSE is reported).")
+        "class per image), QUERY a flat folder, one image or subfolders named like the classes "
+        "(then the accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a "
+        "CSV of x (or x,y, then the MSE is reported).")
     adapt.add_argument("run_dir")
     adapt.add_argument("--support", required=True, help="the new task's labelled examples")
     adapt.add_argument("--query", required=True,

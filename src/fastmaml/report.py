@@ -558,6 +558,21 @@ def finished(run_dir: Path, preset_name: str, overrides: Sequence[str]) -> bool:
             and not run.stale_evaluation)
 
 
+def _refuse_a_shorter_run(run_dir: Path, preset_name: str, iterations: int, budget: str) -> None:
+    """A ``ConfigError`` when ``run_dir`` holds a ``preset_name`` run set to fewer
+    ``iterations`` than the budget's (e.g. a smaller budget's): resumed, it would stop short of
+    them. (A run of another preset is refused by ``train_run``.)"""
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        values = load_config_dict(config)
+        planned = values.get("iterations")
+        if (values.get("preset") == preset_name and isinstance(planned, int)
+                and planned < iterations):
+            raise ConfigError(f"{run_dir} holds a run of {planned:,} iterations, the {budget} "
+                              f"budget trains {iterations:,}: give another --root, or train it "
+                              f"on (fastmaml train ... --out {run_dir} iterations={iterations})")
+
+
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
               progress: bool = True, say: Any = print) -> Path:
     """Train, evaluate and plot each experiment at ``budget`` under ``root/<experiment>``
@@ -566,7 +581,9 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     evaluation and its plot counts as finished. Under torchrun the ranks train and evaluate
     together (splitting the tasks as ``fastmaml train`` and ``eval`` do), rank 0 alone plots
     and writes the report, and an experiment that fails stops the command instead of being
-    skipped (an error on one rank, e.g. its run lock, would leave the ranks on different runs)."""
+    skipped (an error on one rank, e.g. its run lock, would leave the ranks on different runs).
+    An experiment named in ``experiments`` that could not be reproduced (e.g. no data here) is
+    a ``DataError`` once the report of the others is written."""
     if budget not in BUDGETS:
         raise ConfigError(f"budget must be one of {', '.join(BUDGETS)}, got {budget!r}")
     chosen = list(experiments) or list(DEMO if budget in ("tiny", "demo") else EXPERIMENTS)
@@ -574,6 +591,7 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     if unknown:
         raise ConfigError(f"unknown experiment(s) {', '.join(unknown)} for budget {budget}; "
                           f"known: {', '.join(BUDGETS[budget])}")
+    not_reproduced = []
     for name in chosen:
         preset_name, overrides = BUDGETS[budget][name]
         run_dir = root / name
@@ -582,6 +600,8 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
             if finished(run_dir, preset_name, overrides):
                 say(f"fastmaml: {name}: finished in {run_dir}, skipped (figures drawn again)")
             else:
+                _refuse_a_shorter_run(run_dir, preset_name,
+                                      preset_config(preset_name, overrides).iterations, budget)
                 train_run(preset_name, run_dir, overrides, progress=progress)
                 experiment = load_experiment(run_dir)
                 experiment.evaluate(progress=progress)
@@ -591,10 +611,16 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
             if world()[1] > 1:  # one rank's error (its run lock): the ranks would part ways
                 raise
             say(f"fastmaml: {name}: not reproduced: {error}")
+            not_reproduced.append(name)
     out = out or root / "REPORT.md"
     if not is_main():
         return out
     if not run_dirs(root):
         raise ConfigError(f"no run in {root} to report: {', '.join(chosen)} could not be "
                           "reproduced (said above)")
-    return write_report([root], out)
+    write_report([root], out)
+    named = [name for name in not_reproduced if name in experiments]
+    if named:  # asked for by name: a script must tell, though the others' report is written
+        raise DataError(f"not reproduced: {', '.join(named)} (said above); the report of the "
+                        f"others is in {out}")
+    return out
