@@ -300,6 +300,24 @@ def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None
     assert main(["plot", str(run_dir)]) == 0
 
 
+def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Path) -> None:
+    kept, again = tmp_path / "results" / "sinusoid", tmp_path / "reproduce-tiny" / "sinusoid"
+    assert main(["train", "sinusoid-demo", "--out", str(kept), "iterations=20",
+                 "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(kept), "--no-progress"]) == 0
+    shutil.copytree(kept, again)
+    runs = report.find_runs([kept.parent, again.parent, kept])  # the kept run twice
+    assert [run.path for run in runs] == [kept, again]
+    text = report.render(runs, tmp_path / "REPORT.md")
+    anchors = [line.split('"')[1] for line in text.splitlines() if line.startswith("<a id=")]
+    assert len(anchors) == len(set(anchors)) == 2
+    for run_dir, anchor in zip((kept, again), anchors):
+        assert f'<a id="{anchor}"></a>\n## Sinusoid regression, 5-shot: `{run_dir.as_posix()}`' \
+            in text
+        assert f"[sinusoid](#{anchor})" in text  # its row links to it
+
+
 def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
         tmp_path: Path) -> None:
     run_dir = tmp_path / "sinusoid"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +149,8 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
-    return [_readable(read_run(p)) for p in found]
+    unique = {p.resolve(): p for p in reversed(found)}  # one run given twice: reported once
+    return [_readable(read_run(p)) for p in found if unique[p.resolve()] is p]
 
 
 def _readable(run: Run) -> Run:
@@ -467,7 +469,9 @@ def _missing(headline: Headline) -> str:
 
 
 def _anchor(run: Run) -> str:
-    return "run-" + run.path.name.lower().replace(" ", "-").replace(".", "")
+    """The id of ``run``'s section: from its whole path, so that runs of one name in two
+    folders (kept results beside a reproduction) link to their own sections."""
+    return "run-" + re.sub(r"[^a-z0-9]+", "-", run.path.as_posix().lower()).strip("-")
 
 
 def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> list[str]:
