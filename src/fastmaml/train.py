@@ -353,9 +353,10 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 # every rank checks (they hold the same state), so that all stop together
                 state = learner.state_dict()
                 if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
+                    kept = ("the last checkpoint is kept" if path.exists() else
+                            "no checkpoint was written yet, so the same command starts afresh")
                     raise NonFiniteLossError(f"{learner.name}: non-finite parameters or "
-                                             f"optimizer state at iteration {done}; the last "
-                                             "checkpoint is kept")
+                                             f"optimizer state at iteration {done}; {kept}")
                 if main:
                     now = time.perf_counter()
                     elapsed, tick = elapsed + now - tick, now
