@@ -6,6 +6,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
+from fastmaml import plots
 from fastmaml.plots import counted, save_figure, steps_label
 
 
@@ -41,3 +42,22 @@ def test_counts_take_the_plural_except_one() -> None:
     assert [counted(n, "task") for n in (0, 1, 2, 1200)] == ["0 tasks", "1 task", "2 tasks",
                                                              "1,200 tasks"]
     assert steps_label(1) == "1 step" and steps_label(10) == "10 steps"
+
+
+def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    one_row = tmp_path / "metrics-maml.csv"
+    one_row.write_text("iteration,elapsed_s,loss\n20,1.5,0.25\n")
+    empty = tmp_path / "metrics-pretrained.csv"
+    empty.write_text("")
+    plots.plot_learning_curves([one_row], ["loss"], tmp_path / "a.png")
+    plots.plot_learning_curves([empty], ["loss"], tmp_path / "b.png")
+    by_iteration = figures[0].axes[0]
+    line, = by_iteration.get_lines()
+    assert list(line.get_xdata()) == [20.0] and line.get_marker() == "o"  # a point, drawn
+    assert by_iteration.get_legend() is not None
+    for ax in figures[1].axes:
+        assert [t.get_text() for t in ax.texts] == ["no metrics logged yet"]
+        assert ax.get_legend() is None and not ax.get_lines()

@@ -38,6 +38,7 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
 def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path) -> Path:
     """Each key of each metrics CSV against iterations (left) and wall-clock time (right)."""
     fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
+    drawn = False
     for csv_path in csv_paths:
         rows = read_metrics(csv_path)
         run = csv_path.stem.removeprefix("metrics-")
@@ -46,13 +47,18 @@ def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path)
                       for r in rows if r.get(key) not in ("", None)]
             if points:
                 its, secs, values = zip(*points)
-                by_iter.plot(its, values, label=f"{run}: {key}")
-                by_time.plot([s / 60 for s in secs], values, label=f"{run}: {key}")
+                style = {"label": f"{run}: {key}", "marker": "o" if len(points) < 3 else None}
+                by_iter.plot(its, values, **style)  # (a marker: one row is no line)
+                by_time.plot([s / 60 for s in secs], values, **style)
+                drawn = True
     by_iter.set(xlabel="iteration")
     by_time.set(xlabel="wall-clock (min)")
     for ax in (by_iter, by_time):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if drawn:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no metrics logged yet", ha="center", transform=ax.transAxes)
     return save_figure(fig, path)
 
 
