@@ -1,6 +1,7 @@
 """`fastmaml report` and `fastmaml reproduce`: the status logic, skipping, a current report."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -316,6 +317,9 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
         assert f'<a id="{anchor}"></a>\n## Sinusoid regression, 5-shot: `{run_dir.as_posix()}`' \
             in text
         assert f"[sinusoid](#{anchor})" in text  # its row links to it
+    assert "Preset `sinusoid-demo`; 20 MAML iterations; " in text
+    assert "; 1 MAML iteration; " in report.render([dataclasses.replace(runs[0], iterations=1)],
+                                                   tmp_path / "R.md")
 
 
 def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(

@@ -25,7 +25,7 @@ from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experi
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
 from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
-from .plots import steps_label
+from .plots import counted, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
 
 # ----- status of a row -----
@@ -476,9 +476,10 @@ def _anchor(run: Run) -> str:
 
 def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> list[str]:
     minutes = run.train_seconds / 60
+    took = f"{minutes:,.0f} min" if minutes >= 1 else f"{run.train_seconds:.0f} s"
     title = h.title if h else run.preset
     lines = [f'<a id="{_anchor(run)}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
-             f"Preset `{run.preset}`; {run.iterations:,} MAML iterations; {minutes:,.0f} min of "
+             f"Preset `{run.preset}`; {counted(run.iterations, 'MAML iteration')}; {took} of "
              f"training (all learners); machine: {_machine(run)}.", ""]
     if run.records:
         accuracy = run.records[0].get("metric") == "accuracy"
