@@ -348,7 +348,8 @@ def test_the_eval_command_is_the_one_the_evaluation_ran(tmp_path: Path) -> None:
     assert report._commands(report.read_run(run_dir))[1] == f"fastmaml eval {run_dir.as_posix()}"
 
 
-def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> None:
+def test_an_evaluation_older_than_the_training_is_flagged(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "sinusoid"
     common = ["baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20", *common]) == 0
@@ -364,8 +365,15 @@ def test_an_evaluation_older_than_the_training_is_flagged(tmp_path: Path) -> Non
         "evaluated older checkpoints (maml 20 -> 30 iterations)")
     assert not report.finished(run_dir, *TINY_SINUSOID)  # reproduce evaluates it again
     assert "maml 20 -> 30" in report.evaluate_row(SINUSOID, run).status
+    capsys.readouterr()
+    assert main(["plot", str(run_dir)]) == 0  # its figures of the evaluation are old too
+    assert ("fastmaml: the evaluation figures draw eval.json, which evaluated older checkpoints "
+            "(maml 20 -> 30 iterations)") in capsys.readouterr().err
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     assert report.finished(run_dir, *TINY_SINUSOID)
+    capsys.readouterr()
+    assert main(["plot", str(run_dir)]) == 0
+    assert "eval.json, which" not in capsys.readouterr().err
 
 
 def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(

@@ -20,7 +20,7 @@ from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_o
 from .adaptation import NORMS, Predictions, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, leave, shutdown, world
-from .report import BUDGETS, EXPERIMENTS, reproduce, write_report
+from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
 from .runlock import locked_run_dir
 from .train import TrainingStopped
 
@@ -65,6 +65,8 @@ def _plot(args: argparse.Namespace) -> None:
     if not (experiment.run_dir / "eval.json").is_file():
         print(f"fastmaml: {experiment.run_dir} is not evaluated yet, so only its learning curves "
               f"are drawn: run `fastmaml eval {experiment.run_dir}` for the rest", file=sys.stderr)
+    elif stale := read_run(experiment.run_dir).stale_evaluation:
+        print(f"fastmaml: the evaluation figures draw eval.json, which {stale}", file=sys.stderr)
 
 
 def _adapt(args: argparse.Namespace) -> None:
