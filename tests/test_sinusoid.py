@@ -150,6 +150,10 @@ def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, ca
         assert message in capsys.readouterr().err
         assert (tmp_path / "config.yaml").read_text() == config
     assert main([*run, "iterations=8"]) == 0  # the same run, extended
+    (tmp_path / "kept").mkdir()
+    new = tmp_path / "kept" / "p" / "a" / "b"  # a new run, and the folders above it, refused
+    assert main(["train", "sinusoid-demo", "--out", str(new), "meta_batch=abc"]) == 2
+    assert list((tmp_path / "kept").iterdir()) == []
 
 
 def test_presets_are_listed(capsys):

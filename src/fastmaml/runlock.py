@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -41,12 +41,13 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
     refuse with ``ConfigError`` if another process holds it (``learner``: or the whole run).
 
     A directory created here and left holding only lock files (a command that stopped on a bad
-    value) is removed again, so a refused command leaves no trace.
+    value) is removed again, with the folders above it made for it, so a refused command leaves
+    no trace.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"the run directory {run_dir} is a file: give --out a folder (new or "
                           "a run's)")
-    created = not run_dir.exists()
+    made = [folder for folder in (run_dir, *run_dir.parents) if not folder.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _held(run_dir, learner):
@@ -55,8 +56,11 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
                     pass
             yield
     finally:
-        if created and all(p.name.startswith(".fastmaml") for p in run_dir.iterdir()):
+        if made and all(p.name.startswith(".fastmaml") for p in run_dir.iterdir()):
             shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in made[1:]:  # deepest first; one that holds something else stays
+                with suppress(OSError):
+                    folder.rmdir()
 
 
 @contextmanager
