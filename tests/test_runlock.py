@@ -15,6 +15,8 @@ import torch
 
 import fastmaml.experiments as experiments
 from fastmaml.cli import main
+from fastmaml.errors import ConfigError
+from fastmaml.experiments import train_run
 from fastmaml.runlock import OWNER_NAME
 
 
@@ -90,8 +92,11 @@ def test_a_run_directory_that_is_a_file_is_named(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "notes").write_text("not a run")
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "notes"), "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"fastmaml: error: the run directory {tmp_path / 'notes'} "
-                                       "is a file: give --out a folder (new or a run's)\n")
+    assert capsys.readouterr().err == (f"fastmaml: error: --out {tmp_path / 'notes'} is a file, "
+                                       "not a folder\n")
+    with pytest.raises(ConfigError, match=f"the run directory {tmp_path / 'notes'} is a file: "
+                       r"give --out a folder \(new or a run's\)"):  # from Python too
+        train_run("sinusoid-demo", tmp_path / "notes", [], progress=False)
 
 
 def test_a_folder_of_other_files_is_trained_into_with_a_warning(

@@ -155,7 +155,8 @@ def _folder_to_be(folder: Path, option: str) -> Path:
     is a file."""
     for place in (folder, *folder.parents):
         if place.exists() and not place.is_dir():
-            raise ConfigError(f"{option} {folder}: {place} is a file, not a folder")
+            raise ConfigError(f"{option} {folder}" + (f": {place}" if place != folder else "")
+                              + " is a file, not a folder")
     return folder
 
 
