@@ -138,6 +138,13 @@ def test_version(capsys):
     assert capsys.readouterr().out == expected
 
 
+def test_eval_help_shows_its_overrides(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert capsys.readouterr().out.startswith(
+        "usage: fastmaml eval [-h] [--no-progress] run_dir [key=value ...]\n")
+
+
 def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):
     run = ["train", "sinusoid-demo", "--out", str(tmp_path), "--no-progress"]
     assert main([*run, "iterations=6", "meta_batch=4", "checkpoint_every=3", "log_every=3",

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
             ("eval", _eval, "evaluate a trained run with the paper's protocol", eval_overrides),
             ("plot", _plot, "write a run's figures: its learning curves while it trains, and "
                             "the evaluation's once it is evaluated", None)):
-        sub = commands.add_parser(name, help=text, epilog=epilog)
+        sub = commands.add_parser(name, help=text, epilog=epilog, usage=(  # overrides: eval's
+            f"fastmaml {name} [-h] [--no-progress] run_dir [key=value ...]" if epilog else None))
         sub.add_argument("run_dir")
         sub.set_defaults(run=run, overrides=[])
     adapt = commands.add_parser(
