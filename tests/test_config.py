@@ -22,7 +22,9 @@ def test_overrides_are_typed_by_the_config_fields():
 @pytest.mark.parametrize("item,message", [
     ("inner_steps=two", "'inner_steps' expects int, got 'two'"),
     ("first_order=maybe", "'first_order' expects bool"),
-    ("learning_rate=0.1", "unknown config key.*learning_rate"),
+    ("learning_rate=0.1", r"unknown config key\(s\) learning_rate for SinusoidConfig; valid"),
+    ("metabatch=4", r"unknown config key\(s\) metabatch for .* \(did you mean metabatch -> "
+                    r"meta_batch\?\); valid keys"),
     ("iterations", "not of the form key=value"),
     ("iterations=0", "iterations must be >= 1"),
     ("inner_steps=-1", "inner_steps must be >= 0"),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import typing
 from dataclasses import dataclass
@@ -117,8 +118,11 @@ class Config:
         types = cls.field_types()
         unknown = sorted(set(values) - set(types))
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}; "
-                              f"valid keys: {', '.join(types)}")
+            near = {key: difflib.get_close_matches(key, types, n=1) for key in unknown}
+            hints = [f"{key} -> {match[0]}" for key, match in near.items() if match]
+            raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"
+                              + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                              + f"; valid keys: {', '.join(types)}")
         return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
 
     def with_overrides(self: C, overrides: list[str]) -> C:
