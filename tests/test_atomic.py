@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -37,19 +39,34 @@ def test_a_write_replaces_the_file_with_the_umask_permissions(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"]
 
 
-def test_a_link_keeps_pointing_at_its_file_which_is_replaced(tmp_path):
+def test_a_named_output_link_keeps_pointing_at_its_file_which_is_replaced(tmp_path):
     (tmp_path / "reports").mkdir()
     target = tmp_path / "reports" / "REPORT.md"
     target.write_text("old")
     link = tmp_path / "latest.md"
     link.symlink_to(target)
-    write_text_atomic("new", link)
+    write_text_atomic("new", link, follow_links=True)
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert target.read_text() == "new"
     dangling = tmp_path / "next.md"
     dangling.symlink_to(tmp_path / "reports" / "NEXT.md")
-    write_text_atomic("made", dangling)  # the link's target is created
+    write_text_atomic("made", dangling, follow_links=True)  # the link's target is created
     assert dangling.is_symlink() and (tmp_path / "reports" / "NEXT.md").read_text() == "made"
+    # a run's own file linked from another run (cp -as) is replaced, not the other run's
+    write_text_atomic("this run's", link)
+    assert not link.is_symlink() and link.read_text() == "this run's"
+    assert target.read_text() == "new"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/stdout"), reason="needs /dev/stdout")
+def test_dev_stdout_sent_to_a_file_is_appended_to_not_replaced(tmp_path):
+    log = tmp_path / "log.md"
+    log.write_text("before\n")
+    script = ("import sys; from pathlib import Path; from fastmaml.atomic import write_text_atomic;"
+              " print('printed'); write_text_atomic('report\\n', Path('/dev/stdout'))")
+    with open(log, "a") as out:  # as `>> log.md`
+        subprocess.run([sys.executable, "-c", script], stdout=out, check=True)
+    assert log.read_text() == "before\nprinted\nreport\n"
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
@@ -58,7 +75,7 @@ def test_a_pipe_is_written_to_not_replaced(tmp_path):
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     read = []
-    reader = threading.Thread(target=lambda: read.append(pipe.read_text()))
+    reader = threading.Thread(target=lambda: read.append(pipe.read_text()), daemon=True)
     reader.start()
     write_text_atomic("through the pipe", pipe)
     reader.join(timeout=10)

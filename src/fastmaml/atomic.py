@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -26,21 +27,27 @@ def read_json(path: Path, remedy: str = "") -> Any:
                         + (f": {remedy}" if remedy else "")) from None
 
 
-def replace_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
+                       follow_links: bool = False) -> None:
     """``write`` into a new temporary file beside ``path``, flush it to disk, then rename it
     over ``path``. If ``write`` raises, ``path`` is left as it was and no temporary remains.
 
     The temporary's name is unique to this call (process id and a random token), and it is
     created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
-    A symbolic link keeps pointing where it did: the file it names is replaced. A path that is
-    no regular file (a pipe, a terminal, ``/dev/stdout``) is written to as it is, since
-    renaming over it would replace the device or pipe with a file.
+    With ``follow_links`` (a file the user named, e.g. ``--out``) a symbolic link keeps pointing
+    where it did and the file it names is replaced; without, the link itself is (a run's file
+    linked from another run never overwrites that run's). A path that is no regular file (a
+    pipe, a terminal) or a system one (``/dev/stdout``, also when the shell sent it to a file)
+    is written to as it is: renaming over it would replace the device, pipe or file.
     """
-    if path.exists() and not path.is_file():  # (both follow links)
-        with open(path, "wb") as handle:
+    if path.exists() and (not path.is_file()  # (both follow links)
+                          or os.path.abspath(path).startswith(("/dev/", "/proc/"))):
+        sys.stdout.flush()  # what was printed before comes first
+        with open(path, "ab" if path.is_file() else "wb") as handle:  # after it, in a file
             write(handle)
         return
-    path = Path(os.path.realpath(path))
+    if follow_links:
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
@@ -72,6 +79,6 @@ def remove_stale_temporaries(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
-def write_text_atomic(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: Path, follow_links: bool = False) -> None:
     """Replace ``path`` with ``text`` (UTF-8): it holds the old text or the new, never a part."""
-    replace_atomically(path, lambda handle: handle.write(text.encode()))
+    replace_atomically(path, lambda handle: handle.write(text.encode()), follow_links)

@@ -90,7 +90,7 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
         sys.stdout.write(text)
     else:  # nothing is written unless everything above succeeded; the file appears whole
         try:
-            write_text_atomic(text, out)
+            write_text_atomic(text, out, follow_links=True)
         except OSError as error:
             raise DataError(f"cannot write the predictions to {out}: {error}") from None
     summary = result.summary

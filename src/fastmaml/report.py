@@ -521,7 +521,7 @@ def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
 
 def write_report(paths: Sequence[Path], out: Path) -> Path:
     """Render the runs in ``paths`` into ``out`` (written whole)."""
-    write_text_atomic(render(find_runs(paths), out), out)
+    write_text_atomic(render(find_runs(paths), out), out, follow_links=True)
     return out
 
 
