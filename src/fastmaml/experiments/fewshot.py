@@ -14,6 +14,7 @@ applies to a new task's images too.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -24,7 +25,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, FastMAMLWarning
 from ..models import MLP, ConvNet
 from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
@@ -92,9 +93,6 @@ class FewShotConfig(Config):
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")
-        if self.download and self.dataset != "omniglot":
-            raise ConfigError(f"download=true fetches Omniglot's official zips; dataset="
-                              f"{self.dataset} has no download: name its folder with data_root")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
@@ -150,6 +148,10 @@ class FewShotExperiment(Experiment):
         compact cache), and the group of each class (Omniglot's alphabets) where there are any."""
         if self._splits is None:
             cfg, root = self.cfg, self.data_root()
+            if cfg.download and cfg.dataset != "omniglot":  # (not refused: saved runs hold it)
+                warnings.warn(f"download=true is ignored: it fetches Omniglot's official zips, "
+                              f"and dataset={cfg.dataset} has no download; name its folder with "
+                              "data_root", FastMAMLWarning, stacklevel=2)
             if cfg.dataset == "omniglot":
                 from ..tasks.omniglot import load_omniglot, load_omniglot_alphabets
                 images = load_omniglot(root, cfg.split, download=cfg.download, seed=cfg.split_seed)
