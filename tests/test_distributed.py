@@ -143,9 +143,10 @@ def test_no_gloo_thread_outlives_the_group(tmp_path, how):
 
 
 @pytest.mark.parametrize("rank", [0, 1])
-def test_under_torchrun_a_config_error_is_said_once_and_other_errors_name_their_rank(
+def test_under_torchrun_a_config_error_is_said_once_a_machine_and_others_name_their_rank(
         tmp_path, capsys, monkeypatch, rank):
     monkeypatch.setattr(cli, "world", lambda: (rank, 2))
+    monkeypatch.setenv("LOCAL_RANK", str(rank))  # one machine
     assert main(["train", "no-such-preset", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
     said = capsys.readouterr().err
     if rank == 0:
@@ -156,6 +157,9 @@ def test_under_torchrun_a_config_error_is_said_once_and_other_errors_name_their_
                  "--data-root", str(tmp_path / "nowhere"), "--no-progress"]) == 2
     said = capsys.readouterr().err
     assert said.startswith(f"fastmaml: error (rank {rank} of 2): ") and "nowhere" in said
+    monkeypatch.setenv("LOCAL_RANK", "0")  # rank 1 the first of a second machine: it says it
+    assert main(["train", "no-such-preset", "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith("fastmaml: error: unknown preset")
 
 
 @pytest.mark.parametrize("batch", ["episodes", "steps"])

@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         rank, size = world()
         if size == 1:
             print(f"fastmaml: error: {error}", file=sys.stderr)
-        elif isinstance(error, ConfigError):  # the ranks read one command line: one says it
-            if rank == 0:
+        elif isinstance(error, ConfigError):  # the ranks of a machine read one command line
+            if os.environ.get("LOCAL_RANK", str(rank)) == "0":  # and files: one of them says it
                 print(f"fastmaml: error: {error}", file=sys.stderr)
         else:  # e.g. a file that this rank read
             print(f"fastmaml: error (rank {rank} of {size}): {error}", file=sys.stderr)
