@@ -356,7 +356,7 @@ def test_mismatched_task_counts_and_example_counts_are_named():
         maml.meta_loss(TaskBatch(batch.support_x, batch.support_y, batch.query_x[:2], batch.query_y))
     one_task = TaskBatch(*(t[0] for t in batch))  # 5 support and 6 query examples, no task dim
     with pytest.raises(ShapeError, match=r"'support_x': 5, 'support_y': 5, 'query_x': 6, "
-                                         r"'query_y': 6\}; for one task, add that dimension"):
+                                         r"'query_y': 6\}; if this is one task, add its task dimension"):
         maml.meta_loss(one_task)
     with pytest.raises(ShapeError, match="same number of examples"):
         maml.meta_loss(TaskBatch(batch.support_x, batch.support_y[:, :3], batch.query_x, batch.query_y))

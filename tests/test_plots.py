@@ -61,3 +61,5 @@ def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
     for ax in figures[1].axes:
         assert [t.get_text() for t in ax.texts] == ["no metrics logged yet"]
         assert ax.get_legend() is None and not ax.get_lines()
+    for fig in figures:
+        plt.close(fig)

@@ -252,8 +252,8 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
     out, err = capsys.readouterr()
     assert ("sinusoid: not reproduced: " + f"{root / 'sinusoid'} holds a 'sinusoid-demo' run, not "
             "'sinusoid'") in out
-    assert err == (f"fastmaml: error: not reproduced: sinusoid (said above); the report of the "
-                   f"others is in {root / 'REPORT.md'}\n")
+    assert err == (f"fastmaml: error: not reproduced: sinusoid (said above); the report of "
+                   f"{root} is in {root / 'REPORT.md'}\n")
     # the demo budget's run of the same preset is longer: neither resumed to stop short nor
     # evaluated again and again (the run is not its; it says so)
     demo = report.BUDGETS["demo"]["sinusoid"]
@@ -308,7 +308,7 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
                  "--no-progress"]) == 0
     assert main(["eval", str(kept), "--no-progress"]) == 0
     shutil.copytree(kept, again)
-    runs = report.find_runs([kept.parent, again.parent, kept])  # the kept run twice
+    runs = report.find_runs([kept.parent, again.parent, kept, kept])  # the kept run thrice
     assert [run.path for run in runs] == [kept, again]
     text = report.render(runs, tmp_path / "REPORT.md")
     anchors = [line.split('"')[1] for line in text.splitlines() if line.startswith("<a id=")]
@@ -415,11 +415,12 @@ def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_erro
 def test_an_out_or_root_under_a_file_is_refused_before_any_training(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "afile").write_text("")
-    for options, place in ((["--root", str(tmp_path / "afile")], "--root"),
-                           (["--root", str(tmp_path / "r"), "--out",
-                             str(tmp_path / "afile" / "REPORT.md")], "--out")):
+    afile = tmp_path / "afile"
+    for options, said in ((["--root", str(afile)], f"--root {afile} is a file"),
+                          (["--root", str(tmp_path / "r"), "--out", str(afile / "REPORT.md")],
+                           f"--out {afile / 'REPORT.md'}: {afile} is a file")):
         assert main(["reproduce", "sinusoid", "--budget", "tiny", *options]) == 2
-        assert capsys.readouterr().err.startswith(f"fastmaml: error: {place} ")
+        assert capsys.readouterr().err == f"fastmaml: error: {said}, not a folder\n"
         assert not (tmp_path / "r").exists()
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "afile" / "run")]) == 2
     assert capsys.readouterr().err == (f"fastmaml: error: --out {tmp_path / 'afile' / 'run'}: "

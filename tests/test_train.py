@@ -301,7 +301,7 @@ def test_a_nan_loss_is_never_checkpointed_even_between_log_points(tmp_path):
     learner = GradientLearner("toy", model, torch.optim.SGD(model.parameters(), 0.1),
                               backpropagated(loss_of), 9, torch.Generator())
     with pytest.raises(NonFiniteLossError, match="toy: non-finite parameters .* at iteration 2; "
-                       "no checkpoint was written yet, so the same command starts afresh"):
+                       "no checkpoint was written yet: trained again"):
         fit(learner, tmp_path, checkpoint_every=2, log_every=5, progress=False)
     assert not checkpoint_path(tmp_path, "toy").exists()
 

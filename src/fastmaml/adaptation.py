@@ -35,7 +35,7 @@ from PIL import Image
 from torch import Tensor
 
 from .core import MAML, Params, check_steps
-from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError
+from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError, is_out_of_memory
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
@@ -143,7 +143,9 @@ class TrainedRun:
         try:
             return torch.as_tensor(values, device=self.device)
         except (TypeError, ValueError, RuntimeError) as error:
-            names = (isinstance(values, (list, tuple)) and "labels" in what
+            if is_out_of_memory(error):  # the device's, said as such by the command line
+                raise
+            names = (isinstance(values, (list, tuple, np.ndarray)) and "labels" in what
                      and any(isinstance(v, str) for v in values))
             raise ShapeError(f"the {what} must be numbers (a tensor, an array or lists), got "
                              f"{type(values).__name__}: {str(error).splitlines()[0]}"
@@ -227,7 +229,7 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
     if folder.is_file():
         raise DataError(f"the {role} set {folder} is a file, but this is an image run: give a "
                         + ("folder of images (one subfolder per class)" if role == "support" else
-                           "folder of images or one image file"))
+                           "folder of images or one image file Pillow reads"))
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
     folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped

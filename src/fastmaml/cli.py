@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -65,8 +66,11 @@ def _plot(args: argparse.Namespace) -> None:
     if not (experiment.run_dir / "eval.json").is_file():
         print(f"fastmaml: {experiment.run_dir} is not evaluated yet, so only its learning curves "
               f"are drawn: run `fastmaml eval {experiment.run_dir}` for the rest", file=sys.stderr)
-    elif stale := read_run(experiment.run_dir).stale_evaluation:
-        print(f"fastmaml: the evaluation figures draw eval.json, which {stale}", file=sys.stderr)
+    else:
+        with contextlib.suppress(FastMAMLError):  # a note only: a damaged file is eval's to say
+            if stale := read_run(experiment.run_dir).stale_evaluation:
+                print(f"fastmaml: the evaluation figures draw eval.json, which {stale}",
+                      file=sys.stderr)
 
 
 def _adapt(args: argparse.Namespace) -> None:
@@ -146,16 +150,17 @@ def _report_file(out: str) -> Path:
     a file stands where one of its folders would be made)."""
     if Path(out).is_dir():
         raise ConfigError(f"--out {out} is a folder: name the report file, e.g. {out}/REPORT.md")
-    _folder_to_be(Path(out).parent, "--out")
+    _folder_to_be(Path(out).parent, "--out", given=Path(out))
     return Path(out)
 
 
-def _folder_to_be(folder: Path, option: str) -> Path:
-    """``folder``, refused at once (not after hours of training) where it or a folder above it
-    is a file."""
+def _folder_to_be(folder: Path, option: str, given: Path | None = None) -> Path:
+    """``folder`` (from ``option``'s value ``given``), refused at once (not after hours of
+    training) where it or a folder above it is a file."""
+    given = given or folder
     for place in (folder, *folder.parents):
         if place.exists() and not place.is_dir():
-            raise ConfigError(f"{option} {folder}" + (f": {place}" if place != folder else "")
+            raise ConfigError(f"{option} {given}" + (f": {place}" if place != given else "")
                               + " is a file, not a folder")
     return folder
 

@@ -113,8 +113,8 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
                                                                       counts["query_y"]}
         forgotten = len(support) == len(query) == 1  # examples counted where tasks belong
         raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}"
-                         + ("; for one task, add that dimension: x.unsqueeze(0)" if forgotten
-                            else ""))
+                         + ("; if this is one task, add its task dimension: x.unsqueeze(0)"
+                            if forgotten else ""))
     if not batch.num_tasks:
         raise ShapeError("a task batch needs at least one task, got 0")
     for kind in ("support", "query"):

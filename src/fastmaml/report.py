@@ -149,8 +149,9 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
-    unique = {p.resolve(): p for p in reversed(found)}  # one run given twice: reported once
-    return [_readable(read_run(p)) for p in found if unique[p.resolve()] is p]
+    seen: set[Path] = set()  # one run given twice: reported once
+    unique = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
+    return [_readable(read_run(p)) for p in unique]
 
 
 def _readable(run: Run) -> Run:
@@ -476,7 +477,7 @@ def _anchor(run: Run) -> str:
 
 def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> list[str]:
     minutes = run.train_seconds / 60
-    took = f"{minutes:,.0f} min" if minutes >= 1 else f"{run.train_seconds:.0f} s"
+    took = f"{minutes:,.0f} min" if run.train_seconds >= 59.5 else f"{run.train_seconds:.0f} s"
     title = h.title if h else run.preset
     lines = [f'<a id="{_anchor(run)}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
              f"Preset `{run.preset}`; {counted(run.iterations, 'MAML iteration')}; {took} of "
@@ -626,6 +627,6 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     write_report([root], out)
     named = [name for name in not_reproduced if name in experiments]
     if named:  # asked for by name: a script must tell, though the others' report is written
-        raise DataError(f"not reproduced: {', '.join(named)} (said above); the report of the "
-                        f"others is in {out}")
+        raise DataError(f"not reproduced: {', '.join(named)} (said above); the report of "
+                        f"{root} is in {out}")
     return out

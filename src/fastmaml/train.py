@@ -354,7 +354,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 state = learner.state_dict()
                 if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
                     kept = ("the last checkpoint is kept" if path.exists() else
-                            "no checkpoint was written yet, so the same command starts afresh")
+                            "no checkpoint was written yet: trained again (with a smaller "
+                            "inner or meta learning rate), it starts afresh")
                     raise NonFiniteLossError(f"{learner.name}: non-finite parameters or "
                                              f"optimizer state at iteration {done}; {kept}")
                 if main:

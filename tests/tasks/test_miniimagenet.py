@@ -181,6 +181,19 @@ def test_the_cache_is_not_shared_by_other_images_of_the_same_names(
         load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")
 
 
+def test_a_csv_may_name_its_images_by_absolute_path(
+        image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    root, _ = image_folder
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "images").mkdir(parents=True)
+    rows = (root / "val.csv").read_text().splitlines()
+    (elsewhere / "val.csv").write_text("\n".join(
+        [rows[0]] + [f"{root / 'images' / row.split(',')[0]},{row.split(',')[1]}"
+                     for row in rows[1:]]) + "\n")
+    assert torch.equal(load_miniimagenet(elsewhere, ["val"], cache_dir=tmp_path / "c")["val"],
+                       load_miniimagenet(root, ["val"], cache_dir=tmp_path / "c")["val"])
+
+
 def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
                              tmp_path: Path) -> None:
     root, _ = image_folder

@@ -153,11 +153,13 @@ def _as_json(value: Any) -> Any:
 
 
 def _from_json(value: Any) -> Any:
-    """``_as_json`` undone: a None among a list's numbers is NaN again."""
+    """``_as_json`` undone: every None is NaN again (records hold no other None)."""
+    if value is None:
+        return math.nan
     if isinstance(value, dict):
         return {key: _from_json(item) for key, item in value.items()}
     if isinstance(value, list):
-        return [math.nan if item is None else _from_json(item) for item in value]
+        return [_from_json(item) for item in value]
     return value
 
 

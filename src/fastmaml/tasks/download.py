@@ -91,7 +91,8 @@ def fingerprint(root: Path, files: Sequence[Path], decoding: str) -> str:
             stat = file.stat()
         except OSError as error:
             raise DataError(f"cannot read image {file}: {error}") from error
-        items.append(f"{file.relative_to(root)}|{stat.st_size}|{stat.st_mtime_ns}")
+        name = file.relative_to(root) if file.is_relative_to(root) else file  # (an absolute one)
+        items.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
     return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
