@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -78,22 +78,6 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
         return extract_zip(archive, dest, folder)
     finally:
         archive.unlink(missing_ok=True)
-
-
-def fingerprint(root: Path, files: Sequence[Path], decoding: str) -> str:
-    """A short stable hash to name the cache of the pixels ``decoding`` makes of ``files``: of
-    each file's path under ``root``, size and modification time, so that a file changed or
-    replaced, or another data folder with the same file names, never reads pixels cached from
-    other files (names that are not valid UTF-8 hash by their bytes on disk)."""
-    items = [decoding]
-    for file in files:
-        try:
-            stat = file.stat()
-        except OSError as error:
-            raise DataError(f"cannot read image {file}: {error}") from error
-        name = file.relative_to(root) if file.is_relative_to(root) else file  # (an absolute one)
-        items.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
-    return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -> np.ndarray:

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError, FastMAMLWarning
-from .download import cached_array, default_cache_dir, fingerprint
-from .images import CONVERSION, ImageFormat, channels_first, is_image_file, read_images
+from .download import cached_array, default_cache_dir
+from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
                      subfolders)
 
@@ -178,7 +178,7 @@ def _depth_hint(root: Path, class_depth: int) -> str:
 def decoded_images(root: Path, files: list[Path], image_format: ImageFormat,
                    cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
     """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it."""
-    key = fingerprint(root, files, f"{image_format} conversion {CONVERSION}")
+    key = fingerprint(root, files, image_format)
     cache = Path(cache_dir or default_cache_dir()) / f"folder-{root.name}-{key}.npy"
     pixels = cached_array(cache, lambda: channels_first(read_images(files, image_format, workers)),
                           root)

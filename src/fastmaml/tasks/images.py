@@ -10,6 +10,7 @@ given to a trained run matches its training images bit for bit.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -116,6 +117,23 @@ def _on_white(image: Image.Image) -> Image.Image:
         return image
     rgba = image.convert("RGBA")
     return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+
+
+def fingerprint(root: Path, files: Sequence[Path], image_format: ImageFormat) -> str:
+    """A short stable hash to name the cache of the pixels ``image_format`` makes of ``files``
+    (this ``CONVERSION`` of it): of each file's path under ``root``, size and modification time,
+    so that a file changed or replaced, or another data folder with the same file names, never
+    reads pixels cached from other files (names that are not valid UTF-8 hash by their bytes on
+    disk)."""
+    items = [f"{image_format} conversion {CONVERSION}"]
+    for file in files:
+        try:
+            stat = file.stat()
+        except OSError as error:
+            raise DataError(f"cannot read image {file}: {error}") from error
+        name = file.relative_to(root) if file.is_relative_to(root) else file  # (an absolute one)
+        items.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 def read_images(paths: Sequence[Path], image_format: ImageFormat,

@@ -33,9 +33,9 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .download import cached_array, default_cache_dir, fingerprint
+from .download import cached_array, default_cache_dir
 from .folder import decoded_images, image_files
-from .images import CONVERSION, ImageFormat, read_images
+from .images import ImageFormat, fingerprint, read_images
 from .splits import subfolders
 
 SPLITS = ("train", "val", "test")
@@ -118,7 +118,7 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
         raise DataError(f"{table} must be a CSV with the header 'filename,label' and one "
                         "'filename,label' row per image")
     files = [root / "images" / name for name, _ in rows]
-    key = fingerprint(root, files, f"{IMAGE_FORMAT} conversion {CONVERSION}")
+    key = fingerprint(root, files, IMAGE_FORMAT)
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
     images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
     label_of = np.array([label for _, label in rows])

@@ -25,8 +25,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .download import cached_array, default_cache_dir, fetch_zip, fingerprint
-from .images import CONVERSION, ImageFormat, read_images
+from .download import cached_array, default_cache_dir, fetch_zip
+from .images import ImageFormat, fingerprint, read_images
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -95,7 +95,7 @@ def load_omniglot_images(root: str | os.PathLike[str],
     if not files:
         raise DataError(f"no Omniglot characters found under {root}")
     shape = (len(files) // IMAGES_PER_CHARACTER, IMAGES_PER_CHARACTER, IMAGE_SIZE, IMAGE_SIZE)
-    key = fingerprint(root, files, f"{IMAGE_FORMAT} conversion {CONVERSION}")
+    key = fingerprint(root, files, IMAGE_FORMAT)
     cache = Path(cache_dir or default_cache_dir()) / f"omniglot-{IMAGE_SIZE}-{key}.npy"
 
     def build() -> np.ndarray:
