@@ -149,9 +149,10 @@ def find_runs(paths: Sequence[Path]) -> list[Run]:
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
-    seen: set[Path] = set()  # one run given twice: reported once
-    unique = [p for p in found if not (p.resolve() in seen or seen.add(p.resolve()))]
-    return [_readable(read_run(p)) for p in unique]
+    unique: dict[Path, Path] = {}  # one run given twice: reported once, where it came first
+    for p in found:
+        unique.setdefault(p.resolve(), p)
+    return [_readable(read_run(p)) for p in unique.values()]
 
 
 def _readable(run: Run) -> Run:
