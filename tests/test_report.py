@@ -308,8 +308,8 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
                  "--no-progress"]) == 0
     assert main(["eval", str(kept), "--no-progress"]) == 0
     shutil.copytree(kept, again)
-    runs = report.find_runs([kept.parent, again.parent, kept, kept])  # the kept run thrice
-    assert [run.path for run in runs] == [kept, again]
+    runs, unread = report.find_runs([kept.parent, again.parent, kept, kept])  # kept thrice
+    assert [run.path for run in runs] == [kept, again] and not unread
     text = report.render(runs, tmp_path / "REPORT.md")
     anchors = [line.split('"')[1] for line in text.splitlines() if line.startswith("<a id=")]
     assert len(anchors) == len(set(anchors)) == 2
@@ -320,6 +320,33 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
     assert "Preset `sinusoid-demo`; 20 MAML iterations; " in text
     assert "; 1 MAML iteration; " in report.render([dataclasses.replace(runs[0], iterations=1)],
                                                    tmp_path / "R.md")
+    # paths that differ only in case and punctuation still get an anchor each
+    twins = [dataclasses.replace(runs[0], path=Path(name)) for name in ("a/Run_1", "a/run-1")]
+    text = report.render(twins, tmp_path / "R.md")
+    assert '<a id="run-a-run-1"></a>' in text and '<a id="run-a-run-1-2"></a>' in text
+
+
+def test_a_damaged_run_below_a_folder_is_left_out_with_a_warning(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good, damaged = tmp_path / "results" / "good", tmp_path / "results" / "damaged"
+    assert main(["train", "sinusoid-demo", "--out", str(good), "iterations=4",
+                 "baseline_iterations=4", "eval_tasks=10", "eval_k_shots=5",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(good), "--no-progress"]) == 0
+    shutil.copytree(good, damaged)
+    config = damaged / "config.yaml"
+    config.write_text(config.read_text().replace("meta_batch: ", "meta_batch: two #"))
+    capsys.readouterr()
+    out = tmp_path / "REPORT.md"
+    assert main(["report", str(good.parent), "--out", str(out)]) == 0
+    why = f"{config}: config key 'meta_batch' expects int"
+    assert f"fastmaml: warning: {damaged.as_posix()} is left out of the report: {why}" \
+        in capsys.readouterr().err
+    text = out.read_text()
+    assert f"## Sinusoid regression, 5-shot: `{good.as_posix()}`" in text
+    assert f"# Runs not read\n\nRun directories left out of this report:\n\n" \
+           f"- `{damaged.as_posix()}`: {why}" in text
+    assert main(["report", str(good), str(damaged), "--out", str(out)]) == 2  # named: an error
 
 
 def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
@@ -440,6 +467,7 @@ def test_reproduce_with_no_experiment_reproduced_says_so(
 
 def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    expected = report.render(report.find_runs([Path("results")]), Path("docs/REPORT.md"))
+    runs, unread = report.find_runs([Path("results")])
+    expected = report.render(runs, Path("docs/REPORT.md"), unread)
     assert (REPO / "docs" / "REPORT.md").read_text() == expected, \
         "docs/REPORT.md is stale: run `fastmaml report --out docs/REPORT.md`"

@@ -12,6 +12,7 @@ import contextlib
 import math
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
 from .distributed import is_main, world
-from .errors import CheckpointError, ConfigError, DataError, FastMAMLError
+from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
@@ -141,18 +142,33 @@ def run_dirs(path: Path) -> list[Path]:
     return [p for p in below if (p / "config.yaml").is_file()]
 
 
-def find_runs(paths: Sequence[Path]) -> list[Run]:
-    """The run directories in ``paths`` (``run_dirs``), read."""
+def find_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]:
+    """The run directories in ``paths`` (``run_dirs``), read, and those left unread with why.
+
+    A run directory named in ``paths`` that cannot be read is an error; one found below a
+    named folder is left out with a warning, so that one damaged run does not hide the others.
+    """
     found = []
     for path in paths:
         candidates = run_dirs(path)
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
+    named = {path.resolve() for path in paths if (path / "config.yaml").is_file()}
     unique: dict[Path, Path] = {}  # one run given twice: reported once, where it came first
     for p in found:
         unique.setdefault(p.resolve(), p)
-    return [_readable(read_run(p)) for p in unique.values()]
+    runs, unread = [], []
+    for resolved, p in unique.items():
+        try:
+            runs.append(_readable(read_run(p)))
+        except FastMAMLError as error:
+            if resolved in named:
+                raise
+            warnings.warn(f"{p.as_posix()} is left out of the report: {error}", FastMAMLWarning,
+                          stacklevel=2)
+            unread.append((p, str(error)))
+    return runs, unread
 
 
 def _readable(run: Run) -> Run:
@@ -287,9 +303,10 @@ def _digits(headline: Headline) -> int:
     return 3 if headline.metric == "MSE" else 1 if headline.metric == "return" else 2
 
 
-def render(runs: list[Run], report_path: Path) -> str:
-    """The report's Markdown for ``runs``; links are relative to ``report_path``'s folder."""
-    report_dir = report_path.parent
+def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]] = ()) -> str:
+    """The report's Markdown for ``runs`` (and a list of the ``unread`` run directories, with
+    why); links are relative to ``report_path``'s folder."""
+    report_dir, anchors = report_path.parent, _anchors(runs)
     rows: list[Row] = []
     for headline in HEADLINES:
         matching = [r for r in runs if headline_key(r.config) == headline.key]
@@ -318,20 +335,23 @@ def render(runs: list[Run], report_path: Path) -> str:
             ours, verdict, where, its = "", _missing(h), "", ""
         else:
             verdict, its = row.status, f"{row.run.iterations:,}"
-            where = f"[{row.run.path.name}](#{_anchor(row.run)})"
+            where = f"[{row.run.path.name}](#{anchors[row.run.path]})"
         title = h.title + (" (fast recipe)" if row.run and row.run.preset.endswith("-fast") else "")
         lines.append(f"| {title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
                      f"| {verdict} | {its} | {where} |")
     lines.append("")
     lines += time_to_accuracy([r for r in runs if r.validation], runs)
     for row in (r for r in rows if r.run is not None):
-        lines += _section(row.run, row.headline, row.status, report_dir)
+        lines += _section(row.run, row.headline, row.status, report_dir, anchors)
     known = {id(row.run) for row in rows}
     others = [run for run in runs if id(run) not in known]
     if others:
         lines += ["# Other runs", "", "Runs that no row of the paper covers.", ""]
         for run in others:
-            lines += _section(run, None, "", report_dir)
+            lines += _section(run, None, "", report_dir, anchors)
+    if unread:
+        lines += ["# Runs not read", "", "Run directories left out of this report:", ""]
+        lines += [f"- `{path.as_posix()}`: {why}" for path, why in unread]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -470,17 +490,27 @@ def _missing(headline: Headline) -> str:
     return f"no run yet (`fastmaml reproduce --budget {budget} {headline.key}`)"
 
 
-def _anchor(run: Run) -> str:
-    """The id of ``run``'s section: from its whole path, so that runs of one name in two
-    folders (kept results beside a reproduction) link to their own sections."""
-    return "run-" + re.sub(r"[^a-z0-9]+", "-", run.path.as_posix().lower()).strip("-")
+def _anchors(runs: Sequence[Run]) -> dict[Path, str]:
+    """The id of each run's section, by its path: from the whole path, so that runs of one
+    name in two folders (kept results beside a reproduction) link to their own sections, and
+    numbered where two paths differ only in case or punctuation."""
+    anchors: dict[Path, str] = {}
+    for run in runs:
+        anchor = base = "run-" + re.sub(r"[^a-z0-9]+", "-", run.path.as_posix().lower()).strip("-")
+        number = 1
+        while anchor in anchors.values():
+            number += 1
+            anchor = f"{base}-{number}"
+        anchors[run.path] = anchor
+    return anchors
 
 
-def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path) -> list[str]:
+def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
+             anchors: dict[Path, str]) -> list[str]:
     minutes = run.train_seconds / 60
     took = f"{minutes:,.0f} min" if run.train_seconds >= 59.5 else f"{run.train_seconds:.0f} s"
     title = h.title if h else run.preset
-    lines = [f'<a id="{_anchor(run)}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
+    lines = [f'<a id="{anchors[run.path]}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
              f"Preset `{run.preset}`; {counted(run.iterations, 'MAML iteration')}; {took} of "
              f"training (all learners); machine: {_machine(run)}.", ""]
     if run.records:
@@ -523,7 +553,8 @@ def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
 
 def write_report(paths: Sequence[Path], out: Path) -> Path:
     """Render the runs in ``paths`` into ``out`` (written whole)."""
-    write_text_atomic(render(find_runs(paths), out), out, follow_links=True)
+    runs, unread = find_runs(paths)
+    write_text_atomic(render(runs, out, unread), out, follow_links=True)
     return out
 
 
