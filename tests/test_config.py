@@ -19,6 +19,13 @@ def test_overrides_are_typed_by_the_config_fields():
     assert cfg.eval_k_shots == (5, 20) and cfg.lr_mode == "per_param"
 
 
+def test_a_key_given_twice_with_two_values_is_refused_and_with_one_is_taken():
+    with pytest.raises(ConfigError, match=r"override 'iterations' given twice \(iterations=10, "
+                                          r"then iterations=20\): give it once"):
+        SinusoidConfig().with_overrides(["iterations=10", "inner_lr=0.1", " iterations = 20"])
+    assert SinusoidConfig().with_overrides(["iterations=10", "iterations=10"]).iterations == 10
+
+
 @pytest.mark.parametrize("item,message", [
     ("inner_steps=two", "'inner_steps' expects int, got 'two'"),
     ("first_order=maybe", "'first_order' expects bool"),

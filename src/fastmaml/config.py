@@ -126,7 +126,8 @@ class Config:
         return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
 
     def with_overrides(self: C, overrides: list[str]) -> C:
-        """Apply ``key=value`` strings, typed by the dataclass fields."""
+        """Apply ``key=value`` strings, typed by the dataclass fields (a key given twice with two
+        values is an error)."""
         changes = {}
         for item in overrides:
             key, sep, raw = item.partition("=")
@@ -135,7 +136,11 @@ class Config:
             if key.strip() in ("experiment", "preset"):  # what the run is: its preset's choice
                 raise ConfigError(f"{key.strip()} is set by the preset a run is trained from, "
                                   "not by an override: name another preset")
-            changes[key.strip()] = raw.strip()
+            key, value = key.strip(), raw.strip()
+            if changes.get(key, value) != value:  # which one was meant is not for us to guess
+                raise ConfigError(f"override {key!r} given twice ({key}={changes[key]}, then "
+                                  f"{key}={value}): give it once")
+            changes[key] = value
         return self.replace(**changes)
 
     def save(self, path: Path) -> None:
