@@ -96,7 +96,7 @@ def test_miniimagenet_has_no_download_and_its_folder_may_come_from_the_environme
     assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"MiniImagenet train split not found in {tmp_path / 'mini'}:" in err
-    assert "--data-root DIR (fastmaml train) or $FASTMAML_MINIIMAGENET" in err
+    assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET" in err
 
 
 def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tmp_path):
@@ -140,6 +140,27 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     err = capsys.readouterr().err
     assert "1 class folder(s) of this run are missing from" in err
     assert "or start a new run (train with another --out)" in err
+
+
+def test_eval_takes_the_data_folder_from_where_it_is_now(tmp_path, capsys):
+    data, run = tmp_path / "data", tmp_path / "run"
+    for c in range(6):
+        (data / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * c + i).save(data / f"class{c}" / f"{i}.png")
+    assert main(["train", "fewshot-folder", "--out", str(run), "--data-root", str(data),
+                 "n_way=2", "k_shot=1", "k_query=1", "eval_k_query=1", "image_size=8", "hidden=4",
+                 "meta_batch=2", "iterations=2", "val_every=0", "split_fractions=0.34,0.33,0.33",
+                 "eval_tasks=4", "--no-progress"]) == 0
+    moved = data.rename(tmp_path / "moved")
+    capsys.readouterr()
+    assert main(["eval", str(run), "--no-progress"]) == 2
+    assert f"data folder {data} not found: name the folder with --data-root DIR (fastmaml " \
+           "train and eval)" in capsys.readouterr().err
+    assert main(["eval", str(run), "--data-root", str(moved), "--no-progress"]) == 0
+    assert json.loads((run / "eval.json").read_text())[0]["tasks"] == 4
+    assert main(["eval", str(run), "--data-root", str(moved), f"data_root={data}"]) == 2
+    assert "override 'data_root' given twice" in capsys.readouterr().err
 
 
 @pytest.mark.filterwarnings("ignore::fastmaml.errors.FastMAMLWarning")  # the added class

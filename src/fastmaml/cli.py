@@ -35,8 +35,7 @@ def _presets(_: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = _folder_to_be(Path(args.out or f"runs/{args.preset}"), "--out")
-    overrides = args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
-    train_run(args.preset, run_dir, overrides, progress=not args.no_progress,
+    train_run(args.preset, run_dir, _overrides(args), progress=not args.no_progress,
               learner=args.learner)
     main_rank = world()[0] == 0
     shutdown()
@@ -47,9 +46,14 @@ def _train(args: argparse.Namespace) -> None:
               f"{run_dir}/metrics-*.csv. {then}: fastmaml eval {run_dir}")
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``key=value`` overrides, ``--data-root`` among them."""
+    return args.overrides + ([f"data_root={args.data_root}"] if args.data_root else [])
+
+
 def _eval(args: argparse.Namespace) -> None:
     init_from_env()  # under torchrun the ranks split the test tasks
-    experiment = load_experiment(Path(args.run_dir), args.overrides)
+    experiment = load_experiment(Path(args.run_dir), _overrides(args))
     experiment.evaluate(progress=not args.no_progress)
     main_rank = world()[0] == 0
     shutdown()
@@ -178,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value", default=[],
                        help="typed config overrides, e.g. iterations=2000 inner_steps=2")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
-    train.add_argument("--data-root", help="data set folder (the same as data_root=...)")
+    data_root_help = "data set folder (the same as data_root=DIR)"
+    train.add_argument("--data-root", metavar="DIR", help=data_root_help)
     train.add_argument("--learner", help="train only this learner of the run (e.g. pretrained), "
                        "while another process trains the others: one run on two cores")
     train.set_defaults(run=_train)
@@ -189,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
             ("plot", _plot, "write a run's figures: its learning curves while it trains, and "
                             "the evaluation's once it is evaluated", None)):
         sub = commands.add_parser(name, help=text, epilog=epilog, usage=(  # overrides: eval's
-            f"fastmaml {name} [-h] [--no-progress] run_dir [key=value ...]" if epilog else None))
+            f"fastmaml {name} [-h] [--no-progress] [--data-root DIR] run_dir [key=value ...]"
+            if epilog else None))
         sub.add_argument("run_dir")
+        if epilog:  # eval reads the test split: from where the data is now
+            sub.add_argument("--data-root", metavar="DIR", help=data_root_help)
         sub.set_defaults(run=run, overrides=[])
     adapt = commands.add_parser(
         "adapt", help="adapt a trained run to a new task and predict its query set",

@@ -97,7 +97,7 @@ def test_missing_folder_says_what_and_how(tmp_path: Path) -> None:
     message = str(info.value)
     assert "images_evaluation" in message and "characterNN" in message
     assert "download=true to fastmaml train" in message and "download=True" in message
-    assert "--data-root DIR (fastmaml train) or $FASTMAML_OMNIGLOT" in message
+    assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_OMNIGLOT" in message
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])

@@ -165,7 +165,7 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
                 f"pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
                 "of class folders. Name the folder that holds them with --data-root DIR (fastmaml "
-                "train) or $FASTMAML_MINIIMAGENET (every command, reproduce too)")
+                "train and eval) or $FASTMAML_MINIIMAGENET (every command, reproduce too)")
         result[split] = torch.from_numpy(images)
     return result
 

@@ -67,7 +67,7 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
             f"Omniglot not found in {root}: missing {', '.join(missing)}. Expected the official "
             f"layout {root}/images_background/<Alphabet>/characterNN/*.png and the same under "
             f"images_evaluation/ (the official zips, extracted). Name the folder that holds them "
-            "with --data-root DIR (fastmaml train) or $FASTMAML_OMNIGLOT (every command, "
+            "with --data-root DIR (fastmaml train and eval) or $FASTMAML_OMNIGLOT (every command, "
             "reproduce too); to fetch them into this folder, add download=true to fastmaml "
             "train, or call load_omniglot(root, download=True).")
     return [character for folder in FOLDERS

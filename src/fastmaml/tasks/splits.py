@@ -40,7 +40,8 @@ def data_root(root: str | os.PathLike[str]) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} not found" + (" (it is a file)" if root.exists()
-                                                           else ""))
+                                                           else "")
+                        + ": name the folder with --data-root DIR (fastmaml train and eval)")
     return root
 
 
