@@ -59,7 +59,11 @@ def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pat
     assert "maml: 3 iterations done" in out
 
 
-def test_sigterm_checkpoints_the_current_iteration_and_frees_the_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "SIGTERM"),
+                                          (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_checkpoints_the_current_iteration_and_frees_the_run(
+        tmp_path: Path, signum: int, said: str) -> None:
+    """SIGTERM, or a Ctrl-C, exits as the signal would (143, 130) after a checkpoint."""
     run = tmp_path / "run"
     first = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=1000000",
                      "checkpoint_every=100000000", "log_every=10", "--no-progress")
@@ -69,10 +73,10 @@ def test_sigterm_checkpoints_the_current_iteration_and_frees_the_run(tmp_path: P
     while log.read_text().count("\n") < 2:  # a logged row: the loop (and its handler) runs
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.1)
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signum)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 128 + signal.SIGTERM, err
-    stopped = int(err.split("(SIGTERM or Ctrl-C) at iteration ")[1].split()[0])
+    assert first.returncode == 128 + signum, err
+    stopped = int(err.split(f"({said}) at iteration ")[1].split()[0])
     checkpoint = torch.load(run / "checkpoints" / "maml.pt", weights_only=False)
     assert checkpoint["iteration"] == stopped >= 1  # though no checkpoint was due
     again = fastmaml("train", "sinusoid-demo", "--out", str(run), f"iterations={stopped + 2}",

@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stopped:
         if world()[0] == 0:  # every rank stops; one says so
             print(f"fastmaml: {stopped}", file=sys.stderr)
-        return 128 + signal.SIGTERM
+        return 128 + stopped.signum
     except KeyboardInterrupt:
         resumes = args.command in ("train", "reproduce")
         print("fastmaml: interrupted" + ("; the same command resumes from the last checkpoint"

@@ -261,16 +261,22 @@ def _is_metrics_row(row: dict[str, str | None]) -> bool:
 
 class TrainingStopped(Exception):
     """``fit`` stopped on SIGTERM or Ctrl-C, after a checkpoint (not a ``FastMAMLError``:
-    nothing failed, and a driver of several runs must stop too)."""
+    nothing failed, and a driver of several runs must stop too); ``signum`` is the request's
+    signal, so that the command exits as that signal's would (143, or 130 for Ctrl-C)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
-def _stop_requests() -> Iterator[Callable[[], bool]]:
+def _stop_requests() -> Iterator[Callable[[], int]]:
     """While training, SIGTERM (``kill``, a scheduler's preemption) and a first Ctrl-C (SIGINT)
-    only record the request; yields whether any rank has received one. A second Ctrl-C stops at
+    only record the request; yields a check: 0 while no rank has received one, else the signal
+    (this rank's first, or SIGTERM where only another rank received one). A second Ctrl-C stops at
     once (``KeyboardInterrupt``), losing the work since the last checkpoint. Outside the main
     thread (where Python cannot take signals) the signals keep their own effect."""
     received: list[int] = []
@@ -289,8 +295,14 @@ def _stop_requests() -> Iterator[Callable[[], bool]]:
             if threading.current_thread() is threading.main_thread()
             and signal.getsignal(signum) is not signal.SIG_IGN]
     previous = {signum: signal.signal(signum, request) for signum in ours}
+
+    def requested() -> int:
+        if not any_rank(bool(received)):
+            return 0
+        return received[0] if received else signal.SIGTERM
+
     try:
-        yield lambda: any_rank(bool(received))
+        yield requested
     finally:
         for signum, handler in previous.items():  # None: a handler not set from Python
             signal.signal(signum, signal.SIG_DFL if handler is None else handler)
@@ -365,17 +377,19 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                                  "learner": state}, path)
             if stopping:
                 bar.close()
-                raise _stopped(learner, done)
+                raise _stopped(learner, done, stopping)
         bar.close()
-        if end > start and stop_requested():  # a request during the last checkpoint's write
-            raise _stopped(learner, end)
+        stopping = stop_requested() if end > start else 0  # (during the last checkpoint's write)
+        if stopping:
+            raise _stopped(learner, end, stopping)
     return last
 
 
-def _stopped(learner: Learner, done: int) -> TrainingStopped:
-    return TrainingStopped(f"{learner.name}: stopped on request (SIGTERM or Ctrl-C) at iteration "
-                           f"{done} of {learner.iterations}, checkpointed: the same command "
-                           "resumes")
+def _stopped(learner: Learner, done: int, signum: int) -> TrainingStopped:
+    request = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    return TrainingStopped(f"{learner.name}: stopped on request ({request}) at iteration {done} "
+                           f"of {learner.iterations}, checkpointed: the same command resumes",
+                           signum)
 
 
 def check_resumable(learner: Learner, run_dir: Path) -> None:
