@@ -241,7 +241,7 @@ def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -
     run = fastmaml.load_run(image_run)
     experiment = load_experiment(image_run)
     data = Path(experiment.cfg.data_root)
-    split = experiment.splits()["train"]
+    split = experiment.split("train")
     images = split.images[0]  # the first training class, as the sampler reads it
     files = sorted((data / split.names[0]).iterdir())
     assert torch.equal(run.preprocess(files), as_model_input(images))

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import pickle
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +18,7 @@ from fastmaml.experiments import (PRESETS, create_run, experiment_class, load_ex
                                   prepare_run)
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
+from fastmaml.tasks.splits import SPLITS
 
 
 def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
@@ -99,6 +102,29 @@ def test_miniimagenet_has_no_download_and_its_folder_may_come_from_the_environme
     assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET" in err
 
 
+def test_miniimagenet_trains_on_its_three_splits_and_evaluates_on_its_test_split_alone(
+        tmp_path):
+    """The paper's MiniImagenet preset end to end, on pickles in the standard cache format
+    (random pixels): evaluation reads only the test split, so it needs only that file."""
+    data, run = tmp_path / "mini", tmp_path / "run"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split in SPLITS:
+        images = rng.integers(0, 256, (5 * 6, 84, 84, 3), dtype=np.uint8)
+        classes = {f"n{split}{c}": list(range(c * 6, c * 6 + 6)) for c in range(5)}
+        (data / f"mini-imagenet-cache-{split}.pkl").write_bytes(
+            pickle.dumps({"image_data": images, "class_dict": classes}))
+    tiny = ["hidden=4", "meta_batch=1", "k_query=1", "inner_steps=1", "eval_inner_steps=1",
+            "eval_tasks=3", "--no-progress"]
+    assert main(["train", "miniimagenet-5w1s", "--out", str(run), "--data-root", str(data),
+                 "iterations=2", "val_every=2", "val_tasks=2", *tiny]) == 0
+    for split in ("train", "val"):
+        (data / f"mini-imagenet-cache-{split}.pkl").unlink()
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    record = json.loads((run / "eval.json").read_text())[0]
+    assert (record["method"], record["tasks"], len(record["mean"])) == ("maml", 3, 2)
+
+
 def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tmp_path):
     run = tmp_path / "lake"
     assert main(["train", "omniglot-5w1s-lake", "--out", str(run), "--data-root",
@@ -113,6 +139,11 @@ def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tm
                                                           "within_alphabet": True})
 
 
+def split_names(run):
+    experiment = load_experiment(run)
+    return {name: experiment.split(name).names for name in SPLITS}
+
+
 def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
     for c in range(12):
@@ -125,7 +156,7 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert main(["train", "fewshot-folder", "iterations=2", *common]) == 0
     recorded = json.loads((run / "splits.json").read_text())
     assert sorted(sum(recorded.values(), [])) == [f"class{c:02d}" for c in range(12)]
-    names = {k: s.names for k, s in load_experiment(run).splits().items()}
+    names = split_names(run)
 
     shutil.copytree(data / "class00", data / "a-new-class")  # sorts first: it shifts a reshuffle
     capsys.readouterr()
@@ -133,7 +164,7 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert "left out 1 class folder(s)" in capsys.readouterr().err
     assert json.loads((run / "splits.json").read_text()) == recorded
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="a-new-class"):
-        assert {k: s.names for k, s in load_experiment(run).splits().items()} == names
+        assert split_names(run) == names
     shutil.rmtree(data / "class05")  # e.g. another folder given to the same --out
     capsys.readouterr()
     assert main(["train", "fewshot-folder", "iterations=4", *common]) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -135,7 +136,7 @@ class FewShotExperiment(Experiment):
 
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
         super().__init__(cfg, run_dir)
-        self._splits: dict[str, Split] | None = None
+        self._splits: dict[str, Split] = {}
 
     def data_root(self) -> Path:
         if self.cfg.dataset == "folder" and not self.cfg.data_root:
@@ -143,32 +144,34 @@ class FewShotExperiment(Experiment):
         from_env = os.path.expanduser(os.environ.get(DATA_ENV[self.cfg.dataset], ""))
         return Path(self.cfg.data_root or from_env or Path("data") / self.cfg.dataset)
 
-    def splits(self) -> dict[str, Split]:
-        """Per meta-train/val/test split: the images, class by class (loaded once, from the
-        compact cache), and the group of each class (Omniglot's alphabets) where there are any."""
-        if self._splits is None:
-            cfg, root = self.cfg, self.data_root()
-            if cfg.download and cfg.dataset != "omniglot":  # (not refused: saved runs hold it)
-                warnings.warn(f"download=true is ignored: it fetches Omniglot's official zips, "
-                              f"and dataset={cfg.dataset} has no download; name its folder with "
-                              "data_root", FastMAMLWarning, stacklevel=2)
-            if cfg.dataset == "omniglot":
-                from ..tasks.omniglot import load_omniglot, load_omniglot_alphabets
-                images = load_omniglot(root, cfg.split, download=cfg.download, seed=cfg.split_seed)
-                groups = load_omniglot_alphabets(root, cfg.split, seed=cfg.split_seed)
-                self._splits = {name: Split(images[name], groups[name]) for name in images}
-            elif cfg.dataset == "miniimagenet":
-                from ..tasks.miniimagenet import load_miniimagenet
-                self._splits = {name: Split(images, None)
-                                for name, images in load_miniimagenet(root).items()}
-            else:
-                folders = load_image_folder(
-                    root, cfg.image_format(), class_depth=cfg.class_depth,
-                    min_images=self.min_images(),
-                    assignment=self.data_split())
-                self._splits = {name: Split(split.images, split.groups, split.names)
-                                for name, split in folders.items()}
-        return self._splits
+    def split(self, name: str) -> Split:
+        """Meta-train/val/test split ``name``: its images, class by class (loaded once, from the
+        compact cache), and the group of each class (Omniglot's alphabets) where there are any.
+        MiniImagenet's splits load one at a time (an evaluation reads only its test split, a
+        quarter of the data); Omniglot's and a folder's, which are split on loading, together."""
+        if name not in self._splits:
+            self._splits.update(self._load(name))
+        return self._splits[name]
+
+    def _load(self, name: str) -> dict[str, Split]:
+        cfg, root = self.cfg, self.data_root()
+        if cfg.download and cfg.dataset != "omniglot" and not self._splits:
+            # (not refused: saved runs hold it)
+            warnings.warn(f"download=true is ignored: it fetches Omniglot's official zips, "
+                          f"and dataset={cfg.dataset} has no download; name its folder with "
+                          "data_root", FastMAMLWarning, stacklevel=3)
+        if cfg.dataset == "omniglot":
+            from ..tasks.omniglot import load_omniglot, load_omniglot_alphabets
+            images = load_omniglot(root, cfg.split, download=cfg.download, seed=cfg.split_seed)
+            groups = load_omniglot_alphabets(root, cfg.split, seed=cfg.split_seed)
+            return {split: Split(images[split], groups[split]) for split in images}
+        if cfg.dataset == "miniimagenet":
+            from ..tasks.miniimagenet import load_miniimagenet
+            return {name: Split(load_miniimagenet(root, [name])[name], None)}
+        folders = load_image_folder(root, cfg.image_format(), class_depth=cfg.class_depth,
+                                    min_images=self.min_images(), assignment=self.data_split())
+        return {split: Split(part.images, part.groups, part.names)
+                for split, part in folders.items()}
 
     def assign_split(self) -> Assignment | None:
         cfg = self.cfg
@@ -194,7 +197,7 @@ class FewShotExperiment(Experiment):
         """Tasks of ``split``; its images on the run's device (``on_device``), or where they
         are, for a sampler that only checks the split can give tasks."""
         within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
-        images, groups, _ = self.splits()[split]
+        images, groups, _ = self.split(split)
         if len(images) < self.cfg.n_way:
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"
@@ -215,7 +218,7 @@ class FewShotExperiment(Experiment):
                 ) from None
 
     def _more_classes_hint(self) -> str:
-        sizes = "/".join(str(len(self.splits()[name].images)) for name in SPLITS)
+        sizes = "/".join(str(len(self.split(name).images)) for name in SPLITS)
         other = ("" if has_explicit_splits(self.data_root()) else
                  f" or other split_fractions (now {','.join(map(str, self.cfg.split_fractions))})")
         cfg = self.cfg
@@ -248,19 +251,28 @@ class FewShotExperiment(Experiment):
         maml = self.build_maml()
         train = self.sampler("train", cfg.k_query)
         validation = {}
-        if cfg.val_every and len(self.splits()["val"].images):  # e.g. the vinyals split has none
+        if cfg.val_every and len(self.split("val").images):  # e.g. the vinyals split has none
             val = self.sampler("val", cfg.eval_queries)
             validation = validation_of(
                 maml, lambda: val.fixed_tasks(cfg.val_tasks, VAL_SEED, cfg.eval_chunk),
                 cfg.inner_steps, cfg.val_every, "val_accuracy", "metric")
         for within in self.test_kinds():  # refuse, before training, a run that cannot be tested
             self.sampler("test", cfg.eval_queries, within_alphabet=within, on_device=False)
-        return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
-                             torch.Generator().manual_seed(cfg.seed), **validation)]
+        return [self._meta_learner(maml, lambda: train, **validation)]
+
+    def _meta_learner(self, maml: MAML, train: Callable[[], FewShotSampler],
+                      **validation: Any) -> GradientLearner:
+        """MAML's learner, drawing its meta-batches from the sampler ``train()`` gives."""
+        cfg = self.cfg
+        return meta_learner(maml, cfg, lambda generator: train().sample(cfg.meta_batch, generator),
+                            torch.Generator().manual_seed(cfg.seed), **validation)
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
-        maml = self.restore(self.learners()[0]).module
+        # the trained learner, not trained further: only the test split is read (MiniImagenet's
+        # train split alone is 800 MB)
+        maml = self.restore(self._meta_learner(
+            self.build_maml(), lambda: self.sampler("train", cfg.k_query))).module
         method = "first-order maml" if cfg.first_order else "maml"
         records = []
         for within in self.test_kinds():
