@@ -139,6 +139,14 @@ def test_lake_split_evaluates_random_and_within_alphabet_tasks(omniglot_root, tm
                                                           "within_alphabet": True})
 
 
+def write_classes(data, classes, per_class, size=8):
+    """``data/classNN/I.png``: ``classes`` folders of ``per_class`` grey images, a shade each."""
+    for c in range(classes):
+        (data / f"class{c:02d}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (size, size), 20 * c + i).save(data / f"class{c:02d}" / f"{i}.png")
+
+
 def split_names(run):
     experiment = load_experiment(run)
     return {name: experiment.split(name).names for name in SPLITS}
@@ -146,10 +154,7 @@ def split_names(run):
 
 def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    for c in range(12):
-        (data / f"class{c:02d}").mkdir(parents=True)
-        for i in range(3):
-            Image.new("L", (12, 12), 20 * c + i).save(data / f"class{c:02d}" / f"{i}.png")
+    write_classes(data, 12, 3, size=12)
     common = ["--out", str(run), "--data-root", str(data), "n_way=2", "k_shot=1", "k_query=1",
               "eval_k_query=1", "image_size=12", "hidden=4", "meta_batch=2", "val_every=0",
               "split_fractions=0.5,0.2,0.3", "--no-progress"]
@@ -175,10 +180,7 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
 
 def test_eval_takes_the_data_folder_from_where_it_is_now(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
-    for c in range(6):
-        (data / f"class{c}").mkdir(parents=True)
-        for i in range(2):
-            Image.new("L", (8, 8), 40 * c + i).save(data / f"class{c}" / f"{i}.png")
+    write_classes(data, 6, 2)
     assert main(["train", "fewshot-folder", "--out", str(run), "--data-root", str(data),
                  "n_way=2", "k_shot=1", "k_query=1", "eval_k_query=1", "image_size=8", "hidden=4",
                  "meta_batch=2", "iterations=2", "val_every=0", "split_fractions=0.34,0.33,0.33",
@@ -199,10 +201,7 @@ def test_a_learner_beside_a_training_one_takes_the_recorded_split(tmp_path):
     """Before the first checkpoint a run starts afresh, except beside another learner of it in
     training: then its recorded split binds, though classes were added to the folder since."""
     data, run = tmp_path / "data", tmp_path / "run"
-    for c in range(12):
-        (data / f"class{c:02d}").mkdir(parents=True)
-        for i in range(3):
-            Image.new("L", (8, 8), 20 * c + i).save(data / f"class{c:02d}" / f"{i}.png")
+    write_classes(data, 12, 3)
     overrides = [f"data_root={data}", "n_way=2", "image_size=8", "split_fractions=0.5,0.2,0.3"]
     create_run("fewshot-folder", run, overrides)  # what the training learner recorded
     recorded = json.loads((run / "splits.json").read_text())

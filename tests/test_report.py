@@ -302,13 +302,18 @@ def test_a_live_run_reads_without_the_row_being_appended(tmp_path: Path) -> None
     assert main(["plot", str(run_dir)]) == 0
 
 
-def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Path) -> None:
-    kept, again = tmp_path / "results" / "sinusoid", tmp_path / "reproduce-tiny" / "sinusoid"
-    assert main(["train", "sinusoid-demo", "--out", str(kept), "iterations=20",
+def evaluated_sinusoid(run_dir: Path) -> Path:
+    """A sinusoid run of 20 iterations, trained and evaluated on 20 tasks."""
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
                  "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5",
                  "--no-progress"]) == 0
-    assert main(["eval", str(kept), "--no-progress"]) == 0
-    shutil.copytree(kept, again)
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Path) -> None:
+    kept, again = tmp_path / "results" / "sinusoid", tmp_path / "reproduce-tiny" / "sinusoid"
+    shutil.copytree(evaluated_sinusoid(kept), again)
     runs, unread = report.find_runs([kept.parent, again.parent, kept, kept])  # kept thrice
     assert [run.path for run in runs] == [kept, again] and not unread
     text = report.render(runs, tmp_path / "REPORT.md")
@@ -330,11 +335,7 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
 def test_a_damaged_run_below_a_folder_is_left_out_with_a_warning(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good, damaged = tmp_path / "results" / "good", tmp_path / "results" / "damaged"
-    assert main(["train", "sinusoid-demo", "--out", str(good), "iterations=4",
-                 "baseline_iterations=4", "eval_tasks=10", "eval_k_shots=5",
-                 "--no-progress"]) == 0
-    assert main(["eval", str(good), "--no-progress"]) == 0
-    shutil.copytree(good, damaged)
+    shutil.copytree(evaluated_sinusoid(good), damaged)
     config = damaged / "config.yaml"
     config.write_text(config.read_text().replace("meta_batch: ", "meta_batch: two #"))
     capsys.readouterr()
