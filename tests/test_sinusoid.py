@@ -142,7 +142,7 @@ def test_eval_help_shows_its_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert capsys.readouterr().out.startswith(
-        "usage: fastmaml eval [-h] [--no-progress] run_dir [key=value ...]\n")
+        "usage: fastmaml eval [-h] [--no-progress] [--data-root DIR] run_dir [key=value ...]\n")
 
 
 def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):
