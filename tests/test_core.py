@@ -1,6 +1,7 @@
 """The MAML engine: meta-gradients against finite differences, batched against looped."""
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import math
@@ -167,19 +168,34 @@ def test_batched_equals_looped_with_anil_and_multi_step_loss(problem, adapt, fir
     assert relative(grads[True], grads[False]) < 1e-6
 
 
-def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_not():
+class OwnBatchNorm(nn.Module):
+    """A batch norm of a model's own (batch statistics, no running ones), as meta-learning
+    codebases write it: no ``nn.BatchNorm`` module for fastmaml to find."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, None, None, self.weight, self.bias, training=True)
+
+
+@pytest.mark.parametrize("layer", [lambda: nn.BatchNorm2d(4, track_running_stats=False),
+                                   lambda: OwnBatchNorm(4)], ids=["module", "own"])
+def test_batch_statistics_are_exact_under_vmap_where_the_fused_kernel_is_not(layer, monkeypatch):
     """The trap in the engineering notes: F.batch_norm under vmap, second order, on torch 2.13.
 
-    The fused kernel (transductive_bn=False with a stats-free BatchNorm) disagrees with the looped
-    reference; our elementary-op batch norm (the default) agrees with it to 1e-10. If the second
-    assertion ever fails, torch has fixed the kernel and the workaround could be reconsidered.
+    Wherever batch statistics are used (transductive_bn, or a layer in training mode, also one
+    of the model's own) our elementary-op batch norm runs, and agrees with the looped reference
+    to 1e-10; the fused kernel does not. If the last assertion ever fails, torch has fixed the
+    kernel and the workaround could be reconsidered.
     """
     def grads(transductive: bool) -> dict[bool, torch.Tensor]:
         out = {}
         for batched in (True, False):
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1),
-                                  nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+            model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), layer(), nn.ReLU(),
                                   nn.Flatten(), nn.Linear(4 * 36, 3))
             _, loss_fn, batch = conv_problem()
             batch = TaskBatch(batch.support_x[..., :6, :6], batch.support_y,
@@ -188,10 +204,78 @@ def test_transductive_batch_norm_is_exact_under_vmap_where_the_fused_kernel_is_n
             out[batched] = meta_grad(maml, batch)
         return out
 
-    ours = grads(transductive=True)
-    assert relative(ours[True], ours[False]) < 1e-10
+    for transductive in (True, False):
+        ours = grads(transductive)
+        assert relative(ours[True], ours[False]) < 1e-10
+    monkeypatch.setattr(fastmaml.core, "NORM_FUNCTIONS", ())  # as if fastmaml saw no norm
     fused = grads(transductive=False)
     assert relative(fused[True], fused[False]) > 1e-5
+
+
+class BagOfWords(nn.Module):
+    """Token sequences -> classes: an embedding (with the given options), averaged, then a head."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(10, 6, **options), nn.Linear(6, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(1))
+
+
+def token_batch() -> TaskBatch:
+    torch.manual_seed(0)
+    return TaskBatch(torch.randint(0, 10, (TASKS, 6, 4)), torch.randint(0, 3, (TASKS, 6)),
+                     torch.randint(0, 10, (TASKS, 6, 4)), torch.randint(0, 3, (TASKS, 6)))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_an_embeddings_padding_row_gets_no_gradient_under_vmap_either(first_order, monkeypatch):
+    """torch's embedding backward under vmap trains the padding row (a meta-gradient off by
+    ~7e-2); the masked lookup that runs instead agrees with the looped reference, and the
+    padding row's gradient is zero. If the last assertion fails, torch has fixed the kernel."""
+    def grads() -> dict[bool, MAML]:
+        out = {}
+        for batched in (True, False):
+            torch.manual_seed(1)
+            out[batched] = MAML(BagOfWords(padding_idx=0), F.cross_entropy, 0.3, 2,
+                                first_order=first_order, batched=batched)
+            out[batched].meta_backward(token_batch())
+        return out
+
+    ours = grads()
+    assert relative(flat_grads(ours[True]), flat_grads(ours[False])) < 1e-10
+    assert not any(maml.model.embed.weight.grad[0].any() for maml in ours.values())
+    monkeypatch.setattr(fastmaml.core, "pads", lambda *args, **kwargs: False)  # torch's kernel
+    fused = grads()
+    assert relative(flat_grads(fused[True]), flat_grads(fused[False])) > 1e-5
+
+
+def test_an_embedding_that_scales_its_gradient_by_frequency_runs_looped():
+    """vmap scales by the wrong counts, and the scaled 'gradient' has no exact form of ours."""
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="scale_grad_by_freq: vmap scales "
+                      "an embedding's gradient by the wrong counts .*; using the looped path"):
+        maml = MAML(BagOfWords(scale_grad_by_freq=True), F.cross_entropy, 0.3, 2)
+        maml.meta_backward(token_batch())
+    assert maml.path == "looped"
+    maml = MAML(BagOfWords(scale_grad_by_freq=True), F.cross_entropy, 0.3, 2, batched=True)
+    with pytest.raises(ConfigError, match="use batched=None or False"):
+        maml.meta_backward(token_batch())
+
+
+def test_finding_the_functions_a_model_calls_leaves_the_random_state_as_it_was():
+    """The first call's extra forward (``_probe``) draws no dropout mask of the run's, so a
+    resumed run (a fresh MAML) draws what an uninterrupted one does."""
+    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+    _, loss_fn, batch = mlp_problem()
+    probed = MAML(copy.deepcopy(model), loss_fn, 0.1, 1, batched=False)
+    probed.evaluate(batch)
+    draws = []
+    for maml in (probed, MAML(copy.deepcopy(model), loss_fn, 0.1, 1, batched=False)):
+        torch.manual_seed(3)
+        maml.meta_backward(batch)
+        draws.append((flat_grads(maml), torch.rand(3)))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
 class OwnLayerNorm(nn.Module):
@@ -239,7 +323,7 @@ def test_adapted_layer_and_instance_norm_weights_are_exact_under_vmap(kind, monk
     with fastmaml.norms.ExactNorms(transductive=False):  # the same forward as written
         inside = model(x)
     torch.testing.assert_close(inside, model(x), rtol=1e-12, atol=1e-12)
-    monkeypatch.setattr(fastmaml.core, "has_affine_norm", lambda model: False)
+    monkeypatch.setattr(fastmaml.core, "NORM_FUNCTIONS", ())  # as if fastmaml saw no norm
     fused = grads()
     assert relative(fused[True], fused[False]) > 1e-5
 

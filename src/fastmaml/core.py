@@ -19,15 +19,18 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
                      ShapeError, is_out_of_memory)
 from .inner_lr import InnerLearningRates
-from .norms import ExactNorms, has_affine_norm, has_batch_norm
+from .embeddings import ExactEmbeddings, pads, scales_gradient_by_frequency
+from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .recurrent import StepwiseRNNs, has_recurrent
 
 Params = dict[str, Tensor]
@@ -308,9 +311,10 @@ class MAML(nn.Module):
         self.inner_lrs = InnerLearningRates(lr_mode, inner_lr,
                                             {n: p.shape for n, p in adapted.items()}, inner_steps,
                                             like=next(iter(adapted.values())))
-        use_bn = has_batch_norm(model) if transductive_bn is None else transductive_bn
-        self._norm_mode = (functools.partial(ExactNorms, use_bn)
-                           if use_bn or has_affine_norm(model) else contextlib.nullcontext)
+        self._transductive = has_batch_norm(model) if transductive_bn is None else transductive_bn
+        # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
+        self._norm_mode = self._embedding_mode = contextlib.nullcontext
+        self._probed = False
         recurrent = has_recurrent(model)
         self._rnn_mode = StepwiseRNNs if recurrent else contextlib.nullcontext
         # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
@@ -350,7 +354,8 @@ class MAML(nn.Module):
         for name in self._buffer_names:  # fresh copies: a forward may count batches in place
             state[name] = state[name].clone()
         try:
-            with self._norm_mode(), self._rnn_mode(), self._attention_mode():
+            with (self._norm_mode(), self._embedding_mode(), self._rnn_mode(),
+                  self._attention_mode()):
                 return functional_call(self.model, state, (x,))
         except FastMAMLError:
             raise
@@ -363,6 +368,39 @@ class MAML(nn.Module):
                     else "")
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
                              f"{tuple(x.shape)}{hint}: {error}") from error
+
+    def _probe(self, x: Tensor) -> None:
+        """Once, before the first forward of any path: an eager forward on ``x`` (one task's
+        inputs) shows which functions the model calls, from its modules or its own code; the
+        norms and the embeddings whose kernels ``vmap`` differentiates wrongly run in their
+        exact forms (``ExactNorms``, ``ExactEmbeddings``) from then on, on every path, and an
+        embedding's ``scale_grad_by_freq``, which has none, on the looped path. The random state
+        is left as it was, so that a resumed run draws what an uninterrupted one does."""
+        if self._probed or torch.compiler.is_compiling():
+            return
+        # as in training (torch's fused fast paths run only without gradients), and under
+        # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
+        self._norm_mode = functools.partial(ExactNorms, self._transductive)
+        calls, state = _KernelsCalled(), _random_state(x.device)
+        try:
+            with torch.enable_grad(), calls:
+                self._forward(*self._split_params(detach=False), x)
+        finally:
+            _set_random_state(state, x.device)
+        if not calls.norms:
+            self._norm_mode = contextlib.nullcontext
+        if calls.padded_embeddings:
+            self._embedding_mode = ExactEmbeddings
+        if calls.frequency_scaling:
+            if self.batched:
+                raise ConfigError("scale_grad_by_freq: vmap scales an embedding's gradient by "
+                                  "the wrong counts (torch's kernel): use batched=None or False")
+            if self.batched is None and not self._vmap_failed:
+                self._vmap_failed = True
+                warnings.warn("scale_grad_by_freq: vmap scales an embedding's gradient by the "
+                              "wrong counts (torch's kernel); using the looped path",
+                              FastMAMLWarning, stacklevel=3)
+        self._probed = True
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
@@ -667,6 +705,7 @@ class MAML(nn.Module):
                               "(torch.no_grad or inference_mode): call it outside, or use "
                               "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
+        self._probe(batch.support_x[0])
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
@@ -894,6 +933,7 @@ class MAML(nn.Module):
     def forward(self, batch: TaskBatch, step_weights: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """The meta-objective of ``meta_loss`` without its input validation and finite check."""
+        self._probe(batch.support_x[0])
         record = self._record(step_weights)
         support_loss, query_loss, *metric = self._run(batch, self.inner_steps,
                                                       not self.first_order, record)
@@ -911,6 +951,7 @@ class MAML(nn.Module):
         batch = as_task_batch(batch)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        self._probe(batch.support_x[0])
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
@@ -930,6 +971,7 @@ class MAML(nn.Module):
                              "needs at least one")
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        self._probe(support_x)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
@@ -956,6 +998,7 @@ class MAML(nn.Module):
             raise ConfigError(f"adapted holds {', '.join(unknown[:3])}, not parameters of the "
                               "model: give the dict MAML.adapt returns")
         params = {**fast, **adapted}
+        self._probe(x if context is None or len(x) else context)
         if context is None:
             return self._forward(params, frozen, x)
         if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
@@ -1026,6 +1069,23 @@ def _relative_difference(grads: Params, reference: Params) -> float:
     difference = torch.cat([(grads[n] - reference[n]).flatten() for n in names]).norm()
     return (difference / torch.cat([reference[n].flatten() for n in names]).norm().clamp_min(
         torch.finfo(reference[names[0]].dtype).tiny)).item()
+
+
+class _KernelsCalled(TorchFunctionMode):
+    """Records whether a forward calls a norm function (``ExactNorms``), an embedding with a
+    padding row (``ExactEmbeddings``) or one that scales its gradient by frequency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = self.padded_embeddings = self.frequency_scaling = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        self.norms |= func in NORM_FUNCTIONS
+        if func is F.embedding:
+            self.padded_embeddings |= pads(*args, **kwargs)
+            self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def _has_attention(model: nn.Module) -> bool:

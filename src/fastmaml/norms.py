@@ -13,7 +13,9 @@ checks both against the looped reference):
   1e-1 (instance norm) in float64. The same normalisation without its affine weight and bias,
   which are then applied outside the kernel, is exact.
 
-``ExactNorms`` makes both replacements inside the model's forward with a ``TorchFunctionMode``.
+``ExactNorms`` makes both replacements inside the model's forward with a ``TorchFunctionMode``;
+``MAML`` enters it for a model whose forward calls one of ``NORM_FUNCTIONS`` (its modules'
+layers, or its own code).
 """
 from __future__ import annotations
 
@@ -49,10 +51,14 @@ def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list
     return out
 
 
+NORM_FUNCTIONS = (F.batch_norm, F.layer_norm, F.instance_norm)
+
+
 class ExactNorms(TorchFunctionMode):
     """Inside this mode ``F.layer_norm`` and ``F.instance_norm`` apply their weight and bias
-    outside the fused kernel, and with ``transductive`` every ``F.batch_norm`` uses batch
-    statistics and updates no buffers."""
+    outside the fused kernel, and an ``F.batch_norm`` with batch statistics (with
+    ``transductive``, every one; otherwise one in training mode) runs as ``batch_stats_norm``
+    and updates no buffers."""
 
     def __init__(self, transductive: bool):
         super().__init__()
@@ -60,9 +66,10 @@ class ExactNorms(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.batch_norm and self.transductive:
-            x, _, _, weight, bias, eps = _bind_batch_norm(*args, **kwargs)
-            return batch_stats_norm(x, weight, bias, eps)
+        if func is F.batch_norm:
+            x, _, _, weight, bias, training, eps = _bind_batch_norm(*args, **kwargs)
+            if self.transductive or training:
+                return batch_stats_norm(x, weight, bias, eps)
         if func is F.layer_norm:
             x, shape, weight, bias, eps = _bind_layer_norm(*args, **kwargs)
             if weight is not None or bias is not None:
@@ -78,7 +85,7 @@ class ExactNorms(TorchFunctionMode):
 
 def _bind_batch_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                      training=False, momentum=0.1, eps=1e-5) -> tuple:
-    return input, running_mean, running_var, weight, bias, eps
+    return input, running_mean, running_var, weight, bias, training, eps
 
 
 def _bind_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) -> tuple:
@@ -93,11 +100,3 @@ def _bind_instance_norm(input, running_mean=None, running_var=None, weight=None,
 def has_batch_norm(model: nn.Module) -> bool:
     """True when ``model`` contains a batch-norm layer."""
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def has_affine_norm(model: nn.Module) -> bool:
-    """True when ``model`` contains a layer or instance norm with a weight or bias (including
-    a module of its own named like one, e.g. a ``LayerNorm`` that calls ``F.layer_norm``)."""
-    kinds = (nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-    return any((isinstance(m, kinds) or type(m).__name__.endswith(("LayerNorm", "InstanceNorm")))
-               and any(True for _ in m.parameters(recurse=False)) for m in model.modules())
