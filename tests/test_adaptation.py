@@ -208,6 +208,10 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
                    torch.tensor([False, False, True, True])):
         adapted = run.adapt(x, labels, steps=2)
         torch.testing.assert_close(run.predict(adapted, queries), expected)
+    with torch.inference_mode():  # the run loaded, its inputs made and adapted under it too
+        inferred = fastmaml.load_run(image_run)
+        adapted = inferred.adapt(x.clone(), torch.tensor([0, 0, 1, 1]), steps=2)
+        torch.testing.assert_close(inferred.predict(adapted, queries.clone()), expected)
     adapted = run.adapt(x.double().numpy(), [0, 0, 1, 1], steps=2)
     torch.testing.assert_close(run.predict(adapted, queries.double(), context=x.double()),
                                run.predict(adapted, queries, context=x))

@@ -1240,6 +1240,21 @@ def test_adapt_and_predict_refuse_what_is_not_theirs():
         maml.predict([], batch.query_x[0])
 
 
+@pytest.mark.parametrize("batched", [True, False])
+def test_under_inference_mode_adapt_and_evaluate_work_as_under_no_grad(batched):
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 2, batched=batched)
+    results = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            inputs = TaskBatch(*(t.clone() for t in batch))  # made under it, as a user would
+            adapted = maml.adapt(inputs.support_x[0], inputs.support_y[0])
+            results.append((maml.predict(adapted, inputs.query_x[0]), maml.evaluate(inputs)))
+    (predicted, evaluated), (inferred, evaluated_inferring) = results
+    assert torch.equal(predicted, inferred)
+    assert all(torch.equal(evaluated[k], evaluated_inferring[k]) for k in evaluated)
+
+
 def test_adapting_zero_steps_returns_copies_that_leave_the_model_as_it_is():
     model, loss_fn, batch = mlp_problem()
     maml = MAML(model, loss_fn, 0.1, 1)

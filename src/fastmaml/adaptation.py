@@ -200,9 +200,10 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
                           f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
-    maml = experiment.build_maml()
-    checkpoint = load_checkpoint(path)
-    load_state(maml, checkpoint["learner"].get("module"), path)
+    with torch.inference_mode(False):  # (loaded under it, its parameters could never adapt)
+        maml = experiment.build_maml()
+        checkpoint = load_checkpoint(path)
+        load_state(maml, checkpoint["learner"].get("module"), path)
     cfg = experiment.cfg
     if checkpoint["iteration"] < cfg.iterations:
         warnings.warn(f"{run_dir} is trained to iteration {checkpoint['iteration']:,} of "

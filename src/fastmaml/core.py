@@ -949,6 +949,9 @@ class MAML(nn.Module):
     def evaluate(self, batch: TaskBatch | Sequence[Tensor], steps: int | None = None) -> dict[str, Tensor]:
         """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
         batch = as_task_batch(batch)
+        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
+            with torch.inference_mode(False):
+                return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
         self._probe(batch.support_x[0])
@@ -962,7 +965,11 @@ class MAML(nn.Module):
         Differentiable with respect to the initialisation when gradients are enabled, so a
         custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
         this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
+        Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
         """
+        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
+            with torch.inference_mode(False), torch.no_grad():
+                return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
         if support_x.shape[:1] != support_y.shape[:1]:
             raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
                              f"{tuple(support_y.shape)} need the same number of examples")
