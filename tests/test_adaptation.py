@@ -290,6 +290,9 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     from_numpy = trained.adapt(x[:, None], np.sin(x))  # float64, as np.loadtxt reads a CSV
     assert float(trained.predict(from_numpy, np.array([[1.5]]))) == pytest.approx(
         float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
+    flat = trained.adapt(x, np.sin(x))  # one input feature: points may come as (N,)
+    assert float(trained.predict(flat, np.array([1.5]))) == pytest.approx(
+        float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -482,8 +482,10 @@ def test_targets_an_elementwise_loss_would_broadcast_are_refused(batched, loss, 
                                          r"\(\d+, 1\) and targets \(\d+,\)"):
         MAML(model, loss, batched=batched).meta_loss(flat)
     maml = MAML(model, loss)
-    with pytest.raises(ShapeError, match=rf"{name} would broadcast"):
+    with pytest.raises(ShapeError, match=rf"{name} would broadcast.*\(e.g. y\[..., None\]\)"):
         maml.adapt(batch.support_x[0], batch.support_y[0, :, 0])
+    with pytest.raises(ShapeError, match=r"\(e.g. y.reshape\(5, 1\)\)"):  # one dimension too many
+        maml.adapt(batch.support_x[0], batch.support_y[0, :, :, None])
 
 
 @pytest.mark.parametrize("error", [
@@ -526,8 +528,17 @@ def test_negative_steps_and_empty_selection_are_config_errors():
             maml.evaluate(batch, steps=steps)
         with pytest.raises(ConfigError, match=rf"steps must be an integer >= 0, got {steps}"):
             maml.adapt(batch.support_x[0], batch.support_y[0], steps=steps)
-    with pytest.raises(ConfigError, match="matches no trainable parameter"):
-        MAML(model, loss_fn, adapt=["nonexistent"])
+    with pytest.raises(ConfigError, match="the adapt selection matches no trainable parameter"):
+        MAML(model, loss_fn, adapt=lambda name, parameter: False)
+    with pytest.raises(ConfigError, match=r"adapt prefix\(es\) 'haed' match no trainable "
+                                          r"parameter of the model; its trainable parameters: "):
+        MAML(model, loss_fn, adapt=["2", "haed"])  # one misspelled among good ones
+    with pytest.raises(ConfigError, match=r"adapt must be None \(all parameters\), name "
+                                          r"prefixes .* got 1"):
+        MAML(model, loss_fn, adapt=1)
+    with pytest.raises(ShapeError, match=r"step_weights must be 1-d, one weight per inner step "
+                                         r".*got shape \(\)"):
+        maml.meta_loss(batch, step_weights=torch.tensor(1.0))
     with pytest.raises(ConfigError, match="unknown inner-lr mode"):
         MAML(model, loss_fn, lr_mode="adaptive")
     for bad, message in ((dict(inner_steps=True), "inner_steps must be an integer"),
@@ -1238,6 +1249,29 @@ def test_adapt_and_predict_refuse_what_is_not_theirs():
     with pytest.raises(ConfigError, match=r"adapted must be the parameters MAML.adapt returns "
                                           r"\(a dict\), got list"):
         maml.predict([], batch.query_x[0])
+    with pytest.raises(ShapeError, match=r"support_x must be a tensor, got ndarray \(torch."
+                                         r"as_tensor converts arrays and lists\)"):
+        maml.adapt(batch.support_x[0].numpy(), batch.support_y[0])
+    with pytest.raises(ShapeError, match="context must be a tensor, got list"):
+        maml.predict(maml.adapt(batch.support_x[0], batch.support_y[0]), batch.query_x[0],
+                     context=[[1.0]])
+
+
+@pytest.mark.parametrize("path", [dict(batched=False), dict(checkpoint_steps=True)])
+def test_freezing_or_unfreezing_after_maml_is_built_is_refused(path):
+    """MAML chooses what it adapts and trains when it is built; a change after it would be
+    taken by one part and not another (the inner loop went on adapting a frozen layer)."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, **path)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ConfigError, match="0.weight was frozen after MAML was built"):
+        maml.meta_backward(batch)
+    model[0].weight.requires_grad_(True)
+    model[0].bias.requires_grad_(False)
+    maml = MAML(model, loss_fn, 0.1, 1, **path)
+    model[0].bias.requires_grad_(True)
+    with pytest.raises(ConfigError, match="0.bias was unfrozen after MAML was built"):
+        maml.adapt(batch.support_x[0], batch.support_y[0])
 
 
 @pytest.mark.parametrize("batched", [True, False])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from .core import MAML, Params, check_steps
 from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError, is_out_of_memory
@@ -96,7 +96,7 @@ class TrainedRun:
             support_y, num_classes = self._checked_labels(support_y)
             loss_fn = _first_outputs_loss(num_classes)
         else:
-            support_y = self._as_input(support_y, "support")
+            support_y = self._as_input(support_y, "support", targets=True)
             if support_y.dim() == 1:
                 support_y = support_y[:, None]
         with torch.no_grad():
@@ -122,11 +122,19 @@ class TrainedRun:
             out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
 
-    def _as_input(self, values: Tensor | np.ndarray, role: str) -> Tensor:
+    def _as_input(self, values: Tensor | np.ndarray, role: str, targets: bool = False) -> Tensor:
         """``values`` in the model's floating dtype, on its device (e.g. float64 points from
-        numpy). Images must already be floating point: ``preprocess`` makes them so."""
+        numpy). Images must already be floating point: ``preprocess`` makes them so. Regression
+        inputs of one feature may come as (N,)."""
         values = self._as_tensor(values, f"{role} images" if self.task == "classification"
                                  else f"{role} values")
+        if self.task == "regression" and not targets and values.dim() == 1:
+            features = next((m.in_features for m in self.maml.model.modules()
+                             if isinstance(m, nn.Linear)), 1)
+            if features != 1:
+                raise ShapeError(f"the {role} values are ({len(values)},), but this run's model "
+                                 f"takes (N, {features}) inputs: one row of {features} per point")
+            values = values[:, None]
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
                              "run.preprocess turns image files into the run's model input")

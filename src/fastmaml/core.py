@@ -147,7 +147,7 @@ def check_steps(name: str, steps: Any) -> None:
 
 
 def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
-                   chunk_size: Any, **flags: Any) -> None:
+                   chunk_size: Any, adapt: Any, **flags: Any) -> None:
     """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
     (a swapped model and loss, a YAML string for a flag, a tensor for a learned rate)."""
     if not isinstance(model, nn.Module):
@@ -163,6 +163,10 @@ def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inne
             raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, "
                               f"got {flag!r}")
     check_steps("inner_steps", inner_steps)
+    if not (adapt is None or callable(adapt) or isinstance(adapt, str)
+            or isinstance(adapt, Sequence) and all(isinstance(a, str) for a in adapt)):
+        raise ConfigError(f"adapt must be None (all parameters), name prefixes (e.g. ['head']) "
+                          f"or a function (name, parameter) -> bool, got {adapt!r}")
     if isinstance(inner_lr, Tensor):
         raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
                           "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
@@ -177,11 +181,25 @@ def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inne
                           f"{chunk_size!r}")
 
 
+def _check_tensors(**named: Any) -> None:
+    """A ``ShapeError`` naming the first of ``named`` that is not a tensor."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise ShapeError(f"{name} must be a tensor, got {type(value).__name__}"
+                             + (" (torch.as_tensor converts arrays and lists)"
+                                if isinstance(value, (np.ndarray, list, tuple)) else ""))
+
+
 def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
     """Step weights as a 1-d tensor (a list or tuple of floats is taken too)."""
-    if step_weights is None or isinstance(step_weights, Tensor):
-        return step_weights
-    return torch.as_tensor(step_weights, dtype=torch.get_default_dtype())
+    if step_weights is None:
+        return None
+    if not isinstance(step_weights, Tensor):
+        step_weights = torch.as_tensor(step_weights, dtype=torch.get_default_dtype())
+    if step_weights.dim() != 1:
+        raise ShapeError(f"step_weights must be 1-d, one weight per inner step (see "
+                         f"multi_step_loss_weights), got shape {tuple(step_weights.shape)}")
+    return step_weights
 
 
 def _first_line(error: Exception) -> str:
@@ -253,8 +271,9 @@ class MAML(nn.Module):
         first_order: drop the second-order terms (FOMAML).
         lr_mode: ``fixed`` | ``scalar`` | ``per_param`` (Meta-SGD) | ``per_layer_step`` (MAML++).
         adapt: which parameters the inner loop adapts: ``None`` for all, a list of name prefixes
-            (e.g. ``["head"]`` for ANIL) or a predicate ``(name, param) -> bool``. The others
-            are still trained by the outer loop.
+            (e.g. ``["head"]`` for ANIL; each must match) or a predicate ``(name, param) ->
+            bool``. The others are still trained by the outer loop. Both are fixed when MAML is
+            built, with the parameters' ``requires_grad``: freeze or unfreeze before.
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
@@ -290,7 +309,7 @@ class MAML(nn.Module):
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
-        _check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size,
+        _check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size, adapt,
                        first_order=first_order, batched=batched, transductive_bn=transductive_bn,
                        check_finite=check_finite, compile=compile,
                        checkpoint_steps=checkpoint_steps)
@@ -300,12 +319,19 @@ class MAML(nn.Module):
         self.batched, self.check_finite = batched, check_finite
         self.adapted_names = [n for n, p in model.named_parameters()
                               if p.requires_grad and _selected(adapt, n, p)]
-        if not self.adapted_names:
+        prefixes = [adapt] if isinstance(adapt, str) else [] if callable(adapt) else adapt or []
+        unmatched = [prefix for prefix in prefixes
+                     if not any(_selected([prefix], n, p) for n, p in model.named_parameters()
+                                if p.requires_grad)]
+        if not self.adapted_names or unmatched:
             names = [n for n, p in model.named_parameters() if p.requires_grad]
-            raise ConfigError("the adapt selection matches no trainable parameter of the model; "
-                              f"its trainable parameters: {', '.join(names) or 'none'}")
+            what = (f"adapt prefix(es) {', '.join(map(repr, unmatched))} match"
+                    if unmatched else "the adapt selection matches")
+            raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
+                              f"parameters: {', '.join(names) or 'none'}")
         self.outer_only_names = [n for n, p in model.named_parameters()
                                  if p.requires_grad and n not in self.adapted_names]
+        self._trainable_names = {*self.adapted_names, *self.outer_only_names}
         self.checkpoint_steps = checkpoint_steps
         adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
         self.inner_lrs = InnerLearningRates(lr_mode, inner_lr,
@@ -344,6 +370,11 @@ class MAML(nn.Module):
         """(adapted params, the other params and the buffers)."""
         fast, frozen = {}, {}
         for name, p in self.model.named_parameters():
+            if p.requires_grad != (name in self._trainable_names):
+                raise ConfigError(
+                    f"{name} was {'unfrozen' if p.requires_grad else 'frozen'} after MAML was "
+                    "built, which chose the parameters it adapts and trains then: build MAML "
+                    "again after freezing or unfreezing parameters")
             p = p.detach() if detach else p
             (fast if name in self.adapted_names else frozen)[name] = p
         frozen.update(self.model.named_buffers())
@@ -408,9 +439,12 @@ class MAML(nn.Module):
         fn = fn or self.loss_fn
         broadcasting = _broadcasting_loss(fn)
         if broadcasting and isinstance(predictions, Tensor) and predictions.shape != y.shape:
+            example = ("e.g. y[..., None]" if y.dim() < predictions.dim()
+                       else f"e.g. y.reshape({len(y)}, {', '.join(map(str, predictions.shape[1:]))})"
+                       if len(y) == len(predictions) else "")
             raise ShapeError(f"{broadcasting} would broadcast a task's predictions "
                              f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
-                             "targets shaped as the model's output (e.g. y[..., None])")
+                             f"targets shaped as the model's output" + (f" ({example})" if example else ""))
         try:
             value = fn(predictions, y)
         except FastMAMLError:
@@ -970,6 +1004,7 @@ class MAML(nn.Module):
         if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
             with torch.inference_mode(False), torch.no_grad():
                 return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
+        _check_tensors(support_x=support_x, support_y=support_y)
         if support_x.shape[:1] != support_y.shape[:1]:
             raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
                              f"{tuple(support_y.shape)} need the same number of examples")
@@ -999,6 +1034,7 @@ class MAML(nn.Module):
                               f"{type(adapted).__name__}"
                               + (": a run's adaptation goes to run.predict" if
                                  hasattr(adapted, "params") else ""))
+        _check_tensors(x=x, **({} if context is None else {"context": context}))
         fast, frozen = self._split_params(detach=False)
         unknown = sorted(set(adapted) - set(fast) - set(frozen))
         if unknown:
