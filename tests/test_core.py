@@ -263,6 +263,23 @@ def test_an_embedding_that_scales_its_gradient_by_frequency_runs_looped():
         maml.meta_backward(token_batch())
 
 
+def test_a_learner_compiled_by_its_user_still_runs_its_norms_exactly():
+    """The first call's probe runs eagerly (a graph break) under a user's torch.compile."""
+    model, loss_fn, batch = mlp_problem()
+    layer_norm = NORMED["layer_norm"]
+    grads = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        maml = MAML(layer_norm(), loss_fn, 0.1, 2, batched=True)
+        next(m for m in maml.model if isinstance(m, nn.LayerNorm)).weight.data.normal_(1, 0.5)
+        loss = (torch.compile(maml, backend="eager") if compiled else maml)(batch)[0]
+        grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(
+            loss, list(maml.parameters()))]))
+    looped = MAML(copy.deepcopy(maml.model), loss_fn, 0.1, 2, batched=False)
+    assert relative(grads[1], meta_grad(looped, batch)) < 1e-10
+    assert relative(grads[0], grads[1]) < 1e-10
+
+
 def test_finding_the_functions_a_model_calls_leaves_the_random_state_as_it_was():
     """The first call's extra forward (``_probe``) draws no dropout mask of the run's, so a
     resumed run (a fresh MAML) draws what an uninterrupted one does."""
@@ -705,8 +722,11 @@ def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
     assert calls["_compiled_batched"] == [2, 2, 1] and calls["_compiled_gradient"] == []
     assert relative(flat_grads(maml), expected) < 1e-5
     maml.zero_grad(set_to_none=True)
+    torch._dynamo.utils.counters.clear()
     loss, metrics = maml.meta_backward(batch, weights)  # later calls: the compiled gradient
     assert calls["_compiled_gradient"] == [2, 2, 1]
+    counters = torch._dynamo.utils.counters  # one whole graph: nothing dynamo stopped at
+    assert not counters["graph_break"] and not counters["unimplemented"]
     assert relative(flat_grads(maml), expected) < 1e-5
     assert torch.allclose(loss, expected_loss.detach(), rtol=1e-5)
     assert metrics.keys() == expected_metrics.keys()
@@ -1181,6 +1201,8 @@ def test_predict_with_a_context_normalises_each_row_with_the_context_alone():
     queries = torch.randn(4, 2)
     together = maml.predict(adapted, queries, context=support)
     torch.testing.assert_close(maml.predict(adapted, queries[:1], context=support), together[:1])
+    fresh = MAML(copy.deepcopy(model), F.cross_entropy, 0.1, 1)  # its first call: one row
+    torch.testing.assert_close(fresh.predict(adapted, queries[:1], context=support), together[:1])
     torch.testing.assert_close(together[2], maml.predict(adapted, torch.cat([queries[2:3],
                                                                               support]))[0])
     with pytest.raises(ShapeError, match=r"batch norm over a batch of one value per channel "
@@ -1252,6 +1274,8 @@ def test_adapt_and_predict_refuse_what_is_not_theirs():
     with pytest.raises(ShapeError, match=r"support_x must be a tensor, got ndarray \(torch."
                                          r"as_tensor converts arrays and lists\)"):
         maml.adapt(batch.support_x[0].numpy(), batch.support_y[0])
+    with torch.inference_mode(), pytest.raises(ShapeError, match="support_x must be a tensor"):
+        maml.adapt(batch.support_x[0].numpy(), batch.support_y[0])
     with pytest.raises(ShapeError, match="context must be a tensor, got list"):
         maml.predict(maml.adapt(batch.support_x[0], batch.support_y[0]), batch.query_x[0],
                      context=[[1.0]])
@@ -1271,6 +1295,10 @@ def test_freezing_or_unfreezing_after_maml_is_built_is_refused(path):
     maml = MAML(model, loss_fn, 0.1, 1, **path)
     model[0].bias.requires_grad_(True)
     with pytest.raises(ConfigError, match="0.bias was unfrozen after MAML was built"):
+        maml.adapt(batch.support_x[0], batch.support_y[0])
+    model.requires_grad_(False)  # for inference: nothing is trained without gradients
+    with torch.no_grad():
+        maml.evaluate(batch)
         maml.adapt(batch.support_x[0], batch.support_y[0])
 
 

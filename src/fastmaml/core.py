@@ -14,7 +14,7 @@ import math
 import numbers
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -39,8 +39,9 @@ _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # raised whenever a candidate path's implementation changes, so that choices timed on the old
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
 # 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
-# run batched (a recurrent model's saved choice was the looped fallback)
-PATHS_REVISION = 4
+# run batched (a recurrent model's saved choice was the looped fallback). 5: norms and embeddings
+# found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups
+PATHS_REVISION = 5
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 # the relative difference from the eager meta-gradient beyond which a compiled one counts as off
 COMPILED_TOLERANCE = 1e-3
@@ -164,7 +165,7 @@ def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inne
                               f"got {flag!r}")
     check_steps("inner_steps", inner_steps)
     if not (adapt is None or callable(adapt) or isinstance(adapt, str)
-            or isinstance(adapt, Sequence) and all(isinstance(a, str) for a in adapt)):
+            or isinstance(adapt, Collection) and all(isinstance(a, str) for a in adapt)):
         raise ConfigError(f"adapt must be None (all parameters), name prefixes (e.g. ['head']) "
                           f"or a function (name, parameter) -> bool, got {adapt!r}")
     if isinstance(inner_lr, Tensor):
@@ -370,11 +371,6 @@ class MAML(nn.Module):
         """(adapted params, the other params and the buffers)."""
         fast, frozen = {}, {}
         for name, p in self.model.named_parameters():
-            if p.requires_grad != (name in self._trainable_names):
-                raise ConfigError(
-                    f"{name} was {'unfrozen' if p.requires_grad else 'frozen'} after MAML was "
-                    "built, which chose the parameters it adapts and trains then: build MAML "
-                    "again after freezing or unfreezing parameters")
             p = p.detach() if detach else p
             (fast if name in self.adapted_names else frozen)[name] = p
         frozen.update(self.model.named_buffers())
@@ -400,6 +396,22 @@ class MAML(nn.Module):
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
                              f"{tuple(x.shape)}{hint}: {error}") from error
 
+    def _prepare(self, x: Tensor) -> None:
+        """At the start of a public call, outside any transform: where gradients are on, refuse
+        parameters frozen or unfrozen since MAML was built (it chose what it adapts and trains
+        then); and probe the model once (``_probe``) on ``x``, one task's inputs."""
+        if torch.is_grad_enabled():
+            changed = next(((name, p.requires_grad) for name, p in self.model.named_parameters()
+                            if p.requires_grad != (name in self._trainable_names)), None)
+            if changed:
+                raise ConfigError(
+                    f"{changed[0]} was {'unfrozen' if changed[1] else 'frozen'} after MAML was "
+                    "built, which chose the parameters it adapts and trains then: build MAML "
+                    "again after freezing or unfreezing parameters")
+        if not self._probed:
+            self._probe(x)
+
+    @torch.compiler.disable  # eager, also where a user compiles the learner (one graph break)
     def _probe(self, x: Tensor) -> None:
         """Once, before the first forward of any path: an eager forward on ``x`` (one task's
         inputs) shows which functions the model calls, from its modules or its own code; the
@@ -407,8 +419,6 @@ class MAML(nn.Module):
         exact forms (``ExactNorms``, ``ExactEmbeddings``) from then on, on every path, and an
         embedding's ``scale_grad_by_freq``, which has none, on the looped path. The random state
         is left as it was, so that a resumed run draws what an uninterrupted one does."""
-        if self._probed or torch.compiler.is_compiling():
-            return
         # as in training (torch's fused fast paths run only without gradients), and under
         # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
         self._norm_mode = functools.partial(ExactNorms, self._transductive)
@@ -717,7 +727,9 @@ class MAML(nn.Module):
         Returns the loss and detached metrics: ``support_loss`` (before adaptation),
         ``query_loss`` (after the last step) and ``query_metric`` when a metric_fn is set.
         """
-        loss, metrics = self(as_task_batch(batch), _as_weights(step_weights))
+        batch = as_task_batch(batch)
+        self._prepare(batch.support_x[0])
+        loss, metrics = self(batch, _as_weights(step_weights))
         self._check_finite(loss)
         return loss, metrics
 
@@ -739,7 +751,7 @@ class MAML(nn.Module):
                               "(torch.no_grad or inference_mode): call it outside, or use "
                               "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
-        self._probe(batch.support_x[0])
+        self._prepare(batch.support_x[0])
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
@@ -967,7 +979,8 @@ class MAML(nn.Module):
     def forward(self, batch: TaskBatch, step_weights: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """The meta-objective of ``meta_loss`` without its input validation and finite check."""
-        self._probe(batch.support_x[0])
+        if not self._probed:  # (meta_loss and meta_backward have probed: no graph break)
+            self._probe(batch.support_x[0])
         record = self._record(step_weights)
         support_loss, query_loss, *metric = self._run(batch, self.inner_steps,
                                                       not self.first_order, record)
@@ -988,7 +1001,7 @@ class MAML(nn.Module):
                 return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
-        self._probe(batch.support_x[0])
+        self._prepare(batch.support_x[0])
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
@@ -1001,10 +1014,10 @@ class MAML(nn.Module):
         this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
         Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
         """
+        _check_tensors(support_x=support_x, support_y=support_y)
         if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
             with torch.inference_mode(False), torch.no_grad():
                 return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
-        _check_tensors(support_x=support_x, support_y=support_y)
         if support_x.shape[:1] != support_y.shape[:1]:
             raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
                              f"{tuple(support_y.shape)} need the same number of examples")
@@ -1013,7 +1026,7 @@ class MAML(nn.Module):
                              "needs at least one")
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
-        self._probe(support_x)
+        self._prepare(support_x)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
@@ -1041,13 +1054,14 @@ class MAML(nn.Module):
             raise ConfigError(f"adapted holds {', '.join(unknown[:3])}, not parameters of the "
                               "model: give the dict MAML.adapt returns")
         params = {**fast, **adapted}
-        self._probe(x if context is None or len(x) else context)
         if context is None:
+            self._prepare(x)
             return self._forward(params, frozen, x)
         if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
             raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
                              f"examples (x {tuple(x.shape)}: one task's inputs, examples first; "
                              "context e.g. the task's support inputs), at least one")
+        self._prepare(torch.cat([x[:1], context]))  # as each row is predicted
         if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
             return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
 

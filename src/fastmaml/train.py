@@ -264,7 +264,7 @@ class TrainingStopped(Exception):
     nothing failed, and a driver of several runs must stop too); ``signum`` is the request's
     signal, so that the command exits as that signal's would (143, or 130 for Ctrl-C)."""
 
-    def __init__(self, message: str, signum: int) -> None:
+    def __init__(self, message: str, signum: int = signal.SIGTERM) -> None:
         super().__init__(message)
         self.signum = signum
 
