@@ -68,9 +68,13 @@ def test_presets_hold_the_paper_settings() -> None:
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             RLConfig().with_overrides([bad])
     assert RLConfig().with_overrides(["gamma=1", "gae_lambda=0"]).gamma == 1.0
-    for schedule in (dict(meta_lr_schedule="cosine"), dict(first_order_until=100)):
-        with pytest.raises(ConfigError, match="outer loop is TRPO"):
-            RLConfig(**schedule)
+    for inert in ("meta_lr_schedule=cosine", "first_order_until=100", "meta_lr=5",
+                  "clip_grad=0.001", "multi_step_loss=true", "path=looped", "chunk_size=2",
+                  "checkpoint_steps=true", "compile=true"):  # each was taken and had no effect
+        with pytest.raises(ConfigError, match=rf"^{inert.split('=')[0]}: settings of the "
+                                              "gradient-based outer loop, .* is TRPO"):
+            RLConfig().with_overrides([inert])
+    assert RLConfig().with_overrides(["compile=false"]).compile == "false"  # (saved runs hold it)
 
 
 @pytest.mark.parametrize("name, step_sizes, later", [

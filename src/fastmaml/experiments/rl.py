@@ -97,6 +97,13 @@ EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
 METHODS = ("maml", "pretrained", "random")
 
 
+# Config's settings of the supervised outer loop (Adam on the meta-gradient: its rate, schedule,
+# clipping, multi-step loss, derivative order annealing, execution path), which TRPO does not use
+GRADIENT_OUTER_LOOP = ("meta_lr", "meta_lr_schedule", "meta_lr_min", "first_order_until",
+                       "multi_step_loss", "msl_anneal_iterations", "clip_grad", "path",
+                       "chunk_size", "checkpoint_steps")
+
+
 @dataclass
 class RLConfig(Config):
     experiment: str = "rl"
@@ -153,9 +160,14 @@ class RLConfig(Config):
                               f"{self.batch!r} and {self.eval_batch!r}")
         if self.eval_policy not in ("best", "last"):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
-        if self.meta_lr_schedule != "constant" or self.first_order_until:
-            raise ConfigError("meta_lr_schedule and first_order_until are settings of the "
-                              "gradient-based outer loop; the meta-RL outer loop is TRPO")
+        inert = [name for name in GRADIENT_OUTER_LOOP
+                 if getattr(self, name) != Config.__dataclass_fields__[name].default]
+        if inert or self.compile == "true":
+            raise ConfigError(f"{', '.join(inert + ['compile'] * (self.compile == 'true'))}: "
+                              "settings of the gradient-based outer loop, which meta-RL does not "
+                              "run: its outer loop is TRPO (max_kl, cg_iters, cg_damping, "
+                              "backtrack_ratio, max_backtracks, hvp), and its inner steps adapt "
+                              "task by task")
         if self.env not in (NAV, *LOCOMOTION):
             raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
                               f"{', '.join((NAV, *LOCOMOTION))}")
