@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +93,20 @@ def test_actions_follow_the_policy_and_per_task_parameters() -> None:
                                      episodes.actions[task])
         assert torch.isfinite(log_prob).all()
     assert episodes.actions[0].mean().item() > 2.0  # the first task's bias
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads Linux's /proc")
+def test_workers_ignore_ctrl_c_and_sigterm_from_their_start() -> None:
+    """Before a worker has imported torch (seconds) too: a Ctrl-C to the process group then
+    printed its KeyboardInterrupt and failed the run, instead of the parent stopping cleanly."""
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    with Sampler("fastmaml/Nav2D-v0", horizon=5, num_workers=1) as workers:
+        process = workers._workers[0][0]
+        ignored = next(int(line.split()[1], 16) for line in
+                       Path(f"/proc/{process.pid}/status").read_text().splitlines()
+                       if line.startswith("SigIgn:"))
+    assert all(ignored >> (signum - 1) & 1 for signum in (signal.SIGINT, signal.SIGTERM))
+    assert {signum: signal.getsignal(signum) for signum in before} == before  # the parent's back
 
 
 def test_workers_give_identical_episodes() -> None:

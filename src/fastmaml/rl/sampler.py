@@ -23,6 +23,7 @@ import heapq
 import multiprocessing as mp
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
@@ -234,7 +235,7 @@ class Sampler:
 
     def _start_workers(self, num_workers: int) -> None:
         context = mp.get_context("spawn")
-        with _single_threaded_children():
+        with _single_threaded_children(), _stop_signals_ignored_by_children():
             for _ in range(num_workers):
                 parent, child = context.Pipe()
                 process = context.Process(target=_worker, daemon=True,
@@ -322,9 +323,28 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _stop_signals_ignored_by_children() -> Iterator[None]:
+    """Processes started inside begin with SIGINT and SIGTERM ignored: an ignored signal stays
+    so across exec, and Python leaves an ignored SIGINT alone. A scheduler's SIGTERM, or
+    Ctrl-C, reaches the whole process group: the parent stops cleanly after its iteration
+    (``fit``), and its workers end with it, also those still importing torch (they printed a
+    ``KeyboardInterrupt`` traceback and the run failed). The parent ignores them for the
+    milliseconds of the starts too (where it may set handlers: its main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {signum: signal.signal(signum, signal.SIG_IGN)
+             for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
-    # A scheduler's SIGTERM, or Ctrl-C, reaches the whole process group: the parent stops
-    # cleanly after its iteration (``fit``), and its daemon workers end with it.
+    # (as started by a thread other than the main one, whose children keep the parent's)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
