@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parameters_to_vector
 
+import fastmaml.rl.trpo
 from fastmaml import MAML
 from fastmaml.errors import ConfigError
 from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, TRPOObjective, adapt_policy,
@@ -107,6 +110,18 @@ def test_trpo_step_respects_kl_bound_and_improves(method: str) -> None:
     assert not torch.equal(parameters_to_vector(policy.parameters()), before)
     # a quadratic model of the KL: the first candidate lands near the bound, not far inside it
     assert stats.backtracks > 0 or kl.item() > 0.005
+
+
+def test_a_non_positive_curvature_tries_a_unit_step_instead_of_nan(monkeypatch) -> None:
+    """As rllab's optimizer: a finite-difference Hessian-vector product can make d'Hd <= 0."""
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, advantages)
+    exact = fastmaml.rl.trpo.hessian_vector_product
+    monkeypatch.setattr(fastmaml.rl.trpo, "hessian_vector_product",
+                        lambda *args: (lambda v, hvp=exact(*args): -hvp(v)))  # curvature < 0
+    stats = trpo_step(list(policy.parameters()), objective, max_kl=0.01, hvp_method="exact")
+    assert math.isfinite(stats.loss_after) and math.isfinite(stats.kl)  # (NaN before)
+    assert parameters_to_vector(policy.parameters()).isfinite().all()
 
 
 def test_line_search_failure_restores_parameters() -> None:

@@ -211,7 +211,12 @@ def trpo_step(params: Sequence[Tensor], objective: Objective, max_kl: float = 0.
     def hvp(v: Tensor) -> Tensor:  # the damping term's shares also sum to damping * v
         return over_tasks(local_hvp(v))
     direction = conjugate_gradient(hvp, grad, cg_iters)
-    step_size = torch.sqrt(2 * max_kl / (direction @ hvp(direction) + 1e-8))
+    curvature = direction @ hvp(direction)
+    # A finite-difference Hessian (the paper's) can give a non-positive curvature, which has no
+    # trust-region step (it was NaN, and the iteration was lost): rllab's optimizer then tries a
+    # unit step, which the line search keeps only within max_kl.
+    step_size = (torch.sqrt(2 * max_kl / (curvature + 1e-8)) if curvature > 0
+                 else torch.ones_like(curvature))
     cg_done = time.perf_counter()
     accepted, backtracks, loss_after, kl = line_search(
         lambda: tuple(over_tasks(value) for value in objective()), params,
