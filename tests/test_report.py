@@ -40,6 +40,11 @@ def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
     assert report.shape_status((5.9, 3.0), (-21.0, 4.0)).startswith("met")
     assert report.shape_status((-74.6, 5.0), (-80.0, 2.0)) == "overlaps pretrained"
     assert report.shape_status((-90.0, 1.0), (-80.0, 2.0)) == "below pretrained by 10"
+    # on the same tasks, the task-by-task difference decides: its interval is sharper
+    assert report.shape_status((-74.6, 5.0), (-80.0, 2.0), (5.4, 1.8)).startswith("met")
+    assert report.shape_status((-81.0, 5.0), (-80.0, 2.0), (-1.0, 0.5)) == (
+        "below pretrained by 1")
+    assert report.shape_status((5.9, 3.0), (-21.0, 4.0), (26.9, 30.0)) == "overlaps pretrained"
 
 
 def nav_run(tmp_path: Path, tasks: int = 40, **config: object) -> report.Run:
@@ -99,8 +104,8 @@ def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with
     run = report.Run(tmp_path / "rl-ant-vel", config, records, 500, 3600.0, [])
     headline = next(h for h in HEADLINES if h.key == "rl-ant-vel")
     row = report.evaluate_row(headline, run)
-    assert row.status == (
-        "overlaps pretrained; MAML minus pretrained on the same tasks +44.9 +- 8.2")
+    assert row.status == (  # the intervals overlap; the task-by-task difference is above 0
+        "met (MAML above pretrained); MAML minus pretrained on the same tasks +44.9 +- 8.2")
     assert (row.mean, row.ci) == (44.5, 28.9)  # MAML's own interval, not the difference's
 
 
