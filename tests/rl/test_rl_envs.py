@@ -252,6 +252,15 @@ def test_gymnasium_env_checker(env_id: str) -> None:
         check_env(gymnasium.make(env_id).unwrapped, skip_render_check=True)
 
 
+def test_navigation_refuses_a_render_mode_and_a_bad_action_scale() -> None:
+    with pytest.raises(ConfigError, match="fastmaml/Nav2D-v0 draws nothing: render_mode must be "
+                                          "None, got 'rgb_array'"):
+        gymnasium.make("fastmaml/Nav2D-v0", render_mode="rgb_array")
+    for scale in (0, -1, float("inf")):
+        with pytest.raises(ConfigError, match=f"action_scale must be > 0 and finite, got {scale}"):
+            gymnasium.make("fastmaml/Nav2D-v0", action_scale=scale)
+
+
 def test_the_ant_at_rllabs_time_step_survives_the_initial_policy() -> None:
     """At v5's dt 0.05 random full-strength actions launched the torso above the healthy height
     in most episodes (mean length 55 of 200); at rllab's dt 0.02 most episodes run their course."""

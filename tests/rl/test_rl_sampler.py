@@ -141,6 +141,13 @@ def test_sampler_rejects_bad_arguments() -> None:
         sampler.sample(_policy(17, 2), goals, 2, seed=0)
     with pytest.raises(ConfigError, match="gives 6 action numbers; fastmaml/Nav2D-v0 takes 2"):
         sampler.sample(_policy(2, 6), goals, 2, seed=0)
+    with pytest.raises(ConfigError, match=r"the policy must return \(mean, log_std\) .* got "
+                                          "Tensor"):
+        sampler.sample(torch.nn.Linear(2, 2), goals, 2, seed=0)
+    for goal in (0.3, np.array([0.1, 0.2, 0.3])):
+        with pytest.raises(ConfigError, match=r"a fastmaml/Nav2D-v0 task's goal must be of shape "
+                                              r"\(2,\), got"):
+            sampler.sample(_policy(2, 2), [{"goal": goal}], 2, seed=0)
 
 
 def test_lockstep_episodes_stops_when_finished_episodes_hold_the_steps() -> None:

@@ -105,6 +105,8 @@ class Nav2DBatch:
     obs_dim, act_dim = 2, 2
 
     def __init__(self, action_scale: float = 1.0):
+        if not 0 < action_scale < np.inf:  # (RLConfig says so first for runs)
+            raise ConfigError(f"action_scale must be > 0 and finite, got {action_scale}")
         self.action_scale = action_scale
         self.goals = torch.zeros(0, 2, dtype=torch.float64)
         self.position = torch.zeros(0, 2, dtype=torch.float64)
@@ -133,7 +135,10 @@ class Nav2DEnv(gymnasium.Env):
 
     official_test = OfficialTest()  # test_maml_point.py: 0.5 for every method, as MAML's
 
-    def __init__(self, action_scale: float = 1.0):
+    def __init__(self, action_scale: float = 1.0, render_mode: str | None = None):
+        if render_mode is not None:
+            raise ConfigError(f"fastmaml/Nav2D-v0 draws nothing: render_mode must be None, got "
+                              f"{render_mode!r}")
         self.sim = Nav2DBatch(action_scale)
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float64)
         self.action_space = gymnasium.spaces.Box(-0.1 / action_scale, 0.1 / action_scale, (2,),

@@ -125,8 +125,9 @@ class Sampler:
                               f"{num_workers}")
         self.env = make_batch_env(env_id, **env_kwargs)
         self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
-        # what every task of this environment holds (``_check``)
-        self._task_keys = set(env_class(env_id).sample_tasks(1, np.random.default_rng(0))[0])
+        # what every task of this environment holds, and each value's shape (``_check``)
+        example = env_class(env_id).sample_tasks(1, np.random.default_rng(0))[0]
+        self._task_shapes = {key: np.shape(value) for key, value in example.items()}
         self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
         if num_workers:
             self._start_workers(num_workers)
@@ -165,18 +166,28 @@ class Sampler:
     def _check(self, policy: nn.Module, tasks: Sequence[Task]) -> None:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
         does not fit this environment's observations and actions."""
-        other = next((task for task in tasks if not self._task_keys <= set(task)), None)
+        other = next((task for task in tasks if not set(self._task_shapes) <= set(task)), None)
         if other is not None:
             raise ConfigError(f"a {self.env_id} task needs the key(s) "
-                              f"{', '.join(sorted(self._task_keys))}; got {other!r}, a task of "
+                              f"{', '.join(sorted(self._task_shapes))}; got {other!r}, a task of "
                               "another environment?")
+        for task in tasks:
+            for key, shape in self._task_shapes.items():
+                if np.shape(task[key]) != shape:
+                    raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
+                                      f"{shape}, got {task[key]!r}")
         probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
         try:
             with torch.no_grad():
-                mean, _ = policy(probe)
+                out = policy(probe)
         except RuntimeError as error:
             raise ConfigError(f"the policy does not take {self.env_id}'s observations of "
                               f"{self.obs_dim} numbers: {error}") from None
+        if not (isinstance(out, tuple) and len(out) == 2):
+            raise ConfigError(f"the policy must return (mean, log_std) of its Gaussian actions, "
+                              f"as fastmaml.rl.GaussianMLPPolicy does; got "
+                              f"{type(out).__name__}")
+        mean = out[0]
         if mean.shape[-1] != self.act_dim:
             raise ConfigError(f"the policy gives {mean.shape[-1]} action numbers; {self.env_id} "
                               f"takes {self.act_dim}")
