@@ -36,6 +36,10 @@ def test_status(headline: Headline, mean: float, ci: float, expected: str) -> No
     assert report.status(mean, ci, headline) == expected
 
 
+def test_a_figure_that_rounds_to_zero_has_no_sign() -> None:
+    assert (report._fmt(-0.04, 1), report._fmt(-0.05, 1), report._fmt(None)) == ("0.0", "-0.1", "")
+
+
 def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
     assert report.shape_status((5.9, 3.0), (-21.0, 4.0)).startswith("met")
     assert report.shape_status((-74.6, 5.0), (-80.0, 2.0)) == "overlaps pretrained"

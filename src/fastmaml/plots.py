@@ -51,7 +51,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path)
                 by_iter.plot(its, values, **style)  # (a marker: one row is no line)
                 by_time.plot([s / 60 for s in secs], values, **style)
                 drawn = True
-    by_iter.set(xlabel="iteration")
+    by_iter.set(xlabel="iteration", ylabel=" / ".join(keys))
     by_time.set(xlabel="wall-clock (min)")
     for ax in (by_iter, by_time):
         ax.grid(alpha=0.3)

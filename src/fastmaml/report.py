@@ -265,7 +265,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
 # ----- the document -----
 
 def _fmt(value: float | None, digits: int = 2) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
+    """``value`` to ``digits`` decimals; one that rounds to zero is "0.0", not "-0.0"."""
+    return "" if value is None else f"{round(value, digits) + 0.0:.{digits}f}"
 
 
 def _link(target: Path, report_dir: Path) -> str:
@@ -536,7 +537,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
                   "|---|" + "---|" * len(steps)]
         for r in run.records:
             label = r["method"] + (f" (K={r['k_shot']})" if r["experiment"] == "sinusoid" else "")
-            cells = [f"{r['mean'][s] * scale:.{digits}f} +- {r['ci95'][s] * scale:.{digits}f}"
+            cells = [f"{_fmt(r['mean'][s] * scale, digits)} +- {_fmt(r['ci95'][s] * scale, digits)}"
                      if s < len(r["mean"]) else "" for s in steps]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         for label, value in _paper_rows(h) if h else []:

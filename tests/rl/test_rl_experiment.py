@@ -217,8 +217,10 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
 
 
 def _train(run_dir: Path, stop_after: int | None = None) -> None:
-    experiment = create_run("rl-nav2d", run_dir, [*TINY_NAV, "iterations=4", "hidden=16,16",
-                                                  "meta_batch=4", "trajectories=4"])
+    changed = ("iterations=4", "hidden=16,16", "meta_batch=4", "trajectories=4")
+    keys = {item.split("=")[0] for item in changed}
+    experiment = create_run("rl-nav2d", run_dir, [*(item for item in TINY_NAV
+                                                    if item.split("=")[0] not in keys), *changed])
     for learner in experiment.learners():
         fit(learner, run_dir, checkpoint_every=100, log_every=1, progress=False,
             stop_after=stop_after)

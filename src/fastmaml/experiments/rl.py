@@ -466,7 +466,9 @@ class RLExperiment(Experiment):
         for r in records:
             if "best_iteration" in r:
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
-                             f" at iteration {r['best_iteration']}.")
+                             f" at iteration {r['best_iteration']}"
+                             + (" (the last policy was evaluated)." if cfg.eval_policy == "last"
+                                else "."))
         threshold = _rl().right_way_threshold(cfg.env, horizon)
         steps = "/".join(str(step) for step in records[0]["steps"])  # every method's
         for r in (r for r in records if "right_way" in r):
