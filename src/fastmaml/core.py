@@ -449,12 +449,12 @@ class MAML(nn.Module):
         fn = fn or self.loss_fn
         broadcasting = _broadcasting_loss(fn)
         if broadcasting and isinstance(predictions, Tensor) and predictions.shape != y.shape:
-            example = ("e.g. y[..., None]" if y.dim() < predictions.dim()
-                       else f"e.g. y.reshape({len(y)}, {', '.join(map(str, predictions.shape[1:]))})"
-                       if len(y) == len(predictions) else "")
+            shape = ", ".join(map(str, predictions.shape))
+            example = (" (e.g. y[..., None])" if y.dim() < predictions.dim()
+                       else f" (e.g. y.reshape({shape}))" if len(y) == len(predictions) else "")
             raise ShapeError(f"{broadcasting} would broadcast a task's predictions "
                              f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
-                             f"targets shaped as the model's output" + (f" ({example})" if example else ""))
+                             f"targets shaped as the model's output{example}")
         try:
             value = fn(predictions, y)
         except FastMAMLError:

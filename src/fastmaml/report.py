@@ -243,8 +243,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         pretrained = _record(run, method="pretrained")
         paired = record.get("paired_difference", {}).get("pretrained")
         # the same test tasks for both: the task-by-task difference is the sharper test
-        difference = (paired["mean"][headline.step], paired["ci95"][headline.step]) if paired \
-            else None
+        at = headline.step
+        difference = (paired["mean"][at], paired["ci95"][at]) if paired else None
         verdict = (shape_status((mean, ci), (pretrained["mean"][1], pretrained["ci95"][1]),
                                 difference) if pretrained else "no pretrained baseline")
         if "right_way" in record:  # direction tasks: from the wrong way to the right way?
@@ -332,8 +332,9 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
              "against the pretrained policy after one step (`met` where MAML is above it, "
              "`below pretrained by X` where below, else `overlaps pretrained`; by the "
              "task-by-task difference on the same test tasks where the evaluation holds it, "
-             "else by the two intervals), and for the direction tasks the share of test tasks run the right way before "
-             "and after it. A run measured otherwise than the paper (another RL horizon, "
+             "else by the two intervals), and for the direction tasks the share of test tasks "
+             "run the right way before and after it. A run measured otherwise than the paper "
+             "(another RL horizon, "
              "another number of test tasks) says so.", "",
              "| experiment | paper (MAML) | MAML++ | fastmaml | status | iterations | run |",
              "|---|---|---|---|---|---|---|"]

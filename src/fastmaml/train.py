@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -273,6 +273,18 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextlib.contextmanager
+def signals_handled(signums: Sequence[int], handler: Any) -> Iterator[None]:
+    """``handler`` (a function, or ``signal.SIG_IGN``) for each of ``signums`` inside; the
+    handlers in force before are restored after."""
+    previous = {signum: signal.signal(signum, handler) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, before in previous.items():  # None: a handler not set from Python
+            signal.signal(signum, signal.SIG_DFL if before is None else before)
+
+
+@contextlib.contextmanager
 def _stop_requests() -> Iterator[Callable[[], int]]:
     """While training, SIGTERM (``kill``, a scheduler's preemption) and a first Ctrl-C (SIGINT)
     only record the request; yields a check: 0 while no rank has received one, else the signal
@@ -294,18 +306,14 @@ def _stop_requests() -> Iterator[Callable[[], int]]:
     ours = [signum for signum in STOP_SIGNALS
             if threading.current_thread() is threading.main_thread()
             and signal.getsignal(signum) is not signal.SIG_IGN]
-    previous = {signum: signal.signal(signum, request) for signum in ours}
 
     def requested() -> int:
         if not any_rank(bool(received)):
             return 0
         return received[0] if received else signal.SIGTERM
 
-    try:
+    with signals_handled(ours, request):
         yield requested
-    finally:
-        for signum, handler in previous.items():  # None: a handler not set from Python
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,

@@ -162,12 +162,12 @@ class RLConfig(Config):
             raise ConfigError(f"eval_policy must be best or last, got {self.eval_policy!r}")
         inert = [name for name in GRADIENT_OUTER_LOOP
                  if getattr(self, name) != Config.__dataclass_fields__[name].default]
-        if inert or self.compile == "true":
-            raise ConfigError(f"{', '.join(inert + ['compile'] * (self.compile == 'true'))}: "
-                              "settings of the gradient-based outer loop, which meta-RL does not "
-                              "run: its outer loop is TRPO (max_kl, cg_iters, cg_damping, "
-                              "backtrack_ratio, max_backtracks, hvp), and its inner steps adapt "
-                              "task by task")
+        inert += ["compile"] if self.compile == "true" else []  # (false: saved runs hold it)
+        if inert:
+            raise ConfigError(f"{', '.join(inert)}: settings of the gradient-based outer loop, "
+                              "which meta-RL does not run: its outer loop is TRPO (max_kl, "
+                              "cg_iters, cg_damping, backtrack_ratio, max_backtracks, hvp), and "
+                              "its inner steps adapt task by task")
         if self.env not in (NAV, *LOCOMOTION):
             raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
                               f"{', '.join((NAV, *LOCOMOTION))}")

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from ..core import Params
 from ..errors import ConfigError
+from ..train import STOP_SIGNALS, signals_handled
 from .envs import BatchEnv, Task, default_horizon, env_class, make_batch_env
 from .policy import policy_forward
 
@@ -166,12 +167,11 @@ class Sampler:
     def _check(self, policy: nn.Module, tasks: Sequence[Task]) -> None:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
         does not fit this environment's observations and actions."""
-        other = next((task for task in tasks if not set(self._task_shapes) <= set(task)), None)
-        if other is not None:
-            raise ConfigError(f"a {self.env_id} task needs the key(s) "
-                              f"{', '.join(sorted(self._task_shapes))}; got {other!r}, a task of "
-                              "another environment?")
         for task in tasks:
+            if not set(self._task_shapes) <= set(task):
+                raise ConfigError(f"a {self.env_id} task needs the key(s) "
+                                  f"{', '.join(sorted(self._task_shapes))}; got {task!r}, a task "
+                                  "of another environment?")
             for key, shape in self._task_shapes.items():
                 if np.shape(task[key]) != shape:
                     raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
@@ -334,24 +334,15 @@ def _single_threaded_children() -> Iterator[None]:
                 os.environ[name] = value
 
 
-@contextlib.contextmanager
-def _stop_signals_ignored_by_children() -> Iterator[None]:
+def _stop_signals_ignored_by_children() -> contextlib.AbstractContextManager:
     """Processes started inside begin with SIGINT and SIGTERM ignored: an ignored signal stays
     so across exec, and Python leaves an ignored SIGINT alone. A scheduler's SIGTERM, or
     Ctrl-C, reaches the whole process group: the parent stops cleanly after its iteration
     (``fit``), and its workers end with it, also those still importing torch (they printed a
     ``KeyboardInterrupt`` traceback and the run failed). The parent ignores them for the
     milliseconds of the starts too (where it may set handlers: its main thread)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {signum: signal.signal(signum, signal.SIG_IGN)
-             for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():  # None: a handler not set from Python
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    main_thread = threading.current_thread() is threading.main_thread()
+    return signals_handled(STOP_SIGNALS if main_thread else (), signal.SIG_IGN)
 
 
 def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
