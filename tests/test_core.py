@@ -831,6 +831,43 @@ def test_unused_learned_rates_keep_no_gradient_like_autograd(functional):
     assert all(p.grad is not None for p in maml.model.parameters())
 
 
+class WithUnusedHead(nn.Module):
+    """An MLP and a head its forward never calls (e.g. kept for another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.unused_head = MLP([1, 8, 1]), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("functional", ["checkpoint_steps", "compile"])
+def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(functional):
+    """torch.func.grad gives zeros where autograd gives None; AdamW's weight decay would then
+    move a parameter no loss uses. The functional branches leave it None too, also where the
+    first call (the probe) ran under inference_mode."""
+    torch.set_default_dtype(torch.float32)
+    _, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    torch.manual_seed(0)
+    model = WithUnusedHead()
+    reference = MAML(model, loss_fn, 0.1, 1, lr_mode="per_param", batched=True)
+    reference.meta_loss(batch)[0].backward()
+    assert all(p.grad is None for p in model.unused_head.parameters())
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    maml = MAML(model, loss_fn, 0.1, 1, lr_mode="per_param", batched=True, **{functional: True})
+    with torch.inference_mode():
+        maml.adapt(batch.support_x[0], batch.support_y[0])
+    for _ in range(2):  # compile: the first call picks the path, the second is functional
+        maml.zero_grad(set_to_none=True)
+        maml.meta_backward(batch)
+    assert all(p.grad is None for p in model.unused_head.parameters())
+    got = {n: p.grad for n, p in maml.named_parameters() if p.grad is not None}
+    assert got.keys() == expected.keys()
+    assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
+
+
 def test_with_compile_the_search_also_times_the_compiled_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
                      ShapeError, is_out_of_memory)
@@ -342,6 +342,8 @@ class MAML(nn.Module):
         # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
         self._norm_mode = self._embedding_mode = contextlib.nullcontext
         self._probed = False
+        # trainable parameters the model's output does not depend on (set by ``_probe``)
+        self._unused_names: set[str] | None = None
         recurrent = has_recurrent(model)
         self._rnn_mode = StepwiseRNNs if recurrent else contextlib.nullcontext
         # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
@@ -408,8 +410,8 @@ class MAML(nn.Module):
                     f"{changed[0]} was {'unfrozen' if changed[1] else 'frozen'} after MAML was "
                     "built, which chose the parameters it adapts and trains then: build MAML "
                     "again after freezing or unfreezing parameters")
-        if not self._probed:
-            self._probe(x)
+        if not self._probed or self._unused_names is None and torch.is_grad_enabled():
+            self._probe(x)  # again where the first probe ran under inference_mode, without graph
 
     @torch.compiler.disable  # eager, also where a user compiles the learner (one graph break)
     def _probe(self, x: Tensor) -> None:
@@ -417,7 +419,8 @@ class MAML(nn.Module):
         inputs) shows which functions the model calls, from its modules or its own code; the
         norms and the embeddings whose kernels ``vmap`` differentiates wrongly run in their
         exact forms (``ExactNorms``, ``ExactEmbeddings``) from then on, on every path, and an
-        embedding's ``scale_grad_by_freq``, which has none, on the looped path. The random state
+        embedding's ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows
+        the parameters the output does not depend on (``_unused_parameters``). The random state
         is left as it was, so that a resumed run draws what an uninterrupted one does."""
         # as in training (torch's fused fast paths run only without gradients), and under
         # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
@@ -425,9 +428,10 @@ class MAML(nn.Module):
         calls, state = _KernelsCalled(), _random_state(x.device)
         try:
             with torch.enable_grad(), calls:
-                self._forward(*self._split_params(detach=False), x)
+                output = self._forward(*self._split_params(detach=False), x)
         finally:
             _set_random_state(state, x.device)
+        self._unused_names = self._unused_parameters(output)
         if not calls.norms:
             self._norm_mode = contextlib.nullcontext
         if calls.padded_embeddings:
@@ -442,6 +446,23 @@ class MAML(nn.Module):
                               "wrong counts (torch's kernel); using the looped path",
                               FastMAMLWarning, stacklevel=3)
         self._probed = True
+
+    def _unused_parameters(self, output: Any) -> set[str] | None:
+        """The trainable model parameters that ``output`` (of a forward with gradients on) does
+        not depend on, and their own learned inner rates; None under inference_mode, which
+        records no graph. Autograd leaves their ``.grad`` None, and ``meta_backward``'s
+        functional branches, whose ``torch.func.grad`` gives zeros, leave them out to do the
+        same (weight decay must not move them)."""
+        if torch.is_inference_mode_enabled():
+            return None
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
+        grads = (torch.autograd.grad(outputs, list(params.values()),
+                                     [torch.ones_like(t) for t in outputs], allow_unused=True)
+                 if outputs else [None] * len(params))
+        unused = {name for name, grad in zip(params, grads) if grad is None}
+        return ({f"model.{n}" for n in unused}
+                | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)})
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
@@ -752,10 +773,12 @@ class MAML(nn.Module):
                               "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
         self._prepare(batch.support_x[0])
-        # Learned inner rates do not enter the objective without inner steps: autograd leaves
-        # their .grad None, and so do the functional branches.
+        # Learned inner rates do not enter the objective without inner steps, nor parameters
+        # that the model's output does not depend on: autograd leaves their .grad None, and so
+        # do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
-                     if p.requires_grad and (self.inner_steps or not n.startswith("inner_lrs."))}
+                     if p.requires_grad and n not in self._unused_names
+                     and (self.inner_steps or not n.startswith("inner_lrs."))}
         if self.checkpoint_steps:
             if _has_active_dropout(self.model):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "

@@ -48,6 +48,12 @@ class InnerLearningRates(nn.Module):
                 {_key(n): nn.Parameter(torch.full((max(steps, 1),), self.init, **where))
                  for n in shapes})
 
+    def own_rates(self, names: set[str]) -> set[str]:
+        """The names of the learned rates that only the parameters ``names`` use."""
+        if self.mode not in ("per_param", "per_layer_step"):
+            return set()
+        return {f"rates.{_key(n)}" for n in self.names if n in names}
+
     def forward(self, step: int) -> dict[str, Tensor | float]:
         """The learning rate of each adapted parameter at inner step ``step`` (0-based)."""
         if self.mode == "fixed":
