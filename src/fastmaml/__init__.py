@@ -3,8 +3,8 @@ from .core import MAML, TaskBatch, as_task_batch, multi_step_loss_weights
 from .errors import ConfigError, DataError, FastMAMLError, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
 from . import models
-from .adaptation import TrainedRun, load_run
+from .adaptation import AdaptedPolicy, TrainedPolicy, TrainedRun, load_run
 
-__all__ = ["models", "load_run", "TrainedRun", "MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
+__all__ = ["models", "load_run", "TrainedRun", "TrainedPolicy", "AdaptedPolicy", "MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
            "FastMAMLError", "ConfigError", "DataError", "ShapeError", "NonFiniteLossError"]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ paper's evaluation protocol: more accurate when the query holds every class in e
 """
 from __future__ import annotations
 
+import copy
 import os
 import unicodedata
 import warnings
@@ -191,8 +192,10 @@ def _first_outputs_loss(num_classes: int):  # noqa: ANN202 (a LossFn)
     return loss
 
 
-def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> TrainedRun:
-    """The trained MAML of a few-shot or regression run directory, ready to adapt.
+def load_run(run_dir: str | os.PathLike[str], device: str | None = None
+             ) -> TrainedRun | TrainedPolicy:
+    """The trained MAML of a few-shot or regression run directory, ready to adapt; of a meta-RL
+    run, its policy (``TrainedPolicy``), ready to adapt to a task by sampling its environment.
 
     ``device`` defaults to the run's setting. Loading changes no process-wide setting (threads,
     allocator), unlike the ``fastmaml`` commands.
@@ -200,10 +203,11 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
     run_dir = Path(run_dir)
     overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
+    if experiment.name == "rl":
+        return _trained_policy(run_dir, experiment)
     if experiment.name not in ("fewshot", "sinusoid", "regression"):
-        raise ConfigError(f"{run_dir} is a run of the {experiment.name} experiment; adapt applies "
-                          "few-shot classification and regression runs (an RL run adapts by "
-                          "sampling its environment: fastmaml eval)")
+        raise ConfigError(f"{run_dir} is a run of the {experiment.name} experiment, which "
+                          "load_run does not apply")
     path = checkpoint_path(run_dir, "maml")
     if not path.is_file():
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
@@ -221,6 +225,61 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None) -> Trai
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
                       cfg.image_format() if classification else None, experiment.device)
+
+
+class AdaptedPolicy(NamedTuple):
+    """A policy adapted to one task, and the mean return of its episodes after 0..steps steps."""
+
+    policy: nn.Module  # observations -> (action mean, log std), with the adapted parameters
+    returns: list[float]  # returns[k]: mean return of the episodes sampled after k steps
+
+
+@dataclass
+class TrainedPolicy:
+    """A trained meta-RL run's policy (its ``eval_policy``: by default the best one), which adapts
+    to a new task of its environment as ``fastmaml eval`` does: it samples the run's
+    ``eval_trajectories`` episodes with the policy, takes a policy-gradient step on them, and so
+    on (the run's first and later step sizes)."""
+
+    run_dir: Path
+    maml: MAML  # the policy (maml.model) inside its engine
+    env_id: str
+    steps: int  # default policy-gradient steps: the run's eval_inner_steps
+    experiment: Any  # the run's RLExperiment, whose evaluation protocol adapt runs
+
+    def sample_tasks(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
+        """``n`` tasks of the run's task distribution, e.g. ``{"velocity": 1.3}``."""
+        from .rl import env_class
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"sample_tasks needs n >= 1 tasks, got {n!r}")
+        return env_class(self.env_id).sample_tasks(n, np.random.default_rng(seed))
+
+    def adapt(self, task: dict[str, Any], steps: int | None = None, seed: int = 0
+              ) -> AdaptedPolicy:
+        """The policy adapted to ``task`` (a dict such as ``sample_tasks`` gives) by ``steps``
+        policy-gradient steps, and its returns along the way; ``seed`` sets the episodes."""
+        if not isinstance(task, dict):
+            example = self.sample_tasks(1)[0]
+            raise ConfigError(f"a task of {self.env_id} is a dict such as {example!r} "
+                              f"(run.sample_tasks draws them), got {type(task).__name__}")
+        steps = self.steps if steps is None else steps
+        check_steps("steps", steps)
+        curve, params = self.experiment.adapt_tasks(self.maml, [task], [0], steps, seed)
+        policy = copy.deepcopy(self.maml.model)
+        with torch.no_grad():
+            for name, value in params.items():
+                policy.get_parameter(name).copy_(value[0])
+        return AdaptedPolicy(policy, curve[0].tolist())
+
+
+def _trained_policy(run_dir: Path, experiment: Any) -> TrainedPolicy:
+    """``load_run`` of a meta-RL run: its MAML learner's ``eval_policy`` parameters."""
+    with torch.inference_mode(False):
+        experiment.cfg = experiment.cfg.replace(workers=0)  # one task at a time: no workers
+        learner = experiment.restore(experiment.learners()[0])
+        maml = learner.evaluation_engine(experiment.cfg.eval_policy)
+    return TrainedPolicy(run_dir, maml, experiment.cfg.env, experiment.cfg.eval_inner_steps,
+                         experiment)
 
 
 # ----- new tasks from files: what `fastmaml adapt` reads -----
@@ -333,6 +392,10 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     (``read_points``), and with ``plot`` draw the support points, the prediction before and
     after adaptation, and the query points.
     """
+    if isinstance(run, TrainedPolicy):
+        raise ConfigError(f"{run.run_dir} is a meta-RL run: its policy adapts by sampling its "
+                          "environment, not from files (fastmaml eval; in Python, "
+                          "fastmaml.load_run(run_dir).adapt(task))")
     steps = run.steps if steps is None else steps
     check_steps("steps", steps)
     if norm not in NORMS:

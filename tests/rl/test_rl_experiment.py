@@ -178,6 +178,47 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "fastmaml: wrote" in capsys.readouterr().out
 
 
+def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``fastmaml.load_run`` of an RL run: its best policy, adapted to a task by the evaluation
+    protocol (same episodes, same returns), as a policy module with the adapted parameters."""
+    import fastmaml
+    from fastmaml.experiments.rl import EVAL_SEED
+
+    tiny = ["iterations=3", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
+            "eval_trajectories=3", "eval_inner_steps=2", "pretrained=false"]
+    experiment = create_run("rl-nav2d-cpu", tmp_path, tiny)
+    (learner,) = experiment.learners()
+    fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
+    run = fastmaml.load_run(tmp_path)
+    assert isinstance(run, fastmaml.TrainedPolicy) and run.steps == 2
+    best = load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"]["best"]
+    assert all(torch.equal(p, best[f"model.{n}"]) for n, p in run.maml.model.named_parameters())
+    experiment = load_experiment(tmp_path)
+    task = experiment.eval_tasks()[0]
+    adapted = run.adapt(task, seed=EVAL_SEED)
+    engine = experiment.restore(experiment.learners()[0]).evaluation_engine("best")
+    expected = experiment.adaptation_returns(engine, [task])[0]
+    assert adapted.returns == pytest.approx(expected.tolist(), abs=1e-12)
+    _, params = experiment.adapt_tasks(engine, [task], [0], seed=EVAL_SEED)
+    assert all(torch.equal(p, params[n][0]) for n, p in adapted.policy.named_parameters())
+    mean, log_std = adapted.policy(torch.zeros(1, 2))
+    assert mean.shape == (1, 2) and not torch.equal(mean, run.maml.model(torch.zeros(1, 2))[0])
+    assert len(run.adapt(task, steps=0).returns) == 1
+    (other,) = run.sample_tasks(1, seed=5)
+    assert set(other) == {"goal"} and len(run.adapt(other, steps=1).returns) == 2
+    with pytest.raises(ConfigError, match=r"a task of fastmaml/Nav2D-v0 is a dict such as "
+                                          r"\{'goal': .*got float"):
+        run.adapt(0.3)
+    with pytest.raises(ConfigError, match="needs the key"):
+        run.adapt({"velocity": 1.0})
+    with pytest.raises(ConfigError, match="steps must be an integer >= 0"):
+        run.adapt(task, steps=-1)
+    assert main(["adapt", str(tmp_path), "--support", "s.csv", "--query", "q.csv"]) == 2
+    assert "is a meta-RL run: its policy adapts by sampling its environment" in (
+        capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("preset", ["rl-cheetah-vel-cpu", "rl-cheetah-dir-cpu"])
 def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     """Half-cheetah through the same code path, at a toy size (MuJoCo sampling, eval table)."""

@@ -376,30 +376,43 @@ class RLExperiment(Experiment):
                            desc: str = "") -> Tensor:
         """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
 
+        Under torchrun each rank adapts its slice of the tasks (``adapt_tasks``), and every rank
+        returns all the rows.
+        """
+        mine = task_range(len(tasks), "eval_tasks")
+        curve, _ = self.adapt_tasks(maml, [tasks[i] for i in mine], mine, progress=progress,
+                                    desc=desc)
+        return torch.cat(gather_in_order([((mine.start,), curve)]))
+
+    def adapt_tasks(self, maml: MAML, tasks: list[dict[str, Any]], task_ids: Sequence[int],
+                    steps: int | None = None, seed: int = EVAL_SEED, progress: bool = False,
+                    desc: str = "") -> tuple[Tensor, dict[str, Tensor]]:
+        """The evaluation protocol on ``tasks``: per-task mean returns after 0..steps (default
+        ``eval_inner_steps``) policy-gradient steps, (tasks, steps+1), and the adapted
+        parameters, stacked over tasks.
+
         Step 1 uses the engine's inner learning rate, the later ones the official test script's
-        share of it (``later_lr_scale``). Episode seeds depend on the step and the task's
-        position only, so every method sees the same noise and reset states, and under torchrun
-        each rank adapts its slice of the tasks and every rank returns all the rows.
+        share of it (``later_lr_scale``). Episode seeds depend on ``seed``, the step and the
+        task's position (``task_ids``) only, so every method sees the same noise and reset states.
         """
         from tqdm.auto import tqdm
 
         rl, cfg = _rl(), self.cfg
-        sampler = self.sampler()
+        steps = cfg.eval_inner_steps if steps is None else steps
         later_lr_scale = self.official_test().later_lr_scale
-        mine = task_range(len(tasks), "eval_tasks")
         params, curve = None, []
-        for step in tqdm(range(cfg.eval_inner_steps + 1), desc=desc, unit="step", leave=False,
+        for step in tqdm(range(steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress and is_main() else True):
-            episodes = _sample_batch(sampler, maml.model, [tasks[i] for i in mine],
-                                     cfg.eval_batch, cfg.eval_trajectories, cfg.eval_trajectories,
-                                     EVAL_SEED * 100 + step, params, cfg.eval_chunk, mine)
+            episodes = _sample_batch(self.sampler(), maml.model, tasks, cfg.eval_batch,
+                                     cfg.eval_trajectories, cfg.eval_trajectories,
+                                     seed * 100 + step, params, cfg.eval_chunk, task_ids)
             curve.append(episodes.mean_returns().double())
-            if step < cfg.eval_inner_steps:
+            if step < steps:
                 with torch.no_grad():
                     params = rl.adapt_policy(maml, episodes, start=params, steps=1,
                                              lr_scale=1.0 if step == 0 else later_lr_scale,
                                              gamma=cfg.gamma, gae_lambda=cfg.gae_lambda)
-        return torch.cat(gather_in_order([((mine.start,), torch.stack(curve, dim=1))]))
+        return torch.stack(curve, dim=1), params or {}
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
