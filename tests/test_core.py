@@ -85,13 +85,33 @@ def attention_problem(encoder_layer: bool):
     return problem
 
 
+class BagRegression(nn.Module):
+    """Token bags (padding 0 left out of each bag's mean) -> a value, as text models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag, self.head = nn.EmbeddingBag(10, 6, mode="mean", padding_idx=0), nn.Linear(6, 1)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.bag(tokens)))
+
+
+def bag_problem(seed: int = 0):
+    """Regression on bags of 4 tokens: torch's embedding bag has no second derivative, the
+    lookup and reduction that runs instead (``fastmaml.embeddings``) has."""
+    torch.manual_seed(seed)
+    batch = TaskBatch(torch.randint(0, 10, (TASKS, 5, 4)), torch.randn(TASKS, 5, 1),
+                      torch.randint(0, 10, (TASKS, 6, 4)), torch.randn(TASKS, 6, 1))
+    return BagRegression(), F.mse_loss, batch
+
+
 PROBLEMS = {"mlp": mlp_problem, "conv_bn": conv_problem}
 # torch's recurrent kernels cannot run under vmap (fastmaml.recurrent steps them in plain ops);
 # its fused attention kernels neither, and their backward has no derivative (second order)
 MORE_MODELS = {**PROBLEMS, "lstm": recurrent_problem(nn.LSTM, num_layers=2),
                "gru": recurrent_problem(nn.GRU, bidirectional=True),
                "transformer": attention_problem(encoder_layer=True),
-               "attention": attention_problem(encoder_layer=False)}
+               "attention": attention_problem(encoder_layer=False), "embedding_bag": bag_problem}
 
 
 def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
@@ -641,7 +661,7 @@ def test_compiled_batched_path_matches_eager():
 
 
 HEADS = {"mlp": ["4"], "conv_bn": ["head"], "lstm": ["head"], "gru": ["head"],  # ANIL: the last
-         "transformer": ["2"], "attention": ["head"]}                            # layer
+         "transformer": ["2"], "attention": ["head"], "embedding_bag": ["head"]}  # layer
 VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
             "anil_first_order": {"adapt": "head", "first_order": True},
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}

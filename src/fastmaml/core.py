@@ -29,7 +29,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
                      ShapeError, is_out_of_memory)
 from .inner_lr import InnerLearningRates
-from .embeddings import ExactEmbeddings, pads, scales_gradient_by_frequency
+from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
 from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .recurrent import StepwiseRNNs, has_recurrent
 
@@ -417,8 +417,9 @@ class MAML(nn.Module):
     def _probe(self, x: Tensor) -> None:
         """Once, before the first forward of any path: an eager forward on ``x`` (one task's
         inputs) shows which functions the model calls, from its modules or its own code; the
-        norms and the embeddings whose kernels ``vmap`` differentiates wrongly run in their
-        exact forms (``ExactNorms``, ``ExactEmbeddings``) from then on, on every path, and an
+        norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
+        bags, which torch differentiates only once, run in their exact forms (``ExactNorms``,
+        ``ExactEmbeddings``) from then on, on every path, and an
         embedding's ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows
         the parameters the output does not depend on (``_unused_parameters``). The random state
         is left as it was, so that a resumed run draws what an uninterrupted one does."""
@@ -434,7 +435,7 @@ class MAML(nn.Module):
         self._unused_names = self._unused_parameters(output)
         if not calls.norms:
             self._norm_mode = contextlib.nullcontext
-        if calls.padded_embeddings:
+        if calls.exact_embeddings:
             self._embedding_mode = ExactEmbeddings
         if calls.frequency_scaling:
             if self.batched:
@@ -1153,18 +1154,20 @@ def _relative_difference(grads: Params, reference: Params) -> float:
 
 class _KernelsCalled(TorchFunctionMode):
     """Records whether a forward calls a norm function (``ExactNorms``), an embedding with a
-    padding row (``ExactEmbeddings``) or one that scales its gradient by frequency."""
+    padding row or an embedding bag (``ExactEmbeddings``), or an embedding that scales its
+    gradient by frequency."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.norms = self.padded_embeddings = self.frequency_scaling = False
+        self.norms = self.exact_embeddings = self.frequency_scaling = False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         self.norms |= func in NORM_FUNCTIONS
         if func is F.embedding:
-            self.padded_embeddings |= pads(*args, **kwargs)
+            self.exact_embeddings |= pads(*args, **kwargs)
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
+        self.exact_embeddings |= func is F.embedding_bag and composes_bag(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Embeddings with a ``padding_idx`` made exact under vmap.
+"""Embeddings made exact under vmap, and embedding bags differentiable to second order.
 
 torch 2.13's embedding backward (``embedding_dense_backward``) under ``vmap`` gives the padding
 row a gradient: a meta-gradient off by up to 7e-2 (first and second order, float64), and a
@@ -7,9 +7,15 @@ whose gradient is masked at the padding row: the same values, and autograd's gra
 order). Its ``scale_grad_by_freq`` is off under vmap too, but is not a gradient, and its
 second-order autograd is torch's own convention, so ``MAML`` runs such a model on the looped
 path instead (``scales_gradient_by_frequency``).
+
+torch 2.13's embedding bag (``F.embedding_bag``, ``nn.EmbeddingBag``) has no second derivative
+("the derivative for '_embedding_bag_backward' is not implemented"), batched or looped, so
+second-order MAML could not train it. ``ExactEmbeddings`` runs it as a lookup and a reduction
+(``embedding_bag``): the same values, and autograd's gradient to any order, under vmap too.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
@@ -41,13 +47,70 @@ def padded_embedding(indices: Tensor, weight: Tensor, padding_idx: int) -> Tenso
     return values + (rows - values) * (indices != padding).unsqueeze(-1)  # values; masked gradient
 
 
+def _bind_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
+              mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
+              padding_idx=None) -> dict:
+    return {"indices": input, "weight": weight, "offsets": offsets, "mode": mode,
+            "per_sample_weights": per_sample_weights, "include_last_offset": include_last_offset,
+            "padding_idx": padding_idx, "torch_only": max_norm is not None or scale_grad_by_freq
+            or sparse}
+
+
+def composes_bag(*args, **kwargs) -> bool:
+    """Whether ``embedding_bag`` takes over an ``F.embedding_bag`` call with these arguments: not
+    with ``max_norm`` (it renormalises the weight in place), ``sparse`` or frequency scaling,
+    nor where torch would refuse the arguments (its error then says why)."""
+    bag = _bind_bag(*args, **kwargs)
+    indices, offsets = bag["indices"], bag["offsets"]
+    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max")
+            and (bag["per_sample_weights"] is None or bag["mode"] == "sum")
+            and (indices.dim() == 2 and offsets is None
+                 or indices.dim() == 1 and offsets is not None and offsets.dim() == 1))
+
+
+def embedding_bag(indices: Tensor, weight: Tensor, offsets: Tensor | None, mode: str,
+                  per_sample_weights: Tensor | None, include_last_offset: bool,
+                  padding_idx: int | None) -> Tensor:
+    """``F.embedding_bag`` as a lookup and a reduction over each bag: (bags, dim). Bags are the
+    rows of 2-d ``indices``, or the runs of 1-d ``indices`` that ``offsets`` start. Entries at
+    ``padding_idx`` are left out of their bag (and of its mean); an empty bag is zeros."""
+    rows = F.embedding(indices, weight)
+    keep = (torch.ones_like(indices, dtype=torch.bool) if padding_idx is None
+            else indices != (padding_idx % weight.shape[0]))
+    if per_sample_weights is not None:
+        rows = rows * per_sample_weights.unsqueeze(-1)
+    if indices.dim() == 2:
+        if mode == "max":
+            largest = rows.masked_fill(~keep.unsqueeze(-1), -torch.inf).amax(1)
+            return largest.masked_fill(~keep.any(1, keepdim=True), 0.0)
+        total = (rows * keep.unsqueeze(-1)).sum(1)
+        return total if mode == "sum" else total / keep.sum(1, keepdim=True).clamp_min(1)
+    starts = offsets[:-1] if include_last_offset else offsets
+    bag = torch.searchsorted(starts, torch.arange(len(indices), device=indices.device),
+                             right=True) - 1  # each entry's bag
+    shape = (len(starts), weight.shape[1])
+    if mode == "max":
+        largest = rows.new_full(shape, -torch.inf).scatter_reduce(
+            0, bag.unsqueeze(-1).expand_as(rows), rows.masked_fill(~keep.unsqueeze(-1), -torch.inf),
+            "amax")
+        return largest.masked_fill(largest == -torch.inf, 0.0)
+    total = rows.new_zeros(shape).index_add(0, bag, rows * keep.unsqueeze(-1))
+    if mode == "sum":
+        return total
+    return total / rows.new_zeros(len(starts)).index_add(0, bag, keep.to(rows)).clamp_min(1)[:, None]
+
+
 class ExactEmbeddings(TorchFunctionMode):
     """Inside this mode an ``F.embedding`` with a padding row (``pads``) runs as
-    ``padded_embedding``."""
+    ``padded_embedding``, and an ``F.embedding_bag`` (``composes_bag``) as ``embedding_bag``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.embedding and pads(*args, **kwargs):
             indices, weight, padding_idx, *_ = _bind_embedding(*args, **kwargs)
             return padded_embedding(indices, weight, padding_idx)
+        if func is F.embedding_bag and composes_bag(*args, **kwargs):
+            bag = _bind_bag(*args, **kwargs)
+            del bag["torch_only"]
+            return embedding_bag(**bag)
         return func(*args, **kwargs)
