@@ -283,6 +283,20 @@ def test_an_embedding_that_scales_its_gradient_by_frequency_runs_looped():
         maml.meta_backward(token_batch())
 
 
+def test_an_operation_torch_cannot_differentiate_twice_is_named_with_the_remedy():
+    """A bag scaling its gradient by frequency stays torch's, which has no second derivative:
+    second order says so and what to do; first order trains it."""
+    model, loss_fn, batch = bag_problem()
+    model.bag.scale_grad_by_freq = True
+    with pytest.raises(ConfigError, match=r"cannot differentiate an operation of the model twice "
+                                          r"\(the derivative for '_embedding_bag_backward' is "
+                                          r"not implemented.*\): set first_order=True"):
+        MAML(model, loss_fn, 0.1, 1, batched=False).meta_backward(batch)
+    model.zero_grad(set_to_none=True)
+    MAML(model, loss_fn, 0.1, 1, first_order=True, batched=False).meta_backward(batch)
+    assert model.bag.weight.grad is not None
+
+
 def test_a_learner_compiled_by_its_user_still_runs_its_norms_exactly():
     """The first call's probe runs eagerly (a graph break) under a user's torch.compile."""
     model, loss_fn, batch = mlp_problem()

@@ -261,6 +261,23 @@ def _autograd_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple
             loss.detach())
 
 
+def _second_derivatives_explained(meta_backward: Callable) -> Callable:
+    """``meta_backward`` where torch lacks the second derivative of an operation the model
+    calls: a ``ConfigError`` that says so and what to do, not torch's ``NotImplementedError``."""
+    @functools.wraps(meta_backward)
+    def explained(self: MAML, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return meta_backward(self, *args, **kwargs)
+        except NotImplementedError as error:
+            if self.first_order or "derivative for" not in str(error):
+                raise
+            raise ConfigError(f"second-order MAML differentiates the inner gradient, and torch "
+                              f"{torch.__version__} cannot differentiate an operation of the "
+                              f"model twice ({_first_line(error)}): set first_order=True, or "
+                              "replace that operation") from error
+    return explained
+
+
 class MAML(nn.Module):
     """Model-agnostic meta-learning around any unmodified ``nn.Module``.
 
@@ -755,6 +772,7 @@ class MAML(nn.Module):
         self._check_finite(loss)
         return loss, metrics
 
+    @_second_derivatives_explained
     def meta_backward(self, batch: TaskBatch | Sequence[Tensor],
                       step_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``meta_loss(batch, step_weights)[0].backward()`` as one functional pass.
