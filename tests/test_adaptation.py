@@ -62,6 +62,16 @@ def adapt(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str
     return code, out, err
 
 
+def test_adapt_an_image_run_needs_its_files_and_no_rl_task(image_run: Path,
+                                                            capsys: pytest.CaptureFixture[str]
+                                                            ) -> None:
+    code, _, err = adapt(capsys, str(image_run), "--support", "s")
+    assert code == 2 and ("is a classification run: give --support (the new task's labelled "
+                          "examples) and --query (the inputs to predict)") in err
+    code, _, err = adapt(capsys, str(image_run), "--task", "velocity=1")
+    assert code == 2 and "--task is for meta-RL runs; " in err
+
+
 def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     support, query = task_folders(tmp_path, ["color5", "color6", "color7"], shots=2, queries=3)

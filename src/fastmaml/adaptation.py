@@ -254,6 +254,32 @@ class TrainedPolicy:
             raise ConfigError(f"sample_tasks needs n >= 1 tasks, got {n!r}")
         return env_class(self.env_id).sample_tasks(n, np.random.default_rng(seed))
 
+    def parse_task(self, items: Sequence[str]) -> dict[str, Any]:
+        """A task from ``key=value`` items, as ``fastmaml adapt --task`` takes them:
+        ``velocity=1.3``, ``direction=-1``, ``goal=0.3,-0.2`` (a vector's values by commas)."""
+        example = self.sample_tasks(1)[0]
+        keys = " ".join(f"{key}=..." for key in example)
+        task: dict[str, Any] = {}
+        for item in items:
+            key, equals, text = item.partition("=")
+            if not equals or key not in example or key in task:
+                raise ConfigError(f"a task of {self.env_id} is {keys}, got {item!r}"
+                                  + (" again" if key in task else ""))
+            try:
+                values = np.array([float(value) for value in text.split(",")])
+            except ValueError:
+                raise ConfigError(f"{key} takes numbers (a vector's separated by commas), got "
+                                  f"{text!r}") from None
+            if not np.isfinite(values).all():
+                raise ConfigError(f"{key} must be finite, got {text!r}")
+            task[key] = values.reshape(np.shape(example[key])) if (
+                values.size == np.size(example[key])) else values  # a wrong size: adapt says
+        if task.keys() != example.keys():
+            raise ConfigError(f"a task of {self.env_id} is {keys}, got "
+                              f"{' '.join(items) or 'nothing'}")
+        return {key: value.item() if isinstance(example[key], float) else value
+                for key, value in task.items()}
+
     def adapt(self, task: dict[str, Any], steps: int | None = None, seed: int = 0
               ) -> AdaptedPolicy:
         """The policy adapted to ``task`` (a dict such as ``sample_tasks`` gives) by ``steps``

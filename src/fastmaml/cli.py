@@ -14,11 +14,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .atomic import write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
-from .adaptation import NORMS, Predictions, load_run, predict_files
+from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
@@ -92,17 +93,31 @@ def _adapt(args: argparse.Namespace) -> None:
 
 def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None:
     run = load_run(run_dir, device=args.device)
-    result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
-    text = _as_json(run_dir, result) if args.format == "json" else _as_csv(result)
+    text, said = (_adapt_policy(args, run, out) if isinstance(run, TrainedPolicy)
+                  else _predict(args, run, out))
     if out is None:
         sys.stdout.write(text)
     else:  # nothing is written unless everything above succeeded; the file appears whole
         try:
             write_text_atomic(text, out, follow_links=True)
         except OSError as error:
-            raise DataError(f"cannot write the predictions to {out}: {error}") from None
+            raise DataError(f"cannot write the output to {out}: {error}") from None
+    print(said, file=sys.stderr)
+
+
+def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tuple[str, str]:
+    """A few-shot or regression run adapted on the support files, and its query predictions
+    (the text to write, and what to say)."""
+    if args.task:
+        raise ConfigError(f"--task is for meta-RL runs; {run.run_dir} is a {run.task} run: give "
+                          "--support and --query")
+    if not (args.support and args.query):
+        raise ConfigError(f"{run.run_dir} is a {run.task} run: give --support (the new task's "
+                          "labelled examples) and --query (the inputs to predict)")
+    result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
+    text = _as_json(run.run_dir, result) if args.format == "json" else _as_csv(result)
     summary = result.summary
-    said = f"fastmaml: adapted {run_dir} on {summary['support']} support examples"
+    said = f"fastmaml: adapted {run.run_dir} on {summary['support']} support examples"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
     said += f" in {summary['steps']} step(s); {summary['query']} query predictions"
     said += f" in {out}" if out else ""
@@ -110,7 +125,38 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
         said += f"; accuracy {100 * summary['accuracy']:.2f}% on the labelled query"
     if summary.get("mse") is not None:
         said += f"; MSE {summary['mse']:.4g} on the labelled query"
-    print(said + (f"; plot in {args.plot}" if args.plot else ""), file=sys.stderr)
+    return text, said + (f"; plot in {args.plot}" if args.plot else "")
+
+
+def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
+                  ) -> tuple[str, str]:
+    """A meta-RL run's policy adapted to the ``--task`` by sampling it, and its mean returns
+    after each step (the text to write, and what to say)."""
+    given = [name for name, value in (("--support", args.support), ("--query", args.query),
+                                      ("--plot", args.plot)) if value]
+    if given or not args.task:
+        raise ConfigError(f"{run.run_dir} is a meta-RL run: it adapts to a task by sampling "
+                          f"its environment, e.g. --task {_task_text(run.sample_tasks(1)[0])}"
+                          + (f" (not {', '.join(given)})" if given else ""))
+    task = run.parse_task(args.task)
+    adapted = run.adapt(task, args.steps, args.seed)
+    if args.format == "json":
+        text = json.dumps({"run": str(run.run_dir), "env": run.env_id,
+                           "task": _task_text(task), "seed": args.seed,
+                           "returns": adapted.returns}, indent=2) + "\n"
+    else:
+        text = "step,return\n" + "".join(f"{step},{value:.6g}\n"
+                                          for step, value in enumerate(adapted.returns))
+    return text, (f"fastmaml: adapted {run.run_dir} to {_task_text(task)} in "
+                  f"{len(adapted.returns) - 1} step(s): mean return "
+                  f"{' -> '.join(f'{value:.1f}' for value in adapted.returns)}"
+                  + (f"; returns per step in {out}" if out else ""))
+
+
+def _task_text(task: dict[str, Any]) -> str:
+    """A task as ``--task`` takes it: ``velocity=1.3``, ``goal=0.3,-0.2``."""
+    return " ".join(f"{key}={','.join(f'{v:.4g}' for v in np.atleast_1d(value))}"
+                    for key, value in task.items())
 
 
 def _as_csv(result: Predictions) -> str:
@@ -206,14 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
         "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
         "class per image), QUERY a flat folder, one image or subfolders named like the classes "
         "(then the accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a "
-        "CSV of x (or x,y, then the MSE is reported).")
+        "CSV of x (or x,y, then the MSE is reported). Meta-RL runs: --task names the task; the "
+        "policy samples it and takes policy-gradient steps, as fastmaml eval does, and the mean "
+        "return after each step is reported.")
     adapt.add_argument("run_dir")
-    adapt.add_argument("--support", required=True, help="the new task's labelled examples")
-    adapt.add_argument("--query", required=True,
+    adapt.add_argument("--support", help="the new task's labelled examples")
+    adapt.add_argument("--query",
                        help="the inputs to predict: a folder of images (or class folders, "
                             "labelled) or one image; a CSV of x (or x,y) for regression")
+    adapt.add_argument("--task", nargs="+", metavar="KEY=VALUE",
+                       help="meta-RL runs: the task to adapt to, e.g. velocity=1.3, "
+                            "direction=-1 or goal=0.3,-0.2")
+    adapt.add_argument("--seed", type=int, default=0,
+                       help="meta-RL runs: the seed of the sampled episodes (default 0)")
     adapt.add_argument("--steps", type=int, help="inner steps (default: the run's eval setting)")
-    adapt.add_argument("--out", help="write the predictions here (default: standard output)")
+    adapt.add_argument("--out", help="write the predictions (meta-RL: the returns per step) "
+                       "here (default: standard output)")
     adapt.add_argument("--format", choices=("csv", "json"), default="csv")
     adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
     adapt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's device; "

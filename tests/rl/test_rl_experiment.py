@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,9 +215,24 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
         run.adapt({"velocity": 1.0})
     with pytest.raises(ConfigError, match="steps must be an integer >= 0"):
         run.adapt(task, steps=-1)
-    assert main(["adapt", str(tmp_path), "--support", "s.csv", "--query", "q.csv"]) == 2
-    assert "is a meta-RL run: its policy adapts by sampling its environment" in (
-        capsys.readouterr().err)
+    with pytest.raises(ConfigError, match="is a meta-RL run: its policy adapts by sampling"):
+        fastmaml.adaptation.predict_files(run, "s.csv", "q.csv")
+    # the command line: the same adaptation, its returns per step
+    capsys.readouterr()
+    goal = ",".join(map(str, task["goal"].tolist()))
+    assert main(["adapt", str(tmp_path), "--task", f"goal={goal}", "--seed", str(EVAL_SEED),
+                 "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["returns"] == pytest.approx(adapted.returns, abs=1e-12)
+    assert f"fastmaml: adapted {tmp_path} to goal=" in err and " in 2 step(s): mean return " in err
+    for args, message in [(["--task", "goal=0.3"], r"goal must be of shape \(2,\)"),
+                          (["--task", "goal=1,2", "goal=1,2"], "is goal=..., got 'goal=1,2' again"),
+                          (["--task", "goal=a,b"], "goal takes numbers"),
+                          (["--task", "goal=nan,0"], "goal must be finite"),
+                          (["--support", "s.csv"], r"e.g. --task goal=\S+ \(not --support\)"),
+                          ([], "it adapts to a task by sampling its environment, e.g. --task")]:
+        assert main(["adapt", str(tmp_path), *args]) == 2
+        assert re.search(message, capsys.readouterr().err), args
 
 
 @pytest.mark.parametrize("preset", ["rl-cheetah-vel-cpu", "rl-cheetah-dir-cpu"])
