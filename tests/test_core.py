@@ -866,21 +866,26 @@ def test_unused_learned_rates_keep_no_gradient_like_autograd(functional):
 
 
 class WithUnusedHead(nn.Module):
-    """An MLP and a head its forward never calls (e.g. kept for another task)."""
+    """An MLP, a head its forward never calls (e.g. kept for another task), and a term that
+    only training mode adds."""
 
     def __init__(self) -> None:
         super().__init__()
         self.body, self.unused_head = MLP([1, 8, 1]), nn.Linear(8, 3)
+        self.in_training = nn.Linear(1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.body(x)
+        return self.body(x) + (self.in_training(x) if self.training else 0.0)
 
 
+@pytest.mark.parametrize("first_call", ["inference_mode", "eval_mode"])
 @pytest.mark.parametrize("functional", ["checkpoint_steps", "compile"])
-def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(functional):
+def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(functional,
+                                                                           first_call):
     """torch.func.grad gives zeros where autograd gives None; AdamW's weight decay would then
     move a parameter no loss uses. The functional branches leave it None too, also where the
-    first call (the probe) ran under inference_mode."""
+    first call (the probe) ran under inference_mode, and a parameter the probe's mode did not
+    use but training does keeps its gradient."""
     torch.set_default_dtype(torch.float32)
     _, loss_fn, batch = mlp_problem()
     batch = TaskBatch(*(t.float() for t in batch))
@@ -891,8 +896,15 @@ def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(funct
     assert all(p.grad is None for p in model.unused_head.parameters())
     expected = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
     maml = MAML(model, loss_fn, 0.1, 1, lr_mode="per_param", batched=True, **{functional: True})
-    with torch.inference_mode():
-        maml.adapt(batch.support_x[0], batch.support_y[0])
+    if first_call == "inference_mode":
+        with torch.inference_mode():
+            maml.meta_loss(batch)
+        assert maml._unused_names is None  # no graph: probed again where gradients are on
+    else:
+        model.eval()
+        maml.evaluate(batch)
+        assert "model.in_training.weight" in maml._unused_names  # unused in eval mode
+        model.train()
     for _ in range(2):  # compile: the first call picks the path, the second is functional
         maml.zero_grad(set_to_none=True)
         maml.meta_backward(batch)

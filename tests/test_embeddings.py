@@ -87,3 +87,23 @@ def test_bags_torch_would_refuse_or_that_renormalise_stay_torchs():
     assert not composes_bag(indices, weight)  # 1-d without offsets: torch says why
     assert not composes_bag(indices, weight, offsets, mode="mean",
                             per_sample_weights=torch.ones(len(indices), dtype=weight.dtype))
+    assert not composes_bag(indices, weight, offsets, mode="sum",
+                            per_sample_weights=torch.ones(len(indices), dtype=torch.float32))
+    for padding_idx in (7, -8):  # out of range for 7 rows
+        assert not composes_bag(indices, weight, offsets, padding_idx=padding_idx)
+    assert not composes_bag(indices[:0], weight, offsets[:1])  # no indices
+
+
+@pytest.mark.parametrize("two_d", [True, False])
+def test_max_gives_the_gradient_to_the_first_of_tied_rows_as_torch(two_d):
+    weight, _, _ = bag_inputs(True, None)
+    with torch.no_grad():
+        weight[2] = weight[1]
+    indices, offsets = ((torch.tensor([[3, 2, 1], [1, 2, 2]]), None) if two_d
+                        else (torch.tensor([3, 2, 1, 1, 2, 2]), torch.tensor([0, 3])))
+    expected = F.embedding_bag(indices, weight, offsets, mode="max")
+    with ExactEmbeddings():
+        composed = F.embedding_bag(indices, weight, offsets, mode="max")
+    assert torch.equal(composed, expected)
+    ours, theirs = (torch.autograd.grad(out.sum(), weight)[0] for out in (composed, expected))
+    assert torch.equal(ours, theirs)

@@ -21,6 +21,7 @@ paper's evaluation protocol: more accurate when the query holds every class in e
 from __future__ import annotations
 
 import copy
+import numbers
 import os
 import unicodedata
 import warnings
@@ -250,9 +251,11 @@ class TrainedPolicy:
     def sample_tasks(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """``n`` tasks of the run's task distribution, e.g. ``{"velocity": 1.3}``."""
         from .rl import env_class
-        if not isinstance(n, int) or n < 1:
-            raise ConfigError(f"sample_tasks needs n >= 1 tasks, got {n!r}")
-        return env_class(self.env_id).sample_tasks(n, np.random.default_rng(seed))
+        if not _is_count(n, at_least=1):
+            raise ConfigError(f"sample_tasks needs an integer n >= 1 of tasks, got {n!r}")
+        if not _is_count(seed):
+            raise ConfigError(f"the seed must be an integer >= 0, got {seed!r}")
+        return env_class(self.env_id).sample_tasks(int(n), np.random.default_rng(int(seed)))
 
     def parse_task(self, items: Sequence[str]) -> dict[str, Any]:
         """A task from ``key=value`` items, as ``fastmaml adapt --task`` takes them:
@@ -283,19 +286,28 @@ class TrainedPolicy:
     def adapt(self, task: dict[str, Any], steps: int | None = None, seed: int = 0
               ) -> AdaptedPolicy:
         """The policy adapted to ``task`` (a dict such as ``sample_tasks`` gives) by ``steps``
-        policy-gradient steps, and its returns along the way; ``seed`` sets the episodes."""
-        if not isinstance(task, dict):
-            example = self.sample_tasks(1)[0]
+        policy-gradient steps, and its returns along the way; ``seed`` (an integer >= 0) sets
+        the episodes."""
+        example = self.sample_tasks(1)[0]
+        if not isinstance(task, dict) or task.keys() != example.keys():
+            given = repr(task) if isinstance(task, dict) else type(task).__name__
             raise ConfigError(f"a task of {self.env_id} is a dict such as {example!r} "
-                              f"(run.sample_tasks draws them), got {type(task).__name__}")
+                              f"(run.sample_tasks draws them), got {given}")
         steps = self.steps if steps is None else steps
         check_steps("steps", steps)
-        curve, params = self.experiment.adapt_tasks(self.maml, [task], [0], steps, seed)
+        if not _is_count(seed):
+            raise ConfigError(f"the seed must be an integer >= 0, got {seed!r}")
+        curve, params = self.experiment.adapt_tasks(self.maml, [task], [0], steps, int(seed))
         policy = copy.deepcopy(self.maml.model)
         with torch.no_grad():
             for name, value in params.items():
                 policy.get_parameter(name).copy_(value[0])
         return AdaptedPolicy(policy, curve[0].tolist())
+
+
+def _is_count(value: Any, at_least: int = 0) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and value >= at_least)
 
 
 def _trained_policy(run_dir: Path, experiment: Any) -> TrainedPolicy:

@@ -468,16 +468,19 @@ class MAML(nn.Module):
     def _unused_parameters(self, output: Any) -> set[str] | None:
         """The trainable model parameters that ``output`` (of a forward with gradients on) does
         not depend on, and their own learned inner rates; None under inference_mode, which
-        records no graph. Autograd leaves their ``.grad`` None, and ``meta_backward``'s
-        functional branches, whose ``torch.func.grad`` gives zeros, leave them out to do the
-        same (weight decay must not move them)."""
+        records no graph. Autograd leaves their ``.grad`` None; ``meta_backward``'s functional
+        branches, whose ``torch.func.grad`` gives zeros, do the same where such a gradient is
+        all zeros (weight decay must not move them), so a parameter that another mode or input
+        uses keeps its gradient. An output whose tensors this cannot see leaves none out. (The
+        parameters' own tensor hooks, if any, see this backward pass too.)"""
         if torch.is_inference_mode_enabled():
             return None
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
-        grads = (torch.autograd.grad(outputs, list(params.values()),
-                                     [torch.ones_like(t) for t in outputs], allow_unused=True)
-                 if outputs else [None] * len(params))
+        if not outputs:
+            return set()
+        grads = torch.autograd.grad(outputs, list(params.values()),
+                                    [torch.ones_like(t) for t in outputs], allow_unused=True)
         unused = {name for name, grad in zip(params, grads) if grad is None}
         return ({f"model.{n}" for n in unused}
                 | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)})
@@ -792,12 +795,10 @@ class MAML(nn.Module):
                               "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
         self._prepare(batch.support_x[0])
-        # Learned inner rates do not enter the objective without inner steps, nor parameters
-        # that the model's output does not depend on: autograd leaves their .grad None, and so
-        # do the functional branches.
+        # Learned inner rates do not enter the objective without inner steps: autograd leaves
+        # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
-                     if p.requires_grad and n not in self._unused_names
-                     and (self.inner_steps or not n.startswith("inner_lrs."))}
+                     if p.requires_grad and (self.inner_steps or not n.startswith("inner_lrs."))}
         if self.checkpoint_steps:
             if _has_active_dropout(self.model):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
@@ -820,6 +821,8 @@ class MAML(nn.Module):
             return self._backward_compiling_lazily(batch, step_weights, trainable)
         self._check_finite(loss)
         for name, p in trainable.items():
+            if name in self._unused_names and not grads[name].any():
+                continue  # torch.func's zeros where autograd leaves None (see _unused_parameters)
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
         return loss, metrics
 

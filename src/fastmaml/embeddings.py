@@ -59,11 +59,15 @@ def _bind_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_gra
 def composes_bag(*args, **kwargs) -> bool:
     """Whether ``embedding_bag`` takes over an ``F.embedding_bag`` call with these arguments: not
     with ``max_norm`` (it renormalises the weight in place), ``sparse`` or frequency scaling,
-    nor where torch would refuse the arguments (its error then says why)."""
+    nor with no indices or where torch would refuse the arguments (its error then says why;
+    but offsets beyond the indices, which only their values show, are not checked)."""
     bag = _bind_bag(*args, **kwargs)
-    indices, offsets = bag["indices"], bag["offsets"]
-    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max")
-            and (bag["per_sample_weights"] is None or bag["mode"] == "sum")
+    indices, weight, offsets = bag["indices"], bag["weight"], bag["offsets"]
+    weights, padding_idx = bag["per_sample_weights"], bag["padding_idx"]
+    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max") and indices.numel()
+            and (weights is None or bag["mode"] == "sum" and weights.dtype == weight.dtype
+                 and weights.shape == indices.shape)
+            and (padding_idx is None or -len(weight) <= padding_idx < len(weight))
             and (indices.dim() == 2 and offsets is None
                  or indices.dim() == 1 and offsets is not None and offsets.dim() == 1))
 
@@ -73,31 +77,37 @@ def embedding_bag(indices: Tensor, weight: Tensor, offsets: Tensor | None, mode:
                   padding_idx: int | None) -> Tensor:
     """``F.embedding_bag`` as a lookup and a reduction over each bag: (bags, dim). Bags are the
     rows of 2-d ``indices``, or the runs of 1-d ``indices`` that ``offsets`` start. Entries at
-    ``padding_idx`` are left out of their bag (and of its mean); an empty bag is zeros."""
+    ``padding_idx`` are left out of their bag (and of its mean); an empty bag is zeros; ``max``
+    takes, in each dimension, the bag's first largest entry, as torch's kernel does."""
     rows = F.embedding(indices, weight)
     keep = (torch.ones_like(indices, dtype=torch.bool) if padding_idx is None
-            else indices != (padding_idx % weight.shape[0]))
+            else indices != (padding_idx % weight.shape[0])).unsqueeze(-1)
     if per_sample_weights is not None:
         rows = rows * per_sample_weights.unsqueeze(-1)
     if indices.dim() == 2:
         if mode == "max":
-            largest = rows.masked_fill(~keep.unsqueeze(-1), -torch.inf).amax(1)
-            return largest.masked_fill(~keep.any(1, keepdim=True), 0.0)
-        total = (rows * keep.unsqueeze(-1)).sum(1)
-        return total if mode == "sum" else total / keep.sum(1, keepdim=True).clamp_min(1)
+            first = rows.masked_fill(~keep, -torch.inf).argmax(1, keepdim=True)
+            return rows.gather(1, first).squeeze(1) * keep.any(1)
+        total = (rows * keep).sum(1)
+        return total if mode == "sum" else total / keep.sum(1).clamp_min(1)
     starts = offsets[:-1] if include_last_offset else offsets
-    bag = torch.searchsorted(starts, torch.arange(len(indices), device=indices.device),
-                             right=True) - 1  # each entry's bag
+    position = torch.arange(len(indices), device=indices.device)
+    bag = (torch.searchsorted(starts, position, right=True) - 1).unsqueeze(-1).expand_as(rows)
     shape = (len(starts), weight.shape[1])
-    if mode == "max":
-        largest = rows.new_full(shape, -torch.inf).scatter_reduce(
-            0, bag.unsqueeze(-1).expand_as(rows), rows.masked_fill(~keep.unsqueeze(-1), -torch.inf),
-            "amax")
-        return largest.masked_fill(largest == -torch.inf, 0.0)
-    total = rows.new_zeros(shape).index_add(0, bag, rows * keep.unsqueeze(-1))
+    if mode == "max":  # each bag's largest value, then the first entry that holds it
+        candidates = rows.detach().masked_fill(~keep, -torch.inf)
+        largest = candidates.new_full(shape, -torch.inf).scatter_reduce(0, bag, candidates,
+                                                                         "amax")
+        holders = torch.where(keep & (candidates == largest.gather(0, bag)),
+                              position.unsqueeze(-1), len(indices))
+        first = torch.full(shape, len(indices), device=indices.device).scatter_reduce(
+            0, bag, holders, "amin")
+        return rows.gather(0, first.clamp_max(len(indices) - 1)) * (first < len(indices))
+    total = rows.new_zeros(shape).index_add(0, bag[:, 0], rows * keep)
     if mode == "sum":
         return total
-    return total / rows.new_zeros(len(starts)).index_add(0, bag, keep.to(rows)).clamp_min(1)[:, None]
+    return total / rows.new_zeros(shape[0]).index_add(0, bag[:, 0], keep[:, 0].to(rows)
+                                                      ).clamp_min(1).unsqueeze(-1)
 
 
 class ExactEmbeddings(TorchFunctionMode):

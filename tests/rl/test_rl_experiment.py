@@ -211,8 +211,13 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     with pytest.raises(ConfigError, match=r"a task of fastmaml/Nav2D-v0 is a dict such as "
                                           r"\{'goal': .*got float"):
         run.adapt(0.3)
-    with pytest.raises(ConfigError, match="needs the key"):
-        run.adapt({"velocity": 1.0})
+    for other in ({"velocity": 1.0}, {**task, "velocity": 1.0}):
+        with pytest.raises(ConfigError, match=r"is a dict such as \{'goal': .*got \{"):
+            run.adapt(other)
+    for seed in (-1, 1.5, None, True):
+        with pytest.raises(ConfigError, match="the seed must be an integer >= 0"):
+            run.adapt(task, seed=seed)
+    assert len(run.sample_tasks(np.int64(2))) == 2
     with pytest.raises(ConfigError, match="steps must be an integer >= 0"):
         run.adapt(task, steps=-1)
     with pytest.raises(ConfigError, match="is a meta-RL run: its policy adapts by sampling"):
