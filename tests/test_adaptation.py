@@ -303,6 +303,9 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     flat = trained.adapt(x, np.sin(x))  # one input feature: points may come as (N,)
     assert float(trained.predict(flat, np.array([1.5]))) == pytest.approx(
         float(trained.predict(adapted, torch.tensor([[1.5]]))), abs=1e-6)
+    with pytest.raises(fastmaml.errors.ShapeError, match=r"the support values are \(2, 5, 1\), "
+                       r"but a regression task's are \(N,\) or \(N, features\)"):
+        trained.adapt(np.zeros((2, 5, 1)), np.zeros((2, 5, 1)))  # a batch of tasks
 
 
 @pytest.mark.parametrize("case, message", [

@@ -1362,6 +1362,14 @@ def test_adapt_and_predict_refuse_what_is_not_theirs():
     with pytest.raises(ShapeError, match="context must be a tensor, got list"):
         maml.predict(maml.adapt(batch.support_x[0], batch.support_y[0]), batch.query_x[0],
                      context=[[1.0]])
+    # an MLP takes a whole batch too, as one task of all its examples: after batches of
+    # tasks, a support set of one dimension more is taken for a batch and refused
+    maml.adapt(batch.support_x, batch.support_y)
+    maml.evaluate(batch)
+    with pytest.raises(ShapeError, match=r"adapt takes one task's support set, and a task's "
+                                         r"inputs in the batches so far had 2 dimensions; got "
+                                         r"support_x \(3, 5, 1\), a batch of tasks\?"):
+        maml.adapt(batch.support_x, batch.support_y)
 
 
 @pytest.mark.parametrize("path", [dict(batched=False), dict(checkpoint_steps=True)])

@@ -130,6 +130,10 @@ class TrainedRun:
         inputs of one feature may come as (N,)."""
         values = self._as_tensor(values, f"{role} images" if self.task == "classification"
                                  else f"{role} values")
+        if self.task == "regression" and values.dim() not in (1, 2):
+            raise ShapeError(f"the {role} {'targets' if targets else 'values'} are "
+                             f"{tuple(values.shape)}, but a regression task's are (N,) or (N, "
+                             "features): one task at a time, one row per point")
         if self.task == "regression" and not targets and values.dim() == 1:
             features = next((m.in_features for m in self.maml.model.modules()
                              if isinstance(m, nn.Linear)), 1)

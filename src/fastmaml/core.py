@@ -359,6 +359,7 @@ class MAML(nn.Module):
         # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
         self._norm_mode = self._embedding_mode = contextlib.nullcontext
         self._probed = False
+        self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         # trainable parameters the model's output does not depend on (set by ``_probe``)
         self._unused_names: set[str] | None = None
         recurrent = has_recurrent(model)
@@ -415,10 +416,13 @@ class MAML(nn.Module):
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
                              f"{tuple(x.shape)}{hint}: {error}") from error
 
-    def _prepare(self, x: Tensor) -> None:
+    def _prepare(self, x: Tensor, of_batch: bool = False) -> None:
         """At the start of a public call, outside any transform: where gradients are on, refuse
         parameters frozen or unfrozen since MAML was built (it chose what it adapts and trains
-        then); and probe the model once (``_probe``) on ``x``, one task's inputs."""
+        then); and probe the model once (``_probe``) on ``x``, one task's inputs (``of_batch``:
+        the first task of a batch, whose dimensions ``adapt`` then expects)."""
+        if of_batch:
+            self._task_input_dims = x.dim()
         if torch.is_grad_enabled():
             changed = next(((name, p.requires_grad) for name, p in self.model.named_parameters()
                             if p.requires_grad != (name in self._trainable_names)), None)
@@ -770,7 +774,7 @@ class MAML(nn.Module):
         ``query_loss`` (after the last step) and ``query_metric`` when a metric_fn is set.
         """
         batch = as_task_batch(batch)
-        self._prepare(batch.support_x[0])
+        self._prepare(batch.support_x[0], of_batch=True)
         loss, metrics = self(batch, _as_weights(step_weights))
         self._check_finite(loss)
         return loss, metrics
@@ -794,7 +798,7 @@ class MAML(nn.Module):
                               "(torch.no_grad or inference_mode): call it outside, or use "
                               "evaluate for losses alone")
         batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
-        self._prepare(batch.support_x[0])
+        self._prepare(batch.support_x[0], of_batch=True)
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
@@ -1046,7 +1050,7 @@ class MAML(nn.Module):
                 return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
-        self._prepare(batch.support_x[0])
+        self._prepare(batch.support_x[0], of_batch=True)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
@@ -1071,6 +1075,11 @@ class MAML(nn.Module):
                              "needs at least one")
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        if self._task_input_dims is not None and support_x.dim() == self._task_input_dims + 1:
+            raise ShapeError(f"adapt takes one task's support set, and a task's inputs in the "
+                             f"batches so far had {self._task_input_dims} dimensions; got "
+                             f"support_x {tuple(support_x.shape)}, a batch of tasks? Adapt "
+                             "each task alone (or evaluate the batch)")
         self._prepare(support_x)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
