@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine with only Python: `make demo` and `make test`.
-# GPU users: make demo TORCH="torch" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
+# GPU users: make demo TORCH="torch==2.13.0" TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu128" (an index of your CUDA that carries 2.13)
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
