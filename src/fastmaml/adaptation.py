@@ -17,6 +17,11 @@ passes the support set as ``context``: each query image is normalised together w
 set alone (``norm="each"``). ``norm="query"`` normalises the whole query set as one batch, the
 paper's evaluation protocol: more accurate when the query holds every class in equal numbers
 (Omniglot 5-way 1-shot: 99.53% against 97.33%, docs/results.md), wrong for a lone image.
+
+A meta-RL run loads as a ``TrainedPolicy``, which adapts by sampling its environment::
+
+    run = fastmaml.load_run("results/rl-cheetah-vel")
+    adapted = run.adapt({"velocity": 1.3}, steps=1)    # adapted.policy, adapted.returns
 """
 from __future__ import annotations
 
