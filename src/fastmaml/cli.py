@@ -142,7 +142,8 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
     adapted = run.adapt(task, args.steps, args.seed)
     if args.format == "json":
         text = json.dumps({"run": str(run.run_dir), "env": run.env_id,
-                           "task": _task_text(task), "seed": args.seed,
+                           "task": {key: np.asarray(value).tolist()
+                                    for key, value in task.items()}, "seed": args.seed,
                            "returns": adapted.returns}, indent=2) + "\n"
     else:
         text = "step,return\n" + "".join(f"{step},{value:.6g}\n"

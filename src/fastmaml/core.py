@@ -440,10 +440,10 @@ class MAML(nn.Module):
         inputs) shows which functions the model calls, from its modules or its own code; the
         norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
         bags, which torch differentiates only once, run in their exact forms (``ExactNorms``,
-        ``ExactEmbeddings``) from then on, on every path, and an
-        embedding's ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows
-        the parameters the output does not depend on (``_unused_parameters``). The random state
-        is left as it was, so that a resumed run draws what an uninterrupted one does."""
+        ``ExactEmbeddings``) from then on, on every path, and an embedding's
+        ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows the
+        parameters the output does not depend on (``_unused_parameters``). The random state is
+        left as it was, so that a resumed run draws what an uninterrupted one does."""
         # as in training (torch's fused fast paths run only without gradients), and under
         # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
         self._norm_mode = functools.partial(ExactNorms, self._transductive)

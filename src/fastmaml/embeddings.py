@@ -64,7 +64,7 @@ def composes_bag(*args, **kwargs) -> bool:
     bag = _bind_bag(*args, **kwargs)
     indices, weight, offsets = bag["indices"], bag["weight"], bag["offsets"]
     weights, padding_idx = bag["per_sample_weights"], bag["padding_idx"]
-    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max") and indices.numel()
+    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max") and indices.numel() > 0
             and (weights is None or bag["mode"] == "sum" and weights.dtype == weight.dtype
                  and weights.shape == indices.shape)
             and (padding_idx is None or -len(weight) <= padding_idx < len(weight))

@@ -228,7 +228,9 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     assert main(["adapt", str(tmp_path), "--task", f"goal={goal}", "--seed", str(EVAL_SEED),
                  "--format", "json"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out)["returns"] == pytest.approx(adapted.returns, abs=1e-12)
+    document = json.loads(out)
+    assert document["returns"] == pytest.approx(adapted.returns, abs=1e-12)
+    assert document["task"] == {"goal": task["goal"].tolist()}
     assert f"fastmaml: adapted {tmp_path} to goal=" in err and " in 2 step(s): mean return " in err
     for args, message in [(["--task", "goal=0.3"], r"goal must be of shape \(2,\)"),
                           (["--task", "goal=1,2", "goal=1,2"], "is goal=..., got 'goal=1,2' again"),
