@@ -1,6 +1,7 @@
 """First-order MAML on a bag-of-words text model (``nn.EmbeddingBag``): fastmaml's composed bag
-(``fastmaml.embeddings``, batched) against torch's own kernel, batched (``vmap`` has no batching
-rule for it: a per-task fallback) and looped. Medians of interleaved repeats, in one process.
+(``fastmaml.embeddings``) batched, looped and on the path its default search picks, against
+torch's own kernel, batched (``vmap`` has no batching rule for it: a per-task fallback) and
+looped. Medians of interleaved repeats, in one process.
 Second order has no torch reference: torch's kernel has no second derivative.
 
     python benchmarks/embedding_bag.py [--repeats 7]    # 16 tasks, 5-way, 5 + 15 bags of 40 tokens
@@ -45,16 +46,20 @@ def task_batch() -> TaskBatch:
     return TaskBatch(tokens(SHOTS), labels(SHOTS), tokens(QUERIES), labels(QUERIES))
 
 
+PATHS = {"batched": True, "looped": False, "default": None}
+
+
 def learner(kind: str, batch: TaskBatch) -> MAML:
-    """``composed`` (fastmaml's default), or torch's kernel ``torch-batched`` / ``torch-looped``
-    (the probe told that the model calls no embedding bag), after one warm-up call."""
+    """``composed-<path>`` (fastmaml's form), or torch's kernel ``torch-<path>`` (the probe told
+    that the model calls no embedding bag), after one warm-up call (the default's path search)."""
+    form, path = kind.split("-")
     composes = fastmaml.core.composes_bag
-    if kind != "composed":
+    if form == "torch":
         fastmaml.core.composes_bag = lambda *args, **kwargs: False
     try:
         torch.manual_seed(0)
         maml = MAML(BagOfWords(), F.cross_entropy, 0.4, 1, first_order=True,
-                    batched=kind != "torch-looped")
+                    batched=PATHS[path])
         maml.meta_backward(batch)
     finally:
         fastmaml.core.composes_bag = composes
@@ -68,8 +73,9 @@ def main() -> None:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")  # vmap's fallback warns at every call
     batch = task_batch()
-    learners = {kind: learner(kind, batch) for kind in ("composed", "torch-batched",
-                                                        "torch-looped")}
+    learners = {kind: learner(kind, batch) for kind in (
+        "composed-default", "composed-batched", "composed-looped", "torch-batched",
+        "torch-looped")}
     times: dict[str, list[float]] = {kind: [] for kind in learners}
     for _ in range(args.repeats):
         for kind, maml in learners.items():
@@ -80,7 +86,8 @@ def main() -> None:
     reference = statistics.median(times["torch-looped"])
     for kind, samples in times.items():
         median = statistics.median(samples)
-        print(f"{kind:14s} median {median * 1e3:8.1f} ms per meta-iteration, "
+        path = f" ({learners[kind].path})" if kind.endswith("default") else ""
+        print(f"{kind + path:34s} median {median * 1e3:8.1f} ms per meta-iteration, "
               f"x{reference / median:.2f} against torch's kernel looped")
 
 

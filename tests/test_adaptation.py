@@ -70,6 +70,8 @@ def test_adapt_an_image_run_needs_its_files_and_no_rl_task(image_run: Path,
                           "examples) and --query (the inputs to predict)") in err
     code, _, err = adapt(capsys, str(image_run), "--task", "velocity=1")
     assert code == 2 and "--task is for meta-RL runs; " in err
+    code, _, err = adapt(capsys, str(image_run), "--support", "s", "--query", "q", "--seed", "3")
+    assert code == 2 and "--seed is for meta-RL runs; " in err
 
 
 def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,

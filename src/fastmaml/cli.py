@@ -108,9 +108,9 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
 def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tuple[str, str]:
     """A few-shot or regression run adapted on the support files, and its query predictions
     (the text to write, and what to say)."""
-    if args.task:
-        raise ConfigError(f"--task is for meta-RL runs; {run.run_dir} is a {run.task} run: give "
-                          "--support and --query")
+    if args.task or args.seed:
+        raise ConfigError(f"--{'task' if args.task else 'seed'} is for meta-RL runs; "
+                          f"{run.run_dir} is a {run.task} run: give --support and --query")
     if not (args.support and args.query):
         raise ConfigError(f"{run.run_dir} is a {run.task} run: give --support (the new task's "
                           "labelled examples) and --query (the inputs to predict)")
