@@ -47,29 +47,31 @@ def padded_embedding(indices: Tensor, weight: Tensor, padding_idx: int) -> Tenso
     return values + (rows - values) * (indices != padding).unsqueeze(-1)  # values; masked gradient
 
 
-def _bind_bag(input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False,
-              mode="mean", sparse=False, per_sample_weights=None, include_last_offset=False,
-              padding_idx=None) -> dict:
+def _bag_arguments(input, weight, offsets=None, max_norm=None, norm_type=2,
+                   scale_grad_by_freq=False, mode="mean", sparse=False, per_sample_weights=None,
+                   include_last_offset=False, padding_idx=None) -> dict | None:
+    """``embedding_bag``'s arguments for an ``F.embedding_bag`` call it takes over; None for one
+    it leaves to torch: with ``max_norm`` (it renormalises the weight in place), ``sparse`` or
+    frequency scaling, with no indices, or where torch would refuse the arguments (its error
+    then says why; but offsets beyond the indices, which only their values show, are not
+    checked)."""
+    composes = (max_norm is None and not scale_grad_by_freq and not sparse
+                and mode in ("sum", "mean", "max") and input.numel() > 0
+                and (per_sample_weights is None
+                     or mode == "sum" and per_sample_weights.dtype == weight.dtype
+                     and per_sample_weights.shape == input.shape)
+                and (padding_idx is None or -len(weight) <= padding_idx < len(weight))
+                and (input.dim() == 2 and offsets is None
+                     or input.dim() == 1 and offsets is not None and offsets.dim() == 1))
     return {"indices": input, "weight": weight, "offsets": offsets, "mode": mode,
             "per_sample_weights": per_sample_weights, "include_last_offset": include_last_offset,
-            "padding_idx": padding_idx, "torch_only": max_norm is not None or scale_grad_by_freq
-            or sparse}
+            "padding_idx": padding_idx} if composes else None
 
 
 def composes_bag(*args, **kwargs) -> bool:
-    """Whether ``embedding_bag`` takes over an ``F.embedding_bag`` call with these arguments: not
-    with ``max_norm`` (it renormalises the weight in place), ``sparse`` or frequency scaling,
-    nor with no indices or where torch would refuse the arguments (its error then says why;
-    but offsets beyond the indices, which only their values show, are not checked)."""
-    bag = _bind_bag(*args, **kwargs)
-    indices, weight, offsets = bag["indices"], bag["weight"], bag["offsets"]
-    weights, padding_idx = bag["per_sample_weights"], bag["padding_idx"]
-    return (not bag["torch_only"] and bag["mode"] in ("sum", "mean", "max") and indices.numel() > 0
-            and (weights is None or bag["mode"] == "sum" and weights.dtype == weight.dtype
-                 and weights.shape == indices.shape)
-            and (padding_idx is None or -len(weight) <= padding_idx < len(weight))
-            and (indices.dim() == 2 and offsets is None
-                 or indices.dim() == 1 and offsets is not None and offsets.dim() == 1))
+    """Whether ``embedding_bag`` takes over an ``F.embedding_bag`` call with these arguments
+    (``_bag_arguments``)."""
+    return _bag_arguments(*args, **kwargs) is not None
 
 
 def embedding_bag(indices: Tensor, weight: Tensor, offsets: Tensor | None, mode: str,
@@ -119,8 +121,6 @@ class ExactEmbeddings(TorchFunctionMode):
         if func is F.embedding and pads(*args, **kwargs):
             indices, weight, padding_idx, *_ = _bind_embedding(*args, **kwargs)
             return padded_embedding(indices, weight, padding_idx)
-        if func is F.embedding_bag and composes_bag(*args, **kwargs):
-            bag = _bind_bag(*args, **kwargs)
-            del bag["torch_only"]
+        if func is F.embedding_bag and (bag := _bag_arguments(*args, **kwargs)) is not None:
             return embedding_bag(**bag)
         return func(*args, **kwargs)
