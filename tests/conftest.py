@@ -9,6 +9,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,6 +29,15 @@ def omniglot_root() -> Path:
             pytest.fail(f"{reason}; FASTMAML_REQUIRE_DATA=1 requires it")
         pytest.skip(reason)
     return root
+
+
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """float64 as torch's default dtype for the test (restored after it), for exact comparisons."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):

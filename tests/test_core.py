@@ -22,14 +22,7 @@ from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, SequenceNet, is_norm_param
 
 TASKS = 3
-
-
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
 
 def mlp_problem(seed: int = 0):

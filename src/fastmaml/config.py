@@ -43,6 +43,9 @@ class Config:
     first_order_until: int = 0  # first-order MAML before this iteration, then second order (MAML++)
     lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
     adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
+    # outer-loop parameters with one meta-learned copy per inner step: none | norm (MAML++'s
+    # per-step batch-norm weights and biases; needs adapt=no_norm) | parameter-name prefixes
+    per_step: str = "none"
     multi_step_loss: bool = False  # MAML++ query loss after every inner step
     msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)

@@ -30,6 +30,7 @@ from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossE
                      ShapeError, is_out_of_memory)
 from .inner_lr import InnerLearningRates
 from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
+from .per_step import PerStepParameters
 from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .recurrent import StepwiseRNNs, has_recurrent
 
@@ -148,7 +149,7 @@ def check_steps(name: str, steps: Any) -> None:
 
 
 def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
-                   chunk_size: Any, adapt: Any, **flags: Any) -> None:
+                   chunk_size: Any, adapt: Any, per_step: Any, **flags: Any) -> None:
     """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
     (a swapped model and loss, a YAML string for a flag, a tensor for a learned rate)."""
     if not isinstance(model, nn.Module):
@@ -164,10 +165,12 @@ def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inne
             raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, "
                               f"got {flag!r}")
     check_steps("inner_steps", inner_steps)
-    if not (adapt is None or callable(adapt) or isinstance(adapt, str)
-            or isinstance(adapt, Collection) and all(isinstance(a, str) for a in adapt)):
-        raise ConfigError(f"adapt must be None (all parameters), name prefixes (e.g. ['head']) "
-                          f"or a function (name, parameter) -> bool, got {adapt!r}")
+    for name, selection, default in (("adapt", adapt, "all parameters"),
+                                     ("per_step", per_step, "none")):
+        if not (selection is None or callable(selection) or isinstance(selection, str)
+                or isinstance(selection, Collection) and all(isinstance(a, str) for a in selection)):
+            raise ConfigError(f"{name} must be None ({default}), name prefixes (e.g. ['head']) "
+                              f"or a function (name, parameter) -> bool, got {selection!r}")
     if isinstance(inner_lr, Tensor):
         raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
                           "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
@@ -292,6 +295,10 @@ class MAML(nn.Module):
             (e.g. ``["head"]`` for ANIL; each must match) or a predicate ``(name, param) ->
             bool``. The others are still trained by the outer loop. Both are fixed when MAML is
             built, with the parameters' ``requires_grad``: freeze or unfreeze before.
+        per_step: outer-loop parameters (selected as by ``adapt``; ``None``: none) that get one
+            meta-learned copy per inner step, MAML++'s per-step batch-norm weights and biases:
+            the forward after k inner steps uses copy k (``fastmaml.per_step``). ``adapt``
+            returns the last step's copies with the adapted parameters, for ``predict``.
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
@@ -322,33 +329,33 @@ class MAML(nn.Module):
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
                  inner_steps: int = 1, first_order: bool = False, *, lr_mode: str = "fixed",
                  adapt: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+                 per_step: Sequence[str] | Callable[[str, Tensor], bool] | None = None,
                  metric_fn: LossFn | None = None, batched: bool | None = None,
                  transductive_bn: bool | None = None, check_finite: bool = True,
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
         _check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size, adapt,
-                       first_order=first_order, batched=batched, transductive_bn=transductive_bn,
-                       check_finite=check_finite, compile=compile,
+                       per_step, first_order=first_order, batched=batched,
+                       transductive_bn=transductive_bn, check_finite=check_finite, compile=compile,
                        checkpoint_steps=checkpoint_steps)
         self.model = model
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
         self.inner_steps, self.first_order = inner_steps, first_order
         self.batched, self.check_finite = batched, check_finite
-        self.adapted_names = [n for n, p in model.named_parameters()
-                              if p.requires_grad and _selected(adapt, n, p)]
-        prefixes = [adapt] if isinstance(adapt, str) else [] if callable(adapt) else adapt or []
-        unmatched = [prefix for prefix in prefixes
-                     if not any(_selected([prefix], n, p) for n, p in model.named_parameters()
-                                if p.requires_grad)]
-        if not self.adapted_names or unmatched:
-            names = [n for n, p in model.named_parameters() if p.requires_grad]
-            what = (f"adapt prefix(es) {', '.join(map(repr, unmatched))} match"
-                    if unmatched else "the adapt selection matches")
-            raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
-                              f"parameters: {', '.join(names) or 'none'}")
-        self.outer_only_names = [n for n, p in model.named_parameters()
-                                 if p.requires_grad and n not in self.adapted_names]
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.adapted_names = _matching("adapt", adapt, trainable)
+        self.outer_only_names = [n for n in trainable if n not in self.adapted_names]
+        per_step_names = [] if per_step is None else _matching("per_step", per_step, trainable)
+        adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
+        if adapted_per_step:
+            raise ConfigError(f"per_step selects {', '.join(adapted_per_step[:3])}, which the "
+                              "inner loop adapts: per-step copies are the outer loop's; leave "
+                              "them out of adapt (an experiment's config: adapt=no_norm)")
+        if per_step_names and not inner_steps:
+            raise ConfigError("per_step holds one copy of its parameters per inner step: it "
+                              "needs inner_steps >= 1")
+        self.per_step = PerStepParameters({n: trainable[n] for n in per_step_names}, inner_steps)
         self._trainable_names = {*self.adapted_names, *self.outer_only_names}
         self.checkpoint_steps = checkpoint_steps
         adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
@@ -471,7 +478,7 @@ class MAML(nn.Module):
 
     def _unused_parameters(self, output: Any) -> set[str] | None:
         """The trainable model parameters that ``output`` (of a forward with gradients on) does
-        not depend on, and their own learned inner rates; None under inference_mode, which
+        not depend on, and their own learned inner rates and per-step copies; None under inference_mode, which
         records no graph. Autograd leaves their ``.grad`` None; ``meta_backward``'s functional
         branches, whose ``torch.func.grad`` gives zeros, do the same where such a gradient is
         all zeros (weight decay must not move them), so a parameter that another mode or input
@@ -487,7 +494,8 @@ class MAML(nn.Module):
                                     [torch.ones_like(t) for t in outputs], allow_unused=True)
         unused = {name for name, grad in zip(params, grads) if grad is None}
         return ({f"model.{n}" for n in unused}
-                | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)})
+                | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)}
+                | {f"per_step.{n}" for n in self.per_step.own_copies(unused)})
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
@@ -530,14 +538,19 @@ class MAML(nn.Module):
         for step in range(steps):
             if on_step:
                 on_step(step, fast)
-            fast, loss = self._inner_step(fast, frozen, self.inner_lrs(step), x, y, create_graph,
-                                          grad_fn, loss_fn)
+            fast, loss = self._inner_step(fast, self._at_step(frozen, step), self.inner_lrs(step),
+                                          x, y, create_graph, grad_fn, loss_fn)
             loss_before = loss if loss_before is None else loss_before
         if on_step:
             on_step(steps, fast)
         if loss_before is None:
             loss_before = self._loss(fast, frozen, x, y, loss_fn).detach()
         return fast, loss_before
+
+    def _at_step(self, frozen: Params, step: int) -> Params:
+        """``frozen`` for the forward after ``step`` inner steps: with the per-step copies."""
+        copies = self.per_step(step)
+        return {**frozen, **copies} if copies else frozen
 
     def _inner_step(self, fast: Params, frozen: Params, lrs: dict[str, Tensor | float], x: Tensor,
                     y: Tensor, create_graph: bool, grad_fn: GradFn,
@@ -562,9 +575,10 @@ class MAML(nn.Module):
 
         def on_step(step: int, params: Params) -> None:
             if step in record:
-                losses.append(self._loss(params, frozen, qx, qy))
+                at_step = self._at_step(frozen, step)
+                losses.append(self._loss(params, at_step, qx, qy))
                 if self.metric_fn:
-                    metrics.append(self._loss(params, frozen, qx, qy, self.metric_fn).detach())
+                    metrics.append(self._loss(params, at_step, qx, qy, self.metric_fn).detach())
 
         _, support_loss = self._adapt(fast, frozen, sx, sy, steps, create_graph, grad_fn, on_step)
         out = (support_loss, torch.stack(losses))
@@ -945,40 +959,47 @@ class MAML(nn.Module):
         """The meta-gradient by reverse mode over the inner steps, one step's graph at a time."""
         fast, constants = self._split_params(detach=True)
         outer = {n: constants.pop(n) for n in self.outer_only_names}
-        lr_params = {n: p.detach() for n, p in self.inner_lrs.named_parameters()}
+        step_params = {n: p.detach() for n, p in self.named_parameters()
+                       if n.startswith(("inner_lrs.", "per_step."))}
         record = self._record(step_weights)
         weights = dict(zip(record, [1.0] if step_weights is None else step_weights))
 
         def task(*data: Tensor) -> tuple[Params, ...]:
-            return self._checkpointed_task(fast, outer, constants, lr_params, weights, *data)
+            return self._checkpointed_task(fast, outer, constants, step_params, weights, *data)
         per_task = self._dispatch(
             lambda: _vmap_tasks(task, self._chunk(batch), *batch),
             lambda: tuple({n: torch.stack([d[n] for d in column]) for n in column[0]}
                           for column in zip(*(task(*data) for data in zip(*batch)))))
         *per_task_grads, values = per_task
-        grads = {f"{prefix}.{n}": g.mean(0) for prefix, part in
-                 zip(("model", "model", "inner_lrs"), per_task_grads) for n, g in part.items()}
+        grads = {f"{prefix}{n}": g.mean(0) for prefix, part in
+                 zip(("model.", "model.", ""), per_task_grads) for n, g in part.items()}
         metrics = {n: v.mean() for n, v in values.items() if n != "loss"}
         return grads, (values["loss"].mean(), metrics)
 
-    def _checkpointed_task(self, fast: Params, outer: Params, constants: Params, lr_params: Params,
-                           weights: dict[int, Tensor | float], sx: Tensor, sy: Tensor, qx: Tensor,
-                           qy: Tensor) -> tuple[Params, ...]:
+    def _checkpointed_task(self, fast: Params, outer: Params, constants: Params,
+                           step_params: Params, weights: dict[int, Tensor | float], sx: Tensor,
+                           sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Params, ...]:
         """Gradients of one task's (weighted) query losses w.r.t. the initialisation, the
-        outer-only parameters and the learning rates, and the task's losses.
+        outer-only parameters and the per-step ones (``step_params``: the learning rates and
+        the per-step copies, named as in MAML), and the task's losses.
 
         The inner loop runs without a graph and keeps only each step's parameters; the backward
         pass recomputes step k from them and applies its vector-Jacobian product
         (``torch.func.vjp``), from the last step to the first.
         """
-        def advance(k: int, fast: Params, outer: Params, lr_params: Params
+        def frozen_at(k: int, outer: Params, step_params: Params) -> Params:
+            copies = functional_call(self.per_step, _under("per_step.", step_params), (k,))
+            return {**constants, **outer, **copies}
+
+        def advance(k: int, fast: Params, outer: Params, step_params: Params
                     ) -> tuple[Params, Tensor]:
-            lrs = functional_call(self.inner_lrs, lr_params, (k,))
-            return self._inner_step(fast, {**constants, **outer}, lrs, sx, sy,
+            lrs = functional_call(self.inner_lrs, _under("inner_lrs.", step_params), (k,))
+            return self._inner_step(fast, frozen_at(k, outer, step_params), lrs, sx, sy,
                                     not self.first_order, _functorch_grad)
 
-        def query_loss(fast: Params, outer: Params) -> tuple[Tensor, Tensor]:
-            loss = self._loss(fast, {**constants, **outer}, qx, qy)
+        def query_loss(k: int, fast: Params, outer: Params, step_params: Params
+                       ) -> tuple[Tensor, Tensor]:
+            loss = self._loss(fast, frozen_at(k, outer, step_params), qx, qy)
             return loss, loss.detach()
 
         def add(total: Params, delta: Params, scale: Tensor | float = 1.0) -> Params:
@@ -986,29 +1007,32 @@ class MAML(nn.Module):
 
         trajectory, values = [fast], {"loss": 0.0}
         for k in range(self.inner_steps):
-            adapted, support_loss = advance(k, trajectory[-1], outer, lr_params)
+            adapted, support_loss = advance(k, trajectory[-1], outer, step_params)
             trajectory.append(adapted)
             values.setdefault("support_loss", support_loss)
         if not self.inner_steps:
             values["support_loss"] = self._loss(fast, {**constants, **outer}, sx, sy)
-        g_fast, g_outer, g_lr = ({n: torch.zeros_like(p) for n, p in params.items()}
-                                 for params in (fast, outer, lr_params))
+        g_fast, g_outer, g_step = ({n: torch.zeros_like(p) for n, p in params.items()}
+                                   for params in (fast, outer, step_params))
         for k in range(self.inner_steps, -1, -1):
             if k in weights:
-                (d_fast, d_outer), loss = torch.func.grad(
-                    query_loss, argnums=(0, 1), has_aux=True)(trajectory[k], outer)
+                (d_fast, d_outer, d_step), loss = torch.func.grad(
+                    functools.partial(query_loss, k), argnums=(0, 1, 2), has_aux=True)(
+                        trajectory[k], outer, step_params)
                 values["loss"] = values["loss"] + weights[k] * loss
                 values.setdefault("query_loss", loss)  # the last step comes first
-                g_fast, g_outer = add(g_fast, d_fast, weights[k]), add(g_outer, d_outer, weights[k])
+                g_fast, g_outer, g_step = (add(total, delta, weights[k]) for total, delta in
+                                           ((g_fast, d_fast), (g_outer, d_outer), (g_step, d_step)))
             if k > 0:
                 _, vjp_fn = torch.func.vjp(lambda *args: advance(k - 1, *args)[0],
-                                           trajectory[k - 1], outer, lr_params)
-                g_fast, d_outer, d_lr = vjp_fn(g_fast)
-                g_outer, g_lr = add(g_outer, d_outer), add(g_lr, d_lr)
+                                           trajectory[k - 1], outer, step_params)
+                g_fast, d_outer, d_step = vjp_fn(g_fast)
+                g_outer, g_step = add(g_outer, d_outer), add(g_step, d_step)
         if self.metric_fn:
-            values["query_metric"] = self._loss(trajectory[-1], {**constants, **outer}, qx, qy,
-                                                self.metric_fn)
-        return g_fast, g_outer, g_lr, values
+            values["query_metric"] = self._loss(
+                trajectory[-1], frozen_at(self.inner_steps, outer, step_params), qx, qy,
+                self.metric_fn)
+        return g_fast, g_outer, g_step, values
 
     def _record(self, step_weights: Tensor | None) -> list[int]:
         """The inner steps whose query loss enters the meta-loss."""
@@ -1086,7 +1110,8 @@ class MAML(nn.Module):
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
                                  _autograd_grad, loss_fn=loss_fn)
         # after 0 steps: copies, so that changing them in place leaves the model as it is
-        return adapted if steps else {name: p.clone() for name, p in adapted.items()}
+        adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
+        return {**adapted, **{name: p.clone() for name, p in self.per_step(steps).items()}}
 
     def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
@@ -1150,6 +1175,23 @@ def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor
 
 
 
+def _matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
+              params: Params) -> list[str]:
+    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
+    ``ConfigError`` where it selects none, or one of its name prefixes matches none."""
+    names = [n for n, p in params.items() if _selected(selection, n, p)]
+    prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
+                else selection or [])
+    unmatched = [prefix for prefix in prefixes
+                 if not any(_selected([prefix], n, p) for n, p in params.items())]
+    if not names or unmatched:
+        what = (f"{option} prefix(es) {', '.join(map(repr, unmatched))} match"
+                if unmatched else f"the {option} selection matches")
+        raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
+                          f"parameters: {', '.join(params) or 'none'}")
+    return names
+
+
 def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
               param: Tensor) -> bool:
     if adapt is None:
@@ -1159,6 +1201,11 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
     if isinstance(adapt, str):
         adapt = [adapt]
     return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
+
+
+def _under(prefix: str, params: Params) -> Params:
+    """The entries of ``params`` named under ``prefix``, without it."""
+    return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
 
 
 def _graph_layout(params: Params) -> Params:

@@ -51,6 +51,20 @@ def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool
         return None
     if spec == "no_norm":
         return lambda name, _: not is_norm_param(name, model)
+    return _prefixes(spec)
+
+
+def per_step_selection(spec: str, model: nn.Module
+                       ) -> Callable[[str, Tensor], bool] | list[str] | None:
+    """``none`` | ``norm`` (MAML++'s per-step batch-norm weights and biases) | name prefixes."""
+    if spec == "none":
+        return None
+    if spec == "norm":
+        return lambda name, _: is_norm_param(name, model)
+    return _prefixes(spec)
+
+
+def _prefixes(spec: str) -> list[str]:
     return [p.strip() for p in spec.split(",") if p.strip()]
 
 
@@ -65,6 +79,7 @@ def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
     on_cpu = next(model.parameters()).device.type == "cpu"
     return MAML(model, loss_fn, cfg.inner_lr, cfg.inner_steps, cfg.first_order,
                 lr_mode=cfg.lr_mode, adapt=adapt_selection(cfg.adapt, model),
+                per_step=per_step_selection(cfg.per_step, model),
                 metric_fn=metric_fn, batched=batched, check_finite=on_cpu, compile=cfg.compiles(),
                 chunk_size=cfg.chunk_size or None, checkpoint_steps=cfg.checkpoint_steps)
 
