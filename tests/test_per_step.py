@@ -227,14 +227,16 @@ def test_a_run_with_per_step_norms_trains_resumes_evaluates_and_adapts(tmp_path,
               "image_size=8", "hidden=4", "meta_batch=2", "val_every=0",
               "split_fractions=0.34,0.33,0.33", "eval_tasks=4", "inner_steps=2",
               "checkpoint_every=1", "--no-progress"]
-    train = ["train", "fewshot-folder", "--out", str(run), "per_step=norm", *common]
+    train = ["train", "fewshot-folder", "--out", str(run), "per_step=norm", "norm_scale=true",
+             *common]
     assert main([*train, "iterations=2"]) == 0
     assert main([*train, "iterations=3"]) == 0  # resumed
     assert main(["eval", str(run), "--no-progress"]) == 0
     assert json.loads((run / "eval.json").read_text())[0]["tasks"] == 4
     trained = fastmaml.load_run(run)
     copies = dict(trained.maml.per_step.named_parameters())
-    assert len(copies) == 4 and all(c.shape == (2, 4) for c in copies.values())
+    # the 4 blocks' batch-norm biases and (norm_scale) scales, 2 inner steps of 4 channels
+    assert len(copies) == 8 and all(c.shape == (2, 4) for c in copies.values())
     assert any(not torch.equal(c[0], c[1]) for c in copies.values())  # trained apart
     support = torch.rand(2, 1, 8, 8)
     adapted = trained.adapt(support, torch.tensor([0, 1]))

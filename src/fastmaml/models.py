@@ -13,31 +13,35 @@ class MLP(nn.Sequential):
     """Fully connected ReLU network, e.g. ``MLP([1, 40, 40, 1])`` for the sinusoid experiment.
 
     ``flatten`` first flattens each example (images into vectors, for the paper's MLP variant).
+    ``norm_scale`` learns batch norm's scale too (MAML++), which the paper fixes at 1.
     """
 
-    def __init__(self, sizes: Sequence[int], batch_norm: bool = False, flatten: bool = False):
+    def __init__(self, sizes: Sequence[int], batch_norm: bool = False, flatten: bool = False,
+                 norm_scale: bool = False):
         layers: list[nn.Module] = [nn.Flatten()] if flatten else []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:
                 if batch_norm:
-                    layers.append(_paper_batch_norm(nn.BatchNorm1d(fan_out)))
+                    layers.append(_paper_batch_norm(nn.BatchNorm1d(fan_out), norm_scale))
                 layers.append(nn.ReLU())
         super().__init__(*layers)
 
 
-def _paper_batch_norm(norm: nn.modules.batchnorm._BatchNorm) -> nn.Module:
-    """Batch norm as the official code: offset (bias) learned, scale fixed at 1."""
-    norm.weight.requires_grad_(False)
+def _paper_batch_norm(norm: nn.modules.batchnorm._BatchNorm, learn_scale: bool) -> nn.Module:
+    """Batch norm as the official code: offset (bias) learned, scale fixed at 1 (unless
+    ``learn_scale``)."""
+    norm.weight.requires_grad_(learn_scale)
     return norm
 
 
 class ConvBlock(nn.Sequential):
     """conv 3x3 -> batch norm -> ReLU [-> 2x2 max-pool]."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, max_pool: bool):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, max_pool: bool,
+                 norm_scale: bool = False):
         layers = [nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1),
-                  _paper_batch_norm(nn.BatchNorm2d(out_channels)), nn.ReLU()]
+                  _paper_batch_norm(nn.BatchNorm2d(out_channels), norm_scale), nn.ReLU()]
         if max_pool:
             layers.append(nn.MaxPool2d(2))
         super().__init__(*layers)
@@ -48,14 +52,16 @@ class ConvNet(nn.Module):
 
     Omniglot: ``ConvNet(1, n_way, 64, strided=True)`` (stride-2 convs, global average pool).
     MiniImagenet: ``ConvNet(3, n_way, 32, strided=False)`` (2x2 max-pools, flatten to 800).
+    ``norm_scale`` learns batch norm's scale too (MAML++), which the paper fixes at 1.
     """
 
     def __init__(self, in_channels: int, n_way: int, hidden: int = 64, strided: bool = True,
-                 image_size: int = 28, blocks: int = 4):
+                 image_size: int = 28, blocks: int = 4, norm_scale: bool = False):
         super().__init__()
         channels = [in_channels] + [hidden] * blocks
         self.features = nn.Sequential(*(
-            ConvBlock(c_in, c_out, stride=2 if strided else 1, max_pool=not strided)
+            ConvBlock(c_in, c_out, stride=2 if strided else 1, max_pool=not strided,
+                      norm_scale=norm_scale)
             for c_in, c_out in zip(channels[:-1], channels[1:])))
         self.strided = strided
         side = image_size

@@ -66,6 +66,7 @@ class FewShotConfig(Config):
     eval_k_query: int = 0  # query examples per class at evaluation (0: k_shot, as the paper)
     network: str = "conv"  # conv | mlp (the paper's 256-128-64-64 MLP variant)
     hidden: int = 64
+    norm_scale: bool = False  # learn batch norm's scale too (MAML++); the paper fixes it at 1
     iterations: int = 60000
     meta_batch: int = 32
     inner_lr: float = 2.0
@@ -240,10 +241,11 @@ class FewShotExperiment(Experiment):
         channels, side = image.channels, image.size
         if cfg.network == "conv":
             # the paper: stride-2 convolutions for Omniglot's 28x28, max-pools for 84x84
-            model = ConvNet(channels, cfg.n_way, cfg.hidden, strided=side <= 32, image_size=side)
+            model = ConvNet(channels, cfg.n_way, cfg.hidden, strided=side <= 32, image_size=side,
+                            norm_scale=cfg.norm_scale)
         else:
             model = MLP([channels * side * side, 256, 128, 64, 64, cfg.n_way], batch_norm=True,
-                        flatten=True)
+                        flatten=True, norm_scale=cfg.norm_scale)
         return build_maml(model.to(self.device), F.cross_entropy, cfg, metric_fn=accuracy)
 
     def learners(self) -> list[GradientLearner]:
