@@ -292,6 +292,13 @@ class TrainedPolicy:
         return {key: value.item() if isinstance(example[key], float) else value
                 for key, value in task.items()}
 
+    @staticmethod
+    def task_text(task: dict[str, Any]) -> str:
+        """A task as ``parse_task`` (and ``--task``) takes it: ``velocity=1.3``,
+        ``goal=0.3,-0.2``."""
+        return " ".join(f"{key}={','.join(f'{v:.4g}' for v in np.atleast_1d(value))}"
+                        for key, value in task.items())
+
     def adapt(self, task: dict[str, Any], steps: int | None = None, seed: int = 0
               ) -> AdaptedPolicy:
         """The policy adapted to ``task`` (a dict such as ``sample_tasks`` gives) by ``steps``

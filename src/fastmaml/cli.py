@@ -136,7 +136,7 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
                                       ("--plot", args.plot)) if value]
     if given or not args.task:
         raise ConfigError(f"{run.run_dir} is a meta-RL run: it adapts to a task by sampling "
-                          f"its environment, e.g. --task {_task_text(run.sample_tasks(1)[0])}"
+                          f"its environment, e.g. --task {run.task_text(run.sample_tasks(1)[0])}"
                           + (f" (not {', '.join(given)})" if given else ""))
     task = run.parse_task(args.task)
     adapted = run.adapt(task, args.steps, args.seed)
@@ -148,16 +148,10 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
     else:
         text = "step,return\n" + "".join(f"{step},{value:.6g}\n"
                                           for step, value in enumerate(adapted.returns))
-    return text, (f"fastmaml: adapted {run.run_dir} to {_task_text(task)} in "
+    return text, (f"fastmaml: adapted {run.run_dir} to {run.task_text(task)} in "
                   f"{len(adapted.returns) - 1} step(s): mean return "
                   f"{' -> '.join(f'{value:.1f}' for value in adapted.returns)}"
                   + (f"; returns per step in {out}" if out else ""))
-
-
-def _task_text(task: dict[str, Any]) -> str:
-    """A task as ``--task`` takes it: ``velocity=1.3``, ``goal=0.3,-0.2``."""
-    return " ".join(f"{key}={','.join(f'{v:.4g}' for v in np.atleast_1d(value))}"
-                    for key, value in task.items())
 
 
 def _as_csv(result: Predictions) -> str:
