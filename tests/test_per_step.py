@@ -15,7 +15,7 @@ from fastmaml.cli import main
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, is_norm_param
 
-TASKS, STEPS = 3, 2
+TASKS, STEPS = 3, 3
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
 
@@ -52,15 +52,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reference_meta_loss(maml: MAML, batch: TaskBatch, steps: int,
                         weights: torch.Tensor | None = None) -> torch.Tensor:
-    """The meta-loss written out, one task at a time: the forward after k inner steps sets each
-    batch-norm bias to its k-th copy (the model's own at k = 0, the last beyond the copies)."""
+    """The meta-loss written out, one task at a time: inner step k's support forward and the
+    query forward after it set each batch-norm bias to its set k (MAML++'s indexing): the
+    model's own at k = 0, else copy k - 1."""
     model = maml.model
-    norm_names = [n for n, p in model.named_parameters() if p.requires_grad and is_norm_param(n, model)]
+    norm_names = [n for n, p in model.named_parameters()
+                  if p.requires_grad and is_norm_param(n, model)]
     own = dict(model.named_parameters())
 
     def forward(fast, k, x):
-        biases = {n: (own[n] if k == 0 else
-                      maml.per_step.copies[n.replace(".", "__")][min(k, steps) - 1])
+        biases = {n: own[n] if k == 0 else maml.per_step.copies[n.replace(".", "__")][k - 1]
                   for n in norm_names}
         return functional_call(model, {**own, **dict(model.named_buffers()), **biases, **fast},
                                (x,))
@@ -73,7 +74,7 @@ def reference_meta_loss(maml: MAML, batch: TaskBatch, steps: int,
             grads = torch.autograd.grad(F.cross_entropy(forward(fast, k, sx), sy),
                                         list(fast.values()), create_graph=True)
             fast = {n: p - 0.4 * g for (n, p), g in zip(fast.items(), grads)}
-            query.append(F.cross_entropy(forward(fast, k + 1, qx), qy))
+            query.append(F.cross_entropy(forward(fast, k, qx), qy))
         query = torch.stack(query)
         losses.append(query[-1] if weights is None else query @ weights)
     return torch.stack(losses).mean()
@@ -90,8 +91,8 @@ def test_the_forward_after_k_steps_uses_copy_k_as_written_out(msl):
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     for got, want in zip(torch.autograd.grad(loss, params), torch.autograd.grad(expected, params)):
         assert torch.allclose(got, want, rtol=1e-10, atol=1e-14)
-    assert len(maml.per_step.copies) == 2  # the two blocks' biases, one copy per inner step
-    assert all(c.shape == (STEPS, 4) for c in maml.per_step.copies.values())
+    assert len(maml.per_step.copies) == 2  # the two blocks' biases: sets 1.. of the inner steps
+    assert all(c.shape == (STEPS - 1, 4) for c in maml.per_step.copies.values())
 
 
 def test_the_meta_gradient_of_the_copies_matches_finite_differences():
@@ -139,7 +140,7 @@ def test_copies_start_as_the_model_and_their_gradients_sum_to_the_tied_one():
 @pytest.mark.parametrize("msl", [False, True])
 def test_batched_looped_checkpointed_and_functional_paths_agree(first_order, msl):
     weights = multi_step_loss_weights(STEPS, 0.3) if msl else None
-    grads, losses = {}, {}
+    grads, losses, without = {}, {}, {}
     for path, options in {"looped": {"batched": False}, "batched": {"batched": True},
                           "checkpointed_batched": {"batched": True, "checkpoint_steps": True},
                           "checkpointed_looped": {"batched": False,
@@ -148,34 +149,43 @@ def test_batched_looped_checkpointed_and_functional_paths_agree(first_order, msl
         maml = per_step_maml(model, first_order=first_order, **options)
         loss, _ = maml.meta_backward(batch, weights)
         grads[path], losses[path] = flat_grads(maml), loss.item()
+        without[path] = {n for n, p in maml.named_parameters() if p.grad is None}
         if not options.get("checkpoint_steps"):
             assert maml.path == path
     for path in grads:
         assert relative(grads[path], grads["looped"]) < 1e-10, path
         assert losses[path] == pytest.approx(losses["looped"], rel=1e-12)
+        assert without[path] == without["looped"], path
+    # in first order only the first support forward uses the model's own biases (set 0): no
+    # derivative reaches them, unless the multi-step loss takes the query loss after that step
+    assert ("model.features.0.1.bias" in without["looped"]) == (first_order and not msl)
     names = [n for n, p in per_step_maml(conv_problem()[0]).named_parameters() if p.requires_grad]
     copies = torch.cat([p.grad.flatten() for n, p in maml.named_parameters()
                         if n.startswith("per_step.")])
     assert any(n.startswith("per_step.") for n in names) and copies.abs().sum() > 0
 
 
-def test_compiled_meta_gradient_with_copies_matches_eager():
+@pytest.mark.parametrize("first_order", [False, True])
+def test_compiled_meta_gradient_with_copies_matches_eager(first_order):
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     model = MLP([1, 8, 8, 1])  # per step: the hidden layer's weights; adapted: the head
     batch = TaskBatch(torch.randn(TASKS, 5, 1), torch.randn(TASKS, 5, 1),
                       torch.randn(TASKS, 6, 1), torch.randn(TASKS, 6, 1))
-    grads = {}
+    grads, without = {}, {}
     for compile in (False, True):
-        maml = MAML(model, F.mse_loss, 0.1, STEPS, adapt=["4"], per_step=["2"], batched=True,
-                    compile=compile)
+        maml = MAML(model, F.mse_loss, 0.1, STEPS, first_order, adapt=["4"], per_step=["2"],
+                    batched=True, compile=compile)
         with torch.no_grad():
             maml.per_step.copies["2__weight"].mul_(torch.tensor([0.5, 2.0])[:, None, None])
         for _ in range(2):  # the first call picks the path; the second is one compiled graph
             maml.zero_grad(set_to_none=True)
             maml.meta_backward(batch)
         grads[compile] = flat_grads(maml)
+        without[compile] = {n for n, p in maml.named_parameters() if p.grad is None}
     assert relative(grads[True], grads[False]) < 1e-5
+    assert without[True] == without[False] == ({"model.2.weight", "model.2.bias"}
+                                               if first_order else set())
 
 
 def test_adapt_returns_the_last_steps_copies_for_predict():
@@ -187,10 +197,10 @@ def test_adapt_returns_the_last_steps_copies_for_predict():
         adapted = maml.adapt(sx, sy, steps)
         for name, copies in maml.per_step.copies.items():
             name = name.replace("__", ".")
-            if steps == 0:
+            if steps <= 1:  # set 0 (or no step): the model's own
                 assert name not in adapted
-            else:
-                assert torch.equal(adapted[name], copies[min(steps, STEPS) - 1])
+            else:  # the last step's set, steps - 1, or the last set beyond them
+                assert torch.equal(adapted[name], copies[min(steps - 1, STEPS - 1) - 1])
         loss = F.cross_entropy(maml.predict(adapted, qx), qy)
         assert loss.item() == pytest.approx(evaluated["loss"][0, steps].item(), rel=1e-10)
     adapted = maml.adapt(sx, sy)
@@ -204,8 +214,10 @@ def test_selections_the_copies_cannot_take_are_named():
     with pytest.raises(ConfigError, match="per_step selects features.0.1.bias, features.1.1.bias, "
                                           "which the inner loop adapts"):
         MAML(model, F.cross_entropy, 0.4, STEPS, per_step=norm)
-    with pytest.raises(ConfigError, match="needs inner_steps >= 1"):
-        MAML(model, F.cross_entropy, 0.4, 0, adapt=["head"], per_step=norm)
+    for steps in (0, 1):
+        with pytest.raises(ConfigError, match=f"with inner_steps={steps} the model's own is the "
+                                              "only one: use inner_steps >= 2"):
+            MAML(model, F.cross_entropy, 0.4, steps, adapt=["head"], per_step=norm)
     with pytest.raises(ConfigError, match="per_step prefix\\(es\\) 'nowhere' match no trainable"):
         MAML(model, F.cross_entropy, 0.4, STEPS, adapt=["head"], per_step=["nowhere"])
     with pytest.raises(ConfigError, match="per_step must be None \\(none\\), name prefixes"):
@@ -225,7 +237,7 @@ def test_a_run_with_per_step_norms_trains_resumes_evaluates_and_adapts(tmp_path,
     write_classes(data, 6, 3)
     common = ["--data-root", str(data), "n_way=2", "k_shot=1", "k_query=1", "eval_k_query=1",
               "image_size=8", "hidden=4", "meta_batch=2", "val_every=0",
-              "split_fractions=0.34,0.33,0.33", "eval_tasks=4", "inner_steps=2",
+              "split_fractions=0.34,0.33,0.33", "eval_tasks=4", "inner_steps=3",
               "checkpoint_every=1", "--no-progress"]
     train = ["train", "fewshot-folder", "--out", str(run), "per_step=norm", "norm_scale=true",
              *common]
@@ -235,12 +247,12 @@ def test_a_run_with_per_step_norms_trains_resumes_evaluates_and_adapts(tmp_path,
     assert json.loads((run / "eval.json").read_text())[0]["tasks"] == 4
     trained = fastmaml.load_run(run)
     copies = dict(trained.maml.per_step.named_parameters())
-    # the 4 blocks' batch-norm biases and (norm_scale) scales, 2 inner steps of 4 channels
+    # the 4 blocks' batch-norm biases and (norm_scale) scales: sets 1 and 2 of 4 channels
     assert len(copies) == 8 and all(c.shape == (2, 4) for c in copies.values())
     assert any(not torch.equal(c[0], c[1]) for c in copies.values())  # trained apart
     support = torch.rand(2, 1, 8, 8)
-    adapted = trained.adapt(support, torch.tensor([0, 1]))
-    for name, c in copies.items():  # the forward after the run's 2 steps: the second copies
+    adapted = trained.adapt(support, torch.tensor([0, 1]), steps=3)
+    for name, c in copies.items():  # after the run's 3 steps: step 2's set
         assert torch.equal(adapted.params[name[len("copies."):].replace("__", ".")], c[1])
     assert trained.predict(adapted, support, context=support).shape == (2, 2)
     capsys.readouterr()

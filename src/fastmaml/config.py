@@ -43,8 +43,8 @@ class Config:
     first_order_until: int = 0  # first-order MAML before this iteration, then second order (MAML++)
     lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
     adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
-    # outer-loop parameters with one meta-learned copy per inner step: none | norm (MAML++'s
-    # per-step batch-norm weights and biases; needs adapt=no_norm) | parameter-name prefixes
+    # outer-loop parameters with one meta-learned set per inner step (inner_steps >= 2): none |
+    # norm (MAML++'s per-step batch-norm weights and biases; with adapt=no_norm) | name prefixes
     per_step: str = "none"
     multi_step_loss: bool = False  # MAML++ query loss after every inner step
     msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal

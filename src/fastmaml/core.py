@@ -168,7 +168,8 @@ def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inne
     for name, selection, default in (("adapt", adapt, "all parameters"),
                                      ("per_step", per_step, "none")):
         if not (selection is None or callable(selection) or isinstance(selection, str)
-                or isinstance(selection, Collection) and all(isinstance(a, str) for a in selection)):
+                or isinstance(selection, Collection)
+                and all(isinstance(a, str) for a in selection)):
             raise ConfigError(f"{name} must be None ({default}), name prefixes (e.g. ['head']) "
                               f"or a function (name, parameter) -> bool, got {selection!r}")
     if isinstance(inner_lr, Tensor):
@@ -296,9 +297,12 @@ class MAML(nn.Module):
             bool``. The others are still trained by the outer loop. Both are fixed when MAML is
             built, with the parameters' ``requires_grad``: freeze or unfreeze before.
         per_step: outer-loop parameters (selected as by ``adapt``; ``None``: none) that get one
-            meta-learned copy per inner step, MAML++'s per-step batch-norm weights and biases:
-            the forward after k inner steps uses copy k (``fastmaml.per_step``). ``adapt``
-            returns the last step's copies with the adapted parameters, for ``predict``.
+            meta-learned set per inner step, MAML++'s per-step batch-norm weights and biases:
+            inner step k's support forward and the query forward after it use set k, set 0
+            being the model's own (``fastmaml.per_step``; needs ``inner_steps >= 2``). ``adapt``
+            returns the last step's set with the adapted parameters, for ``predict``. The sets
+            start as the model's values when MAML is built: load weights into the model before,
+            or into MAML (its ``state_dict``) after.
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
@@ -349,12 +353,13 @@ class MAML(nn.Module):
         per_step_names = [] if per_step is None else _matching("per_step", per_step, trainable)
         adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
         if adapted_per_step:
-            raise ConfigError(f"per_step selects {', '.join(adapted_per_step[:3])}, which the "
-                              "inner loop adapts: per-step copies are the outer loop's; leave "
-                              "them out of adapt (an experiment's config: adapt=no_norm)")
-        if per_step_names and not inner_steps:
-            raise ConfigError("per_step holds one copy of its parameters per inner step: it "
-                              "needs inner_steps >= 1")
+            raise ConfigError(f"per_step selects {_listed(adapted_per_step)}, which the inner "
+                              "loop adapts: per-step sets are the outer loop's; leave them out "
+                              "of adapt (an experiment's config: adapt=no_norm)")
+        if per_step_names and inner_steps < 2:
+            raise ConfigError(f"per_step gives each inner step its own set of parameters, but "
+                              f"with inner_steps={inner_steps} the model's own is the only one: "
+                              "use inner_steps >= 2, or no per_step")
         self.per_step = PerStepParameters({n: trainable[n] for n in per_step_names}, inner_steps)
         self._trainable_names = {*self.adapted_names, *self.outer_only_names}
         self.checkpoint_steps = checkpoint_steps
@@ -478,12 +483,13 @@ class MAML(nn.Module):
 
     def _unused_parameters(self, output: Any) -> set[str] | None:
         """The trainable model parameters that ``output`` (of a forward with gradients on) does
-        not depend on, and their own learned inner rates and per-step copies; None under inference_mode, which
-        records no graph. Autograd leaves their ``.grad`` None; ``meta_backward``'s functional
-        branches, whose ``torch.func.grad`` gives zeros, do the same where such a gradient is
-        all zeros (weight decay must not move them), so a parameter that another mode or input
-        uses keeps its gradient. An output whose tensors this cannot see leaves none out. (The
-        parameters' own tensor hooks, if any, see this backward pass too.)"""
+        not depend on, with their learned inner rates and per-step sets; None under
+        inference_mode, which records no graph. Autograd leaves their ``.grad`` None;
+        ``meta_backward``'s functional branches, whose ``torch.func.grad`` gives zeros, do the
+        same where such a gradient is all zeros (weight decay must not move them), so a
+        parameter that another mode or input uses keeps its gradient. An output whose tensors
+        this cannot see leaves none out. (The parameters' own tensor hooks, if any, see this
+        backward pass too.)"""
         if torch.is_inference_mode_enabled():
             return None
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -548,7 +554,7 @@ class MAML(nn.Module):
         return fast, loss_before
 
     def _at_step(self, frozen: Params, step: int) -> Params:
-        """``frozen`` for the forward after ``step`` inner steps: with the per-step copies."""
+        """``frozen`` for inner step ``step``'s forwards: with its set of per-step parameters."""
         copies = self.per_step(step)
         return {**frozen, **copies} if copies else frozen
 
@@ -575,7 +581,7 @@ class MAML(nn.Module):
 
         def on_step(step: int, params: Params) -> None:
             if step in record:
-                at_step = self._at_step(frozen, step)
+                at_step = self._at_step(frozen, step - 1)  # the set of the step just taken
                 losses.append(self._loss(params, at_step, qx, qy))
                 if self.metric_fn:
                     metrics.append(self._loss(params, at_step, qx, qy, self.metric_fn).detach())
@@ -798,14 +804,14 @@ class MAML(nn.Module):
                       step_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``meta_loss(batch, step_weights)[0].backward()`` as one functional pass.
 
-        Accumulates the meta-gradient into ``.grad`` of every trainable parameter (the model's
-        and learned inner learning rates) and returns the detached loss and the metrics. With
-        ``compile=True``, on the batched path and after the first call, the outer gradient is
-        ``torch.func.grad`` of the whole objective, compiled into one graph with the forward
-        (sinusoid MLP: about twice as fast as ``meta_loss`` + ``backward`` compiled). Otherwise
-        it is ``meta_loss`` and autograd: uncompiled, the functional form is slower and keeps
-        more memory. With ``checkpoint_steps`` it is the step-by-step reverse pass of
-        ``_checkpointed_task``.
+        Accumulates the meta-gradient into ``.grad`` of every trainable parameter (the model's,
+        the learned inner learning rates and the per-step sets) and returns the detached loss
+        and the metrics. With ``compile=True``, on the batched path and after the first call,
+        the outer gradient is ``torch.func.grad`` of the whole objective, compiled into one
+        graph with the forward (sinusoid MLP: about twice as fast as ``meta_loss`` +
+        ``backward`` compiled). Otherwise it is ``meta_loss`` and autograd: uncompiled, the
+        functional form is slower and keeps more memory. With ``checkpoint_steps`` it is the
+        step-by-step reverse pass of ``_checkpointed_task``.
         """
         if not torch.is_grad_enabled():
             raise ConfigError("meta_backward computes gradients, but gradients are off here "
@@ -838,11 +844,21 @@ class MAML(nn.Module):
         else:  # uncompiled, or the first call, which decides the path
             return self._backward_compiling_lazily(batch, step_weights, trainable)
         self._check_finite(loss)
+        without = self._without_gradient(step_weights)
         for name, p in trainable.items():
-            if name in self._unused_names and not grads[name].any():
-                continue  # torch.func's zeros where autograd leaves None (see _unused_parameters)
+            if name in without and not grads[name].any():
+                continue  # torch.func's zeros where autograd leaves None
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
         return loss, metrics
+
+    def _without_gradient(self, step_weights: Tensor | None) -> set[str]:
+        """The trainable parameters that autograd may leave without ``.grad`` here: those the
+        model's output does not use (``_unused_parameters``) and, in first order, the model's
+        own per-step parameters, which only the first inner step uses, unless the multi-step
+        loss takes the query loss after that step."""
+        if self.first_order and step_weights is None:
+            return self._unused_names | {f"model.{n}" for n in self.per_step.names}
+        return self._unused_names
 
     def _backward(self, batch: TaskBatch, step_weights: Tensor | None
                   ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -998,8 +1014,8 @@ class MAML(nn.Module):
                                     not self.first_order, _functorch_grad)
 
         def query_loss(k: int, fast: Params, outer: Params, step_params: Params
-                       ) -> tuple[Tensor, Tensor]:
-            loss = self._loss(fast, frozen_at(k, outer, step_params), qx, qy)
+                       ) -> tuple[Tensor, Tensor]:  # after k steps: step k - 1's set
+            loss = self._loss(fast, frozen_at(k - 1, outer, step_params), qx, qy)
             return loss, loss.detach()
 
         def add(total: Params, delta: Params, scale: Tensor | float = 1.0) -> Params:
@@ -1030,7 +1046,7 @@ class MAML(nn.Module):
                 g_outer, g_step = add(g_outer, d_outer), add(g_step, d_step)
         if self.metric_fn:
             values["query_metric"] = self._loss(
-                trajectory[-1], frozen_at(self.inner_steps, outer, step_params), qx, qy,
+                trajectory[-1], frozen_at(self.inner_steps - 1, outer, step_params), qx, qy,
                 self.metric_fn)
         return g_fast, g_outer, g_step, values
 
@@ -1111,7 +1127,7 @@ class MAML(nn.Module):
                                  _autograd_grad, loss_fn=loss_fn)
         # after 0 steps: copies, so that changing them in place leaves the model as it is
         adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
-        return {**adapted, **{name: p.clone() for name, p in self.per_step(steps).items()}}
+        return {**adapted, **{name: p.clone() for name, p in self.per_step(steps - 1).items()}}
 
     def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
@@ -1173,6 +1189,12 @@ def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor
         chunk_size = None  # one chunk: skip vmap's split and concatenation
     return vmap(task, randomness="different", chunk_size=chunk_size)(*batch)
 
+
+
+def _listed(names: Sequence[str], most: int = 3) -> str:
+    """``names`` joined by commas, the first ``most`` of them and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 def _matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,

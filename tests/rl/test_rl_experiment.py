@@ -60,6 +60,9 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(env="Foo-v0", action_scale=0.1)  # named for itself, not for the action scale
     with pytest.raises(ConfigError, match="hvp"):
         RLConfig(hvp="magic")
+    with pytest.raises(ConfigError, match="per_step=norm: per-step parameter sets are for the "
+                                          "supervised experiments"):
+        RLConfig().with_overrides(["per_step=norm"])
     with pytest.raises(ConfigError, match="eval_batch"):
         RLConfig(eval_batch="magic")
     with pytest.raises(ConfigError, match="batch"):

@@ -168,6 +168,10 @@ class RLConfig(Config):
                               "which meta-RL does not run: its outer loop is TRPO (max_kl, "
                               "cg_iters, cg_damping, backtrack_ratio, max_backtracks, hvp), and "
                               "its inner steps adapt task by task")
+        if self.per_step != "none":
+            raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
+                              "supervised experiments; meta-RL's policy has no norm layers and "
+                              "adapts all its parameters (the paper)")
         if self.env not in (NAV, *LOCOMOTION):
             raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
                               f"{', '.join((NAV, *LOCOMOTION))}")
