@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmaml import MAML, TaskBatch
 from fastmaml.allocator import tune_cpu_allocator
-from fastmaml.models import ConvNet, MLP, SequenceNet
+from fastmaml.models import ConvNet, MLP, SequenceNet, is_norm_param
 from fastmaml.recurrent import has_recurrent
 
 
@@ -103,9 +103,9 @@ class Unsupported(Exception):
 
 
 def fastmaml_impl(model, w: Workload, first_order: bool, compile: bool = False,
-                  checkpoint_steps: bool = False, batched: bool | None = True):
+                  checkpoint_steps: bool = False, batched: bool | None = True, **options):
     maml = MAML(model, w.loss_fn, w.inner_lr, w.steps, first_order, batched=batched,
-                check_finite=False, compile=compile, checkpoint_steps=checkpoint_steps)
+                check_finite=False, compile=compile, checkpoint_steps=checkpoint_steps, **options)
 
     def step(batch):
         maml.meta_backward(batch)
@@ -129,6 +129,14 @@ def fastmaml_auto_compiled_impl(model, w: Workload, first_order: bool):
 
 def fastmaml_checkpointed_impl(model, w: Workload, first_order: bool):
     return fastmaml_impl(model, w, first_order, checkpoint_steps=True)
+
+
+def fastmaml_per_step_impl(model, w: Workload, first_order: bool):
+    """MAML++'s per-step batch norm: the norm layers' biases outer-loop only, one set per step."""
+    if w.steps < 2 or not any(is_norm_param(n, model) for n, _ in model.named_parameters()):
+        raise Unsupported("per-step sets need norm layers and 2 or more inner steps")
+    return fastmaml_impl(model, w, first_order, adapt=lambda n, _: not is_norm_param(n, model),
+                         per_step=lambda n, _: is_norm_param(n, model))
 
 
 def loop_impl(model, w: Workload, first_order: bool):
@@ -292,10 +300,15 @@ def parallel_metalearn_impl(model, w: Workload, first_order: bool):
 IMPLS = {"fastmaml": (fastmaml_impl, None), "fastmaml-auto": (fastmaml_auto_impl, None),
          "fastmaml-compiled": (fastmaml_compiled_impl, None),
          "fastmaml-auto-compiled": (fastmaml_auto_compiled_impl, None),
-         "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None), "loop": (loop_impl, None),
+         "fastmaml-checkpointed": (fastmaml_checkpointed_impl, None),
+         "fastmaml-per-step": (fastmaml_per_step_impl, None), "loop": (loop_impl, None),
          "higher": (higher_impl, "higher"), "learn2learn": (learn2learn_impl, "learn2learn"),
          "torchopt": (torchopt_impl, "torchopt"), "torchopt-vmap": (torchopt_vmap_impl, "torchopt"),
          "parallel-metalearn": (parallel_metalearn_impl, "metalearn")}
+
+
+# the engine's options, timed only where asked for (--impls)
+OPTIONAL_IMPLS = ("fastmaml-checkpointed", "fastmaml-per-step")
 
 
 # ----- measurement -----
@@ -486,7 +499,7 @@ def main() -> None:
     parser.add_argument("--workloads", default="sinusoid,omniglot-5w1s-q5",
                         help=f"comma-separated, from: {', '.join(WORKLOADS)} (or 'all')")
     parser.add_argument("--orders", default="second,first")
-    parser.add_argument("--impls", default=",".join(i for i in IMPLS if i != "fastmaml-checkpointed"),
+    parser.add_argument("--impls", default=",".join(i for i in IMPLS if i not in OPTIONAL_IMPLS),
                         help=f"comma-separated, from: {', '.join(IMPLS)}")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
