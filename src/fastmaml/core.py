@@ -302,7 +302,8 @@ class MAML(nn.Module):
             being the model's own (``fastmaml.per_step``; needs ``inner_steps >= 2``). ``adapt``
             returns the last step's set with the adapted parameters, for ``predict``. The sets
             start as the model's values when MAML is built: load weights into the model before,
-            or into MAML (its ``state_dict``) after.
+            or into MAML (its ``state_dict``) after. In first order without the multi-step loss
+            only the last step's set gets a meta-gradient (as in MAML++).
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
@@ -355,7 +356,8 @@ class MAML(nn.Module):
         if adapted_per_step:
             raise ConfigError(f"per_step selects {_listed(adapted_per_step)}, which the inner "
                               "loop adapts: per-step sets are the outer loop's; leave them out "
-                              "of adapt (an experiment's config: adapt=no_norm)")
+                              "of adapt, or choose other per_step parameters (per_step=norm "
+                              "goes with adapt=no_norm)")
         if per_step_names and inner_steps < 2:
             raise ConfigError(f"per_step gives each inner step its own set of parameters, but "
                               f"with inner_steps={inner_steps} the model's own is the only one: "
@@ -1098,8 +1100,9 @@ class MAML(nn.Module):
               loss_fn: LossFn | None = None) -> Params:
         """Adapted parameters for one task (no task dimension).
 
-        Differentiable with respect to the initialisation when gradients are enabled, so a
-        custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
+        With ``per_step``, the dict also holds the last step's set of those parameters, under
+        the model's names. Differentiable with respect to the initialisation when gradients are
+        enabled, so a custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
         this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
         Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
         """

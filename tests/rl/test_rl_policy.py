@@ -149,3 +149,7 @@ def test_adapt_policy_later_steps_start_and_lr_scale() -> None:
     with pytest.raises(ConfigError, match="no_grad"):
         adapt_policy(maml, episodes, lr_scale=0.5)
     assert math.isclose(maml.inner_lrs.init, 0.1)
+    per_step = MAML(_policy(), reinforce_loss, inner_lr=0.1, inner_steps=2, adapt=["mean"],
+                    per_step=["log_std"])  # later steps start from the last: sets cannot apply
+    with pytest.raises(ConfigError, match="a MAML with per_step sets cannot adapt a policy"):
+        adapt_policy(per_step, episodes)

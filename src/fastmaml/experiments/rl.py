@@ -170,8 +170,8 @@ class RLConfig(Config):
                               "its inner steps adapt task by task")
         if self.per_step != "none":
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
-                              "supervised experiments; meta-RL's policy has no norm layers and "
-                              "adapts all its parameters (the paper)")
+                              "supervised experiments; meta-RL's evaluation adapts one "
+                              "policy-gradient step at a time, from the last step's parameters")
         if self.env not in (NAV, *LOCOMOTION):
             raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
                               f"{', '.join((NAV, *LOCOMOTION))}")

@@ -116,6 +116,9 @@ def adapt_policy(maml: MAML, episodes: Episodes, *, advantages: Tensor | None = 
     adapted parameters and ``lr_scale`` scales the update; both only under ``torch.no_grad()``.
     ``lr_scale`` scales the whole displacement, which is exact for one inner step.
     """
+    if maml.per_step.names:
+        raise ConfigError("adapt_policy: a MAML with per_step sets cannot adapt a policy (its "
+                          "steps run one at a time, each from the last step's parameters)")
     if (start is not None or lr_scale != 1.0) and torch.is_grad_enabled():
         raise ConfigError("adapt_policy: start and lr_scale are for evaluation under "
                           "torch.no_grad()")
