@@ -907,6 +907,18 @@ def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(funct
     assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
 
 
+def test_finding_the_unused_parameters_runs_no_backward_pass_their_hooks_would_see():
+    model, loss_fn, batch = mlp_problem()
+    calls = []
+    for p in model.parameters():
+        p.register_hook(lambda grad: calls.append(1))
+    maml = MAML(model, loss_fn, 0.1, 1)
+    maml.evaluate(batch)  # the probe, and inner steps on detached copies
+    assert calls == [] and maml._unused_names == set()
+    maml.meta_loss(batch)[0].backward()
+    assert len(calls) == len(list(model.parameters()))
+
+
 def test_with_compile_the_search_also_times_the_compiled_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))

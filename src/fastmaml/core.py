@@ -490,17 +490,16 @@ class MAML(nn.Module):
         ``meta_backward``'s functional branches, whose ``torch.func.grad`` gives zeros, do the
         same where such a gradient is all zeros (weight decay must not move them), so a
         parameter that another mode or input uses keeps its gradient. An output whose tensors
-        this cannot see leaves none out. (The parameters' own tensor hooks, if any, see this
-        backward pass too.)"""
+        this cannot see leaves none out. Read from the output's graph, without a backward pass
+        (which the parameters' own hooks would see)."""
         if torch.is_inference_mode_enabled():
             return None
-        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
         if not outputs:
             return set()
-        grads = torch.autograd.grad(outputs, list(params.values()),
-                                    [torch.ones_like(t) for t in outputs], allow_unused=True)
-        unused = {name for name, grad in zip(params, grads) if grad is None}
+        reached = _graph_leaves(outputs)
+        unused = {name for name, p in self.model.named_parameters()
+                  if p.requires_grad and id(p) not in reached}
         return ({f"model.{n}" for n in unused}
                 | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)}
                 | {f"per_step.{n}" for n in self.per_step.own_copies(unused)})
@@ -1226,6 +1225,22 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
     if isinstance(adapt, str):
         adapt = [adapt]
     return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
+
+
+def _graph_leaves(outputs: Sequence[Tensor]) -> set[int]:
+    """The ids of the leaf tensors (e.g. parameters) that a backward pass from ``outputs`` would
+    reach: those the outputs depend on through their autograd graph."""
+    leaves = {id(t) for t in outputs if t.grad_fn is None}
+    pending, seen = [t.grad_fn for t in outputs if t.grad_fn is not None], set()
+    while pending:
+        node = pending.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):  # AccumulateGrad: a leaf's gradient lands here
+            leaves.add(id(node.variable))
+        pending += [child for child, _ in node.next_functions if child is not None]
+    return leaves
 
 
 def _under(prefix: str, params: Params) -> Params:
