@@ -168,8 +168,8 @@ class Sampler:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
         does not fit this environment's observations and actions."""
         for task in tasks:
-            if not set(self._task_shapes) <= set(task):
-                raise ConfigError(f"a {self.env_id} task needs the key(s) "
+            if set(self._task_shapes) != set(task):  # an extra key would be ignored unsaid
+                raise ConfigError(f"a {self.env_id} task has exactly the key(s) "
                                   f"{', '.join(sorted(self._task_shapes))}; got {task!r}, a task "
                                   "of another environment?")
             for key, shape in self._task_shapes.items():
