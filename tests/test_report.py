@@ -191,8 +191,7 @@ def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(
 
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
     def run(preset: str, accuracy: float) -> report.Run:
-        config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1,
-                  "preset": preset}
+        config = report.preset_config(preset, []).to_dict()  # as config.yaml holds it
         record = {"experiment": "omniglot", "method": "maml", "k_shot": 1, "tasks": 600,
                   "metric": "accuracy", "mean": [0.05] + [accuracy] * 10, "ci95": [0.01] * 11}
         return report.Run(tmp_path / preset, config, [record], 1000, 60.0, [])
@@ -210,6 +209,11 @@ def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Pat
             if line.startswith(("| Omniglot 20-way 1-shot |", "| Omniglot 20-way 1-shot (fast"))]
     assert len(rows) == 2 and "(fast recipe)" in rows[0]
     assert "| no run yet (`fastmaml reproduce --budget paper omniglot-20w1s`) |" in rows[1]
+    # a run that changes what the recipe learns says how; how long or how it ran, it does not
+    changed = run("omniglot-20w1s-fast", 0.96)
+    changed.config.update(per_step="norm", norm_scale=True, iterations=30000, threads=1)
+    text = report.render([changed], tmp_path / "REPORT.md")
+    assert "| Omniglot 20-way 1-shot (fast recipe, per_step=norm, norm_scale=True) |" in text
 
 
 def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_path: Path,
@@ -219,7 +223,8 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
     root = tmp_path / "reproduced"
     assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
     text = (root / "REPORT.md").read_text()
-    for title in ("Sinusoid regression, 5-shot", "Omniglot 5-way 1-shot", "2D navigation"):
+    for title in ("Sinusoid regression, 5-shot", "Omniglot 5-way 1-shot (meta_batch=2, hidden=8)",
+                  "2D navigation (meta_batch=2, horizon=10, trajectories=2, hidden=8,8)"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
         assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
     assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text

@@ -284,9 +284,23 @@ def _changed_settings(run: Run) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in skip and defaults.get(k) != v}
 
 
-def _overrides(run: Run) -> list[str]:
+def _overrides(run: Run, recipe_only: bool = False) -> list[str]:
+    """The run's changed settings as ``key=value`` overrides; with ``recipe_only`` those of what
+    it learns alone, not of how long or how it ran (the settings a resumed run may change) nor
+    how it is evaluated."""
     return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in _changed_settings(run).items()]
+            for k, v in _changed_settings(run).items()
+            if not (recipe_only and (k in RESUMABLE_KEYS or k.startswith("eval_")))]
+
+
+def _row_title(headline: Headline, run: Run | None) -> str:
+    """The headline's title, and the run's recipe where it is not the paper's: ``(fast
+    recipe)`` for a ``-fast`` preset, and the overrides that change what it learns."""
+    if run is None:
+        return headline.title
+    notes = ["fast recipe"] if run.preset.endswith("-fast") else []
+    notes += _overrides(run, recipe_only=True)
+    return headline.title + (f" ({', '.join(notes)})" if notes else "")
 
 
 def _commands(run: Run) -> list[str]:
@@ -349,8 +363,7 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
         else:
             verdict, its = row.status, f"{row.run.iterations:,}"
             where = f"[{row.run.path.name}](#{anchors[row.run.path]})"
-        title = h.title + (" (fast recipe)" if row.run and row.run.preset.endswith("-fast") else "")
-        lines.append(f"| {title} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
+        lines.append(f"| {_row_title(h, row.run)} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
                      f"| {verdict} | {its} | {where} |")
     lines.append("")
     lines += time_to_accuracy([r for r in runs if r.validation], runs)
