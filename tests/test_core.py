@@ -907,6 +907,50 @@ def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(funct
     assert all(torch.allclose(got[n], expected[n], atol=1e-6) for n in expected)
 
 
+class NoGradientFor(torch.autograd.Function):
+    """x * 2, whose backward gives the weight it is handed no gradient (e.g. straight-through)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor) -> Tensor:
+        return x * 2
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+        return grad * 2, None
+
+    generate_vmap_rule = True
+
+
+class Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.gate = MLP([1, 8, 1]), nn.Parameter(torch.ones(3))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return NoGradientFor.apply(self.body(x), self.gate)
+
+
+def test_a_parameter_an_operation_gives_no_gradient_keeps_none_like_autograd():
+    """In the graph, yet no gradient: autograd leaves it None, and so does the functional path
+    (checkpointed steps; inductor cannot compile this autograd.Function under vmap)."""
+    torch.set_default_dtype(torch.float32)
+    _, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    torch.manual_seed(0)
+    model = Gated()
+    MAML(model, loss_fn, 0.1, 1, batched=False).meta_loss(batch)[0].backward()
+    assert model.gate.grad is None and model.body[0].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, checkpoint_steps=True)
+    maml.meta_backward(batch)
+    assert "model.gate" in maml._unused_names
+    assert model.gate.grad is None and model.body[0].weight.grad is not None
+
+
 def test_finding_the_unused_parameters_runs_no_backward_pass_their_hooks_would_see():
     model, loss_fn, batch = mlp_problem()
     calls = []

@@ -209,11 +209,17 @@ def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Pat
             if line.startswith(("| Omniglot 20-way 1-shot |", "| Omniglot 20-way 1-shot (fast"))]
     assert len(rows) == 2 and "(fast recipe)" in rows[0]
     assert "| no run yet (`fastmaml reproduce --budget paper omniglot-20w1s`) |" in rows[1]
-    # a run that changes what the recipe learns says how; how long or how it ran, it does not
+    # a run that changes what the recipe learns says how (the iterations of a cosine schedule
+    # too); how it ran, was evaluated or seeded, it does not; nor a faithful row's other preset
     changed = run("omniglot-20w1s-fast", 0.96)
-    changed.config.update(per_step="norm", norm_scale=True, iterations=30000, threads=1)
-    text = report.render([changed], tmp_path / "REPORT.md")
-    assert "| Omniglot 20-way 1-shot (fast recipe, per_step=norm, norm_scale=True) |" in text
+    changed.config.update(per_step="norm", norm_scale=True, iterations=30000, threads=1,
+                          seed=3, eval_k_query=5)
+    other = run("omniglot-20w1s-fo", 0.90)
+    other.config.update(iterations=100, meta_batch=8)
+    text = report.render([changed, other], tmp_path / "REPORT.md")
+    assert ("| Omniglot 20-way 1-shot (fast recipe, iterations=30000, per_step=norm, "
+            "norm_scale=True) |") in text
+    assert "| Omniglot 20-way 1-shot (preset omniglot-20w1s-fo, meta_batch=8) |" in text
 
 
 def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_path: Path,
@@ -223,8 +229,10 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
     root = tmp_path / "reproduced"
     assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
     text = (root / "REPORT.md").read_text()
-    for title in ("Sinusoid regression, 5-shot", "Omniglot 5-way 1-shot (meta_batch=2, hidden=8)",
-                  "2D navigation (meta_batch=2, horizon=10, trajectories=2, hidden=8,8)"):
+    for title in ("Sinusoid regression, 5-shot (preset sinusoid-demo)",
+                  "Omniglot 5-way 1-shot (meta_batch=2, hidden=8)",
+                  "2D navigation (preset rl-nav2d-cpu, meta_batch=2, horizon=10, trajectories=2, "
+                  "hidden=8,8)"):
         row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
         assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
     assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text

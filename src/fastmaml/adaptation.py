@@ -294,9 +294,9 @@ class TrainedPolicy:
 
     @staticmethod
     def task_text(task: dict[str, Any]) -> str:
-        """A task as ``parse_task`` (and ``--task``) takes it: ``velocity=1.3``,
-        ``goal=0.3,-0.2``."""
-        return " ".join(f"{key}={','.join(f'{v:.4g}' for v in np.atleast_1d(value))}"
+        """A task as ``parse_task`` (and ``--task``) takes it, each number as written shortest
+        that reads back exactly: ``velocity=1.3``, ``goal=0.3,-0.2``."""
+        return " ".join(f"{key}={','.join(repr(float(v)) for v in np.ravel(value))}"
                         for key, value in task.items())
 
     def adapt(self, task: dict[str, Any], steps: int | None = None, seed: int = 0

@@ -462,12 +462,18 @@ class MAML(nn.Module):
         # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
         self._norm_mode = functools.partial(ExactNorms, self._transductive)
         calls, state = _KernelsCalled(), _random_state(x.device)
+        # stand-ins for the parameters (the same storage), whose gradients no hook of the
+        # model's own parameters sees
+        fast, frozen = self._split_params(detach=True)
+        if not torch.is_inference_mode_enabled():
+            fast, frozen = ({n: t.requires_grad_(n in self._trainable_names) for n, t in
+                             params.items()} for params in (fast, frozen))
         try:
             with torch.enable_grad(), calls:
-                output = self._forward(*self._split_params(detach=False), x)
+                output = self._forward(fast, frozen, x)
         finally:
             _set_random_state(state, x.device)
-        self._unused_names = self._unused_parameters(output)
+        self._unused_names = self._unused_parameters(output, {**frozen, **fast})
         if not calls.norms:
             self._norm_mode = contextlib.nullcontext
         if calls.exact_embeddings:
@@ -483,23 +489,23 @@ class MAML(nn.Module):
                               FastMAMLWarning, stacklevel=3)
         self._probed = True
 
-    def _unused_parameters(self, output: Any) -> set[str] | None:
+    def _unused_parameters(self, output: Any, params: Params) -> set[str] | None:
         """The trainable model parameters that ``output`` (of a forward with gradients on) does
         not depend on, with their learned inner rates and per-step sets; None under
         inference_mode, which records no graph. Autograd leaves their ``.grad`` None;
         ``meta_backward``'s functional branches, whose ``torch.func.grad`` gives zeros, do the
         same where such a gradient is all zeros (weight decay must not move them), so a
         parameter that another mode or input uses keeps its gradient. An output whose tensors
-        this cannot see leaves none out. Read from the output's graph, without a backward pass
-        (which the parameters' own hooks would see)."""
+        this cannot see leaves none out. ``params``: the tensors the forward ran with, by name."""
         if torch.is_inference_mode_enabled():
             return None
         outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
         if not outputs:
             return set()
-        reached = _graph_leaves(outputs)
-        unused = {name for name, p in self.model.named_parameters()
-                  if p.requires_grad and id(p) not in reached}
+        names = sorted(self._trainable_names)
+        grads = torch.autograd.grad(outputs, [params[n] for n in names],
+                                    [torch.ones_like(t) for t in outputs], allow_unused=True)
+        unused = {name for name, grad in zip(names, grads) if grad is None}
         return ({f"model.{n}" for n in unused}
                 | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)}
                 | {f"per_step.{n}" for n in self.per_step.own_copies(unused)})
@@ -1225,22 +1231,6 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
     if isinstance(adapt, str):
         adapt = [adapt]
     return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
-
-
-def _graph_leaves(outputs: Sequence[Tensor]) -> set[int]:
-    """The ids of the leaf tensors (e.g. parameters) that a backward pass from ``outputs`` would
-    reach: those the outputs depend on through their autograd graph."""
-    leaves = {id(t) for t in outputs if t.grad_fn is None}
-    pending, seen = [t.grad_fn for t in outputs if t.grad_fn is not None], set()
-    while pending:
-        node = pending.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):  # AccumulateGrad: a leaf's gradient lands here
-            leaves.add(id(node.variable))
-        pending += [child for child, _ in node.next_functions if child is not None]
-    return leaves
 
 
 def _under(prefix: str, params: Params) -> Params:

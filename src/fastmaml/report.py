@@ -284,22 +284,34 @@ def _changed_settings(run: Run) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in skip and defaults.get(k) != v}
 
 
-def _overrides(run: Run, recipe_only: bool = False) -> list[str]:
-    """The run's changed settings as ``key=value`` overrides; with ``recipe_only`` those of what
-    it learns alone, not of how long or how it ran (the settings a resumed run may change) nor
-    how it is evaluated."""
+def _as_overrides(settings: dict[str, Any]) -> list[str]:
     return [f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in _changed_settings(run).items()
-            if not (recipe_only and (k in RESUMABLE_KEYS or k.startswith("eval_")))]
+            for k, v in settings.items()]
+
+
+def _overrides(run: Run) -> list[str]:
+    return _as_overrides(_changed_settings(run))
+
+
+# settings of the baselines alone, not of the MAML run a row shows
+_BASELINE_SETTINGS = {"pretrained", "baseline_lrs", "tune_tasks"}
 
 
 def _row_title(headline: Headline, run: Run | None) -> str:
-    """The headline's title, and the run's recipe where it is not the paper's: ``(fast
-    recipe)`` for a ``-fast`` preset, and the overrides that change what it learns."""
+    """The headline's title, and how the run's recipe differs from the paper's: ``fast
+    recipe`` for a ``-fast`` preset, else the preset where it is not the row's own (e.g. a
+    ``-cpu`` one), and the run's changes to its preset's recipe (``_recipe``; evaluation and
+    baseline settings left out; the iterations of a cosine schedule, which they stretch, in)."""
     if run is None:
         return headline.title
-    notes = ["fast recipe"] if run.preset.endswith("-fast") else []
-    notes += _overrides(run, recipe_only=True)
+    notes = (["fast recipe"] if run.preset.endswith("-fast")
+             else [f"preset {run.preset}"] if run.preset != headline.key else [])
+    changed = _changed_settings(run)
+    shown = {k: v for k, v in changed.items()
+             if k not in _NOT_THE_RECIPE | _BASELINE_SETTINGS and not k.startswith("eval_")
+             or k == "iterations" and changed.get("meta_lr_schedule",
+                                                  run.config.get("meta_lr_schedule")) == "cosine"}
+    notes += _as_overrides(shown)
     return headline.title + (f" ({', '.join(notes)})" if notes else "")
 
 

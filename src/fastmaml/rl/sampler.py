@@ -168,10 +168,15 @@ class Sampler:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
         does not fit this environment's observations and actions."""
         for task in tasks:
-            if set(self._task_shapes) != set(task):  # an extra key would be ignored unsaid
-                raise ConfigError(f"a {self.env_id} task has exactly the key(s) "
+            if not set(self._task_shapes) <= set(task):
+                raise ConfigError(f"a {self.env_id} task needs the key(s) "
                                   f"{', '.join(sorted(self._task_shapes))}; got {task!r}, a task "
                                   "of another environment?")
+            extra = sorted(set(task) - set(self._task_shapes))
+            if extra:  # else ignored unsaid
+                raise ConfigError(f"a {self.env_id} task takes only the key(s) "
+                                  f"{', '.join(sorted(self._task_shapes))}; got also "
+                                  f"{', '.join(map(str, extra))}")
             for key, shape in self._task_shapes.items():
                 if np.shape(task[key]) != shape:
                     raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
