@@ -306,12 +306,11 @@ def _row_title(headline: Headline, run: Run | None) -> str:
         return headline.title
     notes = (["fast recipe"] if run.preset.endswith("-fast")
              else [f"preset {run.preset}"] if run.preset != headline.key else [])
-    changed = _changed_settings(run)
-    shown = {k: v for k, v in changed.items()
-             if k not in _NOT_THE_RECIPE | _BASELINE_SETTINGS and not k.startswith("eval_")
-             or k == "iterations" and changed.get("meta_lr_schedule",
-                                                  run.config.get("meta_lr_schedule")) == "cosine"}
-    notes += _as_overrides(shown)
+    schedule = _changed_settings(run).get("iterations")
+    if schedule is not None and run.config.get("meta_lr_schedule") == "cosine":
+        notes.append(f"iterations={schedule}")
+    notes += _as_overrides({k: v for k, v in _recipe(run)[1].items()
+                            if k not in _BASELINE_SETTINGS and not k.startswith("eval_")})
     return headline.title + (f" ({', '.join(notes)})" if notes else "")
 
 
@@ -375,8 +374,9 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
         else:
             verdict, its = row.status, f"{row.run.iterations:,}"
             where = f"[{row.run.path.name}](#{anchors[row.run.path]})"
-        lines.append(f"| {_row_title(h, row.run)} | {paper} | {_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} "
-                     f"| {verdict} | {its} | {where} |")
+        lines.append(f"| {_row_title(h, row.run)} | {paper} | "
+                     f"{_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} | {verdict} | {its} "
+                     f"| {where} |")
     lines.append("")
     lines += time_to_accuracy([r for r in runs if r.validation], runs)
     for row in (r for r in rows if r.run is not None):
