@@ -1316,6 +1316,57 @@ def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change)
     assert ("looped", None) in calls and len(resumed.path_choices) == 2
 
 
+class OtherRank:
+    """``gather_ranks`` of this process and one more rank, which has ``knows`` a path for its
+    input shape (``key``) and, searching, found only the ``fast`` role quick (1 s; 100 s the
+    others)."""
+
+    def __init__(self, knows: bool, fast: str = "looped", key: str = "other rank's shape"):
+        self.knows, self.fast, self.key, self.values = knows, fast, key, []
+
+    def __call__(self, value):
+        self.values.append(value)
+        if isinstance(value, bool):  # "have I no path for my shape?"
+            return [value, not self.knows]
+        _, offer = value
+        return [value, (self.key, {role: (("batched", 7) if role != "looped" else choice,
+                                           1.0 if role == self.fast else 100.0)
+                                    for role, (choice, _) in offer.items()})]
+
+
+def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_the_slowest(
+        monkeypatch):
+    """With ``gather_ranks``, a rank that searches alone would time its candidates while the
+    others wait, and might keep a path another rank finds slow (two torchrun ranks of one
+    Omniglot run took different chunk sizes): all search where any has no path, and all keep
+    the role with the best time on its slowest rank, recorded for every rank's shape."""
+    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 1, batched=False), batch)
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    key = maml._path_key(batch)
+    maml.path_choices[key] = ("batched", 6)  # this rank knows a path (e.g. from a checkpoint)
+    maml.gather_ranks = other = OtherRank(knows=False, fast="one task")
+    maml.meta_backward(batch)
+    assert other.values[0] is False and len(other.values) == 2  # asked, then the offers
+    assert maml.path == "batched, chunk 1" and relative(flat_grads(maml), expected) < 1e-6
+    assert maml.path_choices == {key: ("batched", 1), "other rank's shape": ("batched", 7)}
+    other.values.clear()
+    maml.meta_backward(batch)
+    assert other.values == []  # asked once per shape
+
+    knowing = MAML(model, F.mse_loss, 0.1, 1)
+    knowing.path_choices[key] = ("looped", None)
+    knowing.gather_ranks = other = OtherRank(knows=True)
+    calls = []
+    forward = knowing.forward
+    knowing.forward = lambda *a, **k: calls.append(knowing._trying) or forward(*a, **k)
+    knowing.meta_backward(batch)
+    assert other.values == [False] and calls == [None] and knowing.path == "looped"
+
+
 def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
     inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")
     assert fastmaml.core._first_line(inductor) == (

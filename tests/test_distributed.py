@@ -45,6 +45,13 @@ def test_two_processes_match_one(tmp_path, meta_batch):
     one_log = (tmp_path / "one" / "metrics-maml.csv").read_text().splitlines()
     two_log = (tmp_path / "two" / "metrics-maml.csv").read_text().splitlines()
     assert len(one_log) == len(two_log) == 3
+    # the ranks searched their paths together: every rank's shape is recorded (so a resumed run
+    # has both), and both took one path (sinusoid tasks fit one chunk: all tasks, one, or looped)
+    choices = load_checkpoint(checkpoint_path(tmp_path / "two", "maml"))["learner"]["path_choices"]
+    tasks = {int(key[2:key.index(",")]): choice for key, choice in choices.items()}
+    assert set(tasks) == {meta_batch // 2, (meta_batch + 1) // 2}
+    roles = {(path, chunk if chunk in (None, 1) else "all") for path, chunk in tasks.values()}
+    assert len(roles) == 1
 
 
 TRPO_OVER_RANKS = """

@@ -329,6 +329,13 @@ class MAML(nn.Module):
             activations at a time instead of all of them (each step is recomputed once in the
             backward pass), so activation memory stays flat in the number of inner steps; each
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
+
+    Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
+    training driver does) so that ranks that step together search together: the first
+    ``meta_backward`` of each input shape asks every rank, all time the candidates where any
+    has no choice yet, and all keep the one fastest on the slowest rank. Every rank must then
+    make the same ``meta_backward`` calls. Without it, each rank chooses alone (and may choose
+    differently).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -399,6 +406,10 @@ class MAML(nn.Module):
         self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
         self._compiled_misses: dict[str, list[float]] = {}  # per shape: its differences so far
         self._auto = batched is None and chunk_size is None and not checkpoint_steps
+        # under torch.distributed: every rank's value of an object, in rank order
+        # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
+        self.gather_ranks: Callable[[Any], list[Any]] | None = None
+        self._asked_ranks: set[str] = set()  # input shapes whose search the ranks agreed on
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -682,14 +693,18 @@ class MAML(nn.Module):
     def _searches(self, batch: TaskBatch) -> bool:
         """Whether this ``meta_backward`` times the candidate paths (see ``batched``). A
         choice made in this process for the same model, settings and shapes is reused, so that
-        two runs with one seed take the same path."""
-        key = self._path_key(batch)
-        if not self._auto or self._vmap_failed or self._trying or key in self.path_choices:
+        two runs with one seed take the same path. With ``gather_ranks``, the first call of each
+        input shape asks every rank, and all search where any has no choice."""
+        if not self._auto or self._vmap_failed or self._trying:
             return False
-        known = _PATHS_CHOSEN.get(self._signature(key))
+        key = self._path_key(batch)
+        known = self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
         if known is not None:
             self.path_choices[key] = known
-        return known is None
+        if self.gather_ranks is None or key in self._asked_ranks:
+            return known is None
+        self._asked_ranks.add(key)
+        return any(unknown for unknown in self.gather_ranks(known is None))
 
     def _path_key(self, batch: Sequence[Tensor]) -> str:
         """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
@@ -720,10 +735,11 @@ class MAML(nn.Module):
         random state (dropout), and the search leaves it as one call of the chosen path does, so
         a seeded run that searches draws what one reusing the choice draws."""
         default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
-        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]
-        candidates = [("batched", c) for c in chunks] + [("looped", None)]
-        if self._compiled_gradient is not None:
-            candidates.insert(0, ("compiled", default))
+        roles = {"compiled": ("compiled", default)} if self._compiled_gradient is not None else {}
+        roles.update({"default chunk": ("batched", default),
+                      "all tasks": ("batched", batch.num_tasks), "one task": ("batched", 1),
+                      "looped": ("looped", None)})
+        candidates = list(dict.fromkeys(roles.values()))
         warm_ups = [c for c in candidates if c[1] == default]
         before = {n: p.grad for n, p in trainable.items()}
         timings: dict[tuple[str, int | None], float] = {}
@@ -761,9 +777,8 @@ class MAML(nn.Module):
                 run(candidate)
         finally:
             self._trying = None
+        best = self._agreed_path(batch, roles, timings)
         key = self._path_key(batch)
-        best = self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = min(
-            timings, key=timings.get)
         self.path = _label(best)
         _set_random_state(end_states[best], device)
         # a graph that differed from the eager gradient gives the eager one, as later calls do
@@ -773,6 +788,21 @@ class MAML(nn.Module):
             p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
                       else before[name] + grads[name])
         return loss, metrics
+
+    def _agreed_path(self, batch: TaskBatch, roles: dict[str, tuple[str, int | None]],
+                     timings: dict[tuple[str, int | None], float]) -> tuple[str, int | None]:
+        """The searched path to keep, recorded for this input shape: the fastest here or, with
+        ``gather_ranks``, the role (e.g. "all tasks") fastest on the slowest rank, which sets the
+        pace of ranks that step together; each rank's choice is recorded on every rank, so that
+        the ranks' records (and checkpoints) agree."""
+        mine = (self._path_key(batch), {role: (candidate, timings.get(candidate, math.inf))
+                                         for role, candidate in roles.items()})
+        offers = self.gather_ranks(mine) if self.gather_ranks is not None else [mine]
+        shared = [role for role in roles if all(role in offer for _, offer in offers)]
+        best = min(shared, key=lambda role: max(offer[role][1] for _, offer in offers))
+        for key, offer in offers:
+            self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = offer[best][0]
+        return roles[best]
 
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:

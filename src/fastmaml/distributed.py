@@ -117,14 +117,19 @@ def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:
     return reduced
 
 
+def gather_ranks(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank (``[value]`` in one process)."""
+    if world()[1] == 1:
+        return [value]
+    everyone: list[T | None] = [None] * world()[1]
+    dist.all_gather_object(everyone, value)
+    return everyone
+
+
 def gather_in_order(parts: list[tuple[tuple[int, ...], T]]) -> list[T]:
     """Every rank's ``(position, part)`` pairs, as one list ordered by position, on every rank
     (this rank's parts in one process)."""
-    if world()[1] == 1:
-        return [part for _, part in sorted(parts, key=lambda pair: pair[0])]
-    everyone: list[list[tuple[tuple[int, ...], T]] | None] = [None] * world()[1]
-    dist.all_gather_object(everyone, parts)
-    return [part for _, part in sorted((pair for ranks in everyone for pair in ranks or []),
+    return [part for _, part in sorted((pair for ranks in gather_ranks(parts) for pair in ranks),
                                        key=lambda pair: pair[0])]
 
 

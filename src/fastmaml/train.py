@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from .atomic import remove_stale_temporaries, replace_atomically, write_text_atomic
 from .config import Config
 from .core import MAML, TaskBatch, multi_step_loss_weights
-from .distributed import any_rank, average_gradients, average_metrics, is_main, shard
+from .distributed import (any_rank, average_gradients, average_metrics, gather_ranks, is_main,
+                          shard)
 from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
                      NonFiniteLossError)
 
@@ -111,6 +112,7 @@ def meta_learner(maml: MAML, cfg: Config, sample: Callable[[torch.Generator], Ta
     alone, so a resumed run follows them exactly.
     """
     optimizer = torch.optim.Adam(maml.parameters(), cfg.meta_lr)
+    maml.gather_ranks = gather_ranks  # the ranks step together: they search one path
 
     def backward_of(iteration: int) -> tuple[Tensor, Metrics]:
         for group in optimizer.param_groups:
