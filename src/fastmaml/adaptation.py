@@ -248,8 +248,8 @@ class AdaptedPolicy(NamedTuple):
 class TrainedPolicy:
     """A trained meta-RL run's policy (its ``eval_policy``: by default the best one), which adapts
     to a new task of its environment as ``fastmaml eval`` does: it samples the run's
-    ``eval_trajectories`` episodes with the policy, takes a policy-gradient step on them, and so
-    on (the run's first and later step sizes)."""
+    ``eval_trajectories`` x horizon steps with the policy (``eval_batch``: or episodes), takes a
+    policy-gradient step on them, and so on (the run's first and later step sizes)."""
 
     run_dir: Path
     maml: MAML  # the policy (maml.model) inside its engine

@@ -75,7 +75,7 @@ def _fewshot_presets() -> dict[str, Preset]:
     mini = dict(dataset="miniimagenet", n_way=5, k_query=15, hidden=32, inner_lr=0.05,
                 inner_steps=5, clip_grad=10.0)
     # Sized by measured one-thread iteration times (docs/results.md): 5w1s 0.4 s, 5w5s 2.4 s and
-    # 20w1s 5 s on shared cores, about 40 min each; 20w5s and MiniImagenet are not measured here.
+    # 20w1s 5 s on shared cores, 40-70 min each; 20w5s and MiniImagenet are not measured here.
     cpu_iterations = {"omniglot-5w1s": 10000, "omniglot-5w5s": 1000, "omniglot-20w1s": 600,
                       "omniglot-20w5s": 2000, "miniimagenet-5w1s": 2000, "miniimagenet-5w5s": 2000}
     presets = {}
@@ -160,8 +160,8 @@ def _rl_presets() -> dict[str, Preset]:
             horizon = 200 if "ant" in name else 100
             cpu[name] = (dict(meta_batch=20, trajectories=10, horizon=horizon,
                               eval_trajectories=20, iterations=RL_CPU_ITERATIONS[name]),
-                         f"20 tasks x 10 episodes x horizon {horizon} (evaluation: 20 episodes "
-                         "per step)")
+                         f"20 tasks x 10 episodes x horizon {horizon} (evaluation: 20 x {horizon} "
+                         "steps per step)")
     presets = {}
     for name, (title, values) in paper.items():
         horizon = 100 if name == "rl-nav2d" else 200

@@ -52,7 +52,7 @@ class FewShotConfig(Config):
     data_root: str = ""  # default: $FASTMAML_OMNIGLOT / $FASTMAML_MINIIMAGENET, else data/<dataset>
     download: bool = False
     split: str = "official"  # Omniglot: official (1100/100/423) | vinyals (1200/0/423) | lake
-    split_seed: int = 1  # Omniglot's and the folders' class shuffle (1: the official split)
+    split_seed: int = 1  # Omniglot's and the folders' class shuffle (the official code's seed)
     within_alphabet: bool = False  # all classes of a task from one alphabet (folder: group)
     image_size: int = 0  # folder: square side in pixels (Omniglot 28, MiniImagenet 84)
     channels: int = 0  # folder: 1 (grayscale) or 3 (RGB)
