@@ -1339,7 +1339,9 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     """With ``gather_ranks``, a rank that searches alone would time its candidates while the
     others wait, and might keep a path another rank finds slow (two torchrun ranks of one
     Omniglot run took different chunk sizes): all search where any has no path, and all keep
-    the role with the best time on its slowest rank, recorded for every rank's shape."""
+    the role with the best time on its slowest rank, recorded for every rank's shape. They
+    ask at the first call in each derivative order, which all make together; a rank whose key
+    changes alone (its compiling or vmap fell back) searches alone."""
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
@@ -1355,7 +1357,18 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     assert maml.path_choices == {key: ("batched", 1), "other rank's shape": ("batched", 7)}
     other.values.clear()
     maml.meta_backward(batch)
-    assert other.values == []  # asked once per shape
+    assert other.values == []  # asked once per derivative order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a key changed on this rank alone: searched alone
+    try:
+        maml.meta_backward(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.values == [] and len(maml.path_choices) == 3
+    maml.first_order = True  # the driver switches every rank at once: asked again
+    maml.meta_backward(batch)
+    assert other.values[0] is True and len(other.values) == 2
+    assert len(maml.path_choices) == 4  # a first-order key of this rank's (the other's: one name)
 
     knowing = MAML(model, F.mse_loss, 0.1, 1)
     knowing.path_choices[key] = ("looped", None)

@@ -107,6 +107,93 @@ def test_trpo_meta_step_over_two_processes_equals_one_in_float64(tmp_path):
         assert two["stats"][key] == pytest.approx(one["stats"][key], rel=1e-9, abs=1e-14), key
 
 
+PATHS_OVER_RANKS = """
+import datetime
+import json
+import sys
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+import fastmaml.core
+from fastmaml.core import MAML, TaskBatch
+from fastmaml.distributed import average_gradients, gather_ranks, shard
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+rank = dist.get_rank()
+eager_difference = fastmaml.core._relative_difference
+
+
+def train(case):  # the driver's step: meta_backward, this rank's share, all-reduce, Adam
+    fastmaml.core._PATHS_CHOSEN.clear()  # a fresh process
+    fastmaml.core._relative_difference = eager_difference
+    torch.manual_seed(0)
+    maml = MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), F.mse_loss, 0.1, 1)
+    maml.gather_ranks = gather_ranks
+    if case.startswith("compile"):  # eager stand-ins of the compiled graphs
+        maml._compiled_batched, maml._compiled_gradient = maml._batched, maml._gradient
+    if case == "compile fails here" and rank == 1:
+        def fails(*args):
+            raise torch._dynamo.exc.TorchDynamoException("inductor failed on this rank")
+        maml._compiled_gradient = fails
+    if case == "compile is off here":  # the compiled path chosen (from a checkpoint) ...
+        for maml.first_order in (True, False):
+            for tasks in (12, 13):
+                shapes = TaskBatch(*(torch.zeros(tasks, 5, 1) for _ in range(4)))
+                maml.path_choices[maml._path_key(shapes)] = ("compiled", tasks)
+        if rank == 1:  # ... but off by 100% at every check on this rank
+            fastmaml.core._relative_difference = lambda grads, reference: 1.0
+    if case == "vmap fails here" and rank == 1:
+        batched = maml._batched
+        def fails_at_13(*args):
+            if args[-1].shape[0] == 13:
+                raise RuntimeError("out of memory (stand-in)")
+            return batched(*args)
+        maml._batched = fails_at_13
+    optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
+    generator = torch.Generator().manual_seed(0)
+    for step in range(10):
+        maml.first_order = step < 3  # first_order_until=3
+        batch, share = shard(TaskBatch(*(torch.randn(25, 5, 1, generator=generator)
+                                         for _ in range(4))))
+        optimizer.zero_grad()
+        maml.meta_backward(batch)
+        for p in maml.parameters():
+            p.grad.mul_(share)
+        average_gradients(maml)
+        optimizer.step()
+    return {"path": maml.path, "compiled": maml._compiled_gradient is not None,
+            "parameters": [p.sum().item() for p in maml.parameters()]}
+
+
+cases = ["as is", "compile fails here", "compile is off here", "vmap fails here"]
+with open(f"{sys.argv[1]}.{rank}", "w") as out:
+    json.dump({case: train(case) for case in cases}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_ranks_whose_compiling_or_vmap_falls_back_alone_go_on_training(tmp_path):
+    """Two ranks (12 + 13 tasks) search their paths together at the first call in each order;
+    where one rank's compiling fails or turns off, or its vmap fails, alone, the ranks must
+    still make the same collective calls (a search that gathered there would wait forever)."""
+    script = tmp_path / "paths_over_ranks.py"
+    script.write_text(PATHS_OVER_RANKS)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    for case, (zero, one) in {case: (ranks[0][case], ranks[1][case]) for case in ranks[0]}.items():
+        assert zero["parameters"] == one["parameters"], case  # the same steps on both
+    assert ranks[1]["compile fails here"]["compiled"] is False
+    assert ranks[1]["compile is off here"]["compiled"] is False
+    assert ranks[0]["compile is off here"]["compiled"] is True
+    assert ranks[1]["vmap fails here"]["path"] == "looped"
+
+
 GLOO_THREADS_AFTER_LEAVING = """
 import os
 import sys

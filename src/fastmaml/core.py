@@ -331,11 +331,12 @@ class MAML(nn.Module):
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
 
     Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
-    training driver does) so that ranks that step together search together: the first
-    ``meta_backward`` of each input shape asks every rank, all time the candidates where any
-    has no choice yet, and all keep the one fastest on the slowest rank. Every rank must then
-    make the same ``meta_backward`` calls. Without it, each rank chooses alone (and may choose
-    differently).
+    training driver does) so that ranks that step together search together: with the path
+    search on, the first ``meta_backward`` in each derivative order (``first_order``) asks
+    every rank, so every rank must make it; where any has no path for its input shape, all
+    time the candidates and all keep the one fastest on the slowest rank. A rank whose path
+    changes later on its own (compiling or vmap fell back) searches alone. Without
+    ``gather_ranks``, each rank chooses alone (and may choose differently).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -409,7 +410,7 @@ class MAML(nn.Module):
         # under torch.distributed: every rank's value of an object, in rank order
         # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
         self.gather_ranks: Callable[[Any], list[Any]] | None = None
-        self._asked_ranks: set[str] = set()  # input shapes whose search the ranks agreed on
+        self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -690,21 +691,26 @@ class MAML(nn.Module):
                       FastMAMLWarning, stacklevel=4)
         return out
 
-    def _searches(self, batch: TaskBatch) -> bool:
-        """Whether this ``meta_backward`` times the candidate paths (see ``batched``). A
-        choice made in this process for the same model, settings and shapes is reused, so that
-        two runs with one seed take the same path. With ``gather_ranks``, the first call of each
-        input shape asks every rank, and all search where any has no choice."""
-        if not self._auto or self._vmap_failed or self._trying:
-            return False
+    def _searches(self, batch: TaskBatch) -> str | None:
+        """Whether this ``meta_backward`` times the candidate paths (see ``batched``): "alone",
+        "together" (with every rank) or not (None). A choice made in this process for the same
+        model, settings and shapes is reused, so that two runs with one seed take the same path.
+        With ``gather_ranks``, the first call in each derivative order asks every rank (they
+        make it together: the driver switches the order on all at once), and all search together
+        where any has no choice; a choice missing at a later call (this rank's compiling or vmap
+        fell back, which changes its key alone) is searched alone."""
+        if not self._auto or self._trying:
+            return None
         key = self._path_key(batch)
         known = self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
         if known is not None:
             self.path_choices[key] = known
-        if self.gather_ranks is None or key in self._asked_ranks:
-            return known is None
-        self._asked_ranks.add(key)
-        return any(unknown for unknown in self.gather_ranks(known is None))
+        missing = known is None and not self._vmap_failed
+        if self.gather_ranks is not None and self.first_order not in self._asked_orders:
+            self._asked_orders.add(self.first_order)
+            if any(self.gather_ranks(missing)):
+                return "together"
+        return "alone" if missing else None
 
     def _path_key(self, batch: Sequence[Tensor]) -> str:
         """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
@@ -725,8 +731,8 @@ class MAML(nn.Module):
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
         return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
 
-    def _search_path(self, batch: TaskBatch, step_weights: Tensor | None,
-                     trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
+    def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
+                     together: bool) -> tuple[Tensor, dict[str, Tensor]]:
         """``meta_backward`` by each candidate path (after a warm-up call of the default chunk,
         eager and compiled), then the two fastest once more, keeping the fastest for this input
         shape; ``.grad`` gets the chosen candidate's gradient, as later calls (and runs that
@@ -735,11 +741,13 @@ class MAML(nn.Module):
         random state (dropout), and the search leaves it as one call of the chosen path does, so
         a seeded run that searches draws what one reusing the choice draws."""
         default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
-        roles = {"compiled": ("compiled", default)} if self._compiled_gradient is not None else {}
-        roles.update({"default chunk": ("batched", default),
-                      "all tasks": ("batched", batch.num_tasks), "one task": ("batched", 1),
-                      "looped": ("looped", None)})
-        candidates = list(dict.fromkeys(roles.values()))
+        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]
+        candidates = [("batched", c) for c in chunks] + [("looped", None)]
+        if self._compiled_gradient is not None:
+            candidates.insert(0, ("compiled", default))
+        roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
+                 "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
+                 "looped": ("looped", None)}  # the candidates as every rank names them
         warm_ups = [c for c in candidates if c[1] == default]
         before = {n: p.grad for n, p in trainable.items()}
         timings: dict[tuple[str, int | None], float] = {}
@@ -777,7 +785,7 @@ class MAML(nn.Module):
                 run(candidate)
         finally:
             self._trying = None
-        best = self._agreed_path(batch, roles, timings)
+        best = self._agreed_path(batch, roles, timings, together)
         key = self._path_key(batch)
         self.path = _label(best)
         _set_random_state(end_states[best], device)
@@ -790,16 +798,17 @@ class MAML(nn.Module):
         return loss, metrics
 
     def _agreed_path(self, batch: TaskBatch, roles: dict[str, tuple[str, int | None]],
-                     timings: dict[tuple[str, int | None], float]) -> tuple[str, int | None]:
+                     timings: dict[tuple[str, int | None], float], together: bool
+                     ) -> tuple[str, int | None]:
         """The searched path to keep, recorded for this input shape: the fastest here or, with
-        ``gather_ranks``, the role (e.g. "all tasks") fastest on the slowest rank, which sets the
-        pace of ranks that step together; each rank's choice is recorded on every rank, so that
-        the ranks' records (and checkpoints) agree."""
+        every rank (``together``), the role (e.g. "all tasks") fastest on the slowest rank,
+        which sets the pace of ranks that step together; each rank's choice is then recorded on
+        every rank, so that the ranks' records (and checkpoints) agree. A role not timed here
+        (compiling off, vmap failed) counts as infinitely slow."""
         mine = (self._path_key(batch), {role: (candidate, timings.get(candidate, math.inf))
                                          for role, candidate in roles.items()})
-        offers = self.gather_ranks(mine) if self.gather_ranks is not None else [mine]
-        shared = [role for role in roles if all(role in offer for _, offer in offers)]
-        best = min(shared, key=lambda role: max(offer[role][1] for _, offer in offers))
+        offers = self.gather_ranks(mine) if together else [mine]
+        best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
         for key, offer in offers:
             self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = offer[best][0]
         return roles[best]
@@ -865,8 +874,8 @@ class MAML(nn.Module):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
                                   "draw different masks: call model.eval() or turn it off")
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
-        elif self._searches(batch):
-            return self._search_path(batch, step_weights, trainable)
+        elif search := self._searches(batch):
+            return self._search_path(batch, step_weights, trainable, search == "together")
         elif self._compiles_gradient(batch):
             choice = self._choice(batch)
             chunk = choice[1] if choice else self._chunk(batch)
