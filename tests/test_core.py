@@ -1379,6 +1379,16 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     knowing.meta_backward(batch)
     assert other.values == [False] and calls == [None] and knowing.path == "looped"
 
+    model.zero_grad(set_to_none=True)
+    failed = MAML(model, F.mse_loss, 0.1, 1)
+    failed._vmap_failed = True  # as after vmap failed on this rank: it runs looped
+    failed.gather_ranks = other = OtherRank(knows=False, fast="all tasks")
+    failed.meta_backward(batch)
+    _, offer = other.values[1]
+    assert len({seconds for _, seconds in offer.values()}) == 1  # every role: the looped time
+    assert failed.path == "looped" and relative(flat_grads(failed), expected) < 1e-6
+    assert failed.path_choices["other rank's shape"] == ("batched", 7)  # the other keeps vmap
+
 
 def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
     inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")

@@ -334,9 +334,10 @@ class MAML(nn.Module):
     training driver does) so that ranks that step together search together: with the path
     search on, the first ``meta_backward`` in each derivative order (``first_order``) asks
     every rank, so every rank must make it; where any has no path for its input shape, all
-    time the candidates and all keep the one fastest on the slowest rank. A rank whose path
-    changes later on its own (compiling or vmap fell back) searches alone. Without
-    ``gather_ranks``, each rank chooses alone (and may choose differently).
+    time the candidates and all keep the one fastest on the slowest rank. A path missing later
+    (a rank's compiling fell back alone, or a new input shape) is searched by each rank alone;
+    a rank whose vmap failed runs looped. Without ``gather_ranks``, each rank chooses alone
+    (and may choose differently).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, inner_lr: float = 0.01,
@@ -697,8 +698,9 @@ class MAML(nn.Module):
         model, settings and shapes is reused, so that two runs with one seed take the same path.
         With ``gather_ranks``, the first call in each derivative order asks every rank (they
         make it together: the driver switches the order on all at once), and all search together
-        where any has no choice; a choice missing at a later call (this rank's compiling or vmap
-        fell back, which changes its key alone) is searched alone."""
+        where any has no choice; a choice missing at a later call (this rank's compiling fell
+        back, which changes its key alone, or a new input shape) is searched alone. A rank
+        whose vmap failed runs looped and searches only with the others."""
         if not self._auto or self._trying:
             return None
         key = self._path_key(batch)
@@ -786,6 +788,8 @@ class MAML(nn.Module):
         finally:
             self._trying = None
         best = self._agreed_path(batch, roles, timings, together)
+        if self._vmap_failed:  # (in a search with other ranks) every candidate ran looped here
+            best = ("looped", None)
         key = self._path_key(batch)
         self.path = _label(best)
         _set_random_state(end_states[best], device)
@@ -804,8 +808,11 @@ class MAML(nn.Module):
         every rank (``together``), the role (e.g. "all tasks") fastest on the slowest rank,
         which sets the pace of ranks that step together; each rank's choice is then recorded on
         every rank, so that the ranks' records (and checkpoints) agree. A role not timed here
-        (compiling off, vmap failed) counts as infinitely slow."""
-        mine = (self._path_key(batch), {role: (candidate, timings.get(candidate, math.inf))
+        (compiling off) counts as infinitely slow; where vmap failed, every role runs looped."""
+        def seconds(candidate: tuple[str, int | None]) -> float:
+            return timings.get(("looped", None) if self._vmap_failed else candidate, math.inf)
+
+        mine = (self._path_key(batch), {role: (candidate, seconds(candidate))
                                          for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
         best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
