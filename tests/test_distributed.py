@@ -38,6 +38,19 @@ def assert_same_learners(tmp_path, learners: tuple[str, ...], rtol: float = 1e-6
             assert torch.allclose(value, two[name], rtol=rtol, atol=atol), (learner, name)
 
 
+def run_on_two_ranks(tmp_path, script_text: str) -> list[dict]:
+    """Run ``script_text`` under torchrun with 2 processes; each writes JSON to
+    ``<argv[1]>.<rank>``: the two ranks' JSON."""
+    script = tmp_path / "on_two_ranks.py"
+    script.write_text(script_text)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+
+
 @pytest.mark.parametrize("meta_batch", [8, 25])  # 4 + 4 tasks, and the paper's 25 as 12 + 13
 def test_two_processes_match_one(tmp_path, meta_batch):
     train_one_and_two_processes(tmp_path, "sinusoid-demo", [*SETTINGS, f"meta_batch={meta_batch}"])
@@ -178,14 +191,7 @@ def test_ranks_whose_compiling_or_vmap_falls_back_alone_go_on_training(tmp_path)
     """Two ranks (12 + 13 tasks) search their paths together at the first call in each order;
     where one rank's compiling fails or turns off, or its vmap fails, alone, the ranks must
     still make the same collective calls (a search that gathered there would wait forever)."""
-    script = tmp_path / "paths_over_ranks.py"
-    script.write_text(PATHS_OVER_RANKS)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    ranks = run_on_two_ranks(tmp_path, PATHS_OVER_RANKS)
     for case, (zero, one) in {case: (ranks[0][case], ranks[1][case]) for case in ranks[0]}.items():
         assert zero["parameters"] == one["parameters"], case  # the same steps on both
     assert ranks[1]["compile fails here"]["compiled"] is False
@@ -314,14 +320,7 @@ dist.destroy_process_group()
 def test_validation_splits_the_tasks_of_each_chunk_across_ranks(tmp_path):
     """Each of 2 ranks adapts its slice of every chunk (tasks 0; 1, 2; 3, 4, 5: rank 0 gets
     none of the first), and both log the mean over all 6 tasks."""
-    script = tmp_path / "validation_over_ranks.py"
-    script.write_text(VALIDATION_OVER_RANKS)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    ranks = run_on_two_ranks(tmp_path, VALIDATION_OVER_RANKS)
     assert [r["seen"] for r in ranks] == [[1.0, 3.0], [0.0, 2.0, 4.0, 5.0]]
     assert ranks[0]["value"] == ranks[1]["value"] == {"val_loss": pytest.approx(2.5)}
 
