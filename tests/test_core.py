@@ -1341,7 +1341,8 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     Omniglot run took different chunk sizes): all search where any has no path, and all keep
     the role with the best time on its slowest rank, recorded for every rank's shape. They
     ask at the first call in each derivative order, which all make together; a rank whose key
-    changes alone (its compiling or vmap fell back) searches alone."""
+    changes alone (e.g. its compiling fell back) searches alone, and one whose vmap failed
+    offers its looped time for every role."""
     monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))

@@ -743,13 +743,11 @@ class MAML(nn.Module):
         random state (dropout), and the search leaves it as one call of the chosen path does, so
         a seeded run that searches draws what one reusing the choice draws."""
         default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
-        chunks = [default, *sorted({batch.num_tasks, 1} - {default})]
-        candidates = [("batched", c) for c in chunks] + [("looped", None)]
-        if self._compiled_gradient is not None:
-            candidates.insert(0, ("compiled", default))
         roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
                  "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
                  "looped": ("looped", None)}  # the candidates as every rank names them
+        candidates = [c for c in dict.fromkeys(roles.values())
+                      if c[0] != "compiled" or self._compiled_gradient is not None]
         warm_ups = [c for c in candidates if c[1] == default]
         before = {n: p.grad for n, p in trainable.items()}
         timings: dict[tuple[str, int | None], float] = {}
@@ -787,10 +785,8 @@ class MAML(nn.Module):
                 run(candidate)
         finally:
             self._trying = None
-        best = self._agreed_path(batch, roles, timings, together)
-        if self._vmap_failed:  # (in a search with other ranks) every candidate ran looped here
-            best = ("looped", None)
         key = self._path_key(batch)
+        best = self._agreed_path(key, roles, timings, together)
         self.path = _label(best)
         _set_random_state(end_states[best], device)
         # a graph that differed from the eager gradient gives the eager one, as later calls do
@@ -801,24 +797,24 @@ class MAML(nn.Module):
                       else before[name] + grads[name])
         return loss, metrics
 
-    def _agreed_path(self, batch: TaskBatch, roles: dict[str, tuple[str, int | None]],
+    def _agreed_path(self, key: str, roles: dict[str, tuple[str, int | None]],
                      timings: dict[tuple[str, int | None], float], together: bool
                      ) -> tuple[str, int | None]:
-        """The searched path to keep, recorded for this input shape: the fastest here or, with
-        every rank (``together``), the role (e.g. "all tasks") fastest on the slowest rank,
-        which sets the pace of ranks that step together; each rank's choice is then recorded on
-        every rank, so that the ranks' records (and checkpoints) agree. A role not timed here
-        (compiling off) counts as infinitely slow; where vmap failed, every role runs looped."""
+        """The searched path to keep for this input shape (``key``), recorded, and the one this
+        rank runs (looped where its vmap failed): the fastest here or, with every rank
+        (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
+        pace of ranks that step together; each rank's choice is then recorded on every rank, so
+        that the ranks' records (and checkpoints) agree. A role not timed here (compiling off)
+        counts as infinitely slow; where vmap failed, every role runs looped."""
         def seconds(candidate: tuple[str, int | None]) -> float:
             return timings.get(("looped", None) if self._vmap_failed else candidate, math.inf)
 
-        mine = (self._path_key(batch), {role: (candidate, seconds(candidate))
-                                         for role, candidate in roles.items()})
+        mine = (key, {role: (candidate, seconds(candidate)) for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
         best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
-        for key, offer in offers:
-            self.path_choices[key] = _PATHS_CHOSEN[self._signature(key)] = offer[best][0]
-        return roles[best]
+        for rank_key, offer in offers:
+            self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = offer[best][0]
+        return ("looped", None) if self._vmap_failed else roles[best]
 
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
