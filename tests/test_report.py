@@ -24,6 +24,7 @@ SINUSOID = next(h for h in HEADLINES if h.key == "sinusoid")  # 0.35 MSE, lower 
 @pytest.mark.parametrize("headline, mean, ci, expected", [
     (OMNIGLOT, 99.53, 0.27, "met"),
     (OMNIGLOT, 98.7, 0.0, "met"),
+    (OMNIGLOT, 100 * float(torch.tensor(0.987)), 0.0, "met"),  # 98.69999..., a float32 record
     (OMNIGLOT, 98.5, 0.3, "within CI"),
     (OMNIGLOT, 98.33, 0.28, "short by 0.37 (the 95% intervals meet)"),  # [98.05, 98.61]
     (OMNIGLOT, 98.0, 0.2, "short by 0.7"),  # [97.8, 98.2]: below the paper's [98.3, 99.1]
@@ -49,6 +50,9 @@ def test_locomotion_is_judged_against_the_pretrained_policy() -> None:
     assert report.shape_status((-81.0, 5.0), (-80.0, 2.0), (-1.0, 0.5)) == (
         "below pretrained by 1")
     assert report.shape_status((5.9, 3.0), (-21.0, 4.0), (26.9, 30.0)) == "overlaps pretrained"
+    nan = float("nan")
+    assert report.shape_status((nan, nan), (-21.0, 4.0)) == report.shape_status(
+        (5.9, 3.0), (-21.0, 4.0), (nan, nan)) == "not finite (an adaptation diverges)"
 
 
 def nav_run(tmp_path: Path, tasks: int = 40, **config: object) -> report.Run:
@@ -145,6 +149,22 @@ def test_a_run_with_a_cosine_schedule_is_not_projected(tmp_path: Path) -> None:
     assert "not projected (cosine meta_lr" in report._projection(cosine, 0.97)
 
 
+def test_time_to_accuracy_counts_a_float32_level_skips_nan_and_lists_every_fewshot_run(
+        tmp_path: Path) -> None:
+    config = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 5, "k_shot": 1}
+    at_90 = float(torch.tensor(0.9))  # 0.8999999761581421, as the metrics log holds it
+    curve = [(250, 60.0, float("nan")), (500, 120.0, at_90), (750, 180.0, 0.95)]
+    runs = [report.Run(tmp_path / "a", config, [], 750, 180.0, [], validation=curve),
+            report.Run(tmp_path / "b", config, [], 750, 180.0, [])]  # val_every=0
+    rows = [line for line in report.time_to_accuracy(runs) if line.startswith("| a |")
+            or line.startswith("| b |")]
+    assert rows[0].startswith("| a | 500 it, 2 min | 750 it, 3 min | not reached | not reached "
+                              "| 95.0% |")
+    assert rows[1] == "| b | no validation (val_every=0) |  |  |  |  |  |"
+    text = report.render(runs, tmp_path / "REPORT.md")  # both in the report's table
+    assert "| a | 500 it, 2 min |" in text and "| b | no validation" in text
+
+
 def test_a_cosine_run_is_projected_by_finished_runs_of_its_recipe_at_other_lengths(
         tmp_path: Path) -> None:
     def run(name: str, length: int, done: int, shift: float = 0.0, **changed: object
@@ -187,6 +207,32 @@ def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(
     assert row.mean is None and row.status == (
         "evaluated to 3 step(s); the paper's figure is after 5: `fastmaml eval "
         f"{(tmp_path / 'run').as_posix()} eval_inner_steps=5`")
+
+
+def test_rows_that_are_not_the_papers_protocol_say_so(tmp_path: Path) -> None:
+    sinusoid = report.Run(tmp_path / "s", {"experiment": "sinusoid"},
+                          [{"method": "maml", "k_shot": k, "mean": [1.0] * 11, "ci95": [0.1] * 11}
+                           for k in (10, 20)], 100, 1.0, [])
+    assert report.evaluate_row(SINUSOID, sinusoid).status == (
+        f"evaluated with K=10, 20, the paper's row is 5-shot: `fastmaml eval "
+        f"{(tmp_path / 's').as_posix()} eval_k_shots=5,10,20`")
+    fewshot = {"experiment": "fewshot", "dataset": "omniglot", "n_way": 20, "k_shot": 1}
+    assert report.headline_key(fewshot) == "omniglot-20w1s"
+    assert report.headline_key({**fewshot, "within_alphabet": True}) is None  # no paper row
+    lake = report.preset_config("omniglot-20w1s-lake", []).to_dict()  # as config.yaml holds it
+    record = {"experiment": "omniglot", "method": "maml", "within_alphabet": True, "tasks": 600,
+              "metric": "accuracy",
+              "mean": [0.05] + [0.6] * 10, "ci95": [0.01] * 11}
+    text = report.render([report.Run(tmp_path / "lake", lake, [record], 1650, 60.0, [])],
+                         tmp_path / "REPORT.md")
+    # Lake et al.'s figure is people's, after no inner steps: said so, and not in a step column
+    assert ("| Omniglot 20-way 1-shot within an alphabet (Lake et al.) | 95.5 (people, Lake "
+            "et al.) |  | 60.00 +- 1.00 | short by 35.5 | 1,650 of 60,000 |") in text
+    assert "Published, not MAML's and after no inner steps: Lake et al.: people, within " \
+        "alphabet 95.5; " in text
+    assert "| Lake et al.: people" not in text
+    assert "1,650 of 60,000 MAML iterations (unfinished: the train command below resumes it)" \
+        in text
 
 
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:
@@ -346,8 +392,8 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
             in text
         assert f"[sinusoid](#{anchor})" in text  # its row links to it
     assert "Preset `sinusoid-demo`; 20 MAML iterations; " in text
-    assert "; 1 MAML iteration; " in report.render([dataclasses.replace(runs[0], iterations=1)],
-                                                   tmp_path / "R.md")
+    one = dataclasses.replace(runs[0], iterations=1, config={**runs[0].config, "iterations": 1})
+    assert "; 1 MAML iteration; " in report.render([one], tmp_path / "R.md")
     # paths that differ only in case and punctuation still get an anchor each
     twins = [dataclasses.replace(runs[0], path=Path(name)) for name in ("a/Run_1", "a/run-1")]
     text = report.render(twins, tmp_path / "R.md")
@@ -385,6 +431,28 @@ def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
     assert report.read_run(run_dir).iterations == 10  # the log's, not an error for every run
     (run_dir / "checkpoints" / "maml.pt").unlink()  # stopped before its first checkpoint
     assert report.read_run(run_dir).iterations == 0
+
+
+def test_a_run_without_checkpoints_a_config_key_or_an_elapsed_time_reads_clearly(
+        tmp_path: Path) -> None:
+    run_dir = evaluated_sinusoid(tmp_path / "results" / "sinusoid")
+    shutil.rmtree(run_dir / "checkpoints")  # shipped without them: as far as eval.json says
+    assert report.read_run(run_dir).iterations == 20
+    config = run_dir / "config.yaml"  # a key left out is its default, as training reads it
+    config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                              if not line.startswith("meta_batch:")))
+    default = report.experiment_class("sinusoid").config_cls().meta_batch
+    assert report.read_run(run_dir).config["meta_batch"] == default
+    log = run_dir / "metrics-maml.csv"
+    lines = log.read_text().splitlines(keepends=True)
+    iteration, _, rest = lines[-1].split(",", 2)
+    log.write_text("".join(lines[:-1]) + f"{iteration},,{rest}")  # elapsed_s left blank
+    with pytest.raises(report.DataError, match=f"{log}: the row of iteration {iteration} has no "
+                       "elapsed_s"):
+        report.read_run(run_dir)
+    with pytest.warns(report.FastMAMLWarning, match="left out of the report"):
+        runs, unread = report.find_runs([run_dir.parent])  # one of a folder's runs: left out
+    assert not runs and [path for path, _ in unread] == [run_dir] and "elapsed_s" in unread[0][1]
 
 
 def test_the_eval_command_is_the_one_the_evaluation_ran(tmp_path: Path) -> None:

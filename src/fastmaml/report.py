@@ -31,6 +31,9 @@ from .train import checkpoint_path, load_checkpoint, read_metrics
 
 # ----- status of a row -----
 
+# the rounding of a float32 record: an accuracy saved as 0.8999999761581421 reached 90%
+ROUNDING = 1e-6
+
 
 def status(mean: float, ci: float, headline: Headline) -> str:
     """``met`` (at or beyond the paper's figure), ``within CI`` (the paper's figure inside our
@@ -40,7 +43,7 @@ def status(mean: float, ci: float, headline: Headline) -> str:
     if not math.isfinite(mean):
         return "not finite (the adaptation diverges)"
     gap = (mean - headline.value) if headline.higher_is_better else (headline.value - mean)
-    if gap >= 0:
+    if gap >= -ROUNDING * max(1.0, abs(headline.value)):  # (a float32 mean at the figure: met)
         return "met"
     if -gap <= ci:
         return "within CI"
@@ -56,6 +59,8 @@ def shape_status(maml: tuple[float, float], pretrained: tuple[float, float],
     task-by-task difference (mean, ci) where both ran on the same test tasks (``paired``, the
     sharper test), else by the two intervals."""
     (m, m_ci), (p, p_ci) = maml, pretrained
+    if not all(map(math.isfinite, (m, m_ci, p, p_ci, *(paired or ())))):
+        return "not finite (an adaptation diverges)"
     low, high = ((paired[0] - paired[1], paired[0] + paired[1]) if paired
                  else (m - m_ci - (p + p_ci), m + m_ci - (p - p_ci)))
     if low > 0:
@@ -105,9 +110,11 @@ class Run:
 
 
 def read_run(path: Path) -> Run:
+    """The run at ``path``; its config as training reads it (a key left out: its default)."""
     config = load_config_dict(path / "config.yaml")
     try:  # a bad value (an edit): named with its file, as train and eval name it
-        experiment_class(str(config.get("experiment", ""))).config_cls.from_dict(config)
+        config = experiment_class(str(config.get("experiment", ""))).config_cls.from_dict(
+            config).to_dict()
     except ConfigError as error:
         raise ConfigError(f"{path / 'config.yaml'}: {error}") from None
     eval_path = path / "eval.json"
@@ -116,10 +123,10 @@ def read_run(path: Path) -> Run:
     for log in sorted(path.glob("metrics-*.csv")):
         rows = read_metrics(log)
         if rows:
-            seconds += float(rows[-1]["elapsed_s"])
+            seconds += _seconds(rows[-1], log)
             if log.name == "metrics-maml.csv":
                 iterations = int(rows[-1]["iteration"])
-                validation = [(int(r["iteration"]), float(r["elapsed_s"]), float(r["val_accuracy"]))
+                validation = [(int(r["iteration"]), _seconds(r, log), float(r["val_accuracy"]))
                               for r in rows if r.get("val_accuracy") not in (None, "")]
     evaluated = records[0].get("checkpoint_iterations", {}) if records else {}
     checkpoints = {}
@@ -130,8 +137,9 @@ def read_run(path: Path) -> Run:
                 checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
     # a run stopped between log rows (SIGTERM) is as far as its checkpoint, and one stopped
     # before its first checkpoint kept nothing (a damaged checkpoint: the log's count)
+    # (a run shipped without its checkpoints: as far as its evaluation says)
     iterations = checkpoints.get("maml", iterations if checkpoint_path(path, "maml").is_file()
-                                 else 0)
+                                 else evaluated.get("maml", 0))
     machine_path, machines = path / "machine.json", []
     with contextlib.suppress(DataError):  # a damaged record: the machine is not known
         machines = read_json(machine_path) if machine_path.is_file() else []
@@ -139,6 +147,15 @@ def read_run(path: Path) -> Run:
         machines = []  # (an edited one too)
     return Run(path, config, records, iterations, seconds, machines,
                sorted((path / "figures").glob("*.png")), validation, checkpoints)
+
+
+def _seconds(row: dict[str, str], log: Path) -> float:
+    """A metrics row's ``elapsed_s``; a ``DataError`` naming the log where it is not a number."""
+    try:
+        return float(row.get("elapsed_s") or "")
+    except ValueError:
+        raise DataError(f"{log}: the row of iteration {row['iteration']} has no elapsed_s "
+                        "(an edit?): mend or remove it") from None
 
 
 def run_dirs(path: Path) -> list[Path]:
@@ -196,7 +213,10 @@ def headline_key(config: dict[str, Any]) -> str | None:
         return "sinusoid"
     if experiment == "fewshot" and config.get("dataset") in ("omniglot", "miniimagenet"):
         key = f"{config['dataset']}-{config['n_way']}w{config['k_shot']}s"
-        return f"{key}-lake" if config.get("split") == "lake" else key
+        if config.get("split") == "lake":
+            return f"{key}-lake"
+        # tasks within one alphabet on another split: no protocol of the paper's
+        return None if config.get("within_alphabet") else key
     if experiment == "rl":
         names = {NAV: "rl-nav2d", **dict(zip(LOCOMOTION, ("rl-cheetah-vel", "rl-cheetah-dir",
                                                          "rl-ant-vel", "rl-ant-dir")))}
@@ -228,6 +248,12 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         record = _record(run, method="maml")
     else:
         record = next((r for r in run.records if not r.get("within_alphabet")), None)
+    shots = ([str(r["k_shot"]) for r in run.records if r.get("method") == "maml"]
+             if headline.key == "sinusoid" else [])
+    if record is None and shots:
+        return Row(headline, run, status=f"evaluated with K={', '.join(shots)}, the paper's row "
+                   f"is 5-shot: `fastmaml eval {run.path.as_posix()} "
+                   f"eval_k_shots={','.join(['5', *shots])}`")
     if record is None:
         return Row(headline, run, status="not evaluated")
     if headline.step >= len(record["mean"]):
@@ -250,7 +276,7 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         if "right_way" in record:  # direction tasks: from the wrong way to the right way?
             before, after = record["right_way"][0], record["right_way"][headline.step]
             verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
-        if difference:
+        if difference and all(map(math.isfinite, difference)):
             verdict += (f"; MAML minus pretrained on the same tasks {difference[0]:+.1f} "
                         f"+- {difference[1]:.1f}")
     else:
@@ -366,19 +392,20 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
     for row in rows:
         h = row.headline
         paper = (f"{h.value:g}" + (f" +- {h.ci:g}" if h.ci else "")
-                 + f" ({steps_label(h.step)})")
+                 + f" ({h.published or steps_label(h.step)})")
         ours = (f"{_fmt(row.mean, _digits(h))} +- {_fmt(row.ci, _digits(h))}"
                 if row.mean is not None else "")
         if row.run is None:
             ours, verdict, where, its = "", _missing(h), "", ""
         else:
-            verdict, its = row.status, f"{row.run.iterations:,}"
+            verdict, its = row.status, _iterations(row.run)
             where = f"[{row.run.path.name}](#{anchors[row.run.path]})"
         lines.append(f"| {_row_title(h, row.run)} | {paper} | "
                      f"{_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} | {verdict} | {its} "
                      f"| {where} |")
     lines.append("")
-    lines += time_to_accuracy([r for r in runs if r.validation], runs)
+    lines += time_to_accuracy([r for r in runs if r.validation
+                               or r.config.get("experiment") == "fewshot"], runs)
     for row in (r for r in rows if r.run is not None):
         lines += _section(row.run, row.headline, row.status, report_dir, anchors)
     known = {id(row.run) for row in rows}
@@ -405,25 +432,32 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
         return []
     lines = ["## Time to accuracy", "",
              "The iteration and training wall-clock at which meta-validation accuracy first "
-             "reached each level (each run's own validation protocol: 100 tasks, its training "
-             "steps). *Projected*: for a run whose best validation accuracy is still below the "
-             "paper's test figure, the iteration at which a power law fitted to the second half "
-             "of its validation curve (error against iterations, log-log) reaches that figure: "
-             "a rough guide, since validation is not the test protocol. A cosine meta learning "
-             "rate flattens the curve by design whatever more iterations would give, so such a "
-             "run is projected only by finished runs of its recipe at two or more schedule "
-             "lengths: the length at which a power law through their test errors reaches the "
-             "paper's figure.", "",
+             "reached each level (each run's own validation protocol: its val_tasks tasks, 100 "
+             "by default, and its training steps). *Projected*: for a run whose best validation "
+             "accuracy is still below the paper's test figure, the iteration at which a power "
+             "law fitted to the second half of its validation curve (error against iterations, "
+             "log-log) reaches that figure: a rough guide, since validation is not the test "
+             "protocol. A cosine meta learning rate flattens the curve by design whatever more "
+             "iterations would give, so such a run is projected only by finished runs of its "
+             "recipe at two or more schedule lengths: the length at which a power law through "
+             "their test errors reaches the paper's figure.", "",
              "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS) + " | best | projected |",
              "|---|" + "---|" * (len(THRESHOLDS) + 2)]
     for run in runs:
+        if not run.validation:
+            lines.append(f"| {run.path.name} | " + " | ".join(["no validation (val_every=0)"]
+                                                               + [""] * (len(THRESHOLDS) + 1))
+                         + " |")
+            continue
         cells = []
         for threshold in THRESHOLDS:
-            first = next(((it, s) for it, s, acc in run.validation if acc >= threshold), None)
+            first = next(((it, s) for it, s, acc in run.validation
+                          if acc >= threshold - ROUNDING), None)
             cells.append(f"{first[0]:,} it, {first[1] / 60:.0f} min" if first else "not reached")
-        best = max(acc for _, _, acc in run.validation)
-        lines.append(f"| {run.path.name} | " + " | ".join(cells) + f" | {best:.1%} | "
-                     f"{_projection(run, best, evaluated)} |")
+        best = max((acc for _, _, acc in run.validation if math.isfinite(acc)), default=None)
+        lines.append(f"| {run.path.name} | " + " | ".join(cells) + " | "
+                     + (f"{best:.1%} | {_projection(run, best, evaluated)} |" if best is not None
+                        else "not finite | |"))
     return lines + [""]
 
 
@@ -437,7 +471,7 @@ def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
     if headline is None or not headline.metric.startswith("accuracy") or key.endswith("-lake"):
         return ""  # (Lake et al.'s rows compare people on another protocol than validation's)
     target = headline.value / 100
-    if best >= target:
+    if best >= target - ROUNDING:
         return "reached"
     if run.config.get("meta_lr_schedule") == "cosine":  # the curve flattens by design
         return _schedule_projection(run, headline, evaluated)
@@ -548,9 +582,11 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
     minutes = run.train_seconds / 60
     took = f"{minutes:,.0f} min" if run.train_seconds >= 59.5 else f"{run.train_seconds:.0f} s"
     title = h.title if h else run.preset
+    done = (f"{_iterations(run)} MAML iterations (unfinished: the train command below resumes "
+            "it)" if _unfinished(run) else counted(run.iterations, "MAML iteration"))
     lines = [f'<a id="{anchors[run.path]}"></a>', f"## {title}: `{run.path.as_posix()}`", "",
-             f"Preset `{run.preset}`; {counted(run.iterations, 'MAML iteration')}; {took} of "
-             f"training (all learners); machine: {_machine(run)}.", ""]
+             f"Preset `{run.preset}`; {done}; {took} of training (all learners); machine: "
+             f"{_machine(run)}.", ""]
     if run.records:
         accuracy = run.records[0].get("metric") == "accuracy"
         metric = h.metric if h else ("accuracy (%)" if accuracy else "loss")
@@ -566,11 +602,12 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
             cells = [f"{_fmt(r['mean'][s] * scale, digits)} +- {_fmt(r['ci95'][s] * scale, digits)}"
                      if s < len(r["mean"]) else "" for s in steps]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        for label, value in _paper_rows(h) if h else []:
+        for label, value in _paper_rows(h) if h and not h.published else []:
             lines.append(f"| {label} | " + " | ".join(
                 f"{value:g}" if s == h.step else "" for s in steps) + " |")
-        lines += [""] + ([f"Status against the paper after {steps_label(h.step)}: "
-                          f"**{verdict}**.", ""] if h else [])
+        lines += [""] + (_published() if h and h.published else [])
+        lines += [f"Status against the paper after {steps_label(h.step)}: **{verdict}**.",
+                  ""] if h else []
         if run.stale_evaluation and not h:
             lines += [f"Note: {run.stale_evaluation}.", ""]
     else:
@@ -582,9 +619,24 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
     return lines
 
 
+def _iterations(run: Run) -> str:
+    """``run``'s MAML iterations, and of how many where it is unfinished."""
+    return f"{run.iterations:,}" + (f" of {run.config['iterations']:,}" if _unfinished(run)
+                                    else "")
+
+
+def _unfinished(run: Run) -> bool:
+    return run.iterations < run.config.get("iterations", 0)
+
+
+def _published() -> list[str]:
+    """Lake et al.'s published figures (the only row not MAML's): after no inner steps, so
+    beside the table, not in it."""
+    figures = "; ".join(f"{label} {value:g}" for label, value in LAKE[(20, 1)])
+    return [f"Published, not MAML's and after no inner steps: {figures}.", ""]
+
+
 def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
-    if headline.key.endswith("-lake"):
-        return LAKE.get((20, 1), []) if headline.key.startswith("omniglot-20w1s") else []
     rows = [("paper: MAML", headline.value)]
     return rows + ([("paper: MAML++", headline.maml_pp)] if headline.maml_pp else [])
 
