@@ -4,7 +4,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +138,27 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     alone, = json.loads(out)["predictions"]
     assert alone["path"] == first["path"] and alone["prediction"] == first["prediction"]
     assert alone["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
+
+
+def test_file_names_that_are_not_utf8_come_out_as_their_bytes(
+        image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    support, _ = task_folders(tmp_path, ["color0"], shots=1, queries=0)
+    latin1 = os.fsdecode(b"caf\xe9")  # a class folder named in Latin-1 (surrogates in Python)
+    write_image(support / latin1 / "s.png", COLORS["color1"], 5)
+    query = tmp_path / "query" / os.fsdecode(b"\xff.png")
+    write_image(query, COLORS["color1"], 6)
+    out_file = tmp_path / "predictions.csv"
+    code, _, err = adapt(capsys, str(image_run), "--support", str(support), "--query",
+                         str(query), "--out", str(out_file))
+    assert code == 0, err
+    assert b"\xff.png,caf\xe9," in out_file.read_bytes()  # path, prediction: as on disk
+    # to stdout, whose encoding refuses such names: their bytes too, not a traceback
+    result = subprocess.run([sys.executable, "-m", "fastmaml", "adapt", str(image_run),
+                             "--support", str(support), "--query", str(query)],
+                            capture_output=True, timeout=300,
+                            env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    assert result.returncode == 0, result.stderr
+    assert b"\xff.png,caf\xe9," in result.stdout
 
 
 def test_first_n_outputs_adapted_as_a_plain_gradient_step(image_run: Path, tmp_path: Path) -> None:
@@ -308,6 +332,18 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(fastmaml.errors.ShapeError, match=r"the support values are \(2, 5, 1\), "
                        r"but a regression task's are \(N,\) or \(N, features\)"):
         trained.adapt(np.zeros((2, 5, 1)), np.zeros((2, 5, 1)))  # a batch of tasks
+    with pytest.raises(fastmaml.errors.DataError, match="the support targets hold a NaN or "
+                       "infinite value"):
+        trained.adapt(x, np.full(len(x), np.inf))
+    with pytest.raises(fastmaml.errors.DataError, match="the query inputs hold a NaN"):
+        trained.predict(adapted, np.array([[np.nan]]))
+    # points far off the training data's scale: the steps diverge, said as such, not NaN rows
+    (tmp_path / "far.csv").write_text("x,y\n1000,500\n2000,800\n3000,1200\n")
+    code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "far.csv"),
+                           "--query", str(tmp_path / "inputs.csv"), "--format", "json")
+    assert (code, out) == (2, "")  # (after the warning of the edited iterations above)
+    assert err.splitlines()[-1].startswith("fastmaml: error: the adaptation diverged: after 10 "
+                                           "inner step(s) on this support set")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -42,7 +42,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .core import MAML, Params, check_steps
-from .errors import ConfigError, DataError, FastMAMLWarning, ShapeError, is_out_of_memory
+from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
+                     is_out_of_memory)
 from .experiments import load_experiment
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
@@ -106,9 +107,14 @@ class TrainedRun:
             support_y = self._as_input(support_y, "support", targets=True)
             if support_y.dim() == 1:
                 support_y = support_y[:, None]
+        steps = self.steps if steps is None else steps
         with torch.no_grad():
-            params = self.maml.adapt(support_x, support_y, self.steps if steps is None else steps,
-                                     loss_fn=loss_fn)
+            params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
+        if not all(bool(value.isfinite().all()) for value in params.values()):
+            raise NonFiniteLossError(
+                f"the adaptation diverged: after {steps} inner step(s) on this support set the "
+                "model's parameters are not finite; give fewer steps, or support values on the "
+                "scale of the run's training data")
         return Adapted(params, num_classes)
 
     def predict(self, adapted: Adapted, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -154,7 +160,11 @@ class TrainedRun:
             raise ShapeError(f"the {role} images are {tuple(values.shape)}, but this run takes "
                              f"(N, {fmt.channels}, {fmt.size}, {fmt.size}): run.preprocess turns "
                              "image files into the run's model input")
-        return values.to(next(self.maml.model.parameters()).dtype)
+        values = values.to(next(self.maml.model.parameters()).dtype)
+        if not values.isfinite().all():
+            raise DataError(f"the {role} {'targets' if targets else 'inputs'} hold a NaN or "
+                            "infinite value")
+        return values
 
     def _as_tensor(self, values: Any, what: str) -> Tensor:
         """``values`` (a tensor, an array or nested lists of numbers) as a tensor on the run's

@@ -80,5 +80,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def write_text_atomic(text: str, path: Path, follow_links: bool = False) -> None:
-    """Replace ``path`` with ``text`` (UTF-8): it holds the old text or the new, never a part."""
-    replace_atomically(path, lambda handle: handle.write(text.encode()), follow_links)
+    """Replace ``path`` with ``text`` (UTF-8): it holds the old text or the new, never a part.
+    A file name that is not UTF-8 (decoded by Python as surrogates) is written as its bytes."""
+    replace_atomically(path, lambda handle: handle.write(text.encode("utf-8", "surrogateescape")),
+                       follow_links)

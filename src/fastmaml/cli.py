@@ -96,13 +96,31 @@ def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None
     text, said = (_adapt_policy(args, run, out) if isinstance(run, TrainedPolicy)
                   else _predict(args, run, out))
     if out is None:
-        sys.stdout.write(text)
+        _write_stdout(text)
     else:  # nothing is written unless everything above succeeded; the file appears whole
         try:
             write_text_atomic(text, out, follow_links=True)
         except OSError as error:
             raise DataError(f"cannot write the output to {out}: {error}") from None
     print(said, file=sys.stderr)
+
+
+def _write_stdout(text: str) -> None:
+    """``text`` to stdout, a file name that is not in its encoding (not UTF-8: decoded by Python
+    as surrogates) as its bytes, as the file system holds it; any other character that the
+    encoding lacks as an escape."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:  # a stream of text alone
+        sys.stdout.write(text)
+        return
+    encoding = sys.stdout.encoding or "utf-8"
+    try:
+        data = text.encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:
+        data = text.encode(encoding, "backslashreplace")
+    sys.stdout.flush()
+    buffer.write(data)
+    buffer.flush()
 
 
 def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tuple[str, str]:
