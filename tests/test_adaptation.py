@@ -269,6 +269,9 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
     with pytest.raises(fastmaml.errors.DataError, match="preprocess reads image files or PIL "
                        "images, got ndarray .*PIL.Image.fromarray"):
         run.preprocess([np.zeros((size, size, 3), dtype=np.uint8)])
+    with pytest.raises(fastmaml.errors.DataError, match="preprocess reads image files or PIL "
+                       "images, got int"):
+        run.preprocess(3)
     with pytest.raises(fastmaml.errors.ConfigError, match="adapted must be what run.adapt "
                        r"returns, got dict \(MAML.adapt's parameters go to run.maml.predict"):
         run.predict(run.maml.adapt(x, torch.tensor([0, 0, 1, 1])), queries)
@@ -286,6 +289,8 @@ def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -
     files = sorted((data / split.names[0]).iterdir())
     assert torch.equal(run.preprocess(files), as_model_input(images))
     assert torch.equal(run.preprocess(str(files[0])), as_model_input(images[:1]))  # one image
+    assert torch.equal(run.preprocess(bytes(files[0])), as_model_input(images[:1]))  # os.fsencode
+    assert torch.equal(run.preprocess(f for f in files), as_model_input(images))  # a generator
     with Image.open(files[1]) as image:  # a PIL image, and one in another mode and size
         assert torch.equal(run.preprocess([image]), as_model_input(images[1:2]))
         assert run.preprocess([image.convert("LA").resize((40, 30))]).shape == (1, 3, 12, 12)

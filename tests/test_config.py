@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import torch.nn.functional as F
 
 from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
@@ -92,6 +93,18 @@ def test_few_shot_config_refuses_one_way_tasks_and_keeps_an_absolute_data_root(t
 def test_an_unknown_device_is_a_config_error():
     with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
         resolve_device("tpu")
+    for name in ("mps", "meta", "xpu:0"):  # devices torch parses but fastmaml is not built for
+        with pytest.raises(ConfigError, match=f"device must be auto, cpu, cuda or cuda:N, got "
+                           f"'{name}'"):
+            resolve_device(name)
+    assert resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device=cuda:1 but CUDA is not available here"):
+            resolve_device("cuda:1")
+    else:  # one past the machine's devices
+        count = torch.cuda.device_count()
+        with pytest.raises(ConfigError, match=f"this machine has {count} CUDA device"):
+            resolve_device(f"cuda:{count}")
 
 
 def test_every_preset_builds_its_config():

@@ -30,7 +30,7 @@ import numbers
 import os
 import unicodedata
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,7 +52,7 @@ from .tasks.points import read_points
 from .tasks.splits import subfolders as visible_subfolders
 from .train import checkpoint_path, load_checkpoint, load_state
 
-ImageSource = str | os.PathLike[str] | Image.Image
+ImageSource = str | bytes | os.PathLike[str] | Image.Image
 
 
 class Adapted(NamedTuple):
@@ -79,18 +79,19 @@ class TrainedRun:
         training data: float (N, C, H, W) on the run's device."""
         if self.image_format is None:
             raise ConfigError(f"{self.run_dir} is a {self.task} run; preprocess reads images")
-        if isinstance(images, (str, os.PathLike, Image.Image)):
+        one = (str, bytes, os.PathLike, Image.Image)
+        if isinstance(images, one) or not isinstance(images, Iterable):
             images = [images]
-        if not len(images):
+        images = list(images)  # (a generator too)
+        if not images:
             raise DataError("preprocess needs at least one image")
-        other = [type(item).__name__ for item in images
-                 if not isinstance(item, (str, os.PathLike, Image.Image))]
+        other = [type(item).__name__ for item in images if not isinstance(item, one)]
         if other:
             raise DataError(f"preprocess reads image files or PIL images, got {other[0]} (an "
                             "array of pixels: PIL.Image.fromarray turns it into an image)")
         fmt = self.image_format
         pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
-                           else fmt.read(Path(item)) for item in images])
+                           else fmt.read(Path(os.fsdecode(item))) for item in images])
         return as_model_input(channels_first(pixels)).to(self.device)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:

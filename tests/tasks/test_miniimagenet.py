@@ -81,6 +81,9 @@ def _bad(change: str) -> object:
         data["class_dict"]["n09000000"][0] = CLASSES * PER_CLASS
     elif change == "uneven":
         data["class_dict"]["n09000000"].pop()
+    elif change in ("repeated", "shared"):  # an image twice in a class, or in two classes
+        other = "n09000000" if change == "repeated" else "n08000000"  # (images 0,5,.. / 1,6,..)
+        data["class_dict"]["n09000000"][1] = data["class_dict"][other][0]
     elif change == "not a dict":
         return [data]
     return data
@@ -91,6 +94,8 @@ def _bad(change: str) -> object:
     ("key", "'image_data' and 'class_dict'"), ("index", "n09000000"),
     ("uneven", r"same number of images, got 19 \(class n09000000\) to 20"),
     ("not a dict", "must hold a dict"),
+    ("repeated", r"image 0 is listed twice in class_dict \(under 'n09000000' and 'n09000000'\)"),
+    ("shared", r"image 1 is listed twice in class_dict \(under 'n09000000' and 'n08000000'\)"),
 ])
 def test_pickle_validation(tmp_path: Path, change: str, words: str) -> None:
     path = write_pickle(tmp_path / "bad.pkl", _bad(change))
@@ -208,6 +213,9 @@ def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
     # (saved by a spreadsheet as "CSV UTF-8", with a byte order mark: the header still reads)
     (copy / "val.csv").write_text("filename,label\nabsent.jpg,n04\n", encoding="utf-8-sig")
     with pytest.raises(DataError, match="absent.jpg"):
+        load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
+    (copy / "val.csv").write_text("filename,label\na.jpg,n04\nb.jpg,n04\na.jpg,n05\n")
+    with pytest.raises(DataError, match="val.csv lists the image a.jpg more than once"):
         load_miniimagenet(copy, ["val"], cache_dir=tmp_path / "cache")
     with pytest.raises(DataError, match="mini-imagenet-cache-test.pkl.*test.csv.*or a test/ "
                                         "folder of class folders"):

@@ -114,6 +114,20 @@ def test_damaged_data_names_the_file(fake_root: Path, tmp_path: Path, damage: st
         load_omniglot_images(root, cache_dir=tmp_path / "cache")
 
 
+def test_hidden_files_and_folders_of_a_copied_tree_are_not_characters(fake_root: Path,
+                                                                        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    shutil.copytree(fake_root, root)
+    character = root / "images_background" / "Alpha" / "character01"
+    (character / "._0001_01.png").write_bytes(b"\x00\x05\x16\x07")  # macOS's AppleDouble
+    (root / "images_background" / "Alpha" / ".ipynb_checkpoints").mkdir()
+    (root / "images_evaluation" / "__MACOSX" / "Gamma").mkdir(parents=True)
+    assert omniglot_characters(root) == [root / p.relative_to(fake_root)
+                                         for p in omniglot_characters(fake_root)]
+    images = load_omniglot_images(root, cache_dir=tmp_path / "cache")
+    assert torch.equal(images, load_omniglot_images(fake_root, cache_dir=tmp_path / "cache"))
+
+
 def test_split_sizes_disjoint_and_deterministic() -> None:
     official = split_characters(1623)
     assert [len(official[s]) for s in ("train", "val", "test")] == [1100, 100, 423]

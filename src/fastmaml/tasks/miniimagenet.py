@@ -24,6 +24,7 @@ import csv
 import importlib
 import os
 import pickle
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,19 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> np.ndarray:
                         f"{getattr(images, 'shape', '')}")
     if not isinstance(class_dict, dict) or not class_dict:
         raise DataError(f"{path}: class_dict must be a non-empty dict of class -> indices")
-    indices = {}
+    indices, owner = {}, {}  # class -> its indices; image index -> its class
     for name, index in class_dict.items():
         index = np.asarray(index)
         if (not isinstance(name, str) or index.ndim != 1 or index.dtype.kind not in "iu"
                 or index.size == 0 or index.min() < 0 or index.max() >= len(images)):
             raise DataError(f"{path}: class_dict[{name!r}] must be a list of indices into the "
                             f"{len(images)} images")
+        for i in index.tolist():  # one image twice: a support example could be its own query
+            if i in owner:
+                raise DataError(f"{path}: image {i} is listed twice in class_dict (under "
+                                f"{owner[i]!r} and {name!r}); each image belongs to one class "
+                                "once")
+            owner[i] = name
         indices[name] = index
     return _by_class(path, indices, images)
 
@@ -117,6 +124,10 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
     if header != ["filename", "label"] or not rows or any(len(row) != 2 for row in rows):
         raise DataError(f"{table} must be a CSV with the header 'filename,label' and one "
                         "'filename,label' row per image")
+    repeated = next((name for name, count in Counter(name for name, _ in rows).items()
+                     if count > 1), None)
+    if repeated is not None:  # one image twice: a support example could be its own query
+        raise DataError(f"{table} lists the image {repeated} more than once; list each image once")
     files = [root / "images" / name for name, _ in rows]
     key = fingerprint(root, files, IMAGE_FORMAT)
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"

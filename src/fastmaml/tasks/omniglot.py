@@ -27,6 +27,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir, fetch_zip
 from .images import ImageFormat, fingerprint, read_images
+from .splits import subfolders
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -71,7 +72,7 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
             "reproduce too); to fetch them into this folder, add download=true to fastmaml "
             "train, or call load_omniglot(root, download=True).")
     return [character for folder in FOLDERS
-            for alphabet in _subfolders(root / folder) for character in _subfolders(alphabet)]
+            for alphabet in subfolders(root / folder) for character in subfolders(alphabet)]
 
 
 def load_omniglot_images(root: str | os.PathLike[str],
@@ -87,7 +88,8 @@ def load_omniglot_images(root: str | os.PathLike[str],
     root = Path(root)
     files = []
     for character in omniglot_characters(root):
-        pngs = sorted(character.glob("*.png"))
+        pngs = sorted(p for p in character.glob("*.png")  # (not macOS's ._ files beside them)
+                      if not p.name.startswith("."))
         if len(pngs) != IMAGES_PER_CHARACTER:
             raise DataError(f"{character} has {len(pngs)} PNG images; every Omniglot character "
                             f"has {IMAGES_PER_CHARACTER}")
@@ -187,6 +189,3 @@ def _split_index(root: str | os.PathLike[str], split: str, seed: int
     alphabets = omniglot_alphabets(omniglot_characters(root))
     return split_characters(len(alphabets[0]), split, seed, alphabets), alphabets[0]
 
-
-def _subfolders(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if p.is_dir())
