@@ -140,6 +140,24 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     assert alone["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
 
 
+def test_images_in_a_folder_inside_a_class_folder_are_said_to_be_skipped(
+        image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    support, query = task_folders(tmp_path, ["color0", "color1"], shots=1, queries=1)
+    write_image(support / "color0" / "more" / "s9.png", COLORS["color0"], 9)
+    code, out, err = adapt(capsys, str(image_run), "--support", str(support), "--query",
+                           str(query))
+    assert code == 0 and len(out.splitlines()) == 3, err  # the header and 2 queries
+    assert (f"warning: skipped 1 folder(s) in the support class folder {support / 'color0'} (a "
+            "class's images lie directly in its folder): more\n") in err
+    (support / "color1" / "nested").mkdir()  # a class whose only image lies one folder down
+    (support / "color1" / "s0.png").rename(support / "color1" / "nested" / "s0.png")
+    code, _, err = adapt(capsys, str(image_run), "--support", str(support), "--query",
+                         str(query))
+    assert code == 2 and err.endswith(f"the support class folder {support / 'color1'} holds no "
+                                      "images (a class's images lie directly in its folder, not "
+                                      "in nested/)\n")
+
+
 def test_file_names_that_are_not_utf8_come_out_as_their_bytes(
         image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     support, _ = task_folders(tmp_path, ["color0"], shots=1, queries=0)

@@ -382,9 +382,19 @@ def _images_in(folder: Path, role: str) -> list[Path]:
 
 
 def _class_images(folder: Path, role: str) -> list[Path]:
-    images = _images_in(folder, role)
+    """The images of one class: directly in its folder (a folder inside it is named in a
+    warning, as its images are not read)."""
+    images, nested = _images_in(folder, role), visible_subfolders(folder)
+    if nested and images:
+        warnings.warn(f"skipped {len(nested)} folder(s) in the {role} class folder {folder} (a "
+                      f"class's images lie directly in its folder): "
+                      + ", ".join(p.name for p in nested[:3]) + (", ..." if len(nested) > 3
+                                                                 else ""),
+                      FastMAMLWarning, stacklevel=3)
     if not images:
-        raise DataError(f"the {role} class folder {folder} holds no images")
+        raise DataError(f"the {role} class folder {folder} holds no images"
+                        + (" (a class's images lie directly in its folder, not in "
+                           f"{nested[0].name}/)" if nested else ""))
     return images
 
 
