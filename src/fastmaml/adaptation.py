@@ -295,8 +295,10 @@ class TrainedPolicy:
                                   f"{text!r}") from None
             if not np.isfinite(values).all():
                 raise ConfigError(f"{key} must be finite, got {text!r}")
-            task[key] = values.reshape(np.shape(example[key])) if (
-                values.size == np.size(example[key])) else values  # a wrong size: adapt says
+            if values.size != np.size(example[key]):
+                raise ConfigError(f"{key} takes {np.size(example[key])} number(s) (separated by "
+                                  f"commas), got {text!r}")
+            task[key] = values.reshape(np.shape(example[key]))
         if task.keys() != example.keys():
             raise ConfigError(f"a task of {self.env_id} is {keys}, got "
                               f"{' '.join(items) or 'nothing'}")

@@ -237,7 +237,14 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     assert document["returns"] == pytest.approx(adapted.returns, abs=1e-12)
     assert document["task"] == {"goal": task["goal"].tolist()}
     assert f"fastmaml: adapted {tmp_path} to goal=" in err and " in 2 step(s): mean return " in err
-    for args, message in [(["--task", "goal=0.3"], r"goal must be of shape \(2,\)"),
+    for bad in (np.array(["a", "b"]), np.array([None, 0.0]), np.array([True, False]),
+                np.array([np.nan, 0.0])):  # a task's values: finite numbers
+        with pytest.raises(ConfigError, match="a fastmaml/Nav2D-v0 task's goal must be finite "
+                                              "numbers, got"):
+            run.adapt({"goal": bad})
+    for args, message in [(["--task", "goal=0.3"], r"goal takes 2 number\(s\) \(separated by "
+                                                   r"commas\), got '0.3'"),
+                          (["--task", "goal=0.3,0.1,0"], r"goal takes 2 number\(s\)"),
                           (["--task", "goal=1,2", "goal=1,2"], "is goal=..., got 'goal=1,2' again"),
                           (["--task", "goal=a,b"], "goal takes numbers"),
                           (["--task", "goal=nan,0"], "goal must be finite"),

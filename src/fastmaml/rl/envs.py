@@ -28,9 +28,10 @@ Differences from the official code (cbfinn/maml_rl on rllab):
   (qpos without x, y and qvel) where rllab's was 125-D (qpos, qvel, clipped contact forces,
   torso rotation matrix and centre of mass); actuator ranges +-1 with gear 150 where rllab's
   were +-150. The time step is rllab's, dt 0.02 (``frame_skip=2`` of v5's 0.01 steps; v5's own
-  default is 0.05): at v5's dt the initial policy (std 1) launched the torso above the healthy
-  height 1.0 in 29 of 30 episodes, which then ended after 55 of 200 steps on average, against
-  177 steps at dt 0.02 (docs/results.md, session 8). rllab integrated with RK4, v5 with Euler.
+  default is 0.05): at v5's dt, random actions drawn like the initial policy's (normal, std
+  1, clipped) launched the torso above the healthy height 1.0 in 29 of 30 episodes, which then
+  ended after 55 of 200 steps on average, against 177 steps at dt 0.02 (docs/results.md,
+  session 8). rllab integrated with RK4, v5 with Euler.
   The reward weights are the official ones: control cost 0.005 * sum(a^2), contact cost
   5e-4 * sum(clip(cfrc_ext, -1, 1)^2) and a survival bonus of 1.05 for velocity (the official
   +1.0 "make it happy" plus 0.05), 0.05 for direction. The episode ends when the torso height

@@ -181,6 +181,10 @@ class Sampler:
                 if np.shape(task[key]) != shape:
                     raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
                                       f"{shape}, got {task[key]!r}")
+                values = np.asarray(task[key])
+                if values.dtype.kind not in "iuf" or not np.isfinite(values).all():
+                    raise ConfigError(f"a {self.env_id} task's {key} must be finite numbers, "
+                                      f"got {task[key]!r}")
         probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
         try:
             with torch.no_grad():
