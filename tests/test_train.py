@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import signal
+import sys
 import warnings
 
 import pytest
@@ -170,6 +171,24 @@ def test_a_request_during_the_last_checkpoint_write_still_stops(tmp_path):
     with pytest.raises(TrainingStopped, match="at iteration 3 of 12"):
         fit(learner, tmp_path, 3, 2, progress=False, stop_after=3)
     assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 3
+
+
+def test_a_ctrl_c_whose_message_cannot_be_written_still_stops_with_a_checkpoint(tmp_path):
+    """`fastmaml train ... 2>&1 | tee log`: the terminal's Ctrl-C also ends tee, so the notice
+    meets a broken pipe; the stop must still be recorded and checkpointed."""
+    learner = signalled_learner(tmp_path, 4, signal.SIGINT)
+    reader, writer = os.pipe()
+    os.close(reader)  # tee, gone
+    saved = os.dup(sys.stderr.fileno())
+    os.dup2(writer, sys.stderr.fileno())
+    try:
+        with pytest.raises(TrainingStopped):
+            fit(learner, tmp_path, 3, 2, progress=False)
+    finally:
+        os.dup2(saved, sys.stderr.fileno())
+        os.close(saved)
+        os.close(writer)
+    assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 5
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):

@@ -365,8 +365,9 @@ def main(argv: list[str] | None = None) -> int:
               "run keeps its last checkpoint", file=sys.stderr)
         return 2
     except TrainingStopped as stopped:
-        if world()[0] == 0:  # every rank stops; one says so
-            print(f"fastmaml: {stopped}", file=sys.stderr)
+        if world()[0] == 0:  # every rank stops; one says so (where stderr is still read)
+            with contextlib.suppress(OSError):
+                print(f"fastmaml: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
         resumes = args.command in ("train", "reproduce")

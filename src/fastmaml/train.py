@@ -298,10 +298,11 @@ def _stop_requests() -> Iterator[Callable[[], int]]:
     def request(signum: int, _frame: object) -> None:
         if signum == signal.SIGINT and signal.SIGINT in received:
             raise KeyboardInterrupt
+        received.append(signum)  # first: a message that cannot be written must not lose it
         if signum == signal.SIGINT and is_main():  # os.write: no buffered stream re-entered
-            os.write(sys.stderr.fileno(), b"\nfastmaml: stopping after this iteration, with a "
-                     b"checkpoint (Ctrl-C again: at once)\n")
-        received.append(signum)
+            with contextlib.suppress(OSError):  # e.g. `| tee log`, which the Ctrl-C also ended
+                os.write(sys.stderr.fileno(), b"\nfastmaml: stopping after this iteration, "
+                         b"with a checkpoint (Ctrl-C again: at once)\n")
 
     # not where Python cannot take signals, nor a signal the process was told to ignore (a
     # shell starts background jobs with SIGINT ignored)
