@@ -50,7 +50,7 @@ from .tasks.images import ImageFormat, as_model_input, channels_first
 from .tasks.folder import image_files, is_image_file, skipped_files_warning, unread_files
 from .tasks.points import read_points
 from .tasks.splits import subfolders as visible_subfolders
-from .train import checkpoint_path, load_checkpoint, load_state
+from .train import all_finite, checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | bytes | os.PathLike[str] | Image.Image
 
@@ -111,7 +111,7 @@ class TrainedRun:
         steps = self.steps if steps is None else steps
         with torch.no_grad():
             params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
-        if not all(bool(value.isfinite().all()) for value in params.values()):
+        if not all_finite(params):
             raise NonFiniteLossError(
                 f"the adaptation diverged: after {steps} inner step(s) on this support set the "
                 "model's parameters are not finite; give fewer steps, or support values on the "

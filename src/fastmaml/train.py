@@ -375,7 +375,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
             if done % checkpoint_every == 0 or done == end or stopping:
                 # every rank checks (they hold the same state), so that all stop together
                 state = learner.state_dict()
-                if not _all_finite(state):  # never overwrite a good checkpoint with a diverged run
+                if not all_finite(state):  # never overwrite a good checkpoint with a diverged run
                     kept = ("the last checkpoint is kept" if path.exists() else
                             "no checkpoint was written yet: trained again (with a smaller "
                             "inner or meta learning rate), it starts afresh")
@@ -423,12 +423,12 @@ def _check_finite_loss(name: str, loss: float, iteration: int) -> None:
         raise NonFiniteLossError(f"{name}: loss is {loss} at iteration {iteration}")
 
 
-def _all_finite(value: Any) -> bool:
+def all_finite(value: Any) -> bool:
     """True when every floating-point tensor in a (nested) state is finite."""
     if isinstance(value, Tensor):
         return not value.is_floating_point() or bool(torch.isfinite(value).all())
     if isinstance(value, dict):
-        return all(_all_finite(v) for v in value.values())
+        return all(all_finite(v) for v in value.values())
     if isinstance(value, (list, tuple)):
-        return all(_all_finite(v) for v in value)
+        return all(all_finite(v) for v in value)
     return True
