@@ -15,6 +15,7 @@ import torch
 
 import fastmaml.experiments as experiments
 from fastmaml.cli import main
+from fastmaml.config import load_config_dict
 from fastmaml.errors import ConfigError
 from fastmaml.experiments import train_run
 from fastmaml.runlock import OWNER_NAME
@@ -182,3 +183,34 @@ def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypa
     for thread in starts:
         thread.join()
     assert len(json.loads((tmp_path / "machine.json").read_text())) == 2
+
+
+def test_a_learner_starting_while_another_loads_takes_its_settings(tmp_path, monkeypatch):
+    """Two ``--learner`` commands of a new run start together: the second waits while the first
+    loads its data, and then trains with the settings the first wrote, not with its own."""
+    prepare = experiments.prepare_run
+
+    def slow_for_maml(*args, **kwargs):
+        experiment = prepare(*args, **kwargs)
+        if threading.current_thread().name == "maml":  # a long data load widens the window
+            load = experiment.learners
+            experiment.learners = lambda: time.sleep(1.5) or load()
+        return experiment
+
+    monkeypatch.setattr(experiments, "prepare_run", slow_for_maml)
+    run, chosen = tmp_path / "run", {}
+
+    def train(learner: str, overrides: list[str]) -> None:
+        chosen[learner] = train_run("sinusoid-demo", run, ["iterations=2", "baseline_iterations=2",
+                                                           *overrides], progress=False,
+                                    learner=learner).cfg.hidden
+
+    first = threading.Thread(target=train, name="maml", args=("maml", ["hidden=16"]))
+    second = threading.Thread(target=train, name="pretrained", args=("pretrained", []))
+    first.start()
+    time.sleep(0.5)  # the first holds its learner's lock and loads
+    second.start()
+    for thread in (first, second):
+        thread.join()
+    assert chosen == {"maml": (16,), "pretrained": (16,)}  # without the wait: (40, 40)
+    assert load_config_dict(run / "config.yaml")["hidden"] == [16]

@@ -10,7 +10,8 @@ One learner of a run (``fastmaml train --learner pretrained``) may train while a
 trains a different learner of the same run, so that both cores work on one run. Such a command
 holds that learner's lock only; a command on the whole run holds the run's lock and every
 learner's. Each takes its own lock first and then checks the other kind, so two commands that
-would overlap cannot both go on.
+would overlap cannot both go on. Two learners of a new run that start together also take turns
+to start (``one_starting``), so the second trains with the settings the first wrote.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .atomic import write_text_atomic
 from .errors import ConfigError
 
 LOCK_NAME, OWNER_NAME = ".fastmaml.lock", ".fastmaml.owner"
+START_LOCK_NAME = ".fastmaml.start.lock"
 # how long a command waits for a lock before it refuses: long enough for ``others_training``'s
 # momentary probe of a learner's lock, short enough to refuse a held run at once to the eye
 LOCK_WAIT_S = 0.5
@@ -88,6 +90,24 @@ def others_training(run_dir: Path, learner: str) -> list[str]:
         else:
             probe.release()
     return held
+
+
+@contextmanager
+def one_starting(run_dir: Path) -> Iterator[None]:
+    """Hold the start of a ``--learner`` command, from reading the run's settings until it has
+    written them: a learner starting meanwhile waits (while the first loads its data), so it
+    does not train with settings of its own beside another learner's."""
+    lock = FileLock(run_dir / START_LOCK_NAME)
+    try:
+        lock.acquire(timeout=LOCK_WAIT_S)
+    except Timeout:
+        print(f"fastmaml: another learner of {run_dir} is starting; waiting until it has "
+              "written the run's settings", file=sys.stderr)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager

@@ -8,6 +8,7 @@ import platform
 import time
 import warnings
 from collections.abc import Sequence
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
-from ..runlock import learners_held, locked_run_dir, others_training
-from ..train import check_resumable, checkpoint_path, fit
+from ..runlock import learners_held, locked_run_dir, one_starting, others_training
+from ..train import Learner, check_resumable, checkpoint_path, fit
 from .base import EVAL_KEYS, Experiment, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -274,28 +275,10 @@ def _warn_if_foreign(run_dir: Path) -> None:
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
            only: str | None, main: bool) -> Experiment:
-    # a --learner command beside another learner of the run takes its settings, even before
-    # any checkpoint: two learners trained with different settings would make one broken run
-    in_use = bool(main and only is not None and others_training(run_dir, only))
-    experiment = prepare_run(preset_name, run_dir, overrides, in_use)
-    cfg = experiment.cfg
-    learners = experiment.learners()  # loads the data and builds the models: bad values fail here
-    if only is not None:
-        names = [learner.name for learner in learners]
-        if only not in names:
-            raise ConfigError(f"--learner {only!r}: a {preset_name} run has the learners "
-                              f"{', '.join(names)}")
-        learners = [learner for learner in learners if learner.name == only]
-    # a command on the whole run also holds every learner: no --learner command trains meanwhile
-    whole_run = [learner.name for learner in learners] if main and only is None else []
-    with learners_held(run_dir, whole_run):
-        if whole_run:  # no other train command writes the run's shared files now
-            for shared in ("config.yaml", "machine.json"):
-                remove_stale_temporaries(run_dir / shared)
-        for learner in learners:
-            check_resumable(learner, run_dir)
-        require_a_task_per_rank(cfg.meta_batch)
-        experiment.save_config()  # so a refused command leaves the run directory as it was
+    with ExitStack() as held:
+        with one_starting(run_dir) if main and only is not None else nullcontext():
+            experiment, learners = _start(preset_name, run_dir, overrides, only, main, held)
+        cfg = experiment.cfg
         size = world()[1]
         say = print if main else (lambda *_: None)
         if main:
@@ -321,6 +304,34 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
                 + (f" ({engine} path)" if engine else "")
                 + (f"; last: {summary}" if summary else ""))
     return experiment
+
+
+def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | None,
+           main: bool, held: ExitStack) -> tuple[Experiment, list[Learner]]:
+    """The run's experiment and the learners this command trains, its config written; a whole
+    run command's learner locks enter ``held``."""
+    # a --learner command beside another learner of the run takes its settings, even before
+    # any checkpoint: two learners trained with different settings would make one broken run
+    in_use = bool(main and only is not None and others_training(run_dir, only))
+    experiment = prepare_run(preset_name, run_dir, overrides, in_use)
+    learners = experiment.learners()  # loads the data and builds the models: bad values fail here
+    if only is not None:
+        names = [learner.name for learner in learners]
+        if only not in names:
+            raise ConfigError(f"--learner {only!r}: a {preset_name} run has the learners "
+                              f"{', '.join(names)}")
+        learners = [learner for learner in learners if learner.name == only]
+    # a command on the whole run also holds every learner: no --learner command trains meanwhile
+    whole_run = [learner.name for learner in learners] if main and only is None else []
+    held.enter_context(learners_held(run_dir, whole_run))
+    if whole_run:  # no other train command writes the run's shared files now
+        for shared in ("config.yaml", "machine.json"):
+            remove_stale_temporaries(run_dir / shared)
+    for learner in learners:
+        check_resumable(learner, run_dir)
+    require_a_task_per_rank(experiment.cfg.meta_batch)
+    experiment.save_config()  # so a refused command leaves the run directory as it was
+    return experiment, learners
 
 
 def _record_machine(run_dir: Path, device: str, processes: int) -> None:
