@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import signal
+import subprocess
 import sys
 import warnings
 
@@ -18,6 +20,9 @@ from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
 from fastmaml.experiments import create_run, load_experiment, prepare_run
 from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
                             load_checkpoint, meta_lr_at, save_atomic)
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def maml_learner(run_dir, **overrides):
@@ -275,6 +280,30 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         save_atomic({"iteration": 2, "learner": {}}, path)
     monkeypatch.undo()
     assert load_checkpoint(path) == {"iteration": 1, "learner": {}}
+
+
+def limited_to(size: int) -> None:
+    """In a child process: files may hold ``size`` bytes, as on a full disk or past a quota (a
+    write beyond it fails with EFBIG instead of killing the process)."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def test_a_checkpoint_that_does_not_fit_on_disk_is_an_error_naming_it(tmp_path):
+    train = subprocess.run(
+        [sys.executable, "-m", "fastmaml", "train", "sinusoid-demo", "--out", "run",
+         "iterations=3", "checkpoint_every=3", "--no-progress"], cwd=tmp_path, text=True,
+        capture_output=True, preexec_fn=lambda: limited_to(8192), env=ENV)  # the log fits
+    assert train.returncode == 2 and "Traceback" not in train.stderr
+    assert "File too large: 'run/checkpoints/maml.pt'" in train.stderr
+    assert os.listdir(tmp_path / "run" / "checkpoints") == []  # and no half-written temporary
+    # a tensor too large for the file fails inside torch's writer, in words that name no file
+    save = subprocess.run([sys.executable, "-c", "import pathlib, torch, fastmaml.train as t; "
+                           "t.save_atomic({'w': torch.zeros(30_000)}, pathlib.Path('x.pt'))"],
+                          cwd=tmp_path, text=True, capture_output=True,
+                          preexec_fn=lambda: limited_to(100_000), env=ENV)
+    assert "OSError: could not write x.pt ([enforce fail" in save.stderr
+    assert "MiB free: once there is room (a full disk, a quota)" in save.stderr
 
 
 def test_same_seed_same_run_and_other_seed_other_run(tmp_path):

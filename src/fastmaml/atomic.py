@@ -57,6 +57,10 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
             os.fsync(handle.fileno())
         os.replace(tmp, path)
         _sync_directory(path.parent)
+    except OSError as error:
+        if error.filename is None:  # a write or flush (a full disk, a quota): name the file
+            raise OSError(error.errno, error.strerror, str(path)) from error
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -10,6 +10,7 @@ import csv
 import io
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -29,7 +30,7 @@ from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import (any_rank, average_gradients, average_metrics, gather_ranks, is_main,
                           shard)
 from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
-                     NonFiniteLossError)
+                     NonFiniteLossError, is_out_of_memory)
 
 Metrics = dict[str, float | Tensor]
 
@@ -145,7 +146,15 @@ def meta_lr_at(cfg: Config, iteration: int) -> float:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file, flush it to disk, then rename it over ``path``."""
-    replace_atomically(path, lambda handle: torch.save(state, handle))
+    try:
+        replace_atomically(path, lambda handle: torch.save(state, handle))
+    except RuntimeError as error:  # torch's writer failed on the file, in words naming none
+        if is_out_of_memory(error):
+            raise
+        free = shutil.disk_usage(path.parent).free / 2**20
+        raise OSError(f"could not write {path} ({str(error).splitlines()[0]}); its disk has "
+                      f"{free:,.0f} MiB free: once there is room (a full disk, a quota), the same "
+                      "command resumes from the last checkpoint") from error
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
