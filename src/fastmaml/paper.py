@@ -67,8 +67,8 @@ class Headline:
     models differ from rllab's) are judged by MAML against the pretrained baseline after one
     step, not by the number. ``tasks`` is the paper's number of test tasks and ``horizon`` an
     RL row's episode length (returns sum over it). ``published``: whose figure ``value`` is
-    where it is not MAML's after ``step`` steps (Lake et al.'s people); our figure is still
-    read after ``step`` steps.
+    where it is not MAML's after ``step`` steps (Lake et al.'s people), and ``others`` all the
+    figures published beside it; our figure is still read after ``step`` steps.
     """
 
     key: str
@@ -83,6 +83,7 @@ class Headline:
     tasks: int = 600
     horizon: int | None = None
     published: str = ""
+    others: tuple[tuple[str, float], ...] = ()
 
 
 def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int) -> Headline:
@@ -103,7 +104,7 @@ HEADLINES: list[Headline] = [
     _fewshot_headline("miniimagenet-5w5s", "MiniImagenet 5-way 5-shot", "miniimagenet", 5, 5),
     Headline("omniglot-20w1s-lake", "Omniglot 20-way 1-shot within an alphabet (Lake et al.)",
              "accuracy (%)", True, 5, dict(LAKE[(20, 1)])["Lake et al.: people, within alphabet"],
-             published="people, Lake et al."),
+             published="people, Lake et al.", others=tuple(LAKE[(20, 1)])),
     Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1], tasks=40,
              horizon=100),
     *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True,

@@ -25,7 +25,7 @@ from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, Fast
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
-from .paper import HEADLINES, LAKE, LOCOMOTION, NAV, Headline
+from .paper import HEADLINES, LOCOMOTION, NAV, Headline
 from .plots import counted, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
 
@@ -605,7 +605,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
         for label, value in _paper_rows(h) if h and not h.published else []:
             lines.append(f"| {label} | " + " | ".join(
                 f"{value:g}" if s == h.step else "" for s in steps) + " |")
-        lines += [""] + (_published() if h and h.published else [])
+        lines += [""] + (_published(h) if h and h.published else [])
         lines += [f"Status against the paper after {steps_label(h.step)}: **{verdict}**.",
                   ""] if h else []
         if run.stale_evaluation and not h:
@@ -629,10 +629,10 @@ def _unfinished(run: Run) -> bool:
     return run.iterations < run.config.get("iterations", 0)
 
 
-def _published() -> list[str]:
-    """Lake et al.'s published figures (the only row not MAML's): after no inner steps, so
-    beside the table, not in it."""
-    figures = "; ".join(f"{label} {value:g}" for label, value in LAKE[(20, 1)])
+def _published(headline: Headline) -> list[str]:
+    """The published figures of a row that is not MAML's (Lake et al.'s): after no inner steps,
+    so beside the table, not in it."""
+    figures = "; ".join(f"{label} {value:g}" for label, value in headline.others)
     return [f"Published, not MAML's and after no inner steps: {figures}.", ""]
 
 
