@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,15 @@ def test_a_learner_starting_while_another_loads_takes_its_settings(tmp_path, mon
         thread.join()
     assert chosen == {"maml": (16,), "pretrained": (16,)}  # without the wait: (40, 40)
     assert load_config_dict(run / "config.yaml")["hidden"] == [16]
+
+
+def test_under_torchrun_every_rank_takes_the_settings_rank_0_takes(tmp_path, monkeypatch):
+    """Rank 0 alone can tell that another learner of the run trains (its locks): a --learner
+    command's other ranks take the run's saved settings because it does, not their own."""
+    run = tmp_path / "run"
+    experiments.create_run("sinusoid-demo", run, ["hidden=16"])  # saved, not started
+    monkeypatch.setattr("fastmaml.distributed.world", lambda: (1, 2))  # as rank 1 of 2
+    monkeypatch.setattr(experiments.base, "barrier", lambda: None)  # (rank 0 is not here)
+    monkeypatch.setattr(experiments, "gather_ranks", lambda mine: [True, mine])  # rank 0: in use
+    experiment, _ = experiments._start("sinusoid-demo", run, [], "pretrained", False, ExitStack())
+    assert experiment.cfg.hidden == (16,)  # not the preset's (40, 40)

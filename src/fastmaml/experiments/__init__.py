@@ -18,7 +18,7 @@ from filelock import FileLock
 
 from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
 from ..config import Config, load_config_dict
-from ..distributed import require_a_task_per_rank, world
+from ..distributed import gather_ranks, require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
 from ..train import Learner, check_resumable, checkpoint_path, fit
@@ -311,8 +311,9 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     """The run's experiment and the learners this command trains, its config written; a whole
     run command's learner locks enter ``held``."""
     # a --learner command beside another learner of the run takes its settings, even before
-    # any checkpoint: two learners trained with different settings would make one broken run
-    in_use = bool(main and only is not None and others_training(run_dir, only))
+    # any checkpoint: two learners trained with different settings would make one broken run.
+    # Rank 0 tells (once it may start): so every rank reads the same settings
+    in_use = gather_ranks(bool(main and only is not None and others_training(run_dir, only)))[0]
     experiment = prepare_run(preset_name, run_dir, overrides, in_use)
     learners = experiment.learners()  # loads the data and builds the models: bad values fail here
     if only is not None:
