@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import threading
+import urllib.error
 
 import pytest
 
@@ -24,6 +25,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
         replace_atomically(path, crash)
     assert path.read_text() == "old"
     assert os.listdir(path.parent) == ["notes.txt"]
+
+
+def test_an_error_of_the_writer_that_is_not_the_disks_passes_unchanged(tmp_path):
+    def download(handle):  # e.g. the network failing while a download is written
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+
+    with pytest.raises(urllib.error.URLError, match="Connection refused"):
+        replace_atomically(tmp_path / "x.zip", download)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_write_replaces_the_file_with_the_umask_permissions(tmp_path):

@@ -304,6 +304,14 @@ def test_a_checkpoint_that_does_not_fit_on_disk_is_an_error_naming_it(tmp_path):
                           preexec_fn=lambda: limited_to(100_000), env=ENV)
     assert "OSError: could not write x.pt ([enforce fail" in save.stderr
     assert "MiB free: once there is room (a full disk, a quota)" in save.stderr
+    # the writer's other errors are not the disk's: said as they were raised
+    with pytest.raises(RuntimeError, match="^no pickling of it$"):
+        save_atomic({"w": Unpicklable()}, tmp_path / "y.pt")
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("no pickling of it")
 
 
 def test_same_seed_same_run_and_other_seed_other_run(tmp_path):

@@ -6,6 +6,7 @@ records back, with an error that names a damaged file.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -15,6 +16,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import DataError
+
+
+# the errors of a write or flush that the disk refuses: full, over a quota or a size limit,
+# read-only, failing
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
 
 
 def read_json(path: Path, remedy: str = "") -> Any:
@@ -58,9 +64,9 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
         os.replace(tmp, path)
         _sync_directory(path.parent)
     except OSError as error:
-        if error.filename is None:  # a write or flush (a full disk, a quota): name the file
+        if error.filename is None and error.errno in DISK_ERRORS:  # a write or flush: name it
             raise OSError(error.errno, error.strerror, str(path)) from error
-        raise
+        raise  # e.g. a download's network error, raised inside ``write``
     finally:
         tmp.unlink(missing_ok=True)
 

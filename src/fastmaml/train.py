@@ -30,7 +30,7 @@ from .core import MAML, TaskBatch, multi_step_loss_weights
 from .distributed import (any_rank, average_gradients, average_metrics, gather_ranks, is_main,
                           shard)
 from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
-                     NonFiniteLossError, is_out_of_memory)
+                     NonFiniteLossError)
 
 Metrics = dict[str, float | Tensor]
 
@@ -148,9 +148,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to a temporary file, flush it to disk, then rename it over ``path``."""
     try:
         replace_atomically(path, lambda handle: torch.save(state, handle))
-    except RuntimeError as error:  # torch's writer failed on the file, in words naming none
-        if is_out_of_memory(error):
-            raise
+    except RuntimeError as error:
+        if not any(mark in str(error) for mark in ("inline_container", "PytorchStreamWriter")):
+            raise  # not torch's writer failing on the file (e.g. an object it cannot pickle)
         free = shutil.disk_usage(path.parent).free / 2**20
         raise OSError(f"could not write {path} ({str(error).splitlines()[0]}); its disk has "
                       f"{free:,.0f} MiB free: once there is room (a full disk, a quota), the same "
