@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock, Timeout
 
 import fastmaml.experiments as experiments
 from fastmaml.cli import main
@@ -126,6 +127,7 @@ def test_a_meta_batch_smaller_than_the_processes_is_refused_before_any_write(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr("fastmaml.distributed.world", lambda: (0, 4))  # as if under torchrun
+    monkeypatch.setattr(experiments, "gather_ranks", lambda mine: [mine] * 4)  # (no group here)
     run = tmp_path / "new"
     assert main(["train", "sinusoid-demo", "--out", str(run), "meta_batch=3", "--no-progress"]) == 2
     assert "meta_batch 3 is smaller than the 4 processes" in capsys.readouterr().err
@@ -186,35 +188,85 @@ def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypa
     assert len(json.loads((tmp_path / "machine.json").read_text())) == 2
 
 
-def test_a_learner_starting_while_another_loads_takes_its_settings(tmp_path, monkeypatch):
-    """Two ``--learner`` commands of a new run start together: the second waits while the first
-    loads its data, and then trains with the settings the first wrote, not with its own."""
+def held(path: Path) -> bool:
+    probe = FileLock(path, timeout=0)
+    try:
+        probe.acquire()
+    except Timeout:
+        return True
+    probe.release()
+    return False
+
+
+def wait_until_held(path: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and held(path)):
+        assert time.monotonic() < deadline, f"{path} was never held"
+        time.sleep(0.02)
+
+
+def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
+                   second: tuple[str, list[str]]) -> dict[str, object]:
+    """Train two learners (name, overrides) of a new run in two threads, as two ``--learner``
+    commands: the first loads its data until the second holds its learner's lock and is
+    starting. Each one's Experiment, or what it raised."""
     prepare = experiments.prepare_run
 
-    def slow_for_maml(*args, **kwargs):
+    def slow_for_the_first(*args, **kwargs):
         experiment = prepare(*args, **kwargs)
-        if threading.current_thread().name == "maml":  # a long data load widens the window
+        if threading.current_thread().name == first[0]:
             load = experiment.learners
-            experiment.learners = lambda: time.sleep(1.5) or load()
+
+            def slow_load():
+                wait_until_held(run / f".fastmaml-{second[0]}.lock")
+                time.sleep(0.5)  # the second goes on to start meanwhile
+                return load()
+
+            experiment.learners = slow_load
         return experiment
 
-    monkeypatch.setattr(experiments, "prepare_run", slow_for_maml)
-    run, chosen = tmp_path / "run", {}
+    monkeypatch.setattr(experiments, "prepare_run", slow_for_the_first)
+    outcome: dict[str, object] = {}
 
     def train(learner: str, overrides: list[str]) -> None:
-        chosen[learner] = train_run("sinusoid-demo", run, ["iterations=2", "baseline_iterations=2",
-                                                           *overrides], progress=False,
-                                    learner=learner).cfg.hidden
+        try:
+            outcome[learner] = train_run("sinusoid-demo", run, ["iterations=2",
+                                                                 "baseline_iterations=2",
+                                                                 *overrides],
+                                         progress=False, learner=learner)
+        except Exception as error:  # noqa: BLE001 (the test reads it)
+            outcome[learner] = error
 
-    first = threading.Thread(target=train, name="maml", args=("maml", ["hidden=16"]))
-    second = threading.Thread(target=train, name="pretrained", args=("pretrained", []))
-    first.start()
-    time.sleep(0.5)  # the first holds its learner's lock and loads
-    second.start()
-    for thread in (first, second):
+    threads = [threading.Thread(target=train, name=name, args=(name, overrides))
+               for name, overrides in (first, second)]
+    threads[0].start()
+    wait_until_held(run / f".fastmaml-{first[0]}.lock")
+    threads[1].start()
+    for thread in threads:
         thread.join()
-    assert chosen == {"maml": (16,), "pretrained": (16,)}  # without the wait: (40, 40)
+    return outcome
+
+
+def test_a_learner_starting_while_another_loads_takes_its_settings(tmp_path, monkeypatch):
+    """The second waits while the first loads its data, and then trains with the settings the
+    first wrote, not with its own."""
+    run = tmp_path / "run"
+    outcome = start_together(monkeypatch, run, ("maml", ["hidden=16"]), ("pretrained", []))
+    # without the wait, pretrained trains (40, 40) and writes its config over maml's
+    assert {name: experiment.cfg.hidden for name, experiment in outcome.items()} == {
+        "maml": (16,), "pretrained": (16,)}
     assert load_config_dict(run / "config.yaml")["hidden"] == [16]
+
+
+def test_a_learner_that_stops_while_another_starts_leaves_it_its_run(tmp_path, monkeypatch):
+    """The first stops on a bad value after loading, in the folder it made: the second, waiting
+    to start, keeps the folder and its locks (not removed as the refused command's trace)."""
+    run = tmp_path / "run"
+    outcome = start_together(monkeypatch, run, ("typo", []), ("maml", []))
+    assert isinstance(outcome["typo"], ConfigError)
+    assert "--learner 'typo'" in str(outcome["typo"])
+    assert outcome["maml"].cfg.iterations == 2, outcome["maml"]  # trained, no error
+    assert (run / "config.yaml").is_file() and (run / ".fastmaml-maml.lock").is_file()
 
 
 def test_under_torchrun_every_rank_takes_the_settings_rank_0_takes(tmp_path, monkeypatch):

@@ -42,9 +42,9 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
     """Hold ``run_dir`` (or, with ``learner``, that learner's part of it) for this process;
     refuse with ``ConfigError`` if another process holds it (``learner``: or the whole run).
 
-    A directory created here and left holding only lock files (a command that stopped on a bad
-    value) is removed again, with the folders above it made for it, so a refused command leaves
-    no trace.
+    A directory created here and left holding only lock files that no process holds (a command
+    that stopped on a bad value, alone) is removed again, with the folders above it made for it,
+    so a refused command leaves no trace.
     """
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"the run directory {run_dir} is a file: give --out a folder (new or "
@@ -58,11 +58,30 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
                     pass
             yield
     finally:
-        if made and all(p.name.startswith(".fastmaml") for p in run_dir.iterdir()):
-            shutil.rmtree(run_dir, ignore_errors=True)
+        if made and _removed_if_unused(run_dir):
             for folder in made[1:]:  # deepest first; one that holds something else stays
                 with suppress(OSError):
                     folder.rmdir()
+
+
+def _removed_if_unused(run_dir: Path) -> bool:
+    """Remove ``run_dir`` if it holds only our lock and owner files and no process holds any of
+    its locks: a command that started meanwhile (waiting to start, or loading) keeps its folder
+    and its locks. The locks are held while the folder goes, so none is taken meanwhile."""
+    entries = list(run_dir.iterdir())
+    if not all(p.name.startswith(".fastmaml") for p in entries):
+        return False
+    with ExitStack() as probes:
+        for path in entries:
+            if path.suffix == ".lock":
+                probe = FileLock(path, timeout=0)
+                try:
+                    probe.acquire()
+                except Timeout:
+                    return False
+                probes.callback(probe.release)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 @contextmanager
