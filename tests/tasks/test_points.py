@@ -56,15 +56,18 @@ def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
 
 
 def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:
+    short = (1, 4, 6)
     for t in range(10):
-        write_task(tmp_path / "tasks" / f"t{t}.csv", t, 3 if t == 4 else 8)
+        write_task(tmp_path / "tasks" / f"t{t}.csv", t, 3 if t in short else 8)
     (tmp_path / "tasks" / "notes.txt").write_text("not a task")
-    with pytest.warns(ShortTasksWarning, match="left out 1 of 10 task files .* fewer than 5"):
-        splits = load_point_tasks(tmp_path / "tasks", min_points=5,
-                                  assignment=assign_tasks(tmp_path / "tasks", (0.6, 0.2, 0.2)))
+    assignment = assign_tasks(tmp_path / "tasks", (0.6, 0.2, 0.2), min_points=5)
+    with pytest.warns(ShortTasksWarning, match="left out 3 of 10 task files .* fewer than 5"):
+        splits = load_point_tasks(tmp_path / "tasks", min_points=5, assignment=assignment)
     names = [n for split in splits.values() for n in split.names]
-    assert sorted(names) == sorted(f"t{t}.csv" for t in range(10) if t != 4)
-    assert [len(splits[s]) for s in ("train", "val", "test")] == [5, 2, 2]
+    assert sorted(names) == sorted(f"t{t}.csv" for t in range(10) if t not in short)
+    # the 7 long files are split 4 / 2 / 1; the short ones take no share (recorded in train)
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 2, 1]
+    assert {f"t{t}.csv" for t in short} <= set(assignment["train"])
 
 
 def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:

@@ -70,7 +70,9 @@ class RegressionExperiment(Experiment):
         return Path(self.cfg.data_root)
 
     def assign_split(self) -> Assignment:
-        return assign_tasks(self.data_root(), self.cfg.split_fractions, self.cfg.split_seed)
+        cfg = self.cfg
+        return assign_tasks(self.data_root(), cfg.split_fractions, cfg.split_seed,
+                            cfg.k_shot + cfg.k_query)
 
     @functools.cached_property
     def splits(self) -> dict[str, PointTasks]:

@@ -87,9 +87,8 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
     """Each split's class folders, relative to ``root`` (``splits.assign_items``); with explicit
     splits, a class name in two of them is an error.
 
-    Without explicit splits only the folders of at least ``min_images`` image files are cut by
-    ``fractions``, so that the folders too short for a task (left out when loaded) take no
-    split's share; they are recorded in train, which they join if they fill up later.
+    Without explicit splits the folders of fewer than ``min_images`` image files (too short for
+    a task) take no split's share.
     """
     root = data_root(root)
     found = found_items(root, partial(class_folders, class_depth=class_depth))
@@ -100,13 +99,8 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
             raise DataError(f"class folders {twin.relative_to(root)} and "
                             f"{folder.relative_to(root)} of {root} are one folder (a link): it "
                             "would be two classes, perhaps in two splits; remove the link")
-    if found and found[0][0] is None:  # no explicit splits
-        short = {folder for _, folder in found if len(image_files(folder)) < min_images}
-        assignment = assign_items(root, [item for item in found if item[1] not in short],
-                                  fractions, seed, "class", _class_name)
-        assignment["train"] += sorted(folder.relative_to(root).as_posix() for folder in short)
-        return assignment
-    return assign_items(root, found, fractions, seed, "class", _class_name)
+    return assign_items(root, found, fractions, seed, "class", _class_name,
+                        lambda folder: len(image_files(folder)) < min_images)
 
 
 def _class_name(split_root: Path, folder: Path) -> str:

@@ -84,12 +84,14 @@ def task_files(folder: Path) -> list[Path]:
 
 
 def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
-                 seed: int = 1) -> Assignment:
+                 seed: int = 1, min_points: int = 1) -> Assignment:
     """Each split's task files, relative to ``root`` (``splits.assign_items``); with explicit
-    splits, one file's contents in two of them (a copied task) is an error."""
+    splits, one file's contents in two of them (a copied task) is an error. Without, the files
+    of fewer than ``min_points`` points (too short for a task) take no split's share."""
     root = data_root(root)
     return assign_items(root, found_items(root, task_files), fractions, seed, "task",
-                        _contents)
+                        _contents, lambda path: len(read_points(path, "task", need_y=True)[0])
+                        < min_points)
 
 
 def _contents(split_root: Path, path: Path) -> str:
@@ -115,7 +117,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     record of ``assign_tasks``) fixes which file is in which split."""
     root = data_root(root)
     if assignment is None:
-        assignment = assign_tasks(root)
+        assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
     if not files:
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y row per "

@@ -91,10 +91,16 @@ def found_items(root: Path, list_items: ListItems) -> list[tuple[str | None, Pat
 
 
 def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Sequence[float],
-                 seed: int, kind: str, identity: ItemIdentity) -> Assignment:
+                 seed: int, kind: str, identity: ItemIdentity,
+                 too_short: Callable[[Path], bool] = lambda _: False) -> Assignment:
     """Each split's items (``found_items``), relative to ``root``: the explicit splits, or the
     items shuffled with ``seed`` and cut by ``fractions``. With explicit splits, two items of
-    different splits with one ``identity`` are one ``kind`` in two splits: an error."""
+    different splits with one ``identity`` are one ``kind`` in two splits: an error.
+
+    Without explicit splits only the items not ``too_short`` for a task are cut, so that those
+    left out when loaded take no split's share; they are recorded in train, which they join if
+    they fill up later.
+    """
     if found and found[0][0] is not None:
         seen: dict[str, tuple[str, Path]] = {}
         for split, item in found:
@@ -106,9 +112,13 @@ def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Se
                                 f"({key}) in two splits: it would be tested on what it trained on")
         return {name: [item.relative_to(root).as_posix() for split, item in found if split == name]
                 for name in SPLITS}
-    cut = split_indices(len(found), fractions, seed)
-    return {name: [found[i][1].relative_to(root).as_posix() for i in sorted(index)]
-            for name, index in zip(SPLITS, cut)}
+    short = {item for _, item in found if too_short(item)}
+    cut_items = [item for _, item in found if item not in short]
+    cut = split_indices(len(cut_items), fractions, seed)
+    assignment = {name: [cut_items[i].relative_to(root).as_posix() for i in sorted(index)]
+                  for name, index in zip(SPLITS, cut)}
+    assignment["train"] += sorted(item.relative_to(root).as_posix() for item in short)
+    return assignment
 
 
 def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment: Assignment,
