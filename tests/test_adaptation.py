@@ -321,7 +321,7 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     capsys.readouterr()
     x = np.linspace(-4, 4, 10)
     (tmp_path / "support.csv").write_text("x,y\n" + "".join(f"{v},{np.sin(v)}\n" for v in x))
-    (tmp_path / "query.csv").write_text("".join(f"{v},{np.sin(v)}\n" for v in (-1.0, 0.5, 2.0)))
+    (tmp_path / "query.csv").write_text("".join(f"{v},{np.sin(v)}\n" for v in (-1.667, 0.1, 2.0)))
     (tmp_path / "inputs.csv").write_text("x\n1.5\n")
     plot = tmp_path / "figure.png"
     code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
@@ -329,6 +329,7 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == ["x", "prediction", "y"] and len(rows) == 3
+    assert [r["x"] for r in rows] == ["-1.667", "0.1", "2.0"]  # as written, not float32's noise
     mse = np.mean([(float(r["prediction"]) - float(r["y"])) ** 2 for r in rows])
     assert f"MSE {mse:.4g}" in err and plot.stat().st_size > 0
     code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),

@@ -509,6 +509,12 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
                               "query": len(asked.paths), "accuracy": accuracy})
 
 
+def _as_written(column: Tensor) -> list[float]:
+    """A float32 column's values, each the shortest decimal that reads back as it (the input's
+    -1.667, not float32's -1.6670000553131104)."""
+    return [float(str(value)) for value in column[:, 0].numpy().astype(np.float32)]
+
+
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                     query: str | os.PathLike[str], steps: int,
                     plot: str | os.PathLike[str] | None) -> Predictions:
@@ -516,9 +522,9 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     query_x, query_y = read_points(query, "query", need_y=False)
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
-    rows = [{"x": float(x), "prediction": float(p),
-             **({} if query_y is None else {"y": float(query_y[i])})}
-            for i, (x, p) in enumerate(zip(query_x[:, 0], prediction[:, 0]))]
+    labels = [None] * len(query_x) if query_y is None else _as_written(query_y)
+    rows = [{"x": x, "prediction": p, **({} if y is None else {"y": y})}
+            for x, p, y in zip(_as_written(query_x), _as_written(prediction), labels)]
     mse = None if query_y is None else float((prediction - query_y).pow(2).mean())
     if plot is not None:
         every = torch.cat([support_x, query_x])[:, 0]
