@@ -1,12 +1,14 @@
 """Figures: written atomically, in the format their name asks for."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 
 from fastmaml import plots
+from fastmaml.errors import FastMAMLWarning
 from fastmaml.plots import counted, save_figure, steps_label
 
 
@@ -20,6 +22,16 @@ def test_a_figure_is_written_in_the_format_of_its_name(tmp_path: Path) -> None:
     assert save_figure(figure(), tmp_path / "a" / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert save_figure(figure(), tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     assert b"<svg" in save_figure(figure(), tmp_path / "f.svg").read_bytes()[:500]
+
+
+def test_postscript_says_in_our_words_that_it_draws_transparency_opaque(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fig, ax = plt.subplots()
+    ax.fill_between([0, 1], [0, 0], [1, 1], alpha=0.2)  # as the 95% bands are drawn
+    with pytest.warns(FastMAMLWarning, match="f.eps: PostScript has no transparency"):
+        assert save_figure(fig, tmp_path / "f.eps").read_bytes()[:4] == b"%!PS"
+    assert not caplog.records  # not matplotlib's log line besides
+    assert logging.getLogger("matplotlib.backends.backend_ps").level == logging.NOTSET
 
 
 def test_a_figure_write_cut_short_leaves_the_old_figure_whole(tmp_path: Path,

@@ -1,6 +1,8 @@
 """Figures shared by the experiments: metric against inner steps, and learning curves."""
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from .atomic import replace_atomically  # noqa: E402
-from .errors import ConfigError, DataError  # noqa: E402
+from .errors import ConfigError, DataError, FastMAMLWarning  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
 
@@ -106,10 +108,18 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     writing leaves the old figure whole, and close it."""
     fig.tight_layout()
     file_format = path.suffix.lstrip(".").lower() or None  # (the temporary's name has none)
+    postscript = logging.getLogger("matplotlib.backends.backend_ps")
+    level = postscript.level
+    if file_format in ("ps", "eps"):
+        warnings.warn(f"{path}: PostScript has no transparency, so the shaded bands are drawn "
+                      "opaque and may hide lines; .pdf or .svg keep them", FastMAMLWarning,
+                      stacklevel=2)
+        postscript.setLevel(logging.ERROR)  # (matplotlib's own words for it, said above)
     try:
         replace_atomically(path, lambda handle: fig.savefig(handle, dpi=120, format=file_format))
     except OSError as error:
         raise DataError(f"cannot write the figure {path}: {error}") from None
     finally:
+        postscript.setLevel(level)
         plt.close(fig)
     return path
