@@ -33,6 +33,8 @@ def test_a_key_given_twice_with_two_values_is_refused_and_with_one_is_taken():
     ("learning_rate=0.1", r"unknown config key\(s\) learning_rate for SinusoidConfig; valid"),
     ("metabatch=4", r"unknown config key\(s\) metabatch for .* \(did you mean metabatch -> "
                     r"meta_batch\?\); valid keys"),
+    ("n_way=5", r"unknown config key\(s\) n_way for SinusoidConfig \(n_way is a setting of "
+                r"the fewshot experiment\); valid keys"),
     ("iterations", "not of the form key=value"),
     ("iterations=0", "iterations must be >= 1"),
     ("inner_steps=-1", "inner_steps must be >= 0"),

@@ -121,12 +121,23 @@ class Config:
         types = cls.field_types()
         unknown = sorted(set(values) - set(types))
         if unknown:
-            near = {key: difflib.get_close_matches(key, types, n=1) for key in unknown}
-            hints = [f"{key} -> {match[0]}" for key, match in near.items() if match]
+            elsewhere = {key: cls._experiments_with(key) for key in unknown}
+            hints = [f"{key} is a setting of the {' and '.join(names)} experiment"
+                     + ("s" if len(names) > 1 else "") for key, names in elsewhere.items() if names]
+            near = {key: difflib.get_close_matches(key, types, n=1) for key in unknown
+                    if not elsewhere[key]}
+            hints += [f"did you mean {key} -> {match[0]}?" for key, match in near.items() if match]
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"
-                              + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                              + (f" ({'; '.join(hints)})" if hints else "")
                               + f"; valid keys: {', '.join(types)}")
         return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+
+    @classmethod
+    def _experiments_with(cls, key: str) -> list[str]:
+        """The other experiments that have the setting ``key`` (given to the wrong preset)."""
+        from .experiments import EXPERIMENTS, experiment_class  # (an error's path: all load)
+        return [name for name in EXPERIMENTS if experiment_class(name).config_cls is not cls
+                and key in experiment_class(name).config_cls.field_types()]
 
     def with_overrides(self: C, overrides: list[str]) -> C:
         """Apply ``key=value`` strings, typed by the dataclass fields (a key given twice with two
