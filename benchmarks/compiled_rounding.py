@@ -10,7 +10,7 @@ uncompiled batched path (``meta_loss`` and autograd) in float32 and in float64, 
 compiled graph in float32 and in float64: the last tells rounding from a wrong graph. The
 learner's own check of the graph is turned off here (an infinite tolerance), so that every
 compiled call is the graph's. The figures size ``COMPILED_TOLERANCE`` and ``COMPILED_CHECKS``
-(``fastmaml.core``).
+(``fastmaml.paths``).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import fastmaml.core
+import fastmaml.paths
 from fastmaml import MAML, TaskBatch
 from fastmaml.experiments import load_experiment
 from fastmaml.experiments.base import Experiment
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fastmaml.core.COMPILED_TOLERANCE = math.inf  # every compiled call is the graph's own
+    fastmaml.paths.COMPILED_TOLERANCE = math.inf  # every compiled call is the graph's own
     compiled, experiment = trained(args.run_dir, compile=True)
     sampler = experiment.sampler("train", experiment.cfg.k_query)
     eager, _ = trained(args.run_dir, compile=False)

@@ -17,6 +17,7 @@ from torch import nn
 
 import fastmaml.core
 import fastmaml.norms
+import fastmaml.paths
 from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, SequenceNet, is_norm_param
@@ -1011,7 +1012,7 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     gradient of each input shape is checked, also where no search runs, until it agrees or
     has differed at ``COMPILED_CHECKS`` calls in a row (the search counts as one: it repeats
     its batch); each of them gives the eager gradient."""
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     maml, batch, eager, _ = stand_in_compile(batched)
     graph_calls = []
 
@@ -1021,7 +1022,7 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
         return {name: 1.01 * g for name, g in grads.items()}, aux
     maml._compiled_gradient = off_by_one_percent
     expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
-    checks = fastmaml.core.COMPILED_CHECKS
+    checks = fastmaml.paths.COMPILED_CHECKS
     with warnings.catch_warnings():
         warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
         for call in range(checks - 1):  # the graph's calls (the search's first one counts once)
@@ -1048,7 +1049,7 @@ def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_i
         monkeypatch):
     """The search's calls repeat one batch: its first compiled call is compared, the rest are
     timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     maml, batch, eager, eager_calls = stand_in_compile(batched=None)
     maml._compiled_gradient = lambda *args: (
         {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
@@ -1130,7 +1131,7 @@ def no_cxx_compiler(*_):
 
 @pytest.mark.parametrize("batched", [True, None])  # compiled for sure, or a candidate of the search
 def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched, monkeypatch):
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     model, loss_fn, batch = mlp_problem()
     expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
     maml = MAML(model, loss_fn, 0.1, 2, batched=batched, compile=True)
@@ -1245,7 +1246,7 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
 def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(monkeypatch):
     """The search runs about 7 meta-gradients; their dropout draws must not shift the seeded
     random stream of the run, or a second run in the process (reusing the choice) differs."""
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     batch = TaskBatch(torch.randn(4, 4, 3), torch.randn(4, 4, 1), torch.randn(4, 6, 3),
                       torch.randn(4, 6, 1))
@@ -1271,7 +1272,7 @@ def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(mon
 def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch):
     """A run resumed with ``compile=true`` searches again (the compiled path is a candidate);
     resumed as it was, it reuses its own choice."""
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
@@ -1296,14 +1297,14 @@ def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch)
 
 @pytest.mark.parametrize("change", ["path implementations", "CPU vector instructions"])
 def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change):
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
     old = MAML(model, F.mse_loss, 0.1, 1)
     old.meta_backward(batch)
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # a new process
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # a new process
     if change == "path implementations":
-        monkeypatch.setattr(fastmaml.core, "PATHS_REVISION", fastmaml.core.PATHS_REVISION + 1)
+        monkeypatch.setattr(fastmaml.paths, "PATHS_REVISION", fastmaml.paths.PATHS_REVISION + 1)
     else:  # e.g. a run timed on an AVX512 machine, resumed on an AVX2 one
         other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
@@ -1343,7 +1344,7 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     ask at the first call in each derivative order, which all make together; a rank whose key
     changes alone (e.g. its compiling fell back) searches alone, and one whose vmap failed
     offers its looped time for every role."""
-    monkeypatch.setattr(fastmaml.core, "_PATHS_CHOSEN", {})  # no choices from other tests
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
@@ -1393,10 +1394,10 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
 
 def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
     inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")
-    assert fastmaml.core._first_line(inductor) == (
+    assert fastmaml.errors.first_line(inductor) == (
         "backend='inductor' raised: NotImplementedError: no storage")
-    assert fastmaml.core._first_line(RuntimeError("one line\nand more")) == "one line"
-    assert fastmaml.core._first_line(RuntimeError("  ")) == "RuntimeError"
+    assert fastmaml.errors.first_line(RuntimeError("one line\nand more")) == "one line"
+    assert fastmaml.errors.first_line(RuntimeError("  ")) == "RuntimeError"
 
 
 def test_predict_with_a_context_normalises_each_row_with_the_context_alone():

@@ -1,7 +1,8 @@
 """fastmaml: fast, batched Model-Agnostic Meta-Learning for any ``torch.nn.Module``."""
-from .core import MAML, TaskBatch, as_task_batch, multi_step_loss_weights
+from .core import MAML, multi_step_loss_weights
 from .errors import ConfigError, DataError, FastMAMLError, NonFiniteLossError, ShapeError
 from .inner_lr import InnerLearningRates
+from .inputs import TaskBatch, as_task_batch
 from . import models
 from .adaptation import AdaptedPolicy, TrainedPolicy, TrainedRun, load_run
 

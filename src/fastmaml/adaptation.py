@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .core import MAML, Params, check_steps
+from .core import MAML
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory)
 from .experiments import load_experiment
+from .inputs import Params, check_steps
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
 from .tasks.folder import image_files, is_image_file, skipped_files_warning, unread_files

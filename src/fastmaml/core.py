@@ -4,20 +4,17 @@ A meta-batch of tasks runs in one call: ``torch.func.vmap`` over the task dimens
 function that adapts with ``torch.func.grad`` and evaluates the adapted parameters through
 ``torch.func.functional_call``. The same task function also runs in a plain Python loop over tasks
 with ``torch.autograd.grad``; that is the reference the tests compare against, and the fallback
-for models that ``vmap`` cannot handle.
+for models that ``vmap`` cannot handle. Which of the two runs (and whether compiled) is decided
+in ``fastmaml.paths``; the inputs are checked in ``fastmaml.inputs``.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
-import time
 import warnings
-from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,205 +24,20 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
-                     ShapeError, is_out_of_memory)
+                     ShapeError, first_line, is_out_of_memory)
 from .inner_lr import InnerLearningRates
 from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
+from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
+                     check_options, check_steps, check_tensors, has_active_dropout, listed,
+                     matching)
+from .paths import ExecutionPaths, random_state, set_random_state
 from .per_step import PerStepParameters
 from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .recurrent import StepwiseRNNs, has_recurrent
 
-Params = dict[str, Tensor]
-# execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
-_PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
-# raised whenever a candidate path's implementation changes, so that choices timed on the old
-# one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
-# 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
-# run batched (a recurrent model's saved choice was the looped fallback). 5: norms and embeddings
-# found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups
-PATHS_REVISION = 5
-CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
-# the relative difference from the eager meta-gradient beyond which a compiled one counts as off
-COMPILED_TOLERANCE = 1e-3
-# calls of an input shape, in a row, whose compiled meta-gradient must differ beyond the tolerance
-# before compiling stops. Inductor's float32 sums round more than eager's, and near a minimum,
-# where the mean gradient is small beside the terms it sums, some batches take that past the
-# tolerance: the trained Omniglot 5w5s net's compiled meta-gradient was over 1e-3 off at 6 of 48
-# batches on CPU (up to 2e-2; eager float32 within 3e-5 of float64 at all, and the graph exact
-# in float64; docs/results.md, session 26). The trade-off: a graph wrong at every batch still
-# stops compiling (after five calls, each given the eager gradient), but one wrong at only some
-# batches is now caught only where five of them come in a row.
-COMPILED_CHECKS = 5
 PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises each with a context
-# element-wise losses that broadcast predictions and targets of different shapes with only a
-# warning (e.g. (K, 1) against (K,) gives a K x K loss): a wrong loss, refused here instead
-_BROADCASTING_LOSSES = (torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
-                        torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss)
-_BROADCASTING_LOSS_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
 LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
-
-
-class TaskBatch(NamedTuple):
-    """Support and query tensors of a meta-batch, each with a leading task dimension."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-
-    @property
-    def num_tasks(self) -> int:
-        return self.support_x.shape[0]
-
-    def to(self, device: torch.device | str) -> TaskBatch:
-        """The tensors on ``device``; asynchronous only towards a GPU (a copy to the host must
-        be complete before the host reads it)."""
-        to_gpu = torch.device(device).type == "cuda"
-        return TaskBatch(*(t.to(device, non_blocking=to_gpu) for t in self))
-
-    def split(self, size: int) -> list[TaskBatch]:
-        """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
-        return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
-
-
-def _described(batch: Any) -> str:
-    """What was given as a task batch, in words for its error."""
-    if isinstance(batch, Tensor):
-        return f"one tensor of shape {tuple(batch.shape)}"
-    kinds = [type(t).__name__ for t in batch]
-    arrays = any(isinstance(t, (list, tuple)) or not isinstance(t, Tensor)
-                 and hasattr(t, "__array__") for t in batch)
-    return (f"{len(kinds)} items: {', '.join(kinds[:6])}" + (", ..." if len(kinds) > 6 else "")
-            + (" (torch.as_tensor converts arrays)" if arrays else ""))
-
-
-def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
-    """Validate the four task tensors and return them as a ``TaskBatch``."""
-    if isinstance(batch, dict):
-        missing = [k for k in TaskBatch._fields if k not in batch]
-        if missing:
-            raise ShapeError(f"a task batch as a dict needs the keys {', '.join(TaskBatch._fields)}"
-                             f"; missing {', '.join(missing)}")
-        batch = [batch[k] for k in TaskBatch._fields]
-    if isinstance(batch, Tensor) or len(batch) != 4 or not all(isinstance(t, Tensor)
-                                                               for t in batch):
-        raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y; "
-                         f"got {_described(batch)}")
-    batch = TaskBatch(*batch)
-    counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
-    if None in counts.values() or len(set(counts.values())) != 1:
-        support, query = {counts["support_x"], counts["support_y"]}, {counts["query_x"],
-                                                                      counts["query_y"]}
-        forgotten = len(support) == len(query) == 1  # examples counted where tasks belong
-        raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}"
-                         + ("; if this is one task, add its task dimension: x.unsqueeze(0)"
-                            if forgotten else ""))
-    if not batch.num_tasks:
-        raise ShapeError("a task batch needs at least one task, got 0")
-    for kind in ("support", "query"):
-        x, y = getattr(batch, f"{kind}_x"), getattr(batch, f"{kind}_y")
-        if x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
-            raise ShapeError(f"{kind}_x {tuple(x.shape)} and {kind}_y {tuple(y.shape)} must both be "
-                             "(tasks, examples, ...) with the same number of examples")
-        if not x.shape[1]:
-            raise ShapeError(f"{kind}_x {tuple(x.shape)} holds no examples: a task needs at least "
-                             f"one {kind} example")
-    return batch
-
-
-def _broadcasting_loss(fn: Any) -> str | None:
-    """The name of ``fn`` if it is a loss that broadcasts (also as a module or a partial)."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    if fn in _BROADCASTING_LOSSES or isinstance(fn, _BROADCASTING_LOSS_MODULES):
-        return getattr(fn, "__name__", type(fn).__name__)
-    return None
-
-
-def check_steps(name: str, steps: Any) -> None:
-    """A number of inner steps: an integer >= 0 (not a float or bool), or a ``ConfigError``."""
-    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
-        raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
-
-
-def _check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
-                   chunk_size: Any, adapt: Any, per_step: Any, **flags: Any) -> None:
-    """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
-    (a swapped model and loss, a YAML string for a flag, a tensor for a learned rate)."""
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
-                          + (" (are model and loss_fn swapped?)" if callable(model) else ""))
-    for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
-        if not callable(fn) and not (name == "metric_fn" and fn is None):
-            raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
-                              f"tensor, e.g. torch.nn.functional.mse_loss; got {fn!r}")
-    for name, flag in flags.items():
-        optional = name in ("batched", "transductive_bn")  # None: chosen for the model
-        if not isinstance(flag, (bool, np.bool_)) and not (optional and flag is None):
-            raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, "
-                              f"got {flag!r}")
-    check_steps("inner_steps", inner_steps)
-    for name, selection, default in (("adapt", adapt, "all parameters"),
-                                     ("per_step", per_step, "none")):
-        if not (selection is None or callable(selection) or isinstance(selection, str)
-                or isinstance(selection, Collection)
-                and all(isinstance(a, str) for a in selection)):
-            raise ConfigError(f"{name} must be None ({default}), name prefixes (e.g. ['head']) "
-                              f"or a function (name, parameter) -> bool, got {selection!r}")
-    if isinstance(inner_lr, Tensor):
-        raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
-                          "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
-                          "(Meta-SGD) or 'per_layer_step' (MAML++), and MAML holds it as a "
-                          "parameter")
-    if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
-            or not 0 <= inner_lr < math.inf):  # NaN fails too
-        raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
-                          f"{chunk_size!r}")
-
-
-def _check_tensors(**named: Any) -> None:
-    """A ``ShapeError`` naming the first of ``named`` that is not a tensor."""
-    for name, value in named.items():
-        if not isinstance(value, Tensor):
-            raise ShapeError(f"{name} must be a tensor, got {type(value).__name__}"
-                             + (" (torch.as_tensor converts arrays and lists)"
-                                if isinstance(value, (np.ndarray, list, tuple)) else ""))
-
-
-def _as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
-    """Step weights as a 1-d tensor (a list or tuple of floats is taken too)."""
-    if step_weights is None:
-        return None
-    if not isinstance(step_weights, Tensor):
-        step_weights = torch.as_tensor(step_weights, dtype=torch.get_default_dtype())
-    if step_weights.dim() != 1:
-        raise ShapeError(f"step_weights must be 1-d, one weight per inner step (see "
-                         f"multi_step_loss_weights), got shape {tuple(step_weights.shape)}")
-    return step_weights
-
-
-def _first_line(error: Exception) -> str:
-    """An error's message in one line (a warning's), or its type where it has none. A first
-    line that only introduces the next (inductor's "backend='inductor' raised:") takes it along."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-def _random_state(device: torch.device) -> tuple[Tensor, ...]:
-    """The default generators' states: the CPU's, and ``device``'s when it is a GPU."""
-    cpu = torch.get_rng_state()
-    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
-
-
-def _set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0.03) -> Tensor:
@@ -277,12 +89,12 @@ def _second_derivatives_explained(meta_backward: Callable) -> Callable:
                 raise
             raise ConfigError(f"second-order MAML differentiates the inner gradient, and torch "
                               f"{torch.__version__} cannot differentiate an operation of the "
-                              f"model twice ({_first_line(error)}): set first_order=True, or "
+                              f"model twice ({first_line(error)}): set first_order=True, or "
                               "replace that operation") from error
     return explained
 
 
-class MAML(nn.Module):
+class MAML(ExecutionPaths, nn.Module):
     """Model-agnostic meta-learning around any unmodified ``nn.Module``.
 
     Args:
@@ -349,7 +161,7 @@ class MAML(nn.Module):
                  compile: bool = False, chunk_size: int | None = None,
                  checkpoint_steps: bool = False):
         super().__init__()
-        _check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size, adapt,
+        check_options(model, loss_fn, metric_fn, inner_lr, inner_steps, chunk_size, adapt,
                        per_step, first_order=first_order, batched=batched,
                        transductive_bn=transductive_bn, check_finite=check_finite, compile=compile,
                        checkpoint_steps=checkpoint_steps)
@@ -358,12 +170,12 @@ class MAML(nn.Module):
         self.inner_steps, self.first_order = inner_steps, first_order
         self.batched, self.check_finite = batched, check_finite
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.adapted_names = _matching("adapt", adapt, trainable)
+        self.adapted_names = matching("adapt", adapt, trainable)
         self.outer_only_names = [n for n in trainable if n not in self.adapted_names]
-        per_step_names = [] if per_step is None else _matching("per_step", per_step, trainable)
+        per_step_names = [] if per_step is None else matching("per_step", per_step, trainable)
         adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
         if adapted_per_step:
-            raise ConfigError(f"per_step selects {_listed(adapted_per_step)}, which the inner "
+            raise ConfigError(f"per_step selects {listed(adapted_per_step)}, which the inner "
                               "loop adapts: per-step sets are the outer loop's; leave them out "
                               "of adapt, or choose other per_step parameters (per_step=norm "
                               "goes with adapt=no_norm)")
@@ -393,25 +205,11 @@ class MAML(nn.Module):
         self._attention_mode = (functools.partial(sdpa_kernel, [SDPBackend.MATH])
                                 if _has_attention(model) else contextlib.nullcontext)
         self._buffer_names = [n for n, _ in model.named_buffers()]
-        self.chunk_size = chunk_size
         if compile and recurrent:  # inductor: "Cannot access storage of BatchedTensorImpl"
             warnings.warn("torch.compile cannot compile recurrent layers under vmap (torch "
                           f"{torch.__version__}); running uncompiled", FastMAMLWarning, stacklevel=2)
             compile = False
-        self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
-        self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
-        self.path: str | None = None  # "batched" or "looped" once a call has run (+ chunk)
-        # input shapes -> (path, chunk size) chosen by timing; saved with the training state
-        self.path_choices: dict[str, tuple[str, int | None]] = {}
-        self._trying: tuple[str, int | None] | None = None  # the candidate being timed
-        self._vmap_failed = False
-        self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
-        self._compiled_misses: dict[str, list[float]] = {}  # per shape: its differences so far
-        self._auto = batched is None and chunk_size is None and not checkpoint_steps
-        # under torch.distributed: every rank's value of an object, in rank order
-        # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
-        self.gather_ranks: Callable[[Any], list[Any]] | None = None
-        self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
+        self._init_paths(compile, batched, chunk_size, checkpoint_steps)
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -474,7 +272,7 @@ class MAML(nn.Module):
         # as in training (torch's fused fast paths run only without gradients), and under
         # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
         self._norm_mode = functools.partial(ExactNorms, self._transductive)
-        calls, state = _KernelsCalled(), _random_state(x.device)
+        calls, state = _KernelsCalled(), random_state(x.device)
         # stand-ins for the parameters (the same storage), whose gradients no hook of the
         # model's own parameters sees
         fast, frozen = self._split_params(detach=True)
@@ -485,7 +283,7 @@ class MAML(nn.Module):
             with torch.enable_grad(), calls:
                 output = self._forward(fast, frozen, x)
         finally:
-            _set_random_state(state, x.device)
+            set_random_state(state, x.device)
         self._unused_names = self._unused_parameters(output, {**frozen, **fast})
         if not calls.norms:
             self._norm_mode = contextlib.nullcontext
@@ -527,7 +325,7 @@ class MAML(nn.Module):
               fn: LossFn | None = None) -> Tensor:
         predictions = self._forward(fast, frozen, x)
         fn = fn or self.loss_fn
-        broadcasting = _broadcasting_loss(fn)
+        broadcasting = broadcasting_loss(fn)
         if broadcasting and isinstance(predictions, Tensor) and predictions.shape != y.shape:
             shape = ", ".join(map(str, predictions.shape))
             example = (" (e.g. y[..., None])" if y.dim() < predictions.dim()
@@ -610,223 +408,12 @@ class MAML(nn.Module):
         out = (support_loss, torch.stack(losses))
         return (*out, torch.stack(metrics)) if self.metric_fn else out
 
-    def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
-             record: Sequence[int]) -> tuple[Tensor, ...]:
-        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
-        args = (fast, frozen, steps, create_graph, record)
-        chunk = self._chunk(batch)
-        if torch.compiler.is_compiling():  # inside meta_backward's graph: one graph, not nested
-            return self._batched(*args, chunk, *batch)
-        choice = self._choice(batch)
-        if choice is not None and not self._vmap_failed:
-            path, chunk = choice
-            if path == "looped":
-                self.path = "looped"
-                return self._run_looped(args, batch)
-        compiled = self._compiled_batched is not None and (choice is None or choice[0] == "compiled")
-
-        def batched() -> tuple[Tensor, ...]:
-            if not compiled:
-                return self._batched(*args, chunk, *batch)
-            layout = _graph_layout(fast), _graph_layout(frozen)  # one graph call per chunk
-            try:
-                return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
-                                      for part in _chunks(batch, chunk)])
-            except torch._dynamo.exc.TorchDynamoException as error:
-                return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
-        out = self._dispatch(batched, lambda: self._run_looped(args, batch))
-        if self.path == "batched" and choice is not None:  # (uncompiled if compiling just failed)
-            self.path = _label(choice if compiled and self._compiled_batched else ("batched", chunk))
-        return out
-
-    def _choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
-        """The path chosen for this batch's shapes (or being timed), if any."""
-        return self._trying or (self.path_choices.get(self._path_key(batch)) if self._auto else None)
-
-    def _compiles_gradient(self, batch: TaskBatch) -> bool:
-        """Whether ``meta_backward`` runs as one compiled graph: where compiling is allowed and,
-        with the path search, where it won; with ``batched=True``, always; otherwise once the
-        first call ran batched."""
-        if self._compiled_gradient is None or self._vmap_failed:
-            return False
-        choice = self._choice(batch)
-        if choice is not None:
-            return choice[0] == "compiled"
-        return self.batched is True or self.path == "batched"
-
-    def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
-        """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
-        if self.batched is False or self._vmap_failed:
-            self.path = "looped"
-            return looped()
-        try:
-            out = batched()
-        except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
-            if self.batched:
-                if isinstance(error, ShapeError):  # maybe vmap's, not the input's
-                    raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap "
-                                     "cannot run a model, batched=None falls back to the looped "
-                                     "path)") from error
-                raise
-            out = looped()  # a user error fails here too, and is raised
-            self.path, self._vmap_failed = "looped", True
-            warnings.warn(f"vmap could not run this model ({_first_line(error)}); using the "
-                          "looped path", FastMAMLWarning, stacklevel=4)
-            return out
-        self.path = "batched"
-        return out
-
-    def _uncompiled_from_now(self, error: Exception, eager: Callable[[], Any]) -> Any:
-        """Where ``torch.compile`` failed (on CPU, inductor needs a C++ compiler) but the eager
-        call runs, compiling is off for this learner from now on, with a warning: ``compile`` is
-        a speed option, never the reason a run stops. A user's error fails eagerly too; it is
-        raised, and compiling stays on."""
-        compiled = self._compiled_batched, self._compiled_gradient
-        self._compiled_batched = self._compiled_gradient = None
-        try:
-            out = eager()
-        except BaseException:
-            self._compiled_batched, self._compiled_gradient = compiled
-            raise
-        warnings.warn(f"torch.compile failed ({_first_line(error)}); running uncompiled",
-                      FastMAMLWarning, stacklevel=4)
-        return out
-
-    def _searches(self, batch: TaskBatch) -> str | None:
-        """Whether this ``meta_backward`` times the candidate paths (see ``batched``): "alone",
-        "together" (with every rank) or not (None). A choice made in this process for the same
-        model, settings and shapes is reused, so that two runs with one seed take the same path.
-        With ``gather_ranks``, the first call in each derivative order asks every rank (they
-        make it together: the driver switches the order on all at once), and all search together
-        where any has no choice; a choice missing at a later call (this rank's compiling fell
-        back, which changes its key alone, or a new input shape) is searched alone. A rank
-        whose vmap failed runs looped and searches only with the others."""
-        if not self._auto or self._trying:
-            return None
-        key = self._path_key(batch)
-        known = self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
-        if known is not None:
-            self.path_choices[key] = known
-        missing = known is None and not self._vmap_failed
-        if self.gather_ranks is not None and self.first_order not in self._asked_orders:
-            self._asked_orders.add(self.first_order)
-            if any(self.gather_ranks(missing)):
-                return "together"
-        return "alone" if missing else None
-
-    def _path_key(self, batch: Sequence[Tensor]) -> str:
-        """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
-        and device, the derivative order (which ``first_order_until`` switches in a run), the
-        thread count, the CPU's vector instructions, whether compiling is allowed and the paths'
-        implementations. A run resumed with other threads, CPU, ``compile``, torch or paths so
-        searches again instead of reusing a choice timed without its candidates or kernels."""
-        order = "first" if self.first_order else "second"
-        compiled = self._compiled_gradient is not None
-        device = batch[0].device.type
-        if device == "cpu":  # AVX2 and AVX512 kernels rank the paths differently
-            device += f" {torch.backends.cpu.get_cpu_capability()}"
-        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {device} "
-                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
-                f"paths r{PATHS_REVISION}, torch {torch.__version__}")
-
-    def _signature(self, key: str) -> str:
-        params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
-
-    def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
-                     together: bool) -> tuple[Tensor, dict[str, Tensor]]:
-        """``meta_backward`` by each candidate path (after a warm-up call of the default chunk,
-        eager and compiled), then the two fastest once more, keeping the fastest for this input
-        shape; ``.grad`` gets the chosen candidate's gradient, as later calls (and runs that
-        reuse the choice) compute it (where a compiled winner differed from the eager gradient,
-        the eager one, as ``_checked_compiled_gradient`` gives). Every call starts from the same
-        random state (dropout), and the search leaves it as one call of the chosen path does, so
-        a seeded run that searches draws what one reusing the choice draws."""
-        default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
-        roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
-                 "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
-                 "looped": ("looped", None)}  # the candidates as every rank names them
-        candidates = [c for c in dict.fromkeys(roles.values())
-                      if c[0] != "compiled" or self._compiled_gradient is not None]
-        warm_ups = [c for c in candidates if c[1] == default]
-        before = {n: p.grad for n, p in trainable.items()}
-        timings: dict[tuple[str, int | None], float] = {}
-        results: dict[tuple[str, int | None], tuple[Params, Tensor, dict[str, Tensor]]] = {}
-
-        def runnable(candidate: tuple[str, int | None]) -> bool:  # vmap and compile may fail
-            return candidate[0] == "looped" or not self._vmap_failed and (
-                candidate[0] != "compiled" or self._compiled_gradient is not None)
-
-        device = batch.support_x.device
-        start_state = _random_state(device)
-        end_states: dict[tuple[str, int | None], tuple[Tensor, ...]] = {}
-
-        def run(candidate: tuple[str, int | None]) -> None:
-            self._trying = candidate
-            for p in trainable.values():
-                p.grad = None
-            _set_random_state(start_state, device)
-            start = time.perf_counter()
-            loss, metrics = self.meta_backward(batch, step_weights)
-            if runnable(candidate):
-                elapsed = time.perf_counter() - start
-                timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
-                results[candidate] = ({n: p.grad for n, p in trainable.items()}, loss.detach(),
-                                      metrics)
-                end_states[candidate] = _random_state(device)
-
-        try:
-            for candidate in warm_ups:  # their timings (and compiling) are replaced below
-                run(candidate)
-            timings.clear()
-            for candidate in filter(runnable, candidates):
-                run(candidate)
-            for candidate in sorted(timings, key=timings.get)[:2]:  # noise: time the two again
-                run(candidate)
-        finally:
-            self._trying = None
-        key = self._path_key(batch)
-        best = self._agreed_path(key, roles, timings, together)
-        self.path = _label(best)
-        _set_random_state(end_states[best], device)
-        # a graph that differed from the eager gradient gives the eager one, as later calls do
-        grads, loss, metrics = results[("batched", best[1]) if key in self._compiled_misses
-                                       and best[0] == "compiled" else best]
-        for name, p in trainable.items():
-            p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
-                      else before[name] + grads[name])
-        return loss, metrics
-
-    def _agreed_path(self, key: str, roles: dict[str, tuple[str, int | None]],
-                     timings: dict[tuple[str, int | None], float], together: bool
-                     ) -> tuple[str, int | None]:
-        """The searched path to keep for this input shape (``key``), recorded, and the one this
-        rank runs (looped where its vmap failed): the fastest here or, with every rank
-        (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
-        pace of ranks that step together; each rank's choice is then recorded on every rank, so
-        that the ranks' records (and checkpoints) agree. A role not timed here (compiling off)
-        counts as infinitely slow; where vmap failed, every role runs looped."""
-        def seconds(candidate: tuple[str, int | None]) -> float:
-            return timings.get(("looped", None) if self._vmap_failed else candidate, math.inf)
-
-        mine = (key, {role: (candidate, seconds(candidate)) for role, candidate in roles.items()})
-        offers = self.gather_ranks(mine) if together else [mine]
-        best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
-        for rank_key, offer in offers:
-            self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = offer[best][0]
-        return ("looped", None) if self._vmap_failed else roles[best]
-
+    # ----- a meta-batch: every task at once under vmap, or one by one -----
     def _batched(self, fast: Params, frozen: Params, steps: int, create_graph: bool,
                  record: Sequence[int], chunk_size: int | None, *batch: Tensor) -> tuple[Tensor, ...]:
         """All tasks at once: ``vmap`` of the task function over the leading task dimension."""
         return _vmap_tasks(lambda *task: self._task(fast, frozen, steps, create_graph, record,
                                                     _functorch_grad, *task), chunk_size, *batch)
-
-    def _chunk(self, batch: Sequence[Tensor]) -> int | None:
-        if self.chunk_size is not None or batch[0].device.type != "cpu":
-            return self.chunk_size
-        per_task = (batch[0][0].numel() + batch[2][0].numel()) or 1
-        return max(1, CPU_CHUNK_ELEMENTS // per_task)
 
     def _run_looped(self, args: tuple, batch: TaskBatch) -> tuple[Tensor, ...]:
         per_task = [self._task(*args, _autograd_grad, *task) for task in zip(*batch)]
@@ -844,7 +431,7 @@ class MAML(nn.Module):
         """
         batch = as_task_batch(batch)
         self._prepare(batch.support_x[0], of_batch=True)
-        loss, metrics = self(batch, _as_weights(step_weights))
+        loss, metrics = self(batch, as_weights(step_weights))
         self._check_finite(loss)
         return loss, metrics
 
@@ -866,30 +453,25 @@ class MAML(nn.Module):
             raise ConfigError("meta_backward computes gradients, but gradients are off here "
                               "(torch.no_grad or inference_mode): call it outside, or use "
                               "evaluate for losses alone")
-        batch, step_weights = as_task_batch(batch), _as_weights(step_weights)
+        batch, step_weights = as_task_batch(batch), as_weights(step_weights)
         self._prepare(batch.support_x[0], of_batch=True)
         # Learned inner rates do not enter the objective without inner steps: autograd leaves
         # their .grad None, and so do the functional branches.
         trainable = {n: p for n, p in self.named_parameters()
                      if p.requires_grad and (self.inner_steps or not n.startswith("inner_lrs."))}
         if self.checkpoint_steps:
-            if _has_active_dropout(self.model):
+            if has_active_dropout(self.model):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
                                   "draw different masks: call model.eval() or turn it off")
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
         elif search := self._searches(batch):
             return self._search_path(batch, step_weights, trainable, search == "together")
         elif self._compiles_gradient(batch):
-            choice = self._choice(batch)
-            chunk = choice[1] if choice else self._chunk(batch)
             try:
-                grads, (loss, metrics) = self._checked_compiled_gradient(trainable, batch,
-                                                                         step_weights, chunk)
+                grads, (loss, metrics) = self._compiled_meta_gradient(trainable, batch,
+                                                                      step_weights)
             except torch._dynamo.exc.TorchDynamoException as error:
                 return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
-            if self._compiled_gradient is None:  # it computed wrongly: the eager gradient
-                choice = choice and ("batched", chunk)
-            self.path = _label(choice) if choice else "batched"
         else:  # uncompiled, or the first call, which decides the path
             return self._backward_compiling_lazily(batch, step_weights, trainable)
         self._check_finite(loss)
@@ -916,108 +498,6 @@ class MAML(nn.Module):
         self._check_finite(loss)
         loss.backward()
         return loss.detach(), metrics
-
-    def _backward_compiling_lazily(self, batch: TaskBatch, step_weights: Tensor | None,
-                                   trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
-        """``_backward``; a compiled forward builds its backward graph only in ``backward``, so
-        a compile failure there also falls back to the eager path (gradients as before it)."""
-        before = {n: p.grad for n, p in trainable.items()}
-        try:
-            return self._backward(batch, step_weights)
-        except torch._dynamo.exc.TorchDynamoException as error:
-            if self._compiled_batched is None:
-                raise
-            for name, p in trainable.items():
-                p.grad = before[name]
-            return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
-
-    def _checked_compiled_gradient(self, trainable: Params, batch: TaskBatch,
-                                   step_weights: Tensor | None, chunk: int | None
-                                   ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
-        """The compiled meta-gradient. The first of each input shape is compared with the eager
-        one (same chunks, same random state, an eager forward). Where they differ by more than
-        ``COMPILED_TOLERANCE``, the eager gradient is returned and the next call of the shape
-        compares again (the path search compares at its first call only: its calls repeat one
-        batch); after ``COMPILED_CHECKS`` such calls in a row, compiling is off from now on,
-        with a warning. Measured once, setting unrecorded: inductor (torch 2.13) computed a
-        transformer encoder layer's second-order meta-gradient 1.6% off (perhaps float32
-        rounding too, see ``COMPILED_CHECKS``). Not compared, with a warning: under active
-        dropout (the two would draw different masks) and where the eager pass runs out of
-        accelerator memory. Where the eager gradient is not finite, the next call of the shape
-        compares again."""
-        key = self._path_key(batch)
-        if key not in self._compiled_checked and _has_active_dropout(self.model):
-            self._compiled_checked.add(key)
-            warnings.warn("the compiled meta-gradient is not checked against the eager one "
-                          "under active dropout (they draw different masks)", FastMAMLWarning,
-                          stacklevel=3)
-        if key in self._compiled_checked or self._trying and key in self._compiled_misses:
-            # trusted; or timed by the path search, whose calls repeat the batch it compared
-            return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
-                                            step_weights, chunk)
-        device = batch.support_x.device
-        start = _random_state(device)
-        grads, aux = self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
-                                              step_weights, chunk)
-        end = _random_state(device)
-        _set_random_state(start, device)
-        trying, self._trying = self._trying, ("batched", chunk)  # an eager forward inside
-        try:
-            eager = self._gradient_by_chunks(self._gradient, trainable, batch, step_weights,
-                                             chunk)
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            self._compiled_checked.add(key)
-            warnings.warn("the compiled meta-gradient is not checked against the eager one: "
-                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=3)
-            return grads, aux
-        finally:
-            self._trying = trying
-            _set_random_state(end, device)
-        if not all(torch.isfinite(g).all() for g in eager[0].values() if g is not None):
-            return grads, aux  # nothing to compare with: the next call of the shape checks
-        error = _relative_difference(grads, eager[0])
-        if error <= COMPILED_TOLERANCE:
-            self._compiled_checked.add(key)
-            self._compiled_misses.pop(key, None)
-            return grads, aux
-        misses = self._compiled_misses.setdefault(key, [])
-        misses.append(error)
-        if len(misses) == COMPILED_CHECKS:
-            self._compiled_batched = self._compiled_gradient = None
-            warnings.warn("torch.compile computed this model's meta-gradient off (relative) from "
-                          f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
-                          "uncompiled", FastMAMLWarning, stacklevel=3)
-        return eager
-
-    def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,
-                            step_weights: Tensor | None, chunk: int | None
-                            ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
-        """The meta-gradient by ``gradient`` (``_gradient`` or its compiled graph), one call per
-        chunk of tasks. A graph holds one chunk, so its compile time does not grow with the
-        meta-batch (vmap's chunks inside one graph are unrolled: a 16-task batch in chunks of one
-        compiled for over 20 minutes); an uneven last chunk compiles one more graph. The
-        objective is a mean over tasks, so each chunk's gradient, loss and metrics count by its
-        share of the tasks."""
-        params = _graph_layout({n: p.detach() for n, p in trainable.items()})
-        grads: Params = {}
-        loss: Tensor | float = 0.0
-        metrics: dict[str, Tensor] = {}
-        for part in _chunks(batch, chunk):
-            part_grads, (part_loss, part_metrics) = gradient(params, part, step_weights)
-            share = part.num_tasks / batch.num_tasks
-            grads = {n: grads.get(n, 0.0) + share * g for n, g in part_grads.items()}
-            metrics = {k: metrics.get(k, 0.0) + share * v for k, v in part_metrics.items()}
-            loss = loss + share * part_loss
-        return grads, (loss, metrics)
-
-    def _gradient(self, params: Params, batch: TaskBatch,
-                  step_weights: Tensor | None) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
-        def objective(params: Params) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-            loss, metrics = functional_call(self, params, (batch, step_weights), strict=False)
-            return loss, (loss.detach(), metrics)
-        return torch.func.grad(objective, has_aux=True)(params)
 
     def _checkpointed_gradient(self, batch: TaskBatch, step_weights: Tensor | None
                                ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
@@ -1153,7 +633,7 @@ class MAML(nn.Module):
         this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
         Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
         """
-        _check_tensors(support_x=support_x, support_y=support_y)
+        check_tensors(support_x=support_x, support_y=support_y)
         if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
             with torch.inference_mode(False), torch.no_grad():
                 return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
@@ -1192,7 +672,7 @@ class MAML(nn.Module):
                               f"{type(adapted).__name__}"
                               + (": a run's adaptation goes to run.predict" if
                                  hasattr(adapted, "params") else ""))
-        _check_tensors(x=x, **({} if context is None else {"context": context}))
+        check_tensors(x=x, **({} if context is None else {"context": context}))
         fast, frozen = self._split_params(detach=False)
         unknown = sorted(set(adapted) - set(fast) - set(frozen))
         if unknown:
@@ -1217,22 +697,6 @@ class MAML(nn.Module):
                     chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
 
 
-def _label(choice: tuple[str, int | None]) -> str:
-    """A path choice as ``maml.path`` names it, e.g. ``batched, chunk 4`` or ``looped``."""
-    path, chunk = choice
-    return path if chunk is None else f"{path}, chunk {chunk}"
-
-
-def _chunks(batch: TaskBatch, chunk: int | None) -> list[TaskBatch]:
-    """``batch`` in consecutive chunks of ``chunk`` tasks (``None``: one chunk)."""
-    return batch.split(chunk or batch.num_tasks)
-
-
-def _concatenated(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """Per-task outputs of consecutive chunks of tasks, joined along the task dimension."""
-    return parts[0] if len(parts) == 1 else tuple(torch.cat(column) for column in zip(*parts))
-
-
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
     """``vmap`` of ``task`` over the leading task dimension, ``chunk_size`` tasks at a time."""
     if chunk_size is not None and chunk_size >= batch[0].shape[0]:
@@ -1241,64 +705,9 @@ def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor
 
 
 
-def _listed(names: Sequence[str], most: int = 3) -> str:
-    """``names`` joined by commas, the first ``most`` of them and how many more."""
-    more = f" and {len(names) - most} more" if len(names) > most else ""
-    return ", ".join(names[:most]) + more
-
-
-def _matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
-              params: Params) -> list[str]:
-    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
-    ``ConfigError`` where it selects none, or one of its name prefixes matches none."""
-    names = [n for n, p in params.items() if _selected(selection, n, p)]
-    prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
-                else selection or [])
-    unmatched = [prefix for prefix in prefixes
-                 if not any(_selected([prefix], n, p) for n, p in params.items())]
-    if not names or unmatched:
-        what = (f"{option} prefix(es) {', '.join(map(repr, unmatched))} match"
-                if unmatched else f"the {option} selection matches")
-        raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
-                          f"parameters: {', '.join(params) or 'none'}")
-    return names
-
-
-def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
-              param: Tensor) -> bool:
-    if adapt is None:
-        return True
-    if callable(adapt):
-        return bool(adapt(name, param))
-    if isinstance(adapt, str):
-        adapt = [adapt]
-    return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
-
-
 def _under(prefix: str, params: Params) -> Params:
     """The entries of ``params`` named under ``prefix``, without it."""
     return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
-
-
-def _graph_layout(params: Params) -> Params:
-    """Parameters as they enter a compiled graph: on CPU, 4-d (convolution) weights channels-last.
-
-    Then the shared-weight convolutions (tasks in the batch) and the per-task ones (tasks in the
-    channels) give activations in one layout, which inductor's fused kernels read without
-    gathering (docs/results.md, session 6). ``clone`` sets the strides even with one channel.
-    """
-    return {n: p.clone(memory_format=torch.channels_last)
-            if p.dim() == 4 and p.device.type == "cpu" else p for n, p in params.items()}
-
-
-def _relative_difference(grads: Params, reference: Params) -> float:
-    """||grads - reference|| / ||reference|| over every parameter that has a gradient."""
-    names = [n for n, g in reference.items() if g is not None and grads.get(n) is not None]
-    if not names:
-        return 0.0
-    difference = torch.cat([(grads[n] - reference[n]).flatten() for n in names]).norm()
-    return (difference / torch.cat([reference[n].flatten() for n in names]).norm().clamp_min(
-        torch.finfo(reference[names[0]].dtype).tiny)).item()
 
 
 class _KernelsCalled(TorchFunctionMode):
@@ -1329,8 +738,3 @@ def _has_attention(model: nn.Module) -> bool:
                or "scaled_dot_product_attention" in names_in_forward(m) for m in model.modules())
 
 
-def _has_active_dropout(model: nn.Module) -> bool:
-    """Dropout layers, and recurrent layers' dropout between their layers, in training mode."""
-    return any(m.training and (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-                               or isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1)
-               for m in model.modules())

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .core import TaskBatch
+from .inputs import TaskBatch
 from .errors import ConfigError
 
 T = TypeVar("T")

@@ -37,3 +37,12 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class FastMAMLWarning(UserWarning):
     """Something fastmaml worked around and the user should know of (the CLI shows one line)."""
+
+
+def first_line(error: Exception) -> str:
+    """An error's message in one line (a warning's), or its type where it has none. A first
+    line that only introduces the next (inductor's "backend='inductor' raised:") takes it along."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from .atomic import remove_stale_temporaries, replace_atomically, write_text_atomic
 from .config import Config
-from .core import MAML, TaskBatch, multi_step_loss_weights
+from .core import MAML, multi_step_loss_weights
 from .distributed import (any_rank, average_gradients, average_metrics, gather_ranks, is_main,
                           shard)
 from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
                      NonFiniteLossError)
+from .inputs import TaskBatch
 
 Metrics = dict[str, float | Tensor]
 

@@ -16,9 +16,10 @@ from tqdm.auto import tqdm
 from ..allocator import tune_cpu_allocator
 from ..atomic import read_json, write_text_atomic
 from ..config import Config
-from ..core import MAML, LossFn, TaskBatch
+from ..core import MAML, LossFn
 from ..distributed import barrier, gather_in_order, is_main, rank_slice
 from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
+from ..inputs import TaskBatch
 from ..models import is_norm_param
 from ..plots import counted, plot_learning_curves, steps_label
 from ..tasks.splits import Assignment, read_assignment, save_assignment

@@ -15,8 +15,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..core import MAML, Params
+from ..core import MAML
 from ..errors import ConfigError
+from ..inputs import Params
 from .returns import compute_advantages
 
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..core import TaskBatch
+from ..inputs import TaskBatch
 from ..errors import ConfigError, DataError
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..core import TaskBatch
+from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning
 from .splits import SPLITS, Assignment, assign_items, assigned_items, data_root, found_items
 

@@ -1,0 +1,207 @@
+"""MAML's inputs, checked: the task batch and the learner's options, each refused with an error
+that names it (a wrong shape, a swapped model and loss, a flag given as a string) before torch
+would fail deep inside a transform."""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError, ShapeError
+
+Params = dict[str, Tensor]
+# element-wise losses that broadcast predictions and targets of different shapes with only a
+# warning (e.g. (K, 1) against (K,) gives a K x K loss): a wrong loss, refused here instead
+_BROADCASTING_LOSSES = (torch.nn.functional.mse_loss, torch.nn.functional.l1_loss,
+                        torch.nn.functional.smooth_l1_loss, torch.nn.functional.huber_loss)
+_BROADCASTING_LOSS_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss)
+
+
+class TaskBatch(NamedTuple):
+    """Support and query tensors of a meta-batch, each with a leading task dimension."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device: torch.device | str) -> TaskBatch:
+        """The tensors on ``device``; asynchronous only towards a GPU (a copy to the host must
+        be complete before the host reads it)."""
+        to_gpu = torch.device(device).type == "cuda"
+        return TaskBatch(*(t.to(device, non_blocking=to_gpu) for t in self))
+
+    def split(self, size: int) -> list[TaskBatch]:
+        """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
+        return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
+
+
+def _described(batch: Any) -> str:
+    """What was given as a task batch, in words for its error."""
+    if isinstance(batch, Tensor):
+        return f"one tensor of shape {tuple(batch.shape)}"
+    kinds = [type(t).__name__ for t in batch]
+    arrays = any(isinstance(t, (list, tuple)) or not isinstance(t, Tensor)
+                 and hasattr(t, "__array__") for t in batch)
+    return (f"{len(kinds)} items: {', '.join(kinds[:6])}" + (", ..." if len(kinds) > 6 else "")
+            + (" (torch.as_tensor converts arrays)" if arrays else ""))
+
+
+def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
+    """Validate the four task tensors and return them as a ``TaskBatch``."""
+    if isinstance(batch, dict):
+        missing = [k for k in TaskBatch._fields if k not in batch]
+        if missing:
+            raise ShapeError(f"a task batch as a dict needs the keys {', '.join(TaskBatch._fields)}"
+                             f"; missing {', '.join(missing)}")
+        batch = [batch[k] for k in TaskBatch._fields]
+    if isinstance(batch, Tensor) or len(batch) != 4 or not all(isinstance(t, Tensor)
+                                                               for t in batch):
+        raise ShapeError("a task batch is four tensors: support_x, support_y, query_x, query_y; "
+                         f"got {_described(batch)}")
+    batch = TaskBatch(*batch)
+    counts = {name: t.shape[0] if t.dim() else None for name, t in zip(TaskBatch._fields, batch)}
+    if None in counts.values() or len(set(counts.values())) != 1:
+        support, query = {counts["support_x"], counts["support_y"]}, {counts["query_x"],
+                                                                      counts["query_y"]}
+        forgotten = len(support) == len(query) == 1  # examples counted where tasks belong
+        raise ShapeError(f"all task tensors need the same leading task dimension, got {counts}"
+                         + ("; if this is one task, add its task dimension: x.unsqueeze(0)"
+                            if forgotten else ""))
+    if not batch.num_tasks:
+        raise ShapeError("a task batch needs at least one task, got 0")
+    for kind in ("support", "query"):
+        x, y = getattr(batch, f"{kind}_x"), getattr(batch, f"{kind}_y")
+        if x.dim() < 2 or y.dim() < 2 or x.shape[1] != y.shape[1]:
+            raise ShapeError(f"{kind}_x {tuple(x.shape)} and {kind}_y {tuple(y.shape)} must both be "
+                             "(tasks, examples, ...) with the same number of examples")
+        if not x.shape[1]:
+            raise ShapeError(f"{kind}_x {tuple(x.shape)} holds no examples: a task needs at least "
+                             f"one {kind} example")
+    return batch
+
+
+def broadcasting_loss(fn: Any) -> str | None:
+    """The name of ``fn`` if it is a loss that broadcasts (also as a module or a partial)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    if fn in _BROADCASTING_LOSSES or isinstance(fn, _BROADCASTING_LOSS_MODULES):
+        return getattr(fn, "__name__", type(fn).__name__)
+    return None
+
+
+def check_steps(name: str, steps: Any) -> None:
+    """A number of inner steps: an integer >= 0 (not a float or bool), or a ``ConfigError``."""
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
+        raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
+
+
+def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
+                   chunk_size: Any, adapt: Any, per_step: Any, **flags: Any) -> None:
+    """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
+    (a swapped model and loss, a YAML string for a flag, a tensor for a learned rate)."""
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
+                          + (" (are model and loss_fn swapped?)" if callable(model) else ""))
+    for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
+        if not callable(fn) and not (name == "metric_fn" and fn is None):
+            raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
+                              f"tensor, e.g. torch.nn.functional.mse_loss; got {fn!r}")
+    for name, flag in flags.items():
+        optional = name in ("batched", "transductive_bn")  # None: chosen for the model
+        if not isinstance(flag, (bool, np.bool_)) and not (optional and flag is None):
+            raise ConfigError(f"{name} must be True or False{' (or None)' if optional else ''}, "
+                              f"got {flag!r}")
+    check_steps("inner_steps", inner_steps)
+    for name, selection, default in (("adapt", adapt, "all parameters"),
+                                     ("per_step", per_step, "none")):
+        if not (selection is None or callable(selection) or isinstance(selection, str)
+                or isinstance(selection, Collection)
+                and all(isinstance(a, str) for a in selection)):
+            raise ConfigError(f"{name} must be None ({default}), name prefixes (e.g. ['head']) "
+                              f"or a function (name, parameter) -> bool, got {selection!r}")
+    if isinstance(inner_lr, Tensor):
+        raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
+                          "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
+                          "(Meta-SGD) or 'per_layer_step' (MAML++), and MAML holds it as a "
+                          "parameter")
+    if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
+            or not 0 <= inner_lr < math.inf):  # NaN fails too
+        raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
+                          f"{chunk_size!r}")
+
+
+def check_tensors(**named: Any) -> None:
+    """A ``ShapeError`` naming the first of ``named`` that is not a tensor."""
+    for name, value in named.items():
+        if not isinstance(value, Tensor):
+            raise ShapeError(f"{name} must be a tensor, got {type(value).__name__}"
+                             + (" (torch.as_tensor converts arrays and lists)"
+                                if isinstance(value, (np.ndarray, list, tuple)) else ""))
+
+
+def as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
+    """Step weights as a 1-d tensor (a list or tuple of floats is taken too)."""
+    if step_weights is None:
+        return None
+    if not isinstance(step_weights, Tensor):
+        step_weights = torch.as_tensor(step_weights, dtype=torch.get_default_dtype())
+    if step_weights.dim() != 1:
+        raise ShapeError(f"step_weights must be 1-d, one weight per inner step (see "
+                         f"multi_step_loss_weights), got shape {tuple(step_weights.shape)}")
+    return step_weights
+
+
+def listed(names: Sequence[str], most: int = 3) -> str:
+    """``names`` joined by commas, the first ``most`` of them and how many more."""
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
+              params: Params) -> list[str]:
+    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
+    ``ConfigError`` where it selects none, or one of its name prefixes matches none."""
+    names = [n for n, p in params.items() if _selected(selection, n, p)]
+    prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
+                else selection or [])
+    unmatched = [prefix for prefix in prefixes
+                 if not any(_selected([prefix], n, p) for n, p in params.items())]
+    if not names or unmatched:
+        what = (f"{option} prefix(es) {', '.join(map(repr, unmatched))} match"
+                if unmatched else f"the {option} selection matches")
+        raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
+                          f"parameters: {', '.join(params) or 'none'}")
+    return names
+
+
+def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
+              param: Tensor) -> bool:
+    if adapt is None:
+        return True
+    if callable(adapt):
+        return bool(adapt(name, param))
+    if isinstance(adapt, str):
+        adapt = [adapt]
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
+
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Dropout layers, and recurrent layers' dropout between their layers, in training mode."""
+    return any(m.training and (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+                               or isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1)
+               for m in model.modules())

@@ -1,0 +1,446 @@
+"""How ``MAML`` runs a meta-batch: batched (``vmap`` over tasks, in chunks), looped (the
+reference), or batched and compiled; by default the fastest of them for each input shape, chosen
+by timing each once (``MAML(batched=None)``), and together with the other ranks under
+``torch.distributed``. Every path computes the same meta-gradient; a compiled one is checked
+against the eager one, and a path that cannot run (vmap, compiling) falls back with a warning.
+
+``ExecutionPaths`` is a part of ``MAML`` (``fastmaml.core``), where the task function it runs
+(``_task``, by ``_batched`` or ``_run_looped``) and the algorithm are.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+
+from .errors import FastMAMLWarning, ShapeError, first_line, is_out_of_memory
+from .inputs import Params, TaskBatch, has_active_dropout
+
+# execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
+_PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
+# raised whenever a candidate path's implementation changes, so that choices timed on the old
+# one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
+# 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
+# run batched (a recurrent model's saved choice was the looped fallback). 5: norms and embeddings
+# found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups
+PATHS_REVISION = 5
+CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
+# the relative difference from the eager meta-gradient beyond which a compiled one counts as off
+COMPILED_TOLERANCE = 1e-3
+# calls of an input shape, in a row, whose compiled meta-gradient must differ beyond the tolerance
+# before compiling stops. Inductor's float32 sums round more than eager's, and near a minimum,
+# where the mean gradient is small beside the terms it sums, some batches take that past the
+# tolerance: the trained Omniglot 5w5s net's compiled meta-gradient was over 1e-3 off at 6 of 48
+# batches on CPU (up to 2e-2; eager float32 within 3e-5 of float64 at all, and the graph exact
+# in float64; docs/results.md, session 26). The trade-off: a graph wrong at every batch still
+# stops compiling (after five calls, each given the eager gradient), but one wrong at only some
+# batches is now caught only where five of them come in a row.
+COMPILED_CHECKS = 5
+
+
+def random_state(device: torch.device) -> tuple[Tensor, ...]:
+    """The default generators' states: the CPU's, and ``device``'s when it is a GPU."""
+    cpu = torch.get_rng_state()
+    return (cpu, torch.cuda.get_rng_state(device)) if device.type == "cuda" else (cpu,)
+
+
+def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state[1], device)
+
+
+class ExecutionPaths:
+    """The path machinery of ``MAML``: dispatch, the path search, compiling and its check."""
+
+    def _init_paths(self, compile: bool, batched: bool | None, chunk_size: int | None,
+                    checkpoint_steps: bool) -> None:
+        """The paths' state, at ``MAML``'s construction (see its ``batched``, ``compile``,
+        ``chunk_size`` and ``checkpoint_steps``)."""
+        self.chunk_size = chunk_size
+        self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
+        self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
+        self.path: str | None = None  # "batched" or "looped" once a call has run (+ chunk)
+        # input shapes -> (path, chunk size) chosen by timing; saved with the training state
+        self.path_choices: dict[str, tuple[str, int | None]] = {}
+        self._trying: tuple[str, int | None] | None = None  # the candidate being timed
+        self._vmap_failed = False
+        self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
+        self._compiled_misses: dict[str, list[float]] = {}  # per shape: its differences so far
+        self._auto = batched is None and chunk_size is None and not checkpoint_steps
+        # under torch.distributed: every rank's value of an object, in rank order
+        # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
+        self.gather_ranks: Callable[[Any], list[Any]] | None = None
+        self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
+
+    def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
+             record: Sequence[int]) -> tuple[Tensor, ...]:
+        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
+        args = (fast, frozen, steps, create_graph, record)
+        chunk = self._chunk(batch)
+        if torch.compiler.is_compiling():  # inside meta_backward's graph: one graph, not nested
+            return self._batched(*args, chunk, *batch)
+        choice = self._choice(batch)
+        if choice is not None and not self._vmap_failed:
+            path, chunk = choice
+            if path == "looped":
+                self.path = "looped"
+                return self._run_looped(args, batch)
+        compiled = self._compiled_batched is not None and (choice is None or choice[0] == "compiled")
+
+        def batched() -> tuple[Tensor, ...]:
+            if not compiled:
+                return self._batched(*args, chunk, *batch)
+            layout = _graph_layout(fast), _graph_layout(frozen)  # one graph call per chunk
+            try:
+                return _concatenated([self._compiled_batched(*layout, *args[2:], None, *part)
+                                      for part in _chunks(batch, chunk)])
+            except torch._dynamo.exc.TorchDynamoException as error:
+                return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
+        out = self._dispatch(batched, lambda: self._run_looped(args, batch))
+        if self.path == "batched" and choice is not None:  # (uncompiled if compiling just failed)
+            self.path = _label(choice if compiled and self._compiled_batched else ("batched", chunk))
+        return out
+
+    def _choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
+        """The path chosen for this batch's shapes (or being timed), if any."""
+        return self._trying or (self.path_choices.get(self._path_key(batch)) if self._auto else None)
+
+    def _compiles_gradient(self, batch: TaskBatch) -> bool:
+        """Whether ``meta_backward`` runs as one compiled graph: where compiling is allowed and,
+        with the path search, where it won; with ``batched=True``, always; otherwise once the
+        first call ran batched."""
+        if self._compiled_gradient is None or self._vmap_failed:
+            return False
+        choice = self._choice(batch)
+        if choice is not None:
+            return choice[0] == "compiled"
+        return self.batched is True or self.path == "batched"
+
+    def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
+        """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
+        if self.batched is False or self._vmap_failed:
+            self.path = "looped"
+            return looped()
+        try:
+            out = batched()
+        except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
+            if self.batched:
+                if isinstance(error, ShapeError):  # maybe vmap's, not the input's
+                    raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap "
+                                     "cannot run a model, batched=None falls back to the looped "
+                                     "path)") from error
+                raise
+            out = looped()  # a user error fails here too, and is raised
+            self.path, self._vmap_failed = "looped", True
+            warnings.warn(f"vmap could not run this model ({first_line(error)}); using the "
+                          "looped path", FastMAMLWarning, stacklevel=4)
+            return out
+        self.path = "batched"
+        return out
+
+    def _uncompiled_from_now(self, error: Exception, eager: Callable[[], Any]) -> Any:
+        """Where ``torch.compile`` failed (on CPU, inductor needs a C++ compiler) but the eager
+        call runs, compiling is off for this learner from now on, with a warning: ``compile`` is
+        a speed option, never the reason a run stops. A user's error fails eagerly too; it is
+        raised, and compiling stays on."""
+        compiled = self._compiled_batched, self._compiled_gradient
+        self._compiled_batched = self._compiled_gradient = None
+        try:
+            out = eager()
+        except BaseException:
+            self._compiled_batched, self._compiled_gradient = compiled
+            raise
+        warnings.warn(f"torch.compile failed ({first_line(error)}); running uncompiled",
+                      FastMAMLWarning, stacklevel=4)
+        return out
+
+    def _searches(self, batch: TaskBatch) -> str | None:
+        """Whether this ``meta_backward`` times the candidate paths (see ``batched``): "alone",
+        "together" (with every rank) or not (None). A choice made in this process for the same
+        model, settings and shapes is reused, so that two runs with one seed take the same path.
+        With ``gather_ranks``, the first call in each derivative order asks every rank (they
+        make it together: the driver switches the order on all at once), and all search together
+        where any has no choice; a choice missing at a later call (this rank's compiling fell
+        back, which changes its key alone, or a new input shape) is searched alone. A rank
+        whose vmap failed runs looped and searches only with the others."""
+        if not self._auto or self._trying:
+            return None
+        key = self._path_key(batch)
+        known = self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
+        if known is not None:
+            self.path_choices[key] = known
+        missing = known is None and not self._vmap_failed
+        if self.gather_ranks is not None and self.first_order not in self._asked_orders:
+            self._asked_orders.add(self.first_order)
+            if any(self.gather_ranks(missing)):
+                return "together"
+        return "alone" if missing else None
+
+    def _path_key(self, batch: Sequence[Tensor]) -> str:
+        """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
+        and device, the derivative order (which ``first_order_until`` switches in a run), the
+        thread count, the CPU's vector instructions, whether compiling is allowed and the paths'
+        implementations. A run resumed with other threads, CPU, ``compile``, torch or paths so
+        searches again instead of reusing a choice timed without its candidates or kernels."""
+        order = "first" if self.first_order else "second"
+        compiled = self._compiled_gradient is not None
+        device = batch[0].device.type
+        if device == "cpu":  # AVX2 and AVX512 kernels rank the paths differently
+            device += f" {torch.backends.cpu.get_cpu_capability()}"
+        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {device} "
+                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
+                f"paths r{PATHS_REVISION}, torch {torch.__version__}")
+
+    def _signature(self, key: str) -> str:
+        params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
+        return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
+
+    def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
+                     together: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """``meta_backward`` by each candidate path (after a warm-up call of the default chunk,
+        eager and compiled), then the two fastest once more, keeping the fastest for this input
+        shape; ``.grad`` gets the chosen candidate's gradient, as later calls (and runs that
+        reuse the choice) compute it (where a compiled winner differed from the eager gradient,
+        the eager one, as ``_checked_compiled_gradient`` gives). Every call starts from the same
+        random state (dropout), and the search leaves it as one call of the chosen path does, so
+        a seeded run that searches draws what one reusing the choice draws."""
+        default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
+        roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
+                 "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
+                 "looped": ("looped", None)}  # the candidates as every rank names them
+        candidates = [c for c in dict.fromkeys(roles.values())
+                      if c[0] != "compiled" or self._compiled_gradient is not None]
+        warm_ups = [c for c in candidates if c[1] == default]
+        before = {n: p.grad for n, p in trainable.items()}
+        timings: dict[tuple[str, int | None], float] = {}
+        results: dict[tuple[str, int | None], tuple[Params, Tensor, dict[str, Tensor]]] = {}
+
+        def runnable(candidate: tuple[str, int | None]) -> bool:  # vmap and compile may fail
+            return candidate[0] == "looped" or not self._vmap_failed and (
+                candidate[0] != "compiled" or self._compiled_gradient is not None)
+
+        device = batch.support_x.device
+        start_state = random_state(device)
+        end_states: dict[tuple[str, int | None], tuple[Tensor, ...]] = {}
+
+        def run(candidate: tuple[str, int | None]) -> None:
+            self._trying = candidate
+            for p in trainable.values():
+                p.grad = None
+            set_random_state(start_state, device)
+            start = time.perf_counter()
+            loss, metrics = self.meta_backward(batch, step_weights)
+            if runnable(candidate):
+                elapsed = time.perf_counter() - start
+                timings[candidate] = min(elapsed, timings.get(candidate, elapsed))
+                results[candidate] = ({n: p.grad for n, p in trainable.items()}, loss.detach(),
+                                      metrics)
+                end_states[candidate] = random_state(device)
+
+        try:
+            for candidate in warm_ups:  # their timings (and compiling) are replaced below
+                run(candidate)
+            timings.clear()
+            for candidate in filter(runnable, candidates):
+                run(candidate)
+            for candidate in sorted(timings, key=timings.get)[:2]:  # noise: time the two again
+                run(candidate)
+        finally:
+            self._trying = None
+        key = self._path_key(batch)
+        best = self._agreed_path(key, roles, timings, together)
+        self.path = _label(best)
+        set_random_state(end_states[best], device)
+        # a graph that differed from the eager gradient gives the eager one, as later calls do
+        grads, loss, metrics = results[("batched", best[1]) if key in self._compiled_misses
+                                       and best[0] == "compiled" else best]
+        for name, p in trainable.items():
+            p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
+                      else before[name] + grads[name])
+        return loss, metrics
+
+    def _agreed_path(self, key: str, roles: dict[str, tuple[str, int | None]],
+                     timings: dict[tuple[str, int | None], float], together: bool
+                     ) -> tuple[str, int | None]:
+        """The searched path to keep for this input shape (``key``), recorded, and the one this
+        rank runs (looped where its vmap failed): the fastest here or, with every rank
+        (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
+        pace of ranks that step together; each rank's choice is then recorded on every rank, so
+        that the ranks' records (and checkpoints) agree. A role not timed here (compiling off)
+        counts as infinitely slow; where vmap failed, every role runs looped."""
+        def seconds(candidate: tuple[str, int | None]) -> float:
+            return timings.get(("looped", None) if self._vmap_failed else candidate, math.inf)
+
+        mine = (key, {role: (candidate, seconds(candidate)) for role, candidate in roles.items()})
+        offers = self.gather_ranks(mine) if together else [mine]
+        best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
+        for rank_key, offer in offers:
+            self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = offer[best][0]
+        return ("looped", None) if self._vmap_failed else roles[best]
+
+    def _chunk(self, batch: Sequence[Tensor]) -> int | None:
+        if self.chunk_size is not None or batch[0].device.type != "cpu":
+            return self.chunk_size
+        per_task = (batch[0][0].numel() + batch[2][0].numel()) or 1
+        return max(1, CPU_CHUNK_ELEMENTS // per_task)
+
+    def _backward_compiling_lazily(self, batch: TaskBatch, step_weights: Tensor | None,
+                                   trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
+        """``_backward``; a compiled forward builds its backward graph only in ``backward``, so
+        a compile failure there also falls back to the eager path (gradients as before it)."""
+        before = {n: p.grad for n, p in trainable.items()}
+        try:
+            return self._backward(batch, step_weights)
+        except torch._dynamo.exc.TorchDynamoException as error:
+            if self._compiled_batched is None:
+                raise
+            for name, p in trainable.items():
+                p.grad = before[name]
+            return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
+
+    def _compiled_meta_gradient(self, trainable: Params, batch: TaskBatch,
+                                step_weights: Tensor | None
+                                ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """``meta_backward``'s gradient by the compiled graph, checked
+        (``_checked_compiled_gradient``), in the chunks of this shape's path."""
+        choice = self._choice(batch)
+        chunk = choice[1] if choice else self._chunk(batch)
+        out = self._checked_compiled_gradient(trainable, batch, step_weights, chunk)
+        if self._compiled_gradient is None:  # it computed wrongly: the eager gradient
+            choice = choice and ("batched", chunk)
+        self.path = _label(choice) if choice else "batched"
+        return out
+
+    def _checked_compiled_gradient(self, trainable: Params, batch: TaskBatch,
+                                   step_weights: Tensor | None, chunk: int | None
+                                   ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """The compiled meta-gradient. The first of each input shape is compared with the eager
+        one (same chunks, same random state, an eager forward). Where they differ by more than
+        ``COMPILED_TOLERANCE``, the eager gradient is returned and the next call of the shape
+        compares again (the path search compares at its first call only: its calls repeat one
+        batch); after ``COMPILED_CHECKS`` such calls in a row, compiling is off from now on,
+        with a warning. Measured once, setting unrecorded: inductor (torch 2.13) computed a
+        transformer encoder layer's second-order meta-gradient 1.6% off (perhaps float32
+        rounding too, see ``COMPILED_CHECKS``). Not compared, with a warning: under active
+        dropout (the two would draw different masks) and where the eager pass runs out of
+        accelerator memory. Where the eager gradient is not finite, the next call of the shape
+        compares again."""
+        key = self._path_key(batch)
+        if key not in self._compiled_checked and has_active_dropout(self.model):
+            self._compiled_checked.add(key)
+            warnings.warn("the compiled meta-gradient is not checked against the eager one "
+                          "under active dropout (they draw different masks)", FastMAMLWarning,
+                          stacklevel=3)
+        if key in self._compiled_checked or self._trying and key in self._compiled_misses:
+            # trusted; or timed by the path search, whose calls repeat the batch it compared
+            return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
+                                            step_weights, chunk)
+        device = batch.support_x.device
+        start = random_state(device)
+        grads, aux = self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
+                                              step_weights, chunk)
+        end = random_state(device)
+        set_random_state(start, device)
+        trying, self._trying = self._trying, ("batched", chunk)  # an eager forward inside
+        try:
+            eager = self._gradient_by_chunks(self._gradient, trainable, batch, step_weights,
+                                             chunk)
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            self._compiled_checked.add(key)
+            warnings.warn("the compiled meta-gradient is not checked against the eager one: "
+                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=3)
+            return grads, aux
+        finally:
+            self._trying = trying
+            set_random_state(end, device)
+        if not all(torch.isfinite(g).all() for g in eager[0].values() if g is not None):
+            return grads, aux  # nothing to compare with: the next call of the shape checks
+        error = _relative_difference(grads, eager[0])
+        if error <= COMPILED_TOLERANCE:
+            self._compiled_checked.add(key)
+            self._compiled_misses.pop(key, None)
+            return grads, aux
+        misses = self._compiled_misses.setdefault(key, [])
+        misses.append(error)
+        if len(misses) == COMPILED_CHECKS:
+            self._compiled_batched = self._compiled_gradient = None
+            warnings.warn("torch.compile computed this model's meta-gradient off (relative) from "
+                          f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
+                          "uncompiled", FastMAMLWarning, stacklevel=3)
+        return eager
+
+    def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,
+                            step_weights: Tensor | None, chunk: int | None
+                            ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        """The meta-gradient by ``gradient`` (``_gradient`` or its compiled graph), one call per
+        chunk of tasks. A graph holds one chunk, so its compile time does not grow with the
+        meta-batch (vmap's chunks inside one graph are unrolled: a 16-task batch in chunks of one
+        compiled for over 20 minutes); an uneven last chunk compiles one more graph. The
+        objective is a mean over tasks, so each chunk's gradient, loss and metrics count by its
+        share of the tasks."""
+        params = _graph_layout({n: p.detach() for n, p in trainable.items()})
+        grads: Params = {}
+        loss: Tensor | float = 0.0
+        metrics: dict[str, Tensor] = {}
+        for part in _chunks(batch, chunk):
+            part_grads, (part_loss, part_metrics) = gradient(params, part, step_weights)
+            share = part.num_tasks / batch.num_tasks
+            grads = {n: grads.get(n, 0.0) + share * g for n, g in part_grads.items()}
+            metrics = {k: metrics.get(k, 0.0) + share * v for k, v in part_metrics.items()}
+            loss = loss + share * part_loss
+        return grads, (loss, metrics)
+
+    def _gradient(self, params: Params, batch: TaskBatch,
+                  step_weights: Tensor | None) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
+        def objective(params: Params) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
+            loss, metrics = functional_call(self, params, (batch, step_weights), strict=False)
+            return loss, (loss.detach(), metrics)
+        return torch.func.grad(objective, has_aux=True)(params)
+
+
+def _label(choice: tuple[str, int | None]) -> str:
+    """A path choice as ``maml.path`` names it, e.g. ``batched, chunk 4`` or ``looped``."""
+    path, chunk = choice
+    return path if chunk is None else f"{path}, chunk {chunk}"
+
+
+def _chunks(batch: TaskBatch, chunk: int | None) -> list[TaskBatch]:
+    """``batch`` in consecutive chunks of ``chunk`` tasks (``None``: one chunk)."""
+    return batch.split(chunk or batch.num_tasks)
+
+
+def _concatenated(parts: Sequence[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Per-task outputs of consecutive chunks of tasks, joined along the task dimension."""
+    return parts[0] if len(parts) == 1 else tuple(torch.cat(column) for column in zip(*parts))
+
+
+def _graph_layout(params: Params) -> Params:
+    """Parameters as they enter a compiled graph: on CPU, 4-d (convolution) weights channels-last.
+
+    Then the shared-weight convolutions (tasks in the batch) and the per-task ones (tasks in the
+    channels) give activations in one layout, which inductor's fused kernels read without
+    gathering (docs/results.md, session 6). ``clone`` sets the strides even with one channel.
+    """
+    return {n: p.clone(memory_format=torch.channels_last)
+            if p.dim() == 4 and p.device.type == "cpu" else p for n, p in params.items()}
+
+
+def _relative_difference(grads: Params, reference: Params) -> float:
+    """||grads - reference|| / ||reference|| over every parameter that has a gradient."""
+    names = [n for n, g in reference.items() if g is not None and grads.get(n) is not None]
+    if not names:
+        return 0.0
+    difference = torch.cat([(grads[n] - reference[n]).flatten() for n in names]).norm()
+    return (difference / torch.cat([reference[n].flatten() for n in names]).norm().clamp_min(
+        torch.finfo(reference[names[0]].dtype).tiny)).item()
+
+
