@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fastmaml
-from fastmaml import ConfigError, DataError
+from fastmaml import ConfigError
 from fastmaml.cli import main
 from fastmaml.experiments import load_experiment
 from fastmaml.tasks.images import as_model_input

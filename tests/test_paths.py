@@ -1,0 +1,557 @@
+"""The execution paths (``fastmaml.paths``): batched, looped and compiled give one
+meta-gradient; the path search, compiling's check and fallbacks, chunks, and ranks that search
+together."""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmaml.errors
+import fastmaml.paths
+from fastmaml import MAML, ShapeError, TaskBatch
+from fastmaml.core import multi_step_loss_weights
+from problems import PROBLEMS, conv_problem, flat_grads, meta_grad, mlp_problem, relative
+
+pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
+
+
+def test_compiled_batched_path_matches_eager():
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    eager = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), batch)
+    compiled_maml = MAML(model, loss_fn, 0.1, 2, batched=True, compile=True)
+    assert relative(meta_grad(compiled_maml, batch), eager) < 1e-5
+    smaller = TaskBatch(*(t[:2, :4] for t in batch))  # new shapes: a recompile, not an error
+    assert relative(meta_grad(compiled_maml, smaller),
+                    meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
+def test_compiled_meta_backward_matches_eager(problem):
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = PROBLEMS[problem]()
+    batch = TaskBatch(*(t.float() if t.is_floating_point() else t for t in batch))
+    model.float()
+    steps = 1 if problem == "conv_bn" else 2  # one step keeps the conv net's compile short
+    eager = meta_grad(MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", batched=False), batch)
+    # 3 tasks in uneven vmap chunks (2 and 1): the chunked path that CPU defaults take
+    compiled = MAML(model, loss_fn, 0.1, steps, lr_mode="scalar", compile=True, chunk_size=2)
+    # The first call (compiled meta_loss, then autograd) picks the path; the second is one graph.
+    # On CPU both take the conv net's weights channels-last, through a differentiable copy.
+    for call in ("first", "second"):
+        compiled.zero_grad(set_to_none=True)
+        compiled.meta_backward(batch)
+        got = torch.cat([p.grad.flatten() for p in compiled.parameters() if p.requires_grad])
+        assert relative(got, eager) < 1e-5, call
+
+
+def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
+    """The graph holds one chunk (vmap's chunks would be unrolled into it): a larger meta-batch
+    calls the same graph more often instead of compiling a larger one. Uneven chunks (2, 2, 1)
+    count by their share of the tasks in the gradient, the loss and the metrics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(5, 4, 1) for _ in range(4)))
+    weights = multi_step_loss_weights(2, 0.3)
+    settings = dict(inner_lr=0.1, inner_steps=2, lr_mode="per_layer_step", metric_fn=F.l1_loss)
+    looped = MAML(model, F.mse_loss, batched=False, **settings)
+    expected_loss, expected_metrics = looped.meta_loss(batch, weights)
+    expected = meta_grad(looped, batch, step_weights=weights)
+    expected_eval = looped.evaluate(batch)["metric"]
+    # batched=None with a chunk size: no search; the first call picks the path (vmap may fail)
+    maml = MAML(model, F.mse_loss, compile=True, chunk_size=2, **settings)
+    calls = {"_compiled_gradient": [], "_compiled_batched": []}
+    for name, record in calls.items():
+        graph = getattr(maml, name)
+        tasks = (lambda a: a[1].num_tasks) if name == "_compiled_gradient" else (
+            lambda a: a[-1].shape[0])
+        setattr(maml, name, lambda *a, graph=graph, record=record, tasks=tasks: (
+            record.append(tasks(a)) or graph(*a)))
+    maml.meta_backward(batch, weights)  # that first call runs the compiled forward and autograd
+    assert calls["_compiled_batched"] == [2, 2, 1] and calls["_compiled_gradient"] == []
+    assert relative(flat_grads(maml), expected) < 1e-5
+    maml.zero_grad(set_to_none=True)
+    torch._dynamo.utils.counters.clear()
+    loss, metrics = maml.meta_backward(batch, weights)  # later calls: the compiled gradient
+    assert calls["_compiled_gradient"] == [2, 2, 1]
+    counters = torch._dynamo.utils.counters  # one whole graph: nothing dynamo stopped at
+    assert not counters["graph_break"] and not counters["unimplemented"]
+    assert relative(flat_grads(maml), expected) < 1e-5
+    assert torch.allclose(loss, expected_loss.detach(), rtol=1e-5)
+    assert metrics.keys() == expected_metrics.keys()
+    assert all(torch.allclose(metrics[k], expected_metrics[k], rtol=1e-5) for k in metrics)
+    assert torch.allclose(maml.evaluate(batch)["metric"], expected_eval, atol=1e-6)
+
+
+def channels_last_strides(shape: torch.Size) -> tuple[int, ...]:
+    out_channels, in_channels, height, width = shape
+    return (height * width * in_channels, 1, width * in_channels, in_channels)
+
+
+@pytest.mark.parametrize("compile", [True, False])
+def test_only_compiled_graphs_take_conv_weights_channels_last(compile):
+    model, loss_fn, batch = conv_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=compile)
+    layouts = []
+
+    def recording(fast, frozen, *rest):  # stands in for the graph (no compile needed)
+        layouts.extend(p.stride() == channels_last_strides(p.shape)
+                       for p in fast.values() if p.dim() == 4)
+        return MAML._batched(maml, fast, frozen, *rest)
+
+    setattr(maml, "_compiled_batched" if compile else "_batched", recording)
+    loss, _ = maml.meta_loss(batch)
+    loss.backward()  # the layout copy is differentiable
+    assert layouts and all(channels_last == compile for channels_last in layouts)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2])
+def test_chunked_vmap_equals_looped(chunk_size):
+    grads = {}
+    for kwargs in ({"batched": True, "chunk_size": chunk_size}, {"batched": False}):
+        model, loss_fn, batch = conv_problem()
+        grads[len(kwargs)] = meta_grad(MAML(model, loss_fn, 0.1, 2, **kwargs), batch)
+    assert relative(grads[2], grads[1]) < 1e-6
+
+
+def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
+    model, loss_fn, _ = conv_problem()
+    maml = MAML(model, loss_fn)
+    images = TaskBatch(torch.zeros(32, 5, 1, 28, 28), torch.zeros(32, 5), torch.zeros(32, 75, 1, 28, 28),
+                       torch.zeros(32, 75))
+    assert maml._chunk(images) == 4  # Omniglot 5-way 1-shot with 15 queries per class
+    assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32
+
+
+def test_with_compile_the_search_also_times_the_compiled_path():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 1, batched=False), batch)
+    searched = MAML(model, F.mse_loss, 0.1, 1, compile=True)
+    tried, graph_calls = [], []
+    meta_backward, compiled = searched.meta_backward, searched._compiled_gradient
+    searched.meta_backward = lambda *a, **k: tried.append(searched._trying) or meta_backward(*a, **k)
+    searched._compiled_gradient = lambda *a: graph_calls.append(1) or compiled(*a)
+    searched.meta_backward(batch)
+    assert tried[1:3] == [("compiled", 6), ("batched", 6)]  # warm-ups (compiling), after the call
+    candidates = {("compiled", 6), ("batched", 6), ("batched", 1), ("looped", None)}
+    assert set(tried[3:7]) == candidates and len(tried) == 9
+    assert relative(flat_grads(searched), expected) < 1e-5
+    (key, choice), = searched.path_choices.items()
+    assert choice in candidates and searched.path == (
+        "looped" if choice[1] is None else f"{choice[0]}, chunk {choice[1]}")
+    for forced in (("compiled", 6), ("batched", 1)):  # each path, once chosen, gives the same
+        searched.path_choices[key] = forced
+        searched.zero_grad(set_to_none=True)
+        graph_calls.clear()
+        meta_backward(batch)
+        assert searched.path == f"{forced[0]}, chunk {forced[1]}"
+        assert len(graph_calls) == (forced[0] == "compiled")
+        assert relative(flat_grads(searched), expected) < 1e-5
+
+
+def stand_in_compile(batched: bool | None = True) -> tuple[MAML, TaskBatch, Callable, list[int]]:
+    """A learner on ``mlp_problem`` whose compiled paths are eager stand-ins, with its batch, its
+    eager functional gradient (uncounted, for a stand-in graph to call) and the list that each
+    counted call of ``maml._gradient`` (the compared eager pass) grows."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    return maml, batch, eager, eager_calls
+
+
+@pytest.mark.parametrize("batched", [None, True])  # a candidate of the search, or compiled for sure
+def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(batched,
+                                                                           monkeypatch):
+    """As inductor did for a transformer encoder layer (1.6% off), simulated without compiling:
+    the eager gradient, scaled by 1.01, stands in for the compiled graph's. The first compiled
+    gradient of each input shape is checked, also where no search runs, until it agrees or
+    has differed at ``COMPILED_CHECKS`` calls in a row (the search counts as one: it repeats
+    its batch); each of them gives the eager gradient."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    maml, batch, eager, _ = stand_in_compile(batched)
+    graph_calls = []
+
+    def off_by_one_percent(*args):
+        graph_calls.append(1)
+        grads, aux = eager(*args)
+        return {name: 1.01 * g for name, g in grads.items()}, aux
+    maml._compiled_gradient = off_by_one_percent
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
+    checks = fastmaml.paths.COMPILED_CHECKS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
+        for call in range(checks - 1):  # the graph's calls (the search's first one counts once)
+            maml.zero_grad(set_to_none=True)
+            maml.meta_backward(batch)
+            assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient
+            if batched is None and call == 0:  # the search timed the graph: say it won
+                (key, (_, chunk)), = maml.path_choices.items()
+                maml.path_choices[key] = ("compiled", chunk or batch.num_tasks)
+    assert maml._compiled_gradient is not None
+    maml.zero_grad(set_to_none=True)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="eager path's by "
+                      + ", ".join(["1.0e-02"] * checks) + "; running uncompiled"):
+        maml.meta_backward(batch)
+    assert graph_calls and maml._compiled_gradient is None and "compiled" not in maml.path
+    assert relative(flat_grads(maml), expected) < 1e-10  # the eager gradient, not the graph's
+    graph_calls.clear()
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)  # uncompiled from then on
+    assert not graph_calls and relative(flat_grads(maml), expected) < 1e-10
+
+
+def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_it_differed(
+        monkeypatch):
+    """The search's calls repeat one batch: its first compiled call is compared, the rest are
+    timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    maml, batch, eager, eager_calls = stand_in_compile(batched=None)
+    maml._compiled_gradient = lambda *args: (
+        {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
+    uncompiled = maml._backward
+    maml._backward = lambda *args: time.sleep(0.2) or uncompiled(*args)  # so the graph wins
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
+    maml.meta_backward(batch)
+    assert maml.path.startswith("compiled") and len(eager_calls) == 1
+    assert relative(flat_grads(maml), expected) < 1e-10
+
+
+def test_a_compiled_meta_gradient_off_by_rounding_once_is_kept_once_it_agrees():
+    """Near a minimum, float32 rounding alone can take one call past the tolerance: that call
+    gives the eager gradient, and the next one that agrees makes the graph trusted."""
+    maml, batch, eager, eager_calls = stand_in_compile()
+    graph_calls = []
+
+    def off_at_first(*args):
+        graph_calls.append(1)
+        grads, aux = eager(*args)
+        return {n: g * (1.01 if len(graph_calls) == 1 else 1.0) for n, g in grads.items()}, aux
+    maml._compiled_gradient = off_at_first
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.errors.FastMAMLWarning)
+        for _ in range(4):
+            maml.zero_grad(set_to_none=True)
+            maml.meta_backward(batch)
+            assert relative(flat_grads(maml), expected) < 1e-6
+    assert len(graph_calls) == 4 and len(eager_calls) == 2 and maml._compiled_gradient is not None
+
+
+def test_a_right_compiled_meta_gradient_is_checked_once_per_input_shape():
+    maml, batch, eager, eager_calls = stand_in_compile()
+    graph_calls = []
+    maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
+    for _ in range(3):  # the graph, checked against the eager gradient once, then trusted
+        maml.meta_backward(batch)
+    assert len(graph_calls) == 3 and len(eager_calls) == 1 and maml._compiled_gradient is not None
+    maml.meta_backward(TaskBatch(*(t[:2] for t in batch)))  # a new shape: checked again
+    assert len(eager_calls) == 2
+
+
+def test_a_non_finite_eager_gradient_leaves_the_shape_to_be_checked_at_its_next_call():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True, check_finite=False)
+    maml._compiled_batched = maml._batched
+    eager, eager_calls = maml._gradient, []
+
+    def nan_at_first(*args):
+        eager_calls.append(1)
+        grads, aux = eager(*args)
+        return ({n: g * math.nan for n, g in grads.items()} if len(eager_calls) == 1
+                else grads), aux
+    maml._gradient = nan_at_first
+    maml._compiled_gradient = lambda *args: eager(*args)
+    for _ in range(3):
+        maml.meta_backward(batch)
+    assert len(eager_calls) == 2 and maml._compiled_gradient is not None
+
+
+def test_under_active_dropout_the_compiled_gradient_is_not_checked_and_says_so():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.1), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4)))
+    maml = MAML(model, F.mse_loss, 0.1, 1, batched=True, compile=True)
+    maml._compiled_batched = maml._batched
+    maml._compiled_gradient = maml._gradient
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="not checked .* active dropout"):
+        maml.meta_backward(batch)
+    assert maml._compiled_gradient is not None
+
+
+def no_cxx_compiler(*_):
+    """What ``torch.compile`` raises on a CPU machine without a C++ compiler (torch 2.13)."""
+    from torch._inductor.exc import InductorError
+    raise InductorError(RuntimeError("InvalidCxxCompiler: No working C++ compiler found"), None)
+
+
+@pytest.mark.parametrize("batched", [True, None])  # compiled for sure, or a candidate of the search
+def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched, monkeypatch):
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+    model, loss_fn, batch = mlp_problem()
+    expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
+    maml = MAML(model, loss_fn, 0.1, 2, batched=batched, compile=True)
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(.*No working C\+\+ compiler "
+                                         r"found\); running uncompiled"):
+        maml.meta_backward(batch)
+    assert maml._compiled_gradient is None and maml._compiled_batched is None
+    assert relative(flat_grads(maml), expected) < 1e-10
+    assert all("compile=False" in key for key in maml.path_choices)
+    assert "compiled" not in maml.path
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning: later calls run uncompiled, silently
+        for _ in range(2):
+            maml.zero_grad(set_to_none=True)
+            maml.meta_backward(batch)
+            assert relative(flat_grads(maml), expected) < 1e-10
+        assert relative(meta_grad(maml, batch), expected) < 1e-10
+
+
+class FailsToCompileItsBackward(torch.autograd.Function):
+    """An output whose backward graph fails to compile, as AOTAutograd compiles it lazily."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        no_cxx_compiler()
+
+
+def test_a_compile_failure_in_the_backward_pass_also_falls_back():
+    model, loss_fn, batch = mlp_problem()
+    expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
+    maml = MAML(model, loss_fn, 0.1, 2, compile=True, chunk_size=2)  # no search: a lazy first call
+    maml._compiled_batched = lambda *args: tuple(
+        FailsToCompileItsBackward.apply(t) if t.requires_grad else t for t in maml._batched(*args))
+    for p in maml.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        maml.meta_backward(batch)  # the first call: compiled forward, then autograd
+    assert maml._compiled_batched is None and maml.path == "batched"
+    assert relative(flat_grads(maml), expected + 1) < 1e-10  # accumulated once, onto the ones
+
+
+def test_a_path_chosen_compiled_is_labelled_as_it_ran_once_compiling_fails():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, 0.1, 1, compile=True)
+    maml.path_choices[maml._path_key(batch)] = ("compiled", 2)  # e.g. from a checkpoint
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        maml.meta_loss(batch)
+    assert maml.path == "batched, chunk 2"
+
+
+def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():
+    model, loss_fn, batch = mlp_problem()
+    wrong_features = TaskBatch(*(t.repeat(1, 1, 2) for t in batch))
+    maml = MAML(model, loss_fn, 0.1, 1, batched=True, compile=True)
+    maml._compiled_gradient = maml._compiled_batched = no_cxx_compiler
+    for call in (maml.meta_backward, maml.meta_loss):
+        with pytest.raises(ShapeError, match="forward failed on a per-task input of shape"):
+            call(wrong_features)
+        assert maml._compiled_gradient is no_cxx_compiler
+        assert maml._compiled_batched is no_cxx_compiler
+
+
+def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(torch.randn(6, 5, 1), torch.randn(6, 5, 1), torch.randn(6, 5, 1),
+                      torch.randn(6, 5, 1))
+    reference = MAML(model, F.mse_loss, 0.1, 1, batched=False)
+    expected = meta_grad(reference, batch)
+    searched = MAML(model, F.mse_loss, 0.1, 1)
+    calls = []
+    original = searched.forward
+    searched.forward = lambda *a, **k: calls.append(searched._trying) or original(*a, **k)
+    searched.meta_backward(batch)
+    got = flat_grads(searched)  # one gradient in .grad, though every candidate ran
+    assert relative(got, expected) < 1e-6
+    (key, choice), = searched.path_choices.items()
+    # a warm-up, every candidate, then the two fastest again
+    assert calls[:4] == [("batched", 6), ("batched", 6), ("batched", 1), ("looped", None)]
+    assert len(calls) == 6 and set(calls[4:]) <= set(calls[1:4]) and calls[4] != calls[5]
+    assert searched.path in ("looped", f"batched, chunk {choice[1]}")
+    calls.clear()
+    searched.meta_backward(batch)
+    assert calls == [None]  # no second search for the same shape
+    again = MAML(model, F.mse_loss, 0.1, 1)  # same model and settings in this process: reused
+    again.meta_backward(batch)
+    assert again.path_choices == searched.path_choices
+    for explicit in (dict(batched=True), dict(batched=False), dict(chunk_size=2)):
+        pinned = MAML(model, F.mse_loss, 0.1, 1, **explicit)
+        pinned.meta_backward(batch)
+        assert pinned.path_choices == {}
+
+
+def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(monkeypatch):
+    """The search runs about 7 meta-gradients; their dropout draws must not shift the seeded
+    random stream of the run, or a second run in the process (reusing the choice) differs."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    batch = TaskBatch(torch.randn(4, 4, 3), torch.randn(4, 4, 1), torch.randn(4, 6, 3),
+                      torch.randn(4, 6, 1))
+
+    def train() -> tuple[torch.Tensor, bool]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.3), nn.Linear(16, 1))
+        maml = MAML(model, F.mse_loss, inner_lr=0.1)
+        optimizer = torch.optim.SGD(maml.parameters(), 0.1)
+        searched = []
+        for _ in range(3):
+            optimizer.zero_grad()
+            searched.append(maml._searches(batch))
+            maml.meta_backward(batch)
+            optimizer.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), searched[0]
+
+    (first, searched), (second, searched_again) = train(), train()
+    assert searched and not searched_again
+    assert torch.equal(first, second)
+
+
+def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch):
+    """A run resumed with ``compile=true`` searches again (the compiled path is a candidate);
+    resumed as it was, it reuses its own choice."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    eager = MAML(model, F.mse_loss, 0.1, 1)
+    eager.meta_backward(batch)
+    compiled = MAML(model, F.mse_loss, 0.1, 1, compile=True)
+    compiled.path_choices = dict(eager.path_choices)  # as a checkpoint restores them
+    tried = []
+    meta_backward = compiled.meta_backward
+    compiled.meta_backward = lambda *a, **k: tried.append(compiled._trying) or meta_backward(*a, **k)
+    compiled.meta_backward(batch)
+    assert ("compiled", 6) in tried and len(compiled.path_choices) == 2
+    resumed = MAML(model, F.mse_loss, 0.1, 1)
+    resumed.path_choices = dict(compiled.path_choices)
+    calls = []
+    forward = resumed.forward
+    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    resumed.meta_backward(batch)
+    assert calls == [None] and resumed.path_choices == compiled.path_choices
+    assert resumed.path == eager.path
+
+
+@pytest.mark.parametrize("change", ["path implementations", "CPU vector instructions"])
+def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change):
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    old = MAML(model, F.mse_loss, 0.1, 1)
+    old.meta_backward(batch)
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # a new process
+    if change == "path implementations":
+        monkeypatch.setattr(fastmaml.paths, "PATHS_REVISION", fastmaml.paths.PATHS_REVISION + 1)
+    else:  # e.g. a run timed on an AVX512 machine, resumed on an AVX2 one
+        other = "AVX2" if torch.backends.cpu.get_cpu_capability() != "AVX2" else "AVX512"
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
+    resumed = MAML(model, F.mse_loss, 0.1, 1)
+    resumed.path_choices = dict(old.path_choices)  # as a checkpoint restores them
+    calls = []
+    forward = resumed.forward
+    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    resumed.meta_backward(batch)
+    assert ("looped", None) in calls and len(resumed.path_choices) == 2
+
+
+class OtherRank:
+    """``gather_ranks`` of this process and one more rank, which has ``knows`` a path for its
+    input shape (``key``) and, searching, found only the ``fast`` role quick (1 s; 100 s the
+    others)."""
+
+    def __init__(self, knows: bool, fast: str = "looped", key: str = "other rank's shape"):
+        self.knows, self.fast, self.key, self.values = knows, fast, key, []
+
+    def __call__(self, value):
+        self.values.append(value)
+        if isinstance(value, bool):  # "have I no path for my shape?"
+            return [value, not self.knows]
+        _, offer = value
+        return [value, (self.key, {role: (("batched", 7) if role != "looped" else choice,
+                                           1.0 if role == self.fast else 100.0)
+                                    for role, (choice, _) in offer.items()})]
+
+
+def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_the_slowest(
+        monkeypatch):
+    """With ``gather_ranks``, a rank that searches alone would time its candidates while the
+    others wait, and might keep a path another rank finds slow (two torchrun ranks of one
+    Omniglot run took different chunk sizes): all search where any has no path, and all keep
+    the role with the best time on its slowest rank, recorded for every rank's shape. They
+    ask at the first call in each derivative order, which all make together; a rank whose key
+    changes alone (e.g. its compiling fell back) searches alone, and one whose vmap failed
+    offers its looped time for every role."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    expected = meta_grad(MAML(model, F.mse_loss, 0.1, 1, batched=False), batch)
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    key = maml._path_key(batch)
+    maml.path_choices[key] = ("batched", 6)  # this rank knows a path (e.g. from a checkpoint)
+    maml.gather_ranks = other = OtherRank(knows=False, fast="one task")
+    maml.meta_backward(batch)
+    assert other.values[0] is False and len(other.values) == 2  # asked, then the offers
+    assert maml.path == "batched, chunk 1" and relative(flat_grads(maml), expected) < 1e-6
+    assert maml.path_choices == {key: ("batched", 1), "other rank's shape": ("batched", 7)}
+    other.values.clear()
+    maml.meta_backward(batch)
+    assert other.values == []  # asked once per derivative order
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a key changed on this rank alone: searched alone
+    try:
+        maml.meta_backward(batch)
+    finally:
+        torch.set_num_threads(threads)
+    assert other.values == [] and len(maml.path_choices) == 3
+    maml.first_order = True  # the driver switches every rank at once: asked again
+    maml.meta_backward(batch)
+    assert other.values[0] is True and len(other.values) == 2
+    assert len(maml.path_choices) == 4  # a first-order key of this rank's (the other's: one name)
+
+    knowing = MAML(model, F.mse_loss, 0.1, 1)
+    knowing.path_choices[key] = ("looped", None)
+    knowing.gather_ranks = other = OtherRank(knows=True)
+    calls = []
+    forward = knowing.forward
+    knowing.forward = lambda *a, **k: calls.append(knowing._trying) or forward(*a, **k)
+    knowing.meta_backward(batch)
+    assert other.values == [False] and calls == [None] and knowing.path == "looped"
+
+    model.zero_grad(set_to_none=True)
+    failed = MAML(model, F.mse_loss, 0.1, 1)
+    failed._vmap_failed = True  # as after vmap failed on this rank: it runs looped
+    failed.gather_ranks = other = OtherRank(knows=False, fast="all tasks")
+    failed.meta_backward(batch)
+    _, offer = other.values[1]
+    assert len({seconds for _, seconds in offer.values()}) == 1  # every role: the looped time
+    assert failed.path == "looped" and relative(flat_grads(failed), expected) < 1e-6
+    assert failed.path_choices["other rank's shape"] == ("batched", 7)  # the other keeps vmap
+
+
+def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
+    inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")
+    assert fastmaml.errors.first_line(inductor) == (
+        "backend='inductor' raised: NotImplementedError: no storage")
+    assert fastmaml.errors.first_line(RuntimeError("one line\nand more")) == "one line"
+    assert fastmaml.errors.first_line(RuntimeError("  ")) == "RuntimeError"
