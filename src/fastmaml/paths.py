@@ -57,7 +57,9 @@ def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
 
 
 class ExecutionPaths:
-    """The path machinery of ``MAML``: dispatch, the path search, compiling and its check."""
+    """The path machinery of ``MAML``: dispatch, the path search, compiling and its check. It
+    runs ``MAML``'s own ``_batched`` (vmap) and ``_run_looped`` (a loop), its ``meta_backward``
+    (timed by the search) and ``_backward`` (meta_loss and autograd, the eager fallback)."""
 
     def _init_paths(self, compile: bool, batched: bool | None, chunk_size: int | None,
                     checkpoint_steps: bool) -> None:
@@ -81,6 +83,8 @@ class ExecutionPaths:
 
     def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
              record: Sequence[int]) -> tuple[Tensor, ...]:
+        """The task function's outputs for every task of ``batch`` (support loss, query losses at
+        the ``record`` steps, metrics; tasks first), by the path chosen for its shapes."""
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         args = (fast, frozen, steps, create_graph, record)
         chunk = self._chunk(batch)
