@@ -129,7 +129,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 import fastmaml.paths
-from fastmaml.core import MAML, TaskBatch
+from fastmaml import MAML, TaskBatch
 from fastmaml.distributed import average_gradients, gather_ranks, shard
 
 torch.set_num_threads(1)

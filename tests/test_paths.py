@@ -547,11 +547,3 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     assert len({seconds for _, seconds in offer.values()}) == 1  # every role: the looped time
     assert failed.path == "looped" and relative(flat_grads(failed), expected) < 1e-6
     assert failed.path_choices["other rank's shape"] == ("batched", 7)  # the other keeps vmap
-
-
-def test_a_warning_shows_the_cause_that_an_introducing_first_line_announces():
-    inductor = RuntimeError("backend='inductor' raised:\nNotImplementedError: no storage\n\nSet ...")
-    assert fastmaml.errors.first_line(inductor) == (
-        "backend='inductor' raised: NotImplementedError: no storage")
-    assert fastmaml.errors.first_line(RuntimeError("one line\nand more")) == "one line"
-    assert fastmaml.errors.first_line(RuntimeError("  ")) == "RuntimeError"

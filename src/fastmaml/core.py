@@ -1,4 +1,4 @@
-"""MAML in one module: the inner loop (``adapt``) and the outer loop (``meta_loss``).
+"""MAML's algorithm in one module: the inner loop (``adapt``) and the outer loop (``meta_loss``).
 
 A meta-batch of tasks runs in one call: ``torch.func.vmap`` over the task dimension of a task
 function that adapts with ``torch.func.grad`` and evaluates the adapted parameters through
@@ -482,6 +482,110 @@ class MAML(ExecutionPaths, nn.Module):
             p.grad = grads[name] if p.grad is None else p.grad + grads[name]
         return loss, metrics
 
+    def forward(self, batch: TaskBatch, step_weights: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The meta-objective of ``meta_loss`` without its input validation and finite check."""
+        if not self._probed:  # (meta_loss and meta_backward have probed: no graph break)
+            self._probe(batch.support_x[0])
+        record = self._record(step_weights)
+        # all tasks by the path chosen for the batch (batched, looped or compiled; fastmaml.paths)
+        support_loss, query_loss, *metric = self._run(batch, self.inner_steps,
+                                                      not self.first_order, record)
+        per_task = (query_loss[:, -1] if step_weights is None
+                    else query_loss @ step_weights.to(query_loss))
+        loss = per_task.mean()
+        metrics = {"support_loss": support_loss.mean(), "query_loss": query_loss[:, -1].detach().mean()}
+        if metric:
+            metrics["query_metric"] = metric[0][:, -1].mean()
+        return loss, metrics
+
+    @torch.no_grad()
+    def evaluate(self, batch: TaskBatch | Sequence[Tensor], steps: int | None = None) -> dict[str, Tensor]:
+        """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
+        batch = as_task_batch(batch)
+        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
+            with torch.inference_mode(False):
+                return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
+        steps = self.inner_steps if steps is None else steps
+        check_steps("steps", steps)
+        self._prepare(batch.support_x[0], of_batch=True)
+        _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
+        return {"loss": loss, **({"metric": metric[0]} if metric else {})}
+
+    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,
+              loss_fn: LossFn | None = None) -> Params:
+        """Adapted parameters for one task (no task dimension).
+
+        With ``per_step``, the dict also holds the last step's set of those parameters, under
+        the model's names. Differentiable with respect to the initialisation when gradients are
+        enabled, so a custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
+        this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
+        Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
+        """
+        check_tensors(support_x=support_x, support_y=support_y)
+        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
+            with torch.inference_mode(False), torch.no_grad():
+                return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
+        if support_x.shape[:1] != support_y.shape[:1]:
+            raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
+                             f"{tuple(support_y.shape)} need the same number of examples")
+        if not len(support_x):
+            raise ShapeError(f"support_x {tuple(support_x.shape)} holds no examples: adapting "
+                             "needs at least one")
+        steps = self.inner_steps if steps is None else steps
+        check_steps("steps", steps)
+        if self._task_input_dims is not None and support_x.dim() == self._task_input_dims + 1:
+            raise ShapeError(f"adapt takes one task's support set, and a task's inputs in the "
+                             f"batches so far had {self._task_input_dims} dimensions; got "
+                             f"support_x {tuple(support_x.shape)}, a batch of tasks? Adapt "
+                             "each task alone (or evaluate the batch)")
+        self._prepare(support_x)
+        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
+        create_graph = torch.is_grad_enabled() and not self.first_order
+        adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
+                                 _autograd_grad, loss_fn=loss_fn)
+        # after 0 steps: copies, so that changing them in place leaves the model as it is
+        adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
+        return {**adapted, **{name: p.clone() for name, p in self.per_step(steps - 1).items()}}
+
+    def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
+
+        With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
+        batch with the context alone (vectorised), so that batch statistics (transductive batch
+        norm), and with them the prediction, do not depend on the other rows of ``x``; a single
+        row is not normalised by itself alone.
+        """
+        if not isinstance(adapted, Mapping):
+            raise ConfigError(f"adapted must be the parameters MAML.adapt returns (a dict), got "
+                              f"{type(adapted).__name__}"
+                              + (": a run's adaptation goes to run.predict" if
+                                 hasattr(adapted, "params") else ""))
+        check_tensors(x=x, **({} if context is None else {"context": context}))
+        fast, frozen = self._split_params(detach=False)
+        unknown = sorted(set(adapted) - set(fast) - set(frozen))
+        if unknown:
+            raise ConfigError(f"adapted holds {', '.join(unknown[:3])}, not parameters of the "
+                              "model: give the dict MAML.adapt returns")
+        params = {**fast, **adapted}
+        if context is None:
+            self._prepare(x)
+            return self._forward(params, frozen, x)
+        if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
+            raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
+                             f"examples (x {tuple(x.shape)}: one task's inputs, examples first; "
+                             "context e.g. the task's support inputs), at least one")
+        self._prepare(torch.cat([x[:1], context]))  # as each row is predicted
+        if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
+            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
+
+        def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
+            outputs = self._forward(params, frozen, torch.cat([row[None], context]))
+            return tree_map(lambda out: out[0], outputs)
+        return vmap(alone_with_context, randomness="different",
+                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
+
+    # ----- the parts of meta_backward: the plain backward, the checkpointed reverse pass -----
     def _without_gradient(self, step_weights: Tensor | None) -> set[str]:
         """The trainable parameters that autograd may leave without ``.grad`` here: those the
         model's output does not use (``_unused_parameters``) and, in first order, the model's
@@ -593,108 +697,6 @@ class MAML(ExecutionPaths, nn.Module):
         if self.check_finite and not torch.isfinite(loss):
             raise NonFiniteLossError(f"the meta-loss is {loss.item()}: lower inner_lr or the meta "
                                      "learning rate, or clip the meta-gradient")
-
-    def forward(self, batch: TaskBatch, step_weights: Tensor | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The meta-objective of ``meta_loss`` without its input validation and finite check."""
-        if not self._probed:  # (meta_loss and meta_backward have probed: no graph break)
-            self._probe(batch.support_x[0])
-        record = self._record(step_weights)
-        support_loss, query_loss, *metric = self._run(batch, self.inner_steps,
-                                                      not self.first_order, record)
-        per_task = (query_loss[:, -1] if step_weights is None
-                    else query_loss @ step_weights.to(query_loss))
-        loss = per_task.mean()
-        metrics = {"support_loss": support_loss.mean(), "query_loss": query_loss[:, -1].detach().mean()}
-        if metric:
-            metrics["query_metric"] = metric[0][:, -1].mean()
-        return loss, metrics
-
-    @torch.no_grad()
-    def evaluate(self, batch: TaskBatch | Sequence[Tensor], steps: int | None = None) -> dict[str, Tensor]:
-        """Query loss (and metric) of every task after 0..steps inner steps: (tasks, steps + 1)."""
-        batch = as_task_batch(batch)
-        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
-            with torch.inference_mode(False):
-                return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
-        steps = self.inner_steps if steps is None else steps
-        check_steps("steps", steps)
-        self._prepare(batch.support_x[0], of_batch=True)
-        _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
-        return {"loss": loss, **({"metric": metric[0]} if metric else {})}
-
-    def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,
-              loss_fn: LossFn | None = None) -> Params:
-        """Adapted parameters for one task (no task dimension).
-
-        With ``per_step``, the dict also holds the last step's set of those parameters, under
-        the model's names. Differentiable with respect to the initialisation when gradients are
-        enabled, so a custom outer loss can be built on the result. ``loss_fn`` replaces the task loss for
-        this adaptation (e.g. a cross-entropy over the first N outputs of a wider classifier).
-        Under ``torch.no_grad`` or ``torch.inference_mode`` the result is detached.
-        """
-        check_tensors(support_x=support_x, support_y=support_y)
-        if torch.is_inference_mode_enabled():  # the inner steps need autograd: as under no_grad
-            with torch.inference_mode(False), torch.no_grad():
-                return self.adapt(support_x.clone(), support_y.clone(), steps, loss_fn)
-        if support_x.shape[:1] != support_y.shape[:1]:
-            raise ShapeError(f"support_x {tuple(support_x.shape)} and support_y "
-                             f"{tuple(support_y.shape)} need the same number of examples")
-        if not len(support_x):
-            raise ShapeError(f"support_x {tuple(support_x.shape)} holds no examples: adapting "
-                             "needs at least one")
-        steps = self.inner_steps if steps is None else steps
-        check_steps("steps", steps)
-        if self._task_input_dims is not None and support_x.dim() == self._task_input_dims + 1:
-            raise ShapeError(f"adapt takes one task's support set, and a task's inputs in the "
-                             f"batches so far had {self._task_input_dims} dimensions; got "
-                             f"support_x {tuple(support_x.shape)}, a batch of tasks? Adapt "
-                             "each task alone (or evaluate the batch)")
-        self._prepare(support_x)
-        fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
-        create_graph = torch.is_grad_enabled() and not self.first_order
-        adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
-                                 _autograd_grad, loss_fn=loss_fn)
-        # after 0 steps: copies, so that changing them in place leaves the model as it is
-        adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
-        return {**adapted, **{name: p.clone() for name, p in self.per_step(steps - 1).items()}}
-
-    def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
-
-        With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
-        batch with the context alone (vectorised), so that batch statistics (transductive batch
-        norm), and with them the prediction, do not depend on the other rows of ``x``; a single
-        row is not normalised by itself alone.
-        """
-        if not isinstance(adapted, Mapping):
-            raise ConfigError(f"adapted must be the parameters MAML.adapt returns (a dict), got "
-                              f"{type(adapted).__name__}"
-                              + (": a run's adaptation goes to run.predict" if
-                                 hasattr(adapted, "params") else ""))
-        check_tensors(x=x, **({} if context is None else {"context": context}))
-        fast, frozen = self._split_params(detach=False)
-        unknown = sorted(set(adapted) - set(fast) - set(frozen))
-        if unknown:
-            raise ConfigError(f"adapted holds {', '.join(unknown[:3])}, not parameters of the "
-                              "model: give the dict MAML.adapt returns")
-        params = {**fast, **adapted}
-        if context is None:
-            self._prepare(x)
-            return self._forward(params, frozen, x)
-        if context.shape[1:] != x.shape[1:] or context.dim() != x.dim() or not len(context):
-            raise ShapeError(f"context {tuple(context.shape)} must be examples shaped as x's "
-                             f"examples (x {tuple(x.shape)}: one task's inputs, examples first; "
-                             "context e.g. the task's support inputs), at least one")
-        self._prepare(torch.cat([x[:1], context]))  # as each row is predicted
-        if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
-            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
-
-        def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
-            outputs = self._forward(params, frozen, torch.cat([row[None], context]))
-            return tree_map(lambda out: out[0], outputs)
-        return vmap(alone_with_context, randomness="different",
-                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:

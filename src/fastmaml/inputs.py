@@ -1,6 +1,7 @@
-"""MAML's inputs, checked: the task batch and the learner's options, each refused with an error
-that names it (a wrong shape, a swapped model and loss, a flag given as a string) before torch
-would fail deep inside a transform."""
+"""MAML's inputs, checked: the task batch, the learner's options and what a model has that they
+must allow for (active dropout), each refused with an error that names it (a wrong shape, a
+swapped model and loss, a flag given as a string) before torch would fail deep inside a
+transform."""
 from __future__ import annotations
 
 import functools

@@ -59,7 +59,10 @@ def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
 class ExecutionPaths:
     """The path machinery of ``MAML``: dispatch, the path search, compiling and its check. It
     runs ``MAML``'s own ``_batched`` (vmap) and ``_run_looped`` (a loop), its ``meta_backward``
-    (timed by the search) and ``_backward`` (meta_loss and autograd, the eager fallback)."""
+    (timed by the search), ``_backward`` (meta_loss and autograd, the eager fallback) and, in a
+    compiled graph, ``forward`` (through ``functional_call``); it reads ``MAML``'s
+    ``_split_params``, ``named_parameters``, ``model``, ``batched``, ``first_order`` and
+    ``inner_steps``."""
 
     def _init_paths(self, compile: bool, batched: bool | None, chunk_size: int | None,
                     checkpoint_steps: bool) -> None:
@@ -341,7 +344,7 @@ class ExecutionPaths:
             self._compiled_checked.add(key)
             warnings.warn("the compiled meta-gradient is not checked against the eager one "
                           "under active dropout (they draw different masks)", FastMAMLWarning,
-                          stacklevel=3)
+                          stacklevel=4)
         if key in self._compiled_checked or self._trying and key in self._compiled_misses:
             # trusted; or timed by the path search, whose calls repeat the batch it compared
             return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
@@ -361,7 +364,7 @@ class ExecutionPaths:
                 raise
             self._compiled_checked.add(key)
             warnings.warn("the compiled meta-gradient is not checked against the eager one: "
-                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=3)
+                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=4)
             return grads, aux
         finally:
             self._trying = trying
@@ -379,7 +382,7 @@ class ExecutionPaths:
             self._compiled_batched = self._compiled_gradient = None
             warnings.warn("torch.compile computed this model's meta-gradient off (relative) from "
                           f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
-                          "uncompiled", FastMAMLWarning, stacklevel=3)
+                          "uncompiled", FastMAMLWarning, stacklevel=4)
         return eager
 
     def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,
