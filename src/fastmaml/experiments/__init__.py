@@ -76,7 +76,9 @@ def _fewshot_presets() -> dict[str, Preset]:
     mini = dict(dataset="miniimagenet", n_way=5, k_query=15, hidden=32, inner_lr=0.05,
                 inner_steps=5, clip_grad=10.0)
     # Sized by measured one-thread iteration times (docs/results.md): 5w1s 0.4 s, 5w5s 2.4 s and
-    # 20w1s 5 s on shared cores, 40-70 min each; 20w5s and MiniImagenet are not measured here.
+    # 20w1s 5 s on shared cores, 40-70 min each. 20w5s, the paper's recipe: 7.4 s under torchrun
+    # with two one-thread ranks (AVX2, session 37), so its 2,000 take about 4 h there; MiniImagenet
+    # is not measured here.
     cpu_iterations = {"omniglot-5w1s": 10000, "omniglot-5w5s": 1000, "omniglot-20w1s": 600,
                       "omniglot-20w5s": 2000, "miniimagenet-5w1s": 2000, "miniimagenet-5w5s": 2000}
     presets = {}
