@@ -155,12 +155,15 @@ def test_time_to_accuracy_counts_a_float32_level_skips_nan_and_lists_every_fewsh
     at_90 = float(torch.tensor(0.9))  # 0.8999999761581421, as the metrics log holds it
     curve = [(250, 60.0, float("nan")), (500, 120.0, at_90), (750, 180.0, 0.95)]
     runs = [report.Run(tmp_path / "a", config, [], 750, 180.0, [], validation=curve),
-            report.Run(tmp_path / "b", config, [], 750, 180.0, [])]  # val_every=0
-    rows = [line for line in report.time_to_accuracy(runs) if line.startswith("| a |")
-            or line.startswith("| b |")]
+            report.Run(tmp_path / "b", config, [], 750, 180.0, []),  # val_every=0
+            # validating every 500 iterations, stopped before the first
+            report.Run(tmp_path / "c", {**config, "val_every": 500}, [], 400, 90.0, [])]
+    rows = [line for line in report.time_to_accuracy(runs) if line.startswith(("| a |", "| b |",
+                                                                                "| c |"))]
     assert rows[0].startswith("| a | 500 it, 2 min | 750 it, 3 min | not reached | not reached "
                               "| 95.0% |")
     assert rows[1] == "| b | no validation (val_every=0) |  |  |  |  |  |"
+    assert rows[2] == "| c | no validation yet (every 500 iterations) |  |  |  |  |  |"
     text = report.render(runs, tmp_path / "REPORT.md")  # both in the report's table
     assert "| a | 500 it, 2 min |" in text and "| b | no validation" in text
 

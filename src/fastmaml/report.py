@@ -445,8 +445,10 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
              "|---|" + "---|" * (len(THRESHOLDS) + 2)]
     for run in runs:
         if not run.validation:
-            lines.append(f"| {run.path.name} | " + " | ".join(["no validation (val_every=0)"]
-                                                               + [""] * (len(THRESHOLDS) + 1))
+            every = run.config.get("val_every")
+            said = (f"no validation yet (every {every:,} iterations)"
+                    if isinstance(every, int) and every > 0 else "no validation (val_every=0)")
+            lines.append(f"| {run.path.name} | " + " | ".join([said] + [""] * (len(THRESHOLDS) + 1))
                          + " |")
             continue
         cells = []
