@@ -14,6 +14,7 @@ from fastmaml import MAML, ConfigError, TaskBatch
 from fastmaml.cli import main
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, is_norm_param
+from problems import flat_grads, relative
 
 TASKS, STEPS = 3, 3
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
@@ -39,15 +40,6 @@ def per_step_maml(model, steps: int = STEPS, spread: bool = True, **kwargs) -> M
             for copies in maml.per_step.copies.values():
                 copies.add_(torch.randn(copies.shape, generator=generator))
     return maml
-
-
-def flat_grads(maml: MAML) -> torch.Tensor:
-    return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten()
-                      for p in maml.parameters() if p.requires_grad])
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def reference_meta_loss(maml: MAML, batch: TaskBatch, steps: int,

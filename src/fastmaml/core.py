@@ -5,35 +5,31 @@ function that adapts with ``torch.func.grad`` and evaluates the adapted paramete
 ``torch.func.functional_call``. The same task function also runs in a plain Python loop over tasks
 with ``torch.autograd.grad``; that is the reference the tests compare against, and the fallback
 for models that ``vmap`` cannot handle. Which of the two runs (and whether compiled) is decided
-in ``fastmaml.paths``; the inputs are checked in ``fastmaml.inputs``.
+in ``fastmaml.paths``; the forms in which the model's functions run under them, in
+``fastmaml.probe``; the inputs are checked in ``fastmaml.inputs``.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
                      ShapeError, first_line, is_out_of_memory)
 from .inner_lr import InnerLearningRates
-from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
                      matching)
-from .paths import ExecutionPaths, random_state, set_random_state
+from .paths import ExecutionPaths
 from .per_step import PerStepParameters
-from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
-from .recurrent import StepwiseRNNs, has_recurrent
+from .probe import ModelProbe
+from .recurrent import has_recurrent
 
 PREDICT_BATCH = 1024  # inputs in one forward pass when ``predict`` normalises each with a context
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -94,7 +90,7 @@ def _second_derivatives_explained(meta_backward: Callable) -> Callable:
     return explained
 
 
-class MAML(ExecutionPaths, nn.Module):
+class MAML(ExecutionPaths, ModelProbe, nn.Module):
     """Model-agnostic meta-learning around any unmodified ``nn.Module``.
 
     Args:
@@ -190,22 +186,10 @@ class MAML(ExecutionPaths, nn.Module):
         self.inner_lrs = InnerLearningRates(lr_mode, inner_lr,
                                             {n: p.shape for n, p in adapted.items()}, inner_steps,
                                             like=next(iter(adapted.values())))
-        self._transductive = has_batch_norm(model) if transductive_bn is None else transductive_bn
-        # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
-        self._norm_mode = self._embedding_mode = contextlib.nullcontext
-        self._probed = False
+        self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
-        # trainable parameters the model's output does not depend on (set by ``_probe``)
-        self._unused_names: set[str] | None = None
-        recurrent = has_recurrent(model)
-        self._rnn_mode = StepwiseRNNs if recurrent else contextlib.nullcontext
-        # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
-        # no vmap batching rule (a slow per-task fallback) and their backward no derivative
-        # (second order failed, batched or looped)
-        self._attention_mode = (functools.partial(sdpa_kernel, [SDPBackend.MATH])
-                                if _has_attention(model) else contextlib.nullcontext)
         self._buffer_names = [n for n, _ in model.named_buffers()]
-        if compile and recurrent:  # inductor: "Cannot access storage of BatchedTensorImpl"
+        if compile and has_recurrent(model):  # inductor: "Cannot access storage of BatchedTensorImpl"
             warnings.warn("torch.compile cannot compile recurrent layers under vmap (torch "
                           f"{torch.__version__}); running uncompiled", FastMAMLWarning, stacklevel=2)
             compile = False
@@ -258,68 +242,6 @@ class MAML(ExecutionPaths, nn.Module):
                     "again after freezing or unfreezing parameters")
         if not self._probed or self._unused_names is None and torch.is_grad_enabled():
             self._probe(x)  # again where the first probe ran under inference_mode, without graph
-
-    @torch.compiler.disable  # eager, also where a user compiles the learner (one graph break)
-    def _probe(self, x: Tensor) -> None:
-        """Once, before the first forward of any path: an eager forward on ``x`` (one task's
-        inputs) shows which functions the model calls, from its modules or its own code; the
-        norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
-        bags, which torch differentiates only once, run in their exact forms (``ExactNorms``,
-        ``ExactEmbeddings``) from then on, on every path, and an embedding's
-        ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows the
-        parameters the output does not depend on (``_unused_parameters``). The random state is
-        left as it was, so that a resumed run draws what an uninterrupted one does."""
-        # as in training (torch's fused fast paths run only without gradients), and under
-        # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
-        self._norm_mode = functools.partial(ExactNorms, self._transductive)
-        calls, state = _KernelsCalled(), random_state(x.device)
-        # stand-ins for the parameters (the same storage), whose gradients no hook of the
-        # model's own parameters sees
-        fast, frozen = self._split_params(detach=True)
-        if not torch.is_inference_mode_enabled():
-            fast, frozen = ({n: t.requires_grad_(n in self._trainable_names) for n, t in
-                             params.items()} for params in (fast, frozen))
-        try:
-            with torch.enable_grad(), calls:
-                output = self._forward(fast, frozen, x)
-        finally:
-            set_random_state(state, x.device)
-        self._unused_names = self._unused_parameters(output, {**frozen, **fast})
-        if not calls.norms:
-            self._norm_mode = contextlib.nullcontext
-        if calls.exact_embeddings:
-            self._embedding_mode = ExactEmbeddings
-        if calls.frequency_scaling:
-            if self.batched:
-                raise ConfigError("scale_grad_by_freq: vmap scales an embedding's gradient by "
-                                  "the wrong counts (torch's kernel): use batched=None or False")
-            if self.batched is None and not self._vmap_failed:
-                self._vmap_failed = True
-                warnings.warn("scale_grad_by_freq: vmap scales an embedding's gradient by the "
-                              "wrong counts (torch's kernel); using the looped path",
-                              FastMAMLWarning, stacklevel=3)
-        self._probed = True
-
-    def _unused_parameters(self, output: Any, params: Params) -> set[str] | None:
-        """The trainable model parameters that ``output`` (of a forward with gradients on) does
-        not depend on, with their learned inner rates and per-step sets; None under
-        inference_mode, which records no graph. Autograd leaves their ``.grad`` None;
-        ``meta_backward``'s functional branches, whose ``torch.func.grad`` gives zeros, do the
-        same where such a gradient is all zeros (weight decay must not move them), so a
-        parameter that another mode or input uses keeps its gradient. An output whose tensors
-        this cannot see leaves none out. ``params``: the tensors the forward ran with, by name."""
-        if torch.is_inference_mode_enabled():
-            return None
-        outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
-        if not outputs:
-            return set()
-        names = sorted(self._trainable_names)
-        grads = torch.autograd.grad(outputs, [params[n] for n in names],
-                                    [torch.ones_like(t) for t in outputs], allow_unused=True)
-        unused = {name for name, grad in zip(names, grads) if grad is None}
-        return ({f"model.{n}" for n in unused}
-                | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)}
-                | {f"per_step.{n}" for n in self.per_step.own_copies(unused)})
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
               fn: LossFn | None = None) -> Tensor:
@@ -706,37 +628,6 @@ def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor
     return vmap(task, randomness="different", chunk_size=chunk_size)(*batch)
 
 
-
 def _under(prefix: str, params: Params) -> Params:
     """The entries of ``params`` named under ``prefix``, without it."""
     return {n[len(prefix):]: p for n, p in params.items() if n.startswith(prefix)}
-
-
-class _KernelsCalled(TorchFunctionMode):
-    """Records whether a forward calls a norm function (``ExactNorms``), an embedding with a
-    padding row or an embedding bag (``ExactEmbeddings``), or an embedding that scales its
-    gradient by frequency."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.norms = self.exact_embeddings = self.frequency_scaling = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-        kwargs = kwargs or {}
-        self.norms |= func in NORM_FUNCTIONS
-        if func is F.embedding:
-            self.exact_embeddings |= pads(*args, **kwargs)
-            self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
-        self.exact_embeddings |= func is F.embedding_bag and composes_bag(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
-def _has_attention(model: nn.Module) -> bool:
-    """True when ``model`` has an ``nn.MultiheadAttention`` (so any ``nn.Transformer*``) or a
-    module whose ``forward`` calls ``scaled_dot_product_attention`` itself."""
-    def names_in_forward(module: nn.Module) -> tuple[str, ...]:
-        return getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
-    return any(isinstance(m, nn.MultiheadAttention)
-               or "scaled_dot_product_attention" in names_in_forward(m) for m in model.modules())
-
-

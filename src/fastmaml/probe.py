@@ -1,0 +1,144 @@
+"""The forms in which ``MAML`` runs a model's functions, found once by an eager forward.
+
+Some of torch's kernels are wrong or missing under ``vmap`` and second derivatives: batch norm
+in training mode and padded or bagged embeddings differentiate wrongly (``fastmaml.norms``,
+``fastmaml.embeddings``), recurrent layers' fused kernels have no batching rule
+(``fastmaml.recurrent``), nor do the fused attention kernels. ``ModelProbe`` runs every forward
+in the exact forms of the functions the model calls, and finds which trainable parameters its
+output does not depend on.
+
+``ModelProbe`` is a part of ``MAML`` (``fastmaml.core``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
+from .errors import ConfigError, FastMAMLWarning
+from .inputs import Params
+from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
+from .paths import random_state, set_random_state
+from .recurrent import StepwiseRNNs, has_recurrent
+
+
+class ModelProbe:
+    """The model's forms and its unused parameters, for ``MAML``. ``MAML._forward`` runs under
+    ``_norm_mode``, ``_embedding_mode``, ``_rnn_mode`` and ``_attention_mode``; ``MAML._prepare``
+    calls ``_probe``. It reads ``MAML``'s ``_split_params``, ``_forward``, ``_trainable_names``,
+    ``inner_lrs``, ``per_step``, ``batched`` and ``_vmap_failed`` (``fastmaml.paths``)."""
+
+    def _init_probe(self, model: nn.Module, transductive_bn: bool | None) -> None:
+        """The forms known from the model's modules, at ``MAML``'s construction (see its
+        ``transductive_bn``); the rest are set by ``_probe``."""
+        self._transductive = has_batch_norm(model) if transductive_bn is None else transductive_bn
+        # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
+        self._norm_mode = self._embedding_mode = contextlib.nullcontext
+        self._probed = False
+        # trainable parameters the model's output does not depend on (set by ``_probe``)
+        self._unused_names: set[str] | None = None
+        self._rnn_mode = StepwiseRNNs if has_recurrent(model) else contextlib.nullcontext
+        # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
+        # no vmap batching rule (a slow per-task fallback) and their backward no derivative
+        # (second order failed, batched or looped)
+        self._attention_mode = (functools.partial(sdpa_kernel, [SDPBackend.MATH])
+                                if has_attention(model) else contextlib.nullcontext)
+
+    @torch.compiler.disable  # eager, also where a user compiles the learner (one graph break)
+    def _probe(self, x: Tensor) -> None:
+        """Once, before the first forward of any path: an eager forward on ``x`` (one task's
+        inputs) shows which functions the model calls, from its modules or its own code; the
+        norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
+        bags, which torch differentiates only once, run in their exact forms (``ExactNorms``,
+        ``ExactEmbeddings``) from then on, on every path, and an embedding's
+        ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows the
+        parameters the output does not depend on (``_unused_parameters``). The random state is
+        left as it was, so that a resumed run draws what an uninterrupted one does."""
+        # as in training (torch's fused fast paths run only without gradients), and under
+        # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
+        self._norm_mode = functools.partial(ExactNorms, self._transductive)
+        calls, state = KernelsCalled(), random_state(x.device)
+        # stand-ins for the parameters (the same storage), whose gradients no hook of the
+        # model's own parameters sees
+        fast, frozen = self._split_params(detach=True)
+        if not torch.is_inference_mode_enabled():
+            fast, frozen = ({n: t.requires_grad_(n in self._trainable_names) for n, t in
+                             params.items()} for params in (fast, frozen))
+        try:
+            with torch.enable_grad(), calls:
+                output = self._forward(fast, frozen, x)
+        finally:
+            set_random_state(state, x.device)
+        self._unused_names = self._unused_parameters(output, {**frozen, **fast})
+        if not calls.norms:
+            self._norm_mode = contextlib.nullcontext
+        if calls.exact_embeddings:
+            self._embedding_mode = ExactEmbeddings
+        if calls.frequency_scaling:
+            if self.batched:
+                raise ConfigError("scale_grad_by_freq: vmap scales an embedding's gradient by "
+                                  "the wrong counts (torch's kernel): use batched=None or False")
+            if self.batched is None and not self._vmap_failed:
+                self._vmap_failed = True
+                warnings.warn("scale_grad_by_freq: vmap scales an embedding's gradient by the "
+                              "wrong counts (torch's kernel); using the looped path",
+                              FastMAMLWarning, stacklevel=3)
+        self._probed = True
+
+    def _unused_parameters(self, output: Any, params: Params) -> set[str] | None:
+        """The trainable model parameters that ``output`` (of a forward with gradients on) does
+        not depend on, with their learned inner rates and per-step sets; None under
+        inference_mode, which records no graph. Autograd leaves their ``.grad`` None;
+        ``meta_backward``'s functional branches, whose ``torch.func.grad`` gives zeros, do the
+        same where such a gradient is all zeros (weight decay must not move them), so a
+        parameter that another mode or input uses keeps its gradient. An output whose tensors
+        this cannot see leaves none out. ``params``: the tensors the forward ran with, by name."""
+        if torch.is_inference_mode_enabled():
+            return None
+        outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
+        if not outputs:
+            return set()
+        names = sorted(self._trainable_names)
+        grads = torch.autograd.grad(outputs, [params[n] for n in names],
+                                    [torch.ones_like(t) for t in outputs], allow_unused=True)
+        unused = {name for name, grad in zip(names, grads) if grad is None}
+        return ({f"model.{n}" for n in unused}
+                | {f"inner_lrs.{n}" for n in self.inner_lrs.own_rates(unused)}
+                | {f"per_step.{n}" for n in self.per_step.own_copies(unused)})
+
+
+class KernelsCalled(TorchFunctionMode):
+    """Records whether a forward calls a norm function (``ExactNorms``), an embedding with a
+    padding row or an embedding bag (``ExactEmbeddings``), or an embedding that scales its
+    gradient by frequency."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norms = self.exact_embeddings = self.frequency_scaling = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        self.norms |= func in NORM_FUNCTIONS
+        if func is F.embedding:
+            self.exact_embeddings |= pads(*args, **kwargs)
+            self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
+        self.exact_embeddings |= func is F.embedding_bag and composes_bag(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def has_attention(model: nn.Module) -> bool:
+    """True when ``model`` has an ``nn.MultiheadAttention`` (so any ``nn.Transformer*``) or a
+    module whose ``forward`` calls ``scaled_dot_product_attention`` itself."""
+    def names_in_forward(module: nn.Module) -> tuple[str, ...]:
+        return getattr(getattr(type(module).forward, "__code__", None), "co_names", ())
+    return any(isinstance(m, nn.MultiheadAttention)
+               or "scaled_dot_product_attention" in names_in_forward(m) for m in model.modules())
