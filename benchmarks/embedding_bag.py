@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fastmaml.core
+import fastmaml.probe
 from fastmaml import MAML, TaskBatch
 
 VOCABULARY, WIDTH, WAYS, TASKS, SHOTS, QUERIES, TOKENS = 5000, 64, 5, 16, 5, 15, 40
@@ -53,16 +53,16 @@ def learner(kind: str, batch: TaskBatch) -> MAML:
     """``composed-<path>`` (fastmaml's form), or torch's kernel ``torch-<path>`` (the probe told
     that the model calls no embedding bag), after one warm-up call (the default's path search)."""
     form, path = kind.split("-")
-    composes = fastmaml.core.composes_bag
+    composes = fastmaml.probe.composes_bag
     if form == "torch":
-        fastmaml.core.composes_bag = lambda *args, **kwargs: False
+        fastmaml.probe.composes_bag = lambda *args, **kwargs: False
     try:
         torch.manual_seed(0)
         maml = MAML(BagOfWords(), F.cross_entropy, 0.4, 1, first_order=True,
                     batched=PATHS[path])
         maml.meta_backward(batch)
     finally:
-        fastmaml.core.composes_bag = composes
+        fastmaml.probe.composes_bag = composes
     return maml
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import itertools
 
 import numpy as np
@@ -162,12 +163,17 @@ def test_an_embeddings_padding_row_gets_no_gradient_under_vmap_either(first_orde
     assert relative(flat_grads(fused[True]), flat_grads(fused[False])) > 1e-5
 
 
-def test_an_embedding_that_scales_its_gradient_by_frequency_runs_looped():
-    """vmap scales by the wrong counts, and the scaled 'gradient' has no exact form of ours."""
+@pytest.mark.parametrize("call", ["meta_backward", "forward"])
+def test_an_embedding_that_scales_its_gradient_by_frequency_runs_looped(call):
+    """vmap scales by the wrong counts, and the scaled 'gradient' has no exact form of ours. The
+    warning points at the user's call, not inside fastmaml or torch (``nn.Module.__call__``)."""
+    maml = MAML(BagOfWords(scale_grad_by_freq=True), F.cross_entropy, 0.3, 2)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="scale_grad_by_freq: vmap scales "
-                      "an embedding's gradient by the wrong counts .*; using the looped path"):
-        maml = MAML(BagOfWords(scale_grad_by_freq=True), F.cross_entropy, 0.3, 2)
-        maml.meta_backward(token_batch())
+                      "an embedding's gradient by the wrong counts .*; using the looped path"
+                      ) as warned:
+        line = inspect.currentframe().f_lineno + 1
+        maml.meta_backward(token_batch()) if call == "meta_backward" else maml(token_batch())
+    assert (warned[0].filename, warned[0].lineno) == (__file__, line)
     assert maml.path == "looped"
     maml = MAML(BagOfWords(scale_grad_by_freq=True), F.cross_entropy, 0.3, 2, batched=True)
     with pytest.raises(ConfigError, match="use batched=None or False"):

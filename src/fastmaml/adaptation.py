@@ -29,7 +29,6 @@ import copy
 import numbers
 import os
 import unicodedata
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from torch import Tensor, nn
 
 from .core import MAML
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
-                     is_out_of_memory)
+                     is_out_of_memory, warn)
 from .experiments import load_experiment
 from .inputs import Params, check_steps
 from .plots import check_figure_path, plot_regression_adaptation
@@ -240,9 +239,8 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None
         load_state(maml, checkpoint["learner"].get("module"), path)
     cfg = experiment.cfg
     if checkpoint["iteration"] < cfg.iterations:
-        warnings.warn(f"{run_dir} is trained to iteration {checkpoint['iteration']:,} of "
-                      f"{cfg.iterations:,}: adapting its model as it is now", FastMAMLWarning,
-                      stacklevel=2)
+        warn(f"{run_dir} is trained to iteration {checkpoint['iteration']:,} of "
+             f"{cfg.iterations:,}: adapting its model as it is now", FastMAMLWarning)
     classification = experiment.name == "fewshot"
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
@@ -389,11 +387,10 @@ def _class_images(folder: Path, role: str) -> list[Path]:
     warning, as its images are not read)."""
     images, nested = _images_in(folder, role), visible_subfolders(folder)
     if nested and images:
-        warnings.warn(f"skipped {len(nested)} folder(s) in the {role} class folder {folder} (a "
-                      f"class's images lie directly in its folder): "
-                      + ", ".join(p.name for p in nested[:3]) + (", ..." if len(nested) > 3
-                                                                 else ""),
-                      FastMAMLWarning, stacklevel=3)
+        warn(f"skipped {len(nested)} folder(s) in the {role} class folder {folder} (a "
+             f"class's images lie directly in its folder): "
+             + ", ".join(p.name for p in nested[:3]) + (", ..." if len(nested) > 3 else ""),
+             FastMAMLWarning)
     if not images:
         raise DataError(f"the {role} class folder {folder} holds no images"
                         + (" (a class's images lie directly in its folder, not in "
@@ -487,11 +484,10 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
     if norm == "query" and len(asked.paths) < len(shots.classes):
-        warnings.warn(f"norm='query' normalises the {len(asked.paths)} query image(s) as one "
-                      f"batch, fewer than the task's {len(shots.classes)} classes: its batch "
-                      "statistics are far from training's and the predictions unreliable; "
-                      "norm='each' (the default) suits a few images", FastMAMLWarning,
-                      stacklevel=2)
+        warn(f"norm='query' normalises the {len(asked.paths)} query image(s) as one "
+             f"batch, fewer than the task's {len(shots.classes)} classes: its batch "
+             "statistics are far from training's and the predictions unreliable; "
+             "norm='each' (the default) suits a few images", FastMAMLWarning)
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
     logits = run.predict(adapted, run.preprocess(asked.paths),

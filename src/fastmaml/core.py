@@ -11,7 +11,6 @@ in ``fastmaml.paths``; the forms in which the model's functions run under them, 
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
-from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
-                     ShapeError, first_line, is_out_of_memory)
+from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError, ShapeError,
+                     first_line, is_out_of_memory, warn)
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
@@ -189,9 +188,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
-        if compile and has_recurrent(model):  # inductor: "Cannot access storage of BatchedTensorImpl"
-            warnings.warn("torch.compile cannot compile recurrent layers under vmap (torch "
-                          f"{torch.__version__}); running uncompiled", FastMAMLWarning, stacklevel=2)
+        # inductor under vmap: "Cannot access storage of BatchedTensorImpl"
+        if compile and has_recurrent(model):
+            warn("torch.compile cannot compile recurrent layers under vmap (torch "
+                 f"{torch.__version__}); running uncompiled", FastMAMLWarning)
             compile = False
         self._init_paths(compile, batched, chunk_size, checkpoint_steps)
 

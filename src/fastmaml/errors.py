@@ -1,6 +1,10 @@
 """Errors that name the problem, so users never have to read a traceback from inside torch."""
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import torch
 
 
@@ -37,6 +41,21 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class FastMAMLWarning(UserWarning):
     """Something fastmaml worked around and the user should know of (the CLI shows one line)."""
+
+
+# frames of these packages are not where a warning points: the caller's own code is
+_INSIDE = tuple(os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+                for module in (sys.modules[__package__], torch))
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the caller's own line: the first frame outside fastmaml and
+    torch (e.g. a user's ``maml.meta_backward(batch)``), however deep inside it the warning
+    arises and whichever public function led there."""
+    frame, stacklevel = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def first_line(error: Exception) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from .errors import FastMAMLWarning, ShapeError, first_line, is_out_of_memory
+from .errors import FastMAMLWarning, ShapeError, first_line, is_out_of_memory, warn
 from .inputs import Params, TaskBatch, has_active_dropout
 
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -146,8 +145,8 @@ class ExecutionPaths:
                 raise
             out = looped()  # a user error fails here too, and is raised
             self.path, self._vmap_failed = "looped", True
-            warnings.warn(f"vmap could not run this model ({first_line(error)}); using the "
-                          "looped path", FastMAMLWarning, stacklevel=4)
+            warn(f"vmap could not run this model ({first_line(error)}); using the "
+                 "looped path", FastMAMLWarning)
             return out
         self.path = "batched"
         return out
@@ -164,8 +163,8 @@ class ExecutionPaths:
         except BaseException:
             self._compiled_batched, self._compiled_gradient = compiled
             raise
-        warnings.warn(f"torch.compile failed ({first_line(error)}); running uncompiled",
-                      FastMAMLWarning, stacklevel=4)
+        warn(f"torch.compile failed ({first_line(error)}); running uncompiled",
+             FastMAMLWarning)
         return out
 
     def _searches(self, batch: TaskBatch) -> str | None:
@@ -342,9 +341,8 @@ class ExecutionPaths:
         key = self._path_key(batch)
         if key not in self._compiled_checked and has_active_dropout(self.model):
             self._compiled_checked.add(key)
-            warnings.warn("the compiled meta-gradient is not checked against the eager one "
-                          "under active dropout (they draw different masks)", FastMAMLWarning,
-                          stacklevel=4)
+            warn("the compiled meta-gradient is not checked against the eager one "
+                 "under active dropout (they draw different masks)", FastMAMLWarning)
         if key in self._compiled_checked or self._trying and key in self._compiled_misses:
             # trusted; or timed by the path search, whose calls repeat the batch it compared
             return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
@@ -363,8 +361,8 @@ class ExecutionPaths:
             if not is_out_of_memory(error):
                 raise
             self._compiled_checked.add(key)
-            warnings.warn("the compiled meta-gradient is not checked against the eager one: "
-                          "the eager pass ran out of memory", FastMAMLWarning, stacklevel=4)
+            warn("the compiled meta-gradient is not checked against the eager one: "
+                 "the eager pass ran out of memory", FastMAMLWarning)
             return grads, aux
         finally:
             self._trying = trying
@@ -380,9 +378,9 @@ class ExecutionPaths:
         misses.append(error)
         if len(misses) == COMPILED_CHECKS:
             self._compiled_batched = self._compiled_gradient = None
-            warnings.warn("torch.compile computed this model's meta-gradient off (relative) from "
-                          f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
-                          "uncompiled", FastMAMLWarning, stacklevel=4)
+            warn("torch.compile computed this model's meta-gradient off (relative) from "
+                 f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
+                 "uncompiled", FastMAMLWarning)
         return eager
 
     def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,

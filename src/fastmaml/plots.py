@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from .atomic import replace_atomically  # noqa: E402
-from .errors import ConfigError, DataError, FastMAMLWarning  # noqa: E402
+from .errors import ConfigError, DataError, FastMAMLWarning, warn
 from .train import read_metrics  # noqa: E402
 
 
@@ -111,9 +110,8 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
     postscript = logging.getLogger("matplotlib.backends.backend_ps")
     level = postscript.level
     if file_format in ("ps", "eps"):
-        warnings.warn(f"{path}: PostScript has no transparency, so the shaded bands are drawn "
-                      "opaque and may hide lines; .pdf or .svg keep them", FastMAMLWarning,
-                      stacklevel=2)
+        warn(f"{path}: PostScript has no transparency, so the shaded bands are drawn "
+             "opaque and may hide lines; .pdf or .svg keep them", FastMAMLWarning)
         postscript.setLevel(logging.ERROR)  # (matplotlib's own words for it, said above)
     try:
         replace_atomically(path, lambda handle: fig.savefig(handle, dpi=120, format=file_format))

@@ -1,11 +1,15 @@
-"""The forms in which ``MAML`` runs a model's functions, found once by an eager forward.
+"""The forms in which ``MAML`` runs a model's functions, found from its modules when ``MAML`` is
+built and by one eager forward on its first call (``ModelProbe._probe``).
 
-Some of torch's kernels are wrong or missing under ``vmap`` and second derivatives: batch norm
-in training mode and padded or bagged embeddings differentiate wrongly (``fastmaml.norms``,
-``fastmaml.embeddings``), recurrent layers' fused kernels have no batching rule
-(``fastmaml.recurrent``), nor do the fused attention kernels. ``ModelProbe`` runs every forward
-in the exact forms of the functions the model calls, and finds which trainable parameters its
-output does not depend on.
+Some of torch's kernels are wrong or missing under ``vmap`` and higher derivatives: batch norm
+with batch statistics, and layer and instance norm with a weight adapted per task,
+differentiate wrongly under ``vmap`` (``fastmaml.norms``); so does an embedding's padding row,
+and an embedding bag has no second derivative at all (``fastmaml.embeddings``); recurrent
+layers' fused kernels have no batching rule (``fastmaml.recurrent``), nor do the fused
+attention kernels. ``ModelProbe`` chooses the exact form of each function the model calls
+(``MAML._forward`` enters them), sends a model whose embedding scales its gradient by frequency
+(no exact form) to the looped path, and finds which trainable parameters the model's output
+does not depend on.
 
 ``ModelProbe`` is a part of ``MAML`` (``fastmaml.core``).
 """
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -24,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
-from .errors import ConfigError, FastMAMLWarning
+from .errors import ConfigError, FastMAMLWarning, warn
 from .inputs import Params
 from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
@@ -33,9 +36,11 @@ from .recurrent import StepwiseRNNs, has_recurrent
 
 class ModelProbe:
     """The model's forms and its unused parameters, for ``MAML``. ``MAML._forward`` runs under
-    ``_norm_mode``, ``_embedding_mode``, ``_rnn_mode`` and ``_attention_mode``; ``MAML._prepare``
-    calls ``_probe``. It reads ``MAML``'s ``_split_params``, ``_forward``, ``_trainable_names``,
-    ``inner_lrs``, ``per_step``, ``batched`` and ``_vmap_failed`` (``fastmaml.paths``)."""
+    ``_norm_mode``, ``_embedding_mode``, ``_rnn_mode`` and ``_attention_mode``;
+    ``MAML._prepare`` and ``MAML.forward`` call ``_probe``; ``MAML._without_gradient`` reads
+    ``_unused_names``. It reads ``MAML``'s ``_split_params``, ``_forward``,
+    ``_trainable_names``, ``inner_lrs``, ``per_step`` and ``batched``, and reads and may set
+    ``_vmap_failed`` (``fastmaml.paths``)."""
 
     def _init_probe(self, model: nn.Module, transductive_bn: bool | None) -> None:
         """The forms known from the model's modules, at ``MAML``'s construction (see its
@@ -89,9 +94,9 @@ class ModelProbe:
                                   "the wrong counts (torch's kernel): use batched=None or False")
             if self.batched is None and not self._vmap_failed:
                 self._vmap_failed = True
-                warnings.warn("scale_grad_by_freq: vmap scales an embedding's gradient by the "
-                              "wrong counts (torch's kernel); using the looped path",
-                              FastMAMLWarning, stacklevel=3)
+                warn("scale_grad_by_freq: vmap scales an embedding's gradient by the "
+                     "wrong counts (torch's kernel); using the looped path",
+                     FastMAMLWarning)
         self._probed = True
 
     def _unused_parameters(self, output: Any, params: Params) -> set[str] | None:

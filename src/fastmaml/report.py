@@ -12,7 +12,6 @@ import contextlib
 import math
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from .atomic import read_json, write_text_atomic
 from .config import load_config_dict
 from .distributed import is_main, world
-from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning
+from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
@@ -189,8 +188,7 @@ def find_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
         except FastMAMLError as error:
             if resolved in named:
                 raise
-            warnings.warn(f"{p.as_posix()} is left out of the report: {error}", FastMAMLWarning,
-                          stacklevel=2)
+            warn(f"{p.as_posix()} is left out of the report: {error}", FastMAMLWarning)
             unread.append((p, str(error)))
     return runs, unread
 

@@ -15,7 +15,6 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +28,8 @@ from .config import Config
 from .core import MAML, multi_step_loss_weights
 from .distributed import (any_rank, average_gradients, average_metrics, gather_ranks, is_main,
                           shard)
-from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning,
-                     NonFiniteLossError)
+from .errors import (CheckpointError, ConfigError, DataError, FastMAMLWarning, NonFiniteLossError,
+                     warn)
 from .inputs import TaskBatch
 
 Metrics = dict[str, float | Tensor]
@@ -358,9 +357,9 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         logged = state.get("logged", 0)  # (absent from checkpoints before session 28)
     log = MetricsLog(log_path, keep_until=start) if main else None
     if log and logged and not log.kept:  # e.g. emptied or deleted by hand
-        warnings.warn(f"{log_path} holds no rows though {learner.name} logged up to iteration "
-                      f"{logged}: the run's logged history is lost, and the log goes on from "
-                      f"its checkpoint at {start}", FastMAMLWarning, stacklevel=2)
+        warn(f"{log_path} holds no rows though {learner.name} logged up to iteration "
+             f"{logged}: the run's logged history is lost, and the log goes on from "
+             f"its checkpoint at {start}", FastMAMLWarning)
     end = learner.iterations if stop_after is None else min(learner.iterations, start + stop_after)
     last: dict[str, float] = {}
     bar = tqdm(range(start, end), initial=start, total=learner.iterations,

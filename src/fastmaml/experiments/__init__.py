@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import time
-import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ from filelock import FileLock
 from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import gather_ranks, require_a_task_per_rank, world
-from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
+from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
 from ..train import Learner, check_resumable, checkpoint_path, fit
 from .base import EVAL_KEYS, Experiment, run_started
@@ -269,10 +268,10 @@ def _warn_if_foreign(run_dir: Path) -> None:
         return
     foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))  # .DS_Store
     if foreign:
-        warnings.warn(f"{run_dir} is not a run's folder and holds {len(foreign)} other "
-                      f"entr{'ies' if len(foreign) > 1 else 'y'} (e.g. {foreign[0]}): the run's "
-                      "files are written beside them; stop and give --out a new folder if that "
-                      "is not meant", FastMAMLWarning, stacklevel=3)
+        warn(f"{run_dir} is not a run's folder and holds {len(foreign)} other "
+             f"entr{'ies' if len(foreign) > 1 else 'y'} (e.g. {foreign[0]}): the run's "
+             "files are written beside them; stop and give --out a new folder if that "
+             "is not meant", FastMAMLWarning)
 
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
@@ -346,8 +345,8 @@ def _record_machine(run_dir: Path, device: str, processes: int) -> None:
             sessions = read_json(path) if path.is_file() else []
         except DataError as error:  # a record for the report only: never a reason not to train
             path.replace(path.with_name("machine.json.damaged"))
-            warnings.warn(f"{error}; kept as machine.json.damaged, and a new record started",
-                          FastMAMLWarning, stacklevel=2)
+            warn(f"{error}; kept as machine.json.damaged, and a new record started",
+                 FastMAMLWarning)
             sessions = []
         sessions.append({
             "date": time.strftime("%Y-%m-%d"), "platform": platform.platform(),

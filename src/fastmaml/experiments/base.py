@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -18,7 +17,7 @@ from ..atomic import read_json, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn
 from ..distributed import barrier, gather_in_order, is_main, rank_slice
-from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning
+from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from ..inputs import TaskBatch
 from ..models import is_norm_param
 from ..plots import counted, plot_learning_curves, steps_label
@@ -304,9 +303,9 @@ class Experiment(ABC):
         reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])
         self.target_iterations[learner.name] = learner.iterations
         if reached < learner.iterations and is_main():  # one warning under torchrun
-            warnings.warn(f"{learner.name} of {self.run_dir} is at iteration {reached:,} of "
-                          f"{learner.iterations:,} (training, or stopped): it is used as it is "
-                          "now", FastMAMLWarning, stacklevel=2)
+            warn(f"{learner.name} of {self.run_dir} is at iteration {reached:,} of "
+                 f"{learner.iterations:,} (training, or stopped): it is used as it is "
+                 "now", FastMAMLWarning)
         return learner
 
     def write_eval(self, records: list[dict[str, Any]], table: str) -> None:
@@ -320,10 +319,10 @@ class Experiment(ABC):
             diverged = [step for step, value in zip(record["steps"], record["mean"])
                         if not math.isfinite(value)]
             if diverged and is_main():
-                warnings.warn(f"{record['method']}'s evaluation is not finite from "
-                              f"{steps_label(diverged[0])} on (null in eval.json): its adaptation "
-                              "diverges at these settings (a smaller inner learning rate or "
-                              "fewer eval_inner_steps)", FastMAMLWarning, stacklevel=2)
+                warn(f"{record['method']}'s evaluation is not finite from "
+                     f"{steps_label(diverged[0])} on (null in eval.json): its adaptation "
+                     "diverges at these settings (a smaller inner learning rate or "
+                     "fewer eval_inner_steps)", FastMAMLWarning)
         if is_main():  # under torchrun every rank holds the same records
             # eval.json last: it marks the evaluation done (``reproduce`` skips such a run), so a
             # kill between the two writes leaves a run that is evaluated again, not a stale table

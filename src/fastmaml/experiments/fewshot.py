@@ -14,7 +14,6 @@ applies to a new task's images too.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..errors import ConfigError, DataError, FastMAMLWarning
+from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from ..models import MLP, ConvNet
 from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
@@ -158,9 +157,9 @@ class FewShotExperiment(Experiment):
         cfg, root = self.cfg, self.data_root()
         if cfg.download and cfg.dataset != "omniglot" and not self._splits:
             # (not refused: saved runs hold it)
-            warnings.warn(f"download=true is ignored: it fetches Omniglot's official zips, "
-                          f"and dataset={cfg.dataset} has no download; name its folder with "
-                          "data_root", FastMAMLWarning, stacklevel=3)
+            warn(f"download=true is ignored: it fetches Omniglot's official zips, "
+                 f"and dataset={cfg.dataset} has no download; name its folder with "
+                 "data_root", FastMAMLWarning)
         if cfg.dataset == "omniglot":
             from ..tasks.omniglot import load_omniglot, load_omniglot_alphabets
             images = load_omniglot(root, cfg.split, download=cfg.download, seed=cfg.split_seed)

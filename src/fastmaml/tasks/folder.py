@@ -16,7 +16,6 @@ size and modification time) and the format, so a changed folder is decoded again
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ConfigError, DataError, FastMAMLWarning
+from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
@@ -76,9 +75,9 @@ def skipped_files_warning(unread: Sequence[Path], where: str, root: Path) -> Non
     """One warning that names the first few ``unread`` files (relative to ``root``)."""
     if unread:
         names = [p.relative_to(root).as_posix() for p in unread]
-        warnings.warn(f"skipped {len(names)} file(s) in {where} that are not images this Pillow "
-                      f"reads: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""),
-                      FastMAMLWarning, stacklevel=3)
+        warn(f"skipped {len(names)} file(s) in {where} that are not images this Pillow "
+             f"reads: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""),
+             FastMAMLWarning)
 
 
 def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
@@ -153,9 +152,9 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
                                    torch.tensor([group_index[g] for _, _, g in entries],
                                                 dtype=torch.long))
     if short:
-        warnings.warn(f"left out {short} of {len(classes)} classes in "
-                      f"{root} with fewer than {min_images} images (k_shot + queries)",
-                      ShortClassesWarning, stacklevel=2)
+        warn(f"left out {short} of {len(classes)} classes in "
+             f"{root} with fewer than {min_images} images (k_shot + queries)",
+             ShortClassesWarning)
     return splits
 
 

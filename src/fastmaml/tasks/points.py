@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..inputs import TaskBatch
-from ..errors import DataError, FastMAMLWarning
+from ..errors import DataError, FastMAMLWarning, warn
 from .splits import SPLITS, Assignment, assign_items, assigned_items, data_root, found_items
 
 
@@ -131,8 +130,8 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         else:
             short += 1
     if short:
-        warnings.warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
-                      f"{min_points} points (k_shot + queries)", ShortTasksWarning, stacklevel=2)
+        warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
+             f"{min_points} points (k_shot + queries)", ShortTasksWarning)
     return {split: PointTasks([points for points, _ in entries], [name for _, name in entries])
             for split, entries in kept.items()}
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import write_text_atomic
-from ..errors import ConfigError, DataError, FastMAMLWarning
+from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 
 SPLITS = ("train", "val", "test")
 JUNK_FOLDERS = {"__MACOSX"}  # resource forks that macOS zips add beside the real folders
@@ -138,9 +137,8 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
                         "--out)")
     added = [key for key, _, _ in keyed if key not in split_of]
     if added:
-        warnings.warn(f"left out {len(added)} {kind}(s) of {root} that are not in this run's "
-                      f"splits (added after it started, e.g. {added[0]})", FastMAMLWarning,
-                      stacklevel=3)
+        warn(f"left out {len(added)} {kind}(s) of {root} that are not in this run's "
+             f"splits (added after it started, e.g. {added[0]})", FastMAMLWarning)
     return [(split_of[key], root / explicit if explicit else root, item)
             for key, explicit, item in keyed if key in split_of]
 
