@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +98,21 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert "in 5 step(s)" in err  # the run's evaluation setting
 
 
+def test_the_accuracy_in_json_is_the_fraction_of_correct_queries(
+        image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """8 of 9 right is 0.888..., as a reader computes it, not float32's 0.8888888955116272."""
+    support, query = task_folders(tmp_path, ["color5", "color6", "color7"], shots=2, queries=3)
+    write_image(query / "color5" / "q0.jpg", COLORS["color6"], 99)  # labelled as another class
+    code, out, err = adapt(capsys, str(image_run), "--support", str(support),
+                           "--query", str(query), "--format", "json")
+    assert code == 0, err
+    document = json.loads(out)
+    correct = sum(row["prediction"] == row["label"] for row in document["predictions"])
+    assert 0 < correct < 9  # (a fraction float32 cannot hold exactly)
+    assert document["accuracy"] == correct / 9
+    assert "on 6 support examples (3 classes) in 5 step(s); 9 query predictions" in err
+
+
 def test_query_classes_match_support_classes_in_either_unicode_form(
         image_run: Path, tmp_path: Path) -> None:
     """macOS writes "é" decomposed (NFD), most systems composed (NFC): the same class."""
@@ -134,7 +151,8 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     # one image file as the query: its prediction as in the folder (norm=each: alone)
     code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
                            "--query", first["path"], "--format", "json", "--steps", "3")
-    assert code == 0, err
+    assert code == 0 and "on 2 support examples (2 classes) in 3 step(s); 1 query prediction\n" \
+        in err
     alone, = json.loads(out)["predictions"]
     assert alone["path"] == first["path"] and alone["prediction"] == first["prediction"]
     assert alone["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
@@ -217,14 +235,36 @@ def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
     # the paper's protocol: the query set is one batch, so one class alone predicts otherwise
     batch = predict(run, support, query, norm="query")
     in_batch = {r["path"]: r["probabilities"] for r in batch.rows}
-    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="normalises the 2 query image.* fewer "
-                      "than the task's 3 classes"):
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="the 2 query image.* are normalised "
+                      r"as one batch \(norm='query', or predict without context\), fewer than "
+                      "the task's 3 classes"):
         alone = predict(run, support, query / "color1", norm="query")
     assert batch.summary["norm"] == "query"
     assert any(row["probabilities"] != pytest.approx(in_batch[row["path"]], abs=1e-6)
                for row in alone.rows)
     with pytest.raises(ConfigError, match="norm must be one of"):
         predict(run, support, query, norm="running")
+
+
+def test_predicting_a_few_images_without_context_is_warned_of_at_the_call(
+        image_run: Path, tmp_path: Path) -> None:
+    """Batch statistics over fewer images than classes are far from training's: from Python
+    too, the warning names the remedy and points at the user's line."""
+    run = fastmaml.load_run(image_run)
+    support, query = task_folders(tmp_path, ["color0", "color1", "color2"], shots=1, queries=1)
+    support_x = run.preprocess(sorted(support.rglob("*.png")))
+    adapted = run.adapt(support_x, torch.tensor([0, 1, 2]))
+    two = run.preprocess([query / "color0" / "q0.jpg", query / "color1" / "q0.jpg"])
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the 2 query image\(s\) .* fewer "
+                      "than the task's 3 classes.*or context=support, suits a few images"
+                      ) as warned:
+        line = inspect.currentframe().f_lineno + 1
+        run.predict(adapted, two)
+    assert (warned[0].filename, warned[0].lineno) == (__file__, line)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.predict(adapted, two, context=support_x)
+        run.predict(adapted, run.preprocess(sorted(query.rglob("*.jpg"))))  # all 3 classes' worth
 
 
 def test_a_large_query_is_predicted_in_chunks_with_the_same_result(

@@ -45,6 +45,7 @@ from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError
                      is_out_of_memory, warn)
 from .experiments import load_experiment
 from .inputs import Params, check_steps
+from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
 from .tasks.folder import image_files, is_image_file, skipped_files_warning, unread_files
@@ -132,6 +133,13 @@ class TrainedRun:
         x = self._as_input(x, "query")
         if context is not None:
             context = self._as_input(context, "context")
+        elif (adapted.num_classes and len(x) < adapted.num_classes
+              and has_batch_norm(self.maml.model)):
+            warn(f"the {len(x)} query image(s) are normalised as one batch (norm='query', or "
+                 f"predict without context), fewer than the task's {adapted.num_classes} "
+                 "classes: its batch statistics are far from training's and the predictions "
+                 "unreliable; norm='each' (the default), or context=support, suits a few "
+                 "images", FastMAMLWarning)
         with torch.no_grad():
             out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
@@ -483,11 +491,6 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
     shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
-    if norm == "query" and len(asked.paths) < len(shots.classes):
-        warn(f"norm='query' normalises the {len(asked.paths)} query image(s) as one "
-             f"batch, fewer than the task's {len(shots.classes)} classes: its batch "
-             "statistics are far from training's and the predictions unreliable; "
-             "norm='each' (the default) suits a few images", FastMAMLWarning)
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
     logits = run.predict(adapted, run.preprocess(asked.paths),
@@ -499,8 +502,9 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         if asked.labels is not None:
             row["label"] = shots.classes[asked.labels[i]]
         rows.append({**row, "probabilities": dict(zip(shots.classes, p.tolist()))})
-    accuracy = (None if asked.labels is None else
-                float((probabilities.argmax(-1) == torch.tensor(asked.labels)).float().mean()))
+    accuracy = (None if asked.labels is None else  # a fraction of counts: 0.4, not float32's
+                int((probabilities.argmax(-1) == torch.tensor(asked.labels)).sum())
+                / len(asked.labels))
     return Predictions(rows, {"task": "classification", "steps": steps, "norm": norm,
                               "classes": shots.classes, "support": len(shots.paths),
                               "query": len(asked.paths), "accuracy": accuracy})

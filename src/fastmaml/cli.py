@@ -21,6 +21,7 @@ from .atomic import write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
+from .plots import counted
 from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
 from .runlock import locked_run_dir
@@ -135,9 +136,9 @@ def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tup
     result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
     text = _as_json(run.run_dir, result) if args.format == "json" else _as_csv(result)
     summary = result.summary
-    said = f"fastmaml: adapted {run.run_dir} on {summary['support']} support examples"
+    said = f"fastmaml: adapted {run.run_dir} on {counted(summary['support'], 'support example')}"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
-    said += f" in {summary['steps']} step(s); {summary['query']} query predictions"
+    said += f" in {summary['steps']} step(s); {counted(summary['query'], 'query prediction')}"
     said += f" in {out}" if out else ""
     if summary.get("accuracy") is not None:
         said += f"; accuracy {100 * summary['accuracy']:.2f}% on the labelled query"

@@ -113,7 +113,7 @@ def _fewshot_presets() -> dict[str, Preset]:
     presets["fewshot-folder"] = Preset(
         "fewshot", "your own images: --data-root DIR with DIR/<class>/* (class_depth=2 for "
         "DIR/<group>/<class>/*, or DIR/train|val|test/...); Omniglot 5-way 1-shot's settings, "
-        "28x28 grayscale; set n_way, k_shot, image_size, channels, invert",
+        "28x28 grayscale, 20,000 iterations; set n_way, k_shot, image_size, channels, invert",
         {**paper["omniglot-5w1s"][1], "dataset": "folder", "image_size": 28, "channels": 1,
          "iterations": 20000})
     presets["omniglot-5w1s-mlp"] = Preset("fewshot", "Omniglot 5-way 1-shot, the paper's MLP "
