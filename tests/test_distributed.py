@@ -270,11 +270,12 @@ def test_rl_tasks_split_across_two_processes_match_one(tmp_path, batch):
     single process's. In float32 a sum over ranks rounds differently, and conjugate gradient
     amplifies that by the curvature's condition: 60 steps of data cannot fill the 116
     parameters' Fisher matrix, so the damping is raised, and one iteration is compared (the
-    next episodes depend on the step)."""
+    next episodes depend on the step). The log-std, near 0 after a step of ~5e-3, is then off
+    by up to 1.8e-6 on an AVX-512 CPU (atol 1e-5, 0.2% of that step)."""
     settings = ["iterations=1", "log_every=1", "meta_batch=3", "trajectories=2", "horizon=10",
                 "hidden=8,8", "cg_damping=0.1", f"batch={batch}", "--no-progress"]
     train_one_and_two_processes(tmp_path, "rl-nav2d-cpu", settings)
-    assert_same_learners(tmp_path, ("maml", "pretrained"), rtol=1e-4, atol=1e-6)
+    assert_same_learners(tmp_path, ("maml", "pretrained"), rtol=1e-4, atol=1e-5)
     for learner in ("maml", "pretrained"):
         one, two = ((tmp_path / run / f"metrics-{learner}.csv").read_text().splitlines()
                     for run in ("one", "two"))
