@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from .atomic import replace_atomically  # noqa: E402
-from .errors import ConfigError, DataError, FastMAMLWarning, warn
+from .errors import ConfigError, DataError, FastMAMLWarning, warn  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
 
