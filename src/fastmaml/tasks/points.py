@@ -46,7 +46,12 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     swapped = False
     if lines and not other and not any(_is_number(cell) for cell in lines[0][1]):  # a header
-        swapped = [name.strip().lower() for name in lines[0][1]] == ["y", "x"]
+        names = [name.strip().lower() for name in lines[0][1]]
+        if len(names) > 1 and not names[0]:  # pandas' to_csv writes its row index so
+            raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
+                            "unnamed, as pandas writes a row index: save it with "
+                            "to_csv(index=False), or delete that column")
+        swapped = names == ["y", "x"]
         lines = lines[1:]
     expected = "x,y" if need_y else "x (or x,y)"
     if not lines:
