@@ -34,6 +34,11 @@ def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
     assert cfg("omniglot-5w1s-fo").first_order and cfg("omniglot-5w1s-cpu").iterations < 60000
     with pytest.raises(ConfigError, match="dataset must be one of"):
         cls.from_dict({"dataset": "cifar"})
+    with pytest.raises(ConfigError, match="split must be one of official, vinyals, lake, got 'x'"):
+        cls.from_dict({"split": "x"})
+    with pytest.raises(ConfigError, match="split=lake is an Omniglot split; dataset=folder "
+                                          "splits by train/ val/ test/ folders"):
+        cls.from_dict({"dataset": "folder", "image_size": 8, "channels": 1, "split": "lake"})
 
 
 def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp_path, capsys):

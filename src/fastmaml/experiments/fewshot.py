@@ -34,6 +34,7 @@ from ..tasks.fewshot import FewShotSampler
 from ..tasks.folder import assign_classes, load_image_folder
 from ..tasks.splits import SPLITS, Assignment, has_explicit_splits
 from ..tasks.images import MODES, ImageFormat
+from ..tasks.omniglot import SPLIT_NAMES as OMNIGLOT_SPLITS
 from ..train import GradientLearner, meta_learner
 from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
                    results_table, validation_of)
@@ -50,7 +51,7 @@ class FewShotConfig(Config):
     dataset: str = "omniglot"  # omniglot | miniimagenet | folder (any image folder)
     data_root: str = ""  # default: $FASTMAML_OMNIGLOT / $FASTMAML_MINIIMAGENET, else data/<dataset>
     download: bool = False
-    split: str = "official"  # Omniglot: official (1100/100/423) | vinyals (1200/0/423) | lake
+    split: str = "official"  # Omniglot only: official (1100/100/423) | vinyals (1200/0/423) | lake
     split_seed: int = 1  # Omniglot's and the folders' class shuffle (the official code's seed)
     within_alphabet: bool = False  # all classes of a task from one alphabet (folder: group)
     image_size: int = 0  # folder: square side in pixels (Omniglot 28, MiniImagenet 84)
@@ -91,6 +92,13 @@ class FewShotConfig(Config):
         if folder and (self.channels not in MODES or self.image_size < 1):
             raise ConfigError("dataset=folder needs image_size >= 1 and channels 1 or 3, got "
                               f"image_size={self.image_size} channels={self.channels}")
+        if self.split not in OMNIGLOT_SPLITS:
+            raise ConfigError(f"split must be one of {', '.join(OMNIGLOT_SPLITS)}, got "
+                              f"{self.split!r}")
+        if self.dataset != "omniglot" and self.split != "official":
+            raise ConfigError(f"split={self.split} is an Omniglot split; dataset={self.dataset}"
+                              + (" splits by train/ val/ test/ folders, else by split_fractions"
+                                 if folder else " has its own files per split"))
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")
