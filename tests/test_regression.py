@@ -4,11 +4,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+import fastmaml
 from fastmaml.cli import main
 
 
@@ -80,3 +83,37 @@ def test_a_fresh_run_replaces_a_stale_split_record(tmp_path: Path) -> None:
     (run / "splits.json").write_text(json.dumps({"train": ["gone.csv"], "val": [], "test": []}))
     assert main(["train", "regression-csv", *common]) == 0
     assert json.loads((run / "splits.json").read_text()) == recorded
+
+
+def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> None:
+    data, run = tmp_path / "tasks", tmp_path / "run"
+    rng = np.random.default_rng(0)
+    data.mkdir()
+    for t in range(10):  # y = a x1 + b x2 + c, a task per (a, b, c)
+        a, b, c = rng.uniform(-1, 1, 3)
+        x = rng.uniform(-2, 2, (25, 2))
+        (data / f"task{t}.csv").write_text("x1,x2,y\n" + "".join(
+            f"{u},{v},{a * u + b * v + c}\n" for u, v in x))
+    common = ["--out", str(run), "--data-root", str(data), "val_every=0", "--no-progress"]
+    assert main(["train", "regression-csv", *common, "features=1"]) == 2
+    assert re.search(r"the task files of .* hold 2 x value\(s\) per point, but the run has "
+                     r"features=1 \(a new run with features=0", capsys.readouterr().err)
+    assert main(["train", "regression-csv", *common, "iterations=20"]) == 0
+    assert "\nfeatures: 2\n" in (run / "config.yaml").read_text()
+    assert main(["eval", str(run), "eval_tasks=20", "--no-progress"]) == 0
+    (tmp_path / "support.csv").write_text("".join(f"{u},{-u},{2 * u}\n" for u in range(5)))
+    (tmp_path / "query.csv").write_text("x1,x2\n0.5,1\n")
+    capsys.readouterr()
+    common = [str(run), "--support", str(tmp_path / "support.csv"), "--query",
+              str(tmp_path / "query.csv")]
+    assert main(["adapt", *common]) == 0
+    (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
+    trained = fastmaml.load_run(run)
+    support = np.array([[u, -u] for u in range(5)], dtype=np.float32)
+    adapted = trained.adapt(support, 2 * support[:, 0])
+    assert float(row["prediction"]) == pytest.approx(
+        float(trained.predict(adapted, np.array([[0.5, 1.0]]))), abs=1e-6)
+    assert main(["adapt", *common, "--plot", str(tmp_path / "plot.png")]) == 2
+    assert "--plot draws a curve over one x value, but this run's points have 2" in (
+        capsys.readouterr().err)

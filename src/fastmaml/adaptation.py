@@ -75,6 +75,12 @@ class TrainedRun:
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
 
+    @property
+    def features(self) -> int:
+        """A regression run's x values per point: its model's input size."""
+        return next((m.in_features for m in self.maml.model.modules()
+                     if isinstance(m, nn.Linear)), 1)
+
     def preprocess(self, images: ImageSource | Sequence[ImageSource]) -> Tensor:
         """Image files or PIL images (or one of them) as the model's input, exactly as the run's
         training data: float (N, C, H, W) on the run's device."""
@@ -155,11 +161,10 @@ class TrainedRun:
                              f"{tuple(values.shape)}, but a regression task's are (N,) or (N, "
                              "features): one task at a time, one row per point")
         if self.task == "regression" and not targets and values.dim() == 1:
-            features = next((m.in_features for m in self.maml.model.modules()
-                             if isinstance(m, nn.Linear)), 1)
-            if features != 1:
+            if self.features != 1:
                 raise ShapeError(f"the {role} values are ({len(values)},), but this run's model "
-                                 f"takes (N, {features}) inputs: one row of {features} per point")
+                                 f"takes (N, {self.features}) inputs: one row of "
+                                 f"{self.features} per point")
             values = values[:, None]
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
@@ -510,22 +515,27 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
                               "query": len(asked.paths), "accuracy": accuracy})
 
 
-def _as_written(column: Tensor) -> list[float]:
-    """A float32 column's values, each the shortest decimal that reads back as it (the input's
-    -1.667, not float32's -1.6670000553131104)."""
-    return [float(str(value)) for value in column[:, 0].numpy().astype(np.float32)]
+def _as_written(values: Tensor) -> list[list[float]]:
+    """A float32 table's rows, each value the shortest decimal that reads back as it (the
+    input's -1.667, not float32's -1.6670000553131104)."""
+    return [[float(str(value)) for value in row] for row in values.numpy().astype(np.float32)]
 
 
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                     query: str | os.PathLike[str], steps: int,
                     plot: str | os.PathLike[str] | None) -> Predictions:
-    support_x, support_y = read_points(support, "support", need_y=True)
-    query_x, query_y = read_points(query, "query", need_y=False)
+    features = run.features
+    if plot is not None and features != 1:
+        raise ConfigError(f"--plot draws a curve over one x value, but this run's points have "
+                          f"{features}")
+    support_x, support_y = read_points(support, "support", need_y=True, features=features)
+    query_x, query_y = read_points(query, "query", need_y=False, features=features)
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
-    labels = [None] * len(query_x) if query_y is None else _as_written(query_y)
-    rows = [{"x": x, "prediction": p, **({} if y is None else {"y": y})}
-            for x, p, y in zip(_as_written(query_x), _as_written(prediction), labels)]
+    names = ["x"] if features == 1 else [f"x{i}" for i in range(1, features + 1)]
+    labels = [[None]] * len(query_x) if query_y is None else _as_written(query_y)
+    rows = [{**dict(zip(names, x)), "prediction": p, **({} if y is None else {"y": y})}
+            for x, (p,), (y,) in zip(_as_written(query_x), _as_written(prediction), labels)]
     mse = None if query_y is None else float((prediction - query_y).pow(2).mean())
     if plot is not None:
         every = torch.cat([support_x, query_x])[:, 0]

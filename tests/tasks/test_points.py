@@ -106,3 +106,39 @@ def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:
         load_point_tasks(tmp_path / "empty", min_points=2)
     with pytest.raises(DataError, match="not found"):
         load_point_tasks(tmp_path / "nowhere", min_points=2)
+
+
+def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) -> None:
+    (tmp_path / "task.csv").write_text("a,b,y\n1,2,3\n4,5,6\n")
+    x, y = read_points(tmp_path / "task.csv", "task", need_y=True)
+    assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]]
+    (tmp_path / "middle.csv").write_text("x1,Y,x2\n1,3,2\n4,6,5\n")  # y wherever it is named
+    x, y = read_points(tmp_path / "middle.csv", "support", need_y=True, features=2)
+    assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]]
+    (tmp_path / "inputs.csv").write_text("1,2\n4,5\n")  # a query: y may be left out
+    x, y = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
+    assert x.tolist() == [[1, 2], [4, 5]] and y is None
+    with pytest.raises(DataError, match=r"has 2 field\(s\): it must hold one 2 x values, then y "
+                                        "row per point"):
+        read_points(tmp_path / "inputs.csv", "support", need_y=True, features=2)
+    with pytest.raises(DataError, match=r"has 3 field\(s\): it must hold one x \(or x,y\) row"):
+        read_points(tmp_path / "task.csv", "query", need_y=False)
+    (tmp_path / "single.csv").write_text("1\n2\n")
+    with pytest.raises(DataError, match=r"one x,y \(one or more x values, then y\) row per"):
+        read_points(tmp_path / "single.csv", "task", need_y=True)
+
+
+def test_task_files_of_different_x_values_are_an_error(tmp_path: Path) -> None:
+    write_task(tmp_path / "tasks" / "t0.csv", 0, 6)
+    (tmp_path / "tasks" / "t1.csv").write_text("".join(f"{i},{i},1\n" for i in range(6)))
+    with pytest.raises(DataError, match=r"differ in their x values per point: .*t0.csv has 1, "
+                                        r".*t1.csv has 2"):
+        load_point_tasks(tmp_path / "tasks", min_points=6)
+    (tmp_path / "tasks" / "t0.csv").write_text("".join(f"{i},{-i},0\n" for i in range(6)))
+    tasks = load_point_tasks(tmp_path / "tasks", min_points=6, assignment={
+        "train": ["t0.csv", "t1.csv"], "val": [], "test": []})["train"]
+    assert tasks.features == 2
+    batch = PointSampler(tasks, k_shot=2, k_query=3).sample(10, torch.Generator())
+    assert batch.support_x.shape == (10, 2, 2) and batch.query_y.shape == (10, 3, 1)
+    assert (batch.query_x[..., 0].abs() == batch.query_x[..., 1].abs()).all()  # x, not y
+    assert set(batch.query_y.flatten().tolist()) <= {0.0, 1.0}

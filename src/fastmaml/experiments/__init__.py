@@ -45,8 +45,9 @@ PRESETS: dict[str, Preset] = {
     "sinusoid-demo": Preset("sinusoid", "the sinusoid experiment in 1-2 minutes on 2 CPU cores "
                             "(6,000 iterations)", {"iterations": 6000, "checkpoint_every": 500}),
     "regression-csv": Preset("regression", "your own regression tasks: --data-root DIR with one "
-                             "CSV of x,y points per task (DIR/*.csv, or DIR/train|val|test/*.csv); "
-                             "MLP 1-40-40-1, K=10, 10,000 iterations"),
+                             "CSV of x,y (or x1,...,xd,y) points per task (DIR/*.csv, or "
+                             "DIR/train|val|test/*.csv); MLP d-40-40-1, K=10, 10,000 iterations",
+                             {"features": 0}),
 }
 
 

@@ -1,10 +1,11 @@
 """Regression on a user's own tasks: meta-train on a folder of task CSVs, evaluate on held-out tasks.
 
-Each CSV is one task's ``x,y`` points (``tasks.points``); the tasks are split into meta-train,
-meta-val and meta-test files (``tasks.splits``, recorded by the run). The network is the
-sinusoid experiment's MLP (1-40-40-1 by default), trained on the MSE; the run then adapts to a
-new task's CSV with ``fastmaml adapt RUN --support points.csv --query xs.csv``. Scale x and y
-to a range of a few units, as the sinusoid's, for the default inner and meta learning rates.
+Each CSV is one task's ``x,y`` points, or ``x1,...,xd,y`` (``tasks.points``); the tasks are
+split into meta-train, meta-val and meta-test files (``tasks.splits``, recorded by the run). The
+network is the sinusoid experiment's MLP (d-40-40-1 by default), trained on the MSE; the run
+then adapts to a new task's CSV with ``fastmaml adapt RUN --support points.csv --query xs.csv``.
+Scale x and y to a range of a few units, as the sinusoid's, for the default inner and meta
+learning rates.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class RegressionConfig(Config):
     inner_steps: int = 1
     k_shot: int = 10  # support points per task
     k_query: int = 10  # query points per task, in training and evaluation
+    features: int = 1  # x values per point (0: as many as the task files hold, when it starts)
     hidden: tuple[int, ...] = (40, 40)
     val_every: int = 500
     val_tasks: int = 100
@@ -48,7 +50,7 @@ class RegressionConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.require_at_least(hidden=1, val_every=0, val_tasks=1, split_seed=0)
+        self.require_at_least(hidden=1, val_every=0, val_tasks=1, split_seed=0, features=0)
         for name in ("k_shot", "k_query"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (points per task), got "
@@ -93,14 +95,20 @@ class RegressionExperiment(Experiment):
 
     def build_maml(self) -> MAML:
         torch.manual_seed(self.cfg.seed)
-        model = MLP([1, *self.cfg.hidden, 1]).to(self.device)
+        model = MLP([self.cfg.features, *self.cfg.hidden, 1]).to(self.device)
         return build_maml(model, F.mse_loss, self.cfg)
 
     def learners(self) -> list[GradientLearner]:
         cfg = self.cfg
-        maml = self.build_maml()
         train = self.sampler("train")
         self.sampler("test")  # refuse, before training, a run that could not be evaluated
+        found = self.splits["train"].features
+        if cfg.features and cfg.features != found:
+            raise ConfigError(f"the task files of {self.data_root()} hold {found} x value(s) per "
+                              f"point, but the run has features={cfg.features} (a new run with "
+                              "features=0 takes the files' number)")
+        cfg.features = found  # recorded in config.yaml: the model's input size
+        maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):
             val = self.sampler("val")

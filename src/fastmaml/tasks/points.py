@@ -1,4 +1,5 @@
-"""Regression tasks from a user's own data: one CSV of ``x,y`` points per task.
+"""Regression tasks from a user's own data: one CSV of ``x,y`` points per task (or of
+``x1,...,xd,y``: every task's points have the same number of x values).
 
 Layouts of a data root: ``root/*.csv`` (the tasks are split by ``splits``), or explicit
 ``root/train/*.csv``, ``root/val/*.csv`` (optional) and ``root/test/*.csv``. A task's support
@@ -25,11 +26,13 @@ class ShortTasksWarning(FastMAMLWarning):
     """Task files left out because they hold too few points for a task."""
 
 
-def read_points(path: str | os.PathLike[str], role: str, need_y: bool
-                ) -> tuple[Tensor, Tensor | None]:
-    """A regression CSV of ``x,y`` rows (or ``x`` rows where y is optional), with or without a
-    header line (a first line with no number in it; a header ``y,x`` swaps the columns): (x, y
-    or None) as float (N, 1) tensors. A bad line is a ``DataError`` that names it."""
+def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
+                features: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """A regression CSV of one row per point: its ``features`` x values (None: every column but
+    y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False. A header line (a first
+    line with no number in it) is optional; a column it names ``y`` is the target wherever it
+    stands (``y,x``), its other names are not read. (x (N, features), y (N, 1) or None) as
+    float tensors. A bad line is a ``DataError`` that names it."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
@@ -44,33 +47,48 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool
     other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
                   and mark in lines[0][1][0]), None)
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
-    swapped = False
+    names: list[str] = []
     if lines and not other and not any(_is_number(cell) for cell in lines[0][1]):  # a header
         names = [name.strip().lower() for name in lines[0][1]]
         if len(names) > 1 and not names[0]:  # pandas' to_csv writes its row index so
             raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
                             "unnamed, as pandas writes a row index: save it with "
                             "to_csv(index=False), or delete that column")
-        swapped = names == ["y", "x"]
         lines = lines[1:]
-    expected = "x,y" if need_y else "x (or x,y)"
+    if features is None and not need_y:
+        features = 1
+    expected = _row_form(features, need_y)
     if not lines:
         raise DataError(f"the {role} CSV {path} holds no points: it needs one {expected} row per "
                         "point")
     width = len(lines[0][1])
+    widths = (((features + 1,) if need_y else (features, features + 1)) if features
+              else range(2, width + 1))
     for number, row in lines:
-        if len(row) != width or width not in ((2,) if need_y else (1, 2)):
+        if len(row) != width or width not in widths:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
                             f"must hold one {expected} row per point, all alike{hint}")
         bad = next((cell for cell in row if not _is_number(cell)), None)
         if bad is not None:
             raise DataError(f"line {number} of the {role} CSV {path} holds {bad.strip()!r}, "
                             f"which is not a number{hint}")
-    values = torch.tensor([[float(c) for c in (row[::-1] if swapped else row)]
-                           for _, row in lines], dtype=torch.float32)
+    values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
     if not torch.isfinite(values).all():
         raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
-    return values[:, :1], (values[:, 1:2] if values.shape[1] == 2 else None)
+    if width == features:  # x only
+        return values, None
+    target = names.index("y") if "y" in names[:width] else width - 1
+    x_columns = [column for column in range(width) if column != target]
+    return values[:, x_columns], values[:, target:target + 1]
+
+
+def _row_form(features: int | None, need_y: bool) -> str:
+    """What a row of a points CSV holds, in words (``features`` None: any number, with y)."""
+    if features is None:
+        return "x,y (one or more x values, then y)"
+    if features == 1:
+        return "x,y" if need_y else "x (or x,y)"
+    return f"{features} x values, then y" if need_y else f"{features} x values (or them, then y)"
 
 
 def _is_number(text: str) -> bool:
@@ -106,13 +124,19 @@ def _contents(split_root: Path, path: Path) -> str:
 
 @dataclass
 class PointTasks:
-    """The tasks of one split: every task's points, (count, 2) of x, y, and its file's name."""
+    """The tasks of one split: every task's points, (count, features + 1) of x then y, and its
+    file's name."""
 
     points: list[Tensor]
     names: list[str]
 
     def __len__(self) -> int:
         return len(self.names)
+
+    @property
+    def features(self) -> int | None:
+        """The x values of a point (None: the split has no tasks)."""
+        return self.points[0].shape[1] - 1 if self.points else None
 
 
 def load_point_tasks(root: str | os.PathLike[str], min_points: int,
@@ -127,9 +151,14 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y row per "
                         "point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
-    short = 0
+    short, first = 0, None
     for split, split_root, path in files:
         x, y = read_points(path, "task", need_y=True)
+        first = first or (path, x.shape[1])
+        if x.shape[1] != first[1]:
+            raise DataError(f"the task files of {root} differ in their x values per point: "
+                            f"{first[0]} has {first[1]}, {path} has {x.shape[1]}; every task's "
+                            "points need the same ones")
         if len(x) >= min_points:
             kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
         else:
@@ -152,10 +181,10 @@ class PointSampler:
     def sample(self, num_tasks: int, generator: torch.Generator) -> TaskBatch:
         size, draws = self.k_shot + self.k_query, []
         for t in torch.randint(len(self.tasks), (num_tasks,), generator=generator).tolist():
-            task = self.tasks.points[t]  # (count, 2): files may be of any length
+            task = self.tasks.points[t]  # (count, features + 1): files may be of any length
             draws.append(task[torch.randperm(len(task), generator=generator)[:size]])
-        points = torch.stack(draws)  # (tasks, k_shot + k_query, 2)
-        x, y, k = points[..., :1], points[..., 1:], self.k_shot
+        points = torch.stack(draws)  # (tasks, k_shot + k_query, features + 1)
+        x, y, k = points[..., :-1], points[..., -1:], self.k_shot
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:]).to(self.device)
 
     def fixed_tasks(self, count: int, seed: int, chunk: int) -> list[TaskBatch]:
