@@ -43,6 +43,9 @@ def test_train_evaluate_plot_and_adapt_a_folder_of_task_csvs(tmp_path: Path, cap
     assert "| method | 0 steps | 1 step | 10 steps |" in (run / "results.md").read_text()
     assert main(["plot", str(run)]) == 0
     assert (run / "figures" / "mse_vs_steps.png").is_file()
+    config = (run / "config.yaml").read_text()  # a run of before features: it had one x value
+    assert "\nfeatures: 1\n" in config
+    (run / "config.yaml").write_text(config.replace("\nfeatures: 1\n", "\n"))
 
     x = np.linspace(-4, 4, 10)
     (tmp_path / "support.csv").write_text("".join(f"{u},{np.sin(u)}\n" for u in x))
@@ -99,6 +102,7 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     assert re.search(r"the task files of .* hold 2 x value\(s\) per point, but the run has "
                      r"features=1 \(a new run with features=0", capsys.readouterr().err)
     assert main(["train", "regression-csv", *common, "iterations=20"]) == 0
+    assert " on cpu (points of 2 x values)\n" in capsys.readouterr().out
     assert "\nfeatures: 2\n" in (run / "config.yaml").read_text()
     assert main(["eval", str(run), "eval_tasks=20", "--no-progress"]) == 0
     (tmp_path / "support.csv").write_text("".join(f"{u},{-u},{2 * u}\n" for u in range(5)))
@@ -114,6 +118,9 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     adapted = trained.adapt(support, 2 * support[:, 0])
     assert float(row["prediction"]) == pytest.approx(
         float(trained.predict(adapted, np.array([[0.5, 1.0]]))), abs=1e-6)
+    with pytest.raises(fastmaml.errors.ShapeError, match=r"the query values are \(1, 3\), but "
+                       r"this run's model takes \(N, 2\) inputs"):
+        trained.predict(adapted, np.zeros((1, 3)))
     assert main(["adapt", *common, "--plot", str(tmp_path / "plot.png")]) == 2
     assert "--plot draws a curve over one x value, but this run's points have 2" in (
         capsys.readouterr().err)

@@ -76,8 +76,10 @@ class TrainedRun:
     device: torch.device
 
     @property
-    def features(self) -> int:
-        """A regression run's x values per point: its model's input size."""
+    def features(self) -> int | None:
+        """A regression run's x values per point (its model's input size); None for images."""
+        if self.task != "regression":
+            return None
         return next((m.in_features for m in self.maml.model.modules()
                      if isinstance(m, nn.Linear)), 1)
 
@@ -160,12 +162,13 @@ class TrainedRun:
             raise ShapeError(f"the {role} {'targets' if targets else 'values'} are "
                              f"{tuple(values.shape)}, but a regression task's are (N,) or (N, "
                              "features): one task at a time, one row per point")
-        if self.task == "regression" and not targets and values.dim() == 1:
-            if self.features != 1:
-                raise ShapeError(f"the {role} values are ({len(values)},), but this run's model "
-                                 f"takes (N, {self.features}) inputs: one row of "
+        if self.task == "regression" and not targets:
+            if values.dim() == 1 and self.features == 1:
+                values = values[:, None]
+            if values.dim() == 1 or values.shape[1] != self.features:
+                raise ShapeError(f"the {role} values are {tuple(values.shape)}, but this run's "
+                                 f"model takes (N, {self.features}) inputs: one row of "
                                  f"{self.features} per point")
-            values = values[:, None]
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
                              "run.preprocess turns image files into the run's model input")

@@ -265,15 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adapt a trained run on a new task's support set and predict its query set. "
         "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
         "class per image), QUERY a flat folder, one image or subfolders named like the classes "
-        "(then the accuracy is reported). Regression runs: SUPPORT is a CSV of x,y and QUERY a "
-        "CSV of x (or x,y, then the MSE is reported). Meta-RL runs: --task names the task; the "
+        "(then the accuracy is reported). Regression runs: SUPPORT is a CSV of x,y (x1,...,xd,y "
+        "for a run on points of d x values) and QUERY a CSV of the x values (or with y, then the "
+        "MSE is reported). Meta-RL runs: --task names the task; the "
         "policy samples it and takes policy-gradient steps, as fastmaml eval does, and the mean "
         "return after each step is reported.")
     adapt.add_argument("run_dir")
     adapt.add_argument("--support", help="the new task's labelled examples")
     adapt.add_argument("--query",
                        help="the inputs to predict: a folder of images (or class folders, "
-                            "labelled) or one image; a CSV of x (or x,y) for regression")
+                            "labelled) or one image; a CSV of x values (or with y) for regression")
     adapt.add_argument("--task", nargs="+", metavar="KEY=VALUE",
                        help="meta-RL runs: the task to adapt to, e.g. velocity=1.3, "
                             "direction=-1 or goal=0.3,-0.2")

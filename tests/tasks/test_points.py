@@ -118,14 +118,23 @@ def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) 
     (tmp_path / "inputs.csv").write_text("1,2\n4,5\n")  # a query: y may be left out
     x, y = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
     assert x.tolist() == [[1, 2], [4, 5]] and y is None
-    with pytest.raises(DataError, match=r"has 2 field\(s\): it must hold one 2 x values, then y "
-                                        "row per point"):
+    with pytest.raises(DataError, match=r"has 2 field\(s\): it must hold one row per point, 2 x "
+                                        "values, then y, all alike"):
         read_points(tmp_path / "inputs.csv", "support", need_y=True, features=2)
-    with pytest.raises(DataError, match=r"has 3 field\(s\): it must hold one x \(or x,y\) row"):
+    with pytest.raises(DataError, match=r"has 3 field\(s\): .* per point, x \(or x,y\), all"):
         read_points(tmp_path / "task.csv", "query", need_y=False)
     (tmp_path / "single.csv").write_text("1\n2\n")
-    with pytest.raises(DataError, match=r"one x,y \(one or more x values, then y\) row per"):
+    with pytest.raises(DataError, match=r"per point, x,y \(one or more x values, then y\)"):
         read_points(tmp_path / "single.csv", "task", need_y=True)
+    # a header of another width than the rows: which column y is would be a guess
+    for header, rows, features in (("x,y", "1,2,3\n", None), ("y,x1,x2", "1,2\n", 2),
+                                   ("x1,x2,x3,y", "1,2,3\n", 2)):
+        (tmp_path / "named.csv").write_text(f"{header}\n{rows}")
+        with pytest.raises(DataError, match=f"the header of the query CSV .* names "
+                                            f"{header.count(',') + 1} column\\(s\\), but its "
+                                            "rows have"):
+            read_points(tmp_path / "named.csv", "query", need_y=features is None,
+                        features=features)
 
 
 def test_task_files_of_different_x_values_are_an_error(tmp_path: Path) -> None:

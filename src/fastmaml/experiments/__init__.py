@@ -287,8 +287,10 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
             _record_machine(run_dir, str(experiment.device), size)
         resumed = [learner.name for learner in learners
                    if checkpoint_path(run_dir, learner.name).is_file()]
+        note = experiment.data_note()
         say(f"fastmaml: training {preset_name} in {run_dir} on {experiment.device}"
             + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else "")
+            + (f" ({note})" if note else "")
             + (f"; resuming {', '.join(resumed)} from the last checkpoint" if resumed else ""))
         for learner in learners:
             try:

@@ -331,6 +331,10 @@ class Experiment(ABC):
                               self.run_dir / "eval.json")
         barrier()
 
+    def data_note(self) -> str:
+        """What the run found in its data that the user should see at the start ("" if none)."""
+        return ""
+
     def figures_dir(self) -> Path:
         path = self.run_dir / "figures"
         path.mkdir(parents=True, exist_ok=True)

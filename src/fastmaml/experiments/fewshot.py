@@ -98,7 +98,8 @@ class FewShotConfig(Config):
         if self.dataset != "omniglot" and self.split != "official":
             raise ConfigError(f"split={self.split} is an Omniglot split; dataset={self.dataset}"
                               + (" splits by train/ val/ test/ folders, else by split_fractions"
-                                 if folder else " has its own files per split"))
+                                 if folder else " has its own files per split")
+                              + " (leave split at official)")
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")

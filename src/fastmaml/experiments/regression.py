@@ -94,6 +94,9 @@ class RegressionExperiment(Experiment):
         return PointSampler(tasks, self.cfg.k_shot, self.cfg.k_query, self.device)
 
     def build_maml(self) -> MAML:
+        if not self.cfg.features:  # found when the run starts (learners)
+            raise ConfigError(f"{self.run_dir} has not started training: its features (x "
+                              "values per point) are not known yet")
         torch.manual_seed(self.cfg.seed)
         model = MLP([self.cfg.features, *self.cfg.hidden, 1]).to(self.device)
         return build_maml(model, F.mse_loss, self.cfg)
@@ -117,6 +120,10 @@ class RegressionExperiment(Experiment):
                 cfg.inner_steps, cfg.val_every, "val_mse")
         return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
                              torch.Generator().manual_seed(cfg.seed), **validation)]
+
+    def data_note(self) -> str:
+        """The x values per point (a stray id column would count as one)."""
+        return f"points of {self.cfg.features} x value{'s' if self.cfg.features > 1 else ''}"
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg

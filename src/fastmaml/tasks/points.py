@@ -29,14 +29,15 @@ class ShortTasksWarning(FastMAMLWarning):
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                 features: int | None = None) -> tuple[Tensor, Tensor | None]:
     """A regression CSV of one row per point: its ``features`` x values (None: every column but
-    y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False. A header line (a first
-    line with no number in it) is optional; a column it names ``y`` is the target wherever it
-    stands (``y,x``), its other names are not read. (x (N, features), y (N, 1) or None) as
-    float tensors. A bad line is a ``DataError`` that names it."""
+    y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False.
+    A header line (a first line with no number in it, one name per column) is optional; a
+    column it names ``y`` is the target wherever it stands (``y,x``), its other names are not
+    read. (x (N, features), y (N, 1) or None) as float tensors. A bad line is a ``DataError``
+    that names it."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
-                        "a CSV of x,y points")
+                        "a CSV of x,y points (one row per point)")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
             reader = csv.reader(handle)
@@ -59,15 +60,15 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         features = 1
     expected = _row_form(features, need_y)
     if not lines:
-        raise DataError(f"the {role} CSV {path} holds no points: it needs one {expected} row per "
-                        "point")
+        raise DataError(f"the {role} CSV {path} holds no points: it needs one row per point, "
+                        f"{expected}")
     width = len(lines[0][1])
-    widths = (((features + 1,) if need_y else (features, features + 1)) if features
-              else range(2, width + 1))
+    allowed = (width in ((features + 1,) if need_y else (features, features + 1)) if features
+               else width >= 2)
     for number, row in lines:
-        if len(row) != width or width not in widths:
+        if len(row) != width or not allowed:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
-                            f"must hold one {expected} row per point, all alike{hint}")
+                            f"must hold one row per point, {expected}, all alike{hint}")
         bad = next((cell for cell in row if not _is_number(cell)), None)
         if bad is not None:
             raise DataError(f"line {number} of the {role} CSV {path} holds {bad.strip()!r}, "
@@ -75,6 +76,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
     if not torch.isfinite(values).all():
         raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
+    if names and len(names) != width:  # else which column is y is a guess
+        raise DataError(f"the header of the {role} CSV {path} names {len(names)} column(s), but "
+                        f"its rows have {width}: give one name per column")
     if width == features:  # x only
         return values, None
     target = names.index("y") if "y" in names[:width] else width - 1
@@ -148,8 +152,8 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
     if not files:
-        raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y row per "
-                        "point), or train/, val/ and test/ folders of them")
+        raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
+                        "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
     short, first = 0, None
     for split, split_root, path in files:
@@ -158,7 +162,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         if x.shape[1] != first[1]:
             raise DataError(f"the task files of {root} differ in their x values per point: "
                             f"{first[0]} has {first[1]}, {path} has {x.shape[1]}; every task's "
-                            "points need the same ones")
+                            "points need the same number of them")
         if len(x) >= min_points:
             kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
         else:
