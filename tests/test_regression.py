@@ -113,6 +113,12 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     assert main(["adapt", *common]) == 0
     (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
+    for header, columns in (("Temperature,Pressure", ["Temperature", "Pressure"]),  # its names
+                            ("", ["x1", "x2"]), ("a,a", ["x1", "x2"]),  # else x1..xd
+                            ("prediction,b", ["x1", "x2"])):
+        (tmp_path / "named.csv").write_text(f"{header}\n0.5,1\n".lstrip())
+        assert main(["adapt", *common[:3], "--query", str(tmp_path / "named.csv")]) == 0
+        assert next(csv.reader(io.StringIO(capsys.readouterr().out))) == [*columns, "prediction"]
     trained = fastmaml.load_run(run)
     support = np.array([[u, -u] for u in range(5)], dtype=np.float32)
     adapted = trained.adapt(support, 2 * support[:, 0])

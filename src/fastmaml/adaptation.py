@@ -524,6 +524,14 @@ def _as_written(values: Tensor) -> list[list[float]]:
     return [[float(str(value)) for value in row] for row in values.numpy().astype(np.float32)]
 
 
+def _can_head_output(names: list[str] | None) -> bool:
+    """Whether a query CSV's names of its x columns can head the output's: present, distinct,
+    none empty and none of the output's own (prediction, y)."""
+    lowered = [name.lower() for name in names or []]
+    return (bool(lowered) and all(lowered) and len(set(lowered)) == len(lowered)
+            and not set(lowered) & {"prediction", "y"})
+
+
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                     query: str | os.PathLike[str], steps: int,
                     plot: str | os.PathLike[str] | None) -> Predictions:
@@ -531,11 +539,12 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     if plot is not None and features != 1:
         raise ConfigError(f"--plot draws a curve over one x value, but this run's points have "
                           f"{features}")
-    support_x, support_y = read_points(support, "support", need_y=True, features=features)
-    query_x, query_y = read_points(query, "query", need_y=False, features=features)
+    support_x, support_y, _ = read_points(support, "support", need_y=True, features=features)
+    query_x, query_y, names = read_points(query, "query", need_y=False, features=features)
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
-    names = ["x"] if features == 1 else [f"x{i}" for i in range(1, features + 1)]
+    if not _can_head_output(names):  # else the query's own names head the output
+        names = ["x"] if features == 1 else [f"x{i}" for i in range(1, features + 1)]
     labels = [[None]] * len(query_x) if query_y is None else _as_written(query_y)
     rows = [{**dict(zip(names, x)), "prediction": p, **({} if y is None else {"y": y})}
             for x, (p,), (y,) in zip(_as_written(query_x), _as_written(prediction), labels)]

@@ -21,8 +21,9 @@ def write_task(path: Path, task: int, points: int) -> None:
 def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
     path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
-    x, y = read_points(path, "support", need_y=True)
+    x, y, names = read_points(path, "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0, 5.0] and y[:, 0].tolist() == [2.0, 4.0, 6.0]
+    assert names is None  # no header
     (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
     with pytest.raises(DataError, match="not a number"):
         read_points(tmp_path / "bad.csv", "support", need_y=True)
@@ -30,8 +31,8 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> N
 
 def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: Path) -> None:
     (tmp_path / "swapped.csv").write_text("Y, X\n2.0,1.0\n4.0,3.0\n")
-    x, y = read_points(tmp_path / "swapped.csv", "support", need_y=True)
-    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0]
+    x, y, names = read_points(tmp_path / "swapped.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["X"]
     for name, text, need_y in (("semicolons.csv", "x;y\n1;2\n3;4\n", True),
                                ("tabs.csv", "1\t2\n3\t4\n", False)):
         (tmp_path / name).write_text(text)
@@ -110,14 +111,15 @@ def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) -> None:
     (tmp_path / "task.csv").write_text("a,b,y\n1,2,3\n4,5,6\n")
-    x, y = read_points(tmp_path / "task.csv", "task", need_y=True)
-    assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]]
+    x, y, names = read_points(tmp_path / "task.csv", "task", need_y=True)
+    assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]] and names == ["a", "b"]
     (tmp_path / "middle.csv").write_text("x1,Y,x2\n1,3,2\n4,6,5\n")  # y wherever it is named
-    x, y = read_points(tmp_path / "middle.csv", "support", need_y=True, features=2)
+    x, y, names = read_points(tmp_path / "middle.csv", "support", need_y=True, features=2)
     assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]]
+    assert names == ["x1", "x2"]
     (tmp_path / "inputs.csv").write_text("1,2\n4,5\n")  # a query: y may be left out
-    x, y = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
-    assert x.tolist() == [[1, 2], [4, 5]] and y is None
+    x, y, names = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
+    assert x.tolist() == [[1, 2], [4, 5]] and y is None and names is None
     with pytest.raises(DataError, match=r"has 2 field\(s\): it must hold one row per point, 2 x "
                                         "values, then y, all alike"):
         read_points(tmp_path / "inputs.csv", "support", need_y=True, features=2)

@@ -13,6 +13,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,14 +27,22 @@ class ShortTasksWarning(FastMAMLWarning):
     """Task files left out because they hold too few points for a task."""
 
 
+class Points(NamedTuple):
+    """A CSV's points: x (N, features) and y (N, 1) or None, as float tensors, and the names
+    its header gives the x columns (None without a header)."""
+
+    x: Tensor
+    y: Tensor | None
+    x_names: list[str] | None
+
+
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
-                features: int | None = None) -> tuple[Tensor, Tensor | None]:
+                features: int | None = None) -> Points:
     """A regression CSV of one row per point: its ``features`` x values (None: every column but
     y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False.
     A header line (a first line with no number in it, one name per column) is optional; a
-    column it names ``y`` is the target wherever it stands (``y,x``), its other names are not
-    read. (x (N, features), y (N, 1) or None) as float tensors. A bad line is a ``DataError``
-    that names it."""
+    column it names ``y`` is the target wherever it stands (``y,x``); the others name the x
+    columns. A bad line is a ``DataError`` that names it."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
@@ -50,7 +59,7 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     names: list[str] = []
     if lines and not other and not any(_is_number(cell) for cell in lines[0][1]):  # a header
-        names = [name.strip().lower() for name in lines[0][1]]
+        names = [name.strip() for name in lines[0][1]]
         if len(names) > 1 and not names[0]:  # pandas' to_csv writes its row index so
             raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
                             "unnamed, as pandas writes a row index: save it with "
@@ -79,11 +88,13 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     if names and len(names) != width:  # else which column is y is a guess
         raise DataError(f"the header of the {role} CSV {path} names {len(names)} column(s), but "
                         f"its rows have {width}: give one name per column")
-    if width == features:  # x only
-        return values, None
-    target = names.index("y") if "y" in names[:width] else width - 1
+    lowered = [name.lower() for name in names]
+    target = None  # x only
+    if width != features:
+        target = lowered.index("y") if "y" in lowered else width - 1
     x_columns = [column for column in range(width) if column != target]
-    return values[:, x_columns], values[:, target:target + 1]
+    return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
+                  [names[column] for column in x_columns] if names else None)
 
 
 def _row_form(features: int | None, need_y: bool) -> str:
@@ -157,7 +168,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
     short, first = 0, None
     for split, split_root, path in files:
-        x, y = read_points(path, "task", need_y=True)
+        x, y, _ = read_points(path, "task", need_y=True)
         first = first or (path, x.shape[1])
         if x.shape[1] != first[1]:
             raise DataError(f"the task files of {root} differ in their x values per point: "
