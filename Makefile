@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
-EXTRAS ?= dev,rl,bench
+EXTRAS ?= dev,rl,bench,tensorboard
 RUN ?= runs/sinusoid-demo
 BIN := $(VENV)/bin
 

@@ -502,3 +502,58 @@ def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):
     for command in (["eval", str(run)], report):
         assert refused(*command).startswith(f"fastmaml: error: {run / 'config.yaml'}: "
                                             "config key 'meta_batch' expects int")
+
+
+def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar tag's (step, value) events in ``directory``, as TensorBoard reads them (with
+    purged steps left out)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_follow_the_metrics_log_through_a_kill_and_resume(tmp_path):
+    pytest.importorskip("tensorboard")
+    learner = maml_learner(tmp_path)
+    original_step = learner.step
+
+    def dying_step(iteration):
+        if iteration == 8:
+            raise KeyboardInterrupt
+        return original_step(iteration)
+
+    learner.step = dying_step
+    with pytest.raises(KeyboardInterrupt):  # rows 2..8 logged, checkpoint at 6
+        fit(learner, tmp_path, 3, 2, progress=False, tensorboard=True)
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)
+    logged = rows(tmp_path / "metrics-maml.csv")
+    scalars = tensorboard_scalars(tmp_path / "tensorboard" / "maml")
+    assert set(scalars) == {key for key in logged[0] if key != "iteration"} >= {"loss"}
+    for key, events in scalars.items():  # step 8 of the lost work once, as logged again
+        assert events == [(int(row["iteration"]), pytest.approx(float(row[key]), rel=1e-6))
+                          for row in logged], key
+    assert [step for step, _ in scalars["loss"]] == [2, 4, 6, 8, 10, 12]
+
+
+def test_tensorboard_from_the_command_line_logs_every_learner(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=4", "log_every=2",
+                 "baseline_iterations=2", "tensorboard=true", "--no-progress"]) == 0
+    assert f"metrics in {run}/metrics-*.csv and {run}/tensorboard." in capsys.readouterr().out
+    for learner, steps in (("maml", [2, 4]), ("pretrained", [2]), ("oracle", [2])):
+        assert [step for step, _ in tensorboard_scalars(run / "tensorboard" / learner)["loss"]
+                ] == steps
+
+
+def test_tensorboard_without_its_package_is_refused_before_the_run_is_written(tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "run"), "iterations=2",
+                 "tensorboard=true", "--no-progress"]) == 2
+    assert capsys.readouterr().err == (
+        "fastmaml: error: tensorboard=true needs the tensorboard package: pip install "
+        "'fastmaml[tensorboard]' (or train with tensorboard=false)\n")
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -37,15 +37,16 @@ def _presets(_: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
     run_dir = _folder_to_be(Path(args.out or f"runs/{args.preset}"), "--out")
-    train_run(args.preset, run_dir, _overrides(args), progress=not args.no_progress,
-              learner=args.learner)
+    experiment = train_run(args.preset, run_dir, _overrides(args), progress=not args.no_progress,
+                           learner=args.learner)
     main_rank = world()[0] == 0
     shutdown()
     if main_rank:
         then = ("Next" if args.learner in (None, "maml")
                 else "Next, once every learner is trained")  # eval needs MAML's checkpoint too
+        scalars = f" and {run_dir}/tensorboard" if experiment.cfg.tensorboard else ""
         print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
-              f"{run_dir}/metrics-*.csv. {then}: fastmaml eval {run_dir}")
+              f"{run_dir}/metrics-*.csv{scalars}. {then}: fastmaml eval {run_dir}")
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:

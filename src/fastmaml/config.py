@@ -61,6 +61,9 @@ class Config:
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
     checkpoint_every: int = 1000
     log_every: int = 100
+    # also write the logged metrics as TensorBoard scalars, to tensorboard/<learner>/ in the run
+    # directory (needs the tensorboard package: pip install 'fastmaml[tensorboard]')
+    tensorboard: bool = False
 
     def __post_init__(self) -> None:
         self.require_at_least(iterations=1, meta_batch=1, eval_tasks=1, eval_chunk=1,

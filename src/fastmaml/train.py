@@ -229,6 +229,32 @@ class MetricsLog:
         write_text_atomic(text.getvalue(), self.path)
 
 
+def scalar_writer_class() -> Any:
+    """TensorBoard's ``SummaryWriter`` (for ``tensorboard=true``); a ``ConfigError`` without the
+    tensorboard package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("tensorboard=true needs the tensorboard package: pip install "
+                          "'fastmaml[tensorboard]' (or train with tensorboard=false)") from None
+    return SummaryWriter
+
+
+@contextlib.contextmanager
+def scalar_log(directory: Path, purge_step: int, wanted: bool) -> Iterator[Any]:
+    """A TensorBoard writer of ``directory`` (None unless ``wanted``), closed at the end. It drops
+    the events of steps >= ``purge_step``: those logged past the checkpoint a run resumes from,
+    as ``MetricsLog`` drops their rows."""
+    if not wanted:
+        yield None
+        return
+    writer = scalar_writer_class()(str(directory), purge_step=purge_step)
+    try:
+        yield writer
+    finally:
+        writer.close()
+
+
 def read_metrics(path: Path) -> list[dict[str, str]]:
     """The rows of a metrics CSV, without a last line that is unfinished: one being appended by
     a live run, or one that a kill cut short (every row ``MetricsLog`` writes ends in a newline).
@@ -329,7 +355,8 @@ def _stop_requests() -> Iterator[Callable[[], int]]:
 
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
-        progress: bool = True, stop_after: int | None = None) -> dict[str, float]:
+        progress: bool = True, stop_after: int | None = None,
+        tensorboard: bool = False) -> dict[str, float]:
     """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
@@ -339,6 +366,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     every ``log_every``
     iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
+    ``tensorboard`` writes each row as TensorBoard scalars too (``run_dir/tensorboard/<name>``).
     Returns the last logged metrics.
     Under torchrun every rank trains and only rank 0 writes the log and checkpoints.
     """
@@ -366,7 +394,9 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                disable=None if progress and main else True,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
-    with _stop_requests() as stop_requested:
+    with (_stop_requests() as stop_requested,
+          scalar_log(run_dir / "tensorboard" / learner.name, start + 1,
+                     main and tensorboard) as scalars):
         for iteration in bar:
             metrics = learner.step(iteration)
             done = iteration + 1
@@ -378,6 +408,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 elapsed, tick = elapsed + now - tick, now
                 if log:
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
+                for key, value in last.items() if scalars else ():
+                    scalars.add_scalar(key, value, done)
                 logged = done
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             stopping = stop_requested()  # also at the last iteration: no next learner then
@@ -395,6 +427,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     elapsed, tick = elapsed + now - tick, now
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
                                  "learner": state}, path)
+                    if scalars:  # as far as the checkpoint: a kill loses no more of them
+                        scalars.flush()
             if stopping:
                 bar.close()
                 raise _stopped(learner, done, stopping)

@@ -20,7 +20,7 @@ from ..config import Config, load_config_dict
 from ..distributed import gather_ranks, require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
-from ..train import Learner, check_resumable, checkpoint_path, fit
+from ..train import Learner, check_resumable, checkpoint_path, fit, scalar_writer_class
 from .base import EVAL_KEYS, Experiment, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
@@ -208,7 +208,7 @@ def preset(name: str) -> Preset:
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
                   "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
                   "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
-                  "workers", *EVAL_KEYS}
+                  "workers", "tensorboard", *EVAL_KEYS}
 
 
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
@@ -295,7 +295,7 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
         for learner in learners:
             try:
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
-                           progress=progress)
+                           progress=progress, tensorboard=cfg.tensorboard)
             except NonFiniteLossError as error:
                 if not checkpoint_path(run_dir, learner.name).is_file():
                     raise  # no checkpoint of it to keep: the changed command starts it afresh
@@ -335,6 +335,8 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     for learner in learners:
         check_resumable(learner, run_dir)
     require_a_task_per_rank(experiment.cfg.meta_batch)
+    if experiment.cfg.tensorboard:
+        scalar_writer_class()  # a missing tensorboard package refuses the command here
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
 
