@@ -204,18 +204,23 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 3
 
 
-def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_path):
-    learner = maml_learner(tmp_path)
+def dying_learner(run_dir, iteration):
+    """A learner whose process dies (an exception out of ``fit``) in (0-based) ``iteration``."""
+    learner = maml_learner(run_dir)
     original_step = learner.step
 
-    def dying_step(iteration):
-        if iteration == 8:
+    def step(i):
+        if i == iteration:
             raise KeyboardInterrupt
-        return original_step(iteration)
+        return original_step(i)
 
-    learner.step = dying_step
+    learner.step = step
+    return learner
+
+
+def test_a_kill_between_checkpoints_loses_only_the_work_since_the_last_one(tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        fit(learner, tmp_path, 3, 2, progress=False)
+        fit(dying_learner(tmp_path, 8), tmp_path, 3, 2, progress=False)
     assert load_checkpoint(checkpoint_path(tmp_path, "maml"))["iteration"] == 6
     resumed = maml_learner(tmp_path)
     fit(resumed, tmp_path, 3, 2, progress=False)
@@ -516,17 +521,8 @@ def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 def test_tensorboard_scalars_follow_the_metrics_log_through_a_kill_and_resume(tmp_path):
     pytest.importorskip("tensorboard")
-    learner = maml_learner(tmp_path)
-    original_step = learner.step
-
-    def dying_step(iteration):
-        if iteration == 8:
-            raise KeyboardInterrupt
-        return original_step(iteration)
-
-    learner.step = dying_step
     with pytest.raises(KeyboardInterrupt):  # rows 2..8 logged, checkpoint at 6
-        fit(learner, tmp_path, 3, 2, progress=False, tensorboard=True)
+        fit(dying_learner(tmp_path, 8), tmp_path, 3, 2, progress=False, tensorboard=True)
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)
     logged = rows(tmp_path / "metrics-maml.csv")
     scalars = tensorboard_scalars(tmp_path / "tensorboard" / "maml")
