@@ -519,10 +519,13 @@ def tensorboard_scalars(directory) -> dict[str, list[tuple[int, float]]]:
             for tag in events.Tags()["scalars"]}
 
 
-def test_tensorboard_scalars_follow_the_metrics_log_through_a_kill_and_resume(tmp_path):
+@pytest.mark.parametrize("first_session", ["tensorboard", "csv only"])
+def test_tensorboard_scalars_mirror_the_metrics_log_through_a_kill_and_resume(tmp_path,
+                                                                              first_session):
     pytest.importorskip("tensorboard")
     with pytest.raises(KeyboardInterrupt):  # rows 2..8 logged, checkpoint at 6
-        fit(dying_learner(tmp_path, 8), tmp_path, 3, 2, progress=False, tensorboard=True)
+        fit(dying_learner(tmp_path, 8), tmp_path, 3, 2, progress=False,
+            tensorboard=first_session == "tensorboard")
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)
     logged = rows(tmp_path / "metrics-maml.csv")
     scalars = tensorboard_scalars(tmp_path / "tensorboard" / "maml")
@@ -531,6 +534,10 @@ def test_tensorboard_scalars_follow_the_metrics_log_through_a_kill_and_resume(tm
         assert events == [(int(row["iteration"]), pytest.approx(float(row[key]), rel=1e-6))
                           for row in logged], key
     assert [step for step, _ in scalars["loss"]] == [2, 4, 6, 8, 10, 12]
+    files = sorted((tmp_path / "tensorboard" / "maml").iterdir())
+    assert len(files) == 1  # the event files of before were replaced, not added to
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)  # finished
+    assert sorted((tmp_path / "tensorboard" / "maml").iterdir()) == files
 
 
 def test_tensorboard_from_the_command_line_logs_every_learner(tmp_path, capsys):

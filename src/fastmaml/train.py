@@ -208,7 +208,7 @@ class MetricsLog:
             rows = read_metrics(path)
             self.fields = list(rows[0]) if rows else None
             rows = [r for r in rows if int(r["iteration"]) <= keep_until]
-        self.kept = len(rows)
+        self.kept = rows  # the rows up to the checkpoint (all of them where one resumes)
         self._rewrite(rows)
 
     def write(self, row: dict[str, float]) -> None:
@@ -241,18 +241,31 @@ def scalar_writer_class() -> Any:
 
 
 @contextlib.contextmanager
-def scalar_log(directory: Path, purge_step: int, wanted: bool) -> Iterator[Any]:
-    """A TensorBoard writer of ``directory`` (None unless ``wanted``), closed at the end. It drops
-    the events of steps >= ``purge_step``: those logged past the checkpoint a run resumes from,
-    as ``MetricsLog`` drops their rows."""
-    if not wanted:
+def scalar_log(directory: Path, kept: list[dict[str, str]] | None) -> Iterator[Any]:
+    """A TensorBoard writer of ``directory`` (None for ``kept`` None), closed at the end. Its
+    event files are written afresh, from the metrics log's ``kept`` rows: so they mirror the
+    CSV whatever earlier sessions logged, lost to a kill, or did not log (tensorboard off)."""
+    if kept is None:
         yield None
         return
-    writer = scalar_writer_class()(str(directory), purge_step=purge_step)
+    writer_class = scalar_writer_class()
+    for old in directory.glob("events.out.tfevents.*"):
+        old.unlink()
+    writer = writer_class(str(directory))
     try:
+        for row in kept:
+            add_scalars(writer, int(row["iteration"]),
+                        {key: float(value) for key, value in row.items() if value != ""})
         yield writer
     finally:
         writer.close()
+
+
+def add_scalars(writer: Any, iteration: int, row: dict[str, float]) -> None:
+    """A metrics row as TensorBoard scalars at step ``iteration`` (not its bookkeeping columns)."""
+    for key, value in row.items():
+        if key not in ("iteration", "elapsed_s"):
+            writer.add_scalar(key, value, iteration)
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -366,7 +379,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     every ``log_every``
     iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
-    ``tensorboard`` writes each row as TensorBoard scalars too (``run_dir/tensorboard/<name>``).
+    ``tensorboard`` writes the log as TensorBoard scalars too (``run_dir/tensorboard/<name>``).
     Returns the last logged metrics.
     Under torchrun every rank trains and only rank 0 writes the log and checkpoints.
     """
@@ -395,8 +408,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
     with (_stop_requests() as stop_requested,
-          scalar_log(run_dir / "tensorboard" / learner.name, start + 1,
-                     main and tensorboard) as scalars):
+          scalar_log(run_dir / "tensorboard" / learner.name,
+                     log.kept if log and tensorboard and start < end else None) as scalars):
         for iteration in bar:
             metrics = learner.step(iteration)
             done = iteration + 1
@@ -408,8 +421,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                 elapsed, tick = elapsed + now - tick, now
                 if log:
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
-                for key, value in last.items() if scalars else ():
-                    scalars.add_scalar(key, value, done)
+                if scalars:
+                    add_scalars(scalars, done, last)
                 logged = done
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             stopping = stop_requested()  # also at the last iteration: no next learner then
@@ -427,8 +440,6 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     elapsed, tick = elapsed + now - tick, now
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
                                  "learner": state}, path)
-                    if scalars:  # as far as the checkpoint: a kill loses no more of them
-                        scalars.flush()
             if stopping:
                 bar.close()
                 raise _stopped(learner, done, stopping)

@@ -319,6 +319,8 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     # Rank 0 tells (once it may start): so every rank reads the same settings
     in_use = gather_ranks(bool(main and only is not None and others_training(run_dir, only)))[0]
     experiment = prepare_run(preset_name, run_dir, overrides, in_use)
+    if experiment.cfg.tensorboard:
+        scalar_writer_class()  # a missing tensorboard package refuses the command at once
     learners = experiment.learners()  # loads the data and builds the models: bad values fail here
     if only is not None:
         names = [learner.name for learner in learners]
@@ -335,8 +337,6 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     for learner in learners:
         check_resumable(learner, run_dir)
     require_a_task_per_rank(experiment.cfg.meta_batch)
-    if experiment.cfg.tensorboard:
-        scalar_writer_class()  # a missing tensorboard package refuses the command here
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
 
