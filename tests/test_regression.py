@@ -113,12 +113,21 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     assert main(["adapt", *common]) == 0
     (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
+    assert "\nx_names:\n- x1\n- x2\n" in (run / "config.yaml").read_text()
     for header, columns in (("Temperature,Pressure", ["Temperature", "Pressure"]),  # its names
                             ("", ["x1", "x2"]), ("a,a", ["x1", "x2"]),  # else x1..xd
                             ("prediction,b", ["x1", "x2"])):
         (tmp_path / "named.csv").write_text(f"{header}\n0.5,1\n".lstrip())
         assert main(["adapt", *common[:3], "--query", str(tmp_path / "named.csv")]) == 0
-        assert next(csv.reader(io.StringIO(capsys.readouterr().out))) == [*columns, "prediction"]
+        out, err = capsys.readouterr()
+        assert next(csv.reader(io.StringIO(out))) == [*columns, "prediction"]
+        assert (f"fastmaml: warning: the query CSV {tmp_path / 'named.csv'} names its x columns "
+                f"{header.replace(',', ', ')}, but the run's are x1, x2: they are taken in order"
+                in err) == bool(header)
+    (tmp_path / "swapped.csv").write_text("X2,x1\n1,0.5\n")  # the run's columns, reordered
+    assert main(["adapt", *common[:3], "--query", str(tmp_path / "swapped.csv")]) == 0
+    (swapped,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert swapped == {"x1": "0.5", "X2": "1.0", "prediction": row["prediction"]}
     trained = fastmaml.load_run(run)
     support = np.array([[u, -u] for u in range(5)], dtype=np.float32)
     adapted = trained.adapt(support, 2 * support[:, 0])

@@ -49,7 +49,7 @@ from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
 from .tasks.folder import image_files, is_image_file, skipped_files_warning, unread_files
-from .tasks.points import read_points
+from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import subfolders as visible_subfolders
 from .train import all_finite, checkpoint_path, load_checkpoint, load_state
 
@@ -74,6 +74,7 @@ class TrainedRun:
     steps: int  # default inner steps at adaptation: the run's evaluation setting
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
+    x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if its data had
 
     @property
     def features(self) -> int | None:
@@ -260,7 +261,8 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None
     classification = experiment.name == "fewshot"
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
-                      cfg.image_format() if classification else None, experiment.device)
+                      cfg.image_format() if classification else None, experiment.device,
+                      getattr(cfg, "x_names", ()))
 
 
 class AdaptedPolicy(NamedTuple):
@@ -532,6 +534,18 @@ def _can_head_output(names: list[str] | None) -> bool:
             and not set(lowered) & {"prediction", "y"})
 
 
+def _read_for(run: TrainedRun, path: str | os.PathLike[str], role: str, need_y: bool) -> Points:
+    """A points CSV for ``run``: its x columns in the run's order where its header names them
+    in another; one naming other columns is taken in order, with a warning."""
+    points = read_points(path, role, need_y=need_y, features=run.features)
+    aligned = align_columns(points, run.x_names)
+    if aligned is None:
+        warn(f"the {role} CSV {path} names its x columns {', '.join(points.x_names or [])}, "
+             f"but the run's are {', '.join(run.x_names)}: they are taken in order",
+             ColumnNamesWarning)
+    return aligned or points
+
+
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                     query: str | os.PathLike[str], steps: int,
                     plot: str | os.PathLike[str] | None) -> Predictions:
@@ -539,8 +553,8 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     if plot is not None and features != 1:
         raise ConfigError(f"--plot draws a curve over one x value, but this run's points have "
                           f"{features}")
-    support_x, support_y, _ = read_points(support, "support", need_y=True, features=features)
-    query_x, query_y, names = read_points(query, "query", need_y=False, features=features)
+    support_x, support_y, _ = _read_for(run, support, "support", need_y=True)
+    query_x, query_y, names = _read_for(run, query, "query", need_y=False)
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output

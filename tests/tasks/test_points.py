@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fastmaml import DataError
-from fastmaml.tasks.points import (PointSampler, ShortTasksWarning, assign_tasks,
-                                   load_point_tasks, read_points)
+from fastmaml.tasks.points import (ColumnNamesWarning, PointSampler, ShortTasksWarning,
+                                   assign_tasks, load_point_tasks, read_points)
 
 
 def write_task(path: Path, task: int, points: int) -> None:
@@ -153,3 +153,25 @@ def test_task_files_of_different_x_values_are_an_error(tmp_path: Path) -> None:
     assert batch.support_x.shape == (10, 2, 2) and batch.query_y.shape == (10, 3, 1)
     assert (batch.query_x[..., 0].abs() == batch.query_x[..., 1].abs()).all()  # x, not y
     assert set(batch.query_y.flatten().tolist()) <= {0.0, 1.0}
+
+
+def test_columns_named_in_another_order_are_put_in_the_first_files_order(tmp_path: Path) -> None:
+    root = tmp_path / "tasks"
+    root.mkdir()
+    (root / "a.csv").write_text("Speed,Load,y\n" + "".join(f"{i},{-i},{i}\n" for i in range(6)))
+    (root / "b.csv").write_text("load,speed,y\n" + "".join(f"{-i},{i},{i}\n" for i in range(6)))
+    (root / "c.csv").write_text("u,v,y\n" + "".join(f"{i},{-i},{i}\n" for i in range(6)))
+    (root / "d.csv").write_text("".join(f"{i},{-i},{i}\n" for i in range(6)))  # no header
+    everything = {"train": ["a.csv", "b.csv", "c.csv", "d.csv"], "val": [], "test": []}
+    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) in .* do not name their x "
+                                                r"columns Speed, Load in any order \(e.g. "
+                                                r"c.csv\): their columns are taken in order"):
+        tasks = load_point_tasks(root, min_points=6, assignment=everything)["train"]
+    assert tasks.x_names == ["Speed", "Load"]
+    for points in tasks.points:  # every file's columns as speed (= y), load (= -y)
+        assert torch.equal(points[:, 0], points[:, 2]) and torch.equal(points[:, 1], -points[:, 2])
+    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) .* columns load, speed in"):
+        tasks = load_point_tasks(root, min_points=6, assignment=everything,
+                                 x_names=["load", "speed"])["train"]  # a run's recorded order
+    for points in tasks.points[:2]:  # the named files' columns as load, speed now
+        assert torch.equal(points[:, 1], points[:, 2]) and torch.equal(points[:, 0], -points[:, 2])

@@ -43,6 +43,9 @@ class RegressionConfig(Config):
     k_shot: int = 10  # support points per task
     k_query: int = 10  # query points per task, in training and evaluation
     features: int = 1  # x values per point (0: as many as the task files hold, when it starts)
+    # the task files' header names of the x columns (found when the run starts): CSVs that name
+    # them in another order are read in this one
+    x_names: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (40, 40)
     val_every: int = 500
     val_tasks: int = 100
@@ -80,7 +83,7 @@ class RegressionExperiment(Experiment):
     def splits(self) -> dict[str, PointTasks]:
         """Per meta-train/val/test split: its task files' points, loaded once."""
         return load_point_tasks(self.data_root(), self.cfg.k_shot + self.cfg.k_query,
-                                self.data_split())
+                                self.data_split(), self.cfg.x_names)
 
     def sampler(self, split: str) -> PointSampler:
         tasks = self.splits[split]
@@ -111,6 +114,7 @@ class RegressionExperiment(Experiment):
                               f"point, but the run has features={cfg.features} (a new run with "
                               "features=0 takes the files' number)")
         cfg.features = found  # recorded in config.yaml: the model's input size
+        cfg.x_names = tuple(self.splits["train"].x_names or ())  # and the columns' names
         maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import os
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,6 +26,10 @@ from .splits import SPLITS, Assignment, assign_items, assigned_items, data_root,
 
 class ShortTasksWarning(FastMAMLWarning):
     """Task files left out because they hold too few points for a task."""
+
+
+class ColumnNamesWarning(FastMAMLWarning):
+    """A CSV names its x columns otherwise than the run's (or the first task file's) header."""
 
 
 class Points(NamedTuple):
@@ -97,6 +102,22 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                   [names[column] for column in x_columns] if names else None)
 
 
+def align_columns(points: Points, names: Sequence[str] | None) -> Points | None:
+    """``points`` with its x columns in the order of ``names`` (a run's or the first task file's
+    header) where its own header names the same columns (in any case) in another order; as it
+    stands where either has no names; None where the names differ (taken in order, the caller
+    warns)."""
+    if not names or not points.x_names:
+        return points
+    ours, theirs = ([name.lower() for name in n] for n in (points.x_names, names))
+    if ours == theirs:
+        return points
+    if sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours):
+        return None
+    order = [ours.index(name) for name in theirs]
+    return Points(points.x[:, order], points.y, [points.x_names[i] for i in order])
+
+
 def _row_form(features: int | None, need_y: bool) -> str:
     """What a row of a points CSV holds, in words (``features`` None: any number, with y)."""
     if features is None:
@@ -139,11 +160,13 @@ def _contents(split_root: Path, path: Path) -> str:
 
 @dataclass
 class PointTasks:
-    """The tasks of one split: every task's points, (count, features + 1) of x then y, and its
-    file's name."""
+    """The tasks of one split: every task's points, (count, features + 1) of x then y, its
+    file's name, and the names of the x columns (the first headed task file's; None if none
+    has a header)."""
 
     points: list[Tensor]
     names: list[str]
+    x_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -155,9 +178,12 @@ class PointTasks:
 
 
 def load_point_tasks(root: str | os.PathLike[str], min_points: int,
-                     assignment: Assignment | None = None) -> dict[str, PointTasks]:
+                     assignment: Assignment | None = None,
+                     x_names: Sequence[str] | None = None) -> dict[str, PointTasks]:
     """The splits of a folder of task CSVs (see the module docstring); ``assignment`` (a run's
-    record of ``assign_tasks``) fixes which file is in which split."""
+    record of ``assign_tasks``) fixes which file is in which split. A file whose header names
+    the x columns of ``x_names`` (a run's record; default: the first headed file's) in another
+    order has its columns put in that order; one naming others is warned of."""
     root = data_root(root)
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
@@ -166,9 +192,15 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
-    short, first = 0, None
+    short, first, unnamed = 0, None, []
+    x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
-        x, y, _ = read_points(path, "task", need_y=True)
+        points = read_points(path, "task", need_y=True)
+        x_names = x_names or points.x_names
+        aligned = align_columns(points, x_names)
+        if aligned is None:
+            unnamed.append(path.relative_to(root).as_posix())
+        x, y, _ = aligned or points
         first = first or (path, x.shape[1])
         if x.shape[1] != first[1]:
             raise DataError(f"the task files of {root} differ in their x values per point: "
@@ -181,7 +213,12 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if short:
         warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
              f"{min_points} points (k_shot + queries)", ShortTasksWarning)
-    return {split: PointTasks([points for points, _ in entries], [name for _, name in entries])
+    if unnamed:
+        warn(f"{len(unnamed)} task file(s) in {root} do not name their x columns "
+             f"{', '.join(x_names or [])} in any order (e.g. {unnamed[0]}): their columns are "
+             "taken in order", ColumnNamesWarning)
+    return {split: PointTasks([points for points, _ in entries], [name for _, name in entries],
+                              x_names)
             for split, entries in kept.items()}
 
 
