@@ -101,6 +101,10 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     assert main(["train", "regression-csv", *common, "features=1"]) == 2
     assert re.search(r"the task files of .* hold 2 x value\(s\) per point, but the run has "
                      r"features=1 \(a new run with features=0", capsys.readouterr().err)
+    for names, message in (("a,A", "x_names must be distinct names .* got a, A"),
+                           ("a,b,c", r"x_names names 3 x column\(s\), but the task files .* 2")):
+        assert main(["train", "regression-csv", *common, f"x_names={names}"]) == 2
+        assert re.search(message, capsys.readouterr().err)
     assert main(["train", "regression-csv", *common, "iterations=20"]) == 0
     assert " on cpu (points of 2 x values)\n" in capsys.readouterr().out
     assert "\nfeatures: 2\n" in (run / "config.yaml").read_text()
@@ -122,12 +126,23 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
         out, err = capsys.readouterr()
         assert next(csv.reader(io.StringIO(out))) == [*columns, "prediction"]
         assert (f"fastmaml: warning: the query CSV {tmp_path / 'named.csv'} names its x columns "
-                f"{header.replace(',', ', ')}, but the run's are x1, x2: they are taken in order"
+                f"{header.replace(',', ', ')}, but the run's are x1, x2: they are taken as they stand"
                 in err) == bool(header)
     (tmp_path / "swapped.csv").write_text("X2,x1\n1,0.5\n")  # the run's columns, reordered
+    (tmp_path / "swapped-support.csv").write_text(
+        "x2,y,x1\n" + "".join(f"{-u},{2 * u},{u}\n" for u in range(5)))
+    for support in ("support.csv", "swapped-support.csv"):
+        assert main(["adapt", str(run), "--support", str(tmp_path / support), "--query",
+                     str(tmp_path / "swapped.csv")]) == 0
+        (swapped,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+        assert swapped == {"x1": "0.5", "X2": "1.0", "prediction": row["prediction"]}
+    config = (run / "config.yaml").read_text()  # a run of before x_names: files as they stand
+    (run / "config.yaml").write_text(config.replace("\nx_names:\n- x1\n- x2\n", "\n"))
     assert main(["adapt", *common[:3], "--query", str(tmp_path / "swapped.csv")]) == 0
-    (swapped,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
-    assert swapped == {"x1": "0.5", "X2": "1.0", "prediction": row["prediction"]}
+    (as_written,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+    assert as_written["X2"] == "1.0" and as_written["prediction"] != row["prediction"]
+    assert main(["eval", str(run), "eval_tasks=20", "--no-progress"]) == 0
+    assert "x_names" not in (run / "config.yaml").read_text()
     trained = fastmaml.load_run(run)
     support = np.array([[u, -u] for u in range(5)], dtype=np.float32)
     adapted = trained.adapt(support, 2 * support[:, 0])

@@ -74,7 +74,7 @@ class TrainedRun:
     steps: int  # default inner steps at adaptation: the run's evaluation setting
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
-    x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if its data had
+    x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if recorded
 
     @property
     def features(self) -> int | None:
@@ -537,13 +537,13 @@ def _can_head_output(names: list[str] | None) -> bool:
 def _read_for(run: TrainedRun, path: str | os.PathLike[str], role: str, need_y: bool) -> Points:
     """A points CSV for ``run``: its x columns in the run's order where its header names them
     in another; one naming other columns is taken in order, with a warning."""
-    points = read_points(path, role, need_y=need_y, features=run.features)
-    aligned = align_columns(points, run.x_names)
-    if aligned is None:
+    points, matched = align_columns(read_points(path, role, need_y=need_y,
+                                                features=run.features), run.x_names)
+    if not matched:
         warn(f"the {role} CSV {path} names its x columns {', '.join(points.x_names or [])}, "
-             f"but the run's are {', '.join(run.x_names)}: they are taken in order",
+             f"but the run's are {', '.join(run.x_names)}: they are taken as they stand",
              ColumnNamesWarning)
-    return aligned or points
+    return points
 
 
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],

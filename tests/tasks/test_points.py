@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from fastmaml import DataError
 from fastmaml.tasks.points import (ColumnNamesWarning, PointSampler, ShortTasksWarning,
-                                   assign_tasks, load_point_tasks, read_points)
+                                   align_columns, assign_tasks, load_point_tasks, read_points)
 
 
 def write_task(path: Path, task: int, points: int) -> None:
@@ -163,15 +164,28 @@ def test_columns_named_in_another_order_are_put_in_the_first_files_order(tmp_pat
     (root / "c.csv").write_text("u,v,y\n" + "".join(f"{i},{-i},{i}\n" for i in range(6)))
     (root / "d.csv").write_text("".join(f"{i},{-i},{i}\n" for i in range(6)))  # no header
     everything = {"train": ["a.csv", "b.csv", "c.csv", "d.csv"], "val": [], "test": []}
-    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) in .* do not name their x "
-                                                r"columns Speed, Load in any order \(e.g. "
-                                                r"c.csv\): their columns are taken in order"):
+    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) in .* name their x columns "
+                                                r"otherwise than Speed, Load, in any order \(e.g. "
+                                                r"c.csv\): their columns are taken as they stand"):
         tasks = load_point_tasks(root, min_points=6, assignment=everything)["train"]
     assert tasks.x_names == ["Speed", "Load"]
     for points in tasks.points:  # every file's columns as speed (= y), load (= -y)
         assert torch.equal(points[:, 0], points[:, 2]) and torch.equal(points[:, 1], -points[:, 2])
-    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) .* columns load, speed in"):
+    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) .* than load, speed, in"):
         tasks = load_point_tasks(root, min_points=6, assignment=everything,
                                  x_names=["load", "speed"])["train"]  # a run's recorded order
     for points in tasks.points[:2]:  # the named files' columns as load, speed now
         assert torch.equal(points[:, 1], points[:, 2]) and torch.equal(points[:, 0], -points[:, 2])
+    with warnings.catch_warnings():  # a run started before names were recorded: as they stand
+        warnings.simplefilter("error", ColumnNamesWarning)
+        tasks = load_point_tasks(root, min_points=6, assignment=everything, x_names=())["train"]
+    assert tasks.x_names is None and torch.equal(tasks.points[1][:, 1], tasks.points[1][:, 2])
+
+
+def test_names_alike_but_for_case_are_ambiguous(tmp_path: Path) -> None:
+    (tmp_path / "task.csv").write_text("A,a,y\n1,2,3\n")
+    points = read_points(tmp_path / "task.csv", "task", need_y=True)
+    assert align_columns(points, ["a", "A"]) == (points, False)
+    assert align_columns(points, ["A", "a"]) == (points, True)
+    moved, matched = align_columns(points, ["Y2", "a"])
+    assert not matched and moved is points

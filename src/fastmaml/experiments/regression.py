@@ -25,7 +25,7 @@ from ..models import MLP
 from ..plots import plot_step_curves
 from ..tasks.points import PointSampler, PointTasks, assign_tasks, load_point_tasks
 from ..tasks.splits import Assignment
-from ..train import GradientLearner, meta_learner
+from ..train import GradientLearner, checkpoint_path, meta_learner
 from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
                    results_table, validation_of)
 
@@ -43,8 +43,9 @@ class RegressionConfig(Config):
     k_shot: int = 10  # support points per task
     k_query: int = 10  # query points per task, in training and evaluation
     features: int = 1  # x values per point (0: as many as the task files hold, when it starts)
-    # the task files' header names of the x columns (found when the run starts): CSVs that name
-    # them in another order are read in this one
+    # the names of the x columns, by which CSVs naming them in another order are read in this
+    # one: the first headed task file's, found when the run starts (a run started before they
+    # were recorded reads every file as it stands)
     x_names: tuple[str, ...] = ()
     hidden: tuple[int, ...] = (40, 40)
     val_every: int = 500
@@ -58,6 +59,10 @@ class RegressionConfig(Config):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1 (points per task), got "
                                   f"{getattr(self, name)}")
+        if len({name.lower() for name in self.x_names}) != len(self.x_names) or (
+                self.x_names and self.features and len(self.x_names) != self.features):
+            raise ConfigError("x_names must be distinct names (any case), one per x value "
+                              f"(features={self.features}), got {', '.join(self.x_names)}")
         if self.data_root:  # absolute, so that the saved run evaluates from any directory
             self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
 
@@ -82,8 +87,10 @@ class RegressionExperiment(Experiment):
     @functools.cached_property
     def splits(self) -> dict[str, PointTasks]:
         """Per meta-train/val/test split: its task files' points, loaded once."""
+        started = checkpoint_path(self.run_dir, "maml").is_file()
         return load_point_tasks(self.data_root(), self.cfg.k_shot + self.cfg.k_query,
-                                self.data_split(), self.cfg.x_names)
+                                self.data_split(),
+                                self.cfg.x_names if self.cfg.x_names or started else None)
 
     def sampler(self, split: str) -> PointSampler:
         tasks = self.splits[split]
@@ -113,8 +120,12 @@ class RegressionExperiment(Experiment):
             raise ConfigError(f"the task files of {self.data_root()} hold {found} x value(s) per "
                               f"point, but the run has features={cfg.features} (a new run with "
                               "features=0 takes the files' number)")
+        if cfg.x_names and len(cfg.x_names) != found:
+            raise ConfigError(f"x_names names {len(cfg.x_names)} x column(s), but the task files "
+                              f"of {self.data_root()} hold {found}")
         cfg.features = found  # recorded in config.yaml: the model's input size
-        cfg.x_names = tuple(self.splits["train"].x_names or ())  # and the columns' names
+        if not checkpoint_path(self.run_dir, "maml").is_file():  # and, as it starts, the names
+            cfg.x_names = tuple(self.splits["train"].x_names or ())
         maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):

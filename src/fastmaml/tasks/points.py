@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -29,7 +29,7 @@ class ShortTasksWarning(FastMAMLWarning):
 
 
 class ColumnNamesWarning(FastMAMLWarning):
-    """A CSV names its x columns otherwise than the run's (or the first task file's) header."""
+    """A CSV names its x columns otherwise than the run's (or the first headed task file's)."""
 
 
 class Points(NamedTuple):
@@ -102,20 +102,20 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                   [names[column] for column in x_columns] if names else None)
 
 
-def align_columns(points: Points, names: Sequence[str] | None) -> Points | None:
-    """``points`` with its x columns in the order of ``names`` (a run's or the first task file's
-    header) where its own header names the same columns (in any case) in another order; as it
-    stands where either has no names; None where the names differ (taken in order, the caller
-    warns)."""
-    if not names or not points.x_names:
-        return points
+def align_columns(points: Points, names: Sequence[str]) -> tuple[Points, bool]:
+    """``points`` with its x columns in the order of ``names`` (a run's record, or the first
+    headed task file's) where its header names the same columns (in any case) in another
+    order, and whether it could be matched: False where the names differ or are ambiguous
+    (alike but for case), and the columns are left as they stand. A file without a header, or
+    one x value, is matched as it stands."""
+    if len(names) < 2 or not points.x_names or list(points.x_names) == list(names):
+        return points, True
     ours, theirs = ([name.lower() for name in n] for n in (points.x_names, names))
-    if ours == theirs:
-        return points
-    if sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours):
-        return None
+    if (sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours)
+            or len(set(theirs)) != len(theirs)):
+        return points, False
     order = [ours.index(name) for name in theirs]
-    return Points(points.x[:, order], points.y, [points.x_names[i] for i in order])
+    return Points(points.x[:, order], points.y, [points.x_names[i] for i in order]), True
 
 
 def _row_form(features: int | None, need_y: bool) -> str:
@@ -182,8 +182,9 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
                      x_names: Sequence[str] | None = None) -> dict[str, PointTasks]:
     """The splits of a folder of task CSVs (see the module docstring); ``assignment`` (a run's
     record of ``assign_tasks``) fixes which file is in which split. A file whose header names
-    the x columns of ``x_names`` (a run's record; default: the first headed file's) in another
-    order has its columns put in that order; one naming others is warned of."""
+    the x columns of ``x_names`` (a run's record; None: the first headed file's, in split
+    order; empty: no matching, every file as it stands) in another order has its columns put
+    in that order (``align_columns``); files naming others are warned of."""
     root = data_root(root)
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
@@ -193,14 +194,15 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
     short, first, unnamed = 0, None, []
+    matching = x_names is None or len(x_names) > 0
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
         points = read_points(path, "task", need_y=True)
-        x_names = x_names or points.x_names
-        aligned = align_columns(points, x_names)
-        if aligned is None:
+        x_names = x_names or (points.x_names if matching else None)
+        points, matched = align_columns(points, x_names or [])
+        if not matched:
             unnamed.append(path.relative_to(root).as_posix())
-        x, y, _ = aligned or points
+        x, y, _ = points
         first = first or (path, x.shape[1])
         if x.shape[1] != first[1]:
             raise DataError(f"the task files of {root} differ in their x values per point: "
@@ -214,9 +216,9 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
              f"{min_points} points (k_shot + queries)", ShortTasksWarning)
     if unnamed:
-        warn(f"{len(unnamed)} task file(s) in {root} do not name their x columns "
-             f"{', '.join(x_names or [])} in any order (e.g. {unnamed[0]}): their columns are "
-             "taken in order", ColumnNamesWarning)
+        warn(f"{len(unnamed)} task file(s) in {root} name their x columns otherwise than "
+             f"{', '.join(x_names or [])}, in any order (e.g. {unnamed[0]}): their columns are "
+             "taken as they stand", ColumnNamesWarning)
     return {split: PointTasks([points for points, _ in entries], [name for _, name in entries],
                               x_names)
             for split, entries in kept.items()}
