@@ -164,12 +164,13 @@ class TrainedRun:
                              f"{tuple(values.shape)}, but a regression task's are (N,) or (N, "
                              "features): one task at a time, one row per point")
         if self.task == "regression" and not targets:
-            if values.dim() == 1 and self.features == 1:
+            features = self.features
+            if values.dim() == 1 and features == 1:
                 values = values[:, None]
-            if values.dim() == 1 or values.shape[1] != self.features:
+            if values.dim() == 1 or values.shape[1] != features:
                 raise ShapeError(f"the {role} values are {tuple(values.shape)}, but this run's "
-                                 f"model takes (N, {self.features}) inputs: one row of "
-                                 f"{self.features} per point")
+                                 f"model takes (N, {features}) inputs: one row of {features} "
+                                 "per point")
         if self.task == "classification" and not values.is_floating_point():
             raise ShapeError(f"the {role} images are {values.dtype}, not floating point: "
                              "run.preprocess turns image files into the run's model input")

@@ -124,8 +124,7 @@ class RegressionExperiment(Experiment):
             raise ConfigError(f"x_names names {len(cfg.x_names)} x column(s), but the task files "
                               f"of {self.data_root()} hold {found}")
         cfg.features = found  # recorded in config.yaml: the model's input size
-        if not checkpoint_path(self.run_dir, "maml").is_file():  # and, as it starts, the names
-            cfg.x_names = tuple(self.splits["train"].x_names or ())
+        cfg.x_names = tuple(self.splits["train"].x_names or ())  # as recorded, or found (splits)
         maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):
