@@ -16,6 +16,7 @@ import torch
 from filelock import FileLock, Timeout
 
 import fastmaml.experiments as experiments
+import fastmaml.runlock as runlock
 from fastmaml.cli import main
 from fastmaml.config import load_config_dict
 from fastmaml.errors import ConfigError
@@ -173,6 +174,41 @@ def test_an_unknown_learner_is_a_clear_error(tmp_path: Path,
     assert not run.exists()
 
 
+def test_a_learner_starting_while_another_checks_the_run_is_not_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ``--learner`` command checks that no command holds the whole run for an instant, and
+    leaves the run's owner file alone: a slow disk (writing that file) never makes another
+    learner starting meanwhile look refused by a whole-run command."""
+    write = runlock.write_text_atomic
+    checking = threading.Event()
+
+    def slow_for_the_run(text: str, path: Path) -> None:
+        if path.name == OWNER_NAME:
+            checking.set()
+            time.sleep(4 * runlock.LOCK_WAIT_S)
+        write(text, path)
+
+    monkeypatch.setattr(runlock, "write_text_atomic", slow_for_the_run)
+    run, inside, done = tmp_path / "run", threading.Event(), threading.Event()
+
+    def first_learner() -> None:
+        with runlock.locked_run_dir(run, "maml"):
+            inside.set()
+            done.wait()
+
+    thread = threading.Thread(target=first_learner)
+    thread.start()
+    try:
+        while not (inside.is_set() or checking.is_set()):
+            time.sleep(0.01)
+        with runlock.locked_run_dir(run, "pretrained"):  # not refused
+            assert not (run / OWNER_NAME).exists()
+    finally:
+        done.set()
+        thread.join()
+    assert not checking.is_set()
+
+
 def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypatch):
     """Two ``--learner`` commands of one run append to its machine.json at once; the lock keeps
     one from writing over the other's entry (the write is slowed to widen the window)."""
@@ -198,9 +234,11 @@ def held(path: Path) -> bool:
     return False
 
 
-def wait_until_held(path: Path, timeout: float = 60) -> None:
+def wait_until_held(path: Path, timeout: float = 60,
+                    unless: threading.Event | None = None) -> None:
+    """Until ``path`` is held (or ``unless`` is set: its holder-to-be has ended)."""
     deadline = time.monotonic() + timeout
-    while not (path.exists() and held(path)):
+    while not (path.exists() and held(path)) and not (unless and unless.is_set()):
         assert time.monotonic() < deadline, f"{path} was never held"
         time.sleep(0.02)
 
@@ -211,6 +249,7 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
     commands: the first loads its data until the second holds its learner's lock and is
     starting. Each one's Experiment, or what it raised."""
     prepare = experiments.prepare_run
+    ended = threading.Event()  # the second's command, refused or done: the first goes on
 
     def slow_for_the_first(*args, **kwargs):
         experiment = prepare(*args, **kwargs)
@@ -218,7 +257,7 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
             load = experiment.learners
 
             def slow_load():
-                wait_until_held(run / f".fastmaml-{second[0]}.lock")
+                wait_until_held(run / f".fastmaml-{second[0]}.lock", unless=ended)
                 time.sleep(0.5)  # the second goes on to start meanwhile
                 return load()
 
@@ -236,6 +275,9 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
                                          progress=False, learner=learner)
         except Exception as error:  # noqa: BLE001 (the test reads it)
             outcome[learner] = error
+        finally:
+            if learner == second[0]:
+                ended.set()
 
     threads = [threading.Thread(target=train, name=name, args=(name, overrides))
                for name, overrides in (first, second)]

@@ -53,9 +53,8 @@ def locked_run_dir(run_dir: Path, learner: str | None = None) -> Iterator[None]:
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         with _held(run_dir, learner):
-            if learner is not None:
-                with _held(run_dir, None):  # no command holds the whole run
-                    pass
+            if learner is not None:  # no command holds the whole run: checked for an instant,
+                _acquired(run_dir, None).release()  # its owner file left to such a command
             yield
     finally:
         if made and _removed_if_unused(run_dir):
@@ -131,6 +130,18 @@ def one_starting(run_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
+    """Hold the lock of ``run_dir`` (None) or of one learner, with this process named its owner."""
+    lock = _acquired(run_dir, learner)
+    try:
+        _write_owner(run_dir / _names(learner)[1])
+        yield
+    finally:
+        lock.release()
+
+
+def _acquired(run_dir: Path, learner: str | None) -> FileLock:
+    """The lock of ``run_dir`` (None) or of one learner, acquired; ``ConfigError`` naming its
+    owner if another process holds it."""
     lock_name, owner_name = _names(learner)
     lock = FileLock(run_dir / lock_name, timeout=LOCK_WAIT_S)
     try:
@@ -139,11 +150,7 @@ def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
         what = run_dir if learner is None else f"learner {learner!r} of {run_dir}"
         raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}; wait for it to "
                           "finish or stop it, or choose another --out") from None
-    try:
-        _write_owner(run_dir / owner_name)
-        yield
-    finally:
-        lock.release()
+    return lock
 
 
 def _names(learner: str | None) -> tuple[str, str]:
