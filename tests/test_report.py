@@ -13,6 +13,7 @@ import torch
 from fastmaml import report
 from fastmaml.atomic import write_text_atomic
 from fastmaml.cli import main
+from fastmaml.config import load_config_dict
 from fastmaml.experiments import base
 from fastmaml.paper import HEADLINES, Headline
 
@@ -303,6 +304,29 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
     assert out.count("finished in") == 3
     assert sorted((root / "sinusoid" / "figures").iterdir()) == figures
     assert (root / "REPORT.md").read_text() == text
+
+
+def test_the_command_a_report_suggests_evaluates_the_papers_row(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A sinusoid run evaluated without K=5 is told how to evaluate it; the command runs (the
+    evaluation's K, queries and baseline search are not what the run learned), and the report's
+    own eval command then says it as the evaluation ran."""
+    run = tmp_path / "s"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=20",
+                 "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=10",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    text = report.render([report.read_run(run)], tmp_path / "REPORT.md")
+    suggested = text.split("the paper's row is 5-shot: `")[1].split("`")[0]
+    assert suggested == f"fastmaml eval {run.as_posix()} eval_k_shots=5,10"
+    capsys.readouterr()
+    assert main([*suggested.split()[1:], "eval_query=50", "tune_tasks=10", "baseline_lrs=0.01",
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    text = report.render([report.read_run(run)], tmp_path / "REPORT.md")
+    assert "the paper's row is 5-shot" not in text
+    assert (f"fastmaml eval {run.as_posix()} eval_k_shots=5,10 eval_query=50 "
+            "baseline_lrs=0.01 tune_tasks=10") in text
+    assert load_config_dict(run / "config.yaml")["eval_k_shots"] == [10]  # the run's, kept
 
 
 TINY_SINUSOID = report.BUDGETS["tiny"]["sinusoid"]

@@ -344,7 +344,8 @@ def _commands(run: Run) -> list[str]:
                       *_overrides(run)])
     used = run.records[0].get("eval_settings", {}) if run.records else {}
     evaluate = " ".join([f"fastmaml eval {run.path.as_posix()}",  # as the evaluation ran
-                         *(f"{k}={v}" for k, v in used.items() if run.config.get(k) != v)])
+                         *_as_overrides({k: v for k, v in used.items()
+                                         if run.config.get(k) != v})])
     return [train, evaluate, f"fastmaml plot {run.path.as_posix()}"]
 
 

@@ -25,9 +25,11 @@ from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
 
-# the settings of how a run is measured (not what it learned): each evaluation records them
+# the settings of how a run is measured (not what it learned): each evaluation records them.
+# (The sinusoid's K and query points at evaluation and its pretrained baseline's step-size
+# search; a few-shot run's eval_k_query is not one: it fixes which classes a folder run uses.)
 EVAL_KEYS = ("eval_tasks", "eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
-             "eval_policy")
+             "eval_policy", "eval_k_shots", "eval_query", "baseline_lrs", "tune_tasks")
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 
