@@ -29,7 +29,7 @@ def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
     assert (five.n_way, five.meta_batch, five.inner_steps, five.iterations) == (5, 32, 1, 60000)
     assert five.inner_lr == pytest.approx(5 * 0.4) and twenty.inner_lr == pytest.approx(20 * 0.1)
     assert (twenty.meta_batch, twenty.inner_steps) == (16, 5)
-    assert (mini.hidden, mini.k_query, mini.eval_queries, mini.clip_grad) == (32, 15, 1, 10.0)
+    assert (mini.hidden, mini.k_query, mini.eval_queries) == (32, 15, 1)
     assert mini.inner_lr == pytest.approx(5 * 0.01) and mini.meta_batch == 4
     assert cfg("omniglot-5w1s-fo").first_order and cfg("omniglot-5w1s-cpu").iterations < 60000
     with pytest.raises(ConfigError, match="dataset must be one of"):
@@ -39,6 +39,47 @@ def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
     with pytest.raises(ConfigError, match="split=lake is an Omniglot split; dataset=folder "
                                           "splits by train/ val/ test/ folders"):
         cls.from_dict({"dataset": "folder", "image_size": 8, "channels": 1, "split": "lake"})
+
+
+@pytest.mark.parametrize("preset", ["miniimagenet-5w1s", "miniimagenet-5w5s"])
+def test_the_miniimagenet_clip_is_the_official_codes_on_its_loss_scale(preset: str) -> None:
+    """The official code's meta-loss is the sum of the N x 15 queries' cross-entropies / K (its
+    inner loss likewise over the support): with inner_lr = N x alpha, fastmaml's mean-loss
+    meta-gradient is that one's K / (N x 15), so the preset's clip clips it where the official
+    +-10 clips the official gradient."""
+    cfg = experiment_class("fewshot").config_cls.from_dict(PRESETS[preset].values)
+    n, k, q, alpha = cfg.n_way, cfg.k_shot, cfg.k_query, cfg.inner_lr / cfg.n_way
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, n)).double()
+    tasks = 3
+    batch = (30 * torch.randn(tasks, n * k, 6, dtype=torch.float64),  # large: clips bind
+             torch.arange(n).repeat_interleave(k).expand(tasks, -1),
+             30 * torch.randn(tasks, n * q, 6, dtype=torch.float64),
+             torch.arange(n).repeat_interleave(q).expand(tasks, -1))
+    maml = fastmaml.MAML(model, torch.nn.functional.cross_entropy, cfg.inner_lr)
+    maml.meta_backward(batch)  # as the trainer takes it
+    ours = [p.grad.clone() for p in model.parameters()]
+
+    def official_loss(x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+        w1, b1, w2, b2 = params
+        logits = torch.relu(x @ w1.T + b1) @ w2.T + b2
+        return torch.nn.functional.cross_entropy(logits, y, reduction="sum") / k
+
+    params = [p.detach().requires_grad_() for p in model.parameters()]
+    total = 0
+    for support_x, support_y, query_x, query_y in zip(*batch):
+        grads = torch.autograd.grad(official_loss(support_x, support_y, params), params,
+                                    create_graph=True)
+        fast = [p - alpha * g for p, g in zip(params, grads)]
+        total = total + official_loss(query_x, query_y, fast) / tasks
+    official = torch.autograd.grad(total, params)
+    scale = n * q / k
+    for mine, theirs in zip(ours, official):
+        torch.testing.assert_close(mine * scale, theirs)
+        torch.testing.assert_close(mine.clamp(-cfg.clip_grad, cfg.clip_grad) * scale,
+                                   theirs.clamp(-10, 10))
+    assert any((theirs.abs() > 10).any() for theirs in official)  # the clip binds somewhere
 
 
 def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp_path, capsys):

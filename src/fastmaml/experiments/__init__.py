@@ -74,7 +74,7 @@ def _fewshot_presets() -> dict[str, Preset]:
         "miniimagenet-5w5s": ("MiniImagenet 5-way 5-shot", dict(k_shot=5, meta_batch=2)),
     }
     mini = dict(dataset="miniimagenet", n_way=5, k_query=15, hidden=32, inner_lr=0.05,
-                inner_steps=5, clip_grad=10.0)
+                inner_steps=5)
     # Sized by measured one-thread iteration times (docs/results.md): 5w1s 0.4 s, 5w5s 2.4 s and
     # 20w1s 5 s on shared cores, 40-70 min each. 20w5s, the paper's recipe: 7.4 s under torchrun
     # with two one-thread ranks (AVX2, session 37), so its 2,000 take about 4 h there; MiniImagenet
@@ -83,7 +83,12 @@ def _fewshot_presets() -> dict[str, Preset]:
                       "omniglot-20w5s": 2000, "miniimagenet-5w1s": 2000, "miniimagenet-5w5s": 2000}
     presets = {}
     for name, (title, values) in paper.items():
-        values = {**(mini if name.startswith("mini") else {}), **values}
+        if name.startswith("mini"):
+            values = {**mini, **values}
+            # the official code clips its meta-gradient to +-10, but its outer loss sums the
+            # N x k_query queries' cross-entropies / K: N x k_query / K times our mean, so the
+            # same clip on our gradient is 10 x K / (N x k_query) (0.133 1-shot, 0.667 5-shot)
+            values["clip_grad"] = 10.0 * values["k_shot"] / (values["n_way"] * values["k_query"])
         steps = values.get("inner_steps", 1)
         text = (f"paper: {title}, meta-batch {values.get('meta_batch', 32)}, {steps} inner "
                 f"step(s), inner_lr {values.get('inner_lr', 2.0)} (mean loss), 60,000 iterations")
