@@ -69,6 +69,36 @@ def test_resume_continues_identically(tmp_path):
     assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "resumed" / "metrics-maml.csv")
 
 
+class Counting:
+    """A learner whose metrics are its iteration: a loss (a tensor), a running best and, at
+    iteration 2, a validation figure."""
+
+    name, iterations = "counting", 10
+
+    def step(self, iteration):
+        return {"loss": torch.tensor(float(iteration)), "best_return": float(iteration),
+                **({"val_accuracy": iteration / 10} if iteration == 2 else {})}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_row_holds_each_metrics_mean_since_the_row_before(tmp_path):
+    """Not one meta-batch's value: the mean over the row's interval; validation figures and
+    running bests as they are at the row's iteration."""
+    fit(Counting(), tmp_path, checkpoint_every=10, log_every=4, progress=False)
+    logged = [{k: float(v) if v else None for k, v in row.items()}
+              for row in rows(tmp_path / "metrics-counting.csv")]
+    assert logged == [  # rows at 3 (validated), 4, 8 and 10 (the end); iterations count from 0
+        {"iteration": 3, "loss": 1.0, "best_return": 2.0, "val_accuracy": 0.2},
+        {"iteration": 4, "loss": 3.0, "best_return": 3.0, "val_accuracy": None},
+        {"iteration": 8, "loss": 5.5, "best_return": 7.0, "val_accuracy": None},
+        {"iteration": 10, "loss": 8.5, "best_return": 9.0, "val_accuracy": None}]
+
+
 def test_a_metrics_row_torn_by_a_kill_is_dropped_on_resume(tmp_path):
     straight = maml_learner(tmp_path / "straight")
     fit(straight, tmp_path / "straight", 3, 2, progress=False)

@@ -194,6 +194,46 @@ def load_state(target: Learner | nn.Module, state: Any, path: Path) -> None:
             f"edited after training, or is the file another run's?): {detail}") from None
 
 
+# metrics logged as their value at the row's iteration, not as a mean over its interval:
+# validation figures, and running bests (RL's best_return)
+POINT_METRICS = ("val_", "best_")
+
+
+class IntervalMeans:
+    """A learner's per-iteration metrics summed since the last logged row, so that each row
+    holds their mean over its ``log_every`` iterations rather than one meta-batch's noisy value
+    (``POINT_METRICS``: the row's own iteration's). Its state is checkpointed, so a resumed run
+    logs the rows an uninterrupted one would."""
+
+    def __init__(self, state: dict[str, dict[str, Any]] | None = None):
+        self.sums: dict[str, Any] = dict(state["sums"]) if state else {}
+        self.counts: dict[str, int] = dict(state["counts"]) if state else {}
+
+    def add(self, metrics: Metrics) -> None:
+        for key, value in metrics.items():
+            if not key.startswith(POINT_METRICS):  # (a tensor stays one: no device sync here)
+                value = value.detach() if isinstance(value, Tensor) else value
+                self.sums[key] = self.sums.get(key, 0.0) + value
+                self.counts[key] = self.counts.get(key, 0) + 1
+
+    def row(self, metrics: Metrics) -> dict[str, float]:
+        """The interval's means and ``metrics``' point values, in ``metrics``' order; a new
+        interval starts."""
+        row = {key: float(self.sums[key]) / self.counts[key] if key in self.sums
+               else float(value) for key, value in metrics.items()}
+        row.update({key: float(total) / self.counts[key] for key, total in self.sums.items()
+                    if key not in row})
+        self.sums, self.counts = {}, {}
+        return row
+
+    def state(self) -> dict[str, dict[str, Any]]:
+        """The sums so far, averaged over torchrun's ranks (each rank keeps the average, which
+        leaves the ranks' mean at the next row as it was): every rank checkpoints, and resumes
+        from, the same state. Call it on every rank."""
+        self.sums = average_metrics({key: float(total) for key, total in self.sums.items()})
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
+
+
 class MetricsLog:
     """Append-only CSV of logged iterations; on resume, rows past the checkpoint are dropped.
 
@@ -376,8 +416,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     moment loses at most the work since its last checkpoint; on SIGTERM (or a first Ctrl-C)
     it finishes the current iteration, checkpoints it and raises ``TrainingStopped`` (also
     after the last iteration, so that a driver trains no further learner). A row is logged
-    every ``log_every``
-    iterations, and at any iteration whose metrics hold a validation figure (a ``val_`` key).
+    every ``log_every`` iterations, and at any iteration whose metrics hold a validation figure
+    (a ``val_`` key); it holds each metric's mean since the row before (``IntervalMeans``).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
     ``tensorboard`` writes the log as TensorBoard scalars too (``run_dir/tensorboard/<name>``).
     Returns the last logged metrics.
@@ -390,12 +430,14 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         remove_stale_temporaries(path)
         remove_stale_temporaries(log_path)
     start, elapsed, logged = 0, 0.0, 0  # logged: the last iteration with a row in the log
+    interval = IntervalMeans()
     if path.exists():
         state = load_checkpoint(path)
         _refuse_going_back(learner, run_dir, state["iteration"])
         load_state(learner, state["learner"], path)
         start, elapsed = state["iteration"], state["elapsed_s"]
         logged = state.get("logged", 0)  # (absent from checkpoints before session 28)
+        interval = IntervalMeans(state.get("interval"))  # (absent before session 40)
     log = MetricsLog(log_path, keep_until=start) if main else None
     if log and logged and not log.kept:  # e.g. emptied or deleted by hand
         warn(f"{log_path} holds no rows though {learner.name} logged up to iteration "
@@ -412,10 +454,11 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                      log.kept if log and tensorboard and start < end else None) as scalars):
         for iteration in bar:
             metrics = learner.step(iteration)
+            interval.add(metrics)
             done = iteration + 1
             validated = any(key.startswith("val_") for key in metrics)
             if done % log_every == 0 or done == learner.iterations or validated:
-                last = average_metrics({k: float(v) for k, v in metrics.items()})
+                last = average_metrics(interval.row(metrics))
                 _check_finite_loss(learner.name, last.get("loss", 0.0), done)
                 now = time.perf_counter()
                 elapsed, tick = elapsed + now - tick, now
@@ -435,11 +478,12 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                             "inner or meta learning rate), it starts afresh")
                     raise NonFiniteLossError(f"{learner.name}: non-finite parameters or "
                                              f"optimizer state at iteration {done}; {kept}")
+                unlogged = interval.state()  # (on every rank: averaged over them)
                 if main:
                     now = time.perf_counter()
                     elapsed, tick = elapsed + now - tick, now
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
-                                 "learner": state}, path)
+                                 "interval": unlogged, "learner": state}, path)
             if stopping:
                 bar.close()
                 raise _stopped(learner, done, stopping)
