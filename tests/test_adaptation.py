@@ -376,6 +376,15 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
                            "--query", str(tmp_path / "inputs.csv"), "--format", "json")
     document = json.loads(out)
     assert document["mse"] is None and document["predictions"][0]["x"] == 1.5
+    code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
+                           "--query", str(tmp_path / "inputs.csv"), "--out",
+                           str(tmp_path / "predicted.JSON"))  # the format its name says
+    assert code == 0 and json.loads((tmp_path / "predicted.JSON").read_text()) == document
+    code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
+                           "--query", str(tmp_path / "inputs.csv"), "--norm", "query")
+    assert (code, out) == (2, "") and err == (
+        f"fastmaml: error: --norm is for runs whose model has batch norm; {run}'s has none, so "
+        "each query prediction is independent of the others anyway\n")
     trained = fastmaml.load_run(run)
     assert trained.steps == 10 and document["steps"] == 10  # the run's eval_inner_steps
     config = (run / "config.yaml").read_text()

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .atomic import write_text_atomic
+from .norms import has_batch_norm
 from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
@@ -134,8 +135,12 @@ def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tup
     if not (args.support and args.query):
         raise ConfigError(f"{run.run_dir} is a {run.task} run: give --support (the new task's "
                           "labelled examples) and --query (the inputs to predict)")
-    result = predict_files(run, args.support, args.query, args.steps, args.plot, args.norm)
-    text = _as_json(run.run_dir, result) if args.format == "json" else _as_csv(result)
+    if args.norm is not None and not has_batch_norm(run.maml.model):
+        raise ConfigError(f"--norm is for runs whose model has batch norm; {run.run_dir}'s has "
+                          "none, so each query prediction is independent of the others anyway")
+    result = predict_files(run, args.support, args.query, args.steps, args.plot,
+                           args.norm or "each")
+    text = _as_json(run.run_dir, result) if _format(args, out) == "json" else _as_csv(result)
     summary = result.summary
     said = f"fastmaml: adapted {run.run_dir} on {counted(summary['support'], 'support example')}"
     said += f" ({len(summary['classes'])} classes)" if "classes" in summary else ""
@@ -153,14 +158,14 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
     """A meta-RL run's policy adapted to the ``--task`` by sampling it, and its mean returns
     after each step (the text to write, and what to say)."""
     given = [name for name, value in (("--support", args.support), ("--query", args.query),
-                                      ("--plot", args.plot)) if value]
+                                      ("--plot", args.plot), ("--norm", args.norm)) if value]
     if given or not args.task:
         raise ConfigError(f"{run.run_dir} is a meta-RL run: it adapts to a task by sampling "
                           f"its environment, e.g. --task {run.task_text(run.sample_tasks(1)[0])}"
                           + (f" (not {', '.join(given)})" if given else ""))
     task = run.parse_task(args.task)
     adapted = run.adapt(task, args.steps, args.seed)
-    if args.format == "json":
+    if _format(args, out) == "json":
         text = json.dumps({"run": str(run.run_dir), "env": run.env_id,
                            "task": {key: np.asarray(value).tolist()
                                     for key, value in task.items()}, "seed": args.seed,
@@ -172,6 +177,11 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
                   f"{len(adapted.returns) - 1} step(s): mean return "
                   f"{' -> '.join(f'{value:.1f}' for value in adapted.returns)}"
                   + (f"; returns per step in {out}" if out else ""))
+
+
+def _format(args: argparse.Namespace, out: Path | None) -> str:
+    """``--format``, or else the one ``--out``'s suffix names (``.json``; otherwise CSV)."""
+    return args.format or ("json" if out is not None and out.suffix.lower() == ".json" else "csv")
 
 
 def _as_csv(result: Predictions) -> str:
@@ -284,11 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--steps", type=int, help="inner steps (default: the run's eval setting)")
     adapt.add_argument("--out", help="write the predictions (meta-RL: the returns per step) "
                        "here (default: standard output)")
-    adapt.add_argument("--format", choices=("csv", "json"), default="csv")
+    adapt.add_argument("--format", choices=("csv", "json"),
+                       help="of the output (default: json for an --out named *.json, else csv)")
     adapt.add_argument("--plot", help="regression runs: draw the task and the adaptation here")
     adapt.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's device; "
                        "e.g. --device cpu adapts a GPU-trained run on a machine without one)")
-    adapt.add_argument("--norm", choices=NORMS, default="each",
+    adapt.add_argument("--norm", choices=NORMS,
                        help="batch norm at prediction: each query image with the support set "
                        "(default; independent of the other query images), or the whole query "
                        "set as one batch (the paper's protocol)")

@@ -249,6 +249,7 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                           (["--task", "goal=a,b"], "goal takes numbers"),
                           (["--task", "goal=nan,0"], "goal must be finite"),
                           (["--support", "s.csv"], r"e.g. --task goal=\S+ \(not --support\)"),
+                          (["--task", "goal=1,2", "--norm", "query"], r"\(not --norm\)"),
                           ([], "it adapts to a task by sampling its environment, e.g. --task")]:
         assert main(["adapt", str(tmp_path), *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
