@@ -51,6 +51,9 @@ def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: P
     ("1;2\n", "line 1 of the support CSV .* has 1 field.*fields look separated by ';'"),
     (",x,y\n0,1,2\n1,3,4\n", "unnamed, as pandas writes a row index: .*index=False"),
     (",x\n0,1\n1,3\n", "unnamed, as pandas writes a row index"),  # else read as x=index
+    ("target,x\n1,2\n3,4\n", "names no y column, so its last column, 'x', would be the "
+                              "target: name the target column y"),
+    ("value,X2\n1,2\n3,4\n", "its last column, 'X2', would be the target"),
 ])
 def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
         tmp_path: Path, text: str, message: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     target = None  # x only
     if width != features:
         target = lowered.index("y") if "y" in lowered else width - 1
+        if names and re.fullmatch(r"x\d*", lowered[target]):  # (no y: the last by position)
+            raise DataError(f"the header of the {role} CSV {path} names no y column, so its last "
+                            f"column, {names[target]!r}, would be the target: name the target "
+                            "column y")
     x_columns = [column for column in range(width) if column != target]
     return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
                   [names[column] for column in x_columns] if names else None)
