@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -612,6 +613,19 @@ def test_checkpointed_steps_refuse_active_dropout(problem):
         maml.meta_backward(batch)
     model.eval()
     maml.meta_backward(batch)  # no random draws: fine
+
+
+def test_evaluate_under_active_dropout_warns_and_after_eval_is_deterministic():
+    _, loss_fn, batch = MORE_MODELS["mlp"]()
+    maml = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), loss_fn)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning,
+                      match="dropout is active .* every loss is a random draw"):
+        maml.evaluate(batch)
+    maml.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first, second = maml.evaluate(batch), maml.evaluate(batch)
+    assert torch.equal(first["loss"], second["loss"])
 
 
 def test_predict_with_a_context_normalises_each_row_with_the_context_alone():

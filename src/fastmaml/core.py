@@ -430,6 +430,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                 return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        if has_active_dropout(self.model):
+            warn("evaluate runs the model as its mode says, and its dropout is active (training "
+                 "mode): every loss is a random draw; call .eval() on the MAML or its model "
+                 "first for a deterministic evaluation", FastMAMLWarning)
         self._prepare(batch.support_x[0], of_batch=True)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
