@@ -31,7 +31,7 @@ def test_a_key_given_twice_with_two_values_is_refused_and_with_one_is_taken():
     ("inner_steps=two", "'inner_steps' expects int, got 'two'"),
     ("first_order=maybe", "'first_order' expects bool"),
     ("learning_rate=0.1", r"unknown config key\(s\) learning_rate for SinusoidConfig; valid"),
-    ("metabatch=4", r"unknown config key\(s\) metabatch for .* \(did you mean metabatch -> "
+    ("metabatch=4", r"unknown config key\(s\) metabatch for .* \(metabatch: did you mean "
                     r"meta_batch\?\); valid keys"),
     ("n_way=5", r"unknown config key\(s\) n_way for SinusoidConfig \(n_way is a setting of "
                 r"the fewshot experiment\); valid keys"),

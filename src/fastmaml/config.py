@@ -129,7 +129,7 @@ class Config:
                      + ("s" if len(names) > 1 else "") for key, names in elsewhere.items() if names]
             near = {key: difflib.get_close_matches(key, types, n=1) for key in unknown
                     if not elsewhere[key]}
-            hints += [f"did you mean {key} -> {match[0]}?" for key, match in near.items() if match]
+            hints += [f"{key}: did you mean {match[0]}?" for key, match in near.items() if match]
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"
                               + (f" ({'; '.join(hints)})" if hints else "")
                               + f"; valid keys: {', '.join(types)}")

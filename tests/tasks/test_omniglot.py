@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+import re
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,13 @@ def test_missing_folder_says_what_and_how(tmp_path: Path) -> None:
     assert "images_evaluation" in message and "characterNN" in message
     assert "download=true to fastmaml train" in message and "download=True" in message
     assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_OMNIGLOT" in message
+
+
+def test_a_root_given_as_one_of_the_two_folders_names_the_folder_above(fake_root: Path,
+                                                                      tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="the Omniglot data root .*images_background is one of its "
+                       f"two folders: .*--data-root {re.escape(str(fake_root))}$"):
+        load_omniglot(fake_root / "images_background", cache_dir=tmp_path / "cache")
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
