@@ -345,6 +345,12 @@ class TrainedPolicy:
         if not _is_count(seed):
             raise ConfigError(f"the seed must be an integer >= 0, got {seed!r}")
         curve, params = self.experiment.adapt_tasks(self.maml, [task], [0], steps, int(seed))
+        from .rl import env_class
+        unlike = env_class(self.env_id).outside_training(task)
+        if unlike:
+            warn(f"{self.task_text(task)} is none of the tasks {self.run_dir} was meta-trained "
+                 f"on ({unlike}): its start suits those, so expect less of its adaptation",
+                 FastMAMLWarning)
         policy = copy.deepcopy(self.maml.model)
         with torch.no_grad():
             for name, value in params.items():

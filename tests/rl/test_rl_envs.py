@@ -93,6 +93,17 @@ def test_task_sampling() -> None:
         env_class("fastmaml/Nope-v0")
 
 
+@pytest.mark.parametrize("env_id", list(ENVS))
+def test_every_sampled_task_is_a_training_task_and_others_are_said(env_id: str) -> None:
+    cls = env_class(env_id)
+    assert not any(map(cls.outside_training, cls.sample_tasks(200, np.random.default_rng(0))))
+    key, value = next(iter(cls.sample_tasks(1, np.random.default_rng(0))[0].items()))
+    unlike = cls.outside_training({key: np.full_like(value, 3.5) if key == "goal" else 3.5})
+    assert unlike == {"goal": "goals in [-0.5, 0.5]^2", "direction": "directions -1 and +1",
+                      "velocity": f"velocities in [0, {cls.max_velocity:g}]"
+                      if key == "velocity" else None}[key]
+
+
 def test_official_test_tasks_are_the_test_scripts_draws() -> None:
     """The official scripts seeded numpy's legacy generator (1; 2 for the ant direction) and drew
     all goals at once; rllab's direction environments ran backwards below the middle of the goal

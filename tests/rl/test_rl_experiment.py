@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from fastmaml.cli import main
-from fastmaml.errors import ConfigError
+from fastmaml.errors import ConfigError, FastMAMLWarning
 from fastmaml.experiments import PRESETS, create_run, load_experiment, preset
 from fastmaml.experiments.rl import RLConfig, RLExperiment
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
@@ -210,7 +211,12 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     assert mean.shape == (1, 2) and not torch.equal(mean, run.maml.model(torch.zeros(1, 2))[0])
     assert len(run.adapt(task, steps=0).returns) == 1
     (other,) = run.sample_tasks(1, seed=5)
-    assert set(other) == {"goal"} and len(run.adapt(other, steps=1).returns) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastMAMLWarning)  # a task like the training ones
+        assert set(other) == {"goal"} and len(run.adapt(other, steps=1).returns) == 2
+    with pytest.warns(FastMAMLWarning, match=r"goal=30.0,-0.2 is none of the tasks .* was "
+                      r"meta-trained on \(goals in \[-0.5, 0.5\]\^2\): its start suits those"):
+        run.adapt({"goal": np.array([30.0, -0.2])}, steps=0)
     text = run.task_text(other)  # as --task takes it, exactly
     assert np.array_equal(run.parse_task(text.split())["goal"], other["goal"])
     with pytest.raises(ConfigError, match=r"a task of fastmaml/Nav2D-v0 is a dict such as "

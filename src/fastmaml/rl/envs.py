@@ -146,10 +146,19 @@ class Nav2DEnv(gymnasium.Env):
                                                  np.float64)
         self.task = self.sample_tasks(1, np.random.default_rng(0))[0]
 
+    goal_range = 0.5
+
     @classmethod
     def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         """Goals uniform in [-0.5, 0.5]^2."""
-        return [{"goal": goal} for goal in rng.uniform(-0.5, 0.5, size=(n, 2))]
+        return [{"goal": goal}
+                for goal in rng.uniform(-cls.goal_range, cls.goal_range, size=(n, 2))]
+
+    @classmethod
+    def outside_training(cls, task: Task) -> str | None:
+        """The training tasks, in words, where ``task`` is not one of them (else None)."""
+        inside = bool(np.all(np.abs(task["goal"]) <= cls.goal_range))
+        return None if inside else f"goals in [-{cls.goal_range:g}, {cls.goal_range:g}]^2"
 
     def set_task(self, task: Task) -> None:
         self.task = task
@@ -197,6 +206,12 @@ class _Velocity(_Locomotion):
     def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         return [{"velocity": float(v)} for v in rng.uniform(0.0, cls.max_velocity, n)]
 
+    @classmethod
+    def outside_training(cls, task: Task) -> str | None:
+        """The training tasks, in words, where ``task`` is not one of them (else None)."""
+        inside = 0.0 <= task["velocity"] <= cls.max_velocity
+        return None if inside else f"velocities in [0, {cls.max_velocity:g}]"
+
     def task_reward(self, x_velocity: float) -> float:
         return -abs(x_velocity - self.task["velocity"])
 
@@ -214,6 +229,11 @@ class _Direction(_Locomotion):
     @classmethod
     def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
         return [{"direction": float(d)} for d in rng.choice([-1.0, 1.0], n)]
+
+    @staticmethod
+    def outside_training(task: Task) -> str | None:
+        """The training tasks, in words, where ``task`` is not one of them (else None)."""
+        return None if task["direction"] in (-1.0, 1.0) else "directions -1 and +1"
 
     def task_reward(self, x_velocity: float) -> float:
         return self.task["direction"] * x_velocity
