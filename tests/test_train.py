@@ -370,6 +370,13 @@ def test_nan_loss_stops_training_with_a_clear_error(tmp_path):
                               torch.Generator())
     with pytest.raises(NonFiniteLossError, match="toy: loss is nan at iteration 1"):
         fit(learner, tmp_path, 5, 1, progress=False)
+    learner.module = model = torch.nn.Linear(1, 1)
+    learner.optimizer = torch.optim.SGD(model.parameters(), 0.1)
+    learner.backward_of = backpropagated(
+        lambda i: (model(torch.tensor([[float("nan") if i == 2 else 1.0]])).sum(), {}))
+    with pytest.raises(NonFiniteLossError, match=r"toy: loss is nan in iterations 1 to 4 \(their "
+                                                 r"mean\)"):  # logged at 4, the NaN in 3
+        fit(learner, tmp_path / "between", 5, 4, progress=False)
 
 
 def test_a_run_that_diverges_after_a_checkpoint_says_where_a_change_can_go(tmp_path, capsys):

@@ -459,7 +459,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
             validated = any(key.startswith("val_") for key in metrics)
             if done % log_every == 0 or done == learner.iterations or validated:
                 last = average_metrics(interval.row(metrics))
-                _check_finite_loss(learner.name, last.get("loss", 0.0), done)
+                _check_finite_loss(learner.name, last.get("loss", 0.0), logged + 1, done)
                 now = time.perf_counter()
                 elapsed, tick = elapsed + now - tick, now
                 if log:
@@ -516,9 +516,12 @@ def _refuse_going_back(learner: Learner, run_dir: Path, reached: int) -> None:
                           f"to {reached} or more")
 
 
-def _check_finite_loss(name: str, loss: float, iteration: int) -> None:
+def _check_finite_loss(name: str, loss: float, first: int, last: int) -> None:
+    """A logged loss, the mean of iterations ``first`` to ``last``, must be finite."""
     if not math.isfinite(loss):
-        raise NonFiniteLossError(f"{name}: loss is {loss} at iteration {iteration}")
+        where = (f"at iteration {last}" if first == last else
+                 f"in iterations {first} to {last} (their mean)")
+        raise NonFiniteLossError(f"{name}: loss is {loss} {where}")
 
 
 def all_finite(value: Any) -> bool:
