@@ -383,8 +383,10 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
                            "--query", str(tmp_path / "inputs.csv"), "--norm", "query")
     assert (code, out) == (2, "") and err == (
-        f"fastmaml: error: --norm is for runs whose model has batch norm; {run}'s has none, so "
-        "each query prediction is independent of the others anyway\n")
+        f"fastmaml: error: --norm query is for runs whose model has batch norm; {run}'s has "
+        "none, so each query prediction is independent of the others (--norm each) anyway\n")
+    assert adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"), "--query",
+                 str(tmp_path / "inputs.csv"), "--norm", "each")[0] == 0  # what it does anyway
     trained = fastmaml.load_run(run)
     assert trained.steps == 10 and document["steps"] == 10  # the run's eval_inner_steps
     config = (run / "config.yaml").read_text()

@@ -326,6 +326,36 @@ def test_validation_splits_the_tasks_of_each_chunk_across_ranks(tmp_path):
     assert ranks[0]["value"] == ranks[1]["value"] == {"val_loss": pytest.approx(2.5)}
 
 
+INTERVAL_OVER_RANKS = """
+import json, sys
+import torch
+import torch.distributed as dist
+from fastmaml.distributed import average_metrics, init_from_env, world
+from fastmaml.train import IntervalMeans
+init_from_env()
+rank = world()[0]
+before = IntervalMeans()
+before.add({"loss": torch.tensor(float(rank)), "val_loss": 7.0})  # iteration 1: loss 0 and 1
+state = before.state()  # checkpointed at 1, inside the interval of the row at 2
+after = IntervalMeans(state)  # resumed
+after.add({"loss": torch.tensor(10.0 + rank)})  # iteration 2: loss 10 and 11
+row = average_metrics(after.row({"loss": 0.0}))
+with open(f"{sys.argv[1]}.{rank}", "w") as out:
+    json.dump({"state": state, "row": row}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_a_checkpoint_inside_a_log_interval_keeps_the_ranks_mean(tmp_path):
+    """Each rank sums its own metrics over a row's interval; a checkpoint inside it keeps one
+    state, the sums averaged over the ranks (every rank resumes from it), and the row after
+    the resume is still the mean over every rank and iteration: (0 + 1 + 10 + 11) / 4."""
+    ranks = run_on_two_ranks(tmp_path, INTERVAL_OVER_RANKS)
+    assert ranks[0]["state"] == ranks[1]["state"] == {"sums": {"loss": 0.5},
+                                                      "counts": {"loss": 1}}
+    assert ranks[0]["row"] == ranks[1]["row"] == {"loss": 5.5}
+
+
 def test_validation_is_split_across_two_processes(tmp_path, omniglot_root):
     """``fastmaml train`` with validation under torchrun (one chunk of 3 tasks: 1 + 2): the
     logged accuracy is the single process's."""

@@ -135,9 +135,10 @@ def _predict(args: argparse.Namespace, run: TrainedRun, out: Path | None) -> tup
     if not (args.support and args.query):
         raise ConfigError(f"{run.run_dir} is a {run.task} run: give --support (the new task's "
                           "labelled examples) and --query (the inputs to predict)")
-    if args.norm is not None and not has_batch_norm(run.maml.model):
-        raise ConfigError(f"--norm is for runs whose model has batch norm; {run.run_dir}'s has "
-                          "none, so each query prediction is independent of the others anyway")
+    if args.norm == "query" and not has_batch_norm(run.maml.model):
+        raise ConfigError(f"--norm query is for runs whose model has batch norm; "
+                          f"{run.run_dir}'s has none, so each query prediction is independent "
+                          "of the others (--norm each) anyway")
     result = predict_files(run, args.support, args.query, args.steps, args.plot,
                            args.norm or "each")
     text = _as_json(run.run_dir, result) if _format(args, out) == "json" else _as_csv(result)

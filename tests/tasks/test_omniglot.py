@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import time
-import re
 from pathlib import Path
 
 import numpy as np

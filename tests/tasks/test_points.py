@@ -62,6 +62,16 @@ def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
         read_points(tmp_path / "points.csv", "support", need_y=True)
 
 
+def test_a_task_file_headed_without_y_is_read_by_position_as_ever(tmp_path: Path) -> None:
+    """Only a user's support or query file headed ``target,x`` is refused: task files a run
+    already trained on are read as they were, so that it resumes and evaluates."""
+    (tmp_path / "task.csv").write_text("t,x\n0,1\n2,3\n")
+    x, y, names = read_points(tmp_path / "task.csv", "task", need_y=True)
+    assert x[:, 0].tolist() == [0.0, 2.0] and y[:, 0].tolist() == [1.0, 3.0] and names == ["t"]
+    with pytest.raises(DataError, match="its last column, 'x', would be the target"):
+        read_points(tmp_path / "task.csv", "support", need_y=True)
+
+
 def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:
     short = (1, 4, 6)
     for t in range(10):

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from ..inputs import Params
-from ..errors import ConfigError, a
+from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
 from .envs import BatchEnv, Task, default_horizon, env_class, make_batch_env
 from .policy import policy_forward
@@ -169,21 +169,21 @@ class Sampler:
         does not fit this environment's observations and actions."""
         for task in tasks:
             if not set(self._task_shapes) <= set(task):
-                raise ConfigError(f"{a(self.env_id)} task needs the key(s) "
+                raise ConfigError(f"a {self.env_id} task needs the key(s) "
                                   f"{', '.join(sorted(self._task_shapes))}; got {task!r}, a task "
                                   "of another environment?")
             extra = sorted(set(task) - set(self._task_shapes))
             if extra:  # else ignored unsaid
-                raise ConfigError(f"{a(self.env_id)} task takes only the key(s) "
+                raise ConfigError(f"a {self.env_id} task takes only the key(s) "
                                   f"{', '.join(sorted(self._task_shapes))}; got also "
                                   f"{', '.join(map(str, extra))}")
             for key, shape in self._task_shapes.items():
                 if np.shape(task[key]) != shape:
-                    raise ConfigError(f"{a(self.env_id)} task's {key} must be of shape "
+                    raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
                                       f"{shape}, got {task[key]!r}")
                 values = np.asarray(task[key])
                 if values.dtype.kind not in "iuf" or not np.isfinite(values).all():
-                    raise ConfigError(f"{a(self.env_id)} task's {key} must be finite numbers, "
+                    raise ConfigError(f"a {self.env_id} task's {key} must be finite numbers, "
                                       f"got {task[key]!r}")
         probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
         try:

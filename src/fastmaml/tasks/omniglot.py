@@ -63,7 +63,7 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
                         "(or, with download=true, will hold) images_background/ and "
                         "images_evaluation/")
     missing = [folder for folder in FOLDERS if not (root / folder).is_dir()]
-    if missing and root.name in FOLDERS and not any((root / f).is_dir() for f in FOLDERS):
+    if len(missing) == len(FOLDERS) and root.name in FOLDERS:  # given one of the two
         raise DataError(f"the Omniglot data root {root} is one of its two folders: give the "
                         f"folder that holds both images_background/ and images_evaluation/, "
                         f"--data-root {root.parent}")

@@ -98,7 +98,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     target = None  # x only
     if width != features:
         target = lowered.index("y") if "y" in lowered else width - 1
-        if names and re.fullmatch(r"x\d*", lowered[target]):  # (no y: the last by position)
+        # (no y: the last by position); task files as ever, so that a run trained on files
+        # headed so (x_names records their order) still resumes and evaluates
+        if names and role != "task" and re.fullmatch(r"x\d*", lowered[target]):
             raise DataError(f"the header of the {role} CSV {path} names no y column, so its last "
                             f"column, {names[target]!r}, would be the target: name the target "
                             "column y")
