@@ -430,7 +430,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         remove_stale_temporaries(path)
         remove_stale_temporaries(log_path)
     start, elapsed, logged = 0, 0.0, 0  # logged: the last iteration with a row in the log
-    interval, since = IntervalMeans(), 1  # since: the first iteration of the next row's means
+    interval = IntervalMeans()
     if path.exists():
         state = load_checkpoint(path)
         _refuse_going_back(learner, run_dir, state["iteration"])
@@ -438,7 +438,6 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         start, elapsed = state["iteration"], state["elapsed_s"]
         logged = state.get("logged", 0)  # (absent from checkpoints before session 28)
         interval = IntervalMeans(state.get("interval"))  # (absent before session 40)
-        since = logged + 1 if "interval" in state else start + 1
     log = MetricsLog(log_path, keep_until=start) if main else None
     if log and logged and not log.kept:  # e.g. emptied or deleted by hand
         warn(f"{log_path} holds no rows though {learner.name} logged up to iteration "
@@ -459,15 +458,16 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
             done = iteration + 1
             validated = any(key.startswith("val_") for key in metrics)
             if done % log_every == 0 or done == learner.iterations or validated:
+                covered = interval.counts.get("loss", 1)  # the iterations the row's mean sums
                 last = average_metrics(interval.row(metrics))
-                _check_finite_loss(learner.name, last.get("loss", 0.0), since, done)
+                _check_finite_loss(learner.name, last.get("loss", 0.0), done - covered + 1, done)
                 now = time.perf_counter()
                 elapsed, tick = elapsed + now - tick, now
                 if log:
                     log.write({"iteration": done, "elapsed_s": round(elapsed, 3), **last})
                 if scalars:
                     add_scalars(scalars, done, last)
-                logged, since = done, done + 1
+                logged = done
                 bar.set_postfix({k: f"{v:.4g}" for k, v in last.items()}, refresh=False)
             stopping = stop_requested()  # also at the last iteration: no next learner then
             if done % checkpoint_every == 0 or done == end or stopping:

@@ -135,6 +135,7 @@ class Nav2DEnv(gymnasium.Env):
     """One 2D-navigation episode as a gymnasium environment (a ``Nav2DBatch`` of size 1)."""
 
     official_test = OfficialTest()  # test_maml_point.py: 0.5 for every method, as MAML's
+    goal_range = 0.5  # goals uniform in [-goal_range, goal_range]^2
 
     def __init__(self, action_scale: float = 1.0, render_mode: str | None = None):
         if render_mode is not None:
@@ -145,8 +146,6 @@ class Nav2DEnv(gymnasium.Env):
         self.action_space = gymnasium.spaces.Box(-0.1 / action_scale, 0.1 / action_scale, (2,),
                                                  np.float64)
         self.task = self.sample_tasks(1, np.random.default_rng(0))[0]
-
-    goal_range = 0.5
 
     @classmethod
     def sample_tasks(cls, n: int, rng: TaskRng) -> list[Task]:
