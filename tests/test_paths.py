@@ -4,9 +4,9 @@ together."""
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -222,8 +222,11 @@ def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_i
     maml, batch, eager, eager_calls = stand_in_compile(batched=None)
     maml._compiled_gradient = lambda *args: (
         {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
+    # the search's clock: each uncompiled call takes a second, the graph none, so it wins
+    clock = [0.0]
+    monkeypatch.setattr(fastmaml.paths, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     uncompiled = maml._backward
-    maml._backward = lambda *args: time.sleep(0.2) or uncompiled(*args)  # so the graph wins
+    maml._backward = lambda *args: clock.__setitem__(0, clock[0] + 1) or uncompiled(*args)
     expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
     maml.meta_backward(batch)
     assert maml.path.startswith("compiled") and len(eager_calls) == 1
