@@ -19,7 +19,7 @@ from fastmaml.config import ConfigError
 from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
 from fastmaml.experiments import create_run, load_experiment, prepare_run
 from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
-                            load_checkpoint, meta_lr_at, save_atomic)
+                            load_checkpoint, meta_lr_at, save_atomic, scalar_tag)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -566,15 +566,27 @@ def test_tensorboard_scalars_mirror_the_metrics_log_through_a_kill_and_resume(tm
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)
     logged = rows(tmp_path / "metrics-maml.csv")
     scalars = tensorboard_scalars(tmp_path / "tensorboard" / "maml")
-    assert set(scalars) == {key for key in logged[0] if key != "iteration"} >= {"loss"}
-    for key, events in scalars.items():  # step 8 of the lost work once, as logged again
-        assert events == [(int(row["iteration"]), pytest.approx(float(row[key]), rel=1e-6))
-                          for row in logged], key
-    assert [step for step, _ in scalars["loss"]] == [2, 4, 6, 8, 10, 12]
+    columns = [key for key in logged[0] if key not in ("iteration", "elapsed_s")]
+    assert scalars.keys() == {scalar_tag(key) for key in columns} >= {"train/loss"}
+    for key in columns:  # step 8 of the lost work once, as logged again
+        assert scalars[scalar_tag(key)] == [
+            (int(row["iteration"]), pytest.approx(float(row[key]), rel=1e-6)) for row in logged]
+    assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12]
     files = sorted((tmp_path / "tensorboard" / "maml").iterdir())
     assert len(files) == 1  # the event files of before were replaced, not added to
     fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)  # finished
     assert sorted((tmp_path / "tensorboard" / "maml").iterdir()) == files
+
+
+def test_tensorboard_sections_group_a_logs_columns():
+    """Supervised and RL columns alike: validation and bests apart from the training figures,
+    timings apart from both."""
+    assert [scalar_tag(column) for column in (
+        "loss", "query_metric", "post_return", "kl", "val_accuracy", "best_return",
+        "best_training_return", "sample_s", "line_search_s")] == [
+        "train/loss", "train/query_metric", "train/post_return", "train/kl",
+        "validation/val_accuracy", "best/best_return", "best/best_training_return",
+        "seconds/sample_s", "seconds/line_search_s"]
 
 
 def test_tensorboard_from_the_command_line_logs_every_learner(tmp_path, capsys):
@@ -584,7 +596,7 @@ def test_tensorboard_from_the_command_line_logs_every_learner(tmp_path, capsys):
                  "baseline_iterations=2", "tensorboard=true", "--no-progress"]) == 0
     assert f"metrics in {run}/metrics-*.csv and {run}/tensorboard." in capsys.readouterr().out
     for learner, steps in (("maml", [2, 4]), ("pretrained", [2]), ("oracle", [2])):
-        assert [step for step, _ in tensorboard_scalars(run / "tensorboard" / learner)["loss"]
+        assert [step for step, _ in tensorboard_scalars(run / "tensorboard" / learner)["train/loss"]
                 ] == steps
 
 

@@ -302,10 +302,20 @@ def scalar_log(directory: Path, kept: list[dict[str, str]] | None) -> Iterator[A
 
 
 def add_scalars(writer: Any, iteration: int, row: dict[str, float]) -> None:
-    """A metrics row as TensorBoard scalars at step ``iteration`` (not its bookkeeping columns)."""
+    """A metrics row as TensorBoard scalars at step ``iteration`` (not its bookkeeping columns),
+    each tagged by ``scalar_tag``."""
     for key, value in row.items():
         if key not in ("iteration", "elapsed_s"):
-            writer.add_scalar(key, value, iteration)
+            writer.add_scalar(scalar_tag(key), value, iteration)
+
+
+def scalar_tag(column: str) -> str:
+    """A metrics column's TensorBoard tag, in the section TensorBoard shows it under:
+    ``validation/`` (``val_*``), ``best/`` (``best_*``), ``seconds/`` (``*_s``: timings) or
+    ``train/``, e.g. ``val_accuracy`` -> ``validation/val_accuracy``."""
+    section = ("validation" if column.startswith("val_") else "best" if column.startswith("best_")
+               else "seconds" if column.endswith("_s") else "train")
+    return f"{section}/{column}"
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
