@@ -133,7 +133,8 @@ def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
     assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32
 
 
-def test_with_compile_the_search_also_times_the_compiled_path():
+def test_with_compile_the_search_also_times_the_compiled_path(monkeypatch):
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
@@ -372,7 +373,8 @@ def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():
         assert maml._compiled_batched is no_cxx_compiler
 
 
-def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
+def test_the_default_path_is_chosen_by_timing_and_kept_per_shape(monkeypatch):
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(torch.randn(6, 5, 1), torch.randn(6, 5, 1), torch.randn(6, 5, 1),
