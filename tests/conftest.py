@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,18 @@ def omniglot_root() -> Path:
             pytest.fail(f"{reason}; FASTMAML_REQUIRE_DATA=1 requires it")
         pytest.skip(reason)
     return root
+
+
+@pytest.fixture(autouse=True)
+def process_state() -> Iterator[None]:
+    """Each test starts with Ctrl-C raising ``KeyboardInterrupt`` (also where pytest was started
+    with SIGINT ignored, as a shell's background job is) and leaves torch's thread count as it
+    found it (a run's ``threads`` setting is process-wide, and part of a path choice's key)."""
+    threads = torch.get_num_threads()
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, interrupt)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

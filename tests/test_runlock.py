@@ -25,9 +25,17 @@ from fastmaml.runlock import OWNER_NAME
 
 
 def fastmaml(*args: str) -> subprocess.Popen[str]:
+    """A fastmaml command in a process of its own, with Ctrl-C's default action (a background
+    job's shell starts its children with SIGINT ignored, which fastmaml leaves so)."""
     return subprocess.Popen([sys.executable, "-m", "fastmaml", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def joined(thread: threading.Thread, timeout: float = 120) -> None:
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{thread.name} is stuck"
 
 
 def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 120) -> None:
@@ -72,13 +80,17 @@ def test_sigterm_or_ctrl_c_checkpoints_the_current_iteration_and_frees_the_run(
     first = fastmaml("train", "sinusoid-demo", "--out", str(run), "iterations=1000000",
                      "checkpoint_every=100000000", "log_every=10", "--no-progress")
     log = run / "metrics-maml.csv"
-    wait_for(log, first)
-    deadline = time.monotonic() + 120
-    while log.read_text().count("\n") < 2:  # a logged row: the loop (and its handler) runs
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.1)
-    first.send_signal(signum)
-    _, err = first.communicate(timeout=120)
+    try:
+        wait_for(log, first)
+        deadline = time.monotonic() + 120
+        while log.read_text().count("\n") < 2:  # a logged row: the loop (and its handler) runs
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.1)
+        first.send_signal(signum)
+        _, err = first.communicate(timeout=120)
+    finally:  # (not left training a million iterations where the test failed)
+        first.kill()
+        first.wait()
     assert first.returncode == 128 + signum, err
     stopped = int(err.split(f"({said}) at iteration ")[1].split()[0])
     checkpoint = torch.load(run / "checkpoints" / "maml.pt", weights_only=False)
@@ -199,13 +211,15 @@ def test_a_learner_starting_while_another_checks_the_run_is_not_refused(
     thread = threading.Thread(target=first_learner)
     thread.start()
     try:
+        deadline = time.monotonic() + 60
         while not (inside.is_set() or checking.is_set()):
+            assert thread.is_alive() and time.monotonic() < deadline, "the first never started"
             time.sleep(0.01)
         with runlock.locked_run_dir(run, "pretrained"):  # not refused
             assert not (run / OWNER_NAME).exists()
     finally:
         done.set()
-        thread.join()
+        joined(thread)
     assert not checking.is_set()
 
 
@@ -220,7 +234,7 @@ def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypa
     for thread in starts:
         thread.start()
     for thread in starts:
-        thread.join()
+        joined(thread)
     assert len(json.loads((tmp_path / "machine.json").read_text())) == 2
 
 
@@ -285,7 +299,7 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
     wait_until_held(run / f".fastmaml-{first[0]}.lock")
     threads[1].start()
     for thread in threads:
-        thread.join()
+        joined(thread)
     return outcome
 
 
