@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_allocator import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ def test_benchmark_writes_records_for_each_implementation(tmp_path):
         [sys.executable, str(REPO / "benchmarks" / "run.py"), "--workloads", "sinusoid",
          "--orders", "second", "--impls", "fastmaml,loop,learn2learn", "--repeats", "1",
          "--warmup", "0", "--json", str(out)], capture_output=True, text=True, timeout=300,
-        env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})
+        env=clean_env())
     assert result.returncode == 0, result.stderr[-2000:]
     records = json.loads(out.read_text())
     assert {r["impl"] for r in records} >= {"fastmaml", "loop"}
