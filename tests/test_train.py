@@ -574,8 +574,19 @@ def test_tensorboard_scalars_mirror_the_metrics_log_through_a_kill_and_resume(tm
     assert [step for step, _ in scalars["train/loss"]] == [2, 4, 6, 8, 10, 12]
     files = sorted((tmp_path / "tensorboard" / "maml").iterdir())
     assert len(files) == 1  # the event files of before were replaced, not added to
-    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)  # finished
-    assert sorted((tmp_path / "tensorboard" / "maml").iterdir()) == files
+
+
+def test_tensorboard_turned_on_for_a_finished_learner_writes_its_whole_log(tmp_path):
+    """A learner at its last iteration trains nothing, but its scalars are written afresh."""
+    pytest.importorskip("tensorboard")
+    directory = tmp_path / "tensorboard" / "maml"
+    fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False)  # 12 iterations, no scalars
+    for _ in range(2):  # written, then replaced: one set of event files
+        fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False, tensorboard=True)
+        assert [step for step, _ in tensorboard_scalars(directory)["train/loss"]] == [
+            int(row["iteration"]) for row in rows(tmp_path / "metrics-maml.csv")
+        ] == [2, 4, 6, 8, 10, 12]
+        assert len(list(directory.iterdir())) == 1
 
 
 def test_tensorboard_sections_group_a_logs_columns():
@@ -607,5 +618,5 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_is_written(tm
                  "tensorboard=true", "--no-progress"]) == 2
     assert capsys.readouterr().err == (
         "fastmaml: error: tensorboard=true needs the tensorboard package: pip install "
-        "'fastmaml[tensorboard]' (or train with tensorboard=false)\n")
+        "tensorboard (or train with tensorboard=false)\n")
     assert not (tmp_path / "run" / "config.yaml").exists()

@@ -62,7 +62,7 @@ class Config:
     checkpoint_every: int = 1000
     log_every: int = 100
     # also write the logged metrics as TensorBoard scalars, to tensorboard/<learner>/ in the run
-    # directory (needs the tensorboard package: pip install 'fastmaml[tensorboard]')
+    # directory (needs the tensorboard package: pip install tensorboard)
     tensorboard: bool = False
 
     def __post_init__(self) -> None:

@@ -276,7 +276,7 @@ def scalar_writer_class() -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise ConfigError("tensorboard=true needs the tensorboard package: pip install "
-                          "'fastmaml[tensorboard]' (or train with tensorboard=false)") from None
+                          "tensorboard (or train with tensorboard=false)") from None
     return SummaryWriter
 
 
@@ -459,9 +459,9 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                disable=None if progress and main else True,
                desc=learner.name, unit="it", dynamic_ncols=True, leave=False)
     tick = time.perf_counter()
-    with (_stop_requests() as stop_requested,
+    with (_stop_requests() as stop_requested,  # (scalars also for a finished learner: its log)
           scalar_log(run_dir / "tensorboard" / learner.name,
-                     log.kept if log and tensorboard and start < end else None) as scalars):
+                     log.kept if log and tensorboard else None) as scalars):
         for iteration in bar:
             metrics = learner.step(iteration)
             interval.add(metrics)
