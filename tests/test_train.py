@@ -159,6 +159,18 @@ def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resu
     assert torch.equal(params(learner), params(second))
 
 
+def test_clip_grad_bounds_every_meta_gradient_element_of_a_preset_run(tmp_path):
+    """A preset's ``clip_grad`` reaches the optimizer step: the gradient it applies lies in
+    [-clip, clip], at the bound where the meta-gradient was larger."""
+    gradients = {}
+    for clip in (0, 1e-4):
+        learner = maml_learner(tmp_path / str(clip), clip_grad=clip)
+        learner.step(0)  # (the optimizer leaves .grad as it stepped with it)
+        gradients[clip] = torch.cat([p.grad.flatten() for p in learner.module.parameters()])
+    assert gradients[0].abs().max() > 1e-3  # the unclipped meta-gradient exceeds the clip
+    assert torch.equal(gradients[1e-4], gradients[0].clamp(-1e-4, 1e-4))
+
+
 @pytest.mark.parametrize("bad", [["meta_lr_schedule=linear"],
                                  ["meta_lr_schedule=cosine", "meta_lr_min=0.5"],
                                  ["first_order_until=-1"]])
