@@ -255,8 +255,11 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
 
 
 @pytest.mark.parametrize("preset", ["rl-cheetah-vel-cpu", "rl-cheetah-dir-cpu"])
-def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
+def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """Half-cheetah through the same code path, at a toy size (MuJoCo sampling, eval table)."""
+    import fastmaml.rl
+
     experiment = create_run(preset, tmp_path,
                             ["iterations=1", "meta_batch=2", "trajectories=2", "horizon=8",
                              "hidden=8,8", "eval_tasks=4", "eval_trajectories=2",
@@ -264,6 +267,10 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     for learner in experiment.learners():
         fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     experiment = load_experiment(tmp_path)
+    step_sizes = []  # the inner learning rate of each engine the evaluation adapts with
+    adapt = fastmaml.rl.adapt_policy
+    monkeypatch.setattr(fastmaml.rl, "adapt_policy", lambda maml, *args, **kwargs: (
+        step_sizes.append(maml.inner_lrs.init) or adapt(maml, *args, **kwargs)))
     records = experiment.evaluate(progress=False)
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
     text = (tmp_path / "results.md").read_text()
@@ -273,6 +280,9 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str) -> None:
     maml, pretrained, random = records
     official = {"rl-cheetah-vel-cpu": [0.1, 0.02, 0.1], "rl-cheetah-dir-cpu": [0.1, 0.2, 0.5]}
     assert [r["inner_lr"] for r in records] == official[preset]
+    # each method's own (maml, pretrained, random: in turn): consecutive repeats collapsed
+    assert [lr for i, lr in enumerate(step_sizes) if i == 0 or step_sizes[i - 1] != lr
+            ] == official[preset]
     assert "later steps take 0.5 of it" in text
     for baseline in (pretrained, random):
         difference = maml["paired_difference"][baseline["method"]]
