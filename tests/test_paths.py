@@ -52,6 +52,9 @@ def test_compiled_meta_backward_matches_eager(problem):
         compiled.meta_backward(batch)
         got = torch.cat([p.grad.flatten() for p in compiled.parameters() if p.requires_grad])
         assert relative(got, eager) < 1e-5, call
+    # the graph's own gradient agreed (a differing one is replaced by the eager one)
+    assert compiled._path_key(batch) in compiled._compiled_checked
+    assert compiled._compiled_gradient is not None and not compiled._compiled_misses
 
 
 def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
@@ -290,10 +293,14 @@ def test_under_active_dropout_the_compiled_gradient_is_not_checked_and_says_so()
     batch = TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4)))
     maml = MAML(model, F.mse_loss, 0.1, 1, batched=True, compile=True)
     maml._compiled_batched = maml._batched
-    maml._compiled_gradient = maml._gradient
+    maml._compiled_gradient = maml._gradient  # a stand-in graph; the compared pass is counted:
+    eager, eager_calls = maml._gradient, []
+    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="not checked .* active dropout"):
         maml.meta_backward(batch)
-    assert maml._compiled_gradient is not None
+    for _ in range(fastmaml.paths.COMPILED_CHECKS):
+        maml.meta_backward(batch)
+    assert not eager_calls and maml._compiled_gradient is not None
 
 
 def no_cxx_compiler(*_):
