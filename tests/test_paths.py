@@ -404,8 +404,11 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape(monkeypatch):
     searched.meta_backward(batch)
     assert calls == [None]  # no second search for the same shape
     again = MAML(model, F.mse_loss, 0.1, 1)  # same model and settings in this process: reused
+    original_again = again.forward
+    again.forward = lambda *a, **k: calls.append(again._trying) or original_again(*a, **k)
+    calls.clear()
     again.meta_backward(batch)
-    assert again.path_choices == searched.path_choices
+    assert calls == [None] and again.path_choices == searched.path_choices  # not searched
     for explicit in (dict(batched=True), dict(batched=False), dict(chunk_size=2)):
         pinned = MAML(model, F.mse_loss, 0.1, 1, **explicit)
         pinned.meta_backward(batch)
