@@ -399,6 +399,55 @@ def test_eval_under_torchrun_splits_the_test_tasks_and_matches_one_process(tmp_p
         assert b["ci95"] == pytest.approx(a["ci95"], rel=1e-5, abs=1e-9), a["method"]
 
 
+EVAL_OVER_RANKS = """
+import json
+import sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from fastmaml import MAML, TaskBatch
+from fastmaml.distributed import init_from_env
+from fastmaml.experiments.base import evaluate_tasks
+from fastmaml.models import MLP
+
+init_from_env()
+torch.manual_seed(0)
+maml = MAML(MLP([1, 8, 1]), F.mse_loss, 0.1, 1, batched=True)
+chunks = [TaskBatch(*(torch.randn(tasks, 4, 1) for _ in range(4))) for tasks in (2, 1)]
+sizes = []
+evaluate = maml.evaluate
+maml.evaluate = lambda part, steps: sizes.append(part.num_tasks) or evaluate(part, steps)
+values = evaluate_tasks(maml, chunks, 2, False, "test")
+rank = dist.get_rank() if dist.is_initialized() else 0
+Path(f"{sys.argv[1]}.{rank}").write_text(json.dumps({"sizes": sizes, "values": values.tolist()}))
+if dist.is_initialized():
+    dist.destroy_process_group()
+"""
+
+
+def test_evaluation_adapts_each_ranks_slice_of_every_chunk(tmp_path):
+    """Chunks of 2 and 1 tasks on two ranks: rank 0 adapts 1 + 0 tasks, rank 1 1 + 1, and both
+    return the single process's rows in order."""
+    script = tmp_path / "eval_over_ranks.py"
+    script.write_text(EVAL_OVER_RANKS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True,
+                   timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = json.loads((tmp_path / "one.0").read_text())
+    ranks = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
+    assert one["sizes"] == [2, 1] and [r["sizes"] for r in ranks] == [[1], [1, 1]]
+    for rank in ranks:
+        assert len(rank["values"]) == 3
+        assert torch.allclose(torch.tensor(rank["values"]), torch.tensor(one["values"]),
+                              rtol=1e-6)
+
+
 RL_EVAL_OVER_RANKS = """
 import json
 import sys
