@@ -14,6 +14,7 @@ import torch
 from fastmaml.cli import main
 from fastmaml.errors import ConfigError, FastMAMLWarning
 from fastmaml.experiments import PRESETS, create_run, load_experiment, preset
+from fastmaml.experiments.base import mean_ci95
 from fastmaml.experiments.rl import RLConfig, RLExperiment
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
 
@@ -271,7 +272,12 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
     adapt = fastmaml.rl.adapt_policy
     monkeypatch.setattr(fastmaml.rl, "adapt_policy", lambda maml, *args, **kwargs: (
         step_sizes.append(maml.inner_lrs.init) or adapt(maml, *args, **kwargs)))
+    per_task, tasks_of = [], []  # each method's (tasks, steps + 1) returns and tasks, in turn
+    returns_of = experiment.adaptation_returns
+    experiment.adaptation_returns = lambda engine, tasks, *args: (
+        tasks_of.append(tasks) or per_task.append(returns_of(engine, tasks, *args)) or per_task[-1])
     records = experiment.evaluate(progress=False)
+    assert len(tasks_of) == 3 and tasks_of[1] == tasks_of[0] == tasks_of[2]
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
     text = (tmp_path / "results.md").read_text()
     assert "v5 models" in text
@@ -284,11 +290,12 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
     assert [lr for i, lr in enumerate(step_sizes) if i == 0 or step_sizes[i - 1] != lr
             ] == official[preset]
     assert "later steps take 0.5 of it" in text
-    for baseline in (pretrained, random):
+    for baseline, baseline_returns in ((pretrained, per_task[1]), (random, per_task[2])):
         difference = maml["paired_difference"][baseline["method"]]
         assert difference["mean"] == pytest.approx([m - b for m, b in zip(maml["mean"],
                                                                           baseline["mean"])])
-        assert len(difference["ci95"]) == 2
+        # the interval of the task-by-task differences (not of the two means)
+        assert difference["ci95"] == pytest.approx(mean_ci95(per_task[0] - baseline_returns)[1])
         assert (f"- maml minus {baseline['method']}, task by task over the same 4 tasks "
                 "(paired), after 0/1 steps:") in text
     if preset == "rl-cheetah-vel-cpu":
