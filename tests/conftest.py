@@ -40,7 +40,7 @@ def process_state() -> Iterator[None]:
     threads = torch.get_num_threads()
     interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
-    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGINT, signal.SIG_DFL if interrupt is None else interrupt)
     torch.set_num_threads(threads)
 
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import subprocess
 import sys
 
 import pytest
 
 from fastmaml.experiments import base, create_run
+from malloc_env import clean_env
 
 # Each case runs in a fresh interpreter: malloc settings are process-wide and cannot be undone.
 PROBE = """
@@ -29,13 +29,6 @@ del buffer  # the top of the heap: trimmed back to the OS, or kept for reuse
 print(tuned, mapped, libc.mallinfo2().keepcost)
 """
 MB = 1 << 20
-
-
-def clean_env(**env: str) -> dict[str, str]:
-    """This environment without malloc settings of its own, plus ``env``."""
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
-    return {**keep, **env}
 
 
 def probe(mode: str, **env: str) -> tuple[str, int, int]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_allocator import clean_env
+from malloc_env import clean_env
 
 REPO = Path(__file__).resolve().parents[1]
 

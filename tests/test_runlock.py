@@ -25,15 +25,16 @@ from fastmaml.runlock import OWNER_NAME
 
 
 def fastmaml(*args: str) -> subprocess.Popen[str]:
-    """A fastmaml command in a process of its own, with Ctrl-C's default action (a background
-    job's shell starts its children with SIGINT ignored, which fastmaml leaves so)."""
+    """A fastmaml command in a process of its own. It starts with Ctrl-C's default action,
+    even where pytest was started with SIGINT ignored: the suite's ``process_state`` fixture
+    handles SIGINT, and a handled signal is reset to its default in a new program."""
     return subprocess.Popen([sys.executable, "-m", "fastmaml", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def joined(thread: threading.Thread, timeout: float = 120) -> None:
+    """Join ``thread`` (a daemon: one stuck does not keep the test process alive), or fail."""
     thread.join(timeout)
     assert not thread.is_alive(), f"{thread.name} is stuck"
 
@@ -84,7 +85,8 @@ def test_sigterm_or_ctrl_c_checkpoints_the_current_iteration_and_frees_the_run(
         wait_for(log, first)
         deadline = time.monotonic() + 120
         while log.read_text().count("\n") < 2:  # a logged row: the loop (and its handler) runs
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            assert first.poll() is None, first.communicate()
+            assert time.monotonic() < deadline, "no row logged in 120 s"
             time.sleep(0.1)
         first.send_signal(signum)
         _, err = first.communicate(timeout=120)
@@ -208,7 +210,7 @@ def test_a_learner_starting_while_another_checks_the_run_is_not_refused(
             inside.set()
             done.wait()
 
-    thread = threading.Thread(target=first_learner)
+    thread = threading.Thread(target=first_learner, daemon=True)
     thread.start()
     try:
         deadline = time.monotonic() + 60
@@ -229,8 +231,8 @@ def test_learners_starting_together_each_record_their_machine(tmp_path, monkeypa
     write = experiments.write_text_atomic
     monkeypatch.setattr(experiments, "write_text_atomic",
                         lambda text, path: time.sleep(0.3) or write(text, path))
-    starts = [threading.Thread(target=experiments._record_machine, args=(tmp_path, "cpu", 1))
-              for _ in range(2)]
+    starts = [threading.Thread(target=experiments._record_machine, args=(tmp_path, "cpu", 1),
+                               daemon=True) for _ in range(2)]
     for thread in starts:
         thread.start()
     for thread in starts:
@@ -293,7 +295,7 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
             if learner == second[0]:
                 ended.set()
 
-    threads = [threading.Thread(target=train, name=name, args=(name, overrides))
+    threads = [threading.Thread(target=train, name=name, args=(name, overrides), daemon=True)
                for name, overrides in (first, second)]
     threads[0].start()
     wait_until_held(run / f".fastmaml-{first[0]}.lock")
