@@ -38,16 +38,26 @@ def assert_same_learners(tmp_path, learners: tuple[str, ...], rtol: float = 1e-6
             assert torch.allclose(value, two[name], rtol=rtol, atol=atol), (learner, name)
 
 
-def run_on_two_ranks(tmp_path, script_text: str) -> list[dict]:
-    """Run ``script_text`` under torchrun with 2 processes; each writes JSON to
-    ``<argv[1]>.<rank>``: the two ranks' JSON."""
-    script = tmp_path / "on_two_ranks.py"
+def run_script(tmp_path, script_text: str, *args: str, ranks: int = 2,
+               out: str = "out") -> subprocess.CompletedProcess[str]:
+    """Run ``script_text`` with ``args`` and then ``tmp_path/out`` (where it writes its results)
+    as its arguments: in one process (``ranks=1``) or under torchrun with ``ranks``. Fails on a
+    non-zero exit."""
+    script = tmp_path / f"{out}.py"
     script.write_text(script_text)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "out")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=600)
+    launcher = [] if ranks == 1 else ["-m", "torch.distributed.run", "--standalone",
+                                      f"--nproc_per_node={ranks}"]
+    result = subprocess.run([sys.executable, *launcher, str(script), *args, str(tmp_path / out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def run_on_two_ranks(tmp_path, script_text: str) -> list[dict]:
+    """``run_script`` under torchrun with 2 processes, each writing JSON to ``<argv[-1]>.<rank>``:
+    the two ranks' JSON."""
+    run_script(tmp_path, script_text)
     return [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
 
 
@@ -102,17 +112,9 @@ if dist.is_initialized():
 def test_trpo_meta_step_over_two_processes_equals_one_in_float64(tmp_path):
     """The distributed TRPO meta-step (gradient, conjugate gradient's curvature products, line
     search) on 3 tasks split 1 + 2 takes the single process's step, to rounding."""
-    script = tmp_path / "trpo_over_ranks.py"
-    script.write_text(TRPO_OVER_RANKS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], env=env, check=True,
-                   timeout=300)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    for ranks, out in ((1, "one"), (2, "two")):
+        run_script(tmp_path, TRPO_OVER_RANKS, ranks=ranks, out=out)
+    one, two = torch.load(tmp_path / "one"), torch.load(tmp_path / "two")
     assert one["stats"]["accepted"] and one["stats"]["backtracks"] == two["stats"]["backtracks"]
     moved = (one["params"] - two["params"]).abs().max()
     assert moved <= 1e-10 * one["params"].abs().max(), moved
@@ -230,13 +232,7 @@ def test_no_gloo_thread_outlives_the_group(tmp_path, how):
     has imported ``torch.distributed.nn``, whose defaults would hold it) and after a rank's error
     in ``main``: a group left alive has gloo threads that race interpreter exit and abort the
     rank now and then (SIGABRT instead of its exit status)."""
-    script = tmp_path / "threads_after_leaving.py"
-    script.write_text(GLOO_THREADS_AFTER_LEAVING)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), how, str(tmp_path / "run")], env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_script(tmp_path, GLOO_THREADS_AFTER_LEAVING, how, out="run")
     if how == "error":  # both ranks refused the same command line; one of them says so
         assert result.stderr.count("fastmaml: error: meta_batch 1 is smaller than the 2 "
                                    "processes") == 1, result.stderr[-3000:]
@@ -429,16 +425,8 @@ if dist.is_initialized():
 def test_evaluation_adapts_each_ranks_slice_of_every_chunk(tmp_path):
     """Chunks of 2 and 1 tasks on two ranks: rank 0 adapts 1 + 0 tasks, rank 1 1 + 1, and both
     return the single process's rows in order."""
-    script = tmp_path / "eval_over_ranks.py"
-    script.write_text(EVAL_OVER_RANKS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], env=env, check=True,
-                   timeout=300)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(tmp_path / "two")], env=env, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for ranks, out in ((1, "one"), (2, "two")):
+        run_script(tmp_path, EVAL_OVER_RANKS, ranks=ranks, out=out)
     one = json.loads((tmp_path / "one.0").read_text())
     ranks = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
     assert one["sizes"] == [2, 1] and [r["sizes"] for r in ranks] == [[1], [1, 1]]
@@ -478,16 +466,8 @@ def test_rl_evaluation_adapts_each_ranks_slice_of_the_test_tasks(tmp_path):
                  "trajectories=2", "horizon=10", "hidden=8,8", "eval_tasks=3",
                  "eval_trajectories=2", "eval_batch=episodes", "eval_inner_steps=1",
                  "--no-progress"]) == 0
-    script = tmp_path / "rl_eval_over_ranks.py"
-    script.write_text(RL_EVAL_OVER_RANKS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(run_dir), str(tmp_path / "one")], env=env,
-                   check=True, timeout=300)
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(script), str(run_dir), str(tmp_path / "two")], env=env, capture_output=True,
-        text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    for ranks, out in ((1, "one"), (2, "two")):
+        run_script(tmp_path, RL_EVAL_OVER_RANKS, str(run_dir), ranks=ranks, out=out)
     one = json.loads((tmp_path / "one.0").read_text())
     ranks = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
     assert one["sampled"] == [[0, 1, 2]] * 2  # before and after the step
