@@ -22,6 +22,13 @@ from problems import PROBLEMS, conv_problem, flat_grads, meta_grad, mlp_problem,
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
 
+@pytest.fixture(autouse=True)
+def no_earlier_path_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts without the path choices this process's earlier tests made (a search
+    reuses them)."""
+    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})
+
+
 def test_compiled_batched_path_matches_eager():
     torch.set_default_dtype(torch.float32)
     model, loss_fn, batch = mlp_problem()
@@ -136,16 +143,14 @@ def test_cpu_chunks_hold_about_a_quarter_million_input_elements():
     assert MAML(model, loss_fn, chunk_size=32)._chunk(images) == 32
 
 
-def test_with_compile_the_search_also_times_the_compiled_path(monkeypatch):
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+def test_with_compile_the_search_also_times_the_compiled_path():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
     expected = meta_grad(MAML(model, F.mse_loss, 0.1, 1, batched=False), batch)
     searched = MAML(model, F.mse_loss, 0.1, 1, compile=True)
-    tried, graph_calls = [], []
-    meta_backward, compiled = searched.meta_backward, searched._compiled_gradient
-    searched.meta_backward = lambda *a, **k: tried.append(searched._trying) or meta_backward(*a, **k)
+    graph_calls, compiled = [], searched._compiled_gradient
+    tried = paths_tried(searched, "meta_backward")
     searched._compiled_gradient = lambda *a: graph_calls.append(1) or compiled(*a)
     searched.meta_backward(batch)
     assert tried[1:3] == [("compiled", 6), ("batched", 6)]  # warm-ups (compiling), after the call
@@ -159,7 +164,7 @@ def test_with_compile_the_search_also_times_the_compiled_path(monkeypatch):
         searched.path_choices[key] = forced
         searched.zero_grad(set_to_none=True)
         graph_calls.clear()
-        meta_backward(batch)
+        searched.meta_backward(batch)
         assert searched.path == f"{forced[0]}, chunk {forced[1]}"
         assert len(graph_calls) == (forced[0] == "compiled")
         assert relative(flat_grads(searched), expected) < 1e-5
@@ -172,20 +177,32 @@ def stand_in_compile(batched: bool | None = True) -> tuple[MAML, TaskBatch, Call
     model, loss_fn, batch = mlp_problem()
     maml = MAML(model, loss_fn, 0.1, 1, batched=batched, compile=True)
     maml._compiled_batched = maml._batched
+    return maml, batch, *counted_eager(maml)
+
+
+def paths_tried(maml: MAML, method: str = "forward") -> list[tuple[str, int | None] | None]:
+    """The list that each call of ``maml``'s ``method`` from now on grows by the path the search
+    is timing (None: outside a search)."""
+    tried, call = [], getattr(maml, method)
+    setattr(maml, method, lambda *a, **k: tried.append(maml._trying) or call(*a, **k))
+    return tried
+
+
+def counted_eager(maml: MAML) -> tuple[Callable, list[int]]:
+    """``maml``'s eager functional gradient (uncounted) and the list that each call of
+    ``maml._gradient`` (the compared eager pass), counted from now on, grows."""
     eager, eager_calls = maml._gradient, []
     maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
-    return maml, batch, eager, eager_calls
+    return eager, eager_calls
 
 
 @pytest.mark.parametrize("batched", [None, True])  # a candidate of the search, or compiled for sure
-def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(batched,
-                                                                           monkeypatch):
+def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(batched):
     """As inductor did for a transformer encoder layer (1.6% off), simulated without compiling:
     the eager gradient, scaled by 1.01, stands in for the compiled graph's. The first compiled
     gradient of each input shape is checked, also where no search runs, until it agrees or
     has differed at ``COMPILED_CHECKS`` calls in a row (the search counts as one: it repeats
     its batch); each of them gives the eager gradient."""
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     maml, batch, eager, _ = stand_in_compile(batched)
     graph_calls = []
 
@@ -222,7 +239,6 @@ def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_i
         monkeypatch):
     """The search's calls repeat one batch: its first compiled call is compared, the rest are
     timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
     maml, batch, eager, eager_calls = stand_in_compile(batched=None)
     maml._compiled_gradient = lambda *args: (
         {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
@@ -293,9 +309,8 @@ def test_under_active_dropout_the_compiled_gradient_is_not_checked_and_says_so()
     batch = TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4)))
     maml = MAML(model, F.mse_loss, 0.1, 1, batched=True, compile=True)
     maml._compiled_batched = maml._batched
-    maml._compiled_gradient = maml._gradient  # a stand-in graph; the compared pass is counted:
-    eager, eager_calls = maml._gradient, []
-    maml._gradient = lambda *args: eager_calls.append(1) or eager(*args)
+    maml._compiled_gradient = maml._gradient  # a stand-in graph
+    _, eager_calls = counted_eager(maml)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="not checked .* active dropout"):
         maml.meta_backward(batch)
     for _ in range(fastmaml.paths.COMPILED_CHECKS):
@@ -310,8 +325,7 @@ def no_cxx_compiler(*_):
 
 
 @pytest.mark.parametrize("batched", [True, None])  # compiled for sure, or a candidate of the search
-def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched, monkeypatch):
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+def test_a_failed_compile_runs_uncompiled_from_then_on_with_a_warning(batched):
     model, loss_fn, batch = mlp_problem()
     expected = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=False), batch)
     maml = MAML(model, loss_fn, 0.1, 2, batched=batched, compile=True)
@@ -380,8 +394,7 @@ def test_a_users_error_under_compile_is_raised_and_compiling_stays_on():
         assert maml._compiled_batched is no_cxx_compiler
 
 
-def test_the_default_path_is_chosen_by_timing_and_kept_per_shape(monkeypatch):
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # this process's earlier choices
+def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(torch.randn(6, 5, 1), torch.randn(6, 5, 1), torch.randn(6, 5, 1),
@@ -389,9 +402,7 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape(monkeypatch):
     reference = MAML(model, F.mse_loss, 0.1, 1, batched=False)
     expected = meta_grad(reference, batch)
     searched = MAML(model, F.mse_loss, 0.1, 1)
-    calls = []
-    original = searched.forward
-    searched.forward = lambda *a, **k: calls.append(searched._trying) or original(*a, **k)
+    calls = paths_tried(searched)
     searched.meta_backward(batch)
     got = flat_grads(searched)  # one gradient in .grad, though every candidate ran
     assert relative(got, expected) < 1e-6
@@ -404,21 +415,18 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape(monkeypatch):
     searched.meta_backward(batch)
     assert calls == [None]  # no second search for the same shape
     again = MAML(model, F.mse_loss, 0.1, 1)  # same model and settings in this process: reused
-    original_again = again.forward
-    again.forward = lambda *a, **k: calls.append(again._trying) or original_again(*a, **k)
-    calls.clear()
+    again_calls = paths_tried(again)
     again.meta_backward(batch)
-    assert calls == [None] and again.path_choices == searched.path_choices  # not searched
+    assert again_calls == [None] and again.path_choices == searched.path_choices  # not searched
     for explicit in (dict(batched=True), dict(batched=False), dict(chunk_size=2)):
         pinned = MAML(model, F.mse_loss, 0.1, 1, **explicit)
         pinned.meta_backward(batch)
         assert pinned.path_choices == {}
 
 
-def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(monkeypatch):
+def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not():
     """The search runs about 7 meta-gradients; their dropout draws must not shift the seeded
     random stream of the run, or a second run in the process (reusing the choice) differs."""
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     batch = TaskBatch(torch.randn(4, 4, 3), torch.randn(4, 4, 1), torch.randn(4, 6, 3),
                       torch.randn(4, 6, 1))
@@ -441,10 +449,9 @@ def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not(mon
     assert torch.equal(first, second)
 
 
-def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch):
+def test_a_path_chosen_without_compile_is_not_reused_when_compiling():
     """A run resumed with ``compile=true`` searches again (the compiled path is a candidate);
     resumed as it was, it reuses its own choice."""
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
@@ -452,16 +459,12 @@ def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch)
     eager.meta_backward(batch)
     compiled = MAML(model, F.mse_loss, 0.1, 1, compile=True)
     compiled.path_choices = dict(eager.path_choices)  # as a checkpoint restores them
-    tried = []
-    meta_backward = compiled.meta_backward
-    compiled.meta_backward = lambda *a, **k: tried.append(compiled._trying) or meta_backward(*a, **k)
+    tried = paths_tried(compiled, "meta_backward")
     compiled.meta_backward(batch)
     assert ("compiled", 6) in tried and len(compiled.path_choices) == 2
     resumed = MAML(model, F.mse_loss, 0.1, 1)
     resumed.path_choices = dict(compiled.path_choices)
-    calls = []
-    forward = resumed.forward
-    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    calls = paths_tried(resumed)
     resumed.meta_backward(batch)
     assert calls == [None] and resumed.path_choices == compiled.path_choices
     assert resumed.path == eager.path
@@ -469,7 +472,6 @@ def test_a_path_chosen_without_compile_is_not_reused_when_compiling(monkeypatch)
 
 @pytest.mark.parametrize("change", ["path implementations", "CPU vector instructions"])
 def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change):
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
     old = MAML(model, F.mse_loss, 0.1, 1)
@@ -482,9 +484,7 @@ def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     resumed = MAML(model, F.mse_loss, 0.1, 1)
     resumed.path_choices = dict(old.path_choices)  # as a checkpoint restores them
-    calls = []
-    forward = resumed.forward
-    resumed.forward = lambda *a, **k: calls.append(resumed._trying) or forward(*a, **k)
+    calls = paths_tried(resumed)
     resumed.meta_backward(batch)
     assert ("looped", None) in calls and len(resumed.path_choices) == 2
 
@@ -507,8 +507,7 @@ class OtherRank:
                                     for role, (choice, _) in offer.items()})]
 
 
-def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_the_slowest(
-        monkeypatch):
+def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_the_slowest():
     """With ``gather_ranks``, a rank that searches alone would time its candidates while the
     others wait, and might keep a path another rank finds slow (two torchrun ranks of one
     Omniglot run took different chunk sizes): all search where any has no path, and all keep
@@ -516,7 +515,6 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     ask at the first call in each derivative order, which all make together; a rank whose key
     changes alone (e.g. its compiling fell back) searches alone, and one whose vmap failed
     offers its looped time for every role."""
-    monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})  # no choices from other tests
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
     batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
@@ -547,9 +545,7 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     knowing = MAML(model, F.mse_loss, 0.1, 1)
     knowing.path_choices[key] = ("looped", None)
     knowing.gather_ranks = other = OtherRank(knows=True)
-    calls = []
-    forward = knowing.forward
-    knowing.forward = lambda *a, **k: calls.append(knowing._trying) or forward(*a, **k)
+    calls = paths_tried(knowing)
     knowing.meta_backward(batch)
     assert other.values == [False] and calls == [None] and knowing.path == "looped"
 
