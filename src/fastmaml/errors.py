@@ -65,8 +65,3 @@ def first_line(error: Exception) -> str:
     if not lines:
         return type(error).__name__
     return " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
-
-
-def a(noun: str) -> str:
-    """``noun`` after its indefinite article, chosen by its first letter (an omniglot-5w1s)."""
-    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"

@@ -18,7 +18,7 @@ from filelock import FileLock
 from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
 from ..config import Config, load_config_dict
 from ..distributed import gather_ranks, require_a_task_per_rank, world
-from ..errors import ConfigError, DataError, a, FastMAMLWarning, NonFiniteLossError, warn
+from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
 from ..train import Learner, check_resumable, checkpoint_path, fit, scalar_writer_class
 from .base import EVAL_KEYS, Experiment, run_started
@@ -330,8 +330,8 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     if only is not None:
         names = [learner.name for learner in learners]
         if only not in names:
-            raise ConfigError(f"--learner {only!r}: {a(preset_name)} run has the learners "
-                              f"{', '.join(names)}")
+            raise ConfigError(f"--learner {only!r}: runs of the {preset_name} preset have the "
+                              f"learners {', '.join(names)}")
         learners = [learner for learner in learners if learner.name == only]
     # a command on the whole run also holds every learner: no --learner command trains meanwhile
     whole_run = [learner.name for learner in learners] if main and only is None else []
