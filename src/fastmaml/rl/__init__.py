@@ -3,13 +3,15 @@
 One meta-iteration, for a trainer to drive::
 
     tasks = env_class(env_id).sample_tasks(meta_batch, rng)
-    support = sampler.sample(maml.model, tasks, num_traj, seed)           # pre-update policy
+    support = sampler.sample(maml.model, tasks, num_traj, 2 * iteration)  # pre-update policy
     with torch.no_grad():
         adapted = adapt_policy(maml, support)                             # REINFORCE inner step
-    query = sampler.sample(maml.model, tasks, num_traj, seed + 1, params=adapted)
+    query = sampler.sample(maml.model, tasks, num_traj, 2 * iteration + 1, params=adapted)
     stats = trpo_meta_step(maml, support, query)                          # TRPO meta-update
 
-with ``maml = MAML(GaussianMLPPolicy(obs_dim, act_dim), reinforce_loss, inner_lr=0.1)``.
+with ``maml = MAML(GaussianMLPPolicy(obs_dim, act_dim), reinforce_loss, inner_lr=0.1)``. A
+seed fixes the episodes' reset states and action noise: the support and query seeds of every
+iteration are distinct, so no two batches share their noise.
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
 from .envs import (ENVS, AntDirEnv, AntVelEnv, HalfCheetahDirEnv, HalfCheetahVelEnv, Nav2DBatch,

@@ -59,8 +59,9 @@ def hessian_vector_product(fn: Callable[[], Tensor], params: Sequence[Tensor],
     """``v -> (H + damping I) v`` with H the Hessian of ``fn()`` at the current ``params``.
 
     ``exact``: double backward through one graph of ``fn``, built here once. ``finite_difference``
-    (the paper's): central difference of the gradient, (g(x + e v) - g(x - e v)) / 2e with
-    e = fd_eps / |v|; it evaluates ``fn`` twice per product and leaves ``params`` unchanged.
+    (the paper's method): central difference of the gradient, (g(x + e v) - g(x - e v)) / 2e with
+    e = fd_eps / |v|, a step of length ``fd_eps`` (the official code's e is 1e-8 / |x|); it
+    evaluates ``fn`` twice per product and leaves ``params`` unchanged.
     """
     params = list(params)
     if method == "exact":
@@ -156,7 +157,10 @@ class TRPOObjective:
     observations, shaped like ``actions`` (tasks, trajectories, steps, A). Calling the objective
     gives the mean over tasks of the masked means over steps of
     -exp(log pi(a|s) - log pi_old(a|s)) * A (the surrogate) and of KL(pi_old || pi); ``kl``
-    is that KL from given policy outputs (what ``gauss_newton_hvp`` differentiates).
+    is that KL from given policy outputs (what ``gauss_newton_hvp`` differentiates). The
+    official code takes the surrogate so but the KL as one mean over all tasks' steps: the
+    same where every task's episodes run the whole horizon (the cheetahs), a weighting of tasks
+    by their steps where episodes end early (navigation at the goal, a falling ant).
     """
 
     def __init__(self, dist: Callable[[], tuple[Tensor, Tensor]], actions: Tensor,
