@@ -198,27 +198,46 @@ def test_file_names_that_are_not_utf8_come_out_as_their_bytes(
 
 
 def test_first_n_outputs_adapted_as_a_plain_gradient_step(image_run: Path, tmp_path: Path) -> None:
-    """One inner step on a 2-class task equals a hand-written step on the first 2 logits."""
+    """One inner step on a 2-class task of unequal shots equals a hand-written step on the first
+    2 logits, each class's mean cross-entropy weighing as one of the run's 3 classes."""
     run = fastmaml.load_run(image_run)
     assert (run.task, run.num_classes, run.steps) == ("classification", 3, 5)
     paths = []
-    for i, name in enumerate(("color2", "color3", "color2", "color3")):
+    for i, name in enumerate(("color2", "color3", "color2", "color3", "color2")):
         paths.append(tmp_path / f"{i}.png")
         write_image(paths[-1], COLORS[name], 70 + i)
-    x, y = run.preprocess(paths), torch.tensor([0, 1, 0, 1])
+    x, y = run.preprocess(paths), torch.tensor([0, 1, 0, 1, 0])
     adapted = run.adapt(x, y, steps=1)
 
     model, maml = run.maml.model, run.maml
     params = dict(model.named_parameters())
-    loss = F.cross_entropy(torch.func.functional_call(model, params, (x,))[:, :2], y)
+    losses = F.cross_entropy(torch.func.functional_call(model, params, (x,))[:, :2], y,
+                             reduction="none")
+    loss = (losses[y == 0].mean() + losses[y == 1].mean()) / 3
     grads = torch.autograd.grad(loss, [params[n] for n in maml.adapted_names])
     lr = maml.inner_lrs(0)
     for name, grad in zip(maml.adapted_names, grads):  # float32, kernels vary by CPU (AVX2/512)
         torch.testing.assert_close(adapted.params[name], params[name] - lr[name] * grad,
                                    rtol=1e-4, atol=1e-4)
-    assert run.predict(adapted, x).shape == (4, 2)
+    assert run.predict(adapted, x).shape == (5, 2)
     with pytest.raises(ConfigError, match="task has 4 classes, but the run was trained 3-way"):
         run.adapt(x, torch.tensor([0, 1, 2, 3]))
+
+
+def test_a_task_of_the_runs_n_way_adapts_with_the_meta_training_loss(image_run: Path,
+                                                                    tmp_path: Path) -> None:
+    """On a balanced task of all the run's classes, the class weighting is the plain mean
+    cross-entropy of meta-training's inner loop."""
+    run = fastmaml.load_run(image_run)
+    paths = []
+    for i, name in enumerate(["color2", "color3", "color4"] * 2):
+        paths.append(tmp_path / f"{i}.png")
+        write_image(paths[-1], COLORS[name], 90 + i)
+    x, y = run.preprocess(paths), torch.tensor([0, 1, 2] * 2)
+    adapted = run.adapt(x, y)
+    engine = run.maml.adapt(x, y, run.steps)  # the engine's own loss: the run's cross-entropy
+    for name, value in engine.items():
+        torch.testing.assert_close(adapted.params[name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,

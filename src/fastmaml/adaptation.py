@@ -10,6 +10,8 @@ probabilities = run.predict(adapted, query, context=x).softmax(-1)   # normalise
 
 MAML assigns labels to a task's classes at random, so any N of a classifier's outputs serve a
 new N-way task (N <= the run's n_way): the first N are used, for adaptation and prediction.
+Each class weighs in the inner loss as one of meta-training's n_way classes did, whatever N and
+its number of examples.
 Batch norm uses the statistics of the batch, as in meta-training and the paper's evaluation.
 So that a prediction does not depend on which other images are asked about at once (a query of
 one image, or of one class, has no useful statistics of its own), ``predict_files`` by default
@@ -106,14 +108,16 @@ class TrainedRun:
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
         """``steps`` (default: the run's) inner steps on the support set. Classification labels
-        are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted."""
+        are 0..N-1 with N <= the run's n_way; the model's first N outputs are adapted, each
+        class weighing in the loss as one of meta-training's n_way (``_first_outputs_loss``)."""
         support_x = self._as_input(support_x, "support")
         support_y = self._as_tensor(support_y, "support labels" if self.task == "classification"
                                     else "support targets")
         num_classes, loss_fn = None, None
         if self.task == "classification":
             support_y, num_classes = self._checked_labels(support_y)
-            loss_fn = _first_outputs_loss(num_classes)
+            loss_fn = _first_outputs_loss(support_y, num_classes, self.num_classes,
+                                          support_x.dtype)
         else:
             support_y = self._as_input(support_y, "support", targets=True)
             if support_y.dim() == 1:
@@ -225,9 +229,20 @@ class TrainedRun:
         return labels, num_classes
 
 
-def _first_outputs_loss(num_classes: int):  # noqa: ANN202 (a LossFn)
-    def loss(logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits[..., :num_classes], labels)
+def _first_outputs_loss(labels: Tensor, num_classes: int, n_way: int,
+                        dtype: torch.dtype):  # noqa: ANN202 (a LossFn)
+    """The inner loss of a task of ``num_classes`` <= ``n_way`` classes, labelled ``labels``,
+    on the model's first outputs: each class's mean cross-entropy over its examples, summed
+    and divided by ``n_way``. That is meta-training's loss (the mean over n_way classes of
+    k_shot examples each) for a balanced n_way task; a plain mean over fewer classes would
+    move each class's output n_way / N times as far as meta-training did, and over unequal
+    shots lean towards the class with the most examples."""
+    with torch.inference_mode(False):  # not an inference tensor: the loss's backward saves it
+        weight = (1.0 / (n_way * torch.bincount(labels, minlength=num_classes))).to(dtype)
+
+    def loss(logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits[..., :num_classes], targets, weight=weight,
+                               reduction="sum")
     return loss
 
 
