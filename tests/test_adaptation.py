@@ -357,6 +357,24 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
         run.maml.predict(adapted, queries)
 
 
+def test_images_outside_the_runs_pixel_range_are_warned_of(image_run: Path,
+                                                          tmp_path: Path) -> None:
+    """Float pixels of 0..255, or standardised ones, are not what the run was trained on."""
+    run = fastmaml.load_run(image_run)
+    support, _ = task_folders(tmp_path, ["color0", "color1"], shots=1, queries=0)
+    x, y = run.preprocess(sorted(support.rglob("*.png"))), torch.tensor([0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the run's own input: no warning
+        adapted = run.adapt(x, y)
+        run.predict(adapted, x, context=x)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"support images hold values from "
+                      r"\d+(\.\d+)? to \d+(\.\d+)?, but this run was trained on pixels scaled "
+                      r"to \[0, 1\]"):
+        run.adapt(x * 255, y)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="query images hold values from -"):
+        run.predict(adapted, (x - x.mean()) / x.std(), context=x)
+
+
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:
     run = fastmaml.load_run(image_run)
     experiment = load_experiment(image_run)

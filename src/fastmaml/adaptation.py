@@ -187,6 +187,10 @@ class TrainedRun:
         if not values.isfinite().all():
             raise DataError(f"the {role} {'targets' if targets else 'inputs'} hold a NaN or "
                             "infinite value")
+        if fmt is not None and (values.min() < 0 or values.max() > 1):
+            warn(f"the {role} images hold values from {values.min():g} to {values.max():g}, but "
+                 "this run was trained on pixels scaled to [0, 1] (0..255 / 255): "
+                 "run.preprocess turns image files into the run's model input", FastMAMLWarning)
         return values
 
     def _as_tensor(self, values: Any, what: str) -> Tensor:
