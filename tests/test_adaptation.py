@@ -22,7 +22,7 @@ import fastmaml
 from fastmaml import ConfigError
 from fastmaml.cli import main
 from fastmaml.experiments import load_experiment
-from fastmaml.tasks.images import as_model_input
+from fastmaml.tasks.images import ImageFormat, as_model_input
 
 COLORS = {f"color{c}": c for c in range(8)}  # class name -> pattern seed
 
@@ -373,6 +373,24 @@ def test_images_outside_the_runs_pixel_range_are_warned_of(image_run: Path,
         run.adapt(x * 255, y)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="query images hold values from -"):
         run.predict(adapted, (x - x.mean()) / x.std(), context=x)
+
+
+def test_light_strokes_on_dark_are_warned_of_where_the_run_inverts(tmp_path: Path) -> None:
+    """An Omniglot-like run (invert=true) given white strokes on black, as MNIST draws them."""
+    image_format = ImageFormat("L", 8, invert=True)
+    strokes = np.full((8, 8), 255, np.uint8)
+    strokes[2:6, 3] = 0  # a dark stroke on white
+    for name, pixels in (("dark-on-light", strokes), ("light-on-dark", 255 - strokes)):
+        Image.fromarray(pixels).save(tmp_path / f"{name}.png")
+    run = fastmaml.adaptation.TrainedRun(tmp_path, None, "classification", 2, 1, image_format,
+                                         torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.preprocess(tmp_path / "dark-on-light.png").mean() < 0.5
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"light strokes on a dark background: "
+                      r"after this run's inversion \(invert=true\) their pixels average 0\.94 "
+                      "of white, .* invert them first"):
+        run.preprocess([tmp_path / "light-on-dark.png"])
 
 
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:

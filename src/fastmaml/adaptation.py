@@ -104,6 +104,11 @@ class TrainedRun:
         fmt = self.image_format
         pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
                            else fmt.read(Path(os.fsdecode(item))) for item in images])
+        if fmt.invert and pixels.mean() > 127.5:
+            warn(f"the images look like light strokes on a dark background: after this run's "
+                 f"inversion (invert=true) their pixels average {pixels.mean() / 255:.2f} of "
+                 "white, where its inverted training images (dark strokes on a light "
+                 "background) are mostly black: invert them first", FastMAMLWarning)
         return as_model_input(channels_first(pixels)).to(self.device)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
