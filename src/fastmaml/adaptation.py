@@ -388,11 +388,11 @@ def _is_count(value: Any, at_least: int = 0) -> bool:
 
 
 def _trained_policy(run_dir: Path, experiment: Any) -> TrainedPolicy:
-    """``load_run`` of a meta-RL run: its MAML learner's ``eval_policy`` parameters."""
+    """``load_run`` of a meta-RL run: its MAML learner's ``eval_policy`` parameters, at the
+    evaluation's step size."""
     with torch.inference_mode(False):
         experiment.cfg = experiment.cfg.replace(workers=0)  # one task at a time: no workers
-        learner = experiment.restore(experiment.learners()[0])
-        maml = learner.evaluation_engine(experiment.cfg.eval_policy)
+        maml = experiment.evaluation_engine(experiment.restore(experiment.learners()[0]))
     return TrainedPolicy(run_dir, maml, experiment.cfg.env, experiment.cfg.eval_inner_steps,
                          experiment)
 

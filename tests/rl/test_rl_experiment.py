@@ -177,6 +177,21 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "fastmaml: wrote" in capsys.readouterr().out
 
 
+def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path) -> None:
+    """A run evaluated at its own ``eval_inner_lr`` is adapted at it too, not at inner_lr."""
+    import fastmaml
+
+    experiment = create_run("rl-nav2d-cpu", tmp_path, [
+        "iterations=1", "meta_batch=2", "trajectories=2", "horizon=5", "hidden=8",
+        "eval_inner_steps=1", "pretrained=false", "inner_lr=0.5", "eval_inner_lr=0.05"])
+    (learner,) = experiment.learners()
+    fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
+    run = fastmaml.load_run(tmp_path)
+    assert {float(lr) for lr in run.maml.inner_lrs(0).values()} == {0.05}
+    engine = experiment.evaluation_engine(experiment.restore(experiment.learners()[0]))
+    assert {float(lr) for lr in engine.inner_lrs(0).values()} == {0.05}
+
+
 def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``fastmaml.load_run`` of an RL run: its best policy, adapted to a task by the evaluation

@@ -424,12 +424,9 @@ class RLExperiment(Experiment):
         tasks, step_sizes = self.eval_tasks(), self.eval_step_sizes()
         engines: dict[str, tuple[MAML, dict[str, Any]]] = {}
         for name, learner in trained.items():
-            engine = learner.evaluation_engine(cfg.eval_policy)
-            if cfg.eval_inner_lr or name != "maml":  # else MAML's own (possibly learned) rates
-                engine = self._with_lr(engine, step_sizes[name])
             info = {"policy": cfg.eval_policy, "best_iteration": learner.best_iteration + 1,
                     "best_training_return": learner.best_return}
-            engines[name] = (engine, info)
+            engines[name] = (self.evaluation_engine(learner), info)
         engines["random"] = (self.build_maml(2, step_sizes["random"]), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
         records, returns = [], {}
@@ -448,6 +445,15 @@ class RLExperiment(Experiment):
                 for name, values in returns.items() if name != "maml"}
         self.write_eval(records, self.table(records))
         return records
+
+    def evaluation_engine(self, learner: MetaRLLearner) -> MAML:
+        """The engine that the evaluation protocol adapts ``learner`` with: its ``eval_policy``
+        parameters at its first step size (``eval_step_sizes``; MAML without ``eval_inner_lr``
+        keeps its own, possibly learned, rates)."""
+        engine = learner.evaluation_engine(self.cfg.eval_policy)
+        if self.cfg.eval_inner_lr or learner.name != "maml":
+            engine = self._with_lr(engine, self.eval_step_sizes()[learner.name])
+        return engine
 
     def _with_lr(self, engine: MAML, lr: float) -> MAML:
         fresh = self.build_maml(0, lr)
