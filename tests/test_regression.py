@@ -6,10 +6,12 @@ import io
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import fastmaml
 from fastmaml.cli import main
@@ -154,3 +156,40 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     assert main(["adapt", *common, "--plot", str(tmp_path / "plot.png")]) == 2
     assert "--plot draws a curve over one x value, but this run's points have 2" in (
         capsys.readouterr().err)
+
+
+def test_adapting_beyond_the_training_tasks_range_is_warned_of(tmp_path: Path, capsys) -> None:
+    """The run records each column's range over its meta-train tasks; x or support y beyond it
+    (by more than a tenth of its width) is warned of, at adapt and predict, in Python and on
+    the command line."""
+    data, run = tmp_path / "tasks", tmp_path / "run"
+    write_sinusoid_tasks(data, 10)  # x in [-5, 5], amplitudes in [0.5, 4]
+    assert main(["train", "regression-csv", "--out", str(run), "--data-root", str(data),
+                 "iterations=2", "val_every=0", "--no-progress"]) == 0
+    x_low, x_high, y_low, y_high = yaml.safe_load((run / "config.yaml").read_text())[
+        "value_ranges"]
+    assert -5 <= x_low < -4.5 and 4.5 < x_high <= 5 and -4 <= y_low < 0 < y_high <= 4
+    trained = fastmaml.load_run(run)
+    x = np.linspace(-4, 4, 10, dtype=np.float32)[:, None]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the training tasks' range: no warning
+        adapted = trained.adapt(x, np.sin(x))
+        trained.predict(adapted, x)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the support values run beyond "
+                      r"the run's training tasks: x from 40 to 80 \(training: -4\.9\d* to 4\.9\d*\); "
+                      r"its meta-learned start suits their range"):
+        trained.adapt(x * 5 + 60, np.sin(x))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"support values .*: y from "
+                      r"-9\.7\d* to 9\.7\d* \(training"):
+        trained.adapt(x, 10 * np.sin(x))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values .*: x from 50 "
+                      "to 50 "):
+        trained.predict(adapted, np.array([[50.0]]))
+    (tmp_path / "support.csv").write_text("".join(f"{u},{np.sin(u)}\n" for u in x[:, 0]))
+    (tmp_path / "query.csv").write_text("x\n0.5\n20\n")
+    capsys.readouterr()
+    assert main(["adapt", str(run), "--support", str(tmp_path / "support.csv"),
+                 "--query", str(tmp_path / "query.csv")]) == 0
+    err = capsys.readouterr().err
+    assert "the query values run beyond the run's training tasks: x from 0.5 to 20" in err
+    assert "support values" not in err

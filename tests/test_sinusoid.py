@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -167,3 +168,16 @@ def test_presets_are_listed(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "sinusoid-demo" in out and "70,000 iterations" in out
+
+
+def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path) -> None:
+    """The sinusoid's tasks draw x from [-5, 5] and amplitudes up to 5: x = 50 is beyond."""
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=1",
+                 "--no-progress"]) == 0
+    trained = fastmaml.load_run(run)
+    x = torch.linspace(-5, 5, 10)[:, None]
+    adapted = trained.adapt(x, 5 * torch.sin(x))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values run beyond the "
+                      r"run's training tasks: x from 50 to 50 \(training: -5 to 5\)"):
+        trained.predict(adapted, torch.full((1, 1), 50.0))

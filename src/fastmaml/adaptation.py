@@ -77,6 +77,8 @@ class TrainedRun:
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
     x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if recorded
+    # a regression run's (low, high) of each x column, then of y, over its training tasks
+    value_ranges: tuple[tuple[float, float], ...] = ()
 
     @property
     def features(self) -> int | None:
@@ -127,6 +129,7 @@ class TrainedRun:
             support_y = self._as_input(support_y, "support", targets=True)
             if support_y.dim() == 1:
                 support_y = support_y[:, None]
+            self._warn_outside_training("support", support_x, support_y)
         steps = self.steps if steps is None else steps
         with torch.no_grad():
             params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
@@ -149,6 +152,7 @@ class TrainedRun:
                               f"{type(adapted).__name__} (MAML.adapt's parameters go to "
                               "run.maml.predict)")
         x = self._as_input(x, "query")
+        self._warn_outside_training("query", x)
         if context is not None:
             context = self._as_input(context, "context")
         elif (adapted.num_classes and len(x) < adapted.num_classes
@@ -161,6 +165,24 @@ class TrainedRun:
         with torch.no_grad():
             out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
+
+    def _warn_outside_training(self, role: str, x: Tensor, y: Tensor | None = None) -> None:
+        """Warn of regression values beyond the range of the run's training tasks in a column
+        (by more than a tenth of its width): the meta-learned start suits that range."""
+        if self.task != "regression" or not self.value_ranges:
+            return
+        names = list(self.x_names) or ([f"x{i + 1}" for i in range(x.shape[1])]
+                                       if x.shape[1] > 1 else ["x"])
+        columns = list(zip(names, x.T, self.value_ranges))
+        if y is not None:
+            columns.append(("y", y[:, 0], self.value_ranges[-1]))
+        beyond = [f"{name} from {float(v.min()):g} to {float(v.max()):g} (training: {low:g} to "
+                  f"{high:g})" for name, v, (low, high) in columns
+                  if v.min() < low - (high - low) / 10 or v.max() > high + (high - low) / 10]
+        if beyond:
+            warn(f"the {role} values run beyond the run's training tasks: {'; '.join(beyond)}; "
+                 "its meta-learned start suits their range, so expect less of the adaptation "
+                 "(scale the data as the training tasks were)", FastMAMLWarning)
 
     def _as_input(self, values: Tensor | np.ndarray, role: str, targets: bool = False) -> Tensor:
         """``values`` in the model's floating dtype, on its device (e.g. float64 points from
@@ -287,7 +309,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
                       cfg.image_format() if classification else None, experiment.device,
-                      getattr(cfg, "x_names", ()))
+                      getattr(cfg, "x_names", ()), experiment.value_ranges())
 
 
 class AdaptedPolicy(NamedTuple):

@@ -337,6 +337,11 @@ class Experiment(ABC):
         """What the run found in its data that the user should see at the start ("" if none)."""
         return ""
 
+    def value_ranges(self) -> tuple[tuple[float, float], ...]:
+        """A regression run's range of each x column, then of y, over its training tasks
+        ((low, high) each), which ``adapt`` warns of leaving; () where not known."""
+        return ()
+
     def figures_dir(self) -> Path:
         path = self.run_dir / "figures"
         path.mkdir(parents=True, exist_ok=True)

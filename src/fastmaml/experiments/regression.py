@@ -47,6 +47,9 @@ class RegressionConfig(Config):
     # one: the first headed task file's, found when the run starts (a run started before they
     # were recorded reads every file as it stands)
     x_names: tuple[str, ...] = ()
+    # each x column's and y's lowest and highest value over the meta-train tasks (x1 low, x1
+    # high, ..., y low, y high), recorded when the run starts: adapt warns of leaving them
+    value_ranges: tuple[float, ...] = ()
     hidden: tuple[int, ...] = (40, 40)
     val_every: int = 500
     val_tasks: int = 100
@@ -125,6 +128,10 @@ class RegressionExperiment(Experiment):
                               f"of {self.data_root()} hold {found}")
         cfg.features = found  # recorded in config.yaml: the model's input size
         cfg.x_names = tuple(self.splits["train"].x_names or ())  # as recorded, or found (splits)
+        points = torch.cat(self.splits["train"].points)
+        cfg.value_ranges = tuple(value for column in zip(points.amin(0).tolist(),
+                                                         points.amax(0).tolist())
+                                 for value in column)
         maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):
@@ -134,6 +141,10 @@ class RegressionExperiment(Experiment):
                 cfg.inner_steps, cfg.val_every, "val_mse")
         return [meta_learner(maml, cfg, lambda generator: train.sample(cfg.meta_batch, generator),
                              torch.Generator().manual_seed(cfg.seed), **validation)]
+
+    def value_ranges(self) -> tuple[tuple[float, float], ...]:
+        bounds = self.cfg.value_ranges
+        return tuple(zip(bounds[::2], bounds[1::2]))
 
     def data_note(self) -> str:
         """The x values per point (a stray id column would count as one)."""

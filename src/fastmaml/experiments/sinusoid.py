@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
 from ..plots import plot_step_curves, save_figure, steps_label
-from ..tasks.sinusoid import X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
+from ..tasks.sinusoid import AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
 from ..train import GradientLearner, backpropagated, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 
@@ -68,6 +68,9 @@ class SinusoidExperiment(Experiment):
     config_cls = SinusoidConfig
     curve_keys = ("loss",)
     cfg: SinusoidConfig
+
+    def value_ranges(self) -> tuple[tuple[float, float], ...]:
+        return X_RANGE, (-AMPLITUDE[1], AMPLITUDE[1])
 
     def _network(self, inputs: int, seed_offset: int) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed + seed_offset)
