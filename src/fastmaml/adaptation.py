@@ -591,7 +591,8 @@ def _read_for(run: TrainedRun, path: str | os.PathLike[str], role: str, need_y: 
     """A points CSV for ``run``: its x columns in the run's order where its header names them
     in another; one naming other columns is taken in order, with a warning."""
     points, matched = align_columns(read_points(path, role, need_y=need_y,
-                                                features=run.features), run.x_names)
+                                                features=run.features, x_names=run.x_names),
+                                    run.x_names)
     if not matched:
         warn(f"the {role} CSV {path} names its x columns {', '.join(points.x_names or [])}, "
              f"but the run's are {', '.join(run.x_names)}: they are taken as they stand",

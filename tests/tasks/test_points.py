@@ -153,6 +153,22 @@ def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) 
                         features=features)
 
 
+def test_the_one_column_named_beside_the_runs_x_columns_is_the_target(tmp_path: Path) -> None:
+    """``price,sqft,rooms`` for a run on ``sqft,rooms``: price is y, not the last column."""
+    (tmp_path / "query.csv").write_text("price,SqFt,rooms\n300,80,3\n500,120,4\n")
+    x, y, names = read_points(tmp_path / "query.csv", "query", need_y=False, features=2,
+                              x_names=("sqft", "rooms"))
+    assert x.tolist() == [[80, 3], [120, 4]] and y.tolist() == [[300], [500]]
+    assert names == ["SqFt", "rooms"]
+    x, y, names = read_points(tmp_path / "query.csv", "query", need_y=False, features=2)
+    assert y.tolist() == [[3], [4]] and names == ["price", "SqFt"]  # no names: the last
+    for header in ("price,cost,rooms", "y2,sqft,sqft"):  # two unknown, or names repeated
+        (tmp_path / "other.csv").write_text(f"{header}\n300,80,3\n")
+        x, y, names = read_points(tmp_path / "other.csv", "query", need_y=False, features=2,
+                                  x_names=("sqft", "rooms"))
+        assert y.tolist() == [[3]]
+
+
 def test_task_files_of_different_x_values_are_an_error(tmp_path: Path) -> None:
     write_task(tmp_path / "tasks" / "t0.csv", 0, 6)
     (tmp_path / "tasks" / "t1.csv").write_text("".join(f"{i},{i},1\n" for i in range(6)))

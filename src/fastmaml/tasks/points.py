@@ -43,12 +43,14 @@ class Points(NamedTuple):
 
 
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
-                features: int | None = None) -> Points:
+                features: int | None = None, x_names: Sequence[str] = ()) -> Points:
     """A regression CSV of one row per point: its ``features`` x values (None: every column but
     y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False.
     A header line (a first line with no number in it, one name per column) is optional; a
-    column it names ``y`` is the target wherever it stands (``y,x``); the others name the x
-    columns. A bad line is a ``DataError`` that names it."""
+    column it names ``y`` is the target wherever it stands (``y,x``), and so is the one column
+    it names beside all of ``x_names`` (a run's x columns: ``price,sqft,rooms`` for a run on
+    ``sqft,rooms``); the others name the x columns. A bad line is a ``DataError`` that names
+    it."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
@@ -97,8 +99,12 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     lowered = [name.lower() for name in names]
     target = None  # x only
     if width != features:
-        target = lowered.index("y") if "y" in lowered else width - 1
-        # (no y: the last by position); task files as ever, so that a run trained on files
+        known = {name.lower() for name in x_names}
+        others = [i for i, name in enumerate(lowered) if name not in known]
+        target = (lowered.index("y") if "y" in lowered else
+                  others[0] if known and len(others) == 1 and len(set(lowered)) == width
+                  else width - 1)
+        # (else the last by position); task files as ever, so that a run trained on files
         # headed so (x_names records their order) still resumes and evaluates
         if names and role != "task" and re.fullmatch(r"x\d*", lowered[target]):
             raise DataError(f"the header of the {role} CSV {path} names no y column, so its last "
