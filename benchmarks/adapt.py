@@ -113,7 +113,8 @@ def compare_inner_losses(run_dir: Path, tasks: int, ways: list[int], unbalanced:
         for sx, sy, qx, qy in task_list:
             keep = sy < n
             if uneven:  # the first example of each class, and every one of class 0
-                keep &= (sy == 0) | (torch.arange(len(sy)) == (sy[:, None] == sy).int().argmax(1))
+                first = (sy[:, None] == sy).int().argmax(1)  # each example's class's first
+                keep &= (sy == 0) | (torch.arange(len(sy), device=sy.device) == first)
             sx_n, sy_n, queries = sx[keep], sy[keep], qy < n
             plain = run.maml.adapt(sx_n, sy_n, run.steps,
                                    loss_fn=lambda logits, y: F.cross_entropy(logits[..., :n], y))
@@ -167,6 +168,8 @@ def main() -> None:
     parser.add_argument("--unbalanced", action="store_true")
     parser.add_argument("--no-timing", action="store_true", help="skip the timings")
     args = parser.parse_args()
+    if args.loss_tasks and not (args.ways or args.unbalanced):
+        parser.error("--loss-tasks needs --ways or --unbalanced: the tasks to compare on")
     run_dir = Path(args.run)
     if not args.no_timing:
         time_adaptation(run_dir, Path(args.data_root), args.repeats)

@@ -373,6 +373,9 @@ def test_images_outside_the_runs_pixel_range_are_warned_of(image_run: Path,
         run.adapt(x * 255, y)
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="query images hold values from -"):
         run.predict(adapted, (x - x.mean()) / x.std(), context=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert run.predict(adapted, x[:0], context=x).shape == (0, 2)  # no images, no range
 
 
 def test_light_strokes_on_dark_are_warned_of_where_the_run_inverts(tmp_path: Path) -> None:
@@ -387,10 +390,12 @@ def test_light_strokes_on_dark_are_warned_of_where_the_run_inverts(tmp_path: Pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert run.preprocess(tmp_path / "dark-on-light.png").mean() < 0.5
-    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"light strokes on a dark background: "
-                      r"after this run's inversion \(invert=true\) their pixels average 0\.94 "
-                      "of white, .* invert them first"):
-        run.preprocess([tmp_path / "light-on-dark.png"])
+    light_on_dark = str(tmp_path / "light-on-dark.png")
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=rf"1 of the 2 images \("
+                      rf"{re.escape(light_on_dark)}\) look like light strokes on a dark "
+                      r"background: after this run's inversion \(invert=true\) their pixels "
+                      r"average up to 0\.94 of white, .* invert them first"):
+        run.preprocess([tmp_path / "dark-on-light.png", light_on_dark])
 
 
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:

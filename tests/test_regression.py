@@ -185,6 +185,9 @@ def test_adapting_beyond_the_training_tasks_range_is_warned_of(tmp_path: Path, c
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values .*: x from 50 "
                       "to 50 "):
         trained.predict(adapted, np.array([[50.0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert trained.predict(adapted, np.zeros((0, 1))).shape == (0, 1)
     (tmp_path / "support.csv").write_text("".join(f"{u},{np.sin(u)}\n" for u in x[:, 0]))
     (tmp_path / "query.csv").write_text("x\n0.5\n20\n")
     capsys.readouterr()
@@ -193,3 +196,17 @@ def test_adapting_beyond_the_training_tasks_range_is_warned_of(tmp_path: Path, c
     err = capsys.readouterr().err
     assert "the query values run beyond the run's training tasks: x from 0.5 to 20" in err
     assert "support values" not in err
+    # recorded once: a resumed run keeps them, whatever its files hold now
+    config = (run / "config.yaml").read_text()
+    recorded = f"value_ranges:\n- {x_low}\n- {x_high}\n- {y_low}\n- {y_high}\n"
+    assert recorded in config
+    (run / "config.yaml").write_text(config.replace(recorded, "value_ranges:\n- -1\n- 1\n"
+                                                              "- -2\n- 2\n"))
+    assert main(["train", "regression-csv", "--out", str(run), "--data-root", str(data),
+                 "iterations=3", "val_every=0", "--no-progress"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["value_ranges"] == [-1, 1, -2, 2]
+    capsys.readouterr()
+    assert main(["train", "regression-csv", "--out", str(tmp_path / "bad"), "--data-root",
+                 str(data), "value_ranges=1,0", "--no-progress"]) == 2
+    assert ("value_ranges must be pairs of a low and a high value, one per x column and one "
+            "for y, got 1.0, 0.0") in capsys.readouterr().err

@@ -106,11 +106,17 @@ class TrainedRun:
         fmt = self.image_format
         pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
                            else fmt.read(Path(os.fsdecode(item))) for item in images])
-        if fmt.invert and pixels.mean() > 127.5:
-            warn(f"the images look like light strokes on a dark background: after this run's "
-                 f"inversion (invert=true) their pixels average {pixels.mean() / 255:.2f} of "
-                 "white, where its inverted training images (dark strokes on a light "
-                 "background) are mostly black: invert them first", FastMAMLWarning)
+        means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255
+        dark = [i for i, mean in enumerate(means) if mean > 0.5] if fmt.invert else []
+        if dark:
+            shown = ", ".join(f"image {i}" if isinstance(images[i], Image.Image)
+                              else os.fsdecode(images[i]) for i in dark[:3])
+            shown += ", ..." if len(dark) > 3 else ""
+            warn(f"{len(dark)} of the {len(images)} images ({shown}) look like light strokes "
+                 f"on a dark background: after this run's inversion "
+                 f"(invert=true) their pixels average up to {means.max():.2f} of white, where "
+                 "its inverted training images (dark strokes on a light background) are "
+                 "mostly black: invert them first", FastMAMLWarning)
         return as_model_input(channels_first(pixels)).to(self.device)
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Adapted:
@@ -123,8 +129,7 @@ class TrainedRun:
         num_classes, loss_fn = None, None
         if self.task == "classification":
             support_y, num_classes = self._checked_labels(support_y)
-            loss_fn = _first_outputs_loss(support_y, num_classes, self.num_classes,
-                                          support_x.dtype)
+            loss_fn = _first_outputs_loss(num_classes, self.num_classes)
         else:
             support_y = self._as_input(support_y, "support", targets=True)
             if support_y.dim() == 1:
@@ -169,7 +174,7 @@ class TrainedRun:
     def _warn_outside_training(self, role: str, x: Tensor, y: Tensor | None = None) -> None:
         """Warn of regression values beyond the range of the run's training tasks in a column
         (by more than a tenth of its width): the meta-learned start suits that range."""
-        if self.task != "regression" or not self.value_ranges:
+        if self.task != "regression" or not self.value_ranges or not len(x):
             return
         names = list(self.x_names) or ([f"x{i + 1}" for i in range(x.shape[1])]
                                        if x.shape[1] > 1 else ["x"])
@@ -214,7 +219,7 @@ class TrainedRun:
         if not values.isfinite().all():
             raise DataError(f"the {role} {'targets' if targets else 'inputs'} hold a NaN or "
                             "infinite value")
-        if fmt is not None and (values.min() < 0 or values.max() > 1):
+        if fmt is not None and values.numel() and (values.min() < 0 or values.max() > 1):
             warn(f"the {role} images hold values from {values.min():g} to {values.max():g}, but "
                  "this run was trained on pixels scaled to [0, 1] (0..255 / 255): "
                  "run.preprocess turns image files into the run's model input", FastMAMLWarning)
@@ -260,20 +265,17 @@ class TrainedRun:
         return labels, num_classes
 
 
-def _first_outputs_loss(labels: Tensor, num_classes: int, n_way: int,
-                        dtype: torch.dtype):  # noqa: ANN202 (a LossFn)
-    """The inner loss of a task of ``num_classes`` <= ``n_way`` classes, labelled ``labels``,
-    on the model's first outputs: each class's mean cross-entropy over its examples, summed
-    and divided by ``n_way``. That is meta-training's loss (the mean over n_way classes of
-    k_shot examples each) for a balanced n_way task; a plain mean over fewer classes would
-    move each class's output n_way / N times as far as meta-training did, and over unequal
-    shots lean towards the class with the most examples."""
-    with torch.inference_mode(False):  # not an inference tensor: the loss's backward saves it
-        weight = (1.0 / (n_way * torch.bincount(labels, minlength=num_classes))).to(dtype)
-
-    def loss(logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits[..., :num_classes], targets, weight=weight,
-                               reduction="sum")
+def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn)
+    """The inner loss of a task of ``num_classes`` <= ``n_way`` classes on the model's first
+    outputs: each class's mean cross-entropy over its examples, summed and divided by
+    ``n_way``. That is meta-training's loss (the mean over n_way classes of k_shot examples
+    each) for a balanced n_way task; a plain mean over fewer classes would move each class's
+    output n_way / N times as far as meta-training did, and over unequal shots lean towards
+    the class with the most examples."""
+    def loss(logits: Tensor, labels: Tensor) -> Tensor:
+        shots = (labels[:, None] == labels).sum(dim=1)  # each example's class's examples
+        losses = F.cross_entropy(logits[..., :num_classes], labels, reduction="none")
+        return (losses / shots).sum() / n_way
     return loss
 
 
@@ -414,7 +416,7 @@ def _trained_policy(run_dir: Path, experiment: Any) -> TrainedPolicy:
     evaluation's step size."""
     with torch.inference_mode(False):
         experiment.cfg = experiment.cfg.replace(workers=0)  # one task at a time: no workers
-        maml = experiment.evaluation_engine(experiment.restore(experiment.learners()[0]))
+        maml = experiment.eval_engine(experiment.restore(experiment.learners()[0]))
     return TrainedPolicy(run_dir, maml, experiment.cfg.env, experiment.cfg.eval_inner_steps,
                          experiment)
 
@@ -620,9 +622,12 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     if plot is not None:
         every = torch.cat([support_x, query_x])[:, 0]
         margin = 0.05 * float(every.max() - every.min()) or 1.0
-        grid = torch.linspace(float(every.min()) - margin, float(every.max()) + margin, 300)[:, None]
-        before = run.predict(run.adapt(support_x, support_y, 0), grid).cpu()
-        after = run.predict(adapted, grid).cpu()
+        grid = torch.linspace(float(every.min()) - margin, float(every.max()) + margin,
+                              300)[:, None]
+        on_device = grid.to(support_x)  # the model's device and dtype; not the user's query
+        with torch.no_grad():
+            before = run.maml.predict(run.maml.adapt(support_x, support_y, 0), on_device).cpu()
+            after = run.maml.predict(adapted.params, on_device).cpu()
         plot_regression_adaptation(grid, before, after, steps, support_x, support_y, query_x,
                                    query_y if query_y is not None else prediction, Path(plot),
                                    query_labelled=query_y is not None)

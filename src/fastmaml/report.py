@@ -304,7 +304,8 @@ def _changed_settings(run: Run) -> dict[str, Any]:
     defaults = preset_config(run.preset, []).to_dict()
     saved = experiment_class(PRESETS[run.preset].experiment).config_cls.from_dict(
         run.config).to_dict()
-    skip = {"data_root", "download", "compile"}  # where the data is; how fast it trains
+    # where the data is; how fast it trains; what the run records of its data
+    skip = {"data_root", "download", "compile", "value_ranges"}
     return {k: v for k, v in saved.items() if k not in skip and defaults.get(k) != v}
 
 

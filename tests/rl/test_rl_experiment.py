@@ -188,7 +188,7 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path) -> None:
     fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     run = fastmaml.load_run(tmp_path)
     assert {float(lr) for lr in run.maml.inner_lrs(0).values()} == {0.05}
-    engine = experiment.evaluation_engine(experiment.restore(experiment.learners()[0]))
+    engine = experiment.eval_engine(experiment.restore(experiment.learners()[0]))
     assert {float(lr) for lr in engine.inner_lrs(0).values()} == {0.05}
 
 

@@ -51,9 +51,9 @@ def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: P
     ("1;2\n", "line 1 of the support CSV .* has 1 field.*fields look separated by ';'"),
     (",x,y\n0,1,2\n1,3,4\n", "unnamed, as pandas writes a row index: .*index=False"),
     (",x\n0,1\n1,3\n", "unnamed, as pandas writes a row index"),  # else read as x=index
-    ("target,x\n1,2\n3,4\n", "names no y column, so its last column, 'x', would be the "
+    ("target,x\n1,2\n3,4\n", "names no y column, so its column 'x' would be the "
                               "target: name the target column y"),
-    ("value,X2\n1,2\n3,4\n", "its last column, 'X2', would be the target"),
+    ("value,X2\n1,2\n3,4\n", "its column 'X2' would be the target"),
 ])
 def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
         tmp_path: Path, text: str, message: str) -> None:
@@ -68,7 +68,7 @@ def test_a_task_file_headed_without_y_is_read_by_position_as_ever(tmp_path: Path
     (tmp_path / "task.csv").write_text("t,x\n0,1\n2,3\n")
     x, y, names = read_points(tmp_path / "task.csv", "task", need_y=True)
     assert x[:, 0].tolist() == [0.0, 2.0] and y[:, 0].tolist() == [1.0, 3.0] and names == ["t"]
-    with pytest.raises(DataError, match="its last column, 'x', would be the target"):
+    with pytest.raises(DataError, match="its column 'x' would be the target"):
         read_points(tmp_path / "task.csv", "support", need_y=True)
 
 

@@ -66,6 +66,11 @@ class RegressionConfig(Config):
                 self.x_names and self.features and len(self.x_names) != self.features):
             raise ConfigError("x_names must be distinct names (any case), one per x value "
                               f"(features={self.features}), got {', '.join(self.x_names)}")
+        bounds = self.value_ranges
+        if bounds and (len(bounds) % 2 or any(low > high for low, high in
+                                              zip(bounds[::2], bounds[1::2]))):
+            raise ConfigError("value_ranges must be pairs of a low and a high value, one per x "
+                              f"column and one for y, got {', '.join(map(str, bounds))}")
         if self.data_root:  # absolute, so that the saved run evaluates from any directory
             self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
 
@@ -128,10 +133,11 @@ class RegressionExperiment(Experiment):
                               f"of {self.data_root()} hold {found}")
         cfg.features = found  # recorded in config.yaml: the model's input size
         cfg.x_names = tuple(self.splits["train"].x_names or ())  # as recorded, or found (splits)
-        points = torch.cat(self.splits["train"].points)
-        cfg.value_ranges = tuple(value for column in zip(points.amin(0).tolist(),
-                                                         points.amax(0).tolist())
-                                 for value in column)
+        if not cfg.value_ranges:  # recorded once (a run started before they were: now)
+            points = torch.cat(self.splits["train"].points)
+            cfg.value_ranges = tuple(value for column in zip(points.amin(0).tolist(),
+                                                             points.amax(0).tolist())
+                                     for value in column)
         maml = self.build_maml()
         validation = {}
         if cfg.val_every and len(self.splits["val"]):

@@ -426,7 +426,7 @@ class RLExperiment(Experiment):
         for name, learner in trained.items():
             info = {"policy": cfg.eval_policy, "best_iteration": learner.best_iteration + 1,
                     "best_training_return": learner.best_return}
-            engines[name] = (self.evaluation_engine(learner), info)
+            engines[name] = (self.eval_engine(learner), info)
         engines["random"] = (self.build_maml(2, step_sizes["random"]), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
         records, returns = [], {}
@@ -446,7 +446,7 @@ class RLExperiment(Experiment):
         self.write_eval(records, self.table(records))
         return records
 
-    def evaluation_engine(self, learner: MetaRLLearner) -> MAML:
+    def eval_engine(self, learner: MetaRLLearner) -> MAML:
         """The engine that the evaluation protocol adapts ``learner`` with: its ``eval_policy``
         parameters at its first step size (``eval_step_sizes``; MAML without ``eval_inner_lr``
         keeps its own, possibly learned, rates)."""

@@ -70,6 +70,7 @@ class SinusoidExperiment(Experiment):
     cfg: SinusoidConfig
 
     def value_ranges(self) -> tuple[tuple[float, float], ...]:
+        """The task distribution's: x in X_RANGE, y within the largest amplitude."""
         return X_RANGE, (-AMPLITUDE[1], AMPLITUDE[1])
 
     def _network(self, inputs: int, seed_offset: int) -> torch.nn.Module:

@@ -107,8 +107,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         # (else the last by position); task files as ever, so that a run trained on files
         # headed so (x_names records their order) still resumes and evaluates
         if names and role != "task" and re.fullmatch(r"x\d*", lowered[target]):
-            raise DataError(f"the header of the {role} CSV {path} names no y column, so its last "
-                            f"column, {names[target]!r}, would be the target: name the target "
+            raise DataError(f"the header of the {role} CSV {path} names no y column, so its "
+                            f"column {names[target]!r} would be the target: name the target "
                             "column y")
     x_columns = [column for column in range(width) if column != target]
     return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
