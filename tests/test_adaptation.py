@@ -96,6 +96,14 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     correct = sum(r["prediction"] == r["label"] for r in rows)
     assert f"accuracy {100 * correct / 9:.2f}% on the labelled query" in err
     assert "in 5 step(s)" in err  # the run's evaluation setting
+    code, _, err = adapt(capsys, str(image_run), "eval_inner_steps=2", "--support", str(support),
+                         "--query", str(query))
+    assert code == 0 and "in 2 step(s)" in err  # an evaluation setting for this adaptation
+    assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
+    code, _, err = adapt(capsys, str(image_run), "inner_lr=1", "--support", str(support),
+                         "--query", str(query))
+    assert code == 2 and ("inner_lr=1: an adaptation takes only evaluation settings "
+                          "(eval_tasks, eval_inner_steps") in err
 
 
 def test_the_accuracy_in_json_is_the_fraction_of_correct_queries(

@@ -46,6 +46,7 @@ from .core import MAML
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
 from .experiments import load_experiment
+from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
@@ -279,16 +280,23 @@ def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn
     return loss
 
 
-def load_run(run_dir: str | os.PathLike[str], device: str | None = None
-             ) -> TrainedRun | TrainedPolicy:
+def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
+             settings: Sequence[str] = ()) -> TrainedRun | TrainedPolicy:
     """The trained MAML of a few-shot or regression run directory, ready to adapt; of a meta-RL
     run, its policy (``TrainedPolicy``), ready to adapt to a task by sampling its environment.
 
-    ``device`` defaults to the run's setting. Loading changes no process-wide setting (threads,
-    allocator), unlike the ``fastmaml`` commands.
+    ``device`` defaults to the run's setting. ``settings``: ``key=value`` evaluation settings
+    that replace the run's for this adaptation, as ``fastmaml eval`` takes them (e.g.
+    ``eval_inner_steps=5``; meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading
+    changes no process-wide setting (threads, allocator), unlike the ``fastmaml`` commands.
     """
+    other = [item for item in settings if item.partition("=")[0].strip() not in EVAL_KEYS]
+    if other:
+        raise ConfigError(f"{', '.join(other)}: an adaptation takes only evaluation settings "
+                          f"({', '.join(EVAL_KEYS)})")
     run_dir = Path(run_dir)
-    overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
+    overrides = (["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
+                 + list(settings))
     experiment = load_experiment(run_dir, overrides)
     if experiment.name == "rl":
         return _trained_policy(run_dir, experiment)

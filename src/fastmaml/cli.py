@@ -95,7 +95,7 @@ def _adapt(args: argparse.Namespace) -> None:
 
 
 def _adapt_in(args: argparse.Namespace, run_dir: Path, out: Path | None) -> None:
-    run = load_run(run_dir, device=args.device)
+    run = load_run(run_dir, device=args.device, settings=args.overrides)
     text, said = (_adapt_policy(args, run, out) if isinstance(run, TrainedPolicy)
                   else _predict(args, run, out))
     if out is None:
@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
         "for a run on points of d x values) and QUERY a CSV of the x values (or with y, then the "
         "MSE is reported). Meta-RL runs: --task names the task; the "
         "policy samples it and takes policy-gradient steps, as fastmaml eval does, and the mean "
-        "return after each step is reported.")
+        "return after each step is reported. key=value evaluation settings after run_dir "
+        "replace the run's for this adaptation, as fastmaml eval takes them (e.g. "
+        "eval_policy=last or eval_inner_lr=0.05; before --task, which takes what follows it).")
     adapt.add_argument("run_dir")
     adapt.add_argument("--support", help="the new task's labelled examples")
     adapt.add_argument("--query",
@@ -343,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "eval"):  # (their overrides say what is wrong)
+    if extra and args.command not in ("train", "eval", "adapt"):  # (they say what is wrong)
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]

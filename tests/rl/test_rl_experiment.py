@@ -190,6 +190,8 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path) -> None:
     assert {float(lr) for lr in run.maml.inner_lrs(0).values()} == {0.05}
     engine = experiment.eval_engine(experiment.restore(experiment.learners()[0]))
     assert {float(lr) for lr in engine.inner_lrs(0).values()} == {0.05}
+    other = fastmaml.load_run(tmp_path, settings=["eval_inner_lr=0.2"])  # for this adaptation
+    assert {float(lr) for lr in other.maml.inner_lrs(0).values()} == {0.2}
 
 
 def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
