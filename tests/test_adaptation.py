@@ -133,6 +133,16 @@ def test_query_classes_match_support_classes_in_either_unicode_form(
                                                tmp_path / "support", tmp_path / "query")
     assert result.summary["classes"] == ["caf\u00e9", "color1"]
     assert sorted(row["label"] for row in result.rows) == ["caf\u00e9", "color1"]
+    write_image(tmp_path / "support" / decomposed / "0.png", COLORS["color2"], 4)  # two cafés
+    with pytest.raises(fastmaml.errors.DataError, match="the support class folders .* have the "
+                       "same name in Unicode's composed form"):
+        fastmaml.adaptation.predict_files(fastmaml.load_run(image_run), tmp_path / "support",
+                                          tmp_path / "query")
+    flat = tmp_path / "flat"
+    for name in (composed, decomposed):
+        write_image(flat / f"{name}.png", COLORS["color0"], 5)
+    with pytest.raises(fastmaml.errors.DataError, match="would be classes of the same name"):
+        fastmaml.adaptation.support_images(flat)
 
 
 def test_json_to_a_file_flat_folders_and_the_first_n_outputs(

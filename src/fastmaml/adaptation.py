@@ -485,21 +485,32 @@ def support_images(folder: str | os.PathLike[str]) -> ImageSet:
     folder = Path(folder)
     subfolders, images = _folder_entries(folder, "support")
     if images:
-        stems = [p.stem for p in images]
-        twins = sorted({p.name for p in images if stems.count(p.stem) > 1})
+        twins = _alike(images, [p.stem for p in images])
         if twins:
             raise DataError(f"the support images {', '.join(twins)} in {folder} would be classes "
                             "of the same name (each image of a flat folder is the class of its "
                             "file name): rename them")
-        return ImageSet(images, list(range(len(images))), stems)
+        return ImageSet(images, list(range(len(images))), [p.stem for p in images])
     if not subfolders:
         raise DataError(f"the support folder {folder} holds no images or class subfolders")
+    twins = _alike(subfolders, [sub.name for sub in subfolders])
+    if twins:
+        raise DataError(f"the support class folders {', '.join(twins)} in {folder} have the "
+                        "same name in Unicode's composed form (one written decomposed, as "
+                        "macOS does): rename one, or merge them")
     paths, labels = [], []
     for label, sub in enumerate(subfolders):
         found = _class_images(sub, "support")
         paths += found
         labels += [label] * len(found)
     return ImageSet(paths, labels, [sub.name for sub in subfolders])
+
+
+def _alike(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
+    """The file names of ``paths`` whose class ``names`` are one name in Unicode's composed
+    form (a query folder is matched to its class so)."""
+    composed = [unicodedata.normalize("NFC", name) for name in names]
+    return sorted(p.name for p, name in zip(paths, composed) if composed.count(name) > 1)
 
 
 def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> ImageSet:

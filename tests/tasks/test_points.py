@@ -211,6 +211,23 @@ def test_columns_named_in_another_order_are_put_in_the_first_files_order(tmp_pat
     assert tasks.x_names is None and torch.equal(tasks.points[1][:, 1], tasks.points[1][:, 2])
 
 
+def test_one_x_column_named_in_either_order_is_the_first_files(tmp_path: Path) -> None:
+    """``time,temp`` then ``temp,time``: time is x in both (no y named, the first headed file
+    says which column is x); a file naming another x column is warned of."""
+    root = tmp_path / "tasks"
+    root.mkdir()
+    (root / "a.csv").write_text("time,temp\n" + "".join(f"{i},{2 * i}\n" for i in range(6)))
+    (root / "b.csv").write_text("temp,time\n" + "".join(f"{2 * i},{i}\n" for i in range(6)))
+    (root / "c.csv").write_text("hour,temp\n" + "".join(f"{i},{2 * i}\n" for i in range(6)))
+    everything = {"train": ["a.csv", "b.csv", "c.csv"], "val": [], "test": []}
+    with pytest.warns(ColumnNamesWarning, match=r"1 task file\(s\) in .* name their x columns "
+                                                r"otherwise than time, in any order \(e.g. c.csv"):
+        tasks = load_point_tasks(root, min_points=6, assignment=everything)["train"]
+    assert tasks.x_names == ["time"]
+    for points in tasks.points:  # x = time, y = temp = 2 time in every file
+        assert torch.equal(points[:, 1], 2 * points[:, 0])
+
+
 def test_names_alike_but_for_case_are_ambiguous(tmp_path: Path) -> None:
     (tmp_path / "task.csv").write_text("A,a,y\n1,2,3\n")
     points = read_points(tmp_path / "task.csv", "task", need_y=True)

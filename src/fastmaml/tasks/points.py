@@ -119,9 +119,9 @@ def align_columns(points: Points, names: Sequence[str]) -> tuple[Points, bool]:
     """``points`` with its x columns in the order of ``names`` (a run's record, or the first
     headed task file's) where its header names the same columns (in any case) in another
     order, and whether it could be matched: False where the names differ or are ambiguous
-    (alike but for case), and the columns are left as they stand. A file without a header, or
-    one x value, is matched as it stands."""
-    if len(names) < 2 or not points.x_names or list(points.x_names) == list(names):
+    (alike but for case), and the columns are left as they stand. A file without a header is
+    matched as it stands."""
+    if not names or not points.x_names or list(points.x_names) == list(names):
         return points, True
     ours, theirs = ([name.lower() for name in n] for n in (points.x_names, names))
     if (sorted(ours) != sorted(theirs) or len(set(ours)) != len(ours)
@@ -210,7 +210,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     matching = x_names is None or len(x_names) > 0
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
-        points = read_points(path, "task", need_y=True)
+        points = read_points(path, "task", need_y=True, x_names=x_names or ())
         x_names = x_names or (points.x_names if matching else None)
         points, matched = align_columns(points, x_names or [])
         if not matched:
