@@ -77,11 +77,14 @@ def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> Non
     for t in range(10):
         write_task(tmp_path / "tasks" / f"t{t}.csv", t, 3 if t in short else 8)
     (tmp_path / "tasks" / "notes.txt").write_text("not a task")
+    (tmp_path / "tasks" / "t10.csv").write_text("x,y\n")  # a header alone: no points
+    (tmp_path / "tasks" / "t11.csv").write_text("")
+    short += (10, 11)
     assignment = assign_tasks(tmp_path / "tasks", (0.6, 0.2, 0.2), min_points=5)
-    with pytest.warns(ShortTasksWarning, match="left out 3 of 10 task files .* fewer than 5"):
+    with pytest.warns(ShortTasksWarning, match="left out 5 of 12 task files .* fewer than 5"):
         splits = load_point_tasks(tmp_path / "tasks", min_points=5, assignment=assignment)
     names = [n for split in splits.values() for n in split.names]
-    assert sorted(names) == sorted(f"t{t}.csv" for t in range(10) if t not in short)
+    assert sorted(names) == sorted(f"t{t}.csv" for t in range(12) if t not in short)
     # the 7 long files are split 4 / 2 / 1; the short ones take no share (recorded in train)
     assert [len(splits[s]) for s in ("train", "val", "test")] == [4, 2, 1]
     assert {f"t{t}.csv" for t in short} <= set(assignment["train"])

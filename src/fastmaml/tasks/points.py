@@ -50,7 +50,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     column it names ``y`` is the target wherever it stands (``y,x``), and so is the one column
     it names beside all of ``x_names`` (a run's x columns: ``price,sqft,rooms`` for a run on
     ``sqft,rooms``); the others name the x columns. A bad line is a ``DataError`` that names
-    it."""
+    it; a task file of no points (empty, or a header alone) reads as none, too short for a
+    task."""
     path = Path(path)
     if path.is_dir():
         raise DataError(f"the {role} set {path} is a folder, but this is a regression run: give "
@@ -76,6 +77,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     if features is None and not need_y:
         features = 1
     expected = _row_form(features, need_y)
+    if not lines and role == "task":  # a task too short for any task: left out as such
+        return Points(torch.empty(0, 0), torch.empty(0, 1), None)
     if not lines:
         raise DataError(f"the {role} CSV {path} holds no points: it needs one row per point, "
                         f"{expected}")
@@ -211,6 +214,9 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
         points = read_points(path, "task", need_y=True, x_names=x_names or ())
+        if len(points.x) < min_points:  # (one of no points has no columns to compare)
+            short += 1
+            continue
         x_names = x_names or (points.x_names if matching else None)
         points, matched = align_columns(points, x_names or [])
         if not matched:
@@ -221,10 +227,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
             raise DataError(f"the task files of {root} differ in their x values per point: "
                             f"{first[0]} has {first[1]}, {path} has {x.shape[1]}; every task's "
                             "points need the same number of them")
-        if len(x) >= min_points:
-            kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
-        else:
-            short += 1
+        kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
     if short:
         warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
              f"{min_points} points (k_shot + queries)", ShortTasksWarning)
