@@ -66,6 +66,18 @@ def test_files_in_class_folders_that_are_not_images_are_named(flat_root: Path,
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
 
+def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: Path) -> None:
+    """Images one folder too deep, or beside the class folders, are read by no class."""
+    write_class(flat_root / "class03" / "puppies", 2, value=5)
+    write_class(flat_root / "class05" / "a" / "b", 1, value=5)
+    Image.new("L", (4, 4)).save(flat_root / "stray.png")
+    with pytest.warns(FastMAMLWarning, match=r"skipped 4 file\(s\) in .*flowers outside the "
+                      r"class folders \(a class's images go directly in its folder, 1 level\(s\) "
+                      r"below the root or a split folder\): class03/puppies/0.png, "
+                      r"class03/puppies/1.png, class05/a/b/0.png, \.\.\.$"):
+        load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
+
+
 def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:
     """Rounding each split's own share took the last one's: 4 classes gave test none, 10 gave
     val 2 and test 1."""

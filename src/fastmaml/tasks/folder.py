@@ -71,13 +71,23 @@ def unread_files(folder: Path, images: Sequence[Path]) -> list[Path]:
                   if p.is_file() and not p.name.startswith("."))
 
 
-def skipped_files_warning(unread: Sequence[Path], where: str, root: Path) -> None:
+def skipped_files_warning(unread: Sequence[Path], where: str, root: Path,
+                          why: str = "that are not images this Pillow reads") -> None:
     """One warning that names the first few ``unread`` files (relative to ``root``)."""
     if unread:
         names = [p.relative_to(root).as_posix() for p in unread]
-        warn(f"skipped {len(names)} file(s) in {where} that are not images this Pillow "
-             f"reads: {', '.join(names[:3])}" + (", ..." if len(names) > 3 else ""),
-             FastMAMLWarning)
+        warn(f"skipped {len(names)} file(s) in {where} {why}: {', '.join(names[:3])}"
+             + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
+
+
+def misplaced_images(root: Path, folders: Sequence[Path]) -> list[Path]:
+    """The images under ``root`` that no class of ``folders`` reads: in a folder inside a class
+    folder, or beside the class folders (at the root, in a split or a group folder)."""
+    inside = [p for folder in folders for sub in subfolders(folder)
+              for p in sorted(sub.rglob("*")) if is_image_file(p)]
+    above = {parent for folder in folders for parent in folder.parents
+             if parent == root or parent.is_relative_to(root)}
+    return inside + [p for parent in sorted(above) for p in image_files(parent)]
 
 
 def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
@@ -129,6 +139,10 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     skipped_files_warning([p for (_, _, folder), images in zip(classes, files)
                            for p in unread_files(folder, images)], f"the class folders of {root}",
                           root)
+    skipped_files_warning(misplaced_images(root, [folder for _, _, folder in classes]),
+                          str(root), root, f"outside the class folders (a class's images go "
+                          f"directly in its folder, {class_depth} level(s) below the root or a "
+                          "split folder)")
     if not any(files):
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "
