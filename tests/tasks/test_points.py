@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastmaml import DataError
+from fastmaml.errors import FastMAMLWarning
 from fastmaml.tasks.points import (ColumnNamesWarning, PointSampler, ShortTasksWarning,
                                    align_columns, assign_tasks, load_point_tasks, read_points)
 
@@ -212,6 +213,31 @@ def test_columns_named_in_another_order_are_put_in_the_first_files_order(tmp_pat
         warnings.simplefilter("error", ColumnNamesWarning)
         tasks = load_point_tasks(root, min_points=6, assignment=everything, x_names=())["train"]
     assert tasks.x_names is None and torch.equal(tasks.points[1][:, 1], tasks.points[1][:, 2])
+
+
+def test_what_a_csv_holds_otherwise_is_said(tmp_path: Path) -> None:
+    """Underscored digits are no number, a query headed y alone holds no x, another encoding
+    than UTF-8 is named, and files beside the task CSVs are named in a warning."""
+    (tmp_path / "under.csv").write_text("x,y\n1_0,2\n")
+    with pytest.raises(DataError, match="line 2 of the support CSV .* holds '1_0', which is not "
+                                        "a number"):
+        read_points(tmp_path / "under.csv", "support", need_y=True)
+    (tmp_path / "only-y.csv").write_text("y\n1\n2\n")
+    with pytest.raises(DataError, match="names a column y, but its rows hold only the 1 x "
+                                        r"value\(s\) of a point"):
+        read_points(tmp_path / "only-y.csv", "query", need_y=False)
+    (tmp_path / "latin.csv").write_bytes("température,y\n1,2\n".encode("latin-1"))
+    with pytest.raises(DataError, match="it is not UTF-8 text .*save it as CSV UTF-8"):
+        read_points(tmp_path / "latin.csv", "support", need_y=True)
+    root = tmp_path / "tasks"
+    for t in range(3):
+        write_task(root / f"t{t}.csv", t, 8)
+    (root / "t3.tsv").write_text("x\ty\n1\t2\n")
+    (root / ".hidden").write_text("")
+    with pytest.warns(FastMAMLWarning, match=r"skipped 1 file\(s\) in .*tasks that are not "
+                                             r"\.csv task files: t3\.tsv$"):
+        load_point_tasks(root, min_points=2, assignment={"train": ["t0.csv", "t1.csv"],
+                                                         "val": [], "test": ["t2.csv"]})
 
 
 def test_one_x_column_named_in_either_order_is_the_first_files(tmp_path: Path) -> None:

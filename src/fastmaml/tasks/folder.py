@@ -28,7 +28,10 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     subfolders)
+                     skipped_files_warning, subfolders)
+
+
+NOT_IMAGES = "that are not images this Pillow reads"  # why a file was skipped
 
 
 class ShortClassesWarning(FastMAMLWarning):
@@ -69,15 +72,6 @@ def unread_files(folder: Path, images: Sequence[Path]) -> list[Path]:
     otherwise wonder why an image was never used."""
     return sorted(p for p in set(folder.iterdir()) - set(images)
                   if p.is_file() and not p.name.startswith("."))
-
-
-def skipped_files_warning(unread: Sequence[Path], where: str, root: Path,
-                          why: str = "that are not images this Pillow reads") -> None:
-    """One warning that names the first few ``unread`` files (relative to ``root``)."""
-    if unread:
-        names = [p.relative_to(root).as_posix() for p in unread]
-        warn(f"skipped {len(names)} file(s) in {where} {why}: {', '.join(names[:3])}"
-             + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
 
 
 def misplaced_images(root: Path, folders: Sequence[Path]) -> list[Path]:
@@ -138,7 +132,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     files = [image_files(folder) for _, _, folder in classes]
     skipped_files_warning([p for (_, _, folder), images in zip(classes, files)
                            for p in unread_files(folder, images)], f"the class folders of {root}",
-                          root)
+                          root, NOT_IMAGES)
     skipped_files_warning(misplaced_images(root, [folder for _, _, folder in classes]),
                           str(root), root, f"outside the class folders (a class's images go "
                           f"directly in its folder, {class_depth} level(s) below the root or a "

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning, warn
-from .splits import SPLITS, Assignment, assign_items, assigned_items, data_root, found_items
+from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
+                     skipped_files_warning)
 
 
 class ShortTasksWarning(FastMAMLWarning):
@@ -60,7 +61,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
             reader = csv.reader(handle)
             lines = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
+    except UnicodeDecodeError as error:
+        raise DataError(f"cannot read the {role} CSV {path}: it is not UTF-8 text ({error}): "
+                        "save it as CSV UTF-8") from None
+    except (OSError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
     # one field holding another separator (header or not): not comma-separated
     other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
@@ -113,6 +117,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
             raise DataError(f"the header of the {role} CSV {path} names no y column, so its "
                             f"column {names[target]!r} would be the target: name the target "
                             "column y")
+    if target is None and "y" in lowered:
+        raise DataError(f"the header of the {role} CSV {path} names a column y, but its rows "
+                        f"hold only the {features} x value(s) of a point: give the x values")
     x_columns = [column for column in range(width) if column != target]
     return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
                   [names[column] for column in x_columns] if names else None)
@@ -144,11 +151,12 @@ def _row_form(features: int | None, need_y: bool) -> str:
 
 
 def _is_number(text: str) -> bool:
+    """A decimal number as a CSV writes it (Python's ``float`` also takes ``1_0`` as 10)."""
     try:
         float(text)
     except ValueError:
         return False
-    return True
+    return "_" not in text
 
 
 def task_files(folder: Path) -> list[Path]:
@@ -205,6 +213,10 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
+    skipped_files_warning(sorted(p for folder in {path.parent for _, _, path in files}
+                                 for p in folder.iterdir() if p.is_file()
+                                 and p.suffix.lower() != ".csv" and not p.name.startswith(".")),
+                          str(root), root, "that are not .csv task files")
     if not files:
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")

@@ -160,3 +160,12 @@ def read_assignment(path: Path) -> Assignment:
         raise ConfigError(f"{path} is not a record of a run's split (train, val and test lists "
                           "of paths)")
     return value
+
+
+def skipped_files_warning(unread: Sequence[Path], where: str, root: Path, why: str) -> None:
+    """One warning that names the first few ``unread`` files (relative to ``root``) and says
+    ``why`` they were skipped."""
+    if unread:
+        names = [p.relative_to(root).as_posix() for p in unread]
+        warn(f"skipped {len(names)} file(s) in {where} {why}: {', '.join(names[:3])}"
+             + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
