@@ -119,6 +119,22 @@ def test_a_task_copied_into_two_explicit_splits_is_an_error(tmp_path: Path) -> N
         load_point_tasks(tmp_path, min_points=6)
 
 
+def test_copied_tasks_land_in_one_split_when_the_folder_is_split(tmp_path: Path) -> None:
+    """Without explicit splits a copied task file goes where its original goes, whatever the
+    seed; a folder without copies is split as before (one file, one share)."""
+    for t in range(9):
+        write_task(tmp_path / f"t{t}.csv", t, 6)
+    plain = {seed: assign_tasks(tmp_path, seed=seed) for seed in range(8)}
+    for copy in ("copy-a.csv", "copy-b.csv"):
+        (tmp_path / copy).write_bytes((tmp_path / "t0.csv").read_bytes())
+    for seed in range(8):
+        assignment = assign_tasks(tmp_path, seed=seed)
+        (split,) = [name for name, files in assignment.items() if "t0.csv" in files]
+        assert {"copy-a.csv", "copy-b.csv"} <= set(assignment[split])
+        assert {name: [f for f in files if not f.startswith("copy")]
+                for name, files in assignment.items()} == plain[seed]
+
+
 def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no task files in"):

@@ -98,7 +98,7 @@ def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Se
 
     Without explicit splits only the items not ``too_short`` for a task are cut, so that those
     left out when loaded take no split's share; they are recorded in train, which they join if
-    they fill up later.
+    they fill up later. Items of one ``identity`` (copies) are cut as one, into one split.
     """
     if found and found[0][0] is not None:
         seen: dict[str, tuple[str, Path]] = {}
@@ -112,9 +112,15 @@ def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Se
         return {name: [item.relative_to(root).as_posix() for split, item in found if split == name]
                 for name in SPLITS}
     short = {item for _, item in found if too_short(item)}
-    cut_items = [item for _, item in found if item not in short]
-    cut = split_indices(len(cut_items), fractions, seed)
-    assignment = {name: [cut_items[i].relative_to(root).as_posix() for i in sorted(index)]
+    copies: dict[str, list[Path]] = {}  # the items of each identity, in found order
+    for _, item in found:
+        if item not in short:
+            copies.setdefault(identity(root, item), []).append(item)
+    groups = list(copies.values())
+    cut = split_indices(len(groups), fractions, seed)
+    order = {item: position for position, (_, item) in enumerate(found)}
+    assignment = {name: [item.relative_to(root).as_posix() for item in
+                         sorted((item for i in index for item in groups[i]), key=order.get)]
                   for name, index in zip(SPLITS, cut)}
     assignment["train"] += sorted(item.relative_to(root).as_posix() for item in short)
     return assignment
