@@ -51,9 +51,9 @@ from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first
-from .tasks.folder import NOT_IMAGES, image_files, is_image_file, unread_files
+from .tasks.folder import NOT_IMAGES, image_files, is_image_file
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
-from .tasks.splits import skipped_files_warning, subfolders as visible_subfolders
+from .tasks.splits import skipped_files_warning, subfolders as visible_subfolders, unread_files
 from .train import all_finite, checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | bytes | os.PathLike[str] | Image.Image

@@ -113,6 +113,9 @@ def test_a_task_copied_into_two_explicit_splits_is_an_error(tmp_path: Path) -> N
     write_task(tmp_path / "train" / "t1.csv", 1, 6)
     write_task(tmp_path / "test" / "t0.csv", 9, 6)  # numbered afresh in its split: another task
     assert assign_tasks(tmp_path)["test"] == ["test/t0.csv"]
+    for split in ("train", "test"):  # empty alike, but no task: left out, not one task
+        (tmp_path / split / "empty.csv").write_text("x,y\n")
+    assert "test/empty.csv" in assign_tasks(tmp_path)["test"]
     write_task(tmp_path / "test" / "t7.csv", 1, 6)  # a copy of a training task
     with pytest.raises(DataError, match=r"train/t1.csv and test/t7.csv of .* are one task \(the "
                                         r"same file contents, [0-9a-f]{12}\) in two splits"):
@@ -125,6 +128,8 @@ def test_copied_tasks_land_in_one_split_when_the_folder_is_split(tmp_path: Path)
     for t in range(9):
         write_task(tmp_path / f"t{t}.csv", t, 6)
     plain = {seed: assign_tasks(tmp_path, seed=seed) for seed in range(8)}
+    assert plain[1] == {"train": ["t0.csv", "t1.csv", "t2.csv", "t4.csv", "t5.csv", "t7.csv"],
+                        "val": ["t6.csv", "t8.csv"], "test": ["t3.csv"]}  # as before grouping
     for copy in ("copy-a.csv", "copy-b.csv"):
         (tmp_path / copy).write_bytes((tmp_path / "t0.csv").read_bytes())
     for seed in range(8):

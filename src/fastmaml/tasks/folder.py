@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     skipped_files_warning, subfolders)
+                     skipped_files_warning, subfolders, unread_files)
 
 
 NOT_IMAGES = "that are not images this Pillow reads"  # why a file was skipped
@@ -66,18 +66,10 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
-def unread_files(folder: Path, images: Sequence[Path]) -> list[Path]:
-    """The visible files in ``folder`` that are not among its ``images``: formats this Pillow
-    cannot read (e.g. HEIC), or no pictures at all. Said in a warning where a user would
-    otherwise wonder why an image was never used."""
-    return sorted(p for p in set(folder.iterdir()) - set(images)
-                  if p.is_file() and not p.name.startswith("."))
-
-
 def misplaced_images(root: Path, folders: Sequence[Path]) -> list[Path]:
     """The images under ``root`` that no class of ``folders`` reads: in a folder inside a class
     folder, or beside the class folders (at the root, in a split or a group folder)."""
-    inside = [p for folder in folders for sub in subfolders(folder)
+    inside = [p for folder in folders for sub in subfolders(folder) if not sub.is_symlink()
               for p in sorted(sub.rglob("*")) if is_image_file(p)]
     above = {parent for folder in folders for parent in folder.parents
              if parent == root or parent.is_relative_to(root)}
@@ -107,7 +99,7 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
 
 
 def _class_name(split_root: Path, folder: Path) -> str:
-    """A class's identity across explicit splits: its name (e.g. cat in train/ and test/)."""
+    """A class's identity: its name within its split (e.g. cat in train/ and test/)."""
     return f"named {folder.relative_to(split_root).as_posix()}"
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning, warn
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     skipped_files_warning)
+                     skipped_files_warning, unread_files)
 
 
 class ShortTasksWarning(FastMAMLWarning):
@@ -177,8 +177,8 @@ def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0
 
 
 def _contents(split_root: Path, path: Path) -> str:
-    """A task's identity across explicit splits: its file's contents (files are often numbered
-    afresh in each split, so a name in two of them is no sign of one task)."""
+    """A task's identity: its file's contents (files are often numbered afresh in each
+    explicit split, so a name in two of them is no sign of one task)."""
     return f"the same file contents, {hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
 
 
@@ -214,8 +214,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
     skipped_files_warning(sorted(p for folder in {path.parent for _, _, path in files}
-                                 for p in folder.iterdir() if p.is_file()
-                                 and p.suffix.lower() != ".csv" and not p.name.startswith(".")),
+                                 for p in unread_files(folder, task_files(folder))),
                           str(root), root, "that are not .csv task files")
     if not files:
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
@@ -226,7 +225,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
         points = read_points(path, "task", need_y=True, x_names=x_names or ())
-        if len(points.x) < min_points:  # (one of no points has no columns to compare)
+        if not len(points.x):  # empty, or a header alone: short, with no columns to compare
             short += 1
             continue
         x_names = x_names or (points.x_names if matching else None)
@@ -239,7 +238,10 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
             raise DataError(f"the task files of {root} differ in their x values per point: "
                             f"{first[0]} has {first[1]}, {path} has {x.shape[1]}; every task's "
                             "points need the same number of them")
-        kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
+        if len(x) >= min_points:
+            kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
+        else:
+            short += 1
     if short:
         warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
              f"{min_points} points (k_shot + queries)", ShortTasksWarning)

@@ -24,7 +24,8 @@ SPLITS = ("train", "val", "test")
 JUNK_FOLDERS = {"__MACOSX"}  # resource forks that macOS zips add beside the real folders
 Assignment = dict[str, list[str]]  # split -> its items, as paths relative to the data root
 ListItems = Callable[[Path], list[Path]]  # a folder -> the items in it, sorted
-# (a split's folder, an item in it) -> what makes two items of different splits one, in words
+# (a split's folder, an item in it) -> what makes two items one (a copy), in words: two of
+# different explicit splits are an error, and a shuffled split keeps them together
 ItemIdentity = Callable[[Path, Path], str]
 
 
@@ -102,7 +103,7 @@ def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Se
     """
     if found and found[0][0] is not None:
         seen: dict[str, tuple[str, Path]] = {}
-        for split, item in found:
+        for split, item in (entry for entry in found if not too_short(entry[1])):  # (unused)
             key = identity(root / str(split), item)
             first_split, first = seen.setdefault(key, (str(split), item))
             if first_split != split:
@@ -175,3 +176,11 @@ def skipped_files_warning(unread: Sequence[Path], where: str, root: Path, why: s
         names = [p.relative_to(root).as_posix() for p in unread]
         warn(f"skipped {len(names)} file(s) in {where} {why}: {', '.join(names[:3])}"
              + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
+
+
+def unread_files(folder: Path, items: Sequence[Path]) -> list[Path]:
+    """The visible files in ``folder`` that are not among its ``items`` (images, task files):
+    formats this Pillow cannot read (e.g. HEIC), or no data at all. Said in a warning where a
+    user would otherwise wonder why a file was never used."""
+    return sorted(p for p in set(folder.iterdir()) - set(items)
+                  if p.is_file() and not p.name.startswith("."))
