@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,14 @@ def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: P
                       r"class folders \(a class's images go directly in its folder, 1 level\(s\) "
                       r"below the root or a split folder\): class03/puppies/0.png, "
                       r"class03/puppies/1.png, class05/a/b/0.png, \.\.\.$"):
+        load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
+    shutil.rmtree(flat_root / "class03" / "puppies")
+    shutil.rmtree(flat_root / "class05" / "a")
+    (flat_root / "stray.png").unlink()
+    (flat_root / "class04" / "link").symlink_to(flat_root / "class06")  # read as class06
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastMAMLWarning)
+        warnings.simplefilter("ignore", ShortClassesWarning)
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
 
