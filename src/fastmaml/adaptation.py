@@ -107,8 +107,8 @@ class TrainedRun:
         fmt = self.image_format
         pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
                            else fmt.read(Path(os.fsdecode(item))) for item in images])
-        means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255
-        dark = [i for i, mean in enumerate(means) if mean > 0.5] if fmt.invert else []
+        means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255 if fmt.invert else []
+        dark = [i for i, mean in enumerate(means) if mean > 0.5]
         if dark:
             shown = ", ".join(f"image {i}" if isinstance(images[i], Image.Image)
                               else os.fsdecode(images[i]) for i in dark[:3])
@@ -177,8 +177,7 @@ class TrainedRun:
         (by more than a tenth of its width): the meta-learned start suits that range."""
         if self.task != "regression" or not self.value_ranges or not len(x):
             return
-        names = list(self.x_names) or ([f"x{i + 1}" for i in range(x.shape[1])]
-                                       if x.shape[1] > 1 else ["x"])
+        names = list(self.x_names) or _default_x_names(x.shape[1])
         columns = list(zip(names, x.T, self.value_ranges))
         if y is not None:
             columns.append(("y", y[:, 0], self.value_ranges[-1]))
@@ -622,6 +621,11 @@ def _read_for(run: TrainedRun, path: str | os.PathLike[str], role: str, need_y: 
     return points
 
 
+def _default_x_names(features: int) -> list[str]:
+    """The names of x columns that no header named: x, or x1..xd."""
+    return ["x"] if features == 1 else [f"x{i}" for i in range(1, features + 1)]
+
+
 def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                     query: str | os.PathLike[str], steps: int,
                     plot: str | os.PathLike[str] | None) -> Predictions:
@@ -634,7 +638,7 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output
-        names = ["x"] if features == 1 else [f"x{i}" for i in range(1, features + 1)]
+        names = _default_x_names(features)
     labels = [[None]] * len(query_x) if query_y is None else _as_written(query_y)
     rows = [{**dict(zip(names, x)), "prediction": p, **({} if y is None else {"y": y})}
             for x, (p,), (y,) in zip(_as_written(query_x), _as_written(prediction), labels)]

@@ -66,13 +66,15 @@ class RegressionConfig(Config):
                 self.x_names and self.features and len(self.x_names) != self.features):
             raise ConfigError("x_names must be distinct names (any case), one per x value "
                               f"(features={self.features}), got {', '.join(self.x_names)}")
-        bounds = self.value_ranges
-        if bounds and (len(bounds) % 2 or any(low > high for low, high in
-                                              zip(bounds[::2], bounds[1::2]))):
+        if len(self.value_ranges) % 2 or any(low > high for low, high in self.ranges()):
             raise ConfigError("value_ranges must be pairs of a low and a high value, one per x "
-                              f"column and one for y, got {', '.join(map(str, bounds))}")
+                              f"column and one for y, got {', '.join(map(str, self.value_ranges))}")
         if self.data_root:  # absolute, so that the saved run evaluates from any directory
             self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
+
+    def ranges(self) -> tuple[tuple[float, float], ...]:
+        """``value_ranges`` as (low, high) pairs: each x column's, then y's."""
+        return tuple(zip(self.value_ranges[::2], self.value_ranges[1::2]))
 
 
 class RegressionExperiment(Experiment):
@@ -149,8 +151,7 @@ class RegressionExperiment(Experiment):
                              torch.Generator().manual_seed(cfg.seed), **validation)]
 
     def value_ranges(self) -> tuple[tuple[float, float], ...]:
-        bounds = self.cfg.value_ranges
-        return tuple(zip(bounds[::2], bounds[1::2]))
+        return self.cfg.ranges()
 
     def data_note(self) -> str:
         """The x values per point (a stray id column would count as one)."""

@@ -26,7 +26,8 @@ from ..errors import ConfigError
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
 from ..plots import plot_step_curves, save_figure, steps_label
-from ..tasks.sinusoid import AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid, with_task_parameters
+from ..tasks.sinusoid import (AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid,
+                              with_task_parameters)
 from ..train import GradientLearner, backpropagated, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 

@@ -103,10 +103,10 @@ def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Se
     """
     if found and found[0][0] is not None:
         seen: dict[str, tuple[str, Path]] = {}
-        for split, item in (entry for entry in found if not too_short(entry[1])):  # (unused)
+        for split, item in found:
             key = identity(root / str(split), item)
             first_split, first = seen.setdefault(key, (str(split), item))
-            if first_split != split:
+            if first_split != split and not too_short(item):  # (short ones are never used)
                 raise DataError(f"{first.relative_to(root).as_posix()} and "
                                 f"{item.relative_to(root).as_posix()} of {root} are one {kind} "
                                 f"({key}) in two splits: it would be tested on what it trained on")
