@@ -496,3 +496,22 @@ def test_reproduce_under_torchrun_trains_evaluates_and_reports_as_one_process(tm
         assert (b["method"], b["k_shot"]) == (a["method"], a["k_shot"])
         assert b["mean"] == pytest.approx(a["mean"], rel=1e-4), (a["method"], a["k_shot"])
     assert "Sinusoid regression" in (tmp_path / "two" / "REPORT.md").read_text()
+
+
+def test_the_process_group_waits_longer_than_torchs_default(monkeypatch):
+    """A rank may wait at a collective for more than torch's 30 minutes while rank 0 alone waits
+    for another learner's start: the group ``init_from_env`` makes allows hours."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from fastmaml import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **options: calls.append((backend, options)))
+    distributed.init_from_env()
+    assert len(calls) == 1
+    assert calls[0][1]["timeout"] >= timedelta(hours=2)

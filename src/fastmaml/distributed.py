@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -21,6 +22,11 @@ from .inputs import TaskBatch
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+# How long a rank waits at a collective for the others. torch's default (30 min) ends the job
+# when rank 0 alone waits longer: for another learner's start (its data load and path search),
+# or a first compile. A rank that dies ends the job through torchrun whatever this is.
+GROUP_TIMEOUT = timedelta(hours=6)
 
 
 def init_from_env() -> None:
@@ -36,7 +42,7 @@ def init_from_env() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "cpu:gloo,cuda:nccl"  # GPU tensors (gradients) through nccl
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
 
 
 def shutdown() -> None:
