@@ -43,6 +43,28 @@ def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: P
             read_points(tmp_path / name, "query", need_y=need_y)
 
 
+def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
+        tmp_path: Path) -> None:
+    """``#`` lines are comments wherever they stand, and a bad line keeps its own number; the
+    comment just before the points names the columns where it is one name per column, as
+    ``numpy.savetxt(..., header="y,x")`` writes ``# y,x`` (free text names nothing)."""
+    (tmp_path / "saved.csv").write_text("# y,x\n2.0,1.0\n# a note\n4.0,3.0\n")
+    x, y, names = read_points(tmp_path / "saved.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
+    (tmp_path / "noted.csv").write_text("# measured in lab 3, on 2024-05-01\n#\nx,y\n1,2\n3,4\n")
+    x, y, names = read_points(tmp_path / "noted.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
+    (tmp_path / "free.csv").write_text("# sqft, price\n# of houses in town\n1,2\n3,4\n")
+    x, y, names = read_points(tmp_path / "free.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names is None
+    (tmp_path / "bad.csv").write_text("# x,y\n1,2\n# note\n3,oops\n")
+    with pytest.raises(DataError, match="line 4 of the support CSV .* holds 'oops'"):
+        read_points(tmp_path / "bad.csv", "support", need_y=True)
+    (tmp_path / "comments.csv").write_text("# nothing yet\n")
+    with pytest.raises(DataError, match="holds no points"):
+        read_points(tmp_path / "comments.csv", "support", need_y=True)
+
+
 @pytest.mark.parametrize("text, message", [
     ("abc,1\n1,2\n3,4\n", "line 1 of the support CSV .* holds 'abc', which is not a number"),
     ("x,y\n1,2\n3\n4,5\n", "line 3 of the support CSV .* has 1 field"),

@@ -47,7 +47,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                 features: int | None = None, x_names: Sequence[str] = ()) -> Points:
     """A regression CSV of one row per point: its ``features`` x values (None: every column but
     y; 1 where y may be left out), then y, which a row may leave out where ``need_y`` is False.
-    A header line (a first line with no number in it, one name per column) is optional; a
+    Lines starting with ``#`` are comments. A header line (a first line with no number in it,
+    one name per column; else the comment line just before the first point, where it is one:
+    ``numpy.savetxt(..., header="x,y")`` writes ``# x,y``) is optional; a
     column it names ``y`` is the target wherever it stands (``y,x``), and so is the one column
     it names beside all of ``x_names`` (a run's x columns: ``price,sqft,rooms`` for a run on
     ``sqft,rooms``); the others name the x columns. A bad line is a ``DataError`` that names
@@ -66,6 +68,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                         "save it as CSV UTF-8") from None
     except (OSError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
+    commented = [row[0].lstrip().startswith("#") for _, row in lines]
+    first = commented.index(False) if False in commented else len(lines)
+    last_comment = lines[first - 1][1] if first else None  # before the first line of fields
+    lines = [line for line, comment in zip(lines, commented) if not comment]
     # one field holding another separator (header or not): not comma-separated
     other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
                   and mark in lines[0][1][0]), None)
@@ -78,6 +84,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                             "unnamed, as pandas writes a row index: save it with "
                             "to_csv(index=False), or delete that column")
         lines = lines[1:]
+    elif lines and last_comment:  # numpy.savetxt(..., header="x,y") writes it as "# x,y"
+        names = _commented_header(last_comment, width=len(lines[0][1]))
     if features is None and not need_y:
         features = 1
     expected = _row_form(features, need_y)
@@ -123,6 +131,15 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     x_columns = [column for column in range(width) if column != target]
     return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
                   [names[column] for column in x_columns] if names else None)
+
+
+def _commented_header(comment: list[str], width: int) -> list[str]:
+    """The column names in a comment line (``# x,y``) that holds one name, and no number, per
+    column of ``width``; [] where it is free text."""
+    names = [comment[0].lstrip().lstrip("#").strip()] + [cell.strip() for cell in comment[1:]]
+    if len(names) != width or not all(names) or any(_is_number(name) for name in names):
+        return []
+    return names
 
 
 def align_columns(points: Points, names: Sequence[str]) -> tuple[Points, bool]:
