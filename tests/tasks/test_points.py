@@ -60,6 +60,9 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     (tmp_path / "bad.csv").write_text("# x,y\n1,2\n# note\n3,oops\n")
     with pytest.raises(DataError, match="line 4 of the support CSV .* holds 'oops'"):
         read_points(tmp_path / "bad.csv", "support", need_y=True)
+    (tmp_path / "excel.csv").write_text("x,y\n1,2\n#N/A,4\n")  # a spreadsheet's error value
+    with pytest.raises(DataError, match="line 3 of the support CSV .* holds '#N/A'"):
+        read_points(tmp_path / "excel.csv", "support", need_y=True)
     (tmp_path / "comments.csv").write_text("# nothing yet\n")
     with pytest.raises(DataError, match="holds no points"):
         read_points(tmp_path / "comments.csv", "support", need_y=True)

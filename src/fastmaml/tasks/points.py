@@ -34,6 +34,11 @@ class ColumnNamesWarning(FastMAMLWarning):
     """A CSV names its x columns otherwise than the run's (or the first headed task file's)."""
 
 
+# a cell a spreadsheet could not compute (#N/A, #DIV/0!, ...): a bad value, not a comment
+EXCEL_ERROR = re.compile(r"#(N/A|VALUE!|REF!|DIV/0!|NUM!|NAME\?|NULL!|SPILL!|CALC!)",
+                         re.IGNORECASE)
+
+
 class Points(NamedTuple):
     """A CSV's points: x (N, features) and y (N, 1) or None, as float tensors, and the names
     its header gives the x columns (None without a header)."""
@@ -68,7 +73,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                         "save it as CSV UTF-8") from None
     except (OSError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    commented = [row[0].lstrip().startswith("#") for _, row in lines]
+    commented = [row[0].lstrip().startswith("#") and not EXCEL_ERROR.fullmatch(row[0].strip())
+                 for _, row in lines]
     first = commented.index(False) if False in commented else len(lines)
     last_comment = lines[first - 1][1] if first else None  # before the first line of fields
     lines = [line for line, comment in zip(lines, commented) if not comment]
