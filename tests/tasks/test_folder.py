@@ -87,6 +87,28 @@ def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: P
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
 
+@pytest.mark.parametrize("class_depth", [1, 2])
+def test_images_in_a_folder_above_the_class_level_that_holds_no_class_are_named(
+        tmp_path: Path, class_depth: int) -> None:
+    """A split folder of images with no class folder (``val/*.png``), or with class_depth=2 a
+    group folder of images (``train/misc/*.png``), is read by no class: named, not dropped
+    unsaid."""
+    root = tmp_path / "data"
+    group = "alphabet/" if class_depth == 2 else ""
+    for split, classes in (("train", 3), ("test", 2)):
+        for c in range(classes):
+            write_class(root / split / f"{group}{split}{c}", 2, value=10 * c)
+    write_class(root / "val", 2, value=5)  # the user's val images, in no class folder
+    if class_depth == 2:
+        write_class(root / "train" / "misc", 1, value=5)
+    expected = ("train/misc/0.png, " if class_depth == 2 else "") + "val/0.png, val/1.png"
+    with pytest.warns(FastMAMLWarning, match=rf"skipped {2 + class_depth - 1} file\(s\) in "
+                      rf".*data outside the class folders .*: {expected}$"):
+        splits = load_image_folder(root, FORMAT, class_depth=class_depth,
+                                   cache_dir=tmp_path / "c")
+    assert [len(split) for split in splits.values()] == [3, 0, 2]
+
+
 def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:
     """Rounding each split's own share took the last one's: 4 classes gave test none, 10 gave
     val 2 and test 1."""

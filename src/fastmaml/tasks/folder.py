@@ -28,7 +28,7 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     skipped_files_warning, subfolders, unread_files)
+                     has_explicit_splits, skipped_files_warning, subfolders, unread_files)
 
 
 NOT_IMAGES = "that are not images this Pillow reads"  # why a file was skipped
@@ -66,13 +66,18 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if is_image_file(p))
 
 
-def misplaced_images(root: Path, folders: Sequence[Path]) -> list[Path]:
+def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> list[Path]:
     """The images under ``root`` that no class of ``folders`` reads: in a folder inside a class
-    folder, or beside the class folders (at the root, in a split or a group folder)."""
+    folder, or above the class level (at the root, in a split folder or a group folder, even
+    one that holds no class folder: ``val/*.png`` with ``class_depth=1``)."""
     inside = [p for folder in folders for sub in subfolders(folder) if not sub.is_symlink()
               for p in sorted(sub.rglob("*")) if is_image_file(p)]
-    above = {parent for folder in folders for parent in folder.parents
-             if parent == root or parent.is_relative_to(root)}
+    level = ([root / name for name in SPLITS if (root / name).is_dir()]
+             if has_explicit_splits(root) else [root])
+    above = {root, *level}
+    for _ in range(class_depth - 1):
+        level = [p for folder in level for p in subfolders(folder)]
+        above.update(level)
     return inside + [p for parent in sorted(above) for p in image_files(parent)]
 
 
@@ -125,7 +130,8 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     skipped_files_warning([p for (_, _, folder), images in zip(classes, files)
                            for p in unread_files(folder, images)], f"the class folders of {root}",
                           root, NOT_IMAGES)
-    skipped_files_warning(misplaced_images(root, [folder for _, _, folder in classes]),
+    skipped_files_warning(misplaced_images(root, [folder for _, _, folder in classes],
+                                           class_depth),
                           str(root), root, f"outside the class folders (a class's images go "
                           f"directly in its folder, {class_depth} level(s) below the root or a "
                           "split folder)")
