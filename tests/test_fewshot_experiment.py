@@ -227,6 +227,27 @@ def test_an_image_folder_run_keeps_its_class_split_when_classes_are_added(tmp_pa
     assert "or start a new run (train with another --out)" in err
 
 
+@pytest.mark.parametrize("preset", ["fewshot-folder", "regression-csv"])
+@pytest.mark.parametrize("out", ["runs/mine", "."])
+def test_a_run_inside_its_data_folder_is_refused_and_leaves_nothing_there(
+        tmp_path, capsys, monkeypatch, preset, out):
+    """``cd data; fastmaml train ... --data-root .`` would read the run's files as data (a class
+    folder ``runs``, or explicit splits "beside" runs/): refused before anything is written."""
+    data = tmp_path / "data"
+    if preset == "fewshot-folder":
+        write_classes(data, 6, 2)
+    else:
+        data.mkdir()
+        for task in range(6):
+            (data / f"{task}.csv").write_text("".join(f"{i},{task}\n" for i in range(4)))
+    before = sorted(data.rglob("*"))  # (the run lock's hidden files aside: the data skip them)
+    monkeypatch.chdir(data)
+    assert main(["train", preset, "--out", out, "--data-root", ".", "--no-progress"]) == 2
+    assert (f"--out {out} is inside the data folder {data}, whose loading would read the run's "
+            "own files as data: give --out a folder outside it") in capsys.readouterr().err
+    assert sorted(p for p in data.rglob("*") if not p.name.startswith(".")) == before
+
+
 def test_eval_takes_the_data_folder_from_where_it_is_now(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
     write_classes(data, 6, 2)

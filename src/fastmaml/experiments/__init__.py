@@ -324,6 +324,11 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     # Rank 0 tells (once it may start): so every rank reads the same settings
     in_use = gather_ranks(bool(main and only is not None and others_training(run_dir, only)))[0]
     experiment = prepare_run(preset_name, run_dir, overrides, in_use)
+    root = experiment.data_root()
+    if root is not None and run_dir.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(f"--out {run_dir} is inside the data folder {root}, whose "
+                          "loading would read the run's own files as data: give --out a "
+                          "folder outside it")
     if experiment.cfg.tensorboard:
         scalar_writer_class()  # a missing tensorboard package refuses the command at once
     learners = experiment.learners()  # loads the data and builds the models: bad values fail here

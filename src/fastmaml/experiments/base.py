@@ -273,6 +273,10 @@ class Experiment(ABC):
             self.save_records()
         barrier()
 
+    def data_root(self) -> Path | None:
+        """The folder the run reads its data from (None: its tasks are generated)."""
+        return None
+
     def assign_split(self) -> Assignment | None:
         """A user data folder's items (classes, tasks) per split, assigned now; None for a
         built-in data set."""
