@@ -184,6 +184,19 @@ def test_bad_folders_are_clear_errors(tmp_path: Path) -> None:
         load_image_folder(tmp_path / "broken", FORMAT, cache_dir=tmp_path / "c")
 
 
+def test_a_class_named_train_among_others_is_a_class(tmp_path: Path) -> None:
+    """Vehicles (COCO's names) hold a class ``train`` beside car/, bus/, ...: one folder per
+    class, with a warning, not a refusal of explicit splits without test/."""
+    root = tmp_path / "vehicles"
+    for value, name in enumerate(("bus", "car", "train", "truck")):
+        write_class(root / name, 2, value=value)
+    with pytest.warns(FastMAMLWarning, match=r"has train/ but no test/, beside 3 other "
+                                             r"folder\(s\): read as one folder per class, "
+                                             r"train/ being classes"):
+        assignment = assign_classes(root, fractions=(0.5, 0, 0.5))
+    assert sorted(sum(assignment.values(), [])) == ["bus", "car", "train", "truck"]
+
+
 def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path) -> None:
     root = tmp_path / "splits"
     for split in ("train", "val"):
@@ -195,7 +208,8 @@ def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path
     assert assign_classes(root) == {"train": ["train/train-class"], "val": ["val/val-class"],
                                     "test": ["test/test-class"]}
     (root / "validation" / "c").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"also validation/, which would be left unread"):
+    with pytest.raises(DataError, match=r"also validation/, which would be left unread.*where "
+                                        r"train/ and test/ are classes .*, rename them\)"):
         assign_classes(root)
     cased = tmp_path / "cased"  # a Windows habit: Train/ and Test/
     for split in ("Train", "Test"):

@@ -58,8 +58,14 @@ def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.
     return np.split(order, [train, min(train_and_val, count)])
 
 
+# other names of split folders: beside them a lone train/ or test/ is a misnamed split
+SPLIT_LIKE = {"training", "testing", "validation", "valid", "dev", "eval", "evaluation"}
+
+
 def has_explicit_splits(root: Path) -> bool:
-    """Whether ``root`` holds train/ and test/ (and optionally val/) and nothing else."""
+    """Whether ``root`` holds train/ and test/ (and optionally val/) and nothing else. One of
+    them without the other (or val/) beside other folders, none named as a split
+    (``training/``), is a class named so (COCO's ``train``), with a warning."""
     folders = [p.name for p in subfolders(root)]
     explicit = [name for name in SPLITS if name in folders]
     cased = [name for name in folders if name.lower() in SPLITS and name not in SPLITS]
@@ -70,15 +76,23 @@ def has_explicit_splits(root: Path) -> bool:
     if not explicit:
         return False
     missing = [f"{name}/" for name in ("train", "test") if name not in explicit]
+    others = [name for name in folders if name not in SPLITS]
+    if missing and others and "val" not in explicit and not SPLIT_LIKE & {
+            name.lower() for name in others}:
+        warn(f"{root} has {', '.join(n + '/' for n in explicit)} but no {' or '.join(missing)}, "
+             f"beside {len(others)} other folder(s): read as one folder per class, "
+             f"{' and '.join(n + '/' for n in explicit)} being classes (explicit splits need "
+             "train/ and test/, and nothing beside them)", FastMAMLWarning)
+        return False
     if missing:
         raise DataError(f"{root} has {', '.join(n + '/' for n in explicit)} but no "
                         f"{' or '.join(missing)}: explicit splits need train/ and test/ "
                         "(val/ is optional)")
-    others = [name for name in folders if name not in SPLITS]
     if others:
         raise DataError(f"{root} has explicit splits and also {', '.join(n + '/' for n in others)}"
                         ", which would be left unread: only train/, val/ and test/ are read "
-                        "(rename validation/ to val/; move other folders out)")
+                        "(rename validation/ to val/; move other folders out; or, where "
+                        "train/ and test/ are classes of one folder per class, rename them)")
     return True
 
 
