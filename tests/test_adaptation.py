@@ -501,7 +501,7 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 @pytest.mark.parametrize("case, message", [
     ("empty class", "support class folder .*empty.* holds no images"),
-    ("unreadable image", "cannot read image .*broken.png"),
+    ("unreadable image", r"cannot read 1 of 4 images \(replace or delete it\): .*broken.png"),
     ("no checkpoint", "has no trained model .*maml.pt is missing"),
     ("csv to an image run", "is a file, but this is an image run"),
     ("too many classes", "has 4 classes, but the run was trained 3-way"),

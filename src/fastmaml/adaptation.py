@@ -50,7 +50,7 @@ from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
-from .tasks.images import ImageFormat, as_model_input, channels_first
+from .tasks.images import ImageFormat, as_model_input, channels_first, stack_decoded
 from .tasks.folder import NOT_IMAGES, image_files, is_image_file
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import skipped_files_warning, subfolders as visible_subfolders, unread_files
@@ -105,8 +105,8 @@ class TrainedRun:
             raise DataError(f"preprocess reads image files or PIL images, got {other[0]} (an "
                             "array of pixels: PIL.Image.fromarray turns it into an image)")
         fmt = self.image_format
-        pixels = np.stack([fmt.convert(item) if isinstance(item, Image.Image)
-                           else fmt.read(Path(os.fsdecode(item))) for item in images])
+        pixels = stack_decoded([fmt.convert(item) if isinstance(item, Image.Image)
+                                else fmt.read_or_why(Path(os.fsdecode(item))) for item in images])
         means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255 if fmt.invert else []
         dark = [i for i, mean in enumerate(means) if mean > 0.5]
         if dark:

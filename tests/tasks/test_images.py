@@ -9,6 +9,7 @@ from PIL import Image
 
 from fastmaml import DataError
 from fastmaml.tasks import images as im
+from fastmaml.tasks import images as images_module
 from fastmaml.tasks.images import ImageFormat, as_model_input, channels_first, read_images
 
 
@@ -31,6 +32,27 @@ def test_unreadable_image_names_the_file(tmp_path: Path, content: bytes | str) -
     path.write_bytes(data[: len(data) // 2] if content == "truncated" else content)
     with pytest.raises(DataError, match="broken.png"):
         read_images([path], ImageFormat("L", 28))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_every_unreadable_image_is_named_at_once(tmp_path: Path, workers: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scraped folder's broken files (an HTML page saved as .jpg, a cut download) are named
+    in one error, not one per run; past ``SHOWN_UNREAD`` they are counted."""
+    monkeypatch.setattr(images_module, "POOL_MIN_IMAGES", 2)
+    monkeypatch.setattr(images_module, "SHOWN_UNREAD", 2)
+    paths = []
+    for i in range(6):
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("L", (6, 6), i).save(paths[-1], format="PNG")
+    for i in (1, 3, 4):
+        paths[i].write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=r"cannot read 3 of 6 images \(replace or delete them\): "
+                                        r".*1\.jpg: .*; .*3\.jpg: .*; and 1 more$"):
+        read_images(paths, ImageFormat("L", 4), workers=workers)
+    with pytest.raises(DataError, match=r"cannot read 1 of 2 images \(replace or delete it\): "
+                                        r".*4\.jpg: "):
+        read_images(paths[4:], ImageFormat("L", 4), workers=workers)
 
 
 def test_any_mode_and_size_is_converted(tmp_path: Path) -> None:
@@ -71,12 +93,13 @@ def test_16_bit_pixels_are_scaled_not_clipped(tmp_path: Path) -> None:
     Image.fromarray(values).save(tmp_path / "deep.png")
     with Image.open(tmp_path / "deep.png") as opened:
         assert opened.mode == "I;16"
-    pixels = ImageFormat("L", 5).read(tmp_path / "deep.png")[:1]
+    pixels = read_images([tmp_path / "deep.png"], ImageFormat("L", 5))[0][:1]
     assert pixels.tolist() == [[0, 1, 4, 128, 255]]
     assert ImageFormat("L", 5).convert(Image.fromarray(values.astype(np.int32))).tolist()[0] == \
         [0, 1, 4, 128, 255]
     Image.fromarray(values).save(tmp_path / "keyed.png", transparency=1000)  # a transparent colour
-    assert ImageFormat("L", 5).read(tmp_path / "keyed.png")[0].tolist() == [0, 1, 255, 128, 255]
+    keyed = read_images([tmp_path / "keyed.png"], ImageFormat("L", 5))[0]
+    assert keyed[0].tolist() == [0, 1, 255, 128, 255]
 
 
 @pytest.mark.parametrize("pixels", [np.full((4, 4), 0.5, np.float32),
@@ -85,7 +108,7 @@ def test_pixels_without_a_fixed_range_are_refused_naming_the_file(tmp_path: Path
                                                                  pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(tmp_path / "wide.tif")
     with pytest.raises(DataError, match=r"wide.tif: .*no fixed .*range"):
-        ImageFormat("L", 4).read(tmp_path / "wide.tif")
+        read_images([tmp_path / "wide.tif"], ImageFormat("L", 4))[0]
 
 
 def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> None:
@@ -95,7 +118,8 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path: Path) -> No
     Image.fromarray(pixels).save(tmp_path / "sideways.png", exif=exif)
     upright = np.rot90(pixels, k=-1)  # what a viewer shows: turned back, clockwise
     expected = ImageFormat("L", 5).convert(Image.fromarray(np.ascontiguousarray(upright)))
-    assert np.array_equal(ImageFormat("L", 5).read(tmp_path / "sideways.png"), expected)
+    upright = read_images([tmp_path / "sideways.png"], ImageFormat("L", 5))[0]
+    assert np.array_equal(upright, expected)
     with Image.open(tmp_path / "sideways.png") as opened:  # a PIL image given directly, too
         assert np.array_equal(ImageFormat("L", 5).convert(opened), expected)
 
@@ -111,4 +135,4 @@ def test_an_unreadable_exif_orientation_keeps_the_picture(tmp_path: Path,
         raise ZeroDivisionError("division by zero")
 
     monkeypatch.setattr(im.ImageOps, "exif_transpose", broken)
-    assert np.array_equal(ImageFormat("L", 5).read(tmp_path / "odd.png"), pixels)
+    assert np.array_equal(read_images([tmp_path / "odd.png"], ImageFormat("L", 5))[0], pixels)

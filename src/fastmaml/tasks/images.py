@@ -70,13 +70,13 @@ class ImageFormat:
         pixels = np.asarray(image, dtype=np.uint8)
         return 255 - pixels if self.invert else pixels
 
-    def read(self, path: Path) -> np.ndarray:
-        """One image file, converted; an unreadable file is a ``DataError`` that names it."""
+    def read_or_why(self, path: Path) -> np.ndarray | str:
+        """One image file, converted, or why it cannot be read (``"PATH: why"``)."""
         try:
             with Image.open(path) as file:
                 return self.convert(file)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from error
+            return f"{path}: {error}"
 
 
 def _upright(image: Image.Image) -> Image.Image:
@@ -136,14 +136,32 @@ def fingerprint(root: Path, files: Sequence[Path], image_format: ImageFormat) ->
     return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
+SHOWN_UNREAD = 10  # unreadable files named in the error; the rest counted
+
+
 def read_images(paths: Sequence[Path], image_format: ImageFormat,
                 workers: int | None = None) -> np.ndarray:
-    """All ``paths`` decoded by ``image_format.read`` into one array, a process per CPU core."""
+    """All ``paths`` decoded by ``image_format`` into one array, a process per CPU core; every
+    unreadable file is named in one ``DataError`` (``stack_decoded``)."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or len(paths) < POOL_MIN_IMAGES:
-        return np.stack([image_format.read(p) for p in paths])
+        return stack_decoded([image_format.read_or_why(p) for p in paths])
     with Pool(workers) as pool:
-        return np.stack(pool.map(image_format.read, paths, chunksize=256))
+        return stack_decoded(pool.map(image_format.read_or_why, paths, chunksize=256))
+
+
+def stack_decoded(decoded: Sequence[np.ndarray | str]) -> np.ndarray:
+    """Decoded images (``ImageFormat.read_or_why``) as one array; a ``DataError`` that names
+    every file that could not be read (a scraped folder's broken files, all at once)."""
+    unread = [item for item in decoded if isinstance(item, str)]
+    if len(unread) == 1 and len(decoded) == 1:
+        raise DataError(f"cannot read image {unread[0]}")
+    if unread:
+        shown = "; ".join(unread[:SHOWN_UNREAD]) + (
+            f"; and {len(unread) - SHOWN_UNREAD} more" if len(unread) > SHOWN_UNREAD else "")
+        raise DataError(f"cannot read {len(unread)} of {len(decoded)} images (replace or delete "
+                        f"{'it' if len(unread) == 1 else 'them'}): {shown}")
+    return np.stack(decoded)
 
 
 def channels_first(pixels: np.ndarray) -> np.ndarray:
