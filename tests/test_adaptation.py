@@ -102,8 +102,11 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
     code, _, err = adapt(capsys, str(image_run), "inner_lr=1", "--support", str(support),
                          "--query", str(query))
-    assert code == 2 and ("inner_lr=1: an adaptation takes only evaluation settings "
-                          "(eval_tasks, eval_inner_steps") in err
+    assert code == 2 and ("inner_lr=1: an adaptation of this fewshot run takes only its "
+                          "evaluation settings (eval_tasks, eval_inner_steps)") in err
+    code, _, err = adapt(capsys, str(image_run), "eval_inner_lr=0.5", "--support", str(support),
+                         "--query", str(query))  # a meta-RL run's: not offered here
+    assert code == 2 and "eval_inner_lr=0.5: an adaptation of this fewshot run takes " in err
 
 
 def test_the_accuracy_in_json_is_the_fraction_of_correct_queries(

@@ -289,14 +289,16 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
     ``eval_inner_steps=5``; meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading
     changes no process-wide setting (threads, allocator), unlike the ``fastmaml`` commands.
     """
-    other = [item for item in settings if item.partition("=")[0].strip() not in EVAL_KEYS]
-    if other:
-        raise ConfigError(f"{', '.join(other)}: an adaptation takes only evaluation settings "
-                          f"({', '.join(EVAL_KEYS)})")
     run_dir = Path(run_dir)
-    overrides = (["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
-                 + list(settings))
+    overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
+    keys = [key for key in EVAL_KEYS if key in experiment.cfg.to_dict()]  # this run's
+    other = [item for item in settings if item.partition("=")[0].strip() not in keys]
+    if other:
+        raise ConfigError(f"{', '.join(other)}: an adaptation of this {experiment.name} run "
+                          f"takes only its evaluation settings ({', '.join(keys)})")
+    if settings:
+        experiment = load_experiment(run_dir, overrides + list(settings))
     if experiment.name == "rl":
         return _trained_policy(run_dir, experiment)
     if experiment.name not in ("fewshot", "sinusoid", "regression"):
