@@ -125,7 +125,9 @@ def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp
 def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, capsys):
     assert main(["train", "omniglot-5w1s", "--out", str(tmp_path), "--data-root", str(omniglot_root),
                  "n_way=500", "iterations=1", "--no-progress"]) == 2
-    assert "n_way=500 needs at least 500 classes, but the val split of" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "n_way=500 needs at least 500 classes, but the val split of" in err
+    assert err.rstrip().endswith("; or train without validation: val_every=0")
 
 
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):

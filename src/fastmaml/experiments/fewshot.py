@@ -210,7 +210,9 @@ class FewShotExperiment(Experiment):
         if len(images) < self.cfg.n_way:
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"
-                            + (self._more_classes_hint() if self.cfg.dataset == "folder" else ""))
+                            + (self._more_classes_hint() if self.cfg.dataset == "folder" else "")
+                            + ("; or train without validation: val_every=0" if split == "val"
+                               else ""))
         try:
             return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
                                   rotate=self.rotates(split),

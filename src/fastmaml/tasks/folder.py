@@ -142,14 +142,14 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     pixels = decoded_images(root, [f for per_class in files for f in per_class], image_format,
                             cache_dir, workers)
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
-    start, short = 0, 0
+    start, short = 0, []
     for (name, split_root, folder), per_class in zip(classes, files):
         if len(per_class) >= min_images:
             kept[name].append((pixels[start:start + len(per_class)],
                                str(folder.relative_to(split_root)),
                                str(folder.parent.relative_to(split_root))))
         else:
-            short += 1
+            short.append(folder.relative_to(root).as_posix())
         start += len(per_class)
     splits = {}
     for name, entries in kept.items():
@@ -158,9 +158,9 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
                                    torch.tensor([group_index[g] for _, _, g in entries],
                                                 dtype=torch.long))
     if short:
-        warn(f"left out {short} of {len(classes)} classes in "
-             f"{root} with fewer than {min_images} images (k_shot + queries)",
-             ShortClassesWarning)
+        warn(f"left out {len(short)} of {len(classes)} classes in "
+             f"{root} with fewer than {min_images} images (k_shot + queries): "
+             + ", ".join(short[:3]) + (", ..." if len(short) > 3 else ""), ShortClassesWarning)
     return splits
 
 
