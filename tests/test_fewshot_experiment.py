@@ -250,6 +250,20 @@ def test_a_run_inside_its_data_folder_is_refused_and_leaves_nothing_there(
     assert sorted(p for p in data.rglob("*") if not p.name.startswith(".")) == before
 
 
+def test_a_started_run_without_its_split_record_warns_that_the_split_is_made_again(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_classes(data, 6, 2)
+    assert main(["train", "fewshot-folder", "--out", str(run), "--data-root", str(data),
+                 "n_way=2", "k_shot=1", "k_query=1", "eval_k_query=1", "image_size=8", "hidden=4",
+                 "meta_batch=2", "iterations=1", "val_every=0", "split_fractions=0.34,0.33,0.33",
+                 "--no-progress"]) == 0
+    recorded = json.loads((run / "splits.json").read_text())
+    (run / "splits.json").unlink()  # e.g. a run copied without it
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="has no splits.json .*: the split "
+                                                             "is made again from the folder"):
+        assert load_experiment(run).data_split() == recorded  # (the folder is unchanged)
+
+
 def test_eval_takes_the_data_folder_from_where_it_is_now(tmp_path, capsys):
     data, run = tmp_path / "data", tmp_path / "run"
     write_classes(data, 6, 2)
