@@ -158,15 +158,22 @@ def test_time_to_accuracy_counts_a_float32_level_skips_nan_and_lists_every_fewsh
     runs = [report.Run(tmp_path / "a", config, [], 750, 180.0, [], validation=curve),
             report.Run(tmp_path / "b", config, [], 750, 180.0, []),  # val_every=0
             # validating every 500 iterations, stopped before the first
-            report.Run(tmp_path / "c", {**config, "val_every": 500}, [], 400, 90.0, [])]
-    rows = [line for line in report.time_to_accuracy(runs) if line.startswith(("| a |", "| b |",
-                                                                                "| c |"))]
-    assert rows[0].startswith("| a | 500 it, 2 min | 750 it, 3 min | not reached | not reached "
-                              "| 95.0% |")
+            report.Run(tmp_path / "c", {**config, "val_every": 500}, [], 400, 90.0, []),
+            # past its first validation without one: its data has no val split
+            report.Run(tmp_path / "d", {**config, "val_every": 500}, [], 600, 90.0, []),
+            # a folder of the same name elsewhere: both named by their paths
+            report.Run(tmp_path / "other" / "a", config, [], 750, 180.0, [], validation=curve)]
+    rows = [line for line in report.time_to_accuracy(runs) if line.startswith(
+        ("| b |", "| c |", "| d |", f"| {tmp_path.as_posix()}"))]
+    assert rows[0].startswith(f"| {(tmp_path / 'a').as_posix()} | 500 it, 2 min | 750 it, 3 min "
+                              "| not reached | not reached | 95.0% |")
     assert rows[1] == "| b | no validation (val_every=0) |  |  |  |  |  |"
     assert rows[2] == "| c | no validation yet (every 500 iterations) |  |  |  |  |  |"
-    text = report.render(runs, tmp_path / "REPORT.md")  # both in the report's table
-    assert "| a | 500 it, 2 min |" in text and "| b | no validation" in text
+    assert rows[3] == "| d | no validation (no val split) |  |  |  |  |  |"
+    assert rows[4].startswith(f"| {(tmp_path / 'other' / 'a').as_posix()} | 500 it, 2 min |")
+    text = report.render(runs, tmp_path / "REPORT.md")  # all in the report's table
+    assert f"| {(tmp_path / 'a').as_posix()} | 500 it, 2 min |" in text
+    assert "| b | no validation" in text
 
 
 def test_a_cosine_run_is_projected_by_finished_runs_of_its_recipe_at_other_lengths(
@@ -417,7 +424,7 @@ def test_runs_of_one_name_in_two_folders_link_to_their_own_sections(tmp_path: Pa
     for run_dir, anchor in zip((kept, again), anchors):
         assert f'<a id="{anchor}"></a>\n## Sinusoid regression, 5-shot: `{run_dir.as_posix()}`' \
             in text
-        assert f"[sinusoid](#{anchor})" in text  # its row links to it
+        assert f"[{run_dir.as_posix()}](#{anchor})" in text  # its row links to it, by path
     assert "Preset `sinusoid-demo`; 20 MAML iterations; " in text
     one = dataclasses.replace(runs[0], iterations=1, config={**runs[0].config, "iterations": 1})
     assert "; 1 MAML iteration; " in report.render([one], tmp_path / "R.md")

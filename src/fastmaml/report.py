@@ -12,7 +12,8 @@ import contextlib
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,7 +368,7 @@ def _digits(headline: Headline) -> int:
 def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]] = ()) -> str:
     """The report's Markdown for ``runs`` (and a list of the ``unread`` run directories, with
     why); links are relative to ``report_path``'s folder."""
-    report_dir, anchors = report_path.parent, _anchors(runs)
+    report_dir, anchors, labels = report_path.parent, _anchors(runs), run_labels(runs)
     rows: list[Row] = []
     for headline in HEADLINES:
         matching = [r for r in runs if headline_key(r.config) == headline.key]
@@ -399,7 +400,7 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
             ours, verdict, where, its = "", _missing(h), "", ""
         else:
             verdict, its = row.status, _iterations(row.run)
-            where = f"[{row.run.path.name}](#{anchors[row.run.path]})"
+            where = f"[{labels[row.run.path]}](#{anchors[row.run.path]})"
         lines.append(f"| {_row_title(h, row.run)} | {paper} | "
                      f"{_fmt(h.maml_pp) if h.maml_pp else ''} | {ours} | {verdict} | {its} "
                      f"| {where} |")
@@ -423,6 +424,14 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
 THRESHOLDS = (0.90, 0.95, 0.97, 0.99)
 
 
+def run_labels(runs: Iterable[Run]) -> dict[Path, str]:
+    """Each run's name in the report's tables: its folder's name, or its path where another
+    run's folder has the same name (``exA/try``, ``exB/try``)."""
+    paths = {run.path for run in runs}
+    names = Counter(path.name for path in paths)
+    return {path: path.name if names[path.name] == 1 else path.as_posix() for path in paths}
+
+
 def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str]:
     """Per run, the iteration and training minutes at which meta-validation accuracy first
     reached each of ``THRESHOLDS`` (as far as it got), and for a run still below the paper's
@@ -430,6 +439,7 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
     schedule length that the ``evaluated`` runs of its recipe project)."""
     if not runs:
         return []
+    labels = run_labels([*runs, *evaluated])
     lines = ["## Time to accuracy", "",
              "The iteration and training wall-clock at which meta-validation accuracy first "
              "reached each level (each run's own validation protocol: its val_tasks tasks, 100 "
@@ -446,9 +456,11 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
     for run in runs:
         if not run.validation:
             every = run.config.get("val_every")
-            said = (f"no validation yet (every {every:,} iterations)"
-                    if isinstance(every, int) and every > 0 else "no validation (val_every=0)")
-            lines.append(f"| {run.path.name} | " + " | ".join([said] + [""] * (len(THRESHOLDS) + 1))
+            said = ("no validation (val_every=0)" if not isinstance(every, int) or every <= 0
+                    else "no validation (no val split)" if run.iterations >= every
+                    else f"no validation yet (every {every:,} iterations)")
+            lines.append(f"| {labels[run.path]} | "
+                         + " | ".join([said] + [""] * (len(THRESHOLDS) + 1))
                          + " |")
             continue
         cells = []
@@ -457,7 +469,7 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
                           if acc >= threshold - ROUNDING), None)
             cells.append(f"{first[0]:,} it, {first[1] / 60:.0f} min" if first else "not reached")
         best = max((acc for _, _, acc in run.validation if math.isfinite(acc)), default=None)
-        lines.append(f"| {run.path.name} | " + " | ".join(cells) + " | "
+        lines.append(f"| {labels[run.path]} | " + " | ".join(cells) + " | "
                      + (f"{best:.1%} | {_projection(run, best, evaluated)} |" if best is not None
                         else "not finite | |"))
     return lines + [""]
