@@ -258,6 +258,16 @@ def test_under_torchrun_a_config_error_is_said_once_a_machine_and_others_name_th
     assert capsys.readouterr().err.startswith("fastmaml: error: unknown preset")
 
 
+@pytest.mark.parametrize("local_rank, shown", [("0", True), ("1", False)])
+def test_under_torchrun_a_warning_is_said_once_a_machine(capsys, monkeypatch, local_rank, shown):
+    """The ranks of a machine read the same files: one of them warns of a stray file."""
+    from fastmaml.errors import FastMAMLWarning
+
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    cli._show_warning("skipped 1 file(s)", FastMAMLWarning, "user.py", 1)
+    assert capsys.readouterr().err == ("fastmaml: warning: skipped 1 file(s)\n" if shown else "")
+
+
 @pytest.mark.parametrize("batch", ["episodes", "steps"])
 def test_rl_tasks_split_across_two_processes_match_one(tmp_path, batch):
     """``fastmaml train`` of an RL preset under torchrun: each rank samples its slice of the

@@ -330,9 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
-    """fastmaml's own warnings as one line; any other as Python shows it."""
+    """fastmaml's own warnings as one line, once per machine under torchrun (its ranks read one
+    command line and the same files); any other as Python shows it."""
     if issubclass(category, FastMAMLWarning):
-        print(f"fastmaml: warning: {message}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"fastmaml: warning: {message}", file=sys.stderr)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 

@@ -14,7 +14,8 @@ from PIL import Image
 from fastmaml import ConfigError, DataError
 from fastmaml.tasks import folder as folder_module
 from fastmaml.errors import FastMAMLWarning
-from fastmaml.tasks.folder import ShortClassesWarning, assign_classes, load_image_folder
+from fastmaml.tasks.folder import (BlankImagesWarning, ShortClassesWarning, assign_classes,
+                                   load_image_folder)
 from fastmaml.tasks.splits import split_indices
 from fastmaml.tasks.images import ImageFormat
 
@@ -85,6 +86,7 @@ def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: P
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastMAMLWarning)
         warnings.simplefilter("ignore", ShortClassesWarning)
+        warnings.simplefilter("ignore", BlankImagesWarning)  # (flat greys)
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
 
@@ -108,6 +110,26 @@ def test_images_in_a_folder_above_the_class_level_that_holds_no_class_are_named(
         splits = load_image_folder(root, FORMAT, class_depth=class_depth,
                                    cache_dir=tmp_path / "c")
     assert [len(split) for split in splits.values()] == [3, 0, 2]
+
+
+def test_images_that_come_out_one_flat_colour_are_warned_of(tmp_path: Path) -> None:
+    """White strokes on a transparent background are composited onto white, as a viewer shows
+    them: blank images, which the warning names."""
+    root = tmp_path / "glyphs"
+    for c in range(3):
+        (root / f"glyph{c}").mkdir(parents=True)
+        for i in range(2):
+            image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+            image.putpixel((c, i), (255, 255, 255, 255))
+            image.save(root / f"glyph{c}" / f"{i}.png")
+    Image.new("L", (8, 8), 0).save(root / "glyph2" / "2.png")  # all black: blank too
+    drawn = Image.new("L", (8, 8), 255)  # one dark stroke on white: not blank
+    drawn.putpixel((3, 3), 0)
+    drawn.save(root / "glyph2" / "3.png")
+    with pytest.warns(BlankImagesWarning, match=r"7 of 8 images in .*glyphs are one flat colour "
+                                                r"as read \(e.g. glyph0/0.png\): transparent "
+                                                r"pixels count as white"):
+        load_image_folder(root, FORMAT, fractions=(0.34, 0.33, 0.33), cache_dir=tmp_path / "c")
 
 
 def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:

@@ -38,6 +38,10 @@ class ShortClassesWarning(FastMAMLWarning):
     """Classes left out of a data set because they hold too few images for a task."""
 
 
+class BlankImagesWarning(FastMAMLWarning):
+    """Images that come out one flat colour, from which a model learns nothing."""
+
+
 @dataclass
 class FolderSplit:
     """The classes of one split: uint8 images (count, C, H, W) per class, names and groups."""
@@ -139,8 +143,9 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "
                         "train/, val/ and test/" + _depth_hint(root, class_depth))
-    pixels = decoded_images(root, [f for per_class in files for f in per_class], image_format,
-                            cache_dir, workers)
+    flat_files = [f for per_class in files for f in per_class]
+    pixels = decoded_images(root, flat_files, image_format, cache_dir, workers)
+    _warn_of_blank_images(root, flat_files, pixels)
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
     start, short = 0, []
     for (name, split_root, folder), per_class in zip(classes, files):
@@ -162,6 +167,18 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
              f"{root} with fewer than {min_images} images (k_shot + queries): "
              + ", ".join(short[:3]) + (", ..." if len(short) > 3 else ""), ShortClassesWarning)
     return splits
+
+
+def _warn_of_blank_images(root: Path, files: Sequence[Path], pixels: Tensor) -> None:
+    """Warn of images that come out one flat colour: a model learns nothing from them (light
+    strokes on a transparent background, composited onto white as a viewer shows it)."""
+    flat = pixels.flatten(1)
+    blank = (flat.amin(1) == flat.amax(1)).nonzero().flatten().tolist()
+    if blank:
+        warn(f"{len(blank)} of {len(files)} images in {root} are one flat colour as read (e.g. "
+             f"{files[blank[0]].relative_to(root).as_posix()}): transparent pixels count as "
+             "white, so light strokes on a transparent background vanish; save such images on "
+             "an opaque background", BlankImagesWarning)
 
 
 def _depth_hint(root: Path, class_depth: int) -> str:
