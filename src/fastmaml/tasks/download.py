@@ -93,6 +93,11 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
             return np.load(path)
         except (OSError, ValueError):  # unreadable: rebuild it below
             pass
+    try:  # before the decoding, which may take minutes
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot make the cache directory {path.parent} ({error.strerror}): "
+                        "set $FASTMAML_CACHE (or cache_dir) to a writable folder") from None
     array = build()
     replace_atomically(path, lambda out: np.save(out, array))
     return array
