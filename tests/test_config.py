@@ -27,12 +27,20 @@ def test_a_key_given_twice_with_two_values_is_refused_and_with_one_is_taken():
     assert SinusoidConfig().with_overrides(["iterations=10", "iterations=10"]).iterations == 10
 
 
+def test_a_list_may_come_in_brackets_as_yaml_and_python_write_it() -> None:
+    assert SinusoidConfig().with_overrides(["eval_k_shots=[5, 10]"]).eval_k_shots == (5, 10)
+    assert SinusoidConfig().with_overrides(["eval_k_shots=(20,)"]).eval_k_shots == (20,)
+
+
 @pytest.mark.parametrize("item,message", [
     ("inner_steps=two", "'inner_steps' expects int, got 'two'"),
     ("first_order=maybe", "'first_order' expects bool"),
     ("learning_rate=0.1", r"unknown config key\(s\) learning_rate for SinusoidConfig; valid"),
     ("metabatch=4", r"unknown config key\(s\) metabatch for .* \(metabatch: did you mean "
                     r"meta_batch\?\); valid keys"),
+    ("size=4", r"\(size: did you mean chunk_size\?\)"),  # a part of a name (image_size too)
+    ("eval_k_shots=5;10", r"'eval_k_shots' expects comma-separated int values \(e.g. "
+                          r"eval_k_shots=1,2\), got '5;10'"),
     ("n_way=5", r"unknown config key\(s\) n_way for SinusoidConfig \(n_way is a setting of "
                 r"the fewshot experiment\); valid keys"),
     ("iterations", "not of the form key=value"),

@@ -127,9 +127,11 @@ class Config:
             elsewhere = {key: cls._experiments_with(key) for key in unknown}
             hints = [f"{key} is a setting of the {' and '.join(names)} experiment"
                      + ("s" if len(names) > 1 else "") for key, names in elsewhere.items() if names]
-            near = {key: difflib.get_close_matches(key, types, n=1) for key in unknown
-                    if not elsewhere[key]}
-            hints += [f"{key}: did you mean {match[0]}?" for key, match in near.items() if match]
+            near = {key: difflib.get_close_matches(key, types, n=1)  # typos, else a part of
+                    or [name for name in types if key in name.split("_")][:3]  # a name: size
+                    for key in unknown if not elsewhere[key]}
+            hints += [f"{key}: did you mean {' or '.join(match)}?" for key, match in near.items()
+                      if match]
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"
                               + (f" ({'; '.join(hints)})" if hints else "")
                               + f"; valid keys: {', '.join(types)}")
@@ -180,11 +182,15 @@ def load_config_dict(path: Path) -> dict[str, Any]:
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Turn ``value`` (a string from the command line, or a YAML value) into ``kind``."""
-    try:
-        if typing.get_origin(kind) is tuple:
-            (item_kind, _) = typing.get_args(kind)
-            items = value.split(",") if isinstance(value, str) else value
+    if typing.get_origin(kind) is tuple:
+        (item_kind, _) = typing.get_args(kind)
+        items = value.strip().strip("[]()").split(",") if isinstance(value, str) else value
+        try:
             return tuple(_coerce(key, v, item_kind) for v in items if v != "")
+        except (ConfigError, TypeError):  # (TypeError: not a list)
+            raise ConfigError(f"config key {key!r} expects comma-separated {item_kind.__name__} "
+                              f"values (e.g. {key}=1,2), got {value!r}") from None
+    try:
         if kind is bool:
             if isinstance(value, bool):
                 return value
