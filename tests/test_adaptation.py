@@ -77,6 +77,10 @@ def test_adapt_an_image_run_needs_its_files_and_no_rl_task(image_run: Path,
     assert code == 2 and "--task is for meta-RL runs; " in err
     code, _, err = adapt(capsys, str(image_run), "--support", "s", "--query", "q", "--seed", "3")
     assert code == 2 and "--seed is for meta-RL runs; " in err
+    with pytest.raises(SystemExit):  # train's option, not taken for a key=value setting
+        adapt(capsys, str(image_run), "--data-root", "d", "--support", "s", "--query", "q")
+    assert ("error: unrecognized arguments: --data-root (fastmaml adapt --help lists its "
+            "options)") in capsys.readouterr().err
 
 
 def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,

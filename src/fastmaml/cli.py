@@ -347,8 +347,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "eval", "adapt"):  # (they say what is wrong)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    flags = [item for item in extra if item.startswith("-")]  # (an override is key=value)
+    if flags or (extra and args.command not in ("train", "eval", "adapt")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}"
+                     + (f" (fastmaml {args.command} --help lists its options)" if flags else ""))
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
