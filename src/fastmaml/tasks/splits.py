@@ -81,7 +81,7 @@ def has_explicit_splits(root: Path) -> bool:
             name.lower() for name in others}:
         warn(f"{root} has {', '.join(n + '/' for n in explicit)} but no {' or '.join(missing)}, "
              f"beside {len(others)} other folder(s): read as one folder per class, "
-             f"{' and '.join(n + '/' for n in explicit)} being classes (explicit splits need "
+             f"{explicit[0]}/ being a class (explicit splits need "
              "train/ and test/, and nothing beside them)", FastMAMLWarning)
         return False
     if missing:
