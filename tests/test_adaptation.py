@@ -104,6 +104,12 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
                          "--query", str(query))
     assert code == 0 and "in 2 step(s)" in err  # an evaluation setting for this adaptation
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
+    assert fastmaml.load_run(image_run, settings="eval_inner_steps=4 eval_tasks=10").steps == 4
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    fastmaml.load_run(image_run)  # builds the run's model from its seed, then restores torch's
+    assert torch.equal(torch.rand(3), expected)
     code, _, err = adapt(capsys, str(image_run), "inner_lr=1", "--support", str(support),
                          "--query", str(query))
     assert code == 2 and ("inner_lr=1: an adaptation of this fewshot run takes only its "

@@ -280,16 +280,23 @@ def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
-             settings: Sequence[str] = ()) -> TrainedRun | TrainedPolicy:
+             settings: Sequence[str] | str = ()) -> TrainedRun | TrainedPolicy:
     """The trained MAML of a few-shot or regression run directory, ready to adapt; of a meta-RL
     run, its policy (``TrainedPolicy``), ready to adapt to a task by sampling its environment.
 
     ``device`` defaults to the run's setting. ``settings``: ``key=value`` evaluation settings
     that replace the run's for this adaptation, as ``fastmaml eval`` takes them (e.g.
-    ``eval_inner_steps=5``; meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading
-    changes no process-wide setting (threads, allocator), unlike the ``fastmaml`` commands.
+    ``eval_inner_steps=5``, or a string of them; meta-RL: ``eval_policy=last``,
+    ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
+    torch's random generator), unlike the ``fastmaml`` commands.
     """
-    run_dir = Path(run_dir)
+    with torch.random.fork_rng():  # building the run's model seeds torch: restored after
+        return _load_run(Path(run_dir), device,
+                         settings.split() if isinstance(settings, str) else list(settings))
+
+
+def _load_run(run_dir: Path, device: str | None, settings: list[str]
+              ) -> TrainedRun | TrainedPolicy:
     overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
     keys = [key for key in EVAL_KEYS if key in experiment.cfg.to_dict()]  # this run's
@@ -298,7 +305,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
         raise ConfigError(f"{', '.join(other)}: an adaptation of this {experiment.name} run "
                           f"takes only its evaluation settings ({', '.join(keys)})")
     if settings:
-        experiment = load_experiment(run_dir, overrides + list(settings))
+        experiment = load_experiment(run_dir, overrides + settings)
     if experiment.name == "rl":
         return _trained_policy(run_dir, experiment)
     if experiment.name not in ("fewshot", "sinusoid", "regression"):
