@@ -16,7 +16,7 @@ from torch import nn
 import fastmaml.core
 import fastmaml.norms
 import fastmaml.probe
-from fastmaml import MAML, ConfigError, NonFiniteLossError, ShapeError, TaskBatch
+from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import MLP, SequenceNet, is_norm_param
 from problems import (MORE_MODELS, PROBLEMS, TASKS, VARIANTS, bag_problem, conv_problem, flat_grads,
@@ -363,6 +363,10 @@ def test_multi_step_loss_weights_anneal_towards_the_last_step():
     maml, weights = MAML(model, loss_fn, 0.1, 2), multi_step_loss_weights(2, 0.3)
     as_list, _ = maml.meta_backward(batch, weights.tolist())  # a plain list of weights works too
     assert as_list.item() == maml.meta_loss(batch, weights)[0].item()
+    with pytest.raises(ConfigError, match="a whole number of inner steps >= 1, got 2.5"):
+        multi_step_loss_weights(2.5, 0.3)
+    with pytest.raises(ConfigError, match="a finite progress"):
+        multi_step_loss_weights(3, float("nan"))
 
 
 # ----- clear errors -----
@@ -526,7 +530,7 @@ def test_non_scalar_loss_is_named_and_a_bool_metric_is_averaged():
             maml.meta_loss(batch)
     with pytest.raises(ShapeError, match="must return a scalar tensor per task, got a float"):
         MAML(model, lambda p, y: 0.5, batched=False).meta_loss(batch)
-    with pytest.raises(ConfigError, match="need inner steps >= 1, got 0"):
+    with pytest.raises(ConfigError, match="need a whole number of inner steps >= 1, got 0"):
         multi_step_loss_weights(0, 0.5)
     close = MAML(model, F.mse_loss, metric_fn=lambda p, y: ((p - y).abs() < 1).all())
     torch.set_default_dtype(torch.float32)  # (the float64 fixture restores it)
@@ -538,12 +542,21 @@ def test_non_scalar_loss_is_named_and_a_bool_metric_is_averaged():
         MAML(as_dict, lambda out, y: out["y"] @ y).meta_loss(batch)
 
 
-def test_nan_meta_loss_is_named():
+def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
+    """A diverged model is told to lower its learning rates; a NaN in the data is named."""
     model, loss_fn, batch = mlp_problem()
-    bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x,
-                    torch.full_like(batch.query_y, float("nan")))
-    with pytest.raises(NonFiniteLossError, match="meta-loss is nan"):
-        MAML(model, loss_fn).meta_loss(bad)
+    query_y = batch.query_y.clone()
+    query_y[2, 1] = float("nan")
+    with pytest.raises(DataError, match="meta-loss is nan: query_y of task 2 holds a NaN or "
+                                        "infinite value"):
+        MAML(model, loss_fn).meta_loss(batch._replace(query_y=query_y))
+    with pytest.raises(DataError, match="meta-loss is nan: step_weights holds a NaN"):
+        MAML(model, loss_fn, inner_steps=2).meta_loss(batch, [float("nan"), 1.0])
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))  # (as after a diverged meta-step)
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan: lower inner_lr or the meta "
+                                                 "learning rate"):
+        MAML(model, loss_fn).meta_loss(batch)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -571,7 +584,7 @@ def test_nan_meta_loss_is_named_by_meta_backward():
     maml.meta_backward(batch)  # the first call picks the path; the next runs functionally
     bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x,
                     torch.full_like(batch.query_y, float("nan")))
-    with pytest.raises(NonFiniteLossError, match="meta-loss is nan"):
+    with pytest.raises(DataError, match="meta-loss is nan: query_y of task 0 holds a NaN"):
         maml.meta_backward(bad)
 
 
@@ -774,3 +787,90 @@ def test_adapting_zero_steps_returns_copies_that_leave_the_model_as_it_is():
             for p in adapted.values():
                 p.add_(1.0)
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+class RepeatedBlock(nn.Module):
+    """One block registered under two names and applied twice, and an output layer whose
+    weight a second layer shares (weight tying): each tensor held under several names."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Linear(3, 3)
+        self.blocks = nn.ModuleList([self.block, self.block])
+        self.head, self.tied = nn.Linear(3, 2), nn.Linear(3, 2)
+        self.tied.weight = self.head.weight
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = torch.tanh(block(x))
+        return self.head(x) + self.tied(x)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_module_under_two_names_and_tied_weights_get_the_exact_meta_gradient(batched):
+    """functional_call's own tying swapped the repeated block's tensors in twice: the block got
+    no meta-gradient and the model was left holding a swapped-in tensor."""
+    torch.manual_seed(0)
+    model = RepeatedBlock().double()
+    own = dict(model.named_parameters())
+    x = torch.randn(TASKS, 6, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (TASKS, 6))
+    batch = TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
+    maml = MAML(model, F.cross_entropy, inner_lr=0.5, inner_steps=2, batched=batched)
+    for _ in range(2):  # the second call finds the model as it was
+        maml.meta_backward(batch)
+    assert dict(model.named_parameters()) == own and model.blocks[0].weight is own["block.weight"]
+
+    def forward(p, inputs):  # the model written out
+        for _ in range(2):
+            inputs = torch.tanh(F.linear(inputs, p["block.weight"], p["block.bias"]))
+        return (F.linear(inputs, p["head.weight"], p["head.bias"])
+                + F.linear(inputs, p["head.weight"], p["tied.bias"]))
+
+    reference = {n: torch.zeros_like(p) for n, p in own.items()}
+    for sx, sy, qx, qy in zip(*batch):
+        fast = dict(own)
+        for _ in range(2):
+            grads = torch.autograd.grad(F.cross_entropy(forward(fast, sx), sy),
+                                        list(fast.values()), create_graph=True)
+            fast = {n: p - 0.5 * g for (n, p), g in zip(fast.items(), grads)}
+        query_loss = F.cross_entropy(forward(fast, qx), qy) / TASKS
+        for name, g in zip(own, torch.autograd.grad(query_loss, list(own.values()))):
+            reference[name] += g
+    for name, p in own.items():
+        torch.testing.assert_close(p.grad, 2 * reference[name], rtol=1e-10, atol=1e-12)
+
+
+def test_a_batch_split_into_chunks_of_no_task_is_refused():
+    _, _, batch = mlp_problem()
+    assert [part.num_tasks for part in batch.split(2)] == [2, 1]
+    with pytest.raises(ConfigError, match="chunks of 0 tasks: give a size of at least 1"):
+        batch.split(0)
+
+
+class Branching(nn.Module):
+    """A forward with data-dependent control flow, which vmap cannot run."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.layer(x) * 2 if x.abs().max() > 3 else self.layer(x)
+
+
+@pytest.mark.parametrize("batched", [None, False])
+def test_predict_with_a_context_runs_row_by_row_where_vmap_cannot_run_the_model(batched):
+    torch.manual_seed(0)
+    maml = MAML(Branching(), F.cross_entropy, 0.1, 1, batched=batched)
+    support = torch.randn(6, 2)
+    adapted = maml.adapt(support, torch.randint(0, 3, (6,)))
+    queries = torch.randn(4, 2) * 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predicted = maml.predict(adapted, queries, context=support)
+    assert len(caught) == (1 if batched is None else 0)  # vmap tried once, then the loop
+    for row, expected in zip(queries, predicted):
+        torch.testing.assert_close(maml.predict(adapted, torch.cat([row[None], support]))[0],
+                                   expected)
+    assert maml.path is None  # a prediction is not a meta-batch's path

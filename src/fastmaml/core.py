@@ -11,6 +11,8 @@ in ``fastmaml.paths``; the forms in which the model's functions run under them, 
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,12 +21,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
-from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteLossError, ShapeError,
-                     first_line, is_out_of_memory, warn)
+from .aliases import tensor_aliases, with_aliases
+from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
+                     ShapeError, first_line, is_out_of_memory, warn)
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
-                     matching)
+                     matching, non_finite_input)
 from .paths import ExecutionPaths
 from .per_step import PerStepParameters
 from .probe import ModelProbe
@@ -41,8 +44,12 @@ def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0
     Uniform at ``progress`` 0; the non-final weights decay linearly to ``min_fraction / steps``
     at ``progress`` 1 and the final step takes the rest, so the weights always sum to one.
     """
-    if steps < 1:
-        raise ConfigError(f"multi-step loss weights need inner steps >= 1, got {steps}")
+    if not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ConfigError(f"multi-step loss weights need a whole number of inner steps >= 1, "
+                          f"got {steps!r}")
+    if not math.isfinite(progress):
+        raise ConfigError(f"multi-step loss weights need a finite progress (0..1), got "
+                          f"{progress}")
     nonfinal = max((1.0 - min(max(progress, 0.0), 1.0)) / steps, min_fraction / steps)
     weights = torch.full((steps,), nonfinal)
     weights[-1] = 1.0 - nonfinal * (steps - 1)
@@ -136,6 +143,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             activations at a time instead of all of them (each step is recomputed once in the
             backward pass), so activation memory stays flat in the number of inner steps; each
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
+        check_finite: raise on a NaN or infinite meta-loss (``NonFiniteLossError``, or a
+            ``DataError`` naming the input that holds one): one synchronising check per call,
+            which a GPU user may turn off.
 
     Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
     training driver does) so that ranks that step together search together: with the path
@@ -188,6 +198,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
+        self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
         # inductor under vmap: "Cannot access storage of BatchedTensorImpl"
         if compile and has_recurrent(model):
             warn("torch.compile cannot compile recurrent layers under vmap (torch "
@@ -212,7 +223,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         try:
             with (self._norm_mode(), self._embedding_mode(), self._rnn_mode(),
                   self._attention_mode()):
-                return functional_call(self.model, state, (x,))
+                return functional_call(self.model, with_aliases(state, self._aliases), (x,),
+                                       tie_weights=False)
         except FastMAMLError:
             raise
         except (RuntimeError, ValueError) as error:
@@ -353,8 +365,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         """
         batch = as_task_batch(batch)
         self._prepare(batch.support_x[0], of_batch=True)
-        loss, metrics = self(batch, as_weights(step_weights))
-        self._check_finite(loss)
+        step_weights = as_weights(step_weights)
+        loss, metrics = self(batch, step_weights)
+        self._check_finite(loss, batch, step_weights)
         return loss, metrics
 
     @_second_derivatives_explained
@@ -396,7 +409,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                 return self._uncompiled_from_now(error, lambda: self._backward(batch, step_weights))
         else:  # uncompiled, or the first call, which decides the path
             return self._backward_compiling_lazily(batch, step_weights, trainable)
-        self._check_finite(loss)
+        self._check_finite(loss, batch, step_weights)
         without = self._without_gradient(step_weights)
         for name, p in trainable.items():
             if name in without and not grads[name].any():
@@ -478,9 +491,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
 
         With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
-        batch with the context alone (vectorised), so that batch statistics (transductive batch
-        norm), and with them the prediction, do not depend on the other rows of ``x``; a single
-        row is not normalised by itself alone.
+        batch with the context alone (vectorised, or row by row where vmap cannot run the
+        model), so that batch statistics (transductive batch norm), and with them the
+        prediction, do not depend on the other rows of ``x``; a single row is not normalised by
+        itself alone.
         """
         if not isinstance(adapted, Mapping):
             raise ConfigError(f"adapted must be the parameters MAML.adapt returns (a dict), got "
@@ -508,8 +522,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
             outputs = self._forward(params, frozen, torch.cat([row[None], context]))
             return tree_map(lambda out: out[0], outputs)
-        return vmap(alone_with_context, randomness="different",
-                    chunk_size=max(1, PREDICT_BATCH // (len(context) + 1)))(x)
+
+        def looped() -> Any:  # a model that vmap cannot run: row by row
+            return tree_map(lambda *rows: torch.stack(rows), *map(alone_with_context, x))
+        return self._dispatch(lambda: vmap(alone_with_context, randomness="different",
+                                           chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
+                                           )(x), looped, names_path=False)
 
     # ----- the parts of meta_backward: the plain backward, the checkpointed reverse pass -----
     def _without_gradient(self, step_weights: Tensor | None) -> set[str]:
@@ -525,7 +543,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                   ) -> tuple[Tensor, dict[str, Tensor]]:
         """``meta_loss`` and autograd's ``backward``."""
         loss, metrics = self(batch, step_weights)  # batch already validated
-        self._check_finite(loss)
+        self._check_finite(loss, batch, step_weights)
         loss.backward()
         return loss.detach(), metrics
 
@@ -619,8 +637,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               f"got {len(step_weights)}")
         return list(range(1, steps + 1))
 
-    def _check_finite(self, loss: Tensor) -> None:
+    def _check_finite(self, loss: Tensor, batch: TaskBatch, step_weights: Tensor | None) -> None:
         if self.check_finite and not torch.isfinite(loss):
+            bad = non_finite_input(batch, step_weights)
+            if bad:
+                raise DataError(f"the meta-loss is {loss.item()}: {bad} holds a NaN or infinite "
+                                "value")
             raise NonFiniteLossError(f"the meta-loss is {loss.item()}: lower inner_lr or the meta "
                                      "learning rate, or clip the meta-gradient")
 

@@ -44,6 +44,8 @@ class TaskBatch(NamedTuple):
 
     def split(self, size: int) -> list[TaskBatch]:
         """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
+        if size < 1:
+            raise ConfigError(f"chunks of {size} tasks: give a size of at least 1")
         return [TaskBatch(*parts) for parts in zip(*(t.split(size) for t in self))]
 
 
@@ -164,6 +166,20 @@ def as_weights(step_weights: Tensor | Sequence[float] | None) -> Tensor | None:
         raise ShapeError(f"step_weights must be 1-d, one weight per inner step (see "
                          f"multi_step_loss_weights), got shape {tuple(step_weights.shape)}")
     return step_weights
+
+
+def non_finite_input(batch: TaskBatch, step_weights: Tensor | None) -> str:
+    """Which input holds a NaN or infinite value (``"support_x of task 2"``), "" if none: the
+    cause of a non-finite meta-loss that no learning rate mends."""
+    for name, values in (*zip(TaskBatch._fields, batch), ("step_weights", step_weights)):
+        if values is None or not values.is_floating_point():
+            continue
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            if name == "step_weights":
+                return name
+            return f"{name} of task {int(bad.flatten(1).any(1).nonzero()[0])}"
+    return ""
 
 
 def listed(names: Sequence[str], most: int = 3) -> str:

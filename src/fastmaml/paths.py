@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from .aliases import with_aliases
 from .errors import FastMAMLWarning, ShapeError, first_line, is_out_of_memory, warn
 from .inputs import Params, TaskBatch, has_active_dropout
 
@@ -60,8 +61,8 @@ class ExecutionPaths:
     runs ``MAML``'s own ``_batched`` (vmap) and ``_run_looped`` (a loop), its ``meta_backward``
     (timed by the search), ``_backward`` (meta_loss and autograd, the eager fallback) and, in a
     compiled graph, ``forward`` (through ``functional_call``); it reads ``MAML``'s
-    ``_split_params``, ``named_parameters``, ``model``, ``batched``, ``first_order`` and
-    ``inner_steps``."""
+    ``_split_params``, ``named_parameters``, ``model``, ``_aliases``, ``batched``,
+    ``first_order`` and ``inner_steps``."""
 
     def _init_paths(self, compile: bool, batched: bool | None, chunk_size: int | None,
                     checkpoint_steps: bool) -> None:
@@ -129,10 +130,14 @@ class ExecutionPaths:
             return choice[0] == "compiled"
         return self.batched is True or self.path == "batched"
 
-    def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any]) -> Any:
-        """Run the batched (vmap) path, or the looped one when asked for or already fallen back to."""
+    def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any],
+                  names_path: bool = True) -> Any:
+        """Run the batched (vmap) path, or the looped one when asked for or already fallen back
+        to; ``names_path``: record the path run in ``self.path`` (a meta-batch's, not a
+        prediction's)."""
         if self.batched is False or self._vmap_failed:
-            self.path = "looped"
+            if names_path:
+                self.path = "looped"
             return looped()
         try:
             out = batched()
@@ -144,11 +149,14 @@ class ExecutionPaths:
                                      "path)") from error
                 raise
             out = looped()  # a user error fails here too, and is raised
-            self.path, self._vmap_failed = "looped", True
+            self._vmap_failed = True
+            if names_path:
+                self.path = "looped"
             warn(f"vmap could not run this model ({first_line(error)}); using the "
                  "looped path", FastMAMLWarning)
             return out
-        self.path = "batched"
+        if names_path:
+            self.path = "batched"
         return out
 
     def _uncompiled_from_now(self, error: Exception, eager: Callable[[], Any]) -> Any:
@@ -407,7 +415,10 @@ class ExecutionPaths:
     def _gradient(self, params: Params, batch: TaskBatch,
                   step_weights: Tensor | None) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
         def objective(params: Params) -> tuple[Tensor, tuple[Tensor, dict[str, Tensor]]]:
-            loss, metrics = functional_call(self, params, (batch, step_weights), strict=False)
+            loss, metrics = functional_call(
+                self, with_aliases(params, {f"model.{alias}": f"model.{name}"
+                                            for alias, name in self._aliases.items()}),
+                (batch, step_weights), strict=False, tie_weights=False)
             return loss, (loss.detach(), metrics)
         return torch.func.grad(objective, has_aux=True)(params)
 
