@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -372,14 +373,25 @@ def test_labels_of_any_integer_dtype_and_inputs_of_any_float_dtype(image_run: Pa
                        r"list: .*; labels are the class indices 0..N-1: map the class names"):
         run.adapt(x, ["cat", "cat", "dog", "dog"])
     with pytest.raises(fastmaml.errors.ShapeError, match="query images must be numbers .*got "
-                       "list"):
+                       "list: .*; image files and PIL images go through run.preprocess first"):
         run.predict(adapted, [queries, "photo.png"])
+    with pytest.raises(fastmaml.errors.ShapeError, match="support images must be numbers .*; "
+                       r"stack a list of tensors into one: torch.stack\(tensors\)"):
+        run.adapt(list(x), [0, 0, 1, 1])
     with pytest.raises(fastmaml.errors.DataError, match="preprocess reads image files or PIL "
                        "images, got ndarray .*PIL.Image.fromarray"):
         run.preprocess([np.zeros((size, size, 3), dtype=np.uint8)])
     with pytest.raises(fastmaml.errors.DataError, match="preprocess reads image files or PIL "
                        "images, got int"):
         run.preprocess(3)
+    png = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(png, format="PNG")
+    with pytest.raises(fastmaml.errors.DataError, match=r"the bytes of an image file as item 1, "
+                       r"where it reads a path: .*PIL.Image.open\(io.BytesIO\(data\)\)"):
+        run.preprocess([Image.new("RGB", (4, 4)), png.getvalue()])
+    with pytest.raises(fastmaml.errors.DataError, match=r"cannot read 1 of 2 images \(replace "
+                       r"or delete it\): image 0: the image is empty \(0x0 pixels\)$"):
+        run.preprocess([Image.new("RGB", (0, 0)), Image.new("RGB", (4, 4))])
     with pytest.raises(fastmaml.errors.ConfigError, match="adapted must be what run.adapt "
                        r"returns, got dict \(MAML.adapt's parameters go to run.maml.predict"):
         run.predict(run.maml.adapt(x, torch.tensor([0, 0, 1, 1])), queries)
@@ -609,3 +621,23 @@ def test_a_gpu_trained_run_adapts_on_a_cpu_with_device_cpu(image_run: Path, tmp_
     code, out, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query),
                            "--device", "cpu")
     assert code == 0 and len(list(csv.DictReader(io.StringIO(out)))) == 2, err
+
+
+def test_threads_sharing_a_run_get_each_their_own_tasks_predictions(image_run: Path) -> None:
+    """adapt and predict swap parameters into the run's one model: threads take turns."""
+    run = fastmaml.load_run(image_run)
+    generator = torch.Generator().manual_seed(0)
+    shape = (4, 3, run.image_format.size, run.image_format.size)
+    tasks = [(torch.rand(shape, generator=generator), torch.tensor([0, 0, 1, 1]))
+             for _ in range(8)]
+    queries = torch.rand(shape, generator=generator)
+    serial = [run.predict(run.adapt(x, y), queries) for x, y in tasks]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            threaded = list(pool.map(lambda task: run.predict(run.adapt(*task), queries), tasks))
+    finally:
+        sys.setswitchinterval(interval)
+    for one, other in zip(serial, threaded):
+        torch.testing.assert_close(one, other)

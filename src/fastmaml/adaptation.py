@@ -30,9 +30,10 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -80,6 +81,9 @@ class TrainedRun:
     x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if recorded
     # a regression run's (low, high) of each x column, then of y, over its training tasks
     value_ranges: tuple[tuple[float, float], ...] = ()
+    # adapt and predict take turns: each swaps its parameters into the one model for a forward
+    # (``functional_call``), so threads sharing a run would read each other's
+    _turns: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def features(self) -> int | None:
@@ -104,9 +108,15 @@ class TrainedRun:
         if other:
             raise DataError(f"preprocess reads image files or PIL images, got {other[0]} (an "
                             "array of pixels: PIL.Image.fromarray turns it into an image)")
+        raw = next((i for i, item in enumerate(images) if isinstance(item, bytes)
+                    and (b"\0" in item or len(item) > 4096)), None)
+        if raw is not None:
+            raise DataError(f"preprocess got the bytes of an image file as item {raw}, where it "
+                            "reads a path: open them as PIL.Image.open(io.BytesIO(data))")
         fmt = self.image_format
-        pixels = stack_decoded([fmt.convert(item) if isinstance(item, Image.Image)
-                                else fmt.read_or_why(Path(os.fsdecode(item))) for item in images])
+        pixels = stack_decoded([fmt.read_or_why(item, f"image {i}") if isinstance(item, Image.Image)
+                                else fmt.read_or_why(Path(os.fsdecode(item))) for i, item
+                                in enumerate(images)])
         means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255 if fmt.invert else []
         dark = [i for i, mean in enumerate(means) if mean > 0.5]
         if dark:
@@ -137,7 +147,7 @@ class TrainedRun:
                 support_y = support_y[:, None]
             self._warn_outside_training("support", support_x, support_y)
         steps = self.steps if steps is None else steps
-        with torch.no_grad():
+        with self._turns, torch.no_grad():
             params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
         if not all_finite(params):
             raise NonFiniteLossError(
@@ -168,7 +178,7 @@ class TrainedRun:
                  "classes: its batch statistics are far from training's and the predictions "
                  "unreliable; norm='each' (the default), or context=support, suits a few "
                  "images", FastMAMLWarning)
-        with torch.no_grad():
+        with self._turns, torch.no_grad():
             out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
 
@@ -233,12 +243,19 @@ class TrainedRun:
         except (TypeError, ValueError, RuntimeError) as error:
             if is_out_of_memory(error):  # the device's, said as such by the command line
                 raise
-            names = (isinstance(values, (list, tuple, np.ndarray)) and "labels" in what
-                     and any(isinstance(v, str) for v in values))
+            items = list(values) if isinstance(values, (list, tuple)) else [values]
+            if "labels" in what and any(isinstance(v, str) for v in items):
+                hint = ("; labels are the class indices 0..N-1: map the class names to them, "
+                        "e.g. [names.index(y) for y in labels]")
+            elif self.image_format is not None and any(
+                    isinstance(v, (str, bytes, os.PathLike, Image.Image)) for v in items):
+                hint = "; image files and PIL images go through run.preprocess first"
+            elif any(isinstance(v, Tensor) for v in items):
+                hint = "; stack a list of tensors into one: torch.stack(tensors)"
+            else:
+                hint = ""
             raise ShapeError(f"the {what} must be numbers (a tensor, an array or lists), got "
-                             f"{type(values).__name__}: {str(error).splitlines()[0]}"
-                             + ("; labels are the class indices 0..N-1: map the class names to "
-                                "them, e.g. [names.index(y) for y in labels]" if names else "")
+                             f"{type(values).__name__}: {str(error).splitlines()[0]}{hint}"
                              ) from error
 
     def _checked_labels(self, labels: Tensor) -> tuple[Tensor, int]:

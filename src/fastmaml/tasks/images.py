@@ -64,19 +64,24 @@ class ImageFormat:
     def convert(self, image: Image.Image) -> np.ndarray:
         """(size, size) for ``L``, (size, size, 3) for ``RGB``, uint8. A camera's photo taken
         sideways is stored unrotated, with an EXIF orientation tag: it is turned upright first."""
+        if 0 in image.size:
+            raise DataError(f"the image is empty ({image.size[0]}x{image.size[1]} pixels)")
         image = _on_white(_eight_bit(_upright(image))).convert(self.mode)
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.Resampling.LANCZOS)
         pixels = np.asarray(image, dtype=np.uint8)
         return 255 - pixels if self.invert else pixels
 
-    def read_or_why(self, path: Path) -> np.ndarray | str:
-        """One image file, converted, or why it cannot be read (``"PATH: why"``)."""
+    def read_or_why(self, source: Path | Image.Image, name: str = "") -> np.ndarray | str:
+        """An image file (or an open image, ``name`` naming it), converted, or why it cannot
+        be (``"NAME: why"``)."""
         try:
-            with Image.open(path) as file:
+            if isinstance(source, Image.Image):
+                return self.convert(source)
+            with Image.open(source) as file:
                 return self.convert(file)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            return f"{path}: {error}"
+            return f"{name or source}: {error}"
 
 
 def _upright(image: Image.Image) -> Image.Image:
