@@ -1,11 +1,13 @@
 """A trained run applied to a new task: `fastmaml adapt` and `fastmaml.load_run`."""
 from __future__ import annotations
 
+import copy
 import csv
 import inspect
 import io
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -106,6 +108,9 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert code == 0 and "in 2 step(s)" in err  # an evaluation setting for this adaptation
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
     assert fastmaml.load_run(image_run, settings="eval_inner_steps=4 eval_tasks=10").steps == 4
+    with pytest.raises(fastmaml.errors.ShapeError, match="support labels must be numbers .*; "
+                       "labels are the class indices 0..N-1"):
+        fastmaml.load_run(image_run).adapt(torch.rand(2, 3, 12, 12), np.array(["cat", "dog"]))
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -641,3 +646,5 @@ def test_threads_sharing_a_run_get_each_their_own_tasks_predictions(image_run: P
         sys.setswitchinterval(interval)
     for one, other in zip(serial, threaded):
         torch.testing.assert_close(one, other)
+    for copied in (copy.deepcopy(run), pickle.loads(pickle.dumps(run))):  # each its own turns
+        torch.testing.assert_close(copied.predict(copied.adapt(*tasks[0]), queries), serial[0])

@@ -30,6 +30,9 @@ def test_a_key_given_twice_with_two_values_is_refused_and_with_one_is_taken():
 def test_a_list_may_come_in_brackets_as_yaml_and_python_write_it() -> None:
     assert SinusoidConfig().with_overrides(["eval_k_shots=[5, 10]"]).eval_k_shots == (5, 10)
     assert SinusoidConfig().with_overrides(["eval_k_shots=(20,)"]).eval_k_shots == (20,)
+    regression = experiment_class("regression").config_cls()
+    assert regression.with_overrides(["features=2", "x_names=[force (N), mass]"]).x_names == (
+        "force (N)", "mass")
 
 
 @pytest.mark.parametrize("item,message", [

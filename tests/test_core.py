@@ -17,6 +17,7 @@ import fastmaml.core
 import fastmaml.norms
 import fastmaml.probe
 from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeError, TaskBatch
+from fastmaml.errors import NonFiniteInputError
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import MLP, SequenceNet, is_norm_param
 from problems import (MORE_MODELS, PROBLEMS, TASKS, VARIANTS, bag_problem, conv_problem, flat_grads,
@@ -547,10 +548,10 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
     model, loss_fn, batch = mlp_problem()
     query_y = batch.query_y.clone()
     query_y[2, 1] = float("nan")
-    with pytest.raises(DataError, match="meta-loss is nan: query_y of task 2 holds a NaN or "
-                                        "infinite value"):
+    with pytest.raises(NonFiniteInputError, match="meta-loss is nan: query_y of task 2 holds a "
+                                                  "NaN or infinite value"):
         MAML(model, loss_fn).meta_loss(batch._replace(query_y=query_y))
-    with pytest.raises(DataError, match="meta-loss is nan: step_weights holds a NaN"):
+    with pytest.raises(DataError, match="meta-loss is nan: step_weights holds a NaN"):  # (one)
         MAML(model, loss_fn, inner_steps=2).meta_loss(batch, [float("nan"), 1.0])
     with torch.no_grad():
         model[0].weight.fill_(float("inf"))  # (as after a diverged meta-step)
@@ -584,7 +585,8 @@ def test_nan_meta_loss_is_named_by_meta_backward():
     maml.meta_backward(batch)  # the first call picks the path; the next runs functionally
     bad = TaskBatch(batch.support_x, batch.support_y, batch.query_x,
                     torch.full_like(batch.query_y, float("nan")))
-    with pytest.raises(DataError, match="meta-loss is nan: query_y of task 0 holds a NaN"):
+    with pytest.raises(NonFiniteLossError, match="meta-loss is nan: query_y of task 0 holds a "
+                                                 "NaN"):  # (a NonFiniteInputError)
         maml.meta_backward(bad)
 
 
@@ -874,3 +876,4 @@ def test_predict_with_a_context_runs_row_by_row_where_vmap_cannot_run_the_model(
         torch.testing.assert_close(maml.predict(adapted, torch.cat([row[None], support]))[0],
                                    expected)
     assert maml.path is None  # a prediction is not a meta-batch's path
+    assert not maml._vmap_failed  # nor what the meta-batches' path search knows

@@ -258,14 +258,21 @@ def test_under_torchrun_a_config_error_is_said_once_a_machine_and_others_name_th
     assert capsys.readouterr().err.startswith("fastmaml: error: unknown preset")
 
 
-@pytest.mark.parametrize("local_rank, shown", [("0", True), ("1", False)])
-def test_under_torchrun_a_warning_is_said_once_a_machine(capsys, monkeypatch, local_rank, shown):
-    """The ranks of a machine read the same files: one of them warns of a stray file."""
-    from fastmaml.errors import FastMAMLWarning
+@pytest.mark.parametrize("rank, local_rank", [("0", "0"), ("1", "1"), ("2", "0")])
+def test_under_torchrun_a_warning_is_said_once_a_machine_but_a_ranks_path_by_each(
+        capsys, monkeypatch, rank, local_rank):
+    """The ranks of a machine read the same files: one of them warns of a stray file. A rank
+    whose vmap or compiling fell back says so itself."""
+    from fastmaml.errors import FastMAMLWarning, PathWarning
 
+    monkeypatch.setenv("RANK", rank)
     monkeypatch.setenv("LOCAL_RANK", local_rank)
+    where = "" if rank == "0" else f" (rank {rank})"
     cli._show_warning("skipped 1 file(s)", FastMAMLWarning, "user.py", 1)
-    assert capsys.readouterr().err == ("fastmaml: warning: skipped 1 file(s)\n" if shown else "")
+    assert capsys.readouterr().err == (f"fastmaml: warning{where}: skipped 1 file(s)\n"
+                                       if local_rank == "0" else "")
+    cli._show_warning("vmap could not run this model", PathWarning, "user.py", 1)
+    assert capsys.readouterr().err == f"fastmaml: warning{where}: vmap could not run this model\n"
 
 
 @pytest.mark.parametrize("batch", ["episodes", "steps"])

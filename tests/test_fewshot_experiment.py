@@ -16,7 +16,7 @@ from fastmaml.config import ConfigError
 import fastmaml
 from fastmaml.experiments import (PRESETS, create_run, experiment_class, load_experiment,
                                   prepare_run)
-from fastmaml.tasks import folder
+from fastmaml.tasks import download, folder
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
 from fastmaml.tasks.splits import SPLITS
@@ -339,8 +339,14 @@ def test_a_system_refusal_is_one_line_naming_the_path(tmp_path, capsys, monkeypa
     assert main(["train", "fewshot-folder", "--out", str(tmp_path / "run"), "--data-root",
                  str(tmp_path / "data"), "n_way=2", "k_query=0", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"fastmaml: error: cannot make the cache directory {tmp_path / 'cache'} (File "
+    assert err == (f"fastmaml: error: cannot write the cache directory {tmp_path / 'cache'} (File "
                    "exists): set $FASTMAML_CACHE (or cache_dir) to a writable folder\n")
+    (tmp_path / "cache").unlink()
+    (tmp_path / "cache").mkdir()  # there, but read-only (as os.access says: root writes anyway)
+    monkeypatch.setattr(download.os, "access", lambda path, mode: False)
+    assert main(["train", "fewshot-folder", "--out", str(tmp_path / "run"), "--data-root",
+                 str(tmp_path / "data"), "n_way=2", "k_query=0", "--no-progress"]) == 2
+    assert "(not writable): set $FASTMAML_CACHE" in capsys.readouterr().err
 
 
 def test_within_group_tasks_too_few_classes_name_the_split_and_the_cut(tmp_path, capsys):

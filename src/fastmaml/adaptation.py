@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import numbers
 import os
+import re
 import threading
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -83,7 +84,14 @@ class TrainedRun:
     value_ranges: tuple[tuple[float, float], ...] = ()
     # adapt and predict take turns: each swaps its parameters into the one model for a forward
     # (``functional_call``), so threads sharing a run would read each other's
-    _turns: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _turns: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False,
+                                    compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # a copy (deepcopy, pickle) takes turns alone
+        return {k: v for k, v in self.__dict__.items() if k != "_turns"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _turns=threading.RLock())
 
     @property
     def features(self) -> int | None:
@@ -243,7 +251,8 @@ class TrainedRun:
         except (TypeError, ValueError, RuntimeError) as error:
             if is_out_of_memory(error):  # the device's, said as such by the command line
                 raise
-            items = list(values) if isinstance(values, (list, tuple)) else [values]
+            items = (list(values) if isinstance(values, (list, tuple))
+                     else list(values.ravel()) if isinstance(values, np.ndarray) else [values])
             if "labels" in what and any(isinstance(v, str) for v in items):
                 hint = ("; labels are the class indices 0..N-1: map the class names to them, "
                         "e.g. [names.index(y) for y in labels]")
@@ -307,9 +316,13 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
     ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
     torch's random generator), unlike the ``fastmaml`` commands.
     """
-    with torch.random.fork_rng():  # building the run's model seeds torch: restored after
-        return _load_run(Path(run_dir), device,
-                         settings.split() if isinstance(settings, str) else list(settings))
+    # building the run's model seeds torch: restored after (CUDA's too where it is in use,
+    # without starting it on every GPU)
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        return _load_run(Path(run_dir), device, re.split(r"\s+(?=[A-Za-z_]\w*\s*=)",
+                                                        settings.strip())
+                         if isinstance(settings, str) else list(settings))
 
 
 def _load_run(run_dir: Path, device: str | None, settings: list[str]

@@ -34,5 +34,7 @@ def tensor_aliases(module: nn.Module) -> dict[str, str]:
 
 
 def with_aliases(state: dict[str, Tensor], aliases: dict[str, str]) -> dict[str, Tensor]:
-    """``state`` (tensors by their first names) with every alias of a tensor it holds."""
-    return {**state, **{alias: state[name] for alias, name in aliases.items() if name in state}}
+    """``state`` (tensors by their first names) with every alias of a tensor it holds; a name
+    of ``state`` itself wins (a tie undone since ``aliases`` was taken: build MAML again after
+    changing the model's modules)."""
+    return {**{alias: state[name] for alias, name in aliases.items() if name in state}, **state}

@@ -19,7 +19,8 @@ import torch
 
 from .atomic import write_text_atomic
 from .norms import has_batch_norm
-from .errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, is_out_of_memory
+from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, PathWarning,
+                     is_out_of_memory)
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .plots import counted
@@ -331,10 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
     """fastmaml's own warnings as one line, once per machine under torchrun (its ranks read one
-    command line and the same files); any other as Python shows it."""
+    command line and the same files), but a rank's own execution path by each rank; any other
+    as Python shows it."""
     if issubclass(category, FastMAMLWarning):
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"fastmaml: warning: {message}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if os.environ.get("LOCAL_RANK", "0") == "0" or issubclass(category, PathWarning):
+            where = "" if rank == "0" else f" (rank {rank})"
+            print(f"fastmaml: warning{where}: {message}", file=sys.stderr)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)
 

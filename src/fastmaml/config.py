@@ -184,12 +184,19 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     """Turn ``value`` (a string from the command line, or a YAML value) into ``kind``."""
     if typing.get_origin(kind) is tuple:
         (item_kind, _) = typing.get_args(kind)
-        items = value.strip().strip("[]()").split(",") if isinstance(value, str) else value
+        if isinstance(value, str):
+            text = value.strip()
+            if text[:1] + text[-1:] in ("[]", "()"):  # as YAML and Python write a list
+                text = text[1:-1]
+            items = [item.strip() for item in text.split(",")]
+        else:
+            items = value
         try:
             return tuple(_coerce(key, v, item_kind) for v in items if v != "")
         except (ConfigError, TypeError):  # (TypeError: not a list)
+            example = "a,b" if item_kind is str else "1,2"
             raise ConfigError(f"config key {key!r} expects comma-separated {item_kind.__name__} "
-                              f"values (e.g. {key}=1,2), got {value!r}") from None
+                              f"values (e.g. {key}={example}), got {value!r}") from None
     try:
         if kind is bool:
             if isinstance(value, bool):

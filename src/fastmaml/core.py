@@ -22,8 +22,8 @@ from torch.func import functional_call, vmap
 from torch.utils._pytree import tree_map
 
 from .aliases import tensor_aliases, with_aliases
-from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, NonFiniteLossError,
-                     ShapeError, first_line, is_out_of_memory, warn)
+from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInputError,
+                     NonFiniteLossError, ShapeError, first_line, is_out_of_memory, warn)
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
@@ -143,8 +143,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             activations at a time instead of all of them (each step is recomputed once in the
             backward pass), so activation memory stays flat in the number of inner steps; each
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
-        check_finite: raise on a NaN or infinite meta-loss (``NonFiniteLossError``, or a
-            ``DataError`` naming the input that holds one): one synchronising check per call,
+        check_finite: raise on a NaN or infinite meta-loss (``NonFiniteLossError``; its
+            ``NonFiniteInputError``, a ``DataError`` too, names the input that holds one): one synchronising check per call,
             which a GPU user may turn off.
 
     Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
@@ -491,8 +491,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
 
         With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
-        batch with the context alone (vectorised, or row by row where vmap cannot run the
-        model), so that batch statistics (transductive batch norm), and with them the
+        batch with the context alone (vectorised; row by row with ``batched=False`` or where
+        vmap cannot run the model), so that batch statistics (transductive batch norm), and with them the
         prediction, do not depend on the other rows of ``x``; a single row is not normalised by
         itself alone.
         """
@@ -527,7 +527,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             return tree_map(lambda *rows: torch.stack(rows), *map(alone_with_context, x))
         return self._dispatch(lambda: vmap(alone_with_context, randomness="different",
                                            chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
-                                           )(x), looped, names_path=False)
+                                           )(x), looped, prediction=True)
 
     # ----- the parts of meta_backward: the plain backward, the checkpointed reverse pass -----
     def _without_gradient(self, step_weights: Tensor | None) -> set[str]:
@@ -641,8 +641,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         if self.check_finite and not torch.isfinite(loss):
             bad = non_finite_input(batch, step_weights)
             if bad:
-                raise DataError(f"the meta-loss is {loss.item()}: {bad} holds a NaN or infinite "
-                                "value")
+                raise NonFiniteInputError(f"the meta-loss is {loss.item()}: {bad} holds a NaN "
+                                          "or infinite value")
             raise NonFiniteLossError(f"the meta-loss is {loss.item()}: lower inner_lr or the meta "
                                      "learning rate, or clip the meta-gradient")
 

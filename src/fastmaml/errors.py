@@ -32,6 +32,11 @@ class NonFiniteLossError(FastMAMLError, FloatingPointError):
     """A loss became NaN or infinite."""
 
 
+class NonFiniteInputError(DataError, NonFiniteLossError):
+    """A non-finite meta-loss whose cause is a NaN or infinite input (a ``DataError``), not
+    divergence; a loop that skips batches of a non-finite loss skips it too."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's out-of-memory errors: a device's ``OutOfMemoryError``, or the CPU allocator's
     plain ``RuntimeError`` (e.g. for a meta-batch far too large)."""
@@ -41,6 +46,11 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 class FastMAMLWarning(UserWarning):
     """Something fastmaml worked around and the user should know of (the CLI shows one line)."""
+
+
+class PathWarning(FastMAMLWarning):
+    """One process's execution path changed (vmap or compiling fell back, a compiled gradient
+    was off): under torchrun each rank says its own."""
 
 
 # frames of these packages are not where a warning points: the caller's own code is

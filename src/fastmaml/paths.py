@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .aliases import with_aliases
-from .errors import FastMAMLWarning, ShapeError, first_line, is_out_of_memory, warn
+from .errors import PathWarning, ShapeError, first_line, is_out_of_memory, warn
 from .inputs import Params, TaskBatch, has_active_dropout
 
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -76,6 +76,7 @@ class ExecutionPaths:
         self.path_choices: dict[str, tuple[str, int | None]] = {}
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
         self._vmap_failed = False
+        self._predict_vmap_failed = False  # predict's rows with a context (``_dispatch``)
         self._compiled_checked: set[str] = set()  # input shapes of a checked compiled gradient
         self._compiled_misses: dict[str, list[float]] = {}  # per shape: its differences so far
         self._auto = batched is None and chunk_size is None and not checkpoint_steps
@@ -131,31 +132,33 @@ class ExecutionPaths:
         return self.batched is True or self.path == "batched"
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any],
-                  names_path: bool = True) -> Any:
+                  prediction: bool = False) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back
-        to; ``names_path``: record the path run in ``self.path`` (a meta-batch's, not a
-        prediction's)."""
-        if self.batched is False or self._vmap_failed:
-            if names_path:
+        to. A meta-batch records its path in ``self.path``; a ``prediction`` (``predict``'s rows,
+        another function of the model) falls back on its own, and out of memory is no reason
+        to (its rows are chunked)."""
+        failed = "_predict_vmap_failed" if prediction else "_vmap_failed"
+        if self.batched is False or getattr(self, failed):
+            if not prediction:
                 self.path = "looped"
             return looped()
         try:
             out = batched()
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
-            if self.batched:
+            if self.batched or prediction and is_out_of_memory(error):
                 if isinstance(error, ShapeError):  # maybe vmap's, not the input's
                     raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap "
                                      "cannot run a model, batched=None falls back to the looped "
                                      "path)") from error
                 raise
             out = looped()  # a user error fails here too, and is raised
-            self._vmap_failed = True
-            if names_path:
+            setattr(self, failed, True)
+            if not prediction:
                 self.path = "looped"
             warn(f"vmap could not run this model ({first_line(error)}); using the "
-                 "looped path", FastMAMLWarning)
+                 "looped path", PathWarning)
             return out
-        if names_path:
+        if not prediction:
             self.path = "batched"
         return out
 
@@ -172,7 +175,7 @@ class ExecutionPaths:
             self._compiled_batched, self._compiled_gradient = compiled
             raise
         warn(f"torch.compile failed ({first_line(error)}); running uncompiled",
-             FastMAMLWarning)
+             PathWarning)
         return out
 
     def _searches(self, batch: TaskBatch) -> str | None:
@@ -350,7 +353,7 @@ class ExecutionPaths:
         if key not in self._compiled_checked and has_active_dropout(self.model):
             self._compiled_checked.add(key)
             warn("the compiled meta-gradient is not checked against the eager one "
-                 "under active dropout (they draw different masks)", FastMAMLWarning)
+                 "under active dropout (they draw different masks)", PathWarning)
         if key in self._compiled_checked or self._trying and key in self._compiled_misses:
             # trusted; or timed by the path search, whose calls repeat the batch it compared
             return self._gradient_by_chunks(self._compiled_gradient, trainable, batch,
@@ -370,7 +373,7 @@ class ExecutionPaths:
                 raise
             self._compiled_checked.add(key)
             warn("the compiled meta-gradient is not checked against the eager one: "
-                 "the eager pass ran out of memory", FastMAMLWarning)
+                 "the eager pass ran out of memory", PathWarning)
             return grads, aux
         finally:
             self._trying = trying
@@ -388,7 +391,7 @@ class ExecutionPaths:
             self._compiled_batched = self._compiled_gradient = None
             warn("torch.compile computed this model's meta-gradient off (relative) from "
                  f"the eager path's by {', '.join(f'{e:.1e}' for e in misses)}; running "
-                 "uncompiled", FastMAMLWarning)
+                 "uncompiled", PathWarning)
         return eager
 
     def _gradient_by_chunks(self, gradient: Callable, trainable: Params, batch: TaskBatch,

@@ -425,11 +425,18 @@ THRESHOLDS = (0.90, 0.95, 0.97, 0.99)
 
 
 def run_labels(runs: Iterable[Run]) -> dict[Path, str]:
-    """Each run's name in the report's tables: its folder's name, or its path where another
-    run's folder has the same name (``exA/try``, ``exB/try``)."""
+    """Each run's name in the report's tables: its folder's name, or where another run's
+    folder has the same name, as many of its path's last parts as tell them apart
+    (``exA/try``, ``exB/try``)."""
     paths = {run.path for run in runs}
-    names = Counter(path.name for path in paths)
-    return {path: path.name if names[path.name] == 1 else path.as_posix() for path in paths}
+    labels = {path: path.name for path in paths}
+    for depth in range(2, max((len(path.parts) for path in paths), default=0) + 1):
+        taken = Counter(labels.values())
+        if all(count == 1 for count in taken.values()):
+            break
+        labels = {path: "/".join(path.parts[-depth:]) if taken[label] > 1 else label
+                  for path, label in labels.items()}
+    return labels
 
 
 def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str]:

@@ -215,7 +215,7 @@ def test_a_class_named_train_among_others_is_a_class(tmp_path: Path) -> None:
         write_class(root / name, 2, value=value)
     with pytest.warns(FastMAMLWarning, match=r"has train/ but no test/, beside 3 other "
                                              r"folder\(s\): read as one folder per class, "
-                                             r"train/ being a class"):
+                                             r"train/ being one of them, not a split"):
         assignment = assign_classes(root, fractions=(0.5, 0, 0.5))
     assert sorted(sum(assignment.values(), [])) == ["bus", "car", "train", "truck"]
 

@@ -9,7 +9,6 @@ from PIL import Image
 
 from fastmaml import DataError
 from fastmaml.tasks import images as im
-from fastmaml.tasks import images as images_module
 from fastmaml.tasks.images import ImageFormat, as_model_input, channels_first, read_images
 
 
@@ -39,8 +38,8 @@ def test_every_unreadable_image_is_named_at_once(tmp_path: Path, workers: int,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """A scraped folder's broken files (an HTML page saved as .jpg, a cut download) are named
     in one error, not one per run; past ``SHOWN_UNREAD`` they are counted."""
-    monkeypatch.setattr(images_module, "POOL_MIN_IMAGES", 2)
-    monkeypatch.setattr(images_module, "SHOWN_UNREAD", 2)
+    monkeypatch.setattr(im, "POOL_MIN_IMAGES", 2)
+    monkeypatch.setattr(im, "SHOWN_UNREAD", 2)
     paths = []
     for i in range(6):
         paths.append(tmp_path / f"{i}.jpg")

@@ -60,9 +60,13 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     (tmp_path / "bad.csv").write_text("# x,y\n1,2\n# note\n3,oops\n")
     with pytest.raises(DataError, match="line 4 of the support CSV .* holds 'oops'"):
         read_points(tmp_path / "bad.csv", "support", need_y=True)
-    (tmp_path / "excel.csv").write_text("x,y\n1,2\n#N/A,4\n")  # a spreadsheet's error value
-    with pytest.raises(DataError, match="line 3 of the support CSV .* holds '#N/A'"):
-        read_points(tmp_path / "excel.csv", "support", need_y=True)
+    (tmp_path / "prose.csv").write_text('# measured in lab 3, "calibrated\n1,2\n# end"\n3,4\n')
+    x, y, names = read_points(tmp_path / "prose.csv", "support", need_y=True)  # free text
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names is None
+    for value in ("#N/A", "#ERROR!", "#DIV/0!"):  # a spreadsheet's error value: not a comment
+        (tmp_path / "sheet.csv").write_text(f"x,y\n1,2\n{value},4\n")
+        with pytest.raises(DataError, match=f"line 3 of the support CSV .* holds '{value}'"):
+            read_points(tmp_path / "sheet.csv", "support", need_y=True)
     (tmp_path / "comments.csv").write_text("# nothing yet\n")
     with pytest.raises(DataError, match="holds no points"):
         read_points(tmp_path / "comments.csv", "support", need_y=True)

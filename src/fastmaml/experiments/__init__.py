@@ -302,7 +302,8 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
                            progress=progress, tensorboard=cfg.tensorboard)
             except NonFiniteLossError as error:
-                if not checkpoint_path(run_dir, learner.name).is_file():
+                if (isinstance(error, DataError)  # the data's, which no setting mends
+                        or not checkpoint_path(run_dir, learner.name).is_file()):
                     raise  # no checkpoint of it to keep: the changed command starts it afresh
                 raise NonFiniteLossError(  # a resume may not change what the run learns
                     f"{error}. {run_dir} keeps its last finite checkpoint, but a run's learning "

@@ -290,8 +290,8 @@ class Experiment(ABC):
             started = self.in_use or run_started(self.run_dir)
             self._data_split = (read_assignment(record) if record.is_file() and started else
                                 self.assign_split())
-            if (started and not record.is_file() and self._data_split is not None
-                    and is_main()):  # (one warning under torchrun)
+            if (not record.is_file() and self._data_split is not None and is_main()
+                    and run_started(self.run_dir)):  # (a learner beside, in_use, may be first)
                 warn(f"{self.run_dir} has no {SPLIT_RECORD} (its record of the data's split): "
                      "the split is made again from the folder as it is now, so items added or "
                      "removed since the run started move others between train and test",

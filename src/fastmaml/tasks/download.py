@@ -6,6 +6,7 @@ interrupted run never leaves a partial folder or cache file behind.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -95,8 +96,10 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
             pass
     try:  # before the decoding, which may take minutes
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
     except OSError as error:
-        raise DataError(f"cannot make the cache directory {path.parent} ({error.strerror}): "
+        raise DataError(f"cannot write the cache directory {path.parent} ({error.strerror}): "
                         "set $FASTMAML_CACHE (or cache_dir) to a writable folder") from None
     array = build()
     replace_atomically(path, lambda out: np.save(out, array))

@@ -123,7 +123,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     ``assignment`` (a run's record of ``assign_classes``) fixes the classes of each split:
     folders not in it are left out with a warning, and one of it that is missing is an error.
     Classes with fewer than ``min_images`` images (k_shot + queries) are left out, with one
-    ``ShortClassesWarning`` that says how many and names the first.
+    ``ShortClassesWarning`` that says how many and names the first three.
     """
     root = data_root(root)
     if assignment is None:

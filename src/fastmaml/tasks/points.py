@@ -34,9 +34,10 @@ class ColumnNamesWarning(FastMAMLWarning):
     """A CSV names its x columns otherwise than the run's (or the first headed task file's)."""
 
 
-# a cell a spreadsheet could not compute (#N/A, #DIV/0!, ...): a bad value, not a comment
-EXCEL_ERROR = re.compile(r"#(N/A|VALUE!|REF!|DIV/0!|NUM!|NAME\?|NULL!|SPILL!|CALC!)",
-                         re.IGNORECASE)
+# a cell a spreadsheet could not compute (#N/A, #DIV/0!, #NAME?, Google's #ERROR!, ...),
+# then the line's next field or its end: a bad value, not a comment
+EXCEL_ERROR = re.compile(r"#(N/A|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
+COLUMN_NAME = re.compile(r"[A-Za-z_][\w.]*")  # in a header comment (not free text)
 
 
 class Points(NamedTuple):
@@ -66,18 +67,19 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                         "a CSV of x,y points (one row per point)")
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
-            reader = csv.reader(handle)
-            lines = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
+            texts = list(enumerate(handle, start=1))
+        # comments go before the fields are parsed: a quote in one would swallow lines after it
+        commented = [_is_comment(text) for _, text in texts]
+        first = next((i for i, (comment, (_, text)) in enumerate(zip(commented, texts))
+                      if not comment and text.strip()), len(texts))
+        last_comment = texts[first - 1][1] if first and commented[first - 1] else ""
+        lines = [(number, row) for (number, text), comment in zip(texts, commented)
+                 if not comment for row in csv.reader([text]) if any(c.strip() for c in row)]
     except UnicodeDecodeError as error:
         raise DataError(f"cannot read the {role} CSV {path}: it is not UTF-8 text ({error}): "
                         "save it as CSV UTF-8") from None
     except (OSError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    commented = [row[0].lstrip().startswith("#") and not EXCEL_ERROR.fullmatch(row[0].strip())
-                 for _, row in lines]
-    first = commented.index(False) if False in commented else len(lines)
-    last_comment = lines[first - 1][1] if first else None  # before the first line of fields
-    lines = [line for line, comment in zip(lines, commented) if not comment]
     # one field holding another separator (header or not): not comma-separated
     other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
                   and mark in lines[0][1][0]), None)
@@ -139,11 +141,17 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                   [names[column] for column in x_columns] if names else None)
 
 
-def _commented_header(comment: list[str], width: int) -> list[str]:
-    """The column names in a comment line (``# x,y``) that holds one name, and no number, per
-    column of ``width``; [] where it is free text."""
-    names = [comment[0].lstrip().lstrip("#").strip()] + [cell.strip() for cell in comment[1:]]
-    if len(names) != width or not all(names) or any(_is_number(name) for name in names):
+def _is_comment(text: str) -> bool:
+    """A line starting with ``#``, other than a spreadsheet's error value (``#N/A,2``)."""
+    stripped = text.lstrip()
+    return stripped.startswith("#") and not EXCEL_ERROR.match(stripped)
+
+
+def _commented_header(comment: str, width: int) -> list[str]:
+    """The column names in a comment line (``# x,y``) that holds one name per column of
+    ``width``, each a name as code writes one (``x1``, ``temp_c``); [] where it is free text."""
+    names = [name.strip() for name in comment.lstrip().lstrip("#").split(",")]
+    if len(names) != width or not all(COLUMN_NAME.fullmatch(name) for name in names):
         return []
     return names
 

@@ -81,7 +81,7 @@ def has_explicit_splits(root: Path) -> bool:
             name.lower() for name in others}:
         warn(f"{root} has {', '.join(n + '/' for n in explicit)} but no {' or '.join(missing)}, "
              f"beside {len(others)} other folder(s): read as one folder per class, "
-             f"{explicit[0]}/ being a class (explicit splits need "
+             f"{explicit[0]}/ being one of them, not a split (explicit splits need "
              "train/ and test/, and nothing beside them)", FastMAMLWarning)
         return False
     if missing:
