@@ -808,8 +808,9 @@ class RepeatedBlock(nn.Module):
         return self.head(x) + self.tied(x)
 
 
-@pytest.mark.parametrize("batched", [True, False])
-def test_a_module_under_two_names_and_tied_weights_get_the_exact_meta_gradient(batched):
+@pytest.mark.parametrize("path", [{"batched": True}, {"batched": False},
+                                  {"checkpoint_steps": True}])
+def test_a_module_under_two_names_and_tied_weights_get_the_exact_meta_gradient(path):
     """functional_call's own tying swapped the repeated block's tensors in twice: the block got
     no meta-gradient and the model was left holding a swapped-in tensor."""
     torch.manual_seed(0)
@@ -818,7 +819,7 @@ def test_a_module_under_two_names_and_tied_weights_get_the_exact_meta_gradient(b
     x = torch.randn(TASKS, 6, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (TASKS, 6))
     batch = TaskBatch(x[:, :3], y[:, :3], x[:, 3:], y[:, 3:])
-    maml = MAML(model, F.cross_entropy, inner_lr=0.5, inner_steps=2, batched=batched)
+    maml = MAML(model, F.cross_entropy, inner_lr=0.5, inner_steps=2, **path)
     for _ in range(2):  # the second call finds the model as it was
         maml.meta_backward(batch)
     assert dict(model.named_parameters()) == own and model.blocks[0].weight is own["block.weight"]
