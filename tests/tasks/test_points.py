@@ -61,9 +61,21 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     with pytest.raises(DataError, match="line 4 of the support CSV .* holds 'oops'"):
         read_points(tmp_path / "bad.csv", "support", need_y=True)
     (tmp_path / "prose.csv").write_text('# measured in lab 3, "calibrated\n1,2\n# end"\n3,4\n')
-    x, y, names = read_points(tmp_path / "prose.csv", "support", need_y=True)  # free text
+    with pytest.warns(ColumnNamesWarning, match="one field per column but is not read as their "
+                                                "names"):  # free text, of two fields
+        x, y, names = read_points(tmp_path / "prose.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names is None
-    for value in ("#N/A", "#ERROR!", "#DIV/0!"):  # a spreadsheet's error value: not a comment
+    for header in ("y,x (m)", "y, x-pos", "y,x [m]"):  # units and hyphens; a blank line after
+        (tmp_path / "units.csv").write_text(f"# {header}\n\n2.0,1.0\n4.0,3.0\n")
+        x, y, names = read_points(tmp_path / "units.csv", "support", need_y=True)
+        assert x[:, 0].tolist() == [1.0, 3.0] and names == [header.split(",")[1].strip()]
+    (tmp_path / "nan.csv").write_text("x,y\n1,2\n3,nan\n")  # as numpy.savetxt writes a NaN
+    with pytest.raises(DataError, match="line 3 of the support CSV .* holds a NaN or infinite"):
+        read_points(tmp_path / "nan.csv", "support", need_y=True)
+    (tmp_path / "errors.csv").write_text("#N/A,#N/A\n1,2\n")  # not a header of two names
+    with pytest.raises(DataError, match="line 1 of the support CSV .* holds '#N/A'"):
+        read_points(tmp_path / "errors.csv", "support", need_y=True)
+    for value in ("#N/A", "#n/a", "#ERROR!", "#DIV/0!"):  # a spreadsheet's error: not a comment
         (tmp_path / "sheet.csv").write_text(f"x,y\n1,2\n{value},4\n")
         with pytest.raises(DataError, match=f"line 3 of the support CSV .* holds '{value}'"):
             read_points(tmp_path / "sheet.csv", "support", need_y=True)

@@ -36,8 +36,9 @@ class ColumnNamesWarning(FastMAMLWarning):
 
 # a cell a spreadsheet could not compute (#N/A, #DIV/0!, #NAME?, Google's #ERROR!, ...),
 # then the line's next field or its end: a bad value, not a comment
-EXCEL_ERROR = re.compile(r"#(N/A|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
-COLUMN_NAME = re.compile(r"[A-Za-z_][\w.]*")  # in a header comment (not free text)
+EXCEL_ERROR = re.compile(r"#((?i:N/A)|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
+# a name in a header comment (not free text): x1, temp_c, x-pos, x (m), power [W]
+COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
 
 
 class Points(NamedTuple):
@@ -72,7 +73,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         commented = [_is_comment(text) for _, text in texts]
         first = next((i for i, (comment, (_, text)) in enumerate(zip(commented, texts))
                       if not comment and text.strip()), len(texts))
-        last_comment = texts[first - 1][1] if first and commented[first - 1] else ""
+        # the comment closest above the first line of fields (blank lines between)
+        last_comment = next((text for comment, (_, text) in zip(commented[first - 1::-1],
+                                                                texts[first - 1::-1])
+                             if comment), "") if first else ""
         lines = [(number, row) for (number, text), comment in zip(texts, commented)
                  if not comment for row in csv.reader([text]) if any(c.strip() for c in row)]
     except UnicodeDecodeError as error:
@@ -85,7 +89,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                   and mark in lines[0][1][0]), None)
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     names: list[str] = []
-    if lines and not other and not any(_is_number(cell) for cell in lines[0][1]):  # a header
+    if lines and not other and not any(_is_number(cell) or EXCEL_ERROR.match(cell.strip())
+                                       for cell in lines[0][1]):  # a header
         names = [name.strip() for name in lines[0][1]]
         if len(names) > 1 and not names[0]:  # pandas' to_csv writes its row index so
             raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
@@ -93,7 +98,7 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                             "to_csv(index=False), or delete that column")
         lines = lines[1:]
     elif lines and last_comment:  # numpy.savetxt(..., header="x,y") writes it as "# x,y"
-        names = _commented_header(last_comment, width=len(lines[0][1]))
+        names = _commented_header(last_comment, width=len(lines[0][1]), path=path)
     if features is None and not need_y:
         features = 1
     expected = _row_form(features, need_y)
@@ -114,8 +119,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
             raise DataError(f"line {number} of the {role} CSV {path} holds {bad.strip()!r}, "
                             f"which is not a number{hint}")
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
-    if not torch.isfinite(values).all():
-        raise DataError(f"the {role} CSV {path} holds a NaN or infinite value")
+    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
+    if bad_rows:
+        raise DataError(f"line {lines[bad_rows[0]][0]} of the {role} CSV {path} holds a NaN or "
+                        "infinite value (or one beyond float32's range)")
     if names and len(names) != width:  # else which column is y is a guess
         raise DataError(f"the header of the {role} CSV {path} names {len(names)} column(s), but "
                         f"its rows have {width}: give one name per column")
@@ -147,11 +154,18 @@ def _is_comment(text: str) -> bool:
     return stripped.startswith("#") and not EXCEL_ERROR.match(stripped)
 
 
-def _commented_header(comment: str, width: int) -> list[str]:
+def _commented_header(comment: str, width: int, path: Path) -> list[str]:
     """The column names in a comment line (``# x,y``) that holds one name per column of
-    ``width``, each a name as code writes one (``x1``, ``temp_c``); [] where it is free text."""
+    ``width``, each a name as code writes one (``x1``, ``temp-c``, ``x (m)``); [] where it is
+    free text, with a warning where it has one field per column (which is y is then a guess)."""
     names = [name.strip() for name in comment.lstrip().lstrip("#").split(",")]
-    if len(names) != width or not all(COLUMN_NAME.fullmatch(name) for name in names):
+    if len(names) != width:
+        return []
+    if not all(COLUMN_NAME.fullmatch(name) for name in names):
+        warn(f"the comment {comment.strip()!r} above the points of {path} has one field per "
+             "column but is not read as their names (names as code writes them, a unit in "
+             "brackets at most): the file is read without a header, its last column as y; "
+             "write the header as a plain first line", ColumnNamesWarning)
         return []
     return names
 
