@@ -265,13 +265,14 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
-    short, first, unnamed = 0, None, []
+    short: list[str] = []  # the files too short for a task
+    first, unnamed = None, []
     matching = x_names is None or len(x_names) > 0
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
         points = read_points(path, "task", need_y=True, x_names=x_names or ())
         if not len(points.x):  # empty, or a header alone: short, with no columns to compare
-            short += 1
+            short.append(path.relative_to(root).as_posix())
             continue
         x_names = x_names or (points.x_names if matching else None)
         points, matched = align_columns(points, x_names or [])
@@ -286,10 +287,11 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         if len(x) >= min_points:
             kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
         else:
-            short += 1
+            short.append(path.relative_to(root).as_posix())
     if short:
-        warn(f"left out {short} of {len(files)} task files in {root} with fewer than "
-             f"{min_points} points (k_shot + queries)", ShortTasksWarning)
+        warn(f"left out {len(short)} of {len(files)} task files in {root} with fewer than "
+             f"{min_points} points (k_shot + queries): " + ", ".join(short[:3])
+             + (", ..." if len(short) > 3 else ""), ShortTasksWarning)
     if unnamed:
         warn(f"{len(unnamed)} task file(s) in {root} name their x columns otherwise than "
              f"{', '.join(x_names or [])}, in any order (e.g. {unnamed[0]}): their columns are "
