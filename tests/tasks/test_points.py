@@ -88,6 +88,9 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     ("abc,1\n1,2\n3,4\n", "line 1 of the support CSV .* holds 'abc', which is not a number"),
     ("x,y\n1,2\n3\n4,5\n", "line 3 of the support CSV .* has 1 field"),
     ("x,y\n1,2\n\n3,oops\n", "line 4 of the support CSV .* holds 'oops'"),
+    ("x,y,\n1,2,\n", r"line 2 of the support CSV .* has no value in column 3 of 3 \(a trailing "
+                     "comma"),
+    ("x,y\n,2\n", "line 2 of the support CSV .* has no value in column 1 of 2$"),
     ("x,y\n", "holds no points"),
     ("", "holds no points"),
     ("1;2\n", "line 1 of the support CSV .* has 1 field.*fields look separated by ';'"),

@@ -114,9 +114,14 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         if len(row) != width or not allowed:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
                             f"must hold one row per point, {expected}, all alike{hint}")
-        bad = next((cell for cell in row if not _is_number(cell)), None)
+        bad = next((column for column, cell in enumerate(row) if not _is_number(cell)), None)
+        if bad is not None and not row[bad].strip():
+            raise DataError(f"line {number} of the {role} CSV {path} has no value in column "
+                            f"{bad + 1} of {width}" + (" (a trailing comma, as a spreadsheet "
+                                                       "writes an empty last column: delete it)"
+                                                       if bad == width - 1 else ""))
         if bad is not None:
-            raise DataError(f"line {number} of the {role} CSV {path} holds {bad.strip()!r}, "
+            raise DataError(f"line {number} of the {role} CSV {path} holds {row[bad].strip()!r}, "
                             f"which is not a number{hint}")
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
     bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
