@@ -597,3 +597,13 @@ def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> Non
     expected = report.render(runs, Path("docs/REPORT.md"), unread)
     assert (REPO / "docs" / "REPORT.md").read_text() == expected, \
         "docs/REPORT.md is stale: run `fastmaml report --out docs/REPORT.md`"
+
+
+def test_a_regression_run_of_its_own_tasks_reports_its_query_mse(tmp_path: Path) -> None:
+    from fastmaml.experiments.base import eval_record
+
+    record = eval_record("regression", "maml", 5, torch.rand(20, 11), metric="mse")
+    run = report.Run(tmp_path / "mine", {"experiment": "regression", "preset": "regression-csv"},
+                     [record], 100, 30.0, [])
+    text = report.render([run], tmp_path / "REPORT.md")
+    assert "query MSE after N inner steps, mean +- 95% CI over 20 tasks:" in text
