@@ -878,3 +878,13 @@ def test_predict_with_a_context_runs_row_by_row_where_vmap_cannot_run_the_model(
                                    expected)
     assert maml.path is None  # a prediction is not a meta-batch's path
     assert not maml._vmap_failed  # nor what the meta-batches' path search knows
+
+
+def test_a_weight_tied_after_maml_is_built_is_named():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    model[1].weight = model[0].weight  # now named once, as 0.weight
+    with pytest.raises(ConfigError, match=r"the model's parameters changed after MAML was built "
+                                          r"\(1.weight no longer named so\): build MAML again"):
+        maml.meta_loss(TaskBatch(torch.randn(TASKS, 4, 3), torch.randn(TASKS, 4, 3),
+                                 torch.randn(TASKS, 4, 3), torch.randn(TASKS, 4, 3)))

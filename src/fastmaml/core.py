@@ -245,7 +245,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         if of_batch:
             self._task_input_dims = x.dim()
         if torch.is_grad_enabled():
-            changed = next(((name, p.requires_grad) for name, p in self.model.named_parameters()
+            named = dict(self.model.named_parameters())
+            gone = sorted(self._trainable_names - set(named))
+            if gone:  # e.g. a weight tied to another since (named once, by the other's name)
+                raise ConfigError(f"the model's parameters changed after MAML was built "
+                                  f"({listed(gone)} no longer named so): build MAML again "
+                                  "after changing the model's modules")
+            changed = next(((name, p.requires_grad) for name, p in named.items()
                             if p.requires_grad != (name in self._trainable_names)), None)
             if changed:
                 raise ConfigError(
