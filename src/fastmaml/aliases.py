@@ -37,4 +37,6 @@ def with_aliases(state: dict[str, Tensor], aliases: dict[str, str]) -> dict[str,
     """``state`` (tensors by their first names) with every alias of a tensor it holds; a name
     of ``state`` itself wins (a tie undone since ``aliases`` was taken: build MAML again after
     changing the model's modules)."""
+    if not aliases:  # most models: no copy on the forward's path
+        return state
     return {**{alias: state[name] for alias, name in aliases.items() if name in state}, **state}

@@ -144,8 +144,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             backward pass), so activation memory stays flat in the number of inner steps; each
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
         check_finite: raise on a NaN or infinite meta-loss (``NonFiniteLossError``; its
-            ``NonFiniteInputError``, a ``DataError`` too, names the input that holds one): one synchronising check per call,
-            which a GPU user may turn off.
+            ``NonFiniteInputError``, a ``DataError`` too, names the input that holds one): one
+            synchronising check per call, which a GPU user may turn off.
 
     Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
     training driver does) so that ranks that step together search together: with the path
@@ -498,9 +498,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
         With ``context`` (e.g. the task's support inputs), each row of ``x`` is predicted in one
         batch with the context alone (vectorised; row by row with ``batched=False`` or where
-        vmap cannot run the model), so that batch statistics (transductive batch norm), and with them the
-        prediction, do not depend on the other rows of ``x``; a single row is not normalised by
-        itself alone.
+        vmap cannot run the model), so that batch statistics (transductive batch norm), and
+        with them the prediction, do not depend on the other rows of ``x``; a single row is not
+        normalised by itself alone.
         """
         if not isinstance(adapted, Mapping):
             raise ConfigError(f"adapted must be the parameters MAML.adapt returns (a dict), got "

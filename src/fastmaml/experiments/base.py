@@ -287,11 +287,12 @@ class Experiment(ABC):
         since move none between the splits), else assigned now."""
         if self._data_split is None:
             record = self.run_dir / SPLIT_RECORD
-            started = self.in_use or run_started(self.run_dir)
-            self._data_split = (read_assignment(record) if record.is_file() and started else
-                                self.assign_split())
+            begun = run_started(self.run_dir)
+            self._data_split = (read_assignment(record)
+                                if record.is_file() and (self.in_use or begun)
+                                else self.assign_split())
             if (not record.is_file() and self._data_split is not None and is_main()
-                    and run_started(self.run_dir)):  # (a learner beside, in_use, may be first)
+                    and begun):  # (a learner beside, in_use, may be first)
                 warn(f"{self.run_dir} has no {SPLIT_RECORD} (its record of the data's split): "
                      "the split is made again from the folder as it is now, so items added or "
                      "removed since the run started move others between train and test",

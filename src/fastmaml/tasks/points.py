@@ -74,9 +74,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         first = next((i for i, (comment, (_, text)) in enumerate(zip(commented, texts))
                       if not comment and text.strip()), len(texts))
         # the comment closest above the first line of fields (blank lines between)
-        last_comment = next((text for comment, (_, text) in zip(commented[first - 1::-1],
-                                                                texts[first - 1::-1])
-                             if comment), "") if first else ""
+        leading = [text for comment, (_, text) in zip(commented[:first], texts) if comment]
+        last_comment = leading[-1] if leading else ""
         lines = [(number, row) for (number, text), comment in zip(texts, commented)
                  if not comment for row in csv.reader([text]) if any(c.strip() for c in row)]
     except UnicodeDecodeError as error:
