@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,25 @@ from .inputs import Params
 from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
 from .recurrent import StepwiseRNNs, has_recurrent
+
+
+Function = TypeVar("Function", bound=Callable[..., Any])
+
+
+def eager_under_compile(function: Function) -> Function:
+    """``torch.compiler.disable(function)``, applied at its first call under a loaded dynamo:
+    the decorator imports ``torch._dynamo`` (over a second of every ``import fastmaml``), and
+    nothing is compiled before that import."""
+    disabled = None
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return function(*args, **kwargs)
+        disabled = disabled or torch.compiler.disable(function)
+        return disabled(*args, **kwargs)
+    return run  # type: ignore[return-value]
 
 
 class ModelProbe:
@@ -58,7 +79,7 @@ class ModelProbe:
         self._attention_mode = (functools.partial(sdpa_kernel, [SDPBackend.MATH])
                                 if has_attention(model) else contextlib.nullcontext)
 
-    @torch.compiler.disable  # eager, also where a user compiles the learner (one graph break)
+    @eager_under_compile  # one graph break where a user compiles the learner
     def _probe(self, x: Tensor) -> None:
         """Once, before the first forward of any path: an eager forward on ``x`` (one task's
         inputs) shows which functions the model calls, from its modules or its own code; the
