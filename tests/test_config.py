@@ -148,6 +148,13 @@ def test_unknown_preset_is_named():
         preset("omniglot-99w")
 
 
+@pytest.mark.parametrize("given, meant", [("omniglot-5w1", "omniglot-5w1s"),  # a typo
+                                          ("folder", "fewshot-folder")])  # a part of the name
+def test_a_mistyped_preset_is_answered_with_the_one_meant(given: str, meant: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown preset '{given}' \(did you mean {meant}\?\)"):
+        preset(given)
+
+
 def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
     (tmp_path / "config.yaml").write_text("n_way: [5\nk_shot: 1\n")
     with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML \(.*line"):

@@ -555,7 +555,11 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
 def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["reproduce", "cifar", "--budget", "tiny", "--root", str(tmp_path)]) == 2
-    assert "unknown experiment(s) cifar" in capsys.readouterr().err
+    assert "unknown experiment(s) cifar for budget tiny; known:" in capsys.readouterr().err
+    assert main(["reproduce", "cifar", "omniglt", "--budget", "tiny", "--root", str(tmp_path)]) == 2
+    assert ("unknown experiment(s) cifar, omniglt (did you mean omniglot-5w5s or omniglot-5w1s?) "
+            "for budget tiny"
+            in capsys.readouterr().err)
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["report", str(REPO / "results" / "sinusoid"), "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path} is a folder: name the report file" in capsys.readouterr().err

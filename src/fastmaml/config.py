@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +23,23 @@ C = TypeVar("C", bound="Config")
 # iterations, not over a demo's hundreds
 COMPILE_FROM_ITERATIONS = 10_000
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes"), ("false", "0", "no")  # a bool on the command line
+
+
+def close_names(given: str, names: Iterable[str]) -> list[str]:
+    """The ``names`` a mistyped ``given`` may mean: the nearest spellings (a typo; up to three
+    equally near), else up to three names that hold it as a part (``size`` of
+    ``meta_batch_size``, ``folder`` of ``fewshot-folder``)."""
+    names = list(names)
+    nearness = {name: difflib.SequenceMatcher(None, given, name).ratio() for name in
+                difflib.get_close_matches(given, names, n=3)}
+    return ([name for name, ratio in nearness.items() if ratio == max(nearness.values())]
+            or [name for name in names if given in re.split(r"[_-]", name)][:3])
+
+
+def did_you_mean(given: str, names: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for an unknown name, or nothing where no name is close."""
+    near = close_names(given, names)
+    return f" (did you mean {' or '.join(near)}?)" if near else ""
 
 
 @dataclass
@@ -127,9 +146,7 @@ class Config:
             elsewhere = {key: cls._experiments_with(key) for key in unknown}
             hints = [f"{key} is a setting of the {' and '.join(names)} experiment"
                      + ("s" if len(names) > 1 else "") for key, names in elsewhere.items() if names]
-            near = {key: difflib.get_close_matches(key, types, n=1)  # typos, else a part of
-                    or [name for name in types if key in name.split("_")][:3]  # a name: size
-                    for key in unknown if not elsewhere[key]}
+            near = {key: close_names(key, types) for key in unknown if not elsewhere[key]}
             hints += [f"{key}: did you mean {' or '.join(match)}?" for key, match in near.items()
                       if match]
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import read_json, write_text_atomic
-from .config import load_config_dict
+from .config import did_you_mean, load_config_dict
 from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
@@ -739,7 +739,8 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
     chosen = list(experiments) or list(DEMO if budget in ("tiny", "demo") else EXPERIMENTS)
     unknown = [e for e in chosen if e not in BUDGETS[budget]]
     if unknown:
-        raise ConfigError(f"unknown experiment(s) {', '.join(unknown)} for budget {budget}; "
+        named = ", ".join(name + did_you_mean(name, BUDGETS[budget]) for name in unknown)
+        raise ConfigError(f"unknown experiment(s) {named} for budget {budget}; "
                           f"known: {', '.join(BUDGETS[budget])}")
     not_reproduced = []
     for name in chosen:

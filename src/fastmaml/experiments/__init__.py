@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 
 from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
-from ..config import Config, load_config_dict
+from ..config import Config, did_you_mean, load_config_dict
 from ..distributed import gather_ranks, require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
@@ -197,15 +197,16 @@ PRESETS.update(_rl_presets())
 
 def experiment_class(name: str) -> type[Experiment]:
     if name not in EXPERIMENTS:
-        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+        raise ConfigError(f"unknown experiment {name!r}{did_you_mean(name, EXPERIMENTS)}; known: "
+                          f"{', '.join(EXPERIMENTS)}")
     module, _, attr = EXPERIMENTS[name].partition(":")
     return getattr(importlib.import_module(module), attr)
 
 
 def preset(name: str) -> Preset:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; run `fastmaml presets` to list them "
-                          f"({', '.join(PRESETS)})")
+        raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; run "
+                          f"`fastmaml presets` to list them ({', '.join(PRESETS)})")
     return PRESETS[name]
 
 
