@@ -150,24 +150,31 @@ def test_miniimagenet_has_no_download_and_its_folder_may_come_from_the_environme
     monkeypatch.setenv("FASTMAML_MINIIMAGENET", "~/mini")  # as a shell leaves it in quotes
     assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert f"MiniImagenet train split not found in {tmp_path / 'mini'}:" in err
+    assert f"MiniImagenet train split not found in {tmp_path / 'mini'} (no such folder):" in err
     assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET" in err
 
 
 def test_miniimagenet_trains_on_its_three_splits_and_evaluates_on_its_test_split_alone(
-        tmp_path):
+        tmp_path, capsys):
     """The paper's MiniImagenet preset end to end, on pickles in the standard cache format
-    (random pixels): evaluation reads only the test split, so it needs only that file."""
+    (random pixels; one class short of images): evaluation reads only the test split, so it
+    needs only that file. A split file copied over another is refused before training."""
     data, run = tmp_path / "mini", tmp_path / "run"
     data.mkdir()
     rng = np.random.default_rng(0)
     for split in SPLITS:
         images = rng.integers(0, 256, (5 * 6, 84, 84, 3), dtype=np.uint8)
-        classes = {f"n{split}{c}": list(range(c * 6, c * 6 + 6)) for c in range(5)}
+        classes = {f"n{split}{c}": list(range(c * 6, c * 6 + 6 - (c == 4))) for c in range(5)}
         (data / f"mini-imagenet-cache-{split}.pkl").write_bytes(
             pickle.dumps({"image_data": images, "class_dict": classes}))
     tiny = ["hidden=4", "meta_batch=1", "k_query=1", "inner_steps=1", "eval_inner_steps=1",
             "eval_tasks=3", "--no-progress"]
+    leaked = tmp_path / "leaked"
+    shutil.copytree(data, leaked)
+    shutil.copy(data / "mini-imagenet-cache-train.pkl", leaked / "mini-imagenet-cache-test.pkl")
+    assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "leak"), "--data-root",
+                 str(leaked), "iterations=2", "val_every=2", "val_tasks=2", *tiny]) == 2
+    assert "the train and test splits share 5 class(es)" in capsys.readouterr().err
     assert main(["train", "miniimagenet-5w1s", "--out", str(run), "--data-root", str(data),
                  "iterations=2", "val_every=2", "val_tasks=2", *tiny]) == 0
     for split in ("train", "val"):

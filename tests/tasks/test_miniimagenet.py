@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import os
 import pickle
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 from fastmaml import ConfigError, DataError
+from fastmaml.errors import FastMAMLWarning
 from fastmaml.tasks import miniimagenet
 from fastmaml.tasks.fewshot import FewShotSampler
 from fastmaml.tasks.miniimagenet import load_miniimagenet, read_pickle_cache
@@ -37,7 +39,7 @@ def write_pickle(path: Path, data: object, protocol: int = 4) -> Path:
 def test_pickle_cache(tmp_path: Path, protocol: int) -> None:
     data = pickle_cache()
     write_pickle(tmp_path / "mini-imagenet-cache-val.pkl", data, protocol)
-    images = load_miniimagenet(tmp_path, ["val"])["val"]
+    images = load_miniimagenet(tmp_path, ["val"])["val"].images
     assert images.shape == (CLASSES, PER_CLASS, 3, 84, 84) and images.dtype == torch.uint8
     first = sorted(data["class_dict"])[0]
     expected = data["image_data"][data["class_dict"][first]].transpose(0, 3, 1, 2)
@@ -49,7 +51,7 @@ def test_numpy1_module_paths_are_accepted(tmp_path: Path) -> None:
     raw = pickle.dumps(pickle_cache(), protocol=2).replace(b"numpy._core.", b"numpy.core.")
     assert b"numpy.core.multiarray" in raw
     (tmp_path / "old.pkl").write_bytes(raw)
-    assert read_pickle_cache(tmp_path / "old.pkl").shape == (CLASSES, PER_CLASS, 3, 84, 84)
+    assert read_pickle_cache(tmp_path / "old.pkl").images.shape == (CLASSES, PER_CLASS, 3, 84, 84)
 
 
 class _Exploit:
@@ -73,14 +75,12 @@ def _bad(change: str) -> object:
     data = pickle_cache()
     if change == "dtype":
         data["image_data"] = data["image_data"].astype(np.float32)
-    elif change == "shape":
-        data["image_data"] = data["image_data"][:, :80]
+    elif change == "shape":  # grey
+        data["image_data"] = data["image_data"][..., :1]
     elif change == "key":
         del data["class_dict"]
     elif change == "index":
         data["class_dict"]["n09000000"][0] = CLASSES * PER_CLASS
-    elif change == "uneven":
-        data["class_dict"]["n09000000"].pop()
     elif change in ("repeated", "shared"):  # an image twice in a class, or in two classes
         other = "n09000000" if change == "repeated" else "n08000000"  # (images 0,5,.. / 1,6,..)
         data["class_dict"]["n09000000"][1] = data["class_dict"][other][0]
@@ -92,7 +92,6 @@ def _bad(change: str) -> object:
 @pytest.mark.parametrize("change, words", [
     ("dtype", "uint8 array of \\(N, 84, 84, 3\\), got float32"), ("shape", "got uint8"),
     ("key", "'image_data' and 'class_dict'"), ("index", "n09000000"),
-    ("uneven", r"same number of images, got 19 \(class n09000000\) to 20"),
     ("not a dict", "must hold a dict"),
     ("repeated", r"image 0 is listed twice in class_dict \(under 'n09000000' and 'n09000000'\)"),
     ("shared", r"image 1 is listed twice in class_dict \(under 'n09000000' and 'n08000000'\)"),
@@ -101,6 +100,82 @@ def test_pickle_validation(tmp_path: Path, change: str, words: str) -> None:
     path = write_pickle(tmp_path / "bad.pkl", _bad(change))
     with pytest.raises(DataError, match=words):
         read_pickle_cache(path)
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes str and bytes as Python 2's ``str`` (STRING / BINSTRING), as Python 2 tools
+    wrote these caches (with numpy 1's module paths)."""
+
+    def save_as_python2_str(self, value: str | bytes) -> None:
+        data = value.encode("ascii") if isinstance(value, str) else value
+        if self.proto == 0:
+            self.write(pickle.STRING + repr(data)[1:].encode("ascii") + b"\n")
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(value)
+
+    dispatch = {**pickle._Pickler.dispatch, str: save_as_python2_str, bytes: save_as_python2_str}
+
+
+@pytest.mark.parametrize("protocol", [0, 2])
+def test_a_pickle_written_by_python2_reads_as_written_by_python3(tmp_path: Path,
+                                                                 protocol: int) -> None:
+    data = pickle_cache()
+    buffer = io.BytesIO()
+    Python2Pickler(buffer, protocol=protocol).dump(data)
+    raw = buffer.getvalue().replace(b"numpy._core", b"numpy.core")
+    assert b"\x00\x00\x00" in raw or protocol == 0  # (pixels as a BINSTRING)
+    (tmp_path / "py2.pkl").write_bytes(raw)
+    read = read_pickle_cache(tmp_path / "py2.pkl")
+    expected = read_pickle_cache(write_pickle(tmp_path / "py3.pkl", data))
+    assert read.names == expected.names and torch.equal(read.images, expected.images)
+
+
+def test_a_pickle_of_unequal_classes_ranges_and_another_size(tmp_path: Path) -> None:
+    """Classes of different sizes come per class; ``range`` indices and 64x64 pixels (resized
+    to 84x84 as an image file would be) load."""
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    read = read_pickle_cache(write_pickle(tmp_path / "small.pkl", {
+        "image_data": images, "class_dict": {"b": range(0, 4), "a": [6, 5, 4]}}))
+    assert read.names == ["a", "b"] and [tuple(c.shape) for c in read.images] == [
+        (3, 3, 84, 84), (4, 3, 84, 84)]
+    resized = np.asarray(Image.fromarray(images[6]).resize((84, 84), Image.Resampling.LANCZOS))
+    assert np.array_equal(read.images[0][0].numpy(), resized.transpose(2, 0, 1))
+    batch = FewShotSampler(read.images, n_way=2, k_shot=1, k_query=2).sample(3)
+    assert batch.support_x.shape == (3, 2, 3, 84, 84)
+
+
+@pytest.mark.parametrize("length", [2**63 + 5, 2**50])
+def test_a_pickle_whose_frame_length_is_corrupt_is_a_data_error(tmp_path: Path,
+                                                                length: int) -> None:
+    raw = bytearray(pickle.dumps(pickle_cache(), protocol=4))
+    assert raw[2] == pickle.FRAME[0]
+    raw[3:11] = length.to_bytes(8, "little")
+    (tmp_path / "bad.pkl").write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="bad.pkl is not a readable MiniImagenet pickle"):
+        read_pickle_cache(tmp_path / "bad.pkl")
+
+
+def test_a_split_file_copied_over_another_is_refused(tmp_path: Path) -> None:
+    for split in ("train", "test"):
+        write_pickle(tmp_path / f"mini-imagenet-cache-{split}.pkl", pickle_cache())
+    with pytest.raises(DataError, match=r"the train and test splits share 5 class\(es\) "
+                                        r"\(n05000000, n06000000"):
+        load_miniimagenet(tmp_path, ["train", "test"])
+
+
+def test_a_split_not_found_says_where_it_may_be(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"split not found in .*absent \(no such folder\): "):
+        load_miniimagenet(tmp_path / "absent", ["val"])
+    (tmp_path / "mini").mkdir()
+    write_pickle(tmp_path / "mini" / "mini-imagenet-cache-val.pkl", pickle_cache())
+    with pytest.raises(DataError, match=rf"\(it is one level down: give the data folder as "
+                                        rf"{tmp_path / 'mini'}\)"):
+        load_miniimagenet(tmp_path, ["val"])
+    (tmp_path / "spelt" / "Validation" / "n01").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"\(found Validation/: name it val/\)"):
+        load_miniimagenet(tmp_path / "spelt", ["val"])
 
 
 def test_truncated_pickle(tmp_path: Path) -> None:
@@ -140,11 +215,12 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
 def test_image_folder(image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
     root, pixels = image_folder
     splits = load_miniimagenet(root, cache_dir=tmp_path)
-    assert {s: tuple(t.shape) for s, t in splits.items()} == {
+    assert {s: tuple(part.images.shape) for s, part in splits.items()} == {
         "train": (3, PER_CLASS, 3, 84, 84), "val": (1, PER_CLASS, 3, 84, 84),
         "test": (1, PER_CLASS, 3, 84, 84)}
     # classes sorted by label, images in CSV order; n01 image 3 was 100x90 and got resized
-    train = splits["train"].numpy()
+    assert splits["train"].names == ["n01", "n02", "n03"]
+    train = splits["train"].images.numpy()
     assert np.array_equal(train[0, 3], pixels["n0100000003.jpg"].transpose(2, 0, 1))
     assert np.array_equal(train[2, 19], pixels["n0300000019.jpg"].transpose(2, 0, 1))
     assert len(list(tmp_path.glob("miniimagenet-*.npy"))) == 3
@@ -154,13 +230,13 @@ def test_image_folder_second_load_reads_the_cache(image_folder: tuple[Path, dict
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     root, _ = image_folder
-    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"]
+    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"].images
 
     def no_decoding(*args: object) -> None:
         raise AssertionError("decoded the images again")
 
     monkeypatch.setattr(miniimagenet, "read_images", no_decoding)
-    assert torch.equal(load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"], first)
+    assert torch.equal(load_miniimagenet(root, ["val"], cache_dir=tmp_path)["val"].images, first)
 
 
 def test_the_cache_is_not_shared_by_other_images_of_the_same_names(
@@ -168,18 +244,18 @@ def test_the_cache_is_not_shared_by_other_images_of_the_same_names(
     """Another folder with the same CSVs (or the same one with an image replaced) is decoded
     again, never served the pixels cached from the first."""
     root, pixels = image_folder
-    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path / "cache")["val"]
+    first = load_miniimagenet(root, ["val"], cache_dir=tmp_path / "cache")["val"].images
     other = tmp_path / "other"
     (other / "images").mkdir(parents=True)
     (other / "val.csv").write_bytes((root / "val.csv").read_bytes())
     for name in pixels:
         if name.startswith("n04"):
             Image.new("RGB", (84, 84), (128, 128, 128)).save(other / "images" / name)
-    grey = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"]
+    grey = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"].images
     assert (grey == 128).all() and not torch.equal(grey, first)
     Image.new("RGB", (84, 84), (7, 7, 7)).save(other / "images" / "n0400000005.png", "PNG")
     (other / "images" / "n0400000005.png").replace(other / "images" / "n0400000005.jpg")
-    replaced = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"]
+    replaced = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"].images
     assert (replaced[0, 5] == 7).all() and (replaced[0, 4] == 128).all()
     (other / "images" / "n0400000006.jpg").unlink()
     with pytest.raises(DataError, match="cannot read image .*n0400000006.jpg"):
@@ -195,8 +271,8 @@ def test_a_csv_may_name_its_images_by_absolute_path(
     (elsewhere / "val.csv").write_text("\n".join(
         [rows[0]] + [f"{root / 'images' / row.split(',')[0]},{row.split(',')[1]}"
                      for row in rows[1:]]) + "\n")
-    assert torch.equal(load_miniimagenet(elsewhere, ["val"], cache_dir=tmp_path / "c")["val"],
-                       load_miniimagenet(root, ["val"], cache_dir=tmp_path / "c")["val"])
+    assert torch.equal(load_miniimagenet(elsewhere, ["val"], cache_dir=tmp_path / "c")["val"].images,
+                       load_miniimagenet(root, ["val"], cache_dir=tmp_path / "c")["val"].images)
 
 
 def test_image_folder_errors(image_folder: tuple[Path, dict[str, np.ndarray]],
@@ -235,16 +311,28 @@ def test_split_folders_of_class_folders(image_folder: tuple[Path, dict[str, np.n
             (folders / split / label).mkdir(parents=True, exist_ok=True)
             os.link(root / "images" / name, folders / split / label / name)
     (folders / "train" / ".DS_Store").write_text("")  # not a class
-    (folders / "train" / "n01" / "notes.txt").write_text("")  # not an image
-    splits = load_miniimagenet(folders, cache_dir=tmp_path / "cache")
-    assert torch.equal(splits["train"], load_miniimagenet(root, ["train"],
-                                                          cache_dir=tmp_path / "csv")["train"])
-    assert splits["test"].shape == (1, PER_CLASS, 3, 84, 84)
+    (folders / "train" / "n01" / "notes.txt").write_text("")  # not an image, named
+    os.link(root / "images" / "n0100000000.jpg", folders / "train" / "stray.jpg")  # no class
+    with pytest.warns(FastMAMLWarning) as said:
+        splits = load_miniimagenet(folders, cache_dir=tmp_path / "cache")
+    assert [str(w.message).split(": ")[-1] for w in said] == ["n01/notes.txt", "stray.jpg"]
+    (folders / "train" / "n01" / "notes.txt").unlink()
+    (folders / "train" / "stray.jpg").unlink()
+    from_csv = load_miniimagenet(root, ["train"], cache_dir=tmp_path / "csv")["train"]
+    assert splits["train"].names == from_csv.names
+    assert torch.equal(splits["train"].images, from_csv.images)
+    assert splits["test"].images.shape == (1, PER_CLASS, 3, 84, 84)
+    # a class with fewer images (one unreadable, deleted as the error advises): per class
     (folders / "val" / "n04" / "n0400000000.jpg").unlink()
     (folders / "val" / "n05").mkdir()
     os.link(root / "images" / "n0500000000.jpg", folders / "val" / "n05" / "x.jpg")
-    with pytest.raises(DataError, match=r"val: every class needs the same number of images, got "
-                                        rf"1 \(class n05\) to {PER_CLASS - 1} \(class n04\)"):
+    val = load_miniimagenet(folders, ["val"], cache_dir=tmp_path / "cache")["val"]
+    assert val.names == ["n04", "n05"] and [len(c) for c in val.images] == [PER_CLASS - 1, 1]
+    assert np.array_equal(val.images[1][0].numpy(), pixels["n0500000000.jpg"].transpose(2, 0, 1))
+    with pytest.raises(DataError, match=r"the val and test splits share 1 class\(es\) \(n05\)"):
+        load_miniimagenet(folders, cache_dir=tmp_path / "cache")  # n05 is a test class
+    (folders / "val" / "n06").mkdir()
+    with pytest.raises(DataError, match=r"val: class folder\(s\) n06 hold no images"):
         load_miniimagenet(folders, ["val"], cache_dir=tmp_path / "cache")
     (folders / "empty" / "test" / "n05").mkdir(parents=True)
     with pytest.raises(DataError, match="test holds no class folders of images"):
@@ -253,7 +341,7 @@ def test_split_folders_of_class_folders(image_folder: tuple[Path, dict[str, np.n
 
 def test_sampler_on_miniimagenet(tmp_path: Path) -> None:
     write_pickle(tmp_path / "mini-imagenet-cache-train.pkl", pickle_cache())
-    images = load_miniimagenet(tmp_path, ["train"])["train"]
+    images = load_miniimagenet(tmp_path, ["train"])["train"].images
     batch = FewShotSampler(images, n_way=5, k_shot=1, k_query=15).sample(4)
     assert batch.support_x.shape == (4, 5, 3, 84, 84) and batch.query_x.shape == (4, 75, 3, 84, 84)
     assert batch.support_x.dtype == torch.float32

@@ -126,7 +126,7 @@ class FewShotConfig(Config):
 
 class Split(NamedTuple):
     """A split's images (a 5-d tensor, or one tensor per class), its classes' groups and (for
-    an image folder) their names."""
+    an image folder and MiniImagenet) their names."""
 
     images: Tensor | list[Tensor]
     groups: Tensor | None
@@ -175,8 +175,11 @@ class FewShotExperiment(Experiment):
             groups = load_omniglot_alphabets(root, cfg.split, seed=cfg.split_seed)
             return {split: Split(images[split], groups[split]) for split in images}
         if cfg.dataset == "miniimagenet":
-            from ..tasks.miniimagenet import load_miniimagenet
-            return {name: Split(load_miniimagenet(root, [name])[name], None)}
+            from ..tasks.miniimagenet import check_disjoint, load_miniimagenet
+            part = load_miniimagenet(root, [name])[name]
+            check_disjoint(root, {**{split: loaded.names for split, loaded in self._splits.items()},
+                                  name: part.names})
+            return {name: Split(part.images, None, part.names)}
         folders = load_image_folder(root, cfg.image_format(), class_depth=cfg.class_depth,
                                     min_images=self.min_images(), assignment=self.data_split())
         return {split: Split(part.images, part.groups, part.names)

@@ -85,6 +85,18 @@ def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> l
     return inside + [p for parent in sorted(above) for p in image_files(parent)]
 
 
+def warn_of_skipped_files(root: Path, folders: Sequence[Path], files: Sequence[Sequence[Path]],
+                          class_depth: int) -> None:
+    """Warn of the files under ``root`` that no class reads: files of the class ``folders``
+    that are not their image ``files``, and images outside them."""
+    skipped_files_warning([p for folder, images in zip(folders, files)
+                           for p in unread_files(folder, images)], f"the class folders of {root}",
+                          root, NOT_IMAGES)
+    skipped_files_warning(misplaced_images(root, folders, class_depth), str(root), root,
+                          f"outside the class folders (a class's images go directly in its "
+                          f"folder, {class_depth} level(s) below the root or a split folder)")
+
+
 def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
                    fractions: Sequence[float] = (0.7, 0.15, 0.15), seed: int = 1,
                    min_images: int = 1) -> Assignment:
@@ -131,14 +143,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     found = found_items(root, partial(class_folders, class_depth=class_depth))
     classes = assigned_items(root, found, assignment, "class folder")
     files = [image_files(folder) for _, _, folder in classes]
-    skipped_files_warning([p for (_, _, folder), images in zip(classes, files)
-                           for p in unread_files(folder, images)], f"the class folders of {root}",
-                          root, NOT_IMAGES)
-    skipped_files_warning(misplaced_images(root, [folder for _, _, folder in classes],
-                                           class_depth),
-                          str(root), root, f"outside the class folders (a class's images go "
-                          f"directly in its folder, {class_depth} level(s) below the root or a "
-                          "split folder)")
+    warn_of_skipped_files(root, [folder for _, _, folder in classes], files, class_depth)
     if not any(files):
         raise DataError(f"no images found in {root}: expected {root}/<class>/<image> (class_depth"
                         f"=1) or {root}/<group>/<class>/<image> (class_depth=2), optionally under "

@@ -4,9 +4,10 @@
 Three layouts of a data root are read, per split:
 
 - ``mini-imagenet-cache-{train,val,test}.pkl``: a pickled dict with ``image_data`` (uint8,
-  N x 84 x 84 x 3) and ``class_dict`` (class name -> list of indices into ``image_data``).
-  Unpickling runs code named in the file, so only the numpy constructors that structure needs
-  are allowed; anything else is refused with ``DataError``.
+  N x 84 x 84 x 3; another size is resized to 84x84 with LANCZOS) and ``class_dict`` (class
+  name -> list of indices into ``image_data``), written by Python 3 or 2. Unpickling runs code
+  named in the file, so only the numpy constructors that structure needs are allowed; anything
+  else is refused with ``DataError``.
 - ``images/`` with ``train.csv``, ``val.csv``, ``test.csv`` (header ``filename,label``): the
   images are decoded once (resized to 84x84 with LANCZOS if needed) and cached as a ``.npy``
   in the cache directory (``$FASTMAML_CACHE`` or ``~/.cache/fastmaml``), named after the
@@ -15,8 +16,8 @@ Three layouts of a data root are read, per split:
   as many conversions of the CSVs (and MAML++'s full-size release) lay it out: decoded, resized
   and cached the same way.
 
-Loaders return uint8 (classes, per_class, 3, 84, 84), classes sorted by name; the sampler
-scales pixels by 1/255.
+Loaders return a ``MiniImagenetSplit``: classes sorted by name, uint8 pixels (the sampler
+scales them by 1/255). A class name in two splits is refused: its test tasks would not be new.
 """
 from __future__ import annotations
 
@@ -27,21 +28,31 @@ import pickle
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir
-from .folder import decoded_images, image_files
+from .folder import decoded_images, image_files, warn_of_skipped_files
 from .images import ImageFormat, fingerprint, read_images
 from .splits import subfolders
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 84
 IMAGE_FORMAT = ImageFormat("RGB", IMAGE_SIZE)
+
+
+class MiniImagenetSplit(NamedTuple):
+    """A split's classes, sorted by name: uint8 images (classes, per_class, 3, 84, 84) where
+    every class has as many (as in the data set's own files), else one (count, 3, 84, 84)
+    tensor per class (``FewShotSampler`` takes either); and the classes' names."""
+
+    images: Tensor | list[Tensor]
+    names: list[str]
 
 
 def _numpy_module(name: str) -> Any:
@@ -52,10 +63,12 @@ def _numpy_module(name: str) -> Any:
 
 
 _multiarray, _numeric = _numpy_module("multiarray"), _numpy_module("numeric")
-# Everything a pickled dict of numpy arrays, lists and strings needs (protocols 2 to 5), under
-# the module paths of numpy 1 (numpy.core) and numpy 2 (numpy._core).
+# Everything a pickled dict of numpy arrays, lists and strings needs (protocols 0 to 5), under
+# the module paths of numpy 1 (numpy.core) and numpy 2 (numpy._core); ``range`` for a class's
+# indices.
 _ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
             ("_codecs", "encode"): importlib.import_module("_codecs").encode,
+            ("builtins", "range"): range, ("__builtin__", "xrange"): range,
             **{key: value for package in ("numpy.core", "numpy._core") for key, value in (
                 ((f"{package}.multiarray", "_reconstruct"), _multiarray._reconstruct),
                 ((f"{package}.multiarray", "scalar"), _multiarray.scalar),
@@ -72,20 +85,24 @@ class _ArrayUnpickler(pickle.Unpickler):
         return _ALLOWED[(module, name)]
 
 
-def read_pickle_cache(path: str | os.PathLike[str]) -> np.ndarray:
-    """A ``mini-imagenet-cache-*.pkl`` file as uint8 (classes, per_class, 3, 84, 84)."""
+def read_pickle_cache(path: str | os.PathLike[str]) -> MiniImagenetSplit:
+    """A ``mini-imagenet-cache-*.pkl`` file's classes."""
     path = Path(path)
     try:
         with path.open("rb") as f:
-            data = _ArrayUnpickler(f).load()
+            # latin1: a Python 2 pickle's str holds bytes (numpy's pixels among them)
+            data = _ArrayUnpickler(f, encoding="latin1").load()
     except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError,
-            IndexError) as error:
+            IndexError, OverflowError) as error:
         raise DataError(f"{path} is not a readable MiniImagenet pickle: {error}") from error
+    except MemoryError:  # a corrupt length, or a file larger than this machine's memory
+        raise DataError(f"{path} is not a readable MiniImagenet pickle: it asks for more memory "
+                        "than this machine has (a corrupt file?)") from None
     if not isinstance(data, dict) or not {"image_data", "class_dict"} <= data.keys():
         raise DataError(f"{path} must hold a dict with keys 'image_data' and 'class_dict'")
     images, class_dict = data["image_data"], data["class_dict"]
     if (not isinstance(images, np.ndarray) or images.dtype != np.uint8
-            or images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3)):
+            or images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape):
         raise DataError(f"{path}: image_data must be a uint8 array of (N, 84, 84, 3), got "
                         f"{getattr(images, 'dtype', type(images).__name__)} "
                         f"{getattr(images, 'shape', '')}")
@@ -105,13 +122,13 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> np.ndarray:
                                 "once")
             owner[i] = name
         indices[name] = index
-    return _by_class(path, indices, images)
+    return _by_class(indices, images)
 
 
 def read_image_folder(root: str | os.PathLike[str], split: str,
                       cache_dir: str | os.PathLike[str] | None = None,
-                      workers: int | None = None) -> np.ndarray:
-    """``root/images`` listed by ``root/<split>.csv`` as uint8 (classes, per_class, 3, 84, 84)."""
+                      workers: int | None = None) -> MiniImagenetSplit:
+    """``root/images`` listed by ``root/<split>.csv``, class by class."""
     root = Path(root)
     table = root / f"{split}.csv"
     try:
@@ -133,70 +150,123 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
     images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
     label_of = np.array([label for _, label in rows])
-    return _by_class(table, {label: np.flatnonzero(label_of == label) for label in set(label_of)},
+    return _by_class({str(label): np.flatnonzero(label_of == label) for label in set(label_of)},
                      images)
 
 
 def read_class_folders(root: str | os.PathLike[str], split: str,
                        cache_dir: str | os.PathLike[str] | None = None,
-                       workers: int | None = None) -> np.ndarray:
-    """``root/<split>/<class>/*`` as uint8 (classes, per_class, 3, 84, 84)."""
+                       workers: int | None = None) -> MiniImagenetSplit:
+    """``root/<split>/<class>/*``, class by class."""
     split_root = Path(root) / split
-    classes = {folder.name: image_files(folder) for folder in subfolders(split_root)}  # sorted
+    folders = subfolders(split_root)  # sorted
+    classes = {folder.name: image_files(folder) for folder in folders}
+    warn_of_skipped_files(split_root, folders, list(classes.values()), class_depth=1)
     if not any(classes.values()):
         raise DataError(f"{split_root} holds no class folders of images (expected "
                         f"{split_root}/<class>/<image>)")
-    per_class = _class_size(split_root, {name: len(files) for name, files in classes.items()})
+    empty = [name for name, files in classes.items() if not files]
+    if empty:
+        raise DataError(f"{split_root}: class folder(s) {', '.join(empty[:10])} hold no images; "
+                        "give each class images, or remove its folder")
     pixels = decoded_images(split_root, [f for files in classes.values() for f in files],
                             IMAGE_FORMAT, cache_dir, workers)
-    return pixels.numpy().reshape(len(classes), per_class, *pixels.shape[1:])
+    return _split(pixels, list(classes), [len(files) for files in classes.values()])
 
 
 def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLITS, *,
                       cache_dir: str | os.PathLike[str] | None = None,
-                      workers: int | None = None) -> dict[str, Tensor]:
-    """Each split as uint8 (classes, per_class, 3, 84, 84), from a pickle cache if ``root`` has
-    one for that split, else from ``images/`` and the split's CSV, else from ``root/<split>/``'s
-    class folders."""
+                      workers: int | None = None) -> dict[str, MiniImagenetSplit]:
+    """Each split's classes, from a pickle cache if ``root`` has one for that split, else from
+    ``images/`` and the split's CSV, else from ``root/<split>/``'s class folders."""
     root = Path(root)
     result = {}
     for split in splits:
         if split not in SPLITS:
             raise ConfigError(f"unknown MiniImagenet split {split!r}; known: {', '.join(SPLITS)}")
-        pickled = root / f"mini-imagenet-cache-{split}.pkl"
-        if pickled.is_file():
-            images = read_pickle_cache(pickled)
-        elif (root / "images").is_dir() and (root / f"{split}.csv").is_file():
-            images = read_image_folder(root, split, cache_dir, workers)
-        elif (root / split).is_dir():
-            images = read_class_folders(root, split, cache_dir, workers)
+        layout = _layout(root, split)
+        if layout == "pickle":
+            result[split] = read_pickle_cache(root / _pickle_name(split))
+        elif layout == "csv":
+            result[split] = read_image_folder(root, split, cache_dir, workers)
+        elif layout == "class folders":
+            result[split] = read_class_folders(root, split, cache_dir, workers)
         else:
             raise DataError(
-                f"MiniImagenet {split} split not found in {root}: expected {pickled.name} (a "
-                f"pickled dict of image_data and class_dict), an images/ folder with "
+                f"MiniImagenet {split} split not found in {root}"
+                f"{'' if root.is_dir() else ' (no such folder)'}: expected {_pickle_name(split)} "
+                f"(a pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
-                "of class folders. Name the folder that holds them with --data-root DIR (fastmaml "
-                "train and eval) or $FASTMAML_MINIIMAGENET (every command, reproduce too)")
-        result[split] = torch.from_numpy(images)
+                f"of class folders{_where_it_may_be(root, split)}. Name the folder that holds "
+                "them with --data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET "
+                "(every command, reproduce too)")
+    check_disjoint(root, {split: part.names for split, part in result.items()})
     return result
 
 
-def _class_size(source: Path, sizes: dict[str, int]) -> int:
-    """The one number of images every class (name: its images) has (the sampler draws from a
-    rectangle)."""
-    fewest, most = min(sizes, key=sizes.get), max(sizes, key=sizes.get)
-    if sizes[fewest] != sizes[most]:
-        raise DataError(f"{source}: every class needs the same number of images, got "
-                        f"{sizes[fewest]} (class {fewest}) to {sizes[most]} (class {most})")
-    return sizes[most]
+def _pickle_name(split: str) -> str:
+    return f"mini-imagenet-cache-{split}.pkl"
 
 
-def _by_class(source: Path, indices: dict[str, np.ndarray], images: np.ndarray) -> np.ndarray:
-    """Channels-first (classes, per_class, 3, H, W) from (N, H, W, 3) ``images`` and per-class
-    index arrays, classes sorted by name; filled class by class to keep the peak memory low."""
-    per_class = _class_size(source, {name: len(index) for name, index in indices.items()})
-    _, height, width, channels = images.shape
-    out = np.empty((len(indices), per_class, channels, height, width), dtype=images.dtype)
-    for i, name in enumerate(sorted(indices)):
-        out[i] = images[indices[name]].transpose(0, 3, 1, 2)
-    return out
+def _layout(root: Path, split: str) -> str | None:
+    """Which of the three layouts ``root`` holds ``split`` in (the first, where several)."""
+    if (root / _pickle_name(split)).is_file():
+        return "pickle"
+    if (root / "images").is_dir() and (root / f"{split}.csv").is_file():
+        return "csv"
+    return "class folders" if (root / split).is_dir() else None
+
+
+def _where_it_may_be(root: Path, split: str) -> str:
+    """Where ``split`` is instead, as a hint: a folder one level down that holds it, or a
+    split folder of another spelling (``Val/``, ``validation/``)."""
+    if not root.is_dir():
+        return ""
+    below = [sub for sub in subfolders(root) if _layout(sub, split)]
+    if below:
+        return f" (it is one level down: give the data folder as {below[0]})"
+    spellings = {split, *(("validation", "valid") if split == "val" else ())}
+    other = [sub.name for sub in subfolders(root) if sub.name.lower() in spellings]
+    return f" (found {other[0]}/: name it {split}/)" if other else ""
+
+
+def check_disjoint(root: Path, names: dict[str, list[str]]) -> None:
+    """Refuse a class in two splits (a split file copied over another): a test task of classes
+    seen in meta-training measures memory, not adaptation."""
+    seen: dict[str, str] = {}  # class -> its first split
+    for split, classes in names.items():
+        shared = [name for name in classes if name in seen]
+        if shared:
+            raise DataError(f"MiniImagenet in {root}: the {seen[shared[0]]} and {split} splits "
+                            f"share {len(shared)} class(es) ({', '.join(shared[:5])}); each "
+                            "class belongs to one split")
+        seen.update(dict.fromkeys(classes, split))
+
+
+def _by_class(indices: dict[str, np.ndarray], images: np.ndarray) -> MiniImagenetSplit:
+    """The classes of (N, H, W, 3) ``images`` by per-class index arrays, sorted by name, at
+    84x84; filled class by class to keep the peak memory low."""
+    names = sorted(indices)
+    out = np.empty((sum(len(index) for index in indices.values()), 3, IMAGE_SIZE, IMAGE_SIZE),
+                   dtype=np.uint8)
+    start = 0
+    for name in names:
+        count = len(indices[name])
+        out[start:start + count] = _resized(images[indices[name]]).transpose(0, 3, 1, 2)
+        start += count
+    return _split(torch.from_numpy(out), names, [len(indices[name]) for name in names])
+
+
+def _resized(images: np.ndarray) -> np.ndarray:
+    """(n, H, W, 3) uint8 at 84x84, resized as image files are (LANCZOS) where another size."""
+    if images.shape[1:3] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    return np.stack([IMAGE_FORMAT.convert(Image.fromarray(image)) for image in images])
+
+
+def _split(pixels: Tensor, names: list[str], counts: list[int]) -> MiniImagenetSplit:
+    """(total, 3, 84, 84) ``pixels`` of classes of ``counts`` images each, in order: one 5-d
+    tensor where every class has as many, else views of each class."""
+    if len(set(counts)) == 1:
+        return MiniImagenetSplit(pixels.reshape(len(counts), counts[0], *pixels.shape[1:]), names)
+    return MiniImagenetSplit(list(pixels.split(counts)), names)
