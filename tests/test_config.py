@@ -82,6 +82,9 @@ def test_bad_overrides_are_named(item, message):
 def test_combinations_and_experiment_settings_are_checked():
     with pytest.raises(ConfigError, match="multi_step_loss .* needs inner_steps >= 1"):
         SinusoidConfig().with_overrides(["multi_step_loss=true", "inner_steps=0"])
+    with pytest.raises(ConfigError, match="lr_mode=per_param learns the inner learning rates "
+                                          "through the inner steps: it needs inner_steps >= 1"):
+        SinusoidConfig().with_overrides(["lr_mode=per_param", "inner_steps=0"])
     with pytest.raises(ConfigError, match="need meta_lr_min <= meta_lr"):
         SinusoidConfig().with_overrides(["meta_lr_schedule=cosine", "meta_lr=1e-6"])
     assert SinusoidConfig().with_overrides(["meta_lr=1e-6"]).meta_lr == 1e-6  # constant: no min
@@ -92,6 +95,23 @@ def test_combinations_and_experiment_settings_are_checked():
                          ("split_seed=-1", "split_seed must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             FewShotConfig().with_overrides([bad])
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["first_order=true", "first_order_until=5"], ["first_order_until=5 has no effect"]),
+    (["first_order_until=100", "iterations=100"],
+     ["first_order_until=100 is not below iterations=100: the run trains first order throughout"]),
+    (["first_order=true", "per_step=norm", "inner_steps=2"],
+     ["per_step=norm with first-order MAML and no multi_step_loss: only the last inner step's "
+      "set gets a meta-gradient"]),
+    (["first_order=true", "per_step=norm", "inner_steps=2", "multi_step_loss=true"], []),
+    (["first_order_until=100", "iterations=101", "per_step=norm", "inner_steps=2"], []),
+])
+def test_settings_that_train_otherwise_than_meant_are_said(overrides: list[str],
+                                                           said: list[str]) -> None:
+    warnings = FewShotConfig().with_overrides(overrides).training_warnings()
+    assert len(warnings) == len(said)
+    assert all(warning.startswith(start) for warning, start in zip(warnings, said))
 
 
 def test_few_shot_config_refuses_one_way_tasks_and_keeps_an_absolute_data_root(tmp_path,

@@ -335,6 +335,13 @@ def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
         tensor.data = torch.tensor([0.1, 0.3])
     assert maml_pp.inner_lrs(1)["0.weight"].item() == pytest.approx(0.3)
     assert maml_pp.inner_lrs(7)["0.weight"].item() == pytest.approx(0.3)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning,
+                      match="inner step 3 reuses step 2's learned inner learning rates: they were "
+                            "learned for inner_steps=2"):
+        maml_pp.adapt(batch.support_x[0], batch.support_y[0], steps=3)
+    with warnings.catch_warnings(action="error"):  # nothing learned per step: nothing reused
+        meta_sgd.evaluate(batch, steps=5)
+        maml_pp.evaluate(batch, steps=2)
     grad = meta_grad(maml_pp, batch)
     assert grad.numel() == sum(p.numel() for p in model.parameters()) + 2 * 6
     torch.set_default_dtype(torch.float32)  # the fixture restores float64

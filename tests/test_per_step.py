@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.func import functional_call
 
 import fastmaml
 from fastmaml import MAML, ConfigError, TaskBatch
+from fastmaml.errors import FastMAMLWarning
 from fastmaml.cli import main
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import ConvNet, MLP, is_norm_param
@@ -189,10 +191,15 @@ def test_compiled_meta_gradient_with_copies_matches_eager(first_order):
 def test_adapt_returns_the_last_steps_copies_for_predict():
     model, batch = conv_problem()
     maml = per_step_maml(model, metric_fn=lambda out, y: (out.argmax(-1) == y).double().mean())
-    evaluated = maml.evaluate(batch, steps=STEPS + 2)  # beyond the copies: the last one
+    with pytest.warns(FastMAMLWarning, match=f"inner steps {STEPS + 1} to {STEPS + 2} reuse step "
+                                             f"{STEPS}'s learned set of per-step parameters: "
+                                             f"they were learned for inner_steps={STEPS}"):
+        evaluated = maml.evaluate(batch, steps=STEPS + 2)  # beyond the copies: the last one
     sx, sy, qx, qy = (t[0] for t in batch)
     for steps in range(STEPS + 3):
-        adapted = maml.adapt(sx, sy, steps)
+        with (pytest.warns(FastMAMLWarning, match=f"step {steps} reuses|steps {STEPS + 1} to")
+              if steps > STEPS else warnings.catch_warnings(action="error")):
+            adapted = maml.adapt(sx, sy, steps)
         for name, copies in maml.per_step.copies.items():
             name = name.replace("__", ".")
             if steps <= 1:  # set 0 (or no step): the model's own
@@ -220,6 +227,11 @@ def test_selections_the_copies_cannot_take_are_named():
         MAML(model, F.cross_entropy, 0.4, STEPS, adapt=["head"], per_step=["nowhere"])
     with pytest.raises(ConfigError, match="per_step must be None \\(none\\), name prefixes"):
         MAML(model, F.cross_entropy, 0.4, STEPS, per_step=3)
+    # the paper's batch-norm scales are frozen: said so
+    with pytest.raises(ConfigError, match=r"per_step prefix\(es\) 'features.0.1.weight' match no "
+                                          r"trainable parameter of the model \(features.0.1.weight:"
+                                          r" frozen, requires_grad=False\)"):
+        MAML(model, F.cross_entropy, 0.4, STEPS, adapt=["head"], per_step=["features.0.1.weight"])
 
 
 def write_classes(data, classes, per_class, size=8):

@@ -181,3 +181,20 @@ def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path) -> Non
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values run beyond the "
                       r"run's training tasks: x from 50 to 50 \(training: -5 to 5\)"):
         trained.predict(adapted, torch.full((1, 1), 50.0))
+
+
+def test_anil_on_the_mlp_adapts_its_output_layer_and_odd_settings_are_said(tmp_path, capsys):
+    """``adapt=head`` on fastmaml's MLP (numbered layers, no module named head) adapts its last
+    layer; settings that train otherwise than meant are warned of when training starts;
+    per_step=norm on a model without norm layers is refused by name."""
+    run = tmp_path / "anil"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "--learner", "maml", "adapt=head",
+                 "first_order=true", "first_order_until=5", "iterations=2", "meta_batch=2",
+                 "--no-progress"]) == 0
+    assert ("warning: first_order_until=5 has no effect: first_order=true trains first order "
+            "throughout") in capsys.readouterr().err
+    assert fastmaml.load_run(run).maml.adapted_names == ["4.weight", "4.bias"]
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "norm"), "per_step=norm",
+                 "inner_steps=2", "--no-progress"]) == 2
+    assert ("per_step=norm gives the norm layers a set per inner step, and this model has none"
+            in capsys.readouterr().err)

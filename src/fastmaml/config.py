@@ -102,6 +102,9 @@ class Config:
         if self.multi_step_loss and self.inner_steps < 1:
             raise ConfigError("multi_step_loss weighs the query loss after each inner step: it "
                               "needs inner_steps >= 1")
+        if self.lr_mode != "fixed" and self.inner_steps < 1:
+            raise ConfigError(f"lr_mode={self.lr_mode} learns the inner learning rates through "
+                              "the inner steps: it needs inner_steps >= 1")
         if not -2 ** 63 <= self.seed < 2 ** 63:  # torch.manual_seed takes it (and seed + offset)
             raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
         if self.path not in ("auto", "batched", "looped"):
@@ -116,6 +119,25 @@ class Config:
         """Whether training compiles (``compile``, with ``auto`` resolved by the iterations)."""
         return self.compile == "true" or (self.compile == "auto"
                                           and self.iterations >= COMPILE_FROM_ITERATIONS)
+
+    def training_warnings(self) -> list[str]:
+        """What these settings train that a user likely does not mean (each is allowed)."""
+        said = []
+        first_order_throughout = self.first_order or self.first_order_until >= self.iterations
+        if self.first_order and self.first_order_until:
+            said.append(f"first_order_until={self.first_order_until} has no effect: "
+                        "first_order=true trains first order throughout")
+        elif first_order_throughout and self.first_order_until:
+            said.append(f"first_order_until={self.first_order_until} is not below iterations="
+                        f"{self.iterations}: the run trains first order throughout (say so with "
+                        "first_order=true), and is evaluated as MAML")
+        if (first_order_throughout and self.per_step != "none" and self.inner_steps >= 2
+                and not self.multi_step_loss):
+            said.append(f"per_step={self.per_step} with first-order MAML and no "
+                        "multi_step_loss: only the last inner step's set gets a meta-gradient, "
+                        "so the model's own (step 1's) and the other steps' sets keep their "
+                        "initial values; set multi_step_loss=true, as MAML++ does")
+        return said
 
     def require_at_least(self, **minimums: float) -> None:
         """A ``ConfigError`` naming the first field (or element of a tuple field, e.g. the

@@ -175,9 +175,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self.inner_steps, self.first_order = inner_steps, first_order
         self.batched, self.check_finite = batched, check_finite
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.adapted_names = matching("adapt", adapt, trainable)
+        frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+        self.adapted_names = matching("adapt", adapt, trainable, frozen)
         self.outer_only_names = [n for n in trainable if n not in self.adapted_names]
-        per_step_names = [] if per_step is None else matching("per_step", per_step, trainable)
+        per_step_names = ([] if per_step is None
+                          else matching("per_step", per_step, trainable, frozen))
         adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
         if adapted_per_step:
             raise ConfigError(f"per_step selects {listed(adapted_per_step)}, which the inner "
@@ -449,6 +451,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                 return self.evaluate(TaskBatch(*(t.clone() for t in batch)), steps)
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        self._warn_of_reuse(steps)
         if has_active_dropout(self.model):
             warn("evaluate runs the model as its mode says, and its dropout is active (training "
                  "mode): every loss is a random draw; call .eval() on the MAML or its model "
@@ -479,6 +482,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                              "needs at least one")
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
+        self._warn_of_reuse(steps)
         if self._task_input_dims is not None and support_x.dim() == self._task_input_dims + 1:
             raise ShapeError(f"adapt takes one task's support set, and a task's inputs in the "
                              f"batches so far had {self._task_input_dims} dimensions; got "
@@ -492,6 +496,17 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         # after 0 steps: copies, so that changing them in place leaves the model as it is
         adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
         return {**adapted, **{name: p.clone() for name, p in self.per_step(steps - 1).items()}}
+
+    def _warn_of_reuse(self, steps: int) -> None:
+        """Say that inner steps past the trained ones reuse the last step's learned values."""
+        learned = ((["inner learning rates"] if self.inner_lrs.mode == "per_layer_step" else [])
+                   + (["set of per-step parameters"] if self.per_step.names else []))
+        if steps > self.inner_steps and learned:
+            later = (f"steps {self.inner_steps + 1} to {steps} reuse"
+                     if steps > self.inner_steps + 1 else f"step {steps} reuses")
+            warn(f"inner {later} step {self.inner_steps}'s learned "
+                 f"{' and '.join(learned)}: they were learned for inner_steps="
+                 f"{self.inner_steps}", FastMAMLWarning)
 
     def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).

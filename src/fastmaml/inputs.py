@@ -189,9 +189,10 @@ def listed(names: Sequence[str], most: int = 3) -> str:
 
 
 def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
-              params: Params) -> list[str]:
+              params: Params, frozen: Params) -> list[str]:
     """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
-    ``ConfigError`` where it selects none, or one of its name prefixes matches none."""
+    ``ConfigError`` where it selects none, or one of its name prefixes matches none (saying
+    which of the model's ``frozen`` parameters, requires_grad=False, it matches instead)."""
     names = [n for n, p in params.items() if _selected(selection, n, p)]
     prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
                 else selection or [])
@@ -200,7 +201,10 @@ def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], boo
     if not names or unmatched:
         what = (f"{option} prefix(es) {', '.join(map(repr, unmatched))} match"
                 if unmatched else f"the {option} selection matches")
-        raise ConfigError(f"{what} no trainable parameter of the model; its trainable "
+        only_frozen = [n for n, p in frozen.items()
+                       if _selected(unmatched or selection, n, p)]
+        why = (f" ({listed(only_frozen)}: frozen, requires_grad=False)" if only_frozen else "")
+        raise ConfigError(f"{what} no trainable parameter of the model{why}; its trainable "
                           f"parameters: {', '.join(params) or 'none'}")
     return names
 

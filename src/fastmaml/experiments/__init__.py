@@ -291,6 +291,8 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
         say = print if main else (lambda *_: None)
         if main:
             _record_machine(run_dir, str(experiment.device), size)
+            for message in cfg.training_warnings():
+                warn(message, FastMAMLWarning)
         resumed = [learner.name for learner in learners
                    if checkpoint_path(run_dir, learner.name).is_file()]
         note = experiment.data_note()

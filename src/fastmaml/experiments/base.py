@@ -53,12 +53,21 @@ def resolve_device(name: str) -> torch.device:
 
 
 def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool] | list[str] | None:
-    """``all`` | ``no_norm`` (the paper: batch-norm offsets are outer-loop only) | name prefixes."""
+    """``all`` | ``no_norm`` (the paper: batch-norm offsets are outer-loop only) | name prefixes;
+    ``head`` (ANIL) is the module of that name, else the model's last layer with parameters
+    (the output layer of the numbered layers of fastmaml's MLP)."""
     if spec == "all":
         return None
     if spec == "no_norm":
         return lambda name, _: not is_norm_param(name, model)
-    return _prefixes(spec)
+    named = dict(model.named_modules())
+    return [prefix if prefix != "head" or "head" in named else _last_layer(model)
+            for prefix in _prefixes(spec)]
+
+
+def _last_layer(model: nn.Module) -> str:
+    return [name for name, module in model.named_modules()
+            if next(module.parameters(recurse=False), None) is not None][-1]
 
 
 def per_step_selection(spec: str, model: nn.Module
@@ -67,6 +76,9 @@ def per_step_selection(spec: str, model: nn.Module
     if spec == "none":
         return None
     if spec == "norm":
+        if not any(is_norm_param(name, model) for name, _ in model.named_parameters()):
+            raise ConfigError("per_step=norm gives the norm layers a set per inner step, and "
+                              "this model has none: per_step=none, or name parameter prefixes")
         return lambda name, _: is_norm_param(name, model)
     return _prefixes(spec)
 
