@@ -20,6 +20,10 @@ set alone (``norm="each"``). ``norm="query"`` normalises the whole query set as 
 paper's evaluation protocol: more accurate when the query holds every class in equal numbers
 (Omniglot 5-way 1-shot: 99.53% against 97.33%, docs/results.md), wrong for a lone image.
 
+``train`` meta-trains a run on a user's own data from Python, as ``fastmaml train`` does, and
+returns it loaded: ``fastmaml.train("fewshot-folder", "runs/flowers", data_root="flowers",
+n_way=5, k_shot=1)``.
+
 A meta-RL run loads as a ``TrainedPolicy``, which adapts by sampling its environment::
 
     run = fastmaml.load_run("results/rl-cheetah-vel")
@@ -47,7 +51,7 @@ from torch import Tensor, nn
 from .core import MAML
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
-from .experiments import load_experiment
+from .experiments import load_experiment, train_run
 from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
@@ -303,6 +307,30 @@ def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn
         losses = F.cross_entropy(logits[..., :num_classes], labels, reduction="none")
         return (losses / shots).sum() / n_way
     return loss
+
+
+def train(preset: str, out: str | os.PathLike[str], *, progress: bool = True,
+          **settings: Any) -> TrainedRun | TrainedPolicy:
+    """Meta-train a new run of ``preset`` in ``out``, or resume the run there, as ``fastmaml
+    train`` does (checkpoints, metrics log, the run's lock; Ctrl-C stops at a checkpoint), and
+    load it for adaptation (``load_run``). ``settings`` are the command line's ``key=value``
+    overrides as keyword arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as
+    lists). One process: under torchrun, use the ``fastmaml train`` command."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("fastmaml.train trains in this one process; under torchrun, run the "
+                          "fastmaml train command on every rank")
+    train_run(preset, Path(out), [f"{key}={_as_setting(value)}" for key, value in settings.items()],
+              progress=progress)
+    return load_run(out)
+
+
+def _as_setting(value: Any) -> str:
+    """A Python value as the command line writes it (``true``, ``[a, b]``)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return f"[{', '.join(map(str, value))}]"
+    return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
