@@ -64,8 +64,8 @@ def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
     one_row.write_text("iteration,elapsed_s,loss\n20,1.5,0.25\n")
     empty = tmp_path / "metrics-pretrained.csv"
     empty.write_text("")
-    plots.plot_learning_curves([one_row], ["loss"], tmp_path / "a.png")
-    plots.plot_learning_curves([empty], ["loss"], tmp_path / "b.png")
+    plots.plot_learning_curves([one_row], {"loss": "training MSE"}, tmp_path / "a.png", "run")
+    plots.plot_learning_curves([empty], {"loss": "training MSE"}, tmp_path / "b.png", "run")
     by_iteration = figures[0].axes[0]
     line, = by_iteration.get_lines()
     assert list(line.get_xdata()) == [20.0] and line.get_marker() == "o"  # a point, drawn
@@ -75,3 +75,63 @@ def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
         assert ax.get_legend() is None and not ax.get_lines()
     for fig in figures:
         plt.close(fig)
+
+
+def test_each_method_keeps_its_colour_and_each_key_its_line_style(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    logs = []
+    for run in ("maml", "oracle", "pretrained"):  # the order the files are found in
+        logs.append(tmp_path / f"metrics-{run}.csv")
+        logs[-1].write_text("iteration,elapsed_s,loss,val_mse\n10,1,0.5,0.6\n20,2,0.4,\n30,3,0.3,0.4\n")
+    plots.plot_learning_curves(logs, {"loss": "training MSE", "val_mse": "validation MSE"},
+                               tmp_path / "c.png", "my-run (sinusoid): learning curves")
+    fig = figures[0]
+    styles = {line.get_label(): (line.get_color(), line.get_linestyle())
+              for line in fig.axes[0].get_lines()}
+    assert styles["pretrained: training MSE"] == ("tab:orange", "-")
+    assert styles["oracle: validation MSE"] == ("tab:green", "--")
+    assert fig.axes[0].get_ylabel() == "training MSE / validation MSE"
+    assert fig.get_suptitle() == "my-run (sinusoid): learning curves"
+    plt.close(fig)
+
+
+def record(method: str, mean: list[float], ci: list[float], k_shot: int = 5) -> dict:
+    return {"method": method, "k_shot": k_shot, "steps": list(range(len(mean))), "mean": mean,
+            "ci95": ci}
+
+
+def test_a_log_axis_band_that_reaches_zero_shows_its_upper_edge_and_says_where(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    records = [record("maml", [3.0, 0.5, 1.1, 0.6], [0.1, 0.1, 1.4, 0.1]),
+               record("pretrained", [3.0, 2.4, 2.3, 2.2], [0.1, 0.1, 0.1, 0.1])]
+    paper = {5: [("paper: MAML", {1: 0.67, 3: 0.35})]}
+    plots.plot_step_curves(records, "query MSE", tmp_path / "d.png", "a run", log_scale=True,
+                           paper=paper)
+    ax = figures[0].axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["maml; 95% CI reaches 0 at step 2 (upper edge dashed)", "pretrained",
+                      "paper: MAML"]
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and list(dashed[0].get_ydata())[2] == pytest.approx(2.5)
+    stars = ax.collections[-1]
+    assert [tuple(p) for p in stars.get_offsets()] == [(1, 0.67), (3, 0.35)]
+    assert ax.get_ylim()[0] > 1e-3  # not pulled to the floor by a band below zero
+    plt.close(figures[0])
+
+
+def test_a_zoomed_accuracy_axis_spans_the_steps_after_the_first_in_percent(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plots.plot_step_curves([record("maml", [0.2, 0.97, 0.99], [0.01, 0.002, 0.001], 1)],
+                           "test accuracy (%)", tmp_path / "e.png", "a run", scale=100,
+                           paper={1: [("paper: MAML", {2: 98.7})]}, zoom=True)
+    ax = figures[0].axes[0]
+    low, high = ax.get_ylim()
+    assert 96 < low < 96.8 and 99.1 < high < 100
+    assert ax.get_legend().get_texts()[0].get_text() == "maml (0 steps: 20)"
+    plt.close(figures[0])

@@ -17,49 +17,95 @@ from .errors import ConfigError, DataError, FastMAMLWarning, warn  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
 
-def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path,
-                     log_scale: bool = False) -> Path:
-    """One panel per K-shot: each method's mean with its 95% CI band against inner steps."""
+# Each method's colour in every figure (learning curves, curves against steps, adaptation)
+METHOD_COLORS = {"maml": "tab:blue", "pretrained": "tab:orange", "oracle": "tab:green",
+                 "random": "tab:red", "first-order maml": "tab:purple"}
+OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+PaperValues = list[tuple[str, dict[int, float]]]  # (label, value at each number of steps)
+
+
+def colors_for(methods: Sequence[str]) -> dict[str, str]:
+    """Each method's colour: its own where it has one, else the next unused one."""
+    others = iter(OTHER_COLORS * len(methods))
+    return {m: METHOD_COLORS.get(m) or next(others) for m in dict.fromkeys(methods)}
+
+
+def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, title: str,
+                     log_scale: bool = False, scale: float = 1.0,
+                     paper: dict[int, PaperValues] | None = None, zoom: bool = False) -> Path:
+    """One panel per K-shot: each method's mean with its 95% CI band against inner steps
+    (values times ``scale``), the paper's figures as stars. ``zoom``: the axis spans steps 1 on
+    (an accuracy from chance at step 0 would flatten the rest), step 0's value in the legend.
+    On a log axis, a band whose lower edge is not positive is drawn as its upper edge alone."""
     shots = sorted({r["k_shot"] for r in records})
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.5 * len(shots), 3.6), squeeze=False)
+    colors = colors_for([r["method"] for r in records])
+    fig, axes = plt.subplots(1, len(shots), figsize=(4.8 * len(shots), 3.9), squeeze=False)
     for ax, k in zip(axes[0], shots):
+        shown = []  # the values the zoomed axis spans
         for r in (r for r in records if r["k_shot"] == k):
-            low = [m - c for m, c in zip(r["mean"], r["ci95"])]
-            high = [m + c for m, c in zip(r["mean"], r["ci95"])]
-            (line,) = ax.plot(r["steps"], r["mean"], marker="o", ms=3, label=r["method"])
-            ax.fill_between(r["steps"], low, high, color=line.get_color(), alpha=0.2)
+            mean = [m * scale for m in r["mean"]]
+            low = [(m - c) * scale for m, c in zip(r["mean"], r["ci95"])]
+            high = [(m + c) * scale for m, c in zip(r["mean"], r["ci95"])]
+            label = r["method"] + (f" (0 steps: {mean[0]:.3g})" if zoom else "")
+            unbounded = [s for s, value in zip(r["steps"], low) if log_scale and value <= 0]
+            if unbounded:
+                label += (f"; 95% CI reaches 0 at step{'s' if len(unbounded) > 1 else ''} "
+                          f"{', '.join(map(str, unbounded))} (upper edge dashed)")
+            color = colors[r["method"]]
+            ax.plot(r["steps"], mean, marker="o", ms=3, color=color, label=label)
+            bounded = [not (log_scale and value <= 0) for value in low]
+            ax.fill_between(r["steps"], low, high, where=bounded, color=color, alpha=0.2)
+            if unbounded:
+                ax.plot(r["steps"], [h if not b else float("nan") for h, b in zip(high, bounded)],
+                        ls="--", lw=0.8, marker="_", color=color)
+            shown += [v for s, *values in zip(r["steps"], mean, low, high) if s >= 1
+                      for v in values]
+        for (label, values), marker in zip((paper or {}).get(k, []), "*Pd"):
+            ax.scatter(list(values), list(values.values()), marker=marker, s=70, color="black",
+                       zorder=3, label=label)
+            shown += list(values.values())
         ax.set(title=f"{k}-shot", xlabel="inner gradient steps", ylabel=ylabel)
+        if zoom and shown:
+            pad = max(0.05 * (max(shown) - min(shown)), 0.1)
+            ax.set_ylim(min(shown) - pad, max(shown) + pad)
         if log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 
-def plot_learning_curves(csv_paths: list[Path], keys: Sequence[str], path: Path) -> Path:
-    """Each key of each metrics CSV against iterations (left) and wall-clock time (right)."""
-    fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.6))
+def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path,
+                         title: str) -> Path:
+    """Each key of each metrics CSV (``keys``: column -> what it is) against iterations (left)
+    and wall-clock time (right): one colour per learner, one line style per key."""
+    fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.9))
+    runs = [csv_path.stem.removeprefix("metrics-") for csv_path in csv_paths]
+    colors = colors_for(runs)
     drawn = False
-    for csv_path in csv_paths:
+    for csv_path, run in zip(csv_paths, runs):
         rows = read_metrics(csv_path)
-        run = csv_path.stem.removeprefix("metrics-")
-        for key in keys:
+        for (key, meaning), line_style in zip(keys.items(), ("-", "--", ":")):
             points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]))
                       for r in rows if r.get(key) not in ("", None)]
             if points:
                 its, secs, values = zip(*points)
-                style = {"label": f"{run}: {key}", "marker": "o" if len(points) < 3 else None}
+                style = {"label": f"{run}: {meaning}" if len(keys) > 1 else run,
+                         "color": colors[run], "ls": line_style,
+                         "marker": "o" if len(points) < 3 else None}
                 by_iter.plot(its, values, **style)  # (a marker: one row is no line)
                 by_time.plot([s / 60 for s in secs], values, **style)
                 drawn = True
-    by_iter.set(xlabel="iteration", ylabel=" / ".join(keys))
-    by_time.set(xlabel="wall-clock (min)")
+    by_iter.set(xlabel="iteration", ylabel=" / ".join(keys.values()))
+    by_time.set(xlabel="wall-clock of training (min)")
     for ax in (by_iter, by_time):
         ax.grid(alpha=0.3)
         if drawn:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no metrics logged yet", ha="center", transform=ax.transAxes)
+    fig.suptitle(title, fontsize=9)
     return save_figure(fig, path)
 
 

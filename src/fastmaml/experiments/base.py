@@ -228,7 +228,8 @@ class Experiment(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[Config]]
-    curve_keys: ClassVar[tuple[str, ...]]  # the metrics-log columns drawn as learning curves
+    # the metrics-log columns drawn as learning curves, and what each is
+    curve_keys: ClassVar[dict[str, str]]
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -261,7 +262,8 @@ class Experiment(ABC):
             raise ConfigError(f"nothing to plot in {self.run_dir}: no metrics log and no "
                               f"eval.json; train it first")
         paths = [plot_learning_curves(logs, self.curve_keys,
-                                      self.figures_dir() / "learning_curves.png")] if logs else []
+                                      self.figures_dir() / "learning_curves.png",
+                                      f"{self.figure_title()}: learning curves")] if logs else []
         if not evaluated:
             return paths
         records = read_eval(self.run_dir)
@@ -271,6 +273,19 @@ class Experiment(ABC):
             raise
         except UNREADABLE_RECORDS as error:
             raise damaged_evaluation(self.run_dir, error) from None
+
+    def figure_title(self, records: list[dict[str, Any]] | None = None) -> str:
+        """Which run a figure shows: its folder and preset, and the iterations of the
+        checkpoints ``records`` (an evaluation) measured."""
+        name = self.run_dir.resolve().name
+        title = name if name == self.cfg.preset else f"{name} ({self.cfg.preset})"
+        if records:
+            reached, target = (records[0].get(key, {}).get("maml")
+                               for key in ("checkpoint_iterations", "target_iterations"))
+            if reached is not None:
+                title += f", MAML after {reached:,}" + (
+                    f" of {target:,}" if target not in (None, reached) else "") + " iterations"
+        return title
 
     @abstractmethod
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:

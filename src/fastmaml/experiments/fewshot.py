@@ -29,7 +29,7 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from ..models import MLP, ConvNet
 from ..paper import FEWSHOT as PAPER
 from ..paper import LAKE
-from ..plots import plot_step_curves
+from ..plots import PaperValues, plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.folder import assign_classes, load_image_folder
 from ..tasks.splits import SPLITS, Assignment, has_explicit_splits
@@ -140,7 +140,8 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 class FewShotExperiment(Experiment):
     name = "fewshot"
     config_cls = FewShotConfig
-    curve_keys = ("query_metric", "val_accuracy")
+    curve_keys = {"query_metric": "training query accuracy",
+                  "val_accuracy": "validation accuracy"}
     cfg: FewShotConfig
 
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
@@ -298,18 +299,25 @@ class FewShotExperiment(Experiment):
             records.append(eval_record(cfg.dataset, method + (", within alphabet" if within else ""),
                                        cfg.k_shot, curve, n_way=cfg.n_way, metric="accuracy",
                                        preset=cfg.preset, within_alphabet=within))
-        paper_steps, paper_rows = PAPER.get((cfg.dataset, cfg.n_way, cfg.k_shot), (0, []))
-        if cfg.split == "lake":  # another protocol than the paper's Table 1
-            paper_rows = LAKE.get((cfg.n_way, cfg.k_shot), [])
-        show = sorted({0, 1, paper_steps, cfg.inner_steps, cfg.eval_inner_steps})
+        paper = self._paper()
+        show = sorted({0, 1, *(s for _, values in paper[cfg.k_shot] for s in values),
+                       cfg.inner_steps, cfg.eval_inner_steps})
         table = results_table(f"{cfg.dataset} {cfg.n_way}-way {cfg.k_shot}-shot: test accuracy (%) "
-                              "after N inner steps", records, show_steps=show,
-                              paper={cfg.k_shot: [(label, {paper_steps: value})
-                                                  for label, value in paper_rows]},
+                              "after N inner steps", records, show_steps=show, paper=paper,
                               run_dir=self.run_dir, scale=100, digits=2)
         self.write_eval(records, table)
         return records
 
+    def _paper(self) -> dict[int, PaperValues]:
+        """The published accuracies (%) this run's tasks compare with, at their steps."""
+        cfg = self.cfg
+        paper_steps, paper_rows = PAPER.get((cfg.dataset, cfg.n_way, cfg.k_shot), (0, []))
+        if cfg.split == "lake":  # another protocol than the paper's Table 1
+            paper_rows = LAKE.get((cfg.n_way, cfg.k_shot), [])
+        return {cfg.k_shot: [(label, {paper_steps: value}) for label, value in paper_rows]}
+
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
-        return [plot_step_curves(records, "test accuracy",
-                                 self.figures_dir() / "accuracy_vs_steps.png")]
+        return [plot_step_curves(records, "test accuracy (%)",
+                                 self.figures_dir() / "accuracy_vs_steps.png",
+                                 self.figure_title(records), scale=100, paper=self._paper(),
+                                 zoom=True)]

@@ -80,7 +80,7 @@ class RegressionConfig(Config):
 class RegressionExperiment(Experiment):
     name = "regression"
     config_cls = RegressionConfig
-    curve_keys = ("loss", "val_mse")
+    curve_keys = {"loss": "training query MSE", "val_mse": "validation MSE"}
     cfg: RegressionConfig
 
     def data_root(self) -> Path:
@@ -173,5 +173,5 @@ class RegressionExperiment(Experiment):
         return records
 
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
-        return [plot_step_curves(records, "MSE", self.figures_dir() / "mse_vs_steps.png",
-                                 log_scale=True)]
+        return [plot_step_curves(records, "query MSE", self.figures_dir() / "mse_vs_steps.png",
+                                 self.figure_title(records), log_scale=True)]

@@ -86,7 +86,7 @@ from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV
 from ..paper import RL as PAPER
-from ..plots import counted, save_figure
+from ..plots import colors_for, counted, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
@@ -319,7 +319,8 @@ class MetaRLLearner:
 class RLExperiment(Experiment):
     name = "rl"
     config_cls = RLConfig
-    curve_keys = ("pre_return", "post_return")
+    curve_keys = {"pre_return": "return before adaptation",
+                  "post_return": "return after adaptation"}
     cfg: RLConfig
 
     def __init__(self, cfg: RLConfig, run_dir: Path):
@@ -515,26 +516,36 @@ class RLExperiment(Experiment):
 
     # ----- figures -----
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
+        """Return against steps, each method beside the paper's curve of it. The locomotion
+        tasks' paper returns (rllab's models, another scale) are on an axis of their own."""
         import matplotlib.pyplot as plt
 
         cfg = self.cfg
-        out = self.figures_dir()
         paper = PAPER.get(cfg.env, {})
-        fig, ax = plt.subplots(figsize=(5.2, 3.8))
+        colors = colors_for([r["method"] for r in records])
+        fig, ax = plt.subplots(figsize=(5.6, 4.0))
+        paper_ax = ax if cfg.env == NAV else ax.twinx()
         for r in records:
             low = [m - c for m, c in zip(r["mean"], r["ci95"])]
             high = [m + c for m, c in zip(r["mean"], r["ci95"])]
-            (line,) = ax.plot(r["steps"], r["mean"], marker="o", ms=4, label=r["method"])
-            ax.fill_between(r["steps"], low, high, color=line.get_color(), alpha=0.2)
+            color = colors[r["method"]]
+            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color, label=r["method"])
+            ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
             if r["method"] in paper:
                 values = paper[r["method"]]
-                ax.plot(range(len(values)), values, ls="--", marker="x", ms=4, alpha=0.6,
-                        color=line.get_color(), label=f"paper: {r['method']}")
-        if "oracle" in paper:
-            ax.axhline(paper["oracle"][0], color="gray", ls=":", label="paper: oracle")
+                paper_ax.plot(range(len(values)), values, ls="--", marker="x", ms=4, alpha=0.6,
+                              color=color, label=f"paper: {r['method']}")
+        if "oracle" in paper:  # a line over the steps, so that the axis takes it in
+            paper_ax.plot(records[0]["steps"], paper["oracle"] * len(records[0]["steps"]),
+                          color="gray", ls=":", label="paper: oracle")
         ax.set(title=f"{cfg.env.split('/')[-1]} ({counted(records[0]['tasks'], 'task')})",
                xlabel="number of gradient steps", ylabel="average return")
+        if paper_ax is not ax:
+            paper_ax.set_ylabel("the paper's return (rllab's models: another scale)")
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        return [save_figure(fig, out / "return_vs_steps.png")]
+        handles = [h for axis in dict.fromkeys([ax, paper_ax])
+                   for h in axis.get_legend_handles_labels()[0]]
+        ax.legend(handles=handles, fontsize=7)
+        fig.suptitle(self.figure_title(records), fontsize=9)
+        return [save_figure(fig, self.figures_dir() / "return_vs_steps.png")]

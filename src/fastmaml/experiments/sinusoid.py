@@ -67,7 +67,7 @@ class SinusoidConfig(Config):
 class SinusoidExperiment(Experiment):
     name = "sinusoid"
     config_cls = SinusoidConfig
-    curve_keys = ("loss",)
+    curve_keys = {"loss": "training MSE (MAML's after its inner steps)"}
     cfg: SinusoidConfig
 
     def value_ranges(self) -> tuple[tuple[float, float], ...]:
@@ -158,7 +158,8 @@ class SinusoidExperiment(Experiment):
 
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
         out = self.figures_dir()
-        paths = [plot_step_curves(records, "MSE", out / "mse_vs_steps.png", log_scale=True)]
+        paths = [plot_step_curves(records, "query MSE", out / "mse_vs_steps.png",
+                                  self.figure_title(records), log_scale=True, paper=PAPER)]
         lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
         maml, pretrained, _ = self._trained()
         paths += [self._plot_adaptation(maml, MAML(pretrained, F.mse_loss, lrs[k]), k, out)
