@@ -107,14 +107,15 @@ def test_a_log_axis_band_that_reaches_zero_shows_its_upper_edge_and_says_where(
     figures = []
     monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
     records = [record("maml", [3.0, 0.5, 1.1, 0.6], [0.1, 0.1, 1.4, 0.1]),
-               record("pretrained", [3.0, 2.4, 2.3, 2.2], [0.1, 0.1, 0.1, 0.1])]
+               {**record("pretrained", [3.0, 2.4, 2.3, 2.2], [0.1, 0.1, 0.1, 0.1]),
+                "inner_lr": 0.01}]
     paper = {5: [("paper: MAML", {1: 0.67, 3: 0.35})]}
     plots.plot_step_curves(records, "query MSE", tmp_path / "d.png", "a run", log_scale=True,
                            paper=paper)
     ax = figures[0].axes[0]
     labels = [text.get_text() for text in ax.get_legend().get_texts()]
-    assert labels == ["maml; 95% CI reaches 0 at step 2 (upper edge dashed)", "pretrained",
-                      "paper: MAML"]
+    assert labels == ["maml; 95% CI reaches 0 at step 2 (upper edge dashed)",
+                      "pretrained, step 0.01", "paper: MAML"]
     dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert len(dashed) == 1 and list(dashed[0].get_ydata())[2] == pytest.approx(2.5)
     stars = ax.collections[-1]

@@ -46,7 +46,8 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
             mean = [m * scale for m in r["mean"]]
             low = [(m - c) * scale for m, c in zip(r["mean"], r["ci95"])]
             high = [(m + c) * scale for m, c in zip(r["mean"], r["ci95"])]
-            label = r["method"] + (f" (0 steps: {mean[0]:.3g})" if zoom else "")
+            label = (r["method"] + (f", step {r['inner_lr']:g}" if "inner_lr" in r else "")
+                     + (f" (0 steps: {mean[0]:.3g})" if zoom else ""))
             unbounded = [s for s, value in zip(r["steps"], low) if log_scale and value <= 0]
             if unbounded:
                 label += (f"; 95% CI reaches 0 at step{'s' if len(unbounded) > 1 else ''} "

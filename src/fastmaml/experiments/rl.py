@@ -529,7 +529,8 @@ class RLExperiment(Experiment):
             low = [m - c for m, c in zip(r["mean"], r["ci95"])]
             high = [m + c for m, c in zip(r["mean"], r["ci95"])]
             color = colors[r["method"]]
-            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color, label=r["method"])
+            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color,
+                    label=r["method"] + (f", step {r['inner_lr']:g}" if "inner_lr" in r else ""))
             ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
             if r["method"] in paper:
                 values = paper[r["method"]]

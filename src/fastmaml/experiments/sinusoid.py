@@ -173,7 +173,8 @@ class SinusoidExperiment(Experiment):
         grid = torch.linspace(*X_RANGE, 200, device=self.device)[:, None]
         truth = sinusoid(grid[None].cpu(), tasks.amplitude, tasks.phase)[0, :, 0]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
-        for ax, (title, engine) in zip(axes, [("MAML", maml), ("pretrained", pretrained)]):
+        pretrained_title = f"pretrained, step {pretrained.inner_lrs.init:g}"
+        for ax, (title, engine) in zip(axes, [("MAML", maml), (pretrained_title, pretrained)]):
             ax.plot(grid.cpu(), truth, color="red", label="ground truth")
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
                 with torch.no_grad():
@@ -184,4 +185,6 @@ class SinusoidExperiment(Experiment):
                        label=f"{k_shot} points used for the gradient")
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
             ax.legend(fontsize=7)
+        axes[0].set_ylabel("y")
+        fig.suptitle(self.figure_title(), fontsize=9)
         return save_figure(fig, out / f"adaptation_k{k_shot}.png")
