@@ -5,9 +5,10 @@ from .errors import (ConfigError, DataError, FastMAMLError, NonFiniteInputError,
 from .inner_lr import InnerLearningRates
 from .inputs import TaskBatch, as_task_batch
 from . import models
-from .adaptation import AdaptedPolicy, TrainedPolicy, TrainedRun, load_run, train
+from .adaptation import AdaptedPolicy, TrainedPolicy, TrainedRun, load_run, meta_train
+from .train import TrainingStopped
 
-__all__ = ["models", "train", "load_run", "TrainedRun", "TrainedPolicy", "AdaptedPolicy", "MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
+__all__ = ["models", "meta_train", "TrainingStopped", "load_run", "TrainedRun", "TrainedPolicy", "AdaptedPolicy", "MAML", "TaskBatch", "as_task_batch", "multi_step_loss_weights", "InnerLearningRates",
            "FastMAMLError", "ConfigError", "DataError", "ShapeError", "NonFiniteLossError",
            "NonFiniteInputError"]
 __version__ = "0.1.0"

@@ -20,9 +20,9 @@ set alone (``norm="each"``). ``norm="query"`` normalises the whole query set as 
 paper's evaluation protocol: more accurate when the query holds every class in equal numbers
 (Omniglot 5-way 1-shot: 99.53% against 97.33%, docs/results.md), wrong for a lone image.
 
-``train`` meta-trains a run on a user's own data from Python, as ``fastmaml train`` does, and
-returns it loaded: ``fastmaml.train("fewshot-folder", "runs/flowers", data_root="flowers",
-n_way=5, k_shot=1)``.
+``meta_train`` meta-trains a run on a user's own data from Python, as ``fastmaml train`` does,
+and returns it loaded: ``fastmaml.meta_train("fewshot-folder", "runs/flowers",
+data_root="flowers", n_way=5, k_shot=1)``.
 
 A meta-RL run loads as a ``TrainedPolicy``, which adapts by sampling its environment::
 
@@ -309,27 +309,27 @@ def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn
     return loss
 
 
-def train(preset: str, out: str | os.PathLike[str], *, progress: bool = True,
-          **settings: Any) -> TrainedRun | TrainedPolicy:
+def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = True,
+               **settings: Any) -> TrainedRun | TrainedPolicy:
     """Meta-train a new run of ``preset`` in ``out``, or resume the run there, as ``fastmaml
-    train`` does (checkpoints, metrics log, the run's lock; Ctrl-C stops at a checkpoint), and
-    load it for adaptation (``load_run``). ``settings`` are the command line's ``key=value``
-    overrides as keyword arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as
-    lists). One process: under torchrun, use the ``fastmaml train`` command."""
+    train`` does (checkpoints, metrics log, the run's lock; Ctrl-C stops at a checkpoint and
+    raises ``TrainingStopped``), and load it for adaptation (``load_run``). ``settings`` are the
+    command line's ``key=value`` overrides as keyword arguments (``data_root="data/flowers",
+    n_way=5, k_shot=1``; lists as lists). One process: under torchrun, use the command."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("fastmaml.train trains in this one process; under torchrun, run the "
-                          "fastmaml train command on every rank")
+        raise ConfigError("fastmaml.meta_train trains in this one process; under torchrun, run "
+                          "the fastmaml train command on every rank")
     train_run(preset, Path(out), [f"{key}={_as_setting(value)}" for key, value in settings.items()],
               progress=progress)
     return load_run(out)
 
 
 def _as_setting(value: Any) -> str:
-    """A Python value as the command line writes it (``true``, ``[a, b]``)."""
+    """A Python value as the command line writes it (``true``, ``a,b``)."""
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return f"[{', '.join(map(str, value))}]"
+        return ",".join(map(str, value))
     return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
