@@ -339,6 +339,9 @@ def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
                       match="inner step 3 reuses step 2's learned inner learning rates: they were "
                             "learned for inner_steps=2"):
         maml_pp.adapt(batch.support_x[0], batch.support_y[0], steps=3)
+    with pytest.raises(ConfigError, match="lr_mode=per_layer_step learns the inner learning "
+                                          "rates through the inner steps: it needs inner_steps"):
+        MAML(model, loss_fn, 0.1, 0, lr_mode="per_layer_step")
     with warnings.catch_warnings(action="error"):  # nothing learned per step: nothing reused
         meta_sgd.evaluate(batch, steps=5)
         maml_pp.evaluate(batch, steps=2)

@@ -136,3 +136,18 @@ def test_a_zoomed_accuracy_axis_spans_the_steps_after_the_first_in_percent(
     assert 96 < low < 96.8 and 99.1 < high < 100
     assert ax.get_legend().get_texts()[0].get_text() == "maml (0 steps: 20)"
     plt.close(figures[0])
+
+
+def test_references_of_no_steps_are_lines_and_a_run_of_no_steps_is_not_zoomed_away(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plots.plot_step_curves([record("maml", [0.2], [0.01], 1)], "test accuracy (%)",
+                           tmp_path / "f.png", "a run", scale=100, zoom=True,
+                           references={1: [("people", 95.5)]})
+    ax = figures[0].axes[0]
+    people = [line for line in ax.get_lines() if line.get_label() == "people"]
+    assert len(people) == 1 and list(people[0].get_ydata()) == [95.5, 95.5]
+    low, high = ax.get_ylim()
+    assert low < 20 < 95.5 < high  # the run's one point (0 steps) stays in view
+    plt.close(figures[0])

@@ -15,6 +15,7 @@ import yaml
 
 from .atomic import write_text_atomic
 from .errors import ConfigError
+from .inner_lr import check_lr_mode
 
 C = TypeVar("C", bound="Config")
 # compile=auto compiles training runs of this many iterations or more: a first compile takes
@@ -102,9 +103,7 @@ class Config:
         if self.multi_step_loss and self.inner_steps < 1:
             raise ConfigError("multi_step_loss weighs the query loss after each inner step: it "
                               "needs inner_steps >= 1")
-        if self.lr_mode != "fixed" and self.inner_steps < 1:
-            raise ConfigError(f"lr_mode={self.lr_mode} learns the inner learning rates through "
-                              "the inner steps: it needs inner_steps >= 1")
+        check_lr_mode(self.lr_mode, self.inner_steps)
         if not -2 ** 63 <= self.seed < 2 ** 63:  # torch.manual_seed takes it (and seed + offset)
             raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
         if self.path not in ("auto", "batched", "looped"):

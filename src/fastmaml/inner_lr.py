@@ -17,6 +17,16 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def check_lr_mode(mode: str, steps: int) -> None:
+    """A known mode; a learned one needs inner steps to learn through (else ``adapt`` and
+    ``evaluate`` would later use rates no meta-gradient ever reached)."""
+    if mode not in LR_MODES:
+        raise ConfigError(f"unknown inner-lr mode {mode!r}; choose one of {', '.join(LR_MODES)}")
+    if mode != "fixed" and steps < 1:
+        raise ConfigError(f"lr_mode={mode} learns the inner learning rates through the inner "
+                          "steps: it needs inner_steps >= 1")
+
+
 class InnerLearningRates(nn.Module):
     """Holds the inner learning rates and hands out the ones for a given inner step.
 
@@ -31,8 +41,7 @@ class InnerLearningRates(nn.Module):
                  like: Tensor | None = None):
         """``like``: a parameter of the model, whose dtype and device the learned rates take."""
         super().__init__()
-        if mode not in LR_MODES:
-            raise ConfigError(f"unknown inner-lr mode {mode!r}; choose one of {', '.join(LR_MODES)}")
+        check_lr_mode(mode, steps)
         self.mode = mode
         self.init = float(init)
         self.names = list(shapes)

@@ -1,6 +1,7 @@
 """Figures shared by the experiments: metric against inner steps, and learning curves."""
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,13 +31,22 @@ def colors_for(methods: Sequence[str]) -> dict[str, str]:
     return {m: METHOD_COLORS.get(m) or next(others) for m in dict.fromkeys(methods)}
 
 
+def method_label(record: dict[str, Any]) -> str:
+    """A record's method, with its inner step size where it has its own (as the paper's
+    legends: "pretrained, step 0.01")."""
+    return record["method"] + (f", step {record['inner_lr']:g}" if "inner_lr" in record else "")
+
+
 def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, title: str,
                      log_scale: bool = False, scale: float = 1.0,
-                     paper: dict[int, PaperValues] | None = None, zoom: bool = False) -> Path:
+                     paper: dict[int, PaperValues] | None = None, zoom: bool = False,
+                     references: dict[int, list[tuple[str, float]]] | None = None) -> Path:
     """One panel per K-shot: each method's mean with its 95% CI band against inner steps
-    (values times ``scale``), the paper's figures as stars. ``zoom``: the axis spans steps 1 on
-    (an accuracy from chance at step 0 would flatten the rest), step 0's value in the legend.
-    On a log axis, a band whose lower edge is not positive is drawn as its upper edge alone."""
+    (values times ``scale``), the paper's figures as stars at their steps, and ``references``
+    of no steps (people, other methods) as dotted lines. ``zoom``: the axis spans the run's
+    steps 1 on (an accuracy from chance at step 0 would flatten the rest), step 0's value in the
+    legend. On a log axis, a band whose lower edge is not positive is drawn as its upper edge
+    alone."""
     shots = sorted({r["k_shot"] for r in records})
     colors = colors_for([r["method"] for r in records])
     fig, axes = plt.subplots(1, len(shots), figsize=(4.8 * len(shots), 3.9), squeeze=False)
@@ -46,8 +56,7 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
             mean = [m * scale for m in r["mean"]]
             low = [(m - c) * scale for m, c in zip(r["mean"], r["ci95"])]
             high = [(m + c) * scale for m, c in zip(r["mean"], r["ci95"])]
-            label = (r["method"] + (f", step {r['inner_lr']:g}" if "inner_lr" in r else "")
-                     + (f" (0 steps: {mean[0]:.3g})" if zoom else ""))
+            label = method_label(r) + (f" (0 steps: {mean[0]:.3g})" if zoom else "")
             unbounded = [s for s, value in zip(r["steps"], low) if log_scale and value <= 0]
             if unbounded:
                 label += (f"; 95% CI reaches 0 at step{'s' if len(unbounded) > 1 else ''} "
@@ -61,19 +70,23 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
                         ls="--", lw=0.8, marker="_", color=color)
             shown += [v for s, *values in zip(r["steps"], mean, low, high) if s >= 1
                       for v in values]
+        run_shown = bool(shown)
         for (label, values), marker in zip((paper or {}).get(k, []), "*Pd"):
             ax.scatter(list(values), list(values.values()), marker=marker, s=70, color="black",
                        zorder=3, label=label)
             shown += list(values.values())
+        for (label, value), style in zip((references or {}).get(k, []), (":", "-.", (0, (1, 3)))):
+            ax.axhline(value, color="black", lw=1, ls=style, label=label)
+            shown.append(value)
         ax.set(title=f"{k}-shot", xlabel="inner gradient steps", ylabel=ylabel)
-        if zoom and shown:
+        if zoom and run_shown:
             pad = max(0.05 * (max(shown) - min(shown)), 0.1)
             ax.set_ylim(min(shown) - pad, max(shown) + pad)
         if log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, wrap=True)
     return save_figure(fig, path)
 
 
@@ -87,7 +100,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
     drawn = False
     for csv_path, run in zip(csv_paths, runs):
         rows = read_metrics(csv_path)
-        for (key, meaning), line_style in zip(keys.items(), ("-", "--", ":")):
+        for (key, meaning), line_style in zip(keys.items(), itertools.cycle(("-", "--", ":"))):
             points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]))
                       for r in rows if r.get(key) not in ("", None)]
             if points:
@@ -106,7 +119,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
             ax.legend(fontsize=7)
         else:
             ax.text(0.5, 0.5, "no metrics logged yet", ha="center", transform=ax.transAxes)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, wrap=True)
     return save_figure(fig, path)
 
 

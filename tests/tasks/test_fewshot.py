@@ -147,6 +147,22 @@ def test_equal_classes_as_a_list_or_a_tensor_give_the_same_tasks() -> None:
         assert torch.equal(a, b)
 
 
+def test_classes_split_from_one_tensor_are_sampled_from_it_without_a_copy() -> None:
+    """A loader's classes of different sizes, views of one decoded array (``torch.split``), are
+    read in place (MiniImagenet's train split is 800 MB); other views are copied together."""
+    sizes = [3, 9, 4, 6, 3, 5]
+    flat = marked_images().flatten(0, 1)[:sum(sizes)]
+    split = FewShotSampler(list(flat.split(sizes)), n_way=3, k_shot=1, k_query=2)
+    assert split.images.data_ptr() == flat.data_ptr()
+    copied = FewShotSampler([part.clone() for part in flat.split(sizes)], 3, 1, 2)
+    assert copied.images.data_ptr() != flat.data_ptr() and torch.equal(copied.images, flat)
+    for a, b in zip(split.sample(10, torch.Generator().manual_seed(6)),
+                    copied.sample(10, torch.Generator().manual_seed(6))):
+        assert torch.equal(a, b)
+    gaps = FewShotSampler([flat[:3], flat[4:9]], 2, 1, 2)  # views, but not consecutive
+    assert torch.equal(gaps.images, torch.cat([flat[:3], flat[4:9]]))
+
+
 def test_within_group_tasks_take_every_class_from_one_group() -> None:
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])  # group 0 is too small for 4-way
     sampler = FewShotSampler(marked_images(), 4, 1, 1, groups=groups, within_group=True)

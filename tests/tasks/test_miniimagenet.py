@@ -86,11 +86,14 @@ def _bad(change: str) -> object:
         data["class_dict"]["n09000000"][1] = data["class_dict"][other][0]
     elif change == "not a dict":
         return [data]
+    elif change == "labels":  # class_dict keyed by label numbers
+        data["class_dict"] = dict(enumerate(data["class_dict"].values()))
     return data
 
 
 @pytest.mark.parametrize("change, words", [
-    ("dtype", "uint8 array of \\(N, 84, 84, 3\\), got float32"), ("shape", "got uint8"),
+    ("dtype", r"uint8 array of \(N, H, W, 3\) RGB images .*got float32"), ("shape", "got uint8"),
+    ("labels", r"class_dict's keys must be class names \(strings\), got 0 \(int\)"),
     ("key", "'image_data' and 'class_dict'"), ("index", "n09000000"),
     ("not a dict", "must hold a dict"),
     ("repeated", r"image 0 is listed twice in class_dict \(under 'n09000000' and 'n09000000'\)"),
@@ -168,6 +171,10 @@ def test_a_split_file_copied_over_another_is_refused(tmp_path: Path) -> None:
 def test_a_split_not_found_says_where_it_may_be(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"split not found in .*absent \(no such folder\): "):
         load_miniimagenet(tmp_path / "absent", ["val"])
+    pickled = write_pickle(tmp_path / "mini-imagenet-cache-val.pkl", pickle_cache())
+    with pytest.raises(DataError, match=r"split not found in .*val.pkl \(a file\): "):
+        load_miniimagenet(pickled, ["val"])  # the file, not its folder
+    pickled.unlink()
     (tmp_path / "mini").mkdir()
     write_pickle(tmp_path / "mini" / "mini-imagenet-cache-val.pkl", pickle_cache())
     with pytest.raises(DataError, match=rf"\(it is one level down: give the data folder as "

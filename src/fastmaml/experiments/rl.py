@@ -86,7 +86,7 @@ from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV
 from ..paper import RL as PAPER
-from ..plots import colors_for, counted, save_figure
+from ..plots import colors_for, counted, method_label, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
@@ -529,8 +529,7 @@ class RLExperiment(Experiment):
             low = [m - c for m, c in zip(r["mean"], r["ci95"])]
             high = [m + c for m, c in zip(r["mean"], r["ci95"])]
             color = colors[r["method"]]
-            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color,
-                    label=r["method"] + (f", step {r['inner_lr']:g}" if "inner_lr" in r else ""))
+            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color, label=method_label(r))
             ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
             if r["method"] in paper:
                 values = paper[r["method"]]
@@ -547,6 +546,6 @@ class RLExperiment(Experiment):
         ax.grid(alpha=0.3)
         handles = [h for axis in dict.fromkeys([ax, paper_ax])
                    for h in axis.get_legend_handles_labels()[0]]
-        ax.legend(handles=handles, fontsize=7)
-        fig.suptitle(self.figure_title(records), fontsize=9)
+        paper_ax.legend(handles=handles, fontsize=7)  # (the axis drawn last: over both)
+        fig.suptitle(self.figure_title(records), fontsize=9, wrap=True)
         return [save_figure(fig, self.figures_dir() / "return_vs_steps.png")]

@@ -186,5 +186,5 @@ class SinusoidExperiment(Experiment):
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
             ax.legend(fontsize=7)
         axes[0].set_ylabel("y")
-        fig.suptitle(self.figure_title(), fontsize=9)
+        fig.suptitle(self.figure_title(), fontsize=9, wrap=True)
         return save_figure(fig, out / f"adaptation_k{k_shot}.png")

@@ -139,7 +139,23 @@ def _class_by_class(images: Tensor | Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     if not images or any(c.dim() != 4 or c.shape[1:] != images[0].shape[1:] for c in images):
         raise DataError("images must be a non-empty sequence of per-class tensors of (count, "
                         "channels, height, width) with one image shape")
-    return torch.cat(list(images)), torch.tensor([len(c) for c in images])
+    joined = _joined_views(images)
+    return (torch.cat(list(images)) if joined is None else joined,
+            torch.tensor([len(c) for c in images]))
+
+
+def _joined_views(classes: Sequence[Tensor]) -> Tensor | None:
+    """The one tensor that ``classes`` are consecutive contiguous views of, as ``torch.split``
+    makes them (a loader's split of one decoded array), without a copy; None where they are
+    not (``torch.cat`` copies them)."""
+    first = classes[0]
+    offset = first.storage_offset()
+    for part in classes:
+        if (not part.is_contiguous() or part.storage_offset() != offset
+                or part.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()):
+            return None
+        offset += part.numel()
+    return first.as_strided((sum(len(c) for c in classes), *first.shape[1:]), first.stride())
 
 
 def _check_positive(name: str, value: int) -> None:

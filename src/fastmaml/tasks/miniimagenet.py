@@ -103,15 +103,19 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> MiniImagenetSplit:
     images, class_dict = data["image_data"], data["class_dict"]
     if (not isinstance(images, np.ndarray) or images.dtype != np.uint8
             or images.ndim != 4 or images.shape[3] != 3 or 0 in images.shape):
-        raise DataError(f"{path}: image_data must be a uint8 array of (N, 84, 84, 3), got "
+        raise DataError(f"{path}: image_data must be a uint8 array of (N, H, W, 3) RGB images "
+                        "(84x84 in MiniImagenet's own files), got "
                         f"{getattr(images, 'dtype', type(images).__name__)} "
                         f"{getattr(images, 'shape', '')}")
     if not isinstance(class_dict, dict) or not class_dict:
         raise DataError(f"{path}: class_dict must be a non-empty dict of class -> indices")
     indices, owner = {}, {}  # class -> its indices; image index -> its class
     for name, index in class_dict.items():
+        if not isinstance(name, str):
+            raise DataError(f"{path}: class_dict's keys must be class names (strings), got "
+                            f"{name!r} ({type(name).__name__})")
         index = np.asarray(index)
-        if (not isinstance(name, str) or index.ndim != 1 or index.dtype.kind not in "iu"
+        if (index.ndim != 1 or index.dtype.kind not in "iu"
                 or index.size == 0 or index.min() < 0 or index.max() >= len(images)):
             raise DataError(f"{path}: class_dict[{name!r}] must be a list of indices into the "
                             f"{len(images)} images")
@@ -192,9 +196,10 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
         elif layout == "class folders":
             result[split] = read_class_folders(root, split, cache_dir, workers)
         else:
+            what = "" if root.is_dir() else " (a file)" if root.exists() else " (no such folder)"
             raise DataError(
-                f"MiniImagenet {split} split not found in {root}"
-                f"{'' if root.is_dir() else ' (no such folder)'}: expected {_pickle_name(split)} "
+                f"MiniImagenet {split} split not found in {root}{what}: expected "
+                f"{_pickle_name(split)} "
                 f"(a pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
                 f"of class folders{_where_it_may_be(root, split)}. Name the folder that holds "
