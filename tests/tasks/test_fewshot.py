@@ -136,6 +136,9 @@ def test_classes_of_different_sizes_draw_only_their_own_images() -> None:
         assert set(inst[cls == c].tolist()) == set(range(n))
     with pytest.raises(DataError, match="a class has only 3"):
         FewShotSampler(ragged, n_way=5, k_shot=2, k_query=2)
+    with pytest.raises(DataError, match="but class c00 has only 3"):  # the first one that short
+        FewShotSampler(ragged, n_way=5, k_shot=2, k_query=2,
+                       names=[f"c{c:02d}" for c in range(len(sizes))])
 
 
 def test_equal_classes_as_a_list_or_a_tensor_give_the_same_tasks() -> None:

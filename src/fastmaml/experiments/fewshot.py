@@ -210,7 +210,7 @@ class FewShotExperiment(Experiment):
         """Tasks of ``split``; its images on the run's device (``on_device``), or where they
         are, for a sampler that only checks the split can give tasks."""
         within = self.cfg.within_alphabet if within_alphabet is None else within_alphabet
-        images, groups, _ = self.split(split)
+        images, groups, names = self.split(split)
         if len(images) < self.cfg.n_way:
             raise DataError(f"n_way={self.cfg.n_way} needs at least {self.cfg.n_way} classes, but "
                             f"the {split} split of {self.data_root()} has only {len(images)}"
@@ -221,7 +221,7 @@ class FewShotExperiment(Experiment):
             return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
                                   rotate=self.rotates(split),
                                   device=self.device if on_device else None, groups=groups,
-                                  within_group=within)
+                                  within_group=within, names=names)
         except DataError as error:  # named with its split
             groups_too_small = (within and groups is not None and self.cfg.n_way
                                 > int(groups.unique(return_counts=True)[1].max()))

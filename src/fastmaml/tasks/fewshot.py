@@ -37,12 +37,14 @@ class FewShotSampler:
 
     ``groups`` gives each class a group (an Omniglot alphabet); with ``within_group`` all the
     classes of a task come from one group, chosen uniformly among the groups that have at least
-    ``n_way`` classes (harder tasks: similar classes).
+    ``n_way`` classes (harder tasks: similar classes). ``names`` (of the classes) name a class
+    too short for a task.
     """
 
     def __init__(self, images: Tensor | Sequence[Tensor], n_way: int, k_shot: int, k_query: int,
                  rotate: bool = False, device: torch.device | str | None = None,
-                 groups: Tensor | None = None, within_group: bool = False):
+                 groups: Tensor | None = None, within_group: bool = False,
+                 names: Sequence[str] | None = None):
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)):
             _check_positive(name, value)
         flat, counts = _class_by_class(images)
@@ -52,8 +54,11 @@ class FewShotSampler:
             raise DataError(f"n_way={n_way} needs at least {n_way} classes, but this split has "
                             f"only {num_classes}")
         if k_shot + k_query > int(counts.min()):
+            short = int(counts.argmin())
             raise DataError(f"k_shot + k_query = {k_shot} + {k_query} = {k_shot + k_query} images "
-                            f"per class needed, but a class has only {int(counts.min())}")
+                            f"per class needed, but "
+                            + (f"class {names[short]}" if names else "a class")
+                            + f" has only {int(counts.min())}")
         if rotate and height != width:
             raise ConfigError(f"rotate needs square images, got {height}x{width}")
         self.eligible_groups = None
