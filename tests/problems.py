@@ -120,6 +120,12 @@ VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt":
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}
 
 
+def with_lr_modes(modes: list[str]) -> list[tuple[str, str]]:
+    """(variant, lr_mode) pairs: a learned lr_mode needs inner steps (refused without)."""
+    return [(variant, mode) for variant in VARIANTS for mode in modes
+            if not (variant == "no_inner_steps" and mode != "fixed")]
+
+
 def variant_kwargs(problem: str, variant: str) -> dict:
     kwargs = {"inner_lr": 0.1, "inner_steps": 3, **VARIANTS[variant]}
     if kwargs.get("adapt") == "head":

@@ -20,8 +20,9 @@ from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeErro
 from fastmaml.errors import NonFiniteInputError
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import MLP, SequenceNet, is_norm_param
-from problems import (MORE_MODELS, PROBLEMS, TASKS, VARIANTS, bag_problem, conv_problem, flat_grads,
-                      meta_grad, mlp_problem, relative, variant_kwargs, variant_weights)
+from problems import (MORE_MODELS, PROBLEMS, TASKS, bag_problem, conv_problem, flat_grads,
+                      meta_grad, mlp_problem, relative, variant_kwargs, variant_weights,
+                      with_lr_modes)
 
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
@@ -571,8 +572,7 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("lr_mode", ["fixed", "per_layer_step"])
+@pytest.mark.parametrize("variant, lr_mode", with_lr_modes(["fixed", "per_layer_step"]))
 @pytest.mark.parametrize("batched", [True, False])
 def test_meta_backward_equals_meta_loss_backward(problem, variant, lr_mode, batched):
     model, loss_fn, batch = PROBLEMS[problem]()
@@ -607,8 +607,8 @@ def accuracy_or_error(problem: str):
 
 
 @pytest.mark.parametrize("problem", MORE_MODELS)
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("lr_mode", ["fixed", "scalar", "per_param", "per_layer_step"])
+@pytest.mark.parametrize("variant, lr_mode",
+                         with_lr_modes(["fixed", "scalar", "per_param", "per_layer_step"]))
 def test_checkpointed_steps_give_the_same_meta_gradient(problem, variant, lr_mode):
     model, loss_fn, batch = MORE_MODELS[problem]()
     kwargs = {**variant_kwargs(problem, variant), "lr_mode": lr_mode,
@@ -617,7 +617,7 @@ def test_checkpointed_steps_give_the_same_meta_gradient(problem, variant, lr_mod
     reference = MAML(model, loss_fn, **kwargs)
     expected_loss, expected_metrics = reference.meta_loss(batch, weights)
     expected_loss.backward()
-    expected = flat_grads(reference)  # a learned rate unused at 0 inner steps: None -> zeros
+    expected = flat_grads(reference)
     for batched in (True, False):
         maml = MAML(model, loss_fn, **kwargs, batched=batched, checkpoint_steps=True)
         maml.inner_lrs.load_state_dict(reference.inner_lrs.state_dict())

@@ -30,22 +30,6 @@ def test_finding_the_functions_a_model_calls_leaves_the_random_state_as_it_was()
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
 
 
-@pytest.mark.parametrize("functional", ["checkpoint_steps", "compile"])
-def test_unused_learned_rates_keep_no_gradient_like_autograd(functional):
-    """At 0 inner steps the learned rates do not enter the objective: autograd leaves their .grad
-    None, and the functional branches of meta_backward must too (not write zeros)."""
-    torch.set_default_dtype(torch.float32)
-    model, loss_fn, batch = mlp_problem()
-    model.float()
-    batch = TaskBatch(*(t.float() for t in batch))
-    maml = MAML(model, loss_fn, 0.1, 0, lr_mode="per_param", batched=True, **{functional: True})
-    for _ in range(2):  # compile: the first call picks the path, the second is functional
-        maml.zero_grad(set_to_none=True)
-        maml.meta_backward(batch)
-    assert all(p.grad is None for p in maml.inner_lrs.parameters())
-    assert all(p.grad is not None for p in maml.model.parameters())
-
-
 class WithUnusedHead(nn.Module):
     """An MLP, a head its forward never calls (e.g. kept for another task), and a term that
     only training mode adds."""
@@ -64,7 +48,8 @@ class WithUnusedHead(nn.Module):
 def test_parameters_the_output_does_not_use_keep_no_gradient_like_autograd(functional,
                                                                            first_call):
     """torch.func.grad gives zeros where autograd gives None; AdamW's weight decay would then
-    move a parameter no loss uses. The functional branches leave it None too, also where the
+    move a parameter no loss uses. The functional branches leave it None too (the unused head's
+    learned rates among them), also where the
     first call (the probe) ran under inference_mode, and a parameter the probe's mode did not
     use but training does keeps its gradient."""
     torch.set_default_dtype(torch.float32)
