@@ -654,7 +654,8 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
         image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``fastmaml.meta_train`` takes the command line's settings as keyword arguments (lists, a
     bool, a path), trains as ``fastmaml train`` (the same checkpoint, bit for bit), resumes the
-    run on a second call and returns it ready to adapt."""
+    run on a second call and returns it ready to adapt, leaving torch's generator and threads
+    as they were."""
     data = Path(load_experiment(image_run).cfg.data_root)
     settings = dict(n_way=3, k_shot=1, k_query=2, image_size=12, channels=3, hidden=8,
                     meta_batch=4, val_every=0, log_every=20, split_fractions=[0.625, 0, 0.375],
@@ -662,6 +663,13 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
     run = fastmaml.meta_train("fewshot-folder", tmp_path / "run", data_root=data, iterations=20,
                               first_order=False, **settings)
     assert isinstance(run, fastmaml.TrainedRun) and run.steps == 5
+    torch.manual_seed(123)
+    drawn = torch.rand(3)
+    torch.manual_seed(123)
+    threads = torch.get_num_threads()
+    fastmaml.meta_train("fewshot-folder", tmp_path / "threads", data_root=data,
+                        **{**settings, "iterations": 1, "threads": threads + 1})
+    assert torch.equal(torch.rand(3), drawn) and torch.get_num_threads() == threads
     run = fastmaml.meta_train("fewshot-folder", tmp_path / "run", iterations=40,
                               progress=False)
     for ours, theirs in zip(run.maml.state_dict().values(),

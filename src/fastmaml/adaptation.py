@@ -31,6 +31,7 @@ A meta-RL run loads as a ``TrainedPolicy``, which adapts by sampling its environ
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import numbers
 import os
@@ -312,16 +313,31 @@ def _first_outputs_loss(num_classes: int, n_way: int):  # noqa: ANN202 (a LossFn
 def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = True,
                **settings: Any) -> TrainedRun | TrainedPolicy:
     """Meta-train a new run of ``preset`` in ``out``, or resume the run there, as ``fastmaml
-    train`` does (checkpoints, metrics log, the run's lock; Ctrl-C stops at a checkpoint and
-    raises ``TrainingStopped``), and load it for adaptation (``load_run``). ``settings`` are the
-    command line's ``key=value`` overrides as keyword arguments (``data_root="data/flowers",
-    n_way=5, k_shot=1``; lists as lists). One process: under torchrun, use the command."""
+    train`` does (checkpoints, metrics log, the run's lock; a Ctrl-C once training has begun
+    stops at a checkpoint and raises ``TrainingStopped``), and load it for adaptation
+    (``load_run``). ``settings`` are the command line's ``key=value`` overrides as keyword
+    arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as lists). torch's thread
+    count and random generator are left as they were; glibc's malloc tuning stays
+    (``tune_malloc=False`` keeps it off). One process: under torchrun, use the command."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("fastmaml.meta_train trains in this one process; under torchrun, run "
                           "the fastmaml train command on every rank")
-    train_run(preset, Path(out), [f"{key}={_as_setting(value)}" for key, value in settings.items()],
-              progress=progress)
+    threads = torch.get_num_threads()
+    try:
+        with _generators_kept():
+            train_run(preset, Path(out),
+                      [f"{key}={_as_setting(value)}" for key, value in settings.items()],
+                      progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     return load_run(out)
+
+
+def _generators_kept() -> contextlib.AbstractContextManager[None]:
+    """torch's random generators restored on leaving (CUDA's only where in use, without
+    starting it on every GPU)."""
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def _as_setting(value: Any) -> str:
@@ -344,10 +360,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
     ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
     torch's random generator), unlike the ``fastmaml`` commands.
     """
-    # building the run's model seeds torch: restored after (CUDA's too where it is in use,
-    # without starting it on every GPU)
-    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    with _generators_kept():  # building the run's model seeds torch
         return _load_run(Path(run_dir), device, re.split(r"\s+(?=[A-Za-z_]\w*\s*=)",
                                                         settings.strip())
                          if isinstance(settings, str) else list(settings))

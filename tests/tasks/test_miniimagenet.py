@@ -180,6 +180,10 @@ def test_a_split_not_found_says_where_it_may_be(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=rf"\(it is one level down: give the data folder as "
                                         rf"{tmp_path / 'mini'}\)"):
         load_miniimagenet(tmp_path, ["val"])
+    (tmp_path / "inside" / "images").mkdir(parents=True)
+    (tmp_path / "inside" / "images" / "val.csv").write_text("filename,label\n")
+    with pytest.raises(DataError, match=r"\(images/val.csv: the CSVs go beside images/"):
+        load_miniimagenet(tmp_path / "inside", ["val"])
     (tmp_path / "spelt" / "Validation" / "n01").mkdir(parents=True)
     with pytest.raises(DataError, match=r"\(found Validation/: name it val/\)"):
         load_miniimagenet(tmp_path / "spelt", ["val"])

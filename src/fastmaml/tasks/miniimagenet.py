@@ -227,6 +227,8 @@ def _where_it_may_be(root: Path, split: str) -> str:
     split folder of another spelling (``Val/``, ``validation/``)."""
     if not root.is_dir():
         return ""
+    if (root / "images" / f"{split}.csv").is_file():
+        return f" (images/{split}.csv: the CSVs go beside images/, not in it)"
     below = [sub for sub in subfolders(root) if _layout(sub, split)]
     if below:
         return f" (it is one level down: give the data folder as {below[0]})"
