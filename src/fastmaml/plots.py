@@ -37,6 +37,13 @@ def method_label(record: dict[str, Any]) -> str:
     return record["method"] + (f", step {record['inner_lr']:g}" if "inner_lr" in record else "")
 
 
+def ci_band(record: dict[str, Any], scale: float = 1.0) -> tuple[list[float], ...]:
+    """A record's mean and the lower and upper edges of its 95% CI, times ``scale``."""
+    pairs = list(zip(record["mean"], record["ci95"]))
+    return ([m * scale for m, _ in pairs], [(m - c) * scale for m, c in pairs],
+            [(m + c) * scale for m, c in pairs])
+
+
 def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, title: str,
                      log_scale: bool = False, scale: float = 1.0,
                      paper: dict[int, PaperValues] | None = None, zoom: bool = False,
@@ -53,17 +60,15 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
     for ax, k in zip(axes[0], shots):
         shown = []  # the values the zoomed axis spans
         for r in (r for r in records if r["k_shot"] == k):
-            mean = [m * scale for m in r["mean"]]
-            low = [(m - c) * scale for m, c in zip(r["mean"], r["ci95"])]
-            high = [(m + c) * scale for m, c in zip(r["mean"], r["ci95"])]
+            mean, low, high = ci_band(r, scale)
             label = method_label(r) + (f" (0 steps: {mean[0]:.3g})" if zoom else "")
-            unbounded = [s for s, value in zip(r["steps"], low) if log_scale and value <= 0]
+            bounded = [not (log_scale and value <= 0) for value in low]
+            unbounded = [s for s, b in zip(r["steps"], bounded) if not b]
             if unbounded:
                 label += (f"; 95% CI reaches 0 at step{'s' if len(unbounded) > 1 else ''} "
                           f"{', '.join(map(str, unbounded))} (upper edge dashed)")
             color = colors[r["method"]]
             ax.plot(r["steps"], mean, marker="o", ms=3, color=color, label=label)
-            bounded = [not (log_scale and value <= 0) for value in low]
             ax.fill_between(r["steps"], low, high, where=bounded, color=color, alpha=0.2)
             if unbounded:
                 ax.plot(r["steps"], [h if not b else float("nan") for h, b in zip(high, bounded)],

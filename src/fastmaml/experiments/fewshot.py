@@ -310,7 +310,7 @@ class FewShotExperiment(Experiment):
 
     def _paper(self) -> dict[int, PaperValues]:
         """The published accuracies (%) this run's tasks compare with, at their steps (Lake et
-        al.'s, of people and other methods, at the paper's steps of that task, as a column)."""
+        al.'s, of people and other methods, in the table's column of the paper's steps)."""
         cfg = self.cfg
         paper_steps, paper_rows = PAPER.get((cfg.dataset, cfg.n_way, cfg.k_shot), (0, []))
         if cfg.split == "lake":  # another protocol than the paper's Table 1
@@ -318,11 +318,10 @@ class FewShotExperiment(Experiment):
         return {cfg.k_shot: [(label, {paper_steps: value}) for label, value in paper_rows]}
 
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
-        paper = self._paper()
-        by_steps = self.cfg.split != "lake"  # Lake et al.'s figures have no gradient steps
+        cfg = self.cfg
+        lake = cfg.split == "lake"  # Lake et al.'s figures have no gradient steps: lines
         return [plot_step_curves(
             records, "test accuracy (%)", self.figures_dir() / "accuracy_vs_steps.png",
-            self.figure_title(records), scale=100, paper=paper if by_steps else None, zoom=True,
-            references=None if by_steps else {k: [(label, value) for label, values in rows
-                                                   for value in values.values()]
-                                              for k, rows in paper.items()})]
+            self.figure_title(records), scale=100, paper=None if lake else self._paper(),
+            zoom=True,
+            references={cfg.k_shot: LAKE.get((cfg.n_way, cfg.k_shot), [])} if lake else None)]

@@ -86,7 +86,7 @@ from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV
 from ..paper import RL as PAPER
-from ..plots import colors_for, counted, method_label, save_figure
+from ..plots import ci_band, colors_for, counted, method_label, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
@@ -526,10 +526,9 @@ class RLExperiment(Experiment):
         fig, ax = plt.subplots(figsize=(5.6, 4.0))
         paper_ax = ax if cfg.env == NAV else ax.twinx()
         for r in records:
-            low = [m - c for m, c in zip(r["mean"], r["ci95"])]
-            high = [m + c for m, c in zip(r["mean"], r["ci95"])]
+            mean, low, high = ci_band(r)
             color = colors[r["method"]]
-            ax.plot(r["steps"], r["mean"], marker="o", ms=4, color=color, label=method_label(r))
+            ax.plot(r["steps"], mean, marker="o", ms=4, color=color, label=method_label(r))
             ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
             if r["method"] in paper:
                 values = paper[r["method"]]

@@ -229,11 +229,12 @@ def _where_it_may_be(root: Path, split: str) -> str:
         return ""
     if (root / "images" / f"{split}.csv").is_file():
         return f" (images/{split}.csv: the CSVs go beside images/, not in it)"
-    below = [sub for sub in subfolders(root) if _layout(sub, split)]
+    folders = subfolders(root)
+    below = [sub for sub in folders if _layout(sub, split)]
     if below:
         return f" (it is one level down: give the data folder as {below[0]})"
     spellings = {split, *(("validation", "valid") if split == "val" else ())}
-    other = [sub.name for sub in subfolders(root) if sub.name.lower() in spellings]
+    other = [sub.name for sub in folders if sub.name.lower() in spellings]
     return f" (found {other[0]}/: name it {split}/)" if other else ""
 
 
