@@ -151,3 +151,25 @@ def test_references_of_no_steps_are_lines_and_a_run_of_no_steps_is_not_zoomed_aw
     low, high = ax.get_ylim()
     assert low < 20 < 95.5 < high  # the run's one point (0 steps) stays in view
     plt.close(figures[0])
+
+
+def test_a_figure_is_stale_once_a_file_it_drew_changes_or_goes(tmp_path: Path) -> None:
+    figures = tmp_path / "figures"
+    log, evaluation = tmp_path / "metrics-maml.csv", tmp_path / "eval.json"
+    log.write_text("iteration\n1\n")
+    evaluation.write_text("[]")
+    curves, steps = (save_figure(figure(), figures / name) for name in ("c.png", "s.png"))
+    assert plots.stale_figures(figures) == {
+        name: "no record of what it was drawn from (drawn-from.json)" for name in ("c.png", "s.png")}
+    plots.record_drawn_from(figures, {curves: plots.digests([log])})
+    plots.record_drawn_from(figures, {steps: plots.digests([evaluation, log])})  # (c.png kept)
+    assert plots.stale_figures(figures) == {}
+    log.write_text("iteration\n1\n2\n")
+    evaluation.unlink()
+    assert plots.stale_figures(figures) == {
+        "c.png": "metrics-maml.csv changed since it was drawn",
+        "s.png": "metrics-maml.csv changed since it was drawn; eval.json, which it drew, is gone"}
+    (figures / "drawn-from.json").write_text('{"c.png": ["an edit"]}')  # not ours: no record
+    assert set(plots.stale_figures(figures)) == {"c.png", "s.png"}
+    plots.record_drawn_from(figures, {curves: plots.digests([log])})  # (written anew)
+    assert list(plots.stale_figures(figures)) == ["s.png"]

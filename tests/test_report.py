@@ -16,6 +16,7 @@ from fastmaml.cli import main
 from fastmaml.config import load_config_dict
 from fastmaml.experiments import base
 from fastmaml.paper import HEADLINES, Headline
+from fastmaml.plots import stale_figures
 
 REPO = Path(__file__).resolve().parents[1]
 OMNIGLOT = next(h for h in HEADLINES if h.key == "omniglot-5w1s")  # 98.7, higher is better
@@ -511,9 +512,18 @@ def test_an_evaluation_older_than_the_training_is_flagged(
     assert records[0]["checkpoint_iterations"]["maml"] == 20
     assert report.finished(run_dir, *TINY_SINUSOID)
     assert not report.read_run(run_dir).stale_evaluation
+    assert main(["plot", str(run_dir)]) == 0
+    figures = {"learning_curves.png", "mse_vs_steps.png", "adaptation_k5.png"}
+    assert {path.name for path in (run_dir / "figures").glob("*.png")} == figures
+    assert report.read_run(run_dir).stale_figures == {}
 
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30", *common]) == 0
     run = report.read_run(run_dir)
+    assert run.stale_figures == {  # (the baselines' logs are as they were: 20 iterations)
+        "learning_curves.png": "metrics-maml.csv changed since it was drawn"}
+    assert ("Note: figures that may not show the run as it is now (learning_curves.png: "
+            "metrics-maml.csv changed since it was drawn): run "
+            f"`fastmaml plot {run_dir.as_posix()}`.") in report.render([run], tmp_path / "R.md")
     assert run.stale_evaluation.startswith(
         "evaluated older checkpoints (maml 20 -> 30 iterations)")
     assert not report.finished(run_dir, *TINY_SINUSOID)  # reproduce evaluates it again
@@ -522,11 +532,14 @@ def test_an_evaluation_older_than_the_training_is_flagged(
     assert main(["plot", str(run_dir)]) == 0  # its figures of the evaluation are old too
     assert ("fastmaml: the evaluation figures draw eval.json, which evaluated older checkpoints "
             "(maml 20 -> 30 iterations)") in capsys.readouterr().err
+    assert report.read_run(run_dir).stale_figures == {}  # (they drew the files as they are)
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     assert report.finished(run_dir, *TINY_SINUSOID)
+    assert set(report.read_run(run_dir).stale_figures) == figures - {"learning_curves.png"}
     capsys.readouterr()
     assert main(["plot", str(run_dir)]) == 0
     assert "eval.json, which" not in capsys.readouterr().err
+    assert report.read_run(run_dir).stale_figures == {}
 
 
 def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
@@ -593,6 +606,12 @@ def test_reproduce_with_no_experiment_reproduced_says_so(
     out, err = capsys.readouterr()
     assert "omniglot-5w1s: not reproduced: Omniglot not found in" in out
     assert err.startswith("fastmaml: error: no run in") and "omniglot-5w1s could not be" in err
+
+
+def test_the_committed_figures_are_current() -> None:
+    stale = {f"{run.name}/figures/{name}": why for run in sorted((REPO / "results").iterdir())
+             for name, why in stale_figures(run / "figures").items()}
+    assert not stale, "figures to draw again with `fastmaml plot`: " + str(stale)
 
 
 def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> None:

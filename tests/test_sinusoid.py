@@ -36,7 +36,7 @@ def test_cli_trains_evaluates_and_plots(tmp_path, capsys):
     assert re.search(r"maml: 60 iterations done \((batched, chunk \d+|looped) path\)", out), out
     assert main(["plot", str(run)]) == 0  # before the evaluation: the learning curves only
     assert f"fastmaml eval {run}" in capsys.readouterr().err
-    assert [path.name for path in (run / "figures").iterdir()] == ["learning_curves.png"]
+    assert [path.name for path in (run / "figures").glob("*.png")] == ["learning_curves.png"]
     untrained = tmp_path / "untrained"
     untrained.mkdir()
     (untrained / "config.yaml").write_text((run / "config.yaml").read_text())

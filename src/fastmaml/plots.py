@@ -1,7 +1,9 @@
 """Figures shared by the experiments: metric against inner steps, and learning curves."""
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from .atomic import replace_atomically  # noqa: E402
+from .atomic import read_json, replace_atomically, write_text_atomic  # noqa: E402
 from .errors import ConfigError, DataError, FastMAMLWarning, warn  # noqa: E402
 from .train import read_metrics  # noqa: E402
 
@@ -186,3 +188,55 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
         postscript.setLevel(level)
         plt.close(fig)
     return path
+
+
+# Beside a run's figures: the files each figure was drawn from, with their SHA-256, so that a
+# figure left behind by its run (trained on, evaluated again, not plotted) is known to be stale.
+DRAWN_FROM = "drawn-from.json"
+
+
+def digests(paths: Sequence[Path]) -> dict[str, str]:
+    """Each file's name and SHA-256: what a figure is drawn from. Taken before drawing, so a
+    log that grows meanwhile (its run still training) makes the figure stale, never current."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
+
+
+def _drawn_from(figures_dir: Path) -> dict[str, dict[str, str]]:
+    """The record of ``figures_dir``; none where it is missing, damaged or edited (the figures
+    are then not known to be current, and drawing them again writes it anew)."""
+    path = figures_dir / DRAWN_FROM
+    try:
+        record = read_json(path) if path.is_file() else {}
+    except DataError:
+        return {}
+    valid = isinstance(record, dict) and all(
+        isinstance(inputs, dict) and all(isinstance(v, str) for v in inputs.values())
+        for inputs in record.values())
+    return record if valid else {}
+
+
+def record_drawn_from(figures_dir: Path, drawn: dict[Path, dict[str, str]]) -> None:
+    """Add to ``figures_dir``'s record which inputs (their ``digests``, from the run folder
+    above it) each figure in ``drawn`` was drawn from; the other figures' entries are kept."""
+    record = _drawn_from(figures_dir) | {path.name: inputs for path, inputs in drawn.items()}
+    write_text_atomic(json.dumps(dict(sorted(record.items())), indent=1) + "\n",
+                      figures_dir / DRAWN_FROM)
+
+
+def stale_figures(figures_dir: Path) -> dict[str, str]:
+    """Each figure (``*.png``) in ``figures_dir`` that may not show its run's files as they
+    are now, and why: an input changed or gone since it was drawn, or no record of its inputs."""
+    record, stale = _drawn_from(figures_dir), {}
+    for figure in sorted(figures_dir.glob("*.png")):
+        if (inputs := record.get(figure.name)) is None:
+            stale[figure.name] = f"no record of what it was drawn from ({DRAWN_FROM})"
+            continue
+        files = [figures_dir.parent / name for name in inputs]
+        gone = [path.name for path in files if not path.is_file()]
+        now = digests([path for path in files if path.is_file()])
+        changed = [name for name, digest in now.items() if inputs[name] != digest]
+        reasons = ([f"{', '.join(changed)} changed since it was drawn"] if changed else []) \
+            + ([f"{', '.join(gone)}, which it drew, is gone"] if gone else [])
+        if reasons:
+            stale[figure.name] = "; ".join(reasons)
+    return stale

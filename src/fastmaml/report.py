@@ -26,7 +26,7 @@ from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experi
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
 from .paper import HEADLINES, LOCOMOTION, NAV, Headline
-from .plots import counted, steps_label
+from .plots import counted, stale_figures, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
 
 # ----- status of a row -----
@@ -89,6 +89,11 @@ class Run:
     @property
     def preset(self) -> str:
         return str(self.config.get("preset", ""))
+
+    @property
+    def stale_figures(self) -> dict[str, str]:
+        """Its figures that may not show it as it is now, and why (``plots.stale_figures``)."""
+        return stale_figures(self.path / "figures") if self.figures else {}
 
     @property
     def stale_evaluation(self) -> str:
@@ -638,6 +643,10 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
     if run.figures:
         lines += ["Figures: " + ", ".join(f"[{f.stem}]({_link(f, report_dir)})"
                                           for f in run.figures), ""]
+        if stale := run.stale_figures:
+            lines += ["Note: figures that may not show the run as it is now ("
+                      + "; ".join(f"{name}: {why}" for name, why in stale.items())
+                      + f"): run `fastmaml plot {run.path.as_posix()}`.", ""]
     return lines
 
 

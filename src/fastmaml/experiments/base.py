@@ -20,7 +20,7 @@ from ..distributed import barrier, gather_in_order, is_main, rank_slice
 from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from ..inputs import TaskBatch
 from ..models import is_norm_param
-from ..plots import counted, plot_learning_curves, steps_label
+from ..plots import counted, digests, plot_learning_curves, record_drawn_from, steps_label
 from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
@@ -254,25 +254,31 @@ class Experiment(ABC):
     def plot(self) -> list[Path]:
         """Write the figures into ``run_dir/figures`` and return their paths: the learning
         curves as soon as a learner has logged (its training may still be running), and the
-        evaluation's figures once the run is evaluated."""
+        evaluation's figures once the run is evaluated. Which files each one drew is
+        recorded beside them (``plots.stale_figures`` reads it)."""
         logs = sorted(self.run_dir.glob("metrics-*.csv"),
                       key=lambda path: (path.stem != "metrics-maml", path.stem))
         evaluated = (self.run_dir / "eval.json").is_file()
         if not logs and not evaluated:
             raise ConfigError(f"nothing to plot in {self.run_dir}: no metrics log and no "
                               f"eval.json; train it first")
-        paths = [plot_learning_curves(logs, self.curve_keys,
-                                      self.figures_dir() / "learning_curves.png",
-                                      f"{self.figure_title()}: learning curves")] if logs else []
-        if not evaluated:
-            return paths
-        records = read_eval(self.run_dir)
-        try:
-            return paths + self.plot_evaluation(records)
-        except FastMAMLError:
-            raise
-        except UNREADABLE_RECORDS as error:
-            raise damaged_evaluation(self.run_dir, error) from None
+        drawn = {}
+        if logs:
+            inputs = digests(logs)
+            drawn[plot_learning_curves(logs, self.curve_keys,
+                                       self.figures_dir() / "learning_curves.png",
+                                       f"{self.figure_title()}: learning curves")] = inputs
+        if evaluated:
+            inputs = digests([self.run_dir / "eval.json"])
+            records = read_eval(self.run_dir)
+            try:
+                drawn |= dict.fromkeys(self.plot_evaluation(records), inputs)
+            except FastMAMLError:
+                raise
+            except UNREADABLE_RECORDS as error:
+                raise damaged_evaluation(self.run_dir, error) from None
+        record_drawn_from(self.figures_dir(), drawn)
+        return list(drawn)
 
     def figure_title(self, records: list[dict[str, Any]] | None = None) -> str:
         """Which run a figure shows: its folder and preset, and the iterations of the
