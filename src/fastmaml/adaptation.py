@@ -481,7 +481,8 @@ class TrainedPolicy:
             raise ConfigError(f"the seed must be an integer >= 0, got {seed!r}")
         curve, params = self.experiment.adapt_tasks(self.maml, [task], [0], steps, int(seed))
         from .rl import env_class
-        unlike = env_class(self.env_id).outside_training(task)
+        outside_training = getattr(env_class(self.env_id), "outside_training", None)
+        unlike = outside_training(task) if outside_training else None
         if unlike:
             warn(f"{self.task_text(task)} is none of the tasks {self.run_dir} was meta-trained "
                  f"on ({unlike}): its start suits those, so expect less of its adaptation",

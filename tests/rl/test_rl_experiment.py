@@ -49,7 +49,7 @@ def test_presets_hold_the_paper_settings() -> None:
     for scale in ("0", "-1", "nan", "inf"):
         with pytest.raises(ConfigError, match="action_scale must be > 0 and finite"):
             RLConfig().with_overrides([f"action_scale={scale}"])
-    with pytest.raises(ConfigError, match="unknown meta-RL environment 'Foo-v0'; choose one of "
+    with pytest.raises(ConfigError, match="unknown meta-RL environment 'Foo-v0'; fastmaml's are "
                                           "fastmaml/Nav2D-v0, "):
         RLConfig(env="Foo-v0", action_scale=0.1)  # named for itself, not for the action scale
     with pytest.raises(ConfigError, match="hvp"):

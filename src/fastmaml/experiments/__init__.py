@@ -181,6 +181,10 @@ def _rl_presets() -> dict[str, Preset]:
         presets[f"{name}-cpu"] = Preset("rl", f"{title} at a CPU budget: {how}, "
                                         f"{changes['iterations']} meta-iterations",
                                         {**values, **changes})
+    presets["rl-env"] = Preset("rl", "your own gymnasium environment with the task API (README): "
+                               "env=your_module:YourEnv-v0; meta-batch 20, 20 episodes per task, "
+                               "horizon its max_episode_steps, inner_lr 0.1, 500 meta-iterations",
+                               {"env": ""})
     return presets
 
 

@@ -107,8 +107,9 @@ GRADIENT_OUTER_LOOP = ("meta_lr", "meta_lr_schedule", "meta_lr_min", "first_orde
 @dataclass
 class RLConfig(Config):
     experiment: str = "rl"
-    env: str = NAV  # a fastmaml/... id (fastmaml.rl.ENVS)
-    horizon: int = 0  # steps per episode (0: the paper's, 100 navigation / 200 locomotion)
+    env: str = NAV  # a fastmaml/... id (fastmaml.rl.ENVS) or your own: module:YourEnv-v0
+    horizon: int = 0  # steps per episode (0: the paper's, 100 navigation / 200 locomotion; your
+    # own environment's max_episode_steps)
     action_scale: float = 1.0  # 2D navigation only: velocity = clip(action_scale * a, +-0.1)
     iterations: int = 500  # meta-iterations
     baseline_iterations: int = 0  # pretrained baseline iterations (0: as many as MAML's)
@@ -172,9 +173,8 @@ class RLConfig(Config):
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
                               "supervised experiments; meta-RL's evaluation adapts one "
                               "policy-gradient step at a time, from the last step's parameters")
-        if self.env not in (NAV, *LOCOMOTION):
-            raise ConfigError(f"unknown meta-RL environment {self.env!r}; choose one of "
-                              f"{', '.join((NAV, *LOCOMOTION))}")
+        if self.env and self.env not in (NAV, *LOCOMOTION):  # ("": rl-env, until it is given)
+            _rl().env_class(self.env)  # a user's environment: registered, with the task API
         if not 0 < self.action_scale < math.inf:
             raise ConfigError(f"action_scale must be > 0 and finite, got {self.action_scale}")
         if self.action_scale != 1.0 and self.env != NAV:
@@ -324,6 +324,9 @@ class RLExperiment(Experiment):
     cfg: RLConfig
 
     def __init__(self, cfg: RLConfig, run_dir: Path):
+        if not cfg.env:
+            raise ConfigError("name the environment to meta-train on: env=your_module:YourEnv-v0 "
+                              "(its gymnasium id, the module that registers it first)")
         super().__init__(cfg, run_dir)
         if self.device.type != "cpu":  # the sampler and environments are CPU code
             self.device = torch.device("cpu")
@@ -375,7 +378,7 @@ class RLExperiment(Experiment):
 
     def official_test(self) -> OfficialTest:
         """How the official test script of this run's task family fine-tuned the methods."""
-        return _rl().env_class(self.cfg.env).official_test
+        return _rl().official_test(self.cfg.env)
 
     def adaptation_returns(self, maml: MAML, tasks: list[dict[str, Any]], progress: bool = False,
                            desc: str = "") -> Tensor:
@@ -482,9 +485,10 @@ class RLExperiment(Experiment):
                  f"{cfg.meta_batch}, {counted(cfg.trajectories, 'episode')} per task, "
                  f"horizon {horizon}, inner lr {cfg.inner_lr:g}"
                  + (f", action scale {cfg.action_scale:g}" if cfg.env == NAV else "") + ".",
-                 f"Evaluation: {counted(cfg.eval_tasks, 'task')} (the official test script's "
-                 f"draw, seed {official.seed}), {per_step} per task and step; each method's "
-                 f"first step size is in its row (lr), later steps take "
+                 f"Evaluation: {counted(cfg.eval_tasks, 'task')} ("
+                 + ("the official test script's" if cfg.env in (NAV, *LOCOMOTION) else
+                    "sample_tasks'") + f" draw, seed {official.seed}), {per_step} per task and "
+                 f"step; each method's first step size is in its row (lr), later steps take "
                  f"{official.later_lr_scale:g} of it; "
                  f"the `{cfg.eval_policy}` policy of each learner."]
         for r in records:
@@ -506,10 +510,10 @@ class RLExperiment(Experiment):
                 notes.append(f"- {r['method']} minus {name}, task by task over the same "
                              f"{counted(r['tasks'], 'task')} (paired), after {steps} steps: "
                              f"{values}.")
-        if horizon != _rl().default_horizon(cfg.env):
+        if cfg.env in (NAV, *LOCOMOTION) and horizon != _rl().default_horizon(cfg.env):
             notes.append(f"This run's episodes have {horizon} steps, the paper's "
                          f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")
-        if cfg.env != NAV:
+        if cfg.env in LOCOMOTION:
             notes.append("Locomotion returns use gymnasium's v5 models, which differ from the "
                          "paper's rllab models: compare shapes, not numbers.")
         return text + "\n" + "\n".join(notes) + "\n"
@@ -524,7 +528,7 @@ class RLExperiment(Experiment):
         paper = PAPER.get(cfg.env, {})
         colors = colors_for([r["method"] for r in records])
         fig, ax = plt.subplots(figsize=(5.6, 4.0))
-        paper_ax = ax if cfg.env == NAV else ax.twinx()
+        paper_ax = ax.twinx() if cfg.env in LOCOMOTION else ax
         for r in records:
             mean, low, high = ci_band(r)
             color = colors[r["method"]]

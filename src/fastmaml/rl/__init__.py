@@ -14,9 +14,10 @@ seed fixes the episodes' reset states and action noise: the support and query se
 iteration are distinct, so no two batches share their noise.
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
-from .envs import (ENVS, AntDirEnv, AntVelEnv, HalfCheetahDirEnv, HalfCheetahVelEnv, Nav2DBatch,
-                   Nav2DEnv, OfficialTest, Task, default_horizon, env_class, make_batch_env,
-                   official_test_tasks, right_way_threshold)
+from .envs import (ENVS, TASK_API, AntDirEnv, AntVelEnv, GymBatch, HalfCheetahDirEnv,
+                   HalfCheetahVelEnv, Nav2DBatch, Nav2DEnv, OfficialTest, Task, default_horizon,
+                   env_class, make_batch_env, official_test, official_test_tasks,
+                   right_way_threshold)
 from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian_kl,
                      gaussian_log_prob, pack_targets, policy_forward, reinforce_data,
                      reinforce_loss)
@@ -27,9 +28,10 @@ from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hv
                    hessian_vector_product, line_search, meta_objective, policy_objective,
                    trpo_meta_step, trpo_step)
 
-__all__ = ["ENVS", "AntDirEnv", "AntVelEnv", "HalfCheetahDirEnv", "HalfCheetahVelEnv",
-           "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task", "default_horizon", "env_class",
-           "make_batch_env", "official_test_tasks", "right_way_threshold",
+__all__ = ["ENVS", "TASK_API", "AntDirEnv", "AntVelEnv", "GymBatch", "HalfCheetahDirEnv",
+           "HalfCheetahVelEnv", "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task",
+           "default_horizon", "env_class", "make_batch_env", "official_test", "official_test_tasks",
+           "right_way_threshold",
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",

@@ -45,6 +45,8 @@ test tasks.
 """
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,9 +58,11 @@ import numpy as np
 import torch
 from gymnasium.envs.mujoco.ant_v5 import AntEnv
 from gymnasium.envs.mujoco.half_cheetah_v5 import HalfCheetahEnv
+from gymnasium.envs.registration import EnvSpec, load_env_creator
 from torch import Tensor
 
-from ..errors import ConfigError
+from ..config import did_you_mean
+from ..errors import ConfigError, NonFiniteInputError
 
 Task = dict[str, Any]
 TaskRng = np.random.Generator | np.random.RandomState  # the legacy one draws the official test tasks
@@ -387,8 +391,79 @@ class MujocoBatch:
         self.env.set_task(self.tasks[episode])
 
 
+class GymBatch:
+    """Many episodes of a user's environment (``env_class``'s task API), one ``gymnasium.make``
+    environment per episode (its wrappers too: the time limit ends an episode), stepped in a
+    loop; an ended episode (terminated or truncated) is not stepped again. Observations are
+    flattened (``gymnasium.spaces.flatten``: a dict's entries in its space's key order, a
+    discrete value one-hot, an image's pixels); actions, a ``Box`` (the policy is Gaussian), are clipped to its bounds.
+    A non-finite observation or reward raises ``NonFiniteInputError``."""
+
+    def __init__(self, env_id: str, **kwargs: Any):
+        self.env_id, self.kwargs = env_id, kwargs
+        self.envs: list[gymnasium.Env] = [gymnasium.make(env_id, **kwargs)]
+        observations, actions = self.envs[0].observation_space, self.envs[0].action_space
+        if not isinstance(actions, gymnasium.spaces.Box):
+            raise ConfigError(f"{env_id}'s actions are {actions}: fastmaml's policy is Gaussian "
+                              "and needs a Box action space (continuous actions); it has no "
+                              "policy for discrete ones")
+        try:
+            self.obs_dim = gymnasium.spaces.flatdim(observations)
+        except (NotImplementedError, ValueError) as error:
+            raise ConfigError(f"{env_id}'s observations ({observations}) do not flatten into a "
+                              f"vector for the policy: {error}") from None
+        self.observation_space, self.action_space = observations, actions
+        self.act_dim = int(np.prod(actions.shape))
+        self.tasks: list[Task] = []
+        self.done = np.zeros(0, dtype=bool)
+        self.obs = np.zeros((0, self.obs_dim))
+
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> Tensor:
+        """One episode per task, each reset with its seed; observations (E, obs_dim)."""
+        self.envs += [gymnasium.make(self.env_id, **self.kwargs)
+                      for _ in range(len(tasks) - len(self.envs))]
+        self.tasks, self.done = list(tasks), np.zeros(len(tasks), dtype=bool)
+        self.obs = np.zeros((len(tasks), self.obs_dim))
+        for i, (task, seed) in enumerate(zip(tasks, seeds)):
+            self.envs[i].unwrapped.set_task(task)
+            self.obs[i] = self._flat(self.envs[i].reset(seed=int(seed))[0], i, "reset")
+        return torch.from_numpy(self.obs.copy())
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Observations (E, obs_dim), rewards (E,) and whether each episode has ended (E,)."""
+        space = self.action_space
+        actions = np.clip(actions.detach().to(torch.float64).numpy(), space.low.reshape(-1),
+                          space.high.reshape(-1))
+        rewards = np.zeros(len(self.done))
+        for i in np.flatnonzero(~self.done):
+            obs, reward, terminated, truncated, _ = self.envs[i].step(
+                actions[i].reshape(space.shape).astype(space.dtype))
+            self.obs[i] = self._flat(obs, i, "step")
+            rewards[i] = float(reward)
+            if not np.isfinite(rewards[i]):
+                self._non_finite(f"reward {reward}", i, "step")
+            self.done[i] = terminated or truncated
+        return (torch.from_numpy(self.obs.copy()), torch.from_numpy(rewards),
+                torch.from_numpy(self.done.copy()))
+
+    def _flat(self, obs: Any, episode: int, call: str) -> np.ndarray:
+        """``obs`` as the policy's input vector, checked."""
+        flat = np.asarray(gymnasium.spaces.flatten(self.observation_space, obs), dtype=np.float64)
+        if flat.size != self.obs_dim:
+            raise ConfigError(f"{self.env_id}'s {call} gave an observation of {flat.size} "
+                              f"numbers, its observation_space {self.obs_dim}")
+        if not np.isfinite(flat).all():
+            self._non_finite(f"observation {obs}", episode, call)
+        return flat
+
+    def _non_finite(self, what: str, episode: int, call: str) -> None:
+        raise NonFiniteInputError(f"{self.env_id}'s {call} gave the {what}, not finite, in an "
+                                  f"episode of task {self.tasks[episode]!r}: fix the "
+                                  "environment (policy gradients cannot use it)")
+
+
 class BatchEnv(Protocol):
-    """What the sampler steps: ``Nav2DBatch`` or ``MujocoBatch``."""
+    """What the sampler steps: ``Nav2DBatch``, ``MujocoBatch`` or ``GymBatch``."""
 
     obs_dim: int
     act_dim: int
@@ -413,20 +488,69 @@ for _env_id, (_cls, _horizon) in ENVS.items():
                            max_episode_steps=_horizon)
 
 
+TASK_API = ("a meta-RL environment needs the task API: a classmethod sample_tasks(n, rng) giving "
+            "a list of n task dicts of numbers (rng: a numpy Generator), and a method "
+            "set_task(task)")
+
+
 def env_class(env_id: str) -> type:
-    """The environment class of a registered id (``env_class(id).sample_tasks(n, rng)``)."""
-    if env_id not in ENVS:
-        raise ConfigError(f"unknown meta-RL environment {env_id!r}; "
-                          f"choose one of {', '.join(ENVS)}")
-    return ENVS[env_id][0]
+    """The environment class of a registered id (``env_class(id).sample_tasks(n, rng)``): one of
+    ``ENVS``, or a user's gymnasium id whose class has the task API (``TASK_API``);
+    ``module:Name-v0`` imports the module that registers it first."""
+    if env_id in ENVS:
+        return ENVS[env_id][0]
+    entry_point = _user_spec(env_id).entry_point
+    try:
+        cls = entry_point if callable(entry_point) else load_env_creator(entry_point)
+    except (ImportError, AttributeError) as error:
+        raise ConfigError(f"cannot load {env_id}'s entry point {entry_point!r}: {error}") from None
+    if not isinstance(cls, type):
+        raise ConfigError(f"{env_id}'s entry point {entry_point!r} is not a class; {TASK_API} "
+                          "on the class it registers")
+    lacks = [what for what, missing in (
+        ("a classmethod sample_tasks", not isinstance(inspect.getattr_static(
+            cls, "sample_tasks", None), (classmethod, staticmethod))),
+        ("set_task", not callable(getattr(cls, "set_task", None)))) if missing]
+    if lacks:
+        raise ConfigError(f"{env_id} ({cls.__name__}) lacks {' and '.join(lacks)}; {TASK_API}")
+    return cls
+
+
+def _user_spec(env_id: str) -> EnvSpec:
+    """The gymnasium spec of a user's id, ``module:`` imported first; a ``ConfigError`` naming
+    the nearest ids where it is not registered."""
+    module, _, name = env_id.rpartition(":")
+    try:
+        if module:
+            importlib.import_module(module)
+        return gymnasium.spec(name)
+    except ImportError as error:
+        raise ConfigError(f"meta-RL environment {env_id!r}: cannot import {module!r} ({error}); "
+                          "put its folder on PYTHONPATH") from None
+    except gymnasium.error.Error:
+        near = did_you_mean(env_id, [*ENVS, *(f"{module}:{known}" if module else known
+                                              for known in gymnasium.registry)])
+        raise ConfigError(f"unknown meta-RL environment {env_id!r}{near}; fastmaml's are "
+                          f"{', '.join(ENVS)}; your own is the gymnasium id it is registered "
+                          "with, as 'your_module:YourEnv-v0' to import the module that "
+                          "registers it") from None
+
+
+def official_test(env_id: str) -> OfficialTest:
+    """How the evaluation fine-tunes each method on ``env_id``: the official test script's
+    settings for fastmaml's environments; a user's class may set ``official_test`` too (else
+    every method takes MAML's step size, later steps half of it, test tasks of seed 1)."""
+    return getattr(env_class(env_id), "official_test", OfficialTest())
 
 
 def official_test_tasks(env_id: str, n: int) -> list[Task]:
     """The official test script's ``n`` tasks: numpy's legacy generator seeded with
     ``official_test.seed``, then one draw of all goals (a direction from a goal uniform in
     [0, 2 cut], as rllab's direction environments read it)."""
-    cls = env_class(env_id)
-    rng = np.random.RandomState(cls.official_test.seed)
+    cls, seed = env_class(env_id), official_test(env_id).seed
+    if env_id not in ENVS:  # a user's sample_tasks takes a Generator (TASK_API)
+        return cls.sample_tasks(n, np.random.default_rng(seed))
+    rng = np.random.RandomState(seed)
     if issubclass(cls, _Direction):
         return [{"direction": -1.0 if goal < cls.direction_cut else 1.0}
                 for goal in rng.uniform(0.0, 2 * cls.direction_cut, n)]
@@ -434,9 +558,14 @@ def official_test_tasks(env_id: str, n: int) -> list[Task]:
 
 
 def default_horizon(env_id: str) -> int:
-    """The paper's horizon for ``env_id``."""
-    env_class(env_id)
-    return ENVS[env_id][1]
+    """The paper's horizon for ``env_id``; a user's environment's ``max_episode_steps``."""
+    if env_id in ENVS:
+        return ENVS[env_id][1]
+    horizon = _user_spec(env_id).max_episode_steps
+    if horizon is None:
+        raise ConfigError(f"{env_id} is registered without max_episode_steps: give the episodes' "
+                          "length as horizon=N")
+    return horizon
 
 
 def right_way_threshold(env_id: str, horizon: int) -> float | None:
@@ -452,4 +581,6 @@ def right_way_threshold(env_id: str, horizon: int) -> float | None:
 def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
     """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
     cls = env_class(env_id)
+    if env_id not in ENVS:
+        return GymBatch(env_id, **kwargs)
     return Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)

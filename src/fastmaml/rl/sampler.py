@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
-from .envs import BatchEnv, Task, default_horizon, env_class, make_batch_env
+from .envs import TASK_API, BatchEnv, Task, default_horizon, env_class, make_batch_env
 from .policy import policy_forward
 
 
@@ -110,8 +110,10 @@ class Sampler:
     """Samples episodes of one registered environment, in this process or in worker processes.
 
     Args:
-        env_id: a ``fastmaml/...`` id (see ``fastmaml.rl.envs``).
-        horizon: steps per episode (default: the paper's for ``env_id``).
+        env_id: a ``fastmaml/...`` id (see ``fastmaml.rl.envs``), or a user's gymnasium id
+            with the task API (``fastmaml.rl.envs.env_class``).
+        horizon: steps per episode (default: the paper's for ``env_id``; a user's
+            environment's ``max_episode_steps``).
         num_workers: 0 samples here; ``n > 0`` splits the tasks over ``n`` worker processes
             (one per core is the point; each uses one thread), with identical results.
         env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D).
@@ -127,7 +129,11 @@ class Sampler:
         self.env = make_batch_env(env_id, **env_kwargs)
         self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
         # what every task of this environment holds, and each value's shape (``_check``)
-        example = env_class(env_id).sample_tasks(1, np.random.default_rng(0))[0]
+        examples = env_class(env_id).sample_tasks(1, np.random.default_rng(0))
+        if not (isinstance(examples, Sequence) and len(examples) == 1
+                and isinstance(examples[0], dict)):
+            raise ConfigError(f"{env_id}'s sample_tasks(1, rng) gave {examples!r}; {TASK_API}")
+        example = examples[0]
         self._task_shapes = {key: np.shape(value) for key, value in example.items()}
         self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
         if num_workers:

@@ -1,0 +1,171 @@
+"""Meta-RL on a user's own gymnasium environment: a module fastmaml does not import, registered
+under the user's id, with the task API (``fastmaml.rl.TASK_API``)."""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fastmaml
+from fastmaml.cli import main
+from fastmaml.errors import ConfigError, NonFiniteInputError
+from fastmaml.experiments.rl import RLConfig
+from fastmaml.rl import GaussianMLPPolicy, Sampler, make_batch_env
+
+MODULE = '''
+import gymnasium, numpy as np
+from gymnasium import spaces
+
+
+class Point(gymnasium.Env):
+    """A point moving towards its task's goal; ends within 0.05 of it."""
+
+    observation_space = spaces.Box(-np.inf, np.inf, (2,), np.float64)
+    action_space = spaces.Box(-1.0, 1.0, (2,), np.float32)
+
+    def __init__(self):
+        self.task = {"goal": np.zeros(2)}
+
+    @classmethod
+    def sample_tasks(cls, n, rng):
+        return [{"goal": goal} for goal in rng.uniform(-1, 1, (n, 2))]
+
+    def set_task(self, task):
+        self.task = task
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.position = self.np_random.uniform(-0.1, 0.1, 2)  # the env's own seeded noise
+        return self.position.copy(), {}
+
+    def step(self, action):
+        assert np.all(np.abs(action) <= 1.0), "actions arrive clipped to the action space"
+        self.position = self.position + 0.1 * action
+        distance = float(np.linalg.norm(self.position - self.task["goal"]))
+        return self.position.copy(), self.reward(distance), distance < 0.05, False, {}
+
+    def reward(self, distance):
+        return -distance
+
+
+class Discrete(Point):
+    action_space = spaces.Discrete(4)
+
+
+class DictObservations(Point):
+    observation_space = spaces.Dict({"position": spaces.Box(-np.inf, np.inf, (2,)),
+                                     "phase": spaces.Discrete(3)})
+
+    def reset(self, *, seed=None, options=None):
+        position, info = super().reset(seed=seed)
+        return {"position": position.astype(np.float32), "phase": 1}, info
+
+    def step(self, action):
+        position, *rest = super().step(action)
+        return {"position": position.astype(np.float32), "phase": 2}, *rest
+
+
+class NoTaskApi(gymnasium.Env):
+    observation_space = spaces.Box(-1.0, 1.0, (2,))
+    action_space = spaces.Box(-1.0, 1.0, (2,))
+
+
+class InstanceSampleTasks(Point):
+    def sample_tasks(self, n, rng):
+        return Point.sample_tasks(n, rng)
+
+
+class NotDicts(Point):
+    @classmethod
+    def sample_tasks(cls, n, rng):
+        return list(rng.uniform(-1, 1, n))
+
+
+class NaNReward(Point):
+    def reward(self, distance):
+        return float("nan")
+
+
+for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
+             "NotDicts", "NaNReward"):
+    gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
+                       max_episode_steps=12)
+gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
+'''
+TINY = dict(hidden=(16,), iterations=2, meta_batch=3, trajectories=3, eval_tasks=2,
+            eval_trajectories=3, eval_inner_steps=1, progress=False)
+
+
+@pytest.fixture
+def module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The user's module, importable (on the path) but not imported; its name per test, so that
+    each test registers its ids afresh."""
+    name = f"userenvs_{abs(hash(str(tmp_path)))}"
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / f"{name}.py").write_text(textwrap.dedent(MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path / "modules"))
+    return name
+
+
+def test_a_users_environment_trains_evaluates_and_adapts_reproducibly(
+        module: str, tmp_path: Path) -> None:
+    env = f"{module}:{module}/Point-v0"
+    runs = [fastmaml.meta_train("rl-env", tmp_path / f"run{i}", env=env, horizon=10, **TINY)
+            for i in (1, 2)]
+    task = {"goal": np.array([0.3, -0.2])}
+    adapted = [run.adapt(task, steps=1) for run in runs]
+    assert adapted[0].returns == adapted[1].returns and len(adapted[0].returns) == 2
+    assert main(["eval", str(tmp_path / "run1"), "--no-progress"]) == 0
+    results = (tmp_path / "run1" / "results.md").read_text()
+    assert "horizon 10" in results and "sample_tasks' draw, seed 1" in results
+    assert "Locomotion" not in results and "paper" not in results  # notes of fastmaml's own
+    assert main(["adapt", str(tmp_path / "run1"), "--task", "goal=0.3,-0.2", "--steps", "1"]) == 0
+
+
+def test_dict_observations_are_flattened_for_the_policy(module: str) -> None:
+    sampler = Sampler(f"{module}:{module}/DictObservations-v0")
+    assert (sampler.obs_dim, sampler.act_dim, sampler.horizon) == (2 + 3, 2, 12)
+    tasks = [{"goal": np.array([0.5, 0.5])}]
+    episodes = sampler.sample(GaussianMLPPolicy(5, 2, (8,)), tasks, 2, seed=0)
+    assert episodes.observations.shape == (1, 2, 12, 5)
+    assert torch.equal(episodes.observations[0, :, 0, :3], torch.tensor([[0.0, 1.0, 0.0]] * 2))  # phase, first
+    # in the dict space's (sorted) key order
+
+
+@pytest.mark.parametrize("env, message", [
+    ("Discrete-v0", r"actions are Discrete\(4\): fastmaml's policy is Gaussian and needs a Box"),
+    ("NoTaskApi-v0", r"\(NoTaskApi\) lacks a classmethod sample_tasks and set_task; a meta-RL "
+                     r"environment needs the task API"),
+    ("InstanceSampleTasks-v0", r"lacks a classmethod sample_tasks; a meta-RL environment"),
+    ("NotDicts-v0", r"sample_tasks\(1, rng\) gave \[.*\]; a meta-RL environment needs"),
+    ("Unbounded-v0", r"registered without max_episode_steps: give the episodes' length as "
+                     r"horizon=N"),
+    ("Pointt-v0", r"unknown meta-RL environment '.*:userenvs_\d+/Pointt-v0' \(did you mean "
+                  r".*:userenvs_\d+/Point-v0\?\); fastmaml's are fastmaml/Nav2D-v0"),
+])
+def test_an_unfit_environment_is_named_with_its_fault(module: str, env: str,
+                                                      message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Sampler(f"{module}:{module}/{env}")
+
+
+def test_a_config_names_an_unfit_environment_before_anything_runs(module: str) -> None:
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
+        RLConfig(env="no_such_module:Point-v0")
+    with pytest.raises(ConfigError, match="did you mean fastmaml/Nav2D-v0"):
+        RLConfig(env="fastmaml/Nav2d-v0")
+    with pytest.raises(ConfigError, match="CartPole-v1 .* lacks a classmethod sample_tasks"):
+        RLConfig(env="CartPole-v1")
+    with pytest.raises(ConfigError, match="name the environment to meta-train on: env="):
+        fastmaml.meta_train("rl-env", Path("/nonexistent/never-written"), progress=False)
+
+
+def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
+    env = make_batch_env(f"{module}:{module}/NaNReward-v0")
+    env.reset([{"goal": np.array([0.5, 0.5])}], [0])
+    with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
+                                                  r"finite, in an episode of task \{'goal'"):
+        env.step(torch.zeros(1, 2))
