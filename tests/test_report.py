@@ -630,3 +630,13 @@ def test_a_regression_run_of_its_own_tasks_reports_its_query_mse(tmp_path: Path)
                      [record], 100, 30.0, [])
     text = report.render([run], tmp_path / "REPORT.md")
     assert "query MSE after N inner steps, mean +- 95% CI over 20 tasks:" in text
+
+
+def test_a_meta_rl_run_no_row_covers_reports_its_return(tmp_path: Path) -> None:
+    from fastmaml.experiments.base import eval_record
+
+    record = eval_record("fastmaml/Nav2D-v0", "maml", 20, -torch.rand(8, 4))
+    run = report.Run(tmp_path / "point", {"experiment": "rl", "preset": "rl-env",  # (any id)
+                                          "env": "fastmaml/Nav2D-v0"}, [record], 10, 30.0, [])
+    text = report.render([run], tmp_path / "REPORT.md")
+    assert "return after N inner steps, mean +- 95% CI over 8 tasks:" in text

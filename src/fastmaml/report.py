@@ -616,7 +616,8 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
     if run.records:
         accuracy = run.records[0].get("metric") == "accuracy"
         metric = h.metric if h else ("accuracy (%)" if accuracy else "query MSE"
-                                     if run.records[0].get("metric") == "mse" else "loss")
+                                     if run.records[0].get("metric") == "mse" else "return"
+                                     if run.config.get("experiment") == "rl" else "loss")
         digits = _digits(h) if h else 2
         steps = sorted({0, 1, h.step if h else 1, len(run.records[0]["mean"]) - 1})
         scale = 100.0 if accuracy else 1.0
