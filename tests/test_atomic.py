@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,13 @@ def test_a_pipe_is_written_to_not_replaced(tmp_path):
     write_text_atomic("through the pipe", pipe)
     reader.join(timeout=10)
     assert read == ["through the pipe"] and stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_place_that_takes_no_new_file_is_named_not_the_temporary(tmp_path):
+    """/proc (as a read-only folder) refuses the temporary beside the file: the error names the
+    file the user asked for, not a hidden ``.name.pid.token.tmp``."""
+    with pytest.raises(OSError) as raised:
+        write_text_atomic("x", Path("/proc/fastmaml-report.md"))
+    assert raised.value.filename == "/proc/fastmaml-report.md"
+    assert ".tmp" not in str(raised.value)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from fastmaml.cli import main
 from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
 from fastmaml.experiments import PRESETS, create_run, experiment_class, load_experiment, preset
 from fastmaml.experiments.base import build_maml, resolve_device
@@ -185,6 +187,21 @@ def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
     (tmp_path / "config.yaml").write_bytes(b"\xff\xfen_way: 5\n")
     with pytest.raises(ConfigError, match=r"config.yaml is not valid YAML"):
         load_config_dict(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("experiment, said", [("sinus", "unknown experiment 'sinus' (did you "
+                                                 "mean sinusoid?)"),
+                                                (None, "unknown experiment ''")])
+def test_a_run_config_naming_no_known_experiment_names_its_file(tmp_path, capsys, experiment,
+                                                                said):
+    values = SinusoidConfig().to_dict()
+    if experiment is None:
+        del values["experiment"]
+    else:
+        values["experiment"] = experiment
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(values))
+    assert main(["eval", str(tmp_path)]) == 2
+    assert f"fastmaml: error: {tmp_path / 'config.yaml'}: {said}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value,expected", [("AUTO", "auto"), ("TRUE", "true"), ("yes", "true"),

@@ -131,6 +131,20 @@ def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, c
     assert err.rstrip().endswith("; or train without validation: val_every=0")
 
 
+@pytest.mark.parametrize("settings, named", [
+    (["eval_k_query=25"], "k_shot + eval_k_query = 1 + 25 = 26"),
+    (["k_shot=15"], "k_shot + eval_k_query (default k_shot) = 15 + 15 = 30")])
+def test_too_few_images_for_the_evaluations_queries_name_its_setting(
+        omniglot_root, tmp_path, capsys, settings, named):
+    """The validation split's tasks take eval_k_query queries per class, not k_query (1 here):
+    the error names the setting the user gave."""
+    assert main(["train", "omniglot-5w1s", "--out", str(tmp_path), "--data-root",
+                 str(omniglot_root), "iterations=1", "--no-progress", *settings]) == 2
+    err = capsys.readouterr().err
+    assert f"the val split of {omniglot_root}: {named} images per class needed, but a class " \
+           "has only 20" in err
+
+
 def test_missing_data_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "omniglot-5w1s", "--out", str(tmp_path / "run"),
                  "--data-root", str(tmp_path / "nowhere"), "--no-progress"]) == 2

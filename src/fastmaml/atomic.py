@@ -64,7 +64,8 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
         os.replace(tmp, path)
         _sync_directory(path.parent)
     except OSError as error:
-        if error.filename is None and error.errno in DISK_ERRORS:  # a write or flush: name it
+        if (error.filename is None and error.errno in DISK_ERRORS  # a write or flush: name it
+                or error.filename == str(tmp)):  # the temporary's, e.g. in /proc: the user's
             raise OSError(error.errno, error.strerror, str(path)) from error
         raise  # e.g. a download's network error, raised inside ``write``
     finally:

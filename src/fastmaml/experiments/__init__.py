@@ -405,7 +405,10 @@ def load_experiment(run_dir: Path, overrides: list[str] = ()) -> Experiment:
     and adapts, which seldom repay a compile: the run's ``compile`` was for its training, so
     these run eager unless ``overrides`` say ``compile=true``."""
     values = load_config_dict(run_dir / "config.yaml")
-    cls = experiment_class(str(values.get("experiment", "")))
+    try:  # an edited or damaged file: named, as a bad value in it is
+        cls = experiment_class(str(values.get("experiment", "")))
+    except ConfigError as error:
+        raise ConfigError(f"{run_dir / 'config.yaml'}: {error}") from None
     eager = _saved_config(cls, {**values, "compile": "false"}, run_dir / "config.yaml")
     return cls(_resumed(eager, list(overrides), run_dir, training=False), run_dir)
 

@@ -221,7 +221,8 @@ class FewShotExperiment(Experiment):
             return FewShotSampler(images, self.cfg.n_way, self.cfg.k_shot, queries,
                                   rotate=self.rotates(split),
                                   device=self.device if on_device else None, groups=groups,
-                                  within_group=within, names=names)
+                                  within_group=within, names=names,
+                                  query_name="k_query" if split == "train" else self._eval_name())
         except DataError as error:  # named with its split
             groups_too_small = (within and groups is not None and self.cfg.n_way
                                 > int(groups.unique(return_counts=True)[1].max()))
@@ -231,6 +232,10 @@ class FewShotExperiment(Experiment):
                 "; split_fractions cut each group's classes over train/val/test, so give "
                 "explicit train/, val/ and test/ folders of whole groups" if cut else "")
                 ) from None
+
+    def _eval_name(self) -> str:
+        """The setting of the evaluation's queries per class (validation and test tasks)."""
+        return "eval_k_query" + ("" if self.cfg.eval_k_query else " (default k_shot)")
 
     def _more_classes_hint(self) -> str:
         sizes = "/".join(str(len(self.split(name).images)) for name in SPLITS)

@@ -38,13 +38,13 @@ class FewShotSampler:
     ``groups`` gives each class a group (an Omniglot alphabet); with ``within_group`` all the
     classes of a task come from one group, chosen uniformly among the groups that have at least
     ``n_way`` classes (harder tasks: similar classes). ``names`` (of the classes) name a class
-    too short for a task.
+    too short for a task, and ``query_name`` the setting that gave ``k_query``.
     """
 
     def __init__(self, images: Tensor | Sequence[Tensor], n_way: int, k_shot: int, k_query: int,
                  rotate: bool = False, device: torch.device | str | None = None,
                  groups: Tensor | None = None, within_group: bool = False,
-                 names: Sequence[str] | None = None):
+                 names: Sequence[str] | None = None, query_name: str = "k_query"):
         for name, value in (("n_way", n_way), ("k_shot", k_shot), ("k_query", k_query)):
             _check_positive(name, value)
         flat, counts = _class_by_class(images)
@@ -55,8 +55,8 @@ class FewShotSampler:
                             f"only {num_classes}")
         if k_shot + k_query > int(counts.min()):
             short = int(counts.argmin())
-            raise DataError(f"k_shot + k_query = {k_shot} + {k_query} = {k_shot + k_query} images "
-                            f"per class needed, but "
+            raise DataError(f"k_shot + {query_name} = {k_shot} + {k_query} = {k_shot + k_query} "
+                            "images per class needed, but "
                             + (f"class {names[short]}" if names else "a class")
                             + f" has only {int(counts.min())}")
         if rotate and height != width:
