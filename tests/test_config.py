@@ -1,6 +1,8 @@
 """Typed key=value overrides and preset lookup."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ import yaml
 
 from fastmaml.cli import main
 from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
+from fastmaml.errors import FastMAMLWarning
 from fastmaml.experiments import PRESETS, create_run, experiment_class, load_experiment, preset
 from fastmaml.experiments.base import build_maml, resolve_device
 from fastmaml.experiments.fewshot import FewShotConfig
@@ -228,3 +231,16 @@ def test_evaluation_and_adapt_of_a_run_compile_only_when_asked(tmp_path):
         assert trained.cfg.compiles()  # 70,000 iterations
         assert not load_experiment(tmp_path / setting).cfg.compiles()
         assert load_experiment(tmp_path / setting, [" compile = true"]).cfg.compiles()
+
+
+def test_more_threads_than_cpus_run_as_many_as_there_are_with_a_warning(tmp_path):
+    """threads=100000 (a typo) crashed torch's thread pool with a segmentation fault."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        with pytest.warns(FastMAMLWarning, match=rf"threads=100000 is more than the {cpus} CPU"):
+            create_run("sinusoid-demo", tmp_path / "run", ["threads=100000"])
+        assert torch.get_num_threads() == cpus
+        assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["threads"] == 100000
+    finally:
+        torch.set_num_threads(before)

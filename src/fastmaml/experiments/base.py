@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -50,6 +51,17 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device={name} but this machine has {torch.cuda.device_count()} "
                           "CUDA device(s), numbered from 0")
     return device
+
+
+def usable_threads(wanted: int) -> int:
+    """``wanted`` threads, at most the CPUs this process may use (a warning says so): more
+    only slows torch, and tens of thousands (a mistyped ``threads``) crash its thread pool."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if cpus and wanted > cpus:
+        warn(f"threads={wanted} is more than the {cpus} CPU(s) this process may use: it runs "
+             f"{cpus} (threads=0 takes torch's default)", FastMAMLWarning)
+        return cpus
+    return wanted
 
 
 def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool] | list[str] | None:
@@ -239,7 +251,7 @@ class Experiment(ABC):
         self._data_split: Assignment | None = None
         self.in_use = False  # another learner of the run trains: its records are binding
         if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+            torch.set_num_threads(usable_threads(cfg.threads))
         if cfg.tune_malloc and self.device.type == "cpu":
             tune_cpu_allocator()
 
