@@ -244,3 +244,10 @@ def test_more_threads_than_cpus_run_as_many_as_there_are_with_a_warning(tmp_path
         assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["threads"] == 100000
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("key", ["iterations", "inner_lr"])
+def test_a_yaml_boolean_where_a_number_goes_is_refused_not_read_as_1(key):
+    """``iterations: yes`` in an edited config.yaml trained 1 iteration (True is an int)."""
+    with pytest.raises(ConfigError, match=rf"config key '{key}' expects (int|float), got True"):
+        SinusoidConfig.from_dict({key: True})

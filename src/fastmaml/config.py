@@ -243,6 +243,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
             if text not in TRUE_WORDS + FALSE_WORDS:
                 raise ValueError(value)
             return text in TRUE_WORDS
+        if kind in (int, float) and isinstance(value, bool):  # YAML's yes/true: not 1
+            raise ValueError(value)
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
