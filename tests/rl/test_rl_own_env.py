@@ -169,3 +169,11 @@ def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
     with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
                                                   r"finite, in an episode of task \{'goal'"):
         env.step(torch.zeros(1, 2))
+
+
+def test_a_horizon_longer_than_max_episode_steps_runs_its_steps(module: str) -> None:
+    """horizon=30 on an id of max_episode_steps=12 ran 12 steps (its time limit), unsaid."""
+    sampler = Sampler(f"{module}:{module}/Point-v0", horizon=30)
+    far = [{"goal": np.array([50.0, 50.0])}]  # never reached: no termination
+    episodes = sampler.sample(GaussianMLPPolicy(2, 2, (8,)), far, 2, seed=0)
+    assert episodes.masks.sum(-1).tolist() == [[30.0, 30.0]]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
-from .envs import TASK_API, BatchEnv, Task, default_horizon, env_class, make_batch_env
+from .envs import ENVS, TASK_API, BatchEnv, Task, default_horizon, env_class, make_batch_env
 from .policy import policy_forward
 
 
@@ -113,7 +113,7 @@ class Sampler:
         env_id: a ``fastmaml/...`` id (see ``fastmaml.rl.envs``), or a user's gymnasium id
             with the task API (``fastmaml.rl.envs.env_class``).
         horizon: steps per episode (default: the paper's for ``env_id``; a user's
-            environment's ``max_episode_steps``).
+            environment's ``max_episode_steps``, which a given horizon replaces).
         num_workers: 0 samples here; ``n > 0`` splits the tasks over ``n`` worker processes
             (one per core is the point; each uses one thread), with identical results.
         env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D).
@@ -121,11 +121,13 @@ class Sampler:
 
     def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
                  **env_kwargs: Any):
-        self.env_id, self.env_kwargs = env_id, env_kwargs
         self.horizon = default_horizon(env_id) if horizon is None else horizon
         if self.horizon < 1 or num_workers < 0:
             raise ConfigError(f"need horizon >= 1 and num_workers >= 0, got {self.horizon} and "
                               f"{num_workers}")
+        if env_id not in ENVS:  # a user's: the horizon, not the id's max_episode_steps, ends it
+            env_kwargs = {"max_episode_steps": self.horizon, **env_kwargs}
+        self.env_id, self.env_kwargs = env_id, env_kwargs
         self.env = make_batch_env(env_id, **env_kwargs)
         self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
         # what every task of this environment holds, and each value's shape (``_check``)
