@@ -177,3 +177,15 @@ def test_a_horizon_longer_than_max_episode_steps_runs_its_steps(module: str) -> 
     far = [{"goal": np.array([50.0, 50.0])}]  # never reached: no termination
     episodes = sampler.sample(GaussianMLPPolicy(2, 2, (8,)), far, 2, seed=0)
     assert episodes.masks.sum(-1).tolist() == [[30.0, 30.0]]
+
+
+def test_an_id_that_worker_processes_cannot_make_is_named(module: str) -> None:
+    """An id registered in code that a spawned worker does not run (here: this test) broke
+    the worker, and the parent raised a bare BrokenPipeError."""
+    gymnasium = pytest.importorskip("gymnasium")
+    gymnasium.register(f"{module}-OnlyHere-v0", entry_point=f"{module}:Point",
+                       max_episode_steps=5)
+    with Sampler(f"{module}-OnlyHere-v0", num_workers=1) as sampler, pytest.raises(
+            ConfigError, match=rf"a worker process \(started with spawn\) cannot make "
+                               rf"{module}-OnlyHere-v0: unknown meta-RL environment"):
+        sampler.sample(GaussianMLPPolicy(2, 2, (8,)), [{"goal": np.zeros(2)}], 1, seed=0)

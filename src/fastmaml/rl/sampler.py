@@ -367,10 +367,15 @@ def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
-    env = make_batch_env(env_id, **env_kwargs)
+    try:
+        env: BatchEnv | Exception = make_batch_env(env_id, **env_kwargs)
+    except ConfigError as error:  # e.g. an id its parent registered in code a worker never runs
+        env = ConfigError(f"a worker process (started with spawn) cannot make {env_id}: {error}")
     while (message := conn.recv()) is not None:
         policy, job = message
         try:
+            if isinstance(env, Exception):
+                raise env
             conn.send(rollout(policy, env, **job))
         except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
             conn.send(error)
