@@ -423,12 +423,12 @@ class TrainedPolicy:
 
     def sample_tasks(self, n: int, seed: int = 0) -> list[dict[str, Any]]:
         """``n`` tasks of the run's task distribution, e.g. ``{"velocity": 1.3}``."""
-        from .rl import env_class
+        from .rl import sample_tasks
         if not _is_count(n, at_least=1):
             raise ConfigError(f"sample_tasks needs an integer n >= 1 of tasks, got {n!r}")
         if not _is_count(seed):
             raise ConfigError(f"the seed must be an integer >= 0, got {seed!r}")
-        return env_class(self.env_id).sample_tasks(int(n), np.random.default_rng(int(seed)))
+        return sample_tasks(self.env_id, int(n), np.random.default_rng(int(seed)))
 
     def parse_task(self, items: Sequence[str]) -> dict[str, Any]:
         """A task from ``key=value`` items, as ``fastmaml adapt --task`` takes them:

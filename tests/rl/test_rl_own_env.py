@@ -84,13 +84,19 @@ class NotDicts(Point):
         return list(rng.uniform(-1, 1, n))
 
 
+class OneShort(Point):
+    @classmethod
+    def sample_tasks(cls, n, rng):
+        return Point.sample_tasks(max(1, n - 1), rng)
+
+
 class NaNReward(Point):
     def reward(self, distance):
         return float("nan")
 
 
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
-             "NotDicts", "NaNReward"):
+             "NotDicts", "OneShort", "NaNReward"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -189,3 +195,11 @@ def test_an_id_that_worker_processes_cannot_make_is_named(module: str) -> None:
             ConfigError, match=rf"a worker process \(started with spawn\) cannot make "
                                rf"{module}-OnlyHere-v0: unknown meta-RL environment"):
         sampler.sample(GaussianMLPPolicy(2, 2, (8,)), [{"goal": np.zeros(2)}], 1, seed=0)
+
+
+def test_sample_tasks_giving_other_than_n_tasks_is_refused(module: str, tmp_path: Path) -> None:
+    """A class giving n - 1 tasks trained on fewer tasks per meta-batch, and evaluated fewer
+    than eval_tasks, unsaid."""
+    with pytest.raises(ConfigError, match=r"OneShort-v0's sample_tasks\(3, rng\) gave \[\{'goal"):
+        fastmaml.meta_train("rl-env", tmp_path / "run", env=f"{module}:{module}/OneShort-v0",
+                            **TINY)

@@ -237,7 +237,7 @@ class MetaRLLearner:
 
     def tasks(self, iteration: int) -> list[dict[str, Any]]:
         rng = np.random.default_rng([self.cfg.seed, 1, iteration])
-        return _rl().env_class(self.cfg.env).sample_tasks(self.cfg.meta_batch, rng)
+        return _rl().sample_tasks(self.cfg.env, self.cfg.meta_batch, rng)
 
     def sample(self, tasks: list[dict[str, Any]], seed: int,
                params: dict[str, Tensor] | None = None,

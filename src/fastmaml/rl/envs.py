@@ -48,6 +48,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import reprlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -536,6 +537,17 @@ def _user_spec(env_id: str) -> EnvSpec:
                           "registers it") from None
 
 
+def sample_tasks(env_id: str, n: int, rng: TaskRng) -> list[Task]:
+    """``env_class(env_id).sample_tasks(n, rng)``, checked: a ``ConfigError`` unless it gives
+    a list of ``n`` dicts (a user's class may give fewer, or numbers)."""
+    tasks = env_class(env_id).sample_tasks(n, rng)
+    if not (isinstance(tasks, Sequence) and len(tasks) == n
+            and all(isinstance(task, dict) for task in tasks)):
+        raise ConfigError(f"{env_id}'s sample_tasks({n}, rng) gave {reprlib.repr(tasks)}; "
+                          f"{TASK_API}")
+    return list(tasks)
+
+
 def official_test(env_id: str) -> OfficialTest:
     """How the evaluation fine-tunes each method on ``env_id``: the official test script's
     settings for fastmaml's environments; a user's class may set ``official_test`` too (else
@@ -549,7 +561,7 @@ def official_test_tasks(env_id: str, n: int) -> list[Task]:
     [0, 2 cut], as rllab's direction environments read it)."""
     cls, seed = env_class(env_id), official_test(env_id).seed
     if env_id not in ENVS:  # a user's sample_tasks takes a Generator (TASK_API)
-        return cls.sample_tasks(n, np.random.default_rng(seed))
+        return sample_tasks(env_id, n, np.random.default_rng(seed))
     rng = np.random.RandomState(seed)
     if issubclass(cls, _Direction):
         return [{"direction": -1.0 if goal < cls.direction_cut else 1.0}

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
-from .envs import ENVS, TASK_API, BatchEnv, Task, default_horizon, env_class, make_batch_env
+from .envs import ENVS, BatchEnv, Task, default_horizon, make_batch_env, sample_tasks
 from .policy import policy_forward
 
 
@@ -131,11 +131,7 @@ class Sampler:
         self.env = make_batch_env(env_id, **env_kwargs)
         self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
         # what every task of this environment holds, and each value's shape (``_check``)
-        examples = env_class(env_id).sample_tasks(1, np.random.default_rng(0))
-        if not (isinstance(examples, Sequence) and len(examples) == 1
-                and isinstance(examples[0], dict)):
-            raise ConfigError(f"{env_id}'s sample_tasks(1, rng) gave {examples!r}; {TASK_API}")
-        example = examples[0]
+        example = sample_tasks(env_id, 1, np.random.default_rng(0))[0]
         self._task_shapes = {key: np.shape(value) for key, value in example.items()}
         self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
         if num_workers:
