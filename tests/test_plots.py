@@ -173,3 +173,17 @@ def test_a_figure_is_stale_once_a_file_it_drew_changes_or_goes(tmp_path: Path) -
     assert set(plots.stale_figures(figures)) == {"c.png", "s.png"}
     plots.record_drawn_from(figures, {curves: plots.digests([log])})  # (written anew)
     assert list(plots.stale_figures(figures)) == ["s.png"]
+
+
+def test_learning_curves_are_stale_once_another_learner_logs(tmp_path: Path) -> None:
+    """Plotted while MAML alone had trained (the learners train one after another), the curves
+    lacked the baseline's, and no log they drew changed: they counted as current."""
+    figures = tmp_path / "figures"
+    (tmp_path / "metrics-maml.csv").write_text("iteration\n1\n")
+    (tmp_path / "eval.json").write_text("[]")
+    curves, steps = (save_figure(figure(), figures / name) for name in ("c.png", "s.png"))
+    plots.record_drawn_from(figures, {curves: plots.digests([tmp_path / "metrics-maml.csv"]),
+                                      steps: plots.digests([tmp_path / "eval.json"])})
+    (tmp_path / "metrics-pretrained.csv").write_text("iteration\n1\n")
+    assert plots.stale_figures(figures) == {  # (the evaluation's figure draws no log)
+        "c.png": "metrics-pretrained.csv, which it did not draw, is new"}

@@ -6,6 +6,7 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,7 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
 # Beside a run's figures: the files each figure was drawn from, with their SHA-256, so that a
 # figure left behind by its run (trained on, evaluated again, not plotted) is known to be stale.
 DRAWN_FROM = "drawn-from.json"
+LOGS = "metrics-*.csv"  # the learners' logs: a figure that draws logs draws all of them
 
 
 def digests(paths: Sequence[Path]) -> dict[str, str]:
@@ -225,7 +227,8 @@ def record_drawn_from(figures_dir: Path, drawn: dict[Path, dict[str, str]]) -> N
 
 def stale_figures(figures_dir: Path) -> dict[str, str]:
     """Each figure (``*.png``) in ``figures_dir`` that may not show its run's files as they
-    are now, and why: an input changed or gone since it was drawn, or no record of its inputs."""
+    are now, and why: an input changed or gone since it was drawn, a log new since (a learner
+    trained after it), or no record of its inputs."""
     record, stale = _drawn_from(figures_dir), {}
     for figure in sorted(figures_dir.glob("*.png")):
         if (inputs := record.get(figure.name)) is None:
@@ -235,8 +238,11 @@ def stale_figures(figures_dir: Path) -> dict[str, str]:
         gone = [path.name for path in files if not path.is_file()]
         now = digests([path for path in files if path.is_file()])
         changed = [name for name, digest in now.items() if inputs[name] != digest]
+        new = [path.name for path in sorted(figures_dir.parent.glob(LOGS))
+               if path.name not in inputs] if any(fnmatch(name, LOGS) for name in inputs) else []
         reasons = ([f"{', '.join(changed)} changed since it was drawn"] if changed else []) \
-            + ([f"{', '.join(gone)}, which it drew, is gone"] if gone else [])
+            + ([f"{', '.join(gone)}, which it drew, is gone"] if gone else []) \
+            + ([f"{', '.join(new)}, which it did not draw, is new"] if new else [])
         if reasons:
             stale[figure.name] = "; ".join(reasons)
     return stale

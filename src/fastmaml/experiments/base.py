@@ -21,7 +21,8 @@ from ..distributed import barrier, gather_in_order, is_main, rank_slice
 from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from ..inputs import TaskBatch
 from ..models import is_norm_param
-from ..plots import counted, digests, plot_learning_curves, record_drawn_from, steps_label
+from ..plots import (LOGS, counted, digests, plot_learning_curves, record_drawn_from,
+                     steps_label)
 from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
@@ -268,7 +269,7 @@ class Experiment(ABC):
         curves as soon as a learner has logged (its training may still be running), and the
         evaluation's figures once the run is evaluated. Which files each one drew is
         recorded beside them (``plots.stale_figures`` reads it)."""
-        logs = sorted(self.run_dir.glob("metrics-*.csv"),
+        logs = sorted(self.run_dir.glob(LOGS),
                       key=lambda path: (path.stem != "metrics-maml", path.stem))
         evaluated = (self.run_dir / "eval.json").is_file()
         if not logs and not evaluated:
