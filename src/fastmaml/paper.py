@@ -12,6 +12,7 @@ from dataclasses import dataclass
 NAV = "fastmaml/Nav2D-v0"
 LOCOMOTION = ("fastmaml/HalfCheetahVel-v0", "fastmaml/HalfCheetahDir-v0", "fastmaml/AntVel-v0",
               "fastmaml/AntDir-v0")
+PAPER_ENVS = (NAV, *LOCOMOTION)  # fastmaml's environments; any other id is a user's
 
 # Sinusoid (Table 2): 5-shot MSE after 1 / 5 / 10 steps.
 SINUSOID = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),

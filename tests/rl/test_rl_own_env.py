@@ -137,8 +137,8 @@ def test_dict_observations_are_flattened_for_the_policy(module: str) -> None:
     tasks = [{"goal": np.array([0.5, 0.5])}]
     episodes = sampler.sample(GaussianMLPPolicy(5, 2, (8,)), tasks, 2, seed=0)
     assert episodes.observations.shape == (1, 2, 12, 5)
-    assert torch.equal(episodes.observations[0, :, 0, :3], torch.tensor([[0.0, 1.0, 0.0]] * 2))  # phase, first
-    # in the dict space's (sorted) key order
+    # the dict space's entries in its (sorted) key order: phase (one-hot) first, then position
+    assert torch.equal(episodes.observations[0, :, 0, :3], torch.tensor([[0.0, 1.0, 0.0]] * 2))
 
 
 @pytest.mark.parametrize("env, message", [

@@ -84,7 +84,7 @@ from ..config import Config
 from ..core import MAML
 from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
-from ..paper import LOCOMOTION, NAV
+from ..paper import LOCOMOTION, NAV, PAPER_ENVS
 from ..paper import RL as PAPER
 from ..plots import ci_band, colors_for, counted, method_label, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
@@ -173,7 +173,7 @@ class RLConfig(Config):
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
                               "supervised experiments; meta-RL's evaluation adapts one "
                               "policy-gradient step at a time, from the last step's parameters")
-        if self.env and self.env not in (NAV, *LOCOMOTION):  # ("": rl-env, until it is given)
+        if self.env and self.env not in PAPER_ENVS:  # ("": rl-env, until it is given)
             _rl().env_class(self.env)  # a user's environment: registered, with the task API
         if not 0 < self.action_scale < math.inf:
             raise ConfigError(f"action_scale must be > 0 and finite, got {self.action_scale}")
@@ -486,7 +486,7 @@ class RLExperiment(Experiment):
                  f"horizon {horizon}, inner lr {cfg.inner_lr:g}"
                  + (f", action scale {cfg.action_scale:g}" if cfg.env == NAV else "") + ".",
                  f"Evaluation: {counted(cfg.eval_tasks, 'task')} ("
-                 + ("the official test script's" if cfg.env in (NAV, *LOCOMOTION) else
+                 + ("the official test script's" if cfg.env in PAPER_ENVS else
                     "sample_tasks'") + f" draw, seed {official.seed}), {per_step} per task and "
                  f"step; each method's first step size is in its row (lr), later steps take "
                  f"{official.later_lr_scale:g} of it; "
@@ -510,7 +510,7 @@ class RLExperiment(Experiment):
                 notes.append(f"- {r['method']} minus {name}, task by task over the same "
                              f"{counted(r['tasks'], 'task')} (paired), after {steps} steps: "
                              f"{values}.")
-        if cfg.env in (NAV, *LOCOMOTION) and horizon != _rl().default_horizon(cfg.env):
+        if cfg.env in PAPER_ENVS and horizon != _rl().default_horizon(cfg.env):
             notes.append(f"This run's episodes have {horizon} steps, the paper's "
                          f"{_rl().default_horizon(cfg.env)}: its returns are on another scale.")
         if cfg.env in LOCOMOTION:

@@ -397,8 +397,9 @@ class GymBatch:
     environment per episode (its wrappers too: the time limit ends an episode), stepped in a
     loop; an ended episode (terminated or truncated) is not stepped again. Observations are
     flattened (``gymnasium.spaces.flatten``: a dict's entries in its space's key order, a
-    discrete value one-hot, an image's pixels); actions, a ``Box`` (the policy is Gaussian), are clipped to its bounds.
-    A non-finite observation or reward raises ``NonFiniteInputError``."""
+    discrete value one-hot, an image's pixels); actions, a ``Box`` (the policy is Gaussian),
+    are clipped to its bounds. A non-finite observation or reward raises
+    ``NonFiniteInputError``."""
 
     def __init__(self, env_id: str, **kwargs: Any):
         self.env_id, self.kwargs = env_id, kwargs
@@ -559,10 +560,10 @@ def official_test_tasks(env_id: str, n: int) -> list[Task]:
     """The official test script's ``n`` tasks: numpy's legacy generator seeded with
     ``official_test.seed``, then one draw of all goals (a direction from a goal uniform in
     [0, 2 cut], as rllab's direction environments read it)."""
-    cls, seed = env_class(env_id), official_test(env_id).seed
+    seed = official_test(env_id).seed
     if env_id not in ENVS:  # a user's sample_tasks takes a Generator (TASK_API)
         return sample_tasks(env_id, n, np.random.default_rng(seed))
-    rng = np.random.RandomState(seed)
+    cls, rng = ENVS[env_id][0], np.random.RandomState(seed)
     if issubclass(cls, _Direction):
         return [{"direction": -1.0 if goal < cls.direction_cut else 1.0}
                 for goal in rng.uniform(0.0, 2 * cls.direction_cut, n)]
