@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,6 +28,12 @@ def train_one_and_two_processes(tmp_path, preset: str, settings: list[str]) -> N
         env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 processes" in result.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def assert_same_learners(tmp_path, learners: tuple[str, ...], rtol: float = 1e-6,
@@ -75,6 +82,28 @@ def test_two_processes_match_one(tmp_path, meta_batch):
     assert set(tasks) == {meta_batch // 2, (meta_batch + 1) // 2}
     roles = {(path, chunk if chunk in (None, 1) else "all") for path, chunk in tasks.values()}
     assert len(roles) == 1
+
+
+def test_two_machines_that_meet_by_rendezvous_train_as_one_process(tmp_path):
+    """The README's several-machines command: one torchrun per node, meeting at a c10d
+    rendezvous endpoint (two nodes on loopback here), trains the run a single process trains."""
+    settings = [*SETTINGS, "meta_batch=8"]
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *settings]) == 0
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+               "--rdzv-id=two-machines", "-m", "fastmaml", "train", "sinusoid-demo",
+               "--out", str(tmp_path / "two"), *settings]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:  # none outlives a failed test
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert sum("2 processes" in out for out, _ in outputs) == 1  # said by the main rank only
+    assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
 
 
 TRPO_OVER_RANKS = """
