@@ -2,6 +2,7 @@
 under the user's id, with the task API (``fastmaml.rl.TASK_API``)."""
 from __future__ import annotations
 
+import importlib
 import textwrap
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from fastmaml.rl import GaussianMLPPolicy, Sampler, make_batch_env
 MODULE = '''
 import gymnasium, numpy as np
 from gymnasium import spaces
+
+CLOSED = []  # the classes of the environments closed, in order
 
 
 class Point(gymnasium.Env):
@@ -49,6 +52,9 @@ class Point(gymnasium.Env):
 
     def reward(self, distance):
         return -distance
+
+    def close(self):
+        CLOSED.append(type(self).__name__)
 
 
 class Discrete(Point):
@@ -95,8 +101,18 @@ class NaNReward(Point):
         return float("nan")
 
 
+class ArrayReward(Point):
+    def reward(self, distance):
+        return np.array([-distance])
+
+
+class PairReward(Point):
+    def reward(self, distance):
+        return np.array([-distance, distance])
+
+
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
-             "NotDicts", "OneShort", "NaNReward"):
+             "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -165,6 +181,10 @@ def test_a_config_names_an_unfit_environment_before_anything_runs(module: str) -
         RLConfig(env="fastmaml/Nav2d-v0")
     with pytest.raises(ConfigError, match="CartPole-v1 .* lacks a classmethod sample_tasks"):
         RLConfig(env="CartPole-v1")
+    # a built-in id given as a user's (module:id) took the generic path, losing the paper's
+    # test tasks, and refused action_scale
+    assert RLConfig(env="fastmaml.rl:fastmaml/Nav2D-v0", action_scale=2.0).env == \
+        "fastmaml/Nav2D-v0"
     with pytest.raises(ConfigError, match="name the environment to meta-train on: env="):
         fastmaml.meta_train("rl-env", Path("/nonexistent/never-written"), progress=False)
 
@@ -175,6 +195,31 @@ def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
     with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
                                                   r"finite, in an episode of task \{'goal'"):
         env.step(torch.zeros(1, 2))
+
+
+def test_a_reward_held_in_an_array_is_its_one_number(module: str) -> None:
+    """An array reward (a vectorised reward function's) failed in float(), unnamed."""
+    task = [{"goal": np.array([0.5, 0.5])}]
+    number, one, pair = (make_batch_env(f"{module}:{module}/{name}-v0")
+                         for name in ("Point", "ArrayReward", "PairReward"))
+    for env in (number, one, pair):
+        env.reset(task, [0])
+    assert torch.equal(one.step(torch.zeros(1, 2))[1], number.step(torch.zeros(1, 2))[1])
+    with pytest.raises(ConfigError, match=r"PairReward-v0's step gave the reward array\(\[.*\]\): "
+                                          "a step's reward must be one number"):
+        pair.step(torch.zeros(1, 2))
+
+
+def test_the_sampler_closes_the_environments_it_made(module: str) -> None:
+    """An environment may hold a simulator process, files or a window: none was closed."""
+    users = importlib.import_module(module)
+    with Sampler(f"{module}:{module}/Point-v0") as sampler:
+        sampler.sample(GaussianMLPPolicy(2, 2, (8,)), [{"goal": np.zeros(2)}] * 3, 1, seed=0)
+        assert users.CLOSED == []
+    assert users.CLOSED == ["Point"] * 3
+    with pytest.raises(ConfigError, match="needs a Box action space"):
+        make_batch_env(f"{module}:{module}/Discrete-v0")
+    assert users.CLOSED[3:] == ["Discrete"]
 
 
 def test_a_horizon_longer_than_max_episode_steps_runs_its_steps(module: str) -> None:

@@ -135,6 +135,9 @@ class Nav2DBatch:
         self.done = self.done | (offset.abs() < 0.01).all(dim=-1)
         return self.position.clone(), reward, self.done.clone()
 
+    def close(self) -> None:
+        """Nothing to release: the simulator is a few tensors."""
+
 
 class Nav2DEnv(gymnasium.Env):
     """One 2D-navigation episode as a gymnasium environment (a ``Nav2DBatch`` of size 1)."""
@@ -391,6 +394,9 @@ class MujocoBatch:
         self.env.data = self.datas[episode]
         self.env.set_task(self.tasks[episode])
 
+    def close(self) -> None:
+        self.env.close()
+
 
 class GymBatch:
     """Many episodes of a user's environment (``env_class``'s task API), one ``gymnasium.make``
@@ -405,15 +411,19 @@ class GymBatch:
         self.env_id, self.kwargs = env_id, kwargs
         self.envs: list[gymnasium.Env] = [gymnasium.make(env_id, **kwargs)]
         observations, actions = self.envs[0].observation_space, self.envs[0].action_space
-        if not isinstance(actions, gymnasium.spaces.Box):
-            raise ConfigError(f"{env_id}'s actions are {actions}: fastmaml's policy is Gaussian "
-                              "and needs a Box action space (continuous actions); it has no "
-                              "policy for discrete ones")
         try:
-            self.obs_dim = gymnasium.spaces.flatdim(observations)
-        except (NotImplementedError, ValueError) as error:
-            raise ConfigError(f"{env_id}'s observations ({observations}) do not flatten into a "
-                              f"vector for the policy: {error}") from None
+            if not isinstance(actions, gymnasium.spaces.Box):
+                raise ConfigError(f"{env_id}'s actions are {actions}: fastmaml's policy is "
+                                  "Gaussian and needs a Box action space (continuous actions); "
+                                  "it has no policy for discrete ones")
+            try:
+                self.obs_dim = gymnasium.spaces.flatdim(observations)
+            except (NotImplementedError, ValueError) as error:
+                raise ConfigError(f"{env_id}'s observations ({observations}) do not flatten into "
+                                  f"a vector for the policy: {error}") from None
+        except ConfigError:
+            self.close()  # (an environment may hold a simulator process, files, a window)
+            raise
         self.observation_space, self.action_space = observations, actions
         self.act_dim = int(np.prod(actions.shape))
         self.tasks: list[Task] = []
@@ -441,9 +451,7 @@ class GymBatch:
             obs, reward, terminated, truncated, _ = self.envs[i].step(
                 actions[i].reshape(space.shape).astype(space.dtype))
             self.obs[i] = self._flat(obs, i, "step")
-            rewards[i] = float(reward)
-            if not np.isfinite(rewards[i]):
-                self._non_finite(f"reward {reward}", i, "step")
+            rewards[i] = self._number(reward, i)
             self.done[i] = terminated or truncated
         return (torch.from_numpy(self.obs.copy()), torch.from_numpy(rewards),
                 torch.from_numpy(self.done.copy()))
@@ -457,6 +465,25 @@ class GymBatch:
         if not np.isfinite(flat).all():
             self._non_finite(f"observation {obs}", episode, call)
         return flat
+
+    def _number(self, reward: Any, episode: int) -> float:
+        """``reward`` as a float, checked: a number, or an array holding one."""
+        try:
+            value = np.asarray(reward, dtype=np.float64)
+        except (TypeError, ValueError):
+            value = np.zeros(0)
+        if value.size != 1:
+            raise ConfigError(f"{self.env_id}'s step gave the reward {reward!r}: a step's reward "
+                              "must be one number")
+        if not np.isfinite(value):
+            self._non_finite(f"reward {reward}", episode, "step")
+        return float(value.item())
+
+    def close(self) -> None:
+        """Close every environment (a later ``reset`` makes them again)."""
+        for env in self.envs:
+            env.close()
+        self.envs = []
 
     def _non_finite(self, what: str, episode: int, call: str) -> None:
         raise NonFiniteInputError(f"{self.env_id}'s {call} gave the {what}, not finite, in an "
@@ -473,6 +500,8 @@ class BatchEnv(Protocol):
     def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> Tensor: ...
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def close(self) -> None: ...
 
 
 ENVS: dict[str, tuple[type, int]] = {

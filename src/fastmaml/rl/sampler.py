@@ -240,12 +240,13 @@ class Sampler:
         return _stack_kept(sampled, keep)
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop the worker processes and close the environments."""
         for process, conn in self._workers:
             conn.send(None)
             process.join(timeout=10)
             conn.close()
         self._workers = []
+        self.env.close()
 
     def __enter__(self) -> Sampler:
         return self
@@ -375,6 +376,8 @@ def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
             conn.send(rollout(policy, env, **job))
         except Exception as error:  # noqa: BLE001 - handed to the parent, which raises it
             conn.send(error)
+    if not isinstance(env, Exception):
+        env.close()
 
 
 def _receive(conns: Sequence[Connection]) -> list[Episodes]:
