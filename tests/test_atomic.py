@@ -101,3 +101,11 @@ def test_a_place_that_takes_no_new_file_is_named_not_the_temporary(tmp_path):
         write_text_atomic("x", Path("/proc/fastmaml-report.md"))
     assert raised.value.filename == "/proc/fastmaml-report.md"
     assert ".tmp" not in str(raised.value)
+
+
+@pytest.mark.parametrize("letter", ["a", "\u00e9"])  # 1 and 2 bytes in UTF-8
+def test_a_name_near_the_file_systems_limit_is_written(tmp_path, letter):
+    """A 250-byte name (the limit is 255) took a temporary name too long to create."""
+    path = tmp_path / (letter * (250 // len(letter.encode())))
+    replace_atomically(path, lambda handle: handle.write(b"kept"))
+    assert path.read_bytes() == b"kept" and os.listdir(tmp_path) == [path.name]

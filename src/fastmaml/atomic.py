@@ -55,7 +55,8 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
     if follow_links:
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    stem = os.fsdecode(os.fsencode(path.name)[:200])  # a name near the 255-byte limit fits too
+    tmp = path.with_name(f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as handle:
             write(handle)
