@@ -135,12 +135,14 @@ def test_a_pickle_written_by_python2_reads_as_written_by_python3(tmp_path: Path,
 
 
 def test_a_pickle_of_unequal_classes_ranges_and_another_size(tmp_path: Path) -> None:
-    """Classes of different sizes come per class; ``range`` indices and 64x64 pixels (resized
-    to 84x84 as an image file would be) load."""
+    """Classes of different sizes come per class; ``range`` indices and 64x48 pixels (resized
+    to 84x84 as an image file would be, and said: they were upscaled unsaid) load."""
     rng = np.random.default_rng(2)
-    images = rng.integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
-    read = read_pickle_cache(write_pickle(tmp_path / "small.pkl", {
-        "image_data": images, "class_dict": {"b": range(0, 4), "a": [6, 5, 4]}}))
+    images = rng.integers(0, 256, (7, 48, 64, 3), dtype=np.uint8)
+    with pytest.warns(FastMAMLWarning, match=r"small.pkl holds 64x48 images, fewer pixels than "
+                                             r"MiniImagenet's 84x84: they are upscaled"):
+        read = read_pickle_cache(write_pickle(tmp_path / "small.pkl", {
+            "image_data": images, "class_dict": {"b": range(0, 4), "a": [6, 5, 4]}}))
     assert read.names == ["a", "b"] and [tuple(c.shape) for c in read.images] == [
         (3, 3, 84, 84), (4, 3, 84, 84)]
     resized = np.asarray(Image.fromarray(images[6]).resize((84, 84), Image.Resampling.LANCZOS))

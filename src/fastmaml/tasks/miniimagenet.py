@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .folder import decoded_images, image_files, warn_of_skipped_files
 from .images import ImageFormat, fingerprint, read_images
@@ -109,6 +109,10 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> MiniImagenetSplit:
                         f"{getattr(images, 'shape', '')}")
     if not isinstance(class_dict, dict) or not class_dict:
         raise DataError(f"{path}: class_dict must be a non-empty dict of class -> indices")
+    if min(images.shape[1:3]) < IMAGE_SIZE:  # (a larger size is MiniImagenet's, downscaled)
+        warn(f"{path} holds {images.shape[2]}x{images.shape[1]} images, fewer pixels than "
+             f"MiniImagenet's {IMAGE_SIZE}x{IMAGE_SIZE}: they are upscaled to it, and accuracies "
+             "are those of the smaller copy, not comparable with the paper's", FastMAMLWarning)
     indices, owner = {}, {}  # class -> its indices; image index -> its class
     for name, index in class_dict.items():
         if not isinstance(name, str):
