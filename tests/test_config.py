@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -242,6 +243,10 @@ def test_more_threads_than_cpus_run_as_many_as_there_are_with_a_warning(tmp_path
             create_run("sinusoid-demo", tmp_path / "run", ["threads=100000"])
         assert torch.get_num_threads() == cpus
         assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["threads"] == 100000
+        (tmp_path / "run" / "metrics-maml.csv").write_text("iteration,elapsed_s,loss\n1,0.5,2.0\n")
+        with warnings.catch_warnings():  # drawing its curves runs no model: nothing to warn of
+            warnings.simplefilter("error", FastMAMLWarning)
+            assert main(["plot", str(tmp_path / "run")]) == 0
     finally:
         torch.set_num_threads(before)
 

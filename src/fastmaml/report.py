@@ -767,7 +767,7 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
                 experiment = load_experiment(run_dir)
                 experiment.evaluate(progress=progress)
             if is_main():
-                (experiment or load_experiment(run_dir)).plot()
+                (experiment or load_experiment(run_dir, ["threads=0"])).plot()  # (as `plot`)
         except FastMAMLError as error:  # e.g. no data here: the others still run
             if world()[1] > 1:  # one rank's error (its run lock): the ranks would part ways
                 raise
