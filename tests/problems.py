@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from fastmaml import MAML, TaskBatch
 from fastmaml.core import multi_step_loss_weights
@@ -19,6 +20,15 @@ def mlp_problem(seed: int = 0):
     batch = TaskBatch(torch.randn(TASKS, 5, 1), torch.randn(TASKS, 5, 1),
                       torch.randn(TASKS, 6, 1), torch.randn(TASKS, 6, 1))
     return model, F.mse_loss, batch
+
+
+def weight_norm_problem(seed: int = 0):
+    """An MLP with weight norm per output row and over a whole weight: torch's kernel of it has
+    a wrong double backward (``fastmaml.norms``)."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(parametrizations.weight_norm(nn.Linear(1, 8)), nn.Tanh(),
+                          parametrizations.weight_norm(nn.Linear(8, 1), dim=None))
+    return model, F.mse_loss, mlp_problem(seed)[2]
 
 
 def conv_problem(seed: int = 0):
@@ -92,7 +102,8 @@ PROBLEMS = {"mlp": mlp_problem, "conv_bn": conv_problem}
 MORE_MODELS = {**PROBLEMS, "lstm": recurrent_problem(nn.LSTM, num_layers=2),
                "gru": recurrent_problem(nn.GRU, bidirectional=True),
                "transformer": attention_problem(encoder_layer=True),
-               "attention": attention_problem(encoder_layer=False), "embedding_bag": bag_problem}
+               "attention": attention_problem(encoder_layer=False), "embedding_bag": bag_problem,
+               "weight_norm": weight_norm_problem}
 
 
 def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
@@ -114,7 +125,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 HEADS = {"mlp": ["4"], "conv_bn": ["head"], "lstm": ["head"], "gru": ["head"],  # ANIL: the last
-         "transformer": ["2"], "attention": ["head"], "embedding_bag": ["head"]}  # layer
+         "transformer": ["2"], "attention": ["head"], "embedding_bag": ["head"],  # layer
+         "weight_norm": ["2"]}
 VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
             "anil_first_order": {"adapt": "head", "first_order": True},
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}

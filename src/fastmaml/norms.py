@@ -1,9 +1,10 @@
-"""Normalisation layers made exact under vmap to second order, in any unmodified model.
+"""Normalisation layers made exact to second order, under vmap and in a loop, in any unmodified
+model.
 
 The paper's official code normalises with the statistics of the current batch at train *and*
 test time and never keeps running statistics (transductive batch norm). Under ``vmap``, torch
 2.13's fused kernels give wrong second-order meta-gradients in two places (``tests/test_core.py``
-checks both against the looped reference):
+checks both against the looped reference), and everywhere in a third:
 
 - ``F.batch_norm``: off by ~3e-3. The replacement runs ``layer_norm`` over a channels-first view,
   which is exact and 1.1-1.3x faster than the same normalisation written with elementwise ops
@@ -12,15 +13,21 @@ checks both against the looped reference):
   inner loop): the gradient of the parameters before them is off by up to 4e-2 (layer norm) and
   1e-1 (instance norm) in float64. The same normalisation without its affine weight and bias,
   which are then applied outside the kernel, is exact.
+- ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the older
+  ``nn.utils.weight_norm``): its double backward is wrong in the direction of ``v``, batched or
+  looped (a meta-gradient off by ~2e-2; torch's ``gradgradcheck`` fails on it).
+  ``g * v / ||v||`` in elementwise ops is exact (``tests/test_core.py``, finite differences).
 
-``ExactNorms`` makes both replacements inside the model's forward with a ``TorchFunctionMode``;
+``ExactNorms`` makes the replacements inside the model's forward with a ``TorchFunctionMode``;
 ``MAML`` enters it for a model whose forward calls one of ``NORM_FUNCTIONS`` (its modules'
 layers, or its own code).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -51,21 +58,34 @@ def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list
     return out
 
 
-NORM_FUNCTIONS = (F.batch_norm, F.layer_norm, F.instance_norm)
+def weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+    """``torch._weight_norm``'s weight, ``g * v / ||v||``, the norm over every dimension of ``v``
+    but ``dim`` (over all of them for ``dim=-1``), in ops differentiable to any order."""
+    over = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    return v * (g / (v * v).sum(over, keepdim=True).sqrt())
+
+
+NORM_FUNCTIONS = (F.batch_norm, F.layer_norm, F.instance_norm, torch._weight_norm)
 
 
 class ExactNorms(TorchFunctionMode):
     """Inside this mode ``F.layer_norm`` and ``F.instance_norm`` apply their weight and bias
-    outside the fused kernel, and an ``F.batch_norm`` with batch statistics (with
-    ``transductive``, every one; otherwise one in training mode) runs as ``batch_stats_norm``
-    and updates no buffers."""
+    outside the fused kernel, ``torch._weight_norm`` runs as ``weight_norm``, and an
+    ``F.batch_norm`` with batch statistics (with ``transductive``, every one; otherwise one in
+    training mode) runs as ``batch_stats_norm`` and updates no buffers. ``called`` is told of
+    each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote them: a replacement may call
+    none)."""
 
-    def __init__(self, transductive: bool):
+    def __init__(self, transductive: bool, called: Callable[[], None] | None = None):
         super().__init__()
-        self.transductive = transductive
+        self.transductive, self.called = transductive, called
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.called and func in NORM_FUNCTIONS:
+            self.called()
+        if func is torch._weight_norm:
+            return weight_norm(*args, **kwargs)
         if func is F.batch_norm:
             x, _, _, weight, bias, training, eps = _bind_batch_norm(*args, **kwargs)
             if self.transductive or training:

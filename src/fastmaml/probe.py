@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_leaves
 from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
 from .errors import ConfigError, FastMAMLWarning, warn
 from .inputs import Params
-from .norms import NORM_FUNCTIONS, ExactNorms, has_batch_norm
+from .norms import ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
 from .recurrent import StepwiseRNNs, has_recurrent
 
@@ -90,9 +90,9 @@ class ModelProbe:
         parameters the output does not depend on (``_unused_parameters``). The random state is
         left as it was, so that a resumed run draws what an uninterrupted one does."""
         # as in training (torch's fused fast paths run only without gradients), and under
-        # ExactNorms, whose replacements are norm functions too, and whose errors are clearer
-        self._norm_mode = functools.partial(ExactNorms, self._transductive)
+        # ExactNorms, whose errors are clearer, and which tells ``calls`` of the norms called
         calls, state = KernelsCalled(), random_state(x.device)
+        self._norm_mode = functools.partial(ExactNorms, self._transductive, calls.saw_norm)
         # stand-ins for the parameters (the same storage), whose gradients no hook of the
         # model's own parameters sees
         fast, frozen = self._split_params(detach=True)
@@ -143,17 +143,19 @@ class ModelProbe:
 
 
 class KernelsCalled(TorchFunctionMode):
-    """Records whether a forward calls a norm function (``ExactNorms``), an embedding with a
-    padding row or an embedding bag (``ExactEmbeddings``), or an embedding that scales its
-    gradient by frequency."""
+    """Records whether a forward calls a norm function (``ExactNorms``, which runs inside it,
+    says so: ``saw_norm``), an embedding with a padding row or an embedding bag
+    (``ExactEmbeddings``), or an embedding that scales its gradient by frequency."""
 
     def __init__(self) -> None:
         super().__init__()
         self.norms = self.exact_embeddings = self.frequency_scaling = False
 
+    def saw_norm(self) -> None:
+        self.norms = True
+
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        self.norms |= func in NORM_FUNCTIONS
         if func is F.embedding:
             self.exact_embeddings |= pads(*args, **kwargs)
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
