@@ -521,6 +521,19 @@ def test_a_model_and_loss_of_the_wrong_kind_are_named():
         MAML(model, loss_fn, metric_fn="accuracy")
 
 
+def test_a_lazy_module_not_run_yet_is_named_and_trains_once_run():
+    """torch's "Can't access the shape of an uninitialized parameter" came from inside MAML."""
+    model = nn.Sequential(nn.LazyLinear(8), nn.Tanh(), nn.Linear(8, 1))
+    with pytest.raises(ConfigError, match=r"the model's 0.weight, 0.bias are not initialized yet "
+                                          r"\(a lazy module, e.g. nn.LazyLinear\): run the model "
+                                          "once on an example input"):
+        MAML(model, F.mse_loss)
+    _, loss_fn, batch = mlp_problem()
+    model(batch.support_x[0])
+    loss, _ = MAML(model, loss_fn, 0.1, 1).meta_backward(batch)
+    assert torch.isfinite(loss) and model[0].weight.grad.shape == (8, 1)
+
+
 def test_meta_backward_without_gradients_is_named():
     model, loss_fn, batch = mlp_problem()
     with torch.no_grad(), pytest.raises(ConfigError, match=r"gradients are off here \(torch."

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from .errors import ConfigError, ShapeError
 
@@ -116,6 +117,13 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be an nn.Module, got a {type(model).__name__}"
                           + (" (are model and loss_fn swapped?)" if callable(model) else ""))
+    lazy = [name for name, tensor in (*model.named_parameters(), *model.named_buffers())
+            if is_lazy(tensor)]
+    if lazy:
+        raise ConfigError(f"the model's {listed(lazy)} {'is' if len(lazy) == 1 else 'are'} not "
+                          "initialized yet (a lazy module, e.g. nn.LazyLinear): run the model "
+                          "once on an example input, e.g. model(support_x[0]), before MAML, so "
+                          "that their shapes are known")
     for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
         if not callable(fn) and not (name == "metric_fn" and fn is None):
             raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
