@@ -655,17 +655,24 @@ def test_checkpointed_steps_refuse_active_dropout(problem):
     maml.meta_backward(batch)  # no random draws: fine
 
 
-def test_evaluate_under_active_dropout_warns_and_after_eval_is_deterministic():
+def test_evaluate_and_predict_under_active_dropout_warn_and_after_eval_are_deterministic():
+    """(predict drew a new mask per call, unsaid)"""
     _, loss_fn, batch = MORE_MODELS["mlp"]()
     maml = MAML(nn.Sequential(nn.Linear(1, 8), nn.Dropout(0.5), nn.Linear(8, 1)), loss_fn)
     with pytest.warns(fastmaml.errors.FastMAMLWarning,
                       match="dropout is active .* every loss is a random draw"):
         maml.evaluate(batch)
+    adapted = maml.adapt(batch.support_x[0], batch.support_y[0])
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="predict runs the model as its mode "
+                      "says, and its dropout is active .* every prediction is a random draw"):
+        maml.predict(adapted, batch.query_x[0])
     maml.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         first, second = maml.evaluate(batch), maml.evaluate(batch)
-    assert torch.equal(first["loss"], second["loss"])
+        adapted = maml.adapt(batch.support_x[0], batch.support_y[0])
+        predictions = [maml.predict(adapted, batch.query_x[0]) for _ in range(2)]
+    assert torch.equal(first["loss"], second["loss"]) and torch.equal(*predictions)
 
 
 def test_predict_with_a_context_normalises_each_row_with_the_context_alone():

@@ -452,10 +452,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         steps = self.inner_steps if steps is None else steps
         check_steps("steps", steps)
         self._warn_of_reuse(steps)
-        if has_active_dropout(self.model):
-            warn("evaluate runs the model as its mode says, and its dropout is active (training "
-                 "mode): every loss is a random draw; call .eval() on the MAML or its model "
-                 "first for a deterministic evaluation", FastMAMLWarning)
+        self._warn_of_dropout("evaluate", "loss")
         self._prepare(batch.support_x[0], of_batch=True)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
@@ -508,6 +505,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                  f"{' and '.join(learned)}: they were learned for inner_steps="
                  f"{self.inner_steps}", FastMAMLWarning)
 
+    def _warn_of_dropout(self, call: str, outcome: str) -> None:
+        """Say that ``call``, which users read as deterministic, draws dropout masks."""
+        if has_active_dropout(self.model):
+            warn(f"{call} runs the model as its mode says, and its dropout is active (training "
+                 f"mode): every {outcome} is a random draw; call .eval() on the MAML or its "
+                 f"model first for a deterministic {call}", FastMAMLWarning)
+
     def predict(self, adapted: Params, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The model's output on ``x`` with ``adapted`` parameters (from ``adapt``).
 
@@ -523,6 +527,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               + (": a run's adaptation goes to run.predict" if
                                  hasattr(adapted, "params") else ""))
         check_tensors(x=x, **({} if context is None else {"context": context}))
+        self._warn_of_dropout("predict", "prediction")
         fast, frozen = self._split_params(detach=False)
         unknown = sorted(set(adapted) - set(fast) - set(frozen))
         if unknown:
