@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .aliases import with_aliases
-from .errors import PathWarning, ShapeError, first_line, is_out_of_memory, warn
+from .errors import ConfigError, PathWarning, ShapeError, first_line, is_out_of_memory, warn
 from .inputs import Params, TaskBatch, has_active_dropout
 
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -146,10 +146,12 @@ class ExecutionPaths:
             out = batched()
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
             if self.batched or prediction and is_out_of_memory(error):
-                if isinstance(error, ShapeError):  # maybe vmap's, not the input's
-                    raise ShapeError(f"{error} (this ran under vmap, batched=True; where vmap "
-                                     "cannot run a model, batched=None falls back to the looped "
-                                     "path)") from error
+                if isinstance(error, ShapeError):  # the input's, or vmap's: the loop tells
+                    looped()  # the input's error is raised as the looped path raises it
+                    reason = first_line(error.__cause__ or error)
+                    raise ConfigError(f"vmap cannot run this model ({reason}) and batched=True "
+                                      "forbids the looped path: use batched=None, which falls "
+                                      "back to it") from error
                 raise
             out = looped()  # a user error fails here too, and is raised
             setattr(self, failed, True)
@@ -291,16 +293,17 @@ class ExecutionPaths:
         (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
         pace of ranks that step together; each rank's choice is then recorded on every rank, so
         that the ranks' records (and checkpoints) agree. A role not timed here (compiling off)
-        counts as infinitely slow; where vmap failed, every role runs looped."""
-        def seconds(candidate: tuple[str, int | None]) -> float:
-            return timings.get(("looped", None) if self._vmap_failed else candidate, math.inf)
+        counts as infinitely slow; where vmap failed, every role runs (and is recorded) looped."""
+        def runs(candidate: tuple[str, int | None]) -> tuple[str, int | None]:
+            return ("looped", None) if self._vmap_failed else candidate
 
-        mine = (key, {role: (candidate, seconds(candidate)) for role, candidate in roles.items()})
+        mine = (key, {role: (runs(candidate), timings.get(runs(candidate), math.inf))
+                      for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
         best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
         for rank_key, offer in offers:
             self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = offer[best][0]
-        return ("looped", None) if self._vmap_failed else roles[best]
+        return mine[1][best][0]
 
     def _chunk(self, batch: Sequence[Tensor]) -> int | None:
         if self.chunk_size is not None or batch[0].device.type != "cpu":
