@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 import fastmaml.core
 import fastmaml.norms
@@ -532,6 +533,17 @@ def test_a_lazy_module_not_run_yet_is_named_and_trains_once_run():
     model(batch.support_x[0])
     loss, _ = MAML(model, loss_fn, 0.1, 1).meta_backward(batch)
     assert torch.isfinite(loss) and model[0].weight.grad.shape == (8, 1)
+
+
+def test_spectral_norm_whose_estimate_maml_never_advances_is_said():
+    """Its power-iteration vectors are buffers, which MAML's forwards leave as they are: after
+    training, the weight's spectral norm was 1.09, not 1, unsaid."""
+    model = nn.Sequential(parametrizations.spectral_norm(nn.Linear(1, 8)), nn.Tanh(),
+                          nn.utils.spectral_norm(nn.Linear(8, 1)))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"spectral_norm on 0.weight, "
+                      r"2.weight: its power iteration keeps its vectors in buffers, which MAML's "
+                      "forwards leave as they are"):
+        MAML(model, F.mse_loss)
 
 
 def test_meta_backward_without_gradients_is_named():

@@ -29,6 +29,7 @@ from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
                      matching, non_finite_input)
 from .paths import ExecutionPaths
+from .norms import spectral_normed
 from .per_step import PerStepParameters
 from .probe import ModelProbe
 from .recurrent import has_recurrent
@@ -201,6 +202,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
+        if normed := spectral_normed(model):
+            warn(f"spectral_norm on {listed(normed)}: its power iteration keeps its vectors in "
+                 "buffers, which MAML's forwards leave as they are (as batch norm's running "
+                 "statistics), so every forward estimates the spectral norm afresh from the "
+                 "initial vectors in n_power_iterations iterations: raise n_power_iterations "
+                 "for a close estimate", FastMAMLWarning)
         # inductor under vmap: "Cannot access storage of BatchedTensorImpl"
         if compile and has_recurrent(model):
             warn("torch.compile cannot compile recurrent layers under vmap (torch "

@@ -30,6 +30,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations
+from torch.nn.utils.spectral_norm import SpectralNorm as SpectralNormHook
 from torch.overrides import TorchFunctionMode
 
 from .errors import ShapeError
@@ -115,6 +117,20 @@ def _bind_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5) 
 def _bind_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
                         use_input_stats=True, momentum=0.1, eps=1e-5) -> tuple:
     return input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+
+
+def spectral_normed(model: nn.Module) -> list[str]:
+    """The weights of ``model`` under ``spectral_norm`` (either API): its power iteration keeps
+    its vectors in buffers, which MAML's forwards leave as they are."""
+    normed = []
+    for name, module in model.named_modules():
+        if isinstance(module, parametrizations._SpectralNorm):  # <owner>.parametrizations.<w>.<i>
+            owner, _, weight = f".{name}".rpartition(".")[0].partition(".parametrizations.")
+            normed.append(f"{owner[1:]}.{weight}" if owner else weight)
+        normed += [f"{name}.{hook.name}" if name else hook.name
+                   for hook in module._forward_pre_hooks.values()
+                   if isinstance(hook, SpectralNormHook)]
+    return normed
 
 
 def has_batch_norm(model: nn.Module) -> bool:
