@@ -196,6 +196,11 @@ def test_an_operation_torch_cannot_differentiate_twice_is_named_with_the_remedy(
     model.zero_grad(set_to_none=True)
     MAML(model, loss_fn, 0.1, 1, first_order=True, batched=False).meta_backward(batch)
     assert model.bag.weight.grad is not None
+    _, loss_fn, batch = mlp_problem()  # a kernel whose missing derivative is a RuntimeError
+    hard = nn.Sequential(nn.Linear(1, 8), nn.Hardsigmoid(), nn.Linear(8, 1))
+    with pytest.raises(ConfigError, match=r"twice \(derivative for aten::hardsigmoid_backward "
+                                          r"is not implemented\): set first_order=True"):
+        MAML(hard, loss_fn, 0.1, 1).meta_backward(batch)
 
 
 def test_a_learner_compiled_by_its_user_still_runs_its_norms_exactly():

@@ -82,13 +82,15 @@ def _autograd_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple
 
 def _second_derivatives_explained(meta_backward: Callable) -> Callable:
     """``meta_backward`` where torch lacks the second derivative of an operation the model
-    calls: a ``ConfigError`` that says so and what to do, not torch's ``NotImplementedError``."""
+    calls: a ``ConfigError`` that says so and what to do, not torch's ``NotImplementedError``
+    (or ``RuntimeError``: ``F.hardsigmoid``)."""
     @functools.wraps(meta_backward)
     def explained(self: MAML, *args: Any, **kwargs: Any) -> Any:
         try:
             return meta_backward(self, *args, **kwargs)
-        except NotImplementedError as error:
-            if self.first_order or "derivative for" not in str(error):
+        except (NotImplementedError, RuntimeError) as error:  # (some kernels raise the latter)
+            if self.first_order or not ("derivative for" in str(error)
+                                        and "not implemented" in str(error)):
                 raise
             raise ConfigError(f"second-order MAML differentiates the inner gradient, and torch "
                               f"{torch.__version__} cannot differentiate an operation of the "
