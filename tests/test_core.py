@@ -270,6 +270,23 @@ def test_adapted_layer_and_instance_norm_weights_are_exact_under_vmap(kind, monk
     assert relative(fused[True], fused[False]) > 1e-5
 
 
+@pytest.mark.parametrize("dim", [0, 1, -1, -2, -3, None])
+@pytest.mark.parametrize("api", [parametrizations.weight_norm, nn.utils.weight_norm])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")
+def test_weight_norm_in_plain_ops_is_torchs_weight_for_every_dim(dim, api):
+    """The replacement of torch's kernel (wrong double backward) gives its weight: the norm
+    over every dimension but ``dim``, over all for None (-1); -2 counted from the end."""
+    conv = api(nn.Conv2d(2, 3, 3), dim=dim)
+    x = torch.randn(2, 2, 5, 5)
+    with torch.no_grad():
+        for name, p in conv.named_parameters():
+            if name.endswith(("original1", "weight_v")):
+                p.mul_(torch.rand_like(p) + 0.5)  # rows of other norms
+    with fastmaml.norms.ExactNorms(transductive=False):
+        inside = conv(x)
+    torch.testing.assert_close(inside, conv(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("adapt", [None, ["4"]])  # all, or the head only (ANIL)
 @pytest.mark.parametrize("path", ["batched", "looped", "checkpoint_steps"])
 def test_first_order_equals_gradient_with_detached_inner_gradients(adapt, path):

@@ -60,10 +60,12 @@ def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list
     return out
 
 
-def weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
+def plain_weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     """``torch._weight_norm``'s weight, ``g * v / ||v||``, the norm over every dimension of ``v``
-    but ``dim`` (over all of them for ``dim=-1``), in ops differentiable to any order."""
-    over = [d for d in range(v.dim()) if d != dim] if dim != -1 else list(range(v.dim()))
+    but ``dim`` (over all of them for ``dim=-1``, as torch; another negative ``dim`` counts from
+    the end), in ops differentiable to any order."""
+    kept = None if dim == -1 else dim % v.dim()
+    over = [d for d in range(v.dim()) if d != kept]
     return v * (g / (v * v).sum(over, keepdim=True).sqrt())
 
 
@@ -72,22 +74,22 @@ NORM_FUNCTIONS = (F.batch_norm, F.layer_norm, F.instance_norm, torch._weight_nor
 
 class ExactNorms(TorchFunctionMode):
     """Inside this mode ``F.layer_norm`` and ``F.instance_norm`` apply their weight and bias
-    outside the fused kernel, ``torch._weight_norm`` runs as ``weight_norm``, and an
+    outside the fused kernel, ``torch._weight_norm`` runs as ``plain_weight_norm``, and an
     ``F.batch_norm`` with batch statistics (with ``transductive``, every one; otherwise one in
-    training mode) runs as ``batch_stats_norm`` and updates no buffers. ``called`` is told of
-    each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote them: a replacement may call
-    none)."""
+    training mode) runs as ``batch_stats_norm`` and updates no buffers. ``on_norm`` is called
+    for each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote them: a replacement may
+    call none)."""
 
-    def __init__(self, transductive: bool, called: Callable[[], None] | None = None):
+    def __init__(self, transductive: bool, on_norm: Callable[[], None] | None = None):
         super().__init__()
-        self.transductive, self.called = transductive, called
+        self.transductive, self.on_norm = transductive, on_norm
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.called and func in NORM_FUNCTIONS:
-            self.called()
+        if self.on_norm and func in NORM_FUNCTIONS:
+            self.on_norm()
         if func is torch._weight_norm:
-            return weight_norm(*args, **kwargs)
+            return plain_weight_norm(*args, **kwargs)
         if func is F.batch_norm:
             x, _, _, weight, bias, training, eps = _bind_batch_norm(*args, **kwargs)
             if self.transductive or training:

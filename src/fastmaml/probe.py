@@ -105,8 +105,8 @@ class ModelProbe:
         finally:
             set_random_state(state, x.device)
         self._unused_names = self._unused_parameters(output, {**frozen, **fast})
-        if not calls.norms:
-            self._norm_mode = contextlib.nullcontext
+        self._norm_mode = (functools.partial(ExactNorms, self._transductive) if calls.norms
+                           else contextlib.nullcontext)
         if calls.exact_embeddings:
             self._embedding_mode = ExactEmbeddings
         if calls.frequency_scaling:
