@@ -558,3 +558,13 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     assert len({seconds for _, seconds in offer.values()}) == 1  # every role: the looped time
     assert failed.path == "looped" and relative(flat_grads(failed), expected) < 1e-6
     assert failed.path_choices["other rank's shape"] == ("batched", 7)  # the other keeps vmap
+    # a rank of the same shape whose vmap runs: the shape's record is its path, whichever rank
+    # offers first (the failed rank's looped record once overwrote it, or not, by rank order)
+    for first in (True, False):
+        failed = MAML(model, F.mse_loss, 0.1, 1)
+        failed._vmap_failed = True
+        failed.gather_ranks = other = OtherRank(knows=False, fast="all tasks", key=key)
+        if not first:  # the other rank's offer first
+            failed.gather_ranks = lambda value, ask=other: ask(value)[::-1]
+        failed.meta_backward(batch)
+        assert failed.path == "looped" and failed.path_choices == {key: ("batched", 7)}

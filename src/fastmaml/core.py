@@ -562,7 +562,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             return tree_map(lambda *rows: torch.stack(rows), *map(alone_with_context, x))
         return self._dispatch(lambda: vmap(alone_with_context, randomness="different",
                                            chunk_size=max(1, PREDICT_BATCH // (len(context) + 1))
-                                           )(x), looped, prediction=True)
+                                           )(x), looped, lambda: alone_with_context(x[0]),
+                              prediction=True)
 
     # ----- the parts of meta_backward: the plain backward, the checkpointed reverse pass -----
     def _without_gradient(self, step_weights: Tensor | None) -> set[str]:
@@ -597,7 +598,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         per_task = self._dispatch(
             lambda: _vmap_tasks(task, self._chunk(batch), *batch),
             lambda: tuple({n: torch.stack([d[n] for d in column]) for n in column[0]}
-                          for column in zip(*(task(*data) for data in zip(*batch)))))
+                          for column in zip(*(task(*data) for data in zip(*batch)))),
+            lambda: task(*(t[0] for t in batch)))
         *per_task_grads, values = per_task
         grads = {f"{prefix}{n}": g.mean(0) for prefix, part in
                  zip(("model.", "model.", ""), per_task_grads) for n, g in part.items()}

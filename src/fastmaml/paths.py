@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .aliases import with_aliases
-from .errors import ConfigError, PathWarning, ShapeError, first_line, is_out_of_memory, warn
+from .errors import (ConfigError, FastMAMLError, PathWarning, ShapeError, first_line,
+                     is_out_of_memory, warn)
 from .inputs import Params, TaskBatch, has_active_dropout
 
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
@@ -111,7 +112,8 @@ class ExecutionPaths:
                                       for part in _chunks(batch, chunk)])
             except torch._dynamo.exc.TorchDynamoException as error:
                 return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
-        out = self._dispatch(batched, lambda: self._run_looped(args, batch))
+        out = self._dispatch(batched, lambda: self._run_looped(args, batch),
+                             lambda: self._run_looped(args, TaskBatch(*(t[:1] for t in batch))))
         if self.path == "batched" and choice is not None:  # (uncompiled if compiling just failed)
             self.path = _label(choice if compiled and self._compiled_batched else ("batched", chunk))
         return out
@@ -132,11 +134,12 @@ class ExecutionPaths:
         return self.batched is True or self.path == "batched"
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any],
-                  prediction: bool = False) -> Any:
+                  looped_first: Callable[[], Any], prediction: bool = False) -> Any:
         """Run the batched (vmap) path, or the looped one when asked for or already fallen back
         to. A meta-batch records its path in ``self.path``; a ``prediction`` (``predict``'s rows,
         another function of the model) falls back on its own, and out of memory is no reason
-        to (its rows are chunked)."""
+        to (its rows are chunked). ``looped_first``, the looped path on the first task (or row)
+        alone, tells where ``batched=True`` fails whether vmap or the input is at fault."""
         failed = "_predict_vmap_failed" if prediction else "_vmap_failed"
         if self.batched is False or getattr(self, failed):
             if not prediction:
@@ -146,8 +149,9 @@ class ExecutionPaths:
             out = batched()
         except Exception as error:  # noqa: BLE001 - auto mode falls back to the loop below
             if self.batched or prediction and is_out_of_memory(error):
-                if isinstance(error, ShapeError):  # the input's, or vmap's: the loop tells
-                    looped()  # the input's error is raised as the looped path raises it
+                if not is_out_of_memory(error) and (isinstance(error, ShapeError) or not
+                                                    isinstance(error, FastMAMLError)):
+                    looped_first()  # the input's fault: raised as the looped path raises it
                     reason = first_line(error.__cause__ or error)
                     raise ConfigError(f"vmap cannot run this model ({reason}) and batched=True "
                                       "forbids the looped path: use batched=None, which falls "
@@ -293,7 +297,8 @@ class ExecutionPaths:
         (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
         pace of ranks that step together; each rank's choice is then recorded on every rank, so
         that the ranks' records (and checkpoints) agree. A role not timed here (compiling off)
-        counts as infinitely slow; where vmap failed, every role runs (and is recorded) looped."""
+        counts as infinitely slow; where vmap failed, every role runs looped, and a shape whose
+        every rank runs looped is recorded so (the role's path would never have run)."""
         def runs(candidate: tuple[str, int | None]) -> tuple[str, int | None]:
             return ("looped", None) if self._vmap_failed else candidate
 
@@ -301,8 +306,10 @@ class ExecutionPaths:
                       for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
         best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
-        for rank_key, offer in offers:
-            self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = offer[best][0]
+        for rank_key in dict.fromkeys(rank_key for rank_key, _ in offers):
+            ran = [offer[best][0] for offered_key, offer in offers if offered_key == rank_key]
+            self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = next(
+                (path for path in ran if path != ("looped", None)), ("looped", None))
         return mine[1][best][0]
 
     def _chunk(self, batch: Sequence[Tensor]) -> int | None:
