@@ -7,11 +7,12 @@ import subprocess
 import sys
 import threading
 import urllib.error
+from unittest import mock
 from pathlib import Path
 
 import pytest
 
-from fastmaml.atomic import replace_atomically, write_text_atomic
+from fastmaml.atomic import remove_stale_temporaries, replace_atomically, write_text_atomic
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -103,9 +104,18 @@ def test_a_place_that_takes_no_new_file_is_named_not_the_temporary(tmp_path):
     assert ".tmp" not in str(raised.value)
 
 
-@pytest.mark.parametrize("letter", ["a", "\u00e9"])  # 1 and 2 bytes in UTF-8
-def test_a_name_near_the_file_systems_limit_is_written(tmp_path, letter):
+@pytest.mark.parametrize("letter", ["a", "\u20ac"])  # 1 and 3 bytes in UTF-8 (cut in two)
+def test_a_name_near_the_file_systems_limit_is_written_and_its_stale_temporaries_removed(
+        tmp_path, letter):
     """A 250-byte name (the limit is 255) took a temporary name too long to create."""
     path = tmp_path / (letter * (250 // len(letter.encode())))
     replace_atomically(path, lambda handle: handle.write(b"kept"))
     assert path.read_bytes() == b"kept" and os.listdir(tmp_path) == [path.name]
+
+    def killed(handle):  # a writer killed mid-write leaves its temporary
+        raise KeyboardInterrupt
+    with mock.patch.object(Path, "unlink"), pytest.raises(KeyboardInterrupt):
+        replace_atomically(path, killed)
+    assert len(os.listdir(tmp_path)) == 2
+    remove_stale_temporaries(path)
+    assert os.listdir(tmp_path) == [path.name]

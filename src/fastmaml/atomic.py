@@ -7,6 +7,7 @@ records back, with an error that names a damaged file.
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import secrets
@@ -55,8 +56,7 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
     if follow_links:
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    stem = os.fsdecode(os.fsencode(path.name)[:200])  # a name near the 255-byte limit fits too
-    tmp = path.with_name(f".{stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as handle:
             write(handle)
@@ -83,11 +83,17 @@ def _sync_directory(folder: Path) -> None:
             os.close(descriptor)
 
 
+def _temporary_prefix(path: Path) -> str:
+    """How the names of ``path``'s temporaries start: its name, cut to 200 bytes so that a name
+    near the file system's limit (255) gets one too."""
+    return f".{os.fsdecode(os.fsencode(path.name)[:200])}."
+
+
 def remove_stale_temporaries(path: Path) -> None:
     """Delete the temporaries of ``replace_atomically(path)`` that a killed writer left behind
     (``kill -9`` during a write skips the cleanup). Only for a caller that holds ``path``
     alone, e.g. a training run under its run lock."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+    for stale in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*.tmp"):
         stale.unlink(missing_ok=True)
 
 
