@@ -14,7 +14,7 @@ import fastmaml
 from fastmaml.cli import main
 from fastmaml.errors import ConfigError, NonFiniteInputError
 from fastmaml.experiments.rl import RLConfig
-from fastmaml.rl import GaussianMLPPolicy, Sampler, make_batch_env
+from fastmaml.rl import GaussianMLPPolicy, Nav2DBatch, Sampler, make_batch_env
 
 MODULE = '''
 import gymnasium, numpy as np
@@ -182,9 +182,12 @@ def test_a_config_names_an_unfit_environment_before_anything_runs(module: str) -
     with pytest.raises(ConfigError, match="CartPole-v1 .* lacks a classmethod sample_tasks"):
         RLConfig(env="CartPole-v1")
     # a built-in id given as a user's (module:id) took the generic path, losing the paper's
-    # test tasks, and refused action_scale
+    # test tasks, and refused action_scale; its module is still imported
     assert RLConfig(env="fastmaml.rl:fastmaml/Nav2D-v0", action_scale=2.0).env == \
         "fastmaml/Nav2D-v0"
+    assert isinstance(Sampler("fastmaml.rl:fastmaml/Nav2D-v0").env, Nav2DBatch)
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module'"):
+        RLConfig(env="no_such_module:fastmaml/Nav2D-v0")
     with pytest.raises(ConfigError, match="name the environment to meta-train on: env="):
         fastmaml.meta_train("rl-env", Path("/nonexistent/never-written"), progress=False)
 
@@ -220,6 +223,9 @@ def test_the_sampler_closes_the_environments_it_made(module: str) -> None:
     with pytest.raises(ConfigError, match="needs a Box action space"):
         make_batch_env(f"{module}:{module}/Discrete-v0")
     assert users.CLOSED[3:] == ["Discrete"]
+    with pytest.raises(ConfigError, match="sample_tasks"):  # refused after the env was made
+        Sampler(f"{module}:{module}/NotDicts-v0")
+    assert users.CLOSED[4:] == ["NotDicts"]
 
 
 def test_a_horizon_longer_than_max_episode_steps_runs_its_steps(module: str) -> None:

@@ -173,9 +173,9 @@ class RLConfig(Config):
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
                               "supervised experiments; meta-RL's evaluation adapts one "
                               "policy-gradient step at a time, from the last step's parameters")
-        if self.env.rpartition(":")[2] in PAPER_ENVS:  # ``module:fastmaml/...``: the module
-            self.env = self.env.rpartition(":")[2]  # adds nothing to a built-in id
-        if self.env and self.env not in PAPER_ENVS:  # ("": rl-env, until it is given)
+        if self.env:  # ("": rl-env, until it is given)
+            self.env = _rl().canonical_env_id(self.env)
+        if self.env and self.env not in PAPER_ENVS:
             _rl().env_class(self.env)  # a user's environment: registered, with the task API
         if not 0 < self.action_scale < math.inf:
             raise ConfigError(f"action_scale must be > 0 and finite, got {self.action_scale}")

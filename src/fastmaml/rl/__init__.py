@@ -15,8 +15,8 @@ iteration are distinct, so no two batches share their noise.
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
 from .envs import (ENVS, TASK_API, AntDirEnv, AntVelEnv, GymBatch, HalfCheetahDirEnv,
-                   HalfCheetahVelEnv, Nav2DBatch, Nav2DEnv, OfficialTest, Task, default_horizon,
-                   env_class, make_batch_env, official_test, official_test_tasks,
+                   HalfCheetahVelEnv, Nav2DBatch, Nav2DEnv, OfficialTest, Task, canonical_env_id,
+                   default_horizon, env_class, make_batch_env, official_test, official_test_tasks,
                    right_way_threshold, sample_tasks)
 from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian_kl,
                      gaussian_log_prob, pack_targets, policy_forward, reinforce_data,
@@ -30,8 +30,8 @@ from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hv
 
 __all__ = ["ENVS", "TASK_API", "AntDirEnv", "AntVelEnv", "GymBatch", "HalfCheetahDirEnv",
            "HalfCheetahVelEnv", "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task",
-           "default_horizon", "env_class", "make_batch_env", "official_test", "official_test_tasks",
-           "right_way_threshold", "sample_tasks",
+           "canonical_env_id", "default_horizon", "env_class", "make_batch_env", "official_test",
+           "official_test_tasks", "right_way_threshold", "sample_tasks",
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",

@@ -547,17 +547,33 @@ def env_class(env_id: str) -> type:
     return cls
 
 
-def _user_spec(env_id: str) -> EnvSpec:
-    """The gymnasium spec of a user's id, ``module:`` imported first; a ``ConfigError`` naming
-    the nearest ids where it is not registered."""
+def canonical_env_id(env_id: str) -> str:
+    """``env_id``; a built-in id given as a user's, ``module:fastmaml/...``, as the built-in id
+    (its module imported, as gymnasium would), so that it takes the built-in's own path, horizon
+    and test tasks."""
+    name = env_id.rpartition(":")[2]
+    return _imported(env_id) if name in ENVS else env_id
+
+
+def _imported(env_id: str) -> str:
+    """The id of ``module:id``, its module imported first (a ``ConfigError`` where it cannot
+    be)."""
     module, _, name = env_id.rpartition(":")
     try:
         if module:
             importlib.import_module(module)
-        return gymnasium.spec(name)
     except ImportError as error:
         raise ConfigError(f"meta-RL environment {env_id!r}: cannot import {module!r} ({error}); "
                           "put its folder on PYTHONPATH") from None
+    return name
+
+
+def _user_spec(env_id: str) -> EnvSpec:
+    """The gymnasium spec of a user's id, ``module:`` imported first; a ``ConfigError`` naming
+    the nearest ids where it is not registered."""
+    module = env_id.rpartition(":")[0]
+    try:
+        return gymnasium.spec(_imported(env_id))
     except gymnasium.error.Error:
         near = did_you_mean(env_id, [*ENVS, *(f"{module}:{known}" if module else known
                                               for known in gymnasium.registry)])
@@ -622,6 +638,7 @@ def right_way_threshold(env_id: str, horizon: int) -> float | None:
 
 def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
     """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
+    env_id = canonical_env_id(env_id)
     cls = env_class(env_id)
     if env_id not in ENVS:
         return GymBatch(env_id, **kwargs)

@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
-from .envs import ENVS, BatchEnv, Task, default_horizon, make_batch_env, sample_tasks
+from .envs import (ENVS, BatchEnv, Task, canonical_env_id, default_horizon, make_batch_env,
+                   sample_tasks)
 from .policy import policy_forward
 
 
@@ -121,6 +122,8 @@ class Sampler:
 
     def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
                  **env_kwargs: Any):
+        self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
+        env_id = canonical_env_id(env_id)
         self.horizon = default_horizon(env_id) if horizon is None else horizon
         if self.horizon < 1 or num_workers < 0:
             raise ConfigError(f"need horizon >= 1 and num_workers >= 0, got {self.horizon} and "
@@ -129,13 +132,16 @@ class Sampler:
             env_kwargs = {"max_episode_steps": self.horizon, **env_kwargs}
         self.env_id, self.env_kwargs = env_id, env_kwargs
         self.env = make_batch_env(env_id, **env_kwargs)
-        self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
-        # what every task of this environment holds, and each value's shape (``_check``)
-        example = sample_tasks(env_id, 1, np.random.default_rng(0))[0]
-        self._task_shapes = {key: np.shape(value) for key, value in example.items()}
-        self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
-        if num_workers:
-            self._start_workers(num_workers)
+        try:
+            self.obs_dim, self.act_dim = self.env.obs_dim, self.env.act_dim
+            # what every task of this environment holds, and each value's shape (``_check``)
+            example = sample_tasks(env_id, 1, np.random.default_rng(0))[0]
+            self._task_shapes = {key: np.shape(value) for key, value in example.items()}
+            if num_workers:
+                self._start_workers(num_workers)
+        except BaseException:
+            self.close()  # (the environments a user's class made, too)
+            raise
 
     def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: int,
                params: Params | None = None, tasks_per_rollout: int | None = None,
