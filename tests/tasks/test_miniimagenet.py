@@ -139,8 +139,8 @@ def test_a_pickle_of_unequal_classes_ranges_and_another_size(tmp_path: Path) -> 
     to 84x84 as an image file would be, and said: they were upscaled unsaid) load."""
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (7, 48, 64, 3), dtype=np.uint8)
-    with pytest.warns(FastMAMLWarning, match=r"small.pkl holds 64x48 images, fewer pixels than "
-                                             r"MiniImagenet's 84x84: they are upscaled"):
+    with pytest.warns(FastMAMLWarning, match=r"small.pkl holds 64x48 images, smaller in a side "
+                                             r"than MiniImagenet's 84x84: they are upscaled"):
         read = read_pickle_cache(write_pickle(tmp_path / "small.pkl", {
             "image_data": images, "class_dict": {"b": range(0, 4), "a": [6, 5, 4]}}))
     assert read.names == ["a", "b"] and [tuple(c.shape) for c in read.images] == [

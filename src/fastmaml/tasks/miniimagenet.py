@@ -109,8 +109,8 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> MiniImagenetSplit:
                         f"{getattr(images, 'shape', '')}")
     if not isinstance(class_dict, dict) or not class_dict:
         raise DataError(f"{path}: class_dict must be a non-empty dict of class -> indices")
-    if min(images.shape[1:3]) < IMAGE_SIZE:  # (a larger size is MiniImagenet's, downscaled)
-        warn(f"{path} holds {images.shape[2]}x{images.shape[1]} images, fewer pixels than "
+    if min(images.shape[1:3]) < IMAGE_SIZE:  # (larger ones lose no detail in the resize)
+        warn(f"{path} holds {images.shape[2]}x{images.shape[1]} images, smaller in a side than "
              f"MiniImagenet's {IMAGE_SIZE}x{IMAGE_SIZE}: they are upscaled to it, and accuracies "
              "are those of the smaller copy, not comparable with the paper's", FastMAMLWarning)
     indices, owner = {}, {}  # class -> its indices; image index -> its class
