@@ -17,17 +17,29 @@ from fastmaml.train import checkpoint_path, load_checkpoint
 SETTINGS = ["iterations=4", "log_every=2", "checkpoint_every=2", "--no-progress"]
 
 
-def train_one_and_two_processes(tmp_path, preset: str, settings: list[str]) -> None:
+def train_one_and_two_processes(tmp_path, preset: str, settings: list[str],
+                                machines: int = 1) -> None:
     """Train ``preset`` in one process (``tmp_path/one``) and under torchrun with two
-    (``tmp_path/two``)."""
+    (``tmp_path/two``): on one machine (``--standalone``), or one process on each of two
+    machines that meet at a c10d rendezvous endpoint (the README's several-machines command;
+    two nodes on loopback here)."""
     assert main(["train", preset, "--out", str(tmp_path / "one"), *settings]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # --standalone: rendezvous on localhost
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "fastmaml", "train", preset, "--out", str(tmp_path / "two"), *settings],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 processes" in result.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = [sys.executable, "-m", "torch.distributed.run"] + (
+        ["--standalone", "--nproc_per_node=2"] if machines == 1 else
+        ["--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
+         f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=two-machines"])
+    command = [*launcher, "-m", "fastmaml", "train", preset, "--out", str(tmp_path / "two"),
+               *settings]
+    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(machines)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:  # none outlives a failed test
+            node.kill()
+    assert [node.returncode for node in nodes] == [0] * machines, [e[-3000:] for _, e in outputs]
+    assert sum("2 processes" in out for out, _ in outputs) == 1  # said by the main rank only
 
 
 def free_port() -> int:
@@ -85,24 +97,9 @@ def test_two_processes_match_one(tmp_path, meta_batch):
 
 
 def test_two_machines_that_meet_by_rendezvous_train_as_one_process(tmp_path):
-    """The README's several-machines command: one torchrun per node, meeting at a c10d
-    rendezvous endpoint (two nodes on loopback here), trains the run a single process trains."""
-    settings = [*SETTINGS, "meta_batch=8"]
-    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *settings]) == 0
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-               "--rdzv-id=two-machines", "-m", "fastmaml", "train", "sinusoid-demo",
-               "--out", str(tmp_path / "two"), *settings]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
-    try:
-        outputs = [node.communicate(timeout=300) for node in nodes]
-    finally:
-        for node in nodes:  # none outlives a failed test
-            node.kill()
-    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in outputs]
-    assert sum("2 processes" in out for out, _ in outputs) == 1  # said by the main rank only
+    """The README's several-machines command trains the run a single process trains."""
+    train_one_and_two_processes(tmp_path, "sinusoid-demo", [*SETTINGS, "meta_batch=8"],
+                                machines=2)
     assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
 
 
