@@ -31,6 +31,27 @@ def weight_norm_problem(seed: int = 0):
     return model, F.mse_loss, mlp_problem(seed)[2]
 
 
+class Prototypes(nn.Module):
+    """Classes scored by an embedding's distances to learned prototypes, as metric learners do:
+    torch's ``cdist`` has no double backward for p other than 2, nor for sets of at most 25 rows
+    (``fastmaml.twice``); a hard sigmoid (MobileNetV3's) neither."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.prototypes = nn.Linear(1, 6), nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedded = F.hardsigmoid(self.embed(x))
+        return -torch.cdist(embedded, self.prototypes) - torch.cdist(embedded, self.prototypes, 1.5)
+
+
+def prototypes_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    batch = TaskBatch(torch.randn(TASKS, 6, 1), torch.randint(0, 3, (TASKS, 6)),
+                      torch.randn(TASKS, 6, 1), torch.randint(0, 3, (TASKS, 6)))
+    return Prototypes(), F.cross_entropy, batch
+
+
 def conv_problem(seed: int = 0):
     """A small paper-style conv net with batch norm (offset only), 3-way tasks on 8x8 images."""
     torch.manual_seed(seed)
@@ -103,7 +124,7 @@ MORE_MODELS = {**PROBLEMS, "lstm": recurrent_problem(nn.LSTM, num_layers=2),
                "gru": recurrent_problem(nn.GRU, bidirectional=True),
                "transformer": attention_problem(encoder_layer=True),
                "attention": attention_problem(encoder_layer=False), "embedding_bag": bag_problem,
-               "weight_norm": weight_norm_problem}
+               "weight_norm": weight_norm_problem, "prototypes": prototypes_problem}
 
 
 def meta_grad(maml: MAML, batch: TaskBatch, **kwargs) -> torch.Tensor:
@@ -126,7 +147,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 HEADS = {"mlp": ["4"], "conv_bn": ["head"], "lstm": ["head"], "gru": ["head"],  # ANIL: the last
          "transformer": ["2"], "attention": ["head"], "embedding_bag": ["head"],  # layer
-         "weight_norm": ["2"]}
+         "weight_norm": ["2"], "prototypes": ["prototypes"]}
 VARIANTS = {"plain": {}, "first_order": {"first_order": True}, "anil": {"adapt": "head"},
             "anil_first_order": {"adapt": "head", "first_order": True},
             "no_inner_steps": {"inner_steps": 0}, "multi_step_loss": {}}

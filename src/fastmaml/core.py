@@ -232,7 +232,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         for name in self._buffer_names:  # fresh copies: a forward may count batches in place
             state[name] = state[name].clone()
         try:
-            with (self._norm_mode(), self._embedding_mode(), self._rnn_mode(),
+            with (self._norm_mode(), self._embedding_mode(), self._twice_mode(), self._rnn_mode(),
                   self._attention_mode()):
                 return functional_call(self.model, with_aliases(state, self._aliases), (x,),
                                        tie_weights=False)

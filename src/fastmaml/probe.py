@@ -4,7 +4,8 @@ built and by one eager forward on its first call (``ModelProbe._probe``).
 Some of torch's kernels are wrong or missing under ``vmap`` and higher derivatives: batch norm
 with batch statistics, and layer and instance norm with a weight adapted per task,
 differentiate wrongly under ``vmap`` (``fastmaml.norms``); so does an embedding's padding row,
-and an embedding bag has no second derivative at all (``fastmaml.embeddings``); recurrent
+and an embedding bag has no second derivative at all (``fastmaml.embeddings``), nor have a few
+other kernels (``fastmaml.twice``); recurrent
 layers' fused kernels have no batching rule (``fastmaml.recurrent``), nor do the fused
 attention kernels. ``ModelProbe`` chooses the exact form of each function the model calls
 (``MAML._forward`` enters them), sends a model whose embedding scales its gradient by frequency
@@ -34,6 +35,7 @@ from .inputs import Params
 from .norms import ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
 from .recurrent import StepwiseRNNs, has_recurrent
+from .twice import ONCE_DIFFERENTIABLE, TwiceDifferentiable
 
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -57,7 +59,7 @@ def eager_under_compile(function: Function) -> Function:
 
 class ModelProbe:
     """The model's forms and its unused parameters, for ``MAML``. ``MAML._forward`` runs under
-    ``_norm_mode``, ``_embedding_mode``, ``_rnn_mode`` and ``_attention_mode``;
+    ``_norm_mode``, ``_embedding_mode``, ``_twice_mode``, ``_rnn_mode`` and ``_attention_mode``;
     ``MAML._prepare`` and ``MAML.forward`` call ``_probe``; ``MAML._without_gradient`` reads
     ``_unused_names``. It reads ``MAML``'s ``_split_params``, ``_forward``,
     ``_trainable_names``, ``inner_lrs``, ``per_step`` and ``batched``, and reads and may set
@@ -67,8 +69,9 @@ class ModelProbe:
         """The forms known from the model's modules, at ``MAML``'s construction (see its
         ``transductive_bn``); the rest are set by ``_probe``."""
         self._transductive = has_batch_norm(model) if transductive_bn is None else transductive_bn
-        # the exact forms of the norm and embedding functions the model calls: set by ``_probe``
-        self._norm_mode = self._embedding_mode = contextlib.nullcontext
+        # the exact forms of the norm and embedding functions the model calls, and the twice
+        # differentiable forms of the kernels torch differentiates once: set by ``_probe``
+        self._norm_mode = self._embedding_mode = self._twice_mode = contextlib.nullcontext
         self._probed = False
         # trainable parameters the model's output does not depend on (set by ``_probe``)
         self._unused_names: set[str] | None = None
@@ -84,8 +87,9 @@ class ModelProbe:
         """Once, before the first forward of any path: an eager forward on ``x`` (one task's
         inputs) shows which functions the model calls, from its modules or its own code; the
         norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
-        bags, which torch differentiates only once, run in their exact forms (``ExactNorms``,
-        ``ExactEmbeddings``) from then on, on every path, and an embedding's
+        bags and other kernels that torch differentiates only once, run in their exact forms
+        (``ExactNorms``, ``ExactEmbeddings``, ``TwiceDifferentiable``) from then on, on every
+        path, and an embedding's
         ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows the
         parameters the output does not depend on (``_unused_parameters``). The random state is
         left as it was, so that a resumed run draws what an uninterrupted one does."""
@@ -109,6 +113,8 @@ class ModelProbe:
                            else contextlib.nullcontext)
         if calls.exact_embeddings:
             self._embedding_mode = ExactEmbeddings
+        if calls.once_differentiable:
+            self._twice_mode = TwiceDifferentiable
         if calls.frequency_scaling:
             if self.batched:
                 raise ConfigError("scale_grad_by_freq: vmap scales an embedding's gradient by "
@@ -145,17 +151,20 @@ class ModelProbe:
 class KernelsCalled(TorchFunctionMode):
     """Records whether a forward calls a norm function (``ExactNorms``, which runs inside it,
     says so: ``saw_norm``), an embedding with a padding row or an embedding bag
-    (``ExactEmbeddings``), or an embedding that scales its gradient by frequency."""
+    (``ExactEmbeddings``), an embedding that scales its gradient by frequency, or a kernel
+    torch differentiates only once (``TwiceDifferentiable``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.norms = self.exact_embeddings = self.frequency_scaling = False
+        self.once_differentiable = False
 
     def saw_norm(self) -> None:
         self.norms = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
+        self.once_differentiable |= func in ONCE_DIFFERENTIABLE
         if func is F.embedding:
             self.exact_embeddings |= pads(*args, **kwargs)
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
