@@ -35,7 +35,7 @@ from .inputs import Params
 from .norms import ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
 from .recurrent import StepwiseRNNs, has_recurrent
-from .twice import ONCE_DIFFERENTIABLE, TwiceDifferentiable
+from .twice import TwiceDifferentiable, takes_over
 
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -164,7 +164,7 @@ class KernelsCalled(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        self.once_differentiable |= func in ONCE_DIFFERENTIABLE
+        self.once_differentiable |= takes_over(func, *args, **kwargs)
         if func is F.embedding:
             self.exact_embeddings |= pads(*args, **kwargs)
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)

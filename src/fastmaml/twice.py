@@ -4,12 +4,15 @@ torch 2.13 has no double backward for ``F.hardsigmoid`` ("derivative for
 aten::hardsigmoid_backward is not implemented"; MobileNetV3's squeeze-excitation uses it),
 ``torch.cdist`` for every ``p`` but 2 and, with ``p=2``, where both sets have at most 25 rows
 (its matrix-product form takes over above that) or ``compute_mode`` forbids that form, and
-``F.pdist`` ("the derivative for '_pdist_backward' is not implemented"). Second-order MAML
+``F.pdist`` ("the derivative for '_pdist_backward' is not implemented"). ``p=0`` (a count of
+the differing features) stays torch's, and second order refuses it. Second-order MAML
 differentiates the inner gradient, so it could not train a model that calls one of them.
 ``TwiceDifferentiable`` runs each as the same values (to rounding) in elementwise ops, whose
-derivatives torch has to any order, batched or looped; a distance of zero has the gradient zero,
-as torch gives it. The plain ``cdist`` holds the differences of every pair of rows (P x R x M
-numbers), which torch's kernel does not.
+derivatives torch has to any order, batched or looped, with torch's gradients where the formula
+has none (a zero distance or coordinate, ties at p = inf). The plain ``cdist`` holds the
+differences of every pair of rows (P x R x M numbers), which torch's kernel does not, and it runs
+in first order and evaluation too (a model's forward is one for every path): slower than torch's
+kernel for large sets.
 """
 from __future__ import annotations
 
@@ -21,21 +24,28 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 MM_ROWS = 25  # above this many rows in either set, torch's p=2 cdist is a matrix product
-ONCE_DIFFERENTIABLE = (F.hardsigmoid, torch.cdist, torch.pdist)
+COMPUTE_MODES = ("use_mm_for_euclid_dist_if_necessary", "use_mm_for_euclid_dist",
+                 "donot_use_mm_for_euclid_dist")
 
 
 def hardsigmoid(x: Tensor) -> Tensor:
-    """0 below -3, 1 above 3, x / 6 + 1/2 between; the gradient 1/6 strictly between (torch's)."""
-    inside = (x > -3) & (x < 3)
+    """0 below -3, 1 above 3, x / 6 + 1/2 between (and NaN for NaN); the gradient 1/6 strictly
+    between, as torch's."""
+    inside = ((x > -3) & (x < 3)) | x.isnan()
     return torch.where(inside, x / 6 + 0.5, (x >= 3).to(x.dtype))
 
 
 def _distance(differences: Tensor, p: float) -> Tensor:
-    """The p-norm (p > 0) of ``differences`` over the last dimension; zero, with the gradient
-    zero, for a difference of zero (where the p-th root has no derivative)."""
+    """The p-norm (p > 0) of ``differences`` over the last dimension, with torch's gradient
+    where the formula has none: zero for a zero coordinate (below p = 1 its power's derivative
+    is infinite) and for a zero distance (the root's), and at p = inf each coordinate tied at
+    the maximum gets its full sign."""
+    size = differences.abs()
     if p == math.inf:
-        return differences.abs().amax(-1)
-    powered = differences.abs().pow(p).sum(-1)
+        top = size.detach().amax(-1, keepdim=True)
+        return top.squeeze(-1) + ((size - size.detach()) * (size.detach() == top)).sum(-1)
+    nonzero = size > 0
+    powered = torch.where(nonzero, torch.where(nonzero, size, 1.0).pow(p), 0.0).sum(-1)
     positive = powered > 0
     return torch.where(positive, torch.where(positive, powered, 1.0).pow(1 / p), 0.0)
 
@@ -47,13 +57,17 @@ def cdist(x1: Tensor, x2: Tensor, p: float = 2.0) -> Tensor:
 
 
 def pdist(x: Tensor, p: float = 2.0) -> Tensor:
-    """``F.pdist``: the p-norm (p > 0) distance of every pair of rows i < j of ``x`` (N, M), in row
-    order."""
+    """``F.pdist``: the p-norm (p > 0) distance of every pair of rows i < j of ``x`` (N, M), in
+    row order."""
     first, second = torch.triu_indices(len(x), len(x), offset=1, device=x.device)
     return _distance(x[first] - x[second], p)
 
 
-def _bind_cdist(x1, x2, p=2.0, compute_mode="use_mm_for_euclid_dist_if_necessary") -> tuple:
+def _bind_hardsigmoid(input, inplace=False) -> tuple:
+    return input, inplace
+
+
+def _bind_cdist(x1, x2, p=2.0, compute_mode=COMPUTE_MODES[0]) -> tuple:
     return x1, x2, p, compute_mode
 
 
@@ -61,24 +75,41 @@ def _bind_pdist(input, p=2.0) -> tuple:
     return input, p
 
 
+def takes_over(func, *args, **kwargs) -> bool:  # noqa: ANN001
+    """Whether ``TwiceDifferentiable`` runs this call in plain ops: every ``F.hardsigmoid``; a
+    ``torch.cdist`` or ``F.pdist`` of p > 0 on non-empty floating inputs that torch accepts,
+    unless torch runs it as a matrix product (p = 2 over more than 25 rows in a set, or asked
+    for), which has a double backward. Anything else stays torch's, errors included."""
+    if func is F.hardsigmoid:
+        return True
+    if func is torch.pdist:
+        x, p = _bind_pdist(*args, **kwargs)
+        return x.dim() == 2 and x.is_floating_point() and x.numel() > 0 and p > 0
+    if func is not torch.cdist:
+        return False
+    x1, x2, p, compute_mode = _bind_cdist(*args, **kwargs)
+    if not (compute_mode in COMPUTE_MODES and min(x1.dim(), x2.dim()) >= 2
+            and x1.shape[-1] == x2.shape[-1] and x1.dtype == x2.dtype
+            and x1.is_floating_point() and x1.numel() > 0 and x2.numel() > 0 and p > 0):
+        return False
+    product = p == 2 and (compute_mode == "use_mm_for_euclid_dist"
+                          or compute_mode == COMPUTE_MODES[0]
+                          and max(x1.shape[-2], x2.shape[-2]) > MM_ROWS)
+    return not product
+
+
 class TwiceDifferentiable(TorchFunctionMode):
-    """Inside this mode ``F.hardsigmoid`` runs as ``hardsigmoid``, and an ``F.pdist`` or a
-    ``torch.cdist`` that torch would run without a double backward as ``pdist`` or ``cdist``
-    (of p > 0: p = 0 counts the differing features, whose gradient is zero anyway)."""
+    """Inside this mode the calls ``takes_over`` names run as ``hardsigmoid`` (in place where
+    asked), ``cdist`` and ``pdist``."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not takes_over(func, *args, **kwargs):
+            return func(*args, **kwargs)
         if func is F.hardsigmoid:
-            return hardsigmoid(args[0] if args else kwargs["input"])
+            x, inplace = _bind_hardsigmoid(*args, **kwargs)
+            return x.copy_(hardsigmoid(x)) if inplace else hardsigmoid(x)
         if func is torch.pdist:
-            x, p = _bind_pdist(*args, **kwargs)
-            if p > 0:
-                return pdist(x, p)
-        if func is torch.cdist:
-            x1, x2, p, compute_mode = _bind_cdist(*args, **kwargs)
-            product = (compute_mode == "use_mm_for_euclid_dist"
-                       or compute_mode == "use_mm_for_euclid_dist_if_necessary"
-                       and max(x1.shape[-2], x2.shape[-2]) > MM_ROWS)
-            if p > 0 and not (p == 2 and product):
-                return cdist(x1, x2, p)
-        return func(*args, **kwargs)
+            return pdist(*_bind_pdist(*args, **kwargs))
+        x1, x2, p, _ = _bind_cdist(*args, **kwargs)
+        return cdist(x1, x2, p)
