@@ -161,7 +161,10 @@ from fastmaml import MAML, TaskBatch
 from fastmaml.distributed import average_gradients, gather_ranks, shard
 
 torch.set_num_threads(1)
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+# imported before the group, as init_from_env does: imported after it (by torch.func's first
+# call), its functions keep the group's gloo threads alive to race the exit (SIGABRT)
+import torch.distributed.nn.functional  # noqa: E402,F401
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # (fails fast)
 rank = dist.get_rank()
 eager_difference = fastmaml.paths._relative_difference
 
