@@ -28,8 +28,8 @@ from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
                      matching, non_finite_input)
-from .paths import ExecutionPaths
 from .norms import spectral_normed
+from .paths import ExecutionPaths
 from .per_step import PerStepParameters
 from .probe import ModelProbe
 from .recurrent import has_recurrent

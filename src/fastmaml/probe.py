@@ -5,12 +5,11 @@ Some of torch's kernels are wrong or missing under ``vmap`` and higher derivativ
 with batch statistics, and layer and instance norm with a weight adapted per task,
 differentiate wrongly under ``vmap`` (``fastmaml.norms``); so does an embedding's padding row,
 and an embedding bag has no second derivative at all (``fastmaml.embeddings``), nor have a few
-other kernels (``fastmaml.twice``); recurrent
-layers' fused kernels have no batching rule (``fastmaml.recurrent``), nor do the fused
-attention kernels. ``ModelProbe`` chooses the exact form of each function the model calls
-(``MAML._forward`` enters them), sends a model whose embedding scales its gradient by frequency
-(no exact form) to the looped path, and finds which trainable parameters the model's output
-does not depend on.
+other kernels (``fastmaml.twice``); recurrent layers' fused kernels have no batching rule
+(``fastmaml.recurrent``), nor do the fused attention kernels. ``ModelProbe`` chooses the exact
+form of each function the model calls (``MAML._forward`` enters them), sends a model whose
+embedding scales its gradient by frequency (no exact form) to the looped path, and finds which
+trainable parameters the model's output does not depend on.
 
 ``ModelProbe`` is a part of ``MAML`` (``fastmaml.core``).
 """
@@ -35,7 +34,7 @@ from .inputs import Params
 from .norms import ExactNorms, has_batch_norm
 from .paths import random_state, set_random_state
 from .recurrent import StepwiseRNNs, has_recurrent
-from .twice import TwiceDifferentiable, takes_over
+from .twice import TwiceDifferentiable, plain_form
 
 
 Function = TypeVar("Function", bound=Callable[..., Any])
@@ -89,10 +88,10 @@ class ModelProbe:
         norms and the embeddings whose kernels ``vmap`` differentiates wrongly, and the embedding
         bags and other kernels that torch differentiates only once, run in their exact forms
         (``ExactNorms``, ``ExactEmbeddings``, ``TwiceDifferentiable``) from then on, on every
-        path, and an embedding's
-        ``scale_grad_by_freq``, which has none, on the looped path. Its graph shows the
-        parameters the output does not depend on (``_unused_parameters``). The random state is
-        left as it was, so that a resumed run draws what an uninterrupted one does."""
+        path, and an embedding's ``scale_grad_by_freq``, which has none, on the looped path. Its
+        graph shows the parameters the output does not depend on (``_unused_parameters``). The
+        random state is left as it was, so that a resumed run draws what an uninterrupted one
+        does."""
         # as in training (torch's fused fast paths run only without gradients), and under
         # ExactNorms, whose errors are clearer, and which tells ``calls`` of the norms called
         calls, state = KernelsCalled(), random_state(x.device)
@@ -164,7 +163,7 @@ class KernelsCalled(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        self.once_differentiable |= takes_over(func, *args, **kwargs)
+        self.once_differentiable |= plain_form(func, *args, **kwargs) is not None
         if func is F.embedding:
             self.exact_embeddings |= pads(*args, **kwargs)
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)

@@ -17,6 +17,7 @@ kernel for large sets.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,41 +76,35 @@ def _bind_pdist(input, p=2.0) -> tuple:
     return input, p
 
 
-def takes_over(func, *args, **kwargs) -> bool:  # noqa: ANN001
-    """Whether ``TwiceDifferentiable`` runs this call in plain ops: every ``F.hardsigmoid``; a
-    ``torch.cdist`` or ``F.pdist`` of p > 0 on non-empty floating inputs that torch accepts,
-    unless torch runs it as a matrix product (p = 2 over more than 25 rows in a set, or asked
-    for), which has a double backward. Anything else stays torch's, errors included."""
+def plain_form(func, *args, **kwargs) -> Callable[[], Tensor] | None:  # noqa: ANN001
+    """This call in plain ops, to run, where ``TwiceDifferentiable`` takes it over (else None):
+    every ``F.hardsigmoid`` (in place where asked); a ``torch.cdist`` or ``F.pdist`` of p > 0 on
+    non-empty floating inputs that torch accepts, unless torch runs it as a matrix product
+    (p = 2 over more than 25 rows in a set, or asked for), which has a double backward.
+    Anything else stays torch's, errors included."""
     if func is F.hardsigmoid:
-        return True
+        x, inplace = _bind_hardsigmoid(*args, **kwargs)
+        return (lambda: x.copy_(hardsigmoid(x))) if inplace else lambda: hardsigmoid(x)
     if func is torch.pdist:
         x, p = _bind_pdist(*args, **kwargs)
-        return x.dim() == 2 and x.is_floating_point() and x.numel() > 0 and p > 0
+        taken = x.dim() == 2 and x.is_floating_point() and x.numel() > 0 and p > 0
+        return (lambda: pdist(x, p)) if taken else None
     if func is not torch.cdist:
-        return False
+        return None
     x1, x2, p, compute_mode = _bind_cdist(*args, **kwargs)
     if not (compute_mode in COMPUTE_MODES and min(x1.dim(), x2.dim()) >= 2
             and x1.shape[-1] == x2.shape[-1] and x1.dtype == x2.dtype
             and x1.is_floating_point() and x1.numel() > 0 and x2.numel() > 0 and p > 0):
-        return False
+        return None
     product = p == 2 and (compute_mode == "use_mm_for_euclid_dist"
                           or compute_mode == COMPUTE_MODES[0]
                           and max(x1.shape[-2], x2.shape[-2]) > MM_ROWS)
-    return not product
+    return None if product else lambda: cdist(x1, x2, p)
 
 
 class TwiceDifferentiable(TorchFunctionMode):
-    """Inside this mode the calls ``takes_over`` names run as ``hardsigmoid`` (in place where
-    asked), ``cdist`` and ``pdist``."""
+    """Inside this mode the calls ``plain_form`` takes over run in their plain forms."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if not takes_over(func, *args, **kwargs):
-            return func(*args, **kwargs)
-        if func is F.hardsigmoid:
-            x, inplace = _bind_hardsigmoid(*args, **kwargs)
-            return x.copy_(hardsigmoid(x)) if inplace else hardsigmoid(x)
-        if func is torch.pdist:
-            return pdist(*_bind_pdist(*args, **kwargs))
-        x1, x2, p, _ = _bind_cdist(*args, **kwargs)
-        return cdist(x1, x2, p)
+        form = plain_form(func, *args, **(kwargs or {}))
+        return form() if form else func(*args, **(kwargs or {}))
