@@ -1,8 +1,10 @@
 """torchrun with 2 gloo processes on 127.0.0.1 reproduces the single-process run."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -561,3 +563,84 @@ def test_the_process_group_waits_longer_than_torchs_default(monkeypatch):
     distributed.init_from_env()
     assert len(calls) == 1
     assert calls[0][1]["timeout"] >= timedelta(hours=2)
+
+
+DIES_ONCE = """
+import os, signal, sys, time
+
+from fastmaml import train
+from fastmaml.cli import main
+
+step = train.GradientLearner.step
+if (os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"]) == ("1", "1"):
+    time.sleep(3)  # the restarted rank 0 looks up rank 1's address before rank 1 publishes it
+
+
+def step_or_die(self, iteration):
+    # rank 1 of torchrun's first attempt dies in the second learner's iteration 5, after its
+    # checkpoint of 4
+    if (os.environ["RANK"], os.environ["TORCHELASTIC_RESTART_COUNT"], self.name,
+            iteration) == ("1", "0", "pretrained", 5):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, iteration)
+
+
+train.GradientLearner.step = step_or_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_that_torchrun_restarts_after_a_process_died_resumes_as_if_uninterrupted(tmp_path):
+    """torchrun --max-restarts: the surviving rank says what failed, and the restarted
+    processes meet again (torch's shared store held the first attempt's addresses: they waited
+    hours) and resume from the last checkpoint to the uninterrupted run's parameters."""
+    settings = ["iterations=8", "log_every=2", "checkpoint_every=4", "--no-progress"]
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "one"), *settings]) == 0
+    script = tmp_path / "dies_once.py"
+    script.write_text(DIES_ONCE)
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--max-restarts=1", str(script), "train", "sinusoid-demo", "--out",
+         str(tmp_path / "two"), *settings], env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = torchrun.communicate(timeout=300)
+    finally:  # no process of a failed test lives on (a group that cannot meet waits for hours)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(torchrun.pid, signal.SIGKILL)
+    assert torchrun.returncode == 0, stderr[-3000:]
+    assert ("fastmaml: error (rank 0 of 2): all_reduce across the processes failed: another "
+            "process of this run stopped") in stderr, stderr[-3000:]
+    assert "the same command resumes from the last checkpoint" in stderr
+    assert "Traceback" not in stderr.split("failed (exitcode: -9)")[0]
+    assert "resuming maml, pretrained from the last checkpoint" in stdout
+    assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
+
+
+def test_torchrun_restarts_across_machines_need_their_own_store(monkeypatch, recwarn):
+    """Across machines the restart counts differ, so the restarted processes cannot meet in the
+    shared store: torchrun must make a new one; said before a restart, and at it."""
+    import torch.distributed as dist
+
+    from fastmaml import distributed
+    from fastmaml.errors import ConfigError, FastMAMLWarning
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **options: calls.append(options))
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS":
+                        "3", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    distributed.init_from_env()
+    assert "store" not in calls[-1]
+    said = [str(w.message) for w in recwarn if issubclass(w.category, FastMAMLWarning)]
+    assert len(said) == 1 and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in said[0]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(ConfigError, match="restarted this machine's processes .attempt 1.*"
+                                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        distributed.init_from_env()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # the remedy: torch's own store
+    distributed.init_from_env()
+    assert "store" not in calls[-1] and len(calls) == 2

@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .inputs import TaskBatch
-from .errors import ConfigError
+from .errors import ConfigError, FastMAMLWarning, GroupError, first_line, is_out_of_memory, warn
 
 T = TypeVar("T")
 
@@ -42,13 +42,44 @@ def init_from_env() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "cpu:gloo,cuda:nccl"  # GPU tensors (gradients) through nccl
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT)
+        dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
+
+
+def _store_of_this_attempt() -> dict[str, Any]:
+    """``init_process_group``'s store, rank and world size where torchrun restarted the processes
+    (``--max-restarts``), else nothing (torch's own). torch 2.13 gives every attempt its agent's
+    store, which still holds the addresses the last attempt's processes published: the restarted
+    group waited on them for the group's timeout or failed to connect (pytorch issue 135712).
+    On one machine, whose processes share its agent's restart count, each attempt's keys get a
+    prefix of their own. Across machines the counts differ (a machine restarted for another's
+    failure counts no restart), so there torchrun needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    (each attempt a new store): a ``ConfigError`` on the restart, a warning before one."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
+    remedy = ("run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on "
+              "every machine (torch's shared store keeps the last attempt's addresses, pytorch "
+              "issue 135712)")
+    if not one_machine:
+        if attempt > 0:
+            raise ConfigError(f"torchrun restarted this machine's processes (attempt {attempt}), "
+                              f"which cannot meet the other machines' again: {remedy}")
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            warn(f"torchrun's --max-restarts across several machines: for a restart to resume, "
+                 f"{remedy}", FastMAMLWarning)
+        return {}
+    if attempt == 0:
+        return {}
+    store, rank, size = next(dist.rendezvous("env://", timeout=GROUP_TIMEOUT))
+    return {"store": dist.PrefixStore(f"fastmaml/attempt{attempt}", store), "rank": rank,
+            "world_size": size}
 
 
 def shutdown() -> None:
     """Leave the process group once every rank is done."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        _collective(dist.barrier)
         leave()
 
 
@@ -73,7 +104,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if world()[1] > 1:
-        dist.barrier()
+        _collective(dist.barrier)
 
 
 def require_a_task_per_rank(num_tasks: int, setting: str = "meta_batch") -> None:
@@ -118,7 +149,7 @@ def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:
 
     def reduced(t: Tensor) -> Tensor:
         total = t.detach() * share
-        dist.all_reduce(total)
+        _collective(dist.all_reduce, total)
         return total
     return reduced
 
@@ -128,7 +159,7 @@ def gather_ranks(value: T) -> list[T]:
     if world()[1] == 1:
         return [value]
     everyone: list[T | None] = [None] * world()[1]
-    dist.all_gather_object(everyone, value)
+    _collective(dist.all_gather_object, everyone, value)
     return everyone
 
 
@@ -146,12 +177,25 @@ def average_gradients(module: nn.Module) -> None:
         return
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
+    _collective(dist.all_reduce, flat)
     flat /= size
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def _collective(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, a collective of every rank; its failure (a rank stopped, or
+    the connection between the ranks broke: gloo's or nccl's bare error) a ``GroupError``."""
+    try:
+        return call(*args, **kwargs)
+    except RuntimeError as error:
+        if is_out_of_memory(error):
+            raise
+        raise GroupError(f"{call.__name__} across the processes failed: another process of this "
+                         "run stopped, or the connection between them broke (torchrun's summary "
+                         f"names the process that failed first): {first_line(error)}") from error
 
 
 def _collective_device() -> str:
@@ -165,7 +209,7 @@ def any_rank(flag: bool) -> bool:
     if world()[1] == 1:
         return flag
     tensor = torch.tensor([float(flag)], device=_collective_device())
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    _collective(dist.all_reduce, tensor, op=dist.ReduceOp.MAX)
     return bool(tensor.item())
 
 
@@ -176,5 +220,5 @@ def average_metrics(values: dict[str, float]) -> dict[str, float]:
         return values
     tensor = torch.tensor(list(values.values()), dtype=torch.float64,
                           device=_collective_device())
-    dist.all_reduce(tensor)
+    _collective(dist.all_reduce, tensor)
     return dict(zip(values, (tensor / size).tolist()))

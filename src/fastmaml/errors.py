@@ -37,6 +37,11 @@ class NonFiniteInputError(DataError, NonFiniteLossError):
     divergence; a loop that skips batches of a non-finite loss skips it too."""
 
 
+class GroupError(FastMAMLError):
+    """A collective of the processes under torchrun failed: another process stopped, or the
+    connection between them broke."""
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's out-of-memory errors: a device's ``OutOfMemoryError``, or the CPU allocator's
     plain ``RuntimeError`` (e.g. for a meta-batch far too large)."""
