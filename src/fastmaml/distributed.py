@@ -10,6 +10,7 @@ for CPU ones.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .inputs import TaskBatch
-from .errors import ConfigError, FastMAMLWarning, GroupError, first_line, is_out_of_memory, warn
+from .errors import ConfigError, GroupError, first_line, is_out_of_memory
 
 T = TypeVar("T")
 
@@ -31,7 +32,7 @@ GROUP_TIMEOUT = timedelta(hours=6)
 
 def init_from_env() -> None:
     """Join the process group that torchrun describes in the environment (no-op without it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+    if _world_size_of_env() > 1 and not dist.is_initialized():
         # torch.func's first call imports this module, whose functions default to
         # ``group=group.WORLD``: imported once the group exists, they keep it alive past
         # ``destroy_process_group``, and its gloo threads then race interpreter exit (a rank dies
@@ -45,6 +46,22 @@ def init_from_env() -> None:
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
 
 
+def _world_size_of_env() -> int:
+    """``WORLD_SIZE`` (1 where unset); a ``ConfigError`` where it is not a number, or where the
+    other variables a process group needs are missing (torchrun sets them all)."""
+    value = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(value)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={value!r} is not a number of processes") from None
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if size > 1 and missing:
+        raise ConfigError(f"WORLD_SIZE={size} is set but not {', '.join(missing)}: launch the "
+                          "processes with torchrun (which sets them all), or unset WORLD_SIZE "
+                          "to run one process")
+    return size
+
+
 def _store_of_this_attempt() -> dict[str, Any]:
     """``init_process_group``'s store, rank and world size where torchrun restarted the processes
     (``--max-restarts``), else nothing (torch's own). torch 2.13 gives every attempt its agent's
@@ -53,22 +70,19 @@ def _store_of_this_attempt() -> dict[str, Any]:
     On one machine, whose processes share its agent's restart count, each attempt's keys get a
     prefix of their own. Across machines the counts differ (a machine restarted for another's
     failure counts no restart), so there torchrun needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
-    (each attempt a new store): a ``ConfigError`` on the restart, a warning before one."""
+    (each attempt a new store): a ``ConfigError`` from the start where restarts are allowed (a
+    refusal at the restart reached only the failed machine; the others waited for hours)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    one_machine = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
-    remedy = ("run torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment on "
-              "every machine (torch's shared store keeps the last attempt's addresses, pytorch "
-              "issue 135712)")
-    if not one_machine:
-        if attempt > 0:
-            raise ConfigError(f"torchrun restarted this machine's processes (attempt {attempt}), "
-                              f"which cannot meet the other machines' again: {remedy}")
+    if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):  # several machines
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            warn(f"torchrun's --max-restarts across several machines: for a restart to resume, "
-                 f"{remedy}", FastMAMLWarning)
+            raise ConfigError("torchrun --max-restarts across several machines needs "
+                              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on "
+                              "every machine: torch's shared store keeps a stopped attempt's "
+                              "addresses, so restarted processes could not meet (pytorch issue "
+                              "135712)")
         return {}
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt == 0:
         return {}
     store, rank, size = next(dist.rendezvous("env://", timeout=GROUP_TIMEOUT))
@@ -194,8 +208,15 @@ def _collective(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if is_out_of_memory(error):
             raise
         raise GroupError(f"{call.__name__} across the processes failed: another process of this "
-                         "run stopped, or the connection between them broke (torchrun's summary "
-                         f"names the process that failed first): {first_line(error)}") from error
+                         "run stopped (its own message, or torchrun's summary, says why), or the "
+                         f"connection between them broke: {_transport_error(error)}") from error
+
+
+def _transport_error(error: RuntimeError) -> str:
+    """gloo's error in a few words: "Connection reset by peer [127.0.0.1]:49030", without its
+    source location and its advice to read the other process's log."""
+    said = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line(error))
+    return said.split(". This is typically caused by")[0]
 
 
 def _collective_device() -> str:
