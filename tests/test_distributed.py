@@ -613,9 +613,11 @@ def test_a_run_that_torchrun_restarts_after_a_process_died_resumes_as_if_uninter
     assert torchrun.returncode == 0, stderr[-3000:]
     said = [line for line in stderr.splitlines() if line.startswith("fastmaml: error")]
     assert len(said) == 1 and said[0].startswith(
-        "fastmaml: error (rank 0 of 2): all_reduce across the processes failed: another process "
-        "of this run stopped"), stderr[-3000:]
-    assert said[0].endswith("by peer") and "pair.cc" not in said[0]  # gloo's words, no more
+        "fastmaml: error (rank 0 of 2): all_reduce across the processes failed ("), stderr[-3000:]
+    assert said[0].endswith("where another process of this run stopped, its own message or "
+                            "torchrun's summary says why")
+    assert "by peer" in said[0]  # gloo's words ("closed by peer", "reset by peer"), no more:
+    assert "pair.cc" not in said[0] and "This is typically" not in said[0]
     assert "Traceback" not in stderr.split("failed (exitcode: -9)")[0]
     assert "resuming maml, pretrained from the last checkpoint" in stdout
     assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
@@ -638,8 +640,8 @@ def test_torchrun_restarts_across_machines_need_their_own_store(monkeypatch):
                         "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True",
                         "TORCHELASTIC_RESTART_COUNT": "0"}.items():
         monkeypatch.setenv(name, value)
-    with pytest.raises(ConfigError, match="--max-restarts across several machines needs "
-                                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+    with pytest.raises(ConfigError, match="--max-restarts across several machines needs the c10d "
+                                          "rendezvous .*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         distributed.init_from_env()
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # the remedy: torch's own store
     distributed.init_from_env()
@@ -647,6 +649,52 @@ def test_torchrun_restarts_across_machines_need_their_own_store(monkeypatch):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")  # no restart: the shared store serves
     distributed.init_from_env()
     assert len(calls) == 2 and not any("store" in options for options in calls)
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_a_process_group_refused_before_it_exists_is_said_once_a_machine(
+        tmp_path, capsys, monkeypatch, local_rank):
+    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": local_rank,
+                        "LOCAL_RANK": local_rank, "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": "29500", "TORCHELASTIC_MAX_RESTARTS": "3",
+                        "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    said = capsys.readouterr().err
+    if local_rank == "0":
+        assert said.startswith("fastmaml: error: torchrun --max-restarts across several machines")
+    else:
+        assert said == ""
+
+
+def test_restarted_processes_on_one_machine_meet_under_their_attempts_keys(monkeypatch):
+    """torchrun's shared store still holds the first attempt's addresses; a restarted attempt's
+    processes (one machine: one restart count) use keys of their own in it, with the rank and
+    world size torch's own rendezvous gives."""
+    import torch.distributed as dist
+
+    from fastmaml import distributed
+
+    port = free_port()
+    agent_store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **options: calls.append(options))
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                        "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(name, value)
+    distributed.init_from_env()  # the first attempt: torch's own
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    distributed.init_from_env()
+    assert "store" not in calls[0]
+    restarted = calls[1]
+    assert (restarted["rank"], restarted["world_size"]) == (1, 2)
+    restarted["store"].set("rank_1", "address")
+    assert agent_store.get("fastmaml/attempt1/rank_1") == b"address"
+    assert not agent_store.check(["rank_1"])
 
 
 @pytest.mark.parametrize("environment, said", [

@@ -19,8 +19,8 @@ import torch
 
 from .atomic import write_text_atomic
 from .norms import has_batch_norm
-from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, GroupError,
-                     PathWarning, is_out_of_memory)
+from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, PathWarning,
+                     is_out_of_memory)
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
 from .plots import counted
@@ -348,14 +348,6 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_show_warning = warnings.showwarning
 
 
-_RESUMES = "; the same command resumes from the last checkpoint"
-
-
-def _resumes(args: argparse.Namespace) -> bool:
-    """Whether the command resumes where it stopped when run again (training does)."""
-    return args.command in ("train", "reproduce")
-
-
 def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     parser = build_parser()
@@ -371,14 +363,15 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except FastMAMLError as error:
         rank, size = world()
-        said = f"{error}{_RESUMES if isinstance(error, GroupError) and _resumes(args) else ''}"
-        if size == 1:
-            print(f"fastmaml: error: {said}", file=sys.stderr)
-        elif isinstance(error, ConfigError):  # the ranks of a machine read one command line
-            if os.environ.get("LOCAL_RANK", str(rank)) == "0":  # and files: one of them says it
-                print(f"fastmaml: error: {said}", file=sys.stderr)
+        if isinstance(error, ConfigError):  # the ranks of a machine read one command line and
+            # files: one of them says it (also where the group was refused: no rank known yet)
+            if (os.environ.get("LOCAL_RANK", str(rank)) == "0"
+                    or size == 1 and os.environ.get("WORLD_SIZE", "1") == "1"):
+                print(f"fastmaml: error: {error}", file=sys.stderr)
+        elif size == 1:
+            print(f"fastmaml: error: {error}", file=sys.stderr)
         else:  # e.g. a file that this rank read
-            print(f"fastmaml: error (rank {rank} of {size}): {said}", file=sys.stderr)
+            print(f"fastmaml: error (rank {rank} of {size}): {error}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # the reader went away (e.g. `fastmaml adapt ... | head`): no noise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -406,7 +399,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"fastmaml: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
-        print(f"fastmaml: interrupted{_RESUMES if _resumes(args) else ''}", file=sys.stderr)
+        resumes = args.command in ("train", "reproduce")
+        print("fastmaml: interrupted" + ("; the same command resumes from the last checkpoint"
+                                         if resumes else ""), file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         leave()  # a rank that stopped early (the others finish with ``shutdown``)

@@ -31,8 +31,9 @@ GROUP_TIMEOUT = timedelta(hours=6)
 
 
 def init_from_env() -> None:
-    """Join the process group that torchrun describes in the environment (no-op without it)."""
-    if _world_size_of_env() > 1 and not dist.is_initialized():
+    """Join the process group that torchrun describes in the environment (no-op without it, or
+    where a group exists); a ``ConfigError`` for an environment torchrun would not make."""
+    if not dist.is_initialized() and _world_size_of_env() > 1:
         # torch.func's first call imports this module, whose functions default to
         # ``group=group.WORLD``: imported once the group exists, they keep it alive past
         # ``destroy_process_group``, and its gloo threads then race interpreter exit (a rank dies
@@ -68,15 +69,17 @@ def _store_of_this_attempt() -> dict[str, Any]:
     store, which still holds the addresses the last attempt's processes published: the restarted
     group waited on them for the group's timeout or failed to connect (pytorch issue 135712).
     On one machine, whose processes share its agent's restart count, each attempt's keys get a
-    prefix of their own. Across machines the counts differ (a machine restarted for another's
-    failure counts no restart), so there torchrun needs ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
-    (each attempt a new store): a ``ConfigError`` from the start where restarts are allowed (a
-    refusal at the restart reached only the failed machine; the others waited for hours)."""
+    prefix of their own. Across machines the counts may differ (an agent that restarts for
+    another machine's failure may count no restart), so there the processes need a new store
+    each attempt (the c10d rendezvous with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``): else
+    ``--max-restarts`` is a ``ConfigError`` from the start. A run started on one machine of an
+    elastic range cannot know that others may join: the README says what it needs."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
     if os.environ.get("LOCAL_WORLD_SIZE") != os.environ.get("WORLD_SIZE"):  # several machines
         if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
-            raise ConfigError("torchrun --max-restarts across several machines needs "
+            raise ConfigError("torchrun --max-restarts across several machines needs the c10d "
+                              "rendezvous (--rdzv-backend=c10d --rdzv-endpoint=HOST:PORT) with "
                               "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment on "
                               "every machine: torch's shared store keeps a stopped attempt's "
                               "addresses, so restarted processes could not meet (pytorch issue "
@@ -200,20 +203,22 @@ def average_gradients(module: nn.Module) -> None:
 
 
 def _collective(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call(*args, **kwargs)``, a collective of every rank; its failure (a rank stopped, or
-    the connection between the ranks broke: gloo's or nccl's bare error) a ``GroupError``."""
+    """``call(*args, **kwargs)``, a collective of every rank; its failure a ``GroupError`` in one
+    line (most often another rank stopped, or the connection broke: gloo's bare error at the
+    call, with its source location and advice)."""
     try:
         return call(*args, **kwargs)
     except RuntimeError as error:
         if is_out_of_memory(error):
             raise
-        raise GroupError(f"{call.__name__} across the processes failed: another process of this "
-                         "run stopped (its own message, or torchrun's summary, says why), or the "
-                         f"connection between them broke: {_transport_error(error)}") from error
+        said = _transport_error(error)
+        raise GroupError(f"{call.__name__} across the processes failed ({said}): where another "
+                         "process of this run stopped, its own message or torchrun's summary "
+                         "says why") from error
 
 
 def _transport_error(error: RuntimeError) -> str:
-    """gloo's error in a few words: "Connection reset by peer [127.0.0.1]:49030", without its
+    """gloo's error in a few words ("Connection closed by peer [127.0.0.1]:63155"), without its
     source location and its advice to read the other process's log."""
     said = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", first_line(error))
     return said.split(". This is typically caused by")[0]

@@ -37,9 +37,9 @@ class NonFiniteInputError(DataError, NonFiniteLossError):
     divergence; a loop that skips batches of a non-finite loss skips it too."""
 
 
-class GroupError(FastMAMLError):
-    """A collective of the processes under torchrun failed: another process stopped, or the
-    connection between them broke."""
+class GroupError(FastMAMLError, RuntimeError):
+    """A collective of the processes under torchrun failed (most often another process stopped,
+    or the connection between them broke)."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
