@@ -710,3 +710,20 @@ def test_a_process_group_environment_torchrun_did_not_make_is_named(
         monkeypatch.setenv(name, value)
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"fastmaml: error: {said}\n"
+
+
+def test_a_run_another_command_holds_is_refused_by_every_rank_in_one_line(tmp_path):
+    """Rank 0 holds the run's lock: its refusal reaches every rank (none waits for rank 0 at a
+    collective and then reports the group's failure), and one line says it."""
+    from fastmaml.runlock import locked_run_dir
+
+    run = tmp_path / "run"
+    with locked_run_dir(run):  # another command holds the run
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "fastmaml", "train", "sinusoid-demo", "--out", str(run), "--no-progress"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+            timeout=300)
+    said = [line for line in result.stderr.splitlines() if line.startswith("fastmaml: error")]
+    assert result.returncode != 0
+    assert len(said) == 1 and " is in use by process " in said[0], result.stderr[-3000:]

@@ -260,15 +260,27 @@ def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: b
     """``fastmaml train``: train every learner of a new or resumed run to its iterations, or
     only the one named ``learner`` (another process may train the others meanwhile).
 
-    Rank 0 holds the run directory's lock throughout; the config is written only once the data,
-    models and checkpoints accept the command. Each session appends what it ran on to
-    ``machine.json``. Under torchrun, call it on every rank.
+    Rank 0 holds the run directory's lock throughout, and every rank learns of its refusal
+    (another command holds the run), so that each stops with it and none waits for rank 0 at a
+    collective; the config is written only once the data, models and checkpoints accept the
+    command. Each session appends what it ran on to ``machine.json``. Under torchrun, call it
+    on every rank.
     """
-    if world()[0] != 0:
-        return _train(preset_name, run_dir, overrides, progress, learner, main=False)
-    _warn_if_foreign(run_dir)
-    with locked_run_dir(run_dir, learner):
-        return _train(preset_name, run_dir, overrides, progress, learner, main=True)
+    main = world()[0] == 0
+    with ExitStack() as held:
+        refusal = None
+        if main:
+            _warn_if_foreign(run_dir)
+            try:
+                held.enter_context(locked_run_dir(run_dir, learner))
+            except ConfigError as error:
+                refusal = error
+        said = gather_ranks(None if refusal is None else str(refusal))[0]
+        if refusal is not None:
+            raise refusal
+        if said is not None:
+            raise ConfigError(said)
+        return _train(preset_name, run_dir, overrides, progress, learner, main)
 
 
 def _warn_if_foreign(run_dir: Path) -> None:
