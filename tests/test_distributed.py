@@ -551,20 +551,27 @@ def test_the_process_group_waits_longer_than_torchs_default(monkeypatch):
     for another learner's start: the group ``init_from_env`` makes allows hours."""
     from datetime import timedelta
 
-    import torch.distributed as dist
-
     from fastmaml import distributed
 
-    calls = []
-    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": "29500"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, **options: calls.append((backend, options)))
+    calls = groups_made(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                                      "MASTER_PORT": "29500"})
     distributed.init_from_env()
     assert len(calls) == 1
-    assert calls[0][1]["timeout"] >= timedelta(hours=2)
+    assert calls[0]["timeout"] >= timedelta(hours=2)
+
+
+def groups_made(monkeypatch, environment: dict[str, str]) -> list[dict]:
+    """Set torchrun's ``environment`` and stand in for torch's process group: the options of
+    each ``init_process_group`` call (``init_from_env``'s), in order."""
+    import torch.distributed as dist
+
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    calls: list[dict] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **options: calls.append(options))
+    return calls
 
 
 DIES_ONCE = """
@@ -624,22 +631,15 @@ def test_a_run_that_torchrun_restarts_after_a_process_died_resumes_as_if_uninter
 
 
 def test_torchrun_restarts_across_machines_need_their_own_store(monkeypatch):
-    """Across machines the restart counts differ, so restarted processes cannot meet in the
+    """Across machines the restart counts may differ, so restarted processes cannot meet in the
     shared store: where restarts are allowed, torchrun must make a new store each attempt."""
-    import torch.distributed as dist
-
     from fastmaml import distributed
     from fastmaml.errors import ConfigError
 
-    calls = []
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, **options: calls.append(options))
-    for name, value in {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
-                        "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True",
-                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
-        monkeypatch.setenv(name, value)
+    calls = groups_made(monkeypatch, {
+        "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500", "TORCHELASTIC_MAX_RESTARTS": "3",
+        "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
     with pytest.raises(ConfigError, match="--max-restarts across several machines needs the c10d "
                                           "rendezvous .*TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
         distributed.init_from_env()
@@ -677,15 +677,10 @@ def test_restarted_processes_on_one_machine_meet_under_their_attempts_keys(monke
 
     port = free_port()
     agent_store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-    calls = []
-    monkeypatch.setattr(dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(dist, "init_process_group",
-                        lambda backend, **options: calls.append(options))
-    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1",
-                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                        "TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
-                        "TORCHELASTIC_RESTART_COUNT": "0"}.items():
-        monkeypatch.setenv(name, value)
+    calls = groups_made(monkeypatch, {
+        "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port), "TORCHELASTIC_MAX_RESTARTS": "1",
+        "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
     distributed.init_from_env()  # the first attempt: torch's own
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     distributed.init_from_env()
