@@ -687,3 +687,6 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="under torchrun, run the fastmaml train command"):
         fastmaml.meta_train("fewshot-folder", tmp_path / "other", data_root=data)
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not a number of processes"):
+        fastmaml.meta_train("fewshot-folder", tmp_path / "other", data_root=data)

@@ -50,6 +50,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .core import MAML
+from .distributed import world_size_asked
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
 from .experiments import load_experiment, train_run
@@ -319,7 +320,7 @@ def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = Tru
     arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as lists). torch's thread
     count and random generator are left as they were; glibc's malloc tuning stays
     (``tune_malloc=False`` keeps it off). One process: under torchrun, use the command."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size_asked() > 1:
         raise ConfigError("fastmaml.meta_train trains in this one process; under torchrun, run "
                           "the fastmaml train command on every rank")
     threads = torch.get_num_threads()

@@ -47,14 +47,20 @@ def init_from_env() -> None:
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
 
 
-def _world_size_of_env() -> int:
-    """``WORLD_SIZE`` (1 where unset); a ``ConfigError`` where it is not a number, or where the
-    other variables a process group needs are missing (torchrun sets them all)."""
+def world_size_asked() -> int:
+    """The number of processes ``WORLD_SIZE`` asks for (1 where unset); a ``ConfigError`` where
+    it is not a number."""
     value = os.environ.get("WORLD_SIZE", "1")
     try:
-        size = int(value)
+        return int(value)
     except ValueError:
         raise ConfigError(f"WORLD_SIZE={value!r} is not a number of processes") from None
+
+
+def _world_size_of_env() -> int:
+    """``world_size_asked()``; a ``ConfigError`` where the other variables a process group needs
+    are missing (torchrun sets them all)."""
+    size = world_size_asked()
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if size > 1 and missing:
         raise ConfigError(f"WORLD_SIZE={size} is set but not {', '.join(missing)}: launch the "
