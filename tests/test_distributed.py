@@ -560,6 +560,36 @@ def test_the_process_group_waits_longer_than_torchs_default(monkeypatch):
     assert calls[0]["timeout"] >= timedelta(hours=2)
 
 
+def test_a_process_whose_peers_never_start_says_that_it_waits_and_then_why_it_stopped(
+        monkeypatch, capsys):
+    """One process of two started by hand: it says where it waits, and at the group's timeout a
+    ``GroupError`` says in one line that the processes did not meet (was torch's traceback, after
+    a silent wait)."""
+    import socket
+    from datetime import timedelta
+
+    from fastmaml import distributed
+    from fastmaml.errors import GroupError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(distributed, "GROUP_TIMEOUT", timedelta(seconds=3))
+    monkeypatch.setattr(distributed, "JOIN_NOTICE_S", 0.5)
+    with pytest.raises(GroupError) as stopped:
+        distributed.init_from_env()
+    need = ("each of the 2 processes must be started, with the same MASTER_ADDR and MASTER_PORT "
+            "(torchrun starts them all)")
+    assert str(stopped.value).startswith(f"the processes did not meet at 127.0.0.1:{port} (")
+    assert str(stopped.value).endswith(f"): {need}") and "\n" not in str(stopped.value)
+    assert capsys.readouterr().err == (f"fastmaml: rank 0 is waiting at 127.0.0.1:{port} for the "
+                                       f"other processes, for up to {3 / 3600:g} h: {need}\n")
+    assert distributed.world() == (0, 1)
+
+
 def groups_made(monkeypatch, environment: dict[str, str]) -> list[dict]:
     """Set torchrun's ``environment`` and stand in for torch's process group: the options of
     each ``init_process_group`` call (``init_from_env``'s), in order."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import threading
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -28,6 +30,8 @@ T = TypeVar("T")
 # when rank 0 alone waits longer: for another learner's start (its data load and path search),
 # or a first compile. A rank that dies ends the job through torchrun whatever this is.
 GROUP_TIMEOUT = timedelta(hours=6)
+# How long a process waits for the others to join the group before it says that it waits.
+JOIN_NOTICE_S = 60.0
 
 
 def init_from_env() -> None:
@@ -44,7 +48,29 @@ def init_from_env() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             backend = "cpu:gloo,cuda:nccl"  # GPU tensors (gradients) through nccl
+        _join_group(backend)
+
+
+def _join_group(backend: str) -> None:
+    """``init_process_group``; where the other processes are slow to join (one started by hand,
+    a machine not yet started), each waiting process says so after ``JOIN_NOTICE_S``, and where
+    they have not joined within the group's timeout, a ``GroupError`` says it in one line."""
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    need = (f"each of the {os.environ['WORLD_SIZE']} processes must be started, with the same "
+            "MASTER_ADDR and MASTER_PORT (torchrun starts them all)")
+    notice = threading.Timer(JOIN_NOTICE_S, print, [
+        f"fastmaml: rank {os.environ['RANK']} is waiting at {where} for the other processes, for "
+        f"up to {GROUP_TIMEOUT.total_seconds() / 3600:g} h: {need}"],
+        {"file": sys.stderr, "flush": True})
+    notice.daemon = True
+    notice.start()
+    try:
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
+    except dist.DistError as error:
+        raise GroupError(f"the processes did not meet at {where} ({_transport_error(error)}): "
+                         f"{need}") from error
+    finally:
+        notice.cancel()
 
 
 def world_size_asked() -> int:
