@@ -141,3 +141,43 @@ def test_attention_is_found_in_torchs_modules_and_in_forwards_that_call_it():
     assert has_attention(SelfAttention(4, 5))
     assert not has_attention(MLP([1, 8, 1]))
     assert not has_attention(ConvNet(1, 3, hidden=4, image_size=8))
+
+
+class Halving(nn.Module):
+    """An MLP that first halves its input, in place (``x /= 2``) or not."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.in_place, self.body = in_place, MLP([1, 8, 8, 1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.in_place:
+            x /= 2
+        else:
+            x = x / 2
+        return self.body(x)
+
+
+@pytest.mark.parametrize("path", [dict(batched=True), dict(batched=False), dict(batched=None),
+                                  dict(batched=True, checkpoint_steps=True)])
+def test_a_model_that_changes_its_input_in_place_gets_a_copy_at_each_forward(path):
+    """Each of the inner steps, the query's forward and the caller's batch see the input as it
+    was: the meta-gradient is the out-of-place model's (the looped path failed in autograd, an
+    input saved for backward changed; vmap refused the captured input's change), and the
+    caller's tensors, also under inference_mode, stay as they were."""
+    _, loss_fn, batch = mlp_problem()
+    kept = TaskBatch(*(t.clone() for t in batch))
+    grads, predictions = [], []
+    for in_place in (False, True):
+        torch.manual_seed(0)
+        maml = MAML(Halving(in_place), loss_fn, 0.1, 3, **path)
+        maml.meta_backward(batch)
+        grads.append(flat_grads(maml))
+        with torch.inference_mode():
+            x = batch.query_x[0].clone()
+            predictions.append(maml.predict(maml.adapt(batch.support_x[0], batch.support_y[0]),
+                                            x))
+            assert torch.equal(x, kept.query_x[0])
+        assert all(torch.equal(a, b) for a, b in zip(batch, kept))
+    assert torch.allclose(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(predictions[1], predictions[0], rtol=1e-12, atol=1e-14)

@@ -231,6 +231,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         state = {**frozen, **fast}
         for name in self._buffer_names:  # fresh copies: a forward may count batches in place
             state[name] = state[name].clone()
+        if self._changes_input:
+            x = x.clone()
         try:
             with (self._norm_mode(), self._embedding_mode(), self._twice_mode(), self._rnn_mode(),
                   self._attention_mode()):

@@ -74,6 +74,8 @@ class ModelProbe:
         self._probed = False
         # trainable parameters the model's output does not depend on (set by ``_probe``)
         self._unused_names: set[str] | None = None
+        # whether the model changes its input in place (``x /= 255``): set by ``_probe``
+        self._changes_input = False
         self._rnn_mode = StepwiseRNNs if has_recurrent(model) else contextlib.nullcontext
         # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
         # no vmap batching rule (a slow per-task fallback) and their backward no derivative
@@ -89,7 +91,9 @@ class ModelProbe:
         bags and other kernels that torch differentiates only once, run in their exact forms
         (``ExactNorms``, ``ExactEmbeddings``, ``TwiceDifferentiable``) from then on, on every
         path, and an embedding's ``scale_grad_by_freq``, which has none, on the looped path. Its
-        graph shows the parameters the output does not depend on (``_unused_parameters``). The
+        graph shows the parameters the output does not depend on (``_unused_parameters``). A
+        model that changes its input in place gets a copy at every forward from then on (else
+        each inner step, and the caller's batch, would see the input changed again). The
         random state is left as it was, so that a resumed run draws what an uninterrupted one
         does."""
         # as in training (torch's fused fast paths run only without gradients), and under
@@ -102,11 +106,14 @@ class ModelProbe:
         if not torch.is_inference_mode_enabled():
             fast, frozen = ({n: t.requires_grad_(n in self._trainable_names) for n, t in
                              params.items()} for params in (fast, frozen))
+        with torch.inference_mode(False):  # a tensor that counts its in-place changes
+            x = x.clone()  # (not the caller's, where the model changes its input in place)
         try:
             with torch.enable_grad(), calls:
                 output = self._forward(fast, frozen, x)
         finally:
             set_random_state(state, x.device)
+        self._changes_input = self._changes_input or x._version > 0
         self._unused_names = self._unused_parameters(output, {**frozen, **fast})
         self._norm_mode = (functools.partial(ExactNorms, self._transductive) if calls.norms
                            else contextlib.nullcontext)
