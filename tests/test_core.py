@@ -612,11 +612,24 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
         MAML(model, loss_fn).meta_loss(batch._replace(query_y=query_y))
     with pytest.raises(DataError, match="meta-loss is nan: step_weights holds a NaN"):  # (one)
         MAML(model, loss_fn, inner_steps=2).meta_loss(batch, [float("nan"), 1.0])
+    diverging = copy.deepcopy(model)
     with torch.no_grad():
-        model[0].weight.fill_(float("inf"))  # (as after a diverged meta-step)
+        diverging[0].weight.fill_(1e200)  # finite, but its inner steps overflow
     with pytest.raises(NonFiniteLossError, match="meta-loss is nan: lower inner_lr or the meta "
                                                  "learning rate"):
+        MAML(diverging, loss_fn, inner_lr=1e10).meta_loss(batch)
+    with torch.no_grad():
+        model[0].weight.fill_(float("inf"))  # (as after a diverged meta-step)
+    with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan: model\.0\.weight holds a NaN "
+                       r"or infinite value \(set so, or after a diverged meta-step\): lower "
+                       "inner_lr or the meta learning rate"):
         MAML(model, loss_fn).meta_loss(batch)
+    model, _, _ = mlp_problem()
+    maml = MAML(model, loss_fn, lr_mode="per_param")
+    with torch.no_grad():
+        next(iter(maml.inner_lrs.parameters()))[0] = float("nan")  # a learned rate
+    with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan: inner_lrs\.\S+ holds a NaN"):
+        maml.meta_loss(batch)
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

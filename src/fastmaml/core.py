@@ -682,8 +682,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             if bad:
                 raise NonFiniteInputError(f"the meta-loss is {loss.item()}: {bad} holds a NaN "
                                           "or infinite value")
-            raise NonFiniteLossError(f"the meta-loss is {loss.item()}: lower inner_lr or the meta "
-                                     "learning rate, or clip the meta-gradient")
+            held = next((name for name, t in (*self.named_parameters(), *self.named_buffers())
+                         if t.is_floating_point() and not torch.isfinite(t).all()), None)
+            where = (f"{held} holds a NaN or infinite value (set so, or after a diverged "
+                     "meta-step): " if held else "")
+            raise NonFiniteLossError(f"the meta-loss is {loss.item()}: {where}lower inner_lr or "
+                                     "the meta learning rate, or clip the meta-gradient")
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
