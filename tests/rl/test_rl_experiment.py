@@ -57,6 +57,11 @@ def test_presets_hold_the_paper_settings() -> None:
     with pytest.raises(ConfigError, match="per_step=norm: per-step parameter sets are for the "
                                           "supervised experiments"):
         RLConfig().with_overrides(["per_step=norm"])
+    with pytest.raises(ConfigError, match="lr_mode=per_layer_step with inner_steps=2: meta-RL's "
+                                          "evaluation adapts one policy-gradient step at a time"):
+        RLConfig().with_overrides(["lr_mode=per_layer_step", "inner_steps=2"])
+    for accepted in (["lr_mode=per_layer_step"], ["lr_mode=per_param", "inner_steps=2"]):
+        assert RLConfig().with_overrides(accepted).lr_mode == accepted[0].split("=")[1]
     with pytest.raises(ConfigError, match="eval_batch"):
         RLConfig(eval_batch="magic")
     with pytest.raises(ConfigError, match="batch"):

@@ -173,6 +173,11 @@ class RLConfig(Config):
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
                               "supervised experiments; meta-RL's evaluation adapts one "
                               "policy-gradient step at a time, from the last step's parameters")
+        if self.lr_mode == "per_layer_step" and self.inner_steps > 1:
+            raise ConfigError(f"lr_mode=per_layer_step with inner_steps={self.inner_steps}: "
+                              "meta-RL's evaluation adapts one policy-gradient step at a time, "
+                              "on fresh episodes, so every step would take the first step's "
+                              "learned rates; use inner_steps=1, or lr_mode=per_param or scalar")
         if self.env:  # ("": rl-env, until it is given)
             self.env = _rl().canonical_env_id(self.env)
         if self.env and self.env not in PAPER_ENVS:
