@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+from fastmaml import multi_step_loss_weights
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
 from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
@@ -129,6 +130,24 @@ def test_a_log_without_rows_yet_resumes_without_a_warning(tmp_path):
         warnings.simplefilter("error", FastMAMLWarning)
         fit(maml_learner(tmp_path), tmp_path, 3, 2, progress=False)  # log_every lowered
     assert [r["iteration"] for r in rows(tmp_path / "metrics-maml.csv")] == ["8", "10", "12"]
+
+
+def test_the_multi_step_loss_anneals_then_leaves_the_last_steps_loss_alone_as_maml_plus_plus(
+        tmp_path):
+    """MAML++ weighs every inner step's query loss over its multi-step-loss epochs, then trains
+    on the last step's alone: the weights anneal over msl_anneal_iterations, then are None."""
+    learner = maml_learner(tmp_path, inner_steps=3, multi_step_loss="true",
+                           msl_anneal_iterations=4, iterations=6, path="looped")  # no search
+    seen, original = [], learner.module.meta_backward
+
+    def spy(batch, step_weights=None):
+        seen.append(step_weights)
+        return original(batch, step_weights)
+    learner.module.meta_backward = spy
+    fit(learner, tmp_path, 3, 2, progress=False)
+    assert [w is None for w in seen] == [False] * 4 + [True] * 2
+    for iteration, weights in enumerate(seen[:4]):
+        assert torch.equal(weights, multi_step_loss_weights(3, iteration / 4))
 
 
 def test_the_meta_lr_schedule_and_derivative_order_follow_the_iteration_and_resume(tmp_path):

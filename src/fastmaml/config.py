@@ -67,7 +67,8 @@ class Config:
     # norm (MAML++'s per-step batch-norm weights and biases; with adapt=no_norm) | name prefixes
     per_step: str = "none"
     multi_step_loss: bool = False  # MAML++ query loss after every inner step
-    msl_anneal_iterations: int = 10000  # iterations over which the MSL weights anneal
+    # iterations over which the MSL weights anneal; then the last step's loss alone (MAML++)
+    msl_anneal_iterations: int = 10000
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
     # torch.compile the batched path: true | false | auto (training runs of COMPILE_FROM_ITERATIONS

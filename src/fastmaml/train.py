@@ -119,9 +119,10 @@ def meta_learner(maml: MAML, cfg: Config, sample: Callable[[torch.Generator], Ta
         for group in optimizer.param_groups:
             group["lr"] = meta_lr_at(cfg, iteration)
         maml.first_order = cfg.first_order or iteration < cfg.first_order_until
+        # MAML++: every step's query loss while the weights anneal, then the last step's alone
         weights = (multi_step_loss_weights(maml.inner_steps,
-                                           iteration / max(cfg.msl_anneal_iterations, 1))
-                   if cfg.multi_step_loss else None)
+                                           iteration / cfg.msl_anneal_iterations)
+                   if cfg.multi_step_loss and iteration < cfg.msl_anneal_iterations else None)
         batch, gradient_weight = shard(sample(generator))
         loss, metrics = maml.meta_backward(batch, step_weights=weights)
         if gradient_weight != 1.0:  # an uneven split: this rank's share of the mean
