@@ -100,6 +100,12 @@ def test_compiled_paths_call_one_graph_per_chunk_of_tasks():
     assert metrics.keys() == expected_metrics.keys()
     assert all(torch.allclose(metrics[k], expected_metrics[k], rtol=1e-5) for k in metrics)
     assert torch.allclose(maml.evaluate(batch)["metric"], expected_eval, atol=1e-6)
+    # the last step's loss alone (a run past msl_anneal_iterations): a graph compared anew
+    assert maml._path_key(batch) not in maml._compiled_checked
+    maml.zero_grad(set_to_none=True)
+    maml.meta_backward(batch)
+    assert maml._path_key(batch) in maml._compiled_checked and not maml._compiled_misses
+    assert relative(flat_grads(maml), meta_grad(looped, batch)) < 1e-5
 
 
 def channels_last_strides(shape: torch.Size) -> tuple[int, ...]:

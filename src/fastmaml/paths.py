@@ -358,8 +358,9 @@ class ExecutionPaths:
         rounding too, see ``COMPILED_CHECKS``). Not compared, with a warning: under active
         dropout (the two would draw different masks) and where the eager pass runs out of
         accelerator memory. Where the eager gradient is not finite, the next call of the shape
-        compares again."""
-        key = self._path_key(batch)
+        compares again. The weighted objective (the multi-step loss) is another graph, compared
+        on its own (a run leaves the multi-step loss after ``msl_anneal_iterations``)."""
+        key = self._path_key(batch) + (" weighted" if step_weights is not None else "")
         if key not in self._compiled_checked and has_active_dropout(self.model):
             self._compiled_checked.add(key)
             warn("the compiled meta-gradient is not checked against the eager one "
