@@ -510,7 +510,44 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, capsys):
         assert main(command) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot read the checkpoint {path}" in err
-        assert "delete it to train that learner again" in err
+        assert f"delete it and {run / 'metrics-maml.csv'} to train that learner again" in err
+
+
+def test_a_run_that_lost_its_config_or_a_checkpoint_is_refused_not_trained_afresh(tmp_path,
+                                                                                  capsys):
+    """Checkpoints without config.yaml were resumed under the command's new settings; a log of
+    a learner whose checkpoint is gone was overwritten by training afresh. Both are refused,
+    leaving every file as it was; a learner killed before its first checkpoint starts afresh."""
+    from fastmaml.cli import main
+    run = tmp_path / "run"
+    command = ["train", "sinusoid-demo", "--out", str(run), "iterations=6", "checkpoint_every=3",
+               "log_every=1", "baseline_iterations=3", "--no-progress"]
+    assert main(command) == 0
+    def run_files() -> dict:  # (not the locks' owner notes)
+        return {p: p.read_bytes() for p in run.rglob("[!.]*") if p.is_file()}
+    files = run_files()
+    config = (run / "config.yaml").read_bytes()
+    (run / "config.yaml").unlink()
+    capsys.readouterr()
+    assert main([*command, "meta_lr=0.01"]) == 2
+    assert capsys.readouterr().err == (
+        f"fastmaml: error: {run} holds a trained or evaluated run (checkpoints, eval.json) but "
+        "no config.yaml: the settings it was trained with are unknown. Put its config.yaml "
+        "back, or train in another --out\n")
+    (run / "config.yaml").write_bytes(config)
+    checkpoint = checkpoint_path(run, "maml")
+    checkpoint.unlink()
+    log = run / "metrics-maml.csv"
+    assert main(command) == 2
+    assert capsys.readouterr().err == (
+        f"fastmaml: error: maml: {log} logged it up to iteration 6, but its checkpoint "
+        f"{checkpoint} is gone: training would start afresh and overwrite that log. Put the "
+        f"checkpoint back to resume, or delete {log} too to train maml again from the start\n")
+    assert run_files() == {p: data for p, data in files.items() if p != checkpoint}
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:4]))  # rows 1 to 3
+    assert main(command) == 0  # (as where a kill came before the first checkpoint)
+    assert load_checkpoint(checkpoint)["iteration"] == 6
+    assert [r["iteration"] for r in rows(log)] == [str(i) for i in range(1, 7)]
 
 
 def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):

@@ -171,7 +171,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     unreadable = CheckpointError(
         f"cannot read the checkpoint {path}: it is damaged (e.g. truncated by a full disk or "
         "an unfinished copy) or not a fastmaml checkpoint. Restore it from a backup, or "
-        "delete it to train that learner again from the start")
+        f"delete it and {path.parent.parent / f'metrics-{path.stem}.csv'} to train that "
+        "learner again from the start")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises RuntimeError, UnpicklingError, EOFError, OSError, ...
@@ -513,11 +514,23 @@ def _stopped(learner: Learner, done: int, signum: int) -> TrainingStopped:
                            signum)
 
 
-def check_resumable(learner: Learner, run_dir: Path) -> None:
-    """Refuse, before anything is written, a checkpoint past ``learner.iterations``."""
+def check_resumable(learner: Learner, run_dir: Path, checkpointed_by: int | None) -> None:
+    """Refuse, before anything is written, a checkpoint past ``learner.iterations``, and a
+    learner whose checkpoint is gone though its metrics log shows that one was written (rows
+    past ``checkpointed_by``, the iteration of the first checkpoint under the settings that
+    logged them): starting afresh would overwrite its history."""
     path = checkpoint_path(run_dir, learner.name)
     if path.exists():
         _refuse_going_back(learner, run_dir, load_checkpoint(path)["iteration"])
+        return
+    log_path = run_dir / f"metrics-{learner.name}.csv"
+    rows = read_metrics(log_path) if checkpointed_by is not None and log_path.is_file() else []
+    if rows and int(rows[-1]["iteration"]) > checkpointed_by:
+        raise CheckpointError(f"{learner.name}: {log_path} logged it up to iteration "
+                              f"{rows[-1]['iteration']}, but its checkpoint {path} is gone: "
+                              "training would start afresh and overwrite that log. Put the "
+                              f"checkpoint back to resume, or delete {log_path} too to train "
+                              f"{learner.name} again from the start")
 
 
 def _refuse_going_back(learner: Learner, run_dir: Path, reached: int) -> None:

@@ -234,6 +234,10 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
     chosen = preset(preset_name)
     cls = experiment_class(chosen.experiment)
     config_path = run_dir / "config.yaml"
+    if not config_path.exists() and run_started(run_dir):
+        raise ConfigError(f"{run_dir} holds a trained or evaluated run (checkpoints, eval.json) "
+                          f"but no config.yaml: the settings it was trained with are unknown. "
+                          "Put its config.yaml back, or train in another --out")
     if config_path.exists():
         values = load_config_dict(config_path)
         if values.get("preset", "") != preset_name:  # (before its keys, maybe another experiment's)
@@ -287,8 +291,8 @@ def _warn_if_foreign(run_dir: Path) -> None:
     """Warn when a new run's ``--out`` already holds files of something else (a mistyped
     folder): the run's files are written beside them. Hidden files (ours, .DS_Store) do not
     count."""
-    if not run_dir.is_dir() or (run_dir / "config.yaml").exists():
-        return
+    if not run_dir.is_dir() or (run_dir / "config.yaml").exists() or run_started(run_dir):
+        return  # (a run without its config: refused by prepare_run)
     foreign = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))  # .DS_Store
     if foreign:
         warn(f"{run_dir} is not a run's folder and holds {len(foreign)} other "
@@ -364,8 +368,10 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     if whole_run:  # no other train command writes the run's shared files now
         for shared in ("config.yaml", "machine.json"):
             remove_stale_temporaries(run_dir / shared)
+    saved = run_dir / "config.yaml"  # (as the commands that logged so far set it)
+    checkpointed_by = load_config_dict(saved).get("checkpoint_every") if saved.is_file() else None
     for learner in learners:
-        check_resumable(learner, run_dir)
+        check_resumable(learner, run_dir, checkpointed_by)
     require_a_task_per_rank(experiment.cfg.meta_batch)
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
