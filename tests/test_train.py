@@ -550,6 +550,29 @@ def test_a_run_that_lost_its_config_or_a_checkpoint_is_refused_not_trained_afres
     assert [r["iteration"] for r in rows(log)] == [str(i) for i in range(1, 7)]
 
 
+def test_a_setting_edited_in_config_yaml_after_training_is_refused(tmp_path, capsys):
+    """The checkpoints record the run's fixed settings: an edit of config.yaml that would
+    change what the run learns (it was adopted silently) is refused; a resumable one is not."""
+    from fastmaml.cli import main
+    run = tmp_path / "run"
+    command = ["train", "sinusoid-demo", "--out", str(run), "checkpoint_every=2",
+               "baseline_iterations=2", "--no-progress"]
+    assert main([*command, "iterations=2"]) == 0
+    config = run / "config.yaml"
+    saved = config.read_text()
+    assert "meta_lr: 0.001\n" in saved and "log_every: 100\n" in saved
+    config.write_text(saved.replace("meta_lr: 0.001\n", "meta_lr: 0.01\n"))
+    capsys.readouterr()
+    assert main([*command, "iterations=4"]) == 2
+    assert capsys.readouterr().err == (
+        f"fastmaml: error: {config} sets meta_lr=0.01, but {checkpoint_path(run, 'maml')} was "
+        "trained with meta_lr=0.001: a run's learning settings are fixed once it has trained. "
+        "Put the file's values back, or train in another --out\n")
+    config.write_text(saved.replace("log_every: 100\n", "log_every: 1\n"))
+    assert main([*command, "iterations=4"]) == 0
+    assert load_checkpoint(checkpoint_path(run, "maml"))["iteration"] == 4
+
+
 def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):
     learner = maml_learner(tmp_path)  # path=auto: the first meta-iteration times the paths
     fit(learner, tmp_path, 3, 2, progress=False, stop_after=3)

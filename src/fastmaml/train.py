@@ -421,7 +421,7 @@ def _stop_requests() -> Iterator[Callable[[], int]]:
 
 def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
         progress: bool = True, stop_after: int | None = None,
-        tensorboard: bool = False) -> dict[str, float]:
+        tensorboard: bool = False, settings: dict[str, Any] | None = None) -> dict[str, float]:
     """Train ``learner`` to ``learner.iterations``, resuming from its checkpoint if there is one.
 
     Checkpoints every ``checkpoint_every`` iterations and at the end, so a run killed at any
@@ -432,6 +432,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     (a ``val_`` key); it holds each metric's mean since the row before (``IntervalMeans``).
     ``stop_after`` ends the call early after that many iterations (used to test resumption).
     ``tensorboard`` writes the log as TensorBoard scalars too (``run_dir/tensorboard/<name>``).
+    ``settings``, the run's fixed settings, go into each checkpoint (``check_resumable``).
     Returns the last logged metrics.
     Under torchrun every rank trains and only rank 0 writes the log and checkpoints.
     """
@@ -496,7 +497,8 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     now = time.perf_counter()
                     elapsed, tick = elapsed + now - tick, now
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
-                                 "interval": unlogged, "learner": state}, path)
+                                 "interval": unlogged, "learner": state,
+                                 **({"settings": settings} if settings else {})}, path)
             if stopping:
                 bar.close()
                 raise _stopped(learner, done, stopping)
@@ -514,14 +516,26 @@ def _stopped(learner: Learner, done: int, signum: int) -> TrainingStopped:
                            signum)
 
 
-def check_resumable(learner: Learner, run_dir: Path, checkpointed_by: int | None) -> None:
-    """Refuse, before anything is written, a checkpoint past ``learner.iterations``, and a
-    learner whose checkpoint is gone though its metrics log shows that one was written (rows
-    past ``checkpointed_by``, the iteration of the first checkpoint under the settings that
-    logged them): starting afresh would overwrite its history."""
+def check_resumable(learner: Learner, run_dir: Path, checkpointed_by: int | None,
+                    settings: dict[str, Any]) -> None:
+    """Refuse, before anything is written, a checkpoint past ``learner.iterations`` or trained
+    with other fixed ``settings`` than the run's config.yaml now holds (an edit of the file),
+    and a learner whose checkpoint is gone though its metrics log shows that one was written
+    (rows past ``checkpointed_by``, the iteration of the first checkpoint under the settings
+    that logged them): starting afresh would overwrite its history."""
     path = checkpoint_path(run_dir, learner.name)
     if path.exists():
-        _refuse_going_back(learner, run_dir, load_checkpoint(path)["iteration"])
+        state = load_checkpoint(path)
+        _refuse_going_back(learner, run_dir, state["iteration"])
+        trained = state.get("settings", {})  # (absent from checkpoints before session 48)
+        changed = sorted(k for k in trained.keys() & settings.keys() if trained[k] != settings[k])
+        if changed:
+            raise ConfigError(f"{run_dir / 'config.yaml'} sets "
+                              + ", ".join(f"{k}={settings[k]!r}" for k in changed)
+                              + f", but {path} was trained with "
+                              + ", ".join(f"{k}={trained[k]!r}" for k in changed)
+                              + ": a run's learning settings are fixed once it has trained. "
+                              "Put the file's values back, or train in another --out")
         return
     log_path = run_dir / f"metrics-{learner.name}.csv"
     rows = read_metrics(log_path) if checkpointed_by is not None and log_path.is_file() else []

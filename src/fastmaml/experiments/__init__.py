@@ -221,6 +221,12 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
                   "workers", "tensorboard", *EVAL_KEYS}
 
 
+def fixed_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of ``cfg`` that a resumed run may not change (all but ``RESUMABLE_KEYS``),
+    which each checkpoint records."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS}
+
+
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
                 in_use: bool = False) -> Experiment:
     """The experiment of a new ``preset_name`` run in ``run_dir``, or of the run there to resume
@@ -323,7 +329,8 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
         for learner in learners:
             try:
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
-                           progress=progress, tensorboard=cfg.tensorboard)
+                           progress=progress, tensorboard=cfg.tensorboard,
+                           settings=fixed_settings(cfg))
             except NonFiniteLossError as error:
                 if (isinstance(error, DataError)  # the data's, which no setting mends
                         or not checkpoint_path(run_dir, learner.name).is_file()):
@@ -371,7 +378,7 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     saved = run_dir / "config.yaml"  # (as the commands that logged so far set it)
     checkpointed_by = load_config_dict(saved).get("checkpoint_every") if saved.is_file() else None
     for learner in learners:
-        check_resumable(learner, run_dir, checkpointed_by)
+        check_resumable(learner, run_dir, checkpointed_by, fixed_settings(experiment.cfg))
     require_a_task_per_rank(experiment.cfg.meta_batch)
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
