@@ -10,7 +10,9 @@ import errno
 import glob
 import json
 import os
+import re
 import secrets
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +41,8 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
     """``write`` into a new temporary file beside ``path``, flush it to disk, then rename it
     over ``path``. If ``write`` raises, ``path`` is left as it was and no temporary remains.
 
-    The temporary's name is unique to this call (process id and a random token), and it is
-    created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
+    The temporary's name is unique to this call (host, process id and a random token), and it
+    is created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
     With ``follow_links`` (a file the user named, e.g. ``--out``) a symbolic link keeps pointing
     where it did and the file it names is replaced; without, the link itself is (a run's file
     linked from another run never overwrites that run's). A path that is no regular file (a
@@ -56,7 +58,9 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
     if follow_links:
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _remove_dead_writers_temporaries(path)
+    tmp = path.with_name(f"{_temporary_prefix(path)}{_HOST}.{os.getpid()}."
+                         f"{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as handle:
             write(handle)
@@ -87,6 +91,32 @@ def _temporary_prefix(path: Path) -> str:
     """How the names of ``path``'s temporaries start: its name, cut to 200 bytes so that a name
     near the file system's limit (255) gets one too."""
     return f".{os.fsdecode(os.fsencode(path.name)[:200])}."
+
+
+# this machine's name in temporaries' names (letters, digits and dashes: a name's fields are
+# split at dots), so that a writer on another machine sharing the folder is never taken as dead
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _remove_dead_writers_temporaries(path: Path) -> None:
+    """Delete the temporaries of ``path`` that writers on this machine left when killed
+    (``kill -9`` skips the cleanup): those whose process has ended. Others may be live writes."""
+    prefix = _temporary_prefix(path)
+    for temporary in path.parent.glob(f"{glob.escape(prefix)}{_HOST}.*.tmp"):
+        pid = temporary.name[len(prefix) + len(_HOST) + 1:].split(".")[0]
+        if pid.isdigit() and not _running(int(pid)):
+            temporary.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine (a reused number counts: kept is safe)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def remove_stale_temporaries(path: Path) -> None:
