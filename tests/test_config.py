@@ -110,7 +110,12 @@ def test_combinations_and_experiment_settings_are_checked():
     (["first_order=true", "per_step=norm", "inner_steps=2"],
      ["per_step=norm with first-order MAML and no multi_step_loss: only the last inner step's "
       "set gets a meta-gradient"]),
-    (["first_order=true", "per_step=norm", "inner_steps=2", "multi_step_loss=true"], []),
+    (["first_order=true", "per_step=norm", "inner_steps=2", "multi_step_loss=true",
+      "msl_anneal_iterations=100", "iterations=100"], []),
+    (["first_order=true", "per_step=norm", "inner_steps=2", "multi_step_loss=true",
+      "msl_anneal_iterations=100", "iterations=101"],
+     ["per_step=norm with first-order MAML throughout: the multi-step loss ends after "
+      "msl_anneal_iterations=100"]),
     (["first_order_until=100", "iterations=101", "per_step=norm", "inner_steps=2"], []),
 ])
 def test_settings_that_train_otherwise_than_meant_are_said(overrides: list[str],

@@ -131,12 +131,19 @@ class Config:
             said.append(f"first_order_until={self.first_order_until} is not below iterations="
                         f"{self.iterations}: the run trains first order throughout (say so with "
                         "first_order=true), and is evaluated as MAML")
-        if (first_order_throughout and self.per_step != "none" and self.inner_steps >= 2
-                and not self.multi_step_loss):
-            said.append(f"per_step={self.per_step} with first-order MAML and no "
-                        "multi_step_loss: only the last inner step's set gets a meta-gradient, "
-                        "so the model's own (step 1's) and the other steps' sets keep their "
-                        "initial values; set multi_step_loss=true, as MAML++ does")
+        if first_order_throughout and self.per_step != "none" and self.inner_steps >= 2:
+            if not self.multi_step_loss:
+                said.append(f"per_step={self.per_step} with first-order MAML and no "
+                            "multi_step_loss: only the last inner step's set gets a "
+                            "meta-gradient, so the model's own (step 1's) and the other steps' "
+                            "sets keep their initial values; set multi_step_loss=true, as "
+                            "MAML++ does")
+            elif self.msl_anneal_iterations < self.iterations:
+                said.append(f"per_step={self.per_step} with first-order MAML throughout: the "
+                            "multi-step loss ends after msl_anneal_iterations="
+                            f"{self.msl_anneal_iterations} (as MAML++'s), and from then on only "
+                            "the last inner step's set gets a meta-gradient; train second order "
+                            "after it (first_order_until), as MAML++ does")
         return said
 
     def require_at_least(self, **minimums: float) -> None:
