@@ -241,11 +241,13 @@ def test_a_compiled_meta_gradient_that_differs_from_the_eager_one_is_dropped(bat
     assert not graph_calls and relative(flat_grads(maml), expected) < 1e-10
 
 
+@pytest.mark.parametrize("weighted", [False, True])  # (the multi-step loss: its own graph)
 def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_it_differed(
-        monkeypatch):
+        monkeypatch, weighted):
     """The search's calls repeat one batch: its first compiled call is compared, the rest are
     timed as they are; where the graph differed and won, ``.grad`` is the eager gradient."""
     maml, batch, eager, eager_calls = stand_in_compile(batched=None)
+    weights = torch.ones(1) if weighted else None
     maml._compiled_gradient = lambda *args: (
         {n: 1.01 * g for n, g in eager(*args)[0].items()}, eager(*args)[1])
     # the search's clock: each uncompiled call takes a second, the graph none, so it wins
@@ -254,7 +256,7 @@ def test_the_search_compares_the_graph_once_and_gives_the_eager_gradient_where_i
     uncompiled = maml._backward
     maml._backward = lambda *args: clock.__setitem__(0, clock[0] + 1) or uncompiled(*args)
     expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
-    maml.meta_backward(batch)
+    maml.meta_backward(batch, weights)
     assert maml.path.startswith("compiled") and len(eager_calls) == 1
     assert relative(flat_grads(maml), expected) < 1e-10
 

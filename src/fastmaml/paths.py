@@ -221,6 +221,12 @@ class ExecutionPaths:
                 f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
                 f"paths r{PATHS_REVISION}, torch {torch.__version__}")
 
+    def _compiled_check_key(self, batch: TaskBatch, step_weights: Tensor | None) -> str:
+        """Under what the compiled meta-gradient's comparison with the eager one is kept: the
+        path's key, and whether the objective is weighted (the multi-step loss: another graph,
+        which a run leaves after ``msl_anneal_iterations``)."""
+        return self._path_key(batch) + (" weighted" if step_weights is not None else "")
+
     def _signature(self, key: str) -> str:
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
         return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
@@ -282,8 +288,9 @@ class ExecutionPaths:
         self.path = _label(best)
         set_random_state(end_states[best], device)
         # a graph that differed from the eager gradient gives the eager one, as later calls do
-        grads, loss, metrics = results[("batched", best[1]) if key in self._compiled_misses
-                                       and best[0] == "compiled" else best]
+        missed = self._compiled_check_key(batch, step_weights) in self._compiled_misses
+        grads, loss, metrics = results[("batched", best[1]) if missed and best[0] == "compiled"
+                                       else best]
         for name, p in trainable.items():
             p.grad = (grads[name] if before[name] is None else before[name] if grads[name] is None
                       else before[name] + grads[name])
@@ -358,9 +365,9 @@ class ExecutionPaths:
         rounding too, see ``COMPILED_CHECKS``). Not compared, with a warning: under active
         dropout (the two would draw different masks) and where the eager pass runs out of
         accelerator memory. Where the eager gradient is not finite, the next call of the shape
-        compares again. The weighted objective (the multi-step loss) is another graph, compared
-        on its own (a run leaves the multi-step loss after ``msl_anneal_iterations``)."""
-        key = self._path_key(batch) + (" weighted" if step_weights is not None else "")
+        compares again; the weighted objective's graph is compared on its own
+        (``_compiled_check_key``)."""
+        key = self._compiled_check_key(batch, step_weights)
         if key not in self._compiled_checked and has_active_dropout(self.model):
             self._compiled_checked.add(key)
             warn("the compiled meta-gradient is not checked against the eager one "
