@@ -125,14 +125,15 @@ def test_a_name_near_the_file_systems_limit_is_written_and_its_stale_temporaries
 def test_a_write_removes_the_temporaries_that_killed_writers_on_this_machine_left(tmp_path):
     """A writer killed mid-write (kill -9: no cleanup) left its temporary for good beside
     eval.json, figures, caches; the next write of the file removes it, and keeps those of live
-    writers and of another machine's (whose processes it cannot see)."""
+    writers and of another machine's or container's (whose processes it cannot see)."""
     path = tmp_path / "eval.json"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True).stdout.strip()
-    host = atomic._HOST
-    left = {"dead": f".eval.json.{host}.{ended}.0badf00d.tmp",
-            "live": f".eval.json.{host}.{os.getpid()}.0badf00d.tmp",
-            "elsewhere": f".eval.json.{host}x.{ended}.0badf00d.tmp"}
+    here = atomic._SPACE  # this machine and its process numbers, in 8 hex digits
+    elsewhere = f"{(int(here, 16) + 1) % 16 ** 8:08x}"
+    left = {"dead": f".eval.json.{here}.{ended}.0badf00d.tmp",
+            "live": f".eval.json.{here}.{os.getpid()}.0badf00d.tmp",
+            "elsewhere": f".eval.json.{elsewhere}.{ended}.0badf00d.tmp"}
     for name in left.values():
         (tmp_path / name).write_bytes(b"half")
     write_text_atomic("{}", path)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import json
 import os
-import re
 import secrets
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -41,8 +41,8 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
     """``write`` into a new temporary file beside ``path``, flush it to disk, then rename it
     over ``path``. If ``write`` raises, ``path`` is left as it was and no temporary remains.
 
-    The temporary's name is unique to this call (host, process id and a random token), and it
-    is created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
+    The temporary's name is unique to this call (machine, process id and a random token), and
+    it is created with the usual permissions (the umask's), unlike ``tempfile.mkstemp``'s owner-only.
     With ``follow_links`` (a file the user named, e.g. ``--out``) a symbolic link keeps pointing
     where it did and the file it names is replaced; without, the link itself is (a run's file
     linked from another run never overwrites that run's). A path that is no regular file (a
@@ -59,7 +59,7 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_temporaries(path)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{_HOST}.{os.getpid()}."
+    tmp = path.with_name(f"{_temporary_prefix(path)}{_SPACE}.{os.getpid()}."
                          f"{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as handle:
@@ -93,17 +93,25 @@ def _temporary_prefix(path: Path) -> str:
     return f".{os.fsdecode(os.fsencode(path.name)[:200])}."
 
 
-# this machine's name in temporaries' names (letters, digits and dashes: a name's fields are
-# split at dots), so that a writer on another machine sharing the folder is never taken as dead
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+def _process_space() -> str:
+    """This machine and its process-number space, in 8 hex digits for temporaries' names: a
+    writer on another machine sharing the folder, or in another container (its own process
+    numbers), is never taken for one of ours that has ended."""
+    try:
+        space = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:  # no /proc (not Linux): the machine alone
+        space = ""
+    return hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
+
+
+_SPACE = _process_space()
 
 
 def _remove_dead_writers_temporaries(path: Path) -> None:
-    """Delete the temporaries of ``path`` that writers on this machine left when killed
-    (``kill -9`` skips the cleanup): those whose process has ended. Others may be live writes."""
-    prefix = _temporary_prefix(path)
-    for temporary in path.parent.glob(f"{glob.escape(prefix)}{_HOST}.*.tmp"):
-        pid = temporary.name[len(prefix) + len(_HOST) + 1:].split(".")[0]
+    """Delete the temporaries of ``path`` that writers here left when killed (``kill -9`` skips
+    the cleanup): those whose process has ended. Others may be live writes."""
+    for temporary in _temporaries(path, f"{_SPACE}."):
+        pid = temporary.name.split(".")[-3]
         if pid.isdigit() and not _running(int(pid)):
             temporary.unlink(missing_ok=True)
 
@@ -123,8 +131,14 @@ def remove_stale_temporaries(path: Path) -> None:
     """Delete the temporaries of ``replace_atomically(path)`` that a killed writer left behind
     (``kill -9`` during a write skips the cleanup). Only for a caller that holds ``path``
     alone, e.g. a training run under its run lock."""
-    for stale in path.parent.glob(f"{glob.escape(_temporary_prefix(path))}*.tmp"):
+    for stale in _temporaries(path):
         stale.unlink(missing_ok=True)
+
+
+def _temporaries(path: Path, start: str = "") -> Iterator[Path]:
+    """The temporaries of ``replace_atomically(path)`` beside it (whose part after ``path``'s
+    name begins with ``start``)."""
+    return path.parent.glob(f"{glob.escape(_temporary_prefix(path) + start)}*.tmp")
 
 
 def write_text_atomic(text: str, path: Path, follow_links: bool = False) -> None:
