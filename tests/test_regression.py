@@ -85,6 +85,8 @@ def test_a_fresh_run_replaces_a_stale_split_record(tmp_path: Path) -> None:
     assert main(["train", "regression-csv", *common]) == 0
     recorded = json.loads((run / "splits.json").read_text())
     shutil.rmtree(run / "checkpoints")  # a directory holding a config, but nothing trained
+    for mark in run.glob(".fastmaml-*.checkpointed"):  # (else: a lost checkpoint, refused)
+        mark.unlink()
     (run / "splits.json").write_text(json.dumps({"train": ["gone.csv"], "val": [], "test": []}))
     assert main(["train", "regression-csv", *common]) == 0
     assert json.loads((run / "splits.json").read_text()) == recorded

@@ -19,8 +19,9 @@ from fastmaml.cli import main
 from fastmaml.config import ConfigError
 from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
 from fastmaml.experiments import create_run, load_experiment, prepare_run
-from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path, fit,
-                            load_checkpoint, meta_lr_at, save_atomic, scalar_tag)
+from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path,
+                            checkpointed_mark, fit, load_checkpoint, meta_lr_at, save_atomic,
+                            scalar_tag)
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -544,8 +545,10 @@ def test_a_run_that_lost_its_config_or_a_checkpoint_is_refused_not_trained_afres
         f"{checkpoint} is gone: training would start afresh and overwrite that log. Put the "
         f"checkpoint back to resume, or delete {log} too to train maml again from the start\n")
     assert run_files() == {p: data for p, data in files.items() if p != checkpoint}
-    log.write_text("".join(log.read_text().splitlines(keepends=True)[:4]))  # rows 1 to 3
-    assert main(command) == 0  # (as where a kill came before the first checkpoint)
+    assert main([*command[:5], "checkpoint_every=100", *command[6:]]) == 2  # (any setting)
+    capsys.readouterr()
+    checkpointed_mark(run, "maml").unlink()  # as where a kill came before the first checkpoint
+    assert main(command) == 0
     assert load_checkpoint(checkpoint)["iteration"] == 6
     assert [r["iteration"] for r in rows(log)] == [str(i) for i in range(1, 7)]
 
@@ -571,6 +574,14 @@ def test_a_setting_edited_in_config_yaml_after_training_is_refused(tmp_path, cap
     config.write_text(saved.replace("log_every: 100\n", "log_every: 1\n"))
     assert main([*command, "iterations=4"]) == 0
     assert load_checkpoint(checkpoint_path(run, "maml"))["iteration"] == 4
+    cosine = tmp_path / "cosine"  # its rates span the iterations: fixed too
+    assert main(["train", "sinusoid-demo", "--out", str(cosine), "iterations=2",
+                 "baseline_iterations=2", "meta_lr_schedule=cosine", "--no-progress"]) == 0
+    config = cosine / "config.yaml"
+    config.write_text(config.read_text().replace("iterations: 2\n", "iterations: 4\n", 1))
+    capsys.readouterr()
+    assert main(["train", "sinusoid-demo", "--out", str(cosine), "--no-progress"]) == 2
+    assert "sets iterations=4, but " in capsys.readouterr().err
 
 
 def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):

@@ -166,6 +166,12 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
     return checkpoints_dir(run_dir) / f"{name}.pt"
 
 
+def checkpointed_mark(run_dir: Path, name: str) -> Path:
+    """An empty file that ``fit`` leaves once it has written learner ``name``'s checkpoint: the
+    run's record that the checkpoint existed, should it go."""
+    return run_dir / f".fastmaml-{name}.checkpointed"
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint written by ``fit``; a damaged file is a ``CheckpointError`` naming it."""
     unreadable = CheckpointError(
@@ -499,6 +505,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
                     save_atomic({"iteration": done, "elapsed_s": elapsed, "logged": logged,
                                  "interval": unlogged, "learner": state,
                                  **({"settings": settings} if settings else {})}, path)
+                    checkpointed_mark(run_dir, learner.name).touch()
             if stopping:
                 bar.close()
                 raise _stopped(learner, done, stopping)
@@ -516,13 +523,11 @@ def _stopped(learner: Learner, done: int, signum: int) -> TrainingStopped:
                            signum)
 
 
-def check_resumable(learner: Learner, run_dir: Path, checkpointed_by: int | None,
-                    settings: dict[str, Any]) -> None:
+def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -> None:
     """Refuse, before anything is written, a checkpoint past ``learner.iterations`` or trained
     with other fixed ``settings`` than the run's config.yaml now holds (an edit of the file),
-    and a learner whose checkpoint is gone though its metrics log shows that one was written
-    (rows past ``checkpointed_by``, the iteration of the first checkpoint under the settings
-    that logged them): starting afresh would overwrite its history."""
+    and a learner whose checkpoint is gone though one was written (``checkpointed_mark``) and
+    its metrics log holds rows: starting afresh would overwrite its history."""
     path = checkpoint_path(run_dir, learner.name)
     if path.exists():
         state = load_checkpoint(path)
@@ -538,8 +543,9 @@ def check_resumable(learner: Learner, run_dir: Path, checkpointed_by: int | None
                               "Put the file's values back, or train in another --out")
         return
     log_path = run_dir / f"metrics-{learner.name}.csv"
-    rows = read_metrics(log_path) if checkpointed_by is not None and log_path.is_file() else []
-    if rows and int(rows[-1]["iteration"]) > checkpointed_by:
+    marked = checkpointed_mark(run_dir, learner.name).exists()
+    rows = read_metrics(log_path) if marked and log_path.is_file() else []
+    if rows:
         raise CheckpointError(f"{learner.name}: {log_path} logged it up to iteration "
                               f"{rows[-1]['iteration']}, but its checkpoint {path} is gone: "
                               "training would start afresh and overwrite that log. Put the "

@@ -222,9 +222,21 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
 
 
 def fixed_settings(cfg: Config) -> dict[str, Any]:
-    """The settings of ``cfg`` that a resumed run may not change (all but ``RESUMABLE_KEYS``),
-    which each checkpoint records."""
-    return {k: v for k, v in cfg.to_dict().items() if k not in RESUMABLE_KEYS}
+    """The settings of ``cfg`` that a resumed run may not change, which each checkpoint
+    records; not ``value_ranges``, a record of the data for adapt's warnings (set by hand too),
+    which nothing learned depends on."""
+    left_out = _resumable_keys(cfg) | {"value_ranges"}
+    return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
+
+
+def _resumable_keys(saved: Config, training: bool = True) -> set[str]:
+    """The settings of the run ``saved`` that a resumed run may change: how long it trains
+    only where it trains (``training``), and not under a cosine meta_lr schedule, whose rates
+    span the iterations."""
+    cosine = saved.meta_lr_schedule == "cosine"
+    fixed = ({"iterations"} if cosine else set()) | (
+        set() if training else {"iterations", "baseline_iterations"})  # what a run trained to
+    return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
@@ -375,10 +387,8 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     if whole_run:  # no other train command writes the run's shared files now
         for shared in ("config.yaml", "machine.json"):
             remove_stale_temporaries(run_dir / shared)
-    saved = run_dir / "config.yaml"  # (as the commands that logged so far set it)
-    checkpointed_by = load_config_dict(saved).get("checkpoint_every") if saved.is_file() else None
     for learner in learners:
-        check_resumable(learner, run_dir, checkpointed_by, fixed_settings(experiment.cfg))
+        check_resumable(learner, run_dir, fixed_settings(experiment.cfg))
     require_a_task_per_rank(experiment.cfg.meta_batch)
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
@@ -451,12 +461,10 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     """``saved`` with ``overrides`` of the settings a resumed run may change: how long it
     trains only where it trains (``training``)."""
     cfg = saved.with_overrides(overrides)
-    cosine = saved.meta_lr_schedule == "cosine"  # its rates depend on the iterations
-    fixed = ({"iterations"} if cosine else set()) | (
-        set() if training else {"iterations", "baseline_iterations"})  # what a run trained to
-    resumable = (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
+    resumable = _resumable_keys(saved, training)
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
+        cosine = saved.meta_lr_schedule == "cosine"
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
                           "(for training, evaluation and adapt alike); only "
                           f"{', '.join(sorted(resumable))} may change"
