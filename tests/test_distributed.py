@@ -588,6 +588,12 @@ def test_a_process_whose_peers_never_start_says_that_it_waits_and_then_why_it_st
     assert capsys.readouterr().err == (f"fastmaml: rank 0 is waiting at 127.0.0.1:{port} for the "
                                        f"other processes, for up to {3 / 3600:g} h: {need}\n")
     assert distributed.world() == (0, 1)
+    with socket.socket() as holder:  # the port taken by another program: said so
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        with pytest.raises(GroupError, match=r"EADDRINUSE.*\): another program holds that "
+                           "port: give the processes another MASTER_PORT"):
+            distributed.init_from_env()
 
 
 def groups_made(monkeypatch, environment: dict[str, str]) -> list[dict]:

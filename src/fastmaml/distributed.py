@@ -67,8 +67,11 @@ def _join_group(backend: str) -> None:
     try:
         dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
     except dist.DistError as error:
-        raise GroupError(f"the processes did not meet at {where} ({_transport_error(error)}): "
-                         f"{need}") from error
+        said = _transport_error(error)
+        if "EADDRINUSE" in said:  # rank 0 could not serve the group's store at the port
+            need = ("another program holds that port: give the processes another MASTER_PORT "
+                    "(torchrun: --master-port, or the port of --rdzv-endpoint)")
+        raise GroupError(f"the processes did not meet at {where} ({said}): {need}") from error
     finally:
         notice.cancel()
 
