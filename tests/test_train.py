@@ -512,6 +512,12 @@ def test_a_damaged_checkpoint_is_a_one_line_error_naming_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"cannot read the checkpoint {path}" in err
         assert f"delete it and {run / 'metrics-maml.csv'} to train that learner again" in err
+    path.unlink()
+    path.mkdir()  # a folder where the checkpoint was: damaged to every command alike
+    for command in (["train", "sinusoid-demo", "--out", str(run), "--no-progress"],
+                    ["eval", str(run), "--no-progress"], ["adapt", str(run), "--support", "s.csv"]):
+        assert main(command) == 2
+        assert f"cannot read the checkpoint {path}: it is damaged" in capsys.readouterr().err
 
 
 def test_a_run_that_lost_its_config_or_a_checkpoint_is_refused_not_trained_afresh(tmp_path,

@@ -384,7 +384,7 @@ def _load_run(run_dir: Path, device: str | None, settings: list[str]
         raise ConfigError(f"{run_dir} is a run of the {experiment.name} experiment, which "
                           "load_run does not apply")
     path = checkpoint_path(run_dir, "maml")
-    if not path.is_file():
+    if not path.exists():  # (anything else there: damaged, as train says)
         raise ConfigError(f"{run_dir} has no trained model ({path} is missing): train it first "
                           f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
     with torch.inference_mode(False):  # (loaded under it, its parameters could never adapt)

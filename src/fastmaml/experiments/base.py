@@ -355,7 +355,7 @@ class Experiment(ABC):
     def restore(self, learner: Learner) -> Learner:
         """Load ``learner``'s final checkpoint from the run directory."""
         path = checkpoint_path(self.run_dir, learner.name)
-        if not path.is_file():
+        if not path.exists():  # (anything else there: damaged, as train says)
             raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
         checkpoint = load_checkpoint(path)
         load_state(learner, checkpoint["learner"], path)
