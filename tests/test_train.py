@@ -580,6 +580,12 @@ def test_a_setting_edited_in_config_yaml_after_training_is_refused(tmp_path, cap
     config.write_text(saved.replace("log_every: 100\n", "log_every: 1\n"))
     assert main([*command, "iterations=4"]) == 0
     assert load_checkpoint(checkpoint_path(run, "maml"))["iteration"] == 4
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("experiment: sinusoid\n", "experiment: bogus\n"))
+    assert main([*command, "iterations=4"]) == 2
+    assert capsys.readouterr().err == (
+        f"fastmaml: error: {config}: experiment is 'bogus', but the sinusoid-demo preset runs "
+        "the 'sinusoid' experiment: put the file's value back\n")
     cosine = tmp_path / "cosine"  # its rates span the iterations: fixed too
     assert main(["train", "sinusoid-demo", "--out", str(cosine), "iterations=2",
                  "baseline_iterations=2", "meta_lr_schedule=cosine", "--no-progress"]) == 0

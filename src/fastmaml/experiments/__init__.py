@@ -261,6 +261,10 @@ def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
         if values.get("preset", "") != preset_name:  # (before its keys, maybe another experiment's)
             raise ConfigError(f"{run_dir} holds a {values.get('preset', '')!r} run, not "
                               f"{preset_name!r}; choose another --out")
+        if values.get("experiment") != chosen.experiment:  # an edit: as eval names it
+            raise ConfigError(f"{config_path}: experiment is {values.get('experiment')!r}, but "
+                              f"the {preset_name} preset runs the {chosen.experiment!r} "
+                              "experiment: put the file's value back")
         saved = _saved_config(cls, values, config_path)
         if in_use or run_started(run_dir):
             experiment = cls(_resumed(saved, overrides, run_dir), run_dir)
