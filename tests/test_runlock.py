@@ -61,6 +61,12 @@ def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pat
         assert "sinusoid-demo" in err  # names the other command too
         rows = (run / "metrics-maml.csv").read_text().splitlines()
         assert len(rows) == len(set(rows))  # no interleaved duplicate rows
+        for lock in run.glob(".fastmaml*.lock"):  # removed by hand: the owner is still known
+            lock.unlink()
+        second = fastmaml("train", "sinusoid-demo", "--out", str(run), "--no-progress")
+        out, err = second.communicate(timeout=120)
+        assert second.returncode == 2 and err.count("\n") == 1
+        assert f"is in use by process {first.pid} on" in err and "was removed" in err
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -144,12 +144,17 @@ def _acquired(run_dir: Path, learner: str | None) -> FileLock:
     owner if another process holds it."""
     lock_name, owner_name = _names(learner)
     lock = FileLock(run_dir / lock_name, timeout=LOCK_WAIT_S)
+    what = run_dir if learner is None else f"learner {learner!r} of {run_dir}"
     try:
         lock.acquire()
     except Timeout:
-        what = run_dir if learner is None else f"learner {learner!r} of {run_dir}"
         raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}; wait for it to "
                           "finish or stop it, or choose another --out") from None
+    if _owner_runs(run_dir / owner_name):  # its lock file was removed: a new one locks nothing
+        lock.release()
+        raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}, whose lock file "
+                          f"{lock_name} was removed; wait for it to finish or stop it, or "
+                          "choose another --out")
     return lock
 
 
@@ -162,8 +167,32 @@ def _names(learner: str | None) -> tuple[str, str]:
 
 def _write_owner(path: Path) -> None:
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
-             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+             "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+             "started": _process_start(os.getpid())}
     write_text_atomic(json.dumps(owner), path)
+
+
+def _owner_runs(path: Path) -> bool:
+    """Whether the process that ``path`` names as a lock's last owner (another than this one,
+    on this machine) still runs: its number and start time as it wrote them down."""
+    try:
+        owner = json.loads(path.read_text())
+        pid, started = int(owner["pid"]), owner.get("started")
+        here = owner["host"] == socket.gethostname()
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (here and pid != os.getpid() and started is not None
+            and _process_start(pid) == started)
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot, in /proc/<pid>/stat), which
+    with its number names one process even where numbers are reused; None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before may hold spaces
 
 
 def _owner(path: Path) -> str:
