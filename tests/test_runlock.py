@@ -21,7 +21,7 @@ from fastmaml.cli import main
 from fastmaml.config import load_config_dict
 from fastmaml.errors import ConfigError
 from fastmaml.experiments import train_run
-from fastmaml.runlock import OWNER_NAME
+from fastmaml.runlock import OWNER_NAME, locked_run_dir
 
 
 def fastmaml(*args: str) -> subprocess.Popen[str]:
@@ -76,6 +76,27 @@ def test_a_second_train_is_refused_and_a_killed_one_blocks_nothing(tmp_path: Pat
     out, err = third.communicate(timeout=300)
     assert third.returncode == 0, err
     assert "maml: 3 iterations done" in out
+
+
+def test_a_run_left_by_a_process_that_still_runs_is_not_refused(tmp_path: Path) -> None:
+    """The owner note outlives the lock (a notebook that trained and goes on, a --learner
+    command about to exit): a lock released in the same file is taken, though its last owner
+    runs; only a lock file removed under a running owner is refused."""
+    run = tmp_path / "run"
+    run.mkdir()  # (a folder the command made would go again with it)
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from fastmaml.runlock import locked_run_dir\n"
+         "with locked_run_dir(Path(sys.argv[1])): pass\nprint('released', flush=True)\n"
+         "time.sleep(120)", str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout.readline() == "released\n"
+        assert f'"pid": {owner.pid}' in (run / OWNER_NAME).read_text()
+        with locked_run_dir(run):
+            pass
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 @pytest.mark.parametrize("signum, said", [(signal.SIGTERM, "SIGTERM"),

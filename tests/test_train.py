@@ -554,7 +554,10 @@ def test_a_run_that_lost_its_config_or_a_checkpoint_is_refused_not_trained_afres
     assert main([*command[:5], "checkpoint_every=100", *command[6:]]) == 2  # (any setting)
     capsys.readouterr()
     checkpointed_mark(run, "maml").unlink()  # as where a kill came before the first checkpoint
+    mark = checkpointed_mark(run, "pretrained")  # as in a run trained before the marks were:
+    mark.unlink()  # a command that finds its checkpoint marks it
     assert main(command) == 0
+    assert mark.exists()
     assert load_checkpoint(checkpoint)["iteration"] == 6
     assert [r["iteration"] for r in rows(log)] == [str(i) for i in range(1, 7)]
 

@@ -133,7 +133,8 @@ def _held(run_dir: Path, learner: str | None) -> Iterator[None]:
     """Hold the lock of ``run_dir`` (None) or of one learner, with this process named its owner."""
     lock = _acquired(run_dir, learner)
     try:
-        _write_owner(run_dir / _names(learner)[1])
+        lock_name, owner_name = _names(learner)
+        _write_owner(run_dir / owner_name, run_dir / lock_name)
         yield
     finally:
         lock.release()
@@ -150,7 +151,7 @@ def _acquired(run_dir: Path, learner: str | None) -> FileLock:
     except Timeout:
         raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}; wait for it to "
                           "finish or stop it, or choose another --out") from None
-    if _owner_runs(run_dir / owner_name):  # its lock file was removed: a new one locks nothing
+    if _owner_runs(run_dir / owner_name, run_dir / lock_name):  # its lock file was removed
         lock.release()
         raise ConfigError(f"{what} is in use by {_owner(run_dir / owner_name)}, whose lock file "
                           f"{lock_name} was removed; wait for it to finish or stop it, or "
@@ -165,34 +166,47 @@ def _names(learner: str | None) -> tuple[str, str]:
     return f".fastmaml-{learner}.lock", f".fastmaml-{learner}.owner"
 
 
-def _write_owner(path: Path) -> None:
+def _write_owner(path: Path, lock_path: Path) -> None:
+    """Note this process as the owner of the lock at ``lock_path`` (which file it locked too)."""
     owner = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-             "started": _process_start(os.getpid())}
+             "started": _process_start(os.getpid()), "lock": _file_id(lock_path)}
     write_text_atomic(json.dumps(owner), path)
 
 
-def _owner_runs(path: Path) -> bool:
-    """Whether the process that ``path`` names as a lock's last owner (another than this one,
-    on this machine) still runs: its number and start time as it wrote them down."""
+def _owner_runs(path: Path, lock_path: Path) -> bool:
+    """Whether the owner that ``path`` notes (another process on this machine) still runs and
+    locked another file than ``lock_path`` is now: its lock file was removed (and a new one
+    made), so that a lock taken now would not exclude it. The process is known by its number
+    and start time, the file by its device and inode."""
     try:
         owner = json.loads(path.read_text())
-        pid, started = int(owner["pid"]), owner.get("started")
+        pid, started, locked = int(owner["pid"]), owner.get("started"), owner.get("lock")
         here = owner["host"] == socket.gethostname()
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return (here and pid != os.getpid() and started is not None
-            and _process_start(pid) == started)
+    return (here and pid != os.getpid() and started is not None and locked is not None
+            and _process_start(pid) == started and locked != _file_id(lock_path))
+
+
+def _file_id(path: Path) -> list[int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return [status.st_dev, status.st_ino]
 
 
 def _process_start(pid: int) -> str | None:
     """When process ``pid`` started (Linux: clock ticks since boot, in /proc/<pid>/stat), which
-    with its number names one process even where numbers are reused; None where unknown."""
+    with its number names one process even where numbers are reused; None where unknown or
+    where it has ended (a zombie, not yet waited for)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the name before may hold spaces
+    fields = stat.rsplit(")", 1)[1].split()  # from field 3 on: the name before may hold spaces
+    return None if fields[0] in "ZX" else fields[19]
 
 
 def _owner(path: Path) -> str:

@@ -531,6 +531,7 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
     path = checkpoint_path(run_dir, learner.name)
     if path.exists():
         state = load_checkpoint(path)
+        checkpointed_mark(run_dir, learner.name).touch()  # (a run trained before marks were)
         _refuse_going_back(learner, run_dir, state["iteration"])
         trained = state.get("settings", {})  # (absent from checkpoints before session 48)
         changed = sorted(k for k in trained.keys() & settings.keys() if trained[k] != settings[k])
