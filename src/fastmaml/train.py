@@ -166,6 +166,11 @@ def checkpoint_path(run_dir: Path, name: str) -> Path:
     return checkpoints_dir(run_dir) / f"{name}.pt"
 
 
+def metrics_path(run_dir: Path, name: str) -> Path:
+    """Learner ``name``'s metrics log."""
+    return run_dir / f"metrics-{name}.csv"
+
+
 def checkpointed_mark(run_dir: Path, name: str) -> Path:
     """An empty file that ``fit`` leaves once it has written learner ``name``'s checkpoint: the
     run's record that the checkpoint existed, should it go."""
@@ -177,7 +182,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     unreadable = CheckpointError(
         f"cannot read the checkpoint {path}: it is damaged (e.g. truncated by a full disk or "
         "an unfinished copy) or not a fastmaml checkpoint. Restore it from a backup, or "
-        f"delete it and {path.parent.parent / f'metrics-{path.stem}.csv'} to train that "
+        f"delete it and {metrics_path(path.parent.parent, path.stem)} to train that "
         "learner again from the start")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -444,7 +449,7 @@ def fit(learner: Learner, run_dir: Path, checkpoint_every: int, log_every: int,
     """
     main = is_main()
     path = checkpoint_path(run_dir, learner.name)
-    log_path = run_dir / f"metrics-{learner.name}.csv"
+    log_path = metrics_path(run_dir, learner.name)
     if main:  # what a writer killed mid-write left of this learner's files
         remove_stale_temporaries(path)
         remove_stale_temporaries(log_path)
@@ -543,7 +548,7 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
                               + ": a run's learning settings are fixed once it has trained. "
                               "Put the file's values back, or train in another --out")
         return
-    log_path = run_dir / f"metrics-{learner.name}.csv"
+    log_path = metrics_path(run_dir, learner.name)
     marked = checkpointed_mark(run_dir, learner.name).exists()
     rows = read_metrics(log_path) if marked and log_path.is_file() else []
     if rows:

@@ -342,11 +342,11 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
             + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else "")
             + (f" ({note})" if note else "")
             + (f"; resuming {', '.join(resumed)} from the last checkpoint" if resumed else ""))
+        settings = fixed_settings(cfg)  # (recorded in every checkpoint)
         for learner in learners:
             try:
                 last = fit(learner, run_dir, cfg.checkpoint_every, cfg.log_every,
-                           progress=progress, tensorboard=cfg.tensorboard,
-                           settings=fixed_settings(cfg))
+                           progress=progress, tensorboard=cfg.tensorboard, settings=settings)
             except NonFiniteLossError as error:
                 if (isinstance(error, DataError)  # the data's, which no setting mends
                         or not checkpoint_path(run_dir, learner.name).is_file()):
@@ -391,8 +391,9 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     if whole_run:  # no other train command writes the run's shared files now
         for shared in ("config.yaml", "machine.json"):
             remove_stale_temporaries(run_dir / shared)
+    settings = fixed_settings(experiment.cfg)
     for learner in learners:
-        check_resumable(learner, run_dir, fixed_settings(experiment.cfg))
+        check_resumable(learner, run_dir, settings)
     require_a_task_per_rank(experiment.cfg.meta_batch)
     experiment.save_config()  # so a refused command leaves the run directory as it was
     return experiment, learners
