@@ -185,7 +185,8 @@ def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path) -> Non
 
 def test_anil_on_the_mlp_adapts_its_output_layer_and_odd_settings_are_said(tmp_path, capsys):
     """``adapt=head`` on fastmaml's MLP (numbered layers, no module named head) adapts its last
-    layer; settings that train otherwise than meant are warned of when training starts;
+    layer, and ``per_step=head`` gives it a set per step; settings that train otherwise than
+    meant are warned of when training starts;
     per_step=norm on a model without norm layers is refused by name."""
     run = tmp_path / "anil"
     assert main(["train", "sinusoid-demo", "--out", str(run), "--learner", "maml", "adapt=head",
@@ -194,6 +195,12 @@ def test_anil_on_the_mlp_adapts_its_output_layer_and_odd_settings_are_said(tmp_p
     assert ("warning: first_order_until=5 has no effect: first_order=true trains first order "
             "throughout") in capsys.readouterr().err
     assert fastmaml.load_run(run).maml.adapted_names == ["4.weight", "4.bias"]
+    per_step = tmp_path / "per-step-head"  # per_step=head: the last layer too
+    assert main(["train", "sinusoid-demo", "--out", str(per_step), "--learner", "maml",
+                 "adapt=0,2", "per_step=head", "inner_steps=2", "iterations=1", "meta_batch=2",
+                 "--no-progress"]) == 0
+    assert sorted(dict(fastmaml.load_run(per_step).maml.per_step.named_parameters())) == \
+        ["copies.4__bias", "copies.4__weight"]
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "norm"), "per_step=norm",
                  "inner_steps=2", "--no-progress"]) == 2
     assert ("per_step=norm gives the norm layers a set per inner step, and this model has none"

@@ -73,9 +73,7 @@ def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool
         return None
     if spec == "no_norm":
         return lambda name, _: not is_norm_param(name, model)
-    named = dict(model.named_modules())
-    return [prefix if prefix != "head" or "head" in named else _last_layer(model)
-            for prefix in _prefixes(spec)]
+    return _prefixes(spec, model)
 
 
 def _last_layer(model: nn.Module) -> str:
@@ -85,7 +83,8 @@ def _last_layer(model: nn.Module) -> str:
 
 def per_step_selection(spec: str, model: nn.Module
                        ) -> Callable[[str, Tensor], bool] | list[str] | None:
-    """``none`` | ``norm`` (MAML++'s per-step batch-norm weights and biases) | name prefixes."""
+    """``none`` | ``norm`` (MAML++'s per-step batch-norm weights and biases) | name prefixes
+    (``head`` as in ``adapt_selection``)."""
     if spec == "none":
         return None
     if spec == "norm":
@@ -93,11 +92,16 @@ def per_step_selection(spec: str, model: nn.Module
             raise ConfigError("per_step=norm gives the norm layers a set per inner step, and "
                               "this model has none: per_step=none, or name parameter prefixes")
         return lambda name, _: is_norm_param(name, model)
-    return _prefixes(spec)
+    return _prefixes(spec, model)
 
 
-def _prefixes(spec: str) -> list[str]:
-    return [p.strip() for p in spec.split(",") if p.strip()]
+def _prefixes(spec: str, model: nn.Module) -> list[str]:
+    """The comma-separated prefixes of ``spec``; ``head`` names the module of that name, else
+    the model's last layer with parameters."""
+    prefixes = [p.strip() for p in spec.split(",") if p.strip()]
+    if "head" in prefixes and "head" not in dict(model.named_modules()):
+        return [_last_layer(model) if prefix == "head" else prefix for prefix in prefixes]
+    return prefixes
 
 
 def build_maml(model: nn.Module, loss_fn: LossFn, cfg: Config,
