@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pytest
+from matplotlib.figure import Figure
 
 from fastmaml import plots
 from fastmaml.errors import FastMAMLWarning
 from fastmaml.plots import counted, save_figure, steps_label
 
 
-def figure() -> plt.Figure:
-    fig, ax = plt.subplots()
+def figure() -> Figure:
+    fig = plots.new_figure(6.4, 4.8)
+    ax = fig.subplots()
     ax.plot([0, 1], [1, 0])
     return fig
 
@@ -26,7 +29,8 @@ def test_a_figure_is_written_in_the_format_of_its_name(tmp_path: Path) -> None:
 
 def test_postscript_says_in_our_words_that_it_draws_transparency_opaque(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    fig, ax = plt.subplots()
+    fig = plots.new_figure(6.4, 4.8)
+    ax = fig.subplots()
     ax.fill_between([0, 1], [0, 0], [1, 1], alpha=0.2)  # as the 95% bands are drawn
     with pytest.warns(FastMAMLWarning, match="f.eps: PostScript has no transparency"):
         assert save_figure(fig, tmp_path / "f.eps").read_bytes()[:4] == b"%!PS"
@@ -40,14 +44,35 @@ def test_a_figure_write_cut_short_leaves_the_old_figure_whole(tmp_path: Path,
     path = save_figure(figure(), tmp_path / "f.png")
     old = path.read_bytes()
 
-    def cut_short(self: plt.Figure, handle, **_: object) -> None:  # e.g. a kill mid-write
+    def cut_short(self: Figure, handle, **_: object) -> None:  # e.g. a kill mid-write
         handle.write(b"\x89PNG half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(plt.Figure, "savefig", cut_short)
+    monkeypatch.setattr(Figure, "savefig", cut_short)
     with pytest.raises(KeyboardInterrupt):
         save_figure(figure(), path)
     assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["f.png"]
+
+
+def test_importing_fastmaml_and_drawing_leave_the_users_matplotlib_as_it_was(
+        tmp_path: Path) -> None:
+    """A researcher's own backend (a notebook's, a GUI's) stays theirs: fastmaml draws on
+    figures of its own, outside pyplot, and imports matplotlib only to draw."""
+    script = f"""
+import sys
+import fastmaml
+from fastmaml import plots
+assert "matplotlib" not in sys.modules
+import matplotlib
+matplotlib.use("svg")
+(csv := __import__("pathlib").Path({str(tmp_path)!r}) / "metrics-maml.csv").write_text(
+    "iteration,elapsed_s,loss\\n1,0.5,0.25\\n")
+plots.plot_learning_curves([csv], {{"loss": "training MSE"}}, csv.with_suffix(".png"), "run")
+assert csv.with_suffix(".png").read_bytes()[:4] == b"\\x89PNG"
+assert matplotlib.get_backend() == "svg" and "matplotlib.pyplot" not in sys.modules
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_counts_take_the_plural_except_one() -> None:
@@ -73,8 +98,6 @@ def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
     for ax in figures[1].axes:
         assert [t.get_text() for t in ax.texts] == ["no metrics logged yet"]
         assert ax.get_legend() is None and not ax.get_lines()
-    for fig in figures:
-        plt.close(fig)
 
 
 def test_each_method_keeps_its_colour_and_each_key_its_line_style(
@@ -94,7 +117,6 @@ def test_each_method_keeps_its_colour_and_each_key_its_line_style(
     assert styles["oracle: validation MSE"] == ("tab:green", "--")
     assert fig.axes[0].get_ylabel() == "training MSE / validation MSE"
     assert fig.get_suptitle() == "my-run (sinusoid): learning curves"
-    plt.close(fig)
 
 
 def record(method: str, mean: list[float], ci: list[float], k_shot: int = 5) -> dict:
@@ -121,7 +143,6 @@ def test_a_log_axis_band_that_reaches_zero_shows_its_upper_edge_and_says_where(
     stars = ax.collections[-1]
     assert [tuple(p) for p in stars.get_offsets()] == [(1, 0.67), (3, 0.35)]
     assert ax.get_ylim()[0] > 1e-3  # not pulled to the floor by a band below zero
-    plt.close(figures[0])
 
 
 def test_a_zoomed_accuracy_axis_spans_the_steps_after_the_first_in_percent(
@@ -135,7 +156,6 @@ def test_a_zoomed_accuracy_axis_spans_the_steps_after_the_first_in_percent(
     low, high = ax.get_ylim()
     assert 96 < low < 96.8 and 99.1 < high < 100
     assert ax.get_legend().get_texts()[0].get_text() == "maml (0 steps: 20)"
-    plt.close(figures[0])
 
 
 def test_references_of_no_steps_are_lines_and_a_run_of_no_steps_is_not_zoomed_away(
@@ -150,7 +170,6 @@ def test_references_of_no_steps_are_lines_and_a_run_of_no_steps_is_not_zoomed_aw
     assert len(people) == 1 and list(people[0].get_ydata()) == [95.5, 95.5]
     low, high = ax.get_ylim()
     assert low < 20 < 95.5 < high  # the run's one point (0 steps) stays in view
-    plt.close(figures[0])
 
 
 def test_a_figure_is_stale_once_a_file_it_drew_changes_or_goes(tmp_path: Path) -> None:

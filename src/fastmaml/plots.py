@@ -8,17 +8,14 @@ import logging
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from .atomic import read_json, replace_atomically, write_text_atomic
+from .errors import ConfigError, DataError, FastMAMLWarning, warn
+from .train import read_metrics
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
-
-from .atomic import read_json, replace_atomically, write_text_atomic  # noqa: E402
-from .errors import ConfigError, DataError, FastMAMLWarning, warn  # noqa: E402
-from .train import read_metrics  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 # Each method's colour in every figure (learning curves, curves against steps, adaptation)
@@ -32,6 +29,15 @@ def colors_for(methods: Sequence[str]) -> dict[str, str]:
     """Each method's colour: its own where it has one, else the next unused one."""
     others = iter(OTHER_COLORS * len(methods))
     return {m: METHOD_COLORS.get(m) or next(others) for m in dict.fromkeys(methods)}
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of its own, outside pyplot: drawing one (or importing fastmaml) leaves the
+    user's matplotlib backend and pyplot's figures as they were, and the import of matplotlib
+    waits until a figure is drawn."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
 
 
 def method_label(record: dict[str, Any]) -> str:
@@ -59,7 +65,8 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
     alone."""
     shots = sorted({r["k_shot"] for r in records})
     colors = colors_for([r["method"] for r in records])
-    fig, axes = plt.subplots(1, len(shots), figsize=(4.8 * len(shots), 3.9), squeeze=False)
+    fig = new_figure(4.8 * len(shots), 3.9)
+    axes = fig.subplots(1, len(shots), squeeze=False)
     for ax, k in zip(axes[0], shots):
         shown = []  # the values the zoomed axis spans
         for r in (r for r in records if r["k_shot"] == k):
@@ -102,7 +109,8 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
                          title: str) -> Path:
     """Each key of each metrics CSV (``keys``: column -> what it is) against iterations (left)
     and wall-clock time (right): one colour per learner, one line style per key."""
-    fig, (by_iter, by_time) = plt.subplots(1, 2, figsize=(10, 3.9))
+    fig = new_figure(10, 3.9)
+    by_iter, by_time = fig.subplots(1, 2)
     runs = [csv_path.stem.removeprefix("metrics-") for csv_path in csv_paths]
     colors = colors_for(runs)
     drawn = False
@@ -146,7 +154,8 @@ def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, s
                                query_labelled: bool) -> Path:
     """A new regression task: its support points, the prediction before and after ``steps``
     inner steps, and the query points (their labels, or the predictions for them)."""
-    fig, ax = plt.subplots(figsize=(6, 3.8))
+    fig = new_figure(6, 3.8)
+    ax = fig.subplots()
     ax.plot(grid, before, ":", color="tab:green", label="before adaptation")
     ax.plot(grid, after, "-", color="tab:green", label=f"after {steps_label(steps)}")
     ax.scatter(support_x, support_y, marker="^", color="purple", zorder=3,
@@ -162,6 +171,8 @@ def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, s
 
 def check_figure_path(path: Path) -> None:
     """Refuse, before any work, a figure file that matplotlib cannot write by its suffix."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix.lower().lstrip(".") not in formats:
         raise ConfigError(f"cannot draw a figure to {path}: name a file ending in one of "
@@ -170,9 +181,9 @@ def check_figure_path(path: Path) -> None:
         raise ConfigError(f"cannot draw a figure to {path}: it is a folder")
 
 
-def save_figure(fig: plt.Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Write ``fig`` to ``path`` (its folder created) atomically, so that a plot killed while
-    writing leaves the old figure whole, and close it."""
+    writing leaves the old figure whole."""
     fig.tight_layout()
     file_format = path.suffix.lstrip(".").lower() or None  # (the temporary's name has none)
     postscript = logging.getLogger("matplotlib.backends.backend_ps")
@@ -187,7 +198,6 @@ def save_figure(fig: plt.Figure, path: Path) -> Path:
         raise DataError(f"cannot write the figure {path}: {error}") from None
     finally:
         postscript.setLevel(level)
-        plt.close(fig)
     return path
 
 

@@ -86,7 +86,7 @@ from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV, PAPER_ENVS
 from ..paper import RL as PAPER
-from ..plots import ci_band, colors_for, counted, method_label, save_figure
+from ..plots import ci_band, colors_for, counted, method_label, new_figure, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
@@ -529,12 +529,11 @@ class RLExperiment(Experiment):
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
         """Return against steps, each method beside the paper's curve of it. The locomotion
         tasks' paper returns (rllab's models, another scale) are on an axis of their own."""
-        import matplotlib.pyplot as plt
-
         cfg = self.cfg
         paper = PAPER.get(cfg.env, {})
         colors = colors_for([r["method"] for r in records])
-        fig, ax = plt.subplots(figsize=(5.6, 4.0))
+        fig = new_figure(5.6, 4.0)
+        ax = fig.subplots()
         paper_ax = ax.twinx() if cfg.env in LOCOMOTION else ax
         for r in records:
             mean, low, high = ci_band(r)

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +24,7 @@ from ..core import MAML
 from ..errors import ConfigError
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
-from ..plots import plot_step_curves, save_figure, steps_label
+from ..plots import new_figure, plot_step_curves, save_figure, steps_label
 from ..tasks.sinusoid import (AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid,
                               with_task_parameters)
 from ..train import GradientLearner, backpropagated, meta_learner
@@ -172,7 +171,8 @@ class SinusoidExperiment(Experiment):
         support_x, support_y = (t[0].to(self.device) for t in tasks.batch[:2])
         grid = torch.linspace(*X_RANGE, 200, device=self.device)[:, None]
         truth = sinusoid(grid[None].cpu(), tasks.amplitude, tasks.phase)[0, :, 0]
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+        fig = new_figure(10, 3.8)
+        axes = fig.subplots(1, 2, sharey=True)
         pretrained_title = f"pretrained, step {pretrained.inner_lrs.init:g}"
         for ax, (title, engine) in zip(axes, [("MAML", maml), (pretrained_title, pretrained)]):
             ax.plot(grid.cpu(), truth, color="red", label="ground truth")
