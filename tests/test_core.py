@@ -350,6 +350,15 @@ def test_paper_batch_norm_uses_batch_statistics_and_never_updates_buffers():
     assert not torch.allclose(alone, together)
 
 
+def test_adapting_leaves_the_requires_grad_of_the_models_buffers_as_it_was():
+    """The first call's probe marks its own aliases of the tensors, never the model's."""
+    model, loss_fn, batch = mlp_problem()
+    model.register_buffer("scale", torch.ones(1, requires_grad=True))
+    model.register_buffer("offset", torch.zeros(1))
+    MAML(model, loss_fn, 0.1, 1).adapt(batch.support_x[0], batch.support_y[0])
+    assert model.scale.requires_grad and not model.offset.requires_grad
+
+
 def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
     model, loss_fn, batch = mlp_problem()
     meta_sgd = MAML(model, loss_fn, 0.1, 2, lr_mode="per_param")

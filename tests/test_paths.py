@@ -432,6 +432,35 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
         assert pinned.path_choices == {}
 
 
+def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():
+    """The process's choices are kept per model: one with dropout, where the path decides
+    the masks, is not run on the path another (same class name, same shapes) was timed on."""
+    batch = TaskBatch(torch.randn(6, 5, 2), torch.randn(6, 5, 1), torch.randn(6, 5, 2),
+                      torch.randn(6, 5, 1))
+
+    def net(dropout: float) -> nn.Module:
+        return nn.Sequential(nn.Linear(2, 8), nn.Dropout(dropout), nn.Linear(8, 1))
+
+    for dropout in (0.0, 0.5):
+        maml = MAML(net(dropout), F.mse_loss, 0.1, 1)
+        calls = paths_tried(maml)
+        maml.meta_backward(batch)
+        assert len(calls) == 6  # searched
+    assert len(fastmaml.paths._PATHS_CHOSEN) == 2
+
+
+def test_a_first_meta_backward_that_fails_leaves_the_users_gradients():
+    """The search clears ``.grad`` before each candidate; a non-finite loss or the user's
+    error in the first call gives back the gradients the caller had accumulated."""
+    model, loss_fn, batch = mlp_problem()
+    model(batch.support_x[0]).sum().backward()  # e.g. an auxiliary loss of the caller's
+    before = [p.grad.clone() for p in model.parameters()]
+    maml = MAML(model, lambda out, y: loss_fn(out, y) * math.nan, 0.1, 1)
+    with pytest.raises(fastmaml.errors.NonFiniteLossError):
+        maml.meta_backward(batch)
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before))
+
+
 def test_a_seeded_run_with_dropout_draws_the_same_whether_it_searches_or_not():
     """The search runs about 7 meta-gradients; their dropout draws must not shift the seeded
     random stream of the run, or a second run in the process (reusing the choice) differs."""

@@ -219,12 +219,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
-        """(adapted params, the other params and the buffers)."""
+        """(adapted params, the other params and the buffers), ``detach``ed: aliases whose
+        ``requires_grad`` is theirs to set, never the model's."""
         fast, frozen = {}, {}
         for name, p in self.model.named_parameters():
             p = p.detach() if detach else p
             (fast if name in self.adapted_names else frozen)[name] = p
-        frozen.update(self.model.named_buffers())
+        frozen.update((name, b.detach() if detach else b) for name, b in self.model.named_buffers())
         return fast, frozen
 
     def _forward(self, fast: Params, frozen: Params, x: Tensor) -> Tensor:

@@ -228,8 +228,13 @@ class ExecutionPaths:
         return self._path_key(batch) + (" weighted" if step_weights is not None else "")
 
     def _signature(self, key: str) -> str:
+        """The model (its class by its full name, its modules as it prints them), its trainable
+        parameters, the inner steps and ``key``: another model of one class name and shapes
+        (another dropout, say) times its own paths."""
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        return f"{type(self.model).__name__} {params} {self.inner_steps} {key}"
+        model = type(self.model)
+        return (f"{model.__module__}.{model.__qualname__} {self.model!r} {params} "
+                f"{self.inner_steps} {key}")
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
                      together: bool) -> tuple[Tensor, dict[str, Tensor]]:
@@ -281,6 +286,10 @@ class ExecutionPaths:
                 run(candidate)
             for candidate in sorted(timings, key=timings.get)[:2]:  # noise: time the two again
                 run(candidate)
+        except BaseException:  # (a non-finite loss, the user's error): their gradients stay
+            for name, p in trainable.items():
+                p.grad = before[name]
+            raise
         finally:
             self._trying = None
         key = self._path_key(batch)
