@@ -256,6 +256,23 @@ def test_more_threads_than_cpus_run_as_many_as_there_are_with_a_warning(tmp_path
         torch.set_num_threads(before)
 
 
+def test_the_command_line_run_from_python_gives_the_callers_warning_display_back(tmp_path,
+                                                                                capsys):
+    """fastmaml's warnings are one line each during ``main``; afterwards the caller's own
+    display (a notebook's, say) and filters are theirs again."""
+    shown, filters = warnings.showwarning, list(warnings.filters)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "run"), "threads=100000",
+                     "iterations=1", "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert f"fastmaml: warning: threads=100000 is more than the {cpus} CPU" in \
+        capsys.readouterr().err
+    assert warnings.showwarning is shown and warnings.filters == filters
+
+
 @pytest.mark.parametrize("key", ["iterations", "inner_lr"])
 def test_a_yaml_boolean_where_a_number_goes_is_refused_not_read_as_1(key):
     """``iterations: yes`` in an edited config.yaml trained 1 iteration (True is an int)."""

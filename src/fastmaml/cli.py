@@ -349,7 +349,14 @@ _python_show_warning = warnings.showwarning
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.showwarning = _show_warning
+    """Run the command line ``argv`` (default: the process's) and return its exit status; a
+    caller in Python gets its own warnings' display and filters back on return."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _command(argv)
+
+
+def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
     args, extra = parser.parse_known_args(argv)
