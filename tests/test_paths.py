@@ -59,6 +59,7 @@ def test_compiled_meta_backward_matches_eager(problem):
         compiled.meta_backward(batch)
         got = torch.cat([p.grad.flatten() for p in compiled.parameters() if p.requires_grad])
         assert relative(got, eager) < 1e-5, call
+        assert compiled.path == "compiled, chunk 2", call  # as it ran (was "batched")
     # the graph's own gradient agreed (a differing one is replaced by the eager one)
     assert compiled._path_key(batch) in compiled._compiled_checked
     assert compiled._compiled_gradient is not None and not compiled._compiled_misses
@@ -447,6 +448,36 @@ def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():
         maml.meta_backward(batch)
         assert len(calls) == 6  # searched
     assert len(fastmaml.paths._PATHS_CHOSEN) == 2
+
+    def picky_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # vmap cannot run it
+        return F.mse_loss(out, y) if bool(y.abs().max() < 1e9) else F.l1_loss(out, y)
+
+    fastmaml.paths._PATHS_CHOSEN.clear()
+    torch.manual_seed(0)
+    model = net(0.0)
+    with pytest.warns(fastmaml.errors.PathWarning, match="vmap could not run this model"):
+        MAML(model, picky_loss, 0.1, 1).meta_backward(batch)
+    plain = MAML(model, F.mse_loss, 0.1, 1)
+    calls = paths_tried(plain)
+    plain.meta_backward(batch)  # not sent looped by the picky loss's learner: searched
+    assert len(calls) == 6 and len(fastmaml.paths._PATHS_CHOSEN) == 2
+
+
+def test_each_learner_keeps_compiled_graphs_of_its_own():
+    """torch.compile keeps at most ``recompile_limit`` graphs per code object and runs the
+    code uncompiled beyond it: shared by the learners of a process, a sweep's ninth inner
+    rate ran uncompiled while its path said compiled."""
+    from torch._dynamo.utils import counters
+
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for inner_lr in (0.1, 0.2):  # a constant in the graph: a graph each
+            graphs = counters["stats"]["unique_graphs"]
+            MAML(model, loss_fn, inner_lr, 1, batched=True, compile=True).meta_backward(batch)
+            assert counters["stats"]["unique_graphs"] > graphs
 
 
 def test_a_first_meta_backward_that_fails_leaves_the_users_gradients():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,6 +58,25 @@ def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` on a copy of its function with a code object of its own. torch.compile keeps
+    a function's graphs on its code object, at most ``torch._dynamo.config.recompile_limit``
+    (8) of them, and beyond runs it uncompiled: shared by every learner in a process, a sweep's
+    ninth setting ran uncompiled (and 7 times slower). Each learner's own code object holds its
+    own graphs, freed with it."""
+    function = method.__func__
+    own = types.FunctionType(function.__code__.replace(), function.__globals__,
+                             function.__name__, function.__defaults__, function.__closure__)
+    own.__kwdefaults__ = function.__kwdefaults__
+    return types.MethodType(own, method.__self__)
+
+
+def _full_name(thing: Any) -> str:
+    """A function's, or an object's class's, module and qualified name."""
+    named = thing if hasattr(thing, "__qualname__") else type(thing)
+    return f"{named.__module__}.{named.__qualname__}"
+
+
 class ExecutionPaths:
     """The path machinery of ``MAML``: dispatch, the path search, compiling and its check. It
     runs ``MAML``'s own ``_batched`` (vmap) and ``_run_looped`` (a loop), its ``meta_backward``
@@ -70,9 +90,11 @@ class ExecutionPaths:
         """The paths' state, at ``MAML``'s construction (see its ``batched``, ``compile``,
         ``chunk_size`` and ``checkpoint_steps``)."""
         self.chunk_size = chunk_size
-        self._compiled_batched = torch.compile(self._batched, dynamic=False) if compile else None
-        self._compiled_gradient = torch.compile(self._gradient, dynamic=False) if compile else None
-        self.path: str | None = None  # "batched" or "looped" once a call has run (+ chunk)
+        self._compiled_batched = (torch.compile(_own_code(self._batched), dynamic=False)
+                                  if compile else None)
+        self._compiled_gradient = (torch.compile(_own_code(self._gradient), dynamic=False)
+                                   if compile else None)
+        self.path: str | None = None  # "batched", "compiled" or "looped" once a call ran (+ chunk)
         # input shapes -> (path, chunk size) chosen by timing; saved with the training state
         self.path_choices: dict[str, tuple[str, int | None]] = {}
         self._trying: tuple[str, int | None] | None = None  # the candidate being timed
@@ -114,8 +136,11 @@ class ExecutionPaths:
                 return self._uncompiled_from_now(error, lambda: self._batched(*args, chunk, *batch))
         out = self._dispatch(batched, lambda: self._run_looped(args, batch),
                              lambda: self._run_looped(args, TaskBatch(*(t[:1] for t in batch))))
-        if self.path == "batched" and choice is not None:  # (uncompiled if compiling just failed)
-            self.path = _label(choice if compiled and self._compiled_batched else ("batched", chunk))
+        if self.path == "batched":  # as it ran (uncompiled if compiling just failed)
+            if compiled and self._compiled_batched is not None:
+                self.path = _label(choice or ("compiled", chunk))
+            elif choice is not None:
+                self.path = _label(("batched", chunk))
         return out
 
     def _choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
@@ -131,7 +156,7 @@ class ExecutionPaths:
         choice = self._choice(batch)
         if choice is not None:
             return choice[0] == "compiled"
-        return self.batched is True or self.path == "batched"
+        return self.batched is True or self.path not in (None, "looped")
 
     def _dispatch(self, batched: Callable[[], Any], looped: Callable[[], Any],
                   looped_first: Callable[[], Any], prediction: bool = False) -> Any:
@@ -228,13 +253,15 @@ class ExecutionPaths:
         return self._path_key(batch) + (" weighted" if step_weights is not None else "")
 
     def _signature(self, key: str) -> str:
-        """The model (its class by its full name, its modules as it prints them), its trainable
-        parameters, the inner steps and ``key``: another model of one class name and shapes
-        (another dropout, say) times its own paths."""
+        """The learner (its model's class by its full name; its modules as they print: the
+        model, learned rates and per-step sets; its loss and metric functions by name; its
+        adapted and trainable parameters), the inner steps and ``key``: another model of one
+        class name and shapes (another dropout, say), or a loss that vmap cannot run, times its
+        own paths."""
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
-        model = type(self.model)
-        return (f"{model.__module__}.{model.__qualname__} {self.model!r} {params} "
-                f"{self.inner_steps} {key}")
+        functions = [_full_name(self.model), _full_name(self.loss_fn), _full_name(self.metric_fn)]
+        return (f"{functions} {self!r} {self.adapted_names} {params} {self.inner_steps} "
+                f"{key}")
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
                      together: bool) -> tuple[Tensor, dict[str, Tensor]]:
@@ -356,9 +383,10 @@ class ExecutionPaths:
         choice = self._choice(batch)
         chunk = choice[1] if choice else self._chunk(batch)
         out = self._checked_compiled_gradient(trainable, batch, step_weights, chunk)
-        if self._compiled_gradient is None:  # it computed wrongly: the eager gradient
-            choice = choice and ("batched", chunk)
-        self.path = _label(choice) if choice else "batched"
+        if self._compiled_gradient is not None:
+            self.path = _label(("compiled", chunk))
+        else:  # it computed wrongly: the eager gradient
+            self.path = _label(("batched", chunk)) if choice else "batched"
         return out
 
     def _checked_compiled_gradient(self, trainable: Params, batch: TaskBatch,
