@@ -37,6 +37,7 @@ def test_compiled_batched_path_matches_eager():
     eager = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), batch)
     compiled_maml = MAML(model, loss_fn, 0.1, 2, batched=True, compile=True)
     assert relative(meta_grad(compiled_maml, batch), eager) < 1e-5
+    assert compiled_maml.path == f"compiled, chunk {batch.num_tasks}"  # (a chunk of all tasks)
     smaller = TaskBatch(*(t[:2, :4] for t in batch))  # new shapes: a recompile, not an error
     assert relative(meta_grad(compiled_maml, smaller),
                     meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5

@@ -138,7 +138,7 @@ class ExecutionPaths:
                              lambda: self._run_looped(args, TaskBatch(*(t[:1] for t in batch))))
         if self.path == "batched":  # as it ran (uncompiled if compiling just failed)
             if compiled and self._compiled_batched is not None:
-                self.path = _label(choice or ("compiled", chunk))
+                self.path = _label(choice or ("compiled", chunk and min(chunk, batch.num_tasks)))
             elif choice is not None:
                 self.path = _label(("batched", chunk))
         return out
@@ -384,7 +384,7 @@ class ExecutionPaths:
         chunk = choice[1] if choice else self._chunk(batch)
         out = self._checked_compiled_gradient(trainable, batch, step_weights, chunk)
         if self._compiled_gradient is not None:
-            self.path = _label(("compiled", chunk))
+            self.path = _label(("compiled", chunk and min(chunk, batch.num_tasks)))
         else:  # it computed wrongly: the eager gradient
             self.path = _label(("batched", chunk)) if choice else "batched"
         return out
