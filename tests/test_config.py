@@ -256,11 +256,23 @@ def test_more_threads_than_cpus_run_as_many_as_there_are_with_a_warning(tmp_path
         torch.set_num_threads(before)
 
 
-def test_the_command_line_run_from_python_gives_the_callers_warning_display_back(tmp_path,
-                                                                                capsys):
-    """fastmaml's warnings are one line each during ``main``; afterwards the caller's own
-    display (a notebook's, say) and filters are theirs again."""
-    shown, filters = warnings.showwarning, list(warnings.filters)
+def test_the_command_line_run_from_python_gives_the_callers_warning_display_back(
+        tmp_path, capsys, monkeypatch):
+    """fastmaml's warnings are one line each during ``main``, and other warnings go to the
+    caller's own display (a notebook's, say); afterwards that display and the filters are
+    theirs again."""
+    import fastmaml.experiments.base as base
+
+    others = []
+
+    def display(message, *_) -> None:  # noqa: ANN001
+        others.append(str(message))
+
+    monkeypatch.setattr(warnings, "showwarning", display)
+    threads = base.usable_threads  # (called as training starts)
+    monkeypatch.setattr(base, "usable_threads", lambda wanted: warnings.warn(
+        "another library's warning") or threads(wanted))
+    filters = list(warnings.filters)
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     before = torch.get_num_threads()
     try:
@@ -270,7 +282,8 @@ def test_the_command_line_run_from_python_gives_the_callers_warning_display_back
         torch.set_num_threads(before)
     assert f"fastmaml: warning: threads=100000 is more than the {cpus} CPU" in \
         capsys.readouterr().err
-    assert warnings.showwarning is shown and warnings.filters == filters
+    assert others == ["another library's warning"]
+    assert warnings.showwarning is display and warnings.filters == filters
 
 
 @pytest.mark.parametrize("key", ["iterations", "inner_lr"])

@@ -464,21 +464,24 @@ def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():
     assert len(calls) == 6 and len(fastmaml.paths._PATHS_CHOSEN) == 2
 
 
-def test_each_learner_keeps_compiled_graphs_of_its_own():
+def test_learners_unlike_keep_compiled_graphs_apart_and_learners_alike_share_them(
+        monkeypatch: pytest.MonkeyPatch):
     """torch.compile keeps at most ``recompile_limit`` graphs per code object and runs the
     code uncompiled beyond it: shared by the learners of a process, a sweep's ninth inner
-    rate ran uncompiled while its path said compiled."""
+    rate ran uncompiled while its path said compiled. A learner like an earlier one reuses its
+    graphs."""
     from torch._dynamo.utils import counters
 
+    monkeypatch.setattr(fastmaml.paths, "_CODE_COPIES", {})  # as in a new process
     torch.set_default_dtype(torch.float32)
     model, loss_fn, batch = mlp_problem()
     batch = TaskBatch(*(t.float() for t in batch))
     model.float()
     with torch._dynamo.config.patch(recompile_limit=1):
-        for inner_lr in (0.1, 0.2):  # a constant in the graph: a graph each
-            graphs = counters["stats"]["unique_graphs"]
+        for inner_lr, compiles in ((0.1, True), (0.2, True), (0.1, False)):
+            graphs = counters["stats"]["unique_graphs"]  # (0.1 and 0.2: a constant each)
             MAML(model, loss_fn, inner_lr, 1, batched=True, compile=True).meta_backward(batch)
-            assert counters["stats"]["unique_graphs"] > graphs
+            assert (counters["stats"]["unique_graphs"] > graphs) == compiles, inner_lr
 
 
 def test_a_first_meta_backward_that_fails_leaves_the_users_gradients():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import io
 import json
 import os
@@ -11,6 +12,7 @@ import re
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -332,27 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+def _show_warning(message, category, filename, lineno, file=None, line=None, *,  # noqa: ANN001
+                  others: Callable[..., None] = warnings.showwarning) -> None:
     """fastmaml's own warnings as one line, once per machine under torchrun (its ranks read one
     command line and the same files), but a rank's own execution path by each rank; any other
-    as Python shows it."""
+    as ``others`` shows it (the display in place when the command began)."""
     if issubclass(category, FastMAMLWarning):
         rank = os.environ.get("RANK", "0")
         if os.environ.get("LOCAL_RANK", "0") == "0" or issubclass(category, PathWarning):
             where = "" if rank == "0" else f" (rank {rank})"
             print(f"fastmaml: warning{where}: {message}", file=sys.stderr)
     else:
-        _python_show_warning(message, category, filename, lineno, file, line)
-
-
-_python_show_warning = warnings.showwarning
+        others(message, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line ``argv`` (default: the process's) and return its exit status; a
-    caller in Python gets its own warnings' display and filters back on return."""
+    caller in Python sees other warnings as its display shows them, and gets that display and
+    its filters back on return."""
     with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
+        warnings.showwarning = functools.partial(_show_warning, others=warnings.showwarning)
         return _command(argv)
 
 

@@ -9,6 +9,7 @@ against the eager one, and a path that cannot run (vmap, compiling) falls back w
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import types
@@ -26,6 +27,8 @@ from .inputs import Params, TaskBatch, has_active_dropout
 
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
 _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
+# (compiled function, learners alike) -> the copy of the function whose code holds their graphs
+_CODE_COPIES: dict[tuple[str, str], types.FunctionType] = {}
 # raised whenever a candidate path's implementation changes, so that choices timed on the old
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
 # 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
@@ -58,23 +61,30 @@ def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _own_code(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` on a copy of its function with a code object of its own. torch.compile keeps
-    a function's graphs on its code object, at most ``torch._dynamo.config.recompile_limit``
-    (8) of them, and beyond runs it uncompiled: shared by every learner in a process, a sweep's
-    ninth setting ran uncompiled (and 7 times slower). Each learner's own code object holds its
-    own graphs, freed with it."""
+def _code_for(method: Callable[..., Any], learner: str) -> Callable[..., Any]:
+    """``method`` on a copy of its function whose code object the learners alike (``learner``,
+    see ``_learner_key``) share. torch.compile keeps a function's graphs on its code object, at
+    most ``torch._dynamo.config.recompile_limit`` (8) of them, and beyond runs it uncompiled:
+    shared by every learner of a process, a sweep's ninth inner rate ran uncompiled (7 times
+    slower) while its path said compiled. Learners alike reuse their graphs, as before."""
     function = method.__func__
-    own = types.FunctionType(function.__code__.replace(), function.__globals__,
-                             function.__name__, function.__defaults__, function.__closure__)
-    own.__kwdefaults__ = function.__kwdefaults__
-    return types.MethodType(own, method.__self__)
+    key = function.__qualname__, learner
+    if key not in _CODE_COPIES:
+        own = types.FunctionType(function.__code__.replace(), function.__globals__,
+                                 function.__name__, function.__defaults__, function.__closure__)
+        own.__kwdefaults__ = function.__kwdefaults__
+        _CODE_COPIES[key] = own
+    return types.MethodType(_CODE_COPIES[key], method.__self__)
 
 
 def _full_name(thing: Any) -> str:
-    """A function's, or an object's class's, module and qualified name."""
+    """A function's module, qualified name and line (two lambdas of one scope differ by it), a
+    partial's print (its function and arguments), or an object's class's full name."""
+    if isinstance(thing, functools.partial):
+        return repr(thing)
     named = thing if hasattr(thing, "__qualname__") else type(thing)
-    return f"{named.__module__}.{named.__qualname__}"
+    code = getattr(thing, "__code__", None)
+    return f"{named.__module__}.{named.__qualname__}" + (f":{code.co_firstlineno}" if code else "")
 
 
 class ExecutionPaths:
@@ -90,10 +100,11 @@ class ExecutionPaths:
         """The paths' state, at ``MAML``'s construction (see its ``batched``, ``compile``,
         ``chunk_size`` and ``checkpoint_steps``)."""
         self.chunk_size = chunk_size
-        self._compiled_batched = (torch.compile(_own_code(self._batched), dynamic=False)
+        learner = self._learner_key() if compile else ""
+        self._compiled_batched = (torch.compile(_code_for(self._batched, learner), dynamic=False)
                                   if compile else None)
-        self._compiled_gradient = (torch.compile(_own_code(self._gradient), dynamic=False)
-                                   if compile else None)
+        self._compiled_gradient = (torch.compile(_code_for(self._gradient, learner),
+                                                 dynamic=False) if compile else None)
         self.path: str | None = None  # "batched", "compiled" or "looped" once a call ran (+ chunk)
         # input shapes -> (path, chunk size) chosen by timing; saved with the training state
         self.path_choices: dict[str, tuple[str, int | None]] = {}
@@ -255,13 +266,20 @@ class ExecutionPaths:
     def _signature(self, key: str) -> str:
         """The learner (its model's class by its full name; its modules as they print: the
         model, learned rates and per-step sets; its loss and metric functions by name; its
-        adapted and trainable parameters), the inner steps and ``key``: another model of one
-        class name and shapes (another dropout, say), or a loss that vmap cannot run, times its
-        own paths."""
+        adapted and trainable parameters; its batch-norm mode), the inner steps and ``key``:
+        another model of one class name and shapes (another dropout, say), or a loss that vmap
+        cannot run, times its own paths."""
         params = [(n, tuple(p.shape)) for n, p in self.named_parameters() if p.requires_grad]
         functions = [_full_name(self.model), _full_name(self.loss_fn), _full_name(self.metric_fn)]
-        return (f"{functions} {self!r} {self.adapted_names} {params} {self.inner_steps} "
-                f"{key}")
+        return (f"{functions} {self!r} {self.adapted_names} {params} {self._transductive} "
+                f"{self.inner_steps} {key}")
+
+    def _learner_key(self) -> str:
+        """What the compiled graphs hold besides the input shapes: the learner
+        (``_signature``), its inner rate's initial value (a constant of a fixed rate's graph),
+        its mode and derivative order."""
+        return (f"{self._signature('')} {self.inner_lrs.mode} {self.inner_lrs.init!r} "
+                f"{self.first_order}")
 
     def _search_path(self, batch: TaskBatch, step_weights: Tensor | None, trainable: Params,
                      together: bool) -> tuple[Tensor, dict[str, Tensor]]:
