@@ -484,6 +484,24 @@ def test_learners_unlike_keep_compiled_graphs_apart_and_learners_alike_share_the
             assert (counters["stats"]["unique_graphs"] > graphs) == compiles, inner_lr
 
 
+def test_a_deepcopy_of_a_compiled_learner_computes_with_its_own_rates():
+    """A snapshot (``copy.deepcopy``) of a compiled learner went on calling the original's
+    compiled methods: its meta-loss used the original's learned rates as they trained on."""
+    import copy
+
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    maml = MAML(model, loss_fn, 0.1, 1, lr_mode="scalar", batched=True, compile=True)
+    maml.meta_backward(batch)
+    snapshot = copy.deepcopy(maml)
+    expected = snapshot.meta_loss(batch)[0].item()
+    with torch.no_grad():
+        maml.inner_lrs.scalar.fill_(5.0)  # the original trains on
+    assert snapshot.meta_loss(batch)[0].item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_first_meta_backward_that_fails_leaves_the_users_gradients():
     """The search clears ``.grad`` before each candidate; a non-finite loss or the user's
     error in the first call gives back the gradients the caller had accumulated."""

@@ -9,6 +9,7 @@ against the eager one, and a path that cannot run (vmap, compiling) falls back w
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -61,20 +62,34 @@ def set_random_state(state: tuple[Tensor, ...], device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _code_for(method: Callable[..., Any], learner: str) -> Callable[..., Any]:
-    """``method`` on a copy of its function whose code object the learners alike (``learner``,
-    see ``_learner_key``) share. torch.compile keeps a function's graphs on its code object, at
+def _code_for(function: Callable[..., Any], learner: str) -> Callable[..., Any]:
+    """A copy of ``function`` whose code object the learners alike (``learner``, see
+    ``_learner_key``) share. torch.compile keeps a function's graphs on its code object, at
     most ``torch._dynamo.config.recompile_limit`` (8) of them, and beyond runs it uncompiled:
     shared by every learner of a process, a sweep's ninth inner rate ran uncompiled (7 times
     slower) while its path said compiled. Learners alike reuse their graphs, as before."""
-    function = method.__func__
     key = function.__qualname__, learner
     if key not in _CODE_COPIES:
         own = types.FunctionType(function.__code__.replace(), function.__globals__,
                                  function.__name__, function.__defaults__, function.__closure__)
         own.__kwdefaults__ = function.__kwdefaults__
         _CODE_COPIES[key] = own
-    return types.MethodType(_CODE_COPIES[key], method.__self__)
+    return _CODE_COPIES[key]
+
+
+class _CompiledMethod:
+    """A learner's method compiled (``function``: ``torch.compile`` of ``_code_for``'s copy),
+    called with the learner; a deepcopy of the learner calls it with the copy (a bound method
+    went on computing with the original learner's learned rates)."""
+
+    def __init__(self, function: Callable[..., Any], learner: Any) -> None:
+        self.function, self.learner = function, learner
+
+    def __call__(self, *args: Any) -> Any:
+        return self.function(self.learner, *args)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledMethod:
+        return _CompiledMethod(self.function, copy.deepcopy(self.learner, memo))
 
 
 def _full_name(thing: Any) -> str:
@@ -101,10 +116,9 @@ class ExecutionPaths:
         ``chunk_size`` and ``checkpoint_steps``)."""
         self.chunk_size = chunk_size
         learner = self._learner_key() if compile else ""
-        self._compiled_batched = (torch.compile(_code_for(self._batched, learner), dynamic=False)
-                                  if compile else None)
-        self._compiled_gradient = (torch.compile(_code_for(self._gradient, learner),
-                                                 dynamic=False) if compile else None)
+        self._compiled_batched, self._compiled_gradient = (
+            _CompiledMethod(torch.compile(_code_for(method, learner), dynamic=False), self)
+            if compile else None for method in (type(self)._batched, type(self)._gradient))
         self.path: str | None = None  # "batched", "compiled" or "looped" once a call ran (+ chunk)
         # input shapes -> (path, chunk size) chosen by timing; saved with the training state
         self.path_choices: dict[str, tuple[str, int | None]] = {}
