@@ -66,8 +66,8 @@ def _code_for(function: Callable[..., Any], learner: str) -> Callable[..., Any]:
     """A copy of ``function`` whose code object the learners alike (``learner``, see
     ``_learner_key``) share. torch.compile keeps a function's graphs on its code object, at
     most ``torch._dynamo.config.recompile_limit`` (8) of them, and beyond runs it uncompiled:
-    shared by every learner of a process, a sweep's ninth inner rate ran uncompiled (7 times
-    slower) while its path said compiled. Learners alike reuse their graphs, as before."""
+    shared by every learner of a process, a sweep's ninth inner rate ran uncompiled (about 10
+    times slower) while its path said compiled. Learners alike reuse their graphs, as before."""
     key = function.__qualname__, learner
     if key not in _CODE_COPIES:
         own = types.FunctionType(function.__code__.replace(), function.__globals__,
@@ -163,7 +163,7 @@ class ExecutionPaths:
                              lambda: self._run_looped(args, TaskBatch(*(t[:1] for t in batch))))
         if self.path == "batched":  # as it ran (uncompiled if compiling just failed)
             if compiled and self._compiled_batched is not None:
-                self.path = _label(choice or ("compiled", chunk and min(chunk, batch.num_tasks)))
+                self.path = _label(choice or ("compiled", chunk))
             elif choice is not None:
                 self.path = _label(("batched", chunk))
         return out
@@ -304,7 +304,7 @@ class ExecutionPaths:
         the eager one, as ``_checked_compiled_gradient`` gives). Every call starts from the same
         random state (dropout), and the search leaves it as one call of the chosen path does, so
         a seeded run that searches draws what one reusing the choice draws."""
-        default = min(self._chunk(batch) or batch.num_tasks, batch.num_tasks)
+        default = self._chunk(batch) or batch.num_tasks
         roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
                  "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
                  "looped": ("looped", None)}  # the candidates as every rank names them
@@ -388,10 +388,13 @@ class ExecutionPaths:
         return mine[1][best][0]
 
     def _chunk(self, batch: Sequence[Tensor]) -> int | None:
+        """Tasks per vmap chunk, at most the batch's: ``chunk_size``, else on CPU about
+        ``CPU_CHUNK_ELEMENTS`` input elements' worth, and on an accelerator all (None)."""
         if self.chunk_size is not None or batch[0].device.type != "cpu":
-            return self.chunk_size
-        per_task = (batch[0][0].numel() + batch[2][0].numel()) or 1
-        return max(1, CPU_CHUNK_ELEMENTS // per_task)
+            chunk = self.chunk_size
+        else:
+            chunk = max(1, CPU_CHUNK_ELEMENTS // ((batch[0][0].numel() + batch[2][0].numel()) or 1))
+        return chunk and min(chunk, batch[0].shape[0])
 
     def _backward_compiling_lazily(self, batch: TaskBatch, step_weights: Tensor | None,
                                    trainable: Params) -> tuple[Tensor, dict[str, Tensor]]:
@@ -416,7 +419,7 @@ class ExecutionPaths:
         chunk = choice[1] if choice else self._chunk(batch)
         out = self._checked_compiled_gradient(trainable, batch, step_weights, chunk)
         if self._compiled_gradient is not None:
-            self.path = _label(("compiled", chunk and min(chunk, batch.num_tasks)))
+            self.path = _label(("compiled", chunk))
         else:  # it computed wrongly: the eager gradient
             self.path = _label(("batched", chunk)) if choice else "batched"
         return out
