@@ -14,6 +14,7 @@ import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ import fastmaml
 from fastmaml import ConfigError
 from fastmaml.cli import main
 from fastmaml.experiments import load_experiment
+from fastmaml.experiments.base import build_maml
 from fastmaml.tasks.images import ImageFormat, as_model_input
 
 COLORS = {f"color{c}": c for c in range(8)}  # class name -> pattern seed
@@ -462,7 +464,8 @@ def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -
         assert run.preprocess([image.convert("LA").resize((40, 30))]).shape == (1, 3, 12, 12)
 
 
-def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     run = tmp_path / "sine"
     assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=50",
                  "baseline_iterations=1", "--no-progress"]) == 0
@@ -527,6 +530,16 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert (code, out) == (2, "")  # (after the warning of the edited iterations above)
     assert err.splitlines()[-1].startswith("fastmaml: error: the adaptation diverged: after 10 "
                                            "inner step(s) on this support set")
+    # on an accelerator training's engine has no per-call check; an adaptation checks anyway
+    def as_on_an_accelerator(*args: Any, **kwargs: Any) -> fastmaml.MAML:
+        maml = build_maml(*args, **kwargs)
+        maml.check_finite = False
+        return maml
+
+    monkeypatch.setattr("fastmaml.experiments.sinusoid.build_maml", as_on_an_accelerator)
+    with pytest.raises(fastmaml.errors.NonFiniteLossError, match=r"the adaptation diverged: "
+                       r"after 10 inner step\(s\) on this support set"):
+        fastmaml.load_run(run).adapt(np.array([1000.0, 2000, 3000]), np.array([500.0, 800, 1200]))
 
 
 @pytest.mark.parametrize("case, message", [

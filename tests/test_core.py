@@ -641,6 +641,30 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
         maml.meta_loss(batch)
 
 
+def test_non_finite_adapted_parameters_are_named_by_adapt():
+    """adapt checks its result as the meta-loss is checked: a diverged adaptation is told to
+    take fewer steps, a NaN in the support set is named; with or without gradients."""
+    model, loss_fn, batch = mlp_problem()
+    support_x, support_y = batch.support_x[0], batch.support_y[0]
+    diverging = copy.deepcopy(model)
+    with torch.no_grad():
+        diverging[0].weight.fill_(1e200)  # finite, but its inner steps overflow
+    for gradients in (True, False):
+        with torch.set_grad_enabled(gradients):
+            with pytest.raises(NonFiniteLossError, match=r"after 2 inner step\(s\) on this "
+                               "support set the adapted parameters are not finite: the "
+                               "adaptation diverged: give fewer steps or a lower inner_lr"):
+                MAML(diverging, loss_fn, inner_lr=1e10, inner_steps=2).adapt(support_x, support_y)
+            with pytest.raises(NonFiniteInputError, match=r"after 1 inner step\(s\) on this "
+                               "support set the adapted parameters are not finite: support_y "
+                               "holds a NaN or infinite value"):
+                MAML(model, loss_fn).adapt(support_x, torch.full_like(support_y, float("nan")))
+    unchecked = MAML(diverging, loss_fn, inner_lr=1e10, inner_steps=2, check_finite=False)
+    assert not all(p.isfinite().all() for p in unchecked.adapt(support_x, support_y).values())
+    assert all(p.isfinite().all() for p in MAML(model, loss_fn).adapt(support_x,
+                                                                      support_y).values())
+
+
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("variant, lr_mode", with_lr_modes(["fixed", "per_layer_step"]))
 @pytest.mark.parametrize("batched", [True, False])

@@ -62,7 +62,7 @@ from .tasks.images import ImageFormat, as_model_input, channels_first, stack_dec
 from .tasks.folder import NOT_IMAGES, image_files, is_image_file
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import skipped_files_warning, subfolders as visible_subfolders, unread_files
-from .train import all_finite, checkpoint_path, load_checkpoint, load_state
+from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | bytes | os.PathLike[str] | Image.Image
 
@@ -162,12 +162,13 @@ class TrainedRun:
             self._warn_outside_training("support", support_x, support_y)
         steps = self.steps if steps is None else steps
         with self._turns, torch.no_grad():
-            params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
-        if not all_finite(params):
-            raise NonFiniteLossError(
-                f"the adaptation diverged: after {steps} inner step(s) on this support set the "
-                "model's parameters are not finite; give fewer steps, or support values on the "
-                "scale of the run's training data")
+            try:  # (the engine checks the adapted parameters; the inputs are finite here)
+                params = self.maml.adapt(support_x, support_y, steps, loss_fn=loss_fn)
+            except NonFiniteLossError:
+                raise NonFiniteLossError(
+                    f"the adaptation diverged: after {steps} inner step(s) on this support set "
+                    "the model's parameters are not finite; give fewer steps, or support values "
+                    "on the scale of the run's training data") from None
         return Adapted(params, num_classes)
 
     def predict(self, adapted: Adapted, x: Tensor, context: Tensor | None = None) -> Tensor:
@@ -389,6 +390,7 @@ def _load_run(run_dir: Path, device: str | None, settings: list[str]
                           f"with fastmaml train {experiment.cfg.preset} --out {run_dir}")
     with torch.inference_mode(False):  # (loaded under it, its parameters could never adapt)
         maml = experiment.build_maml()
+        maml.check_finite = True  # a diverged adaptation is said, on any device (one check)
         checkpoint = load_checkpoint(path)
         load_state(maml, checkpoint["learner"].get("module"), path)
     cfg = experiment.cfg

@@ -146,9 +146,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             activations at a time instead of all of them (each step is recomputed once in the
             backward pass), so activation memory stays flat in the number of inner steps; each
             step's adapted parameters are still kept. Not compiled; refuses active dropout.
-        check_finite: raise on a NaN or infinite meta-loss (``NonFiniteLossError``; its
-            ``NonFiniteInputError``, a ``DataError`` too, names the input that holds one): one
-            synchronising check per call, which a GPU user may turn off.
+        check_finite: raise on a NaN or infinite meta-loss, or on non-finite parameters from
+            ``adapt`` (``NonFiniteLossError``; its ``NonFiniteInputError``, a ``DataError`` too,
+            names the input that holds one): one synchronising check per call, which a GPU user
+            may turn off.
 
     Under ``torch.distributed``, set ``gather_ranks = fastmaml.distributed.gather_ranks`` (the
     training driver does) so that ranks that step together search together: with the path
@@ -502,6 +503,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
                                  _autograd_grad, loss_fn=loss_fn)
+        if self.check_finite and not all(torch.isfinite(p).all() for p in adapted.values()):
+            support = {"support_x": support_x, "support_y": support_y}
+            raise self._non_finite(
+                f"after {steps} inner step(s) on this support set the adapted parameters are "
+                "not finite", next((name for name, t in support.items() if t.is_floating_point()
+                                    and not torch.isfinite(t).all()), ""),
+                "the adaptation diverged: give fewer steps or a lower inner_lr")
         # after 0 steps: copies, so that changing them in place leaves the model as it is
         adapted = adapted if steps else {name: p.clone() for name, p in adapted.items()}
         return {**adapted, **{name: p.clone() for name, p in self.per_step(steps - 1).items()}}
@@ -679,16 +687,21 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
     def _check_finite(self, loss: Tensor, batch: TaskBatch, step_weights: Tensor | None) -> None:
         if self.check_finite and not torch.isfinite(loss):
-            bad = non_finite_input(batch, step_weights)
-            if bad:
-                raise NonFiniteInputError(f"the meta-loss is {loss.item()}: {bad} holds a NaN "
-                                          "or infinite value")
-            held = next((name for name, t in (*self.named_parameters(), *self.named_buffers())
-                         if t.is_floating_point() and not torch.isfinite(t).all()), None)
-            where = (f"{held} holds a NaN or infinite value (set so, or after a diverged "
-                     "meta-step): " if held else "")
-            raise NonFiniteLossError(f"the meta-loss is {loss.item()}: {where}lower inner_lr or "
-                                     "the meta learning rate, or clip the meta-gradient")
+            raise self._non_finite(f"the meta-loss is {loss.item()}",
+                                   non_finite_input(batch, step_weights),
+                                   "lower inner_lr or the meta learning rate, or clip the "
+                                   "meta-gradient")
+
+    def _non_finite(self, outcome: str, bad_input: str, advice: str) -> NonFiniteLossError:
+        """The error of a non-finite ``outcome``: the input that holds a NaN or infinite value
+        (``bad_input``, "" if none), else this learner's own such tensor, or ``advice``."""
+        if bad_input:
+            return NonFiniteInputError(f"{outcome}: {bad_input} holds a NaN or infinite value")
+        held = next((name for name, t in (*self.named_parameters(), *self.named_buffers())
+                     if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        where = (f"{held} holds a NaN or infinite value (set so, or after a diverged "
+                 "meta-step): " if held else "")
+        return NonFiniteLossError(f"{outcome}: {where}{advice}")
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
