@@ -3,6 +3,7 @@ meta-gradient; the path search, compiling's check and fallbacks, chunks, and ran
 together."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -487,8 +488,6 @@ def test_learners_unlike_keep_compiled_graphs_apart_and_learners_alike_share_the
 def test_a_deepcopy_of_a_compiled_learner_computes_with_its_own_rates():
     """A snapshot (``copy.deepcopy``) of a compiled learner went on calling the original's
     compiled methods: its meta-loss used the original's learned rates as they trained on."""
-    import copy
-
     torch.set_default_dtype(torch.float32)
     model, loss_fn, batch = mlp_problem()
     batch = TaskBatch(*(t.float() for t in batch))
@@ -500,6 +499,31 @@ def test_a_deepcopy_of_a_compiled_learner_computes_with_its_own_rates():
     with torch.no_grad():
         maml.inner_lrs.scalar.fill_(5.0)  # the original trains on
     assert snapshot.meta_loss(batch)[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_compiled_learner_saved_whole_loads_and_computes_compiled():
+    """``torch.save`` of a compiled learner (pickle) failed on its compiled methods' code
+    copies; loaded, it compiles again and computes with its own parameters."""
+    import io
+
+    torch.set_default_dtype(torch.float32)
+    model, loss_fn, batch = mlp_problem()
+    batch = TaskBatch(*(t.float() for t in batch))
+    model.float()
+    maml = MAML(model, loss_fn, 0.1, 1, lr_mode="scalar", batched=True, compile=True)
+    maml.meta_backward(batch)
+    saved = io.BytesIO()
+    torch.save(maml, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    with torch.no_grad():
+        maml.inner_lrs.scalar.fill_(5.0)  # the original trains on
+        loaded.inner_lrs.scalar.fill_(0.3)
+    expected = MAML(copy.deepcopy(model), loss_fn, 0.3, 1, batched=True).meta_loss(batch)[0]
+    loaded.zero_grad()
+    loaded.meta_backward(batch)
+    assert loaded.path.startswith("compiled")
+    assert loaded.meta_loss(batch)[0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_a_first_meta_backward_that_fails_leaves_the_users_gradients():

@@ -78,18 +78,34 @@ def _code_for(function: Callable[..., Any], learner: str) -> Callable[..., Any]:
 
 
 class _CompiledMethod:
-    """A learner's method compiled (``function``: ``torch.compile`` of ``_code_for``'s copy),
-    called with the learner; a deepcopy of the learner calls it with the copy (a bound method
-    went on computing with the original learner's learned rates)."""
+    """A learner's ``method`` compiled (``function``: ``torch.compile`` of ``_code_for``'s
+    copy), called with the learner; a deepcopy of the learner calls it with the copy (a bound
+    method went on computing with the original learner's learned rates). A pickled one (in
+    ``torch.save`` of the learner) holds the method's name and compiles again at its first
+    call (the code copy cannot be pickled)."""
 
-    def __init__(self, function: Callable[..., Any], learner: Any) -> None:
-        self.function, self.learner = function, learner
+    def __init__(self, method: Callable[..., Any], learner: Any,
+                 function: Callable[..., Any] | None = None) -> None:
+        self.method, self.learner = method, learner
+        self.function = function or torch.compile(_code_for(method, learner._learner_key()),
+                                                  dynamic=False)
 
     def __call__(self, *args: Any) -> Any:
+        if self.function is None:  # unpickled
+            self.function = torch.compile(_code_for(self.method, self.learner._learner_key()),
+                                          dynamic=False)
         return self.function(self.learner, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledMethod:
-        return _CompiledMethod(self.function, copy.deepcopy(self.learner, memo))
+        return _CompiledMethod(self.method, copy.deepcopy(self.learner, memo), self.function)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"method": self.method.__name__, "learner": self.learner}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # (the learner may be unpickled but not yet filled in: compiled at the first call)
+        self.learner, self.function = state["learner"], None
+        self.method = getattr(type(self.learner), state["method"])
 
 
 def _full_name(thing: Any) -> str:
@@ -115,10 +131,9 @@ class ExecutionPaths:
         """The paths' state, at ``MAML``'s construction (see its ``batched``, ``compile``,
         ``chunk_size`` and ``checkpoint_steps``)."""
         self.chunk_size = chunk_size
-        learner = self._learner_key() if compile else ""
         self._compiled_batched, self._compiled_gradient = (
-            _CompiledMethod(torch.compile(_code_for(method, learner), dynamic=False), self)
-            if compile else None for method in (type(self)._batched, type(self)._gradient))
+            _CompiledMethod(method, self) if compile else None
+            for method in (type(self)._batched, type(self)._gradient))
         self.path: str | None = None  # "batched", "compiled" or "looped" once a call ran (+ chunk)
         # input shapes -> (path, chunk size) chosen by timing; saved with the training state
         self.path_choices: dict[str, tuple[str, int | None]] = {}
