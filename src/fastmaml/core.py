@@ -135,9 +135,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             statistics as they are). Layer and instance norms run as written, their affine
             weight applied outside torch's kernel (exact under ``vmap``; ``fastmaml.norms``).
         compile: allow the batched path through ``torch.compile`` (fused kernels, less dispatch
-            overhead; the first call of each shape compiles, which takes seconds). With the
-            default path search it is one more candidate (compiled once, at the default chunk
-            size), kept only where it is the fastest; with an explicit ``batched=True`` it is used.
+            overhead; the first call of each shape compiles: seconds for a small MLP, minutes
+            for a conv net from a cold inductor cache). With the default path search it is one
+            more candidate (compiled once, at the default chunk size), kept only where it is
+            the fastest; with an explicit ``batched=True`` it is used.
             Where compiling fails (e.g. no C++ compiler), it warns once and runs eager from then on.
         chunk_size: ``vmap`` this many tasks at a time. Default: all tasks on GPU; on CPU as many
             as hold about 2**18 input elements, which keeps the activations cache-sized (Omniglot
@@ -401,8 +402,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         and the metrics. With ``compile=True``, on the batched path and after the first call,
         the outer gradient is ``torch.func.grad`` of the whole objective, compiled into one
         graph with the forward (sinusoid MLP: about twice as fast as ``meta_loss`` +
-        ``backward`` compiled). Otherwise it is ``meta_loss`` and autograd: uncompiled, the
-        functional form is slower and keeps more memory. With ``checkpoint_steps`` it is the
+        ``backward`` compiled). Otherwise it is ``meta_loss`` and autograd. With
+        ``checkpoint_steps`` it is the
         step-by-step reverse pass of ``_checkpointed_task``.
         """
         if not torch.is_grad_enabled():

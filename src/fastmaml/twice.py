@@ -11,8 +11,8 @@ differentiates the inner gradient, so it could not train a model that calls one 
 derivatives torch has to any order, batched or looped, with torch's gradients where the formula
 has none (a zero distance or coordinate, ties at p = inf). The plain ``cdist`` holds the
 differences of every pair of rows (P x R x M numbers), which torch's kernel does not, and it runs
-in first order and evaluation too (a model's forward is one for every path): slower than torch's
-kernel for large sets.
+in first order and evaluation too (a model's forward is one for every path): more memory than
+torch's kernel for large sets, and likely slower (not timed).
 """
 from __future__ import annotations
 

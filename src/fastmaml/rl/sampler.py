@@ -6,9 +6,11 @@ parameters through ``vmap``). Randomness is per episode: episode ``j`` of the ta
 ``numpy.random.default_rng([seed, i, j])``. The forward runs in float64 and the actions are then
 rounded to the policy's dtype: float32 matrix products differ in the last bit between batch
 shapes and thread counts, and MuJoCo turns such differences into different trajectories within
-a few dozen steps; after rounding (to float32), the actions agree bit for bit except with a
-chance of about 2e-9 per action value. So episodes of a float32 policy do not depend on how the
-environments are batched or split over worker processes (a float64 policy's do, to rounding).
+a few dozen steps; after rounding (to float32), the actions agree bit for bit except where a
+float64 value lies within its last bits of a float32 rounding boundary (a chance of about
+2**-29, 2e-9, per action value: estimated, not measured). So episodes of a float32 policy do not
+depend on how the environments are batched or split over worker processes (a float64 policy's
+do, to rounding).
 
 ``Sampler.sample_steps`` gives the official code's batches instead: a number of environment
 steps per task, gathered by environments that start a new episode as soon as one ends (see
@@ -329,7 +331,7 @@ def _chunks(num_tasks: int, num_parts: int, tasks_per_rollout: int | None) -> li
 @contextlib.contextmanager
 def _one_torch_thread() -> Iterator[None]:
     """Small per-step forwards: a second intra-op thread bought nothing and, with the other core
-    busy, made sampling 5-100x slower on a 2-core machine."""
+    busy, made sampling much slower on a 2-core machine (not recorded in docs/results.md)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
