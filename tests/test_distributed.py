@@ -568,7 +568,7 @@ def test_a_process_whose_peers_never_start_says_that_it_waits_and_then_why_it_st
     import socket
     from datetime import timedelta
 
-    from fastmaml import distributed
+    from fastmaml import ConfigError, distributed
     from fastmaml.errors import GroupError
 
     with socket.socket() as probe:
@@ -577,8 +577,15 @@ def test_a_process_whose_peers_never_start_says_that_it_waits_and_then_why_it_st
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
                         "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setattr(distributed, "GROUP_TIMEOUT", timedelta(seconds=3))
     monkeypatch.setattr(distributed, "JOIN_NOTICE_S", 0.5)
+    monkeypatch.delenv("FASTMAML_GROUP_TIMEOUT", raising=False)
+    assert distributed.group_timeout() == timedelta(hours=6)
+    for bad in ("0", "-1", "6h", "nan", "inf"):
+        monkeypatch.setenv("FASTMAML_GROUP_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match="FASTMAML_GROUP_TIMEOUT must be a number "
+                           f"of seconds above 0, got '{bad}'"):
+            distributed.init_from_env()
+    monkeypatch.setenv("FASTMAML_GROUP_TIMEOUT", "3")  # (default 6 h)
     with pytest.raises(GroupError) as stopped:
         distributed.init_from_env()
     need = ("each of the 2 processes must be started, with the same MASTER_ADDR and MASTER_PORT "

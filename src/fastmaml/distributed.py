@@ -9,6 +9,7 @@ for CPU ones.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -26,9 +27,10 @@ from .errors import ConfigError, GroupError, first_line, is_out_of_memory
 
 T = TypeVar("T")
 
-# How long a rank waits at a collective for the others. torch's default (30 min) ends the job
-# when rank 0 alone waits longer: for another learner's start (its data load and path search),
-# or a first compile. A rank that dies ends the job through torchrun whatever this is.
+# How long a rank waits at a collective for the others, unless FASTMAML_GROUP_TIMEOUT says
+# (``group_timeout``). torch's default (30 min) ends the job when rank 0 alone waits longer: for
+# another learner's start (its data load and path search), or a first compile. A rank that dies
+# ends the job through torchrun whatever this is.
 GROUP_TIMEOUT = timedelta(hours=6)
 # How long a process waits for the others to join the group before it says that it waits.
 JOIN_NOTICE_S = 60.0
@@ -51,21 +53,39 @@ def init_from_env() -> None:
         _join_group(backend)
 
 
+def group_timeout() -> timedelta:
+    """How long a rank waits at a collective (and to join) for the others: the
+    ``FASTMAML_GROUP_TIMEOUT`` environment variable's seconds, else ``GROUP_TIMEOUT`` (6 h). A
+    machine lost without closing its connections is noticed only after it."""
+    text = os.environ.get("FASTMAML_GROUP_TIMEOUT")
+    if text is None:
+        return GROUP_TIMEOUT
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"FASTMAML_GROUP_TIMEOUT must be a number of seconds above 0, got "
+                          f"{text!r}")
+    return timedelta(seconds=seconds)
+
+
 def _join_group(backend: str) -> None:
     """``init_process_group``; where the other processes are slow to join (one started by hand,
     a machine not yet started), each waiting process says so after ``JOIN_NOTICE_S``, and where
     they have not joined within the group's timeout, a ``GroupError`` says it in one line."""
     where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    timeout = group_timeout()
     need = (f"each of the {os.environ['WORLD_SIZE']} processes must be started, with the same "
             "MASTER_ADDR and MASTER_PORT (torchrun starts them all)")
     notice = threading.Timer(JOIN_NOTICE_S, print, [
         f"fastmaml: rank {os.environ['RANK']} is waiting at {where} for the other processes, for "
-        f"up to {GROUP_TIMEOUT.total_seconds() / 3600:g} h: {need}"],
+        f"up to {timeout.total_seconds() / 3600:g} h: {need}"],
         {"file": sys.stderr, "flush": True})
     notice.daemon = True
     notice.start()
     try:
-        dist.init_process_group(backend, timeout=GROUP_TIMEOUT, **_store_of_this_attempt())
+        dist.init_process_group(backend, timeout=timeout, **_store_of_this_attempt())
     except dist.DistError as error:
         said = _transport_error(error)
         if "EADDRINUSE" in said:  # rank 0 could not serve the group's store at the port
@@ -123,7 +143,7 @@ def _store_of_this_attempt() -> dict[str, Any]:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt == 0:
         return {}
-    store, rank, size = next(dist.rendezvous("env://", timeout=GROUP_TIMEOUT))
+    store, rank, size = next(dist.rendezvous("env://", timeout=group_timeout()))
     return {"store": dist.PrefixStore(f"fastmaml/attempt{attempt}", store), "rank": rank,
             "world_size": size}
 
