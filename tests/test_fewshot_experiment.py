@@ -165,7 +165,8 @@ def test_miniimagenet_has_no_download_and_its_folder_may_come_from_the_environme
     assert main(["train", "miniimagenet-5w1s", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"MiniImagenet train split not found in {tmp_path / 'mini'} (no such folder):" in err
-    assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET" in err
+    assert ("--data-root DIR (fastmaml train and eval; data_root=DIR in fastmaml.meta_train) or "
+            "$FASTMAML_MINIIMAGENET" in err)
 
 
 def test_miniimagenet_trains_on_its_three_splits_and_evaluates_on_its_test_split_alone(
@@ -297,7 +298,7 @@ def test_eval_takes_the_data_folder_from_where_it_is_now(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run), "--no-progress"]) == 2
     assert f"data folder {data} not found: name the folder with --data-root DIR (fastmaml " \
-           "train and eval)" in capsys.readouterr().err
+           "train and eval; data_root=DIR in fastmaml.meta_train)" in capsys.readouterr().err
     assert main(["eval", str(run), "--data-root", str(moved), "--no-progress"]) == 0
     assert json.loads((run / "eval.json").read_text())[0]["tasks"] == 4
     assert main(["eval", str(run), "--data-root", str(moved), f"data_root={data}"]) == 2

@@ -551,7 +551,8 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
     # the baselines are to train on to 30 (e.g. in another process), MAML is done
     assert main(["train", "sinusoid-demo", "--learner", "maml", "baseline_iterations=30",
                  *common]) == 0
-    capsys.readouterr()
+    assert f"Next, once every learner of the run is trained: fastmaml eval {run_dir}" in (
+        capsys.readouterr().out)  # (was "Next:", and eval refused a run of MAML alone)
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     assert ("warning: pretrained of " + str(run_dir) + " is at iteration 20 of 30 (training, or "
             "stopped): it is used as it is now") in capsys.readouterr().err
@@ -561,8 +562,15 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
     assert not report.finished(run_dir, *TINY_SINUSOID)
     assert main(["train", "sinusoid-demo", "--learner", "pretrained", "baseline_iterations=30",
                  *common]) == 0
-    assert f"Next, once every learner is trained: fastmaml eval {run_dir}" in (
+    assert f"Next, once every learner of the run is trained: fastmaml eval {run_dir}" in (
         capsys.readouterr().out)
+    alone = tmp_path / "maml-alone"
+    assert main(["train", "sinusoid-demo", "--learner", "maml", "--out", str(alone),
+                 *common[2:]]) == 0
+    assert main(["eval", str(alone), "--no-progress"]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"no pretrained checkpoint in {alone}: train it first (fastmaml train sinusoid-demo "
+        f"--out {alone} --learner pretrained)\n")
 
 
 def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(

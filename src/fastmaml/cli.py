@@ -46,8 +46,8 @@ def _train(args: argparse.Namespace) -> None:
     main_rank = world()[0] == 0
     shutdown()
     if main_rank:
-        then = ("Next" if args.learner in (None, "maml")
-                else "Next, once every learner is trained")  # eval needs MAML's checkpoint too
+        then = ("Next" if args.learner is None  # eval needs every learner's checkpoint
+                else "Next, once every learner of the run is trained")
         scalars = f" and {run_dir}/tensorboard" if experiment.cfg.tensorboard else ""
         print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
               f"{run_dir}/metrics-*.csv{scalars}. {then}: fastmaml eval {run_dir}")

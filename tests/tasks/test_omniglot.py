@@ -98,7 +98,9 @@ def test_missing_folder_says_what_and_how(tmp_path: Path) -> None:
     message = str(info.value)
     assert "images_evaluation" in message and "characterNN" in message
     assert "download=true to fastmaml train" in message and "download=True" in message
-    assert "--data-root DIR (fastmaml train and eval) or $FASTMAML_OMNIGLOT" in message
+    assert ("--data-root DIR (fastmaml train and eval; data_root=DIR in fastmaml.meta_train) or "
+            "$FASTMAML_OMNIGLOT" in message)
+    assert "call fastmaml.tasks.omniglot.load_omniglot(root, download=True)" in message
 
 
 def test_a_root_given_as_one_of_the_two_folders_names_the_folder_above(fake_root: Path,

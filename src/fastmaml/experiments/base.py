@@ -360,7 +360,10 @@ class Experiment(ABC):
         """Load ``learner``'s final checkpoint from the run directory."""
         path = checkpoint_path(self.run_dir, learner.name)
         if not path.exists():  # (anything else there: damaged, as train says)
-            raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first")
+            raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first "
+                              f"(fastmaml train {self.cfg.preset} --out {self.run_dir}"
+                              + ("" if learner.name == "maml" else f" --learner {learner.name}")
+                              + ")")
         checkpoint = load_checkpoint(path)
         load_state(learner, checkpoint["learner"], path)
         reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])

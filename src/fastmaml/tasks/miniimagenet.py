@@ -39,7 +39,7 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .folder import decoded_images, image_files, warn_of_skipped_files
 from .images import ImageFormat, fingerprint, read_images
-from .splits import subfolders
+from .splits import DATA_ROOT_OPTIONS, subfolders
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 84
@@ -207,8 +207,8 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
                 f"(a pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
                 f"of class folders{_where_it_may_be(root, split)}. Name the folder that holds "
-                "them with --data-root DIR (fastmaml train and eval) or $FASTMAML_MINIIMAGENET "
-                "(every command, reproduce too)")
+                f"them with {DATA_ROOT_OPTIONS} or $FASTMAML_MINIIMAGENET (every command, "
+                "reproduce too)")
     check_disjoint(root, {split: part.names for split, part in result.items()})
     return result
 

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError
 from .download import cached_array, default_cache_dir, fetch_zip
 from .images import ImageFormat, fingerprint, read_images
-from .splits import subfolders
+from .splits import DATA_ROOT_OPTIONS, subfolders
 
 OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -72,9 +72,9 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
             f"Omniglot not found in {root}: missing {', '.join(missing)}. Expected the official "
             f"layout {root}/images_background/<Alphabet>/characterNN/*.png and the same under "
             f"images_evaluation/ (the official zips, extracted). Name the folder that holds them "
-            "with --data-root DIR (fastmaml train and eval) or $FASTMAML_OMNIGLOT (every command, "
-            "reproduce too); to fetch them into this folder, add download=true to fastmaml "
-            "train, or call load_omniglot(root, download=True).")
+            f"with {DATA_ROOT_OPTIONS} or $FASTMAML_OMNIGLOT (every command, reproduce too); to "
+            "fetch them into this folder, add download=true to fastmaml train, or call "
+            "fastmaml.tasks.omniglot.load_omniglot(root, download=True).")
     return [character for folder in FOLDERS
             for alphabet in subfolders(root / folder) for character in subfolders(alphabet)]
 

@@ -35,13 +35,18 @@ def subfolders(folder: Path) -> list[Path]:
                   if p.is_dir() and not p.name.startswith(".") and p.name not in JUNK_FOLDERS)
 
 
+# how a user names a data folder, in the commands and in Python
+DATA_ROOT_OPTIONS = ("--data-root DIR (fastmaml train and eval; data_root=DIR in "
+                     "fastmaml.meta_train)")
+
+
 def data_root(root: str | os.PathLike[str]) -> Path:
     """``root`` as a path, or a ``DataError`` when it is not a folder."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"data folder {root} not found" + (" (it is a file)" if root.exists()
                                                            else "")
-                        + ": name the folder with --data-root DIR (fastmaml train and eval)")
+                        + f": name the folder with {DATA_ROOT_OPTIONS}")
     return root
 
 
