@@ -41,7 +41,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -420,6 +420,7 @@ class TrainedPolicy:
 
     run_dir: Path
     maml: MAML  # the policy (maml.model) inside its engine
+    task: ClassVar[str] = "rl"  # (a TrainedRun's is "classification" or "regression")
     env_id: str
     steps: int  # default policy-gradient steps: the run's eval_inner_steps
     experiment: Any  # the run's RLExperiment, whose evaluation protocol adapt runs

@@ -212,7 +212,7 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     (learner,) = experiment.learners()
     fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     run = fastmaml.load_run(tmp_path)
-    assert isinstance(run, fastmaml.TrainedPolicy) and run.steps == 2
+    assert isinstance(run, fastmaml.TrainedPolicy) and run.steps == 2 and run.task == "rl"
     best = load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"]["best"]
     assert all(torch.equal(p, best[f"model.{n}"]) for n, p in run.maml.model.named_parameters())
     experiment = load_experiment(tmp_path)

@@ -111,8 +111,14 @@ class PairReward(Point):
         return np.array([-distance, distance])
 
 
+class ResetUnwritten(Point):
+    def reset(self, *, seed=None, options=None):
+        ...  # (as README's example before it is filled in)
+
+
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
-             "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward"):
+             "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
+             "ResetUnwritten"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -198,6 +204,14 @@ def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
     with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
                                                   r"finite, in an episode of task \{'goal'"):
         env.step(torch.zeros(1, 2))
+
+
+def test_a_reset_that_returns_other_than_gymnasiums_tuple_is_named(module: str) -> None:
+    """A reset left unwritten (None) failed in fastmaml's code with a TypeError."""
+    with pytest.raises(ConfigError, match=r"ResetUnwritten-v0's reset returned None: a gymnasium "
+                                          r"environment's reset returns \(observation, info\)"):
+        make_batch_env(f"{module}:{module}/ResetUnwritten-v0").reset(
+            [{"goal": np.array([0.5, 0.5])}], [0])
 
 
 def test_a_reward_held_in_an_array_is_its_one_number(module: str) -> None:

@@ -438,7 +438,7 @@ class GymBatch:
         self.obs = np.zeros((len(tasks), self.obs_dim))
         for i, (task, seed) in enumerate(zip(tasks, seeds)):
             self.envs[i].unwrapped.set_task(task)
-            self.obs[i] = self._flat(self.envs[i].reset(seed=int(seed))[0], i, "reset")
+            self.obs[i] = self._flat(self._reset(i, int(seed)), i, "reset")
         return torch.from_numpy(self.obs.copy())
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -455,6 +455,17 @@ class GymBatch:
             self.done[i] = terminated or truncated
         return (torch.from_numpy(self.obs.copy()), torch.from_numpy(rewards),
                 torch.from_numpy(self.done.copy()))
+
+    def _reset(self, episode: int, seed: int) -> Any:
+        """Episode ``episode``'s environment reset: its observation, gymnasium's tuple checked
+        (a step's is unpacked by gymnasium's own wrappers, which say so)."""
+        result = self.envs[episode].reset(seed=seed)
+        if not isinstance(result, tuple) or len(result) != 2:
+            got = (f"a tuple of {len(result)}" if isinstance(result, tuple)
+                   else "None" if result is None else f"a {type(result).__name__}")
+            raise ConfigError(f"{self.env_id}'s reset returned {got}: a gymnasium environment's "
+                              "reset returns (observation, info)")
+        return result[0]
 
     def _flat(self, obs: Any, episode: int, call: str) -> np.ndarray:
         """``obs`` as the policy's input vector, checked."""
