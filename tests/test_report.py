@@ -294,7 +294,8 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
         row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
         assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
     assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text
-    assert "no data here" in text  # MiniImagenet
+    assert ("| no run yet (`fastmaml reproduce --budget tiny miniimagenet-5w1s` with the data in "
+            "$FASTMAML_MINIIMAGENET; the loader is tested on synthetic files) |") in text
     machine = json.loads((root / "sinusoid" / "machine.json").read_text())[0]
     assert machine["cpus"] >= 1
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -614,6 +615,24 @@ def test_reproduce_with_no_experiment_reproduced_says_so(
     out, err = capsys.readouterr()
     assert "omniglot-5w1s: not reproduced: Omniglot not found in" in out
     assert err.startswith("fastmaml: error: no run in") and "omniglot-5w1s could not be" in err
+
+
+def test_a_reproduced_report_says_why_an_experiment_is_missing_and_the_budget_asked_for(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """The report of a reproduce without Omniglot's data said "no run yet" and suggested the
+    paper budget's 60,000 iterations after a tiny one."""
+    monkeypatch.setenv("FASTMAML_OMNIGLOT", str(tmp_path / "no-omniglot-here"))
+    root = tmp_path / "runs"
+    assert main(["reproduce", "sinusoid", "omniglot-5w1s", "--budget", "tiny", "--root",
+                 str(root), "--no-progress"]) == 2
+    capsys.readouterr()
+    rows = {line.split(" | ")[0]: line for line in (root / "REPORT.md").read_text().splitlines()
+            if line.startswith("| Omniglot")}
+    assert (f"| not reproduced: Omniglot not found in {tmp_path / 'no-omniglot-here'}: missing "
+            "images_background, images_evaluation |") in rows["| Omniglot 5-way 1-shot"]
+    assert "| no run yet (`fastmaml reproduce --budget tiny omniglot-5w5s`) |" in (
+        rows["| Omniglot 5-way 5-shot"])
 
 
 def test_the_committed_figures_are_current() -> None:

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,9 +370,12 @@ def _digits(headline: Headline) -> int:
     return 3 if headline.metric == "MSE" else 1 if headline.metric == "return" else 2
 
 
-def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]] = ()) -> str:
+def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]] = (),
+           budget: str | None = None, not_reproduced: Mapping[str, str] | None = None) -> str:
     """The report's Markdown for ``runs`` (and a list of the ``unread`` run directories, with
-    why); links are relative to ``report_path``'s folder."""
+    why); links are relative to ``report_path``'s folder. An experiment without a run names
+    ``reproduce``'s ``budget`` (where it has the experiment), or why ``reproduce`` could not
+    run it (``not_reproduced``: experiment -> error)."""
     report_dir, anchors, labels = report_path.parent, _anchors(runs), run_labels(runs)
     rows: list[Row] = []
     for headline in HEADLINES:
@@ -402,7 +405,7 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
         ours = (f"{_fmt(row.mean, _digits(h))} +- {_fmt(row.ci, _digits(h))}"
                 if row.mean is not None else "")
         if row.run is None:
-            ours, verdict, where, its = "", _missing(h), "", ""
+            ours, verdict, where, its = "", _missing(h, budget, not_reproduced or {}), "", ""
         else:
             verdict, its = row.status, _iterations(row.run)
             where = f"[{labels[row.run.path]}](#{anchors[row.run.path]})"
@@ -579,13 +582,19 @@ def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> 
     return math.exp(x_mean + (math.log(1.0 - target) - y_mean) / slope)
 
 
-def _missing(headline: Headline) -> str:
-    if headline.key.startswith("miniimagenet"):
-        return "no data here (loader tested on synthetic files)"
+def _missing(headline: Headline, budget: str | None, not_reproduced: Mapping[str, str]) -> str:
+    """The status of an experiment without a run: why reproduce could not run it, or how to."""
+    if headline.key in not_reproduced:
+        return f"not reproduced: {not_reproduced[headline.key].split('. ')[0]}"
     if headline.key.endswith("-lake"):  # a preset of its own, not one of reproduce's rows
         return f"no run yet (`fastmaml train {headline.key}`)"
-    budget = "cpu" if headline.key.startswith(("rl-", "sinusoid")) else "paper"
-    return f"no run yet (`fastmaml reproduce --budget {budget} {headline.key}`)"
+    if budget is None or headline.key not in BUDGETS[budget]:
+        budget = "cpu" if headline.key.startswith(("rl-", "sinusoid")) else "paper"
+    command = f"`fastmaml reproduce --budget {budget} {headline.key}`"
+    if headline.key.startswith("miniimagenet"):  # not downloadable: the user's own copy
+        return (f"no run yet ({command} with the data in $FASTMAML_MINIIMAGENET; the loader is "
+                "tested on synthetic files)")
+    return f"no run yet ({command})"
 
 
 def _anchors(runs: Sequence[Run]) -> dict[Path, str]:
@@ -673,10 +682,12 @@ def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
     return rows + ([("paper: MAML++", headline.maml_pp)] if headline.maml_pp else [])
 
 
-def write_report(paths: Sequence[Path], out: Path) -> Path:
-    """Render the runs in ``paths`` into ``out`` (written whole)."""
+def write_report(paths: Sequence[Path], out: Path, budget: str | None = None,
+                 not_reproduced: Mapping[str, str] | None = None) -> Path:
+    """Render the runs in ``paths`` into ``out`` (written whole; ``render``'s ``budget`` and
+    ``not_reproduced``)."""
     runs, unread = find_runs(paths)
-    write_text_atomic(render(runs, out, unread), out, follow_links=True)
+    write_text_atomic(render(runs, out, unread, budget, not_reproduced), out, follow_links=True)
     return out
 
 
@@ -752,7 +763,7 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
         named = ", ".join(name + did_you_mean(name, BUDGETS[budget]) for name in unknown)
         raise ConfigError(f"unknown experiment(s) {named} for budget {budget}; "
                           f"known: {', '.join(BUDGETS[budget])}")
-    not_reproduced = []
+    not_reproduced: dict[str, str] = {}  # experiment -> why
     for name in chosen:
         preset_name, overrides = BUDGETS[budget][name]
         run_dir = root / name
@@ -772,14 +783,14 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
             if world()[1] > 1:  # one rank's error (its run lock): the ranks would part ways
                 raise
             say(f"fastmaml: {name}: not reproduced: {error}")
-            not_reproduced.append(name)
+            not_reproduced[name] = str(error)
     out = out or root / "REPORT.md"
     if not is_main():
         return out
     if not run_dirs(root):
         raise ConfigError(f"no run in {root} to report: {', '.join(chosen)} could not be "
                           "reproduced (said above)")
-    write_report([root], out)
+    write_report([root], out, budget, not_reproduced)
     named = [name for name in not_reproduced if name in experiments]
     if named:  # asked for by name: a script must tell, though the others' report is written
         raise DataError(f"not reproduced: {', '.join(named)} (said above); the report of "
