@@ -294,8 +294,8 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
         row = next(line for line in text.splitlines() if line.startswith(f"| {title} |"))
         assert "no run yet" not in row and "reproduced/" not in row  # a run, linked by name
     assert "fastmaml train omniglot-5w1s --out" in text and "hidden=8" in text
-    assert ("| no run yet (`fastmaml reproduce --budget tiny miniimagenet-5w1s` with the data in "
-            "$FASTMAML_MINIIMAGENET; the loader is tested on synthetic files) |") in text
+    assert ("| no data here (`fastmaml reproduce --budget tiny miniimagenet-5w1s` with the data "
+            "in $FASTMAML_MINIIMAGENET; the loader is tested on synthetic files) |") in text
     machine = json.loads((root / "sinusoid" / "machine.json").read_text())[0]
     assert machine["cpus"] >= 1
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
@@ -633,6 +633,9 @@ def test_a_reproduced_report_says_why_an_experiment_is_missing_and_the_budget_as
             "images_background, images_evaluation |") in rows["| Omniglot 5-way 1-shot"]
     assert "| no run yet (`fastmaml reproduce --budget tiny omniglot-5w5s`) |" in (
         rows["| Omniglot 5-way 5-shot"])
+    monkeypatch.setenv("FASTMAML_MINIIMAGENET", str(tmp_path))  # a user's copy (none here)
+    assert "| no run yet (`fastmaml reproduce --budget tiny miniimagenet-5w5s` with the data in " in (
+        report.render([], root / "REPORT.md", budget="tiny"))
 
 
 def test_the_committed_figures_are_current() -> None:

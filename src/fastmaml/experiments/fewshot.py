@@ -45,6 +45,13 @@ DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGE
 ROTATE = ("auto", "all", "train", "none")
 
 
+def default_data_root(dataset: str) -> Path:
+    """Where a run of ``dataset`` without ``data_root`` reads it: its environment variable's
+    folder (``DATA_ENV``), else ``data/<dataset>``."""
+    from_env = os.path.expanduser(os.environ.get(DATA_ENV[dataset], ""))
+    return Path(from_env or Path("data") / dataset)
+
+
 @dataclass
 class FewShotConfig(Config):
     experiment: str = "fewshot"
@@ -151,8 +158,8 @@ class FewShotExperiment(Experiment):
     def data_root(self) -> Path:
         if self.cfg.dataset == "folder" and not self.cfg.data_root:
             raise ConfigError("dataset=folder needs the image folder: --data-root DIR")
-        from_env = os.path.expanduser(os.environ.get(DATA_ENV[self.cfg.dataset], ""))
-        return Path(self.cfg.data_root or from_env or Path("data") / self.cfg.dataset)
+        return Path(self.cfg.data_root) if self.cfg.data_root else default_data_root(
+            self.cfg.dataset)
 
     def split(self, name: str) -> Split:
         """Meta-train/val/test split ``name``: its images, class by class (loaded once, from the
