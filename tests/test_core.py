@@ -359,6 +359,30 @@ def test_adapting_leaves_the_requires_grad_of_the_models_buffers_as_it_was():
     assert model.scale.requires_grad and not model.offset.requires_grad
 
 
+def test_a_custom_outer_loss_on_adapt_follows_the_learners_order():
+    """Gradients through ``adapt``'s result are first-order where the learner is (the inner
+    gradients constants), as ``meta_loss``'s are."""
+    model, loss_fn, batch = mlp_problem()
+    one_task = TaskBatch(*(t[:1] for t in batch))
+    for first_order in (True, False):
+        maml = MAML(model, loss_fn, 0.1, 2, first_order)
+        adapted = maml.adapt(one_task.support_x[0], one_task.support_y[0])
+        outer = loss_fn(maml.predict(adapted, one_task.query_x[0]), one_task.query_y[0])
+        through_adapt = torch.autograd.grad(outer, list(model.parameters()))
+        expected = torch.autograd.grad(maml.meta_loss(one_task)[0], list(model.parameters()))
+        assert relative(torch.cat([g.flatten() for g in through_adapt]),
+                        torch.cat([g.flatten() for g in expected])) < 1e-10, first_order
+
+
+def test_a_selection_by_name_takes_the_named_module_not_others_it_prefixes():
+    """``adapt=["1"]`` is module 1, not 10 (nor ``head`` ``head2``)."""
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(11)])
+    maml = MAML(model, F.mse_loss, adapt=["1"])
+    assert sorted(maml.adapt(torch.randn(3, 2), torch.randn(3, 2))) == ["1.bias", "1.weight"]
+    per_step = MAML(model, F.mse_loss, inner_steps=2, adapt=["0"], per_step=["1"])
+    assert sorted(per_step.per_step.names) == ["1.bias", "1.weight"]
+
+
 def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
     model, loss_fn, batch = mlp_problem()
     meta_sgd = MAML(model, loss_fn, 0.1, 2, lr_mode="per_param")
@@ -367,6 +391,7 @@ def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
     maml_pp = MAML(model, loss_fn, 0.1, 2, lr_mode="per_layer_step")
     for tensor in maml_pp.inner_lrs.rates.values():
         tensor.data = torch.tensor([0.1, 0.3])
+    assert maml_pp.inner_lrs(0)["0.weight"].item() == pytest.approx(0.1)
     assert maml_pp.inner_lrs(1)["0.weight"].item() == pytest.approx(0.3)
     assert maml_pp.inner_lrs(7)["0.weight"].item() == pytest.approx(0.3)
     with pytest.warns(fastmaml.errors.FastMAMLWarning,

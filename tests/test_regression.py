@@ -187,6 +187,9 @@ def test_adapting_beyond_the_training_tasks_range_is_warned_of(tmp_path: Path, c
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values .*: x from 50 "
                       "to 50 "):
         trained.predict(adapted, np.array([[50.0]]))
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the query values .*: x from -50 "
+                      "to -50 "):  # below the range too
+        trained.predict(adapted, np.array([[-50.0]]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert trained.predict(adapted, np.zeros((0, 1))).shape == (0, 1)
