@@ -71,6 +71,32 @@ def test_resume_continues_identically(tmp_path):
     assert rows(tmp_path / "straight" / "metrics-maml.csv") == rows(tmp_path / "resumed" / "metrics-maml.csv")
 
 
+def test_a_resumed_run_draws_from_torchs_generator_as_an_uninterrupted_one(tmp_path):
+    """Dropout masks, or anything else a user's model or loss draws from torch's global
+    generator, continue where the checkpoint left them."""
+    def drawing(run_dir):  # each iteration also draws from torch's generator, as dropout does
+        learner = maml_learner(run_dir)
+        original_step = learner.step
+
+        def step(i):
+            metrics = original_step(i)
+            with torch.no_grad():
+                for p in learner.module.parameters():
+                    p.add_(1e-3 * torch.randn_like(p))
+            return metrics
+
+        learner.step = step
+        return learner
+
+    straight = drawing(tmp_path / "straight")
+    fit(straight, tmp_path / "straight", 3, 2, progress=False)
+    fit(drawing(tmp_path / "resumed"), tmp_path / "resumed", 3, 2, progress=False, stop_after=7)
+    torch.manual_seed(123)  # the new process's generator, wherever it stands
+    second = drawing(tmp_path / "resumed")
+    fit(second, tmp_path / "resumed", 3, 2, progress=False)
+    assert torch.equal(params(straight), params(second))
+
+
 class Counting:
     """A learner whose metrics are its iteration: a loss (a tensor), a running best and, at
     iteration 2, a validation figure."""
