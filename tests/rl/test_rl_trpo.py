@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch.nn.utils import parameters_to_vector
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import fastmaml.rl.trpo
 from fastmaml import MAML
-from fastmaml.errors import ConfigError
+from fastmaml.errors import ConfigError, NonFiniteInputError, NonFiniteLossError
 from fastmaml.rl import (Episodes, GaussianMLPPolicy, Sampler, TRPOObjective, adapt_policy,
                          compute_advantages, conjugate_gradient, env_class, gauss_newton_hvp,
                          gaussian_kl, gaussian_log_prob, hessian_vector_product, meta_objective,
@@ -131,6 +131,39 @@ def test_line_search_failure_restores_parameters() -> None:
     stats = trpo_step(list(policy.parameters()), objective, max_kl=-1.0)  # no KL is <= -1
     assert not stats.accepted and stats.backtracks == 15
     assert torch.equal(parameters_to_vector(policy.parameters()), before)
+
+
+def test_a_candidate_whose_adaptation_diverges_is_rejected_and_an_error_restores() -> None:
+    """MAML.adapt's finite check raises where a candidate's inner step diverges: the line
+    search rejects that candidate (as a NaN loss) and goes on backtracking; any other error
+    leaves the parameters as they were."""
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, advantages)
+    before = parameters_to_vector(policy.parameters()).clone()
+    candidates = []  # the line search's: parameters other than the start
+
+    def raising_at_first_candidate(error: Exception):
+        def call() -> tuple[torch.Tensor, torch.Tensor]:
+            now = parameters_to_vector(policy.parameters()).clone()
+            if not torch.equal(now, before):
+                candidates.append(now)
+                if len(candidates) == 1:
+                    raise error
+            return objective()
+        return call
+
+    stats = trpo_step(list(policy.parameters()), raising_at_first_candidate(NonFiniteLossError(
+        "after 1 inner step(s) on this support set the adapted parameters are not finite")),
+        max_kl=0.01, hvp_method="exact")
+    assert stats.accepted and stats.backtracks == len(candidates) - 1 >= 1
+    assert torch.equal(parameters_to_vector(policy.parameters()), candidates[-1])
+    vector_to_parameters(before, policy.parameters())
+    candidates.clear()
+    with pytest.raises(NonFiniteInputError):  # the data's: raised, the start restored
+        trpo_step(list(policy.parameters()), raising_at_first_candidate(NonFiniteInputError(
+            "query_y of task 0 holds a NaN or infinite value")), max_kl=0.01,
+            hvp_method="exact")
+    assert len(candidates) == 1 and torch.equal(parameters_to_vector(policy.parameters()), before)
 
 
 def _nav_problem() -> tuple[MAML, Episodes, Episodes]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ..core import MAML
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteInputError, NonFiniteLossError
 from .policy import adapt_policy, gaussian_kl, gaussian_log_prob, policy_forward
 from .returns import compute_advantages
 from .sampler import Episodes
@@ -117,21 +117,33 @@ def line_search(objective: Objective, params: Sequence[Tensor], step: Tensor, lo
                 max_kl: float, backtrack_ratio: float = 0.8, max_backtracks: int = 15
                 ) -> tuple[bool, int, float, float]:
     """Try x - ratio^k step for k = 0 .. max_backtracks - 1; keep the first one whose loss is
-    below ``loss_before`` with KL <= ``max_kl``, otherwise restore x.
+    below ``loss_before`` with KL <= ``max_kl``, otherwise restore x (also on an error). A
+    candidate whose inner adaptation diverges (``MAML.adapt``'s ``NonFiniteLossError``) is
+    rejected, as a NaN loss is.
 
     Returns (accepted, k, loss, kl) of the last candidate tried.
     """
     x0 = parameters_to_vector(params).detach()
     loss = kl = float("nan")
-    for k in range(max_backtracks):
-        vector_to_parameters(x0 - backtrack_ratio**k * step, params)
-        with torch.no_grad():
-            loss_t, kl_t = objective()
-        loss, kl = loss_t.item(), kl_t.item()
-        if loss < loss_before and kl <= max_kl:
-            return True, k, loss, kl
-    vector_to_parameters(x0, params)
-    return False, max_backtracks, loss, kl
+    accepted = False
+    try:
+        for k in range(max_backtracks):
+            vector_to_parameters(x0 - backtrack_ratio**k * step, params)
+            try:
+                with torch.no_grad():
+                    loss_t, kl_t = objective()
+                loss, kl = loss_t.item(), kl_t.item()
+            except NonFiniteInputError:  # the data's: no step size mends it
+                raise
+            except NonFiniteLossError:
+                loss = kl = float("nan")
+            if loss < loss_before and kl <= max_kl:
+                accepted = True
+                return True, k, loss, kl
+        return False, max_backtracks, loss, kl
+    finally:
+        if not accepted:
+            vector_to_parameters(x0, params)
 
 
 class TRPOStats(NamedTuple):
