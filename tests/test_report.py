@@ -285,6 +285,7 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
                                                        monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("FASTMAML_OMNIGLOT", str(omniglot_root))
+    monkeypatch.setenv("FASTMAML_MINIIMAGENET", str(tmp_path / "no-miniimagenet-here"))
     root = tmp_path / "reproduced"
     assert main(["reproduce", "--budget", "tiny", "--root", str(root), "--no-progress"]) == 0
     text = (root / "REPORT.md").read_text()
@@ -634,6 +635,9 @@ def test_a_reproduced_report_says_why_an_experiment_is_missing_and_the_budget_as
             "images_background, images_evaluation |") in rows["| Omniglot 5-way 1-shot"]
     assert "| no run yet (`fastmaml reproduce --budget tiny omniglot-5w5s`) |" in (
         rows["| Omniglot 5-way 5-shot"])
+    said = report.render([], root / "REPORT.md", budget="tiny", not_reproduced={
+        "omniglot-5w5s": "a | b, e.g. c.\nNext line. Later"})  # one table cell, one sentence
+    assert "| not reproduced: a \\| b, e.g. c |" in said
     monkeypatch.setenv("FASTMAML_MINIIMAGENET", str(tmp_path))  # a user's copy (none here)
     assert "| no run yet (`fastmaml reproduce --budget tiny miniimagenet-5w5s` with the data in " in (
         report.render([], root / "REPORT.md", budget="tiny"))
@@ -647,6 +651,7 @@ def test_the_committed_figures_are_current() -> None:
 
 def test_the_committed_report_is_current(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
+    monkeypatch.setenv("FASTMAML_MINIIMAGENET", str(REPO / "no-miniimagenet-here"))  # as here
     runs, unread = report.find_runs([Path("results")])
     expected = report.render(runs, Path("docs/REPORT.md"), unread)
     assert (REPO / "docs" / "REPORT.md").read_text() == expected, \

@@ -504,8 +504,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
                                  _autograd_grad, loss_fn=loss_fn)
-        if self.check_finite and not torch.stack([p.isfinite().all()  # (one host sync)
-                                                  for p in adapted.values()]).all():
+        finite = [p.isfinite().all() for p in adapted.values()]
+        if self.check_finite and not torch.stack([  # (one host sync, devices mixed or not)
+                flag.to(finite[0].device) for flag in finite]).all():
             support = {"support_x": support_x, "support_y": support_y}
             raise self._non_finite(
                 f"after {steps} inner step(s) on this support set the adapted parameters are "

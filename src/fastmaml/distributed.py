@@ -64,10 +64,15 @@ def group_timeout() -> timedelta:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise ConfigError(f"FASTMAML_GROUP_TIMEOUT must be a number of seconds above 0, got "
-                          f"{text!r}")
+    if not (math.isfinite(seconds) and 1 <= seconds <= 1e9):
+        raise ConfigError(f"FASTMAML_GROUP_TIMEOUT must be a number of seconds from 1 to 1e9, "
+                          f"got {text!r}")
     return timedelta(seconds=seconds)
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` as hours from an hour on (``6 h``), else seconds (``30 s``)."""
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds:g} s"
 
 
 def _join_group(backend: str) -> None:
@@ -80,7 +85,7 @@ def _join_group(backend: str) -> None:
             "MASTER_ADDR and MASTER_PORT (torchrun starts them all)")
     notice = threading.Timer(JOIN_NOTICE_S, print, [
         f"fastmaml: rank {os.environ['RANK']} is waiting at {where} for the other processes, for "
-        f"up to {timeout.total_seconds() / 3600:g} h: {need}"],
+        f"up to {_duration(timeout.total_seconds())}: {need}"],
         {"file": sys.stderr, "flush": True})
     notice.daemon = True
     notice.start()

@@ -78,20 +78,18 @@ def _code_for(function: Callable[..., Any], learner: str) -> Callable[..., Any]:
 
 
 class _CompiledMethod:
-    """A learner's ``method`` compiled (``function``: ``torch.compile`` of ``_code_for``'s
-    copy), called with the learner; a deepcopy of the learner calls it with the copy (a bound
-    method went on computing with the original learner's learned rates). A pickled one (in
-    ``torch.save`` of the learner) holds the method's name and compiles again at its first
-    call (the code copy cannot be pickled)."""
+    """A learner's ``method`` compiled at its first call (``function``: ``torch.compile`` of
+    ``_code_for``'s copy for the learner's settings), called with the learner; a deepcopy of the
+    learner calls it with the copy (a bound method went on computing with the original
+    learner's learned rates). A pickled one (in ``torch.save`` of the learner) holds the
+    method's name and compiles again (the code copy cannot be pickled)."""
 
     def __init__(self, method: Callable[..., Any], learner: Any,
                  function: Callable[..., Any] | None = None) -> None:
-        self.method, self.learner = method, learner
-        self.function = function or torch.compile(_code_for(method, learner._learner_key()),
-                                                  dynamic=False)
+        self.method, self.learner, self.function = method, learner, function
 
     def __call__(self, *args: Any) -> Any:
-        if self.function is None:  # unpickled
+        if self.function is None:
             self.function = torch.compile(_code_for(self.method, self.learner._learner_key()),
                                           dynamic=False)
         return self.function(self.learner, *args)
@@ -103,7 +101,7 @@ class _CompiledMethod:
         return {"method": self.method.__name__, "learner": self.learner}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # (the learner may be unpickled but not yet filled in: compiled at the first call)
+        # (the learner may be unpickled but not yet filled in)
         self.learner, self.function = state["learner"], None
         self.method = getattr(type(self.learner), state["method"])
 
@@ -447,9 +445,9 @@ class ExecutionPaths:
         ``COMPILED_TOLERANCE``, the eager gradient is returned and the next call of the shape
         compares again (the path search compares at its first call only: its calls repeat one
         batch); after ``COMPILED_CHECKS`` such calls in a row, compiling is off from now on,
-        with a warning. Measured once, setting unrecorded: inductor (torch 2.13) computed a
-        transformer encoder layer's second-order meta-gradient 1.6% off (float64, 2 inner steps;
-        not reproduced later). Not compared, with a warning: under active
+        with a warning. Measured once (its exact model unrecorded): inductor (torch 2.13)
+        computed a transformer encoder layer's second-order meta-gradient 1.6% off (float64, 2
+        inner steps; not reproduced later). Not compared, with a warning: under active
         dropout (the two would draw different masks) and where the eager pass runs out of
         accelerator memory. Where the eager gradient is not finite, the next call of the shape
         compares again; the weighted objective's graph is compared on its own

@@ -586,7 +586,8 @@ def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> 
 def _missing(headline: Headline, budget: str | None, not_reproduced: Mapping[str, str]) -> str:
     """The status of an experiment without a run: why reproduce could not run it, or how to."""
     if headline.key in not_reproduced:
-        return f"not reproduced: {not_reproduced[headline.key].split('. ')[0]}"
+        said = re.split(r"\.\s+(?=[A-Z])", " ".join(not_reproduced[headline.key].split()))[0]
+        return "not reproduced: " + said.replace("|", "\\|")  # (its first sentence, one cell)
     if headline.key.endswith("-lake"):  # a preset of its own, not one of reproduce's rows
         return f"no run yet (`fastmaml train {headline.key}`)"
     if budget is None or headline.key not in BUDGETS[budget]:

@@ -116,9 +116,14 @@ class ResetUnwritten(Point):
         ...  # (as README's example before it is filled in)
 
 
+class ResetAsList(Point):
+    def reset(self, *, seed=None, options=None):
+        return list(super().reset(seed=seed))
+
+
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
              "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
-             "ResetUnwritten"):
+             "ResetUnwritten", "ResetAsList"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -208,10 +213,12 @@ def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
 
 def test_a_reset_that_returns_other_than_gymnasiums_tuple_is_named(module: str) -> None:
     """A reset left unwritten (None) failed in fastmaml's code with a TypeError."""
+    task = [{"goal": np.array([0.5, 0.5])}]
     with pytest.raises(ConfigError, match=r"ResetUnwritten-v0's reset returned None: a gymnasium "
                                           r"environment's reset returns \(observation, info\)"):
-        make_batch_env(f"{module}:{module}/ResetUnwritten-v0").reset(
-            [{"goal": np.array([0.5, 0.5])}], [0])
+        make_batch_env(f"{module}:{module}/ResetUnwritten-v0").reset(task, [0])
+    assert torch.equal(make_batch_env(f"{module}:{module}/ResetAsList-v0").reset(task, [0]),
+                       make_batch_env(f"{module}:{module}/Point-v0").reset(task, [0]))
 
 
 def test_a_reward_held_in_an_array_is_its_one_number(module: str) -> None:

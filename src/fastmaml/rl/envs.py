@@ -460,9 +460,9 @@ class GymBatch:
         """Episode ``episode``'s environment reset: its observation, gymnasium's tuple checked
         (a step's is unpacked by gymnasium's own wrappers, which say so)."""
         result = self.envs[episode].reset(seed=seed)
-        if not isinstance(result, tuple) or len(result) != 2:
-            got = (f"a tuple of {len(result)}" if isinstance(result, tuple)
-                   else "None" if result is None else f"a {type(result).__name__}")
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            got = ("None" if result is None else f"a {type(result).__name__}"
+                   + (f" of {len(result)}" if isinstance(result, (tuple, list)) else ""))
             raise ConfigError(f"{self.env_id}'s reset returned {got}: a gymnasium environment's "
                               "reset returns (observation, info)")
         return result[0]
