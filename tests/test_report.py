@@ -572,8 +572,9 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
                  *common[2:]]) == 0
     assert main(["eval", str(alone), "--no-progress"]) == 2
     assert capsys.readouterr().err.endswith(
-        f"no pretrained checkpoint in {alone}: train it first (fastmaml train sinusoid-demo "
-        f"--out {alone} --learner pretrained)\n")
+        f"no pretrained, oracle checkpoint in {alone}: train them first (fastmaml train "
+        f"sinusoid-demo --out {alone} --learner pretrained; fastmaml train sinusoid-demo --out "
+        f"{alone} --learner oracle)\n")
 
 
 def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(

@@ -358,12 +358,23 @@ class Experiment(ABC):
 
     def restore(self, learner: Learner) -> Learner:
         """Load ``learner``'s final checkpoint from the run directory."""
+        return self.restore_all([learner])[0]
+
+    def restore_all(self, learners: list[Learner]) -> list[Learner]:
+        """Load each of ``learners``' final checkpoints; a ``ConfigError`` names every one
+        untrained (one at a time, each train command met the next refusal)."""
+        missing = [learner.name for learner in learners  # (anything else there: damaged, as
+                   if not checkpoint_path(self.run_dir, learner.name).exists()]  # train says)
+        if missing:
+            train = f"fastmaml train {self.cfg.preset} --out {self.run_dir}"
+            commands = "; ".join(train + ("" if name == "maml" else f" --learner {name}")
+                                 for name in missing)
+            raise ConfigError(f"no {', '.join(missing)} checkpoint in {self.run_dir}: train "
+                              f"{'it' if len(missing) == 1 else 'them'} first ({commands})")
+        return [self._load(learner) for learner in learners]
+
+    def _load(self, learner: Learner) -> Learner:
         path = checkpoint_path(self.run_dir, learner.name)
-        if not path.exists():  # (anything else there: damaged, as train says)
-            raise ConfigError(f"no {learner.name} checkpoint in {self.run_dir}: train it first "
-                              f"(fastmaml train {self.cfg.preset} --out {self.run_dir}"
-                              + ("" if learner.name == "maml" else f" --learner {learner.name}")
-                              + ")")
         checkpoint = load_checkpoint(path)
         load_state(learner, checkpoint["learner"], path)
         reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])

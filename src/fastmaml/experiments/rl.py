@@ -431,7 +431,7 @@ class RLExperiment(Experiment):
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
-        trained = {learner.name: self.restore(learner) for learner in self.learners()}
+        trained = {learner.name: learner for learner in self.restore_all(self.learners())}
         tasks, step_sizes = self.eval_tasks(), self.eval_step_sizes()
         engines: dict[str, tuple[MAML, dict[str, Any]]] = {}
         for name, learner in trained.items():

@@ -113,7 +113,8 @@ class SinusoidExperiment(Experiment):
                                backpropagated(loss_of), cfg.baseline_iterations or cfg.iterations, generator)
 
     def _trained(self) -> tuple[MAML, torch.nn.Module, torch.nn.Module]:
-        maml, pretrained, oracle = (self.restore(learner).module for learner in self.learners())
+        trained = self.restore_all(self.learners())
+        maml, pretrained, oracle = (learner.module for learner in trained)
         return maml, pretrained, oracle
 
     def _tune_pretrained_lr(self, model: torch.nn.Module, k_shot: int) -> float:
