@@ -13,6 +13,7 @@ BIN := $(VENV)/bin
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
+	@echo "fastmaml: installing torch and fastmaml into $(VENV) (a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH) $(TORCH_PIP_ARGS)
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
