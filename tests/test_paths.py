@@ -485,15 +485,21 @@ def test_learners_unlike_keep_compiled_graphs_apart_and_learners_alike_share_the
             assert (counters["stats"]["unique_graphs"] > graphs) == compiles, inner_lr
 
 
-def test_a_deepcopy_of_a_compiled_learner_computes_with_its_own_rates():
-    """A snapshot (``copy.deepcopy``) of a compiled learner went on calling the original's
-    compiled methods: its meta-loss used the original's learned rates as they trained on."""
+def compiled_learner() -> tuple[MAML, TaskBatch]:
+    """A compiled float32 MLP learner with a learned scalar inner rate, after its first
+    ``meta_backward``, and its batch."""
     torch.set_default_dtype(torch.float32)
     model, loss_fn, batch = mlp_problem()
     batch = TaskBatch(*(t.float() for t in batch))
-    model.float()
-    maml = MAML(model, loss_fn, 0.1, 1, lr_mode="scalar", batched=True, compile=True)
+    maml = MAML(model.float(), loss_fn, 0.1, 1, lr_mode="scalar", batched=True, compile=True)
     maml.meta_backward(batch)
+    return maml, batch
+
+
+def test_a_deepcopy_of_a_compiled_learner_computes_with_its_own_rates():
+    """A snapshot (``copy.deepcopy``) of a compiled learner went on calling the original's
+    compiled methods: its meta-loss used the original's learned rates as they trained on."""
+    maml, batch = compiled_learner()
     snapshot = copy.deepcopy(maml)
     expected = snapshot.meta_loss(batch)[0].item()
     with torch.no_grad():
@@ -506,19 +512,15 @@ def test_a_compiled_learner_saved_whole_loads_and_computes_compiled():
     copies; loaded, it compiles again and computes with its own parameters."""
     import io
 
-    torch.set_default_dtype(torch.float32)
-    model, loss_fn, batch = mlp_problem()
-    batch = TaskBatch(*(t.float() for t in batch))
-    model.float()
-    maml = MAML(model, loss_fn, 0.1, 1, lr_mode="scalar", batched=True, compile=True)
-    maml.meta_backward(batch)
+    maml, batch = compiled_learner()
     saved = io.BytesIO()
     torch.save(maml, saved)
     saved.seek(0)
     loaded = copy.deepcopy(torch.load(saved, weights_only=False))  # (a copy before its first call)
     with torch.no_grad():
         loaded.inner_lrs.scalar.fill_(0.3)
-    expected = MAML(copy.deepcopy(model), loss_fn, 0.3, 1, batched=True).meta_loss(batch)[0]
+    expected = MAML(copy.deepcopy(maml.model), maml.loss_fn, 0.3, 1,
+                    batched=True).meta_loss(batch)[0]
     loaded.zero_grad()
     loaded.meta_backward(batch)
     assert loaded.path.startswith("compiled")
