@@ -684,6 +684,13 @@ def test_non_finite_adapted_parameters_are_named_by_adapt():
                                "support set the adapted parameters are not finite: support_y "
                                "holds a NaN or infinite value"):
                 MAML(model, loss_fn).adapt(support_x, torch.full_like(support_y, float("nan")))
+    with torch.no_grad():
+        model[0].weight.fill_(float("nan"))  # the start itself: not the steps' fault
+    with pytest.raises(NonFiniteLossError, match=r"are not finite: model\.0\.weight "
+                       r"holds a NaN or infinite value \(set so, or after a diverged meta-step\): "
+                       "lower inner_lr or the meta learning rate"):
+        MAML(model, loss_fn).adapt(support_x, support_y, steps=0)
+    model, _, _ = mlp_problem()
     unchecked = MAML(diverging, loss_fn, inner_lr=1e10, inner_steps=2, check_finite=False)
     assert not all(p.isfinite().all() for p in unchecked.adapt(support_x, support_y).values())
     assert all(p.isfinite().all() for p in MAML(model, loss_fn).adapt(support_x,

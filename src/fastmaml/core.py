@@ -39,6 +39,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
 
+# what mends a diverged meta-step
+META_STEP_ADVICE = "lower inner_lr or the meta learning rate, or clip the meta-gradient"
+
+
 def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0.03) -> Tensor:
     """MAML++ multi-step loss weights over inner steps 1..steps.
 
@@ -691,20 +695,20 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
     def _check_finite(self, loss: Tensor, batch: TaskBatch, step_weights: Tensor | None) -> None:
         if self.check_finite and not torch.isfinite(loss):
             raise self._non_finite(f"the meta-loss is {loss.item()}",
-                                   non_finite_input(batch, step_weights),
-                                   "lower inner_lr or the meta learning rate, or clip the "
-                                   "meta-gradient")
+                                   non_finite_input(batch, step_weights), META_STEP_ADVICE)
 
     def _non_finite(self, outcome: str, bad_input: str, advice: str) -> NonFiniteLossError:
         """The error of a non-finite ``outcome``: the input that holds a NaN or infinite value
-        (``bad_input``, "" if none), else this learner's own such tensor, or ``advice``."""
+        (``bad_input``, "" if none), else this learner's own such tensor (a diverged meta-step's
+        advice), else ``advice``."""
         if bad_input:
             return NonFiniteInputError(f"{outcome}: {bad_input} holds a NaN or infinite value")
         held = next((name for name, t in (*self.named_parameters(), *self.named_buffers())
                      if t.is_floating_point() and not torch.isfinite(t).all()), None)
-        where = (f"{held} holds a NaN or infinite value (set so, or after a diverged "
-                 "meta-step): " if held else "")
-        return NonFiniteLossError(f"{outcome}: {where}{advice}")
+        if held:
+            return NonFiniteLossError(f"{outcome}: {held} holds a NaN or infinite value (set so, "
+                                      f"or after a diverged meta-step): {META_STEP_ADVICE}")
+        return NonFiniteLossError(f"{outcome}: {advice}")
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:
