@@ -371,9 +371,9 @@ class Experiment(ABC):
                                  for name in missing)
             raise ConfigError(f"no {', '.join(missing)} checkpoint in {self.run_dir}: train "
                               f"{'it' if len(missing) == 1 else 'them'} first ({commands})")
-        return [self._load(learner) for learner in learners]
+        return [self._restored(learner) for learner in learners]
 
-    def _load(self, learner: Learner) -> Learner:
+    def _restored(self, learner: Learner) -> Learner:
         path = checkpoint_path(self.run_dir, learner.name)
         checkpoint = load_checkpoint(path)
         load_state(learner, checkpoint["learner"], path)
