@@ -508,9 +508,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,
                                  _autograd_grad, loss_fn=loss_fn)
-        finite = [p.isfinite().all() for p in adapted.values()]
-        if self.check_finite and not torch.stack([  # (one host sync, devices mixed or not)
-                flag.to(finite[0].device) for flag in finite]).all():
+        if self.check_finite and not _all_finite(adapted):
             support = {"support_x": support_x, "support_y": support_y}
             raise self._non_finite(
                 f"after {steps} inner step(s) on this support set the adapted parameters are "
@@ -709,6 +707,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             return NonFiniteLossError(f"{outcome}: {held} holds a NaN or infinite value (set so, "
                                       f"or after a diverged meta-step): {META_STEP_ADVICE}")
         return NonFiniteLossError(f"{outcome}: {advice}")
+
+
+def _all_finite(params: Params) -> bool:
+    """Whether every value of ``params`` is finite, in one host sync (devices mixed or not)."""
+    flags = [p.isfinite().all() for p in params.values()]
+    return bool(torch.stack([flag.to(flags[0].device) for flag in flags]).all())
 
 
 def _vmap_tasks(task: Callable[..., Any], chunk_size: int | None, *batch: Tensor) -> Any:

@@ -90,7 +90,7 @@ def _join_group(backend: str) -> None:
     notice.daemon = True
     notice.start()
     try:
-        dist.init_process_group(backend, timeout=timeout, **_store_of_this_attempt())
+        dist.init_process_group(backend, timeout=timeout, **_store_of_this_attempt(timeout))
     except dist.DistError as error:
         said = _transport_error(error)
         if "EADDRINUSE" in said:  # rank 0 could not serve the group's store at the port
@@ -123,11 +123,12 @@ def _world_size_of_env() -> int:
     return size
 
 
-def _store_of_this_attempt() -> dict[str, Any]:
+def _store_of_this_attempt(timeout: timedelta) -> dict[str, Any]:
     """``init_process_group``'s store, rank and world size where torchrun restarted the processes
-    (``--max-restarts``), else nothing (torch's own). torch 2.13 gives every attempt its agent's
-    store, which still holds the addresses the last attempt's processes published: the restarted
-    group waited on them for the group's timeout or failed to connect (pytorch issue 135712).
+    (``--max-restarts``; its rendezvous waits ``timeout``), else nothing (torch's own). torch
+    2.13 gives every attempt its agent's store, which still holds the addresses the last
+    attempt's processes published: the restarted group waited on them for the group's timeout
+    or failed to connect (pytorch issue 135712).
     On one machine, whose processes share its agent's restart count, each attempt's keys get a
     prefix of their own. Across machines the counts may differ (an agent that restarts for
     another machine's failure may count no restart), so there the processes need a new store
@@ -148,7 +149,7 @@ def _store_of_this_attempt() -> dict[str, Any]:
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if attempt == 0:
         return {}
-    store, rank, size = next(dist.rendezvous("env://", timeout=group_timeout()))
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
     return {"store": dist.PrefixStore(f"fastmaml/attempt{attempt}", store), "rank": rank,
             "world_size": size}
 

@@ -6,9 +6,9 @@ test time and never keeps running statistics (transductive batch norm). Under ``
 2.13's fused kernels give wrong second-order meta-gradients in two places (``tests/test_core.py``
 checks both against the looped reference), and everywhere in a third:
 
-- ``F.batch_norm``: not exact (6.4e-2 relative on one model, docs/results.md). The replacement runs ``layer_norm`` over a channels-first view,
-  which is exact and 1.1-1.3x faster than the same normalisation written with elementwise ops
-  (memory-bound here).
+- ``F.batch_norm``: not exact (6.4e-2 relative on one model, docs/results.md). The replacement
+  runs ``layer_norm`` over a channels-first view, which is exact and 1.1-1.3x faster than the
+  same normalisation written with elementwise ops (memory-bound here).
 - ``F.layer_norm`` and ``F.instance_norm`` with a weight that differs per task (adapted in the
   inner loop): the gradient of the parameters before them is off by up to 4e-2 (layer norm) and
   1e-1 (instance norm) in float64. The same normalisation without its affine weight and bias,

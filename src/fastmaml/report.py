@@ -25,7 +25,6 @@ from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, Fast
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
 from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
-from .experiments.fewshot import default_data_root
 from .paper import HEADLINES, LOCOMOTION, NAV, Headline
 from .plots import counted, stale_figures, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -594,6 +593,7 @@ def _missing(headline: Headline, budget: str | None, not_reproduced: Mapping[str
         budget = "cpu" if headline.key.startswith(("rl-", "sinusoid")) else "paper"
     command = f"`fastmaml reproduce --budget {budget} {headline.key}`"
     if headline.key.startswith("miniimagenet"):  # not downloadable: the user's own copy
+        from .experiments.fewshot import default_data_root  # (not at every command's start)
         data = "no run yet" if default_data_root("miniimagenet").is_dir() else "no data here"
         return (f"{data} ({command} with the data in $FASTMAML_MINIIMAGENET; the loader is "
                 "tested on synthetic files)")

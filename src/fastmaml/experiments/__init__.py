@@ -160,7 +160,8 @@ def _rl_presets() -> dict[str, Preset]:
     # episodes per step), horizon 100 for the half-cheetah and the paper's 200 for the ants (at
     # horizon 100 they learned nothing in 150 iterations; at 200 and rllab's time step the ant
     # direction run's post-update gain grew steadily over 150, docs/results.md; ant velocity
-    # adapts there too, results/rl-ant-vel at 500 iterations); navigation at the paper's scale, fewer iterations.
+    # adapts there too, results/rl-ant-vel at 500 iterations); navigation at the paper's scale,
+    # fewer iterations.
     cpu = {"rl-nav2d": (dict(iterations=RL_CPU_ITERATIONS["rl-nav2d"]),
                         "paper scale, the official script's meta-iterations")}
     for name in paper:

@@ -313,11 +313,10 @@ class MujocoBatch:
     One gymnasium environment (one compiled model) serves every episode: its ``data`` is set to
     the episode's own ``MjData`` before each reset, so each reset runs gymnasium's code
     unchanged. This relies on v5 keeping all episode state in ``data``; one model is compiled
-    once instead of once per episode. A step skips gymnasium's
-    per-episode ``step``: the same simulation call per episode, then observations, rewards and
-    terminations for all episodes in numpy, with the arithmetic of the v5 ``step`` (the test
-    checks bit equality against separate gymnasium environments). An ended episode is not
-    stepped again.
+    once instead of once per episode. A step skips gymnasium's per-episode ``step``: the same
+    simulation call per episode, then observations, rewards and terminations for all episodes in
+    numpy, with the arithmetic of the v5 ``step`` (the test checks bit equality against separate
+    gymnasium environments). An ended episode is not stepped again.
     """
 
     def __init__(self, env_class: type[_Locomotion], **kwargs: Any):
