@@ -509,6 +509,7 @@ def _trained_policy(run_dir: Path, experiment: Any) -> TrainedPolicy:
     with torch.inference_mode(False):
         experiment.cfg = experiment.cfg.replace(workers=0)  # one task at a time: no workers
         maml = experiment.eval_engine(experiment.restore(experiment.learners()[0]))
+    maml.check_finite = True  # a diverged adaptation is said, on any device (as load_run's)
     return TrainedPolicy(run_dir, maml, experiment.cfg.env, experiment.cfg.eval_inner_steps,
                          experiment)
 

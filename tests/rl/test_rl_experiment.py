@@ -6,6 +6,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from fastmaml.cli import main
 from fastmaml.errors import ConfigError, FastMAMLWarning
-from fastmaml.experiments import PRESETS, create_run, load_experiment, preset
+from fastmaml.experiments import PRESETS, base, create_run, load_experiment, preset
 from fastmaml.experiments.base import mean_ci95
 from fastmaml.experiments.rl import RLConfig, RLExperiment
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
@@ -182,8 +183,10 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "fastmaml: wrote" in capsys.readouterr().out
 
 
-def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path) -> None:
-    """A run evaluated at its own ``eval_inner_lr`` is adapted at it too, not at inner_lr."""
+def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run evaluated at its own ``eval_inner_lr`` is adapted at it too, not at inner_lr;
+    its adaptation checks for divergence on any device."""
     import fastmaml
 
     experiment = create_run("rl-nav2d-cpu", tmp_path, [
@@ -197,6 +200,15 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path) -> None:
     assert {float(lr) for lr in engine.inner_lrs(0).values()} == {0.05}
     other = fastmaml.load_run(tmp_path, settings=["eval_inner_lr=0.2"])  # for this adaptation
     assert {float(lr) for lr in other.maml.inner_lrs(0).values()} == {0.2}
+    assert run.maml.check_finite and other.maml.check_finite
+
+    def as_on_an_accelerator(*args: Any, **kwargs: Any) -> fastmaml.MAML:
+        maml = base.build_maml(*args, **kwargs)
+        maml.check_finite = False  # (training's engine there has no per-call check)
+        return maml
+
+    monkeypatch.setattr("fastmaml.experiments.rl.build_maml", as_on_an_accelerator)
+    assert fastmaml.load_run(tmp_path).maml.check_finite
 
 
 def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
