@@ -121,9 +121,15 @@ class ResetAsList(Point):
         return list(super().reset(seed=seed))
 
 
+class OldGymStep(Point):
+    def step(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated or truncated, info
+
+
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
              "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
-             "ResetUnwritten", "ResetAsList"):
+             "ResetUnwritten", "ResetAsList", "OldGymStep"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -219,6 +225,16 @@ def test_a_reset_that_returns_other_than_gymnasiums_tuple_is_named(module: str) 
         make_batch_env(f"{module}:{module}/ResetUnwritten-v0").reset(task, [0])
     assert torch.equal(make_batch_env(f"{module}:{module}/ResetAsList-v0").reset(task, [0]),
                        make_batch_env(f"{module}:{module}/Point-v0").reset(task, [0]))
+
+
+def test_a_step_of_old_gyms_four_values_is_named(module: str) -> None:
+    """Such a step failed in gymnasium's time-limit wrapper (a ValueError from unpacking)."""
+    env = make_batch_env(f"{module}:{module}/OldGymStep-v0")
+    env.reset([{"goal": np.array([0.5, 0.5])}], [0])
+    with pytest.raises(ConfigError, match=r"OldGymStep-v0's step returned 4 values, old gym's "
+                       r"\(observation, reward, done, info\): a gymnasium environment's step "
+                       r"returns \(observation, reward, terminated, truncated, info\)"):
+        env.step(torch.zeros(1, 2))
 
 
 def test_a_reward_held_in_an_array_is_its_one_number(module: str) -> None:

@@ -447,8 +447,8 @@ class GymBatch:
                           space.high.reshape(-1))
         rewards = np.zeros(len(self.done))
         for i in np.flatnonzero(~self.done):
-            obs, reward, terminated, truncated, _ = self.envs[i].step(
-                actions[i].reshape(space.shape).astype(space.dtype))
+            obs, reward, terminated, truncated = self._step(
+                i, actions[i].reshape(space.shape).astype(space.dtype))
             self.obs[i] = self._flat(obs, i, "step")
             rewards[i] = self._number(reward, i)
             self.done[i] = terminated or truncated
@@ -465,6 +465,20 @@ class GymBatch:
             raise ConfigError(f"{self.env_id}'s reset returned {got}: a gymnasium environment's "
                               "reset returns (observation, info)")
         return result[0]
+
+    def _step(self, episode: int, action: np.ndarray) -> tuple[Any, Any, bool, bool]:
+        """Episode ``episode``'s environment step: its observation, reward, terminated and
+        truncated. A step written to old gym's API (four values, ``done`` for both flags) is
+        named, not gymnasium's wrapper that fails to unpack it."""
+        try:
+            obs, reward, terminated, truncated, _ = self.envs[episode].step(action)
+        except ValueError as error:
+            if "values to unpack (expected 5, got 4)" not in str(error):
+                raise
+            raise ConfigError(f"{self.env_id}'s step returned 4 values, old gym's (observation, "
+                              "reward, done, info): a gymnasium environment's step returns "
+                              "(observation, reward, terminated, truncated, info)") from None
+        return obs, reward, terminated, truncated
 
     def _flat(self, obs: Any, episode: int, call: str) -> np.ndarray:
         """``obs`` as the policy's input vector, checked."""
