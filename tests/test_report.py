@@ -379,10 +379,11 @@ def test_an_evaluation_killed_between_its_two_files_is_not_finished(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """eval.json, which marks a run evaluated, is written after results.md: a kill between the
     two leaves a run that ``reproduce`` evaluates again, never a new eval.json beside an old
-    table."""
+    table, nor an earlier evaluation's eval.json beside a new table (a re-evaluation)."""
     run_dir = tmp_path / "r" / "sinusoid"
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
                  "baseline_iterations=20", "eval_tasks=20", "eval_k_shots=5", "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # an earlier evaluation
     written: list[str] = []
 
     def killed_at_the_second_file(text: str, path: Path) -> None:

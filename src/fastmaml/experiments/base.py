@@ -402,7 +402,9 @@ class Experiment(ABC):
                      "fewer eval_inner_steps)", FastMAMLWarning)
         if is_main():  # under torchrun every rank holds the same records
             # eval.json last: it marks the evaluation done (``reproduce`` skips such a run), so a
-            # kill between the two writes leaves a run that is evaluated again, not a stale table
+            # kill between the writes leaves a run that is evaluated again, not a stale table;
+            # an earlier evaluation's goes first, not to be left beside the new table
+            (self.run_dir / "eval.json").unlink(missing_ok=True)
             write_text_atomic(table, self.run_dir / "results.md")
             write_text_atomic(json.dumps(_as_json(records), indent=2, allow_nan=False),
                               self.run_dir / "eval.json")
