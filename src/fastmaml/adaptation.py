@@ -719,8 +719,13 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     if plot is not None and features != 1:
         raise ConfigError(f"--plot draws a curve over one x value, but this run's points have "
                           f"{features}")
-    support_x, support_y, _ = _read_for(run, support, "support", need_y=True)
-    query_x, query_y, names = _read_for(run, query, "query", need_y=False)
+    support_x, support_y, _, target = _read_for(run, support, "support", need_y=True)
+    query_x, query_y, names, labels_name = _read_for(run, query, "query", need_y=False)
+    if labels_name and labels_name.lower() not in {"y", (target or "y").lower()}:
+        raise DataError(f"the query CSV {query} has a column {labels_name!r} beside the run's x "
+                        "columns, which would be read as the query's labels: name a label column "
+                        "y" + (f" (or {target}, as the support's)" if target else "")
+                        + ", or delete that column")
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output

@@ -23,7 +23,7 @@ def write_task(path: Path, task: int, points: int) -> None:
 def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
     path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
-    x, y, names = read_points(path, "support", need_y=True)
+    x, y, names, _ = read_points(path, "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0, 5.0] and y[:, 0].tolist() == [2.0, 4.0, 6.0]
     assert names is None  # no header
     (tmp_path / "bad.csv").write_text("x,y\n1,abc\n")
@@ -33,7 +33,7 @@ def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> N
 
 def test_a_header_y_x_is_read_by_name_and_another_delimiter_is_named(tmp_path: Path) -> None:
     (tmp_path / "swapped.csv").write_text("Y, X\n2.0,1.0\n4.0,3.0\n")
-    x, y, names = read_points(tmp_path / "swapped.csv", "support", need_y=True)
+    x, y, names, _ = read_points(tmp_path / "swapped.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["X"]
     for name, text, need_y in (("semicolons.csv", "x;y\n1;2\n3;4\n", True),
                                ("tabs.csv", "1\t2\n3\t4\n", False)):
@@ -49,13 +49,13 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     comment just before the points names the columns where it is one name per column, as
     ``numpy.savetxt(..., header="y,x")`` writes ``# y,x`` (free text names nothing)."""
     (tmp_path / "saved.csv").write_text("# y,x\n2.0,1.0\n# a note\n4.0,3.0\n")
-    x, y, names = read_points(tmp_path / "saved.csv", "support", need_y=True)
+    x, y, names, _ = read_points(tmp_path / "saved.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
     (tmp_path / "noted.csv").write_text("# measured in lab 3, on 2024-05-01\n#\nx,y\n1,2\n3,4\n")
-    x, y, names = read_points(tmp_path / "noted.csv", "support", need_y=True)
+    x, y, names, _ = read_points(tmp_path / "noted.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
     (tmp_path / "free.csv").write_text("# sqft, price\n# of houses in town\n1,2\n3,4\n")
-    x, y, names = read_points(tmp_path / "free.csv", "support", need_y=True)
+    x, y, names, _ = read_points(tmp_path / "free.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names is None
     (tmp_path / "bad.csv").write_text("# x,y\n1,2\n# note\n3,oops\n")
     with pytest.raises(DataError, match="line 4 of the support CSV .* holds 'oops'"):
@@ -63,11 +63,11 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     (tmp_path / "prose.csv").write_text('# measured in lab 3, "calibrated\n1,2\n# end"\n3,4\n')
     with pytest.warns(ColumnNamesWarning, match="one field per column but is not read as their "
                                                 "names"):  # free text, of two fields
-        x, y, names = read_points(tmp_path / "prose.csv", "support", need_y=True)
+        x, y, names, _ = read_points(tmp_path / "prose.csv", "support", need_y=True)
     assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names is None
     for header in ("y,x (m)", "y, x-pos", "y,x [m]"):  # units and hyphens; a blank line after
         (tmp_path / "units.csv").write_text(f"# {header}\n\n2.0,1.0\n4.0,3.0\n")
-        x, y, names = read_points(tmp_path / "units.csv", "support", need_y=True)
+        x, y, names, _ = read_points(tmp_path / "units.csv", "support", need_y=True)
         assert x[:, 0].tolist() == [1.0, 3.0] and names == [header.split(",")[1].strip()]
     (tmp_path / "nan.csv").write_text("x,y\n1,2\n3,nan\n")  # as numpy.savetxt writes a NaN
     with pytest.raises(DataError, match="line 3 of the support CSV .* holds a NaN or infinite"):
@@ -108,13 +108,29 @@ def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
 
 
 def test_a_task_file_headed_without_y_is_read_by_position_as_ever(tmp_path: Path) -> None:
-    """Only a user's support or query file headed ``target,x`` is refused: task files a run
-    already trained on are read as they were, so that it resumes and evaluates."""
+    """A support or query file headed ``target,x`` is refused, and so are a new run's task
+    files (they trained the model backwards, predicting x); task files a run already trained
+    on are read as they were, so that it resumes and evaluates."""
     (tmp_path / "task.csv").write_text("t,x\n0,1\n2,3\n")
-    x, y, names = read_points(tmp_path / "task.csv", "task", need_y=True)
+    x, y, names, target = read_points(tmp_path / "task.csv", "task", need_y=True)
     assert x[:, 0].tolist() == [0.0, 2.0] and y[:, 0].tolist() == [1.0, 3.0] and names == ["t"]
+    assert target == "x"
     with pytest.raises(DataError, match="its column 'x' would be the target"):
         read_points(tmp_path / "task.csv", "support", need_y=True)
+    root = tmp_path / "tasks"
+    for t in range(3):
+        write_task(root / f"t{t}.csv", t, 4)
+    (root / "t0.csv").write_text("target,x\n" + "".join(f"{10 * i},{i}\n" for i in range(4)))
+    everything = {"train": ["t0.csv", "t1.csv", "t2.csv"], "val": [], "test": []}
+    with pytest.raises(DataError, match=r"the header of the task CSV .*t0.csv names no y column, "
+                                        "so its column 'x' would be the target"):
+        load_point_tasks(root, min_points=2, assignment=everything)  # a new run's
+    tasks = load_point_tasks(root, min_points=2, assignment=everything, x_names=[])  # a started
+    assert tasks["train"].points[0][:, -1].tolist() == [0.0, 1.0, 2.0, 3.0]  # run's, as ever
+    (root / "t2.csv").write_text("price,sqft\n" + "".join(f"{i},{i}\n" for i in range(4)))
+    (root / "t0.csv").write_text("price,sqft\n" + "".join(f"{i},{i}\n" for i in range(4)))
+    tasks = load_point_tasks(root, min_points=2, assignment=everything)["train"]
+    assert (tasks.x_names, tasks.y_name) == (["price"], "sqft")  # (said as training starts)
 
 
 def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> None:
@@ -195,14 +211,14 @@ def test_a_folder_without_tasks_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) -> None:
     (tmp_path / "task.csv").write_text("a,b,y\n1,2,3\n4,5,6\n")
-    x, y, names = read_points(tmp_path / "task.csv", "task", need_y=True)
+    x, y, names, _ = read_points(tmp_path / "task.csv", "task", need_y=True)
     assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]] and names == ["a", "b"]
     (tmp_path / "middle.csv").write_text("x1,Y,x2\n1,3,2\n4,6,5\n")  # y wherever it is named
-    x, y, names = read_points(tmp_path / "middle.csv", "support", need_y=True, features=2)
+    x, y, names, _ = read_points(tmp_path / "middle.csv", "support", need_y=True, features=2)
     assert x.tolist() == [[1, 2], [4, 5]] and y.tolist() == [[3], [6]]
     assert names == ["x1", "x2"]
     (tmp_path / "inputs.csv").write_text("1,2\n4,5\n")  # a query: y may be left out
-    x, y, names = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
+    x, y, names, _ = read_points(tmp_path / "inputs.csv", "query", need_y=False, features=2)
     assert x.tolist() == [[1, 2], [4, 5]] and y is None and names is None
     with pytest.raises(DataError, match=r"has 2 field\(s\): it must hold one row per point, 2 x "
                                         "values, then y, all alike"):
@@ -226,15 +242,15 @@ def test_points_of_several_x_values_and_a_target_named_anywhere(tmp_path: Path) 
 def test_the_one_column_named_beside_the_runs_x_columns_is_the_target(tmp_path: Path) -> None:
     """``price,sqft,rooms`` for a run on ``sqft,rooms``: price is y, not the last column."""
     (tmp_path / "query.csv").write_text("price,SqFt,rooms\n300,80,3\n500,120,4\n")
-    x, y, names = read_points(tmp_path / "query.csv", "query", need_y=False, features=2,
+    x, y, names, _ = read_points(tmp_path / "query.csv", "query", need_y=False, features=2,
                               x_names=("sqft", "rooms"))
     assert x.tolist() == [[80, 3], [120, 4]] and y.tolist() == [[300], [500]]
     assert names == ["SqFt", "rooms"]
-    x, y, names = read_points(tmp_path / "query.csv", "query", need_y=False, features=2)
+    x, y, names, _ = read_points(tmp_path / "query.csv", "query", need_y=False, features=2)
     assert y.tolist() == [[3], [4]] and names == ["price", "SqFt"]  # no names: the last
     for header in ("price,cost,rooms", "y2,sqft,sqft"):  # two unknown, or names repeated
         (tmp_path / "other.csv").write_text(f"{header}\n300,80,3\n")
-        x, y, names = read_points(tmp_path / "other.csv", "query", need_y=False, features=2,
+        x, y, names, _ = read_points(tmp_path / "other.csv", "query", need_y=False, features=2,
                                   x_names=("sqft", "rooms"))
         assert y.tolist() == [[3]]
 

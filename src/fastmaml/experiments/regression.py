@@ -154,8 +154,14 @@ class RegressionExperiment(Experiment):
         return self.cfg.ranges()
 
     def data_note(self) -> str:
-        """The x values per point (a stray id column would count as one)."""
-        return f"points of {self.cfg.features} x value{'s' if self.cfg.features > 1 else ''}"
+        """The x values per point (a stray id column would count as one), and which column is
+        predicted from which where the files name them (a target named other than y is taken
+        by its place)."""
+        count = f"points of {self.cfg.features} x value{'s' if self.cfg.features > 1 else ''}"
+        train = self.splits["train"]
+        if train.x_names and train.y_name:
+            count += f": predicting {train.y_name} from {', '.join(train.x_names)}"
+        return count
 
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg

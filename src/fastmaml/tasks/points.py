@@ -43,11 +43,12 @@ COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
 
 class Points(NamedTuple):
     """A CSV's points: x (N, features) and y (N, 1) or None, as float tensors, and the names
-    its header gives the x columns (None without a header)."""
+    its header gives the x columns and the target (None without a header, or without y)."""
 
     x: Tensor
     y: Tensor | None
     x_names: list[str] | None
+    y_name: str | None = None
 
 
 def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
@@ -140,16 +141,23 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                   else width - 1)
         # (else the last by position); task files as ever, so that a run trained on files
         # headed so (x_names records their order) still resumes and evaluates
-        if names and role != "task" and re.fullmatch(r"x\d*", lowered[target]):
-            raise DataError(f"the header of the {role} CSV {path} names no y column, so its "
-                            f"column {names[target]!r} would be the target: name the target "
-                            "column y")
+        if names and role != "task":
+            refuse_x_named_target(names[target], role, path)
     if target is None and "y" in lowered:
         raise DataError(f"the header of the {role} CSV {path} names a column y, but its rows "
                         f"hold only the {features} x value(s) of a point: give the x values")
     x_columns = [column for column in range(width) if column != target]
     return Points(values[:, x_columns], None if target is None else values[:, target:target + 1],
-                  [names[column] for column in x_columns] if names else None)
+                  [names[column] for column in x_columns] if names else None,
+                  names[target] if names and target is not None else None)
+
+
+def refuse_x_named_target(name: str, role: str, path: Path) -> None:
+    """A ``DataError`` where the target column (``y`` by name, else by position) is named as an
+    x column is (``x``, ``x2``): a header such as ``target,x`` would be learnt backwards."""
+    if re.fullmatch(r"x\d*", name.lower()):
+        raise DataError(f"the header of the {role} CSV {path} names no y column, so its column "
+                        f"{name!r} would be the target: name the target column y")
 
 
 def _is_comment(text: str) -> bool:
@@ -187,7 +195,8 @@ def align_columns(points: Points, names: Sequence[str]) -> tuple[Points, bool]:
             or len(set(theirs)) != len(theirs)):
         return points, False
     order = [ours.index(name) for name in theirs]
-    return Points(points.x[:, order], points.y, [points.x_names[i] for i in order]), True
+    return Points(points.x[:, order], points.y, [points.x_names[i] for i in order],
+                  points.y_name), True
 
 
 def _row_form(features: int | None, need_y: bool) -> str:
@@ -234,12 +243,13 @@ def _contents(split_root: Path, path: Path) -> str:
 @dataclass
 class PointTasks:
     """The tasks of one split: every task's points, (count, features + 1) of x then y, its
-    file's name, and the names of the x columns (the first headed task file's; None if none
-    has a header)."""
+    file's name, and the names of the x columns and of the target (the first headed task
+    file's; None if none has a header)."""
 
     points: list[Tensor]
     names: list[str]
     x_names: list[str] | None = None
+    y_name: str | None = None
 
     def __len__(self) -> int:
         return len(self.names)
@@ -257,7 +267,10 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     record of ``assign_tasks``) fixes which file is in which split. A file whose header names
     the x columns of ``x_names`` (a run's record; None: the first headed file's, in split
     order; empty: no matching, every file as it stands) in another order has its columns put
-    in that order (``align_columns``); files naming others are warned of."""
+    in that order (``align_columns``); files naming others are warned of. A new run's (no
+    ``x_names``) file whose target column is named as an x column is refused
+    (``refuse_x_named_target``); a started run's files are read as they were."""
+    new_run = x_names is None
     root = data_root(root)
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
@@ -270,7 +283,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
     short: list[str] = []  # the files too short for a task
-    first, unnamed = None, []
+    first, unnamed, y_name = None, [], None
     matching = x_names is None or len(x_names) > 0
     x_names = list(x_names) if x_names else None
     for split, split_root, path in files:
@@ -278,11 +291,14 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
         if not len(points.x):  # empty, or a header alone: short, with no columns to compare
             short.append(path.relative_to(root).as_posix())
             continue
+        if new_run and points.y_name:
+            refuse_x_named_target(points.y_name, "task", path)
         x_names = x_names or (points.x_names if matching else None)
+        y_name = y_name or points.y_name
         points, matched = align_columns(points, x_names or [])
         if not matched:
             unnamed.append(path.relative_to(root).as_posix())
-        x, y, _ = points
+        x, y, _, _ = points
         first = first or (path, x.shape[1])
         if x.shape[1] != first[1]:
             raise DataError(f"the task files of {root} differ in their x values per point: "
@@ -301,7 +317,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
              f"{', '.join(x_names or [])}, in any order (e.g. {unnamed[0]}): their columns are "
              "taken as they stand", ColumnNamesWarning)
     return {split: PointTasks([points for points, _ in entries], [name for _, name in entries],
-                              x_names)
+                              x_names, y_name)
             for split, entries in kept.items()}
 
 
