@@ -20,6 +20,13 @@ def write_task(path: Path, task: int, points: int) -> None:
     path.write_text("x,y\n" + "".join(f"{i},{task}\n" for i in range(points)))
 
 
+def test_quoted_fields_after_a_space_are_points(tmp_path: Path) -> None:
+    """``"1", "2"`` (a space after the comma, as some writers put it) was taken for a header."""
+    (tmp_path / "spaced.csv").write_text('"x", "y"\n"1", "2"\n3, 4\n')
+    x, y, names, _ = read_points(tmp_path / "spaced.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
+
+
 def test_a_csv_with_a_byte_order_mark_keeps_its_first_point(tmp_path: Path) -> None:
     path = tmp_path / "excel.csv"  # Excel's "CSV UTF-8" starts with a BOM
     path.write_bytes("\ufeff1.0,2.0\n3.0,4.0\n5.0,6.0\n".encode())
@@ -96,6 +103,8 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     ("1;2\n", "line 1 of the support CSV .* has 1 field.*fields look separated by ';'"),
     (",x,y\n0,1,2\n1,3,4\n", "unnamed, as pandas writes a row index: .*index=False"),
     (",x\n0,1\n1,3\n", "unnamed, as pandas writes a row index"),  # else read as x=index
+    (",y\n0,1\n1,3\n", "leaves its first column unnamed: name it"),  # not to be deleted
+    ("0,5;1,2\n1,5;0,3\n", "holds '5;1', which is not a number.*fields look separated by ';'"),
     ("target,x\n1,2\n3,4\n", "names no y column, so its column 'x' would be the "
                               "target: name the target column y"),
     ("value,X2\n1,2\n3,4\n", "its column 'X2' would be the target"),

@@ -78,29 +78,36 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         leading = [text for comment, (_, text) in zip(commented[:first], texts) if comment]
         last_comment = leading[-1] if leading else ""
         lines = [(number, row) for (number, text), comment in zip(texts, commented)
-                 if not comment for row in csv.reader([text]) if any(c.strip() for c in row)]
+                 if not comment for row in csv.reader([text], skipinitialspace=True)  # "1", "2"
+                 if any(c.strip() for c in row)]
     except UnicodeDecodeError as error:
         raise DataError(f"cannot read the {role} CSV {path}: it is not UTF-8 text ({error}): "
                         "save it as CSV UTF-8") from None
     except (OSError, csv.Error) as error:
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
-    # one field holding another separator (header or not): not comma-separated
-    other = next((mark for mark in (";", "\t", "|") if lines and len(lines[0][1]) == 1
-                  and mark in lines[0][1][0]), None)
+    # another separator in line 1 (header or not; "0,5;1,2" with decimal commas): not
+    # comma-separated, and one field holding it is no header
+    other = next((mark for mark in (";", "\t", "|")
+                  if lines and any(mark in cell for cell in lines[0][1])), None)
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
+    one_field = bool(other) and len(lines[0][1]) == 1
+    if features is None and not need_y:
+        features = 1
     names: list[str] = []
-    if lines and not other and not any(_is_number(cell) or EXCEL_ERROR.match(cell.strip())
-                                       for cell in lines[0][1]):  # a header
+    if lines and not one_field and not any(_is_number(cell) or EXCEL_ERROR.match(cell.strip())
+                                           for cell in lines[0][1]):  # a header
         names = [name.strip() for name in lines[0][1]]
-        if len(names) > 1 and not names[0]:  # pandas' to_csv writes its row index so
+        if len(names) > 1 and not names[0]:
+            named = [name.lower() for name in names[1:]]
+            if "y" in named and len(named) - 1 < (features or 1):  # ",y": x left unnamed
+                raise DataError(f"the header of the {role} CSV {path} leaves its first column "
+                                "unnamed: name it (x, as the points' first value)")
             raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
                             "unnamed, as pandas writes a row index: save it with "
                             "to_csv(index=False), or delete that column")
         lines = lines[1:]
     elif lines and last_comment:  # numpy.savetxt(..., header="x,y") writes it as "# x,y"
         names = _commented_header(last_comment, width=len(lines[0][1]), path=path)
-    if features is None and not need_y:
-        features = 1
     expected = _row_form(features, need_y)
     if not lines and role == "task":  # a task too short for any task: left out as such
         return Points(torch.empty(0, 0), torch.empty(0, 1), None)
@@ -108,8 +115,7 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         raise DataError(f"the {role} CSV {path} holds no points: it needs one row per point, "
                         f"{expected}")
     width = len(lines[0][1])
-    allowed = (width in ((features + 1,) if need_y else (features, features + 1)) if features
-               else width >= 2)
+    allowed = _fits(width, features, need_y)
     for number, row in lines:
         if len(row) != width or not allowed:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
@@ -158,6 +164,14 @@ def refuse_x_named_target(name: str, role: str, path: Path) -> None:
     if re.fullmatch(r"x\d*", name.lower()):
         raise DataError(f"the header of the {role} CSV {path} names no y column, so its column "
                         f"{name!r} would be the target: name the target column y")
+
+
+def _fits(width: int, features: int | None, need_y: bool) -> bool:
+    """Whether rows of ``width`` fields are points: ``features`` x values then y (any number
+    of them where None), or the x values alone where y is not needed."""
+    if not features:
+        return width >= 2
+    return width in ((features + 1,) if need_y else (features, features + 1))
 
 
 def _is_comment(text: str) -> bool:
