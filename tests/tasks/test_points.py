@@ -325,10 +325,15 @@ def test_what_a_csv_holds_otherwise_is_said(tmp_path: Path) -> None:
         write_task(root / f"t{t}.csv", t, 8)
     (root / "t3.tsv").write_text("x\ty\n1\t2\n")
     (root / ".hidden").write_text("")
-    with pytest.warns(FastMAMLWarning, match=r"skipped 1 file\(s\) in .*tasks that are not "
-                                             r"\.csv task files: t3\.tsv$"):
+    for nested in ("more/t4.csv", "more/deeper/t5.CSV", ".git/t6.csv", "__MACOSX/._t0.csv"):
+        write_task(root / nested, 4, 8)
+    with pytest.warns(FastMAMLWarning) as caught:
         load_point_tasks(root, min_points=2, assignment={"train": ["t0.csv", "t1.csv"],
                                                          "val": [], "test": ["t2.csv"]})
+    assert [str(w.message).split(str(root))[1] for w in caught] == [
+        " that are not .csv task files: t3.tsv",
+        " in subfolders, which are not read (task files lie directly in the data folder, or in "
+        "its train/, val/ and test/): more/deeper/t5.CSV, more/t4.csv"]
 
 
 def test_one_x_column_named_in_either_order_is_the_first_files(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning, warn
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     skipped_files_warning, unread_files)
+                     skipped_files_warning, subfolders, unread_files)
 
 
 class ShortTasksWarning(FastMAMLWarning):
@@ -289,9 +289,15 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
-    skipped_files_warning(sorted(p for folder in {path.parent for _, _, path in files}
+    folders = {path.parent for _, _, path in files}
+    skipped_files_warning(sorted(p for folder in folders
                                  for p in unread_files(folder, task_files(folder))),
                           str(root), root, "that are not .csv task files")
+    skipped_files_warning(sorted(p for folder in folders for sub in subfolders(folder)
+                                 for p in sub.rglob("*") if p.suffix.lower() == ".csv"
+                                 and not p.name.startswith(".") and p.is_file()),
+                          str(root), root, "in subfolders, which are not read (task files lie "
+                          "directly in the data folder, or in its train/, val/ and test/)")
     if not files:
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
                         "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
