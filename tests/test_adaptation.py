@@ -178,8 +178,9 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
                            "--query", str(tmp_path / "query"), "--format", "json",
                            "--out", str(out_file), "--steps", "3")
     assert code == 0 and out == "", err
-    assert (f"warning: skipped 2 file(s) in the query folder {tmp_path / 'query'} that are not "
-            "images this Pillow reads: IMG_0001.HEIC, logo.svg\n") in err
+    assert (f"warning: skipped 2 file(s) in the query folder {tmp_path / 'query'} whose names "
+            "end in no image format's suffix this Pillow reads (e.g. .png, .jpg): "
+            "IMG_0001.HEIC, logo.svg\n") in err
     document = json.loads(out_file.read_text())
     assert {k: document[k] for k in ("task", "steps", "classes", "support", "query", "accuracy")} \
         == {"task": "classification", "steps": 3, "classes": ["color1", "color4"], "support": 2,
@@ -547,6 +548,9 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("unreadable image", r"cannot read 1 of 4 images \(replace or delete it\): .*broken.png"),
     ("no checkpoint", "has no trained model .*maml.pt is missing"),
     ("csv to an image run", "is a file, but this is an image run"),
+    ("query file without suffix", "the query set .*photo is a file, but this is an image run: "
+                                  "give a folder of images or one image file, its name ending "
+                                  r"in a format's suffix .*\(e.g. .png or .jpg: rename it"),
     ("too many classes", "has 4 classes, but the run was trained 3-way"),
     ("unknown query class", "not support classes"),
     ("negative steps", "steps must be an integer >= 0, got -1"),
@@ -584,6 +588,9 @@ def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Pat
     elif case == "csv to an image run":
         support = tmp_path / "points.csv"
         support.write_text("x,y\n1,2\n")
+    elif case == "query file without suffix":
+        query = tmp_path / "photo"
+        query.write_bytes(next((tmp_path / "query").rglob("*.jpg")).read_bytes())
     elif case == "too many classes":
         write_image(support / "color3" / "s.png", COLORS["color3"], 1)
     elif case == "unknown query class":

@@ -526,10 +526,13 @@ class ImageSet(NamedTuple):
 
 def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
     """(class subfolders, image files) directly in ``folder``."""
-    if folder.is_file():
-        raise DataError(f"the {role} set {folder} is a file, but this is an image run: give a "
-                        + ("folder of images (one subfolder per class)" if role == "support" else
-                           "folder of images or one image file Pillow reads"))
+    if folder.is_file() and role == "support":
+        raise DataError(f"the support set {folder} is a file, but this is an image run: give a "
+                        "folder of images (one subfolder per class)")
+    if folder.is_file():  # (an image file is read before: its suffix is not an image format's)
+        raise DataError(f"the query set {folder} is a file, but this is an image run: give a "
+                        "folder of images or one image file, its name ending in a format's "
+                        "suffix this Pillow reads (e.g. .png or .jpg: rename it if an image)")
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
     folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped

@@ -64,7 +64,8 @@ def test_files_in_class_folders_that_are_not_images_are_named(flat_root: Path,
     for name in ("IMG_0001.HEIC", "labels.txt", ".DS_Store"):  # the hidden one is not named
         (flat_root / "class03" / name).write_bytes(b"not an image Pillow reads")
     with pytest.warns(FastMAMLWarning, match=r"skipped 2 file\(s\) in the class folders of "
-                      r".*flowers that are not images this Pillow reads: class03/IMG_0001.HEIC, "
+                      r".*flowers whose names end in no image format's suffix this Pillow reads "
+                      r"\(e.g. .png, .jpg\): class03/IMG_0001.HEIC, "
                       r"class03/labels.txt$"):
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
@@ -127,8 +128,9 @@ def test_images_that_come_out_one_flat_colour_are_warned_of(tmp_path: Path) -> N
     drawn.putpixel((3, 3), 0)
     drawn.save(root / "glyph2" / "3.png")
     with pytest.warns(BlankImagesWarning, match=r"7 of 8 images in .*glyphs are one flat colour "
-                                                r"as read \(e.g. glyph0/0.png\): transparent "
-                                                r"pixels count as white"):
+                                                r"as read \(e.g. glyph0/0.png\), from which a "
+                                                r"model learns nothing: blank images, or light "
+                                                r"strokes on a transparent background"):
         load_image_folder(root, FORMAT, fractions=(0.34, 0.33, 0.33), cache_dir=tmp_path / "c")
 
 

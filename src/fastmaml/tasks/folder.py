@@ -31,7 +31,8 @@ from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root
                      has_explicit_splits, skipped_files_warning, subfolders, unread_files)
 
 
-NOT_IMAGES = "that are not images this Pillow reads"  # why a file was skipped
+# why a file was skipped (by its suffix: a format this Pillow cannot read, e.g. HEIC, or none)
+NOT_IMAGES = "whose names end in no image format's suffix this Pillow reads (e.g. .png, .jpg)"
 
 
 class ShortClassesWarning(FastMAMLWarning):
@@ -181,9 +182,10 @@ def _warn_of_blank_images(root: Path, files: Sequence[Path], pixels: Tensor) -> 
     blank = (flat.amin(1) == flat.amax(1)).nonzero().flatten().tolist()
     if blank:
         warn(f"{len(blank)} of {len(files)} images in {root} are one flat colour as read (e.g. "
-             f"{files[blank[0]].relative_to(root).as_posix()}): transparent pixels count as "
-             "white, so light strokes on a transparent background vanish; save such images on "
-             "an opaque background", BlankImagesWarning)
+             f"{files[blank[0]].relative_to(root).as_posix()}), from which a model learns "
+             "nothing: blank images, or light strokes on a transparent background (transparent "
+             "pixels count as white, so save such images on an opaque background)",
+             BlankImagesWarning)
 
 
 def _depth_hint(root: Path, class_depth: int) -> str:
