@@ -113,6 +113,23 @@ def test_images_in_a_folder_above_the_class_level_that_holds_no_class_are_named(
     assert [len(split) for split in splits.values()] == [3, 0, 2]
 
 
+def test_images_that_come_out_nearly_one_colour_are_warned_of(tmp_path: Path) -> None:
+    """A 12-bit camera's pixels in 16-bit files (0..4095 of 0..65535) read as 0..16 of 255, as
+    a viewer shows them: said, as the model sees almost nothing of them."""
+    root = tmp_path / "scans"
+    ramp = np.linspace(0, 4095, 64).reshape(8, 8).astype(np.uint16)
+    for c in range(3):
+        (root / f"cell{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(ramp + 8 * (c + i)).save(root / f"cell{c}" / f"{i}.png")
+    Image.fromarray(ramp * 16).save(root / "cell2" / "full.png")  # the full range: not faint
+    with pytest.warns(BlankImagesWarning, match=r"^6 of 7 images in .*scans span at most 16 of "
+                      r"255 levels as read \(e.g. cell0/0.png\): 16-bit images are scaled by "
+                      r"255/65535, .* a 10- or 12-bit camera's pixels \(0..4095\) come out "
+                      "nearly one colour"):
+        load_image_folder(root, FORMAT, fractions=(0.34, 0.33, 0.33), cache_dir=tmp_path / "c")
+
+
 def test_images_that_come_out_one_flat_colour_are_warned_of(tmp_path: Path) -> None:
     """White strokes on a transparent background are composited onto white, as a viewer shows
     them: blank images, which the warning names."""

@@ -175,11 +175,23 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
     return splits
 
 
+FAINT_SPAN = 16  # of 255 levels: all that 12-bit pixels (0..4095) keep of a 16-bit file's range
+
+
 def _warn_of_blank_images(root: Path, files: Sequence[Path], pixels: Tensor) -> None:
     """Warn of images that come out one flat colour: a model learns nothing from them (light
-    strokes on a transparent background, composited onto white as a viewer shows it)."""
+    strokes on a transparent background, composited onto white as a viewer shows it); and of
+    images that come out nearly so, as 16-bit files of a 10- or 12-bit camera's pixels do."""
     flat = pixels.flatten(1)
-    blank = (flat.amin(1) == flat.amax(1)).nonzero().flatten().tolist()
+    span = flat.amax(1).int() - flat.amin(1).int()
+    blank = (span == 0).nonzero().flatten().tolist()
+    faint = ((span > 0) & (span <= FAINT_SPAN)).nonzero().flatten().tolist()
+    if faint:
+        warn(f"{len(faint)} of {len(files)} images in {root} span at most {FAINT_SPAN} of 255 "
+             f"levels as read (e.g. {files[faint[0]].relative_to(root).as_posix()}): 16-bit "
+             "images are scaled by 255/65535, as a viewer shows them, so a 10- or 12-bit "
+             "camera's pixels (0..4095) come out nearly one colour; stretch such images to their "
+             "format's full range, or save them as 8-bit", BlankImagesWarning)
     if blank:
         warn(f"{len(blank)} of {len(files)} images in {root} are one flat colour as read (e.g. "
              f"{files[blank[0]].relative_to(root).as_posix()}), from which a model learns "
