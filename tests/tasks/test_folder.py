@@ -298,6 +298,32 @@ def test_an_assignment_keeps_every_class_in_its_split_when_classes_are_added(
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
 
 
+def test_a_class_folder_copied_back_in_another_unicode_form_is_the_same_class(
+        tmp_path: Path) -> None:
+    """A run's classes are matched in composed form: "café" copied from macOS comes back
+    decomposed (other bytes) and was "missing"; both forms side by side are one class twice."""
+    import unicodedata
+
+    root = tmp_path / "menu"
+    composed, decomposed = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    for c, name in enumerate([composed, "tea", "soup", "bread"]):
+        write_class(root / name, 2, value=40 * c)
+    assignment = assign_classes(root, fractions=(0.5, 0.25, 0.25))
+    before = load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+    (root / composed).rename(root / decomposed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastMAMLWarning)  # nothing left out, nothing missing
+        warnings.simplefilter("ignore", BlankImagesWarning)  # (one grey per class)
+        after = load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+    assert [[unicodedata.normalize("NFC", n) for n in split.names] for split in after.values()] \
+        == [split.names for split in before.values()]
+    write_class(root / composed, 2, value=5)
+    with pytest.raises(DataError, match=f"'{decomposed}' and '{composed}' of .*menu differ only "
+                                        "in their Unicode form .*: one class folder of two "
+                                        "folders; merge or rename them"):
+        load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+
+
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
     write_class(tmp_path / "latin1" / "a", 2, value=3)
     write_class(tmp_path / "latin1" / "b", 2, value=4)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -153,8 +154,19 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
     An item of ``assignment`` that is missing from the folder is a ``DataError``; an item the
     folder has beyond it (added after the run started) is left out with a warning.
     """
-    split_of = {key: name for name, keys in assignment.items() for key in keys}
-    keyed = [(item.relative_to(root).as_posix(), explicit, item) for explicit, item in found]
+    # names compared in composed Unicode form: a folder copied from macOS (or a zip) may come
+    # back decomposed, "café" in other bytes, and is the same class
+    split_of = {_composed(key): name for name, keys in assignment.items() for key in keys}
+    keyed = [(_composed(item.relative_to(root).as_posix()), explicit, item)
+             for explicit, item in found]
+    first_of: dict[str, Path] = {}
+    for key, _, item in keyed:
+        other = first_of.setdefault(key, item)
+        if other != item:
+            raise DataError(f"{other.relative_to(root).as_posix()!r} and "
+                            f"{item.relative_to(root).as_posix()!r} of {root} differ only in "
+                            f"their Unicode form (composed, and decomposed as macOS writes it): "
+                            f"one {kind} of two folders; merge or rename them")
     missing = sorted(set(split_of) - {key for key, _, _ in keyed})
     if missing:
         raise DataError(f"{len(missing)} {kind}(s) of this run are missing from {root} (e.g. "
@@ -167,6 +179,10 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
              f"splits (added after it started, e.g. {added[0]})", FastMAMLWarning)
     return [(split_of[key], root / explicit if explicit else root, item)
             for key, explicit, item in keyed if key in split_of]
+
+
+def _composed(key: str) -> str:
+    return unicodedata.normalize("NFC", key)
 
 
 def save_assignment(assignment: Assignment, path: Path) -> None:
