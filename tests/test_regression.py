@@ -122,6 +122,13 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
     assert "\nx_names:\n- x1\n- x2\n" in (run / "config.yaml").read_text()
+    config = (run / "config.yaml").read_text()  # a run on named columns: a bare query's output
+    (run / "config.yaml").write_text(config.replace("- x1\n- x2\n", "- sqft\n- rooms\n"))
+    (tmp_path / "bare.csv").write_text("0.5,1\n")  # is headed with them, as its range warnings
+    assert main(["adapt", *common[:3], "--query", str(tmp_path / "bare.csv")]) == 0
+    assert capsys.readouterr().out.splitlines() == ["sqft,rooms,prediction",
+                                                    f"0.5,1.0,{row['prediction']}"]
+    (run / "config.yaml").write_text(config)
     for header, columns in (("Temperature,Pressure", ["Temperature", "Pressure"]),  # its names
                             ("", ["x1", "x2"]), ("a,a", ["x1", "x2"]),  # else x1..xd
                             ("prediction,b", ["x1", "x2"])):

@@ -732,7 +732,7 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output
-        names = _default_x_names(features)
+        names = list(run.x_names) or _default_x_names(features)
     labels = [[None]] * len(query_x) if query_y is None else _as_written(query_y)
     rows = [{**dict(zip(names, x)), "prediction": p, **({} if y is None else {"y": y})}
             for x, (p,), (y,) in zip(_as_written(query_x), _as_written(prediction), labels)]

@@ -246,7 +246,8 @@ def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path
     with pytest.raises(DataError, match=r"has train/, val/ but no test/"):
         assign_classes(root)
     write_class(root / "test" / "test-class", 2, value=2)
-    (root / "__MACOSX" / "train").mkdir(parents=True)  # a macOS zip's resource forks: skipped
+    for junk in ("__MACOSX", "@eaDir", "$RECYCLE.BIN"):  # resource forks, NAS thumbnails, ...
+        write_class(root / junk / "train", 2, value=3)  # skipped
     assert assign_classes(root) == {"train": ["train/train-class"], "val": ["val/val-class"],
                                     "test": ["test/test-class"]}
     (root / "validation" / "c").mkdir(parents=True)

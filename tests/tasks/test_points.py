@@ -20,6 +20,18 @@ def write_task(path: Path, task: int, points: int) -> None:
     path.write_text("x,y\n" + "".join(f"{i},{task}\n" for i in range(points)))
 
 
+def test_excels_separator_line_is_skipped(tmp_path: Path) -> None:
+    """Excel writes ``sep=,`` as line 1 of some CSVs: it was a header, then line 2 "not a
+    number"; another separator is named as such."""
+    (tmp_path / "excel.csv").write_text("sep=,\nx,y\n1,2\n3,4\n")
+    x, y, names, _ = read_points(tmp_path / "excel.csv", "support", need_y=True)
+    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
+    for mark in ";\t":
+        (tmp_path / "excel.csv").write_text(f"sep={mark}\r\nx{mark}y\r\n1{mark}2\r\n")
+        with pytest.raises(DataError, match=f"fields look separated by {re.escape(repr(mark))}"):
+            read_points(tmp_path / "excel.csv", "support", need_y=True)
+
+
 def test_quoted_fields_after_a_space_are_points(tmp_path: Path) -> None:
     """``"1", "2"`` (a space after the comma, as some writers put it) was taken for a header."""
     (tmp_path / "spaced.csv").write_text('"x", "y"\n"1", "2"\n3, 4\n')

@@ -37,6 +37,7 @@ class ColumnNamesWarning(FastMAMLWarning):
 # a cell a spreadsheet could not compute (#N/A, #DIV/0!, #NAME?, Google's #ERROR!, ...),
 # then the line's next field or its end: a bad value, not a comment
 EXCEL_ERROR = re.compile(r"#((?i:N/A)|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
+EXCEL_SEPARATOR = re.compile(r"sep=.")  # a line 1 that names the separator, as Excel writes
 # a name in a header comment (not free text): x1, temp_c, x-pos, x (m), power [W]
 COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
 
@@ -70,8 +71,10 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:  # with or without a BOM
             texts = list(enumerate(handle, start=1))
-        # comments go before the fields are parsed: a quote in one would swallow lines after it
-        commented = [_is_comment(text) for _, text in texts]
+        # comments go before the fields are parsed: a quote in one would swallow lines after it;
+        # so does Excel's line 1 naming the separator ("sep=,"; another is then named as such)
+        commented = [_is_comment(text) or (number == 1 and bool(EXCEL_SEPARATOR.fullmatch(
+            text.rstrip("\r\n")))) for number, text in texts]
         first = next((i for i, (comment, (_, text)) in enumerate(zip(commented, texts))
                       if not comment and text.strip()), len(texts))
         # the comment closest above the first line of fields (blank lines between)

@@ -22,7 +22,9 @@ from ..atomic import write_text_atomic
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 
 SPLITS = ("train", "val", "test")
-JUNK_FOLDERS = {"__MACOSX"}  # resource forks that macOS zips add beside the real folders
+# what systems add beside the real folders: a macOS zip's resource forks, a Synology NAS's
+# thumbnails, Windows' recycle bin and volume records
+JUNK_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
 Assignment = dict[str, list[str]]  # split -> its items, as paths relative to the data root
 ListItems = Callable[[Path], list[Path]]  # a folder -> the items in it, sorted
 # (a split's folder, an item in it) -> what makes two items one (a copy), in words: two of
