@@ -20,6 +20,24 @@ def write_task(path: Path, task: int, points: int) -> None:
     path.write_text("x,y\n" + "".join(f"{i},{task}\n" for i in range(points)))
 
 
+def test_a_query_that_may_be_written_with_decimal_commas_is_warned_of(tmp_path: Path) -> None:
+    """A one-column query of a locale with decimal commas (-0,5 for -0.5) read as x,y labels:
+    predicted at the wrong x and scored against the digits after the comma, unsaid."""
+    (tmp_path / "comma.csv").write_text("-0,5\n0,5\n2,25\n")
+    with pytest.warns(FastMAMLWarning, match=r"comma.csv holds two whole numbers a line and no "
+                      r"decimal point: they are read as x,y .*decimal comma \(0,5 for 0.5\)"):
+        x, y, _, _ = read_points(tmp_path / "comma.csv", "query", need_y=False, features=1)
+    assert x[:, 0].tolist() == [-0.0, 0.0, 2.0] and y[:, 0].tolist() == [5.0, 5.0, 25.0]
+    for text in ("-0.5,1\n0,5\n", "x,y\n0,5\n", "1\n2\n"):  # a decimal point, a header, x alone
+        (tmp_path / "plain.csv").write_text(text)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read_points(tmp_path / "plain.csv", "query", need_y=False, features=1)
+    with warnings.catch_warnings():  # a support's second column is y by need
+        warnings.simplefilter("error")
+        read_points(tmp_path / "comma.csv", "support", need_y=True, features=1)
+
+
 def test_excels_separator_line_is_skipped(tmp_path: Path) -> None:
     """Excel writes ``sep=,`` as line 1 of some CSVs: it was a header, then line 2 "not a
     number"; another separator is named as such."""

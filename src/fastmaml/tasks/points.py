@@ -37,6 +37,7 @@ class ColumnNamesWarning(FastMAMLWarning):
 # a cell a spreadsheet could not compute (#N/A, #DIV/0!, #NAME?, Google's #ERROR!, ...),
 # then the line's next field or its end: a bad value, not a comment
 EXCEL_ERROR = re.compile(r"#((?i:N/A)|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
+DECIMAL_COMMA = re.compile(r"\s*-?\d+,\d+\s*")  # a whole number, a comma, digits: 0,5 or 12,25
 EXCEL_SEPARATOR = re.compile(r"sep=.")  # a line 1 that names the separator, as Excel writes
 # a name in a header comment (not free text): x1, temp_c, x-pos, x (m), power [W]
 COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
@@ -132,6 +133,11 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         if bad is not None:
             raise DataError(f"line {number} of the {role} CSV {path} holds {row[bad].strip()!r}, "
                             f"which is not a number{hint}")
+    if (not need_y and features == 1 and width == 2 and not names  # "-0,5": x alone?
+            and all(DECIMAL_COMMA.fullmatch(",".join(row)) for _, row in lines)):
+        warn(f"the {role} CSV {path} holds two whole numbers a line and no decimal point: they "
+             "are read as x,y (a labelled point); if they are one number written with a decimal "
+             "comma (0,5 for 0.5), save the file with decimal points", FastMAMLWarning)
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
     bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
     if bad_rows:
