@@ -121,6 +121,19 @@ class ResetAsList(Point):
         return list(super().reset(seed=seed))
 
 
+class TruncatesItself(Point):
+    """Truncates its episodes after 3 steps (a budget of its own, before the time limit's)."""
+
+    def reset(self, *, seed=None, options=None):
+        self.steps = 0
+        return super().reset(seed=seed)
+
+    def step(self, action):
+        self.steps += 1
+        obs, reward, terminated, _, info = super().step(action)
+        return obs, reward, terminated, self.steps == 3, info
+
+
 class OldGymStep(Point):
     def step(self, action):
         obs, reward, terminated, truncated, info = super().step(action)
@@ -129,7 +142,7 @@ class OldGymStep(Point):
 
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
              "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
-             "ResetUnwritten", "ResetAsList", "OldGymStep"):
+             "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -225,6 +238,14 @@ def test_a_reset_that_returns_other_than_gymnasiums_tuple_is_named(module: str) 
         make_batch_env(f"{module}:{module}/ResetUnwritten-v0").reset(task, [0])
     assert torch.equal(make_batch_env(f"{module}:{module}/ResetAsList-v0").reset(task, [0]),
                        make_batch_env(f"{module}:{module}/Point-v0").reset(task, [0]))
+
+
+def test_an_episode_the_environment_truncates_is_not_stepped_on(module: str) -> None:
+    """Its steps after the truncation would enter the returns and the baseline."""
+    sampler = Sampler(f"{module}:{module}/TruncatesItself-v0")
+    tasks = [{"goal": np.array([0.9, 0.9])}, {"goal": np.array([-0.9, 0.9])}]
+    episodes = sampler.sample(GaussianMLPPolicy(2, 2, (8,)), tasks, 2, seed=0)
+    assert sampler.horizon == 12 and episodes.masks.sum(-1).tolist() == [[3.0, 3.0]] * 2
 
 
 def test_a_step_of_old_gyms_four_values_is_named(module: str) -> None:

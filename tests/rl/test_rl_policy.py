@@ -40,6 +40,9 @@ def test_policy_shapes_and_initial_std() -> None:
     assert torch.equal(log_std, torch.zeros_like(log_std))  # std 1.0
     assert all(layer.bias.abs().sum() == 0 for layer in policy.mean
                if isinstance(layer, torch.nn.Linear))
+    for layer in linear:  # Xavier-uniform weights, as the official code's: within its bound
+        bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
 
 
 def test_distribution_helpers_match_torch_distributions() -> None:
@@ -128,16 +131,27 @@ def test_adapt_policy_is_differentiable_and_policy_forward_uses_task_params() ->
     assert torch.allclose(own_mean, maml.model(obs)[0])
 
 
+def test_adapt_policy_takes_gamma_and_lambda_for_its_advantages() -> None:
+    episodes = _episodes()
+    maml = MAML(_policy(), reinforce_loss, inner_lr=0.1)
+    with torch.no_grad():
+        got = adapt_policy(maml, episodes, gamma=0.5, gae_lambda=0.7)
+        want = adapt_policy(maml, episodes, advantages=compute_advantages(episodes, 0.5, 0.7))
+        default = adapt_policy(maml, episodes)
+    assert all(torch.allclose(got[name], want[name], atol=1e-12) for name in got)
+    assert not torch.allclose(got["mean.0.weight"], default["mean.0.weight"])
+
+
 def test_adapt_policy_later_steps_start_and_lr_scale() -> None:
     episodes = _episodes()
     maml = MAML(_policy(), reinforce_loss, inner_lr=0.1)
     half = MAML(_policy(), reinforce_loss, inner_lr=0.05)
+    before = {n: p.clone() for n, p in maml.model.named_parameters()}  # (the start loads into it)
     with torch.no_grad():
         first = adapt_policy(maml, episodes)
         second = adapt_policy(maml, episodes, start=first, lr_scale=0.5)
     advantages = compute_advantages(episodes)
     x, y = reinforce_data(episodes, advantages)
-    before = {n: p.clone() for n, p in maml.model.named_parameters()}
     for task in range(TASKS):
         with torch.no_grad():
             for name, p in half.model.named_parameters():

@@ -32,10 +32,11 @@ def _loop_discounted(x: np.ndarray, mask: np.ndarray, discount: float) -> np.nda
 
 
 def test_features() -> None:
-    obs = torch.tensor([[[[-12.0, 3.0], [1.0, 0.5]]]])
+    obs = torch.tensor([[[[-12.0, 3.0], [1.0, 0.5]], [[12.0, -3.0], [0.0, 0.0]]]])
     features = baseline_features(obs)
-    assert features.shape == (1, 1, 2, 2 * 2 + 4)
+    assert features.shape == (1, 2, 2, 2 * 2 + 4)
     assert features[0, 0, 0].tolist() == [-10.0, 3.0, 100.0, 9.0, 0.0, 0.0, 0.0, 1.0]
+    assert features[0, 1, 0, :4].tolist() == [10.0, -3.0, 100.0, 9.0]  # rllab's clip, both sides
     expected = torch.tensor([1.0, 0.5, 1.0, 0.25, 0.01, 1e-4, 1e-6, 1.0])
     assert torch.allclose(features[0, 0, 1], expected)
 
@@ -130,3 +131,16 @@ def test_standardize_per_task_and_compute_advantages() -> None:
     returns = discounted_returns(rewards, masks, 0.99)
     expected = standardize(returns - fit_linear_baseline(obs, returns, masks), masks)
     assert torch.allclose(advantages.double(), expected * masks, atol=1e-4)
+
+
+@pytest.mark.parametrize("gamma, lam", [(0.9, 1.0), (0.99, 0.5)])
+def test_compute_advantages_takes_gamma_and_lambda(gamma: float, lam: float) -> None:
+    """A run's gamma and gae_lambda reach the baseline's returns and GAE (every other test
+    runs the defaults, 0.99 and 1.0)."""
+    obs, rewards, masks = _data()
+    episodes = Episodes(obs, torch.zeros(TASKS, TRAJ, STEPS, 1, dtype=torch.float64), rewards,
+                        masks)
+    returns = discounted_returns(rewards, masks, gamma)
+    values = fit_linear_baseline(obs, returns, masks)
+    expected = standardize(gae(rewards, values, masks, gamma, lam), masks)
+    assert torch.allclose(compute_advantages(episodes, gamma, lam), expected, atol=1e-12)

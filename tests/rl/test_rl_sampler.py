@@ -150,6 +150,9 @@ def test_sampler_rejects_bad_arguments() -> None:
         with pytest.raises(ConfigError, match=r"a fastmaml/Nav2D-v0 task's goal must be of shape "
                                               r"\(2,\), got"):
             sampler.sample(_policy(2, 2), [{"goal": goal}], 2, seed=0)
+    with pytest.raises(ConfigError, match="a fastmaml/Nav2D-v0 task's goal must be finite "
+                                          "numbers"):  # (else NaN rewards, said much later)
+        sampler.sample(_policy(2, 2), [{"goal": np.array([np.nan, 0.0])}], 2, seed=0)
 
 
 def test_lockstep_episodes_stops_when_finished_episodes_hold_the_steps() -> None:
@@ -172,6 +175,8 @@ def test_sampling_some_tasks_again_by_their_positions() -> None:
     sampler = Sampler("fastmaml/Nav2D-v0", horizon=10)
     policy, tasks = _policy(2, 2), _tasks("fastmaml/Nav2D-v0", 3)
     full = sampler.sample(policy, tasks, 2, seed=3, first_traj=4)
+    # first_traj numbers the episodes on: a later batch (sample_steps') is not the first again
+    _assert_equal(full, Episodes(*(t[:, 4:] for t in sampler.sample(policy, tasks, 6, seed=3))))
     again = sampler.sample(policy, [tasks[2], tasks[0]], 2, seed=3, first_traj=4, task_ids=[2, 0])
     _assert_equal(again, Episodes(*(t[[2, 0]] for t in full)))
 

@@ -64,6 +64,38 @@ def test_objective_is_the_surrogate_and_kl_by_hand() -> None:
         gaussian_kl(old_mean, old_log_std, mean, log_std)[..., :40].mean().item())
 
 
+def test_objective_weighs_tasks_alike_whatever_their_episodes_lengths() -> None:
+    """The mean over tasks of each task's masked mean (rather than one mean over every step,
+    which weighs a task by its steps): a task whose episodes end early counts as much."""
+    policy, obs, actions, advantages = _policy_problem()
+    obs, actions, advantages = (t.view(2, 1, 32, *t.shape[3:]) for t in (obs, actions, advantages))
+    masks = torch.ones_like(advantages)
+    masks[1, :, 8:] = 0.0  # task 1's episode ended after 8 steps, task 0's ran 32
+    objective = TRPOObjective(lambda: policy(obs), actions, advantages, masks)
+    old = [t.detach().clone() for t in policy(obs)]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        new = policy(obs)
+    surrogate, kl = objective()
+    ratio = torch.exp(gaussian_log_prob(*new, actions) - gaussian_log_prob(*old, actions))
+    per_step = {"surrogate": -ratio * advantages, "kl": gaussian_kl(*old, *new)}
+    expected = {key: (values[0].mean() + values[1][:, :8].mean()) / 2
+                for key, values in per_step.items()}
+    assert surrogate.item() == pytest.approx(expected["surrogate"].item())
+    assert kl.item() == pytest.approx(expected["kl"].item())
+
+
+def test_a_step_that_does_not_lower_the_loss_is_rejected() -> None:
+    """Returns all alike standardise to zero advantages: no candidate lowers the surrogate, so
+    the search fails and the parameters stay (a step of no gain was accepted on equality)."""
+    policy, obs, actions, advantages = _policy_problem()
+    objective = _objective(policy, obs, actions, torch.zeros_like(advantages))
+    before = parameters_to_vector(policy.parameters()).clone()
+    stats = trpo_step(list(policy.parameters()), objective, max_kl=0.01, hvp_method="exact")
+    assert not stats.accepted and torch.equal(parameters_to_vector(policy.parameters()), before)
+
+
 def test_exact_hvp_matches_finite_difference_and_autograd() -> None:
     policy, obs, _, _ = _policy_problem()
     obs = obs.flatten(0, 2)
@@ -181,16 +213,18 @@ def _nav_problem() -> tuple[MAML, Episodes, Episodes]:
     return maml, support, sampler.sample(policy, tasks, 4, seed=1, params=adapted)
 
 
-def test_meta_objective_at_the_current_parameters() -> None:
+@pytest.mark.parametrize("gamma, lam", [(0.99, 1.0), (0.5, 0.7)])
+def test_meta_objective_at_the_current_parameters(gamma: float, lam: float) -> None:
     maml, support, query = _nav_problem()
-    surrogate, kl = meta_objective(maml, support, query)()
+    surrogate, kl = meta_objective(maml, support, query, gamma=gamma, gae_lambda=lam)()
     assert kl.item() == pytest.approx(0.0, abs=1e-12)
-    # the surrogate's gradient is the policy gradient of the post-update policies
+    # the surrogate's gradient is the policy gradient of the post-update policies, whose
+    # support and query advantages take the run's gamma and lambda
     grads = torch.autograd.grad(surrogate, list(maml.parameters()))
-    adapted = adapt_policy(maml, support)
+    adapted = adapt_policy(maml, support, gamma=gamma, gae_lambda=lam)
     mean, log_std = policy_forward(maml.model, query.observations.flatten(1, 2), adapted)
     log_prob = gaussian_log_prob(mean, log_std, query.actions.flatten(1, 2))
-    weights = (compute_advantages(query) * query.masks).flatten(1, 2)
+    weights = (compute_advantages(query, gamma, lam) * query.masks).flatten(1, 2)
     count = query.masks.sum(dim=(1, 2))
     pg_loss = -((log_prob * weights).sum(1) / count).mean()
     expected = torch.autograd.grad(pg_loss, list(maml.parameters()))
