@@ -122,6 +122,21 @@ def test_a_name_near_the_file_systems_limit_is_written_and_its_stale_temporaries
     assert os.listdir(tmp_path) == [path.name]
 
 
+def test_the_file_reaches_the_disk_before_the_rename_and_the_rename_after_it(tmp_path,
+                                                                           monkeypatch):
+    """The order that makes a write survive a power loss: the temporary's contents synced,
+    then renamed over the file, then the folder's entry synced."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda descriptor: (
+        calls.append("fsync folder" if stat.S_ISDIR(os.fstat(descriptor).st_mode)
+                     else "fsync file"), fsync(descriptor)))
+    monkeypatch.setattr(atomic.os, "replace", lambda *args: (calls.append("rename"),
+                                                              replace(*args)))
+    write_text_atomic("x", tmp_path / "f.txt")
+    assert calls == ["fsync file", "rename", "fsync folder"]
+
+
 def test_a_write_removes_the_temporaries_that_killed_writers_on_this_machine_left(tmp_path):
     """A writer killed mid-write (kill -9: no cleanup) left its temporary for good beside
     eval.json, figures, caches; the next write of the file removes it, and keeps those of live
@@ -138,3 +153,7 @@ def test_a_write_removes_the_temporaries_that_killed_writers_on_this_machine_lef
         (tmp_path / name).write_bytes(b"half")
     write_text_atomic("{}", path)
     assert sorted(os.listdir(tmp_path)) == sorted(["eval.json", left["live"], left["elsewhere"]])
+    # another user's live process (signalling it is not permitted) keeps its temporary too
+    with mock.patch.object(atomic.os, "kill", side_effect=PermissionError):
+        write_text_atomic("{}", path)
+    assert left["live"] in os.listdir(tmp_path) and (tmp_path / left["live"]).is_file()

@@ -60,6 +60,7 @@ def test_a_list_may_come_in_brackets_as_yaml_and_python_write_it() -> None:
     ("inner_lr=-1", "inner_lr must be >= 0 and meta_lr > 0"),
     ("meta_lr=0", "inner_lr must be >= 0 and meta_lr > 0"),
     ("inner_lr=nan", "inner_lr must be >= 0 and meta_lr > 0"),
+    ("inner_lr=inf", "inner_lr must be >= 0 and meta_lr > 0"),
     ("meta_lr=inf", "inner_lr must be >= 0 and meta_lr > 0"),
     ("eval_k_shots=", "eval_k_shots needs at least one K"),
     ("k_shot=0", "k_shot must be >= 1"),
@@ -284,6 +285,14 @@ def test_the_command_line_run_from_python_gives_the_callers_warning_display_back
         capsys.readouterr().err
     assert others == ["another library's warning"]
     assert warnings.showwarning is display and warnings.filters == filters
+
+
+def test_an_edited_config_yamls_fractional_count_is_refused_not_truncated():
+    """``iterations: 2.5`` trained 2 (the command line's int("2.5") refuses it already); a
+    whole number written as a float is taken."""
+    with pytest.raises(ConfigError, match="config key 'iterations' expects int, got 2.5"):
+        SinusoidConfig.from_dict({"iterations": 2.5})
+    assert SinusoidConfig.from_dict({"iterations": 2.0}).iterations == 2
 
 
 @pytest.mark.parametrize("key", ["iterations", "inner_lr"])

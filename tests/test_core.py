@@ -820,6 +820,16 @@ def test_batch_norm_over_one_example_is_refused_in_training_too():
         MAML(model, F.mse_loss).meta_loss(one)
 
 
+def test_batch_norm_of_one_image_normalises_over_its_pixels():
+    """One image has many values per channel (its pixels): torch normalises it, and so do we
+    (predicting one image with its own statistics is the user's choice)."""
+    from fastmaml.norms import batch_stats_norm
+
+    image = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    torch.testing.assert_close(batch_stats_norm(image, None, None, 1e-5),
+                               F.batch_norm(image, None, None, training=True, eps=1e-5))
+
+
 class Pair(nn.Module):
     """A model that returns (prediction, features), as many do."""
 

@@ -205,6 +205,18 @@ def test_two_learners_of_one_run_train_side_by_side(tmp_path: Path) -> None:
         first.wait()
 
 
+def test_a_learner_is_refused_while_a_command_holds_the_whole_run(tmp_path: Path) -> None:
+    """Before that command holds each of its learners (it knows them once loaded), only the
+    whole run's lock tells a --learner command that the run is in use."""
+    run = tmp_path / "run"
+    with locked_run_dir(run):
+        with pytest.raises(ConfigError, match=f"{run} is in use by process {os.getpid()}"):
+            with locked_run_dir(run, learner="maml"):
+                pass
+    with locked_run_dir(run, learner="maml"):  # free again
+        pass
+
+
 def test_an_unknown_learner_is_a_clear_error(tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "new"

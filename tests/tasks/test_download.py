@@ -74,6 +74,19 @@ def test_cached_array_builds_once_atomically(tmp_path: Path) -> None:
     assert len(calls) == 2
 
 
+def test_an_unwritable_cache_folder_is_said_before_the_decoding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not after minutes of decoding, as a PermissionError of the atomic write. (Faked: these
+    tests run as root, whom os.access never refuses.)"""
+    monkeypatch.setattr(dl.os, "access", lambda path, mode: False)
+    built = []
+    with pytest.raises(DataError, match="cannot write the cache directory .*cache .*set "
+                                        r"\$FASTMAML_CACHE"):
+        dl.cached_array(tmp_path / "cache" / "a.npy", lambda: built.append(1) or np.zeros(1),
+                        tmp_path / "data")
+    assert built == []
+
+
 def test_cache_never_inside_the_data_root(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inside the data root"):
         dl.cached_array(tmp_path / "data" / "a.npy", lambda: np.zeros(1), tmp_path / "data")

@@ -1,6 +1,7 @@
 """Few-shot data from any image folder: layouts, the class split, short classes, the cache."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -16,7 +17,7 @@ from fastmaml.tasks import folder as folder_module
 from fastmaml.errors import FastMAMLWarning
 from fastmaml.tasks.folder import (BlankImagesWarning, ShortClassesWarning, assign_classes,
                                    load_image_folder)
-from fastmaml.tasks.splits import split_indices
+from fastmaml.tasks.splits import read_assignment, split_indices
 from fastmaml.tasks.images import ImageFormat
 
 FORMAT = ImageFormat("L", 8)
@@ -149,6 +150,29 @@ def test_images_that_come_out_one_flat_colour_are_warned_of(tmp_path: Path) -> N
                                                 r"model learns nothing: blank images, or light "
                                                 r"strokes on a transparent background"):
         load_image_folder(root, FORMAT, fractions=(0.34, 0.33, 0.33), cache_dir=tmp_path / "c")
+
+
+def test_an_image_rewritten_at_the_same_size_is_decoded_again(tmp_path: Path) -> None:
+    """The cache's key holds each file's modification time, not its size alone (an
+    uncompressed BMP of other pixels has the same size)."""
+    root = tmp_path / "bitmaps"
+    for c in range(3):
+        write_class(root / f"class{c}", 2, value=10 * c, suffix=".bmp")
+    load_image_folder(root, FORMAT, fractions=(1, 0, 0), cache_dir=tmp_path / "c")
+    image = root / "class0" / "0.bmp"
+    size = image.stat().st_size
+    Image.new("L", (10, 12), 200).save(image)
+    os.utime(image, ns=(1, 1))
+    assert image.stat().st_size == size
+    splits = load_image_folder(root, FORMAT, fractions=(1, 0, 0), cache_dir=tmp_path / "c")
+    assert (splits["train"].images[0][0] == 200).all()
+
+
+def test_a_damaged_split_record_is_refused(tmp_path: Path) -> None:
+    for record in ({"train": ["a"], "test": ["b"]}, {"train": "a", "val": [], "test": []}):
+        (tmp_path / "splits.json").write_text(json.dumps(record))  # (val's missing; a string)
+        with pytest.raises(ConfigError, match="splits.json is not a record of a run's split"):
+            read_assignment(tmp_path / "splits.json")
 
 
 def test_the_split_cuts_at_rounded_cumulative_fractions() -> None:

@@ -170,6 +170,13 @@ def test_a_split_file_copied_over_another_is_refused(tmp_path: Path) -> None:
         load_miniimagenet(tmp_path, ["train", "test"])
 
 
+def test_a_class_in_train_and_test_with_val_between_is_refused() -> None:
+    """Every split is compared with all before it, not only the one just before."""
+    with pytest.raises(DataError, match=r"the train and test splits share 1 class\(es\) \(a\)"):
+        miniimagenet.check_disjoint(Path("mini"), {"train": ["a", "b"], "val": ["c"],
+                                                   "test": ["a"]})
+
+
 def test_a_split_not_found_says_where_it_may_be(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"split not found in .*absent \(no such folder\): "):
         load_miniimagenet(tmp_path / "absent", ["val"])

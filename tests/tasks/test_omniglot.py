@@ -110,17 +110,23 @@ def test_a_root_given_as_one_of_the_two_folders_names_the_folder_above(fake_root
         load_omniglot(fake_root / "images_background", cache_dir=tmp_path / "cache")
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing"])
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "moved"])
 def test_damaged_data_names_the_file(fake_root: Path, tmp_path: Path, damage: str) -> None:
+    """A moved image (21 in one character, 19 in another: all still a multiple of 20) would
+    shift every later character's images by one, unsaid."""
     root = tmp_path / "root"
     shutil.copytree(fake_root, root)
     png = root / "images_evaluation" / "Gamma" / "character02" / "0001_07.png"
     data = png.read_bytes()
     if damage == "missing":
         png.unlink()
+    elif damage == "moved":
+        png.rename(root / "images_evaluation" / "Gamma" / "character01" / "0002_07.png")
     else:
         png.write_bytes(b"garbage" if damage == "garbage" else data[: len(data) // 2])
-    with pytest.raises(DataError, match="0001_07.png" if damage != "missing" else "has 19 PNG"):
+    said = {"missing": "has 19 PNG", "moved": r"character01 has 21 PNG images; every Omniglot "
+                                              "character has 20"}
+    with pytest.raises(DataError, match=said.get(damage, "0001_07.png")):
         load_omniglot_images(root, cache_dir=tmp_path / "cache")
 
 
@@ -155,8 +161,10 @@ def test_split_sizes_disjoint_and_deterministic() -> None:
 def test_split_errors() -> None:
     with pytest.raises(ConfigError, match="unknown Omniglot split"):
         split_characters(1623, "random")
-    with pytest.raises(DataError, match="more than 1200 characters, found 6"):
-        split_characters(6)
+    for found in (6, 1200):  # 1200: no meta-test character left (a truncated data root)
+        with pytest.raises(DataError, match=f"more than 1200 characters, found {found}"):
+            split_characters(found)
+    assert len(split_characters(1201)["test"]) == 1
 
 
 def zip_fake_omniglot(fake_root: Path, served: Path) -> dict[str, str]:

@@ -191,6 +191,16 @@ def test_tasks_split_by_file_and_short_files_are_left_out(tmp_path: Path) -> Non
     assert {f"t{t}.csv" for t in short} <= set(assignment["train"])
 
 
+def test_draws_take_points_from_the_whole_file(tmp_path: Path) -> None:
+    """Not only its first k_shot + k_query rows."""
+    write_task(tmp_path / "tasks" / "t.csv", 0, 50)
+    tasks = load_point_tasks(tmp_path / "tasks", min_points=5,
+                             assignment={"train": ["t.csv"], "val": [], "test": []})
+    batch = PointSampler(tasks["train"], 2, 3).sample(40, torch.Generator().manual_seed(0))
+    drawn = torch.cat([batch.support_x.flatten(), batch.query_x.flatten()]).unique()
+    assert len(drawn) > 40  # of the 50 rows (x = row number)
+
+
 def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:
     for t, points in enumerate((6, 20, 9)):  # files of uneven lengths
         write_task(tmp_path / "train" / f"t{t}.csv", t, points)
@@ -381,6 +391,14 @@ def test_one_x_column_named_in_either_order_is_the_first_files(tmp_path: Path) -
     assert tasks.x_names == ["time"]
     for points in tasks.points:  # x = time, y = temp = 2 time in every file
         assert torch.equal(points[:, 1], 2 * points[:, 0])
+
+
+def test_three_columns_in_a_cyclic_order_are_put_in_the_runs_order(tmp_path: Path) -> None:
+    """(Two swapped columns, the other tests' case, are their own inverse permutation.)"""
+    (tmp_path / "task.csv").write_text("b,c,a,y\n2,3,1,9\n")
+    moved, matched = align_columns(read_points(tmp_path / "task.csv", "task", need_y=True),
+                                   ["a", "b", "c"])
+    assert matched and moved.x.tolist() == [[1.0, 2.0, 3.0]] and moved.x_names == ["a", "b", "c"]
 
 
 def test_names_alike_but_for_case_are_ambiguous(tmp_path: Path) -> None:
