@@ -147,24 +147,31 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
                      str(tmp_path / "swapped.csv")]) == 0
         (swapped,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
         assert swapped == {"x1": "0.5", "X2": "1.0", "prediction": row["prediction"]}
-    # a query's column beside the x columns is its labels only if named y or as the support's
-    # target (an id column, or an output's prediction, gave an MSE against it)
+    # a query's column beside the x columns is its labels only if named y, or as the run's or
+    # the support's target (an id column, or an output's prediction, gave an MSE against it)
+    assert "\ny_name: y\n" in (run / "config.yaml").read_text()  # (its task files' target)
     (tmp_path / "ids.csv").write_text("x1,x2,sample_id\n0.5,1,1001\n")
     (tmp_path / "priced.csv").write_text("x1,x2,price\n0.5,1,3\n")
     (tmp_path / "priced-support.csv").write_text(
         "x1,x2,price\n" + "".join(f"{u},{-u},{2 * u}\n" for u in range(5)))
-    for support, query, said in (
-            ("support.csv", "ids.csv", "'sample_id' .*: name a label column y, or delete"),
-            ("priced-support.csv", "ids.csv", "'sample_id' .*: name a label column y \\(or "
-                                              "price, as the support's\\), or delete"),
-            ("support.csv", "priced.csv", "'price' .*: name a label column y, or delete")):
+    said = "name a label column {} \\(the run's or the support's target\\), or delete"
+    for support, query, message in (
+            ("support.csv", "ids.csv", "'sample_id' .*: " + said.format("y")),
+            ("priced-support.csv", "ids.csv", "'sample_id' .*: " + said.format("y or price")),
+            ("support.csv", "priced.csv", "'price' .*: " + said.format("y"))):
         assert main(["adapt", str(run), "--support", str(tmp_path / support), "--query",
                      str(tmp_path / query)]) == 2
-        assert re.search(f"the query CSV .*{query} has a column {said}", capsys.readouterr().err)
-    assert main(["adapt", str(run), "--support", str(tmp_path / "priced-support.csv"),
-                 "--query", str(tmp_path / "priced.csv")]) == 0
-    (priced,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
-    assert priced["y"] == "3.0"
+        assert re.search(f"the query CSV .*{query} has a column {message}",
+                         capsys.readouterr().err)
+    config = (run / "config.yaml").read_text()
+    for support, recorded in (("priced-support.csv", config),  # the support's target, or
+                              ("support.csv", config.replace("y_name: y", "y_name: price"))):
+        (run / "config.yaml").write_text(recorded)  # the run's (trained on files headed so)
+        assert main(["adapt", str(run), "--support", str(tmp_path / support), "--query",
+                     str(tmp_path / "priced.csv")]) == 0
+        (priced,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
+        assert priced["y"] == "3.0"
+    (run / "config.yaml").write_text(config)
     config = (run / "config.yaml").read_text()  # a run of before x_names: files as they stand
     (run / "config.yaml").write_text(config.replace("\nx_names:\n- x1\n- x2\n", "\n"))
     assert main(["adapt", *common[:3], "--query", str(tmp_path / "swapped.csv")]) == 0

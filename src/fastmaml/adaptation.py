@@ -86,6 +86,7 @@ class TrainedRun:
     image_format: ImageFormat | None  # how an image becomes the model's input
     device: torch.device
     x_names: tuple[str, ...] = ()  # a regression run's names of its x columns, if recorded
+    y_name: str = ""  # a regression run's name of its target column, if recorded
     # a regression run's (low, high) of each x column, then of y, over its training tasks
     value_ranges: tuple[tuple[float, float], ...] = ()
     # adapt and predict take turns: each swaps its parameters into the one model for a forward
@@ -401,7 +402,8 @@ def _load_run(run_dir: Path, device: str | None, settings: list[str]
     return TrainedRun(run_dir, maml, "classification" if classification else "regression",
                       cfg.n_way if classification else None, cfg.eval_inner_steps,
                       cfg.image_format() if classification else None, experiment.device,
-                      getattr(cfg, "x_names", ()), experiment.value_ranges())
+                      getattr(cfg, "x_names", ()), getattr(cfg, "y_name", ""),
+                      experiment.value_ranges())
 
 
 class AdaptedPolicy(NamedTuple):
@@ -724,11 +726,12 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                           f"{features}")
     support_x, support_y, _, target = _read_for(run, support, "support", need_y=True)
     query_x, query_y, names, labels_name = _read_for(run, query, "query", need_y=False)
-    if labels_name and labels_name.lower() not in {"y", (target or "y").lower()}:
+    targets = [name for name in dict.fromkeys(["y", run.y_name, target or ""]) if name]
+    if labels_name and labels_name.lower() not in {name.lower() for name in targets}:
         raise DataError(f"the query CSV {query} has a column {labels_name!r} beside the run's x "
                         "columns, which would be read as the query's labels: name a label column "
-                        "y" + (f" (or {target}, as the support's)" if target else "")
-                        + ", or delete that column")
+                        f"{' or '.join(targets)} (the run's or the support's target), or delete "
+                        "that column")
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output

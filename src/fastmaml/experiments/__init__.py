@@ -224,9 +224,9 @@ RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_
 
 def fixed_settings(cfg: Config) -> dict[str, Any]:
     """The settings of ``cfg`` that a resumed run may not change, which each checkpoint
-    records; not ``value_ranges``, a record of the data for adapt's warnings (set by hand too),
-    which nothing learned depends on."""
-    left_out = _resumable_keys(cfg) | {"value_ranges"}
+    records; not ``value_ranges`` and ``y_name``, records of the data for adapt (set by hand
+    too), which nothing learned depends on."""
+    left_out = _resumable_keys(cfg) | {"value_ranges", "y_name"}
     return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
 
 

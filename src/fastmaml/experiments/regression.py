@@ -47,6 +47,9 @@ class RegressionConfig(Config):
     # one: the first headed task file's, found when the run starts (a run started before they
     # were recorded reads every file as it stands)
     x_names: tuple[str, ...] = ()
+    # the name of the target column (the first headed task file's, found when the run starts;
+    # "" without a header): a query's column of that name is its labels, as one named y
+    y_name: str = ""
     # each x column's and y's lowest and highest value over the meta-train tasks (x1 low, x1
     # high, ..., y low, y high), recorded when the run starts: adapt warns of leaving them
     value_ranges: tuple[float, ...] = ()
@@ -135,6 +138,7 @@ class RegressionExperiment(Experiment):
                               f"of {self.data_root()} hold {found}")
         cfg.features = found  # recorded in config.yaml: the model's input size
         cfg.x_names = tuple(self.splits["train"].x_names or ())  # as recorded, or found (splits)
+        cfg.y_name = cfg.y_name or self.splits["train"].y_name or ""
         if not cfg.value_ranges:  # recorded once (a run started before they were: now)
             points = torch.cat(self.splits["train"].points)
             cfg.value_ranges = tuple(value for column in zip(points.amin(0).tolist(),
