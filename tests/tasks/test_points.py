@@ -41,9 +41,13 @@ def test_a_query_that_may_be_written_with_decimal_commas_is_warned_of(tmp_path: 
 def test_excels_separator_line_is_skipped(tmp_path: Path) -> None:
     """Excel writes ``sep=,`` as line 1 of some CSVs: it was a header, then line 2 "not a
     number"; another separator is named as such."""
-    (tmp_path / "excel.csv").write_text("sep=,\nx,y\n1,2\n3,4\n")
-    x, y, names, _ = read_points(tmp_path / "excel.csv", "support", need_y=True)
-    assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0] and names == ["x"]
+    for first, header, named in (("sep=,", "x,y\n", ["x"]), ('"SEP=,"', "", None)):
+        (tmp_path / "excel.csv").write_text(f"{first}\n{header}1,2\n3,4\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (not a comment naming the columns: none said)
+            x, y, names, _ = read_points(tmp_path / "excel.csv", "support", need_y=True)
+        assert x[:, 0].tolist() == [1.0, 3.0] and y[:, 0].tolist() == [2.0, 4.0]
+        assert names == named
     for mark in ";\t":
         (tmp_path / "excel.csv").write_text(f"sep={mark}\r\nx{mark}y\r\n1{mark}2\r\n")
         with pytest.raises(DataError, match=f"fields look separated by {re.escape(repr(mark))}"):
@@ -365,7 +369,8 @@ def test_what_a_csv_holds_otherwise_is_said(tmp_path: Path) -> None:
         write_task(root / f"t{t}.csv", t, 8)
     (root / "t3.tsv").write_text("x\ty\n1\t2\n")
     (root / ".hidden").write_text("")
-    for nested in ("more/t4.csv", "more/deeper/t5.CSV", ".git/t6.csv", "__MACOSX/._t0.csv"):
+    for nested in ("more/t4.csv", "more/deeper/t5.CSV", ".git/t6.csv", "__MACOSX/._t0.csv",
+                   "more/.ipynb_checkpoints/t0-checkpoint.csv"):
         write_task(root / nested, 4, 8)
     with pytest.warns(FastMAMLWarning) as caught:
         load_point_tasks(root, min_points=2, assignment={"train": ["t0.csv", "t1.csv"],
@@ -374,6 +379,18 @@ def test_what_a_csv_holds_otherwise_is_said(tmp_path: Path) -> None:
         " that are not .csv task files: t3.tsv",
         " in subfolders, which are not read (task files lie directly in the data folder, or in "
         "its train/, val/ and test/): more/deeper/t5.CSV, more/t4.csv"]
+    split = tmp_path / "split"  # a split's files all one level down: the split would be empty
+    for name in ("train/a.csv", "train/b.csv", "test/hard/c.csv"):
+        write_task(split / name, 0, 8)
+    with pytest.warns(FastMAMLWarning, match=r"in subfolders, which are not read .*: "
+                                             r"test/hard/c.csv$"):
+        assert len(load_point_tasks(split, min_points=2)["test"]) == 0
+    flat = tmp_path / "flat"
+    write_task(flat / "tasks" / "a.csv", 0, 8)
+    with pytest.warns(FastMAMLWarning, match="in subfolders"), \
+            pytest.raises(DataError, match=r"no task files in .*flat: .* \(its subfolders hold 1: "
+                                           r"move them up\)"):
+        load_point_tasks(flat, min_points=2)
 
 
 def test_one_x_column_named_in_either_order_is_the_first_files(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ class ColumnNamesWarning(FastMAMLWarning):
 # then the line's next field or its end: a bad value, not a comment
 EXCEL_ERROR = re.compile(r"#((?i:N/A)|GETTING_DATA|[A-Z][A-Z0-9/]*[!?])\s*(,|$)")
 DECIMAL_COMMA = re.compile(r"\s*-?\d+,\d+\s*")  # a whole number, a comma, digits: 0,5 or 12,25
-EXCEL_SEPARATOR = re.compile(r"sep=.")  # a line 1 that names the separator, as Excel writes
+# a line 1 that names the separator, as programs write for Excel (which reads it)
+EXCEL_SEPARATOR = re.compile(r'"?sep=."?', re.IGNORECASE)
 # a name in a header comment (not free text): x1, temp_c, x-pos, x (m), power [W]
 COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
 
@@ -74,8 +75,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
             texts = list(enumerate(handle, start=1))
         # comments go before the fields are parsed: a quote in one would swallow lines after it;
         # so does Excel's line 1 naming the separator ("sep=,"; another is then named as such)
-        commented = [_is_comment(text) or (number == 1 and bool(EXCEL_SEPARATOR.fullmatch(
-            text.rstrip("\r\n")))) for number, text in texts]
+        commented = [_is_comment(text) for _, text in texts]
+        if texts and EXCEL_SEPARATOR.fullmatch(texts[0][1].rstrip("\r\n")):
+            texts, commented = texts[1:], commented[1:]  # (no comment: it names no column)
         first = next((i for i, (comment, (_, text)) in enumerate(zip(commented, texts))
                       if not comment and text.strip()), len(texts))
         # the comment closest above the first line of fields (blank lines between)
@@ -137,7 +139,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
             and all(DECIMAL_COMMA.fullmatch(",".join(row)) for _, row in lines)):
         warn(f"the {role} CSV {path} holds two whole numbers a line and no decimal point: they "
              "are read as x,y (a labelled point); if they are one number written with a decimal "
-             "comma (0,5 for 0.5), save the file with decimal points", FastMAMLWarning)
+             "comma (0,5 for 0.5), save the file with decimal points (a header line x,y says "
+             "they are x and y)", FastMAMLWarning)
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
     bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
     if bad_rows:
@@ -298,18 +301,18 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
-    folders = {path.parent for _, _, path in files}
-    skipped_files_warning(sorted(p for folder in folders
+    skipped_files_warning(sorted(p for folder in {path.parent for _, _, path in files}
                                  for p in unread_files(folder, task_files(folder))),
                           str(root), root, "that are not .csv task files")
-    skipped_files_warning(sorted(p for folder in folders for sub in subfolders(folder)
-                                 for p in sub.rglob("*") if p.suffix.lower() == ".csv"
-                                 and not p.name.startswith(".") and p.is_file()),
-                          str(root), root, "in subfolders, which are not read (task files lie "
-                          "directly in the data folder, or in its train/, val/ and test/)")
+    nested = _nested_task_files(root)
+    skipped_files_warning(nested, str(root), root, "in subfolders, which are not read (task "
+                          "files lie directly in the data folder, or in its train/, val/ and "
+                          "test/)")
     if not files:
         raise DataError(f"no task files in {root}: expected {root}/<task>.csv (one x,y or "
-                        "x1,...,xd,y row per point), or train/, val/ and test/ folders of them")
+                        "x1,...,xd,y row per point), or train/, val/ and test/ folders of them"
+                        + (f" (its subfolders hold {len(nested)}: move them up)" if nested
+                           else ""))
     kept: dict[str, list[tuple[Tensor, str]]] = {name: [] for name in SPLITS}
     short: list[str] = []  # the files too short for a task
     first, unnamed, y_name = None, [], None
@@ -348,6 +351,23 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     return {split: PointTasks([points for points, _ in entries], [name for _, name in entries],
                               x_names, y_name)
             for split, entries in kept.items()}
+
+
+def _nested_task_files(root: Path) -> list[Path]:
+    """The .csv files in subfolders of the folders that hold task files (the data folder, or
+    its split folders), which are not read; hidden and system folders skipped at any depth."""
+    splits = [root / name for name in SPLITS if (root / name).is_dir()]
+    return sorted(path for top in [root, *splits] for sub in subfolders(top) if sub not in splits
+                  for path in _csv_files_below(sub))
+
+
+def _csv_files_below(folder: Path) -> list[Path]:
+    """The visible .csv files anywhere below ``folder``, not through hidden, system or linked
+    folders."""
+    found = [path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
+             and path.suffix.lower() == ".csv"]
+    return found + [path for sub in subfolders(folder) if not sub.is_symlink()
+                    for path in _csv_files_below(sub)]
 
 
 class PointSampler:
