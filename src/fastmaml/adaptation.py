@@ -37,7 +37,6 @@ import numbers
 import os
 import re
 import threading
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,8 @@ from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, stack_decoded
 from .tasks.folder import NOT_IMAGES, image_files, is_image_file
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
-from .tasks.splits import skipped_files_warning, subfolders as visible_subfolders, unread_files
+from .tasks.splits import (UNICODE_FORMS, composed, skipped_files_warning,
+                           subfolders as visible_subfolders, unicode_twins, unread_files)
 from .train import checkpoint_path, load_checkpoint, load_state
 
 ImageSource = str | bytes | os.PathLike[str] | Image.Image
@@ -537,7 +537,7 @@ def _folder_entries(folder: Path, role: str) -> tuple[list[Path], list[Path]]:
                         "suffix this Pillow reads (e.g. .png or .jpg: rename it if an image)")
     if not folder.is_dir():
         raise DataError(f"the {role} folder {folder} does not exist")
-    folders = visible_subfolders(folder)  # hidden ones and __MACOSX skipped
+    folders = visible_subfolders(folder)  # hidden ones and those systems add skipped
     images = _images_in(folder, role)
     if folders and images:
         raise DataError(f"the {role} folder {folder} mixes images and class subfolders: use one "
@@ -584,11 +584,10 @@ def support_images(folder: str | os.PathLike[str]) -> ImageSet:
         return ImageSet(images, list(range(len(images))), [p.stem for p in images])
     if not subfolders:
         raise DataError(f"the support folder {folder} holds no images or class subfolders")
-    twins = _alike(subfolders, [sub.name for sub in subfolders])
+    twins = unicode_twins([sub.name for sub in subfolders])
     if twins:
-        raise DataError(f"the support class folders {', '.join(twins)} in {folder} have the "
-                        "same name in Unicode's composed form (one written decomposed, as "
-                        "macOS does): rename one, or merge them")
+        raise DataError(f"the support class folders {' and '.join(map(ascii, twins))} in "
+                        f"{folder} are one name in {UNICODE_FORMS}: rename one, or merge them")
     paths, labels = [], []
     for label, sub in enumerate(subfolders):
         found = _class_images(sub, "support")
@@ -600,8 +599,8 @@ def support_images(folder: str | os.PathLike[str]) -> ImageSet:
 def _alike(paths: Sequence[Path], names: Sequence[str]) -> list[str]:
     """The file names of ``paths`` whose class ``names`` are one name in Unicode's composed
     form (a query folder is matched to its class so)."""
-    composed = [unicodedata.normalize("NFC", name) for name in names]
-    return sorted(p.name for p, name in zip(paths, composed) if composed.count(name) > 1)
+    forms = [composed(name) for name in names]
+    return sorted(p.name for p, name in zip(paths, forms) if forms.count(name) > 1)
 
 
 def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> ImageSet:
@@ -616,9 +615,8 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     if not subfolders:
         raise DataError(f"the query folder {folder} holds no images")
     # by name in Unicode's composed form: macOS writes "É" decomposed, other systems composed
-    label_of = {unicodedata.normalize("NFC", name): label for label, name in enumerate(classes)}
-    unknown = [sub.name for sub in subfolders
-               if unicodedata.normalize("NFC", sub.name) not in label_of]
+    label_of = {composed(name): label for label, name in enumerate(classes)}
+    unknown = [sub.name for sub in subfolders if composed(sub.name) not in label_of]
     if unknown:
         raise DataError(f"query class folder(s) {', '.join(unknown)} in {folder} are not support "
                         f"classes ({', '.join(classes)})")
@@ -626,7 +624,7 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     for sub in subfolders:
         found = _class_images(sub, "query")
         paths += found
-        labels += [label_of[unicodedata.normalize("NFC", sub.name)]] * len(found)
+        labels += [label_of[composed(sub.name)]] * len(found)
     return ImageSet(paths, labels, list(classes))
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -270,7 +271,7 @@ def test_explicit_splits_need_test_and_nothing_unread_beside_them(tmp_path: Path
     with pytest.raises(DataError, match=r"has train/, val/ but no test/"):
         assign_classes(root)
     write_class(root / "test" / "test-class", 2, value=2)
-    for junk in ("__MACOSX", "@eaDir", "$RECYCLE.BIN"):  # resource forks, NAS thumbnails, ...
+    for junk in ("__MACOSX", "@eaDir", "$Recycle.Bin"):  # resource forks, NAS thumbnails, ...
         write_class(root / junk / "train", 2, value=3)  # skipped
     assert assign_classes(root) == {"train": ["train/train-class"], "val": ["val/val-class"],
                                     "test": ["test/test-class"]}
@@ -343,10 +344,23 @@ def test_a_class_folder_copied_back_in_another_unicode_form_is_the_same_class(
     assert [[unicodedata.normalize("NFC", n) for n in split.names] for split in after.values()] \
         == [split.names for split in before.values()]
     write_class(root / composed, 2, value=5)
-    with pytest.raises(DataError, match=f"'{decomposed}' and '{composed}' of .*menu differ only "
-                                        "in their Unicode form .*: one class folder of two "
-                                        "folders; merge or rename them"):
+    twins = re.escape(f"{ascii(decomposed)} and {ascii(composed)}")  # (printed alike)
+    with pytest.raises(DataError, match=f"the class folders {twins} of .*menu are one name in "
+                                        r"two Unicode forms \(composed, and decomposed as macOS "
+                                        r"writes it\): one class folder twice; merge or rename"):
         load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
+    (root / decomposed / "0.png").unlink()  # merged: a record of both (a run of before) is said
+    (root / decomposed / "1.png").unlink()
+    (root / decomposed).rmdir()
+    both = {**assignment, "test": assignment["test"] + [decomposed]}
+    with pytest.raises(DataError, match=f"split record .* names the class folders {twins}, one "
+                                        "name in two Unicode forms"):
+        load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=both)
+    explicit = tmp_path / "explicit"  # test/'s café copied back from macOS: train/'s class
+    for split, name in (("train", composed), ("train", "tea"), ("test", decomposed)):
+        write_class(explicit / split / name, 2, value=9)
+    with pytest.raises(DataError, match="are one class .*caf.* in two splits"):
+        assign_classes(explicit)
 
 
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:

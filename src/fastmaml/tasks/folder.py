@@ -27,8 +27,9 @@ from torch import Tensor
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
-from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     has_explicit_splits, skipped_files_warning, subfolders, unread_files)
+from .splits import (SPLITS, Assignment, assign_items, assigned_items, composed, data_root,
+                     found_items, has_explicit_splits, skipped_files_warning, subfolders,
+                     unread_files)
 
 
 # why a file was skipped (by its suffix: a format this Pillow cannot read, e.g. HEIC, or none)
@@ -121,8 +122,9 @@ def assign_classes(root: str | os.PathLike[str], class_depth: int = 1,
 
 
 def _class_name(split_root: Path, folder: Path) -> str:
-    """A class's identity: its name within its split (e.g. cat in train/ and test/)."""
-    return f"named {folder.relative_to(split_root).as_posix()}"
+    """A class's identity: its name within its split (e.g. cat in train/ and test/), in
+    composed Unicode form (café copied back from macOS into test/ is train/'s café)."""
+    return f"named {composed(folder.relative_to(split_root).as_posix())}"
 
 
 def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *,

@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 SPLITS = ("train", "val", "test")
 # what systems add beside the real folders: a macOS zip's resource forks, a Synology NAS's
 # thumbnails, Windows' recycle bin and volume records
-JUNK_FOLDERS = {"__MACOSX", "@eaDir", "$RECYCLE.BIN", "System Volume Information"}
+JUNK_FOLDERS = {"__macosx", "@eadir", "$recycle.bin", "system volume information"}  # any case
 Assignment = dict[str, list[str]]  # split -> its items, as paths relative to the data root
 ListItems = Callable[[Path], list[Path]]  # a folder -> the items in it, sorted
 # (a split's folder, an item in it) -> what makes two items one (a copy), in words: two of
@@ -35,7 +35,8 @@ ItemIdentity = Callable[[Path, Path], str]
 def subfolders(folder: Path) -> list[Path]:
     """The folders in ``folder``, sorted, without hidden ones and ``JUNK_FOLDERS``."""
     return sorted(p for p in folder.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and p.name not in JUNK_FOLDERS)
+                  if p.is_dir() and not p.name.startswith(".")
+                  and p.name.lower() not in JUNK_FOLDERS)
 
 
 # how a user names a data folder, in the commands and in Python
@@ -158,17 +159,20 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
     """
     # names compared in composed Unicode form: a folder copied from macOS (or a zip) may come
     # back decomposed, "café" in other bytes, and is the same class
-    split_of = {_composed(key): name for name, keys in assignment.items() for key in keys}
-    keyed = [(_composed(item.relative_to(root).as_posix()), explicit, item)
+    recorded = [key for keys in assignment.values() for key in keys]
+    twins = unicode_twins(recorded)
+    if twins:  # (recorded before names were compared so: two items then)
+        raise DataError(f"this run's split record (splits.json) names the {kind}s "
+                        f"{' and '.join(map(ascii, twins))}, one name in {UNICODE_FORMS}: "
+                        f"restore both under names of their own, or start a new run (train "
+                        "with another --out)")
+    twins = unicode_twins([item.relative_to(root).as_posix() for _, item in found])
+    if twins:
+        raise DataError(f"the {kind}s {' and '.join(map(ascii, twins))} of {root} are one name "
+                        f"in {UNICODE_FORMS}: one {kind} twice; merge or rename them")
+    split_of = {composed(key): name for name, keys in assignment.items() for key in keys}
+    keyed = [(composed(item.relative_to(root).as_posix()), explicit, item)
              for explicit, item in found]
-    first_of: dict[str, Path] = {}
-    for key, _, item in keyed:
-        other = first_of.setdefault(key, item)
-        if other != item:
-            raise DataError(f"{other.relative_to(root).as_posix()!r} and "
-                            f"{item.relative_to(root).as_posix()!r} of {root} differ only in "
-                            f"their Unicode form (composed, and decomposed as macOS writes it): "
-                            f"one {kind} of two folders; merge or rename them")
     missing = sorted(set(split_of) - {key for key, _, _ in keyed})
     if missing:
         raise DataError(f"{len(missing)} {kind}(s) of this run are missing from {root} (e.g. "
@@ -183,8 +187,20 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
             for key, explicit, item in keyed if key in split_of]
 
 
-def _composed(key: str) -> str:
-    return unicodedata.normalize("NFC", key)
+UNICODE_FORMS = "two Unicode forms (composed, and decomposed as macOS writes it)"
+
+
+def composed(name: str) -> str:
+    """``name`` in Unicode's composed form (NFC), in which names are compared."""
+    return unicodedata.normalize("NFC", name)
+
+
+def unicode_twins(names: Sequence[str]) -> list[str]:
+    """The ``names`` that are another's in composed form but other strings, sorted."""
+    forms: dict[str, set[str]] = {}
+    for name in names:
+        forms.setdefault(composed(name), set()).add(name)
+    return sorted(name for alike in forms.values() if len(alike) > 1 for name in alike)
 
 
 def save_assignment(assignment: Assignment, path: Path) -> None:
