@@ -140,9 +140,19 @@ class OldGymStep(Point):
         return obs, reward, terminated or truncated, info
 
 
+class BuggyStep(Point):
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.helper(action)  # its own bug
+        return obs, reward, terminated, truncated, info
+
+    def helper(self, action):
+        obs, reward, terminated, truncated, info = super().step(action)
+        return obs, reward, terminated or truncated, info
+
+
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
              "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
-             "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself"):
+             "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself", "BuggyStep"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -256,6 +266,11 @@ def test_a_step_of_old_gyms_four_values_is_named(module: str) -> None:
                        r"\(observation, reward, done, info\): a gymnasium environment's step "
                        r"returns \(observation, reward, terminated, truncated, info\)"):
         env.step(torch.zeros(1, 2))
+    buggy = make_batch_env(f"{module}:{module}/BuggyStep-v0")  # the same error in its own code
+    buggy.reset([{"goal": np.array([0.5, 0.5])}], [0])
+    with pytest.raises(ValueError, match=r"expected 5, got 4") as caught:
+        buggy.step(torch.zeros(1, 2))
+    assert caught.traceback[-1].name == "step"  # raised where the user's step unpacks
 
 
 def test_a_reward_held_in_an_array_is_its_one_number(module: str) -> None:

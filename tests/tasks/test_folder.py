@@ -126,9 +126,9 @@ def test_images_that_come_out_nearly_one_colour_are_warned_of(tmp_path: Path) ->
             Image.fromarray(ramp + 8 * (c + i)).save(root / f"cell{c}" / f"{i}.png")
     Image.fromarray(ramp * 16).save(root / "cell2" / "full.png")  # the full range: not faint
     with pytest.warns(BlankImagesWarning, match=r"^6 of 7 images in .*scans span at most 16 of "
-                      r"255 levels as read \(e.g. cell0/0.png\): 16-bit images are scaled by "
-                      r"255/65535, .* a 10- or 12-bit camera's pixels \(0..4095\) come out "
-                      "nearly one colour"):
+                      r"255 levels as read \(e.g. cell0/0.png\), nearly one colour, .*; if they "
+                      r"are 16-bit files of a 10- or 12-bit camera \(0..4095, which read as "
+                      r"0..16: 16-bit pixels are scaled by 255/65535"):
         load_image_folder(root, FORMAT, fractions=(0.34, 0.33, 0.33), cache_dir=tmp_path / "c")
 
 

@@ -139,6 +139,7 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     (",x\n0,1\n1,3\n", "unnamed, as pandas writes a row index"),  # else read as x=index
     (",y\n0,1\n1,3\n", "leaves its first column unnamed: name it"),  # not to be deleted
     ("0,5;1,2\n1,5;0,3\n", "holds '5;1', which is not a number.*fields look separated by ';'"),
+    ("x,y\t\n1,abc\n", "line 2 .* holds 'abc', which is not a number$"),  # a stray tab: no hint
     ("target,x\n1,2\n3,4\n", "names no y column, so its column 'x' would be the "
                               "target: name the target column y"),
     ("value,X2\n1,2\n3,4\n", "its column 'X2' would be the target"),

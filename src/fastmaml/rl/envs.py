@@ -49,6 +49,8 @@ import importlib
 import inspect
 import logging
 import reprlib
+import traceback
+from pathlib import Path
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -64,6 +66,8 @@ from torch import Tensor
 
 from ..config import did_you_mean
 from ..errors import ConfigError, NonFiniteInputError
+
+GYMNASIUM_DIR = str(Path(gymnasium.__file__).parent)  # its wrappers unpack a step's values
 
 Task = dict[str, Any]
 TaskRng = np.random.Generator | np.random.RandomState  # the legacy one draws the official test tasks
@@ -473,11 +477,13 @@ class GymBatch:
         try:
             obs, reward, terminated, truncated, _ = self.envs[episode].step(action)
         except ValueError as error:
-            if "values to unpack (expected 5, got 4)" not in str(error):
+            where = traceback.extract_tb(error.__traceback__)[-1].filename  # the unpacking's
+            if ("values to unpack (expected 5, got 4)" not in str(error)
+                    or not where.startswith((GYMNASIUM_DIR, __file__))):  # (the user's own)
                 raise
             raise ConfigError(f"{self.env_id}'s step returned 4 values, old gym's (observation, "
                               "reward, done, info): a gymnasium environment's step returns "
-                              "(observation, reward, terminated, truncated, info)") from None
+                              "(observation, reward, terminated, truncated, info)") from error
         return obs, reward, terminated, truncated
 
     def _flat(self, obs: Any, episode: int, call: str) -> np.ndarray:

@@ -153,7 +153,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
                         "train/, val/ and test/" + _depth_hint(root, class_depth))
     flat_files = [f for per_class in files for f in per_class]
     pixels = decoded_images(root, flat_files, image_format, cache_dir, workers)
-    _warn_of_blank_images(root, flat_files, pixels)
+    _warn_of_featureless_images(root, flat_files, pixels)
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
     start, short = 0, []
     for (name, split_root, folder), per_class in zip(classes, files):
@@ -180,7 +180,7 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
 FAINT_SPAN = 16  # of 255 levels: all that 12-bit pixels (0..4095) keep of a 16-bit file's range
 
 
-def _warn_of_blank_images(root: Path, files: Sequence[Path], pixels: Tensor) -> None:
+def _warn_of_featureless_images(root: Path, files: Sequence[Path], pixels: Tensor) -> None:
     """Warn of images that come out one flat colour: a model learns nothing from them (light
     strokes on a transparent background, composited onto white as a viewer shows it); and of
     images that come out nearly so, as 16-bit files of a 10- or 12-bit camera's pixels do."""
@@ -190,10 +190,11 @@ def _warn_of_blank_images(root: Path, files: Sequence[Path], pixels: Tensor) -> 
     faint = ((span > 0) & (span <= FAINT_SPAN)).nonzero().flatten().tolist()
     if faint:
         warn(f"{len(faint)} of {len(files)} images in {root} span at most {FAINT_SPAN} of 255 "
-             f"levels as read (e.g. {files[faint[0]].relative_to(root).as_posix()}): 16-bit "
-             "images are scaled by 255/65535, as a viewer shows them, so a 10- or 12-bit "
-             "camera's pixels (0..4095) come out nearly one colour; stretch such images to their "
-             "format's full range, or save them as 8-bit", BlankImagesWarning)
+             f"levels as read (e.g. {files[faint[0]].relative_to(root).as_posix()}), nearly one "
+             "colour, from which a model learns little; if they are 16-bit files of a 10- or "
+             "12-bit camera (0..4095, which read as 0..16: 16-bit pixels are scaled by "
+             "255/65535, as a viewer shows them), stretch them to the full range or save them "
+             "as 8-bit", BlankImagesWarning)
     if blank:
         warn(f"{len(blank)} of {len(files)} images in {root} are one flat colour as read (e.g. "
              f"{files[blank[0]].relative_to(root).as_posix()}), from which a model learns "

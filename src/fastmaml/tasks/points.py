@@ -93,8 +93,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         raise DataError(f"cannot read the {role} CSV {path}: {error}") from None
     # another separator in line 1 (header or not; "0,5;1,2" with decimal commas): not
     # comma-separated, and one field holding it is no header
-    other = next((mark for mark in (";", "\t", "|")
-                  if lines and any(mark in cell for cell in lines[0][1])), None)
+    other = next((mark for mark in (";", "\t", "|") if lines and any(
+        len([part for part in cell.split(mark) if part.strip()]) > 1 for cell in lines[0][1])),
+        None)  # (between two values: not a stray trailing tab)
     hint = f" (its fields look separated by {other!r}: save it with commas)" if other else ""
     one_field = bool(other) and len(lines[0][1]) == 1
     if features is None and not need_y:
