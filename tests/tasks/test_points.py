@@ -54,6 +54,14 @@ def test_excels_separator_line_is_skipped(tmp_path: Path) -> None:
             read_points(tmp_path / "excel.csv", "support", need_y=True)
 
 
+def test_a_header_leaving_x_unnamed_is_told_the_runs_name_for_it(tmp_path: Path) -> None:
+    (tmp_path / "points.csv").write_text(",x2,y\n0,1,2\n")
+    for x_names, said in (((), "x1"), (("sqft", "rooms"), "sqft")):
+        with pytest.raises(DataError, match=rf"leaves its first column unnamed: name it \({said}, "):
+            read_points(tmp_path / "points.csv", "support", need_y=True, features=2,
+                        x_names=x_names)
+
+
 def test_quoted_fields_after_a_space_are_points(tmp_path: Path) -> None:
     """``"1", "2"`` (a space after the comma, as some writers put it) was taken for a header."""
     (tmp_path / "spaced.csv").write_text('"x", "y"\n"1", "2"\n3, 4\n')
