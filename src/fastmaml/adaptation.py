@@ -684,9 +684,9 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
 
 
 def _as_written(values: Tensor) -> list[list[float]]:
-    """A float32 table's rows, each value the shortest decimal that reads back as it (the
-    input's -1.667, not float32's -1.6670000553131104)."""
-    return [[float(str(value)) for value in row] for row in values.numpy().astype(np.float32)]
+    """A table's rows, each value the shortest decimal that reads back as it at the table's
+    precision (a float32 prediction's -1.667, not -1.6670000553131104; a query's x as read)."""
+    return [[float(str(value)) for value in row] for row in values.numpy()]
 
 
 def _can_head_output(names: list[str] | None) -> bool:
@@ -743,9 +743,11 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
         margin = 0.05 * float(every.max() - every.min()) or 1.0
         grid = torch.linspace(float(every.min()) - margin, float(every.max()) + margin,
                               300)[:, None]
-        on_device = grid.to(support_x)  # the model's device and dtype; not the user's query
+        model = next(run.maml.model.parameters())  # its device and dtype, not the CSV's
+        on_device = grid.to(model)
         with torch.no_grad():
-            before = run.maml.predict(run.maml.adapt(support_x, support_y, 0), on_device).cpu()
+            start = run.maml.adapt(support_x.to(model), support_y.to(model), 0)
+            before = run.maml.predict(start, on_device).cpu()
             after = run.maml.predict(adapted.params, on_device).cpu()
         plot_regression_adaptation(grid, before, after, steps, support_x, support_y, query_x,
                                    query_y if query_y is not None else prediction, Path(plot),

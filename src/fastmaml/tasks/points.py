@@ -45,7 +45,7 @@ COLUMN_NAME = re.compile(r"[A-Za-z_][\w.\-]*( ?[(\[][^()\[\]]*[)\]])?")
 
 
 class Points(NamedTuple):
-    """A CSV's points: x (N, features) and y (N, 1) or None, as float tensors, and the names
+    """A CSV's points: x (N, features) and y (N, 1) or None, as float64 tensors, and the names
     its header gives the x columns and the target (None without a header, or without y)."""
 
     x: Tensor
@@ -143,8 +143,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
              "are read as x,y (a labelled point); if they are one number written with a decimal "
              "comma (0,5 for 0.5), save the file with decimal points (a header line x,y says "
              "they are x and y)", FastMAMLWarning)
-    values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float32)
-    bad_rows = (~torch.isfinite(values)).any(1).nonzero().flatten().tolist()
+    # float64, as written (an output echoes its x); the model takes them as float32
+    values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float64)
+    bad_rows = (~torch.isfinite(values.float())).any(1).nonzero().flatten().tolist()
     if bad_rows:
         raise DataError(f"line {lines[bad_rows[0]][0]} of the {role} CSV {path} holds a NaN or "
                         "infinite value (or one beyond float32's range)")
@@ -339,7 +340,8 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
                             f"{first[0]} has {first[1]}, {path} has {x.shape[1]}; every task's "
                             "points need the same number of them")
         if len(x) >= min_points:
-            kept[split].append((torch.cat([x, y], dim=1), path.relative_to(split_root).as_posix()))
+            kept[split].append((torch.cat([x, y], dim=1).float(),
+                                path.relative_to(split_root).as_posix()))
         else:
             short.append(path.relative_to(root).as_posix())
     if short:
