@@ -70,6 +70,36 @@ def test_batched_equals_looped(problem, steps, first_order, lr_mode):
     assert relative(losses[True], losses[False]) < 1e-6
 
 
+class EvalAttention(nn.Module):
+    """Self-attention by nn.MultiheadAttention, then a classifier; put in eval() (no dropout),
+    as a user does, its attention takes torch's native fast path unless told otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        z = self.embed(x)
+        return self.head(self.attention(z, z, z, need_weights=False)[0].mean(1))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_multihead_attention_in_eval_mode_runs_batched(first_order):
+    """The fast path's kernel has no derivative and no batching rule: batched, it failed in
+    first order too (torch's error), and the path search did not fall back."""
+    generator = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 3, 5, 3, generator=generator), torch.tensor([[0, 1, 2]] * 2),
+                      torch.randn(2, 4, 5, 3, generator=generator), torch.tensor([[0, 1, 2, 0]] * 2))
+    grads = {}
+    for batched in (True, False):
+        torch.manual_seed(0)
+        maml = MAML(EvalAttention().eval(), F.cross_entropy, 0.1, 2, first_order, batched=batched)
+        grads[batched] = meta_grad(maml, batch)
+    assert relative(grads[True], grads[False]) < 1e-6
+    assert torch.backends.mha.get_fastpath_enabled()  # (turned off only inside the engine)
+
+
 @pytest.mark.parametrize("problem", PROBLEMS)
 @pytest.mark.parametrize("adapt", ["head", "no_norm"])
 @pytest.mark.parametrize("first_order", [False, True])

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import torch
@@ -77,11 +77,7 @@ class ModelProbe:
         # whether the model changes its input in place (``x /= 255``): set by ``_probe``
         self._changes_input = False
         self._rnn_mode = StepwiseRNNs if has_recurrent(model) else contextlib.nullcontext
-        # attention (F.scaled_dot_product_attention) in its math kernel: torch's fused ones have
-        # no vmap batching rule (a slow per-task fallback) and their backward no derivative
-        # (second order failed, batched or looped)
-        self._attention_mode = (functools.partial(sdpa_kernel, [SDPBackend.MATH])
-                                if has_attention(model) else contextlib.nullcontext)
+        self._attention_mode = math_attention if has_attention(model) else contextlib.nullcontext
 
     @eager_under_compile  # one graph break where a user compiles the learner
     def _probe(self, x: Tensor) -> None:
@@ -176,6 +172,22 @@ class KernelsCalled(TorchFunctionMode):
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
         self.exact_embeddings |= func is F.embedding_bag and composes_bag(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Attention in plain ops: F.scaled_dot_product_attention in its math kernel, and
+    nn.MultiheadAttention without its native fast path (an eval-mode module's, as a model put
+    in eval() for no dropout takes). The fused kernels have no vmap batching rule (a slow
+    per-task fallback) and their backward no derivative (second order failed, batched or
+    looped; the fast path's none at all, first order batched too)."""
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def has_attention(model: nn.Module) -> bool:
