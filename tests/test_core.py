@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -841,6 +842,36 @@ def test_predict_with_a_context_normalises_each_row_with_the_context_alone():
             maml.predict(adapted, queries, context=context)
     with pytest.raises(ShapeError, match=r"context \(6, 2\) must be .* \(x \(3, 4, 2\)"):
         maml.predict(adapted, queries.expand(3, 4, 2), context=support)
+
+
+class WithBatchValue(nn.Module):
+    """Logits and a value of the whole batch (a regulariser, or the set's mean embedding)."""
+
+    def __init__(self, value: str):
+        super().__init__()
+        self.linear, self.value = nn.Linear(2, 3), value
+
+    def forward(self, x):
+        logits = self.linear(x)
+        return logits, (self.linear.weight.pow(2).sum() if self.value == "regulariser"
+                        else logits.mean(0))
+
+
+@pytest.mark.parametrize("value, shape", [("regulariser", "()"), ("set embedding", "(3,)")])
+def test_predict_with_a_context_refuses_an_output_with_no_row_per_example(value, shape):
+    """Each row's output is taken out of the model's output on that row and the context: a
+    batch-level value has no row (an IndexError, or a set embedding's first number passed off as
+    the row's)."""
+    maml = MAML(WithBatchValue(value), lambda out, y: F.cross_entropy(out[0], y), 0.1, 1)
+    support, queries = torch.randn(6, 2), torch.randn(4, 2)
+    adapted = maml.adapt(support, torch.randint(0, 3, (6,)))
+    logits, _ = maml.predict(adapted, queries)  # without context: the model's output as it is
+    assert logits.shape == (4, 3)
+    for x in (queries, queries[:0]):
+        with pytest.raises(ShapeError, match=rf"predict with context .* \([67] examples\), but the "
+                           rf"output\[1\] is a tensor of shape {re.escape(shape)}, not one row "
+                           "per example: predict without context"):
+            maml.predict(adapted, x, context=support)
 
 
 def test_batch_norm_over_one_example_is_refused_in_training_too():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import KeyPath, keystr, tree_map, tree_map_with_path
 
 from .aliases import tensor_aliases, with_aliases
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInputError,
@@ -41,6 +41,20 @@ GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
 # what mends a diverged meta-step
 META_STEP_ADVICE = "lower inner_lr or the meta learning rate, or clip the meta-gradient"
+
+
+def _rows(at: KeyPath, output: Any, count: int) -> Tensor:
+    """An output of ``predict``'s forward on a row and its context, ``count`` examples: a
+    tensor of one row per example, else a ``ShapeError`` naming the output (a batch-level
+    value, such as a regulariser or a set's embedding, has no row of its own)."""
+    if isinstance(output, Tensor) and output.dim() and len(output) == count:
+        return output
+    what = (f"a tensor of shape {tuple(output.shape)}" if isinstance(output, Tensor)
+            else type(output).__name__)
+    raise ShapeError(f"predict with context takes each row's output out of the model's output "
+                     f"on that row and the context ({count} examples), but the output"
+                     f"{keystr(at) or ''} is {what}, not one row per example: predict without "
+                     "context, or return such values from the model only when training")
 
 
 def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0.03) -> Tensor:
@@ -568,11 +582,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                              "context e.g. the task's support inputs), at least one")
         self._prepare(torch.cat([x[:1], context]))  # as each row is predicted
         if not len(x):  # vmap cannot map over no rows: the outputs' shapes, without rows
-            return tree_map(lambda out: out[:0], self._forward(params, frozen, context))
+            outputs = self._forward(params, frozen, context)
+            return tree_map_with_path(lambda at, out: _rows(at, out, len(context))[:0], outputs)
 
         def alone_with_context(row: Tensor) -> Any:  # the row's output, of any structure
             outputs = self._forward(params, frozen, torch.cat([row[None], context]))
-            return tree_map(lambda out: out[0], outputs)
+            return tree_map_with_path(lambda at, out: _rows(at, out, len(context) + 1)[0],
+                                      outputs)
 
         def looped() -> Any:  # a model that vmap cannot run: row by row
             return tree_map(lambda *rows: torch.stack(rows), *map(alone_with_context, x))
