@@ -799,6 +799,30 @@ def test_checkpointed_steps_refuse_active_dropout(problem):
     maml.meta_backward(batch)  # no random draws: fine
 
 
+class TemperedCrossEntropy(nn.Module):
+    """A loss with a learned temperature: a parameter of the loss, which MAML trains too."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_temperature = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, logits, y):
+        return F.cross_entropy(logits * self.log_temperature.exp(), y)
+
+
+def test_checkpointed_steps_refuse_a_loss_module_with_parameters():
+    """Its reverse pass differentiates the model's parameters and learned rates alone: a
+    KeyError before (the other paths train the loss's parameters too)."""
+    torch.manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 3, 5), torch.tensor([[0, 1, 2]] * 2), torch.randn(2, 4, 5),
+                      torch.tensor([[0, 1, 2, 0]] * 2))
+    maml = MAML(nn.Linear(5, 3), TemperedCrossEntropy(), inner_steps=2, checkpoint_steps=True)
+    with pytest.raises(ConfigError, match=r"checkpoint_steps differentiates the model's "
+                                          r"parameters, .* not loss_fn.log_temperature"):
+        maml.meta_backward(batch)
+    MAML(nn.Linear(5, 3), TemperedCrossEntropy(), inner_steps=2).meta_backward(batch)
+
+
 def test_evaluate_and_predict_under_active_dropout_warn_and_after_eval_are_deterministic():
     """(predict drew a new mask per call, unsaid)"""
     _, loss_fn, batch = MORE_MODELS["mlp"]()

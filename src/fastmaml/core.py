@@ -438,6 +438,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             if has_active_dropout(self.model):
                 raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
                                   "draw different masks: call model.eval() or turn it off")
+            others = [name for name in trainable
+                      if not name.startswith(("model.", "inner_lrs.", "per_step."))]
+            if others:  # (its reverse pass differentiates those alone)
+                raise ConfigError(f"checkpoint_steps differentiates the model's parameters, "
+                                  f"learned inner rates and per-step sets, not {listed(others)} "
+                                  "(a loss module's): train them without checkpoint_steps")
             grads, (loss, metrics) = self._checkpointed_gradient(batch, step_weights)
         elif search := self._searches(batch):
             return self._search_path(batch, step_weights, trainable, search == "together")
