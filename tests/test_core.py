@@ -609,6 +609,14 @@ def test_a_model_and_loss_of_the_wrong_kind_are_named():
     with pytest.raises(ConfigError, match="metric_fn must be a function"):
         MAML(model, loss_fn, metric_fn="accuracy")
 
+    class TwoInputs(nn.Module):  # (torch's TypeError from inside the first forward before)
+        def forward(self, x, z, scale=1.0):
+            return x + z
+
+    with pytest.raises(ConfigError, match=r"the model's forward takes 2 inputs \(x, z\), but "
+                                          "MAML calls it with one tensor.*: concatenate them"):
+        MAML(TwoInputs(), loss_fn)
+
 
 def test_a_lazy_module_not_run_yet_is_named_and_trains_once_run():
     """torch's "Can't access the shape of an uninitialized parameter" came from inside MAML."""
@@ -695,6 +703,14 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
         next(iter(maml.inner_lrs.parameters()))[0] = float("nan")  # a learned rate
     with pytest.raises(NonFiniteLossError, match=r"meta-loss is nan: inner_lrs\.\S+ holds a NaN"):
         maml.meta_loss(batch)
+    # the loss's own NaN (0/0: a task's query labels all ignored), with no inner step to blame
+    labels = TaskBatch(batch.support_x, torch.zeros(TASKS, 5, dtype=torch.long), batch.query_x,
+                       torch.full((TASKS, 6), -100))
+    for steps, said in ((0, "meta-loss is nan: loss_fn gives it on finite predictions"),
+                        (1, "lower inner_lr .*; or loss_fn gives it on finite predictions \\(e.g. "
+                            "a cross-entropy whose labels of a task are all ignore_index\\)")):
+        with pytest.raises(NonFiniteLossError, match=said):
+            MAML(nn.Linear(1, 2), F.cross_entropy, inner_steps=steps).meta_loss(labels)
 
 
 def test_non_finite_adapted_parameters_are_named_by_adapt():
@@ -808,6 +824,19 @@ class TemperedCrossEntropy(nn.Module):
 
     def forward(self, logits, y):
         return F.cross_entropy(logits * self.log_temperature.exp(), y)
+
+
+def test_a_loss_of_integers_is_refused_and_a_metric_of_them_taken():
+    """An int loss has no gradient: torch's "element 0 of tensors does not require grad" on
+    most paths, and zero gradients, silently, with checkpoint_steps."""
+    _, _, batch = MORE_MODELS["mlp"]()
+    wrong = lambda predictions, y: (predictions.round() != y.round()).sum()  # noqa: E731
+    for options in ({}, {"checkpoint_steps": True}, {"batched": False}):
+        with pytest.raises(ConfigError, match=r"loss_fn returned a torch.int64 value, which has "
+                                              r"no gradient \(a count"):
+            MAML(nn.Linear(1, 1), wrong, **options).meta_backward(batch)
+    _, metrics = MAML(nn.Linear(1, 1), F.mse_loss, metric_fn=wrong).meta_backward(batch)
+    assert metrics["query_metric"].is_floating_point()
 
 
 def test_checkpointed_steps_refuse_a_loss_module_with_parameters():

@@ -41,6 +41,9 @@ GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
 # what mends a diverged meta-step
 META_STEP_ADVICE = "lower inner_lr or the meta learning rate, or clip the meta-gradient"
+# a loss not finite on finite inputs and parameters: loss_fn's own (0/0)
+LOSS_ADVICE = ("loss_fn gives it on finite predictions (e.g. a cross-entropy whose labels of a "
+               "task are all ignore_index)")
 
 
 def _rows(at: KeyPath, output: Any, count: int) -> Tensor:
@@ -324,7 +327,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                    else f"a {type(value).__name__}")
             raise ShapeError(f"loss_fn and metric_fn must return a scalar tensor per task, got "
                              f"{got}")
-        return value if value.is_floating_point() else value.to(torch.get_default_dtype())
+        if value.is_floating_point():
+            return value
+        if fn is not self.metric_fn:  # (a metric's count or bool is fine: no gradient needed)
+            raise ConfigError(f"loss_fn returned a {value.dtype} value, which has no gradient "
+                              "(a count, such as of wrong predictions?): return a floating-point "
+                              "loss computed from the predictions, e.g. F.cross_entropy")
+        return value.to(torch.get_default_dtype())
 
     # ----- inner loop -----
     def _adapt(self, fast: Params, frozen: Params, x: Tensor, y: Tensor, steps: int,
@@ -713,9 +722,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         return list(range(1, steps + 1))
 
     def _check_finite(self, loss: Tensor, batch: TaskBatch, step_weights: Tensor | None) -> None:
-        if self.check_finite and not torch.isfinite(loss):
+        if self.check_finite and not torch.isfinite(loss):  # (no inner step: no rate to blame)
+            advice = f"{META_STEP_ADVICE}; or {LOSS_ADVICE}" if self.inner_steps else LOSS_ADVICE
             raise self._non_finite(f"the meta-loss is {loss.item()}",
-                                   non_finite_input(batch, step_weights), META_STEP_ADVICE)
+                                   non_finite_input(batch, step_weights), advice)
 
     def _non_finite(self, outcome: str, bad_input: str, advice: str) -> NonFiniteLossError:
         """The error of a non-finite ``outcome``: the input that holds a NaN or infinite value

@@ -5,6 +5,7 @@ transform."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Collection, Sequence
@@ -110,6 +111,16 @@ def check_steps(name: str, steps: Any) -> None:
         raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
 
 
+def _required_inputs(model: nn.Module) -> list[str]:
+    """The names of the positional arguments ``model``'s forward needs (none known: [])."""
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):  # (a builtin's, or a C extension's)
+        return []
+    return [p.name for p in parameters if p.default is p.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
                    chunk_size: Any, adapt: Any, per_step: Any, **flags: Any) -> None:
     """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
@@ -124,6 +135,12 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
                           "initialized yet (a lazy module, e.g. nn.LazyLinear): run the model "
                           "once on an example input, e.g. model(support_x[0]), before MAML, so "
                           "that their shapes are known")
+    required = _required_inputs(model)
+    if len(required) > 1:
+        raise ConfigError(f"the model's forward takes {len(required)} inputs ("
+                          f"{', '.join(required)}), but MAML calls it with one tensor, a task's "
+                          "inputs: concatenate them into one, or wrap the model in a module whose "
+                          "forward takes one and splits it")
     for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
         if not callable(fn) and not (name == "metric_fn" and fn is None):
             raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
