@@ -97,6 +97,20 @@ def attention_problem(encoder_layer: bool):
     return problem
 
 
+class EvalAttention(nn.Module):
+    """Self-attention by nn.MultiheadAttention, then a classifier; put in eval() (no dropout),
+    as a user does, its attention takes torch's native fast path unless told otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        z = self.embed(x)
+        return self.head(self.attention(z, z, z, need_weights=False)[0].mean(1))
+
+
 class BagRegression(nn.Module):
     """Token bags (padding 0 left out of each bag's mean) -> a value, as text models do."""
 

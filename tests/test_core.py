@@ -22,9 +22,9 @@ from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeErro
 from fastmaml.errors import NonFiniteInputError
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import MLP, SequenceNet, is_norm_param
-from problems import (MORE_MODELS, PROBLEMS, TASKS, bag_problem, conv_problem, flat_grads,
-                      meta_grad, mlp_problem, relative, variant_kwargs, variant_weights,
-                      with_lr_modes)
+from problems import (MORE_MODELS, PROBLEMS, TASKS, EvalAttention, bag_problem, conv_problem,
+                      flat_grads, meta_grad, mlp_problem, relative, variant_kwargs,
+                      variant_weights, with_lr_modes)
 
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
@@ -69,20 +69,6 @@ def test_batched_equals_looped(problem, steps, first_order, lr_mode):
         assert maml.path == ("batched" if batched else "looped")
     assert relative(grads[True], grads[False]) < 1e-6
     assert relative(losses[True], losses[False]) < 1e-6
-
-
-class EvalAttention(nn.Module):
-    """Self-attention by nn.MultiheadAttention, then a classifier; put in eval() (no dropout),
-    as a user does, its attention takes torch's native fast path unless told otherwise."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed, self.head = nn.Linear(3, 4), nn.Linear(4, 3)
-        self.attention = nn.MultiheadAttention(4, 2, batch_first=True)
-
-    def forward(self, x):
-        z = self.embed(x)
-        return self.head(self.attention(z, z, z, need_weights=False)[0].mean(1))
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -18,7 +18,8 @@ import fastmaml.errors
 import fastmaml.paths
 from fastmaml import MAML, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
-from problems import PROBLEMS, conv_problem, flat_grads, meta_grad, mlp_problem, relative
+from problems import (PROBLEMS, EvalAttention, conv_problem, flat_grads, meta_grad, mlp_problem,
+                      relative)
 
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
@@ -483,6 +484,31 @@ def test_learners_unlike_keep_compiled_graphs_apart_and_learners_alike_share_the
             graphs = counters["stats"]["unique_graphs"]  # (0.1 and 0.2: a constant each)
             MAML(model, loss_fn, inner_lr, 1, batched=True, compile=True).meta_backward(batch)
             assert (counters["stats"]["unique_graphs"] > graphs) == compiles, inner_lr
+
+
+def test_an_attention_model_compiles_to_one_graph_with_the_fast_path_off():
+    """The engine turns nn.MultiheadAttention's native fast path off (its kernel has no
+    derivative); dynamo cannot trace that switch, so a compiled call sets it around itself: set
+    inside, it broke the graph and the compiled path ran slower than eager, unsaid."""
+    torch.set_default_dtype(torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    batch = TaskBatch(torch.randn(2, 3, 5, 3, generator=generator), torch.tensor([[0, 1, 2]] * 2),
+                      torch.randn(2, 4, 5, 3, generator=generator), torch.tensor([[0, 1, 2, 0]] * 2))
+    grads = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        maml = MAML(EvalAttention().eval(), F.cross_entropy, 0.1, 1, batched=True,
+                    compile=compiled)
+        torch._dynamo.utils.counters.clear()
+        maml.meta_backward(batch)  # (a compiled learner's first call: forward and autograd)
+        maml.zero_grad(set_to_none=True)
+        maml.meta_backward(batch)  # (then the whole meta-gradient)
+        grads[compiled] = flat_grads(maml)
+    assert maml.path.startswith("compiled")
+    counters = torch._dynamo.utils.counters
+    assert not counters["graph_break"] and not counters["unimplemented"]
+    assert relative(grads[True], grads[False]) < 1e-4
+    assert torch.backends.mha.get_fastpath_enabled()  # as it was, after each call
 
 
 def compiled_learner() -> tuple[MAML, TaskBatch]:

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .aliases import with_aliases
+from .attention import mha_fast_path_off
 from .errors import (ConfigError, FastMAMLError, PathWarning, ShapeError, first_line,
                      is_out_of_memory, warn)
 from .inputs import Params, TaskBatch, has_active_dropout
@@ -92,7 +93,8 @@ class _CompiledMethod:
         if self.function is None:
             self.function = torch.compile(_code_for(self.method, self.learner._learner_key()),
                                           dynamic=False)
-        return self.function(self.learner, *args)
+        with mha_fast_path_off():  # (compiled code cannot turn it off: math_attention)
+            return self.function(self.learner, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledMethod:
         return _CompiledMethod(self.method, copy.deepcopy(self.learner, memo), self.function)

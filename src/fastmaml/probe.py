@@ -18,16 +18,16 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from .attention import math_attention
 from .embeddings import ExactEmbeddings, composes_bag, pads, scales_gradient_by_frequency
 from .errors import ConfigError, FastMAMLWarning, warn
 from .inputs import Params
@@ -172,22 +172,6 @@ class KernelsCalled(TorchFunctionMode):
             self.frequency_scaling |= scales_gradient_by_frequency(*args, **kwargs)
         self.exact_embeddings |= func is F.embedding_bag and composes_bag(*args, **kwargs)
         return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Attention in plain ops: F.scaled_dot_product_attention in its math kernel, and
-    nn.MultiheadAttention without its native fast path (an eval-mode module's, as a model put
-    in eval() for no dropout takes). The fused kernels have no vmap batching rule (a slow
-    per-task fallback) and their backward no derivative (second order failed, batched or
-    looped; the fast path's none at all, first order batched too)."""
-    fast_path = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast_path)
 
 
 def has_attention(model: nn.Module) -> bool:
