@@ -596,12 +596,20 @@ def test_a_model_and_loss_of_the_wrong_kind_are_named():
         MAML(model, loss_fn, metric_fn="accuracy")
 
     class TwoInputs(nn.Module):  # (torch's TypeError from inside the first forward before)
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(1, 1)
+
         def forward(self, x, z, scale=1.0):
-            return x + z
+            return self.linear(x + z)
 
     with pytest.raises(ConfigError, match=r"the model's forward takes 2 inputs \(x, z\), but "
                                           "MAML calls it with one tensor.*: concatenate them"):
         MAML(TwoInputs(), loss_fn)
+    fed = TwoInputs()  # its second input given by a forward pre-hook: a model of one input
+    fed.register_forward_pre_hook(lambda module, args: (args[0], torch.ones_like(args[0])))
+    _, _, batch = mlp_problem()
+    MAML(fed, loss_fn).meta_backward(batch)
 
 
 def test_a_lazy_module_not_run_yet_is_named_and_trains_once_run():
@@ -692,9 +700,10 @@ def test_nan_meta_loss_is_named_with_the_input_that_causes_it():
     # the loss's own NaN (0/0: a task's query labels all ignored), with no inner step to blame
     labels = TaskBatch(batch.support_x, torch.zeros(TASKS, 5, dtype=torch.long), batch.query_x,
                        torch.full((TASKS, 6), -100))
-    for steps, said in ((0, "meta-loss is nan: loss_fn gives it on finite predictions"),
-                        (1, "lower inner_lr .*; or loss_fn gives it on finite predictions \\(e.g. "
-                            "a cross-entropy whose labels of a task are all ignore_index\\)")):
+    for steps, said in ((0, "meta-loss is nan: lower the meta learning rate, or clip the "
+                            "meta-gradient; or loss_fn itself returns it"),
+                        (1, "lower inner_lr .*; or loss_fn itself returns it \\(e.g. a "
+                            "cross-entropy whose labels of a task are all ignore_index\\)")):
         with pytest.raises(NonFiniteLossError, match=said):
             MAML(nn.Linear(1, 2), F.cross_entropy, inner_steps=steps).meta_loss(labels)
 
@@ -817,7 +826,8 @@ def test_a_loss_of_integers_is_refused_and_a_metric_of_them_taken():
     most paths, and zero gradients, silently, with checkpoint_steps."""
     _, _, batch = MORE_MODELS["mlp"]()
     wrong = lambda predictions, y: (predictions.round() != y.round()).sum()  # noqa: E731
-    for options in ({}, {"checkpoint_steps": True}, {"batched": False}):
+    for options in ({}, {"checkpoint_steps": True}, {"batched": False},
+                    {"metric_fn": wrong}):  # (the loss also given as the metric)
         with pytest.raises(ConfigError, match=r"loss_fn returned a torch.int64 value, which has "
                                               r"no gradient \(a count"):
             MAML(nn.Linear(1, 1), wrong, **options).meta_backward(batch)

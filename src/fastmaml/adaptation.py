@@ -737,7 +737,8 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
     labels = [[None]] * len(query_x) if query_y is None else _as_written(query_y)
     rows = [{**dict(zip(names, x)), "prediction": p, **({} if y is None else {"y": y})}
             for x, (p,), (y,) in zip(_as_written(query_x), _as_written(prediction), labels)]
-    mse = None if query_y is None else float((prediction - query_y).pow(2).mean())
+    mse = (None if query_y is None  # (in the model's precision, as eval's)
+           else float((prediction - query_y.to(prediction)).pow(2).mean()))
     if plot is not None:
         every = torch.cat([support_x, query_x])[:, 0]
         margin = 0.05 * float(every.max() - every.min()) or 1.0

@@ -41,9 +41,9 @@ GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
 # what mends a diverged meta-step
 META_STEP_ADVICE = "lower inner_lr or the meta learning rate, or clip the meta-gradient"
-# a loss not finite on finite inputs and parameters: loss_fn's own (0/0)
-LOSS_ADVICE = ("loss_fn gives it on finite predictions (e.g. a cross-entropy whose labels of a "
-               "task are all ignore_index)")
+# a loss not finite with finite inputs and parameters: loss_fn's own (0/0), or an overflow
+LOSS_ADVICE = ("or loss_fn itself returns it (e.g. a cross-entropy whose labels of a task are all "
+               "ignore_index)")
 
 
 def _rows(at: KeyPath, output: Any, count: int) -> Tensor:
@@ -299,7 +299,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             self._probe(x)  # again where the first probe ran under inference_mode, without graph
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
-              fn: LossFn | None = None) -> Tensor:
+              fn: LossFn | None = None, metric: bool = False) -> Tensor:
         predictions = self._forward(fast, frozen, x)
         fn = fn or self.loss_fn
         broadcasting = broadcasting_loss(fn)
@@ -329,7 +329,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                              f"{got}")
         if value.is_floating_point():
             return value
-        if fn is not self.metric_fn:  # (a metric's count or bool is fine: no gradient needed)
+        if not metric:  # (a metric's count or bool is fine: no gradient needed)
             raise ConfigError(f"loss_fn returned a {value.dtype} value, which has no gradient "
                               "(a count, such as of wrong predictions?): return a floating-point "
                               "loss computed from the predictions, e.g. F.cross_entropy")
@@ -385,7 +385,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                 at_step = self._at_step(frozen, step - 1)  # the set of the step just taken
                 losses.append(self._loss(params, at_step, qx, qy))
                 if self.metric_fn:
-                    metrics.append(self._loss(params, at_step, qx, qy, self.metric_fn).detach())
+                    metrics.append(self._loss(params, at_step, qx, qy, self.metric_fn,
+                                              metric=True).detach())
 
         _, support_loss = self._adapt(fast, frozen, sx, sy, steps, create_graph, grad_fn, on_step)
         out = (support_loss, torch.stack(losses))
@@ -708,7 +709,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         if self.metric_fn:
             values["query_metric"] = self._loss(
                 trajectory[-1], frozen_at(self.inner_steps - 1, outer, step_params), qx, qy,
-                self.metric_fn)
+                self.metric_fn, metric=True)
         return g_fast, g_outer, g_step, values
 
     def _record(self, step_weights: Tensor | None) -> list[int]:
@@ -722,8 +723,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         return list(range(1, steps + 1))
 
     def _check_finite(self, loss: Tensor, batch: TaskBatch, step_weights: Tensor | None) -> None:
-        if self.check_finite and not torch.isfinite(loss):  # (no inner step: no rate to blame)
-            advice = f"{META_STEP_ADVICE}; or {LOSS_ADVICE}" if self.inner_steps else LOSS_ADVICE
+        if self.check_finite and not torch.isfinite(loss):  # (no inner step: no inner_lr)
+            advice = (f"{META_STEP_ADVICE}; {LOSS_ADVICE}" if self.inner_steps else
+                      f"lower the meta learning rate, or clip the meta-gradient; {LOSS_ADVICE}")
             raise self._non_finite(f"the meta-loss is {loss.item()}",
                                    non_finite_input(batch, step_weights), advice)
 

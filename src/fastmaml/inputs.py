@@ -112,7 +112,11 @@ def check_steps(name: str, steps: Any) -> None:
 
 
 def _required_inputs(model: nn.Module) -> list[str]:
-    """The names of the positional arguments ``model``'s forward needs (none known: [])."""
+    """The names of the positional arguments ``model``'s forward needs (none known: []; a
+    forward pre-hook or the model's own ``__call__`` may give those beyond the input)."""
+    if (model._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks
+            or type(model).__call__ is not nn.Module.__call__):
+        return []
     try:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # (a builtin's, or a C extension's)

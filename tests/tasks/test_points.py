@@ -55,8 +55,9 @@ def test_excels_separator_line_is_skipped(tmp_path: Path) -> None:
 
 
 def test_a_header_leaving_x_unnamed_is_told_the_runs_name_for_it(tmp_path: Path) -> None:
-    (tmp_path / "points.csv").write_text(",x2,y\n0,1,2\n")
-    for x_names, said in (((), "x1"), (("sqft", "rooms"), "sqft")):
+    for header, x_names, said in ((",x2,y", (), "x1"), (",x2,y", ("sqft", "rooms"), "sqft"),
+                                  (",SQFT,y", ("sqft", "rooms"), "rooms")):
+        (tmp_path / "points.csv").write_text(f"{header}\n0,1,2\n")
         with pytest.raises(DataError, match=rf"leaves its first column unnamed: name it \({said}, "):
             read_points(tmp_path / "points.csv", "support", need_y=True, features=2,
                         x_names=x_names)

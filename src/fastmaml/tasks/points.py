@@ -107,7 +107,8 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
         if len(names) > 1 and not names[0]:
             named = [name.lower() for name in names[1:]]
             if "y" in named and len(named) - 1 < (features or 1):  # ",y": x left unnamed
-                first = x_names[0] if x_names else "x" if (features or 1) == 1 else "x1"
+                unnamed = [name for name in x_names if name.lower() not in named]  # the run's
+                first = (unnamed or ["x" if (features or 1) == 1 else "x1"])[0]
                 raise DataError(f"the header of the {role} CSV {path} leaves its first column "
                                 f"unnamed: name it ({first}, as the points' first value)")
             raise DataError(f"the {role} CSV {path} starts with a column its header leaves "
