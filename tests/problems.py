@@ -111,6 +111,14 @@ class EvalAttention(nn.Module):
         return self.head(self.attention(z, z, z, need_weights=False)[0].mean(1))
 
 
+def attention_batch() -> TaskBatch:
+    """Two 3-way tasks of 5-step sequences of 3 features, for ``EvalAttention``."""
+    generator = torch.Generator().manual_seed(0)
+    return TaskBatch(torch.randn(2, 3, 5, 3, generator=generator), torch.tensor([[0, 1, 2]] * 2),
+                     torch.randn(2, 4, 5, 3, generator=generator),
+                     torch.tensor([[0, 1, 2, 0]] * 2))
+
+
 class BagRegression(nn.Module):
     """Token bags (padding 0 left out of each bag's mean) -> a value, as text models do."""
 

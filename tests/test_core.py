@@ -22,8 +22,8 @@ from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeErro
 from fastmaml.errors import NonFiniteInputError
 from fastmaml.core import multi_step_loss_weights
 from fastmaml.models import MLP, SequenceNet, is_norm_param
-from problems import (MORE_MODELS, PROBLEMS, TASKS, EvalAttention, bag_problem, conv_problem,
-                      flat_grads, meta_grad, mlp_problem, relative, variant_kwargs,
+from problems import (MORE_MODELS, PROBLEMS, TASKS, EvalAttention, attention_batch, bag_problem,
+                      conv_problem, flat_grads, meta_grad, mlp_problem, relative, variant_kwargs,
                       variant_weights, with_lr_modes)
 
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
@@ -75,9 +75,7 @@ def test_batched_equals_looped(problem, steps, first_order, lr_mode):
 def test_multihead_attention_in_eval_mode_runs_batched(first_order):
     """The fast path's kernel has no derivative and no batching rule: batched, it failed in
     first order too (torch's error), and the path search did not fall back."""
-    generator = torch.Generator().manual_seed(0)
-    batch = TaskBatch(torch.randn(2, 3, 5, 3, generator=generator), torch.tensor([[0, 1, 2]] * 2),
-                      torch.randn(2, 4, 5, 3, generator=generator), torch.tensor([[0, 1, 2, 0]] * 2))
+    batch = attention_batch()
     grads = {}
     for batched in (True, False):
         torch.manual_seed(0)

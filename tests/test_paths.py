@@ -18,8 +18,8 @@ import fastmaml.errors
 import fastmaml.paths
 from fastmaml import MAML, ShapeError, TaskBatch
 from fastmaml.core import multi_step_loss_weights
-from problems import (PROBLEMS, EvalAttention, conv_problem, flat_grads, meta_grad, mlp_problem,
-                      relative)
+from problems import (PROBLEMS, EvalAttention, attention_batch, conv_problem, flat_grads,
+                      meta_grad, mlp_problem, relative)
 
 pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
@@ -491,9 +491,7 @@ def test_an_attention_model_compiles_to_one_graph_with_the_fast_path_off():
     derivative); dynamo cannot trace that switch, so a compiled call sets it around itself: set
     inside, it broke the graph and the compiled path ran slower than eager, unsaid."""
     torch.set_default_dtype(torch.float32)
-    generator = torch.Generator().manual_seed(0)
-    batch = TaskBatch(torch.randn(2, 3, 5, 3, generator=generator), torch.tensor([[0, 1, 2]] * 2),
-                      torch.randn(2, 4, 5, 3, generator=generator), torch.tensor([[0, 1, 2, 0]] * 2))
+    batch = attention_batch()
     grads = {}
     for compiled in (False, True):
         torch.manual_seed(0)
