@@ -6,7 +6,8 @@ looped; the fast path's none at all, first order batched too).
 
 The fast path's switch is one flag for the process: it is off while any learner's forward (or
 compiled call) runs, on whichever thread, and back as it was once the last one ends. Compiled
-code cannot set it (dynamo skips the function), so a compiled call sets it around itself."""
+code cannot set it (dynamo skips the function), so a compiled call of an attention model's
+learner runs inside ``math_attention`` too (``paths._CompiledMethod``)."""
 from __future__ import annotations
 
 import contextlib
@@ -45,7 +46,7 @@ def mha_fast_path_off() -> Iterator[None]:
 def math_attention() -> Iterator[None]:
     """Attention in plain ops (see the module docstring) for a forward of the model."""
     with sdpa_kernel(MATH):
-        if torch.compiler.is_compiling():  # (set by the compiled call around it)
+        if torch.compiler.is_compiling():  # (set around the compiled call)
             yield
         else:
             with mha_fast_path_off():

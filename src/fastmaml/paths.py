@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.func import functional_call
 
 from .aliases import with_aliases
-from .attention import mha_fast_path_off
 from .errors import (ConfigError, FastMAMLError, PathWarning, ShapeError, first_line,
                      is_out_of_memory, warn)
 from .inputs import Params, TaskBatch, has_active_dropout
@@ -93,7 +92,9 @@ class _CompiledMethod:
         if self.function is None:
             self.function = torch.compile(_code_for(self.method, self.learner._learner_key()),
                                           dynamic=False)
-        with mha_fast_path_off():  # (compiled code cannot turn it off: math_attention)
+        # the learner's attention mode (fastmaml.attention) around the call: compiled code
+        # cannot turn MultiheadAttention's fast path off itself
+        with self.learner._attention_mode():
             return self.function(self.learner, *args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _CompiledMethod:
