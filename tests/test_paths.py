@@ -436,6 +436,58 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
         assert pinned.path_choices == {}
 
 
+def test_after_a_few_searched_shapes_a_new_one_takes_the_nearest_ones_path(monkeypatch):
+    """A meta-batch whose size varies (K drawn per batch) searched at every new shape, about 7
+    calls' work each time: after ``SEARCHED_SHAPES`` searches, a new shape runs the role chosen
+    for the searched shape nearest in tasks and elements per task, at its own chunk sizes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+
+    def batch(tasks, shots):
+        return TaskBatch(*(torch.randn(tasks, shots, 1) for _ in range(4)))
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    # the search's clock: all tasks at once is the fastest for K <= 3, the loop beyond
+    clock, uncompiled = [0.0], maml._backward
+    monkeypatch.setattr(fastmaml.paths, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def timed(batch, *args):
+        shots = batch.support_x.shape[1]
+        fastest = ("batched", batch.num_tasks) if shots <= 3 else ("looped", None)
+        clock[0] += 1 if maml._trying == fastest else 2
+        return uncompiled(batch, *args)
+    maml._backward = timed
+    for shots in (1, 2, 6, 8):
+        maml.meta_backward(batch(6, shots))
+    assert len(maml._searched_shapes) == 1 and maml.path == "looped"
+    tried = paths_tried(maml)
+    reference = MAML(model, F.mse_loss, 0.1, 1, batched=False)
+    for tasks, shots, path in ((4, 2, "batched, chunk 4"), (6, 7, "looped"),
+                               (9, 3, "batched, chunk 9")):
+        tried.clear()
+        maml.zero_grad(set_to_none=True)
+        new = batch(tasks, shots)
+        maml.meta_backward(new)
+        assert tried and set(tried) == {None} and maml.path == path  # no search
+        assert relative(flat_grads(maml), meta_grad(reference, new)) < 1e-10
+        assert maml.path_choices[maml._path_key(new)] == (
+            ("looped", None) if path == "looped" else ("batched", tasks))
+    assert len(maml._searched_shapes[maml._setting_key(new)]) == fastmaml.paths.SEARCHED_SHAPES
+
+
+def test_a_shape_past_the_searched_ones_runs_a_compiled_choice_uncompiled():
+    """Compiling builds a graph per shape (torch keeps at most 8 per function): a new shape that
+    takes a compiled choice of a searched one runs batched, at its default chunk, eager."""
+    maml, batch, eager, eager_calls = stand_in_compile(batched=None)
+    graph_calls = []
+    maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
+    maml._searched_shapes[maml._setting_key(batch)] = [
+        (fastmaml.paths._size(batch), "compiled")] * fastmaml.paths.SEARCHED_SHAPES
+    expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
+    maml.meta_backward(batch)
+    assert maml.path == f"batched, chunk {batch.num_tasks}" and not graph_calls
+    assert relative(flat_grads(maml), expected) < 1e-10
+
+
 def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():
     """The process's choices are kept per model: one with dropout, where the path decides
     the masks, is not run on the path another (same class name, same shapes) was timed on."""

@@ -147,7 +147,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             (default) to choose: the first ``meta_backward`` of each new input shape times the
             batched path at a few chunk sizes, the looped path and, with ``compile``, the
             compiled batched path, once each, and keeps the fastest for that shape
-            (``path_choices``; every candidate computes the same meta-gradient). An explicit
+            (``path_choices``; every candidate computes the same meta-gradient); after four
+            searched shapes, a new one takes the nearest one's path, uncompiled. An explicit
             ``batched``, ``chunk_size`` or ``checkpoint_steps`` turns the search off. If ``vmap``
             cannot run the model, the looped path is used, with a warning.
         transductive_bn: normalise with batch statistics always, as the paper (default: on when

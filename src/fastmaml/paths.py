@@ -48,6 +48,11 @@ COMPILED_TOLERANCE = 1e-3
 # stops compiling (after five calls, each given the eager gradient), but one wrong at only some
 # batches is now caught only where five of them come in a row.
 COMPILED_CHECKS = 5
+# new input shapes a learner times its paths for, per setting (dtype, device, order, ...); a
+# later new shape takes the path chosen for the nearest of them, uncompiled (compiling would
+# build a graph per shape, at most 8 per function). A meta-batch whose size varies (K drawn
+# per batch) otherwise searched at every new shape: about 7 calls' work each time.
+SEARCHED_SHAPES = 4
 
 
 def random_state(device: torch.device) -> tuple[Tensor, ...]:
@@ -148,6 +153,8 @@ class ExecutionPaths:
         # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
         self.gather_ranks: Callable[[Any], list[Any]] | None = None
         self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
+        # per setting (``_setting_key``): the searched shapes' sizes and the roles they chose
+        self._searched_shapes: dict[str, list[tuple[tuple[int, int], str]]] = {}
 
     def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
              record: Sequence[int]) -> tuple[Tensor, ...]:
@@ -262,7 +269,8 @@ class ExecutionPaths:
         if not self._auto or self._trying:
             return None
         key = self._path_key(batch)
-        known = self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
+        known = (self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
+                 or self._nearest_choice(batch))
         if known is not None:
             self.path_choices[key] = known
         missing = known is None and not self._vmap_failed
@@ -273,19 +281,43 @@ class ExecutionPaths:
         return "alone" if missing else None
 
     def _path_key(self, batch: Sequence[Tensor]) -> str:
-        """What the fastest path depends on, besides the model: the meta-batch's shapes, dtype
-        and device, the derivative order (which ``first_order_until`` switches in a run), the
-        thread count, the CPU's vector instructions, whether compiling is allowed and the paths'
-        implementations. A run resumed with other threads, CPU, ``compile``, torch or paths so
-        searches again instead of reusing a choice timed without its candidates or kernels."""
+        """What the fastest path depends on, besides the model: the meta-batch's shapes and
+        ``_setting_key``."""
+        return f"{[tuple(t.shape) for t in batch]} {self._setting_key(batch)}"
+
+    def _setting_key(self, batch: Sequence[Tensor]) -> str:
+        """The meta-batch's dtype and device, the derivative order (which ``first_order_until``
+        switches in a run), the thread count, the CPU's vector instructions, whether compiling
+        is allowed and the paths' implementations. A run resumed with other threads, CPU,
+        ``compile``, torch or paths so searches again instead of reusing a choice timed without
+        its candidates or kernels."""
         order = "first" if self.first_order else "second"
         compiled = self._compiled_gradient is not None
         device = batch[0].device.type
         if device == "cpu":  # AVX2 and AVX512 kernels rank the paths differently
             device += f" {torch.backends.cpu.get_cpu_capability()}"
-        return (f"{[tuple(t.shape) for t in batch]} {batch[0].dtype} {device} "
-                f"{order} order, {torch.get_num_threads()} threads, compile={compiled}, "
-                f"paths r{PATHS_REVISION}, torch {torch.__version__}")
+        return (f"{batch[0].dtype} {device} {order} order, {torch.get_num_threads()} threads, "
+                f"compile={compiled}, paths r{PATHS_REVISION}, torch {torch.__version__}")
+
+    def _nearest_choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
+        """Once ``SEARCHED_SHAPES`` shapes of this setting were searched, the path for a new
+        one: the role (e.g. "one task") chosen for the searched shape nearest in tasks and
+        elements per task, at this batch's chunk sizes, uncompiled; before, None (search)."""
+        searched = self._searched_shapes.get(self._setting_key(batch), [])
+        if len(searched) < SEARCHED_SHAPES:
+            return None
+        size = _size(batch)
+        _, role = min(searched, key=lambda shape: sum(abs(math.log(a / b))
+                                                      for a, b in zip(shape[0], size)))
+        path, chunk = self._roles(batch)[role]
+        return ("batched", chunk) if path == "compiled" else (path, chunk)
+
+    def _roles(self, batch: TaskBatch) -> dict[str, tuple[str, int | None]]:
+        """The search's candidates as every rank names them: role -> (path, tasks per chunk)."""
+        default = self._chunk(batch) or batch.num_tasks
+        return {"compiled": ("compiled", default), "default chunk": ("batched", default),
+                "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
+                "looped": ("looped", None)}
 
     def _compiled_check_key(self, batch: TaskBatch, step_weights: Tensor | None) -> str:
         """Under what the compiled meta-gradient's comparison with the eager one is kept: the
@@ -320,10 +352,8 @@ class ExecutionPaths:
         the eager one, as ``_checked_compiled_gradient`` gives). Every call starts from the same
         random state (dropout), and the search leaves it as one call of the chosen path does, so
         a seeded run that searches draws what one reusing the choice draws."""
-        default = self._chunk(batch) or batch.num_tasks
-        roles = {"compiled": ("compiled", default), "default chunk": ("batched", default),
-                 "one task": ("batched", 1), "all tasks": ("batched", batch.num_tasks),
-                 "looped": ("looped", None)}  # the candidates as every rank names them
+        roles = self._roles(batch)
+        default = roles["default chunk"][1]
         candidates = [c for c in dict.fromkeys(roles.values())
                       if c[0] != "compiled" or self._compiled_gradient is not None]
         warm_ups = [c for c in candidates if c[1] == default]
@@ -367,8 +397,7 @@ class ExecutionPaths:
             raise
         finally:
             self._trying = None
-        key = self._path_key(batch)
-        best = self._agreed_path(key, roles, timings, together)
+        best = self._agreed_path(batch, roles, timings, together)
         self.path = _label(best)
         set_random_state(end_states[best], device)
         # a graph that differed from the eager gradient gives the eager one, as later calls do
@@ -380,10 +409,10 @@ class ExecutionPaths:
                       else before[name] + grads[name])
         return loss, metrics
 
-    def _agreed_path(self, key: str, roles: dict[str, tuple[str, int | None]],
+    def _agreed_path(self, batch: TaskBatch, roles: dict[str, tuple[str, int | None]],
                      timings: dict[tuple[str, int | None], float], together: bool
                      ) -> tuple[str, int | None]:
-        """The searched path to keep for this input shape (``key``), recorded, and the one this
+        """The searched path to keep for this input shape (``batch``'s), recorded, and the one this
         rank runs (looped where its vmap failed): the fastest here or, with every rank
         (``together``), the role (e.g. "all tasks") fastest on the slowest rank, which sets the
         pace of ranks that step together; each rank's choice is then recorded on every rank, so
@@ -393,10 +422,12 @@ class ExecutionPaths:
         def runs(candidate: tuple[str, int | None]) -> tuple[str, int | None]:
             return ("looped", None) if self._vmap_failed else candidate
 
+        key = self._path_key(batch)
         mine = (key, {role: (runs(candidate), timings.get(runs(candidate), math.inf))
                       for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
         best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
+        self._searched_shapes.setdefault(self._setting_key(batch), []).append((_size(batch), best))
         for rank_key in dict.fromkeys(rank_key for rank_key, _ in offers):
             ran = [offer[best][0] for offered_key, offer in offers if offered_key == rank_key]
             self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = next(
@@ -569,3 +600,9 @@ def _relative_difference(grads: Params, reference: Params) -> float:
         torch.finfo(reference[names[0]].dtype).tiny)).item()
 
 
+
+
+def _size(batch: TaskBatch) -> tuple[int, int]:
+    """A meta-batch's tasks and input elements per task (at least 1 each), for
+    ``_nearest_choice``."""
+    return batch.num_tasks or 1, sum(t[0].numel() for t in batch) or 1
