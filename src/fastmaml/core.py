@@ -132,8 +132,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         lr_mode: ``fixed`` | ``scalar`` | ``per_param`` (Meta-SGD) | ``per_layer_step`` (MAML++).
         adapt: which parameters the inner loop adapts: ``None`` for all, a list of name prefixes
             (e.g. ``["head"]`` for ANIL; each must match) or a predicate ``(name, param) ->
-            bool``. The others are still trained by the outer loop. Both are fixed when MAML is
-            built, with the parameters' ``requires_grad``: freeze or unfreeze before.
+            bool``; a tensor held under several names (a head tied to an embedding) is selected
+            by any of them. The others are still trained by the outer loop. Both are fixed when
+            MAML is built, with the parameters' ``requires_grad``: freeze or unfreeze before.
         per_step: outer-loop parameters (selected as by ``adapt``; ``None``: none) that get one
             meta-learned set per inner step, MAML++'s per-step batch-norm weights and biases:
             inner step k's support forward and the query forward after it use set k, set 0
@@ -203,10 +204,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self.batched, self.check_finite = batched, check_finite
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-        self.adapted_names = matching("adapt", adapt, trainable, frozen)
+        self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
+        self.adapted_names = matching("adapt", adapt, trainable, frozen, self._aliases)
         self.outer_only_names = [n for n in trainable if n not in self.adapted_names]
         per_step_names = ([] if per_step is None
-                          else matching("per_step", per_step, trainable, frozen))
+                          else matching("per_step", per_step, trainable, frozen, self._aliases))
         adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
         if adapted_per_step:
             raise ConfigError(f"per_step selects {listed(adapted_per_step)}, which the inner "
@@ -227,7 +229,6 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
-        self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
         if normed := spectral_normed(model):
             warn(f"spectral_norm on {listed(normed)}: its power iteration keeps its vectors in "
                  "buffers, which MAML's forwards leave as they are (as batch norm's running "

@@ -218,20 +218,28 @@ def listed(names: Sequence[str], most: int = 3) -> str:
 
 
 def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
-              params: Params, frozen: Params) -> list[str]:
-    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
-    ``ConfigError`` where it selects none, or one of its name prefixes matches none (saying
-    which of the model's ``frozen`` parameters, requires_grad=False, it matches instead)."""
-    names = [n for n, p in params.items() if _selected(selection, n, p)]
+             params: Params, frozen: Params, aliases: dict[str, str]) -> list[str]:
+    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects by any
+    of their names (``aliases``: a tensor's further names -> its name, ``fastmaml.aliases``; a
+    head tied to an embedding is selected as ``head`` too); a ``ConfigError`` where it selects
+    none, or one of its name prefixes matches none (saying which of the model's ``frozen``
+    parameters, requires_grad=False, it matches instead)."""
+    names_of: dict[str, list[str]] = {name: [name] for name in [*params, *frozen]}
+    for alias, name in aliases.items():
+        names_of.get(name, []).append(alias)
+
+    def selected(chosen: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
+                 param: Tensor) -> bool:
+        return any(_selected(chosen, each, param) for each in names_of[name])
+    names = [n for n, p in params.items() if selected(selection, n, p)]
     prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
                 else selection or [])
     unmatched = [prefix for prefix in prefixes
-                 if not any(_selected([prefix], n, p) for n, p in params.items())]
+                 if not any(selected([prefix], n, p) for n, p in params.items())]
     if not names or unmatched:
         what = (f"{option} prefix(es) {', '.join(map(repr, unmatched))} match"
                 if unmatched else f"the {option} selection matches")
-        only_frozen = [n for n, p in frozen.items()
-                       if _selected(unmatched or selection, n, p)]
+        only_frozen = [n for n, p in frozen.items() if selected(unmatched or selection, n, p)]
         why = (f" ({listed(only_frozen)}: frozen, requires_grad=False)" if only_frozen else "")
         raise ConfigError(f"{what} no trainable parameter of the model{why}; its trainable "
                           f"parameters: {', '.join(params) or 'none'}")
@@ -247,7 +255,6 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
     if isinstance(adapt, str):
         adapt = [adapt]
     return any(name == prefix or name.startswith(prefix + ".") for prefix in adapt)
-
 
 
 def has_active_dropout(model: nn.Module) -> bool:
