@@ -173,6 +173,7 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
         write_image(tmp_path / "query" / f"unknown{i}.png", COLORS[name], 90 + i)
     for name in ("IMG_0001.HEIC", "logo.svg", ".DS_Store"):  # not read: the first two are named
         (tmp_path / "query" / name).write_bytes(b"not an image Pillow reads")
+    (tmp_path / "query" / "moved.png").symlink_to(tmp_path / "gone.png")
     out_file = tmp_path / "out" / "predictions.json"
     code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
                            "--query", str(tmp_path / "query"), "--format", "json",
@@ -181,6 +182,9 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     assert (f"warning: skipped 2 file(s) in the query folder {tmp_path / 'query'} whose names "
             "end in no image format's suffix this Pillow reads (e.g. .png, .jpg): "
             "IMG_0001.HEIC, logo.svg\n") in err
+    assert (f"warning: skipped 1 file(s) in the query folder {tmp_path / 'query'} that link to "
+            "nothing (their targets were moved or deleted, or sit on a drive not mounted): "
+            "moved.png\n") in err
     document = json.loads(out_file.read_text())
     assert {k: document[k] for k in ("task", "steps", "classes", "support", "query", "accuracy")} \
         == {"task": "classification", "steps": 3, "classes": ["color1", "color4"], "support": 2,

@@ -72,6 +72,20 @@ def test_files_in_class_folders_that_are_not_images_are_named(flat_root: Path,
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
 
 
+def test_links_to_nothing_in_class_folders_are_named(flat_root: Path, tmp_path: Path) -> None:
+    """A class folder of links into another drive, not mounted: its images were skipped unsaid,
+    and the class left out as short to a user who sees its files."""
+    for name in ("img_a.png", "img_b.png"):
+        (flat_root / "class02" / name).symlink_to(tmp_path / "unmounted" / name)
+    with pytest.warns(FastMAMLWarning) as caught:
+        load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
+    said = [str(w.message) for w in caught if "link to nothing" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("skipped 2 file(s) in the class folders of ")
+    assert said[0].endswith("that link to nothing (their targets were moved or deleted, or sit "
+                            "on a drive not mounted): class02/img_a.png, class02/img_b.png")
+    assert not [w for w in caught if "suffix" in str(w.message)]  # not called unreadable
+
+
 def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: Path) -> None:
     """Images one folder too deep, or beside the class folders, are read by no class."""
     write_class(flat_root / "class03" / "puppies", 2, value=5)

@@ -39,6 +39,10 @@ def subfolders(folder: Path) -> list[Path]:
                   and p.name.lower() not in JUNK_FOLDERS)
 
 
+# why ``skipped_files_warning`` skips a symbolic link whose target is missing
+BROKEN_LINKS = ("that link to nothing (their targets were moved or deleted, or sit on a drive "
+                "not mounted)")
+
 # how a user names a data folder, in the commands and in Python
 DATA_ROOT_OPTIONS = ("--data-root DIR (fastmaml train and eval; data_root=DIR in "
                      "fastmaml.meta_train)")
@@ -223,17 +227,23 @@ def read_assignment(path: Path) -> Assignment:
 
 
 def skipped_files_warning(unread: Sequence[Path], where: str, root: Path, why: str) -> None:
-    """One warning that names the first few ``unread`` files (relative to ``root``) and says
-    ``why`` they were skipped."""
-    if unread:
-        names = [p.relative_to(root).as_posix() for p in unread]
-        warn(f"skipped {len(names)} file(s) in {where} {why}: {', '.join(names[:3])}"
-             + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
+    """A warning that names the first few ``unread`` files (relative to ``root``) and says
+    ``why`` they were skipped; links to nothing among them get one of their own."""
+    broken = [p for p in unread if _links_to_nothing(p)]
+    for files, reason in ((broken, BROKEN_LINKS), ([p for p in unread if p not in broken], why)):
+        if files:
+            names = [p.relative_to(root).as_posix() for p in files]
+            warn(f"skipped {len(names)} file(s) in {where} {reason}: {', '.join(names[:3])}"
+                 + (", ..." if len(names) > 3 else ""), FastMAMLWarning)
 
 
 def unread_files(folder: Path, items: Sequence[Path]) -> list[Path]:
     """The visible files in ``folder`` that are not among its ``items`` (images, task files):
-    formats this Pillow cannot read (e.g. HEIC), or no data at all. Said in a warning where a
-    user would otherwise wonder why a file was never used."""
+    formats this Pillow cannot read (e.g. HEIC), no data at all, or links whose targets are
+    gone. Said in a warning where a user would otherwise wonder why a file was never used."""
     return sorted(p for p in set(folder.iterdir()) - set(items)
-                  if p.is_file() and not p.name.startswith("."))
+                  if (p.is_file() or _links_to_nothing(p)) and not p.name.startswith("."))
+
+
+def _links_to_nothing(path: Path) -> bool:
+    return path.is_symlink() and not path.exists()
