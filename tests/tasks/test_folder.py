@@ -90,6 +90,9 @@ def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: P
     """Images one folder too deep, or beside the class folders, are read by no class."""
     write_class(flat_root / "class03" / "puppies", 2, value=5)
     write_class(flat_root / "class05" / "a" / "b", 1, value=5)
+    # a NAS's thumbnails and a hidden folder below those: not the user's images
+    write_class(flat_root / "class05" / "a" / "@eaDir" / "0.png", 1, value=5)
+    write_class(flat_root / "class05" / "a" / ".thumbs", 1, value=5)
     Image.new("L", (4, 4)).save(flat_root / "stray.png")
     with pytest.warns(FastMAMLWarning, match=r"skipped 4 file\(s\) in .*flowers outside the "
                       r"class folders \(a class's images go directly in its folder, 1 level\(s\) "

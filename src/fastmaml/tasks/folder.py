@@ -28,8 +28,8 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, composed, data_root,
-                     found_items, has_explicit_splits, skipped_files_warning, subfolders,
-                     unread_files)
+                     files_below, found_items, has_explicit_splits, skipped_files_warning,
+                     subfolders, unread_files)
 
 
 # why a file was skipped (by its suffix: a format this Pillow cannot read, e.g. HEIC, or none)
@@ -77,7 +77,7 @@ def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> l
     folder, or above the class level (at the root, in a split folder or a group folder, even
     one that holds no class folder: ``val/*.png`` with ``class_depth=1``)."""
     inside = [p for folder in folders for sub in subfolders(folder) if not sub.is_symlink()
-              for p in sorted(sub.rglob("*")) if is_image_file(p)]
+              for p in files_below(sub, is_image_file)]
     level = ([root / name for name in SPLITS if (root / name).is_dir()]
              if has_explicit_splits(root) else [root])
     above = {root, *level}

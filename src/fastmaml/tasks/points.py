@@ -22,8 +22,8 @@ from torch import Tensor
 
 from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning, warn
-from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, found_items,
-                     skipped_files_warning, subfolders, unread_files)
+from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, files_below,
+                     found_items, skipped_files_warning, subfolders, unread_files)
 
 
 class ShortTasksWarning(FastMAMLWarning):
@@ -249,8 +249,11 @@ def _is_number(text: str) -> bool:
 
 def task_files(folder: Path) -> list[Path]:
     """The ``.csv`` files directly in ``folder`` (hidden ones skipped), sorted by name."""
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() == ".csv" and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if _is_task_file(p))
+
+
+def _is_task_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() == ".csv"
 
 
 def assign_tasks(root: str | os.PathLike[str], fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
@@ -363,16 +366,7 @@ def _nested_task_files(root: Path) -> list[Path]:
     its split folders), which are not read; hidden and system folders skipped at any depth."""
     splits = [root / name for name in SPLITS if (root / name).is_dir()]
     return sorted(path for top in [root, *splits] for sub in subfolders(top) if sub not in splits
-                  for path in _csv_files_below(sub))
-
-
-def _csv_files_below(folder: Path) -> list[Path]:
-    """The visible .csv files anywhere below ``folder``, not through hidden, system or linked
-    folders."""
-    found = [path for path in folder.iterdir() if path.is_file() and not path.name.startswith(".")
-             and path.suffix.lower() == ".csv"]
-    return found + [path for sub in subfolders(folder) if not sub.is_symlink()
-                    for path in _csv_files_below(sub)]
+                  for path in files_below(sub, _is_task_file))
 
 
 class PointSampler:

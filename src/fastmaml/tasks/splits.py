@@ -39,6 +39,14 @@ def subfolders(folder: Path) -> list[Path]:
                   and p.name.lower() not in JUNK_FOLDERS)
 
 
+def files_below(folder: Path, wanted: Callable[[Path], bool]) -> list[Path]:
+    """The files anywhere below ``folder`` that ``wanted`` takes, sorted folder by folder, not
+    through hidden, system (``JUNK_FOLDERS``: a NAS's thumbnail folder in every folder) or
+    linked folders."""
+    return [p for p in sorted(folder.iterdir()) if wanted(p)] + [
+        p for sub in subfolders(folder) if not sub.is_symlink() for p in files_below(sub, wanted)]
+
+
 # why ``skipped_files_warning`` skips a symbolic link whose target is missing
 BROKEN_LINKS = ("that link to nothing (their targets were moved or deleted, or sit on a drive "
                 "not mounted)")
