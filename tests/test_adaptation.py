@@ -6,6 +6,7 @@ import csv
 import inspect
 import io
 import json
+import shutil
 import os
 import pickle
 import re
@@ -140,6 +141,29 @@ def test_the_accuracy_in_json_is_the_fraction_of_correct_queries(
     assert 0 < correct < 9  # (a fraction float32 cannot hold exactly)
     assert document["accuracy"] == correct / 9
     assert "on 6 support examples (3 classes) in 5 step(s); 9 query predictions" in err
+
+
+def test_a_query_class_folder_with_no_images_is_left_out_of_the_accuracy(
+        image_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A labelled query with no images of one class (a folder made for each support class)
+    was refused as a bad class folder; its other classes' images are scored."""
+    support, query = task_folders(tmp_path, ["color5", "color6", "color7"], shots=2, queries=3)
+    for image in (query / "color6").iterdir():
+        image.unlink()
+    code, out, err = adapt(capsys, str(image_run), "--support", str(support),
+                           "--query", str(query), "--format", "json")
+    assert code == 0, err
+    assert (f"warning: the query class folder(s) color6 in {query} hold no images: the accuracy "
+            "is over the other classes' images") in err
+    document = json.loads(out)
+    assert {row["label"] for row in document["predictions"]} == {"color5", "color7"}
+    correct = sum(row["prediction"] == row["label"] for row in document["predictions"])
+    assert document["query"] == 6 and document["accuracy"] == correct / 6
+    for name in ("color5", "color7"):
+        shutil.rmtree(query / name)
+    code, _, err = adapt(capsys, str(image_run), "--support", str(support), "--query", str(query))
+    assert code == 2 and err.endswith(f"the query folder {query} holds no images (its class "
+                                      "folders color6 are empty)\n")
 
 
 def test_query_classes_match_support_classes_in_either_unicode_form(

@@ -554,16 +554,17 @@ def _images_in(folder: Path, role: str) -> list[Path]:
     return images
 
 
-def _class_images(folder: Path, role: str) -> list[Path]:
+def _class_images(folder: Path, role: str, may_be_empty: bool = False) -> list[Path]:
     """The images of one class: directly in its folder (a folder inside it is named in a
-    warning, as its images are not read)."""
+    warning, as its images are not read). None, where ``may_be_empty`` and the folder holds
+    nothing visible, is no error."""
     images, nested = _images_in(folder, role), visible_subfolders(folder)
     if nested and images:
         warn(f"skipped {len(nested)} folder(s) in the {role} class folder {folder} (a "
              f"class's images lie directly in its folder): "
              + ", ".join(p.name for p in nested[:3]) + (", ..." if len(nested) > 3 else ""),
              FastMAMLWarning)
-    if not images:
+    if not images and not (may_be_empty and not nested):
         raise DataError(f"the {role} class folder {folder} holds no images"
                         + (" (a class's images lie directly in its folder, not in "
                            f"{nested[0].name}/)" if nested else ""))
@@ -621,10 +622,17 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
         raise DataError(f"query class folder(s) {', '.join(unknown)} in {folder} are not support "
                         f"classes ({', '.join(classes)})")
     paths, labels = [], []
-    for sub in subfolders:
-        found = _class_images(sub, "query")
+    for sub in subfolders:  # a class with no query images is left out of the accuracy
+        found = _class_images(sub, "query", may_be_empty=True)
         paths += found
         labels += [label_of[composed(sub.name)]] * len(found)
+    empty = [sub.name for sub in subfolders if label_of[composed(sub.name)] not in labels]
+    if not paths:
+        raise DataError(f"the query folder {folder} holds no images (its class folders "
+                        f"{', '.join(empty)} are empty)")
+    if empty:
+        warn(f"the query class folder(s) {', '.join(empty)} in {folder} hold no images: the "
+             "accuracy is over the other classes' images", FastMAMLWarning)
     return ImageSet(paths, labels, list(classes))
 
 
