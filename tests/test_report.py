@@ -506,6 +506,17 @@ def test_the_eval_command_is_the_one_the_evaluation_ran(tmp_path: Path) -> None:
     assert report._commands(report.read_run(run_dir))[1] == f"fastmaml eval {run_dir.as_posix()}"
 
 
+def test_a_command_with_the_data_folder_says_what_data_stands_for() -> None:
+    """A run's own data folder is its machine's: the command names it DATA, and says so."""
+    omniglot, sinusoid = (report.read_run(REPO / "results" / name)
+                          for name in ("omniglot-5w1s", "sinusoid"))
+    assert "--data-root DATA" in report._commands(omniglot)[0]
+    text = report.render([omniglot, sinusoid], REPO / "docs" / "REPORT.md")
+    assert text.count("`DATA`: the folder that holds the data set (`download=true` fetches "
+                      "Omniglot's official files into it).") == 1
+    assert "DATA" not in report._commands(sinusoid)[0]
+
+
 def test_an_evaluation_older_than_the_training_is_flagged(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "sinusoid"

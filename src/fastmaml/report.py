@@ -356,6 +356,15 @@ def _commands(run: Run) -> list[str]:
     return [train, evaluate, f"fastmaml plot {run.path.as_posix()}"]
 
 
+def _data_note(run: Run) -> list[str]:
+    """What ``DATA`` in ``_commands`` stands for: the run's own folder is its machine's."""
+    if not run.config.get("data_root"):
+        return []
+    fetch = (" (`download=true` fetches Omniglot's official files into it)"
+             if run.config.get("dataset") == "omniglot" else "")
+    return [f"`DATA`: the folder that holds the data set{fetch}.", ""]
+
+
 def _machine(run: Run) -> str:
     if not run.machines:
         return "not recorded"
@@ -652,7 +661,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
             lines += [f"Note: {run.stale_evaluation}.", ""]
     else:
         lines += ["Not evaluated yet: `fastmaml eval` writes eval.json.", ""]
-    lines += ["Reproduce:", "", "```bash", *_commands(run), "```", ""]
+    lines += ["Reproduce:", "", "```bash", *_commands(run), "```", "", *_data_note(run)]
     if run.figures:
         lines += ["Figures: " + ", ".join(f"[{f.stem}]({_link(f, report_dir)})"
                                           for f in run.figures), ""]
