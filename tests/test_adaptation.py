@@ -162,8 +162,8 @@ def test_a_query_class_folder_with_no_images_is_left_out_of_the_accuracy(
     for name in ("color5", "color7"):
         shutil.rmtree(query / name)
     code, _, err = adapt(capsys, str(image_run), "--support", str(support), "--query", str(query))
-    assert code == 2 and err.endswith(f"the query folder {query} holds no images (its class "
-                                      "folders color6 are empty)\n")
+    assert code == 2 and err.endswith(f"the query folder {query} holds no images (in its class "
+                                      "folder(s) color6)\n")
 
 
 def test_query_classes_match_support_classes_in_either_unicode_form(

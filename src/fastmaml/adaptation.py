@@ -628,8 +628,8 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
         labels += [label_of[composed(sub.name)]] * len(found)
     empty = [sub.name for sub in subfolders if label_of[composed(sub.name)] not in labels]
     if not paths:
-        raise DataError(f"the query folder {folder} holds no images (its class folders "
-                        f"{', '.join(empty)} are empty)")
+        raise DataError(f"the query folder {folder} holds no images (in its class folder(s) "
+                        f"{', '.join(empty)})")
     if empty:
         warn(f"the query class folder(s) {', '.join(empty)} in {folder} hold no images: the "
              "accuracy is over the other classes' images", FastMAMLWarning)

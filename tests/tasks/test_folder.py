@@ -77,13 +77,36 @@ def test_links_to_nothing_in_class_folders_are_named(flat_root: Path, tmp_path: 
     and the class left out as short to a user who sees its files."""
     for name in ("img_a.png", "img_b.png"):
         (flat_root / "class02" / name).symlink_to(tmp_path / "unmounted" / name)
+    (flat_root / "class98").symlink_to(tmp_path / "unmounted" / "class98")  # a whole class
     with pytest.warns(FastMAMLWarning) as caught:
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
     said = [str(w.message) for w in caught if "link to nothing" in str(w.message)]
-    assert len(said) == 1 and said[0].startswith("skipped 2 file(s) in the class folders of ")
-    assert said[0].endswith("that link to nothing (their targets were moved or deleted, or sit "
-                            "on a drive not mounted): class02/img_a.png, class02/img_b.png")
+    why = "that link to nothing (their targets were moved or deleted, or sit on a drive not mounted)"
+    assert said == [f"skipped 2 file(s) in the class folders of {flat_root} {why}: "
+                    "class02/img_a.png, class02/img_b.png",
+                    f"skipped 1 file(s) in {flat_root} {why}: class98"]
     assert not [w for w in caught if "suffix" in str(w.message)]  # not called unreadable
+
+
+def test_a_folder_this_user_may_not_read_inside_a_class_folder_is_passed_over(
+        flat_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Walking below the class folders for misplaced images, an unreadable folder stopped the
+    load with a PermissionError (rglob had skipped it)."""
+    locked = flat_root / "class03" / "locked"
+    write_class(locked, 1, value=5)
+    listing = Path.iterdir
+
+    def iterdir(path: Path):
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FastMAMLWarning)
+        warnings.simplefilter("ignore", ShortClassesWarning)
+        warnings.simplefilter("ignore", BlankImagesWarning)
+        splits = load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
+    assert sum(len(split) for split in splits.values()) == 20  # class99 is empty
 
 
 def test_images_outside_the_class_folders_are_named(flat_root: Path, tmp_path: Path) -> None:

@@ -232,6 +232,19 @@ def test_a_draw_takes_distinct_points_of_one_task(tmp_path: Path) -> None:
     assert set(y[:, 0].tolist()) == {0.0, 1.0, 2.0}
 
 
+def test_a_split_folder_of_links_to_nothing_is_named(tmp_path: Path) -> None:
+    """A test/ of links into an unmounted drive gave a test split of no tasks, unsaid (only
+    folders that held a task file were looked at)."""
+    for t in range(3):
+        write_task(tmp_path / "train" / f"t{t}.csv", t, 6)
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "t9.csv").symlink_to(tmp_path / "unmounted" / "t9.csv")
+    with pytest.warns(FastMAMLWarning, match=r"skipped 1 file\(s\) in .* that link to nothing "
+                      r".*: test/t9.csv$"):
+        splits = load_point_tasks(tmp_path, min_points=6)
+    assert not len(splits["test"])
+
+
 def test_a_task_copied_into_two_explicit_splits_is_an_error(tmp_path: Path) -> None:
     write_task(tmp_path / "train" / "t0.csv", 0, 6)
     write_task(tmp_path / "train" / "t1.csv", 1, 6)

@@ -28,8 +28,8 @@ from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .images import ImageFormat, channels_first, fingerprint, is_image_file, read_images
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, composed, data_root,
-                     files_below, found_items, has_explicit_splits, skipped_files_warning,
-                     subfolders, unread_files)
+                     files_below, found_items, has_explicit_splits, links_to_nothing,
+                     skipped_files_warning, subfolders, unread_files)
 
 
 # why a file was skipped (by its suffix: a format this Pillow cannot read, e.g. HEIC, or none)
@@ -75,7 +75,8 @@ def image_files(folder: Path) -> list[Path]:
 def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> list[Path]:
     """The images under ``root`` that no class of ``folders`` reads: in a folder inside a class
     folder, or above the class level (at the root, in a split folder or a group folder, even
-    one that holds no class folder: ``val/*.png`` with ``class_depth=1``)."""
+    one that holds no class folder: ``val/*.png`` with ``class_depth=1``); and the links to
+    nothing above the class level (a class folder on a drive not mounted)."""
     inside = [p for folder in folders for sub in subfolders(folder) if not sub.is_symlink()
               for p in files_below(sub, is_image_file)]
     level = ([root / name for name in SPLITS if (root / name).is_dir()]
@@ -84,7 +85,8 @@ def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> l
     for _ in range(class_depth - 1):
         level = [p for folder in level for p in subfolders(folder)]
         above.update(level)
-    return inside + [p for parent in sorted(above) for p in image_files(parent)]
+    return inside + [p for parent in sorted(above) for p in sorted(parent.iterdir())
+                     if is_image_file(p) or links_to_nothing(p)]
 
 
 def warn_of_skipped_files(root: Path, folders: Sequence[Path], files: Sequence[Sequence[Path]],

@@ -23,7 +23,7 @@ from torch import Tensor
 from ..inputs import TaskBatch
 from ..errors import DataError, FastMAMLWarning, warn
 from .splits import (SPLITS, Assignment, assign_items, assigned_items, data_root, files_below,
-                     found_items, skipped_files_warning, subfolders, unread_files)
+                     found_items, item_folders, skipped_files_warning, subfolders, unread_files)
 
 
 class ShortTasksWarning(FastMAMLWarning):
@@ -308,7 +308,7 @@ def load_point_tasks(root: str | os.PathLike[str], min_points: int,
     if assignment is None:
         assignment = assign_tasks(root, min_points=min_points)
     files = assigned_items(root, found_items(root, task_files), assignment, "task file")
-    skipped_files_warning(sorted(p for folder in {path.parent for _, _, path in files}
+    skipped_files_warning(sorted(p for folder in item_folders(root)
                                  for p in unread_files(folder, task_files(folder))),
                           str(root), root, "that are not .csv task files")
     nested = _nested_task_files(root)

@@ -43,7 +43,11 @@ def files_below(folder: Path, wanted: Callable[[Path], bool]) -> list[Path]:
     """The files anywhere below ``folder`` that ``wanted`` takes, sorted folder by folder, not
     through hidden, system (``JUNK_FOLDERS``: a NAS's thumbnail folder in every folder) or
     linked folders."""
-    return [p for p in sorted(folder.iterdir()) if wanted(p)] + [
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:  # a folder this user may not read (rglob skipped it too)
+        return []
+    return [p for p in entries if wanted(p)] + [
         p for sub in subfolders(folder) if not sub.is_symlink() for p in files_below(sub, wanted)]
 
 
@@ -120,9 +124,16 @@ def has_explicit_splits(root: Path) -> bool:
 def found_items(root: Path, list_items: ListItems) -> list[tuple[str | None, Path]]:
     """Every item of ``root``, with its explicit split (None without explicit splits)."""
     if has_explicit_splits(root):
-        return [(name, item) for name in SPLITS if (root / name).is_dir()
-                for item in list_items(root / name)]
+        return [(folder.name, item) for folder in item_folders(root)
+                for item in list_items(folder)]
     return [(None, item) for item in list_items(root)]
+
+
+def item_folders(root: Path) -> list[Path]:
+    """The folders ``found_items`` lists: the explicit split folders, else ``root``."""
+    if has_explicit_splits(root):
+        return [root / name for name in SPLITS if (root / name).is_dir()]
+    return [root]
 
 
 def assign_items(root: Path, found: list[tuple[str | None, Path]], fractions: Sequence[float],
@@ -237,8 +248,9 @@ def read_assignment(path: Path) -> Assignment:
 def skipped_files_warning(unread: Sequence[Path], where: str, root: Path, why: str) -> None:
     """A warning that names the first few ``unread`` files (relative to ``root``) and says
     ``why`` they were skipped; links to nothing among them get one of their own."""
-    broken = [p for p in unread if _links_to_nothing(p)]
-    for files, reason in ((broken, BROKEN_LINKS), ([p for p in unread if p not in broken], why)):
+    broken = [p for p in unread if links_to_nothing(p)]
+    others = [p for p in unread if not links_to_nothing(p)]
+    for files, reason in ((broken, BROKEN_LINKS), (others, why)):
         if files:
             names = [p.relative_to(root).as_posix() for p in files]
             warn(f"skipped {len(names)} file(s) in {where} {reason}: {', '.join(names[:3])}"
@@ -250,8 +262,8 @@ def unread_files(folder: Path, items: Sequence[Path]) -> list[Path]:
     formats this Pillow cannot read (e.g. HEIC), no data at all, or links whose targets are
     gone. Said in a warning where a user would otherwise wonder why a file was never used."""
     return sorted(p for p in set(folder.iterdir()) - set(items)
-                  if (p.is_file() or _links_to_nothing(p)) and not p.name.startswith("."))
+                  if (p.is_file() or links_to_nothing(p)) and not p.name.startswith("."))
 
 
-def _links_to_nothing(path: Path) -> bool:
+def links_to_nothing(path: Path) -> bool:
     return path.is_symlink() and not path.exists()
