@@ -5,10 +5,11 @@
 A sinusoid-sized MLP (1-40-40-1, one inner step, second order) meta-trains on ``--iterations``
 meta-batches of 25 tasks, each with its own support and query sizes drawn from 1..``--max-shots``
 (so up to ``max_shots**2`` shapes). Timed, in this process, on one stream of batches: the default
-path search (``MAML()``), which times the candidates for the first few shapes and gives later
-ones the nearest searched shape's path; ``batched=True`` (vmap, all tasks in one chunk); and the
-looped reference (``batched=False``). Printed: each one's wall time (the best of ``--repeats``,
-each from a new learner in a process without earlier choices) and its speed against the loop's.
+path search (``MAML()``), which times the candidates for the first few shapes and gives a later
+one near a searched shape that shape's path; ``batched=True`` (vmap, all tasks in one chunk);
+and the looped reference (``batched=False``). Printed: each one's wall time (the best of
+``--repeats``, each from a new learner in a process without earlier choices) and its speed
+against the loop's.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def train_seconds(stream: list[TaskBatch], batched: bool | None) -> tuple[float,
     """Wall time of ``meta_backward`` and an SGD step over ``stream`` by a new learner, and the
     number of shapes it searched."""
     fastmaml.paths._PATHS_CHOSEN.clear()  # no choices of an earlier learner of this process
+    fastmaml.paths._SHAPES_SEARCHED.clear()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
                           nn.Linear(40, 1))
@@ -51,7 +53,7 @@ def train_seconds(stream: list[TaskBatch], batched: bool | None) -> tuple[float,
         optimizer.zero_grad()
         maml.meta_backward(batch)
         optimizer.step()
-    searched = sum(len(shapes) for shapes in maml._searched_shapes.values())
+    searched = sum(len(shapes) for shapes in maml.searched_shapes.values())
     return time.perf_counter() - start, f" ({searched} shapes searched)" if batched is None else ""
 
 

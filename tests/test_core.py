@@ -1105,18 +1105,24 @@ def test_a_module_under_two_names_and_tied_weights_get_the_exact_meta_gradient(p
         torch.testing.assert_close(p.grad, 2 * reference[name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("adapt", [["tied"], lambda name, _: name.startswith("tied.")])
-def test_a_tied_weight_is_selected_by_any_of_its_names(adapt):
-    """``named_parameters`` names the tied weight once (``head.weight``): selected as ``tied``,
-    only the tied layer's bias was adapted, unsaid."""
+def test_a_parameter_under_several_names_is_selected_by_any_of_them():
+    """``named_parameters`` names a tied weight once (``head.weight``) and a module registered
+    twice under its first name: selected as ``tied``, only the tied layer's bias was adapted,
+    unsaid, and ``blocks`` matched nothing."""
     model = RepeatedBlock()
-    maml = MAML(model, F.cross_entropy, 0.1, 2, adapt=adapt)
+    maml = MAML(model, F.cross_entropy, 0.1, 2, adapt=["tied"])
     assert maml.adapted_names == ["head.weight", "tied.bias"]
     assert maml.outer_only_names == ["block.weight", "block.bias", "head.bias"]
     adapted = maml.adapt(torch.randn(4, 3), torch.randint(0, 2, (4,)))
     assert not torch.equal(adapted["head.weight"], model.head.weight)
+    assert MAML(model, F.cross_entropy, 0.1, 1, adapt=["blocks.1"]).adapted_names == [
+        "block.weight", "block.bias"]
     with pytest.raises(ConfigError, match=r"per_step selects head.weight, which the inner"):
-        MAML(model, F.cross_entropy, 0.1, 2, adapt=adapt, per_step=["tied.weight"])
+        MAML(model, F.cross_entropy, 0.1, 2, adapt=["tied"], per_step=["tied.weight"])
+    # a predicate decides by each name: one that splits a tensor's names is asked to agree
+    with pytest.raises(ConfigError, match=r"the adapt predicate takes head.weight as "
+                       r"tied.weight but not as head.weight: one tensor under several names"):
+        MAML(model, F.cross_entropy, 0.1, 1, adapt=lambda name, _: not name.startswith("head"))
 
 
 def test_a_batch_split_into_chunks_of_no_task_is_refused():

@@ -173,6 +173,7 @@ eager_difference = fastmaml.paths._relative_difference
 
 def train(case):  # the driver's step: meta_backward, this rank's share, all-reduce, Adam
     fastmaml.paths._PATHS_CHOSEN.clear()  # a fresh process
+    fastmaml.paths._SHAPES_SEARCHED.clear()
     fastmaml.paths._relative_difference = eager_difference
     torch.manual_seed(0)
     maml = MAML(nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)), F.mse_loss, 0.1, 1)

@@ -26,9 +26,10 @@ pytestmark = pytest.mark.usefixtures("float64")  # exact comparisons
 
 @pytest.fixture(autouse=True)
 def no_earlier_path_choices(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts without the path choices this process's earlier tests made (a search
-    reuses them)."""
+    """Each test starts without the path choices and searched shapes this process's earlier
+    tests made (a search reuses them)."""
     monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})
+    monkeypatch.setattr(fastmaml.paths, "_SHAPES_SEARCHED", {})
 
 
 def test_compiled_batched_path_matches_eager():
@@ -436,56 +437,126 @@ def test_the_default_path_is_chosen_by_timing_and_kept_per_shape():
         assert pinned.path_choices == {}
 
 
-def test_after_a_few_searched_shapes_a_new_one_takes_the_nearest_ones_path(monkeypatch):
-    """A meta-batch whose size varies (K drawn per batch) searched at every new shape, about 7
-    calls' work each time: after ``SEARCHED_SHAPES`` searches, a new shape runs the role chosen
-    for the searched shape nearest in tasks and elements per task, at its own chunk sizes."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
-
-    def batch(tasks, shots):
-        return TaskBatch(*(torch.randn(tasks, shots, 1) for _ in range(4)))
-    maml = MAML(model, F.mse_loss, 0.1, 1)
-    # the search's clock: all tasks at once is the fastest for K <= 3, the loop beyond
+def timed_by_shape(monkeypatch: pytest.MonkeyPatch, maml: MAML,
+                   fastest: Callable[[TaskBatch], tuple[str, int | None]]) -> None:
+    """The search's clock for ``maml``: a second per call of the path ``fastest`` names for the
+    batch, two per call of any other."""
     clock, uncompiled = [0.0], maml._backward
     monkeypatch.setattr(fastmaml.paths, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
 
     def timed(batch, *args):
-        shots = batch.support_x.shape[1]
-        fastest = ("batched", batch.num_tasks) if shots <= 3 else ("looped", None)
-        clock[0] += 1 if maml._trying == fastest else 2
+        clock[0] += 1 if maml._trying == fastest(batch) else 2
         return uncompiled(batch, *args)
     maml._backward = timed
+
+
+def shots_batch(tasks: int, shots: int) -> TaskBatch:
+    return TaskBatch(*(torch.randn(tasks, shots, 1) for _ in range(4)))
+
+
+def all_tasks_up_to_3_shots(batch: TaskBatch) -> tuple[str, int | None]:
+    """All tasks at once is the fastest for K <= 3, the loop beyond."""
+    return ("batched", batch.num_tasks) if batch.support_x.shape[1] <= 3 else ("looped", None)
+
+
+def test_after_a_few_searched_shapes_a_near_new_one_takes_the_nearest_ones_path(monkeypatch):
+    """A meta-batch whose size varies (K drawn per batch) searched at every new shape, about 7
+    calls' work each time: after ``SEARCHED_SHAPES`` searches, a new shape within a factor of
+    ``NEAR_SHAPE`` of one runs the role chosen for the nearest (in tasks and elements per
+    task), at its own chunk sizes; one farther off is searched. A second learner alike in the
+    process, and a run resumed from the training state, take the same paths."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    timed_by_shape(monkeypatch, maml, all_tasks_up_to_3_shots)
     for shots in (1, 2, 6, 8):
-        maml.meta_backward(batch(6, shots))
-    assert len(maml._searched_shapes) == 1 and maml.path == "looped"
+        maml.meta_backward(shots_batch(6, shots))
+    assert len(maml.searched_shapes) == 1 and maml.path == "looped"
     tried = paths_tried(maml)
     reference = MAML(model, F.mse_loss, 0.1, 1, batched=False)
     for tasks, shots, path in ((4, 2, "batched, chunk 4"), (6, 7, "looped"),
-                               (9, 3, "batched, chunk 9")):
+                               (7, 3, "batched, chunk 7")):
         tried.clear()
         maml.zero_grad(set_to_none=True)
-        new = batch(tasks, shots)
+        new = shots_batch(tasks, shots)
         maml.meta_backward(new)
         assert tried and set(tried) == {None} and maml.path == path  # no search
         assert relative(flat_grads(maml), meta_grad(reference, new)) < 1e-10
         assert maml.path_choices[maml._path_key(new)] == (
             ("looped", None) if path == "looped" else ("batched", tasks))
-    assert len(maml._searched_shapes[maml._setting_key(new)]) == fastmaml.paths.SEARCHED_SHAPES
+    setting = maml._setting_key(new)
+    assert len(maml.searched_shapes[setting]) == fastmaml.paths.SEARCHED_SHAPES
+    tried.clear()
+    maml.meta_backward(shots_batch(6, 17))  # twice the elements of the largest searched: searched
+    assert ("looped", None) in tried and len(maml.searched_shapes[setting]) == 5
+    for learner in (MAML(model, F.mse_loss, 0.1, 1), "resumed"):
+        if learner == "resumed":  # a new process: the training state's record alone
+            monkeypatch.setattr(fastmaml.paths, "_SHAPES_SEARCHED", {})
+            monkeypatch.setattr(fastmaml.paths, "_PATHS_CHOSEN", {})
+            learner = MAML(model, F.mse_loss, 0.1, 1)
+            learner.searched_shapes = copy.deepcopy(maml.searched_shapes)
+        again = paths_tried(learner)
+        for tasks, shots in ((6, 7), (5, 2), (7, 9)):  # seen by the first learner, or not
+            learner.meta_backward(shots_batch(tasks, shots))
+            assert set(again) == {None}, (tasks, shots)
+            assert learner.path == ("looped" if shots > 3 else f"batched, chunk {tasks}")
 
 
-def test_a_shape_past_the_searched_ones_runs_a_compiled_choice_uncompiled():
-    """Compiling builds a graph per shape (torch keeps at most 8 per function): a new shape that
-    takes a compiled choice of a searched one runs batched, at its default chunk, eager."""
+def test_a_near_new_shape_runs_the_fastest_uncompiled_path_where_compiled_won(monkeypatch):
+    """Compiling builds a graph per shape (torch keeps at most 8 per function): a new shape near
+    searched ones that compiled runs their fastest uncompiled role instead (here the loop)."""
     maml, batch, eager, eager_calls = stand_in_compile(batched=None)
     graph_calls = []
     maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
-    maml._searched_shapes[maml._setting_key(batch)] = [
-        (fastmaml.paths._size(batch), "compiled")] * fastmaml.paths.SEARCHED_SHAPES
+    timed_by_shape(monkeypatch, maml, lambda _: ("looped", None))
+    maml.searched_shapes[maml._setting_key(batch)] = [
+        (fastmaml.paths._size(batch), "compiled", "looped")] * fastmaml.paths.SEARCHED_SHAPES
     expected = meta_grad(MAML(maml.model, maml.loss_fn, 0.1, 1, batched=False), batch)
     maml.meta_backward(batch)
-    assert maml.path == f"batched, chunk {batch.num_tasks}" and not graph_calls
+    assert maml.path == "looped" and not graph_calls
     assert relative(flat_grads(maml), expected) < 1e-10
+    maml.searched_shapes.clear()  # searched: the graph wins, and the loop is recorded beside it
+    maml._compiled_gradient = lambda *args: graph_calls.append(1) or eager(*args)
+    maml.path_choices.clear()
+    fastmaml.paths._PATHS_CHOSEN.clear()
+    maml.meta_backward(batch)
+    (_, role, uncompiled), = maml.searched_shapes[maml._setting_key(batch)]
+    assert uncompiled == "looped"
+
+
+class KeepsFeatures(nn.Module):
+    """A model that keeps its features on itself in its forward, as for logging."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(1, 8), nn.Linear(8, 1)
+        self.history: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.features = torch.tanh(self.body(x))
+        self.history = [self.features]
+        return self.head(self.features)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_a_tensor_the_model_keeps_from_the_batched_path_is_named_once(batched):
+    """Read after the call, such a tensor fails deep inside torch ("escaped from inside a
+    function being vmapped"): said when it is kept, once."""
+    model = KeepsFeatures()
+    maml = MAML(model, F.mse_loss, 0.1, 1, batched=batched)
+    batch = TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            maml.meta_backward(batch)
+    said = [str(w.message) for w in caught if issubclass(w.category, fastmaml.errors.PathWarning)]
+    assert said == ([] if not batched else [
+        "the model keeps history, features, set in its forward inside the batched path (vmap "
+        "over tasks): torch cannot use such a tensor after the call (it 'escaped' vmap). Return "
+        "it from forward instead, or use batched=False where the model must keep it"])
+    assert model.features.shape == (4, 8) and model.history[0] is model.features
+    if not batched:
+        assert model.features.sum().isfinite()  # the looped path's is an ordinary tensor
 
 
 def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():

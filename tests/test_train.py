@@ -628,12 +628,16 @@ def test_a_setting_edited_in_config_yaml_after_training_is_refused(tmp_path, cap
 def test_the_timed_path_choice_is_checkpointed_and_restored(tmp_path):
     learner = maml_learner(tmp_path)  # path=auto: the first meta-iteration times the paths
     fit(learner, tmp_path, 3, 2, progress=False, stop_after=3)
-    saved = load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"]["path_choices"]
-    assert saved and saved == learner.module.path_choices
+    state = load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"]
+    assert state["path_choices"] and state["path_choices"] == learner.module.path_choices
+    # and the shapes searched, which decide whether a new shape is searched or takes a near one's
+    (setting, shapes), = state["searched_shapes"].items()
+    assert shapes and shapes == learner.module.searched_shapes[setting]
     resumed = maml_learner(tmp_path)
     resumed.module.path_choices.clear()
-    resumed.load_state_dict(load_checkpoint(checkpoint_path(tmp_path, "maml"))["learner"])
+    resumed.load_state_dict(state)
     assert resumed.module.path_choices == learner.module.path_choices
+    assert resumed.module.searched_shapes == learner.module.searched_shapes
 
 
 def test_damaged_run_files_are_named_in_one_line(tmp_path, capsys):

@@ -40,3 +40,13 @@ def with_aliases(state: dict[str, Tensor], aliases: dict[str, str]) -> dict[str,
     if not aliases:  # most models: no copy on the forward's path
         return state
     return {**{alias: state[name] for alias, name in aliases.items() if name in state}, **state}
+
+
+def parameter_names(module: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's name in ``named_parameters()`` -> every name it is held under (a
+    module registered twice, a weight tied to another module's), that one first."""
+    first: dict[int, str] = {}
+    names: dict[str, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(first.setdefault(id(param), name), []).append(name)
+    return names

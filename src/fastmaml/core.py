@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.utils._pytree import KeyPath, keystr, tree_map, tree_map_with_path
 
-from .aliases import tensor_aliases, with_aliases
+from .aliases import parameter_names, tensor_aliases, with_aliases
 from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInputError,
                      NonFiniteLossError, ShapeError, first_line, is_out_of_memory, warn)
 from .inner_lr import InnerLearningRates
@@ -132,8 +132,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         lr_mode: ``fixed`` | ``scalar`` | ``per_param`` (Meta-SGD) | ``per_layer_step`` (MAML++).
         adapt: which parameters the inner loop adapts: ``None`` for all, a list of name prefixes
             (e.g. ``["head"]`` for ANIL; each must match) or a predicate ``(name, param) ->
-            bool``; a tensor held under several names (a head tied to an embedding) is selected
-            by any of them. The others are still trained by the outer loop. Both are fixed when
+            bool``; a parameter held under several names (a head tied to an embedding, a module
+            registered twice) is selected by a prefix of any of them, and a predicate must
+            agree on them all. The others are still trained by the outer loop. Both are fixed when
             MAML is built, with the parameters' ``requires_grad``: freeze or unfreeze before.
         per_step: outer-loop parameters (selected as by ``adapt``; ``None``: none) that get one
             meta-learned set per inner step, MAML++'s per-step batch-norm weights and biases:
@@ -149,9 +150,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             batched path at a few chunk sizes, the looped path and, with ``compile``, the
             compiled batched path, once each, and keeps the fastest for that shape
             (``path_choices``; every candidate computes the same meta-gradient); after four
-            searched shapes, a new one takes the nearest one's path, uncompiled. An explicit
-            ``batched``, ``chunk_size`` or ``checkpoint_steps`` turns the search off. If ``vmap``
-            cannot run the model, the looped path is used, with a warning.
+            searched shapes, a new one within a factor of 2 of one takes the nearest one's path,
+            uncompiled. An explicit ``batched``, ``chunk_size`` or ``checkpoint_steps`` turns
+            the search off. If ``vmap`` cannot run the model, the looped path is used, with a
+            warning.
         transductive_bn: normalise with batch statistics always, as the paper (default: on when
             the model has batch-norm layers). Running statistics are never updated, also with
             ``False``, where batch norm runs as the model's mode says (``eval()``: the running
@@ -204,11 +206,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self.batched, self.check_finite = batched, check_finite
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
-        self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
-        self.adapted_names = matching("adapt", adapt, trainable, frozen, self._aliases)
+        names_of = parameter_names(model)
+        self.adapted_names = matching("adapt", adapt, trainable, frozen, names_of)
         self.outer_only_names = [n for n in trainable if n not in self.adapted_names]
         per_step_names = ([] if per_step is None
-                          else matching("per_step", per_step, trainable, frozen, self._aliases))
+                          else matching("per_step", per_step, trainable, frozen, names_of))
         adapted_per_step = [n for n in per_step_names if n in self.adapted_names]
         if adapted_per_step:
             raise ConfigError(f"per_step selects {listed(adapted_per_step)}, which the inner "
@@ -229,6 +231,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
+        self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
         if normed := spectral_normed(model):
             warn(f"spectral_norm on {listed(normed)}: its power iteration keeps its vectors in "
                  "buffers, which MAML's forwards leave as they are (as batch norm's running "

@@ -218,19 +218,23 @@ def listed(names: Sequence[str], most: int = 3) -> str:
 
 
 def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], bool] | None,
-             params: Params, frozen: Params, aliases: dict[str, str]) -> list[str]:
-    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects by any
-    of their names (``aliases``: a tensor's further names -> its name, ``fastmaml.aliases``; a
-    head tied to an embedding is selected as ``head`` too); a ``ConfigError`` where it selects
-    none, or one of its name prefixes matches none (saying which of the model's ``frozen``
-    parameters, requires_grad=False, it matches instead)."""
-    names_of: dict[str, list[str]] = {name: [name] for name in [*params, *frozen]}
-    for alias, name in aliases.items():
-        names_of.get(name, []).append(alias)
-
+             params: Params, frozen: Params, names_of: dict[str, list[str]]) -> list[str]:
+    """The names of ``params`` that ``selection`` (MAML's argument ``option``) selects; a
+    parameter held under several names (``names_of``: a module registered twice, weights
+    tied) is selected by a name prefix of any of them, and a predicate must agree on them all.
+    A ``ConfigError`` where it selects none, or one of its name prefixes matches none (saying
+    which of the model's ``frozen`` parameters, requires_grad=False, it matches instead)."""
     def selected(chosen: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
                  param: Tensor) -> bool:
-        return any(_selected(chosen, each, param) for each in names_of[name])
+        names = names_of.get(name, [name])
+        taken = [each for each in names if _selected(chosen, each, param)]
+        if callable(chosen) and 0 < len(taken) < len(names):
+            raise ConfigError(
+                f"the {option} predicate takes {name} as {taken[0]} but not as "
+                f"{next(each for each in names if each not in taken)}: one tensor under several "
+                "names (weights tied, or a module registered twice) is selected under all of them "
+                "or none; make the predicate agree on its names")
+        return bool(taken)
     names = [n for n, p in params.items() if selected(selection, n, p)]
     prefixes = ([selection] if isinstance(selection, str) else [] if callable(selection)
                 else selection or [])

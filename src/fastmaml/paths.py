@@ -24,8 +24,11 @@ from torch.func import functional_call
 from .aliases import with_aliases
 from .errors import (ConfigError, FastMAMLError, PathWarning, ShapeError, first_line,
                      is_out_of_memory, warn)
-from .inputs import Params, TaskBatch, has_active_dropout
+from .inputs import Params, TaskBatch, has_active_dropout, listed
 
+# a searched input shape: its (tasks, elements per task), the role chosen for it (e.g. "one
+# task") and the fastest role without compiling
+SearchedShape = tuple[tuple[int, int], str, str]
 # execution paths chosen by timing in this process: model, settings and shapes -> (path, chunk)
 _PATHS_CHOSEN: dict[str, tuple[str, int | None]] = {}
 # (compiled function, learners alike) -> the copy of the function whose code holds their graphs
@@ -49,10 +52,15 @@ COMPILED_TOLERANCE = 1e-3
 # batches is now caught only where five of them come in a row.
 COMPILED_CHECKS = 5
 # new input shapes a learner times its paths for, per setting (dtype, device, order, ...); a
-# later new shape takes the path chosen for the nearest of them, uncompiled (compiling would
-# build a graph per shape, at most 8 per function). A meta-batch whose size varies (K drawn
-# per batch) otherwise searched at every new shape: about 7 calls' work each time.
+# later new shape within a factor of ``NEAR_SHAPE`` of a searched one (in tasks times elements
+# per task) takes the path chosen for the nearest, uncompiled (compiling would build a graph
+# per shape, at most 8 per function), and one farther off is searched. A meta-batch whose size
+# varies (K drawn per batch) otherwise searched at every new shape: about 7 calls' work each.
 SEARCHED_SHAPES = 4
+NEAR_SHAPE = 2.0
+# searched shapes of a learner's setting in this process: signature -> (tasks, elements per
+# task), the role chosen and the fastest uncompiled role, so that a second run reuses them
+_SHAPES_SEARCHED: dict[str, list[SearchedShape]] = {}
 
 
 def random_state(device: torch.device) -> tuple[Tensor, ...]:
@@ -153,8 +161,9 @@ class ExecutionPaths:
         # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
         self.gather_ranks: Callable[[Any], list[Any]] | None = None
         self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
-        # per setting (``_setting_key``): the searched shapes' sizes and the roles they chose
-        self._searched_shapes: dict[str, list[tuple[tuple[int, int], str]]] = {}
+        self._escapes_said: set[str] = set()  # the model's attributes that escaped vmap, said
+        # per setting (``_setting_key``): the shapes searched; saved with the training state
+        self.searched_shapes: dict[str, list[SearchedShape]] = {}
 
     def _run(self, batch: TaskBatch, steps: int, create_graph: bool,
              record: Sequence[int]) -> tuple[Tensor, ...]:
@@ -239,7 +248,20 @@ class ExecutionPaths:
             return out
         if not prediction:
             self.path = "batched"
+        self._warn_of_escaped_tensors()
         return out
+
+    def _warn_of_escaped_tensors(self) -> None:
+        """Say once per attribute that the model kept a tensor of the batched path on itself
+        (``self.features = h`` in its forward, for logging): made inside ``vmap``, torch cannot
+        use it after the call, and reading it later fails deep inside torch."""
+        escaped = [name for name in escaped_tensors(self.model) if name not in self._escapes_said]
+        if escaped:
+            self._escapes_said.update(escaped)
+            warn(f"the model keeps {listed(escaped)}, set in its forward inside the batched "
+                 "path (vmap over tasks): torch cannot use such a tensor after the call (it "
+                 "'escaped' vmap). Return it from forward instead, or use batched=False where "
+                 "the model must keep it", PathWarning)
 
     def _uncompiled_from_now(self, error: Exception, eager: Callable[[], Any]) -> Any:
         """Where ``torch.compile`` failed (on CPU, inductor needs a C++ compiler) but the eager
@@ -269,8 +291,13 @@ class ExecutionPaths:
         if not self._auto or self._trying:
             return None
         key = self._path_key(batch)
-        known = (self.path_choices.get(key) or _PATHS_CHOSEN.get(self._signature(key))
-                 or self._nearest_choice(batch))
+        known = self.path_choices.get(key)
+        if known is None:  # a new shape: the process's choices and shapes searched, to keep
+            setting = self._setting_key(batch)
+            shared = _SHAPES_SEARCHED.get(self._signature(setting))
+            if shared and setting not in self.searched_shapes:
+                self.searched_shapes[setting] = list(shared)
+            known = _PATHS_CHOSEN.get(self._signature(key)) or self._nearest_choice(batch)
         if known is not None:
             self.path_choices[key] = known
         missing = known is None and not self._vmap_failed
@@ -300,17 +327,22 @@ class ExecutionPaths:
                 f"compile={compiled}, paths r{PATHS_REVISION}, torch {torch.__version__}")
 
     def _nearest_choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
-        """Once ``SEARCHED_SHAPES`` shapes of this setting were searched, the path for a new
-        one: the role (e.g. "one task") chosen for the searched shape nearest in tasks and
-        elements per task, at this batch's chunk sizes, uncompiled; before, None (search)."""
-        searched = self._searched_shapes.get(self._setting_key(batch), [])
+        """Once ``SEARCHED_SHAPES`` shapes of this setting were searched (by this learner, a
+        run it resumes, or one alike in this process), the path for a new shape within
+        ``NEAR_SHAPE`` of one: the role (e.g. "one task") chosen for the nearest, at this
+        batch's chunk sizes, its fastest uncompiled one where compiled won; else None (search).
+        """
+        searched = self.searched_shapes.get(self._setting_key(batch), [])
         if len(searched) < SEARCHED_SHAPES:
             return None
         size = _size(batch)
-        _, role = min(searched, key=lambda shape: sum(abs(math.log(a / b))
-                                                      for a, b in zip(shape[0], size)))
-        path, chunk = self._roles(batch)[role]
-        return ("batched", chunk) if path == "compiled" else (path, chunk)
+        distance, role, eager = min((sum(abs(math.log(a / b)) for a, b in zip(shape, size)),
+                                     role, eager) for shape, role, eager in searched)
+        if distance > math.log(NEAR_SHAPE):
+            return None
+        choice = self._roles(batch)[eager if role == "compiled" else role]
+        _PATHS_CHOSEN[self._signature(self._path_key(batch))] = choice
+        return choice
 
     def _roles(self, batch: TaskBatch) -> dict[str, tuple[str, int | None]]:
         """The search's candidates as every rank names them: role -> (path, tasks per chunk)."""
@@ -426,8 +458,14 @@ class ExecutionPaths:
         mine = (key, {role: (runs(candidate), timings.get(runs(candidate), math.inf))
                       for role, candidate in roles.items()})
         offers = self.gather_ranks(mine) if together else [mine]
-        best = min(roles, key=lambda role: max(offer[role][1] for _, offer in offers))
-        self._searched_shapes.setdefault(self._setting_key(batch), []).append((_size(batch), best))
+        def slowest(role: str) -> float:
+            return max(offer[role][1] for _, offer in offers)
+        best = min(roles, key=slowest)
+        setting = self._setting_key(batch)
+        signature = self._signature(setting)
+        shapes = self.searched_shapes.setdefault(setting, [])  # (the process's, in _searches)
+        shapes.append((_size(batch), best, min((r for r in roles if r != "compiled"), key=slowest)))
+        _SHAPES_SEARCHED[signature] = list(shapes)
         for rank_key in dict.fromkeys(rank_key for rank_key, _ in offers):
             ran = [offer[best][0] for offered_key, offer in offers if offered_key == rank_key]
             self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = next(
@@ -561,6 +599,25 @@ class ExecutionPaths:
                 (batch, step_weights), strict=False, tie_weights=False)
             return loss, (loss.detach(), metrics)
         return torch.func.grad(objective, has_aux=True)(params)
+
+
+def escaped_tensors(model: torch.nn.Module) -> list[str]:
+    """The attributes of the model's own modules (torch's and fastmaml's aside: an
+    ``nn.LSTM`` keeps its ``_flat_weights`` so) that hold a tensor of torch.func's transforms,
+    alone or in a list, tuple or dict: one set inside a transform's call. Their parameters and
+    buffers, which ``functional_call`` swaps in during a call, aside."""
+    def names(prefix: str, module: torch.nn.Module) -> list[str]:
+        own = {id(t) for t in [*module._parameters.values(), *module._buffers.values()]}
+
+        def wrapped(value: Any) -> bool:
+            return (isinstance(value, Tensor) and id(value) not in own
+                    and torch._C._functorch.is_functorch_wrapped_tensor(value))
+        return [f"{prefix}.{name}" if prefix else name for name, value in vars(module).items()
+                if wrapped(value) or isinstance(value, (list, tuple, dict)) and any(
+                    map(wrapped, value.values() if isinstance(value, dict) else value))]
+    return [name for prefix, module in model.named_modules()
+            if not type(module).__module__.startswith(("torch.", "fastmaml."))
+            for name in names(prefix, module)]
 
 
 def _label(choice: tuple[str, int | None]) -> str:

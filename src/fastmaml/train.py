@@ -92,13 +92,17 @@ class GradientLearner:
         # the execution paths MAML chose by timing, so that a resumed run takes the same ones
         return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "path_choices": dict(getattr(self.module, "path_choices", {}))}
+                "path_choices": dict(getattr(self.module, "path_choices", {})),
+                "searched_shapes": dict(getattr(self.module, "searched_shapes", {}))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         if hasattr(self.module, "path_choices"):
             self.module.path_choices = {key: tuple(choice) for key, choice
                                         in state.get("path_choices", {}).items()}
+            self.module.searched_shapes = {
+                key: [(tuple(size), role, eager) for size, role, eager in shapes]
+                for key, shapes in state.get("searched_shapes", {}).items()}
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
