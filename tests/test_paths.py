@@ -559,6 +559,42 @@ def test_a_tensor_the_model_keeps_from_the_batched_path_is_named_once(batched):
         assert model.features.sum().isfinite()  # the looped path's is an ordinary tensor
 
 
+class OwnLinear(nn.Module):
+    """A user's layer, under a weight norm whose forward pre-hook sets its weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, 3))
+
+    def forward(self, x):
+        return x @ self.weight
+
+
+def test_a_weight_a_pre_hook_sets_is_not_said_to_be_kept():
+    """weight_norm, spectral_norm and pruning set the weight before each forward: the user
+    kept nothing (the warning blamed their forward)."""
+    model = nn.Sequential(torch.nn.utils.weight_norm(OwnLinear()), nn.Linear(3, 1))
+    maml = MAML(model, F.mse_loss, 0.1, 1, batched=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fastmaml.errors.PathWarning)
+        warnings.simplefilter("ignore", FutureWarning)  # (weight_norm's own deprecation)
+        maml.meta_backward(TaskBatch(*(torch.randn(3, 4, 1) for _ in range(4))))
+    assert fastmaml.paths.escaped_tensors(model) == []
+
+
+def test_a_learner_whose_vmap_failed_takes_no_signature_at_new_shapes():
+    """Its new shapes are never searched: the model's print (its signature) at every call of
+    one cost milliseconds for a large model."""
+    maml = MAML(nn.Sequential(nn.Linear(1, 4), nn.Linear(4, 1)), F.mse_loss, 0.1, 1)
+    maml._vmap_failed = True
+    signatures = []
+    signature = maml._signature
+    maml._signature = lambda key: signatures.append(key) or signature(key)
+    for shots in (2, 3, 4):
+        maml.meta_backward(shots_batch(3, shots))
+    assert signatures == [] and maml.path == "looped"
+
+
 def test_another_model_of_one_class_name_and_shapes_times_its_own_paths():
     """The process's choices are kept per model: one with dropout, where the path decides
     the masks, is not run on the path another (same class name, same shapes) was timed on."""
@@ -753,8 +789,8 @@ def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change)
 
 class OtherRank:
     """``gather_ranks`` of this process and one more rank, which has ``knows`` a path for its
-    input shape (``key``) and, searching, found only the ``fast`` role quick (1 s; 100 s the
-    others)."""
+    input shape (``key``, 5 tasks of 20 input elements) and, searching, found only the ``fast``
+    role quick (1 s; 100 s the others)."""
 
     def __init__(self, knows: bool, fast: str = "looped", key: str = "other rank's shape"):
         self.knows, self.fast, self.key, self.values = knows, fast, key, []
@@ -763,10 +799,10 @@ class OtherRank:
         self.values.append(value)
         if isinstance(value, bool):  # "have I no path for my shape?"
             return [value, not self.knows]
-        _, offer = value
+        _, offer, _ = value
         return [value, (self.key, {role: (("batched", 7) if role != "looped" else choice,
                                            1.0 if role == self.fast else 100.0)
-                                    for role, (choice, _) in offer.items()})]
+                                    for role, (choice, _) in offer.items()}, (5, 20))]
 
 
 def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_the_slowest():
@@ -789,6 +825,10 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     assert other.values[0] is False and len(other.values) == 2  # asked, then the offers
     assert maml.path == "batched, chunk 1" and relative(flat_grads(maml), expected) < 1e-6
     assert maml.path_choices == {key: ("batched", 1), "other rank's shape": ("batched", 7)}
+    # both ranks' shapes are searched ones, on every rank alike (a resumed rank reads rank 0's)
+    (setting, shapes), = maml.searched_shapes.items()
+    assert shapes == [((6, 20), "one task", "one task"), ((5, 20), "one task", "one task")]
+    assert fastmaml.paths._SHAPES_SEARCHED[maml._signature(setting)] == shapes
     other.values.clear()
     maml.meta_backward(batch)
     assert other.values == []  # asked once per derivative order
@@ -816,7 +856,7 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     failed._vmap_failed = True  # as after vmap failed on this rank: it runs looped
     failed.gather_ranks = other = OtherRank(knows=False, fast="all tasks")
     failed.meta_backward(batch)
-    _, offer = other.values[1]
+    _, offer, _ = other.values[1]
     assert len({seconds for _, seconds in offer.values()}) == 1  # every role: the looped time
     assert failed.path == "looped" and relative(flat_grads(failed), expected) < 1e-6
     assert failed.path_choices["other rank's shape"] == ("batched", 7)  # the other keeps vmap

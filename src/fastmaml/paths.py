@@ -57,6 +57,7 @@ COMPILED_CHECKS = 5
 # per shape, at most 8 per function), and one farther off is searched. A meta-batch whose size
 # varies (K drawn per batch) otherwise searched at every new shape: about 7 calls' work each.
 SEARCHED_SHAPES = 4
+ESCAPE_CHECKS = 3  # batched calls at which a learner looks for tensors its model keeps
 NEAR_SHAPE = 2.0
 # searched shapes of a learner's setting in this process: signature -> (tasks, elements per
 # task), the role chosen and the fastest uncompiled role, so that a second run reuses them
@@ -161,7 +162,7 @@ class ExecutionPaths:
         # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
         self.gather_ranks: Callable[[Any], list[Any]] | None = None
         self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
-        self._escapes_said: set[str] = set()  # the model's attributes that escaped vmap, said
+        self._escape_checks = ESCAPE_CHECKS  # batched calls left to look for escaped tensors
         # per setting (``_setting_key``): the shapes searched; saved with the training state
         self.searched_shapes: dict[str, list[SearchedShape]] = {}
 
@@ -252,12 +253,16 @@ class ExecutionPaths:
         return out
 
     def _warn_of_escaped_tensors(self) -> None:
-        """Say once per attribute that the model kept a tensor of the batched path on itself
-        (``self.features = h`` in its forward, for logging): made inside ``vmap``, torch cannot
-        use it after the call, and reading it later fails deep inside torch."""
-        escaped = [name for name in escaped_tensors(self.model) if name not in self._escapes_said]
+        """Say once that the model kept a tensor of the batched path on itself (``self.features
+        = h`` in its forward, for logging): made inside ``vmap``, torch cannot use it after the
+        call, and reading it later fails deep inside torch. Looked for at the first
+        ``ESCAPE_CHECKS`` batched calls only (a model of many modules costs milliseconds)."""
+        if self._escape_checks <= 0:  # a forward that keeps one does so at every call
+            return
+        self._escape_checks -= 1
+        escaped = escaped_tensors(self.model)
         if escaped:
-            self._escapes_said.update(escaped)
+            self._escape_checks = 0
             warn(f"the model keeps {listed(escaped)}, set in its forward inside the batched "
                  "path (vmap over tasks): torch cannot use such a tensor after the call (it "
                  "'escaped' vmap). Return it from forward instead, or use batched=False where "
@@ -292,11 +297,10 @@ class ExecutionPaths:
             return None
         key = self._path_key(batch)
         known = self.path_choices.get(key)
-        if known is None:  # a new shape: the process's choices and shapes searched, to keep
+        if known is None and not self._vmap_failed:  # a new shape: the process's record too
             setting = self._setting_key(batch)
-            shared = _SHAPES_SEARCHED.get(self._signature(setting))
-            if shared and setting not in self.searched_shapes:
-                self.searched_shapes[setting] = list(shared)
+            shared = _SHAPES_SEARCHED.get(self._signature(setting), [])
+            self.searched_shapes[setting] = _merged(self.searched_shapes.get(setting, []), shared)
             known = _PATHS_CHOSEN.get(self._signature(key)) or self._nearest_choice(batch)
         if known is not None:
             self.path_choices[key] = known
@@ -456,18 +460,22 @@ class ExecutionPaths:
 
         key = self._path_key(batch)
         mine = (key, {role: (runs(candidate), timings.get(runs(candidate), math.inf))
-                      for role, candidate in roles.items()})
+                      for role, candidate in roles.items()}, _size(batch))
         offers = self.gather_ranks(mine) if together else [mine]
+
         def slowest(role: str) -> float:
-            return max(offer[role][1] for _, offer in offers)
+            return max(offer[role][1] for _, offer, _ in offers)
         best = min(roles, key=slowest)
+        eager = min((role for role in roles if role != "compiled"), key=slowest)
+        # every rank's shape, so that the ranks' records agree
         setting = self._setting_key(batch)
+        self.searched_shapes[setting] = _merged(self.searched_shapes.get(setting, []),
+                                                [(size, best, eager) for _, _, size in offers])
         signature = self._signature(setting)
-        shapes = self.searched_shapes.setdefault(setting, [])  # (the process's, in _searches)
-        shapes.append((_size(batch), best, min((r for r in roles if r != "compiled"), key=slowest)))
-        _SHAPES_SEARCHED[signature] = list(shapes)
-        for rank_key in dict.fromkeys(rank_key for rank_key, _ in offers):
-            ran = [offer[best][0] for offered_key, offer in offers if offered_key == rank_key]
+        _SHAPES_SEARCHED[signature] = _merged(_SHAPES_SEARCHED.get(signature, []),
+                                              self.searched_shapes[setting])
+        for rank_key in dict.fromkeys(rank_key for rank_key, _, _ in offers):
+            ran = [offer[best][0] for offered_key, offer, _ in offers if offered_key == rank_key]
             self.path_choices[rank_key] = _PATHS_CHOSEN[self._signature(rank_key)] = next(
                 (path for path in ran if path != ("looped", None)), ("looped", None))
         return mine[1][best][0]
@@ -602,21 +610,27 @@ class ExecutionPaths:
 
 
 def escaped_tensors(model: torch.nn.Module) -> list[str]:
-    """The attributes of the model's own modules (torch's and fastmaml's aside: an
-    ``nn.LSTM`` keeps its ``_flat_weights`` so) that hold a tensor of torch.func's transforms,
-    alone or in a list, tuple or dict: one set inside a transform's call. Their parameters and
-    buffers, which ``functional_call`` swaps in during a call, aside."""
+    """The attributes of the model's own modules (of a class of neither torch nor fastmaml:
+    an ``nn.LSTM`` keeps its ``_flat_weights`` so) that hold a tensor of torch.func's
+    transforms, alone or in a list, tuple or dict: one set inside a transform's call. Their
+    parameters and buffers, which ``functional_call`` swaps in during a call, and weights that
+    a forward pre-hook sets (weight_norm, spectral_norm, pruning), aside."""
     def names(prefix: str, module: torch.nn.Module) -> list[str]:
         own = {id(t) for t in [*module._parameters.values(), *module._buffers.values()]}
+        hooked = {getattr(hook, "name", None) for hook in module._forward_pre_hooks.values()}
 
         def wrapped(value: Any) -> bool:
             return (isinstance(value, Tensor) and id(value) not in own
                     and torch._C._functorch.is_functorch_wrapped_tensor(value))
         return [f"{prefix}.{name}" if prefix else name for name, value in vars(module).items()
-                if wrapped(value) or isinstance(value, (list, tuple, dict)) and any(
-                    map(wrapped, value.values() if isinstance(value, dict) else value))]
-    return [name for prefix, module in model.named_modules()
-            if not type(module).__module__.startswith(("torch.", "fastmaml."))
+                if name not in hooked and (wrapped(value) or isinstance(
+                    value, (list, tuple, dict)) and any(
+                    map(wrapped, value.values() if isinstance(value, dict) else value)))]
+
+    def users(module: torch.nn.Module) -> bool:
+        return any(not cls.__module__.startswith(("torch.", "fastmaml.", "builtins"))
+                   for cls in type(module).__mro__)
+    return [name for prefix, module in model.named_modules() if users(module)
             for name in names(prefix, module)]
 
 
@@ -657,6 +671,16 @@ def _relative_difference(grads: Params, reference: Params) -> float:
         torch.finfo(reference[names[0]].dtype).tiny)).item()
 
 
+
+
+def _merged(shapes: list[SearchedShape], more: Sequence[SearchedShape]) -> list[SearchedShape]:
+    """``shapes`` and those of ``more`` of a size not among them, in order."""
+    merged, sizes = list(shapes), {size for size, _, _ in shapes}
+    for shape in more:
+        if shape[0] not in sizes:
+            merged.append(shape)
+            sizes.add(shape[0])
+    return merged
 
 
 def _size(batch: TaskBatch) -> tuple[int, int]:

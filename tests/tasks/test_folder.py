@@ -78,6 +78,7 @@ def test_links_to_nothing_in_class_folders_are_named(flat_root: Path, tmp_path: 
     for name in ("img_a.png", "img_b.png"):
         (flat_root / "class02" / name).symlink_to(tmp_path / "unmounted" / name)
     (flat_root / "class98").symlink_to(tmp_path / "unmounted" / "class98")  # a whole class
+    (flat_root / ".#notes.txt").symlink_to("root@host.1234")  # an editor's lock: hidden, unsaid
     with pytest.warns(FastMAMLWarning) as caught:
         load_image_folder(flat_root, FORMAT, cache_dir=tmp_path / "c")
     said = [str(w.message) for w in caught if "link to nothing" in str(w.message)]
@@ -92,15 +93,22 @@ def test_a_folder_this_user_may_not_read_inside_a_class_folder_is_passed_over(
         flat_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Walking below the class folders for misplaced images, an unreadable folder stopped the
     load with a PermissionError (rglob had skipped it)."""
-    locked = flat_root / "class03" / "locked"
+    locked, unenterable = flat_root / "class03" / "locked", flat_root / "class04" / "644"
     write_class(locked, 1, value=5)
-    listing = Path.iterdir
+    write_class(unenterable, 1, value=5)
+    listing, is_file = Path.iterdir, Path.is_file
 
-    def iterdir(path: Path):
+    def iterdir(path: Path):  # mode 000: not even listed
         if path == locked:
             raise PermissionError(13, "Permission denied", str(path))
         return listing(path)
+
+    def entered(path: Path) -> bool:  # mode 644: listed, but its entries cannot be looked at
+        if path.parent == unenterable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_file(path)
     monkeypatch.setattr(Path, "iterdir", iterdir)
+    monkeypatch.setattr(Path, "is_file", entered)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastMAMLWarning)
         warnings.simplefilter("ignore", ShortClassesWarning)

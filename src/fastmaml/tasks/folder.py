@@ -86,7 +86,7 @@ def misplaced_images(root: Path, folders: Sequence[Path], class_depth: int) -> l
         level = [p for folder in level for p in subfolders(folder)]
         above.update(level)
     return inside + [p for parent in sorted(above) for p in sorted(parent.iterdir())
-                     if is_image_file(p) or links_to_nothing(p)]
+                     if is_image_file(p) or links_to_nothing(p) and not p.name.startswith(".")]
 
 
 def warn_of_skipped_files(root: Path, folders: Sequence[Path], files: Sequence[Sequence[Path]],

@@ -44,11 +44,11 @@ def files_below(folder: Path, wanted: Callable[[Path], bool]) -> list[Path]:
     through hidden, system (``JUNK_FOLDERS``: a NAS's thumbnail folder in every folder) or
     linked folders."""
     try:
-        entries = sorted(folder.iterdir())
-    except OSError:  # a folder this user may not read (rglob skipped it too)
+        found = [p for p in sorted(folder.iterdir()) if wanted(p)]
+        below = [sub for sub in subfolders(folder) if not sub.is_symlink()]
+    except OSError:  # a folder this user may not list or enter (rglob skipped it too)
         return []
-    return [p for p in entries if wanted(p)] + [
-        p for sub in subfolders(folder) if not sub.is_symlink() for p in files_below(sub, wanted)]
+    return found + [p for sub in below for p in files_below(sub, wanted)]
 
 
 # why ``skipped_files_warning`` skips a symbolic link whose target is missing
