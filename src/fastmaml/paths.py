@@ -301,7 +301,10 @@ class ExecutionPaths:
             setting = self._setting_key(batch)
             shared = _SHAPES_SEARCHED.get(self._signature(setting), [])
             self.searched_shapes[setting] = _merged(self.searched_shapes.get(setting, []), shared)
-            known = _PATHS_CHOSEN.get(self._signature(key)) or self._nearest_choice(batch)
+            chosen = self._signature(key)  # (the model's print: once per new shape)
+            known = _PATHS_CHOSEN.get(chosen) or self._nearest_choice(batch, setting)
+            if known is not None:
+                _PATHS_CHOSEN[chosen] = known
         if known is not None:
             self.path_choices[key] = known
         missing = known is None and not self._vmap_failed
@@ -330,13 +333,13 @@ class ExecutionPaths:
         return (f"{batch[0].dtype} {device} {order} order, {torch.get_num_threads()} threads, "
                 f"compile={compiled}, paths r{PATHS_REVISION}, torch {torch.__version__}")
 
-    def _nearest_choice(self, batch: TaskBatch) -> tuple[str, int | None] | None:
+    def _nearest_choice(self, batch: TaskBatch, setting: str) -> tuple[str, int | None] | None:
         """Once ``SEARCHED_SHAPES`` shapes of this setting were searched (by this learner, a
         run it resumes, or one alike in this process), the path for a new shape within
         ``NEAR_SHAPE`` of one: the role (e.g. "one task") chosen for the nearest, at this
         batch's chunk sizes, its fastest uncompiled one where compiled won; else None (search).
-        """
-        searched = self.searched_shapes.get(self._setting_key(batch), [])
+        ``setting``: the batch's ``_setting_key``."""
+        searched = self.searched_shapes.get(setting, [])
         if len(searched) < SEARCHED_SHAPES:
             return None
         size = _size(batch)
@@ -344,9 +347,7 @@ class ExecutionPaths:
                                      role, eager) for shape, role, eager in searched)
         if distance > math.log(NEAR_SHAPE):
             return None
-        choice = self._roles(batch)[eager if role == "compiled" else role]
-        _PATHS_CHOSEN[self._signature(self._path_key(batch))] = choice
-        return choice
+        return self._roles(batch)[eager if role == "compiled" else role]
 
     def _roles(self, batch: TaskBatch) -> dict[str, tuple[str, int | None]]:
         """The search's candidates as every rank names them: role -> (path, tasks per chunk)."""
@@ -669,8 +670,6 @@ def _relative_difference(grads: Params, reference: Params) -> float:
     difference = torch.cat([(grads[n] - reference[n]).flatten() for n in names]).norm()
     return (difference / torch.cat([reference[n].flatten() for n in names]).norm().clamp_min(
         torch.finfo(reference[names[0]].dtype).tiny)).item()
-
-
 
 
 def _merged(shapes: list[SearchedShape], more: Sequence[SearchedShape]) -> list[SearchedShape]:
