@@ -494,6 +494,23 @@ def test_labels_the_loss_cannot_take_are_named(batched):
         MAML(model, loss_fn, batched=batched).meta_backward(bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_class_labels_of_another_integer_width_work_batched_looped_and_in_adapt(dtype):
+    """vmap's batching rules take int32 labels where torch's cross-entropy refuses them, so
+    the default path (which may be either) used to depend on timing; now every path takes them
+    as the int64 labels they are."""
+    model, loss_fn, batch = conv_problem()
+    narrow = TaskBatch(batch.support_x, batch.support_y.to(dtype), batch.query_x,
+                       batch.query_y.to(dtype))
+    expected = MAML(copy.deepcopy(model), loss_fn, batched=False).meta_loss(batch)[0]
+    for batched in (True, False):
+        maml = MAML(copy.deepcopy(model), loss_fn, batched=batched)
+        torch.testing.assert_close(maml.meta_loss(narrow)[0], expected)
+        torch.testing.assert_close(maml.evaluate(narrow)["loss"], maml.evaluate(batch)["loss"])
+    adapted = maml.adapt(narrow.support_x[0], narrow.support_y[0])
+    torch.testing.assert_close(adapted, maml.adapt(batch.support_x[0], batch.support_y[0]))
+
+
 @pytest.mark.parametrize("batched", [None, True, False])
 @pytest.mark.parametrize("loss, name", [(F.mse_loss, "mse_loss"), (nn.MSELoss(), "MSELoss"),
                                         (functools.partial(F.l1_loss, reduction="sum"),

@@ -27,7 +27,7 @@ from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInput
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
-                     matching, non_finite_input)
+                     matching, non_finite_input, widened)
 from .norms import spectral_normed
 from .paths import ExecutionPaths
 from .per_step import PerStepParameters
@@ -539,6 +539,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                              f"support_x {tuple(support_x.shape)}, a batch of tasks? Adapt "
                              "each task alone (or evaluate the batch)")
         self._prepare(support_x)
+        support_y = widened(support_y)
         fast, frozen = self._split_params(detach=not torch.is_grad_enabled())
         create_graph = torch.is_grad_enabled() and not self.first_order
         adapted, _ = self._adapt(fast, frozen, support_x, support_y, steps, create_graph,

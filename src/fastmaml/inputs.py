@@ -93,7 +93,16 @@ def as_task_batch(batch: TaskBatch | Sequence[Tensor]) -> TaskBatch:
         if not x.shape[1]:
             raise ShapeError(f"{kind}_x {tuple(x.shape)} holds no examples: a task needs at least "
                              f"one {kind} example")
-    return batch
+    return batch._replace(support_y=widened(batch.support_y), query_y=widened(batch.query_y))
+
+
+def widened(targets: Tensor) -> Tensor:
+    """Integer targets of another width (numpy's int32, uint8) as int64, the class indices that
+    torch's losses take: vmap's batching rules accept the other widths, so without this the
+    batched and looped paths (and ``adapt``) would disagree on the same data."""
+    integer = not targets.is_floating_point() and not targets.is_complex()
+    return (targets.long() if integer and targets.dtype not in (torch.int64, torch.bool)
+            else targets)
 
 
 def broadcasting_loss(fn: Any) -> str | None:
