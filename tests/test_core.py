@@ -1140,6 +1140,14 @@ def test_a_parameter_under_several_names_is_selected_by_any_of_them():
     with pytest.raises(ConfigError, match=r"the adapt predicate takes head.weight as "
                        r"tied.weight but not as head.weight: one tensor under several names"):
         MAML(model, F.cross_entropy, 0.1, 1, adapt=lambda name, _: not name.startswith("head"))
+    # one that looks names up in named_parameters() fails on the others: it is told why
+    named = dict(model.named_parameters())
+    with pytest.raises(ConfigError, match=r"the adapt predicate failed on 'blocks.0.weight' \(KeyError"
+                       r": 'blocks.0.weight'\): that is another name of the tensor "
+                       r"named_parameters\(\) calls 'block.weight'"):
+        MAML(model, F.cross_entropy, 0.1, 1, adapt=lambda name, _: named[name].dim() > 1)
+    with pytest.raises(KeyError, match="block.weight"):  # one under the usual name: the user's
+        MAML(model, F.cross_entropy, 0.1, 1, adapt=lambda name, _: {}[name])
 
 
 def test_a_batch_split_into_chunks_of_no_task_is_refused():

@@ -236,7 +236,7 @@ def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], boo
     def selected(chosen: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
                  param: Tensor) -> bool:
         names = names_of.get(name, [name])
-        taken = [each for each in names if _selected(chosen, each, param)]
+        taken = [each for each in names if _selected_as(option, chosen, each, name, param)]
         if callable(chosen) and 0 < len(taken) < len(names):
             raise ConfigError(
                 f"the {option} predicate takes {name} as {taken[0]} but not as "
@@ -257,6 +257,24 @@ def matching(option: str, selection: Sequence[str] | Callable[[str, Tensor], boo
         raise ConfigError(f"{what} no trainable parameter of the model{why}; its trainable "
                           f"parameters: {', '.join(params) or 'none'}")
     return names
+
+
+def _selected_as(option: str, chosen: Sequence[str] | Callable[[str, Tensor], bool] | None,
+                 alias: str, name: str, param: Tensor) -> bool:
+    """``_selected`` under ``alias``, one of the names of the parameter ``name``: where a
+    predicate fails on another name than ``named_parameters()`` gives (one that looks names up
+    in ``dict(model.named_parameters())``), a ``ConfigError`` says why it was asked."""
+    try:
+        return _selected(chosen, alias, param)
+    except Exception as error:
+        if alias == name:
+            raise
+        raise ConfigError(
+            f"the {option} predicate failed on {alias!r} ({type(error).__name__}: {error}): that "
+            f"is another name of the tensor named_parameters() calls {name!r} (weights tied, or "
+            "a module registered twice), and a predicate is asked under every name of such a "
+            "tensor, as prefixes match any; make it take them all (model.named_parameters("
+            "remove_duplicate=False) lists them)") from error
 
 
 def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name: str,
