@@ -122,6 +122,12 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     (tmp_path / "nan.csv").write_text("x,y\n1,2\n3,nan\n")  # as numpy.savetxt writes a NaN
     with pytest.raises(DataError, match="line 3 of the support CSV .* holds a NaN or infinite"):
         read_points(tmp_path / "nan.csv", "support", need_y=True)
+    (tmp_path / "tiny.csv").write_text("x,y\n1,2\n3,1e-50\n5,-2e-46\n7,1e-40\n")
+    with pytest.warns(FastMAMLWarning, match=r"line 3 of the support CSV .* holds a value too "
+                                             r"small for float32, which the model reads as 0 "
+                                             r"\(2 line\(s\) so\)"):  # 1e-40: a subnormal, kept
+        _, y, _, _ = read_points(tmp_path / "tiny.csv", "support", need_y=True)
+    assert y[1:3, 0].tolist() == [1e-50, -2e-46]  # read as written: float32 is the model's
     (tmp_path / "errors.csv").write_text("#N/A,#N/A\n1,2\n")  # not a header of two names
     with pytest.raises(DataError, match="line 1 of the support CSV .* holds '#N/A'"):
         read_points(tmp_path / "errors.csv", "support", need_y=True)

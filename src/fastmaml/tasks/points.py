@@ -150,6 +150,11 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     if bad_rows:
         raise DataError(f"line {lines[bad_rows[0]][0]} of the {role} CSV {path} holds a NaN or "
                         "infinite value (or one beyond float32's range)")
+    vanishing = ((values != 0) & (values.float() == 0)).any(1).nonzero().flatten().tolist()
+    if vanishing:  # below float32's smallest subnormal, about 1.4e-45
+        warn(f"line {lines[vanishing[0]][0]} of the {role} CSV {path} holds a value too small for "
+             f"float32, which the model reads as 0 ({len(vanishing)} line(s) so): scale the data",
+             FastMAMLWarning)
     if names and len(names) != width:  # else which column is y is a guess
         raise DataError(f"the header of the {role} CSV {path} names {len(names)} column(s), but "
                         f"its rows have {width}: give one name per column")
