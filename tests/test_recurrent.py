@@ -130,12 +130,16 @@ def test_packed_sequences_run_the_looped_path_with_a_warning():
     batch = TaskBatch(torch.randn(2, 3, 4, 2), torch.randn(2, 3, 1),
                       torch.randn(2, 3, 4, 2), torch.randn(2, 3, 1))
     maml = MAML(Packed(), F.mse_loss, 0.1, 1)
-    with pytest.warns(FastMAMLWarning, match="using the looped path"):
+    # the warning names the user's line that vmap could not run (torch's and ours are passed)
+    with pytest.warns(FastMAMLWarning, match=r"vmap could not run this model at .*test_recurrent"
+                      r"\.py:\d+, `return self.head\(self.recurrent\(packed\)\[1\]\[-1\]\)` "
+                      r"\(.+\); using the looped path"):
         loss, _ = maml.meta_backward(batch)
     assert maml.path == "looped" and torch.isfinite(loss)
     assert set(maml.path_choices.values()) == {("looped", None)}  # was the compiled role's
     # (was a ShapeError, though no shape was at fault: the loop runs the same input)
-    with pytest.raises(ConfigError, match=r"vmap cannot run this model \(.+\) and batched=True "
+    with pytest.raises(ConfigError, match=r"vmap cannot run this model at .*test_recurrent\.py:"
+                                          r"\d+, `return self.head.+` \(.+\) and batched=True "
                                           "forbids the looped path: use batched=None"):
         MAML(Packed(), F.mse_loss, 0.1, 1, batched=True).meta_backward(batch)
     with pytest.raises(ShapeError, match="per-task input of shape") as raised:  # the input's

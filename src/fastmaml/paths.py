@@ -12,7 +12,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import os
+import sysconfig
 import time
+import traceback
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -236,16 +239,16 @@ class ExecutionPaths:
                                                     isinstance(error, FastMAMLError)):
                     looped_first()  # the input's fault: raised as the looped path raises it
                     reason = first_line(error.__cause__ or error)
-                    raise ConfigError(f"vmap cannot run this model ({reason}) and batched=True "
-                                      "forbids the looped path: use batched=None, which falls "
-                                      "back to it") from error
+                    raise ConfigError(f"vmap cannot run this model{users_line(error)} ({reason}) "
+                                      "and batched=True forbids the looped path: use "
+                                      "batched=None, which falls back to it") from error
                 raise
             out = looped()  # a user error fails here too, and is raised
             setattr(self, failed, True)
             if not prediction:
                 self.path = "looped"
-            warn(f"vmap could not run this model ({first_line(error)}); using the "
-                 "looped path", PathWarning)
+            warn(f"vmap could not run this model{users_line(error)} ({first_line(error)}); "
+                 "using the looped path", PathWarning)
             return out
         if not prediction:
             self.path = "batched"
@@ -686,3 +689,19 @@ def _size(batch: TaskBatch) -> tuple[int, int]:
     """A meta-batch's tasks and input elements per task (at least 1 each), for
     ``_nearest_choice``."""
     return batch.num_tasks or 1, sum(t[0].numel() for t in batch) or 1
+
+
+def users_line(error: BaseException) -> str:
+    """Where in the user's own code (not torch's, not fastmaml's) ``error``, or the error it was
+    raised from, happened, as " at FILE:LINE, `SOURCE`", so that a vmap failure names the line
+    to change (``F.one_hot(y)`` without ``num_classes``); "" where none of its frames is."""
+    library = tuple(os.path.join(folder, "") for folder in (
+        os.path.dirname(torch.__file__), os.path.dirname(__file__), sysconfig.get_path("stdlib")))
+    for raised in (error.__cause__, error):
+        if raised is None:
+            continue
+        for frame in reversed(traceback.extract_tb(raised.__traceback__)):
+            if not frame.filename.startswith(library) and not frame.filename.startswith("<"):
+                source = f", `{frame.line.strip()}`" if frame.line and frame.line.strip() else ""
+                return f" at {frame.filename}:{frame.lineno}{source}"
+    return ""
