@@ -146,11 +146,12 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
              "they are x and y)", FastMAMLWarning)
     # float64, as written (an output echoes its x); the model takes them as float32
     values = torch.tensor([[float(c) for c in row] for _, row in lines], dtype=torch.float64)
-    bad_rows = (~torch.isfinite(values.float())).any(1).nonzero().flatten().tolist()
+    as_seen = values.float()  # by the model
+    bad_rows = (~torch.isfinite(as_seen)).any(1).nonzero().flatten().tolist()
     if bad_rows:
         raise DataError(f"line {lines[bad_rows[0]][0]} of the {role} CSV {path} holds a NaN or "
                         "infinite value (or one beyond float32's range)")
-    vanishing = ((values != 0) & (values.float() == 0)).any(1).nonzero().flatten().tolist()
+    vanishing = ((values != 0) & (as_seen == 0)).any(1).nonzero().flatten().tolist()
     if vanishing:  # below float32's smallest subnormal, about 1.4e-45
         warn(f"line {lines[vanishing[0]][0]} of the {role} CSV {path} holds a value too small for "
              f"float32, which the model reads as 0 ({len(vanishing)} line(s) so): scale the data",
