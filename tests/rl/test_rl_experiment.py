@@ -16,7 +16,7 @@ from fastmaml.cli import main
 from fastmaml.errors import ConfigError, FastMAMLWarning
 from fastmaml.experiments import PRESETS, base, create_run, load_experiment, preset
 from fastmaml.experiments.base import mean_ci95
-from fastmaml.experiments.rl import RLConfig, RLExperiment
+from fastmaml.experiments.rl import EVAL_SEED, RLConfig, RLExperiment, episode_seed
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
 
 # Small but real: a 32-32 policy, 10 tasks x 10 episodes of 30 steps per meta-iteration.
@@ -216,7 +216,6 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     """``fastmaml.load_run`` of an RL run: its best policy, adapted to a task by the evaluation
     protocol (same episodes, same returns), as a policy module with the adapted parameters."""
     import fastmaml
-    from fastmaml.experiments.rl import EVAL_SEED
 
     tiny = ["iterations=3", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
             "eval_trajectories=3", "eval_inner_steps=2", "pretrained=false"]
@@ -287,6 +286,23 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                           ([], "it adapts to a task by sampling its environment, e.g. --task")]:
         assert main(["adapt", str(tmp_path), *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
+
+
+def test_no_two_seeds_and_steps_of_an_adaptation_share_episodes() -> None:
+    """``adapt(seed=0, steps=150)``'s step 100 once drew seed 1's first episodes (0 * 100 + 100)."""
+    from fastmaml.rl import GaussianMLPPolicy, Sampler, env_class
+
+    sampler = Sampler("fastmaml/Nav2D-v0", horizon=10)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(2, 2, hidden=(8,))
+    tasks = env_class("fastmaml/Nav2D-v0").sample_tasks(2, np.random.default_rng(0))
+    seeds = [episode_seed(seed, step) for seed, step in [(0, 100), (1, 0), (0, 150), (1, 50),
+                                                          (0, 99), (1, 99), (1, 100)]]
+    actions = [sampler.sample(policy, tasks, 2, seed).actions for seed in seeds]
+    for i, first in enumerate(actions):
+        assert not any(torch.equal(first, other) for other in actions[i + 1:]), seeds[i]
+    assert torch.equal(sampler.sample(policy, tasks, 2, episode_seed(0, 100)).actions, actions[0])
+    assert episode_seed(EVAL_SEED, 3) == EVAL_SEED * 100 + 3  # as the recorded evaluations drew
 
 
 @pytest.mark.parametrize("preset", ["rl-cheetah-vel-cpu", "rl-cheetah-dir-cpu"])

@@ -91,6 +91,7 @@ from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
 
 if TYPE_CHECKING:
     from ..rl import Episodes, OfficialTest, Sampler
+    from ..rl.sampler import SeedKey
 
 EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
 
@@ -199,7 +200,7 @@ def _rl() -> Any:
 
 
 def _sample_batch(sampler: Sampler, policy: torch.nn.Module, tasks: list[dict[str, Any]],
-                  kind: str, episodes: int, envs: int, seed: int,
+                  kind: str, episodes: int, envs: int, seed: SeedKey,
                   params: dict[str, Tensor] | None = None,
                   tasks_per_rollout: int | None = None,
                   task_ids: Sequence[int] | None = None) -> Episodes:
@@ -212,6 +213,14 @@ def _sample_batch(sampler: Sampler, policy: torch.nn.Module, tasks: list[dict[st
                                     tasks_per_rollout, task_ids)
     return sampler.sample(policy, tasks, episodes, seed, params, tasks_per_rollout,
                           task_ids=task_ids)
+
+
+def episode_seed(seed: int, step: int) -> SeedKey:
+    """The sampler seed of the episodes after ``step`` adaptation steps of an evaluation (or an
+    ``adapt``) under ``seed``: ``seed * 100 + step``, as every recorded evaluation drew them,
+    and from step 100 on, where that number is another seed's early step, a tuple of its own
+    (the sampler's five-number key, which no integer seed's three numbers meet)."""
+    return seed * 100 + step if step < 100 else (seed, step, 100)
 
 
 def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
@@ -408,7 +417,8 @@ class RLExperiment(Experiment):
 
         Step 1 uses the engine's inner learning rate, the later ones the official test script's
         share of it (``later_lr_scale``). Episode seeds depend on ``seed``, the step and the
-        task's position (``task_ids``) only, so every method sees the same noise and reset states.
+        task's position (``task_ids``) only, so every method sees the same noise and reset
+        states, and no two (seed, step) pairs share episodes (``episode_seed``).
         """
         from tqdm.auto import tqdm
 
@@ -420,7 +430,8 @@ class RLExperiment(Experiment):
                          disable=None if progress and is_main() else True):
             episodes = _sample_batch(self.sampler(), maml.model, tasks, cfg.eval_batch,
                                      cfg.eval_trajectories, cfg.eval_trajectories,
-                                     seed * 100 + step, params, cfg.eval_chunk, task_ids)
+                                     episode_seed(seed, step), params, cfg.eval_chunk,
+                                     task_ids)
             curve.append(episodes.mean_returns().double())
             if step < steps:
                 with torch.no_grad():

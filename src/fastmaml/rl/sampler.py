@@ -3,7 +3,8 @@
 Every step runs one batched policy forward for all environments of a process (per-task adapted
 parameters through ``vmap``). Randomness is per episode: episode ``j`` of the task at position
 ``i`` of the task list draws its reset seed and its action noise from
-``numpy.random.default_rng([seed, i, j])``. The forward runs in float64 and the actions are then
+``numpy.random.default_rng([seed, i, j])`` (a seed is an integer or a tuple of them,
+``[*seed, i, j]``). The forward runs in float64 and the actions are then
 rounded to the policy's dtype: float32 matrix products differ in the last bit between batch
 shapes and thread counts, and MuJoCo turns such differences into different trajectories within
 a few dozen steps; after rounding (to float32), the actions agree bit for bit except where a
@@ -41,6 +42,8 @@ from .envs import (ENVS, BatchEnv, Task, canonical_env_id, default_horizon, make
                    sample_tasks)
 from .policy import policy_forward
 
+SeedKey = int | tuple[int, ...]  # a sampler seed: an integer, or a tuple of them
+
 
 class Episodes(NamedTuple):
     """Sampled episodes, (tasks, trajectories, steps, ...) each."""
@@ -65,7 +68,7 @@ class Episodes(NamedTuple):
 
 
 def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: int,
-            horizon: int, seed: int, params: Params | None = None,
+            horizon: int, seed: SeedKey, params: Params | None = None,
             task_ids: Sequence[int] | None = None, first_traj: int = 0) -> Episodes:
     """``num_traj`` episodes of every task, all environments stepped together.
 
@@ -77,7 +80,8 @@ def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: i
     """
     num_tasks = len(tasks)
     task_ids = range(num_tasks) if task_ids is None else task_ids
-    rngs = [np.random.default_rng([seed, task_id, first_traj + traj])
+    key = list(seed) if isinstance(seed, tuple) else [seed]
+    rngs = [np.random.default_rng([*key, task_id, first_traj + traj])
             for task_id in task_ids for traj in range(num_traj)]
     reset_seeds = [int(rng.integers(2**31)) for rng in rngs]
     noise = np.stack([rng.standard_normal((horizon, env.act_dim)) for rng in rngs])
@@ -145,7 +149,7 @@ class Sampler:
             self.close()  # (the environments a user's class made, too)
             raise
 
-    def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: int,
+    def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: SeedKey,
                params: Params | None = None, tasks_per_rollout: int | None = None,
                first_traj: int = 0, task_ids: Sequence[int] | None = None) -> Episodes:
         """``num_traj`` episodes of ``horizon`` steps for every task: (tasks, num_traj, H, ...).
@@ -214,7 +218,7 @@ class Sampler:
                               f"takes {self.act_dim}")
 
     def sample_steps(self, policy: nn.Module, tasks: Sequence[Task], num_envs: int, steps: int,
-                     seed: int, params: Params | None = None,
+                     seed: SeedKey, params: Params | None = None,
                      tasks_per_rollout: int | None = None,
                      task_ids: Sequence[int] | None = None) -> Episodes:
         """The official code's batch: ``num_envs`` environments per task run episode after
