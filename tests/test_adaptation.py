@@ -699,11 +699,12 @@ def test_threads_sharing_a_run_get_each_their_own_tasks_predictions(image_run: P
 
 
 def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
-        image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        image_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     """``fastmaml.meta_train`` takes the command line's settings as keyword arguments (lists, a
     bool, a path), trains as ``fastmaml train`` (the same checkpoint, bit for bit), resumes the
     run on a second call and returns it ready to adapt, leaving torch's generator and threads
-    as they were."""
+    as they were; ``progress=False`` prints nothing."""
     data = Path(load_experiment(image_run).cfg.data_root)
     settings = dict(n_way=3, k_shot=1, k_query=2, image_size=12, channels=3, hidden=8,
                     meta_batch=4, val_every=0, log_every=20, split_fractions=[0.625, 0, 0.375],
@@ -720,6 +721,7 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
     assert torch.equal(torch.rand(3), drawn) and torch.get_num_threads() == threads
     run = fastmaml.meta_train("fewshot-folder", tmp_path / "run", iterations=40,
                               progress=False)
+    assert capsys.readouterr().out == ""
     for ours, theirs in zip(run.maml.state_dict().values(),
                             fastmaml.load_run(image_run).maml.state_dict().values()):
         assert torch.equal(ours, theirs)
@@ -727,6 +729,8 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
     images = sorted(support.rglob("*.png"))
     adapted = run.adapt(run.preprocess(images), torch.tensor([0, 1]))
     assert run.predict(adapted, run.preprocess(images)).shape == (2, 2)
+    fastmaml.meta_train("fewshot-folder", tmp_path / "run")  # done: says so
+    assert f"training fewshot-folder in {tmp_path / 'run'}" in capsys.readouterr().out
     with pytest.raises(ConfigError, match=r"adapt prefix\(es\) 'nowhere' match no trainable"):
         fastmaml.meta_train("fewshot-folder", tmp_path / "anil", data_root=data,
                             adapt=["nowhere", "head"], **settings)  # a list of name prefixes

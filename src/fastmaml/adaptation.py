@@ -318,7 +318,8 @@ def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = Tru
     """Meta-train a new run of ``preset`` in ``out``, or resume the run there, as ``fastmaml
     train`` does (checkpoints, metrics log, the run's lock; a Ctrl-C once training has begun
     stops at a checkpoint and raises ``TrainingStopped``), and load it for adaptation
-    (``load_run``). ``settings`` are the command line's ``key=value`` overrides as keyword
+    (``load_run``). ``progress=False`` trains silently (no bars, no start or summary lines).
+    ``settings`` are the command line's ``key=value`` overrides as keyword
     arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as lists). torch's thread
     count and random generator are left as they were; glibc's malloc tuning stays
     (``tune_malloc=False`` keeps it off). One process: under torchrun, use the command."""
@@ -330,7 +331,7 @@ def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = Tru
         with _generators_kept():
             train_run(preset, Path(out),
                       [f"{key}={_as_setting(value)}" for key, value in settings.items()],
-                      progress=progress)
+                      progress=progress, verbose=progress)
     finally:
         torch.set_num_threads(threads)
     return load_run(out)

@@ -283,9 +283,10 @@ def preset_config(preset_name: str, overrides: Sequence[str]) -> Config:
 
 
 def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: bool = True,
-              learner: str | None = None) -> Experiment:
+              learner: str | None = None, verbose: bool = True) -> Experiment:
     """``fastmaml train``: train every learner of a new or resumed run to its iterations, or
     only the one named ``learner`` (another process may train the others meanwhile).
+    ``progress``: progress bars; ``verbose``: the start line and each learner's summary, printed.
 
     Rank 0 holds the run directory's lock throughout, and every rank learns of its refusal
     (another command holds the run), so that each stops with it and none waits for rank 0 at a
@@ -307,7 +308,7 @@ def train_run(preset_name: str, run_dir: Path, overrides: list[str], progress: b
             raise refusal
         if said is not None:
             raise ConfigError(said)
-        return _train(preset_name, run_dir, overrides, progress, learner, main)
+        return _train(preset_name, run_dir, overrides, progress, learner, main, verbose)
 
 
 def _warn_if_foreign(run_dir: Path) -> None:
@@ -325,13 +326,13 @@ def _warn_if_foreign(run_dir: Path) -> None:
 
 
 def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool,
-           only: str | None, main: bool) -> Experiment:
+           only: str | None, main: bool, verbose: bool) -> Experiment:
     with ExitStack() as held:
         with one_starting(run_dir) if main and only is not None else nullcontext():
             experiment, learners = _start(preset_name, run_dir, overrides, only, main, held)
         cfg = experiment.cfg
         size = world()[1]
-        say = print if main else (lambda *_: None)
+        say = print if main and verbose else (lambda *_: None)
         if main:
             _record_machine(run_dir, str(experiment.device), size)
             for message in cfg.training_warnings():
