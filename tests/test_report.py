@@ -169,9 +169,9 @@ def test_time_to_accuracy_counts_a_float32_level_skips_nan_and_lists_every_fewsh
         ("| b |", "| c |", "| d |", f"| {tmp_path.name}/a |", "| other/a |"))]
     assert rows[0].startswith(f"| {tmp_path.name}/a | 500 it, 2 min | 750 it, 3 min "
                               "| not reached | not reached | 95.0% |")
-    assert rows[1] == "| b | no validation (val_every=0) |  |  |  |  |  |"
-    assert rows[2] == "| c | no validation yet (every 500 iterations) |  |  |  |  |  |"
-    assert rows[3] == "| d | no validation (no val split) |  |  |  |  |  |"
+    assert rows[1] == "| b | no validation (val_every=0) |  |  |  |  |  |  |"
+    assert rows[2] == "| c | no validation yet (every 500 iterations) |  |  |  |  |  |  |"
+    assert rows[3] == "| d | no validation (no val split) |  |  |  |  |  |  |"
     assert rows[4].startswith("| other/a | 500 it, 2 min |")
     text = report.render(runs, tmp_path / "REPORT.md")  # all in the report's table
     assert f"| {tmp_path.name}/a | 500 it, 2 min |" in text
@@ -209,6 +209,79 @@ def test_a_cosine_run_is_projected_by_finished_runs_of_its_recipe_at_other_lengt
     assert report._projection(live, 0.95, [live, *short, barely]) == (
         "98.7%: out of reach of the trend (the power law through its recipe's finished runs of "
         "1,000 and 4,000 iterations, beyond 100x the longest)")
+
+
+def _tested(run_dir: Path, accuracies: dict[int, float], **config: object) -> report.Run:
+    """An Omniglot 5-way 1-shot run of 10,000 iterations evaluated at each of ``accuracies``'
+    iterations as it trained (the last evaluation its eval.json)."""
+    config = {"experiment": "fewshot", "preset": "omniglot-5w1s", "dataset": "omniglot",
+              "n_way": 5, "k_shot": 1, "iterations": 10_000, **config}
+    evaluations = [[{"experiment": "omniglot", "method": "maml", "k_shot": 1, "tasks": 600,
+                     "metric": "accuracy", "mean": [0.2] + [accuracy] * 10,
+                     "ci95": [0.01] * 11, "checkpoint_iterations": {"maml": iteration},
+                     "eval_settings": {"eval_inner_steps": 10, "eval_tasks": 600}}]
+                   for iteration, accuracy in accuracies.items()]
+    last = max(accuracies)
+    return report.Run(run_dir, config, evaluations[-1], last, 60.0, [],
+                      checkpoints={"maml": last}, evaluations=evaluations)
+
+
+def test_the_test_trend_projects_where_its_power_law_reaches_the_papers_figure(
+        tmp_path: Path) -> None:
+    # error = 0.5 * it ** -0.5: 98.7% (1.3% error) at ~1,479 iterations, 99.5% at 10,000
+    law = {it: 1 - 0.5 * it ** -0.5 for it in range(100, 1300, 100)}
+    run = _tested(tmp_path, law)
+    assert report._test_projection(run) == (
+        "98.7% at ~1,479 it; 99.50% at its 10,000 (the last 6 of 12 evaluations, 700-1,200 it)")
+    assert report.evaluation_trend(OMNIGLOT, run) == [
+        (it, pytest.approx(a * 100)) for it, a in law.items()]
+    # an iteration evaluated again counts once (its latest), another protocol not at all
+    again = dataclasses.replace(run, evaluations=[
+        *run.evaluations[:-1],
+        [{**run.evaluations[3][0], "mean": [0.2] + [0.5] * 10}],  # 400 again, lower
+        [{**run.evaluations[5][0], "eval_settings": {"eval_tasks": 100}}],
+        run.evaluations[-1]])
+    trend = dict(report.evaluation_trend(OMNIGLOT, again))
+    assert trend[400] == pytest.approx(50.0) and len(trend) == 12
+    other = [{**run.evaluations[5][0], "eval_settings": {"eval_tasks": 100}}]
+    assert report.evaluation_trend(OMNIGLOT, dataclasses.replace(
+        again, records=other)) == [(600, pytest.approx(law[600] * 100))]
+    assert report._test_projection(_tested(tmp_path, {**law, 1300: 0.99})) == "reached"
+    assert report._test_projection(_tested(tmp_path, dict(list(law.items())[:3]))) == (
+        "too few evaluations (3 of 6)")
+    assert report._test_projection(_tested(tmp_path, {it: 0.9 for it in law})) == (
+        "98.7%: no falling trend (the last 6 of 12 evaluations, 700-1,200 it)")
+    assert report._test_projection(_tested(tmp_path, law, meta_lr_schedule="cosine")) == ""
+    text = report.render([run], tmp_path / "REPORT.md")
+    assert ("After 3 steps, at each evaluation as it trained (iteration: figure; "
+            "`eval-history.jsonl`): 100: 95.00; 200: 96.46; 300: 97.11;") in text
+    assert "| 98.7% at ~1,479 it; 99.50% at its 10,000 (the last 6 of 12" in text
+
+
+def test_every_evaluation_is_kept_in_the_history_that_the_report_reads(
+        tmp_path: Path) -> None:
+    run_dir = evaluated_sinusoid(tmp_path / "sinusoid")
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # again, at the same iteration
+    assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30",
+                 "baseline_iterations=30", "--no-progress"]) == 0
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0
+    lines = (run_dir / base.EVAL_HISTORY).read_text().splitlines()
+    assert len(lines) == 3
+    latest = json.loads(lines[-1])
+    assert latest["records"] == json.loads((run_dir / "eval.json").read_text())
+    assert latest["evaluated"].endswith("+00:00")  # its UTC time
+    run = report.read_run(run_dir)
+    assert [e[0]["checkpoint_iterations"]["maml"] for e in run.evaluations] == [20, 20, 30]
+    trend = report.evaluation_trend(SINUSOID, run)
+    assert [it for it, _ in trend] == [20, 30]
+    assert trend[-1][1] == pytest.approx(report.evaluate_row(SINUSOID, run).mean)
+    with open(run_dir / base.EVAL_HISTORY, "a") as handle:
+        handle.write('{"records": 3\nnot json\n')  # edited by hand
+    with pytest.warns(report.FastMAMLWarning, match=r"eval-history.jsonl: left out line\(s\) "
+                                                    "4, 5, which hold no evaluation records"):
+        assert len(report.read_run(run_dir).evaluations) == 3
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # appended after them
+    assert json.loads((run_dir / base.EVAL_HISTORY).read_text().splitlines()[-1])["records"]
 
 
 def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(

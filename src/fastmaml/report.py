@@ -1,10 +1,11 @@
 """``fastmaml report`` and ``fastmaml reproduce``: every experiment beside the paper, in one
 generated document.
 
-The report reads run directories only (config.yaml, eval.json, metrics-*.csv, machine.json,
-figures/), compares each evaluated run with the paper's row in ``fastmaml.paper.HEADLINES`` and
-writes Markdown. It holds no date or absolute path of its own making, so regenerating it from
-the same runs gives the same bytes (``docs/REPORT.md`` is checked to be current).
+The report reads run directories only (config.yaml, eval.json, eval-history.jsonl,
+metrics-*.csv, machine.json, figures/), compares each evaluated run with the paper's row in
+``fastmaml.paper.HEADLINES`` and writes Markdown. It holds no date or absolute path of its own
+making, so regenerating it from the same runs gives the same bytes (``docs/REPORT.md`` is
+checked to be current).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,8 @@ from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
-from .experiments.base import UNREADABLE_RECORDS, damaged_evaluation, read_eval
+from .experiments.base import (UNREADABLE_RECORDS, damaged_evaluation, read_eval,
+                               read_evaluations)
 from .paper import HEADLINES, LOCOMOTION, NAV, Headline
 from .plots import counted, stale_figures, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -85,6 +87,7 @@ class Run:
     figures: list[Path] = field(default_factory=list)
     validation: list[tuple[int, float, float]] = field(default_factory=list)  # it, s, accuracy
     checkpoints: dict[str, int] = field(default_factory=dict)  # learner -> checkpoint iteration
+    evaluations: list[list[dict[str, Any]]] = field(default_factory=list)  # history, oldest first
 
     @property
     def preset(self) -> str:
@@ -151,7 +154,8 @@ def read_run(path: Path) -> Run:
     if not (isinstance(machines, list) and all(isinstance(m, dict) for m in machines)):
         machines = []  # (an edited one too)
     return Run(path, config, records, iterations, seconds, machines,
-               sorted((path / "figures").glob("*.png")), validation, checkpoints)
+               sorted((path / "figures").glob("*.png")), validation, checkpoints,
+               read_evaluations(path))
 
 
 def _seconds(row: dict[str, str], log: Path) -> float:
@@ -474,9 +478,13 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
              "protocol. A cosine meta learning rate flattens the curve by design whatever more "
              "iterations would give, so such a run is projected only by finished runs of its "
              "recipe at two or more schedule lengths: the length at which a power law through "
-             "their test errors reaches the paper's figure.", "",
-             "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS) + " | best | projected |",
-             "|---|" + "---|" * (len(THRESHOLDS) + 2)]
+             "their test errors reaches the paper's figure. *From tests*: for a run evaluated "
+             "six or more times with one protocol as it trained (`eval-history.jsonl`), the "
+             "same power law through the second half of its test figures (the paper's "
+             "protocol), and what it gives at the run's iterations.", "",
+             "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS)
+             + " | best | projected | from tests |",
+             "|---|" + "---|" * (len(THRESHOLDS) + 3)]
     for run in runs:
         if not run.validation:
             every = run.config.get("val_every")
@@ -484,8 +492,8 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
                     else "no validation (no val split)" if run.iterations >= every
                     else f"no validation yet (every {every:,} iterations)")
             lines.append(f"| {labels[run.path]} | "
-                         + " | ".join([said] + [""] * (len(THRESHOLDS) + 1))
-                         + " |")
+                         + " | ".join([said] + [""] * (len(THRESHOLDS) + 1)
+                                      + [_test_projection(run)]) + " |")
             continue
         cells = []
         for threshold in THRESHOLDS:
@@ -495,7 +503,7 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
         best = max((acc for _, _, acc in run.validation if math.isfinite(acc)), default=None)
         lines.append(f"| {labels[run.path]} | " + " | ".join(cells) + " | "
                      + (f"{best:.1%} | {_projection(run, best, evaluated)} |" if best is not None
-                        else "not finite | |"))
+                        else "not finite | |") + f" {_test_projection(run)} |")
     return lines + [""]
 
 
@@ -504,10 +512,9 @@ EXTRAPOLATION_LIMIT = 100
 
 
 def _projection(run: Run, best: float, evaluated: Sequence[Run] = ()) -> str:
-    key = headline_key(run.config) or ""
-    headline = next((h for h in HEADLINES if h.key == key), None)
-    if headline is None or not headline.metric.startswith("accuracy") or key.endswith("-lake"):
-        return ""  # (Lake et al.'s rows compare people on another protocol than validation's)
+    headline = _accuracy_headline(run)
+    if headline is None:
+        return ""
     target = headline.value / 100
     if best >= target - ROUNDING:
         return "reached"
@@ -574,10 +581,10 @@ def projected_iterations(validation: Sequence[tuple[int, float, float]], target:
     return power_law_crossing(half, target) if len(half) >= 3 else None
 
 
-def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> float | None:
-    """Where a power law ``error = a * x ** b`` (least squares in log-log) through the
-    ``(x, accuracy)`` points reaches accuracy ``target``; ``None`` with fewer than two points
-    below 100% or no falling trend."""
+def power_law(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """The power law ``error = a * x ** b`` through the ``(x, accuracy)`` points (least squares
+    in log-log), as ``(log a, b)``; ``None`` with fewer than two x values of points below 100%
+    or no falling trend (b >= 0)."""
     errors = [(x, 1.0 - acc) for x, acc in points if acc < 1.0]
     xs = [math.log(x) for x, _ in errors]
     if len(set(xs)) < 2:
@@ -586,9 +593,81 @@ def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> 
     x_mean, y_mean = sum(xs) / len(xs), sum(ys) / len(ys)
     slope = (sum((x - x_mean) * (y - y_mean) for x, y in zip(xs, ys))
              / sum((x - x_mean) ** 2 for x in xs))
-    if slope >= 0:
+    return None if slope >= 0 else (y_mean - slope * x_mean, slope)
+
+
+def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> float | None:
+    """Where the ``power_law`` through the ``(x, accuracy)`` points reaches accuracy
+    ``target``; ``None`` where it has no falling trend."""
+    law = power_law(points)
+    return None if law is None else _crossing(law, target)
+
+
+def _crossing(law: tuple[float, float], target: float) -> float:
+    """Where ``power_law``'s ``law`` reaches accuracy ``target``."""
+    return math.exp((math.log(1.0 - target) - law[0]) / law[1])
+
+
+def evaluation_trend(headline: Headline, run: Run) -> list[tuple[int, float]]:
+    """``headline``'s figure (in its unit: % for accuracy) in each evaluation of ``run``'s
+    history that used the protocol of its latest one (eval.json's settings and number of
+    tasks), by the MAML checkpoint's iteration it evaluated (one evaluated again: its latest)."""
+    if not run.records:
+        return []
+    protocol = _protocol(run.records)
+    by_iteration: dict[int, float] = {}
+    for records in run.evaluations:
+        iteration = records[0].get("checkpoint_iterations", {}).get("maml") if records else None
+        if _protocol(records) != protocol or not isinstance(iteration, int) or iteration < 1:
+            continue
+        try:
+            mean = evaluate_row(headline, replace(run, records=records)).mean
+        except UNREADABLE_RECORDS:  # an edited line: as if it were not there
+            continue
+        if mean is not None and math.isfinite(mean):
+            by_iteration[iteration] = mean
+    return sorted(by_iteration.items())
+
+
+def _protocol(records: list[dict[str, Any]]) -> tuple[Any, Any]:
+    return (records[0].get("eval_settings"), records[0].get("tasks")) if records else (None, None)
+
+
+def _test_projection(run: Run) -> str:
+    """Where a power law through the second half of the run's test trend (6 or more
+    evaluations) reaches the paper's figure, and what it gives at the run's iterations."""
+    headline = _accuracy_headline(run)
+    if headline is None or run.config.get("meta_lr_schedule") == "cosine":
+        return ""  # (a cosine run's curve flattens by design: projected by its schedule)
+    trend = [(iteration, value / 100) for iteration, value in evaluation_trend(headline, run)]
+    if len(trend) < 6:
+        return f"too few evaluations ({len(trend)} of 6)" if len(trend) > 1 else ""
+    target = headline.value / 100
+    if trend[-1][1] >= target - ROUNDING:
+        return "reached"
+    half = trend[len(trend) // 2:]
+    points = f"the last {len(half)} of {len(trend)} evaluations, {half[0][0]:,}-{half[-1][0]:,} it"
+    law = power_law(half)
+    if law is None:
+        return f"{target:.1%}: no falling trend ({points})"
+    length = int(run.config.get("iterations", 0))
+    at_end = (f"; {1 - math.exp(law[0] + law[1] * math.log(length)):.2%} at its {length:,}"
+              if length > half[-1][0] else "")
+    crossing = _crossing(law, target)
+    reach = (f"{target:.1%}: out of reach (beyond {EXTRAPOLATION_LIMIT}x its iterations)"
+             if crossing > EXTRAPOLATION_LIMIT * half[-1][0] else
+             f"{target:.1%} at ~{crossing:,.0f} it")
+    return f"{reach}{at_end} ({points})"
+
+
+def _accuracy_headline(run: Run) -> Headline | None:
+    """The paper's accuracy row that ``run`` reproduces on its protocol (not Lake et al.'s,
+    which compare people on another protocol), if any."""
+    key = headline_key(run.config) or ""
+    headline = next((h for h in HEADLINES if h.key == key), None)
+    if headline is None or not headline.metric.startswith("accuracy") or key.endswith("-lake"):
         return None
-    return math.exp(x_mean + (math.log(1.0 - target) - y_mean) / slope)
+    return headline
 
 
 def _missing(headline: Headline, budget: str | None, not_reproduced: Mapping[str, str]) -> str:
@@ -657,6 +736,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
         lines += [""] + (_published(h) if h and h.published else [])
         lines += [f"Status against the paper after {steps_label(h.step)}: **{verdict}**.",
                   ""] if h else []
+        lines += _test_history(run, h)
         if run.stale_evaluation and not h:
             lines += [f"Note: {run.stale_evaluation}.", ""]
     else:
@@ -670,6 +750,17 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
                       + "; ".join(f"{name}: {why}" for name, why in stale.items())
                       + f"): run `fastmaml plot {run.path.as_posix()}`.", ""]
     return lines
+
+
+def _test_history(run: Run, headline: Headline | None) -> list[str]:
+    """The paper's figure at each evaluation of the run as it trained (``test_trend``), where
+    it was evaluated at two or more iterations with its latest evaluation's protocol."""
+    trend = evaluation_trend(headline, run) if headline and not headline.shape_only else []
+    if len(trend) < 2:
+        return []
+    figures = "; ".join(f"{it:,}: {_fmt(value, _digits(headline))}" for it, value in trend)
+    return [f"After {steps_label(headline.step)}, at each evaluation as it trained "
+            f"(iteration: figure; `eval-history.jsonl`): {figures}.", ""]
 
 
 def _iterations(run: Run) -> str:

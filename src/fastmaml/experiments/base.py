@@ -5,6 +5,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
+from datetime import datetime, timezone
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..allocator import tune_cpu_allocator
-from ..atomic import read_json, write_text_atomic
+from ..atomic import read_json, replace_atomically, write_text_atomic
 from ..config import Config
 from ..core import MAML, LossFn
 from ..distributed import barrier, gather_in_order, is_main, rank_slice
@@ -214,6 +215,45 @@ def _from_json(value: Any) -> Any:
     return value
 
 
+# every evaluation of a run, one JSON line each ({"evaluated": UTC time, "records": [...]}),
+# oldest first: eval.json holds the latest, this its history (the report's test trend)
+EVAL_HISTORY = "eval-history.jsonl"
+
+
+def append_evaluation(run_dir: Path, records: list[dict[str, Any]]) -> None:
+    """Add an evaluation's records to the run's ``EVAL_HISTORY``, the file replaced whole (a
+    kill leaves it with or without the new line, never a part of it)."""
+    path = run_dir / EVAL_HISTORY
+    before = path.read_bytes() if path.is_file() else b""
+    line = json.dumps({"evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       "records": _as_json(records)}, allow_nan=False).encode()
+    replace_atomically(path, lambda handle: handle.write(
+        before + (b"\n" if before and not before.endswith(b"\n") else b"") + line + b"\n"))
+
+
+def read_evaluations(run_dir: Path) -> list[list[dict[str, Any]]]:
+    """The records of each evaluation in the run's ``EVAL_HISTORY``, oldest first; a line that
+    is not one (edited, or damaged outside fastmaml) is left out with a warning."""
+    path = run_dir / EVAL_HISTORY
+    if not path.is_file():
+        return []
+    evaluations, damaged = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            records = json.loads(line)["records"]
+            if not all(isinstance(r, dict) and isinstance(r.get("mean"), list) for r in records):
+                raise TypeError("not records")
+        except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
+            damaged.append(number)
+            continue
+        evaluations.append(_from_json(records))
+    if damaged:
+        warn(f"{path}: left out line(s) {', '.join(map(str, damaged[:5]))}"
+             + (", ..." if len(damaged) > 5 else "") + ", which hold no evaluation records",
+             FastMAMLWarning)
+    return evaluations
+
+
 def read_eval(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "eval.json"
     if not path.is_file():
@@ -386,8 +426,9 @@ class Experiment(ABC):
         return learner
 
     def write_eval(self, records: list[dict[str, Any]], table: str) -> None:
-        """Write eval.json and results.md; each record names the iterations of the checkpoints
-        it evaluated, so that a report can tell an evaluation older than the training."""
+        """Write eval.json and results.md, and add the records to the run's evaluation history;
+        each record names the iterations of the checkpoints it evaluated, so that a report can
+        tell an evaluation older than the training (and draw the test figure's trend)."""
         settings = {k: v for k, v in self.cfg.to_dict().items() if k in EVAL_KEYS}
         for record in records:
             record["checkpoint_iterations"] = dict(self.restored_iterations)
@@ -408,6 +449,7 @@ class Experiment(ABC):
             write_text_atomic(table, self.run_dir / "results.md")
             write_text_atomic(json.dumps(_as_json(records), indent=2, allow_nan=False),
                               self.run_dir / "eval.json")
+            append_evaluation(self.run_dir, records)
         barrier()
 
     def data_note(self) -> str:
