@@ -252,6 +252,15 @@ def test_the_test_trend_projects_where_its_power_law_reaches_the_papers_figure(
     assert report._test_projection(_tested(tmp_path, {it: 0.9 for it in law})) == (
         "98.7%: no falling trend (the last 6 of 12 evaluations, 700-1,200 it)")
     assert report._test_projection(_tested(tmp_path, law, meta_lr_schedule="cosine")) == ""
+    plateau = {1000 * i: a for i, a in enumerate(
+        (0.97, 0.975, 0.98, 0.98, 0.98, 0.98, 0.98, 0.980001), 1)}  # a crossing past floats
+    assert report._test_projection(_tested(tmp_path, plateau)).startswith(
+        "98.7%: out of reach of the trend (the power law through the last 4 of 8 evaluations, "
+        "5,000-8,000 it, beyond 100x its iterations); 98.00% at its 10,000")
+    hundred = _tested(tmp_path, law)
+    for records in hundred.history():
+        records[0]["tasks"] = 100
+    assert report._test_projection(hundred).endswith("700-1,200 it, of 100 test tasks)")
     text = report.render([run], tmp_path / "REPORT.md")
     assert ("After 3 steps, at each evaluation as it trained (iteration: figure; "
             "`eval-history.jsonl`): 100: 95.00; 200: 96.46; 300: 97.11;") in text
@@ -271,17 +280,19 @@ def test_every_evaluation_is_kept_in_the_history_that_the_report_reads(
     assert latest["records"] == json.loads((run_dir / "eval.json").read_text())
     assert latest["evaluated"].endswith("+00:00")  # its UTC time
     run = report.read_run(run_dir)
-    assert [e[0]["checkpoint_iterations"]["maml"] for e in run.evaluations] == [20, 20, 30]
+    assert [e[0]["checkpoint_iterations"]["maml"] for e in run.history()] == [20, 20, 30]
     trend = report.evaluation_trend(SINUSOID, run)
     assert [it for it, _ in trend] == [20, 30]
     assert trend[-1][1] == pytest.approx(report.evaluate_row(SINUSOID, run).mean)
-    with open(run_dir / base.EVAL_HISTORY, "a") as handle:
-        handle.write('{"records": 3\nnot json\n')  # edited by hand
+    unknown = {**latest, "records": [{**latest["records"][0], "checkpoint_iterations": None}]}
+    with open(run_dir / base.EVAL_HISTORY, "a") as handle:  # edited by hand, no last newline
+        handle.write(f'{{"records": 3\n{json.dumps(unknown)}\nnot json')
     with pytest.warns(report.FastMAMLWarning, match=r"eval-history.jsonl: left out line\(s\) "
-                                                    "4, 5, which hold no evaluation records"):
-        assert len(report.read_run(run_dir).evaluations) == 3
-    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # appended after them
-    assert json.loads((run_dir / base.EVAL_HISTORY).read_text().splitlines()[-1])["records"]
+                                                    "4, 5, 6, which hold no evaluation records"):
+        assert len(report.read_run(run_dir).history()) == 3
+    assert main(["eval", str(run_dir), "--no-progress"]) == 0  # appended on a line of its own
+    lines = (run_dir / base.EVAL_HISTORY).read_text().splitlines()
+    assert lines[-2] == "not json" and json.loads(lines[-1])["records"]
 
 
 def test_a_run_evaluated_to_fewer_steps_than_its_row_says_how_to_evaluate_it(

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -87,7 +88,14 @@ class Run:
     figures: list[Path] = field(default_factory=list)
     validation: list[tuple[int, float, float]] = field(default_factory=list)  # it, s, accuracy
     checkpoints: dict[str, int] = field(default_factory=dict)  # learner -> checkpoint iteration
-    evaluations: list[list[dict[str, Any]]] = field(default_factory=list)  # history, oldest first
+    # its evaluation history, oldest first (``history``: read from the run when first asked)
+    evaluations: list[list[dict[str, Any]]] | None = None
+
+    def history(self) -> list[list[dict[str, Any]]]:
+        """The records of each of its evaluations, oldest first (``read_evaluations``)."""
+        if self.evaluations is None:
+            self.evaluations = read_evaluations(self.path)
+        return self.evaluations
 
     @property
     def preset(self) -> str:
@@ -154,8 +162,7 @@ def read_run(path: Path) -> Run:
     if not (isinstance(machines, list) and all(isinstance(m, dict) for m in machines)):
         machines = []  # (an edited one too)
     return Run(path, config, records, iterations, seconds, machines,
-               sorted((path / "figures").glob("*.png")), validation, checkpoints,
-               read_evaluations(path))
+               sorted((path / "figures").glob("*.png")), validation, checkpoints)
 
 
 def _seconds(row: dict[str, str], log: Path) -> float:
@@ -479,9 +486,10 @@ def time_to_accuracy(runs: list[Run], evaluated: Sequence[Run] = ()) -> list[str
              "iterations would give, so such a run is projected only by finished runs of its "
              "recipe at two or more schedule lengths: the length at which a power law through "
              "their test errors reaches the paper's figure. *From tests*: for a run evaluated "
-             "six or more times with one protocol as it trained (`eval-history.jsonl`), the "
-             "same power law through the second half of its test figures (the paper's "
-             "protocol), and what it gives at the run's iterations.", "",
+             "six or more times as it trained (`eval-history.jsonl`), the same power law "
+             "through the second half of its test figures (those with its latest evaluation's "
+             "protocol: the paper's unless it says otherwise), and what it gives at the run's "
+             "iterations.", "",
              "| run | " + " | ".join(f"{t:.0%}" for t in THRESHOLDS)
              + " | best | projected | from tests |",
              "|---|" + "---|" * (len(THRESHOLDS) + 3)]
@@ -604,8 +612,10 @@ def power_law_crossing(points: Sequence[tuple[float, float]], target: float) -> 
 
 
 def _crossing(law: tuple[float, float], target: float) -> float:
-    """Where ``power_law``'s ``law`` reaches accuracy ``target``."""
-    return math.exp((math.log(1.0 - target) - law[0]) / law[1])
+    """Where ``power_law``'s ``law`` reaches accuracy ``target`` (infinity past floats' range,
+    as a nearly flat trend gives)."""
+    log_x = (math.log(1.0 - target) - law[0]) / law[1]
+    return math.exp(log_x) if log_x < math.log(sys.float_info.max) else math.inf
 
 
 def evaluation_trend(headline: Headline, run: Run) -> list[tuple[int, float]]:
@@ -616,7 +626,7 @@ def evaluation_trend(headline: Headline, run: Run) -> list[tuple[int, float]]:
         return []
     protocol = _protocol(run.records)
     by_iteration: dict[int, float] = {}
-    for records in run.evaluations:
+    for records in run.history():
         iteration = records[0].get("checkpoint_iterations", {}).get("maml") if records else None
         if _protocol(records) != protocol or not isinstance(iteration, int) or iteration < 1:
             continue
@@ -646,7 +656,10 @@ def _test_projection(run: Run) -> str:
     if trend[-1][1] >= target - ROUNDING:
         return "reached"
     half = trend[len(trend) // 2:]
-    points = f"the last {len(half)} of {len(trend)} evaluations, {half[0][0]:,}-{half[-1][0]:,} it"
+    tasks = run.records[0].get("tasks", headline.tasks)
+    points = (f"the last {len(half)} of {len(trend)} evaluations, {half[0][0]:,}-"
+              f"{half[-1][0]:,} it" + (f", of {tasks} test tasks" if tasks != headline.tasks
+                                      else ""))
     law = power_law(half)
     if law is None:
         return f"{target:.1%}: no falling trend ({points})"
@@ -654,10 +667,10 @@ def _test_projection(run: Run) -> str:
     at_end = (f"; {1 - math.exp(law[0] + law[1] * math.log(length)):.2%} at its {length:,}"
               if length > half[-1][0] else "")
     crossing = _crossing(law, target)
-    reach = (f"{target:.1%}: out of reach (beyond {EXTRAPOLATION_LIMIT}x its iterations)"
-             if crossing > EXTRAPOLATION_LIMIT * half[-1][0] else
-             f"{target:.1%} at ~{crossing:,.0f} it")
-    return f"{reach}{at_end} ({points})"
+    if crossing > EXTRAPOLATION_LIMIT * half[-1][0]:
+        return _out_of_reach(target, f"{points}, beyond {EXTRAPOLATION_LIMIT}x its "
+                                     "iterations") + at_end
+    return f"{target:.1%} at ~{crossing:,.0f} it{at_end} ({points})"
 
 
 def _accuracy_headline(run: Run) -> Headline | None:
@@ -753,7 +766,7 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
 
 
 def _test_history(run: Run, headline: Headline | None) -> list[str]:
-    """The paper's figure at each evaluation of the run as it trained (``test_trend``), where
+    """The paper's figure at each evaluation of the run as it trained (``evaluation_trend``), where
     it was evaluated at two or more iterations with its latest evaluation's protocol."""
     trend = evaluation_trend(headline, run) if headline and not headline.shape_only else []
     if len(trend) < 2:

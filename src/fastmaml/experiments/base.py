@@ -241,7 +241,9 @@ def read_evaluations(run_dir: Path) -> list[list[dict[str, Any]]]:
     for number, line in enumerate(path.read_bytes().splitlines(), 1):
         try:
             records = json.loads(line)["records"]
-            if not all(isinstance(r, dict) and isinstance(r.get("mean"), list) for r in records):
+            if not all(isinstance(r, dict) and isinstance(r.get("mean"), list)
+                       and isinstance(r.get("checkpoint_iterations", {}), dict)
+                       for r in records):
                 raise TypeError("not records")
         except (ValueError, KeyError, TypeError):  # (UnicodeDecodeError is a ValueError)
             damaged.append(number)
@@ -443,13 +445,14 @@ class Experiment(ABC):
                      "fewer eval_inner_steps)", FastMAMLWarning)
         if is_main():  # under torchrun every rank holds the same records
             # eval.json last: it marks the evaluation done (``reproduce`` skips such a run), so a
-            # kill between the writes leaves a run that is evaluated again, not a stale table;
-            # an earlier evaluation's goes first, not to be left beside the new table
+            # kill between the writes leaves a run that is evaluated again, not a stale table
+            # nor a history without it (one iteration evaluated twice counts once there); an
+            # earlier evaluation's goes first, not to be left beside the new table
             (self.run_dir / "eval.json").unlink(missing_ok=True)
             write_text_atomic(table, self.run_dir / "results.md")
+            append_evaluation(self.run_dir, records)
             write_text_atomic(json.dumps(_as_json(records), indent=2, allow_nan=False),
                               self.run_dir / "eval.json")
-            append_evaluation(self.run_dir, records)
         barrier()
 
     def data_note(self) -> str:
