@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,21 @@ def test_a_zoomed_accuracy_axis_spans_the_steps_after_the_first_in_percent(
     low, high = ax.get_ylim()
     assert 96 < low < 96.8 and 99.1 < high < 100
     assert ax.get_legend().get_texts()[0].get_text() == "maml (0 steps: 20)"
+
+
+def test_bands_keep_to_their_limits_and_a_diverged_curve_says_where_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    plots.plot_step_curves([record("maml", [0.2, 0.97, 0.99], [0.01, 0.05, 0.07], 1),
+                            record("pretrained", [0.2, 0.5, math.nan], [0.01, 0.05, math.nan], 1)],
+                           "test accuracy (%)", tmp_path / "g.png", "a run", scale=100,
+                           limits=(0.0, 100.0))
+    ax = figures[0].axes[0]
+    top = max(y for band in ax.collections for _, y in band.get_paths()[0].vertices)
+    assert top == pytest.approx(100.0)  # 99 + 7 clipped
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == ["maml", "pretrained; not finite from step 2 on (diverged)"]
 
 
 def test_references_of_no_steps_are_lines_and_a_run_of_no_steps_is_not_zoomed_away(

@@ -619,8 +619,10 @@ def test_an_evaluation_older_than_the_training_is_flagged(
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=30", *common]) == 0
     run = report.read_run(run_dir)
     assert run.stale_figures == {  # (the baselines' logs are as they were: 20 iterations)
+        "adaptation_k5.png": "checkpoints/maml.pt changed since it was drawn",  # (the models)
         "learning_curves.png": "metrics-maml.csv changed since it was drawn"}
-    assert ("Note: figures that may not show the run as it is now (learning_curves.png: "
+    assert ("Note: figures that may not show the run as it is now (adaptation_k5.png: "
+            "checkpoints/maml.pt changed since it was drawn; learning_curves.png: "
             "metrics-maml.csv changed since it was drawn): run "
             f"`fastmaml plot {run_dir.as_posix()}`.") in report.render([run], tmp_path / "R.md")
     assert run.stale_evaluation.startswith(

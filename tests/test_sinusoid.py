@@ -11,6 +11,9 @@ import torch
 
 import fastmaml
 from fastmaml.cli import main
+from fastmaml.errors import FastMAMLWarning
+from fastmaml.experiments import load_experiment
+from fastmaml.plots import stale_figures
 from fastmaml.tasks.sinusoid import sample_sinusoid_tasks
 
 
@@ -58,6 +61,46 @@ def test_cli_trains_evaluates_and_plots(tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     for name in ("mse_vs_steps", "learning_curves", "adaptation_k5", "adaptation_k10"):
         assert (run / "figures" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_the_adaptation_figures_follow_the_models_they_draw(tmp_path, capsys):
+    """Figure 2 draws the trained models: more training makes it stale (it was counted
+    current); a diverged baseline is drawn as far as it is finite (plot failed, leaving the
+    figures half replaced); a K the evaluation no longer holds loses its figure (it stayed
+    stale for good); a run kept without its checkpoints draws the rest."""
+    run = tmp_path / "run"
+    settings = ["eval_tasks=20", "tune_tasks=5", "--no-progress"]
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=30", *settings]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0
+    assert main(["plot", str(run)]) == 0
+    figures = run / "figures"
+    assert stale_figures(figures) == {}
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=40", *settings]) == 0
+    assert stale_figures(figures) == {
+        name: "checkpoints/maml.pt, checkpoints/oracle.pt, checkpoints/pretrained.pt changed "
+              "since it was drawn" for name in ("adaptation_k5.png", "adaptation_k10.png")} | {
+        "learning_curves.png": "metrics-maml.csv, metrics-oracle.csv, metrics-pretrained.csv "
+                               "changed since it was drawn"}  # (mse_vs_steps: eval.json's)
+    assert main(["eval", str(run), "baseline_lrs=1000", "--no-progress"]) == 0
+    assert None in next(r["mean"] for r in json.loads((run / "eval.json").read_text())
+                        if r["method"] == "pretrained")  # diverged
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert stale_figures(figures) == {}
+    assert main(["eval", str(run), "eval_k_shots=20", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["plot", str(run)]) == 0
+    assert "removed " + str(figures / "adaptation_k5.png") in capsys.readouterr().out
+    assert sorted(p.name for p in figures.glob("*.png")) == ["learning_curves.png",
+                                                             "mse_vs_steps.png"]
+    assert stale_figures(figures) == {}
+    assert main(["eval", str(run), "--no-progress"]) == 0  # K=5 and 10 again
+    for checkpoint in (run / "checkpoints").glob("*.pt"):
+        checkpoint.unlink()
+    with pytest.warns(FastMAMLWarning, match=r"the adaptation figures \(the paper's Figure 2\) "
+                                             r"draw the trained models, and no maml, "):
+        assert sorted(load_experiment(run).plot()) == [
+            figures / name for name in ("learning_curves.png", "mse_vs_steps.png")]
 
 
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):

@@ -74,8 +74,13 @@ def _plot(args: argparse.Namespace) -> None:
     # drawing runs no model: the thread count the run trained with is neither applied nor
     # warned of where this machine has fewer CPUs
     experiment = load_experiment(Path(args.run_dir), ["threads=0"])
+    figures = experiment.run_dir / "figures"
+    before = set(figures.glob("*.png"))
     for path in experiment.plot():
         print(f"fastmaml: wrote {path}")
+    for path in sorted(before - set(figures.glob("*.png"))):
+        print(f"fastmaml: removed {path}, an earlier evaluation's figure that this one does not "
+              "draw")
     if not (experiment.run_dir / "eval.json").is_file():
         print(f"fastmaml: {experiment.run_dir} is not evaluated yet, so only its learning curves "
               f"are drawn: run `fastmaml eval {experiment.run_dir}` for the rest", file=sys.stderr)

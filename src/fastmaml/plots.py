@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
@@ -56,13 +57,15 @@ def ci_band(record: dict[str, Any], scale: float = 1.0) -> tuple[list[float], ..
 def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, title: str,
                      log_scale: bool = False, scale: float = 1.0,
                      paper: dict[int, PaperValues] | None = None, zoom: bool = False,
-                     references: dict[int, list[tuple[str, float]]] | None = None) -> Path:
+                     references: dict[int, list[tuple[str, float]]] | None = None,
+                     limits: tuple[float, float] | None = None) -> Path:
     """One panel per K-shot: each method's mean with its 95% CI band against inner steps
     (values times ``scale``), the paper's figures as stars at their steps, and ``references``
     of no steps (people, other methods) as dotted lines. ``zoom``: the axis spans the run's
     steps 1 on (an accuracy from chance at step 0 would flatten the rest), step 0's value in the
     legend. On a log axis, a band whose lower edge is not positive is drawn as its upper edge
-    alone."""
+    alone. ``limits``: the values' range (accuracy: 0-100%), to which the bands are clipped. A
+    curve that is not finite from some step on (a diverged adaptation) says so in the legend."""
     shots = sorted({r["k_shot"] for r in records})
     colors = colors_for([r["method"] for r in records])
     fig = new_figure(4.8 * len(shots), 3.9)
@@ -71,7 +74,12 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
         shown = []  # the values the zoomed axis spans
         for r in (r for r in records if r["k_shot"] == k):
             mean, low, high = ci_band(r, scale)
+            if limits:
+                low, high = [max(v, limits[0]) for v in low], [min(v, limits[1]) for v in high]
             label = method_label(r) + (f" (0 steps: {mean[0]:.3g})" if zoom else "")
+            diverged = next((s for s, v in zip(r["steps"], mean) if not math.isfinite(v)), None)
+            if diverged is not None:
+                label += f"; not finite from step {diverged} on (diverged)"
             bounded = [not (log_scale and value <= 0) for value in low]
             unbounded = [s for s, b in zip(r["steps"], bounded) if not b]
             if unbounded:
@@ -207,10 +215,16 @@ DRAWN_FROM = "drawn-from.json"
 LOGS = "metrics-*.csv"  # the learners' logs: a figure that draws logs draws all of them
 
 
-def digests(paths: Sequence[Path]) -> dict[str, str]:
-    """Each file's name and SHA-256: what a figure is drawn from. Taken before drawing, so a
-    log that grows meanwhile (its run still training) makes the figure stale, never current."""
-    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in paths}
+def digests(paths: Sequence[Path], root: Path | None = None) -> dict[str, str]:
+    """Each file's path relative to ``root`` (default: its name) and SHA-256: what a figure is
+    drawn from. Taken before drawing, so a log that grows meanwhile (its run still training)
+    makes the figure stale, never current."""
+    return {(path.relative_to(root).as_posix() if root else path.name): _sha256(path)
+            for path in paths}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _drawn_from(figures_dir: Path) -> dict[str, dict[str, str]]:
@@ -230,9 +244,23 @@ def _drawn_from(figures_dir: Path) -> dict[str, dict[str, str]]:
 def record_drawn_from(figures_dir: Path, drawn: dict[Path, dict[str, str]]) -> None:
     """Add to ``figures_dir``'s record which inputs (their ``digests``, from the run folder
     above it) each figure in ``drawn`` was drawn from; the other figures' entries are kept."""
-    record = _drawn_from(figures_dir) | {path.name: inputs for path, inputs in drawn.items()}
+    record = {name: inputs for name, inputs in  # (a figure removed since: its entry goes)
+              (_drawn_from(figures_dir) | {path.name: inputs for path, inputs in drawn.items()}
+               ).items() if (figures_dir / name).is_file()}
     write_text_atomic(json.dumps(dict(sorted(record.items())), indent=1) + "\n",
                       figures_dir / DRAWN_FROM)
+
+
+def retire_figures(figures_dir: Path, drawn: Sequence[Path], input_name: str) -> list[Path]:
+    """Remove the figures recorded as drawn from ``input_name`` (e.g. eval.json) that are not
+    among ``drawn``, the figures drawn from it now (an evaluation without a K an earlier one
+    had): left, they would stay stale for good. Returns them."""
+    drawn_names = {path.name for path in drawn}
+    retired = [figures_dir / name for name, inputs in _drawn_from(figures_dir).items()
+               if input_name in inputs and name not in drawn_names]
+    for path in retired:
+        path.unlink(missing_ok=True)
+    return retired
 
 
 def stale_figures(figures_dir: Path) -> dict[str, str]:
@@ -244,14 +272,15 @@ def stale_figures(figures_dir: Path) -> dict[str, str]:
         if (inputs := record.get(figure.name)) is None:
             stale[figure.name] = f"no record of what it was drawn from ({DRAWN_FROM})"
             continue
-        files = [figures_dir.parent / name for name in inputs]
-        gone = [path.name for path in files if not path.is_file()]
-        now = digests([path for path in files if path.is_file()])
-        changed = [name for name, digest in now.items() if inputs[name] != digest]
+        files = {name: figures_dir.parent / name for name in inputs}  # (relative to the run)
+        gone = [name for name, path in files.items() if not path.is_file()]
+        changed = [name for name, path in files.items()
+                   if path.is_file() and inputs[name] != _sha256(path)]
         new = [path.name for path in sorted(figures_dir.parent.glob(LOGS))
                if path.name not in inputs] if any(fnmatch(name, LOGS) for name in inputs) else []
         reasons = ([f"{', '.join(changed)} changed since it was drawn"] if changed else []) \
-            + ([f"{', '.join(gone)}, which it drew, is gone"] if gone else []) \
+            + ([f"{', '.join(gone)}, which it drew, {'are' if len(gone) > 1 else 'is'} gone"]
+               if gone else []) \
             + ([f"{', '.join(new)}, which it did not draw, is new"] if new else [])
         if reasons:
             stale[figure.name] = "; ".join(reasons)

@@ -23,7 +23,7 @@ from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, war
 from ..inputs import TaskBatch
 from ..models import is_norm_param
 from ..plots import (LOGS, counted, digests, plot_learning_curves, record_drawn_from,
-                     steps_label)
+                     retire_figures, steps_label)
 from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
 
@@ -328,16 +328,30 @@ class Experiment(ABC):
                                        self.figures_dir() / "learning_curves.png",
                                        f"{self.figure_title()}: learning curves")] = inputs
         if evaluated:
-            inputs = digests([self.run_dir / "eval.json"])
+            extra = self.evaluation_inputs()
+            taken = digests(sorted({self.run_dir / "eval.json",
+                                    *(path for paths in extra.values() for path in paths)}),
+                            self.run_dir)
             records = read_eval(self.run_dir)
             try:
-                drawn |= dict.fromkeys(self.plot_evaluation(records), inputs)
+                figures = self.plot_evaluation(records)
             except FastMAMLError:
                 raise
             except UNREADABLE_RECORDS as error:
                 raise damaged_evaluation(self.run_dir, error) from None
+            for figure in figures:
+                names = {"eval.json", *(path.relative_to(self.run_dir).as_posix()
+                                        for path in extra.get(figure.name, []))}
+                drawn[figure] = {name: taken[name] for name in sorted(names)}
+            retire_figures(self.figures_dir(), figures, "eval.json")
         record_drawn_from(self.figures_dir(), drawn)
         return list(drawn)
+
+    def evaluation_inputs(self) -> dict[str, list[Path]]:
+        """By figure file name, the run's files that an evaluation figure draws besides
+        eval.json (e.g. trained models), recorded with it so that a change of one makes it
+        stale."""
+        return {}
 
     def figure_title(self, records: list[dict[str, Any]] | None = None) -> str:
         """Which run a figure shows: its folder and preset, and the iterations of the

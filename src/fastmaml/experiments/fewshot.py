@@ -335,5 +335,5 @@ class FewShotExperiment(Experiment):
         return [plot_step_curves(
             records, "test accuracy (%)", self.figures_dir() / "accuracy_vs_steps.png",
             self.figure_title(records), scale=100, paper=None if lake else self._paper(),
-            zoom=True,
+            zoom=True, limits=(0.0, 100.0),
             references={cfg.k_shot: LAKE.get((cfg.n_way, cfg.k_shot), [])} if lake else None)]

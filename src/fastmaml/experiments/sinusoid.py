@@ -21,13 +21,13 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core import MAML
-from ..errors import ConfigError
+from ..errors import ConfigError, FastMAMLWarning, warn
 from ..models import MLP
 from ..paper import SINUSOID as PAPER
 from ..plots import new_figure, plot_step_curves, save_figure, steps_label
 from ..tasks.sinusoid import (AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid,
                               with_task_parameters)
-from ..train import GradientLearner, backpropagated, meta_learner
+from ..train import GradientLearner, backpropagated, checkpoints_dir, meta_learner
 from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
@@ -161,10 +161,23 @@ class SinusoidExperiment(Experiment):
         paths = [plot_step_curves(records, "query MSE", out / "mse_vs_steps.png",
                                   self.figure_title(records), log_scale=True, paper=PAPER)]
         lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
-        maml, pretrained, _ = self._trained()
-        paths += [self._plot_adaptation(maml, MAML(pretrained, F.mse_loss, lrs[k]), k, out)
-                  for k in (5, 10) if k in lrs]
+        if not any(k in lrs for k in (5, 10)):
+            return paths
+        try:
+            maml, pretrained, _ = self._trained()
+        except ConfigError as error:  # (a run kept without its checkpoints)
+            warn(f"the adaptation figures (the paper's Figure 2) draw the trained models, and "
+                 f"{error}: drawn without them", FastMAMLWarning)
+            return paths
+        maml.check_finite = False  # a diverged curve is drawn as far as it is finite
+        paths += [self._plot_adaptation(
+            maml, MAML(pretrained, F.mse_loss, lrs[k], check_finite=False), k, out)
+            for k in (5, 10) if k in lrs]
         return paths
+
+    def evaluation_inputs(self) -> dict[str, list[Path]]:
+        models = sorted(checkpoints_dir(self.run_dir).glob("*.pt"))  # Figure 2's, adapted
+        return {f"adaptation_k{k}.png": models for k in (5, 10)}
 
     def _plot_adaptation(self, maml: MAML, pretrained: MAML, k_shot: int, out: Path) -> Path:
         """Paper Figure 2: one test task, its K points, predictions before and after 1 and 10 steps."""
@@ -180,8 +193,9 @@ class SinusoidExperiment(Experiment):
             for steps, style in ((0, ":"), (1, "--"), (10, "-")):
                 with torch.no_grad():
                     prediction = engine.predict(engine.adapt(support_x, support_y, steps), grid)
+                diverged = "" if torch.isfinite(prediction).all() else " (diverged)"
                 ax.plot(grid.cpu(), prediction.cpu(), style, color="tab:green",
-                        alpha=0.5 + steps / 20, label=f"after {steps_label(steps)}")
+                        alpha=0.5 + steps / 20, label=f"after {steps_label(steps)}{diverged}")
             ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
                        label=f"{k_shot} points used for the gradient")
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
