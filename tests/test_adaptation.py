@@ -588,6 +588,8 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     ("not a checkpoint", "cannot read the checkpoint .*maml.pt"),
     ("out is a folder", "--out .* is a folder"),
     ("figure format", r"cannot draw a figure to .*p.xyz: name a file ending in one of .*\.png"),
+    ("out under a file", r"cannot write --out .*afile/p.csv: .*afile is a file, not a folder"),
+    ("figure under a file", r"cannot write the figure .*afile/p.png: .*afile is a file, not a "),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str],
@@ -634,6 +636,12 @@ def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Pat
         out_file.mkdir()
     elif case == "figure format":
         options = ["--plot", str(tmp_path / "p.xyz")]
+    elif case in ("out under a file", "figure under a file"):
+        (tmp_path / "afile").write_text("")
+        if case == "out under a file":
+            out_file = tmp_path / "afile" / "p.csv"
+        else:
+            options = ["--plot", str(tmp_path / "afile" / "p.png")]
     elif case == "negative steps":
         steps = "-1"
     code, out, err = adapt(capsys, str(run), "--support", str(support), "--query", str(query),

@@ -61,6 +61,26 @@ def test_train_evaluate_plot_and_adapt_a_folder_of_task_csvs(tmp_path: Path, cap
     assert all(r["prediction"] for r in rows)
 
 
+def test_the_adaptation_figure_names_its_axes_as_the_run_names_its_columns(
+        tmp_path: Path, capsys, monkeypatch) -> None:
+    from fastmaml import plots
+
+    data, run = tmp_path / "tasks", tmp_path / "run"
+    write_sinusoid_tasks(data, 12)
+    for path in data.glob("*.csv"):
+        path.write_text(path.read_text().replace("x,y\n", "hours,score\n", 1))
+    assert main(["train", "regression-csv", "--out", str(run), "--data-root", str(data),
+                 "iterations=5", "val_every=0", "--no-progress"]) == 0
+    (tmp_path / "support.csv").write_text("hours,score\n1,2\n2,3\n3,4\n")
+    (tmp_path / "query.csv").write_text("hours\n1.5\n")
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    assert main(["adapt", str(run), "--support", str(tmp_path / "support.csv"), "--query",
+                 str(tmp_path / "query.csv"), "--plot", str(tmp_path / "task.png")]) == 0
+    ax = figures[0].axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("hours", "score")
+
+
 def test_a_missing_data_root_is_one_clear_line(tmp_path: Path, capsys) -> None:
     assert main(["train", "regression-csv", "--out", str(tmp_path / "run"),
                  "--no-progress"]) == 2

@@ -761,6 +761,7 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
             after = run.maml.predict(adapted.params, on_device).cpu()
         plot_regression_adaptation(grid, before, after, steps, support_x, support_y, query_x,
                                    query_y if query_y is not None else prediction, Path(plot),
-                                   query_labelled=query_y is not None)
+                                   query_labelled=query_y is not None,
+                                   labels=(names[0], run.y_name or "y"))
     return Predictions(rows, {"task": "regression", "steps": steps, "support": len(support_x),
                               "query": len(query_x), "mse": mse})

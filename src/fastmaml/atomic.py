@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
 
 # the errors of a write or flush that the disk refuses: full, over a quota or a size limit,
@@ -34,6 +34,16 @@ def read_json(path: Path, remedy: str = "") -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DataError(f"{path} is damaged ({error})"
                         + (f": {remedy}" if remedy else "")) from None
+
+
+def refuse_unwritable(path: Path, what: str) -> None:
+    """A ``ConfigError`` before any work where ``path`` (``what``: e.g. "--out") cannot be
+    written because a folder on its way is a file."""
+    for folder in Path(path).absolute().parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ConfigError(f"cannot write {what} {path}: {folder} is a file, not a folder")
+            return
 
 
 def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .atomic import write_text_atomic
+from .atomic import refuse_unwritable, write_text_atomic
 from .norms import has_batch_norm
 from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, PathWarning,
                      is_out_of_memory)
@@ -96,6 +96,8 @@ def _adapt(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ConfigError(f"--out {out} is a folder: name the file to write the predictions to")
+    if out is not None:
+        refuse_unwritable(out, "--out")
     inside = out is not None and out.resolve().is_relative_to(run_dir.resolve())
     if inside:
         with locked_run_dir(run_dir):

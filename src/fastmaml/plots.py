@@ -11,7 +11,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .atomic import read_json, replace_atomically, write_text_atomic
+from .atomic import read_json, refuse_unwritable, replace_atomically, write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLWarning, warn
 from .train import read_metrics
 
@@ -159,9 +159,11 @@ def steps_label(count: int) -> str:
 
 def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, support_x: Any,
                                support_y: Any, query_x: Any, query_y: Any, path: Path,
-                               query_labelled: bool) -> Path:
+                               query_labelled: bool, labels: tuple[str, str] = ("x", "y")
+                               ) -> Path:
     """A new regression task: its support points, the prediction before and after ``steps``
-    inner steps, and the query points (their labels, or the predictions for them)."""
+    inner steps, and the query points (their labels, or the predictions for them); ``labels``:
+    the axes' (the run's column names)."""
     fig = new_figure(6, 3.8)
     ax = fig.subplots()
     ax.plot(grid, before, ":", color="tab:green", label="before adaptation")
@@ -170,7 +172,7 @@ def plot_regression_adaptation(grid: Any, before: Any, after: Any, steps: int, s
                label=f"{len(support_x)} support points")
     ax.scatter(query_x, query_y, marker="o", s=12, color="tab:red" if query_labelled else "tab:gray",
                zorder=3, label="query points" if query_labelled else "query predictions")
-    ax.set(xlabel="x", ylabel="y")
+    ax.set(xlabel=labels[0], ylabel=labels[1])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,7 @@ def check_figure_path(path: Path) -> None:
                           f"{', '.join('.' + f for f in sorted(formats))}")
     if path.is_dir():
         raise ConfigError(f"cannot draw a figure to {path}: it is a folder")
+    refuse_unwritable(path, "the figure")
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
