@@ -96,6 +96,10 @@ def test_learning_curves_show_a_single_row_and_say_when_nothing_is_logged(
     line, = by_iteration.get_lines()
     assert list(line.get_xdata()) == [20.0] and line.get_marker() == "o"  # a point, drawn
     assert by_iteration.get_legend() is not None
+    figures[0].canvas.draw()  # (ticks are placed when drawn)
+    ticks = [tick for tick in by_iteration.get_xticks()
+             if by_iteration.get_xlim()[0] <= tick <= by_iteration.get_xlim()[1]]
+    assert ticks and all(tick == int(tick) for tick in ticks)  # iterations are whole
     for ax in figures[1].axes:
         assert [t.get_text() for t in ax.texts] == ["no metrics logged yet"]
         assert ax.get_legend() is None and not ax.get_lines()

@@ -136,6 +136,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
                 by_time.plot([s / 60 for s in secs], values, **style)
                 drawn = True
     by_iter.set(xlabel="iteration", ylabel=" / ".join(keys.values()))
+    by_iter.xaxis.get_major_locator().set_params(integer=True)  # (no iteration 1.5)
     by_time.set(xlabel="wall-clock of training (min)")
     for ax in (by_iter, by_time):
         ax.grid(alpha=0.3)

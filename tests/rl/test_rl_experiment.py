@@ -16,6 +16,7 @@ from fastmaml.cli import main
 from fastmaml.errors import ConfigError, FastMAMLWarning
 from fastmaml.experiments import PRESETS, base, create_run, load_experiment, preset
 from fastmaml.experiments.base import mean_ci95
+from fastmaml.experiments import rl as rl_experiment
 from fastmaml.experiments.rl import EVAL_SEED, RLConfig, RLExperiment, episode_seed
 from fastmaml.train import checkpoint_path, fit, load_checkpoint
 
@@ -160,7 +161,8 @@ def test_training_batch_of_steps_runs_one_environment_per_task(tmp_path: Path) -
     assert metrics["accepted"] == 1.0  # the TRPO step runs on these padded batches
 
 
-def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                            monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
     tiny = ["iterations=2", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
             "eval_tasks=3", "eval_trajectories=2", "checkpoint_every=1"]
@@ -181,6 +183,15 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert (out / "figures" / "return_vs_steps.png").stat().st_size > 0
     assert (out / "figures" / "learning_curves.png").is_file()
     assert "fastmaml: wrote" in capsys.readouterr().out
+    # horizon 10: the paper's returns (horizon 100) on an axis of their own, over the steps run
+    figures = []
+    monkeypatch.setattr(rl_experiment, "save_figure",
+                        lambda fig, path: figures.append(fig) or path)
+    two_steps = [{**r, **{key: r[key][:3] for key in ("steps", "mean", "ci95")}} for r in records]
+    load_experiment(out).plot_evaluation(two_steps)
+    ours, theirs = figures[0].axes
+    assert theirs.get_ylabel() == "the paper's return (horizon 100: another scale)"
+    assert {max(line.get_xdata()) for line in theirs.get_lines()} == {2}
 
 
 def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,

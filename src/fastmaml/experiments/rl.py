@@ -538,21 +538,26 @@ class RLExperiment(Experiment):
 
     # ----- figures -----
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
-        """Return against steps, each method beside the paper's curve of it. The locomotion
-        tasks' paper returns (rllab's models, another scale) are on an axis of their own."""
+        """Return against steps, each method beside the paper's curve of it over the steps
+        evaluated. The paper's returns are on an axis of their own where they are on another
+        scale: the locomotion tasks' (rllab's models), and any run's of another horizon."""
         cfg = self.cfg
         paper = PAPER.get(cfg.env, {})
         colors = colors_for([r["method"] for r in records])
         fig = new_figure(5.6, 4.0)
         ax = fig.subplots()
-        paper_ax = ax.twinx() if cfg.env in LOCOMOTION else ax
+        paper_horizon = _rl().default_horizon(cfg.env) if cfg.env in PAPER_ENVS else None
+        other_horizon = (paper_horizon is not None
+                         and (cfg.horizon or paper_horizon) != paper_horizon)
+        paper_ax = ax.twinx() if cfg.env in LOCOMOTION or other_horizon else ax
+        last = max(records[0]["steps"])
         for r in records:
             mean, low, high = ci_band(r)
             color = colors[r["method"]]
             ax.plot(r["steps"], mean, marker="o", ms=4, color=color, label=method_label(r))
             ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
             if r["method"] in paper:
-                values = paper[r["method"]]
+                values = paper[r["method"]][:last + 1]
                 paper_ax.plot(range(len(values)), values, ls="--", marker="x", ms=4, alpha=0.6,
                               color=color, label=f"paper: {r['method']}")
         if "oracle" in paper:  # a line over the steps, so that the axis takes it in
@@ -561,7 +566,9 @@ class RLExperiment(Experiment):
         ax.set(title=f"{cfg.env.split('/')[-1]} ({counted(records[0]['tasks'], 'task')})",
                xlabel="number of gradient steps", ylabel="average return")
         if paper_ax is not ax:
-            paper_ax.set_ylabel("the paper's return (rllab's models: another scale)")
+            why = ((["rllab's models"] if cfg.env in LOCOMOTION else [])
+                   + ([f"horizon {paper_horizon}"] if other_horizon else []))
+            paper_ax.set_ylabel(f"the paper's return ({', '.join(why)}: another scale)")
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
         handles = [h for axis in dict.fromkeys([ax, paper_ax])
