@@ -255,16 +255,14 @@ def record_drawn_from(figures_dir: Path, drawn: dict[Path, dict[str, str]]) -> N
                       figures_dir / DRAWN_FROM)
 
 
-def retire_figures(figures_dir: Path, drawn: Sequence[Path], input_name: str) -> list[Path]:
+def retire_figures(figures_dir: Path, drawn: Sequence[Path], input_name: str) -> None:
     """Remove the figures recorded as drawn from ``input_name`` (e.g. eval.json) that are not
     among ``drawn``, the figures drawn from it now (an evaluation without a K an earlier one
-    had): left, they would stay stale for good. Returns them."""
+    had): left, they would stay stale for good."""
     drawn_names = {path.name for path in drawn}
-    retired = [figures_dir / name for name, inputs in _drawn_from(figures_dir).items()
-               if input_name in inputs and name not in drawn_names]
-    for path in retired:
-        path.unlink(missing_ok=True)
-    return retired
+    for name, inputs in _drawn_from(figures_dir).items():
+        if input_name in inputs and name not in drawn_names:
+            (figures_dir / name).unlink(missing_ok=True)
 
 
 def stale_figures(figures_dir: Path) -> dict[str, str]:

@@ -5,8 +5,8 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
 from collections.abc import Callable, Iterable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
 
