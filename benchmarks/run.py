@@ -89,6 +89,8 @@ WORKLOADS = {w.name: w for w in [
              _images(32, 5, 1, 15, 1, 28)),
     Workload("omniglot-20w1s", lambda: ConvNet(1, 20, 64), F.cross_entropy, 16, 0.1, 5,
              _images(16, 20, 1, 1, 1, 28)),
+    Workload("omniglot-20w5s", lambda: ConvNet(1, 20, 64), F.cross_entropy, 16, 0.1, 5,
+             _images(16, 20, 5, 5, 1, 28)),
     Workload("sequence-lstm", lambda: SequenceNet(nn.LSTM(1, 40, batch_first=True), 1),
              F.mse_loss, 16, 0.01, 1, _sequences),
     Workload("miniimagenet-5w1s", lambda: ConvNet(3, 5, 32, strided=False, image_size=84),
