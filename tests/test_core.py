@@ -21,7 +21,7 @@ import fastmaml.probe
 from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeError, TaskBatch
 from fastmaml.errors import NonFiniteInputError
 from fastmaml.core import multi_step_loss_weights
-from fastmaml.models import MLP, SequenceNet, is_norm_param
+from fastmaml.models import MLP, ConvNet, SequenceNet, is_norm_param
 from problems import (MORE_MODELS, PROBLEMS, TASKS, EvalAttention, attention_batch, bag_problem,
                       conv_problem, flat_grads, meta_grad, mlp_problem, relative, variant_kwargs,
                       variant_weights, with_lr_modes)
@@ -363,6 +363,57 @@ def test_paper_batch_norm_uses_batch_statistics_and_never_updates_buffers():
         alone = maml.predict({}, x[:2])
         together = maml.predict({}, x)[:2]
     assert not torch.allclose(alone, together)
+
+
+def _graph_nodes(tensor: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes that ``tensor`` was computed through."""
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack += [child for child, _ in node.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("eval_mode", [False, True])
+def test_batch_norm_runs_torchs_kernel_looped_and_stays_exact(eval_mode):
+    """Outside vmap torch's batch-norm kernel is exact to second order and faster than the form
+    that vmap needs (layer norm over a channels-first view), so the looped path runs it: in
+    training mode and, transductive, in eval mode, with a learned scale and offset adapted."""
+    torch.manual_seed(0)
+    model = ConvNet(1, 3, hidden=4, strided=True, image_size=8, blocks=2, norm_scale=True)
+    model.train(not eval_mode)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.weight.data.normal_(1, 0.5)
+    batch = conv_problem()[2]
+    grads, nodes = {}, {}
+    for batched in (True, False):
+        maml = MAML(copy.deepcopy(model), F.cross_entropy, 0.1, 2, batched=batched)
+        loss = maml.meta_loss(batch)[0]
+        nodes[batched] = _graph_nodes(loss)
+        params = [p for p in maml.parameters() if p.requires_grad]
+        grads[batched] = torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
+    assert "NativeBatchNormBackward0" in nodes[False]
+    assert "NativeLayerNormBackward0" not in nodes[False]
+    assert "NativeBatchNormBackward0" not in nodes[True]
+    assert relative(grads[True], grads[False]) < 1e-10
+    maml = MAML(copy.deepcopy(model), F.cross_entropy, 0.1, 2, batched=False)
+    params = [p for p in maml.parameters() if p.requires_grad]
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(1))
+                 for p in params]
+    eps, values = 1e-6, []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+            values.append(maml.meta_loss(batch)[0].item())
+            for p, d in zip(params, direction):
+                p.sub_(sign * eps * d)
+    analytic = torch.dot(grads[False], torch.cat([d.flatten() for d in direction])).item()
+    assert analytic == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
 def test_adapting_leaves_the_requires_grad_of_the_models_buffers_as_it_was():
