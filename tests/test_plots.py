@@ -226,3 +226,21 @@ def test_learning_curves_are_stale_once_another_learner_logs(tmp_path: Path) -> 
     (tmp_path / "metrics-pretrained.csv").write_text("iteration\n1\n")
     assert plots.stale_figures(figures) == {  # (the evaluation's figure draws no log)
         "c.png": "metrics-pretrained.csv, which it did not draw, is new"}
+
+
+def test_few_shot_learning_curves_draw_accuracy_in_percent_as_its_other_figures(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The log keeps accuracy as a fraction; its evaluation figure and tables show percent."""
+    from fastmaml.experiments import create_run
+
+    figures = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.append(fig) or path)
+    experiment = create_run("omniglot-5w1s", tmp_path / "run", ["data_root=/nowhere"])
+    (tmp_path / "run" / "metrics-maml.csv").write_text(
+        "iteration,elapsed_s,query_metric,val_accuracy\n10,1,0.5,\n20,2,0.75,0.8\n")
+    experiment.plot()
+    by_iteration = figures[0].axes[0]
+    lines = {line.get_label(): list(line.get_ydata()) for line in by_iteration.get_lines()}
+    assert lines == {"maml: training query accuracy (%)": [50.0, 75.0],
+                     "maml: validation accuracy (%)": [80.0]}
+    assert by_iteration.get_ylabel() == "training query accuracy (%) / validation accuracy (%)"

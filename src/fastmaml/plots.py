@@ -114,9 +114,11 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
 
 
 def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path,
-                         title: str) -> Path:
+                         title: str, scale: float = 1.0) -> Path:
     """Each key of each metrics CSV (``keys``: column -> what it is) against iterations (left)
-    and wall-clock time (right): one colour per learner, one line style per key."""
+    and wall-clock time (right): one colour per learner, one line style per key. The values
+    are drawn times ``scale`` (100: a log's fractions as the percentages of the evaluation's
+    figures)."""
     fig = new_figure(10, 3.9)
     by_iter, by_time = fig.subplots(1, 2)
     runs = [csv_path.stem.removeprefix("metrics-") for csv_path in csv_paths]
@@ -125,7 +127,7 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
     for csv_path, run in zip(csv_paths, runs):
         rows = read_metrics(csv_path)
         for (key, meaning), line_style in zip(keys.items(), itertools.cycle(("-", "--", ":"))):
-            points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]))
+            points = [(float(r["iteration"]), float(r["elapsed_s"]), float(r[key]) * scale)
                       for r in rows if r.get(key) not in ("", None)]
             if points:
                 its, secs, values = zip(*points)

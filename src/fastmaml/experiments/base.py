@@ -287,8 +287,10 @@ class Experiment(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type[Config]]
-    # the metrics-log columns drawn as learning curves, and what each is
+    # the metrics-log columns drawn as learning curves, and what each is; drawn times
+    # ``curve_scale`` (100: fractions in the log, percentages in the figures)
     curve_keys: ClassVar[dict[str, str]]
+    curve_scale: ClassVar[float] = 1.0
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
@@ -326,7 +328,8 @@ class Experiment(ABC):
             inputs = digests(logs)
             drawn[plot_learning_curves(logs, self.curve_keys,
                                        self.figures_dir() / "learning_curves.png",
-                                       f"{self.figure_title()}: learning curves")] = inputs
+                                       f"{self.figure_title()}: learning curves",
+                                       self.curve_scale)] = inputs
         if evaluated:
             extra = self.evaluation_inputs()
             taken = digests(sorted({self.run_dir / "eval.json",

@@ -147,8 +147,9 @@ def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 class FewShotExperiment(Experiment):
     name = "fewshot"
     config_cls = FewShotConfig
-    curve_keys = {"query_metric": "training query accuracy",
-                  "val_accuracy": "validation accuracy"}
+    curve_keys = {"query_metric": "training query accuracy (%)",
+                  "val_accuracy": "validation accuracy (%)"}
+    curve_scale = 100.0
     cfg: FewShotConfig
 
     def __init__(self, cfg: FewShotConfig, run_dir: Path):
