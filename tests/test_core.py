@@ -416,6 +416,40 @@ def test_batch_norm_runs_torchs_kernel_looped_and_stays_exact(eval_mode):
     assert analytic == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-5, abs=1e-8)
 
 
+@pytest.mark.parametrize("call", ["first_order", "evaluate", "second_order"])
+def test_batch_norm_runs_torchs_kernel_under_vmap_where_no_second_derivative_is_taken(
+        call, monkeypatch):
+    """Under vmap torch's batch-norm kernel has exact first derivatives and a wrong second
+    (``fastmaml.norms``): a first-order meta-gradient and an evaluation run it batched, and
+    agree with the looped path; a second-order meta-gradient runs the layer-norm form."""
+    torch.manual_seed(0)
+    model = ConvNet(1, 3, hidden=4, strided=True, image_size=8, blocks=2, norm_scale=True)
+    for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        norm.weight.data.normal_(1, 0.5)
+    batch = conv_problem()[2]
+    kernel_calls = []
+    monkeypatch.setattr(torch, "batch_norm", lambda *args, _kernel=torch.batch_norm:
+                        kernel_calls.append(1) or _kernel(*args))
+    results, calls = {}, {}
+    for batched in (True, False):
+        maml = MAML(copy.deepcopy(model), F.cross_entropy, 0.1, 2, call == "first_order",
+                    batched=batched)
+
+        def run() -> torch.Tensor:
+            if call == "evaluate":
+                return maml.evaluate(batch)["loss"]
+            maml.zero_grad(set_to_none=True)
+            maml.meta_backward(batch)
+            return flat_grads(maml)
+        run()  # (its first call probes the model, eagerly)
+        kernel_calls.clear()
+        results[batched], calls[batched] = run(), len(kernel_calls)
+        assert maml.path == ("batched" if batched else "looped")
+    assert calls[False] > 0
+    assert (calls[True] == 0) == (call == "second_order")
+    assert relative(results[True], results[False]) < 1e-10
+
+
 def test_adapting_leaves_the_requires_grad_of_the_models_buffers_as_it_was():
     """The first call's probe marks its own aliases of the tensors, never the model's."""
     model, loss_fn, batch = mlp_problem()
