@@ -40,8 +40,9 @@ _CODE_COPIES: dict[tuple[str, str], types.FunctionType] = {}
 # one (a checkpoint keeps them) are timed again; the torch version is in the key for the same reason
 # 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
 # run batched (a recurrent model's saved choice was the looped fallback). 5: norms and embeddings
-# found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups
-PATHS_REVISION = 5
+# found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups.
+# 6: torch's batch-norm kernel where it is exact (the looped path; vmap in first order)
+PATHS_REVISION = 6
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 # the relative difference from the eager meta-gradient beyond which a compiled one counts as off
 COMPILED_TOLERANCE = 1e-3
