@@ -28,7 +28,7 @@ from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
                      matching, non_finite_input, widened)
-from .norms import first_derivatives_only, spectral_normed
+from .norms import spectral_normed
 from .paths import ExecutionPaths
 from .per_step import PerStepParameters
 from .probe import ModelProbe
@@ -118,17 +118,6 @@ def _second_derivatives_explained(meta_backward: Callable) -> Callable:
                               f"model twice ({first_line(error)}): set first_order=True, or "
                               "replace that operation") from error
     return explained
-
-
-def _first_derivatives_in_first_order(meta_backward: Callable) -> Callable:
-    """``meta_backward`` within ``first_derivatives_only`` where the learner is first order:
-    one backward, no derivative of an inner gradient, so torch's batch-norm kernel runs under
-    vmap too (``fastmaml.norms``)."""
-    @functools.wraps(meta_backward)
-    def within(self: MAML, *args: Any, **kwargs: Any) -> Any:
-        with first_derivatives_only(self.first_order):
-            return meta_backward(self, *args, **kwargs)
-    return within
 
 
 class MAML(ExecutionPaths, ModelProbe, nn.Module):
@@ -437,7 +426,6 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         return loss, metrics
 
     @_second_derivatives_explained
-    @_first_derivatives_in_first_order
     def meta_backward(self, batch: TaskBatch | Sequence[Tensor],
                       step_weights: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """``meta_loss(batch, step_weights)[0].backward()`` as one functional pass.
@@ -519,8 +507,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._warn_of_reuse(steps)
         self._warn_of_dropout("evaluate", "loss")
         self._prepare(batch.support_x[0], of_batch=True)
-        with first_derivatives_only():  # (no gradient but the inner steps')
-            _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
+        _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,

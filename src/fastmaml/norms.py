@@ -2,19 +2,16 @@
 model.
 
 The paper's official code normalises with the statistics of the current batch at train *and*
-test time and never keeps running statistics (transductive batch norm). Under ``vmap``, torch
-2.13's fused kernels give wrong second-order meta-gradients in two places (``tests/test_core.py``
-checks both against the looped reference), and everywhere in a third:
+test time and never keeps running statistics (transductive batch norm). Torch 2.13's fused
+kernels give wrong second-order meta-gradients under ``vmap`` in one case (``tests/test_core.py``
+checks each kernel against the looped reference), and everywhere in another:
 
-- ``F.batch_norm``: not exact (6.4e-2 relative on one model, docs/results.md). The replacement
-  runs ``layer_norm`` over a channels-first view, which is exact and 1.1-1.3x faster than the
-  same normalisation written with elementwise ops (memory-bound here). Outside vmap (the looped
-  path), and under it where no second derivative is taken (first order, evaluation), torch's
-  own kernel is exact and faster still, and runs there (``torch_kernel_exact``).
-- ``F.layer_norm`` and ``F.instance_norm`` with a weight that differs per task (adapted in the
-  inner loop): the gradient of the parameters before them is off by up to 4e-2 (layer norm) and
-  1e-1 (instance norm) in float64. The same normalisation without its affine weight and bias,
-  which are then applied outside the kernel, is exact.
+- ``F.batch_norm``, ``F.layer_norm`` and ``F.instance_norm`` with a weight that differs per task
+  (adapted in the inner loop): the gradient of the parameters before them is off, by 1.8e-2
+  relative (batch norm, ``tests/test_core.py``), up to 4e-2 (layer norm) and 1e-1 (instance
+  norm) in float64. The same kernels without their affine weight and bias, which are then
+  applied outside the kernel, are exact. (Batch norm ran as ``layer_norm`` over a channels-first
+  view until session 55: exact too, and slower; docs/results.md.)
 - ``torch._weight_norm`` (``nn.utils.parametrizations.weight_norm`` and the older
   ``nn.utils.weight_norm``): its double backward is wrong in the direction of ``v``, batched or
   looped (a meta-gradient off by 2e-2 to 4e-2; torch's ``gradgradcheck`` fails on it).
@@ -26,10 +23,8 @@ layers, or its own code).
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,38 +43,10 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
                          f"{tuple(x.shape)}) would turn every input into the same output: give "
                          "more than one example (predict: context=, e.g. the task's support "
                          "inputs; fastmaml adapt: --norm each)")
-    if torch_kernel_exact():  # torch's own kernel where it is exact: faster
-        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
-    # Channels first, then layer norm over (batch, spatial): per-channel batch statistics from a
-    # fused kernel whose derivatives (to second order) are exact under vmap.
-    channels_first = x.transpose(0, 1)
-    out = F.layer_norm(channels_first, channels_first.shape[1:], eps=eps).transpose(0, 1)
+    # torch's kernel without its weight and bias, which are applied after it: under vmap its
+    # second derivative is wrong with a weight that differs per task, and exact without one
+    out = F.batch_norm(x, None, None, training=True, eps=eps)
     return _affine(out, weight, bias, [1, -1] + [1] * (x.dim() - 2))
-
-
-# set where no derivative of a derivative is taken (``first_derivatives_only``)
-_FIRST_DERIVATIVES_ONLY = contextvars.ContextVar("first_derivatives_only", default=False)
-
-
-@contextlib.contextmanager
-def first_derivatives_only(active: bool = True) -> Iterator[None]:
-    """Within it, where ``active``, the caller takes no derivative of a derivative (a
-    first-order meta-gradient, an evaluation's inner steps): there torch's batch-norm kernel is
-    exact under vmap too, and ``batch_stats_norm`` runs it."""
-    token = _FIRST_DERIVATIVES_ONLY.set(active)
-    try:
-        yield
-    finally:
-        _FIRST_DERIVATIVES_ONLY.reset(token)
-
-
-def torch_kernel_exact() -> bool:
-    """Whether torch's batch-norm kernel is exact here: outside ``torch.func``'s transforms (plain
-    autograd, the looped path: to any order), or under them within ``first_derivatives_only``
-    (vmap's error is in its second derivative alone); not while ``torch.compile`` traces, whose
-    graphs keep the one form."""
-    return not torch.compiler.is_compiling() and (
-        _FIRST_DERIVATIVES_ONLY.get() or torch._C._functorch.maybe_current_level() is None)
 
 
 def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
