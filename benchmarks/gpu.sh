@@ -7,7 +7,8 @@
 #      automatic-with-compile (the compiled graph as a search candidate) paths, the loop, and higher / TorchOpt / parallel-metalearn where that machine has
 #      them -> gpu-bench.json / .txt, then
 #      the same with TF32 tensor cores (engine and loop, no compile) -> gpu-bench-tf32.json / .txt
-#   2. reduced precision (bf16 autocast, TF32) against fp64 meta-gradients -> gpu-precision.json / .txt
+#   2. reduced precision (bf16 autocast, TF32) against fp64 meta-gradients -> gpu-precision.json / .txt,
+#      and the norms' batched meta-gradients against looped ones in fp64 -> gpu-exactness.json / .txt
 #   3. if Omniglot is reachable ($FASTMAML_OMNIGLOT or ../shared/data/omniglot) and the CLI's
 #      packages import there: the full omniglot-5w1s preset for SECONDS_FOR_TRAINING (default 240),
 #      checkpointed, then evaluated on the 600 meta-test tasks.
@@ -24,6 +25,8 @@ python3 benchmarks/run.py --device cuda --precision tf32 --workloads omniglot-5w
     --impls fastmaml,loop --repeats 10 --json "$out/gpu-bench-tf32.json" 2>&1 | tee "$out/gpu-bench-tf32.txt"
 python3 benchmarks/precision.py --device cuda --workloads omniglot-5w1s-q5,omniglot-5w1s-q75,omniglot-20w1s \
     --json "$out/gpu-precision.json" 2>&1 | tee "$out/gpu-precision.txt"
+python3 benchmarks/exactness.py --device cuda --json "$out/gpu-exactness.json" 2>&1 \
+    | tee "$out/gpu-exactness.txt"
 data="${FASTMAML_OMNIGLOT:-$PWD/../shared/data/omniglot}"
 if [ -d "$data/images_background" ] && python3 -c "import tqdm, yaml, matplotlib, PIL" 2>/dev/null; then
     run="$out/omniglot-5w1s"

@@ -120,3 +120,27 @@ def test_every_adapter_computes_the_loops_meta_gradient_in_float64(workload, fir
         assert ("torchopt" in checked) == (not first_order)
     if importlib.util.find_spec("metalearn") and workload == "sinusoid":
         assert "parallel-metalearn" in checked
+
+
+def test_exactness_check_passes_on_fastmamls_norms_and_fails_on_torchs_fused_weight(
+        tmp_path, monkeypatch, capsys):
+    """The device check of ``fastmaml.norms`` (run by gpu.sh): exact here, and it says so when a
+    norm's weight goes back inside torch's kernel, whose vmap second derivative is wrong."""
+    import fastmaml.norms
+
+    spec = importlib.util.spec_from_file_location("fastmaml_exactness",
+                                                  REPO / "benchmarks" / "exactness.py")
+    exactness = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exactness)
+    out = tmp_path / "exactness.json"
+    assert exactness.main(["--device", "cpu", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["model"] for r in records] == list(exactness.MODELS)
+    assert all(r["exact"] and r["relative_difference"] <= 1e-10 for r in records)
+    monkeypatch.setattr(fastmaml.norms, "batch_stats_norm", lambda x, weight, bias, eps:
+                        torch.nn.functional.batch_norm(x, None, None, weight, bias, True, 0.0, eps))
+    capsys.readouterr()
+    assert exactness.main(["--device", "cpu"]) == 1
+    verdicts = {line[:18].strip(): line.endswith("NOT EXACT")
+                for line in capsys.readouterr().out.splitlines()}
+    assert verdicts == {"conv + batch norm": True, "layer norm": False, "instance norm": False}
