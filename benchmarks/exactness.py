@@ -34,16 +34,27 @@ def _conv_batch_norm() -> tuple[nn.Module, Callable, TaskBatch]:
                                              torch.randn(images), torch.randint(0, 3, images[:2]))
 
 
-def _norm_mlp(norm: nn.Module) -> tuple[nn.Module, Callable, TaskBatch]:
-    model = nn.Sequential(nn.Linear(3, 8), nn.Unflatten(-1, (2, 4)), norm, nn.Tanh(),
-                          nn.Flatten(), nn.Linear(8, 1))
+def _mlp(*middle: nn.Module) -> tuple[nn.Module, Callable, TaskBatch]:
+    model = nn.Sequential(nn.Linear(3, 8), *middle, nn.Tanh(), nn.Linear(8, 1))
     points = (TASKS, 6, 3)
     return model, F.mse_loss, TaskBatch(torch.randn(points), torch.randn(*points[:2], 1),
                                         torch.randn(points), torch.randn(*points[:2], 1))
 
 
+def _norm_mlp(norm: nn.Module) -> tuple[nn.Module, Callable, TaskBatch]:
+    """``norm`` over 2 channels of 4 features (instance norm) or over the last 4 (layer norm)."""
+    return _mlp(nn.Unflatten(-1, (2, 4)), norm, nn.Flatten())
+
+
+def _eval_mode_batch_norm() -> tuple[nn.Module, Callable, TaskBatch]:
+    """An MLP's batch norm (N, C) in eval mode: batch statistics still (transductive)."""
+    model, loss_fn, batch = _mlp(nn.BatchNorm1d(8))
+    return model.eval(), loss_fn, batch
+
+
 MODELS: dict[str, Callable[[], tuple[nn.Module, Callable, TaskBatch]]] = {
     "conv + batch norm": _conv_batch_norm,
+    "mlp + batch norm": _eval_mode_batch_norm,
     "layer norm": lambda: _norm_mlp(nn.LayerNorm(4)),
     "instance norm": lambda: _norm_mlp(nn.InstanceNorm1d(2, affine=True)),
 }
@@ -68,8 +79,14 @@ def check(name: str, device: torch.device) -> dict:
                         for t in batch))
     batched, looped = (meta_gradient(model, loss_fn, batch, path) for path in (True, False))
     difference = ((batched - looped).norm() / looped.norm()).item()
-    return {"model": name, "device": str(device), "relative_difference": difference,
+    return {"model": name, "device": str(device), "device_name": _device_name(device),
+            "torch": torch.__version__, "relative_difference": difference,
             "exact": difference <= TOLERANCE}
+
+
+def _device_name(device: torch.device) -> str:
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else torch.backends.cpu.get_cpu_capability())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,9 +123,10 @@ def test_batch_statistics_are_exact_under_vmap_where_the_fused_kernel_is_not(lay
     """The trap in the engineering notes: F.batch_norm under vmap, second order, on torch 2.13.
 
     Wherever batch statistics are used (transductive_bn, or a layer in training mode, also one
-    of the model's own) our elementary-op batch norm runs, and agrees with the looped reference
-    to 1e-10; the fused kernel does not. If the last assertion ever fails, torch has fixed the
-    kernel and the workaround could be reconsidered.
+    of the model's own) the kernel runs without its weight, applied after it, and agrees with
+    the looped reference to 1e-10; with the layer's weight inside (it is adapted per task) it
+    does not. If the last assertion ever fails, torch has fixed the kernel and the workaround
+    could be reconsidered.
     """
     def grads(transductive: bool) -> dict[bool, torch.Tensor]:
         out = {}
@@ -1001,13 +1002,25 @@ def test_batch_norm_over_one_example_is_refused_in_training_too():
 
 
 def test_batch_norm_of_one_image_normalises_over_its_pixels():
-    """One image has many values per channel (its pixels): torch normalises it, and so do we
-    (predicting one image with its own statistics is the user's choice)."""
-    from fastmaml.norms import batch_stats_norm
-
+    """One image has many values per channel (its pixels): torch's layer normalises it, and so
+    do we (predicting one image with its own statistics is the user's choice)."""
+    norm = nn.BatchNorm2d(3).double()
+    nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
     image = torch.randn(1, 3, 4, 4, dtype=torch.float64)
-    torch.testing.assert_close(batch_stats_norm(image, None, None, 1e-5),
-                               F.batch_norm(image, None, None, training=True, eps=1e-5))
+    with fastmaml.norms.ExactNorms(transductive=False):
+        ours = norm(image)
+    torch.testing.assert_close(ours, norm(image))  # (torch's, in training mode)
+
+
+@pytest.mark.parametrize("shape", [(4096, 64), (512, 64, 8), (64, 64, 5, 5)])
+def test_batch_statistics_keep_float32s_digits_where_the_mean_dwarfs_the_spread(shape):
+    """Features of an MLP (N, C) far from zero: torch's CPU kernel loses digits there (2.8e-5
+    off at mean 10, sd 1), so such a batch norm runs as layer norm over the transpose."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float32) + 10
+    exact = F.batch_norm(x.double(), None, None, training=True, eps=1e-5)
+    ours = fastmaml.norms.batch_stats_norm(x, None, None, 1e-5)
+    assert ours.dtype == torch.float32
+    assert (ours.double() - exact).abs().max() < 5e-6
 
 
 class Pair(nn.Module):
