@@ -421,6 +421,24 @@ def test_batch_norm_runs_torchs_kernel_with_its_adapted_weight_outside(eval_mode
     assert relative(fused[True], fused[False]) > 1e-5
 
 
+def test_the_looped_path_runs_batch_norm_with_its_weight_inside_torchs_kernel(monkeypatch):
+    """Plain autograd differentiates the whole kernel exactly: the looped path spares the pass
+    of a weight applied after it, which vmap needs (and gets)."""
+    model, loss_fn, batch = conv_problem()
+    affine_calls = []
+    affine = fastmaml.norms._affine
+    monkeypatch.setattr(fastmaml.norms, "_affine",
+                        lambda *args: affine_calls.append(1) or affine(*args))
+    calls = {}
+    for batched in (True, False):
+        maml = MAML(copy.deepcopy(model), loss_fn, 0.1, 2, batched=batched)
+        maml.meta_loss(batch)  # (its first call probes the model, eagerly)
+        affine_calls.clear()
+        maml.meta_loss(batch)
+        calls[batched] = len(affine_calls)
+    assert calls == {True: 6, False: 0}  # (two norms in each of 3 forwards: 2 steps, query)
+
+
 def test_adapting_leaves_the_requires_grad_of_the_models_buffers_as_it_was():
     """The first call's probe marks its own aliases of the tensors, never the model's."""
     model, loss_fn, batch = mlp_problem()

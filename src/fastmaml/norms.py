@@ -44,6 +44,8 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
                          f"{tuple(x.shape)}) would turn every input into the same output: give "
                          "more than one example (predict: context=, e.g. the task's support "
                          "inputs; fastmaml adapt: --norm each)")
+    if x.dim() > 2 and _untransformed():  # the looped path: torch's kernel is exact whole
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     # The kernel without its weight and bias, which are applied after it: under vmap its
     # second derivative is wrong with a weight that differs per task, and exact without one.
     if x.dim() > 2:  # torch's batch-norm kernel
@@ -52,6 +54,13 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
         # 10, sd 1 against 1.5e-6), layer norm over the transpose does not
         out = F.layer_norm(x.T, x.shape[:1], eps=eps).T
     return _affine(out, weight, bias, [1, -1] + [1] * (x.dim() - 2))
+
+
+def _untransformed() -> bool:
+    """Outside ``torch.func``'s transforms and ``torch.compile`` (plain autograd), where the
+    weight applied after the kernel would only cost a pass over the activations (11% of the
+    looped path's time on first-order 5-way 1-shot tasks with 75 queries)."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is None
 
 
 def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: list[int]) -> Tensor:
