@@ -386,10 +386,10 @@ def _graph_nodes(tensor: torch.Tensor) -> set[str]:
 
 @pytest.mark.parametrize("eval_mode", [False, True])
 def test_batch_norm_runs_torchs_kernel_with_its_adapted_weight_outside(eval_mode, monkeypatch):
-    """Batch statistics come from torch's kernel on every path, its weight and bias applied
-    after it: batched and looped agree, with a scale and offset adapted, in training mode and
-    (transductive) in eval mode, and match finite differences. With the weight inside the
-    kernel, vmap's second-order meta-gradient is off (if the last assertion fails, torch has
+    """Batch statistics come from torch's kernel on every path (under vmap its weight and bias
+    applied after it): batched and looped agree, with a scale and offset adapted, in training
+    mode and (transductive) in eval mode, and match finite differences. With the weight inside
+    the kernel, vmap's second-order meta-gradient is off (if the last assertion fails, torch has
     fixed the kernel)."""
     torch.manual_seed(0)
     model = ConvNet(1, 3, hidden=4, strided=True, image_size=8, blocks=2, norm_scale=True)
@@ -1021,13 +1021,23 @@ def test_batch_norm_over_one_example_is_refused_in_training_too():
 
 def test_batch_norm_of_one_image_normalises_over_its_pixels():
     """One image has many values per channel (its pixels): torch's layer normalises it, and so
-    do we (predicting one image with its own statistics is the user's choice)."""
+    do we, in the looped form and in vmap's (its weight and bias applied after the kernel)
+    (predicting one image with its own statistics is the user's choice)."""
     norm = nn.BatchNorm2d(3).double()
     nn.init.normal_(norm.weight), nn.init.normal_(norm.bias)
-    image = torch.randn(1, 3, 4, 4, dtype=torch.float64)
+    images = torch.randn(2, 1, 3, 4, 4, dtype=torch.float64)  # two tasks of one image
     with fastmaml.norms.ExactNorms(transductive=False):
-        ours = norm(image)
-    torch.testing.assert_close(ours, norm(image))  # (torch's, in training mode)
+        looped = torch.stack([norm(image) for image in images])
+        batched = torch.func.vmap(norm)(images)
+    plain = torch.stack([norm(image) for image in images])  # (torch's, in training mode)
+    torch.testing.assert_close(looped, plain)
+    torch.testing.assert_close(batched, plain)
+
+
+def test_batch_norm_of_a_one_dimensional_input_is_refused_as_torch_refuses_it():
+    """(N, C) runs as layer norm over the transpose, which must not take a vector (N,) as (C,)."""
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        fastmaml.norms.batch_stats_norm(torch.randn(5), None, None, 1e-5)
 
 
 @pytest.mark.parametrize("shape", [(4096, 64), (512, 64, 8), (64, 64, 5, 5)])

@@ -44,15 +44,15 @@ def batch_stats_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps:
                          f"{tuple(x.shape)}) would turn every input into the same output: give "
                          "more than one example (predict: context=, e.g. the task's support "
                          "inputs; fastmaml adapt: --norm each)")
-    if x.dim() > 2 and _untransformed():  # the looped path: torch's kernel is exact whole
-        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
     # The kernel without its weight and bias, which are applied after it: under vmap its
     # second derivative is wrong with a weight that differs per task, and exact without one.
-    if x.dim() > 2:  # torch's batch-norm kernel
+    if x.dim() <= 2:  # (N, C): torch's CPU kernel loses float32 digits where |mean| >> sd
+        # (2.8e-5 at mean 10, sd 1 against 1.5e-6), layer norm over the transpose does not
+        out = F.layer_norm(x.transpose(0, 1), x.shape[:1], eps=eps).transpose(0, 1)
+    elif _untransformed():  # the looped path: torch's kernel is exact whole
+        return F.batch_norm(x, None, None, weight, bias, training=True, eps=eps)
+    else:
         out = F.batch_norm(x, None, None, training=True, eps=eps)
-    else:  # (N, C): torch's CPU kernel loses float32 digits where |mean| >> sd (2.8e-5 at mean
-        # 10, sd 1 against 1.5e-6), layer norm over the transpose does not
-        out = F.layer_norm(x.T, x.shape[:1], eps=eps).T
     return _affine(out, weight, bias, [1, -1] + [1] * (x.dim() - 2))
 
 
