@@ -76,6 +76,21 @@ def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_pa
     assert records["bf16"]["s_per_iter"] > 0
 
 
+def test_metric_cost_benchmark_times_each_path_with_and_without_a_metric(tmp_path):
+    out = tmp_path / "metric.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "metric_cost.py"), "--workloads", "sinusoid",
+         "--repeats", "1", "--device", "cpu", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = {r["path"]: r for r in json.loads(out.read_text())}
+    assert set(records) == {"looped", "batched"}
+    for r in records.values():
+        assert r["metric"] == "absolute_error"  # (a regression workload)
+        assert r["with_over_without"] == pytest.approx(r["s_per_iter_with"]
+                                                       / r["s_per_iter_without"])
+
+
 def _benchmark_module():
     spec = importlib.util.spec_from_file_location("fastmaml_benchmark", REPO / "benchmarks" / "run.py")
     module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # for dataclasses

@@ -924,6 +924,39 @@ def test_a_loss_of_integers_is_refused_and_a_metric_of_them_taken():
     assert metrics["query_metric"].is_floating_point()
 
 
+@pytest.mark.parametrize("path", [{"batched": True}, {"batched": False},
+                                  {"checkpoint_steps": True}])
+def test_the_metric_is_taken_of_the_query_losss_own_forward_pass(path):
+    """One forward pass of the query set serves the loss and the metric: a metric adds none
+    (training and evaluate ran a second, for the metric alone, before)."""
+    model, loss_fn, batch = mlp_problem()
+
+    def forwards(metric_fn, call) -> int:
+        maml = MAML(model, loss_fn, inner_steps=2, metric_fn=metric_fn, **path)
+        call(maml)  # (the first call probes the model)
+        calls = []
+        hook = model.register_forward_pre_hook(lambda *_: calls.append(1))
+        try:
+            call(maml)
+        finally:
+            hook.remove()
+        return len(calls)
+
+    for call in (lambda maml: maml.meta_backward(batch),
+                 lambda maml: maml.evaluate(batch, steps=3)):
+        assert forwards(None, call) == forwards(accuracy_or_error("mlp"), call) > 0
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_with_dropout_the_metric_sees_the_query_losss_own_mask(batched):
+    torch.manual_seed(0)
+    _, loss_fn, batch = mlp_problem()
+    model = nn.Sequential(nn.Linear(1, 16), nn.Dropout(0.5), nn.Linear(16, 1))
+    maml = MAML(model, loss_fn, metric_fn=loss_fn, batched=batched)
+    _, metrics = maml.meta_backward(batch)
+    assert metrics["query_metric"].item() == metrics["query_loss"].item()
+
+
 def test_checkpointed_steps_refuse_a_loss_module_with_parameters():
     """Its reverse pass differentiates the model's parameters and learned rates alone: a
     KeyError before (the other paths train the loss's parameters too)."""

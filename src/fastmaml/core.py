@@ -304,9 +304,21 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             self._probe(x)  # again where the first probe ran under inference_mode, without graph
 
     def _loss(self, fast: Params, frozen: Params, x: Tensor, y: Tensor,
-              fn: LossFn | None = None, metric: bool = False) -> Tensor:
+              fn: LossFn | None = None) -> Tensor:
+        return self._score(self._forward(fast, frozen, x), y, fn or self.loss_fn)
+
+    def _query(self, fast: Params, frozen: Params, x: Tensor, y: Tensor
+               ) -> tuple[Tensor, Tensor | None]:
+        """The loss on (x, y) and, where a metric_fn is set, its metric (detached): both of the
+        same predictions, so one forward pass (and, with dropout, one mask) serves them."""
         predictions = self._forward(fast, frozen, x)
-        fn = fn or self.loss_fn
+        loss = self._score(predictions, y, self.loss_fn)
+        return loss, (self._score(predictions, y, self.metric_fn, metric=True).detach()
+                      if self.metric_fn else None)
+
+    def _score(self, predictions: Any, y: Tensor, fn: LossFn, metric: bool = False) -> Tensor:
+        """``fn(predictions, y)``, refused with a clear error where it fails or is not a scalar
+        (``metric``: a count or a bool is fine, as a float)."""
         broadcasting = broadcasting_loss(fn)
         if broadcasting and isinstance(predictions, Tensor) and predictions.shape != y.shape:
             shape = ", ".join(map(str, predictions.shape))
@@ -387,11 +399,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
         def on_step(step: int, params: Params) -> None:
             if step in record:
-                at_step = self._at_step(frozen, step - 1)  # the set of the step just taken
-                losses.append(self._loss(params, at_step, qx, qy))
-                if self.metric_fn:
-                    metrics.append(self._loss(params, at_step, qx, qy, self.metric_fn,
-                                              metric=True).detach())
+                # after the step just taken: with its set of per-step parameters
+                loss, metric = self._query(params, self._at_step(frozen, step - 1), qx, qy)
+                losses.append(loss)
+                if metric is not None:
+                    metrics.append(metric)
 
         _, support_loss = self._adapt(fast, frozen, sx, sy, steps, create_graph, grad_fn, on_step)
         out = (support_loss, torch.stack(losses))
@@ -682,9 +694,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                     not self.first_order, _functorch_grad)
 
         def query_loss(k: int, fast: Params, outer: Params, step_params: Params
-                       ) -> tuple[Tensor, Tensor]:  # after k steps: step k - 1's set
-            loss = self._loss(fast, frozen_at(k - 1, outer, step_params), qx, qy)
-            return loss, loss.detach()
+                       ) -> tuple[Tensor, tuple[Tensor, ...]]:
+            # after k steps: step k - 1's set; the loss and the metric where one is set (an aux
+            # output of torch.func.grad holds tensors only)
+            loss, metric = self._query(fast, frozen_at(k - 1, outer, step_params), qx, qy)
+            return loss, (loss.detach(), *([] if metric is None else [metric]))
 
         def add(total: Params, delta: Params, scale: Tensor | float = 1.0) -> Params:
             return {n: g + scale * delta[n] for n, g in total.items()}
@@ -700,11 +714,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                    for params in (fast, outer, step_params))
         for k in range(self.inner_steps, -1, -1):
             if k in weights:
-                (d_fast, d_outer, d_step), loss = torch.func.grad(
+                (d_fast, d_outer, d_step), (loss, *metric) = torch.func.grad(
                     functools.partial(query_loss, k), argnums=(0, 1, 2), has_aux=True)(
                         trajectory[k], outer, step_params)
                 values["loss"] = values["loss"] + weights[k] * loss
                 values.setdefault("query_loss", loss)  # the last step comes first
+                if metric:
+                    values.setdefault("query_metric", metric[0])
                 g_fast, g_outer, g_step = (add(total, delta, weights[k]) for total, delta in
                                            ((g_fast, d_fast), (g_outer, d_outer), (g_step, d_step)))
             if k > 0:
@@ -712,10 +728,6 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                            trajectory[k - 1], outer, step_params)
                 g_fast, d_outer, d_step = vjp_fn(g_fast)
                 g_outer, g_step = add(g_outer, d_outer), add(g_step, d_step)
-        if self.metric_fn:
-            values["query_metric"] = self._loss(
-                trajectory[-1], frozen_at(self.inner_steps - 1, outer, step_params), qx, qy,
-                self.metric_fn, metric=True)
         return g_fast, g_outer, g_step, values
 
     def _record(self, step_weights: Tensor | None) -> list[int]:

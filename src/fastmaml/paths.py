@@ -41,8 +41,9 @@ _CODE_COPIES: dict[tuple[str, str], types.FunctionType] = {}
 # 3: first order detaches the outer-only parameters; norms.py. 4: recurrent layers and attention
 # run batched (a recurrent model's saved choice was the looped fallback). 5: norms and embeddings
 # found by the first call's forward (``_probe``): exact batch norm in training mode, padded lookups.
-# 6: batch norm by torch's kernel (under vmap its weight and bias applied after it), not layer norm
-PATHS_REVISION = 6
+# 6: batch norm by torch's kernel (under vmap its weight and bias applied after it), not layer norm.
+# 7: a metric is taken of the query loss's own forward pass, not a second one
+PATHS_REVISION = 7
 CPU_CHUNK_ELEMENTS = 2**18  # input elements per vmap chunk on CPU (see ``MAML(chunk_size=...)``)
 # the relative difference from the eager meta-gradient beyond which a compiled one counts as off
 COMPILED_TOLERANCE = 1e-3
