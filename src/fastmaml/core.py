@@ -144,7 +144,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             start as the model's values when MAML is built: load weights into the model before,
             or into MAML (its ``state_dict``) after. In first order without the multi-step loss
             only the last step's set gets a meta-gradient (as in MAML++).
-        metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy).
+        metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy), taken
+            of the query loss's own predictions: no forward pass of its own.
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
             batched path at a few chunk sizes, the looped path and, with ``compile``, the
