@@ -924,11 +924,11 @@ def test_a_loss_of_integers_is_refused_and_a_metric_of_them_taken():
     assert metrics["query_metric"].is_floating_point()
 
 
-@pytest.mark.parametrize("path", [{"batched": True}, {"batched": False},
-                                  {"checkpoint_steps": True}])
+@pytest.mark.parametrize("path", [{"batched": True}, {"batched": False}])
 def test_the_metric_is_taken_of_the_query_losss_own_forward_pass(path):
     """One forward pass of the query set serves the loss and the metric: a metric adds none
-    (training and evaluate ran a second, for the metric alone, before)."""
+    (training and evaluate ran a second, for the metric alone, before; checkpoint_steps still
+    does, outside its gradient)."""
     model, loss_fn, batch = mlp_problem()
 
     def forwards(metric_fn, call) -> int:
@@ -945,6 +945,35 @@ def test_the_metric_is_taken_of_the_query_losss_own_forward_pass(path):
     for call in (lambda maml: maml.meta_backward(batch),
                  lambda maml: maml.evaluate(batch, steps=3)):
         assert forwards(None, call) == forwards(accuracy_or_error("mlp"), call) > 0
+
+
+@pytest.mark.parametrize("path", [{"batched": True}, {"batched": False},
+                                  {"checkpoint_steps": True}])
+def test_a_metric_that_changes_its_predictions_in_place_leaves_the_meta_gradient_alone(path):
+    """The metric gets a copy of the loss's predictions: mse_loss saves its input, so an
+    in-place change to them failed the backward pass."""
+    model, loss_fn, batch = mlp_problem()
+    clamped = lambda out, y: (out.clamp_(-0.1, 0.1) - y).abs().mean()  # noqa: E731
+    grads, metrics = [], []
+    for metric_fn in (None, clamped):
+        maml = MAML(model, loss_fn, inner_steps=2, metric_fn=metric_fn, **path)
+        maml.zero_grad(set_to_none=True)
+        _, values = maml.meta_backward(batch)
+        grads.append(flat_grads(maml))
+        metrics.append(values.get("query_metric"))
+    assert torch.equal(grads[0], grads[1])
+    assert 0 < metrics[1].item() < float("inf")
+
+
+def test_checkpointed_steps_take_a_metric_that_leaves_torch():
+    """checkpoint_steps scores the metric outside torch.func.grad, where numpy can read it."""
+    model, loss_fn, batch = mlp_problem()
+    numpy_error = lambda out, y: torch.tensor(float(np.abs(out.numpy() - y.numpy()).mean()))  # noqa: E731
+    expected = MAML(model, loss_fn, inner_steps=2, metric_fn=F.l1_loss,
+                    batched=False).meta_backward(batch)[1]["query_metric"]
+    _, metrics = MAML(model, loss_fn, inner_steps=2, metric_fn=numpy_error, batched=False,
+                      checkpoint_steps=True).meta_backward(batch)
+    assert metrics["query_metric"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("batched", [True, False])

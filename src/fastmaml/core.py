@@ -145,7 +145,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             or into MAML (its ``state_dict``) after. In first order without the multi-step loss
             only the last step's set gets a meta-gradient (as in MAML++).
         metric_fn: optional ``metric_fn(predictions, targets) -> scalar`` (e.g. accuracy), taken
-            of the query loss's own predictions: no forward pass of its own.
+            of a copy of the query loss's own predictions: no forward pass of its own (but with
+            ``checkpoint_steps``, which recomputes the steps' forwards anyway).
         batched: ``True`` for ``vmap`` over tasks, ``False`` for the looped reference, ``None``
             (default) to choose: the first ``meta_backward`` of each new input shape times the
             batched path at a few chunk sizes, the looped path and, with ``compile``, the
@@ -310,12 +311,18 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
     def _query(self, fast: Params, frozen: Params, x: Tensor, y: Tensor
                ) -> tuple[Tensor, Tensor | None]:
-        """The loss on (x, y) and, where a metric_fn is set, its metric (detached): both of the
-        same predictions, so one forward pass (and, with dropout, one mask) serves them."""
+        """The loss on (x, y) and, where a metric_fn is set, its metric: both of the same
+        predictions, so one forward pass (and, with dropout, one mask) serves them."""
         predictions = self._forward(fast, frozen, x)
         loss = self._score(predictions, y, self.loss_fn)
-        return loss, (self._score(predictions, y, self.metric_fn, metric=True).detach()
-                      if self.metric_fn else None)
+        return loss, self._metric(predictions, y) if self.metric_fn else None
+
+    def _metric(self, predictions: Any, y: Tensor) -> Tensor:
+        """``metric_fn`` of a detached copy of ``predictions``, so that a metric that changes
+        them in place cannot reach the loss's graph."""
+        copied = tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t,
+                          predictions)
+        return self._score(copied, y, self.metric_fn, metric=True).detach()
 
     def _score(self, predictions: Any, y: Tensor, fn: LossFn, metric: bool = False) -> Tensor:
         """``fn(predictions, y)``, refused with a clear error where it fails or is not a scalar
@@ -695,11 +702,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                     not self.first_order, _functorch_grad)
 
         def query_loss(k: int, fast: Params, outer: Params, step_params: Params
-                       ) -> tuple[Tensor, tuple[Tensor, ...]]:
-            # after k steps: step k - 1's set; the loss and the metric where one is set (an aux
-            # output of torch.func.grad holds tensors only)
-            loss, metric = self._query(fast, frozen_at(k - 1, outer, step_params), qx, qy)
-            return loss, (loss.detach(), *([] if metric is None else [metric]))
+                       ) -> tuple[Tensor, Tensor]:  # after k steps: step k - 1's set
+            loss = self._loss(fast, frozen_at(k - 1, outer, step_params), qx, qy)
+            return loss, loss.detach()
 
         def add(total: Params, delta: Params, scale: Tensor | float = 1.0) -> Params:
             return {n: g + scale * delta[n] for n, g in total.items()}
@@ -715,13 +720,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                    for params in (fast, outer, step_params))
         for k in range(self.inner_steps, -1, -1):
             if k in weights:
-                (d_fast, d_outer, d_step), (loss, *metric) = torch.func.grad(
+                (d_fast, d_outer, d_step), loss = torch.func.grad(
                     functools.partial(query_loss, k), argnums=(0, 1, 2), has_aux=True)(
                         trajectory[k], outer, step_params)
                 values["loss"] = values["loss"] + weights[k] * loss
                 values.setdefault("query_loss", loss)  # the last step comes first
-                if metric:
-                    values.setdefault("query_metric", metric[0])
                 g_fast, g_outer, g_step = (add(total, delta, weights[k]) for total, delta in
                                            ((g_fast, d_fast), (g_outer, d_outer), (g_step, d_step)))
             if k > 0:
@@ -729,6 +732,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                            trajectory[k - 1], outer, step_params)
                 g_fast, d_outer, d_step = vjp_fn(g_fast)
                 g_outer, g_step = add(g_outer, d_outer), add(g_step, d_step)
+        if self.metric_fn:  # by a forward of its own, outside torch.func.grad, where a metric
+            # that leaves torch (numpy) can run; one more besides the steps' recomputed ones
+            predictions = self._forward(trajectory[-1], frozen_at(self.inner_steps - 1, outer,
+                                                                  step_params), qx)
+            values["query_metric"] = self._metric(predictions, qy)
         return g_fast, g_outer, g_step, values
 
     def _record(self, step_weights: Tensor | None) -> list[int]:
