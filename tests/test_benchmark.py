@@ -60,14 +60,18 @@ def test_tf32_is_refused_off_cuda_with_a_clear_message():
     assert "Traceback" not in result.stderr
 
 
-def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_path):
-    out = tmp_path / "precision.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "precision.py"), "--workloads", "sinusoid",
-         "--device", "cpu", "--repeats", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
+def _records_of(script: str, tmp_path: Path, *args: str) -> list[dict]:
+    """The JSON records of ``benchmarks/<script>`` run with ``args``."""
+    out = tmp_path / "records.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args,
+                             "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    records = {r["precision"]: r for r in json.loads(out.read_text())}
+    return json.loads(out.read_text())
+
+
+def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_path):
+    records = {r["precision"]: r for r in _records_of(
+        "precision.py", tmp_path, "--workloads", "sinusoid", "--device", "cpu", "--repeats", "1")}
     assert set(records) == {"fp32", "bf16"}  # tf32 only on CUDA
     assert records["fp32"]["grad_rel_error"] < 1e-5  # float32 against float64: rounding only
     # bfloat16 keeps 8 bits of mantissa: its meta-gradient is visibly off, but still aligned
@@ -77,13 +81,8 @@ def test_precision_benchmark_measures_meta_gradient_error_against_float64(tmp_pa
 
 
 def test_metric_cost_benchmark_times_each_path_with_and_without_a_metric(tmp_path):
-    out = tmp_path / "metric.json"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "metric_cost.py"), "--workloads", "sinusoid",
-         "--repeats", "1", "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    records = {r["path"]: r for r in json.loads(out.read_text())}
+    records = {r["path"]: r for r in _records_of(
+        "metric_cost.py", tmp_path, "--workloads", "sinusoid", "--device", "cpu", "--repeats", "1")}
     assert set(records) == {"looped", "batched"}
     for r in records.values():
         assert r["metric"] == "absolute_error"  # (a regression workload)
