@@ -85,7 +85,7 @@ def test_metric_cost_benchmark_times_each_path_with_and_without_a_metric(tmp_pat
         "metric_cost.py", tmp_path, "--workloads", "sinusoid", "--device", "cpu", "--repeats", "1")}
     assert set(records) == {"looped", "batched"}
     for r in records.values():
-        assert r["metric"] == "absolute_error"  # (a regression workload)
+        assert r["metric"] == "l1_loss"  # (a regression workload)
         assert r["with_over_without"] == pytest.approx(r["s_per_iter_with"]
                                                        / r["s_per_iter_without"])
 
