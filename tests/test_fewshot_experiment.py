@@ -123,6 +123,16 @@ def test_one_minute_omniglot_training_is_clearly_above_chance(omniglot_root, tmp
     assert torch.equal(fastmaml.load_run(run).preprocess([png]), expected)
 
 
+def test_the_mlp_variant_is_compared_with_the_papers_mlp_row(omniglot_root, tmp_path, capsys):
+    run = tmp_path / "mlp"
+    assert main(["train", "omniglot-5w1s-mlp", "--out", str(run), "--data-root",
+                 str(omniglot_root), "meta_batch=2", "iterations=2", "val_every=0",
+                 "path=looped", "--no-progress"]) == 0
+    assert main(["eval", str(run), "eval_tasks=4", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "paper: MAML, MLP |  |  | 89.7 |" in out and "98.7" not in out
+
+
 def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, capsys):
     assert main(["train", "omniglot-5w1s", "--out", str(tmp_path), "--data-root", str(omniglot_root),
                  "n_way=500", "iterations=1", "--no-progress"]) == 2

@@ -123,7 +123,7 @@ def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with
 def test_the_paper_numbers_come_from_one_table() -> None:
     from fastmaml.experiments import fewshot, rl, sinusoid
     from fastmaml import paper
-    assert fewshot.PAPER is paper.FEWSHOT and rl.PAPER is paper.RL
+    assert fewshot.fewshot_paper is paper.fewshot_paper and rl.PAPER is paper.RL
     assert sinusoid.PAPER is paper.SINUSOID
     assert OMNIGLOT.value == 98.7 and OMNIGLOT.ci == 0.4 and OMNIGLOT.maml_pp == 99.47
 
@@ -330,6 +330,24 @@ def test_rows_that_are_not_the_papers_protocol_say_so(tmp_path: Path) -> None:
     assert "| Lake et al.: people" not in text
     assert "1,650 of 60,000 MAML iterations (unfinished: the train command below resumes it)" \
         in text
+
+
+def test_an_mlp_run_is_judged_by_the_papers_mlp_row_listed_only_where_one_ran(
+        tmp_path: Path) -> None:
+    config = report.preset_config("omniglot-5w1s-mlp", []).to_dict()  # as config.yaml holds it
+    assert report.headline_key(config) == "omniglot-5w1s-mlp"
+    assert report.headline_key({**config, "k_shot": 5}) == "omniglot-5w5s-mlp"
+    assert report.headline_key({**config, "dataset": "miniimagenet"}) is None  # no paper row
+    record = {"experiment": "omniglot", "method": "maml", "k_shot": 1, "tasks": 600,
+              "metric": "accuracy", "mean": [0.2] + [0.9] * 10, "ci95": [0.01] * 11}
+    text = report.render([report.Run(tmp_path / "mlp", config, [record], 60000, 60.0, [])],
+                         tmp_path / "REPORT.md")
+    # the paper's 89.7 +- 1.1 for its MLP, not the conv net's 98.7
+    assert "| Omniglot 5-way 1-shot, MLP | 89.7 +- 1.1 (3 steps) |  | 90.00 +- 1.00 | met |" \
+        in text
+    assert "| Omniglot 5-way 1-shot | 98.7 +- 0.4 (3 steps) | 99.47 |  | no run yet" in text
+    assert "5-way 5-shot, MLP" not in text  # a variant without a run is not listed
+    assert "Omniglot 5-way 1-shot, MLP" not in report.render([], tmp_path / "REPORT.md")
 
 
 def test_a_fast_recipe_run_is_a_second_row_beside_the_faithful_one(tmp_path: Path) -> None:

@@ -31,6 +31,19 @@ FEWSHOT: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
 }
 FEWSHOT_CI = {("omniglot", 5, 1): 0.4, ("omniglot", 5, 5): 0.1, ("omniglot", 20, 1): 0.3,
               ("omniglot", 20, 5): 0.2, ("miniimagenet", 5, 1): 1.84, ("miniimagenet", 5, 5): 0.92}
+# Table 1's row of the paper's fully connected network (network=mlp), and its intervals.
+FEWSHOT_MLP: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
+    ("omniglot", 5, 1): (3, [("paper: MAML, MLP", 89.7)]),
+    ("omniglot", 5, 5): (3, [("paper: MAML, MLP", 97.5)]),
+}
+FEWSHOT_MLP_CI = {("omniglot", 5, 1): 1.1, ("omniglot", 5, 5): 0.6}
+
+
+def fewshot_paper(dataset: str, n_way: int, k_shot: int, network: str = "conv"
+                  ) -> tuple[int, list[tuple[str, float]]]:
+    """The published accuracies (%) of a few-shot setting on ``network`` and the number of
+    test steps they were taken after; ``(0, [])`` where the paper has none."""
+    return (FEWSHOT_MLP if network == "mlp" else FEWSHOT).get((dataset, n_way, k_shot), (0, []))
 
 # Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
 # rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
@@ -85,13 +98,16 @@ class Headline:
     horizon: int | None = None
     published: str = ""
     others: tuple[tuple[str, float], ...] = ()
+    variant: bool = False
 
 
-def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int) -> Headline:
-    step, rows = FEWSHOT[(dataset, n_way, k_shot)]
-    values = dict(rows)
-    return Headline(key, title, "accuracy (%)", True, step, values["paper: MAML"],
-                    FEWSHOT_CI[(dataset, n_way, k_shot)], values.get("paper: MAML++"))
+def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int,
+                      network: str = "conv") -> Headline:
+    step, rows = fewshot_paper(dataset, n_way, k_shot, network)
+    mlp = network == "mlp"
+    return Headline(key, title, "accuracy (%)", True, step, rows[0][1],
+                    (FEWSHOT_MLP_CI if mlp else FEWSHOT_CI)[(dataset, n_way, k_shot)],
+                    dict(rows).get("paper: MAML++"), variant=mlp)
 
 
 HEADLINES: list[Headline] = [
@@ -99,6 +115,8 @@ HEADLINES: list[Headline] = [
              SINUSOID[5][0][1][10]),
     _fewshot_headline("omniglot-5w1s", "Omniglot 5-way 1-shot", "omniglot", 5, 1),
     _fewshot_headline("omniglot-5w5s", "Omniglot 5-way 5-shot", "omniglot", 5, 5),
+    _fewshot_headline("omniglot-5w1s-mlp", "Omniglot 5-way 1-shot, MLP", "omniglot", 5, 1, "mlp"),
+    _fewshot_headline("omniglot-5w5s-mlp", "Omniglot 5-way 5-shot, MLP", "omniglot", 5, 5, "mlp"),
     _fewshot_headline("omniglot-20w1s", "Omniglot 20-way 1-shot", "omniglot", 20, 1),
     _fewshot_headline("omniglot-20w5s", "Omniglot 20-way 5-shot", "omniglot", 20, 5),
     _fewshot_headline("miniimagenet-5w1s", "MiniImagenet 5-way 1-shot", "miniimagenet", 5, 1),

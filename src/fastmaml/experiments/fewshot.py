@@ -27,7 +27,7 @@ from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from ..models import MLP, ConvNet
-from ..paper import FEWSHOT as PAPER
+from ..paper import fewshot_paper
 from ..paper import LAKE
 from ..plots import PaperValues, plot_step_curves
 from ..tasks.fewshot import FewShotSampler
@@ -325,7 +325,7 @@ class FewShotExperiment(Experiment):
         """The published accuracies (%) this run's tasks compare with, at their steps (Lake et
         al.'s, of people and other methods, in the table's column of the paper's steps)."""
         cfg = self.cfg
-        paper_steps, paper_rows = PAPER.get((cfg.dataset, cfg.n_way, cfg.k_shot), (0, []))
+        paper_steps, paper_rows = fewshot_paper(cfg.dataset, cfg.n_way, cfg.k_shot, cfg.network)
         if cfg.split == "lake":  # another protocol than the paper's Table 1
             paper_rows = LAKE.get((cfg.n_way, cfg.k_shot), [])
         return {cfg.k_shot: [(label, {paper_steps: value}) for label, value in paper_rows]}
