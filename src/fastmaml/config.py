@@ -16,6 +16,7 @@ import yaml
 from .atomic import write_text_atomic
 from .errors import ConfigError
 from .inner_lr import check_lr_mode
+from .models import INITS
 
 C = TypeVar("C", bound="Config")
 # compile=auto compiles training runs of this many iterations or more: a first compile takes
@@ -77,6 +78,9 @@ class Config:
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
+    # the networks' initialisation: default (torch's own; the meta-RL policy's is maml_rl's) |
+    # official (the paper's code's, cbfinn/maml: see fastmaml.models.initialise)
+    init: str = "default"
     tune_malloc: bool = True  # CPU: glibc keeps freed memory for reuse (faster; RSS stays at peak)
     eval_tasks: int = 600
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
@@ -107,6 +111,8 @@ class Config:
         check_lr_mode(self.lr_mode, self.inner_steps)
         if not -2 ** 63 <= self.seed < 2 ** 63:  # torch.manual_seed takes it (and seed + offset)
             raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
         switch = str(self.compile).strip().lower()

@@ -99,6 +99,35 @@ class SequenceNet(nn.Module):
         return self.head(out[:, -1])
 
 
+INITS = ("default", "official")
+
+
+def initialise(model: nn.Module, init: str) -> nn.Module:
+    """``model`` (an ``MLP`` or a ``ConvNet``) initialised as ``init`` says, in place:
+    ``default`` leaves torch's own initialisation; ``official`` is the paper's code's (cbfinn/maml): zero
+    biases, fully connected weights from a normal of std 0.01 truncated at two stds, conv
+    weights Xavier-uniform, and a conv net's output layer standard normal after a global average
+    pool (Omniglot) or Xavier-uniform after a flatten (MiniImagenet)."""
+    if init == "default":
+        return model
+    if init != "official" or not isinstance(model, (MLP, ConvNet)):
+        raise ConfigError(f"init must be one of {', '.join(INITS)} (official: of an MLP or a "
+                          f"ConvNet), got {init!r} for a {type(model).__name__}")
+    head = getattr(model, "head", None)  # a ConvNet's output layer
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                continue
+            if module is head and model.strided:
+                nn.init.normal_(module.weight)
+            elif isinstance(module, nn.Conv2d) or module is head:
+                nn.init.xavier_uniform_(module.weight)
+            else:
+                nn.init.trunc_normal_(module.weight, std=0.01, a=-0.02, b=0.02)
+            nn.init.zeros_(module.bias)
+    return model
+
+
 def is_norm_param(name: str, model: nn.Module) -> bool:
     """True for parameters owned by a normalisation layer (not adapted in the paper's inner loop)."""
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
-from ..models import MLP, ConvNet
+from ..models import MLP, ConvNet, initialise
 from ..paper import fewshot_paper
 from ..paper import LAKE
 from ..plots import PaperValues, plot_step_curves
@@ -273,7 +273,8 @@ class FewShotExperiment(Experiment):
         else:
             model = MLP([channels * side * side, 256, 128, 64, 64, cfg.n_way], batch_norm=True,
                         flatten=True, norm_scale=cfg.norm_scale)
-        return build_maml(model.to(self.device), F.cross_entropy, cfg, metric_fn=accuracy)
+        return build_maml(initialise(model, cfg.init).to(self.device), F.cross_entropy, cfg,
+                          metric_fn=accuracy)
 
     def learners(self) -> list[GradientLearner]:
         cfg = self.cfg

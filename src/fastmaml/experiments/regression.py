@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError
-from ..models import MLP
+from ..models import MLP, initialise
 from ..plots import plot_step_curves
 from ..tasks.points import PointSampler, PointTasks, assign_tasks, load_point_tasks
 from ..tasks.splits import Assignment
@@ -121,7 +121,8 @@ class RegressionExperiment(Experiment):
             raise ConfigError(f"{self.run_dir} has not started training: its features (x "
                               "values per point) are not known yet")
         torch.manual_seed(self.cfg.seed)
-        model = MLP([self.cfg.features, *self.cfg.hidden, 1]).to(self.device)
+        model = initialise(MLP([self.cfg.features, *self.cfg.hidden, 1]), self.cfg.init)
+        model = model.to(self.device)
         return build_maml(model, F.mse_loss, self.cfg)
 
     def learners(self) -> list[GradientLearner]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, FastMAMLWarning, warn
-from ..models import MLP
+from ..models import MLP, initialise
 from ..paper import SINUSOID as PAPER
 from ..plots import new_figure, plot_step_curves, save_figure, steps_label
 from ..tasks.sinusoid import (AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid,
@@ -75,7 +75,7 @@ class SinusoidExperiment(Experiment):
 
     def _network(self, inputs: int, seed_offset: int) -> torch.nn.Module:
         torch.manual_seed(self.cfg.seed + seed_offset)
-        return MLP([inputs, *self.cfg.hidden, 1]).to(self.device)
+        return initialise(MLP([inputs, *self.cfg.hidden, 1]), self.cfg.init).to(self.device)
 
     def _generator(self, seed_offset: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed + seed_offset)
