@@ -285,3 +285,25 @@ def test_the_ant_at_rllabs_time_step_survives_the_initial_policy() -> None:
                 break
         lengths.append(step + 1)
     assert np.mean(lengths) > 150
+
+
+@pytest.mark.parametrize("env_id, task, told", [
+    ("fastmaml/Nav2D-v0", {"goal": np.array([0.3, -0.2])}, [0.3, -0.2]),
+    ("fastmaml/HalfCheetahVel-v0", {"velocity": 1.5}, [1.5]),
+    ("fastmaml/AntDir-v0", {"direction": -1.0}, [-1.0])])
+def test_the_oracles_observations_end_with_the_task(env_id: str, task: dict,
+                                                    told: list[float]) -> None:
+    plain, oracle = make_batch_env(env_id), make_batch_env(env_id, task_inputs=True)
+    assert oracle.obs_dim == plain.obs_dim + len(told) and oracle.act_dim == plain.act_dim
+    other = {key: -value for key, value in task.items()}
+    first = oracle.reset([task, other], [3, 4])
+    expected = plain.reset([task, other], [3, 4])
+    torch.testing.assert_close(first[:, :plain.obs_dim], expected)
+    assert first[0, plain.obs_dim:].tolist() == told
+    assert first[1, plain.obs_dim:].tolist() == [-value for value in told]
+    actions = torch.full((2, plain.act_dim), 0.5)
+    obs, rewards, ended = oracle.step(actions)
+    plain_obs, plain_rewards, plain_ended = plain.step(actions)
+    torch.testing.assert_close(obs[:, :plain.obs_dim], plain_obs)  # the same simulation
+    assert torch.equal(rewards, plain_rewards) and torch.equal(ended, plain_ended)
+    assert obs[0, plain.obs_dim:].tolist() == told

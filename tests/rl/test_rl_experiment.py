@@ -43,6 +43,7 @@ def test_presets_hold_the_paper_settings() -> None:
         assert cfg.eval_trajectories * horizon == official_steps.get(name, 4000)
         assert cfg.inner_lr == (0.5 if name == "rl-nav2d" else 0.1)
         cpu = RLConfig.from_dict(PRESETS[f"{name}-cpu"].values)
+        assert cfg.pretrained and cfg.oracle and cpu.pretrained and cpu.oracle  # the baselines
         assert cpu.iterations <= cfg.iterations and cpu.meta_batch <= 20
         assert cpu.meta_batch * cpu.trajectories * (cpu.horizon or 100) <= 20 * 20 * 100
     assert RLConfig.from_dict(preset("rl-nav2d").values).action_scale == 0.1
@@ -97,7 +98,8 @@ def test_evaluation_takes_the_official_step_sizes(tmp_path: Path, name: str,
     experiment = create_run(name, tmp_path / "run", ["eval_tasks=2", "eval_trajectories=1",
                                                      "horizon=3", "eval_inner_steps=2",
                                                      "hidden=4,4"])
-    assert experiment.eval_step_sizes() == dict(zip(("maml", "pretrained", "random"), step_sizes))
+    assert experiment.eval_step_sizes() == {  # the oracle is not adapted
+        **dict(zip(("maml", "pretrained", "random"), step_sizes)), "oracle": 0.0}
     scales = []
     adapt = fastmaml.rl.adapt_policy
     monkeypatch.setattr(fastmaml.rl, "adapt_policy",
@@ -106,7 +108,8 @@ def test_evaluation_takes_the_official_step_sizes(tmp_path: Path, name: str,
     experiment.adaptation_returns(experiment.build_maml(2), experiment.eval_tasks())
     assert scales == [1.0, later]
     override = create_run(name, tmp_path / "override", ["eval_inner_lr=0.3"])
-    assert set(override.eval_step_sizes().values()) == {0.3}
+    assert override.eval_step_sizes() == {"maml": 0.3, "pretrained": 0.3, "random": 0.3,
+                                          "oracle": 0.0}
 
 
 def test_evaluation_uses_the_official_test_goals(tmp_path: Path) -> None:
@@ -128,7 +131,7 @@ def test_short_training_improves_the_post_update_return(tmp_path: Path) -> None:
     """Thirty meta-iterations on 2D navigation: the adapted policy reaches goals far better than
     the same untrained policy adapted the same way, on the same fixed tasks and episode seeds."""
     torch.set_num_threads(2)  # the preset's threads=1 sets it back
-    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "iterations=30", "pretrained=false",
+    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "iterations=30", "pretrained=false", "oracle=false",
                                                    "eval_tasks=20", "eval_trajectories=10",
                                                    "eval_inner_steps=1"])
     assert isinstance(experiment, RLExperiment) and torch.get_num_threads() == 1
@@ -149,7 +152,7 @@ def test_short_training_improves_the_post_update_return(tmp_path: Path) -> None:
 
 
 def test_training_batch_of_steps_runs_one_environment_per_task(tmp_path: Path) -> None:
-    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "batch=steps", "pretrained=false"])
+    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "batch=steps", "pretrained=false", "oracle=false"])
     (learner,) = experiment.learners()
     episodes = learner.sample(learner.tasks(0), seed=3)
     budget = 10 * 30  # trajectories x horizon
@@ -167,10 +170,11 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     tiny = ["iterations=2", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
             "eval_tasks=3", "eval_trajectories=2", "checkpoint_every=1"]
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", *tiny]) == 0
-    assert {p.name for p in (out / "checkpoints").iterdir()} == {"maml.pt", "pretrained.pt"}
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"maml.pt", "pretrained.pt",
+                                                                 "oracle.pt"}
     assert main(["eval", str(out), "--no-progress"]) == 0
     records = json.loads((out / "eval.json").read_text())
-    assert [r["method"] for r in records] == ["maml", "pretrained", "random"]
+    assert [r["method"] for r in records] == ["maml", "pretrained", "random", "oracle"]
     for r in records:
         assert r["experiment"] == "fastmaml/Nav2D-v0" and r["k_shot"] == 2 and r["tasks"] == 3
         assert r["steps"] == [0, 1, 2, 3] and len(r["mean"]) == len(r["ci95"]) == 4
@@ -194,6 +198,26 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert {max(line.get_xdata()) for line in theirs.get_lines()} == {2}
 
 
+def test_a_finished_run_adds_the_oracle_which_is_told_the_task_and_not_adapted(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    tiny = ["iterations=2", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
+            "eval_tasks=3", "eval_trajectories=2", "checkpoint_every=1"]
+    assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", *tiny,
+                 "oracle=false"]) == 0
+    maml = checkpoint_path(out, "maml").read_bytes()
+    assert not checkpoint_path(out, "oracle").exists()
+    assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", "oracle=true"]) == 0
+    assert checkpoint_path(out, "maml").read_bytes() == maml  # trained alone
+    oracle = load_checkpoint(checkpoint_path(out, "oracle"))
+    assert oracle["iteration"] == 2
+    assert oracle["learner"]["module"]["model.mean.0.weight"].shape == (8, 4)  # position, goal
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "eval.json").read_text())[-1]
+    assert record["method"] == "oracle" and record["inner_lr"] == 0.0 and len(record["mean"]) == 4
+    assert "- oracle: told the task" in (out / "results.md").read_text()
+
+
 def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A run evaluated at its own ``eval_inner_lr`` is adapted at it too, not at inner_lr;
@@ -202,7 +226,7 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,
 
     experiment = create_run("rl-nav2d-cpu", tmp_path, [
         "iterations=1", "meta_batch=2", "trajectories=2", "horizon=5", "hidden=8",
-        "eval_inner_steps=1", "pretrained=false", "inner_lr=0.5", "eval_inner_lr=0.05"])
+        "eval_inner_steps=1", "pretrained=false", "oracle=false", "inner_lr=0.5", "eval_inner_lr=0.05"])
     (learner,) = experiment.learners()
     fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     run = fastmaml.load_run(tmp_path)
@@ -229,7 +253,7 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
     import fastmaml
 
     tiny = ["iterations=3", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
-            "eval_trajectories=3", "eval_inner_steps=2", "pretrained=false"]
+            "eval_trajectories=3", "eval_inner_steps=2", "pretrained=false", "oracle=false"]
     experiment = create_run("rl-nav2d-cpu", tmp_path, tiny)
     (learner,) = experiment.learners()
     fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
@@ -325,7 +349,7 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
     experiment = create_run(preset, tmp_path,
                             ["iterations=1", "meta_batch=2", "trajectories=2", "horizon=8",
                              "hidden=8,8", "eval_tasks=4", "eval_trajectories=2",
-                             "eval_inner_steps=1", "hvp=finite_difference"])
+                             "eval_inner_steps=1", "hvp=finite_difference", "oracle=false"])
     for learner in experiment.learners():
         fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     experiment = load_experiment(tmp_path)
@@ -335,8 +359,9 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
         step_sizes.append(maml.inner_lrs.init) or adapt(maml, *args, **kwargs)))
     per_task, tasks_of = [], []  # each method's (tasks, steps + 1) returns and tasks, in turn
     returns_of = experiment.adaptation_returns
-    experiment.adaptation_returns = lambda engine, tasks, *args: (
-        tasks_of.append(tasks) or per_task.append(returns_of(engine, tasks, *args)) or per_task[-1])
+    experiment.adaptation_returns = lambda engine, tasks, *args, **kwargs: (
+        tasks_of.append(tasks) or per_task.append(returns_of(engine, tasks, *args, **kwargs))
+        or per_task[-1])
     records = experiment.evaluate(progress=False)
     assert len(tasks_of) == 3 and tasks_of[1] == tasks_of[0] == tasks_of[2]
     assert [len(r["mean"]) for r in records] == [2, 2, 2]
@@ -386,7 +411,7 @@ def test_resumption_is_identical(tmp_path: Path) -> None:
     _train(resumed, stop_after=2)  # "interrupted" after two iterations of each learner
     assert load_checkpoint(checkpoint_path(resumed, "maml"))["iteration"] == 2
     _train(resumed)
-    for name in ("maml", "pretrained"):
+    for name in ("maml", "pretrained", "oracle"):
         a = load_checkpoint(checkpoint_path(whole, name))
         b = load_checkpoint(checkpoint_path(resumed, name))
         assert a["iteration"] == b["iteration"] == 4

@@ -173,6 +173,7 @@ def _rl_presets() -> dict[str, Preset]:
                          "steps per step)")
     presets = {}
     for name, (title, values) in paper.items():
+        values = {**values, "oracle": True}  # the paper's baselines: pretrained and oracle
         horizon = 100 if name == "rl-nav2d" else 200
         text = (f"paper: {title}, meta-batch {values['meta_batch']}, {values['trajectories']} "
                 f"episodes per task, horizon {horizon}, inner_lr {values.get('inner_lr', 0.1)}, "
@@ -219,7 +220,7 @@ def preset(name: str) -> Preset:
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
                   "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
                   "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
-                  "workers", "tensorboard", *EVAL_KEYS}
+                  "workers", "tensorboard", "oracle", *EVAL_KEYS}
 
 
 def fixed_settings(cfg: Config) -> dict[str, Any]:

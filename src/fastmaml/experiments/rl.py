@@ -1,6 +1,6 @@
 """Meta-reinforcement learning (paper section 5.3, Figure 5): 2D navigation and locomotion.
 
-Learners (both checkpointed by ``fit``, both keep the policy with the best training return):
+Learners (each checkpointed by ``fit``, each keeps the policy with the best training return):
 
 - ``maml``: MAML with a REINFORCE inner step and TRPO meta-updates. Each meta-iteration samples
   ``meta_batch`` tasks, ``trajectories`` episodes per task with the pre-update policy (support),
@@ -17,6 +17,10 @@ Learners (both checkpointed by ``fit``, both keep the policy with the best train
   official code's ``use_maml=False`` baseline optimised the same vanilla policy-gradient loss
   over the pre-update episodes, but with Adam (one epoch, lr 1e-3) instead of TRPO. Its
   training return is the mean return of its own episodes.
+- ``oracle`` (``oracle=true``; the paper presets): trained as ``pretrained``, but told the task:
+  its observations end with the task's values (``fastmaml.rl.TaskInputs``), as the official
+  code's oracle environments appended the goal. It is evaluated without adapting (step size 0),
+  the paper's upper reference.
 
 At each iteration the return of the policy that sampled the episodes is compared with the best
 so far; the best one (its parameters before that iteration's update) is kept in the learner's
@@ -95,7 +99,7 @@ if TYPE_CHECKING:
 
 EVAL_SEED = 20172  # fixed: every run is evaluated with the same episode seeds
 
-METHODS = ("maml", "pretrained", "random")
+METHODS = ("maml", "pretrained", "random")  # the methods that adapt; then the oracle
 
 
 # Config's settings of the supervised outer loop (Adam on the meta-gradient: its rate, schedule,
@@ -115,6 +119,10 @@ class RLConfig(Config):
     iterations: int = 500  # meta-iterations
     baseline_iterations: int = 0  # pretrained baseline iterations (0: as many as MAML's)
     pretrained: bool = True  # also train the pretrained baseline
+    # also train the oracle: a policy told the task (its values appended to the observation),
+    # trained on all tasks as the pretrained one and evaluated without adapting (the paper's
+    # oracle); a finished run may add it (oracle=true trains it alone)
+    oracle: bool = False
     meta_batch: int = 20  # tasks per meta-iteration
     trajectories: int = 20  # episodes per task, for the inner step and for the meta-update
     batch: str = "episodes"  # or steps: trajectories x horizon steps per task (official sampler)
@@ -346,23 +354,28 @@ class RLExperiment(Experiment):
         super().__init__(cfg, run_dir)
         if self.device.type != "cpu":  # the sampler and environments are CPU code
             self.device = torch.device("cpu")
-        self._sampler: Sampler | None = None
+        self._samplers: dict[bool, Sampler] = {}
 
     @property
     def env_kwargs(self) -> dict[str, Any]:
         return {"action_scale": self.cfg.action_scale} if self.cfg.env == NAV else {}
 
-    def sampler(self) -> Sampler:
-        if self._sampler is None:
+    def sampler(self, oracle: bool = False) -> Sampler:
+        """The episodes' sampler: of the oracle's observations (the task's values appended,
+        ``fastmaml.rl.TaskInputs``) with ``oracle``."""
+        if oracle not in self._samplers:
             cfg = self.cfg
-            self._sampler = _rl().Sampler(cfg.env, cfg.horizon or None, cfg.workers,
-                                          **self.env_kwargs)
-        return self._sampler
+            self._samplers[oracle] = _rl().Sampler(cfg.env, cfg.horizon or None, cfg.workers,
+                                                   **self.env_kwargs,
+                                                   **({"task_inputs": True} if oracle else {}))
+        return self._samplers[oracle]
 
-    def build_maml(self, seed_offset: int = 0, inner_lr: float | None = None) -> MAML:
-        """A fresh policy (seeded) inside a MAML engine with the REINFORCE inner loss."""
+    def build_maml(self, seed_offset: int = 0, inner_lr: float | None = None,
+                   oracle: bool = False) -> MAML:
+        """A fresh policy (seeded) inside a MAML engine with the REINFORCE inner loss; an
+        ``oracle`` policy takes the oracle's observations."""
         rl, cfg = _rl(), self.cfg
-        sampler = self.sampler()
+        sampler = self.sampler(oracle)
         torch.manual_seed(cfg.seed + seed_offset)
         policy = rl.GaussianMLPPolicy(sampler.obs_dim, sampler.act_dim, cfg.hidden, cfg.init_std)
         engine_cfg = cfg if inner_lr is None else cfg.replace(inner_lr=inner_lr, lr_mode="fixed")
@@ -375,6 +388,10 @@ class RLExperiment(Experiment):
         if cfg.pretrained:
             learners.append(MetaRLLearner("pretrained", self.build_maml(1), self.sampler(), cfg,
                                           False, cfg.baseline_iterations or cfg.iterations))
+        if cfg.oracle:
+            learners.append(MetaRLLearner("oracle", self.build_maml(3, oracle=True),
+                                          self.sampler(oracle=True), cfg, False,
+                                          cfg.baseline_iterations or cfg.iterations))
         return learners
 
     # ----- evaluation -----
@@ -387,17 +404,17 @@ class RLExperiment(Experiment):
         the official test script's (MAML: its training ``inner_lr``)."""
         cfg = self.cfg
         if cfg.eval_inner_lr:
-            return dict.fromkeys(METHODS, cfg.eval_inner_lr)
+            return {**dict.fromkeys(METHODS, cfg.eval_inner_lr), "oracle": 0.0}
         official = self.official_test()
         return {"maml": cfg.inner_lr, "pretrained": official.pretrained_lr or cfg.inner_lr,
-                "random": official.random_lr or cfg.inner_lr}
+                "random": official.random_lr or cfg.inner_lr, "oracle": 0.0}
 
     def official_test(self) -> OfficialTest:
         """How the official test script of this run's task family fine-tuned the methods."""
         return _rl().official_test(self.cfg.env)
 
     def adaptation_returns(self, maml: MAML, tasks: list[dict[str, Any]], progress: bool = False,
-                           desc: str = "") -> Tensor:
+                           desc: str = "", oracle: bool = False) -> Tensor:
         """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
 
         Under torchrun each rank adapts its slice of the tasks (``adapt_tasks``), and every rank
@@ -405,12 +422,12 @@ class RLExperiment(Experiment):
         """
         mine = task_range(len(tasks), "eval_tasks")
         curve, _ = self.adapt_tasks(maml, [tasks[i] for i in mine], mine, progress=progress,
-                                    desc=desc)
+                                    desc=desc, oracle=oracle)
         return torch.cat(gather_in_order([((mine.start,), curve)]))
 
     def adapt_tasks(self, maml: MAML, tasks: list[dict[str, Any]], task_ids: Sequence[int],
                     steps: int | None = None, seed: int = EVAL_SEED, progress: bool = False,
-                    desc: str = "") -> tuple[Tensor, dict[str, Tensor]]:
+                    desc: str = "", oracle: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
         """The evaluation protocol on ``tasks``: per-task mean returns after 0..steps (default
         ``eval_inner_steps``) policy-gradient steps, (tasks, steps+1), and the adapted
         parameters, stacked over tasks.
@@ -418,7 +435,8 @@ class RLExperiment(Experiment):
         Step 1 uses the engine's inner learning rate, the later ones the official test script's
         share of it (``later_lr_scale``). Episode seeds depend on ``seed``, the step and the
         task's position (``task_ids``) only, so every method sees the same noise and reset
-        states, and no two (seed, step) pairs share episodes (``episode_seed``).
+        states, and no two (seed, step) pairs share episodes (``episode_seed``). An ``oracle``
+        policy is sampled with the task's values in its observations.
         """
         from tqdm.auto import tqdm
 
@@ -428,7 +446,7 @@ class RLExperiment(Experiment):
         params, curve = None, []
         for step in tqdm(range(steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress and is_main() else True):
-            episodes = _sample_batch(self.sampler(), maml.model, tasks, cfg.eval_batch,
+            episodes = _sample_batch(self.sampler(oracle), maml.model, tasks, cfg.eval_batch,
                                      cfg.eval_trajectories, cfg.eval_trajectories,
                                      episode_seed(seed, step), params, cfg.eval_chunk,
                                      task_ids)
@@ -452,11 +470,12 @@ class RLExperiment(Experiment):
         engines["random"] = (self.build_maml(2, step_sizes["random"]), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
         records, returns = [], {}
-        for name in METHODS:
+        for name in (*METHODS, "oracle"):
             if name not in engines:
                 continue
             engine, info = engines[name]
-            returns[name] = self.adaptation_returns(engine, tasks, progress, f"eval {name}")
+            returns[name] = self.adaptation_returns(engine, tasks, progress, f"eval {name}",
+                                                    oracle=name == "oracle")
             if threshold is not None:  # direction tasks: the share of tasks run the right way
                 info["right_way"] = (returns[name] > threshold).double().mean(0).tolist()
             records.append(eval_record(cfg.env, name, cfg.eval_trajectories, returns[name],
@@ -474,11 +493,12 @@ class RLExperiment(Experiment):
         keeps its own, possibly learned, rates)."""
         engine = learner.evaluation_engine(self.cfg.eval_policy)
         if self.cfg.eval_inner_lr or learner.name != "maml":
-            engine = self._with_lr(engine, self.eval_step_sizes()[learner.name])
+            engine = self._with_lr(engine, self.eval_step_sizes()[learner.name],
+                                   oracle=learner.name == "oracle")
         return engine
 
-    def _with_lr(self, engine: MAML, lr: float) -> MAML:
-        fresh = self.build_maml(0, lr)
+    def _with_lr(self, engine: MAML, lr: float, oracle: bool = False) -> MAML:
+        fresh = self.build_maml(0, lr, oracle)
         fresh.model.load_state_dict(engine.model.state_dict())
         return fresh
 
@@ -509,6 +529,9 @@ class RLExperiment(Experiment):
                  f"step; each method's first step size is in its row (lr), later steps take "
                  f"{official.later_lr_scale:g} of it; "
                  f"the `{cfg.eval_policy}` policy of each learner."]
+        if any(r["method"] == "oracle" for r in records):
+            notes.append("- oracle: told the task (its values appended to the observation) and "
+                         "not adapted (step size 0): each step's value is of fresh episodes.")
         for r in records:
             if "best_iteration" in r:
                 notes.append(f"- {r['method']}: best training return {r['best_training_return']:.2f}"
@@ -556,7 +579,7 @@ class RLExperiment(Experiment):
             color = colors[r["method"]]
             ax.plot(r["steps"], mean, marker="o", ms=4, color=color, label=method_label(r))
             ax.fill_between(r["steps"], low, high, color=color, alpha=0.2)
-            if r["method"] in paper:
+            if r["method"] in paper and r["method"] != "oracle":  # (its line: below)
                 values = paper[r["method"]][:last + 1]
                 paper_ax.plot(range(len(values)), values, ls="--", marker="x", ms=4, alpha=0.6,
                               color=color, label=f"paper: {r['method']}")

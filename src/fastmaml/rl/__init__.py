@@ -15,9 +15,9 @@ iteration are distinct, so no two batches share their noise.
 Importing this package registers the ``fastmaml/...`` gymnasium environments.
 """
 from .envs import (ENVS, TASK_API, AntDirEnv, AntVelEnv, GymBatch, HalfCheetahDirEnv,
-                   HalfCheetahVelEnv, Nav2DBatch, Nav2DEnv, OfficialTest, Task, canonical_env_id,
-                   default_horizon, env_class, make_batch_env, official_test, official_test_tasks,
-                   right_way_threshold, sample_tasks)
+                   HalfCheetahVelEnv, Nav2DBatch, Nav2DEnv, OfficialTest, Task, TaskInputs,
+                   canonical_env_id, default_horizon, env_class, make_batch_env, official_test,
+                   official_test_tasks, right_way_threshold, sample_tasks, task_values)
 from .policy import (GaussianMLPPolicy, adapt_policy, gaussian_entropy, gaussian_kl,
                      gaussian_log_prob, pack_targets, policy_forward, reinforce_data,
                      reinforce_loss)
@@ -29,9 +29,9 @@ from .trpo import (TRPOObjective, TRPOStats, conjugate_gradient, gauss_newton_hv
                    trpo_meta_step, trpo_step)
 
 __all__ = ["ENVS", "TASK_API", "AntDirEnv", "AntVelEnv", "GymBatch", "HalfCheetahDirEnv",
-           "HalfCheetahVelEnv", "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task",
+           "HalfCheetahVelEnv", "Nav2DBatch", "Nav2DEnv", "OfficialTest", "Task", "TaskInputs",
            "canonical_env_id", "default_horizon", "env_class", "make_batch_env", "official_test",
-           "official_test_tasks", "right_way_threshold", "sample_tasks",
+           "official_test_tasks", "right_way_threshold", "sample_tasks", "task_values",
            "GaussianMLPPolicy", "adapt_policy", "gaussian_entropy", "gaussian_kl",
            "gaussian_log_prob", "pack_targets", "policy_forward", "reinforce_data",
            "reinforce_loss", "baseline_features", "compute_advantages", "discounted_returns",

@@ -534,6 +534,36 @@ class BatchEnv(Protocol):
     def close(self) -> None: ...
 
 
+def task_values(task: Task) -> list[float]:
+    """A task's numbers in a fixed order (its keys sorted, each value flattened): what the
+    oracle's observations add (``TaskInputs``)."""
+    return [float(value) for key in sorted(task) for value in np.ravel(task[key])]
+
+
+class TaskInputs:
+    """A batch environment whose observations end with each episode's task values
+    (``task_values``): the paper's oracle, which is told the task instead of adapting to it
+    (the official code's oracle environments appended the goal to the observation)."""
+
+    def __init__(self, env: BatchEnv, task_dim: int):
+        self.env, self.act_dim, self.obs_dim = env, env.act_dim, env.obs_dim + task_dim
+        self.values = torch.zeros(0, task_dim, dtype=torch.float64)
+
+    def reset(self, tasks: Sequence[Task], seeds: Sequence[int]) -> Tensor:
+        self.values = torch.tensor([task_values(task) for task in tasks], dtype=torch.float64)
+        return self._told(self.env.reset(tasks, seeds))
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        obs, rewards, ended = self.env.step(actions)
+        return self._told(obs), rewards, ended
+
+    def _told(self, obs: Tensor) -> Tensor:
+        return torch.cat([obs, self.values.to(obs.dtype)], dim=-1)
+
+    def close(self) -> None:
+        self.env.close()
+
+
 ENVS: dict[str, tuple[type, int]] = {
     "fastmaml/Nav2D-v0": (Nav2DEnv, 100),
     "fastmaml/HalfCheetahVel-v0": (HalfCheetahVelEnv, 200),
@@ -666,10 +696,16 @@ def right_way_threshold(env_id: str, horizon: int) -> float | None:
     return getattr(cls, "survival_bonus", 0.0) * horizon if issubclass(cls, _Direction) else None
 
 
-def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
-    """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
+def make_batch_env(env_id: str, task_inputs: bool = False, **kwargs: Any) -> BatchEnv:
+    """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments.
+    ``task_inputs``: observations end with the task's values (``TaskInputs``, the oracle's)."""
     env_id = canonical_env_id(env_id)
     cls = env_class(env_id)
+    env: BatchEnv
     if env_id not in ENVS:
-        return GymBatch(env_id, **kwargs)
-    return Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)
+        env = GymBatch(env_id, **kwargs)
+    else:
+        env = Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)
+    if not task_inputs:
+        return env
+    return TaskInputs(env, len(task_values(sample_tasks(env_id, 1, np.random.default_rng(0))[0])))

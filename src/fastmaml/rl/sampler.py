@@ -123,7 +123,9 @@ class Sampler:
             environment's ``max_episode_steps``, which a given horizon replaces).
         num_workers: 0 samples here; ``n > 0`` splits the tasks over ``n`` worker processes
             (one per core is the point; each uses one thread), with identical results.
-        env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D).
+        env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D);
+            ``task_inputs=True`` appends each task's values to the observations (the oracle's,
+            ``fastmaml.rl.TaskInputs``).
     """
 
     def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
