@@ -15,7 +15,8 @@ from fastmaml.cli import main
 from fastmaml.config import ConfigError
 import fastmaml
 from fastmaml.experiments import (PRESETS, create_run, experiment_class, load_experiment,
-                                  prepare_run)
+                                  preset_config, prepare_run)
+from fastmaml.experiments.fewshot import FewShotExperiment
 from fastmaml.tasks import download, folder
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
@@ -131,6 +132,11 @@ def test_the_mlp_variant_is_compared_with_the_papers_mlp_row(omniglot_root, tmp_
     assert main(["eval", str(run), "eval_tasks=4", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "paper: MAML, MLP |  |  | 89.7 |" in out and "98.7" not in out
+    # Lake et al.'s figures stay in the column of the paper's steps (5) with the MLP too
+    for network in ("conv", "mlp"):
+        cfg = preset_config("omniglot-20w1s-lake", [f"network={network}"])
+        (label, values), *_ = FewShotExperiment(cfg, tmp_path / network)._paper()[1]
+        assert values == {5: 95.5}, (network, label)
 
 
 def test_n_way_larger_than_the_split_is_a_clear_error(omniglot_root, tmp_path, capsys):

@@ -78,8 +78,8 @@ class Config:
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps
     threads: int = 0  # torch intra-op threads (0: torch's default); 1 is fastest for small models
-    # the networks' initialisation: default (torch's own; the meta-RL policy's is maml_rl's) |
-    # official (the paper's code's, cbfinn/maml: see fastmaml.models.initialise)
+    # the supervised networks' initialisation: default (torch's own) | official (the paper's
+    # code's, cbfinn/maml: see fastmaml.models.initialise); the meta-RL policy's is maml_rl's
     init: str = "default"
     tune_malloc: bool = True  # CPU: glibc keeps freed memory for reuse (faster; RSS stays at peak)
     eval_tasks: int = 600

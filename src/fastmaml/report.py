@@ -108,15 +108,18 @@ class Run:
 
     @property
     def stale_evaluation(self) -> str:
-        """A warning when eval.json evaluated older checkpoints than the run now holds, or a
-        baseline short of its iterations."""
+        """A warning when eval.json evaluated older checkpoints than the run now holds, or none
+        of a learner trained since (a meta-RL oracle added), or a baseline short of its
+        iterations."""
         record = self.records[0] if self.records else {}
         evaluated = record.get("checkpoint_iterations", {})
         newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
                  if self.checkpoints.get(name, at) > at]
-        if newer:
-            return (f"evaluated older checkpoints ({', '.join(newer)} iterations): run "
-                    f"`fastmaml eval {self.path.as_posix()}`")
+        since = sorted(set(self.checkpoints) - set(evaluated)) if evaluated else []
+        if newer or since:
+            said = ([f"evaluated older checkpoints ({', '.join(newer)} iterations)"] if newer
+                    else []) + ([f"not {' or '.join(since)}, trained since"] if since else [])
+            return f"{'; '.join(said)}: run `fastmaml eval {self.path.as_posix()}`"
         # a baseline evaluated before it finished (MAML's own iterations are in the table)
         targets = record.get("target_iterations", {})
         early = [f"{name} at {at:,} of {targets[name]:,}" for name, at in evaluated.items()
@@ -146,7 +149,8 @@ def read_run(path: Path) -> Run:
                               for r in rows if r.get("val_accuracy") not in (None, "")]
     evaluated = records[0].get("checkpoint_iterations", {}) if records else {}
     checkpoints = {}
-    for learner in {"maml", *evaluated}:  # a damaged one is left to `train` to name
+    trained = {p.stem for p in (path / "checkpoints").glob("*.pt") if not p.name.startswith(".")}
+    for learner in {"maml", *evaluated, *trained}:  # a damaged one is left to `train` to name
         with contextlib.suppress(CheckpointError):
             checkpoint = checkpoint_path(path, learner)
             if checkpoint.is_file():

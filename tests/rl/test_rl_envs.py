@@ -17,8 +17,8 @@ from gymnasium.utils.env_checker import check_env
 
 from fastmaml.errors import ConfigError
 from fastmaml.rl import envs
-from fastmaml.rl import (ENVS, Nav2DBatch, default_horizon, env_class, make_batch_env,
-                         official_test_tasks, right_way_threshold)
+from fastmaml.rl import (ENVS, Nav2DBatch, TaskInputs, default_horizon, env_class,
+                         make_batch_env, official_test_tasks, right_way_threshold, task_values)
 
 
 def test_nav2d_batch_hand_computed() -> None:
@@ -293,7 +293,8 @@ def test_the_ant_at_rllabs_time_step_survives_the_initial_policy() -> None:
     ("fastmaml/AntDir-v0", {"direction": -1.0}, [-1.0])])
 def test_the_oracles_observations_end_with_the_task(env_id: str, task: dict,
                                                     told: list[float]) -> None:
-    plain, oracle = make_batch_env(env_id), make_batch_env(env_id, task_inputs=True)
+    plain, oracle = make_batch_env(env_id), TaskInputs(make_batch_env(env_id), len(told))
+    assert task_values(task) == told
     assert oracle.obs_dim == plain.obs_dim + len(told) and oracle.act_dim == plain.act_dim
     other = {key: -value for key, value in task.items()}
     first = oracle.reset([task, other], [3, 4])

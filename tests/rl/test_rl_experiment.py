@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastmaml import report
 from fastmaml.cli import main
 from fastmaml.errors import ConfigError, FastMAMLWarning
 from fastmaml.experiments import PRESETS, base, create_run, load_experiment, preset
@@ -57,6 +58,9 @@ def test_presets_hold_the_paper_settings() -> None:
         RLConfig(env="Foo-v0", action_scale=0.1)  # named for itself, not for the action scale
     with pytest.raises(ConfigError, match="hvp"):
         RLConfig(hvp="magic")
+    with pytest.raises(ConfigError, match="init=official: the policy is always initialised as "
+                                          "maml_rl's"):
+        RLConfig().with_overrides(["init=official"])
     with pytest.raises(ConfigError, match="per_step=norm: per-step parameter sets are for the "
                                           "supervised experiments"):
         RLConfig().with_overrides(["per_step=norm"])
@@ -205,14 +209,20 @@ def test_a_finished_run_adds_the_oracle_which_is_told_the_task_and_not_adapted(
             "eval_tasks=3", "eval_trajectories=2", "checkpoint_every=1"]
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", *tiny,
                  "oracle=false"]) == 0
+    assert main(["eval", str(out), "--no-progress"]) == 0
     maml = checkpoint_path(out, "maml").read_bytes()
     assert not checkpoint_path(out, "oracle").exists()
+    assert main(["eval", str(out), "--no-progress", "oracle=true"]) == 2  # trained, not evaluated
+    assert "keeps the oracle it started with" in capsys.readouterr().err
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", "oracle=true"]) == 0
     assert checkpoint_path(out, "maml").read_bytes() == maml  # trained alone
     oracle = load_checkpoint(checkpoint_path(out, "oracle"))
     assert oracle["iteration"] == 2
     assert oracle["learner"]["module"]["model.mean.0.weight"].shape == (8, 4)  # position, goal
+    assert report.read_run(out).stale_evaluation == (  # the evaluation before it: said
+        f"not oracle, trained since: run `fastmaml eval {out.as_posix()}`")
     assert main(["eval", str(out), "--no-progress"]) == 0
+    assert not report.read_run(out).stale_evaluation
     record = json.loads((out / "eval.json").read_text())[-1]
     assert record["method"] == "oracle" and record["inner_lr"] == 0.0 and len(record["mean"]) == 4
     assert "- oracle: told the task" in (out / "results.md").read_text()

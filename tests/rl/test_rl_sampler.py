@@ -125,6 +125,24 @@ def test_workers_give_identical_episodes() -> None:
     _assert_equal(parallel_adapted, local.sample(policy, tasks, 2, seed=3, params=params))
 
 
+def test_the_oracles_episodes_hold_the_task_in_workers_too() -> None:
+    env_id = "fastmaml/HalfCheetahVel-v0"
+    tasks = _tasks(env_id, 3)
+    with Sampler(env_id, horizon=6, num_workers=2) as workers:
+        assert workers.task_dim == 1
+        oracle = _policy(workers.obs_dim + 1, workers.act_dim)
+        told = workers.sample(oracle, tasks, 2, seed=3, task_inputs=True)
+        with pytest.raises(ConfigError, match="observations of 17 numbers and its task's 1"):
+            workers.sample(_policy(workers.obs_dim, workers.act_dim), tasks, 2, seed=3,
+                           task_inputs=True)
+    local = Sampler(env_id, horizon=6)
+    _assert_equal(told, local.sample(oracle, tasks, 2, seed=3, task_inputs=True))
+    velocities = torch.tensor([task["velocity"] for task in tasks], dtype=told.observations.dtype)
+    assert torch.equal(told.observations[..., -1], velocities[:, None, None].expand(3, 2, 6))
+    plain = local.sample(_policy(local.obs_dim, local.act_dim), tasks, 2, seed=3)
+    torch.testing.assert_close(told.observations[0, 0, 0, :-1], plain.observations[0, 0, 0])
+
+
 def test_sampler_rejects_bad_arguments() -> None:
     with pytest.raises(ConfigError):
         Sampler("fastmaml/Nav2D-v0", horizon=0)

@@ -133,8 +133,9 @@ PRESETS.update(_fewshot_presets())
 
 def _rl_presets() -> dict[str, Preset]:
     """The paper's meta-RL settings (TRPO meta-updates: KL 0.01, CG 10 iterations, damping 1e-5,
-    line search 0.8 x 15; one inner step), and CPU-budget variants (-cpu) that fit in under two
-    hours on 2 cores. 2D navigation follows the official code's action scale 0.1 and alpha 0.5
+    line search 0.8 x 15; one inner step) with its baselines (pretrained and oracle), and
+    CPU-budget variants (-cpu) whose MAML and pretrained learners fit in about two hours on 2
+    cores. 2D navigation follows the official code's action scale 0.1 and alpha 0.5
     (see fastmaml/experiments/rl.py)."""
     nav = dict(env="fastmaml/Nav2D-v0", action_scale=0.1, inner_lr=0.5, meta_batch=20,
                trajectories=20)
@@ -190,7 +191,8 @@ def _rl_presets() -> dict[str, Preset]:
     return presets
 
 
-# Measured on 2 busy cores: navigation ~10 s, half-cheetah ~8 s per iteration (both learners).
+# Measured on 2 busy cores: navigation ~10 s, half-cheetah ~8 s per iteration (maml and
+# pretrained; the oracle, added later, costs about as much as the pretrained baseline).
 # Navigation: the official script's 100 meta-iterations (maml_trpo_point.py, n_itr=100); longer
 # runs adapted worse after 2-3 steps (docs/results.md). Half-cheetah velocity: the paper's 500;
 # it only began to adapt after about 400 (85 min for both learners on one busy core). Ants: the
@@ -232,12 +234,12 @@ def fixed_settings(cfg: Config) -> dict[str, Any]:
 
 
 def _resumable_keys(saved: Config, training: bool = True) -> set[str]:
-    """The settings of the run ``saved`` that a resumed run may change: how long it trains
-    only where it trains (``training``), and not under a cosine meta_lr schedule, whose rates
-    span the iterations."""
+    """The settings of the run ``saved`` that a resumed run may change: how long it trains, and
+    whether it trains the meta-RL oracle too, only where it trains (``training``), and not
+    under a cosine meta_lr schedule, whose rates span the iterations."""
     cosine = saved.meta_lr_schedule == "cosine"
-    fixed = ({"iterations"} if cosine else set()) | (
-        set() if training else {"iterations", "baseline_iterations"})  # what a run trained to
+    fixed = ({"iterations"} if cosine else set()) | (  # what a run trained (to)
+        set() if training else {"iterations", "baseline_iterations", "oracle"})
     return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 

@@ -178,6 +178,10 @@ class RLConfig(Config):
                               "which meta-RL does not run: its outer loop is TRPO (max_kl, "
                               "cg_iters, cg_damping, backtrack_ratio, max_backtracks, hvp), and "
                               "its inner steps adapt task by task")
+        if self.init != "default":
+            raise ConfigError(f"init={self.init}: the policy is always initialised as maml_rl's "
+                              "(Xavier-uniform weights, zero biases); init is for the "
+                              "supervised experiments' networks")
         if self.per_step != "none":
             raise ConfigError(f"per_step={self.per_step}: per-step parameter sets are for the "
                               "supervised experiments; meta-RL's evaluation adapts one "
@@ -211,16 +215,17 @@ def _sample_batch(sampler: Sampler, policy: torch.nn.Module, tasks: list[dict[st
                   kind: str, episodes: int, envs: int, seed: SeedKey,
                   params: dict[str, Tensor] | None = None,
                   tasks_per_rollout: int | None = None,
-                  task_ids: Sequence[int] | None = None) -> Episodes:
+                  task_ids: Sequence[int] | None = None, task_inputs: bool = False) -> Episodes:
     """One batch per task as the config's ``batch`` / ``eval_batch`` says: ``episodes``, exactly
     ``episodes`` episodes; ``steps``, the ``episodes x horizon`` environment steps that ``envs``
     environments running episode after episode gather (``Sampler.sample_steps``, the official
-    sampler). ``task_ids``: the tasks' positions in the meta-batch (their seeds)."""
+    sampler). ``task_ids``: the tasks' positions in the meta-batch (their seeds);
+    ``task_inputs``: the oracle's observations, which end with the task's values."""
     if kind == "steps":
         return sampler.sample_steps(policy, tasks, envs, episodes * sampler.horizon, seed, params,
-                                    tasks_per_rollout, task_ids)
+                                    tasks_per_rollout, task_ids, task_inputs)
     return sampler.sample(policy, tasks, episodes, seed, params, tasks_per_rollout,
-                          task_ids=task_ids)
+                          task_ids=task_ids, task_inputs=task_inputs)
 
 
 def episode_seed(seed: int, step: int) -> SeedKey:
@@ -237,7 +242,8 @@ def _seed(cfg: RLConfig, iteration: int, phase: int) -> int:
 
 
 class MetaRLLearner:
-    """One TRPO learner of the RL experiment: ``maml`` (adapt=True) or ``pretrained``.
+    """One TRPO learner of the RL experiment: ``maml`` (adapt=True), ``pretrained`` or
+    ``oracle`` (``task_inputs``: its observations end with the task's values).
 
     Metrics per iteration: ``pre_return`` (mean return of the pre-update policy's episodes),
     ``post_return`` (after the inner step; maml only), ``best_return`` (the best training return
@@ -249,9 +255,9 @@ class MetaRLLearner:
     """
 
     def __init__(self, name: str, maml: MAML, sampler: Sampler, cfg: RLConfig, adapt: bool,
-                 iterations: int):
+                 iterations: int, task_inputs: bool = False):
         self.name, self.module, self.sampler, self.cfg = name, maml, sampler, cfg
-        self.adapt, self.iterations = adapt, iterations
+        self.adapt, self.iterations, self.task_inputs = adapt, iterations, task_inputs
         self.best_return, self.best_iteration = -math.inf, 0
         self.best: dict[str, Tensor] | None = None
 
@@ -271,7 +277,8 @@ class MetaRLLearner:
         episode after episode (the official sampler's total, counted per task). ``task_ids``:
         the tasks' positions in the meta-batch (default: ``tasks`` is all of it)."""
         return _sample_batch(self.sampler, self.policy, tasks, self.cfg.batch,
-                             self.cfg.trajectories, 1, seed, params, task_ids=task_ids)
+                             self.cfg.trajectories, 1, seed, params, task_ids=task_ids,
+                             task_inputs=self.task_inputs)
 
     def step(self, iteration: int) -> dict[str, float]:
         """One meta-iteration. Under torchrun each rank samples and adapts its slice of the
@@ -354,30 +361,28 @@ class RLExperiment(Experiment):
         super().__init__(cfg, run_dir)
         if self.device.type != "cpu":  # the sampler and environments are CPU code
             self.device = torch.device("cpu")
-        self._samplers: dict[bool, Sampler] = {}
+        self._sampler: Sampler | None = None
 
     @property
     def env_kwargs(self) -> dict[str, Any]:
         return {"action_scale": self.cfg.action_scale} if self.cfg.env == NAV else {}
 
-    def sampler(self, oracle: bool = False) -> Sampler:
-        """The episodes' sampler: of the oracle's observations (the task's values appended,
-        ``fastmaml.rl.TaskInputs``) with ``oracle``."""
-        if oracle not in self._samplers:
+    def sampler(self) -> Sampler:
+        if self._sampler is None:
             cfg = self.cfg
-            self._samplers[oracle] = _rl().Sampler(cfg.env, cfg.horizon or None, cfg.workers,
-                                                   **self.env_kwargs,
-                                                   **({"task_inputs": True} if oracle else {}))
-        return self._samplers[oracle]
+            self._sampler = _rl().Sampler(cfg.env, cfg.horizon or None, cfg.workers,
+                                          **self.env_kwargs)
+        return self._sampler
 
     def build_maml(self, seed_offset: int = 0, inner_lr: float | None = None,
                    oracle: bool = False) -> MAML:
         """A fresh policy (seeded) inside a MAML engine with the REINFORCE inner loss; an
-        ``oracle`` policy takes the oracle's observations."""
+        ``oracle`` policy takes the task's values after the observation."""
         rl, cfg = _rl(), self.cfg
-        sampler = self.sampler(oracle)
+        sampler = self.sampler()
         torch.manual_seed(cfg.seed + seed_offset)
-        policy = rl.GaussianMLPPolicy(sampler.obs_dim, sampler.act_dim, cfg.hidden, cfg.init_std)
+        inputs = sampler.obs_dim + (sampler.task_dim if oracle else 0)
+        policy = rl.GaussianMLPPolicy(inputs, sampler.act_dim, cfg.hidden, cfg.init_std)
         engine_cfg = cfg if inner_lr is None else cfg.replace(inner_lr=inner_lr, lr_mode="fixed")
         return build_maml(policy, rl.reinforce_loss, engine_cfg)
 
@@ -385,13 +390,12 @@ class RLExperiment(Experiment):
         cfg = self.cfg
         learners = [MetaRLLearner("maml", self.build_maml(0), self.sampler(), cfg, True,
                                   cfg.iterations)]
-        if cfg.pretrained:
-            learners.append(MetaRLLearner("pretrained", self.build_maml(1), self.sampler(), cfg,
-                                          False, cfg.baseline_iterations or cfg.iterations))
-        if cfg.oracle:
-            learners.append(MetaRLLearner("oracle", self.build_maml(3, oracle=True),
-                                          self.sampler(oracle=True), cfg, False,
-                                          cfg.baseline_iterations or cfg.iterations))
+        for name, wanted, seed_offset, oracle in (("pretrained", cfg.pretrained, 1, False),
+                                                  ("oracle", cfg.oracle, 3, True)):
+            if wanted:  # trained on all tasks without adapting
+                learners.append(MetaRLLearner(
+                    name, self.build_maml(seed_offset, oracle=oracle), self.sampler(), cfg, False,
+                    cfg.baseline_iterations or cfg.iterations, task_inputs=oracle))
         return learners
 
     # ----- evaluation -----
@@ -446,10 +450,10 @@ class RLExperiment(Experiment):
         params, curve = None, []
         for step in tqdm(range(steps + 1), desc=desc, unit="step", leave=False,
                          disable=None if progress and is_main() else True):
-            episodes = _sample_batch(self.sampler(oracle), maml.model, tasks, cfg.eval_batch,
+            episodes = _sample_batch(self.sampler(), maml.model, tasks, cfg.eval_batch,
                                      cfg.eval_trajectories, cfg.eval_trajectories,
                                      episode_seed(seed, step), params, cfg.eval_chunk,
-                                     task_ids)
+                                     task_ids, task_inputs=oracle)
             curve.append(episodes.mean_returns().double())
             if step < steps:
                 with torch.no_grad():

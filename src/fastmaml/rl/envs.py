@@ -696,16 +696,10 @@ def right_way_threshold(env_id: str, horizon: int) -> float | None:
     return getattr(cls, "survival_bonus", 0.0) * horizon if issubclass(cls, _Direction) else None
 
 
-def make_batch_env(env_id: str, task_inputs: bool = False, **kwargs: Any) -> BatchEnv:
-    """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments.
-    ``task_inputs``: observations end with the task's values (``TaskInputs``, the oracle's)."""
+def make_batch_env(env_id: str, **kwargs: Any) -> BatchEnv:
+    """The batched version of ``env_id`` for the sampler; ``kwargs`` go to the environments."""
     env_id = canonical_env_id(env_id)
     cls = env_class(env_id)
-    env: BatchEnv
     if env_id not in ENVS:
-        env = GymBatch(env_id, **kwargs)
-    else:
-        env = Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)
-    if not task_inputs:
-        return env
-    return TaskInputs(env, len(task_values(sample_tasks(env_id, 1, np.random.default_rng(0))[0])))
+        return GymBatch(env_id, **kwargs)
+    return Nav2DBatch(**kwargs) if cls is Nav2DEnv else MujocoBatch(cls, **kwargs)

@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
-from .envs import (ENVS, BatchEnv, Task, canonical_env_id, default_horizon, make_batch_env,
-                   sample_tasks)
+from .envs import (ENVS, BatchEnv, Task, TaskInputs, canonical_env_id, default_horizon,
+                   make_batch_env, sample_tasks, task_values)
 from .policy import policy_forward
 
 SeedKey = int | tuple[int, ...]  # a sampler seed: an integer, or a tuple of them
@@ -69,15 +69,19 @@ class Episodes(NamedTuple):
 
 def rollout(policy: nn.Module, env: BatchEnv, tasks: Sequence[Task], num_traj: int,
             horizon: int, seed: SeedKey, params: Params | None = None,
-            task_ids: Sequence[int] | None = None, first_traj: int = 0) -> Episodes:
+            task_ids: Sequence[int] | None = None, first_traj: int = 0,
+            task_inputs: bool = False) -> Episodes:
     """``num_traj`` episodes of every task, all environments stepped together.
 
     Observations, actions and rewards are in the dtype of the policy's parameters. ``params``:
     per-task policy parameters with a leading task dimension, or ``None`` for the policy's own.
     ``task_ids``: the tasks' positions in the caller's full task list (for the seeds; default
     ``0 .. len(tasks) - 1``). The episodes are numbered from ``first_traj`` (for the seeds).
-    Torch runs with one thread meanwhile.
+    ``task_inputs``: the observations end with each task's values (``TaskInputs``: the
+    oracle's). Torch runs with one thread meanwhile.
     """
+    if task_inputs:
+        env = TaskInputs(env, len(task_values(tasks[0])))
     num_tasks = len(tasks)
     task_ids = range(num_tasks) if task_ids is None else task_ids
     key = list(seed) if isinstance(seed, tuple) else [seed]
@@ -123,9 +127,7 @@ class Sampler:
             environment's ``max_episode_steps``, which a given horizon replaces).
         num_workers: 0 samples here; ``n > 0`` splits the tasks over ``n`` worker processes
             (one per core is the point; each uses one thread), with identical results.
-        env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D);
-            ``task_inputs=True`` appends each task's values to the observations (the oracle's,
-            ``fastmaml.rl.TaskInputs``).
+        env_kwargs: passed to the environments (e.g. ``action_scale`` for Nav2D).
     """
 
     def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
@@ -145,6 +147,7 @@ class Sampler:
             # what every task of this environment holds, and each value's shape (``_check``)
             example = sample_tasks(env_id, 1, np.random.default_rng(0))[0]
             self._task_shapes = {key: np.shape(value) for key, value in example.items()}
+            self.task_dim = len(task_values(example))  # the numbers the oracle is told
             if num_workers:
                 self._start_workers(num_workers)
         except BaseException:
@@ -153,7 +156,8 @@ class Sampler:
 
     def sample(self, policy: nn.Module, tasks: Sequence[Task], num_traj: int, seed: SeedKey,
                params: Params | None = None, tasks_per_rollout: int | None = None,
-               first_traj: int = 0, task_ids: Sequence[int] | None = None) -> Episodes:
+               first_traj: int = 0, task_ids: Sequence[int] | None = None,
+               task_inputs: bool = False) -> Episodes:
         """``num_traj`` episodes of ``horizon`` steps for every task: (tasks, num_traj, H, ...).
 
         ``params``: per-task parameters stacked over tasks (from ``adapt_policy``) or ``None``.
@@ -161,14 +165,17 @@ class Sampler:
         does not change the result. ``first_traj`` numbers the episodes from there (another
         batch of the same seed). ``task_ids``: the tasks' positions in a larger task list, for
         the seeds (default ``0 .. len(tasks) - 1``), to sample some of its tasks again.
+        ``task_inputs``: the observations end with each task's values, ``task_dim`` numbers
+        (the oracle's policy; ``TaskInputs``).
         """
         if num_traj < 1 or not tasks:
             raise ConfigError(f"need at least one task and one trajectory, got {len(tasks)} tasks "
                               f"and num_traj={num_traj}")
-        self._check(policy, tasks)
+        self._check(policy, tasks, task_inputs)
         task_ids = list(range(len(tasks))) if task_ids is None else list(task_ids)
         jobs = [{"tasks": [tasks[i] for i in ids], "num_traj": num_traj, "horizon": self.horizon,
                  "seed": seed, "task_ids": [task_ids[i] for i in ids], "first_traj": first_traj,
+                 "task_inputs": task_inputs,
                  "params": None if params is None else {n: p[ids] for n, p in params.items()}}
                 for ids in _chunks(len(tasks), len(self._workers) or 1, tasks_per_rollout)]
         if not self._workers:
@@ -182,9 +189,10 @@ class Sampler:
                 parts += _receive(conns[:len(batch)])
         return Episodes(*(torch.cat(column) for column in zip(*parts)))
 
-    def _check(self, policy: nn.Module, tasks: Sequence[Task]) -> None:
+    def _check(self, policy: nn.Module, tasks: Sequence[Task], task_inputs: bool) -> None:
         """A ``ConfigError`` for tasks of another environment, or a policy whose input or output
-        does not fit this environment's observations and actions."""
+        does not fit this environment's observations (with ``task_inputs``, and the task's
+        values) and actions."""
         for task in tasks:
             if not set(self._task_shapes) <= set(task):
                 raise ConfigError(f"a {self.env_id} task needs the key(s) "
@@ -203,13 +211,15 @@ class Sampler:
                 if values.dtype.kind not in "iuf" or not np.isfinite(values).all():
                     raise ConfigError(f"a {self.env_id} task's {key} must be finite numbers, "
                                       f"got {task[key]!r}")
-        probe = torch.zeros(1, self.obs_dim, dtype=next(policy.parameters()).dtype)
+        inputs = self.obs_dim + (self.task_dim if task_inputs else 0)
+        probe = torch.zeros(1, inputs, dtype=next(policy.parameters()).dtype)
         try:
             with torch.no_grad():
                 out = policy(probe)
         except RuntimeError as error:
+            told = f" and its task's {self.task_dim}" if task_inputs else ""
             raise ConfigError(f"the policy does not take {self.env_id}'s observations of "
-                              f"{self.obs_dim} numbers: {error}") from None
+                              f"{self.obs_dim} numbers{told}: {error}") from None
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ConfigError(f"the policy must return (mean, log_std) of its Gaussian actions, "
                               f"as fastmaml.rl.GaussianMLPPolicy does; got "
@@ -222,7 +232,8 @@ class Sampler:
     def sample_steps(self, policy: nn.Module, tasks: Sequence[Task], num_envs: int, steps: int,
                      seed: SeedKey, params: Params | None = None,
                      tasks_per_rollout: int | None = None,
-                     task_ids: Sequence[int] | None = None) -> Episodes:
+                     task_ids: Sequence[int] | None = None,
+                     task_inputs: bool = False) -> Episodes:
         """The official code's batch: ``num_envs`` environments per task run episode after
         episode until the finished episodes hold ``steps`` steps; the episodes still running
         then are dropped (``lockstep_episodes``).
@@ -231,7 +242,7 @@ class Sampler:
         fewer padded with empty slots (masks 0; ``mean_returns`` skips them). Without early
         termination that is ``steps / H`` whole episodes, like ``sample``. Episodes are sampled
         ``num_envs`` per task at a time (numbered on from the previous ones), for the tasks that
-        ``lockstep_episodes`` cannot decide yet. ``task_ids``: as for ``sample``.
+        ``lockstep_episodes`` cannot decide yet. ``task_ids``, ``task_inputs``: as for ``sample``.
         """
         if steps < 1 or not tasks:
             raise ConfigError(f"need at least one task and steps >= 1, got {len(tasks)} tasks and "
@@ -245,7 +256,7 @@ class Sampler:
             their_params = None if params is None else {n: p[pending] for n, p in params.items()}
             part = self.sample(policy, [tasks[i] for i in pending], num_envs, seed, their_params,
                                tasks_per_rollout, first_traj=batches * num_envs,
-                               task_ids=[task_ids[i] for i in pending])
+                               task_ids=[task_ids[i] for i in pending], task_inputs=task_inputs)
             batches += 1
             for row, task in enumerate(pending):
                 sampled[task].append(Episodes(*(t[row] for t in part)))
