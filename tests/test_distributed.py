@@ -497,7 +497,8 @@ from fastmaml.experiments import load_experiment
 init_from_env()
 sampled = []
 sample_batch = rl_experiment._sample_batch
-rl_experiment._sample_batch = lambda *args: sampled.append(list(args[-1])) or sample_batch(*args)
+rl_experiment._sample_batch = lambda *args, **kwargs: (sampled.append(list(args[-1]))
+                                                     or sample_batch(*args, **kwargs))
 experiment = load_experiment(Path(sys.argv[1]))
 engine = experiment.build_maml()
 returns = experiment.adaptation_returns(engine, experiment.eval_tasks())
