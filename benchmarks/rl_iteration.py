@@ -33,7 +33,8 @@ PARTS = ("sample_s", "adapt_s", "gradient_s", "cg_s", "line_search_s")
 def cost_split(preset: str, iterations: int, hvp: str) -> dict[str, float]:
     """Median seconds per part over ``iterations`` meta-iterations (after one warm-up)."""
     with tempfile.TemporaryDirectory() as run_dir:
-        experiment = create_run(preset, Path(run_dir), ["pretrained=false", "oracle=false", f"hvp={hvp}"])
+        experiment = create_run(preset, Path(run_dir),
+                                ["pretrained=false", "oracle=false", f"hvp={hvp}"])
         learner = experiment.learners()[0]
         rows = [learner.step(i) for i in range(iterations + 1)][1:]
         cfg = experiment.cfg

@@ -104,10 +104,10 @@ INITS = ("default", "official")
 
 def initialise(model: nn.Module, init: str) -> nn.Module:
     """``model`` (an ``MLP`` or a ``ConvNet``) initialised as ``init`` says, in place:
-    ``default`` leaves torch's own initialisation; ``official`` is the paper's code's (cbfinn/maml): zero
-    biases, fully connected weights from a normal of std 0.01 truncated at two stds, conv
-    weights Xavier-uniform, and a conv net's output layer standard normal after a global average
-    pool (Omniglot) or Xavier-uniform after a flatten (MiniImagenet)."""
+    ``default`` leaves torch's own initialisation; ``official`` is the paper's code's
+    (cbfinn/maml): zero biases, fully connected weights from a normal of std 0.01 truncated at
+    two stds, conv weights Xavier-uniform, and a conv net's output layer standard normal after a
+    global average pool (Omniglot) or Xavier-uniform after a flatten (MiniImagenet)."""
     if init == "default":
         return model
     if init != "official" or not isinstance(model, (MLP, ConvNet)):

@@ -135,7 +135,8 @@ def test_short_training_improves_the_post_update_return(tmp_path: Path) -> None:
     """Thirty meta-iterations on 2D navigation: the adapted policy reaches goals far better than
     the same untrained policy adapted the same way, on the same fixed tasks and episode seeds."""
     torch.set_num_threads(2)  # the preset's threads=1 sets it back
-    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "iterations=30", "pretrained=false", "oracle=false",
+    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "iterations=30", "pretrained=false",
+                                                   "oracle=false",
                                                    "eval_tasks=20", "eval_trajectories=10",
                                                    "eval_inner_steps=1"])
     assert isinstance(experiment, RLExperiment) and torch.get_num_threads() == 1
@@ -156,7 +157,8 @@ def test_short_training_improves_the_post_update_return(tmp_path: Path) -> None:
 
 
 def test_training_batch_of_steps_runs_one_environment_per_task(tmp_path: Path) -> None:
-    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "batch=steps", "pretrained=false", "oracle=false"])
+    experiment = create_run("rl-nav2d", tmp_path, [*TINY_NAV, "batch=steps", "pretrained=false",
+                                                   "oracle=false"])
     (learner,) = experiment.learners()
     episodes = learner.sample(learner.tasks(0), seed=3)
     budget = 10 * 30  # trajectories x horizon
@@ -236,7 +238,8 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,
 
     experiment = create_run("rl-nav2d-cpu", tmp_path, [
         "iterations=1", "meta_batch=2", "trajectories=2", "horizon=5", "hidden=8",
-        "eval_inner_steps=1", "pretrained=false", "oracle=false", "inner_lr=0.5", "eval_inner_lr=0.05"])
+        "eval_inner_steps=1", "pretrained=false", "oracle=false", "inner_lr=0.5",
+        "eval_inner_lr=0.05"])
     (learner,) = experiment.learners()
     fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
     run = fastmaml.load_run(tmp_path)

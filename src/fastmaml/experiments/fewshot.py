@@ -326,10 +326,12 @@ class FewShotExperiment(Experiment):
         """The published accuracies (%) this run's tasks compare with, at their steps (Lake et
         al.'s, of people and other methods, in the table's column of the paper's steps)."""
         cfg = self.cfg
-        paper_steps, paper_rows = fewshot_paper(cfg.dataset, cfg.n_way, cfg.k_shot, cfg.network)
         if cfg.split == "lake":  # another protocol than the paper's Table 1, in its steps' column
             paper_steps = fewshot_paper(cfg.dataset, cfg.n_way, cfg.k_shot)[0]
             paper_rows = LAKE.get((cfg.n_way, cfg.k_shot), [])
+        else:
+            paper_steps, paper_rows = fewshot_paper(cfg.dataset, cfg.n_way, cfg.k_shot,
+                                                    cfg.network)
         return {cfg.k_shot: [(label, {paper_steps: value}) for label, value in paper_rows]}
 
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:

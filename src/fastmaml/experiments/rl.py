@@ -405,13 +405,13 @@ class RLExperiment(Experiment):
 
     def eval_step_sizes(self) -> dict[str, float]:
         """Each method's first fine-tuning step size: ``eval_inner_lr`` for all when set, else
-        the official test script's (MAML: its training ``inner_lr``)."""
+        the official test script's (MAML: its training ``inner_lr``); the oracle's is 0."""
         cfg = self.cfg
-        if cfg.eval_inner_lr:
-            return {**dict.fromkeys(METHODS, cfg.eval_inner_lr), "oracle": 0.0}
         official = self.official_test()
-        return {"maml": cfg.inner_lr, "pretrained": official.pretrained_lr or cfg.inner_lr,
-                "random": official.random_lr or cfg.inner_lr, "oracle": 0.0}
+        adapting = (dict.fromkeys(METHODS, cfg.eval_inner_lr) if cfg.eval_inner_lr else
+                    {"maml": cfg.inner_lr, "pretrained": official.pretrained_lr or cfg.inner_lr,
+                     "random": official.random_lr or cfg.inner_lr})
+        return {**adapting, "oracle": 0.0}  # told the task, it does not adapt
 
     def official_test(self) -> OfficialTest:
         """How the official test script of this run's task family fine-tuned the methods."""
@@ -498,7 +498,7 @@ class RLExperiment(Experiment):
         engine = learner.evaluation_engine(self.cfg.eval_policy)
         if self.cfg.eval_inner_lr or learner.name != "maml":
             engine = self._with_lr(engine, self.eval_step_sizes()[learner.name],
-                                   oracle=learner.name == "oracle")
+                                   oracle=learner.task_inputs)
         return engine
 
     def _with_lr(self, engine: MAML, lr: float, oracle: bool = False) -> MAML:
