@@ -39,11 +39,16 @@ FEWSHOT_MLP: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
 FEWSHOT_MLP_CI = {("omniglot", 5, 1): 1.1, ("omniglot", 5, 5): 0.6}
 
 
+def _fewshot_tables(network: str) -> tuple[dict, dict]:
+    """The accuracy table and the interval table of ``network`` (conv or mlp)."""
+    return (FEWSHOT_MLP, FEWSHOT_MLP_CI) if network == "mlp" else (FEWSHOT, FEWSHOT_CI)
+
+
 def fewshot_paper(dataset: str, n_way: int, k_shot: int, network: str = "conv"
                   ) -> tuple[int, list[tuple[str, float]]]:
     """The published accuracies (%) of a few-shot setting on ``network`` and the number of
     test steps they were taken after; ``(0, [])`` where the paper has none."""
-    return (FEWSHOT_MLP if network == "mlp" else FEWSHOT).get((dataset, n_way, k_shot), (0, []))
+    return _fewshot_tables(network)[0].get((dataset, n_way, k_shot), (0, []))
 
 # Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
 # rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
@@ -104,10 +109,9 @@ class Headline:
 def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int,
                       network: str = "conv") -> Headline:
     step, rows = fewshot_paper(dataset, n_way, k_shot, network)
-    mlp = network == "mlp"
     return Headline(key, title, "accuracy (%)", True, step, rows[0][1],
-                    (FEWSHOT_MLP_CI if mlp else FEWSHOT_CI)[(dataset, n_way, k_shot)],
-                    dict(rows).get("paper: MAML++"), variant=mlp)
+                    _fewshot_tables(network)[1][(dataset, n_way, k_shot)],
+                    dict(rows).get("paper: MAML++"), variant=network == "mlp")
 
 
 HEADLINES: list[Headline] = [
