@@ -128,6 +128,29 @@ def test_the_paper_numbers_come_from_one_table() -> None:
     assert OMNIGLOT.value == 98.7 and OMNIGLOT.ci == 0.4 and OMNIGLOT.maml_pp == 99.47
 
 
+def test_a_section_lists_the_papers_baselines_beside_its_own(tmp_path: Path) -> None:
+    from fastmaml.experiments.base import eval_record
+
+    cheetah = "fastmaml/HalfCheetahVel-v0"
+    records = [eval_record(cheetah, method, 20, torch.full((40, 4), mean))
+               for method, mean in (("maml", -60.0), ("pretrained", -90.0), ("oracle", -50.0))]
+    run = report.Run(tmp_path / "cheetah", {"experiment": "rl", "preset": "rl-cheetah-vel",
+                                            "env": cheetah}, records, 500, 60.0, [])
+    text = report.render([run], tmp_path / "REPORT.md")
+    # the columns are 0, 1 and 3 steps; the oracle is never adapted: its one figure at each
+    for row in ("| paper: maml | -129.5 | -78.6 | -60.8 |",
+                "| paper: pretrained | -158 | -135.4 | -133.6 |",
+                "| paper: random | -254.8 | -254.3 | -230.8 |",
+                "| paper: oracle (no adaptation) | -54.5 | -54.5 | -54.5 |"):
+        assert row in text
+    sinusoid = report.Run(tmp_path / "s", {"experiment": "sinusoid"},
+                          [eval_record("sinusoid", "maml", 5, torch.ones(600, 11), metric="mse")],
+                          100, 1.0, [])
+    text = report.render([sinusoid], tmp_path / "REPORT.md")
+    assert "| paper: MAML |  | 0.67 | 0.35 |" in text  # 0, 1 and 10 steps
+    assert "| paper: pretrained |  | 2.41 | 2.19 |" in text
+
+
 def test_the_projection_follows_a_power_law_and_refuses_a_flat_curve() -> None:
     # error = 0.5 * it ** -0.5: 1% error (99% accuracy) at it = 2,500
     curve = [(it, 0.0, 1 - 0.5 * it ** -0.5) for it in (100, 200, 300, 400, 500, 600)]

@@ -14,8 +14,10 @@ LOCOMOTION = ("fastmaml/HalfCheetahVel-v0", "fastmaml/HalfCheetahDir-v0", "fastm
               "fastmaml/AntDir-v0")
 PAPER_ENVS = (NAV, *LOCOMOTION)  # fastmaml's environments; any other id is a user's
 
+PaperValues = list[tuple[str, dict[int, float]]]  # (label, the figure at each number of steps)
+
 # Sinusoid (Table 2): 5-shot MSE after 1 / 5 / 10 steps.
-SINUSOID = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
+SINUSOID: dict[int, PaperValues] = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
                 ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
 
 # Table 1 and the MiniImagenet results (accuracy, %), at the number of test steps the paper used.
@@ -77,6 +79,18 @@ RL: dict[str, dict[str, list[float]]] = {
 }
 
 
+def rl_paper(env: str, steps: int = 3) -> PaperValues:
+    """The paper's mean returns on ``env`` by number of steps, its oracle (never adapted) at each
+    step up to ``steps``; none for a user's environment."""
+    published = RL.get(env, {})
+    rows = [(f"paper: {method}", dict(enumerate(returns)))
+            for method, returns in published.items() if method != "oracle"]
+    if "oracle" in published:
+        rows.append(("paper: oracle (no adaptation)",
+                     dict.fromkeys(range(steps + 1), published["oracle"][0])))
+    return rows
+
+
 @dataclass(frozen=True)
 class Headline:
     """One row of the paper that ``fastmaml report`` checks a run against.
@@ -104,6 +118,7 @@ class Headline:
     published: str = ""
     others: tuple[tuple[str, float], ...] = ()
     variant: bool = False
+    rows: tuple[tuple[str, dict[int, float]], ...] = ()
 
 
 def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: int,
@@ -111,12 +126,13 @@ def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: in
     step, rows = fewshot_paper(dataset, n_way, k_shot, network)
     return Headline(key, title, "accuracy (%)", True, step, rows[0][1],
                     _fewshot_tables(network)[1][(dataset, n_way, k_shot)],
-                    dict(rows).get("paper: MAML++"), variant=network == "mlp")
+                    dict(rows).get("paper: MAML++"), variant=network == "mlp",
+                    rows=tuple((label, {step: value}) for label, value in rows))
 
 
 HEADLINES: list[Headline] = [
     Headline("sinusoid", "Sinusoid regression, 5-shot", "MSE", False, 10,
-             SINUSOID[5][0][1][10]),
+             SINUSOID[5][0][1][10], rows=tuple(SINUSOID[5])),
     _fewshot_headline("omniglot-5w1s", "Omniglot 5-way 1-shot", "omniglot", 5, 1),
     _fewshot_headline("omniglot-5w5s", "Omniglot 5-way 5-shot", "omniglot", 5, 5),
     _fewshot_headline("omniglot-5w1s-mlp", "Omniglot 5-way 1-shot, MLP", "omniglot", 5, 1, "mlp"),
@@ -129,9 +145,9 @@ HEADLINES: list[Headline] = [
              "accuracy (%)", True, 5, dict(LAKE[(20, 1)])["Lake et al.: people, within alphabet"],
              published="people, Lake et al.", others=tuple(LAKE[(20, 1)])),
     Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1], tasks=40,
-             horizon=100),
+             horizon=100, rows=tuple(rl_paper(NAV))),
     *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True,
-               tasks=40, horizon=200)
+               tasks=40, horizon=200, rows=tuple(rl_paper(env)))
       for name, title, env in zip(("cheetah-vel", "cheetah-dir", "ant-vel", "ant-dir"),
                                   ("Half-cheetah goal velocity", "Half-cheetah goal direction",
                                    "Ant goal velocity", "Ant goal direction"), LOCOMOTION)),

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from .atomic import read_json, refuse_unwritable, replace_atomically, write_text_atomic
 from .errors import ConfigError, DataError, FastMAMLWarning, warn
+from .paper import PaperValues
 from .train import read_metrics
 
 if TYPE_CHECKING:
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 METHOD_COLORS = {"maml": "tab:blue", "pretrained": "tab:orange", "oracle": "tab:green",
                  "random": "tab:red", "first-order maml": "tab:purple"}
 OTHER_COLORS = ("tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
-PaperValues = list[tuple[str, dict[int, float]]]  # (label, value at each number of steps)
 
 
 def colors_for(methods: Sequence[str]) -> dict[str, str]:

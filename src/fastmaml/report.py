@@ -751,9 +751,9 @@ def _section(run: Run, h: Headline | None, verdict: str, report_dir: Path,
             cells = [f"{_fmt(r['mean'][s] * scale, digits)} +- {_fmt(r['ci95'][s] * scale, digits)}"
                      if s < len(r["mean"]) else "" for s in steps]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        for label, value in _paper_rows(h) if h and not h.published else []:
+        for label, values in h.rows if h else ():
             lines.append(f"| {label} | " + " | ".join(
-                f"{value:g}" if s == h.step else "" for s in steps) + " |")
+                f"{values[s]:g}" if s in values else "" for s in steps) + " |")
         lines += [""] + (_published(h) if h and h.published else [])
         lines += [f"Status against the paper after {steps_label(h.step)}: **{verdict}**.",
                   ""] if h else []
@@ -799,11 +799,6 @@ def _published(headline: Headline) -> list[str]:
     so beside the table, not in it."""
     figures = "; ".join(f"{label} {value:g}" for label, value in headline.others)
     return [f"Published, not MAML's and after no inner steps: {figures}.", ""]
-
-
-def _paper_rows(headline: Headline) -> list[tuple[str, float]]:
-    rows = [("paper: MAML", headline.value)]
-    return rows + ([("paper: MAML++", headline.maml_pp)] if headline.maml_pp else [])
 
 
 def write_report(paths: Sequence[Path], out: Path, budget: str | None = None,

@@ -27,9 +27,8 @@ from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from ..models import MLP, ConvNet, initialise
-from ..paper import fewshot_paper
-from ..paper import LAKE
-from ..plots import PaperValues, plot_step_curves
+from ..paper import LAKE, PaperValues, fewshot_paper
+from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.folder import assign_classes, load_image_folder
 from ..tasks.splits import SPLITS, Assignment, has_explicit_splits

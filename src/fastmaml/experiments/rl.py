@@ -88,7 +88,7 @@ from ..config import Config
 from ..core import MAML
 from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
 from ..errors import ConfigError
-from ..paper import LOCOMOTION, NAV, PAPER_ENVS
+from ..paper import LOCOMOTION, NAV, PAPER_ENVS, rl_paper
 from ..paper import RL as PAPER
 from ..plots import ci_band, colors_for, counted, method_label, new_figure, save_figure
 from .base import Experiment, build_maml, eval_record, mean_ci95, results_table
@@ -508,12 +508,7 @@ class RLExperiment(Experiment):
 
     def table(self, records: list[dict[str, Any]]) -> str:
         cfg = self.cfg
-        paper = PAPER.get(cfg.env, {})
-        rows = [(f"paper: {method}", dict(enumerate(paper[method])))
-                for method in METHODS if method in paper]
-        if "oracle" in paper:
-            rows.append(("paper: oracle (no adaptation)", {s: paper["oracle"][0]
-                                                           for s in range(cfg.eval_inner_steps + 1)}))
+        rows = rl_paper(cfg.env, cfg.eval_inner_steps)
         title = f"{cfg.env}: mean return after N policy-gradient steps"
         text = results_table(title, records, list(range(cfg.eval_inner_steps + 1)),
                              {cfg.eval_trajectories: rows}, self.run_dir, digits=1)
