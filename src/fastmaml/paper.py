@@ -17,8 +17,9 @@ PAPER_ENVS = (NAV, *LOCOMOTION)  # fastmaml's environments; any other id is a us
 PaperValues = list[tuple[str, dict[int, float]]]  # (label, the figure at each number of steps)
 
 # Sinusoid (Table 2): 5-shot MSE after 1 / 5 / 10 steps.
-SINUSOID: dict[int, PaperValues] = {5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
-                ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
+SINUSOID: dict[int, PaperValues] = {
+    5: [("paper: MAML", {1: 0.67, 5: 0.38, 10: 0.35}),
+        ("paper: pretrained", {1: 2.41, 5: 2.23, 10: 2.19})]}
 
 # Table 1 and the MiniImagenet results (accuracy, %), at the number of test steps the paper used.
 FEWSHOT: dict[tuple[str, int, int], tuple[int, list[tuple[str, float]]]] = {
@@ -51,6 +52,12 @@ def fewshot_paper(dataset: str, n_way: int, k_shot: int, network: str = "conv"
     """The published accuracies (%) of a few-shot setting on ``network`` and the number of
     test steps they were taken after; ``(0, [])`` where the paper has none."""
     return _fewshot_tables(network)[0].get((dataset, n_way, k_shot), (0, []))
+
+
+def at_step(step: int, figures: list[tuple[str, float]]) -> PaperValues:
+    """``figures`` published after ``step`` steps, as rows of a table by number of steps."""
+    return [(label, {step: value}) for label, value in figures]
+
 
 # Lake et al.'s protocol (split=lake): 20-way one-shot within an alphabet, published as error
 # rates (Lake et al. 2015; Koch et al. 2015 for the siamese nets), here as accuracies.
@@ -127,7 +134,7 @@ def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: in
     return Headline(key, title, "accuracy (%)", True, step, rows[0][1],
                     _fewshot_tables(network)[1][(dataset, n_way, k_shot)],
                     dict(rows).get("paper: MAML++"), variant=network == "mlp",
-                    rows=tuple((label, {step: value}) for label, value in rows))
+                    rows=tuple(at_step(step, rows)))
 
 
 HEADLINES: list[Headline] = [

@@ -27,7 +27,7 @@ from ..config import Config
 from ..core import MAML
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from ..models import MLP, ConvNet, initialise
-from ..paper import LAKE, PaperValues, fewshot_paper
+from ..paper import LAKE, PaperValues, at_step, fewshot_paper
 from ..plots import plot_step_curves
 from ..tasks.fewshot import FewShotSampler
 from ..tasks.folder import assign_classes, load_image_folder
@@ -331,7 +331,7 @@ class FewShotExperiment(Experiment):
         else:
             paper_steps, paper_rows = fewshot_paper(cfg.dataset, cfg.n_way, cfg.k_shot,
                                                     cfg.network)
-        return {cfg.k_shot: [(label, {paper_steps: value}) for label, value in paper_rows]}
+        return {cfg.k_shot: at_step(paper_steps, paper_rows)}
 
     def plot_evaluation(self, records: list[dict[str, Any]]) -> list[Path]:
         cfg = self.cfg
