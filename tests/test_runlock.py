@@ -21,7 +21,7 @@ from fastmaml.cli import main
 from fastmaml.config import load_config_dict
 from fastmaml.errors import ConfigError
 from fastmaml.experiments import train_run
-from fastmaml.runlock import OWNER_NAME, locked_run_dir
+from fastmaml.runlock import OWNER_NAME, START_LOCK_NAME, locked_run_dir
 
 
 def fastmaml(*args: str) -> subprocess.Popen[str]:
@@ -338,7 +338,9 @@ def start_together(monkeypatch, run: Path, first: tuple[str, list[str]],
     threads = [threading.Thread(target=train, name=name, args=(name, overrides), daemon=True)
                for name, overrides in (first, second)]
     threads[0].start()
-    wait_until_held(run / f".fastmaml-{first[0]}.lock")
+    # the first is starting (it holds the start lock, which it takes after its learner's):
+    # the second, started before that, could take the start lock first and start alone
+    wait_until_held(run / START_LOCK_NAME)
     threads[1].start()
     for thread in threads:
         joined(thread)
