@@ -115,10 +115,12 @@ class Run:
         evaluated = record.get("checkpoint_iterations", {})
         newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
                  if self.checkpoints.get(name, at) > at]
-        since = sorted(set(self.checkpoints) - set(evaluated)) if evaluated else []
+        since = [f"{name} trained to {self.checkpoints[name]:,} iterations"  # (still training?)
+                 for name in sorted(set(self.checkpoints) - set(evaluated))] if evaluated else []
         if newer or since:
             said = ([f"evaluated older checkpoints ({', '.join(newer)} iterations)"] if newer
-                    else []) + ([f"not {' or '.join(since)}, trained since"] if since else [])
+                    else []) + ([f"{' and '.join(since)} since the evaluation"] if since
+                                 else [])
             return f"{'; '.join(said)}: run `fastmaml eval {self.path.as_posix()}`"
         # a baseline evaluated before it finished (MAML's own iterations are in the table)
         targets = record.get("target_iterations", {})

@@ -222,7 +222,7 @@ def test_a_finished_run_adds_the_oracle_which_is_told_the_task_and_not_adapted(
     assert oracle["iteration"] == 2
     assert oracle["learner"]["module"]["model.mean.0.weight"].shape == (8, 4)  # position, goal
     assert report.read_run(out).stale_evaluation == (  # the evaluation before it: said
-        f"not oracle, trained since: run `fastmaml eval {out.as_posix()}`")
+        f"oracle trained to 2 iterations since the evaluation: run `fastmaml eval {out.as_posix()}`")
     assert main(["eval", str(out), "--no-progress"]) == 0
     assert not report.read_run(out).stale_evaluation
     record = json.loads((out / "eval.json").read_text())[-1]
