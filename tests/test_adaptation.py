@@ -111,6 +111,7 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert code == 0 and "in 2 step(s)" in err  # an evaluation setting for this adaptation
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
     assert fastmaml.load_run(image_run, settings="eval_inner_steps=4 eval_tasks=10").steps == 4
+    assert fastmaml.load_run(image_run, settings=" ").steps == 5  # none: the run's own
     with pytest.raises(fastmaml.errors.ShapeError, match="support labels must be numbers .*; "
                        "labels are the class indices 0..N-1"):
         fastmaml.load_run(image_run).adapt(torch.rand(2, 3, 12, 12), np.array(["cat", "dog"]))
@@ -224,6 +225,12 @@ def test_json_to_a_file_flat_folders_and_the_first_n_outputs(
     alone, = json.loads(out)["predictions"]
     assert alone["path"] == first["path"] and alone["prediction"] == first["prediction"]
     assert alone["probabilities"] == pytest.approx(first["probabilities"], abs=1e-6)
+    hidden = tmp_path / ".named.png"  # named, a hidden file is read (a folder's are skipped)
+    shutil.copy(first["path"], hidden)
+    code, out, err = adapt(capsys, str(image_run), "--support", str(tmp_path / "support"),
+                           "--query", str(hidden), "--format", "json", "--steps", "3")
+    assert code == 0, err
+    assert json.loads(out)["predictions"][0]["prediction"] == first["prediction"]
 
 
 def test_images_in_a_folder_inside_a_class_folder_are_said_to_be_skipped(
@@ -569,6 +576,36 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     with pytest.raises(fastmaml.errors.NonFiniteLossError, match=r"the adaptation diverged: "
                        r"after 10 inner step\(s\) on this support set"):
         fastmaml.load_run(run).adapt(np.array([1000.0, 2000, 3000]), np.array([500.0, 800, 1200]))
+
+
+def test_outputs_never_replace_a_runs_own_files(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "sine"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=2",
+                 "baseline_iterations=2", "eval_tasks=4", "eval_k_shots=5", "tensorboard=true",
+                 "--no-progress"]) == 0
+    assert main(["eval", str(run), "--no-progress"]) == 0 and main(["plot", str(run)]) == 0
+    capsys.readouterr()
+    (tmp_path / "support.csv").write_text("x,y\n0,0\n1,0.8\n2,0.9\n")
+    (tmp_path / "query.csv").write_text("x\n0.5\n")
+    task = ["--support", str(tmp_path / "support.csv"), "--query", str(tmp_path / "query.csv")]
+    owned = sorted(path for path in run.rglob("*") if path.is_file())  # train, eval, plot's
+    assert {"config.yaml", "eval.json", "eval-history.jsonl", "machine.json", "results.md",
+            "metrics-maml.csv", "maml.pt"} <= {path.name for path in owned}
+    (tmp_path / "link.csv").symlink_to(run / "config.yaml")  # a way in from outside
+    contents = {path: path.read_bytes() for path in owned}
+    for path in [*owned, tmp_path / "link.csv", run / "checkpoints" / "new.csv"]:
+        code, out, err = adapt(capsys, str(run), *task, "--out", str(path))
+        assert (code, out) == (2, "") and "own" in err, (path, err)
+    assert adapt(capsys, str(run), *task, "--plot", str(run / "figures" / "task.png"))[0] == 2
+    assert main(["report", str(run), "--out", str(run / "results.md")]) == 2
+    assert capsys.readouterr().err == (f"fastmaml: error: --out {run / 'results.md'} is {run}'s "
+                                       "own file, which fastmaml keeps there: write to another "
+                                       "file\n")
+    assert {path: path.read_bytes() for path in owned} == contents
+    code, out, err = adapt(capsys, str(run), *task, "--out", str(run / "predictions.csv"))
+    assert code == 0, err  # a file of its own beside the run's
+    assert (run / "predictions.csv").read_text().startswith("x,prediction\n")
 
 
 @pytest.mark.parametrize("case, message", [

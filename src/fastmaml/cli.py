@@ -25,6 +25,7 @@ from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, Pat
                      is_out_of_memory)
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
 from .experiments import PRESETS, load_experiment, train_run
+from .experiments.base import refuse_run_file
 from .plots import counted
 from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
@@ -98,6 +99,9 @@ def _adapt(args: argparse.Namespace) -> None:
         raise ConfigError(f"--out {out} is a folder: name the file to write the predictions to")
     if out is not None:
         refuse_unwritable(out, "--out")
+    for option, path in (("--out", out), ("--plot", args.plot)):
+        if path is not None:
+            refuse_run_file(Path(path), run_dir, option)
     inside = out is not None and out.resolve().is_relative_to(run_dir.resolve())
     if inside:
         with locked_run_dir(run_dir):

@@ -27,7 +27,7 @@ from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, Fast
 from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
                           preset_config, train_run)
 from .experiments.base import (UNREADABLE_RECORDS, damaged_evaluation, read_eval,
-                               read_evaluations)
+                               read_evaluations, refuse_run_file)
 from .paper import HEADLINES, LOCOMOTION, NAV, Headline
 from .plots import counted, stale_figures, steps_label
 from .train import checkpoint_path, load_checkpoint, read_metrics
@@ -808,6 +808,8 @@ def write_report(paths: Sequence[Path], out: Path, budget: str | None = None,
     """Render the runs in ``paths`` into ``out`` (written whole; ``render``'s ``budget`` and
     ``not_reproduced``)."""
     runs, unread = find_runs(paths)
+    for run in runs:
+        refuse_run_file(out, run.path, "--out")
     write_text_atomic(render(runs, out, unread, budget, not_reproduced), out, follow_links=True)
     return out
 

@@ -6,6 +6,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from fnmatch import fnmatch
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,6 +35,7 @@ from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, 
 EVAL_KEYS = ("eval_tasks", "eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
              "eval_policy", "eval_k_shots", "eval_query", "baseline_lrs", "tune_tasks")
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
+EVAL_HISTORY = "eval-history.jsonl"  # the run's evaluations (append_evaluation)
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
 
 
@@ -192,6 +194,25 @@ def run_started(run_dir: Path) -> bool:
     return any(checkpoints_dir(run_dir).glob("*.pt")) or (run_dir / "eval.json").exists()
 
 
+# what train, eval and plot keep in a run directory (besides metrics-*.csv and .fastmaml* locks)
+RUN_FILES = ("config.yaml", "machine.json", "eval.json", EVAL_HISTORY, "results.md", SPLIT_RECORD)
+RUN_FOLDERS = ("checkpoints", "figures", "tensorboard")
+
+
+def refuse_run_file(path: Path, run_dir: Path, what: str) -> None:
+    """A ``ConfigError`` where ``path`` (``what``: e.g. "--out"), a file a command is to write,
+    is, or would be, one of the run's own in ``run_dir``: writing it would damage the run."""
+    try:
+        parts = path.resolve().relative_to(run_dir.resolve()).parts
+    except ValueError:  # outside the run directory
+        return
+    name = parts[0] if parts else ""
+    if name in RUN_FOLDERS or len(parts) == 1 and (
+            name in RUN_FILES or name.startswith(".fastmaml") or fnmatch(name, LOGS)):
+        raise ConfigError(f"{what} {path} is {run_dir}'s own "
+                          f"{'folder ' + name if name in RUN_FOLDERS else 'file'}, which "
+                          "fastmaml keeps there: write to another file")
+
 def _as_json(value: Any) -> Any:
     """``value`` with its non-finite floats as None: eval.json stays JSON (which has no NaN or
     Infinity) where an adaptation diverged."""
@@ -217,9 +238,6 @@ def _from_json(value: Any) -> Any:
 
 # every evaluation of a run, one JSON line each ({"evaluated": UTC time, "records": [...]}),
 # oldest first: eval.json holds the latest, this its history (the report's test trend)
-EVAL_HISTORY = "eval-history.jsonl"
-
-
 def append_evaluation(run_dir: Path, records: list[dict[str, Any]]) -> None:
     """Add an evaluation's records to the run's ``EVAL_HISTORY``, the file replaced whole (a
     kill leaves it with or without the new line, never a part of it)."""
