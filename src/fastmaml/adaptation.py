@@ -57,8 +57,9 @@ from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
-from .tasks.images import ImageFormat, as_model_input, channels_first, stack_decoded
-from .tasks.folder import NOT_IMAGES, image_files, is_image_file
+from .tasks.images import (ImageFormat, as_model_input, channels_first, image_suffixes,
+                           stack_decoded)
+from .tasks.folder import NOT_IMAGES, image_files
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import (UNICODE_FORMS, composed, skipped_files_warning,
                            subfolders as visible_subfolders, unicode_twins, unread_files)
@@ -364,10 +365,11 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
     ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
     torch's random generator), unlike the ``fastmaml`` commands.
     """
+    if isinstance(settings, str):  # "key=value key=value"; a blank string: none
+        text = settings.strip()
+        settings = re.split(r"\s+(?=[A-Za-z_]\w*\s*=)", text) if text else []
     with _generators_kept():  # building the run's model seeds torch
-        return _load_run(Path(run_dir), device, re.split(r"\s+(?=[A-Za-z_]\w*\s*=)",
-                                                        settings.strip())
-                         if isinstance(settings, str) else list(settings))
+        return _load_run(Path(run_dir), device, list(settings))
 
 
 def _load_run(run_dir: Path, device: str | None, settings: list[str]
@@ -609,7 +611,7 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     """A query set: a flat folder of images or one image file (unlabelled), or subfolders
     named like the support classes (labelled, so that accuracy can be reported)."""
     folder = Path(folder)
-    if is_image_file(folder):
+    if folder.is_file() and folder.suffix.lower() in image_suffixes():  # named: hidden or not
         return ImageSet([folder], None, list(classes))
     subfolders, images = _folder_entries(folder, "query")
     if images:
