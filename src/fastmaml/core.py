@@ -82,12 +82,15 @@ def multi_step_loss_weights(steps: int, progress: float, min_fraction: float = 0
 # graph, so both gradient functions compute it from detached parameters (``_inner_step`` also
 # detaches the outer-only ones): the same values, with nothing recorded for the outer backward
 # (sinusoid, first order: from 0.92x to 0.99x the speed of TorchOpt under vmap, measured side
-# by side; docs/results.md, session 9).
+# by side; docs/results.md, session 9). ``torch.func.grad``'s result is detached as well: it
+# still depends on tensors the loss holds of its own (a learned temperature), as autograd's
+# without create_graph does not.
 
 def _functorch_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple[Params, Tensor]:
-    if not create_graph:
-        fast = {n: p.detach() for n, p in fast.items()}
-    return torch.func.grad(loss_of, has_aux=True)(fast)
+    if create_graph:
+        return torch.func.grad(loss_of, has_aux=True)(fast)
+    grads, loss = torch.func.grad(loss_of, has_aux=True)({n: p.detach() for n, p in fast.items()})
+    return {n: g.detach() for n, g in grads.items()}, loss
 
 
 def _autograd_grad(loss_of: Callable, fast: Params, create_graph: bool) -> tuple[Params, Tensor]:
