@@ -528,6 +528,23 @@ def test_learned_rates_have_the_documented_shapes_and_reuse_the_last_step():
         assert {r.dtype for r in rates} == {torch.float64}
 
 
+def test_two_parameters_never_share_a_learned_rate_or_a_per_step_copy():
+    """Learned rates and per-step copies are kept under the parameter's name with ``__`` for
+    dots, which two names can share (``a.b__c``, ``a__b.c``): refused, not silently shared."""
+    model = nn.Sequential()
+    model.add_module("enc", nn.ModuleDict({"x__w": nn.Linear(2, 2)}))
+    model.add_module("enc__x", nn.ModuleDict({"w": nn.Linear(2, 2)}))
+    for mode in ("per_param", "per_layer_step"):
+        with pytest.raises(ConfigError, match=r"the parameters enc\.x__w\.weight and "
+                           r"enc__x\.w\.weight would share one learned inner learning rate, kept "
+                           r"under the name enc__x__w__weight \(dots written as __\)"):
+            MAML(model, F.mse_loss, 0.1, 2, lr_mode=mode)
+    with pytest.raises(ConfigError, match="would share one per-step copy"):
+        MAML(model, F.mse_loss, 0.1, 3, adapt=lambda n, p: n.endswith("bias"),
+             per_step=lambda n, p: n.endswith("weight"))
+    MAML(model, F.mse_loss, 0.1, 2, lr_mode="scalar")  # one rate for all: nothing to share
+
+
 def test_more_steps_at_evaluation_than_at_training():
     model, loss_fn, batch = mlp_problem()
     maml = MAML(model, loss_fn, inner_lr=0.05, inner_steps=1)

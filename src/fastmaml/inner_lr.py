@@ -17,6 +17,18 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def check_keys(names: list[str], what: str) -> None:
+    """A ``ConfigError`` where two parameter names give one ``_key`` (``a.b__c`` and ``a__b.c``):
+    they would share one learned tensor, ``what`` (e.g. "learned inner learning rate")."""
+    seen: dict[str, str] = {}
+    for name in names:
+        other = seen.setdefault(_key(name), name)
+        if other != name:
+            raise ConfigError(f"the parameters {other} and {name} would share one {what}, kept "
+                              f"under the name {_key(name)} (dots written as __): rename the "
+                              "module whose name holds '__'")
+
+
 def check_lr_mode(mode: str, steps: int) -> None:
     """A known mode; a learned one needs inner steps to learn through (else ``adapt`` and
     ``evaluate`` would later use rates no meta-gradient ever reached)."""
@@ -45,6 +57,8 @@ class InnerLearningRates(nn.Module):
         self.mode = mode
         self.init = float(init)
         self.names = list(shapes)
+        if mode in ("per_param", "per_layer_step"):
+            check_keys(self.names, "learned inner learning rate")
         where = {} if like is None else {"dtype": like.dtype, "device": like.device}
         if mode == "scalar":
             self.scalar = nn.Parameter(torch.tensor(self.init, **where))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .inner_lr import _key
+from .inner_lr import _key, check_keys
 
 
 class PerStepParameters(nn.Module):
@@ -21,6 +21,7 @@ class PerStepParameters(nn.Module):
     def __init__(self, params: dict[str, Tensor], steps: int):
         super().__init__()
         self.names = list(params)
+        check_keys(self.names, "per-step copy")
         self.copies = nn.ParameterDict(
             {_key(n): nn.Parameter(p.detach().unsqueeze(0).repeat(steps - 1, *[1] * p.dim()))
              for n, p in params.items()})
