@@ -709,7 +709,8 @@ def test_negative_steps_and_empty_selection_are_config_errors():
                          (dict(first_order="false"), "first_order must be True or False, got "
                                                      "'false'"),
                          (dict(batched=1), r"batched must be True or False \(or None\), got 1"),
-                         (dict(chunk_size=0), r"chunk_size must be an integer >= 1 \(or None")):
+                         (dict(chunk_size=0), r"chunk_size must be an integer >= 1 \(or None"),
+                         (dict(chunk_size=True), "chunk_size must be an integer >= 1")):
         with pytest.raises(ConfigError, match=message):
             MAML(model, loss_fn, **bad)
     # numpy's scalars, e.g. read from a data file, are numbers as Python's are
@@ -739,6 +740,23 @@ def test_a_model_and_loss_of_the_wrong_kind_are_named():
     with pytest.raises(ConfigError, match=r"the model's forward takes 2 inputs \(x, z\), but "
                                           "MAML calls it with one tensor.*: concatenate them"):
         MAML(TwoInputs(), loss_fn)
+
+    class Masked(nn.Linear):  # its second input keyword-only: never given either
+        def forward(self, x, *, mask):
+            return super().forward(x) * mask
+
+    with pytest.raises(ConfigError, match=r"the model's forward takes 2 inputs \(x, mask "
+                                          r"\(keyword-only\)\), but MAML calls it with one"):
+        MAML(Masked(1, 1), loss_fn)
+
+    class Named(nn.Linear):
+        def forward(self, *, x):
+            return super().forward(x)
+
+    with pytest.raises(ConfigError, match=r"takes 1 input \(x \(keyword-only\)\), but MAML "
+                                          "calls it with one tensor, a task's inputs, as its "
+                                          "first argument"):
+        MAML(Named(1, 1), loss_fn)
     fed = TwoInputs()  # its second input given by a forward pre-hook: a model of one input
     fed.register_forward_pre_hook(lambda module, args: (args[0], torch.ones_like(args[0])))
     _, _, batch = mlp_problem()

@@ -121,7 +121,7 @@ def check_steps(name: str, steps: Any) -> None:
 
 
 def _required_inputs(model: nn.Module) -> list[str]:
-    """The names of the positional arguments ``model``'s forward needs (none known: []; a
+    """The arguments ``model``'s forward needs, a keyword-only one said so (none known: []; a
     forward pre-hook or the model's own ``__call__`` may give those beyond the input)."""
     if (model._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks
             or type(model).__call__ is not nn.Module.__call__):
@@ -130,8 +130,8 @@ def _required_inputs(model: nn.Module) -> list[str]:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # (a builtin's, or a C extension's)
         return []
-    return [p.name for p in parameters if p.default is p.empty
-            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return [p.name + (" (keyword-only)" if p.kind is p.KEYWORD_ONLY else "") for p in parameters
+            if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
@@ -149,11 +149,12 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
                           "once on an example input, e.g. model(support_x[0]), before MAML, so "
                           "that their shapes are known")
     required = _required_inputs(model)
-    if len(required) > 1:
-        raise ConfigError(f"the model's forward takes {len(required)} inputs ("
-                          f"{', '.join(required)}), but MAML calls it with one tensor, a task's "
-                          "inputs: concatenate them into one, or wrap the model in a module whose "
-                          "forward takes one and splits it")
+    if len(required) > 1 or required and required[0].endswith("(keyword-only)"):
+        inputs = f"{len(required)} input{'s' * (len(required) > 1)}"
+        raise ConfigError(f"the model's forward takes {inputs} ({', '.join(required)}), but "
+                          "MAML calls it with one tensor, a task's inputs, as its first "
+                          "argument: concatenate them into one, or wrap the model in a module "
+                          "whose forward takes one and splits it")
     for name, fn in (("loss_fn", loss_fn), ("metric_fn", metric_fn)):
         if not callable(fn) and not (name == "metric_fn" and fn is None):
             raise ConfigError(f"{name} must be a function (predictions, targets) -> scalar "
@@ -180,7 +181,7 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
             or not 0 <= inner_lr < math.inf):  # NaN fails too
         raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
+                                   or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
                           f"{chunk_size!r}")
 
