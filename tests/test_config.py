@@ -215,6 +215,17 @@ def test_a_run_config_naming_no_known_experiment_names_its_file(tmp_path, capsys
     assert f"fastmaml: error: {tmp_path / 'config.yaml'}: {said}" in capsys.readouterr().err
 
 
+def test_a_run_config_key_that_yaml_reads_as_no_name_is_named(tmp_path, capsys):
+    """``1: 2`` or ``null: 3`` edited into config.yaml: YAML's keys 1 and None (a TypeError from
+    sorting them with the names before)."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(SinusoidConfig().to_dict())
+                                          + "1: 2\nnull: 3\nfoo: 4\n")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"fastmaml: error: {tmp_path / 'config.yaml'}: config key(s) 1, None are not names (a "
+        "number, true/false or null to YAML); valid keys: experiment, ")
+
+
 @pytest.mark.parametrize("value,expected", [("AUTO", "auto"), ("TRUE", "true"), ("yes", "true"),
                                             (True, "true"), (False, "false"), ("0", "false")])
 def test_compile_reads_auto_or_a_switch_as_yaml_or_the_command_line_writes_it(value, expected):

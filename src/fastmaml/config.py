@@ -176,6 +176,11 @@ class Config:
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
         types = cls.field_types()
+        unnamed = [key for key in values if not isinstance(key, str)]
+        if unnamed:  # YAML reads a key 1:, yes: or null: as a number, a bool or None
+            raise ConfigError(f"config key(s) {', '.join(map(repr, unnamed))} are not names "
+                              f"(a number, true/false or null to YAML); valid keys: "
+                              f"{', '.join(types)}")
         unknown = sorted(set(values) - set(types))
         if unknown:
             elsewhere = {key: cls._experiments_with(key) for key in unknown}
