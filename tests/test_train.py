@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import fastmaml
 from fastmaml import multi_step_loss_weights
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
@@ -606,6 +607,15 @@ def test_a_setting_edited_in_config_yaml_after_training_is_refused(tmp_path, cap
         f"fastmaml: error: {config} sets meta_lr=0.01, but {checkpoint_path(run, 'maml')} was "
         "trained with meta_lr=0.001: a run's learning settings are fixed once it has trained. "
         "Put the file's values back, or train in another --out\n")
+    edited = saved.replace("inner_lr: 0.01\n", "inner_lr: 0.5\n")  # an adaptation setting:
+    assert edited != saved  # evaluated or adapted, it would pass for the run's own
+    config.write_text(edited)
+    assert main(["eval", str(run), "--no-progress"]) == 2
+    assert "sets inner_lr=0.5, but " in capsys.readouterr().err
+    assert not (run / "eval.json").exists()
+    with pytest.raises(ConfigError, match="sets inner_lr=0.5, but .* was trained with "
+                                          "inner_lr=0.01"):
+        fastmaml.load_run(run)
     config.write_text(saved.replace("log_every: 100\n", "log_every: 1\n"))
     assert main([*command, "iterations=4"]) == 0
     assert load_checkpoint(checkpoint_path(run, "maml"))["iteration"] == 4

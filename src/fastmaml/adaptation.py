@@ -63,7 +63,7 @@ from .tasks.folder import NOT_IMAGES, image_files
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import (UNICODE_FORMS, composed, skipped_files_warning,
                            subfolders as visible_subfolders, unicode_twins, unread_files)
-from .train import checkpoint_path, load_checkpoint, load_state
+from .train import checkpoint_path, load_state
 
 ImageSource = str | bytes | os.PathLike[str] | Image.Image
 
@@ -395,7 +395,7 @@ def _load_run(run_dir: Path, device: str | None, settings: list[str]
     with torch.inference_mode(False):  # (loaded under it, its parameters could never adapt)
         maml = experiment.build_maml()
         maml.check_finite = True  # a diverged adaptation is said, on any device (one check)
-        checkpoint = load_checkpoint(path)
+        checkpoint = experiment.trained_checkpoint("maml")
         load_state(maml, checkpoint["learner"].get("module"), path)
     cfg = experiment.cfg
     if checkpoint["iteration"] < cfg.iterations:

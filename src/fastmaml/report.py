@@ -24,9 +24,8 @@ from .atomic import read_json, write_text_atomic
 from .config import did_you_mean, load_config_dict
 from .distributed import is_main, world
 from .errors import CheckpointError, ConfigError, DataError, FastMAMLError, FastMAMLWarning, warn
-from .experiments import (PRESETS, RESUMABLE_KEYS, experiment_class, load_experiment,
-                          preset_config, train_run)
-from .experiments.base import (UNREADABLE_RECORDS, damaged_evaluation, read_eval,
+from .experiments import PRESETS, experiment_class, load_experiment, preset_config, train_run
+from .experiments.base import (RESUMABLE_KEYS, UNREADABLE_RECORDS, damaged_evaluation, read_eval,
                                read_evaluations, refuse_run_file)
 from .paper import HEADLINES, LOCOMOTION, NAV, Headline
 from .plots import counted, stale_figures, steps_label

@@ -542,15 +542,7 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
         state = load_checkpoint(path)
         checkpointed_mark(run_dir, learner.name).touch()  # (a run trained before marks were)
         _refuse_going_back(learner, run_dir, state["iteration"])
-        trained = state.get("settings", {})  # (absent from checkpoints before session 48)
-        changed = sorted(k for k in trained.keys() & settings.keys() if trained[k] != settings[k])
-        if changed:
-            raise ConfigError(f"{run_dir / 'config.yaml'} sets "
-                              + ", ".join(f"{k}={settings[k]!r}" for k in changed)
-                              + f", but {path} was trained with "
-                              + ", ".join(f"{k}={trained[k]!r}" for k in changed)
-                              + ": a run's learning settings are fixed once it has trained. "
-                              "Put the file's values back, or train in another --out")
+        refuse_changed_settings(state, settings, run_dir, path)
         return
     log_path = metrics_path(run_dir, learner.name)
     marked = checkpointed_mark(run_dir, learner.name).exists()
@@ -561,6 +553,22 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
                               "training would start afresh and overwrite that log. Put the "
                               f"checkpoint back to resume, or delete {log_path} too to train "
                               f"{learner.name} again from the start")
+
+
+def refuse_changed_settings(checkpoint: dict[str, Any], settings: dict[str, Any], run_dir: Path,
+                            path: Path) -> None:
+    """A ``ConfigError`` where the run's config.yaml (its fixed ``settings``) was edited since
+    the ``checkpoint`` at ``path`` trained: resumed, evaluated or adapted, it would take the
+    edit for the run's own settings."""
+    trained = checkpoint.get("settings", {})  # (absent from checkpoints before session 48)
+    changed = sorted(k for k in trained.keys() & settings.keys() if trained[k] != settings[k])
+    if changed:
+        raise ConfigError(f"{run_dir / 'config.yaml'} sets "
+                          + ", ".join(f"{k}={settings[k]!r}" for k in changed)
+                          + f", but {path} was trained with "
+                          + ", ".join(f"{k}={trained[k]!r}" for k in changed)
+                          + ": a run's learning settings are fixed once it has trained. "
+                          "Put the file's values back, or train in another --out")
 
 
 def _refuse_going_back(learner: Learner, run_dir: Path, reached: int) -> None:

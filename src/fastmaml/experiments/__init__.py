@@ -21,7 +21,7 @@ from ..distributed import gather_ranks, require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
 from ..train import Learner, check_resumable, checkpoint_path, fit, scalar_writer_class
-from .base import EVAL_KEYS, Experiment, run_started
+from .base import Experiment, fixed_settings, resumable_keys, run_started
 
 # Imported on demand, so that e.g. the RL dependencies load only for RL runs.
 EXPERIMENTS = {
@@ -216,31 +216,6 @@ def preset(name: str) -> Preset:
         raise ConfigError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; run "
                           f"`fastmaml presets` to list them ({', '.join(PRESETS)})")
     return PRESETS[name]
-
-
-# Settings that may change when a run directory is resumed (they do not change what is learned).
-RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
-                  "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
-                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
-                  "workers", "tensorboard", "oracle", *EVAL_KEYS}
-
-
-def fixed_settings(cfg: Config) -> dict[str, Any]:
-    """The settings of ``cfg`` that a resumed run may not change, which each checkpoint
-    records; not ``value_ranges`` and ``y_name``, records of the data for adapt (set by hand
-    too), which nothing learned depends on."""
-    left_out = _resumable_keys(cfg) | {"value_ranges", "y_name"}
-    return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
-
-
-def _resumable_keys(saved: Config, training: bool = True) -> set[str]:
-    """The settings of the run ``saved`` that a resumed run may change: how long it trains, and
-    whether it trains the meta-RL oracle too, only where it trains (``training``), and not
-    under a cosine meta_lr schedule, whose rates span the iterations."""
-    cosine = saved.meta_lr_schedule == "cosine"
-    fixed = ({"iterations"} if cosine else set()) | (  # what a run trained (to)
-        set() if training else {"iterations", "baseline_iterations", "oracle"})
-    return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 
 def prepare_run(preset_name: str, run_dir: Path, overrides: list[str],
@@ -471,7 +446,7 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     """``saved`` with ``overrides`` of the settings a resumed run may change: how long it
     trains only where it trains (``training``)."""
     cfg = saved.with_overrides(overrides)
-    resumable = _resumable_keys(saved, training)
+    resumable = resumable_keys(saved, training)
     changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
     if changed:
         cosine = saved.meta_lr_schedule == "cosine"

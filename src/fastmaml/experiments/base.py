@@ -26,7 +26,8 @@ from ..models import is_norm_param
 from ..plots import (LOGS, counted, digests, plot_learning_curves, record_drawn_from,
                      retire_figures, steps_label)
 from ..tasks.splits import Assignment, read_assignment, save_assignment
-from ..train import Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state
+from ..train import (Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state,
+                     refuse_changed_settings)
 
 
 # the settings of how a run is measured (not what it learned): each evaluation records them.
@@ -37,6 +38,31 @@ EVAL_KEYS = ("eval_tasks", "eval_inner_steps", "eval_trajectories", "eval_inner_
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
 EVAL_HISTORY = "eval-history.jsonl"  # the run's evaluations (append_evaluation)
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
+
+
+# Settings that may change when a run directory is resumed (they do not change what is learned).
+RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
+                  "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
+                  "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
+                  "workers", "tensorboard", "oracle", *EVAL_KEYS}
+
+
+def fixed_settings(cfg: Config) -> dict[str, Any]:
+    """The settings of ``cfg`` that a resumed run may not change, which each checkpoint
+    records; not ``value_ranges`` and ``y_name``, records of the data for adapt (set by hand
+    too), which nothing learned depends on."""
+    left_out = resumable_keys(cfg) | {"value_ranges", "y_name"}
+    return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
+
+
+def resumable_keys(saved: Config, training: bool = True) -> set[str]:
+    """The settings of the run ``saved`` that a resumed run may change: how long it trains, and
+    whether it trains the meta-RL oracle too, only where it trains (``training``), and not
+    under a cosine meta_lr schedule, whose rates span the iterations."""
+    cosine = saved.meta_lr_schedule == "cosine"
+    fixed = ({"iterations"} if cosine else set()) | (  # what a run trained (to)
+        set() if training else {"iterations", "baseline_iterations", "oracle"})
+    return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 
 def resolve_device(name: str) -> torch.device:
@@ -450,9 +476,17 @@ class Experiment(ABC):
                               f"{'it' if len(missing) == 1 else 'them'} first ({commands})")
         return [self._restored(learner) for learner in learners]
 
+    def trained_checkpoint(self, name: str) -> dict[str, Any]:
+        """Learner ``name``'s checkpoint, to evaluate or adapt; refused where config.yaml was
+        edited since it trained, an edit that would pass for the run's own settings."""
+        path = checkpoint_path(self.run_dir, name)
+        checkpoint = load_checkpoint(path)
+        refuse_changed_settings(checkpoint, fixed_settings(self.cfg), self.run_dir, path)
+        return checkpoint
+
     def _restored(self, learner: Learner) -> Learner:
         path = checkpoint_path(self.run_dir, learner.name)
-        checkpoint = load_checkpoint(path)
+        checkpoint = self.trained_checkpoint(learner.name)
         load_state(learner, checkpoint["learner"], path)
         reached = self.restored_iterations[learner.name] = int(checkpoint["iteration"])
         self.target_iterations[learner.name] = learner.iterations
