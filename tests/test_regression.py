@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import fastmaml
 from fastmaml.cli import main
+from fastmaml.train import checkpoint_path, load_checkpoint
 
 
 def write_sinusoid_tasks(root: Path, count: int, points: int = 25) -> None:
@@ -144,13 +146,19 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
     assert "\nx_names:\n- x1\n- x2\n" in (run / "config.yaml").read_text()
-    config = (run / "config.yaml").read_text()  # a run on named columns: a bare query's output
-    (run / "config.yaml").write_text(config.replace("- x1\n- x2\n", "- sqft\n- rooms\n"))
-    (tmp_path / "bare.csv").write_text("0.5,1\n")  # is headed with them, as its range warnings
-    assert main(["adapt", *common[:3], "--query", str(tmp_path / "bare.csv")]) == 0
-    assert capsys.readouterr().out.splitlines() == ["sqft,rooms,prediction",
+    (tmp_path / "bare.csv").write_text("0.5,1\n")  # taken in the run's order, headed with
+    assert main(["adapt", *common[:3], "--query", str(tmp_path / "bare.csv")]) == 0  # its names
+    assert capsys.readouterr().out.splitlines() == ["x1,x2,prediction",
                                                     f"0.5,1.0,{row['prediction']}"]
-    (run / "config.yaml").write_text(config)
+    named_data, named_run = tmp_path / "named-tasks", tmp_path / "named-run"  # names of its own
+    named_data.mkdir()  # (not the x1..xd that a query without names gets), as range warnings
+    for path in data.iterdir():
+        (named_data / path.name).write_text(path.read_text().replace("x1,x2,", "sqft,rooms,", 1))
+    assert main(["train", "regression-csv", "--out", str(named_run), "--data-root",
+                 str(named_data), "val_every=0", "iterations=2", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["adapt", str(named_run), *common[1:3], "--query", str(tmp_path / "bare.csv")]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "sqft,rooms,prediction"
     for header, columns in (("Temperature,Pressure", ["Temperature", "Pressure"]),  # its names
                             ("", ["x1", "x2"]), ("a,a", ["x1", "x2"]),  # else x1..xd
                             ("prediction,b", ["x1", "x2"])):
@@ -196,6 +204,9 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     (run / "config.yaml").write_text(config)
     config = (run / "config.yaml").read_text()  # a run of before x_names: files as they stand
     (run / "config.yaml").write_text(config.replace("\nx_names:\n- x1\n- x2\n", "\n"))
+    checkpoint = load_checkpoint(checkpoint_path(run, "maml"))  # (nor did its checkpoints
+    del checkpoint["settings"]["x_names"]  # record them)
+    torch.save(checkpoint, checkpoint_path(run, "maml"))
     assert main(["adapt", *common[:3], "--query", str(tmp_path / "swapped.csv")]) == 0
     (as_written,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert as_written["X2"] == "1.0" and as_written["prediction"] != row["prediction"]
