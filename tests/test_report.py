@@ -672,8 +672,8 @@ def test_an_evaluation_older_than_the_training_is_flagged(
     assert "maml 20 -> 30" in report.evaluate_row(SINUSOID, run).status
     capsys.readouterr()
     assert main(["plot", str(run_dir)]) == 0  # its figures of the evaluation are old too
-    assert ("fastmaml: the evaluation figures draw eval.json, which evaluated older checkpoints "
-            "(maml 20 -> 30 iterations)") in capsys.readouterr().err
+    assert ("fastmaml: the evaluation figures draw eval.json, not the run as it is now: "
+            "evaluated older checkpoints (maml 20 -> 30 iterations)") in capsys.readouterr().err
     assert report.read_run(run_dir).stale_figures == {}  # (they drew the files as they are)
     assert main(["eval", str(run_dir), "--no-progress"]) == 0
     assert report.finished(run_dir, *TINY_SINUSOID)

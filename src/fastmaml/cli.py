@@ -88,8 +88,8 @@ def _plot(args: argparse.Namespace) -> None:
     else:
         with contextlib.suppress(FastMAMLError):  # a note only: a damaged file is eval's to say
             if stale := read_run(experiment.run_dir).stale_evaluation:
-                print(f"fastmaml: the evaluation figures draw eval.json, which {stale}",
-                      file=sys.stderr)
+                print(f"fastmaml: the evaluation figures draw eval.json, not the run as it is "
+                      f"now: {stale}", file=sys.stderr)
 
 
 def _adapt(args: argparse.Namespace) -> None:
