@@ -57,9 +57,8 @@ from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
-from .tasks.images import (ImageFormat, as_model_input, channels_first, image_suffixes,
-                           stack_decoded)
-from .tasks.folder import NOT_IMAGES, image_files
+from .tasks.images import ImageFormat, as_model_input, channels_first, stack_decoded
+from .tasks.folder import NOT_IMAGES, image_files, is_image_file
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import (UNICODE_FORMS, composed, skipped_files_warning,
                            subfolders as visible_subfolders, unicode_twins, unread_files)
@@ -611,7 +610,7 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     """A query set: a flat folder of images or one image file (unlabelled), or subfolders
     named like the support classes (labelled, so that accuracy can be reported)."""
     folder = Path(folder)
-    if folder.is_file() and folder.suffix.lower() in image_suffixes():  # named: hidden or not
+    if is_image_file(folder, named=True):
         return ImageSet([folder], None, list(classes))
     subfolders, images = _folder_entries(folder, "query")
     if images:

@@ -120,9 +120,9 @@ def check_steps(name: str, steps: Any) -> None:
         raise ConfigError(f"{name} must be an integer >= 0, got {steps!r}")
 
 
-def _required_inputs(model: nn.Module) -> list[str]:
-    """The arguments ``model``'s forward needs, a keyword-only one said so (none known: []; a
-    forward pre-hook or the model's own ``__call__`` may give those beyond the input)."""
+def _required_inputs(model: nn.Module) -> list[inspect.Parameter]:
+    """The arguments ``model``'s forward needs (none known: []; a forward pre-hook or the
+    model's own ``__call__`` may give those beyond the input)."""
     if (model._forward_pre_hooks or nn.modules.module._global_forward_pre_hooks
             or type(model).__call__ is not nn.Module.__call__):
         return []
@@ -130,7 +130,7 @@ def _required_inputs(model: nn.Module) -> list[str]:
         parameters = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):  # (a builtin's, or a C extension's)
         return []
-    return [p.name + (" (keyword-only)" if p.kind is p.KEYWORD_ONLY else "") for p in parameters
+    return [p for p in parameters
             if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
@@ -149,9 +149,11 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
                           "once on an example input, e.g. model(support_x[0]), before MAML, so "
                           "that their shapes are known")
     required = _required_inputs(model)
-    if len(required) > 1 or required and required[0].endswith("(keyword-only)"):
+    if len(required) > 1 or required and required[0].kind is inspect.Parameter.KEYWORD_ONLY:
         inputs = f"{len(required)} input{'s' * (len(required) > 1)}"
-        raise ConfigError(f"the model's forward takes {inputs} ({', '.join(required)}), but "
+        names = ", ".join(p.name + (" (keyword-only)" if p.kind is p.KEYWORD_ONLY else "")
+                          for p in required)
+        raise ConfigError(f"the model's forward takes {inputs} ({names}), but "
                           "MAML calls it with one tensor, a task's inputs, as its first "
                           "argument: concatenate them into one, or wrap the model in a module "
                           "whose forward takes one and splits it")

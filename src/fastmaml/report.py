@@ -114,7 +114,7 @@ class Run:
         evaluated = record.get("checkpoint_iterations", {})
         newer = [f"{name} {at:,} -> {self.checkpoints[name]:,}" for name, at in evaluated.items()
                  if self.checkpoints.get(name, at) > at]
-        since = [f"{name} trained to {self.checkpoints[name]:,} iterations"  # (still training?)
+        since = [f"{name} trained to {self.checkpoints[name]:,} iterations"
                  for name in sorted(set(self.checkpoints) - set(evaluated))] if evaluated else []
         if newer or since:
             said = ([f"evaluated older checkpoints ({', '.join(newer)} iterations)"] if newer

@@ -43,8 +43,11 @@ def image_suffixes() -> frozenset[str]:
                      if name in readable - NOT_PICTURES)
 
 
-def is_image_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in image_suffixes()
+def is_image_file(path: Path, named: bool = False) -> bool:
+    """A file of an image format's suffix; a hidden one only where ``named`` (a file the user
+    named, not one a folder's listing found)."""
+    return (path.is_file() and (named or not path.name.startswith("."))
+            and path.suffix.lower() in image_suffixes())
 
 
 @dataclass(frozen=True)
