@@ -136,13 +136,15 @@ def test_few_shot_config_refuses_one_way_tasks_and_keeps_an_absolute_data_root(t
     assert cfg.data_root == str(tmp_path / "data" / "omniglot")
 
 
-def test_an_unknown_device_is_a_config_error():
-    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
-        resolve_device("tpu")
-    for name in ("mps", "meta", "xpu:0"):  # devices torch parses but fastmaml is not built for
-        with pytest.raises(ConfigError, match=f"device must be auto, cpu, cuda or cuda:N, got "
-                           f"'{name}'"):
-            resolve_device(name)
+@pytest.mark.parametrize("name", ["tpu", "mps", "meta", "xpu:0", "cuda:", "cuda:x", " cpu"])
+def test_an_unknown_device_is_a_config_error(name):
+    """Names torch parses but fastmaml is not built for (mps, meta, xpu) as well as nonsense."""
+    with pytest.raises(ConfigError, match=f"device must be auto, cpu, cuda or cuda:N, got "
+                       f"'{name}'"):
+        SinusoidConfig(device=name)
+
+
+def test_a_device_the_machine_lacks_is_a_config_error():
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="device=cuda:1 but CUDA is not available here"):
@@ -151,6 +153,19 @@ def test_an_unknown_device_is_a_config_error():
         count = torch.cuda.device_count()
         with pytest.raises(ConfigError, match=f"this machine has {count} CUDA device"):
             resolve_device(f"cuda:{count}")
+
+
+def test_a_bad_device_in_a_runs_config_yaml_names_the_file(tmp_path, capsys):
+    """The same name given on the command line is the command's, not the file's."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**SinusoidConfig().to_dict(),
+                                                          "device": "gpu"}))
+    assert main(["eval", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"fastmaml: error: {tmp_path / 'config.yaml'}: device "
+                                       "must be auto, cpu, cuda or cuda:N, got 'gpu'\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(SinusoidConfig().to_dict()))
+    assert main(["eval", str(tmp_path), "device=gpu"]) == 2
+    assert capsys.readouterr().err == ("fastmaml: error: device must be auto, cpu, cuda or "
+                                       "cuda:N, got 'gpu'\n")
 
 
 def test_every_preset_builds_its_config():

@@ -113,6 +113,8 @@ class Config:
             raise ConfigError(f"seed must be an integer in [-2**63, 2**63), got {self.seed}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):  # (mps, xpu: not tested)
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.path not in ("auto", "batched", "looped"):
             raise ConfigError(f"path must be auto, batched or looped, got {self.path!r}")
         switch = str(self.compile).strip().lower()
