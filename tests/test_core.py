@@ -292,6 +292,36 @@ def test_adapted_layer_and_instance_norm_weights_are_exact_under_vmap(kind, monk
     assert relative(fused[True], fused[False]) > 1e-5
 
 
+def test_instance_norm_keeping_running_statistics_runs_batched_and_leaves_them():
+    """``track_running_stats=True`` in training mode: its fused kernel writes the buffers, which
+    vmap refuses (the batched path was refused, the default fell back to the loop); the
+    statistics are not updated, as batch norm's are not, so it runs batched, exact."""
+    grads = {}
+    for batched in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(1, 8), nn.Unflatten(-1, (2, 4)),
+                              nn.InstanceNorm1d(2, affine=True, track_running_stats=True),
+                              nn.Tanh(), nn.Flatten(), nn.Linear(8, 1))
+        _, loss_fn, batch = mlp_problem()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fall-back to the loop
+            grads[batched] = meta_grad(MAML(model, loss_fn, 0.1, 2, batched=batched), batch)
+        assert torch.equal(model[2].running_mean, torch.zeros(2))
+        assert torch.equal(model[2].running_var, torch.ones(2))
+    assert relative(grads[True], grads[False]) < 1e-10
+
+
+@pytest.mark.parametrize("norm", [nn.BatchNorm1d(4), nn.LayerNorm(4), nn.GroupNorm(2, 4),
+                                  nn.InstanceNorm1d(4, affine=True), nn.RMSNorm(4)],
+                         ids=lambda norm: type(norm).__name__)
+def test_every_norm_layers_parameters_are_norm_parameters(norm):
+    """What adapt=no_norm leaves to the outer loop and per_step=norm gives a set per step
+    (instance and RMS norm were adapted, and per_step=norm said the model had no norm)."""
+    model = nn.Sequential(nn.Linear(3, 4), norm, nn.Linear(4, 2))
+    assert [name for name, _ in model.named_parameters() if is_norm_param(name, model)] == [
+        f"1.{name}" for name, _ in norm.named_parameters()]
+
+
 @pytest.mark.parametrize("dim", [0, 1, -1, -2, -3, None])
 @pytest.mark.parametrize("api", [parametrizations.weight_norm, nn.utils.weight_norm])
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated")

@@ -131,4 +131,6 @@ def initialise(model: nn.Module, init: str) -> nn.Module:
 def is_norm_param(name: str, model: nn.Module) -> bool:
     """True for parameters owned by a normalisation layer (not adapted in the paper's inner loop)."""
     owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-    return isinstance(owner, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm))
+    return isinstance(owner, (nn.modules.batchnorm._BatchNorm,
+                              nn.modules.instancenorm._InstanceNorm, nn.LayerNorm, nn.GroupNorm,
+                              nn.RMSNorm))

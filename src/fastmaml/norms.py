@@ -88,7 +88,7 @@ class ExactNorms(TorchFunctionMode):
     """Inside this mode ``F.layer_norm`` and ``F.instance_norm`` apply their weight and bias
     outside the fused kernel, ``torch._weight_norm`` runs as ``plain_weight_norm``, and an
     ``F.batch_norm`` with batch statistics (with ``transductive``, every one; otherwise one in
-    training mode) runs as ``batch_stats_norm`` and updates no buffers. ``on_norm`` is called
+    training mode) runs as ``batch_stats_norm``; batch and instance norm update no buffers. ``on_norm`` is called
     for each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote them: a replacement may
     call none)."""
 
@@ -113,9 +113,10 @@ class ExactNorms(TorchFunctionMode):
         if func is F.instance_norm:
             x, mean, var, weight, bias, use_input_stats, momentum, eps = _bind_instance_norm(
                 *args, **kwargs)
-            if weight is not None or bias is not None:
-                out = F.instance_norm(x, mean, var, None, None, use_input_stats, momentum, eps)
-                return _affine(out, weight, bias, [1, -1] + [1] * (x.dim() - 2))
+            if use_input_stats:  # running statistics kept (track_running_stats) are not
+                mean = var = None  # updated, as batch norm's: vmap cannot write them per task
+            out = F.instance_norm(x, mean, var, None, None, use_input_stats, momentum, eps)
+            return _affine(out, weight, bias, [1, -1] + [1] * (x.dim() - 2))
         return func(*args, **kwargs)
 
 
