@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import socket
+import threading
 import zipfile
 from pathlib import Path
 
@@ -47,10 +50,53 @@ def test_http_error_is_a_data_error(http_folder: tuple[Path, str], tmp_path: Pat
     assert list(tmp_path.iterdir()) == [tmp_path / "served"]
 
 
+class _CutChunkedBody(http.server.BaseHTTPRequestHandler):
+    """A chunked response whose connection drops inside its first chunk."""
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.write(b"1000\r\n" + b"x" * 100)
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_chunked_download_cut_short_is_a_data_error(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """http.client's IncompleteRead is no OSError: it went up as a traceback."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutChunkedBody) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/things.zip"
+        try:
+            with pytest.raises(DataError, match=f"could not download {url} to .*IncompleteRead"):
+                dl.download(url, tmp_path / "things.zip", "0" * 32)
+        finally:
+            server.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_where_the_folder_goes_is_said_before_downloading(tmp_path: Path) -> None:
+    (tmp_path / "things").write_text("notes")
+    with pytest.raises(DataError, match=f"{tmp_path / 'things'} is in the way of the downloaded "
+                       "things: move it away"):  # (no server at this address: nothing fetched)
+        dl.fetch_zip("http://127.0.0.1:9/things.zip", "0" * 32, tmp_path, "things")
+
+
 def test_extract_zip_rejects_archives_without_the_folder(tmp_path: Path) -> None:
     write_zip(tmp_path / "other.zip", {"other/a.txt": b"a"})
     with pytest.raises(DataError, match="no folder things/"):
         dl.extract_zip(tmp_path / "other.zip", tmp_path, "things")
+    write_zip(tmp_path / "flat.zip", {"things": b"a file of the folder's name"})
+    with pytest.raises(DataError, match="no folder things/"):
+        dl.extract_zip(tmp_path / "flat.zip", tmp_path, "things")
+    (tmp_path / "flat.zip").unlink()
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a valid zip"):
         dl.extract_zip(tmp_path / "bad.zip", tmp_path, "things")

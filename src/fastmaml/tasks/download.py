@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
 
     try:
         replace_atomically(path, fetch)
-    except OSError as error:
+    except (OSError, http.client.HTTPException) as error:  # (a chunked body cut: IncompleteRead)
         raise DataError(f"could not download {url} to {path}: {error}") from error
 
 
@@ -55,7 +56,7 @@ def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=dest))
     try:
         with zipfile.ZipFile(archive) as zf:
-            members = [n for n in zf.namelist() if n.split("/")[0] == folder]
+            members = [n for n in zf.namelist() if n.startswith(f"{folder}/")]
             if not members:
                 raise DataError(f"{archive} holds no folder {folder}/")
             zf.extractall(tmp, members)  # zipfile drops absolute paths and ".." components
@@ -72,6 +73,8 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
     if dest.exists() and not dest.is_dir():
         raise DataError(f"the data root {dest} is a file: name a folder to download {folder} "
                         "into")
+    if (dest / folder).exists() or (dest / folder).is_symlink():
+        raise DataError(f"{dest / folder} is in the way of the downloaded {folder}: move it away")
     dest.mkdir(parents=True, exist_ok=True)
     archive = dest / f".{folder}.zip"
     try:
