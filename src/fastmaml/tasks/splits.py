@@ -182,6 +182,10 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
     """
     # names compared in composed Unicode form: a folder copied from macOS (or a zip) may come
     # back decomposed, "café" in other bytes, and is the same class
+    twins = unicode_twins([item.relative_to(root).as_posix() for _, item in found])
+    if twins:  # (first: a new run's assignment, made from the folder, has them too)
+        raise DataError(f"the {kind}s {' and '.join(map(ascii, twins))} of {root} are one name "
+                        f"in {UNICODE_FORMS}: one {kind} twice; merge or rename them")
     recorded = [key for keys in assignment.values() for key in keys]
     twins = unicode_twins(recorded)
     if twins:  # (recorded before names were compared so: two items then)
@@ -189,10 +193,6 @@ def assigned_items(root: Path, found: list[tuple[str | None, Path]], assignment:
                         f"{' and '.join(map(ascii, twins))}, one name in {UNICODE_FORMS}: "
                         f"restore both under names of their own, or start a new run (train "
                         "with another --out)")
-    twins = unicode_twins([item.relative_to(root).as_posix() for _, item in found])
-    if twins:
-        raise DataError(f"the {kind}s {' and '.join(map(ascii, twins))} of {root} are one name "
-                        f"in {UNICODE_FORMS}: one {kind} twice; merge or rename them")
     split_of = {composed(key): name for name, keys in assignment.items() for key in keys}
     keyed = [(composed(item.relative_to(root).as_posix()), explicit, item)
              for explicit, item in found]
