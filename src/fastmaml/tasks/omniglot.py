@@ -33,6 +33,7 @@ OMNIGLOT_URL = "https://github.com/brendenlake/omniglot/raw/master/python"
 OMNIGLOT_MD5 = {"images_background": "68d2efa1b9178cc56df9314c21c6e718",
                 "images_evaluation": "6b91aef0f799c5bb55b94e3f2daec811"}
 FOLDERS = tuple(OMNIGLOT_MD5)
+CHARACTERS = {"images_background": 964, "images_evaluation": 659}  # the splits are drawn over all
 IMAGES_PER_CHARACTER = 20
 IMAGE_SIZE = 28
 IMAGE_FORMAT = ImageFormat("L", IMAGE_SIZE, invert=True)
@@ -189,7 +190,20 @@ def load_omniglot_alphabets(root: str | os.PathLike[str], split: str = "official
 
 def _split_index(root: str | os.PathLike[str], split: str, seed: int
                  ) -> tuple[dict[str, Tensor], Tensor]:
-    """(each split's character indices, the alphabet index of every character)."""
-    alphabets = omniglot_alphabets(omniglot_characters(root))
+    """(each split's character indices, the alphabet index of every character), of the complete
+    data set only: a split is a shuffle of every character, so one missing or added (an
+    alphabet left out, a changed copy) moves others between meta-train and meta-test, and a
+    run trained on the complete set would be tested on characters it trained on."""
+    characters = omniglot_characters(root)
+    found = [sum(c.parent.parent.name == folder for c in characters) for folder in FOLDERS]
+    if found != list(CHARACTERS.values()):
+        raise DataError(f"{root} holds {found[0]} background and {found[1]} evaluation "
+                        f"characters, not Omniglot's {CHARACTERS[FOLDERS[0]]} and "
+                        f"{CHARACTERS[FOLDERS[1]]}: the {split} split is drawn over the complete "
+                        "set (a character missing or added moves others between meta-train and "
+                        "meta-test). Restore the official folders (remove them, and download=true "
+                        "fetches them again), or train on character folders of your own with "
+                        "dataset=folder")
+    alphabets = omniglot_alphabets(characters)
     return split_characters(len(alphabets[0]), split, seed, alphabets), alphabets[0]
 
