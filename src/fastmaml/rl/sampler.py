@@ -24,6 +24,7 @@ import contextlib
 import copy
 import heapq
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import signal
 import threading
@@ -133,6 +134,11 @@ class Sampler:
     def __init__(self, env_id: str, horizon: int | None = None, num_workers: int = 0,
                  **env_kwargs: Any):
         self._workers: list[tuple[mp.process.BaseProcess, Connection]] = []
+        # stopped on close, or at the interpreter's exit before multiprocessing joins its
+        # children (exitpriority): a sampler an error left unclosed hung the exit there, as
+        # its workers ignore SIGTERM and wait on their pipes
+        self._stop_workers = mp_util.Finalize(self, _stop_workers, (self._workers,),
+                                              exitpriority=0)
         env_id = canonical_env_id(env_id)
         self.horizon = default_horizon(env_id) if horizon is None else horizon
         if self.horizon < 1 or num_workers < 0:
@@ -266,11 +272,7 @@ class Sampler:
 
     def close(self) -> None:
         """Stop the worker processes and close the environments."""
-        for process, conn in self._workers:
-            conn.send(None)
-            process.join(timeout=10)
-            conn.close()
-        self._workers = []
+        self._stop_workers()
         self.env.close()
 
     def __enter__(self) -> Sampler:
@@ -403,6 +405,20 @@ def _worker(conn: Connection, env_id: str, env_kwargs: dict[str, Any]) -> None:
             conn.send(error)
     if not isinstance(env, Exception):
         env.close()
+
+
+def _stop_workers(workers: list[tuple[mp.process.BaseProcess, Connection]]) -> None:
+    """Ask each worker to end, wait for it (one still busy, its answer unread, is killed), and
+    empty ``workers``."""
+    for process, conn in workers:
+        with contextlib.suppress(OSError):  # (a worker that died closed its end)
+            conn.send(None)
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+        conn.close()
+    workers.clear()
 
 
 def _receive(conns: Sequence[Connection]) -> list[Episodes]:
