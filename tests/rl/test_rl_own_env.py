@@ -3,6 +3,9 @@ under the user's id, with the task API (``fastmaml.rl.TASK_API``)."""
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -101,6 +104,36 @@ class NaNReward(Point):
         return float("nan")
 
 
+class HugeReward(Point):
+    def reward(self, distance):
+        return 1e39  # finite in float64, inf in the episodes' float32
+
+
+class KeyLost(DictObservations):
+    def step(self, action):
+        (observation, *rest), self.steps = super().step(action), getattr(self, "steps", 0) + 1
+        if self.steps > 1:  # (past the first step, which gymnasium's checker sees)
+            del observation["phase"]
+        return observation, *rest
+
+
+class KeysWrong(DictObservations):
+    def reset(self, *, seed=None, options=None):
+        observation, info = super().reset(seed=seed)
+        return {"position": observation["position"]}, info
+
+
+class OutOfRange(Point):
+    observation_space = spaces.Discrete(5)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return 0, {}
+
+    def step(self, action):
+        return 7, 0.0, False, False, {}
+
+
 class ArrayReward(Point):
     def reward(self, distance):
         return np.array([-distance])
@@ -152,7 +185,8 @@ class BuggyStep(Point):
 
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
              "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
-             "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself", "BuggyStep"):
+             "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself", "BuggyStep",
+             "HugeReward", "KeyLost", "KeysWrong", "OutOfRange"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
                        max_episode_steps=12)
 gymnasium.register(f"{__name__}/Unbounded-v0", entry_point=f"{__name__}:Point")
@@ -238,6 +272,56 @@ def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
     with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
                                                   r"finite, in an episode of task \{'goal'"):
         env.step(torch.zeros(1, 2))
+
+
+def test_a_reward_beyond_float32_is_named_as_such(module: str) -> None:
+    """It passed the check (in float64), and its inf in the episodes failed the baseline's fit."""
+    env = make_batch_env(f"{module}:{module}/HugeReward-v0")
+    env.reset([{"goal": np.array([0.5, 0.5])}], [0])
+    with pytest.raises(NonFiniteInputError, match=r"HugeReward-v0's step gave the reward 1e\+39, "
+                       r"beyond float32's range \(the episodes' numbers\), in an episode of task"):
+        env.step(torch.zeros(1, 2))
+
+
+@pytest.mark.parametrize("env, message", [
+    ("KeyLost-v0", r"KeyLost-v0's step gave the observation \{'position': .*\}, which does not "
+                   r"fit its observation_space Dict\(.*\) \(KeyError: 'phase'\)"),
+    ("OutOfRange-v0", r"OutOfRange-v0's step gave the observation 7, which does not fit its "
+                      r"observation_space Discrete\(5\) \(IndexError: "),
+    ("KeysWrong-v0", r"KeysWrong-v0's reset failed gymnasium's environment checker: The obs "
+                     r"returned by the `reset\(\)` method observation keys is not same"),
+])
+def test_an_observation_outside_its_space_is_named(module: str, env: str, message: str) -> None:
+    """gymnasium's flatten (a KeyError, an IndexError) and its environment checker (an
+    AssertionError) failed with their tracebacks."""
+    batch = make_batch_env(f"{module}:{module}/{env}")
+    with pytest.raises(ConfigError, match=message):
+        batch.reset([{"goal": np.array([0.5, 0.5])}], [0])
+        for _ in range(2):
+            batch.step(torch.zeros(1, 2))
+
+
+def test_a_sampler_an_error_left_open_lets_the_process_end(module: str, tmp_path: Path) -> None:
+    """Its workers ignore SIGTERM and wait on their pipes: multiprocessing's exit joined them
+    for ever where nothing had closed the sampler (``fastmaml train ... workers=2`` printed the
+    error of an environment, then hung)."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        from fastmaml.rl import GaussianMLPPolicy, Sampler
+
+        if __name__ == "__main__":
+            sampler = Sampler("{module}:{module}/NaNReward-v0", num_workers=1)
+            try:
+                sampler.sample(GaussianMLPPolicy(2, 2, (8,)), [{{"goal": np.zeros(2)}}], 1, 0)
+            except Exception as error:
+                print(type(error).__name__)
+        """))
+    paths = [str(tmp_path / "modules"), *filter(None, [os.environ.get("PYTHONPATH")])]
+    ended = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": os.pathsep.join(paths)},
+                           timeout=300)  # (it never ended before)
+    assert (ended.returncode, ended.stdout) == (0, "NonFiniteInputError\n")
 
 
 def test_a_reset_that_returns_other_than_gymnasiums_tuple_is_named(module: str) -> None:

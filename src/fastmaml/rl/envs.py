@@ -45,13 +45,14 @@ test tasks.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import reprlib
 import traceback
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -67,6 +68,7 @@ from torch import Tensor
 from ..config import did_you_mean
 from ..errors import ConfigError, NonFiniteInputError
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger numbers are inf in the episodes
 GYMNASIUM_DIR = str(Path(gymnasium.__file__).parent)  # its wrappers unpack a step's values
 
 Task = dict[str, Any]
@@ -462,7 +464,8 @@ class GymBatch:
     def _reset(self, episode: int, seed: int) -> Any:
         """Episode ``episode``'s environment reset: its observation, gymnasium's tuple checked
         (a step's is unpacked by gymnasium's own wrappers, which say so)."""
-        result = self.envs[episode].reset(seed=seed)
+        with self._checked("reset"):
+            result = self.envs[episode].reset(seed=seed)
         if not isinstance(result, (tuple, list)) or len(result) != 2:
             got = ("None" if result is None else f"a {type(result).__name__}"
                    + (f" of {len(result)}" if isinstance(result, (tuple, list)) else ""))
@@ -475,7 +478,8 @@ class GymBatch:
         truncated. A step written to old gym's API (four values, ``done`` for both flags) is
         named, not gymnasium's wrapper that fails to unpack it."""
         try:
-            obs, reward, terminated, truncated, _ = self.envs[episode].step(action)
+            with self._checked("step"):
+                obs, reward, terminated, truncated, _ = self.envs[episode].step(action)
         except ValueError as error:
             where = traceback.extract_tb(error.__traceback__)[-1].filename  # the unpacking's
             if ("values to unpack (expected 5, got 4)" not in str(error)
@@ -486,14 +490,36 @@ class GymBatch:
                               "(observation, reward, terminated, truncated, info)") from error
         return obs, reward, terminated, truncated
 
+    @contextlib.contextmanager
+    def _checked(self, call: str) -> Iterator[None]:
+        """gymnasium's environment checker (``gymnasium.make``'s wrapper) refuses a first
+        ``call``'s output with an AssertionError: said as the environment's error (its own
+        assertions stay its own, traceback and all)."""
+        try:
+            yield
+        except AssertionError as error:
+            if not traceback.extract_tb(error.__traceback__)[-1].filename.startswith(
+                    GYMNASIUM_DIR):
+                raise
+            raise ConfigError(f"{self.env_id}'s {call} failed gymnasium's environment "
+                              f"checker: {error}") from error
+
     def _flat(self, obs: Any, episode: int, call: str) -> np.ndarray:
-        """``obs`` as the policy's input vector, checked."""
-        flat = np.asarray(gymnasium.spaces.flatten(self.observation_space, obs), dtype=np.float64)
+        """``obs`` as the policy's input vector, checked: in its space, and finite as the
+        episodes keep it (float32)."""
+        try:
+            flat = np.asarray(gymnasium.spaces.flatten(self.observation_space, obs),
+                              dtype=np.float64)
+        except (KeyError, IndexError, TypeError, ValueError) as error:  # (a dict's key missing,
+            # a discrete value out of range)
+            raise ConfigError(f"{self.env_id}'s {call} gave the observation {obs!r}, which does "
+                              f"not fit its observation_space {self.observation_space} "
+                              f"({type(error).__name__}: {error})") from None
         if flat.size != self.obs_dim:
             raise ConfigError(f"{self.env_id}'s {call} gave an observation of {flat.size} "
                               f"numbers, its observation_space {self.obs_dim}")
-        if not np.isfinite(flat).all():
-            self._non_finite(f"observation {obs}", episode, call)
+        if not (np.abs(flat) <= FLOAT32_MAX).all():  # (NaN too)
+            self._non_finite(f"observation {obs}", flat, episode, call)
         return flat
 
     def _number(self, reward: Any, episode: int) -> float:
@@ -505,8 +531,8 @@ class GymBatch:
         if value.size != 1:
             raise ConfigError(f"{self.env_id}'s step gave the reward {reward!r}: a step's reward "
                               "must be one number")
-        if not np.isfinite(value):
-            self._non_finite(f"reward {reward}", episode, "step")
+        if not abs(value) <= FLOAT32_MAX:  # (NaN too)
+            self._non_finite(f"reward {reward}", value, episode, "step")
         return float(value.item())
 
     def close(self) -> None:
@@ -515,9 +541,11 @@ class GymBatch:
             env.close()
         self.envs = []
 
-    def _non_finite(self, what: str, episode: int, call: str) -> None:
-        raise NonFiniteInputError(f"{self.env_id}'s {call} gave the {what}, not finite, in an "
-                                  f"episode of task {self.tasks[episode]!r}: fix the "
+    def _non_finite(self, what: str, value: np.ndarray, episode: int, call: str) -> None:
+        raise NonFiniteInputError(f"{self.env_id}'s {call} gave the {what}, "
+                                  + ("beyond float32's range (the episodes' numbers)"
+                                     if np.isfinite(value).all() else "not finite")
+                                  + f", in an episode of task {self.tasks[episode]!r}: fix the "
                                   "environment (policy gradients cannot use it)")
 
 
