@@ -82,13 +82,35 @@ def test_a_locomotion_run_at_another_horizon_is_still_judged_against_pretrained(
                                             "env": "fastmaml/HalfCheetahVel-v0", "horizon": 100},
                      records, 500, 60.0, [])
     headline = next(h for h in HEADLINES if h.key == "rl-cheetah-vel")  # horizon 200
-    assert report.evaluate_row(headline, run).status == "met (MAML above pretrained)"
+    assert report.evaluate_row(headline, run).status == (
+        "met (MAML above pretrained) (horizon 100, the paper's 200)")
 
 
 def test_a_row_measured_on_other_test_tasks_than_the_papers_says_so(tmp_path: Path) -> None:
     headline = next(h for h in HEADLINES if h.key == "rl-nav2d")
     assert report.evaluate_row(headline, nav_run(tmp_path, tasks=4)).status == (
         "met (4 test tasks; the paper's protocol has 40)")
+
+
+def test_a_row_evaluated_on_fewer_steps_than_the_official_test_says_so(tmp_path: Path) -> None:
+    """The official scripts' 4,000 environment steps per task and step (8,000 for the ant
+    direction): 40 episodes of navigation's 100 steps, 20 of locomotion's 200."""
+    headline = next(h for h in HEADLINES if h.key == "rl-nav2d")
+    assert report.evaluate_row(headline, nav_run(tmp_path, eval_trajectories=40)).status == "met"
+    run = nav_run(tmp_path, eval_trajectories=40)
+    run.records[0]["eval_settings"] = {"eval_trajectories": 20}  # (eval's override, recorded)
+    assert report.evaluate_row(headline, run).status == (
+        "met (evaluated on 20 x 100 environment steps per task and step; the official test's "
+        "4,000)")
+    ant = next(h for h in HEADLINES if h.key == "rl-ant-dir")
+    records = [{"method": method, "mean": [0.0, mean, 0.0, 0.0], "ci95": [1.0] * 4,
+                "eval_settings": {"eval_trajectories": 20}}
+               for method, mean in (("maml", 50.0), ("pretrained", 1.0))]
+    run = report.Run(tmp_path / "ant", {"experiment": "rl", "env": "fastmaml/AntDir-v0",
+                                        "preset": "rl-ant-dir-cpu", "horizon": 200}, records, 500,
+                     60.0, [])
+    assert report.evaluate_row(ant, run).status.endswith(
+        "(evaluated on 20 x 200 environment steps per task and step; the official test's 8,000)")
 
 
 def test_a_direction_row_also_says_how_many_tasks_turned_the_right_way(tmp_path: Path) -> None:
@@ -102,6 +124,8 @@ def test_a_direction_row_also_says_how_many_tasks_turned_the_right_way(tmp_path:
     row = report.evaluate_row(headline, run)
     assert row.mean == 150.0
     assert row.status == "met (MAML above pretrained); right way 50% -> 95% of tasks"
+    records[0]["right_way"] = [0.125, 0.925, 0.9, 0.925]  # 5 and 37 of 40 tasks
+    assert "; right way 12.5% -> 92.5% of tasks" in report.evaluate_row(headline, run).status
 
 
 def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with_it(
@@ -588,9 +612,16 @@ def test_a_run_stopped_between_log_rows_counts_the_iterations_of_its_checkpoint(
     run_dir = tmp_path / "sinusoid"
     assert main(["train", "sinusoid-demo", "--out", str(run_dir), "iterations=20",
                  "baseline_iterations=20", "log_every=10", "--no-progress"]) == 0
+    elapsed = [torch.load(path, weights_only=True)["elapsed_s"]
+               for path in (run_dir / "checkpoints").glob("*.pt")]
     log = run_dir / "metrics-maml.csv"
-    log.write_text("".join(log.read_text().splitlines(keepends=True)[:-1]))  # as if stopped at 20
-    assert report.read_run(run_dir).iterations == 20  # of 20, with the log's last row at 10
+    *kept, last = log.read_text().splitlines(keepends=True)
+    lost = ",".join(["30", "1e6", *last.split(",")[2:]])  # logged past the checkpoint, then lost
+    log.write_text("".join(kept) + lost)  # as if stopped at 20 (a kill after a row at 30)
+    run = report.read_run(run_dir)
+    assert run.iterations == 20  # of 20, with the log's last row at 10
+    assert run.train_seconds == pytest.approx(sum(elapsed))  # the learners' checkpoints' times
+    log.write_text("".join(kept))
     (run_dir / "checkpoints" / "maml.pt").write_bytes(b"truncated")
     assert report.read_run(run_dir).iterations == 10  # the log's, not an error for every run
     (run_dir / "checkpoints" / "maml.pt").unlink()  # stopped before its first checkpoint

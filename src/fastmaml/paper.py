@@ -105,8 +105,9 @@ class Headline:
     ``value`` is MAML's published figure after ``step`` inner steps, ``ci`` its published 95%
     interval (if any) and ``maml_pp`` MAML++'s. ``shape_only`` rows (locomotion: gymnasium's
     models differ from rllab's) are judged by MAML against the pretrained baseline after one
-    step, not by the number. ``tasks`` is the paper's number of test tasks and ``horizon`` an
-    RL row's episode length (returns sum over it). ``published``: whose figure ``value`` is
+    step, not by the number. ``tasks`` is the paper's number of test tasks, ``horizon`` an
+    RL row's episode length (returns sum over it) and ``eval_steps`` the environment steps per
+    task and gradient step of the official test scripts. ``published``: whose figure ``value`` is
     where it is not MAML's after ``step`` steps (Lake et al.'s people), and ``others`` all the
     figures published beside it; our figure is still read after ``step`` steps.
     """
@@ -122,6 +123,7 @@ class Headline:
     shape_only: bool = False
     tasks: int = 600
     horizon: int | None = None
+    eval_steps: int | None = None
     published: str = ""
     others: tuple[tuple[str, float], ...] = ()
     variant: bool = False
@@ -152,9 +154,10 @@ HEADLINES: list[Headline] = [
              "accuracy (%)", True, 5, dict(LAKE[(20, 1)])["Lake et al.: people, within alphabet"],
              published="people, Lake et al.", others=tuple(LAKE[(20, 1)])),
     Headline("rl-nav2d", "2D navigation", "return", True, 1, RL[NAV]["maml"][1], tasks=40,
-             horizon=100, rows=tuple(rl_paper(NAV))),
+             horizon=100, eval_steps=4000, rows=tuple(rl_paper(NAV))),
     *(Headline(f"rl-{name}", title, "return", True, 1, RL[env]["maml"][1], shape_only=True,
-               tasks=40, horizon=200, rows=tuple(rl_paper(env)))
+               tasks=40, horizon=200, eval_steps=8000 if name == "ant-dir" else 4000,
+               rows=tuple(rl_paper(env)))
       for name, title, env in zip(("cheetah-vel", "cheetah-dir", "ant-vel", "ant-dir"),
                                   ("Half-cheetah goal velocity", "Half-cheetah goal direction",
                                    "Ant goal velocity", "Ant goal direction"), LOCOMOTION)),

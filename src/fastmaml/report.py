@@ -82,7 +82,7 @@ class Run:
     config: dict[str, Any]
     records: list[dict[str, Any]]
     iterations: int  # MAML's iterations done (its checkpoint's, else its metrics log's)
-    train_seconds: float  # summed over the learners' logs
+    train_seconds: float  # summed over the learners (their checkpoints', else their logs')
     machines: list[dict[str, Any]]
     figures: list[Path] = field(default_factory=list)
     validation: list[tuple[int, float, float]] = field(default_factory=list)  # it, s, accuracy
@@ -139,23 +139,28 @@ def read_run(path: Path) -> Run:
         raise ConfigError(f"{path / 'config.yaml'}: {error}") from None
     eval_path = path / "eval.json"
     records = read_eval(path) if eval_path.is_file() else []
-    iterations, seconds, validation = 0, 0.0, []
-    for log in sorted(path.glob("metrics-*.csv")):
-        rows = read_metrics(log)
-        if rows:
-            seconds += _seconds(rows[-1], log)
-            if log.name == "metrics-maml.csv":
-                iterations = int(rows[-1]["iteration"])
-                validation = [(int(r["iteration"]), _seconds(r, log), float(r["val_accuracy"]))
-                              for r in rows if r.get("val_accuracy") not in (None, "")]
     evaluated = records[0].get("checkpoint_iterations", {}) if records else {}
-    checkpoints = {}
+    checkpoints, elapsed = {}, {}
     trained = {p.stem for p in (path / "checkpoints").glob("*.pt") if not p.name.startswith(".")}
     for learner in {"maml", *evaluated, *trained}:  # a damaged one is left to `train` to name
         with contextlib.suppress(CheckpointError):
             checkpoint = checkpoint_path(path, learner)
             if checkpoint.is_file():
-                checkpoints[learner] = int(load_checkpoint(checkpoint)["iteration"])
+                state = load_checkpoint(checkpoint)
+                checkpoints[learner] = state["iteration"]
+                if isinstance(state.get("elapsed_s"), (int, float)):
+                    elapsed[learner] = float(state["elapsed_s"])
+    iterations, seconds, validation = 0, 0.0, []
+    for log in sorted(path.glob("metrics-*.csv")):
+        learner, rows = log.stem.removeprefix("metrics-"), read_metrics(log)
+        if learner in checkpoints:  # rows past it are work lost (a resume drops them)
+            rows = [row for row in rows if int(row["iteration"]) <= checkpoints[learner]]
+        if rows:  # the checkpoint's time: a run stopped between log rows trained on to it
+            seconds += elapsed.get(learner, _seconds(rows[-1], log))
+            if learner == "maml":
+                iterations = int(rows[-1]["iteration"])
+                validation = [(int(r["iteration"]), _seconds(r, log), float(r["val_accuracy"]))
+                              for r in rows if r.get("val_accuracy") not in (None, "")]
     # a run stopped between log rows (SIGTERM) is as far as its checkpoint, and one stopped
     # before its first checkpoint kept nothing (a damaged checkpoint: the log's count)
     # (a run shipped without its checkpoints: as far as its evaluation says)
@@ -298,7 +303,7 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
                                 difference) if pretrained else "no pretrained baseline")
         if "right_way" in record:  # direction tasks: from the wrong way to the right way?
             before, after = record["right_way"][0], record["right_way"][headline.step]
-            verdict += f"; right way {before:.0%} -> {after:.0%} of tasks"
+            verdict += f"; right way {_percent(before)} -> {_percent(after)} of tasks"
         if difference and all(map(math.isfinite, difference)):
             verdict += (f"; MAML minus pretrained on the same tasks {difference[0]:+.1f} "
                         f"+- {difference[1]:.1f}")
@@ -306,12 +311,24 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
         verdict = status(mean, ci, headline)
     if record.get("tasks", headline.tasks) != headline.tasks:
         verdict += f" ({record['tasks']} test tasks; the paper's protocol has {headline.tasks})"
+    if headline.shape_only and horizon != headline.horizon:
+        verdict += f" (horizon {horizon}, the paper's {headline.horizon})"
+    episodes = record.get("eval_settings", {}).get("eval_trajectories",
+                                                   run.config.get("eval_trajectories"))
+    if headline.eval_steps and episodes and episodes * horizon != headline.eval_steps:
+        verdict += (f" (evaluated on {episodes} x {horizon} environment steps per task and "
+                    f"step; the official test's {headline.eval_steps:,})")
     if run.stale_evaluation:
         verdict += f" ({run.stale_evaluation})"
     return Row(headline, run, mean, ci, verdict)
 
 
 # ----- the document -----
+
+def _percent(share: float) -> str:
+    """``share`` in per cent, whole where it is (40%), else to a tenth (12.5% of 40 tasks)."""
+    return f"{share * 100:.1f}".removesuffix(".0") + "%"
+
 
 def _fmt(value: float | None, digits: int = 2) -> str:
     """``value`` to ``digits`` decimals; one that rounds to zero is "0.0", not "-0.0"."""
