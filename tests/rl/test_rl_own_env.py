@@ -266,21 +266,17 @@ def test_a_config_names_an_unfit_environment_before_anything_runs(module: str) -
         fastmaml.meta_train("rl-env", Path("/nonexistent/never-written"), progress=False)
 
 
-def test_a_non_finite_reward_is_named_with_its_task(module: str) -> None:
-    env = make_batch_env(f"{module}:{module}/NaNReward-v0")
-    env.reset([{"goal": np.array([0.5, 0.5])}], [0])
-    with pytest.raises(NonFiniteInputError, match=r"NaNReward-v0's step gave the reward nan, not "
-                                                  r"finite, in an episode of task \{'goal'"):
-        env.step(torch.zeros(1, 2))
-
-
-def test_a_reward_beyond_float32_is_named_as_such(module: str) -> None:
-    """It passed the check (in float64), and its inf in the episodes failed the baseline's fit."""
-    env = make_batch_env(f"{module}:{module}/HugeReward-v0")
-    env.reset([{"goal": np.array([0.5, 0.5])}], [0])
-    with pytest.raises(NonFiniteInputError, match=r"HugeReward-v0's step gave the reward 1e\+39, "
-                       r"beyond float32's range \(the episodes' numbers\), in an episode of task"):
-        env.step(torch.zeros(1, 2))
+@pytest.mark.parametrize("env, said", [
+    ("NaNReward-v0", r"the reward nan, not finite"),
+    # (1e39 passed the check, in float64, and its inf in the episodes failed the baseline's fit)
+    ("HugeReward-v0", r"the reward 1e\+39, beyond float32's range \(the episodes' numbers\)")])
+def test_a_reward_the_episodes_cannot_hold_is_named_with_its_task(module: str, env: str,
+                                                                  said: str) -> None:
+    batch = make_batch_env(f"{module}:{module}/{env}")
+    batch.reset([{"goal": np.array([0.5, 0.5])}], [0])
+    with pytest.raises(NonFiniteInputError, match=rf"{env}'s step gave {said}, in an episode of "
+                                                  r"task \{'goal'"):
+        batch.step(torch.zeros(1, 2))
 
 
 @pytest.mark.parametrize("env, message", [
