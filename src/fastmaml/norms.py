@@ -88,9 +88,9 @@ class ExactNorms(TorchFunctionMode):
     """Inside this mode ``F.layer_norm`` and ``F.instance_norm`` apply their weight and bias
     outside the fused kernel, ``torch._weight_norm`` runs as ``plain_weight_norm``, and an
     ``F.batch_norm`` with batch statistics (with ``transductive``, every one; otherwise one in
-    training mode) runs as ``batch_stats_norm``; batch and instance norm update no buffers. ``on_norm`` is called
-    for each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote them: a replacement may
-    call none)."""
+    training mode) runs as ``batch_stats_norm``; batch and instance norm update no buffers.
+    ``on_norm`` is called for each of the ``NORM_FUNCTIONS`` the forward calls (as it wrote
+    them: a replacement may call none)."""
 
     def __init__(self, transductive: bool, on_norm: Callable[[], None] | None = None):
         super().__init__()

@@ -510,8 +510,7 @@ class GymBatch:
         try:
             flat = np.asarray(gymnasium.spaces.flatten(self.observation_space, obs),
                               dtype=np.float64)
-        except (KeyError, IndexError, TypeError, ValueError) as error:  # (a dict's key missing,
-            # a discrete value out of range)
+        except (KeyError, IndexError, TypeError, ValueError) as error:  # e.g. a dict's key
             raise ConfigError(f"{self.env_id}'s {call} gave the observation {obs!r}, which does "
                               f"not fit its observation_space {self.observation_space} "
                               f"({type(error).__name__}: {error})") from None
