@@ -397,9 +397,10 @@ def test_a_class_folder_copied_back_in_another_unicode_form_is_the_same_class(
                                         r"two Unicode forms \(composed, and decomposed as macOS "
                                         r"writes it\): one class folder twice; merge or rename"):
         load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=assignment)
-    fresh = assign_classes(root, fractions=(0.5, 0.25, 0.25))  # a new run's record holds both:
+    # a new run's assignment, made from this folder, holds both: the folder is said, not a record
+    fresh = assign_classes(root, fractions=(0.5, 0.25, 0.25))
     with pytest.raises(DataError, match=f"the class folders {twins} of .*menu are one name"):
-        load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=fresh)  # the same
+        load_image_folder(root, FORMAT, cache_dir=tmp_path / "c", assignment=fresh)
     (root / decomposed / "0.png").unlink()  # merged: a record of both (a run of before) is said
     (root / decomposed / "1.png").unlink()
     (root / decomposed).rmdir()
