@@ -77,6 +77,12 @@ logger = logging.getLogger(__name__)
 _seen_mujoco_warnings: set[str] = set()
 
 
+def _raised_in(error: BaseException, *folders: str) -> bool:
+    """Whether ``error`` was raised (its traceback's last frame) in a file under ``folders``:
+    gymnasium's own checks, not the user's environment."""
+    return traceback.extract_tb(error.__traceback__)[-1].filename.startswith(folders)
+
+
 def _log_mujoco_warning(message: str) -> None:
     """MuJoCo warnings go to logging, once each, instead of MUJOCO_LOG.TXT in the cwd. Its
     deprecation notices go to the debug level: they name attributes of gymnasium's own model
@@ -481,9 +487,8 @@ class GymBatch:
             with self._checked("step"):
                 obs, reward, terminated, truncated, _ = self.envs[episode].step(action)
         except ValueError as error:
-            where = traceback.extract_tb(error.__traceback__)[-1].filename  # the unpacking's
             if ("values to unpack (expected 5, got 4)" not in str(error)
-                    or not where.startswith((GYMNASIUM_DIR, __file__))):  # (the user's own)
+                    or not _raised_in(error, GYMNASIUM_DIR, __file__)):  # (the user's own)
                 raise
             raise ConfigError(f"{self.env_id}'s step returned 4 values, old gym's (observation, "
                               "reward, done, info): a gymnasium environment's step returns "
@@ -498,8 +503,7 @@ class GymBatch:
         try:
             yield
         except AssertionError as error:
-            if not traceback.extract_tb(error.__traceback__)[-1].filename.startswith(
-                    GYMNASIUM_DIR):
+            if not _raised_in(error, GYMNASIUM_DIR):
                 raise
             raise ConfigError(f"{self.env_id}'s {call} failed gymnasium's environment "
                               f"checker: {error}") from error
