@@ -16,6 +16,8 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 import fastmaml.core
+import fastmaml.errors
+import fastmaml.inputs
 import fastmaml.norms
 import fastmaml.probe
 from fastmaml import MAML, ConfigError, DataError, NonFiniteLossError, ShapeError, TaskBatch
@@ -989,6 +991,48 @@ def test_checkpointed_steps_refuse_active_dropout(problem):
         maml.meta_backward(batch)
     model.eval()
     maml.meta_backward(batch)  # no random draws: fine
+
+
+class FunctionalDropout(nn.Module):
+    """An MLP whose forward calls ``F.dropout`` itself: no dropout module to find."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(1, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.out(F.dropout(torch.relu(self.hidden(x)), 0.5, self.training))
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_checkpointed_steps_refuse_dropout_a_forward_draws_itself(batched):
+    """No module says so: the random draws do, and the gradient of the recomputed steps'
+    other masks is never applied."""
+    _, loss_fn, batch = MORE_MODELS["mlp"]()
+    model = FunctionalDropout()
+    maml = MAML(model, loss_fn, checkpoint_steps=True, batched=batched)
+    with pytest.raises(ConfigError, match="recomputes the inner steps, and the model draws "
+                                          r"random numbers \(dropout, say\)"):
+        maml.meta_backward(batch)
+    assert all(p.grad is None for p in maml.parameters())
+    model.eval()
+    maml.meta_backward(batch)  # no random draws: fine
+
+
+def test_attentions_dropout_is_active_dropout():
+    """``nn.MultiheadAttention`` keeps its dropout as a number, not a module."""
+    batch = attention_batch()
+    model = EvalAttention()
+    model.attention.dropout = 0.5
+    maml = MAML(model, F.cross_entropy, 0.1, 1, checkpoint_steps=True)
+    with pytest.raises(ConfigError, match="model draws random numbers"):
+        maml.meta_backward(batch)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="dropout is active"):
+        maml.evaluate(batch)
+    model.eval()
+    maml.meta_backward(batch)
+    model.attention.dropout = 0.0
+    assert not fastmaml.inputs.has_active_dropout(model.train())
 
 
 class TemperedCrossEntropy(nn.Module):

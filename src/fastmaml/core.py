@@ -27,7 +27,7 @@ from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInput
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
                      check_options, check_steps, check_tensors, has_active_dropout, listed,
-                     matching, non_finite_input, widened)
+                     matching, non_finite_input, random_state, widened)
 from .norms import spectral_normed
 from .paths import ExecutionPaths
 from .per_step import PerStepParameters
@@ -39,6 +39,10 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 GradFn = Callable[[Callable, Params, bool], tuple[Params, Tensor]]
 
 
+# why checkpoint_steps refuses a model that draws random numbers in training mode
+RECOMPUTED_DRAWS = ("checkpoint_steps recomputes the inner steps, and the model draws random "
+                    "numbers (dropout, say) that the recomputation would draw again, differently: "
+                    "call model.eval() or turn them off")
 # what mends a diverged meta-step
 META_STEP_ADVICE = "lower inner_lr or the meta learning rate, or clip the meta-gradient"
 # a loss not finite with finite inputs and parameters: loss_fn's own (0/0), or an overflow
@@ -473,9 +477,6 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         trainable = {n: p for n, p in self.named_parameters()
                      if p.requires_grad and (self.inner_steps or not n.startswith("inner_lrs."))}
         if self.checkpoint_steps:
-            if has_active_dropout(self.model):
-                raise ConfigError("checkpoint_steps recomputes the inner steps, so dropout would "
-                                  "draw different masks: call model.eval() or turn it off")
             others = [name for name in trainable
                       if not name.startswith(("model.", "inner_lrs.", "per_step."))]
             if others:  # (its reverse pass differentiates those alone)
@@ -663,6 +664,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
     def _checkpointed_gradient(self, batch: TaskBatch, step_weights: Tensor | None
                                ) -> tuple[Params, tuple[Tensor, dict[str, Tensor]]]:
         """The meta-gradient by reverse mode over the inner steps, one step's graph at a time."""
+        if has_active_dropout(self.model):  # (said before the work; any other draw after it)
+            raise ConfigError(RECOMPUTED_DRAWS)
+        randomness_before = random_state(batch.support_x.device)
         fast, constants = self._split_params(detach=True)
         outer = {n: constants.pop(n) for n in self.outer_only_names}
         step_params = {n: p.detach() for n, p in self.named_parameters()
@@ -677,6 +681,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             lambda: tuple({n: torch.stack([d[n] for d in column]) for n in column[0]}
                           for column in zip(*(task(*data) for data in zip(*batch)))),
             lambda: task(*(t[0] for t in batch)))
+        if not all(map(torch.equal, randomness_before, random_state(batch.support_x.device))):
+            raise ConfigError(RECOMPUTED_DRAWS)
         *per_task_grads, values = per_task
         grads = {f"{prefix}{n}": g.mean(0) for prefix, part in
                  zip(("model.", "model.", ""), per_task_grads) for n, g in part.items()}

@@ -292,7 +292,17 @@ def _selected(adapt: Sequence[str] | Callable[[str, Tensor], bool] | None, name:
 
 
 def has_active_dropout(model: nn.Module) -> bool:
-    """Dropout layers, and recurrent layers' dropout between their layers, in training mode."""
+    """Dropout layers, recurrent layers' dropout between their layers and attention's dropout
+    (``nn.MultiheadAttention``'s, a number), in training mode. Dropout a forward calls itself
+    (``F.dropout``) shows only as random draws (``random_state``)."""
     return any(m.training and (isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-                               or isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1)
+                               or isinstance(m, nn.RNNBase) and m.dropout > 0 and m.num_layers > 1
+                               or isinstance(m, nn.MultiheadAttention) and m.dropout > 0)
                for m in model.modules())
+
+
+def random_state(device: torch.device) -> list[Tensor]:
+    """The states of the random generators that a forward on ``device`` draws from: any draw
+    (dropout, a module's or a forward's own, or noise) changes them."""
+    return [torch.get_rng_state(), *([torch.cuda.get_rng_state(device)]
+                                     if device.type == "cuda" else [])]
