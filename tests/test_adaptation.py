@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import fastmaml
+import fastmaml.tasks.folder
 from fastmaml import ConfigError
 from fastmaml.cli import main
 from fastmaml.experiments import load_experiment
@@ -482,6 +483,25 @@ def test_light_strokes_on_dark_are_warned_of_where_the_run_inverts(tmp_path: Pat
                       r"background: after this run's inversion \(invert=true\) their pixels "
                       r"average up to 0\.94 of white, .* invert them first"):
         run.preprocess([tmp_path / "dark-on-light.png", light_on_dark])
+
+
+def test_blank_images_are_warned_of_as_the_training_loader_warns(tmp_path: Path) -> None:
+    """White strokes on a transparent background come out all white, as a viewer shows them:
+    a support set of such images would be adapted to as if nothing were wrong."""
+    strokes = np.zeros((8, 8, 4), np.uint8)
+    strokes[2:6, 3] = 255  # opaque white strokes, transparent elsewhere
+    Image.fromarray(strokes, "RGBA").save(tmp_path / "white-on-transparent.png")
+    Image.fromarray(255 - np.eye(8, dtype=np.uint8) * 255).save(tmp_path / "drawn.png")
+    run = fastmaml.adaptation.TrainedRun(tmp_path, None, "classification", 2, 1,
+                                         ImageFormat("L", 8, invert=True), torch.device("cpu"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run.preprocess(tmp_path / "drawn.png")
+    blank = str(tmp_path / "white-on-transparent.png")
+    with pytest.warns(fastmaml.tasks.folder.BlankImagesWarning,
+                      match=rf"^1 of 2 images are one flat colour as read \(e\.g\. "
+                            rf"{re.escape(blank)}\), .* light strokes on a transparent"):
+        run.preprocess([tmp_path / "drawn.png", blank])
 
 
 def test_preprocessing_equals_the_training_loader_bit_for_bit(image_run: Path) -> None:

@@ -58,7 +58,7 @@ from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
 from .tasks.images import ImageFormat, as_model_input, channels_first, stack_decoded
-from .tasks.folder import NOT_IMAGES, image_files, is_image_file
+from .tasks.folder import NOT_IMAGES, image_files, is_image_file, warn_of_featureless_images
 from .tasks.points import ColumnNamesWarning, Points, align_columns, read_points
 from .tasks.splits import (UNICODE_FORMS, composed, skipped_files_warning,
                            subfolders as visible_subfolders, unicode_twins, unread_files)
@@ -132,12 +132,13 @@ class TrainedRun:
         pixels = stack_decoded([fmt.read_or_why(item, f"image {i}") if isinstance(item, Image.Image)
                                 else fmt.read_or_why(Path(os.fsdecode(item))) for i, item
                                 in enumerate(images)])
+        names = [f"image {i}" if isinstance(item, Image.Image) else os.fsdecode(item)
+                 for i, item in enumerate(images)]
+        warn_of_featureless_images(pixels, names)
         means = pixels.reshape(len(pixels), -1).mean(axis=1) / 255 if fmt.invert else []
         dark = [i for i, mean in enumerate(means) if mean > 0.5]
         if dark:
-            shown = ", ".join(f"image {i}" if isinstance(images[i], Image.Image)
-                              else os.fsdecode(images[i]) for i in dark[:3])
-            shown += ", ..." if len(dark) > 3 else ""
+            shown = ", ".join(names[i] for i in dark[:3]) + (", ..." if len(dark) > 3 else "")
             warn(f"{len(dark)} of the {len(images)} images ({shown}) look like light strokes "
                  f"on a dark background: after this run's inversion "
                  f"(invert=true) their pixels average up to {means.max():.2f} of white, where "

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -155,7 +156,8 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
                         "train/, val/ and test/" + _depth_hint(root, class_depth))
     flat_files = [f for per_class in files for f in per_class]
     pixels = decoded_images(root, flat_files, image_format, cache_dir, workers)
-    _warn_of_featureless_images(root, flat_files, pixels)
+    warn_of_featureless_images(pixels, [f.relative_to(root).as_posix() for f in flat_files],
+                               f"in {root}")
     kept: dict[str, list[tuple[Tensor, str, str]]] = {name: [] for name in SPLITS}
     start, short = 0, []
     for (name, split_root, folder), per_class in zip(classes, files):
@@ -182,27 +184,28 @@ def load_image_folder(root: str | os.PathLike[str], image_format: ImageFormat, *
 FAINT_SPAN = 16  # of 255 levels: all that 12-bit pixels (0..4095) keep of a 16-bit file's range
 
 
-def _warn_of_featureless_images(root: Path, files: Sequence[Path], pixels: Tensor) -> None:
+def warn_of_featureless_images(pixels: Tensor | np.ndarray, names: Sequence[str],
+                               where: str = "") -> None:
     """Warn of images that come out one flat colour: a model learns nothing from them (light
     strokes on a transparent background, composited onto white as a viewer shows it); and of
-    images that come out nearly so, as 16-bit files of a 10- or 12-bit camera's pixels do."""
-    flat = pixels.flatten(1)
+    images that come out nearly so, as 16-bit files of a 10- or 12-bit camera's pixels do.
+    ``names`` name the images (``pixels``' rows) ``where`` they are (e.g. "in <folder>")."""
+    flat = torch.as_tensor(pixels).flatten(1)
     span = flat.amax(1).int() - flat.amin(1).int()
     blank = (span == 0).nonzero().flatten().tolist()
     faint = ((span > 0) & (span <= FAINT_SPAN)).nonzero().flatten().tolist()
+    images = f"{len(names)} images{' ' + where if where else ''}"
     if faint:
-        warn(f"{len(faint)} of {len(files)} images in {root} span at most {FAINT_SPAN} of 255 "
-             f"levels as read (e.g. {files[faint[0]].relative_to(root).as_posix()}), nearly one "
-             "colour, from which a model learns little; if they are 16-bit files of a 10- or "
-             "12-bit camera (0..4095, which read as 0..16: 16-bit pixels are scaled by "
-             "255/65535, as a viewer shows them), stretch them to the full range or save them "
-             "as 8-bit", BlankImagesWarning)
+        warn(f"{len(faint)} of {images} span at most {FAINT_SPAN} of 255 levels as read (e.g. "
+             f"{names[faint[0]]}), nearly one colour, from which a model learns little; if "
+             "they are 16-bit files of a 10- or 12-bit camera (0..4095, which read as 0..16: "
+             "16-bit pixels are scaled by 255/65535, as a viewer shows them), stretch them to "
+             "the full range or save them as 8-bit", BlankImagesWarning)
     if blank:
-        warn(f"{len(blank)} of {len(files)} images in {root} are one flat colour as read (e.g. "
-             f"{files[blank[0]].relative_to(root).as_posix()}), from which a model learns "
-             "nothing: blank images, or light strokes on a transparent background (transparent "
-             "pixels count as white, so save such images on an opaque background)",
-             BlankImagesWarning)
+        warn(f"{len(blank)} of {images} are one flat colour as read (e.g. {names[blank[0]]}), "
+             "from which a model learns nothing: blank images, or light strokes on a "
+             "transparent background (transparent pixels count as white, so save such images "
+             "on an opaque background)", BlankImagesWarning)
 
 
 def _depth_hint(root: Path, class_depth: int) -> str:
