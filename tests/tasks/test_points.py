@@ -144,8 +144,9 @@ def test_comment_lines_are_skipped_and_numpy_savetxts_header_names_the_columns(
     ("abc,1\n1,2\n3,4\n", "line 1 of the support CSV .* holds 'abc', which is not a number"),
     ("x,y\n1,2\n3\n4,5\n", "line 3 of the support CSV .* has 1 field"),
     ("x,y\n1,2\n\n3,oops\n", "line 4 of the support CSV .* holds 'oops'"),
-    ("x,y,\n1,2,\n", r"line 2 of the support CSV .* has no value in column 3 of 3 \(a trailing "
-                     "comma"),
+    ("x,y,\n1,2,\n", r"line 2 of the support CSV .* has no value in column 3 of 3 \(each line "
+                     "ends in a comma, as a spreadsheet writes an empty last column"),
+    ("x,y\n1,2\n2,\n3,4\n", "line 3 of the support CSV .* has no value in column 2 of 2$"),
     ("x,y\n,2\n", "line 2 of the support CSV .* has no value in column 1 of 2$"),
     ("x,y\n", "holds no points"),
     ("", "holds no points"),
@@ -164,6 +165,18 @@ def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
     (tmp_path / "points.csv").write_text(text)
     with pytest.raises(DataError, match=message):
         read_points(tmp_path / "points.csv", "support", need_y=True)
+
+
+def test_a_trailing_comma_on_every_line_is_named_where_the_run_knows_its_columns(
+        tmp_path: Path) -> None:
+    """A run of one x value given ``1,2,`` lines: three fields, each line's last one empty."""
+    (tmp_path / "points.csv").write_text("1,2,\n3,4,\n")
+    with pytest.raises(DataError, match=r"line 1 of the support CSV .* has 3 field\(s\): .* all "
+                                        r"alike \(each line ends in a comma"):
+        read_points(tmp_path / "points.csv", "support", need_y=True, features=1)
+    (tmp_path / "points.csv").write_text("1,2,\n3,4,5\n")  # a line of three values
+    with pytest.raises(DataError, match=r"has 3 field\(s\): .* all alike$"):
+        read_points(tmp_path / "points.csv", "support", need_y=True, features=1)
 
 
 def test_a_task_file_headed_without_y_is_read_by_position_as_ever(tmp_path: Path) -> None:

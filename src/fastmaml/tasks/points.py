@@ -125,16 +125,19 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
                         f"{expected}")
     width = len(lines[0][1])
     allowed = _fits(width, features, need_y)
+    # every line ends in an empty field: a trailing comma, as a spreadsheet writes an empty
+    # last column (one line's empty last field is a value left out)
+    trailing = (" (each line ends in a comma, as a spreadsheet writes an empty last column: "
+                "delete them)") if width > 1 and not any(row[-1].strip() for _, row in lines) else ""
     for number, row in lines:
         if len(row) != width or not allowed:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
-                            f"must hold one row per point, {expected}, all alike{hint}")
+                            f"must hold one row per point, {expected}, all alike{hint}"
+                            + (trailing if _fits(width - 1, features, need_y) else ""))
         bad = next((column for column, cell in enumerate(row) if not _is_number(cell)), None)
         if bad is not None and not row[bad].strip():
             raise DataError(f"line {number} of the {role} CSV {path} has no value in column "
-                            f"{bad + 1} of {width}" + (" (a trailing comma, as a spreadsheet "
-                                                       "writes an empty last column: delete it)"
-                                                       if bad == width - 1 else ""))
+                            f"{bad + 1} of {width}" + (trailing if bad == width - 1 else ""))
         if bad is not None:
             raise DataError(f"line {number} of the {role} CSV {path} holds {row[bad].strip()!r}, "
                             f"which is not a number{hint}")
