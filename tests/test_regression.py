@@ -146,6 +146,8 @@ def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> No
     (row,) = csv.DictReader(io.StringIO(capsys.readouterr().out))
     assert list(row) == ["x1", "x2", "prediction"] and (row["x1"], row["x2"]) == ("0.5", "1.0")
     assert "\nx_names:\n- x1\n- x2\n" in (run / "config.yaml").read_text()
+    assert main(["train", "regression-csv", "--out", str(run), "features=3"]) == 2  # a kept
+    assert "keeps the features it started with" in capsys.readouterr().err  # one (not x_names')
     (tmp_path / "bare.csv").write_text("0.5,1\n")  # taken in the run's order, headed with
     assert main(["adapt", *common[:3], "--query", str(tmp_path / "bare.csv")]) == 0  # its names
     assert capsys.readouterr().out.splitlines() == ["x1,x2,prediction",

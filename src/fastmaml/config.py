@@ -177,6 +177,11 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[C], values: dict[str, Any]) -> C:
+        return cls(**cls.typed(values))
+
+    @classmethod
+    def typed(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (strings or YAML's values) of known keys, as their fields' types."""
         types = cls.field_types()
         unnamed = [key for key in values if not isinstance(key, str)]
         if unnamed:  # YAML reads a key 1:, yes: or null: as a number, a bool or None
@@ -194,7 +199,7 @@ class Config:
             raise ConfigError(f"unknown config key(s) {', '.join(unknown)} for {cls.__name__}"
                               + (f" ({'; '.join(hints)})" if hints else "")
                               + f"; valid keys: {', '.join(types)}")
-        return cls(**{k: _coerce(k, v, types[k]) for k, v in values.items()})
+        return {k: _coerce(k, v, types[k]) for k, v in values.items()}
 
     @classmethod
     def _experiments_with(cls, key: str) -> list[str]:
@@ -204,25 +209,29 @@ class Config:
                 and key in experiment_class(name).config_cls.field_types()]
 
     def with_overrides(self: C, overrides: list[str]) -> C:
-        """Apply ``key=value`` strings, typed by the dataclass fields (a key given twice with two
-        values is an error)."""
-        changes = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"override {item!r} is not of the form key=value")
-            if key.strip() in ("experiment", "preset"):  # what the run is: its preset's choice
-                raise ConfigError(f"{key.strip()} is set by the preset a run is trained from, "
-                                  "not by an override: name another preset")
-            key, value = key.strip(), raw.strip()
-            if changes.get(key, value) != value:  # which one was meant is not for us to guess
-                raise ConfigError(f"override {key!r} given twice ({key}={changes[key]}, then "
-                                  f"{key}={value}): give it once")
-            changes[key] = value
-        return self.replace(**changes)
+        """Apply ``key=value`` strings, typed by the dataclass fields."""
+        return self.replace(**parse_overrides(overrides))
 
     def save(self, path: Path) -> None:
         write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """``key=value`` strings as {key: value} (a key given twice with two values is an error)."""
+    changes: dict[str, str] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        if key.strip() in ("experiment", "preset"):  # what the run is: its preset's choice
+            raise ConfigError(f"{key.strip()} is set by the preset a run is trained from, "
+                              "not by an override: name another preset")
+        key, value = key.strip(), raw.strip()
+        if changes.get(key, value) != value:  # which one was meant is not for us to guess
+            raise ConfigError(f"override {key!r} given twice ({key}={changes[key]}, then "
+                              f"{key}={value}): give it once")
+        changes[key] = value
+    return changes
 
 
 def load_config_dict(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 
 from ..atomic import read_json, remove_stale_temporaries, write_text_atomic
-from ..config import Config, did_you_mean, load_config_dict
+from ..config import Config, did_you_mean, load_config_dict, parse_overrides
 from ..distributed import gather_ranks, require_a_task_per_rank, world
 from ..errors import ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, warn
 from ..runlock import learners_held, locked_run_dir, one_starting, others_training
@@ -445,9 +445,23 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
              ) -> Config:
     """``saved`` with ``overrides`` of the settings a resumed run may change: how long it
     trains only where it trains (``training``)."""
-    cfg = saved.with_overrides(overrides)
     resumable = resumable_keys(saved, training)
-    changed = {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v} - resumable
+    try:
+        cfg = saved.with_overrides(overrides)
+    except ConfigError:  # a value the others refuse (features beside the run's x_names):
+        typed = saved.typed(parse_overrides(overrides))  # said as a kept one, where it is
+        _refuse_changes(saved, {k for k, v in typed.items() if getattr(saved, k) != v},
+                        resumable, run_dir)
+        raise
+    _refuse_changes(saved, {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v},
+                    resumable, run_dir)
+    return cfg
+
+
+def _refuse_changes(saved: Config, differing: set[str], resumable: set[str], run_dir: Path
+                    ) -> None:
+    """A ``ConfigError`` where overrides would change settings (of ``differing``) a run keeps."""
+    changed = differing - resumable
     if changed:
         cosine = saved.meta_lr_schedule == "cosine"
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
@@ -455,4 +469,3 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
                           f"{', '.join(sorted(resumable))} may change"
                           + (" (the cosine meta_lr schedule spans the iterations)" if cosine else "")
                           + "; other settings need a new run: train with another --out")
-    return cfg
