@@ -167,6 +167,16 @@ def test_a_bad_line_is_named_and_a_data_line_is_never_taken_for_a_header(
         read_points(tmp_path / "points.csv", "support", need_y=True)
 
 
+def test_a_query_with_a_column_besides_x_is_told_it_may_delete_it(tmp_path: Path) -> None:
+    """``id,x`` for a run of one x: the last column would be the labels, but the other is
+    an id, not the x value renaming would make it."""
+    (tmp_path / "query.csv").write_text("id,x\n1,0.5\n2,1.5\n")
+    with pytest.raises(DataError, match=r"its column 'x' would be the target: name the target "
+                                        r"column y, or delete a column that is neither an x "
+                                        r"value nor a label \(an id\)$"):
+        read_points(tmp_path / "query.csv", "query", need_y=False, features=1)
+
+
 def test_a_trailing_comma_on_every_line_is_named_where_the_run_knows_its_columns(
         tmp_path: Path) -> None:
     """A run of one x value given ``1,2,`` lines: three fields, each line's last one empty."""

@@ -188,7 +188,9 @@ def refuse_x_named_target(name: str, role: str, path: Path) -> None:
     x column is (``x``, ``x2``): a header such as ``target,x`` would be learnt backwards."""
     if re.fullmatch(r"x\d*", name.lower()):
         raise DataError(f"the header of the {role} CSV {path} names no y column, so its column "
-                        f"{name!r} would be the target: name the target column y")
+                        f"{name!r} would be the target: name the target column y"
+                        + (", or delete a column that is neither an x value nor a label (an "
+                           "id)" if role == "query" else ""))
 
 
 def _fits(width: int, features: int | None, need_y: bool) -> bool:
