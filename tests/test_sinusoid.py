@@ -182,11 +182,16 @@ def test_version(capsys):
     assert capsys.readouterr().out == expected
 
 
-def test_eval_help_shows_its_overrides(capsys):
+def test_eval_and_adapt_help_show_their_overrides(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert capsys.readouterr().out.startswith(
         "usage: fastmaml eval [-h] [--no-progress] [--data-root DIR] run_dir [key=value ...]\n")
+    with pytest.raises(SystemExit):
+        main(["adapt", "--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert usage.startswith("usage: fastmaml adapt [-h] [--support SUPPORT]")
+    assert usage.endswith(" run_dir [key=value ...]") and "--norm {each,query}" in usage
 
 
 def test_a_refused_train_command_leaves_the_run_directory_as_it_was(tmp_path, capsys):

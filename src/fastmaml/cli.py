@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default; independent of the other query images), or the whole query "
                        "set as one batch (the paper's protocol)")
     adapt.set_defaults(run=_adapt, overrides=[])
+    adapt.usage = adapt.format_usage().removeprefix("usage: ").rstrip() + " [key=value ...]"
     report = commands.add_parser("report", help="every experiment beside the paper, in one "
                                  "Markdown document")
     report.add_argument("runs", nargs="*", metavar="RUN_DIR",
