@@ -113,6 +113,7 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
     assert fastmaml.load_run(image_run, settings="eval_inner_steps=4 eval_tasks=10").steps == 4
     assert fastmaml.load_run(image_run, settings=" ").steps == 5  # none: the run's own
+    assert fastmaml.load_run(image_run, settings={"eval_inner_steps": 2}).steps == 2
     with pytest.raises(fastmaml.errors.ShapeError, match="support labels must be numbers .*; "
                        "labels are the class indices 0..N-1"):
         fastmaml.load_run(image_run).adapt(torch.rand(2, 3, 12, 12), np.array(["cat", "dog"]))
@@ -331,7 +332,7 @@ def test_a_prediction_does_not_depend_on_the_other_query_images(image_run: Path,
     batch = predict(run, support, query, norm="query")
     in_batch = {r["path"]: r["probabilities"] for r in batch.rows}
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match="the 2 query image.* are normalised "
-                      r"as one batch \(norm='query', or predict without context\), fewer than "
+                      r"as one batch \(norm query, or run.predict without context\), fewer than "
                       "the task's 3 classes"):
         alone = predict(run, support, query / "color1", norm="query")
     assert batch.summary["norm"] == "query"
@@ -351,8 +352,8 @@ def test_predicting_a_few_images_without_context_is_warned_of_at_the_call(
     adapted = run.adapt(support_x, torch.tensor([0, 1, 2]))
     two = run.preprocess([query / "color0" / "q0.jpg", query / "color1" / "q0.jpg"])
     with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"the 2 query image\(s\) .* fewer "
-                      "than the task's 3 classes.*or context=support, suits a few images"
-                      ) as warned:
+                      "than the task's 3 classes.*or run.predict's context=support_x, suits a "
+                      "few images") as warned:
         line = inspect.currentframe().f_lineno + 1
         run.predict(adapted, two)
     assert (warned[0].filename, warned[0].lineno) == (__file__, line)

@@ -109,7 +109,12 @@ def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path), "inner_lr=fast"]) == 2
     assert "'inner_lr' expects float, got 'fast'" in capsys.readouterr().err
     assert main(["eval", str(tmp_path / "missing")]) == 2
-    assert "no config file" in capsys.readouterr().err
+    assert f"the run directory {tmp_path / 'missing'} does not exist" in capsys.readouterr().err
+    (tmp_path / "points.csv").write_text("1,2\n")
+    assert main(["adapt", str(tmp_path / "points.csv"), "--support", "s", "--query", "q"]) == 2
+    assert f"{tmp_path / 'points.csv'} is a file, not a run directory" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path)]) == 2  # (the refused train wrote nothing)
+    assert f"no config file at {tmp_path / 'config.yaml'}" in capsys.readouterr().err
 
 
 def test_out_of_device_memory_is_one_line_with_what_to_lower(tmp_path, capsys, monkeypatch):

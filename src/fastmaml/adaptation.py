@@ -37,7 +37,7 @@ import numbers
 import os
 import re
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -190,11 +190,11 @@ class TrainedRun:
             context = self._as_input(context, "context")
         elif (adapted.num_classes and len(x) < adapted.num_classes
               and has_batch_norm(self.maml.model)):
-            warn(f"the {len(x)} query image(s) are normalised as one batch (norm='query', or "
-                 f"predict without context), fewer than the task's {adapted.num_classes} "
+            warn(f"the {len(x)} query image(s) are normalised as one batch (norm query, or "
+                 f"run.predict without context), fewer than the task's {adapted.num_classes} "
                  "classes: its batch statistics are far from training's and the predictions "
-                 "unreliable; norm='each' (the default), or context=support, suits a few "
-                 "images", FastMAMLWarning)
+                 "unreliable; norm each (adapt's default), or run.predict's "
+                 "context=support_x, suits a few images", FastMAMLWarning)
         with self._turns, torch.no_grad():
             out = self.maml.predict(adapted.params, x, context)
         return out if adapted.num_classes is None else out[:, :adapted.num_classes]
@@ -355,19 +355,22 @@ def _as_setting(value: Any) -> str:
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
-             settings: Sequence[str] | str = ()) -> TrainedRun | TrainedPolicy:
+             settings: Sequence[str] | str | Mapping[str, Any] = ()
+             ) -> TrainedRun | TrainedPolicy:
     """The trained MAML of a few-shot or regression run directory, ready to adapt; of a meta-RL
     run, its policy (``TrainedPolicy``), ready to adapt to a task by sampling its environment.
 
     ``device`` defaults to the run's setting. ``settings``: ``key=value`` evaluation settings
     that replace the run's for this adaptation, as ``fastmaml eval`` takes them (e.g.
-    ``eval_inner_steps=5``, or a string of them; meta-RL: ``eval_policy=last``,
-    ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
+    ``eval_inner_steps=5``, a string of them, or a dict such as ``{"eval_inner_steps": 5}``;
+    meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
     torch's random generator), unlike the ``fastmaml`` commands.
     """
     if isinstance(settings, str):  # "key=value key=value"; a blank string: none
         text = settings.strip()
         settings = re.split(r"\s+(?=[A-Za-z_]\w*\s*=)", text) if text else []
+    elif isinstance(settings, Mapping):
+        settings = [f"{key}={value}" for key, value in settings.items()]
     with _generators_kept():  # building the run's model seeds torch
         return _load_run(Path(run_dir), device, list(settings))
 

@@ -235,6 +235,13 @@ def parse_overrides(overrides: list[str]) -> dict[str, str]:
 
 
 def load_config_dict(path: Path) -> dict[str, Any]:
+    """A run's config.yaml (``path``), as YAML's mapping; a run directory that is not one is
+    named as what it is."""
+    run_dir = path.parent
+    if not run_dir.exists():
+        raise ConfigError(f"the run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is a file, not a run directory")
     if not path.is_file():
         raise ConfigError(f"no config file at {path}: is this a fastmaml run directory?")
     try:
