@@ -627,6 +627,12 @@ def test_outputs_never_replace_a_runs_own_files(tmp_path: Path,
     code, out, err = adapt(capsys, str(run), *task, "--out", str(run / "predictions.csv"))
     assert code == 0, err  # a file of its own beside the run's
     assert (run / "predictions.csv").read_text().startswith("x,prediction\n")
+    code, out, err = adapt(capsys, str(run), *task, "--out", str(tmp_path / "task.png"))
+    assert code == 2 and "adapt writes CSV or JSON, not what the name's .png says" in err
+    assert not (tmp_path / "task.png").exists()
+    code, out, err = adapt(capsys, str(run), *task, "--out", str(tmp_path / "p.dat"),
+                           "--format", "csv")
+    assert code == 0 and (tmp_path / "p.dat").read_text().startswith("x,prediction\n")
 
 
 @pytest.mark.parametrize("case, message", [

@@ -92,6 +92,9 @@ def _plot(args: argparse.Namespace) -> None:
                       f"now: {stale}", file=sys.stderr)
 
 
+OUT_SUFFIXES = ("", ".csv", ".json", ".txt")  # adapt --out names that say what it writes
+
+
 def _adapt(args: argparse.Namespace) -> None:
     run_dir = Path(args.run_dir)
     out = Path(args.out) if args.out else None
@@ -102,6 +105,9 @@ def _adapt(args: argparse.Namespace) -> None:
     for option, path in (("--out", out), ("--plot", args.plot)):
         if path is not None:
             refuse_run_file(Path(path), run_dir, option)
+    if out is not None and not args.format and out.suffix.lower() not in OUT_SUFFIXES:
+        raise ConfigError(f"--out {out}: adapt writes CSV or JSON, not what the name's "
+                          f"{out.suffix} says: name it *.csv or *.json, or give --format")
     inside = out is not None and out.resolve().is_relative_to(run_dir.resolve())
     if inside:
         with locked_run_dir(run_dir):
