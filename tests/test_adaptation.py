@@ -644,7 +644,10 @@ def test_outputs_never_replace_a_runs_own_files(tmp_path: Path,
                                   "give a folder of images or one image file, its name ending "
                                   r"in a format's suffix .*\(e.g. .png or .jpg: rename it"),
     ("too many classes", "has 4 classes, but the run was trained 3-way"),
-    ("unknown query class", "not support classes"),
+    ("unknown query class", r"color7 in .* are not support classes \(color0, color1, color2\)$"),
+    ("query class of another case", r"Color1, color7 in .* are not support classes \(color0, "
+                                    r"color1, color2\); only the case differs: Color1 for "
+                                    "color1$"),
     ("negative steps", "steps must be an integer >= 0, got -1"),
     ("one class", "support set has one class"),
     ("twin file names", "support images a.jpg, a.png in .* would be classes of the same name"),
@@ -687,8 +690,10 @@ def test_bad_input_is_one_line_and_writes_nothing(image_run: Path, tmp_path: Pat
         query.write_bytes(next((tmp_path / "query").rglob("*.jpg")).read_bytes())
     elif case == "too many classes":
         write_image(support / "color3" / "s.png", COLORS["color3"], 1)
-    elif case == "unknown query class":
+    elif case in ("unknown query class", "query class of another case"):
         write_image(query / "color7" / "q.png", COLORS["color7"], 1)
+        if case == "query class of another case":
+            (query / "color1").rename(query / "Color1")
     elif case == "one class":
         support, query = support / "color0", query / "color0"
     elif case == "twin file names":

@@ -625,8 +625,12 @@ def query_images(folder: str | os.PathLike[str], classes: Sequence[str]) -> Imag
     label_of = {composed(name): label for label, name in enumerate(classes)}
     unknown = [sub.name for sub in subfolders if composed(sub.name) not in label_of]
     if unknown:
+        by_case = {name.casefold(): name for name in label_of}
+        cased = [f"{name} for {by_case[composed(name).casefold()]}" for name in unknown
+                 if composed(name).casefold() in by_case]
         raise DataError(f"query class folder(s) {', '.join(unknown)} in {folder} are not support "
-                        f"classes ({', '.join(classes)})")
+                        f"classes ({', '.join(classes)})"
+                        + (f"; only the case differs: {', '.join(cased)}" if cased else ""))
     paths, labels = [], []
     for sub in subfolders:  # a class with no query images is left out of the accuracy
         found = _class_images(sub, "query", may_be_empty=True)
