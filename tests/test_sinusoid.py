@@ -223,11 +223,12 @@ def test_presets_are_listed(capsys):
     assert "sinusoid-demo" in out and "70,000 iterations" in out
 
 
-def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path) -> None:
+def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path, capsys) -> None:
     """The sinusoid's tasks draw x from [-5, 5] and amplitudes up to 5: x = 50 is beyond."""
     run = tmp_path / "run"
     assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=1",
                  "--no-progress"]) == 0
+    assert "  pretrained: 1 iteration done; last: loss " in capsys.readouterr().out
     trained = fastmaml.load_run(run)
     x = torch.linspace(-5, 5, 10)[:, None]
     adapted = trained.adapt(x, 5 * torch.sin(x))

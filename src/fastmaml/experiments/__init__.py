@@ -336,7 +336,8 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
                     "settings are fixed: try the change in a new run (another --out)") from None
             engine = getattr(getattr(learner, "module", None), "path", None)
             summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
-            say(f"  {learner.name}: {learner.iterations} iterations done"
+            done = learner.iterations
+            say(f"  {learner.name}: {done} iteration{'' if done == 1 else 's'} done"
                 + (f" ({engine} path)" if engine else "")
                 + (f"; last: {summary}" if summary else ""))
     return experiment
