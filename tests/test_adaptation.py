@@ -169,6 +169,24 @@ def test_a_query_class_folder_with_no_images_is_left_out_of_the_accuracy(
                                       "folder(s) color6)\n")
 
 
+def test_a_labelled_query_holding_support_images_is_warned_of(image_run: Path,
+                                                               tmp_path: Path) -> None:
+    """Its accuracy is of images the adaptation was fitted to: a copy counts as one."""
+    support, query = task_folders(tmp_path, ["color0", "color1"], shots=2, queries=2)
+    run = fastmaml.load_run(image_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastmaml.adaptation.predict_files(run, support, query)
+        fastmaml.adaptation.predict_files(run, support, query / "color0")  # unlabelled
+    shutil.copy(support / "color1" / "s1.png", query / "color1" / "copy.png")
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=r"^1 of the 5 query images are "
+                      r"support images too \(e\.g\. .*copy\.png\): the adaptation was fitted "
+                      "to them, so the accuracy on them says nothing of how it does on new ones"):
+        fastmaml.adaptation.predict_files(run, support, query)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="^4 of the 4 query images are "):
+        fastmaml.adaptation.predict_files(run, support, support)
+
+
 def test_query_classes_match_support_classes_in_either_unicode_form(
         image_run: Path, tmp_path: Path) -> None:
     """macOS writes "é" decomposed (NFD), most systems composed (NFC): the same class."""
@@ -176,7 +194,8 @@ def test_query_classes_match_support_classes_in_either_unicode_form(
     for folder, name in (("support", composed), ("query", decomposed)):
         write_image(tmp_path / folder / name / "0.png", COLORS["color0"], 1 if folder == "support"
                     else 2)
-        write_image(tmp_path / folder / "color1" / "0.png", COLORS["color1"], 3)
+        write_image(tmp_path / folder / "color1" / "0.png", COLORS["color1"],
+                    3 if folder == "support" else 6)
     result = fastmaml.adaptation.predict_files(fastmaml.load_run(image_run),
                                                tmp_path / "support", tmp_path / "query")
     assert result.summary["classes"] == ["caf\u00e9", "color1"]
@@ -534,7 +553,12 @@ def test_regression_run_from_csv(tmp_path: Path, capsys: pytest.CaptureFixture[s
     plot = tmp_path / "figure.png"
     code, out, err = adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"),
                            "--query", str(tmp_path / "query.csv"), "--plot", str(plot))
-    assert code == 0, err
+    assert code == 0 and "support points too" not in err, err
+    (tmp_path / "known.csv").write_text(f"0.5,0.4\n{x[0]},{np.sin(x[0])}\n")
+    assert adapt(capsys, str(run), "--support", str(tmp_path / "support.csv"), "--query",
+                 str(tmp_path / "known.csv"))[2].startswith(
+        "fastmaml: warning: 1 of the 2 query points are support points too (e.g. -4,0.756802): "
+        "the adaptation was fitted to them, so the MSE on them says nothing")
     rows = list(csv.DictReader(io.StringIO(out)))
     assert list(rows[0]) == ["x", "prediction", "y"] and len(rows) == 3
     assert [r["x"] for r in rows] == ["-1.667", "0.1", "2.0"]  # as written, not float32's noise

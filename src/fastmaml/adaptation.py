@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import numbers
 import os
 import re
@@ -682,6 +683,11 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
     shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
+    if asked.labels is not None:
+        support_files = {_digest(path) for path in shots.paths}
+        shared = [path for path in asked.paths if _digest(path) in support_files]
+        _warn_of_support_in_query([str(path) for path in shared], len(asked.paths),
+                                  "images", "accuracy")
     support_x = run.preprocess(shots.paths)
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
     logits = run.predict(adapted, run.preprocess(asked.paths),
@@ -699,6 +705,20 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
     return Predictions(rows, {"task": "classification", "steps": steps, "norm": norm,
                               "classes": shots.classes, "support": len(shots.paths),
                               "query": len(asked.paths), "accuracy": accuracy})
+
+
+def _digest(path: Path) -> bytes:
+    """A file's contents, in short (a copy has the same)."""
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def _warn_of_support_in_query(shared: list[str], total: int, items: str, score: str) -> None:
+    """Warn where labelled query items are support items too (``shared`` names them): the
+    adapted model was fitted to them, so the ``score`` on them says nothing of adaptation."""
+    if shared:
+        warn(f"{len(shared)} of the {total} query {items} are support {items} too (e.g. "
+             f"{shared[0]}): the adaptation was fitted to them, so the {score} on them says "
+             "nothing of how it does on new ones", FastMAMLWarning)
 
 
 def _as_written(values: Tensor) -> list[list[float]]:
@@ -748,6 +768,12 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                         "columns, which would be read as the query's labels: name a label column "
                         f"{' or '.join(targets)} (the run's or the support's target), or delete "
                         "that column")
+    if query_y is not None:
+        query_xy = torch.cat([query_x, query_y], 1)
+        support_xy = torch.cat([support_x, support_y], 1)
+        shared = (query_xy[:, None] == support_xy[None]).all(-1).any(1)
+        _warn_of_support_in_query([",".join(f"{v:g}" for v in point.tolist())
+                                   for point in query_xy[shared]], len(query_x), "points", "MSE")
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output
