@@ -706,6 +706,11 @@ def test_input_that_does_not_fit_the_model_is_named():
         with pytest.raises(ShapeError, match=r"\(the input is torch.float32 but the model's "
                                              r"parameters are torch.float64: convert one"):
             MAML(model, loss_fn, batched=batched).meta_loss(single)
+    pixels = torch.randint(0, 256, (4, 1), dtype=torch.uint8)  # images not yet made floats
+    with pytest.raises(ShapeError, match=r"\(the input is torch.uint8 and the model's parameters "
+                                         r"torch.float64: a model of no embedding takes "
+                                         r"floating-point inputs, e.g. x.float\(\)"):
+        MAML(model, loss_fn).adapt(pixels, torch.randn(4, 1))
 
 
 def test_negative_steps_and_empty_selection_are_config_errors():
@@ -991,6 +996,68 @@ def test_checkpointed_steps_refuse_active_dropout(problem):
         maml.meta_backward(batch)
     model.eval()
     maml.meta_backward(batch)  # no random draws: fine
+
+
+def test_a_fixed_inner_lr_set_after_building_is_used_and_a_learned_one_refused():
+    """A schedule of the user's own sets ``maml.inner_lr``: it was silently ignored."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, inner_lr=0.5)
+    meta_grad(maml, batch)
+    maml.inner_lr = 0.1
+    assert maml.inner_lr == 0.1
+    fresh = MAML(copy.deepcopy(model), loss_fn, inner_lr=0.1)
+    assert relative(meta_grad(maml, batch), meta_grad(fresh, batch)) < 1e-12
+    with pytest.raises(ConfigError, match="inner_lr must be a number >= 0 and finite"):
+        maml.inner_lr = float("nan")
+    learned = MAML(model, loss_fn, inner_lr=0.5, lr_mode="per_param")
+    with pytest.raises(ConfigError, match="with lr_mode='per_param' the inner learning rates are "
+                                          "parameters the meta-gradient trains"):
+        learned.inner_lr = 0.1
+    assert learned.inner_lr == 0.5
+
+
+def test_a_model_changed_under_a_built_maml_is_named():
+    """A layer replaced by one of another shape, or the model converted without the MAML whose
+    learned rates took its dtype: torch's size or dtype mismatch from inside the inner step."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, lr_mode="per_param")
+    maml.meta_backward(batch)
+    model[4] = nn.Linear(8, 2)  # (the name stays; the shape does not)
+    with pytest.raises(ConfigError, match=r"4\.weight changed shape after MAML was built "
+                                          r"\(\(1, 8\) -> \(2, 8\)\): build MAML again"):
+        maml.evaluate(batch)
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model.float(), loss_fn, lr_mode="per_param")
+    model.double()
+    with pytest.raises(ConfigError, match="the model's parameters are torch.float64 on cpu, but "
+                                          "MAML's own .* torch.float32 on cpu: convert the MAML"):
+        maml.meta_backward(batch.to(torch.float64))
+    maml.double()
+    maml.meta_backward(batch.to(dtype=torch.float64))
+    fixed = MAML(model.float(), loss_fn)  # nothing of its own: the model converts alone
+    model.double()
+    fixed.meta_backward(batch.to(torch.float64))
+
+
+def test_a_task_batch_converts_its_floating_tensors_alone():
+    batch = TaskBatch(torch.rand(2, 3, 1), torch.tensor([[0, 1, 2]] * 2), torch.rand(2, 4, 1),
+                      torch.tensor([[0, 1, 2, 0]] * 2))
+    for converted in (batch.to(torch.float16), batch.to(dtype=torch.float16),
+                      batch.to("cpu", torch.float16)):
+        assert [t.dtype for t in converted] == [torch.float16, torch.int64] * 2
+        assert torch.equal(converted.support_x, batch.support_x.half())
+
+
+def test_evaluate_names_an_input_that_makes_its_losses_nan():
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn)
+    query_x = batch.query_x.clone()
+    query_x[1, 2] = float("nan")
+    with pytest.raises(NonFiniteInputError, match="the evaluated losses are not finite: query_x "
+                                                  "of task 1 holds a NaN or infinite value"):
+        maml.evaluate(batch._replace(query_x=query_x))
+    diverging = MAML(model, loss_fn, inner_lr=1e30).evaluate(batch, steps=3)["loss"]
+    assert not torch.isfinite(diverging[:, -1]).all()  # a curve of its own: returned
 
 
 class FunctionalDropout(nn.Module):

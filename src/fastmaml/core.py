@@ -11,6 +11,7 @@ in ``fastmaml.paths``; the forms in which the model's functions run under them, 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -26,8 +27,9 @@ from .errors import (ConfigError, FastMAMLError, FastMAMLWarning, NonFiniteInput
                      NonFiniteLossError, ShapeError, first_line, is_out_of_memory, warn)
 from .inner_lr import InnerLearningRates
 from .inputs import (Params, TaskBatch, as_task_batch, as_weights, broadcasting_loss,
-                     check_options, check_steps, check_tensors, has_active_dropout, listed,
-                     matching, non_finite_input, random_state, widened)
+                     check_inner_lr, check_options, check_steps, check_tensors,
+                     has_active_dropout, listed, matching, non_finite_input, random_state,
+                     widened)
 from .norms import spectral_normed
 from .paths import ExecutionPaths
 from .per_step import PerStepParameters
@@ -232,11 +234,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               "use inner_steps >= 2, or no per_step")
         self.per_step = PerStepParameters({n: trainable[n] for n in per_step_names}, inner_steps)
         self._trainable_names = {*self.adapted_names, *self.outer_only_names}
+        self._shapes = {n: p.shape for n, p in trainable.items()}  # (learned rates' shapes)
         self.checkpoint_steps = checkpoint_steps
         adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
+        self._rates_like = next(iter(adapted))  # the parameter whose dtype and device they take
         self.inner_lrs = InnerLearningRates(lr_mode, inner_lr,
                                             {n: p.shape for n, p in adapted.items()}, inner_steps,
-                                            like=next(iter(adapted.values())))
+                                            like=adapted[self._rates_like])
         self._init_probe(model, transductive_bn)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
@@ -253,6 +257,22 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                  f"{torch.__version__}); running uncompiled", FastMAMLWarning)
             compile = False
         self._init_paths(compile, batched, chunk_size, checkpoint_steps)
+
+    @property
+    def inner_lr(self) -> float:
+        """The inner learning rate alpha; where it is learned, the rates' initial value."""
+        return self.inner_lrs.init
+
+    @inner_lr.setter
+    def inner_lr(self, value: float) -> None:
+        """A new fixed rate, from the next call on (a schedule of the user's own)."""
+        if self.inner_lrs.mode != "fixed":
+            raise ConfigError(f"with lr_mode={self.inner_lrs.mode!r} the inner learning rates "
+                              "are parameters the meta-gradient trains (inner_lr was their "
+                              "initial value): change them in maml.inner_lrs, or build MAML "
+                              "again")
+        check_inner_lr(value)
+        self.inner_lrs.init = float(value)
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -282,9 +302,14 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             if is_out_of_memory(error):  # not the model's input's fault
                 raise
             weights = next((p.dtype for p in fast.values() if p.is_floating_point()), x.dtype)
-            hint = (f" (the input is {x.dtype} but the model's parameters are {weights}: "
-                    "convert one to the other)" if x.is_floating_point() and x.dtype != weights
-                    else "")
+            hint = ""
+            if x.dtype != weights and x.is_floating_point():
+                hint = (f" (the input is {x.dtype} but the model's parameters are {weights}: "
+                        "convert one to the other)")
+            elif x.dtype != weights and "type" in str(error):  # (token ids are integers too)
+                hint = (f" (the input is {x.dtype} and the model's parameters {weights}: a "
+                        "model of no embedding takes floating-point inputs, e.g. x.float(), "
+                        "or images' pixels x.float() / 255)")
             raise ShapeError(f"the model's forward failed on a per-task input of shape "
                              f"{tuple(x.shape)}{hint}: {error}") from error
 
@@ -295,8 +320,22 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         the first task of a batch, whose dimensions ``adapt`` then expects)."""
         if of_batch:
             self._task_input_dims = x.dim()
+        named = dict(self.model.named_parameters())
+        resized = next((n for n, p in named.items() if n in self._shapes
+                        and p.shape != self._shapes[n]), None)
+        if resized:
+            raise ConfigError(f"{resized} changed shape after MAML was built "
+                              f"({tuple(self._shapes[resized])} -> {tuple(named[resized].shape)}): "
+                              "build MAML again after changing the model's modules")
+        own = next(itertools.chain(self.inner_lrs.parameters(), self.per_step.parameters()), None)
+        model = named.get(self._rates_like)
+        if own is not None and model is not None and (own.dtype, own.device) != (model.dtype,
+                                                                                 model.device):
+            raise ConfigError(f"the model's parameters are {model.dtype} on {model.device}, but "
+                              f"MAML's own (learned inner rates, per-step sets) {own.dtype} on "
+                              f"{own.device}: convert the MAML (maml.to(...), which converts its "
+                              "model too), not the model alone")
         if torch.is_grad_enabled():
-            named = dict(self.model.named_parameters())
             gone = sorted(self._trainable_names - set(named))
             if gone:  # e.g. a weight tied to another since (named once, by the other's name)
                 raise ConfigError(f"the model's parameters changed after MAML was built "
@@ -532,6 +571,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         self._warn_of_dropout("evaluate", "loss")
         self._prepare(batch.support_x[0], of_batch=True)
         _, loss, *metric = self._run(batch, steps, False, list(range(steps + 1)))
+        if self.check_finite and not torch.isfinite(loss).all():  # the data's: said, as by
+            bad = non_finite_input(batch, None)  # meta_backward (a diverging curve: returned)
+            if bad:
+                raise self._non_finite("the evaluated losses are not finite", bad, "")
         return {"loss": loss, **({"metric": metric[0]} if metric else {})}
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None,

@@ -38,11 +38,16 @@ class TaskBatch(NamedTuple):
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
-    def to(self, device: torch.device | str) -> TaskBatch:
-        """The tensors on ``device``; asynchronous only towards a GPU (a copy to the host must
-        be complete before the host reads it)."""
-        to_gpu = torch.device(device).type == "cuda"
-        return TaskBatch(*(t.to(device, non_blocking=to_gpu) for t in self))
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> TaskBatch:
+        """The tensors on ``device`` and the floating ones of ``dtype`` (integer labels stay
+        so), as ``Tensor.to`` takes them (``batch.to(torch.float64)`` too); asynchronous only
+        towards a GPU (a copy to the host must be complete before the host reads it)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        to_gpu = device is not None and torch.device(device).type == "cuda"
+        return TaskBatch(*(t.to(device, dtype if t.is_floating_point() else None,
+                                non_blocking=to_gpu) for t in self))
 
     def split(self, size: int) -> list[TaskBatch]:
         """Consecutive chunks of at most ``size`` tasks (bounded memory, one graph each)."""
@@ -134,6 +139,18 @@ def _required_inputs(model: nn.Module) -> list[inspect.Parameter]:
             if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
+def check_inner_lr(inner_lr: Any) -> None:
+    """A finite number >= 0 (a learned rate's start, or the fixed rate)."""
+    if isinstance(inner_lr, Tensor):
+        raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
+                          "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
+                          "(Meta-SGD) or 'per_layer_step' (MAML++), and MAML holds it as a "
+                          "parameter")
+    if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
+            or not 0 <= inner_lr < math.inf):  # NaN fails too
+        raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
+
+
 def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner_steps: Any,
                    chunk_size: Any, adapt: Any, per_step: Any, **flags: Any) -> None:
     """``MAML``'s arguments, each of its kind, or a ``ConfigError`` naming the first that is not
@@ -174,14 +191,7 @@ def check_options(model: Any, loss_fn: Any, metric_fn: Any, inner_lr: Any, inner
                 and all(isinstance(a, str) for a in selection)):
             raise ConfigError(f"{name} must be None ({default}), name prefixes (e.g. ['head']) "
                               f"or a function (name, parameter) -> bool, got {selection!r}")
-    if isinstance(inner_lr, Tensor):
-        raise ConfigError("inner_lr is the inner learning rate's (initial) value, a number, not "
-                          "a tensor: to learn it, give lr_mode='scalar' (one rate), 'per_param' "
-                          "(Meta-SGD) or 'per_layer_step' (MAML++), and MAML holds it as a "
-                          "parameter")
-    if (not isinstance(inner_lr, numbers.Real) or isinstance(inner_lr, bool)
-            or not 0 <= inner_lr < math.inf):  # NaN fails too
-        raise ConfigError(f"inner_lr must be a number >= 0 and finite, got {inner_lr!r}")
+    check_inner_lr(inner_lr)
     if chunk_size is not None and (not isinstance(chunk_size, numbers.Integral)
                                    or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ConfigError(f"chunk_size must be an integer >= 1 (or None: automatic), got "
