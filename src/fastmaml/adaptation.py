@@ -364,8 +364,8 @@ def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
     ``device`` defaults to the run's setting. ``settings``: ``key=value`` evaluation settings
     that replace the run's for this adaptation, as ``fastmaml eval`` takes them (e.g.
     ``eval_inner_steps=5``, a string of them, or a dict such as ``{"eval_inner_steps": 5}``;
-    meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading changes no process-wide setting (threads, allocator,
-    torch's random generator), unlike the ``fastmaml`` commands.
+    meta-RL: ``eval_policy=last``, ``eval_inner_lr=0.05``). Loading changes no process-wide
+    setting (threads, allocator, torch's random generator), unlike the ``fastmaml`` commands.
     """
     if isinstance(settings, str):  # "key=value key=value"; a blank string: none
         text = settings.strip()

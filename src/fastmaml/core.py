@@ -234,7 +234,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               "use inner_steps >= 2, or no per_step")
         self.per_step = PerStepParameters({n: trainable[n] for n in per_step_names}, inner_steps)
         self._trainable_names = {*self.adapted_names, *self.outer_only_names}
-        self._shapes = {n: p.shape for n, p in trainable.items()}  # (learned rates' shapes)
+        self._shapes = {n: p.shape for n, p in trainable.items()}  # (a layer replaced since)
         self.checkpoint_steps = checkpoint_steps
         adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
         self._rates_like = next(iter(adapted))  # the parameter whose dtype and device they take
@@ -314,10 +314,11 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                              f"{tuple(x.shape)}{hint}: {error}") from error
 
     def _prepare(self, x: Tensor, of_batch: bool = False) -> None:
-        """At the start of a public call, outside any transform: where gradients are on, refuse
-        parameters frozen or unfrozen since MAML was built (it chose what it adapts and trains
-        then); and probe the model once (``_probe``) on ``x``, one task's inputs (``of_batch``:
-        the first task of a batch, whose dimensions ``adapt`` then expects)."""
+        """At the start of a public call, outside any transform: refuse parameters resized since
+        MAML was built, or converted without MAML's own tensors; where gradients are on, those
+        frozen or unfrozen since (it chose what it adapts and trains then); and probe the model
+        once (``_probe``) on ``x``, one task's inputs (``of_batch``: the first task of a batch,
+        whose dimensions ``adapt`` then expects)."""
         if of_batch:
             self._task_input_dims = x.dim()
         named = dict(self.model.named_parameters())

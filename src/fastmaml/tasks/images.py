@@ -108,8 +108,8 @@ def _eight_bit(image: Image.Image) -> Image.Image:
         return image
     values = np.asarray(image).astype(np.int64)
     if values.min() < 0 or values.max() > 65535:
-        raise DataError(f"an image of mode {image.mode} with pixels outside 0..65535 has no fixed range: "
-                        "save it with 8- or 16-bit pixels")
+        raise DataError(f"an image of mode {image.mode} with pixels outside 0..65535 has no "
+                        "fixed range: save it with 8- or 16-bit pixels")
     scaled = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
     transparent = image.info.get("transparency")
     if not isinstance(transparent, int):

@@ -127,8 +127,9 @@ def read_points(path: str | os.PathLike[str], role: str, need_y: bool,
     allowed = _fits(width, features, need_y)
     # every line ends in an empty field: a trailing comma, as a spreadsheet writes an empty
     # last column (one line's empty last field is a value left out)
-    trailing = (" (each line ends in a comma, as a spreadsheet writes an empty last column: "
-                "delete them)") if width > 1 and not any(row[-1].strip() for _, row in lines) else ""
+    trailing = ("" if width == 1 or any(row[-1].strip() for _, row in lines) else
+                " (each line ends in a comma, as a spreadsheet writes an empty last column: "
+                "delete them)")
     for number, row in lines:
         if len(row) != width or not allowed:
             raise DataError(f"line {number} of the {role} CSV {path} has {len(row)} field(s): it "
