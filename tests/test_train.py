@@ -473,15 +473,23 @@ def test_resuming_with_changed_settings_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="keeps the inner_lr it started with"):
         maml_learner(tmp_path, inner_lr=0.5)
     with pytest.raises(ConfigError, match=r"keeps the inner_lr it started with \(for training, "
-                       r"evaluation and adapt alike\); only .*eval_tasks.*; other settings need "
+                       r"evaluation and adapt alike\); only .*log_every.*; other settings need "
                        "a new run: train with another --out") as refused:
-        load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
+        maml_learner(tmp_path, inner_lr=0.5, eval_tasks=5)
     listed = str(refused.value).split("only ")[1].split(" may change")[0].split(", ")
-    assert "eval_tasks" in listed and set(listed) <= set(load_experiment(tmp_path).cfg.to_dict())
+    assert {"eval_tasks", "log_every"} <= set(listed) <= set(
+        load_experiment(tmp_path).cfg.to_dict())
+    with pytest.raises(ConfigError, match=r"an evaluation of .* \(eval, plot, adapt\) takes only "
+                       r".*eval_tasks.*, not inner_lr: the settings of what it learned and how it "
+                       "trains are its training's") as refused:
+        load_experiment(tmp_path, ["inner_lr=0.5", "eval_tasks=5"])
+    taken = str(refused.value).split("takes only ")[1].split(", not ")[0].split(", ")
+    assert "eval_tasks" in taken and "log_every" not in taken
     assert maml_learner(tmp_path, iterations=50).iterations == 50  # extending a run is fine
-    for length in ("iterations=100000", "baseline_iterations=7"):  # but not by evaluating it
-        with pytest.raises(ConfigError, match=f"keeps the {length.split('=')[0]} it started"):
-            load_experiment(tmp_path, [length])
+    for setting in ("iterations=100000", "baseline_iterations=7", "log_every=7",
+                    "tensorboard=true"):  # but not by evaluating it, nor its logs (unused)
+        with pytest.raises(ConfigError, match=f", not {setting.split('=')[0]}: the settings"):
+            load_experiment(tmp_path, [setting])
     cosine = tmp_path / "cosine"
     fit(maml_learner(cosine, meta_lr_schedule="cosine"), cosine, 3, 2, progress=False, stop_after=3)
     with pytest.raises(ConfigError, match="keeps the iterations it started with.*cosine meta_lr schedule"):

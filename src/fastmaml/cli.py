@@ -281,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learner", help="train only this learner of the run (e.g. pretrained), "
                        "while another process trains the others: one run on two cores")
     train.set_defaults(run=_train)
-    eval_overrides = ("key=value overrides after run_dir change settings that do not change "
-                      "what was learned, e.g. eval_tasks=100 or data_root=PATH")
+    eval_overrides = ("key=value overrides after run_dir change settings of the evaluation "
+                      "that do not change what was learned, e.g. eval_tasks=100, threads=2 or "
+                      "data_root=PATH (not training's, such as iterations or log_every)")
     for name, run, text, epilog in (
             ("eval", _eval, "evaluate a trained run with the paper's protocol", eval_overrides),
             ("plot", _plot, "write a run's figures: its learning curves while it trains, and "

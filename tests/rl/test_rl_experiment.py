@@ -215,7 +215,7 @@ def test_a_finished_run_adds_the_oracle_which_is_told_the_task_and_not_adapted(
     maml = checkpoint_path(out, "maml").read_bytes()
     assert not checkpoint_path(out, "oracle").exists()
     assert main(["eval", str(out), "--no-progress", "oracle=true"]) == 2  # trained, not evaluated
-    assert "keeps the oracle it started with" in capsys.readouterr().err
+    assert ", not oracle: the settings of what it learned" in capsys.readouterr().err
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", "oracle=true"]) == 0
     assert checkpoint_path(out, "maml").read_bytes() == maml  # trained alone
     oracle = load_checkpoint(checkpoint_path(out, "oracle"))

@@ -452,17 +452,23 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     except ConfigError:  # a value the others refuse (features beside the run's x_names):
         typed = saved.typed(parse_overrides(overrides))  # said as a kept one, where it is
         _refuse_changes(saved, {k for k, v in typed.items() if getattr(saved, k) != v},
-                        resumable, run_dir)
+                        resumable, run_dir, training)
         raise
     _refuse_changes(saved, {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v},
-                    resumable, run_dir)
+                    resumable, run_dir, training)
     return cfg
 
 
-def _refuse_changes(saved: Config, differing: set[str], resumable: set[str], run_dir: Path
-                    ) -> None:
-    """A ``ConfigError`` where overrides would change settings (of ``differing``) a run keeps."""
+def _refuse_changes(saved: Config, differing: set[str], resumable: set[str], run_dir: Path,
+                    training: bool) -> None:
+    """A ``ConfigError`` where overrides would change settings (of ``differing``) a run keeps,
+    or where an evaluation is given settings of training."""
     changed = differing - resumable
+    if changed and not training:
+        raise ConfigError(f"an evaluation of {run_dir} (eval, plot, adapt) takes only "
+                          f"{', '.join(sorted(resumable))}, not {', '.join(sorted(changed))}: "
+                          "the settings of what it learned and how it trains are its "
+                          "training's (fastmaml train resumes it)")
     if changed:
         cosine = saved.meta_lr_schedule == "cosine"
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "

@@ -55,13 +55,18 @@ def fixed_settings(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in cfg.to_dict().items() if k not in left_out}
 
 
+# Settings of training alone: an evaluation (eval, plot, adapt) takes none of them.
+TRAINING_KEYS = {"iterations", "baseline_iterations", "oracle", "checkpoint_every", "log_every",
+                 "val_every", "val_tasks", "tensorboard", "checkpoint_steps"}
+
+
 def resumable_keys(saved: Config, training: bool = True) -> set[str]:
-    """The settings of the run ``saved`` that a resumed run may change: how long it trains, and
-    whether it trains the meta-RL oracle too, only where it trains (``training``), and not
-    under a cosine meta_lr schedule, whose rates span the iterations."""
+    """The settings of the run ``saved`` that a resumed run may change: those of training
+    (how long it trains, logs and checkpoints, and whether it trains the meta-RL oracle too)
+    only where it trains (``training``), and not its iterations under a cosine meta_lr
+    schedule, whose rates span them."""
     cosine = saved.meta_lr_schedule == "cosine"
-    fixed = ({"iterations"} if cosine else set()) | (  # what a run trained (to)
-        set() if training else {"iterations", "baseline_iterations", "oracle"})
+    fixed = ({"iterations"} if cosine else set()) | (set() if training else TRAINING_KEYS)
     return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 
