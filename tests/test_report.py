@@ -171,8 +171,8 @@ def test_a_section_lists_the_papers_baselines_beside_its_own(tmp_path: Path) -> 
                           [eval_record("sinusoid", "maml", 5, torch.ones(600, 11), metric="mse")],
                           100, 1.0, [])
     text = report.render([sinusoid], tmp_path / "REPORT.md")
-    assert "| paper: MAML |  | 0.67 | 0.35 |" in text  # 0, 1 and 10 steps
-    assert "| paper: pretrained |  | 2.41 | 2.19 |" in text
+    assert "| paper: MAML (K=5) |  | 0.67 | 0.35 |" in text  # 0, 1 and 10 steps
+    assert "| paper: pretrained (K=5) |  | 2.41 | 2.19 |" in text
 
 
 def test_the_projection_follows_a_power_law_and_refuses_a_flat_curve() -> None:

@@ -141,7 +141,8 @@ def _fewshot_headline(key: str, title: str, dataset: str, n_way: int, k_shot: in
 
 HEADLINES: list[Headline] = [
     Headline("sinusoid", "Sinusoid regression, 5-shot", "MSE", False, 10,
-             SINUSOID[5][0][1][10], rows=tuple(SINUSOID[5])),
+             SINUSOID[5][0][1][10], rows=tuple((f"{label} (K=5)", values)  # beside fastmaml's
+                                               for label, values in SINUSOID[5])),  # K=5..20
     _fewshot_headline("omniglot-5w1s", "Omniglot 5-way 1-shot", "omniglot", 5, 1),
     _fewshot_headline("omniglot-5w5s", "Omniglot 5-way 5-shot", "omniglot", 5, 5),
     _fewshot_headline("omniglot-5w1s-mlp", "Omniglot 5-way 1-shot, MLP", "omniglot", 5, 1, "mlp"),

@@ -133,8 +133,10 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
                 its, secs, values = zip(*points)
                 style = {"label": f"{run}: {meaning}" if len(keys) > 1 else run,
                          "color": colors[run], "ls": line_style,
-                         "marker": "o" if len(points) < 3 else None}
-                by_iter.plot(its, values, **style)  # (a marker: one row is no line)
+                         "marker": "o" if len(points) < 3 else None,
+                         "mfc": "none" if line_style != "-" else None}
+                by_iter.plot(its, values, **style)  # (a marker: one row is no line; hollow
+                # after the first style, as the legend's short line hides its dashes)
                 by_time.plot([s / 60 for s in secs], values, **style)
                 drawn = True
     by_iter.set(xlabel="iteration", ylabel=" / ".join(keys.values()))
