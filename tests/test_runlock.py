@@ -222,9 +222,8 @@ def test_an_unknown_learner_is_a_clear_error(tmp_path: Path,
     run = tmp_path / "new"
     assert main(["train", "sinusoid-demo", "--out", str(run), "--learner", "maml++",
                  "--no-progress"]) == 2
-    assert ("--learner 'maml++': runs of the sinusoid-demo preset have the learners maml, "
-            "pretrained, oracle") \
-        in capsys.readouterr().err
+    assert ("--learner 'maml++' (did you mean maml?): runs of the sinusoid-demo preset have "
+            "the learners maml, pretrained, oracle") in capsys.readouterr().err
     assert not run.exists()
 
 

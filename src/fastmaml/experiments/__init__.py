@@ -363,8 +363,8 @@ def _start(preset_name: str, run_dir: Path, overrides: list[str], only: str | No
     if only is not None:
         names = [learner.name for learner in learners]
         if only not in names:
-            raise ConfigError(f"--learner {only!r}: runs of the {preset_name} preset have the "
-                              f"learners {', '.join(names)}")
+            raise ConfigError(f"--learner {only!r}{did_you_mean(only, names)}: runs of the "
+                              f"{preset_name} preset have the learners {', '.join(names)}")
         learners = [learner for learner in learners if learner.name == only]
     # a command on the whole run also holds every learner: no --learner command trains meanwhile
     whole_run = [learner.name for learner in learners] if main and only is None else []
