@@ -748,7 +748,8 @@ def test_a_baseline_evaluated_before_its_end_is_said_and_flagged(
 
 
 def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_errors(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert main(["reproduce", "cifar", "--budget", "tiny", "--root", str(tmp_path)]) == 2
     assert "unknown experiment(s) cifar for budget tiny; known:" in capsys.readouterr().err
     assert main(["reproduce", "cifar", "omniglt", "--budget", "tiny", "--root", str(tmp_path)]) == 2
@@ -756,6 +757,15 @@ def test_unknown_experiments_bad_overrides_and_a_folder_as_report_are_clear_erro
             "for budget tiny"
             in capsys.readouterr().err)
     assert main(["report", str(tmp_path / "nothing")]) == 2
+    assert f"error: {tmp_path / 'nothing'} does not exist\n" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no fastmaml run directory at or below" in capsys.readouterr().err
+    with monkeypatch.context() as patched:
+        patched.chdir(tmp_path)  # no results/ here
+        assert main(["report"]) == 2
+        assert ("results does not exist (report reads results/ of the current folder unless "
+                "given run directories)") in capsys.readouterr().err
     assert main(["report", str(REPO / "results" / "sinusoid"), "--out", str(tmp_path)]) == 2
     assert f"--out {tmp_path} is a folder: name the report file" in capsys.readouterr().err
     assert main(["train", "sinusoid", "--out", str(tmp_path / "run"), "iterations=2",
