@@ -519,7 +519,8 @@ def test_unfinished_run_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[st
                  "--no-progress"]) == 2
     demo_iterations = report.preset_config(*demo).iterations
     assert (f"sinusoid: not reproduced: {root / 'sinusoid'} holds a run of 20 iterations, the "
-            f"demo budget trains {demo_iterations:,}: give another --root"
+            f"demo budget trains {demo_iterations:,}: give another --root, or train it on "
+            f"(fastmaml train {demo[0]} --out {root / 'sinusoid'} iterations={demo_iterations})"
             ) in capsys.readouterr().out
     assert (root / "sinusoid" / "eval.json").stat().st_mtime_ns == before
 

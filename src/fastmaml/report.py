@@ -884,7 +884,8 @@ def _refuse_a_shorter_run(run_dir: Path, preset_name: str, iterations: int, budg
                 and planned < iterations):
             raise ConfigError(f"{run_dir} holds a run of {planned:,} iterations, the {budget} "
                               f"budget trains {iterations:,}: give another --root, or train it "
-                              f"on (fastmaml train {preset_name} --out {run_dir} iterations={iterations})")
+                              f"on (fastmaml train {preset_name} --out {run_dir} "
+                              f"iterations={iterations})")
 
 
 def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | None = None,
