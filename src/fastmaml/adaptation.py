@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import numbers
 import os
 import re
@@ -683,15 +682,13 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
         raise ConfigError("--plot draws regression tasks; an image run has no curve to draw")
     shots = support_images(support)  # too many classes: run.adapt says so
     asked = query_images(query, shots.classes)
+    support_x, query_x = run.preprocess(shots.paths), run.preprocess(asked.paths)
     if asked.labels is not None:
-        support_files = {_digest(path) for path in shots.paths}
-        shared = [path for path in asked.paths if _digest(path) in support_files]
-        _warn_of_support_in_query([str(path) for path in shared], len(asked.paths),
-                                  "images", "accuracy")
-    support_x = run.preprocess(shots.paths)
+        _warn_of_support_in_query([str(path) for path, shared in
+                                   zip(asked.paths, _shared_rows(query_x, support_x)) if shared],
+                                  len(asked.paths), "images", "accuracy")
     adapted = run.adapt(support_x, torch.tensor(shots.labels), steps)
-    logits = run.predict(adapted, run.preprocess(asked.paths),
-                         context=support_x if norm == "each" else None)
+    logits = run.predict(adapted, query_x, context=support_x if norm == "each" else None)
     probabilities = logits.softmax(-1).cpu()
     rows = []
     for i, (path, p) in enumerate(zip(asked.paths, probabilities)):
@@ -707,9 +704,13 @@ def predict_files(run: TrainedRun, support: str | os.PathLike[str],
                               "query": len(asked.paths), "accuracy": accuracy})
 
 
-def _digest(path: Path) -> bytes:
-    """A file's contents, in short (a copy has the same)."""
-    return hashlib.sha256(path.read_bytes()).digest()
+def _shared_rows(query: Tensor, support: Tensor) -> list[bool]:
+    """Whether each query item (row) is a support item too: the same values as read (a copy of
+    a support file counts), by a set of the support rows' bytes (0.0 for -0.0, as == has it)."""
+    def key(row: Tensor) -> bytes:
+        return (row + 0.0).cpu().numpy().tobytes()
+    seen = {key(row) for row in support.flatten(1)}
+    return [key(row) in seen for row in query.flatten(1)]
 
 
 def _warn_of_support_in_query(shared: list[str], total: int, items: str, score: str) -> None:
@@ -770,10 +771,10 @@ def _predict_points(run: TrainedRun, support: str | os.PathLike[str],
                         "that column")
     if query_y is not None:
         query_xy = torch.cat([query_x, query_y], 1)
-        support_xy = torch.cat([support_x, support_y], 1)
-        shared = (query_xy[:, None] == support_xy[None]).all(-1).any(1)
+        shared = _shared_rows(query_xy, torch.cat([support_x, support_y], 1))
         _warn_of_support_in_query([",".join(f"{v:g}" for v in point.tolist())
-                                   for point in query_xy[shared]], len(query_x), "points", "MSE")
+                                   for point, known in zip(query_xy, shared) if known],
+                                  len(query_x), "points", "MSE")
     adapted = run.adapt(support_x, support_y, steps)
     prediction = run.predict(adapted, query_x).cpu()
     if not _can_head_output(names):  # else the query's own names head the output
