@@ -233,8 +233,8 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               f"with inner_steps={inner_steps} the model's own is the only one: "
                               "use inner_steps >= 2, or no per_step")
         self.per_step = PerStepParameters({n: trainable[n] for n in per_step_names}, inner_steps)
-        self._trainable_names = {*self.adapted_names, *self.outer_only_names}
-        self._shapes = {n: p.shape for n, p in trainable.items()}  # (a layer replaced since)
+        # what it adapts and trains (adapted_names and outer_only_names), and their shapes
+        self._trainable_shapes = {n: p.shape for n, p in trainable.items()}
         self.checkpoint_steps = checkpoint_steps
         adapted = {n: p for n, p in model.named_parameters() if n in self.adapted_names}
         self._rates_like = next(iter(adapted))  # the parameter whose dtype and device they take
@@ -322,11 +322,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
         if of_batch:
             self._task_input_dims = x.dim()
         named = dict(self.model.named_parameters())
-        resized = next((n for n, p in named.items() if n in self._shapes
-                        and p.shape != self._shapes[n]), None)
+        shapes = self._trainable_shapes
+        resized = next((n for n, p in named.items() if n in shapes and p.shape != shapes[n]),
+                       None)
         if resized:
             raise ConfigError(f"{resized} changed shape after MAML was built "
-                              f"({tuple(self._shapes[resized])} -> {tuple(named[resized].shape)}): "
+                              f"({tuple(shapes[resized])} -> {tuple(named[resized].shape)}): "
                               "build MAML again after changing the model's modules")
         own = next(itertools.chain(self.inner_lrs.parameters(), self.per_step.parameters()), None)
         model = named.get(self._rates_like)
@@ -337,13 +338,13 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               f"{own.device}: convert the MAML (maml.to(...), which converts its "
                               "model too), not the model alone")
         if torch.is_grad_enabled():
-            gone = sorted(self._trainable_names - set(named))
+            gone = sorted(set(shapes) - set(named))
             if gone:  # e.g. a weight tied to another since (named once, by the other's name)
                 raise ConfigError(f"the model's parameters changed after MAML was built "
                                   f"({listed(gone)} no longer named so): build MAML again "
                                   "after changing the model's modules")
             changed = next(((name, p.requires_grad) for name, p in named.items()
-                            if p.requires_grad != (name in self._trainable_names)), None)
+                            if p.requires_grad != (name in shapes)), None)
             if changed:
                 raise ConfigError(
                     f"{changed[0]} was {'unfrozen' if changed[1] else 'frozen'} after MAML was "

@@ -61,7 +61,7 @@ class ModelProbe:
     ``_norm_mode``, ``_embedding_mode``, ``_twice_mode``, ``_rnn_mode`` and ``_attention_mode``;
     ``MAML._prepare`` and ``MAML.forward`` call ``_probe``; ``MAML._without_gradient`` reads
     ``_unused_names``. It reads ``MAML``'s ``_split_params``, ``_forward``,
-    ``_trainable_names``, ``inner_lrs``, ``per_step`` and ``batched``, and reads and may set
+    ``_trainable_shapes``, ``inner_lrs``, ``per_step`` and ``batched``, and reads and may set
     ``_vmap_failed`` (``fastmaml.paths``)."""
 
     def _init_probe(self, model: nn.Module, transductive_bn: bool | None) -> None:
@@ -100,7 +100,7 @@ class ModelProbe:
         # model's own parameters sees
         fast, frozen = self._split_params(detach=True)
         if not torch.is_inference_mode_enabled():
-            fast, frozen = ({n: t.requires_grad_(n in self._trainable_names) for n, t in
+            fast, frozen = ({n: t.requires_grad_(n in self._trainable_shapes) for n, t in
                              params.items()} for params in (fast, frozen))
         with torch.inference_mode(False):  # a tensor that counts its in-place changes
             x = x.clone()  # (not the caller's, where the model changes its input in place)
@@ -141,7 +141,7 @@ class ModelProbe:
         outputs = [t for t in tree_leaves(output) if isinstance(t, Tensor) and t.requires_grad]
         if not outputs:
             return set()
-        names = sorted(self._trainable_names)
+        names = sorted(self._trainable_shapes)
         grads = torch.autograd.grad(outputs, [params[n] for n in names],
                                     [torch.ones_like(t) for t in outputs], allow_unused=True)
         unused = {name for name, grad in zip(names, grads) if grad is None}
