@@ -133,10 +133,10 @@ def plot_learning_curves(csv_paths: list[Path], keys: dict[str, str], path: Path
                 its, secs, values = zip(*points)
                 style = {"label": f"{run}: {meaning}" if len(keys) > 1 else run,
                          "color": colors[run], "ls": line_style,
-                         "marker": "o" if len(points) < 3 else None,
+                         "marker": "o" if len(points) < 3 else None,  # (one row: no line)
+                         # hollow past the first style: the legend's short line hides dashes
                          "mfc": "none" if line_style != "-" else None}
-                by_iter.plot(its, values, **style)  # (a marker: one row is no line; hollow
-                # after the first style, as the legend's short line hides its dashes)
+                by_iter.plot(its, values, **style)
                 by_time.plot([s / 60 for s in secs], values, **style)
                 drawn = True
     by_iter.set(xlabel="iteration", ylabel=" / ".join(keys.values()))

@@ -200,11 +200,11 @@ def find_runs(paths: Sequence[Path]) -> tuple[list[Run], list[tuple[Path, str]]]
     """
     found = []
     for path in paths:
-        candidates = run_dirs(path)
         if not path.exists():
             raise ConfigError(f"{path} does not exist" + (
                 " (report reads results/ of the current folder unless given run directories)"
                 if path == Path("results") else ""))
+        candidates = run_dirs(path)
         if not candidates:
             raise ConfigError(f"no fastmaml run directory at or below {path}")
         found += candidates
