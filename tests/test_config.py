@@ -1,6 +1,7 @@
 """Typed key=value overrides and preset lookup."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 import yaml
 
 from fastmaml.cli import main
-from fastmaml.config import COMPILE_FROM_ITERATIONS, ConfigError, load_config_dict
+from fastmaml.config import COMPILE_FROM_ITERATIONS, Config, ConfigError, load_config_dict
 from fastmaml.errors import FastMAMLWarning
-from fastmaml.experiments import PRESETS, create_run, experiment_class, load_experiment, preset
+from fastmaml.experiments import (EXPERIMENTS, PRESETS, create_run, experiment_class,
+                                  load_experiment, preset)
 from fastmaml.experiments.base import build_maml, resolve_device
 from fastmaml.experiments.fewshot import FewShotConfig
 from fastmaml.experiments.sinusoid import SinusoidConfig
@@ -327,3 +329,25 @@ def test_a_yaml_boolean_where_a_number_goes_is_refused_not_read_as_1(key):
     """``iterations: yes`` in an edited config.yaml trained 1 iteration (True is an int)."""
     with pytest.raises(ConfigError, match=rf"config key '{key}' expects (int|float), got True"):
         SinusoidConfig.from_dict({key: True})
+
+
+def test_every_setting_of_every_experiment_has_a_note_from_its_source():
+    """``fastmaml presets NAME`` documents each setting by its comment in the config class: a
+    setting added without one would be shown bare."""
+    for name in EXPERIMENTS:
+        config_cls = experiment_class(name).config_cls
+        notes = config_cls.field_notes()
+        bare = set(config_cls.field_types()) - set(notes) - {"experiment", "preset"}
+        assert not bare, f"{name}: settings without a comment: {sorted(bare)}"
+    rl_notes = experiment_class("rl").config_cls.field_notes()
+    assert rl_notes["horizon"].startswith("steps per episode (0: the paper's")  # from above it
+    assert rl_notes["horizon"].endswith("max_episode_steps)")  # its two lines, joined
+    assert rl_notes["action_scale"].startswith("2D navigation only")  # not horizon's
+    assert rl_notes["inner_steps"].startswith(">1: more steps")  # the subclass's own, not Config's
+    assert Config.field_notes()["inner_steps"] == "inner gradient steps per task in meta-training"
+
+
+def test_a_config_class_without_source_has_no_notes():
+    made = dataclasses.make_dataclass("Made", [("extra", int, 0)], bases=(Config,))
+    assert "extra" not in made.field_notes()
+    assert made.field_notes()["seed"] == Config.field_notes()["seed"]  # its bases' still read

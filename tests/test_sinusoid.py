@@ -259,3 +259,19 @@ def test_anil_on_the_mlp_adapts_its_output_layer_and_odd_settings_are_said(tmp_p
                  "inner_steps=2", "--no-progress"]) == 2
     assert ("per_step=norm gives the norm layers a set per inner step, and this model has none"
             in capsys.readouterr().err)
+
+
+def test_a_presets_settings_are_shown_with_their_notes_and_what_the_preset_changed(capsys):
+    assert main(["presets", "omniglot-20w5s", "rl-nav2d"]) == 0
+    out = capsys.readouterr().out
+    fewshot, rl = out.split("\n\nrl-nav2d ")
+    assert fewshot.startswith("omniglot-20w5s [fewshot experiment]: paper: Omniglot 20-way 5-shot")
+    assert re.search(r"\n  n_way: 20 +# \[omniglot-20w5s; default 5\] classes per task \(N\)\n",
+                     fewshot)
+    assert re.search(r"\n  seed: 0 +# the run's random seed", fewshot)  # unchanged: no marker
+    assert re.search(r"\n  split_fractions: 0.7,0.15,0.15 +# ", fewshot)  # as key=value takes it
+    assert "\n  experiment:" not in fewshot and "\n  preset:" not in fewshot
+    assert re.search(r"\n  action_scale: 0.1 +# \[rl-nav2d; default 1.0\] 2D navigation only", rl)
+    assert "\n  meta_lr:" not in rl and "\n  compile:" not in rl  # TRPO's outer loop: unused
+    assert main(["presets", "omniglot-20w5z"]) == 2
+    assert "unknown preset 'omniglot-20w5z' (did you mean omniglot-20w5s" in capsys.readouterr().err

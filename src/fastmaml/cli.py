@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from .atomic import refuse_unwritable, write_text_atomic
 from .norms import has_batch_norm
 from .errors import (ConfigError, DataError, FastMAMLError, FastMAMLWarning, PathWarning,
                      is_out_of_memory)
 from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run, predict_files
-from .experiments import PRESETS, load_experiment, train_run
+from .experiments import PRESETS, load_experiment, preset, preset_config, train_run
 from .experiments.base import refuse_run_file
 from .plots import counted
 from .distributed import init_from_env, leave, shutdown, world
@@ -33,10 +34,40 @@ from .runlock import locked_run_dir
 from .train import TrainingStopped
 
 
-def _presets(_: argparse.Namespace) -> None:
-    width = max(map(len, PRESETS))
-    for name, chosen in PRESETS.items():
-        print(f"{name:<{width}}  [{chosen.experiment}] {chosen.description}")
+def _presets(args: argparse.Namespace) -> None:
+    if not args.names:
+        width = max(map(len, PRESETS))
+        for name, chosen in PRESETS.items():
+            print(f"{name:<{width}}  [{chosen.experiment}] {chosen.description}")
+    for number, name in enumerate(args.names):
+        print(("\n" if number else "") + _preset_settings(name), end="")
+
+
+def _preset_settings(name: str) -> str:
+    """A preset's description and every setting a new run of it starts with, each with its
+    note from the config's source: what ``key=value`` can change, and to what."""
+    chosen, config = preset(name), preset_config(name, [])
+    notes, defaults = config.field_notes(), type(config)()
+    lines = [f"{name} [{chosen.experiment} experiment]: {chosen.description}",
+             f"settings (change any with key=value, e.g. fastmaml train {name} seed=1):"]
+    values = {key: value for key, value in config.to_dict().items()
+              if key not in ("experiment", "preset", *config.unused_settings)}
+    width = min(max(len(f"{key}: {_setting_text(value)}") for key, value in values.items()),
+                30)  # a long list goes past the notes' column, not the rest with it
+    for key, value in values.items():
+        note = notes.get(key, "")
+        if value != getattr(defaults, key) and key in chosen.values:
+            note = f"[{name}; default {_setting_text(defaults.to_dict()[key])}] {note}"
+        setting = f"{key}: {_setting_text(value)}"
+        lines.append(f"  {setting:<{width}}  # {note}".rstrip(" #") if note else f"  {setting}")
+    return "\n".join(lines) + "\n"
+
+
+def _setting_text(value: Any) -> str:
+    """A setting's value as config.yaml and ``key=value`` write it (a list comma-separated)."""
+    if isinstance(value, list):
+        return ",".join(map(_setting_text, value))
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -270,9 +301,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version",
                         version=f"fastmaml {__version__}, torch {torch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("presets", help="list the named experiment presets").set_defaults(run=_presets)
-    train = commands.add_parser("train", help="train a preset (resumes an existing --out)")
-    train.add_argument("preset")
+
+    def command(name: str, text: str, **options: Any) -> argparse.ArgumentParser:
+        """A subcommand whose --help opens with its line in the list of commands, unless it
+        has a longer description."""
+        options.setdefault("description", text[0].upper() + text[1:] + ".")
+        return commands.add_parser(name, help=text, **options)
+
+    presets = command(
+        "presets", "list the named experiment presets, or show one's settings",
+        description="Without a name, list the presets. With names, show each one's "
+        "settings: every key a new run starts with, its value and what it means; "
+        "`fastmaml train PRESET key=value ...` changes any of them.")
+    presets.add_argument("names", nargs="*", metavar="PRESET",
+                         help="show these presets' settings")
+    presets.set_defaults(run=_presets)
+    train = command("train", "train a preset (resumes an existing --out)")
+    train.add_argument("preset", help="a preset's name (`fastmaml presets` lists them, "
+                       "`fastmaml presets NAME` shows its settings)")
     train.add_argument("overrides", nargs="*", metavar="key=value", default=[],
                        help="typed config overrides, e.g. iterations=2000 inner_steps=2")
     train.add_argument("--out", help="run directory (default runs/<preset>)")
@@ -288,15 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
             ("eval", _eval, "evaluate a trained run with the paper's protocol", eval_overrides),
             ("plot", _plot, "write a run's figures: its learning curves while it trains, and "
                             "the evaluation's once it is evaluated", None)):
-        sub = commands.add_parser(name, help=text, epilog=epilog, usage=(  # overrides: eval's
+        sub = command(name, text, epilog=epilog, usage=(  # overrides: eval's
             f"fastmaml {name} [-h] [--no-progress] [--data-root DIR] run_dir [key=value ...]"
             if epilog else None))
-        sub.add_argument("run_dir")
+        sub.add_argument("run_dir", help="a run directory (fastmaml train's --out)")
         if epilog:  # eval reads the test split: from where the data is now
             sub.add_argument("--data-root", metavar="DIR", help=data_root_help)
         sub.set_defaults(run=run, overrides=[])
-    adapt = commands.add_parser(
-        "adapt", help="adapt a trained run to a new task and predict its query set",
+    adapt = command(
+        "adapt", "adapt a trained run to a new task and predict its query set",
         description="Adapt a trained run on a new task's support set and predict its query set. "
         "Image runs: SUPPORT is a folder with one subfolder per class (or a flat folder, one "
         "class per image), QUERY a flat folder, one image or subfolders named like the classes "
@@ -331,14 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "set as one batch (the paper's protocol)")
     adapt.set_defaults(run=_adapt, overrides=[])
     adapt.usage = adapt.format_usage().removeprefix("usage: ").rstrip() + " [key=value ...]"
-    report = commands.add_parser("report", help="every experiment beside the paper, in one "
-                                 "Markdown document")
+    report = command("report", "every experiment beside the paper, in one Markdown document")
     report.add_argument("runs", nargs="*", metavar="RUN_DIR",
                         help="run directories, or folders of them (default: results/)")
     report.add_argument("--out", default="REPORT.md", help="the report file (default REPORT.md)")
     report.set_defaults(run=_report, overrides=[])
-    again = commands.add_parser("reproduce", help="train, evaluate and plot experiments at a "
-                                "budget (finished runs are only plotted), then write the report")
+    again = command("reproduce", "train, evaluate and plot experiments at a budget (finished "
+                    "runs are only plotted), then write the report")
     again.add_argument("experiments", nargs="*", metavar="EXPERIMENT",
                        help=f"any of {', '.join(EXPERIMENTS)} (default: sinusoid, "
                        "omniglot-5w1s and rl-nav2d for the tiny and demo budgets, all otherwise)")

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import math
 import re
+import tokenize
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,19 +52,22 @@ def did_you_mean(given: str, names: Iterable[str]) -> str:
 class Config:
     """Settings shared by every experiment; each experiment subclasses it with its own fields."""
 
+    # settings an experiment's own loop does not use (and refuses changes to): not shown as its
+    # settings by `fastmaml presets NAME`
+    unused_settings: typing.ClassVar[tuple[str, ...]] = ()
     experiment: str = ""
     preset: str = ""
-    seed: int = 0
+    seed: int = 0  # the run's random seed: initialisation and the tasks drawn
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    iterations: int = 1000
-    meta_batch: int = 25
-    meta_lr: float = 1e-3
+    iterations: int = 1000  # meta-training iterations (outer-loop updates)
+    meta_batch: int = 25  # tasks per meta-iteration
+    meta_lr: float = 1e-3  # Adam's outer-loop learning rate (the paper's beta)
     meta_lr_schedule: str = "constant"  # constant | cosine (to meta_lr_min at the last iteration)
     meta_lr_min: float = 1e-5  # the cosine schedule's final meta learning rate (MAML++'s)
-    inner_lr: float = 0.01
-    inner_steps: int = 1
-    eval_inner_steps: int = 10
-    first_order: bool = False
+    inner_lr: float = 0.01  # the inner step size (the paper's alpha; learned rates start at it)
+    inner_steps: int = 1  # inner gradient steps per task in meta-training
+    eval_inner_steps: int = 10  # inner steps at evaluation (figures after 0 up to these)
+    first_order: bool = False  # first-order MAML throughout: no second derivatives
     first_order_until: int = 0  # first-order MAML before this iteration, then second order (MAML++)
     lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
     adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
@@ -72,8 +79,9 @@ class Config:
     msl_anneal_iterations: int = 10000
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
-    # torch.compile the batched path: true | false | auto (training runs of COMPILE_FROM_ITERATIONS
-    # or more, where the minutes of a first compile pay back; evaluation and adapt run eager)
+    # torch.compile the batched path: true | false | auto (training runs of 10,000 iterations or
+    # more, COMPILE_FROM_ITERATIONS, where the minutes of a first compile pay back; evaluation
+    # and adapt run eager)
     compile: str = "auto"
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps
@@ -82,10 +90,10 @@ class Config:
     # code's, cbfinn/maml: see fastmaml.models.initialise); the meta-RL policy's is maml_rl's
     init: str = "default"
     tune_malloc: bool = True  # CPU: glibc keeps freed memory for reuse (faster; RSS stays at peak)
-    eval_tasks: int = 600
+    eval_tasks: int = 600  # meta-test tasks at evaluation
     eval_chunk: int = 100  # tasks per evaluation call, to bound memory
-    checkpoint_every: int = 1000
-    log_every: int = 100
+    checkpoint_every: int = 1000  # iterations between checkpoints (a resume loses no more)
+    log_every: int = 100  # iterations between rows of the metrics log
     # also write the logged metrics as TensorBoard scalars, to tensorboard/<learner>/ in the run
     # directory (needs the tensorboard package: pip install tensorboard)
     tensorboard: bool = False
@@ -169,6 +177,17 @@ class Config:
         hints = typing.get_type_hints(cls)
         return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
+    @classmethod
+    def field_notes(cls) -> dict[str, str]:
+        """Each setting's comment in its class's source (the line above a field, then the one
+        beside it), a subclass's where it has one, else its base's: the settings' one
+        documentation, shown by ``fastmaml presets NAME``. Empty where no source is installed."""
+        notes: dict[str, str] = {}
+        for klass in reversed(cls.__mro__):
+            if issubclass(klass, Config):
+                notes.update(_source_notes(klass))
+        return {name: notes[name] for name in cls.field_types() if name in notes}
+
     def replace(self: C, **changes: Any) -> C:
         return self.from_dict({**self.to_dict(), **changes})
 
@@ -214,6 +233,32 @@ class Config:
 
     def save(self, path: Path) -> None:
         write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
+
+
+@functools.cache
+def _source_notes(klass: type) -> dict[str, str]:
+    """The comments of ``klass``'s own fields in its source (see ``Config.field_notes``)."""
+    try:
+        source = inspect.getsource(klass)
+    except (OSError, TypeError):  # no source file installed: the settings go without notes
+        return {}
+    comments = {token.start[0]: token.string.lstrip("#").strip() for token in
+                tokenize.generate_tokens(io.StringIO(source).readline)
+                if token.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    notes = {}
+    for number, line in enumerate(lines, start=1):
+        field = re.match(r" {4}(\w+) *:", line)
+        if field is None or field[1] not in klass.__annotations__:
+            continue
+        above = number - 1
+        while above in comments and lines[above - 1].strip().startswith("#"):
+            above -= 1
+        said = [comments[n] for n in range(above + 1, number)] + (
+            [comments[number]] if number in comments else [])
+        if said:
+            notes[field[1]] = " ".join(said)
+    return notes
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:

@@ -56,7 +56,7 @@ class FewShotConfig(Config):
     experiment: str = "fewshot"
     dataset: str = "omniglot"  # omniglot | miniimagenet | folder (any image folder)
     data_root: str = ""  # default: $FASTMAML_OMNIGLOT / $FASTMAML_MINIIMAGENET, else data/<dataset>
-    download: bool = False
+    download: bool = False  # Omniglot: fetch it from the official URLs into data_root
     split: str = "official"  # Omniglot only: official (1100/100/423) | vinyals (1200/0/423) | lake
     split_seed: int = 1  # Omniglot's and the folders' class shuffle (the official code's seed)
     within_alphabet: bool = False  # all classes of a task from one alphabet (folder: group)
@@ -66,20 +66,20 @@ class FewShotConfig(Config):
     class_depth: int = 1  # folder: DIR/<class>/ (1) or DIR/<group>/<class>/ (2)
     split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # folder without train/ val/ test/
     rotate: str = "auto"  # auto (Omniglot: all) | all | train (meta-train only) | none
-    n_way: int = 5
-    k_shot: int = 1
+    n_way: int = 5  # classes per task (N)
+    k_shot: int = 1  # labelled support examples per class (K)
     k_query: int = 1  # query examples per class during meta-training
     eval_k_query: int = 0  # query examples per class at evaluation (0: k_shot, as the paper)
     network: str = "conv"  # conv | mlp (the paper's 256-128-64-64 MLP variant)
-    hidden: int = 64
+    hidden: int = 64  # conv: filters per layer (the paper: 64 Omniglot, 32 MiniImagenet)
     norm_scale: bool = False  # learn batch norm's scale too (MAML++); the paper fixes it at 1
     iterations: int = 60000
     meta_batch: int = 32
     inner_lr: float = 2.0
     inner_steps: int = 1
     adapt: str = "no_norm"
-    val_every: int = 500
-    val_tasks: int = 100
+    val_every: int = 500  # iterations between meta-validations (0: none)
+    val_tasks: int = 100  # meta-validation tasks
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,7 +34,7 @@ from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, eva
 class RegressionConfig(Config):
     experiment: str = "regression"
     data_root: str = ""  # the folder of task CSVs (required)
-    split_seed: int = 1
+    split_seed: int = 1  # the shuffle of the task files into splits
     split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # without train/ val/ test/ folders
     iterations: int = 10000
     meta_batch: int = 25
@@ -53,9 +53,9 @@ class RegressionConfig(Config):
     # each x column's and y's lowest and highest value over the meta-train tasks (x1 low, x1
     # high, ..., y low, y high), recorded when the run starts: adapt warns of leaving them
     value_ranges: tuple[float, ...] = ()
-    hidden: tuple[int, ...] = (40, 40)
-    val_every: int = 500
-    val_tasks: int = 100
+    hidden: tuple[int, ...] = (40, 40)  # the MLP's hidden widths
+    val_every: int = 500  # iterations between meta-validations (0: none)
+    val_tasks: int = 100  # meta-validation tasks
     threads: int = 1  # a small MLP: one thread is fastest
 
     def __post_init__(self) -> None:

@@ -111,10 +111,12 @@ GRADIENT_OUTER_LOOP = ("meta_lr", "meta_lr_schedule", "meta_lr_min", "first_orde
 
 @dataclass
 class RLConfig(Config):
+    unused_settings = (*GRADIENT_OUTER_LOOP, "compile")
     experiment: str = "rl"
     env: str = NAV  # a fastmaml/... id (fastmaml.rl.ENVS) or your own: module:YourEnv-v0
-    horizon: int = 0  # steps per episode (0: the paper's, 100 navigation / 200 locomotion; your
-    # own environment's max_episode_steps)
+    # steps per episode (0: the paper's, 100 navigation / 200 locomotion; your own
+    # environment's max_episode_steps)
+    horizon: int = 0
     action_scale: float = 1.0  # 2D navigation only: velocity = clip(action_scale * a, +-0.1)
     iterations: int = 500  # meta-iterations
     baseline_iterations: int = 0  # pretrained baseline iterations (0: as many as MAML's)
@@ -128,15 +130,15 @@ class RLConfig(Config):
     batch: str = "episodes"  # or steps: trajectories x horizon steps per task (official sampler)
     inner_lr: float = 0.1
     inner_steps: int = 1  # >1: more steps on the same support episodes
-    hidden: tuple[int, ...] = (100, 100)
-    init_std: float = 1.0
-    gamma: float = 0.99
-    gae_lambda: float = 1.0
+    hidden: tuple[int, ...] = (100, 100)  # the policy MLP's hidden widths
+    init_std: float = 1.0  # the Gaussian policy's initial action standard deviation
+    gamma: float = 0.99  # discount
+    gae_lambda: float = 1.0  # generalised advantage estimation's lambda
     max_kl: float = 0.01  # TRPO KL bound delta
-    cg_iters: int = 10
-    cg_damping: float = 1e-5
-    backtrack_ratio: float = 0.8
-    max_backtracks: int = 15
+    cg_iters: int = 10  # TRPO's conjugate-gradient iterations
+    cg_damping: float = 1e-5  # TRPO's damping of the curvature products
+    backtrack_ratio: float = 0.8  # TRPO's line search: each try shrinks the step by this
+    max_backtracks: int = 15  # TRPO's line search: tries before it keeps the old policy
     hvp: str = "gauss_newton"  # gauss_newton | exact (both exact) | finite_difference (paper's)
     workers: int = 0  # sampler worker processes (0: sample in the training process)
     eval_tasks: int = 40

@@ -39,14 +39,15 @@ class SinusoidConfig(Config):
     meta_batch: int = 25
     inner_lr: float = 0.01
     inner_steps: int = 1
-    k_shot: int = 10
-    k_query: int = 10
-    hidden: tuple[int, ...] = (40, 40)
-    eval_k_shots: tuple[int, ...] = (5, 10, 20)
-    eval_query: int = 100
+    k_shot: int = 10  # support points per task in meta-training (K)
+    k_query: int = 10  # query points per task in meta-training
+    hidden: tuple[int, ...] = (40, 40)  # the MLP's hidden widths
+    eval_k_shots: tuple[int, ...] = (5, 10, 20)  # the K values evaluated
+    eval_query: int = 100  # query points per test task
     baseline_iterations: int = 0  # 0: as many as MAML's iterations
+    # the pretrained baseline's fine-tuning step sizes, the best on tune_tasks tasks kept
     baseline_lrs: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
-    tune_tasks: int = 100
+    tune_tasks: int = 100  # tasks (not the test tasks) that choose the baseline's step size
     threads: int = 1  # a 40-unit MLP: one thread is fastest, and immune to a busy second core
 
     def __post_init__(self) -> None:
