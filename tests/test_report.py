@@ -451,7 +451,10 @@ def test_reproduce_tiny_budget_then_skip_finished_runs(omniglot_root: Path, tmp_
     assert machine["cpus"] >= 1
     assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert f"({machine['cpu_capability']}), {machine['cpus']} CPUs" in text
-    capsys.readouterr()
+    said = capsys.readouterr().out  # progress is hidden, so each evaluation is said
+    for name in ("sinusoid", "omniglot-5w1s", "rl-nav2d"):
+        assert (f"fastmaml: {name}: evaluating {root / name} with the paper's protocol\n"
+                f"fastmaml: {name}: evaluated: {root / name}/results.md\n") in said
 
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("trained a finished run again")

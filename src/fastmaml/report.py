@@ -920,7 +920,11 @@ def reproduce(budget: str, experiments: Sequence[str], root: Path, out: Path | N
                                       preset_config(preset_name, overrides).iterations, budget)
                 train_run(preset_name, run_dir, overrides, progress=progress)
                 experiment = load_experiment(run_dir)
+                if is_main():
+                    say(f"fastmaml: {name}: evaluating {run_dir} with the paper's protocol")
                 experiment.evaluate(progress=progress)
+                if is_main():
+                    say(f"fastmaml: {name}: evaluated: {run_dir}/results.md")
             if is_main():
                 (experiment or load_experiment(run_dir, ["threads=0"])).plot()  # (as `plot`)
         except FastMAMLError as error:  # e.g. no data here: the others still run
