@@ -1016,6 +1016,31 @@ def test_a_fixed_inner_lr_set_after_building_is_used_and_a_learned_one_refused()
     assert learned.inner_lr == 0.5
 
 
+def test_inner_steps_set_after_building_are_used_but_not_past_a_per_step_learners():
+    """A per_layer_step learner raised to more inner steps trained its last step's rates for the
+    added ones, silently; fewer steps, or any number without values learned per step, are used."""
+    model, loss_fn, batch = mlp_problem()
+    maml = MAML(model, loss_fn, inner_lr=0.1, inner_steps=1)
+    meta_grad(maml, batch)
+    maml.inner_steps = 3
+    fresh = MAML(copy.deepcopy(model), loss_fn, inner_lr=0.1, inner_steps=3)
+    assert relative(meta_grad(maml, batch), meta_grad(fresh, batch)) < 1e-12
+    with pytest.raises(ConfigError, match="inner_steps must be an integer >= 0, got 2.0"):
+        maml.inner_steps = 2.0
+    assert maml.inner_steps == 3
+    for learner in (MAML(model, loss_fn, 0.1, 3, lr_mode="per_layer_step"),
+                    MAML(model, loss_fn, 0.1, 3, adapt=["0"], per_step=["2"])):
+        with pytest.raises(ConfigError, match=r"inner_steps=4: this MAML's learned (inner "
+                           r"learning rates|set of per-step parameters) are one per inner step "
+                           r"for 3 steps, so training more steps would train step 3's"):
+            learner.inner_steps = 4
+        learner.inner_steps = 2  # its third step's values stay as they are, unused
+        with warnings.catch_warnings(action="error"):  # step 3 has its own: nothing reused
+            learner.evaluate(batch, steps=3)
+        with pytest.warns(fastmaml.errors.FastMAMLWarning, match="inner step 4 reuses step 3's learned"):
+            learner.evaluate(batch, steps=4)
+
+
 def test_a_model_changed_under_a_built_maml_is_named():
     """A layer replaced by one of another shape, or the model converted without the MAML whose
     learned rates took its dtype: torch's size or dtype mismatch from inside the inner step."""

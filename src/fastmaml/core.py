@@ -213,7 +213,9 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                        checkpoint_steps=checkpoint_steps)
         self.model = model
         self.loss_fn, self.metric_fn = loss_fn, metric_fn
-        self.inner_steps, self.first_order = inner_steps, first_order
+        # the steps the per-step learned values (per_layer_step rates, per_step sets) are for
+        self._inner_steps = self._built_steps = inner_steps
+        self.first_order = first_order
         self.batched, self.check_finite = batched, check_finite
         trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
         frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
@@ -273,6 +275,30 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                               "again")
         check_inner_lr(value)
         self.inner_lrs.init = float(value)
+
+    @property
+    def inner_steps(self) -> int:
+        """Inner gradient steps in meta-training, and ``adapt``'s and ``evaluate``'s default."""
+        return self._inner_steps
+
+    @inner_steps.setter
+    def inner_steps(self, value: int) -> None:
+        """A new number of steps, from the next call on; not more than a MAML with values
+        learned per step was built for, as the added steps would train the last step's."""
+        check_steps("inner_steps", value)
+        if value > self._built_steps and self._learned_per_step():
+            raise ConfigError(f"inner_steps={value}: this MAML's learned "
+                              f"{' and '.join(self._learned_per_step())} are one per inner step "
+                              f"for {self._built_steps} steps, so training more steps would "
+                              f"train step {self._built_steps}'s for all of those past it: "
+                              f"build MAML again with inner_steps={value} (or pass steps= to "
+                              "adapt or evaluate, to use the last step's for the steps past it)")
+        self._inner_steps = value
+
+    def _learned_per_step(self) -> list[str]:
+        """What this MAML learns one of per inner step."""
+        return ((["inner learning rates"] if self.inner_lrs.mode == "per_layer_step" else [])
+                + (["set of per-step parameters"] if self.per_step.names else []))
 
     # ----- the model as a function of its parameters -----
     def _split_params(self, detach: bool) -> tuple[Params, Params]:
@@ -626,14 +652,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
 
     def _warn_of_reuse(self, steps: int) -> None:
         """Say that inner steps past the trained ones reuse the last step's learned values."""
-        learned = ((["inner learning rates"] if self.inner_lrs.mode == "per_layer_step" else [])
-                   + (["set of per-step parameters"] if self.per_step.names else []))
-        if steps > self.inner_steps and learned:
-            later = (f"steps {self.inner_steps + 1} to {steps} reuse"
-                     if steps > self.inner_steps + 1 else f"step {steps} reuses")
-            warn(f"inner {later} step {self.inner_steps}'s learned "
-                 f"{' and '.join(learned)}: they were learned for inner_steps="
-                 f"{self.inner_steps}", FastMAMLWarning)
+        built, learned = self._built_steps, self._learned_per_step()
+        if steps > built and learned:
+            later = (f"steps {built + 1} to {steps} reuse" if steps > built + 1
+                     else f"step {steps} reuses")
+            warn(f"inner {later} step {built}'s learned {' and '.join(learned)}: they were "
+                 f"learned for inner_steps={built}", FastMAMLWarning)
 
     def _warn_of_dropout(self, call: str, outcome: str) -> None:
         """Say that ``call``, which users read as deterministic, draws dropout masks."""
