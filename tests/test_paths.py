@@ -44,6 +44,12 @@ def test_compiled_batched_path_matches_eager():
     smaller = TaskBatch(*(t[:2, :4] for t in batch))  # new shapes: a recompile, not an error
     assert relative(meta_grad(compiled_maml, smaller),
                     meta_grad(MAML(model, loss_fn, 0.1, 2, batched=True), smaller)) < 1e-5
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match="compile=True with checkpoint_steps=True: "
+                      "meta_backward's recomputing backward runs eager"):
+        checkpointed = MAML(model, loss_fn, 0.1, 2, compile=True, checkpoint_steps=True)
+    checkpointed.meta_backward(batch)
+    assert relative(flat_grads(checkpointed), eager) < 1e-5
+    assert checkpointed.path == "batched"  # not compiled, as it said
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)

@@ -258,6 +258,10 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             warn("torch.compile cannot compile recurrent layers under vmap (torch "
                  f"{torch.__version__}); running uncompiled", FastMAMLWarning)
             compile = False
+        if compile and checkpoint_steps:
+            warn("compile=True with checkpoint_steps=True: meta_backward's recomputing backward "
+                 "runs eager (it is not compiled); compile applies to meta_loss and evaluate",
+                 FastMAMLWarning)
         self._init_paths(compile, batched, chunk_size, checkpoint_steps)
 
     @property
