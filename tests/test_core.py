@@ -678,6 +678,35 @@ def test_targets_an_elementwise_loss_would_broadcast_are_refused(batched, loss, 
         maml.adapt(batch.support_x[0], batch.support_y[0, :, :, None])
 
 
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_targets_a_hand_written_elementwise_loss_would_broadcast_are_warned_of_once(batched):
+    """A loss of one's own, ((p - y) ** 2).mean(), of predictions (K, 1) and targets (K,) is the
+    mean over K x K pairs: no torch loss is there to refuse it, so it is said."""
+    model, _, batch = mlp_problem()
+    flat = TaskBatch(batch.support_x, batch.support_y[..., 0], batch.query_x, batch.query_y)
+
+    def squared_error(predictions, y):
+        return ((predictions - y) ** 2).mean()
+
+    maml = MAML(model, squared_error, batched=batched)
+    with pytest.warns(fastmaml.errors.FastMAMLWarning) as said:
+        maml.meta_loss(flat)
+        maml.evaluate(flat, steps=2)
+    shown = [str(w.message) for w in said if "broadcasts them" in str(w.message)]
+    k = batch.support_x.shape[1]
+    assert shown == [f"loss_fn gets a task's predictions ({k}, 1) and targets ({k},): an "
+                     "element-wise loss of the two, such as ((predictions - y) ** 2).mean(), "
+                     f"broadcasts them to ({k}, {k}), every prediction against every target; "
+                     "give targets shaped as the model's output (y[..., None]), unless loss_fn "
+                     "reshapes them itself"]
+    with warnings.catch_warnings(action="error"):  # targets shaped as the output: nothing said
+        MAML(model, squared_error, batched=batched).meta_loss(batch)
+        support, query = (torch.zeros(y.shape[:2], dtype=torch.long)  # class indices: not said
+                          for y in (batch.support_y, batch.query_y))
+        labels = TaskBatch(batch.support_x, support, batch.query_x, query)
+        MAML(model, lambda p, y: F.cross_entropy(p, y), batched=batched).meta_loss(labels)
+
+
 @pytest.mark.parametrize("error", [
     torch.OutOfMemoryError("CUDA out of memory"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "

@@ -244,6 +244,7 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
                                             {n: p.shape for n, p in adapted.items()}, inner_steps,
                                             like=adapted[self._rates_like])
         self._init_probe(model, transductive_bn)
+        self._said_column_targets = False  # (see _score)
         self._task_input_dims: int | None = None  # of one task's inputs in a batch of tasks
         self._buffer_names = [n for n, _ in model.named_buffers()]
         self._aliases = tensor_aliases(model)  # a tensor under several names (``aliases``)
@@ -413,6 +414,17 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             raise ShapeError(f"{broadcasting} would broadcast a task's predictions "
                              f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
                              f"targets shaped as the model's output{example}")
+        if (not broadcasting and not metric and not self._said_column_targets
+                and isinstance(predictions, Tensor) and y.is_floating_point()
+                and predictions.shape[-1:] == (1,) and predictions.shape[:-1] == y.shape
+                and not torch.compiler.is_compiling()):
+            self._said_column_targets = True  # (once: the shapes are those of every task)
+            n = len(y) if y.dim() else 1
+            warn(f"loss_fn gets a task's predictions {tuple(predictions.shape)} and targets "
+                 f"{tuple(y.shape)}: an element-wise loss of the two, such as "
+                 f"((predictions - y) ** 2).mean(), broadcasts them to ({n}, {n}), every "
+                 "prediction against every target; give targets shaped as the model's output "
+                 "(y[..., None]), unless loss_fn reshapes them itself", FastMAMLWarning)
         try:
             value = fn(predictions, y)
         except FastMAMLError:
