@@ -568,7 +568,7 @@ class RLExperiment(Experiment):
         cfg = self.cfg
         paper = PAPER.get(cfg.env, {})
         colors = colors_for([r["method"] for r in records])
-        fig = new_figure(5.6, 4.0)
+        fig = new_figure(5.6, 5.0)
         ax = fig.subplots()
         paper_horizon = _rl().default_horizon(cfg.env) if cfg.env in PAPER_ENVS else None
         other_horizon = (paper_horizon is not None
@@ -597,6 +597,8 @@ class RLExperiment(Experiment):
         ax.grid(alpha=0.3)
         handles = [h for axis in dict.fromkeys([ax, paper_ax])
                    for h in axis.get_legend_handles_labels()[0]]
-        paper_ax.legend(handles=handles, fontsize=7)  # (the axis drawn last: over both)
+        # below the axes, where it hides no curve (the axis drawn last: over both)
+        paper_ax.legend(handles=handles, fontsize=7, ncol=2, loc="upper center",
+                        bbox_to_anchor=(0.5, -0.13))
         fig.suptitle(self.figure_title(records), fontsize=9, wrap=True)
         return [save_figure(fig, self.figures_dir() / "return_vs_steps.png")]
