@@ -788,3 +788,24 @@ def test_tensorboard_without_its_package_is_refused_before_the_run_is_written(tm
         "fastmaml: error: tensorboard=true needs the tensorboard package: pip install "
         "tensorboard (or train with tensorboard=false)\n")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_a_resume_whose_checkpoint_does_not_fit_the_model_leaves_the_run_as_it_was(tmp_path,
+                                                                                 capsys):
+    """A model built for inputs of another shape now (an environment or data changed since)
+    failed on the checkpoint only once config.yaml and machine.json had been written."""
+    run = tmp_path / "run"
+    command = ["train", "sinusoid-demo", "--out", str(run), "baseline_iterations=1",
+               "checkpoint_every=2", "--no-progress"]
+    assert main([*command, "iterations=2"]) == 0
+    path = checkpoint_path(run, "maml")
+    state = torch.load(path, weights_only=False)
+    state["learner"]["module"]["model.0.weight"] = torch.zeros(40, 3)  # built for 3 inputs
+    torch.save(state, path)
+    files = {name: (run / name).read_bytes() for name in ("config.yaml", "machine.json")}
+    capsys.readouterr()
+    assert main([*command, "iterations=4"]) == 2
+    said = capsys.readouterr().err
+    assert f"the checkpoint {path} does not fit this run's model and settings" in said
+    assert "do the data or the environment now give inputs of another shape" in said
+    assert {name: (run / name).read_bytes() for name in files} == files

@@ -208,7 +208,8 @@ def load_state(target: Learner | nn.Module, state: Any, path: Path) -> None:
         detail = " ".join(line.strip() for line in str(error).splitlines())
         raise CheckpointError(
             f"the checkpoint {path} does not fit this run's model and settings (was config.yaml "
-            f"edited after training, or is the file another run's?): {detail}") from None
+            "edited after training, do the data or the environment now give inputs of another "
+            f"shape, or is the file another run's?): {detail}") from None
 
 
 # metrics logged as their value at the row's iteration, not as a mean over its interval:
@@ -533,8 +534,9 @@ def _stopped(learner: Learner, done: int, signum: int) -> TrainingStopped:
 
 
 def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse, before anything is written, a checkpoint past ``learner.iterations`` or trained
-    with other fixed ``settings`` than the run's config.yaml now holds (an edit of the file),
+    """Refuse, before anything is written, a checkpoint past ``learner.iterations``, trained
+    with other fixed ``settings`` than the run's config.yaml now holds (an edit of the file) or
+    not fitting the learner's model (another shape of the data or environment it is built for),
     and a learner whose checkpoint is gone though one was written (``checkpointed_mark``) and
     its metrics log holds rows: starting afresh would overwrite its history."""
     path = checkpoint_path(run_dir, learner.name)
@@ -543,6 +545,7 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
         checkpointed_mark(run_dir, learner.name).touch()  # (a run trained before marks were)
         _refuse_going_back(learner, run_dir, state["iteration"])
         refuse_changed_settings(state, settings, run_dir, path)
+        load_state(learner, state["learner"], path)  # one that does not fit: refused now too
         return
     log_path = metrics_path(run_dir, learner.name)
     marked = checkpointed_mark(run_dir, learner.name).exists()
