@@ -93,6 +93,12 @@ class NotDicts(Point):
         return list(rng.uniform(-1, 1, n))
 
 
+class NamedTasks(Point):
+    @classmethod
+    def sample_tasks(cls, n, rng):
+        return [{**task, "name": f"t{i}"} for i, task in enumerate(Point.sample_tasks(n, rng))]
+
+
 class OneShort(Point):
     @classmethod
     def sample_tasks(cls, n, rng):
@@ -184,7 +190,7 @@ class BuggyStep(Point):
 
 
 for name in ("Point", "Discrete", "DictObservations", "NoTaskApi", "InstanceSampleTasks",
-             "NotDicts", "OneShort", "NaNReward", "ArrayReward", "PairReward",
+             "NotDicts", "NamedTasks", "OneShort", "NaNReward", "ArrayReward", "PairReward",
              "ResetUnwritten", "ResetAsList", "OldGymStep", "TruncatesItself", "BuggyStep",
              "HugeReward", "KeyLost", "KeysWrong", "OutOfRange"):
     gymnasium.register(f"{__name__}/{name}-v0", entry_point=f"{__name__}:{name}",
@@ -235,8 +241,14 @@ def test_dict_observations_are_flattened_for_the_policy(module: str) -> None:
     ("Discrete-v0", r"actions are Discrete\(4\): fastmaml's policy is Gaussian and needs a Box"),
     ("NoTaskApi-v0", r"\(NoTaskApi\) lacks a classmethod sample_tasks and set_task; a meta-RL "
                      r"environment needs the task API"),
-    ("InstanceSampleTasks-v0", r"lacks a classmethod sample_tasks; a meta-RL environment"),
-    ("NotDicts-v0", r"sample_tasks\(1, rng\) gave \[.*\]; a meta-RL environment needs"),
+    ("InstanceSampleTasks-v0", r"lacks a classmethod sample_tasks \(its sample_tasks is a plain "
+                               r"method: decorate it with @classmethod\); a meta-RL environment"),
+    ("NotDicts-v0", r"sample_tasks\(1, rng\) gave \[.*\]: task 0, np.float64\(-?\d.\d+\), is "
+                    r"not a dict; a meta-RL environment needs"),
+    ("NamedTasks-v0", r"sample_tasks\(1, rng\) gave \[\{'goal': array\(\[ ?-?\d.\d{4}, ?-?\d.\d{4}"
+                      r"\]\), 'name': 't0'\}\]: task 0's 'name' is 't0', not a number or an array "
+                      r"of them; a meta-RL environment needs the task API: a classmethod "
+                      r"sample_tasks\(n, rng\) giving a list of n task dicts of numbers"),
     ("Unbounded-v0", r"registered without max_episode_steps: give the episodes' length as "
                      r"horizon=N"),
     ("Pointt-v0", r"unknown meta-RL environment '.*:userenvs_\d+/Pointt-v0' \(did you mean "
@@ -404,6 +416,7 @@ def test_an_id_that_worker_processes_cannot_make_is_named(module: str) -> None:
 def test_sample_tasks_giving_other_than_n_tasks_is_refused(module: str, tmp_path: Path) -> None:
     """A class giving n - 1 tasks trained on fewer tasks per meta-batch, and evaluated fewer
     than eval_tasks, unsaid."""
-    with pytest.raises(ConfigError, match=r"OneShort-v0's sample_tasks\(3, rng\) gave \[\{'goal"):
+    with pytest.raises(ConfigError, match=r"OneShort-v0's sample_tasks\(3, rng\) gave \[\{'goal.*\]: 2 "
+                                         r"tasks, not 3; a meta-RL"):
         fastmaml.meta_train("rl-env", tmp_path / "run", env=f"{module}:{module}/OneShort-v0",
                             **TINY)

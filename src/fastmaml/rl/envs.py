@@ -49,7 +49,6 @@ import contextlib
 import importlib
 import inspect
 import logging
-import reprlib
 import traceback
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -67,6 +66,7 @@ from torch import Tensor
 
 from ..config import did_you_mean
 from ..errors import ConfigError, NonFiniteInputError
+from ..plots import counted
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # larger numbers are inf in the episodes
 GYMNASIUM_DIR = str(Path(gymnasium.__file__).parent)  # its wrappers unpack a step's values
@@ -629,9 +629,11 @@ def env_class(env_id: str) -> type:
     if not isinstance(cls, type):
         raise ConfigError(f"{env_id}'s entry point {entry_point!r} is not a class; {TASK_API} "
                           "on the class it registers")
+    sampler = inspect.getattr_static(cls, "sample_tasks", None)
     lacks = [what for what, missing in (
-        ("a classmethod sample_tasks", not isinstance(inspect.getattr_static(
-            cls, "sample_tasks", None), (classmethod, staticmethod))),
+        ("a classmethod sample_tasks" + (" (its sample_tasks is a plain method: decorate it "
+                                         "with @classmethod)" if callable(sampler) else ""),
+         not isinstance(sampler, (classmethod, staticmethod))),
         ("set_task", not callable(getattr(cls, "set_task", None)))) if missing]
     if lacks:
         raise ConfigError(f"{env_id} ({cls.__name__}) lacks {' and '.join(lacks)}; {TASK_API}")
@@ -676,13 +678,45 @@ def _user_spec(env_id: str) -> EnvSpec:
 
 def sample_tasks(env_id: str, n: int, rng: TaskRng) -> list[Task]:
     """``env_class(env_id).sample_tasks(n, rng)``, checked: a ``ConfigError`` unless it gives
-    a list of ``n`` dicts (a user's class may give fewer, or numbers)."""
+    a list of ``n`` dicts of numbers (a user's class may give fewer, or a name)."""
     tasks = env_class(env_id).sample_tasks(n, rng)
-    if not (isinstance(tasks, Sequence) and len(tasks) == n
-            and all(isinstance(task, dict) for task in tasks)):
-        raise ConfigError(f"{env_id}'s sample_tasks({n}, rng) gave {reprlib.repr(tasks)}; "
+    fault = _task_list_fault(tasks, n)
+    if fault:
+        raise ConfigError(f"{env_id}'s sample_tasks({n}, rng) gave {_shown(tasks)}: {fault}; "
                           f"{TASK_API}")
     return list(tasks)
+
+
+def _task_list_fault(tasks: Any, n: int) -> str | None:
+    """What keeps ``tasks`` from being a list of ``n`` task dicts of numbers, if anything."""
+    if not isinstance(tasks, Sequence):
+        return f"not a list but a {type(tasks).__name__}"
+    if len(tasks) != n:
+        return f"{counted(len(tasks), 'task')}, not {n}"
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            return f"task {i}, {_shown(task)}, is not a dict"
+        for key, value in task.items():
+            if not _numeric(value):
+                return f"task {i}'s {key!r} is {_shown(value)}, not a number or an array of them"
+    return None
+
+
+def _numeric(value: Any) -> bool:
+    """Whether a task's value is a real number or an array of them (``task_values`` reads)."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError):  # (e.g. a ragged list)
+        return False
+    return array.dtype.kind in "biuf"
+
+
+def _shown(value: Any, width: int = 100) -> str:
+    """``value``'s repr for a message: numpy's numbers to 4 digits, cut at ``width`` characters
+    (reprlib would cut a number's digits in the middle)."""
+    with np.printoptions(precision=4, threshold=6):
+        text = repr(value)
+    return text if len(text) <= width else text[:width - 4] + " ..."
 
 
 def official_test(env_id: str) -> OfficialTest:
