@@ -80,6 +80,9 @@ def test_a_list_may_come_in_brackets_as_yaml_and_python_write_it() -> None:
     ("clip_grad=nan", "clip_grad must be >= 0"),
     ("chunk_size=-1", "chunk_size must be >= 0"),
     ("msl_anneal_iterations=0", "msl_anneal_iterations must be >= 1"),
+    ("eval_tasks=1", r"eval_tasks must be >= 2: the evaluation gives the mean over the test "
+                     r"tasks and its 95% confidence interval, which one task cannot"),
+    ("eval_tasks=0", "eval_tasks must be >= 2, got 0"),
     ("init=xavier", "init must be one of default, official, got 'xavier'"),
     (f"seed={-2 ** 63 - 1}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     (f"seed={2 ** 63}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223"),

@@ -99,7 +99,11 @@ class Config:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        self.require_at_least(iterations=1, meta_batch=1, eval_tasks=1, eval_chunk=1,
+        if self.eval_tasks == 1:
+            raise ConfigError("eval_tasks must be >= 2: the evaluation gives the mean over the "
+                              "test tasks and its 95% confidence interval, which one task cannot "
+                              "(`fastmaml adapt` adapts to one task of your own)")
+        self.require_at_least(iterations=1, meta_batch=1, eval_tasks=2, eval_chunk=1,
                               checkpoint_every=1, log_every=1, inner_steps=0, eval_inner_steps=0,
                               threads=0, chunk_size=0, first_order_until=0, clip_grad=0,
                               msl_anneal_iterations=1, meta_lr_min=0)
