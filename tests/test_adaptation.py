@@ -111,7 +111,7 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
                          "--query", str(query))
     assert code == 0 and "in 2 step(s)" in err  # an evaluation setting for this adaptation
     assert fastmaml.load_run(image_run, settings=["eval_inner_steps=3"]).steps == 3
-    assert fastmaml.load_run(image_run, settings="eval_inner_steps=4 eval_tasks=10").steps == 4
+    assert fastmaml.load_run(image_run, settings="eval_inner_steps=4").steps == 4
     assert fastmaml.load_run(image_run, settings=" ").steps == 5  # none: the run's own
     assert fastmaml.load_run(image_run, settings={"eval_inner_steps": 2}).steps == 2
     with pytest.raises(fastmaml.errors.ShapeError, match="support labels must be numbers .*; "
@@ -125,7 +125,10 @@ def test_adapt_labelled_query_csv(image_run: Path, tmp_path: Path,
     code, _, err = adapt(capsys, str(image_run), "inner_lr=1", "--support", str(support),
                          "--query", str(query))
     assert code == 2 and ("inner_lr=1: an adaptation of this fewshot run takes only its "
-                          "evaluation settings (eval_tasks, eval_inner_steps)") in err
+                          "evaluation settings (eval_inner_steps)") in err
+    code, _, err = adapt(capsys, str(image_run), "eval_tasks=7", "--support", str(support),
+                         "--query", str(query))  # an evaluation's count of tasks: not one task's
+    assert code == 2 and "eval_tasks=7: an adaptation of this fewshot run takes only" in err
     code, _, err = adapt(capsys, str(image_run), "eval_inner_lr=0.5", "--support", str(support),
                          "--query", str(query))  # a meta-RL run's: not offered here
     assert code == 2 and "eval_inner_lr=0.5: an adaptation of this fewshot run takes " in err

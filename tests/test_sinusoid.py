@@ -276,6 +276,7 @@ def test_a_presets_settings_are_shown_with_their_notes_and_what_the_preset_chang
     assert re.search(r"\n  split_fractions: 0.7,0.15,0.15 +# ", fewshot)  # as key=value takes it
     assert "\n  experiment:" not in fewshot and "\n  preset:" not in fewshot
     assert re.search(r"\n  action_scale: 0.1 +# \[rl-nav2d; default 1.0\] 2D navigation only", rl)
-    assert "\n  meta_lr:" not in rl and "\n  compile:" not in rl  # TRPO's outer loop: unused
+    for unused in ("meta_lr", "compile", "per_step"):  # TRPO's outer loop; a policy's layers
+        assert f"\n  {unused}:" not in rl
     assert main(["presets", "omniglot-20w5z"]) == 2
     assert "unknown preset 'omniglot-20w5z' (did you mean omniglot-20w5s" in capsys.readouterr().err

@@ -53,7 +53,6 @@ from .distributed import world_size_asked
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
 from .experiments import load_experiment, train_run
-from .experiments.base import EVAL_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
@@ -354,6 +353,12 @@ def _as_setting(value: Any) -> str:
     return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
 
 
+# the evaluation settings that one adaptation uses (not the count of test tasks, nor the
+# baselines' settings, of an evaluation)
+ADAPT_KEYS = ("eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
+              "eval_policy")
+
+
 def load_run(run_dir: str | os.PathLike[str], device: str | None = None,
              settings: Sequence[str] | str | Mapping[str, Any] = ()
              ) -> TrainedRun | TrainedPolicy:
@@ -379,7 +384,7 @@ def _load_run(run_dir: Path, device: str | None, settings: list[str]
               ) -> TrainedRun | TrainedPolicy:
     overrides = ["threads=0", "tune_malloc=false"] + ([f"device={device}"] if device else [])
     experiment = load_experiment(run_dir, overrides)
-    keys = [key for key in EVAL_KEYS if key in experiment.cfg.to_dict()]  # this run's
+    keys = [key for key in ADAPT_KEYS if key in experiment.cfg.to_dict()]  # this run's
     other = [item for item in settings if item.partition("=")[0].strip() not in keys]
     if other:
         raise ConfigError(f"{', '.join(other)}: an adaptation of this {experiment.name} run "

@@ -358,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--query",
                        help="the inputs to predict: a folder of images (or class folders, "
                             "labelled) or one image; a CSV of x values (or with y) for regression")
-    adapt.add_argument("--task", nargs="+", metavar="KEY=VALUE",
+    adapt.add_argument("--task", nargs="+", action="extend", metavar="KEY=VALUE",
                        help="meta-RL runs: the task to adapt to, e.g. velocity=1.3, "
                             "direction=-1 or goal=0.3,-0.2")
     adapt.add_argument("--seed", type=int, default=0,

@@ -44,7 +44,16 @@ def new_figure(width: float, height: float) -> Figure:
 def method_label(record: dict[str, Any]) -> str:
     """A record's method, with its inner step size where it has its own (as the paper's
     legends: "pretrained, step 0.01")."""
-    return record["method"] + (f", step {record['inner_lr']:g}" if "inner_lr" in record else "")
+    size = step_size(record)
+    return record["method"] + (f", step {size}" if size else "")
+
+
+def step_size(record: dict[str, Any]) -> str | None:
+    """A record's first inner step size as tables and legends show it: a number, or its
+    ``lr_mode`` where the method adapted with its own learned rates."""
+    if record.get("lr_mode", "fixed") != "fixed":
+        return f"learned ({record['lr_mode']})"
+    return f"{record['inner_lr']:g}" if "inner_lr" in record else None
 
 
 def ci_band(record: dict[str, Any], scale: float = 1.0) -> tuple[list[float], ...]:

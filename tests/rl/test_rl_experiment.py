@@ -259,6 +259,27 @@ def test_load_run_adapts_at_the_evaluations_step_size(tmp_path: Path,
     assert fastmaml.load_run(tmp_path).maml.check_finite
 
 
+def test_a_policy_with_learned_inner_rates_is_evaluated_and_labelled_with_them(
+        tmp_path: Path) -> None:
+    """The evaluation adapts MAML with its learned rates (no eval_inner_lr), and its row and
+    legend said the initial inner_lr, "maml (lr 0.1)", as if it were the step taken."""
+    from fastmaml.plots import method_label
+
+    experiment = create_run("rl-nav2d-cpu", tmp_path, [
+        "iterations=1", "meta_batch=2", "trajectories=2", "horizon=5", "hidden=8",
+        "eval_tasks=2", "eval_trajectories=2", "eval_inner_steps=1", "pretrained=false",
+        "oracle=false", "lr_mode=per_param"])
+    (learner,) = experiment.learners()
+    fit(learner, tmp_path, checkpoint_every=1, log_every=1, progress=False)
+    engine = experiment.eval_engine(experiment.restore(experiment.learners()[0]))
+    assert engine.inner_lrs.mode == "per_param"  # its own rates, not the fixed inner_lr
+    records = load_experiment(tmp_path).evaluate(progress=False)
+    maml, random = records
+    assert (method_label(maml), method_label(random)) == ("maml, step learned (per_param)",
+                                                          "random, step 0.5")
+    assert "| maml (lr learned (per_param)) | " in (tmp_path / "results.md").read_text()
+
+
 def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``fastmaml.load_run`` of an RL run: its best policy, adapted to a task by the evaluation
@@ -327,6 +348,12 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                                                    r"commas\), got '0.3'"),
                           (["--task", "goal=0.3,0.1,0"], r"goal takes 2 number\(s\)"),
                           (["--task", "goal=1,2", "goal=1,2"], "is goal=..., got 'goal=1,2' again"),
+                          (["--task", "goal=1,2", "--task", "goal=3,4"],  # both: not the last
+                           "is goal=..., got 'goal=3,4' again"),
+                          (["eval_tasks=7", "--task", "goal=1,2"],
+                           "eval_tasks=7: an adaptation of this rl run takes only its "
+                           r"evaluation settings \(eval_inner_steps, eval_trajectories, "
+                           r"eval_inner_lr, eval_batch, eval_policy\)"),
                           (["--task", "goal=a,b"], "goal takes numbers"),
                           (["--task", "goal=nan,0"], "goal must be finite"),
                           (["--support", "s.csv"], r"e.g. --task goal=\S+ \(not --support\)"),
@@ -334,6 +361,9 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                           ([], "it adapts to a task by sampling its environment, e.g. --task")]:
         assert main(["adapt", str(tmp_path), *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
+    assert main(["eval", str(tmp_path), "path=batched"]) == 2  # the gradient outer loop's
+    offered = capsys.readouterr().err.split("takes only ")[1].split(", not path: ")[0]
+    assert "eval_tasks" in offered.split(", ") and "path" not in offered.split(", ")
 
 
 def test_no_two_seeds_and_steps_of_an_adaptation_share_episodes() -> None:

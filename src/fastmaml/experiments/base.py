@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataError, FastMAMLError, FastMAMLWarning, war
 from ..inputs import TaskBatch
 from ..models import is_norm_param
 from ..plots import (LOGS, counted, digests, plot_learning_curves, record_drawn_from,
-                     retire_figures, steps_label)
+                     retire_figures, step_size, steps_label)
 from ..tasks.splits import Assignment, read_assignment, save_assignment
 from ..train import (Learner, checkpoint_path, checkpoints_dir, load_checkpoint, load_state,
                      refuse_changed_settings)
@@ -67,7 +67,8 @@ def resumable_keys(saved: Config, training: bool = True) -> set[str]:
     schedule, whose rates span them."""
     cosine = saved.meta_lr_schedule == "cosine"
     fixed = ({"iterations"} if cosine else set()) | (set() if training else TRAINING_KEYS)
-    return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
+    # this experiment's keys, less those its loop does not use
+    return (RESUMABLE_KEYS - fixed - set(saved.unused_settings)) & set(saved.to_dict())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -205,7 +206,8 @@ def results_table(title: str, records: list[dict[str, Any]], show_steps: list[in
                   "| method | " + " | ".join(steps_label(s) for s in show_steps) + " |",
                   "|---|" + "---|" * len(show_steps)]
         for r in (r for r in records if r["k_shot"] == k_shot):
-            label = r["method"] + (f" (lr {r['inner_lr']:g})" if "inner_lr" in r else "")
+            size = step_size(r)
+            label = r["method"] + (f" (lr {size})" if size else "")
             cells = [f"{r['mean'][s] * scale:.{digits}f} +- {r['ci95'][s] * scale:.{digits}f}"
                      if s < len(r["mean"]) else "" for s in show_steps]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")

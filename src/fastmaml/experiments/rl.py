@@ -111,7 +111,7 @@ GRADIENT_OUTER_LOOP = ("meta_lr", "meta_lr_schedule", "meta_lr_min", "first_orde
 
 @dataclass
 class RLConfig(Config):
-    unused_settings = (*GRADIENT_OUTER_LOOP, "compile")
+    unused_settings = (*GRADIENT_OUTER_LOOP, "compile", "per_step")
     experiment: str = "rl"
     env: str = NAV  # a fastmaml/... id (fastmaml.rl.ENVS) or your own: module:YourEnv-v0
     # steps per episode (0: the paper's, 100 navigation / 200 locomotion; your own
@@ -472,6 +472,8 @@ class RLExperiment(Experiment):
         for name, learner in trained.items():
             info = {"policy": cfg.eval_policy, "best_iteration": learner.best_iteration + 1,
                     "best_training_return": learner.best_return}
+            if name == "maml" and cfg.lr_mode != "fixed" and not cfg.eval_inner_lr:
+                info["lr_mode"] = cfg.lr_mode  # it adapts with its learned rates (eval_engine)
             engines[name] = (self.eval_engine(learner), info)
         engines["random"] = (self.build_maml(2, step_sizes["random"]), {"policy": "random init"})
         threshold = _rl().right_way_threshold(cfg.env, self.sampler().horizon)
