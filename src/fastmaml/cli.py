@@ -214,9 +214,12 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
     given = [name for name, value in (("--support", args.support), ("--query", args.query),
                                       ("--plot", args.plot), ("--norm", args.norm)) if value]
     if given or not args.task:
+        drawn = {key: np.round(value, 2) for key, value in run.sample_tasks(1)[0].items()}
         raise ConfigError(f"{run.run_dir} is a meta-RL run: it adapts to a task by sampling "
-                          f"its environment, e.g. --task {run.task_text(run.sample_tasks(1)[0])}"
-                          + (f" (not {', '.join(given)})" if given else ""))
+                          "its environment" + (f", e.g. --task {run.task_text(drawn)}"
+                                               if not args.task else "")
+                          + (f" ({', '.join(given)}: for few-shot and regression runs)"
+                             if given else ""))
     task = run.parse_task(args.task)
     adapted = run.adapt(task, args.steps, args.seed)
     if _format(args, out) == "json":
@@ -398,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")  # a terminal's colour or style
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None, *,  # noqa: ANN001
                   others: Callable[..., None] = warnings.showwarning) -> None:
     """fastmaml's own warnings as one line, once per machine under torchrun (its ranks read one
@@ -408,8 +414,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None, *, 
         if os.environ.get("LOCAL_RANK", "0") == "0" or issubclass(category, PathWarning):
             where = "" if rank == "0" else f" (rank {rank})"
             print(f"fastmaml: warning{where}: {message}", file=sys.stderr)
-    else:
-        others(message, category, filename, lineno, file, line)
+    else:  # a library's colours (gymnasium's) are escape codes in a log file
+        plain = str(message) if sys.stderr.isatty() else ANSI_CODE.sub("", str(message))
+        others(plain, category, filename, lineno, file, line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,8 +356,10 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                            r"eval_inner_lr, eval_batch, eval_policy\)"),
                           (["--task", "goal=a,b"], "goal takes numbers"),
                           (["--task", "goal=nan,0"], "goal must be finite"),
-                          (["--support", "s.csv"], r"e.g. --task goal=\S+ \(not --support\)"),
-                          (["--task", "goal=1,2", "--norm", "query"], r"\(not --norm\)"),
+                          (["--support", "s.csv"], r"e.g. --task goal=-?\d\.\d{1,2},-?\d\.\d{1,2} "
+                                                   r"\(--support: for few-shot and regression"),
+                          (["--task", "goal=1,2", "--norm", "query"],
+                           r"by sampling its environment \(--norm: for few-shot"),
                           ([], "it adapts to a task by sampling its environment, e.g. --task")]:
         assert main(["adapt", str(tmp_path), *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
