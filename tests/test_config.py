@@ -354,3 +354,17 @@ def test_a_config_class_without_source_has_no_notes():
     made = dataclasses.make_dataclass("Made", [("extra", int, 0)], bases=(Config,))
     assert "extra" not in made.field_notes()
     assert made.field_notes()["seed"] == Config.field_notes()["seed"]  # its bases' still read
+
+
+def test_adapt_no_norm_on_a_model_without_norm_layers_is_warned_of():
+    """A policy (or any MLP without norm layers) given adapt=no_norm adapted everything, unsaid."""
+    from fastmaml.experiments.base import adapt_selection
+
+    plain = MLP([1, 4, 1])
+    with pytest.warns(FastMAMLWarning, match="adapt=no_norm leaves the norm layers' parameters "
+                                             "to the outer loop, and this model has none"):
+        select = adapt_selection("no_norm", plain)
+    assert all(select(name, p) for name, p in plain.named_parameters())
+    with warnings.catch_warnings(action="error"):
+        select = adapt_selection("no_norm", MLP([1, 4, 1], batch_norm=True))
+    assert not select("1.weight", None)  # (the batch norm's)

@@ -104,6 +104,9 @@ def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool
     if spec == "all":
         return None
     if spec == "no_norm":
+        if not any(is_norm_param(name, model) for name, _ in model.named_parameters()):
+            warn("adapt=no_norm leaves the norm layers' parameters to the outer loop, and this "
+                 "model has none: every parameter adapts, as with adapt=all", FastMAMLWarning)
         return lambda name, _: not is_norm_param(name, model)
     return _prefixes(spec, model)
 
