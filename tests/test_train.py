@@ -21,7 +21,7 @@ from fastmaml.config import ConfigError
 from fastmaml.errors import FastMAMLWarning, NonFiniteLossError
 from fastmaml.experiments import create_run, load_experiment, prepare_run
 from fastmaml.train import (GradientLearner, TrainingStopped, backpropagated, checkpoint_path,
-                            checkpointed_mark, fit, load_checkpoint, meta_lr_at, save_atomic,
+                            check_resumable, checkpointed_mark, fit, load_checkpoint, meta_lr_at, save_atomic,
                             scalar_tag)
 
 
@@ -809,3 +809,13 @@ def test_a_resume_whose_checkpoint_does_not_fit_the_model_leaves_the_run_as_it_w
     assert f"the checkpoint {path} does not fit this run's model and settings" in said
     assert "do the data or the environment now give inputs of another shape" in said
     assert {name: (run / name).read_bytes() for name in files} == files
+    # checking a checkpoint that fits loads it, and leaves torch's generator to fit: another
+    # learner of the run, yet without a checkpoint, starts from the seeded state as before
+    learner = maml_learner(tmp_path / "fits")
+    fit(learner, tmp_path / "fits", 3, 2, progress=False, stop_after=3)
+    resumed = maml_learner(tmp_path / "fits")  # (building it seeds torch)
+    torch.manual_seed(5)
+    check_resumable(resumed, tmp_path / "fits", {})
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), drawn)

@@ -47,7 +47,7 @@ def _preset_settings(name: str) -> str:
     """A preset's description and every setting a new run of it starts with, each with its
     note from the config's source: what ``key=value`` can change, and to what."""
     chosen, config = preset(name), preset_config(name, [])
-    notes, defaults = config.field_notes(), type(config)()
+    notes, defaults = config.field_notes(), type(config)().to_dict()
     lines = [f"{name} [{chosen.experiment} experiment]: {chosen.description}",
              f"settings (change any with key=value, e.g. fastmaml train {name} seed=1):"]
     values = {key: value for key, value in config.to_dict().items()
@@ -56,8 +56,8 @@ def _preset_settings(name: str) -> str:
                 30)  # a long list goes past the notes' column, not the rest with it
     for key, value in values.items():
         note = notes.get(key, "")
-        if value != getattr(defaults, key) and key in chosen.values:
-            note = f"[{name}; default {_setting_text(defaults.to_dict()[key])}] {note}"
+        if value != defaults[key] and key in chosen.values:
+            note = f"[{name}; default {_setting_text(defaults[key])}] {note}"
         setting = f"{key}: {_setting_text(value)}"
         lines.append(f"  {setting:<{width}}  # {note}".rstrip(" #") if note else f"  {setting}")
     return "\n".join(lines) + "\n"
@@ -214,10 +214,11 @@ def _adapt_policy(args: argparse.Namespace, run: TrainedPolicy, out: Path | None
     given = [name for name, value in (("--support", args.support), ("--query", args.query),
                                       ("--plot", args.plot), ("--norm", args.norm)) if value]
     if given or not args.task:
-        drawn = {key: np.round(value, 2) for key, value in run.sample_tasks(1)[0].items()}
+        drawn = ({} if args.task else  # (+ 0.0: no -0.0 in the example)
+                 {key: np.round(value, 2) + 0.0 for key, value in run.sample_tasks(1)[0].items()})
         raise ConfigError(f"{run.run_dir} is a meta-RL run: it adapts to a task by sampling "
                           "its environment" + (f", e.g. --task {run.task_text(drawn)}"
-                                               if not args.task else "")
+                                               if drawn else "")
                           + (f" ({', '.join(given)}: for few-shot and regression runs)"
                              if given else ""))
     task = run.parse_task(args.task)

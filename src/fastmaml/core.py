@@ -414,12 +414,12 @@ class MAML(ExecutionPaths, ModelProbe, nn.Module):
             raise ShapeError(f"{broadcasting} would broadcast a task's predictions "
                              f"{tuple(predictions.shape)} and targets {tuple(y.shape)}: give "
                              f"targets shaped as the model's output{example}")
-        if (not broadcasting and not metric and not self._said_column_targets
-                and isinstance(predictions, Tensor) and y.is_floating_point()
-                and predictions.shape[-1:] == (1,) and predictions.shape[:-1] == y.shape
-                and not torch.compiler.is_compiling()):
+        if (not torch.compiler.is_compiling()  # (first: a compiled graph reads no flag)
+                and not broadcasting and not metric and not self._said_column_targets
+                and isinstance(predictions, Tensor) and y.dim() and y.is_floating_point()
+                and predictions.shape[-1:] == (1,) and predictions.shape[:-1] == y.shape):
             self._said_column_targets = True  # (once: the shapes are those of every task)
-            n = len(y) if y.dim() else 1
+            n = len(y)
             warn(f"loss_fn gets a task's predictions {tuple(predictions.shape)} and targets "
                  f"{tuple(y.shape)}: an element-wise loss of the two, such as "
                  f"((predictions - y) ** 2).mean(), broadcasts them to ({n}, {n}), every "

@@ -545,7 +545,8 @@ def check_resumable(learner: Learner, run_dir: Path, settings: dict[str, Any]) -
         checkpointed_mark(run_dir, learner.name).touch()  # (a run trained before marks were)
         _refuse_going_back(learner, run_dir, state["iteration"])
         refuse_changed_settings(state, settings, run_dir, path)
-        load_state(learner, state["learner"], path)  # one that does not fit: refused now too
+        with torch.random.fork_rng(devices=[]):  # (its generator state: for fit to set)
+            load_state(learner, state["learner"], path)  # one that does not fit: refused now
         return
     log_path = metrics_path(run_dir, learner.name)
     marked = checkpointed_mark(run_dir, learner.name).exists()

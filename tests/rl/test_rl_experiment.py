@@ -363,8 +363,8 @@ def test_load_run_adapts_the_trained_policy_to_a_new_task_as_eval_does(
                           ([], "it adapts to a task by sampling its environment, e.g. --task")]:
         assert main(["adapt", str(tmp_path), *args]) == 2
         assert re.search(message, capsys.readouterr().err), args
-    assert main(["eval", str(tmp_path), "path=batched"]) == 2  # the gradient outer loop's
-    offered = capsys.readouterr().err.split("takes only ")[1].split(", not path: ")[0]
+    assert main(["eval", str(tmp_path), "inner_lr=0.3"]) == 2  # offered: not TRPO's unused
+    offered = capsys.readouterr().err.split("takes only ")[1].split(", not inner_lr: ")[0]
     assert "eval_tasks" in offered.split(", ") and "path" not in offered.split(", ")
 
 

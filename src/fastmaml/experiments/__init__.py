@@ -468,15 +468,16 @@ def _refuse_changes(saved: Config, differing: set[str], resumable: set[str], run
     """A ``ConfigError`` where overrides would change settings (of ``differing``) a run keeps,
     or where an evaluation is given settings of training."""
     changed = differing - resumable
+    offered = sorted(resumable - set(saved.unused_settings))  # (those unused: their defaults)
     if changed and not training:
         raise ConfigError(f"an evaluation of {run_dir} (eval, plot, adapt) takes only "
-                          f"{', '.join(sorted(resumable))}, not {', '.join(sorted(changed))}: "
+                          f"{', '.join(offered)}, not {', '.join(sorted(changed))}: "
                           "the settings of what it learned and how it trains are its "
                           "training's (fastmaml train resumes it)")
     if changed:
         cosine = saved.meta_lr_schedule == "cosine"
         raise ConfigError(f"{run_dir} keeps the {', '.join(sorted(changed))} it started with "
                           "(for training, evaluation and adapt alike); only "
-                          f"{', '.join(sorted(resumable))} may change"
+                          f"{', '.join(offered)} may change"
                           + (" (the cosine meta_lr schedule spans the iterations)" if cosine else "")
                           + "; other settings need a new run: train with another --out")

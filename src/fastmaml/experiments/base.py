@@ -67,8 +67,7 @@ def resumable_keys(saved: Config, training: bool = True) -> set[str]:
     schedule, whose rates span them."""
     cosine = saved.meta_lr_schedule == "cosine"
     fixed = ({"iterations"} if cosine else set()) | (set() if training else TRAINING_KEYS)
-    # this experiment's keys, less those its loop does not use
-    return (RESUMABLE_KEYS - fixed - set(saved.unused_settings)) & set(saved.to_dict())
+    return (RESUMABLE_KEYS - fixed) & set(saved.to_dict())  # this experiment's keys
 
 
 def resolve_device(name: str) -> torch.device:

@@ -712,11 +712,22 @@ def _numeric(value: Any) -> bool:
 
 
 def _shown(value: Any, width: int = 100) -> str:
-    """``value``'s repr for a message: numpy's numbers to 4 digits, cut at ``width`` characters
-    (reprlib would cut a number's digits in the middle)."""
+    """``value``'s repr for a message, each number to 4 significant digits (so that a long
+    list is cut, with " ...", after whole numbers where it can be)."""
     with np.printoptions(precision=4, threshold=6):
-        text = repr(value)
+        text = repr(_rounded(value))
     return text if len(text) <= width else text[:width - 4] + " ..."
+
+
+def _rounded(value: Any) -> Any:
+    """``value`` with its floats (in dicts, lists and tuples) to 4 significant digits."""
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_rounded, value))
+    if isinstance(value, (float, np.floating)):
+        return float(f"{value:.4g}")
+    return value
 
 
 def official_test(env_id: str) -> OfficialTest:
