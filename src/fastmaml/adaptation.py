@@ -53,6 +53,7 @@ from .distributed import world_size_asked
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
 from .experiments import load_experiment, train_run
+from .experiments.base import ADAPT_KEYS
 from .inputs import Params, check_steps
 from .norms import has_batch_norm
 from .plots import check_figure_path, plot_regression_adaptation
@@ -351,12 +352,6 @@ def _as_setting(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-
-
-# the evaluation settings that one adaptation uses (not the count of test tasks, nor the
-# baselines' settings, of an evaluation)
-ADAPT_KEYS = ("eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
-              "eval_policy")
 
 
 def load_run(run_dir: str | os.PathLike[str], device: str | None = None,

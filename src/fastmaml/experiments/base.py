@@ -35,6 +35,9 @@ from ..train import (Learner, checkpoint_path, checkpoints_dir, load_checkpoint,
 # search; a few-shot run's eval_k_query is not one: it fixes which classes a folder run uses.)
 EVAL_KEYS = ("eval_tasks", "eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
              "eval_policy", "eval_k_shots", "eval_query", "baseline_lrs", "tune_tasks")
+# those that one adaptation uses (not an evaluation's count of test tasks, nor its baselines')
+ADAPT_KEYS = ("eval_inner_steps", "eval_trajectories", "eval_inner_lr", "eval_batch",
+              "eval_policy")
 SPLIT_RECORD = "splits.json"  # a data folder's items per split, fixed when the run starts
 EVAL_HISTORY = "eval-history.jsonl"  # the run's evaluations (append_evaluation)
 VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and test tasks
