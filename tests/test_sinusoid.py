@@ -223,6 +223,8 @@ def test_presets_are_listed(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out
     assert "sinusoid-demo" in out and "70,000 iterations" in out
+    assert out.endswith("\n\n`fastmaml presets NAME` shows a preset's settings, which `fastmaml "
+                        "train NAME key=value ...` changes\n")
 
 
 def test_a_sinusoid_run_warns_of_x_beyond_its_tasks_range(tmp_path: Path, capsys) -> None:

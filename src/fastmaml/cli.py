@@ -39,6 +39,8 @@ def _presets(args: argparse.Namespace) -> None:
         width = max(map(len, PRESETS))
         for name, chosen in PRESETS.items():
             print(f"{name:<{width}}  [{chosen.experiment}] {chosen.description}")
+        print("\n`fastmaml presets NAME` shows a preset's settings, which `fastmaml train NAME "
+              "key=value ...` changes")
     for number, name in enumerate(args.names):
         print(("\n" if number else "") + _preset_settings(name), end="")
 
