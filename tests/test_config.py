@@ -108,6 +108,10 @@ def test_combinations_and_experiment_settings_are_checked():
                          ("split_seed=-1", "split_seed must be >= 0")):
         with pytest.raises(ConfigError, match=message):
             FewShotConfig().with_overrides([bad])
+    with pytest.raises(ConfigError, match="hidden=8 sets the conv net's filters; network=mlp is "
+                                          "the paper's fixed 256-128-64-64 MLP"):
+        FewShotConfig().with_overrides(["network=mlp", "hidden=8"])  # was silently unused
+    assert FewShotConfig().with_overrides(["network=mlp"]).hidden == 64
 
 
 @pytest.mark.parametrize("overrides, said", [

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "return after each step is reported. key=value evaluation settings after run_dir "
         "replace the run's for this adaptation, as fastmaml eval takes them (e.g. "
         "eval_policy=last or eval_inner_lr=0.05; before --task, which takes what follows it).")
-    adapt.add_argument("run_dir")
+    adapt.add_argument("run_dir", help="a trained run directory (fastmaml train's --out)")
     adapt.add_argument("--support", help="the new task's labelled examples")
     adapt.add_argument("--query",
                        help="the inputs to predict: a folder of images (or class folders, "

@@ -71,8 +71,9 @@ class Config:
     first_order_until: int = 0  # first-order MAML before this iteration, then second order (MAML++)
     lr_mode: str = "fixed"  # fixed | scalar | per_param (Meta-SGD) | per_layer_step (MAML++)
     adapt: str = "all"  # all | no_norm (paper) | comma-separated parameter-name prefixes (ANIL: head)
-    # outer-loop parameters with one meta-learned set per inner step (inner_steps >= 2): none |
-    # norm (MAML++'s per-step batch-norm weights and biases; with adapt=no_norm) | name prefixes
+    # outer-loop parameters with one meta-learned set per inner step (inner_steps >= 2; with
+    # second order or multi_step_loss): none | norm (MAML++'s per-step batch-norm weights and
+    # biases; with adapt=no_norm) | name prefixes
     per_step: str = "none"
     multi_step_loss: bool = False  # MAML++ query loss after every inner step
     # iterations over which the MSL weights anneal; then the last step's loss alone (MAML++)
@@ -80,8 +81,7 @@ class Config:
     clip_grad: float = 0.0  # element-wise meta-gradient clip (0: off)
     path: str = "auto"  # auto | batched (vmap) | looped
     # torch.compile the batched path: true | false | auto (training runs of 10,000 iterations or
-    # more, COMPILE_FROM_ITERATIONS, where the minutes of a first compile pay back; evaluation
-    # and adapt run eager)
+    # more, where the minutes of a first compile pay back; evaluation and adapt run eager)
     compile: str = "auto"
     chunk_size: int = 0  # vmap this many tasks at a time (0: auto, cache-sized chunks on CPU)
     checkpoint_steps: bool = False  # recompute inner steps in the backward: flat memory in steps

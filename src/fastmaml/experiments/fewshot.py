@@ -65,11 +65,13 @@ class FewShotConfig(Config):
     invert: bool = False  # folder: 255 - pixel (dark strokes on white become 1.0 on 0.0)
     class_depth: int = 1  # folder: DIR/<class>/ (1) or DIR/<group>/<class>/ (2)
     split_fractions: tuple[float, ...] = (0.7, 0.15, 0.15)  # folder without train/ val/ test/
-    rotate: str = "auto"  # auto (Omniglot: all) | all | train (meta-train only) | none
+    rotate: str = "auto"  # auto (Omniglot: all; other data: none) | all | train (meta-train) | none
     n_way: int = 5  # classes per task (N)
     k_shot: int = 1  # labelled support examples per class (K)
     k_query: int = 1  # query examples per class during meta-training
-    eval_k_query: int = 0  # query examples per class at evaluation (0: k_shot, as the paper)
+    # query examples per class at evaluation (0: k_shot, as the paper); fixed when the run
+    # starts, as it decides which classes a folder run can use
+    eval_k_query: int = 0
     network: str = "conv"  # conv | mlp (the paper's 256-128-64-64 MLP variant)
     hidden: int = 64  # conv: filters per layer (the paper: 64 Omniglot, 32 MiniImagenet)
     norm_scale: bool = False  # learn batch norm's scale too (MAML++); the paper fixes it at 1
@@ -89,6 +91,9 @@ class FewShotConfig(Config):
             raise ConfigError(f"dataset must be one of {', '.join(DATA_ENV)}, got {self.dataset!r}")
         if self.network not in ("conv", "mlp"):
             raise ConfigError(f"network must be conv or mlp, got {self.network!r}")
+        if self.network == "mlp" and self.hidden != FewShotConfig.hidden:
+            raise ConfigError(f"hidden={self.hidden} sets the conv net's filters; network=mlp is "
+                              "the paper's fixed 256-128-64-64 MLP (leave hidden out)")
         if self.rotate not in ROTATE:
             raise ConfigError(f"rotate must be one of {', '.join(ROTATE)}, got {self.rotate!r}")
         if self.within_alphabet and self.dataset != "omniglot" and self.class_depth != 2:
