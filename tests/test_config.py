@@ -82,7 +82,7 @@ def test_a_list_may_come_in_brackets_as_yaml_and_python_write_it() -> None:
     ("msl_anneal_iterations=0", "msl_anneal_iterations must be >= 1"),
     ("eval_tasks=1", r"eval_tasks must be >= 2: the evaluation gives the mean over the test "
                      r"tasks and its 95% confidence interval, which one task cannot"),
-    ("eval_tasks=0", "eval_tasks must be >= 2, got 0"),
+    ("eval_tasks=0", "eval_tasks must be >= 1, got 0"),
     ("init=xavier", "init must be one of default, official, got 'xavier'"),
     (f"seed={-2 ** 63 - 1}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\)"),
     (f"seed={2 ** 63}", r"seed must be an integer in \[-2\*\*63, 2\*\*63\), got 9223"),
@@ -372,3 +372,17 @@ def test_adapt_no_norm_on_a_model_without_norm_layers_is_warned_of():
     with warnings.catch_warnings(action="error"):
         select = adapt_selection("no_norm", MLP([1, 4, 1], batch_norm=True))
     assert not select("1.weight", None)  # (the batch norm's)
+
+
+def test_a_run_saved_with_one_eval_task_still_loads_and_takes_another(tmp_path):
+    """eval_tasks=1 (no confidence interval) is refused where it is given, not in a run
+    saved with it before the refusal: that run loads, and an override replaces it."""
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=2",
+                 "baseline_iterations=1", "--no-progress"]) == 0
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("eval_tasks: 600", "eval_tasks: 1"))
+    assert load_experiment(run).cfg.eval_tasks == 1
+    assert load_experiment(run, ["eval_tasks=5"]).cfg.eval_tasks == 5
+    with pytest.raises(ConfigError, match="eval_tasks must be >= 2"):
+        load_experiment(run, ["eval_tasks=1"])

@@ -99,11 +99,7 @@ class Config:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.eval_tasks == 1:
-            raise ConfigError("eval_tasks must be >= 2: the evaluation gives the mean over the "
-                              "test tasks and its 95% confidence interval, which one task cannot "
-                              "(`fastmaml adapt` adapts to one task of your own)")
-        self.require_at_least(iterations=1, meta_batch=1, eval_tasks=2, eval_chunk=1,
+        self.require_at_least(iterations=1, meta_batch=1, eval_tasks=1, eval_chunk=1,
                               checkpoint_every=1, log_every=1, inner_steps=0, eval_inner_steps=0,
                               threads=0, chunk_size=0, first_order_until=0, clip_grad=0,
                               msl_anneal_iterations=1, meta_lr_min=0)
@@ -232,8 +228,15 @@ class Config:
                 and key in experiment_class(name).config_cls.field_types()]
 
     def with_overrides(self: C, overrides: list[str]) -> C:
-        """Apply ``key=value`` strings, typed by the dataclass fields."""
-        return self.replace(**parse_overrides(overrides))
+        """Apply ``key=value`` strings, typed by the dataclass fields. ``eval_tasks=1`` is
+        refused here, where it is given (a run saved with it before still loads)."""
+        changes = parse_overrides(overrides)
+        changed = self.replace(**changes)
+        if "eval_tasks" in changes and changed.eval_tasks == 1:
+            raise ConfigError("eval_tasks must be >= 2: the evaluation gives the mean over the "
+                              "test tasks and its 95% confidence interval, which one task cannot "
+                              "(`fastmaml adapt` adapts to one task of your own)")
+        return changed
 
     def save(self, path: Path) -> None:
         write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)
