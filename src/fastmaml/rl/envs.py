@@ -697,18 +697,19 @@ def _task_list_fault(tasks: Any, n: int) -> str | None:
         if not isinstance(task, dict):
             return f"task {i}, {_shown(task)}, is not a dict"
         for key, value in task.items():
-            if not _numeric(value):
+            if not is_numeric(value):
                 return f"task {i}'s {key!r} is {_shown(value)}, not a number or an array of them"
     return None
 
 
-def _numeric(value: Any) -> bool:
-    """Whether a task's value is a real number or an array of them (``task_values`` reads)."""
+def is_numeric(value: Any) -> bool:
+    """Whether a task's value is a real number or an array of them (``task_values`` reads;
+    not a bool)."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError):  # (e.g. a ragged list)
         return False
-    return array.dtype.kind in "biuf"
+    return array.dtype.kind in "iuf"
 
 
 def _shown(value: Any, width: int = 100) -> str:

@@ -40,7 +40,7 @@ from ..inputs import Params
 from ..errors import ConfigError
 from ..train import STOP_SIGNALS, signals_handled
 from .envs import (ENVS, BatchEnv, Task, TaskInputs, canonical_env_id, default_horizon,
-                   make_batch_env, sample_tasks, task_values)
+                   is_numeric, make_batch_env, sample_tasks, task_values)
 from .policy import policy_forward
 
 SeedKey = int | tuple[int, ...]  # a sampler seed: an integer, or a tuple of them
@@ -213,8 +213,7 @@ class Sampler:
                 if np.shape(task[key]) != shape:
                     raise ConfigError(f"a {self.env_id} task's {key} must be of shape "
                                       f"{shape}, got {task[key]!r}")
-                values = np.asarray(task[key])
-                if values.dtype.kind not in "iuf" or not np.isfinite(values).all():
+                if not is_numeric(task[key]) or not np.isfinite(task[key]).all():
                     raise ConfigError(f"a {self.env_id} task's {key} must be finite numbers, "
                                       f"got {task[key]!r}")
         inputs = self.obs_dim + (self.task_dim if task_inputs else 0)
