@@ -106,11 +106,17 @@ def adapt_selection(spec: str, model: nn.Module) -> Callable[[str, Tensor], bool
     if spec == "all":
         return None
     if spec == "no_norm":
-        if not any(is_norm_param(name, model) for name, _ in model.named_parameters()):
+        if not _has_norm_params(model):
             warn("adapt=no_norm leaves the norm layers' parameters to the outer loop, and this "
                  "model has none: every parameter adapts, as with adapt=all", FastMAMLWarning)
         return lambda name, _: not is_norm_param(name, model)
     return _prefixes(spec, model)
+
+
+def _has_norm_params(model: nn.Module) -> bool:
+    """Whether ``model`` has parameters of a normalisation layer (``adapt=no_norm`` and
+    ``per_step=norm`` select them)."""
+    return any(is_norm_param(name, model) for name, _ in model.named_parameters())
 
 
 def _last_layer(model: nn.Module) -> str:
@@ -125,7 +131,7 @@ def per_step_selection(spec: str, model: nn.Module
     if spec == "none":
         return None
     if spec == "norm":
-        if not any(is_norm_param(name, model) for name, _ in model.named_parameters()):
+        if not _has_norm_params(model):
             raise ConfigError("per_step=norm gives the norm layers a set per inner step, and "
                               "this model has none: per_step=none, or name parameter prefixes")
         return lambda name, _: is_norm_param(name, model)
