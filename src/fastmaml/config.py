@@ -132,9 +132,11 @@ class Config:
             raise ConfigError(f"compile must be auto, true or false, got {self.compile!r}")
 
     def compiles(self) -> bool:
-        """Whether training compiles (``compile``, with ``auto`` resolved by the iterations)."""
-        return self.compile == "true" or (self.compile == "auto"
-                                          and self.iterations >= COMPILE_FROM_ITERATIONS)
+        """Whether training compiles (``compile``, with ``auto`` resolved by the iterations);
+        never where the experiment's loop does not use it (meta-RL's)."""
+        return "compile" not in self.unused_settings and (
+            self.compile == "true" or (self.compile == "auto"
+                                       and self.iterations >= COMPILE_FROM_ITERATIONS))
 
     def training_warnings(self) -> list[str]:
         """What these settings train that a user likely does not mean (each is allowed)."""

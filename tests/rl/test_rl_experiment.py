@@ -85,6 +85,8 @@ def test_presets_hold_the_paper_settings() -> None:
                                               "gradient-based outer loop, .* is TRPO"):
             RLConfig().with_overrides([inert])
     assert RLConfig().with_overrides(["compile=false"]).compile == "false"  # (saved runs hold it)
+    # compile=auto compiled a policy engine of 10,000 meta-iterations or more; meta-RL never does
+    assert not RLConfig().with_overrides(["iterations=10000"]).compiles()
 
 
 @pytest.mark.parametrize("name, step_sizes, later", [

@@ -322,7 +322,7 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
             + (f", {size} processes" if size > 1 else "") + (f", learner {only}" if only else "")
             + (f" ({note})" if note else "")
             + (f"; resuming {', '.join(resumed)} from the last checkpoint" if resumed else ""))
-        if cfg.compiles() and "compile" not in cfg.unused_settings:
+        if cfg.compiles():
             say(f"fastmaml: compile={cfg.compile}: the first iteration compiles the batched path "
                 "(seconds for a small MLP, minutes for a conv net on a cold cache) and keeps it "
                 "where it is faster")
