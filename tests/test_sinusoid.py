@@ -275,10 +275,20 @@ def test_a_presets_settings_are_shown_with_their_notes_and_what_the_preset_chang
     assert re.search(r"\n  n_way: 20 +# \[omniglot-20w5s; default 5\] classes per task \(N\)\n",
                      fewshot)
     assert re.search(r"\n  seed: 0 +# the run's random seed", fewshot)  # unchanged: no marker
-    assert re.search(r"\n  split_fractions: 0.7,0.15,0.15 +# ", fewshot)  # as key=value takes it
+    # another dataset's settings are named apart, not listed as this preset's
+    assert "\n  image_size:" not in fewshot and "\n  split_fractions:" not in fewshot
+    assert fewshot.endswith("\nunused here, only with dataset=folder: image_size, channels, "
+                            "invert, class_depth, split_fractions")
     assert "\n  experiment:" not in fewshot and "\n  preset:" not in fewshot
     assert re.search(r"\n  action_scale: 0.1 +# \[rl-nav2d; default 1.0\] 2D navigation only", rl)
     for unused in ("meta_lr", "compile", "per_step"):  # TRPO's outer loop; a policy's layers
         assert f"\n  {unused}:" not in rl
+    assert main(["presets", "fewshot-folder", "miniimagenet-5w1s"]) == 0
+    folder, miniimagenet = capsys.readouterr().out.split("\n\nminiimagenet-5w1s ")
+    assert re.search(r"\n  split_fractions: 0.7,0.15,0.15 +# ", folder)  # as key=value takes it
+    assert "\n  split:" not in folder
+    assert folder.endswith("only with dataset=omniglot: download, split")
+    assert ("only with dataset=omniglot or dataset=folder: split_seed, within_alphabet\n"
+            in miniimagenet)
     assert main(["presets", "omniglot-20w5z"]) == 2
     assert "unknown preset 'omniglot-20w5z' (did you mean omniglot-20w5s" in capsys.readouterr().err

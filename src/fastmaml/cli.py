@@ -52,8 +52,9 @@ def _preset_settings(name: str) -> str:
     notes, defaults = config.field_notes(), type(config)().to_dict()
     lines = [f"{name} [{chosen.experiment} experiment]: {chosen.description}",
              f"settings (change any with key=value, e.g. fastmaml train {name} seed=1):"]
-    values = {key: value for key, value in config.to_dict().items()
-              if key not in ("experiment", "preset", *config.unused_settings)}
+    apart = config.settings_apart()
+    hidden = ("experiment", "preset", *config.unused_settings, *sum(apart.values(), ()))
+    values = {key: value for key, value in config.to_dict().items() if key not in hidden}
     width = min(max(len(f"{key}: {_setting_text(value)}") for key, value in values.items()),
                 30)  # a long list goes past the notes' column, not the rest with it
     for key, value in values.items():
@@ -62,6 +63,7 @@ def _preset_settings(name: str) -> str:
             note = f"[{name}; default {_setting_text(defaults[key])}] {note}"
         setting = f"{key}: {_setting_text(value)}"
         lines.append(f"  {setting:<{width}}  # {note}".rstrip(" #") if note else f"  {setting}")
+    lines += [f"unused here, only with {user}: {', '.join(keys)}" for user, keys in apart.items()]
     return "\n".join(lines) + "\n"
 
 

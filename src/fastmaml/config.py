@@ -138,6 +138,11 @@ class Config:
             self.compile == "true" or (self.compile == "auto"
                                        and self.iterations >= COMPILE_FROM_ITERATIONS))
 
+    def settings_apart(self) -> dict[str, tuple[str, ...]]:
+        """Settings these values leave unused, keyed by what uses them (another dataset, say):
+        ``fastmaml presets NAME`` lists them apart from the run's own."""
+        return {}
+
     def training_warnings(self) -> list[str]:
         """What these settings train that a user likely does not mean (each is allowed)."""
         said = []

@@ -43,6 +43,12 @@ DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGE
 
 ROTATE = ("auto", "all", "train", "none")
 
+# the settings that only some datasets use, and those datasets
+DATASET_SETTINGS = {"download": ("omniglot",), "split": ("omniglot",),
+                    "split_seed": ("omniglot", "folder"), "within_alphabet": ("omniglot", "folder"),
+                    **dict.fromkeys(("image_size", "channels", "invert", "class_depth",
+                                     "split_fractions"), ("folder",))}
+
 
 def default_data_root(dataset: str) -> Path:
     """Where a run of ``dataset`` without ``data_root`` reads it: its environment variable's
@@ -114,11 +120,24 @@ class FewShotConfig(Config):
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")
+        if not folder and (self.class_depth, tuple(self.split_fractions)) != (
+                FewShotConfig.class_depth, FewShotConfig.split_fractions):
+            raise ConfigError(f"class_depth and split_fractions lay out an image folder: "
+                              f"dataset={self.dataset} has its own layout and splits (they "
+                              "apply to dataset=folder)")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
         if self.data_root:  # absolute, so that the saved run evaluates from any directory
             self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
+
+    def settings_apart(self) -> dict[str, tuple[str, ...]]:
+        uses: dict[str, tuple[str, ...]] = {}
+        for key, datasets in DATASET_SETTINGS.items():
+            if self.dataset not in datasets:
+                user = " or ".join(f"dataset={name}" for name in datasets)
+                uses[user] = uses.get(user, ()) + (key,)
+        return uses
 
     @property
     def eval_queries(self) -> int:
