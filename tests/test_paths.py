@@ -794,6 +794,20 @@ def test_a_path_chosen_on_other_paths_or_cpu_is_timed_again(monkeypatch, change)
     assert ("looped", None) in calls and len(resumed.path_choices) == 2
 
 
+def test_a_learner_given_other_inner_steps_times_its_paths_again():
+    """``maml.inner_steps = n`` changes each task's work: the path timed at the old count is
+    not reused (the steps are part of the shape's setting)."""
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    batch = TaskBatch(*(torch.randn(6, 5, 1) for _ in range(4)))
+    maml = MAML(model, F.mse_loss, 0.1, 1)
+    maml.meta_backward(batch)
+    maml.inner_steps = 3
+    calls = paths_tried(maml)
+    maml.meta_backward(batch)
+    assert ("looped", None) in calls and len(maml.path_choices) == 2
+    assert any("3 steps" in key for key in maml.path_choices)
+
+
 class OtherRank:
     """``gather_ranks`` of this process and one more rank, which has ``knows`` a path for its
     input shape (``key``, 5 tasks of 20 input elements) and, searching, found only the ``fast``

@@ -326,16 +326,17 @@ class ExecutionPaths:
 
     def _setting_key(self, batch: Sequence[Tensor]) -> str:
         """The meta-batch's dtype and device, the derivative order (which ``first_order_until``
-        switches in a run), the thread count, the CPU's vector instructions, whether compiling
-        is allowed and the paths' implementations. A run resumed with other threads, CPU,
-        ``compile``, torch or paths so searches again instead of reusing a choice timed without
-        its candidates or kernels."""
-        order = "first" if self.first_order else "second"
+        switches in a run), the inner steps (``maml.inner_steps = n`` changes the work per
+        task), the thread count, the CPU's vector instructions, whether compiling is allowed
+        and the paths' implementations. A run resumed with other threads, CPU, ``compile``,
+        torch or paths so searches again instead of reusing a choice timed without its
+        candidates or kernels."""
+        order = f"{'first' if self.first_order else 'second'} order, {self.inner_steps} steps"
         compiled = self._compiled_gradient is not None
         device = batch[0].device.type
         if device == "cpu":  # AVX2 and AVX512 kernels rank the paths differently
             device += f" {torch.backends.cpu.get_cpu_capability()}"
-        return (f"{batch[0].dtype} {device} {order} order, {torch.get_num_threads()} threads, "
+        return (f"{batch[0].dtype} {device} {order}, {torch.get_num_threads()} threads, "
                 f"compile={compiled}, paths r{PATHS_REVISION}, torch {torch.__version__}")
 
     def _nearest_choice(self, batch: TaskBatch, setting: str) -> tuple[str, int | None] | None:
