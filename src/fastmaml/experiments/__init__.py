@@ -104,18 +104,21 @@ def _fewshot_presets() -> dict[str, Preset]:
             "alphabets (rotated), meta-test on the evaluation alphabets (as drawn), random and "
             "within-alphabet tasks", {**paper[name][1], "split": "lake", "rotate": "train"})
     for name in ("omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"):
-        recipe = dict(FAST_RECIPE)
+        recipe, options = dict(FAST_RECIPE), (
+            "MAML++'s per-layer per-step learned rates, multi-step loss (annealed over "
+            f"{FAST_RECIPE['msl_anneal_iterations']:,} iterations)")
         if paper[name][1].get("inner_steps", 1) == 1:
             # One inner step of inner_lr 2.0 learned far slower first order than second order
             # (5-way 5-shot validation 47% against 86% at 100 iterations; docs/results.md).
             recipe["first_order_until"] = 0
+            options = ("MAML++'s per-layer learned rates (with one inner step its multi-step "
+                       "loss is the plain loss)")
         order = (f"first order for the first {recipe['first_order_until']:,} iterations"
                  if recipe["first_order_until"] else "second order throughout")
         presets[f"{name}-fast"] = Preset(
             "fewshot", f"{paper[name][0]}, fastmaml's fast recipe: the paper's task settings with "
-            "MAML++'s per-layer per-step learned rates, multi-step loss (annealed over "
-            f"{recipe['msl_anneal_iterations']:,} iterations), {order} and a cosine meta_lr, "
-            f"{recipe['iterations']:,} iterations", {**paper[name][1], **recipe})
+            f"{options}, {order} and a cosine meta_lr, {recipe['iterations']:,} iterations",
+            {**paper[name][1], **recipe})
     presets["fewshot-folder"] = Preset(
         "fewshot", "your own images: --data-root DIR with DIR/<class>/* (class_depth=2 for "
         "DIR/<group>/<class>/*, or DIR/train|val|test/...); Omniglot 5-way 1-shot's settings, "
