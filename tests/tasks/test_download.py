@@ -4,6 +4,7 @@ import hashlib
 import http.server
 import socket
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -87,6 +88,45 @@ def test_a_file_where_the_folder_goes_is_said_before_downloading(tmp_path: Path)
     with pytest.raises(DataError, match=f"{tmp_path / 'things'} is in the way of the downloaded "
                        "things: move it away"):  # (no server at this address: nothing fetched)
         dl.fetch_zip("http://127.0.0.1:9/things.zip", "0" * 32, tmp_path, "things")
+
+
+def test_processes_fetching_one_folder_together_fetch_it_once(
+        http_folder: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's ranks each ask for the missing folder: one downloads and extracts it, the
+    others find it there (the second extraction failed with 'Directory not empty')."""
+    served, url = http_folder
+    md5 = write_zip(served / "things.zip", {"things/a.txt": b"a"})
+    downloads, download = [], dl.download
+    def slow_download(*args: object, **kwargs: object) -> None:
+        downloads.append(args[0])
+        time.sleep(0.3)  # the other rank arrives while this one fetches
+        download(*args, **kwargs)
+    monkeypatch.setattr(dl, "download", slow_download)
+    dest, start, errors = tmp_path / "data", threading.Barrier(3), []
+    def rank() -> None:
+        start.wait()
+        try:
+            dl.fetch_missing_zip(f"{url}/things.zip", md5, dest, "things")
+        except Exception as error:  # noqa: BLE001 - the test reports it below
+            errors.append(error)
+    ranks = [threading.Thread(target=rank) for _ in range(3)]
+    for thread in ranks:
+        thread.start()
+    for thread in ranks:
+        thread.join(timeout=60)
+    assert errors == [] and downloads == [f"{url}/things.zip"]
+    assert sorted(p.name for p in dest.iterdir()) == ["things"]  # no lock file in the data root
+    assert (dest / "things" / "a.txt").read_bytes() == b"a"
+
+
+def test_an_extraction_another_machine_placed_first_is_kept(tmp_path: Path) -> None:
+    """Ranks on two machines sharing the data root each extract; the second finds the folder
+    the first put in place and takes it."""
+    write_zip(tmp_path / "things.zip", {"things/a.txt": b"a"})
+    (tmp_path / "things").mkdir()
+    (tmp_path / "things" / "a.txt").write_bytes(b"a")  # the other machine's extraction
+    assert dl.extract_zip(tmp_path / "things.zip", tmp_path, "things") == tmp_path / "things"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["things", "things.zip"]
 
 
 def test_extract_zip_rejects_archives_without_the_folder(tmp_path: Path) -> None:

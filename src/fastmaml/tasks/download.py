@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
+from filelock import FileLock
 
 from ..atomic import replace_atomically
 from ..errors import ConfigError, DataError
@@ -60,12 +61,29 @@ def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
             if not members:
                 raise DataError(f"{archive} holds no folder {folder}/")
             zf.extractall(tmp, members)  # zipfile drops absolute paths and ".." components
-        os.replace(tmp / folder, target)
+        try:
+            os.replace(tmp / folder, target)
+        except OSError as error:  # another process (torchrun's rank on another machine) was first
+            if not (error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.is_dir()):
+                raise
     except zipfile.BadZipFile as error:
         raise DataError(f"{archive} is not a valid zip file: {error}") from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def fetch_missing_zip(url: str, md5: str, dest: Path, folder: str) -> None:
+    """``fetch_zip`` where ``dest/folder`` is not there yet, once among this machine's processes
+    (torchrun's ranks): under a lock in the temporary folder (never in the data root), each
+    looks again once it holds the lock, and the first to hold it fetches."""
+    target = dest / folder
+    if target.is_dir():
+        return
+    key = hashlib.md5(str(target.resolve()).encode()).hexdigest()
+    with FileLock(Path(tempfile.gettempdir()) / f"fastmaml-fetch-{key}.lock"):
+        if not target.is_dir():  # (fetched meanwhile by another process)
+            fetch_zip(url, md5, dest, folder)
 
 
 def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:

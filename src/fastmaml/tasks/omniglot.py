@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
-from .download import cached_array, default_cache_dir, fetch_zip
+from .download import cached_array, default_cache_dir, fetch_missing_zip
 from .images import ImageFormat, fingerprint, read_images
 from .splits import DATA_ROOT_OPTIONS, subfolders
 
@@ -49,11 +49,10 @@ SPLIT_SEED = 1
 
 def download_omniglot(root: str | os.PathLike[str], base_url: str = OMNIGLOT_URL,
                       md5: Mapping[str, str] = OMNIGLOT_MD5) -> None:
-    """Fetch ``<base_url>/<folder>.zip`` for each folder in ``md5`` missing from ``root``."""
-    root = Path(root)
+    """Fetch ``<base_url>/<folder>.zip`` for each folder in ``md5`` missing from ``root`` (once,
+    where several processes ask together)."""
     for folder, checksum in md5.items():
-        if not (root / folder).is_dir():
-            fetch_zip(f"{base_url}/{folder}.zip", checksum, root, folder)
+        fetch_missing_zip(f"{base_url}/{folder}.zip", checksum, Path(root), folder)
 
 
 def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
