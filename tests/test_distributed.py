@@ -14,7 +14,7 @@ import torch
 
 from fastmaml import cli
 from fastmaml.cli import main
-from fastmaml.train import checkpoint_path, load_checkpoint
+from fastmaml.train import checkpoint_path, load_checkpoint, read_metrics
 
 SETTINGS = ["iterations=4", "log_every=2", "checkpoint_every=2", "--no-progress"]
 
@@ -86,9 +86,14 @@ def run_on_two_ranks(tmp_path, script_text: str) -> list[dict]:
 def test_two_processes_match_one(tmp_path, meta_batch):
     train_one_and_two_processes(tmp_path, "sinusoid-demo", [*SETTINGS, f"meta_batch={meta_batch}"])
     assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
-    one_log = (tmp_path / "one" / "metrics-maml.csv").read_text().splitlines()
-    two_log = (tmp_path / "two" / "metrics-maml.csv").read_text().splitlines()
-    assert len(one_log) == len(two_log) == 3
+    for learner in ("maml", "pretrained", "oracle"):  # the baselines' tasks split too
+        one_log, two_log = (read_metrics(tmp_path / run / f"metrics-{learner}.csv")
+                            for run in ("one", "two"))
+        assert len(one_log) == len(two_log) == 2
+        for one_row, two_row in zip(one_log, two_log):  # each a mean over every task, also
+            for key, value in one_row.items():         # where the ranks' shares differ
+                if key != "elapsed_s":
+                    assert float(two_row[key]) == pytest.approx(float(value), rel=1e-5), key
     # the ranks searched their paths together: every rank's shape is recorded (so a resumed run
     # has both), and both took one path (sinusoid tasks fit one chunk: all tasks, one, or looped)
     choices = load_checkpoint(checkpoint_path(tmp_path / "two", "maml"))["learner"]["path_choices"]
@@ -96,6 +101,27 @@ def test_two_processes_match_one(tmp_path, meta_batch):
     assert set(tasks) == {meta_batch // 2, (meta_batch + 1) // 2}
     roles = {(path, chunk if chunk in (None, 1) else "all") for path, chunk in tasks.values()}
     assert len(roles) == 1
+
+
+META_TRAIN = """
+import sys
+
+import fastmaml
+from fastmaml.distributed import init_from_env, shutdown
+
+if __name__ == "__main__":
+    init_from_env()  # (nothing in one process)
+    fastmaml.meta_train("sinusoid-demo", sys.argv[-1], progress=False, iterations=4,
+                        meta_batch=5, log_every=2)
+    shutdown()
+"""
+
+
+def test_meta_train_in_a_process_group_trains_one_run_over_the_ranks(tmp_path):
+    run_script(tmp_path, META_TRAIN, ranks=1, out="one")
+    run_script(tmp_path, META_TRAIN, out="two")  # 2 + 3 tasks
+    assert json.loads((tmp_path / "two" / "machine.json").read_text())[0]["processes"] == 2
+    assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
 
 
 def test_two_machines_that_meet_by_rendezvous_train_as_one_process(tmp_path):
@@ -555,8 +581,8 @@ def test_the_process_group_waits_longer_than_torchs_default(monkeypatch):
 
     from fastmaml import distributed
 
-    calls = groups_made(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                                      "MASTER_PORT": "29500"})
+    calls = groups_made(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
     distributed.init_from_env()
     assert len(calls) == 1
     assert calls[0]["timeout"] >= timedelta(hours=2)
@@ -576,8 +602,8 @@ def test_a_process_whose_peers_never_start_says_that_it_waits_and_then_why_it_st
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(port)}.items():
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(distributed, "JOIN_NOTICE_S", 0.5)
     monkeypatch.delenv("FASTMAML_GROUP_TIMEOUT", raising=False)
@@ -682,7 +708,8 @@ def test_torchrun_restarts_across_machines_need_their_own_store(monkeypatch):
     from fastmaml.errors import ConfigError
 
     calls = groups_made(monkeypatch, {
-        "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+        "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": "29500", "TORCHELASTIC_MAX_RESTARTS": "3",
         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
     with pytest.raises(ConfigError, match="--max-restarts across several machines needs the c10d "
@@ -723,7 +750,8 @@ def test_restarted_processes_on_one_machine_meet_under_their_attempts_keys(monke
     port = free_port()
     agent_store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     calls = groups_made(monkeypatch, {
-        "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1",
+        "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port), "TORCHELASTIC_MAX_RESTARTS": "1",
         "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "0"})
     distributed.init_from_env()  # the first attempt: torch's own
@@ -738,18 +766,36 @@ def test_restarted_processes_on_one_machine_meet_under_their_attempts_keys(monke
 
 
 @pytest.mark.parametrize("environment, said", [
-    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but not RANK, MASTER_ADDR, MASTER_PORT: launch "
-                          "the processes with torchrun (which sets them all), or unset "
-                          "WORLD_SIZE to run one process"),
+    ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but not RANK, LOCAL_RANK, MASTER_ADDR, "
+                          "MASTER_PORT: launch the processes with torchrun (which sets them "
+                          "all), or unset WORLD_SIZE to run one process"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     "WORLD_SIZE=2 is set but not LOCAL_RANK: launch the processes with torchrun (which sets "
+     "them all), or unset WORLD_SIZE to run one process"),
     ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not a number of processes")])
 def test_a_process_group_environment_torchrun_did_not_make_is_named(
         tmp_path, capsys, monkeypatch, environment, said):
-    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert main(["train", "sinusoid-demo", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
     assert capsys.readouterr().err == f"fastmaml: error: {said}\n"
+
+
+@pytest.mark.parametrize("command", [["plot", "RUN"], ["adapt", "RUN", "--support", "s.csv"],
+                                     ["report", "RUN"], ["presets"]])
+def test_a_command_that_runs_in_one_process_is_refused_under_torchrun(tmp_path, capsys,
+                                                                      monkeypatch, command):
+    """adapt and plot under torchrun ran whole on every rank (the ranks took each other for
+    another command holding the run, and wrote every figure twice)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    assert main([str(tmp_path / "run") if part == "RUN" else part for part in command]) == 2
+    assert capsys.readouterr() == ("", f"fastmaml: error: fastmaml {command[0]} runs in one "
+                                   "process: start it without torchrun (only train, eval, "
+                                   "reproduce split their work over processes)\n")
 
 
 def test_a_run_another_command_holds_is_refused_by_every_rank_in_one_line(tmp_path):

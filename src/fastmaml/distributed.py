@@ -113,9 +113,11 @@ def world_size_asked() -> int:
 
 def _world_size_of_env() -> int:
     """``world_size_asked()``; a ``ConfigError`` where the other variables a process group needs
-    are missing (torchrun sets them all)."""
+    are missing (torchrun sets them all; ``LOCAL_RANK``, the process's place on its machine,
+    picks its GPU and which process speaks for the machine)."""
     size = world_size_asked()
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
     if size > 1 and missing:
         raise ConfigError(f"WORLD_SIZE={size} is set but not {', '.join(missing)}: launch the "
                           "processes with torchrun (which sets them all), or unset WORLD_SIZE "
@@ -207,15 +209,20 @@ def task_range(num_tasks: int, setting: str = "meta_batch") -> range:
     return rank_slice(num_tasks)
 
 
+def rank_share(num_tasks: int) -> tuple[slice, float]:
+    """This rank's tasks among ``num_tasks`` and its weight: its tasks times the world size over
+    all tasks (1 for an even split), so that the ranks' mean (``average_gradients``,
+    ``average_metrics``) of weighted means over each rank's tasks is the mean over every task."""
+    mine = task_range(num_tasks)
+    return slice(mine.start, mine.stop), len(mine) * world()[1] / num_tasks
+
+
 def shard(batch: TaskBatch) -> tuple[TaskBatch, float]:
-    """This rank's slice of the meta-batch, and its gradient weight: the rank's tasks times the
-    world size over all tasks (1 for an even split), so that ``average_gradients`` of the
-    weighted per-slice mean gradients is the mean over every task."""
-    mine = task_range(batch.num_tasks)
-    if len(mine) == batch.num_tasks:
-        return batch, 1.0
-    return (TaskBatch(*(t[mine.start:mine.stop] for t in batch)),
-            len(mine) * world()[1] / batch.num_tasks)
+    """This rank's slice of the meta-batch, and its weight (``rank_share``)."""
+    mine, share = rank_share(batch.num_tasks)
+    if world()[1] == 1:
+        return batch, share
+    return TaskBatch(*(t[mine] for t in batch)), share
 
 
 def mean_over_ranks(share: float) -> Callable[[Tensor], Tensor]:

@@ -127,12 +127,13 @@ def meta_learner(maml: MAML, cfg: Config, sample: Callable[[torch.Generator], Ta
         weights = (multi_step_loss_weights(maml.inner_steps,
                                            iteration / cfg.msl_anneal_iterations)
                    if cfg.multi_step_loss and iteration < cfg.msl_anneal_iterations else None)
-        batch, gradient_weight = shard(sample(generator))
+        batch, share = shard(sample(generator))
         loss, metrics = maml.meta_backward(batch, step_weights=weights)
-        if gradient_weight != 1.0:  # an uneven split: this rank's share of the mean
+        if share != 1.0:  # an uneven split: this rank's share of the means (see rank_share)
             for p in maml.parameters():
                 if p.grad is not None:
-                    p.grad.mul_(gradient_weight)
+                    p.grad.mul_(share)
+            loss, metrics = loss * share, {key: value * share for key, value in metrics.items()}
         return loss, metrics
 
     return GradientLearner("maml", maml, optimizer, backward_of, cfg.iterations, generator,

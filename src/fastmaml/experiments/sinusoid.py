@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..config import Config
 from ..core import MAML
+from ..distributed import rank_share
 from ..errors import ConfigError, FastMAMLWarning, warn
 from ..models import MLP, initialise
 from ..paper import SINUSOID as PAPER
@@ -108,7 +109,8 @@ class SinusoidExperiment(Experiment):
             x, y = tasks.batch.support_x, tasks.batch.support_y
             if oracle:
                 x = with_task_parameters(x, tasks.amplitude, tasks.phase)
-            return F.mse_loss(model(x.to(self.device)), y.to(self.device)), {}
+            mine, share = rank_share(cfg.meta_batch)  # under torchrun, this rank's tasks
+            return share * F.mse_loss(model(x[mine].to(self.device)), y[mine].to(self.device)), {}
 
         return GradientLearner(name, model, torch.optim.Adam(model.parameters(), cfg.meta_lr),
                                backpropagated(loss_of), cfg.baseline_iterations or cfg.iterations, generator)
