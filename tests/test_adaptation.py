@@ -841,7 +841,8 @@ def test_a_run_trained_from_python_is_the_commands_and_comes_back_loaded(
     with pytest.raises(ConfigError, match="'iterations' expects int, got 'many'"):
         fastmaml.meta_train("fewshot-folder", tmp_path / "run", iterations="many")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(ConfigError, match="under torchrun, run the fastmaml train command"):
+    with pytest.raises(ConfigError, match="under torchrun trains one run over the ranks: call "
+                                          r"fastmaml.distributed.init_from_env\(\) first"):
         fastmaml.meta_train("fewshot-folder", tmp_path / "other", data_root=data)
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ConfigError, match="WORLD_SIZE='two' is not a number of processes"):

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .core import MAML
-from .distributed import world_size_asked
+from .distributed import world, world_size_asked
 from .errors import (ConfigError, DataError, FastMAMLWarning, NonFiniteLossError, ShapeError,
                      is_out_of_memory, warn)
 from .experiments import load_experiment, train_run
@@ -323,10 +323,13 @@ def meta_train(preset: str, out: str | os.PathLike[str], *, progress: bool = Tru
     ``settings`` are the command line's ``key=value`` overrides as keyword
     arguments (``data_root="data/flowers", n_way=5, k_shot=1``; lists as lists). torch's thread
     count and random generator are left as they were; glibc's malloc tuning stays
-    (``tune_malloc=False`` keeps it off). One process: under torchrun, use the command."""
-    if world_size_asked() > 1:
-        raise ConfigError("fastmaml.meta_train trains in this one process; under torchrun, run "
-                          "the fastmaml train command on every rank")
+    (``tune_malloc=False`` keeps it off). Where a process group exists, the run trains over its
+    ranks as the command does: under torchrun, call ``fastmaml.distributed.init_from_env()``
+    first on every rank (and ``shutdown()`` at the end)."""
+    if world_size_asked() > 1 and world()[1] == 1:
+        raise ConfigError("fastmaml.meta_train under torchrun trains one run over the ranks: "
+                          "call fastmaml.distributed.init_from_env() first on every rank (and "
+                          "fastmaml.distributed.shutdown() at the end)")
     threads = torch.get_num_threads()
     try:
         with _generators_kept():

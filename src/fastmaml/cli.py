@@ -28,7 +28,7 @@ from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run,
 from .experiments import PRESETS, load_experiment, preset, preset_config, train_run
 from .experiments.base import refuse_run_file
 from .plots import counted
-from .distributed import init_from_env, leave, shutdown, world
+from .distributed import init_from_env, leave, shutdown, world, world_size_asked
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
 from .runlock import locked_run_dir
 from .train import TrainingStopped
@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         return _command(argv)
 
 
+SPLIT_COMMANDS = ("train", "eval", "reproduce")  # those that share their work under torchrun
+
+
 def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
@@ -444,6 +447,10 @@ def _command(argv: list[str] | None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
+        if args.command not in SPLIT_COMMANDS and world_size_asked() > 1:
+            raise ConfigError(f"fastmaml {args.command} runs in one process: start it without "
+                              f"torchrun (only {', '.join(SPLIT_COMMANDS)} split their work "
+                              "over processes)")
         args.run(args)
     except FastMAMLError as error:
         rank, size = world()
