@@ -831,7 +831,8 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     others wait, and might keep a path another rank finds slow (two torchrun ranks of one
     Omniglot run took different chunk sizes): all search where any has no path, and all keep
     the role with the best time on its slowest rank, recorded for every rank's shape. They
-    ask at the first call in each derivative order, which all make together; a rank whose key
+    ask at the first call in each derivative order and inner steps, which all make together;
+    a rank whose key
     changes alone (e.g. its compiling fell back) searches alone, and one whose vmap failed
     offers its looped time for every role."""
     torch.manual_seed(0)
@@ -864,6 +865,10 @@ def test_ranks_that_step_together_search_together_and_keep_the_path_fastest_on_t
     maml.meta_backward(batch)
     assert other.values[0] is True and len(other.values) == 2
     assert len(maml.path_choices) == 4  # a first-order key of this rank's (the other's: one name)
+    other.values.clear()
+    maml.inner_steps = 2  # so too where the driver sets the inner steps on every rank
+    maml.meta_backward(batch)
+    assert other.values[0] is True and len(other.values) == 2
 
     knowing = MAML(model, F.mse_loss, 0.1, 1)
     knowing.path_choices[key] = ("looped", None)

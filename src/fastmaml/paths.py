@@ -166,7 +166,8 @@ class ExecutionPaths:
         # under torch.distributed: every rank's value of an object, in rank order
         # (``fastmaml.distributed.gather_ranks``), so that the ranks search paths together
         self.gather_ranks: Callable[[Any], list[Any]] | None = None
-        self._asked_orders: set[bool] = set()  # first_order values the ranks were asked in
+        # (first_order, inner_steps) pairs the ranks were asked in
+        self._asked_settings: set[tuple[bool, int]] = set()
         self._escape_checks = ESCAPE_CHECKS  # batched calls left to look for escaped tensors
         # per setting (``_setting_key``): the shapes searched; saved with the training state
         self.searched_shapes: dict[str, list[SearchedShape]] = {}
@@ -293,8 +294,9 @@ class ExecutionPaths:
         """Whether this ``meta_backward`` times the candidate paths (see ``batched``): "alone",
         "together" (with every rank) or not (None). A choice made in this process for the same
         model, settings and shapes is reused, so that two runs with one seed take the same path.
-        With ``gather_ranks``, the first call in each derivative order asks every rank (they
-        make it together: the driver switches the order on all at once), and all search together
+        With ``gather_ranks``, the first call in each derivative order and number of inner
+        steps asks every rank (they make it together: the driver switches the order, or sets
+        ``inner_steps``, on all at once), and all search together
         where any has no choice; a choice missing at a later call (this rank's compiling fell
         back, which changes its key alone, or a new input shape) is searched alone. A rank
         whose vmap failed runs looped and searches only with the others."""
@@ -313,8 +315,9 @@ class ExecutionPaths:
         if known is not None:
             self.path_choices[key] = known
         missing = known is None and not self._vmap_failed
-        if self.gather_ranks is not None and self.first_order not in self._asked_orders:
-            self._asked_orders.add(self.first_order)
+        asked = (self.first_order, self.inner_steps)
+        if self.gather_ranks is not None and asked not in self._asked_settings:
+            self._asked_settings.add(asked)
             if any(self.gather_ranks(missing)):
                 return "together"
         return "alone" if missing else None
