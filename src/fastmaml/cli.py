@@ -28,7 +28,7 @@ from .adaptation import NORMS, Predictions, TrainedPolicy, TrainedRun, load_run,
 from .experiments import PRESETS, load_experiment, preset, preset_config, train_run
 from .experiments.base import refuse_run_file
 from .plots import counted
-from .distributed import init_from_env, leave, shutdown, world, world_size_asked
+from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
 from .runlock import locked_run_dir
 from .train import TrainingStopped
@@ -436,6 +436,14 @@ def main(argv: list[str] | None = None) -> int:
 SPLIT_COMMANDS = ("train", "eval", "reproduce")  # those that share their work under torchrun
 
 
+def _a_torchrun_rank_but_the_first() -> bool:
+    """Whether torchrun started this process, and not as rank 0: a command that runs in one
+    process (plot, adapt, report, presets) runs on rank 0 alone (on every rank, adapt's
+    ranks took each other for another command holding the run, and plot drew every figure
+    twice). Processes other launchers start (Kubeflow's, one per machine) run it each."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0"
+
+
 def _command(argv: list[str] | None) -> int:
     parser = build_parser()
     # key=value overrides may come anywhere (train P --out D k=v; eval D eval_tasks=100).
@@ -447,11 +455,8 @@ def _command(argv: list[str] | None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command not in SPLIT_COMMANDS and world_size_asked() > 1:
-            raise ConfigError(f"fastmaml {args.command} runs in one process: start it without "
-                              f"torchrun (only {', '.join(SPLIT_COMMANDS)} split their work "
-                              "over processes)")
-        args.run(args)
+        if args.command in SPLIT_COMMANDS or not _a_torchrun_rank_but_the_first():
+            args.run(args)
     except FastMAMLError as error:
         rank, size = world()
         if isinstance(error, ConfigError):  # the ranks of a machine read one command line and

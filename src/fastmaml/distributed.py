@@ -113,11 +113,10 @@ def world_size_asked() -> int:
 
 def _world_size_of_env() -> int:
     """``world_size_asked()``; a ``ConfigError`` where the other variables a process group needs
-    are missing (torchrun sets them all; ``LOCAL_RANK``, the process's place on its machine,
-    picks its GPU and which process speaks for the machine)."""
+    are missing (torchrun sets them all, and ``LOCAL_RANK``, which launchers of one process per
+    machine leave out: 0)."""
     size = world_size_asked()
-    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if name not in os.environ]
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if size > 1 and missing:
         raise ConfigError(f"WORLD_SIZE={size} is set but not {', '.join(missing)}: launch the "
                           "processes with torchrun (which sets them all), or unset WORLD_SIZE "
