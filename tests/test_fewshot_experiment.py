@@ -41,11 +41,15 @@ def test_presets_hold_the_paper_settings_with_the_loss_scaling_applied():
     with pytest.raises(ConfigError, match="split=lake is an Omniglot split; dataset=folder "
                                           "splits by train/ val/ test/ folders"):
         cls.from_dict({"dataset": "folder", "image_size": 8, "channels": 1, "split": "lake"})
-    for layout in ({"class_depth": 2}, {"split_fractions": [0.8, 0.1, 0.1]}):  # else unused
+    mini = cls.from_dict({"dataset": "miniimagenet"})
+    for layout in ("class_depth=2", "split_fractions=0.8,0.1,0.1"):  # given: else unused
         with pytest.raises(ConfigError, match="class_depth and split_fractions lay out an image "
                                               "folder: dataset=miniimagenet has its own"):
-            cls.from_dict({"dataset": "miniimagenet", **layout})
-    assert cls.from_dict({"split_fractions": [0.7, 0.15, 0.15]}).dataset == "omniglot"  # a list
+            mini.with_overrides([layout])
+        assert mini.with_overrides(["dataset=folder", "image_size=8", "channels=1", layout])
+    assert mini.with_overrides(["split_fractions=0.7,0.15,0.15"]).dataset == "miniimagenet"
+    # a run saved with them (accepted and unused before) still loads
+    assert cls.from_dict({"dataset": "miniimagenet", "class_depth": 2}).class_depth == 2
 
 
 @pytest.mark.parametrize("preset", ["miniimagenet-5w1s", "miniimagenet-5w5s"])

@@ -235,15 +235,20 @@ class Config:
                 and key in experiment_class(name).config_cls.field_types()]
 
     def with_overrides(self: C, overrides: list[str]) -> C:
-        """Apply ``key=value`` strings, typed by the dataclass fields. ``eval_tasks=1`` is
-        refused here, where it is given (a run saved with it before still loads)."""
+        """Apply ``key=value`` strings, typed by the dataclass fields, with ``refuse_given``'s
+        checks of the keys given."""
         changes = parse_overrides(overrides)
         changed = self.replace(**changes)
-        if "eval_tasks" in changes and changed.eval_tasks == 1:
+        changed.refuse_given(set(changes))
+        return changed
+
+    def refuse_given(self, given: set[str]) -> None:
+        """A ``ConfigError`` for values refused only where they are given (``key=value``), so that
+        a run saved with them before still loads: ``eval_tasks=1``."""
+        if "eval_tasks" in given and self.eval_tasks == 1:
             raise ConfigError("eval_tasks must be >= 2: the evaluation gives the mean over the "
                               "test tasks and its 95% confidence interval, which one task cannot "
                               "(`fastmaml adapt` adapts to one task of your own)")
-        return changed
 
     def save(self, path: Path) -> None:
         write_text_atomic(yaml.safe_dump(self.to_dict(), sort_keys=False), path)

@@ -120,16 +120,21 @@ class FewShotConfig(Config):
         if not folder and (self.image_size or self.channels or self.invert):
             raise ConfigError(f"image_size, channels and invert are set by dataset="
                               f"{self.dataset}; they apply to dataset=folder")
-        if not folder and (self.class_depth, tuple(self.split_fractions)) != (
-                FewShotConfig.class_depth, FewShotConfig.split_fractions):
-            raise ConfigError(f"class_depth and split_fractions lay out an image folder: "
-                              f"dataset={self.dataset} has its own layout and splits (they "
-                              "apply to dataset=folder)")
         if self.n_way < 2:
             raise ConfigError(f"n_way must be >= 2 (a 1-way task has nothing to tell apart), "
                               f"got {self.n_way}")
         if self.data_root:  # absolute, so that the saved run evaluates from any directory
             self.data_root = os.path.abspath(os.path.expanduser(self.data_root))
+
+    def refuse_given(self, given: set[str]) -> None:
+        """Also a folder's layout given for another dataset (where it is unused)."""
+        super().refuse_given(given)
+        if self.dataset != "folder" and {"class_depth", "split_fractions"} & given and (
+                self.class_depth, tuple(self.split_fractions)) != (
+                FewShotConfig.class_depth, FewShotConfig.split_fractions):
+            raise ConfigError(f"class_depth and split_fractions lay out an image folder: "
+                              f"dataset={self.dataset} has its own layout and splits (they "
+                              "apply to dataset=folder)")
 
     def settings_apart(self) -> dict[str, tuple[str, ...]]:
         uses: dict[str, tuple[str, ...]] = {}
