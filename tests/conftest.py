@@ -64,6 +64,7 @@ def http_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tup
     folder = tmp_path / "served"
     folder.mkdir()
     monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setenv("FASTMAML_CACHE", str(tmp_path / "cache"))  # (a fetch's lock goes there)
     handler = functools.partial(_QuietHandler, directory=str(folder))
     with ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
         thread = threading.Thread(target=server.serve_forever, daemon=True)

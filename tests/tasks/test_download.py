@@ -116,6 +116,7 @@ def test_processes_fetching_one_folder_together_fetch_it_once(
         thread.join(timeout=60)
     assert errors == [] and downloads == [f"{url}/things.zip"]
     assert sorted(p.name for p in dest.iterdir()) == ["things"]  # no lock file in the data root
+    assert len(list((tmp_path / "cache" / "locks").glob("fetch-*.lock"))) == 1  # but in the cache
     assert (dest / "things" / "a.txt").read_bytes() == b"a"
 
 

@@ -10,6 +10,7 @@ import errno
 import hashlib
 import http.client
 import os
+import secrets
 import shutil
 import tempfile
 import urllib.request
@@ -75,13 +76,19 @@ def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
 
 def fetch_missing_zip(url: str, md5: str, dest: Path, folder: str) -> None:
     """``fetch_zip`` where ``dest/folder`` is not there yet, once among this machine's processes
-    (torchrun's ranks): under a lock in the temporary folder (never in the data root), each
+    (torchrun's ranks): under a lock in fastmaml's cache folder (never in the data root), each
     looks again once it holds the lock, and the first to hold it fetches."""
     target = dest / folder
     if target.is_dir():
         return
     key = hashlib.md5(str(target.resolve()).encode()).hexdigest()
-    with FileLock(Path(tempfile.gettempdir()) / f"fastmaml-fetch-{key}.lock"):
+    locks = default_cache_dir() / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot write the cache directory {locks} ({error.strerror}): set "
+                        "$FASTMAML_CACHE to a writable folder") from None
+    with FileLock(locks / f"fetch-{key}.lock"):
         if not target.is_dir():  # (fetched meanwhile by another process)
             fetch_zip(url, md5, dest, folder)
 
@@ -94,7 +101,7 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
     if (dest / folder).exists() or (dest / folder).is_symlink():
         raise DataError(f"{dest / folder} is in the way of the downloaded {folder}: move it away")
     dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / f".{folder}.zip"
+    archive = dest / f".{folder}.{secrets.token_hex(4)}.zip"  # its own: other machines fetch too
     try:
         download(url, archive, md5)
         return extract_zip(archive, dest, folder)
