@@ -20,11 +20,11 @@ SETTINGS = ["iterations=4", "log_every=2", "checkpoint_every=2", "--no-progress"
 
 
 def train_one_and_two_processes(tmp_path, preset: str, settings: list[str],
-                                machines: int = 1) -> None:
+                                machines: int = 1) -> str:
     """Train ``preset`` in one process (``tmp_path/one``) and under torchrun with two
     (``tmp_path/two``): on one machine (``--standalone``), or one process on each of two
     machines that meet at a c10d rendezvous endpoint (the README's several-machines command;
-    two nodes on loopback here)."""
+    two nodes on loopback here). Returns what the processes printed."""
     assert main(["train", preset, "--out", str(tmp_path / "one"), *settings]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = [sys.executable, "-m", "torch.distributed.run"] + (
@@ -42,6 +42,7 @@ def train_one_and_two_processes(tmp_path, preset: str, settings: list[str],
             node.kill()
     assert [node.returncode for node in nodes] == [0] * machines, [e[-3000:] for _, e in outputs]
     assert sum("2 processes" in out for out, _ in outputs) == 1  # said by the main rank only
+    return "".join(out for out, _ in outputs)
 
 
 def free_port() -> int:
@@ -84,7 +85,9 @@ def run_on_two_ranks(tmp_path, script_text: str) -> list[dict]:
 
 @pytest.mark.parametrize("meta_batch", [8, 25])  # 4 + 4 tasks, and the paper's 25 as 12 + 13
 def test_two_processes_match_one(tmp_path, meta_batch):
-    train_one_and_two_processes(tmp_path, "sinusoid-demo", [*SETTINGS, f"meta_batch={meta_batch}"])
+    said = train_one_and_two_processes(tmp_path, "sinusoid-demo",
+                                       [*SETTINGS, f"meta_batch={meta_batch}"])
+    assert said.count("maml: 4 iterations done (rank 0's path: ") == 1  # (12 + 13 may differ)
     assert_same_learners(tmp_path, ("maml", "pretrained", "oracle"))
     for learner in ("maml", "pretrained", "oracle"):  # the baselines' tasks split too
         one_log, two_log = (read_metrics(tmp_path / run / f"metrics-{learner}.csv")
