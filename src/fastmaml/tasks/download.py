@@ -82,12 +82,7 @@ def fetch_missing_zip(url: str, md5: str, dest: Path, folder: str) -> None:
     if target.is_dir():
         return
     key = hashlib.md5(str(target.resolve()).encode()).hexdigest()
-    locks = default_cache_dir() / "locks"
-    try:
-        locks.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cannot write the cache directory {locks} ({error.strerror}): set "
-                        "$FASTMAML_CACHE to a writable folder") from None
+    locks = _writable_cache_folder(default_cache_dir() / "locks", "$FASTMAML_CACHE")
     with FileLock(locks / f"fetch-{key}.lock"):
         if not target.is_dir():  # (fetched meanwhile by another process)
             fetch_zip(url, md5, dest, folder)
@@ -122,13 +117,21 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
             return np.load(path)
         except (OSError, ValueError):  # unreadable: rebuild it below
             pass
-    try:  # before the decoding, which may take minutes
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(path.parent, os.W_OK):
-            raise PermissionError(errno.EACCES, "not writable")
-    except OSError as error:
-        raise DataError(f"cannot write the cache directory {path.parent} ({error.strerror}): "
-                        "set $FASTMAML_CACHE (or cache_dir) to a writable folder") from None
+    # said before the decoding, which may take minutes
+    _writable_cache_folder(path.parent, "$FASTMAML_CACHE (or cache_dir)")
     array = build()
     replace_atomically(path, lambda out: np.save(out, array))
     return array
+
+
+def _writable_cache_folder(folder: Path, how: str) -> Path:
+    """``folder``, made where missing; a ``DataError`` that names ``how`` to choose another
+    where it cannot be written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as error:
+        raise DataError(f"cannot write the cache directory {folder} ({error.strerror}): set {how} "
+                        "to a writable folder") from None
+    return folder
