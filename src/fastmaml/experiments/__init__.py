@@ -344,12 +344,10 @@ def _train(preset_name: str, run_dir: Path, overrides: list[str], progress: bool
             engine = getattr(getattr(learner, "module", None), "path", None)
             summary = ", ".join(f"{k} {v:.4g}" for k, v in last.items())
             done = learner.iterations
-            if engine and world()[1] > 1:  # (another rank's share of the tasks may chunk else)
-                engine = f"rank 0's path: {engine}"
-            elif engine:
-                engine += " path"
+            # (under torchrun another rank's share of the tasks may chunk otherwise)
+            path = f"rank 0's path: {engine}" if world()[1] > 1 else f"{engine} path"
             say(f"  {learner.name}: {done} iteration{'' if done == 1 else 's'} done"
-                + (f" ({engine})" if engine else "")
+                + (f" ({path})" if engine else "")
                 + (f"; last: {summary}" if summary else ""))
     return experiment
 
