@@ -44,6 +44,17 @@ def process_state() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fastmaml_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The caches that tests write (decoded images, a fetch's lock) go to a folder of the test
+    session, never to the user's own ``~/.cache/fastmaml``, which would keep one file per
+    temporary data folder for good. The real Omniglot is decoded once per session."""
+    folder = tmp_path_factory.mktemp("fastmaml-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FASTMAML_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture
 def float64() -> Iterator[None]:
     """float64 as torch's default dtype for the test (restored after it), for exact comparisons."""
