@@ -530,9 +530,9 @@ rl_experiment._sample_batch = lambda *args, **kwargs: (sampled.append(list(args[
                                                      or sample_batch(*args, **kwargs))
 experiment = load_experiment(Path(sys.argv[1]))
 engine = experiment.build_maml()
-returns = experiment.adaptation_returns(engine, experiment.eval_tasks())
+returns = experiment.adaptation_returns(engine, experiment.eval_tasks()[:int(sys.argv[2])])
 rank = dist.get_rank() if dist.is_initialized() else 0
-Path(f"{sys.argv[2]}.{rank}").write_text(json.dumps({"sampled": sampled,
+Path(f"{sys.argv[3]}.{rank}").write_text(json.dumps({"sampled": sampled,
                                                     "returns": returns.tolist()}))
 if dist.is_initialized():
     dist.destroy_process_group()
@@ -545,14 +545,20 @@ def test_rl_evaluation_adapts_each_ranks_slice_of_the_test_tasks(tmp_path):
                  "trajectories=2", "horizon=10", "hidden=8,8", "eval_tasks=3",
                  "eval_trajectories=2", "eval_batch=episodes", "eval_inner_steps=1",
                  "--no-progress"]) == 0
-    for ranks, out in ((1, "one"), (2, "two")):
-        run_script(tmp_path, RL_EVAL_OVER_RANKS, str(run_dir), ranks=ranks, out=out)
+    for ranks, out, tasks in ((1, "one", 3), (2, "two", 3), (2, "few", 1)):
+        run_script(tmp_path, RL_EVAL_OVER_RANKS, str(run_dir), str(tasks), ranks=ranks, out=out)
     one = json.loads((tmp_path / "one.0").read_text())
     ranks = [json.loads((tmp_path / f"two.{rank}").read_text()) for rank in (0, 1)]
     assert one["sampled"] == [[0, 1, 2]] * 2  # before and after the step
     assert [r["sampled"] for r in ranks] == [[[0]] * 2, [[1, 2]] * 2]
     for rank in ranks:
         assert torch.allclose(torch.tensor(rank["returns"]), torch.tensor(one["returns"]),
+                              rtol=1e-6)
+    # fewer tasks than ranks: rank 0 idles, and both return the task's row
+    few = [json.loads((tmp_path / f"few.{rank}").read_text()) for rank in (0, 1)]
+    assert [r["sampled"] for r in few] == [[], [[0]] * 2]
+    for rank in few:
+        assert torch.allclose(torch.tensor(rank["returns"]), torch.tensor(one["returns"][:1]),
                               rtol=1e-6)
 
 

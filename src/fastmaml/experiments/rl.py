@@ -86,7 +86,7 @@ from torch import Tensor
 
 from ..config import Config
 from ..core import MAML
-from ..distributed import gather_in_order, is_main, mean_over_ranks, task_range
+from ..distributed import gather_in_order, is_main, mean_over_ranks, rank_slice, task_range
 from ..errors import ConfigError
 from ..paper import LOCOMOTION, NAV, PAPER_ENVS, rl_paper
 from ..paper import RL as PAPER
@@ -423,13 +423,15 @@ class RLExperiment(Experiment):
                            desc: str = "", oracle: bool = False) -> Tensor:
         """Per-task mean returns after 0..eval_inner_steps policy-gradient steps: (tasks, steps+1).
 
-        Under torchrun each rank adapts its slice of the tasks (``adapt_tasks``), and every rank
-        returns all the rows.
+        Under torchrun each rank adapts its slice of the tasks (``adapt_tasks``; none where the
+        ranks outnumber them), and every rank returns all the rows.
         """
-        mine = task_range(len(tasks), "eval_tasks")
-        curve, _ = self.adapt_tasks(maml, [tasks[i] for i in mine], mine, progress=progress,
-                                    desc=desc, oracle=oracle)
-        return torch.cat(gather_in_order([((mine.start,), curve)]))
+        mine, parts = rank_slice(len(tasks)), []
+        if len(mine):
+            curve, _ = self.adapt_tasks(maml, [tasks[i] for i in mine], mine, progress=progress,
+                                        desc=desc, oracle=oracle)
+            parts.append(((mine.start,), curve))
+        return torch.cat(gather_in_order(parts))
 
     def adapt_tasks(self, maml: MAML, tasks: list[dict[str, Any]], task_ids: Sequence[int],
                     steps: int | None = None, seed: int = EVAL_SEED, progress: bool = False,
