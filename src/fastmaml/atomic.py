@@ -69,7 +69,7 @@ def replace_atomically(path: Path, write: Callable[[IO[bytes]], object],
         path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_writers_temporaries(path)
-    tmp = path.with_name(f"{_temporary_prefix(path)}{_SPACE}.{os.getpid()}."
+    tmp = path.with_name(f"{_temporary_prefix(path)}{PROCESS_SPACE}.{os.getpid()}."
                          f"{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "xb") as handle:
@@ -114,13 +114,13 @@ def _process_space() -> str:
     return hashlib.sha256(f"{socket.gethostname()}/{space}".encode()).hexdigest()[:8]
 
 
-_SPACE = _process_space()
+PROCESS_SPACE = _process_space()
 
 
 def _remove_dead_writers_temporaries(path: Path) -> None:
     """Delete the temporaries of ``path`` that writers here left when killed (``kill -9`` skips
     the cleanup): those whose process has ended. Others may be live writes."""
-    for temporary in _temporaries(path, f"{_SPACE}."):
+    for temporary in _temporaries(path, f"{PROCESS_SPACE}."):
         pid = temporary.name.split(".")[-3]
         if pid.isdigit() and not _running(int(pid)):
             temporary.unlink(missing_ok=True)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastmaml import ConfigError, DataError
+from fastmaml.atomic import PROCESS_SPACE
 from fastmaml.tasks import download as dl
 
 
@@ -83,6 +84,65 @@ def test_a_chunked_download_cut_short_is_a_data_error(tmp_path: Path,
     assert list(tmp_path.iterdir()) == []
 
 
+class _CutBody(http.server.BaseHTTPRequestHandler):
+    """A response whose connection drops after 100 of the 1,000 bytes its length says."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 100)
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_RDWR)
+        self.close_connection = True
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_download_cut_short_says_so_rather_than_a_wrong_md5(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``read(n)`` ends quietly at a dropped connection: the MD5 mismatch it led to hid why."""
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutBody) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/things.zip"
+        try:
+            with pytest.raises(DataError, match=f"the download of {url} stopped after 100 of "
+                               "1,000 bytes"):
+                dl.download(url, tmp_path / "things.zip", "0" * 32)
+        finally:
+            server.shutdown()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_root_that_cannot_be_written_is_said_before_downloading(tmp_path: Path) -> None:
+    (tmp_path / "notes").write_text("a file where a folder of the path goes")
+    with pytest.raises(DataError, match=f"cannot write the data root {tmp_path}/notes/data "
+                       r"\(Not a directory\): choose a writable folder to download things "
+                       "into, or download http://127.0.0.1:9/things.zip and extract it there"):
+        dl.fetch_zip("http://127.0.0.1:9/things.zip", "0" * 32, tmp_path / "notes" / "data",
+                     "things")
+
+
+def test_what_a_killed_fetch_of_this_machine_left_is_removed(
+        http_folder: tuple[Path, str], tmp_path: Path) -> None:
+    """A fetch killed mid-download or mid-extraction (``kill -9``) left its archive or folder
+    hidden in the data root for good: the next fetch on this machine removes them, and keeps
+    another machine's, which may be fetching now."""
+    served, url = http_folder
+    md5 = write_zip(served / "things.zip", {"things/a.txt": b"a"})
+    dest = tmp_path / "data"
+    dest.mkdir()
+    ours = [dest / f".things.{PROCESS_SPACE}.zip", dest / f".things.{PROCESS_SPACE}.42.x1y2"]
+    ours[0].write_bytes(b"part of a zip")
+    (ours[1] / "things").mkdir(parents=True)
+    theirs = dest / ".things.0badcafe.zip"
+    theirs.write_bytes(b"another machine's download")
+    dl.fetch_zip(f"{url}/things.zip", md5, dest, "things")
+    assert sorted(p.name for p in dest.iterdir()) == [theirs.name, "things"]
+
+
 def test_a_file_where_the_folder_goes_is_said_before_downloading(tmp_path: Path) -> None:
     (tmp_path / "things").write_text("notes")
     with pytest.raises(DataError, match=f"{tmp_path / 'things'} is in the way of the downloaded "
@@ -132,11 +192,13 @@ def test_an_extraction_another_machine_placed_first_is_kept(tmp_path: Path) -> N
 
 def test_extract_zip_rejects_archives_without_the_folder(tmp_path: Path) -> None:
     write_zip(tmp_path / "other.zip", {"other/a.txt": b"a"})
-    with pytest.raises(DataError, match="no folder things/"):
+    with pytest.raises(DataError, match=r"other.zip holds no folder things/ \(at its top: "
+                       r"other/\)"):
         dl.extract_zip(tmp_path / "other.zip", tmp_path, "things")
     write_zip(tmp_path / "flat.zip", {"things": b"a file of the folder's name"})
-    with pytest.raises(DataError, match="no folder things/"):
-        dl.extract_zip(tmp_path / "flat.zip", tmp_path, "things")
+    with pytest.raises(DataError, match=r"^the zip downloaded from http://x/flat.zip holds no "
+                       r"folder things/ \(at its top: things\)$"):
+        dl.extract_zip(tmp_path / "flat.zip", tmp_path, "things", source="http://x/flat.zip")
     (tmp_path / "flat.zip").unlink()
     (tmp_path / "bad.zip").write_bytes(b"not a zip")
     with pytest.raises(DataError, match="not a valid zip"):

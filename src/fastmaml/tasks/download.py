@@ -7,10 +7,10 @@ interrupted run never leaves a partial folder or cache file behind.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import http.client
 import os
-import secrets
 import shutil
 import tempfile
 import urllib.request
@@ -22,7 +22,7 @@ from typing import IO
 import numpy as np
 from filelock import FileLock
 
-from ..atomic import replace_atomically
+from ..atomic import PROCESS_SPACE, replace_atomically
 from ..errors import ConfigError, DataError
 
 CHUNK = 1 << 20
@@ -34,17 +34,29 @@ def default_cache_dir() -> Path:
 
 
 def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
-    """Download ``url`` to ``path`` through a temporary file; keep it only if its MD5 matches."""
+    """Download ``url`` to ``path`` through a temporary file; keep it only if it arrived whole
+    and its MD5 matches."""
+    from tqdm.auto import tqdm
+
     def fetch(out: IO[bytes]) -> None:
-        digest = hashlib.md5()
+        digest, received = hashlib.md5(), 0
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with tqdm(total=expected, desc=f"download {url.rsplit('/', 1)[-1]}", unit="B",
+                      unit_scale=True, leave=False, disable=None) as bar:  # (None: a terminal)
+                while chunk := response.read(CHUNK):
+                    digest.update(chunk)
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        if expected is not None and received < expected:  # (read(n) does not say a cut body)
+            raise DataError(f"the download of {url} stopped after {received:,} of {expected:,} "
+                            "bytes (the connection dropped): run the command again")
         if digest.hexdigest() != md5:
-            raise DataError(f"MD5 mismatch for {path.name} downloaded from {url}: expected "
+            raise DataError(f"the file downloaded from {url} does not match its MD5: expected "
                             f"{md5}, got {digest.hexdigest()}; the download is corrupt or the "
-                            "file changed")
+                            "file at that address changed")
 
     try:
         replace_atomically(path, fetch)
@@ -52,15 +64,19 @@ def download(url: str, path: Path, md5: str, timeout: float = 60.0) -> None:
         raise DataError(f"could not download {url} to {path}: {error}") from error
 
 
-def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
-    """Extract ``archive``, whose top-level folder is ``folder``, to ``dest/folder`` atomically."""
-    target = dest / folder
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", dir=dest))
+def extract_zip(archive: Path, dest: Path, folder: str, source: str = "") -> Path:
+    """Extract ``archive``, whose top-level folder is ``folder``, to ``dest/folder`` atomically
+    (through a temporary folder beside it); ``source`` (a URL) names the archive in errors."""
+    target, named = dest / folder, f"the zip downloaded from {source}" if source else str(archive)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_leftover_prefix(folder)}{os.getpid()}.", dir=dest))
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [n for n in zf.namelist() if n.startswith(f"{folder}/")]
             if not members:
-                raise DataError(f"{archive} holds no folder {folder}/")
+                top = sorted({n.split("/")[0] + ("/" if "/" in n else "") for n in zf.namelist()})
+                raise DataError(f"{named} holds no folder {folder}/ (at its top: "
+                                f"{', '.join(top[:5]) or 'nothing'}"
+                                f"{', ...' if len(top) > 5 else ''})")
             zf.extractall(tmp, members)  # zipfile drops absolute paths and ".." components
         try:
             os.replace(tmp / folder, target)
@@ -68,7 +84,7 @@ def extract_zip(archive: Path, dest: Path, folder: str) -> Path:
             if not (error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.is_dir()):
                 raise
     except zipfile.BadZipFile as error:
-        raise DataError(f"{archive} is not a valid zip file: {error}") from error
+        raise DataError(f"{named} is not a valid zip file: {error}") from error
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -82,26 +98,42 @@ def fetch_missing_zip(url: str, md5: str, dest: Path, folder: str) -> None:
     if target.is_dir():
         return
     key = hashlib.md5(str(target.resolve()).encode()).hexdigest()
-    locks = _writable_cache_folder(default_cache_dir() / "locks", "$FASTMAML_CACHE")
+    locks = _writable_folder(default_cache_dir() / "locks", "the cache directory",
+                             "set $FASTMAML_CACHE to a writable folder")
     with FileLock(locks / f"fetch-{key}.lock"):
         if not target.is_dir():  # (fetched meanwhile by another process)
             fetch_zip(url, md5, dest, folder)
 
 
 def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
-    """Download a zip of ``folder``, verify its MD5 and extract it to ``dest/folder``."""
+    """Download a zip of ``folder``, verify its MD5 and extract it to ``dest/folder``.
+
+    What a killed fetch of this machine left in ``dest`` (its archive, a part-extracted
+    folder) is removed first: one process per machine fetches (``fetch_missing_zip``'s lock),
+    and other machines' fetches have names of their own."""
     if dest.exists() and not dest.is_dir():
         raise DataError(f"the data root {dest} is a file: name a folder to download {folder} "
                         "into")
     if (dest / folder).exists() or (dest / folder).is_symlink():
         raise DataError(f"{dest / folder} is in the way of the downloaded {folder}: move it away")
-    dest.mkdir(parents=True, exist_ok=True)
-    archive = dest / f".{folder}.{secrets.token_hex(4)}.zip"  # its own: other machines fetch too
+    _writable_folder(dest, "the data root", f"choose a writable folder to download {folder} "
+                     f"into, or download {url} and extract it there yourself")
+    for leftover in dest.glob(f"{glob.escape(_leftover_prefix(folder))}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        else:
+            leftover.unlink()
+    archive = dest / f"{_leftover_prefix(folder)}zip"
     try:
         download(url, archive, md5)
-        return extract_zip(archive, dest, folder)
+        return extract_zip(archive, dest, folder, source=url)
     finally:
         archive.unlink(missing_ok=True)
+
+
+def _leftover_prefix(folder: str) -> str:
+    """How the names of this machine's temporaries of a fetch of ``folder`` begin."""
+    return f".{folder}.{PROCESS_SPACE}."
 
 
 def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -> np.ndarray:
@@ -118,20 +150,20 @@ def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -
         except (OSError, ValueError):  # unreadable: rebuild it below
             pass
     # said before the decoding, which may take minutes
-    _writable_cache_folder(path.parent, "$FASTMAML_CACHE (or cache_dir)")
+    _writable_folder(path.parent, "the cache directory",
+                     "set $FASTMAML_CACHE (or cache_dir) to a writable folder")
     array = build()
     replace_atomically(path, lambda out: np.save(out, array))
     return array
 
 
-def _writable_cache_folder(folder: Path, how: str) -> Path:
-    """``folder``, made where missing; a ``DataError`` that names ``how`` to choose another
-    where it cannot be written."""
+def _writable_folder(folder: Path, what: str, remedy: str) -> Path:
+    """``folder``, made where missing; a ``DataError`` naming it as ``what``, and ``remedy``,
+    where it cannot be written (also on a read-only mount, where even root cannot)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
             raise PermissionError(errno.EACCES, "not writable")
     except OSError as error:
-        raise DataError(f"cannot write the cache directory {folder} ({error.strerror}): set {how} "
-                        "to a writable folder") from None
+        raise DataError(f"cannot write {what} {folder} ({error.strerror}): {remedy}") from None
     return folder
