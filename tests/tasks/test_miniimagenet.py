@@ -35,10 +35,11 @@ def write_pickle(path: Path, data: object, protocol: int = 4) -> Path:
     return path
 
 
-@pytest.mark.parametrize("protocol", [2, 4, 5])
-def test_pickle_cache(tmp_path: Path, protocol: int) -> None:
+@pytest.mark.parametrize("protocol, name", [(2, "val"), (4, "val"), (5, "val"),
+                                            (4, "validation")])  # (learn2learn's release)
+def test_pickle_cache(tmp_path: Path, protocol: int, name: str) -> None:
     data = pickle_cache()
-    write_pickle(tmp_path / "mini-imagenet-cache-val.pkl", data, protocol)
+    write_pickle(tmp_path / f"mini-imagenet-cache-{name}.pkl", data, protocol)
     images = load_miniimagenet(tmp_path, ["val"])["val"].images
     assert images.shape == (CLASSES, PER_CLASS, 3, 84, 84) and images.dtype == torch.uint8
     first = sorted(data["class_dict"])[0]
@@ -178,7 +179,9 @@ def test_a_class_in_train_and_test_with_val_between_is_refused() -> None:
 
 
 def test_a_split_not_found_says_where_it_may_be(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"split not found in .*absent \(no such folder\): "):
+    with pytest.raises(DataError, match=r"split not found in .*absent \(no such folder\): "
+                       r"expected mini-imagenet-cache-val.pkl or "
+                       r"mini-imagenet-cache-validation.pkl \(a pickled dict"):
         load_miniimagenet(tmp_path / "absent", ["val"])
     pickled = write_pickle(tmp_path / "mini-imagenet-cache-val.pkl", pickle_cache())
     with pytest.raises(DataError, match=r"split not found in .*val.pkl \(a file\): "):

@@ -3,7 +3,8 @@
 
 Three layouts of a data root are read, per split:
 
-- ``mini-imagenet-cache-{train,val,test}.pkl``: a pickled dict with ``image_data`` (uint8,
+- ``mini-imagenet-cache-{train,val,test}.pkl`` (learn2learn's release names val
+  ``validation``): a pickled dict with ``image_data`` (uint8,
   N x 84 x 84 x 3; another size is resized to 84x84 with LANCZOS) and ``class_dict`` (class
   name -> list of indices into ``image_data``), written by Python 3 or 2. Unpickling runs code
   named in the file, so only the numpy constructors that structure needs are allowed; anything
@@ -194,7 +195,7 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
             raise ConfigError(f"unknown MiniImagenet split {split!r}; known: {', '.join(SPLITS)}")
         layout = _layout(root, split)
         if layout == "pickle":
-            result[split] = read_pickle_cache(root / _pickle_name(split))
+            result[split] = read_pickle_cache(_pickle_file(root, split))
         elif layout == "csv":
             result[split] = read_image_folder(root, split, cache_dir, workers)
         elif layout == "class folders":
@@ -203,7 +204,7 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
             what = "" if root.is_dir() else " (a file)" if root.exists() else " (no such folder)"
             raise DataError(
                 f"MiniImagenet {split} split not found in {root}{what}: expected "
-                f"{_pickle_name(split)} "
+                f"{' or '.join(_pickle_names(split))} "
                 f"(a pickled dict of image_data and class_dict), an images/ folder with "
                 f"{split}.csv (Ravi & Larochelle, header 'filename,label') or a {split}/ folder "
                 f"of class folders{_where_it_may_be(root, split)}. Name the folder that holds "
@@ -213,13 +214,20 @@ def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLI
     return result
 
 
-def _pickle_name(split: str) -> str:
-    return f"mini-imagenet-cache-{split}.pkl"
+def _pickle_names(split: str) -> list[str]:
+    """The names a split's pickle has in the releases (learn2learn's val is ``validation``)."""
+    return [f"mini-imagenet-cache-{name}.pkl"
+            for name in (split, *(("validation",) if split == "val" else ()))]
+
+
+def _pickle_file(root: Path, split: str) -> Path | None:
+    """``split``'s pickle in ``root`` under any of its names, else None."""
+    return next((root / name for name in _pickle_names(split) if (root / name).is_file()), None)
 
 
 def _layout(root: Path, split: str) -> str | None:
     """Which of the three layouts ``root`` holds ``split`` in (the first, where several)."""
-    if (root / _pickle_name(split)).is_file():
+    if _pickle_file(root, split):
         return "pickle"
     if (root / "images").is_dir() and (root / f"{split}.csv").is_file():
         return "csv"
