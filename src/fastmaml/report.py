@@ -248,12 +248,18 @@ def headline_key(config: dict[str, Any]) -> str | None:
             return None                    # protocol of the paper's
         if config.get("network") == "mlp":  # Table 1's MLP row
             key += "-mlp"
-        return key if any(h.key == key for h in HEADLINES) else None
+        if config.get("first_order") and _is_headline(f"{key}-fo"):  # (MiniImagenet's)
+            key += "-fo"
+        return key if _is_headline(key) else None
     if experiment == "rl":
         names = {NAV: "rl-nav2d", **dict(zip(LOCOMOTION, ("rl-cheetah-vel", "rl-cheetah-dir",
                                                          "rl-ant-vel", "rl-ant-dir")))}
         return names.get(config.get("env", ""))
     return None
+
+
+def _is_headline(key: str) -> bool:
+    return any(h.key == key for h in HEADLINES)
 
 
 @dataclass
