@@ -128,6 +128,12 @@ def test_combinations_and_experiment_settings_are_checked():
      ["per_step=norm with first-order MAML throughout: the multi-step loss ends after "
       "msl_anneal_iterations=100"]),
     (["first_order_until=100", "iterations=101", "per_step=norm", "inner_steps=2"], []),
+    (["msl_anneal_iterations=50"],
+     ["msl_anneal_iterations=50 has no effect without multi_step_loss=true"]),
+    (["meta_lr_min=0.0005"], ["meta_lr_min=0.0005 has no effect with a constant meta learning "
+                              "rate: meta_lr_schedule=cosine anneals to it"]),
+    (["meta_lr_min=0.0005", "meta_lr_schedule=cosine", "msl_anneal_iterations=50",
+      "multi_step_loss=true", "inner_steps=2"], []),
 ])
 def test_settings_that_train_otherwise_than_meant_are_said(overrides: list[str],
                                                            said: list[str]) -> None:

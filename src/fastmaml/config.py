@@ -62,7 +62,9 @@ class Config:
     iterations: int = 1000  # meta-training iterations (outer-loop updates)
     meta_batch: int = 25  # tasks per meta-iteration
     meta_lr: float = 1e-3  # Adam's outer-loop learning rate (the paper's beta)
-    meta_lr_schedule: str = "constant"  # constant | cosine (to meta_lr_min at the last iteration)
+    # constant | cosine (to meta_lr_min at the last iteration; MAML's: the sinusoid's pretrained
+    # and oracle baselines keep meta_lr)
+    meta_lr_schedule: str = "constant"
     meta_lr_min: float = 1e-5  # the cosine schedule's final meta learning rate (MAML++'s)
     inner_lr: float = 0.01  # the inner step size (the paper's alpha; learned rates start at it)
     inner_steps: int = 1  # inner gradient steps per task in meta-training
@@ -167,6 +169,14 @@ class Config:
                             f"{self.msl_anneal_iterations} (as MAML++'s), and from then on only "
                             "the last inner step's set gets a meta-gradient; train second order "
                             "after it (first_order_until), as MAML++ does")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if (not self.multi_step_loss
+                and self.msl_anneal_iterations != defaults["msl_anneal_iterations"]):
+            said.append(f"msl_anneal_iterations={self.msl_anneal_iterations} has no effect "
+                        "without multi_step_loss=true")
+        if self.meta_lr_schedule == "constant" and self.meta_lr_min != defaults["meta_lr_min"]:
+            said.append(f"meta_lr_min={self.meta_lr_min:g} has no effect with a constant meta "
+                        "learning rate: meta_lr_schedule=cosine anneals to it")
         return said
 
     def require_at_least(self, **minimums: float) -> None:
