@@ -111,6 +111,7 @@ def plot_step_curves(records: list[dict[str, Any]], ylabel: str, path: Path, tit
             ax.axhline(value, color="black", lw=1, ls=style, label=label)
             shown.append(value)
         ax.set(title=f"{k}-shot", xlabel="inner gradient steps", ylabel=ylabel)
+        ax.xaxis.get_major_locator().set_params(integer=True)  # (no step 1.5)
         if zoom and run_shown:
             pad = max(0.05 * (max(shown) - min(shown)), 0.1)
             ax.set_ylim(min(shown) - pad, max(shown) + pad)

@@ -278,15 +278,16 @@ def _record(run: Run, **match: Any) -> dict[str, Any] | None:
 def evaluate_row(headline: Headline, run: Run) -> Row:
     """Our figure for ``headline`` from ``run``'s eval.json, and its status."""
     scale = 100.0 if headline.metric.startswith("accuracy") else 1.0
+    maml = [r for r in run.records if r.get("method") in ("maml", "first-order maml")]
     if headline.key == "sinusoid":
-        record = _record(run, method="maml", k_shot=5)
+        record = next((r for r in maml if r["k_shot"] == 5), None)
     elif headline.key.endswith("-lake"):
         record = _record(run, within_alphabet=True)
     elif headline.key.startswith("rl-"):
         record = _record(run, method="maml")
     else:
         record = next((r for r in run.records if not r.get("within_alphabet")), None)
-    shots = ([str(r["k_shot"]) for r in run.records if r.get("method") == "maml"]
+    shots = ([str(r["k_shot"]) for r in maml]
              if headline.key == "sinusoid" else [])
     if record is None and shots:
         return Row(headline, run, status=f"evaluated with K={', '.join(shots)}, the paper's row "

@@ -182,6 +182,14 @@ def mean_ci95(values: Tensor) -> tuple[list[float], list[float]]:
     return values.mean(dim=0).tolist(), (1.96 * std / math.sqrt(values.shape[0])).tolist()
 
 
+def maml_method(cfg: Config) -> tuple[str, dict[str, Any]]:
+    """How evaluations name MAML's records: ``first-order maml`` where it trained first order
+    throughout, and its ``lr_mode`` where it adapts with learned rates (tables and legends show
+    it as the step size)."""
+    return ("first-order maml" if cfg.first_order else "maml",
+            {"lr_mode": cfg.lr_mode} if cfg.lr_mode != "fixed" else {})
+
+
 def eval_record(experiment: str, method: str, k_shot: int, values: Tensor,
                 **extra: Any) -> dict[str, Any]:
     """One ``eval.json`` record from per-task values of shape (tasks, steps + 1)."""
@@ -424,7 +432,8 @@ class Experiment(ABC):
             reached, target = (records[0].get(key, {}).get("maml")
                                for key in ("checkpoint_iterations", "target_iterations"))
             if reached is not None:
-                title += f", MAML after {reached:,}" + (
+                algorithm = "first-order MAML" if self.cfg.first_order else "MAML"
+                title += f", {algorithm} after {reached:,}" + (
                     f" of {target:,}" if target not in (None, reached) else "") + " iterations"
         return title
 

@@ -36,7 +36,7 @@ from ..tasks.images import MODES, ImageFormat
 from ..tasks.omniglot import SPLIT_NAMES as OMNIGLOT_SPLITS
 from ..train import GradientLearner, meta_learner
 from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
-                   results_table, validation_of)
+                   maml_method, results_table, validation_of)
 
 DATA_ENV = {"omniglot": "FASTMAML_OMNIGLOT", "miniimagenet": "FASTMAML_MINIIMAGENET",
             "folder": ""}
@@ -331,7 +331,7 @@ class FewShotExperiment(Experiment):
         # train split alone is 800 MB)
         maml = self.restore(self._meta_learner(
             self.build_maml(), lambda: self.sampler("train", cfg.k_query))).module
-        method = "first-order maml" if cfg.first_order else "maml"
+        method, learned = maml_method(cfg)
         records = []
         for within in self.test_kinds():
             test = self.sampler("test", cfg.eval_queries, within_alphabet=within)
@@ -340,7 +340,7 @@ class FewShotExperiment(Experiment):
                                    cfg.eval_inner_steps, progress, "meta-test", "metric")
             records.append(eval_record(cfg.dataset, method + (", within alphabet" if within else ""),
                                        cfg.k_shot, curve, n_way=cfg.n_way, metric="accuracy",
-                                       preset=cfg.preset, within_alphabet=within))
+                                       preset=cfg.preset, within_alphabet=within, **learned))
         paper = self._paper()
         show = sorted({0, 1, *(s for _, values in paper[cfg.k_shot] for s in values),
                        cfg.inner_steps, cfg.eval_inner_steps})

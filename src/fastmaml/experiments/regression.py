@@ -27,7 +27,7 @@ from ..tasks.points import PointSampler, PointTasks, assign_tasks, load_point_ta
 from ..tasks.splits import Assignment
 from ..train import GradientLearner, checkpoint_path, meta_learner
 from .base import (TEST_SEED, VAL_SEED, Experiment, build_maml, eval_record, evaluate_tasks,
-                   results_table, validation_of)
+                   maml_method, results_table, validation_of)
 
 
 @dataclass
@@ -83,7 +83,8 @@ class RegressionConfig(Config):
 class RegressionExperiment(Experiment):
     name = "regression"
     config_cls = RegressionConfig
-    curve_keys = {"loss": "training query MSE", "val_mse": "validation MSE"}
+    curve_keys = {"query_loss": "training query MSE (after the inner steps)",
+                  "val_mse": "validation MSE"}
     cfg: RegressionConfig
 
     def data_root(self) -> Path:
@@ -174,8 +175,9 @@ class RegressionExperiment(Experiment):
         test = self.sampler("test")
         curve = evaluate_tasks(maml, test.fixed_tasks(cfg.eval_tasks, TEST_SEED, cfg.eval_chunk),
                                cfg.eval_inner_steps, progress, "meta-test")
-        records = [eval_record("regression", "maml", cfg.k_shot, curve, metric="mse",
-                               preset=cfg.preset)]
+        method, learned = maml_method(cfg)
+        records = [eval_record("regression", method, cfg.k_shot, curve, metric="mse",
+                               preset=cfg.preset, **learned)]
         table = results_table(f"Regression on {self.data_root()}: query MSE on held-out tasks "
                               "after N inner steps", records,
                               show_steps=sorted({0, 1, cfg.inner_steps, cfg.eval_inner_steps}),

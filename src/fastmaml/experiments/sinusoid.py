@@ -29,7 +29,7 @@ from ..plots import new_figure, plot_step_curves, save_figure, steps_label
 from ..tasks.sinusoid import (AMPLITUDE, X_RANGE, sample_sinusoid_tasks, sinusoid,
                               with_task_parameters)
 from ..train import GradientLearner, backpropagated, checkpoints_dir, meta_learner
-from .base import Experiment, build_maml, eval_record, evaluate_tasks, results_table
+from .base import Experiment, build_maml, eval_record, evaluate_tasks, maml_method, results_table
 
 EVAL_SEED, TUNE_SEED = 20170, 20171  # fixed: every run is evaluated on the same tasks
 
@@ -68,7 +68,7 @@ class SinusoidConfig(Config):
 class SinusoidExperiment(Experiment):
     name = "sinusoid"
     config_cls = SinusoidConfig
-    curve_keys = {"loss": "training MSE (MAML's after its inner steps)"}
+    curve_keys = {"loss": "training MSE (MAML's: its meta-loss)"}  # (multi_step_loss: over the steps)
     cfg: SinusoidConfig
 
     def value_ranges(self) -> tuple[tuple[float, float], ...]:
@@ -134,6 +134,7 @@ class SinusoidExperiment(Experiment):
     def evaluate(self, progress: bool = True) -> list[dict[str, Any]]:
         cfg = self.cfg
         maml, pretrained, oracle = self._trained()
+        method, learned = maml_method(cfg)
         records = []
         for k_shot in cfg.eval_k_shots:
             tasks = sample_sinusoid_tasks(cfg.eval_tasks, k_shot, cfg.eval_query,
@@ -141,12 +142,13 @@ class SinusoidExperiment(Experiment):
             batch = tasks.batch.to(self.device)
             steps = cfg.eval_inner_steps
             chunks = batch.split(cfg.eval_chunk)
-            records.append(eval_record("sinusoid", "maml", k_shot, evaluate_tasks(
-                maml, chunks, steps, progress, f"maml K={k_shot}")))
-            lr = self._tune_pretrained_lr(pretrained, k_shot)
+            records.append(eval_record("sinusoid", method, k_shot, evaluate_tasks(
+                maml, chunks, steps, progress, f"maml K={k_shot}"), **learned))
+            # (no step to tune where it takes none)
+            lr = self._tune_pretrained_lr(pretrained, k_shot) if steps else 0.0
             records.append(eval_record("sinusoid", "pretrained", k_shot, evaluate_tasks(
                 MAML(pretrained, F.mse_loss, lr), chunks, steps, progress,
-                f"pretrained K={k_shot}"), inner_lr=lr))
+                f"pretrained K={k_shot}"), **({"inner_lr": lr} if steps else {})))
             with torch.no_grad():
                 x = with_task_parameters(batch.query_x, tasks.amplitude.to(self.device),
                                          tasks.phase.to(self.device))
@@ -154,8 +156,10 @@ class SinusoidExperiment(Experiment):
             records.append(eval_record("sinusoid", "oracle", k_shot,
                                        mse[:, None].expand(-1, steps + 1),
                                        note="no adaptation: the same value at every step"))
+        show = sorted({0, 1, *(s for _, values in PAPER[5] for s in values), cfg.inner_steps,
+                       cfg.eval_inner_steps})
         table = results_table("Sinusoid regression: query MSE after N inner steps", records,
-                              show_steps=[0, 1, 5, 10], paper=PAPER, run_dir=self.run_dir)
+                              show_steps=show, paper=PAPER, run_dir=self.run_dir)
         self.write_eval(records, table)
         return records
 
@@ -163,7 +167,8 @@ class SinusoidExperiment(Experiment):
         out = self.figures_dir()
         paths = [plot_step_curves(records, "query MSE", out / "mse_vs_steps.png",
                                   self.figure_title(records), log_scale=True, paper=PAPER)]
-        lrs = {r["k_shot"]: r["inner_lr"] for r in records if r["method"] == "pretrained"}
+        lrs = {r["k_shot"]: r["inner_lr"] for r in records
+               if r["method"] == "pretrained" and "inner_lr" in r}  # (none: evaluated at 0 steps)
         if not any(k in lrs for k in (5, 10)):
             return paths
         try:
@@ -173,8 +178,9 @@ class SinusoidExperiment(Experiment):
                  f"{error}: drawn without them", FastMAMLWarning)
             return paths
         maml.check_finite = False  # a diverged curve is drawn as far as it is finite
+        last = len(records[0]["mean"]) - 1  # the evaluation's inner steps
         paths += [self._plot_adaptation(
-            maml, MAML(pretrained, F.mse_loss, lrs[k], check_finite=False), k, out)
+            maml, MAML(pretrained, F.mse_loss, lrs[k], check_finite=False), k, last, out)
             for k in (5, 10) if k in lrs]
         return paths
 
@@ -182,8 +188,11 @@ class SinusoidExperiment(Experiment):
         models = sorted(checkpoints_dir(self.run_dir).glob("*.pt"))  # Figure 2's, adapted
         return {f"adaptation_k{k}.png": models for k in (5, 10)}
 
-    def _plot_adaptation(self, maml: MAML, pretrained: MAML, k_shot: int, out: Path) -> Path:
-        """Paper Figure 2: one test task, its K points, predictions before and after 1 and 10 steps."""
+    def _plot_adaptation(self, maml: MAML, pretrained: MAML, k_shot: int, last: int,
+                         out: Path) -> Path:
+        """Paper Figure 2: one test task, its K points, predictions before and after 1 and
+        ``last`` steps (the evaluation's; the paper's 10)."""
+        drawn = sorted({0, 1, last})
         tasks = sample_sinusoid_tasks(1, k_shot, 0, torch.Generator().manual_seed(EVAL_SEED + k_shot))
         support_x, support_y = (t[0].to(self.device) for t in tasks.batch[:2])
         grid = torch.linspace(*X_RANGE, 200, device=self.device)[:, None]
@@ -193,12 +202,12 @@ class SinusoidExperiment(Experiment):
         pretrained_title = f"pretrained, step {pretrained.inner_lrs.init:g}"
         for ax, (title, engine) in zip(axes, [("MAML", maml), (pretrained_title, pretrained)]):
             ax.plot(grid.cpu(), truth, color="red", label="ground truth")
-            for steps, style in ((0, ":"), (1, "--"), (10, "-")):
+            for shade, (steps, style) in enumerate(zip(drawn, (":", "--", "-"))):
                 with torch.no_grad():
                     prediction = engine.predict(engine.adapt(support_x, support_y, steps), grid)
                 diverged = "" if torch.isfinite(prediction).all() else " (diverged)"
                 ax.plot(grid.cpu(), prediction.cpu(), style, color="tab:green",
-                        alpha=0.5 + steps / 20, label=f"after {steps_label(steps)}{diverged}")
+                        alpha=0.5 + shade / 4, label=f"after {steps_label(steps)}{diverged}")
             ax.scatter(support_x.cpu(), support_y.cpu(), marker="^", color="purple", zorder=3,
                        label=f"{k_shot} points used for the gradient")
             ax.set(title=f"{title}, K={k_shot}", xlabel="x")
