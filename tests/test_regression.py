@@ -116,6 +116,24 @@ def test_a_fresh_run_replaces_a_stale_split_record(tmp_path: Path) -> None:
     assert json.loads((run / "splits.json").read_text()) == recorded
 
 
+def test_a_run_resumed_on_another_data_root_says_so(tmp_path: Path, capsys) -> None:
+    """Resuming with another --data-root is allowed (the data moved), but it went unsaid where
+    the folder held other data."""
+    data, run = tmp_path / "tasks", tmp_path / "run"
+    write_sinusoid_tasks(data, 10)
+    common = ["--out", str(run), "val_every=0", "--no-progress"]
+    assert main(["train", "regression-csv", *common, "--data-root", str(data),
+                 "iterations=2"]) == 0
+    assert main(["train", "regression-csv", *common, "iterations=3"]) == 0  # (kept: unsaid)
+    assert "warning" not in capsys.readouterr().err
+    shutil.move(data, tmp_path / "moved")
+    assert main(["train", "regression-csv", *common, "--data-root", str(tmp_path / "moved"),
+                 "iterations=4"]) == 0
+    assert (f"fastmaml: warning: {run} trained on the data in {data}; it goes on with "
+            f"{tmp_path / 'moved'}: the same data moved, or it learns on from other data"
+            ) in capsys.readouterr().err
+
+
 def test_tasks_of_several_x_values_train_and_adapt(tmp_path: Path, capsys) -> None:
     data, run = tmp_path / "tasks", tmp_path / "run"
     rng = np.random.default_rng(0)

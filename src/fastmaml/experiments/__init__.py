@@ -465,6 +465,10 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
         raise
     _refuse_changes(saved, {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v},
                     resumable, run_dir, training)
+    before, now = getattr(saved, "data_root", ""), getattr(cfg, "data_root", "")
+    if training and before and now != before:  # (allowed: the same data, moved)
+        warn(f"{run_dir} trained on the data in {before}; it goes on with {now or 'the default'}"
+             ": the same data moved, or it learns on from other data", FastMAMLWarning)
     return cfg
 
 
