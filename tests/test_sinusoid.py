@@ -4,13 +4,16 @@ from __future__ import annotations
 import json
 import math
 import re
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 import fastmaml
+from fastmaml import cli
 from fastmaml.cli import main
+from fastmaml.core import MAML
 from fastmaml.errors import FastMAMLWarning
 from fastmaml.experiments import load_experiment
 from fastmaml.plots import stale_figures
@@ -101,6 +104,60 @@ def test_the_adaptation_figures_follow_the_models_they_draw(tmp_path, capsys):
                                              r"draw the trained models, and no maml, "):
         assert sorted(load_experiment(run).plot()) == [
             figures / name for name in ("learning_curves.png", "mse_vs_steps.png")]
+
+
+def test_an_evaluation_names_the_variant_and_shows_the_steps_it_took(tmp_path, capsys):
+    """A first-order Meta-SGD run was recorded as plain "maml"; its table had fixed columns
+    (0, 1, 5, 10: step 2 was in no column); at 0 steps the pretrained baseline was given the
+    first candidate step size of an all-NaN tuning; Figure 2 adapted 10 steps regardless."""
+    run = tmp_path / "run"
+    assert main(["train", "sinusoid-demo", "--out", str(run), "iterations=5", "first_order=true",
+                 "lr_mode=per_param", "--no-progress"]) == 0
+    evaluate = ["eval", str(run), "eval_tasks=10", "tune_tasks=5", "eval_k_shots=5",
+                "--no-progress"]
+    assert main([*evaluate, "eval_inner_steps=2"]) == 0
+    table = capsys.readouterr().out
+    assert "| method | 0 steps | 1 step | 2 steps | 5 steps | 10 steps |" in table
+    assert "| first-order maml (lr learned (per_param)) |" in table
+    records = json.loads((run / "eval.json").read_text())
+    assert [(r["method"], r.get("lr_mode")) for r in records] == [
+        ("first-order maml", "per_param"), ("pretrained", None), ("oracle", None)]
+    drawn = []
+    original = MAML.adapt
+    def counting_adapt(self, support_x, support_y, steps=None, loss_fn=None):
+        drawn.append(steps)
+        return original(self, support_x, support_y, steps, loss_fn)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MAML, "adapt", counting_adapt)
+        assert main(["plot", str(run)]) == 0
+    assert drawn == [0, 1, 2] * 2  # Figure 2, MAML and pretrained: to the evaluation's steps
+    assert main([*evaluate, "eval_inner_steps=0"]) == 0
+    pretrained = next(r for r in json.loads((run / "eval.json").read_text())
+                      if r["method"] == "pretrained")
+    assert "inner_lr" not in pretrained and len(pretrained["mean"]) == 1
+    assert "| pretrained |" in capsys.readouterr().out
+    assert main(["plot", str(run)]) == 0
+
+
+def test_ctrl_c_before_the_training_loop_says_what_running_again_does(tmp_path, capsys,
+                                                                     monkeypatch):
+    """Ctrl-C while the data loads (a download, a decode) promised a resume from a checkpoint
+    that was never written."""
+    run = tmp_path / "run"
+    command = ["train", "sinusoid-demo", "--out", str(run), "iterations=2", "--no-progress"]
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "train_run", lambda *args, **kwargs: signal.default_int_handler(
+            signal.SIGINT, None))
+        assert main(command) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == ("fastmaml: interrupted; nothing was trained yet: the "
+                                       "same command starts again\n")
+    assert main(command) == 0
+    with monkeypatch.context() as patch:
+        patch.setattr(cli, "train_run", lambda *args, **kwargs: signal.default_int_handler(
+            signal.SIGINT, None))
+        assert main(command) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == ("fastmaml: interrupted; the same command resumes from "
+                                       "the last checkpoint\n")
 
 
 def test_cli_errors_are_one_line_not_tracebacks(tmp_path, capsys):

@@ -31,7 +31,7 @@ from .plots import counted
 from .distributed import init_from_env, leave, shutdown, world
 from .report import BUDGETS, EXPERIMENTS, read_run, reproduce, write_report
 from .runlock import locked_run_dir
-from .train import TrainingStopped
+from .train import TrainingStopped, checkpoints_dir
 
 
 def _presets(args: argparse.Namespace) -> None:
@@ -76,7 +76,7 @@ def _setting_text(value: Any) -> str:
 
 def _train(args: argparse.Namespace) -> None:
     init_from_env()
-    run_dir = _folder_to_be(Path(args.out or f"runs/{args.preset}"), "--out")
+    run_dir = _folder_to_be(_train_folder(args), "--out")
     experiment = train_run(args.preset, run_dir, _overrides(args), progress=not args.no_progress,
                            learner=args.learner)
     main_rank = world()[0] == 0
@@ -87,6 +87,22 @@ def _train(args: argparse.Namespace) -> None:
         scalars = f" and {run_dir}/tensorboard" if experiment.cfg.tensorboard else ""
         print(f"fastmaml: checkpoints in {run_dir}/checkpoints, metrics in "
               f"{run_dir}/metrics-*.csv{scalars}. {then}: fastmaml eval {run_dir}")
+
+
+def _train_folder(args: argparse.Namespace) -> Path:
+    return Path(args.out or f"runs/{args.preset}")
+
+
+def _how_to_go_on(args: argparse.Namespace) -> str:
+    """What running an interrupted command again does (train: Ctrl-C before its loop, which
+    checkpoints on its own, e.g. while the data download or decode)."""
+    if args.command == "reproduce":
+        return "; the same command goes on from each run's last checkpoint"
+    if args.command != "train":
+        return ""
+    if any(checkpoints_dir(_train_folder(args)).glob("*.pt")):
+        return "; the same command resumes from the last checkpoint"
+    return "; nothing was trained yet: the same command starts again"
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -495,9 +511,7 @@ def _command(argv: list[str] | None) -> int:
                 print(f"fastmaml: {stopped}", file=sys.stderr)
         return 128 + stopped.signum
     except KeyboardInterrupt:
-        resumes = args.command in ("train", "reproduce")
-        print("fastmaml: interrupted" + ("; the same command resumes from the last checkpoint"
-                                         if resumes else ""), file=sys.stderr)
+        print("fastmaml: interrupted" + _how_to_go_on(args), file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
         leave()  # a rank that stopped early (the others finish with ``shutdown``)
