@@ -135,3 +135,44 @@ def test_an_unreadable_exif_orientation_keeps_the_picture(tmp_path: Path,
 
     monkeypatch.setattr(im.ImageOps, "exif_transpose", broken)
     assert np.array_equal(read_images([tmp_path / "odd.png"], ImageFormat("L", 5))[0], pixels)
+
+
+def test_a_data_set_names_its_own_remedy_for_unreadable_images(tmp_path: Path) -> None:
+    """Deleting a broken file is a dead end where a data set's files are fixed (Omniglot's 20
+    per character, the images a CSV lists): its loader says what to do instead."""
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    Image.new("L", (6, 6)).save(paths[0])
+    paths[1].write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"cannot read 1 of 2 images \(restore it from the zip\): "
+                                        r".*b\.png: "):
+        read_images(paths, ImageFormat("L", 4), remedy="restore {it} from the zip")
+
+
+def test_every_missing_image_a_csv_lists_is_named_at_once_with_the_csv(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(im, "SHOWN_UNREAD", 2)
+    (tmp_path / "images").mkdir()
+    files = [tmp_path / "images" / f"{i}.jpg" for i in range(5)]
+    for kept in (files[0], files[4]):
+        Image.new("RGB", (6, 6)).save(kept)
+    with pytest.raises(DataError, match=r"cannot read 3 of 5 images listed in .*train\.csv "
+                                        r"\(restore them, or remove them from train\.csv\): "
+                                        r"images/1\.jpg: No such file or directory; "
+                                        r"images/2\.jpg: No such file or directory; and 1 more$"):
+        im.fingerprint(tmp_path, files, ImageFormat("RGB", 4), listed_in=tmp_path / "train.csv")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_smallest_image_enlarged_is_reported(tmp_path: Path, workers: int,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data set of a standard size warns of images upscaled to it (``upscaled``); images
+    that are only shrunk are not reported."""
+    monkeypatch.setattr(im, "POOL_MIN_IMAGES", 2)
+    paths = []
+    for i, size in enumerate([(40, 30), (24, 50), (50, 50)]):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("L", size).save(paths[-1])
+    reported: list[tuple[int, int]] = []
+    read_images(paths, ImageFormat("L", 32), workers=workers, upscaled=reported.append)
+    read_images(paths[2:], ImageFormat("L", 32), workers=workers, upscaled=reported.append)
+    assert reported == [(24, 50)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -281,8 +282,70 @@ def test_the_cache_is_not_shared_by_other_images_of_the_same_names(
     replaced = load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")["val"].images
     assert (replaced[0, 5] == 7).all() and (replaced[0, 4] == 128).all()
     (other / "images" / "n0400000006.jpg").unlink()
-    with pytest.raises(DataError, match="cannot read image .*n0400000006.jpg"):
+    with pytest.raises(DataError, match=r"cannot read 1 of 20 images listed in .*val\.csv "
+                                        r".*images/n0400000006\.jpg"):
         load_miniimagenet(other, ["val"], cache_dir=tmp_path / "cache")
+
+
+def link_val_split(root: Path, copy: Path, leave_out: tuple[str, ...] = ()) -> None:
+    """``root``'s val.csv and its images, linked into ``copy``, but those of ``leave_out``."""
+    (copy / "images").mkdir(parents=True)
+    (copy / "val.csv").write_bytes((root / "val.csv").read_bytes())
+    for line in (root / "val.csv").read_text().splitlines()[1:]:
+        name = line.split(",")[0]
+        if name not in leave_out:
+            os.link(root / "images" / name, copy / "images" / name)
+
+
+def test_missing_images_are_named_at_once_with_the_csv_that_lists_them(
+        image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    root, _ = image_folder
+    missing = ("n0400000002.jpg", "n0400000005.jpg", "n0400000011.jpg")
+    link_val_split(root, tmp_path / "copy", leave_out=missing)
+    shown = "; ".join(rf"images/{re.escape(name)}: No such file or directory" for name in missing)
+    with pytest.raises(DataError, match=rf"cannot read 3 of {PER_CLASS} images listed in "
+                       rf"{re.escape(str(tmp_path / 'copy' / 'val.csv'))} \(restore them, or "
+                       rf"remove them from val\.csv\): {shown}$"):
+        load_miniimagenet(tmp_path / "copy", ["val"], cache_dir=tmp_path / "cache")
+
+
+def test_an_unreadable_image_of_a_csv_is_not_to_be_deleted(
+        image_folder: tuple[Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """Deleting an image the CSV lists makes it missing: the remedy says to restore it or
+    remove it from the CSV."""
+    root, _ = image_folder
+    link_val_split(root, tmp_path / "copy", leave_out=("n0400000004.jpg",))
+    (tmp_path / "copy" / "images" / "n0400000004.jpg").write_bytes(b"<html>not found</html>")
+    with pytest.raises(DataError, match=rf"cannot read 1 of {PER_CLASS} images \(restore it, or "
+                                        r"remove it from val\.csv\): .*n0400000004\.jpg: "):
+        load_miniimagenet(tmp_path / "copy", ["val"], cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("layout", ["csv", "class folders"])
+def test_small_image_files_are_said_to_be_upscaled_once_per_split(tmp_path: Path,
+                                                                  layout: str) -> None:
+    """As a pickle of small images is: a split of them is MiniImagenet at a lower resolution,
+    whose accuracies are not the paper's (said when decoded, not on loads from the cache)."""
+    root = tmp_path / "small"
+    sizes = {"train": {"n01": [(32, 48), (84, 84)], "n02": [(90, 40), (60, 50)]},
+             "val": {"n03": [(84, 84), (100, 90)]}}
+    for split, classes in sizes.items():
+        rows = ["filename,label"]
+        for label, shapes in classes.items():
+            for i, size in enumerate(shapes):
+                folder = root / "images" if layout == "csv" else root / split / label
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", size, (i, 50, 90)).save(folder / f"{label}_{i}.jpg")
+                rows.append(f"{label}_{i}.jpg,{label}")
+        if layout == "csv":
+            (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    source = f"{root / 'train.csv'} lists" if layout == "csv" else f"{root / 'train'} holds"
+    with pytest.warns(FastMAMLWarning) as said:
+        splits = load_miniimagenet(root, ["train", "val"], cache_dir=tmp_path / "cache")
+    assert [str(w.message) for w in said] == [
+        f"{source} 32x48 images, smaller in a side than MiniImagenet's 84x84: they are upscaled "
+        "to it, and accuracies are those of the smaller copy, not comparable with the paper's"]
+    assert splits["train"].images.shape == (2, 2, 3, 84, 84)
 
 
 def test_a_csv_may_name_its_images_by_absolute_path(

@@ -113,7 +113,8 @@ def test_a_root_given_as_one_of_the_two_folders_names_the_folder_above(fake_root
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "missing", "moved"])
 def test_damaged_data_names_the_file(fake_root: Path, tmp_path: Path, damage: str) -> None:
     """A moved image (21 in one character, 19 in another: all still a multiple of 20) would
-    shift every later character's images by one, unsaid."""
+    shift every later character's images by one, unsaid. The remedy is never to delete an
+    image: every character has 20."""
     root = tmp_path / "root"
     shutil.copytree(fake_root, root)
     png = root / "images_evaluation" / "Gamma" / "character02" / "0001_07.png"
@@ -124,9 +125,54 @@ def test_damaged_data_names_the_file(fake_root: Path, tmp_path: Path, damage: st
         png.rename(root / "images_evaluation" / "Gamma" / "character01" / "0002_07.png")
     else:
         png.write_bytes(b"garbage" if damage == "garbage" else data[: len(data) // 2])
-    said = {"missing": "has 19 PNG", "moved": r"character01 has 21 PNG images; every Omniglot "
-                                              "character has 20"}
-    with pytest.raises(DataError, match=said.get(damage, "0001_07.png")):
+    restore = (r"restore the character from the official images_evaluation\.zip, or remove "
+               rf"{re.escape(str(root / 'images_evaluation'))}, and download=true fetches it "
+               "again$")
+    said = {"missing": rf"character02 has 19 PNG images; every Omniglot character has 20: "
+                       f"{restore}",
+            "moved": rf"character01 has 21 PNG images; every Omniglot character has 20: "
+                     f"{restore}"}
+    unread = (r"cannot read 1 of 120 images \(restore it from the official zip, or remove the "
+              r"images_background/ or images_evaluation/ folder that holds it, and download=true "
+              r"fetches it again\): .*0001_07\.png: ")
+    with pytest.raises(DataError, match=said.get(damage, unread)):
+        load_omniglot_images(root, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("below", ["omniglot", "omniglot-py"])  # (torchvision's folder)
+def test_a_data_root_one_level_too_high_names_the_folder_below(fake_root: Path, tmp_path: Path,
+                                                              below: str) -> None:
+    (tmp_path / "data" / "other").mkdir(parents=True)
+    (tmp_path / "data" / below).mkdir()
+    (tmp_path / "data" / below / "images_background").symlink_to(fake_root / "images_background")
+    with pytest.raises(DataError, match=r"missing images_background, images_evaluation \(it is "
+                       rf"one level down: give the data folder as "
+                       rf"{re.escape(str(tmp_path / 'data' / below))}\)\. Expected"):
+        load_omniglot(tmp_path / "data", cache_dir=tmp_path / "cache")
+
+
+def test_the_official_zips_unextracted_in_the_data_root_are_noticed(tmp_path: Path) -> None:
+    (tmp_path / "images_background.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"missing images_background, images_evaluation \(found "
+                                        r"images_background\.zip: extract it here\)"):
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+    (tmp_path / "images_evaluation.zip").write_bytes(b"PK")
+    with pytest.raises(DataError, match=r"\(found images_background\.zip and "
+                                        r"images_evaluation\.zip: extract them here\)"):
+        load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
+
+
+def test_a_folder_extracted_into_a_folder_of_its_own_name_is_named(fake_root: Path,
+                                                                  tmp_path: Path) -> None:
+    """Else its alphabets would be read as characters, the first said to hold 0 PNG images."""
+    root = tmp_path / "root"
+    (root / "images_background").mkdir(parents=True)
+    (root / "images_background" / "images_background").symlink_to(fake_root / "images_background")
+    (root / "images_evaluation").symlink_to(fake_root / "images_evaluation")
+    outer = re.escape(str(root / "images_background"))
+    with pytest.raises(DataError, match=rf"{outer} holds another images_background/ \(the zip "
+                       rf"extracted into a folder of its own name\): move the alphabets in "
+                       rf"{outer}/images_background up into {outer}$"):
         load_omniglot_images(root, cache_dir=tmp_path / "cache")
 
 

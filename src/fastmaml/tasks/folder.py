@@ -16,7 +16,7 @@ size and modification time) and the format, so a changed folder is decoded again
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -219,10 +219,12 @@ def _depth_hint(root: Path, class_depth: int) -> str:
 
 
 def decoded_images(root: Path, files: list[Path], image_format: ImageFormat,
-                   cache_dir: str | os.PathLike[str] | None, workers: int | None) -> Tensor:
-    """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it."""
+                   cache_dir: str | os.PathLike[str] | None, workers: int | None,
+                   upscaled: Callable[[tuple[int, int]], None] | None = None) -> Tensor:
+    """Every file's pixels, uint8 (N, C, H, W), from the cache or decoded once into it; when
+    decoding, ``upscaled`` gets the smallest size of images enlarged (``read_images``)."""
     key = fingerprint(root, files, image_format)
     cache = Path(cache_dir or default_cache_dir()) / f"folder-{root.name}-{key}.npy"
-    pixels = cached_array(cache, lambda: channels_first(read_images(files, image_format, workers)),
-                          root)
+    pixels = cached_array(cache, lambda: channels_first(
+        read_images(files, image_format, workers, upscaled=upscaled)), root)
     return torch.from_numpy(pixels)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -78,11 +78,18 @@ class ImageFormat:
     def read_or_why(self, source: Path | Image.Image, name: str = "") -> np.ndarray | str:
         """An image file (or an open image, ``name`` naming it), converted, or why it cannot
         be (``"NAME: why"``)."""
+        read = self.read_sized_or_why(source, name)
+        return read if isinstance(read, str) else read[0]
+
+    def read_sized_or_why(self, source: Path | Image.Image, name: str = ""
+                          ) -> tuple[np.ndarray, tuple[int, int]] | str:
+        """``read_or_why``'s pixels with the image's own (width, height), from which they were
+        resized (enlarged, where it is smaller in a side than ``size``)."""
         try:
             if isinstance(source, Image.Image):
-                return self.convert(source)
+                return self.convert(source), source.size
             with Image.open(source) as file:
-                return self.convert(file)
+                return self.convert(file), file.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             return f"{name or source}: {error}"
 
@@ -127,48 +134,84 @@ def _on_white(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
 
 
-def fingerprint(root: Path, files: Sequence[Path], image_format: ImageFormat) -> str:
+def fingerprint(root: Path, files: Sequence[Path], image_format: ImageFormat,
+                listed_in: Path | None = None) -> str:
     """A short stable hash to name the cache of the pixels ``image_format`` makes of ``files``
     (this ``CONVERSION`` of it): of each file's path under ``root``, size and modification time,
     so that a file changed or replaced, or another data folder with the same file names, never
     reads pixels cached from other files (names that are not valid UTF-8 hash by their bytes on
-    disk)."""
-    items = [f"{image_format} conversion {CONVERSION}"]
+    disk). Every file that cannot be read (missing) is named in one ``DataError``, with the
+    file that lists them, ``listed_in`` (a CSV), where they come from one."""
+    items, missing = [f"{image_format} conversion {CONVERSION}"], []
     for file in files:
+        name = file.relative_to(root) if file.is_relative_to(root) else file  # (an absolute one)
         try:
             stat = file.stat()
         except OSError as error:
-            raise DataError(f"cannot read image {file}: {error}") from error
-        name = file.relative_to(root) if file.is_relative_to(root) else file  # (an absolute one)
-        items.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
+            missing.append(f"{name}: {error.strerror or error}")
+        else:
+            items.append(f"{name}|{stat.st_size}|{stat.st_mtime_ns}")
+    if missing and listed_in is None:
+        raise unreadable_error(missing, len(files))
+    if missing:
+        raise unreadable_error(missing, len(files), listed_remedy(listed_in),
+                               where=f"listed in {listed_in}")
     return hashlib.sha1("\n".join(items).encode("utf-8", "surrogateescape")).hexdigest()[:12]
 
 
 SHOWN_UNREAD = 10  # unreadable files named in the error; the rest counted
+# what to do about unreadable files that a folder's listing found ("{it}": "it" or "them")
+REPLACE_OR_DELETE = "replace or delete {it}"
 
 
-def read_images(paths: Sequence[Path], image_format: ImageFormat,
-                workers: int | None = None) -> np.ndarray:
+def listed_remedy(listed_in: Path) -> str:
+    """What to do about unreadable files that ``listed_in`` (a CSV) lists: deleted, they would
+    be missing from it."""
+    return f"restore {{it}}, or remove {{it}} from {listed_in.name}"
+
+
+def unreadable_error(unread: Sequence[str], total: int, remedy: str = "",
+                     where: str = "") -> DataError:
+    """One error for the ``unread`` (``"NAME: why"``) of ``total`` images ``where`` they are
+    (e.g. "listed in <CSV>"): how many, the first ``SHOWN_UNREAD`` named, and ``remedy``, whose
+    "{it}" becomes "it" or "them"."""
+    shown = "; ".join(unread[:SHOWN_UNREAD]) + (
+        f"; and {len(unread) - SHOWN_UNREAD} more" if len(unread) > SHOWN_UNREAD else "")
+    remedy = remedy.replace("{it}", "it" if len(unread) == 1 else "them")
+    return DataError(f"cannot read {len(unread)} of {total} images{' ' + where if where else ''}"
+                     f"{f' ({remedy})' if remedy else ''}: {shown}")
+
+
+def read_images(paths: Sequence[Path], image_format: ImageFormat, workers: int | None = None,
+                remedy: str = REPLACE_OR_DELETE,
+                upscaled: Callable[[tuple[int, int]], None] | None = None) -> np.ndarray:
     """All ``paths`` decoded by ``image_format`` into one array, a process per CPU core; every
-    unreadable file is named in one ``DataError`` (``stack_decoded``)."""
+    unreadable file is named in one ``DataError`` with ``remedy`` (``stack_decoded``). Where
+    an image is smaller in a side than the format's size (enlarged to it), ``upscaled`` gets
+    the smallest (width, height): a data set of a standard size warns of it."""
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers <= 1 or len(paths) < POOL_MIN_IMAGES:
-        return stack_decoded([image_format.read_or_why(p) for p in paths])
-    with Pool(workers) as pool:
-        return stack_decoded(pool.map(image_format.read_or_why, paths, chunksize=256))
+        read = [image_format.read_sized_or_why(p) for p in paths]
+    else:
+        with Pool(workers) as pool:
+            read = pool.map(image_format.read_sized_or_why, paths, chunksize=256)
+    pixels = stack_decoded([item if isinstance(item, str) else item[0] for item in read], remedy)
+    smallest = min((item[1] for item in read), key=min, default=None)  # (no str: raised above)
+    if upscaled is not None and smallest is not None and min(smallest) < image_format.size:
+        upscaled(smallest)
+    return pixels
 
 
-def stack_decoded(decoded: Sequence[np.ndarray | str]) -> np.ndarray:
+def stack_decoded(decoded: Sequence[np.ndarray | str], remedy: str = REPLACE_OR_DELETE
+                  ) -> np.ndarray:
     """Decoded images (``ImageFormat.read_or_why``) as one array; a ``DataError`` that names
-    every file that could not be read (a scraped folder's broken files, all at once)."""
+    every file that could not be read (a scraped folder's broken files, all at once) and
+    ``remedy`` for them (``unreadable_error``)."""
     unread = [item for item in decoded if isinstance(item, str)]
     if len(unread) == 1 and len(decoded) == 1:
         raise DataError(f"cannot read image {unread[0]}")
     if unread:
-        shown = "; ".join(unread[:SHOWN_UNREAD]) + (
-            f"; and {len(unread) - SHOWN_UNREAD} more" if len(unread) > SHOWN_UNREAD else "")
-        raise DataError(f"cannot read {len(unread)} of {len(decoded)} images (replace or delete "
-                        f"{'it' if len(unread) == 1 else 'them'}): {shown}")
+        raise unreadable_error(unread, len(decoded), remedy)
     return np.stack(decoded)
 
 

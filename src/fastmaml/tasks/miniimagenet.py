@@ -28,6 +28,7 @@ import os
 import pickle
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,7 +40,7 @@ from torch import Tensor
 from ..errors import ConfigError, DataError, FastMAMLWarning, warn
 from .download import cached_array, default_cache_dir
 from .folder import decoded_images, image_files, warn_of_skipped_files
-from .images import ImageFormat, fingerprint, read_images
+from .images import ImageFormat, fingerprint, listed_remedy, read_images
 from .splits import DATA_ROOT_OPTIONS, subfolders
 
 SPLITS = ("train", "val", "test")
@@ -111,9 +112,7 @@ def read_pickle_cache(path: str | os.PathLike[str]) -> MiniImagenetSplit:
     if not isinstance(class_dict, dict) or not class_dict:
         raise DataError(f"{path}: class_dict must be a non-empty dict of class -> indices")
     if min(images.shape[1:3]) < IMAGE_SIZE:  # (larger ones lose no detail in the resize)
-        warn(f"{path} holds {images.shape[2]}x{images.shape[1]} images, smaller in a side than "
-             f"MiniImagenet's {IMAGE_SIZE}x{IMAGE_SIZE}: they are upscaled to it, and accuracies "
-             "are those of the smaller copy, not comparable with the paper's", FastMAMLWarning)
+        warn_of_upscaling(path, (images.shape[2], images.shape[1]))
     indices, owner = {}, {}  # class -> its indices; image index -> its class
     for name, index in class_dict.items():
         if not isinstance(name, str):
@@ -155,9 +154,11 @@ def read_image_folder(root: str | os.PathLike[str], split: str,
     if repeated is not None:  # one image twice: a support example could be its own query
         raise DataError(f"{table} lists the image {repeated} more than once; list each image once")
     files = [root / "images" / name for name, _ in rows]
-    key = fingerprint(root, files, IMAGE_FORMAT)
+    key = fingerprint(root, files, IMAGE_FORMAT, listed_in=table)
     cache = Path(cache_dir or default_cache_dir()) / f"miniimagenet-{split}-{key}.npy"
-    images = cached_array(cache, lambda: read_images(files, IMAGE_FORMAT, workers), root)
+    images = cached_array(cache, lambda: read_images(
+        files, IMAGE_FORMAT, workers, remedy=listed_remedy(table),
+        upscaled=partial(warn_of_upscaling, table, verb="lists")), root)
     label_of = np.array([label for _, label in rows])
     return _by_class({str(label): np.flatnonzero(label_of == label) for label in set(label_of)},
                      images)
@@ -179,8 +180,18 @@ def read_class_folders(root: str | os.PathLike[str], split: str,
         raise DataError(f"{split_root}: class folder(s) {', '.join(empty[:10])} hold no images; "
                         "give each class images, or remove its folder")
     pixels = decoded_images(split_root, [f for files in classes.values() for f in files],
-                            IMAGE_FORMAT, cache_dir, workers)
+                            IMAGE_FORMAT, cache_dir, workers,
+                            upscaled=partial(warn_of_upscaling, split_root))
     return _split(pixels, list(classes), [len(files) for files in classes.values()])
+
+
+def warn_of_upscaling(source: Path, smallest: tuple[int, int], verb: str = "holds") -> None:
+    """Warn that ``source`` (a pickle, a split's folder or CSV) ``verb`` images as small as
+    ``smallest`` (width, height), enlarged to 84x84: results on them are not the paper's.
+    Image files are said when decoded, not on the loads from their cache."""
+    warn(f"{source} {verb} {smallest[0]}x{smallest[1]} images, smaller in a side than "
+         f"MiniImagenet's {IMAGE_SIZE}x{IMAGE_SIZE}: they are upscaled to it, and accuracies "
+         "are those of the smaller copy, not comparable with the paper's", FastMAMLWarning)
 
 
 def load_miniimagenet(root: str | os.PathLike[str], splits: Sequence[str] = SPLITS, *,

@@ -69,14 +69,38 @@ def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
                         f"--data-root {root.parent}")
     if missing:
         raise DataError(
-            f"Omniglot not found in {root}: missing {', '.join(missing)}. Expected the official "
+            f"Omniglot not found in {root}: missing {', '.join(missing)}"
+            f"{_where_it_may_be(root, missing)}. Expected the official "
             f"layout {root}/images_background/<Alphabet>/characterNN/*.png and the same under "
             f"images_evaluation/ (the official zips, extracted). Name the folder that holds them "
             f"with {DATA_ROOT_OPTIONS} or $FASTMAML_OMNIGLOT (every command, reproduce too); to "
             "fetch them into this folder, add download=true to fastmaml train, or call "
             "fastmaml.tasks.omniglot.load_omniglot(root, download=True).")
+    nested = next((root / folder / folder for folder in FOLDERS
+                   if (root / folder / folder).is_dir()), None)
+    if nested is not None:  # (its alphabets would be read as characters of no PNG image)
+        raise DataError(f"{nested.parent} holds another {nested.name}/ (the zip extracted into "
+                        f"a folder of its own name): move the alphabets in {nested} up into "
+                        f"{nested.parent}")
     return [character for folder in FOLDERS
             for alphabet in subfolders(root / folder) for character in subfolders(alphabet)]
+
+
+def _where_it_may_be(root: Path, missing: list[str]) -> str:
+    """Where the ``missing`` folders are instead, as a hint: their official zips unextracted
+    in ``root``, or a folder one level down that holds them (torchvision's ``omniglot-py/``)."""
+    if not root.is_dir():
+        return ""
+    zips = [f"{folder}.zip" for folder in missing if (root / f"{folder}.zip").is_file()]
+    if zips:
+        return f" (found {' and '.join(zips)}: extract {'it' if len(zips) == 1 else 'them'} here)"
+    below = [sub for sub in subfolders(root) if any((sub / folder).is_dir() for folder in missing)]
+    return f" (it is one level down: give the data folder as {below[0]})" if below else ""
+
+
+# what to do about images of the official folders that cannot be read ("{it}": "it" or "them")
+RESTORE_OFFICIAL = ("restore {it} from the official zip, or remove the images_background/ or "
+                    "images_evaluation/ folder that holds {it}, and download=true fetches it again")
 
 
 def load_omniglot_images(root: str | os.PathLike[str],
@@ -95,8 +119,11 @@ def load_omniglot_images(root: str | os.PathLike[str],
         pngs = sorted(p for p in character.glob("*.png")  # (not macOS's ._ files beside them)
                       if not p.name.startswith("."))
         if len(pngs) != IMAGES_PER_CHARACTER:
+            folder = character.parent.parent
             raise DataError(f"{character} has {len(pngs)} PNG images; every Omniglot character "
-                            f"has {IMAGES_PER_CHARACTER}")
+                            f"has {IMAGES_PER_CHARACTER}: restore the character from the official "
+                            f"{folder.name}.zip, or remove {folder}, and download=true fetches it "
+                            "again")
         files += pngs
     if not files:
         raise DataError(f"no Omniglot characters found under {root}")
@@ -105,7 +132,7 @@ def load_omniglot_images(root: str | os.PathLike[str],
     cache = Path(cache_dir or default_cache_dir()) / f"omniglot-{IMAGE_SIZE}-{key}.npy"
 
     def build() -> np.ndarray:
-        return read_images(files, IMAGE_FORMAT, workers).reshape(shape)
+        return read_images(files, IMAGE_FORMAT, workers, remedy=RESTORE_OFFICIAL).reshape(shape)
 
     images = cached_array(cache, build, root)
     if images.shape != shape or images.dtype != np.uint8:
