@@ -232,6 +232,17 @@ def test_download_over_loopback(fake_root: Path, http_folder: tuple[Path, str],
                        load_omniglot_images(fake_root, cache_dir=tmp_path / "b"))
 
 
+def test_download_from_a_mirror_named_in_the_environment(
+        fake_root: Path, http_folder: tuple[Path, str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    served, url = http_folder
+    (served / "mirror").mkdir()
+    md5 = zip_fake_omniglot(fake_root, served / "mirror")
+    monkeypatch.setenv("FASTMAML_OMNIGLOT_URL", f"{url}/mirror/")
+    download_omniglot(tmp_path / "downloaded", md5=md5)
+    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted(OMNIGLOT_MD5)
+
+
 def test_download_bad_md5_leaves_no_partial_folder(fake_root: Path, http_folder: tuple[Path, str],
                                                    tmp_path: Path) -> None:
     served, url = http_folder

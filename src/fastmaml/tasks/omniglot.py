@@ -47,12 +47,15 @@ SPLIT_NAMES = (*SPLITS, "lake")
 SPLIT_SEED = 1
 
 
-def download_omniglot(root: str | os.PathLike[str], base_url: str = OMNIGLOT_URL,
+def download_omniglot(root: str | os.PathLike[str], base_url: str | None = None,
                       md5: Mapping[str, str] = OMNIGLOT_MD5) -> None:
     """Fetch ``<base_url>/<folder>.zip`` for each folder in ``md5`` missing from ``root`` (once,
-    where several processes ask together)."""
+    where several processes ask together). ``base_url`` defaults to ``$FASTMAML_OMNIGLOT_URL``
+    (a mirror of the official files, e.g. on a cluster without internet), else the official
+    address; the official checksums hold either way."""
+    base_url = base_url or os.environ.get("FASTMAML_OMNIGLOT_URL") or OMNIGLOT_URL
     for folder, checksum in md5.items():
-        fetch_missing_zip(f"{base_url}/{folder}.zip", checksum, Path(root), folder)
+        fetch_missing_zip(f"{base_url.rstrip('/')}/{folder}.zip", checksum, Path(root), folder)
 
 
 def omniglot_characters(root: str | os.PathLike[str]) -> list[Path]:
