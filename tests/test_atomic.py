@@ -144,7 +144,7 @@ def test_a_write_removes_the_temporaries_that_killed_writers_on_this_machine_lef
     path = tmp_path / "eval.json"
     ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True).stdout.strip()
-    here = atomic._SPACE  # this machine and its process numbers, in 8 hex digits
+    here = atomic.PROCESS_SPACE  # this machine and its process numbers, in 8 hex digits
     elsewhere = f"{(int(here, 16) + 1) % 16 ** 8:08x}"
     left = {"dead": f".eval.json.{here}.{ended}.0badf00d.tmp",
             "live": f".eval.json.{here}.{os.getpid()}.0badf00d.tmp",

@@ -122,11 +122,11 @@ def _remove_dead_writers_temporaries(path: Path) -> None:
     the cleanup): those whose process has ended. Others may be live writes."""
     for temporary in _temporaries(path, f"{PROCESS_SPACE}."):
         pid = temporary.name.split(".")[-3]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not is_running(int(pid)):
             temporary.unlink(missing_ok=True)
 
 
-def _running(pid: int) -> bool:
+def is_running(pid: int) -> bool:
     """Whether a process ``pid`` runs on this machine (a reused number counts: kept is safe)."""
     try:
         os.kill(pid, 0)

@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import os
 import socket
+import subprocess
 import threading
 import time
 import zipfile
@@ -125,22 +127,28 @@ def test_a_data_root_that_cannot_be_written_is_said_before_downloading(tmp_path:
                      "things")
 
 
-def test_what_a_killed_fetch_of_this_machine_left_is_removed(
+def test_what_killed_fetches_of_this_machine_left_is_removed(
         http_folder: tuple[Path, str], tmp_path: Path) -> None:
-    """A fetch killed mid-download or mid-extraction (``kill -9``) left its archive or folder
-    hidden in the data root for good: the next fetch on this machine removes them, and keeps
-    another machine's, which may be fetching now."""
+    """A fetch killed mid-download or mid-extraction (``kill -9``) left its archive's part or
+    its folder hidden in the data root for good: the next fetch removes those of processes
+    that have ended on this machine, and keeps a live fetch's and another machine's."""
     served, url = http_folder
     md5 = write_zip(served / "things.zip", {"things/a.txt": b"a"})
     dest = tmp_path / "data"
     dest.mkdir()
-    ours = [dest / f".things.{PROCESS_SPACE}.zip", dest / f".things.{PROCESS_SPACE}.42.x1y2"]
-    ours[0].write_bytes(b"part of a zip")
-    (ours[1] / "things").mkdir(parents=True)
-    theirs = dest / ".things.0badcafe.zip"
-    theirs.write_bytes(b"another machine's download")
+    process = subprocess.Popen(["true"])
+    process.wait()
+    ended, live, here = process.pid, os.getppid(), f".things.{PROCESS_SPACE}"
+    dead = [dest / f".{here}.{ended}.zip.{PROCESS_SPACE}.{ended}.ab12cd34.tmp",
+            dest / f"{here}.{ended}.zip", dest / f"{here}.{ended}.x1y2"]
+    kept = [dest / f"{here}.{live}.q9r8", dest / ".things.0badcafe.123.zip"]
+    for path in (*dead, *kept):
+        if path.name.endswith(("x1y2", "q9r8")):
+            (path / "things").mkdir(parents=True)
+        else:
+            path.write_bytes(b"part of a zip")
     dl.fetch_zip(f"{url}/things.zip", md5, dest, "things")
-    assert sorted(p.name for p in dest.iterdir()) == [theirs.name, "things"]
+    assert sorted(p.name for p in dest.iterdir()) == sorted([*(p.name for p in kept), "things"])
 
 
 def test_a_file_where_the_folder_goes_is_said_before_downloading(tmp_path: Path) -> None:

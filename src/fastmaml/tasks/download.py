@@ -22,7 +22,7 @@ from typing import IO
 import numpy as np
 from filelock import FileLock
 
-from ..atomic import PROCESS_SPACE, replace_atomically
+from ..atomic import PROCESS_SPACE, is_running, replace_atomically
 from ..errors import ConfigError, DataError
 
 CHUNK = 1 << 20
@@ -68,7 +68,7 @@ def extract_zip(archive: Path, dest: Path, folder: str, source: str = "") -> Pat
     """Extract ``archive``, whose top-level folder is ``folder``, to ``dest/folder`` atomically
     (through a temporary folder beside it); ``source`` (a URL) names the archive in errors."""
     target, named = dest / folder, f"the zip downloaded from {source}" if source else str(archive)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{_leftover_prefix(folder)}{os.getpid()}.", dir=dest))
+    tmp = Path(tempfile.mkdtemp(prefix=_own_prefix(folder), dir=dest))
     try:
         with zipfile.ZipFile(archive) as zf:
             members = [n for n in zf.namelist() if n.startswith(f"{folder}/")]
@@ -108,9 +108,9 @@ def fetch_missing_zip(url: str, md5: str, dest: Path, folder: str) -> None:
 def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
     """Download a zip of ``folder``, verify its MD5 and extract it to ``dest/folder``.
 
-    What a killed fetch of this machine left in ``dest`` (its archive, a part-extracted
-    folder) is removed first: one process per machine fetches (``fetch_missing_zip``'s lock),
-    and other machines' fetches have names of their own."""
+    What fetches killed on this machine left in ``dest`` (an archive or its part, a
+    part-extracted folder: ``kill -9`` skips the cleanup) is removed first: the files of
+    processes that have ended (a live fetch's, and other machines', are kept)."""
     if dest.exists() and not dest.is_dir():
         raise DataError(f"the data root {dest} is a file: name a folder to download {folder} "
                         "into")
@@ -118,12 +118,8 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
         raise DataError(f"{dest / folder} is in the way of the downloaded {folder}: move it away")
     _writable_folder(dest, "the data root", f"choose a writable folder to download {folder} "
                      f"into, or download {url} and extract it there yourself")
-    for leftover in dest.glob(f"{glob.escape(_leftover_prefix(folder))}*"):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        else:
-            leftover.unlink()
-    archive = dest / f"{_leftover_prefix(folder)}zip"
+    _remove_dead_fetches(dest, folder)
+    archive = dest / f"{_own_prefix(folder)}zip"
     try:
         download(url, archive, md5)
         return extract_zip(archive, dest, folder, source=url)
@@ -131,9 +127,24 @@ def fetch_zip(url: str, md5: str, dest: Path, folder: str) -> Path:
         archive.unlink(missing_ok=True)
 
 
-def _leftover_prefix(folder: str) -> str:
-    """How the names of this machine's temporaries of a fetch of ``folder`` begin."""
-    return f".{folder}.{PROCESS_SPACE}."
+def _own_prefix(folder: str) -> str:
+    """How the names of this process's temporaries of a fetch of ``folder`` begin: its
+    archive, the archive's part (one dot more), its extraction (``_remove_dead_fetches``)."""
+    return f".{folder}.{PROCESS_SPACE}.{os.getpid()}."
+
+
+def _remove_dead_fetches(dest: Path, folder: str) -> None:
+    """Delete the temporaries in ``dest`` of fetches of ``folder`` on this machine whose
+    process has ended."""
+    machine = f".{folder}.{PROCESS_SPACE}."
+    for leftover in [*dest.glob(f"{glob.escape(machine)}*"),
+                     *dest.glob(f".{glob.escape(machine)}*")]:
+        pid = leftover.name.lstrip(".").removeprefix(machine[1:]).split(".")[0]
+        if pid.isdigit() and not is_running(int(pid)):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def cached_array(path: Path, build: Callable[[], np.ndarray], data_root: Path) -> np.ndarray:
