@@ -238,9 +238,10 @@ def test_download_from_a_mirror_named_in_the_environment(
     served, url = http_folder
     (served / "mirror").mkdir()
     md5 = zip_fake_omniglot(fake_root, served / "mirror")
-    monkeypatch.setenv("FASTMAML_OMNIGLOT_URL", f"{url}/mirror/")
-    download_omniglot(tmp_path / "downloaded", md5=md5)
-    assert sorted(p.name for p in (tmp_path / "downloaded").iterdir()) == sorted(OMNIGLOT_MD5)
+    for mirror, root in ((f"{url}/mirror/", "over_http"), (str(served / "mirror"), "a_folder")):
+        monkeypatch.setenv("FASTMAML_OMNIGLOT_URL", mirror)
+        download_omniglot(tmp_path / root, md5=md5)
+        assert sorted(p.name for p in (tmp_path / root).iterdir()) == sorted(OMNIGLOT_MD5)
 
 
 def test_download_bad_md5_leaves_no_partial_folder(fake_root: Path, http_folder: tuple[Path, str],

@@ -51,9 +51,11 @@ def download_omniglot(root: str | os.PathLike[str], base_url: str | None = None,
                       md5: Mapping[str, str] = OMNIGLOT_MD5) -> None:
     """Fetch ``<base_url>/<folder>.zip`` for each folder in ``md5`` missing from ``root`` (once,
     where several processes ask together). ``base_url`` defaults to ``$FASTMAML_OMNIGLOT_URL``
-    (a mirror of the official files, e.g. on a cluster without internet), else the official
-    address; the official checksums hold either way."""
+    (a mirror of the official files, e.g. on a cluster without internet: a URL or a folder),
+    else the official address; the official checksums hold either way."""
     base_url = base_url or os.environ.get("FASTMAML_OMNIGLOT_URL") or OMNIGLOT_URL
+    if "://" not in base_url:  # a folder (a shared file system's mirror)
+        base_url = Path(base_url).expanduser().absolute().as_uri()
     for folder, checksum in md5.items():
         fetch_missing_zip(f"{base_url.rstrip('/')}/{folder}.zip", checksum, Path(root), folder)
 
@@ -97,8 +99,16 @@ def _where_it_may_be(root: Path, missing: list[str]) -> str:
     zips = [f"{folder}.zip" for folder in missing if (root / f"{folder}.zip").is_file()]
     if zips:
         return f" (found {' and '.join(zips)}: extract {'it' if len(zips) == 1 else 'them'} here)"
-    below = [sub for sub in subfolders(root) if any((sub / folder).is_dir() for folder in missing)]
+    below = [sub for sub in subfolders(root) if any(_is_folder(sub / name) for name in missing)]
     return f" (it is one level down: give the data folder as {below[0]})" if below else ""
+
+
+def _is_folder(path: Path) -> bool:
+    """``path.is_dir()``, False where a folder on its way cannot be read (``lost+found``)."""
+    try:
+        return path.is_dir()
+    except PermissionError:
+        return False
 
 
 # what to do about images of the official folders that cannot be read ("{it}": "it" or "them")
