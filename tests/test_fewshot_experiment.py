@@ -5,18 +5,20 @@ import csv
 import json
 import pickle
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from fastmaml import experiments
 from fastmaml.cli import main
 from fastmaml.config import ConfigError
 import fastmaml
 from fastmaml.experiments import (PRESETS, create_run, experiment_class, load_experiment,
                                   preset_config, prepare_run)
-from fastmaml.experiments.fewshot import FewShotExperiment
+from fastmaml.experiments.fewshot import FewShotConfig, FewShotExperiment
 from fastmaml.tasks import download, folder
 from fastmaml.tasks.images import as_model_input
 from fastmaml.tasks.omniglot import load_omniglot_images, omniglot_characters
@@ -413,3 +415,18 @@ def test_within_group_tasks_too_few_classes_name_the_split_and_the_cut(tmp_path,
     err = capsys.readouterr().err.splitlines()[-1]
     assert f"the test split of {data}: within-group tasks need a group of at least n_way=2" in err
     assert "split_fractions cut each group's classes over train/val/test" in err
+
+
+def test_a_run_trained_from_the_environments_data_folder_says_another_data_root(tmp_path):
+    """A run trained with no data_root (its data from $FASTMAML_OMNIGLOT or the default) gave
+    no word when resumed with one; its evaluation may name any."""
+    saved = FewShotConfig(preset="omniglot-5w1s")
+    with pytest.warns(fastmaml.errors.FastMAMLWarning, match=rf"{tmp_path} trained on the data in the folder "
+                      rf"its data set's environment variable or default named; it goes on with "
+                      rf"{tmp_path / 'other'}"):
+        experiments._resumed(saved, [f"data_root={tmp_path / 'other'}"], tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        experiments._resumed(saved, [f"data_root={tmp_path / 'other'}"], tmp_path,
+                             training=False)
+        experiments._resumed(saved, [], tmp_path)

@@ -126,11 +126,15 @@ def test_a_run_resumed_on_another_data_root_says_so(tmp_path: Path, capsys) -> N
                  "iterations=2"]) == 0
     assert main(["train", "regression-csv", *common, "iterations=3"]) == 0  # (kept: unsaid)
     assert "warning" not in capsys.readouterr().err
+    (tmp_path / "link").symlink_to(data)  # the same folder, spelt otherwise: unsaid
+    assert main(["train", "regression-csv", *common, "--data-root", str(tmp_path / "link"),
+                 "iterations=4"]) == 0
+    assert "warning" not in capsys.readouterr().err
     shutil.move(data, tmp_path / "moved")
     assert main(["train", "regression-csv", *common, "--data-root", str(tmp_path / "moved"),
-                 "iterations=4"]) == 0
-    assert (f"fastmaml: warning: {run} trained on the data in {data}; it goes on with "
-            f"{tmp_path / 'moved'}: the same data moved, or it learns on from other data"
+                 "iterations=5"]) == 0
+    assert (f"fastmaml: warning: {run} trained on the data in {tmp_path / 'link'}; it goes on "
+            f"with {tmp_path / 'moved'}: the same data moved, or it learns on from other data"
             ) in capsys.readouterr().err
 
 

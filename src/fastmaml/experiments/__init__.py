@@ -466,9 +466,12 @@ def _resumed(saved: Config, overrides: list[str], run_dir: Path, training: bool 
     _refuse_changes(saved, {k for k, v in cfg.to_dict().items() if saved.to_dict()[k] != v},
                     resumable, run_dir, training)
     before, now = getattr(saved, "data_root", ""), getattr(cfg, "data_root", "")
-    if training and before and now != before:  # (allowed: the same data, moved)
-        warn(f"{run_dir} trained on the data in {before}; it goes on with {now or 'the default'}"
-             ": the same data moved, or it learns on from other data", FastMAMLWarning)
+    if training and not (before == now or before and now
+                         and os.path.realpath(before) == os.path.realpath(now)):
+        trained_on = before or "the folder its data set's environment variable or default named"
+        warn(f"{run_dir} trained on the data in {trained_on}; it goes on with "
+             f"{now or 'the default'}: the same data moved, or it learns on from other data",
+             FastMAMLWarning)
     return cfg
 
 
