@@ -151,10 +151,13 @@ def test_ctrl_c_before_the_training_loop_says_what_running_again_does(tmp_path, 
         assert main(command) == 128 + signal.SIGINT
     assert capsys.readouterr().err == ("fastmaml: interrupted; nothing was trained yet: the "
                                        "same command starts again\n")
-    assert main(command) == 0
+    assert main([*command, "--learner", "maml"]) == 0
+    capsys.readouterr()
     with monkeypatch.context() as patch:
         patch.setattr(cli, "train_run", lambda *args, **kwargs: signal.default_int_handler(
             signal.SIGINT, None))
+        assert main([*command, "--learner", "oracle"]) == 128 + signal.SIGINT
+        assert "nothing was trained yet" in capsys.readouterr().err  # (maml's is not its)
         assert main(command) == 128 + signal.SIGINT
     assert capsys.readouterr().err == ("fastmaml: interrupted; the same command resumes from "
                                        "the last checkpoint\n")

@@ -100,7 +100,7 @@ def _how_to_go_on(args: argparse.Namespace) -> str:
         return "; the same command goes on from each run's last checkpoint"
     if args.command != "train":
         return ""
-    if any(checkpoints_dir(_train_folder(args)).glob("*.pt")):
+    if any(checkpoints_dir(_train_folder(args)).glob(f"{args.learner or '*'}.pt")):
         return "; the same command resumes from the last checkpoint"
     return "; nothing was trained yet: the same command starts again"
 
