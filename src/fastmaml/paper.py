@@ -103,8 +103,8 @@ def rl_paper(env: str, steps: int = 3) -> PaperValues:
 class Headline:
     """One row of the paper that ``fastmaml report`` checks a run against.
 
-    ``value`` is MAML's published figure after ``step`` inner steps, ``ci`` its published 95%
-    interval (if any) and ``maml_pp`` MAML++'s. ``shape_only`` rows (locomotion: gymnasium's
+    ``value`` is MAML's published figure after ``step`` inner steps (first-order MAML's in a
+    first-order row), ``ci`` its published 95% interval (if any) and ``maml_pp`` MAML++'s. ``shape_only`` rows (locomotion: gymnasium's
     models differ from rllab's) are judged by MAML against the pretrained baseline after one
     step, not by the number. ``tasks`` is the paper's number of test tasks, ``horizon`` an
     RL row's episode length (returns sum over it) and ``eval_steps`` the environment steps per
