@@ -126,6 +126,10 @@ def test_a_direction_row_also_says_how_many_tasks_turned_the_right_way(tmp_path:
     assert row.status == "met (MAML above pretrained); right way 50% -> 95% of tasks"
     records[0]["right_way"] = [0.125, 0.925, 0.9, 0.925]  # 5 and 37 of 40 tasks
     assert "; right way 12.5% -> 92.5% of tasks" in report.evaluate_row(headline, run).status
+    records[0]["right_way"] = [0.5, 0.0, 0.0, 0.0]  # above pretrained, but the wrong way
+    assert report.evaluate_row(headline, run).status == (
+        "not met: MAML above pretrained, but turns no more tasks the right way; right way "
+        "50% -> 0% of tasks")
 
 
 def test_a_locomotion_row_quotes_the_task_by_task_difference_when_evaluated_with_it(

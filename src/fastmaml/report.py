@@ -314,6 +314,8 @@ def evaluate_row(headline: Headline, run: Run) -> Row:
                                 difference) if pretrained else "no pretrained baseline")
         if "right_way" in record:  # direction tasks: from the wrong way to the right way?
             before, after = record["right_way"][0], record["right_way"][headline.step]
+            if verdict.startswith("met") and after <= before:  # its step did not find the way
+                verdict = "not met: MAML above pretrained, but turns no more tasks the right way"
             verdict += f"; right way {_percent(before)} -> {_percent(after)} of tasks"
         if difference and all(map(math.isfinite, difference)):
             verdict += (f"; MAML minus pretrained on the same tasks {difference[0]:+.1f} "
@@ -450,7 +452,8 @@ def render(runs: list[Run], report_path: Path, unread: Sequence[tuple[Path, str]
              "`below pretrained by X` where below, else `overlaps pretrained`; by the "
              "task-by-task difference on the same test tasks where the evaluation holds it, "
              "else by the two intervals), and for the direction tasks the share of test tasks "
-             "run the right way before and after it. A run measured otherwise than the paper "
+             "run the right way before and after it (`not met` where the step turns no more "
+             "tasks the right way). A run measured otherwise than the paper "
              "(another RL horizon, "
              "another number of test tasks) says so.", "",
              "| experiment | paper (MAML) | MAML++ | fastmaml | status | iterations | run |",

@@ -415,6 +415,9 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
     text = (tmp_path / "results.md").read_text()
     assert "v5 models" in text
     assert f"Preset `{preset}`: 1 meta-iteration, meta-batch 2, 2 episodes per task" in text
+    experiment.cfg = experiment.cfg.replace(iterations=3)  # as if evaluated before its end
+    assert (f"Preset `{preset}`: 1 of 3 meta-iterations, meta-batch 2"
+            in experiment.table(records))  # (it said "3 meta-iterations")
     # every method ran on the same tasks: maml's record holds its task-by-task differences
     maml, pretrained, random = records
     official = {"rl-cheetah-vel-cpu": [0.1, 0.02, 0.1], "rl-cheetah-dir-cpu": [0.1, 0.2, 0.5]}

@@ -524,7 +524,10 @@ class RLExperiment(Experiment):
                     f"{cfg.eval_trajectories} x {horizon} environment steps (whole episodes)")
         text = text.replace(f"## {cfg.eval_trajectories}-shot",
                             f"## {per_step} per task and gradient step")
-        notes = [f"Preset `{cfg.preset}`: {counted(cfg.iterations, 'meta-iteration')}, meta-batch "
+        schedule = counted(cfg.iterations, "meta-iteration")
+        reached = self.restored_iterations.get("maml", cfg.iterations)  # (an early evaluation)
+        trained = schedule if reached >= cfg.iterations else f"{reached:,} of {schedule}"
+        notes = [f"Preset `{cfg.preset}`: {trained}, meta-batch "
                  f"{cfg.meta_batch}, {counted(cfg.trajectories, 'episode')} per task, "
                  f"horizon {horizon}, inner lr {cfg.inner_lr:g}"
                  + (f", action scale {cfg.action_scale:g}" if cfg.env == NAV else "") + ".",
