@@ -202,7 +202,7 @@ def test_cli_train_eval_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     two_steps = [{**r, **{key: r[key][:3] for key in ("steps", "mean", "ci95")}} for r in records]
     load_experiment(out).plot_evaluation(two_steps)
     ours, theirs = figures[0].axes
-    assert theirs.get_ylabel() == "the paper's return (horizon 100: another scale)"
+    assert theirs.get_ylabel() == "the paper's return\n(horizon 100: another scale)"
     assert {max(line.get_xdata()) for line in theirs.get_lines()} == {2}
 
 

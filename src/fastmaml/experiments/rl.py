@@ -599,7 +599,7 @@ class RLExperiment(Experiment):
         if paper_ax is not ax:
             why = ((["rllab's models"] if cfg.env in LOCOMOTION else [])
                    + ([f"horizon {paper_horizon}"] if other_horizon else []))
-            paper_ax.set_ylabel(f"the paper's return ({', '.join(why)}: another scale)")
+            paper_ax.set_ylabel(f"the paper's return\n({', '.join(why)}: another scale)")
         ax.set_xticks(records[0]["steps"])
         ax.grid(alpha=0.3)
         handles = [h for axis in dict.fromkeys([ax, paper_ax])
