@@ -212,19 +212,23 @@ def test_a_finished_run_adds_the_oracle_which_is_told_the_task_and_not_adapted(
     tiny = ["iterations=2", "meta_batch=2", "trajectories=2", "horizon=10", "hidden=8,8",
             "eval_tasks=3", "eval_trajectories=2", "checkpoint_every=1"]
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", *tiny,
-                 "oracle=false"]) == 0
+                 "oracle=false", "pretrained=false"]) == 0
     assert main(["eval", str(out), "--no-progress"]) == 0
     maml = checkpoint_path(out, "maml").read_bytes()
     assert not checkpoint_path(out, "oracle").exists()
     assert main(["eval", str(out), "--no-progress", "oracle=true"]) == 2  # trained, not evaluated
     assert ", not oracle: the settings of what it learned" in capsys.readouterr().err
+    assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress",
+                 "pretrained=true"]) == 0  # (it was refused: the report needs it, for shape)
     assert main(["train", "rl-nav2d-cpu", "--out", str(out), "--no-progress", "oracle=true"]) == 0
     assert checkpoint_path(out, "maml").read_bytes() == maml  # trained alone
+    assert load_checkpoint(checkpoint_path(out, "pretrained"))["iteration"] == 2
     oracle = load_checkpoint(checkpoint_path(out, "oracle"))
     assert oracle["iteration"] == 2
     assert oracle["learner"]["module"]["model.mean.0.weight"].shape == (8, 4)  # position, goal
     assert report.read_run(out).stale_evaluation == (  # the evaluation before it: said
-        f"oracle trained to 2 iterations since the evaluation: run `fastmaml eval {out.as_posix()}`")
+        f"oracle trained to 2 iterations and pretrained trained to 2 iterations since the "
+        f"evaluation: run `fastmaml eval {out.as_posix()}`")
     assert main(["eval", str(out), "--no-progress"]) == 0
     assert not report.read_run(out).stale_evaluation
     record = json.loads((out / "eval.json").read_text())[-1]

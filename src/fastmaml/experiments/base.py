@@ -47,7 +47,7 @@ VAL_SEED, TEST_SEED = 31, 2017  # fixed: every run sees the same validation and 
 RESUMABLE_KEYS = {"iterations", "baseline_iterations", "checkpoint_every", "log_every", "device",
                   "val_every", "val_tasks", "eval_chunk", "path", "data_root", "download",
                   "compile", "threads", "tune_malloc", "chunk_size", "checkpoint_steps",
-                  "workers", "tensorboard", "oracle", *EVAL_KEYS}
+                  "workers", "tensorboard", "pretrained", "oracle", *EVAL_KEYS}
 
 
 def fixed_settings(cfg: Config) -> dict[str, Any]:
@@ -59,13 +59,13 @@ def fixed_settings(cfg: Config) -> dict[str, Any]:
 
 
 # Settings of training alone: an evaluation (eval, plot, adapt) takes none of them.
-TRAINING_KEYS = {"iterations", "baseline_iterations", "oracle", "checkpoint_every", "log_every",
-                 "val_every", "val_tasks", "tensorboard", "checkpoint_steps"}
+TRAINING_KEYS = {"iterations", "baseline_iterations", "pretrained", "oracle", "checkpoint_every",
+                 "log_every", "val_every", "val_tasks", "tensorboard", "checkpoint_steps"}
 
 
 def resumable_keys(saved: Config, training: bool = True) -> set[str]:
     """The settings of the run ``saved`` that a resumed run may change: those of training
-    (how long it trains, logs and checkpoints, and whether it trains the meta-RL oracle too)
+    (how long it trains, logs and checkpoints, and whether it trains the meta-RL baselines)
     only where it trains (``training``), and not its iterations under a cosine meta_lr
     schedule, whose rates span them."""
     cosine = saved.meta_lr_schedule == "cosine"

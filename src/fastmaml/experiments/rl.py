@@ -120,7 +120,7 @@ class RLConfig(Config):
     action_scale: float = 1.0  # 2D navigation only: velocity = clip(action_scale * a, +-0.1)
     iterations: int = 500  # meta-iterations
     baseline_iterations: int = 0  # pretrained baseline iterations (0: as many as MAML's)
-    pretrained: bool = True  # also train the pretrained baseline
+    pretrained: bool = True  # also train the pretrained baseline (a finished run may add it)
     # also train the oracle: a policy told the task (its values appended to the observation),
     # trained on all tasks as the pretrained one and evaluated without adapting (the paper's
     # oracle); a finished run may add it (oracle=true trains it alone)
