@@ -419,6 +419,9 @@ def test_locomotion_runs_end_to_end(tmp_path: Path, preset: str,
     text = (tmp_path / "results.md").read_text()
     assert "v5 models" in text
     assert f"Preset `{preset}`: 1 meta-iteration, meta-batch 2, 2 episodes per task" in text
+    best = records[0]["best_iteration"]  # (eval_policy=best: the title said the last one)
+    assert experiment.figure_title(records).endswith(
+        f"MAML after 1 iteration (its best policy: iteration {best})")
     experiment.cfg = experiment.cfg.replace(iterations=3)  # as if evaluated before its end
     assert (f"Preset `{preset}`: 1 of 3 meta-iterations, meta-batch 2"
             in experiment.table(records))  # (it said "3 meta-iterations")

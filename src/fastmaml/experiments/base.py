@@ -433,8 +433,12 @@ class Experiment(ABC):
                                for key in ("checkpoint_iterations", "target_iterations"))
             if reached is not None:
                 algorithm = "first-order MAML" if self.cfg.first_order else "MAML"
-                title += f", {algorithm} after {reached:,}" + (
-                    f" of {target:,}" if target not in (None, reached) else "") + " iterations"
+                schedule = target if target not in (None, reached) else None
+                title += f", {algorithm} after " + (
+                    counted(reached, "iteration") if schedule is None
+                    else f"{reached:,} of {counted(schedule, 'iteration')}")
+                if records[0].get("policy") == "best":  # meta-RL: the policy evaluated
+                    title += f" (its best policy: iteration {records[0]['best_iteration']:,})"
         return title
 
     @abstractmethod
